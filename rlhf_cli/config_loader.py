@@ -1,0 +1,157 @@
+"""YAML loading, `--set key.path=value` overrides, validation against the stage's schema, and error messages.
+
+Precedence: schema defaults < YAML file < `--set` overrides (applied left to right).
+Any problem raises `ConfigError` (exit code 2) with one message naming the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from stages.config import STAGE_SCHEMAS, Section, resolve_paths
+from stages.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` / `3E4` as floats (YAML 1.1 insists on a dot: `1.0e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error names `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+
+
+def load_yaml_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). The value is parsed as YAML (`null`, `[1, 2]`, `{a: 1}`)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key.path=value, got {item!r}")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {item!r}: empty component in key path {key!r}")
+    return parts, parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set `data[parts[0]][parts[1]]... = value`, creating mappings on the way."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {'.'.join(parts)}: {where} is a {type(child).__name__}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _schema_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the location `loc` (to suggest sibling keys)."""
+    current: Any = schema
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return None
+        current = _unwrap_model(info.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _schema_at(schema, loc[:-1])
+        valid = list(owner.model_fields) if owner is not None else []
+        # the closest valid key is always offered, however far it is
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.0)
+        hint = f"; closest valid key: '{'.'.join([*map(str, loc[:-1]), close[0]])}'" if close else ""
+        listing = f" (valid here: {', '.join(valid)})" if valid else ""
+        return f"unknown key '{key}'{hint}{listing}"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str) -> str:
+    lines = [_format_error(schema, e) for e in exc.errors()]
+    # union types report one error per alternative; keep each message once
+    unique = list(dict.fromkeys(lines))
+    head = f"invalid config {source}:"
+    return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
+
+
+def load_config(stage: str, config_path: Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Section:
+    """Read, override, validate and path-resolve the config for `stage`.
+
+    Returns the validated pydantic model; raises ConfigError with a one-line (or one-per-problem) message.
+    """
+    schema = STAGE_SCHEMAS[stage]
+    config_path = Path(config_path).expanduser().resolve()
+    data = load_yaml_file(config_path)
+    cli_keys: set[str] = set()
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        apply_override(data, parts, value)
+        cli_keys.add(".".join(parts))
+    try:
+        config = schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(schema, exc, str(config_path))) from None
+    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve())
+    return config
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML (what is printed at start and saved as resolved_config.yaml)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=110)

@@ -1,0 +1,106 @@
+"""Deciding whether to run in this process or under the `deepspeed` launcher, and building its command.
+
+With --num-gpus N > 1, --num-nodes M > 1 or a hostfile, and when this process was not itself started by a
+launcher, the CLI re-executes itself as
+
+    python -m deepspeed.launcher.runner [--hostfile F] [--num_nodes M] [--num_gpus N] --master_port P
+        --no_local_rank --module rlhf_cli <stage> --config <output_dir>/resolved_config.yaml [--resume]
+
+so every worker reads the same resolved config. Without CUDA the workers use DeepSpeed's CPU accelerator.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.runtime import free_port, select_accelerator_env
+from stages.errors import ConfigError
+
+
+def inside_launcher(env: dict[str, str] | None = None) -> bool:
+    """True in a worker started by deepspeed/torchrun (they set LOCAL_RANK and WORLD_SIZE)."""
+    env = os.environ if env is None else env
+    return "LOCAL_RANK" in env and "WORLD_SIZE" in env
+
+
+def needs_launcher(num_gpus: int | None, num_nodes: int, hostfile: Path | None) -> bool:
+    return (num_gpus or 1) > 1 or num_nodes > 1 or hostfile is not None
+
+
+def hostfile_slots(hostfile: Path) -> dict[str, int]:
+    """Parse DeepSpeed's hostfile format: one `hostname slots=N` per line, `#` comments."""
+    if not hostfile.is_file():
+        raise ConfigError(f"--hostfile: file not found: {hostfile}")
+    hosts: dict[str, int] = {}
+    for lineno, line in enumerate(hostfile.read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots="):
+            raise ConfigError(f"{hostfile} line {lineno}: expected 'hostname slots=N', got {line!r}")
+        try:
+            hosts[parts[0]] = int(parts[1][len("slots="):])
+        except ValueError:
+            raise ConfigError(f"{hostfile} line {lineno}: slots must be an integer, got {parts[1]!r}") from None
+    if not hosts:
+        raise ConfigError(f"{hostfile}: no hosts listed")
+    return hosts
+
+
+def launch_command(
+    stage: str,
+    resolved_config: Path,
+    num_gpus: int | None,
+    num_nodes: int,
+    hostfile: Path | None,
+    resume: bool,
+    master_port: int | None = None,
+) -> list[str]:
+    """The exact command that starts the workers."""
+    if num_nodes > 1 and hostfile is None:
+        raise ConfigError("--num-nodes > 1 needs --hostfile (DeepSpeed's format: one 'hostname slots=N' per line)")
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
+    if hostfile is not None:
+        slots = hostfile_slots(hostfile)
+        if num_nodes > len(slots):
+            raise ConfigError(f"--num-nodes {num_nodes} but {hostfile} lists {len(slots)} host(s)")
+        cmd += ["--hostfile", str(hostfile)]
+        if num_nodes > 1:
+            cmd += ["--num_nodes", str(num_nodes)]
+    if num_gpus is not None or hostfile is None:
+        cmd += ["--num_gpus", str(num_gpus or 1)]
+    if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
+        cmd += ["--master_port", str(master_port or free_port())]
+    elif master_port is not None:
+        cmd += ["--master_port", str(master_port)]
+    cmd += ["--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def format_command(cmd: list[str]) -> str:
+    return shlex.join(cmd)
+
+
+def worker_env(num_procs: int) -> dict[str, str]:
+    """Environment for the launcher: the CPU accelerator when there is no CUDA, and OpenMP threads shared
+    between the local workers (unless OMP_NUM_THREADS is set)."""
+    env = dict(os.environ)
+    select_accelerator_env(env)
+    if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_procs)))
+    return env
+
+
+def run_launcher(cmd: list[str], num_procs: int) -> int:
+    """Run the launcher and return its exit code (the first failing worker's)."""
+    try:
+        return subprocess.call(cmd, env=worker_env(num_procs))
+    except KeyboardInterrupt:
+        return 130

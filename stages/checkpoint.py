@@ -1,0 +1,188 @@
+"""Output directories and checkpoints.
+
+Layout of a stage's output directory:
+    resolved_config.yaml      the config this run used (all paths absolute)
+    metrics.jsonl, tensorboard/, data_report.json
+    tokenizer/                (from_config runs) the tokenizer trained for this run
+    checkpoint-00000040/      resumable: ds/ (DeepSpeed engine: weights, optimizer, scheduler), rng/ (per rank),
+                              hf/ (HF checkpoint at that step), trainer_state.json, COMPLETE
+    final/                    HF checkpoint of the finished run (what the next stage loads)
+
+Every checkpoint is written under `.tmp-<name>` and renamed when complete; a directory without COMPLETE is
+never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.distributed import DistInfo, barrier, rng_state, set_rng_state
+from stages.errors import CheckpointError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+RUN_ARTIFACTS = ("final", "metrics.jsonl", "tensorboard", "tokenizer", "data_report.json", "resolved_config.yaml")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def complete_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete resumable checkpoint, oldest first."""
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            if p.name.startswith(CHECKPOINT_PREFIX) and (p / "COMPLETE").is_file():
+                try:
+                    found.append((int(p.name[len(CHECKPOINT_PREFIX):]), p))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def previous_run_contents(out_dir: Path) -> list[str]:
+    """Names in `out_dir` showing that a run already trained there: checkpoints, final/, metrics rows."""
+    if not out_dir.is_dir():
+        return []
+    names = []
+    for p in sorted(out_dir.iterdir()):
+        if p.name.startswith(CHECKPOINT_PREFIX) or p.name == "final":
+            names.append(p.name)
+        elif p.name == "metrics.jsonl" and p.stat().st_size > 0:
+            names.append(p.name)
+    return names
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove everything this tool writes into an output directory (before a fresh start there)."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.name.startswith((CHECKPOINT_PREFIX, ".tmp-")) or p.name in RUN_ARTIFACTS:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Half-written checkpoints left by a killed run."""
+    for p in out_dir.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- HF save
+def gathered_state_dict(model: torch.nn.Module, dist: DistInfo) -> dict[str, torch.Tensor] | None:
+    """Full state dict on rank 0 (None elsewhere). ZeRO-3 parameters are gathered one at a time, so no rank
+    ever holds more than one full parameter besides rank 0's CPU copy."""
+    params = dict(model.named_parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params.values())
+    if not zero3:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for name, param in params.items():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if dist.is_main:
+                out[name] = param.detach().cpu().clone()
+    if dist.is_main:
+        for name, buf in model.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+    return out if dist.is_main else None
+
+
+def save_hf(model: torch.nn.Module, tokenizer: Any, path: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
+    """Save a Hugging Face checkpoint (weights as safetensors, config, generation config, tokenizer) that
+    `from_pretrained(path)` loads. Collective under ZeRO-3: every rank must call it."""
+    state = gathered_state_dict(model, dist)
+    if dist.is_main:
+        model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+        (path / "rlhf_checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dist: DistInfo, meta: dict[str, Any]) -> Path:
+    """Write `out_dir/final` atomically (under .tmp-final, then renamed)."""
+    tmp, final = out_dir / ".tmp-final", out_dir / "final"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_hf(model, tokenizer, tmp, dist, meta)
+    if dist.is_main:
+        old = out_dir / ".tmp-final-old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+# --------------------------------------------------------------------------------------------- resumable
+def save_checkpoint(
+    engine: Any,
+    tokenizer: Any,
+    out_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    dist: DistInfo,
+    keep: int,
+    meta: dict[str, Any],
+) -> Path:
+    """A resumable checkpoint at `step`: DeepSpeed engine state (all ranks), each rank's RNG, the HF weights and
+    `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay."""
+    name = checkpoint_name(step)
+    tmp, final = out_dir / f".tmp-{name}", out_dir / name
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
+    torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
+    save_hf(engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
+    barrier()
+    if dist.is_main:
+        body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
+        (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
+        (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_latest_checkpoint(engine: Any, out_dir: Path, dist: DistInfo) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint into `engine` and this rank's RNG. Returns the trainer state
+    saved with it, or None when there is none."""
+    found = complete_checkpoints(out_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    try:
+        load_path, client = engine.load_checkpoint(
+            str(path / "ds"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as exc:  # DeepSpeed raises assorted types for missing/corrupt shards
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
+    if load_path is None or client is None or "trainer" not in client:
+        raise CheckpointError(f"checkpoint {path} has no DeepSpeed state for this run")
+    state = dict(client["trainer"])
+    rng_file = path / "rng" / f"rank{dist.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return {"step": step, **state}

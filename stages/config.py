@@ -1,0 +1,270 @@
+"""Config schemas (pydantic) shared by every stage, and the SFT stage's own schema.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting. Fields that
+hold file-system paths are marked with `InputPath`, `OutputPath` or `HubOrPath`; `resolve_paths` turns the
+relative ones into absolute paths (against the config file's folder, or the working directory for values given
+on the command line) and checks that inputs exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stages.errors import ConfigError
+
+
+# --------------------------------------------------------------------------------------------- path fields
+@dataclass(frozen=True)
+class PathKind:
+    """Marks a `str` field as a path. kind: "input" (must exist), "output" (may not exist yet) or
+    "hub_or_path" (a local path when it looks like one or exists, otherwise a Hugging Face Hub id)."""
+
+    kind: str
+
+
+InputPath = Annotated[str, PathKind("input")]
+OutputPath = Annotated[str, PathKind("output")]
+HubOrPath = Annotated[str, PathKind("hub_or_path")]
+
+#: Extensions that make a value unmistakably a local file (so a missing one is an error, not a hub id).
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".safetensors", ".bin")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------- model
+class TokenizerTrainConfig(Section):
+    """A byte-level BPE tokenizer trained on the training texts (only with `model.from_config`)."""
+
+    vocab_size: int = Field(512, ge=300, description="target vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="minimum pair frequency for a merge")
+
+
+class ModelConfig(Section):
+    """Which model to train and how to load it. Exactly one of `name_or_path` / `from_config`."""
+
+    name_or_path: HubOrPath | None = Field(None, description="hub id or local directory of a HF model")
+    from_config: dict[str, Any] | None = Field(
+        None, description="architecture dict for a random-init model (needs model_type), e.g. tiny llama"
+    )
+    tokenizer: HubOrPath | None = Field(None, description="tokenizer location; default: name_or_path")
+    tokenizer_train: TokenizerTrainConfig = TokenizerTrainConfig()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the weights are loaded in; auto = the dtype of deepspeed.precision"
+    )
+    attn_implementation: str = Field("sdpa", description="sdpa | eager | flash_attention_2 | ...")
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.from_config is None):
+            raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config")
+        if self.from_config is not None and "model_type" not in self.from_config:
+            raise ValueError("from_config needs a model_type (e.g. llama)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- data
+class DataSource(Section):
+    """Where examples come from: local .json/.jsonl/.parquet/.csv file(s) or a hub dataset name."""
+
+    path: HubOrPath | list[HubOrPath]
+    split: str = Field("train", description="split name (hub datasets)")
+    subset: str | None = Field(None, description="configuration name (hub datasets)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_plain_path(cls, value: Any) -> Any:
+        """Accept `train: file.jsonl` and `train: [a.jsonl, b.jsonl]` as shorthands for `{path: ...}`."""
+        if isinstance(value, (str, list)):
+            return {"path": value}
+        return value
+
+    def paths(self) -> list[str]:
+        return self.path if isinstance(self.path, list) else [self.path]
+
+
+class Columns(Section):
+    """Column names in the data. Which ones are read depends on the format."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    text: str = Field("chosen", description="HH-RLHF dialogue text column")
+
+
+class SFTDataConfig(Section):
+    """Data for supervised fine-tuning (see stages/data.py for formats and truncation)."""
+
+    train: DataSource
+    eval: DataSource | None = Field(None, description="held-out eval data; default: a fraction of train")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of train held out when eval is unset")
+    format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
+    columns: Columns = Columns()
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
+    use_chat_template: bool = Field(
+        False, description="render prompt_response and hh rows through the chat template (messages always are)"
+    )
+    max_length: int = Field(512, ge=2, description="tokens per example (prompt + response)")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="prompt tokens kept when an example is too long; default max_length // 2"
+    )
+    train_on: Literal["all_turns", "last_turn"] = Field(
+        "all_turns", description="which assistant turns of a multi-turn dialogue carry the loss"
+    )
+    add_eos: bool = Field(True, description="end the last response with EOS unless the template already does")
+    packing: bool = Field(False, description="pack several examples per row (attention kept per example)")
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SFTDataConfig":
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
+            )
+        return self
+
+    @property
+    def prompt_budget(self) -> int:
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
+
+# --------------------------------------------------------------------------------------------- training
+class TrainConfig(Section):
+    """Optimisation and schedule. Global batch = micro_batch_size x gradient_accumulation_steps x ranks."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    micro_batch_size: int = Field(4, ge=1, description="examples per rank per forward pass")
+    eval_micro_batch_size: int | None = Field(None, ge=1, description="default: micro_batch_size")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps with linear warm-up")
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr for cosine and linear")
+    gradient_clipping: float = Field(1.0, ge=0, description="global grad-norm clip; 0 = off")
+    eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = only at the end")
+    save_total_limit: int = Field(2, ge=1, description="resumable checkpoints kept (oldest removed)")
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed settings; `config` (a JSON file or inline dict) is merged last for anything else."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="optimizer states on CPU (ZeRO 1-3)")
+    offload_param: bool = Field(False, description="parameters on CPU (ZeRO-3 only)")
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    config: InputPath | dict[str, Any] | None = Field(None, description="raw DeepSpeed JSON merged on top")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"offload_param needs zero_stage: 3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self
+
+
+class LoggingConfig(Section):
+    log_every: int = Field(1, ge=1, description="steps between metric rows")
+    tensorboard: bool = True
+
+
+class SFTConfig(Section):
+    """`rlhf sft` config."""
+
+    seed: int = 42
+    output_dir: OutputPath
+    model: ModelConfig
+    data: SFTDataConfig
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig}
+
+
+# --------------------------------------------------------------------------------------------- paths
+def _path_kind(field_info: Any) -> str | None:
+    for meta in getattr(field_info, "metadata", ()):
+        if isinstance(meta, PathKind):
+            return meta.kind
+    # Optional[...] / unions keep the marker on the inner Annotated type
+    annotation = getattr(field_info, "annotation", None)
+    for arg in getattr(annotation, "__args__", ()) or ():
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, PathKind):
+                return meta.kind
+        for inner in getattr(arg, "__args__", ()) or ():  # list[HubOrPath]
+            for meta in getattr(inner, "__metadata__", ()):
+                if isinstance(meta, PathKind):
+                    return meta.kind
+    return None
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or value.endswith(FILE_SUFFIXES)
+
+
+def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
+    """Resolve one path value. Relative paths are taken against `base`; inputs must exist.
+
+    hub_or_path: `./x`, `../x`, `/x`, `~/x`, a name with a file suffix, or a name that exists under `base` is a
+    local path (and must exist); anything else (e.g. `Qwen/Qwen2.5-0.5B`) is returned unchanged as a hub id.
+    """
+    if kind == "hub_or_path":
+        candidate = (base / Path(value).expanduser()).resolve()
+        if not _looks_like_path(value) and not candidate.exists():
+            return value  # a hub id
+        if not candidate.exists():
+            raise ConfigError(f"{key}: path does not exist: {candidate}")
+        return str(candidate)
+    resolved = (base / Path(value).expanduser()).resolve()
+    if kind == "input" and not resolved.exists():
+        raise ConfigError(f"{key}: file does not exist: {resolved}")
+    return str(resolved)
+
+
+def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[BaseModel, str, str, str]]:
+    """Yield (owner, field name, dotted key, kind) for every path field in a config tree."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _walk(value, key + ".")
+            continue
+        kind = _path_kind(info)
+        if kind is not None and value is not None and not isinstance(value, dict):
+            yield model, name, key, kind
+
+
+def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Path) -> None:
+    """Make every relative path in `config` absolute, in place, and check that input paths exist.
+
+    Values given in the YAML file resolve against `base_dir` (the file's folder); values given with
+    `--set` (their dotted keys are in `cli_keys`) resolve against `cwd`.
+    """
+    for owner, name, key, kind in list(_walk(config, "")):
+        base = cwd if any(key == k or key.startswith(k + ".") for k in cli_keys) else base_dir
+        value = getattr(owner, name)
+        if isinstance(value, list):
+            resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            resolved = resolve_one(value, kind, base, key)
+        # bypass validate_assignment: the value type is unchanged
+        object.__setattr__(owner, name, resolved)

@@ -1,0 +1,466 @@
+"""Reading, validating, rendering and tokenizing conversation data (SFT; the row readers are shared by the
+other stages).
+
+Formats (`data.format`, `auto` picks from the columns of the first row):
+  prompt_response  {prompt, response}                  raw `prompt + response`, or through the chat template
+  messages         {messages: [{role, content}, ...]}   always through the chat template
+  hh               HH-RLHF text "\\n\\nHuman: ...\\n\\nAssistant: ..." (multi-turn), raw or through the template
+
+Every row becomes a list of segments (text, trained?). The segments are tokenized one by one and
+concatenated, so the loss mask is exact: a token is trained iff it comes from an assistant turn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from stages.config import Columns, DataSource, SFTDataConfig
+from stages.errors import DataError
+
+IGNORE = -100  # label of tokens that carry no loss
+ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+
+
+class BadRow(Exception):
+    """A row that cannot be used; the message says why (the caller adds file and row)."""
+
+
+@dataclass
+class Row:
+    """One record of a data file, with where it came from (row numbers are 1-based)."""
+
+    data: dict[str, Any]
+    file: str
+    row: int
+
+
+@dataclass
+class BadRowLog:
+    """Skipped rows, counted by reason (with `on_bad_row: skip`)."""
+
+    reasons: Counter = field(default_factory=Counter)
+    first: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.reasons[reason.split(":")[0]] += 1
+        if len(self.first) < 5:
+            self.first.append(f"{where}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+
+def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
+    if on_bad_row == "error":
+        raise DataError(f"{where}: {reason} (set data.on_bad_row: skip to skip such rows)")
+    log.add(where, reason)
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
+    """JSON Lines, line by line, so that a bad line is reported by its number. Blank lines are skipped."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path} row {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                _bad(where, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", on_bad_row, log)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})", on_bad_row, log)
+                continue
+            if not isinstance(record, dict):
+                _bad(where, f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
+                continue
+            yield Row(record, str(path), lineno)
+
+
+def _read_with_datasets(path: Path, kind: str) -> Iterator[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # datasets / pyarrow raise many types for unreadable files
+        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+    for i, record in enumerate(ds, start=1):
+        yield Row(dict(record), str(path), i)
+
+
+def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
+    """A .json file holding either a JSON array of objects or JSON Lines."""
+    with path.open("rb") as fh:
+        head = fh.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from _read_jsonl(path, on_bad_row, log)
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: invalid JSON: {exc}") from None
+    for i, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            _bad(f"{path} row {i}", f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
+            continue
+        yield Row(record, str(path), i)
+
+
+def read_rows(source: DataSource, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
+    """Every record of a data source: local .jsonl/.json/.parquet/.csv file(s) or a hub dataset."""
+    for name in source.paths():
+        path = Path(name)
+        if path.exists():
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from _read_jsonl(path, on_bad_row, log)
+            elif suffix == ".json":
+                yield from _read_json(path, on_bad_row, log)
+            elif suffix in (".parquet", ".csv"):
+                yield from _read_with_datasets(path, suffix[1:])
+            else:
+                raise DataError(f"{path}: unsupported data file type (use {', '.join(LOCAL_SUFFIXES)})")
+            continue
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(name, source.subset, split=source.split)
+        except Exception as exc:
+            raise DataError(f"cannot load dataset {name!r} (split {source.split!r}): {exc}") from None
+        for i, record in enumerate(ds, start=1):
+            yield Row(dict(record), name, i)
+
+
+# --------------------------------------------------------------------------------------------- formats
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed row: messages plus how to render them ("raw_pr", "raw_hh" or "chat")."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    style: str
+
+
+def detect_format(record: dict[str, Any], columns: Columns, where: str) -> str:
+    if columns.messages in record:
+        return "messages"
+    if columns.prompt in record and columns.response in record:
+        return "prompt_response"
+    if columns.text in record:
+        return "hh"
+    raise DataError(
+        f"{where}: cannot tell the data format from keys {sorted(record)}; expected '{columns.messages}', "
+        f"'{columns.prompt}' + '{columns.response}', or '{columns.text}' (HH-RLHF text); set data.format/columns"
+    )
+
+
+def _field(record: dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    if key not in record or record[key] is None:
+        raise BadRow(f"missing key '{key}' (keys present: {', '.join(sorted(record)) or 'none'})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRow(f"'{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRow(f"empty '{key}'")
+    return value
+
+
+def split_hh(text: str) -> list[tuple[str, str]]:
+    """HH-RLHF dialogue text -> [(role, content)], content exactly as written after the `Human:` /
+    `Assistant:` marker (leading space kept). Text before the first marker becomes a system turn.
+
+    >>> split_hh("\\n\\nHuman: hi\\n\\nAssistant: hello")
+    [('user', ' hi'), ('assistant', ' hello')]
+    """
+    if text.startswith(("Human:", "Assistant:")):
+        text = "\n\n" + text
+    parts = HH_MARKER.split(text)
+    turns: list[tuple[str, str]] = []
+    if parts[0].strip():
+        turns.append(("system", parts[0]))
+    for marker, content in zip(parts[1::2], parts[2::2]):
+        turns.append(("user" if marker == "Human" else "assistant", content))
+    return turns
+
+
+def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) -> Conversation:
+    """One record -> Conversation, ending with a non-empty assistant turn (later turns are dropped).
+    Raises BadRow with the reason."""
+    cols = data.columns
+    if fmt == "prompt_response":
+        prompt = _field(record, cols.prompt, allow_empty=True)
+        response = _field(record, cols.response)
+        msgs = (("user", prompt), ("assistant", response))
+        return Conversation(msgs, "chat" if data.use_chat_template else "raw_pr")
+    if fmt == "hh":
+        text = _field(record, cols.text)
+        turns = split_hh(text)
+        style = "raw_hh"
+        if data.use_chat_template:
+            turns = [(r, c.strip()) for r, c in turns]
+            style = "chat"
+    elif fmt == "messages":
+        value = record.get(cols.messages)
+        if value is None:
+            raise BadRow(f"missing key '{cols.messages}' (keys present: {', '.join(sorted(record)) or 'none'})")
+        if not isinstance(value, list) or not value:
+            raise BadRow(f"'{cols.messages}' must be a non-empty list of {{role, content}}")
+        turns = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise BadRow(f"{cols.messages}[{i}] must be {{role: system|user|assistant, content: string}}")
+            turns.append((m["role"], m["content"]))
+        style = "chat"
+    else:
+        raise ValueError(fmt)
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise BadRow("no assistant turn")
+    if not turns[last][1].strip():
+        raise BadRow("empty response (last assistant turn)")
+    return Conversation(tuple(turns[: last + 1]), style)
+
+
+def load_conversations(
+    source: DataSource, data: SFTDataConfig, log: BadRowLog
+) -> list[tuple[Conversation, str]]:
+    """All usable rows of `source` as (conversation, "file row N"); bad rows raise or are skipped."""
+    out: list[tuple[Conversation, str]] = []
+    fmt = None if data.format == "auto" else data.format
+    for row in read_rows(source, data.on_bad_row, log):
+        where = f"{row.file} row {row.row}"
+        if fmt is None:
+            fmt = detect_format(row.data, data.columns, where)
+        try:
+            out.append((parse_conversation(row.data, fmt, data), where))
+        except BadRow as exc:
+            _bad(where, str(exc), data.on_bad_row, log)
+    if not out:
+        raise DataError(f"no usable rows in {', '.join(source.paths())}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    train: bool
+
+
+def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[Segment]:
+    """Split a conversation's text into segments, marking the assistant turns that carry the loss.
+
+    raw_pr: [prompt][response]; raw_hh: ["\\n\\nHuman:" + user + "\\n\\nAssistant:"][assistant]...;
+    chat: differences of chat-template renders, so each assistant segment is exactly the template text of that
+    turn (including its end-of-turn tokens) and everything else (system, user, generation prompt) is context.
+    """
+    msgs = conv.messages
+    assistant_idx = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
+    trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:])
+    segments: list[Segment] = []
+    if conv.style == "raw_pr":
+        return [Segment(msgs[0][1], False), Segment(msgs[1][1], True)]
+    if conv.style == "raw_hh":
+        context = ""
+        for i, (role, content) in enumerate(msgs):
+            if role == "assistant":
+                segments.append(Segment(context + "\n\nAssistant:", False))
+                segments.append(Segment(content, i in trained))
+                context = ""
+            else:
+                context += content if role == "system" else "\n\nHuman:" + content
+        return segments
+    as_dicts = [{"role": r, "content": c} for r, c in msgs]
+    done = ""
+    for i in assistant_idx:
+        prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        full = tokenizer.apply_chat_template(as_dicts[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
+        segments.append(Segment(prompt[len(done):], False))
+        segments.append(Segment(full[len(prompt):], i in trained))
+        done = full
+    return [s for s in segments if s.text]
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+def bos_ids(tokenizer: Any) -> list[int]:
+    """Ids the tokenizer puts before a text by itself (e.g. Llama's BOS); [] for most chat tokenizers."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
+
+
+def tokenize_segments(
+    segments: list[Segment], tokenizer: Any, max_length: int, prompt_budget: int, add_eos: bool, bos: list[int]
+) -> TokenizedExample:
+    """Token ids and labels (IGNORE on context tokens) for one conversation, truncated to `max_length`.
+
+    prompt = the tokens before the last trained segment, response = the rest. When too long, the prompt loses
+    tokens from the left, down to `prompt_budget` tokens at least; then the response loses tokens from the right.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    text_start = segments[0].text if segments else ""
+    if bos and not (tokenizer.bos_token and text_start.startswith(tokenizer.bos_token)):
+        ids += bos
+        labels += [IGNORE] * len(bos)
+    split = 0
+    last_trained = max(i for i, s in enumerate(segments) if s.train)
+    for i, seg in enumerate(segments):
+        if i == last_trained:
+            split = len(ids)
+        seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        ids += seg_ids
+        labels += seg_ids if seg.train else [IGNORE] * len(seg_ids)
+    eos = tokenizer.eos_token_id
+    if add_eos and ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos if segments[-1].train else IGNORE)
+    prompt_len, total = split, len(ids)
+    ex = TokenizedExample(ids, labels)
+    if total > max_length:
+        keep_prompt = max(prompt_len - (total - max_length), min(prompt_len, prompt_budget))
+        cut = prompt_len - keep_prompt
+        ex.prompt_truncated = cut > 0
+        ids, labels = ids[cut:], labels[cut:]
+        ex.response_truncated = len(ids) > max_length
+        ex.input_ids, ex.labels = ids[:max_length], labels[:max_length]
+    return ex
+
+
+class TokenRows:
+    """Tokenized rows stored compactly (int32 arrays + offsets): row i is {input_ids, labels[, position_ids]}."""
+
+    def __init__(self, with_positions: bool) -> None:
+        self.ids = array("i")
+        self.labels = array("i")
+        self.positions = array("i") if with_positions else None
+        self.offsets = [0]
+
+    def append(self, ids: list[int], labels: list[int], positions: list[int] | None = None) -> None:
+        self.ids.extend(ids)
+        self.labels.extend(labels)
+        if self.positions is not None:
+            self.positions.extend(positions if positions is not None else range(len(ids)))
+        self.offsets.append(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        row = {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+        if self.positions is not None:
+            row["position_ids"] = self.positions[a:b].tolist()
+        return row
+
+    def tokens(self, i: int) -> int:
+        return self.offsets[i + 1] - self.offsets[i]
+
+
+def pack_examples(examples: Iterable[TokenizedExample], max_length: int) -> TokenRows:
+    """Greedy, order-preserving packing into rows of at most `max_length` tokens.
+
+    position_ids restart at 0 for every example; with attention_mask=None transformers turns such rows into a
+    block-diagonal causal mask, so examples never attend to each other."""
+    rows = TokenRows(with_positions=True)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in examples:
+        if ids and len(ids) + len(ex.input_ids) > max_length:
+            rows.append(ids, labels, positions)
+            ids, labels, positions = [], [], []
+        ids += ex.input_ids
+        labels += ex.labels
+        positions += range(len(ex.input_ids))
+    if ids:
+        rows.append(ids, labels, positions)
+    return rows
+
+
+@dataclass
+class DataReport:
+    """What data loading did, printed at start and saved as data_report.json."""
+
+    rows: int = 0
+    skipped_rows: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    examples: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    packed_rows: int | None = None
+
+    def add(self, ex: TokenizedExample) -> None:
+        self.examples += 1
+        self.prompt_truncated += ex.prompt_truncated
+        self.response_truncated += ex.response_truncated
+        self.tokens += len(ex.input_ids)
+        self.trained_tokens += sum(1 for t in ex.labels if t != IGNORE)
+
+
+def tokenize_conversations(
+    convs: Iterable[tuple[Conversation, str]], tokenizer: Any, data: SFTDataConfig, report: DataReport
+) -> TokenRows:
+    """Tokenized rows ready for batching (packed when data.packing); counts go into `report`."""
+    bos = bos_ids(tokenizer)
+    log = BadRowLog()
+
+    def examples() -> Iterator[TokenizedExample]:
+        for conv, where in convs:
+            try:
+                segments = render_segments(conv, tokenizer, data.train_on)
+            except BadRow as exc:
+                _bad(where, str(exc), data.on_bad_row, log)
+                continue
+            ex = tokenize_segments(segments, tokenizer, data.max_length, data.prompt_budget, data.add_eos, bos)
+            if all(t == IGNORE for t in ex.labels):
+                _bad(where, "no response token left after truncation", data.on_bad_row, log)
+                continue
+            report.add(ex)
+            yield ex
+
+    if data.packing:
+        rows = pack_examples(examples(), data.max_length)
+        report.packed_rows = len(rows)
+    else:
+        rows = TokenRows(with_positions=False)
+        for ex in examples():
+            rows.append(ex.input_ids, ex.labels)
+    report.skipped_rows += log.total
+    for reason, n in log.reasons.items():
+        report.skipped_by_reason[reason] = report.skipped_by_reason.get(reason, 0) + n
+    return rows
+
+
+def corpus_texts(convs: Iterable[tuple[Conversation, str]]) -> Iterator[str]:
+    """Text of each conversation as the model will see it (raw styles), or its turns' contents (chat style);
+    used to train a tokenizer."""
+    for conv, _ in convs:
+        if conv.style == "chat":
+            yield "\n".join(content for _, content in conv.messages)
+        else:
+            yield "".join(seg.text for seg in render_segments(conv, None, "all_turns"))

@@ -1,0 +1,128 @@
+"""Process-group setup and the few collectives the stages need (all through DeepSpeed's comm layer).
+
+A stage runs either alone (one process, world size 1) or as one of the workers the `deepspeed` launcher
+started (RANK / LOCAL_RANK / WORLD_SIZE set). Without CUDA, DeepSpeed's CPU accelerator is selected, so the
+same code runs as several CPU processes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.runtime import free_port, select_accelerator_env
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_INFO: DistInfo | None = None
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise the process group once (idempotent) and return this process's rank and device."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    select_accelerator_env()
+    quiet_libraries()
+    if "WORLD_SIZE" not in os.environ:  # a single process, not started by a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    else:
+        device = torch.device("cpu")
+    import deepspeed.comm as dist
+
+    _INFO = DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+    return _INFO
+
+
+def quiet_libraries() -> None:
+    """No per-file progress bars or info chatter from transformers / datasets / DeepSpeed in our output."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        import datasets
+
+        datasets.utils.logging.disable_progress_bar()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def barrier() -> None:
+    import deepspeed.comm as dist
+
+    dist.barrier()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small vector of float64 values over all ranks (one collective)."""
+    import deepspeed.comm as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from rank `src` to every rank."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, for exact resume."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,168 @@
+"""DeepSpeed engine set-up: the DeepSpeed JSON built from the YAML sections, parameter groups and the LR schedule."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stages.config import DeepSpeedConfig, TrainConfig
+from stages.errors import ConfigError
+
+#: DeepSpeed keys that the YAML owns; a raw DeepSpeed JSON may repeat them only with the same value.
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x ranks",
+}
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` merged into a copy of `base`; nested mappings merge key by key, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw_deepspeed(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        data = json.loads(Path(raw).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"deepspeed.config: cannot read DeepSpeed JSON {raw}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config: {raw} must hold a JSON object")
+    return data
+
+
+def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for one trained model.
+
+    train_batch_size = micro_batch_size x gradient_accumulation_steps x world_size. The optimizer is AdamW
+    (DeepSpeed picks its fused / CPU-offload implementation); the LR schedule is ours (see `lr_factor`).
+    """
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather ourselves for the HF save
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": list(train.adam_betas),
+                "eps": train.adam_eps,
+                "weight_decay": train.weight_decay,
+            },
+        },
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if train.gradient_clipping > 0:
+        config["gradient_clipping"] = train.gradient_clipping
+    raw = load_raw_deepspeed(ds.config)
+    for key, owner in OWNED_KEYS.items():
+        if key in raw and raw[key] != config[key]:
+            raise ConfigError(
+                f"deepspeed.config sets {key}={raw[key]}, but {owner} gives {config[key]}; set it in the YAML instead"
+            )
+    return deep_merge(config, raw)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based).
+
+    warm-up (step < W):      (step + 1) / W
+    after, p = (step - W) / max(1, T - W):
+      cosine:   m + (1 - m) * 0.5 * (1 + cos(pi * p))
+      linear:   m + (1 - m) * (1 - p)
+      constant: 1
+    with T = total_steps, W = warmup_steps, m = min_ratio.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    if kind == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - p)
+    raise ValueError(f"unknown lr_scheduler {kind!r}")
+
+
+def warmup_steps_for(train: TrainConfig, total_steps: int) -> int:
+    if train.warmup_steps is not None:
+        return min(train.warmup_steps, total_steps)
+    return int(round(train.warmup_ratio * total_steps))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases and norm weights (ndim < 2) get none."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        # ZeRO-3 partitioned parameters keep their full shape in ds_shape
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_scheduler_factory(train: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    warmup = warmup_steps_for(train, total_steps)
+
+    def factory(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total_steps, warmup, train.lr_scheduler, train.min_lr_ratio)
+        )
+
+    return factory
+
+
+def initialize_engine(
+    model: torch.nn.Module, ds_config: dict[str, Any], train: TrainConfig, total_steps: int
+) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule (stepped by engine.step())."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, train.weight_decay),
+        config=ds_config,
+        lr_scheduler=make_scheduler_factory(train, total_steps),
+    )
+    return engine
+
+
+def model_dtype(model_dtype_name: str, precision: str) -> torch.dtype:
+    """The dtype to load weights in: explicit, or (auto) the training precision's dtype."""
+    name = PRECISION_DTYPES[precision] if model_dtype_name == "auto" else model_dtype_name
+    return TORCH_DTYPES[name]

@@ -1,0 +1,67 @@
+"""Causal-LM pieces shared by the stages: batching of tokenized rows and the masked token NLL."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stages.data import IGNORE
+
+
+def collate(rows: Sequence[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest one. Pads get label IGNORE and attention 0.
+
+    Packed rows (with position_ids) get no attention mask: transformers builds a block-diagonal causal mask from
+    position_ids restarting at 0. Their padding gets positions 0, 1, ... so it forms its own block."""
+    width = max(len(r["input_ids"]) for r in rows)
+    packed = "position_ids" in rows[0]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attn[i, :n] = 1
+        if pos is not None:
+            pos[i, :n] = torch.tensor(r["position_ids"])
+            pos[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    if pos is not None:
+        batch["position_ids"] = pos
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def shifted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Sum over trained positions of -log p(labels[t+1] | tokens <= t), in float32.
+
+    Only rows of `logits` whose next label is not IGNORE are used, and they are upcast `chunk` rows at a time,
+    so no float32 copy of the whole [batch, length, vocab] tensor is made."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    picked = logits[:, :-1][keep]
+    gold = target[keep]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, gold.numel(), chunk):
+        total = total + F.cross_entropy(
+            picked[start:start + chunk].float(), gold[start:start + chunk], reduction="sum"
+        )
+    return total
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Number of positions that carry loss (labels shifted by one, as in shifted_nll_sum)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def lm_forward(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a (DeepSpeed-wrapped) causal LM for a collated batch, without a KV cache."""
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return engine(**kwargs).logits

@@ -1,0 +1,136 @@
+"""Metrics: one JSON object per line in metrics.jsonl, the same scalars in TensorBoard, and a rich progress bar.
+Only rank 0 writes or prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from stages.checkpoint import atomic_write_text
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar (NaN/inf become strings so the file stays valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Appends rows to `out_dir/metrics.jsonl` and TensorBoard. On resume from step S, rows after S (written by
+    the interrupted run after its last checkpoint) are dropped first, so the curve continues cleanly."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if row.get("step", 0) <= resume_step:
+                    kept.append(line)
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        elif resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in values.items()}}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, step)
+
+    def event(self, step: int, name: str, **info: Any) -> None:
+        """A non-scalar happening (e.g. checkpoint saved), as a row with an "event" field."""
+        self.log(step, {"event": name, **info})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+_CONSOLE = Console(file=sys.stdout)
+
+
+def say(enabled: bool, message: str) -> None:
+    """Print a line (rich markup allowed) when `enabled` (i.e. on rank 0)."""
+    if enabled:
+        _CONSOLE.print(message, highlight=False)
+
+
+class TrainProgress:
+    """Rich progress bar (steps, loss, lr, tokens/s, ETA) on a terminal; one plain line per logged step
+    otherwise (CI logs, files)."""
+
+    def __init__(self, enabled: bool, total: int, start: int, description: str, print_every: int = 1) -> None:
+        self.enabled = enabled
+        self.print_every = print_every
+        self.console = _CONSOLE
+        self.live = enabled and self.console.is_terminal
+        self.total = total
+        self.progress: Progress | None = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task(description, total=total, completed=start, stats="")
+            self.progress.start()
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = "  ".join(_fmt(k, v) for k, v in stats.items())
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, stats=text)
+        elif step % self.print_every == 0 or step == self.total:
+            self.console.print(f"step {step}/{self.total}  {text}", highlight=False)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _fmt(key: str, value: float) -> str:
+    if key in ("lr",):
+        return f"{key} {value:.2e}"
+    if key.endswith("tok/s"):
+        return f"{key} {value:,.0f}"
+    return f"{key} {value:.4f}"

@@ -1,0 +1,159 @@
+"""Tokenizers and models: load from the hub / a directory, or build a tiny random-init model and train its
+byte-level BPE tokenizer on the training texts (offline runs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from stages.config import ModelConfig
+from stages.distributed import DistInfo, barrier, seed_everything
+from stages.engine import model_dtype
+from stages.errors import CheckpointError
+
+PAD, EOS = "<|pad|>", "<|endoftext|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+#: Used when a tokenizer has no chat template. Each turn: `<|role|>` newline content EOS; the generation
+#: prompt is `<|assistant|>` newline. Example: [user "hi", assistant "yo"] ->
+#: "<|user|>\nhi<|endoftext|><|assistant|>\nyo<|endoftext|>"
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}{{ eos_token }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
+)
+
+# HfDeepSpeedConfig objects must stay alive while ZeRO-3 models are built (transformers keeps a weak ref).
+_LIVE_DS_CONFIGS: list[Any] = []
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (deterministic for the same texts in the same order).
+
+    Special tokens: pad `<|pad|>`, eos `<|endoftext|>` and the role markers of DEFAULT_CHAT_TEMPLATE.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, additional_special_tokens=list(ROLE_TOKENS)
+    )
+    hf.chat_template = DEFAULT_CHAT_TEMPLATE
+    return hf
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A stage output directory stands for its `final/` HF checkpoint; anything else is used as given."""
+    p = Path(name_or_path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return str(p / "final")
+    return name_or_path
+
+
+def prepare_tokenizer(
+    cfg: ModelConfig, out_dir: Path, dist: DistInfo, texts: Callable[[], Iterable[str]], chat_template: str | None
+) -> Any:
+    """Load the tokenizer, or (from_config without `tokenizer`) train one once on rank 0 and save it in
+    `out_dir/tokenizer` so that every rank, and a resumed run, uses the same one.
+
+    A tokenizer without a pad token gets pad = eos; one without a chat template gets DEFAULT_CHAT_TEMPLATE
+    (or `chat_template` when given, which always wins)."""
+    from transformers import AutoTokenizer
+
+    if cfg.from_config is not None and cfg.tokenizer is None:
+        path = out_dir / "tokenizer"
+        if dist.is_main and not (path / "tokenizer.json").exists():
+            tmp = out_dir / ".tmp-tokenizer"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok = train_tokenizer(texts(), cfg.tokenizer_train.vocab_size, cfg.tokenizer_train.min_frequency)
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, path)
+        barrier()
+        source = str(path)
+    else:
+        source = resolve_model_dir(cfg.tokenizer or cfg.name_or_path or "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load tokenizer from {source}: {exc}") from None
+    if tokenizer.eos_token is None:
+        raise CheckpointError(f"tokenizer {source} has no EOS token; set one in its tokenizer_config.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_causal_lm(
+    cfg: ModelConfig, tokenizer: Any, precision: str, ds_config: dict[str, Any], seed: int
+) -> torch.nn.Module:
+    """The trainable causal LM, in the load dtype, with pad/eos ids taken from the tokenizer.
+
+    from_config: random init seeded with `seed` (same weights on every rank), vocab = len(tokenizer).
+    With ZeRO-3 the weights are created partitioned (transformers' DeepSpeed integration)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = model_dtype(cfg.dtype, precision)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _LIVE_DS_CONFIGS.append(HfDeepSpeedConfig(ds_config))
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    seed_everything(seed)
+    if cfg.from_config is not None:
+        arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids}
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"model.from_config: {exc}") from None
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        source = resolve_model_dir(cfg.name_or_path or "")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load model from {source}: {exc}") from None
+        model.config.pad_token_id = tokenizer.pad_token_id
+    vocab = model.get_input_embeddings().weight
+    rows = getattr(vocab, "ds_shape", vocab.shape)[0]
+    if len(tokenizer) > rows:
+        raise CheckpointError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+            "use the tokenizer that belongs to the model"
+        )
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
