@@ -83,11 +83,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------------------------- HF save
 def gathered_state_dict(model: torch.nn.Module, dist: DistInfo) -> dict[str, torch.Tensor] | None:
-    """Full state dict on rank 0 (None elsewhere). ZeRO-3 parameters are gathered one at a time, so no rank
-    ever holds more than one full parameter besides rank 0's CPU copy."""
+    """Full state dict on rank 0 (None elsewhere): parameters and persistent buffers. ZeRO-3 parameters are
+    gathered one at a time, so no rank holds more than one full parameter besides rank 0's CPU copy."""
     params = dict(model.named_parameters())
-    zero3 = any(hasattr(p, "ds_id") for p in params.values())
-    if not zero3:
+    if not any(hasattr(p, "ds_id") for p in params.values()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.is_main else None
     import deepspeed
 
@@ -96,10 +95,13 @@ def gathered_state_dict(model: torch.nn.Module, dist: DistInfo) -> dict[str, tor
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
             if dist.is_main:
                 out[name] = param.detach().cpu().clone()
-    if dist.is_main:
-        for name, buf in model.named_buffers():
+    if not dist.is_main:
+        return None
+    persistent_buffers = set(model.state_dict().keys()) - set(params)
+    for name, buf in model.named_buffers():
+        if name in persistent_buffers:
             out[name] = buf.detach().cpu().clone()
-    return out if dist.is_main else None
+    return out
 
 
 def save_hf(model: torch.nn.Module, tokenizer: Any, path: Path, dist: DistInfo, meta: dict[str, Any]) -> None:

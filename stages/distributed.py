@@ -63,8 +63,11 @@ def setup_distributed() -> DistInfo:
 def quiet_libraries() -> None:
     """No per-file progress bars or info chatter from transformers / datasets / DeepSpeed in our output."""
     import logging
+    import warnings
 
     import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -82,7 +82,7 @@ _CONSOLE = Console(file=sys.stdout)
 def say(enabled: bool, message: str) -> None:
     """Print a line (rich markup allowed) when `enabled` (i.e. on rank 0)."""
     if enabled:
-        _CONSOLE.print(message, highlight=False)
+        _CONSOLE.print(message, highlight=False, soft_wrap=True)
 
 
 class TrainProgress:

@@ -85,17 +85,30 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistIn
     n_trained, n_tokens = all_reduce_sum(local, dist.device).tolist()
     scale = dist.world_size * len(batches) / max(n_trained, 1.0)
     nll_total = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for batch in batches:
+    grad_norm = None
+    for i, batch in enumerate(batches):
         nll = shifted_nll_sum(lm_forward(engine, batch), batch["labels"])
         engine.backward(nll * scale)
+        if i == len(batches) - 1:
+            grad_norm = unsharded_grad_norm(engine)
         engine.step()
         nll_total += nll.detach().double()
     loss = float(all_reduce_sum(nll_total.reshape(1), dist.device)[0]) / max(n_trained, 1.0)
-    grad_norm = engine.get_global_grad_norm()
+    if engine.get_global_grad_norm() is not None:
+        grad_norm = engine.get_global_grad_norm()
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
     return out
+
+
+def unsharded_grad_norm(engine: Any) -> float | None:
+    """Global L2 norm of the (already rank-averaged) gradients before clipping, for ZeRO stage 0, where
+    DeepSpeed does not report it; None for ZeRO 1-3 (DeepSpeed reports it after the step)."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
 
 
 @torch.no_grad()

@@ -1,0 +1,58 @@
+"""Shared test set-up: offline, CPU accelerator, small thread counts, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SFT = REPO / "configs" / "tiny" / "sft.yaml"
+SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test-400.jsonl"
+
+
+@pytest.fixture
+def hh_sample() -> Path:
+    """The 400 real HH-RLHF records beside the repository (never copied into it)."""
+    if not SHARED_HH.is_file():
+        pytest.skip(f"HH-RLHF sample not found at {SHARED_HH}")
+    return SHARED_HH
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_sft_dict(tmp_path: Path, **train: Any) -> dict[str, Any]:
+    """The shipped tiny SFT config, made absolute and pointed at tmp_path, with a short run by default."""
+    cfg = yaml.safe_load(TINY_SFT.read_text())
+    cfg["output_dir"] = str(tmp_path / "out")
+    cfg["data"]["train"] = str(TINY_SFT.parent / cfg["data"]["train"])
+    cfg["train"].update({"max_steps": 30, "eval_every": 0, "save_every": 0, **train})
+    cfg["logging"] = {"log_every": 1, "tensorboard": False}
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`rlhf ARGS...` in a fresh interpreter (exactly what a user runs)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

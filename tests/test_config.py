@@ -1,0 +1,212 @@
+"""Config loading: overrides, validation messages, path resolution; the CLI's --dry-run, --help, exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_SFT, run_cli, tiny_sft_dict, write_yaml
+from rlhf_cli.config_loader import apply_override, load_config, parse_override
+from stages.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------- overrides
+@pytest.mark.parametrize(
+    "item, parts, value",
+    [
+        ("train.lr=3e-4", ["train", "lr"], 3e-4),  # YAML 1.1 would read "3e-4" as a string
+        ("train.lr=1E5", ["train", "lr"], 1e5),
+        ("train.max_steps=12", ["train", "max_steps"], 12),
+        ("data.packing=true", ["data", "packing"], True),
+        ("data.eval=null", ["data", "eval"], None),
+        ("train.adam_betas=[0.9, 0.99]", ["train", "adam_betas"], [0.9, 0.99]),
+        ("model.from_config={model_type: llama}", ["model", "from_config"], {"model_type": "llama"}),
+        ("output_dir=a=b", ["output_dir"], "a=b"),  # only the first '=' splits
+        ("seed=", ["seed"], ""),
+    ],
+)
+def test_parse_override(item, parts, value):
+    assert parse_override(item) == (parts, value)
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=1"])
+def test_parse_override_rejects_malformed(item):
+    with pytest.raises(ConfigError, match="--set"):
+        parse_override(item)
+
+
+def test_apply_override_creates_and_replaces_nested_keys():
+    data = {"train": {"lr": 1.0}}
+    apply_override(data, ["train", "lr"], 2.0)
+    apply_override(data, ["model", "from_config", "hidden_size"], 8)
+    assert data == {"train": {"lr": 2.0}, "model": {"from_config": {"hidden_size": 8}}}
+    with pytest.raises(ConfigError, match="train.lr is a float, not a mapping"):
+        apply_override(data, ["train", "lr", "x"], 1)
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _cfg_file(tmp_path: Path, **changes) -> Path:
+    cfg = tiny_sft_dict(tmp_path)
+    for dotted, value in changes.items():
+        apply_override(cfg, dotted.split("__"), value)
+    return write_yaml(tmp_path / "sft.yaml", cfg)
+
+
+def test_yaml_below_overrides_below_nothing(tmp_path):
+    path = _cfg_file(tmp_path, train__lr=0.5)
+    assert load_config("sft", path).train.lr == 0.5
+    assert load_config("sft", path, ["train.lr=0.25", "train.lr=0.125"]).train.lr == 0.125  # last wins
+    assert load_config("sft", path).train.weight_decay == 0.01  # from the file
+    assert load_config("sft", path).train.adam_eps == 1e-8  # schema default
+
+
+def test_unknown_key_names_path_and_closest_key(tmp_path):
+    path = _cfg_file(tmp_path, train__micro_bach_size=3)
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", path)
+    assert "unknown key 'train.micro_bach_size'" in str(exc.value)
+    assert "closest valid key: 'train.micro_batch_size'" in str(exc.value)
+    assert exc.value.exit_code == 2
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = _cfg_file(tmp_path, modle={"x": 1})
+    with pytest.raises(ConfigError, match="unknown key 'modle'; closest valid key: 'model'"):
+        load_config("sft", path)
+
+
+def test_wrong_type_names_path_and_expectation(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["train.micro_batch_size=many"])
+    msg = str(exc.value)
+    assert "train.micro_batch_size" in msg and "valid integer" in msg and "'many'" in msg
+
+
+def test_wrong_value_names_allowed_choices(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["train.lr_scheduler=exp"])
+    assert "train.lr_scheduler" in str(exc.value) and "'cosine'" in str(exc.value)
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="offload_param needs zero_stage: 3"):
+        load_config("sft", _cfg_file(tmp_path), ["deepspeed.zero_stage=2", "deepspeed.offload_param=true"])
+    with pytest.raises(ConfigError, match="max_prompt_length .* must be smaller than max_length"):
+        load_config("sft", _cfg_file(tmp_path), ["data.max_prompt_length=200", "data.max_length=100"])
+    with pytest.raises(ConfigError, match="exactly one of name_or_path"):
+        load_config("sft", _cfg_file(tmp_path), ["model.name_or_path=gpt2"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size: Input should be greater than or equal to 1"):
+        load_config("sft", _cfg_file(tmp_path), ["train.micro_batch_size=0"])
+
+
+def test_missing_data_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train\.path: path does not exist: .*nope\.jsonl"):
+        load_config("sft", _cfg_file(tmp_path), ["data.train=nope.jsonl"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("sft", Path("/nonexistent/sft.yaml"))
+
+
+def test_relative_paths_resolve_against_config_folder_and_cli_against_cwd(tmp_path):
+    folder = tmp_path / "cfgs"
+    folder.mkdir()
+    (folder / "d.jsonl").write_text("{}\n")
+    cfg = tiny_sft_dict(tmp_path)
+    cfg["output_dir"] = "runs/x"
+    cfg["data"]["train"] = "d.jsonl"
+    path = write_yaml(folder / "sft.yaml", cfg)
+    loaded = load_config("sft", path, cwd=tmp_path)
+    assert loaded.output_dir == str(folder / "runs" / "x")
+    assert loaded.data.train.path == str(folder / "d.jsonl")
+    from_cli = load_config("sft", path, ["output_dir=elsewhere"], cwd=tmp_path)
+    assert from_cli.output_dir == str(tmp_path / "elsewhere")
+
+
+def test_hub_ids_are_left_alone(tmp_path):
+    cfg = load_config("sft", _cfg_file(tmp_path), ["model.from_config=null", "model.name_or_path=Qwen/Qwen2.5-0.5B"])
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config("sft", path)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def test_cli_bogus_key_exits_2_with_key_named():
+    res = run_cli("sft", "--config", str(TINY_SFT), "--set", "train.bogus=1")
+    assert res.returncode == 2, res.stderr
+    assert "train.bogus" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
+    out_dir = tmp_path / "never"
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-gpus", "2", "--set", f"output_dir={out_dir}",
+                  "--set", "train.lr=0.125")
+    assert res.returncode == 0, res.stderr
+    assert "lr: 0.125" in res.stdout
+    assert f"output_dir: {out_dir}" in res.stdout
+    assert "-m deepspeed.launcher.runner --num_gpus 2" in res.stdout
+    assert f"--module rlhf_cli sft --config {out_dir}/resolved_config.yaml" in res.stdout
+    assert not out_dir.exists()  # a dry run writes nothing
+
+
+def test_cli_dry_run_single_process_and_hostfile(tmp_path):
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o")
+    assert res.returncode == 0 and "this process (single rank, no launcher)" in res.stdout
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8  # second node\n")
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(hostfile), "--num-nodes", "2",
+                  "--set", f"output_dir={tmp_path}/o")
+    assert res.returncode == 0, res.stderr
+    assert f"--hostfile {hostfile} --num_nodes 2 --no_local_rank" in res.stdout
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-nodes", "2", "--set", f"output_dir={tmp_path}/o")
+    assert res.returncode == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["sft", "--help"], ["env", "--help"]])
+def test_every_help_exits_0(args):
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "Usage" in res.stdout
+
+
+def test_help_shows_every_option_with_default():
+    res = run_cli("sft", "--help")
+    for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--resume",
+                   "--overwrite", "--debug"):
+        assert option in res.stdout
+    assert "[default: 1]" in res.stdout  # --num-nodes
+
+
+def test_version_and_env():
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("rlhf ")
+    res = run_cli("env", "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+
+    info = json.loads(res.stdout)
+    for key in ("python", "torch", "transformers", "deepspeed", "cuda (torch build)"):
+        assert key in info
+
+
+def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
+    out_dir = tmp_path / "out"
+    (out_dir / "final").mkdir(parents=True)
+    res = run_cli("sft", "-c", str(TINY_SFT), "--set", f"output_dir={out_dir}")
+    assert res.returncode == 2
+    assert "already holds a run" in res.stderr and "--resume" in res.stderr and "--overwrite" in res.stderr
+
+
+def test_shipped_configs_validate():
+    for path in (REPO / "configs").rglob("*.yaml"):
+        stage = path.stem if path.stem in ("sft",) else None
+        if stage:
+            load_config(stage, path)

@@ -1,0 +1,337 @@
+"""Data: every format and file type, bad rows, truncation, the loss mask, packing, holdout split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from stages.config import DataSource, SFTDataConfig
+from stages.data import (
+    IGNORE,
+    BadRowLog,
+    DataReport,
+    load_conversations,
+    pack_examples,
+    render_segments,
+    split_hh,
+    tokenize_conversations,
+    tokenize_segments,
+)
+from stages.errors import DataError
+from stages.lm import collate, shifted_nll_sum
+from stages.models import DEFAULT_CHAT_TEMPLATE, train_tokenizer
+from stages.sft import split_holdout
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    """A byte-level tokenizer with no merges: one token per ASCII character, so counts are hand-checkable."""
+    tok = train_tokenizer(["abc"], vocab_size=261, min_frequency=1000)
+    assert tok("hello", add_special_tokens=False)["input_ids"].__len__() == 5
+    return tok
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _data(path: Path | str, **kw) -> SFTDataConfig:
+    return SFTDataConfig(train=DataSource(path=str(path)), **kw)
+
+
+def _load(path, **kw):
+    cfg = _data(path, **kw)
+    log = BadRowLog()
+    return load_conversations(cfg.train, cfg, log), log
+
+
+def _one(char_tok, conv_rows, **kw):
+    """Tokenize rows through the real pipeline; return the TokenRows and report."""
+    cfg = SFTDataConfig(train=DataSource(path="unused"), **kw)
+    report = DataReport()
+    rows = tokenize_conversations(conv_rows, char_tok, cfg, report)
+    return rows, report
+
+
+# ----------------------------------------------------------------------------------------- formats
+def test_prompt_response_raw_masks_the_prompt_exactly(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "Q: 2+2?", "response": " 4"}])
+    convs, _ = _load(path)
+    rows, report = _one(char_tok, convs)
+    eos = char_tok.eos_token_id
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    assert char_tok.decode(ids[:7]) == "Q: 2+2?" and char_tok.decode(ids[7:9]) == " 4" and ids[9] == eos
+    assert labels == [IGNORE] * 7 + ids[7:9] + [eos]
+    assert report.trained_tokens == 3 and report.tokens == 10
+
+
+def test_custom_column_names(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "c.jsonl", [{"question": "hi", "answer": "yo"}])
+    convs, _ = _load(path, columns={"prompt": "question", "response": "answer"})
+    assert convs[0][0].messages == (("user", "hi"), ("assistant", "yo"))
+
+
+def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+    ]
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": msgs}])
+    convs, _ = _load(path)
+    char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    segs = render_segments(convs[0][0], char_tok, "all_turns")
+    assert [(s.text, s.train) for s in segs] == [
+        ("<|system|>\nS<|endoftext|><|user|>\nu1<|endoftext|><|assistant|>\n", False),
+        ("a1<|endoftext|>", True),
+        ("<|user|>\nu2<|endoftext|><|assistant|>\n", False),
+        ("a2<|endoftext|>", True),
+    ]
+    rows, _ = _one(char_tok, convs)
+    decoded = [char_tok.decode([t]) for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
+    assert "".join(decoded) == "a1<|endoftext|>a2<|endoftext|>"
+    rows_last, _ = _one(char_tok, convs, train_on="last_turn")
+    decoded = [char_tok.decode([t]) for t, lab in zip(rows_last[0]["input_ids"], rows_last[0]["labels"]) if lab != IGNORE]
+    assert "".join(decoded) == "a2<|endoftext|>"
+    assert rows_last[0]["input_ids"] == rows[0]["input_ids"]  # same text, only the mask differs
+
+
+def test_trailing_user_turn_is_dropped(tmp_path):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "?"}]
+    convs, _ = _load(_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))
+    assert convs[0][0].messages == (("user", "q"), ("assistant", "a"))
+
+
+def test_hh_split_round_trips_every_real_record(hh_sample):
+    rows = [json.loads(line) for line in hh_sample.read_text().splitlines()]
+    for row in rows:
+        for key in ("chosen", "rejected"):
+            turns = split_hh(row[key])
+            assert "".join(("\n\nHuman:" if r == "user" else "\n\nAssistant:") + c for r, c in turns) == row[key]
+    assert split_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: ok") == [
+        ("user", " hi"), ("assistant", " hello"), ("user", " bye"), ("assistant", " ok")
+    ]
+
+
+def test_hh_real_sample_bad_row_is_named_then_skipped(hh_sample, char_tok):
+    with pytest.raises(DataError) as exc:
+        _load(hh_sample, format="hh")
+    assert f"{hh_sample} row 87: empty response" in str(exc.value)
+    convs, log = _load(hh_sample, format="hh", on_bad_row="skip")
+    assert len(convs) == 399 and log.total == 1
+    conv, where = convs[0]
+    assert where == f"{hh_sample} row 1" and conv.style == "raw_hh"
+    segs = render_segments(conv, char_tok, "all_turns")
+    assert "".join(s.text for s in segs) == json.loads(hh_sample.read_text().splitlines()[0])["chosen"]
+    assert [s.train for s in segs] == [False, True] * 3  # three assistant turns, each trained
+    assert all(s.text.endswith("\n\nAssistant:") for s in segs if not s.train)
+
+
+def test_hh_through_chat_template(hh_sample, char_tok):
+    convs, _ = _load(hh_sample, format="hh", on_bad_row="skip", use_chat_template=True)
+    assert convs[0][0].style == "chat"
+    assert convs[0][0].messages[0] == ("user", "what are some pranks with a pen i can do?")
+
+
+def test_auto_format_detection(tmp_path):
+    assert _load(_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}]))[0][0][0].style == "raw_pr"
+    assert _load(_jsonl(tmp_path / "b.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b"}]))[0][0][0].style == "raw_hh"
+    with pytest.raises(DataError, match=r"c.jsonl row 1: cannot tell the data format from keys \['x'\]"):
+        _load(_jsonl(tmp_path / "c.jsonl", [{"x": 1}]))
+
+
+def test_csv_parquet_and_json_array_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(3)]
+    with (tmp_path / "d.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["prompt", "response"])
+        w.writeheader()
+        w.writerows(records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    for name in ("d.csv", "d.parquet", "d.json"):
+        convs, _ = _load(tmp_path / name)
+        assert [c.messages[1][1] for c, _ in convs] == ["r0", "r1", "r2"], name
+        assert convs[2][1] == f"{tmp_path / name} row 3"
+
+
+def test_several_files_in_one_source(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "1"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "response": "2"}])
+    cfg = SFTDataConfig(train=DataSource(path=[str(a), str(b)]))
+    convs = load_conversations(cfg.train, cfg, BadRowLog())
+    assert [c.messages[1][1] for c, _ in convs] == ["1", "2"]
+
+
+def test_unknown_hub_dataset_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot load dataset 'no-such-org/no-such-dataset'"):
+        _load("no-such-org/no-such-dataset")
+
+
+# ----------------------------------------------------------------------------------------- bad rows
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"prompt": "p", "response": ', "invalid JSON"),
+        ('{"prompt": "p"}', "missing key 'response' (keys present: prompt)"),
+        ('{"prompt": "p", "response": "   "}', "empty 'response'"),
+        ('{"prompt": "p", "response": 7}', "'response' must be a string, got int"),
+        ('[1, 2]', "expected a JSON object, got list"),
+    ],
+)
+def test_bad_row_error_names_file_and_row(tmp_path, line, reason):
+    good = json.dumps({"prompt": "p", "response": "r"})
+    path = _jsonl(tmp_path / "d.jsonl", [good, good, line, good])
+    with pytest.raises(DataError) as exc:
+        _load(path)
+    assert f"{path} row 3: {reason}" in str(exc.value)
+    convs, log = _load(path, on_bad_row="skip")
+    assert len(convs) == 3 and log.total == 1
+
+
+def test_non_utf8_bytes_are_a_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "\xff\xfe", "response": "r"}\n')
+    with pytest.raises(DataError, match=r"row 2: not valid UTF-8"):
+        _load(path)
+
+
+def test_only_bad_rows_is_an_error(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ["nope", "nope"])
+    with pytest.raises(DataError, match="no usable rows"):
+        _load(path, on_bad_row="skip")
+
+
+def test_bad_messages_structure(tmp_path):
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"row 1: messages\[0\] must be \{role: system\|user\|assistant"):
+        _load(path)
+    path = _jsonl(tmp_path / "m2.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(DataError, match="row 1: no assistant turn"):
+        _load(path)
+
+
+# ----------------------------------------------------------------------------------------- truncation
+def test_truncation_prompt_from_left_response_from_right(char_tok):
+    from stages.data import Segment
+
+    segs = [Segment("PPPPPPPPPP", False), Segment("RRRRR", True)]  # 10 + 5 + eos = 16 tokens
+    p, r = char_tok.convert_tokens_to_ids("P"), char_tok.convert_tokens_to_ids("R")
+    eos = char_tok.eos_token_id
+    # overflow 2: only the prompt loses its 2 leftmost tokens
+    ex = tokenize_segments(segs, char_tok, max_length=14, prompt_budget=4, add_eos=True, bos=[])
+    assert ex.input_ids == [p] * 8 + [r] * 5 + [eos] and ex.prompt_truncated and not ex.response_truncated
+    # overflow 8: the prompt goes down to its budget (4), then the response is cut from the right
+    ex = tokenize_segments(segs, char_tok, max_length=8, prompt_budget=4, add_eos=True, bos=[])
+    assert ex.input_ids == [p] * 4 + [r] * 4 and ex.labels == [IGNORE] * 4 + [r] * 4
+    assert ex.prompt_truncated and ex.response_truncated
+    # fits: untouched
+    ex = tokenize_segments(segs, char_tok, max_length=16, prompt_budget=4, add_eos=True, bos=[])
+    assert len(ex.input_ids) == 16 and not (ex.prompt_truncated or ex.response_truncated)
+
+
+def test_truncation_counts_are_reported(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "P" * 30, "response": "R" * 30}, {"prompt": "p", "response": "r"}])
+    convs, _ = _load(path)
+    _, report = _one(char_tok, convs, max_length=20, max_prompt_length=5)
+    assert (report.examples, report.prompt_truncated, report.response_truncated) == (2, 1, 1)
+
+
+def test_bos_is_prepended_when_the_tokenizer_uses_one(char_tok):
+    from stages.data import Segment, bos_ids
+
+    assert bos_ids(char_tok) == []
+    ex = tokenize_segments([Segment("ab", False), Segment("c", True)], char_tok, 10, 5, True, bos=[7])
+    assert ex.input_ids[0] == 7 and ex.labels[0] == IGNORE
+
+
+# ----------------------------------------------------------------------------------------- loss mask
+def test_prompt_tokens_contribute_exactly_zero(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "abcd", "response": "xy"}])
+    convs, _ = _load(path)
+    rows, _ = _one(char_tok, convs)
+    batch = collate([rows[0]], char_tok.pad_token_id, torch.device("cpu"))
+    vocab = len(char_tok)
+    # all-zero logits: every trained token has NLL log(V); 3 trained tokens (x, y, eos)
+    logits = torch.zeros(1, batch["input_ids"].shape[1], vocab, requires_grad=True)
+    loss = shifted_nll_sum(logits, batch["labels"])
+    assert loss.item() == pytest.approx(3 * math.log(vocab), rel=1e-6)
+    loss.backward()
+    # logits at t predict token t+1: positions 0..2 predict prompt tokens b, c, d -> no gradient at all
+    assert torch.count_nonzero(logits.grad[0, :3]) == 0
+    assert torch.count_nonzero(logits.grad[0, 3:6]) > 0
+    assert torch.count_nonzero(logits.grad[0, 6:]) == 0  # eos predicts nothing
+    # changing what the model predicts for prompt positions leaves the loss unchanged
+    bumped = logits.detach().clone()
+    bumped[0, :3] = torch.randn(3, vocab)
+    assert shifted_nll_sum(bumped, batch["labels"]).item() == loss.item()
+
+
+def test_chunked_nll_equals_plain_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 11)
+    labels = torch.randint(0, 11, (3, 9))
+    labels[:, :4] = IGNORE
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    assert shifted_nll_sum(logits, labels, chunk=5).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- packing
+def test_packing_keeps_examples_apart(tmp_path, char_tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.data import TokenizedExample
+
+    exs = [TokenizedExample([5, 6, 7, 8], [IGNORE, 6, 7, 8]), TokenizedExample([9, 10, 11], [IGNORE, 10, 11]),
+           TokenizedExample([12, 13, 14, 15, 16], [IGNORE] * 2 + [14, 15, 16])]
+    rows = pack_examples(exs, max_length=8)
+    assert len(rows) == 2
+    assert rows[0] == {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE, 6, 7, 8, IGNORE, 10, 11],
+                       "position_ids": [0, 1, 2, 3, 0, 1, 2]}
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=32)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    batch = collate([rows[0]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = model(input_ids=torch.tensor([[9, 10, 11]]), use_cache=False).logits
+    assert torch.allclose(packed[0, 4:7], alone[0], atol=1e-5)
+
+
+def test_packing_through_the_pipeline(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 10)
+    convs, _ = _load(path)
+    rows, report = _one(char_tok, convs, packing=True, max_length=9)
+    assert report.packed_rows == 4 and len(rows) == 4  # 3 tokens each, 3 per row of 9: 3 + 3 + 3 + 1
+    assert rows[3]["position_ids"] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------- splits, shipped data
+def test_holdout_split_is_seeded_and_disjoint():
+    rows = list(range(100))
+    train, held = split_holdout(rows, 0.1, seed=3)
+    assert len(held) == 10 and len(train) == 90 and not set(train) & set(held)
+    assert split_holdout(rows, 0.1, seed=3) == (train, held)
+    assert split_holdout(rows, 0.1, seed=4)[1] != held
+
+
+def test_shipped_tiny_data_matches_its_generator():
+    from stages.toydata import SHIPPED, sft_rows
+
+    for name, (n, seed) in SHIPPED.items():
+        shipped = (REPO / "configs" / "tiny" / "data" / name).read_text().splitlines()
+        assert [json.loads(line) for line in shipped] == sft_rows(n, seed)

@@ -1,0 +1,85 @@
+"""LR schedule, DeepSpeed config building, batching of steps across ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from stages.config import DeepSpeedConfig, TrainConfig
+from stages.engine import build_deepspeed_config, lr_factor, warmup_steps_for
+from stages.errors import ConfigError
+from stages.sft import EpochSampler, rank_micro_batches
+
+
+def test_lr_factor_hand_computed():
+    # T = 10 steps, W = 2 warm-up steps, cosine to m = 0.1
+    f = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert f[0] == 0.5 and f[1] == 1.0  # (s + 1) / W
+    assert f[2] == pytest.approx(1.0)  # p = 0
+    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # p = 4/8 -> 0.55
+    assert f[6] == pytest.approx(0.55)
+    lin = [lr_factor(s, 10, 2, "linear", 0.0) for s in range(10)]
+    assert lin[2] == 1.0 and lin[6] == pytest.approx(0.5) and lin[9] == pytest.approx(1 / 8)
+    assert [lr_factor(s, 10, 2, "constant", 0.0) for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 10, 0, "cosine", 0.0) == 1.0  # no warm-up
+
+
+def test_warmup_steps_from_ratio_or_explicit():
+    assert warmup_steps_for(TrainConfig(warmup_ratio=0.1), 55) == 6
+    assert warmup_steps_for(TrainConfig(warmup_ratio=0.1, warmup_steps=3), 55) == 3
+    assert warmup_steps_for(TrainConfig(warmup_steps=100), 55) == 55
+
+
+def test_deepspeed_config_from_yaml_sections():
+    train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=3, lr=2e-5, gradient_clipping=0.5,
+                        weight_decay=0.1)
+    ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16")
+    cfg = build_deepspeed_config(train, ds, world_size=8, on_gpu=True)
+    assert cfg["train_batch_size"] == 4 * 3 * 8
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"]["enabled"] is False
+    assert cfg["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    plain = build_deepspeed_config(TrainConfig(gradient_clipping=0), DeepSpeedConfig(precision="fp16"), 1, False)
+    assert "gradient_clipping" not in plain and "offload_optimizer" not in plain["zero_optimization"]
+    assert plain["fp16"]["enabled"] is True
+
+
+def test_raw_deepspeed_json_is_merged_last(tmp_path):
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "wall_clock_breakdown": True}))
+    cfg = build_deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=2, config=str(raw)), 2, False)
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert cfg["wall_clock_breakdown"] is True
+    inline = build_deepspeed_config(TrainConfig(), DeepSpeedConfig(config={"steps_per_print": 5}), 1, False)
+    assert inline["steps_per_print"] == 5
+
+
+def test_raw_deepspeed_json_may_not_contradict_the_yaml():
+    ds = DeepSpeedConfig(config={"train_micro_batch_size_per_gpu": 99})
+    with pytest.raises(ConfigError, match="set it in the YAML instead"):
+        build_deepspeed_config(TrainConfig(micro_batch_size=4), ds, 1, False)
+    same = DeepSpeedConfig(config={"train_micro_batch_size_per_gpu": 4})
+    assert build_deepspeed_config(TrainConfig(micro_batch_size=4), same, 1, False)["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_sampler_depends_only_on_step_and_covers_each_epoch():
+    s = EpochSampler(n_rows=10, global_batch=3, seed=1)
+    assert s.steps_per_epoch == 3
+    epoch0 = [i for step in range(3) for i in s.indices(step)]
+    assert len(set(epoch0)) == 9  # one row of 10 dropped
+    fresh = EpochSampler(10, 3, 1)
+    assert fresh.indices(4) == s.indices(4) and s.indices(4) != s.indices(1)
+    assert s.indices(3) != s.indices(0)  # epoch 1 is a new permutation
+
+
+def test_rank_micro_batches_split_a_global_batch_without_overlap():
+    indices = list(range(12))  # micro 2 x accumulation 3 x world 2
+    r0 = rank_micro_batches(indices, 0, 2, 2, 3)
+    r1 = rank_micro_batches(indices, 1, 2, 2, 3)
+    assert r0 == [[0, 1], [4, 5], [8, 9]] and r1 == [[2, 3], [6, 7], [10, 11]]
