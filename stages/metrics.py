@@ -134,3 +134,26 @@ def _fmt(key: str, value: float) -> str:
     if key.endswith("tok/s"):
         return f"{key} {value:,.0f}"
     return f"{key} {value:.4f}"
+
+
+def print_summary(title: str, rows: list[dict[str, Any]], final: Path) -> None:
+    """A table of first -> last values of the logged metrics, and where the model went."""
+    from rich.table import Table
+
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    for row in rows:
+        for key, value in row.items():
+            if "/" in key and isinstance(value, (int, float)):
+                first.setdefault(key, (row["step"], value))
+                last[key] = (row["step"], value)
+    table = Table(title=title)
+    for col in ("metric", "first (step)", "last (step)"):
+        table.add_column(col)
+    for key in sorted(last):
+        if key.endswith(("tokens_seen", "epoch")):
+            continue
+        (s0, v0), (s1, v1) = first[key], last[key]
+        table.add_row(key, f"{v0:.4g} ({s0})", f"{v1:.4g} ({s1})")
+    _CONSOLE.print(table)
+    _CONSOLE.print(f"final model: {final}", highlight=False, soft_wrap=True)

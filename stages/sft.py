@@ -36,7 +36,7 @@ from stages.distributed import DistInfo, all_reduce_sum, barrier, seed_everythin
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import DataError, RlhfError
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
-from stages.metrics import MetricsLogger, TrainProgress, say
+from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import build_causal_lm, prepare_tokenizer
 
 
@@ -263,5 +263,6 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     final = save_final(engine.module, tokenizer, out, dist, {**meta, "step": total})
     metrics.event(total, "final", path=str(final))
     metrics.close()
-    progress.print(f"saved {final}")
+    if dist.is_main:
+        print_summary("rlhf sft", read_metrics(out / "metrics.jsonl"), final)
     return final

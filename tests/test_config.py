@@ -210,3 +210,32 @@ def test_shipped_configs_validate():
         stage = path.stem if path.stem in ("sft",) else None
         if stage:
             load_config(stage, path)
+
+
+def _config_keys(model: type, prefix: str = "", seen: set | None = None):
+    """Dotted keys of a schema's values (not of its sections); a section type documented once (e.g. DataSource under data.train) is not
+    listed again under another key."""
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    for name, info in model.model_fields.items():
+        key = prefix + name
+        subs = [a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not subs:
+            yield key
+        elif subs[0] not in seen:
+            seen.add(subs[0])
+            yield from _config_keys(subs[0], key + ".", seen)
+
+
+def test_readme_documents_every_config_key():
+    from stages.config import SFTConfig
+
+    readme = (REPO / "README.md").read_text()
+    missing = []
+    for key in _config_keys(SFTConfig):
+        parent, _, leaf = key.rpartition(".")
+        if f"`{key}`" not in readme and not (parent and f"`{parent}." in readme and f"`.{leaf}`" in readme):
+            missing.append(key)
+    assert not missing, f"README lacks config keys: {missing}"

@@ -139,3 +139,50 @@ def test_two_processes_zero3_gathers_full_weights(tmp_path):
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 100_000 and cfg["hidden_size"] == 128  # full (gathered) tensors, not ZeRO shards
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_start_from_a_local_checkpoint_directory_with_packing(tmp_path):
+    """A second SFT run whose model is the first run's output directory (its final/ is used), with packing;
+    TensorBoard events are written."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, _ = _run(tmp_path / "a", max_steps=30)
+    cfg = tiny_sft_dict(tmp_path / "b", max_steps=4)
+    cfg["model"] = {"name_or_path": str(first)}
+    cfg["data"]["packing"] = True
+    cfg["logging"]["tensorboard"] = True
+    res = run_cli("sft", "--config", str(write_yaml(tmp_path / "b.yaml", cfg)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = Path(cfg["output_dir"])
+    assert "packed into" in res.stdout
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the tokenizer is the first run's (loaded, not retrained) and the model starts from its weights
+    assert (out / "final" / "tokenizer.json").read_text() == (first / "final" / "tokenizer.json").read_text()
+    assert not (out / "tokenizer").exists()
+    start_loss = _train_rows(out)[0]["train/loss"]
+    assert start_loss < _train_rows(first)[0]["train/loss"] - 0.3
+
+
+def test_data_error_exits_1_naming_the_row_without_traceback(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": ""}\n')
+    cfg = tiny_sft_dict(tmp_path, max_steps=1)
+    cfg["data"].update({"train": str(data), "format": "auto"})
+    res = run_cli("sft", "--config", str(write_yaml(tmp_path / "sft.yaml", cfg)))
+    assert res.returncode == 1
+    assert f"{data} row 2: empty 'response'" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (Path(cfg["output_dir"]) / "final").exists()
+
+
+@pytest.mark.slow
+def test_launcher_returns_the_workers_exit_code(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\nnot json\n')
+    cfg = tiny_sft_dict(tmp_path, max_steps=1)
+    cfg["data"].update({"train": str(data), "format": "auto"})
+    res = run_cli("sft", "--config", str(write_yaml(tmp_path / "sft.yaml", cfg)), "--num-gpus", "2")
+    assert res.returncode == 1
+    assert f"{data} row 2: invalid JSON" in res.stderr
+    assert res.stderr.count("invalid JSON") == 1  # printed once (rank 0), not once per rank
+    assert "the launcher exited with code 1" in res.stderr

@@ -1,0 +1,91 @@
+"""Tokenizer training and model construction options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.config import ModelConfig
+from stages.errors import CheckpointError
+from stages.models import (
+    DEFAULT_CHAT_TEMPLATE,
+    EOS,
+    PAD,
+    build_causal_lm,
+    is_activation_checkpointing,
+    resolve_model_dir,
+    train_tokenizer,
+)
+
+TEXTS = ["count from 1 to 4: 1 2 3 4", "reverse: red fox -> fox red", "spell cat: c a t"] * 20
+ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=320, min_frequency=2)
+
+
+def test_trained_tokenizer_is_deterministic_and_round_trips(tok):
+    again = train_tokenizer(TEXTS, vocab_size=320, min_frequency=2)
+    assert again.get_vocab() == tok.get_vocab()
+    assert tok.pad_token == PAD and tok.eos_token == EOS and tok.pad_token_id != tok.eos_token_id
+    text = "reverse: cat fox"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(tok("count from 1 to 4", add_special_tokens=False)["input_ids"]) < len("count from 1 to 4")  # merges
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def _model(tok, **kw):
+    cfg = ModelConfig(from_config=ARCH, **kw)
+    return build_causal_lm(cfg, tok, precision="fp32", ds_config={}, seed=7)
+
+
+def test_from_config_is_seeded_and_takes_ids_from_the_tokenizer(tok):
+    a, b = _model(tok), _model(tok)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert a.config.vocab_size == len(tok)
+    assert a.config.pad_token_id == tok.pad_token_id and a.config.eos_token_id == tok.eos_token_id
+    assert a.config.bos_token_id is None  # the trained tokenizer has no BOS
+    assert a.generation_config.eos_token_id == tok.eos_token_id
+    c = build_causal_lm(ModelConfig(from_config=ARCH), tok, precision="fp32", ds_config={}, seed=8)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+def test_model_options_change_the_model(tok):
+    assert _model(tok).dtype == torch.float32
+    assert _model(tok, dtype="bfloat16").dtype == torch.bfloat16
+    bf16_auto = build_causal_lm(ModelConfig(from_config=ARCH), tok, precision="bf16", ds_config={}, seed=7)
+    assert bf16_auto.dtype == torch.bfloat16  # auto follows deepspeed.precision
+    assert _model(tok).config._attn_implementation == "sdpa"
+    assert _model(tok, attn_implementation="eager").config._attn_implementation == "eager"
+    assert not is_activation_checkpointing(_model(tok))
+    ckpt = _model(tok, gradient_checkpointing=True)
+    assert is_activation_checkpointing(ckpt)
+    # checkpointing recomputes activations but yields the same gradients
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    grads = []
+    for m in (_model(tok), ckpt):
+        m.train()
+        m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append(m.model.embed_tokens.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bad_architecture_and_vocab_mismatch_are_clear_errors(tok, tmp_path):
+    with pytest.raises(CheckpointError, match="model.from_config"):
+        build_causal_lm(ModelConfig(from_config={"model_type": "no-such-arch"}), tok, "fp32", {}, 0)
+    small = _model(tok)
+    small.resize_token_embeddings(10)
+    small.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"tokenizer has \d+ tokens but the model's embedding has 10 rows"):
+        build_causal_lm(ModelConfig(name_or_path=str(tmp_path / "m")), tok, "fp32", {}, 0)
+
+
+def test_a_run_directory_stands_for_its_final_checkpoint(tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    assert resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
+    assert resolve_model_dir("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
