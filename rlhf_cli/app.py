@@ -54,16 +54,25 @@ NumNodesOpt = Annotated[int, typer.Option("--num-nodes", min=1, help="Nodes to u
 HostfileOpt = Annotated[
     Optional[Path],
     typer.Option("--hostfile", help="DeepSpeed hostfile ('hostname slots=N' per line) for multi-node runs.",
-                 show_default="none (this machine only)"),
+                 show_default="this machine only"),
 ]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and launch command; do not train.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the resolved config and launch command; do not train.", show_default="off")
+]
 ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in output_dir (fresh start if none).")
+    bool,
+    typer.Option(
+        "--resume", help="Continue from the newest complete checkpoint in output_dir (fresh start if none).",
+        show_default="off",
+    ),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Delete an earlier run's checkpoints and metrics in output_dir first.")
+    bool,
+    typer.Option(
+        "--overwrite", help="Delete an earlier run's checkpoints and metrics in output_dir first.", show_default="off"
+    ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.", show_default="off")]
 
 
 def _version(value: bool) -> None:

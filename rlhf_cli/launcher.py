@@ -78,7 +78,7 @@ def launch_command(
         cmd += ["--master_port", str(master_port or free_port())]
     elif master_port is not None:
         cmd += ["--master_port", str(master_port)]
-    cmd += ["--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
+    cmd += ["--log_level", "warning", "--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
     if resume:
         cmd.append("--resume")
     return cmd

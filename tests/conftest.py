@@ -19,15 +19,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SFT = REPO / "configs" / "tiny" / "sft.yaml"
-SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test-400.jsonl"
+HH_NAME = "hh-rlhf-harmless-test-400.jsonl"
+#: the real HH-RLHF sample lives beside the repository (../shared/data), never inside it
+HH_CANDIDATES = [
+    Path(os.environ["RLHF_HH_SAMPLE"]) if os.environ.get("RLHF_HH_SAMPLE") else None,
+    REPO.parent / "shared" / "data" / HH_NAME,
+    Path("/work/shared/data") / HH_NAME,
+]
 
 
 @pytest.fixture
 def hh_sample() -> Path:
     """The 400 real HH-RLHF records beside the repository (never copied into it)."""
-    if not SHARED_HH.is_file():
-        pytest.skip(f"HH-RLHF sample not found at {SHARED_HH}")
-    return SHARED_HH
+    for path in HH_CANDIDATES:
+        if path is not None and path.is_file():
+            return path
+    pytest.skip(f"HH-RLHF sample not found (looked at {[str(p) for p in HH_CANDIDATES if p]}; set RLHF_HH_SAMPLE)")
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

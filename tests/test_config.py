@@ -165,7 +165,7 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(hostfile), "--num-nodes", "2",
                   "--set", f"output_dir={tmp_path}/o")
     assert res.returncode == 0, res.stderr
-    assert f"--hostfile {hostfile} --num_nodes 2 --no_local_rank" in res.stdout
+    assert f"--hostfile {hostfile} --num_nodes 2 --log_level warning --no_local_rank" in res.stdout
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-nodes", "2", "--set", f"output_dir={tmp_path}/o")
     assert res.returncode == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
 
@@ -183,6 +183,7 @@ def test_help_shows_every_option_with_default():
                    "--overwrite", "--debug"):
         assert option in res.stdout
     assert "[default: 1]" in res.stdout  # --num-nodes
+    assert res.stdout.count("[default: (off)]") == 4  # --dry-run --resume --overwrite --debug
 
 
 def test_version_and_env():

@@ -126,11 +126,13 @@ def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_gathers_full_weights(tmp_path):
+def test_two_processes_zero3_gathers_full_weights_and_resumes_exactly(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out, _ = _run(tmp_path, "--num-gpus", "2", "--set", "deepspeed.zero_stage=3", max_steps=6,
-                  micro_batch_size=8, eval_every=3)
+    (tmp_path / "full").mkdir()
+    args = ("--num-gpus", "2", "--set", "deepspeed.zero_stage=3")
+    train = dict(max_steps=6, micro_batch_size=8, eval_every=3, save_every=3, save_total_limit=5)
+    out, _ = _run(tmp_path / "full", *args, **train)
     rows = _train_rows(out)
     assert len(rows) == 6 and rows[-1]["train/loss"] < rows[0]["train/loss"]
     model, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
@@ -139,6 +141,19 @@ def test_two_processes_zero3_gathers_full_weights(tmp_path):
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 100_000 and cfg["hidden_size"] == 128  # full (gathered) tensors, not ZeRO shards
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # stop after the step-3 checkpoint, resume with two ranks: same curve, same weights
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    cut = tmp_path / "cut" / "out"
+    shutil.rmtree(cut / "checkpoint-00000006")
+    shutil.rmtree(cut / "final")
+    cfg = tiny_sft_dict(tmp_path / "cut", **train)
+    res = run_cli("sft", "--config", str(write_yaml(tmp_path / "cut" / "sft.yaml", cfg)), *args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read_metrics(cut / "metrics.jsonl")[-1]["event"] == "final"
+    assert [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in _train_rows(cut)] == [
+        (r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows
+    ]
+    assert_same_weights(cut / "final", out / "final")
 
 
 def test_start_from_a_local_checkpoint_directory_with_packing(tmp_path):
