@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -15,8 +15,17 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config
-from rlhf_cli.launcher import format_command, inside_launcher, launch_command, needs_launcher, run_launcher
-from stages.errors import ConfigError, RlhfError
+from rlhf_cli.launcher import (
+    format_command,
+    inside_launcher,
+    launch_command,
+    launch_env,
+    launched_by_rlhf,
+    local_processes,
+    needs_launcher,
+    run_launcher,
+)
+from stages.errors import ConfigError, DataError, RlhfError
 
 app = typer.Typer(
     name="rlhf",
@@ -50,7 +59,10 @@ NumGpusOpt = Annotated[
     Optional[int],
     typer.Option("--num-gpus", min=1, help="Processes (GPUs) per node.", show_default="1, or the hostfile's slots"),
 ]
-NumNodesOpt = Annotated[int, typer.Option("--num-nodes", min=1, help="Nodes to use from --hostfile.")]
+NumNodesOpt = Annotated[
+    Optional[int],
+    typer.Option("--num-nodes", min=1, help="Nodes to use from --hostfile.", show_default="every host in --hostfile, else 1"),
+]
 HostfileOpt = Annotated[
     Optional[Path],
     typer.Option("--hostfile", help="DeepSpeed hostfile ('hostname slots=N' per line) for multi-node runs.",
@@ -99,7 +111,7 @@ def run_stage(
     config: Path,
     overrides: list[str],
     num_gpus: int | None,
-    num_nodes: int,
+    num_nodes: int | None,
     hostfile: Path | None,
     dry_run: bool,
     resume: bool,
@@ -107,67 +119,55 @@ def run_stage(
     debug: bool,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
+    from stages.checkpoint import prepare_output_dir
+
     try:
         cfg = load_config(stage, config, overrides)
-        if inside_launcher():
-            _train_here(stage, cfg, resume)
-            return
-        if resume and overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other; pass one")
         out_dir = Path(cfg.output_dir)
-        resolved = out_dir / "resolved_config.yaml"
         text = dump_config(cfg)
+        if inside_launcher():
+            # a worker: of our launcher (the output directory is ready), or of the user's own (torchrun,
+            # srun, ...), in which case rank 0 prepares it first
+            prepare = None if launched_by_rlhf() else lambda: prepare_output_dir(out_dir, text, resume, overwrite)
+            _train_here(stage, cfg, resume, prepare)
+            return
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
-        launch = needs_launcher(num_gpus, num_nodes, hostfile)
-        cmd = launch_command(stage, resolved, num_gpus, num_nodes, hostfile, resume) if launch else None
-        out.print(
-            f"[bold]launch:[/] {format_command(cmd)}" if cmd else "[bold]launch:[/] this process (single rank, no launcher)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        cmd = env = None
+        if needs_launcher(num_gpus, num_nodes, hostfile):
+            cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
+            env = launch_env(local_processes(num_gpus, hostfile))
+        where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
+        out.print(f"[bold]launch:[/] {where}", highlight=False, soft_wrap=True)
         if dry_run:
             out.print("dry run: nothing trained")
             return
-        _prepare_output_dir(out_dir, resolved, text, resume, overwrite)
-        if cmd is not None:
-            procs = (num_gpus or 1) * num_nodes
-            code = run_launcher(cmd, procs)
-            if code != 0:
-                err.print(f"[red]rlhf {stage}: the launcher exited with code {code}[/]")
-            raise typer.Exit(code)
-        _train_here(stage, cfg, resume)
+        prepare_output_dir(out_dir, text, resume, overwrite)
+        if cmd is None:
+            _train_here(stage, cfg, resume, None)
+            return
+        code = run_launcher(cmd, env or {})
+        if code != 0:
+            err.print(f"[red]rlhf {stage}: the launcher exited with code {code}[/]")
+        raise typer.Exit(code)
     except RlhfError as exc:
         if debug:
             raise
+        # every rank reads the same config and data, so those errors are printed once; others may be one
+        # rank's own (a missing shard, a full disk) and are printed by whichever rank hit them
         if _rank() == 0:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        elif not isinstance(exc, (ConfigError, DataError)):
+            err.print(f"[bold red]error (rank {_rank()}):[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         raise typer.Exit(130) from None
 
 
-def _prepare_output_dir(out_dir: Path, resolved: Path, text: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one output_dir; write resolved_config.yaml (the workers read it)."""
-    from stages.checkpoint import atomic_write_text, clear_run, previous_run_contents
-
-    found = previous_run_contents(out_dir)
-    if found and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
-    if overwrite:
-        clear_run(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(resolved, text)
-
-
-def _train_here(stage: str, cfg: object, resume: bool) -> None:
+def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
     module, func = STAGE_RUNNERS[stage].split(":")
-    getattr(importlib.import_module(module), func)(cfg, resume=resume)
+    getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
 
 
 # ----------------------------------------------------------------------------- stage commands
@@ -176,7 +176,7 @@ def sft(
     config: ConfigOpt,
     set_: SetOpt = None,
     num_gpus: NumGpusOpt = None,
-    num_nodes: NumNodesOpt = 1,
+    num_nodes: NumNodesOpt = None,
     hostfile: HostfileOpt = None,
     dry_run: DryRunOpt = False,
     resume: ResumeOpt = False,
@@ -193,7 +193,7 @@ def sft(
 
 @app.command()
 def env(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", show_default="off")] = False,
 ) -> None:
     """Versions of Python, torch, transformers, DeepSpeed, CUDA and the GPUs (paste it into bug reports)."""
     from rlhf_cli.env_info import collect_env, print_env

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import STAGE_SCHEMAS, Section, resolve_paths
+from stages.config import STAGE_SCHEMAS, DataSource, Section, resolve_paths
 from stages.errors import ConfigError
 
 
@@ -68,12 +68,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    """Set `data[parts[0]][parts[1]]... = value`, creating mappings on the way."""
+    """Set `data[parts[0]][parts[1]]... = value`, creating mappings on the way. A data source given in its
+    short form (`train: file.jsonl`) is expanded to `{path: file.jsonl}` when a sub-key is set."""
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        elif isinstance(child, (str, list)) and parts[i + 1] in DataSource.model_fields:
+            child = node[part] = {"path": child}
         elif not isinstance(child, dict):
             where = ".".join(parts[: i + 1])
             raise ConfigError(f"--set {'.'.join(parts)}: {where} is a {type(child).__name__}, not a mapping")
@@ -104,18 +107,51 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
+def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic's error location without the labels it adds for union members (`str`, `list[str]`,
+    `function-after[...]`, a section class name, ...): field names, unknown keys and list indexes remain."""
+    out: list[Any] = []
+    current: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        is_model = isinstance(current, type) and issubclass(current, BaseModel)
+        if is_model and part in current.model_fields:
+            out.append(part)
+            current = _unwrap_model(current.model_fields[part].annotation)
+        elif "[" in part or part.startswith("function-") or part in _TYPE_LABELS or (is_model and part == current.__name__):
+            continue  # a union member's label
+        else:
+            out.append(part)  # an unknown key, or a key of a free-form mapping
+            current = None
+    return tuple(out)
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "list[str]", "dict[str,any]"}
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
 def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    loc = _clean_loc(schema, tuple(err["loc"]))
+    key = _key(loc)
     if err["type"] == "extra_forbidden":
         owner = _schema_at(schema, loc[:-1])
         valid = list(owner.model_fields) if owner is not None else []
         # the closest valid key is always offered, however far it is
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.0)
-        hint = f"; closest valid key: '{'.'.join([*map(str, loc[:-1]), close[0]])}'" if close else ""
+        hint = f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else ""
         listing = f" (valid here: {', '.join(valid)})" if valid else ""
         return f"unknown key '{key}'{hint}{listing}"
     if err["type"] == "missing":
+        if loc and isinstance(loc[-1], int):
+            return f"{_key(loc[:-1])}: too few items (nothing at index {loc[-1]})"
         return f"missing required key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
@@ -124,9 +160,29 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
 
 
 def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str) -> str:
-    lines = [_format_error(schema, e) for e in exc.errors()]
-    # union types report one error per alternative; keep each message once
-    unique = list(dict.fromkeys(lines))
+    """One line per problem. A union field reports one error per alternative; those are joined into one line
+    ("deepspeed.config: Input should be a valid string, or a valid dictionary (got 5)")."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for e in exc.errors():
+        by_key.setdefault(_key(_clean_loc(schema, tuple(e["loc"]))), []).append(e)
+    # a value that fits none of a union's members: when one member got further (a deeper key, or a message
+    # other than a plain type mismatch), its error is the informative one
+    for key in list(by_key):
+        errs = by_key[key]
+        plain = [e for e in errs if e["msg"].startswith("Input should be a valid")]
+        deeper = any(k != key and (k.startswith(key + "[") or k.startswith(key + ".")) for k in by_key)
+        if plain and (deeper or len(plain) < len(errs)):
+            by_key[key] = [e for e in errs if e not in plain]
+            if not by_key[key]:
+                del by_key[key]
+    unique = []
+    for errs in by_key.values():
+        if len(errs) > 1 and all(e["msg"].startswith("Input should be ") for e in errs):
+            first, rest = errs[0], [e["msg"].removeprefix("Input should be ") for e in errs[1:]]
+            merged = {**first, "msg": ", or ".join([first["msg"], *dict.fromkeys(rest)])}
+            unique.append(_format_error(schema, merged))
+        else:
+            unique.extend(dict.fromkeys(_format_error(schema, e) for e in errs))
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
 

@@ -27,8 +27,17 @@ def inside_launcher(env: dict[str, str] | None = None) -> bool:
     return "LOCAL_RANK" in env and "WORLD_SIZE" in env
 
 
-def needs_launcher(num_gpus: int | None, num_nodes: int, hostfile: Path | None) -> bool:
-    return (num_gpus or 1) > 1 or num_nodes > 1 or hostfile is not None
+def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
+    """True in a worker that `rlhf` itself launched (it already prepared the output directory)."""
+    env = os.environ if env is None else env
+    return env.get(LAUNCHED_MARK) == "1"
+
+
+LAUNCHED_MARK = "RLHF_LAUNCHED"
+
+
+def needs_launcher(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None) -> bool:
+    return (num_gpus or 1) > 1 or (num_nodes or 1) > 1 or hostfile is not None
 
 
 def hostfile_slots(hostfile: Path) -> dict[str, int]:
@@ -56,21 +65,21 @@ def launch_command(
     stage: str,
     resolved_config: Path,
     num_gpus: int | None,
-    num_nodes: int,
+    num_nodes: int | None,
     hostfile: Path | None,
     resume: bool,
     master_port: int | None = None,
 ) -> list[str]:
-    """The exact command that starts the workers."""
-    if num_nodes > 1 and hostfile is None:
+    """The exact command that starts the workers (run with `launch_env`)."""
+    if (num_nodes or 1) > 1 and hostfile is None:
         raise ConfigError("--num-nodes > 1 needs --hostfile (DeepSpeed's format: one 'hostname slots=N' per line)")
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if hostfile is not None:
         slots = hostfile_slots(hostfile)
-        if num_nodes > len(slots):
+        if (num_nodes or 0) > len(slots):
             raise ConfigError(f"--num-nodes {num_nodes} but {hostfile} lists {len(slots)} host(s)")
         cmd += ["--hostfile", str(hostfile)]
-        if num_nodes > 1:
+        if num_nodes is not None:
             cmd += ["--num_nodes", str(num_nodes)]
     if num_gpus is not None or hostfile is None:
         cmd += ["--num_gpus", str(num_gpus or 1)]
@@ -84,23 +93,34 @@ def launch_command(
     return cmd
 
 
-def format_command(cmd: list[str]) -> str:
-    return shlex.join(cmd)
+def local_processes(num_gpus: int | None, hostfile: Path | None) -> int:
+    """Workers per node: --num-gpus, else the largest slot count in the hostfile, else 1."""
+    if num_gpus is not None:
+        return num_gpus
+    return max(hostfile_slots(hostfile).values()) if hostfile is not None else 1
 
 
-def worker_env(num_procs: int) -> dict[str, str]:
-    """Environment for the launcher: the CPU accelerator when there is no CUDA, and OpenMP threads shared
-    between the local workers (unless OMP_NUM_THREADS is set)."""
-    env = dict(os.environ)
-    select_accelerator_env(env)
-    if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_procs)))
-    return env
+def launch_env(num_procs: int) -> dict[str, str]:
+    """Variables added for the launcher: the mark that rlhf launched it, the CPU accelerator when there is no
+    CUDA, and OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set)."""
+    added = {LAUNCHED_MARK: "1"}
+    probe: dict[str, str] = {k: v for k, v in os.environ.items() if k == "DS_ACCELERATOR"}
+    select_accelerator_env(probe)
+    if "DS_ACCELERATOR" not in os.environ and "DS_ACCELERATOR" in probe:
+        added["DS_ACCELERATOR"] = probe["DS_ACCELERATOR"]
+    if probe.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        added["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_procs)))
+    return added
 
 
-def run_launcher(cmd: list[str], num_procs: int) -> int:
+def format_command(cmd: list[str], env: dict[str, str]) -> str:
+    """The command as a shell line, with the variables it runs under in front."""
+    return shlex.join([f"{k}={v}" for k, v in env.items()] + cmd)
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher and return its exit code (the first failing worker's)."""
     try:
-        return subprocess.call(cmd, env=worker_env(num_procs))
+        return subprocess.call(cmd, env={**os.environ, **env})
     except KeyboardInterrupt:
         return 130

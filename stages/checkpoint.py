@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from stages.distributed import DistInfo, barrier, rng_state, set_rng_state
-from stages.errors import CheckpointError
+from stages.errors import CheckpointError, ConfigError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_ARTIFACTS = ("final", "metrics.jsonl", "tensorboard", "tokenizer", "data_report.json", "resolved_config.yaml")
@@ -75,6 +75,24 @@ def remove_stale_temporaries(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool) -> None:
+    """Before a run: refuse to mix two runs in one output_dir (unless resuming, or told to overwrite), clear
+    what an earlier attempt left when starting fresh (e.g. a tokenizer trained for other data), and write
+    resolved_config.yaml, which the workers read."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    found = previous_run_contents(out_dir)
+    if found and not resume and not overwrite:
+        raise ConfigError(
+            f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    if not resume:
+        clear_run(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "resolved_config.yaml", config_text)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text, encoding="utf-8")
@@ -114,15 +132,16 @@ def save_hf(model: torch.nn.Module, tokenizer: Any, path: Path, dist: DistInfo, 
         (path / "rlhf_checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dist: DistInfo, meta: dict[str, Any]) -> Path:
-    """Write `out_dir/final` atomically (under .tmp-final, then renamed)."""
+def publish_final(out_dir: Path, step: int, dist: DistInfo) -> Path:
+    """Make `out_dir/final` the HF checkpoint saved with checkpoint `step` (hard links where the filesystem
+    allows, copies otherwise), atomically: built under .tmp-final, then renamed."""
+    source = out_dir / checkpoint_name(step) / "hf"
     tmp, final = out_dir / ".tmp-final", out_dir / "final"
     if dist.is_main:
+        if not (source / "config.json").is_file():
+            raise CheckpointError(f"cannot publish the final model: {source} is missing")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    save_hf(model, tokenizer, tmp, dist, meta)
-    if dist.is_main:
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
         old = out_dir / ".tmp-final-old"
         if final.exists():
             os.replace(final, old)
@@ -130,6 +149,13 @@ def save_final(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dist: Dist
         shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # --------------------------------------------------------------------------------------------- resumable

@@ -68,16 +68,42 @@ class ModelConfig(Section):
     def _one_source(self) -> "ModelConfig":
         if (self.name_or_path is None) == (self.from_config is None):
             raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config")
-        if self.from_config is not None and "model_type" not in self.from_config:
-            raise ValueError("from_config needs a model_type (e.g. llama)")
+        if self.from_config is not None:
+            check_architecture(self.from_config)
         return self
+
+
+def check_architecture(arch: dict[str, Any]) -> None:
+    """Reject a from_config dict with an unknown model_type or a key its config class does not know (a typo
+    would otherwise silently build a default-sized model), naming the closest valid key."""
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = arch.get("model_type")
+    if model_type is None:
+        raise ValueError("from_config needs a model_type (e.g. llama)")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1, cutoff=0.0)
+        raise ValueError(f"from_config.model_type: unknown model type {model_type!r}; closest: {close[0]!r}")
+    import inspect
+
+    cls = CONFIG_MAPPING[model_type]
+    valid = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
+    valid |= {"rope_theta", "rope_scaling"}  # legacy spellings transformers still converts
+    for key in arch:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.0)
+            raise ValueError(
+                f"from_config.{key}: not a {model_type} config key; closest valid key: from_config.{close[0]}"
+            )
 
 
 # --------------------------------------------------------------------------------------------- data
 class DataSource(Section):
     """Where examples come from: local .json/.jsonl/.parquet/.csv file(s) or a hub dataset name."""
 
-    path: HubOrPath | list[HubOrPath]
+    path: HubOrPath | Annotated[list[HubOrPath], Field(min_length=1)]
     split: str = Field("train", description="split name (hub datasets)")
     subset: str | None = Field(None, description="configuration name (hub datasets)")
 

@@ -50,7 +50,7 @@ class BadRowLog:
     first: list[str] = field(default_factory=list)
 
     def add(self, where: str, reason: str) -> None:
-        self.reasons[reason.split(":")[0]] += 1
+        self.reasons[reason.split(" (")[0]] += 1  # "invalid JSON (... column 7)" -> "invalid JSON"
         if len(self.first) < 5:
             self.first.append(f"{where}: {reason}")
 
@@ -89,15 +89,32 @@ def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
             yield Row(record, str(path), lineno)
 
 
-def _read_with_datasets(path: Path, kind: str) -> Iterator[Row]:
+def _read_with_datasets(source_name: str, what: str, **load_args: Any) -> Iterator[Row]:
+    """Rows of anything `datasets.load_dataset(**load_args)` reads (parquet files, hub datasets)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # datasets / pyarrow raise many types for unreadable files
-        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+        ds = datasets.load_dataset(**load_args)
+    except Exception as exc:  # datasets / pyarrow / the hub client raise many types
+        raise DataError(f"cannot load {what}: {exc}") from None
     for i, record in enumerate(ds, start=1):
-        yield Row(dict(record), str(path), i)
+        yield Row(dict(record), source_name, i)
+
+
+def _read_csv(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
+    """CSV with a header row, every value a string (no type guessing: "2" stays "2"). Row 1 is the first data
+    row; an empty cell is an empty string."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for i, record in enumerate(csv.DictReader(fh), start=1):
+                if None in record:
+                    _bad(f"{path} row {i}", "more cells than header columns", on_bad_row, log)
+                    continue
+                yield Row({k: ("" if v is None else v) for k, v in record.items()}, str(path), i)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
@@ -119,7 +136,8 @@ def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
 
 
 def read_rows(source: DataSource, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
-    """Every record of a data source: local .jsonl/.json/.parquet/.csv file(s) or a hub dataset."""
+    """Every record of a data source: local .jsonl/.json/.parquet/.csv file(s) or a hub dataset.
+    Row numbers are 1-based: the line for JSON Lines, the record otherwise (CSV: the data row after the header)."""
     for name in source.paths():
         path = Path(name)
         if path.exists():
@@ -128,19 +146,16 @@ def read_rows(source: DataSource, on_bad_row: str, log: BadRowLog) -> Iterator[R
                 yield from _read_jsonl(path, on_bad_row, log)
             elif suffix == ".json":
                 yield from _read_json(path, on_bad_row, log)
-            elif suffix in (".parquet", ".csv"):
-                yield from _read_with_datasets(path, suffix[1:])
+            elif suffix == ".csv":
+                yield from _read_csv(path, on_bad_row, log)
+            elif suffix == ".parquet":
+                yield from _read_with_datasets(str(path), str(path), path="parquet", data_files=str(path), split="train")
             else:
                 raise DataError(f"{path}: unsupported data file type (use {', '.join(LOCAL_SUFFIXES)})")
             continue
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(name, source.subset, split=source.split)
-        except Exception as exc:
-            raise DataError(f"cannot load dataset {name!r} (split {source.split!r}): {exc}") from None
-        for i, record in enumerate(ds, start=1):
-            yield Row(dict(record), name, i)
+        yield from _read_with_datasets(
+            name, f"dataset {name!r} (split {source.split!r})", path=name, name=source.subset, split=source.split
+        )
 
 
 # --------------------------------------------------------------------------------------------- formats
@@ -152,23 +167,26 @@ class Conversation:
     style: str
 
 
-def detect_format(record: dict[str, Any], columns: Columns, where: str) -> str:
+def detect_format(record: dict[str, Any], columns: Columns) -> str:
+    """The format a record's keys indicate (raises BadRow when none fits)."""
     if columns.messages in record:
         return "messages"
     if columns.prompt in record and columns.response in record:
         return "prompt_response"
     if columns.text in record:
         return "hh"
-    raise DataError(
-        f"{where}: cannot tell the data format from keys {sorted(record)}; expected '{columns.messages}', "
+    raise BadRow(
+        f"cannot tell the data format from keys {sorted(record)}; expected '{columns.messages}', "
         f"'{columns.prompt}' + '{columns.response}', or '{columns.text}' (HH-RLHF text); set data.format/columns"
     )
 
 
 def _field(record: dict[str, Any], key: str, allow_empty: bool = False) -> str:
-    if key not in record or record[key] is None:
+    if key not in record:
         raise BadRow(f"missing key '{key}' (keys present: {', '.join(sorted(record)) or 'none'})")
     value = record[key]
+    if value is None:
+        raise BadRow(f"empty '{key}' (null)")
     if not isinstance(value, str):
         raise BadRow(f"'{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -240,12 +258,14 @@ def load_conversations(
     fmt = None if data.format == "auto" else data.format
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
-        if fmt is None:
-            fmt = detect_format(row.data, data.columns, where)
         try:
-            out.append((parse_conversation(row.data, fmt, data), where))
+            row_fmt = fmt or detect_format(row.data, data.columns)
+            conv = parse_conversation(row.data, row_fmt, data)
         except BadRow as exc:
             _bad(where, str(exc), data.on_bad_row, log)
+            continue
+        fmt = row_fmt  # auto: the first usable row decides for the whole source
+        out.append((conv, where))
     if not out:
         raise DataError(f"no usable rows in {', '.join(source.paths())}")
     return out
@@ -326,15 +346,18 @@ def tokenize_segments(
         ids += bos
         labels += [IGNORE] * len(bos)
     split = 0
+    last_ids: list[int] = []
     last_trained = max(i for i, s in enumerate(segments) if s.train)
     for i, seg in enumerate(segments):
         if i == last_trained:
             split = len(ids)
         seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        if i == last_trained:
+            last_ids = seg_ids
         ids += seg_ids
         labels += seg_ids if seg.train else [IGNORE] * len(seg_ids)
     eos = tokenizer.eos_token_id
-    if add_eos and ids[-1] != eos:
+    if add_eos and eos not in last_ids:  # a template may end the turn with "EOS\n" (ChatML): no second EOS
         ids.append(eos)
         labels.append(eos if segments[-1].train else IGNORE)
     prompt_len, total = split, len(ids)
@@ -404,7 +427,6 @@ def pack_examples(examples: Iterable[TokenizedExample], max_length: int) -> Toke
 class DataReport:
     """What data loading did, printed at start and saved as data_report.json."""
 
-    rows: int = 0
     skipped_rows: int = 0
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     examples: int = 0

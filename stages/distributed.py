@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], None], dist: DistInfo) -> None:
+    """Run `fn` on rank 0 only; if it raises an RlhfError, every rank raises it (no rank is left waiting)."""
+    from stages.errors import RlhfError
+
+    error = None
+    if dist.is_main:
+        try:
+            fn()
+        except RlhfError as exc:
+            error = exc
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
 
 
 def seed_everything(seed: int) -> None:

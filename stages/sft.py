@@ -15,12 +15,12 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from stages import __version__
-from stages.checkpoint import load_latest_checkpoint, remove_stale_temporaries, save_checkpoint, save_final
+from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries, save_checkpoint
 from stages.config import SFTConfig
 from stages.data import (
     IGNORE,
@@ -32,7 +32,7 @@ from stages.data import (
     load_conversations,
     tokenize_conversations,
 )
-from stages.distributed import DistInfo, all_reduce_sum, barrier, seed_everything, setup_distributed
+from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import DataError, RlhfError
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
@@ -136,49 +136,56 @@ def evaluate(engine: Any, rows: TokenRows, micro: int, dist: DistInfo, pad_id: i
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_sft_data(cfg: SFTConfig, out: Path, dist: DistInfo) -> tuple[Any, TokenRows, TokenRows | None, DataReport]:
-    """Rows -> (tokenizer, train rows, eval rows, report). The tokenizer is trained here for from_config models."""
-    log = BadRowLog()
-    train_convs: list[tuple[Conversation, str]] = load_conversations(cfg.data.train, cfg.data, log)
-    n_read = len(train_convs) + log.total
-    eval_convs = load_conversations(cfg.data.eval, cfg.data, log) if cfg.data.eval is not None else None
-    if eval_convs is None and cfg.data.eval_fraction > 0:
+def load_sft_data(
+    cfg: SFTConfig, out: Path, dist: DistInfo
+) -> tuple[Any, TokenRows, TokenRows | None, dict[str, DataReport]]:
+    """Rows -> (tokenizer, train rows, eval rows, {"train": report, "eval": report}). The tokenizer is trained
+    here for from_config models."""
+    logs = {"train": BadRowLog(), "eval": BadRowLog()}
+    train_convs: list[tuple[Conversation, str]] = load_conversations(cfg.data.train, cfg.data, logs["train"])
+    eval_convs = None
+    if cfg.data.eval is not None:
+        eval_convs = load_conversations(cfg.data.eval, cfg.data, logs["eval"])
+    elif cfg.data.eval_fraction > 0:
         train_convs, eval_convs = split_holdout(train_convs, cfg.data.eval_fraction, cfg.seed)
     tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: corpus_texts(train_convs), cfg.data.chat_template)
-    report = DataReport(rows=n_read, skipped_rows=log.total, skipped_by_reason=dict(log.reasons))
-    train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, report)
-    eval_rows = None
-    if eval_convs:
-        eval_report = DataReport()
-        eval_rows = tokenize_conversations(eval_convs, tokenizer, cfg.data, eval_report)
-    return tokenizer, train_rows, eval_rows, report
+    reports = {}
+    for split, log in logs.items():
+        reports[split] = DataReport(skipped_rows=log.total, skipped_by_reason=dict(log.reasons))
+    train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, reports["train"])
+    eval_rows = tokenize_conversations(eval_convs, tokenizer, cfg.data, reports["eval"]) if eval_convs else None
+    if eval_rows is None:
+        del reports["eval"]
+    return tokenizer, train_rows, eval_rows, reports
 
 
-def describe_report(report: DataReport, n_eval: int) -> str:
+def describe_report(split: str, report: DataReport) -> str:
     skipped = ""
     if report.skipped_rows:
-        reasons = ", ".join(f"{k}: {v}" for k, v in report.skipped_by_reason.items())
+        reasons = "; ".join(f"{k}: {v}" for k, v in report.skipped_by_reason.items())
         skipped = f", skipped {report.skipped_rows} bad row(s) ({reasons})"
     packed = f", packed into {report.packed_rows} rows" if report.packed_rows is not None else ""
     return (
-        f"data: {report.examples} train examples{packed}, {n_eval} eval; {report.tokens:,} tokens "
-        f"({report.trained_tokens:,} trained); truncated: {report.prompt_truncated} prompts (left), "
-        f"{report.response_truncated} responses (right){skipped}"
+        f"{split} data: {report.examples} examples{packed}; {report.tokens:,} tokens ({report.trained_tokens:,} "
+        f"trained); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} responses "
+        f"(right){skipped}"
     )
 
 
 # --------------------------------------------------------------------------------------------- run
-def run(cfg: SFTConfig, resume: bool = False) -> Path:
-    """Train; returns the path of the final HF checkpoint (`output_dir/final`)."""
+def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
+    """Train; returns the path of the final HF checkpoint (`output_dir/final`). `prepare` (output-directory
+    checks, when no `rlhf` process did them before launching) runs on rank 0 first."""
     dist = setup_distributed()
     out = Path(cfg.output_dir)
+    if prepare is not None:
+        run_on_main(prepare, dist)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
     barrier()
     seed_everything(cfg.seed)
-    tokenizer, train_rows, eval_rows, report = load_sft_data(cfg, out, dist)
-    n_eval = len(eval_rows) if eval_rows is not None else 0
+    tokenizer, train_rows, eval_rows, reports = load_sft_data(cfg, out, dist)
 
     tc = cfg.train
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * dist.world_size
@@ -196,9 +203,14 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     engine = initialize_engine(model, ds_config, tc, total)
     seed_everything(cfg.seed + dist.rank)  # dropout etc. differ per rank; data order has its own generator
 
-    say(dist.is_main, describe_report(report, n_eval))
+    for split, report in reports.items():
+        say(dist.is_main, describe_report(split, report))
     if dist.is_main:
-        (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
+        body = {split: asdict(report) for split, report in reports.items()}
+        (out / "data_report.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
+    if eval_rows is not None and len(eval_rows) == 0:
+        say(dist.is_main, "[yellow]warning: no usable eval example; evaluation is off[/]")
+        eval_rows = None
 
     start, tokens_seen = 0, 0.0
     if resume:
@@ -260,7 +272,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
         if done == total or (tc.save_every and done % tc.save_every == 0):
             save(done)
     progress.close()
-    final = save_final(engine.module, tokenizer, out, dist, {**meta, "step": total})
+    final = publish_final(out, total, dist)
     metrics.event(total, "final", path=str(final))
     metrics.close()
     if dist.is_main:

@@ -182,7 +182,7 @@ def test_help_shows_every_option_with_default():
     for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--resume",
                    "--overwrite", "--debug"):
         assert option in res.stdout
-    assert "[default: 1]" in res.stdout  # --num-nodes
+    assert "[default: (every host in --hostfile, else 1)]" in res.stdout  # --num-nodes
     assert res.stdout.count("[default: (off)]") == 4  # --dry-run --resume --overwrite --debug
 
 
@@ -207,10 +207,51 @@ def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
 
 
 def test_shipped_configs_validate():
-    for path in (REPO / "configs").rglob("*.yaml"):
-        stage = path.stem if path.stem in ("sft",) else None
-        if stage:
-            load_config(stage, path)
+    from stages.config import STAGE_SCHEMAS
+
+    checked = [path for path in (REPO / "configs").rglob("*.yaml") if path.stem in STAGE_SCHEMAS]
+    for path in checked:
+        load_config(path.stem, path)
+    assert REPO / "configs" / "tiny" / "sft.yaml" in checked
+
+
+def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
+    from stages.checkpoint import prepare_output_dir
+
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)  # left by an attempt that failed before training
+    prepare_output_dir(out, "a: 1\n", resume=False, overwrite=False)
+    assert not (out / "tokenizer").exists() and (out / "resolved_config.yaml").read_text() == "a: 1\n"
+    (out / "checkpoint-00000002").mkdir()
+    (out / "tokenizer").mkdir()
+    with pytest.raises(ConfigError, match="already holds a run .checkpoint-00000002"):
+        prepare_output_dir(out, "a: 2\n", resume=False, overwrite=False)
+    prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False)  # resuming keeps everything
+    assert (out / "tokenizer").exists() and (out / "checkpoint-00000002").exists()
+    prepare_output_dir(out, "a: 3\n", resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["resolved_config.yaml"]
+    with pytest.raises(ConfigError, match="contradict"):
+        prepare_output_dir(out, "", resume=True, overwrite=True)
+
+
+def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):
+    cfg = load_config("sft", _cfg_file(tmp_path), ["data.train.split=validation"])
+    assert cfg.data.train.split == "validation" and cfg.data.train.path.endswith("sft.jsonl")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("deepspeed.config=5", "deepspeed.config: Input should be a valid string, or a valid dictionary (got 5)"),
+        ("data.train=[]", "data.train.path: List should have at least 1 item"),
+        ("data.train=[3]", "data.train.path[0]: Input should be a valid string (got 3)"),
+        ("train.adam_betas=[0.9]", "train.adam_betas: too few items (nothing at index 1)"),
+    ],
+)
+def test_union_and_list_errors_name_the_real_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), [override])
+    assert message in str(exc.value) and str(exc.value).count("\n") == 0  # one line, one problem
 
 
 def _config_keys(model: type, prefix: str = "", seen: set | None = None):

@@ -335,3 +335,56 @@ def test_shipped_tiny_data_matches_its_generator():
     for name, (n, seed) in SHIPPED.items():
         shipped = (REPO / "configs" / "tiny" / "data" / name).read_text().splitlines()
         assert [json.loads(line) for line in shipped] == sft_rows(n, seed)
+
+
+# ----------------------------------------------------------------------------------------- review fixes
+def test_csv_values_stay_strings_and_empty_cells_are_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,response\nwhat is 1+1?,2\nwhat is 2+4?,6\nq,\n")
+    with pytest.raises(DataError, match=r"d.csv row 3: empty 'response'"):
+        _load(path)
+    convs, log = _load(path, on_bad_row="skip")
+    assert [c.messages[1][1] for c, _ in convs] == ["2", "6"] and log.total == 1
+
+
+def test_skip_mode_tolerates_a_bad_first_row_and_buckets_reasons(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ['{"oops": 1}', "{bad", "{bad json here", {"prompt": "p", "response": "r"}])
+    convs, log = _load(path, on_bad_row="skip")
+    assert len(convs) == 1 and convs[0][0].style == "raw_pr"
+    assert log.reasons["invalid JSON"] == 2  # one bucket, whatever the column
+    assert sum(n for r, n in log.reasons.items() if r.startswith("cannot tell the data format")) == 1
+
+
+def test_chatml_style_template_gets_no_second_eos(tmp_path, char_tok):
+    chatml = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "yo"}]}])
+    convs, _ = _load(path)
+    char_tok.chat_template = chatml
+    try:
+        rows, _ = _one(char_tok, convs)
+    finally:
+        char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    trained = [t for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
+    assert char_tok.decode(trained) == "yo<|endoftext|>\n"
+    assert rows[0]["input_ids"].count(char_tok.eos_token_id) == 2  # user turn + assistant turn, no extra
+
+
+def test_bos_detected_from_a_tokenizer_that_adds_one():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.data import Segment, bos_ids
+
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcxyz")}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    assert bos_ids(tok) == [0]
+    ex = tokenize_segments([Segment("ab", False), Segment("c", True)], tok, 10, 5, True, bos=bos_ids(tok))
+    assert ex.input_ids == [0, 2, 3, 4, 1] and ex.labels == [IGNORE, IGNORE, IGNORE, 4, 1]  # <s> a b | c </s>
+    # a text that already starts with the BOS string does not get a second one
+    ex = tokenize_segments([Segment("<s>ab", False), Segment("c", True)], tok, 10, 5, True, bos=[0])
+    assert ex.input_ids.count(0) == 1

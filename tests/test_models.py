@@ -75,8 +75,13 @@ def test_model_options_change_the_model(tok):
 
 
 def test_bad_architecture_and_vocab_mismatch_are_clear_errors(tok, tmp_path):
-    with pytest.raises(CheckpointError, match="model.from_config"):
-        build_causal_lm(ModelConfig(from_config={"model_type": "no-such-arch"}), tok, "fp32", {}, 0)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown model type 'no-such-arch'"):
+        ModelConfig(from_config={"model_type": "no-such-arch"})
+    with pytest.raises(ValidationError, match="from_config.hiden_size: not a llama config key; closest valid key: "
+                                               "from_config.hidden_size"):
+        ModelConfig(from_config={**ARCH, "hiden_size": 64})  # would otherwise build a 4096-wide default Llama
     small = _model(tok)
     small.resize_token_embeddings(10)
     small.save_pretrained(tmp_path / "m")
