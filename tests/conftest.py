@@ -52,9 +52,29 @@ def tiny_sft_dict(tmp_path: Path, **train: Any) -> dict[str, Any]:
     return cfg
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(
+    *args: str,
+    cwd: Path = REPO,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    drop_env: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """`rlhf ARGS...` in a fresh interpreter (exactly what a user runs)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    for name in drop_env:
+        full_env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "rlhf_cli", *args],
         cwd=cwd,
