@@ -388,3 +388,11 @@ def test_bos_detected_from_a_tokenizer_that_adds_one():
     # a text that already starts with the BOS string does not get a second one
     ex = tokenize_segments([Segment("<s>ab", False), Segment("c", True)], tok, 10, 5, True, bos=[0])
     assert ex.input_ids.count(0) == 1
+
+
+def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "cd"}])
+    convs, _ = _load(path)
+    with_eos, _ = _one(char_tok, convs)
+    without, _ = _one(char_tok, convs, add_eos=False)
+    assert with_eos[0]["input_ids"] == without[0]["input_ids"] + [char_tok.eos_token_id]

@@ -94,3 +94,38 @@ def test_a_run_directory_stands_for_its_final_checkpoint(tmp_path):
     (tmp_path / "run" / "final" / "config.json").write_text("{}")
     assert resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
     assert resolve_model_dir("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_tokenizer_options(tok, tmp_path):
+    """model.tokenizer_train.vocab_size sizes the trained tokenizer; model.tokenizer points at a separate
+    tokenizer; data.chat_template replaces the tokenizer's template."""
+    from stages.distributed import DistInfo
+    from stages.models import prepare_tokenizer
+
+    from stages.toydata import sft_rows
+
+    corpus = [m["content"] for row in sft_rows(300) for m in row["messages"]]
+    small = train_tokenizer(corpus, vocab_size=300, min_frequency=2)
+    large = train_tokenizer(corpus, vocab_size=340, min_frequency=2)
+    assert len(small) == 300 and len(large) == 340
+    assert len(train_tokenizer(corpus, vocab_size=340, min_frequency=10**6)) < 300  # min_frequency blocks merges
+
+    model_dir, tok_dir = tmp_path / "model", tmp_path / "tok"
+    _model(tok).save_pretrained(model_dir)
+    large.save_pretrained(tok_dir)
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = ModelConfig(name_or_path=str(model_dir), tokenizer=str(tok_dir))
+    loaded = prepare_tokenizer(cfg, tmp_path / "out", dist, lambda: [], chat_template=None)
+    assert len(loaded) == 340
+    custom = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    loaded = prepare_tokenizer(cfg, tmp_path / "out", dist, lambda: [], chat_template=custom)
+    assert loaded.chat_template == custom
+
+
+def test_weight_decay_only_on_matrices(tok):
+    from stages.engine import param_groups
+
+    groups = param_groups(_model(tok), weight_decay=0.1)
+    assert groups[0]["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
+    assert len(groups[1]["params"]) == 5  # 2 layers x 2 norms + final norm

@@ -4,6 +4,7 @@ processes with ZeRO-2 / ZeRO-3 on the CPU accelerator."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_sft_dict, write_yaml
 from stages.metrics import read_metrics
+from stages.toydata import sft_rows
 
 
 def _train_rows(out: Path) -> list[dict]:
@@ -30,7 +32,7 @@ def _run(tmp_path: Path, *extra: str, name: str = "sft.yaml", **train) -> tuple[
 def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    out, res = _run(tmp_path, max_steps=60, eval_every=30, save_every=30)
+    out, res = _run(tmp_path, max_steps=60, eval_every=30, save_every=20)  # save_total_limit 2 (default)
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 61))
     first, last = rows[0]["train/loss"], sum(r["train/loss"] for r in rows[-5:]) / 5
@@ -50,10 +52,11 @@ def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     assert gen.eos_token_id == tok.eos_token_id and gen.pad_token_id == tok.pad_token_id
     assert (out / "resolved_config.yaml").is_file() and (out / "data_report.json").is_file()
     assert json.loads((final / "rlhf_checkpoint.json").read_text())["step"] == 60
-    # the final model is the step-60 checkpoint's, bit for bit
+    # only the newest two checkpoints stay; the final model is the step-60 checkpoint's, bit for bit
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000040", "checkpoint-00000060"]
     assert_same_weights(final, out / "checkpoint-00000060" / "hf")
-    # and it was trained: the step-30 weights differ
-    a, b = load_file(final / "model.safetensors"), load_file(out / "checkpoint-00000030" / "hf" / "model.safetensors")
+    # and it was trained: the step-40 weights differ
+    a, b = load_file(final / "model.safetensors"), load_file(out / "checkpoint-00000040" / "hf" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
     # generation through plain transformers works
     ids = tok.apply_chat_template([{"role": "user", "content": "spell cat"}], add_generation_prompt=True,
@@ -161,20 +164,28 @@ def test_two_processes_zero3_gathers_full_weights_and_resumes_exactly(tmp_path):
 
 
 def test_start_from_a_local_checkpoint_directory_with_packing(tmp_path):
-    """A second SFT run whose model is the first run's output directory (its final/ is used), with packing;
-    TensorBoard events are written."""
+    """A second SFT run whose model is the first run's output directory (its final/ is used), with packing,
+    an explicit eval file, length in epochs and a metric row every 2 steps; TensorBoard events are written."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first, _ = _run(tmp_path / "a", max_steps=30)
-    cfg = tiny_sft_dict(tmp_path / "b", max_steps=4)
+    cfg = tiny_sft_dict(tmp_path / "b", max_steps=None, epochs=0.2)
     cfg["model"] = {"name_or_path": str(first)}
     cfg["data"]["packing"] = True
-    cfg["logging"]["tensorboard"] = True
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(7, seed=99)))
+    cfg["data"]["eval"] = str(eval_file)
+    cfg["logging"].update(tensorboard=True, log_every=2)
     res = run_cli("sft", "--config", str(write_yaml(tmp_path / "b.yaml", cfg)))
     assert res.returncode == 0, res.stderr[-3000:]
     out = Path(cfg["output_dir"])
     assert "packed into" in res.stdout
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["eval"]["examples"] == 7 and report["train"]["examples"] == 2000  # no holdout taken
+    steps = math.ceil(0.2 * (report["train"]["packed_rows"] // 16))
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == list(range(2, steps + 1, 2)) + ([steps] if steps % 2 else [])
     # the tokenizer is the first run's (loaded, not retrained) and the model starts from its weights
     assert (out / "final" / "tokenizer.json").read_text() == (first / "final" / "tokenizer.json").read_text()
     assert not (out / "tokenizer").exists()
