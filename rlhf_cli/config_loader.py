@@ -107,6 +107,9 @@ def _unwrap_model(annotation: Any) -> Any:
     return None
 
 
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "list[str]", "dict[str,any]"}
+
+
 def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """pydantic's error location without the labels it adds for union members (`str`, `list[str]`,
     `function-after[...]`, a section class name, ...): field names, unknown keys and list indexes remain."""
@@ -126,9 +129,6 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]
             out.append(part)  # an unknown key, or a key of a free-form mapping
             current = None
     return tuple(out)
-
-
-_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", "list[str]", "dict[str,any]"}
 
 
 def _key(loc: tuple[Any, ...]) -> str:

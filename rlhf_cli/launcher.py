@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.runtime import free_port, select_accelerator_env
+from stages.runtime import free_port, missing_accelerator
 from stages.errors import ConfigError
 
 
@@ -104,11 +104,10 @@ def launch_env(num_procs: int) -> dict[str, str]:
     """Variables added for the launcher: the mark that rlhf launched it, the CPU accelerator when there is no
     CUDA, and OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set)."""
     added = {LAUNCHED_MARK: "1"}
-    probe: dict[str, str] = {k: v for k, v in os.environ.items() if k == "DS_ACCELERATOR"}
-    select_accelerator_env(probe)
-    if "DS_ACCELERATOR" not in os.environ and "DS_ACCELERATOR" in probe:
-        added["DS_ACCELERATOR"] = probe["DS_ACCELERATOR"]
-    if probe.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    accelerator = missing_accelerator(os.environ)
+    if accelerator is not None:
+        added["DS_ACCELERATOR"] = accelerator
+    if (os.environ.get("DS_ACCELERATOR") or accelerator) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         added["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_procs)))
     return added
 

@@ -47,12 +47,9 @@ class BadRowLog:
     """Skipped rows, counted by reason (with `on_bad_row: skip`)."""
 
     reasons: Counter = field(default_factory=Counter)
-    first: list[str] = field(default_factory=list)
 
-    def add(self, where: str, reason: str) -> None:
+    def add(self, reason: str) -> None:
         self.reasons[reason.split(" (")[0]] += 1  # "invalid JSON (... column 7)" -> "invalid JSON"
-        if len(self.first) < 5:
-            self.first.append(f"{where}: {reason}")
 
     @property
     def total(self) -> int:
@@ -62,7 +59,7 @@ class BadRowLog:
 def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
     if on_bad_row == "error":
         raise DataError(f"{where}: {reason} (set data.on_bad_row: skip to skip such rows)")
-    log.add(where, reason)
+    log.add(reason)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -349,11 +346,9 @@ def tokenize_segments(
     last_ids: list[int] = []
     last_trained = max(i for i, s in enumerate(segments) if s.train)
     for i, seg in enumerate(segments):
-        if i == last_trained:
-            split = len(ids)
         seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         if i == last_trained:
-            last_ids = seg_ids
+            split, last_ids = len(ids), seg_ids
         ids += seg_ids
         labels += seg_ids if seg.train else [IGNORE] * len(seg_ids)
     eos = tokenizer.eos_token_id

@@ -19,8 +19,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def missing_accelerator(env: dict[str, str] | os._Environ) -> str | None:
+    """"cpu" when DS_ACCELERATOR is unset and no CUDA device is present (DeepSpeed's CPU accelerator), else None."""
+    return "cpu" if "DS_ACCELERATOR" not in env and not cuda_available() else None
+
+
 def select_accelerator_env(env: dict[str, str] | os._Environ | None = None) -> None:
     """Pick DeepSpeed's CPU accelerator when no CUDA device is present (unless DS_ACCELERATOR is set)."""
     env = os.environ if env is None else env
-    if "DS_ACCELERATOR" not in env and not cuda_available():
-        env["DS_ACCELERATOR"] = "cpu"
+    accelerator = missing_accelerator(env)
+    if accelerator is not None:
+        env["DS_ACCELERATOR"] = accelerator

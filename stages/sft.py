@@ -94,8 +94,9 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistIn
         engine.step()
         nll_total += nll.detach().double()
     loss = float(all_reduce_sum(nll_total.reshape(1), dist.device)[0]) / max(n_trained, 1.0)
-    if engine.get_global_grad_norm() is not None:
-        grad_norm = engine.get_global_grad_norm()
+    reported = engine.get_global_grad_norm()
+    if reported is not None:
+        grad_norm = reported
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
