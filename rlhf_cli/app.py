@@ -40,7 +40,7 @@ out = Console()
 err = Console(stderr=True)
 
 #: stage name -> "module:function" that trains it inside a process (imported only when needed)
-STAGE_RUNNERS = {"sft": "stages.sft:run"}
+STAGE_RUNNERS = {"sft": "stages.sft:run", "train-rm": "stages.reward:run"}
 
 # ----------------------------------------------------------------------------- common options (every stage)
 ConfigOpt = Annotated[
@@ -171,24 +171,45 @@ def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], Non
 
 
 # ----------------------------------------------------------------------------- stage commands
-@app.command()
-def sft(
-    config: ConfigOpt,
-    set_: SetOpt = None,
-    num_gpus: NumGpusOpt = None,
-    num_nodes: NumNodesOpt = None,
-    hostfile: HostfileOpt = None,
-    dry_run: DryRunOpt = False,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    debug: DebugOpt = False,
-) -> None:
+def _stage_command(stage: str, doc: str) -> None:
+    """Register `rlhf STAGE` with the common options."""
+
+    def command(
+        config: ConfigOpt,
+        set_: SetOpt = None,
+        num_gpus: NumGpusOpt = None,
+        num_nodes: NumNodesOpt = None,
+        hostfile: HostfileOpt = None,
+        dry_run: DryRunOpt = False,
+        resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
+        debug: DebugOpt = False,
+    ) -> None:
+        run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug)
+
+    command.__doc__ = doc
+    command.__name__ = stage.replace("-", "_")
+    app.command(name=stage)(command)
+
+
+_stage_command(
+    "sft",
     """Supervised fine-tuning: causal-LM loss on the assistant tokens of demonstrations.
 
     Writes output_dir/final (a Hugging Face checkpoint), resumable checkpoint-*/ directories, metrics.jsonl
     and TensorBoard logs. Example: [bold]rlhf sft --config configs/tiny/sft.yaml --num-gpus 2[/]
-    """
-    run_stage("sft", config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug)
+    """,
+)
+_stage_command(
+    "train-rm",
+    """Reward model: -log sigmoid(r_chosen - r_rejected) on preference pairs, reward read at the last token.
+
+    Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with
+    AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (eval reward mean/std for PPO),
+    resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and
+    TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
+    """,
+)
 
 
 @app.command()

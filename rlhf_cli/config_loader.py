@@ -210,4 +210,7 @@ def load_config(stage: str, config_path: Path, overrides: list[str] | None = Non
 
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what is printed at start and saved as resolved_config.yaml)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=False, width=110)
+    body = config.model_dump(mode="json")
+    first = [k for k in ("seed", "output_dir", "model", "data") if k in body]  # then the schema's own order
+    ordered = {k: body[k] for k in first} | {k: v for k, v in body.items() if k not in first}
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, width=110)

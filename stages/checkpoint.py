@@ -168,9 +168,14 @@ def save_checkpoint(
     dist: DistInfo,
     keep: int,
     meta: dict[str, Any],
+    hf_module: torch.nn.Module | None = None,
+    hf_files: dict[str, str] | None = None,
 ) -> Path:
     """A resumable checkpoint at `step`: DeepSpeed engine state (all ranks), each rank's RNG, the HF weights and
-    `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay."""
+    `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay.
+
+    hf_module: the part of engine.module saved as the HF model (default: all of it); hf_files: extra files
+    (name -> text) written into hf/."""
     name = checkpoint_name(step)
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if dist.is_main:
@@ -179,9 +184,11 @@ def save_checkpoint(
     barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
     torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
-    save_hf(engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
+    save_hf(hf_module or engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
     barrier()
     if dist.is_main:
+        for name, text in (hf_files or {}).items():
+            (tmp / "hf" / name).write_text(text, encoding="utf-8")
         body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
         (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
         (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")

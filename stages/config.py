@@ -1,4 +1,4 @@
-"""Config schemas (pydantic) shared by every stage, and the SFT stage's own schema.
+"""Config schemas (pydantic): the sections every stage shares and each stage's own schema.
 
 Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting. Fields that
 hold file-system paths are marked with `InputPath`, `OutputPath` or `HubOrPath`; `resolve_paths` turns the
@@ -128,31 +128,25 @@ class Columns(Section):
     text: str = Field("chosen", description="HH-RLHF dialogue text column")
 
 
-class SFTDataConfig(Section):
-    """Data for supervised fine-tuning (see stages/data.py for formats and truncation)."""
+class DataConfigBase(Section):
+    """What every stage's data section shares: sources, holdout, rendering, lengths, bad rows."""
 
     train: DataSource
     eval: DataSource | None = Field(None, description="held-out eval data; default: a fraction of train")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of train held out when eval is unset")
-    format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
-    columns: Columns = Columns()
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
     use_chat_template: bool = Field(
-        False, description="render prompt_response and hh rows through the chat template (messages always are)"
+        False, description="render plain-text rows (prompt strings, hh) through the chat template"
     )
     max_length: int = Field(512, ge=2, description="tokens per example (prompt + response)")
     max_prompt_length: int | None = Field(
         None, ge=1, description="prompt tokens kept when an example is too long; default max_length // 2"
     )
-    train_on: Literal["all_turns", "last_turn"] = Field(
-        "all_turns", description="which assistant turns of a multi-turn dialogue carry the loss"
-    )
     add_eos: bool = Field(True, description="end the last response with EOS unless the template already does")
-    packing: bool = Field(False, description="pack several examples per row (attention kept per example)")
     on_bad_row: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
-    def _lengths(self) -> "SFTDataConfig":
+    def _lengths(self) -> "DataConfigBase":
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
@@ -162,6 +156,33 @@ class SFTDataConfig(Section):
     @property
     def prompt_budget(self) -> int:
         return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
+
+class SFTDataConfig(DataConfigBase):
+    """Data for supervised fine-tuning (see stages/data.py for formats and truncation)."""
+
+    format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
+    columns: Columns = Columns()
+    train_on: Literal["all_turns", "last_turn"] = Field(
+        "all_turns", description="which assistant turns of a multi-turn dialogue carry the loss"
+    )
+    packing: bool = Field(False, description="pack several examples per row (attention kept per example)")
+
+
+class PairColumns(Section):
+    """Column names of preference data."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str | None = Field(None, description="optional numeric column: required reward margin of the pair")
+
+
+class RMDataConfig(DataConfigBase):
+    """Preference pairs for reward-model training (see stages/pairs.py for formats)."""
+
+    format: Literal["auto", "pairs", "messages", "hh"] = "auto"
+    columns: PairColumns = PairColumns()
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -210,19 +231,40 @@ class LoggingConfig(Section):
     tensorboard: bool = True
 
 
-class SFTConfig(Section):
-    """`rlhf sft` config."""
+class StageConfig(Section):
+    """Keys every training stage has."""
 
     seed: int = 42
     output_dir: OutputPath
     model: ModelConfig
-    data: SFTDataConfig
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     logging: LoggingConfig = LoggingConfig()
 
 
-STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig}
+class SFTConfig(StageConfig):
+    """`rlhf sft` config."""
+
+    data: SFTDataConfig
+
+
+class RMLossConfig(Section):
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected - margin) + lm_coef * LM + center_coef * centring."""
+
+    lm_coef: float = Field(0.0, ge=0, description="weight of the LM loss on the chosen response (paper: 1.0)")
+    center_coef: float = Field(
+        0.0, ge=0, description="weight of the centring term mean((r_chosen + r_rejected)^2) (e.g. 0.01)"
+    )
+
+
+class RMConfig(StageConfig):
+    """`rlhf train-rm` config."""
+
+    data: RMDataConfig
+    loss: RMLossConfig = RMLossConfig()
+
+
+STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig}
 
 
 # --------------------------------------------------------------------------------------------- paths

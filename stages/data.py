@@ -209,6 +209,21 @@ def split_hh(text: str) -> list[tuple[str, str]]:
     return turns
 
 
+def parse_messages(record: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """`record[key]`, a non-empty list of {role: system|user|assistant, content: string}, as (role, content)."""
+    value = record.get(key)
+    if value is None:
+        raise BadRow(f"missing key '{key}' (keys present: {', '.join(sorted(record)) or 'none'})")
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"'{key}' must be a non-empty list of {{role, content}}")
+    turns = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise BadRow(f"{key}[{i}] must be {{role: system|user|assistant, content: string}}")
+        turns.append((m["role"], m["content"]))
+    return turns
+
+
 def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) -> Conversation:
     """One record -> Conversation, ending with a non-empty assistant turn (later turns are dropped).
     Raises BadRow with the reason."""
@@ -226,16 +241,7 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
             turns = [(r, c.strip()) for r, c in turns]
             style = "chat"
     elif fmt == "messages":
-        value = record.get(cols.messages)
-        if value is None:
-            raise BadRow(f"missing key '{cols.messages}' (keys present: {', '.join(sorted(record)) or 'none'})")
-        if not isinstance(value, list) or not value:
-            raise BadRow(f"'{cols.messages}' must be a non-empty list of {{role, content}}")
-        turns = []
-        for i, m in enumerate(value):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                raise BadRow(f"{cols.messages}[{i}] must be {{role: system|user|assistant, content: string}}")
-            turns.append((m["role"], m["content"]))
+        turns = parse_messages(record, cols.messages)
         style = "chat"
     else:
         raise ValueError(fmt)
@@ -328,14 +334,11 @@ def bos_ids(tokenizer: Any) -> list[int]:
     return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
 
 
-def tokenize_segments(
-    segments: list[Segment], tokenizer: Any, max_length: int, prompt_budget: int, add_eos: bool, bos: list[int]
-) -> TokenizedExample:
-    """Token ids and labels (IGNORE on context tokens) for one conversation, truncated to `max_length`.
-
-    prompt = the tokens before the last trained segment, response = the rest. When too long, the prompt loses
-    tokens from the left, down to `prompt_budget` tokens at least; then the response loses tokens from the right.
-    """
+def encode_segments(
+    segments: list[Segment], tokenizer: Any, add_eos: bool, bos: list[int]
+) -> tuple[TokenizedExample, int]:
+    """Token ids and labels (IGNORE on context tokens) of one conversation, untruncated, and the prompt length:
+    the number of tokens before the last trained segment."""
     ids: list[int] = []
     labels: list[int] = []
     text_start = segments[0].text if segments else ""
@@ -355,16 +358,35 @@ def tokenize_segments(
     if add_eos and eos not in last_ids:  # a template may end the turn with "EOS\n" (ChatML): no second EOS
         ids.append(eos)
         labels.append(eos if segments[-1].train else IGNORE)
-    prompt_len, total = split, len(ids)
-    ex = TokenizedExample(ids, labels)
-    if total > max_length:
-        keep_prompt = max(prompt_len - (total - max_length), min(prompt_len, prompt_budget))
-        cut = prompt_len - keep_prompt
-        ex.prompt_truncated = cut > 0
-        ids, labels = ids[cut:], labels[cut:]
-        ex.response_truncated = len(ids) > max_length
-        ex.input_ids, ex.labels = ids[:max_length], labels[:max_length]
-    return ex
+    return TokenizedExample(ids, labels), split
+
+
+def prompt_cut(prompt_len: int, total: int, max_length: int, prompt_budget: int) -> int:
+    """Tokens to drop from the left of the prompt: as many as the overflow needs, but the prompt keeps at
+    least min(prompt_len, prompt_budget) tokens (the response is cut from the right after that)."""
+    if total <= max_length:
+        return 0
+    return prompt_len - max(prompt_len - (total - max_length), min(prompt_len, prompt_budget))
+
+
+def truncate_example(ex: TokenizedExample, cut: int, max_length: int) -> TokenizedExample:
+    """Drop `cut` tokens from the left, then keep at most `max_length` tokens from the left."""
+    ids, labels = ex.input_ids[cut:], ex.labels[cut:]
+    return TokenizedExample(
+        ids[:max_length], labels[:max_length], prompt_truncated=cut > 0, response_truncated=len(ids) > max_length
+    )
+
+
+def tokenize_segments(
+    segments: list[Segment], tokenizer: Any, max_length: int, prompt_budget: int, add_eos: bool, bos: list[int]
+) -> TokenizedExample:
+    """Token ids and labels (IGNORE on context tokens) for one conversation, truncated to `max_length`.
+
+    prompt = the tokens before the last trained segment, response = the rest. When too long, the prompt loses
+    tokens from the left, down to `prompt_budget` tokens at least; then the response loses tokens from the right.
+    """
+    ex, prompt_len = encode_segments(segments, tokenizer, add_eos, bos)
+    return truncate_example(ex, prompt_cut(prompt_len, len(ex.input_ids), max_length, prompt_budget), max_length)
 
 
 class TokenRows:
@@ -430,6 +452,12 @@ class DataReport:
     tokens: int = 0
     trained_tokens: int = 0
     packed_rows: int | None = None
+    identical_pairs: int = 0  # preference data: pairs dropped because chosen == rejected
+
+    def count_skipped(self, log: BadRowLog) -> None:
+        self.skipped_rows += log.total
+        for reason, n in log.reasons.items():
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n
 
     def add(self, ex: TokenizedExample) -> None:
         self.examples += 1
@@ -467,9 +495,7 @@ def tokenize_conversations(
         rows = TokenRows(with_positions=False)
         for ex in examples():
             rows.append(ex.input_ids, ex.labels)
-    report.skipped_rows += log.total
-    for reason, n in log.reasons.items():
-        report.skipped_by_reason[reason] = report.skipped_by_reason.get(reason, 0) + n
+    report.count_skipped(log)
     return rows
 
 

@@ -108,6 +108,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_floats(values: list[float]) -> list[float]:
+    """Every rank's list of floats, concatenated in rank order, on every rank (small lists: eval scores)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return list(values)
+    boxes: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(boxes, list(values))
+    return [v for box in boxes for v in box]
+
+
 def run_on_main(fn: Callable[[], None], dist: DistInfo) -> None:
     """Run `fn` on rank 0 only; if it raises an RlhfError, every rank raises it (no rank is left waiting)."""
     from stages.errors import RlhfError

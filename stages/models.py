@@ -103,15 +103,38 @@ def prepare_tokenizer(
     return tokenizer
 
 
-def build_causal_lm(
-    cfg: ModelConfig, tokenizer: Any, precision: str, ds_config: dict[str, Any], seed: int
+def ensure_distinct_pad(tokenizer: Any) -> bool:
+    """Give a tokenizer whose pad token is its EOS a pad token of its own (`<|pad|>`), so that padding can never
+    be mistaken for the EOS a reward model reads (transformers' sequence-classification heads find the last
+    token by looking for the last non-pad id). True when this grew the vocabulary."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": PAD})
+    return len(tokenizer) > before
+
+
+def build_model(
+    cfg: ModelConfig,
+    tokenizer: Any,
+    precision: str,
+    ds_config: dict[str, Any],
+    seed: int,
+    head: str = "causal_lm",
+    resize: bool = False,
 ) -> torch.nn.Module:
-    """The trainable causal LM, in the load dtype, with pad/eos ids taken from the tokenizer.
+    """The trainable model, in the load dtype, with pad/eos ids taken from the tokenizer.
 
+    head: "causal_lm" (AutoModelForCausalLM) or "reward" (AutoModelForSequenceClassification with num_labels=1:
+    the backbone plus a bias-free linear `score` head; loading a causal-LM checkpoint initialises the head).
     from_config: random init seeded with `seed` (same weights on every rank), vocab = len(tokenizer).
-    With ZeRO-3 the weights are created partitioned (transformers' DeepSpeed integration)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    resize: grow the embedding when the tokenizer has more tokens (a pad token added by ensure_distinct_pad);
+    otherwise that is an error. With ZeRO-3 the weights are created partitioned (transformers' DeepSpeed
+    integration)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto_cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    head_args: dict[str, Any] = {} if head == "causal_lm" else {"num_labels": 1}
     dtype = model_dtype(cfg.dtype, precision)
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -124,21 +147,22 @@ def build_causal_lm(
     }
     seed_everything(seed)
     if cfg.from_config is not None:
-        arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids}
+        arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids, **head_args}
         model_type = arch.pop("model_type")
         try:
             config = AutoConfig.for_model(model_type, **arch)
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"model.from_config: {exc}") from None
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     else:
         source = resolve_model_dir(cfg.name_or_path or "")
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_cls.from_pretrained(
                 source,
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                **head_args,
             )
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load model from {source}: {exc}") from None
@@ -146,17 +170,27 @@ def build_causal_lm(
     vocab = model.get_input_embeddings().weight
     rows = getattr(vocab, "ds_shape", vocab.shape)[0]
     if len(tokenizer) > rows:
-        raise CheckpointError(
-            f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
-            "use the tokenizer that belongs to the model"
-        )
-    gen = model.generation_config
-    gen.pad_token_id = tokenizer.pad_token_id
-    if gen.eos_token_id is None:
-        gen.eos_token_id = tokenizer.eos_token_id
+        if not resize:
+            raise CheckpointError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                "use the tokenizer that belongs to the model"
+            )
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    gen = getattr(model, "generation_config", None)
+    if head == "causal_lm" and gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tokenizer.eos_token_id
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def build_causal_lm(
+    cfg: ModelConfig, tokenizer: Any, precision: str, ds_config: dict[str, Any], seed: int
+) -> torch.nn.Module:
+    """The trainable causal LM (see build_model)."""
+    return build_model(cfg, tokenizer, precision, ds_config, seed, head="causal_lm")
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

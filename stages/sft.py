@@ -10,17 +10,15 @@ Reads top to bottom: data -> tokenizer -> model/engine -> (resume) -> steps (tra
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from stages import __version__
-from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries, save_checkpoint
+from stages.checkpoint import save_checkpoint
 from stages.config import SFTConfig
 from stages.data import (
     IGNORE,
@@ -32,46 +30,22 @@ from stages.data import (
     load_conversations,
     tokenize_conversations,
 )
-from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
+from stages.distributed import DistInfo, all_reduce_sum, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import DataError, RlhfError
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
-from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
+from stages.metrics import MetricsLogger, TrainProgress, say
 from stages.models import build_causal_lm, prepare_tokenizer
-
-
-# --------------------------------------------------------------------------------------------- batching
-class EpochSampler:
-    """Global batch for optimizer step s: epoch e = s // S, slice k = s % S of a permutation of all rows seeded
-    with seed + e (S = rows // global_batch; the last partial batch of an epoch is dropped). Depends only on s,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
-
-    def __init__(self, n_rows: int, global_batch: int, seed: int) -> None:
-        self.n, self.global_batch, self.seed = n_rows, global_batch, seed
-        self.steps_per_epoch = n_rows // global_batch
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def indices(self, step: int) -> list[int]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
-        return self._perm[k * self.global_batch:(k + 1) * self.global_batch].tolist()
-
-
-def rank_micro_batches(indices: Sequence[int], rank: int, world: int, micro: int, accum: int) -> list[list[int]]:
-    """This rank's micro-batches of a global batch laid out as [accum][world][micro]."""
-    return [list(indices[(m * world + rank) * micro:(m * world + rank + 1) * micro]) for m in range(accum)]
-
-
-def split_holdout(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """(train, eval): a seeded random `fraction` of rows held out (at least one row each side)."""
-    n_eval = min(len(rows) - 1, max(1, round(fraction * len(rows))))
-    if n_eval < 1:
-        raise DataError(f"cannot hold out an eval split from {len(rows)} row(s); set data.eval or eval_fraction: 0")
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(perm[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+from stages.trainer import (
+    check_finite,
+    due,
+    finish,
+    open_run,
+    optimizer_step,
+    plan_steps,
+    resume_from,
+    split_holdout,
+    write_data_reports,
+)
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -85,31 +59,19 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistIn
     n_trained, n_tokens = all_reduce_sum(local, dist.device).tolist()
     scale = dist.world_size * len(batches) / max(n_trained, 1.0)
     nll_total = torch.zeros((), dtype=torch.float64, device=dist.device)
-    grad_norm = None
-    for i, batch in enumerate(batches):
+
+    def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal nll_total
         nll = shifted_nll_sum(lm_forward(engine, batch), batch["labels"])
-        engine.backward(nll * scale)
-        if i == len(batches) - 1:
-            grad_norm = unsharded_grad_norm(engine)
-        engine.step()
         nll_total += nll.detach().double()
+        return nll * scale
+
+    grad_norm = optimizer_step(engine, batches, micro_loss)
     loss = float(all_reduce_sum(nll_total.reshape(1), dist.device)[0]) / max(n_trained, 1.0)
-    reported = engine.get_global_grad_norm()
-    if reported is not None:
-        grad_norm = reported
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
+        out["grad_norm"] = grad_norm
     return out
-
-
-def unsharded_grad_norm(engine: Any) -> float | None:
-    """Global L2 norm of the (already rank-averaged) gradients before clipping, for ZeRO stage 0, where
-    DeepSpeed does not report it; None for ZeRO 1-3 (DeepSpeed reports it after the step)."""
-    if engine.zero_optimization_stage() != 0:
-        return None
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
 
 
 @torch.no_grad()
@@ -177,105 +139,59 @@ def describe_report(split: str, report: DataReport) -> str:
 def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
     """Train; returns the path of the final HF checkpoint (`output_dir/final`). `prepare` (output-directory
     checks, when no `rlhf` process did them before launching) runs on rank 0 first."""
-    dist = setup_distributed()
-    out = Path(cfg.output_dir)
-    if prepare is not None:
-        run_on_main(prepare, dist)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-    barrier()
-    seed_everything(cfg.seed)
+    dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
     tokenizer, train_rows, eval_rows, reports = load_sft_data(cfg, out, dist)
 
     tc = cfg.train
-    global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * dist.world_size
-    sampler = EpochSampler(len(train_rows), global_batch, cfg.seed)
-    if sampler.steps_per_epoch == 0:
-        raise DataError(
-            f"{len(train_rows)} training rows is fewer than one global batch of {global_batch} "
-            f"(micro_batch_size {tc.micro_batch_size} x accumulation {tc.gradient_accumulation_steps} x "
-            f"{dist.world_size} ranks)"
-        )
-    total = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.steps_per_epoch))
-
+    plan = plan_steps(len(train_rows), tc, dist.world_size, cfg.seed)
+    total = plan.total
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
     model = build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
     engine = initialize_engine(model, ds_config, tc, total)
     seed_everything(cfg.seed + dist.rank)  # dropout etc. differ per rank; data order has its own generator
 
-    for split, report in reports.items():
-        say(dist.is_main, describe_report(split, report))
-    if dist.is_main:
-        body = {split: asdict(report) for split, report in reports.items()}
-        (out / "data_report.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
+    write_data_reports(out, reports, dist, describe_report)
     if eval_rows is not None and len(eval_rows) == 0:
         say(dist.is_main, "[yellow]warning: no usable eval example; evaluation is off[/]")
         eval_rows = None
 
-    start, tokens_seen = 0, 0.0
-    if resume:
-        state = load_latest_checkpoint(engine, out, dist)
-        if state is None:
-            say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from step 0")
-        else:
-            start, tokens_seen = int(state["step"]), float(state.get("tokens_seen", 0.0))
-            if state.get("global_batch") != global_batch:
-                say(
-                    dist.is_main,
-                    f"[yellow]warning: the checkpoint was trained with global batch {state.get('global_batch')}, "
-                    f"this run uses {global_batch}; the data order will differ[/]"
-                )
-            say(dist.is_main, f"resumed from step {start} ({out})")
+    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
+    start, tokens_seen = int(state["step"]), float(state.get("tokens_seen", 0.0))
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     meta = {"stage": "sft", "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
     progress = TrainProgress(dist.is_main, total, start, "sft", print_every=cfg.logging.log_every)
-
-    def save(step: int) -> None:
-        state = {"step": step, "tokens_seen": tokens_seen, "global_batch": global_batch, "total_steps": total}
-        path = save_checkpoint(engine, tokenizer, out, step, state, dist, tc.save_total_limit, meta)
-        metrics.event(step, "checkpoint", path=str(path))
 
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        micro = rank_micro_batches(
-            sampler.indices(step), dist.rank, dist.world_size, tc.micro_batch_size, tc.gradient_accumulation_steps
-        )
+        micro = plan.micro_batches(step, dist, tc)
         batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
         stats = train_step(engine, batches, dist)
         done = step + 1
-        if not math.isfinite(stats["loss"]):
-            raise RlhfError(
-                f"non-finite loss ({stats['loss']}) at step {done}; stopping without saving. "
-                f"The last complete checkpoint in {out} is intact (resume with --resume)."
-            )
+        check_finite("loss", stats["loss"], done, out)
         tokens_seen += stats["tokens"]
         elapsed = time.perf_counter() - t0
         row = {
             "train/loss": stats["loss"],
             "train/lr": lr,
-            "train/epoch": done / sampler.steps_per_epoch,
+            "train/epoch": done / plan.sampler.steps_per_epoch,
             "train/tokens_per_s": stats["tokens"] / elapsed,
             "train/tokens_seen": tokens_seen,
         }
         if "grad_norm" in stats:
             row["train/grad_norm"] = stats["grad_norm"]
-        if done % cfg.logging.log_every == 0 or done == total:
+        if due(done, cfg.logging.log_every, total):
             metrics.log(done, row)
         progress.update(done, {"loss": stats["loss"], "lr": row["train/lr"], "tok/s": row["train/tokens_per_s"]})
-        if eval_rows is not None and (done == total or (tc.eval_every and done % tc.eval_every == 0)):
+        if eval_rows is not None and due(done, tc.eval_every, total):
             ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
             metrics.log(done, ev)
             progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  perplexity {ev['eval/perplexity']:.2f}")
-        if done == total or (tc.save_every and done % tc.save_every == 0):
-            save(done)
+        if due(done, tc.save_every, total):
+            counters = {"tokens_seen": tokens_seen, "global_batch": plan.global_batch, "total_steps": total}
+            path = save_checkpoint(engine, tokenizer, out, done, counters, dist, tc.save_total_limit, meta)
+            metrics.event(done, "checkpoint", path=str(path))
     progress.close()
-    final = publish_final(out, total, dist)
-    metrics.event(total, "final", path=str(final))
-    metrics.close()
-    if dist.is_main:
-        print_summary("rlhf sft", read_metrics(out / "metrics.jsonl"), final)
-    return final
+    return finish("rlhf sft", out, total, dist, metrics)

@@ -9,7 +9,8 @@ the answers follow fixed rules a tiny model can learn in a minute on a CPU:
     what comes after 41?         -> 42
     spell cat                    -> c a t
 
-Regenerate the shipped file with `python -m stages.toydata configs/tiny/data`.
+`preference_rows` pairs each right answer with a corrupted one (for the reward model).
+Regenerate the shipped files with `python -m stages.toydata configs/tiny/data`.
 """
 
 from __future__ import annotations
@@ -58,18 +59,56 @@ def sft_rows(n: int, seed: int = 0, multi_turn_share: float = 0.25) -> list[dict
     return rows
 
 
+def corrupt(answer: str, rng: random.Random) -> str:
+    """A wrong answer to the same question: another task's answer, the answer said twice, the answer with its
+    last item dropped (or one more item), or its items out of order (a single item: a different one)."""
+    items = answer.split()
+    kind = rng.randrange(4)
+    if kind == 0:
+        while True:
+            other = _task(rng)[1]
+            if other != answer:
+                return other
+    if kind == 1:
+        return answer + " " + answer
+    if kind == 2:
+        return " ".join(items[:-1]) if len(items) > 1 else answer + " " + rng.choice(WORDS)
+    shuffled = items[:]
+    while len(set(items)) > 1 and shuffled == items:
+        rng.shuffle(shuffled)
+    if shuffled != items:
+        return " ".join(shuffled)
+    return " ".join([rng.choice([w for w in WORDS if w != items[0]])] + items[1:])
+
+
+def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
+    """`n` chat preference pairs {prompt: [user], chosen: [assistant: right answer], rejected: [assistant: a
+    corrupted answer]} for the same tasks as `sft_rows`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q, a = _task(rng)
+        rows.append({
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": corrupt(a, rng)}],
+        })
+    return rows
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-SHIPPED = {"sft.jsonl": (2000, 0)}  # file name -> (rows, seed) of the files in configs/tiny/data
+#: file name -> (row maker, rows, seed) of the files in configs/tiny/data
+SHIPPED = {"sft.jsonl": (sft_rows, 2000, 0), "rm.jsonl": (preference_rows, 2000, 1)}
 
 
 def main(argv: list[str]) -> None:
     target = Path(argv[0]) if argv else Path("configs/tiny/data")
-    for name, (n, seed) in SHIPPED.items():
-        write_jsonl(sft_rows(n, seed), target / name)
+    for name, (make, n, seed) in SHIPPED.items():
+        write_jsonl(make(n, seed), target / name)
         print(f"wrote {target / name}")
 
 

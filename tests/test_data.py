@@ -26,7 +26,7 @@ from stages.data import (
 from stages.errors import DataError
 from stages.lm import collate, shifted_nll_sum
 from stages.models import DEFAULT_CHAT_TEMPLATE, train_tokenizer
-from stages.sft import split_holdout
+from stages.trainer import split_holdout
 
 
 @pytest.fixture(scope="module")
@@ -330,11 +330,11 @@ def test_holdout_split_is_seeded_and_disjoint():
 
 
 def test_shipped_tiny_data_matches_its_generator():
-    from stages.toydata import SHIPPED, sft_rows
+    from stages.toydata import SHIPPED
 
-    for name, (n, seed) in SHIPPED.items():
+    for name, (make, n, seed) in SHIPPED.items():
         shipped = (REPO / "configs" / "tiny" / "data" / name).read_text().splitlines()
-        assert [json.loads(line) for line in shipped] == sft_rows(n, seed)
+        assert [json.loads(line) for line in shipped] == make(n, seed)
 
 
 # ----------------------------------------------------------------------------------------- review fixes

@@ -10,7 +10,7 @@ import pytest
 from stages.config import DeepSpeedConfig, TrainConfig
 from stages.engine import build_deepspeed_config, lr_factor, warmup_steps_for
 from stages.errors import ConfigError
-from stages.sft import EpochSampler, rank_micro_batches
+from stages.trainer import EpochSampler, rank_micro_batches
 
 
 def test_lr_factor_hand_computed():

@@ -1,0 +1,262 @@
+"""Preference pairs for the reward model: reading, parsing, tokenizing.
+
+Formats (`data.format`; `auto` decides from the first usable row):
+  pairs     {prompt, chosen, rejected} strings: raw `prompt + response` (or the chat template with
+            use_chat_template: true, the prompt as a user turn and each response as the assistant turn)
+  messages  chosen / rejected are lists of {role, content}; either with a `prompt` column (a message list or a
+            string) and the responses as assistant messages, or without one: then the messages the two share at
+            the start are the prompt
+  hh        HH-RLHF {chosen, rejected} full-dialogue texts: the longest shared prefix that ends with
+            "\\n\\nAssistant:" is the prompt, the rest of each text is its response
+
+A pair whose chosen and rejected responses are identical says nothing about preference: it is dropped and
+counted (never an error). Both sides are tokenized with the same prompt truncation, so the reward model
+compares the two responses in the same context.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from stages.config import DataSource, RMDataConfig
+from stages.errors import DataError
+from stages.data import (
+    IGNORE,
+    BadRow,
+    BadRowLog,
+    Conversation,
+    DataReport,
+    TokenizedExample,
+    TokenRows,
+    _bad,
+    _field,
+    bos_ids,
+    encode_segments,
+    parse_messages,
+    prompt_cut,
+    read_rows,
+    render_segments,
+    split_hh,
+    truncate_example,
+)
+
+HH_ASSISTANT = "\n\nAssistant:"
+Messages = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: the shared prompt turns, the two continuations, how to render them, and the margin the
+    reward difference should exceed (0 unless a margin column is set)."""
+
+    prompt: Messages
+    chosen: Messages
+    rejected: Messages
+    style: str  # raw_pr | raw_hh | chat (as in stages.data.Conversation)
+    margin: float = 0.0
+
+    def conversation(self, side: str) -> Conversation:
+        return Conversation(self.prompt + (self.chosen if side == "chosen" else self.rejected), self.style)
+
+
+class IdenticalPair(Exception):
+    """Chosen and rejected are the same text: the pair carries no preference."""
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of two HH-RLHF dialogues: the prompt is the longest common
+    prefix cut back to the end of its last "\\n\\nAssistant:" marker.
+
+    >>> split_hh_pair("\\n\\nHuman: hi\\n\\nAssistant: hello", "\\n\\nHuman: hi\\n\\nAssistant: go away")
+    ('\\n\\nHuman: hi\\n\\nAssistant:', ' hello', ' go away')
+    """
+    if chosen == rejected:
+        raise IdenticalPair()
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    at = chosen.rfind(HH_ASSISTANT, 0, n)
+    if at < 0:
+        raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
+    end = at + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _ends_with_response(turns: Messages, side: str) -> None:
+    if not turns or turns[-1][0] != "assistant":
+        raise BadRow(f"{side} must end with an assistant turn")
+    if not turns[-1][1].strip():
+        raise BadRow(f"empty {side} response")
+
+
+def _margin(record: dict[str, Any], column: str | None) -> float:
+    if column is None:
+        return 0.0
+    value = record.get(column)
+    if isinstance(value, str):  # CSV cells are strings
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadRow(f"'{column}' must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRow(f"'{column}' must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def detect_pair_format(record: dict[str, Any], data: RMDataConfig) -> str:
+    """The format a record's keys and values indicate (raises BadRow when none fits)."""
+    cols = data.columns
+    if cols.chosen not in record or cols.rejected not in record:
+        raise BadRow(
+            f"expected keys '{cols.chosen}' and '{cols.rejected}' (keys present: {', '.join(sorted(record))}); "
+            "set data.columns"
+        )
+    if isinstance(record[cols.chosen], list):
+        return "messages"
+    return "pairs" if cols.prompt in record else "hh"
+
+
+def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> PreferencePair:
+    """One record -> PreferencePair. Raises BadRow (with the reason) or IdenticalPair."""
+    cols = data.columns
+    margin = _margin(record, cols.margin)
+    if fmt == "pairs":
+        prompt = _field(record, cols.prompt, allow_empty=True)
+        chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
+        if chosen == rejected:
+            raise IdenticalPair()
+        style = "chat" if data.use_chat_template else "raw_pr"
+        return PreferencePair((("user", prompt),), (("assistant", chosen),), (("assistant", rejected),), style, margin)
+    if fmt == "hh":
+        prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
+        prompt_turns = tuple(split_hh(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
+        sides = [tuple(split_hh(HH_ASSISTANT + text)) for text in (chosen, rejected)]
+        style = "raw_hh"
+        if data.use_chat_template:
+            prompt_turns = tuple((r, c.strip()) for r, c in prompt_turns)
+            sides = [tuple((r, c.strip()) for r, c in side) for side in sides]
+            style = "chat"
+    elif fmt == "messages":
+        chosen_msgs = tuple(parse_messages(record, cols.chosen))
+        rejected_msgs = tuple(parse_messages(record, cols.rejected))
+        if cols.prompt in record and record[cols.prompt] is not None:
+            raw = record[cols.prompt]
+            prompt_turns = ((("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))
+            sides = [chosen_msgs, rejected_msgs]
+        else:
+            n = 0
+            while n < min(len(chosen_msgs), len(rejected_msgs)) and chosen_msgs[n] == rejected_msgs[n]:
+                n += 1
+            prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
+        style = "chat"
+    else:
+        raise ValueError(fmt)
+    if sides[0] == sides[1]:
+        raise IdenticalPair()
+    for side, name in zip(sides, ("chosen", "rejected")):
+        _ends_with_response(side, name)
+    return PreferencePair(prompt_turns, sides[0], sides[1], style, margin)
+
+
+@dataclass
+class PairLoad:
+    """Usable pairs of a source with "file row N" of each, plus how many identical pairs were dropped."""
+
+    pairs: list[tuple[PreferencePair, str]]
+    identical: int
+
+
+def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLoad:
+    """All usable pairs of `source`; bad rows raise (naming file and row) or are skipped and counted in `log`."""
+    fmt = None if data.format == "auto" else data.format
+    pairs: list[tuple[PreferencePair, str]] = []
+    identical = 0
+    for row in read_rows(source, data.on_bad_row, log):
+        where = f"{row.file} row {row.row}"
+        try:
+            row_fmt = fmt or detect_pair_format(row.data, data)
+            pair = parse_pair(row.data, row_fmt, data)
+        except IdenticalPair:
+            identical += 1
+            continue
+        except BadRow as exc:
+            _bad(where, str(exc), data.on_bad_row, log)
+            continue
+        fmt = row_fmt  # auto: the first usable row decides for the whole source
+        pairs.append((pair, where))
+    if not pairs:
+        extra = f" ({identical} identical pair(s) dropped)" if identical else ""
+        raise DataError(f"no usable preference pairs in {', '.join(source.paths())}{extra}")
+    return PairLoad(pairs, identical)
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+def tokenize_pair(
+    pair: PreferencePair, tokenizer: Any, data: RMDataConfig, bos: list[int]
+) -> tuple[TokenizedExample, TokenizedExample]:
+    """Both sides as token ids; labels mark the chosen/rejected response tokens (the last assistant turn).
+
+    The two prompts are cut by the same number of tokens (the larger cut either side needs); responses are
+    then cut from the right. With add_eos, a response cut short still ends with EOS (its last token is
+    replaced), so the reward is always read at an EOS."""
+    encoded = []
+    for side in ("chosen", "rejected"):
+        segments = render_segments(pair.conversation(side), tokenizer, "last_turn")
+        encoded.append(encode_segments(segments, tokenizer, data.add_eos, bos))
+    cut = max(prompt_cut(n, len(ex.input_ids), data.max_length, data.prompt_budget) for ex, n in encoded)
+    out = []
+    eos = tokenizer.eos_token_id
+    for ex, _ in encoded:
+        ex = truncate_example(ex, cut, data.max_length)
+        if data.add_eos and ex.response_truncated:
+            ex.input_ids[-1] = eos
+            if ex.labels[-1] != IGNORE:
+                ex.labels[-1] = eos
+        out.append(ex)
+    return out[0], out[1]
+
+
+class PairRows:
+    """Tokenized pairs: chosen[i] and rejected[i] ({input_ids, labels}) and margin[i]."""
+
+    def __init__(self) -> None:
+        self.chosen = TokenRows(with_positions=False)
+        self.rejected = TokenRows(with_positions=False)
+        self.margins = array("d")
+
+    def append(self, chosen: TokenizedExample, rejected: TokenizedExample, margin: float) -> None:
+        self.chosen.append(chosen.input_ids, chosen.labels)
+        self.rejected.append(rejected.input_ids, rejected.labels)
+        self.margins.append(margin)
+
+    def __len__(self) -> int:
+        return len(self.margins)
+
+
+def tokenize_pairs(
+    pairs: Iterable[tuple[PreferencePair, str]], tokenizer: Any, data: RMDataConfig, report: DataReport
+) -> PairRows:
+    """Tokenized pairs; a pair that truncation makes identical is dropped and counted as identical."""
+    bos = bos_ids(tokenizer)
+    log = BadRowLog()
+    rows = PairRows()
+    for pair, where in pairs:
+        try:
+            chosen, rejected = tokenize_pair(pair, tokenizer, data, bos)
+        except BadRow as exc:
+            _bad(where, str(exc), data.on_bad_row, log)
+            continue
+        if chosen.input_ids == rejected.input_ids:
+            report.identical_pairs += 1
+            continue
+        rows.append(chosen, rejected, pair.margin)
+        report.examples += 1
+        report.prompt_truncated += chosen.prompt_truncated or rejected.prompt_truncated
+        report.response_truncated += chosen.response_truncated or rejected.response_truncated
+        report.tokens += len(chosen.input_ids) + len(rejected.input_ids)
+        report.trained_tokens += sum(1 for t in chosen.labels if t != IGNORE)
+    report.count_skipped(log)
+    return rows

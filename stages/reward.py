@@ -1,0 +1,312 @@
+"""Reward-model training on preference pairs.
+
+For a pair (prompt x, chosen y+, rejected y-) with rewards r+ = r(x, y+), r- = r(x, y-) read at the last real
+token, and an optional required margin m (a data column; 0 otherwise):
+
+    pair loss    = -log sigmoid(r+ - r- - m)                        (mean over the global batch's pairs)
+    + lm_coef     * NLL of the chosen response tokens               (mean over the global batch's tokens)
+    + center_coef * (r+ + r-)^2                                     (mean over pairs; keeps rewards centred)
+
+Chosen and rejected rows go through the model in one forward pass ([chosen..., rejected...]).
+Reads top to bottom: data -> tokenizer -> model/engine -> (resume) -> steps (train, log, eval, save) -> final.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from stages import __version__
+from stages.checkpoint import save_checkpoint
+from stages.config import RMConfig, RMLossConfig
+from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
+from stages.distributed import DistInfo, all_reduce_sum, gather_floats, seed_everything
+from stages.engine import build_deepspeed_config, initialize_engine
+from stages.lm import collate
+from stages.metrics import MetricsLogger, TrainProgress, say
+from stages.models import ensure_distinct_pad, prepare_tokenizer
+from stages.pairs import PairRows, load_pairs, tokenize_pairs
+from stages.reward_model import REWARD_STATS_FILE, build_reward_model
+from stages.trainer import (
+    check_finite,
+    due,
+    finish,
+    open_run,
+    optimizer_step,
+    plan_steps,
+    resume_from,
+    split_holdout,
+    write_data_reports,
+)
+
+
+# --------------------------------------------------------------------------------------------- loss
+def pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair -log sigmoid(r+ - r- - m) = softplus(-(r+ - r- - m)) (numerically stable).
+
+    >>> round(float(pair_loss(torch.tensor([1.0]), torch.tensor([1.0]))[0]), 4)  # log 2
+    0.6931
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return F.softplus(-diff)
+
+
+def center_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair (r+ + r-)^2: zero when the pair's rewards are symmetric around 0."""
+    return (r_chosen + r_rejected) ** 2
+
+
+def accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Share of pairs with r+ > r- (a tie counts as wrong)."""
+    return float((r_chosen > r_rejected).double().mean())
+
+
+# --------------------------------------------------------------------------------------------- batching
+def collate_pairs(rows: PairRows, idx: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch of B pairs as 2B right-padded rows [chosen_1..B, rejected_1..B]; `lm_labels` keeps the chosen
+    response labels only (rejected rows all IGNORE); `margin` [B]."""
+    chosen = [rows.chosen[i] for i in idx]
+    rejected = [{**rows.rejected[i], "labels": [IGNORE] * rows.rejected.tokens(i)} for i in idx]
+    batch = collate(chosen + rejected, pad_id, device)
+    batch["lm_labels"] = batch.pop("labels")
+    batch["margin"] = torch.tensor([rows.margins[i] for i in idx], dtype=torch.float32, device=device)
+    return batch
+
+
+def reward_forward(engine: Any, batch: dict[str, torch.Tensor], with_lm: bool) -> tuple[torch.Tensor, ...]:
+    """(r_chosen [B], r_rejected [B], chosen-response NLL sum or None) of a collate_pairs batch."""
+    labels = batch["lm_labels"] if with_lm else None
+    rewards, nll = engine(batch["input_ids"], batch["attention_mask"], lm_labels=labels)
+    half = rewards.shape[0] // 2
+    return rewards[:half], rewards[half:], nll
+
+
+# --------------------------------------------------------------------------------------------- steps
+def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, loss_cfg: RMLossConfig) -> dict[str, float]:
+    """One optimizer step; returns global means over the step's pairs (and chosen-response tokens).
+
+    DeepSpeed divides gradients by accumulation steps G and averages over W ranks, so a micro-batch's
+    backward gets (sum of pair terms) * W * G / N_pairs + lm_coef * NLL_sum * W * G / N_tokens."""
+    with_lm = loss_cfg.lm_coef > 0
+    local = [
+        sum(len(b["margin"]) for b in batches),
+        sum(int((b["lm_labels"][:, 1:] != IGNORE).sum()) for b in batches),
+        sum(int(b["attention_mask"].sum()) for b in batches),
+    ]
+    n_pairs, n_lm, n_tokens = all_reduce_sum(local, dist.device).tolist()
+    k = dist.world_size * len(batches)
+    # pair loss, lm nll, centring, correct, margin, reward sum (r+ and r-)
+    sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
+
+    def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        r_c, r_r, nll = reward_forward(engine, batch, with_lm)
+        pl = pair_loss(r_c, r_r, batch["margin"]).sum()
+        total = pl * k / n_pairs
+        cl = center_loss(r_c, r_r).sum() if loss_cfg.center_coef > 0 else pl.new_zeros(())
+        total = total + loss_cfg.center_coef * cl * k / n_pairs
+        if nll is not None:
+            total = total + loss_cfg.lm_coef * nll * k / max(n_lm, 1.0)
+        with torch.no_grad():
+            sums.add_(torch.stack([
+                pl, nll if nll is not None else pl.new_zeros(()), cl, (r_c > r_r).sum(), (r_c - r_r).sum(),
+                r_c.sum() + r_r.sum(),
+            ]).double())
+        return total
+
+    grad_norm = optimizer_step(engine, batches, micro_loss)
+    pl, nll, cl, correct, margin, reward = all_reduce_sum(sums, dist.device).tolist()
+    out = {
+        "pair_loss": pl / n_pairs,
+        "accuracy": correct / n_pairs,
+        "margin": margin / n_pairs,
+        "reward_mean": reward / (2 * n_pairs),
+        "tokens": n_tokens,
+        "pairs": n_pairs,
+    }
+    out["loss"] = out["pair_loss"]
+    if with_lm:
+        out["lm_loss"] = nll / max(n_lm, 1.0)
+        out["loss"] += loss_cfg.lm_coef * out["lm_loss"]
+    if loss_cfg.center_coef > 0:
+        out["center_loss"] = cl / n_pairs
+        out["loss"] += loss_cfg.center_coef * out["center_loss"]
+    if grad_norm is not None:
+        out["grad_norm"] = grad_norm
+    return out
+
+
+@torch.no_grad()
+def score_pairs(engine: Any, rows: PairRows, micro: int, dist: DistInfo, pad_id: int) -> tuple[list[float], ...]:
+    """(r_chosen, r_rejected, margins) of every pair, on every rank. Pairs are dealt round-robin; every rank
+    runs the same number of forwards (ZeRO-3 needs that), short ranks scoring a stand-in pair they discard."""
+    engine.eval()
+    per_rank = math.ceil(len(rows) / dist.world_size)
+    mine = list(range(dist.rank, len(rows), dist.world_size))
+    real = len(mine)
+    mine += [0] * (per_rank - real)
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for start in range(0, per_rank, micro):
+        r_c, r_r, _ = reward_forward(engine, collate_pairs(rows, mine[start:start + micro], pad_id, dist.device), False)
+        chosen += r_c.tolist()
+        rejected += r_r.tolist()
+    engine.train()
+    margins = [rows.margins[i] for i in mine[:real]]
+    return gather_floats(chosen[:real]), gather_floats(rejected[:real]), gather_floats(margins)
+
+
+def reward_metrics(chosen: list[float], rejected: list[float], margins: list[float], prefix: str) -> dict[str, float]:
+    """Accuracy, mean margin r+ - r-, mean pair loss, and mean/std/min/max over all 2N rewards."""
+    r_c, r_r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    both = torch.cat([r_c, r_r])
+    return {
+        f"{prefix}/loss": float(pair_loss(r_c, r_r, torch.tensor(margins, dtype=torch.float64)).mean()),
+        f"{prefix}/accuracy": accuracy(r_c, r_r),
+        f"{prefix}/margin": float((r_c - r_r).mean()),
+        f"{prefix}/chosen_reward": float(r_c.mean()),
+        f"{prefix}/rejected_reward": float(r_r.mean()),
+        f"{prefix}/reward_mean": float(both.mean()),
+        f"{prefix}/reward_std": float(both.std(unbiased=False)),
+        f"{prefix}/reward_min": float(both.min()),
+        f"{prefix}/reward_max": float(both.max()),
+        f"{prefix}/pairs": float(len(chosen)),
+    }
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, PairRows, PairRows | None, dict]:
+    """Pairs -> (tokenizer, whether a pad token was added to it, train pairs, eval pairs, reports)."""
+    data = cfg.data
+    logs = {"train": BadRowLog(), "eval": BadRowLog()}
+    train = load_pairs(data.train, data, logs["train"])
+    loaded = {"train": train}
+    if data.eval is not None:
+        loaded["eval"] = load_pairs(data.eval, data, logs["eval"])
+    train_pairs, eval_pairs = train.pairs, loaded["eval"].pairs if "eval" in loaded else None
+    if eval_pairs is None and data.eval_fraction > 0:
+        train_pairs, eval_pairs = split_holdout(train_pairs, data.eval_fraction, cfg.seed)
+
+    def texts() -> Any:
+        return corpus_texts((p.conversation(side), w) for p, w in train_pairs for side in ("chosen", "rejected"))
+
+    tokenizer = prepare_tokenizer(cfg.model, out, dist, texts, data.chat_template)
+    added = ensure_distinct_pad(tokenizer)
+    reports: dict[str, DataReport] = {}
+    rows: dict[str, PairRows] = {}
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+        if pairs is None:
+            continue
+        report = DataReport(skipped_rows=logs[split].total, skipped_by_reason=dict(logs[split].reasons))
+        report.identical_pairs = loaded[split].identical if split in loaded else 0
+        rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
+        reports[split] = report
+    return tokenizer, added, rows["train"], rows.get("eval"), reports
+
+
+def describe_pairs(split: str, report: DataReport) -> str:
+    skipped = ""
+    if report.skipped_rows:
+        reasons = "; ".join(f"{k}: {v}" for k, v in report.skipped_by_reason.items())
+        skipped = f", skipped {report.skipped_rows} bad row(s) ({reasons})"
+    return (
+        f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
+        f"identical pair(s); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} "
+        f"responses (right){skipped}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- run
+def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
+    """Train; returns the final HF reward-model checkpoint (`output_dir/final`, with reward_stats.json)."""
+    dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
+    tokenizer, added_pad, train_rows, eval_rows, reports = load_rm_data(cfg, out, dist)
+    if added_pad:
+        say(dist.is_main, "the tokenizer's pad token was its EOS; added a distinct <|pad|> (embedding grown by 1)")
+
+    tc = cfg.train
+    plan = plan_steps(len(train_rows), tc, dist.world_size, cfg.seed, unit="pairs")
+    total = plan.total
+    ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
+    model = build_reward_model(
+        cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed, cfg.loss.lm_coef > 0, added_pad
+    )
+    engine = initialize_engine(model, ds_config, tc, total)
+    seed_everything(cfg.seed + dist.rank)
+
+    write_data_reports(out, reports, dist, describe_pairs)
+    if eval_rows is not None and len(eval_rows) == 0:
+        say(dist.is_main, "[yellow]warning: no usable eval pair; reward statistics will come from the train set[/]")
+        eval_rows = None
+
+    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
+    start, tokens_seen = int(state["step"]), float(state.get("tokens_seen", 0.0))
+    metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
+    meta = {"stage": "train-rm", "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
+    progress = TrainProgress(dist.is_main, total, start, "train-rm", print_every=cfg.logging.log_every)
+
+    pad_id = tokenizer.pad_token_id
+    eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
+    last_stats: dict[str, Any] | None = None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = engine.get_lr()[0]
+        batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in plan.micro_batches(step, dist, tc)]
+        stats = train_step(engine, batches, dist, cfg.loss)
+        done = step + 1
+        check_finite("loss", stats["loss"], done, out)
+        tokens_seen += stats["tokens"]
+        row = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")}
+        row |= {
+            "train/lr": lr,
+            "train/epoch": done / plan.sampler.steps_per_epoch,
+            "train/tokens_per_s": stats["tokens"] / (time.perf_counter() - t0),
+            "train/tokens_seen": tokens_seen,
+        }
+        if due(done, cfg.logging.log_every, total):
+            metrics.log(done, row)
+        progress.update(done, {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr})
+        saving = due(done, tc.save_every, total)
+        if eval_rows is not None and (saving or due(done, tc.eval_every, total)):
+            ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
+            metrics.log(done, ev)
+            last_stats = _stats_record(ev, "eval", done)
+            progress.print(
+                f"step {done}: eval accuracy {ev['eval/accuracy']:.4f}  margin {ev['eval/margin']:.3f}  "
+                f"reward mean {ev['eval/reward_mean']:.3f} std {ev['eval/reward_std']:.3f}"
+            )
+        if saving:
+            if eval_rows is None and done == total:  # no eval set: the statistics come from the train pairs
+                ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train_set")
+                last_stats = _stats_record(ev, "train", done)
+            files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
+            counters = {"tokens_seen": tokens_seen, "global_batch": plan.global_batch, "total_steps": total}
+            path = save_checkpoint(
+                engine, tokenizer, out, done, counters, dist, tc.save_total_limit, meta,
+                hf_module=engine.module.seqcls, hf_files=files,
+            )
+            metrics.event(done, "checkpoint", path=str(path))
+    progress.close()
+    return finish("rlhf train-rm", out, total, dist, metrics)
+
+
+def _stats_record(metrics: dict[str, float], split: str, step: int) -> dict[str, Any]:
+    """What reward_stats.json holds: the reward distribution measured at `step` (for PPO normalisation)."""
+    prefix = "eval" if split == "eval" else "train_set"
+    return {
+        "mean": metrics[f"{prefix}/reward_mean"],
+        "std": metrics[f"{prefix}/reward_std"],
+        "min": metrics[f"{prefix}/reward_min"],
+        "max": metrics[f"{prefix}/reward_max"],
+        "accuracy": metrics[f"{prefix}/accuracy"],
+        "pairs": int(metrics[f"{prefix}/pairs"]),
+        "split": split,
+        "step": step,
+    }

@@ -1,0 +1,170 @@
+"""The reward model: a Hugging Face sequence-classification model (backbone + bias-free linear `score` head
+h -> 1) read at the last real token, plus an optional LM head for the LM loss on chosen responses.
+
+    r(x) = w . h_T(x),   T = the last position whose attention mask is 1 (left or right padding alike)
+
+The saved checkpoint is the plain `AutoModelForSequenceClassification` directory (num_labels=1, pad_token_id
+set, pad distinct from EOS), so transformers' own pooling (the last non-pad token) reads the same position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stages.config import ModelConfig
+from stages.data import IGNORE
+from stages.errors import CheckpointError
+from stages.models import build_model, resolve_model_dir
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position with mask 1 in each row: L - 1 - argmax(flip(mask)).
+
+    >>> last_token_index(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist()
+    [1, 2]
+    """
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(1).to(torch.int32).argmax(dim=1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only (0 at each row's first real token; pads get 0), so a
+    left-padded row gets the same positions as the same row right-padded."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class TiedHead(torch.nn.Module):
+    """An LM head sharing the input embedding matrix: logits = h E^T."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+
+class RewardModel(torch.nn.Module):
+    """`seqcls` is the HF sequence-classification model that gets saved; `lm_head` (optional) maps hidden states
+    to vocabulary logits for the LM loss and is not part of the saved reward model."""
+
+    def __init__(self, seqcls: torch.nn.Module, lm_head: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.seqcls = seqcls
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lm_labels: torch.Tensor | None = None,
+        chunk: int = 4096,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rewards [B] in float32, summed LM NLL over positions whose next label is not IGNORE, or None).
+
+        NLL = sum_t -log p(labels[t+1] | tokens <= t), logits computed `chunk` positions at a time."""
+        backbone = getattr(self.seqcls, self.seqcls.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        rewards = self.seqcls.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
+        if lm_labels is None:
+            return rewards, None
+        if self.lm_head is None:
+            raise ValueError("this reward model was built without an LM head")
+        target = lm_labels[:, 1:]
+        keep = target != IGNORE
+        picked, gold = hidden[:, :-1][keep], target[keep]
+        nll = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, gold.numel(), chunk):
+            logits = self.lm_head(picked[start:start + chunk]).float()
+            nll = nll + F.cross_entropy(logits, gold[start:start + chunk], reduction="sum")
+        return rewards, nll
+
+
+def _score_head(model: torch.nn.Module) -> None:
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1 or head.bias is not None:
+        raise CheckpointError(
+            f"{type(model).__name__} has no bias-free linear `score` head with one output; "
+            "use a decoder architecture whose sequence-classification model has one (Llama, Qwen2, Mistral, ...)"
+        )
+
+
+def _source_lm_head(cfg: ModelConfig) -> torch.Tensor | None:
+    """The `lm_head.weight` tensor of the source checkpoint (None when it has none, e.g. tied embeddings)."""
+    from safetensors import safe_open
+
+    if cfg.name_or_path is None:
+        return None
+    source = Path(resolve_model_dir(cfg.name_or_path))
+    files = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+    if not files and not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(cfg.name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        files = sorted(source.glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            if "lm_head.weight" in fh.keys():
+                return fh.get_tensor("lm_head.weight")
+    return None
+
+
+def build_reward_model(
+    cfg: ModelConfig,
+    tokenizer: Any,
+    precision: str,
+    ds_config: dict[str, Any],
+    seed: int,
+    with_lm_head: bool,
+    resize: bool,
+) -> RewardModel:
+    """The trainable reward model. With `with_lm_head`: tied embeddings share the input embedding; otherwise the
+    source checkpoint's `lm_head.weight` is loaded (a random-init head for from_config), trained along."""
+    seqcls = build_model(cfg, tokenizer, precision, ds_config, seed, head="reward", resize=resize)
+    _score_head(seqcls)
+    lm_head: torch.nn.Module | None = None
+    if with_lm_head:
+        embed = seqcls.get_input_embeddings()
+        if getattr(seqcls.config.get_text_config(), "tie_word_embeddings", False):
+            lm_head = TiedHead(embed.weight)
+        else:
+            rows, width = getattr(embed.weight, "ds_shape", embed.weight.shape)
+            weight = _source_lm_head(cfg)
+            if weight is None and cfg.from_config is None:
+                raise CheckpointError(
+                    f"loss.lm_coef > 0 needs the LM head of {cfg.name_or_path}, which has no lm_head.weight "
+                    "(a reward-model checkpoint?); start from the SFT model or set loss.lm_coef: 0"
+                )
+            head = torch.nn.Linear(width, rows, bias=False, dtype=embed.weight.dtype)
+            with torch.no_grad():
+                if weight is None:
+                    head.weight.normal_(0.0, getattr(seqcls.config, "initializer_range", 0.02))
+                else:
+                    head.weight.zero_()
+                    n = min(rows, weight.shape[0])  # an added pad row keeps zeros
+                    head.weight[:n] = weight[:n].to(head.weight.dtype)
+            lm_head = head
+    return RewardModel(seqcls, lm_head)
+
+
+def write_reward_stats(hf_dir: Path, stats: dict[str, Any]) -> None:
+    """Save the reward statistics (mean, std, ...) beside an HF reward-model checkpoint."""
+    (hf_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2), encoding="utf-8")
+
+
+def read_reward_stats(hf_dir: Path) -> dict[str, Any] | None:
+    path = Path(resolve_model_dir(str(hf_dir))) / REWARD_STATS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

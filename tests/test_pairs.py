@@ -1,0 +1,175 @@
+"""Preference-pair data: formats, HH-RLHF prompt splitting on the real sample, identical pairs, margins,
+shared prompt truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.config import DataSource, RMDataConfig
+from stages.data import IGNORE, BadRow, BadRowLog, DataReport, render_segments
+from stages.errors import DataError
+from stages.models import train_tokenizer
+from stages.pairs import (
+    IdenticalPair,
+    PreferencePair,
+    load_pairs,
+    parse_pair,
+    split_hh_pair,
+    tokenize_pair,
+    tokenize_pairs,
+)
+
+
+def _data(path: str = "x.jsonl", **kw) -> RMDataConfig:
+    return RMDataConfig(train=path, **kw)
+
+
+def _write(tmp_path, rows, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [f"user asks question {i} and the assistant answers {i * 7}" for i in range(200)]
+    return train_tokenizer(texts, vocab_size=400, min_frequency=1)
+
+
+def test_split_hh_pair_cuts_the_shared_prefix_at_the_last_assistant_marker():
+    c = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: bye\n\nAssistant: see you"
+    r = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: bye\n\nAssistant: see ya"
+    # the texts agree up to "see y": the prompt still ends at the marker, never inside a response
+    assert split_hh_pair(c, r) == (
+        "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: bye\n\nAssistant:", " see you", " see ya"
+    )
+    # they differ in an earlier assistant turn: everything after that turn's marker is the response
+    r2 = "\n\nHuman: hi\n\nAssistant: no\n\nHuman: bye\n\nAssistant: see you"
+    prompt, rc, rr = split_hh_pair(c, r2)
+    assert prompt == "\n\nHuman: hi\n\nAssistant:" and rc == " hello there\n\nHuman: bye\n\nAssistant: see you"
+    with pytest.raises(BadRow, match="share no dialogue prefix"):
+        split_hh_pair("\n\nHuman: a\n\nAssistant: x", "\n\nHuman: b\n\nAssistant: x")
+    with pytest.raises(IdenticalPair):
+        split_hh_pair(c, c)
+
+
+def test_hh_pairs_on_the_real_sample_render_back_to_the_original_texts(hh_sample):
+    records = [json.loads(line) for line in hh_sample.read_text(encoding="utf-8").splitlines()]
+    data = _data(format="hh", on_bad_row="skip")
+    ok = 0
+    for rec in records:
+        try:
+            pair = parse_pair(rec, "hh", data)
+        except BadRow as exc:
+            assert str(exc) == "empty chosen response"
+            assert rec["chosen"].endswith("Assistant:") or not rec["chosen"].rsplit("Assistant:", 1)[1].strip()
+            continue
+        ok += 1
+        prompt, rc, rr = split_hh_pair(rec["chosen"], rec["rejected"])
+        assert prompt.endswith("\n\nAssistant:") and rec["chosen"] == prompt + rc and rec["rejected"] == prompt + rr
+        assert rc != rr and pair.prompt[-1][0] == "user"
+        for side in ("chosen", "rejected"):
+            segments = render_segments(pair.conversation(side), None, "last_turn")
+            assert "".join(s.text for s in segments) == rec[side]  # nothing lost or added
+            assert [s.text for s in segments if s.train] == [(rc if side == "chosen" else rr)]
+    assert ok == 399  # one record of the sample has an empty chosen response
+    log = BadRowLog()
+    loaded = load_pairs(DataSource(path=str(hh_sample)), data, log)
+    assert len(loaded.pairs) == 399 and log.reasons == {"empty chosen response": 1}
+    with pytest.raises(DataError, match=rf"{hh_sample.name} row \d+: empty chosen response"):
+        load_pairs(DataSource(path=str(hh_sample)), _data(format="hh"), BadRowLog())
+
+
+def test_the_three_formats_and_auto_detection(tmp_path):
+    user = {"role": "user", "content": "q?"}
+    rows = [
+        # explicit prompt + assistant messages
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]},
+        # implicit prompt: the shared leading messages
+        {"chosen": [user, {"role": "assistant", "content": "yes"}],
+         "rejected": [user, {"role": "assistant", "content": "no"}]},
+        # a plain-string prompt with message responses
+        {"prompt": "q?", "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]},
+    ]
+    log = BadRowLog()
+    loaded = load_pairs(DataSource(path=str(_write(tmp_path, rows))), _data(), log)
+    assert len(loaded.pairs) == 3 and not log.total
+    for pair, _ in loaded.pairs:
+        assert pair == PreferencePair((("user", "q?"),), (("assistant", "yes"),), (("assistant", "no"),), "chat")
+    strings = load_pairs(DataSource(path=str(_write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}],
+                                                     "s.jsonl"))), _data(), log).pairs[0][0]
+    assert strings.style == "raw_pr" and strings.chosen == (("assistant", "a"),)
+    chat = parse_pair({"prompt": "p", "chosen": "a", "rejected": "b"}, "pairs", _data(use_chat_template=True))
+    assert chat.style == "chat"
+    hh = parse_pair({"chosen": "\n\nHuman: p\n\nAssistant: a", "rejected": "\n\nHuman: p\n\nAssistant: b"}, "hh",
+                    _data(use_chat_template=True))
+    assert hh == PreferencePair((("user", "p"),), (("assistant", "a"),), (("assistant", "b"),), "chat")
+
+
+def test_identical_pairs_are_dropped_and_counted_bad_rows_name_file_and_row(tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "p", "chosen": "a"},
+        {"prompt": "p", "chosen": "a", "rejected": ""},
+    ]
+    path = _write(tmp_path, rows)
+    with pytest.raises(DataError, match=rf"{path} row 3: missing key 'rejected'"):
+        load_pairs(DataSource(path=str(path)), _data(format="pairs"), BadRowLog())
+    log = BadRowLog()
+    loaded = load_pairs(DataSource(path=str(path)), _data(format="pairs", on_bad_row="skip"), log)
+    assert len(loaded.pairs) == 1 and loaded.identical == 1
+    assert log.reasons == {"missing key 'rejected'": 1, "empty 'rejected'": 1}
+    only_identical = _write(tmp_path, [rows[1]], "same.jsonl")
+    with pytest.raises(DataError, match="no usable preference pairs .*1 identical pair"):
+        load_pairs(DataSource(path=str(only_identical)), _data(), BadRowLog())
+    # a message pair whose last turn is not the assistant's
+    with pytest.raises(BadRow, match="chosen must end with an assistant turn"):
+        parse_pair({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+                   "messages", _data())
+
+
+def test_margin_column(tmp_path):
+    data = _data(columns={"margin": "m"})
+    assert parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": 1.5}, "pairs", data).margin == 1.5
+    assert parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": "2"}, "pairs", data).margin == 2.0
+    for bad in ("x", None, True):
+        with pytest.raises(BadRow, match="'m' must be a number"):
+            parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", data)
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,chosen,rejected,m\nq,a,b,0.5\n")
+    assert load_pairs(DataSource(path=str(csv)), data, BadRowLog()).pairs[0][0].margin == 0.5
+
+
+def test_both_sides_share_the_prompt_cut_and_keep_eos(tok):
+    prompt = "user asks question " + " ".join(str(i) for i in range(40))
+    pair = PreferencePair((("user", prompt),), (("assistant", "answers 7"),),
+                          (("assistant", "answers " + " ".join(str(i * 7) for i in range(30))),), "raw_pr")
+    data = _data(max_length=40, max_prompt_length=10)
+    chosen, rejected = tokenize_pair(pair, tok, data, [])
+    n_prompt_c = next(i for i, t in enumerate(chosen.labels) if t != IGNORE)
+    n_prompt_r = next(i for i, t in enumerate(rejected.labels) if t != IGNORE)
+    # the rejected side needs the larger cut; the chosen prompt is cut just as much, so the contexts match
+    assert n_prompt_c == n_prompt_r == 10
+    assert chosen.input_ids[:10] == rejected.input_ids[:10]
+    assert len(rejected.input_ids) == 40 and rejected.response_truncated and rejected.prompt_truncated
+    assert chosen.input_ids[-1] == rejected.input_ids[-1] == tok.eos_token_id  # cut response still ends in EOS
+    assert rejected.labels[-1] == tok.eos_token_id
+    assert len(chosen.input_ids) < 40 and chosen.prompt_truncated and not chosen.response_truncated
+
+
+def test_pairs_identical_after_truncation_are_dropped(tok):
+    long = "answers " + " ".join(str(i) for i in range(50))
+    pairs = [
+        (PreferencePair((("user", "q"),), (("assistant", long + " 1"),), (("assistant", long + " 2"),), "raw_pr"), "r1"),
+        (PreferencePair((("user", "q"),), (("assistant", "answers 7"),), (("assistant", "answers 8"),), "raw_pr"), "r2"),
+    ]
+    report = DataReport()
+    rows = tokenize_pairs(pairs, tok, _data(max_length=20, add_eos=False), report)
+    assert len(rows) == 1 and report.identical_pairs == 1 and report.examples == 1
+    assert rows.chosen[0]["input_ids"] != rows.rejected[0]["input_ids"]
+    assert report.tokens == len(rows.chosen[0]["input_ids"]) + len(rows.rejected[0]["input_ids"])

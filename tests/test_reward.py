@@ -1,0 +1,196 @@
+"""`rlhf train-rm` end to end through the real CLI: the tiny reward model after the tiny SFT learns the toy
+preferences, its checkpoint scores identically in plain transformers, exact resume, the real HH-RLHF sample, two
+DeepSpeed processes with ZeRO-2 / ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from stages.metrics import read_metrics
+
+TINY_RM = REPO / "configs" / "tiny" / "rm.yaml"
+RM_DATA = REPO / "configs" / "tiny" / "data" / "rm.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory) -> Path:
+    """The shipped tiny SFT run (what configs/tiny/rm.yaml starts from), trained once for this module."""
+    tmp = tmp_path_factory.mktemp("sft")
+    cfg = tiny_sft_dict(tmp, max_steps=None)
+    cfg["train"].update({"eval_every": 0, "save_every": 0})
+    res = run_cli("sft", "--config", str(write_yaml(tmp / "sft.yaml", cfg)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(cfg["output_dir"])
+
+
+def rm_dict(tmp_path: Path, sft: Path | None, **train) -> dict:
+    """The shipped tiny RM config, made absolute and pointed at tmp_path (and at `sft`)."""
+    cfg = yaml.safe_load(TINY_RM.read_text())
+    cfg["output_dir"] = str(tmp_path / "rm")
+    cfg["data"]["train"] = str(RM_DATA)
+    if sft is not None:
+        cfg["model"]["name_or_path"] = str(sft)
+    cfg["train"].update(train)
+    cfg["logging"] = {"log_every": 1, "tensorboard": False}
+    return cfg
+
+
+def _train(tmp_path: Path, cfg: dict, *extra: str, name: str = "rm.yaml", expect: int = 0):
+    res = run_cli("train-rm", "--config", str(write_yaml(tmp_path / name, cfg)), *extra)
+    assert res.returncode == expect, res.stdout[-3000:] + res.stderr[-3000:]
+    return Path(cfg["output_dir"]), res
+
+
+def _rows(out: Path, key: str) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if key in r]
+
+
+def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_reward_model(tmp_path, tiny_sft):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from stages.config import ModelConfig, RMDataConfig
+    from stages.data import BadRowLog, DataReport
+    from stages.pairs import load_pairs, tokenize_pairs
+    from stages.reward import collate_pairs
+    from stages.reward_model import build_reward_model
+
+    out, res = _train(tmp_path, rm_dict(tmp_path, tiny_sft))  # the shipped settings, only paths changed
+    evals = _rows(out, "eval/accuracy")
+    assert evals[-1]["step"] == _rows(out, "train/loss")[-1]["step"]
+    assert evals[-1]["eval/accuracy"] >= 0.9, evals[-1]  # held-out split of the toy preferences
+    assert evals[-1]["eval/margin"] > evals[0]["eval/margin"] > 0
+    train = _rows(out, "train/loss")
+    assert sum(r["train/loss"] for r in train[-10:]) / 10 < train[0]["train/loss"] - 0.3
+    assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
+    assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["eval"]["examples"] == 200 and report["train"]["examples"] == 1800
+
+    final = out / "final"
+    model, info = AutoModelForSequenceClassification.from_pretrained(final, output_loading_info=True)
+    assert not any(info.values()), info
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert model.score.bias is None
+    stats = json.loads((final / "reward_stats.json").read_text())
+    assert stats["split"] == "eval" and stats["step"] == evals[-1]["step"] and stats["pairs"] == 200
+    assert stats["mean"] == pytest.approx(evals[-1]["eval/reward_mean"])
+    assert stats["std"] == pytest.approx(evals[-1]["eval/reward_std"])
+
+    # plain transformers, one text at a time, scores exactly like the training code on a padded batch
+    data = RMDataConfig(train=str(RM_DATA), max_length=96)
+    pairs = load_pairs(data.train, data, BadRowLog()).pairs[:6]
+    rows = tokenize_pairs(pairs, tok, data, DataReport())
+    ours = build_reward_model(ModelConfig(name_or_path=str(final)), tok, "fp32", {}, 0, False, False).eval()
+    with torch.no_grad():
+        batch = collate_pairs(rows, list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
+        trained_code = ours(batch["input_ids"], batch["attention_mask"])[0]
+        texts = []
+        for pair, _ in pairs:
+            for side in ("chosen", "rejected"):
+                msgs = [{"role": r, "content": c} for r, c in pair.conversation(side).messages]
+                texts.append(tok.apply_chat_template(msgs, tokenize=False))
+        hf = []
+        for text in texts:
+            hf.append(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
+        hf_batch = model(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
+    order = [2 * i for i in range(6)] + [2 * i + 1 for i in range(6)]  # [chosen..., rejected...]
+    assert trained_code.tolist() == pytest.approx([hf[i] for i in order], abs=1e-5)
+    assert hf_batch.tolist() == pytest.approx(hf, abs=1e-5)
+    assert sum(hf[2 * i] > hf[2 * i + 1] for i in range(6)) >= 4
+
+
+def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path):
+    """From a random-init model (tokenizer trained on the pairs), attention dropout on, LM loss on the chosen
+    response and the centring term: stopping after step 4 and resuming reproduces the uninterrupted curve."""
+    def cfg_for(root: Path) -> dict:
+        cfg = rm_dict(root, None, max_steps=8, save_every=2, save_total_limit=10, eval_every=4, micro_batch_size=8)
+        cfg["model"] = {"from_config": {**yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]
+                                        ["from_config"], "attention_dropout": 0.2}}
+        cfg["loss"] = {"lm_coef": 0.5, "center_coef": 0.01}
+        return cfg
+
+    (tmp_path / "full").mkdir()
+    full, _ = _train(tmp_path / "full", cfg_for(tmp_path / "full"))
+    rows = _rows(full, "train/loss")
+    for r in rows:  # the logged loss is the sum of its terms
+        total = r["train/pair_loss"] + 0.5 * r["train/lm_loss"] + 0.01 * r["train/center_loss"]
+        assert r["train/loss"] == pytest.approx(total, rel=1e-9)
+    assert rows[-1]["train/lm_loss"] < rows[0]["train/lm_loss"]
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    cut = tmp_path / "cut" / "rm"
+    for name in ("checkpoint-00000006", "checkpoint-00000008", "final"):
+        shutil.rmtree(cut / name)
+    _, res = _train(tmp_path / "cut", cfg_for(tmp_path / "cut"), "--resume")
+    assert "resumed from step 4" in res.stdout
+
+    def curve(out: Path) -> list[dict]:  # every metric row, timing aside
+        return [{k: v for k, v in r.items() if k not in ("time", "train/tokens_per_s")}
+                for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+
+    assert curve(cut) == curve(full)
+    from safetensors.torch import load_file
+
+    a, b = load_file(cut / "final" / "model.safetensors"), load_file(full / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith("lm_head") for k in a)  # the LM head is not part of the reward model
+    assert (cut / "final" / "reward_stats.json").read_text() == (full / "final" / "reward_stats.json").read_text()
+
+
+def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample):
+    cfg = rm_dict(tmp_path, None, max_steps=2, micro_batch_size=4, save_every=0, eval_every=0)
+    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    cfg["data"].update({"train": str(hh_sample), "format": "auto", "max_length": 128, "eval_fraction": 0.05})
+    out, res = _train(tmp_path, cfg, expect=1)
+    assert f"{hh_sample} row " in res.stderr and "empty chosen response" in res.stderr
+    assert "Traceback" not in res.stderr and not (out / "final").exists()
+    cfg["data"]["on_bad_row"] = "skip"
+    out, res = _train(tmp_path, cfg, "--overwrite")
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["skipped_by_reason"] == {"empty chosen response": 1}
+    assert report["train"]["examples"] + report["eval"]["examples"] == 399
+    assert report["train"]["prompt_truncated"] > 0  # real dialogues are longer than 128 tokens
+    assert json.loads((out / "final" / "reward_stats.json").read_text())["split"] == "eval"
+
+
+@pytest.mark.slow
+def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_sft):
+    """2 ranks x micro 8 equals 1 rank x micro 8 x accumulation 2: the pair loss is the mean over the global batch."""
+    stage = ("--set", "deepspeed.zero_stage=2")
+    runs, outputs = {}, {}
+    for name, extra, train in (("two", ("--num-gpus", "2"), {}), ("one", (), {"gradient_accumulation_steps": 2})):
+        (tmp_path / name).mkdir()
+        cfg = rm_dict(tmp_path / name, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=0, save_every=0, **train)
+        runs[name], outputs[name] = _train(tmp_path / name, cfg, *extra, *stage)
+    assert "deepspeed.launcher.runner --num_gpus 2" in outputs["two"].stdout
+    r2, r1 = _rows(runs["two"], "train/loss"), _rows(runs["one"], "train/loss")
+    assert len(r2) == 4
+    for key in ("train/loss", "train/accuracy", "train/margin", "train/grad_norm"):
+        assert [r[key] for r in r2] == pytest.approx([r[key] for r in r1], rel=1e-4, abs=1e-6), key
+    s2 = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
+    s1 = json.loads((runs["one"] / "final" / "reward_stats.json").read_text())
+    assert s2["pairs"] == s1["pairs"] == 200 and s2["mean"] == pytest.approx(s1["mean"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_with_lm_loss(tmp_path, tiny_sft):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = rm_dict(tmp_path, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=2, save_every=2)
+    cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
+    out, res = _train(tmp_path, cfg, "--num-gpus", "2", "--set", "deepspeed.zero_stage=3")
+    assert "--num_gpus 2" in res.stdout
+    rows = _rows(out, "train/loss")
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["train/lm_loss"])) for r in rows)
+    model, info = AutoModelForSequenceClassification.from_pretrained(out / "final", output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.score.weight.shape == (1, 128)  # gathered, not a ZeRO-3 shard
+    stats = json.loads((out / "final" / "reward_stats.json").read_text())
+    assert stats["pairs"] == 200 and stats["step"] == 4
