@@ -196,19 +196,15 @@ _stage_command(
     "sft",
     """Supervised fine-tuning: causal-LM loss on the assistant tokens of demonstrations.
 
-    Writes output_dir/final (a Hugging Face checkpoint), resumable checkpoint-*/ directories, metrics.jsonl
-    and TensorBoard logs. Example: [bold]rlhf sft --config configs/tiny/sft.yaml --num-gpus 2[/]
-    """,
+    Writes output_dir/final (a Hugging Face causal LM), resumable checkpoint-*/ directories, metrics.jsonl and TensorBoard logs. Example: [bold]rlhf sft --config configs/tiny/sft.yaml --num-gpus 2[/]
+    """,  # noqa: E501 - one line per help paragraph (rich keeps line breaks)
 )
 _stage_command(
     "train-rm",
     """Reward model: -log sigmoid(r_chosen - r_rejected) on preference pairs, reward read at the last token.
 
-    Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with
-    AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (eval reward mean/std for PPO),
-    resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and
-    TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
-    """,
+    Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (eval reward mean/std, for PPO), resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
+    """,  # noqa: E501
 )
 
 

@@ -211,6 +211,6 @@ def load_config(stage: str, config_path: Path, overrides: list[str] | None = Non
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what is printed at start and saved as resolved_config.yaml)."""
     body = config.model_dump(mode="json")
-    first = [k for k in ("seed", "output_dir", "model", "data") if k in body]  # then the schema's own order
+    first = [k for k in ("seed", "output_dir", "model", "data", "loss") if k in body]  # then the schema's own order
     ordered = {k: body[k] for k in first} | {k: v for k, v in body.items() if k not in first}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, width=110)

@@ -454,6 +454,13 @@ class DataReport:
     packed_rows: int | None = None
     identical_pairs: int = 0  # preference data: pairs dropped because chosen == rejected
 
+    def skipped_note(self) -> str:
+        """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""
+        if not self.skipped_rows:
+            return ""
+        reasons = "; ".join(f"{k}: {v}" for k, v in self.skipped_by_reason.items())
+        return f", skipped {self.skipped_rows} bad row(s) ({reasons})"
+
     def count_skipped(self, log: BadRowLog) -> None:
         self.skipped_rows += log.total
         for reason, n in log.reasons.items():

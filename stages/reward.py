@@ -212,14 +212,10 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
 
 
 def describe_pairs(split: str, report: DataReport) -> str:
-    skipped = ""
-    if report.skipped_rows:
-        reasons = "; ".join(f"{k}: {v}" for k, v in report.skipped_by_reason.items())
-        skipped = f", skipped {report.skipped_rows} bad row(s) ({reasons})"
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} "
-        f"responses (right){skipped}"
+        f"responses (right){report.skipped_note()}"
     )
 
 
@@ -284,7 +280,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
             )
         if saving:
             if eval_rows is None and done == total:  # no eval set: the statistics come from the train pairs
-                ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train_set")
+                ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train")
                 last_stats = _stats_record(ev, "train", done)
             files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
             counters = {"tokens_seen": tokens_seen, "global_batch": plan.global_batch, "total_steps": total}
@@ -298,15 +294,9 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
 
 
 def _stats_record(metrics: dict[str, float], split: str, step: int) -> dict[str, Any]:
-    """What reward_stats.json holds: the reward distribution measured at `step` (for PPO normalisation)."""
-    prefix = "eval" if split == "eval" else "train_set"
-    return {
-        "mean": metrics[f"{prefix}/reward_mean"],
-        "std": metrics[f"{prefix}/reward_std"],
-        "min": metrics[f"{prefix}/reward_min"],
-        "max": metrics[f"{prefix}/reward_max"],
-        "accuracy": metrics[f"{prefix}/accuracy"],
-        "pairs": int(metrics[f"{prefix}/pairs"]),
-        "split": split,
-        "step": step,
-    }
+    """What reward_stats.json holds: the reward distribution measured on `split` at `step` (for PPO's reward
+    normalisation), from reward_metrics(..., prefix=split)."""
+    keys = ("mean", "std", "min", "max")
+    record: dict[str, Any] = {k: metrics[f"{split}/reward_{k}"] for k in keys}
+    record |= {"accuracy": metrics[f"{split}/accuracy"], "pairs": int(metrics[f"{split}/pairs"])}
+    return record | {"split": split, "step": step}

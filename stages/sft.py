@@ -123,15 +123,11 @@ def load_sft_data(
 
 
 def describe_report(split: str, report: DataReport) -> str:
-    skipped = ""
-    if report.skipped_rows:
-        reasons = "; ".join(f"{k}: {v}" for k, v in report.skipped_by_reason.items())
-        skipped = f", skipped {report.skipped_rows} bad row(s) ({reasons})"
     packed = f", packed into {report.packed_rows} rows" if report.packed_rows is not None else ""
     return (
         f"{split} data: {report.examples} examples{packed}; {report.tokens:,} tokens ({report.trained_tokens:,} "
         f"trained); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} responses "
-        f"(right){skipped}"
+        f"(right){report.skipped_note()}"
     )
 
 

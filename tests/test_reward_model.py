@@ -14,7 +14,7 @@ from stages.lm import shifted_nll_sum
 from stages.models import EOS, PAD, build_model, ensure_distinct_pad, train_tokenizer
 from stages.pairs import PairRows
 from stages.reward import accuracy, center_loss, collate_pairs, pair_loss, reward_metrics
-from stages.reward_model import RewardModel, build_reward_model, last_token_index, positions_from_mask
+from stages.reward_model import build_reward_model, last_token_index, positions_from_mask
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
