@@ -22,28 +22,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from stages import __version__
-from stages.checkpoint import save_checkpoint
 from stages.config import RMConfig, RMLossConfig
 from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
-from stages.distributed import DistInfo, all_reduce_sum, gather_floats, seed_everything
-from stages.engine import build_deepspeed_config, initialize_engine
+from stages.distributed import DistInfo, all_reduce_sum, gather_floats
 from stages.lm import collate
-from stages.metrics import MetricsLogger, TrainProgress, say
+from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
-from stages.trainer import (
-    check_finite,
-    due,
-    finish,
-    open_run,
-    optimizer_step,
-    plan_steps,
-    resume_from,
-    split_holdout,
-    write_data_reports,
-)
+from stages.trainer import due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -90,7 +77,9 @@ def reward_forward(engine: Any, batch: dict[str, torch.Tensor], with_lm: bool) -
 
 
 # --------------------------------------------------------------------------------------------- steps
-def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, loss_cfg: RMLossConfig) -> dict[str, float]:
+def train_step(
+    engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, loss_cfg: RMLossConfig
+) -> dict[str, float]:
     """One optimizer step; returns global means over the step's pairs (and chosen-response tokens).
 
     DeepSpeed divides gradients by accumulation steps G and averages over W ranks, so a micro-batch's
@@ -227,70 +216,46 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     if added_pad:
         say(dist.is_main, "the tokenizer's pad token was its EOS; added a distinct <|pad|> (embedding grown by 1)")
 
-    tc = cfg.train
-    plan = plan_steps(len(train_rows), tc, dist.world_size, cfg.seed, unit="pairs")
-    total = plan.total
-    ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
-    model = build_reward_model(
-        cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed, cfg.loss.lm_coef > 0, added_pad
-    )
-    engine = initialize_engine(model, ds_config, tc, total)
-    seed_everything(cfg.seed + dist.rank)
-
     write_data_reports(out, reports, dist, describe_pairs)
     if eval_rows is not None and len(eval_rows) == 0:
         say(dist.is_main, "[yellow]warning: no usable eval pair; reward statistics will come from the train set[/]")
         eval_rows = None
 
-    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
-    start, tokens_seen = int(state["step"]), float(state.get("tokens_seen", 0.0))
-    metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
-    meta = {"stage": "train-rm", "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
-    progress = TrainProgress(dist.is_main, total, start, "train-rm", print_every=cfg.logging.log_every)
+    def make_model(ds_config: dict[str, Any]) -> torch.nn.Module:
+        with_lm = cfg.loss.lm_coef > 0
+        precision = cfg.deepspeed.precision
+        return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
+    run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs")
+    engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     last_stats: dict[str, Any] | None = None
-    for step in range(start, total):
+    for step in range(run.start, run.total):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in plan.micro_batches(step, dist, tc)]
+        batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in run.plan.micro_batches(step, dist, tc)]
         stats = train_step(engine, batches, dist, cfg.loss)
         done = step + 1
-        check_finite("loss", stats["loss"], done, out)
-        tokens_seen += stats["tokens"]
-        row = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")}
-        row |= {
-            "train/lr": lr,
-            "train/epoch": done / plan.sampler.steps_per_epoch,
-            "train/tokens_per_s": stats["tokens"] / (time.perf_counter() - t0),
-            "train/tokens_seen": tokens_seen,
-        }
-        if due(done, cfg.logging.log_every, total):
-            metrics.log(done, row)
-        progress.update(done, {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr})
-        saving = due(done, tc.save_every, total)
-        if eval_rows is not None and (saving or due(done, tc.eval_every, total)):
+        values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
+        shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
+        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown)
+        saving = due(done, tc.save_every, run.total)
+        if eval_rows is not None and (saving or due(done, tc.eval_every, run.total)):
             ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
-            metrics.log(done, ev)
+            run.metrics.log(done, ev)
             last_stats = _stats_record(ev, "eval", done)
-            progress.print(
+            run.progress.print(
                 f"step {done}: eval accuracy {ev['eval/accuracy']:.4f}  margin {ev['eval/margin']:.3f}  "
                 f"reward mean {ev['eval/reward_mean']:.3f} std {ev['eval/reward_std']:.3f}"
             )
         if saving:
-            if eval_rows is None and done == total:  # no eval set: the statistics come from the train pairs
+            if eval_rows is None and done == run.total:  # no eval set: the statistics come from the train pairs
                 ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train")
                 last_stats = _stats_record(ev, "train", done)
             files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
-            counters = {"tokens_seen": tokens_seen, "global_batch": plan.global_batch, "total_steps": total}
-            path = save_checkpoint(
-                engine, tokenizer, out, done, counters, dist, tc.save_total_limit, meta,
-                hf_module=engine.module.seqcls, hf_files=files,
-            )
-            metrics.event(done, "checkpoint", path=str(path))
-    progress.close()
-    return finish("rlhf train-rm", out, total, dist, metrics)
+            run.save(done, hf_module=engine.module.seqcls, hf_files=files)
+    return run.finish()
 
 
 def _stats_record(metrics: dict[str, float], split: str, step: int) -> dict[str, Any]:

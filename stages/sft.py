@@ -17,8 +17,6 @@ from typing import Any, Callable
 
 import torch
 
-from stages import __version__
-from stages.checkpoint import save_checkpoint
 from stages.config import SFTConfig
 from stages.data import (
     IGNORE,
@@ -30,22 +28,11 @@ from stages.data import (
     load_conversations,
     tokenize_conversations,
 )
-from stages.distributed import DistInfo, all_reduce_sum, seed_everything
-from stages.engine import build_deepspeed_config, initialize_engine
+from stages.distributed import DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
-from stages.metrics import MetricsLogger, TrainProgress, say
+from stages.metrics import say
 from stages.models import build_causal_lm, prepare_tokenizer
-from stages.trainer import (
-    check_finite,
-    due,
-    finish,
-    open_run,
-    optimizer_step,
-    plan_steps,
-    resume_from,
-    split_holdout,
-    write_data_reports,
-)
+from stages.trainer import due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -138,56 +125,33 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
     tokenizer, train_rows, eval_rows, reports = load_sft_data(cfg, out, dist)
 
-    tc = cfg.train
-    plan = plan_steps(len(train_rows), tc, dist.world_size, cfg.seed)
-    total = plan.total
-    ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
-    model = build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
-    engine = initialize_engine(model, ds_config, tc, total)
-    seed_everything(cfg.seed + dist.rank)  # dropout etc. differ per rank; data order has its own generator
-
     write_data_reports(out, reports, dist, describe_report)
     if eval_rows is not None and len(eval_rows) == 0:
         say(dist.is_main, "[yellow]warning: no usable eval example; evaluation is off[/]")
         eval_rows = None
 
-    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
-    start, tokens_seen = int(state["step"]), float(state.get("tokens_seen", 0.0))
-    metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
-    meta = {"stage": "sft", "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
-    progress = TrainProgress(dist.is_main, total, start, "sft", print_every=cfg.logging.log_every)
+    def make_model(ds_config: dict[str, Any]) -> torch.nn.Module:
+        return build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
 
+    run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume)
+    engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
-    for step in range(start, total):
+    for step in range(run.start, run.total):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        micro = plan.micro_batches(step, dist, tc)
+        micro = run.plan.micro_batches(step, dist, tc)
         batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
         stats = train_step(engine, batches, dist)
         done = step + 1
-        check_finite("loss", stats["loss"], done, out)
-        tokens_seen += stats["tokens"]
-        elapsed = time.perf_counter() - t0
-        row = {
-            "train/loss": stats["loss"],
-            "train/lr": lr,
-            "train/epoch": done / plan.sampler.steps_per_epoch,
-            "train/tokens_per_s": stats["tokens"] / elapsed,
-            "train/tokens_seen": tokens_seen,
-        }
+        values = {"train/loss": stats["loss"], "train/lr": lr}
         if "grad_norm" in stats:
-            row["train/grad_norm"] = stats["grad_norm"]
-        if due(done, cfg.logging.log_every, total):
-            metrics.log(done, row)
-        progress.update(done, {"loss": stats["loss"], "lr": row["train/lr"], "tok/s": row["train/tokens_per_s"]})
-        if eval_rows is not None and due(done, tc.eval_every, total):
+            values["train/grad_norm"] = stats["grad_norm"]
+        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, {"loss": stats["loss"], "lr": lr})
+        if eval_rows is not None and due(done, tc.eval_every, run.total):
             ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
-            metrics.log(done, ev)
-            progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  perplexity {ev['eval/perplexity']:.2f}")
-        if due(done, tc.save_every, total):
-            counters = {"tokens_seen": tokens_seen, "global_batch": plan.global_batch, "total_steps": total}
-            path = save_checkpoint(engine, tokenizer, out, done, counters, dist, tc.save_total_limit, meta)
-            metrics.event(done, "checkpoint", path=str(path))
-    progress.close()
-    return finish("rlhf sft", out, total, dist, metrics)
+            run.metrics.log(done, ev)
+            run.progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  perplexity {ev['eval/perplexity']:.2f}")
+        if due(done, tc.save_every, run.total):
+            run.save(done)
+    return run.finish()

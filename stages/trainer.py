@@ -2,9 +2,9 @@
 the eval/save schedule, the non-finite check and the end of the run.
 
 Each stage's `run` calls these in order and keeps its own step loop visible:
-    dist, out = open_run(...); plan = plan_steps(...); engine = ...; start = resume_from(...)
-    for step in range(start, plan.total): ... due(done, every, total) ... check_finite(...)
-    finish(...)
+    dist, out = open_run(...); ...data...; run = start_training(...)
+    for step in range(run.start, run.total): ...train step...; run.log_step(...); ...eval...; run.save(...)
+    return run.finish()
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries
+from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries, save_checkpoint
 from stages.config import TrainConfig
 from stages.data import DataReport
 from stages.distributed import DistInfo, barrier, run_on_main, seed_everything, setup_distributed
 from stages.errors import DataError, RlhfError
-from stages.metrics import MetricsLogger, print_summary, read_metrics, say
+from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 
 
 # --------------------------------------------------------------------------------------------- data order
@@ -170,11 +170,90 @@ def check_finite(name: str, value: float, done: int, out: Path) -> None:
         )
 
 
-def finish(title: str, out: Path, total: int, dist: DistInfo, metrics: MetricsLogger) -> Path:
-    """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
-    final = publish_final(out, total, dist)
-    metrics.event(total, "final", path=str(final))
-    metrics.close()
-    if dist.is_main:
-        print_summary(title, read_metrics(out / "metrics.jsonl"), final)
-    return final
+@dataclass
+class Run:
+    """What a stage's step loop works with once its engine exists (see start_training)."""
+
+    stage: str
+    out: Path
+    dist: DistInfo
+    tc: TrainConfig
+    plan: StepPlan
+    engine: Any
+    tokenizer: Any
+    metrics: MetricsLogger
+    progress: TrainProgress
+    start: int
+    tokens_seen: float
+    meta: dict[str, Any]
+    log_every: int
+
+    @property
+    def total(self) -> int:
+        return self.plan.total
+
+    def log_step(
+        self, done: int, values: dict[str, float], tokens: float, seconds: float, shown: dict[str, float]
+    ) -> None:
+        """Stop on a non-finite train/loss; add the counters (epoch, tokens/s, tokens seen) to the stage's
+        train/* values; log them every log_every steps; advance the progress display with `shown`."""
+        check_finite("loss", values["train/loss"], done, self.out)
+        self.tokens_seen += tokens
+        row = dict(values)
+        row |= {
+            "train/epoch": done / self.plan.sampler.steps_per_epoch,
+            "train/tokens_per_s": tokens / seconds,
+            "train/tokens_seen": self.tokens_seen,
+        }
+        if due(done, self.log_every, self.total):
+            self.metrics.log(done, row)
+        self.progress.update(done, {**shown, "tok/s": row["train/tokens_per_s"]})
+
+    def save(self, done: int, **hf: Any) -> None:
+        """A resumable checkpoint at step `done` (hf: save_checkpoint's hf_module / hf_files)."""
+        counters = {"tokens_seen": self.tokens_seen, "global_batch": self.plan.global_batch, "total_steps": self.total}
+        path = save_checkpoint(
+            self.engine, self.tokenizer, self.out, done, counters, self.dist, self.tc.save_total_limit, self.meta, **hf
+        )
+        self.metrics.event(done, "checkpoint", path=str(path))
+
+    def finish(self) -> Path:
+        """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
+        self.progress.close()
+        final = publish_final(self.out, self.total, self.dist)
+        self.metrics.event(self.total, "final", path=str(final))
+        self.metrics.close()
+        if self.dist.is_main:
+            print_summary(f"rlhf {self.stage}", read_metrics(self.out / "metrics.jsonl"), final)
+        return final
+
+
+def start_training(
+    cfg: Any,
+    stage: str,
+    dist: DistInfo,
+    out: Path,
+    tokenizer: Any,
+    n_rows: int,
+    make_model: Callable[[dict[str, Any]], torch.nn.Module],
+    resume: bool,
+    unit: str = "rows",
+) -> Run:
+    """Plan the steps, build the model (`make_model(deepspeed_json)`) and its DeepSpeed engine, seed each rank
+    apart (dropout; the data order has its own generator), restore the newest checkpoint when resuming, and
+    open the metrics log and progress display."""
+    from stages import __version__
+    from stages.engine import build_deepspeed_config, initialize_engine
+
+    tc = cfg.train
+    plan = plan_steps(n_rows, tc, dist.world_size, cfg.seed, unit)
+    ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
+    engine = initialize_engine(make_model(ds_config), ds_config, tc, plan.total)
+    seed_everything(cfg.seed + dist.rank)
+    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
+    start = int(state["step"])
+    metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
+    meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
+    progress = TrainProgress(dist.is_main, plan.total, start, stage, print_every=cfg.logging.log_every)
+    return Run(stage, out, dist, tc, plan, engine, tokenizer, metrics, progress, start,
+               float(state.get("tokens_seen", 0.0)), meta, cfg.logging.log_every)
