@@ -200,15 +200,19 @@ def tokenize_pair(
     """Both sides as token ids; labels mark the chosen/rejected response tokens (the last assistant turn).
 
     The two prompts are cut by the same number of tokens (the larger cut either side needs); responses are
-    then cut from the right. With add_eos, a response cut short still ends with EOS (its last token is
-    replaced), so the reward is always read at an EOS."""
+    then cut from the right. With add_eos every side ends with EOS: what a chat template puts after the
+    response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
+    short gets EOS as its last token. So the reward is always read at an EOS."""
     encoded = []
+    eos = tokenizer.eos_token_id
     for side in ("chosen", "rejected"):
         segments = render_segments(pair.conversation(side), tokenizer, "last_turn")
-        encoded.append(encode_segments(segments, tokenizer, data.add_eos, bos))
+        ex, prompt_len = encode_segments(segments, tokenizer, data.add_eos, bos)
+        if data.add_eos:
+            ex = end_at_last_eos(ex, eos, prompt_len)
+        encoded.append((ex, prompt_len))
     cut = max(prompt_cut(n, len(ex.input_ids), data.max_length, data.prompt_budget) for ex, n in encoded)
     out = []
-    eos = tokenizer.eos_token_id
     for ex, _ in encoded:
         ex = truncate_example(ex, cut, data.max_length)
         if data.add_eos and ex.response_truncated:
@@ -217,6 +221,15 @@ def tokenize_pair(
                 ex.labels[-1] = eos
         out.append(ex)
     return out[0], out[1]
+
+
+def end_at_last_eos(ex: TokenizedExample, eos: int, prompt_len: int) -> TokenizedExample:
+    """Drop the tokens after the last EOS of the response part (positions >= prompt_len), if any."""
+    ids = ex.input_ids
+    last = max((i for i in range(prompt_len, len(ids)) if ids[i] == eos), default=None)
+    if last is None or last == len(ids) - 1:
+        return ex
+    return TokenizedExample(ids[: last + 1], ex.labels[: last + 1])
 
 
 class PairRows:

@@ -173,3 +173,24 @@ def test_pairs_identical_after_truncation_are_dropped(tok):
     assert len(rows) == 1 and report.identical_pairs == 1 and report.examples == 1
     assert rows.chosen[0]["input_ids"] != rows.rejected[0]["input_ids"]
     assert report.tokens == len(rows.chosen[0]["input_ids"]) + len(rows.rejected[0]["input_ids"])
+
+
+def test_a_template_that_adds_text_after_eos_still_ends_each_side_at_eos(tok):
+    """ChatML-style templates end a turn with EOS + newline; a sampled response ends at its EOS, so the reward
+    model is trained on sequences that end there too."""
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{{ '\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    )
+    pair = PreferencePair((("user", "question 1"),), (("assistant", "answers 7"),), (("assistant", "answers 8"),),
+                          "chat")
+    chosen, rejected = tokenize_pair(pair, tok, _data(), [])
+    for ex in (chosen, rejected):
+        assert ex.input_ids[-1] == tok.eos_token_id and ex.input_ids.count(tok.eos_token_id) == 2
+    assert tok.decode(chosen.input_ids).endswith("answers 7" + tok.eos_token)
+    # without add_eos the rendered text is kept as it is
+    kept, _ = tokenize_pair(pair, tok, _data(add_eos=False), [])
+    assert tok.decode(kept.input_ids).endswith(tok.eos_token + "\n")
