@@ -16,6 +16,7 @@ compares the two responses in the same context.
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -43,6 +44,7 @@ from stages.data import (
 )
 
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 Messages = tuple[tuple[str, str], ...]
 
 
@@ -82,6 +84,8 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     if at < 0:
         raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
     end = at + len(HH_ASSISTANT)
+    if HH_HUMAN in chosen[end:n]:
+        raise BadRow("chosen and rejected differ in a human turn, not in a response")
     return chosen[:end], chosen[end:], rejected[end:]
 
 
@@ -103,6 +107,8 @@ def _margin(record: dict[str, Any], column: str | None) -> float:
             raise BadRow(f"'{column}' must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRow(f"'{column}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise BadRow(f"'{column}' must be a finite number, got {value}")
     return float(value)
 
 
@@ -142,14 +148,20 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     elif fmt == "messages":
         chosen_msgs = tuple(parse_messages(record, cols.chosen))
         rejected_msgs = tuple(parse_messages(record, cols.rejected))
+        n = 0
+        while n < min(len(chosen_msgs), len(rejected_msgs)) and chosen_msgs[n] == rejected_msgs[n]:
+            n += 1
+        if n < min(len(chosen_msgs), len(rejected_msgs)) and "assistant" != chosen_msgs[n][0] == rejected_msgs[n][0]:
+            raise BadRow("chosen and rejected differ in a user/system turn, not in a response")
         if cols.prompt in record and record[cols.prompt] is not None:
             raw = record[cols.prompt]
             prompt_turns = ((("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))
+            # full conversations that repeat the prompt (e.g. UltraFeedback): keep only what follows it
+            k = len(prompt_turns)
+            if chosen_msgs[:k] == prompt_turns and rejected_msgs[:k] == prompt_turns:
+                chosen_msgs, rejected_msgs = chosen_msgs[k:], rejected_msgs[k:]
             sides = [chosen_msgs, rejected_msgs]
         else:
-            n = 0
-            while n < min(len(chosen_msgs), len(rejected_msgs)) and chosen_msgs[n] == rejected_msgs[n]:
-                n += 1
             prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
         style = "chat"
     else:

@@ -9,7 +9,6 @@ set, pad distinct from EOS), so transformers' own pooling (the last non-pad toke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,31 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counting real tokens only (0 at each row's first real token; pads get 0), so a
-    left-padded row gets the same positions as the same row right-padded."""
+    """Position ids counting real tokens only (0 at each row's first real token), so a left-padded row gets
+    the same positions as the same row right-padded. (Left pads get 0, right pads repeat the last position;
+    both are masked.)"""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-class TiedHead(torch.nn.Module):
-    """An LM head sharing the input embedding matrix: logits = h E^T."""
+class LMHead(torch.nn.Module):
+    """The LM loss head: summed NLL of `gold` tokens given hidden rows, logits = h W^T.
 
-    def __init__(self, weight: torch.nn.Parameter) -> None:
+    One call per micro-batch (ZeRO-3 gathers W once per module call, and every rank must make the same number
+    of calls); inside, logits are made and upcast `chunk` rows at a time, so no float32 [tokens, vocab] tensor
+    exists for the whole batch. W is the input embedding (tied models) or a matrix of its own."""
+
+    def __init__(self, weight: torch.nn.Parameter, chunk: int = 4096) -> None:
         super().__init__()
         self.weight = weight
+        self.chunk = chunk
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+    def forward(self, hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        # starts from a term that touches W even when there is no token, so every rank's backward reaches W
+        nll = (F.linear(hidden[:1], self.weight).sum() * 0.0).float()
+        for start in range(0, gold.numel(), self.chunk):
+            logits = F.linear(hidden[start:start + self.chunk], self.weight).float()
+            nll = nll + F.cross_entropy(logits, gold[start:start + self.chunk], reduction="sum")
+        return nll
 
 
 class RewardModel(torch.nn.Module):
@@ -61,15 +71,11 @@ class RewardModel(torch.nn.Module):
         self.lm_head = lm_head
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        lm_labels: torch.Tensor | None = None,
-        chunk: int = 4096,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rewards [B] in float32, summed LM NLL over positions whose next label is not IGNORE, or None).
 
-        NLL = sum_t -log p(labels[t+1] | tokens <= t), logits computed `chunk` positions at a time."""
+        NLL = sum_t -log p(labels[t+1] | tokens <= t)."""
         backbone = getattr(self.seqcls, self.seqcls.base_model_prefix)
         hidden = backbone(
             input_ids=input_ids,
@@ -85,12 +91,7 @@ class RewardModel(torch.nn.Module):
             raise ValueError("this reward model was built without an LM head")
         target = lm_labels[:, 1:]
         keep = target != IGNORE
-        picked, gold = hidden[:, :-1][keep], target[keep]
-        nll = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, gold.numel(), chunk):
-            logits = self.lm_head(picked[start:start + chunk]).float()
-            nll = nll + F.cross_entropy(logits, gold[start:start + chunk], reduction="sum")
-        return rewards, nll
+        return rewards, self.lm_head(hidden[:, :-1][keep], target[keep])
 
 
 def _score_head(model: torch.nn.Module) -> None:
@@ -139,32 +140,21 @@ def build_reward_model(
     if with_lm_head:
         embed = seqcls.get_input_embeddings()
         if getattr(seqcls.config.get_text_config(), "tie_word_embeddings", False):
-            lm_head = TiedHead(embed.weight)
+            lm_head = LMHead(embed.weight)
         else:
             rows, width = getattr(embed.weight, "ds_shape", embed.weight.shape)
             weight = _source_lm_head(cfg)
             if weight is None and cfg.from_config is None:
                 raise CheckpointError(
-                    f"loss.lm_coef > 0 needs the LM head of {cfg.name_or_path}, which has no lm_head.weight "
-                    "(a reward-model checkpoint?); start from the SFT model or set loss.lm_coef: 0"
+                    f"loss.lm_coef > 0 needs the LM head of {cfg.name_or_path}, but none of its *.safetensors files "
+                    "holds lm_head.weight (a reward-model checkpoint? .bin weights?); start from the SFT model "
+                    "or set loss.lm_coef: 0"
                 )
-            head = torch.nn.Linear(width, rows, bias=False, dtype=embed.weight.dtype)
-            with torch.no_grad():
-                if weight is None:
-                    head.weight.normal_(0.0, getattr(seqcls.config, "initializer_range", 0.02))
-                else:
-                    head.weight.zero_()
-                    n = min(rows, weight.shape[0])  # an added pad row keeps zeros
-                    head.weight[:n] = weight[:n].to(head.weight.dtype)
-            lm_head = head
+            own = torch.zeros(rows, width, dtype=embed.weight.dtype)
+            if weight is None:
+                own.normal_(0.0, getattr(seqcls.config, "initializer_range", 0.02))
+            else:
+                n = min(rows, weight.shape[0])  # an added pad row keeps zeros
+                own[:n] = weight[:n].to(own.dtype)
+            lm_head = LMHead(torch.nn.Parameter(own))
     return RewardModel(seqcls, lm_head)
-
-
-def write_reward_stats(hf_dir: Path, stats: dict[str, Any]) -> None:
-    """Save the reward statistics (mean, std, ...) beside an HF reward-model checkpoint."""
-    (hf_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2), encoding="utf-8")
-
-
-def read_reward_stats(hf_dir: Path) -> dict[str, Any] | None:
-    path = Path(resolve_model_dir(str(hf_dir))) / REWARD_STATS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -129,8 +129,9 @@ def test_identical_pairs_are_dropped_and_counted_bad_rows_name_file_and_row(tmp_
         load_pairs(DataSource(path=str(only_identical)), _data(), BadRowLog())
     # a message pair whose last turn is not the assistant's
     with pytest.raises(BadRow, match="chosen must end with an assistant turn"):
-        parse_pair({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
-                   "messages", _data())
+        q, more = {"role": "user", "content": "q"}, {"role": "user", "content": "more"}
+        parse_pair({"chosen": [q, {"role": "assistant", "content": "A"}, more],
+                    "rejected": [q, {"role": "assistant", "content": "B"}, more]}, "messages", _data())
 
 
 def test_margin_column(tmp_path):
@@ -194,3 +195,21 @@ def test_a_template_that_adds_text_after_eos_still_ends_each_side_at_eos(tok):
     # without add_eos the rendered text is kept as it is
     kept, _ = tokenize_pair(pair, tok, _data(add_eos=False), [])
     assert tok.decode(kept.input_ids).endswith(tok.eos_token + "\n")
+
+
+def test_sides_must_differ_in_the_response_and_a_repeated_prompt_is_not_doubled():
+    user = {"role": "user", "content": "hi"}
+    a, b = {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}
+    # UltraFeedback layout: a prompt string and full conversations that repeat it
+    pair = parse_pair({"prompt": "hi", "chosen": [user, a], "rejected": [user, b]}, "messages", _data())
+    assert pair == PreferencePair((("user", "hi"),), (("assistant", "A"),), (("assistant", "B"),), "chat")
+    # the two sides answer different questions: not a comparison of responses
+    other = {"role": "user", "content": "other"}
+    with pytest.raises(BadRow, match="differ in a user/system turn"):
+        parse_pair({"chosen": [user, a], "rejected": [other, a]}, "messages", _data())
+    with pytest.raises(BadRow, match="differ in a human turn"):
+        split_hh_pair("\n\nHuman: hi\n\nAssistant: A\n\nHuman: x\n\nAssistant: C",
+                      "\n\nHuman: hi\n\nAssistant: A\n\nHuman: y\n\nAssistant: C")
+    for bad in ("nan", float("inf")):
+        with pytest.raises(BadRow, match="'m' must be a finite number"):
+            parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", _data(columns={"margin": "m"}))

@@ -100,11 +100,15 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
         hf = []
         for text in texts:
             hf.append(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())
-        hf_batch = model(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)).logits[:, 0]
+        batched = {}
+        for side in ("right", "left"):
+            tok.padding_side = side
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            assert (enc["input_ids"] == tok.pad_token_id).any()  # really padded
+            batched[side] = model(**enc).logits[:, 0].tolist()
     order = [2 * i for i in range(6)] + [2 * i + 1 for i in range(6)]  # [chosen..., rejected...]
     assert trained_code.tolist() == pytest.approx([hf[i] for i in order], abs=1e-5)
-    assert hf_batch.tolist() == pytest.approx(hf, abs=1e-5)
-    assert sum(hf[2 * i] > hf[2 * i + 1] for i in range(6)) >= 4
+    assert batched["right"] == pytest.approx(hf, abs=1e-5) and batched["left"] == pytest.approx(hf, abs=1e-5)
 
 
 def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path):
@@ -180,17 +184,41 @@ def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_lm_loss(tmp_path, tiny_sft):
+def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft):
+    """ZeRO-3 partitions the weights, the tied LM head included: two ranks still equal one rank with
+    accumulation 2, and the saved model has full (gathered) weights."""
     from transformers import AutoModelForSequenceClassification
 
-    cfg = rm_dict(tmp_path, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=2, save_every=2)
-    cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
-    out, res = _train(tmp_path, cfg, "--num-gpus", "2", "--set", "deepspeed.zero_stage=3")
-    assert "--num_gpus 2" in res.stdout
-    rows = _rows(out, "train/loss")
-    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["train/lm_loss"])) for r in rows)
-    model, info = AutoModelForSequenceClassification.from_pretrained(out / "final", output_loading_info=True)
+    stage = ("--set", "deepspeed.zero_stage=3")
+    runs = {}
+    for name, extra, train in (("two", ("--num-gpus", "2"), {}), ("one", (), {"gradient_accumulation_steps": 2})):
+        (tmp_path / name).mkdir()
+        cfg = rm_dict(tmp_path / name, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=2, save_every=2, **train)
+        cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
+        runs[name], _ = _train(tmp_path / name, cfg, *extra, *stage)
+    r2, r1 = _rows(runs["two"], "train/loss"), _rows(runs["one"], "train/loss")
+    assert len(r2) == 4
+    for key in ("train/loss", "train/lm_loss", "train/pair_loss"):
+        assert [r[key] for r in r2] == pytest.approx([r[key] for r in r1], rel=1e-4), key
+    model, info = AutoModelForSequenceClassification.from_pretrained(runs["two"] / "final", output_loading_info=True)
     assert not any(info.values()), info
     assert model.score.weight.shape == (1, 128)  # gathered, not a ZeRO-3 shard
-    stats = json.loads((out / "final" / "reward_stats.json").read_text())
+    stats = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
     assert stats["pairs"] == 200 and stats["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_zero3_with_an_untied_lm_head(tmp_path):
+    """An LM head of its own (untied model), created after the partitioned model, is partitioned and trained by
+    DeepSpeed too, and is not saved with the reward model."""
+    from safetensors.torch import load_file
+
+    cfg = rm_dict(tmp_path, None, max_steps=3, micro_batch_size=8, eval_every=0, save_every=0)
+    arch = yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]
+    cfg["model"] = {"from_config": {**arch, "tie_word_embeddings": False}}
+    cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
+    out, _ = _train(tmp_path, cfg, "--num-gpus", "2", "--set", "deepspeed.zero_stage=3")
+    rows = _rows(out, "train/loss")
+    assert len(rows) == 3 and rows[-1]["train/lm_loss"] < rows[0]["train/lm_loss"]
+    weights = load_file(out / "final" / "model.safetensors")
+    assert "score.weight" in weights and not any("lm_head" in k for k in weights)

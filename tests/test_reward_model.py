@@ -140,6 +140,9 @@ def test_lm_loss_of_the_reward_model_is_the_causal_lm_loss(tmp_path):
             _, nll = rm(ids, torch.ones_like(ids), lm_labels=labels)
             expected = shifted_nll_sum(AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits, labels)
         assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+        rm.lm_head.chunk = 2  # logits made two positions at a time: the same sum
+        with torch.no_grad():
+            assert rm(ids, torch.ones_like(ids), lm_labels=labels)[1].item() == pytest.approx(nll.item(), rel=1e-6)
     # a source without an LM head (a reward model) cannot provide the LM loss
     rm.seqcls.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
