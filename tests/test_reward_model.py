@@ -162,3 +162,74 @@ def test_collate_pairs_puts_chosen_first_and_trains_lm_on_chosen_only():
     assert batch["attention_mask"].sum(1).tolist() == [2, 3, 4, 2]
     assert batch["lm_labels"].tolist() == [[-100, 9, -100, -100], [-100, 6, 7, -100]] + [[-100] * 4] * 2
     assert batch["margin"].tolist() == [0.0, 0.5]
+
+
+class _Engine:
+    """Just enough of a DeepSpeed engine for train_step on one rank: forward, backward (which, as DeepSpeed's,
+    divides by the accumulation steps), no optimizer step."""
+
+    def __init__(self, module, accumulation):
+        self.module, self.accumulation = module, accumulation
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        (loss / self.accumulation).backward()
+
+    def step(self):
+        pass
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+
+
+@pytest.mark.parametrize("lm_coef, center_coef", [(0.0, 0.0), (0.0, 0.5), (0.7, 0.0)])
+def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, lm_coef, center_coef):
+    """One rank, two micro-batches with margins: the accumulated gradient equals the gradient of
+    mean_pairs[-log sigmoid(r+ - r- - m) + center_coef (r+ + r-)^2] + lm_coef * token-mean NLL(chosen),
+    and each term changes it."""
+    from stages import reward
+    from stages.config import RMLossConfig
+    from stages.data import TokenizedExample
+    from stages.distributed import DistInfo
+
+    monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
+    tok = train_tokenizer([f"the answer to {i} is {i + 1}" for i in range(100)], vocab_size=300, min_frequency=1)
+    model = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=True,
+                               resize=False)
+    rows = PairRows()
+    for i in range(4):
+        c = tok(f"the answer to {i} is {i + 1}")["input_ids"] + [tok.eos_token_id]
+        r = tok(f"the answer to {i} is {i + 7}")["input_ids"] + [tok.eos_token_id]
+        rows.append(TokenizedExample(c, [-100] * 4 + c[4:]), TokenizedExample(r, [-100] * 4 + r[4:]), 0.3 * i)
+    batches = [collate_pairs(rows, idx, tok.pad_token_id, torch.device("cpu")) for idx in ([0, 1], [2, 3])]
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+    def step_grads(cfg: RMLossConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        stats = reward.train_step(_Engine(model, len(batches)), batches, dist, cfg)
+        return stats, {n: _grad(p) for n, p in model.named_parameters()}
+
+    stats, got = step_grads(RMLossConfig(lm_coef=lm_coef, center_coef=center_coef))
+    model.zero_grad()
+    whole = collate_pairs(rows, [0, 1, 2, 3], tok.pad_token_id, torch.device("cpu"))
+    rewards, nll = model(whole["input_ids"], whole["attention_mask"], lm_labels=whole["lm_labels"])
+    r_c, r_r = rewards[:4], rewards[4:]
+    n_tokens = int((whole["lm_labels"][:, 1:] != -100).sum())
+    loss = (-torch.nn.functional.logsigmoid(r_c - r_r - whole["margin"])).mean()
+    loss = loss + center_coef * ((r_c + r_r) ** 2).mean() + lm_coef * nll / n_tokens
+    loss.backward()
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], _grad(p), atol=1e-6, rtol=1e-4), n
+    if lm_coef or center_coef:  # the term moves the gradient
+        plain = step_grads(RMLossConfig())[1]
+        assert not torch.allclose(got["seqcls.model.norm.weight"], plain["seqcls.model.norm.weight"])
