@@ -176,12 +176,11 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
     data = cfg.data
     logs = {"train": BadRowLog(), "eval": BadRowLog()}
     train = load_pairs(data.train, data, logs["train"])
-    loaded = {"train": train}
-    if data.eval is not None:
-        loaded["eval"] = load_pairs(data.eval, data, logs["eval"])
-    train_pairs, eval_pairs = train.pairs, loaded["eval"].pairs if "eval" in loaded else None
+    held = load_pairs(data.eval, data, logs["eval"]) if data.eval is not None else None
+    train_pairs, eval_pairs = train.pairs, (held.pairs if held is not None else None)
     if eval_pairs is None and data.eval_fraction > 0:
         train_pairs, eval_pairs = split_holdout(train_pairs, data.eval_fraction, cfg.seed)
+    identical = {"train": train.identical, "eval": held.identical if held is not None else 0}
 
     def texts() -> Any:
         return corpus_texts((p.conversation(side), w) for p, w in train_pairs for side in ("chosen", "rejected"))
@@ -194,7 +193,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
         if pairs is None:
             continue
         report = DataReport(skipped_rows=logs[split].total, skipped_by_reason=dict(logs[split].reasons))
-        report.identical_pairs = loaded[split].identical if split in loaded else 0
+        report.identical_pairs = identical[split]
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
     return tokenizer, added, rows["train"], rows.get("eval"), reports

@@ -10,6 +10,7 @@ Each stage's `run` calls these in order and keeps its own step loop visible:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -74,8 +75,6 @@ class StepPlan:
 def plan_steps(n_rows: int, tc: TrainConfig, world_size: int, seed: int, unit: str = "rows") -> StepPlan:
     """Global batch = micro_batch_size x gradient_accumulation_steps x ranks; total steps = max_steps or
     ceil(epochs x steps per epoch)."""
-    import math
-
     global_batch = tc.micro_batch_size * tc.gradient_accumulation_steps * world_size
     sampler = EpochSampler(n_rows, global_batch, seed)
     if sampler.steps_per_epoch == 0:
@@ -161,8 +160,6 @@ def due(done: int, every: int, total: int) -> bool:
 
 def check_finite(name: str, value: float, done: int, out: Path) -> None:
     """Stop before anything is saved when a loss is NaN or infinite."""
-    import math
-
     if not math.isfinite(value):
         raise RlhfError(
             f"non-finite {name} ({value}) at step {done}; stopping without saving. "
