@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -40,7 +40,7 @@ out = Console()
 err = Console(stderr=True)
 
 #: stage name -> "module:function" that trains it inside a process (imported only when needed)
-STAGE_RUNNERS = {"sft": "stages.sft:run", "train-rm": "stages.reward:run"}
+STAGE_RUNNERS = {"sft": "stages.sft:run", "train-rm": "stages.reward:run", "ppo": "stages.ppo.trainer:run"}
 
 # ----------------------------------------------------------------------------- common options (every stage)
 ConfigOpt = Annotated[
@@ -117,12 +117,13 @@ def run_stage(
     resume: bool,
     overwrite: bool,
     debug: bool,
+    preset: str | None = None,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
     from stages.checkpoint import prepare_output_dir
 
     try:
-        cfg = load_config(stage, config, overrides)
+        cfg = load_config(stage, config, overrides, preset=preset)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
@@ -206,6 +207,62 @@ _stage_command(
     Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (eval reward mean/std, for PPO), resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
     """,  # noqa: E501
 )
+
+
+def _ppo_command() -> None:
+    """Register `rlhf ppo`: the common options, --ppo-max / --preset, and one flag per PPO-max trick
+    (stages/ppo/presets.py: TRICK_FLAGS), each turned into a `--set`-style override that wins over the file."""
+    import inspect
+
+    from stages.ppo.presets import PRESET_NAMES, TRICK_FLAGS, flag_overrides
+
+    def command(**kwargs: object) -> None:
+        common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug")
+        c = {k: kwargs.pop(k) for k in common}
+        ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
+        if ppo_max and preset not in (None, "ppo-max"):
+            err.print(f"[bold red]error:[/] --ppo-max contradicts --preset {preset}")
+            raise typer.Exit(2)
+        flags = {f.name: kwargs[f.name.replace("-", "_")] for f in TRICK_FLAGS}
+        overrides = list(c["set_"] or []) + flag_overrides(flags)  # type: ignore[arg-type]
+        run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
+                  c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset)  # type: ignore[arg-type]
+
+    def panel(f: object) -> dict[str, object]:
+        return {"help": f"{f.help} [{f.key}]", "show_default": "config, else preset", "rich_help_panel": "PPO tricks"}  # type: ignore[attr-defined]
+
+    def opt(name: str, annotation: object, default: object = None) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    params = [
+        opt("config", ConfigOpt, inspect.Parameter.empty), opt("set_", SetOpt), opt("num_gpus", NumGpusOpt),
+        opt("num_nodes", NumNodesOpt), opt("hostfile", HostfileOpt), opt("dry_run", DryRunOpt, False),
+        opt("resume", ResumeOpt, False), opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
+        opt("ppo_max", Annotated[bool, typer.Option("--ppo-max", help="Same as --preset ppo-max.", show_default="off",
+                                                     rich_help_panel="PPO tricks")], False),
+        opt("preset", Annotated[Optional[Literal[PRESET_NAMES]], typer.Option(  # type: ignore[valid-type]
+            "--preset", help="Trick preset; fills every trick the config leaves unset.",
+            show_default="the config's ppo.preset, else vanilla", rich_help_panel="PPO tricks")]),
+    ]
+    for f in TRICK_FLAGS:
+        pname = f.name.replace("-", "_")
+        if f.kind is bool:
+            option = typer.Option(f"--{f.name}/--no-{f.name}", **panel(f))
+            params.append(opt(pname, Annotated[Optional[bool], option]))
+        elif isinstance(f.kind, tuple):
+            params.append(opt(pname, Annotated[Optional[Literal[f.kind]], typer.Option(f"--{f.name}", **panel(f))]))
+        else:
+            params.append(opt(pname, Annotated[Optional[f.kind], typer.Option(f"--{f.name}", **panel(f))]))  # type: ignore[valid-type]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__name__ = "ppo"
+    command.__doc__ = """PPO with the PPO-max tricks: policy from an SFT checkpoint, critic and reward from a reward model.
+
+    Every trick is a config key under ppo: and a flag; a preset (vanilla, moss-release, ppo-max; --ppo-max) fills the keys the config leaves unset, explicit keys and flags win, and the resolved set is printed and saved. Writes output_dir/final (the policy, a Hugging Face causal LM), final_critic/, best/ (best validation reward while the collapse monitor is quiet), resumable checkpoint-*/ directories, metrics.jsonl, samples.jsonl and TensorBoard logs. Example: [bold]rlhf ppo --config configs/tiny/ppo.yaml --ppo-max[/]
+    """  # noqa: E501
+    app.command(name="ppo")(command)
+
+
+_ppo_command()
 
 
 @app.command()

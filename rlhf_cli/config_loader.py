@@ -187,8 +187,15 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
 
 
-def load_config(stage: str, config_path: Path, overrides: list[str] | None = None, cwd: Path | None = None) -> Section:
-    """Read, override, validate and path-resolve the config for `stage`.
+def load_config(
+    stage: str,
+    config_path: Path,
+    overrides: list[str] | None = None,
+    cwd: Path | None = None,
+    preset: str | None = None,
+) -> Section:
+    """Read, override, validate and path-resolve the config for `stage`. For `ppo`, the preset (the command
+    line's `preset`, else the file's `ppo.preset`) then fills the trick keys left unset.
 
     Returns the validated pydantic model; raises ConfigError with a one-line (or one-per-problem) message.
     """
@@ -200,6 +207,13 @@ def load_config(stage: str, config_path: Path, overrides: list[str] | None = Non
         parts, value = parse_override(item)
         apply_override(data, parts, value)
         cli_keys.add(".".join(parts))
+    if stage == "ppo":
+        from stages.ppo.presets import fill_preset
+
+        try:
+            fill_preset(data, preset)
+        except ValueError as exc:
+            raise ConfigError(f"invalid config {config_path}: ppo.preset: {exc}") from None
     try:
         config = schema.model_validate(data)
     except ValidationError as exc:
@@ -211,6 +225,6 @@ def load_config(stage: str, config_path: Path, overrides: list[str] | None = Non
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what is printed at start and saved as resolved_config.yaml)."""
     body = config.model_dump(mode="json")
-    first = [k for k in ("seed", "output_dir", "model", "data", "loss") if k in body]  # then the schema's own order
+    first = [k for k in ("seed", "output_dir", "model", "reward_model", "data", "loss", "ppo") if k in body]  # then the schema's own order
     ordered = {k: body[k] for k in first} | {k: v for k, v in body.items() if k not in first}
     return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, width=110)

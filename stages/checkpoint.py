@@ -27,7 +27,10 @@ from stages.distributed import DistInfo, barrier, rng_state, set_rng_state
 from stages.errors import CheckpointError, ConfigError
 
 CHECKPOINT_PREFIX = "checkpoint-"
-RUN_ARTIFACTS = ("final", "metrics.jsonl", "tensorboard", "tokenizer", "data_report.json", "resolved_config.yaml")
+RUN_ARTIFACTS = (
+    "final", "final_critic", "best", "metrics.jsonl", "samples.jsonl", "tensorboard", "tokenizer", "data_report.json",
+    "resolved_config.yaml",
+)
 
 
 def checkpoint_name(step: int) -> str:
@@ -132,17 +135,17 @@ def save_hf(model: torch.nn.Module, tokenizer: Any, path: Path, dist: DistInfo, 
         (path / "rlhf_checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def publish_final(out_dir: Path, step: int, dist: DistInfo) -> Path:
-    """Make `out_dir/final` the HF checkpoint saved with checkpoint `step` (hard links where the filesystem
-    allows, copies otherwise), atomically: built under .tmp-final, then renamed."""
-    source = out_dir / checkpoint_name(step) / "hf"
-    tmp, final = out_dir / ".tmp-final", out_dir / "final"
+def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", name: str = "final") -> Path:
+    """Make `out_dir/<name>` the HF checkpoint saved with checkpoint `step` (its `part` folder; hard links where
+    the filesystem allows, copies otherwise), atomically: built under .tmp-<name>, then renamed."""
+    source = out_dir / checkpoint_name(step) / part
+    tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if dist.is_main:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"cannot publish the final model: {source} is missing")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, copy_function=_link_or_copy)
-        old = out_dir / ".tmp-final-old"
+        old = out_dir / f".tmp-{name}-old"
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -170,12 +173,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     hf_module: torch.nn.Module | None = None,
     hf_files: dict[str, str] | None = None,
+    extra: dict[str, tuple[Any, torch.nn.Module, Any]] | None = None,
 ) -> Path:
     """A resumable checkpoint at `step`: DeepSpeed engine state (all ranks), each rank's RNG, the HF weights and
     `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay.
 
     hf_module: the part of engine.module saved as the HF model (default: all of it); hf_files: extra files
-    (name -> text) written into hf/."""
+    (name -> text) written into hf/; extra: more engines, name -> (engine, HF module, tokenizer), each saved as
+    <name>/ds and <name>/hf (PPO's critic)."""
     name = checkpoint_name(step)
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     if dist.is_main:
@@ -185,6 +190,9 @@ def save_checkpoint(
     engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
     torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
     save_hf(hf_module or engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
+    for sub, (other, module, other_tok) in (extra or {}).items():
+        other.save_checkpoint(str(tmp / sub / "ds"), tag="state", client_state={})
+        save_hf(module, other_tok, tmp / sub / "hf", dist, {**meta, "step": step, "part": sub})
     barrier()
     if dist.is_main:
         for name, text in (hf_files or {}).items():
@@ -201,23 +209,35 @@ def save_checkpoint(
     return final
 
 
-def load_latest_checkpoint(engine: Any, out_dir: Path, dist: DistInfo) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint into `engine` and this rank's RNG. Returns the trainer state
-    saved with it, or None when there is none."""
+def load_latest_checkpoint(
+    engine: Any, out_dir: Path, dist: DistInfo, extra_engines: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint into `engine` (and each of `extra_engines` from <name>/ds) and
+    this rank's RNG. Returns the trainer state saved with it, or None when there is none."""
     found = complete_checkpoints(out_dir)
     if not found:
         return None
     step, path = found[-1]
-    try:
-        load_path, client = engine.load_checkpoint(
-            str(path / "ds"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    except Exception as exc:  # DeepSpeed raises assorted types for missing/corrupt shards
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
-    if load_path is None or client is None or "trainer" not in client:
-        raise CheckpointError(f"checkpoint {path} has no DeepSpeed state for this run")
+    client = _load_engine(engine, path / "ds", path)
+    if "trainer" not in client:
+        raise CheckpointError(f"checkpoint {path} has no trainer state for this run")
+    for sub, other in (extra_engines or {}).items():
+        _load_engine(other, path / sub / "ds", path)
     state = dict(client["trainer"])
     rng_file = path / "rng" / f"rank{dist.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return {"step": step, **state}
+
+
+def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """Weights, optimizer and LR-scheduler state of one engine; its client state."""
+    try:
+        load_path, client = engine.load_checkpoint(
+            str(ds_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as exc:  # DeepSpeed raises assorted types for missing/corrupt shards
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: {exc}") from None
+    if load_path is None or client is None:
+        raise CheckpointError(f"checkpoint {checkpoint} has no DeepSpeed state in {ds_dir.name}/ for this run")
+    return client

@@ -264,7 +264,179 @@ class RMConfig(StageConfig):
     loss: RMLossConfig = RMLossConfig()
 
 
-STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig}
+# --------------------------------------------------------------------------------------------- PPO
+class PromptColumns(Section):
+    """Column names of prompt data."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    text: str = Field("chosen", description="HH-RLHF dialogue text column")
+
+
+class PPODataConfig(Section):
+    """Prompts for rollouts (and optional PTX data). See stages/ppo/prompts.py for the formats."""
+
+    train: DataSource
+    eval: DataSource | None = Field(None, description="held-out validation prompts; default: a fraction of train")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of train held out when eval is unset")
+    format: Literal["auto", "prompt", "messages", "hh"] = "auto"
+    columns: PromptColumns = PromptColumns()
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
+    use_chat_template: bool = Field(False, description="render plain-text prompts (prompt strings, hh) as chat")
+    max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (longer prompts lose the left part)")
+    on_bad_row: Literal["error", "skip"] = "error"
+    ptx: DataSource | None = Field(None, description="SFT-format data for the PTX loss (needs ppo.ptx_coef > 0)")
+    ptx_format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
+    ptx_max_length: int = Field(512, ge=2, description="tokens per PTX example")
+
+
+class GenerationConfig(Section):
+    """Rollout sampling. The repetition penalty applies to tokens the response already contains (not the prompt)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling; 1 = off")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    repetition_penalty: float = Field(1.1, gt=0, description="on generated tokens; 1 = off")
+    on_truncation: Literal["eos", "penalty"] = Field(
+        "eos", description="a response that hits max_new_tokens: eos = score it with EOS appended; "
+        "penalty = score it as is and subtract truncation_penalty"
+    )
+    truncation_penalty: float = Field(1.0, description="subtracted from a truncated response's raw score (penalty)")
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="extra ids that end a response (besides EOS and the generation config's)"
+    )
+
+
+class PPOAlgoConfig(Section):
+    """The PPO-max tricks (PPO-MAX.md). A preset fills every key the config does not set."""
+
+    preset: Literal["vanilla", "moss-release", "ppo-max"] = "vanilla"
+    kl_coef: float = Field(0.0, ge=0, description="beta of the token-level KL penalty R_t = -beta KL_t")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    reward_scaling: bool = Field(False, description="divide the score by the running std")
+    reward_norm: bool = Field(False, description="subtract the running mean, divide by the running std")
+    reward_clip: float = Field(0.0, ge=0, description="clip the transformed score to [-delta, delta]; 0 = off")
+    adv_norm: bool = Field(False, description="whiten advantages over the mini-batch's response tokens")
+    adv_clip: float = Field(0.0, ge=0, description="clip advantages to [-c, c] (after whitening); 0 = off")
+    policy_clip: float = Field(0.2, gt=0, description="PPO clip epsilon")
+    value_clip: float = Field(0.0, ge=0, description="value-loss clipping c around the old values; 0 = off")
+    critic_init: Literal["reward_model", "policy"] = Field(
+        "reward_model", description="critic weights: the reward model's, or the policy's with a new zero head"
+    )
+    critic_pretrain_steps: int = Field(0, ge=0, description="iterations training only the critic, before PPO")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip of policy and critic; 0 = off")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= coef * H")
+    ptx_coef: float = Field(0.0, ge=0, description="weight of the LM loss on data.ptx")
+    ref_importance_sampling: bool = Field(
+        False, description="PPO ratio against the reference policy instead of the rollout policy"
+    )
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+
+    @model_validator(mode="after")
+    def _one_reward_transform(self) -> "PPOAlgoConfig":
+        if self.reward_scaling and self.reward_norm:
+            raise ValueError("reward_scaling and reward_norm are alternatives; turn one off")
+        return self
+
+
+class PPOTrainConfig(Section):
+    """Batch sizes (per rank), schedule and optimisers of policy and critic."""
+
+    iterations: int = Field(100, ge=1, description="PPO iterations (rollout + update), after critic pre-training")
+    rollout_batch_size: int = Field(8, ge=1, description="prompts per rank per iteration")
+    mini_batch_size: int = Field(8, ge=1, description="rollouts per rank per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, description="rollouts per rank per forward/backward")
+    forward_batch_size: int | None = Field(None, ge=1, description="rows per scoring forward; default micro")
+    policy_lr: float = Field(5e-7, gt=0)
+    critic_lr: float = Field(1.5e-6, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of optimizer steps with linear warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = Field(1e-8, gt=0)
+    eval_every: int = Field(0, ge=0, description="iterations between validations; 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="iterations between resumable checkpoints; 0 = only at the end")
+    save_total_limit: int = Field(2, ge=1)
+    sample_every: int = Field(10, ge=0, description="iterations between sample tables; 0 = never")
+    samples_shown: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "PPOTrainConfig":
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size "
+                f"({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class MonitorConfig(Section):
+    """Pattern-collapse monitor (PPO-MAX.md "What to monitor"); a threshold of 0 turns its check off."""
+
+    action: Literal["warn", "stop"] = "warn"
+    max_cap_share: float = Field(0.5, ge=0, description="share of responses hitting max_new_tokens")
+    max_length_ratio: float = Field(2.0, ge=0, description="mean response length / its first-iteration value")
+    max_kl: float = Field(0.1, ge=0, description="mean per-token KL (k1) to the reference")
+    max_repetition: float = Field(0.5, ge=0, description="share of repeated n-grams in a response")
+    ngram: int = Field(3, ge=1, description="n of the repetition rate")
+
+
+class PPODeepSpeedConfig(DeepSpeedConfig):
+    """DeepSpeed for the trained policy and critic, and how the frozen reference and reward model run."""
+
+    frozen_zero_stage: Literal[0, 3] | None = Field(
+        None, description="0 = plain inference copy per rank, 3 = partitioned; default: 3 when zero_stage is 3"
+    )
+    frozen_offload_param: bool = Field(False, description="frozen models' parameters on CPU (frozen ZeRO-3)")
+
+    @model_validator(mode="after")
+    def _frozen_offload(self) -> "PPODeepSpeedConfig":
+        if self.frozen_offload_param and self.frozen_stage != 3:
+            raise ValueError("frozen_offload_param needs frozen_zero_stage: 3")
+        return self
+
+    @property
+    def frozen_stage(self) -> int:
+        if self.frozen_zero_stage is not None:
+            return self.frozen_zero_stage
+        return 3 if self.zero_stage == 3 else 0
+
+
+class PPOConfig(Section):
+    """`rlhf ppo` config: policy (and reference) from `model`, critic and frozen scorer from `reward_model`."""
+
+    seed: int = 42
+    output_dir: OutputPath
+    model: ModelConfig = Field(description="the policy's start (an SFT checkpoint); the reference is a frozen copy")
+    reward_model: ModelConfig = Field(description="the frozen reward model (a train-rm checkpoint)")
+    data: PPODataConfig
+    generation: GenerationConfig = GenerationConfig()
+    ppo: PPOAlgoConfig = PPOAlgoConfig()
+    train: PPOTrainConfig = PPOTrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    deepspeed: PPODeepSpeedConfig = PPODeepSpeedConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> "PPOConfig":
+        for key in ("model", "reward_model"):
+            if getattr(self, key).name_or_path is None:
+                raise ValueError(f"{key}.name_or_path: PPO starts from a trained checkpoint (from_config is not allowed)")
+        if self.ppo.ptx_coef > 0 and self.data.ptx is None:
+            raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT-format data for the PTX loss)")
+        return self
+
+
+STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig, "ppo": PPOConfig}
 
 
 # --------------------------------------------------------------------------------------------- paths

@@ -25,11 +25,15 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    mean: float | None = None, var: float | None = None,
+) -> torch.Tensor:
     """Advantage normalization: (x - mean) / sqrt(var + eps) over the masked entries (mean kept when
-    shift_mean is False); padding stays 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    shift_mean is False); padding stays 0. `mean`/`var` given: those (e.g. over all ranks) instead."""
+    if mean is None or var is None:
+        mean, var = float(masked_mean(x, mask)), float(masked_var(x, mask))
+    out = (x - mean) / (var + eps) ** 0.5
     if not shift_mean:
         out = out + mean
     return out * mask

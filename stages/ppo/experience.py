@@ -1,0 +1,107 @@
+"""From scores and per-token log-probs/values to advantages (PPO-MAX.md steps 3-5), and global statistics.
+
+    raw score s -> reward scaling s / std  or  normalization (s - mean) / std  (running statistics over every
+    score seen so far, merged across ranks, this batch included) -> clipping to [-delta, delta]
+    R_t = -beta KL_t (+ transformed score on the last response token)     KL_t: k1 or k3 of (logp_old, logp_ref)
+    GAE(gamma, lambda) with V = 0 after the last token; returns G = A + V
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stages.config import PPOAlgoConfig
+from stages.distributed import all_reduce_sum
+from stages.ppo.tricks import (
+    RunningMoments,
+    batch_summary,
+    clip_reward,
+    gae,
+    kl_k1,
+    kl_k3,
+    normalize_reward,
+    scale_reward,
+    token_rewards,
+)
+
+
+def merge_across_ranks(moments: RunningMoments, values: torch.Tensor, device: torch.device) -> None:
+    """Add this rank's `values` and every other rank's to `moments` (the same result on every rank): the
+    per-rank (count, sum, sum of squares about the rank's mean) are gathered with one all-reduce of
+    [n, n*mean, M2 + n*mean^2] = [n, sum x, sum x^2], from which the global (n, mean, M2) follow."""
+    n, mean, m2 = batch_summary(values)
+    total = all_reduce_sum([n, n * mean, m2 + n * mean * mean], device).tolist()
+    count, s, sq = total
+    if count <= 0:
+        return
+    g_mean = s / count
+    moments.merge(count, g_mean, max(sq - count * g_mean * g_mean, 0.0))
+
+
+def transform_scores(raw: torch.Tensor, moments: RunningMoments, ppo: PPOAlgoConfig) -> torch.Tensor:
+    """Reward scaling or normalization with the running statistics (already updated), then clipping."""
+    score = raw.float()
+    if ppo.reward_scaling:
+        score = scale_reward(score, moments)
+    elif ppo.reward_norm:
+        score = normalize_reward(score, moments)
+    if ppo.reward_clip > 0:
+        score = clip_reward(score, ppo.reward_clip)
+    return score
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    return kl_k1(logp, ref_logp) if estimator == "k1" else kl_k3(logp, ref_logp)
+
+
+@dataclass
+class Advantages:
+    kl: torch.Tensor  # [B, R] the estimator the penalty uses
+    rewards: torch.Tensor  # [B, R]
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor  # [B, R]
+
+
+def advantages_for(
+    score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+    ppo: PPOAlgoConfig,
+) -> Advantages:
+    """Token rewards (KL penalty + score on the last token) and GAE."""
+    kl = kl_per_token(logp, ref_logp, ppo.kl_estimator) * mask
+    rewards = token_rewards(score, kl, mask, ppo.kl_coef)
+    adv, ret = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    return Advantages(kl, rewards, adv, ret)
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(mean, population variance) of the masked entries over all ranks."""
+    m = mask.double()
+    xs = x.detach().double() * m
+    n, s, sq = all_reduce_sum([float(m.sum()), float(xs.sum()), float((xs * xs).sum())], device).tolist()
+    if n <= 0:
+        return 0.0, 0.0
+    mean = s / n
+    return mean, max(sq / n - mean * mean, 0.0)
+
+
+class GlobalMeans:
+    """Accumulate named (sum, count) pairs on a rank; `reduce` returns sum/count over all ranks, in one
+    all-reduce (every rank must call it with the same names in the same order)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, total: float | torch.Tensor, count: float | torch.Tensor) -> None:
+        entry = self.sums.setdefault(name, [0.0, 0.0])
+        entry[0] += float(total)
+        entry[1] += float(count)
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        names = list(self.sums)
+        flat = [v for name in names for v in self.sums[name]]
+        if not flat:
+            return {}
+        total = all_reduce_sum(flat, device).tolist()
+        return {name: total[2 * i] / total[2 * i + 1] if total[2 * i + 1] else 0.0 for i, name in enumerate(names)}

@@ -1,0 +1,195 @@
+"""The four PPO models: policy (trained, from the SFT checkpoint), reference (frozen copy of the same weights),
+critic (trained, from the reward model: its scalar head read at every token) and reward model (frozen).
+
+Trained models get DeepSpeed engines; frozen ones run as plain inference copies (frozen ZeRO stage 0) or as
+ZeRO-3 inference engines (partitioned, optionally offloaded). Dropout is switched off in every model so that the
+rollout's log-probs and values equal those of the first training forward (PPO's ratio starts at exactly 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from stages.config import ModelConfig, PPOConfig, TrainConfig
+from stages.errors import CheckpointError
+from stages.models import PAD, build_model
+from stages.reward_model import RewardModel, positions_from_mask
+
+
+class ValueModel(torch.nn.Module):
+    """V(prefix) at every position: the reward model's backbone and bias-free `score` head applied to every
+    hidden state, [B, L] in float32. `seqcls` is the HF sequence-classification model that gets saved."""
+
+    def __init__(self, seqcls: torch.nn.Module) -> None:
+        super().__init__()
+        self.seqcls = seqcls
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.seqcls, self.seqcls.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=positions_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.seqcls.score(hidden).squeeze(-1).float()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability of the model (modules and config) set to 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(config.to_dict().items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+
+
+def check_tokenizers(policy_tok: Any, rm_tok: Any, rm_source: str) -> None:
+    """The reward model must read the policy's token ids as the same tokens: identical vocabularies (the RM's
+    may add one `<|pad|>`, which train-rm adds when a tokenizer's pad is its EOS) and the same EOS id."""
+    pv, rv = policy_tok.get_vocab(), rm_tok.get_vocab()
+    extra = set(rv) - set(pv)
+    if extra - {PAD} or set(pv) - set(rv):
+        missing = sorted(set(pv) - set(rv))[:3]
+        raise CheckpointError(
+            f"the reward model {rm_source} has a different vocabulary from the policy ({len(rv)} vs {len(pv)} tokens; "
+            f"e.g. {sorted(extra - {PAD})[:3] or missing}); train the RM from the policy's SFT checkpoint"
+        )
+    bad = next((t for t in pv if pv[t] != rv[t]), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"token {bad!r} has id {pv[bad]} in the policy's tokenizer but {rv[bad]} in the reward model's ({rm_source})"
+        )
+    if policy_tok.eos_token_id != rm_tok.eos_token_id:
+        raise CheckpointError(
+            f"EOS differs: policy {policy_tok.eos_token!r} (id {policy_tok.eos_token_id}), reward model "
+            f"{rm_tok.eos_token!r} (id {rm_tok.eos_token_id}) in {rm_source}"
+        )
+
+
+def stop_token_ids(policy: torch.nn.Module, tokenizer: Any, extra: list[int]) -> list[int]:
+    """Ids that end a response: the tokenizer's EOS, the generation config's EOS id(s), and `extra`."""
+    ids = {tokenizer.eos_token_id, *extra}
+    gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def engine_train_config(cfg: PPOConfig, lr: float) -> TrainConfig:
+    """The TrainConfig an engine is built from: micro-batches of train.micro_batch_size, an optimizer step per
+    mini-batch, the trick's global gradient clip."""
+    t = cfg.train
+    return TrainConfig(
+        micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.mini_batch_size // t.micro_batch_size,
+        lr=lr, weight_decay=t.weight_decay, adam_betas=t.adam_betas, adam_eps=t.adam_eps,
+        lr_scheduler=t.lr_scheduler, warmup_ratio=t.warmup_ratio, min_lr_ratio=t.min_lr_ratio,
+        gradient_clipping=cfg.ppo.grad_clip,
+    )
+
+
+def frozen_ds_config(cfg: PPOConfig, world_size: int, on_gpu: bool) -> dict[str, Any] | None:
+    """DeepSpeed JSON of a ZeRO-3 inference engine for the frozen models (None: plain copies)."""
+    ds = cfg.deepspeed
+    if ds.frozen_stage != 3:
+        return None
+    zero: dict[str, Any] = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    if ds.frozen_offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    micro = cfg.train.micro_batch_size
+    return {
+        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * world_size, "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"}, "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def freeze(model: torch.nn.Module, ds_config: dict[str, Any] | None, device: torch.device) -> Any:
+    """An inference-only model: no gradients, eval mode; a ZeRO-3 engine when `ds_config` is given."""
+    model.requires_grad_(False)
+    disable_dropout(model)
+    if ds_config is None:
+        return model.to(device).eval()
+    import deepspeed
+
+    engine = deepspeed.initialize(model=model, config=ds_config)[0]
+    engine.eval()
+    return engine
+
+
+def build_policy(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The policy (or, frozen, the reference) from `model`, dropout off."""
+    model = build_model(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed, head="causal_lm")
+    disable_dropout(model)
+    return model
+
+
+def build_critic(cfg: PPOConfig, policy_tok: Any, rm_tok: Any, ds_config: dict[str, Any]) -> ValueModel:
+    """From the reward model (critic_init: reward_model), or from the policy's checkpoint with a zero `score`
+    head (critic_init: policy)."""
+    if cfg.ppo.critic_init == "reward_model":
+        seqcls = build_model(cfg.reward_model, rm_tok, cfg.deepspeed.precision, ds_config, cfg.seed, head="reward")
+    else:
+        seqcls = build_model(cfg.model, policy_tok, cfg.deepspeed.precision, ds_config, cfg.seed, head="reward")
+        weight = seqcls.score.weight
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0) if hasattr(weight, "ds_id") else _null():
+            with torch.no_grad():
+                weight.zero_()
+    head = getattr(seqcls, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise CheckpointError(f"{type(seqcls).__name__} has no linear `score` head with one output; cannot be a critic")
+    disable_dropout(seqcls)
+    return ValueModel(seqcls)
+
+
+def build_reward(cfg: ModelConfig, rm_tok: Any, precision: str, ds_config: dict[str, Any], seed: int) -> RewardModel:
+    """The reward model read at the last real token (see stages/reward_model.py)."""
+    return RewardModel(build_model(cfg, rm_tok, precision, ds_config, seed, head="reward"))
+
+
+@contextlib.contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def zero3_init_off() -> Iterator[None]:
+    """Build models as plain (unpartitioned) modules even while a ZeRO-3 HfDeepSpeedConfig is alive."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+class GenerationCopy:
+    """A plain copy of a ZeRO-3 policy for sampling: refreshed once per rollout by gathering one parameter at a
+    time (never all at once), after which decoding runs without any collective per token."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        with zero3_init_off():
+            self.model = AutoModelForCausalLM.from_config(module.config, dtype=next(module.parameters()).dtype)
+        self.model.generation_config = module.generation_config
+        self.model.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def refresh(self, module: torch.nn.Module) -> torch.nn.Module:
+        import deepspeed
+
+        own = dict(self.model.named_parameters())
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                own[name].copy_(param.data)
+        return self.model

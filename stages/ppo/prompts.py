@@ -1,0 +1,100 @@
+"""Prompts for PPO rollouts.
+
+Formats (`data.format`; `auto` picks from the first row's keys):
+  prompt    {prompt: "..."}                        raw text (or one user turn through the chat template)
+  messages  {messages: [{role, content}, ...]}     through the chat template with the generation prompt; a
+                                                   trailing assistant turn is dropped (SFT data works as is)
+  hh        HH-RLHF text (the `chosen` column)     everything up to and including the last "\\n\\nAssistant:"
+
+A prompt longer than `max_prompt_length` tokens keeps its last `max_prompt_length` tokens (the end of a prompt,
+with the generation prompt, matters most).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.config import PPODataConfig
+from stages.data import BadRow, BadRowLog, _bad, _field, bos_ids, parse_messages, read_rows, split_hh
+from stages.errors import DataError
+
+Turns = list[tuple[str, str]]
+
+
+def detect_prompt_format(record: dict[str, Any], data: PPODataConfig) -> str:
+    cols = data.columns
+    for fmt, key in (("messages", cols.messages), ("prompt", cols.prompt), ("hh", cols.text)):
+        if key in record:
+            return fmt
+    raise BadRow(
+        f"cannot tell the prompt format from keys {sorted(record)}; expected '{cols.messages}', '{cols.prompt}' "
+        f"or '{cols.text}' (HH-RLHF text); set data.format/columns"
+    )
+
+
+def _drop_final_response(turns: Turns) -> Turns:
+    """The turns before the last assistant turn when the dialogue ends with one; it must then end with a user
+    turn."""
+    if turns and turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    if not turns or turns[-1][0] != "user":
+        raise BadRow("a prompt must end with a user turn (after dropping a final assistant turn)")
+    if not turns[-1][1].strip():
+        raise BadRow("empty user turn at the end of the prompt")
+    return turns
+
+
+def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple[Turns, bool]:
+    """(turns, chat?) of one record: chat=True renders through the chat template, else the single turn's text
+    is the raw prompt."""
+    cols = data.columns
+    if fmt == "prompt":
+        text = _field(record, cols.prompt)
+        return [("user", text)], data.use_chat_template
+    if fmt == "messages":
+        return _drop_final_response(parse_messages(record, cols.messages)), True
+    if fmt == "hh":
+        text = _field(record, cols.text)
+        turns = split_hh(text)
+        if not data.use_chat_template:
+            at = text.rfind("\n\nAssistant:")
+            prompt = text[: at + len("\n\nAssistant:")] if at >= 0 else text.rstrip() + "\n\nAssistant:"
+            if not prompt.strip() or "Human:" not in prompt:
+                raise BadRow("no human turn before the last '\\n\\nAssistant:'")
+            return [("user", prompt)], False
+        return _drop_final_response([(r, c.strip()) for r, c in turns]), True
+    raise ValueError(fmt)
+
+
+def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> str:
+    if not chat:
+        return turns[0][1]
+    msgs = [{"role": r, "content": c} for r, c in turns]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog) -> tuple[list[list[int]], int]:
+    """Token ids of every usable prompt of `source`, and how many were cut to max_prompt_length."""
+    fmt = None if data.format == "auto" else data.format
+    bos = bos_ids(tokenizer)
+    prompts: list[list[int]] = []
+    truncated = 0
+    for row in read_rows(source, data.on_bad_row, log):
+        where = f"{row.file} row {row.row}"
+        try:
+            row_fmt = fmt or detect_prompt_format(row.data, data)
+            turns, chat = parse_prompt(row.data, row_fmt, data)
+            text = render_prompt(turns, chat, tokenizer)
+        except BadRow as exc:
+            _bad(where, str(exc), data.on_bad_row, log)
+            continue
+        fmt = row_fmt
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
+            ids = bos + ids
+        if len(ids) > data.max_prompt_length:
+            ids, truncated = ids[-data.max_prompt_length:], truncated + 1
+        prompts.append(ids)
+    if not prompts:
+        raise DataError(f"no usable prompts in {', '.join(source.paths())}")
+    return prompts, truncated

@@ -1,0 +1,174 @@
+"""Rollouts: sampling responses for a batch of prompts, and the per-token quantities read from the four models.
+
+Layout of one rollout batch (B rows): prompts left-padded to width P, responses right-padded to width R, so the
+sequence [prompt | response] has every prompt ending at column P - 1. Response token t sits at column P + t and
+is predicted from column P + t - 1: log-probs and values of the response are read from columns P - 1 ... P + R - 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.config import GenerationConfig
+from stages.ppo.tricks import entropy_from_logits
+from stages.reward_model import positions_from_mask
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    response: torch.Tensor  # [B, R] right-padded
+    response_mask: torch.Tensor  # [B, R] 1 on sampled tokens (the stop token included)
+    truncated: torch.Tensor  # [B] bool: no stop token within max_new_tokens
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of [prompt | response], [B, P + R]."""
+        return torch.cat([self.prompt_ids, self.response], 1), torch.cat([self.prompt_mask, self.response_mask], 1)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.response.device)
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx],
+                       self.truncated[idx])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as a left-padded [B, P] id tensor and its attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+    """Next-token scores [B, V] (float32) to sample from, in this order:
+
+    1. repetition penalty p on tokens already generated in this response (`seen`, [B, V] bool; prompt tokens
+       are not penalised): z -> z / p where z > 0, z -> z * p where z <= 0;
+    2. temperature T: z -> z / T;
+    3. top-k: all but the k largest scores -> -inf (k = 0: off);
+    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    z = logits.float()
+    if gen.repetition_penalty != 1.0:
+        penalised = torch.where(z > 0, z / gen.repetition_penalty, z * gen.repetition_penalty)
+        z = torch.where(seen, penalised, z)
+    z = z / gen.temperature
+    if gen.top_k > 0 and gen.top_k < z.shape[-1]:
+        kth = torch.topk(z, gen.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if gen.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the tokens ranked above
+        drop_sorted = before >= gen.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return z
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen: GenerationConfig,
+    stop_ids: list[int],
+    pad_id: int,
+    vocab_size: int,
+) -> Rollout:
+    """Sample one response per prompt with a KV cache, the whole batch at once, until every row has produced
+    a stop token or max_new_tokens. Tokens at or above `vocab_size` (embedding rows without a token) are never
+    sampled. Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    mask = prompt_mask.clone()
+    positions = positions_from_mask(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    tokens, alive_cols = [], []
+    for step in range(gen.max_new_tokens):
+        scores = process_logits(logits, seen, gen)
+        scores[:, vocab_size:] = float("-inf")
+        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        alive = ~finished
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        tokens.append(tok)
+        alive_cols.append(alive)
+        seen[alive, tok[alive]] = True
+        finished = finished | (alive & torch.isin(tok, stops))
+        if bool(finished.all()) or step == gen.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, alive.long()[:, None]], 1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    response = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive_cols, 1).long()
+    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~finished)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) [B, R] in float32 from logits [B, R, V], and (with_entropy) the entropy
+    H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk` rows at a time, so no float32 copy of the
+    whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
+    logps, ents = [], []
+    for start in range(0, logits.shape[0], chunk):
+        z = logits[start:start + chunk].float()
+        lse = torch.logsumexp(z, dim=-1)
+        logps.append(z.gather(-1, tokens[start:start + chunk, :, None]).squeeze(-1) - lse)
+        if with_entropy:
+            ents.append(entropy_from_logits(z))
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """Causal-LM logits at the positions that predict the response tokens, [B, R, V]."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+    return out.logits[:, prompt_width - 1:-1]
+
+
+def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, ...]:
+    """[prompt | response] with EOS appended to truncated responses (one extra column), for the reward model."""
+    col_ids = torch.where(truncated, torch.full_like(truncated, eos_id, dtype=torch.long), ids.new_zeros(()))
+    return torch.cat([ids, col_ids[:, None]], 1), torch.cat([mask, truncated.long()[:, None]], 1)
+
+
+# --------------------------------------------------------------------------------------------- text statistics
+def repetition_rate(tokens: list[int], n: int) -> float:
+    """Share of the response's n-grams that repeat an earlier one: 1 - distinct / total (0 without n-grams).
+
+    >>> repetition_rate([1, 2, 1, 2, 1, 2], 2)   # 5 bigrams, 2 distinct
+    0.6
+    """
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_lists(rollout: Rollout, stop_ids: list[int]) -> list[list[int]]:
+    """Each response's sampled tokens, without the final stop token."""
+    out = []
+    for row, m in zip(rollout.response.tolist(), rollout.response_mask.tolist()):
+        toks = [t for t, keep in zip(row, m) if keep]
+        if toks and toks[-1] in stop_ids:
+            toks = toks[:-1]
+        out.append(toks)
+    return out

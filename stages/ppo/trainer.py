@@ -1,0 +1,515 @@
+"""`rlhf ppo`: PPO with the PPO-max tricks (PPO-MAX.md). One iteration, top to bottom in `run`:
+
+    1. rollout   sample responses for this rank's prompts (policy; ZeRO-3: a copy gathered once per rollout)
+    2. score     old log-probs (policy), reference log-probs, values (critic), raw scores (reward model)
+    3. rewards   running statistics merged across ranks -> scaling / normalization -> clipping
+    4. tokens    R_t = -beta KL_t, transformed score on the last response token
+    5. GAE       advantages and returns
+    6. update    ppo_epochs passes of mini-batches: PPO-clip policy loss (+ entropy bonus, + PTX), clipped value
+                 loss; the critic alone during the first critic_pretrain_steps iterations
+    then metrics, the collapse monitor, samples, validation (best/), checkpoints.
+
+Losses are token-level means over a mini-batch's response tokens on all ranks (micro-batch sums scaled by
+ranks x accumulation steps / global token count, as DeepSpeed averages over both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stages.checkpoint import load_latest_checkpoint, publish_final, save_checkpoint, save_hf
+from stages.config import PPOConfig, SFTDataConfig
+from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
+from stages.distributed import DistInfo, all_reduce_sum, barrier, seed_everything
+from stages.engine import build_deepspeed_config, initialize_engine
+from stages.errors import RlhfError
+from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
+from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
+from stages.models import prepare_tokenizer
+from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
+from stages.ppo.models import (
+    GenerationCopy,
+    build_critic,
+    build_policy,
+    build_reward,
+    check_tokenizers,
+    engine_train_config,
+    freeze,
+    frozen_ds_config,
+    stop_token_ids,
+    zero3_init_off,
+)
+from stages.ppo.monitor import collapse_reasons
+from stages.ppo.presets import PRESETS
+from stages.ppo.prompts import load_prompts
+from stages.ppo.rollout import (
+    Rollout,
+    left_pad,
+    repetition_rate,
+    response_lists,
+    response_logits,
+    sample,
+    token_logprobs,
+    with_final_eos,
+)
+from stages.ppo.tricks import RunningMoments, explained_variance, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
+from stages.trainer import EpochSampler, check_finite, due, open_run, split_holdout
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any) -> dict[str, Any]:
+    """Train and validation prompts (token ids) and, with ptx_coef > 0, the tokenized PTX rows."""
+    data = cfg.data
+    log = BadRowLog()
+    train, cut = load_prompts(data.train, data, tokenizer, log)
+    held = None
+    if data.eval is not None:
+        held, _ = load_prompts(data.eval, data, tokenizer, BadRowLog())
+    elif data.eval_fraction > 0:
+        train, held = split_holdout(train, data.eval_fraction, cfg.seed)
+    skipped = f", skipped {log.total} bad row(s)" if log.total else ""
+    say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} cut to "
+                      f"{data.max_prompt_length} tokens{skipped}")
+    ptx = None
+    if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
+        sft = SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
+                            chat_template=data.chat_template, use_chat_template=data.use_chat_template,
+                            on_bad_row=data.on_bad_row, eval_fraction=0.0)
+        report = DataReport()
+        ptx = tokenize_conversations(load_conversations(data.ptx, sft, BadRowLog()), tokenizer, sft, report)
+        say(dist.is_main, f"PTX data: {report.examples} examples, {report.trained_tokens:,} trained tokens")
+    return {"train": train, "eval": held, "ptx": ptx}
+
+
+def describe_tricks(cfg: PPOConfig) -> str:
+    """One line per preset-controlled key: its value, and the preset's where they differ."""
+    preset = PRESETS[cfg.ppo.preset]
+    lines = [f"PPO tricks (preset {cfg.ppo.preset}; * = set by the config or a flag):"]
+    for key, default in preset.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        mark = "*" if value != default else " "
+        lines.append(f"  {mark} {key:<30} {value}" + (f"   (preset: {default})" if mark == "*" else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- models
+def _plain_unless_zero3(ds_config: dict[str, Any] | None) -> Any:
+    """Build a model as a plain module unless its own DeepSpeed config is ZeRO-3 (another model's ZeRO-3
+    set-up must not partition it)."""
+    import contextlib
+
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    return contextlib.nullcontext() if stage == 3 else zero3_init_off()
+
+
+def build_models(cfg: PPOConfig, dist: DistInfo, tok: Any, rm_tok: Any, steps: dict[str, int]) -> dict[str, Any]:
+    """policy and critic engines, frozen reference and reward model, the model used for sampling."""
+    on_gpu = dist.device.type == "cuda"
+    frozen_cfg = frozen_ds_config(cfg, dist.world_size, on_gpu)
+    models: dict[str, Any] = {}
+    with _plain_unless_zero3(frozen_cfg):
+        ref = build_policy(cfg, tok, frozen_cfg or {})
+        models["reference"] = freeze(ref, frozen_cfg, dist.device)
+        rm = build_reward(cfg.reward_model, rm_tok, cfg.deepspeed.precision, frozen_cfg or {}, cfg.seed)
+        models["reward"] = freeze(rm, frozen_cfg, dist.device)
+    for name, lr, total in (("policy", cfg.train.policy_lr, steps["policy"]), ("critic", cfg.train.critic_lr, steps["critic"])):
+        tc = engine_train_config(cfg, lr)
+        ds = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, on_gpu)
+        with _plain_unless_zero3(ds):
+            model = build_policy(cfg, tok, ds) if name == "policy" else build_critic(cfg, tok, rm_tok, ds)
+        models[name] = initialize_engine(model, ds, tc, max(total, 1))
+    module = models["policy"].module
+    models["sampler"] = GenerationCopy(module, dist.device) if cfg.deepspeed.zero_stage == 3 else None
+    return models
+
+
+def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
+    copy: GenerationCopy | None = models["sampler"]
+    return copy.refresh(models["policy"].module) if copy is not None else models["policy"].module
+
+
+# --------------------------------------------------------------------------------------------- score
+@torch.no_grad()
+def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_id: int) -> dict[str, torch.Tensor]:
+    """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
+    score (EOS appended to truncated responses, or the truncation penalty subtracted)."""
+    ids, mask = rollout.sequences()
+    p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
+    for s in range(0, ids.shape[0], chunk):
+        i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
+        logp, ent = token_logprobs(response_logits(models["policy"], i, m, p), resp, with_entropy=True)
+        ref_logp, _ = token_logprobs(response_logits(models["reference"], i, m, p), resp)
+        parts["logp"].append(logp)
+        parts["entropy"].append(ent)
+        parts["ref_logp"].append(ref_logp)
+        parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
+        trunc = rollout.truncated[s:s + chunk]
+        if cfg.generation.on_truncation == "eos":
+            i, m = with_final_eos(i, m, trunc, eos_id)
+        raw = models["reward"](i, m)[0]
+        if cfg.generation.on_truncation == "penalty":
+            raw = raw - cfg.generation.truncation_penalty * trunc.float()
+        parts["raw"].append(raw)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------- update
+def chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def optimizer_step(engine: Any, micro_batches: list[list[int]], micro_loss: Callable[[list[int]], torch.Tensor]) -> float:
+    """backward + step per micro-batch (DeepSpeed steps the optimizer after the last); the gradient norm."""
+    from stages.trainer import optimizer_step as step
+
+    norm = step(engine, micro_batches, micro_loss)
+    return float("nan") if norm is None else norm
+
+
+def update(
+    cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], rollout: Rollout, exp: dict[str, torch.Tensor],
+    iteration: int, critic_only: bool, ptx: Any, ptx_sampler: EpochSampler | None, state: dict[str, Any],
+    pad_id: int,
+) -> dict[str, float]:
+    """Step 6: ppo_epochs passes over this rank's rollouts in mini-batches (the same shuffled order on a resumed
+    run: the generator is seeded by iteration). Returns the update's global metrics."""
+    ppo, t = cfg.ppo, cfg.train
+    policy, critic = models["policy"], models["critic"]
+    ids, mask = rollout.sequences()
+    p = rollout.prompt_width
+    resp_mask = rollout.response_mask.float()
+    k = dist.world_size * (t.mini_batch_size // t.micro_batch_size)
+    stats = GlobalMeans()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+    norms: dict[str, list[float]] = {"policy": [], "critic": []}
+    for _ in range(ppo.ppo_epochs):
+        order = torch.randperm(ids.shape[0], generator=gen).tolist()
+        for mb in chunks(order, t.mini_batch_size):
+            micro = chunks(mb, t.micro_batch_size)
+            n_tok = float(all_reduce_sum([float(resp_mask[mb].sum())], dist.device)[0])
+            adv = exp["advantages"].clone()
+            if ppo.adv_norm:
+                mean, var = global_moments(adv[mb], resp_mask[mb], dist.device)
+                adv[mb] = whiten(adv[mb], resp_mask[mb], mean=mean, var=var)
+            if ppo.adv_clip > 0:
+                adv = adv.clamp(-ppo.adv_clip, ppo.adv_clip)
+            ptx_batches: list[dict[str, torch.Tensor]] = []
+            n_ptx = 0.0
+            if not critic_only and ptx is not None and ptx_sampler is not None:
+                for _ in micro:
+                    rows = ptx_sampler.indices(state["ptx_step"])
+                    state["ptx_step"] += 1
+                    mine = rows[dist.rank * t.micro_batch_size:(dist.rank + 1) * t.micro_batch_size]
+                    ptx_batches.append(collate([ptx[j] for j in mine], pad_id, dist.device))
+                n_ptx = float(all_reduce_sum([sum(trained_tokens(b["labels"]) for b in ptx_batches)], dist.device)[0])
+
+            def policy_micro(rows: list[int]) -> torch.Tensor:
+                m = resp_mask[rows]
+                logits = response_logits(policy, ids[rows], mask[rows], p)
+                logp, ent = token_logprobs(logits, rollout.response[rows], with_entropy=ppo.entropy_coef > 0)
+                base = exp["ref_logp"][rows] if ppo.ref_importance_sampling else exp["logp"][rows]
+                pl, clipfrac = policy_loss(logp, base, adv[rows], m, ppo.policy_clip)
+                loss = pl
+                n = m.sum()
+                if ent is not None:
+                    ent_mean = masked_mean(ent, m)
+                    loss = loss - ppo.entropy_coef * ent_mean
+                    stats.add("loss/entropy", float(ent_mean) * float(n), n)
+                total = loss * n * k / n_tok
+                with torch.no_grad():
+                    diff = logp - exp["logp"][rows]
+                    ratio = torch.exp(diff)
+                    stats.add("loss/policy", float(pl) * float(n), n)
+                    stats.add("policy/clipfrac", float(clipfrac) * float(n), n)
+                    stats.add("policy/approxkl", float(0.5 * (diff**2 * m).sum()), n)
+                    stats.add("policy/ratio", float((ratio * m).sum()), n)
+                    stats.add("policy/ratio_sq", float((ratio**2 * m).sum()), n)
+                if ptx_batches:
+                    batch = ptx_batches[micro.index(rows)]
+                    nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
+                    total = total + ppo.ptx_coef * nll * k / max(n_ptx, 1.0)
+                    stats.add("loss/ptx", float(nll), trained_tokens(batch["labels"]))
+                return total
+
+            def critic_micro(rows: list[int]) -> torch.Tensor:
+                m = resp_mask[rows]
+                values = critic(ids[rows], mask[rows])[:, p - 1:-1]
+                vl, vclip = value_loss(values, exp["values"][rows], exp["returns"][rows], m, ppo.value_clip or None)
+                n = m.sum()
+                stats.add("loss/value", float(vl) * float(n), n)
+                stats.add("val/clipfrac", float(vclip) * float(n), n)
+                return vl * n * k / n_tok
+
+            if not critic_only:
+                norms["policy"].append(optimizer_step(policy, micro, policy_micro))
+            norms["critic"].append(optimizer_step(critic, micro, critic_micro))
+    out = stats.reduce(dist.device)
+    if "policy/ratio" in out:
+        out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
+    for name, values in norms.items():
+        if values:
+            out[f"grad_norm/{name}"] = sum(values) / len(values)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def rollout_metrics(
+    cfg: PPOConfig, dist: DistInfo, rollout: Rollout, exp: dict[str, torch.Tensor], stop_ids: list[int]
+) -> dict[str, float]:
+    """Global per-iteration metrics of the experience (names follow TRL's where one exists)."""
+    g = GlobalMeans()
+    m = rollout.response_mask.float()
+    rows = float(m.shape[0])
+    tokens = m.sum(1)
+    k1, k3 = kl_k1(exp["logp"], exp["ref_logp"]) * m, kl_k3(exp["logp"], exp["ref_logp"]) * m
+    g.add("objective/scores", exp["raw"].sum(), rows)
+    g.add("objective/scores_sq", (exp["raw"].double() ** 2).sum(), rows)
+    g.add("objective/scores_transformed", exp["score"].sum(), rows)
+    g.add("objective/kl", k1.sum(), rows)
+    g.add("objective/kl_k3", k3.sum(), rows)
+    g.add("objective/kl_per_token", k1.sum(), m.sum())
+    g.add("objective/kl_k3_per_token", k3.sum(), m.sum())
+    g.add("objective/non_score_reward", (-cfg.ppo.kl_coef * exp["kl"]).sum(), rows)
+    g.add("objective/entropy", (exp["entropy"] * m).sum(), m.sum())
+    g.add("rollout/response_length", tokens.sum(), rows)
+    g.add("rollout/cap_share", rollout.truncated.float().sum(), rows)
+    g.add("rollout/nll_policy", -(exp["logp"] * m).sum(), m.sum())
+    g.add("rollout/nll_reference", -(exp["ref_logp"] * m).sum(), m.sum())
+    reps = [repetition_rate(r, cfg.monitor.ngram) for r in response_lists(rollout, stop_ids)]
+    g.add("rollout/repetition", sum(reps), rows)
+    g.add("val/values", (exp["values"] * m).sum(), m.sum())
+    g.add("val/returns", (exp["returns"] * m).sum(), m.sum())
+    g.add("val/advantages", (exp["advantages"] * m).sum(), m.sum())
+    out = g.reduce(dist.device)
+    out["objective/scores_std"] = math.sqrt(max(out.pop("objective/scores_sq") - out["objective/scores"] ** 2, 0.0))
+    out["objective/rlhf_reward"] = out["objective/scores_transformed"] + out["objective/non_score_reward"]
+    out["rollout/perplexity"] = math.exp(min(out["rollout/nll_policy"], 50.0))
+    out["rollout/ref_perplexity"] = math.exp(min(out["rollout/nll_reference"], 50.0))
+    # what MOSS-RLHF logs as "perplexity": exp(mean NLL / mean response length) -- not a perplexity
+    out["rollout/moss_logged_ppl"] = math.exp(out["rollout/nll_policy"] / max(out["rollout/response_length"], 1.0))
+    _, var_err = global_moments(exp["returns"] - exp["values"], m, dist.device)
+    _, var_ret = global_moments(exp["returns"], m, dist.device)
+    out["val/explained_variance"] = 1.0 - var_err / max(var_ret, 1e-12)
+    return out
+
+
+def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prompts: list[list[int]],
+                 responses: list[list[int]], scores: list[float]) -> None:
+    """A rich table prompt | response | reward of this rank's first samples; all of them go to samples.jsonl."""
+    from rich.table import Table
+
+    from stages.metrics import _CONSOLE
+
+    table = Table(title=f"samples at iteration {iteration}", show_lines=True)
+    for col in ("prompt", "response", "reward"):
+        table.add_column(col, overflow="fold")
+    with (out / "samples.jsonl").open("a", encoding="utf-8") as fh:
+        for i, (pr, resp, score) in enumerate(zip(prompts, responses, scores)):
+            p_text = tokenizer.decode(pr, skip_special_tokens=False)
+            r_text = tokenizer.decode(resp, skip_special_tokens=False)
+            fh.write(json.dumps({"iteration": iteration, "prompt": p_text, "response": r_text, "score": score}) + "\n")
+            if i < cfg.train.samples_shown:
+                table.add_row(p_text[-200:], r_text[:300], f"{score:.3f}")
+    _CONSOLE.print(table)
+
+
+# --------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: list[list[int]], pad_id: int,
+             eos_id: int, stop_ids: list[int], vocab: int) -> dict[str, float]:
+    """Mean raw reward and length of responses to the held-out prompts, sampled with a fixed seed (the same
+    random stream at every validation; the training random state is left untouched). Every rank runs the same
+    number of batches (ZeRO-3 needs that), short ranks on stand-in prompts they do not count."""
+    mine = list(range(dist.rank, len(prompts), dist.world_size))
+    per_rank = math.ceil(len(prompts) / dist.world_size)
+    real = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    g = GlobalMeans()
+    model = sampling_model(models)
+    devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
+        for s in range(0, per_rank, cfg.train.rollout_batch_size):
+            rows = mine[s:s + cfg.train.rollout_batch_size]
+            keep = torch.tensor(real[s:s + cfg.train.rollout_batch_size], device=dist.device)
+            p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
+            rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
+            ids, mask = rollout.sequences()
+            if cfg.generation.on_truncation == "eos":
+                ids, mask = with_final_eos(ids, mask, rollout.truncated, eos_id)
+            raw = models["reward"](ids, mask)[0]
+            if cfg.generation.on_truncation == "penalty":
+                raw = raw - cfg.generation.truncation_penalty * rollout.truncated.float()
+            g.add("eval/reward", (raw * keep).sum(), keep.sum())
+            g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
+            g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
+    return g.reduce(dist.device)
+
+
+def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
+    """The policy as out/best (HF causal LM), replaced atomically."""
+    tmp, best, old = out / ".tmp-best", out / "best", out / ".tmp-best-old"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    save_hf(models["policy"].module, tokenizer, tmp, dist, meta)
+    if dist.is_main:
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+# --------------------------------------------------------------------------------------------- run
+def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
+    """Train; returns output_dir/final (the policy as a HF causal LM)."""
+    from stages import __version__
+
+    dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
+    say(dist.is_main, describe_tricks(cfg))
+    tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: iter(()), cfg.data.chat_template)
+    rm_tok = prepare_tokenizer(cfg.reward_model, out, dist, lambda: iter(()), None)
+    check_tokenizers(tokenizer, rm_tok, cfg.reward_model.name_or_path or "")
+    data = load_ppo_data(cfg, out, dist, tokenizer)
+    t, ppo = cfg.train, cfg.ppo
+    B = t.rollout_batch_size
+    total = ppo.critic_pretrain_steps + t.iterations
+    per_iter = ppo.ppo_epochs * (B // t.mini_batch_size)
+    models = build_models(cfg, dist, tokenizer, rm_tok, {"policy": t.iterations * per_iter, "critic": total * per_iter})
+    policy, critic = models["policy"], models["critic"]
+    pad_id, eos_id, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
+    stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
+    prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
+    if prompt_sampler.steps_per_epoch == 0:
+        raise RlhfError(f"{len(data['train'])} training prompts are fewer than one rollout batch "
+                        f"({B} x {dist.world_size} ranks)")
+    ptx_sampler = None
+    if data["ptx"] is not None:
+        ptx_sampler = EpochSampler(len(data["ptx"]), t.micro_batch_size * dist.world_size, cfg.seed + 1)
+        if ptx_sampler.steps_per_epoch == 0:
+            raise RlhfError(f"data.ptx has {len(data['ptx'])} rows, fewer than one micro-batch on every rank")
+
+    seed_everything(cfg.seed + dist.rank)
+    state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
+                             "ptx_step": 0, "monitor_fires": 0}
+    if resume:
+        loaded = load_latest_checkpoint(policy, out, dist, extra_engines={"critic": critic})
+        if loaded is None:
+            say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from iteration 0")
+        else:
+            state.update(loaded)
+            say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
+    moments = RunningMoments(*state["moments"])
+    start = int(state["step"])
+    metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
+    progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every)
+    meta = {"stage": "ppo", "rlhf_version": __version__, "model": cfg.model.name_or_path,
+            "reward_model": cfg.reward_model.name_or_path}
+    critic_tok = rm_tok if ppo.critic_init == "reward_model" else tokenizer
+    saved_at = -1
+
+    def save(done: int) -> None:
+        nonlocal saved_at
+        state.update(step=done, moments=[moments.count, moments.mean, moments.m2])
+        body = {k: v for k, v in state.items() if k != "step"}
+        path = save_checkpoint(policy, tokenizer, out, done, body, dist, t.save_total_limit, meta,
+                               extra={"critic": (critic, critic.module.seqcls, critic_tok)})
+        metrics.event(done, "checkpoint", path=str(path))
+        saved_at = done
+
+    for it in range(start, total):
+        critic_only = it < ppo.critic_pretrain_steps
+        t0 = time.perf_counter()
+        # 1. rollout
+        rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
+        p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
+        rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
+        t_gen = time.perf_counter() - t0
+        # 2. score
+        exp = score_rollout(cfg, models, rollout, eos_id)
+        t_score = time.perf_counter() - t0 - t_gen
+        # 3. reward transform (statistics of every score so far, all ranks, this batch included)
+        merge_across_ranks(moments, exp["raw"], dist.device)
+        exp["score"] = transform_scores(exp["raw"], moments, ppo)
+        # 4-5. token rewards and GAE
+        mask = rollout.response_mask.float()
+        adv = advantages_for(exp["score"], exp["logp"], exp["ref_logp"], exp["values"], mask, ppo)
+        exp |= {"kl": adv.kl, "rewards": adv.rewards, "advantages": adv.advantages, "returns": adv.returns}
+        # 6. update
+        lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
+        values = rollout_metrics(cfg, dist, rollout, exp, stop_ids)
+        t1 = time.perf_counter()
+        values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
+        t_update = time.perf_counter() - t1
+        done = it + 1
+        # metrics
+        gen_tokens, seq_tokens = all_reduce_sum([float(mask.sum()), float(rollout.sequences()[1].sum())],
+                                                dist.device).tolist()
+        values |= lrs | {
+            "train/critic_only": float(critic_only),
+            "reward_stats/mean": moments.mean, "reward_stats/std": moments.std, "reward_stats/count": moments.count,
+            "perf/generation_s": t_gen, "perf/scoring_s": t_score, "perf/update_s": t_update,
+            "perf/iteration_s": time.perf_counter() - t0,
+            "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+            "perf/train_tokens_per_s": seq_tokens * ppo.ppo_epochs * (1 if critic_only else 2) / max(t_update, 1e-9),
+        }
+        for key in ("loss/value", "objective/scores") + (() if critic_only else ("loss/policy",)):
+            check_finite(key, values[key], done, out)
+        if state["start_length"] is None:
+            state["start_length"] = values["rollout/response_length"]
+        reasons = collapse_reasons(values, state["start_length"], cfg.monitor)
+        values["monitor/firing"] = float(bool(reasons))
+        if due(done, cfg.logging.log_every, total):
+            metrics.log(done, values)
+        if reasons:
+            state["monitor_fires"] += 1
+            metrics.event(done, "monitor", reasons=reasons, action=cfg.monitor.action)
+            progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
+        progress.update(done, {"reward": values["objective/scores"], "kl": values["objective/kl"],
+                               "len": values["rollout/response_length"]})
+        if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
+            show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
+                         response_lists(rollout, []), exp["raw"].tolist())
+        # validation and best/
+        if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
+            ev = validate(cfg, dist, models, data["eval"], pad_id, eos_id, stop_ids, vocab)
+            metrics.log(done, ev)
+            best = state["best_reward"]
+            better = not critic_only and (best is None or ev["eval/reward"] > best)
+            if better and not reasons:
+                state["best_reward"] = ev["eval/reward"]
+                save_best(models, tokenizer, out, dist, {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
+                metrics.event(done, "best", eval_reward=ev["eval/reward"])
+            elif better:
+                metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
+            progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
+                           f"{ev['eval/response_length']:.1f}" + (" (vetoed: monitor firing)" if better and reasons else ""))
+        if due(done, t.save_every, total):
+            save(done)
+        if reasons and cfg.monitor.action == "stop":
+            if saved_at != done:
+                save(done)
+            progress.close()
+            metrics.close()
+            raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
+                            f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
+
+    progress.close()
+    final = publish_final(out, total, dist)
+    publish_final(out, total, dist, part="critic/hf", name="final_critic")
+    metrics.event(total, "final", path=str(final))
+    metrics.close()
+    if dist.is_main:
+        print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final)
+    return final
