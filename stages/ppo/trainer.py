@@ -28,7 +28,7 @@ import torch
 from stages.checkpoint import load_latest_checkpoint, publish_final, save_checkpoint, save_hf
 from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
-from stages.distributed import DistInfo, all_reduce_sum, barrier, seed_everything
+from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import RlhfError
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
@@ -60,8 +60,8 @@ from stages.ppo.rollout import (
     token_logprobs,
     with_final_eos,
 )
-from stages.ppo.tricks import RunningMoments, explained_variance, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
-from stages.trainer import EpochSampler, check_finite, due, open_run, split_holdout
+from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
+from stages.trainer import EpochSampler, check_finite, due, open_run, optimizer_step, split_holdout
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -163,17 +163,21 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], rollout: Rollout,
+                    moments: RunningMoments, eos_id: int) -> dict[str, torch.Tensor]:
+    """Steps 2-5: score the rollout; add its raw scores to the running statistics (all ranks, this batch
+    included) and transform them; token rewards with the KL penalty; GAE advantages and returns."""
+    exp = score_rollout(cfg, models, rollout, eos_id)
+    merge_across_ranks(moments, exp["raw"], dist.device)
+    exp["score"] = transform_scores(exp["raw"], moments, cfg.ppo)
+    mask = rollout.response_mask.float()
+    adv = advantages_for(exp["score"], exp["logp"], exp["ref_logp"], exp["values"], mask, cfg.ppo)
+    return exp | {"kl": adv.kl, "rewards": adv.rewards, "advantages": adv.advantages, "returns": adv.returns}
+
+
 # --------------------------------------------------------------------------------------------- update
 def chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[s:s + size] for s in range(0, len(items), size)]
-
-
-def optimizer_step(engine: Any, micro_batches: list[list[int]], micro_loss: Callable[[list[int]], torch.Tensor]) -> float:
-    """backward + step per micro-batch (DeepSpeed steps the optimizer after the last); the gradient norm."""
-    from stages.trainer import optimizer_step as step
-
-    norm = step(engine, micro_batches, micro_loss)
-    return float("nan") if norm is None else norm
 
 
 def update(
@@ -191,7 +195,7 @@ def update(
     k = dist.world_size * (t.mini_batch_size // t.micro_batch_size)
     stats = GlobalMeans()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
-    norms: dict[str, list[float]] = {"policy": [], "critic": []}
+    norms: dict[str, list[float | None]] = {"policy": [], "critic": []}
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
         for mb in chunks(order, t.mini_batch_size):
@@ -205,7 +209,7 @@ def update(
                 adv = adv.clamp(-ppo.adv_clip, ppo.adv_clip)
             ptx_batches: list[dict[str, torch.Tensor]] = []
             n_ptx = 0.0
-            if not critic_only and ptx is not None and ptx_sampler is not None:
+            if not critic_only and ppo.ptx_coef > 0 and ptx is not None and ptx_sampler is not None:
                 for _ in micro:
                     rows = ptx_sampler.indices(state["ptx_step"])
                     state["ptx_step"] += 1
@@ -224,12 +228,12 @@ def update(
                 if ent is not None:
                     ent_mean = masked_mean(ent, m)
                     loss = loss - ppo.entropy_coef * ent_mean
-                    stats.add("loss/entropy", float(ent_mean) * float(n), n)
+                    stats.add("loss/entropy", float(ent_mean.detach()) * float(n), n)
                 total = loss * n * k / n_tok
                 with torch.no_grad():
                     diff = logp - exp["logp"][rows]
                     ratio = torch.exp(diff)
-                    stats.add("loss/policy", float(pl) * float(n), n)
+                    stats.add("loss/policy", float(pl.detach()) * float(n), n)
                     stats.add("policy/clipfrac", float(clipfrac) * float(n), n)
                     stats.add("policy/approxkl", float(0.5 * (diff**2 * m).sum()), n)
                     stats.add("policy/ratio", float((ratio * m).sum()), n)
@@ -238,7 +242,7 @@ def update(
                     batch = ptx_batches[micro.index(rows)]
                     nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
                     total = total + ppo.ptx_coef * nll * k / max(n_ptx, 1.0)
-                    stats.add("loss/ptx", float(nll), trained_tokens(batch["labels"]))
+                    stats.add("loss/ptx", float(nll.detach()), trained_tokens(batch["labels"]))
                 return total
 
             def critic_micro(rows: list[int]) -> torch.Tensor:
@@ -246,7 +250,7 @@ def update(
                 values = critic(ids[rows], mask[rows])[:, p - 1:-1]
                 vl, vclip = value_loss(values, exp["values"][rows], exp["returns"][rows], m, ppo.value_clip or None)
                 n = m.sum()
-                stats.add("loss/value", float(vl) * float(n), n)
+                stats.add("loss/value", float(vl.detach()) * float(n), n)
                 stats.add("val/clipfrac", float(vclip) * float(n), n)
                 return vl * n * k / n_tok
 
@@ -256,9 +260,10 @@ def update(
     out = stats.reduce(dist.device)
     if "policy/ratio" in out:
         out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
-    for name, values in norms.items():
-        if values:
-            out[f"grad_norm/{name}"] = sum(values) / len(values)
+    for name, found in norms.items():
+        known = [v for v in found if v is not None]
+        if known:
+            out[f"grad_norm/{name}"] = sum(known) / len(known)
     return out
 
 
@@ -301,6 +306,21 @@ def rollout_metrics(
     _, var_ret = global_moments(exp["returns"], m, dist.device)
     out["val/explained_variance"] = 1.0 - var_err / max(var_ret, 1e-12)
     return out
+
+
+def rank_spread(values: list[float]) -> float:
+    """Largest difference between ranks of any of `values` (0 when every rank holds the same numbers)."""
+    every = gather_floats(values)
+    per_rank = [every[i:i + len(values)] for i in range(0, len(every), len(values))]
+    return max(max(col) - min(col) for col in zip(*per_rank))
+
+
+def keep_samples(path: Path, upto: int) -> None:
+    """Drop sample rows after iteration `upto` (written by an interrupted run after its last checkpoint)."""
+    if path.exists():
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= upto]
+        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
 
 def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prompts: list[list[int]],
@@ -412,6 +432,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
     moments = RunningMoments(*state["moments"])
     start = int(state["step"])
+    if dist.is_main:
+        keep_samples(out / "samples.jsonl", start)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every)
     meta = {"stage": "ppo", "rlhf_version": __version__, "model": cfg.model.name_or_path,
@@ -436,16 +458,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
         rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
         t_gen = time.perf_counter() - t0
-        # 2. score
-        exp = score_rollout(cfg, models, rollout, eos_id)
+        # 2-5. score, reward transform, token rewards, GAE
+        exp = make_experience(cfg, dist, models, rollout, moments, eos_id)
         t_score = time.perf_counter() - t0 - t_gen
-        # 3. reward transform (statistics of every score so far, all ranks, this batch included)
-        merge_across_ranks(moments, exp["raw"], dist.device)
-        exp["score"] = transform_scores(exp["raw"], moments, ppo)
-        # 4-5. token rewards and GAE
         mask = rollout.response_mask.float()
-        adv = advantages_for(exp["score"], exp["logp"], exp["ref_logp"], exp["values"], mask, ppo)
-        exp |= {"kl": adv.kl, "rewards": adv.rewards, "advantages": adv.advantages, "returns": adv.returns}
         # 6. update
         lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
         values = rollout_metrics(cfg, dist, rollout, exp, stop_ids)
@@ -459,6 +475,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         values |= lrs | {
             "train/critic_only": float(critic_only),
             "reward_stats/mean": moments.mean, "reward_stats/std": moments.std, "reward_stats/count": moments.count,
+            "reward_stats/rank_spread": rank_spread([moments.count, moments.mean, moments.std]),
             "perf/generation_s": t_gen, "perf/scoring_s": t_score, "perf/update_s": t_update,
             "perf/iteration_s": time.perf_counter() - t0,
             "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),

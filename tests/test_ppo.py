@@ -1,0 +1,191 @@
+"""`rlhf ppo` end to end through the real CLI, from a tiny SFT policy and a tiny reward model trained here: the
+PPO-max preset and explicit flags, both models learning, the checkpoints users deploy, exact resume, the collapse
+monitor (warn vetoes best/, stop saves and exits), critic initialisation, and two DeepSpeed processes with
+ZeRO-2 and ZeRO-3 (reward statistics identical on both ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from stages.metrics import read_metrics
+
+TINY_PPO = REPO / "configs" / "tiny" / "ppo.yaml"
+TINY_RM = REPO / "configs" / "tiny" / "rm.yaml"
+DATA = REPO / "configs" / "tiny" / "data"
+
+
+@pytest.fixture(scope="module")
+def stages_dir(tmp_path_factory) -> Path:
+    """A short tiny SFT run and a short tiny RM run on top of it (what configs/tiny/ppo.yaml starts from)."""
+    tmp = tmp_path_factory.mktemp("ppo-inputs")
+    sft = tiny_sft_dict(tmp, max_steps=120)
+    sft["output_dir"] = str(tmp / "sft")
+    res = run_cli("sft", "--config", str(write_yaml(tmp / "sft.yaml", sft)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rm = yaml.safe_load(TINY_RM.read_text())
+    rm.update(output_dir=str(tmp / "rm"), logging={"log_every": 10, "tensorboard": False})
+    rm["model"]["name_or_path"] = str(tmp / "sft")
+    rm["data"]["train"] = str(DATA / "rm.jsonl")
+    rm["train"].update(epochs=1, max_steps=60, eval_every=0, save_every=0)
+    res = run_cli("train-rm", "--config", str(write_yaml(tmp / "rm.yaml", rm)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp
+
+
+def ppo_dict(tmp: Path, stages_dir: Path, name: str = "ppo", **train) -> dict:
+    cfg = yaml.safe_load(TINY_PPO.read_text())
+    cfg["output_dir"] = str(tmp / name)
+    cfg["model"]["name_or_path"] = str(stages_dir / "sft")
+    cfg["reward_model"]["name_or_path"] = str(stages_dir / "rm")
+    cfg["data"]["train"] = str(DATA / "sft.jsonl")
+    cfg["data"]["eval_fraction"] = 0.01  # 20 validation prompts
+    cfg["generation"]["max_new_tokens"] = 12
+    cfg["train"].update({"iterations": 4, "rollout_batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 4,
+                         "eval_every": 2, "save_every": 2, "sample_every": 2, **train})
+    cfg["ppo"] = {"critic_pretrain_steps": 1}
+    cfg["logging"] = {"log_every": 1, "tensorboard": False}
+    return cfg
+
+
+def _ppo(tmp: Path, cfg: dict, *args: str, expect: int = 0, name: str = "ppo.yaml"):
+    res = run_cli("ppo", "--config", str(write_yaml(tmp / name, cfg)), *args)
+    assert res.returncode == expect, res.stdout[-4000:] + res.stderr[-4000:]
+    return Path(cfg["output_dir"]), res
+
+
+def _iterations(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "objective/scores" in r]
+
+
+def _events(out: Path, name: str) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == name]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _changed(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return any(not torch.equal(wa[k], wb[k]) for k in wa if k in wb)
+
+
+def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, stages_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = ppo_dict(tmp_path, stages_dir)
+    out, res = _ppo(tmp_path, cfg, "--ppo-max", "--reward-clip", "0.3", "--kl-estimator", "k3")
+    # the preset fills the tricks; explicit flags (and the file's critic_pretrain_steps) win; printed and saved
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())["ppo"]
+    assert resolved["preset"] == "ppo-max" and resolved["kl_coef"] == 0.05 and resolved["reward_norm"] is True
+    assert resolved["reward_clip"] == 0.3 and resolved["kl_estimator"] == "k3" and resolved["lam"] == 0.9
+    assert resolved["critic_pretrain_steps"] == 1 and resolved["value_clip"] == 0.2
+    assert "PPO tricks (preset ppo-max" in res.stdout and "ppo.reward_clip" in res.stdout
+
+    rows = _iterations(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["train/critic_only"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert "loss/policy" not in rows[0] and all("loss/policy" in r for r in rows[1:])
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (row["step"], key)
+        assert abs(row["objective/scores_transformed"]) <= 0.3 + 1e-6  # normalised, clipped to 0.3
+    assert rows[0]["objective/kl"] == 0.0  # the policy starts as the reference
+    assert rows[0]["policy/ratio" if "policy/ratio" in rows[0] else "val/values"] is not None
+    assert rows[1]["policy/ratio"] == pytest.approx(1.0, abs=0.05)
+    for key in ("rollout/perplexity", "rollout/ref_perplexity", "rollout/moss_logged_ppl", "rollout/repetition",
+                "rollout/cap_share", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/explained_variance",
+                "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "lr/policy", "lr/critic", "objective/kl_k3"):
+        assert key in rows[-1], key
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r] == [2, 4, 5]
+
+    # the deployable policy and critic: plain transformers directories, trained away from where they started
+    policy = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert policy.config.vocab_size >= 300
+    AutoModelForSequenceClassification.from_pretrained(out / "final_critic")
+    assert _changed(out / "final", stages_dir / "sft" / "final")
+    assert _changed(out / "final_critic", stages_dir / "rm" / "final")
+    assert (out / "best" / "config.json").is_file() and _events(out, "best")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["iteration"] for s in samples} == {1, 2, 4} and all("response" in s for s in samples)
+    state = json.loads((out / "checkpoint-00000005" / "trainer_state.json").read_text())
+    assert state["moments"][0] == 5 * 8  # every score seen: 5 iterations x 8 rollouts
+
+
+def test_resume_gives_the_same_next_iterations_as_an_uninterrupted_run(tmp_path, stages_dir):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir()
+    cfg = ppo_dict(full_dir, stages_dir, save_total_limit=10, sample_every=0)
+    full, _ = _ppo(full_dir, cfg, "--ppo-max")
+    shutil.copytree(full_dir, cut_dir)
+    cut = cut_dir / "ppo"
+    for name in ("checkpoint-00000004", "checkpoint-00000005", "final", "final_critic"):
+        shutil.rmtree(cut / name)
+    cfg["output_dir"] = str(cut)
+    _, res = _ppo(cut_dir, cfg, "--ppo-max", "--resume")
+    assert "resumed from iteration 2" in res.stdout
+
+    def curve(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
+                for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+
+    assert curve(cut) == curve(full)  # iterations 3-5 (and their validations) exactly as uninterrupted
+    wa, wb = _weights(cut / "final"), _weights(full / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_monitor_warns_and_vetoes_best_then_stop_saves_and_exits(tmp_path, stages_dir):
+    # a length threshold every iteration exceeds: the monitor fires from the start
+    cfg = ppo_dict(tmp_path, stages_dir, name="warn", iterations=2, sample_every=0)
+    cfg["monitor"] = {"max_length_ratio": 1e-6}
+    cfg["ppo"]["critic_init"] = "policy"
+    out, res = _ppo(tmp_path, cfg, name="warn.yaml")
+    assert "collapse monitor at iteration" in res.stdout
+    fires = _events(out, "monitor")
+    assert len(fires) == 3 and "mean length" in fires[0]["reasons"][0]  # 1 critic-only + 2 iterations
+    assert not (out / "best").exists() and _events(out, "best_vetoed")
+    # critic_init: policy starts from a zero value head
+    assert _iterations(out)[0]["val/values"] == 0.0
+
+    cfg = ppo_dict(tmp_path, stages_dir, name="stop", iterations=3, sample_every=0, save_every=0)
+    cfg["monitor"] = {"max_length_ratio": 1e-6, "action": "stop"}
+    out, res = _ppo(tmp_path, cfg, name="stop.yaml", expect=1)
+    assert "collapse monitor stopped the run at iteration 1" in res.stderr
+    assert (out / "checkpoint-00000001" / "COMPLETE").is_file() and not (out / "final").exists()
+
+
+def test_rm_init_critic_reads_the_reward_model_and_conflicting_preset_flags_are_refused(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir)
+    res = run_cli("ppo", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), "--ppo-max", "--preset", "vanilla")
+    assert res.returncode == 2 and "--ppo-max contradicts --preset vanilla" in res.stderr
+    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--preset", "moss-release")
+    assert res.returncode == 0
+    assert "reward_scaling: true" in res.stdout and "kl_coef: 0.01" in res.stdout
+    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--reward-scaling", "--reward-norm")
+    assert res.returncode == 2 and "reward_scaling and reward_norm are alternatives" in res.stderr
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_processes_with_zero(tmp_path, stages_dir, zero):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=2, rollout_batch_size=4, mini_batch_size=4, micro_batch_size=2,
+                   sample_every=0, eval_every=0, save_every=0)
+    cfg["deepspeed"]["zero_stage"] = zero
+    out, res = _ppo(tmp_path, cfg, "--ppo-max", "--num-gpus", "2")
+    rows = _iterations(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["reward_stats/rank_spread"] == 0.0 for r in rows)  # statistics merged: identical on both ranks
+    assert rows[-1]["reward_stats/count"] == 3 * 2 * 4  # 3 iterations x 2 ranks x 4 rollouts
+    assert all(math.isfinite(r["loss/value"]) for r in rows)
+    assert _changed(out / "final", stages_dir / "sft" / "final")
+    assert _changed(out / "final_critic", stages_dir / "rm" / "final")
