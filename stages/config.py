@@ -119,13 +119,18 @@ class DataSource(Section):
         return self.path if isinstance(self.path, list) else [self.path]
 
 
-class Columns(Section):
-    """Column names in the data. Which ones are read depends on the format."""
+class PromptColumns(Section):
+    """Column names of prompt data (PPO); SFT's Columns add the response."""
 
     prompt: str = "prompt"
-    response: str = "response"
     messages: str = "messages"
     text: str = Field("chosen", description="HH-RLHF dialogue text column")
+
+
+class Columns(PromptColumns):
+    """Column names in the data. Which ones are read depends on the format."""
+
+    response: str = "response"
 
 
 class DataConfigBase(Section):
@@ -265,14 +270,6 @@ class RMConfig(StageConfig):
 
 
 # --------------------------------------------------------------------------------------------- PPO
-class PromptColumns(Section):
-    """Column names of prompt data."""
-
-    prompt: str = "prompt"
-    messages: str = "messages"
-    text: str = Field("chosen", description="HH-RLHF dialogue text column")
-
-
 class PPODataConfig(Section):
     """Prompts for rollouts (and optional PTX data). See stages/ppo/prompts.py for the formats."""
 

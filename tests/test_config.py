@@ -208,7 +208,7 @@ def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
 
 
 #: shipped config file stem -> the stage that reads it
-CONFIG_STAGES = {"sft": "sft", "rm": "train-rm"}
+CONFIG_STAGES = {"sft": "sft", "rm": "train-rm", "ppo": "ppo"}
 
 
 def test_shipped_configs_validate(tmp_path):
@@ -219,12 +219,13 @@ def test_shipped_configs_validate(tmp_path):
             continue
         text = yaml.safe_load(path.read_text())
         overrides = []
-        model_path = text.get("model", {}).get("name_or_path")
-        if model_path and not (path.parent / model_path).exists():  # an earlier stage's output, not trained here
-            overrides.append(f"model.name_or_path={tmp_path}")
+        for section in ("model", "reward_model"):
+            model_path = (text.get(section) or {}).get("name_or_path")
+            if model_path and not (path.parent / model_path).exists():  # an earlier stage's output, not trained here
+                overrides.append(f"{section}.name_or_path={tmp_path}")
         load_config(stage, path, overrides)
         checked.append(path)
-    assert {REPO / "configs" / "tiny" / "sft.yaml", REPO / "configs" / "tiny" / "rm.yaml"} <= set(checked)
+    assert {REPO / "configs" / "tiny" / name for name in ("sft.yaml", "rm.yaml", "ppo.yaml")} <= set(checked)
 
 
 def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
@@ -283,7 +284,7 @@ def _config_keys(model: type, prefix: str = "", seen: set | None = None):
             yield from _config_keys(subs[0], key + ".", seen)
 
 
-@pytest.mark.parametrize("stage", ["sft", "train-rm"])
+@pytest.mark.parametrize("stage", ["sft", "train-rm", "ppo"])
 def test_readme_documents_every_config_key(stage):
     from stages.config import STAGE_SCHEMAS
 

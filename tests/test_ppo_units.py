@@ -292,10 +292,6 @@ def test_tokens_at_or_above_vocab_size_are_never_sampled():
     assert int(out.response.max()) < 30
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/ppo/rollout.py sample(): `scores[:, vocab_size:] = -inf` is applied AFTER process_logits, so top-k/top-p "
-    "pick their nucleus including the non-token rows >= vocab_size; when those hold the best logits every kept "
-    "score becomes -inf, softmax gives NaN and torch.multinomial raises instead of sampling the best real token"))
 @pytest.mark.parametrize("gen", [_gen(top_k=1, max_new_tokens=4), _gen(top_p=0.5, max_new_tokens=4)],
                          ids=["top_k=1", "top_p=0.5"])
 def test_vocab_mask_applies_before_top_k_and_top_p(gen):
@@ -716,11 +712,6 @@ def test_fill_preset_rejects_an_unknown_preset():
         fill_preset({"ppo": {"preset": "bogus"}}, None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stages/ppo/presets.py fill_preset(): `if isinstance(data.get('ppo'), dict) or 'ppo' not in data` skips "
-    "writing ppo.preset when the YAML has an empty `ppo:` section (None); the preset's values are filled but "
-    "ppo.preset stays the schema default 'vanilla', so the resolved config and describe_tricks name the wrong "
-    "preset"))
 def test_fill_preset_with_an_empty_ppo_section_records_the_preset():
     data = {"ppo": None}  # YAML `ppo:` with every key commented out
     fill_preset(data, "ppo-max")

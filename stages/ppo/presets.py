@@ -122,7 +122,7 @@ def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     name = preset or (in_file if found and in_file else DEFAULT_PRESET)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    if isinstance(data.get("ppo"), dict) or "ppo" not in data:
+    if data.get("ppo") is None or isinstance(data["ppo"], dict):  # anything else fails validation by name
         _assign(data, "ppo.preset", name)
     filled = []
     for key, value in PRESETS[name].items():

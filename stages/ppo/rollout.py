@@ -102,8 +102,9 @@ def sample(
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     tokens, alive_cols = [], []
     for step in range(gen.max_new_tokens):
+        logits = logits.float()
+        logits[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
         scores = process_logits(logits, seen, gen)
-        scores[:, vocab_size:] = float("-inf")
         tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         alive = ~finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
