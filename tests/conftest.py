@@ -73,6 +73,10 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """`rlhf ARGS...` in a fresh interpreter (exactly what a user runs)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    # an in-process test may have set up a process group (RANK, WORLD_SIZE, ...): the CLI is never its worker
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in (env or {}):
+            full_env.pop(name, None)
     for name in drop_env:
         full_env.pop(name, None)
     return subprocess.run(

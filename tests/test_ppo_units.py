@@ -12,7 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from rlhf_cli.config_loader import apply_override, parse_override
 from stages.config import (
@@ -71,10 +78,27 @@ def _arch(**kw) -> LlamaConfig:
                        pad_token_id=PAD_ID, **kw)
 
 
+def _gpt2_arch(**kw) -> GPT2Config:
+    return GPT2Config(vocab_size=VOCAB, n_embd=16, n_inner=32, n_layer=1, n_head=2, n_positions=64,
+                      pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=1, **kw)
+
+
 def _llama(seed: int = 0, **kw) -> LlamaForCausalLM:
     # a wide init so that the greedy next token is never a near-tie (float noise of cache vs no cache ~1e-7)
     torch.manual_seed(seed)
     return LlamaForCausalLM(_arch(initializer_range=0.3, **kw)).eval()
+
+
+def _causal(kind: str) -> torch.nn.Module:
+    """Llama (rotary positions: a constant shift of a row's positions changes nothing) or GPT-2 (learned absolute
+    positions: a left-padded row gives the unpadded row's outputs only with the right position ids)."""
+    if kind == "llama":
+        return _llama()
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(_gpt2_arch(initializer_range=0.3)).eval()
+
+
+ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2"])
 
 
 def _kept(z: torch.Tensor) -> list[list[int]]:
@@ -180,8 +204,9 @@ def _greedy_reference(model, prompt: list[int], n: int, penalty: float = 1.0) ->
 PROMPTS = [[5, 9, 12, 3, 7], [21, 4], [33, 8, 15]]
 
 
-def test_greedy_kv_cache_sampling_on_left_padded_prompts_equals_no_cache_argmax():
-    model = _llama()
+@ARCHS
+def test_greedy_kv_cache_sampling_on_left_padded_prompts_equals_no_cache_argmax(kind):
+    model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n) for p in PROMPTS]
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
@@ -193,8 +218,9 @@ def test_greedy_kv_cache_sampling_on_left_padded_prompts_equals_no_cache_argmax(
     assert torch.equal(out.prompt_ids, ids) and torch.equal(out.prompt_mask, mask)
 
 
-def test_greedy_sampling_stops_rows_at_a_stop_token():
-    model = _llama()
+@ARCHS
+def test_greedy_sampling_stops_rows_at_a_stop_token(kind):
+    model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n) for p in PROMPTS]
     # a stop id that some rows produce before their last step and another row never produces (chosen from the
@@ -212,8 +238,9 @@ def test_greedy_sampling_stops_rows_at_a_stop_token():
     assert any(out.truncated.tolist()) and not all(out.truncated.tolist())
 
 
-def test_greedy_sampling_penalises_generated_tokens_but_not_the_prompt():
-    model = _llama()
+@ARCHS
+def test_greedy_sampling_penalises_generated_tokens_but_not_the_prompt(kind):
+    model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n, penalty=3.0) for p in PROMPTS]
     assert refs != [_greedy_reference(model, p, n) for p in PROMPTS]  # the penalty matters here
@@ -342,8 +369,9 @@ def test_token_logprobs_equal_log_softmax_gather_and_entropy_minus_p_log_p():
     assert torch.allclose(ent, -(logp_all.exp() * logp_all).sum(-1), atol=1e-5)
 
 
-def test_response_logprobs_of_a_left_padded_batch_equal_each_sequence_alone():
-    model = _llama()
+@ARCHS
+def test_response_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(kind):
+    model = _causal(kind)
     responses = [[11, 2], [13, 14, 15], [16]]
     p_ids, p_mask = left_pad(PROMPTS, PAD_ID, CPU)
     width = max(map(len, responses))
@@ -522,12 +550,12 @@ def test_global_means_reduce(single_process_group):
     means = GlobalMeans()
     assert means.reduce(single_process_group.device) == {}
     means.add("loss", 3.0, 2)
-    means.add("kl", torch.tensor(0.5), torch.tensor(4.0))
-    means.add("loss", torch.tensor(1.0), 2.0)
+    means.add("kl", torch.tensor(0.5), torch.tensor(5.0))
+    means.add("loss", torch.tensor(1.0), 1.0)
     means.add("empty", 0.0, 0)
     out = means.reduce(single_process_group.device)
     assert list(out) == ["loss", "kl", "empty"]
-    assert out == pytest.approx({"loss": 1.0, "kl": 0.125, "empty": 0.0})
+    assert out == pytest.approx({"loss": 4 / 3, "kl": 0.1, "empty": 0.0})  # (3 + 1) / (2 + 1), 0.5 / 5
 
 
 # ============================================================================================ models
@@ -607,6 +635,15 @@ def test_disable_dropout_zeroes_modules_attributes_and_config():
     seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     disable_dropout(seq)
     assert seq[1].p == 0.0
+    # GPT-2: nn.Dropout modules (attn/resid/embd_pdrop 0.1 by default)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(_gpt2_arch()).train()
+    with torch.no_grad():
+        assert not torch.equal(gpt2(input_ids=ids).logits, gpt2(input_ids=ids).logits)
+    disable_dropout(gpt2)
+    assert all(m.p == 0.0 for m in gpt2.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        assert torch.equal(gpt2(input_ids=ids).logits, gpt2(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("gen_eos, extra, expected", [
@@ -628,9 +665,11 @@ def test_stop_token_ids_of_a_real_model_without_generation_eos():
     assert stop_token_ids(model, SimpleNamespace(eos_token_id=2), []) == [2, 3, 4]
 
 
-def test_value_model_reads_the_score_head_at_every_position():
+@ARCHS
+def test_value_model_reads_the_score_head_at_every_position(kind):
     torch.manual_seed(0)
-    seqcls = LlamaForSequenceClassification(_arch(num_labels=1, initializer_range=0.3)).eval()
+    arch = (_arch if kind == "llama" else _gpt2_arch)(num_labels=1, initializer_range=0.3)
+    seqcls = (LlamaForSequenceClassification if kind == "llama" else GPT2ForSequenceClassification)(arch).eval()
     critic = ValueModel(seqcls)
     ids, mask = left_pad([[5, 9, 12, 3], [21, 4]], PAD_ID, CPU)
     with torch.no_grad():
@@ -716,7 +755,7 @@ def test_fill_preset_with_an_empty_ppo_section_records_the_preset():
     data = {"ppo": None}  # YAML `ppo:` with every key commented out
     fill_preset(data, "ppo-max")
     assert data["ppo"]["kl_coef"] == 0.05  # the values are filled ...
-    assert data["ppo"]["preset"] == "ppo-max"  # ... but the name is not
+    assert data["ppo"]["preset"] == "ppo-max"  # ... and the name is recorded
 
 
 def _section_fields(key: str) -> tuple[type, str]:
