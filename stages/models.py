@@ -3,10 +3,11 @@ byte-level BPE tokenizer on the training texts (offline runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -136,7 +137,8 @@ def build_model(
     auto_cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
     head_args: dict[str, Any] = {} if head == "causal_lm" else {"num_labels": 1}
     dtype = model_dtype(cfg.dtype, precision)
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _LIVE_DS_CONFIGS.append(HfDeepSpeedConfig(ds_config))
@@ -146,36 +148,38 @@ def build_model(
         "bos_token_id": tokenizer.bos_token_id,
     }
     seed_everything(seed)
-    if cfg.from_config is not None:
-        arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids, **head_args}
-        model_type = arch.pop("model_type")
-        try:
-            config = AutoConfig.for_model(model_type, **arch)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"model.from_config: {exc}") from None
-        model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
-    else:
-        source = resolve_model_dir(cfg.name_or_path or "")
-        try:
-            model = auto_cls.from_pretrained(
-                source,
-                dtype=dtype,
-                attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code,
-                **head_args,
-            )
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load model from {source}: {exc}") from None
-        model.config.pad_token_id = tokenizer.pad_token_id
-    vocab = model.get_input_embeddings().weight
-    rows = getattr(vocab, "ds_shape", vocab.shape)[0]
-    if len(tokenizer) > rows:
-        if not resize:
-            raise CheckpointError(
-                f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
-                "use the tokenizer that belongs to the model"
-            )
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    # a model whose own config is not ZeRO-3 is built whole even while another model's ZeRO-3 set-up is alive
+    with contextlib.nullcontext() if zero3 else zero3_init_off():
+        if cfg.from_config is not None:
+            arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids, **head_args}
+            model_type = arch.pop("model_type")
+            try:
+                config = AutoConfig.for_model(model_type, **arch)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"model.from_config: {exc}") from None
+            model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        else:
+            source = resolve_model_dir(cfg.name_or_path or "")
+            try:
+                model = auto_cls.from_pretrained(
+                    source,
+                    dtype=dtype,
+                    attn_implementation=cfg.attn_implementation,
+                    trust_remote_code=cfg.trust_remote_code,
+                    **head_args,
+                )
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot load model from {source}: {exc}") from None
+            model.config.pad_token_id = tokenizer.pad_token_id
+        vocab = model.get_input_embeddings().weight
+        rows = getattr(vocab, "ds_shape", vocab.shape)[0]
+        if len(tokenizer) > rows:
+            if not resize:
+                raise CheckpointError(
+                    f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+                    "use the tokenizer that belongs to the model"
+                )
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     gen = getattr(model, "generation_config", None)
     if head == "causal_lm" and gen is not None:
         gen.pad_token_id = tokenizer.pad_token_id
@@ -184,6 +188,19 @@ def build_model(
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+@contextlib.contextmanager
+def zero3_init_off() -> Iterator[None]:
+    """Build models as plain (unpartitioned) modules even while a ZeRO-3 HfDeepSpeedConfig is alive."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def build_causal_lm(

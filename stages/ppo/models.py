@@ -15,7 +15,7 @@ import torch
 
 from stages.config import ModelConfig, PPOConfig, TrainConfig
 from stages.errors import CheckpointError
-from stages.models import PAD, build_model
+from stages.models import PAD, build_model, zero3_init_off
 from stages.reward_model import RewardModel, positions_from_mask
 
 
@@ -157,19 +157,6 @@ def build_reward(cfg: ModelConfig, rm_tok: Any, precision: str, ds_config: dict[
 @contextlib.contextmanager
 def _null() -> Iterator[None]:
     yield
-
-
-@contextlib.contextmanager
-def zero3_init_off() -> Iterator[None]:
-    """Build models as plain (unpartitioned) modules even while a ZeRO-3 HfDeepSpeedConfig is alive."""
-    import transformers.integrations.deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 class GenerationCopy:

@@ -45,7 +45,6 @@ from stages.ppo.models import (
     freeze,
     frozen_ds_config,
     stop_token_ids,
-    zero3_init_off,
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
@@ -102,30 +101,19 @@ def describe_tricks(cfg: PPOConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------- models
-def _plain_unless_zero3(ds_config: dict[str, Any] | None) -> Any:
-    """Build a model as a plain module unless its own DeepSpeed config is ZeRO-3 (another model's ZeRO-3
-    set-up must not partition it)."""
-    import contextlib
-
-    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
-    return contextlib.nullcontext() if stage == 3 else zero3_init_off()
-
-
 def build_models(cfg: PPOConfig, dist: DistInfo, tok: Any, rm_tok: Any, steps: dict[str, int]) -> dict[str, Any]:
     """policy and critic engines, frozen reference and reward model, the model used for sampling."""
     on_gpu = dist.device.type == "cuda"
     frozen_cfg = frozen_ds_config(cfg, dist.world_size, on_gpu)
     models: dict[str, Any] = {}
-    with _plain_unless_zero3(frozen_cfg):
-        ref = build_policy(cfg, tok, frozen_cfg or {})
-        models["reference"] = freeze(ref, frozen_cfg, dist.device)
-        rm = build_reward(cfg.reward_model, rm_tok, cfg.deepspeed.precision, frozen_cfg or {}, cfg.seed)
-        models["reward"] = freeze(rm, frozen_cfg, dist.device)
+    ref = build_policy(cfg, tok, frozen_cfg or {})
+    models["reference"] = freeze(ref, frozen_cfg, dist.device)
+    rm = build_reward(cfg.reward_model, rm_tok, cfg.deepspeed.precision, frozen_cfg or {}, cfg.seed)
+    models["reward"] = freeze(rm, frozen_cfg, dist.device)
     for name, lr, total in (("policy", cfg.train.policy_lr, steps["policy"]), ("critic", cfg.train.critic_lr, steps["critic"])):
         tc = engine_train_config(cfg, lr)
         ds = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, on_gpu)
-        with _plain_unless_zero3(ds):
-            model = build_policy(cfg, tok, ds) if name == "policy" else build_critic(cfg, tok, rm_tok, ds)
+        model = build_policy(cfg, tok, ds) if name == "policy" else build_critic(cfg, tok, rm_tok, ds)
         models[name] = initialize_engine(model, ds, tc, max(total, 1))
     module = models["policy"].module
     models["sampler"] = GenerationCopy(module, dist.device) if cfg.deepspeed.zero_stage == 3 else None
@@ -138,6 +126,18 @@ def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- score
+def raw_scores(cfg: PPOConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
+               eos_id: int) -> torch.Tensor:
+    """The reward model's score of [prompt | response] rows; a truncated response is scored with EOS appended
+    (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
+    if cfg.generation.on_truncation == "eos":
+        ids, mask = with_final_eos(ids, mask, truncated, eos_id)
+    raw = reward(ids, mask)[0]
+    if cfg.generation.on_truncation == "penalty":
+        raw = raw - cfg.generation.truncation_penalty * truncated.float()
+    return raw
+
+
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_id: int) -> dict[str, torch.Tensor]:
     """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
@@ -153,13 +153,7 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
         parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
-        trunc = rollout.truncated[s:s + chunk]
-        if cfg.generation.on_truncation == "eos":
-            i, m = with_final_eos(i, m, trunc, eos_id)
-        raw = models["reward"](i, m)[0]
-        if cfg.generation.on_truncation == "penalty":
-            raw = raw - cfg.generation.truncation_penalty * trunc.float()
-        parts["raw"].append(raw)
+        parts["raw"].append(raw_scores(cfg, models["reward"], i, m, rollout.truncated[s:s + chunk], eos_id))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -364,12 +358,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             keep = torch.tensor(real[s:s + cfg.train.rollout_batch_size], device=dist.device)
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
-            ids, mask = rollout.sequences()
-            if cfg.generation.on_truncation == "eos":
-                ids, mask = with_final_eos(ids, mask, rollout.truncated, eos_id)
-            raw = models["reward"](ids, mask)[0]
-            if cfg.generation.on_truncation == "penalty":
-                raw = raw - cfg.generation.truncation_penalty * rollout.truncated.float()
+            raw = raw_scores(cfg, models["reward"], *rollout.sequences(), rollout.truncated, eos_id)
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
             g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
