@@ -1,0 +1,195 @@
+"""`stages.report`: plots and summary from hand-written metrics.jsonl files (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stages.errors import ConfigError, DataError
+from stages.report import aggregate, ema, group_label, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(root: Path, name: str, rows: list[dict[str, Any]], raw_tail: str = "") -> Path:
+    """A run directory with metrics.jsonl holding `rows` (NaN written as the bare JSON token NaN, as Python's
+    json does) and optionally a raw extra text at the end."""
+    run = root / name
+    run.mkdir(parents=True)
+    text = "".join(json.dumps({"time": 1795443372.0 + i, **row}) + "\n" for i, row in enumerate(rows))
+    (run / "metrics.jsonl").write_text(text + raw_tail, encoding="utf-8")
+    return run
+
+
+def _ppo_rows(scores: list[float], kl: list[float], eval_reward: list[float],
+             monitor_at: tuple[int, ...] = ()) -> list[dict]:
+    """Training rows at steps 1..n, a validation row every 2 steps, a best and checkpoint event, monitor events."""
+    rows: list[dict[str, Any]] = []
+    for i, (s, k) in enumerate(zip(scores, kl), 1):
+        rows.append({"step": i, "objective/scores": s, "objective/kl": k, "rollout/response_length": 10.0 + i,
+                     "policy/clipfrac": 0.1, "val/clipfrac": 0.2, "monitor/firing": 0.0})
+        if i in monitor_at:
+            rows.append({"step": i, "event": "monitor", "reasons": ["length"], "action": "warn"})
+        if i % 2 == 0:
+            rows.append({"step": i, "eval/reward": eval_reward[i // 2 - 1], "eval/response_length": 9.0})
+            rows.append({"step": i, "event": "best", "eval_reward": eval_reward[i // 2 - 1]})
+    rows.append({"step": len(scores), "event": "checkpoint", "path": "/x"})
+    return rows
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    """Two seeds of ppo-vanilla (objective/scores last 1.0 and 3.0) and one ppo-max run with a NaN KL at the end."""
+    root = tmp_path / "runs"
+    return [
+        _write_run(root, "ppo-vanilla-seed1",
+                   _ppo_rows([0.0, 0.5, 1.5, 1.0], [0.0, 0.1, 0.2, 0.3], [0.2, 0.4], monitor_at=(3,))),
+        _write_run(root, "ppo-vanilla-seed2",
+                   _ppo_rows([2.0, 2.5, 2.0, 3.0], [0.0, 0.3, 0.4, 0.5], [0.6, 0.8], monitor_at=(2, 4))),
+        _write_run(root, "ppo-max", _ppo_rows([1.0, 1.2, 1.4, 1.6], [0.0, 0.1, 0.2, math.nan], [0.5, 0.7])),
+    ]
+
+
+def _table_rows(md: str) -> dict[str, list[str]]:
+    """The first Markdown table's body rows as {first cell: cells}, plus "header"."""
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    out = {"header": cells[0]}
+    for row in cells[2:]:
+        if row[0] == "run":  # the second table starts
+            break
+        out[row[0]] = row
+    return out
+
+
+def _assert_no_nan_text(table: dict[str, list[str]]) -> None:
+    """No value cell of the group table reads like nan / inf."""
+    for name, cells in table.items():
+        if name != "header":
+            for cell in cells[1:]:
+                assert "nan" not in cell.lower() and "inf" not in cell.lower(), (name, cell)
+
+
+def test_write_report_files_and_summary(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = write_report(runs, out)
+
+    names = {Path(p).name for p in result["png"]}
+    assert {"reward.png", "kl.png", "response_length.png", "clipfrac.png", "overview.png"} <= names
+    assert "gold_reward.png" not in names and "perplexity.png" not in names and "loss.png" not in names
+    for p in result["png"]:
+        data = Path(p).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+        assert Path(p).parent == out
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    table = _table_rows(md)
+    header = table["header"]
+    assert set(table) == {"header", "ppo-vanilla", "ppo-max"}  # one row per group, seeds stripped
+    col = {name: i for i, name in enumerate(header)}
+    vanilla, ppo_max = table["ppo-vanilla"], table["ppo-max"]
+    assert vanilla[col["seeds"]] == "2" and ppo_max[col["seeds"]] == "1"
+    # mean over seeds: first (0.0 + 2.0) / 2, last (1.0 + 3.0) / 2, max (1.5 + 3.0) / 2
+    assert vanilla[col["objective/scores first"]] == "1"
+    assert vanilla[col["objective/scores last"]] == "2"
+    assert vanilla[col["objective/scores max"]] == "2.25"
+    assert vanilla[col["objective/kl last"]] == "0.4"
+    assert vanilla[col["eval/reward first"]] == "0.4" and vanilla[col["eval/reward last"]] == "0.6"
+    assert ppo_max[col["objective/scores last"]] == "1.6"
+    # the NaN KL of ppo-max is its last value: n/a, never "nan"; its max is over the finite values
+    assert ppo_max[col["objective/kl last"]] == "n/a"
+    assert ppo_max[col["objective/kl max"]] == "0.2"
+    _assert_no_nan_text(table)
+    # only columns some run has; monitor events per run
+    assert not any(h.startswith(("objective/gold", "eval/loss", "train/loss")) for h in header)
+    assert vanilla[col["monitor events"]] == "1 / 2" and ppo_max[col["monitor events"]] == "0"
+    for name in names:
+        assert f"]({name})" in md
+
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert saved == result
+    groups = result["groups"]
+    assert groups["ppo-vanilla"]["metrics"]["objective/scores"]["last"] == pytest.approx(2.0)
+    assert groups["ppo-max"]["metrics"]["objective/kl"]["last"] is None
+    assert [r["label"] for r in groups["ppo-vanilla"]["runs"]] == ["ppo-vanilla-seed1", "ppo-vanilla-seed2"]
+    assert [r["monitor_events"] for r in groups["ppo-vanilla"]["runs"]] == [1, 2]
+    assert groups["ppo-vanilla"]["runs"][0]["last_step"] == 4
+
+
+def test_nan_as_logged_by_metrics_logger_and_smoothing(tmp_path: Path) -> None:
+    """MetricsLogger writes NaN/inf as strings; they read as non-finite. Smoothing still writes plots, and the
+    summary stays raw (unsmoothed)."""
+    run = _write_run(tmp_path, "sft-seed0", [
+        {"step": 10, "train/loss": 4.0},
+        {"step": 20, "train/loss": "nan"},
+        {"step": 20, "eval/loss": "inf", "eval/perplexity": 3.0},
+        {"step": 30, "train/loss": 2.0},
+        {"step": 30, "event": "final", "path": "/x"},
+    ])
+    result = write_report([run], tmp_path / "out", smooth=0.9)
+    assert {Path(p).name for p in result["png"]} == {"loss.png", "overview.png"}
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    table = _table_rows(md)
+    col = {name: i for i, name in enumerate(table["header"])}
+    row = table["sft"]
+    assert row[col["train/loss first"]] == "4" and row[col["train/loss last"]] == "2"
+    assert row[col["train/loss max"]] == "4"
+    assert row[col["eval/loss first"]] == "n/a" and row[col["eval/loss max"]] == "n/a"
+    _assert_no_nan_text(table)
+
+
+def test_missing_metrics_raises_naming_dir(runs: list[Path], tmp_path: Path) -> None:
+    empty = tmp_path / "runs" / "ppo-broken"
+    empty.mkdir()
+    with pytest.raises(DataError, match="ppo-broken"):
+        write_report([*runs, empty], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    with pytest.raises(DataError, match="does-not-exist"):
+        write_report([tmp_path / "does-not-exist"], tmp_path / "out")
+
+
+def test_no_plottable_metric_raises(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, "odd", [{"step": 1, "perf/iteration_s": 1.0}, {"step": 1, "event": "final"}])
+    with pytest.raises(DataError, match="no plottable metric.*odd"):
+        write_report([run], tmp_path / "out")
+
+
+def test_bad_lines(tmp_path: Path) -> None:
+    """A cut final line (a run being written) is dropped; a broken line in the middle names file and line."""
+    run = _write_run(tmp_path, "ppo-live", [{"step": 1, "objective/scores": 1.0}], raw_tail='{"step": 2, "obj')
+    result = write_report([run], tmp_path / "out")
+    assert result["groups"]["ppo-live"]["metrics"]["objective/scores"]["last"] == 1.0
+    bad = _write_run(tmp_path, "ppo-bad", [{"step": 1, "objective/scores": 1.0}],
+                     raw_tail='not json\n{"step": 3, "objective/scores": 2.0}\n')
+    with pytest.raises(DataError, match=r"ppo-bad.*line 2"):
+        write_report([bad], tmp_path / "out2")
+
+
+def test_smooth_out_of_range(runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="smooth"):
+        write_report(runs, tmp_path / "out", smooth=1.0)
+    with pytest.raises(ConfigError):
+        write_report([], tmp_path / "out")
+
+
+def test_group_label() -> None:
+    assert group_label("ppo-vanilla-seed2") == "ppo-vanilla"
+    assert group_label("ppo-max-seed10") == "ppo-max"
+    assert group_label("ppo-max") == "ppo-max"
+    assert group_label("seed3") == "seed3"
+    assert group_label("ppo-seed1-long") == "ppo-seed1-long"
+
+
+def test_ema_and_aggregate() -> None:
+    assert ema([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    assert ema([0.0, 1.0, 1.0], 0.5) == [0.0, 0.5, 0.75]
+    smoothed = ema([0.0, math.nan, 1.0], 0.5)
+    assert smoothed[0] == 0.0 and math.isnan(smoothed[1]) and smoothed[2] == 0.5
+    # mean and min-max band only over steps every seed has (a NaN step drops out)
+    steps, mean, low, high = aggregate([[(1, 1.0), (2, 2.0), (3, math.nan)], [(1, 3.0), (2, 4.0), (3, 5.0), (4, 1.0)]])
+    assert steps == [1, 2] and mean == [2.0, 3.0] and low == [1.0, 2.0] and high == [3.0, 4.0]
+    assert aggregate([[(1, 1.0)], [(2, 1.0)]]) == ([], [], [], [])
