@@ -265,6 +265,94 @@ def _ppo_command() -> None:
 _ppo_command()
 
 
+def _fail(exc: RlhfError, debug: bool) -> None:
+    """Print an error without a traceback (unless --debug) and exit with its code."""
+    if debug:
+        raise exc
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code) from None
+
+
+@app.command(name="eval")
+def eval_(
+    policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="A PPO config: its reward_model, data (data.eval, else data.train), generation, "
+        "gold reward and seed are the defaults of the options below.", show_default="none")] = None,
+    reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model directory.",
+                                                         show_default="the config's")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file (JSONL/JSON/CSV/Parquet; "
+                       "the formats of rlhf ppo).", show_default="the config's data.eval, else data.train")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Policy to compare with (win-rates), e.g. "
+                                                    "the SFT model.", show_default="none")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Reference policy for the KL.",
+                                                     show_default="the baseline")] = None,
+    gold: Annotated[Optional[Literal["toy"]], typer.Option("--gold", help="Gold judge (toy task).",
+                                                           show_default="the config's data.gold_reward")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", min=1, help="Use the first N prompts.",
+                                                       show_default="all")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, show_default="the config's, else 128")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, show_default="the config's, else 0.8")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (the same for both policies).",
+                                                show_default="the config's, else 0")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
+                        "*.samples.jsonl).", show_default="POLICY/eval.json")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate a policy on held-out prompts: mean RM reward, gold reward (toy task), KL to a reference, length, repetition, and win-rates against a baseline judged by the RM and by gold.
+
+    Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
+    """  # noqa: E501
+    from stages.evaluate import EvalSettings, evaluate, print_results
+
+    try:
+        settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
+                                 max_new_tokens, temperature, seed, batch_size)
+        results = evaluate(settings, out_file or (policy / "eval.json"))
+        print_results(results, out)
+    except RlhfError as exc:
+        _fail(exc, debug)
+
+
+def eval_settings(policy: Path, config: Path | None, reward_model: str | None, prompts: Path | None,
+                  baseline: str | None, reference: str | None, gold: str | None, num_prompts: int | None,
+                  max_new_tokens: int | None, temperature: float | None, seed: int | None,
+                  batch_size: int) -> "EvalSettings":
+    """`rlhf eval`'s options over the PPO config's values (when --config is given)."""
+    from stages.config import GenerationConfig, PPODataConfig
+    from stages.evaluate import EvalSettings
+
+    data_fields: dict[str, object] = {}
+    gen_fields: dict[str, object] = {}
+    base: dict[str, object] = {"seed": 0, "dtype": "float32", "ngram": 3}
+    if config is not None:
+        cfg = load_config("ppo", config, [])
+        reward_model = reward_model or cfg.reward_model.name_or_path
+        data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
+        data_fields["train"] = cfg.data.eval or cfg.data.train
+        gen_fields = cfg.generation.model_dump()
+        base = {"seed": cfg.seed, "dtype": "float32" if cfg.deepspeed.precision == "fp32" else
+                {"bf16": "bfloat16", "fp16": "float16"}[cfg.deepspeed.precision], "ngram": cfg.monitor.ngram}
+    if prompts is not None:
+        data_fields["train"] = str(prompts.resolve())
+    if gold is not None:
+        data_fields["gold_reward"] = gold
+    if "train" not in data_fields:
+        raise ConfigError("rlhf eval needs --prompts (or --config with data)")
+    if reward_model is None:
+        raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
+    gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
+    try:
+        data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
+    except ValueError as exc:
+        raise ConfigError(f"rlhf eval: {exc}") from None
+    return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
+                        baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
+                        seed=seed if seed is not None else int(base["seed"]), ngram=int(base["ngram"]),  # type: ignore[arg-type]
+                        dtype=str(base["dtype"]))
+
+
 @app.command()
 def env(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", show_default="off")] = False,

@@ -9,7 +9,10 @@ the answers follow fixed rules a tiny model can learn in a minute on a CPU:
     what comes after 41?         -> 42
     spell cat                    -> c a t
 
-`preference_rows` pairs each right answer with a corrupted one (for the reward model).
+`preference_rows` compares two candidate answers by the gold reward (for the reward model); `prompt_rows` are
+questions alone (for PPO and `rlhf eval`).
+`gold_reward` is the "human" judge of the toy task (see its docstring); PPO and `rlhf eval` log it next to the
+learned reward model's score (`data.gold_reward: toy`), never train on it.
 Regenerate the shipped files with `python -m stages.toydata configs/tiny/data`.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,41 +63,100 @@ def sft_rows(n: int, seed: int = 0, multi_turn_share: float = 0.25) -> list[dict
     return rows
 
 
-def corrupt(answer: str, rng: random.Random) -> str:
-    """A wrong answer to the same question: another task's answer, the answer said twice, the answer with its
-    last item dropped (or one more item), or its items out of order (a single item: a different one)."""
-    items = answer.split()
-    kind = rng.randrange(4)
-    if kind == 0:
-        while True:
-            other = _task(rng)[1]
-            if other != answer:
-                return other
-    if kind == 1:
-        return answer + " " + answer
-    if kind == 2:
-        return " ".join(items[:-1]) if len(items) > 1 else answer + " " + rng.choice(WORDS)
-    shuffled = items[:]
-    while len(set(items)) > 1 and shuffled == items:
-        rng.shuffle(shuffled)
-    if shuffled != items:
-        return " ".join(shuffled)
-    return " ".join([rng.choice([w for w in WORDS if w != items[0]])] + items[1:])
+def candidates(answer: list[str], rng: random.Random) -> list[str]:
+    """Answers an annotator might be shown for a question whose right answer is `answer` (items): the right one,
+    its shorter prefixes, one item swapped for another word/number, the items out of order, another question's
+    answer. None is longer than the right answer with it as a prefix: annotators never see padded or repeated
+    answers -- the reward model's blind spot, as length is for real reward models."""
+    n = len(answer)
+    out = [" ".join(answer)]
+    out += [" ".join(answer[:k]) for k in range(1, n)]
+    i = rng.randrange(n)
+    swap = str(int(answer[i]) + rng.choice((-2, -1, 1, 2))) if answer[i].isdigit() else rng.choice(
+        [w for w in WORDS + list("abcdefghijklmnopqrstuvwxyz") if w != answer[i]])
+    out.append(" ".join(answer[:i] + [swap] + answer[i + 1:]))
+    shuffled = answer[:]
+    rng.shuffle(shuffled)
+    out.append(" ".join(shuffled))
+    out.append(_task(rng)[1])
+    return list(dict.fromkeys(out))
 
 
 def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
-    """`n` chat preference pairs {prompt: [user], chosen: [assistant: right answer], rejected: [assistant: a
-    corrupted answer]} for the same tasks as `sft_rows`."""
+    """`n` chat preference pairs {prompt: [user], chosen: [assistant], rejected: [assistant]}, labelled by
+    `gold_reward`: two of `candidates` with different gold values, the higher one chosen. Half the pairs put the
+    right answer against another candidate; the rest compare two imperfect ones (a longer prefix of the right
+    answer always wins over a shorter one: more of it is there)."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n:
         q, a = _task(rng)
+        pool = candidates(a.split(), rng)
+        first = pool[0] if rng.random() < 0.5 else rng.choice(pool[1:])
+        second = rng.choice([c for c in pool if c != first] or [first])
+        g1, g2 = gold_reward(q, first), gold_reward(q, second)
+        if g1 == g2:
+            continue
+        chosen, rejected = (first, second) if g1 > g2 else (second, first)
         rows.append({
             "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": a}],
-            "rejected": [{"role": "assistant", "content": corrupt(a, rng)}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
         })
     return rows
+
+
+def prompt_rows(n: int, seed: int = 2) -> list[dict[str, Any]]:
+    """`n` single-question chat prompts {messages: [user]} for PPO and `rlhf eval`."""
+    rng = random.Random(seed)
+    return [{"messages": [{"role": "user", "content": _task(rng)[0]}]} for _ in range(n)]
+
+
+#: question pattern -> the right answer's items, for `solve`
+_QUESTIONS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (re.compile(r"count from (\d+) to (\d+)"), lambda m: [str(i) for i in range(int(m[1]), int(m[2]) + 1)]),
+    (re.compile(r"reverse: ((?:[a-z]+ ?)+)"), lambda m: m[1].split()[::-1]),
+    (re.compile(r"repeat ([a-z]+) (\d+) times"), lambda m: [m[1]] * int(m[2])),
+    (re.compile(r"what comes after (\d+)\?"), lambda m: [str(int(m[1]) + 1)]),
+    (re.compile(r"spell ([a-z]+)"), lambda m: list(m[1])),
+)
+
+
+def solve(text: str) -> list[str] | None:
+    """The right answer's items for the last toy question in `text` (a prompt in any chat format), or None when
+    `text` asks none. `reverse:` reads its words up to the end of the line."""
+    best: tuple[int, list[str]] | None = None
+    for line_start, line in _lines(text):
+        for pattern, answer in _QUESTIONS:
+            for m in pattern.finditer(line):
+                if best is None or line_start + m.start() >= best[0]:
+                    best = (line_start + m.start(), answer(m))
+    return None if best is None else best[1]
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    out, pos = [], 0
+    for line in text.split("\n"):
+        out.append((pos, line))
+        pos += len(line) + 1
+    return out
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """The toy task's "human" judgement of `response` to the last question in `prompt`, in [0, 1]:
+
+        gold = #{i : response_i == answer_i} / max(len(answer), len(response))
+
+    over whitespace-separated items (position by position). The right answer scores 1; every missing, wrong,
+    extra or repeated item costs, so padding a right answer ("3 4 5 6 6 6") scores 4/6. A prompt without a
+    toy question scores 0.
+    """
+    answer = solve(prompt)
+    items = response.split()
+    if not answer or not items:
+        return 0.0
+    hits = sum(a == r for a, r in zip(answer, items))
+    return hits / max(len(answer), len(items))
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
@@ -102,7 +165,12 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 #: file name -> (row maker, rows, seed) of the files in configs/tiny/data
-SHIPPED = {"sft.jsonl": (sft_rows, 2000, 0), "rm.jsonl": (preference_rows, 2000, 1)}
+SHIPPED = {
+    "sft.jsonl": (sft_rows, 2000, 0),
+    "rm.jsonl": (preference_rows, 3000, 1),
+    "prompts.jsonl": (prompt_rows, 2000, 2),
+    "eval_prompts.jsonl": (prompt_rows, 128, 3),
+}
 
 
 def main(argv: list[str]) -> None:

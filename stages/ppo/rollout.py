@@ -153,6 +153,18 @@ def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tenso
     return torch.cat([ids, col_ids[:, None]], 1), torch.cat([mask, truncated.long()[:, None]], 1)
 
 
+def raw_scores(gen: GenerationConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
+               eos_id: int) -> torch.Tensor:
+    """The reward model's score of [prompt | response] rows; a truncated response is scored with EOS appended
+    (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
+    if gen.on_truncation == "eos":
+        ids, mask = with_final_eos(ids, mask, truncated, eos_id)
+    raw = reward(ids, mask)[0]
+    if gen.on_truncation == "penalty":
+        raw = raw - gen.truncation_penalty * truncated.float()
+    return raw
+
+
 # --------------------------------------------------------------------------------------------- text statistics
 def repetition_rate(tokens: list[int], n: int) -> float:
     """Share of the response's n-grams that repeat an earlier one: 1 - distinct / total (0 without n-grams).

@@ -31,6 +31,7 @@ from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conv
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import RlhfError
+from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer
@@ -52,12 +53,12 @@ from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
+    raw_scores,
     repetition_rate,
     response_lists,
     response_logits,
     sample,
     token_logprobs,
-    with_final_eos,
 )
 from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
 from stages.trainer import EpochSampler, check_finite, due, open_run, optimizer_step, split_holdout
@@ -126,18 +127,6 @@ def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- score
-def raw_scores(cfg: PPOConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
-               eos_id: int) -> torch.Tensor:
-    """The reward model's score of [prompt | response] rows; a truncated response is scored with EOS appended
-    (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
-    if cfg.generation.on_truncation == "eos":
-        ids, mask = with_final_eos(ids, mask, truncated, eos_id)
-    raw = reward(ids, mask)[0]
-    if cfg.generation.on_truncation == "penalty":
-        raw = raw - cfg.generation.truncation_penalty * truncated.float()
-    return raw
-
-
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_id: int) -> dict[str, torch.Tensor]:
     """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
@@ -153,7 +142,7 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
         parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
-        parts["raw"].append(raw_scores(cfg, models["reward"], i, m, rollout.truncated[s:s + chunk], eos_id))
+        parts["raw"].append(raw_scores(cfg.generation, models["reward"], i, m, rollout.truncated[s:s + chunk], eos_id))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -318,30 +307,33 @@ def keep_samples(path: Path, upto: int) -> None:
 
 
 def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prompts: list[list[int]],
-                 responses: list[list[int]], scores: list[float]) -> None:
-    """A rich table prompt | response | reward of this rank's first samples; all of them go to samples.jsonl."""
+                 responses: list[list[int]], scores: list[float], gold: list[float] | None = None) -> None:
+    """A rich table prompt | response | reward (| gold) of this rank's first samples; all of them go to
+    samples.jsonl."""
     from rich.table import Table
 
     from stages.metrics import _CONSOLE
 
     table = Table(title=f"samples at iteration {iteration}", show_lines=True)
-    for col in ("prompt", "response", "reward"):
+    for col in ("prompt", "response", "reward") + (("gold",) if gold is not None else ()):
         table.add_column(col, overflow="fold")
     with (out / "samples.jsonl").open("a", encoding="utf-8") as fh:
         for i, (pr, resp, score) in enumerate(zip(prompts, responses, scores)):
             p_text = tokenizer.decode(pr, skip_special_tokens=False)
             r_text = tokenizer.decode(resp, skip_special_tokens=False)
-            fh.write(json.dumps({"iteration": iteration, "prompt": p_text, "response": r_text, "score": score}) + "\n")
+            row = {"iteration": iteration, "prompt": p_text, "response": r_text, "score": score}
+            extra = {"gold": gold[i]} if gold is not None else {}
+            fh.write(json.dumps(row | extra) + "\n")
             if i < cfg.train.samples_shown:
-                table.add_row(p_text[-200:], r_text[:300], f"{score:.3f}")
+                table.add_row(p_text[-200:], r_text[:300], f"{score:.3f}", *(f"{v:.3f}" for v in extra.values()))
     _CONSOLE.print(table)
 
 
 # --------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: list[list[int]], pad_id: int,
-             eos_id: int, stop_ids: list[int], vocab: int) -> dict[str, float]:
-    """Mean raw reward and length of responses to the held-out prompts, sampled with a fixed seed (the same
+def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: list[list[int]], tokenizer: Any,
+             stop_ids: list[int]) -> dict[str, float]:
+    """Mean raw reward (and gold reward) and length of responses to the held-out prompts, sampled with a fixed seed (the same
     random stream at every validation; the training random state is left untouched). Every rank runs the same
     number of batches (ZeRO-3 needs that), short ranks on stand-in prompts they do not count."""
     mine = list(range(dist.rank, len(prompts), dist.world_size))
@@ -350,6 +342,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
     mine += [0] * (per_rank - len(mine))
     g = GlobalMeans()
     model = sampling_model(models)
+    pad_id, eos_id, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
@@ -358,10 +351,14 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             keep = torch.tensor(real[s:s + cfg.train.rollout_batch_size], device=dist.device)
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
-            raw = raw_scores(cfg, models["reward"], *rollout.sequences(), rollout.truncated, eos_id)
+            raw = raw_scores(cfg.generation, models["reward"], *rollout.sequences(), rollout.truncated, eos_id)
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
             g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
+            if cfg.data.gold_reward:
+                gold = gold_scores(cfg.data.gold_reward, tokenizer, [prompts[i] for i in rows],
+                                   response_lists(rollout, stop_ids))
+                g.add("eval/gold", (torch.tensor(gold, device=dist.device) * keep).sum(), keep.sum())
     return g.reduce(dist.device)
 
 
@@ -454,6 +451,11 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         # 6. update
         lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
         values = rollout_metrics(cfg, dist, rollout, exp, stop_ids)
+        gold = None
+        if cfg.data.gold_reward:
+            gold = gold_scores(cfg.data.gold_reward, tokenizer, [data["train"][i] for i in rank_rows],
+                               response_lists(rollout, stop_ids))
+            values["objective/gold"] = float(all_reduce_sum([sum(gold)], dist.device)[0]) / (B * dist.world_size)
         t1 = time.perf_counter()
         values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
         t_update = time.perf_counter() - t1
@@ -486,10 +488,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                                "len": values["rollout/response_length"]})
         if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
             show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
-                         response_lists(rollout, []), exp["raw"].tolist())
+                         response_lists(rollout, []), exp["raw"].tolist(), gold)
         # validation and best/
         if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
-            ev = validate(cfg, dist, models, data["eval"], pad_id, eos_id, stop_ids, vocab)
+            ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids)
             metrics.log(done, ev)
             best = state["best_reward"]
             better = not critic_only and (best is None or ev["eval/reward"] > best)

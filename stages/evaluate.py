@@ -1,0 +1,225 @@
+"""`rlhf eval`: a policy on held-out prompts, judged by the reward model (and a gold judge on the toy task),
+against a baseline policy (e.g. the SFT model it started from).
+
+For each prompt the policy (and the baseline) samples one response with the same seed; then per model
+
+    reward      mean RM score (EOS appended to a response cut at max_new_tokens, as in PPO)
+    gold        mean gold reward (data.gold_reward, e.g. the toy task's)
+    kl          mean over responses of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples
+                (a sampled estimate of KL(pi || pi_ref) per response; pi_ref = --reference, else the baseline)
+    length      mean response tokens (the stop token included); cap_share: share cut at max_new_tokens
+    repetition  mean share of repeated n-grams (monitor.ngram)
+
+and the win-rate of the policy against the baseline, prompt by prompt:
+
+    win_rate = (wins + ties / 2) / prompts        judged by the RM score, and by the gold reward
+
+Single process; the GPU when there is one. Writes a JSON file (and the samples as JSONL next to it).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.config import GenerationConfig, ModelConfig, PPODataConfig
+from stages.data import BadRowLog
+from stages.errors import ConfigError
+from stages.gold import gold_scores
+from stages.models import resolve_model_dir
+from stages.ppo.prompts import load_prompts
+from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logits, sample, token_logprobs
+
+
+@dataclass
+class EvalSettings:
+    """What `rlhf eval` compares and how it samples."""
+
+    policy: str
+    reward_model: str
+    data: PPODataConfig
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    baseline: str | None = None
+    reference: str | None = None
+    num_prompts: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    ngram: int = 3
+    dtype: str = "float32"
+
+
+@dataclass
+class Generated:
+    """One model's responses to the prompts, with their scores."""
+
+    responses: list[list[int]]
+    truncated: list[bool]
+    reward: list[float]
+    gold: list[float] | None
+    kl: list[float] | None = None
+
+
+def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from None
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, tok: Any, reward: Any,
+             stop_ids: list[int], device: torch.device) -> Generated:
+    """Sample one response per prompt (seeded), score it with the RM and the gold judge."""
+    torch.manual_seed(s.seed)
+    out = Generated([], [], [], [] if s.data.gold_reward else None)
+    for b in range(0, len(prompts), s.batch_size):
+        batch = prompts[b:b + s.batch_size]
+        ids, mask = left_pad(batch, tok.pad_token_id, device)
+        roll = sample(model, ids, mask, s.generation, stop_ids, tok.pad_token_id, len(tok))
+        full_ids, full_mask = roll.sequences()
+        out.reward += raw_scores(s.generation, reward, full_ids, full_mask, roll.truncated, tok.eos_token_id).tolist()
+        responses = response_lists(roll, stop_ids)
+        out.responses += responses
+        out.truncated += roll.truncated.tolist()
+        if out.gold is not None:
+            out.gold += gold_scores(s.data.gold_reward or "", tok, batch, responses)
+    return out
+
+
+@torch.no_grad()
+def kl_to(policy: torch.nn.Module, reference: torch.nn.Module, prompts: list[list[int]], gen: Generated,
+          s: EvalSettings, tok: Any, stop_ids: list[int], device: torch.device) -> list[float]:
+    """Per response: sum over its tokens (the stop token included) of log pi - log pi_ref."""
+    kls: list[float] = []
+    for b in range(0, len(prompts), s.batch_size):
+        batch = prompts[b:b + s.batch_size]
+        ids, mask = left_pad(batch, tok.pad_token_id, device)
+        width = ids.shape[1]
+        resp = [r + ([] if cut else [stop_ids[0]]) for r, cut in
+                zip(gen.responses[b:b + s.batch_size], gen.truncated[b:b + s.batch_size])]
+        longest = max(1, max(len(r) for r in resp))
+        r_ids = torch.full((len(resp), longest), tok.pad_token_id, dtype=torch.long, device=device)
+        r_mask = torch.zeros_like(r_ids)
+        for i, r in enumerate(resp):
+            r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            r_mask[i, :len(r)] = 1
+        full, full_mask = torch.cat([ids, r_ids], 1), torch.cat([mask, r_mask], 1)
+        lp, _ = token_logprobs(response_logits(policy, full, full_mask, width), r_ids)
+        ref, _ = token_logprobs(response_logits(reference, full, full_mask, width), r_ids)
+        kls += ((lp - ref) * r_mask).sum(1).tolist()
+    return kls
+
+
+def win_rate(mine: list[float], theirs: list[float]) -> dict[str, float]:
+    """(wins + ties / 2) / n, with the win, tie and loss shares.
+
+    >>> win_rate([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0])
+    {'win_rate': 0.625, 'wins': 0.5, 'ties': 0.25, 'losses': 0.25}
+    """
+    n = len(mine)
+    wins = sum(a > b for a, b in zip(mine, theirs))
+    ties = sum(a == b for a, b in zip(mine, theirs))
+    return {"win_rate": (wins + ties / 2) / n, "wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n}
+
+
+def summarize(gen: Generated, ngram: int) -> dict[str, float]:
+    """Means over the prompts of one model's responses."""
+    out = {
+        "reward": statistics.fmean(gen.reward),
+        "length": statistics.fmean(len(r) + (0 if cut else 1) for r, cut in zip(gen.responses, gen.truncated)),
+        "cap_share": statistics.fmean(float(c) for c in gen.truncated),
+        "repetition": statistics.fmean(repetition_rate(r, ngram) for r in gen.responses),
+    }
+    if gen.gold is not None:
+        out["gold"] = statistics.fmean(gen.gold)
+    if gen.kl is not None:
+        out["kl"] = statistics.fmean(gen.kl)
+    return out
+
+
+def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns (and writes to `out_file` with samples beside it) the results."""
+    from transformers import AutoTokenizer
+
+    from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, s.dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir(s.policy))
+        rm_tok = AutoTokenizer.from_pretrained(resolve_model_dir(s.reward_model))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer: {exc}") from None
+    check_tokenizers(tok, rm_tok, s.reward_model)
+    prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog())
+    prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
+    if not prompts:
+        raise ConfigError(f"no prompts in {s.data.train}")
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[s.dtype]
+    reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
+    policy = _load_lm(s.policy, dtype, device)
+    stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
+    results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
+                               "prompts": len(prompts), "seed": s.seed}
+    mine = generate(policy, prompts, s, tok, reward, stop_ids, device)
+    ref_path = s.reference or s.baseline
+    if ref_path:
+        reference = _load_lm(ref_path, dtype, device)
+        mine.kl = kl_to(policy, reference, prompts, mine, s, tok, stop_ids, device)
+        results["reference"] = ref_path
+    results["policy_metrics"] = summarize(mine, s.ngram)
+    theirs = None
+    if s.baseline:
+        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device)
+        theirs = generate(base, prompts, s, tok, reward, stop_ids, device)
+        results["baseline_metrics"] = summarize(theirs, s.ngram)
+        results["win_rate_rm"] = win_rate(mine.reward, theirs.reward)
+        if mine.gold is not None and theirs.gold is not None:
+            results["win_rate_gold"] = win_rate(mine.gold, theirs.gold)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        with out_file.with_suffix(".samples.jsonl").open("w", encoding="utf-8") as fh:
+            for i, p in enumerate(prompts):
+                row = {"prompt": tok.decode(p, skip_special_tokens=True),
+                       "policy": tok.decode(mine.responses[i], skip_special_tokens=True), "policy_reward": mine.reward[i]}
+                if mine.gold is not None:
+                    row["policy_gold"] = mine.gold[i]
+                if theirs is not None:
+                    row |= {"baseline": tok.decode(theirs.responses[i], skip_special_tokens=True),
+                            "baseline_reward": theirs.reward[i]}
+                    if theirs.gold is not None:
+                        row["baseline_gold"] = theirs.gold[i]
+                fh.write(json.dumps(row) + "\n")
+    return results
+
+
+def print_results(results: dict[str, Any], console: Any) -> None:
+    """A table metric | policy | baseline, then the win-rates."""
+    from rich.table import Table
+
+    table = Table(title=f"rlhf eval: {results['prompts']} prompts (seed {results['seed']})")
+    table.add_column("metric")
+    table.add_column("policy", justify="right")
+    has_base = "baseline_metrics" in results
+    if has_base:
+        table.add_column("baseline", justify="right")
+    for key, value in results["policy_metrics"].items():
+        row = [key, f"{value:.4f}"]
+        if has_base:
+            other = results["baseline_metrics"].get(key)
+            row.append("" if other is None else f"{other:.4f}")
+        table.add_row(*row)
+    for judge in ("rm", "gold"):
+        wr = results.get(f"win_rate_{judge}")
+        if wr:
+            table.add_row(f"win-rate vs baseline ({judge})", f"{wr['win_rate']:.3f}", f"ties {wr['ties']:.2f}")
+    console.print(table)
