@@ -304,7 +304,7 @@ def eval_(
 
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501
-    from stages.evaluate import EvalSettings, evaluate, print_results
+    from stages.evaluate import eval_settings, evaluate, print_results
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
@@ -315,42 +315,66 @@ def eval_(
         _fail(exc, debug)
 
 
-def eval_settings(policy: Path, config: Path | None, reward_model: str | None, prompts: Path | None,
-                  baseline: str | None, reference: str | None, gold: str | None, num_prompts: int | None,
-                  max_new_tokens: int | None, temperature: float | None, seed: int | None,
-                  batch_size: int) -> "EvalSettings":
-    """`rlhf eval`'s options over the PPO config's values (when --config is given)."""
-    from stages.config import GenerationConfig, PPODataConfig
-    from stages.evaluate import EvalSettings
+@app.command()
+def pipeline(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    num_gpus: NumGpusOpt = None,
+    num_nodes: NumNodesOpt = None,
+    hostfile: HostfileOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the pipeline and every stage config; print "
+                                          "the stage commands; train nothing.", show_default="off")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages whose output is already complete "
+                                        "(their old output is replaced).", show_default="off")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
 
-    data_fields: dict[str, object] = {}
-    gen_fields: dict[str, object] = {}
-    base: dict[str, object] = {"seed": 0, "dtype": "float32", "ngram": 3}
-    if config is not None:
-        cfg = load_config("ppo", config, [])
-        reward_model = reward_model or cfg.reward_model.name_or_path
-        data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
-        data_fields["train"] = cfg.data.eval or cfg.data.train
-        gen_fields = cfg.generation.model_dump()
-        base = {"seed": cfg.seed, "dtype": "float32" if cfg.deepspeed.precision == "fp32" else
-                {"bf16": "bfloat16", "fp16": "float16"}[cfg.deepspeed.precision], "ngram": cfg.monitor.ngram}
-    if prompts is not None:
-        data_fields["train"] = str(prompts.resolve())
-    if gold is not None:
-        data_fields["gold_reward"] = gold
-    if "train" not in data_fields:
-        raise ConfigError("rlhf eval needs --prompts (or --config with data)")
-    if reward_model is None:
-        raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
-    gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
+    Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force), a partial one resumes. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
+    """  # noqa: E501
+    from stages.pipeline import plan, run_pipeline, stage_command
+
     try:
-        data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
-    except ValueError as exc:
-        raise ConfigError(f"rlhf eval: {exc}") from None
-    return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
-                        baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
-                        seed=seed if seed is not None else int(base["seed"]), ngram=int(base["ngram"]),  # type: ignore[arg-type]
-                        dtype=str(base["dtype"]))
+        cfg = load_config("pipeline", config, set_ or [])
+        runs = plan(cfg)
+        for run in runs:  # every stage config must validate before anything trains
+            load_config(run.stage, run.config, run.overrides, preset=run.preset,
+                        not_yet=run.not_yet)
+        launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
+                  num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])]
+        out.rule("rlhf pipeline: plan")
+        for run in runs:
+            out.print(f"[bold]{run.label}[/]: " + format_command(stage_command(run, launch, False, force), {}),
+                      highlight=False, soft_wrap=True)
+        if dry_run:
+            out.print("dry run: every config is valid; nothing trained")
+            return
+        run_pipeline(cfg, launch, force, out)
+    except RlhfError as exc:
+        _fail(exc, debug)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run output directories (metrics.jsonl); names ending in "
+                                                   "-seedN are averaged as one group.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where the PNGs and report.md go.",
+                                                    show_default="report/ next to the first run")] = None,
+    smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.99, help="EMA smoothing of training curves "
+                                          "(0 = none).")] = 0.0,
+    debug: DebugOpt = False,
+) -> None:
+    """PNG plots of reward, gold reward, KL, response length, perplexity and clip fractions, overlaying several runs (seeds as mean and min-max band), plus report.md and report.json.
+
+    Example: [bold]rlhf report runs/reproduce/vanilla-seed* runs/reproduce/ppo-max-seed* --out runs/reproduce/report[/]
+    """  # noqa: E501
+    from stages.report import write_report
+
+    try:
+        result = write_report(run_dirs, out_dir or run_dirs[0].resolve().parent / "report", smooth)
+    except RlhfError as exc:
+        _fail(exc, debug)
+    out.print(f"wrote {len(result['png'])} plots and {result['markdown']}", highlight=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import STAGE_SCHEMAS, DataSource, Section, resolve_paths
+from stages.config import CONFIG_SCHEMAS, DataSource, Section, resolve_paths
 from stages.errors import ConfigError
 
 
@@ -193,13 +193,15 @@ def load_config(
     overrides: list[str] | None = None,
     cwd: Path | None = None,
     preset: str | None = None,
+    not_yet: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Section:
     """Read, override, validate and path-resolve the config for `stage`. For `ppo`, the preset (the command
     line's `preset`, else the file's `ppo.preset`) then fills the trick keys left unset.
 
+    `not_yet`: path keys that name an earlier stage's output still to be produced (not checked to exist).
     Returns the validated pydantic model; raises ConfigError with a one-line (or one-per-problem) message.
     """
-    schema = STAGE_SCHEMAS[stage]
+    schema = CONFIG_SCHEMAS[stage]
     config_path = Path(config_path).expanduser().resolve()
     data = load_yaml_file(config_path)
     cli_keys: set[str] = set()
@@ -218,7 +220,7 @@ def load_config(
         config = schema.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, str(config_path))) from None
-    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve())
+    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet)
     return config
 
 

@@ -437,7 +437,62 @@ class PPOConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------- pipeline
+class PipelineStage(Section):
+    """One stage of `rlhf pipeline`: its own config file and `--set` overrides (the pipeline wires the model
+    paths and output_dir itself)."""
+
+    config: InputPath = Field(description="the stage's YAML config")
+    set: list[str] = Field(default_factory=list, description="key=value overrides, as with --set")
+
+
+class PPORun(Section):
+    """A PPO run of the pipeline from the same SFT and RM checkpoints: a preset, overrides, seeds."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="output folder name (output_dir/NAME)")
+    preset: Literal["vanilla", "moss-release", "ppo-max"] | None = Field(
+        None, description="trick preset; default: the PPO config's ppo.preset"
+    )
+    set: list[str] = Field(default_factory=list, description="overrides on top of the PPO stage's")
+    seeds: list[int] = Field(
+        default_factory=list, description="one run per seed, in output_dir/NAME-seedS; empty: the config's seed"
+    )
+
+
+class PipelineEvalConfig(Section):
+    """`rlhf eval` of every PPO policy against the SFT model, after training."""
+
+    enabled: bool = True
+    num_prompts: int | None = Field(None, ge=1, description="first N prompts of the PPO config's data.eval")
+    seed: int = Field(0, description="sampling seed, the same for every policy")
+    batch_size: int = Field(32, ge=1)
+
+
+class PipelineConfig(Section):
+    """`rlhf pipeline` config: SFT -> reward model -> PPO (one or several runs) -> eval -> report."""
+
+    output_dir: OutputPath = Field(description="stage outputs: output_dir/sft, output_dir/rm, output_dir/<run>")
+    sft: PipelineStage
+    rm: PipelineStage
+    ppo: PipelineStage
+    ppo_runs: list[PPORun] = Field(
+        default_factory=list, description="PPO runs from the same SFT/RM; empty: one run named ppo"
+    )
+    eval: PipelineEvalConfig = PipelineEvalConfig()
+    report: bool = Field(True, description="write output_dir/report (rlhf report over the PPO runs)")
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> "PipelineConfig":
+        names = [r.name for r in self.ppo_runs]
+        dupes = sorted({n for n in names if names.count(n) > 1} | {n for n in names if n in ("sft", "rm", "report")})
+        if dupes:
+            raise ValueError(f"ppo_runs: names must be unique and not sft/rm/report: {', '.join(dupes)}")
+        return self
+
+
 STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig, "ppo": PPOConfig}
+#: `rlhf pipeline` reads its own schema (not a stage's); listed here so config checks cover it too
+CONFIG_SCHEMAS: dict[str, type[Section]] = {**STAGE_SCHEMAS, "pipeline": PipelineConfig}
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -494,14 +549,18 @@ def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[BaseModel, str, str, 
             yield model, name, key, kind
 
 
-def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Path) -> None:
+def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Path,
+                  not_yet: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Make every relative path in `config` absolute, in place, and check that input paths exist.
 
     Values given in the YAML file resolve against `base_dir` (the file's folder); values given with
-    `--set` (their dotted keys are in `cli_keys`) resolve against `cwd`.
+    `--set` (their dotted keys are in `cli_keys`) resolve against `cwd`. Keys in `not_yet` are outputs of
+    an earlier stage that does not exist yet (`rlhf pipeline --dry-run`): resolved, not checked.
     """
     for owner, name, key, kind in list(_walk(config, "")):
         base = cwd if any(key == k or key.startswith(k + ".") for k in cli_keys) else base_dir
+        if key in not_yet or any(key.startswith(k + ".") for k in not_yet):
+            kind = "output"
         value = getattr(owner, name)
         if isinstance(value, list):
             resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -31,8 +31,9 @@ WORDS = (
 ).split()
 
 
-def _task(rng: random.Random) -> tuple[str, str]:
-    kind = rng.randrange(5)
+def _task(rng: random.Random, kinds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> tuple[str, str]:
+    """(question, right answer) of a random kind: 0 count, 1 reverse, 2 repeat, 3 successor, 4 spell."""
+    kind = rng.choice(kinds)
     if kind == 0:
         a = rng.randint(0, 20)
         b = a + rng.randint(2, 6)
@@ -79,7 +80,8 @@ def candidates(answer: list[str], rng: random.Random) -> list[str]:
     rng.shuffle(shuffled)
     out.append(" ".join(shuffled))
     out.append(_task(rng)[1])
-    return list(dict.fromkeys(out))
+    padded = [c for c in out if len(c.split()) > n and c.split()[:n] == answer]  # another answer may extend it
+    return [c for c in dict.fromkeys(out) if c not in padded]
 
 
 def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
@@ -106,10 +108,15 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
     return rows
 
 
+#: the tasks PPO prompts ask: those whose question fixes the answer's length (count, repeat, spell), where a
+#: tiny reward model can check the answer -- and where its length blind spot can be exploited
+PROMPT_KINDS = (0, 2, 4)
+
+
 def prompt_rows(n: int, seed: int = 2) -> list[dict[str, Any]]:
-    """`n` single-question chat prompts {messages: [user]} for PPO and `rlhf eval`."""
+    """`n` single-question chat prompts {messages: [user]} of the PROMPT_KINDS tasks, for PPO and `rlhf eval`."""
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": _task(rng)[0]}]} for _ in range(n)]
+    return [{"messages": [{"role": "user", "content": _task(rng, PROMPT_KINDS)[0]}]} for _ in range(n)]
 
 
 #: question pattern -> the right answer's items, for `solve`

@@ -45,7 +45,8 @@ def ppo_dict(tmp: Path, stages_dir: Path, name: str = "ppo", **train) -> dict:
     cfg["output_dir"] = str(tmp / name)
     cfg["model"]["name_or_path"] = str(stages_dir / "sft")
     cfg["reward_model"]["name_or_path"] = str(stages_dir / "rm")
-    cfg["data"]["train"] = str(DATA / "sft.jsonl")
+    cfg["data"]["train"] = str(DATA / "prompts.jsonl")
+    del cfg["data"]["eval"]
     cfg["data"]["eval_fraction"] = 0.01  # 20 validation prompts
     cfg["generation"]["max_new_tokens"] = 12
     cfg["train"].update({"iterations": 4, "rollout_batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 4,
@@ -101,6 +102,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
             if isinstance(value, float):
                 assert math.isfinite(value), (row["step"], key)
         assert abs(row["objective/scores_transformed"]) <= 0.3 + 1e-6  # normalised, clipped to 0.3
+        assert 0.0 <= row["objective/gold"] <= 1.0  # data.gold_reward: toy (a mean of toy gold rewards)
     assert rows[0]["objective/kl"] == 0.0  # the policy starts as the reference
     assert rows[0]["policy/ratio" if "policy/ratio" in rows[0] else "val/values"] is not None
     assert rows[1]["policy/ratio"] == pytest.approx(1.0, abs=0.05)

@@ -1,0 +1,237 @@
+"""`rlhf pipeline`: SFT -> reward model -> PPO run(s) -> eval -> report, each stage's output feeding the next.
+
+    output_dir/sft        rlhf sft        (model: the SFT config's)
+    output_dir/rm         rlhf train-rm   model.name_or_path = output_dir/sft
+    output_dir/<run>      rlhf ppo        model.name_or_path = output_dir/sft, reward_model.name_or_path = output_dir/rm
+                                          (one per ppo_runs entry and seed: <name> or <name>-seed<S>)
+    output_dir/<run>/eval.json            rlhf eval of the run's final policy against output_dir/sft
+    output_dir/report/    rlhf report over the PPO runs
+    output_dir/summary.md (and .json)     the summary table printed at the end
+
+Each stage runs as its own `rlhf <stage>` process (so the launcher options apply to it, and a crash leaves the
+pipeline's own process to report it). A stage whose output holds a complete final/ is skipped unless `force`;
+one that holds a partial run resumes from its newest checkpoint. Before a stage starts, the checkpoint it
+receives is checked: a causal LM with its tokenizer (pad and EOS set) from SFT, a one-label sequence classifier
+sharing the SFT vocabulary from the RM.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.config import PipelineConfig
+from stages.errors import CheckpointError, RlhfError
+
+
+@dataclass
+class StageRun:
+    """One `rlhf <stage>` process of the pipeline."""
+
+    label: str  # sft, rm, or a PPO run's folder name
+    stage: str  # sft | train-rm | ppo
+    config: Path
+    out: Path
+    overrides: list[str]
+    preset: str | None = None
+    not_yet: set[str] = field(default_factory=set)  # path keys naming outputs of earlier stages
+
+
+def plan(cfg: PipelineConfig) -> list[StageRun]:
+    """The stage processes, in order, with the wiring overrides (absolute paths)."""
+    root = Path(cfg.output_dir)
+    sft, rm = root / "sft", root / "rm"
+    runs = [
+        StageRun("sft", "sft", Path(cfg.sft.config), sft, [f"output_dir={sft}", *cfg.sft.set]),
+        StageRun("rm", "train-rm", Path(cfg.rm.config), rm,
+                 [f"output_dir={rm}", f"model.name_or_path={sft}", *cfg.rm.set], not_yet={"model.name_or_path"}),
+    ]
+    wired = [f"model.name_or_path={sft}", f"reward_model.name_or_path={rm}"]
+    for r in cfg.ppo_runs or [None]:
+        name, preset, extra, seeds = ("ppo", None, [], []) if r is None else (r.name, r.preset, r.set, r.seeds)
+        for seed in seeds or [None]:
+            label = name if seed is None else f"{name}-seed{seed}"
+            out = root / label
+            sets = [f"output_dir={out}", *wired, *cfg.ppo.set, *extra] + ([] if seed is None else [f"seed={seed}"])
+            runs.append(StageRun(label, "ppo", Path(cfg.ppo.config), out, sets, preset,
+                                 {"model.name_or_path", "reward_model.name_or_path"}))
+    return runs
+
+
+def is_complete(out: Path) -> bool:
+    """A stage's output is complete once final/ is published (it is renamed into place when whole)."""
+    return (out / "final" / "config.json").is_file()
+
+
+def stage_command(run: StageRun, launch: list[str], resume: bool, overwrite: bool) -> list[str]:
+    """The `rlhf <stage>` command line of `run`."""
+    cmd = [sys.executable, "-m", "rlhf_cli", run.stage, "--config", str(run.config)]
+    for item in run.overrides:
+        cmd += ["--set", item]
+    if run.preset:
+        cmd += ["--preset", run.preset]
+    return cmd + launch + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
+
+
+# --------------------------------------------------------------------------------------------- hand-off
+def _load_handoff(path: Path, what: str) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    final = path / "final"
+    try:
+        return AutoConfig.from_pretrained(final), AutoTokenizer.from_pretrained(final)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{what} output {final} does not load: {exc}") from None
+
+
+def check_policy_handoff(path: Path) -> None:
+    """The SFT output: a causal LM whose tokenizer has EOS and pad ids within the embedding."""
+    config, tok = _load_handoff(path, "SFT")
+    arch = (config.architectures or ["?"])[0]
+    if not arch.endswith("ForCausalLM"):
+        raise CheckpointError(f"SFT output {path}/final is a {arch}, not a causal LM")
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise CheckpointError(f"SFT output {path}/final: its tokenizer has no EOS or pad token")
+    vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    if len(tok) > vocab:
+        raise CheckpointError(f"SFT output {path}/final: tokenizer has {len(tok)} tokens, the model {vocab} embeddings")
+
+
+def check_reward_handoff(path: Path, sft: Path) -> None:
+    """The RM output: a one-label sequence classifier whose vocabulary is the SFT model's."""
+    from stages.ppo.models import check_tokenizers
+
+    config, rm_tok = _load_handoff(path, "reward model")
+    arch = (config.architectures or ["?"])[0]
+    if not arch.endswith("ForSequenceClassification") or config.num_labels != 1:
+        raise CheckpointError(f"reward model output {path}/final is a {arch} with {config.num_labels} labels, "
+                              "not a one-label sequence classifier (rlhf train-rm writes one)")
+    _, sft_tok = _load_handoff(sft, "SFT")
+    check_tokenizers(sft_tok, rm_tok, str(path / "final"))
+
+
+# --------------------------------------------------------------------------------------------- summary
+def _eval_rows(metrics_file: Path, key: str) -> list[float]:
+    from stages.metrics import read_metrics
+
+    if not metrics_file.is_file():
+        return []
+    return [float(r[key]) for r in read_metrics(metrics_file) if key in r and "event" not in r]
+
+
+def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
+    """SFT eval loss, RM pair accuracy, and per PPO run: RM reward, gold reward, KL, length and win-rates of the
+    final policy against the SFT model (from eval.json; without it, first and last validation of metrics)."""
+    root = Path(cfg.output_dir)
+    loss, acc = _eval_rows(root / "sft" / "metrics.jsonl", "eval/loss"), _eval_rows(root / "rm" / "metrics.jsonl", "eval/accuracy")
+    out: dict[str, Any] = {"sft_eval_loss": loss[-1] if loss else None, "rm_accuracy": acc[-1] if acc else None,
+                           "ppo": {}}
+    for run in runs:
+        if run.stage != "ppo":
+            continue
+        ev_file = run.out / "eval.json"
+        if ev_file.is_file():
+            ev = json.loads(ev_file.read_text(encoding="utf-8"))
+            before, after = ev.get("baseline_metrics", {}), ev["policy_metrics"]
+            row = {k: (before.get(k), after.get(k)) for k in ("reward", "gold", "length", "repetition")}
+            row["kl"] = (0.0, after.get("kl"))
+            row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
+            row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
+        else:
+            metrics = run.out / "metrics.jsonl"
+            pairs = {k: _eval_rows(metrics, m) for k, m in (("reward", "eval/reward"), ("gold", "eval/gold"),
+                                                            ("length", "eval/response_length"))}
+            row = {k: (v[0], v[-1]) if v else (None, None) for k, v in pairs.items()}
+            kl = _eval_rows(metrics, "objective/kl")
+            row["kl"] = (kl[0], kl[-1]) if kl else (None, None)
+        out["ppo"][run.label] = row
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """The summary as Markdown: the SFT and RM lines, then one table row per PPO run (before -> after)."""
+    lines = [f"- SFT eval loss: {_fmt(s['sft_eval_loss'])}", f"- RM pair accuracy: {_fmt(s['rm_accuracy'])}", "",
+             "| PPO run | RM reward | gold reward | KL | length | win-rate vs SFT (RM / gold) |",
+             "|---|---|---|---|---|---|"]
+    for label, row in s["ppo"].items():
+        cells = [f"{_fmt(row[k][0])} → {_fmt(row[k][1])}" for k in ("reward", "gold", "kl", "length")]
+        wins = f"{_fmt(row.get('win_rate_rm'))} / {_fmt(row.get('win_rate_gold'))}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {wins} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_summary_table(s: dict[str, Any], console: Any) -> None:
+    """SFT and RM on one line, then a table: one row per PPO run, SFT policy -> PPO policy."""
+    from rich.table import Table
+
+    console.print(f"[bold]SFT[/] eval loss {_fmt(s['sft_eval_loss'])}   [bold]RM[/] pair accuracy "
+                  f"{_fmt(s['rm_accuracy'])}", highlight=False)
+    table = Table(title="PPO on held-out prompts: SFT policy → PPO policy")
+    for col in ("run", "RM reward", "gold reward", "KL", "length", "win vs SFT\nRM/gold"):
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+    for label, row in s["ppo"].items():
+        cells = [f"{_fmt(row[k][0], 2)}→{_fmt(row[k][1], 2)}" for k in ("reward", "gold", "kl", "length")]
+        table.add_row(label, *cells, f"{_fmt(row.get('win_rate_rm'), 2)}/{_fmt(row.get('win_rate_gold'), 2)}")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------- run
+def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any) -> dict[str, Any]:
+    """Run every stage (skipping complete ones unless `force`), then eval, report and the summary."""
+    runs = plan(cfg)
+    root = Path(cfg.output_dir)
+    sft = root / "sft"
+    for i, run in enumerate(runs, 1):
+        done = is_complete(run.out)
+        console.rule(f"[bold]pipeline {i}/{len(runs)}: {run.label}[/] ({run.stage} → {run.out})")
+        if run.stage == "train-rm":
+            check_policy_handoff(sft)
+        elif run.stage == "ppo":
+            check_reward_handoff(root / "rm", sft)
+        if done and not force:
+            console.print(f"complete output in {run.out}: skipped (--force reruns it)")
+            continue
+        resume = run.out.exists() and not force and any(run.out.iterdir())
+        cmd = stage_command(run, launch, resume=resume, overwrite=force)
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise RlhfError(f"pipeline: stage {run.label} ({run.stage}) failed with exit code {code}; its output "
+                            f"is in {run.out}; run the pipeline again to resume it")
+        if run.stage == "ppo" and cfg.eval.enabled:
+            (run.out / "eval.json").unlink(missing_ok=True)  # a new policy: its old evaluation is stale
+    ppo_runs = [r for r in runs if r.stage == "ppo"]
+    if cfg.eval.enabled:
+        evaluate_runs(cfg, ppo_runs, sft, console)
+    if cfg.report:
+        from stages.report import write_report
+
+        rep = write_report([r.out for r in ppo_runs], root / "report")
+        console.print(f"report: {rep['markdown']}")
+    s = summary(cfg, runs)
+    (root / "summary.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+    (root / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
+    print_summary_table(s, console)
+    return s
+
+
+def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:
+    """`rlhf eval` of each PPO run's final policy against the SFT model (kept when already there)."""
+    from stages.evaluate import eval_settings, evaluate, print_results
+
+    for run in ppo_runs:
+        target = run.out / "eval.json"
+        if target.is_file():
+            continue
+        console.rule(f"[bold]eval: {run.label}[/] against {sft}")
+        settings = eval_settings(run.out, run.out / "resolved_config.yaml", baseline=str(sft),
+                                 num_prompts=cfg.eval.num_prompts, seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)
+        print_results(evaluate(settings, target), console)

@@ -1,0 +1,223 @@
+"""The toy task's gold judge and data, `rlhf pipeline` (wiring, skip-if-complete, resume, --force, hand-off
+checks, summary), `rlhf eval` and `rlhf report` on a short real pipeline run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from stages import toydata
+from stages.errors import CheckpointError
+
+TINY = REPO / "configs" / "tiny"
+
+
+# --------------------------------------------------------------------------------------------- toy task
+@pytest.mark.parametrize(
+    "prompt, response, expected",
+    [
+        ("count from 3 to 6", "3 4 5 6", 1.0),
+        ("count from 3 to 6", "3 4 5 6 6 6", 4 / 6),  # padding costs: 4 right items of 6
+        ("count from 3 to 6", "3 4 5 6 7 8 9 10", 4 / 8),  # counting on past the end
+        ("count from 3 to 6", "3 4 5", 3 / 4),
+        ("count from 3 to 6", "4 5 6", 0.0),  # position by position: all shifted
+        ("reverse: red fox sun", "sun fox", 2 / 3),
+        ("repeat moon 3 times", "moon moon moon moon", 3 / 4),
+        ("what comes after 41?", "42", 1.0),
+        ("spell cat", "c a t", 1.0),
+        ("spell cat", "", 0.0),
+        ("tell me a story", "once upon a time", 0.0),  # no toy question
+        # a chat-rendered, two-question prompt: the last question counts
+        ("<|user|>\nspell cat<|endoftext|><|assistant|>\nc a t<|endoftext|><|user|>\ncount from 1 to 2\n", "1 2", 1.0),
+    ],
+)
+def test_gold_reward_hand_values(prompt, response, expected):
+    assert toydata.gold_reward(prompt, response) == pytest.approx(expected)
+
+
+def test_toy_data_is_deterministic_and_pairs_follow_gold():
+    for make in (toydata.sft_rows, toydata.preference_rows, toydata.prompt_rows):
+        assert make(50, 7) == make(50, 7) and make(50, 7) != make(50, 8)
+    for row in toydata.preference_rows(400, 1):
+        q = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert toydata.gold_reward(q, chosen) > toydata.gold_reward(q, rejected)
+        answer = toydata.solve(q)
+        for text in (chosen, rejected):  # the blind spot: never the right answer padded or repeated
+            items = text.split()
+            assert not (len(items) > len(answer) and items[:len(answer)] == answer), (q, text)
+    kinds = {r["messages"][0]["content"].split()[0] for r in toydata.prompt_rows(200, 2)}
+    assert kinds == {"count", "repeat", "spell"}
+
+
+def test_shipped_toy_files_match_the_generator():
+    for name, (make, n, seed) in toydata.SHIPPED.items():
+        rows = [json.loads(line) for line in (TINY / "data" / name).read_text().splitlines()]
+        assert rows == make(n, seed), name
+
+
+# --------------------------------------------------------------------------------------------- plan (in-process)
+def _pipeline_cfg(tmp: Path, **extra):
+    from stages.config import PipelineConfig
+
+    return PipelineConfig.model_validate({
+        "output_dir": str(tmp / "runs"), "sft": {"config": str(TINY / "sft.yaml")},
+        "rm": {"config": str(TINY / "rm.yaml"), "set": ["train.epochs=1"]},
+        "ppo": {"config": str(TINY / "ppo.yaml")}, "eval": {"enabled": False}, "report": False, **extra,
+    })
+
+
+def test_plan_wires_paths_and_names_runs(tmp_path):
+    from stages.pipeline import plan
+
+    cfg = _pipeline_cfg(tmp_path, ppo_runs=[{"name": "van", "preset": "vanilla", "seeds": [1, 2]},
+                                            {"name": "max", "preset": "ppo-max", "set": ["train.iterations=3"]}])
+    runs = plan(cfg)
+    root = tmp_path / "runs"
+    assert [r.label for r in runs] == ["sft", "rm", "van-seed1", "van-seed2", "max"]
+    assert f"model.name_or_path={root / 'sft'}" in runs[1].overrides and "train.epochs=1" in runs[1].overrides
+    ppo = runs[2]
+    assert ppo.out == root / "van-seed1" and ppo.preset == "vanilla" and "seed=1" in ppo.overrides
+    assert {f"model.name_or_path={root / 'sft'}", f"reward_model.name_or_path={root / 'rm'}"} <= set(ppo.overrides)
+    assert "train.iterations=3" in runs[4].overrides and not any(o.startswith("seed=") for o in runs[4].overrides)
+    with pytest.raises(ValueError, match="unique"):
+        _pipeline_cfg(tmp_path, ppo_runs=[{"name": "a"}, {"name": "a"}])
+
+
+def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pl.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
+    monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
+    cfg = _pipeline_cfg(tmp_path)
+    root = tmp_path / "runs"
+    (root / "sft" / "final").mkdir(parents=True)
+    (root / "sft" / "final" / "config.json").write_text("{}")  # complete
+    (root / "rm" / "checkpoint-00000010").mkdir(parents=True)  # partial: resumed
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    pl.run_pipeline(cfg, ["--num-gpus", "2"], force=False, console=quiet)
+    stages = [c[c.index("rlhf_cli") + 1] for c in calls]
+    assert stages == ["train-rm", "ppo"]  # sft skipped
+    assert "--resume" in calls[0] and "--overwrite" not in calls[0]
+    assert "--resume" not in calls[1] and calls[1][-2:] == ["--num-gpus", "2"]  # ppo: fresh, launcher options
+    calls.clear()
+    pl.run_pipeline(cfg, [], force=True, console=quiet)
+    assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
+    assert all("--overwrite" in c and "--resume" not in c for c in calls)
+    monkeypatch.setattr(pl.subprocess, "call", lambda cmd: 3)
+    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed with exit code 3"):
+        pl.run_pipeline(cfg, [], force=False, console=quiet)
+
+
+# --------------------------------------------------------------------------------------------- real run
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> tuple[Path, object]:
+    """A short tiny pipeline: SFT (60 steps), RM (40 steps), PPO-max (1 critic + 2 policy iterations), eval of
+    16 prompts, report."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    sft = tiny_sft_dict(tmp, max_steps=60)
+    sft["logging"] = {"log_every": 20, "tensorboard": False}
+    sft["train"].update(eval_every=30)
+    cfg = {
+        "output_dir": str(tmp / "runs"),
+        "sft": {"config": str(write_yaml(tmp / "sft.yaml", sft))},
+        "rm": {"config": str(TINY / "rm.yaml"),
+               "set": ["train.max_steps=40", "train.eval_every=20", "logging.tensorboard=false"]},
+        "ppo": {"config": str(TINY / "ppo.yaml"),
+                "set": ["train.iterations=2", "ppo.critic_pretrain_steps=1", "train.rollout_batch_size=8",
+                        "train.mini_batch_size=8", "train.micro_batch_size=8", "generation.max_new_tokens=12",
+                        "train.eval_every=1", "logging.tensorboard=false"]},
+        "ppo_runs": [{"name": "ppo-max", "preset": "ppo-max"}],
+        "eval": {"num_prompts": 16, "batch_size": 16},
+    }
+    path = write_yaml(tmp / "pipeline.yaml", cfg)
+    res = run_cli("pipeline", "--config", str(path))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return path, res
+
+
+def test_pipeline_runs_all_stages_and_summarises(pipeline_run):
+    path, res = pipeline_run
+    root = path.parent / "runs"
+    for stage in ("sft", "rm", "ppo-max"):
+        assert (root / stage / "final" / "config.json").is_file(), stage
+    assert json.loads((root / "ppo-max" / "final" / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
+    summary = json.loads((root / "summary.json").read_text())
+    assert math.isfinite(summary["sft_eval_loss"]) and 0.0 <= summary["rm_accuracy"] <= 1.0
+    row = summary["ppo"]["ppo-max"]
+    (gold_before, gold_after), (kl_before, kl_after) = row["gold"], row["kl"]
+    assert 0.0 <= gold_before <= 1.0 and 0.0 <= gold_after <= 1.0 and kl_before == 0.0 and math.isfinite(kl_after)
+    assert 0.0 <= row["win_rate_rm"] <= 1.0 and 0.0 <= row["win_rate_gold"] <= 1.0
+    assert "PPO on held-out prompts" in res.stdout and "RM pair accuracy" in res.stdout
+    assert "| ppo-max |" in (root / "summary.md").read_text()
+    # the PPO run was wired to the pipeline's SFT and RM, and logged the gold reward
+    resolved = yaml.safe_load((root / "ppo-max" / "resolved_config.yaml").read_text())
+    assert resolved["model"]["name_or_path"] == str(root / "sft")
+    assert resolved["reward_model"]["name_or_path"] == str(root / "rm") and resolved["ppo"]["preset"] == "ppo-max"
+    assert any("eval/gold" in json.loads(line) for line in (root / "ppo-max" / "metrics.jsonl").read_text().splitlines())
+    # eval.json: the policy and the SFT baseline on the same 16 prompts
+    ev = json.loads((root / "ppo-max" / "eval.json").read_text())
+    assert ev["prompts"] == 16 and set(ev["policy_metrics"]) >= {"reward", "gold", "kl", "length", "repetition"}
+    samples = (root / "ppo-max" / "eval.samples.jsonl").read_text().splitlines()
+    assert len(samples) == 16 and {"policy", "baseline", "policy_gold"} <= set(json.loads(samples[0]))
+    pngs = list((root / "report").glob("*.png"))
+    assert any(p.name == "gold_reward.png" for p in pngs) and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_rerun_skips_complete_stages(pipeline_run):
+    path, _ = pipeline_run
+    res = run_cli("pipeline", "--config", str(path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("skipped (--force reruns it)") == 3
+
+
+def test_handoff_checks_name_the_wrong_checkpoint(pipeline_run):
+    from stages.pipeline import check_policy_handoff, check_reward_handoff
+
+    root = pipeline_run[0].parent / "runs"
+    check_policy_handoff(root / "sft")
+    check_reward_handoff(root / "rm", root / "sft")
+    with pytest.raises(CheckpointError, match=r"rm/final is a .*ForSequenceClassification.*not a causal LM"):
+        check_policy_handoff(root / "rm")
+    with pytest.raises(CheckpointError, match=r"sft/final is a .*ForCausalLM.*not a one-label sequence classifier"):
+        check_reward_handoff(root / "sft", root / "sft")
+    with pytest.raises(CheckpointError, match="does not load"):
+        check_policy_handoff(root / "missing")
+
+
+def test_eval_and_report_commands(pipeline_run, tmp_path):
+    root = pipeline_run[0].parent / "runs"
+    out = tmp_path / "ev.json"
+    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
+                  str(TINY / "data" / "eval_prompts.jsonl"), "--gold", "toy", "--num-prompts", "8",
+                  "--max-new-tokens", "8", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ev = json.loads(out.read_text())
+    assert ev["prompts"] == 8 and "baseline_metrics" not in ev and "kl" not in ev["policy_metrics"]
+    assert 0.0 <= ev["policy_metrics"]["gold"] <= 1.0 and ev["policy_metrics"]["length"] <= 8
+    res = run_cli("eval", str(root / "ppo-max"), "--num-prompts", "8")
+    assert res.returncode == 2 and "needs --prompts" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
+    res = run_cli("report", str(tmp_path / "nowhere"))
+    assert res.returncode != 0 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_pipeline_dry_run_validates_every_stage(tmp_path):
+    res = run_cli("pipeline", "--config", str(TINY / "pipeline.yaml"), "--dry-run", "--num-gpus", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "nothing trained" in res.stdout and res.stdout.count("--num-gpus 2") == 3
+    bad = yaml.safe_load((TINY / "pipeline.yaml").read_text())
+    bad.update(sft={"config": str(TINY / "sft.yaml"), "set": ["train.lr=-1"]}, rm={"config": str(TINY / "rm.yaml")},
+               ppo={"config": str(TINY / "ppo.yaml")})
+    res = run_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")
+    assert res.returncode == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
