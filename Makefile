@@ -2,7 +2,7 @@
 PYTHON ?= python3
 STAMP  := .make/installed
 
-.PHONY: install demo test clean
+.PHONY: install demo reproduce test clean
 
 # torch==2.13.0 first: a CPU build lies on the CI machines' disk; a looser requirement could pull a
 # multi-GB CUDA build. An already-installed torch inside the supported range (2.11-2.14) is kept.
@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the whole tiny pipeline (SFT -> RM -> PPO-max -> eval -> report) on CPU, a few minutes; a second run skips
+# the complete stages (add ARGS=--force to redo them)
 demo: $(STAMP)
-	$(PYTHON) -m rlhf_cli sft --config configs/tiny/sft.yaml --overwrite
+	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/pipeline.yaml $(ARGS)
+
+# vanilla PPO vs PPO-max, 3 seeds each, from the same SFT/RM (configs/tiny/reproduce.yaml), ~15 min on 2 cores
+reproduce: $(STAMP)
+	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/reproduce.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests
