@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, run_cli, write_yaml
 from stages import toydata
 from stages.errors import CheckpointError
 
@@ -118,32 +118,6 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- real run
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory) -> tuple[Path, object]:
-    """A short tiny pipeline: SFT (60 steps), RM (40 steps), PPO-max (1 critic + 2 policy iterations), eval of
-    16 prompts, report."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    sft = tiny_sft_dict(tmp, max_steps=60)
-    sft["logging"] = {"log_every": 20, "tensorboard": False}
-    sft["train"].update(eval_every=30)
-    cfg = {
-        "output_dir": str(tmp / "runs"),
-        "sft": {"config": str(write_yaml(tmp / "sft.yaml", sft))},
-        "rm": {"config": str(TINY / "rm.yaml"),
-               "set": ["train.max_steps=40", "train.eval_every=20", "logging.tensorboard=false"]},
-        "ppo": {"config": str(TINY / "ppo.yaml"),
-                "set": ["train.iterations=2", "ppo.critic_pretrain_steps=1", "train.rollout_batch_size=8",
-                        "train.mini_batch_size=8", "train.micro_batch_size=8", "generation.max_new_tokens=12",
-                        "train.eval_every=1", "logging.tensorboard=false"]},
-        "ppo_runs": [{"name": "ppo-max", "preset": "ppo-max"}],
-        "eval": {"num_prompts": 16, "batch_size": 16},
-    }
-    path = write_yaml(tmp / "pipeline.yaml", cfg)
-    res = run_cli("pipeline", "--config", str(path))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return path, res
-
-
 def test_pipeline_runs_all_stages_and_summarises(pipeline_run):
     path, res = pipeline_run
     root = path.parent / "runs"

@@ -14,30 +14,18 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, run_cli, write_yaml
 from stages.metrics import read_metrics
 
 TINY_PPO = REPO / "configs" / "tiny" / "ppo.yaml"
-TINY_RM = REPO / "configs" / "tiny" / "rm.yaml"
 DATA = REPO / "configs" / "tiny" / "data"
 
 
 @pytest.fixture(scope="module")
-def stages_dir(tmp_path_factory) -> Path:
-    """A short tiny SFT run and a short tiny RM run on top of it (what configs/tiny/ppo.yaml starts from)."""
-    tmp = tmp_path_factory.mktemp("ppo-inputs")
-    sft = tiny_sft_dict(tmp, max_steps=120)
-    sft["output_dir"] = str(tmp / "sft")
-    res = run_cli("sft", "--config", str(write_yaml(tmp / "sft.yaml", sft)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    rm = yaml.safe_load(TINY_RM.read_text())
-    rm.update(output_dir=str(tmp / "rm"), logging={"log_every": 10, "tensorboard": False})
-    rm["model"]["name_or_path"] = str(tmp / "sft")
-    rm["data"]["train"] = str(DATA / "rm.jsonl")
-    rm["train"].update(epochs=1, max_steps=60, eval_every=0, save_every=0)
-    res = run_cli("train-rm", "--config", str(write_yaml(tmp / "rm.yaml", rm)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp
+def stages_dir(pipeline_run) -> Path:
+    """The folder holding sft/ and rm/ of the session's short tiny pipeline run (what configs/tiny/ppo.yaml
+    starts from)."""
+    return pipeline_run[0].parent / "runs"
 
 
 def ppo_dict(tmp: Path, stages_dir: Path, name: str = "ppo", **train) -> dict:
