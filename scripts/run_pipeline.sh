@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Run the whole RLHF pipeline (SFT -> reward model -> PPO -> eval -> report) on this machine.
+#
+#   scripts/run_pipeline.sh CONFIG [rlhf pipeline options...]
+#   scripts/run_pipeline.sh configs/qwen2.5-0.5b/pipeline.yaml                 # one GPU
+#   scripts/run_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --num-gpus 8   # 8 GPUs
+#   scripts/run_pipeline.sh configs/qwen2.5-1.5b/pipeline.yaml --dry-run       # validate, print the plan
+#
+# Without --num-gpus / --hostfile in the options (and NUM_GPUS unset), the GPUs nvidia-smi lists are used:
+# --num-gpus N is added when there are 2 or more. Extra options go to `rlhf pipeline` unchanged (--force,
+# --set KEY=VALUE, --dry-run, --debug, ...). Run it from the repository root or anywhere: the config path is
+# taken relative to the current directory.
+#
+# Environment:
+#   NUM_GPUS=N        processes (GPUs) per node (default: detected, see above)
+#   RLHF="CMD"        how to call the CLI (default: `rlhf` if on PATH, else `${PYTHON:-python3} -m rlhf_cli`)
+#   DRY_RUN=1         print the command instead of running it
+# Defaults set only when unset: TOKENIZERS_PARALLELISM=false (no fork warnings from the tokenizer threads),
+# OMP_NUM_THREADS = CPU cores / GPUs (at least 1).
+set -euo pipefail
+
+usage() {
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+    usage
+    [[ $# -ge 1 ]] && exit 0
+    exit 2
+fi
+
+config=$1
+shift
+if [[ ! -f "$config" ]]; then
+    echo "run_pipeline.sh: config not found: $config" >&2
+    exit 2
+fi
+
+if [[ -n "${RLHF:-}" ]]; then
+    read -r -a rlhf_cmd <<< "$RLHF"
+elif command -v rlhf > /dev/null 2>&1; then
+    rlhf_cmd=(rlhf)
+else
+    rlhf_cmd=("${PYTHON:-python3}" -m rlhf_cli)
+fi
+
+# was the launch shape given explicitly?
+explicit=0
+for arg in "$@"; do
+    case "$arg" in
+        --num-gpus|--num-gpus=*|--hostfile|--hostfile=*) explicit=1 ;;
+    esac
+done
+
+launch=()
+gpus=1
+if [[ -n "${NUM_GPUS:-}" ]]; then
+    gpus=$NUM_GPUS
+    [[ $explicit -eq 0 ]] && launch=(--num-gpus "$gpus")
+elif [[ $explicit -eq 0 ]] && command -v nvidia-smi > /dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+    [[ "$gpus" =~ ^[0-9]+$ && "$gpus" -ge 1 ]] || gpus=1
+    [[ "$gpus" -ge 2 ]] && launch=(--num-gpus "$gpus")
+fi
+
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+cores=$(nproc 2> /dev/null || echo 1)
+threads=$(( cores / (gpus > 0 ? gpus : 1) ))
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}"
+
+cmd=("${rlhf_cmd[@]}" pipeline --config "$config" ${launch[@]+"${launch[@]}"} "$@")
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"

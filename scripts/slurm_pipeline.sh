@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Multi-node RLHF pipeline on Slurm: N nodes x 8 GPUs, DeepSpeed's multi-node launcher with a hostfile built
+# from the job's node list.
+#
+#   sbatch scripts/slurm_pipeline.sh                                         # configs/llama-7b-8gpu, 2 nodes
+#   sbatch --nodes 4 scripts/slurm_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --force
+#   DRY_RUN=1 scripts/slurm_pipeline.sh CONFIG    # inside an allocation: write the hostfile, print the command
+#
+# Arguments: the pipeline config (default configs/llama-7b-8gpu/pipeline.yaml), then options passed to
+# `rlhf pipeline` unchanged (--force, --set KEY=VALUE, --dry-run, ...). Submit from the repository root.
+#
+# Requirements (DeepSpeed's launcher starts the workers over pdsh/ssh from the first node):
+#   - pdsh installed and passwordless ssh between the allocated nodes;
+#   - the repository, the Python environment and the pipeline's output_dir at the same paths on every node
+#     (a shared filesystem); Hugging Face caches (HF_HOME) on it too, or pre-filled on each node;
+#   - gated models (meta-llama/*): `hf auth login` once, with the token file in a home directory every node
+#     shares.
+# Only variables DeepSpeed knows (NCCL*, PYTHON*, UCX*, ...) reach the other nodes by themselves; this script
+# forwards the Hugging Face / tokenizer / OpenMP variables that are set through a DeepSpeed environment file
+# (DS_ENV_FILE), unless DS_ENV_FILE is already set.
+#
+# Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8), RLHF (how to call the CLI, default `rlhf`
+# if on PATH, else `${PYTHON:-python3} -m rlhf_cli`), RLHF_JOB_DIR (where the hostfile and the env file go;
+# only the first node reads them; default ${TMPDIR:-/tmp}/rlhf-slurm-JOB_ID), DRY_RUN=1 (print the command
+# instead of running it).
+#
+#SBATCH --job-name=rlhf-pipeline
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+config=${1:-configs/llama-7b-8gpu/pipeline.yaml}
+[[ $# -gt 0 ]] && shift
+
+if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then
+    echo "slurm_pipeline.sh: SLURM_JOB_NODELIST is not set; submit with sbatch (or run inside salloc)" >&2
+    exit 2
+fi
+if [[ ! -f "$config" ]]; then
+    echo "slurm_pipeline.sh: config not found: $config (submit from the repository root)" >&2
+    exit 2
+fi
+
+gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+job_dir=${RLHF_JOB_DIR:-${TMPDIR:-/tmp}/rlhf-slurm-${SLURM_JOB_ID:-$$}}
+mkdir -p "$job_dir"
+
+# DeepSpeed hostfile: one "hostname slots=N" line per allocated node
+hostfile=$job_dir/hostfile
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+if [[ ${#hosts[@]} -eq 0 ]]; then
+    echo "slurm_pipeline.sh: scontrol listed no hosts for SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2
+    exit 2
+fi
+: > "$hostfile"
+for host in "${hosts[@]}"; do
+    [[ -n "$host" ]] && echo "$host slots=$gpus_per_node" >> "$hostfile"
+done
+
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores=${SLURM_CPUS_ON_NODE:-$(nproc 2> /dev/null || echo 8)}
+    threads=$(( cores / gpus_per_node ))
+    export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
+fi
+
+# variables the workers on the other nodes need (absolute DS_ENV_FILE: DeepSpeed's runner reads it by name)
+if [[ -z "${DS_ENV_FILE:-}" ]]; then
+    env_file=$job_dir/deepspeed_env
+    : > "$env_file"
+    for name in HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE \
+                TOKENIZERS_PARALLELISM OMP_NUM_THREADS; do
+        if [[ -n "${!name:-}" ]]; then
+            echo "$name=${!name}" >> "$env_file"
+        fi
+    done
+    export DS_ENV_FILE=$env_file
+fi
+
+if [[ -n "${RLHF:-}" ]]; then
+    read -r -a rlhf_cmd <<< "$RLHF"
+elif command -v rlhf > /dev/null 2>&1; then
+    rlhf_cmd=(rlhf)
+else
+    rlhf_cmd=("${PYTHON:-python3}" -m rlhf_cli)
+fi
+
+cmd=("${rlhf_cmd[@]}" pipeline --config "$config" --hostfile "$hostfile" --num-gpus "$gpus_per_node" "$@")
+echo "slurm_pipeline.sh: ${#hosts[@]} node(s) x $gpus_per_node GPU(s); hostfile $hostfile:" >&2
+cat "$hostfile" >&2
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"
