@@ -76,10 +76,11 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Mo
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, tok: Any, reward: Any,
-             stop_ids: list[int], device: torch.device) -> Generated:
-    """Sample one response per prompt (seeded), score it with the RM and the gold judge."""
+             stop_ids: list[int], device: torch.device, reference: torch.nn.Module | None = None) -> Generated:
+    """Sample one response per prompt (seeded), score it with the RM and the gold judge; with `reference`, also
+    each response's sum over its sampled tokens (the stop token included) of log pi - log pi_ref."""
     torch.manual_seed(s.seed)
-    out = Generated([], [], [], [] if s.data.gold_reward else None)
+    out = Generated([], [], [], [] if s.data.gold_reward else None, [] if reference is not None else None)
     for b in range(0, len(prompts), s.batch_size):
         batch = prompts[b:b + s.batch_size]
         ids, mask = left_pad(batch, tok.pad_token_id, device)
@@ -91,31 +92,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
         out.truncated += roll.truncated.tolist()
         if out.gold is not None:
             out.gold += gold_scores(s.data.gold_reward or "", tok, batch, responses)
+        if out.kl is not None:
+            width = roll.prompt_width
+            lp, _ = token_logprobs(response_logits(model, full_ids, full_mask, width), roll.response)
+            ref, _ = token_logprobs(response_logits(reference, full_ids, full_mask, width), roll.response)
+            out.kl += ((lp - ref) * roll.response_mask).sum(1).tolist()
     return out
-
-
-@torch.no_grad()
-def kl_to(policy: torch.nn.Module, reference: torch.nn.Module, prompts: list[list[int]], gen: Generated,
-          s: EvalSettings, tok: Any, stop_ids: list[int], device: torch.device) -> list[float]:
-    """Per response: sum over its tokens (the stop token included) of log pi - log pi_ref."""
-    kls: list[float] = []
-    for b in range(0, len(prompts), s.batch_size):
-        batch = prompts[b:b + s.batch_size]
-        ids, mask = left_pad(batch, tok.pad_token_id, device)
-        width = ids.shape[1]
-        resp = [r + ([] if cut else [stop_ids[0]]) for r, cut in
-                zip(gen.responses[b:b + s.batch_size], gen.truncated[b:b + s.batch_size])]
-        longest = max(1, max(len(r) for r in resp))
-        r_ids = torch.full((len(resp), longest), tok.pad_token_id, dtype=torch.long, device=device)
-        r_mask = torch.zeros_like(r_ids)
-        for i, r in enumerate(resp):
-            r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            r_mask[i, :len(r)] = 1
-        full, full_mask = torch.cat([ids, r_ids], 1), torch.cat([mask, r_mask], 1)
-        lp, _ = token_logprobs(response_logits(policy, full, full_mask, width), r_ids)
-        ref, _ = token_logprobs(response_logits(reference, full, full_mask, width), r_ids)
-        kls += ((lp - ref) * r_mask).sum(1).tolist()
-    return kls
 
 
 def win_rate(mine: list[float], theirs: list[float]) -> dict[str, float]:
@@ -169,11 +151,10 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
-    mine = generate(policy, prompts, s, tok, reward, stop_ids, device)
     ref_path = s.reference or s.baseline
+    reference = _load_lm(ref_path, dtype, device) if ref_path else None
+    mine = generate(policy, prompts, s, tok, reward, stop_ids, device, reference)
     if ref_path:
-        reference = _load_lm(ref_path, dtype, device)
-        mine.kl = kl_to(policy, reference, prompts, mine, s, tok, stop_ids, device)
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
