@@ -116,19 +116,20 @@ def check_reward_handoff(path: Path, sft: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- summary
-def _eval_rows(metrics_file: Path, key: str) -> list[float]:
+def _series(metrics_file: Path, *keys: str) -> dict[str, list[float]]:
+    """Each key's logged values in order (event rows left out), read from one pass over metrics.jsonl."""
     from stages.metrics import read_metrics
 
-    if not metrics_file.is_file():
-        return []
-    return [float(r[key]) for r in read_metrics(metrics_file) if key in r and "event" not in r]
+    rows = read_metrics(metrics_file) if metrics_file.is_file() else []
+    return {k: [float(r[k]) for r in rows if k in r and "event" not in r] for k in keys}
 
 
 def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
     """SFT eval loss, RM pair accuracy, and per PPO run: RM reward, gold reward, KL, length and win-rates of the
     final policy against the SFT model (from eval.json; without it, first and last validation of metrics)."""
     root = Path(cfg.output_dir)
-    loss, acc = _eval_rows(root / "sft" / "metrics.jsonl", "eval/loss"), _eval_rows(root / "rm" / "metrics.jsonl", "eval/accuracy")
+    loss = _series(root / "sft" / "metrics.jsonl", "eval/loss")["eval/loss"]
+    acc = _series(root / "rm" / "metrics.jsonl", "eval/accuracy")["eval/accuracy"]
     out: dict[str, Any] = {"sft_eval_loss": loss[-1] if loss else None, "rm_accuracy": acc[-1] if acc else None,
                            "ppo": {}}
     for run in runs:
@@ -143,12 +144,10 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
         else:
-            metrics = run.out / "metrics.jsonl"
-            pairs = {k: _eval_rows(metrics, m) for k, m in (("reward", "eval/reward"), ("gold", "eval/gold"),
-                                                            ("length", "eval/response_length"))}
-            row = {k: (v[0], v[-1]) if v else (None, None) for k, v in pairs.items()}
-            kl = _eval_rows(metrics, "objective/kl")
-            row["kl"] = (kl[0], kl[-1]) if kl else (None, None)
+            names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
+                     "kl": "objective/kl"}
+            series = _series(run.out / "metrics.jsonl", *names.values())
+            row = {k: (v[0], v[-1]) if (v := series[m]) else (None, None) for k, m in names.items()}
         out["ppo"][run.label] = row
     return out
 
@@ -157,15 +156,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _run_cells(row: dict[str, Any], digits: int, arrow: str, slash: str) -> list[str]:
+    """before -> after of reward, gold, KL and length, then the win-rates (RM / gold) of one PPO run."""
+    cells = [f"{_fmt(row[k][0], digits)}{arrow}{_fmt(row[k][1], digits)}" for k in ("reward", "gold", "kl", "length")]
+    return cells + [f"{_fmt(row.get('win_rate_rm'), digits)}{slash}{_fmt(row.get('win_rate_gold'), digits)}"]
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     """The summary as Markdown: the SFT and RM lines, then one table row per PPO run (before -> after)."""
     lines = [f"- SFT eval loss: {_fmt(s['sft_eval_loss'])}", f"- RM pair accuracy: {_fmt(s['rm_accuracy'])}", "",
              "| PPO run | RM reward | gold reward | KL | length | win-rate vs SFT (RM / gold) |",
              "|---|---|---|---|---|---|"]
     for label, row in s["ppo"].items():
-        cells = [f"{_fmt(row[k][0])} → {_fmt(row[k][1])}" for k in ("reward", "gold", "kl", "length")]
-        wins = f"{_fmt(row.get('win_rate_rm'))} / {_fmt(row.get('win_rate_gold'))}"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {wins} |")
+        lines.append(f"| {label} | " + " | ".join(_run_cells(row, 3, " → ", " / ")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +182,7 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
     for col in ("run", "RM reward", "gold reward", "KL", "length", "win vs SFT\nRM/gold"):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for label, row in s["ppo"].items():
-        cells = [f"{_fmt(row[k][0], 2)}→{_fmt(row[k][1], 2)}" for k in ("reward", "gold", "kl", "length")]
-        table.add_row(label, *cells, f"{_fmt(row.get('win_rate_rm'), 2)}/{_fmt(row.get('win_rate_gold'), 2)}")
+        table.add_row(label, *_run_cells(row, 2, "→", "/"))
     console.print(table)
 
 
