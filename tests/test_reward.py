@@ -14,9 +14,13 @@ import yaml
 
 from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
 from stages.metrics import read_metrics
+from stages.toydata import SHIPPED
 
 TINY_RM = REPO / "configs" / "tiny" / "rm.yaml"
 RM_DATA = REPO / "configs" / "tiny" / "data" / "rm.jsonl"
+#: the shipped toy pairs, and the 10 % the tiny RM config holds out (eval_fraction 0.1)
+TOY_PAIRS = SHIPPED["rm.jsonl"][1]
+EVAL_PAIRS = TOY_PAIRS // 10
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
     assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
     report = json.loads((out / "data_report.json").read_text())
-    assert report["eval"]["examples"] == 200 and report["train"]["examples"] == 1800
+    assert report["eval"]["examples"] == EVAL_PAIRS and report["train"]["examples"] == TOY_PAIRS - EVAL_PAIRS
 
     final = out / "final"
     model, info = AutoModelForSequenceClassification.from_pretrained(final, output_loading_info=True)
@@ -81,7 +85,7 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     assert model.score.bias is None
     stats = json.loads((final / "reward_stats.json").read_text())
-    assert stats["split"] == "eval" and stats["step"] == evals[-1]["step"] and stats["pairs"] == 200
+    assert stats["split"] == "eval" and stats["step"] == evals[-1]["step"] and stats["pairs"] == EVAL_PAIRS
     assert stats["mean"] == pytest.approx(evals[-1]["eval/reward_mean"])
     assert stats["std"] == pytest.approx(evals[-1]["eval/reward_std"])
 
@@ -181,7 +185,7 @@ def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_
         assert [r[key] for r in r2] == pytest.approx([r[key] for r in r1], rel=1e-4, abs=1e-6), key
     s2 = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
     s1 = json.loads((runs["one"] / "final" / "reward_stats.json").read_text())
-    assert s2["pairs"] == s1["pairs"] == 200 and s2["mean"] == pytest.approx(s1["mean"], rel=1e-4, abs=1e-5)
+    assert s2["pairs"] == s1["pairs"] == EVAL_PAIRS and s2["mean"] == pytest.approx(s1["mean"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -205,7 +209,7 @@ def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft):
     assert not any(info.values()), info
     assert model.score.weight.shape == (1, 128)  # gathered, not a ZeRO-3 shard
     stats = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
-    assert stats["pairs"] == 200 and stats["step"] == 4
+    assert stats["pairs"] == EVAL_PAIRS and stats["step"] == 4
 
 
 @pytest.mark.slow
