@@ -51,14 +51,23 @@ def _task(rng: random.Random, kinds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> tuple
     return f"spell {word}", " ".join(word)
 
 
-def sft_rows(n: int, seed: int = 0, multi_turn_share: float = 0.25) -> list[dict[str, Any]]:
-    """`n` chat rows; about `multi_turn_share` of them have two exchanges."""
+#: share of the shipped demonstrations whose answer is one of the imperfect `candidates` (a human demonstrator's
+#: slips): the SFT policy copies them, so there is room for RLHF to improve on it -- as with real SFT data
+DEMO_NOISE = 0.3
+
+
+def sft_rows(n: int, seed: int = 0, multi_turn_share: float = 0.25,
+             noise: float = DEMO_NOISE) -> list[dict[str, Any]]:
+    """`n` chat rows; about `multi_turn_share` of them have two exchanges, and about `noise` of the answers
+    are imperfect (a shorter prefix, one wrong item, the items shuffled, another question's answer)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         messages = []
         for _ in range(2 if rng.random() < multi_turn_share else 1):
             q, a = _task(rng)
+            if rng.random() < noise:
+                a = rng.choice(candidates(a.split(), rng)[1:] or [a])
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": messages})
     return rows
@@ -108,9 +117,10 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
     return rows
 
 
-#: the tasks PPO prompts ask: those whose question fixes the answer's length (count, repeat, spell), where a
-#: tiny reward model can check the answer -- and where its length blind spot can be exploited
-PROMPT_KINDS = (0, 2, 4)
+#: the tasks PPO prompts ask: `repeat`, whose answers the tiny reward model judges well (on SFT samples it
+#: orders 96 % of differently-gold pairs as the gold judge does; 62-66 % for count and spell) except in its
+#: blind spot, padded answers ("moon moon moon moon" for 3 times) -- the repetition/length exploit
+PROMPT_KINDS = (2,)
 
 
 def prompt_rows(n: int, seed: int = 2) -> list[dict[str, Any]]:
@@ -174,7 +184,7 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
 #: file name -> (row maker, rows, seed) of the files in configs/tiny/data
 SHIPPED = {
     "sft.jsonl": (sft_rows, 2000, 0),
-    "rm.jsonl": (preference_rows, 3000, 1),
+    "rm.jsonl": (preference_rows, 10000, 1),
     "prompts.jsonl": (prompt_rows, 2000, 2),
     "eval_prompts.jsonl": (prompt_rows, 128, 3),
 }

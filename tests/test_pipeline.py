@@ -52,7 +52,22 @@ def test_toy_data_is_deterministic_and_pairs_follow_gold():
             items = text.split()
             assert not (len(items) > len(answer) and items[:len(answer)] == answer), (q, text)
     kinds = {r["messages"][0]["content"].split()[0] for r in toydata.prompt_rows(200, 2)}
-    assert kinds == {"count", "repeat", "spell"}
+    assert kinds == {"repeat"}  # PROMPT_KINDS
+
+
+def test_demonstrations_carry_the_stated_share_of_imperfect_answers_never_padded():
+    golds = []
+    for row in toydata.sft_rows(2000, 0):
+        msgs = row["messages"]
+        for q, a in zip(msgs[::2], msgs[1::2]):
+            golds.append(toydata.gold_reward(q["content"], a["content"]))
+            answer, items = toydata.solve(q["content"]), a["content"].split()
+            assert not (len(items) > len(answer) and items[:len(answer)] == answer), (q, a)
+    imperfect = sum(g < 1 for g in golds) / len(golds)
+    assert abs(imperfect - toydata.DEMO_NOISE) < 0.03, imperfect
+    clean = [toydata.gold_reward(r["messages"][0]["content"], r["messages"][1]["content"])
+             for r in toydata.sft_rows(300, 0, noise=0.0)]
+    assert clean == [1.0] * 300
 
 
 def test_shipped_toy_files_match_the_generator():
