@@ -304,7 +304,8 @@ def eval_(
 
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501
-    from stages.evaluate import eval_settings, evaluate, print_results
+    from rlhf_cli.eval_options import eval_settings
+    from stages.evaluate import evaluate, print_results
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,

@@ -183,44 +183,6 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     return results
 
 
-def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
-                  prompts: Path | None = None, baseline: str | None = None, reference: str | None = None,
-                  gold: str | None = None, num_prompts: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, seed: int | None = None, batch_size: int = 32) -> EvalSettings:
-    """`rlhf eval`'s options over the values of a PPO config (when `config` is given; a run's
-    resolved_config.yaml works too)."""
-    from rlhf_cli.config_loader import load_config
-
-    data_fields: dict[str, object] = {}
-    gen_fields: dict[str, object] = {}
-    base: dict[str, object] = {"seed": 0, "dtype": "float32", "ngram": 3}
-    if config is not None:
-        cfg = load_config("ppo", config, [])
-        reward_model = reward_model or cfg.reward_model.name_or_path
-        data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
-        data_fields["train"] = cfg.data.eval or cfg.data.train
-        gen_fields = cfg.generation.model_dump()
-        base = {"seed": cfg.seed, "dtype": "float32" if cfg.deepspeed.precision == "fp32" else
-                {"bf16": "bfloat16", "fp16": "float16"}[cfg.deepspeed.precision], "ngram": cfg.monitor.ngram}
-    if prompts is not None:
-        data_fields["train"] = str(prompts.resolve())
-    if gold is not None:
-        data_fields["gold_reward"] = gold
-    if "train" not in data_fields:
-        raise ConfigError("rlhf eval needs --prompts (or --config with data)")
-    if reward_model is None:
-        raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
-    gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
-    try:
-        data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
-    except ValueError as exc:
-        raise ConfigError(f"rlhf eval: {exc}") from None
-    return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
-                        baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
-                        seed=seed if seed is not None else int(base["seed"]), ngram=int(base["ngram"]),  # type: ignore[arg-type]
-                        dtype=str(base["dtype"]))
-
-
 def print_results(results: dict[str, Any], console: Any) -> None:
     """A table metric | policy | baseline, then the win-rates."""
     from rich.table import Table

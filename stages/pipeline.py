@@ -8,7 +8,7 @@
     output_dir/report/    rlhf report over the PPO runs
     output_dir/summary.md (and .json)     the summary table printed at the end
 
-Each stage runs as its own `rlhf <stage>` process (so the launcher options apply to it, and a crash leaves the
+Each stage (and each `rlhf eval`) runs as its own `rlhf` process (so the launcher options apply to a stage, and a crash leaves the
 pipeline's own process to report it). A stage whose output holds a complete final/ is skipped unless `force`;
 one that holds a partial run resumes from its newest checkpoint. Before a stage starts, the checkpoint it
 receives is checked: a causal LM with its tokenizer (pad and EOS set) from SFT, a one-label sequence classifier
@@ -225,15 +225,22 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     return s
 
 
-def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:
-    """`rlhf eval` of each PPO run's final policy against the SFT model (kept when already there)."""
-    from stages.evaluate import eval_settings, evaluate, print_results
+def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path) -> list[str]:
+    """The `rlhf eval` command line of a PPO run's final policy against the SFT policy (the run's resolved config
+    gives the reward model, prompts, generation and gold judge)."""
+    cmd = [sys.executable, "-m", "rlhf_cli", "eval", str(run.out), "--config", str(run.out / "resolved_config.yaml"),
+           "--baseline", str(sft), "--seed", str(cfg.eval.seed), "--batch-size", str(cfg.eval.batch_size),
+           "--out", str(run.out / "eval.json")]
+    return cmd + (["--num-prompts", str(cfg.eval.num_prompts)] if cfg.eval.num_prompts else [])
 
+
+def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:
+    """`rlhf eval` of each PPO run's final policy against the SFT model (kept when already there), each as its own
+    process like the stages."""
     for run in ppo_runs:
-        target = run.out / "eval.json"
-        if target.is_file():
+        if (run.out / "eval.json").is_file():
             continue
         console.rule(f"[bold]eval: {run.label}[/] against {sft}")
-        settings = eval_settings(run.out, run.out / "resolved_config.yaml", baseline=str(sft),
-                                 num_prompts=cfg.eval.num_prompts, seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)
-        print_results(evaluate(settings, target), console)
+        code = subprocess.call(eval_command(cfg, run, sft))
+        if code != 0:
+            raise RlhfError(f"pipeline: rlhf eval of {run.label} failed with exit code {code}")

@@ -111,7 +111,7 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, object]:
                         "train.mini_batch_size=8", "train.micro_batch_size=8", "generation.max_new_tokens=12",
                         "train.eval_every=1", "logging.tensorboard=false"]},
         "ppo_runs": [{"name": "ppo-max", "preset": "ppo-max"}],
-        "eval": {"num_prompts": 16, "batch_size": 16},
+        "eval": {"num_prompts": 16, "batch_size": 16, "seed": 5},
     }
     path = write_yaml(tmp / "pipeline.yaml", cfg)
     res = run_cli("pipeline", "--config", str(path))

@@ -154,7 +154,8 @@ def test_pipeline_runs_all_stages_and_summarises(pipeline_run):
     assert any("eval/gold" in json.loads(line) for line in (root / "ppo-max" / "metrics.jsonl").read_text().splitlines())
     # eval.json: the policy and the SFT baseline on the same 16 prompts
     ev = json.loads((root / "ppo-max" / "eval.json").read_text())
-    assert ev["prompts"] == 16 and set(ev["policy_metrics"]) >= {"reward", "gold", "kl", "length", "repetition"}
+    assert ev["prompts"] == 16 and ev["seed"] == 5  # the pipeline's eval.num_prompts and eval.seed
+    assert set(ev["policy_metrics"]) >= {"reward", "gold", "kl", "length", "repetition"}
     samples = (root / "ppo-max" / "eval.samples.jsonl").read_text().splitlines()
     assert len(samples) == 16 and {"policy", "baseline", "policy_gold"} <= set(json.loads(samples[0]))
     pngs = list((root / "report").glob("*.png"))
@@ -180,6 +181,33 @@ def test_handoff_checks_name_the_wrong_checkpoint(pipeline_run):
         check_reward_handoff(root / "sft", root / "sft")
     with pytest.raises(CheckpointError, match="does not load"):
         check_policy_handoff(root / "missing")
+
+
+def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tmp_path):
+    from rlhf_cli.eval_options import eval_settings
+    from stages.evaluate import evaluate
+
+    root = pipeline_run[0].parent / "runs"
+    resolved = root / "ppo-max" / "resolved_config.yaml"
+
+    def run(name, **opts):
+        s = eval_settings(root / "ppo-max", resolved, num_prompts=12, max_new_tokens=6, **opts)
+        res = evaluate(s, tmp_path / f"{name}.json")
+        return s, res, (tmp_path / f"{name}.samples.jsonl").read_text()
+
+    s, res, base = run("a", seed=1, batch_size=5)
+    ppo_cfg = yaml.safe_load(resolved.read_text())
+    assert (s.seed, s.batch_size, s.reward_model) == (1, 5, ppo_cfg["reward_model"]["name_or_path"])
+    assert s.generation.temperature == ppo_cfg["generation"]["temperature"] and res["seed"] == 1
+    assert eval_settings(root / "ppo-max", resolved).seed == ppo_cfg["seed"]  # the config's seed by default
+    assert run("b", seed=1, batch_size=5)[2] == base  # same seed, same samples
+    assert run("c", seed=2, batch_size=5)[2] != base  # another seed samples other responses
+    # near-greedy: the seed no longer matters
+    cold = [run(f"t{k}", seed=k, temperature=1e-4)[2] for k in (1, 2)]
+    assert cold[0] == cold[1] and run("t3", seed=1, temperature=1e-4, batch_size=12)[2] == cold[0]
+    # KL to the policy itself is exactly 0; to the SFT policy it is not
+    assert run("r", reference=str(root / "ppo-max"))[1]["policy_metrics"]["kl"] == 0.0
+    assert run("s", reference=str(root / "sft"))[1]["policy_metrics"]["kl"] != 0.0
 
 
 def test_eval_and_report_commands(pipeline_run, tmp_path):
