@@ -24,7 +24,7 @@ reproduce: $(STAMP)
 	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/reproduce.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests --durations=15
 
 clean:
 	rm -rf runs .make .pytest_cache
