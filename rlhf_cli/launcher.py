@@ -118,8 +118,32 @@ def format_command(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher and return its exit code (the first failing worker's)."""
+    """Run the launcher and return its exit code (the first failing worker's); then remove the shared-memory
+    buffers its workers left on this host (`remove_shm_buffers`)."""
     try:
         return subprocess.call(cmd, env={**os.environ, **env})
     except KeyboardInterrupt:
         return 130
+    finally:
+        if "--master_port" in cmd:
+            remove_shm_buffers(int(cmd[cmd.index("--master_port") + 1]))
+
+
+#: where DeepSpeed's CPU accelerator keeps its shared-memory all-reduce buffers
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shm_buffers(port: int, shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Delete `deepspeed_allreduce_buffer_<i>_<addr>_<port>_<rank>` files of the run that used `port`.
+
+    DeepSpeed's CPU accelerator (shm all-reduce between local ranks) creates one such file per rank (about
+    70 MB each with the default buffer) and never unlinks it; /dev/shm is RAM, so every multi-process CPU run
+    used to leave ~140 MB of memory behind until the host ran out. Returns the files removed."""
+    removed = []
+    for f in shm_dir.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:  # another user's, or already gone
+            pass
+    return removed

@@ -295,3 +295,15 @@ def test_readme_documents_every_config_key(stage):
         if f"`{key}`" not in readme and not (parent and f"`{parent}." in readme and f"`.{leaf}`" in readme):
             missing.append(key)
     assert not missing, f"README lacks {stage} config keys: {missing}"
+
+
+def test_remove_shm_buffers_deletes_only_that_runs_files(tmp_path):
+    from rlhf_cli.launcher import remove_shm_buffers
+
+    mine = [tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_41234_{r}" for r in (0, 1)]
+    others = [tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_4123_0",
+              tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_412345_0", tmp_path / "torch_shm_41234_0"]
+    for f in mine + others:
+        f.write_bytes(b"x")
+    assert sorted(remove_shm_buffers(41234, tmp_path)) == sorted(mine)
+    assert all(f.is_file() for f in others) and not any(f.exists() for f in mine)

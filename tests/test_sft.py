@@ -121,8 +121,11 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, zero):
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     stage = ("--set", f"deepspeed.zero_stage={zero}")
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     two, res = _run(tmp_path / "two", "--num-gpus", "2", *stage, max_steps=6, micro_batch_size=8)
     assert "deepspeed.launcher.runner --num_gpus 2" in res.stdout
+    # the workers' shared-memory all-reduce buffers (RAM) are removed once the launcher returns
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     one, _ = _run(tmp_path / "one", *stage, max_steps=6, micro_batch_size=8, gradient_accumulation_steps=2)
     r2, r1 = _train_rows(two), _train_rows(one)
     assert len(r2) == 6
