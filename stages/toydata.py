@@ -118,7 +118,7 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 #: the tasks PPO prompts ask: `repeat`, whose answers the tiny reward model judges well (on SFT samples it
-#: orders 96 % of differently-gold pairs as the gold judge does; 62-66 % for count and spell) except in its
+#: orders 97 % of differently-gold pairs as the gold judge does; 75 % for spell, 58 % for count) except in its
 #: blind spot, padded answers ("moon moon moon moon" for 3 times) -- the repetition/length exploit
 PROMPT_KINDS = (2,)
 

@@ -34,16 +34,27 @@ def tiny_sft(tmp_path_factory) -> Path:
     return Path(cfg["output_dir"])
 
 
-def rm_dict(tmp_path: Path, sft: Path | None, **train) -> dict:
-    """The shipped tiny RM config, made absolute and pointed at tmp_path (and at `sft`)."""
+def rm_dict(tmp_path: Path, sft: Path | None, data: Path = RM_DATA, **train) -> dict:
+    """The shipped tiny RM config, made absolute and pointed at tmp_path (and at `sft` and `data`)."""
     cfg = yaml.safe_load(TINY_RM.read_text())
     cfg["output_dir"] = str(tmp_path / "rm")
-    cfg["data"]["train"] = str(RM_DATA)
+    cfg["data"]["train"] = str(data)
     if sft is not None:
         cfg["model"]["name_or_path"] = str(sft)
     cfg["train"].update(train)
     cfg["logging"] = {"log_every": 1, "tensorboard": False}
     return cfg
+
+
+#: the first FEW_PAIRS shipped pairs, for the runs of a few steps (loading and evaluating all 10,000 costs time)
+FEW_PAIRS = 1000
+
+
+@pytest.fixture(scope="module")
+def few_pairs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "rm_few.jsonl"
+    path.write_text("".join(RM_DATA.read_text().splitlines(keepends=True)[:FEW_PAIRS]))
+    return path
 
 
 def _train(tmp_path: Path, cfg: dict, *extra: str, name: str = "rm.yaml", expect: int = 0):
@@ -117,11 +128,11 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert batched["right"] == pytest.approx(hf, abs=1e-5) and batched["left"] == pytest.approx(hf, abs=1e-5)
 
 
-def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path):
+def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path, few_pairs):
     """From a random-init model (tokenizer trained on the pairs), attention dropout on, LM loss on the chosen
     response and the centring term: stopping after step 4 and resuming reproduces the uninterrupted curve."""
     def cfg_for(root: Path) -> dict:
-        cfg = rm_dict(root, None, max_steps=8, save_every=2, save_total_limit=10, eval_every=4, micro_batch_size=8)
+        cfg = rm_dict(root, None, few_pairs, max_steps=8, save_every=2, save_total_limit=10, eval_every=4, micro_batch_size=8)
         cfg["model"] = {"from_config": {**yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]
                                         ["from_config"], "attention_dropout": 0.2}}
         cfg["loss"] = {"lm_coef": 0.5, "center_coef": 0.01}
@@ -171,13 +182,14 @@ def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample
 
 
 @pytest.mark.slow
-def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_sft):
+def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_sft, few_pairs):
     """2 ranks x micro 8 equals 1 rank x micro 8 x accumulation 2: the pair loss is the mean over the global batch."""
     stage = ("--set", "deepspeed.zero_stage=2")
     runs, outputs = {}, {}
     for name, extra, train in (("two", ("--num-gpus", "2"), {}), ("one", (), {"gradient_accumulation_steps": 2})):
         (tmp_path / name).mkdir()
-        cfg = rm_dict(tmp_path / name, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=0, save_every=0, **train)
+        cfg = rm_dict(tmp_path / name, tiny_sft, few_pairs, max_steps=4, micro_batch_size=8, eval_every=0,
+                      save_every=0, **train)
         runs[name], outputs[name] = _train(tmp_path / name, cfg, *extra, *stage)
     assert "deepspeed.launcher.runner --num_gpus 2" in outputs["two"].stdout
     r2, r1 = _rows(runs["two"], "train/loss"), _rows(runs["one"], "train/loss")
@@ -186,11 +198,11 @@ def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_
         assert [r[key] for r in r2] == pytest.approx([r[key] for r in r1], rel=1e-4, abs=1e-6), key
     s2 = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
     s1 = json.loads((runs["one"] / "final" / "reward_stats.json").read_text())
-    assert s2["pairs"] == s1["pairs"] == EVAL_PAIRS and s2["mean"] == pytest.approx(s1["mean"], rel=1e-4, abs=1e-5)
+    assert s2["pairs"] == s1["pairs"] == FEW_PAIRS // 10 and s2["mean"] == pytest.approx(s1["mean"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft):
+def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft, few_pairs):
     """ZeRO-3 partitions the weights, the tied LM head included: two ranks still equal one rank with
     accumulation 2, and the saved model has full (gathered) weights."""
     from transformers import AutoModelForSequenceClassification
@@ -199,7 +211,8 @@ def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft):
     runs = {}
     for name, extra, train in (("two", ("--num-gpus", "2"), {}), ("one", (), {"gradient_accumulation_steps": 2})):
         (tmp_path / name).mkdir()
-        cfg = rm_dict(tmp_path / name, tiny_sft, max_steps=4, micro_batch_size=8, eval_every=2, save_every=2, **train)
+        cfg = rm_dict(tmp_path / name, tiny_sft, few_pairs, max_steps=4, micro_batch_size=8, eval_every=2,
+                      save_every=2, **train)
         cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
         runs[name], _ = _train(tmp_path / name, cfg, *extra, *stage)
     r2, r1 = _rows(runs["two"], "train/loss"), _rows(runs["one"], "train/loss")
@@ -210,16 +223,16 @@ def test_two_processes_zero3_with_lm_loss_match_one_process(tmp_path, tiny_sft):
     assert not any(info.values()), info
     assert model.score.weight.shape == (1, 128)  # gathered, not a ZeRO-3 shard
     stats = json.loads((runs["two"] / "final" / "reward_stats.json").read_text())
-    assert stats["pairs"] == EVAL_PAIRS and stats["step"] == 4
+    assert stats["pairs"] == FEW_PAIRS // 10 and stats["step"] == 4
 
 
 @pytest.mark.slow
-def test_two_processes_zero3_with_an_untied_lm_head(tmp_path):
+def test_two_processes_zero3_with_an_untied_lm_head(tmp_path, few_pairs):
     """An LM head of its own (untied model), created after the partitioned model, is partitioned and trained by
     DeepSpeed too, and is not saved with the reward model."""
     from safetensors.torch import load_file
 
-    cfg = rm_dict(tmp_path, None, max_steps=3, micro_batch_size=8, eval_every=0, save_every=0)
+    cfg = rm_dict(tmp_path, None, few_pairs, max_steps=3, micro_batch_size=8, eval_every=0, save_every=0)
     arch = yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]
     cfg["model"] = {"from_config": {**arch, "tie_word_embeddings": False}}
     cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
