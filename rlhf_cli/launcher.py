@@ -85,8 +85,8 @@ def launch_command(
         cmd += ["--num_gpus", str(num_gpus or 1)]
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
         cmd += ["--master_port", str(master_port or free_port())]
-    elif master_port is not None:
-        cmd += ["--master_port", str(master_port)]
+    elif master_port is not None or os.environ.get("MASTER_PORT"):  # multi-node: the user's port, else 29500
+        cmd += ["--master_port", str(master_port or os.environ["MASTER_PORT"])]
     cmd += ["--log_level", "warning", "--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
     if resume:
         cmd.append("--resume")

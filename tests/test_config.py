@@ -307,3 +307,16 @@ def test_remove_shm_buffers_deletes_only_that_runs_files(tmp_path):
         f.write_bytes(b"x")
     assert sorted(remove_shm_buffers(41234, tmp_path)) == sorted(mine)
     assert all(f.is_file() for f in others) and not any(f.exists() for f in mine)
+
+
+def test_multi_node_launch_takes_master_port_from_the_environment(tmp_path, monkeypatch):
+    from rlhf_cli.launcher import launch_command
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
+    assert "--master_port" not in cmd  # DeepSpeed's default, 29500, on every node
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
+    assert cmd[cmd.index("--master_port") + 1] == "31234"
