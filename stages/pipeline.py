@@ -8,11 +8,11 @@
     output_dir/report/    rlhf report over the PPO runs
     output_dir/summary.md (and .json)     the summary table printed at the end
 
-Each stage (and each `rlhf eval`) runs as its own `rlhf` process (so the launcher options apply to a stage, and
-a crash leaves the pipeline's own process to report it). A stage whose output holds a complete final/ is skipped
-unless `force`; one that holds a partial run resumes from its newest checkpoint. Before a stage starts, the checkpoint it
-receives is checked: a causal LM with its tokenizer (pad and EOS set) from SFT, a one-label sequence classifier
-sharing the SFT vocabulary from the RM.
+Each stage (and each `rlhf eval`) runs as its own `rlhf` process (so the launcher options apply to a stage, and a
+crash leaves the pipeline's own process to report it). A stage whose output holds a complete final/ is skipped
+unless `force`; one that holds a partial run resumes from its newest checkpoint. Before a stage starts, the
+checkpoint it receives is checked: a causal LM with its tokenizer (pad and EOS set) from SFT, a one-label sequence
+classifier sharing the SFT vocabulary from the RM.
 """
 
 from __future__ import annotations
