@@ -33,7 +33,11 @@ def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
     return env.get(LAUNCHED_MARK) == "1"
 
 
-LAUNCHED_MARK = "RLHF_LAUNCHED"
+#: set by `rlhf` for the workers it launches. Named with a PYTHON prefix because DeepSpeed's multi-node runner
+#: (pdsh) forwards to the other nodes only variables with certain prefixes (deepspeed.launcher.runner.EXPORT_ENVS)
+#: or listed in .deepspeed_env; without it, workers on every node would take the "user's own launcher" path and
+#: prepare the output directory a second time
+LAUNCHED_MARK = "PYTHON_RLHF_LAUNCHED"
 
 
 def needs_launcher(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None) -> bool:

@@ -320,3 +320,14 @@ def test_multi_node_launch_takes_master_port_from_the_environment(tmp_path, monk
     monkeypatch.setenv("MASTER_PORT", "31234")
     cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
     assert cmd[cmd.index("--master_port") + 1] == "31234"
+
+
+def test_launched_mark_reaches_the_workers_of_every_node():
+    """DeepSpeed's pdsh runner exports to remote nodes only variables with its listed prefixes."""
+    from deepspeed.launcher.runner import EXPORT_ENVS
+
+    from rlhf_cli.launcher import LAUNCHED_MARK, launch_env, launched_by_rlhf
+
+    assert any(LAUNCHED_MARK.startswith(prefix) for prefix in EXPORT_ENVS)
+    env = launch_env(2)
+    assert env[LAUNCHED_MARK] == "1" and launched_by_rlhf(env) and not launched_by_rlhf({})
