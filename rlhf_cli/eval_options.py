@@ -6,11 +6,9 @@ from pathlib import Path
 
 from rlhf_cli.config_loader import load_config
 from stages.config import GenerationConfig, PPODataConfig
+from stages.engine import PRECISION_DTYPES
 from stages.errors import ConfigError
 from stages.evaluate import EvalSettings
-
-#: deepspeed.precision -> the torch dtype name the evaluation loads the models in
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
@@ -29,7 +27,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train
         gen_fields = cfg.generation.model_dump()
-        cfg_seed, dtype, ngram = cfg.seed, _DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram
+        cfg_seed, dtype, ngram = cfg.seed, PRECISION_DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram
     if prompts is not None:
         data_fields["train"] = str(prompts.resolve())
     if gold is not None:

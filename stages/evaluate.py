@@ -29,6 +29,7 @@ import torch
 
 from stages.config import GenerationConfig, ModelConfig, PPODataConfig
 from stages.data import BadRowLog
+from stages.engine import PRECISION_DTYPES
 from stages.errors import ConfigError
 from stages.gold import gold_scores
 from stages.models import resolve_model_dir
@@ -145,7 +146,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
     if not prompts:
         raise ConfigError(f"no prompts in {s.data.train}")
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[s.dtype]
+    precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
