@@ -307,6 +307,23 @@ class GenerationConfig(Section):
     stop_token_ids: list[int] = Field(
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's)"
     )
+    min_new_tokens: int = Field(0, ge=0, description="stop tokens are not sampled before this many new tokens")
+    cache: Literal["static", "dynamic"] = Field(
+        "static", description="KV cache: static = preallocated, reused, compilable (fast path); dynamic = grown "
+        "per token (reference path)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoding step (static cache only; CUDA graphs on a GPU); the "
+        "first rollout pays the compilation"
+    )
+
+    @model_validator(mode="after")
+    def _token_counts(self) -> "GenerationConfig":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        if self.compile and self.cache != "static":
+            raise ValueError("compile needs cache: static")
+        return self
 
 
 class PPOAlgoConfig(Section):
@@ -351,6 +368,10 @@ class PPOTrainConfig(Section):
     mini_batch_size: int = Field(8, ge=1, description="rollouts per rank per optimizer step")
     micro_batch_size: int = Field(4, ge=1, description="rollouts per rank per forward/backward")
     forward_batch_size: int | None = Field(None, ge=1, description="rows per scoring forward; default micro")
+    logprob_chunk: int = Field(
+        4096, ge=0, description="response tokens per LM-head block when computing log-probs (checkpointed, so "
+        "no full-vocabulary logits of the whole batch exist); 0 = full logits (reference path)"
+    )
     policy_lr: float = Field(5e-7, gt=0)
     critic_lr: float = Field(1.5e-6, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "constant"

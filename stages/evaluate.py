@@ -34,7 +34,11 @@ from stages.errors import ConfigError
 from stages.gold import gold_scores
 from stages.models import resolve_model_dir
 from stages.ppo.prompts import load_prompts
-from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logits, sample, token_logprobs
+from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logprobs, sample
+
+
+#: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
+LOGPROB_CHUNK = 4096
 
 
 @dataclass
@@ -95,8 +99,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
             out.gold += gold_scores(s.data.gold_reward or "", tok, batch, responses)
         if out.kl is not None:
             width = roll.prompt_width
-            lp, _ = token_logprobs(response_logits(model, full_ids, full_mask, width), roll.response)
-            ref, _ = token_logprobs(response_logits(reference, full_ids, full_mask, width), roll.response)
+            lp, _ = response_logprobs(model, full_ids, full_mask, width, roll.response, chunk_tokens=LOGPROB_CHUNK)
+            ref, _ = response_logprobs(reference, full_ids, full_mask, width, roll.response, chunk_tokens=LOGPROB_CHUNK)
             out.kl += ((lp - ref) * roll.response_mask).sum(1).tolist()
     return out
 

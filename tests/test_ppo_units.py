@@ -68,8 +68,10 @@ def one_thread():
 
 
 def _gen(**kw) -> GenerationConfig:
-    """Every sampling transform off unless given."""
-    return GenerationConfig(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, **kw})
+    """Every sampling transform off unless given; the reference (dynamic) cache, which the stand-in models
+    below support."""
+    return GenerationConfig(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                               "cache": "dynamic", **kw})
 
 
 def _arch(**kw) -> LlamaConfig:
@@ -99,6 +101,7 @@ def _causal(kind: str) -> torch.nn.Module:
 
 
 ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2"])
+CACHES = pytest.mark.parametrize("cache", ["static", "dynamic"])
 
 
 def _kept(z: torch.Tensor) -> list[list[int]]:
@@ -204,22 +207,24 @@ def _greedy_reference(model, prompt: list[int], n: int, penalty: float = 1.0) ->
 PROMPTS = [[5, 9, 12, 3, 7], [21, 4], [33, 8, 15]]
 
 
+@CACHES
 @ARCHS
-def test_greedy_kv_cache_sampling_on_left_padded_prompts_equals_no_cache_argmax(kind):
+def test_greedy_kv_cache_sampling_on_left_padded_prompts_equals_no_cache_argmax(kind, cache):
     model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n) for p in PROMPTS]
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
     assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
-    out = sample(model, ids, mask, _gen(top_k=1, max_new_tokens=n), [VOCAB + 5], PAD_ID, VOCAB)  # no stop
+    out = sample(model, ids, mask, _gen(top_k=1, max_new_tokens=n, cache=cache), [VOCAB + 5], PAD_ID, VOCAB)  # no stop
     assert out.response.tolist() == refs
     assert out.response_mask.tolist() == [[1] * n] * 3
     assert out.truncated.tolist() == [True, True, True]
     assert torch.equal(out.prompt_ids, ids) and torch.equal(out.prompt_mask, mask)
 
 
+@CACHES
 @ARCHS
-def test_greedy_sampling_stops_rows_at_a_stop_token(kind):
+def test_greedy_sampling_stops_rows_at_a_stop_token(kind, cache):
     model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n) for p in PROMPTS]
@@ -228,7 +233,8 @@ def test_greedy_sampling_stops_rows_at_a_stop_token(kind):
     stop = next(t for t in sorted({t for r in refs for t in r})
                 if any(t in r[:-1] for r in refs) and not all(t in r for r in refs))
     cut = [r.index(stop) + 1 if stop in r else n for r in refs]
-    out = sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(top_k=1, max_new_tokens=n), [stop], PAD_ID, VOCAB)
+    out = sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(top_k=1, max_new_tokens=n, cache=cache), [stop], PAD_ID,
+                 VOCAB)
     width = max(cut)
     assert out.response.shape == (3, width)
     for i, r in enumerate(refs):
@@ -238,13 +244,14 @@ def test_greedy_sampling_stops_rows_at_a_stop_token(kind):
     assert any(out.truncated.tolist()) and not all(out.truncated.tolist())
 
 
+@CACHES
 @ARCHS
-def test_greedy_sampling_penalises_generated_tokens_but_not_the_prompt(kind):
+def test_greedy_sampling_penalises_generated_tokens_but_not_the_prompt(kind, cache):
     model = _causal(kind)
     n = 8
     refs = [_greedy_reference(model, p, n, penalty=3.0) for p in PROMPTS]
     assert refs != [_greedy_reference(model, p, n) for p in PROMPTS]  # the penalty matters here
-    out = sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(top_k=1, repetition_penalty=3.0, max_new_tokens=n),
+    out = sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(top_k=1, repetition_penalty=3.0, max_new_tokens=n, cache=cache),
                  [VOCAB + 5], PAD_ID, VOCAB)
     assert out.response.tolist() == refs
 
@@ -302,13 +309,15 @@ def test_sample_ends_early_when_every_row_has_stopped():
     assert len(model.calls) == 2
 
 
-def test_tokens_at_or_above_vocab_size_are_never_sampled():
+@CACHES
+def test_tokens_at_or_above_vocab_size_are_never_sampled(cache):
     # a real model with 40 embedding rows but a 30-token vocabulary, plain sampling: without the mask a quarter
     # of the draws would land on 30..39
     model = _llama()
     prompts = [[5, 9, 12], [21, 4], [33, 8, 15], [1, 2, 3]] * 3
     torch.manual_seed(1)
-    out = sample(model, *left_pad(prompts, PAD_ID, CPU), _gen(max_new_tokens=12), [VOCAB + 5], PAD_ID, 30)
+    out = sample(model, *left_pad(prompts, PAD_ID, CPU), _gen(max_new_tokens=12, cache=cache), [VOCAB + 5], PAD_ID,
+                 30)
     assert out.response.numel() == 144 and int(out.response.max()) < 30
     # and the scripted model whose favourite token is 35: never drawn
     base = torch.zeros(VOCAB)
@@ -330,10 +339,11 @@ def test_vocab_mask_applies_before_top_k_and_top_p(gen):
     assert out.response.tolist() == [[7], [7]]
 
 
-def test_same_seed_same_samples():
+@CACHES
+def test_same_seed_same_samples(cache):
     model = _llama()
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
-    gen = GenerationConfig(max_new_tokens=10)  # the paper's sampling: T 0.8, top-p 0.9, penalty 1.1
+    gen = GenerationConfig(max_new_tokens=10, cache=cache)  # the paper's sampling: T 0.8, top-p 0.9, penalty 1.1
 
     def draw(seed):
         torch.manual_seed(seed)

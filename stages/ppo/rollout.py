@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from stages.config import GenerationConfig
+from stages.ppo.decode import bucket_left_pad, make_decoder
 from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import positions_from_mask
 
@@ -89,13 +91,16 @@ def sample(
 ) -> Rollout:
     """Sample one response per prompt with a KV cache, the whole batch at once, until every row has produced
     a stop token or max_new_tokens. Tokens at or above `vocab_size` (embedding rows without a token) are never
-    sampled. Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
+    sampled; stop tokens are not sampled before `min_new_tokens`. `gen.cache` picks the decoder (decode.py:
+    static = the fast path, dynamic = the reference); both draw the same tokens from the same random stream.
+    Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
-    mask = prompt_mask.clone()
-    positions = positions_from_mask(prompt_mask)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    ids, mask = (bucket_left_pad(prompt_ids, prompt_mask, pad_id) if gen.cache == "static"
+                 else (prompt_ids, prompt_mask))
+    decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile)
+    positions = positions_from_mask(mask)
+    logits = decoder.prefill(ids, positions)
     next_pos = positions[:, -1] + 1
     seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -104,20 +109,19 @@ def sample(
     for step in range(gen.max_new_tokens):
         logits = logits.float()
         logits[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
+        if step < gen.min_new_tokens:
+            logits[:, stops[stops < logits.shape[-1]]] = float("-inf")
         scores = process_logits(logits, seen, gen)
         tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         alive = ~finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
         alive_cols.append(alive)
-        seen[alive, tok[alive]] = True
+        seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | alive[:, None])
         finished = finished | (alive & torch.isin(tok, stops))
-        if bool(finished.all()) or step == gen.max_new_tokens - 1:
+        if step == gen.max_new_tokens - 1 or bool(finished.all()):
             break
-        mask = torch.cat([mask, alive.long()[:, None]], 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        logits = decoder.step(tok, alive, next_pos)
         next_pos = next_pos + 1
     response = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
@@ -145,6 +149,44 @@ def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_wi
     """Causal-LM logits at the positions that predict the response tokens, [B, R, V]."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
     return out.logits[:, prompt_width - 1:-1]
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, with_entropy: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32."""
+    z = head(hidden).float()
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
+
+
+def response_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, tokens: torch.Tensor,
+    with_entropy: bool = False, chunk_tokens: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(response token) [B, R] in float32, and the entropy with `with_entropy`.
+
+    chunk_tokens = 0, the reference path: the model's [B, P + R, V] logits, upcast 8 rows at a time.
+    chunk_tokens > 0, the fast path: the model applies its LM head to one position only and returns its final
+    hidden states; the head then runs on the R response positions, chunk_tokens rows at a time. With gradients
+    each chunk is checkpointed (its logits are recomputed in the backward pass), so no more than one
+    [chunk_tokens, V] block of logits exists at any moment, forward or backward, and none for the prompt."""
+    if chunk_tokens <= 0:
+        return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, prompt_width - 1:-1]
+    rows, width = tokens.shape
+    flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
+    head = getattr(model, "module", model).get_output_embeddings()
+    grad = torch.is_grad_enabled() and flat_h.requires_grad
+    logps, ents = [], []
+    for s in range(0, flat_t.numel(), chunk_tokens):
+        args = (head, flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens], with_entropy)
+        lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp = torch.cat(logps).view(rows, width)
+    return logp, torch.cat(ents).view(rows, width) if with_entropy else None
 
 
 def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, ...]:

@@ -56,9 +56,8 @@ from stages.ppo.rollout import (
     raw_scores,
     repetition_rate,
     response_lists,
-    response_logits,
+    response_logprobs,
     sample,
-    token_logprobs,
 )
 from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
 from stages.trainer import EpochSampler, check_finite, due, open_run, optimizer_step, split_holdout
@@ -136,8 +135,8 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
     for s in range(0, ids.shape[0], chunk):
         i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
-        logp, ent = token_logprobs(response_logits(models["policy"], i, m, p), resp, with_entropy=True)
-        ref_logp, _ = token_logprobs(response_logits(models["reference"], i, m, p), resp)
+        logp, ent = response_logprobs(models["policy"], i, m, p, resp, True, cfg.train.logprob_chunk)
+        ref_logp, _ = response_logprobs(models["reference"], i, m, p, resp, False, cfg.train.logprob_chunk)
         parts["logp"].append(logp)
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
@@ -202,8 +201,8 @@ def update(
 
             def policy_micro(rows: list[int]) -> torch.Tensor:
                 m = resp_mask[rows]
-                logits = response_logits(policy, ids[rows], mask[rows], p)
-                logp, ent = token_logprobs(logits, rollout.response[rows], with_entropy=ppo.entropy_coef > 0)
+                logp, ent = response_logprobs(policy, ids[rows], mask[rows], p, rollout.response[rows],
+                                              ppo.entropy_coef > 0, t.logprob_chunk)
                 base = exp["ref_logp"][rows] if ppo.ref_importance_sampling else exp["logp"][rows]
                 pl, clipfrac = policy_loss(logp, base, adv[rows], m, ppo.policy_clip)
                 loss = pl

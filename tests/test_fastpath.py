@@ -1,0 +1,207 @@
+"""The fast paths against their references (CPU, float32 unless stated):
+
+- decoding with the static KV cache (stages/ppo/decode.py) vs the dynamic one: the same next-token logits at
+  every step (|diff| <= 1e-5), hence the same samples from the same seed; compiled steps likewise;
+- chunked, checkpointed log-probs (rollout.response_logprobs) vs the full-logits reference: the same log-probs,
+  entropies and gradients (|diff| <= 1e-5 in float32, <= 0.05 nats in bfloat16), without ever holding a
+  full-vocabulary logits tensor for the batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from stages.config import GenerationConfig
+from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad
+from stages.ppo.rollout import left_pad, response_logprobs, sample
+from stages.reward_model import positions_from_mask
+
+VOCAB, PAD_ID, CPU = 48, 0, torch.device("cpu")
+PROMPTS = [[5, 9, 12, 3, 7], [21, 4], [33, 8, 15]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=PAD_ID, initializer_range=0.2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=layers, n_head=4, n_positions=128,
+                         pad_token_id=PAD_ID, initializer_range=0.2)
+        model = GPT2LMHeadModel(cfg)
+    return model.to(dtype).eval()
+
+
+ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2"])
+
+
+# ============================================================================================ decoding
+@ARCHS
+@torch.no_grad()
+def test_static_and_dynamic_decoders_give_the_same_logits_at_every_step(kind):
+    model = _model(kind)
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    feed = torch.tensor([[7, 7, 11, 2, 9, 30], [1, 40, 40, 3, 3, 8], [6, 5, 4, 3, 2, 1]])
+    alive = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    padded_ids, padded_mask = bucket_left_pad(ids, mask, PAD_ID)
+    assert padded_ids.shape == (3, 32) and torch.equal(padded_ids[:, -5:], ids)
+    dyn = DynamicDecoder(model, mask)
+    sta = StaticDecoder(model, padded_mask, max_new_tokens=7, compile_step=False)
+    pos_d, pos_s = positions_from_mask(mask), positions_from_mask(padded_mask)
+    assert torch.equal(pos_s[:, -5:], pos_d)  # the extra left padding changes no position
+    a, b = dyn.prefill(ids, pos_d), sta.prefill(padded_ids, pos_s)
+    nxt = pos_d[:, -1] + 1
+    diffs = [float((a - b).abs().max())]
+    for step in range(feed.shape[1]):
+        a = dyn.step(feed[:, step], alive[:, step], nxt)
+        b = sta.step(feed[:, step], alive[:, step], nxt)
+        nxt = nxt + 1
+        diffs.append(float((a - b).abs().max()))
+    assert a.shape == b.shape == (3, VOCAB)
+    assert max(diffs) <= 1e-5, diffs
+    # the static mask holds the prompt mask, then one column per step fed (alive), then zeros
+    assert sta.mask.shape == (3, 32 + 7)
+    assert torch.equal(sta.mask[:, 32:38], alive.long()) and int(sta.mask[:, 38:].sum()) == 0
+
+
+@ARCHS
+def test_same_seed_same_samples_from_either_cache(kind):
+    model = _model(kind)
+    ids, mask = left_pad(PROMPTS * 4, PAD_ID, CPU)
+    out = {}
+    for cache in ("dynamic", "static"):
+        gen = GenerationConfig(max_new_tokens=16, cache=cache)  # T 0.8, top-p 0.9, penalty 1.1
+        torch.manual_seed(11)
+        out[cache] = sample(model, ids, mask, gen, [1, 2], PAD_ID, VOCAB)
+    d, s = out["dynamic"], out["static"]
+    assert torch.equal(d.response, s.response) and torch.equal(d.response_mask, s.response_mask)
+    assert torch.equal(d.truncated, s.truncated)
+    assert torch.equal(s.prompt_ids, ids) and torch.equal(s.prompt_mask, mask)  # bucket padding not returned
+    assert d.response_mask.sum() > 24  # really sampled something
+
+
+def test_static_cache_is_reused_and_reset_between_rollouts():
+    model = _model("llama")
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    gen = GenerationConfig(max_new_tokens=6, cache="static")
+    torch.manual_seed(3)
+    first = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
+    cache = model.__dict__["_rlhf_static_decode"]["cache"]
+    torch.manual_seed(3)
+    again = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
+    assert model.__dict__["_rlhf_static_decode"]["cache"] is cache  # same shape: same buffers
+    assert torch.equal(first.response, again.response)  # and nothing left over from the first rollout
+    sample(model, *left_pad(PROMPTS[:2], PAD_ID, CPU), gen, [1], PAD_ID, VOCAB)
+    assert model.__dict__["_rlhf_static_decode"]["cache"] is not cache  # another batch size: new buffers
+
+
+def test_compiled_decoding_draws_the_same_samples():
+    model = _model("llama", layers=1)
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(5)
+        gen = GenerationConfig(max_new_tokens=5, min_new_tokens=5, cache="static", compile=compiled)
+        out.append(sample(model, ids, mask, gen, [1], PAD_ID, VOCAB).response)
+    assert "step" in model.__dict__["_rlhf_static_decode"]
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_min_new_tokens_keeps_stop_tokens_out_until_reached(cache):
+    # a model whose favourite token is the stop id 1: without min_new_tokens rows stop at once
+    model = _model("llama")
+    model.lm_head.register_forward_hook(lambda mod, args, out: out + 4.0 * (torch.arange(VOCAB) == 1))
+    ids, mask = left_pad(PROMPTS * 3, PAD_ID, CPU)
+    gen = GenerationConfig(max_new_tokens=8, cache=cache, top_p=1.0)
+    torch.manual_seed(0)
+    free = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
+    assert free.response_mask.sum(1).float().mean() < 4  # stop tokens come early
+    torch.manual_seed(0)
+    held = sample(model, ids, mask, gen.model_copy(update={"min_new_tokens": 5}), [1], PAD_ID, VOCAB)
+    lengths = held.response_mask.sum(1)
+    assert int(lengths.min()) >= 5
+    assert not (held.response[:, :4] == 1).any()
+    exact = sample(model, ids, mask, gen.model_copy(update={"min_new_tokens": 8}), [1], PAD_ID, VOCAB)
+    assert exact.response_mask.sum(1).tolist() == [8] * 9  # min = max: exactly max_new_tokens each
+
+
+def test_min_new_tokens_above_max_is_a_config_error():
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerationConfig(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="compile needs cache: static"):
+        GenerationConfig(cache="dynamic", compile=True)
+
+
+# ============================================================================================ log-probs
+def _batch(kind: str):
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    resp = torch.tensor([[11, 2, 0, 0], [13, 14, 15, 16], [16, 3, 9, 0]])
+    rmask = (resp != 0).long()
+    return torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1], resp
+
+
+@ARCHS
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_logprobs_entropy_and_gradients_equal_the_reference(kind, chunk):
+    ids, mask, p, resp = _batch(kind)
+    weights = torch.randn(resp.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for c in (0, chunk):
+        model = _model(kind).train()
+        model.zero_grad()
+        logp, ent = response_logprobs(model, ids, mask, p, resp, with_entropy=True, chunk_tokens=c)
+        ((logp * weights).sum() + ent.sum()).backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        results.append((logp.detach(), ent.detach(), grads))
+    (lp0, e0, g0), (lp1, e1, g1) = results
+    assert lp1.dtype == torch.float32 and lp1.shape == resp.shape
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 4
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
+def test_chunked_logprobs_in_bfloat16_stay_within_the_stated_tolerance():
+    ids, mask, p, resp = _batch("llama")
+    ref = response_logprobs(_model("llama"), ids, mask, p, resp)[0]
+    with torch.no_grad():
+        fast = response_logprobs(_model("llama", dtype=torch.bfloat16), ids, mask, p, resp, chunk_tokens=4)[0]
+        slow = response_logprobs(_model("llama", dtype=torch.bfloat16), ids, mask, p, resp, chunk_tokens=0)[0]
+    assert torch.allclose(fast, slow, atol=1e-6)  # the same bf16 logits, upcast the same way
+    assert float((fast - ref.detach()).abs().max()) < 0.05
+
+
+def test_chunked_logprobs_never_keep_full_vocabulary_logits_for_backward():
+    """Every logit-shaped tensor (last dimension V, not a weight) autograd saves, recorded by a hook: the
+    reference keeps [B, R, V] float32 logits; the chunked path nothing larger than one chunk of [chunk, V]."""
+    ids, mask, p, resp = _batch("llama")
+    sizes: dict[int, list[int]] = {}
+    for chunk in (0, 4):
+        model = _model("llama").train()
+        weights = {q.untyped_storage().data_ptr() for q in model.parameters()}
+        saved: list[int] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            logit_shaped = t.shape and t.shape[-1] == VOCAB and t.untyped_storage().data_ptr() not in weights
+            saved.append(t.numel() if logit_shaped else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logp, _ = response_logprobs(model, ids, mask, p, resp, chunk_tokens=chunk)
+        logp.sum().backward()
+        sizes[chunk] = saved
+    assert max(sizes[0]) >= resp.numel() * VOCAB  # float32 logits of every response token
+    assert max(sizes[4]) <= 4 * VOCAB
