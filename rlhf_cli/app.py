@@ -17,6 +17,7 @@ from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config
 from rlhf_cli.launcher import (
     format_command,
+    hostfile_slots,
     inside_launcher,
     launch_command,
     launch_env,
@@ -141,6 +142,10 @@ def run_stage(
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {where}", highlight=False, soft_wrap=True)
         if dry_run:
+            from stages.memory import estimate, format_estimate
+
+            nodes = num_nodes or (len(hostfile_slots(hostfile)) if hostfile is not None else 1)
+            out.print(format_estimate(estimate(cfg, local_processes(num_gpus, hostfile) * nodes)), highlight=False)
             out.print("dry run: nothing trained")
             return
         prepare_output_dir(out_dir, text, resume, overwrite)
@@ -376,6 +381,11 @@ def report(
     except RlhfError as exc:
         _fail(exc, debug)
     out.print(f"wrote {len(result['png'])} plots and {result['markdown']}", highlight=False)
+
+
+from rlhf_cli.bench_cmd import bench_app  # noqa: E402 - registered after the stage commands, listed after them
+
+app.add_typer(bench_app, name="bench")
 
 
 @app.command()

@@ -511,9 +511,40 @@ class PipelineConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------- bench
+class BenchWorkloadConfig(Section):
+    """A synthetic PPO workload: random-init models of `architecture`, random prompts, fixed-length responses."""
+
+    architecture: dict[str, Any] = Field(description="architecture dict of policy, reference, critic and RM "
+                                         "(model_type and its config keys), as model.from_config")
+    prompts: int = Field(64, ge=1, description="prompts per iteration (the rollout batch)")
+    prompt_length: int = Field(128, ge=1, description="tokens per prompt")
+    new_tokens: int = Field(128, ge=1, description="tokens generated per prompt, exactly (no early stop)")
+    words: int = Field(1000, ge=2, description="distinct words (tokens) the random prompts draw from")
+
+    @model_validator(mode="after")
+    def _architecture(self) -> "BenchWorkloadConfig":
+        check_architecture(self.architecture)
+        return self
+
+
+class BenchConfig(Section):
+    """`rlhf bench` config: a workload, how many iterations to time, and `rlhf ppo` keys on top."""
+
+    name: str = Field(description="workload name, written into the result")
+    seed: int = 0
+    output_dir: OutputPath = Field(description="workload/ (built once), ppo/ (the run), bench-*.json")
+    workload: BenchWorkloadConfig
+    iterations: int = Field(5, ge=1, description="timed iterations (the result is their median)")
+    warmup: int = Field(2, ge=0, description="iterations run first and not timed (compilation, allocator)")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; default: a known GPU's bf16 peak")
+    ppo: dict[str, Any] = Field(default_factory=dict, description="rlhf ppo config keys (nested) merged over the "
+                                "generated config, e.g. {train: {micro_batch_size: 8}, generation: {compile: true}}")
+
+
 STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig, "ppo": PPOConfig}
 #: `rlhf pipeline` reads its own schema (not a stage's); listed here so config checks cover it too
-CONFIG_SCHEMAS: dict[str, type[Section]] = {**STAGE_SCHEMAS, "pipeline": PipelineConfig}
+CONFIG_SCHEMAS: dict[str, type[Section]] = {**STAGE_SCHEMAS, "pipeline": PipelineConfig, "bench": BenchConfig}
 
 
 # --------------------------------------------------------------------------------------------- paths

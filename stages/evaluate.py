@@ -32,7 +32,7 @@ from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
 from stages.errors import ConfigError
 from stages.gold import gold_scores
-from stages.models import resolve_model_dir
+from stages.models import load_tokenizer, resolve_model_dir
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logprobs, sample
 
@@ -134,15 +134,14 @@ def summarize(gen: Generated, ngram: int) -> dict[str, float]:
 
 def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     """Run the evaluation; returns (and writes to `out_file` with samples beside it) the results."""
-    from transformers import AutoTokenizer
 
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_dir(s.policy))
-        rm_tok = AutoTokenizer.from_pretrained(resolve_model_dir(s.reward_model))
+        tok = load_tokenizer(resolve_model_dir(s.policy))
+        rm_tok = load_tokenizer(resolve_model_dir(s.reward_model))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load a tokenizer: {exc}") from None
     check_tokenizers(tok, rm_tok, s.reward_model)

@@ -67,6 +67,30 @@ def resolve_model_dir(name_or_path: str) -> str:
     return name_or_path
 
 
+#: tokenizer classes that mean "exactly the tokenizer.json beside me" (what train_tokenizer saves)
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer.from_pretrained, except that a directory whose tokenizer_config.json names a plain
+    tokenizers backend is loaded as exactly that: transformers 5 otherwise substitutes the model type's own
+    class when config.json is beside it (a qwen2 model's trained BPE or word-level tokenizer would be rebuilt as
+    Qwen2Tokenizer with Qwen's pre-tokenizer, and encode text to nothing or to other ids)."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(source) / "tokenizer_config.json"
+    if config.is_file() and (Path(source) / "tokenizer.json").is_file():
+        try:
+            cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        except (ValueError, UnicodeDecodeError):
+            cls = None
+        if cls in PLAIN_TOKENIZER_CLASSES:
+            return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
 def prepare_tokenizer(
     cfg: ModelConfig, out_dir: Path, dist: DistInfo, texts: Callable[[], Iterable[str]], chat_template: str | None
 ) -> Any:
@@ -75,8 +99,6 @@ def prepare_tokenizer(
 
     A tokenizer without a pad token gets pad = eos; one without a chat template gets DEFAULT_CHAT_TEMPLATE
     (or `chat_template` when given, which always wins)."""
-    from transformers import AutoTokenizer
-
     if cfg.from_config is not None and cfg.tokenizer is None:
         path = out_dir / "tokenizer"
         if dist.is_main and not (path / "tokenizer.json").exists():
@@ -90,7 +112,7 @@ def prepare_tokenizer(
     else:
         source = resolve_model_dir(cfg.tokenizer or cfg.name_or_path or "")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load tokenizer from {source}: {exc}") from None
     if tokenizer.eos_token is None:

@@ -80,11 +80,13 @@ def stage_command(run: StageRun, launch: list[str], resume: bool, overwrite: boo
 
 # --------------------------------------------------------------------------------------------- hand-off
 def _load_handoff(path: Path, what: str) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from stages.models import load_tokenizer
 
     final = path / "final"
     try:
-        return AutoConfig.from_pretrained(final), AutoTokenizer.from_pretrained(final)
+        return AutoConfig.from_pretrained(final), load_tokenizer(str(final))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{what} output {final} does not load: {exc}") from None
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +34,7 @@ from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer
+from stages.perf import clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
 from stages.ppo.models import (
     GenerationCopy,
@@ -178,6 +178,7 @@ def update(
     stats = GlobalMeans()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     norms: dict[str, list[float | None]] = {"policy": [], "critic": []}
+    seconds = {"policy": 0.0, "critic": 0.0}
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
         for mb in chunks(order, t.mini_batch_size):
@@ -237,9 +238,13 @@ def update(
                 return vl * n * k / n_tok
 
             if not critic_only:
+                t0 = clock(dist.device)
                 norms["policy"].append(optimizer_step(policy, micro, policy_micro))
+                seconds["policy"] += clock(dist.device) - t0
+            t0 = clock(dist.device)
             norms["critic"].append(optimizer_step(critic, micro, critic_micro))
-    out = stats.reduce(dist.device)
+            seconds["critic"] += clock(dist.device) - t0
+    out = stats.reduce(dist.device) | {f"perf/{k}_update_s": v for k, v in seconds.items()}
     if "policy/ratio" in out:
         out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
     for name, found in norms.items():
@@ -435,17 +440,19 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         metrics.event(done, "checkpoint", path=str(path))
         saved_at = done
 
+    shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
     for it in range(start, total):
         critic_only = it < ppo.critic_pretrain_steps
-        t0 = time.perf_counter()
+        reset_peak_memory(dist.device)
+        t0 = clock(dist.device)
         # 1. rollout
         rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
         p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
         rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
-        t_gen = time.perf_counter() - t0
+        t_gen = clock(dist.device) - t0
         # 2-5. score, reward transform, token rewards, GAE
         exp = make_experience(cfg, dist, models, rollout, moments, eos_id)
-        t_score = time.perf_counter() - t0 - t_gen
+        t_score = clock(dist.device) - t0 - t_gen
         mask = rollout.response_mask.float()
         # 6. update
         lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
@@ -455,9 +462,13 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             gold = gold_scores(cfg.data.gold_reward, tokenizer, [data["train"][i] for i in rank_rows],
                                response_lists(rollout, stop_ids))
             values["objective/gold"] = float(all_reduce_sum([sum(gold)], dist.device)[0]) / (B * dist.world_size)
-        t1 = time.perf_counter()
+        t1 = clock(dist.device)
         values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
-        t_update = time.perf_counter() - t1
+        t_update = clock(dist.device) - t1
+        rows, width = rollout.response.shape[0] * ppo.ppo_epochs, rollout.sequences()[0].shape[1]
+        flops = train_flops(shapes["critic"], rows, width, 0)
+        if not critic_only:
+            flops += train_flops(shapes["policy"], rows, width, rollout.response.shape[1])
         done = it + 1
         # metrics
         gen_tokens, seq_tokens = all_reduce_sum([float(mask.sum()), float(rollout.sequences()[1].sum())],
@@ -467,10 +478,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             "reward_stats/mean": moments.mean, "reward_stats/std": moments.std, "reward_stats/count": moments.count,
             "reward_stats/rank_spread": rank_spread([moments.count, moments.mean, moments.std]),
             "perf/generation_s": t_gen, "perf/scoring_s": t_score, "perf/update_s": t_update,
-            "perf/iteration_s": time.perf_counter() - t0,
+            "perf/iteration_s": clock(dist.device) - t0, "perf/update_tflops": flops / max(t_update, 1e-9) / 1e12,
             "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
             "perf/train_tokens_per_s": seq_tokens * ppo.ppo_epochs * (1 if critic_only else 2) / max(t_update, 1e-9),
-        }
+        } | peak_memory_gib(dist.device)
         for key in ("loss/value", "objective/scores") + (() if critic_only else ("loss/policy",)):
             check_finite(key, values[key], done, out)
         if state["start_length"] is None:

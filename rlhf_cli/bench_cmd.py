@@ -1,0 +1,166 @@
+"""`rlhf bench ppo` and `rlhf bench generate` (stages/bench.py does the work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlhf_cli.config_loader import dump_config, load_config
+from stages.errors import ConfigError, RlhfError
+
+bench_app = typer.Typer(
+    help="Time the PPO code path or its rollout sampler on a synthetic workload (configs/bench/).",
+    no_args_is_help=True, rich_markup_mode="rich",
+)
+out = Console()
+err = Console(stderr=True)
+
+#: where --workload NAME looks (the repository's configs/bench)
+WORKLOAD_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+
+WorkloadOpt = Annotated[Optional[str], typer.Option("--workload", "-w", help="Built-in workload: configs/bench/NAME.yaml "
+                                                    "(w1, w2, tiny).", show_default="none")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A bench config file instead of --workload.",
+                                                   show_default="none")]
+ItersOpt = Annotated[Optional[int], typer.Option("--iters", min=1, help="Timed iterations.", show_default="the config's")]
+WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed iterations first.",
+                                                  show_default="the config's")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a bench config key: key.path=value; "
+                                                     "rlhf ppo keys go under ppo., e.g. ppo.train.micro_batch_size=8.",
+                                                     show_default="no overrides")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Result JSON.", show_default="OUTPUT_DIR/bench-<kind>.json")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.", show_default="off")]
+
+
+def bench_config(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
+                 overrides: list[str]) -> Any:
+    """The validated BenchConfig from --workload or --config, with --set/--iters/--warmup applied."""
+    if (workload is None) == (config is None):
+        raise ConfigError("give exactly one of --workload NAME and --config FILE")
+    if workload is not None:
+        config = WORKLOAD_DIR / f"{workload}.yaml"
+        if not config.is_file():
+            known = sorted(p.stem for p in WORKLOAD_DIR.glob("*.yaml"))
+            raise ConfigError(f"--workload {workload}: unknown; known workloads: {', '.join(known)}")
+    extra = [f"iterations={iters}"] * (iters is not None) + [f"warmup={warmup}"] * (warmup is not None)
+    return load_config("bench", config, [*overrides, *extra])  # type: ignore[arg-type]
+
+
+def ppo_config(cfg: Any, workload_dir: Path) -> Any:
+    """Write output_dir/ppo.yaml for the workload and load it like `rlhf ppo --config` would (presets,
+    validation, errors naming the key)."""
+    import yaml
+
+    from stages.bench import ppo_config_dict
+
+    path = Path(cfg.output_dir) / "ppo.yaml"
+    path.write_text(yaml.safe_dump(ppo_config_dict(cfg, workload_dir), sort_keys=False), encoding="utf-8")
+    try:
+        return load_config("ppo", path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\n(the PPO config the benchmark generated; its keys come from the bench "
+                          "config's ppo: section, e.g. --set ppo.train.micro_batch_size=8)") from None
+
+
+def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
+           overrides: list[str]) -> tuple[Any, Any, Path]:
+    from stages.bench import prepare_workload
+    from stages.engine import model_dtype
+    from stages.runtime import select_accelerator_env
+
+    select_accelerator_env()
+    cfg = bench_config(workload, config, iters, warmup, overrides)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    precision = cfg.ppo.get("deepspeed", {}).get("precision", "bf16")
+    with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
+        root = prepare_workload(cfg, model_dtype("auto", precision))
+    return cfg, ppo_config(cfg, root), root
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    if debug:
+        raise exc
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(getattr(exc, "exit_code", 1)) from None
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@bench_app.command("ppo")
+def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None, warmup: WarmupOpt = None,
+              set_: SetOpt = None, out_file: OutOpt = None, debug: DebugOpt = False) -> None:
+    """Run `rlhf ppo` on the workload (one process) and report the median seconds per iteration, its split (generation / scoring / policy update / critic update), samples/s, tokens/s, peak memory against the --dry-run estimate, and the update's model FLOP utilisation.
+
+    Example: [bold]rlhf bench ppo --workload w1[/]  (JSON in runs/bench/w1/bench-ppo.json)
+    """  # noqa: E501
+    from stages.bench import summarize_ppo, write_result
+    from stages.checkpoint import prepare_output_dir
+    from stages.memory import estimate
+    from stages.ppo.trainer import run
+
+    try:
+        cfg, ppo, _ = _setup(workload, config, iters, warmup, set_ or [])
+        prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
+        run(ppo)
+        result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(), estimate(ppo, 1))
+        target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
+        write_result(result, target)
+    except (RlhfError, ValueError) as exc:
+        _fail(exc, debug)
+        return
+    table = Table(title=f"rlhf bench ppo: {result['workload']} on {result['device']}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    table.add_row("seconds per iteration (median)", _fmt(result["seconds_per_iteration"]))
+    for k, v in result["split_seconds"].items():
+        table.add_row(f"  {k} s (share)", f"{_fmt(v)} ({_fmt(result['split_share'][k])})")
+    for k in ("samples_per_s", "generated_tokens_per_s", "generation_tokens_per_s", "update_tflops", "mfu_update",
+              "peak_memory_gib", "estimated_memory_gib"):
+        table.add_row(k, _fmt(result[k]))
+    out.print(table)
+    out.print(f"wrote {target}", highlight=False)
+
+
+@bench_app.command("generate")
+def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None,
+                       warmup: WarmupOpt = None, set_: SetOpt = None,
+                       cache: Annotated[Literal["both", "static", "dynamic"], typer.Option(
+                           "--cache", help="KV cache(s) to time: the fast static one (compiled when the config's "
+                           "generation.compile), the dynamic reference, or both.")] = "both",
+                       out_file: OutOpt = None, debug: DebugOpt = False) -> None:
+    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, and the static cache's speed-up.
+
+    Example: [bold]rlhf bench generate --workload w1[/]
+    """  # noqa: E501
+    from stages.bench import bench_generate, write_result
+
+    try:
+        cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
+        caches = ["static", "dynamic"] if cache == "both" else [cache]
+        result = bench_generate(cfg, root, ppo, _device(), caches)
+        target = out_file or Path(cfg.output_dir) / "bench-generate.json"
+        write_result(result, target)
+    except (RlhfError, ValueError) as exc:
+        _fail(exc, debug)
+        return
+    for c in caches:
+        r = result[c]
+        out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s",
+                  highlight=False)
+    if "static_speedup" in result:
+        out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
+    out.print(f"wrote {target}", highlight=False)

@@ -1,0 +1,210 @@
+"""`rlhf bench`: time the real `rlhf ppo` code path, or the rollout sampler alone, on a synthetic workload.
+
+A workload (configs/bench/*.yaml, schema BenchConfig) is an architecture, a prompt count and length, and a
+response length. It is built once into output_dir/workload (reused while the workload is unchanged):
+
+    tokenizer/  a word-level tokenizer of `words` random words (+ pad and EOS), so a prompt of n words is
+                exactly n tokens
+    policy/     a random-init causal LM of the architecture (the model's vocabulary is the architecture's,
+                e.g. 151,936, however few of its rows the tokenizer names: the LM head costs its full width)
+    rm/         a random-init sequence classifier of the same architecture (reward model and critic)
+    prompts.jsonl
+
+`bench ppo` then writes a PPO config for these (output_dir/ppo.yaml; the bench config's `ppo:` keys merged on
+top), runs `rlhf ppo` in this process for warmup + iterations iterations, and reads the per-iteration
+`perf/*` metrics back: medians over the timed iterations. Every response is exactly `new_tokens` long
+(min_new_tokens = max_new_tokens), so the timed work is the same in every iteration and in every tool.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.config import BenchConfig, PPOConfig
+from stages.perf import clock, peak_memory_gib, peak_tflops, reset_peak_memory
+
+WORKLOAD_STAMP = "workload.json"
+
+
+# --------------------------------------------------------------------------------------------- workload
+def word_tokenizer(words: int) -> Any:
+    """Word-level tokenizer: ids 0 = <|pad|>, 1 = <|endoftext|>, 2.. = w0 w1 ...; whitespace-split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|pad|>": 0, "<|endoftext|>": 1} | {f"w{i}": i + 2 for i in range(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def _stamp(cfg: BenchConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return {"workload": cfg.workload.model_dump(mode="json"), "seed": cfg.seed, "dtype": str(dtype)}
+
+
+def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
+    """Build (or reuse) output_dir/workload; returns it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    root = Path(cfg.output_dir) / "workload"
+    stamp = _stamp(cfg, dtype)
+    if (root / WORKLOAD_STAMP).exists() and json.loads((root / WORKLOAD_STAMP).read_text()) == stamp:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    w = cfg.workload
+    tmp = root.with_name(".tmp-workload")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = word_tokenizer(w.words)
+    arch = dict(w.architecture)
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if config.vocab_size < len(tok):
+        raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
+    for name, cls, extra in (("policy", AutoModelForCausalLM, {}), ("rm", AutoModelForSequenceClassification,
+                                                                      {"num_labels": 1})):
+        torch.manual_seed(cfg.seed)
+        model = cls.from_config(config.__class__(**config.to_dict(), **extra), dtype=dtype)
+        model.save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name)
+        del model
+    rng = random.Random(cfg.seed)
+    with (tmp / "prompts.jsonl").open("w", encoding="utf-8") as fh:
+        for _ in range(w.prompts * 4):
+            fh.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(w.words)}" for _ in range(w.prompt_length))}) + "\n")
+    (tmp / WORKLOAD_STAMP).write_text(json.dumps(stamp), encoding="utf-8")
+    tmp.rename(root)
+    return root
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
+    """The `rlhf ppo` config of the benchmark: the workload's models and prompts, exactly new_tokens per
+    response, one rollout batch per iteration, no validation, samples or intermediate checkpoints; then the
+    bench config's `ppo:` keys on top."""
+    w = cfg.workload
+    micro = min(16, w.prompts)
+    base = {
+        "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "ppo"),
+        "model": {"name_or_path": str(workload / "policy")},
+        "reward_model": {"name_or_path": str(workload / "rm")},
+        "data": {"train": str(workload / "prompts.jsonl"), "eval_fraction": 0.0, "format": "prompt",
+                 "max_prompt_length": w.prompt_length},
+        "generation": {"max_new_tokens": w.new_tokens, "min_new_tokens": w.new_tokens},
+        "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
+        "train": {"iterations": cfg.warmup + cfg.iterations, "rollout_batch_size": w.prompts,
+                  "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
+                  "sample_every": 0, "save_every": 0},
+        "deepspeed": {"zero_stage": 0},
+        "logging": {"tensorboard": False},
+    }
+    return _merge(base, cfg.ppo)
+
+
+# --------------------------------------------------------------------------------------------- results
+def device_info(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return {"device": "cpu", "threads": torch.get_num_threads()}
+
+
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, device: torch.device,
+                  estimate: dict[str, Any] | None) -> dict[str, Any]:
+    """Medians of the timed iterations (the first `warmup` dropped), throughput, peak memory and MFU."""
+    rows = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
+            if "perf/iteration_s" in r]
+    timed = [r for r in rows if r["step"] > cfg.warmup]
+    if not timed:
+        raise ValueError(f"no timed iterations in {metrics_file}")
+    it = _median(timed, "perf/iteration_s") or 0.0
+    split = {k: _median(timed, f"perf/{k}_s") for k in ("generation", "scoring", "policy_update", "critic_update")}
+    samples = ppo_cfg.train.rollout_batch_size
+    new_tokens = statistics.median(r["rollout/response_length"] for r in timed) * samples
+    peak_key = "perf/peak_gpu_allocated_gib" if device.type == "cuda" else "perf/peak_host_rss_gib"
+    tflops = _median(timed, "perf/update_tflops")
+    peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    return {
+        "benchmark": "ppo", "workload": cfg.name, **device_info(device),
+        "iterations_timed": len(timed), "warmup": cfg.warmup,
+        "seconds_per_iteration": it,
+        "split_seconds": split,
+        "split_share": {k: (v / it if v is not None and it else None) for k, v in split.items()},
+        "samples_per_s": samples / it if it else None,
+        "generated_tokens_per_s": new_tokens / it if it else None,
+        "generation_tokens_per_s": new_tokens / split["generation"] if split["generation"] else None,
+        "update_tflops": tflops,
+        "peak_tflops": peak,
+        "mfu_update": tflops / peak if tflops is not None and peak else None,
+        "peak_memory_gib": max(r.get(peak_key, 0.0) for r in timed),
+        "peak_memory_kind": peak_key.removeprefix("perf/"),
+        "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
+        "estimate_parts_gib": {k: v / 2**30 for k, v in estimate["parts"].items()} if estimate else None,
+        "per_iteration_s": [r["perf/iteration_s"] for r in rows],
+    }
+
+
+# --------------------------------------------------------------------------------------------- generate
+def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device,
+                   caches: list[str]) -> dict[str, Any]:
+    """Time `sample` (the rollout sampler of rlhf ppo) on the workload's prompts with the PPO config's
+    generation settings, for each KV cache in `caches` (the static one compiled when generation.compile)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.engine import model_dtype
+    from stages.models import load_tokenizer
+    from stages.ppo.prompts import load_prompts
+    from stages.data import BadRowLog
+    from stages.ppo.rollout import left_pad, sample
+
+    tok = load_tokenizer(str(workload / "policy"))
+    dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
+    model = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), dtype=dtype,
+                                                 attn_implementation=ppo_cfg.model.attn_implementation)
+    model.to(device).eval()
+    prompts, _ = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog())
+    ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
+    results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name, **device_info(device),
+                               "prompts": ids.shape[0], "prompt_length": ids.shape[1]}
+    for cache in caches:
+        gen = ppo_cfg.generation.model_copy(update={"cache": cache,
+                                                     "compile": ppo_cfg.generation.compile and cache == "static"})
+        times, tokens = [], 0
+        reset_peak_memory(device)
+        for i in range(cfg.warmup + cfg.iterations):
+            torch.manual_seed(cfg.seed + i)
+            t0 = clock(device)
+            roll = sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id, len(tok))
+            seconds = clock(device) - t0
+            if i >= cfg.warmup:
+                times.append(seconds)
+                tokens = int(roll.response_mask.sum())
+        med = statistics.median(times)
+        results[cache] = {"compile": gen.compile, "seconds": med, "tokens": tokens, "tokens_per_s": tokens / med,
+                          "per_run_s": times, **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
+    if "static" in results and "dynamic" in results:
+        results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
+    return results
+
+
+def write_result(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+

@@ -1,0 +1,93 @@
+"""Timing, peak memory and model FLOPs of a training process (what `perf/*` metrics and `rlhf bench` report).
+
+Model FLOPs of one forward + backward over `rows` sequences of `length` tokens, R of them scored by the LM
+head (the PPO update reads only the response positions through the head):
+
+    flops = 3 x (2 * body * rows * length  +  2 * head * rows * R  +  4 * layers * rows * length^2 * width)
+
+body = weights of the matrix multiplies outside the LM head (every 2-D parameter except embedding tables),
+head = the LM head's weight (V x H; counted even when tied to the input embedding, whose lookup is free),
+width = attention heads x head size. The attention term counts the full length x length score and value
+products (QK^T and AV, 2 FLOPs per multiply-add each), as MFU is usually quoted (no causal halving); the 3 is
+one forward plus a backward of twice its cost. Recomputation (activation checkpointing, the checkpointed
+log-prob chunks) is hardware work and is not counted: MFU measures useful model work.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any, NamedTuple
+
+import torch
+
+#: dense bf16/fp16 tensor-core peak TFLOP/s by GPU name fragment (vendor data sheets, SXM parts); matched in order
+PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
+               ("A10G", 70.0), ("L4", 121.0))
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter() after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """GPU: peak allocated and reserved since the last reset. CPU: the process's peak resident set (since start)."""
+    if device.type == "cuda":
+        return {"perf/peak_gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "perf/peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"perf/peak_host_rss_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a known GPU, else None."""
+    return next((v for k, v in PEAK_TFLOPS if k in device_name), None)
+
+
+class FlopShape(NamedTuple):
+    body: int  # matrix-multiply weights outside the LM head
+    head: int  # LM-head weight (0 for a value model's 1-wide score head: counted in body)
+    layers: int
+    width: int  # attention heads x head size
+
+
+def flop_shape(model: torch.nn.Module, lm_head: bool) -> FlopShape:
+    """Count a model's matrix-multiply weights (2-D parameters that are not embedding tables); with `lm_head`
+    the output embedding is the head (counted even when tied). ZeRO-3 partitioned parameters count in full."""
+    config = model.config
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head_w = model.get_output_embeddings().weight if lm_head else None
+    body = 0
+    for p in model.parameters():
+        shape = getattr(p, "ds_shape", p.shape)
+        if len(shape) == 2 and id(p) not in embeddings and p is not head_w:
+            body += shape[0] * shape[1]
+    head = 0
+    if head_w is not None:
+        shape = getattr(head_w, "ds_shape", head_w.shape)
+        head = shape[0] * shape[1]
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return FlopShape(body, head, layers, heads * head_dim)
+
+
+def train_flops(shape: FlopShape, rows: int, length: int, scored: int) -> float:
+    """Model FLOPs of forward + backward over rows x length tokens with `scored` LM-head positions per row."""
+    fwd = 2 * shape.body * rows * length + 2 * shape.head * rows * scored + 4 * shape.layers * rows * length**2 * shape.width
+    return 3.0 * fwd
+
+
+def unwrap(model: Any) -> torch.nn.Module:
+    """The HF model inside a DeepSpeed engine / ValueModel."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "seqcls", inner)

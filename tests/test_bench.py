@@ -1,0 +1,163 @@
+"""`rlhf bench` on the tiny workload (the real `rlhf ppo` path on CPU), the FLOP and memory arithmetic behind
+its numbers (hand-computed), the `--dry-run` memory estimate, and tokenizer loading next to a qwen2 config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stages.config import DeepSpeedConfig
+from stages.memory import trained_model
+from stages.perf import flop_shape, train_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory) -> Path:
+    """The tiny workload with its output in a temporary folder, then `bench ppo` and `bench generate` on it."""
+    d = tmp_path_factory.mktemp("bench")
+    cfg = yaml.safe_load((ROOT / "configs" / "bench" / "tiny.yaml").read_text())
+    cfg["output_dir"] = str(d / "out")
+    (d / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    ppo = _rlhf("bench", "ppo", "--config", "tiny.yaml", "--iters", "3", "--warmup", "1", "--set", "peak_tflops=0.5",
+                cwd=d)
+    assert ppo.returncode == 0, ppo.stdout[-3000:] + ppo.stderr[-3000:]
+    (d / "weights_mtime").write_text(str((d / "out/workload/policy/model.safetensors").stat().st_mtime_ns))
+    gen = _rlhf("bench", "generate", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", cwd=d)
+    assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
+    return d
+
+
+def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
+    r = json.loads((bench_dir / "out/bench-ppo.json").read_text())
+    assert r["benchmark"] == "ppo" and r["workload"] == "tiny" and r["device"] == "cpu"
+    # 1 warm-up + 3 timed iterations, the result is the median of the timed ones
+    assert len(r["per_iteration_s"]) == 4 and r["iterations_timed"] == 3
+    assert r["seconds_per_iteration"] == pytest.approx(statistics.median(r["per_iteration_s"][1:]))
+    split = r["split_seconds"]
+    assert set(split) == {"generation", "scoring", "policy_update", "critic_update"}
+    assert all(v > 0 for v in split.values())
+    assert sum(split.values()) <= r["seconds_per_iteration"] * 1.05  # medians of parts, roughly within the whole
+    # exactly new_tokens per response: 8 prompts x 16 tokens per iteration
+    assert r["samples_per_s"] == pytest.approx(8 / r["seconds_per_iteration"])
+    assert r["generated_tokens_per_s"] == pytest.approx(8 * 16 / r["seconds_per_iteration"])
+    assert r["generation_tokens_per_s"] == pytest.approx(8 * 16 / split["generation"])
+    assert r["update_tflops"] > 0 and r["peak_tflops"] == 0.5
+    assert r["mfu_update"] == pytest.approx(r["update_tflops"] / 0.5)
+    assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
+    assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
+    # the real rlhf ppo run: its metrics and final policy
+    rows = [json.loads(x) for x in (bench_dir / "out/ppo/metrics.jsonl").read_text().splitlines()]
+    perf = [x for x in rows if "perf/iteration_s" in x]
+    assert [x["step"] for x in perf] == [1, 2, 3, 4]
+    assert all(x["rollout/response_length"] == 16 for x in perf)
+    assert (bench_dir / "out/ppo/final/model.safetensors").exists()
+
+
+def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
+    r = json.loads((bench_dir / "out/bench-generate.json").read_text())
+    assert r["prompts"] == 8 and r["prompt_length"] == 16
+    for cache in ("static", "dynamic"):
+        assert r[cache]["tokens"] == 8 * 16 and len(r[cache]["per_run_s"]) == 2
+        assert r[cache]["tokens_per_s"] == pytest.approx(128 / r[cache]["seconds"])
+    assert r["static_speedup"] == pytest.approx(r["dynamic"]["seconds"] / r["static"]["seconds"])
+    # the workload was built once and reused by the second command
+    mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
+    assert str(mtime) == (bench_dir / "weights_mtime").read_text()
+
+
+def test_bench_errors_name_the_key(tmp_path):
+    r = _rlhf("bench", "ppo", "--workload", "tiny", "--set", "workload.prompt=3", cwd=tmp_path)
+    assert r.returncode == 2 and "workload.prompts" in r.stderr and "Traceback" not in r.stderr
+    r = _rlhf("bench", "ppo", "--workload", "w9", cwd=tmp_path)
+    assert r.returncode == 2 and "known workloads: tiny, w1, w2" in r.stderr
+
+
+# ============================================================================================ arithmetic
+def test_flop_shape_and_train_flops_hand_values():
+    # hidden 16, 2 heads of 8, 1 KV head, MLP 32, 1 layer, vocab 40, tied head
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    shape = flop_shape(model, lm_head=True)
+    # q 16x16 + k 8x16 + v 8x16 + o 16x16 + gate/up/down 3 x 16x32 = 256 + 128 + 128 + 256 + 1536
+    assert shape.body == 2304 and shape.head == 40 * 16 and shape.layers == 1 and shape.width == 16
+    expected = 3 * (2 * 2304 * 2 * 10 + 2 * 640 * 2 * 4 + 4 * 1 * 2 * 10**2 * 16)
+    assert train_flops(shape, rows=2, length=10, scored=4) == expected
+    untied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    assert flop_shape(untied, lm_head=True) == shape  # the head is counted once either way
+
+
+@pytest.mark.parametrize("ds, expected", [
+    (dict(zero_stage=0, precision="bf16"), (2000, 2000, 12000)),
+    (dict(zero_stage=1, precision="bf16"), (2000, 2000, 6000)),
+    (dict(zero_stage=2, precision="bf16"), (2000, 1000, 6000)),
+    (dict(zero_stage=3, precision="bf16"), (1000, 1000, 6000)),
+    (dict(zero_stage=3, precision="bf16", offload_param=True, offload_optimizer=True), (0, 1000, 0)),
+    (dict(zero_stage=0, precision="fp32"), (4000, 4000, 8000)),
+])
+def test_memory_per_rank_of_a_trained_model_hand_values(ds, expected):
+    got = trained_model(1000, DeepSpeedConfig(**ds), world=2)
+    assert (got["weights"], got["gradients"], got["optimizer"]) == expected
+
+
+def test_dry_run_prints_the_memory_estimate(tmp_path):
+    r = _rlhf("sft", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dry-run", "--num-gpus", "2",
+              "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "memory estimate per rank (2 rank(s)" in r.stdout
+    for part in ("model weights", "model gradients", "model optimizer", "activations", "total"):
+        assert part in r.stdout
+    assert not (tmp_path / "sft").exists()
+
+
+# ============================================================================================ tokenizer
+def test_a_trained_tokenizer_beside_a_qwen2_config_loads_as_itself(tmp_path):
+    """transformers 5 would rebuild it as Qwen2Tokenizer (another pre-tokenizer: other ids, or none)."""
+    from transformers import AutoConfig
+
+    from stages.bench import word_tokenizer
+    from stages.models import load_tokenizer, train_tokenizer
+
+    for name, tok in (("words", word_tokenizer(50)), ("bpe", train_tokenizer(["hello world w12 w7"] * 50, 300, 2))):
+        d = tmp_path / name
+        tok.save_pretrained(d)
+        AutoConfig.for_model("qwen2", vocab_size=len(tok), hidden_size=16, num_attention_heads=2,
+                             num_hidden_layers=1, intermediate_size=32).save_pretrained(d)
+        text = "w12 w7 hello world"
+        assert load_tokenizer(str(d))(text)["input_ids"] == tok(text)["input_ids"] != []
+    shutil.rmtree(tmp_path)
+
+
+def test_bench_configs_of_the_issue_workloads_validate():
+    from rlhf_cli.bench_cmd import bench_config
+
+    w1 = bench_config("w1", None, None, None, [])
+    w2 = bench_config("w2", None, None, None, [])
+    assert w1.workload.architecture["hidden_size"] == 896 and w2.workload.architecture["hidden_size"] == 1536
+    assert (w1.workload.prompts, w1.workload.prompt_length, w1.workload.new_tokens) == (64, 128, 128)
+    assert w1.ppo["generation"]["compile"] is True
+    with torch.device("meta"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        arch = dict(w1.workload.architecture)
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"),
+                                                                                         **arch)).parameters())
+    assert 490e6 < n < 500e6  # the Qwen2.5-0.5B shape: 494M parameters
