@@ -28,6 +28,18 @@ HH_CANDIDATES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not slow to a crawl when other processes hold the cores).
+    Modules that want it: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hh_sample() -> Path:
     """The 400 real HH-RLHF records beside the repository (never copied into it)."""

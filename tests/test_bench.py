@@ -119,9 +119,13 @@ def test_memory_per_rank_of_a_trained_model_hand_values(ds, expected):
 
 
 def test_dry_run_prints_the_memory_estimate(tmp_path):
-    r = _rlhf("sft", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dry-run", "--num-gpus", "2",
-              "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    from typer.testing import CliRunner
+
+    from rlhf_cli.app import app
+
+    r = CliRunner().invoke(app, ["sft", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dry-run", "--num-gpus",
+                                 "2", "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2"])
+    assert r.exit_code == 0, r.output
     assert "memory estimate per rank (2 rank(s)" in r.stdout
     for part in ("model weights", "model gradients", "model optimizer", "activations", "total"):
         assert part in r.stdout

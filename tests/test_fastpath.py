@@ -22,12 +22,7 @@ VOCAB, PAD_ID, CPU = 48, 0, torch.device("cpu")
 PROMPTS = [[5, 9, 12, 3, 7], [21, 4], [33, 8, 15]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

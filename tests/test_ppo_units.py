@@ -58,13 +58,7 @@ NEG_INF = float("-inf")
 LOG2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not slow to a crawl when other processes hold the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(**kw) -> GenerationConfig:

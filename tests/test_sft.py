@@ -111,11 +111,11 @@ def test_resume_without_checkpoint_starts_fresh_and_rerun_needs_a_flag(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 2])
-def test_two_processes_match_one_process_with_accumulation(tmp_path, zero):
+def test_two_processes_match_one_process_with_accumulation(tmp_path, zero=2):
     """--num-gpus 2 runs two DeepSpeed CPU processes; the loss is the token mean of the whole global batch,
     so 2 ranks x micro 8 equals 1 rank x micro 8 x accumulation 2, step by step: losses and gradient norms
-    (which would differ if the per-rank gradient scale were wrong)."""
+    (which would differ if the per-rank gradient scale were wrong). ZeRO-2 (partitioned gradients); ZeRO-3 is
+    the next test, ZeRO-0's plain data parallelism shares the gradient scaling checked here."""
     from transformers import AutoModelForCausalLM
 
     (tmp_path / "two").mkdir()
