@@ -543,7 +543,7 @@ class BenchConfig(Section):
 
 
 STAGE_SCHEMAS: dict[str, type[Section]] = {"sft": SFTConfig, "train-rm": RMConfig, "ppo": PPOConfig}
-#: `rlhf pipeline` reads its own schema (not a stage's); listed here so config checks cover it too
+#: `rlhf pipeline` and `rlhf bench` read schemas of their own (not a stage's); listed here so config checks cover them
 CONFIG_SCHEMAS: dict[str, type[Section]] = {**STAGE_SCHEMAS, "pipeline": PipelineConfig, "bench": BenchConfig}
 
 
