@@ -26,7 +26,7 @@ from rlhf_cli.launcher import (
     needs_launcher,
     run_launcher,
 )
-from stages.errors import ConfigError, DataError, RlhfError
+from stages.errors import RlhfError
 
 app = typer.Typer(
     name="rlhf",
@@ -163,7 +163,7 @@ def run_stage(
         # rank's own (a missing shard, a full disk) and are printed by whichever rank hit them
         if _rank() == 0:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        elif not isinstance(exc, (ConfigError, DataError)):
+        elif not exc.every_rank:
             err.print(f"[bold red]error (rank {_rank()}):[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:

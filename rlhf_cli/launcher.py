@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import psutil
 
 from stages.runtime import free_port, missing_accelerator
 from stages.errors import ConfigError
@@ -123,14 +127,47 @@ def format_command(cmd: list[str], env: dict[str, str]) -> str:
 
 def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher and return its exit code (the first failing worker's); then remove the shared-memory
-    buffers its workers left on this host (`remove_shm_buffers`)."""
+    buffers its workers left on this host (`remove_shm_buffers`).
+
+    The launcher runs in a session of its own, so a Ctrl-C in the terminal reaches this process only.
+    SIGTERM / SIGINT received here are forwarded to this host's workers themselves (DeepSpeed's launcher,
+    given the signal, would SIGKILL them 30 s later, perhaps mid-checkpoint); they save a checkpoint and exit
+    with 128 + the signal number (stages/stop.py), which becomes this command's exit code."""
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in worker_processes(proc.pid):
+            try:
+                worker.send_signal(signum)
+            except psutil.Error:  # already gone
+                pass
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        return subprocess.call(cmd, env={**os.environ, **env})
-    except KeyboardInterrupt:
-        return 130
+        return proc.wait()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if "--master_port" in cmd:
             remove_shm_buffers(int(cmd[cmd.index("--master_port") + 1]))
+
+
+def worker_processes(launcher_pid: int) -> list["psutil.Process"]:
+    """The training processes under the launcher started as `launcher_pid` (its descendants that are not
+    DeepSpeed's runner / launch processes)."""
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    workers = []
+    for child in children:
+        try:
+            if not any("deepspeed.launcher" in part for part in child.cmdline()):
+                workers.append(child)
+        except psutil.Error:
+            continue
+    return workers
 
 
 #: where DeepSpeed's CPU accelerator keeps its shared-memory all-reduce buffers

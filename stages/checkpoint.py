@@ -9,7 +9,9 @@ Layout of a stage's output directory:
     final/                    HF checkpoint of the finished run (what the next stage loads)
 
 Every checkpoint is written under `.tmp-<name>` and renamed when complete; a directory without COMPLETE is
-never loaded.
+never loaded. Before writing, every rank checks its weights are finite (a NaN never reaches a checkpoint); a
+write that fails (full disk, read-only or vanished filesystem) removes the half-written directory and raises
+CheckpointError saying which complete checkpoint is still there.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 
 import torch
 
-from stages.distributed import DistInfo, barrier, rng_state, set_rng_state
+from stages import faults
+from stages.distributed import DistInfo, all_reduce_sum, barrier, rng_state, set_rng_state
 from stages.errors import CheckpointError, ConfigError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -143,13 +146,18 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
     if dist.is_main:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"cannot publish the final model: {source} is missing")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, copy_function=_link_or_copy)
-        old = out_dir / f".tmp-{name}-old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp, copy_function=_link_or_copy)
+            old = out_dir / f".tmp-{name}-old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not publish {final} from {source}: {exc}. The checkpoint itself is "
+                                  "complete: rerun with --resume to publish it") from None
     barrier()
     return final
 
@@ -162,6 +170,15 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- resumable
+def nonfinite_parameter(module: torch.nn.Module) -> str | None:
+    """Name of the first parameter of `module` holding a NaN/inf on this rank (its ZeRO-3 partition), or None."""
+    for name, param in module.named_parameters():
+        local = getattr(param, "ds_tensor", param)
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
 def save_checkpoint(
     engine: Any,
     tokenizer: Any,
@@ -177,36 +194,59 @@ def save_checkpoint(
 ) -> Path:
     """A resumable checkpoint at `step`: DeepSpeed engine state (all ranks), each rank's RNG, the HF weights and
     `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay.
+    Refused (CheckpointError, nothing written) when a weight is NaN/inf on any rank; an OSError while writing
+    removes the half-written directory and becomes a CheckpointError naming the newest complete checkpoint.
 
     hf_module: the part of engine.module saved as the HF model (default: all of it); hf_files: extra files
     (name -> text) written into hf/; extra: more engines, name -> (engine, HF module, tokenizer), each saved as
     <name>/ds and <name>/hf (PPO's critic)."""
     name = checkpoint_name(step)
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
-    if dist.is_main:
+    engines = {"model": engine, **{sub: other for sub, (other, _, _) in (extra or {}).items()}}
+    bad = {part: nonfinite_parameter(e.module) for part, e in engines.items()}
+    bad = {part: p for part, p in bad.items() if p is not None}
+    if all_reduce_sum([float(bool(bad))], dist.device)[0]:
+        found = "; ".join(f"{part} parameter {p}" for part, p in bad.items()) or "on another rank"
+        raise CheckpointError(f"refusing to save {name}: non-finite weights ({found}). {_intact(out_dir)}")
+    try:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        barrier()
+        engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
+        torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
+        faults.maybe_kill("kill-save", step)
+        faults.maybe_disk_full(step)
+        save_hf(hf_module or engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
+        for sub, (other, module, other_tok) in (extra or {}).items():
+            other.save_checkpoint(str(tmp / sub / "ds"), tag="state", client_state={})
+            save_hf(module, other_tok, tmp / sub / "hf", dist, {**meta, "step": step, "part": sub})
+        barrier()
+        if dist.is_main:
+            for file, text in (hf_files or {}).items():
+                (tmp / "hf" / file).write_text(text, encoding="utf-8")
+            body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
+            (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
+            (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for _, old in complete_checkpoints(out_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
-    torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
-    save_hf(hf_module or engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
-    for sub, (other, module, other_tok) in (extra or {}).items():
-        other.save_checkpoint(str(tmp / sub / "ds"), tag="state", client_state={})
-        save_hf(module, other_tok, tmp / sub / "hf", dist, {**meta, "step": step, "part": sub})
-    barrier()
-    if dist.is_main:
-        for name, text in (hf_files or {}).items():
-            (tmp / "hf" / name).write_text(text, encoding="utf-8")
-        body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
-        (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
-        (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in complete_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        raise CheckpointError(f"could not write {name} in {out_dir}: {exc}; the partial copy was removed. "
+                              f"{_intact(out_dir)}") from None
     barrier()
     return final
+
+
+def _intact(out_dir: Path) -> str:
+    """What a user can resume from after a failed save."""
+    found = complete_checkpoints(out_dir)
+    if not found:
+        return "No earlier complete checkpoint exists in this run."
+    return f"The newest complete checkpoint, {found[-1][1].name}, is intact (continue from it with --resume)."
 
 
 def load_latest_checkpoint(

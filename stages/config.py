@@ -211,6 +211,9 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="steps between evals; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between resumable checkpoints; 0 = only at the end")
     save_total_limit: int = Field(2, ge=1, description="resumable checkpoints kept (oldest removed)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf micro-batch loss: stop the run before the update, or skip that micro-batch"
+    )
 
 
 class DeepSpeedConfig(Section):
@@ -383,6 +386,10 @@ class PPOTrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="iterations between validations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="iterations between resumable checkpoints; 0 = only at the end")
     save_total_limit: int = Field(2, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf reward, log-prob, value or loss: stop the run before the update, or skip "
+        "that rollout batch / micro-batch"
+    )
     sample_every: int = Field(10, ge=0, description="iterations between sample tables; 0 = never")
     samples_shown: int = Field(4, ge=1)
 

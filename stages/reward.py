@@ -30,7 +30,7 @@ from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
-from stages.trainer import due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
+from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -78,7 +78,8 @@ def reward_forward(engine: Any, batch: dict[str, torch.Tensor], with_lm: bool) -
 
 # --------------------------------------------------------------------------------------------- steps
 def train_step(
-    engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, loss_cfg: RMLossConfig
+    engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, loss_cfg: RMLossConfig,
+    guard: LossGuard | None = None,
 ) -> dict[str, float]:
     """One optimizer step; returns global means over the step's pairs (and chosen-response tokens).
 
@@ -110,7 +111,7 @@ def train_step(
             ]).double())
         return total
 
-    grad_norm = optimizer_step(engine, batches, micro_loss)
+    grad_norm = optimizer_step(engine, batches, micro_loss, guard)
     pl, nll, cl, correct, margin, reward = all_reduce_sum(sums, dist.device).tolist()
     out = {
         "pair_loss": pl / n_pairs,
@@ -234,12 +235,13 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in run.plan.micro_batches(step, dist, tc)]
-        stats = train_step(engine, batches, dist, cfg.loss)
         done = step + 1
+        guard = run.guard(done)
+        stats = train_step(engine, batches, dist, cfg.loss, guard)
         values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
         shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
-        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown)
-        saving = due(done, tc.save_every, run.total)
+        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
+        saving = run.should_save(done)
         if eval_rows is not None and (saving or due(done, tc.eval_every, run.total)):
             ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
             run.metrics.log(done, ev)

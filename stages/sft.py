@@ -32,11 +32,13 @@ from stages.distributed import DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import say
 from stages.models import build_causal_lm, prepare_tokenizer
-from stages.trainer import due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
+from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
 
 # --------------------------------------------------------------------------------------------- steps
-def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
+def train_step(
+    engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistInfo, guard: LossGuard | None = None
+) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; returns the global token-mean loss.
 
     DeepSpeed divides gradients by gradient_accumulation_steps (G) and averages them over W ranks, so each
@@ -53,7 +55,7 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], dist: DistIn
         nll_total += nll.detach().double()
         return nll * scale
 
-    grad_norm = optimizer_step(engine, batches, micro_loss)
+    grad_norm = optimizer_step(engine, batches, micro_loss, guard)
     loss = float(all_reduce_sum(nll_total.reshape(1), dist.device)[0]) / max(n_trained, 1.0)
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
@@ -142,16 +144,17 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         lr = engine.get_lr()[0]
         micro = run.plan.micro_batches(step, dist, tc)
         batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
-        stats = train_step(engine, batches, dist)
         done = step + 1
+        guard = run.guard(done)
+        stats = train_step(engine, batches, dist, guard)
         values = {"train/loss": stats["loss"], "train/lr": lr}
         if "grad_norm" in stats:
             values["train/grad_norm"] = stats["grad_norm"]
-        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, {"loss": stats["loss"], "lr": lr})
+        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, {"loss": stats["loss"], "lr": lr}, guard)
         if eval_rows is not None and due(done, tc.eval_every, run.total):
             ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
             run.metrics.log(done, ev)
             run.progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  perplexity {ev['eval/perplexity']:.2f}")
-        if due(done, tc.save_every, run.total):
+        if run.should_save(done):
             run.save(done)
     return run.finish()

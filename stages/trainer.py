@@ -17,11 +17,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stages import faults, stop
 from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries, save_checkpoint
 from stages.config import TrainConfig
 from stages.data import DataReport
-from stages.distributed import DistInfo, barrier, run_on_main, seed_everything, setup_distributed
-from stages.errors import DataError, RlhfError
+from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
+from stages.errors import DataError, NonFinite
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 
 
@@ -88,18 +89,56 @@ def plan_steps(n_rows: int, tc: TrainConfig, world_size: int, seed: int, unit: s
 
 
 # --------------------------------------------------------------------------------------------- one step
-def optimizer_step(engine: Any, batches: list[Any], micro_loss: Callable[[Any], torch.Tensor]) -> float | None:
+@dataclass
+class LossGuard:
+    """What `optimizer_step` does with a micro-batch whose loss is NaN or infinite on any rank. The check runs
+    before that micro-batch's backward, so a bad loss never reaches the weights:
+      stop: raise NonFinite (the optimizer step is not taken; the last complete checkpoint is intact);
+      skip: drop the micro-batch (its backward gets nan_to_num(loss) * 0, whose gradient is exactly zero) and
+            count it in `skipped`; the other micro-batches of the step still train.
+    A non-finite gradient norm after the step (finite losses, overflowing gradients) always stops the run:
+    the weights may already be damaged, so nothing more is saved."""
+
+    what: str
+    step: int
+    mode: str = "stop"
+    skipped: int = 0
+
+
+def optimizer_step(
+    engine: Any, batches: list[Any], micro_loss: Callable[[Any], torch.Tensor], guard: LossGuard | None = None
+) -> float | None:
     """One optimizer step: `engine.backward(micro_loss(b))` for every micro-batch b (DeepSpeed steps the
-    optimizer after the last one). Returns the global gradient norm before clipping, when known."""
+    optimizer after the last one), each loss checked by `guard` first. Returns the global gradient norm before
+    clipping, when known."""
     grad_norm = None
     for i, batch in enumerate(batches):
-        engine.backward(micro_loss(batch))
+        loss = micro_loss(batch)
+        if guard is not None:
+            if i == 0:
+                loss = faults.maybe_poison("nan-loss", guard.step, loss)
+            bad = float(all_reduce_sum([0.0 if bool(torch.isfinite(loss).all()) else 1.0], loss.device)[0])
+            if bad and guard.mode == "stop":
+                raise NonFinite(
+                    f"non-finite {guard.what} at step {guard.step} (micro-batch {i + 1} of {len(batches)}, "
+                    f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved since the last "
+                    "complete checkpoint (resume from it with --resume, or set train.on_nonfinite: skip)"
+                )
+            if bad:
+                guard.skipped += 1
+                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        engine.backward(loss)
         if i == len(batches) - 1:
             grad_norm = unsharded_grad_norm(engine)
         engine.step()
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = reported
+    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None:
+        raise NonFinite(
+            f"non-finite gradient norm ({float(grad_norm)}) of the {guard.what} at step {guard.step}; the "
+            "weights may be damaged, so nothing more is saved (resume from the last complete checkpoint)"
+        )
     return None if grad_norm is None else float(grad_norm)
 
 
@@ -117,6 +156,7 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
     """Start the process group, let rank 0 prepare the output directory (when no `rlhf` process did before
     launching) and clear half-written checkpoints, then seed every rank alike."""
     dist = setup_distributed()
+    stop.arm()
     out = Path(output_dir)
     if prepare is not None:
         run_on_main(prepare, dist)
@@ -159,9 +199,9 @@ def due(done: int, every: int, total: int) -> bool:
 
 
 def check_finite(name: str, value: float, done: int, out: Path) -> None:
-    """Stop before anything is saved when a loss is NaN or infinite."""
+    """Stop before anything is saved when a logged loss is NaN or infinite."""
     if not math.isfinite(value):
-        raise RlhfError(
+        raise NonFinite(
             f"non-finite {name} ({value}) at step {done}; stopping without saving. "
             f"The last complete checkpoint in {out} is intact (resume with --resume)."
         )
@@ -184,17 +224,29 @@ class Run:
     tokens_seen: float
     meta: dict[str, Any]
     log_every: int
+    skipped: int = 0
+    stop_signal: int = 0
 
     @property
     def total(self) -> int:
         return self.plan.total
 
+    def guard(self, step: int) -> LossGuard:
+        """The non-finite check for optimizer step `step` (1-based), per train.on_nonfinite."""
+        return LossGuard("loss", step, self.tc.on_nonfinite)
+
     def log_step(
-        self, done: int, values: dict[str, float], tokens: float, seconds: float, shown: dict[str, float]
+        self, done: int, values: dict[str, float], tokens: float, seconds: float, shown: dict[str, float],
+        guard: LossGuard | None = None,
     ) -> None:
-        """Stop on a non-finite train/loss; add the counters (epoch, tokens/s, tokens seen) to the stage's
+        """Stop on a non-finite train/loss (unless `guard` skipped a micro-batch of this step, which makes the
+        logged loss NaN); add the counters (epoch, tokens/s, tokens seen, skipped micro-batches) to the stage's
         train/* values; log them every log_every steps; advance the progress display with `shown`."""
-        check_finite("loss", values["train/loss"], done, self.out)
+        faults.maybe_kill("kill", done)
+        faults.maybe_signal(done)
+        self.skipped += guard.skipped if guard is not None else 0
+        if not (guard is not None and guard.skipped):
+            check_finite("loss", values["train/loss"], done, self.out)
         self.tokens_seen += tokens
         row = dict(values)
         row |= {
@@ -202,17 +254,32 @@ class Run:
             "train/tokens_per_s": tokens / seconds,
             "train/tokens_seen": self.tokens_seen,
         }
+        if self.tc.on_nonfinite == "skip":
+            row["train/skipped_micro_batches"] = float(self.skipped)
         if due(done, self.log_every, self.total):
             self.metrics.log(done, row)
         self.progress.update(done, {**shown, "tok/s": row["train/tokens_per_s"]})
 
+    def should_save(self, done: int) -> bool:
+        """A checkpoint is due (save_every, the last step) or a stop signal arrived on some rank. Collective:
+        every rank calls it once per step."""
+        self.stop_signal = stop.requested(self.dist.device)
+        return due(done, self.tc.save_every, self.total) or bool(self.stop_signal)
+
     def save(self, done: int, **hf: Any) -> None:
-        """A resumable checkpoint at step `done` (hf: save_checkpoint's hf_module / hf_files)."""
-        counters = {"tokens_seen": self.tokens_seen, "global_batch": self.plan.global_batch, "total_steps": self.total}
+        """A resumable checkpoint at step `done` (hf: save_checkpoint's hf_module / hf_files); then, when a stop
+        signal arrived, end the run (raise stop.Stopped)."""
+        counters = {"tokens_seen": self.tokens_seen, "global_batch": self.plan.global_batch, "total_steps": self.total,
+                    "skipped": self.skipped}
         path = save_checkpoint(
             self.engine, self.tokenizer, self.out, done, counters, self.dist, self.tc.save_total_limit, self.meta, **hf
         )
         self.metrics.event(done, "checkpoint", path=str(path))
+        if self.stop_signal:
+            self.progress.close()
+            self.metrics.event(done, "stopped", signal=self.stop_signal)
+            self.metrics.close()
+            raise stop.Stopped(self.stop_signal, done, path)
 
     def finish(self) -> Path:
         """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
@@ -220,6 +287,7 @@ class Run:
         final = publish_final(self.out, self.total, self.dist)
         self.metrics.event(self.total, "final", path=str(final))
         self.metrics.close()
+        stop.disarm()
         if self.dist.is_main:
             print_summary(f"rlhf {self.stage}", read_metrics(self.out / "metrics.jsonl"), final)
         return final
@@ -253,4 +321,4 @@ def start_training(
     meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
     progress = TrainProgress(dist.is_main, plan.total, start, stage, print_every=cfg.logging.log_every)
     return Run(stage, out, dist, tc, plan, engine, tokenizer, metrics, progress, start,
-               float(state.get("tokens_seen", 0.0)), meta, cfg.logging.log_every)
+               float(state.get("tokens_seen", 0.0)), meta, cfg.logging.log_every, int(state.get("skipped", 0)))

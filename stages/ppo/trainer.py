@@ -24,12 +24,13 @@ from typing import Any, Callable
 
 import torch
 
+from stages import faults, stop
 from stages.checkpoint import load_latest_checkpoint, publish_final, save_checkpoint, save_hf
 from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import RlhfError
+from stages.errors import NonFinite, RlhfError
 from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
@@ -60,7 +61,7 @@ from stages.ppo.rollout import (
     sample,
 )
 from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
-from stages.trainer import EpochSampler, check_finite, due, open_run, optimizer_step, split_holdout
+from stages.trainer import EpochSampler, LossGuard, check_finite, due, open_run, optimizer_step, split_holdout
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -145,11 +146,35 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def nonfinite_scores(exp: dict[str, torch.Tensor], response_mask: torch.Tensor) -> list[str]:
+    """Names of the scored quantities with a NaN/inf on a response token (or in a rollout's raw score)."""
+    bad = []
+    names = {"raw": "reward-model score", "logp": "policy log-prob", "ref_logp": "reference log-prob",
+             "values": "critic value"}
+    for key, name in names.items():
+        x = exp[key] if key == "raw" else exp[key][response_mask]
+        if not bool(torch.isfinite(x).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(x)).sum())} value(s))")
+    return bad
+
+
 def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], rollout: Rollout,
-                    moments: RunningMoments, eos_id: int) -> dict[str, torch.Tensor]:
+                    moments: RunningMoments, eos_id: int, iteration: int) -> dict[str, torch.Tensor] | None:
     """Steps 2-5: score the rollout; add its raw scores to the running statistics (all ranks, this batch
-    included) and transform them; token rewards with the KL penalty; GAE advantages and returns."""
+    included) and transform them; token rewards with the KL penalty; GAE advantages and returns.
+
+    A NaN/inf score, log-prob or value on any rank (checked before the running statistics see it) stops the
+    run (train.on_nonfinite: stop) or returns None (skip: the iteration makes no update)."""
     exp = score_rollout(cfg, models, rollout, eos_id)
+    exp["raw"] = faults.maybe_poison("nan-reward", iteration, exp["raw"])
+    bad = nonfinite_scores(exp, rollout.response_mask)
+    if all_reduce_sum([float(bool(bad))], dist.device)[0]:
+        if cfg.train.on_nonfinite == "skip":
+            return None
+        found = f"rank {dist.rank}: {', '.join(bad)}" if bad else "on another rank"
+        raise NonFinite(f"non-finite values in the rollout of iteration {iteration} ({found}); stopped before "
+                        "the update and before the running reward statistics saw them, nothing saved since the "
+                        "last complete checkpoint (or set train.on_nonfinite: skip)")
     merge_across_ranks(moments, exp["raw"], dist.device)
     exp["score"] = transform_scores(exp["raw"], moments, cfg.ppo)
     mask = rollout.response_mask.float()
@@ -168,7 +193,8 @@ def update(
     pad_id: int,
 ) -> dict[str, float]:
     """Step 6: ppo_epochs passes over this rank's rollouts in mini-batches (the same shuffled order on a resumed
-    run: the generator is seeded by iteration). Returns the update's global metrics."""
+    run: the generator is seeded by iteration). Returns the update's global metrics ("skipped": micro-batch
+    losses dropped as non-finite, with train.on_nonfinite: skip)."""
     ppo, t = cfg.ppo, cfg.train
     policy, critic = models["policy"], models["critic"]
     ids, mask = rollout.sequences()
@@ -179,6 +205,7 @@ def update(
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     norms: dict[str, list[float | None]] = {"policy": [], "critic": []}
     seconds = {"policy": 0.0, "critic": 0.0}
+    guards = {name: LossGuard(f"{name} loss", iteration + 1, t.on_nonfinite) for name in ("policy", "critic")}
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
         for mb in chunks(order, t.mini_batch_size):
@@ -239,12 +266,13 @@ def update(
 
             if not critic_only:
                 t0 = clock(dist.device)
-                norms["policy"].append(optimizer_step(policy, micro, policy_micro))
+                norms["policy"].append(optimizer_step(policy, micro, policy_micro, guards["policy"]))
                 seconds["policy"] += clock(dist.device) - t0
             t0 = clock(dist.device)
-            norms["critic"].append(optimizer_step(critic, micro, critic_micro))
+            norms["critic"].append(optimizer_step(critic, micro, critic_micro, guards["critic"]))
             seconds["critic"] += clock(dist.device) - t0
     out = stats.reduce(dist.device) | {f"perf/{k}_update_s": v for k, v in seconds.items()}
+    out["skipped"] = float(sum(g.skipped for g in guards.values()))
     if "policy/ratio" in out:
         out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
     for name, found in norms.items():
@@ -412,7 +440,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
 
     seed_everything(cfg.seed + dist.rank)
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
-                             "ptx_step": 0, "monitor_fires": 0}
+                             "ptx_step": 0, "monitor_fires": 0, "skipped_rollouts": 0, "skipped_micro_batches": 0}
     if resume:
         loaded = load_latest_checkpoint(policy, out, dist, extra_engines={"critic": critic})
         if loaded is None:
@@ -431,7 +459,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     critic_tok = rm_tok if ppo.critic_init == "reward_model" else tokenizer
     saved_at = -1
 
-    def save(done: int) -> None:
+    def save(done: int) -> Path:
         nonlocal saved_at
         state.update(step=done, moments=[moments.count, moments.mean, moments.m2])
         body = {k: v for k, v in state.items() if k != "step"}
@@ -439,6 +467,20 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                                extra={"critic": (critic, critic.module.seqcls, critic_tok)})
         metrics.event(done, "checkpoint", path=str(path))
         saved_at = done
+        return path
+
+    def save_if_due(done: int) -> None:
+        """Checkpoint every save_every iterations and at the end; on a stop signal (any rank), checkpoint and
+        end the run (stop.Stopped)."""
+        faults.maybe_signal(done)
+        signum = stop.requested(dist.device)
+        if due(done, t.save_every, total) or signum:
+            path = save(done)
+            if signum:
+                progress.close()
+                metrics.event(done, "stopped", signal=signum)
+                metrics.close()
+                raise stop.Stopped(signum, done, path)
 
     shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
     for it in range(start, total):
@@ -451,8 +493,17 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
         t_gen = clock(dist.device) - t0
         # 2-5. score, reward transform, token rewards, GAE
-        exp = make_experience(cfg, dist, models, rollout, moments, eos_id)
+        exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
         t_score = clock(dist.device) - t0 - t_gen
+        if exp is None:  # a non-finite score with train.on_nonfinite: skip
+            done = it + 1
+            faults.maybe_kill("kill", done)
+            state["skipped_rollouts"] += 1
+            metrics.event(done, "skipped", reason="non-finite rollout scores")
+            progress.print(f"[yellow]iteration {done}: non-finite rollout scores; batch skipped[/]")
+            progress.update(done, {})
+            save_if_due(done)
+            continue
         mask = rollout.response_mask.float()
         # 6. update
         lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
@@ -465,11 +516,14 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         t1 = clock(dist.device)
         values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
         t_update = clock(dist.device) - t1
+        skipped_now = values.pop("skipped")
+        state["skipped_micro_batches"] += int(skipped_now)
         rows, width = rollout.response.shape[0] * ppo.ppo_epochs, rollout.sequences()[0].shape[1]
         flops = train_flops(shapes["critic"], rows, width, 0)
         if not critic_only:
             flops += train_flops(shapes["policy"], rows, width, rollout.response.shape[1])
         done = it + 1
+        faults.maybe_kill("kill", done)
         # metrics
         gen_tokens, seq_tokens = all_reduce_sum([float(mask.sum()), float(rollout.sequences()[1].sum())],
                                                 dist.device).tolist()
@@ -482,7 +536,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
             "perf/train_tokens_per_s": seq_tokens * ppo.ppo_epochs * (1 if critic_only else 2) / max(t_update, 1e-9),
         } | peak_memory_gib(dist.device)
-        for key in ("loss/value", "objective/scores") + (() if critic_only else ("loss/policy",)):
+        if t.on_nonfinite == "skip":
+            values |= {f"train/{k}": float(state[k]) for k in ("skipped_rollouts", "skipped_micro_batches")}
+        for key in ("objective/scores",) + (() if skipped_now else ("loss/value",) if critic_only else
+                                            ("loss/value", "loss/policy")):
             check_finite(key, values[key], done, out)
         if state["start_length"] is None:
             state["start_length"] = values["rollout/response_length"]
@@ -513,8 +570,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
             progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
                            f"{ev['eval/response_length']:.1f}" + (" (vetoed: monitor firing)" if better and reasons else ""))
-        if due(done, t.save_every, total):
-            save(done)
+        save_if_due(done)
         if reasons and cfg.monitor.action == "stop":
             if saved_at != done:
                 save(done)
@@ -524,6 +580,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                             f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
 
     progress.close()
+    stop.disarm()
     final = publish_final(out, total, dist)
     publish_final(out, total, dist, part="critic/hf", name="final_critic")
     metrics.event(total, "final", path=str(final))

@@ -1,0 +1,66 @@
+"""Fault injection for the reliability tests (RELIABILITY.md): off unless RLHF_FAULT is set.
+
+RLHF_FAULT is a comma-separated list of `name@step`; each fault fires once, on the rank given by
+RLHF_FAULT_RANK (default 0), when the training loop reaches that optimizer step / PPO iteration (1-based):
+
+    kill@N          SIGKILL this process right after step N (before its metrics row and checkpoint)
+    kill-save@N     SIGKILL this process in the middle of writing checkpoint N (engine state written,
+                    HF weights and COMPLETE not yet)
+    enospc-save@N   raise OSError(ENOSPC) in the middle of writing checkpoint N (a full disk)
+    sigterm@N       send SIGTERM to this process after step N (what a scheduler does before pre-emption)
+    nan-loss@N      the loss of step N's first micro-batch becomes NaN
+    nan-reward@N    the reward-model score of one rollout of PPO iteration N becomes NaN
+
+Example: RLHF_FAULT=kill-save@4 rlhf sft --config c.yaml
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import torch
+
+ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
+NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "nan-loss", "nan-reward")
+
+
+def planned(name: str, step: int) -> bool:
+    """True when RLHF_FAULT asks for fault `name` at `step` on this rank."""
+    spec = os.environ.get(ENV)
+    if not spec or os.environ.get("RANK", "0") != os.environ.get(RANK_ENV, "0"):
+        return False
+    for item in spec.split(","):
+        fault, _, at = item.strip().partition("@")
+        if fault not in NAMES or not at.isdigit():
+            raise ValueError(f"{ENV}: {item!r} is not name@step with name one of {', '.join(NAMES)}")
+        if fault == name and int(at) == step:
+            return True
+    return False
+
+
+def maybe_kill(name: str, step: int) -> None:
+    """SIGKILL this process (no handler, no cleanup: a node dying) when fault `name` is planned at `step`."""
+    if planned(name, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(step: int) -> None:
+    """Send SIGTERM to this process after `step` when `sigterm@step` is planned."""
+    if planned("sigterm", step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def maybe_disk_full(step: int) -> None:
+    if planned("enospc-save", step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def maybe_poison(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
+    """`value` with a NaN added to its first element when fault `name` is planned at `step` (graph kept)."""
+    if not planned(name, step):
+        return value
+    hole = torch.zeros_like(value)
+    hole.view(-1)[0] = float("nan")
+    return value + hole
