@@ -130,7 +130,7 @@ def run_stage(
         if inside_launcher():
             # a worker: of our launcher (the output directory is ready), or of the user's own (torchrun,
             # srun, ...), in which case rank 0 prepares it first
-            prepare = None if launched_by_rlhf() else lambda: prepare_output_dir(out_dir, text, resume, overwrite)
+            prepare = None if launched_by_rlhf() else lambda: prepare_output_dir(out_dir, text, resume, overwrite, stage)
             _train_here(stage, cfg, resume, prepare)
             return
         out.rule(f"rlhf {stage}: resolved config")
@@ -148,7 +148,7 @@ def run_stage(
             out.print(format_estimate(estimate(cfg, local_processes(num_gpus, hostfile) * nodes)), highlight=False)
             out.print("dry run: nothing trained")
             return
-        prepare_output_dir(out_dir, text, resume, overwrite)
+        prepare_output_dir(out_dir, text, resume, overwrite, stage)
         if cmd is None:
             _train_here(stage, cfg, resume, None)
             return

@@ -81,12 +81,28 @@ def remove_stale_temporaries(out_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool) -> None:
-    """Before a run: refuse to mix two runs in one output_dir (unless resuming, or told to overwrite), clear
-    what an earlier attempt left when starting fresh (e.g. a tokenizer trained for other data), and write
-    resolved_config.yaml, which the workers read."""
+def run_stage_of(out_dir: Path) -> str | None:
+    """The stage ("sft", "train-rm", "ppo") that wrote the newest checkpoint or final/ in `out_dir`, if known."""
+    candidates = [path / "hf" for _, path in reversed(complete_checkpoints(out_dir))] + [out_dir / "final"]
+    for hf in candidates:
+        try:
+            return str(json.loads((hf / "rlhf_checkpoint.json").read_text(encoding="utf-8"))["stage"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None) -> None:
+    """Before a run: refuse to mix two runs in one output_dir (unless resuming, or told to overwrite), refuse to
+    resume another stage's run, clear what an earlier attempt left when starting fresh (e.g. a tokenizer trained
+    for other data), and write resolved_config.yaml, which the workers read."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if resume and stage is not None:
+        other = run_stage_of(out_dir)
+        if other is not None and other != stage:
+            raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
+                              "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:
         raise ConfigError(
@@ -156,7 +172,7 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not publish {final} from {source}: {exc}. The checkpoint itself is "
+            raise CheckpointError(f"could not publish {final} from {source}: {_describe(exc)}. The checkpoint itself is "
                                   "complete: rerun with --resume to publish it") from None
     barrier()
     return final
@@ -233,12 +249,28 @@ def save_checkpoint(
             os.replace(tmp, final)
             for _, old in complete_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {name} in {out_dir}: {exc}; the partial copy was removed. "
-                              f"{_intact(out_dir)}") from None
+        raise CheckpointError(f"could not write {name} in {out_dir}: {_describe(exc)}{_free_space(out_dir)}; "
+                              f"the partial copy was removed. {_intact(out_dir)}") from exc
     barrier()
     return final
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in one line, with the OS error underneath a library's wrapper when there is one."""
+    text = f"{exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if not isinstance(exc, OSError) and isinstance(cause, OSError):
+        text += f" ({cause})"
+    return text
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f" [{shutil.disk_usage(path).free / 2**30:.1f} GiB free there]"
+    except OSError:
+        return ""
 
 
 def _intact(out_dir: Path) -> str:

@@ -191,6 +191,11 @@ class RMDataConfig(DataConfigBase):
 
 
 # --------------------------------------------------------------------------------------------- training
+SKIP_WITH_ZERO3 = (
+    "train.on_nonfinite: skip drops a bad micro-batch by back-propagating an exact zero through every parameter, "
+    "which ZeRO-3's partitioned parameters do not allow; use deepspeed.zero_stage <= 2, or on_nonfinite: stop"
+)
+
 class TrainConfig(Section):
     """Optimisation and schedule. Global batch = micro_batch_size x gradient_accumulation_steps x ranks."""
 
@@ -248,6 +253,12 @@ class StageConfig(Section):
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _skip_needs_unpartitioned_params(self) -> "StageConfig":
+        if self.train.on_nonfinite == "skip" and self.deepspeed.zero_stage == 3:
+            raise ValueError(SKIP_WITH_ZERO3)
+        return self
 
 
 class SFTConfig(StageConfig):
@@ -462,6 +473,8 @@ class PPOConfig(Section):
                 raise ValueError(f"{key}.name_or_path: PPO starts from a trained checkpoint (from_config is not allowed)")
         if self.ppo.ptx_coef > 0 and self.data.ptx is None:
             raise ValueError("ppo.ptx_coef > 0 needs data.ptx (SFT-format data for the PTX loss)")
+        if self.train.on_nonfinite == "skip" and self.deepspeed.zero_stage == 3:
+            raise ValueError(SKIP_WITH_ZERO3)
         return self
 
 

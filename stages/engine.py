@@ -54,6 +54,10 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
 
     train_batch_size = micro_batch_size x gradient_accumulation_steps x world_size. The optimizer is AdamW
     (DeepSpeed picks its fused / CPU-offload implementation); the LR schedule is ours (see `lr_factor`).
+    Without a GPU (and without optimizer offload) it is torch's AdamW: DeepSpeed's CPU build of FusedAdam
+    multiplies beta^t up step by step but recomputes it with pow() after a checkpoint reload, so a resumed run
+    drifted from an uninterrupted one by an ulp at some steps; torch's AdamW takes pow() every step, so resume
+    on the CPU is bit-exact.
     """
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -82,6 +86,8 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if not on_gpu and not ds.offload_optimizer:
+        config["optimizer"]["params"]["torch_adam"] = True
     if train.gradient_clipping > 0:
         config["gradient_clipping"] = train.gradient_clipping
     raw = load_raw_deepspeed(ds.config)

@@ -113,8 +113,8 @@ def prepare_tokenizer(
         source = resolve_model_dir(cfg.tokenizer or cfg.name_or_path or "")
     try:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load tokenizer from {source}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's file: OSError, ValueError, tokenizers' own errors, ...
+        raise CheckpointError(f"cannot load tokenizer from {source}: {type(exc).__name__}: {exc}") from None
     if tokenizer.eos_token is None:
         raise CheckpointError(f"tokenizer {source} has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token is None:
@@ -145,6 +145,7 @@ def build_model(
     seed: int,
     head: str = "causal_lm",
     resize: bool = False,
+    trained_head: bool = False,
 ) -> torch.nn.Module:
     """The trainable model, in the load dtype, with pad/eos ids taken from the tokenizer.
 
@@ -152,8 +153,10 @@ def build_model(
     the backbone plus a bias-free linear `score` head; loading a causal-LM checkpoint initialises the head).
     from_config: random init seeded with `seed` (same weights on every rank), vocab = len(tokenizer).
     resize: grow the embedding when the tokenizer has more tokens (a pad token added by ensure_distinct_pad);
-    otherwise that is an error. With ZeRO-3 the weights are created partitioned (transformers' DeepSpeed
-    integration)."""
+    otherwise that is an error. trained_head: the checkpoint must already be a one-label sequence classifier
+    (a reward model), not a causal LM whose score head would be initialised at random. With ZeRO-3 the weights
+    are created partitioned (transformers' DeepSpeed integration). A checkpoint that does not load (missing or
+    truncated files) or is of the wrong kind is a CheckpointError naming it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto_cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
@@ -182,6 +185,7 @@ def build_model(
             model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
         else:
             source = resolve_model_dir(cfg.name_or_path or "")
+            check_architecture(source, head, trained_head)
             try:
                 model = auto_cls.from_pretrained(
                     source,
@@ -190,8 +194,8 @@ def build_model(
                     trust_remote_code=cfg.trust_remote_code,
                     **head_args,
                 )
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot load model from {source}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
+                raise CheckpointError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None
             model.config.pad_token_id = tokenizer.pad_token_id
         vocab = model.get_input_embeddings().weight
         rows = getattr(vocab, "ds_shape", vocab.shape)[0]
@@ -210,6 +214,30 @@ def build_model(
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def check_architecture(source: str, head: str, trained_head: bool) -> None:
+    """Refuse a local checkpoint of the wrong kind before loading it: a sequence classifier (reward model) where
+    a causal LM is wanted, or (trained_head) anything but a one-label sequence classifier. Hub ids and
+    directories without a readable config.json are left to from_pretrained."""
+    import json
+
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        body = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
+    arch = (body.get("architectures") or ["?"])[0]
+    labels = len(body.get("id2label") or {}) or body.get("num_labels", 2)
+    is_classifier = arch.endswith("ForSequenceClassification")
+    if head == "causal_lm" and is_classifier:
+        raise CheckpointError(f"{source} is a {arch} (a reward model), not a causal LM; point model.name_or_path "
+                              "at an SFT output or a base model")
+    if head == "reward" and trained_head and not (is_classifier and labels == 1):
+        raise CheckpointError(f"{source} is a {arch}, not a one-label sequence classifier: a reward model "
+                              "written by rlhf train-rm is needed here (its score head would be random otherwise)")
 
 
 @contextlib.contextmanager

@@ -94,8 +94,10 @@ class LossGuard:
     """What `optimizer_step` does with a micro-batch whose loss is NaN or infinite on any rank. The check runs
     before that micro-batch's backward, so a bad loss never reaches the weights:
       stop: raise NonFinite (the optimizer step is not taken; the last complete checkpoint is intact);
-      skip: drop the micro-batch (its backward gets nan_to_num(loss) * 0, whose gradient is exactly zero) and
-            count it in `skipped`; the other micro-batches of the step still train.
+      skip: drop the micro-batch and count it in `skipped`: its graph (which may hold NaNs anywhere) is never
+            back-propagated; `zero_loss` is, so DeepSpeed sees the usual backward with a gradient of exactly 0
+            for every parameter (ZeRO 0-2; config validation refuses skip with ZeRO-3). The other
+            micro-batches of the step still train; the optimizer still steps (Adam moments decay).
     A non-finite gradient norm after the step (finite losses, overflowing gradients) always stops the run:
     the weights may already be damaged, so nothing more is saved."""
 
@@ -126,7 +128,7 @@ def optimizer_step(
                 )
             if bad:
                 guard.skipped += 1
-                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+                loss = zero_loss(engine.module)
         engine.backward(loss)
         if i == len(batches) - 1:
             grad_norm = unsharded_grad_norm(engine)
@@ -140,6 +142,13 @@ def optimizer_step(
             "weights may be damaged, so nothing more is saved (resume from the last complete checkpoint)"
         )
     return None if grad_norm is None else float(grad_norm)
+
+
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """0 x (the sum of every trainable parameter): a loss whose gradient is exactly zero for each of them
+    (d/dp of 0 * sum(p) = 0 whatever p holds), touching no activation."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return sum((p.sum().float() * 0.0 for p in params), torch.zeros((), device=params[0].device if params else None))
 
 
 def unsharded_grad_norm(engine: Any) -> float | None:

@@ -48,6 +48,10 @@ def test_deepspeed_config_from_yaml_sections():
     plain = build_deepspeed_config(TrainConfig(gradient_clipping=0), DeepSpeedConfig(precision="fp16"), 1, False)
     assert "gradient_clipping" not in plain and "offload_optimizer" not in plain["zero_optimization"]
     assert plain["fp16"]["enabled"] is True
+    # no GPU: torch's AdamW (bit-exact resume); with optimizer offload DeepSpeed's CPU Adam stays in charge
+    assert plain["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in cfg["optimizer"]["params"]
+    offloaded = build_deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=2, offload_optimizer=True), 1, False)
+    assert "torch_adam" not in offloaded["optimizer"]["params"]
 
 
 def test_raw_deepspeed_json_is_merged_last(tmp_path):

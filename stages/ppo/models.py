@@ -133,7 +133,8 @@ def build_critic(cfg: PPOConfig, policy_tok: Any, rm_tok: Any, ds_config: dict[s
     """From the reward model (critic_init: reward_model), or from the policy's checkpoint with a zero `score`
     head (critic_init: policy)."""
     if cfg.ppo.critic_init == "reward_model":
-        seqcls = build_model(cfg.reward_model, rm_tok, cfg.deepspeed.precision, ds_config, cfg.seed, head="reward")
+        seqcls = build_model(cfg.reward_model, rm_tok, cfg.deepspeed.precision, ds_config, cfg.seed, head="reward",
+                             trained_head=True)
     else:
         seqcls = build_model(cfg.model, policy_tok, cfg.deepspeed.precision, ds_config, cfg.seed, head="reward")
         weight = seqcls.score.weight
@@ -151,7 +152,7 @@ def build_critic(cfg: PPOConfig, policy_tok: Any, rm_tok: Any, ds_config: dict[s
 
 def build_reward(cfg: ModelConfig, rm_tok: Any, precision: str, ds_config: dict[str, Any], seed: int) -> RewardModel:
     """The reward model read at the last real token (see stages/reward_model.py)."""
-    return RewardModel(build_model(cfg, rm_tok, precision, ds_config, seed, head="reward"))
+    return RewardModel(build_model(cfg, rm_tok, precision, ds_config, seed, head="reward", trained_head=True))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,313 @@
+"""Faults injected into real `rlhf sft` runs (RLHF_FAULT, stages/faults.py) and the pieces that handle them:
+kill -9 at a random step and in the middle of a checkpoint write, SIGTERM (one process and two DeepSpeed
+processes), NaN losses (stop / skip), a full disk and a real write error during a save, and resuming another
+stage's run. RELIABILITY.md maps each fault to its test. The step a fault hits is drawn at random
+(RLHF_TEST_SEED fixes it); assertion messages name it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from stages.metrics import read_metrics
+
+RNG = random.Random(os.environ.get("RLHF_TEST_SEED"))
+STEPS, EVERY = 8, 2
+DROPOUT = ("--set", "model.from_config.attention_dropout=0.2")  # draws random numbers: only exact RNG resume matches
+
+
+def _config(root: Path, **train) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_sft_dict(root, max_steps=STEPS, save_every=EVERY, save_total_limit=10, eval_every=4, **train)
+    return write_yaml(root / "sft.yaml", cfg)
+
+
+def _sft(config: Path, *args: str, fault: str | None = None, expect: int | None = 0, **kw):
+    env = {"RLHF_FAULT": fault} if fault else None
+    res = run_cli("sft", "--config", str(config), *DROPOUT, *args, env=env, **kw)
+    if expect is not None:
+        assert res.returncode == expect, f"fault {fault}: rc {res.returncode}\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+    return res
+
+
+def curve(out: Path) -> list[tuple]:
+    """Every metric row but events and timing: what an uninterrupted run and a resumed one must share."""
+    return [tuple((k, v) for k, v in sorted(r.items()) if k not in ("time", "train/tokens_per_s"))
+            for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def no_traceback(res: subprocess.CompletedProcess) -> bool:
+    return "Traceback" not in res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted-and-resumed run must reproduce (8 steps, checkpoints every 2)."""
+    root = tmp_path_factory.mktemp("reference")
+    _sft(_config(root))
+    return root / "out"
+
+
+def test_kill9_mid_checkpoint_write_then_resume_matches_uninterrupted(tmp_path, reference):
+    step = RNG.choice(range(2 * EVERY, STEPS + 1, EVERY))  # a save step past the first checkpoint
+    config = _config(tmp_path)
+    res = _sft(config, fault=f"kill-save@{step}", expect=-signal.SIGKILL)
+    out = tmp_path / "out"
+    half = out / f".tmp-checkpoint-{step:08d}"
+    assert half.is_dir() and not (half / "COMPLETE").exists(), f"kill-save@{step}: {sorted(os.listdir(out))}"
+    assert not (out / "final").exists()
+    res = _sft(config, "--resume")
+    assert f"resumed from step {step - EVERY}" in res.stdout, f"kill-save@{step}"
+    assert not half.exists()  # the half-written copy is cleared, never loaded
+    assert curve(out) == curve(reference), f"kill-save@{step}"
+    assert same_weights(out / "final", reference / "final")
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches(tmp_path, reference):
+    step = RNG.randrange(1, STEPS)
+    config = _config(tmp_path)
+    res = _sft(config, fault=f"sigterm@{step}", expect=143)
+    out = tmp_path / "out"
+    assert f"stopped by SIGTERM after step {step}: saved checkpoint-{step:08d}" in res.stderr, res.stderr
+    assert no_traceback(res) and (out / f"checkpoint-{step:08d}" / "COMPLETE").is_file()
+    assert not (out / "final").exists()
+    res = _sft(config, "--resume")
+    assert f"resumed from step {step}" in res.stdout
+    assert curve(out) == curve(reference), f"sigterm@{step}"
+    assert same_weights(out / "final", reference / "final")
+
+
+def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
+    step = RNG.randrange(EVERY + 1, STEPS + 1)
+    config = _config(tmp_path / "stop")
+    res = _sft(config, fault=f"nan-loss@{step}", expect=1)
+    assert f"non-finite loss at step {step}" in res.stderr and "train.on_nonfinite: skip" in res.stderr
+    assert no_traceback(res)
+    out = tmp_path / "stop" / "out"
+    saved = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert saved == [f"checkpoint-{s:08d}" for s in range(EVERY, step, EVERY)], f"nan-loss@{step}: {saved}"
+    assert not (out / "final").exists()
+
+    config = _config(tmp_path / "skip", on_nonfinite="skip")
+    _sft(config, fault=f"nan-loss@{step}")
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "skip" / "out" / "metrics.jsonl") if "train/loss" in r}
+    assert rows[step]["train/grad_norm"] == 0.0  # the poisoned micro-batch (the whole step here) trained nothing
+    assert rows[step]["train/skipped_micro_batches"] == 1.0 and rows[STEPS]["train/skipped_micro_batches"] == 1.0
+    before = {r["step"]: r["train/loss"] for r in read_metrics(reference / "metrics.jsonl") if "train/loss" in r}
+    assert rows[step - 1]["train/loss"] == before[step - 1]  # identical up to the poisoned step
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "skip" / "out" / "final" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    step = RNG.choice(range(2 * EVERY, STEPS + 1, EVERY))
+    config = _config(tmp_path)
+    res = _sft(config, fault=f"enospc-save@{step}", expect=1)
+    out = tmp_path / "out"
+    assert f"could not write checkpoint-{step:08d}" in res.stderr and "No space left on device" in res.stderr
+    assert f"checkpoint-{step - EVERY:08d}, is intact" in res.stderr, res.stderr
+    assert no_traceback(res) and not list(out.glob(".tmp-*")) and not (out / "final").exists()
+    assert (out / f"checkpoint-{step - EVERY:08d}" / "COMPLETE").is_file()
+
+
+def _limit_file_size() -> None:
+    """A real write error: files may not grow past 64 KiB (the checkpoint's weights are bigger); SIGXFSZ
+    ignored, so the write fails with EFBIG instead of killing the process."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_real_write_error_during_the_first_save_leaves_nothing_that_looks_valid(tmp_path):
+    config = _config(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    res = subprocess.run([sys.executable, "-m", "rlhf_cli", "sft", "--config", str(config), "--set",
+                          "train.max_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+                         preexec_fn=_limit_file_size)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "could not write checkpoint-00000002" in res.stderr, res.stderr  # torch.save: RuntimeError (EFBIG)
+    assert "No earlier complete checkpoint exists" in res.stderr and no_traceback(res)
+    out = tmp_path / "out"
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+
+
+def test_resuming_another_stage_s_run_is_refused(tmp_path, reference):
+    rm = {"output_dir": str(reference), "model": {"name_or_path": str(reference / "final")},
+          "data": {"train": str(REPO / "configs" / "tiny" / "data" / "rm.jsonl")}}
+    res = run_cli("train-rm", "--config", str(write_yaml(tmp_path / "rm.yaml", rm)), "--resume")
+    assert res.returncode == 2 and "holds a `rlhf sft` run" in res.stderr, res.stderr
+    assert (reference / "final").is_dir()  # untouched
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path):
+    """What a scheduler does before pre-emption: SIGTERM to the `rlhf` process of a 2-process DeepSpeed run
+    (ZeRO-2). It forwards the signal to both workers, which agree on a step, save together and exit 143."""
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "rlhf_cli", "sft", "--config", str(config), "--num-gpus", "2", "--set",
+           "deepspeed.zero_stage=2", "--set", "train.max_steps=400", "--set", "train.save_every=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for = RNG.randrange(1, 4)
+    deadline = time.monotonic() + 400
+    rows: list[dict] = []
+    while time.monotonic() < deadline and proc.poll() is None and len(rows) < wait_for:
+        time.sleep(0.2)
+        rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r] if (out / "metrics.jsonl").is_file() else []
+    assert len(rows) >= wait_for, proc.communicate()[1][-3000:] if proc.poll() is not None else "no progress"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
+    assert stderr.count("stopped by SIGTERM after step") == 1 and "Traceback" not in stdout + stderr, stderr
+    step = int(stderr.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert wait_for <= step < 400
+    ckpt = out / f"checkpoint-{step:08d}"
+    assert (ckpt / "COMPLETE").is_file() and not (out / "final").exists()
+    ds = ckpt / "ds" / "state"
+    assert len(list(ds.glob("*optim_states.pt"))) == 2, sorted(p.name for p in ds.iterdir())  # both ranks' shards
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+
+
+# --------------------------------------------------------------------------------------------- units
+def test_fault_specs_are_checked_and_fire_on_their_rank_only(monkeypatch):
+    from stages import faults
+
+    monkeypatch.setenv(faults.ENV, "kill@3,nan-loss@5")
+    monkeypatch.setenv("RANK", "0")
+    assert faults.planned("nan-loss", 5) and not faults.planned("nan-loss", 4) and not faults.planned("kill", 5)
+    monkeypatch.setenv(faults.RANK_ENV, "1")
+    assert not faults.planned("nan-loss", 5)
+    monkeypatch.setenv("RANK", "1")
+    assert faults.planned("nan-loss", 5)
+    poisoned = faults.maybe_poison("nan-loss", 5, torch.ones(3))
+    assert math.isnan(poisoned[0]) and poisoned[1:].tolist() == [1.0, 1.0]
+    monkeypatch.setenv(faults.ENV, "explode@3")
+    with pytest.raises(ValueError, match="explode@3"):
+        faults.planned("kill", 3)
+
+
+class _Engine:
+    """Records what optimizer_step hands to DeepSpeed (world size 1, ZeRO 0)."""
+
+    def __init__(self, param: torch.nn.Parameter, norm: float | None = None) -> None:
+        self.param, self.losses, self.steps, self.norm = param, [], 0, norm
+        self.module = torch.nn.ParameterList([param])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.losses.append(float(loss.detach()))
+        loss.backward()
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.norm
+
+
+def test_loss_guard_stops_before_backward_or_skips_with_an_exactly_zero_gradient():
+    from stages.distributed import setup_distributed
+    from stages.errors import NonFinite
+    from stages.trainer import LossGuard, optimizer_step
+
+    setup_distributed()  # world size 1: the agreement between ranks is a no-op
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def loss(batch: float) -> torch.Tensor:
+        return (w * batch).sum() * torch.tensor(batch)  # batch = nan -> NaN loss that depends on w
+
+    engine = _Engine(w)
+    with pytest.raises(NonFinite, match="non-finite loss at step 7 .micro-batch 2 of 3"):
+        optimizer_step(engine, [1.0, float("nan"), 1.0], loss, LossGuard("loss", 7, "stop"))
+    assert engine.losses == [3.0] and engine.steps == 1  # the bad micro-batch never reached backward
+
+    w.grad = None
+    engine, guard = _Engine(w), LossGuard("loss", 7, "skip")
+    optimizer_step(engine, [float("nan"), 2.0], loss, guard)
+    assert guard.skipped == 1 and engine.losses == [0.0, 12.0] and engine.steps == 2
+    assert w.grad.tolist() == [4.0, 4.0]  # d/dw of the good micro-batch only: 2 * 2 per element
+
+    with pytest.raises(NonFinite, match="non-finite gradient norm"):
+        optimizer_step(_Engine(w, norm=float("inf")), [1.0], loss, LossGuard("critic loss", 2))
+
+
+def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(capsys):
+    from stages import stop
+    from stages.distributed import setup_distributed
+
+    dist = setup_distributed()
+    before = signal.getsignal(signal.SIGINT)
+    stop.arm()
+    try:
+        assert stop.requested(dist.device) == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat right away is ignored
+        assert stop.received() == signal.SIGTERM and stop.requested(dist.device) == signal.SIGTERM
+        assert capsys.readouterr().out.count("received SIGTERM") == 1
+    finally:
+        stop.disarm()
+    with pytest.raises(KeyboardInterrupt):  # disarmed: SIGINT is Python's KeyboardInterrupt again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    signal.signal(signal.SIGINT, before)
+    err = stop.Stopped(signal.SIGINT, 3, Path("/x/checkpoint-00000003"))
+    assert err.exit_code == 130 and "stopped by SIGINT after step 3: saved checkpoint-00000003 in /x" in str(err)
+
+
+def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):
+    from stages.errors import CheckpointError
+    from stages.models import check_architecture
+
+    rm, lm = tmp_path / "rm", tmp_path / "lm"
+    for path, body in ((rm, {"architectures": ["Qwen2ForSequenceClassification"], "id2label": {"0": "LABEL_0"}}),
+                       (lm, {"architectures": ["Qwen2ForCausalLM"]})):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match="is a Qwen2ForSequenceClassification .a reward model., not a causal LM"):
+        check_architecture(str(rm), "causal_lm", False)
+    with pytest.raises(CheckpointError, match="is a Qwen2ForCausalLM, not a one-label sequence classifier"):
+        check_architecture(str(lm), "reward", True)
+    check_architecture(str(lm), "reward", False)  # train-rm starts from a causal LM: allowed
+    check_architecture(str(rm), "reward", True)
+    (lm / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        check_architecture(str(lm), "causal_lm", False)
+
+
+def test_non_finite_weights_are_found_on_a_zero3_partition_too():
+    from stages.checkpoint import nonfinite_parameter
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    assert nonfinite_parameter(model) is None
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    assert nonfinite_parameter(model) == "1.bias"
+    model[1].bias.ds_tensor = torch.zeros(1)  # ZeRO-3: the local partition is what this rank checks
+    assert nonfinite_parameter(model) is None
