@@ -26,6 +26,7 @@ from rlhf_cli.launcher import (
     needs_launcher,
     run_launcher,
 )
+from stages import stop
 from stages.errors import RlhfError
 
 app = typer.Typer(
@@ -169,6 +170,8 @@ def run_stage(
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         raise typer.Exit(130) from None
+    finally:
+        stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
 
 
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:

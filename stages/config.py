@@ -188,6 +188,9 @@ class RMDataConfig(DataConfigBase):
 
     format: Literal["auto", "pairs", "messages", "hh"] = "auto"
     columns: PairColumns = PairColumns()
+    duplicates: Literal["drop", "error", "keep"] = Field(
+        "drop", description="a pair repeating an earlier one: drop and count it, stop naming both rows, or keep it"
+    )
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -453,6 +453,7 @@ class DataReport:
     trained_tokens: int = 0
     packed_rows: int | None = None
     identical_pairs: int = 0  # preference data: pairs dropped because chosen == rejected
+    duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""

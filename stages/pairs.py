@@ -179,13 +179,18 @@ class PairLoad:
 
     pairs: list[tuple[PreferencePair, str]]
     identical: int
+    duplicates: int = 0
 
 
 def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLoad:
-    """All usable pairs of `source`; bad rows raise (naming file and row) or are skipped and counted in `log`."""
+    """All usable pairs of `source`; bad rows raise (naming file and row) or are skipped and counted in `log`.
+    A pair repeating an earlier one (same prompt, chosen and rejected) is dropped and counted (data.duplicates:
+    drop; repeats weight a comparison twice and leak into a held-out split), raises naming both rows (error)
+    or is kept (keep)."""
     fmt = None if data.format == "auto" else data.format
     pairs: list[tuple[PreferencePair, str]] = []
-    identical = 0
+    identical = duplicates = 0
+    seen: dict[str, str] = {}
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
@@ -198,11 +203,19 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
             _bad(where, str(exc), data.on_bad_row, log)
             continue
         fmt = row_fmt  # auto: the first usable row decides for the whole source
+        key = repr((pair.prompt, pair.chosen, pair.rejected))
+        if key in seen and data.duplicates != "keep":
+            if data.duplicates == "error":
+                raise DataError(f"{where}: duplicate of {seen[key]} (same prompt, chosen and rejected; set "
+                                "data.duplicates: drop to drop repeats, or keep)")
+            duplicates += 1
+            continue
+        seen.setdefault(key, where)
         pairs.append((pair, where))
     if not pairs:
         extra = f" ({identical} identical pair(s) dropped)" if identical else ""
         raise DataError(f"no usable preference pairs in {', '.join(source.paths())}{extra}")
-    return PairLoad(pairs, identical)
+    return PairLoad(pairs, identical, duplicates)
 
 
 # --------------------------------------------------------------------------------------------- tokenizing

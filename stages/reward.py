@@ -182,6 +182,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
     if eval_pairs is None and data.eval_fraction > 0:
         train_pairs, eval_pairs = split_holdout(train_pairs, data.eval_fraction, cfg.seed)
     identical = {"train": train.identical, "eval": held.identical if held is not None else 0}
+    duplicates = {"train": train.duplicates, "eval": held.duplicates if held is not None else 0}
 
     def texts() -> Any:
         return corpus_texts((p.conversation(side), w) for p, w in train_pairs for side in ("chosen", "rejected"))
@@ -195,6 +196,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
             continue
         report = DataReport(skipped_rows=logs[split].total, skipped_by_reason=dict(logs[split].reasons))
         report.identical_pairs = identical[split]
+        report.duplicate_pairs = duplicates[split]
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
     return tokenizer, added, rows["train"], rows.get("eval"), reports
@@ -203,7 +205,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
 def describe_pairs(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
-        f"identical pair(s); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} "
+        f"identical pair(s) and {report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} "
         f"responses (right){report.skipped_note()}"
     )
 

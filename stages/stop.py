@@ -16,11 +16,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stages.errors import RlhfError
+
+if TYPE_CHECKING:
+    import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}}

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,8 @@ def ppo_dict(tmp: Path, stages_dir: Path, name: str = "ppo", **train) -> dict:
     return cfg
 
 
-def _ppo(tmp: Path, cfg: dict, *args: str, expect: int = 0, name: str = "ppo.yaml"):
-    res = run_cli("ppo", "--config", str(write_yaml(tmp / name, cfg)), *args)
+def _ppo(tmp: Path, cfg: dict, *args: str, expect: int = 0, name: str = "ppo.yaml", fault: str | None = None):
+    res = run_cli("ppo", "--config", str(write_yaml(tmp / name, cfg)), *args, env={"RLHF_FAULT": fault} if fault else None)
     assert res.returncode == expect, res.stdout[-4000:] + res.stderr[-4000:]
     return Path(cfg["output_dir"]), res
 
@@ -113,26 +114,50 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert state["moments"][0] == 5 * 8  # every score seen: 5 iterations x 8 rollouts
 
 
-def test_resume_gives_the_same_next_iterations_as_an_uninterrupted_run(tmp_path, stages_dir):
+def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an_uninterrupted_run(
+    tmp_path, stages_dir
+):
+    """SIGKILL after a random iteration (RLHF_FAULT=kill@k, before its metrics and checkpoint); --resume
+    continues from the newest complete checkpoint and reproduces the uninterrupted run exactly."""
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir()
+    cut_dir.mkdir()
     cfg = ppo_dict(full_dir, stages_dir, save_total_limit=10, sample_every=0)
     full, _ = _ppo(full_dir, cfg, "--ppo-max")
-    shutil.copytree(full_dir, cut_dir)
-    cut = cut_dir / "ppo"
-    for name in ("checkpoint-00000004", "checkpoint-00000005", "final", "final_critic"):
-        shutil.rmtree(cut / name)
-    cfg["output_dir"] = str(cut)
+    step = random.Random(os.environ.get("RLHF_TEST_SEED")).randrange(3, 6)
+    cfg["output_dir"] = str(cut_dir / "ppo")
+    cut, _ = _ppo(cut_dir, cfg, "--ppo-max", fault=f"kill@{step}", expect=-9)
+    assert not (cut / "final").exists()
     _, res = _ppo(cut_dir, cfg, "--ppo-max", "--resume")
-    assert "resumed from iteration 2" in res.stdout
+    assert f"resumed from iteration {2 * ((step - 1) // 2)}" in res.stdout, f"kill@{step}"
 
     def curve(out: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
                 for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
 
-    assert curve(cut) == curve(full)  # iterations 3-5 (and their validations) exactly as uninterrupted
+    assert curve(cut) == curve(full), f"kill@{step}"  # later iterations and validations as uninterrupted
     wa, wb = _weights(cut / "final"), _weights(full / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_reward_stops_before_the_update_or_skips_the_rollout_batch(tmp_path, stages_dir):
+    """A NaN reward-model score in iteration 3 (RLHF_FAULT=nan-reward@3): stop exits 1 naming it, with the
+    iteration-2 checkpoint intact and nothing later; skip makes no update that iteration, keeps the running
+    reward statistics free of it and finishes with finite weights."""
+    cfg = ppo_dict(tmp_path, stages_dir, name="stop", iterations=3, sample_every=0, eval_every=0)
+    out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", expect=1, name="stop.yaml")
+    assert "non-finite values in the rollout of iteration 3 (rank 0: reward-model score (1 value(s)))" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000002"] and not (out / "final").exists()
+
+    cfg = ppo_dict(tmp_path, stages_dir, name="skip", iterations=3, sample_every=0, eval_every=0, on_nonfinite="skip")
+    out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", name="skip.yaml")
+    assert [r["step"] for r in _events(out, "skipped")] == [3]
+    rows = {r["step"]: r for r in _iterations(out)}
+    assert sorted(rows) == [1, 2, 4] and rows[4]["train/skipped_rollouts"] == 1.0
+    state = json.loads((out / "checkpoint-00000004" / "trainer_state.json").read_text())
+    assert state["moments"][0] == 3 * 8 and math.isfinite(state["moments"][1])  # iteration 3's scores left out
+    assert all(torch.isfinite(w).all() for w in _weights(out / "final").values())
 
 
 def test_monitor_warns_and_vetoes_best_then_stop_saves_and_exits(tmp_path, stages_dir):

@@ -5,7 +5,8 @@ DeepSpeed processes with ZeRO-2 / ZeRO-3."""
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,8 @@ def few_pairs(tmp_path_factory) -> Path:
     return path
 
 
-def _train(tmp_path: Path, cfg: dict, *extra: str, name: str = "rm.yaml", expect: int = 0):
-    res = run_cli("train-rm", "--config", str(write_yaml(tmp_path / name, cfg)), *extra)
+def _train(tmp_path: Path, cfg: dict, *extra: str, name: str = "rm.yaml", expect: int = 0, env: dict | None = None):
+    res = run_cli("train-rm", "--config", str(write_yaml(tmp_path / name, cfg)), *extra, env=env)
     assert res.returncode == expect, res.stdout[-3000:] + res.stderr[-3000:]
     return Path(cfg["output_dir"]), res
 
@@ -128,9 +129,10 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert batched["right"] == pytest.approx(hf, abs=1e-5) and batched["left"] == pytest.approx(hf, abs=1e-5)
 
 
-def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path, few_pairs):
+def test_kill9_at_a_random_step_then_resume_continues_exactly_with_lm_and_centring_terms(tmp_path, few_pairs):
     """From a random-init model (tokenizer trained on the pairs), attention dropout on, LM loss on the chosen
-    response and the centring term: stopping after step 4 and resuming reproduces the uninterrupted curve."""
+    response and the centring term: the process SIGKILLed after a random step (RLHF_FAULT=kill@k) and resumed
+    from its newest complete checkpoint reproduces the uninterrupted curve and weights exactly."""
     def cfg_for(root: Path) -> dict:
         cfg = rm_dict(root, None, few_pairs, max_steps=8, save_every=2, save_total_limit=10, eval_every=4, micro_batch_size=8)
         cfg["model"] = {"from_config": {**yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]
@@ -145,18 +147,18 @@ def test_resume_continues_exactly_with_lm_and_centring_terms(tmp_path, few_pairs
         total = r["train/pair_loss"] + 0.5 * r["train/lm_loss"] + 0.01 * r["train/center_loss"]
         assert r["train/loss"] == pytest.approx(total, rel=1e-9)
     assert rows[-1]["train/lm_loss"] < rows[0]["train/lm_loss"]
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    cut = tmp_path / "cut" / "rm"
-    for name in ("checkpoint-00000006", "checkpoint-00000008", "final"):
-        shutil.rmtree(cut / name)
+    step = random.Random(os.environ.get("RLHF_TEST_SEED")).randrange(3, 8)
+    (tmp_path / "cut").mkdir()
+    cut, _ = _train(tmp_path / "cut", cfg_for(tmp_path / "cut"), env={"RLHF_FAULT": f"kill@{step}"}, expect=-9)
+    assert not (cut / "final").exists()
     _, res = _train(tmp_path / "cut", cfg_for(tmp_path / "cut"), "--resume")
-    assert "resumed from step 4" in res.stdout
+    assert f"resumed from step {2 * ((step - 1) // 2)}" in res.stdout, f"kill@{step}"  # the newest before step
 
     def curve(out: Path) -> list[dict]:  # every metric row, timing aside
         return [{k: v for k, v in r.items() if k not in ("time", "train/tokens_per_s")}
                 for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
 
-    assert curve(cut) == curve(full)
+    assert curve(cut) == curve(full), f"kill@{step}"
     from safetensors.torch import load_file
 
     a, b = load_file(cut / "final" / "model.safetensors"), load_file(full / "final" / "model.safetensors")
