@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psutil
 
-from stages.runtime import free_port, missing_accelerator
+from stages.runtime import call_forwarding_signals, free_port, missing_accelerator
 from stages.errors import ConfigError
 
 
@@ -133,22 +130,9 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
     SIGTERM / SIGINT received here are forwarded to this host's workers themselves (DeepSpeed's launcher,
     given the signal, would SIGKILL them 30 s later, perhaps mid-checkpoint); they save a checkpoint and exit
     with 128 + the signal number (stages/stop.py), which becomes this command's exit code."""
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True)
-
-    def forward(signum: int, frame: object) -> None:
-        for worker in worker_processes(proc.pid):
-            try:
-                worker.send_signal(signum)
-            except psutil.Error:  # already gone
-                pass
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        return proc.wait()
+        return call_forwarding_signals(cmd, {**os.environ, **env}, lambda proc: worker_processes(proc.pid))
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if "--master_port" in cmd:
             remove_shm_buffers(int(cmd[cmd.index("--master_port") + 1]))
 

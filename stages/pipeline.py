@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 from stages.config import PipelineConfig
 from stages.errors import CheckpointError, RlhfError
+from stages.runtime import call_forwarding_signals
+from stages.stop import STOPPED_CODES
 
 
 @dataclass
@@ -206,10 +207,13 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             continue
         resume = run.out.exists() and not force and any(run.out.iterdir())
         cmd = stage_command(run, launch, resume=resume, overwrite=force)
-        code = subprocess.call(cmd)
+        code = call_forwarding_signals(cmd)
         if code != 0:
-            raise RlhfError(f"pipeline: stage {run.label} ({run.stage}) failed with exit code {code}; its output "
-                            f"is in {run.out}; run the pipeline again to resume it")
+            how = "was stopped by a signal after saving" if code in STOPPED_CODES else "failed"
+            error = RlhfError(f"pipeline: stage {run.label} ({run.stage}) {how} (exit code {code}); its output is "
+                              f"in {run.out}; run the pipeline again to resume it")
+            error.exit_code = code if code in STOPPED_CODES else 1
+            raise error
         if run.stage == "ppo" and cfg.eval.enabled:
             (run.out / "eval.json").unlink(missing_ok=True)  # a new policy: its old evaluation is stale
     ppo_runs = [r for r in runs if r.stage == "ppo"]
@@ -243,6 +247,6 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
         if (run.out / "eval.json").is_file():
             continue
         console.rule(f"[bold]eval: {run.label}[/] against {sft}")
-        code = subprocess.call(eval_command(cfg, run, sft))
+        code = call_forwarding_signals(eval_command(cfg, run, sft))
         if code != 0:
             raise RlhfError(f"pipeline: rlhf eval of {run.label} failed with exit code {code}")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import threading
+from typing import Any, Callable, Sequence
 
 
 def free_port() -> int:
@@ -11,6 +15,38 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def call_forwarding_signals(
+    cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None
+) -> int:
+    """Run `cmd` in a session of its own and return its exit code. SIGTERM / SIGINT received meanwhile are
+    sent on to `targets(proc)` (default: the child itself), which then save and exit (stages/stop.py), and
+    this process keeps waiting; a Ctrl-C in the terminal therefore reaches the child once, through here."""
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        for target in targets(proc) if targets is not None else [proc]:
+            try:
+                target.send_signal(signum)
+            except (ProcessLookupError, OSError) + _psutil_errors():  # already gone
+                pass
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _psutil_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - a dependency of ours and of DeepSpeed
+        return ()
+    return (psutil.Error,)
 
 
 def cuda_available() -> bool:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: exit codes of a run that a signal stopped after saving (130: SIGINT, 143: SIGTERM)
+STOPPED_CODES = tuple(128 + int(sig) for sig in SIGNALS)
 _state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}}
 
 

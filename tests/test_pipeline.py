@@ -109,7 +109,7 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
     from rich.console import Console
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(pl.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
     monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
     cfg = _pipeline_cfg(tmp_path)
@@ -127,9 +127,14 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
     pl.run_pipeline(cfg, [], force=True, console=quiet)
     assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
     assert all("--overwrite" in c and "--resume" not in c for c in calls)
-    monkeypatch.setattr(pl.subprocess, "call", lambda cmd: 3)
-    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed with exit code 3"):
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 3)
+    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 3.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
+    assert exc.value.exit_code == 1
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 143)  # SIGTERM: the stage saved and stopped
+    with pytest.raises(pl.RlhfError, match="was stopped by a signal after saving .exit code 143.") as exc:
+        pl.run_pipeline(cfg, [], force=False, console=quiet)
+    assert exc.value.exit_code == 143
 
 
 # --------------------------------------------------------------------------------------------- real run

@@ -311,3 +311,48 @@ def test_non_finite_weights_are_found_on_a_zero3_partition_too():
     assert nonfinite_parameter(model) == "1.bias"
     model[1].bias.ds_tensor = torch.zeros(1)  # ZeRO-3: the local partition is what this rank checks
     assert nonfinite_parameter(model) is None
+
+
+def test_every_test_reliability_md_cites_exists():
+    """RELIABILITY.md names a test for each fault: each `file.py::name` (and each bare `test_*` after one, which
+    lives in the same file) must be a test function there."""
+    import re
+
+    text = (REPO / "RELIABILITY.md").read_text(encoding="utf-8")
+    cited = 0
+    for cell in re.findall(r"\|([^|]*`test_[^|]*)\|\s*$", text, flags=re.M):
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", cell):
+            current = file or current
+            assert current, f"{name}: no file named before it in {cell!r}"
+            body = (REPO / "tests" / current).read_text(encoding="utf-8")
+            assert re.search(rf"^def {name}\(", body, flags=re.M), f"RELIABILITY.md cites {current}::{name}"
+            cited += 1
+    assert cited >= 20
+
+
+def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
+    """What `rlhf pipeline` and the launcher wrapper do: the child runs in its own session (a terminal's Ctrl-C
+    reaches it only through us), SIGTERM received here is forwarded, and the child's exit code is returned."""
+    from stages.runtime import call_forwarding_signals
+
+    ready = tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+
+    def terminate_me_soon() -> None:
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    import threading
+
+    threading.Thread(target=terminate_me_soon, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    assert call_forwarding_signals([sys.executable, "-c", child]) == 143
+    assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) is before

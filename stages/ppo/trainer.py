@@ -30,7 +30,7 @@ from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import NonFinite, RlhfError
+from stages.errors import CheckpointError, NonFinite, RlhfError
 from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
@@ -400,12 +400,19 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    save_hf(models["policy"].module, tokenizer, tmp, dist, meta)
-    if dist.is_main:
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        save_hf(models["policy"].module, tokenizer, tmp, dist, meta)
+        if dist.is_main:
+            if best.exists():
+                os.replace(best, old)
+            os.replace(tmp, best)
+            shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - a failed write (OSError, or torch/safetensors wrapping one)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main and old.exists() and not best.exists():
+            os.replace(old, best)
+        raise CheckpointError(f"could not write {best}: {type(exc).__name__}: {exc}; the previous best/ (if any) "
+                              "is unchanged") from exc
     barrier()
 
 
