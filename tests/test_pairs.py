@@ -96,8 +96,12 @@ def test_the_three_formats_and_auto_detection(tmp_path):
          "rejected": [{"role": "assistant", "content": "no"}]},
     ]
     log = BadRowLog()
-    loaded = load_pairs(DataSource(path=str(_write(tmp_path, rows))), _data(), log)
-    assert len(loaded.pairs) == 3 and not log.total
+    loaded = load_pairs(DataSource(path=str(_write(tmp_path, rows))), _data(duplicates="keep"), log)
+    assert len(loaded.pairs) == 3 and not log.total and loaded.duplicates == 0
+    dropped = load_pairs(DataSource(path=str(_write(tmp_path, rows))), _data(), log)  # the same pair three times
+    assert len(dropped.pairs) == 1 and dropped.duplicates == 2
+    with pytest.raises(DataError, match=r"pairs.jsonl row 2: duplicate of .*pairs.jsonl row 1 "):
+        load_pairs(DataSource(path=str(_write(tmp_path, rows))), _data(duplicates="error"), log)
     for pair, _ in loaded.pairs:
         assert pair == PreferencePair((("user", "q?"),), (("assistant", "yes"),), (("assistant", "no"),), "chat")
     strings = load_pairs(DataSource(path=str(_write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}],

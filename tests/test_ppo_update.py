@@ -112,7 +112,7 @@ def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, 
     models = _models()
     rollout = _rollout()
     moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # std 2 before this batch
-    exp = make_experience(cfg, dist, models, rollout, moments, EOS)
+    exp = make_experience(cfg, dist, models, rollout, moments, EOS, iteration=1)
     ptx, sampler = _ptx() if with_ptx else (None, None)
     state = {"ptx_step": 0}
     metrics = update(cfg, dist, models, rollout, exp, 0, critic_only, ptx, sampler, state, PAD)
