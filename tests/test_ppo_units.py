@@ -936,6 +936,21 @@ def test_load_prompts_bad_row_skip(tmp_path, tokenizer):
         _load(_jsonl(tmp_path / "none.jsonl", BAD_ROWS[1:2]), tokenizer, on_bad_row="skip")
 
 
+def test_load_prompts_refuses_a_prompt_that_encodes_to_no_token(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "x": 1}, unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Replace(Regex("[a-w]"), "")  # every letter but x is erased before splitting
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    blind = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "x x"}, {"prompt": "hello"}])
+    with pytest.raises(DataError, match=r"p.jsonl row 2: the prompt encodes to no token"):
+        _load(path, blind)
+    prompts, _, log = _load(path, blind, on_bad_row="skip")
+    assert prompts == [[1, 1]] and log.total == 1
+
+
 def test_load_prompts_max_prompt_length_keeps_the_last_tokens(tmp_path, tokenizer):
     long = "the quick brown fox jumps over the lazy dog"
     full = _enc(tokenizer, long)

@@ -92,6 +92,9 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
             ids = bos + ids
+        if not ids:
+            _bad(where, "the prompt encodes to no token with this tokenizer", data.on_bad_row, log)
+            continue
         if len(ids) > data.max_prompt_length:
             ids, truncated = ids[-data.max_prompt_length:], truncated + 1
         prompts.append(ids)
