@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stages.checkpoint import atomic_write_text
+from stages.errors import RlhfError
 
 
 def _clean(value: Any) -> Any:
@@ -55,8 +56,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in values.items()}}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:  # a full disk shows here first, between checkpoints
+            raise RlhfError(f"cannot append to {self.path} at step {step}: {exc}; the checkpoints already "
+                            "written are intact (continue with --resume once there is space)") from None
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

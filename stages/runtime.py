@@ -20,9 +20,9 @@ def free_port() -> int:
 def call_forwarding_signals(
     cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None
 ) -> int:
-    """Run `cmd` in a session of its own and return its exit code. SIGTERM / SIGINT received meanwhile are
-    sent on to `targets(proc)` (default: the child itself), which then save and exit (stages/stop.py), and
-    this process keeps waiting; a Ctrl-C in the terminal therefore reaches the child once, through here."""
+    """Run `cmd` in a session of its own and return its exit code. SIGTERM / SIGINT / SIGHUP received meanwhile
+    are sent on to `targets(proc)` (default: the child itself), which then save and exit (stages/stop.py), and
+    this process keeps waiting; a Ctrl-C or a closed terminal therefore reaches the child once, through here."""
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
@@ -33,7 +33,8 @@ def call_forwarding_signals(
                 pass
 
     main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded} if main else {}
     try:
         return proc.wait()
     finally:

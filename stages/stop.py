@@ -1,10 +1,11 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the current step, save a checkpoint, exit non-zero.
+"""Graceful stop on SIGTERM / SIGINT / SIGHUP: finish the current step, save a checkpoint, exit non-zero.
 
-Cluster schedulers send SIGTERM some time before they pre-empt or cancel a job; Ctrl-C sends SIGINT. While a
+Cluster schedulers send SIGTERM some time before they pre-empt or cancel a job; Ctrl-C sends SIGINT; closing
+the terminal sends SIGHUP. While a
 training loop runs (between `arm()` and `disarm()`), the first such signal is only recorded. After every step
 all ranks agree on whether any of them got one (`requested`, one tiny all-reduce), so they save the same
 checkpoint together and then raise `Stopped`, which the CLI turns into a message and exit code 128 + signal
-(143 for SIGTERM, 130 for SIGINT). Repeats of the signal are ignored (a scheduler may signal every process
+(143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP). Repeats of the signal are ignored (a scheduler may signal every process
 of the job, and DeepSpeed's launcher forwards what it gets), except a second SIGINT at least 2 s after the
 first: a user pressing Ctrl-C again stops at once (KeyboardInterrupt, no checkpoint).
 """
@@ -23,8 +24,8 @@ from stages.errors import RlhfError
 if TYPE_CHECKING:
     import torch
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: exit codes of a run that a signal stopped after saving (130: SIGINT, 143: SIGTERM)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # also the order of precedence between ranks
+#: exit codes of a run that a signal stopped after saving (143: SIGTERM, 130: SIGINT, 129: SIGHUP)
 STOPPED_CODES = tuple(128 + int(sig) for sig in SIGNALS)
 _state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}}
 
@@ -83,10 +84,10 @@ def received() -> int:
 
 
 def requested(device: torch.device) -> int:
-    """The stop signal any rank recorded (SIGTERM wins over SIGINT), 0 for none. Collective: every rank calls
-    it at the same point of every step."""
+    """The stop signal any rank recorded (SIGTERM before SIGINT before SIGHUP), 0 for none. Collective: every
+    rank calls it at the same point of every step."""
     from stages.distributed import all_reduce_sum
 
     mine = received()
-    term, intr = all_reduce_sum([float(mine == signal.SIGTERM), float(mine == signal.SIGINT)], device).tolist()
-    return int(signal.SIGTERM) if term else int(signal.SIGINT) if intr else 0
+    counts = all_reduce_sum([float(mine == sig) for sig in SIGNALS], device).tolist()
+    return next((int(sig) for sig, n in zip(SIGNALS, counts) if n), 0)

@@ -277,6 +277,13 @@ def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(c
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
     signal.signal(signal.SIGINT, before)
+    stop.arm()
+    try:  # a closed terminal: the same graceful stop, exit 129
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert stop.requested(dist.device) == signal.SIGHUP
+        assert stop.Stopped(stop.received(), 1, None).exit_code == 129
+    finally:
+        stop.disarm()
     err = stop.Stopped(signal.SIGINT, 3, Path("/x/checkpoint-00000003"))
     assert err.exit_code == 130 and "stopped by SIGINT after step 3: saved checkpoint-00000003 in /x" in str(err)
 
@@ -356,3 +363,18 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     started = time.monotonic()
     assert call_forwarding_signals([sys.executable, "-c", child]) == 143
     assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
+    from stages.errors import RlhfError
+    from stages.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    logger.log(1, {"train/loss": 1.0})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(RlhfError, match=r"cannot append to .*metrics.jsonl at step 2: \[Errno 28\] No space left"):
+        logger.log(2, {"train/loss": 0.5})
