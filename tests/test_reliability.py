@@ -164,16 +164,18 @@ def test_resuming_another_stage_s_run_is_refused(tmp_path, reference):
 @pytest.mark.slow
 def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path):
     """What a scheduler does before pre-emption: SIGTERM to the `rlhf` process of a 2-process DeepSpeed run
-    (ZeRO-2). It forwards the signal to both workers, which agree on a step, save together and exit 143."""
-    config = _config(tmp_path)
+    (ZeRO-2). It forwards the signal to both workers, which agree on a step, save together and exit 143.
+    On the way, rank 1's loss of step 2 is NaN with on_nonfinite: skip: only that rank's micro-batch is
+    dropped (rank 0's half of the step still trains)."""
+    config = _config(tmp_path, on_nonfinite="skip")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_FAULT": "nan-loss@2", "RLHF_FAULT_RANK": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "rlhf_cli", "sft", "--config", str(config), "--num-gpus", "2", "--set",
            "deepspeed.zero_stage=2", "--set", "train.max_steps=400", "--set", "train.save_every=0"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for = RNG.randrange(1, 4)
+    wait_for = RNG.randrange(2, 5)
     deadline = time.monotonic() + 400
     rows: list[dict] = []
     while time.monotonic() < deadline and proc.poll() is None and len(rows) < wait_for:
@@ -191,6 +193,9 @@ def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path
     ds = ckpt / "ds" / "state"
     assert len(list(ds.glob("*optim_states.pt"))) == 2, sorted(p.name for p in ds.iterdir())  # both ranks' shards
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
+    assert rows[1]["train/skipped_micro_batches"] == 0.0 and rows[2]["train/skipped_micro_batches"] == 1.0
+    assert rows[2]["train/grad_norm"] > 0  # rank 0's micro-batch trained
 
 
 # --------------------------------------------------------------------------------------------- units
