@@ -162,16 +162,18 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
     if dist.is_main:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"cannot publish the final model: {source} is missing")
+        old = out_dir / f".tmp-{name}-old"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp, copy_function=_link_or_copy)
-            old = out_dir / f".tmp-{name}-old"
             if final.exists():
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                os.replace(old, final)
             raise CheckpointError(f"could not publish {final} from {source}: {_describe(exc)}. The checkpoint itself is "
                                   "complete: rerun with --resume to publish it") from None
     barrier()
@@ -248,7 +250,9 @@ def save_checkpoint(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for _, old in complete_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old.with_name(f".tmp-{old.name}")  # renamed first: a half-deleted one is never loaded
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {name} in {out_dir}: {_describe(exc)}{_free_space(out_dir)}; "

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from stages.config import DeepSpeedConfig, TrainConfig
+from stages.config import SKIP_WITH_ZERO3, DeepSpeedConfig, TrainConfig
 from stages.errors import ConfigError
 
 #: DeepSpeed keys that the YAML owns; a raw DeepSpeed JSON may repeat them only with the same value.
@@ -91,6 +91,8 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
     if train.gradient_clipping > 0:
         config["gradient_clipping"] = train.gradient_clipping
     raw = load_raw_deepspeed(ds.config)
+    if getattr(train, "on_nonfinite", "stop") == "skip" and raw.get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError(SKIP_WITH_ZERO3 + " (deepspeed.config sets zero_optimization.stage 3)")
     for key, owner in OWNED_KEYS.items():
         if key in raw and raw[key] != config[key]:
             raise ConfigError(

@@ -209,7 +209,7 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
         cmd = stage_command(run, launch, resume=resume, overwrite=force)
         code = call_forwarding_signals(cmd)
         if code != 0:
-            how = "was stopped by a signal after saving" if code in STOPPED_CODES else "failed"
+            how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
             error = RlhfError(f"pipeline: stage {run.label} ({run.stage}) {how} (exit code {code}); its output is "
                               f"in {run.out}; run the pipeline again to resume it")
             error.exit_code = code if code in STOPPED_CODES else 1

@@ -243,8 +243,9 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
         shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
         run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
-        saving = run.should_save(done)
-        if eval_rows is not None and (saving or due(done, tc.eval_every, run.total)):
+        saving = run.should_save(done)  # also on a stop signal, which must not add an eval row
+        scheduled = due(done, tc.save_every, run.total)
+        if eval_rows is not None and (scheduled or due(done, tc.eval_every, run.total)):
             ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
             run.metrics.log(done, ev)
             last_stats = _stats_record(ev, "eval", done)

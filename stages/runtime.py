@@ -21,19 +21,28 @@ def call_forwarding_signals(
     cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None
 ) -> int:
     """Run `cmd` in a session of its own and return its exit code. SIGTERM / SIGINT / SIGHUP received meanwhile
-    are sent on to `targets(proc)` (default: the child itself), which then save and exit (stages/stop.py), and
-    this process keeps waiting; a Ctrl-C or a closed terminal therefore reaches the child once, through here."""
+    are sent on to `targets(proc)` (default: the child itself; the child's whole process group when `targets`
+    finds nothing, e.g. workers not started yet or on other nodes behind pdsh), and this process keeps waiting:
+    a Ctrl-C or a closed terminal reaches the child once, through here. The training processes save and stop
+    on SIGTERM / SIGINT (stages/stop.py) and end on SIGHUP as they would have in the terminal's process group.
+    Signals this process ignores (nohup) are not forwarded."""
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
-        for target in targets(proc) if targets is not None else [proc]:
+        found = targets(proc) if targets is not None else [proc]
+        if not found:
+            try:
+                os.killpg(proc.pid, signum)
+            except OSError:
+                pass
+        for target in found:
             try:
                 target.send_signal(signum)
             except (ProcessLookupError, OSError) + _psutil_errors():  # already gone
                 pass
 
     main = threading.current_thread() is threading.main_thread()
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    forwarded = [sig for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
     previous = {sig: signal.signal(sig, forward) for sig in forwarded} if main else {}
     try:
         return proc.wait()

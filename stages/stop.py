@@ -1,13 +1,14 @@
-"""Graceful stop on SIGTERM / SIGINT / SIGHUP: finish the current step, save a checkpoint, exit non-zero.
+"""Graceful stop on SIGTERM / SIGINT: finish the current step, save a checkpoint, exit non-zero.
 
-Cluster schedulers send SIGTERM some time before they pre-empt or cancel a job; Ctrl-C sends SIGINT; closing
-the terminal sends SIGHUP. While a
-training loop runs (between `arm()` and `disarm()`), the first such signal is only recorded. After every step
-all ranks agree on whether any of them got one (`requested`, one tiny all-reduce), so they save the same
-checkpoint together and then raise `Stopped`, which the CLI turns into a message and exit code 128 + signal
-(143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP). Repeats of the signal are ignored (a scheduler may signal every process
-of the job, and DeepSpeed's launcher forwards what it gets), except a second SIGINT at least 2 s after the
-first: a user pressing Ctrl-C again stops at once (KeyboardInterrupt, no checkpoint).
+Cluster schedulers send SIGTERM some time before they pre-empt or cancel a job; Ctrl-C sends SIGINT. While a
+training loop runs (between `arm()` and `disarm()`), the first such signal is only recorded (the handler does
+no I/O). After every step all ranks agree on whether any of them got one (`requested`, one tiny all-reduce,
+which also prints the notice once), so they save the same checkpoint together and then raise `Stopped`, which
+the CLI turns into a message and exit code 128 + signal (143 for SIGTERM, 130 for SIGINT). Repeats of the
+signal are ignored (a scheduler may signal every process of the job, and DeepSpeed's launcher forwards what
+it gets), except a second SIGINT at least 2 s after the first: a user pressing Ctrl-C again stops at once
+(KeyboardInterrupt, no checkpoint). A signal set to be ignored (`nohup`, a scheduler's wrapper) stays ignored.
+SIGHUP is not handled: a closed terminal ends the run as before (run long jobs under nohup, tmux or a scheduler).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from stages.errors import RlhfError
 if TYPE_CHECKING:
     import torch
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # also the order of precedence between ranks
-#: exit codes of a run that a signal stopped after saving (143: SIGTERM, 130: SIGINT, 129: SIGHUP)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)  # also the order of precedence between ranks
+#: exit codes of a run that a signal stopped (143: SIGTERM, 130: SIGINT, also an immediate second Ctrl-C)
 STOPPED_CODES = tuple(128 + int(sig) for sig in SIGNALS)
-_state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}}
+_state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}, "told": False}
 
 
 class Stopped(RlhfError):
@@ -48,29 +49,31 @@ def _handler(signum: int, frame: Any) -> None:
         if callable(previous):
             previous(signum, frame)
             return
+        if previous == signal.SIG_IGN:
+            return
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
         return
     now = time.monotonic()
     if not _state["signum"]:
         _state["signum"], _state["at"] = signum, now
-        if os.environ.get("RANK", "0") == "0":
-            print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                  "(Ctrl-C again to stop at once)", flush=True)
     elif signum == signal.SIGINT and _state["signum"] == signal.SIGINT and now - _state["at"] >= 2.0:
         raise KeyboardInterrupt
 
 
 def arm() -> None:
-    """Record stop signals from now on (main thread only; elsewhere signals keep their handlers)."""
+    """Record stop signals from now on (main thread only; elsewhere signals keep their handlers; an ignored
+    signal stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in SIGNALS:
         current = signal.getsignal(sig)
+        if current == signal.SIG_IGN:
+            continue
         if current is not _handler:
             _state["previous"][sig] = current
             signal.signal(sig, _handler)
-    _state.update(armed=True, signum=0, at=0.0)
+    _state.update(armed=True, signum=0, at=0.0, told=False)
 
 
 def disarm() -> None:
@@ -84,10 +87,17 @@ def received() -> int:
 
 
 def requested(device: torch.device) -> int:
-    """The stop signal any rank recorded (SIGTERM before SIGINT before SIGHUP), 0 for none. Collective: every
-    rank calls it at the same point of every step."""
+    """The stop signal any rank recorded (SIGTERM before SIGINT), 0 for none; rank 0 says so once. Collective:
+    every rank calls it at the same point of every step."""
     from stages.distributed import all_reduce_sum
 
     mine = received()
     counts = all_reduce_sum([float(mine == sig) for sig in SIGNALS], device).tolist()
-    return next((int(sig) for sig, n in zip(SIGNALS, counts) if n), 0)
+    signum = next((int(sig) for sig, n in zip(SIGNALS, counts) if n), 0)
+    if signum and not _state["told"] and os.environ.get("RANK", "0") == "0":
+        _state["told"] = True
+        try:
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint, then stopping", flush=True)
+        except OSError:  # no terminal left to tell
+            pass
+    return signum

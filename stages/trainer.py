@@ -94,13 +94,14 @@ class LossGuard:
     """What `optimizer_step` does with a micro-batch whose loss is NaN or infinite on any rank. The check runs
     before that micro-batch's backward, so a bad loss never reaches the weights:
       stop: raise NonFinite (the optimizer step is not taken; the last complete checkpoint is intact);
-      skip: drop that rank's micro-batch and count it in `skipped` (summed over ranks): its graph (which may
-            hold NaNs anywhere) is never back-propagated; `zero_loss` is, so DeepSpeed sees the usual backward
-            with a gradient of exactly 0 for every parameter (ZeRO 0-2; config validation refuses skip with
-            ZeRO-3). Other ranks' micro-batches and the other micro-batches of the step still train; the
-            optimizer still steps (Adam moments decay).
-    A non-finite gradient norm after the step (finite losses, overflowing gradients) always stops the run:
-    the weights may already be damaged, so nothing more is saved."""
+      skip: drop micro-batch i on every rank when any rank's is bad, and count it in `skipped`: its graph
+            (which may hold NaNs anywhere) is never back-propagated; `zero_loss` is, on all ranks alike (ZeRO-2
+            lays gradients into its reduce buckets in the order the hooks fire, so every rank must run the same
+            backward), giving every parameter a gradient of exactly 0 (ZeRO 0-2; refused with ZeRO-3). The
+            other micro-batches of the step still train; the optimizer still steps (Adam moments decay).
+    A non-finite gradient norm after the step (finite losses, overflowing gradients) stops the run, since the
+    weights may already be damaged, except under fp16, where DeepSpeed's loss scaler skipped the step itself.
+    """
 
     what: str
     step: int
@@ -120,16 +121,15 @@ def optimizer_step(
         if guard is not None:
             if i == 0:
                 loss = faults.maybe_poison("nan-loss", guard.step, loss)
-            mine = not bool(torch.isfinite(loss).all())
-            bad = float(all_reduce_sum([float(mine)], loss.device)[0])
+            bad = float(all_reduce_sum([0.0 if bool(torch.isfinite(loss).all()) else 1.0], loss.device)[0])
             if bad and guard.mode == "stop":
                 raise NonFinite(
                     f"non-finite {guard.what} at step {guard.step} (micro-batch {i + 1} of {len(batches)}, "
                     f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved since the last "
                     "complete checkpoint (resume from it with --resume, or set train.on_nonfinite: skip)"
                 )
-            guard.skipped += int(bad)
-            if mine:
+            if bad:
+                guard.skipped += 1
                 loss = zero_loss(engine.module)
         engine.backward(loss)
         if i == len(batches) - 1:
@@ -138,7 +138,8 @@ def optimizer_step(
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = reported
-    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None:
+    overflow_skipped = getattr(engine, "fp16_enabled", lambda: False)() and not engine.was_step_applied()
+    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None and not overflow_skipped:
         raise NonFinite(
             f"non-finite gradient norm ({float(grad_norm)}) of the {guard.what} at step {guard.step}; the "
             "weights may be damaged, so nothing more is saved (resume from the last complete checkpoint)"

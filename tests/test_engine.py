@@ -52,6 +52,10 @@ def test_deepspeed_config_from_yaml_sections():
     assert plain["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in cfg["optimizer"]["params"]
     offloaded = build_deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=2, offload_optimizer=True), 1, False)
     assert "torch_adam" not in offloaded["optimizer"]["params"]
+    # skipping a non-finite micro-batch cannot work on ZeRO-3, also when the raw JSON is what asks for it
+    with pytest.raises(ConfigError, match="deepspeed.config sets zero_optimization.stage 3"):
+        build_deepspeed_config(TrainConfig(on_nonfinite="skip"), DeepSpeedConfig(config={"zero_optimization":
+                                                                                       {"stage": 3}}), 1, False)
 
 
 def test_raw_deepspeed_json_is_merged_last(tmp_path):

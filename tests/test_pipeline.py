@@ -132,7 +132,7 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 1
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 143)  # SIGTERM: the stage saved and stopped
-    with pytest.raises(pl.RlhfError, match="was stopped by a signal after saving .exit code 143.") as exc:
+    with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 143
 

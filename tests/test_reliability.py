@@ -165,8 +165,8 @@ def test_resuming_another_stage_s_run_is_refused(tmp_path, reference):
 def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path):
     """What a scheduler does before pre-emption: SIGTERM to the `rlhf` process of a 2-process DeepSpeed run
     (ZeRO-2). It forwards the signal to both workers, which agree on a step, save together and exit 143.
-    On the way, rank 1's loss of step 2 is NaN with on_nonfinite: skip: only that rank's micro-batch is
-    dropped (rank 0's half of the step still trains)."""
+    On the way, rank 1's loss of step 2 is NaN with on_nonfinite: skip: that micro-batch is dropped on both
+    ranks alike (ZeRO-2 needs the same backward everywhere), so step 2 has a gradient of exactly zero."""
     config = _config(tmp_path, on_nonfinite="skip")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_FAULT": "nan-loss@2", "RLHF_FAULT_RANK": "1"}
@@ -195,7 +195,7 @@ def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
     rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
     assert rows[1]["train/skipped_micro_batches"] == 0.0 and rows[2]["train/skipped_micro_batches"] == 1.0
-    assert rows[2]["train/grad_norm"] > 0  # rank 0's micro-batch trained
+    assert rows[2]["train/grad_norm"] == 0.0 and rows[3]["train/grad_norm"] > 0
 
 
 # --------------------------------------------------------------------------------------------- units
@@ -275,6 +275,7 @@ def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(c
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)  # a repeat right away is ignored
         assert stop.received() == signal.SIGTERM and stop.requested(dist.device) == signal.SIGTERM
+        assert stop.requested(dist.device) == signal.SIGTERM  # asked every step: told once
         assert capsys.readouterr().out.count("received SIGTERM") == 1
     finally:
         stop.disarm()
@@ -282,13 +283,14 @@ def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(c
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)
     signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as under nohup or a wrapper that ignores it
     stop.arm()
-    try:  # a closed terminal: the same graceful stop, exit 129
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert stop.requested(dist.device) == signal.SIGHUP
-        assert stop.Stopped(stop.received(), 1, None).exit_code == 129
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received() == 0 and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         stop.disarm()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     err = stop.Stopped(signal.SIGINT, 3, Path("/x/checkpoint-00000003"))
     assert err.exit_code == 130 and "stopped by SIGINT after step 3: saved checkpoint-00000003 in /x" in str(err)
 
@@ -349,11 +351,16 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     from stages.runtime import call_forwarding_signals
 
     ready = tmp_path / "ready"
-    child = (
+    got = tmp_path / "got"
+    child = (  # counts the SIGTERMs it receives for 1 s after the first, then exits 143
         "import signal, sys, time, pathlib\n"
-        "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(143))\n"
+        "n = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: n.append(s))\n"
         f"pathlib.Path({str(ready)!r}).touch()\n"
-        "time.sleep(60)\n"
+        "while not n: time.sleep(0.01)\n"
+        "time.sleep(1)\n"
+        f"pathlib.Path({str(got)!r}).write_text(str(len(n)))\n"
+        "sys.exit(143)\n"
     )
 
     def terminate_me_soon() -> None:
@@ -368,6 +375,7 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     started = time.monotonic()
     assert call_forwarding_signals([sys.executable, "-c", child]) == 143
     assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) is before
+    assert got.read_text() == "1"  # forwarded once; the child's own session kept it out of our group's signals
 
 
 def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
@@ -383,3 +391,18 @@ def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypa
     monkeypatch.setattr(Path, "open", full)
     with pytest.raises(RlhfError, match=r"cannot append to .*metrics.jsonl at step 2: \[Errno 28\] No space left"):
         logger.log(2, {"train/loss": 0.5})
+
+
+def test_ppo_rollout_check_finds_a_nan_in_any_row_and_ignores_padding():
+    from stages.ppo.trainer import nonfinite_scores
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])  # long, as rollouts keep it
+    clean = {"raw": torch.zeros(4), "logp": torch.zeros(4, 3), "ref_logp": torch.zeros(4, 3),
+             "values": torch.zeros(4, 3)}
+    clean["logp"][1, 2] = float("-inf")  # padding: never read
+    assert nonfinite_scores(clean, mask) == []
+    clean["values"][3, 1] = float("nan")
+    clean["raw"][2] = float("inf")
+    assert nonfinite_scores(clean, mask) == ["reward-model score (1 value(s))", "critic value (1 value(s))"]
+    one = {k: v[:1] for k, v in clean.items()}
+    assert nonfinite_scores(one, mask[:1]) == []  # a rollout batch of one row works too

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from stages import faults, stop
-from stages.checkpoint import load_latest_checkpoint, publish_final, save_checkpoint, save_hf
+from stages.checkpoint import load_latest_checkpoint, nonfinite_parameter, publish_final, save_checkpoint, save_hf
 from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
@@ -152,7 +152,7 @@ def nonfinite_scores(exp: dict[str, torch.Tensor], response_mask: torch.Tensor) 
     names = {"raw": "reward-model score", "logp": "policy log-prob", "ref_logp": "reference log-prob",
              "values": "critic value"}
     for key, name in names.items():
-        x = exp[key] if key == "raw" else exp[key][response_mask]
+        x = exp[key] if key == "raw" else exp[key][response_mask.bool()]
         if not bool(torch.isfinite(x).all()):
             bad.append(f"{name} ({int((~torch.isfinite(x)).sum())} value(s))")
     return bad
@@ -397,6 +397,9 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
 def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
     """The policy as out/best (HF causal LM), replaced atomically."""
     tmp, best, old = out / ".tmp-best", out / "best", out / ".tmp-best-old"
+    bad = nonfinite_parameter(models["policy"].module)
+    if all_reduce_sum([float(bad is not None)], dist.device)[0]:
+        raise CheckpointError(f"refusing to write {best}: non-finite policy weights ({bad or 'on another rank'})")
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
@@ -587,9 +590,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                             f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
 
     progress.close()
-    stop.disarm()
     final = publish_final(out, total, dist)
     publish_final(out, total, dist, part="critic/hf", name="final_critic")
+    stop.disarm()
     metrics.event(total, "final", path=str(final))
     metrics.close()
     if dist.is_main:
