@@ -8,6 +8,7 @@ RLHF_FAULT_RANK (default 0), when the training loop reaches that optimizer step 
                     HF weights and COMPLETE not yet)
     enospc-save@N   raise OSError(ENOSPC) in the middle of writing checkpoint N (a full disk)
     sigterm@N       send SIGTERM to this process after step N (what a scheduler does before pre-emption)
+    sigint@N        send SIGINT to this process after step N (Ctrl-C)
     nan-loss@N      the loss of step N's first micro-batch becomes NaN
     nan-reward@N    the reward-model score of one rollout of PPO iteration N becomes NaN
 
@@ -23,7 +24,7 @@ import signal
 import torch
 
 ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
-NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "nan-loss", "nan-reward")
+NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward")
 
 
 def planned(name: str, step: int) -> bool:
@@ -47,9 +48,10 @@ def maybe_kill(name: str, step: int) -> None:
 
 
 def maybe_signal(step: int) -> None:
-    """Send SIGTERM to this process after `step` when `sigterm@step` is planned."""
-    if planned("sigterm", step):
-        os.kill(os.getpid(), signal.SIGTERM)
+    """Send SIGTERM / SIGINT to this process after `step` when `sigterm@step` / `sigint@step` is planned."""
+    for name, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        if planned(name, step):
+            os.kill(os.getpid(), sig)
 
 
 def maybe_disk_full(step: int) -> None:

@@ -82,17 +82,18 @@ def test_kill9_mid_checkpoint_write_then_resume_matches_uninterrupted(tmp_path, 
     assert same_weights(out / "final", reference / "final")
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_resume_matches(tmp_path, reference):
-    step = RNG.randrange(1, STEPS)
+def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resume_matches(tmp_path, reference):
+    step, sig = RNG.randrange(1, STEPS), RNG.choice([signal.SIGTERM, signal.SIGINT])
     config = _config(tmp_path)
-    res = _sft(config, fault=f"sigterm@{step}", expect=143)
+    res = _sft(config, fault=f"{sig.name.lower()}@{step}", expect=128 + sig)
     out = tmp_path / "out"
-    assert f"stopped by SIGTERM after step {step}: saved checkpoint-{step:08d}" in res.stderr, res.stderr
+    assert f"stopped by {sig.name} after step {step}: saved checkpoint-{step:08d}" in res.stderr, res.stderr
+    assert res.stdout.count(f"received {sig.name}") == 1
     assert no_traceback(res) and (out / f"checkpoint-{step:08d}" / "COMPLETE").is_file()
     assert not (out / "final").exists()
     res = _sft(config, "--resume")
     assert f"resumed from step {step}" in res.stdout
-    assert curve(out) == curve(reference), f"sigterm@{step}"
+    assert curve(out) == curve(reference), f"{sig.name}@{step}"
     assert same_weights(out / "final", reference / "final")
 
 
