@@ -174,7 +174,7 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
             shutil.rmtree(tmp, ignore_errors=True)
             if old.exists() and not final.exists():
                 os.replace(old, final)
-            raise CheckpointError(f"could not publish {final} from {source}: {_describe(exc)}. The checkpoint itself is "
+            raise CheckpointError(f"could not publish {final} from {source}: {describe_failure(exc)}. The checkpoint itself is "
                                   "complete: rerun with --resume to publish it") from None
     barrier()
     return final
@@ -255,13 +255,13 @@ def save_checkpoint(
                 shutil.rmtree(doomed, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {name} in {out_dir}: {_describe(exc)}{_free_space(out_dir)}; "
+        raise CheckpointError(f"could not write {name} in {out_dir}: {describe_failure(exc)}{_free_space(out_dir)}; "
                               f"the partial copy was removed. {_intact(out_dir)}") from exc
     barrier()
     return final
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     """An exception in one line, with the OS error underneath a library's wrapper when there is one."""
     text = f"{exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
     cause = exc.__cause__ or exc.__context__

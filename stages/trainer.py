@@ -219,6 +219,15 @@ def check_finite(name: str, value: float, done: int, out: Path) -> None:
         )
 
 
+def end_stopped(signum: int, done: int, checkpoint: Path, metrics: MetricsLogger, progress: TrainProgress) -> None:
+    """After the checkpoint a stop signal asked for: close the display and the log (a `stopped` event) and
+    raise stop.Stopped, which the CLI turns into its message and exit code 128 + signum."""
+    progress.close()
+    metrics.event(done, "stopped", signal=signum)
+    metrics.close()
+    raise stop.Stopped(signum, done, checkpoint)
+
+
 @dataclass
 class Run:
     """What a stage's step loop works with once its engine exists (see start_training)."""
@@ -288,10 +297,7 @@ class Run:
         )
         self.metrics.event(done, "checkpoint", path=str(path))
         if self.stop_signal:
-            self.progress.close()
-            self.metrics.event(done, "stopped", signal=self.stop_signal)
-            self.metrics.close()
-            raise stop.Stopped(self.stop_signal, done, path)
+            end_stopped(self.stop_signal, done, path, self.metrics, self.progress)
 
     def finish(self) -> Path:
         """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""

@@ -76,28 +76,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def cli_env(env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment a CLI subprocess gets: ours plus `env`, minus `drop_env` and minus the process-group
+    variables an in-process test may have set (RANK, WORLD_SIZE, ...): the CLI is never its worker."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in (env or {}):
+            full_env.pop(name, None)
+    for name in drop_env:
+        full_env.pop(name, None)
+    return full_env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf_cli", *args]
+
+
 def run_cli(
     *args: str,
     cwd: Path = REPO,
     timeout: float = 600,
     env: dict[str, str] | None = None,
     drop_env: tuple[str, ...] = (),
+    **popen: Any,
 ) -> subprocess.CompletedProcess:
-    """`rlhf ARGS...` in a fresh interpreter (exactly what a user runs)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-    # an in-process test may have set up a process group (RANK, WORLD_SIZE, ...): the CLI is never its worker
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if name not in (env or {}):
-            full_env.pop(name, None)
-    for name in drop_env:
-        full_env.pop(name, None)
+    """`rlhf ARGS...` in a fresh interpreter (exactly what a user runs); `popen`: more subprocess.run arguments."""
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
+        cli_command(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env(env, drop_env),
+        **popen,
     )
 
 

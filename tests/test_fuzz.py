@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, TINY_SFT, run_cli, tiny_sft_dict, write_yaml
+from conftest import TINY_SFT, run_cli, tiny_sft_dict, write_yaml
 from rlhf_cli.config_loader import load_config
 from stages.config import DataSource, PPODataConfig, RMDataConfig, SFTDataConfig
 from stages.data import BadRowLog, load_conversations

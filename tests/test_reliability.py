@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, cli_command, cli_env, run_cli, tiny_sft_dict, write_yaml
 from stages.metrics import read_metrics
 
 RNG = random.Random(os.environ.get("RLHF_TEST_SEED"))
@@ -141,12 +141,7 @@ def _limit_file_size() -> None:
 
 def test_a_real_write_error_during_the_first_save_leaves_nothing_that_looks_valid(tmp_path):
     config = _config(tmp_path)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    res = subprocess.run([sys.executable, "-m", "rlhf_cli", "sft", "--config", str(config), "--set",
-                          "train.max_steps=2"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
-                         preexec_fn=_limit_file_size)
+    res = run_cli("sft", "--config", str(config), "--set", "train.max_steps=2", preexec_fn=_limit_file_size)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "could not write checkpoint-00000002" in res.stderr, res.stderr  # torch.save: RuntimeError (EFBIG)
     assert "No earlier complete checkpoint exists" in res.stderr and no_traceback(res)
@@ -170,11 +165,9 @@ def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path
     ranks alike (ZeRO-2 needs the same backward everywhere), so step 2 has a gradient of exactly zero."""
     config = _config(tmp_path, on_nonfinite="skip")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_FAULT": "nan-loss@2", "RLHF_FAULT_RANK": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "rlhf_cli", "sft", "--config", str(config), "--num-gpus", "2", "--set",
-           "deepspeed.zero_stage=2", "--set", "train.max_steps=400", "--set", "train.save_every=0"]
+    env = cli_env({"RLHF_FAULT": "nan-loss@2", "RLHF_FAULT_RANK": "1"})
+    cmd = cli_command("sft", "--config", str(config), "--num-gpus", "2", "--set", "deepspeed.zero_stage=2",
+                      "--set", "train.max_steps=400", "--set", "train.save_every=0")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for = RNG.randrange(2, 5)
     deadline = time.monotonic() + 400

@@ -25,7 +25,14 @@ from typing import Any, Callable
 import torch
 
 from stages import faults, stop
-from stages.checkpoint import load_latest_checkpoint, nonfinite_parameter, publish_final, save_checkpoint, save_hf
+from stages.checkpoint import (
+    describe_failure,
+    load_latest_checkpoint,
+    nonfinite_parameter,
+    publish_final,
+    save_checkpoint,
+    save_hf,
+)
 from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
@@ -61,7 +68,16 @@ from stages.ppo.rollout import (
     sample,
 )
 from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
-from stages.trainer import EpochSampler, LossGuard, check_finite, due, open_run, optimizer_step, split_holdout
+from stages.trainer import (
+    EpochSampler,
+    LossGuard,
+    check_finite,
+    due,
+    end_stopped,
+    open_run,
+    optimizer_step,
+    split_holdout,
+)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -414,7 +430,7 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
         shutil.rmtree(tmp, ignore_errors=True)
         if dist.is_main and old.exists() and not best.exists():
             os.replace(old, best)
-        raise CheckpointError(f"could not write {best}: {type(exc).__name__}: {exc}; the previous best/ (if any) "
+        raise CheckpointError(f"could not write {best}: {describe_failure(exc)}; the previous best/ (if any) "
                               "is unchanged") from exc
     barrier()
 
@@ -487,10 +503,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         if due(done, t.save_every, total) or signum:
             path = save(done)
             if signum:
-                progress.close()
-                metrics.event(done, "stopped", signal=signum)
-                metrics.close()
-                raise stop.Stopped(signum, done, path)
+                end_stopped(signum, done, path, metrics, progress)
 
     shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
     for it in range(start, total):
