@@ -30,9 +30,9 @@ import torch
 from stages.config import GenerationConfig, ModelConfig, PPODataConfig
 from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
-from stages.errors import ConfigError
+from stages.errors import CheckpointError, ConfigError
 from stages.gold import gold_scores
-from stages.models import load_tokenizer, resolve_model_dir
+from stages.models import check_architecture, load_tokenizer, resolve_model_dir
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logprobs, sample
 
@@ -73,9 +73,12 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Mo
     from transformers import AutoModelForCausalLM
 
     try:
+        check_architecture(resolve_model_dir(path), "causal_lm", False)
         model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a causal LM from {path}: {exc}") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
+        raise CheckpointError(f"cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval()
 
 
@@ -135,15 +138,17 @@ def summarize(gen: Generated, ngram: int) -> dict[str, float]:
 def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     """Run the evaluation; returns (and writes to `out_file` with samples beside it) the results."""
 
+    from stages.distributed import quiet_libraries
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
+    quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     try:
         tok = load_tokenizer(resolve_model_dir(s.policy))
         rm_tok = load_tokenizer(resolve_model_dir(s.reward_model))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a tokenizer: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own parse errors, ...
+        raise CheckpointError(f"cannot load a tokenizer: {type(exc).__name__}: {exc}") from None
     check_tokenizers(tok, rm_tok, s.reward_model)
     prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog())
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts

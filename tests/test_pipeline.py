@@ -222,11 +222,17 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
                   str(TINY / "data" / "eval_prompts.jsonl"), "--gold", "toy", "--num-prompts", "8",
                   "--max-new-tokens", "8", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Loading weights" not in res.stdout + res.stderr  # no library progress bars in our output
     ev = json.loads(out.read_text())
     assert ev["prompts"] == 8 and "baseline_metrics" not in ev and "kl" not in ev["policy_metrics"]
     assert 0.0 <= ev["policy_metrics"]["gold"] <= 1.0 and ev["policy_metrics"]["length"] <= 8
     res = run_cli("eval", str(root / "ppo-max"), "--num-prompts", "8")
     assert res.returncode == 2 and "needs --prompts" in res.stderr and "Traceback" not in res.stderr
+    # the reward model handed over as the policy: refused before loading, one line, exit 1
+    res = run_cli("eval", str(root / "rm"), "--reward-model", str(root / "rm"), "--prompts",
+                  str(TINY / "data" / "eval_prompts.jsonl"), "--num-prompts", "8")
+    assert res.returncode == 1 and "(a reward model), not a causal LM" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Loading weights" not in res.stdout + res.stderr
     res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
