@@ -162,22 +162,32 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
     if dist.is_main:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"cannot publish the final model: {source} is missing")
-        old = out_dir / f".tmp-{name}-old"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp, copy_function=_link_or_copy)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not final.exists():
-                os.replace(old, final)
             raise CheckpointError(f"could not publish {final} from {source}: {describe_failure(exc)}. The checkpoint itself is "
                                   "complete: rerun with --resume to publish it") from None
     barrier()
     return final
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Make the complete directory `new` be `target`: an existing `target` is set aside (.tmp-<name>-old) until
+    the rename succeeded and put back if it failed, so `target` is never missing after an error."""
+    old = target.with_name(f".tmp-{target.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -246,9 +256,7 @@ def save_checkpoint(
             body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
             (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
             (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
             for _, old in complete_checkpoints(out_dir)[:-keep]:
                 doomed = old.with_name(f".tmp-{old.name}")  # renamed first: a half-deleted one is never loaded
                 os.replace(old, doomed)

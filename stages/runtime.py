@@ -9,6 +9,8 @@ import subprocess
 import threading
 from typing import Any, Callable, Sequence
 
+import psutil
+
 
 def free_port() -> int:
     """A TCP port that is free right now on this host (for a single-node rendezvous)."""
@@ -38,7 +40,7 @@ def call_forwarding_signals(
         for target in found:
             try:
                 target.send_signal(signum)
-            except (ProcessLookupError, OSError) + _psutil_errors():  # already gone
+            except (OSError, psutil.Error):  # already gone
                 pass
 
     main = threading.current_thread() is threading.main_thread()
@@ -49,14 +51,6 @@ def call_forwarding_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _psutil_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - a dependency of ours and of DeepSpeed
-        return ()
-    return (psutil.Error,)
 
 
 def cuda_available() -> bool:

@@ -400,3 +400,27 @@ def test_ppo_rollout_check_finds_a_nan_in_any_row_and_ignores_padding():
     assert nonfinite_scores(clean, mask) == ["reward-model score (1 value(s))", "critic value (1 value(s))"]
     one = {k: v[:1] for k, v in clean.items()}
     assert nonfinite_scores(one, mask[:1]) == []  # a rollout batch of one row works too
+
+
+def test_replace_dir_swaps_and_puts_the_old_directory_back_when_the_rename_fails(tmp_path, monkeypatch):
+    from stages.checkpoint import replace_dir
+
+    target, new = tmp_path / "final", tmp_path / ".tmp-final"
+    target.mkdir()
+    (target / "w").write_text("old")
+    new.mkdir()
+    (new / "w").write_text("new")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == new:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        replace_dir(new, target)
+    assert (target / "w").read_text() == "old" and not (tmp_path / ".tmp-final-old").exists()
+    monkeypatch.setattr(os, "replace", real)
+    replace_dir(new, target)
+    assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]

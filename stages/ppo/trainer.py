@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ from stages.checkpoint import (
     load_latest_checkpoint,
     nonfinite_parameter,
     publish_final,
+    replace_dir,
     save_checkpoint,
     save_hf,
 )
@@ -412,7 +412,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
 
 def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
     """The policy as out/best (HF causal LM), replaced atomically."""
-    tmp, best, old = out / ".tmp-best", out / "best", out / ".tmp-best-old"
+    tmp, best = out / ".tmp-best", out / "best"
     bad = nonfinite_parameter(models["policy"].module)
     if all_reduce_sum([float(bad is not None)], dist.device)[0]:
         raise CheckpointError(f"refusing to write {best}: non-finite policy weights ({bad or 'on another rank'})")
@@ -422,14 +422,9 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
     try:
         save_hf(models["policy"].module, tokenizer, tmp, dist, meta)
         if dist.is_main:
-            if best.exists():
-                os.replace(best, old)
-            os.replace(tmp, best)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, best)
     except Exception as exc:  # noqa: BLE001 - a failed write (OSError, or torch/safetensors wrapping one)
         shutil.rmtree(tmp, ignore_errors=True)
-        if dist.is_main and old.exists() and not best.exists():
-            os.replace(old, best)
         raise CheckpointError(f"could not write {best}: {describe_failure(exc)}; the previous best/ (if any) "
                               "is unchanged") from exc
     barrier()
