@@ -85,6 +85,10 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device before every forward and after every step, and
+        # its step counter, read in the engine's forward hook, made a compiled decoding step recompile at every
+        # PPO iteration; we time phases ourselves (stages/perf.py)
+        "timers": {"throughput": {"enabled": False}},
     }
     if not on_gpu and not ds.offload_optimizer:
         config["optimizer"]["params"]["torch_adam"] = True

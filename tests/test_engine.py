@@ -44,6 +44,8 @@ def test_deepspeed_config_from_yaml_sections():
     assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"]["enabled"] is False
+    # DeepSpeed's throughput timer (a device sync before every forward) is off; our perf/* metrics time phases
+    assert cfg["timers"] == {"throughput": {"enabled": False}}
     assert cfg["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     plain = build_deepspeed_config(TrainConfig(gradient_clipping=0), DeepSpeedConfig(precision="fp16"), 1, False)
     assert "gradient_clipping" not in plain and "offload_optimizer" not in plain["zero_optimization"]

@@ -9,13 +9,16 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from stages.config import GenerationConfig
-from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad
-from stages.ppo.rollout import left_pad, response_logprobs, sample
+from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword
+from stages.ppo.rollout import final_hidden_states, left_pad, response_logprobs, sample
 from stages.reward_model import positions_from_mask
 
 VOCAB, PAD_ID, CPU = 48, 0, torch.device("cpu")
@@ -87,6 +90,25 @@ def test_same_seed_same_samples_from_either_cache(kind):
     assert d.response_mask.sum() > 24  # really sampled something
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_decoders_use_the_models_own_cache_keyword(cache):
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40) and warns
+    # on the old one; older 5.x (and the stand-in models of test_ppo_units) take only `past_key_values`
+    model = _model("llama")
+    new_api = "cache" in inspect.signature(model.forward).parameters
+    assert cache_keyword(model) == ("cache" if new_api else "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sample(model, *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=3, cache=cache), [1], PAD_ID,
+               VOCAB)
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+            raise AssertionError
+
+    assert cache_keyword(OldStyle()) == "past_key_values"
+
+
 def test_static_cache_is_reused_and_reset_between_rollouts():
     model = _model("llama")
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
@@ -112,6 +134,42 @@ def test_compiled_decoding_draws_the_same_samples():
         out.append(sample(model, ids, mask, gen, [1], PAD_ID, VOCAB).response)
     assert "step" in model.__dict__["_rlhf_static_decode"]
     assert torch.equal(out[0], out[1])
+
+
+def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):
+    """rlhf ppo samples from its policy engine's module between optimizer steps. The compiled decoding step must
+    stay one graph: DeepSpeed's forward hook on that module reads the engine's step counters, and a step traced
+    through it recompiled at every iteration (a fresh CUDA-graph recording each time on a GPU). Traced here by
+    dynamo with recompilation an error (backend eager: the same guards, no code generation), the module in
+    training mode with gradient checkpointing as a PPO preset has it."""
+    from stages import engine as engines
+    from stages.config import DeepSpeedConfig, TrainConfig
+    from stages.distributed import setup_distributed
+    from stages.ppo import decode
+
+    setup_distributed()
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
+    model = _model("llama").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train = TrainConfig(micro_batch_size=3, lr=1e-3)
+    engine = engines.initialize_engine(model, engines.build_deepspeed_config(train, DeepSpeedConfig(precision="fp32"),
+                                                                             1, False), train, 10)
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    gen = GenerationConfig(max_new_tokens=4, min_new_tokens=4, cache="static", compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            roll = sample(engine.module, ids, mask, gen, [1], PAD_ID, VOCAB)
+            assert model.training  # the sampler's eval mode was undone
+            seq, seq_mask = roll.sequences()
+            loss = engine(input_ids=seq, attention_mask=seq_mask, labels=seq).loss
+            engine.backward(loss)
+            engine.step()
+    assert engine.global_steps == 3 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    frames = torch._dynamo.utils.counters["stats"]
+    assert frames["unique_graphs"] == 1, dict(frames)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
@@ -146,6 +204,18 @@ def _batch(kind: str):
     resp = torch.tensor([[11, 2, 0, 0], [13, 14, 15, 16], [16, 3, 9, 0]])
     rmask = (resp != 0).long()
     return torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1], resp
+
+
+@ARCHS
+@torch.no_grad()
+def test_final_hidden_states_are_what_the_lm_head_reads(kind):
+    ids, mask, _, _ = _batch(kind)
+    model = _model(kind)
+    full = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), output_hidden_states=True)
+    hidden = final_hidden_states(model, ids, mask)
+    assert torch.equal(hidden, full.hidden_states[-1])
+    assert torch.allclose(model.get_output_embeddings()(hidden), full.logits, atol=1e-6)
+    assert not model.base_model._forward_hooks  # the catching hook is gone
 
 
 @ARCHS

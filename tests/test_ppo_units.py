@@ -293,14 +293,43 @@ def test_sample_stop_mask_pad_and_truncation_flags_with_a_scripted_model():
     assert second["past"] == ("cache", 0) and third["past"] == ("cache", 1)
 
 
-def test_sample_ends_early_when_every_row_has_stopped():
+@pytest.mark.parametrize("ahead, forwards", [(False, 2), (True, 3)])
+def test_sample_ends_early_when_every_row_has_stopped(ahead, forwards):
     ids, mask = left_pad([[4, 5], [6]], PAD_ID, CPU)
     model = Scripted([[5, 2, 7, 7], [2, 7, 7, 7]], prompt_width=2)
-    out = sample(model, ids, mask, _gen(top_k=1, max_new_tokens=6), [2], PAD_ID, VOCAB)
+    out = sample(model, ids, mask, _gen(top_k=1, max_new_tokens=6), [2], PAD_ID, VOCAB, queue_ahead=ahead)
     assert out.response.tolist() == [[5, 2], [2, PAD_ID]]
     assert out.response_mask.tolist() == [[1, 1], [1, 0]]
     assert out.truncated.tolist() == [False, False]
-    assert len(model.calls) == 2
+    # queued ahead (the GPU default), the forward after the last step was already on its way when the host saw
+    # that every row had stopped: one forward more, its logits dropped
+    assert len(model.calls) == forwards
+
+
+@CACHES
+def test_queueing_the_next_forward_ahead_draws_the_same_tokens(cache):
+    model = _llama()
+    prompts = [[5, 9, 12], [21, 4], [33, 8, 15], [1, 2, 3]] * 3
+    out = []
+    for ahead in (False, True):
+        torch.manual_seed(4)
+        out.append(sample(model, *left_pad(prompts, PAD_ID, CPU), _gen(max_new_tokens=10, cache=cache), [2, 3],
+                          PAD_ID, VOCAB, queue_ahead=ahead))
+    assert torch.equal(out[0].response, out[1].response) and torch.equal(out[0].truncated, out[1].truncated)
+    assert torch.equal(out[0].response_mask, out[1].response_mask)
+    assert 12 < int(out[0].response_mask.sum()) < 120  # some rows stopped early, some later
+
+
+def test_sampling_runs_the_model_in_eval_mode_and_restores_each_modules_mode():
+    # the policy is a training engine's module (training mode, maybe gradient checkpointing): transformers
+    # before 5.24 then drops each layer's KV cache, so sampling must run in eval mode
+    model = _llama().train()
+    model.model.norm.eval()  # a submodule in its own mode stays so
+    seen: list[bool] = []
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(max_new_tokens=4, min_new_tokens=4), [2], PAD_ID, VOCAB)
+    assert len(seen) == 4 and not any(seen)  # prefill + 3 steps, all in eval mode
+    assert model.training and model.model.layers[0].training and not model.model.norm.training
 
 
 @CACHES

@@ -16,10 +16,17 @@ static   a StaticCache of P + R columns allocated once and reused by every rollo
 
 Both compute the same function of the same inputs: tests/test_fastpath.py checks the logits agree to float
 rounding (and greedy tokens exactly) and that one seed draws the same samples from either.
+
+Both call the module's own `forward`, not the module: a DeepSpeed engine hooks its module's `__call__` with a
+prologue that reads the engine's step counters, so a compiled step traced through it recompiled at every PPO
+iteration (tests/test_fastpath.py runs PPO iterations with recompilation made an error). The cache goes in as
+`cache` where the forward takes that name (transformers >= 5.24, which drops `past_key_values` in 5.40), else
+as `past_key_values` (earlier 5.x, and the GPU machine's 5.17).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +34,14 @@ import torch.nn.functional as F
 
 #: static prompts are left-padded to a multiple of this width (fewer distinct shapes to compile)
 PROMPT_BUCKET = 32
+#: torch.compile backend of a compiled decoding step (tests swap in "eager": the same tracing and guards, no code
+#: generation)
+COMPILE_BACKEND = "inductor"
+
+
+def cache_keyword(model: Any) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` or (older) `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class Decoder(Protocol):
@@ -40,24 +55,26 @@ class DynamicDecoder:
 
     def __init__(self, model: Any, prompt_mask: torch.Tensor) -> None:
         self.model, self.mask, self.past = model, prompt_mask.clone(), None
+        self.keyword = cache_keyword(model)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model.forward(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
+        self.past = getattr(out, self.keyword)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, alive.long()[:, None]], 1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None],
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model.forward(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None],
+                                 use_cache=True, **{self.keyword: self.past})
+        self.past = getattr(out, self.keyword)
         return out.logits[:, -1]
 
 
-def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                  keyword: str) -> torch.Tensor:
     """Logits [B, V] of the last position, the KV cache updated in place."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model.forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **{keyword: cache})
     return out.logits[:, -1]
 
 
@@ -76,21 +93,22 @@ class StaticDecoder:
                         mask=torch.zeros(batch, key[1], dtype=torch.long, device=prompt_mask.device))
         if compile_step and "step" not in slot:
             mode = "reduce-overhead" if prompt_mask.device.type == "cuda" else "default"
-            slot["step"] = torch.compile(_forward_last, mode=mode, dynamic=False)
+            options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+            slot["step"] = torch.compile(_forward_last, dynamic=False, backend=COMPILE_BACKEND, **options)
         self.model, self.cache, self.mask = model, slot["cache"], slot["mask"]
         self.cache.reset()
         self.mask.zero_()
         self.mask[:, :width] = prompt_mask
-        self.width, self.steps = width, 0
+        self.width, self.steps, self.keyword = width, 0, cache_keyword(model)
         self._step = slot.get("step", _forward_last)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _forward_last(self.model, ids, self.mask, positions, self.cache)
+        return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)
 
     def step(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.mask[:, self.width + self.steps] = alive.long()
         self.steps += 1
-        return self._step(self.model, tokens[:, None], self.mask, positions[:, None], self.cache)
+        return self._step(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword)
 
 
 def bucket_left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, bucket: int = PROMPT_BUCKET

@@ -7,8 +7,9 @@ is predicted from column P + t - 1: log-probs and values of the response are rea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -79,6 +80,21 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConf
     return z
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block, each one's own mode restored after. Sampling needs it:
+    transformers before 5.24 drops a layer's KV cache when the layer is in training mode with gradient
+    checkpointing on, even without gradients (the policy is a training engine's module), so each decoding step
+    would see only its own token."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -88,41 +104,56 @@ def sample(
     stop_ids: list[int],
     pad_id: int,
     vocab_size: int,
+    queue_ahead: bool | None = None,
 ) -> Rollout:
     """Sample one response per prompt with a KV cache, the whole batch at once, until every row has produced
     a stop token or max_new_tokens. Tokens at or above `vocab_size` (embedding rows without a token) are never
     sampled; stop tokens are not sampled before `min_new_tokens`. `gen.cache` picks the decoder (decode.py:
     static = the fast path, dynamic = the reference); both draw the same tokens from the same random stream.
+    The model runs in eval mode (see `eval_mode`).
+
+    Host syncs: none per step before min_new_tokens (no row can have stopped); after it, one per step to ask
+    whether every row has stopped. With `queue_ahead` (default: on a GPU) the next step's forward is queued
+    before that question, so the device is never idle while the host waits; when every row has stopped, that
+    one forward is wasted and its logits dropped (the tokens are the same either way).
     Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
     device = prompt_ids.device
+    ahead = device.type == "cuda" if queue_ahead is None else queue_ahead
     batch = prompt_ids.shape[0]
     ids, mask = (bucket_left_pad(prompt_ids, prompt_mask, pad_id) if gen.cache == "static"
                  else (prompt_ids, prompt_mask))
-    decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile)
-    positions = positions_from_mask(mask)
-    logits = decoder.prefill(ids, positions)
-    next_pos = positions[:, -1] + 1
-    seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    tokens, alive_cols = [], []
-    for step in range(gen.max_new_tokens):
-        logits = logits.float()
-        logits[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
-        if step < gen.min_new_tokens:
-            logits[:, stops[stops < logits.shape[-1]]] = float("-inf")
-        scores = process_logits(logits, seen, gen)
-        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-        alive = ~finished
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        tokens.append(tok)
-        alive_cols.append(alive)
-        seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | alive[:, None])
-        finished = finished | (alive & torch.isin(tok, stops))
-        if step == gen.max_new_tokens - 1 or bool(finished.all()):
-            break
-        logits = decoder.step(tok, alive, next_pos)
-        next_pos = next_pos + 1
+    with eval_mode(model):
+        decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile)
+        positions = positions_from_mask(mask)
+        logits = decoder.prefill(ids, positions)
+        next_pos = positions[:, -1] + 1
+        seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        held = stops[stops < logits.shape[-1]]  # the stop ids with a logit, masked before min_new_tokens
+        tokens, alive_cols = [], []
+        for step in range(gen.max_new_tokens):
+            logits = logits.float()
+            logits[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
+            if step < gen.min_new_tokens:
+                logits[:, held] = float("-inf")
+            scores = process_logits(logits, seen, gen)
+            tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            alive = ~finished
+            tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+            tokens.append(tok)
+            alive_cols.append(alive)
+            seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | alive[:, None])
+            finished = finished | (alive & torch.isin(tok, stops))
+            if step == gen.max_new_tokens - 1:
+                break
+            may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
+            if may_stop and not ahead and bool(finished.all()):
+                break
+            logits = decoder.step(tok, alive, next_pos)
+            next_pos = next_pos + 1
+            if may_stop and ahead and bool(finished.all()):
+                break
     response = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
     return Rollout(prompt_ids, prompt_mask, response, response_mask, ~finished)
@@ -159,6 +190,26 @@ def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Te
     return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
 
 
+def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The causal LM's final hidden states [B, L, H] (what its LM head reads), from a forward through the model
+    itself (a DeepSpeed engine included, so its hooks run) with the head on one position only. A forward hook
+    on the backbone (HF's `base_model`) catches its `last_hidden_state`; `output_hidden_states` would keep every
+    layer's output alive until the call returns."""
+    inner = getattr(model, "module", model)
+    backbone = inner.base_model
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                  logits_to_keep=1)
+    if backbone is inner:  # no separate backbone module to hook
+        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
+    caught: list[torch.Tensor] = []
+    handle = backbone.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return caught[-1]
+
+
 def response_logprobs(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, tokens: torch.Tensor,
     with_entropy: bool = False, chunk_tokens: int = 0,
@@ -172,9 +223,7 @@ def response_logprobs(
     [chunk_tokens, V] block of logits exists at any moment, forward or backward, and none for the prompt."""
     if chunk_tokens <= 0:
         return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, prompt_width - 1:-1]
+    hidden = final_hidden_states(model, ids, mask)[:, prompt_width - 1:-1]
     rows, width = tokens.shape
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
     head = getattr(model, "module", model).get_output_embeddings()
