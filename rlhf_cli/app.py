@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional
 
 import typer
-from rich.console import Console
 from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config
+from rlhf_cli.output import err, fail, out, print_error
 from rlhf_cli.launcher import (
     format_command,
     hostfile_slots,
@@ -38,8 +38,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
 
 #: stage name -> "module:function" that trains it inside a process (imported only when needed)
 STAGE_RUNNERS = {"sft": "stages.sft:run", "train-rm": "stages.reward:run", "ppo": "stages.ppo.trainer:run"}
@@ -163,9 +161,9 @@ def run_stage(
         # every rank reads the same config and data, so those errors are printed once; others may be one
         # rank's own (a missing shard, a full disk) and are printed by whichever rank hit them
         if _rank() == 0:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc)
         elif not exc.every_rank:
-            err.print(f"[bold red]error (rank {_rank()}):[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(exc, f"rank {_rank()}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
@@ -229,7 +227,7 @@ def _ppo_command() -> None:
         c = {k: kwargs.pop(k) for k in common}
         ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
         if ppo_max and preset not in (None, "ppo-max"):
-            err.print(f"[bold red]error:[/] --ppo-max contradicts --preset {preset}")
+            print_error(f"--ppo-max contradicts --preset {preset}")
             raise typer.Exit(2)
         flags = {f.name: kwargs[f.name.replace("-", "_")] for f in TRICK_FLAGS}
         overrides = list(c["set_"] or []) + flag_overrides(flags)  # type: ignore[arg-type]
@@ -273,14 +271,6 @@ def _ppo_command() -> None:
 _ppo_command()
 
 
-def _fail(exc: RlhfError, debug: bool) -> None:
-    """Print an error without a traceback (unless --debug) and exit with its code."""
-    if debug:
-        raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(exc.exit_code) from None
-
-
 @app.command(name="eval")
 def eval_(
     policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
@@ -321,7 +311,7 @@ def eval_(
         results = evaluate(settings, out_file or (policy / "eval.json"))
         print_results(results, out)
     except RlhfError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
 
 
 @app.command()
@@ -360,7 +350,7 @@ def pipeline(
             return
         run_pipeline(cfg, launch, force, out)
     except RlhfError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
 
 
 @app.command()
@@ -382,7 +372,7 @@ def report(
     try:
         result = write_report(run_dirs, out_dir or run_dirs[0].resolve().parent / "report", smooth)
     except RlhfError as exc:
-        _fail(exc, debug)
+        fail(exc, debug)
     out.print(f"wrote {len(result['png'])} plots and {result['markdown']}", highlight=False)
 
 

@@ -6,18 +6,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from rlhf_cli.config_loader import dump_config, load_config
+from rlhf_cli.output import fail, out
 from stages.errors import ConfigError, RlhfError
 
 bench_app = typer.Typer(
     help="Time the PPO code path or its rollout sampler on a synthetic workload (configs/bench/).",
     no_args_is_help=True, rich_markup_mode="rich",
 )
-out = Console()
-err = Console(stderr=True)
 
 #: where --workload NAME looks (the repository's configs/bench)
 WORKLOAD_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
@@ -81,13 +79,6 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     return cfg, ppo_config(cfg, root), root
 
 
-def _fail(exc: Exception, debug: bool) -> None:
-    if debug:
-        raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(getattr(exc, "exit_code", 1)) from None
-
-
 def _device() -> Any:
     import torch
 
@@ -120,8 +111,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
-        _fail(exc, debug)
-        return
+        fail(exc, debug)
     table = Table(title=f"rlhf bench ppo: {result['workload']} on {result['device']}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -129,7 +119,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     for k, v in result["split_seconds"].items():
         table.add_row(f"  {k} s (share)", f"{_fmt(v)} ({_fmt(result['split_share'][k])})")
     for k in ("samples_per_s", "generated_tokens_per_s", "generation_tokens_per_s", "update_tflops", "mfu_update",
-              "peak_memory_gib", "estimated_memory_gib"):
+              "peak_memory_gib", "estimated_memory_gib", "compiled_graphs"):
         table.add_row(k, _fmt(result[k]))
     out.print(table)
     out.print(f"wrote {target}", highlight=False)
@@ -155,12 +145,14 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
         target = out_file or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
-        _fail(exc, debug)
-        return
+        fail(exc, debug)
     for c in caches:
         r = result[c]
-        out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s",
-                  highlight=False)
+        out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s  "
+                  f"(sampling work {r['sampling_share']:.0%} of it)", highlight=False)
+    out.print(f"sampling work per decoding step (logits {result['sampling']['logits_shape']}): "
+              f"{result['sampling']['seconds_per_step'] * 1e3:.3f} ms; compiled graphs: {result['compiled_graphs']}",
+              highlight=False)
     if "static_speedup" in result:
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}", highlight=False)

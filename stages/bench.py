@@ -68,10 +68,13 @@ def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
     config = AutoConfig.for_model(arch.pop("model_type"), **arch, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     if config.vocab_size < len(tok):
         raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
+    plain = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    init_on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # random init is slow on CPU
     for name, cls, extra in (("policy", AutoModelForCausalLM, {}), ("rm", AutoModelForSequenceClassification,
                                                                       {"num_labels": 1})):
         torch.manual_seed(cfg.seed)
-        model = cls.from_config(config.__class__(**config.to_dict(), **extra), dtype=dtype)
+        with init_on:
+            model = cls.from_config(config.__class__(**plain, **extra), dtype=dtype)
         model.save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name)
         del model
@@ -121,6 +124,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has traced in this process so far (a compiled decoding step: one per prompt shape;
+    more means it recompiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in rows if key in r]
     return statistics.median(vals) if vals else None
@@ -158,6 +169,7 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
         "estimate_parts_gib": {k: v / 2**30 for k, v in estimate["parts"].items()} if estimate else None,
         "per_iteration_s": [r["perf/iteration_s"] for r in rows],
+        "compiled_graphs": compiled_graphs(),
     }
 
 
@@ -201,7 +213,31 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
                           "per_run_s": times, **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
     if "static" in results and "dynamic" in results:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    draw = time_draw(ppo_cfg.generation, ids.shape[0], vocab, len(tok), dtype, device, cfg.warmup + cfg.iterations)
+    results["sampling"] = {"seconds_per_step": draw, "logits_shape": [ids.shape[0], vocab]}
+    for cache in caches:
+        results[cache]["sampling_share"] = draw * cfg.workload.new_tokens / results[cache]["seconds"]
+    results["compiled_graphs"] = compiled_graphs()
     return results
+
+
+def time_draw(gen: Any, batch: int, width: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
+              reps: int) -> float:
+    """Median seconds of one decoding step's sampling work (`draw_tokens`: masks, repetition penalty,
+    temperature, top-k/top-p, the draw) on random logits [batch, width] of the model's dtype in its place: the
+    part of a decoding step that is not the forward pass."""
+    from stages.ppo.rollout import DrawState, draw_tokens
+
+    state = DrawState.start(batch, width, [1], device)
+    logits = torch.randn(batch, width, device=device, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    times = []
+    for i in range(max(reps, 3) + 2):
+        t0 = clock(device)
+        draw_tokens(logits, state, 0, gen, vocab_size, 0)
+        if i >= 2:  # warm-up
+            times.append(clock(device) - t0)
+    return statistics.median(times)
 
 
 def write_result(result: dict[str, Any], path: Path) -> None:

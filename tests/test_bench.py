@@ -63,6 +63,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["mfu_update"] == pytest.approx(r["update_tflops"] / 0.5)
     assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
     assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
+    assert r["compiled_graphs"] == 0
     # the real rlhf ppo run: its metrics and final policy
     rows = [json.loads(x) for x in (bench_dir / "out/ppo/metrics.jsonl").read_text().splitlines()]
     perf = [x for x in rows if "perf/iteration_s" in x]
@@ -78,6 +79,12 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
         assert r[cache]["tokens"] == 8 * 16 and len(r[cache]["per_run_s"]) == 2
         assert r[cache]["tokens_per_s"] == pytest.approx(128 / r[cache]["seconds"])
     assert r["static_speedup"] == pytest.approx(r["dynamic"]["seconds"] / r["static"]["seconds"])
+    # the sampling work of one decoding step, timed alone on logits of the model's full width (1024 rows)
+    step = r["sampling"]["seconds_per_step"]
+    assert r["sampling"]["logits_shape"] == [8, 1024] and 0 < step < r["static"]["seconds"] / 16
+    for cache in ("static", "dynamic"):
+        assert r[cache]["sampling_share"] == pytest.approx(step * 16 / r[cache]["seconds"])
+    assert r["compiled_graphs"] == 0  # the tiny workload decodes eagerly
     # the workload was built once and reused by the second command
     mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()

@@ -17,6 +17,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from stages.config import GenerationConfig
+from stages.ppo import decode
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword
 from stages.ppo.rollout import final_hidden_states, left_pad, response_logprobs, sample
 from stages.reward_model import positions_from_mask
@@ -134,6 +135,10 @@ def test_compiled_decoding_draws_the_same_samples():
         out.append(sample(model, ids, mask, gen, [1], PAD_ID, VOCAB).response)
     assert "step" in model.__dict__["_rlhf_static_decode"]
     assert torch.equal(out[0], out[1])
+    # the compiled step kept on the model serves compiled decoders only
+    padded = bucket_left_pad(ids, mask, PAD_ID)[1]
+    assert StaticDecoder(model, padded, 5, compile_step=False)._step is decode._forward_last
+    assert StaticDecoder(model, padded, 5, compile_step=True)._step is model.__dict__["_rlhf_static_decode"]["step"]
 
 
 def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):
@@ -145,7 +150,6 @@ def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):
     from stages import engine as engines
     from stages.config import DeepSpeedConfig, TrainConfig
     from stages.distributed import setup_distributed
-    from stages.ppo import decode
 
     setup_distributed()
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")

@@ -72,3 +72,35 @@ def test_bf16_chunked_logprobs_equal_full_logits_on_gpu():
         ref, ref_ent = response_logprobs(model, full_ids, full_mask, ids.shape[1], resp, True, chunk_tokens=0)
         fast, fast_ent = response_logprobs(model, full_ids, full_mask, ids.shape[1], resp, True, chunk_tokens=64)
     assert torch.allclose(ref, fast, atol=1e-5) and torch.allclose(ref_ent, fast_ent, atol=1e-5)
+
+
+def test_cuda_graphs_follow_the_policy_through_optimizer_steps_without_recompiling():
+    """As in rlhf ppo: sample from a DeepSpeed engine's module (training mode), take an optimizer step, sample
+    again. The recorded CUDA graphs must read the updated weights (the same samples as eager decoding of the
+    same weights, float32) and the step must never recompile."""
+    from stages import engine as engines
+    from stages.config import DeepSpeedConfig, TrainConfig
+    from stages.distributed import setup_distributed
+
+    setup_distributed()
+    model = _model(torch.float32).train()
+    train = TrainConfig(micro_batch_size=len(PROMPTS), lr=1e-2)
+    ds = engines.build_deepspeed_config(train, DeepSpeedConfig(precision="fp32"), 1, True)
+    engine = engines.initialize_engine(model, ds, train, 10)
+    ids, mask = left_pad(PROMPTS, PAD_ID, torch.device("cuda"))
+    graphs = GenerationConfig(max_new_tokens=24, cache="static", compile=True)
+    eager = graphs.model_copy(update={"compile": False})
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            got = {}
+            for name, gen in (("graphs", graphs), ("eager", eager), ("graphs-again", graphs)):
+                torch.manual_seed(3)
+                got[name] = sample(engine.module, ids, mask, gen, [1], PAD_ID, VOCAB)
+            for name in ("graphs", "graphs-again"):
+                assert torch.equal(got[name].response, got["eager"].response), name
+            seq, seq_mask = got["eager"].sequences()
+            loss = engine(input_ids=seq, attention_mask=seq_mask, labels=seq).loss
+            engine.backward(loss)
+            engine.step()
+    assert engine.global_steps == 3

@@ -100,7 +100,7 @@ class StaticDecoder:
         self.mask.zero_()
         self.mask[:, :width] = prompt_mask
         self.width, self.steps, self.keyword = width, 0, cache_keyword(model)
-        self._step = slot.get("step", _forward_last)
+        self._step = slot["step"] if compile_step else _forward_last
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)

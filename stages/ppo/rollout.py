@@ -80,6 +80,41 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConf
     return z
 
 
+@dataclass
+class DrawState:
+    """What `draw_tokens` carries from one decoding step to the next (all on the device)."""
+
+    seen: torch.Tensor  # [B, V] bool: token generated earlier in this row's response
+    finished: torch.Tensor  # [B] bool: the row has produced a stop token
+    stops: torch.Tensor  # stop ids
+    held: torch.Tensor  # the stop ids with a logit, masked before min_new_tokens
+
+    @classmethod
+    def start(cls, batch: int, width: int, stop_ids: list[int], device: torch.device) -> "DrawState":
+        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        return cls(torch.zeros(batch, width, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.bool, device=device), stops, stops[stops < width])
+
+
+def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: GenerationConfig, vocab_size: int,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step's sampling from next-token logits [B, V]: no token at or above `vocab_size`, no stop
+    token before min_new_tokens, then `process_logits` and a multinomial draw; a finished row gets `pad_id`.
+    Returns (tokens [B], alive [B]: the row had not finished before this step) and updates `state`. No host
+    sync."""
+    z = logits.float()
+    z[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
+    if step < gen.min_new_tokens:
+        z[:, state.held] = float("-inf")
+    scores = process_logits(z, state.seen, gen)
+    tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+    alive = ~state.finished
+    tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+    state.seen.scatter_(1, tok[:, None], state.seen.gather(1, tok[:, None]) | alive[:, None])
+    state.finished = state.finished | (alive & torch.isin(tok, state.stops))
+    return tok, alive
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Every submodule in eval mode inside the block, each one's own mode restored after. Sampling needs it:
@@ -127,36 +162,24 @@ def sample(
         positions = positions_from_mask(mask)
         logits = decoder.prefill(ids, positions)
         next_pos = positions[:, -1] + 1
-        seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-        held = stops[stops < logits.shape[-1]]  # the stop ids with a logit, masked before min_new_tokens
+        state = DrawState.start(batch, logits.shape[-1], stop_ids, device)
         tokens, alive_cols = [], []
         for step in range(gen.max_new_tokens):
-            logits = logits.float()
-            logits[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
-            if step < gen.min_new_tokens:
-                logits[:, held] = float("-inf")
-            scores = process_logits(logits, seen, gen)
-            tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-            alive = ~finished
-            tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+            tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id)
             tokens.append(tok)
             alive_cols.append(alive)
-            seen.scatter_(1, tok[:, None], seen.gather(1, tok[:, None]) | alive[:, None])
-            finished = finished | (alive & torch.isin(tok, stops))
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
-            if may_stop and not ahead and bool(finished.all()):
+            if may_stop and not ahead and bool(state.finished.all()):
                 break
             logits = decoder.step(tok, alive, next_pos)
             next_pos = next_pos + 1
-            if may_stop and ahead and bool(finished.all()):
+            if may_stop and ahead and bool(state.finished.all()):
                 break
     response = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
-    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~finished)
+    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished)
 
 
 # --------------------------------------------------------------------------------------------- scoring
