@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from stages.config import GenerationConfig
 from stages.ppo import decode
-from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword
+from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword, static_state
 from stages.ppo.rollout import final_hidden_states, left_pad, response_logprobs, sample
 from stages.reward_model import positions_from_mask
 
@@ -110,19 +110,48 @@ def test_decoders_use_the_models_own_cache_keyword(cache):
     assert cache_keyword(OldStyle()) == "past_key_values"
 
 
+def _slot(model: torch.nn.Module, batch: int) -> dict:
+    return static_state(model)["caches"][(batch, torch.float32, CPU)]
+
+
 def test_static_cache_is_reused_and_reset_between_rollouts():
     model = _model("llama")
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
     gen = GenerationConfig(max_new_tokens=6, cache="static")
     torch.manual_seed(3)
     first = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
-    cache = model.__dict__["_rlhf_static_decode"]["cache"]
+    cache = _slot(model, 3)["cache"]
     torch.manual_seed(3)
     again = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
-    assert model.__dict__["_rlhf_static_decode"]["cache"] is cache  # same shape: same buffers
+    assert _slot(model, 3)["cache"] is cache  # same shape: same buffers
     assert torch.equal(first.response, again.response)  # and nothing left over from the first rollout
     sample(model, *left_pad(PROMPTS[:2], PAD_ID, CPU), gen, [1], PAD_ID, VOCAB)
-    assert model.__dict__["_rlhf_static_decode"]["cache"] is not cache  # another batch size: new buffers
+    assert _slot(model, 2)["cache"] is not cache and _slot(model, 3)["cache"] is cache  # one cache per batch size
+
+
+def test_static_cache_grows_for_wider_prompts_and_serves_narrower_ones_alike(monkeypatch):
+    """Prompt batches of 32, then 64, then 32 bucketed columns: the cache grows once to 64 + R columns and
+    serves the narrower batch after it with the same samples as the dynamic reference; the compiled step is
+    traced once per cache width (recompiling for the narrow batch after the growth is an error here)."""
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
+    model = _model("llama")
+    narrow, wide = PROMPTS, [list(range(2, 42)), [7, 8], list(range(5, 38))]  # widths 5 and 40
+    widths, caches = [], []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for n, prompts in enumerate((narrow, wide, narrow)):
+        ids, mask = left_pad(prompts, PAD_ID, CPU)
+        out = {}
+        for cache, compiled in (("dynamic", False), ("static", True)):
+            torch.manual_seed(9)
+            with torch._dynamo.config.patch(error_on_recompile=n == 2):
+                out[cache] = sample(model, ids, mask, GenerationConfig(max_new_tokens=6, cache=cache,
+                                                                       compile=compiled), [1], PAD_ID, VOCAB)
+        assert torch.equal(out["static"].response, out["dynamic"].response), n
+        widths.append(_slot(model, 3)["width"])
+        caches.append(_slot(model, 3)["cache"])
+    assert widths == [32 + 6, 64 + 6, 64 + 6] and caches[1] is caches[2]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per cache width
 
 
 def test_compiled_decoding_draws_the_same_samples():
@@ -133,12 +162,12 @@ def test_compiled_decoding_draws_the_same_samples():
         torch.manual_seed(5)
         gen = GenerationConfig(max_new_tokens=5, min_new_tokens=5, cache="static", compile=compiled)
         out.append(sample(model, ids, mask, gen, [1], PAD_ID, VOCAB).response)
-    assert "step" in model.__dict__["_rlhf_static_decode"]
+    assert "step" in static_state(model)
     assert torch.equal(out[0], out[1])
     # the compiled step kept on the model serves compiled decoders only
     padded = bucket_left_pad(ids, mask, PAD_ID)[1]
     assert StaticDecoder(model, padded, 5, compile_step=False)._step is decode._forward_last
-    assert StaticDecoder(model, padded, 5, compile_step=True)._step is model.__dict__["_rlhf_static_decode"]["step"]
+    assert StaticDecoder(model, padded, 5, compile_step=True)._step is static_state(model)["step"]
 
 
 def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):

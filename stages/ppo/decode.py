@@ -7,12 +7,15 @@
 
 dynamic  transformers' DynamicCache, grown by concatenation each step; the mask grows by one column per step.
          Full [B, P, V] prefill logits. The reference path: plain, any model (also the test stand-ins).
-static   a StaticCache of P + R columns allocated once and reused by every rollout of the same shape, a
-         preallocated [B, P + R] mask filled in place, logits of the last position only. Prompts are left-padded
-         to a multiple of `PROMPT_BUCKET` columns, so one compiled graph serves every batch (extra left padding
-         is masked and changes nothing). With `compile`, each decoding step is a torch.compile'd forward
-         (mode reduce-overhead: CUDA graphs on a GPU, one graph launch per token instead of hundreds of kernel
-         launches); the prefill stays eager.
+static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, kept on the model per batch
+         size and reused by every later rollout that fits (a wider prompt batch grows it; a narrower one leaves
+         the columns after its own P + R masked, as transformers' static generation does), logits of the last
+         position only. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
+         masked and changes nothing), so the cache grows a few times at most. A decoding step's shapes are
+         [B, 1] tokens against the W-column cache whatever the prompt width, so with `compile` one graph serves
+         every rollout of a batch size: each step is a torch.compile'd forward (mode reduce-overhead: CUDA
+         graphs on a GPU, one graph launch per token instead of hundreds of kernel launches); the prefill stays
+         eager.
 
 Both compute the same function of the same inputs: tests/test_fastpath.py checks the logits agree to float
 rounding (and greedy tokens exactly) and that one seed draws the same samples from either.
@@ -78,29 +81,36 @@ def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: 
     return out.logits[:, -1]
 
 
+def static_state(model: Any) -> dict[str, Any]:
+    """What the static decoder keeps on a model: `caches` {(batch, dtype, device): {width, cache, mask}} and,
+    once compiled, `step`."""
+    return model.__dict__.setdefault("_rlhf_static_decode", {"caches": {}})
+
+
 class StaticDecoder:
-    """Fast path: a StaticCache and mask of fixed width P + R, both kept on the model between rollouts."""
+    """Fast path: a StaticCache and mask of at least P + R columns, kept on the model between rollouts."""
 
     def __init__(self, model: Any, prompt_mask: torch.Tensor, max_new_tokens: int, compile_step: bool) -> None:
         from transformers import StaticCache
 
         batch, width = prompt_mask.shape
-        key = (batch, width + max_new_tokens, next(model.parameters()).dtype, prompt_mask.device)
-        slot: dict[str, Any] = model.__dict__.setdefault("_rlhf_static_decode", {})
-        if slot.get("key") != key:  # a new shape: a new cache (and, compiled, a new graph)
-            slot.clear()
-            slot.update(key=key, cache=StaticCache(config=model.config, max_cache_len=key[1]),
-                        mask=torch.zeros(batch, key[1], dtype=torch.long, device=prompt_mask.device))
-        if compile_step and "step" not in slot:
+        state = static_state(model)
+        key = (batch, next(model.parameters()).dtype, prompt_mask.device)
+        slot = state["caches"].get(key)
+        if slot is None or slot["width"] < width + max_new_tokens:  # none yet, or too narrow: (re)allocate
+            cols = width + max_new_tokens
+            slot = state["caches"][key] = {"width": cols, "cache": StaticCache(config=model.config, max_cache_len=cols),
+                                           "mask": torch.zeros(batch, cols, dtype=torch.long, device=prompt_mask.device)}
+        if compile_step and "step" not in state:
             mode = "reduce-overhead" if prompt_mask.device.type == "cuda" else "default"
             options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
-            slot["step"] = torch.compile(_forward_last, dynamic=False, backend=COMPILE_BACKEND, **options)
+            state["step"] = torch.compile(_forward_last, dynamic=False, backend=COMPILE_BACKEND, **options)
         self.model, self.cache, self.mask = model, slot["cache"], slot["mask"]
         self.cache.reset()
         self.mask.zero_()
         self.mask[:, :width] = prompt_mask
         self.width, self.steps, self.keyword = width, 0, cache_keyword(model)
-        self._step = slot["step"] if compile_step else _forward_last
+        self._step = state["step"] if compile_step else _forward_last
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)
