@@ -132,7 +132,7 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
                            "--cache", help="KV cache(s) to time: the fast static one (compiled when the config's "
                            "generation.compile), the dynamic reference, or both.")] = "both",
                        out_file: OutOpt = None, debug: DebugOpt = False) -> None:
-    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, and the static cache's speed-up.
+    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, and one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone.
 
     Example: [bold]rlhf bench generate --workload w1[/]
     """  # noqa: E501
