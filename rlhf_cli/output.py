@@ -7,16 +7,17 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 out = Console()
 err = Console(stderr=True)
 
 
 def print_error(message: object, where: str = "") -> None:
-    """`error: <message>` (or `error (<where>): ...`) on stderr; the message's own text is not read as markup
-    highlighting."""
+    """`error: <message>` (or `error (<where>): ...`) on stderr, the message printed as it is (brackets in it are
+    not read as rich markup, nor highlighted)."""
     label = f"error ({where}):" if where else "error:"
-    err.print(f"[bold red]{label}[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]{label}[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def fail(exc: Exception, debug: bool) -> NoReturn:

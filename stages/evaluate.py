@@ -92,7 +92,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
     for b in range(0, len(prompts), s.batch_size):
         batch = prompts[b:b + s.batch_size]
         ids, mask = left_pad(batch, tok.pad_token_id, device)
-        roll = sample(model, ids, mask, s.generation, stop_ids, tok.pad_token_id, len(tok))
+        roll = sample(model, ids, mask, s.generation, stop_ids, tok.pad_token_id, len(tok),
+                      prompt_capacity=s.data.max_prompt_length)
         full_ids, full_mask = roll.sequences()
         out.reward += raw_scores(s.generation, reward, full_ids, full_mask, roll.truncated, tok.eos_token_id).tolist()
         responses = response_lists(roll, stop_ids)

@@ -76,6 +76,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def process_group(monkeypatch):
+    """This test process as a one-rank process group (DeepSpeed engines in-process), the process-group
+    variables it needs set for this test only, so that a later in-process CLI run does not take itself for a
+    launched worker."""
+    from stages.distributed import setup_distributed
+    from stages.runtime import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    monkeypatch.setenv("MASTER_PORT", os.environ.get("MASTER_PORT", str(free_port())))
+    return setup_distributed()
+
+
 def cli_env(env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment a CLI subprocess gets: ours plus `env`, minus `drop_env` and minus the process-group
     variables an in-process test may have set (RANK, WORLD_SIZE, ...): the CLI is never its worker."""

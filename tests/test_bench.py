@@ -4,11 +4,9 @@ its numbers (hand-computed), the `--dry-run` memory estimate, and tokenizer load
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import run_cli
 from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
 from stages.perf import flop_shape, train_flops
@@ -24,9 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    # run_cli's environment: without the process-group variables an in-process test may have set
+    return run_cli(*args, cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -331,3 +331,16 @@ def test_launched_mark_reaches_the_workers_of_every_node():
     assert any(LAUNCHED_MARK.startswith(prefix) for prefix in EXPORT_ENVS)
     env = launch_env(2)
     assert env[LAUNCHED_MARK] == "1" and launched_by_rlhf(env) and not launched_by_rlhf({})
+
+
+def test_error_lines_print_the_message_as_it_is(capsys):
+    # messages name keys and rows in brackets (train[3], [1, 2]); rich must not read them as markup, and a
+    # stray closing tag must not crash the error report
+    import typer
+
+    from rlhf_cli.output import fail
+
+    with pytest.raises(typer.Exit) as stop:
+        fail(ConfigError("data.train[3]: expected [1, 2], got [/x] [bold]y[/bold]"), debug=False)
+    assert stop.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == "error: data.train[3]: expected [1, 2], got [/x] [bold]y[/bold]"

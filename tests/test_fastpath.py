@@ -152,6 +152,11 @@ def test_static_cache_grows_for_wider_prompts_and_serves_narrower_ones_alike(mon
         caches.append(_slot(model, 3)["cache"])
     assert widths == [32 + 6, 64 + 6, 64 + 6] and caches[1] is caches[2]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per cache width
+    # allocated for a prompt capacity (rlhf ppo: data.max_prompt_length) it is as wide as that from the start
+    fresh = _model("llama")
+    sample(fresh, *left_pad(narrow, PAD_ID, CPU), GenerationConfig(max_new_tokens=6, cache="static"), [1], PAD_ID,
+           VOCAB, prompt_capacity=40)
+    assert _slot(fresh, 3)["width"] == 64 + 6
 
 
 def test_compiled_decoding_draws_the_same_samples():
@@ -170,7 +175,7 @@ def test_compiled_decoding_draws_the_same_samples():
     assert StaticDecoder(model, padded, 5, compile_step=True)._step is static_state(model)["step"]
 
 
-def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):
+def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch, process_group):
     """rlhf ppo samples from its policy engine's module between optimizer steps. The compiled decoding step must
     stay one graph: DeepSpeed's forward hook on that module reads the engine's step counters, and a step traced
     through it recompiled at every iteration (a fresh CUDA-graph recording each time on a GPU). Traced here by
@@ -178,9 +183,7 @@ def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch):
     training mode with gradient checkpointing as a PPO preset has it."""
     from stages import engine as engines
     from stages.config import DeepSpeedConfig, TrainConfig
-    from stages.distributed import setup_distributed
 
-    setup_distributed()
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
     model = _model("llama").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

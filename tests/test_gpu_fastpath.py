@@ -6,10 +6,16 @@ the full-logits ones to 1e-5 (the same bf16 logits, upcast alike)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import cli_env
 from stages.config import GenerationConfig
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad
 from stages.ppo.rollout import left_pad, response_logprobs, sample
@@ -18,6 +24,7 @@ from stages.reward_model import positions_from_mask
 pytestmark = [pytest.mark.gpu]
 
 VOCAB, PAD_ID = 512, 0
+REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 9, 12, 3, 7, 8, 9], [21, 4], [33, 8, 15]] * 4
 
 
@@ -77,17 +84,39 @@ def test_bf16_chunked_logprobs_equal_full_logits_on_gpu():
 def test_cuda_graphs_follow_the_policy_through_optimizer_steps_without_recompiling():
     """As in rlhf ppo: sample from a DeepSpeed engine's module (training mode), take an optimizer step, sample
     again. The recorded CUDA graphs must read the updated weights (the same samples as eager decoding of the
-    same weights, float32) and the step must never recompile."""
+    same weights, float32) and the step must never recompile; a bf16 engine's optimizer must update the weights
+    in place (the graphs read fixed addresses). In its own process: the test session runs DeepSpeed on its CPU
+    accelerator (conftest), which would move the engine's module off the GPU."""
+    env = cli_env({"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+                  drop_env=("DS_ACCELERATOR",))
+    res = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "engine check: ok" in res.stdout
+
+
+def _engine_check() -> None:
     from stages import engine as engines
     from stages.config import DeepSpeedConfig, TrainConfig
     from stages.distributed import setup_distributed
 
-    setup_distributed()
-    model = _model(torch.float32).train()
+    dist = setup_distributed()
+    assert dist.device.type == "cuda", dist.device
+    ids, mask = left_pad(PROMPTS, PAD_ID, dist.device)
     train = TrainConfig(micro_batch_size=len(PROMPTS), lr=1e-2)
-    ds = engines.build_deepspeed_config(train, DeepSpeedConfig(precision="fp32"), 1, True)
-    engine = engines.initialize_engine(model, ds, train, 10)
-    ids, mask = left_pad(PROMPTS, PAD_ID, torch.device("cuda"))
+    # bf16: DeepSpeed's optimizer writes the new weights into the same storage
+    bf16 = engines.initialize_engine(_model(torch.bfloat16).train(), engines.build_deepspeed_config(
+        train, DeepSpeedConfig(precision="bf16"), 1, True), train, 10)
+    ptrs = [p.data_ptr() for p in bf16.module.parameters()]
+    before = [p.detach().clone() for p in bf16.module.parameters()]
+    for _ in range(2):
+        seq = torch.cat([ids, ids], 1)
+        bf16.backward(bf16(input_ids=seq, labels=seq).loss)
+        bf16.step()
+    assert [p.data_ptr() for p in bf16.module.parameters()] == ptrs
+    assert any(not torch.equal(a, b) for a, b in zip(before, bf16.module.parameters()))
+    # float32: graphs against eager decoding of the same, updated weights
+    engine = engines.initialize_engine(_model(torch.float32).train(), engines.build_deepspeed_config(
+        train, DeepSpeedConfig(precision="fp32"), 1, True), train, 10)
     graphs = GenerationConfig(max_new_tokens=24, cache="static", compile=True)
     eager = graphs.model_copy(update={"compile": False})
     torch._dynamo.reset()
@@ -100,7 +129,11 @@ def test_cuda_graphs_follow_the_policy_through_optimizer_steps_without_recompili
             for name in ("graphs", "graphs-again"):
                 assert torch.equal(got[name].response, got["eager"].response), name
             seq, seq_mask = got["eager"].sequences()
-            loss = engine(input_ids=seq, attention_mask=seq_mask, labels=seq).loss
-            engine.backward(loss)
+            engine.backward(engine(input_ids=seq, attention_mask=seq_mask, labels=seq).loss)
             engine.step()
     assert engine.global_steps == 3
+    print("engine check: ok")
+
+
+if __name__ == "__main__":
+    _engine_check()

@@ -11,7 +11,8 @@ static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, 
          size and reused by every later rollout that fits (a wider prompt batch grows it; a narrower one leaves
          the columns after its own P + R masked, as transformers' static generation does), logits of the last
          position only. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
-         masked and changes nothing), so the cache grows a few times at most. A decoding step's shapes are
+         masked and changes nothing), so the cache grows a few times at most; rlhf ppo and rlhf eval allocate it
+         for data.max_prompt_length prompt columns from the start (`prompt_capacity`), so it never grows. A decoding step's shapes are
          [B, 1] tokens against the W-column cache whatever the prompt width, so with `compile` one graph serves
          every rollout of a batch size: each step is a torch.compile'd forward (mode reduce-overhead: CUDA
          graphs on a GPU, one graph launch per token instead of hundreds of kernel launches); the prefill stays
@@ -90,7 +91,8 @@ def static_state(model: Any) -> dict[str, Any]:
 class StaticDecoder:
     """Fast path: a StaticCache and mask of at least P + R columns, kept on the model between rollouts."""
 
-    def __init__(self, model: Any, prompt_mask: torch.Tensor, max_new_tokens: int, compile_step: bool) -> None:
+    def __init__(self, model: Any, prompt_mask: torch.Tensor, max_new_tokens: int, compile_step: bool,
+                 prompt_capacity: int = 0) -> None:
         from transformers import StaticCache
 
         batch, width = prompt_mask.shape
@@ -98,7 +100,7 @@ class StaticDecoder:
         key = (batch, next(model.parameters()).dtype, prompt_mask.device)
         slot = state["caches"].get(key)
         if slot is None or slot["width"] < width + max_new_tokens:  # none yet, or too narrow: (re)allocate
-            cols = width + max_new_tokens
+            cols = max(width, bucket_width(prompt_capacity)) + max_new_tokens
             slot = state["caches"][key] = {"width": cols, "cache": StaticCache(config=model.config, max_cache_len=cols),
                                            "mask": torch.zeros(batch, cols, dtype=torch.long, device=prompt_mask.device)}
         if compile_step and "step" not in state:
@@ -121,6 +123,11 @@ class StaticDecoder:
         return self._step(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword)
 
 
+def bucket_width(width: int, bucket: int = PROMPT_BUCKET) -> int:
+    """`width` rounded up to a multiple of `bucket`."""
+    return width + (-width % bucket)
+
+
 def bucket_left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, bucket: int = PROMPT_BUCKET
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad [B, P] prompts to the next multiple of `bucket` columns (pad id, mask 0).
@@ -128,13 +135,14 @@ def bucket_left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, bucket: 
     >>> bucket_left_pad(torch.tensor([[5, 6]]), torch.tensor([[1, 1]]), 0, bucket=4)[1].tolist()
     [[0, 0, 1, 1]]
     """
-    extra = -ids.shape[1] % bucket
+    extra = bucket_width(ids.shape[1], bucket) - ids.shape[1]
     if extra == 0:
         return ids, mask
     return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
 
 
-def make_decoder(model: Any, prompt_mask: torch.Tensor, cache: str, max_new_tokens: int, compile_step: bool) -> Decoder:
+def make_decoder(model: Any, prompt_mask: torch.Tensor, cache: str, max_new_tokens: int, compile_step: bool,
+                 prompt_capacity: int = 0) -> Decoder:
     if cache == "static":
-        return StaticDecoder(model, prompt_mask, max_new_tokens, compile_step)
+        return StaticDecoder(model, prompt_mask, max_new_tokens, compile_step, prompt_capacity)
     return DynamicDecoder(model, prompt_mask)

@@ -115,6 +115,27 @@ def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: Generati
     return tok, alive
 
 
+class AllStopped:
+    """Asks the device whether every row has stopped, so that work queued after the question does not delay the
+    answer: on a GPU the flag is copied into pinned host memory without blocking and an event marks it; the
+    host waits for that event only, while the forward queued after it runs. Elsewhere it is read at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def ask(self, finished: torch.Tensor) -> None:
+        self.host.copy_(finished.all(), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+
+    def answer(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Every submodule in eval mode inside the block, each one's own mode restored after. Sampling needs it:
@@ -140,6 +161,7 @@ def sample(
     pad_id: int,
     vocab_size: int,
     queue_ahead: bool | None = None,
+    prompt_capacity: int = 0,
 ) -> Rollout:
     """Sample one response per prompt with a KV cache, the whole batch at once, until every row has produced
     a stop token or max_new_tokens. Tokens at or above `vocab_size` (embedding rows without a token) are never
@@ -148,9 +170,12 @@ def sample(
     The model runs in eval mode (see `eval_mode`).
 
     Host syncs: none per step before min_new_tokens (no row can have stopped); after it, one per step to ask
-    whether every row has stopped. With `queue_ahead` (default: on a GPU) the next step's forward is queued
-    before that question, so the device is never idle while the host waits; when every row has stopped, that
-    one forward is wasted and its logits dropped (the tokens are the same either way).
+    whether every row has stopped. With `queue_ahead` (default: on a GPU) the question is asked (`AllStopped`)
+    before the next step's forward is queued and answered after, so the device runs that forward while the host
+    waits for the answer; when every row has stopped, that one forward is wasted and its logits dropped (the
+    tokens are the same either way). `prompt_capacity`: prompt columns the static cache is allocated for at
+    least (rlhf ppo passes data.max_prompt_length), so rollouts of every prompt width share one cache and one
+    compiled decoding step.
     Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
     device = prompt_ids.device
     ahead = device.type == "cuda" if queue_ahead is None else queue_ahead
@@ -158,11 +183,12 @@ def sample(
     ids, mask = (bucket_left_pad(prompt_ids, prompt_mask, pad_id) if gen.cache == "static"
                  else (prompt_ids, prompt_mask))
     with eval_mode(model):
-        decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile)
+        decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile, prompt_capacity)
         positions = positions_from_mask(mask)
         logits = decoder.prefill(ids, positions)
         next_pos = positions[:, -1] + 1
         state = DrawState.start(batch, logits.shape[-1], stop_ids, device)
+        all_stopped = AllStopped(device) if ahead else None
         tokens, alive_cols = [], []
         for step in range(gen.max_new_tokens):
             tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id)
@@ -171,11 +197,13 @@ def sample(
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
-            if may_stop and not ahead and bool(state.finished.all()):
+            if may_stop and all_stopped is None and bool(state.finished.all()):
                 break
+            if may_stop and all_stopped is not None:
+                all_stopped.ask(state.finished)
             logits = decoder.step(tok, alive, next_pos)
             next_pos = next_pos + 1
-            if may_stop and ahead and bool(state.finished.all()):
+            if may_stop and all_stopped is not None and all_stopped.answer():
                 break
     response = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()

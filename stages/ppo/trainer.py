@@ -398,7 +398,8 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             rows = mine[s:s + cfg.train.rollout_batch_size]
             keep = torch.tensor(real[s:s + cfg.train.rollout_batch_size], device=dist.device)
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
-            rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
+            rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
+                            prompt_capacity=cfg.data.max_prompt_length)
             raw = raw_scores(cfg.generation, models["reward"], *rollout.sequences(), rollout.truncated, eos_id)
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
@@ -508,7 +509,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         # 1. rollout
         rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
         p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
-        rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab)
+        rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
+                         prompt_capacity=cfg.data.max_prompt_length)
         t_gen = clock(dist.device) - t0
         # 2-5. score, reward transform, token rewards, GAE
         exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
