@@ -12,11 +12,11 @@ static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, 
          the columns after its own P + R masked, as transformers' static generation does), logits of the last
          position only. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
          masked and changes nothing), so the cache grows a few times at most; rlhf ppo and rlhf eval allocate it
-         for data.max_prompt_length prompt columns from the start (`prompt_capacity`), so it never grows. A decoding step's shapes are
-         [B, 1] tokens against the W-column cache whatever the prompt width, so with `compile` one graph serves
-         every rollout of a batch size: each step is a torch.compile'd forward (mode reduce-overhead: CUDA
-         graphs on a GPU, one graph launch per token instead of hundreds of kernel launches); the prefill stays
-         eager.
+         for data.max_prompt_length prompt columns from the start (`prompt_capacity`), so it never grows. A
+         decoding step's shapes are [B, 1] tokens against the W-column cache whatever the prompt width, so with
+         `compile` one graph serves every rollout of a batch size: each step is a torch.compile'd forward (mode
+         reduce-overhead: CUDA graphs on a GPU, one graph launch per token instead of hundreds of kernel
+         launches); the prefill stays eager.
 
 Both compute the same function of the same inputs: tests/test_fastpath.py checks the logits agree to float
 rounding (and greedy tokens exactly) and that one seed draws the same samples from either.
@@ -101,8 +101,9 @@ class StaticDecoder:
         slot = state["caches"].get(key)
         if slot is None or slot["width"] < width + max_new_tokens:  # none yet, or too narrow: (re)allocate
             cols = max(width, bucket_width(prompt_capacity)) + max_new_tokens
-            slot = state["caches"][key] = {"width": cols, "cache": StaticCache(config=model.config, max_cache_len=cols),
-                                           "mask": torch.zeros(batch, cols, dtype=torch.long, device=prompt_mask.device)}
+            slot = state["caches"][key] = {
+                "width": cols, "cache": StaticCache(config=model.config, max_cache_len=cols),
+                "mask": torch.zeros(batch, cols, dtype=torch.long, device=prompt_mask.device)}
         if compile_step and "step" not in state:
             mode = "reduce-overhead" if prompt_mask.device.type == "cuda" else "default"
             options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}

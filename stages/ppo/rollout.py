@@ -188,7 +188,7 @@ def sample(
         logits = decoder.prefill(ids, positions)
         next_pos = positions[:, -1] + 1
         state = DrawState.start(batch, logits.shape[-1], stop_ids, device)
-        all_stopped = AllStopped(device) if ahead else None
+        all_stopped = AllStopped(device)
         tokens, alive_cols = [], []
         for step in range(gen.max_new_tokens):
             tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id)
@@ -197,13 +197,13 @@ def sample(
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
-            if may_stop and all_stopped is None and bool(state.finished.all()):
-                break
-            if may_stop and all_stopped is not None:
+            if may_stop:
                 all_stopped.ask(state.finished)
+                if not ahead and all_stopped.answer():
+                    break
             logits = decoder.step(tok, alive, next_pos)
             next_pos = next_pos + 1
-            if may_stop and all_stopped is not None and all_stopped.answer():
+            if may_stop and ahead and all_stopped.answer():
                 break
     response = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
