@@ -208,6 +208,42 @@ def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch, pro
     assert frames["unique_graphs"] == 1, dict(frames)
 
 
+def _host_syncs(fn) -> int:
+    """Ops `fn` runs that make the host wait for the device on a GPU, counted by torch.profiler on the CPU
+    (where every one of them shows): `aten::_local_scalar_dense` (behind .item(), bool() and float() of a
+    tensor) and `aten::nonzero` (boolean indexing), except inside `aten::_assert_async` (a device-side check
+    on a GPU, e.g. torch.multinomial's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        if event.name in ("aten::_local_scalar_dense", "aten::nonzero"):
+            parent = event.cpu_parent
+            while parent is not None and parent.name != "aten::_assert_async":
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
+
+
+def test_static_decoding_makes_no_host_sync_per_step():
+    # exactly as many syncs in a rollout of 8 tokens as in one of 4 (the prefill's), none in a decoding step;
+    # with a stop check (min_new_tokens below max_new_tokens), one per step that asks it, as sample() documents
+    model = _model("llama")
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    never = [VOCAB + 5]  # a stop id no row can draw: every row runs to max_new_tokens
+
+    def rollout(n: int, min_new: int) -> int:
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=min_new, cache="static")
+        sample(model, ids, mask, gen, never, PAD_ID, VOCAB)  # the cache allocated outside the count
+        return _host_syncs(lambda: sample(model, ids, mask, gen, never, PAD_ID, VOCAB))
+
+    fixed = rollout(4, 4)
+    assert rollout(8, 8) == fixed <= 3
+    assert rollout(8, 2) == fixed + 5  # asked after steps 2..6 (the last step never asks)
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_min_new_tokens_keeps_stop_tokens_out_until_reached(cache):
     # a model whose favourite token is the stop id 1: without min_new_tokens rows stop at once

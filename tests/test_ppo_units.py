@@ -103,37 +103,63 @@ def _kept(z: torch.Tensor) -> list[list[int]]:
     return [torch.isfinite(row).nonzero().flatten().tolist() for row in z]
 
 
+def _none(z: torch.Tensor) -> torch.Tensor:
+    """An empty generation history for the rows of `z` (nothing generated yet)."""
+    return torch.zeros(z.shape[0], 0, dtype=torch.long)
+
+
 # ============================================================================================ process_logits
 def test_process_logits_all_off_is_the_identity_in_float32():
     z = torch.tensor([[1.5, -2.0, 0.0, 3.0]], dtype=torch.bfloat16)
-    out = process_logits(z, torch.ones(1, 4, dtype=torch.bool), _gen())
+    out = process_logits(z, torch.tensor([[0, 1, 2, 3]]), _gen())
     assert out.dtype == torch.float32 and out.tolist() == [[1.5, -2.0, 0.0, 3.0]]
 
 
-def test_repetition_penalty_only_on_seen_tokens_positive_divided_negative_multiplied():
+def test_repetition_penalty_once_on_each_generated_token_positive_divided_negative_multiplied():
     z = torch.tensor([[3.0, 2.0, -1.0, 1.0, -4.0, 0.0]])
-    seen = torch.tensor([[True, False, True, False, False, True]])
-    out = process_logits(z, seen, _gen(repetition_penalty=2.0))
-    # seen: 3 -> 3/2, -1 -> -1*2, 0 -> 0; unseen 2, 1, -4 unchanged (also the unseen negative one)
+    history = torch.tensor([[0, 2, 5, 0, 0]])  # token 0 generated three times: penalised once
+    out = process_logits(z, history, _gen(repetition_penalty=2.0))
+    # generated: 3 -> 3/2, -1 -> -1*2, 0 -> 0; others 2, 1, -4 unchanged (also the negative one)
     assert out.tolist() == [[1.5, 2.0, -2.0, 1.0, -4.0, 0.0]]
-    # penalty 1 (off): unchanged even where seen
-    assert process_logits(z, seen, _gen()).tolist() == z.tolist()
+    # penalty 1 (off): unchanged even where generated; the input itself is never modified
+    assert process_logits(z, history, _gen()).tolist() == z.tolist()
+    assert z.tolist() == [[3.0, 2.0, -1.0, 1.0, -4.0, 0.0]]
+
+
+def test_penalty_on_the_generated_positions_equals_the_whole_vocabulary_formula():
+    # process_logits penalises by gather/scatter over the [B, t] history; the formula applied to every column
+    # where the token was generated must give the same bits (random logits of both signs, repeated tokens)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 97, generator=g).to(torch.bfloat16)
+    history = torch.randint(0, 97, (5, 40), generator=g)
+    seen = torch.zeros(5, 97, dtype=torch.bool).scatter_(1, history, True)
+    zf = z.float()
+    expected = torch.where(seen, torch.where(zf > 0, zf / 1.3, zf * 1.3), zf) / 0.7
+    assert torch.equal(process_logits(z, history, _gen(repetition_penalty=1.3, temperature=0.7)), expected)
+
+
+def test_vocab_size_and_banned_ids_are_masked_before_top_p():
+    # probabilities [0.1, 0.2, 0.3, 0.4]: id 3 lies beyond a vocab_size of 3, id 2 is banned -> only 0 and 1
+    # compete, renormalised [1/3, 2/3]: top-p 0.5 keeps id 1 alone (without the masks it would keep {3, 2})
+    z = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).log()
+    assert _kept(process_logits(z, _none(z), _gen(top_p=0.5))) == [[2, 3]]
+    out = process_logits(z, _none(z), _gen(top_p=0.5), vocab_size=3, banned=torch.tensor([2]))
+    assert _kept(out) == [[1]]
 
 
 def test_temperature_divides_after_the_penalty():
     z = torch.tensor([[3.0, 2.0, -1.0, 1.0]])
-    seen = torch.tensor([[True, False, True, False]])
-    out = process_logits(z, seen, _gen(repetition_penalty=2.0, temperature=0.5))
+    out = process_logits(z, torch.tensor([[2, 0]]), _gen(repetition_penalty=2.0, temperature=0.5))
     # penalty [1.5, 2, -2, 1], then / 0.5
     assert out.tolist() == [[3.0, 4.0, -4.0, 2.0]]
 
 
 def test_top_k_keeps_the_k_largest_and_k_0_or_k_ge_vocab_is_off():
     z = torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.5, -1.0, -3.0, 9.0]])
-    out = process_logits(z, torch.zeros_like(z, dtype=torch.bool), _gen(top_k=2))
+    out = process_logits(z, _none(z), _gen(top_k=2))
     assert out.tolist() == [[NEG_INF, 4.0, NEG_INF, 3.0], [0.5, NEG_INF, NEG_INF, 9.0]]
     for k in (0, 4, 10):
-        assert process_logits(z, torch.zeros_like(z, dtype=torch.bool), _gen(top_k=k)).tolist() == z.tolist()
+        assert process_logits(z, _none(z), _gen(top_k=k)).tolist() == z.tolist()
 
 
 @pytest.mark.parametrize("top_p, kept", [
@@ -147,23 +173,23 @@ def test_top_k_keeps_the_k_largest_and_k_0_or_k_ge_vocab_is_off():
 ])
 def test_top_p_keeps_the_smallest_nucleus_reaching_p(top_p, kept):
     z = torch.tensor([[0.2, 0.5, 0.3], [0.15, 0.05, 0.8]]).log()
-    out = process_logits(z, torch.zeros_like(z, dtype=torch.bool), _gen(top_p=top_p))
+    out = process_logits(z, _none(z), _gen(top_p=top_p))
     assert _kept(out) == kept
     assert torch.equal(out[torch.isfinite(out)], z[torch.isfinite(out)])  # survivors keep their score
 
 
 def test_penalty_comes_before_top_k():
     z = torch.tensor([[3.0, 2.0, -1.0, 1.0]])
-    seen = torch.tensor([[True, False, False, False]])
+    history = torch.tensor([[0]])
     # penalised: [1.5, 2, -1, 1] -> top-1 is token 1 (unpenalised it would be token 0)
-    out = process_logits(z, seen, _gen(repetition_penalty=2.0, top_k=1))
+    out = process_logits(z, history, _gen(repetition_penalty=2.0, top_k=1))
     assert _kept(out) == [[1]]
-    assert _kept(process_logits(z, seen, _gen(top_k=1))) == [[0]]
+    assert _kept(process_logits(z, history, _gen(top_k=1))) == [[0]]
 
 
 def test_temperature_comes_before_top_p():
     z = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    none = torch.zeros_like(z, dtype=torch.bool)
+    none = _none(z)
     # T = 1: mass above = 0, 0.5, 0.8 -> top-p 0.6 keeps {0, 1}
     assert _kept(process_logits(z, none, _gen(top_p=0.6))) == [[0, 1]]
     # T = 0.5: p ~ p^2 = [0.25, 0.09, 0.04] / 0.38 = [0.658, 0.237, 0.105] -> top-p 0.6 keeps {0} only
@@ -174,7 +200,7 @@ def test_temperature_comes_before_top_p():
 
 def test_top_k_comes_before_top_p():
     z = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
-    none = torch.zeros_like(z, dtype=torch.bool)
+    none = _none(z)
     # top-k 2 first: renormalised [4/7, 3/7] -> mass above token 1 is 0.571 >= 0.5 -> only token 0 survives.
     # (top-p first on [0.4, 0.3, 0.2, 0.1] would keep {0, 1}: mass above token 1 is 0.4 < 0.5.)
     assert _kept(process_logits(z, none, _gen(top_k=2, top_p=0.5))) == [[0]]

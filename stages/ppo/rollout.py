@@ -54,29 +54,43 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
-    """Next-token scores [B, V] (float32) to sample from, in this order:
+def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig, vocab_size: int | None = None,
+                   banned: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token scores [B, V] to sample from, as a new float32 tensor (`logits` is left as it is), in this order:
 
-    1. repetition penalty p on tokens already generated in this response (`seen`, [B, V] bool; prompt tokens
-       are not penalised): z -> z / p where z > 0, z -> z * p where z <= 0;
+    0. -inf for ids at or above `vocab_size` (embedding rows without a token) and for the `banned` ids, so that
+       top-k/top-p choose among the remaining tokens only;
+    1. repetition penalty p on the tokens already generated in this response (`history` [B, t] of token ids, t
+       may be 0; prompt tokens are not penalised), once per distinct token: z -> z / p where z > 0,
+       z -> z * p where z <= 0;
     2. temperature T: z -> z / T;
     3. top-k: all but the k largest scores -> -inf (k = 0: off);
-    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    z = logits.float()
-    if gen.repetition_penalty != 1.0:
-        penalised = torch.where(z > 0, z / gen.repetition_penalty, z * gen.repetition_penalty)
-        z = torch.where(seen, penalised, z)
-    z = z / gen.temperature
+    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one).
+
+    Cost per decoding step, in passes over the [B, V] scores: the float32 copy, the temperature, and with top-p
+    a sort plus the nucleus bookkeeping. The penalty reads and writes only the [B, t] generated positions
+    (gather, then scatter: a token generated twice gets the same penalised value written twice), not the
+    whole vocabulary."""
+    z = logits.to(torch.float32, copy=True)
+    if vocab_size is not None:
+        z[:, vocab_size:] = float("-inf")
+    if banned is not None and banned.numel():
+        z[:, banned] = float("-inf")
+    if gen.repetition_penalty != 1.0 and history.shape[1]:
+        picked = z.gather(1, history)
+        z.scatter_(1, history, torch.where(picked > 0, picked / gen.repetition_penalty,
+                                           picked * gen.repetition_penalty))
+    z.div_(gen.temperature)
     if gen.top_k > 0 and gen.top_k < z.shape[-1]:
         kth = torch.topk(z, gen.top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
+        z.masked_fill_(z < kth, float("-inf"))
     if gen.top_p < 1.0:
         sorted_z, order = torch.sort(z, dim=-1, descending=True)
         probs = torch.softmax(sorted_z, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the tokens ranked above
         drop_sorted = before >= gen.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        z = z.masked_fill(drop, float("-inf"))
+        # `order` is a permutation of the columns: the scatter writes every entry, nothing to zero first
+        z.masked_fill_(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), float("-inf"))
     return z
 
 
@@ -84,33 +98,36 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConf
 class DrawState:
     """What `draw_tokens` carries from one decoding step to the next (all on the device)."""
 
-    seen: torch.Tensor  # [B, V] bool: token generated earlier in this row's response
+    history: torch.Tensor  # [B, R] the token drawn at each step (pad after the row finished)
+    alive: torch.Tensor  # [B, R] bool: the row had not finished before that step
     finished: torch.Tensor  # [B] bool: the row has produced a stop token
     stops: torch.Tensor  # stop ids
     held: torch.Tensor  # the stop ids with a logit, masked before min_new_tokens
 
     @classmethod
-    def start(cls, batch: int, width: int, stop_ids: list[int], device: torch.device) -> "DrawState":
-        stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-        return cls(torch.zeros(batch, width, dtype=torch.bool, device=device),
-                   torch.zeros(batch, dtype=torch.bool, device=device), stops, stops[stops < width])
+    def start(cls, batch: int, steps: int, width: int, stop_ids: list[int], device: torch.device) -> "DrawState":
+        """Buffers for `steps` decoding steps of `batch` rows whose logits have `width` columns."""
+        stops = sorted(set(stop_ids))
+        return cls(torch.empty(batch, steps, dtype=torch.long, device=device),
+                   torch.empty(batch, steps, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.bool, device=device),
+                   torch.tensor(stops, dtype=torch.long, device=device),
+                   torch.tensor([s for s in stops if s < width], dtype=torch.long, device=device))
 
 
 def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: GenerationConfig, vocab_size: int,
                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step's sampling from next-token logits [B, V]: no token at or above `vocab_size`, no stop
-    token before min_new_tokens, then `process_logits` and a multinomial draw; a finished row gets `pad_id`.
-    Returns (tokens [B], alive [B]: the row had not finished before this step) and updates `state`. No host
-    sync."""
-    z = logits.float()
-    z[:, vocab_size:] = float("-inf")  # before top-k/top-p, so the nucleus holds real tokens only
-    if step < gen.min_new_tokens:
-        z[:, state.held] = float("-inf")
-    scores = process_logits(z, state.seen, gen)
+    """One decoding step's sampling from next-token logits [B, V]: `process_logits` (no token at or above
+    `vocab_size`, no stop token before min_new_tokens, the penalty on this response's earlier tokens), then a
+    multinomial draw; a finished row gets `pad_id`. Records the step in `state` and returns (tokens [B],
+    alive [B]: the row had not finished before this step). No host sync."""
+    banned = state.held if step < gen.min_new_tokens else None
+    scores = process_logits(logits, state.history[:, :step], gen, vocab_size, banned)
     tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
     alive = ~state.finished
     tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-    state.seen.scatter_(1, tok[:, None], state.seen.gather(1, tok[:, None]) | alive[:, None])
+    state.history[:, step] = tok
+    state.alive[:, step] = alive
     state.finished = state.finished | (alive & torch.isin(tok, state.stops))
     return tok, alive
 
@@ -187,13 +204,10 @@ def sample(
         positions = positions_from_mask(mask)
         logits = decoder.prefill(ids, positions)
         next_pos = positions[:, -1] + 1
-        state = DrawState.start(batch, logits.shape[-1], stop_ids, device)
+        state = DrawState.start(batch, gen.max_new_tokens, logits.shape[-1], stop_ids, device)
         all_stopped = AllStopped(device)
-        tokens, alive_cols = [], []
         for step in range(gen.max_new_tokens):
             tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id)
-            tokens.append(tok)
-            alive_cols.append(alive)
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
@@ -205,8 +219,9 @@ def sample(
             next_pos = next_pos + 1
             if may_stop and ahead and all_stopped.answer():
                 break
-    response = torch.stack(tokens, 1)
-    response_mask = torch.stack(alive_cols, 1).long()
+    drawn = step + 1
+    response = state.history[:, :drawn].contiguous()
+    response_mask = state.alive[:, :drawn].long()
     return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished)
 
 
