@@ -119,7 +119,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     for k, v in result["split_seconds"].items():
         table.add_row(f"  {k} s (share)", f"{_fmt(v)} ({_fmt(result['split_share'][k])})")
     for k in ("samples_per_s", "generated_tokens_per_s", "generation_tokens_per_s", "update_tflops", "mfu_update",
-              "peak_memory_gib", "estimated_memory_gib", "compiled_graphs"):
+              "peak_memory_gib", "estimated_memory_gib", "compiled_graphs", "cudagraph_skips"):
         table.add_row(k, _fmt(result[k]))
     out.print(table)
     out.print(f"wrote {target}", highlight=False)
@@ -132,7 +132,7 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
                            "--cache", help="KV cache(s) to time: the fast static one (compiled when the config's "
                            "generation.compile), the dynamic reference, or both.")] = "both",
                        out_file: OutOpt = None, debug: DebugOpt = False) -> None:
-    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, and one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone.
+    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone, and on a GPU the CUDA graph launches, kernel launches and host syncs per token of one profiled rollout.
 
     Example: [bold]rlhf bench generate --workload w1[/]
     """  # noqa: E501
@@ -150,8 +150,12 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
         r = result[c]
         out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s  "
                   f"(sampling work {r['sampling_share']:.0%} of it)", highlight=False)
+        if "launches_per_token" in r:
+            out.print("         per token: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
+                                                         for k, v in r["launches_per_token"].items()), highlight=False)
     out.print(f"sampling work per decoding step (logits {result['sampling']['logits_shape']}): "
-              f"{result['sampling']['seconds_per_step'] * 1e3:.3f} ms; compiled graphs: {result['compiled_graphs']}",
+              f"{result['sampling']['seconds_per_step'] * 1e3:.3f} ms", highlight=False)
+    out.print(f"compiled graphs: {result['compiled_graphs']}, CUDA-graph skips: {result['cudagraph_skips']}",
               highlight=False)
     if "static_speedup" in result:
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)

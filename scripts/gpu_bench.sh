@@ -2,8 +2,8 @@
 # The issue-6 device run, prepared so that one short lease does it: correctness on the GPU first, then the
 # benchmarks, every result written as it comes (a part that runs out of its time leaves the earlier ones).
 #
-#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, ppo-NAME (NAME: w1, w2, tiny;
-#                                     configs/bench/); default: tests ppo-w1 gen-w1
+#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME (NAME: w1, w2,
+#                                     tiny; configs/bench/); default: tests ppo-w1 gen-w1
 #
 # The machine the `device` tool lends has torch and transformers but no deepspeed, datasets or pydantic and no
 # network: first, here, `../shared/device/wheels.sh` (fills .whl/, which this script installs there). A session
@@ -14,9 +14,13 @@
 #   run(command="bash scripts/gpu_bench.sh ppo-w2", carry=[".whl"], timeout_s=280)
 # The first compile of a decoding step and DeepSpeed's FusedAdam JIT build fall in the warm-up iterations.
 #
+# gen-stop-NAME times the static compiled sampler with min_new_tokens 0, i.e. with the per-step "has every row
+# stopped?" check the workloads (exactly new_tokens per response) never make; beside gen-NAME it prices that check.
+#
 # Writes to $OUT (the device tool's folder; else runs/gpu): env.json, tests.xml, ppo-w1.json, generate-w1.json
-# (ppo-w2.json, ...), log.txt (everything printed, recompilations included); exits 1 if a part failed or ran out
-# of its time. `scripts/gpu_bench.sh gen-tiny ppo-tiny` on a CPU machine checks the script itself.
+# (ppo-w2.json, generate-stop-w1.json, ...), log.txt (everything printed, recompilations and CUDA-graph
+# recordings included); exits 1 if a part failed or ran out of its time. `scripts/gpu_bench.sh gen-tiny ppo-tiny`
+# on a CPU machine checks the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -30,9 +34,10 @@ if [ -d .whl ] && ! python3 -c "import deepspeed, datasets, pydantic" 2>/dev/nul
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# DeepSpeed's op builder cannot parse the machine's '9.0a'; no hub access; unbuffered output; recompiles logged
+# DeepSpeed's op builder cannot parse the machine's '9.0a'; no hub access; unbuffered output; recompiles and
+# CUDA-graph recordings (and the reason for a skipped one) logged
 export TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export TORCH_LOGS=${TORCH_LOGS:-recompiles}
+export TORCH_LOGS=${TORCH_LOGS:-recompiles,cudagraphs}
 
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(tests ppo-w1 gen-w1)
@@ -57,12 +62,17 @@ for part in "${parts[@]}"; do
       step tests 180 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
     cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers
       step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_ppo_units.py ;;
+    gen-stop-*)  # the compiled static sampler with a stop check at every step (min_new_tokens 0)
+      name=${part#gen-stop-}
+      step "$part" 100 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache static \
+        --set ppo.generation.min_new_tokens=0 --out "$OUT/generate-stop-$name.json" ;;
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
       step "$part" 100 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
         --out "$OUT/generate-${part#gen-}.json" ;;
     ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up
       step "$part" 200 python3 -m rlhf_cli bench ppo --workload "${part#ppo-}" --out "$OUT/ppo-${part#ppo-}.json" ;;
-    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, ppo-NAME; NAME a workload in configs/bench)"; status=2 ;;
+    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME; NAME a workload in configs/bench)"
+       status=2 ;;
   esac
 done
 exit $status

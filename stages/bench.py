@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from stages.config import BenchConfig, PPOConfig
-from stages.perf import clock, peak_memory_gib, peak_tflops, reset_peak_memory
+from stages.perf import clock, compile_counters, launch_counts, peak_memory_gib, peak_tflops, reset_peak_memory
 
 WORKLOAD_STAMP = "workload.json"
 
@@ -124,14 +124,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has traced in this process so far (a compiled decoding step: one per prompt shape;
-    more means it recompiled)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"].get("unique_graphs", 0))
-
-
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in rows if key in r]
     return statistics.median(vals) if vals else None
@@ -169,7 +161,7 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
         "estimate_parts_gib": {k: v / 2**30 for k, v in estimate["parts"].items()} if estimate else None,
         "per_iteration_s": [r["perf/iteration_s"] for r in rows],
-        "compiled_graphs": compiled_graphs(),
+        **compile_counters(),
     }
 
 
@@ -177,7 +169,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
 def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device,
                    caches: list[str]) -> dict[str, Any]:
     """Time `sample` (the rollout sampler of rlhf ppo) on the workload's prompts with the PPO config's
-    generation settings, for each KV cache in `caches` (the static one compiled when generation.compile)."""
+    generation settings, for each KV cache in `caches` (the static one compiled when generation.compile); on a
+    GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs (`launch_counts`)."""
     from transformers import AutoModelForCausalLM
 
     from stages.engine import model_dtype
@@ -211,30 +204,39 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
         med = statistics.median(times)
         results[cache] = {"compile": gen.compile, "seconds": med, "tokens": tokens, "tokens_per_s": tokens / med,
                           "per_run_s": times, **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
+        # one more (untimed) rollout under the profiler: CUDA graph and kernel launches and host syncs per token
+        launches = launch_counts(lambda: sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id,
+                                                len(tok)), device)
+        if launches is not None:
+            results[cache]["launches"] = launches
+            results[cache]["launches_per_token"] = {k: v / cfg.workload.new_tokens for k, v in launches.items()}
     if "static" in results and "dynamic" in results:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
     vocab = model.get_output_embeddings().weight.shape[0]
-    draw = time_draw(ppo_cfg.generation, ids.shape[0], vocab, len(tok), dtype, device, cfg.warmup + cfg.iterations)
+    draw = time_draw(ppo_cfg.generation, ids.shape[0], vocab, len(tok), cfg.workload.new_tokens, dtype, device,
+                     cfg.warmup + cfg.iterations)
     results["sampling"] = {"seconds_per_step": draw, "logits_shape": [ids.shape[0], vocab]}
     for cache in caches:
         results[cache]["sampling_share"] = draw * cfg.workload.new_tokens / results[cache]["seconds"]
-    results["compiled_graphs"] = compiled_graphs()
-    return results
+    return results | compile_counters()
 
 
-def time_draw(gen: Any, batch: int, width: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
-              reps: int) -> float:
+def time_draw(gen: Any, batch: int, width: int, vocab_size: int, steps: int, dtype: torch.dtype,
+              device: torch.device, reps: int) -> float:
     """Median seconds of one decoding step's sampling work (`draw_tokens`: masks, repetition penalty,
-    temperature, top-k/top-p, the draw) on random logits [batch, width] of the model's dtype in its place: the
-    part of a decoding step that is not the forward pass."""
+    temperature, top-k/top-p, the draw) on random logits [batch, width] of the model's dtype in its place, at
+    the last of `steps` steps (a full response of earlier tokens to penalise): the part of a decoding step
+    that is not the forward pass."""
     from stages.ppo.rollout import DrawState, draw_tokens
 
-    state = DrawState.start(batch, width, [1], device)
-    logits = torch.randn(batch, width, device=device, generator=torch.Generator(device).manual_seed(0)).to(dtype)
+    rng = torch.Generator(device).manual_seed(0)
+    state = DrawState.start(batch, steps, width, [1], device)
+    state.history.copy_(torch.randint(0, vocab_size, state.history.shape, device=device, generator=rng))
+    logits = torch.randn(batch, width, device=device, generator=rng).to(dtype)
     times = []
     for i in range(max(reps, 3) + 2):
         t0 = clock(device)
-        draw_tokens(logits, state, 0, gen, vocab_size, 0)
+        draw_tokens(logits, state, steps - 1, gen, vocab_size, 0)
         if i >= 2:  # warm-up
             times.append(clock(device) - t0)
     return statistics.median(times)

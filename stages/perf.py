@@ -18,7 +18,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -85,6 +85,56 @@ def train_flops(shape: FlopShape, rows: int, length: int, scored: int) -> float:
     """Model FLOPs of forward + backward over rows x length tokens with `scored` LM-head positions per row."""
     fwd = 2 * shape.body * rows * length + 2 * shape.head * rows * scored + 4 * shape.layers * rows * length**2 * shape.width
     return 3.0 * fwd
+
+
+#: CUDA API calls `launch_counts` counts, by kind: prefixes of the names torch.profiler records them under
+#: (runtime API `cuda*`, driver API `cu*`, which Triton kernels are launched with)
+LAUNCH_KINDS: dict[str, tuple[str, ...]] = {
+    "graph_launches": ("cudaGraphLaunch", "cuGraphLaunch"),
+    "graph_captures": ("cudaStreamBeginCapture", "cuStreamBeginCapture"),
+    "kernel_launches": ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel"),
+    "host_syncs": ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cuStreamSynchronize",
+                   "cuEventSynchronize", "cuCtxSynchronize"),
+    "copies": ("cudaMemcpy", "cuMemcpy"),
+}
+
+
+def count_calls(names: Iterable[str]) -> dict[str, int]:
+    """How many of `names` (profiler event names) fall in each of LAUNCH_KINDS.
+
+    >>> count_calls(["cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernelEx", "aten::mm", "cudaMemcpyAsync"])
+    {'graph_launches': 1, 'graph_captures': 0, 'kernel_launches': 2, 'host_syncs': 0, 'copies': 1}
+    """
+    counts = dict.fromkeys(LAUNCH_KINDS, 0)
+    for name in names:
+        kind = next((k for k, prefixes in LAUNCH_KINDS.items() if name.startswith(prefixes)), None)
+        if kind is not None:
+            counts[kind] += 1
+    return counts
+
+
+def launch_counts(fn: Callable[[], Any], device: torch.device) -> dict[str, int] | None:
+    """Run `fn` once under torch.profiler and count its CUDA graph launches and captures, kernel launches, host
+    syncs and copies (`count_calls`); None off a GPU. What a compiled decoding step should show: one graph
+    launch and no capture per step, kernel launches only for the sampling work, no host sync per step."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    return count_calls(e.name for e in prof.events())
+
+
+def compile_counters() -> dict[str, int]:
+    """torch.compile's counters in this process so far: graphs traced (a compiled decoding step: one per
+    shape; more means it recompiled) and compiled graphs that run without CUDA graphs although the mode asked
+    for them (reduce-overhead; on a CPU every such graph counts)."""
+    from torch._dynamo.utils import counters
+
+    return {"compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
 
 
 def unwrap(model: Any) -> torch.nn.Module:

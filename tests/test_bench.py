@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import run_cli
 from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
-from stages.perf import flop_shape, train_flops
+from stages.perf import compile_counters, count_calls, flop_shape, launch_counts, train_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["mfu_update"] == pytest.approx(r["update_tflops"] / 0.5)
     assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
     assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
-    assert r["compiled_graphs"] == 0
+    assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
     # the real rlhf ppo run: its metrics and final policy
     rows = [json.loads(x) for x in (bench_dir / "out/ppo/metrics.jsonl").read_text().splitlines()]
     perf = [x for x in rows if "perf/iteration_s" in x]
@@ -82,7 +82,8 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     assert r["sampling"]["logits_shape"] == [8, 1024] and 0 < step < r["static"]["seconds"] / 16
     for cache in ("static", "dynamic"):
         assert r[cache]["sampling_share"] == pytest.approx(step * 16 / r[cache]["seconds"])
-    assert r["compiled_graphs"] == 0  # the tiny workload decodes eagerly
+    assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0  # the tiny workload decodes eagerly
+    assert "launches" not in r["static"]  # counted on a GPU only
     # the workload was built once and reused by the second command
     mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
@@ -93,6 +94,27 @@ def test_bench_errors_name_the_key(tmp_path):
     assert r.returncode == 2 and "workload.prompts" in r.stderr and "Traceback" not in r.stderr
     r = _rlhf("bench", "ppo", "--workload", "w9", cwd=tmp_path)
     assert r.returncode == 2 and "known workloads: tiny, w1, w2" in r.stderr
+
+
+# ============================================================================================ counters
+def test_count_calls_sorts_profiler_event_names_into_launch_kinds():
+    names = ["cudaGraphLaunch", "cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+             "cudaStreamBeginCapture", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+             "aten::mm", "cudaGraphInstantiate", "cudaEventRecord"]
+    assert count_calls(names) == {"graph_launches": 2, "graph_captures": 1, "kernel_launches": 3, "host_syncs": 2,
+                                  "copies": 1}
+    assert launch_counts(lambda: None, torch.device("cpu")) is None  # nothing to count off a GPU
+
+
+def test_compile_counters_count_traced_graphs_and_cuda_graph_skips():
+    # reduce-overhead asks for CUDA graphs; a CPU graph cannot have them, which inductor counts as a skip
+    before = compile_counters()
+    step = torch.compile(lambda x: torch.sin(x) * 2, mode="reduce-overhead")
+    step(torch.randn(3))
+    step(torch.randn(3))
+    after = compile_counters()
+    assert after["compiled_graphs"] - before["compiled_graphs"] == 1
+    assert after["cudagraph_skips"] - before["cudagraph_skips"] == 1
 
 
 # ============================================================================================ arithmetic

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import cli_env
 from stages.config import GenerationConfig
+from stages.perf import compile_counters, launch_counts
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad
 from stages.ppo.rollout import left_pad, response_logprobs, sample
 from stages.reward_model import positions_from_mask
@@ -48,6 +49,24 @@ def test_cuda_graph_decoding_draws_the_same_samples_as_eager_and_dynamic():
     for name in ("static", "graphs"):
         assert torch.equal(out[name].response, out["dynamic"].response), name
         assert torch.equal(out[name].response_mask, out["dynamic"].response_mask), name
+
+
+def test_compiled_decoding_replays_one_cuda_graph_per_step_without_host_syncs():
+    """What makes the compiled step fast, counted by torch.profiler on a third rollout (the first two warm up
+    and record): no compiled graph ran without CUDA graphs, exactly one graph launch per decoding step and no
+    new capture, and no host sync per step (a rollout's set-up has a few: the stop ids, the prefill's masks)."""
+    model = _model(torch.bfloat16)
+    ids, mask = left_pad(PROMPTS, PAD_ID, torch.device("cuda"))
+    steps = 24
+    gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, cache="static", compile=True)
+    skips = compile_counters()["cudagraph_skips"]
+    for _ in range(2):
+        sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
+    counts = launch_counts(lambda: sample(model, ids, mask, gen, [1], PAD_ID, VOCAB), torch.device("cuda"))
+    assert compile_counters()["cudagraph_skips"] == skips, "CUDA graphs skipped; TORCH_LOGS=cudagraphs tells why"
+    assert counts is not None
+    assert counts["graph_launches"] == steps - 1 and counts["graph_captures"] == 0, counts
+    assert counts["host_syncs"] <= 8, counts  # one per step would be at least 23
 
 
 @torch.no_grad()
