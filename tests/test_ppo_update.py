@@ -11,7 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from stages.config import PPOConfig
 from stages.data import IGNORE, TokenRows
-from stages.distributed import setup_distributed
 from stages.ppo.models import ValueModel, engine_train_config
 from stages.ppo.rollout import Rollout
 from stages.ppo.trainer import make_experience, update
@@ -80,9 +79,11 @@ def _rollout() -> Rollout:
     return Rollout(prompt, prompt_mask, response, response_mask, torch.tensor([False, True, False, False]))
 
 
-@pytest.fixture(scope="module")
-def dist():
-    return setup_distributed()
+@pytest.fixture
+def dist(process_group):
+    """This process as a one-rank process group, its variables (RANK, WORLD_SIZE, ...) set for each test only
+    (conftest's process_group), so that no later test inherits them."""
+    return process_group
 
 
 def _models(seed: int = 0) -> dict:

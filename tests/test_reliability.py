@@ -231,12 +231,11 @@ class _Engine:
         return self.norm
 
 
-def test_loss_guard_stops_before_backward_or_skips_with_an_exactly_zero_gradient():
-    from stages.distributed import setup_distributed
+def test_loss_guard_stops_before_backward_or_skips_with_an_exactly_zero_gradient(process_group):
+    # process_group: world size 1, so the agreement between ranks is a no-op
     from stages.errors import NonFinite
     from stages.trainer import LossGuard, optimizer_step
 
-    setup_distributed()  # world size 1: the agreement between ranks is a no-op
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
 
     def loss(batch: float) -> torch.Tensor:
@@ -257,11 +256,10 @@ def test_loss_guard_stops_before_backward_or_skips_with_an_exactly_zero_gradient
         optimizer_step(_Engine(w, norm=float("inf")), [1.0], loss, LossGuard("critic loss", 2))
 
 
-def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(capsys):
+def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(capsys, process_group):
     from stages import stop
-    from stages.distributed import setup_distributed
 
-    dist = setup_distributed()
+    dist = process_group
     before = signal.getsignal(signal.SIGINT)
     stop.arm()
     try:
