@@ -94,11 +94,11 @@ def _fmt(value: Any) -> str:
 @bench_app.command("ppo")
 def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None, warmup: WarmupOpt = None,
               set_: SetOpt = None, out_file: OutOpt = None, debug: DebugOpt = False) -> None:
-    """Run `rlhf ppo` on the workload (one process) and report the median seconds per iteration, its split (generation / scoring / policy update / critic update), samples/s, tokens/s, peak memory against the --dry-run estimate, and the update's model FLOP utilisation.
+    """Run `rlhf ppo` on the workload (one process) and report the median seconds per iteration, its split (generation / scoring / policy update / critic update), samples/s, tokens/s, peak memory against the --dry-run estimate, and the update's model FLOP utilisation; with the config's profile (default on), one more iteration's torch.profiler trace and kernel table beside the result.
 
     Example: [bold]rlhf bench ppo --workload w1[/]  (JSON in runs/bench/w1/bench-ppo.json)
     """  # noqa: E501
-    from stages.bench import summarize_ppo, write_result
+    from stages.bench import copy_profile, summarize_ppo, write_result
     from stages.checkpoint import prepare_output_dir
     from stages.memory import estimate
     from stages.ppo.trainer import run
@@ -109,6 +109,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         run(ppo)
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(), estimate(ppo, 1))
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
+        result["profile"] = copy_profile(ppo, target)
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
         fail(exc, debug)
@@ -122,7 +123,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
               "peak_memory_gib", "estimated_memory_gib", "compiled_graphs", "cudagraph_skips"):
         table.add_row(k, _fmt(result[k]))
     out.print(table)
-    out.print(f"wrote {target}", highlight=False)
+    out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
 
 
 @bench_app.command("generate")

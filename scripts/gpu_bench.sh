@@ -17,9 +17,11 @@
 # gen-stop-NAME times the static compiled sampler with min_new_tokens 0, i.e. with the per-step "has every row
 # stopped?" check the workloads (exactly new_tokens per response) never make; beside gen-NAME it prices that check.
 #
-# Writes to $OUT (the device tool's folder; else runs/gpu): env.json, tests.xml, ppo-w1.json, generate-w1.json
-# (ppo-w2.json, generate-stop-w1.json, ...), log.txt (everything printed, recompilations and CUDA-graph
-# recordings included); exits 1 if a part failed or ran out of its time. `scripts/gpu_bench.sh gen-tiny ppo-tiny`
+# Writes to $OUT (the device tool's folder; else runs/gpu): env.json, tests.xml, ppo-w1.json with
+# ppo-w1-profile.json.gz and ppo-w1-profile.txt (torch.profiler's trace and kernel table of one more, untimed,
+# iteration: where the time goes, read back here), generate-w1.json (ppo-w2*, generate-stop-w1.json, ...),
+# log.txt (everything printed, recompilations and CUDA-graph recordings included): 7 files with the default
+# parts, and the device tool returns 8 at most. Exits 1 if a part failed or ran out of its time. `scripts/gpu_bench.sh gen-tiny ppo-tiny`
 # on a CPU machine checks the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."

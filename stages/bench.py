@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 from stages.config import BenchConfig, PPOConfig
-from stages.perf import clock, compile_counters, launch_counts, peak_memory_gib, peak_tflops, reset_peak_memory
+from stages.perf import (
+    clock,
+    compile_counters,
+    launch_counts,
+    peak_memory_gib,
+    peak_tflops,
+    profile_paths,
+    reset_peak_memory,
+)
 
 WORKLOAD_STAMP = "workload.json"
 
@@ -96,10 +104,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
     """The `rlhf ppo` config of the benchmark: the workload's models and prompts, exactly new_tokens per
-    response, one rollout batch per iteration, no validation, samples or intermediate checkpoints; then the
-    bench config's `ppo:` keys on top."""
+    response, one rollout batch per iteration, no validation, samples or intermediate checkpoints, with
+    `profile` one more iteration under the profiler; then the bench config's `ppo:` keys on top."""
     w = cfg.workload
     micro = min(16, w.prompts)
+    runs = cfg.warmup + cfg.iterations
     base = {
         "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "ppo"),
         "model": {"name_or_path": str(workload / "policy")},
@@ -108,11 +117,11 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
                  "max_prompt_length": w.prompt_length},
         "generation": {"max_new_tokens": w.new_tokens, "min_new_tokens": w.new_tokens},
         "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
-        "train": {"iterations": cfg.warmup + cfg.iterations, "rollout_batch_size": w.prompts,
+        "train": {"iterations": runs + cfg.profile, "rollout_batch_size": w.prompts,
                   "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
                   "sample_every": 0, "save_every": 0},
         "deepspeed": {"zero_stage": 0},
-        "logging": {"tensorboard": False},
+        "logging": {"tensorboard": False, "profile_step": runs + 1 if cfg.profile else 0},
     }
     return _merge(base, cfg.ppo)
 
@@ -131,12 +140,15 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, device: torch.device,
                   estimate: dict[str, Any] | None) -> dict[str, Any]:
-    """Medians of the timed iterations (the first `warmup` dropped), throughput, peak memory and MFU."""
-    rows = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
-            if "perf/iteration_s" in r]
+    """Medians of the timed iterations (the first `warmup` dropped, and the profiled one after them),
+    throughput, peak memory and MFU."""
+    every = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
+             if "perf/iteration_s" in r]
+    rows = [r for r in every if r["step"] <= cfg.warmup + cfg.iterations]
     timed = [r for r in rows if r["step"] > cfg.warmup]
     if not timed:
         raise ValueError(f"no timed iterations in {metrics_file}")
+    profile_step = ppo_cfg.logging.profile_step
     it = _median(timed, "perf/iteration_s") or 0.0
     split = {k: _median(timed, f"perf/{k}_s") for k in ("generation", "scoring", "policy_update", "critic_update")}
     samples = ppo_cfg.train.rollout_batch_size
@@ -161,6 +173,7 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
         "estimate_parts_gib": {k: v / 2**30 for k, v in estimate["parts"].items()} if estimate else None,
         "per_iteration_s": [r["perf/iteration_s"] for r in rows],
+        "profiled_iteration_s": next((r["perf/iteration_s"] for r in every if r["step"] == profile_step), None),
         **compile_counters(),
     }
 
@@ -240,6 +253,21 @@ def time_draw(gen: Any, batch: int, width: int, vocab_size: int, steps: int, dty
         if i >= 2:  # warm-up
             times.append(clock(device) - t0)
     return statistics.median(times)
+
+
+def copy_profile(ppo_cfg: PPOConfig, target: Path) -> dict[str, str]:
+    """The profiled iteration's trace and table (logging.profile_step), copied beside the result file `target`
+    as <stem>-profile.json.gz and <stem>-profile.txt; {} when the run profiled nothing."""
+    step = ppo_cfg.logging.profile_step
+    trace, table = profile_paths(Path(ppo_cfg.output_dir), step)
+    if not step or not trace.exists():
+        return {}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    copies = {"trace": target.with_name(f"{target.stem}-profile.json.gz"),
+              "table": target.with_name(f"{target.stem}-profile.txt")}
+    shutil.copyfile(trace, copies["trace"])
+    shutil.copyfile(table, copies["table"])
+    return {k: str(v) for k, v in copies.items()}
 
 
 def write_result(result: dict[str, Any], path: Path) -> None:

@@ -245,6 +245,10 @@ class DeepSpeedConfig(Section):
 class LoggingConfig(Section):
     log_every: int = Field(1, ge=1, description="steps between metric rows")
     tensorboard: bool = True
+    profile_step: int = Field(
+        0, ge=0, description="profile this step (PPO: iteration), 1-based, with torch.profiler: its Chrome trace "
+        "(profile-step-N.json.gz) and a table of ops and kernels by time (profile-step-N.txt) in output_dir; 0 = off"
+    )
 
 
 class StageConfig(Section):
@@ -561,6 +565,8 @@ class BenchConfig(Section):
     iterations: int = Field(5, ge=1, description="timed iterations (the result is their median)")
     warmup: int = Field(2, ge=0, description="iterations run first and not timed (compilation, allocator)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; default: a known GPU's bf16 peak")
+    profile: bool = Field(True, description="bench ppo: one more iteration after the timed ones, under torch.profiler "
+                          "(logging.profile_step; not timed): its Chrome trace and op/kernel table beside the result")
     ppo: dict[str, Any] = Field(default_factory=dict, description="rlhf ppo config keys (nested) merged over the "
                                 "generated config, e.g. {train: {micro_batch_size: 8}, generation: {compile: true}}")
 

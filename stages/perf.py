@@ -15,9 +15,12 @@ log-prob chunks) is hardware work and is not counted: MFU measures useful model 
 
 from __future__ import annotations
 
+import gzip
 import resource
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -135,6 +138,57 @@ def compile_counters() -> dict[str, int]:
 
     return {"compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
             "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+def profile_paths(out: Path, step: int, rank: int = 0) -> tuple[Path, Path]:
+    """Where `StepProfiler` writes step `step`'s trace and table."""
+    stem = f"profile-step-{step}" + (f"-rank{rank}" if rank else "")
+    return out / f"{stem}.json.gz", out / f"{stem}.txt"
+
+
+class StepProfiler:
+    """torch.profiler over one training step (logging.profile_step, 1-based; 0 = never): CPU ops and, on a GPU,
+    CUDA kernels and API calls. `begin(step)` at the top of every step starts it for the chosen step and stops
+    it at the next one's (or at `close()`, after the loop), then writes into the output directory
+
+        profile-step-N.json.gz   the Chrome trace of that step (ui.perfetto.dev or chrome://tracing)
+        profile-step-N.txt       its ops and kernels by total time (torch.profiler's table, 60 rows)
+
+    (names ending in -rankR on ranks other than 0). The profiled step's own timings include the profiler's
+    overhead. A failed write is a warning: a profile is not worth a training run."""
+
+    def __init__(self, step: int, out: Path, rank: int, device: torch.device) -> None:
+        self.step, self.device = step, device
+        self.trace, self.table = profile_paths(out, step, rank)
+        self._prof: Any = None
+
+    def begin(self, step: int) -> None:
+        self.close()
+        if self.step and step == self.step:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+
+    def close(self) -> None:
+        if self._prof is None:
+            return
+        prof, self._prof = self._prof, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        prof.__exit__(None, None, None)
+        sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
+        plain = self.trace.with_suffix("")  # profile-step-N.json
+        try:
+            self.table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
+            prof.export_chrome_trace(str(plain))
+            with plain.open("rb") as src, gzip.open(self.trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as exc:
+            print(f"warning: could not write the profile of step {self.step}: {exc}", file=sys.stderr)
+        finally:
+            plain.unlink(missing_ok=True)
 
 
 def unwrap(model: Any) -> torch.nn.Module:

@@ -234,6 +234,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     last_stats: dict[str, Any] | None = None
     for step in range(run.start, run.total):
+        run.profiler.begin(step + 1)
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in run.plan.micro_batches(step, dist, tc)]

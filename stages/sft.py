@@ -140,6 +140,7 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     for step in range(run.start, run.total):
+        run.profiler.begin(step + 1)
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
         micro = run.plan.micro_batches(step, dist, tc)

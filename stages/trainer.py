@@ -24,6 +24,7 @@ from stages.data import DataReport
 from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
 from stages.errors import DataError, NonFinite
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
+from stages.perf import StepProfiler
 
 
 # --------------------------------------------------------------------------------------------- data order
@@ -245,6 +246,7 @@ class Run:
     tokens_seen: float
     meta: dict[str, Any]
     log_every: int
+    profiler: StepProfiler
     skipped: int = 0
     stop_signal: int = 0
 
@@ -301,6 +303,7 @@ class Run:
 
     def finish(self) -> Path:
         """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
+        self.profiler.close()
         self.progress.close()
         final = publish_final(self.out, self.total, self.dist)
         self.metrics.event(self.total, "final", path=str(final))
@@ -338,5 +341,6 @@ def start_training(
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
     progress = TrainProgress(dist.is_main, plan.total, start, stage, print_every=cfg.logging.log_every)
+    profiler = StepProfiler(cfg.logging.profile_step, out, dist.rank, dist.device)
     return Run(stage, out, dist, tc, plan, engine, tokenizer, metrics, progress, start,
-               float(state.get("tokens_seen", 0.0)), meta, cfg.logging.log_every, int(state.get("skipped", 0)))
+               float(state.get("tokens_seen", 0.0)), meta, cfg.logging.log_every, profiler, int(state.get("skipped", 0)))

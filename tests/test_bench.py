@@ -3,6 +3,7 @@ its numbers (hand-computed), the `--dry-run` memory estimate, and tokenizer load
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import statistics
@@ -17,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import run_cli
 from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
-from stages.perf import compile_counters, count_calls, flop_shape, launch_counts, train_flops
+from stages.perf import StepProfiler, compile_counters, count_calls, flop_shape, launch_counts, train_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,8 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     r = json.loads((bench_dir / "out/bench-ppo.json").read_text())
     assert r["benchmark"] == "ppo" and r["workload"] == "tiny" and r["device"] == "cpu"
     # 1 warm-up + 3 timed iterations, the result is the median of the timed ones
-    assert len(r["per_iteration_s"]) == 4 and r["iterations_timed"] == 3
+    assert len(r["per_iteration_s"]) == 4 and r["iterations_timed"] == 3  # the profiled 5th is not among them
+    assert r["profiled_iteration_s"] > 0
     assert r["seconds_per_iteration"] == pytest.approx(statistics.median(r["per_iteration_s"][1:]))
     split = r["split_seconds"]
     assert set(split) == {"generation", "scoring", "policy_update", "critic_update"}
@@ -65,9 +67,21 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     # the real rlhf ppo run: its metrics and final policy
     rows = [json.loads(x) for x in (bench_dir / "out/ppo/metrics.jsonl").read_text().splitlines()]
     perf = [x for x in rows if "perf/iteration_s" in x]
-    assert [x["step"] for x in perf] == [1, 2, 3, 4]
+    assert [x["step"] for x in perf] == [1, 2, 3, 4, 5]
     assert all(x["rollout/response_length"] == 16 for x in perf)
     assert (bench_dir / "out/ppo/final/model.safetensors").exists()
+    # iteration 5 ran under the profiler (logging.profile_step 5): its trace and table, copied beside the result
+    assert sorted(p.name for p in (bench_dir / "out/ppo").glob("profile-*")) == ["profile-step-5.json.gz",
+                                                                                 "profile-step-5.txt"]
+    assert r["profile"] == {"trace": str(bench_dir / "out/bench-ppo-profile.json.gz"),
+                            "table": str(bench_dir / "out/bench-ppo-profile.txt")}
+    events = json.loads(gzip.decompress(Path(r["profile"]["trace"]).read_bytes()))["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"aten::multinomial", "aten::sort", "aten::mm"} <= names  # sampling, top-p, the models' matmuls
+    # the phases as named ranges (16 sampling ranges: one per decoding step)
+    assert {"rlhf.rollout", "rlhf.score", "rlhf.update.policy", "rlhf.update.critic"} <= names
+    assert sum(e.get("name") == "rlhf.sampling" for e in events) == 16
+    assert "aten::mm" in Path(r["profile"]["table"]).read_text()
 
 
 def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
@@ -104,6 +118,31 @@ def test_count_calls_sorts_profiler_event_names_into_launch_kinds():
     assert count_calls(names) == {"graph_launches": 2, "graph_captures": 1, "kernel_launches": 3, "host_syncs": 2,
                                   "copies": 1}
     assert launch_counts(lambda: None, torch.device("cpu")) is None  # nothing to count off a GPU
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_step_profiler_traces_the_chosen_step_only(tmp_path, rank):
+    ops = {1: torch.sin, 2: torch.cos, 3: torch.tan}
+    prof = StepProfiler(2, tmp_path, rank, torch.device("cpu"))
+    for step, op in ops.items():
+        prof.begin(step)
+        op(torch.randn(8))
+    prof.close()
+    suffix = "-rank1" if rank else ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"profile-step-2{suffix}.json.gz",
+                                                         f"profile-step-2{suffix}.txt"]
+    names = {e.get("name") for e in json.loads(gzip.decompress(prof.trace.read_bytes()))["traceEvents"]}
+    assert "aten::cos" in names and not names & {"aten::sin", "aten::tan"}  # step 2's ops, no other step's
+    assert "aten::cos" in prof.table.read_text()
+
+
+def test_step_profiler_at_step_0_never_profiles(tmp_path):
+    prof = StepProfiler(0, tmp_path, 0, torch.device("cpu"))
+    for step in range(3):
+        prof.begin(step)
+        torch.randn(4).sum()
+    prof.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compile_counters_count_traced_graphs_and_cuda_graph_skips():
@@ -192,3 +231,13 @@ def test_bench_configs_of_the_issue_workloads_validate():
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"),
                                                                                          **arch)).parameters())
     assert 490e6 < n < 500e6  # the Qwen2.5-0.5B shape: 494M parameters
+
+
+def test_bench_profile_adds_one_profiled_iteration_after_the_timed_ones(tmp_path):
+    from rlhf_cli.bench_cmd import bench_config
+    from stages.bench import ppo_config_dict
+
+    on = ppo_config_dict(bench_config("w1", None, 5, 2, []), tmp_path)
+    off = ppo_config_dict(bench_config("w1", None, 5, 2, ["profile=false"]), tmp_path)
+    assert (on["train"]["iterations"], on["logging"]["profile_step"]) == (8, 8)
+    assert (off["train"]["iterations"], off["logging"]["profile_step"]) == (7, 0)

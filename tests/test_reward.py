@@ -78,7 +78,9 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     from stages.reward_model import build_reward_model
 
     # the shipped settings, paths changed and cut to 300 of its 1,124 steps (the suite's time)
-    out, res = _train(tmp_path, rm_dict(tmp_path, tiny_sft, max_steps=300, eval_every=100))
+    cfg = rm_dict(tmp_path, tiny_sft, max_steps=300, eval_every=100)
+    cfg["logging"]["profile_step"] = 300  # the last step, a checkpoint and an evaluation in it
+    out, res = _train(tmp_path, cfg)
     evals = _rows(out, "eval/accuracy")
     assert evals[-1]["step"] == _rows(out, "train/loss")[-1]["step"] == 300
     # held-out split of the toy preferences (gold-labelled near-misses: the whole shipped run reaches 0.86; chance 0.5)
@@ -88,6 +90,7 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert sum(r["train/loss"] for r in train[-10:]) / 10 < train[0]["train/loss"] - 0.3
     assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
     assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
+    assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-300.json.gz", "profile-step-300.txt"]
     report = json.loads((out / "data_report.json").read_text())
     assert report["eval"]["examples"] == EVAL_PAIRS and report["train"]["examples"] == TOY_PAIRS - EVAL_PAIRS
 

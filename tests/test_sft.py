@@ -32,7 +32,8 @@ def _run(tmp_path: Path, *extra: str, name: str = "sft.yaml", **train) -> tuple[
 def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    out, res = _run(tmp_path, max_steps=60, eval_every=30, save_every=20)  # save_total_limit 2 (default)
+    # save_total_limit 2 (default); step 7 under the profiler
+    out, res = _run(tmp_path, "--set", "logging.profile_step=7", max_steps=60, eval_every=30, save_every=20)
     rows = _train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 61))
     first, last = rows[0]["train/loss"], sum(r["train/loss"] for r in rows[-5:]) / 5
@@ -43,6 +44,8 @@ def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     assert rows[0]["train/lr"] < rows[5]["train/lr"]  # warm-up
     assert all(r["train/tokens_per_s"] > 0 and r["train/grad_norm"] > 0 for r in rows)
     assert "resolved config" in res.stdout and "eval loss" in res.stdout
+    assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-7.json.gz", "profile-step-7.txt"]
+    assert "autograd::engine::evaluate_function" in (out / "profile-step-7.txt").read_text()  # a training step
 
     final = out / "final"
     model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)

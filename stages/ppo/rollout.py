@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from stages.config import GenerationConfig
@@ -121,14 +122,15 @@ def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: Generati
     `vocab_size`, no stop token before min_new_tokens, the penalty on this response's earlier tokens), then a
     multinomial draw; a finished row gets `pad_id`. Records the step in `state` and returns (tokens [B],
     alive [B]: the row had not finished before this step). No host sync."""
-    banned = state.held if step < gen.min_new_tokens else None
-    scores = process_logits(logits, state.history[:, :step], gen, vocab_size, banned)
-    tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
-    alive = ~state.finished
-    tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-    state.history[:, step] = tok
-    state.alive[:, step] = alive
-    state.finished = state.finished | (alive & torch.isin(tok, state.stops))
+    with record_function("rlhf.sampling"):  # a named range in a profile (logging.profile_step), else nothing
+        banned = state.held if step < gen.min_new_tokens else None
+        scores = process_logits(logits, state.history[:, :step], gen, vocab_size, banned)
+        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        alive = ~state.finished
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        state.history[:, step] = tok
+        state.alive[:, step] = alive
+        state.finished = state.finished | (alive & torch.isin(tok, state.stops))
     return tok, alive
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.profiler import record_function
 
 from stages import faults, stop
 from stages.checkpoint import (
@@ -42,7 +43,7 @@ from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer
-from stages.perf import clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
+from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
 from stages.ppo.models import (
     GenerationCopy,
@@ -282,10 +283,12 @@ def update(
 
             if not critic_only:
                 t0 = clock(dist.device)
-                norms["policy"].append(optimizer_step(policy, micro, policy_micro, guards["policy"]))
+                with record_function("rlhf.update.policy"):
+                    norms["policy"].append(optimizer_step(policy, micro, policy_micro, guards["policy"]))
                 seconds["policy"] += clock(dist.device) - t0
             t0 = clock(dist.device)
-            norms["critic"].append(optimizer_step(critic, micro, critic_micro, guards["critic"]))
+            with record_function("rlhf.update.critic"):
+                norms["critic"].append(optimizer_step(critic, micro, critic_micro, guards["critic"]))
             seconds["critic"] += clock(dist.device) - t0
     out = stats.reduce(dist.device) | {f"perf/{k}_update_s": v for k, v in seconds.items()}
     out["skipped"] = float(sum(g.skipped for g in guards.values()))
@@ -502,18 +505,22 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 end_stopped(signum, done, path, metrics, progress)
 
     shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
+    profiler = StepProfiler(cfg.logging.profile_step, out, dist.rank, dist.device)
     for it in range(start, total):
+        profiler.begin(it + 1)
         critic_only = it < ppo.critic_pretrain_steps
         reset_peak_memory(dist.device)
         t0 = clock(dist.device)
         # 1. rollout
         rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
         p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
-        rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
-                         prompt_capacity=cfg.data.max_prompt_length)
+        with record_function("rlhf.rollout"):
+            rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
+                             prompt_capacity=cfg.data.max_prompt_length)
         t_gen = clock(dist.device) - t0
         # 2-5. score, reward transform, token rewards, GAE
-        exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
+        with record_function("rlhf.score"):
+            exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
         t_score = clock(dist.device) - t0 - t_gen
         if exp is None:  # a non-finite score with train.on_nonfinite: skip
             done = it + 1
@@ -599,6 +606,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
                             f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
 
+    profiler.close()
     progress.close()
     final = publish_final(out, total, dist)
     publish_final(out, total, dist, part="critic/hf", name="final_critic")
