@@ -161,3 +161,41 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
     if "static_speedup" in result:
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}", highlight=False)
+
+
+@bench_app.command("trace")
+def bench_trace_cmd(
+    trace: Annotated[Path, typer.Argument(help="A profile trace: a *-profile.json.gz of bench ppo, or a "
+                                               "profile-step-N.json.gz of logging.profile_step.")],
+    top: Annotated[int, typer.Option("--top", min=1, help="GPU kernels to list.")] = 15,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the summary as JSON.",
+                                                     show_default="none")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Where a profiled step's time went: per named range (rlhf.rollout, rlhf.sampling, rlhf.score, rlhf.update.policy, rlhf.update.critic) its host time, its GPU time, and how busy the GPU was across it (below 1: it waited for the host); then the top GPU kernels by time. Reads the trace only: runs anywhere.
+
+    Example: [bold]rlhf bench trace runs/gpu/ppo-w1-profile.json.gz[/]
+    """  # noqa: E501
+    from stages.bench import write_result
+    from stages.trace import load_trace, summarize_trace
+
+    try:
+        summary = summarize_trace(load_trace(trace), top)
+        if out_file is not None:
+            write_result(summary, out_file)
+    except (OSError, ValueError, KeyError) as exc:
+        fail(RlhfError(f"cannot read the trace {trace}: {type(exc).__name__}: {exc}"), debug)
+    table = Table(title=f"{trace.name}: {summary['gpu_events']} GPU events, {summary['gpu_ms']:.2f} ms on the GPU")
+    for col in ("range", "count", "host ms", "GPU ms (own)", "GPU span ms", "GPU busy"):
+        table.add_column(col, justify="left" if col == "range" else "right")
+    for name, p in summary["phases"].items():
+        table.add_row(name, str(p["count"]), f"{p['host_ms']:.2f}", f"{p['gpu_ms']:.2f}", f"{p['span_ms']:.2f}",
+                      f"{p['busy']:.0%}" if p["span_ms"] else "-")
+    out.print(table)
+    if summary["top_kernels"]:
+        kernels = Table(title=f"top {len(summary['top_kernels'])} GPU kernels")
+        for col in ("kernel", "range", "count", "ms", "share"):
+            kernels.add_column(col, justify="left" if col in ("kernel", "range") else "right")
+        for k in summary["top_kernels"]:
+            kernels.add_row(k["name"][:90], k["phase"], str(k["count"]), f"{k['ms']:.2f}", f"{k['share']:.1%}")
+        out.print(kernels)

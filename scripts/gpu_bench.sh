@@ -71,8 +71,12 @@ for part in "${parts[@]}"; do
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
       step "$part" 100 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
         --out "$OUT/generate-${part#gen-}.json" ;;
-    ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up
-      step "$part" 200 python3 -m rlhf_cli bench ppo --workload "${part#ppo-}" --out "$OUT/ppo-${part#ppo-}.json" ;;
+    ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up;
+            # then the profiled iteration's summary (per phase: GPU time and how busy the GPU was) into the log
+      name=${part#ppo-}
+      step "$part" 200 python3 -m rlhf_cli bench ppo --workload "$name" --out "$OUT/ppo-$name.json"
+      [ -f "$OUT/ppo-$name-profile.json.gz" ] && timeout 60 python3 -m rlhf_cli bench trace \
+        "$OUT/ppo-$name-profile.json.gz" --top 12 ;;
     *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME; NAME a workload in configs/bench)"
        status=2 ;;
   esac

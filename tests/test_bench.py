@@ -241,3 +241,63 @@ def test_bench_profile_adds_one_profiled_iteration_after_the_timed_ones(tmp_path
     off = ppo_config_dict(bench_config("w1", None, 5, 2, ["profile=false"]), tmp_path)
     assert (on["train"]["iterations"], on["logging"]["profile_step"]) == (8, 8)
     assert (off["train"]["iterations"], off["logging"]["profile_step"]) == (7, 0)
+
+
+# ============================================================================================ traces
+def _trace_events() -> list[dict]:
+    """Host ranges rollout [0, 100] with sampling [10, 20] and [50, 60], score [100, 150] (microseconds); host
+    calls 1 (t 5: a graph launch), 2 (t 15), 3 (t 55), 4 (t 120), 5 (t 200: in no range); GPU work queued by
+    them, running later than its call, and one kernel whose call is not in the trace."""
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    return [
+        x("user_annotation", "rlhf.rollout", 0, 100), x("user_annotation", "rlhf.sampling", 10, 10),
+        x("user_annotation", "rlhf.sampling", 50, 10), x("user_annotation", "rlhf.score", 100, 50),
+        x("user_annotation", "gloo:all_reduce", 101, 2),  # not one of ours
+        x("cpu_op", "aten::mm", 120, 3),
+        x("cuda_runtime", "cudaGraphLaunch", 5, 1, correlation=1), x("cuda_runtime", "cudaLaunchKernel", 15, 1,
+                                                                      correlation=2),
+        x("cuda_driver", "cuLaunchKernel", 55, 1, correlation=3), x("cuda_runtime", "cudaLaunchKernel", 120, 1,
+                                                                    correlation=4),
+        x("cuda_runtime", "cudaMemcpyAsync", 121, 1, correlation=6), x("cuda_runtime", "cudaLaunchKernel", 200, 1,
+                                                                       correlation=5),
+        x("kernel", "layer", 30, 10, correlation=1), x("kernel", "layer", 40, 10, correlation=1),
+        x("kernel", "sort", 50, 5, correlation=2), x("kernel", "sort", 70, 10, correlation=3),
+        x("kernel", "gemm", 130, 20, correlation=4), x("gpu_memcpy", "Memcpy DtoH", 150, 5, correlation=6),
+        x("kernel", "late", 210, 10, correlation=5), x("kernel", "orphan", 300, 1, correlation=99),
+    ]
+
+
+def test_trace_summary_places_gpu_work_by_the_range_of_its_host_call():
+    from stages.trace import summarize_trace
+
+    s = summarize_trace(_trace_events(), top=3)
+    p = s["phases"]
+    assert list(p) == ["rlhf.rollout", "rlhf.sampling", "rlhf.score", "other"]
+    # rollout: own work the graph's 2 x 10 us; its span runs over the sampling work nested in it: [30, 80] with
+    # 20 + 5 + 10 us busy
+    assert p["rlhf.rollout"] == pytest.approx({"count": 1, "host_ms": 0.1, "gpu_ms": 0.02, "span_ms": 0.05,
+                                               "busy": 35 / 50})
+    assert p["rlhf.sampling"] == pytest.approx({"count": 2, "host_ms": 0.02, "gpu_ms": 0.015, "span_ms": 0.03,
+                                                "busy": 15 / 30})
+    assert p["rlhf.score"] == pytest.approx({"count": 1, "host_ms": 0.05, "gpu_ms": 0.025, "span_ms": 0.025,
+                                             "busy": 1.0})
+    assert p["other"] == pytest.approx({"count": 0, "host_ms": 0.0, "gpu_ms": 0.011, "span_ms": 0.091,
+                                        "busy": 11 / 91})
+    assert s["gpu_ms"] == pytest.approx(0.071) and s["gpu_events"] == 8
+    assert [(k["name"], k["phase"], k["count"]) for k in s["top_kernels"]] == [
+        ("gemm", "rlhf.score", 1), ("layer", "rlhf.rollout", 2), ("sort", "rlhf.sampling", 2)]
+    assert s["top_kernels"][0]["share"] == pytest.approx(20 / 71)
+
+
+def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
+    trace = tmp_path / "t.json.gz"
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": _trace_events()}).encode()))
+    r = _rlhf("bench", "trace", str(trace), "--out", "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "rlhf.sampling" in r.stdout and "8 GPU events" in r.stdout and "gemm" in r.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["phases"]["rlhf.score"]["busy"] == 1.0
+    (tmp_path / "bad.json").write_text("{")
+    r = _rlhf("bench", "trace", "bad.json", cwd=tmp_path)
+    assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr
