@@ -66,17 +66,18 @@ for part in "${parts[@]}"; do
       step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_ppo_units.py ;;
     gen-stop-*)  # the compiled static sampler with a stop check at every step (min_new_tokens 0)
       name=${part#gen-stop-}
-      step "$part" 100 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache static \
+      step "$part" 80 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache static \
         --set ppo.generation.min_new_tokens=0 --out "$OUT/generate-stop-$name.json" ;;
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
-      step "$part" 100 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
+      step "$part" 80 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
         --out "$OUT/generate-${part#gen-}.json" ;;
     ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up;
             # then the profiled iteration's summary (per phase: GPU time and how busy the GPU was) into the log
       name=${part#ppo-}
-      step "$part" 200 python3 -m rlhf_cli bench ppo --workload "$name" --out "$OUT/ppo-$name.json"
-      [ -f "$OUT/ppo-$name-profile.json.gz" ] && timeout 60 python3 -m rlhf_cli bench trace \
-        "$OUT/ppo-$name-profile.json.gz" --top 12 ;;
+      step "$part" 220 python3 -m rlhf_cli bench ppo --workload "$name" --out "$OUT/ppo-$name.json"
+      if [ -f "$OUT/ppo-$name-profile.json.gz" ]; then
+        timeout 60 python3 -m rlhf_cli bench trace "$OUT/ppo-$name-profile.json.gz" --top 12 || status=1
+      fi ;;
     *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME; NAME a workload in configs/bench)"
        status=2 ;;
   esac

@@ -28,6 +28,7 @@ import torch
 from stages import faults
 from stages.distributed import DistInfo, all_reduce_sum, barrier, rng_state, set_rng_state
 from stages.errors import CheckpointError, ConfigError
+from stages.perf import PROFILE_PREFIX
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_ARTIFACTS = (
@@ -71,7 +72,7 @@ def clear_run(out_dir: Path) -> None:
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
-        if p.name.startswith((CHECKPOINT_PREFIX, ".tmp-")) or p.name in RUN_ARTIFACTS:
+        if p.name.startswith((CHECKPOINT_PREFIX, ".tmp-", PROFILE_PREFIX)) or p.name in RUN_ARTIFACTS:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 

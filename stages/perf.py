@@ -15,9 +15,7 @@ log-prob chunks) is hardware work and is not counted: MFU measures useful model 
 
 from __future__ import annotations
 
-import gzip
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -119,7 +117,8 @@ def count_calls(names: Iterable[str]) -> dict[str, int]:
 def launch_counts(fn: Callable[[], Any], device: torch.device) -> dict[str, int] | None:
     """Run `fn` once under torch.profiler and count its CUDA graph launches and captures, kernel launches, host
     syncs and copies (`count_calls`); None off a GPU. What a compiled decoding step should show: one graph
-    launch and no capture per step, kernel launches only for the sampling work, no host sync per step."""
+    launch and no capture per step, kernel launches only for the sampling work, no host sync per step. The
+    profiler may record its own synchronize at the end among the host syncs."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -140,22 +139,28 @@ def compile_counters() -> dict[str, int]:
             "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
 
 
+#: what `StepProfiler` files are named with (a fresh run in an output directory removes them)
+PROFILE_PREFIX = "profile-step-"
+
+
 def profile_paths(out: Path, step: int, rank: int = 0) -> tuple[Path, Path]:
     """Where `StepProfiler` writes step `step`'s trace and table."""
-    stem = f"profile-step-{step}" + (f"-rank{rank}" if rank else "")
+    stem = f"{PROFILE_PREFIX}{step}" + (f"-rank{rank}" if rank else "")
     return out / f"{stem}.json.gz", out / f"{stem}.txt"
 
 
 class StepProfiler:
-    """torch.profiler over one training step (logging.profile_step, 1-based; 0 = never): CPU ops and, on a GPU,
-    CUDA kernels and API calls. `begin(step)` at the top of every step starts it for the chosen step and stops
-    it at the next one's (or at `close()`, after the loop), then writes into the output directory
+    """torch.profiler over one training step's training work (logging.profile_step, 1-based; 0 = never): CPU
+    ops and, on a GPU, CUDA kernels and API calls. A step loop calls `begin(step)` at the top of every step,
+    which starts it for the chosen step, and `close()` where the step's training work ends (before evaluation
+    and checkpoints), which stops it (once; later calls do nothing) and writes into the output directory
 
         profile-step-N.json.gz   the Chrome trace of that step (ui.perfetto.dev or chrome://tracing)
         profile-step-N.txt       its ops and kernels by total time (torch.profiler's table, 60 rows)
 
     (names ending in -rankR on ranks other than 0). The profiled step's own timings include the profiler's
-    overhead. A failed write is a warning: a profile is not worth a training run."""
+    overhead. A step that ends in an error leaves no profile. A failed write is a warning: a profile is not
+    worth a training run."""
 
     def __init__(self, step: int, out: Path, rank: int, device: torch.device) -> None:
         self.step, self.device = step, device
@@ -179,16 +184,12 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
         prof.__exit__(None, None, None)
         sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
-        plain = self.trace.with_suffix("")  # profile-step-N.json
         try:
             self.table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
-            prof.export_chrome_trace(str(plain))
-            with plain.open("rb") as src, gzip.open(self.trace, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except OSError as exc:
-            print(f"warning: could not write the profile of step {self.step}: {exc}", file=sys.stderr)
-        finally:
-            plain.unlink(missing_ok=True)
+            prof.export_chrome_trace(str(self.trace))  # a .gz name: torch writes it gzipped
+        except Exception as exc:  # noqa: BLE001 - OSError, or the profiler's own RuntimeError
+            print(f"warning: could not write the profile of step {self.step}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
 
 
 def unwrap(model: Any) -> torch.nn.Module:

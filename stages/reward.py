@@ -244,6 +244,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
         shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
         run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
+        run.profiler.close()  # a profiled step's training work ends here; evaluation and checkpoints are not in it
         saving = run.should_save(done)  # also on a stop signal, which must not add an eval row
         scheduled = due(done, tc.save_every, run.total)
         if eval_rows is not None and (scheduled or due(done, tc.eval_every, run.total)):

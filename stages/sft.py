@@ -152,6 +152,7 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         if "grad_norm" in stats:
             values["train/grad_norm"] = stats["grad_norm"]
         run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, {"loss": stats["loss"], "lr": lr}, guard)
+        run.profiler.close()  # a profiled step's training work ends here; evaluation and checkpoints are not in it
         if eval_rows is not None and due(done, tc.eval_every, run.total):
             ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
             run.metrics.log(done, ev)

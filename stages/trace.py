@@ -11,15 +11,18 @@ A trace holds, among others, these complete ("X") events, timestamps and duratio
     gpu_memset
 
 A GPU event belongs to the innermost `rlhf.*` range around the host call that queued it (so work that runs
-after its range has ended on the host still counts for it), else to "other". Per range name:
+after its range has ended on the host still counts for it), else to "other". Per range name, over its
+instances (rlhf.sampling: one per decoding step):
 
     host_ms     summed durations of the ranges on the host
     gpu_ms      summed durations of its own GPU events (nested ranges' events excluded)
-    span_ms     from the first start to the last end of the GPU events of the range and those nested in it
-    busy        union of those events' intervals / span: near 1 = the GPU never waited; well below 1 = it
-                waited for the host (launches, syncs) between them
+    span_ms     summed over the instances: from the first start to the last end of the GPU events of the
+                instance and of the ranges nested in it
+    busy        the union of those events' intervals, summed over the instances, / span_ms: near 1 = the GPU
+                never waited; well below 1 = it waited for the host (launches, syncs) between them
 
-On a CPU trace there are no GPU events: gpu_ms, span_ms and busy are 0.
+"other" has no instances: its span_ms and busy are 0. On a CPU trace there are no GPU events: gpu_ms,
+span_ms and busy are 0.
 """
 
 from __future__ import annotations
@@ -57,11 +60,13 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def _placement(ranges: list[tuple[float, float, str]], t: float | None) -> tuple[str, set[str]]:
-    """(the name of the shortest of `ranges` (start, end, name) holding host time t, the names of all that
-    hold it); OTHER for a time in none of them, or an unknown one."""
-    holding = [(end - start, name) for start, end, name in ranges if t is not None and start <= t <= end]
-    return (min(holding)[1], {name for _, name in holding}) if holding else (OTHER, {OTHER})
+def _placement(ranges: list[tuple[float, float, str]], t: float | None) -> tuple[str, list[int]]:
+    """(the name of the shortest of `ranges` (start, end, name) holding host time t, the indices of all that
+    hold it); (OTHER, []) for a time in none of them, or an unknown one."""
+    holding = [i for i, (start, end, _) in enumerate(ranges) if t is not None and start <= t <= end]
+    if not holding:
+        return OTHER, []
+    return ranges[min(holding, key=lambda i: ranges[i][1] - ranges[i][0])][2], holding
 
 
 def summarize_trace(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
@@ -76,9 +81,9 @@ def summarize_trace(events: list[dict[str, Any]], top: int = 15) -> dict[str, An
     for start, end, name in ranges:
         host[name].append(end - start)
     own: dict[str, float] = defaultdict(float)
-    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    per_range: dict[int, list[tuple[float, float]]] = defaultdict(list)  # GPU intervals of each range instance
     kernels: dict[tuple[str, str], list[float]] = defaultdict(list)
-    placed: dict[Any, tuple[str, set[str]]] = {}  # by correlation: a graph's kernels share their launch's
+    placed: dict[Any, tuple[str, list[int]]] = {}  # by correlation: a graph's kernels share their launch's
     for e in complete:
         if e.get("cat") not in GPU_CATEGORIES:
             continue
@@ -89,15 +94,19 @@ def summarize_trace(events: list[dict[str, Any]], top: int = 15) -> dict[str, An
         start, dur = float(e["ts"]), float(e["dur"])
         own[phase] += dur
         kernels[(e["name"], phase)].append(dur)
-        for name in holders:
-            spans[name].append((start, start + dur))
+        for i in holders:
+            per_range[i].append((start, start + dur))
+    span: dict[str, float] = defaultdict(float)
+    covered: dict[str, float] = defaultdict(float)
+    for i, intervals in per_range.items():
+        name = ranges[i][2]
+        span[name] += max(e for _, e in intervals) - min(s for s, _ in intervals)
+        covered[name] += union_length(intervals)
     phases: dict[str, dict[str, float]] = {}
     for name in sorted(set(host) | set(own), key=lambda n: (n == OTHER, n)):
-        intervals = spans.get(name, [])
-        span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
         phases[name] = {"count": len(host.get(name, [])), "host_ms": sum(host.get(name, [])) / 1e3,
-                        "gpu_ms": own.get(name, 0.0) / 1e3, "span_ms": span / 1e3,
-                        "busy": union_length(intervals) / span if span else 0.0}
+                        "gpu_ms": own.get(name, 0.0) / 1e3, "span_ms": span[name] / 1e3,
+                        "busy": covered[name] / span[name] if span[name] else 0.0}
     gpu_total = sum(own.values())
     ranked = sorted(kernels.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:top]
     return {

@@ -303,7 +303,6 @@ class Run:
 
     def finish(self) -> Path:
         """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
-        self.profiler.close()
         self.progress.close()
         final = publish_final(self.out, self.total, self.dist)
         self.metrics.event(self.total, "final", path=str(final))

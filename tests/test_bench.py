@@ -264,6 +264,7 @@ def _trace_events() -> list[dict]:
                                                                        correlation=5),
         x("kernel", "layer", 30, 10, correlation=1), x("kernel", "layer", 40, 10, correlation=1),
         x("kernel", "sort", 50, 5, correlation=2), x("kernel", "sort", 70, 10, correlation=3),
+        x("kernel", "sort", 85, 5, correlation=3),  # after a 5 us wait
         x("kernel", "gemm", 130, 20, correlation=4), x("gpu_memcpy", "Memcpy DtoH", 150, 5, correlation=6),
         x("kernel", "late", 210, 10, correlation=5), x("kernel", "orphan", 300, 1, correlation=99),
     ]
@@ -275,20 +276,22 @@ def test_trace_summary_places_gpu_work_by_the_range_of_its_host_call():
     s = summarize_trace(_trace_events(), top=3)
     p = s["phases"]
     assert list(p) == ["rlhf.rollout", "rlhf.sampling", "rlhf.score", "other"]
-    # rollout: own work the graph's 2 x 10 us; its span runs over the sampling work nested in it: [30, 80] with
-    # 20 + 5 + 10 us busy
-    assert p["rlhf.rollout"] == pytest.approx({"count": 1, "host_ms": 0.1, "gpu_ms": 0.02, "span_ms": 0.05,
-                                               "busy": 35 / 50})
-    assert p["rlhf.sampling"] == pytest.approx({"count": 2, "host_ms": 0.02, "gpu_ms": 0.015, "span_ms": 0.03,
-                                                "busy": 15 / 30})
+    # rollout: own work the graph's 2 x 10 us; its span runs over the sampling work nested in it: [30, 90] with
+    # 20 + 5 + 10 + 5 us busy
+    assert p["rlhf.rollout"] == pytest.approx({"count": 1, "host_ms": 0.1, "gpu_ms": 0.02, "span_ms": 0.06,
+                                               "busy": 40 / 60})
+    # sampling, per step: [50, 55] all busy; [70, 90] busy 15 of 20 us -- not the span from step 1 to step 2,
+    # which the rollout's graph work fills
+    assert p["rlhf.sampling"] == pytest.approx({"count": 2, "host_ms": 0.02, "gpu_ms": 0.02, "span_ms": 0.025,
+                                                "busy": 20 / 25})
     assert p["rlhf.score"] == pytest.approx({"count": 1, "host_ms": 0.05, "gpu_ms": 0.025, "span_ms": 0.025,
                                              "busy": 1.0})
-    assert p["other"] == pytest.approx({"count": 0, "host_ms": 0.0, "gpu_ms": 0.011, "span_ms": 0.091,
-                                        "busy": 11 / 91})
-    assert s["gpu_ms"] == pytest.approx(0.071) and s["gpu_events"] == 8
+    assert p["other"] == pytest.approx({"count": 0, "host_ms": 0.0, "gpu_ms": 0.011, "span_ms": 0.0, "busy": 0.0})
+    assert s["gpu_ms"] == pytest.approx(0.076) and s["gpu_events"] == 9
+    # 20 us each: ties in name order
     assert [(k["name"], k["phase"], k["count"]) for k in s["top_kernels"]] == [
-        ("gemm", "rlhf.score", 1), ("layer", "rlhf.rollout", 2), ("sort", "rlhf.sampling", 2)]
-    assert s["top_kernels"][0]["share"] == pytest.approx(20 / 71)
+        ("gemm", "rlhf.score", 1), ("layer", "rlhf.rollout", 2), ("sort", "rlhf.sampling", 3)]
+    assert s["top_kernels"][0]["share"] == pytest.approx(20 / 76)
 
 
 def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
@@ -296,7 +299,7 @@ def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
     trace.write_bytes(gzip.compress(json.dumps({"traceEvents": _trace_events()}).encode()))
     r = _rlhf("bench", "trace", str(trace), "--out", "s.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "rlhf.sampling" in r.stdout and "8 GPU events" in r.stdout and "gemm" in r.stdout
+    assert "rlhf.sampling" in r.stdout and "9 GPU events" in r.stdout and "gemm" in r.stdout
     assert json.loads((tmp_path / "s.json").read_text())["phases"]["rlhf.score"]["busy"] == 1.0
     (tmp_path / "bad.json").write_text("{")
     r = _rlhf("bench", "trace", "bad.json", cwd=tmp_path)

@@ -237,10 +237,12 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     assert not (out / "tokenizer").exists() and (out / "resolved_config.yaml").read_text() == "a: 1\n"
     (out / "checkpoint-00000002").mkdir()
     (out / "tokenizer").mkdir()
+    (out / "profile-step-2.json.gz").write_bytes(b"")  # logging.profile_step's: an earlier run's, not this one's
     with pytest.raises(ConfigError, match="already holds a run .checkpoint-00000002"):
         prepare_output_dir(out, "a: 2\n", resume=False, overwrite=False)
     prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False)  # resuming keeps everything
     assert (out / "tokenizer").exists() and (out / "checkpoint-00000002").exists()
+    assert (out / "profile-step-2.json.gz").exists()
     prepare_output_dir(out, "a: 3\n", resume=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["resolved_config.yaml"]
     with pytest.raises(ConfigError, match="contradict"):

@@ -208,40 +208,49 @@ def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch, pro
     assert frames["unique_graphs"] == 1, dict(frames)
 
 
-def _host_syncs(fn) -> int:
+def _ancestors(event) -> list[str]:
+    names, parent = [], event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return names
+
+
+def _host_syncs(fn) -> tuple[int, int]:
     """Ops `fn` runs that make the host wait for the device on a GPU, counted by torch.profiler on the CPU
     (where every one of them shows): `aten::_local_scalar_dense` (behind .item(), bool() and float() of a
     tensor) and `aten::nonzero` (boolean indexing), except inside `aten::_assert_async` (a device-side check
-    on a GPU, e.g. torch.multinomial's)."""
+    on a GPU, e.g. torch.multinomial's); and, second, the `aten::index_put_` inside the sampling work (an
+    assignment like z[:, ids] = -inf, whose host scalar CUDA copies to the device with a blocking copy)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    count = 0
+    syncs = puts = 0
     for event in prof.events():
+        above = _ancestors(event)
         if event.name in ("aten::_local_scalar_dense", "aten::nonzero"):
-            parent = event.cpu_parent
-            while parent is not None and parent.name != "aten::_assert_async":
-                parent = parent.cpu_parent
-            count += parent is None
-    return count
+            syncs += "aten::_assert_async" not in above
+        puts += event.name == "aten::index_put_" and "rlhf.sampling" in above
+    return syncs, puts
 
 
 def test_static_decoding_makes_no_host_sync_per_step():
-    # exactly as many syncs in a rollout of 8 tokens as in one of 4 (the prefill's), none in a decoding step;
-    # with a stop check (min_new_tokens below max_new_tokens), one per step that asks it, as sample() documents
+    # exactly as many syncs in a rollout of 8 tokens as in one of 4 (the prefill's), none in a decoding step,
+    # also while the stop token is held back (min_new_tokens); with a stop check (min_new_tokens below
+    # max_new_tokens), one per step that asks it, as sample() documents
     model = _model("llama")
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
-    never = [VOCAB + 5]  # a stop id no row can draw: every row runs to max_new_tokens
 
-    def rollout(n: int, min_new: int) -> int:
+    def rollout(n: int, min_new: int, stop: int) -> tuple[int, int]:
         gen = GenerationConfig(max_new_tokens=n, min_new_tokens=min_new, cache="static")
-        sample(model, ids, mask, gen, never, PAD_ID, VOCAB)  # the cache allocated outside the count
-        return _host_syncs(lambda: sample(model, ids, mask, gen, never, PAD_ID, VOCAB))
+        sample(model, ids, mask, gen, [stop], PAD_ID, VOCAB)  # the cache allocated outside the count
+        return _host_syncs(lambda: sample(model, ids, mask, gen, [stop], PAD_ID, VOCAB))
 
-    fixed = rollout(4, 4)
-    assert rollout(8, 8) == fixed <= 3
-    assert rollout(8, 2) == fixed + 5  # asked after steps 2..6 (the last step never asks)
+    fixed, puts = rollout(4, 4, stop=1)  # stop id 1 held back at every step
+    assert rollout(8, 8, stop=1) == (fixed, puts) and fixed <= 3 and puts == 0
+    never = VOCAB + 5  # a stop id no row can draw: every row runs to max_new_tokens and asks at every step
+    assert rollout(8, 2, stop=never) == (fixed + 5, 0)  # asked after steps 2..6 (the last step never asks)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])

@@ -79,7 +79,7 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
 
     # the shipped settings, paths changed and cut to 300 of its 1,124 steps (the suite's time)
     cfg = rm_dict(tmp_path, tiny_sft, max_steps=300, eval_every=100)
-    cfg["logging"]["profile_step"] = 300  # the last step, a checkpoint and an evaluation in it
+    cfg["logging"]["profile_step"] = 300  # the last step: its training work, not its evaluation or checkpoint
     out, res = _train(tmp_path, cfg)
     evals = _rows(out, "eval/accuracy")
     assert evals[-1]["step"] == _rows(out, "train/loss")[-1]["step"] == 300
@@ -91,6 +91,8 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
     assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
     assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-300.json.gz", "profile-step-300.txt"]
+    table = (out / "profile-step-300.txt").read_text()
+    assert "autograd::engine::evaluate_function" in table
     report = json.loads((out / "data_report.json").read_text())
     assert report["eval"]["examples"] == EVAL_PAIRS and report["train"]["examples"] == TOY_PAIRS - EVAL_PAIRS
 

@@ -68,15 +68,17 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationC
     3. top-k: all but the k largest scores -> -inf (k = 0: off);
     4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one).
 
-    Cost per decoding step, in passes over the [B, V] scores: the float32 copy, the temperature, and with top-p
-    a sort plus the nucleus bookkeeping. The penalty reads and writes only the [B, t] generated positions
-    (gather, then scatter: a token generated twice gets the same penalised value written twice), not the
-    whole vocabulary."""
+    The penalty reads and writes only the [B, t] generated positions (gather, then scatter: a token generated
+    twice gets the same penalised value written twice), not the whole [B, V] scores; the float32 copy, the
+    temperature, top-k's threshold and fill and top-p's sort and nucleus bookkeeping each pass over them. No
+    host sync."""
     z = logits.to(torch.float32, copy=True)
     if vocab_size is not None:
         z[:, vocab_size:] = float("-inf")
     if banned is not None and banned.numel():
-        z[:, banned] = float("-inf")
+        # index_fill_, not z[:, banned] = -inf: that is an index_put_ of a host scalar, which CUDA copies to the
+        # device with a blocking copy, a host sync at every step before min_new_tokens
+        z.index_fill_(1, banned, float("-inf"))
     if gen.repetition_penalty != 1.0 and history.shape[1]:
         picked = z.gather(1, history)
         z.scatter_(1, history, torch.where(picked > 0, picked / gen.repetition_penalty,
@@ -109,11 +111,11 @@ class DrawState:
     def start(cls, batch: int, steps: int, width: int, stop_ids: list[int], device: torch.device) -> "DrawState":
         """Buffers for `steps` decoding steps of `batch` rows whose logits have `width` columns."""
         stops = sorted(set(stop_ids))
+        held = [s for s in stops if s < width]
+        both = torch.tensor(stops + held, dtype=torch.long, device=device)  # one copy to the device
         return cls(torch.empty(batch, steps, dtype=torch.long, device=device),
                    torch.empty(batch, steps, dtype=torch.bool, device=device),
-                   torch.zeros(batch, dtype=torch.bool, device=device),
-                   torch.tensor(stops, dtype=torch.long, device=device),
-                   torch.tensor([s for s in stops if s < width], dtype=torch.long, device=device))
+                   torch.zeros(batch, dtype=torch.bool, device=device), both[:len(stops)], both[len(stops):])
 
 
 def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: GenerationConfig, vocab_size: int,

@@ -583,6 +583,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
             show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
                          response_lists(rollout, []), exp["raw"].tolist(), gold)
+        profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
         # validation and best/
         if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
             ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids)
@@ -606,7 +607,6 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
                             f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
 
-    profiler.close()
     progress.close()
     final = publish_final(out, total, dist)
     publish_final(out, total, dist, part="critic/hf", name="final_critic")
