@@ -21,8 +21,8 @@
 # ppo-w1-profile.json.gz and ppo-w1-profile.txt (torch.profiler's trace and kernel table of one more, untimed,
 # iteration: where the time goes, read back here), generate-w1.json (ppo-w2*, generate-stop-w1.json, ...),
 # log.txt (everything printed, recompilations and CUDA-graph recordings included): 7 files with the default
-# parts, and the device tool returns 8 at most. Exits 1 if a part failed or ran out of its time. `scripts/gpu_bench.sh gen-tiny ppo-tiny`
-# on a CPU machine checks the script itself.
+# parts, and the device tool returns 8 at most. Exits 1 if a part failed or ran out of its time.
+# `scripts/gpu_bench.sh gen-tiny ppo-tiny` on a CPU machine checks the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -40,6 +40,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # CUDA-graph recordings (and the reason for a skipped one) logged
 export TORCH_CUDA_ARCH_LIST=9.0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TORCH_LOGS=${TORCH_LOGS:-recompiles,cudagraphs}
+python3 -c "import torch" 2>/dev/null || { echo "TORCH_LOGS=$TORCH_LOGS refused; logging recompiles only"
+                                          export TORCH_LOGS=recompiles; }
 
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(tests ppo-w1 gen-w1)
