@@ -105,10 +105,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
     """The `rlhf ppo` config of the benchmark: the workload's models and prompts, exactly new_tokens per
     response, one rollout batch per iteration, no validation, samples or intermediate checkpoints, with
-    `profile` one more iteration under the profiler; then the bench config's `ppo:` keys on top."""
+    `profile` one more iteration under the profiler (after the critic-only iterations of a `ppo:` key
+    ppo.critic_pretrain_steps, and warmup + iterations); then the bench config's `ppo:` keys on top."""
     w = cfg.workload
     micro = min(16, w.prompts)
     runs = cfg.warmup + cfg.iterations
+    critic_only = int(cfg.ppo.get("ppo", {}).get("critic_pretrain_steps", 0))
     base = {
         "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "ppo"),
         "model": {"name_or_path": str(workload / "policy")},
@@ -121,7 +123,7 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
                   "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
                   "sample_every": 0, "save_every": 0},
         "deepspeed": {"zero_stage": 0},
-        "logging": {"tensorboard": False, "profile_step": runs + 1 if cfg.profile else 0},
+        "logging": {"tensorboard": False, "profile_step": critic_only + runs + 1 if cfg.profile else 0},
     }
     return _merge(base, cfg.ppo)
 
@@ -140,15 +142,17 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, device: torch.device,
                   estimate: dict[str, Any] | None) -> dict[str, Any]:
-    """Medians of the timed iterations (the first `warmup` dropped, and the profiled one after them),
+    """Medians of the timed iterations: the policy iterations (after ppo.critic_pretrain_steps critic-only
+    ones) after the first `warmup`, up to warmup + iterations, the profiled one (logging.profile_step) left out;
     throughput, peak memory and MFU."""
     every = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
              if "perf/iteration_s" in r]
-    rows = [r for r in every if r["step"] <= cfg.warmup + cfg.iterations]
-    timed = [r for r in rows if r["step"] > cfg.warmup]
+    first = ppo_cfg.ppo.critic_pretrain_steps  # steps 1..first update the critic only
+    profile_step = ppo_cfg.logging.profile_step
+    rows = [r for r in every if first < r["step"] <= first + cfg.warmup + cfg.iterations and r["step"] != profile_step]
+    timed = [r for r in rows if r["step"] > first + cfg.warmup]
     if not timed:
         raise ValueError(f"no timed iterations in {metrics_file}")
-    profile_step = ppo_cfg.logging.profile_step
     it = _median(timed, "perf/iteration_s") or 0.0
     split = {k: _median(timed, f"perf/{k}_s") for k in ("generation", "scoring", "policy_update", "critic_update")}
     samples = ppo_cfg.train.rollout_batch_size

@@ -304,3 +304,27 @@ def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     r = _rlhf("bench", "trace", "bad.json", cwd=tmp_path)
     assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_summary_times_policy_iterations_after_critic_pretraining(tmp_path):
+    # ppo.critic_pretrain_steps 2, warmup 1, iterations 2, profile: steps 1-2 update the critic only, 3 warms
+    # up, 4-5 are timed, 6 is profiled
+    from rlhf_cli.bench_cmd import bench_config
+    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.config import PPOConfig
+
+    cfg = bench_config("tiny", None, 2, 1, ["ppo.ppo.critic_pretrain_steps=2"])
+    raw = ppo_config_dict(cfg, tmp_path)
+    assert (raw["train"]["iterations"], raw["logging"]["profile_step"]) == (4, 6)
+    ppo = PPOConfig.model_validate(raw)
+    seconds = {1: 9.0, 2: 9.0, 3: 5.0, 4: 1.0, 5: 2.0, 6: 7.0}
+    parts = ("generation", "scoring", "policy_update", "critic_update")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "perf/iteration_s": t, "rollout/response_length": 16.0,
+                                           "perf/update_tflops": 1.0, "perf/peak_host_rss_gib": 1.0,
+                                           **{f"perf/{k}_s": t / 4 for k in parts}}) + "\n"
+                               for s, t in seconds.items()))
+    r = summarize_ppo(cfg, ppo, metrics, torch.device("cpu"), None)
+    assert r["iterations_timed"] == 2 and r["seconds_per_iteration"] == 1.5  # median of steps 4 and 5
+    assert r["per_iteration_s"] == [5.0, 1.0, 2.0] and r["profiled_iteration_s"] == 7.0
+    assert r["split_seconds"]["generation"] == pytest.approx(1.5 / 4)
