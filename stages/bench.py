@@ -110,7 +110,6 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
     w = cfg.workload
     micro = min(16, w.prompts)
     runs = cfg.warmup + cfg.iterations
-    critic_only = int(cfg.ppo.get("ppo", {}).get("critic_pretrain_steps", 0))
     base = {
         "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "ppo"),
         "model": {"name_or_path": str(workload / "policy")},
@@ -123,9 +122,12 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
                   "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
                   "sample_every": 0, "save_every": 0},
         "deepspeed": {"zero_stage": 0},
-        "logging": {"tensorboard": False, "profile_step": critic_only + runs + 1 if cfg.profile else 0},
+        "logging": {"tensorboard": False},
     }
-    return _merge(base, cfg.ppo)
+    merged = _merge(base, cfg.ppo)
+    critic_only = merged["ppo"]["critic_pretrain_steps"]  # iterations 1..critic_only come before the warm-up
+    merged["logging"].setdefault("profile_step", critic_only + runs + 1 if cfg.profile else 0)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------- results
