@@ -1,4 +1,4 @@
-"""`rlhf bench ppo` and `rlhf bench generate` (stages/bench.py does the work)."""
+"""`rlhf bench ppo`, `generate`, `floor` and `trace` (stages/bench.py, roofline.py and trace.py do the work)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _fmt(value: Any) -> str:
 @bench_app.command("ppo")
 def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None, warmup: WarmupOpt = None,
               set_: SetOpt = None, out_file: OutOpt = None, debug: DebugOpt = False) -> None:
-    """Run `rlhf ppo` on the workload (one process) and report the median seconds per iteration, its split (generation / scoring / policy update / critic update), samples/s, tokens/s, peak memory against the --dry-run estimate, and the update's model FLOP utilisation; with the config's profile (default on), one more iteration's torch.profiler trace and kernel table beside the result.
+    """Run `rlhf ppo` on the workload (one process) and report the median seconds per iteration, its split (generation / scoring / policy update / critic update), samples/s, tokens/s, peak memory against the --dry-run estimate, the update's model FLOP utilisation, and (on a known GPU, or with the config's peak_tflops and peak_bandwidth_tbs) each phase's roofline floor and the gap to it; with the config's profile (default on), one more iteration's torch.profiler trace and kernel table beside the result.
 
     Example: [bold]rlhf bench ppo --workload w1[/]  (JSON in runs/bench/w1/bench-ppo.json)
     """  # noqa: E501
@@ -123,6 +123,14 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
               "peak_memory_gib", "estimated_memory_gib", "compiled_graphs", "cudagraph_skips"):
         table.add_row(k, _fmt(result[k]))
     out.print(table)
+    if result["floors"]:
+        measured = result["split_seconds"] | {"iteration": result["seconds_per_iteration"]}
+        roof = Table(title=f"roofline floors at {result['peak_tflops']} TFLOP/s, {result['peak_bandwidth_tbs']} TB/s")
+        for col in ("phase", "measured s", "floor s", "bound", "gap"):
+            roof.add_column(col, justify="left" if col in ("phase", "bound") else "right")
+        for phase, f in result["floors"].items():
+            roof.add_row(phase, _fmt(measured[phase]), _fmt(f["floor_s"]), f["bound"], f"{_fmt(f['gap'])}x")
+        out.print(roof)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
 
 
@@ -133,7 +141,7 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
                            "--cache", help="KV cache(s) to time: the fast static one (compiled when the config's "
                            "generation.compile), the dynamic reference, or both.")] = "both",
                        out_file: OutOpt = None, debug: DebugOpt = False) -> None:
-    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone, and on a GPU the CUDA graph launches, kernel launches and host syncs per token of one profiled rollout.
+    """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone, the rollout's roofline floor and each cache's gap to it (known GPU or configured peaks), and on a GPU the CUDA graph launches, kernel launches and host syncs per token of one profiled rollout.
 
     Example: [bold]rlhf bench generate --workload w1[/]
     """  # noqa: E501
@@ -160,7 +168,53 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
               highlight=False)
     if "static_speedup" in result:
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
+    if result["floor"]:
+        f = result["floor"]
+        out.print(f"roofline floor: {f['floor_s']:.4f} s ({f['bound']}-bound: {f['tflop']:.3g} TFLOP, "
+                  f"{f['gbytes']:.3g} GB at {result['peak_tflops']} TFLOP/s, {result['peak_bandwidth_tbs']} TB/s); gap "
+                  + ", ".join(f"{c} {result[c]['gap']:.1f}x" for c in caches), highlight=False)
     out.print(f"wrote {target}", highlight=False)
+
+
+@bench_app.command("floor")
+def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+                    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Price it for this GPU (a name from the "
+                                                               "data-sheet tables: H100, H200, A100, ...); default: "
+                                                               "the config's peak_tflops/peak_bandwidth_tbs, else this "
+                                                               "machine's GPU.", show_default="none")] = None,
+                    debug: DebugOpt = False) -> None:
+    """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense bf16 peak, bytes over memory bandwidth, whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
+
+    Example: [bold]rlhf bench floor --workload w1 --gpu H100[/]
+    """  # noqa: E501
+    import torch
+
+    from stages.bench import workload_floors
+    from stages.engine import model_dtype
+    from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
+
+    try:
+        cfg = bench_config(workload, config, None, None, set_ or [])
+        name = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+        peak = cfg.peak_tflops or (peak_tflops(name) if name else None)
+        bandwidth = cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None)
+        if not peak or not bandwidth:
+            known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
+            raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "
+                              f"({', '.join(known)}) or peak_tflops and peak_bandwidth_tbs (--set)")
+        algo = cfg.ppo.get("ppo", {})
+        dtype = model_dtype("auto", cfg.ppo.get("deepspeed", {}).get("precision", "bf16"))
+        floors = workload_floors(cfg, int(algo.get("ppo_epochs", 1)), dtype, peak, bandwidth)
+    except (RlhfError, ValueError) as exc:
+        fail(exc, debug)
+    w = cfg.workload
+    table = Table(title=f"{cfg.name} ({w.prompts} prompts x {w.prompt_length} tokens, {w.new_tokens} new) at "
+                        f"{peak} TFLOP/s, {bandwidth} TB/s")
+    for col in ("phase", "floor s", "bound", "TFLOP", "GB moved"):
+        table.add_column(col, justify="left" if col in ("phase", "bound") else "right")
+    for phase, f in floors.items():
+        table.add_row(phase, f"{f.seconds:.4f}", f.bound, f"{f.flops / 1e12:.2f}", f"{f.bytes / 1e9:.1f}" if f.bytes else "-")
+    out.print(table)
 
 
 @bench_app.command("trace")

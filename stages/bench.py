@@ -32,11 +32,13 @@ from stages.perf import (
     clock,
     compile_counters,
     launch_counts,
+    peak_bandwidth_tbs,
     peak_memory_gib,
     peak_tflops,
     profile_paths,
     reset_peak_memory,
 )
+from stages.roofline import Floor, decode_shape, meta_model, ppo_floors, report
 
 WORKLOAD_STAMP = "workload.json"
 
@@ -58,9 +60,26 @@ def _stamp(cfg: BenchConfig, dtype: torch.dtype) -> dict[str, Any]:
     return {"workload": cfg.workload.model_dump(mode="json"), "seed": cfg.seed, "dtype": str(dtype)}
 
 
+def workload_model_config(cfg: BenchConfig) -> Any:
+    """The transformers config of the workload's models (the word tokenizer's pad id 0 and EOS id 1)."""
+    from transformers import AutoConfig
+
+    arch = dict(cfg.workload.architecture)
+    return AutoConfig.for_model(arch.pop("model_type"), **arch, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+def workload_floors(cfg: BenchConfig, epochs: int, dtype: torch.dtype, peak: float, bandwidth: float) -> dict[str, Floor]:
+    """Roofline floors of one PPO iteration of the workload (`roofline.ppo_floors`: all four models of its
+    architecture, exactly new_tokens per response, `epochs` PPO epochs) at `peak` TFLOP/s and `bandwidth` TB/s."""
+    config = workload_model_config(cfg)
+    w = cfg.workload
+    return ppo_floors(decode_shape(meta_model(config, dtype)), config.hidden_size, w.prompts, w.prompt_length,
+                      w.new_tokens, epochs, peak, bandwidth)
+
+
 def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
     """Build (or reuse) output_dir/workload; returns it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root = Path(cfg.output_dir) / "workload"
     stamp = _stamp(cfg, dtype)
@@ -72,8 +91,7 @@ def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = word_tokenizer(w.words)
-    arch = dict(w.architecture)
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = workload_model_config(cfg)
     if config.vocab_size < len(tok):
         raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
     plain = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
@@ -137,6 +155,13 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
+def device_peaks(cfg: BenchConfig, device: torch.device) -> tuple[float | None, float | None]:
+    """(TFLOP/s, TB/s) of the device: the config's, else a known GPU's, else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return (cfg.peak_tflops or (peak_tflops(name) if name else None),
+            cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None))
+
+
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in rows if key in r]
     return statistics.median(vals) if vals else None
@@ -146,7 +171,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
                   estimate: dict[str, Any] | None) -> dict[str, Any]:
     """Medians of the timed iterations: the policy iterations (after ppo.critic_pretrain_steps critic-only
     ones) after the first `warmup`, up to warmup + iterations, the profiled one (logging.profile_step) left out;
-    throughput, peak memory and MFU."""
+    throughput, peak memory and MFU; with the device's peaks known, each phase's roofline floor and gap
+    (`roofline.ppo_floors`)."""
     every = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
              if "perf/iteration_s" in r]
     first = ppo_cfg.ppo.critic_pretrain_steps  # steps 1..first update the critic only
@@ -161,7 +187,13 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
     new_tokens = statistics.median(r["rollout/response_length"] for r in timed) * samples
     peak_key = "perf/peak_gpu_allocated_gib" if device.type == "cuda" else "perf/peak_host_rss_gib"
     tflops = _median(timed, "perf/update_tflops")
-    peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    peak, bandwidth = device_peaks(cfg, device)
+    floors = None
+    if peak and bandwidth:
+        from stages.engine import model_dtype
+
+        dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
+        floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})
     return {
         "benchmark": "ppo", "workload": cfg.name, **device_info(device),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
@@ -174,6 +206,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         "update_tflops": tflops,
         "peak_tflops": peak,
         "mfu_update": tflops / peak if tflops is not None and peak else None,
+        "peak_bandwidth_tbs": bandwidth,
+        "floors": floors,
         "peak_memory_gib": max(r.get(peak_key, 0.0) for r in timed),
         "peak_memory_kind": peak_key.removeprefix("perf/"),
         "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
@@ -190,7 +224,8 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     """Time `sample` (the rollout sampler of rlhf ppo) on the workload's prompts with the PPO config's
     generation settings, for each KV cache in `caches` (the static one compiled when generation.compile); on a
     GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs (`launch_counts`) for the
-    first of `caches`."""
+    first of `caches`. With the device's peaks known (a known GPU, or the config's), the rollout's roofline floor
+    (`roofline.generation_floor`) and each cache's gap to it."""
     from transformers import AutoModelForCausalLM
 
     from stages.engine import model_dtype
@@ -229,6 +264,13 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
                           "per_run_s": times, **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
     if "static" in results and "dynamic" in results:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
+    peak, bandwidth = device_peaks(cfg, device)
+    results |= {"peak_tflops": peak, "peak_bandwidth_tbs": bandwidth, "floor": None}
+    if peak and bandwidth:
+        floor = workload_floors(cfg, 1, dtype, peak, bandwidth)["generation"]
+        results["floor"] = report({"generation": floor}, {})["generation"]
+        for cache in caches:
+            results[cache]["gap"] = results[cache]["seconds"] / floor.seconds
     vocab = model.get_output_embeddings().weight.shape[0]
     draw = time_draw(ppo_cfg.generation, ids.shape[0], vocab, len(tok), cfg.workload.new_tokens, dtype, device,
                      cfg.warmup + cfg.iterations)

@@ -564,7 +564,10 @@ class BenchConfig(Section):
     workload: BenchWorkloadConfig
     iterations: int = Field(5, ge=1, description="timed iterations (the result is their median)")
     warmup: int = Field(2, ge=0, description="iterations run first and not timed (compilation, allocator)")
-    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU; default: a known GPU's bf16 peak")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU and the roofline floors; default: "
+                                      "a known GPU's dense bf16 peak")
+    peak_bandwidth_tbs: float | None = Field(None, gt=0, description="device memory bandwidth in TB/s for the roofline "
+                                             "floors; default: a known GPU's")
     profile: bool = Field(True, description="bench ppo: one more iteration after the timed ones, under torch.profiler "
                           "(logging.profile_step; not timed): its Chrome trace and op/kernel table beside the result")
     ppo: dict[str, Any] = Field(default_factory=dict, description="rlhf ppo config keys (nested) merged over the "

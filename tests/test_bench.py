@@ -18,7 +18,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import run_cli
 from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
+from rlhf_cli.bench_cmd import bench_config
+from stages.bench import workload_floors
 from stages.perf import StepProfiler, compile_counters, count_calls, flop_shape, launch_counts, train_flops
+from stages.roofline import decode_shape, generation_floor, ppo_floors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,11 +38,11 @@ def bench_dir(tmp_path_factory) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "bench" / "tiny.yaml").read_text())
     cfg["output_dir"] = str(d / "out")
     (d / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    ppo = _rlhf("bench", "ppo", "--config", "tiny.yaml", "--iters", "3", "--warmup", "1", "--set", "peak_tflops=0.5",
-                cwd=d)
+    peaks = ["--set", "peak_tflops=0.5", "--set", "peak_bandwidth_tbs=0.01"]  # a CPU's are not known: given
+    ppo = _rlhf("bench", "ppo", "--config", "tiny.yaml", "--iters", "3", "--warmup", "1", *peaks, cwd=d)
     assert ppo.returncode == 0, ppo.stdout[-3000:] + ppo.stderr[-3000:]
     (d / "weights_mtime").write_text(str((d / "out/workload/policy/model.safetensors").stat().st_mtime_ns))
-    gen = _rlhf("bench", "generate", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", cwd=d)
+    gen = _rlhf("bench", "generate", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", *peaks, cwd=d)
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
     return d
 
@@ -64,6 +67,14 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
     assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
+    # each phase's roofline floor at the configured peaks (roofline.py, hand-checked below), the gap to it
+    floors = workload_floors(bench_config(None, bench_dir / "tiny.yaml", None, None, []), 1, torch.float32, 0.5, 0.01)
+    assert r["peak_bandwidth_tbs"] == 0.01 and set(r["floors"]) == set(floors) == set(split) | {"iteration"}
+    for phase, measured in split.items() | {("iteration", r["seconds_per_iteration"])}:
+        assert r["floors"][phase]["floor_s"] == pytest.approx(floors[phase].seconds)
+        assert r["floors"][phase]["bound"] == floors[phase].bound
+        assert r["floors"][phase]["gap"] == pytest.approx(measured / floors[phase].seconds)
+    assert floors["iteration"].seconds == pytest.approx(sum(floors[k].seconds for k in split))
     # the real rlhf ppo run: its metrics and final policy
     rows = [json.loads(x) for x in (bench_dir / "out/ppo/metrics.jsonl").read_text().splitlines()]
     perf = [x for x in rows if "perf/iteration_s" in x]
@@ -98,6 +109,10 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
         assert r[cache]["sampling_share"] == pytest.approx(step * 16 / r[cache]["seconds"])
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0  # the tiny workload decodes eagerly
     assert "launches" not in r["static"]  # counted on a GPU only
+    floor = workload_floors(bench_config(None, bench_dir / "tiny.yaml", None, None, []), 1, torch.float32, 0.5, 0.01)
+    assert r["floor"]["floor_s"] == pytest.approx(floor["generation"].seconds) and r["floor"]["bound"] == "bandwidth"
+    for cache in ("static", "dynamic"):
+        assert r[cache]["gap"] == pytest.approx(r[cache]["seconds"] / floor["generation"].seconds)
     # the workload was built once and reused by the second command
     mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
@@ -169,6 +184,57 @@ def test_flop_shape_and_train_flops_hand_values():
     assert train_flops(shape, rows=2, length=10, scored=4) == expected
     untied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
     assert flop_shape(untied, lm_head=True) == shape  # the head is counted once either way
+
+
+def test_roofline_floors_hand_values():
+    # the model above: body 2304, head 640 (tied), weights read whole 2304 + 3 norms of 16 + head = 2992 floats
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    d = decode_shape(LlamaForCausalLM(cfg))
+    assert (d.weight_bytes, d.kv_bytes, d.vocab, d.element_bytes) == (2992 * 4, 1 * 2 * 1 * 8 * 4, 40, 4)
+    untied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    assert decode_shape(untied) == d  # the input table is looked up, not read whole; the head is read either way
+    # 2 prompts of 3 tokens, 3 new, at 1000 FLOP/s and 1000 bytes/s
+    # prefill: W = 2*2304*2*3 + 2*640*2 + 4*2*9*16 = 31360 (31.36 s)    Q = 11968 + 2*3*64 = 12352 (12.352 s)
+    # step 1 (c 4): W = 2*2944*2 + 4*2*4*16 = 12288   Q = 11968 + 2*4*64 + 2*2*40*4 = 13120 (13.12 s)
+    # step 2 (c 5): W = 11776 + 640 = 12416           Q = 11968 + 640 + 640 = 13248 (13.248 s)
+    g = generation_floor(d, 2, 3, 3, 1e-9, 1e-9)
+    assert g.seconds == pytest.approx(31.36 + 13.12 + 13.248) and g.bound == "flops"  # 31.36 s of it FLOP-bound
+    assert (g.flops, g.bytes) == (31360 + 12288 + 12416, 12352 + 13120 + 13248)
+    f = ppo_floors(d, 16, 2, 3, 3, 2, 1e-9, 1e-9)
+    # scoring: 2 x (2*2304*2*6 + 2*640*2*3 + 4*2*36*16 = 67584) + 2 x (2*2320*2*6 + 4608 = 60288), value body
+    # 2304 + a 16 x 1 score head; the updates over 2 epochs = 4 rows: 3 x (2*2304*24 + 2*640*12 + 4*4*36*16),
+    # 3 x (2*2320*24 + 4*4*36*16)
+    assert f["scoring"].flops == 2 * 67584 + 2 * 60288 and f["scoring"].bound == "flops"
+    assert f["policy_update"].flops == 3 * 135168 and f["critic_update"].flops == 3 * (111360 + 9216)
+    assert f["iteration"].seconds == pytest.approx(sum(f[k].seconds for k in f if k != "iteration"))
+    assert f["iteration"].bound == "flops"
+
+
+def test_doctests_of_the_perf_arithmetic():
+    import doctest
+
+    import stages.perf
+    import stages.roofline
+
+    for module in (stages.perf, stages.roofline):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.app import app
+
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    floors = workload_floors(bench_config("w1", None, None, None, []), 1, torch.bfloat16, 989.4, 3.35)
+    assert f"{floors['iteration'].seconds:.4f}" in r.output and f"{floors['generation'].seconds:.4f}" in r.output
+    assert floors["generation"].bound == "bandwidth" and floors["policy_update"].bound == "flops"
+    assert 0.15 < floors["iteration"].seconds < 0.25  # W1 on an H100: ~0.18 s, 5x under issue 6's 1 s target
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "cpu"])
+    assert r.exit_code == 2 and "give --gpu (A100" in r.output and "peak_bandwidth_tbs" in r.output
 
 
 @pytest.mark.parametrize("ds, expected", [
