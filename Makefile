@@ -9,7 +9,7 @@ STAMP  := .make/installed
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(not ((2, 11) <= v < (2, 15)))" 2>/dev/null \
 		|| $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,bench]"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,5 @@
-"""`rlhf bench ppo`, `generate`, `floor` and `trace` (stages/bench.py, roofline.py and trace.py do the work)."""
+"""`rlhf bench ppo`, `generate`, `trl`, `floor` and `trace` (stages/bench.py, bench_trl.py, roofline.py and trace.py
+do the work)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
 
     Example: [bold]rlhf bench ppo --workload w1[/]  (JSON in runs/bench/w1/bench-ppo.json)
     """  # noqa: E501
+    import json
+
     from stages.bench import copy_profile, summarize_ppo, write_result
+    from stages.bench_trl import compare
     from stages.checkpoint import prepare_output_dir
     from stages.memory import estimate
     from stages.ppo.trainer import run
@@ -110,6 +114,8 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(), estimate(ppo, 1))
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
+        trl_file = target.with_name("bench-trl.json")
+        result["vs_trl"] = compare(result, json.loads(trl_file.read_text())) if trl_file.is_file() else None
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
         fail(exc, debug)
@@ -131,6 +137,11 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         for phase, f in result["floors"].items():
             roof.add_row(phase, _fmt(measured[phase]), _fmt(f["floor_s"]), f["bound"], f"{_fmt(f['gap'])}x")
         out.print(roof)
+    if result["vs_trl"]:
+        vs = result["vs_trl"]
+        out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_seconds_per_iteration']:.4g} s per iteration, peak "
+                  f"{vs['trl_peak_memory_gib']:.3g} GiB): {vs['speedup']:.2f}x faster, generation "
+                  f"{vs['generation_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
 
 
@@ -173,6 +184,37 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
         out.print(f"roofline floor: {f['floor_s']:.4f} s ({f['bound']}-bound: {f['tflop']:.3g} TFLOP, "
                   f"{f['gbytes']:.3g} GB at {result['peak_tflops']} TFLOP/s, {result['peak_bandwidth_tbs']} TB/s); gap "
                   + ", ".join(f"{c} {result[c]['gap']:.1f}x" for c in caches), highlight=False)
+    out.print(f"wrote {target}", highlight=False)
+
+
+@bench_app.command("trl")
+def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None,
+                  warmup: WarmupOpt = None, set_: SetOpt = None, out_file: OutOpt = None, debug: DebugOpt = False) -> None:
+    """Run TRL's PPOTrainer (pip install trl==0.23.1, the version issue 6 measured) on the same workload, models and shapes as `rlhf bench ppo`, timed the same way: median seconds per iteration, generation time and share, peak memory; with a bench-ppo.json of the same workload and device beside it, the speed-up.
+
+    Example: [bold]rlhf bench trl --workload w1[/]  (JSON in runs/bench/w1/bench-trl.json)
+    """  # noqa: E501
+    import json
+
+    from stages.bench import write_result
+    from stages.bench_trl import compare, run_trl
+
+    try:
+        cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
+        result = run_trl(cfg, root, ppo, _device())
+        target = out_file or Path(cfg.output_dir) / "bench-trl.json"
+        write_result(result, target)
+        ours_file = target.with_name("bench-ppo.json")
+        vs = compare(json.loads(ours_file.read_text()), result) if ours_file.is_file() else None
+    except (RlhfError, ValueError, ImportError) as exc:
+        fail(exc, debug)
+    out.print(f"TRL {result['trl']} PPOTrainer, {result['workload']} on {result['device']}: "
+              f"{result['seconds_per_iteration']:.4g} s per iteration (median of {result['iterations_timed']}), "
+              f"generation {result['generation_s']:.4g} s ({result['generation_share']:.0%}), "
+              f"peak memory {result['peak_memory_gib']:.3g} GiB", highlight=False)
+    if vs:
+        out.print(f"rlhf bench ppo ({ours_file}): {vs['speedup']:.2f}x faster per iteration, generation "
+                  f"{vs['generation_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}", highlight=False)
 
 

@@ -2,27 +2,31 @@
 # The issue-6 device run, prepared so that one short lease does it: correctness on the GPU first, then the
 # benchmarks, every result written as it comes (a part that runs out of its time leaves the earlier ones).
 #
-#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME (NAME: w1, w2,
-#                                     tiny; configs/bench/); default: tests ppo-w1 gen-w1
+#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME, trl-NAME
+#                                     (NAME: w1, w2, tiny; configs/bench/); default: tests ppo-w1 gen-w1
 #
-# The machine the `device` tool lends has torch and transformers but no deepspeed, datasets or pydantic and no
-# network: first, here, `../shared/device/wheels.sh` (fills .whl/, which this script installs there). A session
-# has 15 minutes of device time, machine start included, so make one call with the default parts, whose
-# limits below add up to 480 s:
+# The machine the `device` tool lends has torch and transformers but no deepspeed, datasets, pydantic or trl and
+# no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, which this script installs
+# there). A session has 15 minutes of device time, machine start included, so make one call with the default
+# parts, whose limits below add up to 480 s:
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=560)
-# and only if 5 minutes are left, at once (the machine stays warm 30 s):
-#   run(command="bash scripts/gpu_bench.sh ppo-w2", carry=[".whl"], timeout_s=280)
-# The first compile of a decoding step and DeepSpeed's FusedAdam JIT build fall in the warm-up iterations.
+# and only if 5 minutes are left, at once (the machine stays warm 30 s; it keeps runs/bench/w1), TRL on the
+# same workload and card, for the speed-up over it (issue 6's TRL figures are from an H100):
+#   run(command="bash scripts/gpu_bench.sh trl-w1", carry=[".whl"], timeout_s=200)
+# then, with time left, `ppo-w2` (timeout_s=280). The first compile of a decoding step and DeepSpeed's
+# FusedAdam JIT build fall in the warm-up iterations.
 #
 # gen-stop-NAME times the static compiled sampler with min_new_tokens 0, i.e. with the per-step "has every row
 # stopped?" check the workloads (exactly new_tokens per response) never make; beside gen-NAME it prices that check.
+# trl-NAME prints the speed-up of the ppo-NAME result this machine still has (runs/bench/NAME/bench-ppo.json);
+# a ppo-NAME after a trl-NAME puts it into its JSON (vs_trl).
 #
 # Writes to $OUT (the device tool's folder; else runs/gpu): env.json, tests.xml, ppo-w1.json with
 # ppo-w1-profile.json.gz and ppo-w1-profile.txt (torch.profiler's trace and kernel table of one more, untimed,
-# iteration: where the time goes, read back here), generate-w1.json (ppo-w2*, generate-stop-w1.json, ...),
-# log.txt (everything printed, recompilations and CUDA-graph recordings included): 7 files with the default
+# iteration: where the time goes, read back here), generate-w1.json (trl-w1.json, ppo-w2*, generate-stop-w1.json,
+# ...), log.txt (everything printed, recompilations and CUDA-graph recordings included): 7 files with the default
 # parts, and the device tool returns 8 at most. Exits 1 if a part failed or ran out of its time.
-# `scripts/gpu_bench.sh gen-tiny ppo-tiny` on a CPU machine checks the script itself.
+# `scripts/gpu_bench.sh gen-tiny ppo-tiny trl-tiny` on a CPU machine checks the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -73,14 +77,27 @@ for part in "${parts[@]}"; do
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
       step "$part" 80 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
         --out "$OUT/generate-${part#gen-}.json" ;;
-    ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up;
-            # then the profiled iteration's summary (per phase: GPU time and how busy the GPU was) into the log
+    ppo-*)  # the real rlhf ppo path: the workload's iterations (configs/bench/NAME.yaml), medians after warm-up,
+            # roofline floors, the speed-up over TRL when a trl-NAME ran before (on this warm machine); then the
+            # profiled iteration's summary (per phase: GPU time and how busy the GPU was) into the log. The results
+            # stay in runs/bench/NAME too, where a later trl-NAME finds them.
       name=${part#ppo-}
-      step "$part" 220 python3 -m rlhf_cli bench ppo --workload "$name" --out "$OUT/ppo-$name.json"
+      res=runs/bench/$name/bench-ppo
+      rm -f "$res.json" "$res-profile.json.gz" "$res-profile.txt"
+      step "$part" 220 python3 -m rlhf_cli bench ppo --workload "$name"
+      for suffix in .json -profile.json.gz -profile.txt; do
+        [ -f "$res$suffix" ] && cp "$res$suffix" "$OUT/ppo-$name$suffix"
+      done
       if [ -f "$OUT/ppo-$name-profile.json.gz" ]; then
         timeout 60 python3 -m rlhf_cli bench trace "$OUT/ppo-$name-profile.json.gz" --top 12 || status=1
       fi ;;
-    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME; NAME a workload in configs/bench)"
+    trl-*)  # TRL 0.23.1's PPOTrainer on the same workload (needs its wheel in .whl: wheels.sh trl==0.23.1), 1
+            # warm-up and 2 timed iterations; with a ppo-NAME result from this machine, the speed-up
+      name=${part#trl-}
+      step "$part" 150 python3 -m rlhf_cli bench trl --workload "$name" --iters 2 --warmup 1
+      [ -f "runs/bench/$name/bench-trl.json" ] && cp "runs/bench/$name/bench-trl.json" "$OUT/trl-$name.json" ;;
+    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME, trl-NAME; NAME a workload in"\
+            "configs/bench)"
        status=2 ;;
   esac
 done

@@ -118,6 +118,37 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
 
 
+def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench_dir):
+    r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", cwd=bench_dir)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    t = json.loads((bench_dir / "out/bench-trl.json").read_text())
+    assert t["benchmark"] == "trl-ppo" and t["trl"] == "0.23.1" and t["workload"] == "tiny" and t["device"] == "cpu"
+    # W1's structure: 8 prompts, exactly 16 new tokens, micro-batches of 4 (tiny.yaml's), warm-up + 2 timed
+    assert t["new_tokens"] == 16 and t["micro_batch_size"] == 4 and t["rollout_forward_batch_size"] == 8
+    assert len(t["per_iteration_s"]) == 3 and len(t["generation_per_iteration_s"]) == 3
+    assert t["seconds_per_iteration"] == pytest.approx(statistics.median(t["per_iteration_s"][1:]))
+    assert t["generation_s"] == pytest.approx(statistics.median(t["generation_per_iteration_s"][1:]))
+    assert 0 < t["generation_share"] < 1 and t["samples_per_s"] == pytest.approx(8 / t["seconds_per_iteration"])
+    # the workload's models were reused, not rebuilt
+    mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
+    assert str(mtime) == (bench_dir / "weights_mtime").read_text()
+    ours = json.loads((bench_dir / "out/bench-ppo.json").read_text())
+    speedup = t["seconds_per_iteration"] / ours["seconds_per_iteration"]
+    assert f"{speedup:.2f}x faster per iteration" in " ".join(r.stdout.split())
+
+
+def test_trl_comparison_needs_the_same_workload_and_device():
+    from stages.bench_trl import compare
+
+    ours = {"workload": "w1", "device": "NVIDIA H200", "seconds_per_iteration": 0.5, "split_seconds": {"generation": 0.2}}
+    trl = {"workload": "w1", "device": "NVIDIA H200", "seconds_per_iteration": 10.0, "generation_s": 8.0,
+           "peak_memory_gib": 30.0}
+    assert compare(ours, trl) == {"speedup": 20.0, "generation_speedup": 40.0, "trl_seconds_per_iteration": 10.0,
+                                  "trl_peak_memory_gib": 30.0}
+    assert compare(ours, trl | {"device": "NVIDIA H100 80GB HBM3"}) is None
+    assert compare(ours, trl | {"workload": "w2"}) is None
+
+
 def test_bench_errors_name_the_key(tmp_path):
     r = _rlhf("bench", "ppo", "--workload", "tiny", "--set", "workload.prompt=3", cwd=tmp_path)
     assert r.returncode == 2 and "workload.prompts" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,133 @@
+"""`rlhf bench trl`: TRL's PPOTrainer (the version issue 6 measured, 0.23.1) on a bench workload, timed like
+`rlhf bench ppo`, so that the two compare on the same card.
+
+Same models (the workload's policy, copied as the reference; its reward model, copied as the value model),
+same prompts, same shapes: B = workload.prompts prompts of prompt_length tokens, exactly new_tokens new tokens
+each (no stop token, so no row stops early), one PPO epoch over one mini-batch of B in micro-batches of
+`micro_batch_size` (the bench config's ppo.train.micro_batch_size, as `rlhf bench ppo` uses it). TRL's own
+defaults otherwise: its sampler (transformers `generate`, dynamic KV cache, temperature 0.7, no top-p, the
+rollout in batches of local_rollout_forward_batch_size = 64), its optimizer (torch AdamW) and precision (bf16
+when the workload's is).
+
+Timed: each iteration, from the end of the previous one (a trainer callback at each step's end, after a device
+sync), and its generation (TRL's `batch_generation`, wrapped with device syncs). The result is the median over
+the iterations after `warmup`, as in `rlhf bench ppo`; peak memory is the process's peak GPU allocation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.config import BenchConfig, PPOConfig
+from stages.perf import clock, peak_memory_gib, reset_peak_memory
+
+TRL_VERSION = "0.23.1"
+
+
+def _trl() -> Any:
+    try:
+        import trl
+    except ImportError:
+        raise ImportError(f"rlhf bench trl needs TRL: pip install trl=={TRL_VERSION}") from None
+    return trl
+
+
+def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device) -> dict[str, Any]:
+    """Run TRL's PPOTrainer for warmup + iterations iterations on the workload; its timings (module docstring)."""
+    trl = _trl()
+    import trl.trainer.ppo_trainer as ppo_module
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+
+    from stages.bench import device_info
+    from stages.engine import model_dtype
+    from stages.models import load_tokenizer
+
+    w = cfg.workload
+    dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
+    tok = load_tokenizer(str(workload / "policy"))
+    load = {"dtype": dtype}
+    policy = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), **load)
+    reference = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(workload / "rm"), num_labels=1, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(str(workload / "rm"), num_labels=1, **load)
+    prompts = [tok(row["prompt"])["input_ids"] for row in _read_jsonl(workload / "prompts.jsonl")]
+    micro = min(ppo_cfg.train.micro_batch_size, w.prompts)
+    if w.prompts % micro:
+        raise ValueError(f"workload.prompts ({w.prompts}) must be a multiple of the micro-batch size ({micro})")
+    runs = cfg.warmup + cfg.iterations
+    out_dir = Path(cfg.output_dir) / "trl"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    args = trl.PPOConfig(
+        output_dir=str(out_dir), seed=cfg.seed, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=w.prompts // micro, num_mini_batches=1, num_ppo_epochs=1,
+        response_length=w.new_tokens, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
+        total_episodes=w.prompts * runs, local_rollout_forward_batch_size=min(64, w.prompts),
+        bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
+        num_sample_generations=0, logging_steps=1, disable_tqdm=True,
+    )
+    ends: list[float] = []
+    generation: list[float] = []
+    widths: list[int] = []  # new tokens per rollout (every row is that long: no stop token)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            reset_peak_memory(device)
+            ends.append(clock(device))
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            ends.append(clock(device))
+
+    inner = ppo_module.batch_generation
+
+    def timed_generation(*a: Any, **k: Any) -> Any:
+        t0 = clock(device)
+        result = inner(*a, **k)
+        generation.append(clock(device) - t0)
+        widths.append(result[0].shape[1] - a[1].shape[1])  # (query_responses, logits) from (model, queries, ...)
+        return result
+
+    ppo_module.batch_generation = timed_generation
+    try:
+        trainer = trl.PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
+                                 reward_model=reward, value_model=value,
+                                 train_dataset=Dataset.from_dict({"input_ids": prompts}), callbacks=[Clock()])
+        trainer.train()
+    finally:
+        ppo_module.batch_generation = inner
+    per_iteration = [b - a for a, b in zip(ends, ends[1:])]
+    if len(per_iteration) != runs or set(widths) != {w.new_tokens}:
+        raise RuntimeError(f"TRL ran {len(per_iteration)} iterations of {sorted(set(widths))} new tokens, expected "
+                           f"{runs} of {w.new_tokens}")
+    timed, gen = per_iteration[cfg.warmup:], generation[cfg.warmup:]
+    it, gen_s = statistics.median(timed), statistics.median(gen)
+    return {
+        "benchmark": "trl-ppo", "workload": cfg.name, "trl": trl.__version__, **device_info(device),
+        "iterations_timed": len(timed), "warmup": cfg.warmup,
+        "seconds_per_iteration": it, "generation_s": gen_s, "generation_share": gen_s / it,
+        "samples_per_s": w.prompts / it, "generated_tokens_per_s": w.prompts * w.new_tokens / it,
+        "peak_memory_gib": next(iter(peak_memory_gib(device).values())),
+        "per_iteration_s": per_iteration, "generation_per_iteration_s": generation,
+        "new_tokens": widths[0], "micro_batch_size": micro,
+        "rollout_forward_batch_size": args.local_rollout_forward_batch_size,
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:
+    """Speed-up of `rlhf bench ppo` over `rlhf bench trl` on the same workload and device; None otherwise."""
+    if ours.get("workload") != trl.get("workload") or ours.get("device") != trl.get("device"):
+        return None
+    return {"speedup": trl["seconds_per_iteration"] / ours["seconds_per_iteration"],
+            "generation_speedup": trl["generation_s"] / ours["split_seconds"]["generation"],
+            "trl_seconds_per_iteration": trl["seconds_per_iteration"], "trl_peak_memory_gib": trl["peak_memory_gib"]}
