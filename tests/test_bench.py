@@ -67,6 +67,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
     assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
+    assert r["vs_trl"] is None  # no bench-trl.json beside it yet
     # each phase's roofline floor at the configured peaks (roofline.py, hand-checked below), the gap to it
     floors = workload_floors(bench_config(None, bench_dir / "tiny.yaml", None, None, []), 1, torch.float32, 0.5, 0.01)
     assert r["peak_bandwidth_tbs"] == 0.01 and set(r["floors"]) == set(floors) == set(split) | {"iteration"}
