@@ -221,9 +221,9 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
 @bench_app.command("floor")
 def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
                     gpu: Annotated[Optional[str], typer.Option("--gpu", help="Price it for this GPU (a name from the "
-                                                               "data-sheet tables: H100, H200, A100, ...); default: "
-                                                               "the config's peak_tflops/peak_bandwidth_tbs, else this "
-                                                               "machine's GPU.", show_default="none")] = None,
+                                                               "data-sheet tables: H100, H200, A100, ...); without "
+                                                               "it: the config's peak_tflops/peak_bandwidth_tbs, else "
+                                                               "this machine's GPU.", show_default="none")] = None,
                     debug: DebugOpt = False) -> None:
     """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense bf16 peak, bytes over memory bandwidth, whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
 
@@ -237,9 +237,12 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
 
     try:
         cfg = bench_config(workload, config, None, None, set_ or [])
-        name = gpu or (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-        peak = cfg.peak_tflops or (peak_tflops(name) if name else None)
-        bandwidth = cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None)
+        if gpu:  # --gpu wins over the config's peaks
+            name, peak, bandwidth = gpu, peak_tflops(gpu), peak_bandwidth_tbs(gpu)
+        else:
+            name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+            peak = cfg.peak_tflops or (peak_tflops(name) if name else None)
+            bandwidth = cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None)
         if not peak or not bandwidth:
             known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "

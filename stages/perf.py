@@ -23,12 +23,14 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
-#: dense bf16/fp16 tensor-core peak TFLOP/s by GPU name fragment (vendor data sheets, SXM parts); matched in order
-PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0),
-               ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0))
-#: memory bandwidth in TB/s (10^12 bytes/s) by GPU name fragment (vendor data sheets); matched in order
-PEAK_BANDWIDTH_TBS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("A100-SXM4-80GB", 2.039),
-                      ("A100 80GB PCIe", 1.935), ("A100", 1.555), ("L40S", 0.864), ("A10G", 0.6), ("L4", 0.3))
+#: dense (not sparse) bf16/fp16 tensor-core peak TFLOP/s by a fragment of torch.cuda.get_device_name() (vendor
+#: data sheets); the first fragment found in the name wins, so longer names come before their prefixes
+PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
+               ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0))
+#: memory bandwidth in TB/s (10^12 bytes/s), matched like PEAK_TFLOPS
+PEAK_BANDWIDTH_TBS = (("GH200 144G", 4.9), ("GH200", 4.0), ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9),
+                      ("H100", 3.35), ("A100-SXM4-80GB", 2.039), ("A100-SXM-80GB", 2.039), ("A100 80GB PCIe", 1.935),
+                      ("A100", 1.555), ("L40S", 0.864), ("L40", 0.864), ("A10G", 0.6), ("L4", 0.3))
 
 
 def clock(device: torch.device) -> float:
@@ -60,8 +62,8 @@ def peak_tflops(device_name: str) -> float | None:
 def peak_bandwidth_tbs(device_name: str) -> float | None:
     """Memory bandwidth of a known GPU in TB/s, else None.
 
-    >>> peak_bandwidth_tbs("NVIDIA H100 80GB HBM3"), peak_bandwidth_tbs("NVIDIA H100 PCIe"), peak_bandwidth_tbs("cpu")
-    (3.35, 2.0, None)
+    >>> [peak_bandwidth_tbs(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA L40", "cpu")]
+    [3.35, 2.0, 0.864, None]
     """
     return next((v for k, v in PEAK_BANDWIDTH_TBS if k in device_name), None)
 

@@ -19,15 +19,18 @@ layers, width of `FlopShape`; attention as full L x L products):
                                Q = weights + B c kv + 2 B V e
     scoring:                   forward FLOPs over B x L of the policy and the reference (head on R positions
                                per row) and of the critic and the reward model (no LM head)
-    policy / critic update:    forward + backward FLOPs (`perf.train_flops`) over B x ppo_epochs rows
+    policy / critic update:    W = forward + backward FLOPs (`perf.train_flops`) over B x ppo_epochs rows, then
+                               Q = 28 bytes per trained parameter per optimizer step (one mini-batch per epoch)
 
 weights = the bytes of every weight a forward reads whole (input embedding tables are looked up, B rows a step,
 and left out; a tied LM head is read whole as the head), kv = layers x 2 x kv_heads x head_dim x e bytes per
 token of context, e = bytes per element, V = vocabulary: a decoding step reads every weight and the context's
 keys and values once and writes and reads its logits once. Each generation step's floor is taken on its own
 (the prefill is FLOP-bound, decoding at a small batch bandwidth-bound) and the steps summed. Scoring and the
-updates are FLOP floors (at these shapes they do hundreds of FLOPs per byte); the optimizer step's traffic
-(a few bytes per parameter) is left out.
+forward + backward passes are FLOP floors (at these shapes they do hundreds of FLOPs per byte); the AdamW step
+after them is a bandwidth floor of its own: it reads and writes the fp32 moments (16 bytes) and the fp32
+weights (8; with bf16 weights, the fp32 master copy), reads the gradient and, with bf16 weights, writes them
+(4 either way: an fp32 gradient, or a bf16 gradient and weight), 28 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -39,14 +42,20 @@ import torch
 from stages.perf import FlopShape, flop_shape, train_flops
 
 
+#: bytes an AdamW step moves per trained parameter (module docstring)
+OPTIMIZER_BYTES = 28
+
+
 class DecodeShape(NamedTuple):
-    """What a decoding step of a causal LM reads and computes, besides its context's length."""
+    """What a decoding step of a causal LM reads and computes, besides its context's length; and what it trains."""
 
     flops: FlopShape
     weight_bytes: int  # weights read whole by one forward (input embedding tables excluded, LM head included)
     kv_bytes: int  # KV-cache bytes per token of context
     vocab: int
     element_bytes: int
+    params: int  # parameters (a tied head counted once)
+    separate_head: int  # parameters of an LM head that is not the input embedding table (0 when tied)
 
 
 class Floor(NamedTuple):
@@ -79,19 +88,21 @@ def forward_flops(shape: FlopShape, rows: int, length: int, scored: int) -> floa
 
 
 def decode_shape(model: torch.nn.Module) -> DecodeShape:
-    """`DecodeShape` of a causal LM (a real model or one built on the meta device: only shapes are read)."""
+    """`DecodeShape` of a causal LM whose parameters are whole (not ZeRO-3 partitions), e.g. one built on the
+    meta device (`meta_model`): only shapes are read."""
     config = model.config
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = model.get_output_embeddings().weight
     elements = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
     elements += head.numel() if id(head) in embeddings else 0
+    separate_head = 0 if id(head) in embeddings else head.numel()
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     e = head.element_size()
     return DecodeShape(flop_shape(model, lm_head=True), elements * e, layers * 2 * kv_heads * head_dim * e,
-                       head.shape[0], e)
+                       head.shape[0], e, sum(p.numel() for p in model.parameters()), separate_head)
 
 
 def generation_floor(d: DecodeShape, batch: int, prompt: int, new: int, peak_tflops: float,
@@ -116,18 +127,22 @@ def value_shape(lm: FlopShape, hidden: int) -> FlopShape:
 def ppo_floors(d: DecodeShape, hidden: int, batch: int, prompt: int, new: int, epochs: int, peak_tflops: float,
                bandwidth_tbs: float) -> dict[str, Floor]:
     """Floors of the phases of one PPO iteration whose four models share the policy's architecture (the bench
-    workloads): generation, scoring, policy_update, critic_update, and their sum, iteration."""
+    workloads: one mini-batch per epoch): generation, scoring, policy_update, critic_update, and their sum,
+    iteration. The critic trains the policy's parameters less a separate LM head, plus a hidden x 1 head."""
     lm, value = d.flops, value_shape(d.flops, hidden)
     length = prompt + new
 
     def flops_only(flops: float) -> Floor:
         return roofline(flops, 0.0, peak_tflops, bandwidth_tbs)
 
+    def update(flops: float, params: int) -> Floor:  # forward + backward, then the optimizer steps
+        return total([flops_only(flops), roofline(0.0, epochs * OPTIMIZER_BYTES * params, peak_tflops, bandwidth_tbs)])
+
     floors = {
         "generation": generation_floor(d, batch, prompt, new, peak_tflops, bandwidth_tbs),
         "scoring": flops_only(2 * forward_flops(lm, batch, length, new) + 2 * forward_flops(value, batch, length, 0)),
-        "policy_update": flops_only(train_flops(lm, batch * epochs, length, new)),
-        "critic_update": flops_only(train_flops(value, batch * epochs, length, 0)),
+        "policy_update": update(train_flops(lm, batch * epochs, length, new), d.params),
+        "critic_update": update(train_flops(value, batch * epochs, length, 0), d.params - d.separate_head + hidden),
     }
     return floors | {"iteration": total(list(floors.values()))}
 

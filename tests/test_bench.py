@@ -224,8 +224,10 @@ def test_roofline_floors_hand_values():
                       num_key_value_heads=1, tie_word_embeddings=True)
     d = decode_shape(LlamaForCausalLM(cfg))
     assert (d.weight_bytes, d.kv_bytes, d.vocab, d.element_bytes) == (2992 * 4, 1 * 2 * 1 * 8 * 4, 40, 4)
-    untied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
-    assert decode_shape(untied) == d  # the input table is looked up, not read whole; the head is read either way
+    assert (d.params, d.separate_head) == (2992, 0)  # the head is the embedding table
+    untied = decode_shape(LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False})))
+    # the input table is looked up, not read whole; the head is read either way; both are trained
+    assert untied._replace(params=2992, separate_head=0) == d and (untied.params, untied.separate_head) == (3632, 640)
     # 2 prompts of 3 tokens, 3 new, at 1000 FLOP/s and 1000 bytes/s
     # prefill: W = 2*2304*2*3 + 2*640*2 + 4*2*9*16 = 31360 (31.36 s)    Q = 11968 + 2*3*64 = 12352 (12.352 s)
     # step 1 (c 4): W = 2*2944*2 + 4*2*4*16 = 12288   Q = 11968 + 2*4*64 + 2*2*40*4 = 13120 (13.12 s)
@@ -236,9 +238,13 @@ def test_roofline_floors_hand_values():
     f = ppo_floors(d, 16, 2, 3, 3, 2, 1e-9, 1e-9)
     # scoring: 2 x (2*2304*2*6 + 2*640*2*3 + 4*2*36*16 = 67584) + 2 x (2*2320*2*6 + 4608 = 60288), value body
     # 2304 + a 16 x 1 score head; the updates over 2 epochs = 4 rows: 3 x (2*2304*24 + 2*640*12 + 4*4*36*16),
-    # 3 x (2*2320*24 + 4*4*36*16)
+    # 3 x (2*2320*24 + 4*4*36*16), each then 2 AdamW steps of 28 bytes per parameter (policy 2992, critic
+    # 2992 + 16)
     assert f["scoring"].flops == 2 * 67584 + 2 * 60288 and f["scoring"].bound == "flops"
-    assert f["policy_update"].flops == 3 * 135168 and f["critic_update"].flops == 3 * (111360 + 9216)
+    assert (f["policy_update"].flops, f["policy_update"].bytes) == (3 * 135168, 2 * 28 * 2992)
+    assert (f["critic_update"].flops, f["critic_update"].bytes) == (3 * (111360 + 9216), 2 * 28 * 3008)
+    assert f["policy_update"].seconds == pytest.approx(405.504 + 167.552) and f["policy_update"].bound == "flops"
+    assert ppo_floors(untied, 16, 2, 3, 3, 2, 1e-9, 1e-9)["critic_update"] == f["critic_update"]  # no LM head
     assert f["iteration"].seconds == pytest.approx(sum(f[k].seconds for k in f if k != "iteration"))
     assert f["iteration"].bound == "flops"
 
@@ -264,9 +270,15 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
     floors = workload_floors(bench_config("w1", None, None, None, []), 1, torch.bfloat16, 989.4, 3.35)
     assert f"{floors['iteration'].seconds:.4f}" in r.output and f"{floors['generation'].seconds:.4f}" in r.output
     assert floors["generation"].bound == "bandwidth" and floors["policy_update"].bound == "flops"
-    assert 0.15 < floors["iteration"].seconds < 0.25  # W1 on an H100: ~0.18 s, 5x under issue 6's 1 s target
+    assert 0.15 < floors["iteration"].seconds < 0.25  # W1 on an H100: ~0.19 s, 5x under issue 6's 1 s target
     r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "cpu"])
     assert r.exit_code == 2 and "give --gpu (A100" in r.output and "peak_bandwidth_tbs" in r.output
+    # the config's peaks price it without --gpu, and --gpu wins over them
+    peaks = ["--set", "peak_tflops=100", "--set", "peak_bandwidth_tbs=1"]
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", *peaks], terminal_width=200)
+    assert r.exit_code == 0 and "at 100.0 TFLOP/s, 1.0 TB/s" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *peaks], terminal_width=200)
+    assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split())
 
 
 @pytest.mark.parametrize("ds, expected", [
