@@ -139,7 +139,8 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         out.print(roof)
     if result["vs_trl"]:
         vs = result["vs_trl"]
-        out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_seconds_per_iteration']:.4g} s per iteration, peak "
+        out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_precision']}: {vs['trl_seconds_per_iteration']:.4g} s "
+                  f"per iteration, peak "
                   f"{vs['trl_peak_memory_gib']:.3g} GiB): {vs['speedup']:.2f}x faster, generation "
                   f"{vs['generation_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
@@ -189,7 +190,12 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
 
 @bench_app.command("trl")
 def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None,
-                  warmup: WarmupOpt = None, set_: SetOpt = None, out_file: OutOpt = None, debug: DebugOpt = False) -> None:
+                  warmup: WarmupOpt = None, set_: SetOpt = None,
+                  precision: Annotated[Literal["auto", "bf16", "bf16-mixed", "fp32"], typer.Option(
+                      "--precision", help="TRL's weights and autocast: auto = the workload's weights as they are "
+                      "(W1/W2: pure bf16), bf16-mixed = fp32 weights with bf16 autocast (TRL's --bf16 recipe), "
+                      "bf16, fp32.")] = "auto",
+                  out_file: OutOpt = None, debug: DebugOpt = False) -> None:
     """Run TRL's PPOTrainer (pip install trl==0.23.1, the version issue 6 measured) on the same workload, models and shapes as `rlhf bench ppo`, timed the same way: median seconds per iteration, generation time and share, peak memory; with a bench-ppo.json of the same workload and device beside it, the speed-up.
 
     Example: [bold]rlhf bench trl --workload w1[/]  (JSON in runs/bench/w1/bench-trl.json)
@@ -201,14 +207,15 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
 
     try:
         cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
-        result = run_trl(cfg, root, ppo, _device())
+        result = run_trl(cfg, root, ppo, _device(), precision)
         target = out_file or Path(cfg.output_dir) / "bench-trl.json"
         write_result(result, target)
         ours_file = target.with_name("bench-ppo.json")
         vs = compare(json.loads(ours_file.read_text()), result) if ours_file.is_file() else None
     except (RlhfError, ValueError, ImportError) as exc:
         fail(exc, debug)
-    out.print(f"TRL {result['trl']} PPOTrainer, {result['workload']} on {result['device']}: "
+    out.print(f"TRL {result['trl']} PPOTrainer ({result['weights_dtype']} weights, mixed precision "
+              f"{result['mixed_precision']}), {result['workload']} on {result['device']}: "
               f"{result['seconds_per_iteration']:.4g} s per iteration (median of {result['iterations_timed']}), "
               f"generation {result['generation_s']:.4g} s ({result['generation_share']:.0%}), "
               f"peak memory {result['peak_memory_gib']:.3g} GiB", highlight=False)

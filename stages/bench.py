@@ -195,7 +195,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
         floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})
     return {
-        "benchmark": "ppo", "workload": cfg.name, **device_info(device),
+        "benchmark": "ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
+        **device_info(device),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
         "seconds_per_iteration": it,
         "split_seconds": split,

@@ -5,13 +5,19 @@ Same models (the workload's policy, copied as the reference; its reward model, c
 same prompts, same shapes: B = workload.prompts prompts of prompt_length tokens, exactly new_tokens new tokens
 each (no stop token, so no row stops early), one PPO epoch over one mini-batch of B in micro-batches of
 `micro_batch_size` (the bench config's ppo.train.micro_batch_size, as `rlhf bench ppo` uses it). TRL's own
-defaults otherwise: its sampler (transformers `generate`, dynamic KV cache, temperature 0.7, no top-p, the
-rollout in batches of local_rollout_forward_batch_size = 64), its optimizer (torch AdamW) and precision (bf16
-when the workload's is).
+defaults otherwise: its sampler (transformers `generate`, dynamic KV cache, temperature 0.7, no top-k or
+top-p, the rollout and its scoring in batches of local_rollout_forward_batch_size = 64) and its optimizer
+(torch AdamW, whose states take the weights' dtype). Precision (`PRECISIONS`): the workload's weights as
+they are (auto: bf16 for W1/W2, pure bf16 training with no fp32 master copy, what loading bf16 checkpoints
+gives), or fp32 weights with bf16 autocast (bf16-mixed: TRL's `--bf16` recipe on fp32 weights, set through
+accelerate, since TRL 0.23.1 builds its own Accelerator and transformers 5 no longer hands it `bf16`; the
+sampler, run on the unwrapped policy, then decodes in fp32), or bf16 / fp32 weights. Which of these issue 6's
+TRL figures used is not recorded there.
 
 Timed: each iteration, from the end of the previous one (a trainer callback at each step's end, after a device
 sync), and its generation (TRL's `batch_generation`, wrapped with device syncs). The result is the median over
-the iterations after `warmup`, as in `rlhf bench ppo`; peak memory is the process's peak GPU allocation.
+the iterations after `warmup`, as in `rlhf bench ppo`; peak memory is the peak GPU allocation from the start of
+training (the four models resident) to its end.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from stages.config import BenchConfig, PPOConfig
 from stages.perf import clock, peak_memory_gib, reset_peak_memory
 
 TRL_VERSION = "0.23.1"
+#: --precision: (weights' dtype, accelerate's mixed precision); auto: the workload's dtype, no autocast
+PRECISIONS: dict[str, tuple[torch.dtype | None, str]] = {
+    "auto": (None, "no"), "bf16": (torch.bfloat16, "no"), "bf16-mixed": (torch.float32, "bf16"),
+    "fp32": (torch.float32, "no"),
+}
 
 
 def _trl() -> Any:
@@ -37,8 +48,11 @@ def _trl() -> Any:
     return trl
 
 
-def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device) -> dict[str, Any]:
+def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device,
+            precision: str = "auto") -> dict[str, Any]:
     """Run TRL's PPOTrainer for warmup + iterations iterations on the workload; its timings (module docstring)."""
+    import os
+
     trl = _trl()
     import trl.trainer.ppo_trainer as ppo_module
     from datasets import Dataset
@@ -49,18 +63,22 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     from stages.models import load_tokenizer
 
     w = cfg.workload
-    dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
+    dtype, mixed = PRECISIONS[precision]
+    dtype = dtype or model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
     tok = load_tokenizer(str(workload / "policy"))
     load = {"dtype": dtype}
     policy = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), **load)
     reference = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), **load)
     reward = AutoModelForSequenceClassification.from_pretrained(str(workload / "rm"), num_labels=1, **load)
     value = AutoModelForSequenceClassification.from_pretrained(str(workload / "rm"), num_labels=1, **load)
-    prompts = [tok(row["prompt"])["input_ids"] for row in _read_jsonl(workload / "prompts.jsonl")]
     micro = min(ppo_cfg.train.micro_batch_size, w.prompts)
     if w.prompts % micro:
         raise ValueError(f"workload.prompts ({w.prompts}) must be a multiple of the micro-batch size ({micro})")
     runs = cfg.warmup + cfg.iterations
+    # more rows than the run takes: accelerate syncs gradients at every micro-batch of a dataloader's last
+    # batch, so an iteration that reached it would make one optimizer step per micro-batch
+    rows = [tok(row["prompt"])["input_ids"] for row in _read_jsonl(workload / "prompts.jsonl")]
+    prompts = [rows[i % len(rows)] for i in range(w.prompts * (runs + 1))]
     out_dir = Path(cfg.output_dir) / "trl"
     shutil.rmtree(out_dir, ignore_errors=True)
     args = trl.PPOConfig(
@@ -68,7 +86,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
         gradient_accumulation_steps=w.prompts // micro, num_mini_batches=1, num_ppo_epochs=1,
         response_length=w.new_tokens, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
         total_episodes=w.prompts * runs, local_rollout_forward_batch_size=min(64, w.prompts),
-        bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
+        bf16=mixed == "bf16", use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
         num_sample_generations=0, logging_steps=1, disable_tqdm=True,
     )
     ends: list[float] = []
@@ -93,6 +111,8 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
         return result
 
     ppo_module.batch_generation = timed_generation
+    env_before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = mixed  # what TRL's own Accelerator() reads
     try:
         trainer = trl.PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
                                  reward_model=reward, value_model=value,
@@ -100,18 +120,25 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
         trainer.train()
     finally:
         ppo_module.batch_generation = inner
+        if env_before is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = env_before
     per_iteration = [b - a for a, b in zip(ends, ends[1:])]
     if len(per_iteration) != runs or set(widths) != {w.new_tokens}:
-        raise RuntimeError(f"TRL ran {len(per_iteration)} iterations of {sorted(set(widths))} new tokens, expected "
+        raise ValueError(f"TRL ran {len(per_iteration)} iterations of {sorted(set(widths))} new tokens, expected "
                            f"{runs} of {w.new_tokens}")
     timed, gen = per_iteration[cfg.warmup:], generation[cfg.warmup:]
     it, gen_s = statistics.median(timed), statistics.median(gen)
     return {
-        "benchmark": "trl-ppo", "workload": cfg.name, "trl": trl.__version__, **device_info(device),
+        "benchmark": "trl-ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
+        "trl": trl.__version__, "precision": precision, "weights_dtype": str(dtype).removeprefix("torch."),
+        "mixed_precision": trainer.accelerator.mixed_precision, **device_info(device),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
         "seconds_per_iteration": it, "generation_s": gen_s, "generation_share": gen_s / it,
         "samples_per_s": w.prompts / it, "generated_tokens_per_s": w.prompts * w.new_tokens / it,
         "peak_memory_gib": next(iter(peak_memory_gib(device).values())),
+        "peak_memory_kind": next(iter(peak_memory_gib(device))).removeprefix("perf/"),
         "per_iteration_s": per_iteration, "generation_per_iteration_s": generation,
         "new_tokens": widths[0], "micro_batch_size": micro,
         "rollout_forward_batch_size": args.local_rollout_forward_batch_size,
@@ -125,9 +152,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:
-    """Speed-up of `rlhf bench ppo` over `rlhf bench trl` on the same workload and device; None otherwise."""
-    if ours.get("workload") != trl.get("workload") or ours.get("device") != trl.get("device"):
+    """Speed-up of `rlhf bench ppo` over `rlhf bench trl` on the same workload (name and spec) and device; None
+    otherwise (e.g. a cut-down `--set workload.prompts=4` run against a full one)."""
+    if any(ours.get(k) != trl.get(k) for k in ("workload", "workload_spec", "device")):
         return None
     return {"speedup": trl["seconds_per_iteration"] / ours["seconds_per_iteration"],
             "generation_speedup": trl["generation_s"] / ours["split_seconds"]["generation"],
-            "trl_seconds_per_iteration": trl["seconds_per_iteration"], "trl_peak_memory_gib": trl["peak_memory_gib"]}
+            "trl_seconds_per_iteration": trl["seconds_per_iteration"], "trl_peak_memory_gib": trl["peak_memory_gib"],
+            "trl_precision": trl["precision"]}

@@ -120,10 +120,13 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
 
 
 def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench_dir):
-    r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", cwd=bench_dir)
+    r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", "--precision", "bf16-mixed",
+              cwd=bench_dir)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     t = json.loads((bench_dir / "out/bench-trl.json").read_text())
     assert t["benchmark"] == "trl-ppo" and t["trl"] == "0.23.1" and t["workload"] == "tiny" and t["device"] == "cpu"
+    # fp32 weights, bf16 autocast reaching TRL's own Accelerator
+    assert (t["precision"], t["weights_dtype"], t["mixed_precision"]) == ("bf16-mixed", "float32", "bf16")
     # W1's structure: 8 prompts, exactly 16 new tokens, micro-batches of 4 (tiny.yaml's), warm-up + 2 timed
     assert t["new_tokens"] == 16 and t["micro_batch_size"] == 4 and t["rollout_forward_batch_size"] == 8
     assert len(t["per_iteration_s"]) == 3 and len(t["generation_per_iteration_s"]) == 3
@@ -141,13 +144,16 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
 def test_trl_comparison_needs_the_same_workload_and_device():
     from stages.bench_trl import compare
 
-    ours = {"workload": "w1", "device": "NVIDIA H200", "seconds_per_iteration": 0.5, "split_seconds": {"generation": 0.2}}
-    trl = {"workload": "w1", "device": "NVIDIA H200", "seconds_per_iteration": 10.0, "generation_s": 8.0,
-           "peak_memory_gib": 30.0}
+    spec = {"prompts": 64, "prompt_length": 128, "new_tokens": 128}
+    ours = {"workload": "w1", "workload_spec": spec, "device": "NVIDIA H200", "seconds_per_iteration": 0.5,
+            "split_seconds": {"generation": 0.2}}
+    trl = {"workload": "w1", "workload_spec": spec, "device": "NVIDIA H200", "seconds_per_iteration": 10.0,
+           "generation_s": 8.0, "peak_memory_gib": 30.0, "precision": "auto"}
     assert compare(ours, trl) == {"speedup": 20.0, "generation_speedup": 40.0, "trl_seconds_per_iteration": 10.0,
-                                  "trl_peak_memory_gib": 30.0}
+                                  "trl_peak_memory_gib": 30.0, "trl_precision": "auto"}
     assert compare(ours, trl | {"device": "NVIDIA H100 80GB HBM3"}) is None
     assert compare(ours, trl | {"workload": "w2"}) is None
+    assert compare(ours, trl | {"workload_spec": spec | {"prompts": 4}}) is None  # a cut-down run
 
 
 def test_bench_errors_name_the_key(tmp_path):
