@@ -238,7 +238,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
     """  # noqa: E501
     import torch
 
-    from stages.bench import workload_floors
+    from stages.bench import ppo_config_dict, workload_floors
     from stages.engine import model_dtype
     from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
 
@@ -254,9 +254,9 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
             known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "
                               f"({', '.join(known)}) or peak_tflops and peak_bandwidth_tbs (--set)")
-        algo = cfg.ppo.get("ppo", {})
-        dtype = model_dtype("auto", cfg.ppo.get("deepspeed", {}).get("precision", "bf16"))
-        floors = workload_floors(cfg, int(algo.get("ppo_epochs", 1)), dtype, peak, bandwidth)
+        merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
+        dtype = model_dtype(merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
+        floors = workload_floors(cfg, int(merged["ppo"]["ppo_epochs"]), dtype, peak, bandwidth)
     except (RlhfError, ValueError) as exc:
         fail(exc, debug)
     w = cfg.workload

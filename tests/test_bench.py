@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import run_cli
 from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
 from rlhf_cli.bench_cmd import bench_config
 from stages.bench import workload_floors
-from stages.perf import StepProfiler, compile_counters, count_calls, flop_shape, launch_counts, train_flops
-from stages.roofline import decode_shape, generation_floor, ppo_floors
+from stages.perf import FlopShape, StepProfiler, compile_counters, count_calls, flop_shape, launch_counts, train_flops
+from stages.roofline import DecodeShape, decode_shape, generation_floor, ppo_floors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,6 +234,13 @@ def test_roofline_floors_hand_values():
     untied = decode_shape(LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False})))
     # the input table is looked up, not read whole; the head is read either way; both are trained
     assert untied._replace(params=2992, separate_head=0) == d and (untied.params, untied.separate_head) == (3632, 640)
+    # GPT-2 (hidden 16, 2 heads, 1 layer, MLP 64, 8 positions): the position table is looked up too; read whole
+    # per step: c_attn 16x48 + 48, attn c_proj 16x16 + 16, c_fc 16x64 + 64, mlp c_proj 64x16 + 16, 3 layer norms
+    # of 2 x 16, the tied head 40 x 16 = 3952 floats; trained: those + the 8 x 16 position table
+    gpt2 = decode_shape(GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_head=2, n_layer=1, n_positions=8,
+                                                   bos_token_id=1, eos_token_id=1)))
+    assert gpt2 == DecodeShape(FlopShape(768 + 256 + 1024 + 1024, 640, 1, 16), 3952 * 4, 1 * 2 * 2 * 8 * 4, 40, 4,
+                               3952 + 128, 0)
     # 2 prompts of 3 tokens, 3 new, at 1000 FLOP/s and 1000 bytes/s
     # prefill: W = 2*2304*2*3 + 2*640*2 + 4*2*9*16 = 31360 (31.36 s)    Q = 11968 + 2*3*64 = 12352 (12.352 s)
     # step 1 (c 4): W = 2*2944*2 + 4*2*4*16 = 12288   Q = 11968 + 2*4*64 + 2*2*40*4 = 13120 (13.12 s)
