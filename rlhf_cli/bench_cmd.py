@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from rlhf_cli.config_loader import dump_config, load_config
-from rlhf_cli.output import fail, out
+from rlhf_cli.output import err, fail, out
 from stages.errors import ConfigError, RlhfError
 
 bench_app = typer.Typer(
@@ -65,6 +65,29 @@ def ppo_config(cfg: Any, workload_dir: Path) -> Any:
                           "config's ppo: section, e.g. --set ppo.train.micro_batch_size=8)") from None
 
 
+#: a workload whose models have more parameters than this is a GPU's: warned about on a machine without one
+CPU_PARAMS = 50_000_000
+
+
+def warn_if_gpu_sized(cfg: Any) -> None:
+    """A warning on stderr when the workload's models are GPU-sized and this machine has no GPU (W1 and W2 run
+    for hours on a CPU; the tiny workload is the CPU-sized one)."""
+    import torch
+
+    from stages.bench import workload_model_config
+    from stages.roofline import decode_shape, meta_model
+
+    if torch.cuda.is_available():
+        return
+    params = decode_shape(meta_model(workload_model_config(cfg), torch.float32)).params
+    if params > CPU_PARAMS:
+        err.print(f"[yellow]warning:[/] no GPU here, and each of workload {cfg.name}'s four models has "
+                  f"{params / 1e6:.0f}M parameters: on a CPU this runs for hours (`--workload tiny` is sized for "
+                  "one; --set workload.prompts=4 --set workload.prompt_length=16 --set workload.new_tokens=8 cuts "
+                  "this one down)",
+                  highlight=False)
+
+
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
            overrides: list[str]) -> tuple[Any, Any, Path]:
     from stages.bench import prepare_workload
@@ -75,6 +98,7 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     cfg = bench_config(workload, config, iters, warmup, overrides)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     precision = cfg.ppo.get("deepspeed", {}).get("precision", "bf16")
+    warn_if_gpu_sized(cfg)
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))
     return cfg, ppo_config(cfg, root), root

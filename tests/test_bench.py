@@ -156,6 +156,16 @@ def test_trl_comparison_needs_the_same_workload_and_device():
     assert compare(ours, trl | {"workload_spec": spec | {"prompts": 4}}) is None  # a cut-down run
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU prints")
+def test_a_gpu_sized_workload_is_warned_about_on_a_cpu(capsys):
+    from rlhf_cli.bench_cmd import warn_if_gpu_sized
+
+    warn_if_gpu_sized(bench_config("w1", None, None, None, []))
+    assert "workload w1's four models has 494M parameters" in " ".join(capsys.readouterr().err.split())
+    warn_if_gpu_sized(bench_config("tiny", None, None, None, []))
+    assert capsys.readouterr().err == ""
+
+
 def test_bench_errors_name_the_key(tmp_path):
     r = _rlhf("bench", "ppo", "--workload", "tiny", "--set", "workload.prompt=3", cwd=tmp_path)
     assert r.returncode == 2 and "workload.prompts" in r.stderr and "Traceback" not in r.stderr
