@@ -173,9 +173,11 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
 @bench_app.command("generate")
 def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None,
                        warmup: WarmupOpt = None, set_: SetOpt = None,
-                       cache: Annotated[Literal["both", "static", "dynamic"], typer.Option(
-                           "--cache", help="KV cache(s) to time: the fast static one (compiled when the config's "
-                           "generation.compile), the dynamic reference, or both.")] = "both",
+                       cache: Annotated[Literal["both", "static", "dynamic", "fused", "all"], typer.Option(
+                           "--cache", help="Decoding path(s) to time: the fast static cache (compiled when the "
+                           "config's generation.compile), the dynamic reference, both; fused: compiled with the "
+                           "sampling inside (generation.compile_sampling, experimental: a failure is reported, not "
+                           "fatal); all: static, fused and dynamic.")] = "both",
                        out_file: OutOpt = None, debug: DebugOpt = False) -> None:
     """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone, the rollout's roofline floor and each cache's gap to it (known GPU or configured peaks), and on a GPU the CUDA graph launches, kernel launches and host syncs per token of one profiled rollout.
 
@@ -185,7 +187,7 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
 
     try:
         cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
-        caches = ["static", "dynamic"] if cache == "both" else [cache]
+        caches = {"both": ["static", "dynamic"], "all": ["static", "fused", "dynamic"]}.get(cache, [cache])
         result = bench_generate(cfg, root, ppo, _device(), caches)
         target = out_file or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
@@ -193,8 +195,12 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
         fail(exc, debug)
     for c in caches:
         r = result[c]
-        out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s  "
-                  f"(sampling work {r['sampling_share']:.0%} of it)", highlight=False)
+        if "error" in r:
+            out.print(f"{c:<8} failed: {r['error']}", highlight=False)
+            continue
+        share = f"  (sampling work {r['sampling_share']:.0%} of it)" if "sampling_share" in r else ""
+        out.print(f"{c:<8} compile={r['compile']!s:<5} {r['seconds']:.4f} s  {r['tokens_per_s']:.1f} tokens/s"
+                  + share, highlight=False)
         if "launches_per_token" in r:
             out.print("         per token: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
                                                          for k, v in r["launches_per_token"].items()), highlight=False)
@@ -204,11 +210,13 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
               highlight=False)
     if "static_speedup" in result:
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
+    if "fused_speedup" in result:
+        out.print(f"sampling inside the compiled step: {result['fused_speedup']:.2f}x the static path", highlight=False)
     if result["floor"]:
         f = result["floor"]
         out.print(f"roofline floor: {f['floor_s']:.4f} s ({f['bound']}-bound: {f['tflop']:.3g} TFLOP, "
                   f"{f['gbytes']:.3g} GB at {result['peak_tflops']} TFLOP/s, {result['peak_bandwidth_tbs']} TB/s); gap "
-                  + ", ".join(f"{c} {result[c]['gap']:.1f}x" for c in caches), highlight=False)
+                  + ", ".join(f"{c} {result[c]['gap']:.1f}x" for c in caches if "gap" in result[c]), highlight=False)
     out.print(f"wrote {target}", highlight=False)
 
 

@@ -2,9 +2,9 @@
 # The issue-6 device run, prepared so that one short lease does it: correctness on the GPU first, then the
 # benchmarks, every result written as it comes (a part that runs out of its time leaves the earlier ones).
 #
-#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME, trl-NAME,
-#                                     trl-mixed-NAME (NAME: w1, w2, tiny; configs/bench/); default: tests ppo-w1
-#                                     gen-w1
+#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME, ppo-NAME,
+#                                     trl-NAME, trl-mixed-NAME (NAME: w1, w2, tiny; configs/bench/); default:
+#                                     tests ppo-w1 gen-w1
 #
 # The machine the `device` tool lends has torch and transformers but no deepspeed, datasets, pydantic or trl and
 # no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, which this script installs
@@ -15,7 +15,8 @@
 # install again), TRL on the same workload and card, for the speed-up over it (issue 6's TRL figures are from an
 # H100, with a precision it does not record; trl-mixed-w1 is the other candidate):
 #   run(command="bash scripts/gpu_bench.sh trl-w1", carry=[".whl"], timeout_s=200)
-# then, with time left, `ppo-w2` (timeout_s=300). The first compile of a decoding step and DeepSpeed's
+# then, with time left, `gen-fused-w1` (timeout_s=150: the experimental compiled step with the sampling inside
+# against the plain compiled one) or `ppo-w2` (timeout_s=300). The first compile of a decoding step and DeepSpeed's
 # FusedAdam JIT build fall in the warm-up iterations.
 #
 # gen-stop-NAME times the static compiled sampler with min_new_tokens 0, i.e. with the per-step "has every row
@@ -76,6 +77,10 @@ for part in "${parts[@]}"; do
       name=${part#gen-stop-}
       step "$part" 80 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache static \
         --set ppo.generation.min_new_tokens=0 --out "$OUT/generate-stop-$name.json" ;;
+    gen-fused-*)  # the compiled step with the sampling inside (generation.compile_sampling) vs the static path
+      name=${part#gen-fused-}
+      step "$part" 120 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache all \
+        --out "$OUT/generate-fused-$name.json" ;;
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
       step "$part" 80 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \
         --out "$OUT/generate-${part#gen-}.json" ;;
@@ -103,7 +108,8 @@ for part in "${parts[@]}"; do
       rm -f "$res"
       step "$part" 150 python3 -m rlhf_cli bench trl --workload "$name" --iters 2 --warmup 1 --precision "$precision"
       [ -f "$res" ] && cp "$res" "$OUT/$part.json" ;;
-    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, ppo-NAME, trl-NAME, trl-mixed-NAME;"\
+    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME, ppo-NAME, trl-NAME,"\
+            "trl-mixed-NAME;"\
             "NAME a workload in configs/bench)"
        status=2 ;;
   esac

@@ -220,10 +220,16 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
 
 
 # --------------------------------------------------------------------------------------------- generate
+#: the decoding paths `bench_generate` times
+VARIANTS = ("static", "fused", "dynamic")
+
+
 def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device,
                    caches: list[str]) -> dict[str, Any]:
     """Time `sample` (the rollout sampler of rlhf ppo) on the workload's prompts with the PPO config's
-    generation settings, for each KV cache in `caches` (the static one compiled when generation.compile); on a
+    generation settings, for each decoding path in `caches` (VARIANTS: the static cache, compiled when
+    generation.compile; `fused`: compiled with the sampling inside, generation.compile_sampling, whose failure
+    is recorded as its result instead of ending the benchmark; the dynamic reference); on a
     GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs (`launch_counts`) for the
     first of `caches`. With the device's peaks known (a known GPU, or the config's), the rollout's roofline floor
     (`roofline.generation_floor`) and each cache's gap to it."""
@@ -244,27 +250,39 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
     results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name, **device_info(device),
                                "prompts": ids.shape[0], "prompt_length": ids.shape[1]}
-    def generation(cache: str) -> Any:  # the config's sampling with this cache, compiled only if static
-        return ppo_cfg.generation.model_copy(update={"cache": cache,
-                                                      "compile": ppo_cfg.generation.compile and cache == "static"})
+    def generation(variant: str) -> Any:  # the config's sampling on this decoding path (VARIANTS)
+        if variant == "fused":
+            return ppo_cfg.generation.model_copy(update={"cache": "static", "compile": True, "compile_sampling": True})
+        return ppo_cfg.generation.model_copy(update={"cache": variant, "compile_sampling": False,
+                                                      "compile": ppo_cfg.generation.compile and variant == "static"})
 
-    for cache in caches:
-        gen = generation(cache)
+    for variant in caches:
+        gen = generation(variant)
         times, tokens = [], 0
         reset_peak_memory(device)
-        for i in range(cfg.warmup + cfg.iterations):
-            torch.manual_seed(cfg.seed + i)
-            t0 = clock(device)
-            roll = sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id, len(tok))
-            seconds = clock(device) - t0
-            if i >= cfg.warmup:
-                times.append(seconds)
-                tokens = int(roll.response_mask.sum())
+        try:
+            for i in range(cfg.warmup + cfg.iterations):
+                torch.manual_seed(cfg.seed + i)
+                t0 = clock(device)
+                roll = sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id, len(tok))
+                seconds = clock(device) - t0
+                if i >= cfg.warmup:
+                    times.append(seconds)
+                    tokens = int(roll.response_mask.sum())
+        except Exception as exc:  # noqa: BLE001 - the experimental path may fail where the others run
+            if variant != "fused":
+                raise
+            results[variant] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
         med = statistics.median(times)
-        results[cache] = {"compile": gen.compile, "seconds": med, "tokens": tokens, "tokens_per_s": tokens / med,
-                          "per_run_s": times, **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
-    if "static" in results and "dynamic" in results:
+        results[variant] = {"compile": gen.compile, "compile_sampling": gen.compile_sampling, "seconds": med,
+                            "tokens": tokens, "tokens_per_s": tokens / med, "per_run_s": times,
+                            **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
+    caches = [c for c in caches if "seconds" in results[c]]  # the paths that ran
+    if "static" in caches and "dynamic" in caches:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
+    if "static" in caches and "fused" in caches:
+        results["fused_speedup"] = results["static"]["seconds"] / results["fused"]["seconds"]
     peak, bandwidth = device_peaks(cfg, device)
     results |= {"peak_tflops": peak, "peak_bandwidth_tbs": bandwidth, "floor": None}
     if peak and bandwidth:
@@ -277,16 +295,19 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
                      cfg.warmup + cfg.iterations)
     results["sampling"] = {"seconds_per_step": draw, "logits_shape": [ids.shape[0], vocab]}
     for cache in caches:
-        results[cache]["sampling_share"] = draw * cfg.workload.new_tokens / results[cache]["seconds"]
-    # after all timing (a profiler leaves CUPTI loaded), one more rollout of the first cache (the fast one when
-    # both are asked for) under the profiler: CUDA graph and kernel launches and host syncs per generated token
-    gen = generation(caches[0])
-    rolled: list[Any] = []
-    launches = launch_counts(lambda: rolled.append(sample(model, ids, mask, gen, [tok.eos_token_id],
-                                                          tok.pad_token_id, len(tok))), device)
-    if launches is not None:
-        width = rolled[0].response.shape[1]
-        results[caches[0]] |= {"launches": launches, "launches_per_token": {k: v / width for k, v in launches.items()}}
+        if cache != "fused":  # its sampling work runs inside the compiled step
+            results[cache]["sampling_share"] = draw * cfg.workload.new_tokens / results[cache]["seconds"]
+    # after all timing (a profiler leaves CUPTI loaded), one more rollout of each fast path (else of the first
+    # path timed) under the profiler: CUDA graph and kernel launches and host syncs per generated token
+    for variant in [c for c in caches if c != "dynamic"] or caches[:1]:
+        gen = generation(variant)
+        rolled: list[Any] = []
+        launches = launch_counts(lambda: rolled.append(sample(model, ids, mask, gen, [tok.eos_token_id],
+                                                              tok.pad_token_id, len(tok))), device)
+        if launches is not None:
+            width = rolled[0].response.shape[1]
+            results[variant] |= {"launches": launches,
+                                 "launches_per_token": {k: v / width for k, v in launches.items()}}
     return results | compile_counters()
 
 

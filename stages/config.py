@@ -337,6 +337,11 @@ class GenerationConfig(Section):
         False, description="torch.compile each decoding step (static cache only; CUDA graphs on a GPU); the "
         "first rollout pays the compilation"
     )
+    compile_sampling: bool = Field(
+        False, description="with compile: the compiled decoding step also does the next token's sampling work "
+        "(penalty, temperature, top-k/top-p, the draw), one graph per step (experimental: same tokens on CPU, "
+        "not yet timed on a GPU)"
+    )
 
     @model_validator(mode="after")
     def _token_counts(self) -> "GenerationConfig":
@@ -344,6 +349,8 @@ class GenerationConfig(Section):
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         if self.compile and self.cache != "static":
             raise ValueError("compile needs cache: static")
+        if self.compile_sampling and not self.compile:
+            raise ValueError("compile_sampling needs compile: true")
         return self
 
 

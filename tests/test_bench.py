@@ -119,6 +119,29 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
 
 
+def test_bench_generate_times_the_fused_path_and_reports_its_failure(bench_dir, monkeypatch):
+    """`--cache fused`: the compiled step with the sampling inside (compiled by dynamo with the eager backend
+    here, for speed); a failure of that experimental path is its result, the other paths' figures stand."""
+    from rlhf_cli.bench_cmd import _setup
+    from stages import bench
+    from stages.ppo import decode
+
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
+    cfg, ppo, root = _setup(None, bench_dir / "tiny.yaml", 1, 0, [])
+    r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
+    assert r["fused"]["compile_sampling"] and r["fused"]["tokens"] == 8 * 16 and "sampling_share" not in r["fused"]
+    assert r["fused_speedup"] == pytest.approx(r["static"]["seconds"] / r["fused"]["seconds"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no graph for you")
+
+    monkeypatch.setattr(decode, "_forward_and_draw", broken)
+    monkeypatch.setattr(decode, "static_state", lambda model: {"caches": {}})  # no compiled step kept from above
+    r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
+    assert r["fused"] == {"error": "RuntimeError: no graph for you"} and "fused_speedup" not in r
+    assert r["static"]["tokens"] == 8 * 16
+
+
 def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench_dir):
     r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", "--precision", "bf16-mixed",
               cwd=bench_dir)

@@ -175,6 +175,37 @@ def test_compiled_decoding_draws_the_same_samples():
     assert StaticDecoder(model, padded, 5, compile_step=True)._step is static_state(model)["step"]
 
 
+def test_sampling_compiled_into_the_decoding_step_draws_the_eager_samples():
+    """generation.compile_sampling: the compiled step (inductor, as in production) also draws the next token.
+    Same seed, same tokens as the eager reference (dynamic cache), with the repetition penalty, top-k, top-p,
+    stop tokens held back before min_new_tokens and rows stopping; one graph for the steps before
+    min_new_tokens and one after, traced once over several rollouts."""
+    model = _model("llama", layers=1)
+    ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
+    settings = dict(max_new_tokens=8, min_new_tokens=3, repetition_penalty=1.3, top_k=40, top_p=0.9, temperature=0.7)
+    stops = [3, 17]  # ids the tiny model draws now and then: rows stop at different steps
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for seed in range(3):
+        out = {}
+        for name, extra in (("eager", dict(cache="dynamic")),
+                            ("fused", dict(cache="static", compile=True, compile_sampling=True))):
+            torch.manual_seed(seed)
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                out[name] = sample(model, ids, mask, GenerationConfig(**settings, **extra), stops, PAD_ID, VOCAB)
+            out[name + "_rng"] = torch.rand(1)  # the generator is left where the eager path leaves it
+        assert torch.equal(out["fused"].response, out["eager"].response), seed
+        assert torch.equal(out["fused"].response_mask, out["eager"].response_mask), seed
+        assert torch.equal(out["fused_rng"], out["eager_rng"]), seed
+    assert "step_draw" in static_state(model)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # held stop ids or not
+
+
+def test_compile_sampling_needs_compile():
+    with pytest.raises(ValueError, match="compile_sampling needs compile: true"):
+        GenerationConfig(compile_sampling=True)
+
+
 def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch, process_group):
     """rlhf ppo samples from its policy engine's module between optimizer steps. The compiled decoding step must
     stay one graph: DeepSpeed's forward hook on that module reads the engine's step counters, and a step traced

@@ -69,6 +69,26 @@ def test_compiled_decoding_replays_one_cuda_graph_per_step_without_host_syncs():
     assert counts["host_syncs"] <= 8, counts  # one per step would be at least 23
 
 
+def test_sampling_inside_the_cuda_graph_step_draws_the_eager_samples_with_one_launch_per_step():
+    """generation.compile_sampling on the GPU, in float32 with top-k, top-p and the penalty: the same tokens as the
+    eager static path from the same seed (the draw uses torch's own random kernels, graph-safe), and on a third
+    rollout one CUDA-graph launch per decoding step, no capture, no compiled graph without CUDA graphs."""
+    model = _model(torch.float32)
+    ids, mask = left_pad(PROMPTS, PAD_ID, torch.device("cuda"))
+    steps, settings = 24, dict(repetition_penalty=1.2, top_k=50, top_p=0.9, temperature=0.8)
+    out, skips = {}, compile_counters()["cudagraph_skips"]
+    for name, extra in (("eager", {}), ("fused", dict(compile=True, compile_sampling=True))):
+        gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, cache="static", **settings, **extra)
+        for _ in range(2):  # the second fused rollout replays what the first recorded
+            torch.manual_seed(7)
+            out[name] = sample(model, ids, mask, gen, [1], PAD_ID, VOCAB)
+    assert torch.equal(out["fused"].response, out["eager"].response)
+    counts = launch_counts(lambda: sample(model, ids, mask, gen, [1], PAD_ID, VOCAB), torch.device("cuda"))
+    assert compile_counters()["cudagraph_skips"] == skips, "CUDA graphs skipped; TORCH_LOGS=cudagraphs tells why"
+    assert counts is not None
+    assert counts["graph_launches"] == steps - 1 and counts["graph_captures"] == 0, counts
+
+
 @torch.no_grad()
 def test_bf16_static_and_dynamic_next_token_distributions_agree():
     model = _model(torch.bfloat16)

@@ -82,6 +82,16 @@ def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: 
     return out.logits[:, -1]
 
 
+def _forward_and_draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                      keyword: str, history: torch.Tensor, banned: torch.Tensor | None, params: Any,
+                      vocab_size: int) -> torch.Tensor:
+    """`_forward_last`, then the next token drawn from its logits (`rollout.choose_tokens`): token ids [B]."""
+    from stages.ppo.rollout import choose_tokens
+
+    return choose_tokens(_forward_last(model, ids, mask, positions, cache, keyword), history, params, vocab_size,
+                         banned)
+
+
 def static_state(model: Any) -> dict[str, Any]:
     """What the static decoder keeps on a model: `caches` {(batch, dtype, device): {width, cache, mask}} and,
     once compiled, `step`."""
@@ -108,12 +118,18 @@ class StaticDecoder:
             mode = "reduce-overhead" if prompt_mask.device.type == "cuda" else "default"
             options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
             state["step"] = torch.compile(_forward_last, dynamic=False, backend=COMPILE_BACKEND, **options)
+            # with the sampling inside: its random draws through torch's own kernels (fallback_random), so it
+            # draws what the eager sampler would from the same generator; CUDA graphs on a GPU, as reduce-overhead
+            options = ({"options": {"fallback_random": True, "triton.cudagraphs": prompt_mask.device.type == "cuda"}}
+                       if COMPILE_BACKEND == "inductor" else {})
+            state["step_draw"] = torch.compile(_forward_and_draw, dynamic=False, backend=COMPILE_BACKEND, **options)
         self.model, self.cache, self.mask = model, slot["cache"], slot["mask"]
         self.cache.reset()
         self.mask.zero_()
         self.mask[:, :width] = prompt_mask
         self.width, self.steps, self.keyword = width, 0, cache_keyword(model)
         self._step = state["step"] if compile_step else _forward_last
+        self._step_draw = state["step_draw"] if compile_step else _forward_and_draw
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)
@@ -122,6 +138,14 @@ class StaticDecoder:
         self.mask[:, self.width + self.steps] = alive.long()
         self.steps += 1
         return self._step(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword)
+
+    def step_draw(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor, history: torch.Tensor,
+                  banned: torch.Tensor | None, params: Any, vocab_size: int) -> torch.Tensor:
+        """`step`, then the next token drawn from its logits in the same (compiled) function: token ids [B]."""
+        self.mask[:, self.width + self.steps] = alive.long()
+        self.steps += 1
+        return self._step_draw(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword,
+                               history, banned, params, vocab_size)
 
 
 def bucket_width(width: int, bucket: int = PROMPT_BUCKET) -> int:

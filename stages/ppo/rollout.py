@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from stages.config import GenerationConfig
-from stages.ppo.decode import bucket_left_pad, make_decoder
+from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
 from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import positions_from_mask
 
@@ -55,8 +55,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig, vocab_size: int | None = None,
-                   banned: torch.Tensor | None = None) -> torch.Tensor:
+class SamplingParams(NamedTuple):
+    """The generation settings `process_logits` reads (plain numbers: a compiled function takes them as constants)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+
+
+def sampling_params(gen: GenerationConfig) -> SamplingParams:
+    return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
+
+
+def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig | SamplingParams,
+                   vocab_size: int | None = None, banned: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token scores [B, V] to sample from, as a new float32 tensor (`logits` is left as it is), in this order:
 
     0. -inf for ids at or above `vocab_size` (embedding rows without a token) and for the `banned` ids, so that
@@ -97,6 +110,13 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationC
     return z
 
 
+def choose_tokens(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig | SamplingParams,
+                  vocab_size: int | None, banned: torch.Tensor | None) -> torch.Tensor:
+    """`process_logits`, then one multinomial draw per row: token ids [B]."""
+    scores = process_logits(logits, history, gen, vocab_size, banned)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+
+
 @dataclass
 class DrawState:
     """What `draw_tokens` carries from one decoding step to the next (all on the device)."""
@@ -118,16 +138,21 @@ class DrawState:
                    torch.zeros(batch, dtype=torch.bool, device=device), both[:len(stops)], both[len(stops):])
 
 
-def draw_tokens(logits: torch.Tensor, state: DrawState, step: int, gen: GenerationConfig, vocab_size: int,
-                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step's sampling from next-token logits [B, V]: `process_logits` (no token at or above
-    `vocab_size`, no stop token before min_new_tokens, the penalty on this response's earlier tokens), then a
-    multinomial draw; a finished row gets `pad_id`. Records the step in `state` and returns (tokens [B],
-    alive [B]: the row had not finished before this step). No host sync."""
+def banned_at(state: DrawState, step: int, gen: GenerationConfig) -> torch.Tensor | None:
+    """The ids masked at `step`: the stop ids before min_new_tokens, else none."""
+    return state.held if step < gen.min_new_tokens else None
+
+
+def draw_tokens(logits: torch.Tensor | None, state: DrawState, step: int, gen: GenerationConfig, vocab_size: int,
+                pad_id: int, drawn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step's sampling from next-token logits [B, V]: `choose_tokens` (no token at or above
+    `vocab_size`, no stop token before min_new_tokens, the penalty on this response's earlier tokens, a
+    multinomial draw), or the tokens `drawn` already (by a decoding step with the sampling inside); a finished
+    row gets `pad_id`. Records the step in `state` and returns (tokens [B], alive [B]: the row had not finished
+    before this step). No host sync."""
     with record_function("rlhf.sampling"):  # a named range in a profile (logging.profile_step), else nothing
-        banned = state.held if step < gen.min_new_tokens else None
-        scores = process_logits(logits, state.history[:, :step], gen, vocab_size, banned)
-        tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        tok = drawn if drawn is not None else choose_tokens(logits, state.history[:, :step], gen, vocab_size,
+                                                            banned_at(state, step, gen))
         alive = ~state.finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         state.history[:, step] = tok
@@ -210,8 +235,14 @@ def sample(
         next_pos = positions[:, -1] + 1
         state = DrawState.start(batch, gen.max_new_tokens, logits.shape[-1], stop_ids, device)
         all_stopped = AllStopped(device)
+        fused = gen.compile_sampling and isinstance(decoder, StaticDecoder)
+        params, drawn = sampling_params(gen), None
         for step in range(gen.max_new_tokens):
-            tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id)
+            tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id, drawn)
+            if fused and step == 0:
+                # the columns not yet drawn repeat the first token, so that the penalty over the whole [B, R]
+                # history (one shape for every step) is the penalty over the tokens drawn so far
+                state.history[:, 1:].copy_(tok[:, None].expand(-1, gen.max_new_tokens - 1))
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
@@ -219,7 +250,11 @@ def sample(
                 all_stopped.ask(state.finished)
                 if not ahead and all_stopped.answer():
                     break
-            logits = decoder.step(tok, alive, next_pos)
+            if fused:
+                drawn = decoder.step_draw(tok, alive, next_pos, state.history, banned_at(state, step + 1, gen),
+                                          params, vocab_size)
+            else:
+                logits = decoder.step(tok, alive, next_pos)
             next_pos = next_pos + 1
             if may_stop and ahead and all_stopped.answer():
                 break
