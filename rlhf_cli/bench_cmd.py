@@ -173,11 +173,11 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
 @bench_app.command("generate")
 def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: ItersOpt = None,
                        warmup: WarmupOpt = None, set_: SetOpt = None,
-                       cache: Annotated[Literal["both", "static", "dynamic", "fused", "all"], typer.Option(
+                       cache: Annotated[Literal["both", "static", "dynamic", "fused", "compiled", "all"], typer.Option(
                            "--cache", help="Decoding path(s) to time: the fast static cache (compiled when the "
                            "config's generation.compile), the dynamic reference, both; fused: compiled with the "
                            "sampling inside (generation.compile_sampling, experimental: a failure is reported, not "
-                           "fatal); all: static, fused and dynamic.")] = "both",
+                           "fatal); compiled: static and fused; all: static, dynamic and fused.")] = "both",
                        out_file: OutOpt = None, debug: DebugOpt = False) -> None:
     """Time the rollout sampler alone (the workload's prompts, exactly new_tokens per response): median seconds and tokens/s per KV cache, the static cache's speed-up, one decoding step's sampling work (penalty, temperature, top-k/top-p, draw) timed alone, the rollout's roofline floor and each cache's gap to it (known GPU or configured peaks), and on a GPU the CUDA graph launches, kernel launches and host syncs per token of one profiled rollout.
 
@@ -187,7 +187,8 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
 
     try:
         cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
-        caches = {"both": ["static", "dynamic"], "all": ["static", "fused", "dynamic"]}.get(cache, [cache])
+        caches = {"both": ["static", "dynamic"], "compiled": ["static", "fused"],
+                  "all": ["static", "dynamic", "fused"]}.get(cache, [cache])
         result = bench_generate(cfg, root, ppo, _device(), caches)
         target = out_file or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
@@ -212,7 +213,7 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
         out.print(f"static cache speed-up: {result['static_speedup']:.2f}x", highlight=False)
     if "fused_speedup" in result:
         out.print(f"sampling inside the compiled step: {result['fused_speedup']:.2f}x the static path", highlight=False)
-    if result["floor"]:
+    if result["floor"] and any("gap" in result[c] for c in caches):
         f = result["floor"]
         out.print(f"roofline floor: {f['floor_s']:.4f} s ({f['bound']}-bound: {f['tflop']:.3g} TFLOP, "
                   f"{f['gbytes']:.3g} GB at {result['peak_tflops']} TFLOP/s, {result['peak_bandwidth_tbs']} TB/s); gap "

@@ -9,8 +9,8 @@
 # The machine the `device` tool lends has torch and transformers but no deepspeed, datasets, pydantic or trl and
 # no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, which this script installs
 # there). A session has 15 minutes of device time, machine start included, so make one call with the default
-# parts, whose limits below add up to 540 s (the trace summary's 60 s included; the wheels install first):
-#   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=580)
+# parts, whose limits below add up to 560 s (the trace summary's 60 s included; the wheels install first):
+#   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 # and only if 5 minutes are left, at once (the machine stays warm 30 s; it keeps runs/bench/w1, and the wheels
 # install again), TRL on the same workload and card, for the speed-up over it (issue 6's TRL figures are from an
 # H100, with a precision it does not record; trl-mixed-w1 is the other candidate):
@@ -70,7 +70,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 for part in "${parts[@]}"; do
   case $part in
     tests)  # the fast path against its references on the GPU (CUDA graphs, bf16, a DeepSpeed engine's steps)
-      step tests 180 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
+      step tests 200 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
     cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers
       step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_ppo_units.py ;;
     gen-stop-*)  # the compiled static sampler with a stop check at every step (min_new_tokens 0)
@@ -79,7 +79,7 @@ for part in "${parts[@]}"; do
         --set ppo.generation.min_new_tokens=0 --out "$OUT/generate-stop-$name.json" ;;
     gen-fused-*)  # the compiled step with the sampling inside (generation.compile_sampling) vs the static path
       name=${part#gen-fused-}
-      step "$part" 120 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache all \
+      step "$part" 120 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache compiled \
         --out "$OUT/generate-fused-$name.json" ;;
     gen-*)  # the sampler alone: static (compiled, CUDA graphs) vs dynamic cache, sampling work per step
       step "$part" 80 python3 -m rlhf_cli bench generate --workload "${part#gen-}" --iters 3 --warmup 1 \

@@ -19,7 +19,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from stages.config import GenerationConfig
 from stages.ppo import decode
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword, static_state
-from stages.ppo.rollout import final_hidden_states, left_pad, response_logprobs, sample
+from stages.ppo.rollout import (
+    fill_undrawn,
+    final_hidden_states,
+    left_pad,
+    process_logits,
+    response_logprobs,
+    sample,
+    sampling_params,
+)
 from stages.reward_model import positions_from_mask
 
 VOCAB, PAD_ID, CPU = 48, 0, torch.device("cpu")
@@ -183,7 +191,8 @@ def test_sampling_compiled_into_the_decoding_step_draws_the_eager_samples():
     model = _model("llama", layers=1)
     ids, mask = left_pad(PROMPTS, PAD_ID, CPU)
     settings = dict(max_new_tokens=8, min_new_tokens=3, repetition_penalty=1.3, top_k=40, top_p=0.9, temperature=0.7)
-    stops = [3, 17]  # ids the tiny model draws now and then: rows stop at different steps
+    stops = [3, 17, PAD_ID]  # ids the tiny model draws now and then: rows stop at different steps
+    vocab = VOCAB - 6  # logits wider than the vocabulary
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for seed in range(3):
@@ -192,13 +201,39 @@ def test_sampling_compiled_into_the_decoding_step_draws_the_eager_samples():
                             ("fused", dict(cache="static", compile=True, compile_sampling=True))):
             torch.manual_seed(seed)
             with torch._dynamo.config.patch(error_on_recompile=seed > 0):
-                out[name] = sample(model, ids, mask, GenerationConfig(**settings, **extra), stops, PAD_ID, VOCAB)
+                out[name] = sample(model, ids, mask, GenerationConfig(**settings, **extra), stops, PAD_ID, vocab)
             out[name + "_rng"] = torch.rand(1)  # the generator is left where the eager path leaves it
         assert torch.equal(out["fused"].response, out["eager"].response), seed
         assert torch.equal(out["fused"].response_mask, out["eager"].response_mask), seed
         assert torch.equal(out["fused_rng"], out["eager_rng"]), seed
     assert "step_draw" in static_state(model)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # held stop ids or not
+
+
+def test_a_history_whose_undrawn_columns_repeat_the_first_token_is_penalised_as_its_drawn_prefix():
+    """What lets the fused step read the whole [B, R] history at every step: with the columns after t holding
+    the first token (`fill_undrawn`), the scores equal those of the first t columns, bit for bit, rows that
+    finished (pad) and stop ids held back included, eagerly and compiled (inductor, one shape for every t)."""
+    torch.manual_seed(0)
+    rows, width, vocab = 4, 6, 50
+    logits = (torch.randn(rows, vocab + 6) * 3).to(torch.bfloat16)
+    drawn = torch.randint(1, vocab, (rows, width))
+    drawn[1, 3:] = PAD_ID  # row 1 finished after 3 tokens
+    banned = torch.tensor([7, 11])
+    compiled = torch.compile(process_logits, dynamic=False)
+    for gen in (GenerationConfig(repetition_penalty=1.3, temperature=0.7, top_p=1.0),  # no cut hides a change
+                GenerationConfig(repetition_penalty=1.3, top_k=20, top_p=0.8, temperature=0.7)):
+        for t in range(1, width + 1):
+            full = torch.empty_like(drawn)
+            full[:, 0] = drawn[:, 0]
+            fill_undrawn(full, drawn[:, 0])  # as the rollout does after its first draw
+            full[:, 1:t] = drawn[:, 1:t]  # then each step's own column
+            expected = process_logits(logits, drawn[:, :t], gen, vocab, banned)
+            assert torch.equal(process_logits(logits, full, gen, vocab, banned), expected), t
+            assert torch.equal(compiled(logits, full, sampling_params(gen), vocab, banned), expected), t
+            if t < width and gen.top_p == 1.0:  # filled with another token, the penalty would reach one not drawn
+                full[:, t:] = 45
+                assert not torch.equal(process_logits(logits, full, gen, vocab, banned), expected), t
 
 
 def test_compile_sampling_needs_compile():

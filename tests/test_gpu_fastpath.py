@@ -87,6 +87,17 @@ def test_sampling_inside_the_cuda_graph_step_draws_the_eager_samples_with_one_la
     assert compile_counters()["cudagraph_skips"] == skips, "CUDA graphs skipped; TORCH_LOGS=cudagraphs tells why"
     assert counts is not None
     assert counts["graph_launches"] == steps - 1 and counts["graph_captures"] == 0, counts
+    assert counts["host_syncs"] <= 8, counts  # one per step would be at least 23
+    # rows stopping at different steps, stop ids held back for the first 4 (two graphs): the same tokens
+    stop = int(out["eager"].response[0, 6])  # a token the rows draw now and then
+    for name, extra in (("eager", {}), ("fused", dict(compile=True, compile_sampling=True))):
+        gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=4, cache="static", **settings, **extra)
+        for _ in range(2):
+            torch.manual_seed(11)
+            out[name] = sample(model, ids, mask, gen, [stop], PAD_ID, VOCAB)
+    assert torch.equal(out["fused"].response, out["eager"].response)
+    assert torch.equal(out["fused"].response_mask, out["eager"].response_mask)
+    assert compile_counters()["cudagraph_skips"] == skips
 
 
 @torch.no_grad()

@@ -94,7 +94,9 @@ def _forward_and_draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, positio
 
 def static_state(model: Any) -> dict[str, Any]:
     """What the static decoder keeps on a model: `caches` {(batch, dtype, device): {width, cache, mask}} and,
-    once compiled, `step`."""
+    once compiled, `step` and `step_draw` (the step with the sampling inside: a graph for each batch size,
+    response length, sampling setting and held-stop-ids-or-not; dynamo's recompile limit, 8 graphs per
+    function by default, bounds how many of those stay compiled)."""
     return model.__dict__.setdefault("_rlhf_static_decode", {"caches": {}})
 
 

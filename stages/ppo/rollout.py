@@ -121,7 +121,8 @@ def choose_tokens(logits: torch.Tensor, history: torch.Tensor, gen: GenerationCo
 class DrawState:
     """What `draw_tokens` carries from one decoding step to the next (all on the device)."""
 
-    history: torch.Tensor  # [B, R] the token drawn at each step (pad after the row finished)
+    history: torch.Tensor  # [B, R] the token drawn at each step (pad after the row finished; with the sampling
+    #                        inside the compiled step, the columns not yet drawn hold the first token)
     alive: torch.Tensor  # [B, R] bool: the row had not finished before that step
     finished: torch.Tensor  # [B] bool: the row has produced a stop token
     stops: torch.Tensor  # stop ids
@@ -136,6 +137,14 @@ class DrawState:
         return cls(torch.empty(batch, steps, dtype=torch.long, device=device),
                    torch.empty(batch, steps, dtype=torch.bool, device=device),
                    torch.zeros(batch, dtype=torch.bool, device=device), both[:len(stops)], both[len(stops):])
+
+
+def fill_undrawn(history: torch.Tensor, first: torch.Tensor) -> None:
+    """Columns 1.. of a [B, R] history := the first token drawn. Each step then overwrites its own column, so the
+    columns not drawn yet repeat a token drawn already, and the repetition penalty over the whole buffer (one
+    shape for every step: the fused step) is the penalty over the tokens drawn so far (duplicates write the same
+    penalised value)."""
+    history[:, 1:].copy_(first[:, None].expand(-1, history.shape[1] - 1))
 
 
 def banned_at(state: DrawState, step: int, gen: GenerationConfig) -> torch.Tensor | None:
@@ -219,9 +228,12 @@ def sample(
     whether every row has stopped. With `queue_ahead` (default: on a GPU) the question is asked (`AllStopped`)
     before the next step's forward is queued and answered after, so the device runs that forward while the host
     waits for the answer; when every row has stopped, that one forward is wasted and its logits dropped (the
-    tokens are the same either way). `prompt_capacity`: prompt columns the static cache is allocated for at
-    least (rlhf ppo passes data.max_prompt_length), so rollouts of every prompt width share one cache and one
-    compiled decoding step.
+    tokens are the same either way). With gen.compile_sampling the compiled step also draws the next token
+    (`StaticDecoder.step_draw`): the same tokens, but a wasted queued step has drawn its random numbers too, so
+    after a rollout in which every row stopped early with `queue_ahead` the global generator is one draw further
+    on than the unfused path leaves it (a fused run still reproduces itself). `prompt_capacity`: prompt columns
+    the static cache is allocated for at least (rlhf ppo passes data.max_prompt_length), so rollouts of every
+    prompt width share one cache and one compiled decoding step.
     Randomness: torch's global generator (saved with checkpoints, so resumed runs sample alike)."""
     device = prompt_ids.device
     ahead = device.type == "cuda" if queue_ahead is None else queue_ahead
@@ -236,13 +248,11 @@ def sample(
         state = DrawState.start(batch, gen.max_new_tokens, logits.shape[-1], stop_ids, device)
         all_stopped = AllStopped(device)
         fused = gen.compile_sampling and isinstance(decoder, StaticDecoder)
-        params, drawn = sampling_params(gen), None
+        params, next_tok = sampling_params(gen), None
         for step in range(gen.max_new_tokens):
-            tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id, drawn)
+            tok, alive = draw_tokens(logits, state, step, gen, vocab_size, pad_id, next_tok)
             if fused and step == 0:
-                # the columns not yet drawn repeat the first token, so that the penalty over the whole [B, R]
-                # history (one shape for every step) is the penalty over the tokens drawn so far
-                state.history[:, 1:].copy_(tok[:, None].expand(-1, gen.max_new_tokens - 1))
+                fill_undrawn(state.history, tok)
             if step == gen.max_new_tokens - 1:
                 break
             may_stop = step >= gen.min_new_tokens  # a stop token could be drawn at this step
@@ -251,8 +261,8 @@ def sample(
                 if not ahead and all_stopped.answer():
                     break
             if fused:
-                drawn = decoder.step_draw(tok, alive, next_pos, state.history, banned_at(state, step + 1, gen),
-                                          params, vocab_size)
+                next_tok = decoder.step_draw(tok, alive, next_pos, state.history, banned_at(state, step + 1, gen),
+                                             params, vocab_size)
             else:
                 logits = decoder.step(tok, alive, next_pos)
             next_pos = next_pos + 1
