@@ -163,10 +163,9 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         out.print(roof)
     if result["vs_trl"]:
         vs = result["vs_trl"]
-        out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_precision']}: {vs['trl_seconds_per_iteration']:.4g} s "
-                  f"per iteration, peak "
-                  f"{vs['trl_peak_memory_gib']:.3g} GiB): {vs['speedup']:.2f}x faster, generation "
-                  f"{vs['generation_speedup']:.2f}x", highlight=False)
+        out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_precision']}: "
+                  f"{vs['trl_seconds_per_iteration']:.4g} s per iteration, peak {vs['trl_peak_memory_gib']:.3g} GiB): "
+                  f"{vs['speedup']:.2f}x faster, generation {vs['generation_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
 
 
@@ -298,7 +297,8 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
     for col in ("phase", "floor s", "bound", "TFLOP", "GB moved"):
         table.add_column(col, justify="left" if col in ("phase", "bound") else "right")
     for phase, f in floors.items():
-        table.add_row(phase, f"{f.seconds:.4f}", f.bound, f"{f.flops / 1e12:.2f}", f"{f.bytes / 1e9:.1f}" if f.bytes else "-")
+        moved = f"{f.bytes / 1e9:.1f}" if f.bytes else "-"
+        table.add_row(phase, f"{f.seconds:.4f}", f.bound, f"{f.flops / 1e12:.2f}", moved)
     out.print(table)
 
 

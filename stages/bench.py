@@ -68,7 +68,8 @@ def workload_model_config(cfg: BenchConfig) -> Any:
     return AutoConfig.for_model(arch.pop("model_type"), **arch, pad_token_id=0, eos_token_id=1, bos_token_id=None)
 
 
-def workload_floors(cfg: BenchConfig, epochs: int, dtype: torch.dtype, peak: float, bandwidth: float) -> dict[str, Floor]:
+def workload_floors(cfg: BenchConfig, epochs: int, dtype: torch.dtype, peak: float,
+                    bandwidth: float) -> dict[str, Floor]:
     """Roofline floors of one PPO iteration of the workload (`roofline.ppo_floors`: all four models of its
     architecture, exactly new_tokens per response, `epochs` PPO epochs) at `peak` TFLOP/s and `bandwidth` TB/s."""
     config = workload_model_config(cfg)
@@ -231,8 +232,8 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     generation.compile; `fused`: compiled with the sampling inside, generation.compile_sampling, whose failure
     is recorded as its result instead of ending the benchmark, so it is best timed last; the dynamic
     reference); on a GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs
-    (`launch_counts`) of each path but the dynamic one. With the device's peaks known (a known GPU, or the config's), the rollout's roofline floor
-    (`roofline.generation_floor`) and each cache's gap to it."""
+    (`launch_counts`) of each path but the dynamic one. With the device's peaks known (a known GPU, or the
+    config's), the rollout's roofline floor (`roofline.generation_floor`) and each path's gap to it."""
     from transformers import AutoModelForCausalLM
 
     from stages.engine import model_dtype
@@ -250,6 +251,9 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
     results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name, **device_info(device),
                                "prompts": ids.shape[0], "prompt_length": ids.shape[1]}
+    unknown = [c for c in caches if c not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown decoding path(s) {unknown}; known: {', '.join(VARIANTS)}")
     def generation(variant: str) -> Any:  # the config's sampling on this decoding path (VARIANTS)
         if variant == "fused":
             return ppo_cfg.generation.model_copy(update={"cache": "static", "compile": True, "compile_sampling": True})
