@@ -83,8 +83,8 @@ def warn_if_gpu_sized(cfg: Any) -> None:
     if params > CPU_PARAMS:
         err.print(f"[yellow]warning:[/] no GPU here, and each of workload {cfg.name}'s four models has "
                   f"{params / 1e6:.0f}M parameters: on a CPU this runs for hours (`--workload tiny` is sized for "
-                  "one; --set workload.prompts=4 --set workload.prompt_length=16 --set workload.new_tokens=8 cuts "
-                  "this one down)",
+                  "one; --set workload.prompts=4 --set workload.prompt_length=16 --set workload.new_tokens=8 --set "
+                  "ppo.train.micro_batch_size=4 --set ppo.train.forward_batch_size=4 cuts this one down)",
                   highlight=False)
 
 
