@@ -270,7 +270,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
     """  # noqa: E501
     import torch
 
-    from stages.bench import ppo_config_dict, workload_floors
+    from stages.bench import device_peaks, ppo_config_dict, workload_floors
     from stages.engine import model_dtype
     from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
 
@@ -278,10 +278,9 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
         cfg = bench_config(workload, config, None, None, set_ or [])
         if gpu:  # --gpu wins over the config's peaks
             name, peak, bandwidth = gpu, peak_tflops(gpu), peak_bandwidth_tbs(gpu)
-        else:
+        else:  # as bench ppo prices this machine
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-            peak = cfg.peak_tflops or (peak_tflops(name) if name else None)
-            bandwidth = cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None)
+            peak, bandwidth = device_peaks(cfg, _device())
         if not peak or not bandwidth:
             known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from stages.config import BenchConfig, PPOConfig
+from stages.metrics import read_metrics
 from stages.perf import (
     clock,
     compile_counters,
@@ -174,8 +175,7 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
     ones) after the first `warmup`, up to warmup + iterations, the profiled one (logging.profile_step) left out;
     throughput, peak memory and MFU; with the device's peaks known, each phase's roofline floor and gap
     (`roofline.ppo_floors`)."""
-    every = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
-             if "perf/iteration_s" in r]
+    every = [r for r in read_metrics(metrics_file) if "perf/iteration_s" in r]
     first = ppo_cfg.ppo.critic_pretrain_steps  # steps 1..first update the critic only
     profile_step = ppo_cfg.logging.profile_step
     rows = [r for r in every if first < r["step"] <= first + cfg.warmup + cfg.iterations and r["step"] != profile_step]

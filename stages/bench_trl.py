@@ -59,8 +59,10 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
     from stages.bench import device_info
+    from stages.data import BadRowLog
     from stages.engine import model_dtype
     from stages.models import load_tokenizer
+    from stages.ppo.prompts import load_prompts
 
     w = cfg.workload
     dtype, mixed = PRECISIONS[precision]
@@ -77,7 +79,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     runs = cfg.warmup + cfg.iterations
     # more rows than the run takes: accelerate syncs gradients at every micro-batch of a dataloader's last
     # batch, so an iteration that reached it would make one optimizer step per micro-batch
-    rows = [tok(row["prompt"])["input_ids"] for row in _read_jsonl(workload / "prompts.jsonl")]
+    rows, _ = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog())  # as rlhf ppo reads them
     prompts = [rows[i % len(rows)] for i in range(w.prompts * (runs + 1))]
     out_dir = Path(cfg.output_dir) / "trl"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -143,12 +145,6 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
         "new_tokens": widths[0], "micro_batch_size": micro,
         "rollout_forward_batch_size": args.local_rollout_forward_batch_size,
     }
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:

@@ -136,16 +136,19 @@ class StaticDecoder:
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)
 
-    def step(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _append(self, alive: torch.Tensor) -> None:
+        """The mask column of the token fed next: 1 where its row is still alive."""
         self.mask[:, self.width + self.steps] = alive.long()
         self.steps += 1
+
+    def step(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._append(alive)
         return self._step(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword)
 
     def step_draw(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor, history: torch.Tensor,
                   banned: torch.Tensor | None, params: Any, vocab_size: int) -> torch.Tensor:
         """`step`, then the next token drawn from its logits in the same (compiled) function: token ids [B]."""
-        self.mask[:, self.width + self.steps] = alive.long()
-        self.steps += 1
+        self._append(alive)
         return self._step_draw(self.model, tokens[:, None], self.mask, positions[:, None], self.cache, self.keyword,
                                history, banned, params, vocab_size)
 
