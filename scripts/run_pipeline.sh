@@ -36,6 +36,8 @@ if [[ ! -f "$config" ]]; then
     exit 2
 fi
 
+# The CLI lookup and the DRY_RUN tail are the same in run_pipeline.sh and slurm_pipeline.sh on purpose: each
+# script stands alone (sbatch runs a copy of its script from a spool directory, where a sourced helper is not).
 if [[ -n "${RLHF:-}" ]]; then
     read -r -a rlhf_cmd <<< "$RLHF"
 elif command -v rlhf > /dev/null 2>&1; then

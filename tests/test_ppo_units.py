@@ -358,6 +358,21 @@ def test_sampling_runs_the_model_in_eval_mode_and_restores_each_modules_mode():
     assert model.training and model.model.layers[0].training and not model.model.norm.training
 
 
+
+def test_sampling_runs_without_the_input_grad_hooks_of_gradient_checkpointing_and_restores_them():
+    # gradient_checkpointing_enable hooks the input embeddings (output.requires_grad_(True)): useless without
+    # gradients, and torch 2.11's dynamo breaks the compiled decoding step into two graphs at it
+    model = _llama().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    emb = model.get_input_embeddings()
+    emb.weight.requires_grad_(False)
+    assert len(emb._forward_hooks) == 1 and emb(torch.tensor([[1, 2]])).requires_grad  # the hook's doing
+    seen: list[int] = []
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(len(emb._forward_hooks)))
+    sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(max_new_tokens=4, min_new_tokens=4), [2], PAD_ID, VOCAB)
+    assert seen == [0] * 4  # prefill + 3 steps without it
+    assert len(emb._forward_hooks) == 1 and emb(torch.tensor([[1, 2]])).requires_grad  # back for training
+
 @CACHES
 def test_tokens_at_or_above_vocab_size_are_never_sampled(cache):
     # a real model with 40 embedding rows but a 30-token vocabulary, plain sampling: without the mask a quarter

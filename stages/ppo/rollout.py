@@ -206,6 +206,24 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def input_grad_hooks_off(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' input-embedding hooks of `enable_input_require_grads` (output.requires_grad_(True), which
+    `gradient_checkpointing_enable` registers) removed inside the block and registered again after. They do
+    nothing without gradients, as when sampling, but torch 2.11's dynamo cannot trace `requires_grad_()`: it
+    broke the compiled decoding step into two graphs (CUDA graphs) at the embedding. Any other hook on the
+    embedding registered after them then runs before them (hooks run in the order registered)."""
+    hooks = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+    if not hooks or not hasattr(model, "disable_input_require_grads"):
+        yield
+        return
+    model.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        model.enable_input_require_grads()
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -222,7 +240,7 @@ def sample(
     a stop token or max_new_tokens. Tokens at or above `vocab_size` (embedding rows without a token) are never
     sampled; stop tokens are not sampled before `min_new_tokens`. `gen.cache` picks the decoder (decode.py:
     static = the fast path, dynamic = the reference); both draw the same tokens from the same random stream.
-    The model runs in eval mode (see `eval_mode`).
+    The model runs in eval mode (see `eval_mode`), without transformers' input-grad hooks (`input_grad_hooks_off`).
 
     Host syncs: none per step before min_new_tokens (no row can have stopped); after it, one per step to ask
     whether every row has stopped. With `queue_ahead` (default: on a GPU) the question is asked (`AllStopped`)
@@ -240,7 +258,7 @@ def sample(
     batch = prompt_ids.shape[0]
     ids, mask = (bucket_left_pad(prompt_ids, prompt_mask, pad_id) if gen.cache == "static"
                  else (prompt_ids, prompt_mask))
-    with eval_mode(model):
+    with eval_mode(model), input_grad_hooks_off(model):
         decoder = make_decoder(model, mask, gen.cache, gen.max_new_tokens, gen.compile, prompt_capacity)
         positions = positions_from_mask(mask)
         logits = decoder.prefill(ids, positions)
