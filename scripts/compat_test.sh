@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test suite on the CPU with the library versions of the GPU machine the device tool lends (Python 3.12,
+# torch 2.11, transformers 5.17; DeepSpeed and TRL as `make install` pins them), in a venv of its own, so that
+# a version difference shows here rather than in a short GPU lease. Not part of `make test`: it installs torch
+# 2.11's CUDA build from PyPI (about 5 GB with its NVIDIA libraries; it runs on a CPU) and takes ~15 minutes.
+#
+#   scripts/compat_test.sh [pytest args...]         # default: the whole suite
+#   scripts/compat_test.sh tests/test_fastpath.py -x
+#
+# Environment: COMPAT_VENV (default /tmp/rlhf-compat-venv; reused when present), COMPAT_PYTHON (the
+# interpreter to build it with; default python3.12 on PATH, else pyenv's 3.12), TORCH_VERSION (2.11.0),
+# TRANSFORMERS_VERSION (5.17.0). The repository is imported from this checkout (PYTHONPATH), not installed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${COMPAT_VENV:-/tmp/rlhf-compat-venv}
+if [[ ! -x "$venv/bin/python" ]]; then
+    py=${COMPAT_PYTHON:-}
+    if [[ -z "$py" ]]; then  # the first that runs (a pyenv shim of a version not selected does not)
+        for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python; do
+            if "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2> /dev/null; then
+                py=$c
+                break
+            fi
+        done
+    fi
+    if [[ -z "$py" ]]; then
+        echo "compat_test.sh: no Python 3.12 found; set COMPAT_PYTHON" >&2
+        exit 2
+    fi
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q "torch==${TORCH_VERSION:-2.11.0}"
+    "$venv/bin/pip" install -q "transformers==${TRANSFORMERS_VERSION:-5.17.0}" "torch==${TORCH_VERSION:-2.11.0}" \
+        "$root[dev,bench]"
+    "$venv/bin/pip" uninstall -q -y rlhf  # imported from the checkout instead
+fi
+"$venv/bin/python" -c "import sys, torch, transformers, deepspeed; print('compat:', sys.version.split()[0], 'torch', \
+torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+cd "$root"
+export PATH="$venv/bin:$PATH" PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cpu
+exec python -m pytest "${@:-tests}"
