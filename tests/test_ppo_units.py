@@ -358,7 +358,6 @@ def test_sampling_runs_the_model_in_eval_mode_and_restores_each_modules_mode():
     assert model.training and model.model.layers[0].training and not model.model.norm.training
 
 
-
 def test_sampling_runs_without_the_input_grad_hooks_of_gradient_checkpointing_and_restores_them():
     # gradient_checkpointing_enable hooks the input embeddings (output.requires_grad_(True)): useless without
     # gradients, and torch 2.11's dynamo breaks the compiled decoding step into two graphs at it
@@ -372,6 +371,7 @@ def test_sampling_runs_without_the_input_grad_hooks_of_gradient_checkpointing_an
     sample(model, *left_pad(PROMPTS, PAD_ID, CPU), _gen(max_new_tokens=4, min_new_tokens=4), [2], PAD_ID, VOCAB)
     assert seen == [0] * 4  # prefill + 3 steps without it
     assert len(emb._forward_hooks) == 1 and emb(torch.tensor([[1, 2]])).requires_grad  # back for training
+
 
 @CACHES
 def test_tokens_at_or_above_vocab_size_are_never_sampled(cache):
