@@ -213,8 +213,7 @@ def input_grad_hooks_off(model: torch.nn.Module) -> Iterator[None]:
     nothing without gradients, as when sampling, but torch 2.11's dynamo cannot trace `requires_grad_()`: it
     broke the compiled decoding step into two graphs (CUDA graphs) at the embedding. Any other hook on the
     embedding registered after them then runs before them (hooks run in the order registered)."""
-    hooks = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
-    if not hooks or not hasattr(model, "disable_input_require_grads"):
+    if not getattr(model, "_require_grads_hooks", None):  # what every transformers 5.x keeps them in
         yield
         return
     model.disable_input_require_grads()
