@@ -13,6 +13,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${COMPAT_VENV:-/tmp/rlhf-compat-venv}
+torch_pin="torch==${TORCH_VERSION:-2.11.0}"
 if [[ ! -x "$venv/bin/python" ]]; then
     py=${COMPAT_PYTHON:-}
     if [[ -z "$py" ]]; then  # the first that runs (a pyenv shim of a version not selected does not)
@@ -29,9 +30,8 @@ if [[ ! -x "$venv/bin/python" ]]; then
     fi
     "$py" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q "torch==${TORCH_VERSION:-2.11.0}"
-    "$venv/bin/pip" install -q "transformers==${TRANSFORMERS_VERSION:-5.17.0}" "torch==${TORCH_VERSION:-2.11.0}" \
-        "$root[dev,bench]"
+    "$venv/bin/pip" install -q "$torch_pin"
+    "$venv/bin/pip" install -q "$torch_pin" "transformers==${TRANSFORMERS_VERSION:-5.17.0}" "$root[dev,bench]"
     "$venv/bin/pip" uninstall -q -y rlhf  # imported from the checkout instead
 fi
 "$venv/bin/python" -c "import sys, torch, transformers, deepspeed; print('compat:', sys.version.split()[0], 'torch', \
