@@ -57,7 +57,8 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     split = r["split_seconds"]
     assert set(split) == {"generation", "scoring", "policy_update", "critic_update"}
     assert all(v > 0 for v in split.values())
-    assert sum(split.values()) <= r["seconds_per_iteration"] * 1.05  # medians of parts, roughly within the whole
+    # medians of parts and of wholes come from different iterations: no bound between them, but in each
+    # iteration the parts are timed inside the whole (checked on the metrics rows below)
     # exactly new_tokens per response: 8 prompts x 16 tokens per iteration
     assert r["samples_per_s"] == pytest.approx(8 / r["seconds_per_iteration"])
     assert r["generated_tokens_per_s"] == pytest.approx(8 * 16 / r["seconds_per_iteration"])
@@ -81,6 +82,9 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     perf = [x for x in rows if "perf/iteration_s" in x]
     assert [x["step"] for x in perf] == [1, 2, 3, 4, 5]
     assert all(x["rollout/response_length"] == 16 for x in perf)
+    parts = ("generation", "scoring", "policy_update", "critic_update")
+    assert all(sum(x[f"perf/{k}_s"] for k in parts) <= x["perf/iteration_s"] for x in perf)
+    assert all(split[k] == pytest.approx(statistics.median(x[f"perf/{k}_s"] for x in perf[1:4])) for k in parts)
     assert (bench_dir / "out/ppo/final/model.safetensors").exists()
     # iteration 5 ran under the profiler (logging.profile_step 5): its trace and table, copied beside the result
     assert sorted(p.name for p in (bench_dir / "out/ppo").glob("profile-*")) == ["profile-step-5.json.gz",
