@@ -173,8 +173,9 @@ class StepProfiler:
         profile-step-N.txt       its ops and kernels by total time (torch.profiler's table, 60 rows)
 
     (names ending in -rankR on ranks other than 0). The profiled step's own timings include the profiler's
-    overhead. A step that ends in an error leaves no profile. A failed write is a warning: a profile is not
-    worth a training run."""
+    overhead. Used as a context manager around the step loop, it also writes the profile of a step that ends in
+    an error (up to the failing op: often the trace one wants most), before the error goes on. A failed write is
+    a warning: a profile is not worth a training run."""
 
     def __init__(self, step: int, out: Path, rank: int, device: torch.device) -> None:
         self.step, self.device = step, device
@@ -190,18 +191,25 @@ class StepProfiler:
             self._prof = profile(activities=activities)
             self._prof.__enter__()
 
+    def __enter__(self) -> "StepProfiler":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close (write the profile of a step the loop left in an error, too); the loop's error goes on."""
+        self.close()
+
     def close(self) -> None:
         if self._prof is None:
             return
         prof, self._prof = self._prof, None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        prof.__exit__(None, None, None)
-        sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
         try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # raises again after a CUDA error: then no profile
+            prof.__exit__(None, None, None)
+            sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
             self.table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
             prof.export_chrome_trace(str(self.trace))  # a .gz name: torch writes it gzipped
-        except Exception as exc:  # noqa: BLE001 - OSError, or the profiler's own RuntimeError
+        except Exception as exc:  # noqa: BLE001 - OSError, the profiler's own RuntimeError, a CUDA error
             print(f"warning: could not write the profile of step {self.step}: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
 

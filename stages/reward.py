@@ -205,8 +205,8 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
 def describe_pairs(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
-        f"identical pair(s) and {report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} "
-        f"responses (right){report.skipped_note()}"
+        f"identical pair(s) and {report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
+        f"(left), {report.response_truncated} responses (right){report.skipped_note()}"
     )
 
 
@@ -233,34 +233,36 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     last_stats: dict[str, Any] | None = None
-    for step in range(run.start, run.total):
-        run.profiler.begin(step + 1)
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]
-        batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in run.plan.micro_batches(step, dist, tc)]
-        done = step + 1
-        guard = run.guard(done)
-        stats = train_step(engine, batches, dist, cfg.loss, guard)
-        values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
-        shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
-        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
-        run.profiler.close()  # a profiled step's training work ends here; evaluation and checkpoints are not in it
-        saving = run.should_save(done)  # also on a stop signal, which must not add an eval row
-        scheduled = due(done, tc.save_every, run.total)
-        if eval_rows is not None and (scheduled or due(done, tc.eval_every, run.total)):
-            ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
-            run.metrics.log(done, ev)
-            last_stats = _stats_record(ev, "eval", done)
-            run.progress.print(
-                f"step {done}: eval accuracy {ev['eval/accuracy']:.4f}  margin {ev['eval/margin']:.3f}  "
-                f"reward mean {ev['eval/reward_mean']:.3f} std {ev['eval/reward_std']:.3f}"
-            )
-        if saving:
-            if eval_rows is None and done == run.total:  # no eval set: the statistics come from the train pairs
-                ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train")
-                last_stats = _stats_record(ev, "train", done)
-            files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
-            run.save(done, hf_module=engine.module.seqcls, hf_files=files)
+    with run.profiler:  # writes a profiled step's trace also when it ends in an error
+        for step in range(run.start, run.total):
+            run.profiler.begin(step + 1)
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            micro = run.plan.micro_batches(step, dist, tc)
+            batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in micro]
+            done = step + 1
+            guard = run.guard(done)
+            stats = train_step(engine, batches, dist, cfg.loss, guard)
+            values = {f"train/{k}": v for k, v in stats.items() if k not in ("tokens", "pairs")} | {"train/lr": lr}
+            shown = {"loss": stats["loss"], "acc": stats["accuracy"], "lr": lr}
+            run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
+            run.profiler.close()  # a profiled step's training work ends here; not evaluation and checkpoints
+            saving = run.should_save(done)  # also on a stop signal, which must not add an eval row
+            scheduled = due(done, tc.save_every, run.total)
+            if eval_rows is not None and (scheduled or due(done, tc.eval_every, run.total)):
+                ev = reward_metrics(*score_pairs(engine, eval_rows, eval_micro, dist, pad_id), prefix="eval")
+                run.metrics.log(done, ev)
+                last_stats = _stats_record(ev, "eval", done)
+                run.progress.print(
+                    f"step {done}: eval accuracy {ev['eval/accuracy']:.4f}  margin {ev['eval/margin']:.3f}  "
+                    f"reward mean {ev['eval/reward_mean']:.3f} std {ev['eval/reward_std']:.3f}"
+                )
+            if saving:
+                if eval_rows is None and done == run.total:  # no eval set: the statistics come from the train pairs
+                    ev = reward_metrics(*score_pairs(engine, train_rows, eval_micro, dist, pad_id), prefix="train")
+                    last_stats = _stats_record(ev, "train", done)
+                files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
+                run.save(done, hf_module=engine.module.seqcls, hf_files=files)
     return run.finish()
 
 

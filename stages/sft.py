@@ -139,24 +139,27 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
-    for step in range(run.start, run.total):
-        run.profiler.begin(step + 1)
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]
-        micro = run.plan.micro_batches(step, dist, tc)
-        batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
-        done = step + 1
-        guard = run.guard(done)
-        stats = train_step(engine, batches, dist, guard)
-        values = {"train/loss": stats["loss"], "train/lr": lr}
-        if "grad_norm" in stats:
-            values["train/grad_norm"] = stats["grad_norm"]
-        run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, {"loss": stats["loss"], "lr": lr}, guard)
-        run.profiler.close()  # a profiled step's training work ends here; evaluation and checkpoints are not in it
-        if eval_rows is not None and due(done, tc.eval_every, run.total):
-            ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
-            run.metrics.log(done, ev)
-            run.progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  perplexity {ev['eval/perplexity']:.2f}")
-        if run.should_save(done):
-            run.save(done)
+    with run.profiler:  # writes a profiled step's trace also when it ends in an error
+        for step in range(run.start, run.total):
+            run.profiler.begin(step + 1)
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            micro = run.plan.micro_batches(step, dist, tc)
+            batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
+            done = step + 1
+            guard = run.guard(done)
+            stats = train_step(engine, batches, dist, guard)
+            values = {"train/loss": stats["loss"], "train/lr": lr}
+            if "grad_norm" in stats:
+                values["train/grad_norm"] = stats["grad_norm"]
+            shown = {"loss": stats["loss"], "lr": lr}
+            run.log_step(done, values, stats["tokens"], time.perf_counter() - t0, shown, guard)
+            run.profiler.close()  # a profiled step's training work ends here; not evaluation and checkpoints
+            if eval_rows is not None and due(done, tc.eval_every, run.total):
+                ev = evaluate(engine, eval_rows, eval_micro, dist, pad_id)
+                run.metrics.log(done, ev)
+                run.progress.print(f"step {done}: eval loss {ev['eval/loss']:.4f}  "
+                                   f"perplexity {ev['eval/perplexity']:.2f}")
+            if run.should_save(done):
+                run.save(done)
     return run.finish()

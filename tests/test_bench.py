@@ -230,6 +230,19 @@ def test_step_profiler_traces_the_chosen_step_only(tmp_path, rank):
     assert "aten::cos" in prof.table.read_text()
 
 
+def test_step_profiler_as_a_context_writes_the_profile_of_a_step_that_fails(tmp_path):
+    with pytest.raises(ZeroDivisionError):  # the loop's error goes on
+        with StepProfiler(2, tmp_path, 0, torch.device("cpu")) as prof:
+            for step in (1, 2, 3):
+                prof.begin(step)
+                torch.cos(torch.randn(8)) if step == 2 else torch.sin(torch.randn(8))
+                if step == 2:
+                    raise ZeroDivisionError("step 2 fails before its close()")
+                prof.close()
+    names = {e.get("name") for e in json.loads(gzip.decompress(prof.trace.read_bytes()))["traceEvents"]}
+    assert "aten::cos" in names and "aten::sin" not in names and "aten::cos" in prof.table.read_text()
+
+
 def test_step_profiler_at_step_0_never_profiles(tmp_path):
     prof = StepProfiler(0, tmp_path, 0, torch.device("cpu"))
     for step in range(3):

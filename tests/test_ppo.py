@@ -145,10 +145,12 @@ def test_nan_reward_stops_before_the_update_or_skips_the_rollout_batch(tmp_path,
     iteration-2 checkpoint intact and nothing later; skip makes no update that iteration, keeps the running
     reward statistics free of it and finishes with finite weights."""
     cfg = ppo_dict(tmp_path, stages_dir, name="stop", iterations=3, sample_every=0, eval_every=0)
+    cfg["logging"]["profile_step"] = 3  # the failing iteration: its profile is still written, up to the error
     out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", expect=1, name="stop.yaml")
     assert "non-finite values in the rollout of iteration 3 (rank 0: reward-model score (1 value(s)))" in res.stderr
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000002"] and not (out / "final").exists()
+    assert "rlhf.rollout" in (out / "profile-step-3.txt").read_text() and (out / "profile-step-3.json.gz").is_file()
 
     cfg = ppo_dict(tmp_path, stages_dir, name="skip", iterations=3, sample_every=0, eval_every=0, on_nonfinite="skip")
     out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", name="skip.yaml")

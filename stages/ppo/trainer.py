@@ -506,106 +506,110 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
 
     shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
     profiler = StepProfiler(cfg.logging.profile_step, out, dist.rank, dist.device)
-    for it in range(start, total):
-        profiler.begin(it + 1)
-        critic_only = it < ppo.critic_pretrain_steps
-        reset_peak_memory(dist.device)
-        t0 = clock(dist.device)
-        # 1. rollout
-        rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
-        p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
-        with record_function("rlhf.rollout"):
-            rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
-                             prompt_capacity=cfg.data.max_prompt_length)
-        t_gen = clock(dist.device) - t0
-        # 2-5. score, reward transform, token rewards, GAE
-        with record_function("rlhf.score"):
-            exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
-        t_score = clock(dist.device) - t0 - t_gen
-        if exp is None:  # a non-finite score with train.on_nonfinite: skip
+    with profiler:  # writes a profiled iteration's trace also when it ends in an error
+        for it in range(start, total):
+            profiler.begin(it + 1)
+            critic_only = it < ppo.critic_pretrain_steps
+            reset_peak_memory(dist.device)
+            t0 = clock(dist.device)
+            # 1. rollout
+            rank_rows = prompt_sampler.indices(it)[dist.rank * B:(dist.rank + 1) * B]
+            p_ids, p_mask = left_pad([data["train"][i] for i in rank_rows], pad_id, dist.device)
+            with record_function("rlhf.rollout"):
+                rollout = sample(sampling_model(models), p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
+                                 prompt_capacity=cfg.data.max_prompt_length)
+            t_gen = clock(dist.device) - t0
+            # 2-5. score, reward transform, token rewards, GAE
+            with record_function("rlhf.score"):
+                exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
+            t_score = clock(dist.device) - t0 - t_gen
+            if exp is None:  # a non-finite score with train.on_nonfinite: skip
+                done = it + 1
+                faults.maybe_kill("kill", done)
+                state["skipped_rollouts"] += 1
+                metrics.event(done, "skipped", reason="non-finite rollout scores")
+                progress.print(f"[yellow]iteration {done}: non-finite rollout scores; batch skipped[/]")
+                progress.update(done, {})
+                save_if_due(done)
+                continue
+            mask = rollout.response_mask.float()
+            # 6. update
+            lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
+            values = rollout_metrics(cfg, dist, rollout, exp, stop_ids)
+            gold = None
+            if cfg.data.gold_reward:
+                gold = gold_scores(cfg.data.gold_reward, tokenizer, [data["train"][i] for i in rank_rows],
+                                   response_lists(rollout, stop_ids))
+                values["objective/gold"] = float(all_reduce_sum([sum(gold)], dist.device)[0]) / (B * dist.world_size)
+            t1 = clock(dist.device)
+            values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
+            t_update = clock(dist.device) - t1
+            skipped_now = values.pop("skipped")
+            state["skipped_micro_batches"] += int(skipped_now)
+            rows, width = rollout.response.shape[0] * ppo.ppo_epochs, rollout.sequences()[0].shape[1]
+            flops = train_flops(shapes["critic"], rows, width, 0)
+            if not critic_only:
+                flops += train_flops(shapes["policy"], rows, width, rollout.response.shape[1])
             done = it + 1
             faults.maybe_kill("kill", done)
-            state["skipped_rollouts"] += 1
-            metrics.event(done, "skipped", reason="non-finite rollout scores")
-            progress.print(f"[yellow]iteration {done}: non-finite rollout scores; batch skipped[/]")
-            progress.update(done, {})
+            # metrics
+            gen_tokens, seq_tokens = all_reduce_sum([float(mask.sum()), float(rollout.sequences()[1].sum())],
+                                                    dist.device).tolist()
+            values |= lrs | {
+                "train/critic_only": float(critic_only),
+                "reward_stats/mean": moments.mean, "reward_stats/std": moments.std, "reward_stats/count": moments.count,
+                "reward_stats/rank_spread": rank_spread([moments.count, moments.mean, moments.std]),
+                "perf/generation_s": t_gen, "perf/scoring_s": t_score, "perf/update_s": t_update,
+                "perf/iteration_s": clock(dist.device) - t0, "perf/update_tflops": flops / max(t_update, 1e-9) / 1e12,
+                "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+                "perf/train_tokens_per_s":
+                    seq_tokens * ppo.ppo_epochs * (1 if critic_only else 2) / max(t_update, 1e-9),
+            } | peak_memory_gib(dist.device)
+            if t.on_nonfinite == "skip":
+                values |= {f"train/{k}": float(state[k]) for k in ("skipped_rollouts", "skipped_micro_batches")}
+            for key in ("objective/scores",) + (() if skipped_now else ("loss/value",) if critic_only else
+                                                ("loss/value", "loss/policy")):
+                check_finite(key, values[key], done, out)
+            if state["start_length"] is None:
+                state["start_length"] = values["rollout/response_length"]
+            reasons = collapse_reasons(values, state["start_length"], cfg.monitor)
+            values["monitor/firing"] = float(bool(reasons))
+            if due(done, cfg.logging.log_every, total):
+                metrics.log(done, values)
+            if reasons:
+                state["monitor_fires"] += 1
+                metrics.event(done, "monitor", reasons=reasons, action=cfg.monitor.action)
+                progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
+            progress.update(done, {"reward": values["objective/scores"], "kl": values["objective/kl"],
+                                   "len": values["rollout/response_length"]})
+            if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
+                show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
+                             response_lists(rollout, []), exp["raw"].tolist(), gold)
+            profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
+            # validation and best/
+            if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
+                ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids)
+                metrics.log(done, ev)
+                best = state["best_reward"]
+                better = not critic_only and (best is None or ev["eval/reward"] > best)
+                if better and not reasons:
+                    state["best_reward"] = ev["eval/reward"]
+                    save_best(models, tokenizer, out, dist,
+                              {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
+                    metrics.event(done, "best", eval_reward=ev["eval/reward"])
+                elif better:
+                    metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
+                vetoed = " (vetoed: monitor firing)" if better and reasons else ""
+                progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
+                               f"{ev['eval/response_length']:.1f}{vetoed}")
             save_if_due(done)
-            continue
-        mask = rollout.response_mask.float()
-        # 6. update
-        lrs = {"lr/policy": policy.get_lr()[0], "lr/critic": critic.get_lr()[0]}
-        values = rollout_metrics(cfg, dist, rollout, exp, stop_ids)
-        gold = None
-        if cfg.data.gold_reward:
-            gold = gold_scores(cfg.data.gold_reward, tokenizer, [data["train"][i] for i in rank_rows],
-                               response_lists(rollout, stop_ids))
-            values["objective/gold"] = float(all_reduce_sum([sum(gold)], dist.device)[0]) / (B * dist.world_size)
-        t1 = clock(dist.device)
-        values |= update(cfg, dist, models, rollout, exp, it, critic_only, data["ptx"], ptx_sampler, state, pad_id)
-        t_update = clock(dist.device) - t1
-        skipped_now = values.pop("skipped")
-        state["skipped_micro_batches"] += int(skipped_now)
-        rows, width = rollout.response.shape[0] * ppo.ppo_epochs, rollout.sequences()[0].shape[1]
-        flops = train_flops(shapes["critic"], rows, width, 0)
-        if not critic_only:
-            flops += train_flops(shapes["policy"], rows, width, rollout.response.shape[1])
-        done = it + 1
-        faults.maybe_kill("kill", done)
-        # metrics
-        gen_tokens, seq_tokens = all_reduce_sum([float(mask.sum()), float(rollout.sequences()[1].sum())],
-                                                dist.device).tolist()
-        values |= lrs | {
-            "train/critic_only": float(critic_only),
-            "reward_stats/mean": moments.mean, "reward_stats/std": moments.std, "reward_stats/count": moments.count,
-            "reward_stats/rank_spread": rank_spread([moments.count, moments.mean, moments.std]),
-            "perf/generation_s": t_gen, "perf/scoring_s": t_score, "perf/update_s": t_update,
-            "perf/iteration_s": clock(dist.device) - t0, "perf/update_tflops": flops / max(t_update, 1e-9) / 1e12,
-            "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
-            "perf/train_tokens_per_s": seq_tokens * ppo.ppo_epochs * (1 if critic_only else 2) / max(t_update, 1e-9),
-        } | peak_memory_gib(dist.device)
-        if t.on_nonfinite == "skip":
-            values |= {f"train/{k}": float(state[k]) for k in ("skipped_rollouts", "skipped_micro_batches")}
-        for key in ("objective/scores",) + (() if skipped_now else ("loss/value",) if critic_only else
-                                            ("loss/value", "loss/policy")):
-            check_finite(key, values[key], done, out)
-        if state["start_length"] is None:
-            state["start_length"] = values["rollout/response_length"]
-        reasons = collapse_reasons(values, state["start_length"], cfg.monitor)
-        values["monitor/firing"] = float(bool(reasons))
-        if due(done, cfg.logging.log_every, total):
-            metrics.log(done, values)
-        if reasons:
-            state["monitor_fires"] += 1
-            metrics.event(done, "monitor", reasons=reasons, action=cfg.monitor.action)
-            progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
-        progress.update(done, {"reward": values["objective/scores"], "kl": values["objective/kl"],
-                               "len": values["rollout/response_length"]})
-        if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
-            show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
-                         response_lists(rollout, []), exp["raw"].tolist(), gold)
-        profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
-        # validation and best/
-        if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
-            ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids)
-            metrics.log(done, ev)
-            best = state["best_reward"]
-            better = not critic_only and (best is None or ev["eval/reward"] > best)
-            if better and not reasons:
-                state["best_reward"] = ev["eval/reward"]
-                save_best(models, tokenizer, out, dist, {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
-                metrics.event(done, "best", eval_reward=ev["eval/reward"])
-            elif better:
-                metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
-            progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
-                           f"{ev['eval/response_length']:.1f}" + (" (vetoed: monitor firing)" if better and reasons else ""))
-        save_if_due(done)
-        if reasons and cfg.monitor.action == "stop":
-            if saved_at != done:
-                save(done)
-            progress.close()
-            metrics.close()
-            raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
-                            f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
+            if reasons and cfg.monitor.action == "stop":
+                if saved_at != done:
+                    save(done)
+                progress.close()
+                metrics.close()
+                raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
+                                f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
 
     progress.close()
     final = publish_final(out, total, dist)
