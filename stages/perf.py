@@ -128,19 +128,37 @@ def count_calls(names: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+#: the range `launch_counts` marks its function's calls with
+COUNTED_RANGE = "rlhf.counted"
+
+
+def names_inside(events: Iterable[Any], marker: str = COUNTED_RANGE) -> list[str]:
+    """Names of the profiler events (torch.profiler FunctionEvents) that lie inside the host-side `marker`
+    range (a record_function's CPU event; its copy on the GPU's timeline is not the window), the marker left
+    out: a function's own calls without the profiler's start and stop work around it. With no such range, all
+    the names."""
+    events = list(events)
+    windows = [e.time_range for e in events if e.name == marker and e.device_type == torch.autograd.DeviceType.CPU]
+    if not windows:
+        return [e.name for e in events]
+    lo, hi = windows[0].start, windows[0].end
+    return [e.name for e in events if e.name != marker and lo <= e.time_range.start and e.time_range.end <= hi]
+
+
 def launch_counts(fn: Callable[[], Any], device: torch.device) -> dict[str, int] | None:
     """Run `fn` once under torch.profiler and count its CUDA graph launches and captures, kernel launches, host
-    syncs and copies (`count_calls`); None off a GPU. What a compiled decoding step should show: one graph
-    launch and no capture per step, kernel launches only for the sampling work, no host sync per step. The
-    profiler may record its own synchronize at the end among the host syncs."""
+    syncs and copies (`count_calls`) inside its COUNTED_RANGE (`names_inside`: not the profiler's own
+    synchronize); None off a GPU. What a compiled decoding step should show: one graph launch and no capture
+    per step, kernel launches only for the sampling work, no host sync per step."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-    return count_calls(e.name for e in prof.events())
+        with record_function(COUNTED_RANGE):
+            fn()
+    return count_calls(names_inside(prof.events()))
 
 
 def compile_counters() -> dict[str, int]:

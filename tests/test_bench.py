@@ -20,7 +20,8 @@ from stages.config import DeepSpeedConfig
 from stages.memory import trained_model
 from rlhf_cli.bench_cmd import bench_config
 from stages.bench import workload_floors
-from stages.perf import FlopShape, StepProfiler, compile_counters, count_calls, flop_shape, launch_counts, train_flops
+from stages.perf import (COUNTED_RANGE, FlopShape, StepProfiler, compile_counters, count_calls, flop_shape, launch_counts,
+                         names_inside, train_flops)
 from stages.roofline import DecodeShape, decode_shape, generation_floor, ppo_floors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,6 +213,20 @@ def test_count_calls_sorts_profiler_event_names_into_launch_kinds():
     assert count_calls(names) == {"graph_launches": 2, "graph_captures": 1, "kernel_launches": 3, "host_syncs": 2,
                                   "copies": 1}
     assert launch_counts(lambda: None, torch.device("cpu")) is None  # nothing to count off a GPU
+
+
+def test_names_inside_keeps_the_marked_range_calls_only():
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.cos(torch.ones(3))
+        with record_function(COUNTED_RANGE):
+            torch.sin(torch.ones(3))
+            torch.exp(torch.ones(3))
+        torch.tan(torch.ones(3))
+    inside = names_inside(prof.events())
+    assert {"aten::sin", "aten::exp"} <= set(inside) and not {"aten::cos", "aten::tan", COUNTED_RANGE} & set(inside)
+    assert {"aten::cos", "aten::tan"} <= set(names_inside(prof.events(), "no such range"))  # unmarked: all of them
 
 
 @pytest.mark.parametrize("rank", [0, 1])
