@@ -264,7 +264,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
                                                                "it: the config's peak_tflops/peak_bandwidth_tbs, else "
                                                                "this machine's GPU.", show_default="none")] = None,
                     debug: DebugOpt = False) -> None:
-    """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense bf16 peak, bytes over memory bandwidth, whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
+    """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense peak for the workload's dtype: bf16/fp16 tensor cores, or plain float32 without TF32; bytes over memory bandwidth; whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
 
     Example: [bold]rlhf bench floor --workload w1 --gpu H100[/]
     """  # noqa: E501
@@ -276,17 +276,17 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
 
     try:
         cfg = bench_config(workload, config, None, None, set_ or [])
+        merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
+        dtype = model_dtype(merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
         if gpu:  # --gpu wins over the config's peaks
-            name, peak, bandwidth = gpu, peak_tflops(gpu), peak_bandwidth_tbs(gpu)
+            name, peak, bandwidth = gpu, peak_tflops(gpu, dtype), peak_bandwidth_tbs(gpu)
         else:  # as bench ppo prices this machine
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-            peak, bandwidth = device_peaks(cfg, _device())
+            peak, bandwidth = device_peaks(cfg, _device(), dtype)
         if not peak or not bandwidth:
             known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "
                               f"({', '.join(known)}) or peak_tflops and peak_bandwidth_tbs (--set)")
-        merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
-        dtype = model_dtype(merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
         floors = workload_floors(cfg, int(merged["ppo"]["ppo_epochs"]), dtype, peak, bandwidth)
     except (RlhfError, ValueError) as exc:
         fail(exc, debug)

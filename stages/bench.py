@@ -157,10 +157,11 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
-def device_peaks(cfg: BenchConfig, device: torch.device) -> tuple[float | None, float | None]:
-    """(TFLOP/s, TB/s) of the device: the config's, else a known GPU's, else None."""
+def device_peaks(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:
+    """(TFLOP/s, TB/s) of the device for matrix multiplies in `dtype`: the config's, else a known GPU's (the
+    float32 peak for float32 weights), else None."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return (cfg.peak_tflops or (peak_tflops(name) if name else None),
+    return (cfg.peak_tflops or (peak_tflops(name, dtype) if name else None),
             cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None))
 
 
@@ -188,12 +189,12 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
     new_tokens = statistics.median(r["rollout/response_length"] for r in timed) * samples
     peak_key = "perf/peak_gpu_allocated_gib" if device.type == "cuda" else "perf/peak_host_rss_gib"
     tflops = _median(timed, "perf/update_tflops")
-    peak, bandwidth = device_peaks(cfg, device)
+    from stages.engine import model_dtype
+
+    dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
+    peak, bandwidth = device_peaks(cfg, device, dtype)
     floors = None
     if peak and bandwidth:
-        from stages.engine import model_dtype
-
-        dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
         floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})
     return {
         "benchmark": "ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
@@ -287,7 +288,7 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
     if "static" in caches and "fused" in caches and results["static"]["compile"]:  # compiled against compiled
         results["fused_speedup"] = results["static"]["seconds"] / results["fused"]["seconds"]
-    peak, bandwidth = device_peaks(cfg, device)
+    peak, bandwidth = device_peaks(cfg, device, dtype)
     results |= {"peak_tflops": peak, "peak_bandwidth_tbs": bandwidth, "floor": None}
     if peak and bandwidth:
         floor = workload_floors(cfg, 1, dtype, peak, bandwidth)["generation"]

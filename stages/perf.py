@@ -27,6 +27,10 @@ import torch
 #: data sheets); the first fragment found in the name wins, so longer names come before their prefixes
 PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
                ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0))
+#: dense float32 peak TFLOP/s without TF32 (the CUDA cores'; torch keeps TF32 off for float32 matrix
+#: multiplies unless asked, and this project does not ask), matched like PEAK_TFLOPS
+PEAK_FP32_TFLOPS = (("H200 NVL", 60.0), ("H200", 67.0), ("H100 PCIe", 51.0), ("H100 NVL", 60.0), ("H100", 67.0),
+                    ("A100", 19.5), ("L40S", 91.6), ("L40", 90.5), ("A10G", 31.2), ("L4", 30.3))
 #: memory bandwidth in TB/s (10^12 bytes/s), matched like PEAK_TFLOPS
 PEAK_BANDWIDTH_TBS = (("GH200 144G", 4.9), ("GH200", 4.0), ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9),
                       ("H100", 3.35), ("A100-SXM4-80GB", 2.039), ("A100-SXM-80GB", 2.039), ("A100 80GB PCIe", 1.935),
@@ -54,9 +58,15 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
     return {"perf/peak_host_rss_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
 
 
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a known GPU, else None."""
-    return next((v for k, v in PEAK_TFLOPS if k in device_name), None)
+def peak_tflops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Dense peak of a known GPU for matrix multiplies in `dtype` (bf16/fp16: tensor cores; float32: the
+    plain float32 peak), else None.
+
+    >>> [peak_tflops("NVIDIA H100 80GB HBM3"), peak_tflops("NVIDIA H100 80GB HBM3", torch.float32), peak_tflops("cpu")]
+    [989.4, 67.0, None]
+    """
+    table = PEAK_FP32_TFLOPS if dtype == torch.float32 else PEAK_TFLOPS
+    return next((v for k, v in table if k in device_name), None)
 
 
 def peak_bandwidth_tbs(device_name: str) -> float | None:

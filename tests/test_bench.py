@@ -361,6 +361,10 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
     assert r.exit_code == 0 and "at 100.0 TFLOP/s, 1.0 TB/s" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *peaks], terminal_width=200)
     assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split())
+    # float32 weights are priced at the plain float32 peak (no TF32), not the bf16 tensor-core one
+    fp32 = ["--set", "ppo.deepspeed.precision=fp32"]
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *fp32], terminal_width=200)
+    assert r.exit_code == 0 and "at 67.0 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.parametrize("ds, expected", [
