@@ -235,10 +235,9 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     last_stats: dict[str, Any] | None = None
     with run.profiler:  # writes a profiled step's trace also when it ends in an error
         for step in range(run.start, run.total):
-            run.profiler.begin(step + 1)
+            micro = run.begin(step)
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]
-            micro = run.plan.micro_batches(step, dist, tc)
             batches = [collate_pairs(train_rows, mb, pad_id, dist.device) for mb in micro]
             done = step + 1
             guard = run.guard(done)

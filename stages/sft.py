@@ -141,10 +141,9 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
     with run.profiler:  # writes a profiled step's trace also when it ends in an error
         for step in range(run.start, run.total):
-            run.profiler.begin(step + 1)
+            micro = run.begin(step)
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]
-            micro = run.plan.micro_batches(step, dist, tc)
             batches = [collate([train_rows[i] for i in mb], pad_id, dist.device) for mb in micro]
             done = step + 1
             guard = run.guard(done)

@@ -254,6 +254,12 @@ class Run:
     def total(self) -> int:
         return self.plan.total
 
+    def begin(self, step: int) -> list[list[int]]:
+        """Start optimizer step `step` (0-based; under the profiler when it is logging.profile_step): the row
+        indices of its micro-batches on this rank."""
+        self.profiler.begin(step + 1)
+        return self.plan.micro_batches(step, self.dist, self.tc)
+
     def guard(self, step: int) -> LossGuard:
         """The non-finite check for optimizer step `step` (1-based), per train.on_nonfinite."""
         return LossGuard("loss", step, self.tc.on_nonfinite)
