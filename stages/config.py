@@ -329,6 +329,11 @@ class GenerationConfig(Section):
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's)"
     )
     min_new_tokens: int = Field(0, ge=0, description="stop tokens are not sampled before this many new tokens")
+    logprobs_at_temperature: bool = Field(
+        False, description="log-probs of the policy (old and new), the reference and the entropy from logits / "
+        "temperature, the sampled distribution before top-k/top-p and the penalty (as TRL does); off: at "
+        "temperature 1, the model's own distribution (as the paper's code, OpenRLHF and DeepSpeed-Chat do)"
+    )
     cache: Literal["static", "dynamic"] = Field(
         "static", description="KV cache: static = preallocated, reused, compilable (fast path); dynamic = grown "
         "per token (reference path)"

@@ -34,7 +34,8 @@ from stages.errors import CheckpointError, ConfigError
 from stages.gold import gold_scores
 from stages.models import check_architecture, load_tokenizer, resolve_model_dir
 from stages.ppo.prompts import load_prompts
-from stages.ppo.rollout import left_pad, raw_scores, repetition_rate, response_lists, response_logprobs, sample
+from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
+                                response_logprobs, sample)
 
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
@@ -103,8 +104,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
             out.gold += gold_scores(s.data.gold_reward or "", tok, batch, responses)
         if out.kl is not None:
             width = roll.prompt_width
-            lp, _ = response_logprobs(model, full_ids, full_mask, width, roll.response, chunk_tokens=LOGPROB_CHUNK)
-            ref, _ = response_logprobs(reference, full_ids, full_mask, width, roll.response, chunk_tokens=LOGPROB_CHUNK)
+            lp_args = dict(chunk_tokens=LOGPROB_CHUNK, temperature=logprob_temperature(s.generation))
+            lp, _ = response_logprobs(model, full_ids, full_mask, width, roll.response, **lp_args)
+            ref, _ = response_logprobs(reference, full_ids, full_mask, width, roll.response, **lp_args)
             out.kl += ((lp - ref) * roll.response_mask).sum(1).tolist()
     return out
 

@@ -42,6 +42,7 @@ from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
+    logprob_temperature,
     process_logits,
     repetition_rate,
     response_lists,
@@ -50,6 +51,7 @@ from stages.ppo.rollout import (
     token_logprobs,
     with_final_eos,
 )
+from stages.ppo.trainer import score_rollout
 from stages.ppo.tricks import RunningMoments
 
 VOCAB, PAD_ID = 40, 0
@@ -429,6 +431,41 @@ def test_token_logprobs_and_entropy_hand_values_across_chunks():
     assert lp.flatten().tolist() == pytest.approx([math.log(0.5), -math.log(3), 0.0], abs=1e-6)
     assert ent.flatten().tolist() == pytest.approx([1.5 * LOG2, math.log(3), 0.0], abs=1e-6)
     assert token_logprobs(logits, tokens)[1] is None
+
+
+def test_token_logprobs_at_a_temperature_are_those_of_the_scaled_logits():
+    # logits 2 z at T = 2 are z: p = [0.25, 0.25, 0.5] again
+    logits = torch.tensor([[[0.0, 0.0, 2 * LOG2]], [[2.0, 2.0, 2.0]]])
+    lp, ent = token_logprobs(logits, torch.tensor([[2], [0]]), with_entropy=True, temperature=2.0)
+    assert lp.flatten().tolist() == pytest.approx([math.log(0.5), -math.log(3)], abs=1e-6)
+    assert ent.flatten().tolist() == pytest.approx([1.5 * LOG2, math.log(3)], abs=1e-6)
+    assert logprob_temperature(_gen(temperature=0.7)) == 1.0  # the default: the model's own distribution
+    assert logprob_temperature(_gen(temperature=0.7, logprobs_at_temperature=True)) == 0.7
+
+
+@pytest.mark.parametrize("at_temperature", [False, True])
+def test_score_rollout_takes_policy_and_reference_logprobs_at_the_configured_temperature(at_temperature):
+    """score_rollout's old and reference log-probs and entropy, on the fast (chunked) path, against
+    log_softmax(logits / T) of a plain forward: T = generation.temperature (0.5) with logprobs_at_temperature,
+    else 1."""
+    policy, reference = _llama(0), _llama(1)
+    p_ids, p_mask = left_pad(PROMPTS, PAD_ID, CPU)
+    resp = torch.tensor([[11, 2], [13, 14], [16, 3]])
+    rollout = Rollout(p_ids, p_mask, resp, torch.ones_like(resp), torch.tensor([False, True, False]))
+    models = {"policy": policy, "reference": reference, "critic": lambda i, m: torch.zeros(i.shape, dtype=torch.float),
+              "reward": lambda i, m: (torch.zeros(i.shape[0]),)}
+    gen = _gen(temperature=0.5, logprobs_at_temperature=at_temperature)
+    cfg = SimpleNamespace(train=SimpleNamespace(forward_batch_size=2, micro_batch_size=2, logprob_chunk=3),
+                          generation=gen)
+    exp = score_rollout(cfg, models, rollout, eos_id=2)
+    ids, mask = rollout.sequences()
+    t = 0.5 if at_temperature else 1.0
+    for key, model in (("logp", policy), ("ref_logp", reference)):
+        with torch.no_grad():
+            logp_all = torch.log_softmax(response_logits(model, ids, mask, rollout.prompt_width) / t, -1)
+        assert torch.allclose(exp[key], logp_all.gather(-1, resp[..., None]).squeeze(-1), atol=1e-5), key
+        if key == "logp":
+            assert torch.allclose(exp["entropy"], -(logp_all.exp() * logp_all).sum(-1), atol=1e-5)
 
 
 def test_token_logprobs_equal_log_softmax_gather_and_entropy_minus_p_log_p():

@@ -61,12 +61,12 @@ def _arch() -> LlamaConfig:
                        pad_token_id=PAD, eos_token_id=EOS, num_labels=1)
 
 
-def _config(tmp_path, **ppo) -> PPOConfig:
+def _config(tmp_path, generation: dict | None = None, **ppo) -> PPOConfig:
     return PPOConfig.model_validate({
         "output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"},
         "reward_model": {"name_or_path": "stub/rm"}, "data": {"train": "stub/prompts", "ptx": "stub/ptx"},
         "train": {"rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2},
-        "ppo": {"kl_coef": 0.1, "ppo_epochs": 2, **ppo},
+        "ppo": {"kl_coef": 0.1, "ppo_epochs": 2, **ppo}, "generation": generation or {},
     })
 
 
@@ -107,9 +107,10 @@ def _ptx() -> tuple[TokenRows, EpochSampler]:
     return rows, EpochSampler(len(rows), 2, seed=0)
 
 
-def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, **ppo) -> dict:
+def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, generation: dict | None = None,
+             **ppo) -> dict:
     """Experience and update with fixed seeds; returns the experience, the metrics and the gradients."""
-    cfg = _config(tmp_path, **ppo)
+    cfg = _config(tmp_path, generation, **ppo)
     models = _models()
     rollout = _rollout()
     moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # std 2 before this batch
@@ -168,6 +169,15 @@ def test_update_flags_change_the_gradients(tmp_path, dist, flag, on, off, model)
     assert _differs(a[model], b[model])
     # the experience itself is the same: the flag acts in the update only
     assert torch.equal(a["exp"]["advantages"], b["exp"]["advantages"])
+
+
+def test_logprobs_at_temperature_reach_the_scoring_and_the_update_alike(tmp_path, dist):
+    hot = run_once(tmp_path, dist, generation={"temperature": 0.5, "logprobs_at_temperature": True}, ppo_epochs=1)
+    base = run_once(tmp_path, dist, generation={"temperature": 0.5}, ppo_epochs=1)
+    # old and new log-probs at the same temperature: the one step's ratio is 1 (with T = 1 in the update only: 1.025)
+    assert hot["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(hot["exp"]["logp"], base["exp"]["logp"])  # log p(z / 0.5), not log p(z)
+    assert _differs(hot["policy"], base["policy"])
 
 
 def test_policy_and_value_clipping_show_in_their_clip_fractions(tmp_path, dist):

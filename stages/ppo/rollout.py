@@ -292,15 +292,27 @@ def sample(
 
 
 # --------------------------------------------------------------------------------------------- scoring
+def logprob_temperature(gen: GenerationConfig) -> float:
+    """The temperature log-probs and entropies are taken at: generation.temperature with
+    generation.logprobs_at_temperature, else 1 (the model's own distribution)."""
+    return gen.temperature if gen.logprobs_at_temperature else 1.0
+
+
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = logits / T in float32 (no division at T = 1, so that path stays bit-identical)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8
+    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token) [B, R] in float32 from logits [B, R, V], and (with_entropy) the entropy
-    H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk` rows at a time, so no float32 copy of the
-    whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
+    """log p(token) = z_token - logsumexp(z) [B, R] in float32 with z = logits / temperature from logits
+    [B, R, V], and (with_entropy) the entropy H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk`
+    rows at a time, so no float32 copy of the whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
     logps, ents = [], []
     for start in range(0, logits.shape[0], chunk):
-        z = logits[start:start + chunk].float()
+        z = scaled(logits[start:start + chunk], temperature)
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, tokens[start:start + chunk, :, None]).squeeze(-1) - lse)
         if with_entropy:
@@ -314,10 +326,11 @@ def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_wi
     return out.logits[:, prompt_width - 1:-1]
 
 
-def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, with_entropy: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32."""
-    z = head(hidden).float()
+def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, with_entropy: bool,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32,
+    from z = head(hidden) / temperature."""
+    z = scaled(head(hidden), temperature)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
 
@@ -344,9 +357,10 @@ def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> to
 
 def response_logprobs(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, tokens: torch.Tensor,
-    with_entropy: bool = False, chunk_tokens: int = 0,
+    with_entropy: bool = False, chunk_tokens: int = 0, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(response token) [B, R] in float32, and the entropy with `with_entropy`.
+    """log p(response token) [B, R] in float32, and the entropy with `with_entropy`, of the distribution
+    softmax(logits / temperature) (generation.logprobs_at_temperature; else temperature 1).
 
     chunk_tokens = 0, the reference path: the model's [B, P + R, V] logits, upcast 8 rows at a time.
     chunk_tokens > 0, the fast path: the model applies its LM head to one position only and returns its final
@@ -354,7 +368,8 @@ def response_logprobs(
     each chunk is checkpointed (its logits are recomputed in the backward pass), so no more than one
     [chunk_tokens, V] block of logits exists at any moment, forward or backward, and none for the prompt."""
     if chunk_tokens <= 0:
-        return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy)
+        return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy,
+                              temperature=temperature)
     hidden = final_hidden_states(model, ids, mask)[:, prompt_width - 1:-1]
     rows, width = tokens.shape
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
@@ -362,7 +377,7 @@ def response_logprobs(
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     logps, ents = [], []
     for s in range(0, flat_t.numel(), chunk_tokens):
-        args = (head, flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens], with_entropy)
+        args = (head, flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens], with_entropy, temperature)
         lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)

@@ -62,6 +62,7 @@ from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
+    logprob_temperature,
     raw_scores,
     repetition_rate,
     response_lists,
@@ -150,11 +151,12 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
     score (EOS appended to truncated responses, or the truncation penalty subtracted)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
+    lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
     for s in range(0, ids.shape[0], chunk):
         i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
-        logp, ent = response_logprobs(models["policy"], i, m, p, resp, True, cfg.train.logprob_chunk)
-        ref_logp, _ = response_logprobs(models["reference"], i, m, p, resp, False, cfg.train.logprob_chunk)
+        logp, ent = response_logprobs(models["policy"], i, m, p, resp, True, *lp_args)
+        ref_logp, _ = response_logprobs(models["reference"], i, m, p, resp, False, *lp_args)
         parts["logp"].append(logp)
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
@@ -247,7 +249,8 @@ def update(
             def policy_micro(rows: list[int]) -> torch.Tensor:
                 m = resp_mask[rows]
                 logp, ent = response_logprobs(policy, ids[rows], mask[rows], p, rollout.response[rows],
-                                              ppo.entropy_coef > 0, t.logprob_chunk)
+                                              ppo.entropy_coef > 0, t.logprob_chunk,
+                                              logprob_temperature(cfg.generation))
                 base = exp["ref_logp"][rows] if ppo.ref_importance_sampling else exp["logp"][rows]
                 pl, clipfrac = policy_loss(logp, base, adv[rows], m, ppo.policy_clip)
                 loss = pl
