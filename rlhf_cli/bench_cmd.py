@@ -271,18 +271,19 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
     import torch
 
     from stages.bench import device_peaks, ppo_config_dict, workload_floors
-    from stages.engine import model_dtype
+    from stages.engine import compute_dtype, model_dtype
     from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
 
     try:
         cfg = bench_config(workload, config, None, None, set_ or [])
         merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
-        dtype = model_dtype(merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
+        dtype_args = (merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
+        dtype, matmul = model_dtype(*dtype_args), compute_dtype(*dtype_args)
         if gpu:  # --gpu wins over the config's peaks
-            name, peak, bandwidth = gpu, peak_tflops(gpu, dtype), peak_bandwidth_tbs(gpu)
+            name, peak, bandwidth = gpu, peak_tflops(gpu, matmul), peak_bandwidth_tbs(gpu)
         else:  # as bench ppo prices this machine
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-            peak, bandwidth = device_peaks(cfg, _device(), dtype)
+            peak, bandwidth = device_peaks(cfg, _device(), matmul)
         if not peak or not bandwidth:
             known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "

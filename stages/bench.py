@@ -159,7 +159,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def device_peaks(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:
     """(TFLOP/s, TB/s) of the device for matrix multiplies in `dtype`: the config's, else a known GPU's (the
-    float32 peak for float32 weights), else None."""
+    plain float32 peak for float32), else None."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return (cfg.peak_tflops or (peak_tflops(name, dtype) if name else None),
             cfg.peak_bandwidth_tbs or (peak_bandwidth_tbs(name) if name else None))
@@ -189,10 +189,10 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
     new_tokens = statistics.median(r["rollout/response_length"] for r in timed) * samples
     peak_key = "perf/peak_gpu_allocated_gib" if device.type == "cuda" else "perf/peak_host_rss_gib"
     tflops = _median(timed, "perf/update_tflops")
-    from stages.engine import model_dtype
+    from stages.engine import compute_dtype, model_dtype
 
     dtype = model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)
-    peak, bandwidth = device_peaks(cfg, device, dtype)
+    peak, bandwidth = device_peaks(cfg, device, compute_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision))
     floors = None
     if peak and bandwidth:
         floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})

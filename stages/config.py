@@ -331,8 +331,8 @@ class GenerationConfig(Section):
     min_new_tokens: int = Field(0, ge=0, description="stop tokens are not sampled before this many new tokens")
     logprobs_at_temperature: bool = Field(
         False, description="log-probs of the policy (old and new), the reference and the entropy from logits / "
-        "temperature, the sampled distribution before top-k/top-p and the penalty (as TRL does); off: at "
-        "temperature 1, the model's own distribution (as the paper's code, OpenRLHF and DeepSpeed-Chat do)"
+        "temperature: the sampler's distribution without the repetition penalty, top-k and top-p (as TRL does); "
+        "off: at temperature 1, the model's own distribution (as the paper's code and DeepSpeed-Chat do)"
     )
     cache: Literal["static", "dynamic"] = Field(
         "static", description="KV cache: static = preallocated, reused, compilable (fast path); dynamic = grown "
@@ -577,7 +577,8 @@ class BenchConfig(Section):
     iterations: int = Field(5, ge=1, description="timed iterations (the result is their median)")
     warmup: int = Field(2, ge=0, description="iterations run first and not timed (compilation, allocator)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU and the roofline floors; default: "
-                                      "a known GPU's dense bf16 peak")
+                                      "a known GPU's dense peak for the trained models' dtype (bf16/fp16 tensor "
+                                      "cores; float32: the plain float32 peak, no TF32)")
     peak_bandwidth_tbs: float | None = Field(None, gt=0, description="device memory bandwidth in TB/s for the roofline "
                                              "floors; default: a known GPU's")
     profile: bool = Field(True, description="bench ppo: one more iteration after the timed ones, under torch.profiler "

@@ -178,3 +178,9 @@ def model_dtype(model_dtype_name: str, precision: str) -> torch.dtype:
     """The dtype to load weights in: explicit, or (auto) the training precision's dtype."""
     name = PRECISION_DTYPES[precision] if model_dtype_name == "auto" else model_dtype_name
     return TORCH_DTYPES[name]
+
+
+def compute_dtype(model_dtype_name: str, precision: str) -> torch.dtype:
+    """The dtype the trained models' matrix multiplies run in (what a GPU's peak FLOP/s is looked up for): a
+    bf16/fp16 DeepSpeed engine casts its weights to that dtype; fp32 keeps them as loaded."""
+    return model_dtype("auto" if precision != "fp32" else model_dtype_name, precision)

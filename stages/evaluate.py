@@ -6,7 +6,8 @@ For each prompt the policy (and the baseline) samples one response with the same
     reward      mean RM score (EOS appended to a response cut at max_new_tokens, as in PPO)
     gold        mean gold reward (data.gold_reward, e.g. the toy task's)
     kl          mean over responses of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples
-                (a sampled estimate of KL(pi || pi_ref) per response; pi_ref = --reference, else the baseline)
+                (a sampled estimate of KL(pi || pi_ref) per response; pi_ref = --reference, else the baseline;
+                both at the generation temperature with generation.logprobs_at_temperature)
     length      mean response tokens (the stop token included); cap_share: share cut at max_new_tokens
     repetition  mean share of repeated n-grams (monitor.ngram)
 

@@ -143,10 +143,10 @@ COUNTED_RANGE = "rlhf.counted"
 
 
 def names_inside(events: Iterable[Any], marker: str = COUNTED_RANGE) -> list[str]:
-    """Names of the profiler events (torch.profiler FunctionEvents) that lie inside the host-side `marker`
-    range (a record_function's CPU event; its copy on the GPU's timeline is not the window), the marker left
-    out: a function's own calls without the profiler's start and stop work around it. With no such range, all
-    the names."""
+    """Names of the profiler events (torch.profiler FunctionEvents) that lie inside the first host-side
+    `marker` range (a record_function's CPU event; its copy on the GPU's timeline is not the window), the
+    marker left out: a function's own calls without the profiler's start and stop work around it. With no such
+    range, all the names."""
     events = list(events)
     windows = [e.time_range for e in events if e.name == marker and e.device_type == torch.autograd.DeviceType.CPU]
     if not windows:
@@ -222,22 +222,28 @@ class StepProfiler:
     def __enter__(self) -> "StepProfiler":
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         """Close (write the profile of a step the loop left in an error, too); the loop's error goes on."""
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - e.g. the synchronize after a CUDA error: the loop's error wins
+            print(f"warning: no profile of step {self.step}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def close(self) -> None:
         if self._prof is None:
             return
         prof, self._prof = self._prof, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a CUDA error of the step surfaces here
+        prof.__exit__(None, None, None)
+        sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
         try:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # raises again after a CUDA error: then no profile
-            prof.__exit__(None, None, None)
-            sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
             self.table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
             prof.export_chrome_trace(str(self.trace))  # a .gz name: torch writes it gzipped
-        except Exception as exc:  # noqa: BLE001 - OSError, the profiler's own RuntimeError, a CUDA error
+        except Exception as exc:  # noqa: BLE001 - OSError, or the profiler's own RuntimeError
             print(f"warning: could not write the profile of step {self.step}: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
 

@@ -258,6 +258,32 @@ def test_step_profiler_as_a_context_writes_the_profile_of_a_step_that_fails(tmp_
     assert "aten::cos" in names and "aten::sin" not in names and "aten::cos" in prof.table.read_text()
 
 
+def test_step_profiler_close_errors_stay_errors_unless_the_loop_already_failed(tmp_path, monkeypatch, capsys):
+    """The synchronize that closes a GPU profile raises after a CUDA error: at a step's normal end that error
+    is raised; when the loop is already leaving with its own error, it is a warning and the loop's error goes
+    on. (A CPU profile posing as a GPU one, its synchronize made to fail.)"""
+    def cuda_error(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", cuda_error)
+    left_running = []
+    for loop_fails in (False, True):
+        prof = StepProfiler(1, tmp_path, 0, torch.device("cpu"))
+        prof.begin(1)
+        left_running.append(prof._prof)
+        prof.device = torch.device("cuda")
+        with pytest.raises(RuntimeError if not loop_fails else KeyError) as err:
+            with prof:
+                if loop_fails:
+                    raise KeyError("the loop's own")
+                prof.close()
+        assert ("illegal memory access" if not loop_fails else "the loop's own") in str(err.value)
+    assert capsys.readouterr().err.count("warning: no profile of step 1: RuntimeError: CUDA error") == 1
+    monkeypatch.undo()
+    for inner in left_running:
+        inner.__exit__(None, None, None)
+
+
 def test_step_profiler_at_step_0_never_profiles(tmp_path):
     prof = StepProfiler(0, tmp_path, 0, torch.device("cpu"))
     for step in range(3):
@@ -365,6 +391,10 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
     fp32 = ["--set", "ppo.deepspeed.precision=fp32"]
     r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *fp32], terminal_width=200)
     assert r.exit_code == 0 and "at 67.0 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
+    # float32 weights under a bf16 engine: DeepSpeed casts them, the multiplies run on the tensor cores
+    mixed = ["--set", "ppo.model.dtype=float32"]
+    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *mixed], terminal_width=200)
+    assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.parametrize("ds, expected", [

@@ -440,6 +440,17 @@ def test_token_logprobs_at_a_temperature_are_those_of_the_scaled_logits():
     assert lp.flatten().tolist() == pytest.approx([math.log(0.5), -math.log(3)], abs=1e-6)
     assert ent.flatten().tolist() == pytest.approx([1.5 * LOG2, math.log(3)], abs=1e-6)
     assert logprob_temperature(_gen(temperature=0.7)) == 1.0  # the default: the model's own distribution
+    # gradients through the scaling: in place on the float32 copy of bf16 logits, out of place on float32 ones
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (2, 3), generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(2, 3, 7, generator=gen) * 3).to(dtype).requires_grad_()
+        lp, ent = token_logprobs(x, tokens, with_entropy=True, temperature=0.7)
+        (lp.sum() + ent.sum()).backward()
+        y = x.detach().clone().requires_grad_()
+        logp_all = torch.log_softmax(y.float() / 0.7, -1)
+        (logp_all.gather(-1, tokens[..., None]).sum() - (logp_all.exp() * logp_all).sum()).backward()
+        assert torch.allclose(x.grad.float(), y.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
     assert logprob_temperature(_gen(temperature=0.7, logprobs_at_temperature=True)) == 0.7
 
 

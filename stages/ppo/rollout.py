@@ -299,9 +299,12 @@ def logprob_temperature(gen: GenerationConfig) -> float:
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """z = logits / T in float32 (no division at T = 1, so that path stays bit-identical)."""
+    """z = logits / T in float32 (no division at T = 1, so that path stays bit-identical); in place on the
+    float32 copy of lower-precision logits, so no second [N, V] block exists."""
     z = logits.float()
-    return z if temperature == 1.0 else z / temperature
+    if temperature == 1.0:
+        return z
+    return z / temperature if z is logits else z.div_(temperature)
 
 
 def token_logprobs(

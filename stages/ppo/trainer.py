@@ -533,6 +533,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 metrics.event(done, "skipped", reason="non-finite rollout scores")
                 progress.print(f"[yellow]iteration {done}: non-finite rollout scores; batch skipped[/]")
                 progress.update(done, {})
+                profiler.close()  # its training work ends here too; not the checkpoint
                 save_if_due(done)
                 continue
             mask = rollout.response_mask.float()
