@@ -91,6 +91,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
             if isinstance(value, float):
                 assert math.isfinite(value), (row["step"], key)
         assert abs(row["objective/scores_transformed"]) <= 0.3 + 1e-6  # normalised, clipped to 0.3
+        assert 0.0 <= row["objective/scores_transformed_std"] <= 0.3 + 1e-6
         assert 0.0 <= row["objective/gold"] <= 1.0  # data.gold_reward: toy (a mean of toy gold rewards)
     assert rows[0]["objective/kl"] == 0.0  # the policy starts as the reference
     assert rows[0]["policy/ratio" if "policy/ratio" in rows[0] else "val/values"] is not None
@@ -191,6 +192,10 @@ def test_rm_init_critic_reads_the_reward_model_and_conflicting_preset_flags_are_
     assert "reward_scaling: true" in res.stdout and "kl_coef: 0.01" in res.stdout
     res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--reward-scaling", "--reward-norm")
     assert res.returncode == 2 and "reward_scaling and reward_norm are alternatives" in res.stderr
+    # an explicit flag wins over the preset: scaling instead of PPO-max's normalisation
+    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--ppo-max", "--reward-scaling")
+    assert res.returncode == 0, res.stderr
+    assert "reward_scaling: true" in res.stdout and "reward_norm: false" in res.stdout
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -579,6 +579,18 @@ def test_transform_scores(flags, expected):
     assert out.tolist() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("moments", [RunningMoments(count=1.0, mean=2.0, m2=0.0),  # one score seen
+                                     RunningMoments(count=8.0, mean=2.0, m2=0.0)])  # eight equal scores
+def test_reward_transforms_divide_by_1_until_the_scores_spread(moments):
+    raw = torch.tensor([2.0])
+    assert transform_scores(raw, moments, PPOAlgoConfig(reward_scaling=True)).tolist() == pytest.approx([2.0])
+    assert transform_scores(raw, moments, PPOAlgoConfig(reward_norm=True)).tolist() == pytest.approx([0.0])
+    moments.merge(1.0, 5.0, 0.0)  # a different score: now the running std divides (2, 5: 1.5; 8 x 2, 5: sqrt(8/9))
+    assert moments.scale == moments.std == pytest.approx(1.5 if moments.count == 2 else (8 / 9) ** 0.5)
+    assert transform_scores(raw, moments, PPOAlgoConfig(reward_scaling=True)).tolist() == pytest.approx(
+        [2.0 / moments.std])
+
+
 def test_reward_scaling_and_norm_are_exclusive():
     with pytest.raises(ValueError, match="alternatives"):
         PPOAlgoConfig(reward_scaling=True, reward_norm=True)
@@ -864,6 +876,18 @@ def test_fill_preset_command_line_wins_over_the_files_preset():
     fill_preset(data, "moss-release")
     assert data["ppo"]["preset"] == "moss-release"
     assert data["ppo"]["reward_scaling"] is True and data["ppo"]["kl_coef"] == 0.01
+
+
+@pytest.mark.parametrize("preset, given, other", [("ppo-max", "reward_scaling", "reward_norm"),
+                                                 ("moss-release", "reward_norm", "reward_scaling")])
+def test_turning_on_one_reward_transform_keeps_the_preset_from_turning_on_the_other(preset, given, other):
+    data = {"ppo": {given: True}}
+    filled = fill_preset(data, preset)
+    assert data["ppo"][given] is True and data["ppo"][other] is False and f"ppo.{other}" in filled
+    PPOAlgoConfig.model_validate(data["ppo"])  # valid: one transform on
+    data = {"ppo": {given: False}}  # turning one off leaves the preset's choice of the other
+    fill_preset(data, preset)
+    assert data["ppo"][other] is PRESETS[preset][f"ppo.{other}"]
 
 
 def test_fill_preset_rejects_an_unknown_preset():

@@ -13,7 +13,7 @@ from stages.config import PPOConfig
 from stages.data import IGNORE, TokenRows
 from stages.ppo.models import ValueModel, engine_train_config
 from stages.ppo.rollout import Rollout
-from stages.ppo.trainer import make_experience, update
+from stages.ppo.trainer import make_experience, rollout_metrics, update
 from stages.ppo.tricks import RunningMoments
 from stages.reward_model import RewardModel
 from stages.trainer import EpochSampler
@@ -178,6 +178,17 @@ def test_logprobs_at_temperature_reach_the_scoring_and_the_update_alike(tmp_path
     assert hot["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert not torch.allclose(hot["exp"]["logp"], base["exp"]["logp"])  # log p(z / 0.5), not log p(z)
     assert _differs(hot["policy"], base["policy"])
+
+
+def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):
+    out = run_once(tmp_path, dist, reward_norm=True, reward_clip=0.5)
+    exp = out["exp"]
+    m = rollout_metrics(_config(tmp_path, reward_norm=True, reward_clip=0.5), dist, _rollout(), exp, [EOS])
+    for name, x in (("objective/scores", exp["raw"]), ("objective/scores_transformed", exp["score"])):
+        assert m[name] == pytest.approx(float(x.mean()), abs=1e-6)
+        assert m[f"{name}_std"] == pytest.approx(float(x.double().std(unbiased=False)), abs=1e-5)
+    assert m["objective/scores_transformed_std"] != pytest.approx(m["objective/scores_std"])
+    assert "objective/scores_sq" not in m and "objective/scores_transformed_sq" not in m
 
 
 def test_policy_and_value_clipping_show_in_their_clip_fractions(tmp_path, dist):

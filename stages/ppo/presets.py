@@ -115,6 +115,11 @@ def _assign(data: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+#: keys of which at most one may be on (PPOAlgoConfig checks it): a config that turns one on keeps the preset
+#: from turning on the other
+ALTERNATIVES = {"ppo.reward_scaling": "ppo.reward_norm", "ppo.reward_norm": "ppo.reward_scaling"}
+
+
 def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     """Set `ppo.preset` (the command line's `preset` wins over the file's, default vanilla) and fill every
     preset key the raw config `data` leaves unset, in place. Returns the keys the preset filled."""
@@ -127,6 +132,9 @@ def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     filled = []
     for key, value in PRESETS[name].items():
         if not _lookup(data, key)[0]:
+            other = ALTERNATIVES.get(key)
+            if other is not None and _lookup(data, other) == (True, True):
+                value = False  # the config turned the alternative on: it wins over the preset's choice
             _assign(data, key, value)
             filled.append(key)
     return filled

@@ -317,6 +317,7 @@ def rollout_metrics(
     g.add("objective/scores", exp["raw"].sum(), rows)
     g.add("objective/scores_sq", (exp["raw"].double() ** 2).sum(), rows)
     g.add("objective/scores_transformed", exp["score"].sum(), rows)
+    g.add("objective/scores_transformed_sq", (exp["score"].double() ** 2).sum(), rows)
     g.add("objective/kl", k1.sum(), rows)
     g.add("objective/kl_k3", k3.sum(), rows)
     g.add("objective/kl_per_token", k1.sum(), m.sum())
@@ -333,7 +334,8 @@ def rollout_metrics(
     g.add("val/returns", (exp["returns"] * m).sum(), m.sum())
     g.add("val/advantages", (exp["advantages"] * m).sum(), m.sum())
     out = g.reduce(dist.device)
-    out["objective/scores_std"] = math.sqrt(max(out.pop("objective/scores_sq") - out["objective/scores"] ** 2, 0.0))
+    for name in ("objective/scores", "objective/scores_transformed"):  # std = sqrt(E[x^2] - E[x]^2), across ranks
+        out[f"{name}_std"] = math.sqrt(max(out.pop(f"{name}_sq") - out[name] ** 2, 0.0))
     out["objective/rlhf_reward"] = out["objective/scores_transformed"] + out["objective/non_score_reward"]
     out["rollout/perplexity"] = math.exp(min(out["rollout/nll_policy"], 50.0))
     out["rollout/ref_perplexity"] = math.exp(min(out["rollout/nll_reference"], 50.0))

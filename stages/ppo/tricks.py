@@ -60,6 +60,13 @@ class RunningMoments:
     def std(self) -> float:
         return self.var ** 0.5
 
+    @property
+    def scale(self) -> float:
+        """What the reward transforms divide by: the running std, or 1 while it says nothing about the scores'
+        spread (fewer than 2 scores, or all of them equal), where dividing by std + eps would multiply a score
+        by up to 1e8."""
+        return self.std if self.count >= 2 and self.m2 > 0 else 1.0
+
     def merge(self, count: float, mean: float, m2: float) -> None:
         if count <= 0:
             return
@@ -85,13 +92,13 @@ def batch_summary(values: torch.Tensor) -> tuple[float, float, float]:
 
 
 def scale_reward(score: torch.Tensor, moments: RunningMoments, eps: float = 1e-8) -> torch.Tensor:
-    """Reward scaling: r / (running std + eps)."""
-    return score / (moments.std + eps)
+    """Reward scaling: r / (running std + eps) (std: `RunningMoments.scale`, 1 until the scores spread)."""
+    return score / (moments.scale + eps)
 
 
 def normalize_reward(score: torch.Tensor, moments: RunningMoments, eps: float = 1e-8) -> torch.Tensor:
-    """Reward normalization: (r - running mean) / (running std + eps)."""
-    return (score - moments.mean) / (moments.std + eps)
+    """Reward normalization: (r - running mean) / (running std + eps) (std: `RunningMoments.scale`)."""
+    return (score - moments.mean) / (moments.scale + eps)
 
 
 def clip_reward(score: torch.Tensor, delta: float) -> torch.Tensor:
