@@ -264,7 +264,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
                                                                "it: the config's peak_tflops/peak_bandwidth_tbs, else "
                                                                "this machine's GPU.", show_default="none")] = None,
                     debug: DebugOpt = False) -> None:
-    """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense peak for the workload's dtype: bf16/fp16 tensor cores, or plain float32 without TF32; bytes over memory bandwidth; whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
+    """The fewest seconds one PPO iteration of the workload can take on a GPU: each phase's roofline floor (FLOPs over the dense peak for the dtype its trained models compute in: bf16/fp16 tensor cores, or plain float32 without TF32; bytes over memory bandwidth; whichever is larger) and its bound. Builds nothing and needs no GPU; `rlhf bench ppo` prints the same floors next to what it measured.
 
     Example: [bold]rlhf bench floor --workload w1 --gpu H100[/]
     """  # noqa: E501
