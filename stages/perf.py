@@ -224,12 +224,11 @@ class StepProfiler:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         """Close (write the profile of a step the loop left in an error, too); the loop's error goes on."""
-        if exc_type is None:
-            self.close()
-            return
         try:
             self.close()
-        except Exception as exc:  # noqa: BLE001 - e.g. the synchronize after a CUDA error: the loop's error wins
+        except Exception as exc:  # noqa: BLE001 - e.g. the synchronize after a CUDA error
+            if exc_type is None:
+                raise
             print(f"warning: no profile of step {self.step}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def close(self) -> None:
