@@ -97,6 +97,17 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
     return t
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's integer `value` (one collective; the value itself in one process)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from rank `src` to every rank."""
     import torch.distributed as tdist

@@ -4,13 +4,20 @@
   every step (|diff| <= 1e-5), hence the same samples from the same seed; compiled steps likewise;
 - chunked, checkpointed log-probs (rollout.response_logprobs) vs the full-logits reference: the same log-probs,
   entropies and gradients (|diff| <= 1e-5 in float32, <= 0.05 nats in bfloat16), without ever holding a
-  full-vocabulary logits tensor for the batch.
+  full-vocabulary logits tensor for the batch; for models that transform their head's output (Gemma-2
+  soft-capping, Granite and Cohere scaling, an unknown transform) and under ZeRO-3 on two ranks whose response
+  widths differ.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +424,74 @@ def test_chunked_logprobs_never_keep_full_vocabulary_logits_for_backward():
         sizes[chunk] = saved
     assert max(sizes[0]) >= resp.numel() * VOCAB  # float32 logits of every response token
     assert max(sizes[4]) <= 4 * VOCAB
+
+
+def _transforming_model(kind: str) -> torch.nn.Module:
+    """Tiny causal LMs whose logits are not their LM head's output."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD_ID, initializer_range=0.2)
+    if kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=2.0))
+    elif kind == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=0.25))
+    elif kind == "cohere":
+        model = CohereForCausalLM(CohereConfig(**shape, logit_scale=3.0))
+    else:  # a transform head_transform does not know: logits * 2.5
+        class Shifted(LlamaForCausalLM):
+            def forward(self, *args, **kwargs):
+                out = super().forward(*args, **kwargs)
+                out.logits = out.logits * 2.5
+                return out
+        model = Shifted(LlamaConfig(**shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere", "unknown"])
+def test_chunked_logprobs_follow_a_model_that_transforms_its_head_output(kind):
+    ids, mask, p, resp = _batch("llama")
+    results = []
+    for chunk in (0, 4):
+        model = _transforming_model(kind).train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logp, ent = response_logprobs(model, ids, mask, p, resp, with_entropy=True, chunk_tokens=chunk)
+        (logp.sum() + ent.sum()).backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        results.append((logp.detach(), ent.detach(), grads, [str(w.message) for w in caught]))
+    (lp0, e0, g0, _), (lp1, e1, g1, said) = results
+    model = _transforming_model(kind)
+    with torch.no_grad():
+        head_out = model.get_output_embeddings()(final_hidden_states(model, ids, mask)[:, p - 1:-1])
+    untransformed = torch.log_softmax(head_out.float(), -1).gather(-1, resp[..., None]).squeeze(-1)
+    assert float((untransformed - lp0).abs().max()) > 0.1  # the transform matters at this scale
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+    fell_back = any("train.logprob_chunk ignored" in m for m in said)
+    assert fell_back == (kind == "unknown"), said
+
+
+@pytest.mark.slow
+def test_zero3_chunked_logprobs_on_two_ranks_with_different_response_widths(tmp_path):
+    """tests/workers/zero3_logprobs.py on two CPU processes: rank 1 needs three LM-head blocks, rank 0 one. The
+    ranks make as many head calls (each gathers the partitioned weight), so nothing deadlocks; log-probs equal
+    the full-logits reference and one SGD step on them equals the reference's step."""
+    from stages.runtime import free_port
+
+    worker = Path(__file__).parent / "workers" / "zero3_logprobs.py"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(worker)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [proc.communicate(timeout=400)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    results = [json.loads(line[len("RESULT "):]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, "\n".join(out[-2000:] for out in outs)
+    for r in results:
+        assert r["logprob_diff"] <= 1e-5 and r["step_diff"] <= 1e-6 and r["moved"] > 1e-3, r

@@ -8,14 +8,17 @@ is predicted from column P + t - 1: log-probs and values of the response are rea
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from stages.config import GenerationConfig
+from stages.distributed import all_reduce_max
 from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
 from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import positions_from_mask
@@ -329,33 +332,92 @@ def response_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_wi
     return out.logits[:, prompt_width - 1:-1]
 
 
-def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, with_entropy: bool,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def head_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a causal LM applies to its LM head's output z before returning logits, read from its config:
+    Gemma-2/3 soft-capping c tanh(z / c) (final_logit_softcapping c), Granite z / s (logits_scaling s), Cohere
+    z s (logit_scale s); the identity otherwise. Any other transform is caught by `_fast_head_ok`."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    divide = getattr(config, "logits_scaling", None)
+    times = getattr(config, "logit_scale", None)
+
+    def transform(z: torch.Tensor) -> torch.Tensor:
+        if cap:
+            z = torch.tanh(z.float() / cap) * cap
+        if divide and divide != 1:
+            z = z / divide
+        if times and times != 1:
+            z = z * times
+        return z
+    return transform
+
+
+def _head_logprobs(head: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                   tokens: torch.Tensor, with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32,
-    from z = head(hidden) / temperature."""
-    z = scaled(head(hidden), temperature)
+    from z = transform(head(hidden)) / temperature."""
+    z = scaled(transform(head(hidden)), temperature)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
 
 
-def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor,
+                        with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's final hidden states [B, L, H] (what its LM head reads), from a forward through the model
     itself (a DeepSpeed engine included, so its hooks run) with the head on one position only. A forward hook
     on the backbone (HF's `base_model`) catches its `last_hidden_state`; `output_hidden_states` would keep every
-    layer's output alive until the call returns."""
+    layer's output alive until the call returns. with_logits: also the model's logits at the last position [B, V]."""
     inner = getattr(model, "module", model)
     backbone = inner.base_model
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
                   logits_to_keep=1)
     if backbone is inner:  # no separate backbone module to hook
-        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
-    caught: list[torch.Tensor] = []
-    handle = backbone.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
-    try:
-        model(**kwargs)
-    finally:
-        handle.remove()
-    return caught[-1]
+        out = model(**kwargs, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+    else:
+        caught: list[torch.Tensor] = []
+        handle = backbone.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+        try:
+            out = model(**kwargs)
+        finally:
+            handle.remove()
+        hidden = caught[-1]
+    return (hidden, out.logits[:, -1]) if with_logits else hidden
+
+
+#: per model (its inner module): whether its LM head, followed by `head_transform`, gives its logits
+_FAST_HEAD_OK: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _fast_head_ok(model: Any, head: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
+                  hidden_last: torch.Tensor, logits_last: torch.Tensor) -> bool:
+    """Whether transform(head(h)) reproduces the model's own logits at the last position (within bf16 rounding,
+    rtol = atol = 1e-2); decided at the model's first chunked call and remembered. A model whose logits are
+    something else (a transform `head_transform` does not know) takes the full-logits path, with a warning.
+    Every rank reaches the same answer (all-reduced), so their calls into a ZeRO-3 partitioned head stay paired."""
+    inner = getattr(model, "module", model)
+    if inner in _FAST_HEAD_OK:
+        return _FAST_HEAD_OK[inner]
+    with torch.no_grad():
+        mine = transform(head(hidden_last.detach())).float()
+    bad = not torch.allclose(mine, logits_last.detach().float(), rtol=1e-2, atol=1e-2)
+    ok = not all_reduce_max(int(bad), logits_last.device)
+    if not ok:
+        warnings.warn(f"{type(inner).__name__} transforms its LM head's output in a way the chunked log-prob path "
+                      "does not reproduce; its log-probs use the full logits instead (train.logprob_chunk ignored "
+                      "for this model)", stacklevel=3)
+    _FAST_HEAD_OK[inner] = ok
+    return ok
+
+
+def chunk_bounds(n_tokens: int, chunk_tokens: int, head: torch.nn.Module, device: torch.device) -> list[slice]:
+    """Row slices of at most chunk_tokens rows covering n_tokens rows, as few as possible. With a ZeRO-3
+    partitioned head (its weight has `ds_id`) every rank makes as many slices as the rank with the most rows
+    (some possibly empty): each call into the head gathers its weight, a collective all ranks must join."""
+    count = max(1, -(-n_tokens // chunk_tokens))
+    if hasattr(head.weight, "ds_id"):
+        count = all_reduce_max(count, device)
+    size = -(-n_tokens // count)
+    return [slice(i * size, (i + 1) * size) for i in range(count)]
 
 
 def response_logprobs(
@@ -367,20 +429,25 @@ def response_logprobs(
 
     chunk_tokens = 0, the reference path: the model's [B, P + R, V] logits, upcast 8 rows at a time.
     chunk_tokens > 0, the fast path: the model applies its LM head to one position only and returns its final
-    hidden states; the head then runs on the R response positions, chunk_tokens rows at a time. With gradients
-    each chunk is checkpointed (its logits are recomputed in the backward pass), so no more than one
-    [chunk_tokens, V] block of logits exists at any moment, forward or backward, and none for the prompt."""
-    if chunk_tokens <= 0:
+    hidden states; the head (and `head_transform`) then runs on the R response positions, at most chunk_tokens
+    rows at a time. With gradients each chunk is checkpointed (its logits are recomputed in the backward pass),
+    so no more than one [chunk_tokens, V] block of logits exists at any moment, forward or backward, and none
+    for the prompt. A model whose head output is not its logits (`_fast_head_ok`) takes the reference path."""
+    inner = getattr(model, "module", model)
+    if chunk_tokens <= 0 or _FAST_HEAD_OK.get(inner) is False:
         return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy,
                               temperature=temperature)
-    hidden = final_hidden_states(model, ids, mask)[:, prompt_width - 1:-1]
+    hidden, logits_last = final_hidden_states(model, ids, mask, with_logits=True)
+    head, transform = inner.get_output_embeddings(), head_transform(inner.config)
+    if not _fast_head_ok(model, head, transform, hidden[:, -1], logits_last):
+        return response_logprobs(model, ids, mask, prompt_width, tokens, with_entropy, 0, temperature)
+    hidden = hidden[:, prompt_width - 1:-1]
     rows, width = tokens.shape
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
-    head = getattr(model, "module", model).get_output_embeddings()
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     logps, ents = [], []
-    for s in range(0, flat_t.numel(), chunk_tokens):
-        args = (head, flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens], with_entropy, temperature)
+    for part in chunk_bounds(flat_t.numel(), chunk_tokens, head, flat_h.device):
+        args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature)
         lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
