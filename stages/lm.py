@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from stages.data import IGNORE
 
@@ -38,18 +39,23 @@ def collate(rows: Sequence[dict[str, list[int]]], pad_id: int, device: torch.dev
 def shifted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Sum over trained positions of -log p(labels[t+1] | tokens <= t), in float32.
 
-    Only rows of `logits` whose next label is not IGNORE are used, and they are upcast `chunk` rows at a time,
-    so no float32 copy of the whole [batch, length, vocab] tensor is made."""
+    Only rows of `logits` whose next label is not IGNORE are used, and they are upcast `chunk` rows at a time;
+    with gradients each block is checkpointed (its float32 log-softmax recomputed in the backward pass), so
+    autograd keeps no float32 [rows, vocab] tensor beyond the one block being worked on."""
     target = labels[:, 1:]
     keep = target != IGNORE
     picked = logits[:, :-1][keep]
     gold = target[keep]
+    grad = torch.is_grad_enabled() and picked.requires_grad
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, gold.numel(), chunk):
-        total = total + F.cross_entropy(
-            picked[start:start + chunk].float(), gold[start:start + chunk], reduction="sum"
-        )
+    for rows, ids in zip(picked.split(chunk), gold.split(chunk)):  # split: one concatenation of the block grads
+        total = total + (checkpoint(_nll_sum, rows, ids, use_reentrant=False) if grad else _nll_sum(rows, ids))
     return total
+
+
+def _nll_sum(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """sum_i -log softmax(logits_i)[gold_i], in float32."""
+    return F.cross_entropy(logits.float(), gold, reduction="sum")
 
 
 def trained_tokens(labels: torch.Tensor) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from stages.config import ModelConfig
 from stages.data import IGNORE
@@ -44,8 +45,9 @@ class LMHead(torch.nn.Module):
     """The LM loss head: summed NLL of `gold` tokens given hidden rows, logits = h W^T.
 
     One call per micro-batch (ZeRO-3 gathers W once per module call, and every rank must make the same number
-    of calls); inside, logits are made and upcast `chunk` rows at a time, so no float32 [tokens, vocab] tensor
-    exists for the whole batch. W is the input embedding (tied models) or a matrix of its own."""
+    of calls); inside, logits are made and upcast `chunk` rows at a time, each block checkpointed (recomputed in
+    the backward pass), so autograd keeps no [tokens, vocab] logits, 16-bit or float32, beyond the block being
+    worked on. W is the input embedding (tied models) or a matrix of its own."""
 
     def __init__(self, weight: torch.nn.Parameter, chunk: int = 4096) -> None:
         super().__init__()
@@ -55,10 +57,16 @@ class LMHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         # starts from a term that touches W even when there is no token, so every rank's backward reaches W
         nll = (F.linear(hidden[:1], self.weight).sum() * 0.0).float()
-        for start in range(0, gold.numel(), self.chunk):
-            logits = F.linear(hidden[start:start + self.chunk], self.weight).float()
-            nll = nll + F.cross_entropy(logits, gold[start:start + self.chunk], reduction="sum")
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad)
+        for rows, ids in zip(hidden.split(self.chunk), gold.split(self.chunk)):
+            args = (rows, self.weight, ids)
+            nll = nll + (checkpoint(linear_nll_sum, *args, use_reentrant=False) if grad else linear_nll_sum(*args))
         return nll
+
+
+def linear_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """sum_i -log softmax(h_i W^T)[gold_i], the logits upcast to float32."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), gold, reduction="sum")
 
 
 class RewardModel(torch.nn.Module):

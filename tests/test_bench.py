@@ -381,6 +381,13 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
     assert 0.15 < floors["iteration"].seconds < 0.25  # W1 on an H100: ~0.19 s, 5x under issue 6's 1 s target
     r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "cpu"])
     assert r.exit_code == 2 and "give --gpu (A100" in r.output and "peak_bandwidth_tbs" in r.output
+    # the ppo: section is validated as `rlhf bench ppo` would, though nothing is built
+    for bad, said in (("ppo.ppo.ppo_epochs=0", "ppo.ppo_epochs: Input should be greater than or equal to 1"),
+                      ("ppo.train.typo=1", "unknown key 'train.typo'"),
+                      ("ppo.deepspeed.precision=fp8", "deepspeed.precision: Input should be 'fp32', 'bf16' or 'fp16'")):
+        r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", "--set", bad],
+                               terminal_width=400)
+        assert r.exit_code == 2 and said in " ".join(r.output.split()) and "keys below are under ppo:" in r.output, r.output
     # the config's peaks price it without --gpu, and --gpu wins over them
     peaks = ["--set", "peak_tflops=100", "--set", "peak_bandwidth_tbs=1"]
     r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", *peaks], terminal_width=200)
@@ -398,16 +405,64 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
 
 
 @pytest.mark.parametrize("ds, expected", [
-    (dict(zero_stage=0, precision="bf16"), (2000, 2000, 12000)),
-    (dict(zero_stage=1, precision="bf16"), (2000, 2000, 6000)),
-    (dict(zero_stage=2, precision="bf16"), (2000, 1000, 6000)),
-    (dict(zero_stage=3, precision="bf16"), (1000, 1000, 6000)),
-    (dict(zero_stage=3, precision="bf16", offload_param=True, offload_optimizer=True), (0, 1000, 0)),
-    (dict(zero_stage=0, precision="fp32"), (4000, 4000, 8000)),
+    (dict(zero_stage=0, precision="bf16"), (2000, 2000, 4000, 12000, None)),
+    (dict(zero_stage=1, precision="bf16"), (2000, 2000, 2000, 6000, None)),
+    (dict(zero_stage=2, precision="bf16"), (2000, 1000, 2000, 6000, None)),
+    (dict(zero_stage=2, precision="bf16", offload_optimizer=True), (2000, 0, 0, 0, None)),
+    (dict(zero_stage=3, precision="bf16"), (1000, 1000, 2000, 6000, 2 * (300 + 1000))),
+    (dict(zero_stage=3, precision="bf16", offload_param=True, offload_optimizer=True), (0, 0, 0, 0, 2 * 1300)),
+    (dict(zero_stage=0, precision="fp32"), (4000, 4000, 0, 8000, None)),
 ])
 def test_memory_per_rank_of_a_trained_model_hand_values(ds, expected):
-    got = trained_model(1000, DeepSpeedConfig(**ds), world=2)
-    assert (got["weights"], got["gradients"], got["optimizer"]) == expected
+    """N = 1000 parameters (the largest 300) on W = 2 ranks: weights, 16-bit gradients, float32 gradients,
+    optimizer states, and under ZeRO-3 the largest parameter plus the prefetch bucket (here all of N)."""
+    got = trained_model(1000, DeepSpeedConfig(**ds), world=2, largest=300)
+    assert (got["weights"], got["gradients"], got["fp32 gradients"], got["optimizer"],
+            got.get("ZeRO-3 gathered parameters")) == expected
+
+
+@pytest.mark.parametrize("hidden, mlp, heads, kv_heads", [(128, 704, 4, 1), (256, 688, 8, 8)])
+def test_activation_estimate_matches_what_autograd_saves_per_layer(hidden, mlp, heads, kv_heads):
+    """Bytes of the (distinct, non-parameter) tensors autograd saves in a bf16 Qwen2 forward, per layer (two
+    layers minus one), against the estimate (20 H + 8 I + 4 K) m L, within 2 %: GQA and full multi-head."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from stages.memory import Shape, activations
+
+    rows, length, per_layer = 4, 96, []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=mlp,
+                                             num_hidden_layers=layers, num_attention_heads=heads,
+                                             num_key_value_heads=kv_heads, attn_implementation="sdpa"))
+        model = model.to(torch.bfloat16).train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.model(input_ids=torch.randint(0, 64, (rows, length)), use_cache=False)
+        per_layer.append(sum(seen.values()))
+    measured = per_layer[1] - per_layer[0]
+    shape = Shape(0, 1, hidden, 64, kv_heads * hidden // heads, mlp, gated=True)
+    assert measured == pytest.approx(activations(shape, rows, length, "bf16", False), rel=0.02)
+
+
+def test_memory_peak_holds_everything_else_plus_the_largest_update_phase():
+    from stages.memory import peak
+
+    parts = {"weights": 10.0, "policy grads": 3.0, "policy fp32": 5.0, "acts": 4.0, "logits": 2.0,
+             "critic grads": 1.0, "critic fp32": 1.0}
+    phases = {"policy": (["policy grads"], ["acts", "logits"], ["policy fp32"]),
+              "critic": (["critic grads"], [], ["critic fp32"])}
+    assert peak(parts, phases) == 10 + 3 + max(4 + 2, 5)
+    parts["policy fp32"] = 7.0  # the optimizer step's float32 gradients now outweigh the backward pass
+    assert peak(parts, phases) == 10 + 3 + 7
+    assert peak({"weights": 10.0}, {}) == 10
 
 
 def test_dry_run_prints_the_memory_estimate(tmp_path):
@@ -419,7 +474,8 @@ def test_dry_run_prints_the_memory_estimate(tmp_path):
                                  "2", "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2"])
     assert r.exit_code == 0, r.output
     assert "memory estimate per rank (2 rank(s)" in r.stdout
-    for part in ("model weights", "model gradients", "model optimizer", "activations", "total"):
+    for part in ("model weights", "model gradients *", "model optimizer", "activations (micro-batch) *",
+                 "peak"):
         assert part in r.stdout
     assert not (tmp_path / "sft").exists()
 

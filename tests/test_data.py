@@ -289,6 +289,47 @@ def test_chunked_nll_equals_plain_cross_entropy():
     assert shifted_nll_sum(logits, labels, chunk=5).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["sft", "rm_lm_head"])
+def test_chunked_nll_keeps_no_float32_logits_for_backward_and_gives_the_plain_gradient(loss):
+    """bf16 logits (SFT: the model's; reward model: h W^T inside LMHead), upcast in blocks of 4 rows: the loss
+    and gradients equal plain float32 cross-entropy's (to bf16 rounding), and the forward pass leaves autograd
+    no float32 [rows, V] tensor: each block is checkpointed (recomputed in the backward pass), where plain
+    float32 cross-entropy, like the uncheckpointed blocks before, keeps [tokens, V]."""
+    from stages.reward_model import LMHead
+
+    torch.manual_seed(0)
+    vocab, chunk = 50, 4
+    hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, 16, dtype=torch.bfloat16))
+    labels = torch.randint(0, vocab, (2, 9))
+    labels[:, :2] = IGNORE
+    rows = labels[:, 1:] != IGNORE
+    results = []
+    for how in (loss, "plain"):
+        saved: dict[int, int] = {}  # float32 V-wide storages autograd keeps: data pointer -> elements
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.float32 and t.shape and t.shape[-1] == vocab:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // 4
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            if how == "sft":
+                value = shifted_nll_sum(hidden @ weight.T, labels, chunk=chunk)
+            elif how == "rm_lm_head":
+                value = LMHead(weight, chunk=chunk)(hidden[:, :-1][rows], labels[:, 1:][rows])
+            else:
+                logits = (hidden @ weight.T)[:, :-1][rows].float()
+                value = torch.nn.functional.cross_entropy(logits, labels[:, 1:][rows], reduction="sum")
+        value.backward()
+        results.append((value.item(), hidden.grad.float(), weight.grad.float(), sum(saved.values())))
+        hidden.grad = weight.grad = None
+    (v1, h1, w1, kept), (v0, h0, w0, plain_kept) = results
+    assert v1 == pytest.approx(v0, rel=1e-5)
+    assert torch.allclose(h1, h0, rtol=2e-2, atol=2e-2) and torch.allclose(w1, w0, rtol=2e-2, atol=2e-2)
+    assert kept == 0 and plain_kept >= int(rows.sum()) * vocab
+
+
 # ----------------------------------------------------------------------------------------- packing
 def test_packing_keeps_examples_apart(tmp_path, char_tok):
     from transformers import AutoConfig, AutoModelForCausalLM
