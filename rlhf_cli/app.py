@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 from rich.syntax import Syntax
@@ -27,7 +27,7 @@ from rlhf_cli.launcher import (
     run_launcher,
 )
 from stages import stop
-from stages.errors import RlhfError
+from stages.errors import ConfigError, RlhfError
 
 app = typer.Typer(
     name="rlhf",
@@ -78,6 +78,15 @@ ResumeOpt = Annotated[
         show_default="off",
     ),
 ]
+AllowChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-config-change",
+        help="With --resume: continue even though the config or the process count differs from the run that wrote "
+        "the checkpoint (the changes are listed; without this flag they stop the run).",
+        show_default="off",
+    ),
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -118,9 +127,16 @@ def run_stage(
     overwrite: bool,
     debug: bool,
     preset: str | None = None,
+    allow_changes: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
     from stages.checkpoint import prepare_output_dir
+
+    def prepare(world_size: int) -> None:
+        changes = prepare_output_dir(out_dir, text, resume, overwrite, stage, world_size, allow_changes)
+        if changes:
+            err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {'; '.join(changes)}[/]",
+                      highlight=False)
 
     try:
         cfg = load_config(stage, config, overrides, preset=preset)
@@ -129,12 +145,14 @@ def run_stage(
         if inside_launcher():
             # a worker: of our launcher (the output directory is ready), or of the user's own (torchrun,
             # srun, ...), in which case rank 0 prepares it first
-            prepare = None if launched_by_rlhf() else lambda: prepare_output_dir(out_dir, text, resume, overwrite, stage)
-            _train_here(stage, cfg, resume, prepare)
+            own = None if launched_by_rlhf() else lambda: prepare(int(os.environ["WORLD_SIZE"]))
+            _train_here(stage, cfg, resume, own)
             return
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
         cmd = env = None
+        nodes = num_nodes or (len(hostfile_slots(hostfile)) if hostfile is not None else 1)
+        world_size = local_processes(num_gpus, hostfile) * nodes
         if needs_launcher(num_gpus, num_nodes, hostfile):
             cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
             env = launch_env(local_processes(num_gpus, hostfile))
@@ -143,11 +161,12 @@ def run_stage(
         if dry_run:
             from stages.memory import estimate, format_estimate
 
-            nodes = num_nodes or (len(hostfile_slots(hostfile)) if hostfile is not None else 1)
-            out.print(format_estimate(estimate(cfg, local_processes(num_gpus, hostfile) * nodes)), highlight=False)
+            _check_deepspeed_json(stage, cfg, world_size)
+
+            out.print(format_estimate(estimate(cfg, world_size)), highlight=False)
             out.print("dry run: nothing trained")
             return
-        prepare_output_dir(out_dir, text, resume, overwrite, stage)
+        prepare(world_size)
         if cmd is None:
             _train_here(stage, cfg, resume, None)
             return
@@ -172,6 +191,19 @@ def run_stage(
         stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
 
 
+def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
+    """Build the DeepSpeed JSON the run would (without a GPU's settings), so a `deepspeed.config` that
+    contradicts the YAML (train_batch_size, micro-batch, accumulation) is a dry-run error too."""
+    from stages.engine import build_deepspeed_config
+
+    if stage == "ppo":
+        from stages.ppo.models import engine_train_config
+
+        build_deepspeed_config(engine_train_config(cfg, cfg.train.policy_lr), cfg.deepspeed, world_size, False)
+    else:
+        build_deepspeed_config(cfg.train, cfg.deepspeed, world_size, False)
+
+
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
     module, func = STAGE_RUNNERS[stage].split(":")
     getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
@@ -189,10 +221,12 @@ def _stage_command(stage: str, doc: str) -> None:
         hostfile: HostfileOpt = None,
         dry_run: DryRunOpt = False,
         resume: ResumeOpt = False,
+        allow_config_change: AllowChangeOpt = False,
         overwrite: OverwriteOpt = False,
         debug: DebugOpt = False,
     ) -> None:
-        run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug)
+        run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug,
+                  allow_changes=allow_config_change)
 
     command.__doc__ = doc
     command.__name__ = stage.replace("-", "_")
@@ -223,7 +257,8 @@ def _ppo_command() -> None:
     from stages.ppo.presets import PRESET_NAMES, TRICK_FLAGS, flag_overrides
 
     def command(**kwargs: object) -> None:
-        common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug")
+        common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug",
+                  "allow_config_change")
         c = {k: kwargs.pop(k) for k in common}
         ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
         if ppo_max and preset not in (None, "ppo-max"):
@@ -232,7 +267,8 @@ def _ppo_command() -> None:
         flags = {f.name: kwargs[f.name.replace("-", "_")] for f in TRICK_FLAGS}
         overrides = list(c["set_"] or []) + flag_overrides(flags)  # type: ignore[arg-type]
         run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
-                  c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset)  # type: ignore[arg-type]
+                  c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset,  # type: ignore[arg-type]
+                  allow_changes=c["allow_config_change"])  # type: ignore[arg-type]
 
     def panel(f: object) -> dict[str, object]:
         return {"help": f"{f.help} [{f.key}]", "show_default": "config, else preset", "rich_help_panel": "PPO tricks"}  # type: ignore[attr-defined]
@@ -243,7 +279,8 @@ def _ppo_command() -> None:
     params = [
         opt("config", ConfigOpt, inspect.Parameter.empty), opt("set_", SetOpt), opt("num_gpus", NumGpusOpt),
         opt("num_nodes", NumNodesOpt), opt("hostfile", HostfileOpt), opt("dry_run", DryRunOpt, False),
-        opt("resume", ResumeOpt, False), opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
+        opt("resume", ResumeOpt, False), opt("allow_config_change", AllowChangeOpt, False),
+        opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
         opt("ppo_max", Annotated[bool, typer.Option("--ppo-max", help="Same as --preset ppo-max.", show_default="off",
                                                      rich_help_panel="PPO tricks")], False),
         opt("preset", Annotated[Optional[Literal[PRESET_NAMES]], typer.Option(  # type: ignore[valid-type]
@@ -290,7 +327,7 @@ def eval_(
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", min=1, help="Use the first N prompts.",
                                                        show_default="all")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, show_default="the config's, else 128")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, show_default="the config's, else 0.8")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (> 0).", show_default="the config's, else 0.8")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (the same for both policies).",
                                                 show_default="the config's, else 0")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
@@ -325,6 +362,9 @@ def pipeline(
                                           "the stage commands; train nothing.", show_default="off")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages whose output is already complete "
                                         "(their old output is replaced).", show_default="off")] = False,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="Let a partial stage resume although its config or process count changed "
+        "(passed on to the stage).", show_default="off")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
@@ -337,10 +377,14 @@ def pipeline(
         cfg = load_config("pipeline", config, set_ or [])
         runs = plan(cfg)
         for run in runs:  # every stage config must validate before anything trains
-            load_config(run.stage, run.config, run.overrides, preset=run.preset,
-                        not_yet=run.not_yet)
+            try:
+                load_config(run.stage, run.config, run.overrides, preset=run.preset, not_yet=run.not_yet)
+            except ConfigError as exc:
+                raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
+                                  f"overrides): {exc}") from None
         launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
-                  num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])]
+                  num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
+                  + (["--allow-config-change"] if allow_config_change else [])]
         out.rule("rlhf pipeline: plan")
         for run in runs:
             out.print(f"[bold]{run.label}[/]: " + format_command(stage_command(run, launch, False, force), {}),

@@ -65,6 +65,21 @@ def ppo_config(cfg: Any, workload_dir: Path) -> Any:
                           "config's ppo: section, e.g. --set ppo.train.micro_batch_size=8)") from None
 
 
+def check_ppo_section(merged: dict[str, Any]) -> None:
+    """Validate the PPO config a bench config makes (its `ppo:` keys on the benchmark's own) without building
+    the workload: an unknown key or a bad value is a ConfigError naming the key under `ppo:`."""
+    from pydantic import ValidationError
+
+    from rlhf_cli.config_loader import format_validation_error
+    from stages.config import PPOConfig
+
+    try:
+        PPOConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(PPOConfig, exc, "(the bench config's ppo: section; keys below "
+                                                  "are under ppo:)")) from None
+
+
 #: a workload whose models have more parameters than this is a GPU's: warned about on a machine without one
 CPU_PARAMS = 50_000_000
 
@@ -277,6 +292,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
     try:
         cfg = bench_config(workload, config, None, None, set_ or [])
         merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
+        check_ppo_section(merged)
         dtype_args = (merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
         dtype, matmul = model_dtype(*dtype_args), compute_dtype(*dtype_args)
         if gpu:  # --gpu wins over the config's peaks

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import CONFIG_SCHEMAS, DataSource, Section, resolve_paths
+from stages.config import CONFIG_SCHEMAS, DataSource, Section, absolute_set_items, resolve_paths
 from stages.errors import ConfigError
 
 
@@ -221,6 +221,10 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, str(config_path))) from None
     resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet)
+    if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths
+        stages = [(config.sft, "sft"), (config.rm, "train-rm"), (config.ppo, "ppo")] + [(r, "ppo") for r in config.ppo_runs]
+        for section, name in stages:
+            object.__setattr__(section, "set", absolute_set_items(section.set, CONFIG_SCHEMAS[name], config_path.parent))
     return config
 
 

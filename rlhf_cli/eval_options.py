@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_cli.config_loader import load_config
+from pydantic import ValidationError
+
+from rlhf_cli.config_loader import format_validation_error, load_config
 from stages.config import GenerationConfig, PPODataConfig
 from stages.engine import PRECISION_DTYPES
 from stages.errors import ConfigError
@@ -37,10 +39,12 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
     gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
-    try:
-        data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
-    except ValueError as exc:
-        raise ConfigError(f"rlhf eval: {exc}") from None
+    for schema, fields in ((PPODataConfig, data_fields), (GenerationConfig, gen_fields)):
+        try:
+            schema.model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(schema, exc, "(rlhf eval's options over the config)")) from None
+    data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
     return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
                         baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
                         seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype)

@@ -61,6 +61,8 @@ def hostfile_slots(hostfile: Path) -> dict[str, int]:
             hosts[parts[0]] = int(parts[1][len("slots="):])
         except ValueError:
             raise ConfigError(f"{hostfile} line {lineno}: slots must be an integer, got {parts[1]!r}") from None
+        if hosts[parts[0]] < 1:
+            raise ConfigError(f"{hostfile} line {lineno}: slots must be at least 1, got {parts[1]!r}")
     if not hosts:
         raise ConfigError(f"{hostfile}: no hosts listed")
     return hosts

@@ -1,7 +1,8 @@
 """Output directories and checkpoints.
 
 Layout of a stage's output directory:
-    resolved_config.yaml      the config this run used (all paths absolute)
+    resolved_config.yaml      the config this run used (all paths absolute); each checkpoint keeps a copy, which
+                              `--resume` compares with the resuming run's (resume_changes)
     metrics.jsonl, tensorboard/, data_report.json
     tokenizer/                (from_config runs) the tokenizer trained for this run
     checkpoint-00000040/      resumable: ds/ (DeepSpeed engine: weights, optimizer, scheduler), rng/ (per rank),
@@ -93,10 +94,56 @@ def run_stage_of(out_dir: Path) -> str | None:
     return None
 
 
-def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None) -> None:
+#: config keys that may change between a run and its resumption without changing what it trains (output_dir:
+#: a run's directory may be moved or copied and resumed there)
+RESUME_FREE_KEYS = ("output_dir", "logging.", "train.save_every", "train.save_total_limit", "train.sample_every")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of a nested mapping."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
+def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint and how resuming it with `config_text` on `world_size` processes differs
+    from the run that wrote it: "key: old -> new" for each changed config value (RESUME_FREE_KEYS aside; the
+    checkpoint's copy of resolved_config.yaml, else, for checkpoints older than that copy, output_dir's), and
+    "processes: n -> m". (None, []) without a checkpoint."""
+    import yaml
+
+    found = complete_checkpoints(out_dir)
+    if not found:
+        return None, []
+    path = found[-1][1]
+    changes = []
+    saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
+    if saved is not None:
+        old, new = _flat(yaml.safe_load(saved.read_text(encoding="utf-8"))), _flat(yaml.safe_load(config_text))
+        for key in sorted(old.keys() | new.keys()):
+            if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)"):
+                changes.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
+    try:
+        before = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("world_size")
+    except (OSError, ValueError):
+        before = None
+    if world_size is not None and before is not None and before != world_size:
+        changes.append(f"processes: {before} -> {world_size}")
+    return path, changes
+
+
+def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
+                       world_size: int | None = None, allow_changes: bool = False) -> list[str]:
     """Before a run: refuse to mix two runs in one output_dir (unless resuming, or told to overwrite), refuse to
-    resume another stage's run, clear what an earlier attempt left when starting fresh (e.g. a tokenizer trained
-    for other data), and write resolved_config.yaml, which the workers read."""
+    resume another stage's run, refuse to resume with another config or process count (resume_changes) unless
+    `allow_changes`, clear what an earlier attempt left when starting fresh (e.g. a tokenizer trained for other
+    data), and write resolved_config.yaml, which the workers read. Returns the changes a resumed run carries."""
+    changes: list[str] = []
+    checkpoint = None
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
     if resume and stage is not None:
@@ -104,16 +151,23 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
         if other is not None and other != stage:
             raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
+    if resume:
+        checkpoint, changes = resume_changes(out_dir, config_text, world_size)
+        if changes and not allow_changes:
+            raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
+                              "Resuming continues that run exactly only with its config and process count; pass "
+                              "--allow-config-change to continue with these changes")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:
         raise ConfigError(
             f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
-    if not resume:
-        clear_run(out_dir)
+    if not resume or (checkpoint is None and not (out_dir / "final").exists()):
+        clear_run(out_dir)  # a resume with nothing to resume is a fresh start: no earlier attempt's leftovers
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "resolved_config.yaml", config_text)
+    return changes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -250,14 +304,20 @@ def save_checkpoint(
         for sub, (other, module, other_tok) in (extra or {}).items():
             other.save_checkpoint(str(tmp / sub / "ds"), tag="state", client_state={})
             save_hf(module, other_tok, tmp / sub / "hf", dist, {**meta, "step": step, "part": sub})
+        if dist.local_rank == 0:
+            sync_tree(tmp)  # this node's writes reach the disk before COMPLETE says they did
         barrier()
         if dist.is_main:
             for file, text in (hf_files or {}).items():
                 (tmp / "hf" / file).write_text(text, encoding="utf-8")
+            if (out_dir / "resolved_config.yaml").is_file():
+                shutil.copy2(out_dir / "resolved_config.yaml", tmp / "resolved_config.yaml")
             body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
             (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
             (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
+            sync_tree(tmp, only=("trainer_state.json", "COMPLETE", "resolved_config.yaml", "hf"))
             replace_dir(tmp, final)
+            sync_tree(out_dir, only=())
             for _, old in complete_checkpoints(out_dir)[:-keep]:
                 doomed = old.with_name(f".tmp-{old.name}")  # renamed first: a half-deleted one is never loaded
                 os.replace(old, doomed)
@@ -268,6 +328,33 @@ def save_checkpoint(
                               f"the partial copy was removed. {_intact(out_dir)}") from exc
     barrier()
     return final
+
+
+def sync_tree(root: Path, only: tuple[str, ...] | None = None) -> None:
+    """fsync every file under `root` (or under its entries named in `only`), then the directories themselves,
+    so a crash after a checkpoint's rename cannot leave it marked COMPLETE with missing data. Filesystems that
+    refuse fsync on a directory are passed over; a file's failed fsync raises (its data did not reach the disk)."""
+    tops = [root / name for name in only] if only is not None else [root]
+    for top in tops:
+        paths = [top] if top.is_file() else sorted(top.rglob("*")) if top.is_dir() else []
+        for path in paths:
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)  # a failing file fsync is a failed write: it raises
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    for directory in [root, *(p for top in tops if top.is_dir() for p in top.rglob("*") if p.is_dir())]:
+        try:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -295,24 +382,36 @@ def _intact(out_dir: Path) -> str:
 
 
 def load_latest_checkpoint(
-    engine: Any, out_dir: Path, dist: DistInfo, extra_engines: dict[str, Any] | None = None
+    engine: Any, out_dir: Path, dist: DistInfo, extra_engines: dict[str, Any] | None = None, say: Any = None
 ) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint into `engine` (and each of `extra_engines` from <name>/ds) and
-    this rank's RNG. Returns the trainer state saved with it, or None when there is none."""
-    found = complete_checkpoints(out_dir)
-    if not found:
-        return None
-    step, path = found[-1]
-    client = _load_engine(engine, path / "ds", path)
-    if "trainer" not in client:
-        raise CheckpointError(f"checkpoint {path} has no trainer state for this run")
-    for sub, other in (extra_engines or {}).items():
-        _load_engine(other, path / sub / "ds", path)
-    state = dict(client["trainer"])
-    rng_file = path / "rng" / f"rank{dist.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return {"step": step, **state}
+    """Restore the newest complete checkpoint that loads into `engine` (and each of `extra_engines` from
+    <name>/ds) and this rank's RNG. A checkpoint that fails to load on any rank (a damaged file under COMPLETE)
+    is reported through `say(text)` and the next older one is tried on every rank alike; when none loads, the
+    newest one's error is raised. Returns the trainer state saved with it, or None when there is none."""
+    first_error: CheckpointError | None = None
+    for step, path in reversed(complete_checkpoints(out_dir)):
+        error = None
+        try:
+            client = _load_engine(engine, path / "ds", path)
+            if "trainer" not in client:
+                raise CheckpointError(f"checkpoint {path} has no trainer state for this run")
+            for sub, other in (extra_engines or {}).items():
+                _load_engine(other, path / sub / "ds", path)
+        except CheckpointError as exc:
+            error = exc
+        if all_reduce_sum([float(error is not None)], dist.device)[0]:
+            first_error = first_error or error or CheckpointError(f"checkpoint {path} failed to load on another rank")
+            if say is not None:
+                say(f"[yellow]warning: {error or first_error}; trying the previous checkpoint[/]")
+            continue
+        state = dict(client["trainer"])
+        rng_file = path / "rng" / f"rank{dist.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return {"step": step, **state}
+    if first_error is not None:
+        raise first_error
+    return None
 
 
 def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:

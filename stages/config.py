@@ -35,9 +35,10 @@ FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt",
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment, and a float
+    must be finite (`.inf` / `.nan` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -209,7 +210,8 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="Adam's beta1, beta2, each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="share of steps with linear warm-up")
@@ -411,7 +413,8 @@ class PPOTrainConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of optimizer steps with linear warm-up")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="Adam's beta1, beta2, each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0)
     eval_every: int = Field(0, ge=0, description="iterations between validations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="iterations between resumable checkpoints; 0 = only at the end")
@@ -644,6 +647,45 @@ def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[BaseModel, str, str, 
         kind = _path_kind(info)
         if kind is not None and value is not None and not isinstance(value, dict):
             yield model, name, key, kind
+
+
+def path_kind_at(schema: type[BaseModel], dotted: str) -> str | None:
+    """The PathKind of the field at `dotted` in `schema` (through nested sections), or None. A section given
+    in its short form, a path (`data.train=FILE` for a DataSource), has the kind of its `path` field."""
+
+    def section(info: Any) -> type[BaseModel] | None:
+        annotation = getattr(info, "annotation", None)
+        inner = [a for a in (annotation, *getattr(annotation, "__args__", ()))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        return inner[0] if inner else None
+
+    *parents, last = dotted.split(".")
+    for name in parents:
+        schema = section(schema.model_fields.get(name))  # type: ignore[assignment]
+        if schema is None:
+            return None
+    info = schema.model_fields.get(last)
+    if info is None:
+        return None
+    short = section(info)
+    return _path_kind(short.model_fields["path"]) if short is not None and "path" in short.model_fields else _path_kind(info)
+
+
+def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) -> list[str]:
+    """`key=value` overrides (a pipeline stage's `set:`) with each relative path value of a path key of `schema`
+    made absolute against `base` (the pipeline file's folder), so the stage resolves it as the pipeline file
+    meant rather than against the current directory. A hub id (hub_or_path, not path-like, not under `base`)
+    and everything else are left as they are."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        kind = path_kind_at(schema, key.strip()) if sep else None
+        path = Path(value.strip()).expanduser()
+        if kind is not None and value.strip() and not path.is_absolute() and (
+                kind != "hub_or_path" or _looks_like_path(value.strip()) or (base / path).exists()):
+            item = f"{key}={(base / path).resolve()}"
+        out.append(item)
+    return out
 
 
 def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Path,

@@ -148,9 +148,10 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
+    policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
     try:
-        tok = load_tokenizer(resolve_model_dir(s.policy))
-        rm_tok = load_tokenizer(resolve_model_dir(s.reward_model))
+        tok = load_tokenizer(policy_dir)
+        rm_tok = load_tokenizer(rm_dir)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own parse errors, ...
         raise CheckpointError(f"cannot load a tokenizer: {type(exc).__name__}: {exc}") from None
     check_tokenizers(tok, rm_tok, s.reward_model)

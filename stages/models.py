@@ -60,11 +60,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """A stage output directory stands for its `final/` HF checkpoint; anything else is used as given."""
-    p = Path(name_or_path)
+    """A stage output directory stands for its `final/` HF checkpoint; anything else is used as given. A name
+    that can only be a path (absolute, starting with `.` or `~`, or with more than one `/`, which a hub id
+    never has) must exist: CheckpointError otherwise, not the hub's complaint about a malformed repo id."""
+    p = Path(name_or_path).expanduser()
     if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
         return str(p / "final")
-    return name_or_path
+    if name_or_path and not p.exists() and (p.is_absolute() or name_or_path.startswith((".", "~"))
+                                             or name_or_path.count("/") > 1):
+        raise CheckpointError(f"model {name_or_path}: no such file or directory")
+    return str(p) if name_or_path.startswith("~") else name_or_path
 
 
 #: tokenizer classes that mean "exactly the tokenizer.json beside me" (what train_tokenizer saves)

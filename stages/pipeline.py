@@ -64,9 +64,11 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
     return runs
 
 
-def is_complete(out: Path) -> bool:
-    """A stage's output is complete once final/ is published (it is renamed into place when whole)."""
-    return (out / "final" / "config.json").is_file()
+def is_complete(out: Path, stage: str) -> bool:
+    """A stage's output is complete once final/ is published (it is renamed into place when whole) and, for
+    PPO, final_critic/ too (published after final/)."""
+    parts = ("final", "final_critic") if stage == "ppo" else ("final",)
+    return all((out / part / "config.json").is_file() for part in parts)
 
 
 def stage_command(run: StageRun, launch: list[str], resume: bool, overwrite: bool) -> list[str]:
@@ -196,7 +198,7 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     root = Path(cfg.output_dir)
     sft = root / "sft"
     for i, run in enumerate(runs, 1):
-        done = is_complete(run.out)
+        done = is_complete(run.out, run.stage)
         console.rule(f"[bold]pipeline {i}/{len(runs)}: {run.label}[/] ({run.stage} → {run.out})")
         if run.stage == "train-rm":
             check_policy_handoff(sft)

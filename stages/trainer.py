@@ -22,7 +22,7 @@ from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stal
 from stages.config import TrainConfig
 from stages.data import DataReport
 from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
-from stages.errors import DataError, NonFinite
+from stages.errors import ConfigError, DataError, NonFinite
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.perf import StepProfiler
 
@@ -192,7 +192,7 @@ def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo
 
 def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int) -> dict[str, Any]:
     """Load the newest complete checkpoint; its trainer state, or {"step": 0} when there is none."""
-    state = load_latest_checkpoint(engine, out, dist)
+    state = load_latest_checkpoint(engine, out, dist, say=lambda text: say(dist.is_main, text))
     if state is None:
         say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from step 0")
         return {"step": 0}
@@ -204,6 +204,16 @@ def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int) -> di
         )
     say(dist.is_main, f"resumed from step {state['step']} ({out})")
     return state
+
+
+def check_resume_point(start: int, total: int, out: Path, unit: str = "step") -> None:
+    """A resumed run must not start past its own end: a checkpoint at step `start` > `total` (fewer steps than
+    the run that wrote it: max_steps, epochs or the data changed) is refused rather than a run published as
+    final from an older checkpoint."""
+    if start > total:
+        raise ConfigError(f"--resume: the newest checkpoint in {out} is at {unit} {start}, past this run's last "
+                          f"{unit} {total}; raise the run's length to at least {start}, or resume in another way "
+                          "(copy the checkpoint you want to a new output_dir)")
 
 
 def due(done: int, every: int, total: int) -> bool:
@@ -343,6 +353,7 @@ def start_training(
     seed_everything(cfg.seed + dist.rank)
     state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
     start = int(state["step"])
+    check_resume_point(start, plan.total, out)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
     progress = TrainProgress(dist.is_main, plan.total, start, stage, print_every=cfg.logging.log_every)

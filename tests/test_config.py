@@ -169,6 +169,14 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     assert f"--hostfile {hostfile} --num_nodes 2 --log_level warning --no_local_rank" in res.stdout
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-nodes", "2", "--set", f"output_dir={tmp_path}/o")
     assert res.returncode == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
+    hostfile.write_text("node-a slots=8\nnode-b slots=0\n")
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(hostfile), "--set",
+                  "deepspeed.zero_stage=2", "--set", f"output_dir={tmp_path}/o")
+    assert res.returncode == 2 and f"{hostfile} line 2: slots must be at least 1, got 'slots=0'" in res.stderr
+    # a raw deepspeed.config that contradicts the YAML: caught by the dry run as by the real run
+    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", "deepspeed.config={train_batch_size: 7}",
+                  "--set", f"output_dir={tmp_path}/o")
+    assert res.returncode == 2 and "deepspeed.config sets train_batch_size=7" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("args", [["--help"], ["sft", "--help"], ["env", "--help"]])
@@ -181,10 +189,10 @@ def test_every_help_exits_0(args):
 def test_help_shows_every_option_with_default():
     res = run_cli("sft", "--help")
     for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--resume",
-                   "--overwrite", "--debug"):
+                   "--allow-config-change", "--overwrite", "--debug"):
         assert option in res.stdout
     assert "[default: (every host in --hostfile, else 1)]" in res.stdout  # --num-nodes
-    assert res.stdout.count("[default: (off)]") == 4  # --dry-run --resume --overwrite --debug
+    assert res.stdout.count("[default: (off)]") == 5  # --dry-run --resume --allow-config-change --overwrite --debug
 
 
 def test_version_and_env():
@@ -235,12 +243,20 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     (out / "tokenizer").mkdir(parents=True)  # left by an attempt that failed before training
     prepare_output_dir(out, "a: 1\n", resume=False, overwrite=False)
     assert not (out / "tokenizer").exists() and (out / "resolved_config.yaml").read_text() == "a: 1\n"
+    (out / "tokenizer").mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    prepare_output_dir(out, "a: 1\n", resume=True, overwrite=False)  # nothing to resume: a fresh start, no leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["resolved_config.yaml"]
     (out / "checkpoint-00000002").mkdir()
+    (out / "checkpoint-00000002" / "COMPLETE").write_text("ok\n")
     (out / "tokenizer").mkdir()
     (out / "profile-step-2.json.gz").write_bytes(b"")  # logging.profile_step's: an earlier run's, not this one's
     with pytest.raises(ConfigError, match="already holds a run .checkpoint-00000002"):
         prepare_output_dir(out, "a: 2\n", resume=False, overwrite=False)
-    prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False)  # resuming keeps everything
+    with pytest.raises(ConfigError, match="differs from the one that wrote .*checkpoint-00000002: a: 1 -> 2"):
+        prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False)
+    assert prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False, allow_changes=True) == ["a: 1 -> 2"]
+    assert (out / "tokenizer").exists() and (out / "checkpoint-00000002").exists()  # resuming keeps everything
     assert (out / "tokenizer").exists() and (out / "checkpoint-00000002").exists()
     assert (out / "profile-step-2.json.gz").exists()
     prepare_output_dir(out, "a: 3\n", resume=False, overwrite=True)
@@ -261,6 +277,10 @@ def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):
         ("data.train=[]", "data.train.path: List should have at least 1 item"),
         ("data.train=[3]", "data.train.path[0]: Input should be a valid string (got 3)"),
         ("train.adam_betas=[0.9]", "train.adam_betas: too few items (nothing at index 1)"),
+        ("train.adam_betas=[0.9, 1.5]", "train.adam_betas[1]: Input should be less than 1 (got 1.5)"),
+        ("train.epochs=.inf", "train.epochs: Input should be a finite number (got inf)"),
+        ("train.lr=.nan", "train.lr: Input should be a finite number (got nan)"),
+        ("train.gradient_clipping=.inf", "train.gradient_clipping: Input should be a finite number (got inf)"),
     ],
 )
 def test_union_and_list_errors_name_the_real_key(tmp_path, override, message):

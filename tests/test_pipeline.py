@@ -117,12 +117,19 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
     (root / "sft" / "final").mkdir(parents=True)
     (root / "sft" / "final" / "config.json").write_text("{}")  # complete
     (root / "rm" / "checkpoint-00000010").mkdir(parents=True)  # partial: resumed
+    (root / "ppo" / "final").mkdir(parents=True)
+    (root / "ppo" / "final" / "config.json").write_text("{}")  # no final_critic/ yet (published after final/): partial
     quiet = Console(file=open(tmp_path / "log.txt", "w"))
     pl.run_pipeline(cfg, ["--num-gpus", "2"], force=False, console=quiet)
     stages = [c[c.index("rlhf_cli") + 1] for c in calls]
     assert stages == ["train-rm", "ppo"]  # sft skipped
     assert "--resume" in calls[0] and "--overwrite" not in calls[0]
-    assert "--resume" not in calls[1] and calls[1][-2:] == ["--num-gpus", "2"]  # ppo: fresh, launcher options
+    assert calls[1][-3:] == ["--num-gpus", "2", "--resume"]  # ppo: resumed, launcher options
+    (root / "ppo" / "final_critic").mkdir()
+    (root / "ppo" / "final_critic" / "config.json").write_text("{}")
+    calls.clear()
+    pl.run_pipeline(cfg, [], force=False, console=quiet)
+    assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["train-rm"]  # ppo now complete
     calls.clear()
     pl.run_pipeline(cfg, [], force=True, console=quiet)
     assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
@@ -233,6 +240,14 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
                   str(TINY / "data" / "eval_prompts.jsonl"), "--num-prompts", "8")
     assert res.returncode == 1 and "(a reward model), not a causal LM" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Loading weights" not in res.stdout + res.stderr
+    # a policy path that is not there, and a temperature the help says must be > 0: one line each
+    res = run_cli("eval", str(tmp_path / "gone"), "--reward-model", str(root / "rm"), "--prompts",
+                  str(TINY / "data" / "eval_prompts.jsonl"))
+    assert res.returncode == 1 and f"model {tmp_path / 'gone'}: no such file or directory" in res.stderr, res.stderr
+    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
+                  str(TINY / "data" / "eval_prompts.jsonl"), "--temperature", "0")
+    assert res.returncode == 2 and "temperature: Input should be greater than 0 (got 0.0)" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "pydantic" not in res.stderr
     res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
@@ -249,3 +264,12 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
                ppo={"config": str(TINY / "ppo.yaml")})
     res = run_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")
     assert res.returncode == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
+    assert f"pipeline {tmp_path / 'p.yaml'}, stage sft ({TINY / 'sft.yaml'} with the pipeline's overrides)" in res.stderr
+    # a stage's set: path is relative to the pipeline file (here beside it), wherever the pipeline runs from
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "prompts.jsonl").write_text((TINY / "data" / "prompts.jsonl").read_text())
+    good = dict(bad, sft={"config": str(TINY / "sft.yaml")},
+                ppo_runs=[{"name": "p", "set": ["data.train=mine/prompts.jsonl", "model.dtype=float32"]}])
+    res = run_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", good)), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert f"--set data.train={tmp_path / 'mine' / 'prompts.jsonl'} --set model.dtype=float32" in res.stdout

@@ -123,7 +123,7 @@ def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full_dir.mkdir()
     cut_dir.mkdir()
-    cfg = ppo_dict(full_dir, stages_dir, save_total_limit=10, sample_every=0)
+    cfg = ppo_dict(full_dir, stages_dir, save_total_limit=10, sample_every=4)
     full, _ = _ppo(full_dir, cfg, "--ppo-max")
     step = random.Random(os.environ.get("RLHF_TEST_SEED")).randrange(3, 6)
     cfg["output_dir"] = str(cut_dir / "ppo")
@@ -137,6 +137,8 @@ def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an
                 for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
 
     assert curve(cut) == curve(full), f"kill@{step}"  # later iterations and validations as uninterrupted
+    # the sample log too: no extra rows at the iteration the resumed run starts with
+    assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text(), f"kill@{step}"
     wa, wb = _weights(cut / "final"), _weights(full / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

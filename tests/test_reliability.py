@@ -97,6 +97,47 @@ def test_sigterm_or_sigint_saves_a_checkpoint_exits_128_plus_signal_and_resume_m
     assert same_weights(out / "final", reference / "final")
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_and_resume_still_matches(tmp_path, reference):
+    """A checkpoint marked COMPLETE whose engine state is damaged afterwards (a truncated file: a crash before
+    the OS wrote it, a bad disk): --resume says so, loads the previous one and reproduces the uninterrupted run."""
+    step = RNG.randrange(2 * EVERY + 1, STEPS)
+    config = _config(tmp_path)
+    _sft(config, fault=f"sigterm@{step}", expect=128 + signal.SIGTERM)
+    out = tmp_path / "out"
+    (state,) = (out / f"checkpoint-{step:08d}" / "ds" / "state").glob("*model_states.pt")
+    state.write_bytes(state.read_bytes()[:1000])
+    res = _sft(config, "--resume")
+    assert f"cannot load checkpoint {out / f'checkpoint-{step:08d}'}" in res.stdout, f"damaged @{step}"
+    previous = (step - 1) // EVERY * EVERY  # the newest checkpoint before the damaged one
+    assert f"resumed from step {previous}" in res.stdout, f"damaged @{step}"
+    assert curve(out) == curve(reference), f"damaged @{step}"
+    assert same_weights(out / "final", reference / "final")
+
+
+def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_path):
+    """The checkpoint keeps the config that wrote it; --resume compares: a changed value or process count is
+    refused (exit 2, nothing touched) and listed; --allow-config-change continues with a warning listing it;
+    logging keys are free to change. A checkpoint past the (shortened) run's end is refused, not published."""
+    config = _config(tmp_path)
+    _sft(config, fault="sigterm@3", expect=128 + signal.SIGTERM)
+    out = tmp_path / "out"
+    saved = (out / "resolved_config.yaml").read_text()
+    assert (out / "checkpoint-00000003" / "resolved_config.yaml").read_text() == saved
+    res = _sft(config, "--resume", "--set", "train.lr=0.002", expect=2)
+    assert "this run differs from the one that wrote" in res.stderr and "train.lr: 0.003 -> 0.002" in res.stderr, res.stderr
+    assert "--allow-config-change" in res.stderr and no_traceback(res)
+    assert (out / "resolved_config.yaml").read_text() == saved  # nothing touched
+    res = _sft(config, "--resume", "--num-gpus", "2", expect=2)
+    assert "processes: 1 -> 2" in res.stderr, res.stderr
+    res = _sft(config, "--resume", "--allow-config-change", "--set", "train.max_steps=2", expect=2)
+    assert "the newest checkpoint in" in res.stderr and "is at step 3, past this run's last step 2" in res.stderr
+    assert not (out / "final").exists()
+    res = _sft(config, "--resume", "--allow-config-change", "--set", "train.lr=0.002", "--set", "logging.log_every=2")
+    assert "warning: resuming with changes (--allow-config-change): train.lr: 0.003 -> 0.002" in res.stderr
+    assert "log_every" not in res.stderr and "resumed from step 3" in res.stdout
+    assert (out / "final" / "config.json").is_file()
+
+
 def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
     step = RNG.randrange(EVERY + 1, STEPS + 1)
     config = _config(tmp_path / "stop")
@@ -305,6 +346,40 @@ def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):
     (lm / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         check_architecture(str(lm), "causal_lm", False)
+
+
+def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, monkeypatch, process_group):
+    """Every file of the checkpoint (engine state, RNG, HF weights, trainer state, COMPLETE) is fsynced before
+    the rename that publishes it, and the output directory after it (so the rename itself is durable)."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from stages.checkpoint import save_checkpoint
+    from stages.config import DeepSpeedConfig, TrainConfig
+    from stages.engine import build_deepspeed_config, initialize_engine
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
+    tc = TrainConfig(micro_batch_size=1, max_steps=1)
+    ds = build_deepspeed_config(tc, DeepSpeedConfig(), 1, False)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    engine = initialize_engine(model, ds, tc, 1)
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 2, {"stage": "sft"})
+    tmp = str(out / ".tmp-checkpoint-00000001")
+    files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    before_rename = {s[len(tmp) + 1:] for s in synced if s.startswith(tmp + "/")}
+    assert files <= before_rename, sorted(files - before_rename)
+    assert {"COMPLETE", "trainer_state.json", "rng/rank0.pt", "hf/model.safetensors"} <= files
+    assert synced[-1] == str(out)  # the directory holding the renamed checkpoint, last
 
 
 def test_non_finite_weights_are_found_on_a_zero3_partition_too():

@@ -74,6 +74,7 @@ from stages.trainer import (
     EpochSampler,
     LossGuard,
     check_finite,
+    check_resume_point,
     due,
     end_stopped,
     open_run,
@@ -472,7 +473,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
                              "ptx_step": 0, "monitor_fires": 0, "skipped_rollouts": 0, "skipped_micro_batches": 0}
     if resume:
-        loaded = load_latest_checkpoint(policy, out, dist, extra_engines={"critic": critic})
+        loaded = load_latest_checkpoint(policy, out, dist, extra_engines={"critic": critic},
+                                        say=lambda text: say(dist.is_main, text))
         if loaded is None:
             say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from iteration 0")
         else:
@@ -480,6 +482,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
     moments = RunningMoments(*state["moments"])
     start = int(state["step"])
+    check_resume_point(start, total, out, "iteration")
     if dist.is_main:
         keep_samples(out / "samples.jsonl", start)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
@@ -588,7 +591,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
             progress.update(done, {"reward": values["objective/scores"], "kl": values["objective/kl"],
                                    "len": values["rollout/response_length"]})
-            if dist.is_main and t.sample_every > 0 and (it == start or done % t.sample_every == 0):
+            if dist.is_main and t.sample_every > 0 and (it == 0 or done % t.sample_every == 0):
                 show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
                              response_lists(rollout, []), exp["raw"].tolist(), gold)
             profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
