@@ -17,7 +17,6 @@ from rlhf_cli.config_loader import dump_config, load_config
 from rlhf_cli.output import err, fail, out, print_error
 from rlhf_cli.launcher import (
     format_command,
-    hostfile_slots,
     inside_launcher,
     launch_command,
     launch_env,
@@ -25,6 +24,7 @@ from rlhf_cli.launcher import (
     local_processes,
     needs_launcher,
     run_launcher,
+    world_size,
 )
 from stages import stop
 from stages.errors import ConfigError, RlhfError
@@ -132,8 +132,8 @@ def run_stage(
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
     from stages.checkpoint import prepare_output_dir
 
-    def prepare(world_size: int) -> None:
-        changes = prepare_output_dir(out_dir, text, resume, overwrite, stage, world_size, allow_changes)
+    def prepare(processes: int) -> None:
+        changes = prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes)
         if changes:
             err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {'; '.join(changes)}[/]",
                       highlight=False)
@@ -151,8 +151,7 @@ def run_stage(
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
         cmd = env = None
-        nodes = num_nodes or (len(hostfile_slots(hostfile)) if hostfile is not None else 1)
-        world_size = local_processes(num_gpus, hostfile) * nodes
+        processes = world_size(num_gpus, num_nodes, hostfile)
         if needs_launcher(num_gpus, num_nodes, hostfile):
             cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
             env = launch_env(local_processes(num_gpus, hostfile))
@@ -161,12 +160,12 @@ def run_stage(
         if dry_run:
             from stages.memory import estimate, format_estimate
 
-            _check_deepspeed_json(stage, cfg, world_size)
+            _check_deepspeed_json(stage, cfg, processes)
 
-            out.print(format_estimate(estimate(cfg, world_size)), highlight=False)
+            out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             out.print("dry run: nothing trained")
             return
-        prepare(world_size)
+        prepare(processes)
         if cmd is None:
             _train_here(stage, cfg, resume, None)
             return

@@ -107,6 +107,16 @@ def local_processes(num_gpus: int | None, hostfile: Path | None) -> int:
     return max(hostfile_slots(hostfile).values()) if hostfile is not None else 1
 
 
+def world_size(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None) -> int:
+    """The processes a run has, as DeepSpeed's runner counts them: without a hostfile --num-gpus (1 if not
+    given); with one, over its first --num-nodes hosts (all by default), --num-gpus each when given, else each
+    host's own slots (hosts may differ)."""
+    if hostfile is None:
+        return num_gpus or 1
+    slots = list(hostfile_slots(hostfile).values())[: num_nodes or None]
+    return sum(num_gpus or n for n in slots)
+
+
 def launch_env(num_procs: int) -> dict[str, str]:
     """Variables added for the launcher: the mark that rlhf launched it, the CPU accelerator when there is no
     CUDA, and OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set)."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stages import faults
-from stages.distributed import DistInfo, all_reduce_sum, barrier, rng_state, set_rng_state
+from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, rng_state, set_rng_state
 from stages.errors import CheckpointError, ConfigError
 from stages.perf import PROFILE_PREFIX
 
@@ -122,8 +122,12 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> t
     path = found[-1][1]
     changes = []
     saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
-    if saved is not None:
-        old, new = _flat(yaml.safe_load(saved.read_text(encoding="utf-8"))), _flat(yaml.safe_load(config_text))
+    try:
+        before_cfg = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved is not None else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        before_cfg = None  # unreadable: nothing to compare with (the engine state decides what loads)
+    if isinstance(before_cfg, dict):
+        old, new = _flat(before_cfg), _flat(yaml.safe_load(config_text))
         for key in sorted(old.keys() | new.keys()):
             if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)"):
                 changes.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
@@ -304,6 +308,7 @@ def save_checkpoint(
         for sub, (other, module, other_tok) in (extra or {}).items():
             other.save_checkpoint(str(tmp / sub / "ds"), tag="state", client_state={})
             save_hf(module, other_tok, tmp / sub / "hf", dist, {**meta, "step": step, "part": sub})
+        barrier()  # every rank's files written (the RNG states come after DeepSpeed's own barrier)
         if dist.local_rank == 0:
             sync_tree(tmp)  # this node's writes reach the disk before COMPLETE says they did
         barrier()
@@ -385,32 +390,57 @@ def load_latest_checkpoint(
     engine: Any, out_dir: Path, dist: DistInfo, extra_engines: dict[str, Any] | None = None, say: Any = None
 ) -> dict[str, Any] | None:
     """Restore the newest complete checkpoint that loads into `engine` (and each of `extra_engines` from
-    <name>/ds) and this rank's RNG. A checkpoint that fails to load on any rank (a damaged file under COMPLETE)
-    is reported through `say(text)` and the next older one is tried on every rank alike; when none loads, the
-    newest one's error is raised. Returns the trainer state saved with it, or None when there is none."""
+    <name>/ds) and this rank's RNG. Returns the trainer state saved with it, or None when there is none.
+
+    A damaged checkpoint under COMPLETE is passed over, reported through `say(text)`, on every rank alike: first
+    every rank opens the files it will read (`unreadable_files`) and the ranks agree, before any of them enters
+    DeepSpeed's loading, whose ZeRO-3 path has collectives of its own (a rank that failed early would wait in
+    another collective than the others); a failure inside the loading itself is agreed on afterwards. When no
+    checkpoint loads, the newest one's error is raised."""
     first_error: CheckpointError | None = None
     for step, path in reversed(complete_checkpoints(out_dir)):
-        error = None
-        try:
-            client = _load_engine(engine, path / "ds", path)
-            if "trainer" not in client:
-                raise CheckpointError(f"checkpoint {path} has no trainer state for this run")
-            for sub, other in (extra_engines or {}).items():
-                _load_engine(other, path / sub / "ds", path)
-        except CheckpointError as exc:
-            error = exc
-        if all_reduce_sum([float(error is not None)], dist.device)[0]:
-            first_error = first_error or error or CheckpointError(f"checkpoint {path} failed to load on another rank")
-            if say is not None:
-                say(f"[yellow]warning: {error or first_error}; trying the previous checkpoint[/]")
-            continue
-        state = dict(client["trainer"])
-        rng_file = path / "rng" / f"rank{dist.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return {"step": step, **state}
+        bad = unreadable_files(path, dist.rank)
+        errors = gather_objects(f"cannot load checkpoint {path}: {bad}" if bad else None)
+        if not any(errors):
+            try:
+                client = _load_engine(engine, path / "ds", path)
+                if "trainer" not in client:
+                    raise CheckpointError(f"checkpoint {path} has no trainer state for this run")
+                for sub, other in (extra_engines or {}).items():
+                    _load_engine(other, path / sub / "ds", path)
+                error = None
+            except CheckpointError as exc:
+                error = str(exc)
+            errors = gather_objects(error)
+            if not any(errors):
+                state = dict(client["trainer"])
+                rng_file = path / "rng" / f"rank{dist.rank}.pt"
+                if rng_file.is_file():
+                    set_rng_state(torch.load(rng_file, weights_only=False))
+                return {"step": step, **state}
+        rank, reason = next((r, e) for r, e in enumerate(errors) if e)
+        reason += f" (rank {rank})" if dist.world_size > 1 else ""
+        first_error = first_error or CheckpointError(reason)
+        if say is not None:
+            say(f"[yellow]warning: {reason}; trying the previous checkpoint[/]")
     if first_error is not None:
         raise first_error
+    return None
+
+
+def unreadable_files(path: Path, rank: int) -> str | None:
+    """The first of checkpoint `path`'s files that rank `rank` reads (DeepSpeed's shared files, this rank's own
+    ZeRO shards, its RNG state) that torch.load cannot open (truncated, missing its index: `mmap` reads the
+    archive's structure, not the tensors), as `file: error`; None when all open."""
+    files = [f for f in sorted(path.rglob("*.pt")) if f.parent.name != "rng" and
+             ("zero_pp_rank_" not in f.name or f"zero_pp_rank_{rank}_" in f.name)]
+    for file in files + [path / "rng" / f"rank{rank}.pt"]:
+        if file.parent.name == "rng" and not file.exists():
+            continue  # written by a run with fewer processes (--allow-config-change): the rank keeps its seed
+        try:
+            torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - RuntimeError from the zip reader, pickle errors, OSError
+            return f"{file.relative_to(path)}: {type(exc).__name__}: {exc}"
     return None
 
 

@@ -119,15 +119,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def gather_floats(values: list[float]) -> list[float]:
-    """Every rank's list of floats, concatenated in rank order, on every rank (small lists: eval scores)."""
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (one collective; small objects)."""
     import torch.distributed as tdist
 
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return list(values)
+        return [obj]
     boxes: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(boxes, list(values))
-    return [v for box in boxes for v in box]
+    tdist.all_gather_object(boxes, obj)
+    return boxes
+
+
+def gather_floats(values: list[float]) -> list[float]:
+    """Every rank's list of floats, concatenated in rank order, on every rank (small lists: eval scores)."""
+    return [v for box in gather_objects(list(values)) for v in box]
 
 
 def run_on_main(fn: Callable[[], None], dist: DistInfo) -> None:

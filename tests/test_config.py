@@ -158,6 +158,18 @@ def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
     assert not out_dir.exists()  # a dry run writes nothing
 
 
+def test_world_size_counts_processes_as_deepspeeds_runner_does(tmp_path):
+    """Hosts may have different slot counts: the first --num-nodes hosts, --num-gpus each when given, else
+    each host's slots (what --resume compares with the process count a checkpoint was written by)."""
+    from rlhf_cli.launcher import world_size
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=4\nb slots=8\n")
+    assert world_size(None, None, hostfile) == 12 and world_size(None, 1, hostfile) == 4
+    assert world_size(2, None, hostfile) == 4 and world_size(2, 1, hostfile) == 2
+    assert world_size(None, None, None) == 1 and world_size(3, None, None) == 3
+
+
 def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o")
     assert res.returncode == 0 and "this process (single rank, no launcher)" in res.stdout

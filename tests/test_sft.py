@@ -154,14 +154,19 @@ def test_two_processes_zero3_gathers_full_weights_and_resumes_exactly(tmp_path):
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 100_000 and cfg["hidden_size"] == 128  # full (gathered) tensors, not ZeRO shards
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    # stop after the step-3 checkpoint, resume with two ranks: same curve, same weights
+    # the step-6 checkpoint damaged on rank 1 only (its ZeRO-3 optimizer shard truncated): both ranks agree to
+    # pass it over before DeepSpeed's loading (whose collectives would otherwise pair one rank's load with the
+    # other's error path) and resume from step 3 with two ranks: same curve, same weights
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     cut = tmp_path / "cut" / "out"
-    shutil.rmtree(cut / "checkpoint-00000006")
+    (shard,) = (cut / "checkpoint-00000006" / "ds" / "state").glob("*zero_pp_rank_1_*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[:2000])
     shutil.rmtree(cut / "final")
     cfg = tiny_sft_dict(tmp_path / "cut", **train)
     res = run_cli("sft", "--config", str(write_yaml(tmp_path / "cut" / "sft.yaml", cfg)), *args, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{shard.name}: " in res.stdout and "(rank 1); trying the previous checkpoint" in res.stdout, res.stdout
+    assert "resumed from step 3" in res.stdout
     assert read_metrics(cut / "metrics.jsonl")[-1]["event"] == "final"
     assert [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in _train_rows(cut)] == [
         (r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows
