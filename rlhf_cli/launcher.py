@@ -57,6 +57,8 @@ def hostfile_slots(hostfile: Path) -> dict[str, int]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].startswith("slots="):
             raise ConfigError(f"{hostfile} line {lineno}: expected 'hostname slots=N', got {line!r}")
+        if parts[0] in hosts:
+            raise ConfigError(f"{hostfile} line {lineno}: host {parts[0]} is listed twice")
         try:
             hosts[parts[0]] = int(parts[1][len("slots="):])
         except ValueError:

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 
 from stages import faults
-from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_objects, rng_state, set_rng_state
+from stages.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    rng_state,
+    set_rng_state,
+)
 from stages.errors import CheckpointError, ConfigError
 from stages.perf import PROFILE_PREFIX
 
@@ -392,15 +400,17 @@ def load_latest_checkpoint(
     """Restore the newest complete checkpoint that loads into `engine` (and each of `extra_engines` from
     <name>/ds) and this rank's RNG. Returns the trainer state saved with it, or None when there is none.
 
-    A damaged checkpoint under COMPLETE is passed over, reported through `say(text)`, on every rank alike: first
-    every rank opens the files it will read (`unreadable_files`) and the ranks agree, before any of them enters
-    DeepSpeed's loading, whose ZeRO-3 path has collectives of its own (a rank that failed early would wait in
-    another collective than the others); a failure inside the loading itself is agreed on afterwards. When no
-    checkpoint loads, the newest one's error is raised."""
+    A damaged checkpoint under COMPLETE is passed over, reported through `say(text)`, on every rank alike. Every
+    rank walks rank 0's list of checkpoints; for each, every rank first opens the files it will read
+    (`shard_problems`: DeepSpeed's shared files, its own ZeRO shards, its RNG state) and the ranks exchange what
+    they found, so a file damaged or missing on one rank only is caught before any rank enters DeepSpeed's
+    loading, whose ZeRO-3 path has collectives of its own (a rank that failed inside it would wait in another
+    collective than the others); a failure inside the loading itself is agreed on afterwards. When no
+    checkpoint loads, the newest one's error is raised (on every rank alike)."""
     first_error: CheckpointError | None = None
-    for step, path in reversed(complete_checkpoints(out_dir)):
-        bad = unreadable_files(path, dist.rank)
-        errors = gather_objects(f"cannot load checkpoint {path}: {bad}" if bad else None)
+    for step, path in reversed(broadcast_object(complete_checkpoints(out_dir))):
+        found = gather_objects(shard_problems(path, dist.rank))
+        errors = missing_shards(path, found)
         if not any(errors):
             try:
                 client = _load_engine(engine, path / "ds", path)
@@ -424,24 +434,46 @@ def load_latest_checkpoint(
         if say is not None:
             say(f"[yellow]warning: {reason}; trying the previous checkpoint[/]")
     if first_error is not None:
+        first_error.every_rank = True  # agreed: printed once
         raise first_error
     return None
 
 
-def unreadable_files(path: Path, rank: int) -> str | None:
-    """The first of checkpoint `path`'s files that rank `rank` reads (DeepSpeed's shared files, this rank's own
-    ZeRO shards, its RNG state) that torch.load cannot open (truncated, missing its index: `mmap` reads the
-    archive's structure, not the tensors), as `file: error`; None when all open."""
-    files = [f for f in sorted(path.rglob("*.pt")) if f.parent.name != "rng" and
-             ("zero_pp_rank_" not in f.name or f"zero_pp_rank_{rank}_" in f.name)]
-    for file in files + [path / "rng" / f"rank{rank}.pt"]:
-        if file.parent.name == "rng" and not file.exists():
-            continue  # written by a run with fewer processes (--allow-config-change): the rank keeps its seed
-        try:
-            torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - RuntimeError from the zip reader, pickle errors, OSError
-            return f"{file.relative_to(path)}: {type(exc).__name__}: {exc}"
-    return None
+def shard_problems(path: Path, rank: int) -> tuple[str | None, list[str]]:
+    """What rank `rank` finds of checkpoint `path`'s files it reads (DeepSpeed's shared files, its own ZeRO
+    shards, its RNG state): the first that torch.load cannot open (truncated, no zip index; `mmap` reads the
+    archive's structure, not the tensors; a file in torch's older non-zip format is only checked to be non-empty)
+    as "file: error", or None; and the names of its own shards with its rank written as `{rank}`, for
+    `missing_shards` to compare across ranks."""
+    own, file = f"zero_pp_rank_{rank}_", None
+    try:
+        files = [f for f in sorted(path.rglob("*.pt")) if f.parent.name != "rng" and
+                 ("zero_pp_rank_" not in f.name or own in f.name)]
+        shards = [str(f.relative_to(path)).replace(own, "zero_pp_rank_{rank}_") for f in files if own in f.name]
+        rng = path / "rng" / f"rank{rank}.pt"  # absent when written by a run with fewer processes: the seed's
+        for file in files + ([rng] if rng.exists() else []):
+            with open(file, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"
+            if zipped:
+                torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+            elif file.stat().st_size == 0:
+                raise OSError("empty file")
+    except Exception as exc:  # noqa: BLE001 - the zip reader's RuntimeError, pickle errors, OSError
+        where = f"{file.relative_to(path)}: " if file is not None else ""
+        return f"cannot load checkpoint {path}: {where}{type(exc).__name__}: {exc}", []
+    return None, shards
+
+
+def missing_shards(path: Path, found: list[tuple[str | None, list[str]]]) -> list[str | None]:
+    """Per rank, from every rank's `shard_problems`: its own problem, else a ZeRO shard that some other rank
+    has (for its own rank) and it lacks, else None."""
+    expected = {name for problem, names in found if problem is None for name in names}
+    out: list[str | None] = []
+    for rank, (problem, names) in enumerate(found):
+        lacking = sorted(expected - set(names))
+        out.append(problem or (f"cannot load checkpoint {path}: {lacking[0].replace('{rank}', str(rank))}: missing"
+                               if lacking else None))
+    return out
 
 
 def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:

@@ -168,6 +168,9 @@ def test_world_size_counts_processes_as_deepspeeds_runner_does(tmp_path):
     assert world_size(None, None, hostfile) == 12 and world_size(None, 1, hostfile) == 4
     assert world_size(2, None, hostfile) == 4 and world_size(2, 1, hostfile) == 2
     assert world_size(None, None, None) == 1 and world_size(3, None, None) == 3
+    hostfile.write_text("a slots=4\nb slots=8\na slots=2\n")
+    with pytest.raises(ConfigError, match="line 3: host a is listed twice"):
+        world_size(None, None, hostfile)
 
 
 def test_cli_dry_run_single_process_and_hostfile(tmp_path):

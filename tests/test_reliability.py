@@ -382,6 +382,33 @@ def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_pa
     assert synced[-1] == str(out)  # the directory holding the renamed checkpoint, last
 
 
+def test_shard_checks_find_a_damaged_or_missing_file_of_one_rank(tmp_path):
+    """What each rank checks before DeepSpeed loads: its own shards and the shared files open (a legacy-format
+    file only needs to be non-empty), and no rank lacks a shard another rank has for itself."""
+    from stages.checkpoint import missing_shards, shard_problems
+
+    state = tmp_path / "ds" / "state"
+    state.mkdir(parents=True)
+    (tmp_path / "rng").mkdir()
+    for rank in (0, 1):
+        torch.save({"w": torch.ones(3)}, state / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save({"rng": rank}, tmp_path / "rng" / f"rank{rank}.pt")
+    torch.save({"m": torch.ones(2)}, state / "mp_rank_00_model_states.pt", _use_new_zipfile_serialization=False)
+    shard = "ds/state/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    found = [shard_problems(tmp_path, r) for r in (0, 1)]
+    assert found == [(None, [shard]), (None, [shard])] and missing_shards(tmp_path, found) == [None, None]
+    assert shard_problems(tmp_path, 2) == (None, [])  # a rank the checkpoint never had: no RNG file, no shard
+    assert missing_shards(tmp_path, found + [(None, [])])[2] == (
+        f"cannot load checkpoint {tmp_path}: ds/state/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt: missing")
+    one = state / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    one.write_bytes(one.read_bytes()[:100])
+    problem, _ = shard_problems(tmp_path, 1)
+    assert problem.startswith(f"cannot load checkpoint {tmp_path}: ds/state/{one.name}: RuntimeError")
+    assert shard_problems(tmp_path, 0)[0] is None  # rank 0 never reads rank 1's shard
+    (tmp_path / "rng" / "rank0.pt").write_bytes(b"")
+    assert "rng/rank0.pt" in shard_problems(tmp_path, 0)[0]
+
+
 def test_non_finite_weights_are_found_on_a_zero3_partition_too():
     from stages.checkpoint import nonfinite_parameter
 
