@@ -71,8 +71,9 @@ for part in "${parts[@]}"; do
   case $part in
     tests)  # the fast path against its references on the GPU (CUDA graphs, bf16, a DeepSpeed engine's steps)
       step tests 200 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
-    cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers
-      step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_ppo_units.py ;;
+    cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers (not the slow two-process one: its
+                # first DeepSpeed CPU collective JIT-builds an op, minutes of a short lease)
+      step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_fastpath.py tests/test_ppo_units.py ;;
     gen-stop-*)  # the compiled static sampler with a stop check at every step (min_new_tokens 0)
       name=${part#gen-stop-}
       step "$part" 80 python3 -m rlhf_cli bench generate --workload "$name" --iters 3 --warmup 1 --cache static \
