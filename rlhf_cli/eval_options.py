@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,12 +40,15 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
     gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
-    for schema, fields in ((PPODataConfig, data_fields), (GenerationConfig, gen_fields)):
-        try:
-            schema.model_validate(fields)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(schema, exc, "(rlhf eval's options over the config)")) from None
-    data, generation = PPODataConfig.model_validate(data_fields), GenerationConfig.model_validate(gen_fields)
+    data, generation = _validated(PPODataConfig, data_fields), _validated(GenerationConfig, gen_fields)
     return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
                         baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
                         seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype)
+
+
+def _validated(schema: Any, fields: dict[str, object]) -> Any:
+    """`schema` built from `fields`; a bad value is a one-line ConfigError naming the key."""
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(schema, exc, "(rlhf eval's options over the config)")) from None

@@ -134,12 +134,17 @@ def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int
 Phase = tuple[list[str], list[str], list[str]]
 
 
+def phase_parts(phases: dict[str, Phase]) -> set[str]:
+    """Names of the parts held only while a model updates."""
+    return {name for phase in phases.values() for group in phase for name in group}
+
+
 def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
     """Bytes at the fullest moment: every part outside the phases (weights, optimizer states, frozen models, KV
     cache: held the whole run) plus the largest phase, gradients + max(backward: activations + logits, step:
     float32 gradients). Gradients are freed after each step and activations after each backward, so the
     phases do not add up."""
-    inside = {name for phase in phases.values() for group in phase for name in group}
+    inside = phase_parts(phases)
     held = sum(v for k, v in parts.items() if k not in inside)
     busiest = max((sum(parts[n] for n in grads) + max(sum(parts[n] for n in back), sum(parts[n] for n in step))
                    for grads, back, step in phases.values()), default=0.0)
@@ -209,7 +214,7 @@ def format_estimate(est: dict[str, Any] | None) -> str:
     if est is None:
         return "memory estimate: unavailable (the model's config.json cannot be read yet)"
     lines = [f"memory estimate per rank ({est['world_size']} rank(s); arithmetic, see stages/memory.py):"]
-    inside = {name for phase in est["phases"].values() for group in phase for name in group}
+    inside = phase_parts(est["phases"])
     for name, value in est["parts"].items():
         if value:
             lines.append(f"  {name + (' *' if name in inside else ''):<38} {value / GIB:9.3f} GiB")
