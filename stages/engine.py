@@ -10,15 +10,22 @@ from typing import Any, Callable
 
 import torch
 
-from stages.config import SKIP_WITH_ZERO3, DeepSpeedConfig, TrainConfig
+from stages.config import DeepSpeedConfig, TrainConfig
 from stages.errors import ConfigError
 
-#: DeepSpeed keys that the YAML owns; a raw DeepSpeed JSON may repeat them only with the same value.
+#: DeepSpeed keys (dotted paths) that the YAML owns; a raw DeepSpeed JSON may repeat them only with the same
+#: value. The rest of the code acts on the YAML's values (ZeRO-3's sampling copy and weight gathering, the
+#: dtypes, the memory estimate), so a raw JSON that changed them behind its back would break it.
 OWNED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x ranks",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
 }
+#: offload sections: the raw JSON may pick the device (cpu, nvme) and its settings, not whether there is one
+OFFLOAD_KEYS = {"offload_optimizer": "deepspeed.offload_optimizer", "offload_param": "deepspeed.offload_param"}
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -95,14 +102,36 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
     if train.gradient_clipping > 0:
         config["gradient_clipping"] = train.gradient_clipping
     raw = load_raw_deepspeed(ds.config)
-    if getattr(train, "on_nonfinite", "stop") == "skip" and raw.get("zero_optimization", {}).get("stage") == 3:
-        raise ConfigError(SKIP_WITH_ZERO3 + " (deepspeed.config sets zero_optimization.stage 3)")
-    for key, owner in OWNED_KEYS.items():
-        if key in raw and raw[key] != config[key]:
-            raise ConfigError(
-                f"deepspeed.config sets {key}={raw[key]}, but {owner} gives {config[key]}; set it in the YAML instead"
-            )
+    check_owned_keys(raw, config)
+    accum = (raw.get("data_types") or {}).get("grad_accum_dtype")
+    if ds.zero_stage == 0 and accum is not None and str(accum).lower().removeprefix("torch.") not in (
+            ds.precision, PRECISION_DTYPES[ds.precision]):
+        raise ConfigError(f"deepspeed.config sets data_types.grad_accum_dtype={accum}, which DeepSpeed supports "
+                          f"with deepspeed.precision {ds.precision} only from zero_stage 1 on (it is 0)")
     return deep_merge(config, raw)
+
+
+def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse a raw DeepSpeed JSON that contradicts what the YAML set (`OWNED_KEYS`, `OFFLOAD_KEYS`)."""
+    for path, owner in OWNED_KEYS.items():
+        *parents, leaf = path.split(".")
+        raw_at, ours = raw, config
+        for key in parents:
+            raw_at, ours = raw_at.get(key), ours.get(key, {})
+            if not isinstance(raw_at, dict):
+                break
+        else:
+            if leaf in raw_at and raw_at[leaf] != ours.get(leaf):
+                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]}, but {owner} gives "
+                                  f"{ours.get(leaf)}; set it in the YAML instead")
+    zero_raw = raw.get("zero_optimization") or {}
+    for key, owner in OFFLOAD_KEYS.items():
+        device = (zero_raw.get(key) or {}).get("device") if isinstance(zero_raw.get(key), dict) else None
+        ours = key in config["zero_optimization"]
+        if device is not None and (str(device).lower() != "none") != ours:
+            raise ConfigError(f"deepspeed.config sets zero_optimization.{key}.device={device}, but {owner} is "
+                              f"{str(ours).lower()}; set {owner} in the YAML instead (the raw JSON may choose "
+                              f"the device and its settings)")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

@@ -3,13 +3,18 @@ with the measured peak by `rlhf bench ppo`). N = parameters of a model, W = rank
 the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width, K = kv heads x head size:
 
     weights         b N            / W with ZeRO-3;  0 with offload_param
-    gradients       b N            / W with ZeRO-2/3;  0 with offload_optimizer (they are reduced into the CPU
-                    partition bucket by bucket)
-    fp32 gradients  mixed precision only: 4 N (ZeRO-0: DeepSpeed's bf16/fp16 optimizer wrapper keeps a float32
-                    copy), 4 N / W (ZeRO-1/2/3: the float32 gradient partition); 0 with offload_optimizer
+    gradients       b N (ZeRO-0/1); a N / W (ZeRO-2/3: the partition, a = bytes of data_types.grad_accum_dtype,
+                    default b); 0 with offload_optimizer at ZeRO-2/3. ZeRO-3 allocates its partition with the
+                    optimizer and keeps it; the others exist from the backward pass to the end of the step
+    fp32 gradients  mixed precision only, during the optimizer step: 4 N (ZeRO-0: DeepSpeed's bf16/fp16 wrapper
+                    makes a float32 copy), 4 N / W (ZeRO-1/2/3: the float32 partition; none when ZeRO-2's
+                    partition is float32 already); 0 with offload_optimizer. ZeRO-1 with bf16 and
+                    grad_accum_dtype fp32 is DeepSpeed's BF16_Optimizer: 4 N, whole model, held the whole run
     optimizer       12 N (fp32 master + Adam m, v; 8 N in fp32 training)   / W with ZeRO-1/2/3; 0 with
                     offload_optimizer
-    ZeRO-3 gather   b x (the largest parameter + DeepSpeed's 5e7-element prefetch bucket): whole parameters a
+    reduce bucket   ZeRO-1/2 (contiguous_gradients): reduce_bucket_size elements (default 5e8: 0.93 GiB in
+                    bf16), two with overlap_comm, during the backward pass; ZeRO-3: one, held the whole run
+    ZeRO-3 gather   b x (the largest parameter + stage3_prefetch_bucket_size, default 5e7): whole parameters a
                     partitioned model holds while a layer runs
     activations     per micro-batch of m rows x L tokens, per layer, at 2-byte precision: (20 H + 8 I + 4 K) m L
                     bytes for a gated MLP (Llama, Qwen: RMSNorm's float32 input, q/k/v, the attention output,
@@ -18,7 +23,9 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     layer in full. The gated form matches peaks measured on CPU for the Qwen2.5-0.5B / 1.5B and
                     Llama-2 shapes within 2 % (64, 67 and 45.5 x H bytes per token per layer)
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
-                    largest update: its gradients + max(activations + logits, float32 gradients) (`peak`)
+                    largest update: its gradients + max(activations + logits + bucket, float32 gradients)
+                    (`peak`). What is held when was checked against a census of the live tensors of DeepSpeed
+                    engines on CPU (tests/test_bench.py, ZeRO-0 to 3)
     logits          PPO: float32 log-prob blocks, chunk x V x 4 x 3 (logits, softmax, gradient) with
                     train.logprob_chunk, else the model's m (P + R) V logits (b bytes) plus the float32 m R V
                     copies and gradients (8 bytes); SFT: the model's m L V logits, the trained rows' copy and
@@ -27,9 +34,9 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
     frozen          b N per frozen model (PPO reference and reward model); / W when frozen_zero_stage is 3
     sampler         b N: the whole-policy copy PPO samples from under ZeRO-3
 
-It ignores the CUDA context (~0.5 GiB), allocator fragmentation and the buffers of collectives (ZeRO-1/2's
-gradient buckets, reduce_bucket_size elements each), so the measured peak is typically 10-30 % above it;
-`rlhf bench` prints both.
+The settings of a raw `deepspeed.config` that move memory are read (`ZeroTuning`). It ignores the CUDA
+context (~0.5 GiB), allocator fragmentation and the collectives' own buffers, so the measured peak is
+typically 10-30 % above it; `rlhf bench` prints both.
 """
 
 from __future__ import annotations
@@ -90,22 +97,74 @@ def _bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-#: DeepSpeed's default stage3_prefetch_bucket_size (elements)
-PREFETCH_BUCKET = 50_000_000
+class ZeroTuning(NamedTuple):
+    """The DeepSpeed settings besides the YAML's that move memory (read from `deepspeed.config`; DeepSpeed's
+    defaults otherwise)."""
+
+    reduce_bucket: int = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
+    prefetch_bucket: int = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size (elements)
+    contiguous_gradients: bool = True
+    overlap_comm: bool | None = None  # None: DeepSpeed's default, on for ZeRO-3 only
+    accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
 
 
-def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0) -> dict[str, float]:
-    """Weights, gradients (16-bit and float32) and optimizer states of one trained model per rank, and under
-    ZeRO-3 the whole parameters gathered while a layer runs (bytes; see the module docstring)."""
+ACCUM_BYTES = {"fp32": 4, "float32": 4, "float": 4, "torch.float32": 4, "fp16": 2, "float16": 2, "half": 2,
+               "torch.float16": 2, "bf16": 2, "bfloat16": 2, "torch.bfloat16": 2}
+
+
+def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
+    """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
+    from stages.engine import load_raw_deepspeed
+
+    raw = load_raw_deepspeed(ds.config)
+    zero = raw.get("zero_optimization") or {}
+    accum = (raw.get("data_types") or {}).get("grad_accum_dtype")
+    default = ZeroTuning()
+    return ZeroTuning(int(zero.get("reduce_bucket_size", default.reduce_bucket)),
+                      int(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)),
+                      bool(zero.get("contiguous_gradients", True)), zero.get("overlap_comm"),
+                      ACCUM_BYTES.get(str(accum).lower()) if accum is not None else None)
+
+
+#: an update phase of a trained model: (its gradients, what the backward pass adds, what the optimizer step adds)
+Phase = tuple[list[str], list[str], list[str]]
+
+
+def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
+                  tuning: ZeroTuning = ZeroTuning()) -> tuple[dict[str, float], Phase]:
+    """Bytes per rank of one trained model's weights, gradients, float32 gradients, optimizer states, reduce
+    buckets and (ZeRO-3) gathered parameters, and which of them exist only while it updates (its `Phase`;
+    the rest are held the whole run). See the module docstring."""
     b, z, mixed = _bytes(ds.precision), ds.zero_stage, ds.precision != "fp32"
-    weights = 0.0 if ds.offload_param else b * n / (world if z == 3 else 1)
-    grads = 0.0 if ds.offload_optimizer and z >= 2 else b * n / (world if z >= 2 else 1)
-    fp32_grads = 0.0 if ds.offload_optimizer or not mixed else 4 * n / (world if z >= 1 else 1)
-    opt = 0.0 if ds.offload_optimizer else (12 if mixed else 8) * n / (world if z >= 1 else 1)
-    parts = {"weights": weights, "gradients": grads, "fp32 gradients": fp32_grads, "optimizer": opt}
+    acc = tuning.accum_bytes or b
+    offload = ds.offload_optimizer
+    # ZeRO-1 with bf16 weights and float32 gradient accumulation is DeepSpeed's BF16_Optimizer: a whole-model
+    # float32 gradient buffer from the start, and no reduce buckets
+    bf16_wrapper = z == 1 and ds.precision == "bf16" and acc == 4 and not offload
+    parts = {"weights": 0.0 if ds.offload_param else b * n / (world if z == 3 else 1)}
+    if z >= 2:  # the gradient partition, in the accumulation dtype (ZeRO-3 allocates it with the optimizer)
+        parts["gradients"] = 0.0 if offload else acc * n / world
+    else:
+        parts["gradients"] = b * n
+    if not mixed or offload or (z == 2 and acc == 4):  # ZeRO-2's partition is already float32 then
+        parts["fp32 gradients"] = 0.0
+    elif bf16_wrapper:
+        parts["fp32 gradients"] = 4.0 * n
+    else:
+        parts["fp32 gradients"] = 4 * n / (world if z >= 1 else 1)
+    parts["optimizer"] = 0.0 if offload else (12 if mixed else 8) * n / (world if z >= 1 else 1)
+    overlap = tuning.overlap_comm if tuning.overlap_comm is not None else z == 3
+    if z == 3 and tuning.contiguous_gradients:  # one bucket, allocated with the optimizer, kept
+        parts["reduce bucket"] = float(b * tuning.reduce_bucket)
+    elif z in (1, 2) and (tuning.contiguous_gradients or offload) and not bf16_wrapper:
+        bucket_bytes = acc if z == 1 else b
+        parts["reduce bucket"] = float(bucket_bytes * tuning.reduce_bucket * (2 if overlap else 1))
     if z == 3:
-        parts["ZeRO-3 gathered parameters"] = b * (largest + min(PREFETCH_BUCKET, n))
-    return parts
+        parts["ZeRO-3 gathered parameters"] = b * (largest + min(tuning.prefetch_bucket, n))
+    grads = [] if z == 3 else ["gradients"]
+    backward = ["reduce bucket"] if "reduce bucket" in parts and z != 3 else []
+    step = [] if bf16_wrapper else ["fp32 gradients"]
+    return parts, (grads, backward, step)
 
 
 def activations(shape: Shape, rows: int, length: int, precision: str, checkpointing: bool) -> float:
@@ -130,8 +189,10 @@ def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int
     return rows * shape.vocab * ((context + scored) * _bytes(precision) + scored * 8)
 
 
-#: an update phase of a trained model: (its gradients, what the backward pass adds, what the optimizer step adds)
-Phase = tuple[list[str], list[str], list[str]]
+def _named(model: str, phase: Phase) -> Phase:
+    """A `trained_model` phase with its part names prefixed by the model's."""
+    grads, backward, step = ([f"{model} {part}" for part in group] for group in phase)
+    return grads, backward, step
 
 
 def phase_parts(phases: dict[str, Phase]) -> set[str]:
@@ -161,9 +222,12 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     b = _bytes(ds.precision)
     length = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
     parts: dict[str, float] = {}
+    phases: dict[str, Phase] = {}
+    tuning = zero_tuning(ds)
     for name, shape in (("policy", policy), ("critic", rm)):
-        for k, v in trained_model(shape.params, ds, world, shape.largest).items():
-            parts[f"{name} {k}"] = v
+        own, phase = trained_model(shape.params, ds, world, shape.largest, tuning)
+        parts.update({f"{name} {k}": v for k, v in own.items()})
+        phases[name] = _named(name, phase)
     frozen_div = world if ds.frozen_stage == 3 else 1
     parts["reference weights"] = 0.0 if ds.frozen_offload_param else b * policy.params / frozen_div
     parts["reward model weights"] = 0.0 if ds.frozen_offload_param else b * rm.params / frozen_div
@@ -175,8 +239,8 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.data.max_prompt_length)
     parts["activations (critic micro-batch)"] = activations(rm, m, length, ds.precision, ckpt)
-    phases = {name: ([f"{name} gradients"], [f"activations ({name} micro-batch)"] + logits, [f"{name} fp32 gradients"])
-              for name, logits in (("policy", ["logits (policy micro-batch)"]), ("critic", []))}
+    phases["policy"][1].extend(["activations (policy micro-batch)", "logits (policy micro-batch)"])
+    phases["critic"][1].append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 
@@ -186,7 +250,8 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     if shape is None:
         return None
     ds, t = cfg.deepspeed, cfg.train
-    parts = {f"model {k}": v for k, v in trained_model(shape.params, ds, world, shape.largest).items()}
+    own, phase = trained_model(shape.params, ds, world, shape.largest, zero_tuning(ds))
+    parts = {f"model {k}": v for k, v in own.items()}
     rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
@@ -195,8 +260,8 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
                                                                                             ds.precision, 4096)
     elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time
         parts["logits"] = logit_bytes(shape, rows, length, ds.precision, 4096)
-    backward = ["activations (micro-batch)"] + (["logits"] if "logits" in parts else [])
-    phases = {"model": (["model gradients"], backward, ["model fp32 gradients"])}
+    phases = {"model": _named("model", phase)}
+    phases["model"][1].extend(["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 

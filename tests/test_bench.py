@@ -16,7 +16,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import run_cli
-from stages.config import DeepSpeedConfig
+from stages.config import DeepSpeedConfig, TrainConfig
 from stages.memory import trained_model
 from rlhf_cli.bench_cmd import bench_config
 from stages.bench import workload_floors
@@ -401,21 +401,114 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
     assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
 
 
-@pytest.mark.parametrize("ds, expected", [
-    (dict(zero_stage=0, precision="bf16"), (2000, 2000, 4000, 12000, None)),
-    (dict(zero_stage=1, precision="bf16"), (2000, 2000, 2000, 6000, None)),
-    (dict(zero_stage=2, precision="bf16"), (2000, 1000, 2000, 6000, None)),
-    (dict(zero_stage=2, precision="bf16", offload_optimizer=True), (2000, 0, 0, 0, None)),
-    (dict(zero_stage=3, precision="bf16"), (1000, 1000, 2000, 6000, 2 * (300 + 1000))),
-    (dict(zero_stage=3, precision="bf16", offload_param=True, offload_optimizer=True), (0, 0, 0, 0, 2 * 1300)),
-    (dict(zero_stage=0, precision="fp32"), (4000, 4000, 0, 8000, None)),
+F32_ACCUM = {"data_types": {"grad_accum_dtype": "fp32"}}
+
+
+@pytest.mark.parametrize("ds, expected, phase", [
+    (dict(zero_stage=0), (2000, 2000, 4000, 12000, None, None), (["gradients"], [], ["fp32 gradients"])),
+    (dict(zero_stage=1), (2000, 2000, 2000, 6000, 200, None),
+     (["gradients"], ["reduce bucket"], ["fp32 gradients"])),
+    (dict(zero_stage=2), (2000, 1000, 2000, 6000, 200, None),
+     (["gradients"], ["reduce bucket"], ["fp32 gradients"])),
+    (dict(zero_stage=2, config={"zero_optimization": {"reduce_bucket_size": 100, "overlap_comm": True}}),
+     (2000, 1000, 2000, 6000, 400, None), (["gradients"], ["reduce bucket"], ["fp32 gradients"])),
+    (dict(zero_stage=2, offload_optimizer=True), (2000, 0, 0, 0, 200, None),
+     (["gradients"], ["reduce bucket"], ["fp32 gradients"])),
+    # ZeRO-3 keeps its gradient partition and its bucket from the start
+    (dict(zero_stage=3), (1000, 1000, 2000, 6000, 200, 2 * (300 + 1000)), ([], [], ["fp32 gradients"])),
+    (dict(zero_stage=3, config={"zero_optimization": {"reduce_bucket_size": 100, "stage3_prefetch_bucket_size": 50}}),
+     (1000, 1000, 2000, 6000, 200, 2 * (300 + 50)), ([], [], ["fp32 gradients"])),
+    (dict(zero_stage=3, offload_param=True, offload_optimizer=True), (0, 0, 0, 0, 200, 2 * 1300),
+     ([], [], ["fp32 gradients"])),
+    (dict(zero_stage=0, precision="fp32"), (4000, 4000, 0, 8000, None, None), (["gradients"], [], ["fp32 gradients"])),
+    # DeepSpeed's BF16_Optimizer: a whole-model float32 gradient buffer for the whole run, no buckets
+    (dict(zero_stage=1, config=F32_ACCUM), (2000, 2000, 4000, 6000, None, None), (["gradients"], [], [])),
+    # ZeRO-2 accumulating in float32: the partition is the float32 gradient
+    (dict(zero_stage=2, config=F32_ACCUM), (2000, 2000, 0, 6000, 200, None),
+     (["gradients"], ["reduce bucket"], ["fp32 gradients"])),
 ])
-def test_memory_per_rank_of_a_trained_model_hand_values(ds, expected):
-    """N = 1000 parameters (the largest 300) on W = 2 ranks: weights, 16-bit gradients, float32 gradients,
-    optimizer states, and under ZeRO-3 the largest parameter plus the prefetch bucket (here all of N)."""
-    got = trained_model(1000, DeepSpeedConfig(**ds), world=2, largest=300)
-    assert (got["weights"], got["gradients"], got["fp32 gradients"], got["optimizer"],
+def test_memory_per_rank_of_a_trained_model_hand_values(ds, expected, phase):
+    """N = 1000 bf16 parameters (the largest 300) on W = 2 ranks, reduce buckets of 100 elements: weights,
+    gradients, float32 gradients, optimizer states, reduce bucket(s) and under ZeRO-3 the largest parameter
+    plus the prefetch bucket (at most N), and which of them only exist while the model updates."""
+    from stages.memory import zero_tuning
+
+    raw = {"zero_optimization": {"reduce_bucket_size": 100}, **ds.get("config", {})}
+    cfg = DeepSpeedConfig(**{"precision": "bf16", **ds, "config": raw})
+    got, got_phase = trained_model(1000, cfg, world=2, largest=300, tuning=zero_tuning(cfg))
+    assert (got["weights"], got["gradients"], got["fp32 gradients"], got["optimizer"], got.get("reduce bucket"),
             got.get("ZeRO-3 gathered parameters")) == expected
+    assert got_phase == phase
+
+
+def _live_storages() -> dict[int, torch.Tensor]:
+    """One tensor per distinct storage of every tensor Python can reach and of their gradients."""
+    import gc
+
+    gc.collect()
+    seen: dict[int, torch.Tensor] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            continue
+        for t in (obj, obj.grad if obj.is_leaf else None):
+            try:
+                if t is not None and t.untyped_storage().data_ptr():
+                    seen[t.untyped_storage().data_ptr()] = t
+            except RuntimeError:  # a fake tensor an earlier test's torch.compile left: no storage
+                pass
+    return seen
+
+
+def _storage_bytes(tensors: dict[int, torch.Tensor]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors.values())
+
+
+@pytest.mark.parametrize("stage, raw", [(0, {}), (1, {}), (2, {}), (3, {}), (1, F32_ACCUM), (2, F32_ACCUM)])
+def test_memory_model_matches_what_deepspeed_engines_hold(process_group, stage, raw):
+    """A census of live tensors around DeepSpeed's own bf16 engines on CPU (one rank, torch AdamW), against
+    `trained_model`: after an update only the held parts are left; after the backward pass the update's
+    gradients are added; inside the optimizer step (at the fullest moment: DeepSpeed steps one parameter
+    group at a time) its float32 gradients too. Within 1 % (DeepSpeed's scalars, the batch)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages import engine as engines
+    from stages.memory import phase_parts, zero_tuning
+
+    # what earlier tests left is kept alive until the end: a DeepSpeed engine is not always freed at once (its
+    # hooks), and one freed in the middle would be subtracted from this test's count
+    before = _live_storages()
+    base = _storage_bytes(before)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)).to(torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    ds = DeepSpeedConfig(zero_stage=stage, config={**raw, "zero_optimization": {"reduce_bucket_size": 20000}})
+    parts, phase = trained_model(n, ds, 1, 0, zero_tuning(ds))
+    grads, _, step = phase  # (the reduce bucket of ZeRO-1/2 is freed before the backward pass returns)
+    held = sum(v for k, v in parts.items() if k not in phase_parts({"m": phase})
+               and k != "ZeRO-3 gathered parameters")  # (only while a layer runs)
+    train = TrainConfig(micro_batch_size=2)
+    engine = engines.initialize_engine(model, engines.build_deepspeed_config(train, ds, 1, False), train, 10)
+    inner = engine.optimizer.optimizer  # the torch AdamW DeepSpeed wraps
+    seen: list[int] = []
+    real_step = inner.step
+
+    def census_then_step(*args, **kwargs):
+        seen.append(_storage_bytes(_live_storages()) - base)
+        return real_step(*args, **kwargs)
+
+    inner.step = census_then_step
+    ids = torch.randint(0, 1000, (2, 16))
+    for _ in range(2):  # the optimizer states exist from the first step on
+        seen.clear()
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        after_backward = _storage_bytes(_live_storages()) - base
+        engine.step()
+    after_step = _storage_bytes(_live_storages()) - base
+    assert after_step == pytest.approx(held, rel=0.01)
+    assert after_backward == pytest.approx(held + sum(parts[k] for k in grads), rel=0.01)
+    assert max(seen) == pytest.approx(held + sum(parts[k] for k in grads + step), rel=0.01)
 
 
 @pytest.mark.parametrize("hidden, mlp, heads, kv_heads", [(128, 704, 4, 1), (256, 688, 8, 8)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -54,10 +55,6 @@ def test_deepspeed_config_from_yaml_sections():
     assert plain["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in cfg["optimizer"]["params"]
     offloaded = build_deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=2, offload_optimizer=True), 1, False)
     assert "torch_adam" not in offloaded["optimizer"]["params"]
-    # skipping a non-finite micro-batch cannot work on ZeRO-3, also when the raw JSON is what asks for it
-    with pytest.raises(ConfigError, match="deepspeed.config sets zero_optimization.stage 3"):
-        build_deepspeed_config(TrainConfig(on_nonfinite="skip"), DeepSpeedConfig(config={"zero_optimization":
-                                                                                       {"stage": 3}}), 1, False)
 
 
 def test_raw_deepspeed_json_is_merged_last(tmp_path):
@@ -76,6 +73,33 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
         build_deepspeed_config(TrainConfig(micro_batch_size=4), ds, 1, False)
     same = DeepSpeedConfig(config={"train_micro_batch_size_per_gpu": 4})
     assert build_deepspeed_config(TrainConfig(micro_batch_size=4), same, 1, False)["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("yaml_ds, raw, message", [
+    # the ZeRO stage, precision and offload are acted on by our own code (ZeRO-3's sampling copy, dtypes, estimate)
+    ({}, {"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3, but deepspeed.zero_stage gives 0"),
+    ({"precision": "bf16"}, {"bf16": {"enabled": False}}, "bf16.enabled=False, but deepspeed.precision gives True"),
+    ({"precision": "fp32"}, {"fp16": {"enabled": True}}, "fp16.enabled=True, but deepspeed.precision gives False"),
+    ({"zero_stage": 2}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     "offload_optimizer.device=cpu, but deepspeed.offload_optimizer is false"),
+    ({"zero_stage": 3, "offload_param": True}, {"zero_optimization": {"offload_param": {"device": "none"}}},
+     "offload_param.device=none, but deepspeed.offload_param is true"),
+    ({}, {"data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype=fp32, which DeepSpeed supports"),
+])
+def test_raw_deepspeed_json_may_not_change_stage_precision_or_offload(yaml_ds, raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_deepspeed_config(TrainConfig(), DeepSpeedConfig(**yaml_ds, config=raw), 1, False)
+
+
+def test_raw_deepspeed_json_may_tune_what_the_yaml_chose():
+    """The same values again, the offload device (NVMe) and its settings, float32 accumulation from ZeRO-1."""
+    ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, precision="bf16", config={
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+        "bf16": {"enabled": True}, "fp16": {"enabled": False}, "data_types": {"grad_accum_dtype": "fp32"}})
+    cfg = build_deepspeed_config(TrainConfig(), ds, 1, True)
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "nvme_path": "/nvme", "pin_memory": True}
+    same = DeepSpeedConfig(config={"data_types": {"grad_accum_dtype": "bf16"}})
+    assert build_deepspeed_config(TrainConfig(), same, 1, False)["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 def test_sampler_depends_only_on_step_and_covers_each_epoch():
