@@ -36,7 +36,11 @@ def collate(rows: Sequence[dict[str, list[int]]], pad_id: int, device: torch.dev
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def shifted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+#: rows of logits the LM losses (SFT, the reward model's LM head) upcast to float32 at a time
+LOSS_BLOCK_ROWS = 4096
+
+
+def shifted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_BLOCK_ROWS) -> torch.Tensor:
     """Sum over trained positions of -log p(labels[t+1] | tokens <= t), in float32.
 
     Only rows of `logits` whose next label is not IGNORE are used, and they are upcast `chunk` rows at a time;

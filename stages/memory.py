@@ -249,17 +249,19 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     shape = model_shape(cfg.model, vocab_hint)
     if shape is None:
         return None
+    from stages.lm import LOSS_BLOCK_ROWS
+
     ds, t = cfg.deepspeed, cfg.train
     own, phase = trained_model(shape.params, ds, world, shape.largest, zero_tuning(ds))
     parts = {f"model {k}": v for k, v in own.items()}
     rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
-    if isinstance(cfg, SFTConfig):  # the model's logits, the trained rows' copy, its gradient; one float32 block
-        parts["logits"] = 3 * rows * length * shape.vocab * _bytes(ds.precision) + logit_bytes(shape, rows, length,
-                                                                                            ds.precision, 4096)
-    elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time
-        parts["logits"] = logit_bytes(shape, rows, length, ds.precision, 4096)
+    block = logit_bytes(shape, rows, length, ds.precision, LOSS_BLOCK_ROWS)  # one checkpointed float32 block
+    if isinstance(cfg, SFTConfig):  # the model's logits, the trained rows' copy, its gradient; one block
+        parts["logits"] = 3 * rows * length * shape.vocab * _bytes(ds.precision) + block
+    elif cfg.loss.lm_coef > 0:  # LMHead: one block of the chosen rows at a time
+        parts["logits"] = block
     phases = {"model": _named("model", phase)}
     phases["model"][1].extend(["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from stages.config import ModelConfig
 from stages.data import IGNORE
 from stages.errors import CheckpointError
+from stages.lm import LOSS_BLOCK_ROWS
 from stages.models import build_model, resolve_model_dir
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -49,7 +50,7 @@ class LMHead(torch.nn.Module):
     the backward pass), so autograd keeps no [tokens, vocab] logits, 16-bit or float32, beyond the block being
     worked on. W is the input embedding (tied models) or a matrix of its own."""
 
-    def __init__(self, weight: torch.nn.Parameter, chunk: int = 4096) -> None:
+    def __init__(self, weight: torch.nn.Parameter, chunk: int = LOSS_BLOCK_ROWS) -> None:
         super().__init__()
         self.weight = weight
         self.chunk = chunk
