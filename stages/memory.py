@@ -41,6 +41,7 @@ typically 10-30 % above it; `rlhf bench` prints both.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from stages.config import DeepSpeedConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig
@@ -58,6 +59,28 @@ class Shape(NamedTuple):
     intermediate: int = 0  # MLP width
     gated: bool = False  # gate and up projections (SwiGLU and kin)
     largest: int = 0  # elements of the largest parameter
+
+
+def tokenizer_vocab(cfg: ModelConfig) -> int | None:
+    """The vocabulary a `from_config` model is built with (stages/models.py: the tokenizer's length): a given
+    tokenizer's, read from disk or the local hub cache (never downloaded), else the size its trained tokenizer is
+    asked for (an upper bound); None for a checkpoint (its config says) or a tokenizer that is not here."""
+    if cfg.from_config is None:
+        return None
+    if cfg.tokenizer is None:
+        return cfg.tokenizer_train.vocab_size
+    from transformers import AutoTokenizer
+
+    from stages.models import load_tokenizer, resolve_model_dir
+
+    try:
+        source = resolve_model_dir(cfg.tokenizer)
+        if Path(source).expanduser().is_dir():
+            return len(load_tokenizer(source, cfg.trust_remote_code))
+        return len(AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                 trust_remote_code=cfg.trust_remote_code))
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return None
 
 
 def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None:
@@ -215,7 +238,8 @@ def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
 def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     """Per-rank bytes of every component of a PPO run and the peak (None when a checkpoint's config is
     unreadable)."""
-    policy, rm = model_shape(cfg.model), model_shape(cfg.reward_model)
+    policy = model_shape(cfg.model, tokenizer_vocab(cfg.model))
+    rm = model_shape(cfg.reward_model, tokenizer_vocab(cfg.reward_model))
     if policy is None or rm is None:
         return None
     ds, t = cfg.deepspeed, cfg.train
@@ -271,8 +295,7 @@ def estimate(cfg: Any, world: int) -> dict[str, Any] | None:
     if isinstance(cfg, PPOConfig):
         return estimate_ppo(cfg, world)
     if isinstance(cfg, (SFTConfig, RMConfig)):
-        vocab = cfg.model.tokenizer_train.vocab_size if cfg.model.from_config is not None else None
-        return estimate_lm_stage(cfg, world, vocab)
+        return estimate_lm_stage(cfg, world, tokenizer_vocab(cfg.model))
     return None
 
 

@@ -570,6 +570,27 @@ def test_dry_run_prints_the_memory_estimate(tmp_path):
     assert not (tmp_path / "sft").exists()
 
 
+def test_memory_estimate_of_a_random_init_model_uses_its_given_tokenizers_vocabulary(tmp_path):
+    """A from_config model is built with len(tokenizer) rows of embedding: a given tokenizer's (here 3002
+    words), not tokenizer_train.vocab_size (512, for a trained one)."""
+    from stages.bench import word_tokenizer
+    from stages.config import SFTConfig
+    from stages.memory import estimate
+
+    word_tokenizer(3000).save_pretrained(tmp_path / "tok")
+    raw = yaml.safe_load((ROOT / "configs/tiny/sft.yaml").read_text())
+    raw.update(output_dir=str(tmp_path / "out"), data={"train": str(ROOT / "configs/tiny/data/sft.jsonl")})
+    arch = {k: v for k, v in raw["model"]["from_config"].items() if k != "model_type"}
+    hidden, layers, inter = arch["hidden_size"], arch["num_hidden_layers"], arch["intermediate_size"]
+    kv = arch["num_key_value_heads"] * hidden // arch["num_attention_heads"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden  # q, o, k, v, MLP, norms
+    for tokenizer, vocab in ((None, 512), (str(tmp_path / "tok"), 3002)):
+        raw["model"]["tokenizer"] = tokenizer
+        cfg = SFTConfig.model_validate(raw)
+        n = vocab * hidden + layers * per_layer + hidden  # tied embedding, layers, final norm
+        assert estimate(cfg, 1)["parts"]["model weights"] == (4 if cfg.deepspeed.precision == "fp32" else 2) * n
+
+
 # ============================================================================================ tokenizer
 def test_a_trained_tokenizer_beside_a_qwen2_config_loads_as_itself(tmp_path):
     """transformers 5 would rebuild it as Qwen2Tokenizer (another pre-tokenizer: other ids, or none)."""
