@@ -13,19 +13,36 @@ import torch
 from stages.config import DeepSpeedConfig, TrainConfig
 from stages.errors import ConfigError
 
-#: DeepSpeed keys (dotted paths) that the YAML owns; a raw DeepSpeed JSON may repeat them only with the same
-#: value. The rest of the code acts on the YAML's values (ZeRO-3's sampling copy and weight gathering, the
-#: dtypes, the memory estimate), so a raw JSON that changed them behind its back would break it.
-OWNED_KEYS = {
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x ranks",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-    "bf16.enabled": "deepspeed.precision",
-    "fp16.enabled": "deepspeed.precision",
+def as_bool(value: Any) -> bool:
+    """A JSON flag as DeepSpeed's pydantic reads it: true/false, 1/0, or such a string ("true", "off", ...)."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"):
+            raise ValueError(f"not a boolean: {value!r}")
+        return value.strip().lower() in ("true", "1", "yes", "on", "t", "y")
+    return bool(value)
+
+
+#: DeepSpeed keys (dotted paths) that the YAML owns, with the YAML key and how DeepSpeed reads the value; a raw
+#: DeepSpeed JSON may repeat them only with the same value. The rest of the code acts on the YAML's values
+#: (ZeRO-3's sampling copy and weight gathering, the dtypes, the memory estimate), so a raw JSON that changed
+#: them behind its back would break it.
+OWNED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "train_micro_batch_size_per_gpu": ("train.micro_batch_size", int),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
+    "train_batch_size": ("train.micro_batch_size x train.gradient_accumulation_steps x ranks", int),
+    "zero_optimization.stage": ("deepspeed.zero_stage", int),
+    "bf16.enabled": ("deepspeed.precision", as_bool),
+    "fp16.enabled": ("deepspeed.precision", as_bool),
 }
-#: offload sections: the raw JSON may pick the device (cpu, nvme) and its settings, not whether there is one
+#: offload sections: the raw JSON may pick the device and its settings, not whether there is one
 OFFLOAD_KEYS = {"offload_optimizer": "deepspeed.offload_optimizer", "offload_param": "deepspeed.offload_param"}
+#: DeepSpeed's old spellings of offload, which would switch it behind the YAML's back
+OFFLOAD_ALIASES = {"cpu_offload": "deepspeed.offload_optimizer", "cpu_offload_param": "deepspeed.offload_param",
+                   "cpu_offload_use_pin_memory": "deepspeed.offload_optimizer"}
+#: DeepSpeed's spellings of a dtype (case-sensitive, as its DtypeEnum) -> our precision name
+ACCUM_DTYPES = {"torch.float32": "fp32", "fp32": "fp32", "float32": "fp32", "float": "fp32",
+                "torch.float16": "fp16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                "torch.bfloat16": "bf16", "bf16": "bf16", "bfloat16": "bf16"}
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -43,17 +60,23 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_raw_deepspeed(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The raw DeepSpeed JSON (a file or a mapping) without its "auto" values: as with HF's Trainer, "auto"
+    means "what the YAML gives" (DeepSpeed itself would drop the key and fall back to its own default)."""
     if raw is None:
         return {}
     if isinstance(raw, dict):
-        return raw
+        return _without_auto(raw)
     try:
         data = json.loads(Path(raw).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"deepspeed.config: cannot read DeepSpeed JSON {raw}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed.config: {raw} must hold a JSON object")
-    return data
+    return _without_auto(data)
+
+
+def _without_auto(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in data.items() if v != "auto"}
 
 
 def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -103,17 +126,18 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
         config["gradient_clipping"] = train.gradient_clipping
     raw = load_raw_deepspeed(ds.config)
     check_owned_keys(raw, config)
-    accum = (raw.get("data_types") or {}).get("grad_accum_dtype")
-    if ds.zero_stage == 0 and accum is not None and str(accum).lower().removeprefix("torch.") not in (
-            ds.precision, PRECISION_DTYPES[ds.precision]):
-        raise ConfigError(f"deepspeed.config sets data_types.grad_accum_dtype={accum}, which DeepSpeed supports "
-                          f"with deepspeed.precision {ds.precision} only from zero_stage 1 on (it is 0)")
+    check_accumulation_dtype(raw, ds)
     return deep_merge(config, raw)
 
 
 def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
-    """Refuse a raw DeepSpeed JSON that contradicts what the YAML set (`OWNED_KEYS`, `OFFLOAD_KEYS`)."""
-    for path, owner in OWNED_KEYS.items():
+    """Refuse a raw DeepSpeed JSON that contradicts what the YAML set (`OWNED_KEYS`, `OFFLOAD_KEYS`,
+    `OFFLOAD_ALIASES`), comparing values as DeepSpeed reads them ("2" is 2, "true" is true)."""
+    zero_raw = raw.get("zero_optimization", {})
+    if not isinstance(zero_raw, dict):
+        raise ConfigError(f"deepspeed.config sets zero_optimization={zero_raw!r}: give a mapping (DeepSpeed's old "
+                          "true/false form is not supported); set deepspeed.zero_stage in the YAML")
+    for path, (owner, read) in OWNED_KEYS.items():
         *parents, leaf = path.split(".")
         raw_at, ours = raw, config
         for key in parents:
@@ -121,17 +145,48 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
             if not isinstance(raw_at, dict):
                 break
         else:
-            if leaf in raw_at and raw_at[leaf] != ours.get(leaf):
-                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]}, but {owner} gives "
-                                  f"{ours.get(leaf)}; set it in the YAML instead")
-    zero_raw = raw.get("zero_optimization") or {}
+            if leaf not in raw_at:
+                continue
+            try:
+                same = read(raw_at[leaf]) == ours.get(leaf)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
+            if not same:
+                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "
+                                  f"{ours.get(leaf)!r}; set it in the YAML instead")
+    for key, owner in OFFLOAD_ALIASES.items():
+        if key in zero_raw:
+            raise ConfigError(f"deepspeed.config sets zero_optimization.{key}, DeepSpeed's old spelling of offload; "
+                              f"set {owner} in the YAML instead")
     for key, owner in OFFLOAD_KEYS.items():
-        device = (zero_raw.get(key) or {}).get("device") if isinstance(zero_raw.get(key), dict) else None
+        if key not in zero_raw:
+            continue
+        section = zero_raw[key]
+        device = "none" if section is None else section.get("device") if isinstance(section, dict) else section
         ours = key in config["zero_optimization"]
-        if device is not None and (str(device).lower() != "none") != ours:
-            raise ConfigError(f"deepspeed.config sets zero_optimization.{key}.device={device}, but {owner} is "
+        if device is not None and (str(device) != "none") != ours:
+            raise ConfigError(f"deepspeed.config sets zero_optimization.{key}.device={device!r}, but {owner} is "
                               f"{str(ours).lower()}; set {owner} in the YAML instead (the raw JSON may choose "
-                              f"the device and its settings)")
+                              "the device and its settings)")
+        if device == "nvme" and config["zero_optimization"]["stage"] != 3:
+            raise ConfigError(f"deepspeed.config sets zero_optimization.{key}.device='nvme', which DeepSpeed "
+                              "supports with zero_stage 3 only (it is "
+                              f"{config['zero_optimization']['stage']})")
+
+
+def check_accumulation_dtype(raw: dict[str, Any], ds: DeepSpeedConfig) -> None:
+    """data_types.grad_accum_dtype must be one of DeepSpeed's spellings, and other than the training precision
+    only from ZeRO-1 on (DeepSpeed raises at engine start otherwise)."""
+    types = raw.get("data_types", {})
+    accum = types.get("grad_accum_dtype") if isinstance(types, dict) else None
+    if accum is None:
+        return
+    if accum not in ACCUM_DTYPES:
+        raise ConfigError(f"deepspeed.config sets data_types.grad_accum_dtype={accum!r}; DeepSpeed knows "
+                          f"{', '.join(ACCUM_DTYPES)}")
+    if ds.zero_stage == 0 and ACCUM_DTYPES[accum] != ds.precision:
+        raise ConfigError(f"deepspeed.config sets data_types.grad_accum_dtype={accum!r}, which DeepSpeed supports "
+                          f"with deepspeed.precision {ds.precision} only from zero_stage 1 on (it is 0)")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

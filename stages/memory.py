@@ -3,17 +3,22 @@ with the measured peak by `rlhf bench ppo`). N = parameters of a model, W = rank
 the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width, K = kv heads x head size:
 
     weights         b N            / W with ZeRO-3;  0 with offload_param
-    gradients       b N (ZeRO-0/1); a N / W (ZeRO-2/3: the partition, a = bytes of data_types.grad_accum_dtype,
-                    default b); 0 with offload_optimizer at ZeRO-2/3. ZeRO-3 allocates its partition with the
-                    optimizer and keeps it; the others exist from the backward pass to the end of the step
-    fp32 gradients  mixed precision only, during the optimizer step: 4 N (ZeRO-0: DeepSpeed's bf16/fp16 wrapper
-                    makes a float32 copy), 4 N / W (ZeRO-1/2/3: the float32 partition; none when ZeRO-2's
-                    partition is float32 already); 0 with offload_optimizer. ZeRO-1 with bf16 and
-                    grad_accum_dtype fp32 is DeepSpeed's BF16_Optimizer: 4 N, whole model, held the whole run
-    optimizer       12 N (fp32 master + Adam m, v; 8 N in fp32 training)   / W with ZeRO-1/2/3; 0 with
-                    offload_optimizer
+    optimizer       12 N (float32 master + Adam m, v) / W with ZeRO-1/2/3 (also in fp32 training: DeepSpeed
+                    keeps a master copy); 8 N at ZeRO-0 fp32; 0 with offload_optimizer
+    gradients       b N at ZeRO-0/1 (a N at ZeRO-1 when a = bytes of data_types.grad_accum_dtype differs);
+                    a N / W at ZeRO-2/3 (the partition; 0 with offload_optimizer). ZeRO-3 allocates its
+                    partition with the optimizer and keeps it; the others exist from the backward pass on
     reduce bucket   ZeRO-1/2 (contiguous_gradients): reduce_bucket_size elements (default 5e8: 0.93 GiB in
-                    bf16), two with overlap_comm, during the backward pass; ZeRO-3: one, held the whole run
+                    bf16), two with overlap_comm, from the backward pass on; ZeRO-3: one, held the whole run
+    all-reduce      ZeRO-0: the engine all-reduces the gradients flattened, min(N, 5e8 + largest) elements;
+                    ZeRO-1: reduced into a gradient partition (a N / W) at the end of the backward pass
+    step            ZeRO-0 16-bit (FP16_Optimizer): a float32 copy of each gradient, joined per parameter
+                    group: 4 N + 4 N; ZeRO-1/2/3: the gradient partition flattened (b N / W) and cast to float32
+                    (4 N / W; ZeRO-3 per sub_group_size), none when ZeRO-2's partition is float32 already, none
+                    on the device with offload_optimizer. ZeRO-1 with bf16 and grad_accum_dtype fp32 is
+                    DeepSpeed's BF16_Optimizer: a whole-model float32 gradient buffer (4 N) held all run, and
+                    an all-reduce of 6 x min(N, 5e8 + largest) bytes instead
+    offload         ZeRO-1/2 with offload_optimizer: a 16-bit staging buffer of the largest parameter
     ZeRO-3 gather   b x (the largest parameter + stage3_prefetch_bucket_size, default 5e7): whole parameters a
                     partitioned model holds while a layer runs
     activations     per micro-batch of m rows x L tokens, per layer, at 2-byte precision: (20 H + 8 I + 4 K) m L
@@ -23,9 +28,11 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     layer in full. The gated form matches peaks measured on CPU for the Qwen2.5-0.5B / 1.5B and
                     Llama-2 shapes within 2 % (64, 67 and 45.5 x H bytes per token per layer)
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
-                    largest update: its gradients + max(activations + logits + bucket, float32 gradients)
-                    (`peak`). What is held when was checked against a census of the live tensors of DeepSpeed
-                    engines on CPU (tests/test_bench.py, ZeRO-0 to 3)
+                    largest update: its gradients + its fullest moment (backward pass: activations, logits,
+                    buckets; the all-reduce; the optimizer step) (`peak`). Checked against DeepSpeed 0.19's own
+                    engines on CPU (tests/test_bench.py, ZeRO-0 to 3, bf16 and fp32): a census of live tensors
+                    after an update and after a backward pass, and the allocation peak of an update. Not
+                    modelled: the 16-bit gradients that wait for their ZeRO-1/2 bucket in the backward pass
     logits          PPO: float32 log-prob blocks, chunk x V x 4 x 3 (logits, softmax, gradient) with
                     train.logprob_chunk, else the model's m (P + R) V logits (b bytes) plus the float32 m R V
                     copies and gradients (8 bytes); SFT: the model's m L V logits, the trained rows' copy and
@@ -126,68 +133,101 @@ class ZeroTuning(NamedTuple):
 
     reduce_bucket: int = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
     prefetch_bucket: int = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size (elements)
+    sub_group: int = 1_000_000_000  # zero_optimization.sub_group_size: ZeRO-3 steps this many at a time
     contiguous_gradients: bool = True
     overlap_comm: bool | None = None  # None: DeepSpeed's default, on for ZeRO-3 only
     accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
 
 
-ACCUM_BYTES = {"fp32": 4, "float32": 4, "float": 4, "torch.float32": 4, "fp16": 2, "float16": 2, "half": 2,
-               "torch.float16": 2, "bf16": 2, "bfloat16": 2, "torch.bfloat16": 2}
-
-
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
     """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
-    from stages.engine import load_raw_deepspeed
+    from stages.engine import ACCUM_DTYPES, as_bool, load_raw_deepspeed
 
     raw = load_raw_deepspeed(ds.config)
-    zero = raw.get("zero_optimization") or {}
-    accum = (raw.get("data_types") or {}).get("grad_accum_dtype")
+    zero = raw.get("zero_optimization") if isinstance(raw.get("zero_optimization"), dict) else {}
+    accum = raw["data_types"].get("grad_accum_dtype") if isinstance(raw.get("data_types"), dict) else None
     default = ZeroTuning()
-    return ZeroTuning(int(zero.get("reduce_bucket_size", default.reduce_bucket)),
-                      int(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)),
-                      bool(zero.get("contiguous_gradients", True)), zero.get("overlap_comm"),
-                      ACCUM_BYTES.get(str(accum).lower()) if accum is not None else None)
+    overlap = zero.get("overlap_comm")
+    return ZeroTuning(int(float(zero.get("reduce_bucket_size", default.reduce_bucket))),
+                      int(float(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket))),
+                      int(float(zero.get("sub_group_size", default.sub_group))),
+                      as_bool(zero.get("contiguous_gradients", True)),
+                      None if overlap is None else as_bool(overlap),
+                      _bytes(ACCUM_DTYPES[accum]) if accum in ACCUM_DTYPES else None)
 
 
-#: an update phase of a trained model: (its gradients, what the backward pass adds, what the optimizer step adds)
-Phase = tuple[list[str], list[str], list[str]]
+#: elements DeepSpeed's engine flattens at a time to all-reduce gradients outside ZeRO-1/2/3's own buckets
+ALLREDUCE_BUCKET = 500_000_000
+
+
+class Phase(NamedTuple):
+    """A trained model's update: its gradients, and the moments of the update, each a list of the parts that
+    exist together on top of them (the caller adds activations and logits to the backward pass)."""
+
+    gradients: list[str]
+    moments: dict[str, list[str]]
 
 
 def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
                   tuning: ZeroTuning = ZeroTuning()) -> tuple[dict[str, float], Phase]:
-    """Bytes per rank of one trained model's weights, gradients, float32 gradients, optimizer states, reduce
-    buckets and (ZeRO-3) gathered parameters, and which of them exist only while it updates (its `Phase`;
-    the rest are held the whole run). See the module docstring."""
-    b, z, mixed = _bytes(ds.precision), ds.zero_stage, ds.precision != "fp32"
+    """Bytes per rank of one trained model's weights, gradients, optimizer states, buckets and the step's
+    float32 gradients, and which of them exist only while it updates (its `Phase`; the rest are held the whole
+    run). See the module docstring; DeepSpeed 0.19's optimizers, as read and measured."""
+    b, z, offload = _bytes(ds.precision), ds.zero_stage, ds.offload_optimizer
     acc = tuning.accum_bytes or b
-    offload = ds.offload_optimizer
-    # ZeRO-1 with bf16 weights and float32 gradient accumulation is DeepSpeed's BF16_Optimizer: a whole-model
-    # float32 gradient buffer from the start, and no reduce buckets
+    split = world if z >= 1 else 1
+    # ZeRO-1 with bf16 weights and float32 gradient accumulation (no offload) is DeepSpeed's BF16_Optimizer
     bf16_wrapper = z == 1 and ds.precision == "bf16" and acc == 4 and not offload
-    parts = {"weights": 0.0 if ds.offload_param else b * n / (world if z == 3 else 1)}
-    if z >= 2:  # the gradient partition, in the accumulation dtype (ZeRO-3 allocates it with the optimizer)
-        parts["gradients"] = 0.0 if offload else acc * n / world
-    else:
+    parts = {"weights": 0.0 if ds.offload_param else b * n / (world if z == 3 else 1),
+             # float32 master weights + Adam m, v; DeepSpeed keeps a float32 master copy at ZeRO >= 1 even for
+             # float32 training
+             "optimizer": 0.0 if offload else (8 if z == 0 and b == 4 else 12) * n / split}
+    moments: dict[str, list[str]] = {"backward": [], "all-reduce": [], "step": []}
+    grads = ["gradients"]
+    if z == 0 or bf16_wrapper:
         parts["gradients"] = b * n
-    if not mixed or offload or (z == 2 and acc == 4):  # ZeRO-2's partition is already float32 then
-        parts["fp32 gradients"] = 0.0
-    elif bf16_wrapper:
-        parts["fp32 gradients"] = 4.0 * n
+        if bf16_wrapper:  # a whole-model float32 gradient buffer from the start
+            parts["fp32 gradient buffer"] = 4.0 * n
+        # the engine all-reduces flattened gradients (even on one rank), cast to the communication dtype
+        bucket = min(n, ALLREDUCE_BUCKET + largest)
+        parts["all-reduce buffer"] = float((4 + 2) * bucket if bf16_wrapper else b * bucket)
+        moments["all-reduce"] = ["all-reduce buffer"]
+        if z == 0 and b == 2:  # FP16_Optimizer: a float32 copy of each gradient, then the group's joined copy
+            parts["fp32 gradients"] = 4.0 * n
+            parts["fp32 gradient pieces"] = 4.0 * n  # (the largest parameter group's, at most N)
+            moments["step"] = ["fp32 gradients", "fp32 gradient pieces"]
+    elif z in (1, 2):
+        parts["gradients"] = 0.0 if offload and z == 2 else acc * n / (world if z == 2 else 1)
+        overlap = tuning.overlap_comm if tuning.overlap_comm is not None else False
+        if tuning.contiguous_gradients or offload:
+            parts["reduce bucket"] = float((acc if z == 1 else b) * tuning.reduce_bucket * (2 if overlap else 1))
+            moments["backward"] = ["reduce bucket"]
+        if z == 1 and tuning.contiguous_gradients and not offload:  # reduced into a partition at the end
+            parts["gradient partition"] = acc * n / world
+            moments["all-reduce"] = ["gradient partition", "reduce bucket"]
+        if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run
+            parts["offload staging buffer"] = float(b * largest)
+        elif not (z == 2 and acc == 4 and b == 2):  # (then the float32 partition itself is stepped with)
+            moments["step"] = _step_copies(parts, b, n / world)
     else:
-        parts["fp32 gradients"] = 4 * n / (world if z >= 1 else 1)
-    parts["optimizer"] = 0.0 if offload else (12 if mixed else 8) * n / (world if z >= 1 else 1)
-    overlap = tuning.overlap_comm if tuning.overlap_comm is not None else z == 3
-    if z == 3 and tuning.contiguous_gradients:  # one bucket, allocated with the optimizer, kept
-        parts["reduce bucket"] = float(b * tuning.reduce_bucket)
-    elif z in (1, 2) and (tuning.contiguous_gradients or offload) and not bf16_wrapper:
-        bucket_bytes = acc if z == 1 else b
-        parts["reduce bucket"] = float(bucket_bytes * tuning.reduce_bucket * (2 if overlap else 1))
-    if z == 3:
+        grads = []  # ZeRO-3 allocates its gradient partition and its bucket with the optimizer
+        parts["gradients"] = 0.0 if offload else acc * n / world
+        if tuning.contiguous_gradients:
+            parts["reduce bucket"] = float(b * tuning.reduce_bucket)
         parts["ZeRO-3 gathered parameters"] = b * (largest + min(tuning.prefetch_bucket, n))
-    grads = [] if z == 3 else ["gradients"]
-    backward = ["reduce bucket"] if "reduce bucket" in parts and z != 3 else []
-    step = [] if bf16_wrapper else ["fp32 gradients"]
-    return parts, (grads, backward, step)
+        if not offload:
+            moments["step"] = _step_copies(parts, b, min(n / world, tuning.sub_group))
+    return parts, Phase(grads, {k: v for k, v in moments.items() if v})
+
+
+def _step_copies(parts: dict[str, float], b: int, elements: float) -> list[str]:
+    """ZeRO's optimizer step: the gradient partition flattened (a copy) and cast to float32 (a second one, in
+    16-bit training), `elements` at a time; adds them to `parts` and names them."""
+    parts["fp32 gradients"] = 4 * elements
+    if b == 4:
+        return ["fp32 gradients"]
+    parts["flattened 16-bit gradients"] = b * elements
+    return ["fp32 gradients", "flattened 16-bit gradients"]
 
 
 def activations(shape: Shape, rows: int, length: int, precision: str, checkpointing: bool) -> float:
@@ -214,24 +254,27 @@ def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int
 
 def _named(model: str, phase: Phase) -> Phase:
     """A `trained_model` phase with its part names prefixed by the model's."""
-    grads, backward, step = ([f"{model} {part}" for part in group] for group in phase)
-    return grads, backward, step
+    return Phase([f"{model} {part}" for part in phase.gradients],
+                 {moment: [f"{model} {part}" for part in names] for moment, names in phase.moments.items()})
 
 
 def phase_parts(phases: dict[str, Phase]) -> set[str]:
     """Names of the parts held only while a model updates."""
-    return {name for phase in phases.values() for group in phase for name in group}
+    return {name for phase in phases.values()
+            for name in phase.gradients + [part for names in phase.moments.values() for part in names]}
 
 
 def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
     """Bytes at the fullest moment: every part outside the phases (weights, optimizer states, frozen models, KV
-    cache: held the whole run) plus the largest phase, gradients + max(backward: activations + logits, step:
-    float32 gradients). Gradients are freed after each step and activations after each backward, so the
-    phases do not add up."""
+    cache: held the whole run) plus the largest phase, its gradients + its fullest moment (backward pass:
+    activations, logits, reduce buckets; the gradient all-reduce; the optimizer step: float32 gradients).
+    Activations are freed by the end of the backward pass and the step's copies at its end, so the moments do
+    not add up."""
     inside = phase_parts(phases)
     held = sum(v for k, v in parts.items() if k not in inside)
-    busiest = max((sum(parts[n] for n in grads) + max(sum(parts[n] for n in back), sum(parts[n] for n in step))
-                   for grads, back, step in phases.values()), default=0.0)
+    busiest = max((sum(parts[n] for n in phase.gradients)
+                   + max((sum(parts[n] for n in names) for names in phase.moments.values()), default=0.0)
+                   for phase in phases.values()), default=0.0)
     return held + busiest
 
 
@@ -263,8 +306,9 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.data.max_prompt_length)
     parts["activations (critic micro-batch)"] = activations(rm, m, length, ds.precision, ckpt)
-    phases["policy"][1].extend(["activations (policy micro-batch)", "logits (policy micro-batch)"])
-    phases["critic"][1].append("activations (critic micro-batch)")
+    phases["policy"].moments.setdefault("backward", []).extend(["activations (policy micro-batch)",
+                                                                "logits (policy micro-batch)"])
+    phases["critic"].moments.setdefault("backward", []).append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 
@@ -287,7 +331,8 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     elif cfg.loss.lm_coef > 0:  # LMHead: one block of the chosen rows at a time
         parts["logits"] = block
     phases = {"model": _named("model", phase)}
-    phases["model"][1].extend(["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))
+    phases["model"].moments.setdefault("backward", []).extend(
+        ["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 
@@ -310,5 +355,5 @@ def format_estimate(est: dict[str, Any] | None) -> str:
             lines.append(f"  {name + (' *' if name in inside else ''):<38} {value / GIB:9.3f} GiB")
     lines.append(f"  {'peak':<38} {est['total'] / GIB:9.3f} GiB")
     lines.append("  (* only while its model updates: the peak holds everything else plus the largest update's "
-                 "gradients and the larger of its backward pass's and its optimizer step's parts)")
+                 "gradients and its fullest moment: the backward pass, the gradient all-reduce or the optimizer step)")
     return "\n".join(lines)

@@ -78,13 +78,23 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
 @pytest.mark.parametrize("yaml_ds, raw, message", [
     # the ZeRO stage, precision and offload are acted on by our own code (ZeRO-3's sampling copy, dtypes, estimate)
     ({}, {"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3, but deepspeed.zero_stage gives 0"),
+    ({}, {"zero_optimization": {"stage": "3"}}, "zero_optimization.stage='3', but deepspeed.zero_stage gives 0"),
+    ({}, {"zero_optimization": True}, "zero_optimization=True: give a mapping"),
     ({"precision": "bf16"}, {"bf16": {"enabled": False}}, "bf16.enabled=False, but deepspeed.precision gives True"),
+    ({"precision": "bf16"}, {"bf16": {"enabled": "maybe"}}, "bf16.enabled='maybe': not a boolean"),
     ({"precision": "fp32"}, {"fp16": {"enabled": True}}, "fp16.enabled=True, but deepspeed.precision gives False"),
-    ({"zero_stage": 2}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-     "offload_optimizer.device=cpu, but deepspeed.offload_optimizer is false"),
+    ({"zero_stage": 3}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     "offload_optimizer.device='cpu', but deepspeed.offload_optimizer is false"),
     ({"zero_stage": 3, "offload_param": True}, {"zero_optimization": {"offload_param": {"device": "none"}}},
-     "offload_param.device=none, but deepspeed.offload_param is true"),
-    ({}, {"data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype=fp32, which DeepSpeed supports"),
+     "offload_param.device='none', but deepspeed.offload_param is true"),
+    # null would replace our section in the merge: offload silently off
+    ({"zero_stage": 2, "offload_optimizer": True}, {"zero_optimization": {"offload_optimizer": None}},
+     "offload_optimizer.device='none', but deepspeed.offload_optimizer is true"),
+    ({"zero_stage": 2}, {"zero_optimization": {"cpu_offload": True}}, "cpu_offload, DeepSpeed's old spelling"),
+    ({"zero_stage": 2, "offload_optimizer": True}, {"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
+     "'nvme', which DeepSpeed supports with zero_stage 3 only (it is 2)"),
+    ({}, {"data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype='fp32', which DeepSpeed supports"),
+    ({"zero_stage": 1}, {"data_types": {"grad_accum_dtype": "FP32"}}, "grad_accum_dtype='FP32'; DeepSpeed knows"),
 ])
 def test_raw_deepspeed_json_may_not_change_stage_precision_or_offload(yaml_ds, raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -92,28 +102,16 @@ def test_raw_deepspeed_json_may_not_change_stage_precision_or_offload(yaml_ds, r
 
 
 def test_raw_deepspeed_json_may_tune_what_the_yaml_chose():
-    """The same values again, the offload device (NVMe) and its settings, float32 accumulation from ZeRO-1."""
+    """The same values again (also as DeepSpeed reads strings), the offload device (NVMe) and its settings,
+    float32 accumulation from ZeRO-1, "auto" meaning the YAML's value."""
     ds = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, precision="bf16", config={
-        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
-        "bf16": {"enabled": True}, "fp16": {"enabled": False}, "data_types": {"grad_accum_dtype": "fp32"}})
-    cfg = build_deepspeed_config(TrainConfig(), ds, 1, True)
+        "zero_optimization": {"stage": "3", "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"},
+                              "reduce_bucket_size": "auto"},
+        "bf16": {"enabled": "true"}, "fp16": {"enabled": "auto"}, "data_types": {"grad_accum_dtype": "fp32"},
+        "train_micro_batch_size_per_gpu": "auto"})
+    cfg = build_deepspeed_config(TrainConfig(micro_batch_size=4), ds, 1, True)
     assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "nvme_path": "/nvme", "pin_memory": True}
-    same = DeepSpeedConfig(config={"data_types": {"grad_accum_dtype": "bf16"}})
-    assert build_deepspeed_config(TrainConfig(), same, 1, False)["data_types"] == {"grad_accum_dtype": "bf16"}
-
-
-def test_sampler_depends_only_on_step_and_covers_each_epoch():
-    s = EpochSampler(n_rows=10, global_batch=3, seed=1)
-    assert s.steps_per_epoch == 3
-    epoch0 = [i for step in range(3) for i in s.indices(step)]
-    assert len(set(epoch0)) == 9  # one row of 10 dropped
-    fresh = EpochSampler(10, 3, 1)
-    assert fresh.indices(4) == s.indices(4) and s.indices(4) != s.indices(1)
-    assert s.indices(3) != s.indices(0)  # epoch 1 is a new permutation
-
-
-def test_rank_micro_batches_split_a_global_batch_without_overlap():
-    indices = list(range(12))  # micro 2 x accumulation 3 x world 2
-    r0 = rank_micro_batches(indices, 0, 2, 2, 3)
-    r1 = rank_micro_batches(indices, 1, 2, 2, 3)
-    assert r0 == [[0, 1], [4, 5], [8, 9]] and r1 == [[2, 3], [6, 7], [10, 11]]
+    assert "reduce_bucket_size" not in cfg["zero_optimization"] and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["fp16"]["enabled"] is False and cfg["bf16"]["enabled"] == "true"
+    half = DeepSpeedConfig(precision="fp16", config={"data_types": {"grad_accum_dtype": "half"}})
+    assert build_deepspeed_config(TrainConfig(), half, 1, False)["data_types"] == {"grad_accum_dtype": "half"}
