@@ -623,6 +623,8 @@ def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     hub_or_path: `./x`, `../x`, `/x`, `~/x`, a name with a file suffix, or a name that exists under `base` is a
     local path (and must exist); anything else (e.g. `Qwen/Qwen2.5-0.5B`) is returned unchanged as a hub id.
     """
+    if not value.strip():  # `--set output_dir=$DIR` with DIR unset would otherwise mean the current folder
+        raise ConfigError(f"{key}: empty path")
     if kind == "hub_or_path":
         candidate = (base / Path(value).expanduser()).resolve()
         if not _looks_like_path(value) and not candidate.exists():

@@ -76,7 +76,7 @@ def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # a truncated row's error lands on its own line
             except json.JSONDecodeError as exc:
                 _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})", on_bad_row, log)
                 continue

@@ -66,6 +66,10 @@ def resolve_model_dir(name_or_path: str) -> str:
     p = Path(name_or_path).expanduser()
     if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
         return str(p / "final")
+    if p.is_dir() and not (p / "config.json").exists() and any(
+            (p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
+        raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it with "
+                              "--resume, or point at a checkpoint's model)")
     if name_or_path and not p.exists() and (p.is_absolute() or name_or_path.startswith((".", "~"))
                                              or name_or_path.count("/") > 1):
         raise CheckpointError(f"model {name_or_path}: no such file or directory")

@@ -104,6 +104,10 @@ def test_cross_field_rules(tmp_path):
 def test_missing_data_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.train\.path: path does not exist: .*nope\.jsonl"):
         load_config("sft", _cfg_file(tmp_path), ["data.train=nope.jsonl"])
+    # `--set output_dir=$DIR` with DIR unset: not the current folder
+    for key in ("output_dir", "data.train"):
+        with pytest.raises(ConfigError, match=rf"{key}(\.path)?: empty path"):
+            load_config("sft", _cfg_file(tmp_path), [f"{key}="])
 
 
 def test_missing_config_file():

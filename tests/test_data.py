@@ -183,7 +183,7 @@ def test_unknown_hub_dataset_is_a_clear_error():
 @pytest.mark.parametrize(
     "line, reason",
     [
-        ('{"prompt": "p", "response": ', "invalid JSON"),
+        ('{"prompt": "p", "response": ', "invalid JSON (Expecting value at column 29)"),  # (not column 1 of a next line)
         ('{"prompt": "p"}', "missing key 'response' (keys present: prompt)"),
         ('{"prompt": "p", "response": "   "}', "empty 'response'"),
         ('{"prompt": "p", "response": 7}', "'response' must be a string, got int"),

@@ -94,6 +94,11 @@ def test_a_run_directory_stands_for_its_final_checkpoint(tmp_path):
     (tmp_path / "run" / "final" / "config.json").write_text("{}")
     assert resolve_model_dir(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
     assert resolve_model_dir("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    # an interrupted run: said so, not a tokenizer library's complaint about the folder
+    (tmp_path / "cut" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "cut" / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="a stage run without final/ \\(not finished"):
+        resolve_model_dir(str(tmp_path / "cut"))
 
 
 def test_tokenizer_options(tok, tmp_path):
