@@ -135,7 +135,7 @@ class ZeroTuning(NamedTuple):
     prefetch_bucket: int = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size (elements)
     sub_group: int = 1_000_000_000  # zero_optimization.sub_group_size: ZeRO-3 steps this many at a time
     contiguous_gradients: bool = True
-    overlap_comm: bool | None = None  # None: DeepSpeed's default, on for ZeRO-3 only
+    overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only, where it adds no bucket)
     accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
 
 
@@ -198,9 +198,9 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
             moments["step"] = ["fp32 gradients", "fp32 gradient pieces"]
     elif z in (1, 2):
         parts["gradients"] = 0.0 if offload and z == 2 else acc * n / (world if z == 2 else 1)
-        overlap = tuning.overlap_comm if tuning.overlap_comm is not None else False
-        if tuning.contiguous_gradients or offload:
-            parts["reduce bucket"] = float((acc if z == 1 else b) * tuning.reduce_bucket * (2 if overlap else 1))
+        if tuning.contiguous_gradients or offload:  # (overlap_comm is off by default below ZeRO-3)
+            parts["reduce bucket"] = float((acc if z == 1 else b) * tuning.reduce_bucket
+                                           * (2 if tuning.overlap_comm else 1))
             moments["backward"] = ["reduce bucket"]
         if z == 1 and tuning.contiguous_gradients and not offload:  # reduced into a partition at the end
             parts["gradient partition"] = acc * n / world
