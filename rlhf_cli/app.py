@@ -368,16 +368,18 @@ def pipeline(
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
 
-    Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force), a partial one resumes. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
+    Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
     from stages.pipeline import plan, run_pipeline, stage_command
 
     try:
         cfg = load_config("pipeline", config, set_ or [])
         runs = plan(cfg)
+        resolved = {}  # what each stage will resolve its config to: a complete stage's must not have changed
         for run in runs:  # every stage config must validate before anything trains
             try:
-                load_config(run.stage, run.config, run.overrides, preset=run.preset, not_yet=run.not_yet)
+                resolved[run.label] = dump_config(load_config(run.stage, run.config, run.overrides, preset=run.preset,
+                                                              not_yet=run.not_yet))
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
                                   f"overrides): {exc}") from None
@@ -391,7 +393,7 @@ def pipeline(
         if dry_run:
             out.print("dry run: every config is valid; nothing trained")
             return
-        run_pipeline(cfg, launch, force, out)
+        run_pipeline(cfg, launch, force, out, resolved)
     except RlhfError as exc:
         fail(exc, debug)
 

@@ -25,7 +25,10 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3
     if config is not None:
-        cfg = load_config("ppo", config, [])
+        # eval never loads the config's policy; its reward model and prompts only when not given here
+        unused = {"model.name_or_path"} | ({"reward_model.name_or_path"} if reward_model else set()) | (
+            {"data.train", "data.eval"} if prompts is not None else set())
+        cfg = load_config("ppo", config, [], not_yet=unused)
         reward_model = reward_model or cfg.reward_model.name_or_path
         data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train

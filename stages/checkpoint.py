@@ -117,6 +117,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_changes(before: dict[str, Any], after: Any) -> list[str]:
+    """"key: old -> new" for each config value that differs (RESUME_FREE_KEYS aside)."""
+    old, new = _flat(before), _flat(after)
+    return [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}" for key in sorted(old.keys() | new.keys())
+            if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")]
+
+
 def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint and how resuming it with `config_text` on `world_size` processes differs
     from the run that wrote it: "key: old -> new" for each changed config value (RESUME_FREE_KEYS aside; the
@@ -135,10 +142,7 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> t
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         before_cfg = None  # unreadable: nothing to compare with (the engine state decides what loads)
     if isinstance(before_cfg, dict):
-        old, new = _flat(before_cfg), _flat(yaml.safe_load(config_text))
-        for key in sorted(old.keys() | new.keys()):
-            if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)"):
-                changes.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
+        changes += config_changes(before_cfg, yaml.safe_load(config_text))
     try:
         before = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("world_size")
     except (OSError, ValueError):

@@ -192,11 +192,33 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- run
-def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any) -> dict[str, Any]:
-    """Run every stage (skipping complete ones unless `force`), then eval, report and the summary."""
+def stage_config_changes(out: Path, resolved: str | None) -> list[str]:
+    """How the config a stage would run with now (`resolved`, its resolved YAML) differs from the one its
+    complete output was trained with (out/resolved_config.yaml); [] when either is unknown."""
+    import yaml
+
+    from stages.checkpoint import config_changes
+
+    try:
+        before = yaml.safe_load((out / "resolved_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    if resolved is None or not isinstance(before, dict):
+        return []
+    return config_changes(before, yaml.safe_load(resolved))
+
+
+def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
+                 resolved: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run every stage (skipping complete ones unless `force`), then eval, report and the summary.
+
+    `resolved` (a stage's label -> the config it resolves to now) lets a complete stage whose config changed
+    since it ran be refused rather than silently reused. Once SFT or the reward model is (re)trained, every
+    later stage is trained afresh: its output, complete or partial, came from the old one."""
     runs = plan(cfg)
     root = Path(cfg.output_dir)
     sft = root / "sft"
+    upstream_retrained = False
     for i, run in enumerate(runs, 1):
         done = is_complete(run.out, run.stage)
         console.rule(f"[bold]pipeline {i}/{len(runs)}: {run.label}[/] ({run.stage} → {run.out})")
@@ -204,11 +226,21 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             check_policy_handoff(sft)
         elif run.stage == "ppo":
             check_reward_handoff(root / "rm", sft)
-        if done and not force:
+        fresh = force or upstream_retrained
+        if done and not fresh:
+            changes = stage_config_changes(run.out, (resolved or {}).get(run.label))
+            if changes:
+                shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+                raise RlhfError(f"pipeline: stage {run.label} is complete in {run.out}, but its config has changed "
+                                f"since it was trained ({shown}); delete {run.out} to retrain it (the stages after "
+                                "it are retrained too), or --force to retrain every stage")
             console.print(f"complete output in {run.out}: skipped (--force reruns it)")
             continue
-        resume = run.out.exists() and not force and any(run.out.iterdir())
-        cmd = stage_command(run, launch, resume=resume, overwrite=force)
+        if upstream_retrained and not force and run.out.exists() and any(run.out.iterdir()):
+            console.print(f"an earlier stage was retrained: {run.out} is trained afresh")
+        resume = run.out.exists() and not fresh and any(run.out.iterdir())
+        cmd = stage_command(run, launch, resume=resume, overwrite=fresh)
+        upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
         code = call_forwarding_signals(cmd)
         if code != 0:
             how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
@@ -218,6 +250,7 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             raise error
         if run.stage == "ppo" and cfg.eval.enabled:
             (run.out / "eval.json").unlink(missing_ok=True)  # a new policy: its old evaluation is stale
+            (run.out / "eval.settings.json").unlink(missing_ok=True)
     ppo_runs = [r for r in runs if r.stage == "ppo"]
     if cfg.eval.enabled:
         evaluate_runs(cfg, ppo_runs, sft, console)
@@ -243,12 +276,20 @@ def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path) -> list[str]:
 
 
 def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:
-    """`rlhf eval` of each PPO run's final policy against the SFT model (kept when already there), each as its own
-    process like the stages."""
+    """`rlhf eval` of each PPO run's final policy against the SFT model, each as its own process like the stages;
+    an evaluation already there is kept when it was made with the same eval settings (eval.settings.json)."""
+    settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
+                "baseline": str(sft)}
     for run in ppo_runs:
-        if (run.out / "eval.json").is_file():
+        kept = run.out / "eval.settings.json"
+        try:
+            same = json.loads(kept.read_text(encoding="utf-8")) == settings
+        except (OSError, ValueError):
+            same = False  # (an evaluation without its settings is redone)
+        if (run.out / "eval.json").is_file() and same:
             continue
         console.rule(f"[bold]eval: {run.label}[/] against {sft}")
         code = call_forwarding_signals(eval_command(cfg, run, sft))
         if code != 0:
             raise RlhfError(f"pipeline: rlhf eval of {run.label} failed with exit code {code}")
+        kept.write_text(json.dumps(settings) + "\n", encoding="utf-8")

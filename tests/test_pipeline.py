@@ -105,6 +105,8 @@ def test_plan_wires_paths_and_names_runs(tmp_path):
 
 
 def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
+    import shutil
+
     import stages.pipeline as pl
     from rich.console import Console
 
@@ -124,13 +126,16 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
     stages = [c[c.index("rlhf_cli") + 1] for c in calls]
     assert stages == ["train-rm", "ppo"]  # sft skipped
     assert "--resume" in calls[0] and "--overwrite" not in calls[0]
-    assert calls[1][-3:] == ["--num-gpus", "2", "--resume"]  # ppo: resumed, launcher options
+    # ppo: launcher options; trained afresh, as its partial output came from the RM before this one
+    assert calls[1][-3:] == ["--num-gpus", "2", "--overwrite"]
     (root / "ppo" / "final_critic").mkdir()
     (root / "ppo" / "final_critic" / "config.json").write_text("{}")
+    (root / "rm" / "final").mkdir()
+    (root / "rm" / "final" / "config.json").write_text("{}")
     calls.clear()
     pl.run_pipeline(cfg, [], force=False, console=quiet)
-    assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["train-rm"]  # ppo now complete
-    calls.clear()
+    assert calls == []  # rm and ppo now complete
+    shutil.rmtree(root / "rm" / "final")
     pl.run_pipeline(cfg, [], force=True, console=quiet)
     assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
     assert all("--overwrite" in c and "--resume" not in c for c in calls)
@@ -142,6 +147,69 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
     with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 143
+
+
+def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_retrains_the_later_ones(
+        tmp_path, monkeypatch):
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
+    monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
+    cfg = _pipeline_cfg(tmp_path)
+    root = tmp_path / "runs"
+    trained = {"seed": 1, "output_dir": "a", "train": {"lr": 1e-4, "save_every": 5}}
+    for stage, parts in (("sft", ["final"]), ("rm", ["final"]), ("ppo", ["final", "final_critic"])):
+        for part in parts:
+            (root / stage / part).mkdir(parents=True)
+            (root / stage / part / "config.json").write_text("{}")
+        (root / stage / "resolved_config.yaml").write_text(yaml.safe_dump(trained))
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    now = {label: yaml.safe_dump(trained) for label in ("sft", "rm", "ppo")}
+    now["rm"] = yaml.safe_dump({**trained, "output_dir": "b", "train": {"lr": 1e-4, "save_every": 9}})  # free keys
+    pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    assert calls == []  # all complete, none changed in what it trains
+    now["rm"] = yaml.safe_dump({**trained, "train": {"lr": 3e-4}})
+    with pytest.raises(pl.RlhfError, match=r"stage rm is complete in .*, but its config has changed since it was "
+                                           r"trained \(train.lr: 0.0001 -> 0.0003\)"):
+        pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    # the RM deleted and retrained: the complete PPO run came from the old one, so it is trained afresh
+    import shutil
+
+    shutil.rmtree(root / "rm")
+    pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    assert [(c[c.index("rlhf_cli") + 1], "--overwrite" in c, "--resume" in c) for c in calls] == [
+        ("train-rm", False, False), ("ppo", True, False)]
+    # SFT and RM complete, PPO interrupted: PPO resumes
+    calls.clear()
+    shutil.rmtree(root / "ppo" / "final_critic")
+    (root / "rm" / "final").mkdir(parents=True)
+    (root / "rm" / "final" / "config.json").write_text("{}")
+    (root / "rm" / "resolved_config.yaml").write_text(now["rm"])
+    pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    assert [(c[c.index("rlhf_cli") + 1], "--overwrite" in c, "--resume" in c) for c in calls] == [("ppo", False, True)]
+
+
+def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, monkeypatch):
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
+    cfg = _pipeline_cfg(tmp_path, eval={"enabled": True, "num_prompts": 16, "seed": 5})
+    run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
+    run[0].out.mkdir(parents=True)
+    (run[0].out / "eval.json").write_text("{}")  # from an earlier run, settings unknown
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
+    assert len(calls) == 1 and calls[0][calls[0].index("--num-prompts") + 1] == "16"
+    pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
+    assert len(calls) == 1  # the same settings: kept
+    other = _pipeline_cfg(tmp_path, eval={"enabled": True, "num_prompts": 32, "seed": 5})
+    pl.evaluate_runs(other, run, tmp_path / "runs" / "sft", quiet)
+    assert len(calls) == 2 and calls[1][calls[1].index("--num-prompts") + 1] == "32"
 
 
 # --------------------------------------------------------------------------------------------- real run
@@ -193,6 +261,26 @@ def test_handoff_checks_name_the_wrong_checkpoint(pipeline_run):
         check_reward_handoff(root / "sft", root / "sft")
     with pytest.raises(CheckpointError, match="does not load"):
         check_policy_handoff(root / "missing")
+
+
+def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
+    """--config lends eval its reward model, prompts and generation; the policy path in it is never loaded,
+    nor are the reward model and prompts an option replaces."""
+    from rlhf_cli.eval_options import eval_settings
+    from stages.errors import ConfigError
+
+    cfg = yaml.safe_load((TINY / "ppo.yaml").read_text())
+    cfg["model"]["name_or_path"] = str(tmp_path / "gone-sft")
+    cfg["reward_model"]["name_or_path"] = str(tmp_path / "gone-rm")
+    cfg["data"].update(train=str(tmp_path / "gone.jsonl"), eval=None)
+    write_yaml(tmp_path / "ppo.yaml", cfg)
+    prompts = TINY / "data" / "eval_prompts.jsonl"
+    s = eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts)
+    assert (s.reward_model, s.data.train.path) == ("some/rm", str(prompts))
+    with pytest.raises(ConfigError, match="reward_model.name_or_path: path does not exist: .*gone-rm"):
+        eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", prompts=prompts)
+    with pytest.raises(ConfigError, match="data.train.path: path does not exist: .*gone.jsonl"):
+        eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm")
 
 
 def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tmp_path):
