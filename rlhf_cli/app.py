@@ -311,11 +311,12 @@ _ppo_command()
 def eval_(
     policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
     config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="A PPO config: its reward_model, data (data.eval, else data.train), generation, "
-        "gold reward and seed are the defaults of the options below.", show_default="none")] = None,
+        "--config", "-c", exists=True, dir_okay=False, help="A PPO config: its reward_model, data (data.eval, else "
+        "data.train), generation, gold reward and seed are the defaults of the options below.",
+        show_default="none")] = None,
     reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model directory.",
                                                          show_default="the config's")] = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file (JSONL/JSON/CSV/Parquet; "
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", exists=True, help="Prompt file (JSONL/JSON/CSV/Parquet; "
                        "the formats of rlhf ppo).", show_default="the config's data.eval, else data.train")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Policy to compare with (win-rates), e.g. "
                                                     "the SFT model.", show_default="none")] = None,
@@ -400,7 +401,8 @@ def pipeline(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run output directories (metrics.jsonl); names ending in "
+    run_dirs: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Run output directories "
+                                                   "(metrics.jsonl); names ending in "
                                                    "-seedN are averaged as one group.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where the PNGs and report.md go.",
                                                     show_default="report/ next to the first run")] = None,

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from rlhf_cli.config_loader import format_validation_error, load_config
 from stages.config import GenerationConfig, PPODataConfig
 from stages.engine import PRECISION_DTYPES
-from stages.errors import ConfigError
+from stages.errors import CheckpointError, ConfigError
 from stages.evaluate import EvalSettings
+from stages.models import resolve_model_dir
 
 
 def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
@@ -21,6 +22,10 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     """The options over the values of a PPO config (when `config` is given; a run's resolved_config.yaml works
     too): its reward_model, data (data.eval, else data.train), generation, gold judge, seed, precision and
     monitor n-gram. An option given explicitly wins."""
+    try:  # a policy that is not there is a usage error (exit 2), like any missing input
+        resolve_model_dir(str(policy))
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     data_fields: dict[str, object] = {}
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3

@@ -331,7 +331,7 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
     # a policy path that is not there, and a temperature the help says must be > 0: one line each
     res = run_cli("eval", str(tmp_path / "gone"), "--reward-model", str(root / "rm"), "--prompts",
                   str(TINY / "data" / "eval_prompts.jsonl"))
-    assert res.returncode == 1 and f"model {tmp_path / 'gone'}: no such file or directory" in res.stderr, res.stderr
+    assert res.returncode == 2 and f"model {tmp_path / 'gone'}: no such file or directory" in res.stderr, res.stderr
     res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
                   str(TINY / "data" / "eval_prompts.jsonl"), "--temperature", "0")
     assert res.returncode == 2 and "temperature: Input should be greater than 0 (got 0.0)" in res.stderr, res.stderr
@@ -339,8 +339,12 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
     res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
-    res = run_cli("report", str(tmp_path / "nowhere"))
-    assert res.returncode != 0 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    # missing inputs are usage errors (exit 2), one line each
+    for args in (["report", str(tmp_path / "nowhere")], ["bench", "trace", str(tmp_path / "no.json.gz")],
+                 ["eval", str(root / "ppo-max"), "--prompts", str(tmp_path / "no.jsonl")],
+                 ["eval", str(root / "ppo-max"), "--config", str(tmp_path / "no.yaml")]):
+        res = run_cli(*args)
+        assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr, args
 
 
 def test_pipeline_dry_run_validates_every_stage(tmp_path):
