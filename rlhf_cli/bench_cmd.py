@@ -347,6 +347,11 @@ def bench_trace_cmd(
         table.add_row(name, str(p["count"]), f"{p['host_ms']:.2f}", f"{p['gpu_ms']:.2f}", f"{p['span_ms']:.2f}",
                       f"{p['busy']:.0%}" if p["span_ms"] else "-")
     out.print(table)
+    if not summary["phases"]:
+        out.print("no rlhf.* ranges in this trace: they mark the phases of a PPO iteration (rlhf ppo, bench ppo); "
+                  "an SFT or reward-model step has none")
+    if not summary["gpu_events"]:
+        out.print("no GPU events: a trace taken on the CPU")
     if summary["top_kernels"]:
         kernels = Table(title=f"top {len(summary['top_kernels'])} GPU kernels")
         for col in ("kernel", "range", "count", "ms", "share"):

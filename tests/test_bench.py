@@ -749,6 +749,12 @@ def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "rlhf.sampling" in r.stdout and "9 GPU events" in r.stdout and "gemm" in r.stdout
     assert json.loads((tmp_path / "s.json").read_text())["phases"]["rlhf.score"]["busy"] == 1.0
+    assert "no rlhf.* ranges" not in r.stdout and "no GPU events" not in r.stdout
+    # an SFT step's CPU trace: no ranges of ours, no GPU work, and it says so rather than print empty tables
+    cpu_only = [e for e in _trace_events() if e["cat"] == "cpu_op"]
+    trace.write_bytes(gzip.compress(json.dumps({"traceEvents": cpu_only}).encode()))
+    r = _rlhf("bench", "trace", str(trace), cwd=tmp_path)
+    assert r.returncode == 0 and "no rlhf.* ranges in this trace" in r.stdout and "no GPU events" in r.stdout
     (tmp_path / "bad.json").write_text("{")
     r = _rlhf("bench", "trace", "bad.json", cwd=tmp_path)
     assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr

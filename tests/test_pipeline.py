@@ -275,6 +275,7 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
     cfg["data"].update(train=str(tmp_path / "gone.jsonl"), eval=None)
     write_yaml(tmp_path / "ppo.yaml", cfg)
     prompts = TINY / "data" / "eval_prompts.jsonl"
+    (tmp_path / "policy").mkdir()
     s = eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts)
     assert (s.reward_model, s.data.train.path) == ("some/rm", str(prompts))
     with pytest.raises(ConfigError, match="reward_model.name_or_path: path does not exist: .*gone-rm"):
