@@ -104,16 +104,25 @@ def test_plan_wires_paths_and_names_runs(tmp_path):
         _pipeline_cfg(tmp_path, ppo_runs=[{"name": "a"}, {"name": "a"}])
 
 
-def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
-    import shutil
-
+@pytest.fixture
+def fake_stages(monkeypatch) -> list[list[str]]:
+    """The pipeline's stage processes and hand-off checks replaced: the command lines it would run."""
     import stages.pipeline as pl
-    from rich.console import Console
 
     calls: list[list[str]] = []
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
     monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
     monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
+    return calls
+
+
+def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_stages):
+    import shutil
+
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls = fake_stages
     cfg = _pipeline_cfg(tmp_path)
     root = tmp_path / "runs"
     (root / "sft" / "final").mkdir(parents=True)
@@ -150,14 +159,11 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch):
 
 
 def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_retrains_the_later_ones(
-        tmp_path, monkeypatch):
+        tmp_path, fake_stages):
     import stages.pipeline as pl
     from rich.console import Console
 
-    calls: list[list[str]] = []
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
-    monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
-    monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
+    calls = fake_stages
     cfg = _pipeline_cfg(tmp_path)
     root = tmp_path / "runs"
     trained = {"seed": 1, "output_dir": "a", "train": {"lr": 1e-4, "save_every": 5}}
