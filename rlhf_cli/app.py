@@ -364,7 +364,7 @@ def pipeline(
                                         "(their old output is replaced).", show_default="off")] = False,
     allow_config_change: Annotated[bool, typer.Option(
         "--allow-config-change", help="Let a partial stage resume although its config or process count changed "
-        "(passed on to the stage).", show_default="off")] = False,
+        "(passed on to the stage), and keep a complete stage whose config changed.", show_default="off")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
@@ -394,7 +394,7 @@ def pipeline(
         if dry_run:
             out.print("dry run: every config is valid; nothing trained")
             return
-        run_pipeline(cfg, launch, force, out, resolved)
+        run_pipeline(cfg, launch, force, out, resolved, allow_config_change)
     except RlhfError as exc:
         fail(exc, debug)
 

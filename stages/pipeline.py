@@ -209,12 +209,13 @@ def stage_config_changes(out: Path, resolved: str | None) -> list[str]:
 
 
 def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
-                 resolved: dict[str, str] | None = None) -> dict[str, Any]:
+                 resolved: dict[str, str] | None = None, allow_changes: bool = False) -> dict[str, Any]:
     """Run every stage (skipping complete ones unless `force`), then eval, report and the summary.
 
     `resolved` (a stage's label -> the config it resolves to now) lets a complete stage whose config changed
-    since it ran be refused rather than silently reused. Once SFT or the reward model is (re)trained, every
-    later stage is trained afresh: its output, complete or partial, came from the old one."""
+    since it ran be refused rather than silently reused (reused with a warning when `allow_changes`: e.g. keys
+    a newer rlhf added). Once SFT or the reward model is (re)trained, every later stage is trained afresh: its
+    output, complete or partial, came from the old one."""
     runs = plan(cfg)
     root = Path(cfg.output_dir)
     sft = root / "sft"
@@ -229,11 +230,15 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
         fresh = force or upstream_retrained
         if done and not fresh:
             changes = stage_config_changes(run.out, (resolved or {}).get(run.label))
-            if changes:
-                shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+            if changes and not allow_changes:
                 raise RlhfError(f"pipeline: stage {run.label} is complete in {run.out}, but its config has changed "
                                 f"since it was trained ({shown}); delete {run.out} to retrain it (the stages after "
-                                "it are retrained too), or --force to retrain every stage")
+                                "it are retrained too), --force to retrain every stage, or --allow-config-change to "
+                                "keep it")
+            if changes:
+                console.print(f"[yellow]{run.label}: kept although its config changed (--allow-config-change): "
+                              f"{shown}[/]")
             console.print(f"complete output in {run.out}: skipped (--force reruns it)")
             continue
         if upstream_retrained and not force and run.out.exists() and any(run.out.iterdir()):

@@ -181,6 +181,8 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     with pytest.raises(pl.RlhfError, match=r"stage rm is complete in .*, but its config has changed since it was "
                                            r"trained \(train.lr: 0.0001 -> 0.0003\)"):
         pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now, allow_changes=True)  # kept, with a warning
+    assert calls == [] and "rm: kept although its config changed" in (tmp_path / "log.txt").read_text()
     # the RM deleted and retrained: the complete PPO run came from the old one, so it is trained afresh
     import shutil
 
