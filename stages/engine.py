@@ -139,21 +139,16 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
                           "true/false form is not supported); set deepspeed.zero_stage in the YAML")
     for path, (owner, read) in OWNED_KEYS.items():
         *parents, leaf = path.split(".")
-        raw_at, ours = raw, config
-        for key in parents:
-            raw_at, ours = raw_at.get(key), ours.get(key, {})
-            if not isinstance(raw_at, dict):
-                break
-        else:
-            if leaf not in raw_at:
-                continue
-            try:
-                same = read(raw_at[leaf]) == ours.get(leaf)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
-            if not same:
-                raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "
-                                  f"{ours.get(leaf)!r}; set it in the YAML instead")
+        raw_at, ours = json_section(raw, parents), json_section(config, parents)
+        if leaf not in raw_at:
+            continue
+        try:
+            same = read(raw_at[leaf]) == ours.get(leaf)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
+        if not same:
+            raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "
+                              f"{ours.get(leaf)!r}; set it in the YAML instead")
     for key, owner in OFFLOAD_ALIASES.items():
         if key in zero_raw:
             raise ConfigError(f"deepspeed.config sets zero_optimization.{key}, DeepSpeed's old spelling of offload; "
@@ -174,11 +169,22 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
                               f"{config['zero_optimization']['stage']})")
 
 
+def json_section(tree: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The mapping at `keys` inside `tree`; {} where a key is missing or holds no mapping."""
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree.get(key), dict) else {}
+    return tree
+
+
+def accumulation_dtype(raw: dict[str, Any]) -> Any:
+    """A raw DeepSpeed JSON's data_types.grad_accum_dtype as written (None when unset)."""
+    return json_section(raw, ["data_types"]).get("grad_accum_dtype")
+
+
 def check_accumulation_dtype(raw: dict[str, Any], ds: DeepSpeedConfig) -> None:
     """data_types.grad_accum_dtype must be one of DeepSpeed's spellings, and other than the training precision
     only from ZeRO-1 on (DeepSpeed raises at engine start otherwise)."""
-    types = raw.get("data_types", {})
-    accum = types.get("grad_accum_dtype") if isinstance(types, dict) else None
+    accum = accumulation_dtype(raw)
     if accum is None:
         return
     if accum not in ACCUM_DTYPES:

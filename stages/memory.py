@@ -141,11 +141,11 @@ class ZeroTuning(NamedTuple):
 
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
     """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
-    from stages.engine import ACCUM_DTYPES, as_bool, load_raw_deepspeed
+    from stages.engine import ACCUM_DTYPES, accumulation_dtype, as_bool, json_section, load_raw_deepspeed
 
     raw = load_raw_deepspeed(ds.config)
-    zero = raw.get("zero_optimization") if isinstance(raw.get("zero_optimization"), dict) else {}
-    accum = raw["data_types"].get("grad_accum_dtype") if isinstance(raw.get("data_types"), dict) else None
+    zero = json_section(raw, ["zero_optimization"])
+    accum = accumulation_dtype(raw)
     default = ZeroTuning()
     overlap = zero.get("overlap_comm")
     return ZeroTuning(int(float(zero.get("reduce_bucket_size", default.reduce_bucket))),

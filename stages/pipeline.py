@@ -241,10 +241,10 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
                               f"{shown}[/]")
             console.print(f"complete output in {run.out}: skipped (--force reruns it)")
             continue
-        if upstream_retrained and not force and run.out.exists() and any(run.out.iterdir()):
+        earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run
+        if earlier and upstream_retrained and not force:
             console.print(f"an earlier stage was retrained: {run.out} is trained afresh")
-        resume = run.out.exists() and not fresh and any(run.out.iterdir())
-        cmd = stage_command(run, launch, resume=resume, overwrite=fresh)
+        cmd = stage_command(run, launch, resume=earlier and not fresh, overwrite=fresh)
         upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
         code = call_forwarding_signals(cmd)
         if code != 0:
