@@ -429,6 +429,9 @@ _PARTITION = ["gradient partition", "reduce bucket"]
     (dict(zero_stage=1, precision="fp32"), {"weights": 4000, "optimizer": 6000, "gradients": 4000,
                                             "reduce bucket": 400, "gradient partition": 2000, "fp32 gradients": 2000},
      ["gradients"], {"backward": ["reduce bucket"], "all-reduce": _PARTITION, "step": ["fp32 gradients"]}),
+    # no contiguous gradient buffer: no reduce bucket
+    (dict(zero_stage=2, config={"zero_optimization": {"reduce_bucket_size": 100, "contiguous_gradients": "false"}}),
+     {"weights": 2000, "optimizer": 6000, "gradients": 1000, **_STEP}, ["gradients"], {"step": _ZERO12}),
     (dict(zero_stage=2, offload_optimizer=True), {"weights": 2000, "optimizer": 0, "gradients": 0,
                                                    "reduce bucket": 200, "offload staging buffer": 600},
      ["gradients"], {"backward": ["reduce bucket"]}),
