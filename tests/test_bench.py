@@ -134,12 +134,14 @@ def test_bench_generate_times_the_fused_path_and_reports_its_failure(bench_dir, 
 
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
     cfg, ppo, root = _setup(None, bench_dir / "tiny.yaml", 1, 0, [])
-    r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
+    r = first = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["fused"]["compile_sampling"] and r["fused"]["tokens"] == 8 * 16 and "sampling_share" not in r["fused"]
     assert not r["static"]["compile"] and "fused_speedup" not in r  # compiled against eager says nothing
     cfg, ppo, root = _setup(None, bench_dir / "tiny.yaml", 1, 0, ["ppo.generation.compile=true"])
     r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["static"]["compile"] and not r["static"]["compile_sampling"]
+    # compiled: the sampling work's top-p floor is searched; eager mode's sort timed beside it (not uncompiled above)
+    assert r["sampling"]["seconds_per_step_sorted"] > 0 and "seconds_per_step_sorted" not in first["sampling"]
     assert r["fused_speedup"] == pytest.approx(r["static"]["seconds"] / r["fused"]["seconds"])
 
     def broken(*args, **kwargs):

@@ -43,6 +43,9 @@ from stages.ppo.rollout import (
     Rollout,
     left_pad,
     logprob_temperature,
+    nucleus_floor,
+    nucleus_floor_searched,
+    nucleus_floor_sorted,
     process_logits,
     repetition_rate,
     response_lists,
@@ -178,6 +181,68 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p(top_p, kept):
     out = process_logits(z, _none(z), _gen(top_p=top_p))
     assert _kept(out) == kept
     assert torch.equal(out[torch.isfinite(out)], z[torch.isfinite(out)])  # survivors keep their score
+
+
+#: probabilities with hand-known top-p floors: row 0 cumulative 0.5, 0.8, 0.95, 1; row 1 a three-way tie at 0.2
+#: after 0.4; row 2 uniform
+FLOOR_ROWS = [[0.5, 0.3, 0.15, 0.05], [0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]]
+
+
+@pytest.mark.parametrize("floor", [nucleus_floor_sorted, nucleus_floor_searched])
+@pytest.mark.parametrize("top_p, expected", [
+    (0.3, [0.5, 0.4, 0.25]),  # the top token alone reaches 0.3 (row 2: one of the tied four, all four kept)
+    (0.5, [0.5, 0.2, 0.25]),  # row 0: 0.5 reaches 0.5 exactly; row 1: 0.4 < 0.5, the tie at 0.2 is needed
+    (0.7, [0.3, 0.2, 0.25]),
+    (0.9, [0.15, 0.2, 0.25]),
+    (0.99, [0.05, 0.2, 0.25]),
+])
+def test_nucleus_floor_is_the_least_probability_of_the_smallest_set_reaching_p(floor, top_p, expected):
+    probs = torch.tensor(FLOOR_ROWS)
+    assert torch.equal(floor(probs, top_p), torch.tensor(expected)[:, None])
+
+
+def test_top_p_keeps_or_drops_tokens_tied_at_the_edge_together():
+    # [0.4, 0.2, 0.2, 0.2], top-p 0.5: 0.4 is not enough and the second token ranked could be any of the three
+    # tied ones; a sort keeping exactly one of them would pick by the sort's order (not stable on a GPU)
+    z = torch.tensor([FLOOR_ROWS[1]]).log()
+    assert _kept(process_logits(z, _none(z), _gen(top_p=0.5))) == [[0, 1, 2, 3]]
+    assert _kept(process_logits(z, _none(z), _gen(top_p=0.3))) == [[0]]
+
+
+def _mass_decided_apart(probs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B] the probability of the tokens that floors `a` and `b` [B, 1] keep or drop differently."""
+    low, high = torch.minimum(a, b), torch.maximum(a, b)
+    return torch.where((probs >= low) & (probs < high), probs, 0).sum(-1)
+
+
+def test_nucleus_floor_by_search_equals_the_sorted_one_up_to_summation_rounding_eager_and_compiled():
+    """bf16 logits (a model's) tie often: rows of several widths, flat and peaked, at several p. The two floors
+    sum the same probabilities in different orders, so where S(v) passes top_p within rounding they may cut a
+    few tokens apart: those may hold 1e-5 of probability at most, and most rows agree exactly. Compiled
+    (inductor, as generation.compile runs it) on rows as wide as Qwen2.5's vocabulary, and process_logits with
+    generation.compile then keeps the same tokens as without, up to the same few."""
+    g = torch.Generator().manual_seed(0)
+    rows_apart = rows_total = 0
+    for vocab, rows in ((7, 64), (97, 32), (5000, 16), (151936, 4)):
+        for scale in (0.1, 1.0, 3.0, 10.0):
+            probs = torch.softmax((torch.randn(rows, vocab, generator=g) * scale).to(torch.bfloat16).float(), -1)
+            for top_p in (0.1, 0.5, 0.9, 0.999):
+                sorted_, searched = nucleus_floor_sorted(probs, top_p), nucleus_floor_searched(probs, top_p)
+                assert _mass_decided_apart(probs, sorted_, searched).max() <= 1e-5, (vocab, scale, top_p)
+                rows_apart += int((sorted_ != searched).sum())
+                rows_total += rows
+    assert rows_apart <= rows_total // 100, (rows_apart, rows_total)
+    z = (torch.randn(8, 151936, generator=g) * 2).to(torch.bfloat16)
+    probs = torch.softmax(z.float() / 0.7, -1)
+    compiled = nucleus_floor(probs, 0.9, compiled=True)
+    assert _mass_decided_apart(probs, nucleus_floor_sorted(probs, 0.9), compiled).max() <= 1e-5
+    settings = dict(temperature=0.7, top_p=0.9, cache="static")
+    plain = process_logits(z, _none(z), GenerationConfig(**settings))
+    fast = process_logits(z, _none(z), GenerationConfig(**settings, compile=True))
+    assert torch.equal(fast[torch.isfinite(fast)], plain[torch.isfinite(fast)])  # survivors keep their score
+    apart = torch.isfinite(fast) != torch.isfinite(plain)
+    assert torch.where(apart, probs, 0).sum(-1).max() <= 1e-5
+    assert 0 < torch.isfinite(plain).sum() < plain.numel()  # the nucleus cut something and kept something
 
 
 def test_penalty_comes_before_top_k():

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stages.config import GenerationConfig
 from stages.distributed import all_reduce_max
+from stages.ppo import decode
 from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
 from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import positions_from_mask
@@ -82,12 +83,14 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationC
        z -> z * p where z <= 0;
     2. temperature T: z -> z / T;
     3. top-k: all but the k largest scores -> -inf (k = 0: off);
-    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one).
+    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (at least one), and every
+       token as likely as the least likely of them (`nucleus_floor`: ties at the edge are all kept or all
+       dropped, whatever order a sort would put them in).
 
     The penalty reads and writes only the [B, t] generated positions (gather, then scatter: a token generated
     twice gets the same penalised value written twice), not the whole [B, V] scores; the float32 copy, the
-    temperature, top-k's threshold and fill and top-p's sort and nucleus bookkeeping each pass over them. No
-    host sync."""
+    temperature, top-k's threshold and fill and top-p's softmax, floor and fill each pass over them (the floor:
+    a sort in eager mode, 10 fused passes when compiled, see `nucleus_floor`). No host sync."""
     z = logits.to(torch.float32, copy=True)
     if vocab_size is not None:
         z[:, vocab_size:] = float("-inf")
@@ -104,13 +107,65 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationC
         kth = torch.topk(z, gen.top_k, dim=-1).values[:, -1:]
         z.masked_fill_(z < kth, float("-inf"))
     if gen.top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # probability mass of the tokens ranked above
-        drop_sorted = before >= gen.top_p
-        # `order` is a permutation of the columns: the scatter writes every entry, nothing to zero first
-        z.masked_fill_(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), float("-inf"))
+        probs = torch.softmax(z, dim=-1)
+        z.masked_fill_(probs < nucleus_floor(probs, gen.top_p, getattr(gen, "compile", False)), float("-inf"))
     return z
+
+
+def nucleus_floor_sorted(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p floor [B, 1] of probabilities [B, V] by a sort (eager mode's way, and the reference): with the row
+    sorted descending, s_1 >= s_2 >= ..., the floor is s_k for the smallest k whose mass s_1 + ... + s_k reaches
+    top_p, i.e. k = #{j : s_1 + ... + s_(j-1) < top_p} (at least 1)."""
+    ranked = torch.sort(probs, dim=-1, descending=True).values
+    before = torch.cumsum(ranked, dim=-1) - ranked  # probability mass of the tokens ranked above
+    return ranked.gather(1, (before < top_p).sum(-1, keepdim=True) - 1)
+
+
+#: `nucleus_floor_searched` splits its interval 2^FLOOR_BITS ways per pass; probabilities lie in [0, 1], whose
+#: float32 bit patterns are the integers 0 ... 0x3F800000 < 2^30, so 30 / FLOOR_BITS passes (rounded up) pin it
+FLOOR_BITS = 3
+
+
+def nucleus_floor_searched(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The same floor without a sort: v* = max{v : S(v) >= top_p}, S(v) = sum of the probabilities >= v. S falls as
+    v grows, so v* is found by a search over the float32 bit patterns of v (non-negative floats order as their
+    bits do as integers): lo := 0 (S = 1, or all of it that rounding leaves: every token kept), hi := max + 1 ulp
+    (S = 0), and each pass computes S at 2^FLOOR_BITS - 1 cuts c_j = lo + floor((hi - lo) j / 2^FLOOR_BITS) in one
+    masked sum over [B, V, cuts], then lo := the last cut reaching top_p, hi := the first not reaching it. The
+    interval shrinks from L to at most ceil(L / 2^FLOOR_BITS), so after the passes hi = lo + 1 and lo = v*.
+    v* is a probability of the row and S(v*) the mass of the tokens ranked down to it: the floor of
+    `nucleus_floor_sorted`, up to the rounding of the two ways of summing (tests/test_ppo_units.py bounds what
+    that can move). Compiled, a pass is one fused kernel over data that stays in cache (10 passes here; a plain
+    bisection's 30 took 2.5x as long to compile on a CPU); eager, it builds the [B, V, cuts] tensor: for tests."""
+    ways = 1 << FLOOR_BITS
+    lo = torch.zeros(probs.shape[0], 1, dtype=torch.int32, device=probs.device)
+    hi = probs.amax(-1, keepdim=True).view(torch.int32) + 1
+    fractions = torch.arange(1, ways, device=probs.device)
+    for _ in range(-(-30 // FLOOR_BITS)):
+        cuts = (lo + (hi - lo).long() * fractions // ways).int()  # [B, ways - 1], ascending
+        masses = torch.where(probs[:, :, None] >= cuts.view(torch.float32)[:, None, :], probs[:, :, None], 0).sum(1)
+        reaching = (masses >= top_p).sum(-1, keepdim=True)  # S falls as the cut rises: the first `reaching` cuts
+        lo = torch.where(reaching > 0, cuts.gather(1, (reaching - 1).clamp(min=0)), lo)
+        hi = torch.where(reaching < ways - 1, cuts.gather(1, reaching.clamp(max=ways - 2)), hi)
+    return lo.view(torch.float32)
+
+
+#: `nucleus_floor_searched` compiled, per compile backend (tests swap decode.COMPILE_BACKEND)
+_COMPILED_FLOOR: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {}
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: float, compiled: bool) -> torch.Tensor:
+    """The top-p floor [B, 1]: every token at least this likely is kept. Inside a compiled function (the decoding
+    step with the sampling inside) and with `compiled` (generation.compile: the sampling of the compiled static
+    path) by a search, compiled (`nucleus_floor_searched`); else by a sort (`nucleus_floor_sorted`)."""
+    if torch.compiler.is_compiling():
+        return nucleus_floor_searched(probs, top_p)
+    if not compiled:
+        return nucleus_floor_sorted(probs, top_p)
+    backend = decode.COMPILE_BACKEND
+    if backend not in _COMPILED_FLOOR:
+        _COMPILED_FLOOR[backend] = torch.compile(nucleus_floor_searched, dynamic=False, backend=backend)
+    return _COMPILED_FLOOR[backend](probs, top_p)
 
 
 def choose_tokens(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig | SamplingParams,
