@@ -70,7 +70,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 for part in "${parts[@]}"; do
   case $part in
     tests)  # the fast path against its references on the GPU (CUDA graphs, bf16, a DeepSpeed engine's steps)
-      step tests 200 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
+      step tests 200 python3 -m pytest -q -rP -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
     cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers (not the slow two-process one: its
                 # first DeepSpeed CPU collective JIT-builds an op, minutes of a short lease)
       step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_fastpath.py tests/test_ppo_units.py ;;

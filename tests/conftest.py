@@ -121,6 +121,17 @@ def run_cli(
     )
 
 
+def invoke_cli(*args: str) -> Any:
+    """`rlhf ARGS...` in this interpreter (typer's CliRunner: exit_code, stdout, stderr), for the commands that
+    stop before any work (dry runs, refused arguments): the same code without a fresh interpreter's seconds
+    of imports. `run_cli` where the process itself matters (one error line, no traceback, signals)."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.app import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
 TINY_DIR = REPO / "configs" / "tiny"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_SFT, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, TINY_SFT, invoke_cli, run_cli, tiny_sft_dict, write_yaml
 from rlhf_cli.config_loader import apply_override, load_config, parse_override
 from stages.errors import ConfigError
 
@@ -180,22 +180,24 @@ def test_world_size_counts_processes_as_deepspeeds_runner_does(tmp_path):
 def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o")
     assert res.returncode == 0 and "this process (single rank, no launcher)" in res.stdout
+
+    def dry_run(*args: str):  # the rest in this interpreter
+        return invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", *args, "--set", f"output_dir={tmp_path}/o")
+
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=8\nnode-b slots=8  # second node\n")
-    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(hostfile), "--num-nodes", "2",
-                  "--set", f"output_dir={tmp_path}/o")
-    assert res.returncode == 0, res.stderr
+    res = dry_run("--hostfile", str(hostfile), "--num-nodes", "2")
+    assert res.exit_code == 0, res.output
     assert f"--hostfile {hostfile} --num_nodes 2 --log_level warning --no_local_rank" in res.stdout
-    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-nodes", "2", "--set", f"output_dir={tmp_path}/o")
-    assert res.returncode == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
+    res = dry_run("--num-nodes", "2")
+    assert res.exit_code == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
     hostfile.write_text("node-a slots=8\nnode-b slots=0\n")
-    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(hostfile), "--set",
-                  "deepspeed.zero_stage=2", "--set", f"output_dir={tmp_path}/o")
-    assert res.returncode == 2 and f"{hostfile} line 2: slots must be at least 1, got 'slots=0'" in res.stderr
+    res = dry_run("--hostfile", str(hostfile), "--set", "deepspeed.zero_stage=2")
+    assert res.exit_code == 2 and f"{hostfile} line 2: slots must be at least 1, got 'slots=0'" in res.stderr
     # a raw deepspeed.config that contradicts the YAML: caught by the dry run as by the real run
-    res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", "deepspeed.config={train_batch_size: 7}",
-                  "--set", f"output_dir={tmp_path}/o")
-    assert res.returncode == 2 and "deepspeed.config sets train_batch_size=7" in res.stderr, res.stderr
+    res = dry_run("--set", "deepspeed.config={train_batch_size: 7}")
+    assert res.exit_code == 2 and "deepspeed.config sets train_batch_size=7" in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args", [["--help"], ["sft", "--help"], ["env", "--help"]])

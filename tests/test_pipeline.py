@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, write_yaml
+from conftest import REPO, invoke_cli, run_cli, write_yaml
 from stages import toydata
 from stages.errors import CheckpointError
 
@@ -348,12 +348,12 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
     res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
-    # missing inputs are usage errors (exit 2), one line each
+    # missing inputs are usage errors (exit 2), one line each (in this interpreter: typer's own check)
     for args in (["report", str(tmp_path / "nowhere")], ["bench", "trace", str(tmp_path / "no.json.gz")],
                  ["eval", str(root / "ppo-max"), "--prompts", str(tmp_path / "no.jsonl")],
                  ["eval", str(root / "ppo-max"), "--config", str(tmp_path / "no.yaml")]):
-        res = run_cli(*args)
-        assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr, args
+        res = invoke_cli(*args)
+        assert res.exit_code == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr, args
 
 
 def test_pipeline_dry_run_validates_every_stage(tmp_path):
@@ -363,14 +363,14 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     bad = yaml.safe_load((TINY / "pipeline.yaml").read_text())
     bad.update(sft={"config": str(TINY / "sft.yaml"), "set": ["train.lr=-1"]}, rm={"config": str(TINY / "rm.yaml")},
                ppo={"config": str(TINY / "ppo.yaml")})
-    res = run_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")
-    assert res.returncode == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")  # in-process
+    assert res.exit_code == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
     assert f"pipeline {tmp_path / 'p.yaml'}, stage sft ({TINY / 'sft.yaml'} with the pipeline's overrides)" in res.stderr
     # a stage's set: path is relative to the pipeline file (here beside it), wherever the pipeline runs from
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "prompts.jsonl").write_text((TINY / "data" / "prompts.jsonl").read_text())
     good = dict(bad, sft={"config": str(TINY / "sft.yaml")},
                 ppo_runs=[{"name": "p", "set": ["data.train=mine/prompts.jsonl", "model.dtype=float32"]}])
-    res = run_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", good)), "--dry-run")
-    assert res.returncode == 0, res.stderr
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", good)), "--dry-run")
+    assert res.exit_code == 0, res.output
     assert f"--set data.train={tmp_path / 'mine' / 'prompts.jsonl'} --set model.dtype=float32" in res.stdout

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli, write_yaml
+from conftest import REPO, invoke_cli, run_cli, write_yaml
 from stages.metrics import read_metrics
 
 TINY_PPO = REPO / "configs" / "tiny" / "ppo.yaml"
@@ -189,14 +189,15 @@ def test_rm_init_critic_reads_the_reward_model_and_conflicting_preset_flags_are_
     cfg = ppo_dict(tmp_path, stages_dir)
     res = run_cli("ppo", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), "--ppo-max", "--preset", "vanilla")
     assert res.returncode == 2 and "--ppo-max contradicts --preset vanilla" in res.stderr
-    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--preset", "moss-release")
-    assert res.returncode == 0
+    # dry runs in this interpreter
+    res = invoke_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--preset", "moss-release")
+    assert res.exit_code == 0, res.output
     assert "reward_scaling: true" in res.stdout and "kl_coef: 0.01" in res.stdout
-    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--reward-scaling", "--reward-norm")
-    assert res.returncode == 2 and "reward_scaling and reward_norm are alternatives" in res.stderr
+    res = invoke_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--reward-scaling", "--reward-norm")
+    assert res.exit_code == 2 and "reward_scaling and reward_norm are alternatives" in res.stderr
     # an explicit flag wins over the preset: scaling instead of PPO-max's normalisation
-    res = run_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--ppo-max", "--reward-scaling")
-    assert res.returncode == 0, res.stderr
+    res = invoke_cli("ppo", "--config", str(tmp_path / "c.yaml"), "--dry-run", "--ppo-max", "--reward-scaling")
+    assert res.exit_code == 0, res.output
     assert "reward_scaling: true" in res.stdout and "reward_norm: false" in res.stdout
 
 
