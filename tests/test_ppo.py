@@ -185,7 +185,27 @@ def test_monitor_warns_and_vetoes_best_then_stop_saves_and_exits(tmp_path, stage
     assert (out / "checkpoint-00000001" / "COMPLETE").is_file() and not (out / "final").exists()
 
 
-def test_rm_init_critic_reads_the_reward_model_and_conflicting_preset_flags_are_refused(tmp_path, stages_dir):
+def test_critic_init_reward_model_values_a_sequence_as_the_reward_model_scores_it(tmp_path, stages_dir):
+    """critic_init: reward_model (the PPO-max default) starts the critic as the RM itself: its value at a
+    sequence's last token is the RM's reward for the sequence (and not a zero head: critic_init policy)."""
+    from rlhf_cli.config_loader import load_config
+    from stages.models import load_tokenizer, resolve_model_dir
+    from stages.ppo.models import build_critic, build_reward
+
+    cfg = load_config("ppo", write_yaml(tmp_path / "c.yaml", ppo_dict(tmp_path, stages_dir)))
+    assert cfg.ppo.critic_init == "reward_model"
+    tok = load_tokenizer(resolve_model_dir(cfg.reward_model.name_or_path))
+    critic = build_critic(cfg, tok, tok, {}).eval()
+    reward = build_reward(cfg.reward_model, tok, cfg.deepspeed.precision, {}, cfg.seed).eval()
+    ids = torch.tensor([tok.encode("Human: how do I bake bread? Assistant: mix flour and water.")])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        values, (rewards, _) = critic(ids, mask), reward(ids, mask)
+    assert values.shape == ids.shape and rewards[0] != 0
+    assert values[0, -1].item() == pytest.approx(rewards[0].item(), rel=1e-5, abs=1e-6)
+
+
+def test_conflicting_preset_flags_are_refused(tmp_path, stages_dir):
     cfg = ppo_dict(tmp_path, stages_dir)
     res = run_cli("ppo", "--config", str(write_yaml(tmp_path / "c.yaml", cfg)), "--ppo-max", "--preset", "vanilla")
     assert res.returncode == 2 and "--ppo-max contradicts --preset vanilla" in res.stderr
