@@ -296,14 +296,17 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
         for cache in caches:
             results[cache]["gap"] = results[cache]["seconds"] / floor.seconds
     vocab = model.get_output_embeddings().weight.shape[0]
-    draw = time_draw(ppo_cfg.generation, ids.shape[0], vocab, len(tok), cfg.workload.new_tokens, dtype, device,
-                     cfg.warmup + cfg.iterations)
+
+    def per_step(gen: Any) -> float:  # one decoding step's sampling work with these settings
+        return time_draw(gen, ids.shape[0], vocab, len(tok), cfg.workload.new_tokens, dtype, device,
+                         cfg.warmup + cfg.iterations)
+
+    draw = per_step(ppo_cfg.generation)
     results["sampling"] = {"seconds_per_step": draw, "logits_shape": [ids.shape[0], vocab]}
     if ppo_cfg.generation.compile and ppo_cfg.generation.top_p < 1.0:  # its top-p floor searched, compiled: the
         #                                                                 same work with eager mode's sort beside it
-        eager = ppo_cfg.generation.model_copy(update={"compile": False})
-        results["sampling"]["seconds_per_step_sorted"] = time_draw(
-            eager, ids.shape[0], vocab, len(tok), cfg.workload.new_tokens, dtype, device, cfg.warmup + cfg.iterations)
+        results["sampling"]["seconds_per_step_sorted"] = per_step(
+            ppo_cfg.generation.model_copy(update={"compile": False}))
     for cache in caches:
         if cache != "fused":  # its sampling work runs inside the compiled step
             results[cache]["sampling_share"] = draw * cfg.workload.new_tokens / results[cache]["seconds"]

@@ -199,11 +199,13 @@ def stage_config_changes(out: Path, resolved: str | None) -> list[str]:
 
     from stages.checkpoint import config_changes
 
+    if resolved is None:
+        return []
     try:
         before = yaml.safe_load((out / "resolved_config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
-    if resolved is None or not isinstance(before, dict):
+    if not isinstance(before, dict):
         return []
     return config_changes(before, yaml.safe_load(resolved))
 

@@ -121,15 +121,24 @@ def run_cli(
     )
 
 
-def invoke_cli(*args: str) -> Any:
-    """`rlhf ARGS...` in this interpreter (typer's CliRunner: exit_code, stdout, stderr), for the commands that
-    stop before any work (dry runs, refused arguments): the same code without a fresh interpreter's seconds
-    of imports. `run_cli` where the process itself matters (one error line, no traceback, signals)."""
+def invoke_cli(*args: str, width: int = 200) -> Any:
+    """`rlhf ARGS...` in this interpreter (typer's CliRunner: exit_code, stdout, stderr, output) on a terminal
+    `width` columns wide, for the commands that stop before any work (dry runs, refused arguments): the same
+    code without a fresh interpreter's seconds of imports. `run_cli` where the process itself matters (one
+    error line, no traceback, signals)."""
     from typer.testing import CliRunner
 
     from rlhf_cli.app import app
 
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": str(width)}, terminal_width=width)
+
+
+def mass_decided_apart(probs: Any, a: Any, b: Any) -> Any:
+    """[B] the probability of the tokens that top-p floors `a` and `b` [B, 1] keep or drop differently."""
+    import torch
+
+    low, high = torch.minimum(a, b), torch.maximum(a, b)
+    return torch.where((probs >= low) & (probs < high), probs, 0).sum(-1)
 
 
 TINY_DIR = REPO / "configs" / "tiny"

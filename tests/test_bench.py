@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from stages.config import DeepSpeedConfig, TrainConfig
 from stages.memory import trained_model
 from rlhf_cli.bench_cmd import bench_config
@@ -369,38 +369,33 @@ def test_doctests_of_the_perf_arithmetic():
 
 
 def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
-    from typer.testing import CliRunner
-
-    from rlhf_cli.app import app
-
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100"], terminal_width=200)
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "H100")
     assert r.exit_code == 0, r.output
     floors = workload_floors(bench_config("w1", None, None, None, []), 1, torch.bfloat16, 989.4, 3.35)
     assert f"{floors['iteration'].seconds:.4f}" in r.output and f"{floors['generation'].seconds:.4f}" in r.output
     assert floors["generation"].bound == "bandwidth" and floors["policy_update"].bound == "flops"
     assert 0.15 < floors["iteration"].seconds < 0.25  # W1 on an H100: ~0.19 s, 5x under issue 6's 1 s target
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "cpu"])
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "cpu")
     assert r.exit_code == 2 and "give --gpu (A100" in r.output and "peak_bandwidth_tbs" in r.output
     # the ppo: section is validated as `rlhf bench ppo` would, though nothing is built
     for bad, said in (("ppo.ppo.ppo_epochs=0", "ppo.ppo_epochs: Input should be greater than or equal to 1"),
                       ("ppo.train.typo=1", "unknown key 'train.typo'"),
                       ("ppo.deepspeed.precision=fp8", "deepspeed.precision: Input should be 'fp32', 'bf16' or 'fp16'")):
-        r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", "--set", bad],
-                               terminal_width=400)
+        r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "H100", "--set", bad, width=400)
         assert r.exit_code == 2 and said in " ".join(r.output.split()) and "keys below are under ppo:" in r.output, r.output
     # the config's peaks price it without --gpu, and --gpu wins over them
     peaks = ["--set", "peak_tflops=100", "--set", "peak_bandwidth_tbs=1"]
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", *peaks], terminal_width=200)
+    r = invoke_cli("bench", "floor", "--workload", "w1", *peaks)
     assert r.exit_code == 0 and "at 100.0 TFLOP/s, 1.0 TB/s" in " ".join(r.output.split())
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *peaks], terminal_width=200)
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "H100", *peaks)
     assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split())
     # float32 weights are priced at the plain float32 peak (no TF32), not the bf16 tensor-core one
     fp32 = ["--set", "ppo.deepspeed.precision=fp32"]
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *fp32], terminal_width=200)
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "H100", *fp32)
     assert r.exit_code == 0 and "at 67.0 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
     # float32 weights under a bf16 engine: DeepSpeed casts them, the multiplies run on the tensor cores
     mixed = ["--set", "ppo.model.dtype=float32"]
-    r = CliRunner().invoke(app, ["bench", "floor", "--workload", "w1", "--gpu", "H100", *mixed], terminal_width=200)
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "H100", *mixed)
     assert r.exit_code == 0 and "at 989.4 TFLOP/s, 3.35 TB/s" in " ".join(r.output.split()), r.output
 
 
@@ -616,12 +611,8 @@ def test_memory_peak_holds_everything_else_plus_the_largest_update_phase():
 
 
 def test_dry_run_prints_the_memory_estimate(tmp_path):
-    from typer.testing import CliRunner
-
-    from rlhf_cli.app import app
-
-    r = CliRunner().invoke(app, ["sft", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dry-run", "--num-gpus",
-                                 "2", "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2"])
+    r = invoke_cli("sft", "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dry-run", "--num-gpus", "2",
+                   "--set", f"output_dir={tmp_path}/sft", "--set", "deepspeed.zero_stage=2")
     assert r.exit_code == 0, r.output
     assert "memory estimate per rank (2 rank(s)" in r.stdout
     for part in ("model weights", "model gradients *", "model optimizer", "activations (micro-batch) *",

@@ -200,12 +200,11 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     assert [(c[c.index("rlhf_cli") + 1], "--overwrite" in c, "--resume" in c) for c in calls] == [("ppo", False, True)]
 
 
-def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, monkeypatch):
+def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_stages):
     import stages.pipeline as pl
     from rich.console import Console
 
-    calls: list[list[str]] = []
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
+    calls = fake_stages
     cfg = _pipeline_cfg(tmp_path, eval={"enabled": True, "num_prompts": 16, "seed": 5})
     run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
     run[0].out.mkdir(parents=True)

@@ -21,6 +21,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
+from conftest import mass_decided_apart
 from rlhf_cli.config_loader import apply_override, parse_override
 from stages.config import (
     GenerationConfig,
@@ -209,12 +210,6 @@ def test_top_p_keeps_or_drops_tokens_tied_at_the_edge_together():
     assert _kept(process_logits(z, _none(z), _gen(top_p=0.3))) == [[0]]
 
 
-def _mass_decided_apart(probs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B] the probability of the tokens that floors `a` and `b` [B, 1] keep or drop differently."""
-    low, high = torch.minimum(a, b), torch.maximum(a, b)
-    return torch.where((probs >= low) & (probs < high), probs, 0).sum(-1)
-
-
 def test_nucleus_floor_by_search_equals_the_sorted_one_up_to_summation_rounding_eager_and_compiled():
     """bf16 logits (a model's) tie often: rows of several widths, flat and peaked, at several p. The two floors
     sum the same probabilities in different orders, so where S(v) passes top_p within rounding they may cut a
@@ -228,14 +223,14 @@ def test_nucleus_floor_by_search_equals_the_sorted_one_up_to_summation_rounding_
             probs = torch.softmax((torch.randn(rows, vocab, generator=g) * scale).to(torch.bfloat16).float(), -1)
             for top_p in (0.1, 0.5, 0.9, 0.999):
                 sorted_, searched = nucleus_floor_sorted(probs, top_p), nucleus_floor_searched(probs, top_p)
-                assert _mass_decided_apart(probs, sorted_, searched).max() <= 1e-5, (vocab, scale, top_p)
+                assert mass_decided_apart(probs, sorted_, searched).max() <= 1e-5, (vocab, scale, top_p)
                 rows_apart += int((sorted_ != searched).sum())
                 rows_total += rows
     assert rows_apart <= rows_total // 100, (rows_apart, rows_total)
     z = (torch.randn(8, 151936, generator=g) * 2).to(torch.bfloat16)
     probs = torch.softmax(z.float() / 0.7, -1)
     compiled = nucleus_floor(probs, 0.9, compiled=True)
-    assert _mass_decided_apart(probs, nucleus_floor_sorted(probs, 0.9), compiled).max() <= 1e-5
+    assert mass_decided_apart(probs, nucleus_floor_sorted(probs, 0.9), compiled).max() <= 1e-5
     settings = dict(temperature=0.7, top_p=0.9, cache="static")
     plain = process_logits(z, _none(z), GenerationConfig(**settings))
     fast = process_logits(z, _none(z), GenerationConfig(**settings, compile=True))

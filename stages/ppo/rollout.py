@@ -66,10 +66,11 @@ class SamplingParams(NamedTuple):
     top_k: int
     top_p: float
     repetition_penalty: float
+    compile: bool  # generation.compile: the top-p floor by the compiled search (`nucleus_floor`)
 
 
 def sampling_params(gen: GenerationConfig) -> SamplingParams:
-    return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty)
+    return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty, gen.compile)
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationConfig | SamplingParams,
@@ -108,7 +109,7 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, gen: GenerationC
         z.masked_fill_(z < kth, float("-inf"))
     if gen.top_p < 1.0:
         probs = torch.softmax(z, dim=-1)
-        z.masked_fill_(probs < nucleus_floor(probs, gen.top_p, getattr(gen, "compile", False)), float("-inf"))
+        z.masked_fill_(probs < nucleus_floor(probs, gen.top_p, gen.compile), float("-inf"))
     return z
 
 
