@@ -560,7 +560,9 @@ def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeyp
         # no step copies here, so the backward pass is the fullest moment, and there the 16-bit gradients that
         # wait for their bucket come on top of the float32 partition (about 3 N on this model): not modelled
         return
-    assert _allocation_peak(update) == pytest.approx(grads + fullest, rel=0.02)
+    # the lower of two profiled updates: an allocation of something else in the process now and then lands
+    # inside one (seen: +37 kB, +297 kB, in some test orders), never below what the update itself needs
+    assert min(_allocation_peak(update) for _ in range(2)) == pytest.approx(grads + fullest, rel=0.02)
 
 
 @pytest.mark.parametrize("hidden, mlp, heads, kv_heads", [(128, 704, 4, 1), (256, 688, 8, 8)])
