@@ -75,8 +75,9 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Mo
     from transformers import AutoModelForCausalLM
 
     try:
-        check_architecture(resolve_model_dir(path), "causal_lm", False)
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype)
+        folder = resolve_model_dir(path)
+        check_architecture(folder, "causal_lm", False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
