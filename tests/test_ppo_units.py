@@ -35,7 +35,14 @@ from stages.data import BadRowLog
 from stages.errors import CheckpointError, DataError
 from stages.models import PAD, ensure_distinct_pad, train_tokenizer
 from stages.ppo import experience
-from stages.ppo.experience import GlobalMeans, advantages_for, kl_per_token, merge_across_ranks, transform_scores
+from stages.ppo.experience import (
+    GlobalMeans,
+    advantages_for,
+    global_moments,
+    kl_per_token,
+    merge_across_ranks,
+    transform_scores,
+)
 from stages.ppo.models import ValueModel, check_tokenizers, disable_dropout, stop_token_ids
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import DEFAULT_PRESET, PRESETS, TRICK_FLAGS, fill_preset, flag_overrides
@@ -56,7 +63,7 @@ from stages.ppo.rollout import (
     with_final_eos,
 )
 from stages.ppo.trainer import score_rollout
-from stages.ppo.tricks import RunningMoments
+from stages.ppo.tricks import RunningMoments, policy_loss
 
 VOCAB, PAD_ID = 40, 0
 CPU = torch.device("cpu")
@@ -712,6 +719,25 @@ def test_kl_coef_changes_rewards_only_by_minus_beta_kl_and_the_score_sits_on_the
     k3 = _adv(kl_coef=0.1, kl_estimator="k3")
     assert k3.rewards[0].tolist() == pytest.approx(
         [-0.1 * (LOG2 - 0.5), 0.0, 1.0 - 0.1 * (1 - LOG2), 0.0], abs=1e-6)
+
+
+def test_a_non_finite_value_on_a_pad_position_reaches_no_reward_advantage_loss_or_metric(single_process_group):
+    """Masking drops padded positions outright (x * 0 would keep a NaN/inf): k3's expm1 overflows when the
+    policy gives the pad token after the stop ~100 nats less than the reference, and a pad's value or
+    log-prob may be anything. The real tokens' numbers are those of the clean case above."""
+    logp, values = LOGP.clone(), VALUES.clone()
+    logp[0, 3], values[0, 3] = -200.0, float("nan")  # ref_logp - logp = 197.7 at the pad: expm1 -> inf
+    assert math.isinf(kl_per_token(logp, REF_LOGP, "k3")[0, 3].item())
+    ppo = PPOAlgoConfig(kl_coef=0.1, kl_estimator="k3")
+    dirty = advantages_for(torch.tensor([1.0]), logp, REF_LOGP, values, MASK, ppo)
+    clean = advantages_for(torch.tensor([1.0]), LOGP, REF_LOGP, VALUES, MASK, ppo)
+    for name in ("kl", "rewards", "advantages", "returns"):
+        assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
+    new = logp.clone()
+    new[0, 3] = 500.0  # the ratio at the pad overflows to inf, times its advantage 0: NaN unless dropped
+    loss, clipped = policy_loss(new, logp, dirty.advantages, MASK, 0.2)
+    assert loss.item() == pytest.approx(-float(clean.advantages[0, :3].mean())) and clipped.item() == 0.0
+    assert global_moments(values, MASK, single_process_group.device) == pytest.approx((0.4, 0.02 / 3))
 
 
 def test_gae_hand_values_and_gamma_and_lambda_each_change_them():

@@ -21,6 +21,7 @@ from stages.ppo.tricks import (
     gae,
     kl_k1,
     kl_k3,
+    masked,
     normalize_reward,
     scale_reward,
     token_rewards,
@@ -69,7 +70,7 @@ def advantages_for(
     ppo: PPOAlgoConfig,
 ) -> Advantages:
     """Token rewards (KL penalty + score on the last token) and GAE."""
-    kl = kl_per_token(logp, ref_logp, ppo.kl_estimator) * mask
+    kl = masked(kl_per_token(logp, ref_logp, ppo.kl_estimator), mask)
     rewards = token_rewards(score, kl, mask, ppo.kl_coef)
     adv, ret = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     return Advantages(kl, rewards, adv, ret)
@@ -78,7 +79,7 @@ def advantages_for(
 def global_moments(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
     """(mean, population variance) of the masked entries over all ranks."""
     m = mask.double()
-    xs = x.detach().double() * m
+    xs = masked(x.detach().double(), m)
     n, s, sq = all_reduce_sum([float(m.sum()), float(xs.sum()), float((xs * xs).sum())], device).tolist()
     if n <= 0:
         return 0.0, 0.0

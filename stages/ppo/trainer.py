@@ -69,7 +69,17 @@ from stages.ppo.rollout import (
     response_logprobs,
     sample,
 )
-from stages.ppo.tricks import RunningMoments, kl_k1, kl_k3, masked_mean, policy_loss, value_loss, whiten
+from stages.ppo.tricks import (
+    RunningMoments,
+    kl_k1,
+    kl_k3,
+    masked,
+    masked_mean,
+    masked_sum,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 from stages.trainer import (
     EpochSampler,
     LossGuard,
@@ -266,9 +276,9 @@ def update(
                     ratio = torch.exp(diff)
                     stats.add("loss/policy", float(pl.detach()) * float(n), n)
                     stats.add("policy/clipfrac", float(clipfrac) * float(n), n)
-                    stats.add("policy/approxkl", float(0.5 * (diff**2 * m).sum()), n)
-                    stats.add("policy/ratio", float((ratio * m).sum()), n)
-                    stats.add("policy/ratio_sq", float((ratio**2 * m).sum()), n)
+                    stats.add("policy/approxkl", float(0.5 * masked_sum(diff**2, m)), n)
+                    stats.add("policy/ratio", float(masked_sum(ratio, m)), n)
+                    stats.add("policy/ratio_sq", float(masked_sum(ratio**2, m)), n)
                 if ptx_batches:
                     batch = ptx_batches[micro.index(rows)]
                     nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
@@ -314,7 +324,7 @@ def rollout_metrics(
     m = rollout.response_mask.float()
     rows = float(m.shape[0])
     tokens = m.sum(1)
-    k1, k3 = kl_k1(exp["logp"], exp["ref_logp"]) * m, kl_k3(exp["logp"], exp["ref_logp"]) * m
+    k1, k3 = masked(kl_k1(exp["logp"], exp["ref_logp"]), m), masked(kl_k3(exp["logp"], exp["ref_logp"]), m)
     g.add("objective/scores", exp["raw"].sum(), rows)
     g.add("objective/scores_sq", (exp["raw"].double() ** 2).sum(), rows)
     g.add("objective/scores_transformed", exp["score"].sum(), rows)
@@ -324,16 +334,16 @@ def rollout_metrics(
     g.add("objective/kl_per_token", k1.sum(), m.sum())
     g.add("objective/kl_k3_per_token", k3.sum(), m.sum())
     g.add("objective/non_score_reward", (-cfg.ppo.kl_coef * exp["kl"]).sum(), rows)
-    g.add("objective/entropy", (exp["entropy"] * m).sum(), m.sum())
+    g.add("objective/entropy", masked_sum(exp["entropy"], m), m.sum())
     g.add("rollout/response_length", tokens.sum(), rows)
     g.add("rollout/cap_share", rollout.truncated.float().sum(), rows)
-    g.add("rollout/nll_policy", -(exp["logp"] * m).sum(), m.sum())
-    g.add("rollout/nll_reference", -(exp["ref_logp"] * m).sum(), m.sum())
+    g.add("rollout/nll_policy", -masked_sum(exp["logp"], m), m.sum())
+    g.add("rollout/nll_reference", -masked_sum(exp["ref_logp"], m), m.sum())
     reps = [repetition_rate(r, cfg.monitor.ngram) for r in response_lists(rollout, stop_ids)]
     g.add("rollout/repetition", sum(reps), rows)
-    g.add("val/values", (exp["values"] * m).sum(), m.sum())
-    g.add("val/returns", (exp["returns"] * m).sum(), m.sum())
-    g.add("val/advantages", (exp["advantages"] * m).sum(), m.sum())
+    g.add("val/values", masked_sum(exp["values"], m), m.sum())
+    g.add("val/returns", masked_sum(exp["returns"], m), m.sum())
+    g.add("val/advantages", masked_sum(exp["advantages"], m), m.sum())
     out = g.reduce(dist.device)
     for name in ("objective/scores", "objective/scores_transformed"):  # std = sqrt(E[x^2] - E[x]^2), across ranks
         out[f"{name}_std"] = math.sqrt(max(out.pop(f"{name}_sq") - out[name] ** 2, 0.0))
@@ -497,7 +507,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         state.update(step=done, moments=[moments.count, moments.mean, moments.m2])
         body = {k: v for k, v in state.items() if k != "step"}
         path = save_checkpoint(policy, tokenizer, out, done, body, dist, t.save_total_limit, meta,
-                               extra={"critic": (critic, critic.module.seqcls, critic_tok)})
+                               extra={"critic": (critic, critic.module.seqcls, critic_tok)},
+                               say=lambda text: say(True, text))
         metrics.event(done, "checkpoint", path=str(path))
         saved_at = done
         return path

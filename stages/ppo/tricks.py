@@ -10,8 +10,14 @@ import torch
 
 
 # --------------------------------------------------------------------------------------------- masked moments
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is set, 0 elsewhere: unlike x * mask, a NaN/inf at a padded position (k3's expm1
+    overflowing on a pad token after the stop, say) is dropped, not carried into sums."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
+    return masked(x, mask).sum()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -36,7 +42,7 @@ def whiten(
     out = (x - mean) / (var + eps) ** 0.5
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return masked(out, mask)
 
 
 # --------------------------------------------------------------------------------------------- reward transform
@@ -130,7 +136,7 @@ def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """R_t = -beta * KL_t on every response token, plus the (transformed) score [B] on the last real token."""
-    return (-beta * kl + score[:, None] * last_token_mask(mask)) * mask
+    return masked(-beta * kl + score[:, None] * last_token_mask(mask), mask)
 
 
 # --------------------------------------------------------------------------------------------- GAE
@@ -140,8 +146,8 @@ def gae(
     """(advantages, returns). delta_t = R_t + gamma V_{t+1} - V_t with V = 0 after the last real token;
     A_t = delta_t + gamma lam A_{t+1}; G_t = A_t + V_t. Padding (mask 0) contributes nothing and gets 0.
     Responses are right-padded: real tokens come first."""
-    values = values * mask
-    rewards = rewards * mask
+    values = masked(values, mask)
+    rewards = masked(rewards, mask)
     adv = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
@@ -152,7 +158,7 @@ def gae(
         adv[:, t] = a * m
         next_adv = torch.where(m > 0, a, next_adv)
         next_value = torch.where(m > 0, values[:, t], next_value)
-    return adv, (adv + values) * mask
+    return adv, masked(adv + values, mask)
 
 
 # --------------------------------------------------------------------------------------------- losses
