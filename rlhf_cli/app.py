@@ -3,6 +3,7 @@ in this process or re-executes itself under the `deepspeed` launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -130,7 +131,7 @@ def run_stage(
     allow_changes: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
-    from stages.checkpoint import prepare_output_dir
+    from stages.checkpoint import prepare_output_dir, run_lock
 
     def prepare(processes: int) -> None:
         changes = prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes)
@@ -143,10 +144,13 @@ def run_stage(
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
-            # a worker: of our launcher (the output directory is ready), or of the user's own (torchrun,
-            # srun, ...), in which case rank 0 prepares it first
-            own = None if launched_by_rlhf() else lambda: prepare(int(os.environ["WORLD_SIZE"]))
-            _train_here(stage, cfg, resume, own)
+            # a worker: of our launcher (the output directory is ready and locked), or of the user's own
+            # (torchrun, srun, ...), in which case rank 0 locks it and prepares it first
+            if launched_by_rlhf():
+                _train_here(stage, cfg, resume, None)
+                return
+            with run_lock(out_dir) if _rank() == 0 else contextlib.nullcontext():
+                _train_here(stage, cfg, resume, lambda: prepare(int(os.environ["WORLD_SIZE"])))
             return
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
@@ -165,11 +169,12 @@ def run_stage(
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             out.print("dry run: nothing trained")
             return
-        prepare(processes)
-        if cmd is None:
-            _train_here(stage, cfg, resume, None)
-            return
-        code = run_launcher(cmd, env or {})
+        with run_lock(out_dir):
+            prepare(processes)
+            if cmd is None:
+                _train_here(stage, cfg, resume, None)
+                return
+            code = run_launcher(cmd, env or {})
         if code != 0:
             err.print(f"[red]rlhf {stage}: the launcher exited with code {code}[/]")
         raise typer.Exit(code)

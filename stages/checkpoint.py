@@ -17,12 +17,13 @@ CheckpointError saying which complete checkpoint is still there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -85,6 +86,40 @@ def clear_run(out_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+LOCK_NAME = ".rlhf.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on out_dir/.rlhf.lock while a run uses `out_dir`: a second `rlhf`
+    run there (a job requeued while the first still runs, a command started twice) is refused at once instead of
+    clearing or loading the first one's checkpoints mid-write. The lock dies with its process (kill -9
+    included), so nothing is left to clean up; a filesystem without flock (some network mounts) runs unlocked."""
+    import fcntl
+    import socket
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(f"output_dir {out_dir} is in use by another rlhf run ({holder}); wait for it to end, "
+                              "stop it, or point output_dir elsewhere") from None
+        except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
+            pass
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def remove_stale_temporaries(out_dir: Path) -> None:
     """Half-written checkpoints left by a killed run."""
     for p in out_dir.glob(".tmp-*"):
@@ -143,13 +178,42 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> t
         before_cfg = None  # unreadable: nothing to compare with (the engine state decides what loads)
     if isinstance(before_cfg, dict):
         changes += config_changes(before_cfg, yaml.safe_load(config_text))
-    try:
-        before = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("world_size")
-    except (OSError, ValueError):
-        before = None
+    before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
         changes.append(f"processes: {before} -> {world_size}")
     return path, changes
+
+
+def refuse_partitioned_resize(checkpoint: Path, config_text: str, world_size: int | None) -> None:
+    """ZeRO-1/2/3 checkpoints hold each rank's partition of the optimizer state (and, at ZeRO-3, of the
+    weights); DeepSpeed loads them only on the process count that wrote them. Refused up front (even with
+    --allow-config-change) rather than found missing shard by shard."""
+    import yaml
+
+    before = saved_world_size(checkpoint)
+    if world_size is None or before is None or before == world_size:
+        return
+    stages = []
+    for text in (_read_text(checkpoint / "resolved_config.yaml"), config_text):
+        try:
+            tree = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            tree = None
+        section = tree.get("deepspeed") if isinstance(tree, dict) else None
+        stages.append(section.get("zero_stage", 0) if isinstance(section, dict) else 0)
+    stage = max((s for s in stages if isinstance(s, int)), default=0)
+    if stage >= 1:
+        raise ConfigError(f"--resume: {checkpoint.name} was written by {before} process(es) under ZeRO-{stage}, whose "
+                          f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
+                          f"Resume with {before} process(es), or start a new run from its weights "
+                          f"(model.name_or_path: {checkpoint / 'hf'})")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
@@ -169,6 +233,8 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
     if resume:
         checkpoint, changes = resume_changes(out_dir, config_text, world_size)
+        if checkpoint is not None:
+            refuse_partitioned_resize(checkpoint, config_text, world_size)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
                               "Resuming continues that run exactly only with its config and process count; pass "
@@ -290,6 +356,7 @@ def save_checkpoint(
     hf_module: torch.nn.Module | None = None,
     hf_files: dict[str, str] | None = None,
     extra: dict[str, tuple[Any, torch.nn.Module, Any]] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """A resumable checkpoint at `step`: DeepSpeed engine state (all ranks), each rank's RNG, the HF weights and
     `state` (trainer counters). Written under .tmp-, renamed when complete; then only the newest `keep` stay.
@@ -298,7 +365,7 @@ def save_checkpoint(
 
     hf_module: the part of engine.module saved as the HF model (default: all of it); hf_files: extra files
     (name -> text) written into hf/; extra: more engines, name -> (engine, HF module, tokenizer), each saved as
-    <name>/ds and <name>/hf (PPO's critic)."""
+    <name>/ds and <name>/hf (PPO's critic); say: where rank 0 reports a failure to prune old checkpoints."""
     name = checkpoint_name(step)
     tmp, final = out_dir / f".tmp-{name}", out_dir / name
     engines = {"model": engine, **{sub: other for sub, (other, _, _) in (extra or {}).items()}}
@@ -335,16 +402,30 @@ def save_checkpoint(
             sync_tree(tmp, only=("trainer_state.json", "COMPLETE", "resolved_config.yaml", "hf"))
             replace_dir(tmp, final)
             sync_tree(out_dir, only=())
-            for _, old in complete_checkpoints(out_dir)[:-keep]:
-                doomed = old.with_name(f".tmp-{old.name}")  # renamed first: a half-deleted one is never loaded
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
     except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {name} in {out_dir}: {describe_failure(exc)}{_free_space(out_dir)}; "
                               f"the partial copy was removed. {_intact(out_dir)}") from exc
+    if dist.is_main:
+        prune_checkpoints(out_dir, final, keep, say)
     barrier()
     return final
+
+
+def prune_checkpoints(out_dir: Path, newest: Path, keep: int, say: Callable[[str], None] | None = None) -> None:
+    """Delete all complete checkpoints but `newest` (the one just written, always kept) and the `keep` - 1
+    highest-step others. Each is renamed to .tmp-<name> first, so a half-deleted one is never loaded. A failure
+    here is a warning through `say`: the new checkpoint is complete and the run goes on."""
+    others = [path for _, path in complete_checkpoints(out_dir) if path != newest]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        doomed = old.with_name(f".tmp-{old.name}")
+        try:
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+        except OSError as exc:
+            if say is not None:
+                say(f"[yellow]warning: could not delete the old checkpoint {old.name} "
+                    f"(train.save_total_limit {keep}): {describe_failure(exc)}[/]")
 
 
 def sync_tree(root: Path, only: tuple[str, ...] | None = None) -> None:
@@ -412,8 +493,9 @@ def load_latest_checkpoint(
     collective than the others); a failure inside the loading itself is agreed on afterwards. When no
     checkpoint loads, the newest one's error is raised (on every rank alike)."""
     first_error: CheckpointError | None = None
+    passed_over: list[Path] = []
     for step, path in reversed(broadcast_object(complete_checkpoints(out_dir))):
-        found = gather_objects(shard_problems(path, dist.rank))
+        found = gather_objects(shard_problems(path, dist.rank, saved_world_size(path)))
         errors = missing_shards(path, found)
         if not any(errors):
             try:
@@ -431,10 +513,13 @@ def load_latest_checkpoint(
                 rng_file = path / "rng" / f"rank{dist.rank}.pt"
                 if rng_file.is_file():
                     set_rng_state(torch.load(rng_file, weights_only=False))
+                if dist.is_main:
+                    set_aside(passed_over, say)
                 return {"step": step, **state}
         rank, reason = next((r, e) for r, e in enumerate(errors) if e)
         reason += f" (rank {rank})" if dist.world_size > 1 else ""
         first_error = first_error or CheckpointError(reason)
+        passed_over.append(path)
         if say is not None:
             say(f"[yellow]warning: {reason}; trying the previous checkpoint[/]")
     if first_error is not None:
@@ -443,11 +528,38 @@ def load_latest_checkpoint(
     return None
 
 
-def shard_problems(path: Path, rank: int) -> tuple[str | None, list[str]]:
+def saved_world_size(path: Path) -> int | None:
+    """The process count of the run that wrote checkpoint `path` (its trainer_state.json), None if unreadable."""
+    try:
+        value = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def set_aside(paths: list[Path], say: Any = None) -> None:
+    """Rename checkpoints a resume passed over as damaged to <name>.damaged: kept for inspection, never loaded
+    again and never counted by train.save_total_limit (which would otherwise keep a damaged higher step over
+    the checkpoints the resumed run writes). `rlhf --overwrite` deletes them with the rest of a run."""
+    for path in paths:
+        target = path.with_name(f"{path.name}.damaged")
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+        except OSError as exc:
+            if say is not None:
+                say(f"[yellow]warning: could not set the damaged {path.name} aside: {describe_failure(exc)}[/]")
+            continue
+        if say is not None:
+            say(f"[yellow]the damaged checkpoint is kept as {target.name} (never loaded)[/]")
+
+
+def shard_problems(path: Path, rank: int, saved_world: int | None = None) -> tuple[str | None, list[str]]:
     """What rank `rank` finds of checkpoint `path`'s files it reads (DeepSpeed's shared files, its own ZeRO
     shards, its RNG state): the first that torch.load cannot open (truncated, no zip index; `mmap` reads the
     archive's structure, not the tensors; a file in torch's older non-zip format is only checked to be non-empty)
-    as "file: error", or None; and the names of its own shards with its rank written as `{rank}`, for
+    or that is missing (its RNG state, when the run that wrote the checkpoint had `saved_world` > `rank`
+    processes) as "file: error", or None; and the names of its own shards with its rank written as `{rank}`, for
     `missing_shards` to compare across ranks."""
     own, file = f"zero_pp_rank_{rank}_", None
     try:
@@ -455,6 +567,9 @@ def shard_problems(path: Path, rank: int) -> tuple[str | None, list[str]]:
                  ("zero_pp_rank_" not in f.name or own in f.name)]
         shards = [str(f.relative_to(path)).replace(own, "zero_pp_rank_{rank}_") for f in files if own in f.name]
         rng = path / "rng" / f"rank{rank}.pt"  # absent when written by a run with fewer processes: the seed's
+        if saved_world is not None and rank < saved_world and not rng.exists():
+            file = rng
+            raise FileNotFoundError("missing")
         for file in files + ([rng] if rng.exists() else []):
             with open(file, "rb") as fh:
                 zipped = fh.read(4) == b"PK\x03\x04"
@@ -480,8 +595,22 @@ def missing_shards(path: Path, found: list[tuple[str | None, list[str]]]) -> lis
     return out
 
 
+#: AdamW settings a checkpoint's optimizer state carries but the config decides (see `_load_engine`)
+OPTIMIZER_SETTINGS = ("weight_decay", "betas", "eps")
+
+
 def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
-    """Weights, optimizer and LR-scheduler state of one engine; its client state."""
+    """Weights, optimizer and LR-scheduler state of one engine; its client state.
+
+    The optimizer's state dict carries its hyperparameters and the scheduler's its base LRs: loaded as they are,
+    a resume with --allow-config-change would keep the old train.lr, weight_decay, adam_betas and adam_eps. So
+    the engine's own (built from this run's config) are put back after loading, and each group's LR recomputed
+    as base_lr x lr_factor(step); with an unchanged config these are the values loaded, bit for bit."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    optimizer = getattr(scheduler, "optimizer", None) or getattr(engine, "optimizer", None)
+    settings = [{k: group[k] for k in OPTIMIZER_SETTINGS if k in group}
+                for group in getattr(optimizer, "param_groups", None) or []]
+    base_lrs = list(getattr(scheduler, "base_lrs", []))
     try:
         load_path, client = engine.load_checkpoint(
             str(ds_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
@@ -490,4 +619,13 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot load checkpoint {checkpoint}: {exc}") from None
     if load_path is None or client is None:
         raise CheckpointError(f"checkpoint {checkpoint} has no DeepSpeed state in {ds_dir.name}/ for this run")
+    groups = getattr(optimizer, "param_groups", None) or []  # (load_state_dict made new group dicts)
+    for group, own in zip(groups, settings):
+        group.update(own)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if base_lrs and lambdas is not None and len(base_lrs) == len(groups):
+        scheduler.base_lrs = base_lrs
+        for group, base, factor in zip(groups, base_lrs, lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
     return client

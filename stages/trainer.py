@@ -311,7 +311,8 @@ class Run:
         counters = {"tokens_seen": self.tokens_seen, "global_batch": self.plan.global_batch, "total_steps": self.total,
                     "skipped": self.skipped}
         path = save_checkpoint(
-            self.engine, self.tokenizer, self.out, done, counters, self.dist, self.tc.save_total_limit, self.meta, **hf
+            self.engine, self.tokenizer, self.out, done, counters, self.dist, self.tc.save_total_limit, self.meta,
+            say=lambda text: say(True, text), **hf
         )
         self.metrics.event(done, "checkpoint", path=str(path))
         if self.stop_signal:

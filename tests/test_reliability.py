@@ -110,8 +110,12 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_resume_still_matches(tmp
     assert f"cannot load checkpoint {out / f'checkpoint-{step:08d}'}" in res.stdout, f"damaged @{step}"
     previous = (step - 1) // EVERY * EVERY  # the newest checkpoint before the damaged one
     assert f"resumed from step {previous}" in res.stdout, f"damaged @{step}"
+    assert f"kept as checkpoint-{step:08d}.damaged" in res.stdout
     assert curve(out) == curve(reference), f"damaged @{step}"
     assert same_weights(out / "final", reference / "final")
+    assert (out / f"checkpoint-{step:08d}.damaged" / "COMPLETE").is_file()  # kept for a look, never loaded
+    assert sorted(p.name for p in out.glob("checkpoint-*[0-9]")) == [  # (an even step's written anew)
+        f"checkpoint-{s:08d}" for s in range(EVERY, STEPS + 1, EVERY)]
 
 
 def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_path):
@@ -348,21 +352,29 @@ def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):
         check_architecture(str(lm), "causal_lm", False)
 
 
-def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, monkeypatch, process_group):
-    """Every file of the checkpoint (engine state, RNG, HF weights, trainer state, COMPLETE) is fsynced before
-    the rename that publishes it, and the output directory after it (so the rename itself is durable)."""
+def _tiny_engine(steps: int = 1, **train) -> tuple:
+    """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`) and a
+    two-word tokenizer: what save_checkpoint / load_latest_checkpoint take."""
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from stages.checkpoint import save_checkpoint
     from stages.config import DeepSpeedConfig, TrainConfig
     from stages.engine import build_deepspeed_config, initialize_engine
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
-    tc = TrainConfig(micro_batch_size=1, max_steps=1)
+    tc = TrainConfig(micro_batch_size=1, max_steps=steps, **train)
     ds = build_deepspeed_config(tc, DeepSpeedConfig(), 1, False)
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    engine = initialize_engine(model, ds, tc, 1)
+    return initialize_engine(model, ds, tc, steps), tokenizer
+
+
+def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, monkeypatch, process_group):
+    """Every file of the checkpoint (engine state, RNG, HF weights, trainer state, COMPLETE) is fsynced before
+    the rename that publishes it, and the output directory after it (so the rename itself is durable)."""
+    from stages.checkpoint import save_checkpoint
+
+    engine, tokenizer = _tiny_engine()
     synced: list[str] = []
     real = os.fsync
 
@@ -407,6 +419,10 @@ def test_shard_checks_find_a_damaged_or_missing_file_of_one_rank(tmp_path):
     assert shard_problems(tmp_path, 0)[0] is None  # rank 0 never reads rank 1's shard
     (tmp_path / "rng" / "rank0.pt").write_bytes(b"")
     assert "rng/rank0.pt" in shard_problems(tmp_path, 0)[0]
+    (tmp_path / "rng" / "rank0.pt").unlink()  # a missing RNG state is damage when the writing run had that rank
+    assert shard_problems(tmp_path, 0, saved_world=1)[0] == (
+        f"cannot load checkpoint {tmp_path}: rng/rank0.pt: FileNotFoundError: missing")
+    assert shard_problems(tmp_path, 2, saved_world=2) == (None, [])  # a rank the writing run did not have
 
 
 def test_non_finite_weights_are_found_on_a_zero3_partition_too():
@@ -524,3 +540,120 @@ def test_replace_dir_swaps_and_puts_the_old_directory_back_when_the_rename_fails
     monkeypatch.setattr(os, "replace", real)
     replace_dir(new, target)
     assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_resume_takes_lr_weight_decay_betas_and_eps_from_the_config_not_the_checkpoint(tmp_path, process_group):
+    """The optimizer's state dict carries its hyperparameters and the LR scheduler's its base LRs; a resume
+    (--allow-config-change) runs with the new config's, each group's LR = new base x lr_factor(step), and an
+    unchanged config loads exactly the values that were saved."""
+    from stages.checkpoint import load_latest_checkpoint, save_checkpoint
+    from stages.engine import lr_factor
+
+    schedule = dict(lr=3e-3, warmup_steps=2, lr_scheduler="linear", min_lr_ratio=0.1)
+    engine, tokenizer = _tiny_engine(10, **schedule)
+    batch = torch.randint(0, 64, (1, 8))
+    for _ in range(3):
+        engine.backward(engine(input_ids=batch, labels=batch).loss)
+        engine.step()
+    saved = [dict(g, params=None) for g in engine.optimizer.param_groups]
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint(engine, tokenizer, out, 3, {}, process_group, 1, {"stage": "sft"})
+
+    same, _ = _tiny_engine(10, **schedule)
+    assert load_latest_checkpoint(same, out, process_group)["step"] == 3
+    assert [dict(g, params=None) for g in same.optimizer.param_groups] == saved
+    assert saved[0]["lr"] == 3e-3 * lr_factor(3, 10, 2, "linear", 0.1) and saved[0]["weight_decay"] == 0.0
+
+    changed, _ = _tiny_engine(10, **{**schedule, "lr": 1e-3}, weight_decay=0.1, adam_betas=(0.8, 0.9), adam_eps=1e-6)
+    load_latest_checkpoint(changed, out, process_group)
+    decay, no_decay = changed.optimizer.param_groups
+    expected = 1e-3 * lr_factor(3, 10, 2, "linear", 0.1)
+    assert decay["lr"] == no_decay["lr"] == expected and changed.lr_scheduler.base_lrs == [1e-3, 1e-3]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay["betas"] == (0.8, 0.9) and decay["eps"] == 1e-6
+    assert changed.optimizer.state[decay["params"][0]]["exp_avg"].abs().sum() > 0  # the moments did load
+    changed.backward(changed(input_ids=batch, labels=batch).loss)
+    changed.step()
+    assert decay["lr"] == 1e-3 * lr_factor(4, 10, 2, "linear", 0.1)
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_a_failed_deletion_is_a_warning(tmp_path, monkeypatch):
+    """train.save_total_limit counts the new checkpoint first: a higher-step checkpoint left from before a
+    resume cannot push it out; a deletion that fails is reported, not raised (the new checkpoint is whole)."""
+    from stages import checkpoint
+    from stages.checkpoint import prune_checkpoints
+
+    for step in (20, 40, 80, 60):
+        (tmp_path / f"checkpoint-{step:08d}").mkdir()
+        (tmp_path / f"checkpoint-{step:08d}" / "COMPLETE").write_text("ok\n")
+    newest = tmp_path / "checkpoint-00000060"
+    prune_checkpoints(tmp_path, newest, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000060", "checkpoint-00000080"]
+    prune_checkpoints(tmp_path, newest, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000060"]
+
+    (tmp_path / "checkpoint-00000040").mkdir()
+    (tmp_path / "checkpoint-00000040" / "COMPLETE").write_text("ok\n")
+    said: list[str] = []
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(checkpoint.os, "replace", refuse)
+    prune_checkpoints(tmp_path, newest, 1, said.append)
+    assert len(said) == 1 and "could not delete the old checkpoint checkpoint-00000040" in said[0]
+    assert "Permission denied" in said[0] and (tmp_path / "checkpoint-00000040").is_dir()
+
+
+@pytest.mark.parametrize("zero, refused", [(0, False), (2, True)])
+def test_another_process_count_is_refused_under_zero_even_with_allow_config_change(tmp_path, zero, refused):
+    """ZeRO-1/2/3 partition the optimizer state per process, and DeepSpeed loads it only on the count that
+    wrote it: --allow-config-change does not make that loadable, so it is refused up front, naming the count
+    and the weights a new run could start from; ZeRO-0 state loads on any count."""
+    import yaml
+
+    from stages.checkpoint import prepare_output_dir
+    from stages.errors import ConfigError
+
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-00000004"
+    ckpt.mkdir(parents=True)
+    text = yaml.safe_dump({"output_dir": str(out), "deepspeed": {"zero_stage": zero}})
+    (ckpt / "resolved_config.yaml").write_text(text)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2}))
+    (ckpt / "COMPLETE").write_text("ok\n")
+    if not refused:
+        assert prepare_output_dir(out, text, True, False, world_size=4, allow_changes=True) == ["processes: 2 -> 4"]
+        return
+    with pytest.raises(ConfigError) as err:
+        prepare_output_dir(out, text, True, False, world_size=4, allow_changes=True)
+    assert str(err.value) == (
+        f"--resume: checkpoint-00000004 was written by 2 process(es) under ZeRO-2, whose optimizer state is "
+        f"partitioned per process; DeepSpeed cannot load it on 4. Resume with 2 process(es), or start a new run "
+        f"from its weights (model.name_or_path: {ckpt / 'hf'})")
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+    """While a run holds output_dir (flock on .rlhf.lock, released when its process ends, kill -9 included),
+    another `rlhf` run there stops at once with exit 2 and touches nothing; once it is gone, the lock is free."""
+    from conftest import invoke_cli
+    from stages.checkpoint import LOCK_NAME, run_lock
+
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from stages.checkpoint import run_lock\n"
+        f"with run_lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = invoke_cli("sft", "--config", str(config), "--resume")
+        assert res.exit_code == 2, res.output
+        assert f"output_dir {out} is in use by another rlhf run (pid {holder.pid} on " in res.output
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing prepared, nothing cleared
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out):  # the killed holder's lock went with it
+        pass
