@@ -91,7 +91,8 @@ AllowChangeOpt = Annotated[
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
-        "--overwrite", help="Delete an earlier run's checkpoints and metrics in output_dir first.", show_default="off"
+        "--overwrite", help="Delete what an earlier run wrote in output_dir first (checkpoints, metrics, final/, "
+        "tensorboard/, its trained tokenizer).", show_default="off"
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.", show_default="off")]
@@ -258,7 +259,9 @@ def _ppo_command() -> None:
     (stages/ppo/presets.py: TRICK_FLAGS), each turned into a `--set`-style override that wins over the file."""
     import inspect
 
-    from stages.ppo.presets import PRESET_NAMES, TRICK_FLAGS, flag_overrides
+    from stages.ppo.presets import PRESET_NAMES, PRESETS, TRICK_FLAGS, flag_overrides
+
+    preset_keys = {key for values in PRESETS.values() for key in values}
 
     def command(**kwargs: object) -> None:
         common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug",
@@ -275,7 +278,8 @@ def _ppo_command() -> None:
                   allow_changes=c["allow_config_change"])  # type: ignore[arg-type]
 
     def panel(f: object) -> dict[str, object]:
-        return {"help": f"{f.help} [{f.key}]", "show_default": "config, else preset", "rich_help_panel": "PPO tricks"}  # type: ignore[attr-defined]
+        shown = "config, else preset" if f.key in preset_keys else "config"  # type: ignore[attr-defined]
+        return {"help": f"{f.help} [{f.key}]", "show_default": shown, "rich_help_panel": "PPO tricks"}  # type: ignore[attr-defined]
 
     def opt(name: str, annotation: object, default: object = None) -> inspect.Parameter:
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
@@ -358,7 +362,8 @@ def eval_(
 
 @app.command()
 def pipeline(
-    config: ConfigOpt,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (stage config files and output "
+                                         "folders). Relative paths in it resolve against its folder.")],
     set_: SetOpt = None,
     num_gpus: NumGpusOpt = None,
     num_nodes: NumNodesOpt = None,

@@ -14,7 +14,8 @@ from rlhf_cli.output import err, fail, out
 from stages.errors import ConfigError, RlhfError
 
 bench_app = typer.Typer(
-    help="Time the PPO code path or its rollout sampler on a synthetic workload (configs/bench/).",
+    help="Time the PPO code path, its rollout sampler or TRL's PPOTrainer on a synthetic workload "
+    "(configs/bench/); print the roofline floors of a workload; summarise a profiled step's trace.",
     no_args_is_help=True, rich_markup_mode="rich",
 )
 
@@ -327,7 +328,7 @@ def bench_trace_cmd(
                                                      show_default="none")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Where a profiled step's time went: per named range (rlhf.rollout, rlhf.sampling, rlhf.score, rlhf.update.policy, rlhf.update.critic) its host time, its GPU time, and how busy the GPU was across it (below 1: it waited for the host); then the top GPU kernels by time. Reads the trace only: runs anywhere.
+    """Where a profiled step's time went: per named range (rlhf.rollout, rlhf.sampling, rlhf.score, rlhf.update.policy, rlhf.update.critic) its host time, its GPU time, and how busy the GPU was across it (below 100 %: it waited for the host); then the top GPU kernels by time. Reads the trace only: runs anywhere.
 
     Example: [bold]rlhf bench trace runs/gpu/ppo-w1-profile.json.gz[/]
     """  # noqa: E501

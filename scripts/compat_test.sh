@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on the CPU with the library versions of the GPU machine the device tool lends (Python 3.12,
-# torch 2.11, transformers 5.17; DeepSpeed and TRL as `make install` pins them), in a venv of its own, so that
+# torch 2.11, transformers 5.17; DeepSpeed and TRL as pyproject.toml allows / pins them), in a venv of its own, so that
 # a version difference shows here rather than in a short GPU lease. Not part of `make test`: it installs torch
 # 2.11's CUDA build from PyPI (about 5 GB with its NVIDIA libraries; it runs on a CPU) and takes ~15 minutes.
 #
