@@ -3,6 +3,9 @@
 Layout of a stage's output directory:
     resolved_config.yaml      the config this run used (all paths absolute); each checkpoint keeps a copy, which
                               `--resume` compares with the resuming run's (resume_changes)
+    inputs.json               fingerprints of the files and folders that config names (stages/fingerprint.py);
+                              each checkpoint keeps a copy too, compared the same way
+    .rlhf.lock                flock'ed while a run uses the directory (run_lock)
     metrics.jsonl, tensorboard/, data_report.json
     tokenizer/                (from_config runs) the tokenizer trained for this run
     checkpoint-00000040/      resumable: ds/ (DeepSpeed engine: weights, optimizer, scheduler), rng/ (per rank),
@@ -43,7 +46,7 @@ from stages.perf import PROFILE_PREFIX
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_ARTIFACTS = (
     "final", "final_critic", "best", "metrics.jsonl", "samples.jsonl", "tensorboard", "tokenizer", "data_report.json",
-    "resolved_config.yaml",
+    "resolved_config.yaml", "inputs.json",
 )
 
 
@@ -159,12 +162,29 @@ def config_changes(before: dict[str, Any], after: Any) -> list[str]:
             if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")]
 
 
-def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> tuple[Path | None, list[str]]:
+def run_inputs(out_dir: Path, config_text: str) -> dict[str, dict[str, str]]:
+    """Fingerprints of the files and folders a run's resolved config names (stages/fingerprint.py), those inside
+    its own output_dir and under RESUME_FREE_KEYS aside."""
+    import yaml
+
+    from stages.fingerprint import input_fingerprints
+
+    inside = str(out_dir.resolve()) + os.sep
+    found = input_fingerprints(yaml.safe_load(config_text), RESUME_FREE_KEYS)
+    return {k: v for k, v in found.items() if not (v["path"] + os.sep).startswith(inside)}
+
+
+def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
+                   inputs: dict[str, dict[str, str]] | None = None) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint and how resuming it with `config_text` on `world_size` processes differs
     from the run that wrote it: "key: old -> new" for each changed config value (RESUME_FREE_KEYS aside; the
-    checkpoint's copy of resolved_config.yaml, else, for checkpoints older than that copy, output_dir's), and
-    "processes: n -> m". (None, []) without a checkpoint."""
+    checkpoint's copy of resolved_config.yaml, else, for checkpoints older than that copy, output_dir's),
+    "key (path): contents changed" for each file or folder it reads whose fingerprint differs from the one kept
+    in the checkpoint's inputs.json (`inputs`: this run's, see `run_inputs`), and "processes: n -> m".
+    (None, []) without a checkpoint."""
     import yaml
+
+    from stages.fingerprint import fingerprint_changes
 
     found = complete_checkpoints(out_dir)
     if not found:
@@ -178,6 +198,12 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None) -> t
         before_cfg = None  # unreadable: nothing to compare with (the engine state decides what loads)
     if isinstance(before_cfg, dict):
         changes += config_changes(before_cfg, yaml.safe_load(config_text))
+    try:
+        before_inputs = json.loads((path / "inputs.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before_inputs = None  # a checkpoint older than inputs.json: only the config is compared
+    if isinstance(before_inputs, dict) and inputs is not None:
+        changes += fingerprint_changes(before_inputs, inputs)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
         changes.append(f"processes: {before} -> {world_size}")
@@ -231,8 +257,9 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
         if other is not None and other != stage:
             raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
+    inputs = run_inputs(out_dir, config_text)
     if resume:
-        checkpoint, changes = resume_changes(out_dir, config_text, world_size)
+        checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs)
         if checkpoint is not None:
             refuse_partitioned_resize(checkpoint, config_text, world_size)
         if changes and not allow_changes:
@@ -249,6 +276,7 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
         clear_run(out_dir)  # a resume with nothing to resume is a fresh start: no earlier attempt's leftovers
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "resolved_config.yaml", config_text)
+    atomic_write_text(out_dir / "inputs.json", json.dumps(inputs, indent=2) + "\n")
     return changes
 
 
@@ -394,12 +422,13 @@ def save_checkpoint(
         if dist.is_main:
             for file, text in (hf_files or {}).items():
                 (tmp / "hf" / file).write_text(text, encoding="utf-8")
-            if (out_dir / "resolved_config.yaml").is_file():
-                shutil.copy2(out_dir / "resolved_config.yaml", tmp / "resolved_config.yaml")
+            for kept in ("resolved_config.yaml", "inputs.json"):  # what --resume compares with
+                if (out_dir / kept).is_file():
+                    shutil.copy2(out_dir / kept, tmp / kept)
             body = {"step": step, "world_size": dist.world_size, "time": time.time(), **state}
             (tmp / "trainer_state.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
             (tmp / "COMPLETE").write_text("ok\n", encoding="utf-8")
-            sync_tree(tmp, only=("trainer_state.json", "COMPLETE", "resolved_config.yaml", "hf"))
+            sync_tree(tmp, only=("trainer_state.json", "COMPLETE", "resolved_config.yaml", "inputs.json", "hf"))
             replace_dir(tmp, final)
             sync_tree(out_dir, only=())
     except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write

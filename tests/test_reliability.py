@@ -657,3 +657,60 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its
         holder.wait()
     with run_lock(out):  # the killed holder's lock went with it
         pass
+
+
+def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(tmp_path, process_group):
+    """Each checkpoint keeps inputs.json, the fingerprints of the files and folders its config names (a data
+    file's sha256, a model folder's names, sizes and times; a stage folder counts as its final/): --resume
+    refuses when one changed under the same path and --allow-config-change lists it. Touching a data file
+    without changing its bytes, or `rlhf eval` writing into the stage folder, changes nothing."""
+    import yaml
+
+    from stages.checkpoint import prepare_output_dir, save_checkpoint
+    from stages.errors import ConfigError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    sft = tmp_path / "sft"
+    (sft / "final").mkdir(parents=True)
+    (sft / "final" / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    text = yaml.safe_dump({"output_dir": str(out), "data": {"train": {"path": str(data)}},
+                           "model": {"name_or_path": str(sft)}, "logging": {"dir": str(tmp_path)}})
+    prepare_output_dir(out, text, False, False)
+    assert set(json.loads((out / "inputs.json").read_text())) == {"data.train.path", "model.name_or_path"}
+    engine, tokenizer = _tiny_engine()
+    save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
+    assert (out / "checkpoint-00000001" / "inputs.json").read_text() == (out / "inputs.json").read_text()
+
+    os.utime(data, ns=(1, 1))  # the same bytes: not a change
+    (sft / "eval.json").write_text("{}")  # beside final/: not what the next stage loads
+    assert prepare_output_dir(out, text, True, False, world_size=1) == []
+    data.write_text('{"prompt": "a", "response": "c"}\n')
+    (sft / "final" / "model.safetensors").write_bytes(b"retrained")
+    with pytest.raises(ConfigError) as err:
+        prepare_output_dir(out, text, True, False, world_size=1)
+    assert (f"data.train.path ({data}): contents changed; model.name_or_path ({sft}): contents changed"
+            in str(err.value)), err.value
+    changes = prepare_output_dir(out, text, True, False, world_size=1, allow_changes=True)
+    assert changes == [f"data.train.path ({data}): contents changed", f"model.name_or_path ({sft}): contents changed"]
+
+
+def test_fingerprints_hash_small_files_whole_and_large_ones_by_size_time_and_edges(tmp_path, monkeypatch):
+    import hashlib
+
+    from stages import fingerprint
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"abc" * 1000)
+    assert fingerprint.file_fingerprint(small) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    monkeypatch.setattr(fingerprint, "WHOLE_FILE", 100)
+    monkeypatch.setattr(fingerprint, "EDGE", 10)
+    os.utime(small, ns=(5, 7))
+    expected = hashlib.sha256(b"3000 7" + b"abcabcabca" + b"cabcabcabc")  # size, mtime, bytes 0-9, 2990-2999
+    assert fingerprint.file_fingerprint(small) == expected.hexdigest()
+    middle = bytearray(small.read_bytes())
+    middle[1500] = ord("z")  # a large file's middle is not read
+    small.write_bytes(bytes(middle))
+    os.utime(small, ns=(5, 7))
+    assert fingerprint.file_fingerprint(small) == expected.hexdigest()

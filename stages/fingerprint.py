@@ -1,0 +1,91 @@
+"""What a run reads besides its config values: a fingerprint of every local file or folder its resolved config
+names (data files, a raw DeepSpeed JSON, model and tokenizer folders), kept as output_dir/inputs.json and in each
+checkpoint, so that `--resume` notices a data file edited or a model folder retrained under the same path.
+
+    file of <= 256 MiB   sha256 of its bytes
+    larger file          sha256 of (size, mtime, the first and the last MiB): no minutes of hashing per start
+    folder               sha256 of (relative name, size, mtime) of its files, hidden ones (.rlhf.lock, .tmp-*)
+                         aside, the first 10,000 in name order (weights are not read: a folder copied without
+                         its times counts as changed); a stage's output folder counts as its final/ (what
+                         stages.models.resolve_model_dir loads), so `rlhf eval` writing beside it changes nothing
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+WHOLE_FILE = 256 * 2**20
+EDGE = 2**20
+FOLDER_ENTRIES = 10_000
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 hex of a file's bytes, or for a large one of its size, mtime, first and last MiB."""
+    digest = hashlib.sha256()
+    info = path.stat()
+    with open(path, "rb") as fh:
+        if info.st_size <= WHOLE_FILE:
+            for block in iter(lambda: fh.read(EDGE), b""):
+                digest.update(block)
+        else:
+            digest.update(f"{info.st_size} {info.st_mtime_ns}".encode())
+            digest.update(fh.read(EDGE))
+            fh.seek(-EDGE, os.SEEK_END)
+            digest.update(fh.read(EDGE))
+    return digest.hexdigest()
+
+
+def folder_fingerprint(path: Path) -> str:
+    """sha256 hex of the (relative name, size, mtime) of a folder's files (see the module docstring)."""
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        path = path / "final"
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = files[:FOLDER_ENTRIES]
+    for file in files:
+        info = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def input_fingerprints(tree: Any, skip: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
+    """{dotted key: {"path": p, "sha256": ...}} for every string value of a resolved config (`tree`, nested
+    dicts and lists) that is an absolute path to an existing file or folder, keys starting with `skip` aside."""
+    found: dict[str, dict[str, str]] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if key.startswith(skip) and key:
+            return
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+        elif isinstance(value, str) and os.path.isabs(value):
+            path = Path(value)
+            try:
+                if path.is_file():
+                    found[key] = {"path": value, "sha256": file_fingerprint(path)}
+                elif path.is_dir():
+                    found[key] = {"path": value, "sha256": folder_fingerprint(path)}
+            except OSError:
+                return  # unreadable now: the run itself will say so
+
+    walk(tree, "")
+    return found
+
+
+def fingerprint_changes(before: dict[str, Any], after: dict[str, dict[str, str]]) -> list[str]:
+    """"key (path): contents changed" for each input named by the same key and path in both whose fingerprint
+    differs (a changed path is a config change, reported as one)."""
+    changes = []
+    for key in sorted(before.keys() & after.keys()):
+        old, new = before[key], after[key]
+        if isinstance(old, dict) and old.get("path") == new["path"] and old.get("sha256") != new["sha256"]:
+            changes.append(f"{key} ({new['path']}): contents changed")
+    return changes
