@@ -152,20 +152,24 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def worker_processes(launcher_pid: int) -> list["psutil.Process"]:
-    """The training processes under the launcher started as `launcher_pid` (its descendants that are not
-    DeepSpeed's runner / launch processes)."""
+    """The training processes under the launcher started as `launcher_pid`: the children of DeepSpeed's
+    runner / launch processes that are not such processes themselves. Their own children (inductor's compile
+    workers, data-loader workers) are left out: a forwarded signal would kill them under a worker that is
+    still finishing its step and checkpoint."""
     try:
         children = psutil.Process(launcher_pid).children(recursive=True)
     except psutil.Error:
         return []
-    workers = []
+    launchers, others = {launcher_pid}, []
     for child in children:
         try:
-            if not any("deepspeed.launcher" in part for part in child.cmdline()):
-                workers.append(child)
+            if any("deepspeed.launcher" in part for part in child.cmdline()):
+                launchers.add(child.pid)
+            else:
+                others.append((child, child.ppid()))
         except psutil.Error:
             continue
-    return workers
+    return [child for child, parent in others if parent in launchers]
 
 
 #: where DeepSpeed's CPU accelerator keeps its shared-memory all-reduce buffers

@@ -714,3 +714,37 @@ def test_fingerprints_hash_small_files_whole_and_large_ones_by_size_time_and_edg
     small.write_bytes(bytes(middle))
     os.utime(small, ns=(5, 7))
     assert fingerprint.file_fingerprint(small) == expected.hexdigest()
+
+
+def test_signals_are_forwarded_to_the_launchers_workers_not_to_their_own_children(tmp_path):
+    """A fake launcher tree: runner -> launch (both named deepspeed.launcher.*) -> worker -> its own child
+    (an inductor compile worker, say). Only the worker gets the forwarded signal: its children must live
+    until it has finished its step and checkpoint."""
+    import psutil
+
+    from rlhf_cli.launcher import worker_processes
+
+    ready = tmp_path / "ready"
+
+    def spawn(code: str, name: str = "") -> str:  # a python process running `code`, `name` in its argv
+        return f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {code!r}] + {[name] if name else []!r})"
+
+    grandchild = f"import pathlib, time; pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    worker = spawn(grandchild) + "; import time; time.sleep(60)"
+    launch = spawn(worker) + "; import time; time.sleep(60)"
+    runner = subprocess.Popen([sys.executable, "-c", spawn(launch, "deepspeed.launcher.launch")
+                               + "; import time; time.sleep(60)", "deepspeed.launcher.runner"])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = psutil.Process(runner.pid).children(recursive=True)
+        assert len(tree) == 3, tree
+        (launch_proc,) = [p for p in tree if "deepspeed.launcher.launch" in p.cmdline()]
+        (found,) = worker_processes(runner.pid)
+        assert found.ppid() == launch_proc.pid and found.children() and not found.children()[0].children()
+    finally:
+        for proc in psutil.Process(runner.pid).children(recursive=True):
+            proc.kill()
+        runner.kill()
+        runner.wait()
