@@ -12,6 +12,7 @@ concatenated, so the loss mask is exact: a token is trained iff it comes from an
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from array import array
@@ -334,6 +335,26 @@ def bos_ids(tokenizer: Any) -> list[int]:
     return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
 
 
+def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
+    """The token ids of each segment, from ONE tokenization of the joined text: each token goes to the segment
+    its first character is in (offsets of a fast tokenizer). Tokenizing segment by segment would differ from
+    how the whole text (and the PPO prompt, tokenized at once) is tokenized: a SentencePiece-style tokenizer
+    (Llama, Mistral: Metaspace) puts a word-start mark before every piece it is given, so each later context
+    segment, and each response, would gain a token of its own. Slow tokenizers (no offsets) fall back to
+    segment by segment."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in segments]
+    starts, at = [], 0
+    for seg in segments:
+        starts.append(at)
+        at += len(seg.text)
+    enc = tokenizer("".join(seg.text for seg in segments), add_special_tokens=False, return_offsets_mapping=True)
+    out: list[list[int]] = [[] for _ in segments]
+    for token, (begin, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        out[max(0, bisect.bisect_right(starts, begin) - 1)].append(token)
+    return out
+
+
 def encode_segments(
     segments: list[Segment], tokenizer: Any, add_eos: bool, bos: list[int]
 ) -> tuple[TokenizedExample, int]:
@@ -348,12 +369,11 @@ def encode_segments(
     split = 0
     last_ids: list[int] = []
     last_trained = max(i for i, s in enumerate(segments) if s.train)
-    for i, seg in enumerate(segments):
-        seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+    for i, seg_ids in enumerate(segment_token_ids(segments, tokenizer)):
         if i == last_trained:
             split, last_ids = len(ids), seg_ids
         ids += seg_ids
-        labels += seg_ids if seg.train else [IGNORE] * len(seg_ids)
+        labels += seg_ids if segments[i].train else [IGNORE] * len(seg_ids)
     eos = tokenizer.eos_token_id
     if add_eos and eos not in last_ids:  # a template may end the turn with "EOS\n" (ChatML): no second EOS
         ids.append(eos)

@@ -437,3 +437,62 @@ def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     with_eos, _ = _one(char_tok, convs)
     without, _ = _one(char_tok, convs, add_eos=False)
     assert with_eos[0]["input_ids"] == without[0]["input_ids"] + [char_tok.eos_token_id]
+
+
+def _sentencepiece_style_tokenizer(texts: list[str]):
+    """A Llama-2 / Mistral-style tokenizer trained here: Metaspace word starts (a "▁" before the first piece
+    of any text it is given), byte fallback, BOS added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    hf.chat_template = DEFAULT_CHAT_TEMPLATE
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_sample, kind, chat):
+    """The PPO prompt (tokenized at once) must be exactly the tokens SFT and the reward model put before the
+    response, or the policy samples after a context it was never trained on. A SentencePiece-style tokenizer
+    marks a word start at the beginning of each piece it encodes, so the conversation is tokenized as one text
+    and split at the segments' character offsets. And the SFT sequence is the whole text's tokenization."""
+    from stages.config import PPODataConfig, RMDataConfig
+    from stages.data import bos_ids, encode_segments
+    from stages.pairs import load_pairs
+    from stages.ppo.prompts import load_prompts
+
+    records = [json.loads(line) for line in hh_sample.read_text(encoding="utf-8").splitlines()]
+    texts = [r["chosen"] for r in records]
+    tok = _sentencepiece_style_tokenizer(texts) if kind == "sentencepiece" else train_tokenizer(texts, 1500, 2)
+    bos = bos_ids(tok)
+    assert bool(bos) == (kind == "sentencepiece")
+    source = DataSource(path=str(hh_sample))
+    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="hh", use_chat_template=chat,
+                                                    max_prompt_length=10**6), tok, BadRowLog())
+    assert len(prompts) == len(records)  # every record has a usable prompt (row numbers line up)
+
+    def row(where: str) -> int:
+        return int(where.rsplit(" ", 1)[1]) - 1
+
+    convs, _ = _load(hh_sample, format="hh", on_bad_row="skip", use_chat_template=chat)
+    assert len(convs) == 399
+    for conv, where in convs:
+        ex, split = encode_segments(render_segments(conv, tok, "last_turn"), tok, True, bos)
+        assert ex.input_ids[:split] == prompts[row(where)], where
+        if not chat:
+            whole = tok("".join(s.text for s in render_segments(conv, tok, "last_turn")))["input_ids"]
+            assert ex.input_ids == whole + [tok.eos_token_id], where
+    load = load_pairs(source, RMDataConfig(train=source, format="hh", on_bad_row="skip", use_chat_template=chat),
+                      BadRowLog())
+    assert len(load.pairs) > 300
+    for pair, where in load.pairs:
+        for side in ("chosen", "rejected"):
+            ex, split = encode_segments(render_segments(pair.conversation(side), tok, "last_turn"), tok, True, bos)
+            assert ex.input_ids[:split] == prompts[row(where)], (where, side)
