@@ -249,7 +249,7 @@ _stage_command(
     "train-rm",
     """Reward model: -log sigmoid(r_chosen - r_rejected) on preference pairs, reward read at the last token.
 
-    Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (eval reward mean/std, for PPO), resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
+    Starts from an SFT output directory, a hub/local model or from_config. Writes output_dir/final (loads with AutoModelForSequenceClassification, num_labels=1) with reward_stats.json (the eval reward mean/std: the RM's score scale), resumable checkpoint-*/ directories, metrics.jsonl (accuracy, margin, reward mean/std/min/max) and TensorBoard logs. Example: [bold]rlhf train-rm --config configs/tiny/rm.yaml[/]
     """,  # noqa: E501
 )
 

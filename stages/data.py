@@ -378,6 +378,8 @@ def encode_segments(
     if add_eos and eos not in last_ids:  # a template may end the turn with "EOS\n" (ChatML): no second EOS
         ids.append(eos)
         labels.append(eos if segments[-1].train else IGNORE)
+    if labels:  # nothing before the first token predicts it (an empty prompt, no BOS): no loss there, and
+        labels[0] = IGNORE  # packed, none from the previous example's end either
     return TokenizedExample(ids, labels), split
 
 
@@ -389,9 +391,17 @@ def prompt_cut(prompt_len: int, total: int, max_length: int, prompt_budget: int)
     return prompt_len - max(prompt_len - (total - max_length), min(prompt_len, prompt_budget))
 
 
-def truncate_example(ex: TokenizedExample, cut: int, max_length: int) -> TokenizedExample:
-    """Drop `cut` tokens from the left, then keep at most `max_length` tokens from the left."""
-    ids, labels = ex.input_ids[cut:], ex.labels[cut:]
+def bos_head(ids: list[int], bos: list[int]) -> int:
+    """How many leading tokens of `ids` are the tokenizer's BOS (kept when the prompt is cut from the left)."""
+    return len(bos) if bos and ids[:len(bos)] == bos else 0
+
+
+def truncate_example(ex: TokenizedExample, cut: int, max_length: int, head: int = 0) -> TokenizedExample:
+    """Drop `cut` tokens from the left, after the first `head` (the BOS, which models of the Llama family expect
+    at position 0), then keep at most `max_length` tokens from the left."""
+    ids, labels = ex.input_ids, ex.labels
+    if cut:
+        ids, labels = ids[:head] + ids[head + cut:], labels[:head] + labels[head + cut:]
     return TokenizedExample(
         ids[:max_length], labels[:max_length], prompt_truncated=cut > 0, response_truncated=len(ids) > max_length
     )
@@ -406,7 +416,8 @@ def tokenize_segments(
     tokens from the left, down to `prompt_budget` tokens at least; then the response loses tokens from the right.
     """
     ex, prompt_len = encode_segments(segments, tokenizer, add_eos, bos)
-    return truncate_example(ex, prompt_cut(prompt_len, len(ex.input_ids), max_length, prompt_budget), max_length)
+    cut = prompt_cut(prompt_len, len(ex.input_ids), max_length, prompt_budget)
+    return truncate_example(ex, cut, max_length, bos_head(ex.input_ids, bos))
 
 
 class TokenRows:

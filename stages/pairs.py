@@ -33,6 +33,7 @@ from stages.data import (
     TokenRows,
     _bad,
     _field,
+    bos_head,
     bos_ids,
     encode_segments,
     parse_messages,
@@ -227,7 +228,8 @@ def tokenize_pair(
     The two prompts are cut by the same number of tokens (the larger cut either side needs); responses are
     then cut from the right. With add_eos every side ends with EOS: what a chat template puts after the
     response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
-    short gets EOS as its last token. So the reward is always read at an EOS."""
+    short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
+    reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
     encoded = []
     eos = tokenizer.eos_token_id
     for side in ("chosen", "rejected"):
@@ -239,11 +241,10 @@ def tokenize_pair(
     cut = max(prompt_cut(n, len(ex.input_ids), data.max_length, data.prompt_budget) for ex, n in encoded)
     out = []
     for ex, _ in encoded:
-        ex = truncate_example(ex, cut, data.max_length)
+        ex = truncate_example(ex, cut, data.max_length, bos_head(ex.input_ids, bos))
         if data.add_eos and ex.response_truncated:
-            ex.input_ids[-1] = eos
-            if ex.labels[-1] != IGNORE:
-                ex.labels[-1] = eos
+            ex.input_ids[-1] = eos  # the reward is read at an EOS; not an end the LM loss should learn
+            ex.labels[-1] = IGNORE
         out.append(ex)
     return out[0], out[1]
 

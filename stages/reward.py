@@ -266,8 +266,8 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
 
 
 def _stats_record(metrics: dict[str, float], split: str, step: int) -> dict[str, Any]:
-    """What reward_stats.json holds: the reward distribution measured on `split` at `step` (for PPO's reward
-    normalisation), from reward_metrics(..., prefix=split)."""
+    """What reward_stats.json holds: the reward distribution measured on `split` at `step` (the RM's score
+    scale, for the user; PPO normalises with running statistics of its own), from reward_metrics(..., prefix=split)."""
     keys = ("mean", "std", "min", "max")
     record: dict[str, Any] = {k: metrics[f"{split}/reward_{k}"] for k in keys}
     record |= {"accuracy": metrics[f"{split}/accuracy"], "pairs": int(metrics[f"{split}/pairs"])}

@@ -248,12 +248,27 @@ def test_truncation_counts_are_reported(tmp_path, char_tok):
     assert (report.examples, report.prompt_truncated, report.response_truncated) == (2, 1, 1)
 
 
-def test_bos_is_prepended_when_the_tokenizer_uses_one(char_tok):
+def test_bos_is_prepended_when_the_tokenizer_uses_one_and_kept_when_the_prompt_is_cut(char_tok):
     from stages.data import Segment, bos_ids
 
     assert bos_ids(char_tok) == []
     ex = tokenize_segments([Segment("ab", False), Segment("c", True)], char_tok, 10, 5, True, bos=[7])
     assert ex.input_ids[0] == 7 and ex.labels[0] == IGNORE
+    a, b, c = (char_tok.convert_tokens_to_ids(x) for x in "abc")
+    ex = tokenize_segments([Segment("aaab", False), Segment("c", True)], char_tok, 5, 2, True, bos=[7])
+    assert ex.input_ids == [7, a, b, c, char_tok.eos_token_id] and ex.prompt_truncated  # 2 cut after the BOS
+
+
+def test_a_response_with_nothing_before_it_has_no_label_on_its_first_token(tmp_path, char_tok):
+    """With an empty prompt and no BOS nothing predicts the first token: it carries no loss, is not counted as
+    trained, and packed it is not predicted from the previous example's EOS."""
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "", "response": "xy"}, {"prompt": "", "response": "zw"}])
+    convs, _ = _load(path)
+    x, y, z, w = (char_tok.convert_tokens_to_ids(t) for t in "xyzw")
+    eos = char_tok.eos_token_id
+    rows, report = _one(char_tok, convs, max_length=16, packing=True)
+    assert rows[0]["input_ids"] == [x, y, eos, z, w, eos]
+    assert rows[0]["labels"] == [IGNORE, y, eos, IGNORE, w, eos] and report.trained_tokens == 4
 
 
 # ----------------------------------------------------------------------------------------- loss mask

@@ -163,7 +163,8 @@ def test_both_sides_share_the_prompt_cut_and_keep_eos(tok):
     assert chosen.input_ids[:10] == rejected.input_ids[:10]
     assert len(rejected.input_ids) == 40 and rejected.response_truncated and rejected.prompt_truncated
     assert chosen.input_ids[-1] == rejected.input_ids[-1] == tok.eos_token_id  # cut response still ends in EOS
-    assert rejected.labels[-1] == tok.eos_token_id
+    assert chosen.labels[-1] == tok.eos_token_id  # a whole response: its EOS is an LM label
+    assert rejected.labels[-1] == IGNORE and rejected.labels[-2] != IGNORE  # a cut one: the forced EOS is not
     assert len(chosen.input_ids) < 40 and chosen.prompt_truncated and not chosen.response_truncated
 
 
@@ -217,3 +218,14 @@ def test_sides_must_differ_in_the_response_and_a_repeated_prompt_is_not_doubled(
     for bad in ("nan", float("inf")):
         with pytest.raises(BadRow, match="'m' must be a finite number"):
             parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", _data(columns={"margin": "m"}))
+
+
+def test_a_prompt_cut_from_the_left_keeps_its_bos_on_both_sides(tok):
+    """Llama-family models expect BOS at position 0: the left cut of a long prompt happens after it."""
+    prompt = "user asks question " + " ".join(str(i) for i in range(40))
+    pair = PreferencePair((("user", prompt),), (("assistant", "answers 7"),), (("assistant", "answers 8"),), "raw_pr")
+    bos = [tok.convert_tokens_to_ids("<|pad|>")]  # any id standing for a BOS
+    plain = tokenize_pair(pair, tok, _data(max_length=20, max_prompt_length=10), [])
+    for side, other in zip(tokenize_pair(pair, tok, _data(max_length=20, max_prompt_length=10), bos), plain):
+        assert side.prompt_truncated and side.input_ids[0] == bos[0] and side.labels[0] == IGNORE
+        assert side.input_ids[1:] == other.input_ids[1:]  # one token more cut after the BOS, the rest the same

@@ -1134,6 +1134,27 @@ def test_load_prompts_hh_cut_after_the_last_assistant_marker(tmp_path, tokenizer
         assert tokenizer.decode(ids).endswith("\n\nAssistant:")
 
 
+def test_load_prompts_hh_ending_with_a_human_turn_asks_for_the_reply_to_it_raw_and_chat(tmp_path, tokenizer):
+    """A dialogue whose last turn is the human's is the prompt as it is, raw as through the chat template (the
+    raw path used to cut it back to the previous assistant marker, dropping the last exchange)."""
+    text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?"
+    path = _jsonl(tmp_path / "hh.jsonl", [{"chosen": text}])
+    raw, _, _ = _load(path, tokenizer)
+    assert raw[0] == _enc(tokenizer, text + "\n\nAssistant:")
+    chat, _, _ = _load(path, tokenizer, use_chat_template=True)
+    assert tokenizer.decode(chat[0]).endswith("<|user|>\nhow are you?<|endoftext|><|assistant|>\n")
+
+
+def test_a_prompt_cut_to_max_prompt_length_keeps_its_bos(tmp_path, tokenizer, monkeypatch):
+    from stages.ppo import prompts as prompt_module
+
+    monkeypatch.setattr(prompt_module, "bos_ids", lambda tok: [7])  # a tokenizer that starts texts with id 7
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "the lazy dog jumps over the fox"}])
+    full = _enc(tokenizer, "the lazy dog jumps over the fox")
+    prompts, truncated, _ = _load(path, tokenizer, max_prompt_length=4)
+    assert prompts == [[7] + full[-3:]] and truncated == 1
+
+
 def test_load_prompts_hh_through_the_chat_template(tmp_path, tokenizer):
     text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine"
     prompts, _, _ = _load(_jsonl(tmp_path / "hh.jsonl", [{"chosen": text}]), tokenizer, use_chat_template=True)

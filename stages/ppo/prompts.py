@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.config import PPODataConfig
-from stages.data import BadRow, BadRowLog, _bad, _field, bos_ids, parse_messages, read_rows, split_hh
+from stages.data import BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, parse_messages, read_rows, split_hh
 from stages.errors import DataError
 
 Turns = list[tuple[str, str]]
@@ -56,9 +56,11 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     if fmt == "hh":
         text = _field(record, cols.text)
         turns = split_hh(text)
-        if not data.use_chat_template:
-            at = text.rfind("\n\nAssistant:")
-            prompt = text[: at + len("\n\nAssistant:")] if at >= 0 else text.rstrip() + "\n\nAssistant:"
+        if not data.use_chat_template:  # up to the last assistant marker; a dialogue that ends with a human
+            at = text.rfind("\n\nAssistant:")  # turn is the prompt as it is (as with the chat template)
+            ends_with_user = bool(turns) and turns[-1][0] == "user"
+            prompt = text[: at + len("\n\nAssistant:")] if at >= 0 and not ends_with_user else \
+                text.rstrip() + "\n\nAssistant:"
             if not prompt.strip() or "Human:" not in prompt:
                 raise BadRow("no human turn before the last '\\n\\nAssistant:'")
             return [("user", prompt)], False
@@ -95,8 +97,9 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         if not ids:
             _bad(where, "the prompt encodes to no token with this tokenizer", data.on_bad_row, log)
             continue
-        if len(ids) > data.max_prompt_length:
-            ids, truncated = ids[-data.max_prompt_length:], truncated + 1
+        if len(ids) > data.max_prompt_length:  # cut from the left, after the BOS (as SFT and the RM cut)
+            head = bos_head(ids, bos) if data.max_prompt_length > len(bos) else 0
+            ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}")
