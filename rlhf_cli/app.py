@@ -70,7 +70,9 @@ HostfileOpt = Annotated[
                  show_default="this machine only"),
 ]
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Print the resolved config and launch command; do not train.", show_default="off")
+    bool, typer.Option("--dry-run", help="Print the resolved config, the launch command and a memory estimate, and make "
+                 "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON); write nothing, "
+                 "train nothing.", show_default="off")
 ]
 ResumeOpt = Annotated[
     bool,
@@ -132,13 +134,15 @@ def run_stage(
     allow_changes: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
-    from stages.checkpoint import prepare_output_dir, run_lock
+    from stages.checkpoint import check_output_dir, prepare_output_dir, run_lock
 
-    def prepare(processes: int) -> None:
-        changes = prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes)
+    def warn_changes(changes: list[str]) -> None:
         if changes:
             err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {'; '.join(changes)}[/]",
                       highlight=False)
+
+    def prepare(processes: int) -> None:
+        warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
     try:
         cfg = load_config(stage, config, overrides, preset=preset)
@@ -162,10 +166,13 @@ def run_stage(
             env = launch_env(local_processes(num_gpus, hostfile))
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {where}", highlight=False, soft_wrap=True)
-        if dry_run:
+        if dry_run:  # every check the run makes before its work that only reads, then the estimate
             from stages.memory import estimate, format_estimate
+            from stages.models import check_stage_models
 
             _check_deepspeed_json(stage, cfg, processes)
+            check_stage_models(stage, cfg)
+            warn_changes(check_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes).changes)
 
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             out.print("dry run: nothing trained")

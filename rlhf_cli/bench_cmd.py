@@ -107,12 +107,13 @@ def warn_if_gpu_sized(cfg: Any) -> None:
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
            overrides: list[str]) -> tuple[Any, Any, Path]:
     from stages.bench import prepare_workload
+    from stages.checkpoint import ensure_dir
     from stages.engine import model_dtype
     from stages.runtime import select_accelerator_env
 
     select_accelerator_env()
     cfg = bench_config(workload, config, iters, warmup, overrides)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    ensure_dir(Path(cfg.output_dir))
     precision = cfg.ppo.get("deepspeed", {}).get("precision", "bf16")
     warn_if_gpu_sized(cfg)
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -101,8 +101,11 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     import fcntl
     import socket
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    ensure_dir(out_dir)
+    try:
+        fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+    except OSError as exc:
+        raise ConfigError(f"output_dir {out_dir}: cannot write {LOCK_NAME} there ({exc.strerror or exc})") from None
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,14 +245,23 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
-                       world_size: int | None = None, allow_changes: bool = False) -> list[str]:
-    """Before a run: refuse to mix two runs in one output_dir (unless resuming, or told to overwrite), refuse to
-    resume another stage's run, refuse to resume with another config or process count (resume_changes) unless
-    `allow_changes`, clear what an earlier attempt left when starting fresh (e.g. a tokenizer trained for other
-    data), and write resolved_config.yaml, which the workers read. Returns the changes a resumed run carries."""
-    changes: list[str] = []
-    checkpoint = None
+class OutputPlan(NamedTuple):
+    """What `check_output_dir` found: the checkpoint a resume continues (None: a fresh start), the changes it
+    carries, and the fingerprints of the run's inputs."""
+
+    checkpoint: Path | None
+    changes: list[str]
+    inputs: dict[str, dict[str, str]]
+
+
+def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
+                     world_size: int | None = None, allow_changes: bool = False) -> OutputPlan:
+    """The refusals of `prepare_output_dir`, reading only (what `--dry-run` checks too): an output_dir that is a
+    file, --resume with --overwrite, resuming another stage's run, resuming with another config, input contents
+    or process count (resume_changes) unless `allow_changes`, another process count under ZeRO, and mixing two
+    runs in one output_dir (unless resuming, or told to overwrite)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir {out_dir} is a file, not a directory")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
     if resume and stage is not None:
@@ -258,6 +270,7 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
             raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
     inputs = run_inputs(out_dir, config_text)
+    checkpoint, changes = None, []
     if resume:
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs)
         if checkpoint is not None:
@@ -272,12 +285,32 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
             f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
-    if not resume or (checkpoint is None and not (out_dir / "final").exists()):
+    return OutputPlan(checkpoint, changes, inputs)
+
+
+def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
+                       world_size: int | None = None, allow_changes: bool = False) -> list[str]:
+    """Before a run: `check_output_dir`'s refusals; then clear what an earlier attempt left when starting fresh
+    (e.g. a tokenizer trained for other data), and write resolved_config.yaml, which the workers read, and
+    inputs.json. Returns the changes a resumed run carries."""
+    plan = check_output_dir(out_dir, config_text, resume, overwrite, stage, world_size, allow_changes)
+    if not resume or (plan.checkpoint is None and not (out_dir / "final").exists()):
         clear_run(out_dir)  # a resume with nothing to resume is a fresh start: no earlier attempt's leftovers
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     atomic_write_text(out_dir / "resolved_config.yaml", config_text)
-    atomic_write_text(out_dir / "inputs.json", json.dumps(inputs, indent=2) + "\n")
-    return changes
+    atomic_write_text(out_dir / "inputs.json", json.dumps(plan.inputs, indent=2) + "\n")
+    return plan.changes
+
+
+def ensure_dir(path: Path, what: str = "output_dir") -> None:
+    """mkdir -p `path`, as a ConfigError naming it when that is impossible (a file in the way, a read-only or
+    missing parent, no permission) or when it is not writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: not writable")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

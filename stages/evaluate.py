@@ -143,10 +143,13 @@ def summarize(gen: Generated, ngram: int) -> dict[str, float]:
 def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     """Run the evaluation; returns (and writes to `out_file` with samples beside it) the results."""
 
+    from stages.checkpoint import ensure_dir
     from stages.distributed import quiet_libraries
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     quiet_libraries()
+    if out_file is not None:  # before minutes of sampling, not after
+        ensure_dir(out_file.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
@@ -181,7 +184,6 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         if mine.gold is not None and theirs.gold is not None:
             results["win_rate_gold"] = win_rate(mine.gold, theirs.gold)
     if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         with out_file.with_suffix(".samples.jsonl").open("w", encoding="utf-8") as fh:
             for i, p in enumerate(prompts):

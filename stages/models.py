@@ -249,6 +249,20 @@ def check_architecture(source: str, head: str, trained_head: bool) -> None:
                               "written by rlhf train-rm is needed here (its score head would be random otherwise)")
 
 
+#: per stage, the models it loads that have a kind to check: (config section, head, trained head)
+STAGE_MODEL_KINDS = {"sft": [("model", "causal_lm", False)], "train-rm": [],
+                     "ppo": [("model", "causal_lm", False), ("reward_model", "reward", True)]}
+
+
+def check_stage_models(stage: str, cfg: Any) -> None:
+    """The kind checks a stage makes before loading its models (`check_architecture` on each local folder's
+    config.json; a stage folder stands for its final/), without loading any weights: what --dry-run can tell."""
+    for section, head, trained in STAGE_MODEL_KINDS.get(stage, []):
+        model = getattr(cfg, section)
+        if model.from_config is None and model.name_or_path:
+            check_architecture(resolve_model_dir(model.name_or_path), head, trained)
+
+
 @contextlib.contextmanager
 def zero3_init_off() -> Iterator[None]:
     """Build models as plain (unpartitioned) modules even while a ZeRO-3 HfDeepSpeedConfig is alive."""

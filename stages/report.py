@@ -396,7 +396,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0) -> di
     "groups": {group: {"seeds", "runs": [{"label", "dir", "monitor_events", "last_step"}], "monitor_events",
     "metrics": {key: {"first", "last", "max", "seeds"}}}}}; paths are strings, non-finite numbers None.
     Raises DataError when a directory has no metrics.jsonl or no run has a plottable metric."""
-    from stages.checkpoint import atomic_write_text
+    from stages.checkpoint import atomic_write_text, ensure_dir
 
     if not run_dirs:
         raise ConfigError("no run directories given (expected one or more stage output directories)")
@@ -409,7 +409,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0) -> di
     if not any(math.isfinite(v) for r in runs for key in plottable for _, v in r.series.get(key, [])):
         dirs = ", ".join(str(r.path) for r in runs)
         raise DataError(f"no plottable metric in {dirs} (expected some of: {', '.join(sorted(plottable))})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, "--out")
     pngs = plot_panels(groups, out_dir, smooth)
     summary = summarize(groups)
     md_path, json_path = out_dir / "report.md", out_dir / "report.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,53 @@ def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
     assert "-m deepspeed.launcher.runner --num_gpus 2" in res.stdout
     assert f"--module rlhf_cli sft --config {out_dir}/resolved_config.yaml" in res.stdout
     assert not out_dir.exists()  # a dry run writes nothing
+
+
+def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp_path):
+    """What the run refuses before any work, the dry run refuses too: --resume with --overwrite, a folder that
+    already holds a run, an output_dir that is a file or cannot be made, a reward model that is not one."""
+    def dry_run(*args: str, out: Path = tmp_path / "o"):
+        return invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", *args, "--set", f"output_dir={out}")
+
+    res = dry_run("--resume", "--overwrite")
+    assert res.exit_code == 2 and "--resume and --overwrite contradict each other" in res.stderr
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1}\n')
+    res = dry_run()
+    assert res.exit_code == 2 and "already holds a run (metrics.jsonl)" in res.stderr, res.output
+    assert dry_run("--resume").exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    res = dry_run(out=afile)
+    assert res.exit_code == 2 and f"output_dir {afile} is a file, not a directory" in res.stderr, res.output
+
+    def stage_folder(name: str, arch: str) -> Path:
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        return tmp_path / name
+
+    sft, rm = stage_folder("sft", "LlamaForCausalLM"), stage_folder("rm", "LlamaForSequenceClassification")
+    ppo = ("ppo", "-c", str(REPO / "configs" / "tiny" / "ppo.yaml"), "--dry-run", "--set", f"output_dir={tmp_path}/p",
+           "--set", f"model.name_or_path={sft}")
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={sft}")
+    assert res.exit_code == 1 and f"{sft / 'final'} is a LlamaForCausalLM, not a one-label sequence classifier" in res.stderr
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--set", f"model.name_or_path={rm}")
+    assert res.exit_code == 1 and "(a reward model), not a causal LM" in res.stderr, res.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cfg = write_yaml(tmp_path / "sft.yaml", tiny_sft_dict(tmp_path) | {"output_dir": str(afile / "sub")})
+    res = run_cli("sft", "-c", str(cfg))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: output_dir {afile / 'sub'}: cannot create it (Not a directory)"], res.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
+    res = invoke_cli("report", str(run), "--out", str(afile))
+    assert res.exit_code == 2 and f"error: --out {afile}: cannot create it (File exists)" in res.stderr, res.output
 
 
 def test_world_size_counts_processes_as_deepspeeds_runner_does(tmp_path):
