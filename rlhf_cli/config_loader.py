@@ -159,9 +159,11 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     return f"{key}: {msg}{shown}"
 
 
-def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str) -> str:
+def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str,
+                            cli_keys: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     """One line per problem. A union field reports one error per alternative; those are joined into one line
-    ("deepspeed.config: Input should be a valid string, or a valid dictionary (got 5)")."""
+    ("deepspeed.config: Input should be a valid string, or a valid dictionary (got 5)"). A problem at a key set
+    (or under a section set) with --set says so: the file does not hold that value."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     for e in exc.errors():
         by_key.setdefault(_key(_clean_loc(schema, tuple(e["loc"]))), []).append(e)
@@ -175,14 +177,18 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             by_key[key] = [e for e in errs if e not in plain]
             if not by_key[key]:
                 del by_key[key]
-    unique = []
-    for errs in by_key.values():
+    def from_cli(key: str) -> bool:
+        return any(key == k or key.startswith((k + ".", k + "[")) for k in cli_keys)
+
+    unique: list[str] = []
+    for key, errs in by_key.items():
         if len(errs) > 1 and all(e["msg"].startswith("Input should be ") for e in errs):
             first, rest = errs[0], [e["msg"].removeprefix("Input should be ") for e in errs[1:]]
             merged = {**first, "msg": ", or ".join([first["msg"], *dict.fromkeys(rest)])}
-            unique.append(_format_error(schema, merged))
+            lines = [_format_error(schema, merged)]
         else:
-            unique.extend(dict.fromkeys(_format_error(schema, e) for e in errs))
+            lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))
+        unique.extend(f"{line} [given with --set]" if from_cli(key) else line for line in lines)
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
 
@@ -219,7 +225,7 @@ def load_config(
     try:
         config = schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(schema, exc, str(config_path))) from None
+        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys)) from None
     resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths
         stages = [(config.sft, "sft"), (config.rm, "train-rm"), (config.ppo, "ppo")] + [(r, "ppo") for r in config.ppo_runs]

@@ -84,6 +84,13 @@ def test_wrong_type_names_path_and_expectation(tmp_path):
         load_config("sft", _cfg_file(tmp_path), ["train.micro_batch_size=many"])
     msg = str(exc.value)
     assert "train.micro_batch_size" in msg and "valid integer" in msg and "'many'" in msg
+    assert msg.endswith("(got 'many') [given with --set]")  # the file does not hold that value
+    with pytest.raises(ConfigError) as exc:  # a key inside a section given whole with --set
+        load_config("sft", _cfg_file(tmp_path), ["train={lrr: 1}"])
+    assert "unknown key 'train.lrr'" in str(exc.value) and str(exc.value).endswith("[given with --set]")
+    with pytest.raises(ConfigError) as exc:  # from the file: no such mark
+        load_config("sft", _cfg_file(tmp_path, train__micro_batch_size="many"))
+    assert "[given with --set]" not in str(exc.value)
 
 
 def test_wrong_value_names_allowed_choices(tmp_path):
@@ -316,7 +323,7 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     (out / "tokenizer").mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     prepare_output_dir(out, "a: 1\n", resume=True, overwrite=False)  # nothing to resume: a fresh start, no leftovers
-    assert sorted(p.name for p in out.iterdir()) == ["resolved_config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "resolved_config.yaml"]
     (out / "checkpoint-00000002").mkdir()
     (out / "checkpoint-00000002" / "COMPLETE").write_text("ok\n")
     (out / "tokenizer").mkdir()
@@ -330,7 +337,7 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     assert (out / "tokenizer").exists() and (out / "checkpoint-00000002").exists()
     assert (out / "profile-step-2.json.gz").exists()
     prepare_output_dir(out, "a: 3\n", resume=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["resolved_config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "resolved_config.yaml"]
     with pytest.raises(ConfigError, match="contradict"):
         prepare_output_dir(out, "", resume=True, overwrite=True)
 
