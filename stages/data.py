@@ -56,6 +56,12 @@ class BadRowLog:
     def total(self) -> int:
         return sum(self.reasons.values())
 
+    def summary(self) -> str:
+        """" (skipped: 40 x empty 'response', 2 x invalid JSON)", or "" when nothing was skipped."""
+        if not self.reasons:
+            return ""
+        return " (skipped: " + ", ".join(f"{n} x {reason}" for reason, n in self.reasons.most_common()) + ")"
+
 
 def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
     if on_bad_row == "error":
@@ -271,7 +277,7 @@ def load_conversations(
         fmt = row_fmt  # auto: the first usable row decides for the whole source
         out.append((conv, where))
     if not out:
-        raise DataError(f"no usable rows in {', '.join(source.paths())}")
+        raise DataError(f"no usable rows in {', '.join(source.paths())}{log.summary()}")
     return out
 
 

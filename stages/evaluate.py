@@ -71,12 +71,12 @@ class Generated:
     kl: list[float] | None = None
 
 
-def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _load_lm(path: str, dtype: torch.dtype, device: torch.device, what: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
         folder = resolve_model_dir(path)
-        check_architecture(folder, "causal_lm", False)
+        check_architecture(folder, "causal_lm", False, what)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except CheckpointError:
         raise
@@ -165,19 +165,19 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         raise ConfigError(f"no prompts in {s.data.train}")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
-    policy = _load_lm(s.policy, dtype, device)
+    policy = _load_lm(s.policy, dtype, device, "POLICY")
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline
-    reference = _load_lm(ref_path, dtype, device) if ref_path else None
+    reference = _load_lm(ref_path, dtype, device, "--reference" if s.reference else "--baseline") if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, device, reference)
     if ref_path:
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
-        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device)
+        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device, "--baseline")
         theirs = generate(base, prompts, s, tok, reward, stop_ids, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
         results["win_rate_rm"] = win_rate(mine.reward, theirs.reward)

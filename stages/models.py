@@ -225,7 +225,7 @@ def build_model(
     return model
 
 
-def check_architecture(source: str, head: str, trained_head: bool) -> None:
+def check_architecture(source: str, head: str, trained_head: bool, key: str = "model.name_or_path") -> None:
     """Refuse a local checkpoint of the wrong kind before loading it: a sequence classifier (reward model) where
     a causal LM is wanted, or (trained_head) anything but a one-label sequence classifier. Hub ids and
     directories without a readable config.json are left to from_pretrained."""
@@ -242,7 +242,7 @@ def check_architecture(source: str, head: str, trained_head: bool) -> None:
     labels = len(body.get("id2label") or {}) or body.get("num_labels", 2)
     is_classifier = arch.endswith("ForSequenceClassification")
     if head == "causal_lm" and is_classifier:
-        raise CheckpointError(f"{source} is a {arch} (a reward model), not a causal LM; point model.name_or_path "
+        raise CheckpointError(f"{source} is a {arch} (a reward model), not a causal LM; point {key} "
                               "at an SFT output or a base model")
     if head == "reward" and trained_head and not (is_classifier and labels == 1):
         raise CheckpointError(f"{source} is a {arch}, not a one-label sequence classifier: a reward model "

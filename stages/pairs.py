@@ -215,7 +215,7 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
         pairs.append((pair, where))
     if not pairs:
         extra = f" ({identical} identical pair(s) dropped)" if identical else ""
-        raise DataError(f"no usable preference pairs in {', '.join(source.paths())}{extra}")
+        raise DataError(f"no usable preference pairs in {', '.join(source.paths())}{extra}{log.summary()}")
     return PairLoad(pairs, identical, duplicates)
 
 

@@ -207,10 +207,11 @@ def test_non_utf8_bytes_are_a_bad_row(tmp_path):
         _load(path)
 
 
-def test_only_bad_rows_is_an_error(tmp_path):
-    path = _jsonl(tmp_path / "d.jsonl", ["nope", "nope"])
-    with pytest.raises(DataError, match="no usable rows"):
+def test_only_bad_rows_is_an_error_that_says_why_they_were_skipped(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", ["nope", "nope", {"prompt": "a", "response": " "}])
+    with pytest.raises(DataError) as exc:
         _load(path, on_bad_row="skip")
+    assert str(exc.value) == f"no usable rows in {path} (skipped: 2 x invalid JSON, 1 x empty 'response')"
 
 
 def test_bad_messages_structure(tmp_path):

@@ -334,7 +334,7 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
     # the reward model handed over as the policy: refused before loading, one line, exit 1
     res = run_cli("eval", str(root / "rm"), "--reward-model", str(root / "rm"), "--prompts",
                   str(TINY / "data" / "eval_prompts.jsonl"), "--num-prompts", "8")
-    assert res.returncode == 1 and "(a reward model), not a causal LM" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 1 and "(a reward model), not a causal LM; point POLICY at" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Loading weights" not in res.stdout + res.stderr
     # a policy path that is not there, and a temperature the help says must be > 0: one line each
     res = run_cli("eval", str(tmp_path / "gone"), "--reward-model", str(root / "rm"), "--prompts",

@@ -102,5 +102,5 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
     if not prompts:
-        raise DataError(f"no usable prompts in {', '.join(source.paths())}")
+        raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
     return prompts, truncated
