@@ -457,7 +457,29 @@ def env(
 
 
 def main() -> None:
-    app(prog_name="rlhf")
+    """The `rlhf` command. A usage error (an unknown option, a value out of range) is one `error:` line with a
+    pointer to --help, exit 2, like every other error, rather than click's boxed usage text."""
+    try:  # typer >= 0.2x carries its own copy of click
+        from typer._click import exceptions as cli
+    except ImportError:  # pragma: no cover - older typer: click itself
+        from click import exceptions as cli  # type: ignore[no-redef]
+
+    try:
+        code = app(prog_name="rlhf", standalone_mode=False)
+    except getattr(cli, "NoArgsIsHelpError", ()) as exc:  # `rlhf` or a group alone: its help
+        exc.show()
+        code = exc.exit_code
+    except cli.UsageError as exc:
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        print_error(f"{exc.format_message()}{where}")
+        code = exc.exit_code
+    except cli.ClickException as exc:  # e.g. a file argument that cannot be opened
+        print_error(exc.format_message())
+        code = exc.exit_code
+    except (typer.Abort, getattr(cli, "Abort", typer.Abort)):  # Ctrl-C outside a stage's own handling
+        print_error("interrupted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -263,6 +263,18 @@ def test_every_help_exits_0(args):
     assert "Usage" in res.stdout
 
 
+def test_a_usage_error_is_one_error_line_with_exit_2():
+    """Typer's own checks (an option's range, an unknown option) end like every other error: one `error:`
+    line on stderr, naming the option and where the help is, exit 2; no boxed usage text."""
+    res = run_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "0", "--bogus")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: No such option: --bogus (see rlhf sft --help)"], res.stderr
+    res = run_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "0")
+    (line,) = res.stderr.strip().splitlines()  # the range's wording is typer's
+    assert res.returncode == 2 and line.startswith("error: Invalid value for '--num-gpus'") and line.endswith(
+        "(see rlhf sft --help)")
+
+
 def test_help_shows_every_option_with_default():
     res = run_cli("sft", "--help")
     for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--resume",
