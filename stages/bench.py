@@ -124,7 +124,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
     """The `rlhf ppo` config of the benchmark: the workload's models and prompts, exactly new_tokens per
-    response, one rollout batch per iteration, no validation, samples or intermediate checkpoints, with
+    response, one rollout batch per iteration, no validation, samples or checkpoints (W1's would be 16 GB), with
     `profile` one more iteration under the profiler (after the critic-only iterations of a `ppo:` key
     ppo.critic_pretrain_steps, and warmup + iterations); then the bench config's `ppo:` keys on top."""
     w = cfg.workload
@@ -140,7 +140,7 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
         "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
         "train": {"iterations": runs + cfg.profile, "rollout_batch_size": w.prompts,
                   "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
-                  "sample_every": 0, "save_every": 0},
+                  "sample_every": 0, "save_every": 0, "checkpoints": False},
         "deepspeed": {"zero_stage": 0},
         "logging": {"tensorboard": False},
     }

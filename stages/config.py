@@ -419,6 +419,8 @@ class PPOTrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="iterations between validations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="iterations between resumable checkpoints; 0 = only at the end")
     save_total_limit: int = Field(2, ge=1)
+    checkpoints: bool = Field(True, description="false: no resumable checkpoint and no final/ at all (rlhf bench, "
+                              "whose W1 checkpoint would be 16 GB; a stop signal then ends the run unsaved)")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf reward, log-prob, value or loss: stop the run before the update, or skip "
         "that rollout batch / micro-batch"

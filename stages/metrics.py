@@ -141,8 +141,8 @@ def _fmt(key: str, value: float) -> str:
     return f"{key} {value:.4f}"
 
 
-def print_summary(title: str, rows: list[dict[str, Any]], final: Path) -> None:
-    """A table of first -> last values of the logged metrics, and where the model went."""
+def print_summary(title: str, rows: list[dict[str, Any]], final: Path | None) -> None:
+    """A table of first -> last values of the logged metrics, and where the model went (None: nowhere)."""
     from rich.table import Table
 
     first: dict[str, Any] = {}
@@ -161,4 +161,4 @@ def print_summary(title: str, rows: list[dict[str, Any]], final: Path) -> None:
         (s0, v0), (s1, v1) = first[key], last[key]
         table.add_row(key, f"{v0:.4g} ({s0})", f"{v1:.4g} ({s1})")
     _CONSOLE.print(table)
-    _CONSOLE.print(f"final model: {final}", highlight=False, soft_wrap=True)
+    _CONSOLE.print(f"final model: {final or 'not saved (train.checkpoints: false)'}", highlight=False, soft_wrap=True)

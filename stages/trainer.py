@@ -230,9 +230,11 @@ def check_finite(name: str, value: float, done: int, out: Path) -> None:
         )
 
 
-def end_stopped(signum: int, done: int, checkpoint: Path, metrics: MetricsLogger, progress: TrainProgress) -> None:
-    """After the checkpoint a stop signal asked for: close the display and the log (a `stopped` event) and
-    raise stop.Stopped, which the CLI turns into its message and exit code 128 + signum."""
+def end_stopped(signum: int, done: int, checkpoint: Path | None, metrics: MetricsLogger,
+                progress: TrainProgress) -> None:
+    """After the checkpoint a stop signal asked for (None: a run that writes none): close the display and the
+    log (a `stopped` event) and raise stop.Stopped, which the CLI turns into its message and exit code
+    128 + signum."""
     progress.close()
     metrics.event(done, "stopped", signal=signum)
     metrics.close()

@@ -154,7 +154,13 @@ def test_bf16_chunked_logprobs_equal_full_logits_on_gpu():
     with torch.no_grad():
         ref, ref_ent = response_logprobs(model, full_ids, full_mask, ids.shape[1], resp, True, chunk_tokens=0)
         fast, fast_ent = response_logprobs(model, full_ids, full_mask, ids.shape[1], resp, True, chunk_tokens=64)
-    assert torch.allclose(ref, fast, atol=1e-5) and torch.allclose(ref_ent, fast_ent, atol=1e-5)
+    # cuBLAS picks its GEMM kernel by shape (324 rows at once vs 60-row chunks), so a bf16 logit may round the
+    # other way: up to one bf16 step of a logit (2^-8 relative) per token, hence a worst case of 0.05 nats and
+    # a mean far below it (bit-equal on the CPU: test_fastpath.py)
+    for a, b in ((ref, fast), (ref_ent, fast_ent)):
+        diff = (a - b).abs()
+        print(f"bf16 chunked vs full: worst {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}")
+        assert float(diff.max()) <= 0.05 and float(diff.mean()) <= 2e-3
 
 
 def test_cuda_graphs_follow_the_policy_through_optimizer_steps_without_recompiling():

@@ -518,6 +518,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         end the run (stop.Stopped)."""
         faults.maybe_signal(done)
         signum = stop.requested(dist.device)
+        if not t.checkpoints:  # (train.checkpoints: false) a stop signal ends the run unsaved
+            if signum:
+                end_stopped(signum, done, None, metrics, progress)
+            return
         if due(done, t.save_every, total) or signum:
             path = save(done)
             if signum:
@@ -624,19 +628,22 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                                f"{ev['eval/response_length']:.1f}{vetoed}")
             save_if_due(done)
             if reasons and cfg.monitor.action == "stop":
-                if saved_at != done:
+                if saved_at != done and t.checkpoints:
                     save(done)
                 progress.close()
                 metrics.close()
+                saved = f"Checkpoint saved in {out}" if t.checkpoints else "No checkpoint (train.checkpoints: false)"
                 raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
-                                f"Checkpoint saved in {out}; set monitor.action: warn to continue past it")
+                                f"{saved}; set monitor.action: warn to continue past it")
 
     progress.close()
-    final = publish_final(out, total, dist)
-    publish_final(out, total, dist, part="critic/hf", name="final_critic")
+    final = out
+    if t.checkpoints:
+        final = publish_final(out, total, dist)
+        publish_final(out, total, dist, part="critic/hf", name="final_critic")
+        metrics.event(total, "final", path=str(final))
     stop.disarm()
-    metrics.event(total, "final", path=str(final))
     metrics.close()
     if dist.is_main:
-        print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final)
+        print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final if t.checkpoints else None)
     return final
