@@ -342,22 +342,39 @@ def bos_ids(tokenizer: Any) -> list[int]:
 
 
 def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
-    """The token ids of each segment, from ONE tokenization of the joined text: each token goes to the segment
-    its first character is in (offsets of a fast tokenizer). Tokenizing segment by segment would differ from
-    how the whole text (and the PPO prompt, tokenized at once) is tokenized: a SentencePiece-style tokenizer
-    (Llama, Mistral: Metaspace) puts a word-start mark before every piece it is given, so each later context
-    segment, and each response, would gain a token of its own. Slow tokenizers (no offsets) fall back to
-    segment by segment."""
-    if not getattr(tokenizer, "is_fast", False):
+    """The token ids of each segment, from ONE tokenization of the joined text when that is consistent: each
+    token goes to the segment its first character is in (a fast tokenizer's offsets). Tokenizing segment by
+    segment would not give the whole text's tokens with a SentencePiece-style tokenizer (Llama, Mistral:
+    Metaspace), which puts a word-start mark before every piece it is given, so each later segment would gain
+    a token, and the prompt would not be the PPO prompt (tokenized at once).
+
+    Segment by segment it is, though, when a token runs into a trained segment (a prompt ending in a space that
+    a byte-level tokenizer joins to the next word) or the tokens before the last trained segment are not the
+    tokenization of the text before it: then the response starts with its own first token, and the prompt is
+    what PPO would be given. (A token running from a response into the context after it, e.g. "?\n\n", stays
+    with the response: the sequence is the text's own tokenization.) Slow tokenizers (no offsets) go segment
+    by segment too."""
+    def alone() -> list[list[int]]:
         return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in segments]
+
+    if not getattr(tokenizer, "is_fast", False) or not segments:
+        return alone()
     starts, at = [], 0
     for seg in segments:
         starts.append(at)
         at += len(seg.text)
+    bounds = sorted({start for start, seg in zip(starts, segments) if seg.train and seg.text} - {0})
     enc = tokenizer("".join(seg.text for seg in segments), add_special_tokens=False, return_offsets_mapping=True)
     out: list[list[int]] = [[] for _ in segments]
-    for token, (begin, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        after = bisect.bisect_right(bounds, begin)
+        if after < len(bounds) and bounds[after] < end:
+            return alone()  # this token runs into a response
         out[max(0, bisect.bisect_right(starts, begin) - 1)].append(token)
+    last = max((i for i, seg in enumerate(segments) if seg.train), default=0)
+    prompt = "".join(seg.text for seg in segments[:last])
+    if [t for part in out[:last] for t in part] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+        return alone()
     return out
 
 

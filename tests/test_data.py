@@ -512,3 +512,23 @@ def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_samp
         for side in ("chosen", "rejected"):
             ex, split = encode_segments(render_segments(pair.conversation(side), tok, "last_turn"), tok, True, bos)
             assert ex.input_ids[:split] == prompts[row(where)], (where, side)
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_a_prompt_ending_in_a_space_keeps_the_response_s_first_word_trained(trim):
+    """A byte-level tokenizer joins a prompt's trailing space to the response's first word (" Paris"): that
+    token belongs to neither side, so the conversation is tokenized side by side: the prompt as PPO would get it
+    (ending in " "), the response from its own first token, trained. Offsets trimmed of spaces or not."""
+    from tokenizers import processors
+
+    from stages.data import Segment, encode_segments
+
+    tok = train_tokenizer(["the answer is: Paris, the answer is: Rome"] * 20, 300, 2)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim)
+    prompt, response = "the answer is: ", "Paris"
+    assert len(tok(prompt + response, add_special_tokens=False)["input_ids"]) <= len(
+        tok(prompt, add_special_tokens=False)["input_ids"])  # " Paris" is one token: the boundary is inside it
+    ex, split = encode_segments([Segment(prompt, False), Segment(response, True)], tok, True, [])
+    p_ids, r_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, response))
+    assert ex.input_ids[:split] == p_ids and ex.input_ids[split:] == r_ids + [tok.eos_token_id]
+    assert ex.labels == [IGNORE] * len(p_ids) + r_ids + [tok.eos_token_id]
