@@ -63,7 +63,7 @@ from stages.ppo.rollout import (
     with_final_eos,
 )
 from stages.ppo.trainer import score_rollout
-from stages.ppo.tricks import RunningMoments, policy_loss
+from stages.ppo.tricks import RunningMoments, policy_loss, value_loss
 
 VOCAB, PAD_ID = 40, 0
 CPU = torch.device("cpu")
@@ -734,9 +734,16 @@ def test_a_non_finite_value_on_a_pad_position_reaches_no_reward_advantage_loss_o
     for name in ("kl", "rewards", "advantages", "returns"):
         assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
     new = logp.clone()
-    new[0, 3] = 500.0  # the ratio at the pad overflows to inf, times its advantage 0: NaN unless dropped
+    new[0, 3] = 500.0  # the ratio at the pad would overflow to inf, times its advantage 0: NaN unless dropped
+    new.requires_grad_(True)
     loss, clipped = policy_loss(new, logp, dirty.advantages, MASK, 0.2)
     assert loss.item() == pytest.approx(-float(clean.advantages[0, :3].mean())) and clipped.item() == 0.0
+    loss.backward()  # and no NaN gradient from it either: -A_t / 3 at real tokens (ratio 1), 0 at the pad
+    assert new.grad[0].tolist() == pytest.approx((-clean.advantages[0] / 3).tolist()[:3] + [0.0])
+    v = values.clone().requires_grad_(True)
+    vloss, _ = value_loss(v, values, dirty.returns, MASK, 0.2)
+    vloss.backward()
+    assert math.isfinite(vloss.item()) and torch.isfinite(v.grad).all() and v.grad[0, 3] == 0
     assert global_moments(values, MASK, single_process_group.device) == pytest.approx((0.4, 0.02 / 3))
 
 

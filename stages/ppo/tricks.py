@@ -166,7 +166,9 @@ def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clip: mean over tokens of -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp).
-    Returns (loss, clip fraction = share of tokens where the clipped term is the one taken)."""
+    Returns (loss, clip fraction = share of tokens where the clipped term is the one taken). Padded positions
+    are zeroed before the exp: an overflow there would give a NaN gradient even though the loss drops it."""
+    logp, old_logp, adv = masked(logp, mask), masked(old_logp, mask), masked(adv, mask)
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip, 1 + clip)
@@ -178,7 +180,9 @@ def value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * mean max((V - G)^2, (clip(V, V_old - c, V_old + c) - G)^2); without c, 0.5 * mean (V - G)^2.
-    Returns (loss, clip fraction = share of tokens where the clipped error is the larger)."""
+    Returns (loss, clip fraction = share of tokens where the clipped error is the larger). Padded positions are
+    zeroed first (a non-finite value there would reach the gradient through the square)."""
+    values, old_values, returns = masked(values, mask), masked(old_values, mask), masked(returns, mask)
     err = (values - returns) ** 2
     if clip is None:
         return 0.5 * masked_mean(err, mask), torch.zeros((), device=values.device)
