@@ -165,15 +165,26 @@ def config_changes(before: dict[str, Any], after: Any) -> list[str]:
             if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")]
 
 
-def run_inputs(out_dir: Path, config_text: str) -> dict[str, dict[str, str]]:
-    """Fingerprints of the files and folders a run's resolved config names (stages/fingerprint.py), those inside
-    its own output_dir and under RESUME_FREE_KEYS aside."""
+def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
+    """Fingerprints of the files and folders a `stage` run's resolved config names at its input-path keys
+    (stages/fingerprint.py; InputPath / HubOrPath fields of the stage's schema), those inside its own
+    output_dir aside; {} without a stage."""
+    import re
+
     import yaml
 
+    from stages.config import CONFIG_SCHEMAS, path_kind_at
     from stages.fingerprint import input_fingerprints
 
+    schema = CONFIG_SCHEMAS.get(stage or "")
+    if schema is None:
+        return {}
+
+    def reads(key: str) -> bool:
+        return path_kind_at(schema, re.sub(r"\[\d+\]$", "", key)) in ("input", "hub_or_path")
+
     inside = str(out_dir.resolve()) + os.sep
-    found = input_fingerprints(yaml.safe_load(config_text), RESUME_FREE_KEYS)
+    found = input_fingerprints(yaml.safe_load(config_text), reads)
     return {k: v for k, v in found.items() if not (v["path"] + os.sep).startswith(inside)}
 
 
@@ -269,7 +280,7 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
         if other is not None and other != stage:
             raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
-    inputs = run_inputs(out_dir, config_text)
+    inputs = run_inputs(out_dir, config_text, stage)
     checkpoint, changes = None, []
     if resume:
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs)

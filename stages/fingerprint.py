@@ -1,6 +1,7 @@
 """What a run reads besides its config values: a fingerprint of every local file or folder its resolved config
-names (data files, a raw DeepSpeed JSON, model and tokenizer folders), kept as output_dir/inputs.json and in each
-checkpoint, so that `--resume` notices a data file edited or a model folder retrained under the same path.
+names at an input key (data files, a raw DeepSpeed JSON, model and tokenizer folders), kept as
+output_dir/inputs.json and in each checkpoint, so that `--resume` notices a data file edited or a model folder
+retrained under the same path.
 
     file of <= 256 MiB   sha256 of its bytes
     larger file          sha256 of (size, mtime, the first and the last MiB): no minutes of hashing per start
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 WHOLE_FILE = 256 * 2**20
 EDGE = 2**20
@@ -39,34 +40,38 @@ def file_fingerprint(path: Path) -> str:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """sha256 hex of the (relative name, size, mtime) of a folder's files (see the module docstring)."""
+    """sha256 hex of the (relative name, size, mtime) of a folder's files (see the module docstring); hidden
+    files and folders are not entered, and the walk stops at FOLDER_ENTRIES files."""
     if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
         path = path / "final"
+    files: list[Path] = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+        if len(files) >= FOLDER_ENTRIES:
+            break
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    files = files[:FOLDER_ENTRIES]
-    for file in files:
+    for file in sorted(files)[:FOLDER_ENTRIES]:
         info = file.stat()
         digest.update(f"{file.relative_to(path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def input_fingerprints(tree: Any, skip: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
+def input_fingerprints(tree: Any, reads: Callable[[str], bool]) -> dict[str, dict[str, str]]:
     """{dotted key: {"path": p, "sha256": ...}} for every string value of a resolved config (`tree`, nested
-    dicts and lists) that is an absolute path to an existing file or folder, keys starting with `skip` aside."""
+    dicts and lists; list items keyed `key[i]`) that is an absolute path to an existing file or folder at a key
+    the run reads from (`reads(key)`: the schema's input paths; not a folder the run writes, such as an
+    inline DeepSpeed JSON's nvme_path)."""
     found: dict[str, dict[str, str]] = {}
 
     def walk(value: Any, key: str) -> None:
-        if key.startswith(skip) and key:
-            return
         if isinstance(value, dict):
             for name, item in value.items():
                 walk(item, f"{key}.{name}" if key else str(name))
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 walk(item, f"{key}[{i}]")
-        elif isinstance(value, str) and os.path.isabs(value):
+        elif isinstance(value, str) and os.path.isabs(value) and reads(key):
             path = Path(value)
             try:
                 if path.is_file():

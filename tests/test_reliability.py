@@ -660,10 +660,11 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its
 
 
 def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(tmp_path, process_group):
-    """Each checkpoint keeps inputs.json, the fingerprints of the files and folders its config names (a data
+    """Each checkpoint keeps inputs.json, the fingerprints of the files and folders its config reads (a data
     file's sha256, a model folder's names, sizes and times; a stage folder counts as its final/): --resume
     refuses when one changed under the same path and --allow-config-change lists it. Touching a data file
-    without changing its bytes, or `rlhf eval` writing into the stage folder, changes nothing."""
+    without changing its bytes, `rlhf eval` writing into the stage folder, or a folder the run writes to (an
+    inline DeepSpeed JSON's nvme_path), changes nothing."""
     import yaml
 
     from stages.checkpoint import prepare_output_dir, save_checkpoint
@@ -675,9 +676,12 @@ def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(
     (sft / "final").mkdir(parents=True)
     (sft / "final" / "config.json").write_text("{}")
     out = tmp_path / "out"
+    swap = tmp_path / "nvme"  # a folder the run writes (DeepSpeed's offload swap): not an input
+    swap.mkdir()
     text = yaml.safe_dump({"output_dir": str(out), "data": {"train": {"path": str(data)}},
-                           "model": {"name_or_path": str(sft)}, "logging": {"dir": str(tmp_path)}})
-    prepare_output_dir(out, text, False, False)
+                           "model": {"name_or_path": str(sft)}, "logging": {"dir": str(tmp_path)},
+                           "deepspeed": {"config": {"zero_optimization": {"offload_optimizer": {"nvme_path": str(swap)}}}}})
+    prepare_output_dir(out, text, False, False, "sft")
     assert set(json.loads((out / "inputs.json").read_text())) == {"data.train.path", "model.name_or_path"}
     engine, tokenizer = _tiny_engine()
     save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
@@ -685,14 +689,15 @@ def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(
 
     os.utime(data, ns=(1, 1))  # the same bytes: not a change
     (sft / "eval.json").write_text("{}")  # beside final/: not what the next stage loads
-    assert prepare_output_dir(out, text, True, False, world_size=1) == []
+    (swap / "swap.bin").write_bytes(b"written by the run")
+    assert prepare_output_dir(out, text, True, False, "sft", world_size=1) == []
     data.write_text('{"prompt": "a", "response": "c"}\n')
     (sft / "final" / "model.safetensors").write_bytes(b"retrained")
     with pytest.raises(ConfigError) as err:
-        prepare_output_dir(out, text, True, False, world_size=1)
+        prepare_output_dir(out, text, True, False, "sft", world_size=1)
     assert (f"data.train.path ({data}): contents changed; model.name_or_path ({sft}): contents changed"
             in str(err.value)), err.value
-    changes = prepare_output_dir(out, text, True, False, world_size=1, allow_changes=True)
+    changes = prepare_output_dir(out, text, True, False, "sft", world_size=1, allow_changes=True)
     assert changes == [f"data.train.path ({data}): contents changed", f"model.name_or_path ({sft}): contents changed"]
 
 
