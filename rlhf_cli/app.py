@@ -3,7 +3,6 @@ in this process or re-executes itself under the `deepspeed` launcher."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
@@ -134,7 +133,7 @@ def run_stage(
     allow_changes: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
-    from stages.checkpoint import check_output_dir, prepare_output_dir, run_lock
+    from stages.checkpoint import acquire_run_lock, check_output_dir, prepare_output_dir, refuse_request, run_lock
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
@@ -154,8 +153,13 @@ def run_stage(
             if launched_by_rlhf():
                 _train_here(stage, cfg, resume, None)
                 return
-            with run_lock(out_dir) if _rank() == 0 else contextlib.nullcontext():
-                _train_here(stage, cfg, resume, lambda: prepare(int(os.environ["WORLD_SIZE"])))
+            held = []  # the lock, taken inside rank 0's preparation (whose errors reach every rank) for the run
+
+            def lock_and_prepare() -> None:
+                held.append(acquire_run_lock(out_dir))
+                prepare(int(os.environ["WORLD_SIZE"]))
+
+            _train_here(stage, cfg, resume, lock_and_prepare)
             return
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
@@ -177,6 +181,7 @@ def run_stage(
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             out.print("dry run: nothing trained")
             return
+        refuse_request(out_dir, resume, overwrite)  # before the lock creates output_dir
         with run_lock(out_dir):
             prepare(processes)
             if cmd is None:

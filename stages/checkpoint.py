@@ -92,38 +92,45 @@ def clear_run(out_dir: Path) -> None:
 LOCK_NAME = ".rlhf.lock"
 
 
-@contextlib.contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on out_dir/.rlhf.lock while a run uses `out_dir`: a second `rlhf`
-    run there (a job requeued while the first still runs, a command started twice) is refused at once instead of
-    clearing or loading the first one's checkpoints mid-write. The lock dies with its process (kill -9
-    included), so nothing is left to clean up; a filesystem without flock (some network mounts) runs unlocked."""
+def acquire_run_lock(out_dir: Path) -> Any:
+    """An exclusive advisory lock (flock) on out_dir/.rlhf.lock, held while the returned file stays open (closing
+    it, or the process ending, kill -9 included, releases it): a second `rlhf` run there (a job requeued while
+    the first still runs, a command started twice) is refused at once (ConfigError naming the holder) instead of
+    clearing or loading the first one's checkpoints mid-write. A filesystem without flock (some network mounts)
+    runs unlocked."""
     import fcntl
     import socket
 
     ensure_dir(out_dir)
     try:
-        fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+        fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held by the caller
     except OSError as exc:
         raise ConfigError(f"output_dir {out_dir}: cannot write {LOCK_NAME} there ({exc.strerror or exc})") from None
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise ConfigError(f"output_dir {out_dir} is in use by another rlhf run ({holder}); wait for it to end, "
-                              "stop it, or point output_dir elsewhere") from None
-        except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
-            pass
-        else:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise ConfigError(f"output_dir {out_dir} is in use by another rlhf run ({holder}); wait for it to end, "
+                          "stop it, or point output_dir elsewhere") from None
+    except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
+        return fh
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    return fh
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """`acquire_run_lock` for the duration of the block."""
+    fh = acquire_run_lock(out_dir)
+    try:
         yield
     finally:
-        fh.close()  # releases the lock
+        fh.close()
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
@@ -265,16 +272,21 @@ class OutputPlan(NamedTuple):
     inputs: dict[str, dict[str, str]]
 
 
+def refuse_request(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """The refusals that need no look inside output_dir (made before its lock creates it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir {out_dir} is a file, not a directory")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+
+
 def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: bool, stage: str | None = None,
                      world_size: int | None = None, allow_changes: bool = False) -> OutputPlan:
     """The refusals of `prepare_output_dir`, reading only (what `--dry-run` checks too): an output_dir that is a
     file, --resume with --overwrite, resuming another stage's run, resuming with another config, input contents
     or process count (resume_changes) unless `allow_changes`, another process count under ZeRO, and mixing two
     runs in one output_dir (unless resuming, or told to overwrite)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output_dir {out_dir} is a file, not a directory")
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    refuse_request(out_dir, resume, overwrite)
     if resume and stage is not None:
         other = run_stage_of(out_dir)
         if other is not None and other != stage:
@@ -316,6 +328,8 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
 def ensure_dir(path: Path, what: str = "output_dir") -> None:
     """mkdir -p `path`, as a ConfigError naming it when that is impossible (a file in the way, a read-only or
     missing parent, no permission) or when it is not writable."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -570,7 +584,8 @@ def load_latest_checkpoint(
     for step, path in reversed(broadcast_object(complete_checkpoints(out_dir))):
         found = gather_objects(shard_problems(path, dist.rank, saved_world_size(path)))
         errors = missing_shards(path, found)
-        if not any(errors):
+        damaged = any(errors)  # a file that does not open or is missing; not a failure inside the loading
+        if not damaged:
             try:
                 client = _load_engine(engine, path / "ds", path)
                 if "trainer" not in client:
@@ -592,7 +607,8 @@ def load_latest_checkpoint(
         rank, reason = next((r, e) for r, e in enumerate(errors) if e)
         reason += f" (rank {rank})" if dist.world_size > 1 else ""
         first_error = first_error or CheckpointError(reason)
-        passed_over.append(path)
+        if damaged:
+            passed_over.append(path)
         if say is not None:
             say(f"[yellow]warning: {reason}; trying the previous checkpoint[/]")
     if first_error is not None:

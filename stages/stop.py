@@ -38,8 +38,11 @@ class Stopped(RlhfError):
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         name = signal.Signals(signum).name
-        where = f"saved {checkpoint.name} in {checkpoint.parent}" if checkpoint else "no checkpoint written"
-        super().__init__(f"stopped by {name} after step {step}: {where}; continue with --resume")
+        if checkpoint is not None:
+            where = f"saved {checkpoint.name} in {checkpoint.parent}; continue with --resume"
+        else:
+            where = "no checkpoint written (train.checkpoints: false)"
+        super().__init__(f"stopped by {name} after step {step}: {where}")
         self.exit_code = 128 + signum
 
 

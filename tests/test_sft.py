@@ -232,7 +232,7 @@ def test_launcher_returns_the_workers_exit_code(tmp_path):
 @pytest.mark.slow
 def test_under_the_users_own_launcher(tmp_path):
     """Started by torchrun instead of `rlhf`: rank 0 still prepares the output directory (resolved config,
-    refusal to mix runs), and the run trains with two ranks."""
+    refusal to mix runs, the output_dir lock), and the run trains with two ranks."""
     import os
     import subprocess
     import sys
@@ -248,3 +248,8 @@ def test_under_the_users_own_launcher(tmp_path):
     assert (out / "resolved_config.yaml").is_file() and (out / "final" / "config.json").is_file()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode != 0 and res.stderr.count("already holds a run") == 1
+    from stages.checkpoint import run_lock
+
+    with run_lock(out):  # rank 0 takes the lock inside its preparation: every rank learns it is taken, none hangs
+        res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0 and res.stderr.count("is in use by another rlhf run") == 1, res.stderr[-3000:]

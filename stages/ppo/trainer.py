@@ -618,8 +618,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 better = not critic_only and (best is None or ev["eval/reward"] > best)
                 if better and not reasons:
                     state["best_reward"] = ev["eval/reward"]
-                    save_best(models, tokenizer, out, dist,
-                              {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
+                    if t.checkpoints:  # (train.checkpoints: false writes no model at all)
+                        save_best(models, tokenizer, out, dist,
+                                  {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
                     metrics.event(done, "best", eval_reward=ev["eval/reward"])
                 elif better:
                     metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
