@@ -84,8 +84,9 @@ AllowChangeOpt = Annotated[
     bool,
     typer.Option(
         "--allow-config-change",
-        help="With --resume: continue even though the config or the process count differs from the run that wrote "
-        "the checkpoint (the changes are listed; without this flag they stop the run).",
+        help="With --resume: continue even though the config, the contents of a file or folder it reads, or the "
+        "process count differs from the run that wrote the checkpoint (the changes are listed; without this flag "
+        "they stop the run; another process count stays refused under ZeRO-1/2/3).",
         show_default="off",
     ),
 ]
