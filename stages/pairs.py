@@ -225,8 +225,9 @@ def tokenize_pair(
 ) -> tuple[TokenizedExample, TokenizedExample]:
     """Both sides as token ids; labels mark the chosen/rejected response tokens (the last assistant turn).
 
-    The two prompts are cut by the same number of tokens (the larger cut either side needs); responses are
-    then cut from the right. With add_eos every side ends with EOS: what a chat template puts after the
+    The two prompts are cut by the same number of tokens (the larger cut either side needs; a side whose
+    context is shorter, having fewer turns, by no more than its own prompt can give); responses are then cut
+    from the right. With add_eos every side ends with EOS: what a chat template puts after the
     response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
     short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
     reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
@@ -240,8 +241,11 @@ def tokenize_pair(
         encoded.append((ex, prompt_len))
     cut = max(prompt_cut(n, len(ex.input_ids), data.max_length, data.prompt_budget) for ex, n in encoded)
     out = []
-    for ex, _ in encoded:
-        ex = truncate_example(ex, cut, data.max_length, bos_head(ex.input_ids, bos))
+    for ex, prompt_len in encoded:
+        # never into a side's response: when one side continues with more turns its context is longer, and the
+        # cut that side needs may be more than the other's prompt can give
+        own = min(cut, prompt_len - min(prompt_len, data.prompt_budget))
+        ex = truncate_example(ex, own, data.max_length, bos_head(ex.input_ids, bos))
         if data.add_eos and ex.response_truncated:
             ex.input_ids[-1] = eos  # the reward is read at an EOS; not an end the LM loss should learn
             ex.labels[-1] = IGNORE

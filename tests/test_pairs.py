@@ -229,3 +229,19 @@ def test_a_prompt_cut_from_the_left_keeps_its_bos_on_both_sides(tok):
     for side, other in zip(tokenize_pair(pair, tok, _data(max_length=20, max_prompt_length=10), bos), plain):
         assert side.prompt_truncated and side.input_ids[0] == bos[0] and side.labels[0] == IGNORE
         assert side.input_ids[1:] == other.input_ids[1:]  # one token more cut after the BOS, the rest the same
+
+
+def test_a_side_with_more_turns_does_not_make_the_other_side_lose_its_response(tok):
+    """HH pairs may continue one side for more turns: its context is longer and needs the larger cut; the
+    other side's prompt gives up at most what it has (down to prompt_budget), never response tokens."""
+    prompt = (("user", " user asks question 1 and 2 and 3"),)
+    more = " ".join(f"question {i}" for i in range(30))
+    pair = PreferencePair(prompt, (("assistant", " answers 7"), ("user", " " + more), ("assistant", " answers 14")),
+                          (("assistant", " answers 21"),), "raw_hh")
+    data = _data(max_length=40, max_prompt_length=4)
+    chosen, rejected = tokenize_pair(pair, tok, data, [])
+    answer = tok(" answers 21", add_special_tokens=False)["input_ids"]
+    n_prompt = next(i for i, t in enumerate(rejected.labels) if t != IGNORE)
+    assert rejected.input_ids[n_prompt:] == answer + [tok.eos_token_id] and n_prompt >= 4
+    assert rejected.labels[n_prompt:] == answer + [tok.eos_token_id]
+    assert len(chosen.input_ids) == 40 and chosen.prompt_truncated
