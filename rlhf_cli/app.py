@@ -357,7 +357,7 @@ def eval_(
                         "*.samples.jsonl).", show_default="POLICY/eval.json")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Evaluate a policy on held-out prompts: mean RM reward, gold reward (toy task), KL to a reference, length, repetition, and win-rates against a baseline judged by the RM and by gold.
+    """Evaluate a policy on evaluation prompts: mean RM reward, gold reward (toy task), KL to a reference, length, repetition, and win-rates against a baseline judged by the RM and by gold.
 
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501

@@ -548,10 +548,14 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _unique_runs(self) -> "PipelineConfig":
-        names = [r.name for r in self.ppo_runs]
-        dupes = sorted({n for n in names if names.count(n) > 1} | {n for n in names if n in ("sft", "rm", "report")})
+        """Every run's folder (NAME, or NAME-seedS per seed) is its own: unique, not a stage's or the report's,
+        and not output_dir itself or above it."""
+        labels = [r.name if not r.seeds else f"{r.name}-seed{s}" for r in self.ppo_runs for s in (r.seeds or [0])]
+        taken = {"sft", "rm", "report", ".", ".."}
+        dupes = sorted({n for n in labels if labels.count(n) > 1} | {n for n in labels if n in taken})
         if dupes:
-            raise ValueError(f"ppo_runs: names must be unique and not sft/rm/report: {', '.join(dupes)}")
+            raise ValueError(f"ppo_runs: each run's folder (NAME, or NAME-seedS per seed) must be unique and not "
+                             f"sft/rm/report/./..: {', '.join(dupes)}")
         return self
 
 

@@ -1,4 +1,4 @@
-"""`rlhf eval`: a policy on held-out prompts, judged by the reward model (and a gold judge on the toy task),
+"""`rlhf eval`: a policy on evaluation prompts, judged by the reward model (and a gold judge on the toy task),
 against a baseline policy (e.g. the SFT model it started from).
 
 For each prompt the policy (and the baseline) samples one response with the same seed; then per model

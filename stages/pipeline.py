@@ -183,7 +183,7 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
 
     console.print(f"[bold]SFT[/] eval loss {_fmt(s['sft_eval_loss'])}   [bold]RM[/] pair accuracy "
                   f"{_fmt(s['rm_accuracy'])}", highlight=False)
-    table = Table(title="PPO on held-out prompts: SFT policy → PPO policy")
+    table = Table(title="PPO on the eval prompts: SFT policy → PPO policy")
     for col in ("run", "RM reward", "gold reward", "KL", "length", "win vs SFT\nRM/gold"):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for label, row in s["ppo"].items():
@@ -192,12 +192,15 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------- run
-def stage_config_changes(out: Path, resolved: str | None) -> list[str]:
+def stage_config_changes(out: Path, resolved: str | None, stage: str | None = None) -> list[str]:
     """How the config a stage would run with now (`resolved`, its resolved YAML) differs from the one its
-    complete output was trained with (out/resolved_config.yaml); [] when either is unknown."""
+    complete output was trained with (out/resolved_config.yaml), and which files and folders it reads changed
+    contents since (out/inputs.json against their fingerprints now: an edited data file, or an SFT / reward
+    model retrained under the same path by an earlier, interrupted pipeline run); [] when unknown."""
     import yaml
 
-    from stages.checkpoint import config_changes
+    from stages.checkpoint import config_changes, run_inputs
+    from stages.fingerprint import fingerprint_changes
 
     if resolved is None:
         return []
@@ -207,7 +210,23 @@ def stage_config_changes(out: Path, resolved: str | None) -> list[str]:
         return []
     if not isinstance(before, dict):
         return []
-    return config_changes(before, yaml.safe_load(resolved))
+    changes = config_changes(before, yaml.safe_load(resolved))
+    try:
+        inputs = json.loads((out / "inputs.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return changes  # an output older than inputs.json: its config only
+    if isinstance(inputs, dict) and stage is not None:
+        changes += fingerprint_changes(inputs, run_inputs(out, resolved, stage))
+    return changes
+
+
+def child_failed(what: str, code: int, then: str) -> RlhfError:
+    """The pipeline's error for a child process that exited with `code`: stopped by a signal (the pipeline exits
+    with the same 128 + s) or failed (exit 1)."""
+    how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
+    error = RlhfError(f"pipeline: {what} {how} (exit code {code}){then}")
+    error.exit_code = code if code in STOPPED_CODES else 1
+    return error
 
 
 def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
@@ -231,11 +250,11 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             check_reward_handoff(root / "rm", sft)
         fresh = force or upstream_retrained
         if done and not fresh:
-            changes = stage_config_changes(run.out, (resolved or {}).get(run.label))
+            changes = stage_config_changes(run.out, (resolved or {}).get(run.label), run.stage)
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             if changes and not allow_changes:
-                raise RlhfError(f"pipeline: stage {run.label} is complete in {run.out}, but its config has changed "
-                                f"since it was trained ({shown}); delete {run.out} to retrain it (the stages after "
+                raise RlhfError(f"pipeline: stage {run.label} is complete in {run.out}, but its config or inputs "
+                                f"changed since it was trained ({shown}); delete {run.out} to retrain it (the stages after "
                                 "it are retrained too), --force to retrain every stage, or --allow-config-change to "
                                 "keep it")
             if changes:
@@ -250,13 +269,10 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
         upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
         code = call_forwarding_signals(cmd)
         if code != 0:
-            how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
-            error = RlhfError(f"pipeline: stage {run.label} ({run.stage}) {how} (exit code {code}); its output is "
-                              f"in {run.out}; run the pipeline again to resume it")
-            error.exit_code = code if code in STOPPED_CODES else 1
-            raise error
-        if run.stage == "ppo" and cfg.eval.enabled:
-            (run.out / "eval.json").unlink(missing_ok=True)  # a new policy: its old evaluation is stale
+            raise child_failed(f"stage {run.label} ({run.stage})", code,
+                               f"; its output is in {run.out}; run the pipeline again to resume it")
+        if run.stage == "ppo":  # a new policy: its old evaluation is stale (also when eval is off this time)
+            (run.out / "eval.json").unlink(missing_ok=True)
             (run.out / "eval.settings.json").unlink(missing_ok=True)
     ppo_runs = [r for r in runs if r.stage == "ppo"]
     if cfg.eval.enabled:
@@ -298,5 +314,5 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
         console.rule(f"[bold]eval: {run.label}[/] against {sft}")
         code = call_forwarding_signals(eval_command(cfg, run, sft))
         if code != 0:
-            raise RlhfError(f"pipeline: rlhf eval of {run.label} failed with exit code {code}")
+            raise child_failed(f"rlhf eval of {run.label}", code, "")
         kept.write_text(json.dumps(settings) + "\n", encoding="utf-8")

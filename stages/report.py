@@ -223,7 +223,9 @@ class Run(NamedTuple):
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
-    """Read every run directory (the same directory given twice counts once)."""
+    """Read every run directory (the same directory given twice counts once). Seeds of one run are folders
+    NAME-seedN side by side; runs of the same NAME in different parent folders (exp1/ppo, exp2/ppo) are
+    different runs, labelled parent/NAME."""
     runs: list[Run] = []
     seen: set[Path] = set()
     for given in run_dirs:
@@ -236,7 +238,11 @@ def load_runs(run_dirs: list[Path]) -> list[Run]:
         steps = [row["step"] for row in rows if "event" not in row]
         runs.append(Run(label, group_label(label), path, run_series(rows), count_events(rows, "monitor"),
                         max(steps) if steps else None))
-    return runs
+    parents: dict[str, set[Path]] = {}
+    for run in runs:
+        parents.setdefault(run.group, set()).add(run.path.parent)
+    return [run._replace(label=f"{run.path.parent.name}/{run.label}", group=f"{run.path.parent.name}/{run.group}")
+            if len(parents[run.group]) > 1 else run for run in runs]
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:

@@ -22,7 +22,8 @@ def free_port() -> int:
 def call_forwarding_signals(
     cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None
 ) -> int:
-    """Run `cmd` in a session of its own and return its exit code. SIGTERM / SIGINT / SIGHUP received meanwhile
+    """Run `cmd` in a session of its own and return its exit code (128 + s when a signal s killed it, as a shell
+    reports it, e.g. before the child's own handlers were installed). SIGTERM / SIGINT / SIGHUP received meanwhile
     are sent on to `targets(proc)` (default: the child itself; the child's whole process group when `targets`
     finds nothing, e.g. workers not started yet or on other nodes behind pdsh), and this process keeps waiting:
     a Ctrl-C or a closed terminal reaches the child once, through here. The training processes save and stop
@@ -47,7 +48,8 @@ def call_forwarding_signals(
     forwarded = [sig for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if signal.getsignal(sig) != signal.SIG_IGN]
     previous = {sig: signal.signal(sig, forward) for sig in forwarded} if main else {}
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 - code if code < 0 else code  # killed by signal s (-s): the shell's 128 + s
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

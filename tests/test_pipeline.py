@@ -100,8 +100,10 @@ def test_plan_wires_paths_and_names_runs(tmp_path):
     assert ppo.out == root / "van-seed1" and ppo.preset == "vanilla" and "seed=1" in ppo.overrides
     assert {f"model.name_or_path={root / 'sft'}", f"reward_model.name_or_path={root / 'rm'}"} <= set(ppo.overrides)
     assert "train.iterations=3" in runs[4].overrides and not any(o.startswith("seed=") for o in runs[4].overrides)
-    with pytest.raises(ValueError, match="unique"):
-        _pipeline_cfg(tmp_path, ppo_runs=[{"name": "a"}, {"name": "a"}])
+    for clash in ([{"name": "a"}, {"name": "a"}], [{"name": "a", "seeds": [1]}, {"name": "a-seed1"}],
+                  [{"name": "a", "seeds": [1, 1]}], [{"name": ".."}], [{"name": "report"}]):
+        with pytest.raises(ValueError, match="must be unique and not sft/rm/report"):  # one folder, two runs
+            _pipeline_cfg(tmp_path, ppo_runs=clash)
 
 
 @pytest.fixture
@@ -158,6 +160,32 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_s
     assert exc.value.exit_code == 143
 
 
+def test_a_complete_stage_whose_sft_was_retrained_under_the_same_path_is_refused(tmp_path, fake_stages):
+    """A retraining pipeline run stopped after SFT leaves later complete stages trained on the old SFT: the
+    next run must not reuse them silently. Their inputs.json fingerprints the SFT folder's final/."""
+    import stages.pipeline as pl
+    from rich.console import Console
+    from stages.checkpoint import run_inputs
+
+    cfg = _pipeline_cfg(tmp_path)
+    root = tmp_path / "runs"
+    for stage, parts in (("sft", ["final"]), ("rm", ["final"]), ("ppo", ["final", "final_critic"])):
+        for part in parts:
+            (root / stage / part).mkdir(parents=True)
+            (root / stage / part / "config.json").write_text("{}")
+    now = {label: yaml.safe_dump({"model": {"name_or_path": str(root / "sft")}}) for label in ("sft", "rm", "ppo")}
+    for label, stage in (("sft", "sft"), ("rm", "train-rm"), ("ppo", "ppo")):
+        (root / label / "resolved_config.yaml").write_text(now[label])
+        (root / label / "inputs.json").write_text(json.dumps(run_inputs(root / label, now[label], stage)))
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    assert fake_stages == []
+    (root / "sft" / "final" / "model.safetensors").write_bytes(b"retrained")  # a --force run stopped after SFT
+    with pytest.raises(pl.RlhfError, match=rf"stage rm is complete .* \(model.name_or_path \({root / 'sft'}\): "
+                                           r"contents changed\)"):
+        pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+
+
 def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_retrains_the_later_ones(
         tmp_path, fake_stages):
     import stages.pipeline as pl
@@ -178,8 +206,8 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
     assert calls == []  # all complete, none changed in what it trains
     now["rm"] = yaml.safe_dump({**trained, "train": {"lr": 3e-4}})
-    with pytest.raises(pl.RlhfError, match=r"stage rm is complete in .*, but its config has changed since it was "
-                                           r"trained \(train.lr: 0.0001 -> 0.0003\)"):
+    with pytest.raises(pl.RlhfError, match=r"stage rm is complete in .*, but its config or inputs changed since it "
+                                           r"was trained \(train.lr: 0.0001 -> 0.0003\)"):
         pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now, allow_changes=True)  # kept, with a warning
     assert calls == [] and "rm: kept although its config changed" in (tmp_path / "log.txt").read_text()
@@ -232,7 +260,7 @@ def test_pipeline_runs_all_stages_and_summarises(pipeline_run):
     (gold_before, gold_after), (kl_before, kl_after) = row["gold"], row["kl"]
     assert 0.0 <= gold_before <= 1.0 and 0.0 <= gold_after <= 1.0 and kl_before == 0.0 and math.isfinite(kl_after)
     assert 0.0 <= row["win_rate_rm"] <= 1.0 and 0.0 <= row["win_rate_gold"] <= 1.0
-    assert "PPO on held-out prompts" in res.stdout and "RM pair accuracy" in res.stdout
+    assert "PPO on the eval prompts" in res.stdout and "RM pair accuracy" in res.stdout
     assert "| ppo-max |" in (root / "summary.md").read_text()
     # the PPO run was wired to the pipeline's SFT and RM, and logged the gold reward
     resolved = yaml.safe_load((root / "ppo-max" / "resolved_config.yaml").read_text())

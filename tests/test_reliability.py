@@ -486,6 +486,8 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     assert call_forwarding_signals([sys.executable, "-c", child]) == 143
     assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) is before
     assert got.read_text() == "1"  # forwarded once; the child's own session kept it out of our group's signals
+    # a child killed by the signal itself (before its handlers exist): 128 + s, as a shell says, not -s
+    assert call_forwarding_signals([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]) == 143
 
 
 def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):

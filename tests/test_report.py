@@ -184,6 +184,18 @@ def test_group_label() -> None:
     assert group_label("ppo-seed1-long") == "ppo-seed1-long"
 
 
+def test_runs_of_the_same_name_in_different_folders_are_not_seeds_of_one(tmp_path: Path) -> None:
+    from stages.report import group_runs, load_runs
+
+    a = _write_run(tmp_path / "exp1", "ppo", _ppo_rows([1.0, 1.0], [0.0, 0.0], [1.0]))
+    b = _write_run(tmp_path / "exp2", "ppo", _ppo_rows([5.0, 5.0], [0.0, 0.0], [5.0]))
+    s1 = _write_run(tmp_path / "exp1", "van-seed1", _ppo_rows([2.0, 2.0], [0.0, 0.0], [2.0]))
+    s2 = _write_run(tmp_path / "exp1", "van-seed2", _ppo_rows([3.0, 3.0], [0.0, 0.0], [3.0]))
+    groups = group_runs(load_runs([a, b, s1, s2]))
+    assert {k: [r.label for r in v] for k, v in groups.items()} == {
+        "exp1/ppo": ["exp1/ppo"], "exp2/ppo": ["exp2/ppo"], "van": ["van-seed1", "van-seed2"]}
+
+
 def test_ema_and_aggregate() -> None:
     assert ema([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
     assert ema([0.0, 1.0, 1.0], 0.5) == [0.0, 0.5, 0.75]
