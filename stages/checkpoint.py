@@ -195,6 +195,32 @@ def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, 
     return {k: v for k, v in found.items() if not (v["path"] + os.sep).startswith(inside)}
 
 
+def read_recorded(path: Path) -> Any:
+    """A config or inputs record a run left (resolved_config.yaml / inputs.json, parsed; YAML reads JSON too),
+    None when it is missing or unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def input_changes(recorded: Path, inputs: dict[str, dict[str, str]] | None) -> list[str]:
+    """"key (path): contents changed" for each input whose fingerprint in the `recorded` inputs.json differs
+    from `inputs` (this run's, see `run_inputs`); [] for a record older than inputs.json."""
+    from stages.fingerprint import fingerprint_changes
+
+    before = read_recorded(recorded)
+    return fingerprint_changes(before, inputs) if isinstance(before, dict) and inputs is not None else []
+
+
+def _zero_stage(tree: Any) -> int:
+    section = tree.get("deepspeed") if isinstance(tree, dict) else None
+    stage = section.get("zero_stage", 0) if isinstance(section, dict) else 0
+    return stage if isinstance(stage, int) else 0
+
+
 def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
                    inputs: dict[str, dict[str, str]] | None = None) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint and how resuming it with `config_text` on `world_size` processes differs
@@ -202,80 +228,52 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     checkpoint's copy of resolved_config.yaml, else, for checkpoints older than that copy, output_dir's),
     "key (path): contents changed" for each file or folder it reads whose fingerprint differs from the one kept
     in the checkpoint's inputs.json (`inputs`: this run's, see `run_inputs`), and "processes: n -> m".
-    (None, []) without a checkpoint."""
-    import yaml
+    (None, []) without a checkpoint.
 
-    from stages.fingerprint import fingerprint_changes
+    Another process count is refused outright (ConfigError) under ZeRO-1/2/3, before or now: the checkpoint
+    holds each rank's partition of the optimizer state (at ZeRO-3 of the weights too), which DeepSpeed loads
+    only on the process count that wrote it, so no --allow-config-change makes it loadable."""
+    import yaml
 
     found = complete_checkpoints(out_dir)
     if not found:
         return None, []
     path = found[-1][1]
-    changes = []
+    now = yaml.safe_load(config_text)
     saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
-    try:
-        before_cfg = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved is not None else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        before_cfg = None  # unreadable: nothing to compare with (the engine state decides what loads)
-    if isinstance(before_cfg, dict):
-        changes += config_changes(before_cfg, yaml.safe_load(config_text))
-    try:
-        before_inputs = json.loads((path / "inputs.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        before_inputs = None  # a checkpoint older than inputs.json: only the config is compared
-    if isinstance(before_inputs, dict) and inputs is not None:
-        changes += fingerprint_changes(before_inputs, inputs)
+    before_cfg = read_recorded(saved) if saved is not None else None  # unreadable: nothing to compare with
+    changes = config_changes(before_cfg, now) if isinstance(before_cfg, dict) else []
+    changes += input_changes(path / "inputs.json", inputs)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
+        stage = max(_zero_stage(before_cfg), _zero_stage(now))
+        if stage >= 1:
+            raise ConfigError(f"--resume: {path.name} was written by {before} process(es) under ZeRO-{stage}, whose "
+                              f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
+                              f"Resume with {before} process(es), or start a new run from its weights "
+                              f"(model.name_or_path: {path / 'hf'})")
         changes.append(f"processes: {before} -> {world_size}")
     return path, changes
 
 
-def refuse_partitioned_resize(checkpoint: Path, config_text: str, world_size: int | None) -> None:
-    """ZeRO-1/2/3 checkpoints hold each rank's partition of the optimizer state (and, at ZeRO-3, of the
-    weights); DeepSpeed loads them only on the process count that wrote them. Refused up front (even with
-    --allow-config-change) rather than found missing shard by shard."""
-    import yaml
-
-    before = saved_world_size(checkpoint)
-    if world_size is None or before is None or before == world_size:
-        return
-    stages = []
-    for text in (_read_text(checkpoint / "resolved_config.yaml"), config_text):
-        try:
-            tree = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            tree = None
-        section = tree.get("deepspeed") if isinstance(tree, dict) else None
-        stages.append(section.get("zero_stage", 0) if isinstance(section, dict) else 0)
-    stage = max((s for s in stages if isinstance(s, int)), default=0)
-    if stage >= 1:
-        raise ConfigError(f"--resume: {checkpoint.name} was written by {before} process(es) under ZeRO-{stage}, whose "
-                          f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
-                          f"Resume with {before} process(es), or start a new run from its weights "
-                          f"(model.name_or_path: {checkpoint / 'hf'})")
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 class OutputPlan(NamedTuple):
     """What `check_output_dir` found: the checkpoint a resume continues (None: a fresh start), the changes it
-    carries, and the fingerprints of the run's inputs."""
+    carries, and the fingerprints of the run's inputs (None when not resuming: nothing to compare them with)."""
 
     checkpoint: Path | None
     changes: list[str]
-    inputs: dict[str, dict[str, str]]
+    inputs: dict[str, dict[str, str]] | None
+
+
+def refuse_file(path: Path, what: str = "output_dir") -> None:
+    """A file where a folder must go is a ConfigError naming it."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory")
 
 
 def refuse_request(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """The refusals that need no look inside output_dir (made before its lock creates it)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output_dir {out_dir} is a file, not a directory")
+    refuse_file(out_dir)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
 
@@ -292,12 +290,10 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
         if other is not None and other != stage:
             raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
                               "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
-    inputs = run_inputs(out_dir, config_text, stage)
-    checkpoint, changes = None, []
+    checkpoint, changes, inputs = None, [], None
     if resume:
+        inputs = run_inputs(out_dir, config_text, stage)
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs)
-        if checkpoint is not None:
-            refuse_partitioned_resize(checkpoint, config_text, world_size)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
                               "Resuming continues that run exactly only with its config and process count; pass "
@@ -321,15 +317,15 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
         clear_run(out_dir)  # a resume with nothing to resume is a fresh start: no earlier attempt's leftovers
     ensure_dir(out_dir)
     atomic_write_text(out_dir / "resolved_config.yaml", config_text)
-    atomic_write_text(out_dir / "inputs.json", json.dumps(plan.inputs, indent=2) + "\n")
+    inputs = plan.inputs if plan.inputs is not None else run_inputs(out_dir, config_text, stage)
+    atomic_write_text(out_dir / "inputs.json", json.dumps(inputs, indent=2) + "\n")
     return plan.changes
 
 
 def ensure_dir(path: Path, what: str = "output_dir") -> None:
     """mkdir -p `path`, as a ConfigError naming it when that is impossible (a file in the way, a read-only or
     missing parent, no permission) or when it is not writable."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what} {path} is a file, not a directory")
+    refuse_file(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

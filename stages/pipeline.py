@@ -199,25 +199,16 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
     model retrained under the same path by an earlier, interrupted pipeline run); [] when unknown."""
     import yaml
 
-    from stages.checkpoint import config_changes, run_inputs
-    from stages.fingerprint import fingerprint_changes
+    from stages.checkpoint import config_changes, input_changes, read_recorded, run_inputs
 
     if resolved is None:
         return []
-    try:
-        before = yaml.safe_load((out / "resolved_config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
+    before = read_recorded(out / "resolved_config.yaml")
     if not isinstance(before, dict):
         return []
-    changes = config_changes(before, yaml.safe_load(resolved))
-    try:
-        inputs = json.loads((out / "inputs.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return changes  # an output older than inputs.json: its config only
-    if isinstance(inputs, dict) and stage is not None:
-        changes += fingerprint_changes(inputs, run_inputs(out, resolved, stage))
-    return changes
+    recorded = out / "inputs.json"  # (an output older than inputs.json: its config only; nothing to hash)
+    inputs = run_inputs(out, resolved, stage) if stage is not None and recorded.is_file() else None
+    return config_changes(before, yaml.safe_load(resolved)) + input_changes(recorded, inputs)
 
 
 def child_failed(what: str, code: int, then: str) -> RlhfError:

@@ -452,7 +452,8 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
 
 # --------------------------------------------------------------------------------------------- run
 def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
-    """Train; returns output_dir/final (the policy as a HF causal LM)."""
+    """Train; returns output_dir/final (the policy as a HF causal LM; output_dir itself with
+    train.checkpoints: false)."""
     from stages import __version__
 
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
@@ -638,7 +639,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                                 f"{saved}; set monitor.action: warn to continue past it")
 
     progress.close()
-    final = out
+    final = None  # (train.checkpoints: false publishes no model)
     if t.checkpoints:
         final = publish_final(out, total, dist)
         publish_final(out, total, dist, part="critic/hf", name="final_critic")
@@ -646,5 +647,5 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     stop.disarm()
     metrics.close()
     if dist.is_main:
-        print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final if t.checkpoints else None)
-    return final
+        print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final)
+    return final or out
