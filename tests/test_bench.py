@@ -358,15 +358,25 @@ def test_roofline_floors_hand_values():
     assert f["iteration"].bound == "flops"
 
 
-def test_doctests_of_the_perf_arithmetic():
+def test_every_docstring_example_holds():
+    """The `>>>` examples in docstrings (the perf arithmetic, win-rates, gold agreement, ...) are run, all
+    modules of both packages, so a stated formula cannot drift from its code."""
     import doctest
+    import importlib
+    import pkgutil
 
-    import stages.perf
-    import stages.roofline
+    import rlhf_cli
+    import stages
 
-    for module in (stages.perf, stages.roofline):
-        result = doctest.testmod(module)
-        assert result.attempted > 0 and result.failed == 0, module.__name__
+    tried = {}
+    for package in (stages, rlhf_cli):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if info.name.endswith("__main__"):
+                continue
+            result = doctest.testmod(importlib.import_module(info.name))
+            assert result.failed == 0, info.name
+            tried[info.name] = result.attempted
+    assert {"stages.perf", "stages.roofline", "stages.gold", "stages.evaluate"} <= {k for k, v in tried.items() if v}
 
 
 def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
