@@ -16,3 +16,23 @@ def gold_scores(name: str, tokenizer: Any, prompts: list[list[int]], responses: 
     judge = GOLD_REWARDS[name]
     return [judge(tokenizer.decode(p, skip_special_tokens=True), tokenizer.decode(r, skip_special_tokens=True))
             for p, r in zip(prompts, responses)]
+
+
+def gold_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, int]:
+    """How often a reward model orders two responses to one prompt as the gold judge does.
+
+    `groups` holds, per prompt, the (RM reward, gold reward) of its responses. Over every pair of one prompt's
+    responses whose gold rewards differ: agreement = (pairs the RM orders as gold + RM ties / 2) / pairs.
+    Returns (agreement, pairs); (nan, 0) when no pair's gold differs.
+
+    >>> gold_agreement([[(2.0, 1.0), (1.0, 0.5), (1.0, 1.0)], [(0.0, 0.2), (1.0, 0.4), (2.0, 0.1)]])
+    (0.5, 5)
+    """
+    agree, pairs = 0.0, 0
+    for group in groups:
+        for i, (r1, g1) in enumerate(group):
+            for r2, g2 in group[i + 1:]:
+                if g1 != g2:
+                    pairs += 1
+                    agree += 0.5 if r1 == r2 else float((r1 > r2) == (g1 > g2))
+    return (agree / pairs if pairs else float("nan")), pairs

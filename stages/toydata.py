@@ -11,6 +11,10 @@ the answers follow fixed rules a tiny model can learn in a minute on a CPU:
 
 `preference_rows` compares two candidate answers by the gold reward (for the reward model); `prompt_rows` are
 questions alone (for PPO and `rlhf eval`).
+The held-out questions (`held_out`: 24 of the 120 `repeat` questions) appear in no training file -- not as an SFT
+demonstration, a preference pair's question or a PPO prompt -- only among the evaluation prompts
+(`eval_prompt_rows`), so an evaluation measures questions no stage trained on. The training files are drawn as
+before the split existed, with the rows asking a held-out question dropped (and more drawn in their place).
 `gold_reward` is the "human" judge of the toy task (see its docstring); PPO and `rlhf eval` log it next to the
 learned reward model's score (`data.gold_reward: toy`), never train on it.
 Regenerate the shipped files with `python -m stages.toydata configs/tiny/data`.
@@ -31,6 +35,18 @@ WORDS = (
 ).split()
 
 
+#: counts a `repeat` question asks for
+REPEAT_COUNTS = range(2, 6)
+
+
+def held_out(question: str) -> bool:
+    """Whether `question` is one of the evaluation-only questions: `repeat W N times` with
+    (index of W in WORDS + N) divisible by 5 -- 24 of the 120 repeat questions, at most one count per word and
+    six words per count, so every word and every count also appears in training, only not together."""
+    m = re.fullmatch(r"repeat ([a-z]+) (\d+) times", question)
+    return bool(m) and m[1] in WORDS and int(m[2]) in REPEAT_COUNTS and (WORDS.index(m[1]) + int(m[2])) % 5 == 0
+
+
 def _task(rng: random.Random, kinds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> tuple[str, str]:
     """(question, right answer) of a random kind: 0 count, 1 reverse, 2 repeat, 3 successor, 4 spell."""
     kind = rng.choice(kinds)
@@ -42,7 +58,7 @@ def _task(rng: random.Random, kinds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> tuple
         words = rng.sample(WORDS, rng.randint(2, 5))
         return "reverse: " + " ".join(words), " ".join(reversed(words))
     if kind == 2:
-        word, n = rng.choice(WORDS), rng.randint(2, 5)
+        word, n = rng.choice(WORDS), rng.randint(REPEAT_COUNTS[0], REPEAT_COUNTS[-1])
         return f"repeat {word} {n} times", " ".join([word] * n)
     if kind == 3:
         x = rng.randint(0, 98)
@@ -61,15 +77,16 @@ def sft_rows(n: int, seed: int = 0, multi_turn_share: float = 0.25,
     """`n` chat rows; about `multi_turn_share` of them have two exchanges, and about `noise` of the answers
     are imperfect (a shorter prefix, one wrong item, the items shuffled, another question's answer)."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n:
         messages = []
         for _ in range(2 if rng.random() < multi_turn_share else 1):
             q, a = _task(rng)
             if rng.random() < noise:
                 a = rng.choice(candidates(a.split(), rng)[1:] or [a])
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        rows.append({"messages": messages})
+        if not any(held_out(m["content"]) for m in messages[::2]):
+            rows.append({"messages": messages})
     return rows
 
 
@@ -106,7 +123,7 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
         first = pool[0] if rng.random() < 0.5 else rng.choice(pool[1:])
         second = rng.choice([c for c in pool if c != first] or [first])
         g1, g2 = gold_reward(q, first), gold_reward(q, second)
-        if g1 == g2:
+        if g1 == g2 or held_out(q):
             continue
         chosen, rejected = (first, second) if g1 > g2 else (second, first)
         rows.append({
@@ -118,15 +135,27 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
 
 
 #: the tasks PPO prompts ask: `repeat`, whose answers the tiny reward model judges well (on SFT samples it
-#: orders 97 % of differently-gold pairs as the gold judge does; 75 % for spell, 58 % for count) except in its
-#: blind spot, padded answers ("moon moon moon moon" for 3 times) -- the repetition/length exploit
+#: orders 94 % of differently-gold pairs as the gold judge does, 81 % on the held-out repeat questions; 69 % for
+#: spell, 68 % for count: scripts/rm_gold_agreement.py) except in its blind spot, padded answers
+#: ("moon moon moon moon" for 3 times) -- the repetition/length exploit
 PROMPT_KINDS = (2,)
 
 
-def prompt_rows(n: int, seed: int = 2) -> list[dict[str, Any]]:
-    """`n` single-question chat prompts {messages: [user]} of the PROMPT_KINDS tasks, for PPO and `rlhf eval`."""
+def prompt_rows(n: int, seed: int = 2, held: bool = False) -> list[dict[str, Any]]:
+    """`n` single-question chat prompts {messages: [user]} of the PROMPT_KINDS tasks: training prompts for PPO,
+    or (held=True) drawn from the `held_out` questions only, for validation and `rlhf eval`."""
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": _task(rng, PROMPT_KINDS)[0]}]} for _ in range(n)]
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n:
+        q = _task(rng, PROMPT_KINDS)[0]
+        if held_out(q) == held:
+            rows.append({"messages": [{"role": "user", "content": q}]})
+    return rows
+
+
+def eval_prompt_rows(n: int, seed: int = 3) -> list[dict[str, Any]]:
+    """`n` evaluation prompts: the held-out questions, drawn with repetition (24 distinct questions)."""
+    return prompt_rows(n, seed, held=True)
 
 
 #: question pattern -> the right answer's items, for `solve`
@@ -186,7 +215,7 @@ SHIPPED = {
     "sft.jsonl": (sft_rows, 2000, 0),
     "rm.jsonl": (preference_rows, 10000, 1),
     "prompts.jsonl": (prompt_rows, 2000, 2),
-    "eval_prompts.jsonl": (prompt_rows, 128, 3),
+    "eval_prompts.jsonl": (eval_prompt_rows, 128, 3),
 }
 
 

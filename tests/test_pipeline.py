@@ -55,6 +55,27 @@ def test_toy_data_is_deterministic_and_pairs_follow_gold():
     assert kinds == {"repeat"}  # PROMPT_KINDS
 
 
+def test_held_out_questions_appear_in_no_training_file():
+    """The evaluation prompts are questions no stage trained on: none is an SFT demonstration's question (any
+    turn), a preference pair's or a PPO prompt; each word and count still appears in PPO's training prompts."""
+    assert [toydata.held_out(q) for q in ("repeat red 5 times", "repeat blue 4 times", "repeat lamp 2 times",
+                                          "repeat red 4 times", "repeat red 10 times", "spell red")] == [
+        True, True, True, False, False, False]  # red = WORDS[0], blue = WORDS[1], lamp = WORDS[28]
+
+    def questions(name):
+        rows = [json.loads(line) for line in (TINY / "data" / name).read_text().splitlines()]
+        return [m["content"] for r in rows for m in r.get("messages", []) + r.get("prompt", []) if m["role"] == "user"]
+
+    for name in ("sft.jsonl", "rm.jsonl", "prompts.jsonl"):
+        seen = questions(name)
+        assert len(seen) >= 2000 and not [q for q in seen if toydata.held_out(q)], name
+    held = set(questions("eval_prompts.jsonl"))
+    assert len(held) == 24 and all(toydata.held_out(q) for q in held)
+    train = set(questions("prompts.jsonl"))
+    assert {q.split()[1] for q in held} <= {q.split()[1] for q in train}
+    assert {q.split()[2] for q in held} == {q.split()[2] for q in train} == {"2", "3", "4", "5"}
+
+
 def test_demonstrations_carry_the_stated_share_of_imperfect_answers_never_padded():
     golds = []
     for row in toydata.sft_rows(2000, 0):
@@ -317,6 +338,24 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
         eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", prompts=prompts)
     with pytest.raises(ConfigError, match="data.train.path: path does not exist: .*gone.jsonl"):
         eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm")
+
+
+def test_rm_gold_agreement_script_reports_every_question_set(pipeline_run):
+    """scripts/rm_gold_agreement.py (the README's RM-quality figures) runs on a pipeline's sft/ and rm/."""
+    import re
+    import subprocess
+    import sys
+
+    root = pipeline_run[0].parent / "runs"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "rm_gold_agreement.py"), str(root),
+                          "--questions", "3", "--samples", "3"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"RM {root / 'rm'} on samples of {root / 'sft'} (3 questions x 3 samples")
+    for label in ("count", "spell", "repeat", "repeat held out"):
+        line = next(x for x in lines[1:] if x.strip().startswith(label + ":"))
+        m = re.search(r"(\d+\.\d)% of (\d+) pairs", line)
+        assert (m and 0 <= float(m[1]) <= 100 and 1 <= int(m[2]) <= 3 * 3) or "no two responses" in line, line
 
 
 def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tmp_path):
