@@ -54,9 +54,22 @@ def agreement(run_dir: Path, config: Path, qs: list[str], samples: int, seed: in
     out = work / "eval.json"
     evaluate(s, out)
     rows = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
-    groups = [[(r["policy_reward"], r["policy_gold"]) for r in rows[i:i + samples]]
-              for i in range(0, len(rows), samples)]
-    return gold_agreement(groups)
+    return gold_agreement(group_samples(rows, qs, samples))
+
+
+def group_samples(rows: list[dict], qs: list[str], samples: int) -> list[list[tuple[float, float]]]:
+    """(RM reward, gold) of each question's `samples` responses: `rlhf eval` writes one row per prompt, in
+    order, and each question was asked `samples` times in a row. A lost or reordered row is an error, not a
+    shifted grouping."""
+    if len(rows) != len(qs) * samples:
+        raise SystemExit(f"expected {len(qs) * samples} samples, rlhf eval wrote {len(rows)}")
+    groups = []
+    for i, q in enumerate(qs):
+        group = rows[i * samples:(i + 1) * samples]
+        if any(q not in r["prompt"] for r in group):
+            raise SystemExit(f"samples {i * samples}-{(i + 1) * samples - 1} are not all answers to {q!r}")
+        groups.append([(r["policy_reward"], r["policy_gold"]) for r in group])
+    return groups
 
 
 def main(argv: list[str]) -> None:

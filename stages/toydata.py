@@ -43,7 +43,7 @@ def held_out(question: str) -> bool:
     """Whether `question` is one of the evaluation-only questions: `repeat W N times` with
     (index of W in WORDS + N) divisible by 5 -- 24 of the 120 repeat questions, at most one count per word and
     six words per count, so every word and every count also appears in training, only not together."""
-    m = re.fullmatch(r"repeat ([a-z]+) (\d+) times", question)
+    m = re.fullmatch(r"repeat ([a-z]+) (\d+) times", question.strip())
     return bool(m) and m[1] in WORDS and int(m[2]) in REPEAT_COUNTS and (WORDS.index(m[1]) + int(m[2])) % 5 == 0
 
 

@@ -340,6 +340,25 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
         eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm")
 
 
+def test_rm_gold_agreement_groups_each_questions_samples_and_refuses_a_shift():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rm_gold_agreement", REPO / "scripts" / "rm_gold_agreement.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    qs = ["repeat sun 2 times", "spell cat"]
+    rows = [{"prompt": f"<|user|>\n{q}\n", "policy_reward": r, "policy_gold": g}
+            for q, scored in zip(qs, ([(2.0, 1.0), (1.0, 0.5)], [(0.0, 0.3), (1.0, 0.3)])) for r, g in scored]
+    groups = script.group_samples(rows, qs, 2)
+    assert groups == [[(2.0, 1.0), (1.0, 0.5)], [(0.0, 0.3), (1.0, 0.3)]]
+    assert script.gold_agreement(groups) == (1.0, 1)  # the spell pair has equal gold: not counted
+    with pytest.raises(SystemExit, match="expected 4 samples, rlhf eval wrote 3"):
+        script.group_samples(rows[1:], qs, 2)
+    with pytest.raises(SystemExit, match="samples 0-1 are not all answers to 'repeat sun 2 times'"):
+        script.group_samples(rows[1:] + rows[:1], qs, 2)
+    assert [script.toydata.held_out(q) for q in script.questions((2,), True, 20, 0)] == [True] * 20
+
+
 def test_rm_gold_agreement_script_reports_every_question_set(pipeline_run):
     """scripts/rm_gold_agreement.py (the README's RM-quality figures) runs on a pipeline's sft/ and rm/."""
     import re

@@ -5,8 +5,10 @@ DeepSpeed processes with ZeRO-2 / ZeRO-3."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,10 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     assert evals[-1]["eval/accuracy"] >= 0.75, evals[-1]
     assert evals[-1]["eval/margin"] > evals[0]["eval/margin"] > 0
     train = _rows(out, "train/loss")
-    assert sum(r["train/loss"] for r in train[-10:]) / 10 < train[0]["train/loss"] - 0.3
+    # one logged loss per step of a small batch: single values scatter by +-0.2, so means over many steps are
+    # compared: the last 100 steps' mean below the first 20 steps' and below chance (ln 2, an uninformative RM)
+    first, last = (statistics.fmean(r["train/loss"] for r in rows) for rows in (train[:20], train[-100:]))
+    assert len(train) == 300 and last < first - 0.1 and last < math.log(2) - 0.15, (first, last)
     assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
     assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
     assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-300.json.gz", "profile-step-300.txt"]
