@@ -431,6 +431,10 @@ def report(
                                                     show_default="report/ next to the first run")] = None,
     smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.99, help="EMA smoothing of training curves "
                                           "(0 = none).")] = 0.0,
+    x_axis: Annotated[str, typer.Option("--x-axis", help="PPO curves over `policy` iterations (a run's critic-only "
+                                        "iterations, PPO-max's critic pre-training, at x <= 0, so runs line up at "
+                                        "the same number of policy updates) or over the logged `iteration`.")
+                      ] = "policy",
     debug: DebugOpt = False,
 ) -> None:
     """PNG plots of reward, gold reward, KL, response length, perplexity and clip fractions, overlaying several runs (seeds as mean and min-max band), plus report.md and report.json.
@@ -440,7 +444,7 @@ def report(
     from stages.report import write_report
 
     try:
-        result = write_report(run_dirs, out_dir or run_dirs[0].resolve().parent / "report", smooth)
+        result = write_report(run_dirs, out_dir or run_dirs[0].resolve().parent / "report", smooth, x_axis)
     except RlhfError as exc:
         fail(exc, debug)
     out.print(f"wrote {len(result['png'])} plots and {result['markdown']}", highlight=False)

@@ -8,7 +8,10 @@ stripped, so `ppo-vanilla-seed1` and `ppo-vanilla-seed2` form the group `ppo-van
     run label   ppo-max             -> group ppo-max (one run)
 
 A group with several seeds is drawn as the mean over seeds with a shaded min-max band, over the steps every
-seed logged; a one-run group is just its line. Written into `out_dir`:
+seed logged; a one-run group is just its line. PPO curves are drawn over policy iterations by default
+(x_axis="policy"): a run's critic-only iterations (`train/critic_only` = 1, PPO-max's critic pre-training) take
+x = 1 - C .. 0 and its first policy update x = 1, so runs with and without critic pre-training line up at the
+same number of policy updates (x_axis="iteration": the logged iteration). Written into `out_dir`:
 
     <panel>.png     one per panel of PANELS that some run has data for (reward.png, kl.png, ...)
     overview.png    all those panels in one grid
@@ -220,6 +223,21 @@ class Run(NamedTuple):
     series: dict[str, Series]
     monitor_events: int
     last_step: int | None
+    critic_only: int = 0  # critic-only iterations before the first policy update
+
+
+#: x-axis choices of the PPO panels: policy iterations (critic-only ones at <= 0) or logged iterations
+X_AXES = ("policy", "iteration")
+
+
+def critic_only_iterations(series: dict[str, Series]) -> int:
+    """C, the last iteration logged with `train/critic_only` = 1 (PPO runs critic-only iterations 1..C before
+    any policy update); 0 when there is none (vanilla PPO, SFT, RM).
+
+    >>> critic_only_iterations({"train/critic_only": [(1, 1.0), (2, 1.0), (3, 0.0)]})
+    2
+    """
+    return max((step for step, v in series.get("train/critic_only", []) if v == 1.0), default=0)
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
@@ -236,8 +254,9 @@ def load_runs(run_dirs: list[Path]) -> list[Run]:
         rows = read_rows(path)
         label = path.name
         steps = [row["step"] for row in rows if "event" not in row]
-        runs.append(Run(label, group_label(label), path, run_series(rows), count_events(rows, "monitor"),
-                        max(steps) if steps else None))
+        series = run_series(rows)
+        runs.append(Run(label, group_label(label), path, series, count_events(rows, "monitor"),
+                        max(steps) if steps else None, critic_only_iterations(series)))
     parents: dict[str, set[Path]] = {}
     for run in runs:
         parents.setdefault(run.group, set()).add(run.path.parent)
@@ -267,7 +286,7 @@ def summarize(groups: dict[str, list[Run]]) -> dict[str, Any]:
         out[name] = {
             "seeds": len(runs),
             "runs": [{"label": r.label, "dir": str(r.path), "monitor_events": r.monitor_events,
-                      "last_step": r.last_step} for r in runs],
+                      "last_step": r.last_step, "critic_only_iterations": r.critic_only} for r in runs],
             "monitor_events": sum(r.monitor_events for r in runs),
             "metrics": metrics,
         }
@@ -275,23 +294,32 @@ def summarize(groups: dict[str, list[Run]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- plots
-def _curve(run: Run, key: str, smooth: float) -> Series:
-    """A run's series for plotting: finite points only, EMA-smoothed unless it is a validation (`eval/`) key."""
+def _curve(run: Run, key: str, smooth: float, x_axis: str = "policy") -> Series:
+    """A run's series for plotting: finite points only, EMA-smoothed unless it is a validation (`eval/`) key;
+    with x_axis "policy" at x = iteration - C (C = the run's critic-only iterations)."""
     points = run.series.get(key, [])
     if smooth > 0 and not key.startswith("eval/"):
         points = list(zip([s for s, _ in points], ema([v for _, v in points], smooth)))
-    return [(s, v) for s, v in points if math.isfinite(v)]
+    shift = run.critic_only if x_axis == "policy" else 0
+    return [(s - shift, v) for s, v in points if math.isfinite(v)]
+
+
+def _xlabel(panel: Panel, runs: list[Run], x_axis: str) -> str:
+    """The panel's x-axis name; over policy iterations when some run had critic-only ones."""
+    if x_axis == "policy" and panel.xlabel == "iteration" and any(r.critic_only for r in runs):
+        return "policy iteration (critic-only pre-training at <= 0)"
+    return panel.xlabel
 
 
 def _draw_panel(ax: Any, panel: Panel, groups: dict[str, list[Run]], colors: dict[str, str], smooth: float,
-                legend_size: float) -> None:
+                legend_size: float, x_axis: str = "policy") -> None:
     """Draw one panel on a matplotlib Axes: a line per (group, metric), min-max band for several seeds."""
     styles = ["-", "--", ":", "-."]
     for i, (key, label) in enumerate(panel.series):
         style = styles[i % len(styles)]
         marker = "o" if key.startswith("eval/") else None
         for name, runs in groups.items():
-            curves = [c for c in (_curve(r, key, smooth) for r in runs) if c]
+            curves = [c for c in (_curve(r, key, smooth, x_axis) for r in runs) if c]
             if not curves:
                 continue
             legend = f"{name} ({len(curves)} seeds)" if len(curves) > 1 else name
@@ -309,7 +337,7 @@ def _draw_panel(ax: Any, panel: Panel, groups: dict[str, list[Run]], colors: dic
                     ax.plot([s for s, _ in curve], [v for _, v in curve], label=legend if j == 0 else None,
                             alpha=0.6, **{**kw, "linewidth": 1.0})
     ax.set_title(panel.title, fontsize=10)
-    ax.set_xlabel(panel.xlabel)
+    ax.set_xlabel(_xlabel(panel, [r for rs in groups.values() for r in rs], x_axis))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -323,7 +351,8 @@ def _save(fig: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_panels(groups: dict[str, list[Run]], out_dir: Path, smooth: float = 0.0) -> list[Path]:
+def plot_panels(groups: dict[str, list[Run]], out_dir: Path, smooth: float = 0.0,
+                x_axis: str = "policy") -> list[Path]:
     """Write `<panel>.png` for every PANELS entry some run has a finite value for, and overview.png with all of
     them; returns the paths written (overview last). Uses matplotlib's Agg canvas (no display, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -341,7 +370,7 @@ def plot_panels(groups: dict[str, list[Run]], out_dir: Path, smooth: float = 0.0
     for name in present:
         fig = Figure(figsize=(7, 4.5), layout="constrained")
         FigureCanvasAgg(fig)
-        _draw_panel(fig.add_subplot(1, 1, 1), PANELS[name], groups, colors, smooth, legend_size=8)
+        _draw_panel(fig.add_subplot(1, 1, 1), PANELS[name], groups, colors, smooth, legend_size=8, x_axis=x_axis)
         path = out_dir / f"{name}.png"
         _save(fig, path)
         written.append(path)
@@ -350,7 +379,8 @@ def plot_panels(groups: dict[str, list[Run]], out_dir: Path, smooth: float = 0.0
     fig = Figure(figsize=(5.5 * ncols, 3.8 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     for i, name in enumerate(present):
-        _draw_panel(fig.add_subplot(nrows, ncols, i + 1), PANELS[name], groups, colors, smooth, legend_size=6)
+        _draw_panel(fig.add_subplot(nrows, ncols, i + 1), PANELS[name], groups, colors, smooth, legend_size=6,
+                    x_axis=x_axis)
     if smooth > 0:
         fig.suptitle(f"training curves smoothed (EMA {smooth:g}); validation raw", fontsize=10)
     path = out_dir / "overview.png"
@@ -360,7 +390,7 @@ def plot_panels(groups: dict[str, list[Run]], out_dir: Path, smooth: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def render_markdown(groups: dict[str, Any], pngs: list[Path], smooth: float) -> str:
+def render_markdown(groups: dict[str, Any], pngs: list[Path], smooth: float, x_axis: str = "policy") -> str:
     """report.md from `summarize`'s groups: a table with one row per group (first / last / max of each summary
     metric, mean over seeds), a table of the runs, and the plots."""
     keys = [k for k in SUMMARY_KEYS if any(k in g["metrics"] for g in groups.values())]
@@ -379,27 +409,34 @@ def render_markdown(groups: dict[str, Any], pngs: list[Path], smooth: float) -> 
             cells += [fmt(stats.get("first")), fmt(stats.get("last")), fmt(stats.get("max"))]
         cells.append(" / ".join(str(r["monitor_events"]) for r in g["runs"]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| run | group | last step | monitor events | directory |", "|---|---|---:|---:|---|"]
+    lines += ["", "## Runs", "", "| run | group | last step | critic-only iterations | monitor events | directory |",
+              "|---|---|---:|---:|---:|---|"]
+    runs = [r for g in groups.values() for r in g["runs"]]
     for name, g in groups.items():
         for r in g["runs"]:
             step = "n/a" if r["last_step"] is None else str(r["last_step"])
-            lines.append(f"| {r['label']} | {name} | {step} | {r['monitor_events']} | `{r['dir']}` |")
+            lines.append(f"| {r['label']} | {name} | {step} | {r['critic_only_iterations']} | {r['monitor_events']} "
+                         f"| `{r['dir']}` |")
     if pngs:
         lines += ["", "## Plots", ""]
         if smooth > 0:
             lines += [f"Training curves smoothed with an EMA of factor {smooth:g}; validation curves are raw.", ""]
+        if x_axis == "policy" and any(r["critic_only_iterations"] for r in runs):
+            lines += ["PPO curves are over policy iterations: a run's critic-only iterations are drawn at x <= 0.", ""]
         for path in pngs:
             lines += [f"![{path.stem}]({path.name})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------------- entry
-def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0) -> dict[str, Any]:
+def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0, x_axis: str = "policy") -> dict[str, Any]:
     """Plots and summary of `run_dirs` into `out_dir` (created): one PNG per panel with data, overview.png,
-    report.md and report.json. `smooth` in [0, 1) is an EMA factor for the training curves (0: none).
+    report.md and report.json. `smooth` in [0, 1) is an EMA factor for the training curves (0: none); `x_axis`
+    one of X_AXES (see the module docstring).
 
     Returns (and writes as report.json) {"png": [paths], "markdown": path, "json": path, "smooth": smooth,
-    "groups": {group: {"seeds", "runs": [{"label", "dir", "monitor_events", "last_step"}], "monitor_events",
+    "x_axis": x_axis, "groups": {group: {"seeds", "runs": [{"label", "dir", "monitor_events", "last_step",
+    "critic_only_iterations"}], "monitor_events",
     "metrics": {key: {"first", "last", "max", "seeds"}}}}}; paths are strings, non-finite numbers None.
     Raises DataError when a directory has no metrics.jsonl or no run has a plottable metric."""
     from stages.checkpoint import atomic_write_text, ensure_dir
@@ -408,6 +445,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0) -> di
         raise ConfigError("no run directories given (expected one or more stage output directories)")
     if not (0.0 <= smooth < 1.0) or not math.isfinite(smooth):
         raise ConfigError(f"smoothing factor {smooth} is out of range (expected 0 <= smooth < 1; 0 = none)")
+    if x_axis not in X_AXES:
+        raise ConfigError(f"x axis {x_axis!r} is not one of {', '.join(X_AXES)}")
     runs = load_runs(run_dirs)
     groups = group_runs(runs)
     out_dir = Path(out_dir)
@@ -416,11 +455,11 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0) -> di
         dirs = ", ".join(str(r.path) for r in runs)
         raise DataError(f"no plottable metric in {dirs} (expected some of: {', '.join(sorted(plottable))})")
     ensure_dir(out_dir, "--out")
-    pngs = plot_panels(groups, out_dir, smooth)
+    pngs = plot_panels(groups, out_dir, smooth, x_axis)
     summary = summarize(groups)
     md_path, json_path = out_dir / "report.md", out_dir / "report.json"
     result = {"png": [str(p) for p in pngs], "markdown": str(md_path), "json": str(json_path), "smooth": smooth,
-              "groups": summary}
+              "x_axis": x_axis, "groups": summary}
     atomic_write_text(json_path, json.dumps(result, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(md_path, render_markdown(summary, pngs, smooth))
+    atomic_write_text(md_path, render_markdown(summary, pngs, smooth, x_axis))
     return result

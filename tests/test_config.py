@@ -216,6 +216,10 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
     res = invoke_cli("report", str(run), "--out", str(afile))
     assert res.exit_code == 2 and f"error: --out {afile} is a file, not a directory" in res.stderr, res.output
+    res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "steps")
+    assert res.exit_code == 2 and "error: x axis 'steps' is not one of policy, iteration" in res.stderr, res.output
+    res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "iteration")
+    assert res.exit_code == 0 and json.loads((tmp_path / "rep" / "report.json").read_text())["x_axis"] == "iteration"
 
 
 def test_world_size_counts_processes_as_deepspeeds_runner_does(tmp_path):

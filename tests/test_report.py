@@ -205,3 +205,34 @@ def test_ema_and_aggregate() -> None:
     steps, mean, low, high = aggregate([[(1, 1.0), (2, 2.0), (3, math.nan)], [(1, 3.0), (2, 4.0), (3, 5.0), (4, 1.0)]])
     assert steps == [1, 2] and mean == [2.0, 3.0] and low == [1.0, 2.0] and high == [3.0, 4.0]
     assert aggregate([[(1, 1.0)], [(2, 1.0)]]) == ([], [], [], [])
+
+
+def test_ppo_curves_line_up_at_policy_iterations(tmp_path: Path) -> None:
+    """PPO-max's critic-only iterations (train/critic_only = 1) are drawn at x <= 0 by default, so its first
+    policy update sits at x = 1 like vanilla's; --x-axis iteration keeps the logged steps."""
+    from matplotlib.figure import Figure
+
+    from stages.report import PANELS, _draw_panel, group_runs, load_runs
+
+    vanilla = _write_run(tmp_path, "vanilla", [{"step": s, "objective/scores": float(s)} for s in range(1, 5)])
+    with_critic = _write_run(tmp_path, "max", [
+        {"step": s, "train/critic_only": float(s <= 2), "objective/scores": 10.0 + s} for s in range(1, 7)])
+    groups = group_runs(load_runs([vanilla, with_critic]))
+    assert [r.critic_only for rs in groups.values() for r in rs] == [0, 2]
+    for x_axis, max_x, xlabel in (("policy", [-1, 0, 1, 2, 3, 4], "policy iteration (critic-only pre-training at <= 0)"),
+                                  ("iteration", [1, 2, 3, 4, 5, 6], "iteration")):
+        ax = Figure().add_subplot()
+        _draw_panel(ax, PANELS["reward"], groups, {"vanilla": "C0", "max": "C1"}, 0.0, 6, x_axis)
+        xs = {line.get_label(): [int(x) for x in line.get_xdata()] for line in ax.get_lines()}
+        assert xs == {"vanilla · rollout": [1, 2, 3, 4], "max · rollout": max_x}, x_axis
+        assert ax.get_xlabel() == xlabel
+
+    result = write_report([vanilla, with_critic], tmp_path / "report")
+    assert result["x_axis"] == "policy"
+    assert [r["critic_only_iterations"] for g in result["groups"].values() for r in g["runs"]] == [0, 2]
+    md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    assert "| max | max | 6 | 2 | 0 |" in md and "critic-only iterations are drawn at x <= 0" in md
+    md_iter = write_report([vanilla, with_critic], tmp_path / "r2", x_axis="iteration")["markdown"]
+    assert "drawn at x <= 0" not in Path(md_iter).read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="x axis 'steps' is not one of policy, iteration"):
+        write_report([vanilla], tmp_path / "r3", x_axis="steps")
