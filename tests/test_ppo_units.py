@@ -59,6 +59,7 @@ from stages.ppo.rollout import (
     response_lists,
     response_logits,
     sample,
+    raw_scores,
     token_logprobs,
     with_final_eos,
 )
@@ -582,13 +583,37 @@ def test_response_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(kind
         assert torch.allclose(ent[i, : len(r)], -(logp.exp() * logp).sum(-1), atol=1e-5)
 
 
-def test_with_final_eos_appends_eos_only_to_truncated_rows():
+def test_with_final_eos_appends_eos_only_to_the_rows_asked():
     ids = torch.tensor([[0, 5, 6, 7], [3, 4, 8, 2]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     new_ids, new_mask = with_final_eos(ids, mask, torch.tensor([True, False]), eos_id=2)
     assert new_ids.tolist() == [[0, 5, 6, 7, 2], [3, 4, 8, 2, 0]]
     assert new_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert new_ids.dtype == torch.long and new_mask.dtype == mask.dtype
+
+
+@pytest.mark.parametrize("on_truncation", ["eos", "penalty"])
+def test_reward_is_read_at_an_eos_after_any_stop_token_and_truncation_is_handled_per_setting(on_truncation):
+    """Rows: ended on EOS (2); ended on another stop token (3, a chat template's end of turn); cut at the cap.
+    The RM sees EOS after the other stop token either way (its training data puts EOS after the turn's end); the
+    cut row gets EOS appended (eos) or is scored as it is with truncation_penalty subtracted (penalty)."""
+    from stages.config import GenerationConfig
+
+    seen = {}
+
+    def rm(ids, mask):
+        seen["ids"], seen["mask"] = ids.tolist(), mask.tolist()
+        return (mask.sum(1).float(),)  # the score: how many tokens the RM attended to
+
+    ids = torch.tensor([[0, 7, 5, 2, 0], [7, 7, 5, 3, 0], [0, 7, 5, 6, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    truncated = torch.tensor([False, False, True])
+    gen = GenerationConfig(on_truncation=on_truncation, truncation_penalty=0.5)
+    raw = raw_scores(gen, rm, ids, mask, truncated, eos_id=2)
+    cut_eos = on_truncation == "eos"
+    assert seen["ids"] == [[0, 7, 5, 2, 0, 0], [7, 7, 5, 3, 0, 2], [0, 7, 5, 6, 8, 2 if cut_eos else 0]]
+    assert seen["mask"] == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, int(cut_eos)]]
+    assert raw.tolist() == [3.0, 5.0, 5.0 if cut_eos else 4.0 - 0.5]
 
 
 @pytest.mark.parametrize("tokens, n, rate", [

@@ -84,6 +84,21 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding_even_when_pa
         assert alone[0] != pytest.approx(model.seqcls.score(hidden[0, -2]).item(), abs=1e-4)
 
 
+def test_a_masked_gap_before_an_appended_eos_leaves_the_score_unchanged(eos_pad_tokenizer):
+    """PPO scores a response that stopped on a non-EOS stop token with EOS appended after the response's right
+    padding (stages.ppo.rollout.raw_scores): [.., stop, pad, pad, EOS] with the pads masked must score as the
+    contiguous [.., stop, EOS] the RM was trained on (positions count real tokens; pads are not attended)."""
+    tok = eos_pad_tokenizer
+    model = _tiny_reward(tok)
+    eos, stop = tok.eos_token_id, tok.convert_tokens_to_ids("is")
+    row = tok("the answer to 3")["input_ids"] + [stop]
+    with torch.no_grad():
+        alone = model(torch.tensor([row + [eos]]), torch.ones(1, len(row) + 1, dtype=torch.long))[0].item()
+        gap = model(torch.tensor([row + [7, 7, eos]]), torch.tensor([[1] * len(row) + [0, 0, 1]]))[0].item()
+        misread = model(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0].item()
+    assert gap == pytest.approx(alone, abs=1e-5) and misread != pytest.approx(alone, abs=1e-3)
+
+
 def _tokenizer_without_pad_token():
     """A byte-level BPE tokenizer whose only special token is EOS, with pad = EOS (like many base models)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -511,19 +511,29 @@ def response_logprobs(
     return logp, torch.cat(ents).view(rows, width) if with_entropy else None
 
 
-def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, ...]:
-    """[prompt | response] with EOS appended to truncated responses (one extra column), for the reward model."""
-    col_ids = torch.where(truncated, torch.full_like(truncated, eos_id, dtype=torch.long), ids.new_zeros(()))
-    return torch.cat([ids, col_ids[:, None]], 1), torch.cat([mask, truncated.long()[:, None]], 1)
+def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, append: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, ...]:
+    """[prompt | response] with EOS appended to the rows where `append` is set (one extra column), for the reward
+    model."""
+    col_ids = torch.where(append, torch.full_like(append, eos_id, dtype=torch.long), ids.new_zeros(()))
+    return torch.cat([ids, col_ids[:, None]], 1), torch.cat([mask, append.long()[:, None]], 1)
+
+
+def last_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last attended token id (right-padded rows; no host sync)."""
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return ids.gather(1, torch.where(mask.bool(), pos, torch.zeros_like(pos)).amax(1, keepdim=True)).squeeze(1)
 
 
 def raw_scores(gen: GenerationConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
                eos_id: int) -> torch.Tensor:
-    """The reward model's score of [prompt | response] rows; a truncated response is scored with EOS appended
-    (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
+    """The reward model's score of [prompt | response] rows, read at an EOS as in its training: a response that
+    ended on another stop token (a chat template's end of turn, Llama-3's <|eot_id|>; `generation.stop_token_ids`)
+    is scored with EOS appended after it, as its training data puts EOS after the turn's end; a truncated one is
+    scored with EOS appended (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
+    append = ~truncated & (last_tokens(ids, mask) != eos_id)
     if gen.on_truncation == "eos":
-        ids, mask = with_final_eos(ids, mask, truncated, eos_id)
-    raw = reward(ids, mask)[0]
+        append = append | truncated
+    raw = reward(*with_final_eos(ids, mask, append, eos_id))[0]
     if gen.on_truncation == "penalty":
         raw = raw - gen.truncation_penalty * truncated.float()
     return raw

@@ -159,7 +159,8 @@ def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_id: int) -> dict[str, torch.Tensor]:
     """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
-    score (EOS appended to truncated responses, or the truncation penalty subtracted)."""
+    score (read at an EOS: appended after a non-EOS stop token and to truncated responses, or the truncation
+    penalty subtracted; see raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
     lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation))
