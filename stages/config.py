@@ -308,6 +308,10 @@ class PPODataConfig(Section):
     ptx: DataSource | None = Field(None, description="SFT-format data for the PTX loss (needs ppo.ptx_coef > 0)")
     ptx_format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
     ptx_max_length: int = Field(512, ge=2, description="tokens per PTX example")
+    rendering_check: Literal["error", "warn", "off"] = Field(
+        "error", description="prompts rendered in a style (chat template / plain text / HH text) or with a chat "
+        "template the policy (SFT) or reward model was not trained on: stop (error), warn, or off"
+    )
     gold_reward: Literal["toy"] | None = Field(
         None, description="a known 'human' judge logged next to the RM score (objective/gold, eval/gold); "
         "never trained on. toy = the built-in toy task's (stages/toydata.py)"

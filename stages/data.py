@@ -508,6 +508,7 @@ class DataReport:
     packed_rows: int | None = None
     identical_pairs: int = 0  # preference data: pairs dropped because chosen == rejected
     duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
+    styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""
@@ -521,8 +522,9 @@ class DataReport:
         for reason, n in log.reasons.items():
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n
 
-    def add(self, ex: TokenizedExample) -> None:
+    def add(self, ex: TokenizedExample, style: str) -> None:
         self.examples += 1
+        self.styles[style] = self.styles.get(style, 0) + 1
         self.prompt_truncated += ex.prompt_truncated
         self.response_truncated += ex.response_truncated
         self.tokens += len(ex.input_ids)
@@ -547,7 +549,7 @@ def tokenize_conversations(
             if all(t == IGNORE for t in ex.labels):
                 _bad(where, "no response token left after truncation", data.on_bad_row, log)
                 continue
-            report.add(ex)
+            report.add(ex, conv.style)
             yield ex
 
     if data.packing:

@@ -297,6 +297,7 @@ def tokenize_pairs(
             continue
         rows.append(chosen, rejected, pair.margin)
         report.examples += 1
+        report.styles[pair.style] = report.styles.get(pair.style, 0) + 1
         report.prompt_truncated += chosen.prompt_truncated or rejected.prompt_truncated
         report.response_truncated += chosen.response_truncated or rejected.response_truncated
         report.tokens += len(chosen.input_ids) + len(rejected.input_ids)

@@ -29,6 +29,7 @@ from stages.lm import collate
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
+from stages.rendering import rendering_record
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
 from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
@@ -228,7 +229,8 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         precision = cfg.deepspeed.precision
         return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
-    run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs")
+    run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs",
+                         rendering=rendering_record(reports["train"].styles, tokenizer))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

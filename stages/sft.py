@@ -32,6 +32,7 @@ from stages.distributed import DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import say
 from stages.models import build_causal_lm, prepare_tokenizer
+from stages.rendering import rendering_record
 from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
 
 
@@ -135,7 +136,8 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
     def make_model(ds_config: dict[str, Any]) -> torch.nn.Module:
         return build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
 
-    run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume)
+    run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
+                         rendering=rendering_record(reports["train"].styles, tokenizer))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -342,10 +342,12 @@ def start_training(
     make_model: Callable[[dict[str, Any]], torch.nn.Module],
     resume: bool,
     unit: str = "rows",
+    rendering: dict[str, Any] | None = None,
 ) -> Run:
     """Plan the steps, build the model (`make_model(deepspeed_json)`) and its DeepSpeed engine, seed each rank
     apart (dropout; the data order has its own generator), restore the newest checkpoint when resuming, and
-    open the metrics log and progress display."""
+    open the metrics log and progress display. `rendering` (stages/rendering.py) goes into every saved
+    checkpoint's rlhf_checkpoint.json."""
     from stages import __version__
     from stages.engine import build_deepspeed_config, initialize_engine
 
@@ -358,7 +360,8 @@ def start_training(
     start = int(state["step"])
     check_resume_point(start, plan.total, out)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
-    meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config"}
+    meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config",
+            "rendering": rendering}
     progress = TrainProgress(dist.is_main, plan.total, start, stage, print_every=cfg.logging.log_every)
     profiler = StepProfiler(cfg.logging.profile_step, out, dist.rank, dist.device)
     return Run(stage, out, dist, tc, plan, engine, tokenizer, metrics, progress, start,

@@ -404,6 +404,38 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     assert run("s", reference=str(root / "sft"))[1]["policy_metrics"]["kl"] != 0.0
 
 
+def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_run, tmp_path):
+    """SFT and the RM (chat-template messages) record how they rendered their rows; PPO given the same questions
+    as plain {prompt} rows without use_chat_template stops before building any model, naming both models, and
+    a changed chat template is named too; the records are in the checkpoints and data reports."""
+    from stages.rendering import template_digest
+    from transformers import AutoTokenizer
+
+    root = pipeline_run[0].parent / "runs"
+    digest = template_digest(AutoTokenizer.from_pretrained(root / "sft" / "final"))
+    for stage in ("sft", "rm"):
+        meta = json.loads((root / stage / "final" / "rlhf_checkpoint.json").read_text())
+        assert meta["rendering"] == {"styles": ["chat"], "chat_template_sha256": digest}, stage
+        report = json.loads((root / stage / "data_report.json").read_text())["train"]
+        assert report["styles"] == {"chat": report["examples"]}, stage
+    assert json.loads((root / "ppo-max" / "final" / "rlhf_checkpoint.json").read_text())["rendering"]["styles"] == [
+        "chat"]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"repeat sun {n} times"}) + "\n" for n in (2, 3, 4, 5) * 4))
+    base = ["ppo", "--config", str(TINY / "ppo.yaml"), "--set", f"model.name_or_path={root / 'sft'}",
+            "--set", f"reward_model.name_or_path={root / 'rm'}", "--set", f"data.train={plain}",
+            "--set", "data.eval=null", "--set", "data.eval_fraction=0", "--set", "data.format=prompt"]
+    res = run_cli(*base, "--set", f"output_dir={tmp_path / 'p1'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert f"the policy (SFT) {root / 'sft' / 'final'} was trained on chat-template conversations; PPO renders " \
+           "its prompts as plain prompt text" in line and "the reward model" in line, line
+    assert "data.use_chat_template" in line and "data.rendering_check: warn" in line
+    res = run_cli(*base, "--set", f"output_dir={tmp_path / 'p2'}", "--set", "data.use_chat_template=true",
+                  "--set", 'data.chat_template="{% for m in messages %}{{ m.content }}\\n{% endfor %}"')
+    assert res.returncode == 2 and "trained with another chat template than the one PPO renders" in res.stderr
+
+
 def test_eval_and_report_commands(pipeline_run, tmp_path):
     root = pipeline_run[0].parent / "runs"
     out = tmp_path / "ev.json"

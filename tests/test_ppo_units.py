@@ -1240,3 +1240,36 @@ def test_load_prompts_max_prompt_length_keeps_the_last_tokens(tmp_path, tokenize
                                   max_prompt_length=4)
     assert prompts == [full[-4:], _enc(tokenizer, "hi")] and truncated == 1
     assert len(_enc(tokenizer, "hi")) <= 4
+
+
+@pytest.mark.parametrize("mode", ["error", "warn", "off"])
+def test_rendering_check_modes(tmp_path, mode, monkeypatch):
+    """data.rendering_check: error raises naming the model, warn prints and goes on, off does not look; a model
+    without a record (a hub model) is not checked."""
+    from stages.distributed import DistInfo
+    from stages.errors import ConfigError
+    from stages.ppo import trainer
+    from stages.ppo.trainer import check_rendering
+
+    said = []
+    monkeypatch.setattr(trainer, "say", lambda enabled, text: said.append(text))
+
+    for name, meta in (("sft", {"stage": "sft", "rendering": {"styles": ["chat"], "chat_template_sha256": "x"}}),
+                       ("rm", {"stage": "train-rm"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "rlhf_checkpoint.json").write_text(json.dumps(meta))
+    cfg = SimpleNamespace(data=SimpleNamespace(rendering_check=mode), model=SimpleNamespace(name_or_path=str(
+        tmp_path / "sft")), reward_model=SimpleNamespace(name_or_path=str(tmp_path / "rm")))
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
+    tok = SimpleNamespace(chat_template="t")
+    if mode == "error":
+        with pytest.raises(ConfigError, match=f"the policy \\(SFT\\) {tmp_path / 'sft'} was trained on chat-template "
+                                              "conversations; PPO renders its prompts as HH-RLHF"):
+            check_rendering(cfg, {"raw_hh"}, tok, dist)
+        with pytest.raises(ConfigError, match="trained with another chat template"):
+            check_rendering(cfg, {"chat"}, tok, dist)
+        return
+    check_rendering(cfg, {"raw_hh"}, tok, dist)
+    out = "".join(said)
+    assert ("warning: the policy (SFT)" in out and "reward model" not in out) == (mode == "warn"), out

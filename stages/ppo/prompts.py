@@ -75,8 +75,14 @@ def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog) -> tuple[list[list[int]], int]:
-    """Token ids of every usable prompt of `source`, and how many were cut to max_prompt_length."""
+#: prompt format -> the rendering style (stages/rendering.py) of a prompt not rendered through the chat template
+RAW_STYLES = {"prompt": "raw_pr", "hh": "raw_hh"}
+
+
+def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
+                 styles: set[str] | None = None) -> tuple[list[list[int]], int]:
+    """Token ids of every usable prompt of `source`, and how many were cut to max_prompt_length; the rendering
+    style of each usable prompt is added to `styles` when given."""
     fmt = None if data.format == "auto" else data.format
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
@@ -101,6 +107,8 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             head = bos_head(ids, bos) if data.max_prompt_length > len(bos) else 0
             ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
+        if styles is not None:
+            styles.add("chat" if chat else RAW_STYLES[row_fmt])
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
     return prompts, truncated
