@@ -4,6 +4,8 @@ stages/ppo/trainer.py, run with tiny random models behind a stand-in for the Dee
 from __future__ import annotations
 
 import copy
+import threading
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -11,10 +13,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from stages.config import PPOConfig
 from stages.data import IGNORE, TokenRows
+from stages.distributed import DistInfo
+from stages.ppo.experience import GlobalMeans, global_moments
 from stages.ppo.models import ValueModel, engine_train_config
-from stages.ppo.rollout import Rollout
+from stages.ppo.rollout import Rollout, response_logprobs
 from stages.ppo.trainer import make_experience, rollout_metrics, update
-from stages.ppo.tricks import RunningMoments
+from stages.ppo.tricks import RunningMoments, masked, whiten
 from stages.reward_model import RewardModel
 from stages.trainer import EpochSampler
 
@@ -61,11 +65,11 @@ def _arch() -> LlamaConfig:
                        pad_token_id=PAD, eos_token_id=EOS, num_labels=1)
 
 
-def _config(tmp_path, generation: dict | None = None, **ppo) -> PPOConfig:
+def _config(tmp_path, generation: dict | None = None, train: dict | None = None, **ppo) -> PPOConfig:
     return PPOConfig.model_validate({
         "output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"},
         "reward_model": {"name_or_path": "stub/rm"}, "data": {"train": "stub/prompts", "ptx": "stub/ptx"},
-        "train": {"rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2},
+        "train": {"rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2, **(train or {})},
         "ppo": {"kl_coef": 0.1, "ppo_epochs": 2, **ppo}, "generation": generation or {},
     })
 
@@ -86,7 +90,7 @@ def dist(process_group):
     return process_group
 
 
-def _models(seed: int = 0) -> dict:
+def _models(seed: int = 0, accumulation: int = 2) -> dict:
     torch.manual_seed(seed)
     policy = LlamaForCausalLM(_arch())
     reference = copy.deepcopy(policy)
@@ -95,8 +99,8 @@ def _models(seed: int = 0) -> dict:
             p.add_(0.05 * torch.randn_like(p))
     critic = ValueModel(LlamaForSequenceClassification(_arch()))
     reward = RewardModel(LlamaForSequenceClassification(_arch()))
-    return {"policy": StubEngine(policy, 2), "critic": StubEngine(critic, 2), "reference": reference.eval(),
-            "reward": reward.eval(), "sampler": None}
+    return {"policy": StubEngine(policy, accumulation), "critic": StubEngine(critic, accumulation),
+            "reference": reference.eval(), "reward": reward.eval(), "sampler": None}
 
 
 def _ptx() -> tuple[TokenRows, EpochSampler]:
@@ -236,3 +240,286 @@ def test_grad_clip_and_learning_rates_reach_the_deepspeed_engines(tmp_path):
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 2
     assert "gradient_clipping" not in build_deepspeed_config(engine_train_config(_config(tmp_path, grad_clip=0.0), 1e-6),
                                                              cfg.deepspeed, 1, False)
+
+
+# --------------------------------------------------------------------------------------------- token means
+LENGTHS = (5, 1, 7, 3)  # response tokens of the 4 rollouts below: 16 in all
+
+
+def _uneven_rollout(rows: list[int] | None = None) -> Rollout:
+    """4 prompts (left-padded, width 3) and responses of 5, 1, 7 and 3 tokens (right-padded, width 7; the 7-token
+    one truncated); `rows`: those rollouts only (a rank's share)."""
+    prompt = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4], [3, 3, 2]])
+    response = torch.tensor([[11, 12, 13, 14, EOS, 0, 0], [EOS, 0, 0, 0, 0, 0, 0],
+                             [15, 16, 17, 18, 19, 20, 21], [22, 23, EOS, 0, 0, 0, 0]])
+    response_mask = (torch.arange(7) < torch.tensor(LENGTHS)[:, None]).long()
+    out = Rollout(prompt, (prompt != 0).long(), response, response_mask, torch.tensor([False, False, True, False]))
+    return out if rows is None else out.select(rows)
+
+
+class RecordingEngine(StubEngine):
+    """StubEngine that also keeps every loss handed to backward, divided by the accumulation steps as the
+    engine (and DeepSpeed's `_scale_loss_by_gas`) divides it: one list per optimizer step."""
+
+    def __init__(self, module: torch.nn.Module, accumulation: int) -> None:
+        super().__init__(module, accumulation)
+        self.losses: list[list[float]] = [[]]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.losses[-1].append(float(loss.detach()) / self.accumulation)
+        super().backward(loss)
+
+    def step(self) -> None:
+        super().step()
+        if self.micro % self.accumulation == 0:
+            self.losses.append([])
+
+
+def _recording_models(accumulation: int) -> dict:
+    models = _models(accumulation=accumulation)
+    for name in ("policy", "critic"):
+        models[name] = RecordingEngine(models[name].module, accumulation)
+    return models
+
+
+def _flat_grad(module: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    module.zero_grad()
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).clone()
+    module.zero_grad()
+    return grad
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to float32 summation-order noise: within 1e-6 absolute, 1e-5 relative."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ppo", [{}, {"adv_norm": True, "entropy_coef": 0.05, "value_clip": 0.2, "kl_coef": 0.1}],
+                         ids=["plain", "adv_norm-entropy-value_clip"])
+def test_micro_batch_split_does_not_change_the_update(tmp_path, dist, ppo):
+    """One mini-batch of 4 rollouts with 5, 1, 7 and 3 response tokens (16 in all), as 1, 2 or 4 micro-batches
+    (engine accumulation 4, 2, 1): each micro-batch's loss is its token mean x n x k / 16 (k = ranks x
+    accumulation) and the engine divides by the accumulation, so every split backpropagates the token mean over
+    all 16 tokens: the same gradients and the same weights after each of 2 epochs (float32 noise only). A
+    per-micro-batch mean would weight the 1-token rollout like the 7-token one when micro = 1."""
+    rollout = _uneven_rollout()
+    exp = make_experience(_config(tmp_path, **ppo), dist, _models(), rollout,
+                          RunningMoments(count=8, mean=0.5, m2=32.0), EOS, iteration=1)
+    runs = {}
+    for micro in (4, 2, 1):
+        cfg = _config(tmp_path, train={"micro_batch_size": micro}, ppo_epochs=2, **ppo)
+        models = _recording_models(accumulation=4 // micro)
+        metrics = update(cfg, dist, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+        runs[micro] = {"models": models, "metrics": metrics}
+        for name in ("policy", "critic"):
+            assert len(models[name].grads) == 2  # 2 epochs x 1 mini-batch: 2 optimizer steps
+            assert [len(x) for x in models[name].losses] == [4 // micro, 4 // micro, 0]
+
+    mask = rollout.response_mask.bool()
+    adv = exp["advantages"]
+    assert int(mask.sum()) == 16
+    base = runs[4]
+    for micro in (2, 1):
+        run = runs[micro]
+        for name in ("policy", "critic"):
+            for g, g4 in zip(run["models"][name].grads, base["models"][name].grads):
+                assert _close(g, g4), f"{name} gradient, micro-batch {micro} vs 4: max diff {(g - g4).abs().max()}"
+            params = [torch.cat([p.detach().flatten() for p in x["models"][name].module.parameters()])
+                      for x in (run, base)]
+            assert _close(*params)
+        for key in ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "val/clipfrac"):
+            assert run["metrics"][key] == pytest.approx(base["metrics"][key], rel=1e-5, abs=1e-6)
+    # the weights did move, by far more than the tolerance
+    before = _models()
+    moved = torch.cat([(p.detach() - q.detach()).flatten() for p, q in
+                       zip(base["models"]["policy"].module.parameters(), before["policy"].module.parameters())])
+    assert moved.abs().max() > 1e-3
+
+    if ppo:
+        return
+    # Hand check (plain settings), first step: the policy equals the old policy (ratio 1), so each token's loss is
+    # -A_t, and the critic equals the old critic (V = V_old, G - V = A), so each token's value loss is A_t^2 / 2.
+    # The losses backpropagated in one step add up to the token means over the 16 tokens, for every split:
+    want_policy = -float(adv[mask].sum()) / 16
+    want_value = 0.5 * float((adv[mask] ** 2).sum()) / 16
+    for micro, run in runs.items():
+        assert sum(run["models"]["policy"].losses[0]) == pytest.approx(want_policy, rel=1e-5, abs=1e-7)
+        assert sum(run["models"]["critic"].losses[0]) == pytest.approx(want_value, rel=1e-5)
+    # with one rollout per micro-batch (in shuffled order), rollout i's share is -(sum of its A_t) / 16, whatever
+    # its length (its own token mean x n_i x k / 16 / accumulation = mean_i x n_i x 4 / 16 / 4)
+    shares = sorted(-float(adv[i][mask[i]].sum()) / 16 for i in range(4))
+    assert sorted(runs[1]["models"]["policy"].losses[0]) == pytest.approx(shares, rel=1e-5, abs=1e-7)
+    # the first step's gradients are those of the token-mean losses over the whole mini-batch, computed directly
+    fresh = _models()
+    ids, att = rollout.sequences()
+    logp, _ = response_logprobs(fresh["policy"].module, ids, att, 3, rollout.response)
+    token_mean = -(adv * masked(logp, mask)).sum() / 16
+    values = fresh["critic"].module(ids, att)[:, 2:-1]
+    g_policy = _flat_grad(fresh["policy"].module, token_mean)
+    g_value = _flat_grad(fresh["critic"].module, 0.5 * masked((values - exp["returns"]) ** 2, mask).sum() / 16)
+    for micro, run in runs.items():
+        assert _close(run["models"]["policy"].grads[0], g_policy)
+        assert _close(run["models"]["critic"].grads[0], g_value)
+    # ... and not those of the mean of per-rollout means (what a per-micro-batch mean gives with micro = 1):
+    logp, _ = response_logprobs(fresh["policy"].module, ids, att, 3, rollout.response)
+    n = mask.sum(1, keepdim=True)
+    per_rollout = -((adv * masked(logp, mask)).sum(1, keepdim=True) / n).mean()
+    g_rows = _flat_grad(fresh["policy"].module, per_rollout)
+    assert (g_rows - g_policy).abs().max() > 100 * 1e-6 + 1e-5 * g_policy.abs().max()
+
+
+# --------------------------------------------------------------------------------------------- two ranks
+class TwoRanks:
+    """Two ranks as two threads of this process. `all_reduce_sum`, patched into every module that calls it, adds
+    the two threads' vectors as the real collective does (a rank calling with a different length, or a call on
+    one rank only, fails or times out instead of passing); `calls[r]` keeps what rank r contributed."""
+
+    def __init__(self, monkeypatch) -> None:
+        import stages.ppo.experience
+        import stages.ppo.trainer
+        import stages.trainer
+
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.local = threading.local()
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.calls: list[list[list[float]]] = [[], []]
+        for module in (stages.ppo.experience, stages.ppo.trainer, stages.trainer):
+            monkeypatch.setattr(module, "all_reduce_sum", self.all_reduce_sum)
+
+    def all_reduce_sum(self, values, device) -> torch.Tensor:
+        rank = self.local.rank
+        mine = torch.as_tensor(values, dtype=torch.float64).detach().clone().flatten()
+        self.calls[rank].append(mine.tolist())
+        self.slots[rank] = mine
+        self.barrier.wait()
+        total = self.slots[0] + self.slots[1]
+        self.barrier.wait()  # both have read before either writes its next vector
+        return total
+
+    def grad_mean(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient averaged over the two ranks, as DeepSpeed's data-parallel all-reduce gives it."""
+        return (self.all_reduce_sum(grad, grad.device) / 2).to(grad.dtype).reshape(grad.shape)
+
+    def run(self, fn: Callable[[DistInfo], Any]) -> list[Any]:
+        """fn(DistInfo of rank r) on ranks 0 and 1 at once; their results."""
+        out: list[Any] = [None, None]
+        errors: list[BaseException] = []
+
+        def main(rank: int) -> None:
+            self.local.rank = rank
+            try:
+                out[rank] = fn(DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu")))
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after both threads end
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+class RankEngine(StubEngine):
+    """StubEngine on one of TwoRanks: the accumulated gradients are averaged over both ranks before the SGD step
+    (DeepSpeed's data parallelism), so both ranks hold the same weights after every step."""
+
+    def __init__(self, module: torch.nn.Module, accumulation: int, ranks: TwoRanks) -> None:
+        super().__init__(module, accumulation)
+        self.ranks = ranks
+
+    def step(self) -> None:
+        if (self.micro + 1) % self.accumulation == 0:
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad = self.ranks.grad_mean(p.grad)
+        super().step()
+
+
+def test_global_moments_and_means_over_two_ranks_equal_one_process_over_all_rows(dist, monkeypatch):
+    """Rank 0 holds response tokens 1, 2 | 3 and rank 1 holds 4, 10 (padding: 99, -7, never counted). Over all 5:
+    n 5, mean 20 / 5 = 4, variance 130 / 5 - 4^2 = 10 (rank 0 alone: mean 2, variance 2/3); whitening uses those;
+    their token mean, (sum 6, 3 tokens) and (sum 14, 2 tokens), is 20 / 5 = 4 (not the mean of means, 4.5)."""
+    x = [torch.tensor([[1.0, 2.0, 99.0], [3.0, 99.0, 99.0]]), torch.tensor([[4.0, 10.0, -7.0]])]
+    m = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 0]])]
+    cpu = torch.device("cpu")
+    # one process (the real all-reduce, one rank) over the concatenated rows
+    x_all, m_all = torch.cat(x), torch.cat(m)
+    assert global_moments(x_all, m_all, cpu) == pytest.approx((4.0, 10.0))
+    whole = whiten(x_all, m_all.float(), mean=4.0, var=10.0)
+    assert whole[m_all.bool()].tolist() == pytest.approx([(v - 4) / 10**0.5 for v in (1, 2, 3, 4, 10)], rel=1e-6)
+    one = GlobalMeans()
+    one.add("loss", 6.0, 3)
+    one.add("loss", 14.0, 2)
+    assert one.reduce(cpu) == {"loss": pytest.approx(4.0)}
+
+    ranks = TwoRanks(monkeypatch)
+
+    def on_rank(d: DistInfo):
+        mean, var = global_moments(x[d.rank], m[d.rank], d.device)
+        g = GlobalMeans()
+        g.add("loss", masked(x[d.rank], m[d.rank]).sum(), m[d.rank].sum())
+        return (mean, var), whiten(x[d.rank], m[d.rank].float(), mean=mean, var=var), g.reduce(d.device)
+
+    out = ranks.run(on_rank)
+    for r in (0, 1):
+        moments, whitened, means = out[r]
+        assert moments == pytest.approx((4.0, 10.0))
+        assert torch.allclose(whitened, whole[[0, 1]] if r == 0 else whole[[2]])
+        assert means == {"loss": pytest.approx(4.0)}
+    assert ranks.calls[0][0] == [3.0, 6.0, 14.0] and ranks.calls[1][0] == [2.0, 14.0, 116.0]  # n, sum, sum x^2
+    assert ranks.calls[0][1] == [6.0, 3.0] and ranks.calls[1][1] == [14.0, 2.0]  # GlobalMeans: sum, count
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_two_ranks_make_the_same_experience_and_update_as_one_process(tmp_path, dist, monkeypatch, micro):
+    """The 4 rollouts (5, 1, 7, 3 response tokens) on one process (mini-batch 4, micro-batch 2), or rollouts 0-1
+    on rank 0 (6 tokens) and 2-3 on rank 1 (10 tokens), mini-batch 2 each, micro-batch `micro`. With reward
+    normalization (running statistics merged across ranks), advantage whitening over the mini-batch's tokens on
+    both ranks, the loss scaled by k / (16 global tokens), k = 2 ranks x accumulation, and the gradients
+    averaged over the ranks, each rank's share of the experience, the gradients of 2 epochs, the weights after
+    them and the logged token-mean metrics equal one process's."""
+    ppo = {"reward_norm": True, "adv_norm": True, "kl_coef": 0.1, "entropy_coef": 0.05, "value_clip": 0.2,
+           "ppo_epochs": 2}
+
+    def run(d: DistInfo, rows: list[int], train: dict, models: dict):
+        cfg = _config(tmp_path, train=train, **ppo)
+        rollout = _uneven_rollout(rows)
+        moments = RunningMoments(count=8, mean=0.5, m2=32.0)
+        exp = make_experience(cfg, d, models, rollout, moments, EOS, iteration=1)
+        metrics = update(cfg, d, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+        return {"exp": exp, "moments": moments, "metrics": metrics, "models": models}
+
+    single = run(dist, [0, 1, 2, 3], {"rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2},
+                 _models(accumulation=2))
+    ranks = TwoRanks(monkeypatch)
+    train = {"rollout_batch_size": 2, "mini_batch_size": 2, "micro_batch_size": micro}
+    rank_models = [_models() for _ in range(2)]  # here, not in the threads: _models seeds the global generator
+    for models in rank_models:
+        for name in ("policy", "critic"):
+            models[name] = RankEngine(models[name].module, 2 // micro, ranks)
+    out = ranks.run(lambda d: run(d, [[0, 1], [2, 3]][d.rank], train, rank_models[d.rank]))
+
+    for r, rows in ((0, [0, 1]), (1, [2, 3])):
+        mine = out[r]
+        assert (mine["moments"].count, mine["moments"].mean, mine["moments"].m2) == pytest.approx(
+            (single["moments"].count, single["moments"].mean, single["moments"].m2))
+        for key in ("score", "rewards", "advantages", "returns"):
+            assert torch.allclose(mine["exp"][key], single["exp"][key][rows], atol=1e-6), key
+        for name in ("policy", "critic"):
+            assert len(mine["models"][name].grads) == 2
+            for g, g1 in zip(mine["models"][name].grads, single["models"][name].grads):
+                assert _close(g, g1), f"{name} gradient, rank {r}: max diff {(g - g1).abs().max()}"
+            params = [torch.cat([p.detach().flatten() for p in x["models"][name].module.parameters()])
+                      for x in (mine, single)]
+            assert _close(*params)
+        for key in ("loss/policy", "loss/value", "loss/entropy", "policy/ratio", "policy/approxkl",
+                    "policy/clipfrac", "val/clipfrac"):
+            assert mine["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-6), key
+    # the token-count all-reduce: 5 + 1 = 6 tokens on rank 0, 7 + 3 = 10 on rank 1, 16 in all, once per epoch
+    assert [c for c in ranks.calls[0] if c == [6.0]] == [[6.0]] * 2
+    assert [c for c in ranks.calls[1] if c == [10.0]] == [[10.0]] * 2
