@@ -65,6 +65,7 @@ from stages.ppo.rollout import (
 )
 from stages.ppo.trainer import score_rollout
 from stages.ppo.tricks import RunningMoments, policy_loss, value_loss
+from stages.reward_model import positions_from_mask
 
 VOCAB, PAD_ID = 40, 0
 CPU = torch.device("cpu")
@@ -935,7 +936,16 @@ def test_value_model_reads_the_score_head_at_every_position(kind):
                              for t in range(len(prompt))]
         assert values[i, start:].tolist() == pytest.approx(prefix_scores, abs=1e-5)
     with torch.no_grad():
-        assert critic.to(torch.bfloat16)(ids, mask).dtype == torch.float32
+        critic = critic.to(torch.bfloat16)
+        values = critic(ids, mask)
+        # the head computes in float32 on the bf16 hidden states (a bf16 head would round values by ~1e-2)
+        backbone = getattr(seqcls, seqcls.base_model_prefix)
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).last_hidden_state
+        assert hidden.dtype == torch.bfloat16 and values.dtype == torch.float32
+        exact = hidden.float() @ seqcls.score.weight.float().T
+        assert torch.allclose(values, exact.squeeze(-1), atol=1e-5, rtol=0)
+        rounded = (hidden @ seqcls.score.weight.T).float().squeeze(-1)
+        assert not torch.allclose(values, rounded, atol=1e-5, rtol=0)
 
 
 # ============================================================================================ monitor

@@ -9,6 +9,7 @@ rollout's log-probs and values equal those of the first training forward (PPO's 
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any, Iterator
 
 import torch
@@ -19,13 +20,25 @@ from stages.models import PAD, build_model, zero3_init_off
 from stages.reward_model import RewardModel, positions_from_mask
 
 
+def _float32_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's forward in float32 whatever its weights' dtype: x W^T (+ b) with x, W, b upcast."""
+    bias = None if self.bias is None else self.bias.float()
+    return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 class ValueModel(torch.nn.Module):
     """V(prefix) at every position: the reward model's backbone and bias-free `score` head applied to every
-    hidden state, [B, L] in float32. `seqcls` is the HF sequence-classification model that gets saved."""
+    hidden state, [B, L] in float32. `seqcls` is the HF sequence-classification model that gets saved.
+
+    The head computes in float32 even when the model is bf16/fp16: a bf16 value of magnitude 2-8 is rounded to
+    steps of 0.016-0.03, more than a token's KL penalty, and GAE's delta_t = r_t + V(t+1) - V(t) would carry
+    that rounding. Only the head's forward is replaced (its weights keep their dtype, and DeepSpeed's ZeRO-3
+    hooks on the module still gather them); the saved checkpoint is unchanged."""
 
     def __init__(self, seqcls: torch.nn.Module) -> None:
         super().__init__()
         self.seqcls = seqcls
+        seqcls.score.forward = types.MethodType(_float32_linear, seqcls.score)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone = getattr(self.seqcls, self.seqcls.base_model_prefix)
