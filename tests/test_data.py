@@ -72,6 +72,28 @@ def test_prompt_response_raw_masks_the_prompt_exactly(tmp_path, char_tok):
     assert report.trained_tokens == 3 and report.tokens == 10
 
 
+def test_the_eos_label_survives_a_tokenizer_whose_pad_is_its_eos(tmp_path, char_tok):
+    """Many base models ship pad = EOS; labels come from the conversation, never from the pad id, so the final EOS
+    stays trained and only the padding after it is IGNORE (TRL's pad = eos masking of the EOS label)."""
+    import copy
+
+    from stages.lm import collate
+
+    tok = copy.deepcopy(char_tok)
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "Q: 2+2?", "response": " 4"}, {"prompt": "Q?", "response": " 1234567890"}])
+    convs, _ = _load(path)
+    rows, _ = _one(tok, convs)
+    batch = collate([rows[0], rows[1]], tok.pad_token_id, torch.device("cpu"))
+    n0, n1 = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
+    assert n0 < n1 and batch["labels"][0, n0 - 1] == eos and batch["labels"][1, n1 - 1] == eos
+    assert batch["input_ids"][0, n0:].tolist() == [eos] * (n1 - n0)  # the padding is EOS ids ...
+    assert batch["labels"][0, n0:].tolist() == [IGNORE] * (n1 - n0)  # ... not labels
+    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0)
+
+
 def test_custom_column_names(tmp_path, char_tok):
     path = _jsonl(tmp_path / "c.jsonl", [{"question": "hi", "answer": "yo"}])
     convs, _ = _load(path, columns={"prompt": "question", "response": "answer"})
