@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from stages.config import Columns, DataSource, SFTDataConfig
 from stages.errors import DataError
+from stages.rendering import CHAT, RAW_HH, RAW_PR
 
 IGNORE = -100  # label of tokens that carry no loss
 ROLES = ("system", "user", "assistant")
@@ -239,17 +240,17 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         prompt = _field(record, cols.prompt, allow_empty=True)
         response = _field(record, cols.response)
         msgs = (("user", prompt), ("assistant", response))
-        return Conversation(msgs, "chat" if data.use_chat_template else "raw_pr")
+        return Conversation(msgs, CHAT if data.use_chat_template else RAW_PR)
     if fmt == "hh":
         text = _field(record, cols.text)
         turns = split_hh(text)
-        style = "raw_hh"
+        style = RAW_HH
         if data.use_chat_template:
             turns = [(r, c.strip()) for r, c in turns]
-            style = "chat"
+            style = CHAT
     elif fmt == "messages":
         turns = parse_messages(record, cols.messages)
-        style = "chat"
+        style = CHAT
     else:
         raise ValueError(fmt)
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
@@ -299,9 +300,9 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
     assistant_idx = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
     trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:])
     segments: list[Segment] = []
-    if conv.style == "raw_pr":
+    if conv.style == RAW_PR:
         return [Segment(msgs[0][1], False), Segment(msgs[1][1], True)]
-    if conv.style == "raw_hh":
+    if conv.style == RAW_HH:
         context = ""
         for i, (role, content) in enumerate(msgs):
             if role == "assistant":
@@ -522,9 +523,12 @@ class DataReport:
         for reason, n in log.reasons.items():
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n
 
+    def count_style(self, style: str) -> None:
+        self.styles[style] = self.styles.get(style, 0) + 1
+
     def add(self, ex: TokenizedExample, style: str) -> None:
         self.examples += 1
-        self.styles[style] = self.styles.get(style, 0) + 1
+        self.count_style(style)
         self.prompt_truncated += ex.prompt_truncated
         self.response_truncated += ex.response_truncated
         self.tokens += len(ex.input_ids)
@@ -567,7 +571,7 @@ def corpus_texts(convs: Iterable[tuple[Conversation, str]]) -> Iterator[str]:
     """Text of each conversation as the model will see it (raw styles), or its turns' contents (chat style);
     used to train a tokenizer."""
     for conv, _ in convs:
-        if conv.style == "chat":
+        if conv.style == CHAT:
             yield "\n".join(content for _, content in conv.messages)
         else:
             yield "".join(seg.text for seg in render_segments(conv, None, "all_turns"))

@@ -3,7 +3,8 @@ against a baseline policy (e.g. the SFT model it started from).
 
 For each prompt the policy (and the baseline) samples one response with the same seed; then per model
 
-    reward      mean RM score (EOS appended to a response cut at max_new_tokens, as in PPO)
+    reward      mean RM score (read at an EOS as in PPO: appended to a response cut at max_new_tokens or
+                ended on another stop token)
     gold        mean gold reward (data.gold_reward, e.g. the toy task's)
     kl          mean over responses of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples
                 (a sampled estimate of KL(pi || pi_ref) per response; pi_ref = --reference, else the baseline;
@@ -33,10 +34,12 @@ from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
 from stages.gold import gold_scores
+from stages.metrics import say
 from stages.models import check_architecture, load_tokenizer, resolve_model_dir
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
+from stages.rendering import check_rendering
 
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
@@ -159,10 +162,15 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own parse errors, ...
         raise CheckpointError(f"cannot load a tokenizer: {type(exc).__name__}: {exc}") from None
     check_tokenizers(tok, rm_tok, s.reward_model)
-    prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog())
+    styles: set[str] = set()
+    prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog(), styles)
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
     if not prompts:
         raise ConfigError(f"no prompts in {s.data.train}")
+    models = {"POLICY": policy_dir, "the reward model": rm_dir} | (
+        {"--baseline": resolve_model_dir(s.baseline)} if s.baseline else {})
+    check_rendering(s.data.rendering_check, styles, tok, models, lambda text: say(True, f"[yellow]{text}[/]"),
+                    who="rlhf eval")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, "POLICY")

@@ -43,6 +43,7 @@ from stages.data import (
     split_hh,
     truncate_example,
 )
+from stages.rendering import CHAT, RAW_HH, RAW_PR
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -135,17 +136,17 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
         if chosen == rejected:
             raise IdenticalPair()
-        style = "chat" if data.use_chat_template else "raw_pr"
+        style = CHAT if data.use_chat_template else RAW_PR
         return PreferencePair((("user", prompt),), (("assistant", chosen),), (("assistant", rejected),), style, margin)
     if fmt == "hh":
         prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
         prompt_turns = tuple(split_hh(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
         sides = [tuple(split_hh(HH_ASSISTANT + text)) for text in (chosen, rejected)]
-        style = "raw_hh"
+        style = RAW_HH
         if data.use_chat_template:
             prompt_turns = tuple((r, c.strip()) for r, c in prompt_turns)
             sides = [tuple((r, c.strip()) for r, c in side) for side in sides]
-            style = "chat"
+            style = CHAT
     elif fmt == "messages":
         chosen_msgs = tuple(parse_messages(record, cols.chosen))
         rejected_msgs = tuple(parse_messages(record, cols.rejected))
@@ -164,7 +165,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
             sides = [chosen_msgs, rejected_msgs]
         else:
             prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
-        style = "chat"
+        style = CHAT
     else:
         raise ValueError(fmt)
     if sides[0] == sides[1]:
@@ -297,7 +298,7 @@ def tokenize_pairs(
             continue
         rows.append(chosen, rejected, pair.margin)
         report.examples += 1
-        report.styles[pair.style] = report.styles.get(pair.style, 0) + 1
+        report.count_style(pair.style)
         report.prompt_truncated += chosen.prompt_truncated or rejected.prompt_truncated
         report.response_truncated += chosen.response_truncated or rejected.response_truncated
         report.tokens += len(chosen.input_ids) + len(rejected.input_ids)

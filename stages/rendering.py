@@ -18,19 +18,28 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+from stages.errors import CheckpointError, ConfigError
+
+#: the rendering styles (Conversation.style, PreferencePair.style, PPO prompts)
+CHAT, RAW_PR, RAW_HH = "chat", "raw_pr", "raw_hh"
 
 #: style -> how a message describes it
 STYLE_NAMES = {
-    "chat": "chat-template conversations",
-    "raw_pr": "plain prompt text",
-    "raw_hh": "HH-RLHF 'Human:/Assistant:' text",
+    CHAT: "chat-template conversations",
+    RAW_PR: "plain prompt text",
+    RAW_HH: "HH-RLHF 'Human:/Assistant:' text",
 }
 
 
 def template_digest(tokenizer: Any) -> str | None:
-    """sha256 of the tokenizer's chat template (a dict of named templates as sorted JSON); None without one."""
+    """sha256 of the tokenizer's chat template; None without one. Of named templates (a dict) the "default" one
+    alone is hashed when it is the only one (transformers saves a lone template as {"default": X} and may load
+    it back as X), else all of them as sorted JSON."""
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict) and set(template) == {"default"}:
+        template = template["default"]
     if not template:
         return None
     text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
@@ -45,11 +54,15 @@ def rendering_record(styles: Iterable[str], tokenizer: Any) -> dict[str, Any]:
 
 def read_rendering(model_dir: str) -> dict[str, Any] | None:
     """The rendering record in `model_dir/rlhf_checkpoint.json`; None for a model no rlhf stage wrote (a hub
-    model, a checkpoint from before records existed) or an unreadable file."""
-    try:
-        meta = json.loads((Path(model_dir) / "rlhf_checkpoint.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    model, no such file) or one from before records existed (no "rendering"). A file that is there but cannot be
+    read or parsed is a CheckpointError, not a silently skipped check."""
+    path = Path(model_dir) / "rlhf_checkpoint.json"
+    if not path.is_file():
         return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     record = meta.get("rendering") if isinstance(meta, dict) else None
     return record if isinstance(record, dict) and isinstance(record.get("styles"), list) else None
 
@@ -82,3 +95,21 @@ def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[st
         elif "chat" in used and record.get("chat_template_sha256") not in (None, digest):
             out.append(f"{who} was trained with another chat template than the one PPO renders its prompts with")
     return out
+
+
+def check_rendering(mode: str, styles: set[str], tokenizer: Any, models: dict[str, str],
+                    warn: Callable[[str], None], who: str = "PPO") -> None:
+    """`data.rendering_check` for prompts rendered in `styles` with `tokenizer`: `models` maps a description
+    ("the policy (SFT)") to its resolved folder. error raises a ConfigError naming each difference, warn calls
+    `warn` with them, off reads nothing."""
+    if mode == "off":
+        return
+    records = {f"{what} {folder}": read_rendering(folder) for what, folder in models.items()}
+    problems = [p.replace("PPO renders", f"{who} renders") for p in rendering_mismatches(styles, tokenizer, records)]
+    if not problems:
+        return
+    fix = ("render the prompts as the models were trained: data.use_chat_template (plain/HH prompts through the "
+           "chat template), data.format, or data.chat_template")
+    if mode == "error":
+        raise ConfigError("data: " + "; ".join(problems) + f" ({fix}; data.rendering_check: warn to go on)")
+    warn("warning: " + "; ".join(problems) + f" ({fix})")

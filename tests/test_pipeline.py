@@ -434,6 +434,10 @@ def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_ru
     res = run_cli(*base, "--set", f"output_dir={tmp_path / 'p2'}", "--set", "data.use_chat_template=true",
                   "--set", 'data.chat_template="{% for m in messages %}{{ m.content }}\\n{% endfor %}"')
     assert res.returncode == 2 and "trained with another chat template than the one PPO renders" in res.stderr
+    # rlhf eval makes the same check of POLICY (a PPO policy's record: SFT's styles and its prompts') and the RM
+    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts", str(plain))
+    assert res.returncode == 2 and f"POLICY {root / 'ppo-max' / 'final'} was trained on chat-template " \
+        "conversations; rlhf eval renders its prompts as plain prompt text" in res.stderr, res.stderr[-2000:]
 
 
 def test_eval_and_report_commands(pipeline_run, tmp_path):

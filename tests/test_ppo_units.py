@@ -1258,11 +1258,14 @@ def test_rendering_check_modes(tmp_path, mode, monkeypatch):
     without a record (a hub model) is not checked."""
     from stages.distributed import DistInfo
     from stages.errors import ConfigError
+    from stages import rendering
     from stages.ppo import trainer
-    from stages.ppo.trainer import check_rendering
+    from stages.ppo.trainer import check_prompt_rendering as check_rendering
 
     said = []
     monkeypatch.setattr(trainer, "say", lambda enabled, text: said.append(text))
+    if mode == "off":  # off reads no record at all
+        monkeypatch.setattr(rendering, "read_rendering", lambda folder: pytest.fail("read with rendering_check off"))
 
     for name, meta in (("sft", {"stage": "sft", "rendering": {"styles": ["chat"], "chat_template_sha256": "x"}}),
                        ("rm", {"stage": "train-rm"})):
@@ -1283,3 +1286,20 @@ def test_rendering_check_modes(tmp_path, mode, monkeypatch):
     check_rendering(cfg, {"raw_hh"}, tok, dist)
     out = "".join(said)
     assert ("warning: the policy (SFT)" in out and "reward model" not in out) == (mode == "warn"), out
+
+
+def test_rendering_records_template_digest_and_unreadable_record(tmp_path):
+    from stages.rendering import read_rendering, rendering_record, template_digest
+
+    lone = SimpleNamespace(chat_template={"default": "{{ x }}"})
+    assert template_digest(lone) == template_digest(SimpleNamespace(chat_template="{{ x }}")) is not None
+    named = SimpleNamespace(chat_template={"default": "{{ x }}", "tool_use": "{{ y }}"})
+    assert template_digest(named) not in (None, template_digest(lone))
+    assert template_digest(SimpleNamespace(chat_template=None)) is None
+    assert rendering_record(["raw_hh", "raw_hh"], lone) == {"styles": ["raw_hh"], "chat_template_sha256": None}
+    assert read_rendering(str(tmp_path)) is None  # no rlhf_checkpoint.json: a model no stage wrote
+    (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft"}')
+    assert read_rendering(str(tmp_path)) is None  # written before records existed
+    (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft", "rendering": {"sty')
+    with pytest.raises(CheckpointError, match="cannot read .*rlhf_checkpoint.json: JSONDecodeError"):
+        read_rendering(str(tmp_path))

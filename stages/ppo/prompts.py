@@ -17,6 +17,7 @@ from typing import Any
 from stages.config import PPODataConfig
 from stages.data import BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, parse_messages, read_rows, split_hh
 from stages.errors import DataError
+from stages.rendering import CHAT, RAW_HH, RAW_PR
 
 Turns = list[tuple[str, str]]
 
@@ -76,7 +77,7 @@ def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> str:
 
 
 #: prompt format -> the rendering style (stages/rendering.py) of a prompt not rendered through the chat template
-RAW_STYLES = {"prompt": "raw_pr", "hh": "raw_hh"}
+RAW_STYLES = {"prompt": RAW_PR, "hh": RAW_HH}
 
 
 def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
@@ -108,7 +109,7 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
         if styles is not None:
-            styles.add("chat" if chat else RAW_STYLES[row_fmt])
+            styles.add(CHAT if chat else RAW_STYLES[row_fmt])
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
     return prompts, truncated

@@ -519,7 +519,8 @@ def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, append: torch.Tensor, 
 
 
 def last_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's last attended token id (right-padded rows; no host sync)."""
+    """Each row's last attended token id, by the mask (a left-padded prompt followed by a right-padded response
+    works; no host sync)."""
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     return ids.gather(1, torch.where(mask.bool(), pos, torch.zeros_like(pos)).amax(1, keepdim=True)).squeeze(1)
 

@@ -38,7 +38,7 @@ from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import CheckpointError, ConfigError, NonFinite, RlhfError
+from stages.errors import CheckpointError, NonFinite, RlhfError
 from stages.gold import gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
@@ -80,7 +80,7 @@ from stages.ppo.tricks import (
     value_loss,
     whiten,
 )
-from stages.rendering import read_rendering, rendering_mismatches, rendering_record
+from stages.rendering import check_rendering, read_rendering, rendering_record
 from stages.trainer import (
     EpochSampler,
     LossGuard,
@@ -120,24 +120,12 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any) -> 
     return {"train": train, "eval": held, "ptx": ptx, "styles": styles}
 
 
-def check_rendering(cfg: PPOConfig, styles: set[str], tokenizer: Any, dist: DistInfo) -> None:
-    """Compare the prompts' rendering with what the policy (SFT) and the reward model were trained on
-    (stages/rendering.py): data.rendering_check error raises naming each difference, warn prints them."""
-    if cfg.data.rendering_check == "off":
-        return
-    records = {}
-    for what, model in (("the policy (SFT)", cfg.model), ("the reward model", cfg.reward_model)):
-        if model.name_or_path:
-            folder = resolve_model_dir(model.name_or_path)
-            records[f"{what} {folder}"] = read_rendering(folder)
-    problems = rendering_mismatches(styles, tokenizer, records)
-    if not problems:
-        return
-    fix = ("render the prompts as the models were trained: data.use_chat_template (plain/HH prompts through the "
-           "chat template), data.format, or data.chat_template")
-    if cfg.data.rendering_check == "error":
-        raise ConfigError("data: " + "; ".join(problems) + f" ({fix}; data.rendering_check: warn to go on)")
-    say(dist.is_main, "[yellow]warning: " + "; ".join(problems) + f" ({fix})[/]")
+def check_prompt_rendering(cfg: PPOConfig, styles: set[str], tokenizer: Any, dist: DistInfo) -> None:
+    """data.rendering_check of the prompts against the policy (SFT) and the reward model (stages/rendering.py)."""
+    models = {what: resolve_model_dir(m.name_or_path) for what, m in
+              (("the policy (SFT)", cfg.model), ("the reward model", cfg.reward_model)) if m.name_or_path}
+    check_rendering(cfg.data.rendering_check, styles, tokenizer, models,
+                    lambda text: say(dist.is_main, f"[yellow]{text}[/]"))
 
 
 def describe_tricks(cfg: PPOConfig) -> str:
@@ -485,7 +473,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     rm_tok = prepare_tokenizer(cfg.reward_model, out, dist, lambda: iter(()), None)
     check_tokenizers(tokenizer, rm_tok, cfg.reward_model.name_or_path or "")
     data = load_ppo_data(cfg, out, dist, tokenizer)
-    check_rendering(cfg, data["styles"], tokenizer, dist)
+    check_prompt_rendering(cfg, data["styles"], tokenizer, dist)
     t, ppo = cfg.train, cfg.ppo
     B = t.rollout_batch_size
     total = ppo.critic_pretrain_steps + t.iterations
@@ -523,7 +511,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every)
     meta = {"stage": "ppo", "rlhf_version": __version__, "model": cfg.model.name_or_path,
-            "reward_model": cfg.reward_model.name_or_path, "rendering": rendering_record(data["styles"], tokenizer)}
+            "reward_model": cfg.reward_model.name_or_path,
+            # the styles the policy has now seen: its own record's (SFT) and these prompts'
+            "rendering": rendering_record(data["styles"] | set((read_rendering(resolve_model_dir(
+                cfg.model.name_or_path)) or {}).get("styles", [])), tokenizer)}
     critic_tok = rm_tok if ppo.critic_init == "reward_model" else tokenizer
     saved_at = -1
 
