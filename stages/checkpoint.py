@@ -165,11 +165,21 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(before: dict[str, Any], after: Any) -> list[str]:
-    """"key: old -> new" for each config value that differs (RESUME_FREE_KEYS aside)."""
+def config_changes(before: dict[str, Any], after: Any, stage: str | None = None) -> list[str]:
+    """"key: old -> new" for each config value that differs (RESUME_FREE_KEYS aside). With the `stage`, a key the
+    earlier config does not have (one a newer rlhf added) is no change when its value now is the schema's
+    default: the earlier run ran without it, i.e. as the default does."""
+    from stages.config import CONFIG_SCHEMAS, is_default_at
+
+    schema = CONFIG_SCHEMAS.get(stage or "")
     old, new = _flat(before), _flat(after)
+
+    def added_at_default(key: str) -> bool:
+        return key not in old and schema is not None and is_default_at(schema, key, new[key])
+
     return [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}" for key in sorted(old.keys() | new.keys())
-            if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")]
+            if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")
+            and not added_at_default(key)]
 
 
 def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
@@ -222,7 +232,8 @@ def _zero_stage(tree: Any) -> int:
 
 
 def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
-                   inputs: dict[str, dict[str, str]] | None = None) -> tuple[Path | None, list[str]]:
+                   inputs: dict[str, dict[str, str]] | None = None,
+                   stage: str | None = None) -> tuple[Path | None, list[str]]:
     """The newest complete checkpoint and how resuming it with `config_text` on `world_size` processes differs
     from the run that wrote it: "key: old -> new" for each changed config value (RESUME_FREE_KEYS aside; the
     checkpoint's copy of resolved_config.yaml, else, for checkpoints older than that copy, output_dir's),
@@ -242,7 +253,7 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     now = yaml.safe_load(config_text)
     saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
     before_cfg = read_recorded(saved) if saved is not None else None  # unreadable: nothing to compare with
-    changes = config_changes(before_cfg, now) if isinstance(before_cfg, dict) else []
+    changes = config_changes(before_cfg, now, stage) if isinstance(before_cfg, dict) else []
     changes += input_changes(path / "inputs.json", inputs)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
@@ -293,7 +304,7 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
     checkpoint, changes, inputs = None, [], None
     if resume:
         inputs = run_inputs(out_dir, config_text, stage)
-        checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs)
+        checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs, stage)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
                               "Resuming continues that run exactly only with its config and process count; pass "

@@ -662,26 +662,42 @@ def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[BaseModel, str, str, 
             yield model, name, key, kind
 
 
+def _section(info: Any) -> type[BaseModel] | None:
+    """The section class a field holds (through Optional / unions), or None for a leaf."""
+    annotation = getattr(info, "annotation", None)
+    inner = [a for a in (annotation, *getattr(annotation, "__args__", ()))
+             if isinstance(a, type) and issubclass(a, BaseModel)]
+    return inner[0] if inner else None
+
+
+def field_at(schema: type[BaseModel], dotted: str) -> Any:
+    """The pydantic FieldInfo at `dotted` in `schema` (through nested sections), or None."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        schema = _section(schema.model_fields.get(name))  # type: ignore[assignment]
+        if schema is None:
+            return None
+    return schema.model_fields.get(last)
+
+
 def path_kind_at(schema: type[BaseModel], dotted: str) -> str | None:
     """The PathKind of the field at `dotted` in `schema` (through nested sections), or None. A section given
     in its short form, a path (`data.train=FILE` for a DataSource), has the kind of its `path` field."""
-
-    def section(info: Any) -> type[BaseModel] | None:
-        annotation = getattr(info, "annotation", None)
-        inner = [a for a in (annotation, *getattr(annotation, "__args__", ()))
-                 if isinstance(a, type) and issubclass(a, BaseModel)]
-        return inner[0] if inner else None
-
-    *parents, last = dotted.split(".")
-    for name in parents:
-        schema = section(schema.model_fields.get(name))  # type: ignore[assignment]
-        if schema is None:
-            return None
-    info = schema.model_fields.get(last)
+    info = field_at(schema, dotted)
     if info is None:
         return None
-    short = section(info)
+    short = _section(info)
     return _path_kind(short.model_fields["path"]) if short is not None and "path" in short.model_fields else _path_kind(info)
+
+
+def is_default_at(schema: type[BaseModel], dotted: str, value: Any) -> bool:
+    """Whether `value` is the default of the leaf field at `dotted` (a key a newer rlhf added is "unset" in an
+    older run's resolved config; at its default it changes nothing)."""
+    info = field_at(schema, dotted)
+    if info is None or info.is_required():
+        return False
+    default = info.get_default(call_default_factory=True)
+    return value == (default.model_dump(mode="json") if isinstance(default, BaseModel) else default)
 
 
 def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) -> list[str]:

@@ -208,7 +208,7 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
         return []
     recorded = out / "inputs.json"  # (an output older than inputs.json: its config only; nothing to hash)
     inputs = run_inputs(out, resolved, stage) if stage is not None and recorded.is_file() else None
-    return config_changes(before, yaml.safe_load(resolved)) + input_changes(recorded, inputs)
+    return config_changes(before, yaml.safe_load(resolved), stage) + input_changes(recorded, inputs)
 
 
 def child_failed(what: str, code: int, then: str) -> RlhfError:

@@ -459,3 +459,23 @@ def test_error_lines_print_the_message_as_it_is(capsys):
         fail(ConfigError("data.train[3]: expected [1, 2], got [/x] [bold]y[/bold]"), debug=False)
     assert stop.value.exit_code == 2
     assert capsys.readouterr().err.strip() == "error: data.train[3]: expected [1, 2], got [/x] [bold]y[/bold]"
+
+
+def test_a_key_a_newer_rlhf_added_is_no_change_at_its_default():
+    """Resuming (or reusing a complete pipeline stage) after an upgrade that added a config key: the earlier
+    resolved config lacks it; at its default it changes nothing, at another value it is a change."""
+    from stages.checkpoint import config_changes
+
+    before = {"seed": 1, "data": {"train": "p.jsonl"}, "generation": {"temperature": 0.8}}
+    now = {"seed": 1, "data": {"train": "p.jsonl", "rendering_check": "error"},
+           "generation": {"temperature": 0.8, "stop_token_ids": []}}
+    assert config_changes(before, now, "ppo") == []
+    assert config_changes(before, now) == ["data.rendering_check: '(unset)' -> 'error'",
+                                           "generation.stop_token_ids: '(unset)' -> []"]
+    now["data"]["rendering_check"] = "warn"
+    now["generation"]["stop_token_ids"] = [7]
+    assert config_changes(before, now, "ppo") == ["data.rendering_check: '(unset)' -> 'warn'",
+                                                  "generation.stop_token_ids: '(unset)' -> [7]"]
+    # a key the earlier run had is compared as always, and one no schema knows is a change
+    assert config_changes({"seed": 1}, {"seed": 2, "nonsense": 0}, "ppo") == ["nonsense: '(unset)' -> 0",
+                                                                             "seed: 1 -> 2"]
