@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -31,17 +30,6 @@ from stages.gold import gold_agreement  # noqa: E402
 #: label -> (toydata task kinds, held out)
 QUESTION_SETS = {"count": ((0,), False), "spell": ((4,), False), "repeat": ((2,), False),
                  "repeat held out": ((2,), True)}
-
-
-def questions(kinds: tuple[int, ...], held: bool, n: int, seed: int) -> list[str]:
-    """`n` questions of one set drawn by seed, with repetition."""
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        q = toydata._task(rng, kinds)[0]
-        if toydata.held_out(q) == held:
-            out.append(q)
-    return out
 
 
 def agreement(run_dir: Path, config: Path, qs: list[str], samples: int, seed: int, work: Path) -> tuple[float, int]:
@@ -84,7 +72,7 @@ def main(argv: list[str]) -> None:
           f"({args.questions} questions x {args.samples} samples per set)")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, (kinds, held)) in enumerate(QUESTION_SETS.items()):
-            qs = questions(kinds, held, args.questions, args.seed + i)
+            qs = toydata.questions(args.questions, args.seed + i, kinds, held)
             share, pairs = agreement(args.run_dir, args.config, qs, args.samples, args.seed, Path(tmp))
             print(f"{label:>16}: " + (f"{share:6.1%} of {pairs} pairs with different gold ordered as gold orders them"
                                       if pairs else "no two responses to one question differ in gold"))

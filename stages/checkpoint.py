@@ -257,9 +257,9 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     changes += input_changes(path / "inputs.json", inputs)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
-        stage = max(_zero_stage(before_cfg), _zero_stage(now))
-        if stage >= 1:
-            raise ConfigError(f"--resume: {path.name} was written by {before} process(es) under ZeRO-{stage}, whose "
+        zero = max(_zero_stage(before_cfg), _zero_stage(now))
+        if zero >= 1:
+            raise ConfigError(f"--resume: {path.name} was written by {before} process(es) under ZeRO-{zero}, whose "
                               f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
                               f"Resume with {before} process(es), or start a new run from its weights "
                               f"(model.name_or_path: {path / 'hf'})")

@@ -170,7 +170,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     models = {"POLICY": policy_dir, "the reward model": rm_dir} | (
         {"--baseline": resolve_model_dir(s.baseline)} if s.baseline else {})
     check_rendering(s.data.rendering_check, styles, tok, models, lambda text: say(True, f"[yellow]{text}[/]"),
-                    who="rlhf eval")
+                    reader="rlhf eval")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, "POLICY")

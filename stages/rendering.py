@@ -49,7 +49,7 @@ def template_digest(tokenizer: Any) -> str | None:
 def rendering_record(styles: Iterable[str], tokenizer: Any) -> dict[str, Any]:
     """{"styles": sorted styles used, "chat_template_sha256": digest when chat was used, else None}."""
     used = sorted(set(styles))
-    return {"styles": used, "chat_template_sha256": template_digest(tokenizer) if "chat" in used else None}
+    return {"styles": used, "chat_template_sha256": template_digest(tokenizer) if CHAT in used else None}
 
 
 def read_rendering(model_dir: str) -> dict[str, Any] | None:
@@ -71,11 +71,12 @@ def _styles(styles: Iterable[str]) -> str:
     return " and ".join(STYLE_NAMES.get(s, s) for s in sorted(set(styles)))
 
 
-def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[str, dict[str, Any] | None]) -> list[str]:
-    """One line per model whose record disagrees with PPO's prompts: PPO renders in `styles` with `tokenizer`'s
-    chat template; `records` maps a description ("policy (SFT) DIR") to its rendering record or None (not
-    checked). A style PPO uses that the model was never trained on is a mismatch, and so is a chat template
-    other than the one the model was trained with (when both use chat).
+def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[str, dict[str, Any] | None],
+                         reader: str = "PPO") -> list[str]:
+    """One line per model whose record disagrees with the prompts `reader` (PPO, rlhf eval) renders in `styles`
+    with `tokenizer`'s chat template; `records` maps a description ("policy (SFT) DIR") to its rendering record
+    or None (not checked). A style the prompts use that the model was never trained on is a mismatch, and so is
+    a chat template other than the one the model was trained with (when both use chat).
 
     >>> class Tok: chat_template = "{{ messages }}"
     >>> rendering_mismatches({"raw_pr"}, Tok(), {"policy": {"styles": ["chat"], "chat_template_sha256": "x"}})
@@ -84,28 +85,28 @@ def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[st
     ['rm was trained with another chat template than the one PPO renders its prompts with']
     """
     used = set(styles)
-    digest = template_digest(tokenizer) if "chat" in used else None
+    digest = template_digest(tokenizer) if CHAT in used else None
     out = []
     for who, record in records.items():
         if record is None:
             continue
         trained = set(record["styles"])
         if not used <= trained:
-            out.append(f"{who} was trained on {_styles(trained)}; PPO renders its prompts as {_styles(used)}")
-        elif "chat" in used and record.get("chat_template_sha256") not in (None, digest):
-            out.append(f"{who} was trained with another chat template than the one PPO renders its prompts with")
+            out.append(f"{who} was trained on {_styles(trained)}; {reader} renders its prompts as {_styles(used)}")
+        elif CHAT in used and record.get("chat_template_sha256") not in (None, digest):
+            out.append(f"{who} was trained with another chat template than the one {reader} renders its prompts with")
     return out
 
 
 def check_rendering(mode: str, styles: set[str], tokenizer: Any, models: dict[str, str],
-                    warn: Callable[[str], None], who: str = "PPO") -> None:
+                    warn: Callable[[str], None], reader: str = "PPO") -> None:
     """`data.rendering_check` for prompts rendered in `styles` with `tokenizer`: `models` maps a description
     ("the policy (SFT)") to its resolved folder. error raises a ConfigError naming each difference, warn calls
     `warn` with them, off reads nothing."""
     if mode == "off":
         return
     records = {f"{what} {folder}": read_rendering(folder) for what, folder in models.items()}
-    problems = [p.replace("PPO renders", f"{who} renders") for p in rendering_mismatches(styles, tokenizer, records)]
+    problems = rendering_mismatches(styles, tokenizer, records, reader)
     if not problems:
         return
     fix = ("render the prompts as the models were trained: data.use_chat_template (plain/HH prompts through the "

@@ -141,16 +141,22 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
 PROMPT_KINDS = (2,)
 
 
+def questions(n: int, seed: int, kinds: tuple[int, ...], held: bool = False) -> list[str]:
+    """`n` questions of the `kinds` tasks drawn by seed (with repetition): training questions, or (held=True)
+    only `held_out` ones."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        q = _task(rng, kinds)[0]
+        if held_out(q) == held:
+            out.append(q)
+    return out
+
+
 def prompt_rows(n: int, seed: int = 2, held: bool = False) -> list[dict[str, Any]]:
     """`n` single-question chat prompts {messages: [user]} of the PROMPT_KINDS tasks: training prompts for PPO,
     or (held=True) drawn from the `held_out` questions only, for validation and `rlhf eval`."""
-    rng = random.Random(seed)
-    rows: list[dict[str, Any]] = []
-    while len(rows) < n:
-        q = _task(rng, PROMPT_KINDS)[0]
-        if held_out(q) == held:
-            rows.append({"messages": [{"role": "user", "content": q}]})
-    return rows
+    return [{"messages": [{"role": "user", "content": q}]} for q in questions(n, seed, PROMPT_KINDS, held)]
 
 
 def eval_prompt_rows(n: int, seed: int = 3) -> list[dict[str, Any]]:

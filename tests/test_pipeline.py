@@ -356,7 +356,7 @@ def test_rm_gold_agreement_groups_each_questions_samples_and_refuses_a_shift():
         script.group_samples(rows[1:], qs, 2)
     with pytest.raises(SystemExit, match="samples 0-1 are not all answers to 'repeat sun 2 times'"):
         script.group_samples(rows[1:] + rows[:1], qs, 2)
-    assert [script.toydata.held_out(q) for q in script.questions((2,), True, 20, 0)] == [True] * 20
+    assert [toydata.held_out(q) for q in toydata.questions(20, 0, (2,), held=True)] == [True] * 20
 
 
 def test_rm_gold_agreement_script_reports_every_question_set(pipeline_run):
