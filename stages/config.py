@@ -722,17 +722,24 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
     """Make every relative path in `config` absolute, in place, and check that input paths exist.
 
     Values given in the YAML file resolve against `base_dir` (the file's folder); values given with
-    `--set` (their dotted keys are in `cli_keys`) resolve against `cwd`. Keys in `not_yet` are outputs of
-    an earlier stage that does not exist yet (`rlhf pipeline --dry-run`): resolved, not checked.
+    `--set` (their dotted keys are in `cli_keys`) resolve against `cwd`, and their errors end in
+    "[given with --set]". Keys in `not_yet` are outputs of an earlier stage that does not exist yet
+    (`rlhf pipeline --dry-run`): resolved, not checked.
     """
     for owner, name, key, kind in list(_walk(config, "")):
-        base = cwd if any(key == k or key.startswith(k + ".") for k in cli_keys) else base_dir
+        from_cli = any(key == k or key.startswith(k + ".") for k in cli_keys)
+        base = cwd if from_cli else base_dir
         if key in not_yet or any(key.startswith(k + ".") for k in not_yet):
             kind = "output"
         value = getattr(owner, name)
-        if isinstance(value, list):
-            resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
-        else:
-            resolved = resolve_one(value, kind, base, key)
+        try:
+            if isinstance(value, list):
+                resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
+            else:
+                resolved = resolve_one(value, kind, base, key)
+        except ConfigError as exc:  # marked like a validation error at a key given on the command line
+            if not from_cli:
+                raise
+            raise ConfigError(f"{exc} [given with --set]") from None
         # bypass validate_assignment: the value type is unchanged
         object.__setattr__(owner, name, resolved)

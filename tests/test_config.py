@@ -111,12 +111,17 @@ def test_cross_field_rules(tmp_path):
 
 
 def test_missing_data_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.train\.path: path does not exist: .*nope\.jsonl"):
+    with pytest.raises(ConfigError, match=r"data\.train\.path: path does not exist: .*nope\.jsonl \[given with --set\]$"):
         load_config("sft", _cfg_file(tmp_path), ["data.train=nope.jsonl"])
     # `--set output_dir=$DIR` with DIR unset: not the current folder
     for key in ("output_dir", "data.train"):
-        with pytest.raises(ConfigError, match=rf"{key}(\.path)?: empty path"):
+        with pytest.raises(ConfigError, match=rf"{key}(\.path)?: empty path \[given with --set\]$"):
             load_config("sft", _cfg_file(tmp_path), [f"{key}="])
+    # a bad path in the file itself is not marked
+    cfg = yaml.safe_load(_cfg_file(tmp_path).read_text())
+    cfg["data"]["train"] = str(tmp_path / "gone.jsonl")
+    with pytest.raises(ConfigError, match=r"data\.train\.path: path does not exist: .*gone\.jsonl$"):
+        load_config("sft", write_yaml(tmp_path / "bad.yaml", cfg), [])
 
 
 def test_missing_config_file():
