@@ -333,7 +333,8 @@ class GenerationConfig(Section):
     truncation_penalty: float = Field(1.0, description="subtracted from a truncated response's raw score (penalty)")
     stop_token_ids: list[int] = Field(
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's); "
-        "a response ending on one is scored by the reward model with EOS appended after it"
+        "a response ending on one is scored by the reward model with what its training data has after the "
+        "token appended (EOS when the chat template never writes it)"
     )
     min_new_tokens: int = Field(0, ge=0, description="stop tokens are not sampled before this many new tokens")
     logprobs_at_temperature: bool = Field(

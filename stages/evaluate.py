@@ -36,6 +36,7 @@ from stages.errors import CheckpointError, ConfigError
 from stages.gold import gold_scores
 from stages.metrics import say
 from stages.models import check_architecture, load_tokenizer, resolve_model_dir
+from stages.ppo.ending import RewardEnding, reward_ending
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
@@ -90,7 +91,8 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device, what: str) -> 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, tok: Any, reward: Any,
-             stop_ids: list[int], device: torch.device, reference: torch.nn.Module | None = None) -> Generated:
+             stop_ids: list[int], ending: RewardEnding, device: torch.device,
+             reference: torch.nn.Module | None = None) -> Generated:
     """Sample one response per prompt (seeded), score it with the RM and the gold judge; with `reference`, also
     each response's sum over its sampled tokens (the stop token included) of log pi - log pi_ref."""
     torch.manual_seed(s.seed)
@@ -101,7 +103,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
         roll = sample(model, ids, mask, s.generation, stop_ids, tok.pad_token_id, len(tok),
                       prompt_capacity=s.data.max_prompt_length)
         full_ids, full_mask = roll.sequences()
-        out.reward += raw_scores(s.generation, reward, full_ids, full_mask, roll.truncated, tok.eos_token_id).tolist()
+        out.reward += raw_scores(s.generation, reward, full_ids, full_mask, roll.truncated, ending).tolist()
         responses = response_lists(roll, stop_ids)
         out.responses += responses
         out.truncated += roll.truncated.tolist()
@@ -175,18 +177,19 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, "POLICY")
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
+    ending = reward_ending(tok, stop_ids, styles)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline
     reference = _load_lm(ref_path, dtype, device, "--reference" if s.reference else "--baseline") if ref_path else None
-    mine = generate(policy, prompts, s, tok, reward, stop_ids, device, reference)
+    mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)
     if ref_path:
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
         base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device, "--baseline")
-        theirs = generate(base, prompts, s, tok, reward, stop_ids, device)
+        theirs = generate(base, prompts, s, tok, reward, stop_ids, ending, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
         results["win_rate_rm"] = win_rate(mine.reward, theirs.reward)
         if mine.gold is not None and theirs.gold is not None:

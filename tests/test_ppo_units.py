@@ -43,6 +43,7 @@ from stages.ppo.experience import (
     merge_across_ranks,
     transform_scores,
 )
+from stages.ppo.ending import RewardEnding
 from stages.ppo.models import ValueModel, check_tokenizers, disable_dropout, stop_token_ids
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import DEFAULT_PRESET, PRESETS, TRICK_FLAGS, fill_preset, flag_overrides
@@ -61,7 +62,6 @@ from stages.ppo.rollout import (
     sample,
     raw_scores,
     token_logprobs,
-    with_final_eos,
 )
 from stages.ppo.trainer import score_rollout
 from stages.ppo.tricks import RunningMoments, policy_loss, value_loss
@@ -537,7 +537,7 @@ def test_score_rollout_takes_policy_and_reference_logprobs_at_the_configured_tem
     gen = _gen(temperature=0.5, logprobs_at_temperature=at_temperature)
     cfg = SimpleNamespace(train=SimpleNamespace(forward_batch_size=2, micro_batch_size=2, logprob_chunk=3),
                           generation=gen)
-    exp = score_rollout(cfg, models, rollout, eos_id=2)
+    exp = score_rollout(cfg, models, rollout, RewardEnding.plain(2))
     ids, mask = rollout.sequences()
     t = 0.5 if at_temperature else 1.0
     for key, model in (("logp", policy), ("ref_logp", reference)):
@@ -584,15 +584,6 @@ def test_response_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(kind
         assert torch.allclose(ent[i, : len(r)], -(logp.exp() * logp).sum(-1), atol=1e-5)
 
 
-def test_with_final_eos_appends_eos_only_to_the_rows_asked():
-    ids = torch.tensor([[0, 5, 6, 7], [3, 4, 8, 2]])
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    new_ids, new_mask = with_final_eos(ids, mask, torch.tensor([True, False]), eos_id=2)
-    assert new_ids.tolist() == [[0, 5, 6, 7, 2], [3, 4, 8, 2, 0]]
-    assert new_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert new_ids.dtype == torch.long and new_mask.dtype == mask.dtype
-
-
 @pytest.mark.parametrize("on_truncation", ["eos", "penalty"])
 def test_reward_is_read_at_an_eos_after_any_stop_token_and_truncation_is_handled_per_setting(on_truncation):
     """Rows: ended on EOS (2); ended on another stop token (3, a chat template's end of turn); cut at the cap.
@@ -610,7 +601,7 @@ def test_reward_is_read_at_an_eos_after_any_stop_token_and_truncation_is_handled
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
     truncated = torch.tensor([False, False, True])
     gen = GenerationConfig(on_truncation=on_truncation, truncation_penalty=0.5)
-    raw = raw_scores(gen, rm, ids, mask, truncated, eos_id=2)
+    raw = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(2))
     cut_eos = on_truncation == "eos"
     assert seen["ids"] == [[0, 7, 5, 2, 0, 0], [7, 7, 5, 3, 0, 2], [0, 7, 5, 6, 8, 2 if cut_eos else 0]]
     assert seen["mask"] == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, int(cut_eos)]]

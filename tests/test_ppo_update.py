@@ -17,6 +17,7 @@ from stages.distributed import DistInfo
 from stages.ppo.experience import GlobalMeans, global_moments
 from stages.ppo.models import ValueModel, engine_train_config
 from stages.ppo.rollout import Rollout, response_logprobs
+from stages.ppo.ending import RewardEnding
 from stages.ppo.trainer import make_experience, rollout_metrics, update
 from stages.ppo.tricks import RunningMoments, masked, whiten
 from stages.reward_model import RewardModel
@@ -118,7 +119,7 @@ def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, 
     models = _models()
     rollout = _rollout()
     moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # std 2 before this batch
-    exp = make_experience(cfg, dist, models, rollout, moments, EOS, iteration=1)
+    exp = make_experience(cfg, dist, models, rollout, moments, RewardEnding.plain(EOS), iteration=1)
     ptx, sampler = _ptx() if with_ptx else (None, None)
     state = {"ptx_step": 0}
     metrics = update(cfg, dist, models, rollout, exp, 0, critic_only, ptx, sampler, state, PAD)
@@ -305,7 +306,7 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, dist, ppo):
     per-micro-batch mean would weight the 1-token rollout like the 7-token one when micro = 1."""
     rollout = _uneven_rollout()
     exp = make_experience(_config(tmp_path, **ppo), dist, _models(), rollout,
-                          RunningMoments(count=8, mean=0.5, m2=32.0), EOS, iteration=1)
+                          RunningMoments(count=8, mean=0.5, m2=32.0), RewardEnding.plain(EOS), iteration=1)
     runs = {}
     for micro in (4, 2, 1):
         cfg = _config(tmp_path, train={"micro_batch_size": micro}, ppo_epochs=2, **ppo)
@@ -490,7 +491,7 @@ def test_two_ranks_make_the_same_experience_and_update_as_one_process(tmp_path, 
         cfg = _config(tmp_path, train=train, **ppo)
         rollout = _uneven_rollout(rows)
         moments = RunningMoments(count=8, mean=0.5, m2=32.0)
-        exp = make_experience(cfg, d, models, rollout, moments, EOS, iteration=1)
+        exp = make_experience(cfg, d, models, rollout, moments, RewardEnding.plain(EOS), iteration=1)
         metrics = update(cfg, d, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
         return {"exp": exp, "moments": moments, "metrics": metrics, "models": models}
 

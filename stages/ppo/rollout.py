@@ -21,6 +21,7 @@ from stages.config import GenerationConfig
 from stages.distributed import all_reduce_max
 from stages.ppo import decode
 from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
+from stages.ppo.ending import RewardEnding, ending_columns
 from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import positions_from_mask
 
@@ -511,13 +512,6 @@ def response_logprobs(
     return logp, torch.cat(ents).view(rows, width) if with_entropy else None
 
 
-def with_final_eos(ids: torch.Tensor, mask: torch.Tensor, append: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, ...]:
-    """[prompt | response] with EOS appended to the rows where `append` is set (one extra column), for the reward
-    model."""
-    col_ids = torch.where(append, torch.full_like(append, eos_id, dtype=torch.long), ids.new_zeros(()))
-    return torch.cat([ids, col_ids[:, None]], 1), torch.cat([mask, append.long()[:, None]], 1)
-
-
 def last_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Each row's last attended token id, by the mask (a left-padded prompt followed by a right-padded response
     works; no host sync)."""
@@ -526,15 +520,14 @@ def last_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def raw_scores(gen: GenerationConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
-               eos_id: int) -> torch.Tensor:
-    """The reward model's score of [prompt | response] rows, read at an EOS as in its training: a response that
-    ended on another stop token (a chat template's end of turn, Llama-3's <|eot_id|>; `generation.stop_token_ids`)
-    is scored with EOS appended after it, as its training data puts EOS after the turn's end; a truncated one is
-    scored with EOS appended (on_truncation: eos) or has truncation_penalty subtracted (penalty)."""
-    append = ~truncated & (last_tokens(ids, mask) != eos_id)
-    if gen.on_truncation == "eos":
-        append = append | truncated
-    raw = reward(*with_final_eos(ids, mask, append, eos_id))[0]
+               ending: RewardEnding) -> torch.Tensor:
+    """The reward model's score of [prompt | response] rows, read where its training data ends a turn: a
+    response that stopped on a stop token is scored with what that data has after the token appended
+    (`stages.ppo.ending`: EOS after Llama-3's <|eot_id|>, "\\n" and EOS after Gemma's <end_of_turn>, nothing
+    after EOS); a truncated one with EOS appended (on_truncation: eos, as the RM data ends a cut response) or
+    as it is with truncation_penalty subtracted (penalty)."""
+    extra, extra_mask = ending_columns(last_tokens(ids, mask), truncated, ending, gen.on_truncation == "eos")
+    raw = reward(torch.cat([ids, extra], 1), torch.cat([mask, extra_mask.to(mask.dtype)], 1))[0]
     if gen.on_truncation == "penalty":
         raw = raw - gen.truncation_penalty * truncated.float()
     return raw

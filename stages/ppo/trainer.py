@@ -44,6 +44,7 @@ from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
+from stages.ppo.ending import RewardEnding, reward_ending
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
 from stages.ppo.models import (
     GenerationCopy,
@@ -167,10 +168,10 @@ def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------------------------- score
 @torch.no_grad()
-def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_id: int) -> dict[str, torch.Tensor]:
+def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
+                  ending: RewardEnding) -> dict[str, torch.Tensor]:
     """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
-    score (read at an EOS: appended after a non-EOS stop token and to truncated responses, or the truncation
-    penalty subtracted; see raw_scores)."""
+    score (read where the RM's training data ends a turn, `ending`; see raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
     lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation))
@@ -183,7 +184,7 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout, eos_
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
         parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
-        parts["raw"].append(raw_scores(cfg.generation, models["reward"], i, m, rollout.truncated[s:s + chunk], eos_id))
+        parts["raw"].append(raw_scores(cfg.generation, models["reward"], i, m, rollout.truncated[s:s + chunk], ending))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -200,13 +201,13 @@ def nonfinite_scores(exp: dict[str, torch.Tensor], response_mask: torch.Tensor) 
 
 
 def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], rollout: Rollout,
-                    moments: RunningMoments, eos_id: int, iteration: int) -> dict[str, torch.Tensor] | None:
+                    moments: RunningMoments, ending: RewardEnding, iteration: int) -> dict[str, torch.Tensor] | None:
     """Steps 2-5: score the rollout; add its raw scores to the running statistics (all ranks, this batch
     included) and transform them; token rewards with the KL penalty; GAE advantages and returns.
 
     A NaN/inf score, log-prob or value on any rank (checked before the running statistics see it) stops the
     run (train.on_nonfinite: stop) or returns None (skip: the iteration makes no update)."""
-    exp = score_rollout(cfg, models, rollout, eos_id)
+    exp = score_rollout(cfg, models, rollout, ending)
     exp["raw"] = faults.maybe_poison("nan-reward", iteration, exp["raw"])
     bad = nonfinite_scores(exp, rollout.response_mask)
     if all_reduce_sum([float(bool(bad))], dist.device)[0]:
@@ -410,7 +411,7 @@ def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prom
 # --------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: list[list[int]], tokenizer: Any,
-             stop_ids: list[int]) -> dict[str, float]:
+             stop_ids: list[int], ending: RewardEnding) -> dict[str, float]:
     """Mean raw reward (and gold reward) and length of responses to the held-out prompts, sampled with a fixed seed (the same
     random stream at every validation; the training random state is left untouched). Every rank runs the same
     number of batches (ZeRO-3 needs that), short ranks on stand-in prompts they do not count."""
@@ -420,7 +421,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
     mine += [0] * (per_rank - len(mine))
     g = GlobalMeans()
     model = sampling_model(models)
-    pad_id, eos_id, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
+    pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
@@ -430,7 +431,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
                             prompt_capacity=cfg.data.max_prompt_length)
-            raw = raw_scores(cfg.generation, models["reward"], *rollout.sequences(), rollout.truncated, eos_id)
+            raw = raw_scores(cfg.generation, models["reward"], *rollout.sequences(), rollout.truncated, ending)
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
             g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
@@ -480,8 +481,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     per_iter = ppo.ppo_epochs * (B // t.mini_batch_size)
     models = build_models(cfg, dist, tokenizer, rm_tok, {"policy": t.iterations * per_iter, "critic": total * per_iter})
     policy, critic = models["policy"], models["critic"]
-    pad_id, eos_id, vocab = tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)
+    pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
+    ending = reward_ending(tokenizer, stop_ids, data["styles"])
     prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
     if prompt_sampler.steps_per_epoch == 0:
         raise RlhfError(f"{len(data['train'])} training prompts are fewer than one rollout batch "
@@ -560,7 +562,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             t_gen = clock(dist.device) - t0
             # 2-5. score, reward transform, token rewards, GAE
             with record_function("rlhf.score"):
-                exp = make_experience(cfg, dist, models, rollout, moments, eos_id, it + 1)
+                exp = make_experience(cfg, dist, models, rollout, moments, ending, it + 1)
             t_score = clock(dist.device) - t0 - t_gen
             if exp is None:  # a non-finite score with train.on_nonfinite: skip
                 done = it + 1
@@ -628,7 +630,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
             # validation and best/
             if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
-                ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids)
+                ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids, ending)
                 metrics.log(done, ev)
                 best = state["best_reward"]
                 better = not critic_only and (best is None or ev["eval/reward"] > best)

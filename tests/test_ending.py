@@ -1,0 +1,100 @@
+"""The reward model reads a sampled response where its training data ends a turn (stages/ppo/ending.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stages.config import GenerationConfig, ModelConfig, RMDataConfig
+from stages.data import IGNORE
+from stages.models import train_tokenizer
+from stages.pairs import PreferencePair, tokenize_pair
+from stages.ppo.ending import RewardEnding, ending_columns, reward_ending
+from stages.ppo.rollout import left_pad, raw_scores
+from stages.reward_model import build_reward_model
+
+EOT = "<end_of_turn>"
+#: Gemma's shape: the end-of-turn token, then a newline, and no EOS in the template
+GEMMA = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + EOT + "\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+#: Llama-3's shape: the end-of-turn token right after the text
+LLAMA3 = GEMMA.replace(EOT + "\n", EOT)
+#: ChatML with EOS as the end of turn (Qwen2.5-Instruct): EOS, then a newline
+CHATML = GEMMA.replace(EOT + "\n", "{{ eos_token }}\n")
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def base_tok():
+    tok = train_tokenizer([f"the answer to {i} is {i + 1}" for i in range(50)], vocab_size=300, min_frequency=1)
+    tok.add_tokens([EOT], special_tokens=True)
+    return tok
+
+
+def _with(tok, template: str):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    return tok
+
+
+def test_each_stop_token_is_followed_by_what_the_template_writes_after_it(base_tok):
+    eos, eot = base_tok.eos_token_id, base_tok.convert_tokens_to_ids(EOT)
+    newline = base_tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    other = base_tok("answer", add_special_tokens=False)["input_ids"][0]  # a user's stop id the template lacks
+    gemma = reward_ending(_with(base_tok, GEMMA), [eos, eot, other], {"chat"})
+    assert gemma.after == {eot: (*newline, eos), eos: (), other: (eos,)} and gemma.width == 2
+    assert reward_ending(_with(base_tok, LLAMA3), [eos, eot], {"chat"}).after == {eot: (eos,), eos: ()}
+    # ChatML: the RM data drops the newline after the final EOS, so nothing follows EOS
+    assert reward_ending(_with(base_tok, CHATML), [eos, eot], {"chat"}).after == {eot: (eos,), eos: ()}
+    # prompts in plain text: the RM data was plain text too (EOS after the response), whatever the template
+    assert reward_ending(_with(base_tok, GEMMA), [eos, eot], {"raw_hh"}).after == {eot: (eos,), eos: ()}
+    # a template that cannot render a plain user/assistant turn: plain text
+    broken = _with(base_tok, "{{ raise_exception('roles must alternate') }}")
+    assert reward_ending(broken, [eos, eot], {"chat"}).after == {eot: (eos,), eos: ()}
+
+
+def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
+    """Rows ending on EOS (2), on the end of turn (5), truncated (cap reached), and on a token that is no stop."""
+    ending = RewardEnding(2, {2: (), 5: (9, 2)})
+    last = torch.tensor([2, 5, 7, 8])
+    truncated = torch.tensor([False, False, True, False])
+    for eos_on_truncation, cut in ((True, [2, 0]), (False, [0, 0])):
+        ids, mask = ending_columns(last, truncated, ending, eos_on_truncation)
+        assert ids.tolist() == [[0, 0], [9, 2], cut, [2, 0]]
+        assert mask.tolist() == [[0, 0], [1, 1], [int(eos_on_truncation), 0], [1, 0]]
+    # the tensors are made once per device and kept
+    assert ending.tensors(torch.device("cpu"))[0] is ending.tensors(torch.device("cpu"))[0]
+    assert RewardEnding.plain(2).after == {2: ()} and RewardEnding.plain(2).width == 1
+
+
+def test_a_response_stopped_at_the_end_of_turn_scores_as_its_rm_training_row(base_tok):
+    """PPO samples `answer<end_of_turn>` and stops; the RM trained on `answer<end_of_turn>\\n<eos>` (Gemma's
+    template, add_eos). With the template's ending the PPO score of the stopped response (right-padded, the
+    tail after a masked gap) equals the RM's score of its training row; EOS alone (what PPO appended before)
+    reads another position."""
+    tok = _with(base_tok, GEMMA)
+    eot = tok.convert_tokens_to_ids(EOT)
+    pair = PreferencePair((("user", "the answer to 3"),), (("assistant", "is 4"),), (("assistant", "is 5"),), "chat")
+    row, _ = tokenize_pair(pair, tok, RMDataConfig(train="x.jsonl"), [])
+    start = next(i for i, label in enumerate(row.labels) if label != IGNORE)
+    stop = row.input_ids.index(eot, start)
+    assert len(row.input_ids) == stop + 3  # <end_of_turn> "\n" <eos>
+    prompts = [row.input_ids[:start], row.input_ids[:start][2:]]  # a shorter prompt: the first row is left-padded
+    p_ids, p_mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    response = row.input_ids[start:stop + 1]
+    resp = torch.tensor([response + [tok.pad_token_id] * 2] * 2)  # right padding as in a rollout batch
+    resp_mask = torch.tensor([[1] * len(response) + [0, 0]] * 2)
+    ids, mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, resp_mask], 1)
+    torch.manual_seed(0)
+    rm = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=False, resize=True).eval()
+    gen, truncated = GenerationConfig(), torch.tensor([False, False])
+    with torch.no_grad():
+        trained = rm(torch.tensor([row.input_ids]), torch.ones(1, len(row.input_ids), dtype=torch.long))[0].item()
+        scored = raw_scores(gen, rm, ids, mask, truncated, reward_ending(tok, [tok.eos_token_id, eot], {"chat"}))
+        eos_only = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(tok.eos_token_id))
+    assert scored[0].item() == pytest.approx(trained, abs=1e-5)
+    assert eos_only[0].item() != pytest.approx(trained, abs=1e-3)
