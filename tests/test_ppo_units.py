@@ -620,6 +620,32 @@ def test_repetition_rate(tokens, n, rate):
     assert repetition_rate(tokens, n) == pytest.approx(rate)
 
 
+@ARCHS
+def test_the_zero3_sampling_copy_holds_the_trained_weights_after_each_refresh(kind):
+    """GenerationCopy (ZeRO-3 runs sample from it) is refreshed once per rollout: after a refresh it equals the
+    trained model tensor for tensor (GPT-2's tied head included) and gives its logits; after an optimizer step
+    without a refresh it is stale. (Gathering a partitioned parameter is a no-op here; the two-process ZeRO-3
+    PPO test runs the gathering.)"""
+    from stages.ppo.models import GenerationCopy
+
+    model = _causal(kind)
+    copy = GenerationCopy(model, CPU)
+    ids = torch.tensor([PROMPTS[0]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        sampler = copy.refresh(model)
+        assert sampler is copy.model and sampler.generation_config is model.generation_config
+        mine, theirs = model.state_dict(), sampler.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, sampler(ids).logits)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            assert not torch.allclose(model(ids).logits, sampler(ids).logits)
+
+
 def test_response_lists_drop_the_final_stop_token_and_padding():
     rollout = Rollout(
         torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=torch.long),
