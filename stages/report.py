@@ -187,6 +187,18 @@ def aggregate(seeds: list[Series]) -> tuple[list[int], list[float], list[float],
     return common, mean, low, high
 
 
+def seed_tails(seeds: list[Series], last_common: int) -> list[Series]:
+    """Each seed's points from the last step all seeds share on (that step included, so the thin line continues
+    the mean), for the seeds that logged past it: a seed stopped early (the monitor, a crash, a shorter run)
+    no longer cuts the others' curves off.
+
+    >>> seed_tails([[(1, 1.0), (2, 2.0)], [(1, 3.0), (2, 4.0), (3, 5.0)]], 2)
+    [[(2, 4.0), (3, 5.0)]]
+    """
+    tails = [[(s, v) for s, v in series if s >= last_common and math.isfinite(v)] for series in seeds]
+    return [tail for tail in tails if any(s > last_common for s, _ in tail)]
+
+
 def _mean(values: list[float]) -> float:
     """Mean; NaN when empty or any value is non-finite (a diverged seed is not averaged away)."""
     if not values or not all(math.isfinite(v) for v in values):
@@ -332,6 +344,8 @@ def _draw_panel(ax: Any, panel: Panel, groups: dict[str, list[Run]], colors: dic
             if steps:
                 ax.plot(steps, mean, label=legend, **kw)
                 ax.fill_between(steps, low, high, color=colors[name], alpha=0.2, linewidth=0)
+                for tail in seed_tails(curves, steps[-1]):  # seeds that ran on after the shortest one stopped
+                    ax.plot([s for s, _ in tail], [v for _, v in tail], alpha=0.5, **{**kw, "linewidth": 0.8})
             else:  # the seeds share no logged step: draw them one by one
                 for j, curve in enumerate(curves):
                     ax.plot([s for s, _ in curve], [v for _, v in curve], label=legend if j == 0 else None,

@@ -236,3 +236,20 @@ def test_ppo_curves_line_up_at_policy_iterations(tmp_path: Path) -> None:
     assert "drawn at x <= 0" not in Path(md_iter).read_text(encoding="utf-8")
     with pytest.raises(ConfigError, match="x axis 'steps' is not one of policy, iteration"):
         write_report([vanilla], tmp_path / "r3", x_axis="steps")
+
+
+def test_a_seed_that_ran_on_after_the_shortest_is_drawn_past_the_mean(tmp_path: Path) -> None:
+    """Seed 1 stopped at iteration 3 (say, the monitor), seed 2 ran to 5: the mean and band cover 1-3 and seed 2
+    goes on as a thin unlabelled line from 3 to 5."""
+    from matplotlib.figure import Figure
+
+    from stages.report import PANELS, _draw_panel, group_runs, load_runs
+
+    short = _write_run(tmp_path, "van-seed1", [{"step": s, "objective/scores": 1.0} for s in range(1, 4)])
+    long = _write_run(tmp_path, "van-seed2", [{"step": s, "objective/scores": float(s)} for s in range(1, 6)])
+    ax = Figure().add_subplot()
+    _draw_panel(ax, PANELS["reward"], group_runs(load_runs([short, long])), {"van": "C0"}, 0.0, 6)
+    lines = [(line.get_label(), line.get_xdata().tolist(), line.get_ydata().tolist()) for line in ax.get_lines()]
+    assert lines[0] == ("van (2 seeds) · rollout", [1, 2, 3], [1.0, 1.5, 2.0])
+    assert lines[1][1:] == ([3, 4, 5], [3.0, 4.0, 5.0]) and lines[1][0].startswith("_")
+    assert len(lines) == 2
