@@ -98,3 +98,14 @@ def test_a_response_stopped_at_the_end_of_turn_scores_as_its_rm_training_row(bas
         eos_only = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(tok.eos_token_id))
     assert scored[0].item() == pytest.approx(trained, abs=1e-5)
     assert eos_only[0].item() != pytest.approx(trained, abs=1e-3)
+
+
+def test_the_run_names_the_stop_tokens_scored_with_more_than_eos(base_tok):
+    from stages.ppo.ending import describe_ending
+
+    eos, eot = base_tok.eos_token_id, base_tok.convert_tokens_to_ids(EOT)
+    gemma = _with(base_tok, GEMMA)
+    assert describe_ending(reward_ending(gemma, [eos, eot], {"chat"}), gemma) == (
+        "the reward model reads a response that stopped at '<end_of_turn>' after '\\n' '<|endoftext|>' "
+        "(as its training data ends a turn)")
+    assert describe_ending(reward_ending(_with(base_tok, LLAMA3), [eos, eot], {"chat"}), base_tok) is None

@@ -100,6 +100,18 @@ def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]
     return RewardEnding(eos, after)
 
 
+def describe_ending(ending: RewardEnding, tokenizer: Any) -> str | None:
+    """One line naming the stop tokens after which more than EOS is appended (None when there are none)."""
+    def names(ids: Iterable[int]) -> str:
+        return " ".join(repr(tokenizer.decode([t])) for t in ids)
+
+    more = {s: tail for s, tail in sorted(ending.after.items()) if tail not in ((), (ending.eos_id,))}
+    if not more:
+        return None
+    return "the reward model reads a response that stopped at " + "; at ".join(
+        f"{names([s])} after {names(tail)} (as its training data ends a turn)" for s, tail in more.items())
+
+
 def ending_columns(last: torch.Tensor, truncated: torch.Tensor, ending: RewardEnding,
                    eos_on_truncation: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ids and mask [B, width] to append to each [prompt | response] row, from its last token `last` [B]:

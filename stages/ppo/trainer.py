@@ -44,7 +44,7 @@ from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
-from stages.ppo.ending import RewardEnding, reward_ending
+from stages.ppo.ending import RewardEnding, describe_ending, reward_ending
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
 from stages.ppo.models import (
     GenerationCopy,
@@ -484,6 +484,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
     ending = reward_ending(tokenizer, stop_ids, data["styles"])
+    if (line := describe_ending(ending, tokenizer)) is not None:
+        say(dist.is_main, line)
     prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
     if prompt_sampler.steps_per_epoch == 0:
         raise RlhfError(f"{len(data['train'])} training prompts are fewer than one rollout batch "
