@@ -171,12 +171,13 @@ def run_stage(
             env = launch_env(local_processes(num_gpus, hostfile))
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {where}", highlight=False, soft_wrap=True)
+        from stages.models import check_stage_models
+
+        check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
         if dry_run:  # every check the run makes before its work that only reads, then the estimate
             from stages.memory import estimate, format_estimate
-            from stages.models import check_stage_models
 
             _check_deepspeed_json(stage, cfg, processes)
-            check_stage_models(stage, cfg)
             warn_changes(check_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes).changes)
 
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
@@ -367,8 +368,13 @@ def eval_(
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
                                  max_new_tokens, temperature, seed, batch_size)
-        results = evaluate(settings, out_file or (policy / "eval.json"))
+        if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
+            raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
+                              "go beside a local policy by default)")
+        out_file = out_file or (policy / "eval.json")
+        results = evaluate(settings, out_file)
         print_results(results, out)
+        out.print(f"results: {out_file} (samples: {out_file.with_suffix('.samples.jsonl')})", highlight=False)
     except RlhfError as exc:
         fail(exc, debug)
 

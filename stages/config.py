@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stages.errors import ConfigError
 
@@ -64,6 +64,20 @@ class ModelConfig(Section):
     attn_implementation: str = Field("sdpa", description="sdpa | eager | flash_attention_2 | ...")
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str) -> str:
+        """eager, sdpa or an attention function transformers registers (flash_attention_2, flex_attention, ...);
+        a hub kernel ("org/repo") or a paged variant ("paged|...") is left to transformers."""
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError:  # a transformers without the registry: leave the value to it
+            return value
+        known = list(dict.fromkeys(["eager", "sdpa", *(k for k in ALL_ATTENTION_FUNCTIONS.keys() if "|" not in k)]))
+        if value in known or "/" in value or value.startswith("paged|"):
+            return value
+        raise ValueError(f"not one of {', '.join(known)} (or a hub kernel 'org/repo')")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

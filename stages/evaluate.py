@@ -35,7 +35,7 @@ from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
 from stages.gold import gold_scores
 from stages.metrics import say
-from stages.models import check_architecture, load_tokenizer, resolve_model_dir
+from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
 from stages.ppo.ending import RewardEnding, reward_ending
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
@@ -75,6 +75,14 @@ class Generated:
     kl: list[float] | None = None
 
 
+def _tokenizer(path: str, what: str) -> Any:
+    try:
+        return load_tokenizer(path)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own parse errors, ...
+        raise CheckpointError(f"cannot load the tokenizer of {what} {path}{not_local_hint(path)}: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
 def _load_lm(path: str, dtype: torch.dtype, device: torch.device, what: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +93,8 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device, what: str) -> 
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
-        raise CheckpointError(f"cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot load a causal LM from {path}{not_local_hint(path)}: "
+                              f"{type(exc).__name__}: {exc}") from None
     return model.to(device).eval()
 
 
@@ -153,16 +162,17 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     quiet_libraries()
+    policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
+    check_architecture(policy_dir, "causal_lm", False, "POLICY")  # each model's kind, before anything is written
+    check_architecture(rm_dir, "reward", True, "--reward-model")
+    for path, what in ((s.baseline, "--baseline"), (s.reference, "--reference")):
+        if path:
+            check_architecture(resolve_model_dir(path), "causal_lm", False, what)
     if out_file is not None:  # before minutes of sampling, not after
         ensure_dir(out_file.parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
-    policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
-    try:
-        tok = load_tokenizer(policy_dir)
-        rm_tok = load_tokenizer(rm_dir)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, tokenizers' own parse errors, ...
-        raise CheckpointError(f"cannot load a tokenizer: {type(exc).__name__}: {exc}") from None
+    tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))
     check_tokenizers(tok, rm_tok, s.reward_model)
     styles: set[str] = set()
     prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog(), styles)

@@ -14,7 +14,7 @@ import torch
 from stages.config import ModelConfig
 from stages.distributed import DistInfo, barrier, seed_everything
 from stages.engine import model_dtype
-from stages.errors import CheckpointError
+from stages.errors import CheckpointError, ConfigError
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -76,6 +76,19 @@ def resolve_model_dir(name_or_path: str) -> str:
     return str(p) if name_or_path.startswith("~") else name_or_path
 
 
+def not_local_hint(source: str) -> str:
+    """What to add to a failed load of `source` that is no local path: it was taken for a hub id ("" when the
+    path exists).
+
+    >>> not_local_hint("runs/nowhere").startswith(" (no folder runs/nowhere here: it was tried as a Hugging Face")
+    True
+    """
+    if Path(source).expanduser().exists():
+        return ""
+    offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+    return f" (no folder {source} here: it was tried as a Hugging Face hub id{offline})"
+
+
 #: tokenizer classes that mean "exactly the tokenizer.json beside me" (what train_tokenizer saves)
 PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -123,7 +136,8 @@ def prepare_tokenizer(
     try:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a user's file: OSError, ValueError, tokenizers' own errors, ...
-        raise CheckpointError(f"cannot load tokenizer from {source}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot load tokenizer from {source}{not_local_hint(source)}: "
+                              f"{type(exc).__name__}: {exc}") from None
     if tokenizer.eos_token is None:
         raise CheckpointError(f"tokenizer {source} has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token is None:
@@ -191,7 +205,11 @@ def build_model(
                 config = AutoConfig.for_model(model_type, **arch)
             except (ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"model.from_config: {exc}") from None
-            model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            try:
+                model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            except (ValueError, ImportError) as exc:  # the attention implementation is the only user input left
+                raise ConfigError(f"attn_implementation {cfg.attn_implementation!r} cannot be used here (set the "
+                                  f"model's attn_implementation to sdpa or eager): {type(exc).__name__}: {exc}") from None
         else:
             source = resolve_model_dir(cfg.name_or_path or "")
             check_architecture(source, head, trained_head)
@@ -204,7 +222,8 @@ def build_model(
                     **head_args,
                 )
             except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
-                raise CheckpointError(f"cannot load model from {source}: {type(exc).__name__}: {exc}") from None
+                raise CheckpointError(f"cannot load model from {source}{not_local_hint(source)}: "
+                                      f"{type(exc).__name__}: {exc}") from None
             model.config.pad_token_id = tokenizer.pad_token_id
         vocab = model.get_input_embeddings().weight
         rows = getattr(vocab, "ds_shape", vocab.shape)[0]
@@ -227,11 +246,15 @@ def build_model(
 
 def check_architecture(source: str, head: str, trained_head: bool, key: str = "model.name_or_path") -> None:
     """Refuse a local checkpoint of the wrong kind before loading it: a sequence classifier (reward model) where
-    a causal LM is wanted, or (trained_head) anything but a one-label sequence classifier. Hub ids and
-    directories without a readable config.json are left to from_pretrained."""
+    a causal LM is wanted, or (trained_head) anything but a one-label sequence classifier; and a local
+    directory without config.json (not a model: from_pretrained would complain about its tokenizer or weights
+    instead). Hub ids are left to from_pretrained."""
     import json
 
     config = Path(source) / "config.json"
+    if Path(source).is_dir() and not config.exists():
+        raise CheckpointError(f"{key} {source} is not a model directory (no config.json, nor a finished stage run "
+                              "with final/config.json)")
     if not config.is_file():
         return
     try:
@@ -250,7 +273,7 @@ def check_architecture(source: str, head: str, trained_head: bool, key: str = "m
 
 
 #: per stage, the models it loads that have a kind to check: (config section, head, trained head)
-STAGE_MODEL_KINDS = {"sft": [("model", "causal_lm", False)], "train-rm": [],
+STAGE_MODEL_KINDS = {"sft": [("model", "causal_lm", False)], "train-rm": [("model", "reward", False)],
                      "ppo": [("model", "causal_lm", False), ("reward_model", "reward", True)]}
 
 
@@ -260,7 +283,7 @@ def check_stage_models(stage: str, cfg: Any) -> None:
     for section, head, trained in STAGE_MODEL_KINDS.get(stage, []):
         model = getattr(cfg, section)
         if model.from_config is None and model.name_or_path:
-            check_architecture(resolve_model_dir(model.name_or_path), head, trained)
+            check_architecture(resolve_model_dir(model.name_or_path), head, trained, f"{section}.name_or_path")
 
 
 @contextlib.contextmanager

@@ -207,6 +207,21 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--set", f"model.name_or_path={rm}")
     assert res.exit_code == 1 and "(a reward model), not a causal LM" in res.stderr, res.output
     assert not (tmp_path / "p").exists()
+    # a folder that is no model at all (no config.json): named before any tokenizer is tried, in the dry run too
+    (tmp_path / "notes").mkdir()
+    sft_cfg = ("sft", "-c", str(REPO / "configs" / "tiny" / "sft.yaml"), "--set", f"output_dir={tmp_path}/s",
+               "--set", "model.from_config=null")
+    res = invoke_cli(*sft_cfg, "--set", f"model.name_or_path={tmp_path / 'notes'}", "--dry-run")
+    assert res.exit_code == 1 and f"model.name_or_path {tmp_path / 'notes'} is not a model directory (no config.json" \
+        in res.stderr, res.output
+    res = invoke_cli(*sft_cfg[:-2], "--set", "model.attn_implementation=sdpaa", "--dry-run")
+    assert res.exit_code == 2 and "model.attn_implementation: not one of eager, sdpa, " in res.stderr, res.output
+    assert "(got 'sdpaa') [given with --set]" in res.stderr
+    # rlhf eval of a policy that is not here: refused before its default --out (POLICY/eval.json) makes a folder
+    res = invoke_cli("eval", "no-such-policy-here", "--reward-model", str(rm), "--prompts",
+                     str(REPO / "configs" / "tiny" / "data" / "eval_prompts.jsonl"))
+    assert res.exit_code == 2 and "POLICY no-such-policy-here: no such directory here" in res.stderr, res.output
+    assert not Path("no-such-policy-here").exists()
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):

@@ -134,3 +134,18 @@ def test_weight_decay_only_on_matrices(tok):
     assert groups[0]["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in groups[0]["params"])
     assert groups[1]["weight_decay"] == 0.0 and all(p.ndim == 1 for p in groups[1]["params"])
     assert len(groups[1]["params"]) == 5  # 2 layers x 2 norms + final norm
+
+
+def test_an_attention_implementation_that_cannot_run_here_is_a_config_error_naming_it(tok):
+    """flash_attention_2 is a valid name (the config accepts it) but needs the flash-attn package: building a
+    from_config model with it is a ConfigError naming attn_implementation, not transformers' traceback."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from stages.errors import ConfigError
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="attn_implementation 'flash_attention_2' cannot be used here .* ImportError"):
+        _model(tok, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        ModelConfig(from_config=ARCH, attn_implementation="sdpaa")
