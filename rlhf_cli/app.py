@@ -132,8 +132,10 @@ def run_stage(
     debug: bool,
     preset: str | None = None,
     allow_changes: bool = False,
+    flags: dict[str, str] | None = None,
 ) -> None:
-    """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code."""
+    """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
+    `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors."""
     from stages.checkpoint import acquire_run_lock, check_output_dir, prepare_output_dir, refuse_request, run_lock
 
     def warn_changes(changes: list[str]) -> None:
@@ -145,7 +147,7 @@ def run_stage(
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
     try:
-        cfg = load_config(stage, config, overrides, preset=preset)
+        cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
@@ -289,7 +291,8 @@ def _ppo_command() -> None:
         overrides = list(c["set_"] or []) + flag_overrides(flags)  # type: ignore[arg-type]
         run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
                   c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset,  # type: ignore[arg-type]
-                  allow_changes=c["allow_config_change"])  # type: ignore[arg-type]
+                  allow_changes=c["allow_config_change"],  # type: ignore[arg-type]
+                  flags={f.key: f"--{f.name}" for f in TRICK_FLAGS if flags[f.name] is not None})
 
     def panel(f: object) -> dict[str, object]:
         shown = "config, else preset" if f.key in preset_keys else "config"  # type: ignore[attr-defined]

@@ -9,12 +9,12 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import CONFIG_SCHEMAS, DataSource, Section, absolute_set_items, resolve_paths
+from stages.config import CONFIG_SCHEMAS, DataSource, Section, absolute_set_items, cli_marker, resolve_paths
 from stages.errors import ConfigError
 
 
@@ -160,10 +160,11 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
 
 
 def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str,
-                            cli_keys: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+                            cli_keys: Iterable[str] = frozenset(), flags: dict[str, str] | None = None) -> str:
     """One line per problem. A union field reports one error per alternative; those are joined into one line
     ("deepspeed.config: Input should be a valid string, or a valid dictionary (got 5)"). A problem at a key set
-    (or under a section set) with --set says so: the file does not hold that value."""
+    (or under a section set) on the command line says so: "[given with --set]", or with the flag that set it
+    (`flags`: key -> "--kl-coef"); the file does not hold that value."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     for e in exc.errors():
         by_key.setdefault(_key(_clean_loc(schema, tuple(e["loc"]))), []).append(e)
@@ -177,8 +178,9 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             by_key[key] = [e for e in errs if e not in plain]
             if not by_key[key]:
                 del by_key[key]
-    def from_cli(key: str) -> bool:
-        return any(key == k or key.startswith((k + ".", k + "[")) for k in cli_keys)
+    def marker(key: str) -> str:
+        given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))]
+        return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
 
     unique: list[str] = []
     for key, errs in by_key.items():
@@ -188,7 +190,7 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             lines = [_format_error(schema, merged)]
         else:
             lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))
-        unique.extend(f"{line} [given with --set]" if from_cli(key) else line for line in lines)
+        unique.extend(line + marker(key) for line in lines)
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
 
@@ -200,11 +202,13 @@ def load_config(
     cwd: Path | None = None,
     preset: str | None = None,
     not_yet: set[str] = frozenset(),  # type: ignore[assignment]
+    flags: dict[str, str] | None = None,
 ) -> Section:
     """Read, override, validate and path-resolve the config for `stage`. For `ppo`, the preset (the command
     line's `preset`, else the file's `ppo.preset`) then fills the trick keys left unset.
 
     `not_yet`: path keys that name an earlier stage's output still to be produced (not checked to exist).
+    `flags`: the override keys a command-line flag gave (key -> "--kl-coef"), named in their errors.
     Returns the validated pydantic model; raises ConfigError with a one-line (or one-per-problem) message.
     """
     schema = CONFIG_SCHEMAS[stage]
@@ -225,8 +229,8 @@ def load_config(
     try:
         config = schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys)) from None
-    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet)
+        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
+    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet, flags)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths
         stages = [(config.sft, "sft"), (config.rm, "train-rm"), (config.ppo, "ppo")] + [(r, "ppo") for r in config.ppo_runs]
         for section, name in stages:

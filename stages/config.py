@@ -732,8 +732,18 @@ def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) ->
     return out
 
 
+def cli_marker(key: str, flags: dict[str, str] | None) -> str:
+    """How a key given on the command line was given: its flag ("--kl-coef") or --set.
+
+    >>> cli_marker("ppo.kl_coef", {"ppo.kl_coef": "--kl-coef"}), cli_marker("train.lr", None)
+    ('--kl-coef', '--set')
+    """
+    return (flags or {}).get(key, "--set")
+
+
 def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Path,
-                  not_yet: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+                  not_yet: set[str] = frozenset(),  # type: ignore[assignment]
+                  flags: dict[str, str] | None = None) -> None:
     """Make every relative path in `config` absolute, in place, and check that input paths exist.
 
     Values given in the YAML file resolve against `base_dir` (the file's folder); values given with
@@ -742,7 +752,8 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
     (`rlhf pipeline --dry-run`): resolved, not checked.
     """
     for owner, name, key, kind in list(_walk(config, "")):
-        from_cli = any(key == k or key.startswith(k + ".") for k in cli_keys)
+        given = [k for k in cli_keys if key == k or key.startswith(k + ".")]
+        from_cli = bool(given)
         base = cwd if from_cli else base_dir
         if key in not_yet or any(key.startswith(k + ".") for k in not_yet):
             kind = "output"
@@ -755,6 +766,6 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
         except ConfigError as exc:  # marked like a validation error at a key given on the command line
             if not from_cli:
                 raise
-            raise ConfigError(f"{exc} [given with --set]") from None
+            raise ConfigError(f"{exc} [given with {cli_marker(max(given, key=len), flags)}]") from None
         # bypass validate_assignment: the value type is unchanged
         object.__setattr__(owner, name, resolved)

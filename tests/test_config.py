@@ -207,6 +207,10 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--set", f"model.name_or_path={rm}")
     assert res.exit_code == 1 and "(a reward model), not a causal LM" in res.stderr, res.output
     assert not (tmp_path / "p").exists()
+    # a trick flag's bad value names the flag, a --set's the --set
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--kl-coef", "-1", "--set", "train.iterations=0")
+    assert res.exit_code == 2 and "ppo.kl_coef: Input should be greater than or equal to 0 (got -1.0) [given with " \
+        "--kl-coef]" in res.stderr and "(got 0) [given with --set]" in res.stderr, res.output
     # a folder that is no model at all (no config.json): named before any tokenizer is tried, in the dry run too
     (tmp_path / "notes").mkdir()
     sft_cfg = ("sft", "-c", str(REPO / "configs" / "tiny" / "sft.yaml"), "--set", f"output_dir={tmp_path}/s",
