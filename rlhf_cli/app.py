@@ -359,6 +359,10 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
                         "*.samples.jsonl).", show_default="POLICY/eval.json")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a data.* or generation.* key of the PPO config schema: key.path=value (YAML value; "
+        "repeatable; wins over --config and the options above), e.g. data.on_bad_row=skip, generation.top_p=1.",
+        show_default="none")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Evaluate a policy on evaluation prompts: mean RM reward, gold reward (toy task), KL to a reference, length, repetition, and win-rates against a baseline judged by the RM and by gold.
@@ -370,7 +374,7 @@ def eval_(
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
-                                 max_new_tokens, temperature, seed, batch_size)
+                                 max_new_tokens, temperature, seed, batch_size, set_ or [])
         if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
             raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
                               "go beside a local policy by default)")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from rlhf_cli.config_loader import format_validation_error, load_config
+from rlhf_cli.config_loader import apply_override, format_validation_error, load_config, parse_override
 from stages.config import GenerationConfig, PPODataConfig
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
@@ -18,10 +18,12 @@ from stages.models import resolve_model_dir
 def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
                   prompts: Path | None = None, baseline: str | None = None, reference: str | None = None,
                   gold: str | None = None, num_prompts: int | None = None, max_new_tokens: int | None = None,
-                  temperature: float | None = None, seed: int | None = None, batch_size: int = 32) -> EvalSettings:
+                  temperature: float | None = None, seed: int | None = None, batch_size: int = 32,
+                  overrides: list[str] = []) -> EvalSettings:  # noqa: B006 - read only
     """The options over the values of a PPO config (when `config` is given; a run's resolved_config.yaml works
     too): its reward_model, data (data.eval, else data.train), generation, gold judge, seed, precision and
-    monitor n-gram. An option given explicitly wins."""
+    monitor n-gram. An option given explicitly wins; `overrides` (--set data.*/generation.* key=value) win over
+    both (the prompt file itself is --prompts)."""
     try:  # a policy that is not there is a usage error (exit 2), like any missing input
         resolve_model_dir(str(policy))
     except CheckpointError as exc:
@@ -48,15 +50,30 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
     gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
-    data, generation = _validated(PPODataConfig, data_fields), _validated(GenerationConfig, gen_fields)
+    sections = {"data": data_fields, "generation": gen_fields}
+    for item in overrides:
+        parts, value = parse_override(item)
+        if parts[0] not in sections or len(parts) < 2 or parts[:2] in (["data", "train"], ["data", "eval"]):
+            raise ConfigError(f"--set {item}: rlhf eval takes data.* (not data.train/eval: the prompts are --prompts) "
+                              "and generation.* keys")
+        apply_override(sections[parts[0]], parts[1:], value)
+    checked = _validated(data_fields, gen_fields)
+    data, generation = checked.data, checked.generation
     return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
                         baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
                         seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype)
 
 
-def _validated(schema: Any, fields: dict[str, object]) -> Any:
-    """`schema` built from `fields`; a bad value is a one-line ConfigError naming the key."""
+class _EvalSections(BaseModel):
+    """What rlhf eval validates: the PPO config's data and generation sections (keys named data.*, generation.*)."""
+
+    data: PPODataConfig
+    generation: GenerationConfig
+
+
+def _validated(data: dict[str, object], generation: dict[str, object]) -> _EvalSections:
+    """Both sections validated; each bad value is a line of one ConfigError naming its key."""
     try:
-        return schema.model_validate(fields)
+        return _EvalSections.model_validate({"data": data, "generation": generation})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(schema, exc, "(rlhf eval's options over the config)")) from None
+        raise ConfigError(format_validation_error(_EvalSections, exc, "(rlhf eval's options over the config)")) from None

@@ -338,6 +338,17 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
         eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", prompts=prompts)
     with pytest.raises(ConfigError, match="data.train.path: path does not exist: .*gone.jsonl"):
         eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm")
+    # --set data.* / generation.* win over the config and the options; each bad key is named as written
+    s = eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts,
+                      temperature=0.5, overrides=["data.on_bad_row=skip", "generation.temperature=0.7"])
+    assert (s.data.on_bad_row, s.generation.temperature, s.generation.top_p) == ("skip", 0.7, cfg["generation"]["top_p"])
+    with pytest.raises(ConfigError, match=r"data.on_bad_row: Input should be 'error' or 'skip' \(got 'maybe'\)\n"
+                                          r"  unknown key 'generation.top_pp'; closest valid key: 'generation.top_p'"):
+        eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts,
+                      overrides=["data.on_bad_row=maybe", "generation.top_pp=1"])
+    for item in ("train.lr=1", "data.train=x.jsonl"):
+        with pytest.raises(ConfigError, match=rf"--set {item}: rlhf eval takes data.\* \(not data.train/eval"):
+            eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, overrides=[item])
 
 
 def test_rm_gold_agreement_groups_each_questions_samples_and_refuses_a_shift():
