@@ -262,6 +262,13 @@ def test_truncation_prompt_from_left_response_from_right(char_tok):
     # fits: untouched
     ex = tokenize_segments(segs, char_tok, max_length=16, prompt_budget=4, add_eos=True, bos=[])
     assert len(ex.input_ids) == 16 and not (ex.prompt_truncated or ex.response_truncated)
+    # all turns trained, the cut starting inside the first answer: its token now first has no label (nothing
+    # predicts it) and is not counted as trained
+    turns = [Segment("PP", False), Segment("AAA", True), Segment("PP", False), Segment("RR", True)]
+    a = char_tok.convert_tokens_to_ids("A")
+    ex = tokenize_segments(turns, char_tok, max_length=8, prompt_budget=4, add_eos=True, bos=[])
+    assert ex.input_ids == [a, a, a, p, p, r, r, eos]  # 10 tokens, the 2 leftmost cut
+    assert ex.labels == [IGNORE, a, a, IGNORE, IGNORE, r, r, eos]
 
 
 def test_truncation_counts_are_reported(tmp_path, char_tok):
