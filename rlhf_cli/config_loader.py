@@ -231,10 +231,15 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
     resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet, flags)
-    if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths
-        stages = [(config.sft, "sft"), (config.rm, "train-rm"), (config.ppo, "ppo")] + [(r, "ppo") for r in config.ppo_runs]
-        for section, name in stages:
-            object.__setattr__(section, "set", absolute_set_items(section.set, CONFIG_SCHEMAS[name], config_path.parent))
+    if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths (to the
+        # current directory when that set: was given with --set, like every other --set path)
+        stages = [(config.sft, "sft", "sft"), (config.rm, "train-rm", "rm"), (config.ppo, "ppo", "ppo")] + [
+            (r, "ppo", f"ppo_runs[{i}]") for i, r in enumerate(config.ppo_runs)]
+        here = (cwd or Path.cwd()).resolve()
+        for section, name, key in stages:
+            given = any(k in (key, f"{key}.set", key.split("[")[0]) or k.startswith(f"{key}.set[") for k in cli_keys)
+            base = here if given else config_path.parent
+            object.__setattr__(section, "set", absolute_set_items(section.set, CONFIG_SCHEMAS[name], base))
     return config
 
 

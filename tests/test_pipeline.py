@@ -506,3 +506,12 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", good)), "--dry-run")
     assert res.exit_code == 0, res.output
     assert f"--set data.train={tmp_path / 'mine' / 'prompts.jsonl'} --set model.dtype=float32" in res.stdout
+    # ... but a set: given with --set on the command line is relative to the current directory, as --set paths are
+    import os
+
+    sft_data = tmp_path / "mine" / "sft.jsonl"
+    sft_data.write_text((TINY / "data" / "sft.jsonl").read_text())
+    res = invoke_cli("pipeline", "--config", str(tmp_path / "p.yaml"), "--dry-run",
+                     "--set", f"sft.set=[data.train={os.path.relpath(sft_data)}]")
+    assert res.exit_code == 0, res.output
+    assert f"--set data.train={sft_data}" in res.stdout, res.stdout
