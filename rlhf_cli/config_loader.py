@@ -144,8 +144,8 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         owner = _schema_at(schema, loc[:-1])
         valid = list(owner.model_fields) if owner is not None else []
-        # the closest valid key is always offered, however far it is
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.0)
+        # a close valid key is offered (a typo); a far one would be noise beside the listing of valid keys
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else ""
         listing = f" (valid here: {', '.join(valid)})" if valid else ""
         return f"unknown key '{key}'{hint}{listing}"
