@@ -45,6 +45,8 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def load_yaml_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory (give the YAML file in it)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = parse_yaml(path.read_text(encoding="utf-8"), str(path))

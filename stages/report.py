@@ -106,9 +106,9 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
     path = Path(run_dir) / "metrics.jsonl"
     if not Path(run_dir).is_dir():
-        raise DataError(f"run directory {run_dir} does not exist (expected a stage output directory)")
+        raise ConfigError(f"run directory {run_dir} does not exist (expected a stage output directory)")
     if not path.is_file():
-        raise DataError(f"run directory {run_dir} has no metrics.jsonl (expected {path})")
+        raise ConfigError(f"run directory {run_dir} has no metrics.jsonl (expected {path}; a stage output directory)")
     try:
         rows = read_metrics(path)
     except json.JSONDecodeError:

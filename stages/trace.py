@@ -43,7 +43,10 @@ def load_trace(path: Path) -> list[dict[str, Any]]:
     """The trace's events (a .json or .json.gz Chrome trace, or a bare event list)."""
     raw = path.read_bytes()
     data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    return data["traceEvents"] if isinstance(data, dict) else data
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list):
+        raise ValueError("not a Chrome trace (no traceEvents list; write one with logging.profile_step)")
+    return events
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -767,6 +767,9 @@ def test_bench_trace_prints_the_summary_and_names_an_unreadable_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     r = _rlhf("bench", "trace", "bad.json", cwd=tmp_path)
     assert r.returncode == 1 and "bad.json" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    r = _rlhf("bench", "trace", "other.json", cwd=tmp_path)
+    assert r.returncode == 1 and "cannot read the trace other.json: ValueError: not a Chrome trace" in r.stderr
 
 
 def test_bench_summary_times_policy_iterations_after_critic_pretraining(tmp_path):

@@ -127,6 +127,8 @@ def test_missing_data_file_is_a_config_error(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("sft", Path("/nonexistent/sft.yaml"))
+    with pytest.raises(ConfigError, match=r"config file .* is a directory \(give the YAML file in it\)"):
+        load_config("sft", REPO / "configs" / "tiny")
 
 
 def test_relative_paths_resolve_against_config_folder_and_cli_against_cwd(tmp_path):

@@ -145,10 +145,11 @@ def test_nan_as_logged_by_metrics_logger_and_smoothing(tmp_path: Path) -> None:
 def test_missing_metrics_raises_naming_dir(runs: list[Path], tmp_path: Path) -> None:
     empty = tmp_path / "runs" / "ppo-broken"
     empty.mkdir()
-    with pytest.raises(DataError, match="ppo-broken"):
+    with pytest.raises(ConfigError, match="ppo-broken has no metrics.jsonl") as exc:  # a usage error: exit 2
         write_report([*runs, empty], tmp_path / "out")
+    assert exc.value.exit_code == 2
     assert not (tmp_path / "out").exists()  # nothing written
-    with pytest.raises(DataError, match="does-not-exist"):
+    with pytest.raises(ConfigError, match="does-not-exist"):
         write_report([tmp_path / "does-not-exist"], tmp_path / "out")
 
 
