@@ -33,7 +33,7 @@ from stages.config import GenerationConfig, ModelConfig, PPODataConfig
 from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
-from stages.gold import gold_scores
+from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import say
 from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
 from stages.ppo.ending import RewardEnding, reward_ending
@@ -179,10 +179,15 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
     if not prompts:
         raise ConfigError(f"no prompts in {s.data.train}")
+
+    def warn(text: str) -> None:
+        say(True, f"[yellow]{text}[/]")
+
+    if s.data.gold_reward:
+        check_gold_prompts(s.data.gold_reward, tok, prompts, str(s.data.train.path), warn)
     models = {"POLICY": policy_dir, "the reward model": rm_dir} | (
         {"--baseline": resolve_model_dir(s.baseline)} if s.baseline else {})
-    check_rendering(s.data.rendering_check, styles, tok, models, lambda text: say(True, f"[yellow]{text}[/]"),
-                    reader="rlhf eval")
+    check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, "POLICY")

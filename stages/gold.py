@@ -9,6 +9,24 @@ from stages import toydata
 
 #: name (config `data.gold_reward`) -> judge(prompt text, response text) -> float
 GOLD_REWARDS: dict[str, Callable[[str, str], float]] = {"toy": toydata.gold_reward}
+#: name -> whether a prompt text asks a question the judge knows (a prompt that does not scores 0)
+GOLD_QUESTIONS: dict[str, Callable[[str], bool]] = {"toy": lambda text: toydata.solve(text) is not None}
+
+
+def check_gold_prompts(name: str, tokenizer: Any, prompts: list[list[int]], where: str,
+                       warn: Callable[[str], None]) -> None:
+    """A gold judge on prompts it cannot judge logs 0 for them, which reads as a policy that fails the task:
+    ConfigError when no prompt asks one of its questions, a warning naming the count when some do not."""
+    from stages.errors import ConfigError
+
+    asks = GOLD_QUESTIONS[name]
+    missing = sum(not asks(tokenizer.decode(p, skip_special_tokens=True)) for p in prompts)
+    if prompts and missing == len(prompts):
+        raise ConfigError(f"data.gold_reward: {name!r} judges its own task's questions and none of the "
+                          f"{len(prompts)} prompts of {where} asks one (drop data.gold_reward for other data)")
+    if missing:
+        warn(f"warning: data.gold_reward {name!r}: {missing} of the {len(prompts)} prompts of {where} ask no "
+             "question it judges; their gold reward is 0")
 
 
 def gold_scores(name: str, tokenizer: Any, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:

@@ -40,6 +40,26 @@ def test_gold_reward_hand_values(prompt, response, expected):
     assert toydata.gold_reward(prompt, response) == pytest.approx(expected)
 
 
+def test_a_gold_judge_on_prompts_it_cannot_judge_warns_or_refuses():
+    """The toy judge scores a prompt without a toy question 0; some such prompts: a warning with the count; all
+    (HH prompts with data.gold_reward: toy): a ConfigError, not a run that logs gold 0 throughout."""
+    from stages.errors import ConfigError
+    from stages.gold import check_gold_prompts
+    from stages.models import train_tokenizer
+
+    tok = train_tokenizer(["count from 3 to 6", "tell me a story"] * 5, vocab_size=300, min_frequency=1)
+    enc = [tok(t)["input_ids"] for t in ("count from 3 to 6", "tell me a story", "spell cat")]
+    warned: list[str] = []
+    check_gold_prompts("toy", tok, enc, "p.jsonl", warned.append)
+    assert warned == ["warning: data.gold_reward 'toy': 1 of the 3 prompts of p.jsonl ask no question it judges; "
+                      "their gold reward is 0"]
+    check_gold_prompts("toy", tok, [enc[0], enc[2]], "p.jsonl", warned.append)
+    assert len(warned) == 1
+    with pytest.raises(ConfigError, match="'toy' judges its own task's questions and none of the 2 prompts of "
+                                          "hh.jsonl asks one"):
+        check_gold_prompts("toy", tok, [enc[1], enc[1]], "hh.jsonl", warned.append)
+
+
 def test_toy_data_is_deterministic_and_pairs_follow_gold():
     for make in (toydata.sft_rows, toydata.preference_rows, toydata.prompt_rows):
         assert make(50, 7) == make(50, 7) and make(50, 7) != make(50, 8)

@@ -39,7 +39,7 @@ from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conv
 from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, NonFinite, RlhfError
-from stages.gold import gold_scores
+from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
@@ -118,6 +118,11 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any) -> 
         report = DataReport()
         ptx = tokenize_conversations(load_conversations(data.ptx, sft, BadRowLog()), tokenizer, sft, report)
         say(dist.is_main, f"PTX data: {report.examples} examples, {report.trained_tokens:,} trained tokens")
+    if data.gold_reward:
+        warn = lambda text: say(dist.is_main, f"[yellow]{text}[/]")  # noqa: E731
+        check_gold_prompts(data.gold_reward, tokenizer, train, f"data.train ({data.train.path})", warn)
+        if held:
+            check_gold_prompts(data.gold_reward, tokenizer, held, "the validation prompts", warn)
     return {"train": train, "eval": held, "ptx": ptx, "styles": styles}
 
 
