@@ -136,7 +136,8 @@ def run_stage(
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors."""
-    from stages.checkpoint import acquire_run_lock, check_output_dir, prepare_output_dir, refuse_request, run_lock
+    from stages.checkpoint import (acquire_run_lock, check_output_dir, check_run_lock, prepare_output_dir, refuse_request,
+                                   run_lock)
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
@@ -180,7 +181,13 @@ def run_stage(
             from stages.memory import estimate, format_estimate
 
             _check_deepspeed_json(stage, cfg, processes)
-            warn_changes(check_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes).changes)
+            check_run_lock(out_dir)
+            plan = check_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes)
+            warn_changes(plan.changes)
+            if resume and plan.checkpoint is not None:
+                out.print(f"resume: from {plan.checkpoint}", highlight=False)
+            elif resume and not (out_dir / "final").exists():
+                out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
 
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             out.print("dry run: nothing trained")

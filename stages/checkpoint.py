@@ -112,8 +112,7 @@ def acquire_run_lock(out_dir: Path) -> Any:
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        raise ConfigError(f"output_dir {out_dir} is in use by another rlhf run ({holder}); wait for it to end, "
-                          "stop it, or point output_dir elsewhere") from None
+        raise in_use_error(out_dir, holder) from None
     except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
         return fh
     fh.seek(0)
@@ -121,6 +120,29 @@ def acquire_run_lock(out_dir: Path) -> Any:
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     fh.flush()
     return fh
+
+
+def in_use_error(out_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(f"output_dir {out_dir} is in use by another rlhf run ({holder}); wait for it to end, "
+                       "stop it, or point output_dir elsewhere")
+
+
+def check_run_lock(out_dir: Path) -> None:
+    """`acquire_run_lock`'s refusal without taking the lock or writing anything (--dry-run)."""
+    import fcntl
+
+    try:
+        fh = open(out_dir / LOCK_NAME, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:  # no lock file (or unreadable): nothing holds it that we could tell
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use_error(out_dir, fh.read().strip() or "another process") from None
+        except OSError:
+            return
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

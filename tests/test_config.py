@@ -190,7 +190,19 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1}\n')
     res = dry_run()
     assert res.exit_code == 2 and "already holds a run (metrics.jsonl)" in res.stderr, res.output
-    assert dry_run("--resume").exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+    res = dry_run("--resume")
+    assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+    assert "resume: no complete checkpoint here; the run would start fresh" in res.stdout, res.output
+    # a run holding the folder's lock: the dry run says so, as the real run would, and leaves the lock alone
+    from stages.checkpoint import acquire_run_lock
+
+    held = acquire_run_lock(tmp_path / "o")
+    try:
+        res = dry_run("--resume")
+        assert res.exit_code == 2 and f"output_dir {tmp_path / 'o'} is in use by another rlhf run (pid " in res.stderr
+    finally:
+        held.close()
+    assert dry_run("--resume").exit_code == 0
     afile = tmp_path / "afile"
     afile.write_text("")
     res = dry_run(out=afile)
