@@ -187,10 +187,12 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(before: dict[str, Any], after: Any, stage: str | None = None) -> list[str]:
+def config_changes(before: dict[str, Any], after: Any, stage: str | None = None,
+                   moved: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """"key: old -> new" for each config value that differs (RESUME_FREE_KEYS aside). With the `stage`, a key the
     earlier config does not have (one a newer rlhf added) is no change when its value now is the schema's
-    default: the earlier run ran without it, i.e. as the default does."""
+    default: the earlier run ran without it, i.e. as the default does. A path whose input only `moved`
+    (fingerprint.moved_inputs: another path, the same contents; list items as key[i]) is no change either."""
     from stages.config import CONFIG_SCHEMAS, is_default_at
 
     schema = CONFIG_SCHEMAS.get(stage or "")
@@ -199,9 +201,15 @@ def config_changes(before: dict[str, Any], after: Any, stage: str | None = None)
     def added_at_default(key: str) -> bool:
         return key not in old and schema is not None and is_default_at(schema, key, new[key])
 
+    def only_moved(key: str) -> bool:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            return all(x == y or f"{key}[{i}]" in moved for i, (x, y) in enumerate(zip(a, b)))
+        return key in moved
+
     return [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}" for key in sorted(old.keys() | new.keys())
             if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")
-            and not added_at_default(key)]
+            and not added_at_default(key) and not only_moved(key)]
 
 
 def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
@@ -275,7 +283,11 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     now = yaml.safe_load(config_text)
     saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
     before_cfg = read_recorded(saved) if saved is not None else None  # unreadable: nothing to compare with
-    changes = config_changes(before_cfg, now, stage) if isinstance(before_cfg, dict) else []
+    from stages.fingerprint import moved_inputs
+
+    recorded = read_recorded(path / "inputs.json")
+    moved = moved_inputs(recorded, inputs) if isinstance(recorded, dict) and inputs is not None else set()
+    changes = config_changes(before_cfg, now, stage, moved) if isinstance(before_cfg, dict) else []
     changes += input_changes(path / "inputs.json", inputs)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:

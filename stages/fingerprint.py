@@ -94,3 +94,15 @@ def fingerprint_changes(before: dict[str, Any], after: dict[str, dict[str, str]]
         if isinstance(old, dict) and old.get("path") == new["path"] and old.get("sha256") != new["sha256"]:
             changes.append(f"{key} ({new['path']}): contents changed")
     return changes
+
+
+def moved_inputs(before: dict[str, Any], after: dict[str, dict[str, str]]) -> set[str]:
+    """Keys naming an input now at another path with the same fingerprint (a project moved or copied whole):
+    the run reads what it read, so resuming it is exact.
+
+    >>> moved_inputs({"data.train.path": {"path": "/a/x.jsonl", "sha256": "1"}},
+    ...              {"data.train.path": {"path": "/b/x.jsonl", "sha256": "1"}})
+    {'data.train.path'}
+    """
+    return {key for key in before.keys() & after.keys() if isinstance(before[key], dict)
+            and before[key].get("path") != after[key]["path"] and before[key].get("sha256") == after[key]["sha256"]}

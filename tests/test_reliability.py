@@ -701,6 +701,17 @@ def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(
             in str(err.value)), err.value
     changes = prepare_output_dir(out, text, True, False, "sft", world_size=1, allow_changes=True)
     assert changes == [f"data.train.path ({data}): contents changed", f"model.name_or_path ({sft}): contents changed"]
+    # the data file moved (same bytes, another path; a project copied elsewhere): no change. Another file is one
+    prepare_output_dir(out, text, False, True, "sft")  # a fresh run over the new contents
+    save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
+    moved = tmp_path / "elsewhere" / "train.jsonl"
+    moved.parent.mkdir()
+    data.rename(moved)
+    assert prepare_output_dir(out, text.replace(str(data), str(moved)), True, False, "sft", world_size=1) == []
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "x", "response": "y"}\n')
+    with pytest.raises(ConfigError, match=f"data.train.path: '{data}' -> '{other}'"):
+        prepare_output_dir(out, text.replace(str(data), str(other)), True, False, "sft", world_size=1)
 
 
 def test_fingerprints_hash_small_files_whole_and_large_ones_by_size_time_and_edges(tmp_path, monkeypatch):
