@@ -147,6 +147,8 @@ def run_stage(
     def prepare(processes: int) -> None:
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
+    if allow_changes and not resume and not inside_launcher():
+        err.print("[yellow]warning: --allow-config-change has no effect without --resume[/]", highlight=False)
     try:
         cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
         out_dir = Path(cfg.output_dir)

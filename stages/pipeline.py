@@ -78,6 +78,8 @@ def stage_command(run: StageRun, launch: list[str], resume: bool, overwrite: boo
         cmd += ["--set", item]
     if run.preset:
         cmd += ["--preset", run.preset]
+    if not resume:  # it only qualifies a resume
+        launch = [a for a in launch if a != "--allow-config-change"]
     return cmd + launch + (["--resume"] if resume else []) + (["--overwrite"] if overwrite else [])
 
 

@@ -190,6 +190,8 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1}\n')
     res = dry_run()
     assert res.exit_code == 2 and "already holds a run (metrics.jsonl)" in res.stderr, res.output
+    res = dry_run("--allow-config-change", out=tmp_path / "fresh")
+    assert res.exit_code == 0 and "warning: --allow-config-change has no effect without --resume" in res.stderr
     res = dry_run("--resume")
     assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
     assert "resume: no complete checkpoint here; the run would start fresh" in res.stdout, res.output
