@@ -48,6 +48,10 @@ RUN_ARTIFACTS = (
     "final", "final_critic", "best", "metrics.jsonl", "samples.jsonl", "tensorboard", "tokenizer", "data_report.json",
     "resolved_config.yaml", "inputs.json",
 )
+#: what `rlhf eval` (and the pipeline's evaluation) writes beside a stage's final/ by default: stale once final/
+#: is replaced, so a new final/ (and a fresh start) removes it
+EVALUATION_FILES = ("eval.json", "eval.samples.jsonl", "eval.settings.json")
+RUN_ARTIFACTS += EVALUATION_FILES
 
 
 def checkpoint_name(step: int) -> str:
@@ -430,6 +434,9 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp, copy_function=_link_or_copy)
             replace_dir(tmp, final)
+            if name == "final":  # an evaluation of the previous final/ no longer describes this one
+                for stale in EVALUATION_FILES:
+                    (out_dir / stale).unlink(missing_ok=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not publish {final} from {source}: {describe_failure(exc)}. The checkpoint itself is "

@@ -264,9 +264,6 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
         if code != 0:
             raise child_failed(f"stage {run.label} ({run.stage})", code,
                                f"; its output is in {run.out}; run the pipeline again to resume it")
-        if run.stage == "ppo":  # a new policy: its old evaluation is stale (also when eval is off this time)
-            (run.out / "eval.json").unlink(missing_ok=True)
-            (run.out / "eval.settings.json").unlink(missing_ok=True)
     ppo_runs = [r for r in runs if r.stage == "ppo"]
     if cfg.eval.enabled:
         evaluate_runs(cfg, ppo_runs, sft, console)

@@ -766,3 +766,21 @@ def test_signals_are_forwarded_to_the_launchers_workers_not_to_their_own_childre
             proc.kill()
         runner.kill()
         runner.wait()
+
+
+def test_a_new_final_and_a_fresh_start_remove_the_evaluation_of_the_old_policy(tmp_path, process_group):
+    """rlhf eval writes eval.json (+ samples, + the pipeline's settings) beside final/ by default; once final/ is
+    replaced (a resumed, extended run) or the folder starts afresh they describe another policy: removed.
+    A user's own files stay."""
+    from stages.checkpoint import EVALUATION_FILES, clear_run, publish_final, save_checkpoint
+
+    engine, tokenizer = _tiny_engine()
+    out = tmp_path / "out"
+    save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
+    for cleared in (lambda: publish_final(out, 1, process_group), lambda: clear_run(out)):
+        for name in EVALUATION_FILES:
+            (out / name).write_text("{}")
+        (out / "notes.txt").write_text("mine")
+        cleared()
+        assert not [name for name in EVALUATION_FILES if (out / name).exists()] and (out / "notes.txt").exists()
+    assert not (out / "final").exists()  # clear_run removed it too
