@@ -367,7 +367,7 @@ def eval_(
                                                 show_default="the config's, else 0")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
-                        "*.samples.jsonl).", show_default="POLICY/eval.json")] = None,
+                        "*.samples.jsonl); needed when POLICY is no local folder.", show_default="POLICY/eval.json")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Override a data.* or generation.* key of the PPO config schema: key.path=value (YAML value; "
         "repeatable; wins over --config and the options above), e.g. data.on_bad_row=skip, generation.top_p=1.",

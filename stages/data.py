@@ -423,7 +423,8 @@ def bos_head(ids: list[int], bos: list[int]) -> int:
 def truncate_example(ex: TokenizedExample, cut: int, max_length: int, head: int = 0) -> TokenizedExample:
     """Drop `cut` tokens from the left, after the first `head` (the BOS, which models of the Llama family expect
     at position 0), then keep at most `max_length` tokens from the left. The first token keeps no label
-    (nothing before it predicts it), also when the cut makes an earlier turn's trained token the first."""
+    (nothing before it predicts it), also when the cut makes an earlier turn's trained token the first; after
+    a kept BOS, the token the BOS predicts keeps its label."""
     ids, labels = ex.input_ids, ex.labels
     if cut:
         ids, labels = ids[:head] + ids[head + cut:], labels[:head] + labels[head + cut:]

@@ -192,7 +192,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, "POLICY")
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
-    ending = reward_ending(tok, stop_ids, styles)
+    ending = reward_ending(tok, stop_ids, styles, warn)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline

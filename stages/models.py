@@ -76,6 +76,13 @@ def resolve_model_dir(name_or_path: str) -> str:
     return str(p) if name_or_path.startswith("~") else name_or_path
 
 
+def attention_error(cfg: ModelConfig, exc: Exception) -> ConfigError:
+    """A model build that failed on its attention implementation (flash-attn not installed, not supported by
+    the architecture): a config error naming the setting."""
+    return ConfigError(f"attn_implementation {cfg.attn_implementation!r} cannot be used here (set the model's "
+                       f"attn_implementation to sdpa or eager): {type(exc).__name__}: {exc}")
+
+
 def not_local_hint(source: str) -> str:
     """What to add to a failed load of `source` that is no local path: it was taken for a hub id ("" when the
     path exists).
@@ -208,11 +215,12 @@ def build_model(
             try:
                 model = auto_cls.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
             except (ValueError, ImportError) as exc:  # the attention implementation is the only user input left
-                raise ConfigError(f"attn_implementation {cfg.attn_implementation!r} cannot be used here (set the "
-                                  f"model's attn_implementation to sdpa or eager): {type(exc).__name__}: {exc}") from None
+                raise attention_error(cfg, exc) from None
         else:
             source = resolve_model_dir(cfg.name_or_path or "")
-            check_architecture(source, head, trained_head)
+            # a trained head is always PPO's reward model (or the critic made from it)
+            check_architecture(source, head, trained_head, "reward_model.name_or_path" if trained_head else
+                               "model.name_or_path")
             try:
                 model = auto_cls.from_pretrained(
                     source,
@@ -222,6 +230,8 @@ def build_model(
                     **head_args,
                 )
             except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
+                if cfg.attn_implementation not in ("sdpa", "eager") and any(w in str(exc).lower() for w in ("attn", "attention")):
+                    raise attention_error(cfg, exc) from None
                 raise CheckpointError(f"cannot load model from {source}{not_local_hint(source)}: "
                                       f"{type(exc).__name__}: {exc}") from None
             model.config.pad_token_id = tokenizer.pad_token_id

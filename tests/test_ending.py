@@ -52,9 +52,28 @@ def test_each_stop_token_is_followed_by_what_the_template_writes_after_it(base_t
     assert reward_ending(_with(base_tok, CHATML), [eos, eot], {"chat"}).after == {eot: (eos,), eos: ()}
     # prompts in plain text: the RM data was plain text too (EOS after the response), whatever the template
     assert reward_ending(_with(base_tok, GEMMA), [eos, eot], {"raw_hh"}).after == {eot: (eos,), eos: ()}
-    # a template that cannot render a plain user/assistant turn: plain text
+    # a template that requires a system turn first is rendered with one; one that renders nothing: plain text,
+    # with a warning
+    system_first = _with(base_tok, "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}"
+                                   "{% endif %}" + GEMMA)
+    assert reward_ending(system_first, [eos, eot], {"chat"}).after == {eot: (*newline, eos), eos: ()}
     broken = _with(base_tok, "{{ raise_exception('roles must alternate') }}")
-    assert reward_ending(broken, [eos, eot], {"chat"}).after == {eot: (eos,), eos: ()}
+    warned: list[str] = []
+    assert reward_ending(broken, [eos, eot], {"chat"}, warned.append).after == {eot: (eos,), eos: ()}
+    assert warned == ["warning: the chat template renders no plain conversation; the reward model reads a response "
+                      "with EOS appended after its stop token, as for plain text"]
+
+
+def test_template_text_before_the_reply_is_not_taken_for_the_tail(base_tok):
+    """Qwen3's template writes an empty think block before the final reply ("<think>\\n\\n</think>\\n\\n"
+    here with <end_of_turn> standing for </think>); a stop id found there (a newline, or </think>) must not
+    read the reply text itself as what follows it: only what follows the reply is the tail."""
+    eos, eot = base_tok.eos_token_id, base_tok.convert_tokens_to_ids(EOT)
+    newline = base_tok("\n", add_special_tokens=False)["input_ids"][0]
+    qwen3 = CHATML.replace("{{ m['content'] }}", "{% if m['role'] == 'assistant' %}" + EOT + "\n\n{% endif %}"
+                           "{{ m['content'] }}")
+    ending = reward_ending(_with(base_tok, qwen3), [eos, eot, newline], {"chat"})
+    assert ending.after == {eos: (), eot: (eos,), newline: (eos,)} and ending.width == 1
 
 
 def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
@@ -83,7 +102,8 @@ def test_a_response_stopped_at_the_end_of_turn_scores_as_its_rm_training_row(bas
     start = next(i for i, label in enumerate(row.labels) if label != IGNORE)
     stop = row.input_ids.index(eot, start)
     assert len(row.input_ids) == stop + 3  # <end_of_turn> "\n" <eos>
-    prompts = [row.input_ids[:start], row.input_ids[:start][2:]]  # a shorter prompt: the first row is left-padded
+    prompt = row.input_ids[:start]
+    prompts = [prompt, prompt[:2] + prompt]  # a longer second prompt: the first row (compared) is left-padded
     p_ids, p_mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
     response = row.input_ids[start:stop + 1]
     resp = torch.tensor([response + [tok.pad_token_id] * 2] * 2)  # right padding as in a rollout batch

@@ -136,9 +136,10 @@ def test_weight_decay_only_on_matrices(tok):
     assert len(groups[1]["params"]) == 5  # 2 layers x 2 norms + final norm
 
 
-def test_an_attention_implementation_that_cannot_run_here_is_a_config_error_naming_it(tok):
+def test_an_attention_implementation_that_cannot_run_here_is_a_config_error_naming_it(tok, tmp_path):
     """flash_attention_2 is a valid name (the config accepts it) but needs the flash-attn package: building a
-    from_config model with it is a ConfigError naming attn_implementation, not transformers' traceback."""
+    model with it (from_config or a saved checkpoint) is a ConfigError naming attn_implementation, not
+    transformers' traceback or a checkpoint error."""
     from transformers.utils import is_flash_attn_2_available
 
     from stages.errors import ConfigError
@@ -147,5 +148,11 @@ def test_an_attention_implementation_that_cannot_run_here_is_a_config_error_nami
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ConfigError, match="attn_implementation 'flash_attention_2' cannot be used here .* ImportError"):
         _model(tok, attn_implementation="flash_attention_2")
+    saved = tmp_path / "m"
+    _model(tok).save_pretrained(saved)
+    tok.save_pretrained(saved)
+    with pytest.raises(ConfigError, match="attn_implementation 'flash_attention_2' cannot be used here"):
+        build_causal_lm(ModelConfig(name_or_path=str(saved), attn_implementation="flash_attention_2"), tok,
+                        precision="fp32", ds_config={}, seed=7)
     with pytest.raises(ValueError, match="attn_implementation"):
         ModelConfig(from_config=ARCH, attn_implementation="sdpaa")

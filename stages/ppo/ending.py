@@ -11,15 +11,16 @@ whose end-of-turn token is not EOS that is more than one token after the respons
 
 PPO's sampling stops at the first stop token (the tokenizer's EOS, the generation config's EOS ids,
 generation.stop_token_ids), so a response ends `answer<end_of_turn>`; scoring it there reads the RM at a
-position its training never scored. `reward_ending` renders a dummy turn once per run the way the RM data
-does and records, for each stop token in that tail, the tokens after it; `ending_columns` appends a row's
-tokens after its response (after the right padding, masked gap: positions count real tokens only).
+position its training never scored. `reward_ending` renders two dummy replies once per run the way the RM
+data does, takes what both end with (the template's tail) and records, for each stop token in it, the tokens
+after it; `ending_columns` appends a row's tokens after its response (after the right padding, a masked gap:
+positions count real tokens only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -27,8 +28,10 @@ from stages.data import Conversation, bos_ids, encode_segments, render_segments
 from stages.pairs import end_at_last_eos
 from stages.rendering import CHAT, RAW_PR
 
-#: the dummy turn rendered to find the template's tail (any short text does: only what follows it is used)
-_DUMMY = (("user", "Hi"), ("assistant", "Hello"))
+#: two dummy replies rendered to find the template's tail: what their renders end with alike is the template's
+_REPLIES = ("Hello", "Goodbye")
+#: the turns tried before them: a plain user turn, then with a system turn (templates that require one)
+_CONTEXTS = ((("user", "Hi"),), (("system", "Be brief."), ("user", "Hi")))
 
 
 @dataclass(frozen=True)
@@ -62,24 +65,45 @@ class RewardEnding:
         return self._tensors[device]
 
 
-def template_tail(tokenizer: Any, chat: bool) -> list[int]:
-    """The token ids of a dummy final assistant turn as the RM's training data (add_eos) renders it: its text,
-    then through the chat template what ends the turn (Gemma: "Hello" <end_of_turn> "\\n" <eos>); plain text:
-    "Hello" EOS. A template that cannot render the dummy gives the plain-text ids. Stop tokens are special
-    tokens, so none is inside the text: what follows a stop token's last occurrence is the template's."""
-    style = CHAT if chat and getattr(tokenizer, "chat_template", None) else RAW_PR
-    messages = _DUMMY if style == CHAT else (("prompt", _DUMMY[0][1]), ("response", _DUMMY[1][1]))
-    try:
-        segments = render_segments(Conversation(messages, style), tokenizer, "last_turn")
-    except Exception:  # noqa: BLE001 - a template's own error (jinja, raise_exception): plain text instead
-        if style == RAW_PR:
-            raise
-        return template_tail(tokenizer, chat=False)
+def _reply_ids(tokenizer: Any, style: str, context: tuple[tuple[str, str], ...], reply: str) -> list[int]:
+    """The ids of a final assistant turn `reply` after `context`, as the RM's training data (add_eos) renders
+    it: the reply part of `encode_segments`, cut after its last EOS (`end_at_last_eos`)."""
+    messages = (*context, ("assistant", reply)) if style == CHAT else (("prompt", context[-1][1]), ("response", reply))
+    segments = render_segments(Conversation(messages, style), tokenizer, "last_turn")
     ex, prompt_len = encode_segments(segments, tokenizer, True, bos_ids(tokenizer))
     return end_at_last_eos(ex, tokenizer.eos_token_id, prompt_len).input_ids[prompt_len:]
 
 
-def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]) -> RewardEnding:
+def _common_suffix(a: list[int], b: list[int]) -> list[int]:
+    """>>> _common_suffix([5, 1, 9, 2], [7, 9, 2])
+    [9, 2]
+    """
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def template_tail(tokenizer: Any, chat: bool, warn: Callable[[str], None] | None = None) -> list[int]:
+    """The ids the RM's training data (add_eos) puts after a final assistant turn's text: what the renders of
+    two different replies end with alike (Gemma: <end_of_turn> "\\n" <eos>; plain text: EOS). Only what follows
+    the text counts: a template's text before the reply (Qwen3's empty think block) is not the tail. A chat
+    template that renders neither a user/assistant nor a system/user/assistant conversation gives the plain-text
+    tail (with a warning through `warn`)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        for context in _CONTEXTS:
+            try:
+                return _common_suffix(*(_reply_ids(tokenizer, CHAT, context, r) for r in _REPLIES))
+            except Exception:  # noqa: BLE001 - a template's own error (jinja, raise_exception): the next try
+                continue
+        if warn is not None:
+            warn("warning: the chat template renders no plain conversation; the reward model reads a response "
+                 "with EOS appended after its stop token, as for plain text")
+    return _common_suffix(*(_reply_ids(tokenizer, RAW_PR, _CONTEXTS[0], r) for r in _REPLIES))
+
+
+def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str],
+                  warn: Callable[[str], None] | None = None) -> RewardEnding:
     """Per stop token, what the RM's training data has after it: the template tail after the token's last
     occurrence in it (prompts rendered with the chat template: `styles` has "chat"); else EOS, and nothing
     after EOS itself.
@@ -92,7 +116,7 @@ def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]
     (True, 1)
     """
     eos = tokenizer.eos_token_id
-    tail = template_tail(tokenizer, CHAT in set(styles))
+    tail = template_tail(tokenizer, CHAT in set(styles), warn)
     after = {}
     for stop in {eos, *stop_ids}:
         at = max((i for i, t in enumerate(tail) if t == stop), default=None)

@@ -488,7 +488,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     policy, critic = models["policy"], models["critic"]
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
-    ending = reward_ending(tokenizer, stop_ids, data["styles"])
+    ending = reward_ending(tokenizer, stop_ids, data["styles"], lambda text: say(dist.is_main, f"[yellow]{text}[/]"))
     if (line := describe_ending(ending, tokenizer)) is not None:
         say(dist.is_main, line)
     prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
