@@ -75,7 +75,9 @@ def _reply_ids(tokenizer: Any, style: str, context: tuple[tuple[str, str], ...],
 
 
 def _common_suffix(a: list[int], b: list[int]) -> list[int]:
-    """>>> _common_suffix([5, 1, 9, 2], [7, 9, 2])
+    """The longest run of ids both lists end with.
+
+    >>> _common_suffix([5, 1, 9, 2], [7, 9, 2])
     [9, 2]
     """
     n = 0
