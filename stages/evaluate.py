@@ -83,13 +83,11 @@ def _tokenizer(path: str, what: str) -> Any:
                               f"{type(exc).__name__}: {exc}") from None
 
 
-def _load_lm(path: str, dtype: torch.dtype, device: torch.device, what: str) -> torch.nn.Module:
+def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        folder = resolve_model_dir(path)
-        check_architecture(folder, "causal_lm", False, what)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype)  # kind checked by evaluate
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
@@ -190,20 +188,20 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
-    policy = _load_lm(s.policy, dtype, device, "POLICY")
+    policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     ending = reward_ending(tok, stop_ids, styles, warn)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline
-    reference = _load_lm(ref_path, dtype, device, "--reference" if s.reference else "--baseline") if ref_path else None
+    reference = _load_lm(ref_path, dtype, device) if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)
     if ref_path:
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
-        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device, "--baseline")
+        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device)
         theirs = generate(base, prompts, s, tok, reward, stop_ids, ending, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
         results["win_rate_rm"] = win_rate(mine.reward, theirs.reward)

@@ -230,7 +230,8 @@ def build_model(
                     **head_args,
                 )
             except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
-                if cfg.attn_implementation not in ("sdpa", "eager") and any(w in str(exc).lower() for w in ("attn", "attention")):
+                about_attention = any(w in str(exc).lower() for w in ("attn", "attention"))
+                if cfg.attn_implementation not in ("sdpa", "eager") and about_attention:
                     raise attention_error(cfg, exc) from None
                 raise CheckpointError(f"cannot load model from {source}{not_local_hint(source)}: "
                                       f"{type(exc).__name__}: {exc}") from None
