@@ -69,7 +69,10 @@ class ModelConfig(Section):
     @classmethod
     def _known_attention(cls, value: str) -> str:
         """eager, sdpa or an attention function transformers registers (flash_attention_2, flex_attention, ...);
-        a hub kernel ("org/repo") or a paged variant ("paged|...") is left to transformers."""
+        a hub kernel ("org/repo") or a paged variant ("paged|...") is left to transformers. eager and sdpa are
+        accepted without importing transformers' model code (seconds a dry run or --help need not spend)."""
+        if value in ("eager", "sdpa"):
+            return value
         try:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         except ImportError:  # a transformers without the registry: leave the value to it
