@@ -98,6 +98,9 @@ def _read_with_datasets(source_name: str, what: str, **load_args: Any) -> Iterat
     """Rows of anything `datasets.load_dataset(**load_args)` reads (parquet files, hub datasets)."""
     import datasets
 
+    from stages.distributed import quiet_datasets
+
+    quiet_datasets()
     try:
         ds = datasets.load_dataset(**load_args)
     except Exception as exc:  # datasets / pyarrow / the hub client raise many types
