@@ -59,9 +59,20 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         apply_override(sections[parts[0]], parts[1:], value)
     checked = _validated(data_fields, gen_fields)
     data, generation = checked.data, checked.generation
-    return EvalSettings(policy=str(policy), reward_model=str(reward_model), data=data, generation=generation,
-                        baseline=baseline, reference=reference, num_prompts=num_prompts, batch_size=batch_size,
+    return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
+                        generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
+                        num_prompts=num_prompts, batch_size=batch_size,
                         seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype)
+
+
+def _absolute(model: str | None) -> str | None:
+    """A local model folder as an absolute path (what eval.json records, whatever the working directory), a hub
+    id or None as given.
+
+    >>> _absolute("/no/such/folder"), _absolute(None), _absolute(".") == str(Path.cwd())
+    ('/no/such/folder', None, True)
+    """
+    return str(Path(model).resolve()) if model is not None and Path(model).exists() else model
 
 
 class _EvalSections(BaseModel):

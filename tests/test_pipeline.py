@@ -474,12 +474,13 @@ def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_ru
 def test_eval_and_report_commands(pipeline_run, tmp_path):
     root = pipeline_run[0].parent / "runs"
     out = tmp_path / "ev.json"
-    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
-                  str(TINY / "data" / "eval_prompts.jsonl"), "--gold", "toy", "--num-prompts", "8",
-                  "--max-new-tokens", "8", "--out", str(out))
+    # models named relative to the working directory: eval.json records them absolute
+    res = run_cli("eval", "ppo-max", "--reward-model", "rm", "--prompts", str(TINY / "data" / "eval_prompts.jsonl"),
+                  "--gold", "toy", "--num-prompts", "8", "--max-new-tokens", "8", "--out", str(out), cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Loading weights" not in res.stdout + res.stderr  # no library progress bars in our output
     ev = json.loads(out.read_text())
+    assert (ev["policy"], ev["reward_model"]) == (str(root / "ppo-max"), str(root / "rm"))
     assert ev["prompts"] == 8 and "baseline_metrics" not in ev and "kl" not in ev["policy_metrics"]
     assert 0.0 <= ev["policy_metrics"]["gold"] <= 1.0 and ev["policy_metrics"]["length"] <= 8
     res = run_cli("eval", str(root / "ppo-max"), "--num-prompts", "8")
