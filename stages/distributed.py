@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,10 +45,9 @@ def setup_distributed() -> DistInfo:
     if "WORLD_SIZE" not in os.environ:  # a single process, not started by a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(verbose=False)
+    init_process_group()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
     if accel.device_name() != "cpu":
@@ -59,6 +59,27 @@ def setup_distributed() -> DistInfo:
 
     _INFO = DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
     return _INFO
+
+
+#: what DeepSpeed prints on every rank of every run that loads its CPU shared-memory all-reduce op
+BUILT_LINE = re.compile(r"DeepSpeed \S+ built successfully\n")
+
+
+def init_process_group() -> None:
+    """deepspeed.init_distributed without the "DeepSpeed ...shm_comm_op built successfully" line it prints on
+    every rank of every CPU run (the op is built once, then loaded from the cache); anything else it prints
+    passes through, also when it raises."""
+    import contextlib
+    import io
+
+    import deepspeed
+
+    caught = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(caught):
+            deepspeed.init_distributed(verbose=False)
+    finally:
+        sys.stdout.write(BUILT_LINE.sub("", caught.getvalue()))
 
 
 def quiet_libraries() -> None:

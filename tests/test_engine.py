@@ -115,3 +115,26 @@ def test_raw_deepspeed_json_may_tune_what_the_yaml_chose():
     assert cfg["fp16"]["enabled"] is False and cfg["bf16"]["enabled"] == "true"
     half = DeepSpeedConfig(precision="fp16", config={"data_types": {"grad_accum_dtype": "half"}})
     assert build_deepspeed_config(TrainConfig(), half, 1, False)["data_types"] == {"grad_accum_dtype": "half"}
+
+
+def test_init_process_group_drops_only_deepspeeds_built_successfully_line(monkeypatch, capsys):
+    """DeepSpeed prints "... built successfully" on every rank of every CPU run; other output passes, also when
+    init_distributed raises."""
+    import deepspeed
+
+    from stages.distributed import init_process_group
+
+    def fake_init(verbose: bool) -> None:
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("a warning worth reading")
+        if fail:
+            raise RuntimeError("rendezvous failed")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
+    fail = False
+    init_process_group()
+    assert capsys.readouterr().out == "a warning worth reading\n"
+    fail = True
+    with pytest.raises(RuntimeError, match="rendezvous failed"):
+        init_process_group()
+    assert capsys.readouterr().out == "a warning worth reading\n"
