@@ -60,10 +60,12 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
 
     from stages.bench import device_info
     from stages.data import BadRowLog
+    from stages.distributed import quiet_libraries
     from stages.engine import model_dtype
     from stages.models import load_tokenizer
     from stages.ppo.prompts import load_prompts
 
+    quiet_libraries()  # no weight-loading progress bars of transformers and datasets in the comparison's output
     w = cfg.workload
     dtype, mixed = PRECISIONS[precision]
     dtype = dtype or model_dtype(ppo_cfg.model.dtype, ppo_cfg.deepspeed.precision)

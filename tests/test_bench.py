@@ -159,6 +159,7 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
     r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", "--precision", "bf16-mixed",
               cwd=bench_dir)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Loading weights" not in r.stdout + r.stderr  # no library progress bars in the comparison
     t = json.loads((bench_dir / "out/bench-trl.json").read_text())
     assert t["benchmark"] == "trl-ppo" and t["trl"] == "0.23.1" and t["workload"] == "tiny" and t["device"] == "cpu"
     # fp32 weights, bf16 autocast reaching TRL's own Accelerator
