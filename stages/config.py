@@ -472,7 +472,10 @@ class MonitorConfig(Section):
     action: Literal["warn", "stop"] = "warn"
     max_cap_share: float = Field(0.5, ge=0, description="share of responses hitting max_new_tokens")
     max_length_ratio: float = Field(2.0, ge=0, description="mean response length / its first-iteration value")
-    max_kl: float = Field(0.1, ge=0, description="mean per-token KL (k1) to the reference")
+    max_kl: float = Field(0.1, ge=0, description="mean per-token KL (monitor.kl_estimator) to the reference")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="the KL check's estimator: k1 (log p - log p_ref), or k3 (never negative; k1 can read "
+                          "negative when responses are sampled away from the log-probs' distribution)")
     max_repetition: float = Field(0.5, ge=0, description="share of repeated n-grams in a response")
     ngram: int = Field(3, ge=1, description="n of the repetition rate")
 

@@ -967,13 +967,13 @@ def test_value_model_reads_the_score_head_at_every_position(kind):
 
 # ============================================================================================ monitor
 QUIET = {"rollout/cap_share": 0.2, "rollout/response_length": 10.0, "objective/kl_per_token": 0.05,
-         "rollout/repetition": 0.1}
+         "objective/kl_k3_per_token": 0.04, "rollout/repetition": 0.1}
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("rollout/cap_share", 0.75, "75% of responses hit max_new_tokens (> 50%)"),
     ("rollout/response_length", 17.0, "mean length 17.0 > 2 x its start 8.0"),
-    ("objective/kl_per_token", 0.2, "KL to the reference 0.2000/token > 0.1"),
+    ("objective/kl_per_token", 0.2, "KL to the reference 0.2000/token (k1) > 0.1"),
     ("rollout/repetition", 0.6, "3-gram repetition 0.60 > 0.5"),
 ])
 def test_collapse_monitor_each_check_alone_and_0_disables_it(key, value, message):
@@ -995,6 +995,15 @@ def test_collapse_monitor_thresholds_are_strict_and_all_fire_together():
              "rollout/repetition": 0.9}
     reasons = collapse_reasons(every, 8.0, cfg)
     assert len(reasons) == 4 and reasons[3] == "2-gram repetition 0.90 > 0.5"
+
+
+def test_collapse_monitor_reads_the_kl_of_its_estimator():
+    """k1 can read negative (sampling at a temperature or top-p, log-probs at 1): monitor.kl_estimator k3 checks
+    the never-negative estimate instead."""
+    drifted = {**QUIET, "objective/kl_per_token": -0.01, "objective/kl_k3_per_token": 0.15}
+    assert collapse_reasons(drifted, 8.0, MonitorConfig()) == []
+    assert collapse_reasons(drifted, 8.0, MonitorConfig(kl_estimator="k3")) == [
+        "KL to the reference 0.1500/token (k3) > 0.1"]
 
 
 # ============================================================================================ presets
