@@ -40,7 +40,7 @@ from stages.ppo.ending import RewardEnding, reward_ending
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
-from stages.rendering import check_rendering
+from stages.rendering import check_rendering, trained_with_eos
 
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
@@ -190,7 +190,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
-    ending = reward_ending(tok, stop_ids, styles, warn)
+    ending = reward_ending(tok, stop_ids, styles, warn, trained_with_eos(rm_dir))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline

@@ -46,10 +46,12 @@ def template_digest(tokenizer: Any) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def rendering_record(styles: Iterable[str], tokenizer: Any) -> dict[str, Any]:
-    """{"styles": sorted styles used, "chat_template_sha256": digest when chat was used, else None}."""
+def rendering_record(styles: Iterable[str], tokenizer: Any, add_eos: bool | None = None) -> dict[str, Any]:
+    """{"styles": sorted styles used, "chat_template_sha256": digest when chat was used, else None}, and
+    "add_eos" (data.add_eos: did each training row end with EOS) when given."""
     used = sorted(set(styles))
-    return {"styles": used, "chat_template_sha256": template_digest(tokenizer) if CHAT in used else None}
+    record = {"styles": used, "chat_template_sha256": template_digest(tokenizer) if CHAT in used else None}
+    return record | ({"add_eos": add_eos} if add_eos is not None else {})
 
 
 def read_rendering(model_dir: str) -> dict[str, Any] | None:
@@ -65,6 +67,13 @@ def read_rendering(model_dir: str) -> dict[str, Any] | None:
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     record = meta.get("rendering") if isinstance(meta, dict) else None
     return record if isinstance(record, dict) and isinstance(record.get("styles"), list) else None
+
+
+def trained_with_eos(model_dir: str) -> bool:
+    """Whether the model's training rows ended with EOS (its record's "add_eos"); True for a model without a
+    record or one from before the record kept it (data.add_eos defaults to true)."""
+    record = read_rendering(model_dir)
+    return record.get("add_eos") is not False if record is not None else True
 
 
 def _styles(styles: Iterable[str]) -> str:

@@ -230,7 +230,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
     run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs",
-                         rendering=rendering_record(reports["train"].styles, tokenizer))
+                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -137,7 +137,7 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         return build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
 
     run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
-                         rendering=rendering_record(reports["train"].styles, tokenizer))
+                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

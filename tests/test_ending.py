@@ -64,6 +64,19 @@ def test_each_stop_token_is_followed_by_what_the_template_writes_after_it(base_t
                       "with EOS appended after its stop token, as for plain text"]
 
 
+def test_an_rm_trained_without_eos_reads_each_stop_token_as_the_template_writes_it(base_tok):
+    """data.add_eos: false: the RM's rows end as the template renders them, so a stop token the template writes
+    keeps what follows it there, and one it never writes is dropped and replaced by the whole tail."""
+    eos, eot = base_tok.eos_token_id, base_tok.convert_tokens_to_ids(EOT)
+    newline = base_tok("\n", add_special_tokens=False)["input_ids"][0]
+    gemma = reward_ending(_with(base_tok, GEMMA), [eos, eot], {"chat"}, add_eos=False)
+    assert gemma.after == {eot: (newline,), eos: (eot, newline)} and gemma.drop == {eos} and not gemma.add_eos
+    chatml = reward_ending(_with(base_tok, CHATML), [eos, eot], {"chat"}, add_eos=False)
+    assert chatml.after == {eos: (newline,), eot: (eos, newline)} and chatml.drop == {eot}
+    plain = reward_ending(_with(base_tok, GEMMA), [eos, eot], {"raw_pr"}, add_eos=False)
+    assert plain.after == {eos: (), eot: ()} and plain.drop == {eos, eot} and plain.width == 1
+
+
 def test_template_text_before_the_reply_is_not_taken_for_the_tail(base_tok):
     """Qwen3's template writes an empty think block before the final reply ("<think>\\n\\n</think>\\n\\n"
     here with <end_of_turn> standing for </think>); a stop id found there (a newline, or </think>) must not
@@ -82,40 +95,56 @@ def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
     last = torch.tensor([2, 5, 7, 8])
     truncated = torch.tensor([False, False, True, False])
     for eos_on_truncation, cut in ((True, [2, 0]), (False, [0, 0])):
-        ids, mask = ending_columns(last, truncated, ending, eos_on_truncation)
+        ids, mask, drop = ending_columns(last, truncated, ending, eos_on_truncation)
         assert ids.tolist() == [[0, 0], [9, 2], cut, [2, 0]]
         assert mask.tolist() == [[0, 0], [1, 1], [int(eos_on_truncation), 0], [1, 0]]
+        assert drop.tolist() == [False] * 4
+    # an RM trained without EOS: EOS (dropped) is replaced by the tail (9), the end of turn (5) keeps its own;
+    # truncated rows and rows on no stop token get nothing, whatever eos_on_truncation says
+    no_eos = RewardEnding(2, {2: (5, 9), 5: (9,)}, frozenset({2}), add_eos=False)
+    ids, mask, drop = ending_columns(last, truncated, no_eos, True)
+    assert ids.tolist() == [[5, 9], [9, 0], [0, 0], [0, 0]] and mask.tolist() == [[1, 1], [1, 0], [0, 0], [0, 0]]
+    assert drop.tolist() == [True, False, False, False]
     # the tensors are made once per device and kept
     assert ending.tensors(torch.device("cpu"))[0] is ending.tensors(torch.device("cpu"))[0]
     assert RewardEnding.plain(2).after == {2: ()} and RewardEnding.plain(2).width == 1
 
 
-def test_a_response_stopped_at_the_end_of_turn_scores_as_its_rm_training_row(base_tok):
-    """PPO samples `answer<end_of_turn>` and stops; the RM trained on `answer<end_of_turn>\\n<eos>` (Gemma's
-    template, add_eos). With the template's ending the PPO score of the stopped response (right-padded, the
-    tail after a masked gap) equals the RM's score of its training row; EOS alone (what PPO appended before)
-    reads another position."""
-    tok = _with(base_tok, GEMMA)
-    eot = tok.convert_tokens_to_ids(EOT)
-    pair = PreferencePair((("user", "the answer to 3"),), (("assistant", "is 4"),), (("assistant", "is 5"),), "chat")
-    row, _ = tokenize_pair(pair, tok, RMDataConfig(train="x.jsonl"), [])
+@pytest.mark.parametrize("template, style, add_eos, stop", [
+    (GEMMA, "chat", True, EOT),          # answer<end_of_turn>  ->  answer<end_of_turn> "\\n" <eos>
+    (GEMMA, "chat", False, EOT),         # answer<end_of_turn>  ->  answer<end_of_turn> "\\n"
+    (GEMMA, "chat", False, "eos"),       # answer<eos>          ->  answer [eos masked] <end_of_turn> "\\n"
+    (CHATML, "chat", False, "eos"),      # answer<eos>          ->  answer<eos> "\\n"
+    (None, "raw_pr", False, "eos"),      # answer<eos>          ->  answer [eos masked]
+], ids=["gemma-eot", "gemma-no-eos-eot", "gemma-no-eos-eos", "chatml-no-eos", "plain-no-eos"])
+def test_a_stopped_response_scores_as_its_rm_training_row(base_tok, template, style, add_eos, stop):
+    """PPO samples `answer<stop>` and stops; the RM trained on the row its data (data.add_eos, the template)
+    renders for the same answer. With the template's ending the PPO score of the stopped response (right-padded,
+    the tail after a masked gap, the prompt left-padded) equals the RM's score of that training row; EOS alone
+    (what PPO appended before) reads another position."""
+    tok = _with(base_tok, template)
+    eos = tok.eos_token_id
+    stop_id = eos if stop == "eos" else tok.convert_tokens_to_ids(stop)
+    roles = ("user", "assistant") if style == "chat" else ("prompt", "response")
+    pair = PreferencePair(((roles[0], "the answer to 3"),), ((roles[1], "is 4"),), ((roles[1], "is 5"),), style)
+    row, _ = tokenize_pair(pair, tok, RMDataConfig(train="x.jsonl", add_eos=add_eos), [])
     start = next(i for i, label in enumerate(row.labels) if label != IGNORE)
-    stop = row.input_ids.index(eot, start)
-    assert len(row.input_ids) == stop + 3  # <end_of_turn> "\n" <eos>
-    prompt = row.input_ids[:start]
+    text = tok("is 4", add_special_tokens=False)["input_ids"]
+    assert row.input_ids[start:start + len(text)] == text
+    prompt, response = row.input_ids[:start], text + [stop_id]
     prompts = [prompt, prompt[:2] + prompt]  # a longer second prompt: the first row (compared) is left-padded
     p_ids, p_mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
-    response = row.input_ids[start:stop + 1]
     resp = torch.tensor([response + [tok.pad_token_id] * 2] * 2)  # right padding as in a rollout batch
     resp_mask = torch.tensor([[1] * len(response) + [0, 0]] * 2)
     ids, mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, resp_mask], 1)
     torch.manual_seed(0)
     rm = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=False, resize=True).eval()
     gen, truncated = GenerationConfig(), torch.tensor([False, False])
+    ending = reward_ending(tok, [eos, tok.convert_tokens_to_ids(EOT)], {style}, add_eos=add_eos)
     with torch.no_grad():
         trained = rm(torch.tensor([row.input_ids]), torch.ones(1, len(row.input_ids), dtype=torch.long))[0].item()
-        scored = raw_scores(gen, rm, ids, mask, truncated, reward_ending(tok, [tok.eos_token_id, eot], {"chat"}))
-        eos_only = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(tok.eos_token_id))
+        scored = raw_scores(gen, rm, ids, mask, truncated, ending)
+        eos_only = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(eos))
     assert scored[0].item() == pytest.approx(trained, abs=1e-5)
     assert eos_only[0].item() != pytest.approx(trained, abs=1e-3)
 
@@ -129,3 +158,9 @@ def test_the_run_names_the_stop_tokens_scored_with_more_than_eos(base_tok):
         "the reward model reads a response that stopped at '<end_of_turn>' after '\\n' '<|endoftext|>' "
         "(as its training data ends a turn)")
     assert describe_ending(reward_ending(_with(base_tok, LLAMA3), [eos, eot], {"chat"}), base_tok) is None
+    assert describe_ending(reward_ending(gemma, [eos, eot], {"chat"}, add_eos=False), gemma) == (
+        "the reward model reads a response that stopped at '<|endoftext|>' without it, followed by '<end_of_turn>' "
+        "'\\n'; at '<end_of_turn>' after '\\n' (as its training data ends a turn, without EOS)")
+    assert describe_ending(reward_ending(gemma, [eos], {"raw_pr"}, add_eos=False), gemma) == (
+        "the reward model reads a response that stopped at '<|endoftext|>' without it (as its training data ends a "
+        "turn, without EOS)")

@@ -185,6 +185,30 @@ def test_monitor_warns_and_vetoes_best_then_stop_saves_and_exits(tmp_path, stage
     assert (out / "checkpoint-00000001" / "COMPLETE").is_file() and not (out / "final").exists()
 
 
+def test_an_rm_trained_without_eos_reads_plain_responses_without_their_eos(tmp_path, stages_dir):
+    """An RM whose record says data.add_eos: false (its rows were plain text without EOS): PPO reads the record,
+    says that it scores a response that stopped at EOS without it, and runs (the scoring itself is checked
+    against the RM's training rows in tests/test_ending.py)."""
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(stages_dir / "rm" / "final", rm)
+    meta = json.loads((rm / "rlhf_checkpoint.json").read_text())
+    assert meta["rendering"]["add_eos"] is True
+    meta["rendering"] = {"styles": ["raw_pr"], "chat_template_sha256": None, "add_eos": False}
+    (rm / "rlhf_checkpoint.json").write_text(json.dumps(meta))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"repeat sun {n} times"}) + "\n" for n in (2, 3, 4, 5) * 4))
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=1, sample_every=0, eval_every=0, save_every=0)
+    cfg["reward_model"]["name_or_path"] = str(rm)
+    cfg["data"].update({"train": str(plain), "format": "prompt", "eval_fraction": 0, "rendering_check": "off"})
+    cfg["data"].pop("gold_reward", None)
+    out, res = _ppo(tmp_path, cfg)
+    assert ("the reward model reads a response that stopped at '<|endoftext|>' without it (as its training data "
+            "ends a turn, without EOS)") in res.stdout
+    assert all(math.isfinite(r["objective/scores"]) for r in _iterations(out))
+
+
 def test_critic_init_reward_model_values_a_sequence_as_the_reward_model_scores_it(tmp_path, stages_dir):
     """critic_init: reward_model (the PPO-max default) starts the critic as the RM itself: its value at a
     sequence's last token is the RM's reward for the sequence (and not a zero head: critic_init policy)."""

@@ -1315,7 +1315,7 @@ def test_rendering_check_modes(tmp_path, mode, monkeypatch):
 
 
 def test_rendering_records_template_digest_and_unreadable_record(tmp_path):
-    from stages.rendering import read_rendering, rendering_record, template_digest
+    from stages.rendering import read_rendering, rendering_record, template_digest, trained_with_eos
 
     lone = SimpleNamespace(chat_template={"default": "{{ x }}"})
     assert template_digest(lone) == template_digest(SimpleNamespace(chat_template="{{ x }}")) is not None
@@ -1323,9 +1323,17 @@ def test_rendering_records_template_digest_and_unreadable_record(tmp_path):
     assert template_digest(named) not in (None, template_digest(lone))
     assert template_digest(SimpleNamespace(chat_template=None)) is None
     assert rendering_record(["raw_hh", "raw_hh"], lone) == {"styles": ["raw_hh"], "chat_template_sha256": None}
+    assert rendering_record(["raw_hh"], lone, False) == {"styles": ["raw_hh"], "chat_template_sha256": None,
+                                                         "add_eos": False}
     assert read_rendering(str(tmp_path)) is None  # no rlhf_checkpoint.json: a model no stage wrote
+    assert trained_with_eos(str(tmp_path))  # the default
     (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft"}')
     assert read_rendering(str(tmp_path)) is None  # written before records existed
+    assert trained_with_eos(str(tmp_path))
+    for add_eos in (True, False, None):
+        record = rendering_record(["raw_pr"], lone, add_eos)
+        (tmp_path / "rlhf_checkpoint.json").write_text(json.dumps({"stage": "train-rm", "rendering": record}))
+        assert trained_with_eos(str(tmp_path)) is (add_eos is not False)
     (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft", "rendering": {"sty')
     with pytest.raises(CheckpointError, match="cannot read .*rlhf_checkpoint.json: JSONDecodeError"):
         read_rendering(str(tmp_path))

@@ -23,7 +23,7 @@ from stages.ppo import decode
 from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
 from stages.ppo.ending import RewardEnding, ending_columns
 from stages.ppo.tricks import entropy_from_logits
-from stages.reward_model import positions_from_mask
+from stages.reward_model import last_token_index, positions_from_mask
 
 
 @dataclass
@@ -512,21 +512,19 @@ def response_logprobs(
     return logp, torch.cat(ents).view(rows, width) if with_entropy else None
 
 
-def last_tokens(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's last attended token id, by the mask (a left-padded prompt followed by a right-padded response
-    works; no host sync)."""
-    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    return ids.gather(1, torch.where(mask.bool(), pos, torch.zeros_like(pos)).amax(1, keepdim=True)).squeeze(1)
-
-
 def raw_scores(gen: GenerationConfig, reward: Any, ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor,
                ending: RewardEnding) -> torch.Tensor:
     """The reward model's score of [prompt | response] rows, read where its training data ends a turn: a
     response that stopped on a stop token is scored with what that data has after the token appended
     (`stages.ppo.ending`: EOS after Llama-3's <|eot_id|>, "\\n" and EOS after Gemma's <end_of_turn>, nothing
     after EOS); a truncated one with EOS appended (on_truncation: eos, as the RM data ends a cut response) or
-    as it is with truncation_penalty subtracted (penalty)."""
-    extra, extra_mask = ending_columns(last_tokens(ids, mask), truncated, ending, gen.on_truncation == "eos")
+    as it is with truncation_penalty subtracted (penalty). For an RM trained without EOS (`ending.add_eos`
+    false), a stop token its rows never had is masked out (plain text: the RM reads the last text token)."""
+    last = last_token_index(mask)[:, None]  # a left-padded prompt and a right-padded response alike
+    extra, extra_mask, drop = ending_columns(ids.gather(1, last).squeeze(1), truncated, ending,
+                                             gen.on_truncation == "eos")
+    at_last = torch.arange(ids.shape[1], device=ids.device)[None] == last
+    mask = mask.masked_fill(at_last & drop[:, None], 0)  # a stop token the RM's rows never had (add_eos false)
     raw = reward(torch.cat([ids, extra], 1), torch.cat([mask, extra_mask.to(mask.dtype)], 1))[0]
     if gen.on_truncation == "penalty":
         raw = raw - gen.truncation_penalty * truncated.float()

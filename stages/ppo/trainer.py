@@ -81,7 +81,7 @@ from stages.ppo.tricks import (
     value_loss,
     whiten,
 )
-from stages.rendering import check_rendering, read_rendering, rendering_record
+from stages.rendering import check_rendering, read_rendering, rendering_record, trained_with_eos
 from stages.trainer import (
     EpochSampler,
     LossGuard,
@@ -488,7 +488,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     policy, critic = models["policy"], models["critic"]
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
-    ending = reward_ending(tokenizer, stop_ids, data["styles"], lambda text: say(dist.is_main, f"[yellow]{text}[/]"))
+    rm_path = cfg.reward_model.name_or_path
+    ending = reward_ending(tokenizer, stop_ids, data["styles"], lambda text: say(dist.is_main, f"[yellow]{text}[/]"),
+                           trained_with_eos(resolve_model_dir(rm_path)) if rm_path else True)
     if (line := describe_ending(ending, tokenizer)) is not None:
         say(dist.is_main, line)
     prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
