@@ -408,7 +408,7 @@ def test_rm_gold_agreement_script_reports_every_question_set(pipeline_run):
         assert (m and 0 <= float(m[1]) <= 100 and 1 <= int(m[2]) <= 3 * 3) or "no two responses" in line, line
 
 
-def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tmp_path):
+def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tmp_path, monkeypatch):
     from rlhf_cli.eval_options import eval_settings
     from stages.evaluate import evaluate
 
@@ -433,6 +433,23 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     # KL to the policy itself is exactly 0; to the SFT policy it is not
     assert run("r", reference=str(root / "ppo-max"))[1]["policy_metrics"]["kl"] == 0.0
     assert run("s", reference=str(root / "sft"))[1]["policy_metrics"]["kl"] != 0.0
+    # the reward model's record decides how a response is read: with EOS (this RM), or without (a copy whose
+    # record says data.add_eos: false)
+    import shutil
+
+    from stages import evaluate as evaluate_module
+
+    endings = []
+    real = evaluate_module.reward_ending
+    monkeypatch.setattr(evaluate_module, "reward_ending", lambda *a: endings.append(real(*a)) or endings[-1])
+    no_eos = tmp_path / "rm-no-eos"
+    shutil.copytree(root / "rm" / "final", no_eos)
+    meta = json.loads((no_eos / "rlhf_checkpoint.json").read_text())
+    meta["rendering"]["add_eos"] = False
+    (no_eos / "rlhf_checkpoint.json").write_text(json.dumps(meta))
+    run("u")
+    run("v", reward_model=str(no_eos))
+    assert [e.add_eos for e in endings] == [True, False]
 
 
 def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_run, tmp_path):
