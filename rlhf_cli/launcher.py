@@ -4,7 +4,8 @@ With --num-gpus N > 1, --num-nodes M > 1 or a hostfile, and when this process wa
 launcher, the CLI re-executes itself as
 
     python -m deepspeed.launcher.runner [--hostfile F] [--num_nodes M] [--num_gpus N] --master_port P
-        --no_local_rank --module rlhf_cli <stage> --config <output_dir>/resolved_config.yaml [--resume]
+        --log_level error|warning --no_local_rank --module rlhf_cli <stage> --config <output_dir>/resolved_config.yaml
+        [--resume]
 
 so every worker reads the same resolved config. Without CUDA the workers use DeepSpeed's CPU accelerator.
 """
@@ -96,7 +97,10 @@ def launch_command(
         cmd += ["--master_port", str(master_port or free_port())]
     elif master_port is not None or os.environ.get("MASTER_PORT"):  # multi-node: the user's port, else 29500
         cmd += ["--master_port", str(master_port or os.environ["MASTER_PORT"])]
-    cmd += ["--log_level", "warning", "--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
+    # on one node the runner's only warning is "Unable to find hostfile, will proceed with ... local resources
+    # only" (on every run); its errors, and a worker's own output, still show
+    level = "warning" if hostfile is not None else "error"
+    cmd += ["--log_level", level, "--no_local_rank", "--module", "rlhf_cli", stage, "--config", str(resolved_config)]
     if resume:
         cmd.append("--resume")
     return cmd

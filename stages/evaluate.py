@@ -36,7 +36,7 @@ from stages.errors import CheckpointError, ConfigError
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import say
 from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
-from stages.ppo.ending import RewardEnding, reward_ending
+from stages.ppo.ending import RewardEnding, describe_ending, reward_ending
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
@@ -191,6 +191,8 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     ending = reward_ending(tok, stop_ids, styles, warn, trained_with_eos(rm_dir))
+    if (line := describe_ending(ending, tok)) is not None:
+        say(True, line)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline

@@ -130,6 +130,7 @@ def test_two_processes_zero3_match_one_process_gather_full_weights_and_resume_ex
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     out, res = _run(tmp_path / "full", *args, **train)
     assert "deepspeed.launcher.runner --num_gpus 2" in res.stdout
+    assert "Unable to find hostfile" not in res.stdout + res.stderr
     # the workers' shared-memory all-reduce buffers (RAM) are removed once the launcher returns
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     rows = _train_rows(out)
