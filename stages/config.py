@@ -329,6 +329,10 @@ class PPODataConfig(Section):
         "error", description="prompts rendered in a style (chat template / plain text / HH text) or with a chat "
         "template the policy (SFT) or reward model was not trained on: stop (error), warn, or off"
     )
+    rm_add_eos: bool | None = Field(
+        None, description="whether the reward model's training rows ended with EOS (its data.add_eos), which "
+        "decides how a response is read; null = as the RM's rlhf_checkpoint.json records it (true without a record)"
+    )
     gold_reward: Literal["toy"] | None = Field(
         None, description="a known 'human' judge logged next to the RM score (objective/gold, eval/gold); "
         "never trained on. toy = the built-in toy task's (stages/toydata.py)"

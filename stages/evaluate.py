@@ -190,7 +190,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
-    ending = reward_ending(tok, stop_ids, styles, warn, trained_with_eos(rm_dir))
+    ending = reward_ending(tok, stop_ids, styles, warn, trained_with_eos(rm_dir, s.data.rm_add_eos, warn))
     if (line := describe_ending(ending, tok)) is not None:
         say(True, line)
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,

@@ -69,11 +69,19 @@ def read_rendering(model_dir: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("styles"), list) else None
 
 
-def trained_with_eos(model_dir: str) -> bool:
-    """Whether the model's training rows ended with EOS (its record's "add_eos"); True for a model without a
-    record or one from before the record kept it (data.add_eos defaults to true)."""
-    record = read_rendering(model_dir)
-    return record.get("add_eos") is not False if record is not None else True
+def trained_with_eos(model_dir: str | None, setting: bool | None = None,
+                     warn: Callable[[str], None] | None = None) -> bool:
+    """Whether the reward model's training rows ended with EOS: `setting` (data.rm_add_eos) when given, else its
+    record's "add_eos"; True for a model without a record or one from before the record kept it (data.add_eos
+    defaults to true). A setting its record contradicts is kept, with a warning through `warn`."""
+    record = read_rendering(model_dir) if model_dir else None
+    recorded = record.get("add_eos") if record is not None else None
+    if setting is None:
+        return recorded is not False
+    if recorded is not None and recorded != setting and warn is not None:
+        warn(f"warning: data.rm_add_eos: {str(setting).lower()}, but {model_dir} records that the reward model was "
+             f"trained with data.add_eos: {str(recorded).lower()}; reading responses as data.rm_add_eos says")
+    return setting
 
 
 def _styles(styles: Iterable[str]) -> str:

@@ -449,7 +449,9 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     (no_eos / "rlhf_checkpoint.json").write_text(json.dumps(meta))
     run("u")
     run("v", reward_model=str(no_eos))
-    assert [e.add_eos for e in endings] == [True, False]
+    run("w", overrides=["data.rm_add_eos=false"])  # the setting wins over the record (with a warning)
+    run("x", reward_model=str(no_eos), overrides=["data.rm_add_eos=true"])
+    assert [e.add_eos for e in endings] == [True, False, False, True]
 
 
 def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_run, tmp_path):

@@ -1334,6 +1334,15 @@ def test_rendering_records_template_digest_and_unreadable_record(tmp_path):
         record = rendering_record(["raw_pr"], lone, add_eos)
         (tmp_path / "rlhf_checkpoint.json").write_text(json.dumps({"stage": "train-rm", "rendering": record}))
         assert trained_with_eos(str(tmp_path)) is (add_eos is not False)
+    # data.rm_add_eos wins; against a record that says otherwise with a warning naming both
+    warned: list[str] = []
+    assert trained_with_eos(str(tmp_path), False, warned.append) is False and not warned  # the record has none
+    assert trained_with_eos(None, False) is False and trained_with_eos(None) is True
+    (tmp_path / "rlhf_checkpoint.json").write_text(json.dumps({"rendering": rendering_record([], lone, True)}))
+    assert trained_with_eos(str(tmp_path), False, warned.append) is False
+    assert warned == [f"warning: data.rm_add_eos: false, but {tmp_path} records that the reward model was trained "
+                      "with data.add_eos: true; reading responses as data.rm_add_eos says"]
+    assert trained_with_eos(str(tmp_path), True, warned.append) is True and len(warned) == 1
     (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft", "rendering": {"sty')
     with pytest.raises(CheckpointError, match="cannot read .*rlhf_checkpoint.json: JSONDecodeError"):
         read_rendering(str(tmp_path))

@@ -488,9 +488,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     policy, critic = models["policy"], models["critic"]
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
-    rm_path = cfg.reward_model.name_or_path
-    ending = reward_ending(tokenizer, stop_ids, data["styles"], lambda text: say(dist.is_main, f"[yellow]{text}[/]"),
-                           trained_with_eos(resolve_model_dir(rm_path)) if rm_path else True)
+    rm_path, warn = cfg.reward_model.name_or_path, lambda text: say(dist.is_main, f"[yellow]{text}[/]")
+    add_eos = trained_with_eos(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, warn)
+    ending = reward_ending(tokenizer, stop_ids, data["styles"], warn, add_eos)
     if (line := describe_ending(ending, tokenizer)) is not None:
         say(dist.is_main, line)
     prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
