@@ -348,14 +348,14 @@ class GenerationConfig(Section):
     top_k: int = Field(0, ge=0, description="0 = off")
     repetition_penalty: float = Field(1.1, gt=0, description="on generated tokens; 1 = off")
     on_truncation: Literal["eos", "penalty"] = Field(
-        "eos", description="a response that hits max_new_tokens: eos = score it with EOS appended; "
-        "penalty = score it as is and subtract truncation_penalty"
+        "eos", description="a response that hits max_new_tokens: eos = score it with EOS appended (or as it is, for "
+        "a reward model trained without EOS); penalty = score it as is and subtract truncation_penalty"
     )
     truncation_penalty: float = Field(1.0, description="subtracted from a truncated response's raw score (penalty)")
     stop_token_ids: list[int] = Field(
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's); "
         "a response ending on one is scored by the reward model with what its training data has after the "
-        "token appended (EOS when the chat template never writes it)"
+        "token appended (EOS when the chat template never writes it; see data.rm_add_eos for an RM without EOS)"
     )
     min_new_tokens: int = Field(0, ge=0, description="stop tokens are not sampled before this many new tokens")
     logprobs_at_temperature: bool = Field(

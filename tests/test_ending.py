@@ -75,6 +75,10 @@ def test_an_rm_trained_without_eos_reads_each_stop_token_as_the_template_writes_
     assert chatml.after == {eos: (newline,), eot: (eos, newline)} and chatml.drop == {eot}
     plain = reward_ending(_with(base_tok, GEMMA), [eos, eot], {"raw_pr"}, add_eos=False)
     assert plain.after == {eos: (), eot: ()} and plain.drop == {eos, eot} and plain.width == 1
+    # a stop id that is text (a user's stop_token_ids) is part of the answer: kept, the tail after it
+    text = base_tok("answer", add_special_tokens=False)["input_ids"][0]
+    assert reward_ending(_with(base_tok, GEMMA), [eos, text], {"chat"}, add_eos=False).after[text] == (eot, newline)
+    assert text not in reward_ending(_with(base_tok, GEMMA), [eos, text], {"raw_pr"}, add_eos=False).drop
 
 
 def test_template_text_before_the_reply_is_not_taken_for_the_tail(base_tok):
@@ -114,39 +118,56 @@ def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
     (GEMMA, "chat", True, EOT),          # answer<end_of_turn>  ->  answer<end_of_turn> "\\n" <eos>
     (GEMMA, "chat", False, EOT),         # answer<end_of_turn>  ->  answer<end_of_turn> "\\n"
     (GEMMA, "chat", False, "eos"),       # answer<eos>          ->  answer [eos masked] <end_of_turn> "\\n"
+    (LLAMA3, "chat", False, EOT),        # answer<end_of_turn>  ->  answer<end_of_turn>
     (CHATML, "chat", False, "eos"),      # answer<eos>          ->  answer<eos> "\\n"
     (None, "raw_pr", False, "eos"),      # answer<eos>          ->  answer [eos masked]
-], ids=["gemma-eot", "gemma-no-eos-eot", "gemma-no-eos-eos", "chatml-no-eos", "plain-no-eos"])
+    (None, "raw_hh", False, "eos"),      # (the same, HH-RLHF text)
+    (None, "raw_pr", False, "text"),     # answer's last token is a stop id: it stays, nothing appended
+    (GEMMA, "chat", False, "text"),      # ... and is followed by the template's tail <end_of_turn> "\\n"
+], ids=["gemma-eot", "gemma-no-eos-eot", "gemma-no-eos-eos", "llama3-no-eos-eot", "chatml-no-eos", "plain-no-eos",
+        "hh-no-eos", "plain-no-eos-text-stop", "gemma-no-eos-text-stop"])
 def test_a_stopped_response_scores_as_its_rm_training_row(base_tok, template, style, add_eos, stop):
     """PPO samples `answer<stop>` and stops; the RM trained on the row its data (data.add_eos, the template)
     renders for the same answer. With the template's ending the PPO score of the stopped response (right-padded,
     the tail after a masked gap, the prompt left-padded) equals the RM's score of that training row; EOS alone
-    (what PPO appended before) reads another position."""
+    (what PPO appended before) reads another position. Without EOS in the RM's rows a truncated response (the
+    answer cut, no stop) scores as its cut training row, nothing appended."""
     tok = _with(base_tok, template)
     eos = tok.eos_token_id
-    stop_id = eos if stop == "eos" else tok.convert_tokens_to_ids(stop)
-    roles = ("user", "assistant") if style == "chat" else ("prompt", "response")
-    pair = PreferencePair(((roles[0], "the answer to 3"),), ((roles[1], "is 4"),), ((roles[1], "is 5"),), style)
+    text = tok(" is 4" if style == "raw_hh" else "is 4", add_special_tokens=False)["input_ids"]
+    stop_id = {"eos": eos, "text": text[-1]}.get(stop) or tok.convert_tokens_to_ids(stop)
+    roles = {"chat": ("user", "assistant"), "raw_pr": ("prompt", "response"), "raw_hh": ("user", "assistant")}[style]
+    answer = " is 4" if style == "raw_hh" else "is 4"
+    pair = PreferencePair(((roles[0], "the answer to 3"),), ((roles[1], answer),), ((roles[1], "is 5"),), style)
     row, _ = tokenize_pair(pair, tok, RMDataConfig(train="x.jsonl", add_eos=add_eos), [])
     start = next(i for i, label in enumerate(row.labels) if label != IGNORE)
-    text = tok("is 4", add_special_tokens=False)["input_ids"]
     assert row.input_ids[start:start + len(text)] == text
-    prompt, response = row.input_ids[:start], text + [stop_id]
+    prompt = row.input_ids[:start]
+    response = text if stop == "text" else text + [stop_id]
     prompts = [prompt, prompt[:2] + prompt]  # a longer second prompt: the first row (compared) is left-padded
     p_ids, p_mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
-    resp = torch.tensor([response + [tok.pad_token_id] * 2] * 2)  # right padding as in a rollout batch
-    resp_mask = torch.tensor([[1] * len(response) + [0, 0]] * 2)
-    ids, mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, resp_mask], 1)
+
+    def batch(tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        resp = torch.tensor([tokens + [tok.pad_token_id] * 2] * 2)  # right padding as in a rollout batch
+        resp_mask = torch.tensor([[1] * len(tokens) + [0, 0]] * 2)
+        return torch.cat([p_ids, resp], 1), torch.cat([p_mask, resp_mask], 1)
+
     torch.manual_seed(0)
     rm = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=False, resize=True).eval()
-    gen, truncated = GenerationConfig(), torch.tensor([False, False])
-    ending = reward_ending(tok, [eos, tok.convert_tokens_to_ids(EOT)], {style}, add_eos=add_eos)
+    gen, stopped, cut = GenerationConfig(), torch.tensor([False, False]), torch.tensor([True, True])
+    ending = reward_ending(tok, [eos, tok.convert_tokens_to_ids(EOT), stop_id], {style}, add_eos=add_eos)
+
+    def rm_score(ids: list[int]) -> float:
+        return rm(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0].item()
+
     with torch.no_grad():
-        trained = rm(torch.tensor([row.input_ids]), torch.ones(1, len(row.input_ids), dtype=torch.long))[0].item()
-        scored = raw_scores(gen, rm, ids, mask, truncated, ending)
-        eos_only = raw_scores(gen, rm, ids, mask, truncated, RewardEnding.plain(eos))
-    assert scored[0].item() == pytest.approx(trained, abs=1e-5)
-    assert eos_only[0].item() != pytest.approx(trained, abs=1e-3)
+        scored = raw_scores(gen, rm, *batch(response), stopped, ending)
+        eos_only = raw_scores(gen, rm, *batch(response), stopped, RewardEnding.plain(eos))
+        assert scored[0].item() == pytest.approx(rm_score(row.input_ids), abs=1e-5)
+        assert eos_only[0].item() != pytest.approx(rm_score(row.input_ids), abs=1e-3)
+        if not add_eos:  # the answer cut after its first token: its training row is the prompt and that token
+            truncated = raw_scores(gen, rm, *batch(text[:1]), cut, ending)
+            assert truncated[0].item() == pytest.approx(rm_score(prompt + text[:1]), abs=1e-5)
 
 
 def test_the_run_names_the_stop_tokens_scored_with_more_than_eos(base_tok):

@@ -19,9 +19,9 @@ positions count real tokens only).
 An RM trained with `data.add_eos: false` (its record says so, `stages.rendering.trained_with_eos`) read rows
 that end as the template writes them (ChatML: `answer<|im_end|>\n`; plain text: `answer`, no EOS). Then a stop
 token the template writes keeps what follows it there (ChatML: "\n" after <|im_end|>), and one it never writes
-(EOS after plain text) is replaced by the template's whole tail: the RM reads the response without it (masked
-out of its input) followed by that tail (for plain text, nothing: the RM reads the response's last text token).
-A truncated response gets no EOS either.
+is followed by the template's whole tail; such a token that is no text (EOS after plain text, any special token)
+is itself masked out of the RM's input (for plain text the RM then reads the response's last text token), while
+a text token (a stop id such as ".") stays, as part of the answer. A truncated response gets no EOS either.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ _CONTEXTS = ((("user", "Hi"),), (("system", "Be brief."), ("user", "Hi")))
 class RewardEnding:
     """EOS and, per stop token, the ids the RM's training data has after it (a stop token the template's tail
     does not contain: EOS after it, or nothing after EOS itself). Without `add_eos` (an RM trained on rows
-    without EOS): the stop tokens in `drop` are masked out of the RM's input (their `after` is the whole tail),
-    and a truncated or unstopped response gets nothing appended."""
+    without EOS): a stop token the tail does not contain is followed by the whole tail, those in `drop` (no
+    text: EOS, special tokens) are also masked out of the RM's input, and a truncated or unstopped response gets
+    nothing appended."""
 
     eos_id: int
     after: dict[int, tuple[int, ...]]
@@ -117,8 +118,10 @@ def template_tail(tokenizer: Any, chat: bool, warn: Callable[[str], None] | None
             except Exception:  # noqa: BLE001 - a template's own error (jinja, raise_exception): the next try
                 continue
         if warn is not None:
-            warn("warning: the chat template renders no plain conversation; the reward model reads a response "
-                 "with EOS appended after its stop token, as for plain text")
+            how = ("with EOS appended after its stop token" if add_eos else
+                   "without its stop token (a special one) and nothing appended")
+            warn(f"warning: the chat template renders no plain conversation; the reward model reads a response {how}, "
+                 "as for plain text")
     return _common_suffix(*(_reply_ids(tokenizer, RAW_PR, _CONTEXTS[0], r, add_eos) for r in _REPLIES))
 
 
@@ -127,7 +130,8 @@ def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]
     """Per stop token, what the RM's training data has after it: the template tail after the token's last
     occurrence in it (prompts rendered with the chat template: `styles` has "chat"); else EOS, and nothing
     after EOS itself. `add_eos` false (the RM's rows had no EOS appended): a stop token the tail does not
-    contain is dropped and replaced by the whole tail.
+    contain gets the whole tail, and is dropped (masked out) when it is no text (EOS, a special token: it
+    decodes to nothing with skip_special_tokens), as the RM's rows never had it.
 
     >>> from stages.models import train_tokenizer
     >>> tok = train_tokenizer(["hello there"] * 3, vocab_size=300, min_frequency=1)  # ends a turn with EOS
@@ -147,7 +151,8 @@ def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]
             after[stop] = () if stop == eos else (eos,)
         else:
             after[stop] = tuple(tail)
-            drop.add(stop)
+            if stop == eos or not tokenizer.decode([stop], skip_special_tokens=True):
+                drop.add(stop)
     return RewardEnding(eos, after, frozenset(drop), add_eos)
 
 
