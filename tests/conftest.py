@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, which Python keeps and every
+# child process inherits; the signal tests send SIGINT to rlhf as a terminal's Ctrl-C would, so it is handled as
+# there (Python's handler here, the default in children).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SFT = REPO / "configs" / "tiny" / "sft.yaml"
