@@ -42,6 +42,11 @@ def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
 LAUNCHED_MARK = "PYTHON_RLHF_LAUNCHED"
 
 
+#: the hostfile DeepSpeed's runner reads when given none (deepspeed.launcher.runner.DLTS_HOSTFILE): where it
+#: exists, a launch without --hostfile would become a multi-node one over ssh, unlike what rlhf counted
+DS_DEFAULT_HOSTFILE = Path("/job/hostfile")
+
+
 def needs_launcher(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None) -> bool:
     return (num_gpus or 1) > 1 or (num_nodes or 1) > 1 or hostfile is not None
 
@@ -91,6 +96,8 @@ def launch_command(
         cmd += ["--hostfile", str(hostfile)]
         if num_nodes is not None:
             cmd += ["--num_nodes", str(num_nodes)]
+    elif DS_DEFAULT_HOSTFILE.is_file():  # no --hostfile means this node only: a path that is no file says so
+        cmd += ["--hostfile", os.devnull]
     if num_gpus is not None or hostfile is None:
         cmd += ["--num_gpus", str(num_gpus or 1)]
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from pathlib import Path
 
@@ -476,6 +477,27 @@ def test_multi_node_launch_takes_master_port_from_the_environment(tmp_path, monk
     monkeypatch.setenv("MASTER_PORT", "31234")
     cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
     assert cmd[cmd.index("--master_port") + 1] == "31234"
+
+
+def test_a_launch_without_hostfile_stays_on_this_node_where_deepspeeds_default_hostfile_exists(tmp_path,
+                                                                                               monkeypatch):
+    """DeepSpeed's runner reads /job/hostfile when given no --hostfile; where that file exists (DLTS-style
+    clusters) `rlhf --num-gpus 2` must still launch on this node only, as rlhf counts its processes: the runner
+    is handed a hostfile path that is no file, which it reads as "local resources only"."""
+    from deepspeed.launcher.runner import DLTS_HOSTFILE, fetch_hostfile
+
+    from rlhf_cli import launcher
+
+    assert str(launcher.DS_DEFAULT_HOSTFILE) == DLTS_HOSTFILE
+    monkeypatch.setattr(launcher, "DS_DEFAULT_HOSTFILE", tmp_path / "missing")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
+    assert "--hostfile" not in cmd
+    (tmp_path / "job-hostfile").write_text("node-a slots=8\nnode-b slots=8\n")
+    monkeypatch.setattr(launcher, "DS_DEFAULT_HOSTFILE", tmp_path / "job-hostfile")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
+    assert cmd[cmd.index("--hostfile") + 1] == os.devnull and cmd[cmd.index("--num_gpus") + 1] == "2"
+    assert fetch_hostfile(os.devnull) is None  # DeepSpeed: no resource pool, i.e. this node's devices
+    assert launcher.world_size(2, None, None) == 2
 
 
 def test_launched_mark_reaches_the_workers_of_every_node():
