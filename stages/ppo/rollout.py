@@ -523,8 +523,9 @@ def raw_scores(gen: GenerationConfig, reward: Any, ids: torch.Tensor, mask: torc
     last = last_token_index(mask)[:, None]  # a left-padded prompt and a right-padded response alike
     extra, extra_mask, drop = ending_columns(ids.gather(1, last).squeeze(1), truncated, ending,
                                              gen.on_truncation == "eos")
-    at_last = torch.arange(ids.shape[1], device=ids.device)[None] == last
-    mask = mask.masked_fill(at_last & drop[:, None], 0)  # a stop token the RM's rows never had (add_eos false)
+    if ending.drop:  # a stop token the RM's rows never had (add_eos false): masked out
+        at_last = torch.arange(ids.shape[1], device=ids.device)[None] == last
+        mask = mask.masked_fill(at_last & drop[:, None], 0)
     raw = reward(torch.cat([ids, extra], 1), torch.cat([mask, extra_mask.to(mask.dtype)], 1))[0]
     if gen.on_truncation == "penalty":
         raw = raw - gen.truncation_penalty * truncated.float()
