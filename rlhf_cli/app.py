@@ -73,6 +73,11 @@ DryRunOpt = Annotated[
                  "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON); write nothing, "
                  "train nothing.", show_default="off")
 ]
+CheckDataOpt = Annotated[
+    bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
+                 "tokenized (a from_config model's tokenizer trained in memory), checked (bad rows name their file "
+                 "and row); prints the run's data report and step plan. Writes nothing.", show_default="off")
+]
 ResumeOpt = Annotated[
     bool,
     typer.Option(
@@ -133,9 +138,11 @@ def run_stage(
     preset: str | None = None,
     allow_changes: bool = False,
     flags: dict[str, str] | None = None,
+    check_data: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
-    `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors."""
+    `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
+    run that also reads the data (stages/pipeline.py: DATA_CHECKS)."""
     from stages.checkpoint import (acquire_run_lock, check_output_dir, check_run_lock, prepare_output_dir, refuse_request,
                                    run_lock)
 
@@ -147,6 +154,7 @@ def run_stage(
     def prepare(processes: int) -> None:
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
+    dry_run = dry_run or check_data
     if allow_changes and not resume and not inside_launcher():
         err.print("[yellow]warning: --allow-config-change has no effect without --resume[/]", highlight=False)
     try:
@@ -154,6 +162,9 @@ def run_stage(
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
+            if dry_run:  # torchrun/srun's workers would otherwise each train
+                raise ConfigError("--dry-run and --check-data run in one process: start them without torchrun, "
+                                  "srun or deepspeed (they print the launch command they would use)")
             # a worker: of our launcher (the output directory is ready and locked), or of the user's own
             # (torchrun, srun, ...), in which case rank 0 locks it and prepares it first
             if launched_by_rlhf():
@@ -192,6 +203,11 @@ def run_stage(
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
 
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
+            if check_data:
+                from stages.pipeline import check_data as read_data
+
+                out.rule(f"rlhf {stage}: data check")
+                read_data(stage, cfg, processes)
             out.print("dry run: nothing trained")
             return
         refuse_request(out_dir, resume, overwrite)  # before the lock creates output_dir
@@ -250,13 +266,14 @@ def _stage_command(stage: str, doc: str) -> None:
         num_nodes: NumNodesOpt = None,
         hostfile: HostfileOpt = None,
         dry_run: DryRunOpt = False,
+        check_data: CheckDataOpt = False,
         resume: ResumeOpt = False,
         allow_config_change: AllowChangeOpt = False,
         overwrite: OverwriteOpt = False,
         debug: DebugOpt = False,
     ) -> None:
         run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug,
-                  allow_changes=allow_config_change)
+                  allow_changes=allow_config_change, check_data=check_data)
 
     command.__doc__ = doc
     command.__name__ = stage.replace("-", "_")
@@ -290,7 +307,7 @@ def _ppo_command() -> None:
 
     def command(**kwargs: object) -> None:
         common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug",
-                  "allow_config_change")
+                  "allow_config_change", "check_data")
         c = {k: kwargs.pop(k) for k in common}
         ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
         if ppo_max and preset not in (None, "ppo-max"):
@@ -300,7 +317,7 @@ def _ppo_command() -> None:
         overrides = list(c["set_"] or []) + flag_overrides(flags)  # type: ignore[arg-type]
         run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
                   c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset,  # type: ignore[arg-type]
-                  allow_changes=c["allow_config_change"],  # type: ignore[arg-type]
+                  allow_changes=c["allow_config_change"], check_data=c["check_data"],  # type: ignore[arg-type]
                   flags={f.key: f"--{f.name}" for f in TRICK_FLAGS if flags[f.name] is not None})
 
     def panel(f: object) -> dict[str, object]:
@@ -313,6 +330,7 @@ def _ppo_command() -> None:
     params = [
         opt("config", ConfigOpt, inspect.Parameter.empty), opt("set_", SetOpt), opt("num_gpus", NumGpusOpt),
         opt("num_nodes", NumNodesOpt), opt("hostfile", HostfileOpt), opt("dry_run", DryRunOpt, False),
+        opt("check_data", CheckDataOpt, False),
         opt("resume", ResumeOpt, False), opt("allow_config_change", AllowChangeOpt, False),
         opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
         opt("ppo_max", Annotated[bool, typer.Option("--ppo-max", help="Same as --preset ppo-max.", show_default="off",
@@ -405,6 +423,10 @@ def pipeline(
     hostfile: HostfileOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the pipeline and every stage config; print "
                                           "the stage commands; train nothing.", show_default="off")] = False,
+    check_data: Annotated[bool, typer.Option("--check-data", help="A --dry-run that also runs each stage's "
+                                             "--check-data in order; a stage whose input an earlier one makes "
+                                             "reads the tokenizer and rendering record that stage would hand on.",
+                                             show_default="off")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages whose output is already complete "
                                         "(their old output is replaced).", show_default="off")] = False,
     allow_config_change: Annotated[bool, typer.Option(
@@ -436,8 +458,18 @@ def pipeline(
         for run in runs:
             out.print(f"[bold]{run.label}[/]: " + format_command(stage_command(run, launch, False, force), {}),
                       highlight=False, soft_wrap=True)
-        if dry_run:
-            out.print("dry run: every config is valid; nothing trained")
+        if check_data:
+            import tempfile
+
+            from stages.pipeline import check_pipeline_data
+
+            def load(run: Any, overrides: list[str]) -> Any:
+                return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet)
+
+            with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
+                check_pipeline_data(runs, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch))
+        if dry_run or check_data:
+            out.print(f"dry run: every config is valid{'; the data too' if check_data else ''}; nothing trained")
             return
         run_pipeline(cfg, launch, force, out, resolved, allow_config_change)
     except RlhfError as exc:

@@ -32,6 +32,9 @@ class DistInfo:
         return self.rank == 0
 
 
+#: this process alone, before (or without) any process group: what `--check-data` loads data as
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
 _INFO: DistInfo | None = None
 
 

@@ -81,7 +81,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-_CONSOLE = Console(file=sys.stdout)
+_CONSOLE = Console()  # writes to whatever sys.stdout is at the time (a test runner swaps it)
 
 
 def say(enabled: bool, message: str) -> None:

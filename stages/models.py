@@ -121,15 +121,20 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
 
 def prepare_tokenizer(
-    cfg: ModelConfig, out_dir: Path, dist: DistInfo, texts: Callable[[], Iterable[str]], chat_template: str | None
+    cfg: ModelConfig, out_dir: Path, dist: DistInfo, texts: Callable[[], Iterable[str]], chat_template: str | None,
+    save: bool = True,
 ) -> Any:
     """Load the tokenizer, or (from_config without `tokenizer`) train one once on rank 0 and save it in
-    `out_dir/tokenizer` so that every rank, and a resumed run, uses the same one.
+    `out_dir/tokenizer` so that every rank, and a resumed run, uses the same one. With `save=False` (one
+    process, `--check-data`) nothing is written: a tokenizer not saved yet is trained in memory, as the run would.
 
     A tokenizer without a pad token gets pad = eos; one without a chat template gets DEFAULT_CHAT_TEMPLATE
     (or `chat_template` when given, which always wins)."""
     if cfg.from_config is not None and cfg.tokenizer is None:
         path = out_dir / "tokenizer"
+        if not save and not (path / "tokenizer.json").exists():
+            trained = train_tokenizer(texts(), cfg.tokenizer_train.vocab_size, cfg.tokenizer_train.min_frequency)
+            return _finish_tokenizer(trained, "the tokenizer trained on the data", chat_template)
         if dist.is_main and not (path / "tokenizer.json").exists():
             tmp = out_dir / ".tmp-tokenizer"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +150,11 @@ def prepare_tokenizer(
     except Exception as exc:  # noqa: BLE001 - a user's file: OSError, ValueError, tokenizers' own errors, ...
         raise CheckpointError(f"cannot load tokenizer from {source}{not_local_hint(source)}: "
                               f"{type(exc).__name__}: {exc}") from None
+    return _finish_tokenizer(tokenizer, source, chat_template)
+
+
+def _finish_tokenizer(tokenizer: Any, source: str, chat_template: str | None) -> Any:
+    """`prepare_tokenizer`'s defaults: an EOS is required, pad = EOS when missing, the chat template set."""
     if tokenizer.eos_token is None:
         raise CheckpointError(f"tokenizer {source} has no EOS token; set one in its tokenizer_config.json")
     if tokenizer.pad_token is None:

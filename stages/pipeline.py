@@ -22,7 +22,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from stages.config import PipelineConfig
 from stages.errors import CheckpointError, RlhfError
@@ -62,6 +62,50 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             runs.append(StageRun(label, "ppo", Path(cfg.ppo.config), out, sets, preset,
                                  {"model.name_or_path", "reward_model.name_or_path"}))
     return runs
+
+
+#: each stage's `--check-data` (module:function(cfg, world_size)): its data read as its run reads it, nothing
+#: written; SFT's and the RM's return (tokenizer, rendering record), what their runs hand on
+DATA_CHECKS = {"sft": "stages.sft:check_data", "train-rm": "stages.reward:check_data",
+               "ppo": "stages.ppo.trainer:check_data"}
+
+
+def check_data(stage: str, cfg: Any, world_size: int) -> Any:
+    """Run `stage`'s data check (DATA_CHECKS) on `cfg` for `world_size` ranks."""
+    import importlib
+
+    module, func = DATA_CHECKS[stage].split(":")
+    return getattr(importlib.import_module(module), func)(cfg, world_size)
+
+
+def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[StageRun, list[str]], Any],
+                        heading: Callable[[str], None], scratch: Path) -> None:
+    """`rlhf pipeline --check-data`: every stage's data check, in order (`load(run, overrides)` gives its
+    config). A stage that reads an earlier stage's output that is not complete yet reads a stand-in folder in
+    `scratch` instead, holding what that stage's check returned: the tokenizer its run would save and the
+    rendering record it would write. So the RM's pairs and PPO's prompts are tokenized, and PPO's rendering
+    checked, as they will be once SFT and the RM have run; nothing is written to the pipeline's folders."""
+    stand_ins: dict[str, str] = {}  # an incomplete stage's output folder -> the folder standing in for it
+    for run in runs:
+        heading(f"{run.label}: data check")
+        overrides = [_stand_in(item, stand_ins) for item in run.overrides]
+        handed = check_data(run.stage, load(run, overrides), world_size)
+        if run.stage != "ppo" and not is_complete(run.out, run.stage):
+            tokenizer, rendering = handed
+            folder = scratch / run.label
+            tokenizer.save_pretrained(str(folder))
+            (folder / "rlhf_checkpoint.json").write_text(json.dumps({"rendering": rendering}), encoding="utf-8")
+            stand_ins[str(run.out)] = str(folder)
+
+
+def _stand_in(override: str, stand_ins: dict[str, str]) -> str:
+    """`key=value` with a value that names a stand-in's stage output replaced by the stand-in.
+
+    >>> _stand_in("model.name_or_path=/r/sft", {"/r/sft": "/tmp/s/sft"}), _stand_in("seed=3", {})
+    ('model.name_or_path=/tmp/s/sft', 'seed=3')
+    """
+    key, _, value = override.partition("=")
+    return f"{key}={stand_ins[value]}" if value in stand_ins else override
 
 
 def is_complete(out: Path, stage: str) -> bool:

@@ -24,14 +24,15 @@ import torch.nn.functional as F
 
 from stages.config import RMConfig, RMLossConfig
 from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
-from stages.distributed import DistInfo, all_reduce_sum, gather_floats
+from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_floats
 from stages.lm import collate
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
 from stages.rendering import rendering_record
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
-from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
+from stages.trainer import (LossGuard, due, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+                            write_data_reports)
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -173,8 +174,10 @@ def reward_metrics(chosen: list[float], rejected: list[float], margins: list[flo
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, PairRows, PairRows | None, dict]:
-    """Pairs -> (tokenizer, whether a pad token was added to it, train pairs, eval pairs, reports)."""
+def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
+                 ) -> tuple[Any, bool, PairRows, PairRows | None, dict]:
+    """Pairs -> (tokenizer, whether a pad token was added to it, train pairs, eval pairs, reports); a from_config
+    model's tokenizer is trained here (and saved in `out`, unless `save` is False: see `prepare_tokenizer`)."""
     data = cfg.data
     logs = {"train": BadRowLog(), "eval": BadRowLog()}
     train = load_pairs(data.train, data, logs["train"])
@@ -188,7 +191,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo) -> tuple[Any, bool, P
     def texts() -> Any:
         return corpus_texts((p.conversation(side), w) for p, w in train_pairs for side in ("chosen", "rejected"))
 
-    tokenizer = prepare_tokenizer(cfg.model, out, dist, texts, data.chat_template)
+    tokenizer = prepare_tokenizer(cfg.model, out, dist, texts, data.chat_template, save)
     added = ensure_distinct_pad(tokenizer)
     reports: dict[str, DataReport] = {}
     rows: dict[str, PairRows] = {}
@@ -209,6 +212,16 @@ def describe_pairs(split: str, report: DataReport) -> str:
         f"identical pair(s) and {report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
         f"(left), {report.response_truncated} responses (right){report.skipped_note()}"
     )
+
+
+def check_data(cfg: RMConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
+    """`rlhf train-rm --check-data`: read, parse and tokenize every pair as the run would, print the data report
+    the run prints (pairs, tokens, identical and duplicate pairs dropped, truncations, skipped rows by reason) and
+    its step plan; write nothing. A bad row (data.on_bad_row: error) is the run's DataError, naming file and row.
+    Returns what the run would hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
+    tokenizer, _, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs")
+    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos)
 
 
 # --------------------------------------------------------------------------------------------- run

@@ -28,12 +28,13 @@ from stages.data import (
     load_conversations,
     tokenize_conversations,
 )
-from stages.distributed import DistInfo, all_reduce_sum
+from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import say
 from stages.models import build_causal_lm, prepare_tokenizer
 from stages.rendering import rendering_record
-from stages.trainer import LossGuard, due, open_run, optimizer_step, split_holdout, start_training, write_data_reports
+from stages.trainer import (LossGuard, due, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+                            write_data_reports)
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -90,10 +91,10 @@ def evaluate(engine: Any, rows: TokenRows, micro: int, dist: DistInfo, pad_id: i
 
 # --------------------------------------------------------------------------------------------- data
 def load_sft_data(
-    cfg: SFTConfig, out: Path, dist: DistInfo
+    cfg: SFTConfig, out: Path, dist: DistInfo, save: bool = True
 ) -> tuple[Any, TokenRows, TokenRows | None, dict[str, DataReport]]:
     """Rows -> (tokenizer, train rows, eval rows, {"train": report, "eval": report}). The tokenizer is trained
-    here for from_config models."""
+    here for from_config models (and saved in `out`, unless `save` is False: see `prepare_tokenizer`)."""
     logs = {"train": BadRowLog(), "eval": BadRowLog()}
     train_convs: list[tuple[Conversation, str]] = load_conversations(cfg.data.train, cfg.data, logs["train"])
     eval_convs = None
@@ -101,7 +102,8 @@ def load_sft_data(
         eval_convs = load_conversations(cfg.data.eval, cfg.data, logs["eval"])
     elif cfg.data.eval_fraction > 0:
         train_convs, eval_convs = split_holdout(train_convs, cfg.data.eval_fraction, cfg.seed)
-    tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: corpus_texts(train_convs), cfg.data.chat_template)
+    tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: corpus_texts(train_convs), cfg.data.chat_template,
+                                  save)
     reports = {}
     for split, log in logs.items():
         reports[split] = DataReport(skipped_rows=log.total, skipped_by_reason=dict(log.reasons))
@@ -119,6 +121,16 @@ def describe_report(split: str, report: DataReport) -> str:
         f"trained); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} responses "
         f"(right){report.skipped_note()}"
     )
+
+
+def check_data(cfg: SFTConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
+    """`rlhf sft --check-data`: read, parse and tokenize every row as the run would, print the data report the
+    run prints (examples, tokens, truncations, skipped rows by reason) and its step plan; write nothing. A bad row
+    (with data.on_bad_row: error) is the run's DataError, naming its file and row. Returns what the run would
+    hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
+    tokenizer, train_rows, _, reports = load_sft_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    print_data_check(reports, describe_report, len(train_rows), cfg.train, world_size, cfg.seed, "rows")
+    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos)
 
 
 # --------------------------------------------------------------------------------------------- run

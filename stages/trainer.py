@@ -181,6 +181,17 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
     return dist, out
 
 
+def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str], n_rows: int, tc: TrainConfig,
+                     world_size: int, seed: int, unit: str) -> None:
+    """The end of `--check-data` for SFT and the RM: each split's report as the run prints it, then the run's step
+    plan for `world_size` ranks (a data set smaller than one global batch is the run's DataError, raised here)."""
+    for split, report in reports.items():
+        say(True, describe(split, report))
+    plan = plan_steps(n_rows, tc, world_size, seed, unit)
+    say(True, f"steps: {plan.total} optimizer steps of {plan.global_batch} {unit} "
+              f"({plan.sampler.steps_per_epoch} per epoch over {n_rows} {unit}, {world_size} rank(s))")
+
+
 def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo, describe: Callable[..., str]) -> None:
     """Print each split's report and save them all as data_report.json."""
     for split, report in reports.items():

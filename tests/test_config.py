@@ -180,6 +180,45 @@ def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
     assert not out_dir.exists()  # a dry run writes nothing
 
 
+def test_check_data_reads_every_row_names_a_bad_one_and_writes_nothing(tmp_path):
+    """`--check-data` (a dry run that reads the data): a broken row 3 of 41 stops it, named by file and row, as
+    the run would stop; with data.on_bad_row: skip it prints the run's report (40 good rows: 38 train + 2 held out,
+    the skipped row by reason: hand-counted) and the step plan for the ranks asked (--num-gpus 2: 38 rows make
+    one global batch of 2 x 16 per epoch, 3 epochs); the tokenizer the run would train is trained in memory and
+    no output folder appears."""
+    rows = (TINY_SFT.parent / "data" / "sft.jsonl").read_text().splitlines(keepends=True)[:40]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(rows[:2]) + '{"messages": [\n' + "".join(rows[2:]))
+    out = tmp_path / "never"
+
+    def check(*args: str):
+        return invoke_cli("sft", "-c", str(TINY_SFT), "--check-data", "--set", f"data.train={data}",
+                          "--set", f"output_dir={out}", *args)
+
+    res = check()
+    assert res.exit_code == 1 and f"{data} row 3: invalid JSON" in res.stderr, res.output
+    assert "data.on_bad_row: skip" in res.stderr and not out.exists()
+    res = check("--set", "data.on_bad_row=skip", "--num-gpus", "2")
+    assert res.exit_code == 0, res.output
+    assert "train data: 38 examples;" in res.stdout and "eval data: 2 examples;" in res.stdout, res.stdout
+    assert "skipped 1 bad row(s) (invalid JSON: 1)" in res.stdout
+    assert "steps: 3 optimizer steps of 32 rows (1 per epoch over 38 rows, 2 rank(s))" in res.stdout
+    assert res.stdout.rstrip().endswith("dry run: nothing trained") and not out.exists()
+    res = check("--set", "data.on_bad_row=skip", "--num-gpus", "3")  # 38 rows < one global batch of 48
+    assert res.exit_code == 1 and "38 training rows is fewer than one global batch of 48" in res.stderr
+
+
+def test_dry_run_under_another_launcher_is_refused_not_trained(tmp_path, monkeypatch):
+    """A worker of torchrun/srun (LOCAL_RANK and WORLD_SIZE set) given --dry-run or --check-data stops with a
+    config error instead of training; nothing is written."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flag in ("--dry-run", "--check-data"):
+        res = invoke_cli("sft", "-c", str(TINY_SFT), flag, "--set", f"output_dir={tmp_path / 'o'}")
+        assert res.exit_code == 2 and "run in one process: start them without torchrun" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp_path):
     """What the run refuses before any work, the dry run refuses too: --resume with --overwrite, a folder that
     already holds a run, an output_dir that is a file or cannot be made, a reward model that is not one."""
@@ -323,11 +362,12 @@ def test_a_usage_error_is_one_error_line_with_exit_2():
 
 def test_help_shows_every_option_with_default():
     res = run_cli("sft", "--help")
-    for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--resume",
-                   "--allow-config-change", "--overwrite", "--debug"):
+    for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--check-data",
+                   "--resume", "--allow-config-change", "--overwrite", "--debug"):
         assert option in res.stdout
     assert "[default: (every host in --hostfile, else 1)]" in res.stdout  # --num-nodes
-    assert res.stdout.count("[default: (off)]") == 5  # --dry-run --resume --allow-config-change --overwrite --debug
+    # --dry-run --check-data --resume --allow-config-change --overwrite --debug
+    assert res.stdout.count("[default: (off)]") == 6
 
 
 def test_version_and_env():

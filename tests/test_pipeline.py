@@ -558,3 +558,65 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
                      "--set", f"sft.set=[data.train={os.path.relpath(sft_data)}]")
     assert res.exit_code == 0, res.output
     assert f"--set data.train={sft_data}" in res.stdout, res.stdout
+
+
+def test_check_data_prints_what_each_stage_of_the_pipeline_read(pipeline_run, tmp_path):
+    """`--check-data` on each stage config the session's pipeline ran, pointed at fresh output folders: SFT (its
+    tokenizer trained in memory again) and the RM print exactly the lines of their runs' data_report.json, and
+    the runs' step counts (train.max_steps 60 and 40); PPO reads the 2000 training and 128 validation prompts
+    with both tokenizers and the rendering records checked, and plans 2 iterations of 8 prompts (250 per pass);
+    nothing is written."""
+    from stages.data import DataReport
+    from stages.reward import describe_pairs
+    from stages.sft import describe_report
+
+    root = pipeline_run[0].parent / "runs"
+    for stage, command, describe, plan in (("sft", "sft", describe_report, "steps: 60 optimizer steps of 16 rows"),
+                                           ("rm", "train-rm", describe_pairs, "steps: 40 optimizer steps of 16 pairs")):
+        fresh = tmp_path / stage
+        res = invoke_cli(command, "--config", str(root / stage / "resolved_config.yaml"), "--check-data",
+                         "--set", f"output_dir={fresh}")
+        assert res.exit_code == 0, res.output
+        for split, body in json.loads((root / stage / "data_report.json").read_text()).items():
+            assert describe(split, DataReport(**body)) in res.stdout, (split, res.stdout[-2000:])
+        assert plan in res.stdout and not fresh.exists(), res.stdout[-2000:]
+    fresh = tmp_path / "ppo"
+    res = invoke_cli("ppo", "--config", str(root / "ppo-max" / "resolved_config.yaml"), "--check-data",
+                     "--set", f"output_dir={fresh}")
+    assert res.exit_code == 0, res.output
+    assert "prompts: 2000 train, 128 validation; 0 cut to 64 tokens" in res.stdout, res.stdout[-2000:]
+    assert "iterations: 2 of 8 prompts (250 per pass over the training prompts, 1 rank(s))" in res.stdout
+    assert "prompts: 2000 train, 128 validation" in pipeline_run[1].stdout  # what the PPO run printed
+    assert not fresh.exists()
+
+
+def test_pipeline_check_data_reads_every_stage_before_any_exists(tmp_path):
+    """`rlhf pipeline --check-data` on a fresh pipeline: SFT's data is read and tokenized with the tokenizer its
+    run would train; the RM's and PPO's with what SFT and the RM would hand on (stand-ins in a temporary folder),
+    so a bad RM row (row 61 of 61) stops the check, named by file and row, after SFT's report, and PPO prompts
+    rendered unlike SFT's training rows (plain text vs chat template) are refused by the rendering check that
+    needs SFT's record; nothing is written in the pipeline's folder."""
+    rows = (TINY / "data" / "rm.jsonl").read_text().splitlines(keepends=True)[:60]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(rows) + json.dumps({"chosen": "only one side"}) + "\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"repeat sun {n} times"}) + "\n" for n in range(40)))
+    cfg = yaml.safe_load((TINY / "pipeline.yaml").read_text())
+    cfg.update(output_dir=str(tmp_path / "runs"), sft={"config": str(TINY / "sft.yaml")},
+               rm={"config": str(TINY / "rm.yaml"), "set": [f"data.train={pairs}"]},
+               ppo={"config": str(TINY / "ppo.yaml")})
+    path = write_yaml(tmp_path / "p.yaml", cfg)
+    res = invoke_cli("pipeline", "--config", str(path), "--check-data")
+    assert res.exit_code == 1 and f"{pairs} row 61: " in res.stderr, res.output
+    assert "train data: 1900 examples;" in res.stdout and not (tmp_path / "runs").exists()
+    rm_set = [f"data.train={pairs}", "data.on_bad_row=skip", "train.micro_batch_size=8"]
+    res = invoke_cli("pipeline", "--config", str(path), "--check-data", "--set", f"rm.set=[{','.join(rm_set)}]")
+    assert res.exit_code == 0, res.output
+    assert "train data: 54 pairs;" in res.stdout and "eval data: 6 pairs;" in res.stdout, res.stdout[-3000:]
+    assert "prompts: 2000 train, 128 validation" in res.stdout and "the data too; nothing trained" in res.stdout
+    ppo_set = [f"data.train={plain}", "data.eval=null", "data.eval_fraction=0", "data.format=prompt"]
+    res = invoke_cli("pipeline", "--config", str(path), "--check-data", "--set", f"rm.set=[{','.join(rm_set)}]",
+                     "--set", f"ppo.set=[{','.join(ppo_set)}]")
+    assert res.exit_code == 2 and "rlhf-check-data-" in res.stderr, res.output
+    assert "was trained on chat-template conversations; PPO renders its prompts as plain prompt text" in res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -36,9 +36,9 @@ from stages.checkpoint import (
 )
 from stages.config import PPOConfig, SFTDataConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
-from stages.distributed import DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
+from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import CheckpointError, NonFinite, RlhfError
+from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
 from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
@@ -467,6 +467,44 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
     barrier()
 
 
+def load_inputs(cfg: PPOConfig, out: Path, dist: DistInfo, save: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """(policy tokenizer, RM tokenizer, `load_ppo_data`'s data): everything the run reads before it builds a
+    model, checked as it is read (the two tokenizers against each other, the prompts' rendering against the
+    SFT and RM records). `save=False` writes nothing (see `prepare_tokenizer`)."""
+    tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: iter(()), cfg.data.chat_template, save)
+    rm_tok = prepare_tokenizer(cfg.reward_model, out, dist, lambda: iter(()), None, save)
+    check_tokenizers(tokenizer, rm_tok, cfg.reward_model.name_or_path or "")
+    data = load_ppo_data(cfg, out, dist, tokenizer)
+    check_prompt_rendering(cfg, data["styles"], tokenizer, dist)
+    return tokenizer, rm_tok, data
+
+
+def data_samplers(cfg: PPOConfig, data: dict[str, Any], world_size: int) -> tuple[EpochSampler, EpochSampler | None]:
+    """The prompt sampler (a rollout batch of rollout_batch_size prompts per rank each iteration) and, with PTX
+    rows, theirs (one micro-batch per rank per update); too few rows for one such batch is an error."""
+    t = cfg.train
+    prompts = EpochSampler(len(data["train"]), t.rollout_batch_size * world_size, cfg.seed)
+    if prompts.steps_per_epoch == 0:
+        raise DataError(f"{len(data['train'])} training prompts are fewer than one rollout batch "
+                        f"({t.rollout_batch_size} x {world_size} ranks)")
+    ptx = None
+    if data["ptx"] is not None:
+        ptx = EpochSampler(len(data["ptx"]), t.micro_batch_size * world_size, cfg.seed + 1)
+        if ptx.steps_per_epoch == 0:
+            raise DataError(f"data.ptx has {len(data['ptx'])} rows, fewer than one micro-batch on every rank")
+    return prompts, ptx
+
+
+def check_data(cfg: PPOConfig, world_size: int) -> None:
+    """`rlhf ppo --check-data`: load both tokenizers and every prompt (and PTX row) as the run would, with the
+    run's checks (tokenizers agree, rendering matches the SFT and RM records, gold-reward prompts, enough prompts
+    for one rollout batch on `world_size` ranks); print what the run prints about them; write nothing."""
+    _, _, data = load_inputs(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    prompts, _ = data_samplers(cfg, data, world_size)
+    say(True, f"iterations: {cfg.train.iterations} of {prompts.global_batch} prompts "
+              f"({prompts.steps_per_epoch} per pass over the training prompts, {world_size} rank(s))")
+
+
 # --------------------------------------------------------------------------------------------- run
 def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
     """Train; returns output_dir/final (the policy as a HF causal LM; output_dir itself with
@@ -475,11 +513,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
 
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
     say(dist.is_main, describe_tricks(cfg))
-    tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: iter(()), cfg.data.chat_template)
-    rm_tok = prepare_tokenizer(cfg.reward_model, out, dist, lambda: iter(()), None)
-    check_tokenizers(tokenizer, rm_tok, cfg.reward_model.name_or_path or "")
-    data = load_ppo_data(cfg, out, dist, tokenizer)
-    check_prompt_rendering(cfg, data["styles"], tokenizer, dist)
+    tokenizer, rm_tok, data = load_inputs(cfg, out, dist)
     t, ppo = cfg.train, cfg.ppo
     B = t.rollout_batch_size
     total = ppo.critic_pretrain_steps + t.iterations
@@ -493,15 +527,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     ending = reward_ending(tokenizer, stop_ids, data["styles"], warn, add_eos)
     if (line := describe_ending(ending, tokenizer)) is not None:
         say(dist.is_main, line)
-    prompt_sampler = EpochSampler(len(data["train"]), B * dist.world_size, cfg.seed)
-    if prompt_sampler.steps_per_epoch == 0:
-        raise RlhfError(f"{len(data['train'])} training prompts are fewer than one rollout batch "
-                        f"({B} x {dist.world_size} ranks)")
-    ptx_sampler = None
-    if data["ptx"] is not None:
-        ptx_sampler = EpochSampler(len(data["ptx"]), t.micro_batch_size * dist.world_size, cfg.seed + 1)
-        if ptx_sampler.steps_per_epoch == 0:
-            raise RlhfError(f"data.ptx has {len(data['ptx'])} rows, fewer than one micro-batch on every rank")
+    prompt_sampler, ptx_sampler = data_samplers(cfg, data, dist.world_size)
 
     seed_everything(cfg.seed + dist.rank)
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
