@@ -163,8 +163,8 @@ def run_stage(
         text = dump_config(cfg)
         if inside_launcher():
             if dry_run:  # torchrun/srun's workers would otherwise each train
-                raise ConfigError("--dry-run and --check-data run in one process: start them without torchrun, "
-                                  "srun or deepspeed (they print the launch command they would use)")
+                raise ConfigError("--dry-run and --check-data run in one process: start them without a launcher "
+                                  "(torchrun, deepspeed; they print the launch command they would use)")
             # a worker: of our launcher (the output directory is ready and locked), or of the user's own
             # (torchrun, srun, ...), in which case rank 0 locks it and prepares it first
             if launched_by_rlhf():
@@ -467,7 +467,8 @@ def pipeline(
                 return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet)
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
-                check_pipeline_data(runs, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch))
+                check_pipeline_data(runs, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch),
+                                    force)
         if dry_run or check_data:
             out.print(f"dry run: every config is valid{'; the data too' if check_data else ''}; nothing trained")
             return

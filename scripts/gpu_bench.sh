@@ -7,8 +7,9 @@
 #                                     tests ppo-w1 gen-w1
 #
 # The machine the `device` tool lends has torch and transformers but no deepspeed, datasets, pydantic or trl and
-# no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, which this script installs
-# there). A session has 15 minutes of device time, machine start included, so make one call with the default
+# no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, 6.2 MB, which this script
+# installs there; on a machine without the `wheel` package its DeepSpeed build fails with "invalid command
+# 'bdist_wheel'": `pip install wheel` first). A session has 15 minutes of device time, machine start included, so make one call with the default
 # parts, whose limits below add up to 510 s (the trace summary's 40 s included; each part may overrun its limit by
 # 5 s before it is killed, and the wheels install and environment report take ~30 s first: ~555 s in all):
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)

@@ -8,6 +8,9 @@
 #
 # Arguments: the pipeline config (default configs/llama-7b-8gpu/pipeline.yaml), then options passed to
 # `rlhf pipeline` unchanged (--force, --set KEY=VALUE, --dry-run, ...). Submit from the repository root.
+# Before submitting, `rlhf pipeline --config CONFIG --check-data --num-gpus 16` (the job's GPUs in all, for its
+# batch checks; a login node will do: no GPU, nothing written) reads every stage's data as the runs will and
+# stops at the first bad row, naming its file and row.
 #
 # Requirements (DeepSpeed's launcher starts the workers over pdsh/ssh from the first node):
 #   - pdsh installed and passwordless ssh between the allocated nodes;

@@ -36,11 +36,11 @@ from stages.errors import CheckpointError, ConfigError
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import say
 from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
-from stages.ppo.ending import RewardEnding, describe_ending, reward_ending
+from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
-from stages.rendering import check_rendering, trained_with_eos
+from stages.rendering import check_rendering
 
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
@@ -190,9 +190,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device)
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
-    ending = reward_ending(tok, stop_ids, styles, warn, trained_with_eos(rm_dir, s.data.rm_add_eos, warn))
-    if (line := describe_ending(ending, tok)) is not None:
-        say(True, line)
+    ending = ending_for(rm_dir, s.data.rm_add_eos, tok, stop_ids, styles, warn, lambda line: say(True, line))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed}
     ref_path = s.reference or s.baseline

@@ -126,13 +126,14 @@ def prepare_tokenizer(
 ) -> Any:
     """Load the tokenizer, or (from_config without `tokenizer`) train one once on rank 0 and save it in
     `out_dir/tokenizer` so that every rank, and a resumed run, uses the same one. With `save=False` (one
-    process, `--check-data`) nothing is written: a tokenizer not saved yet is trained in memory, as the run would.
+    process, `--check-data`) nothing is read from or written to `out_dir`: the tokenizer is trained in memory, as a
+    fresh run would train it (a resumed run's saved one is the same: same texts, and --resume refuses changed data).
 
     A tokenizer without a pad token gets pad = eos; one without a chat template gets DEFAULT_CHAT_TEMPLATE
     (or `chat_template` when given, which always wins)."""
     if cfg.from_config is not None and cfg.tokenizer is None:
         path = out_dir / "tokenizer"
-        if not save and not (path / "tokenizer.json").exists():
+        if not save:
             trained = train_tokenizer(texts(), cfg.tokenizer_train.vocab_size, cfg.tokenizer_train.min_frequency)
             return _finish_tokenizer(trained, "the tokenizer trained on the data", chat_template)
         if dist.is_main and not (path / "tokenizer.json").exists():

@@ -79,18 +79,28 @@ def check_data(stage: str, cfg: Any, world_size: int) -> Any:
 
 
 def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[StageRun, list[str]], Any],
-                        heading: Callable[[str], None], scratch: Path) -> None:
+                        heading: Callable[[str], None], scratch: Path, force: bool = False) -> None:
     """`rlhf pipeline --check-data`: every stage's data check, in order (`load(run, overrides)` gives its
-    config). A stage that reads an earlier stage's output that is not complete yet reads a stand-in folder in
-    `scratch` instead, holding what that stage's check returned: the tokenizer its run would save and the
-    rendering record it would write. So the RM's pairs and PPO's prompts are tokenized, and PPO's rendering
-    checked, as they will be once SFT and the RM have run; nothing is written to the pipeline's folders."""
-    stand_ins: dict[str, str] = {}  # an incomplete stage's output folder -> the folder standing in for it
+    config). A stage that reads the output of an earlier stage the pipeline will (re)train — not complete yet,
+    `force`, or after another (re)trained stage, as `run_pipeline` decides — reads a stand-in folder in `scratch`
+    instead, holding what that stage's check returned: the tokenizer its run would save and the rendering record
+    it would write. So the RM's pairs and PPO's prompts are tokenized, and PPO's rendering checked, as they will
+    be; nothing is written to the pipeline's folders. An error names its stage, and a stage output for a
+    stand-in's path."""
+    stand_ins: dict[str, str] = {}  # the output folder of a stage still to be trained -> its stand-in
+    retrained = False
     for run in runs:
         heading(f"{run.label}: data check")
         overrides = [_stand_in(item, stand_ins) for item in run.overrides]
-        handed = check_data(run.stage, load(run, overrides), world_size)
-        if run.stage != "ppo" and not is_complete(run.out, run.stage):
+        try:
+            handed = check_data(run.stage, load(run, overrides), world_size)
+        except RlhfError as exc:
+            text = str(exc)
+            for out, folder in stand_ins.items():
+                text = text.replace(folder, f"{out} (not trained yet: what its run would hand on)")
+            raise type(exc)(f"pipeline stage {run.label}: {text}") from None
+        if run.stage != "ppo" and (force or retrained or not is_complete(run.out, run.stage)):
+            retrained = True
             tokenizer, rendering = handed
             folder = scratch / run.label
             tokenizer.save_pretrained(str(folder))

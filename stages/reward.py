@@ -206,6 +206,11 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
     return tokenizer, added, rows["train"], rows.get("eval"), reports
 
 
+def say_added_pad(added: bool, enabled: bool) -> None:
+    if added:
+        say(enabled, "the tokenizer's pad token was its EOS; added a distinct <|pad|> (embedding grown by 1)")
+
+
 def describe_pairs(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
@@ -219,7 +224,8 @@ def check_data(cfg: RMConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     the run prints (pairs, tokens, identical and duplicate pairs dropped, truncations, skipped rows by reason) and
     its step plan; write nothing. A bad row (data.on_bad_row: error) is the run's DataError, naming file and row.
     Returns what the run would hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
-    tokenizer, _, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    tokenizer, added_pad, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    say_added_pad(added_pad, True)
     print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs")
     return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos)
 
@@ -229,8 +235,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     """Train; returns the final HF reward-model checkpoint (`output_dir/final`, with reward_stats.json)."""
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
     tokenizer, added_pad, train_rows, eval_rows, reports = load_rm_data(cfg, out, dist)
-    if added_pad:
-        say(dist.is_main, "the tokenizer's pad token was its EOS; added a distinct <|pad|> (embedding grown by 1)")
+    say_added_pad(added_pad, dist.is_main)
 
     write_data_reports(out, reports, dist, describe_pairs)
     if eval_rows is not None and len(eval_rows) == 0:

@@ -215,7 +215,7 @@ def test_dry_run_under_another_launcher_is_refused_not_trained(tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     for flag in ("--dry-run", "--check-data"):
         res = invoke_cli("sft", "-c", str(TINY_SFT), flag, "--set", f"output_dir={tmp_path / 'o'}")
-        assert res.exit_code == 2 and "run in one process: start them without torchrun" in res.stderr, res.output
+        assert res.exit_code == 2 and "run in one process: start them without a launcher" in res.stderr, res.output
     assert not (tmp_path / "o").exists()
 
 

@@ -438,10 +438,11 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     import shutil
 
     from stages import evaluate as evaluate_module
+    from stages.ppo import ending as ending_module
 
     endings = []
-    real = evaluate_module.reward_ending
-    monkeypatch.setattr(evaluate_module, "reward_ending", lambda *a: endings.append(real(*a)) or endings[-1])
+    real = ending_module.reward_ending
+    monkeypatch.setattr(ending_module, "reward_ending", lambda *a: endings.append(real(*a)) or endings[-1])
     no_eos = tmp_path / "rm-no-eos"
     shutil.copytree(root / "rm" / "final", no_eos)
     meta = json.loads((no_eos / "rlhf_checkpoint.json").read_text())
@@ -564,7 +565,8 @@ def test_check_data_prints_what_each_stage_of_the_pipeline_read(pipeline_run, tm
     """`--check-data` on each stage config the session's pipeline ran, pointed at fresh output folders: SFT (its
     tokenizer trained in memory again) and the RM print exactly the lines of their runs' data_report.json, and
     the runs' step counts (train.max_steps 60 and 40); PPO reads the 2000 training and 128 validation prompts
-    with both tokenizers and the rendering records checked, and plans 2 iterations of 8 prompts (250 per pass);
+    with both tokenizers and the rendering records checked, and plans 1 critic-only + 2 rollouts of 8 prompts
+    (250 per pass);
     nothing is written."""
     from stages.data import DataReport
     from stages.reward import describe_pairs
@@ -585,7 +587,8 @@ def test_check_data_prints_what_each_stage_of_the_pipeline_read(pipeline_run, tm
                      "--set", f"output_dir={fresh}")
     assert res.exit_code == 0, res.output
     assert "prompts: 2000 train, 128 validation; 0 cut to 64 tokens" in res.stdout, res.stdout[-2000:]
-    assert "iterations: 2 of 8 prompts (250 per pass over the training prompts, 1 rank(s))" in res.stdout
+    assert "rollouts: 3 (1 critic-only + 2 iterations) of 8 prompts each; 250 per pass over the training " \
+           "prompts (1 rank(s))" in res.stdout
     assert "prompts: 2000 train, 128 validation" in pipeline_run[1].stdout  # what the PPO run printed
     assert not fresh.exists()
 
@@ -617,6 +620,50 @@ def test_pipeline_check_data_reads_every_stage_before_any_exists(tmp_path):
     ppo_set = [f"data.train={plain}", "data.eval=null", "data.eval_fraction=0", "data.format=prompt"]
     res = invoke_cli("pipeline", "--config", str(path), "--check-data", "--set", f"rm.set=[{','.join(rm_set)}]",
                      "--set", f"ppo.set=[{','.join(ppo_set)}]")
-    assert res.exit_code == 2 and "rlhf-check-data-" in res.stderr, res.output
-    assert "was trained on chat-template conversations; PPO renders its prompts as plain prompt text" in res.stderr
+    assert res.exit_code == 2 and "pipeline stage ppo-max: data: the policy (SFT) " in res.stderr, res.output
+    assert f"{tmp_path / 'runs' / 'sft'} (not trained yet: what its run would hand on) was trained on " \
+           "chat-template conversations; PPO renders its prompts as plain prompt text" in res.stderr, res.stderr
+    assert "rlhf-check-data-" not in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("complete, force, real", [
+    ((), False, ()),                      # a fresh pipeline: the RM and PPO read stand-ins
+    (("sft", "rm"), False, ("sft", "rm")),  # both kept: read as they are
+    (("sft",), False, ("sft",)),          # the RM still to train: PPO reads the real SFT and the RM's stand-in
+    (("rm",), False, ()),                 # SFT retrained, so the complete RM is retrained too
+    (("sft", "rm"), True, ()),            # --force retrains both
+])
+def test_pipeline_check_data_stands_in_for_each_stage_the_pipeline_will_train(tmp_path, monkeypatch, complete, force,
+                                                                              real):
+    """Which earlier outputs each stage's data check reads, as `run_pipeline` decides what it retrains: a complete
+    stage it keeps is read as it is; one it will (re)train is replaced by its stand-in (what its check returned)."""
+    from rlhf_cli.config_loader import load_config
+    from stages.pipeline import check_pipeline_data, plan
+
+    root = tmp_path / "runs"
+    for stage in complete:
+        (root / stage / "final").mkdir(parents=True)
+        (root / stage / "final" / "config.json").write_text("{}")
+    runs = plan(load_config("pipeline", TINY / "pipeline.yaml", [f"output_dir={root}"]))
+    read: dict[str, list[str]] = {}
+
+    class Tokenizer:
+        def save_pretrained(self, folder: str) -> None:
+            Path(folder).mkdir()
+
+    def check(stage: str, given: tuple[str, list[str]], world_size: int) -> object:
+        label, overrides = given
+        read[label] = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].endswith("name_or_path")]
+        return None if stage == "ppo" else (Tokenizer(), {"styles": ["chat"]})
+
+    import stages.pipeline as pl
+
+    monkeypatch.setattr(pl, "check_data", check)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    check_pipeline_data(runs, 1, lambda run, overrides: (run.label, overrides), lambda _: None, scratch, force)
+    expect = {name: str(root / name if name in real else scratch / name) for name in ("sft", "rm")}
+    assert read == {"sft": [], "rm": [expect["sft"]], "ppo-max": [expect["sft"], expect["rm"]]}
+    for name in {"sft", "rm"} - set(real):  # a stand-in holds the rendering record its stage's check returned
+        assert json.loads((scratch / name / "rlhf_checkpoint.json").read_text()) == {"rendering": {"styles": ["chat"]}}

@@ -935,6 +935,27 @@ def test_stop_token_ids_of_a_real_model_without_generation_eos():
     assert stop_token_ids(model, SimpleNamespace(eos_token_id=2), []) == [2, 3, 4]
 
 
+def test_saved_stop_ids_are_those_of_the_model_loaded_from_the_folder(tmp_path):
+    """The data check reads a policy's stop tokens from its folder without its weights: the same ids as the
+    loaded model gives, with generation_config.json (EOS ids [3, 4]) and without it (config.json's eos 6), and the
+    tokenizer's EOS and the extra ids alone for a folder that holds no model (a hub id, a stand-in)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.ppo.models import saved_stop_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    model = _llama()
+    model.generation_config.eos_token_id = [3, 4]
+    model.save_pretrained(tmp_path / "with")
+    model.config.eos_token_id = 6
+    model.save_pretrained(tmp_path / "without")
+    (tmp_path / "without" / "generation_config.json").unlink()
+    for name, expected in (("with", [2, 3, 4, 5]), ("without", [2, 5, 6])):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert saved_stop_ids(str(tmp_path / name), tok, [5]) == stop_token_ids(loaded, tok, [5]) == expected, name
+    assert saved_stop_ids(str(tmp_path), tok, [5]) == saved_stop_ids(None, tok, [5]) == [2, 5]
+
+
 @ARCHS
 def test_value_model_reads_the_score_head_at_every_position(kind):
     torch.manual_seed(0)

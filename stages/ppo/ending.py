@@ -33,7 +33,7 @@ import torch
 
 from stages.data import Conversation, bos_ids, encode_segments, render_segments
 from stages.pairs import end_at_last_eos
-from stages.rendering import CHAT, RAW_PR
+from stages.rendering import CHAT, RAW_PR, trained_with_eos
 
 #: two dummy replies rendered to find the template's tail: what their renders end with alike is the template's
 _REPLIES = ("Hello", "Goodbye")
@@ -154,6 +154,17 @@ def reward_ending(tokenizer: Any, stop_ids: Iterable[int], styles: Iterable[str]
             if stop == eos or not tokenizer.decode([stop], skip_special_tokens=True):
                 drop.add(stop)
     return RewardEnding(eos, after, frozenset(drop), add_eos)
+
+
+def ending_for(rm_dir: str | None, rm_add_eos: bool | None, tokenizer: Any, stop_ids: Iterable[int],
+               styles: Iterable[str], warn: Callable[[str], None], tell: Callable[[str], None]) -> RewardEnding:
+    """`reward_ending` for the reward model in `rm_dir`, read as its rows were trained (`trained_with_eos`:
+    data.rm_add_eos, else its record), with `describe_ending`'s line, when there is one, given to `tell` (what
+    PPO and `rlhf eval` print at start)."""
+    ending = reward_ending(tokenizer, stop_ids, styles, warn, trained_with_eos(rm_dir, rm_add_eos, warn))
+    if (line := describe_ending(ending, tokenizer)) is not None:
+        tell(line)
+    return ending
 
 
 def describe_ending(ending: RewardEnding, tokenizer: Any) -> str | None:

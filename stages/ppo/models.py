@@ -93,6 +93,22 @@ def stop_token_ids(policy: torch.nn.Module, tokenizer: Any, extra: list[int]) ->
     return sorted(i for i in ids if i is not None)
 
 
+def saved_stop_ids(model_dir: str | None, tokenizer: Any, extra: list[int]) -> list[int]:
+    """`stop_token_ids` of the causal LM in the local folder `model_dir` without loading its weights: with the
+    generation config transformers gives it on loading (its generation_config.json, else one made from its
+    config.json); a folder with neither, a hub id or None: the tokenizer's EOS and `extra` only."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, GenerationConfig
+
+    folder, gen = Path(model_dir) if model_dir else None, None
+    if folder is not None and (folder / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(folder))
+    elif folder is not None and (folder / "config.json").is_file():
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder)))
+    return stop_token_ids(types.SimpleNamespace(generation_config=gen), tokenizer, extra)
+
+
 def engine_train_config(cfg: PPOConfig, lr: float) -> TrainConfig:
     """The TrainConfig an engine is built from: micro-batches of train.micro_batch_size, an optimizer step per
     mini-batch, the trick's global gradient clip."""

@@ -44,7 +44,7 @@ from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
-from stages.ppo.ending import RewardEnding, describe_ending, reward_ending
+from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
 from stages.ppo.models import (
     GenerationCopy,
@@ -55,6 +55,7 @@ from stages.ppo.models import (
     engine_train_config,
     freeze,
     frozen_ds_config,
+    saved_stop_ids,
     stop_token_ids,
 )
 from stages.ppo.monitor import collapse_reasons
@@ -81,7 +82,7 @@ from stages.ppo.tricks import (
     value_loss,
     whiten,
 )
-from stages.rendering import check_rendering, read_rendering, rendering_record, trained_with_eos
+from stages.rendering import check_rendering, read_rendering, rendering_record
 from stages.trainer import (
     EpochSampler,
     LossGuard,
@@ -498,11 +499,19 @@ def data_samplers(cfg: PPOConfig, data: dict[str, Any], world_size: int) -> tupl
 def check_data(cfg: PPOConfig, world_size: int) -> None:
     """`rlhf ppo --check-data`: load both tokenizers and every prompt (and PTX row) as the run would, with the
     run's checks (tokenizers agree, rendering matches the SFT and RM records, gold-reward prompts, enough prompts
-    for one rollout batch on `world_size` ranks); print what the run prints about them; write nothing."""
-    _, _, data = load_inputs(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
+    for one rollout batch on `world_size` ranks, how the RM reads a response's ending: `ending_for`, with the
+    policy's stop tokens read from its folder); print what the run prints about them; write nothing."""
+    tokenizer, _, data = load_inputs(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     prompts, _ = data_samplers(cfg, data, world_size)
-    say(True, f"iterations: {cfg.train.iterations} of {prompts.global_batch} prompts "
-              f"({prompts.steps_per_epoch} per pass over the training prompts, {world_size} rank(s))")
+    policy = resolve_model_dir(cfg.model.name_or_path) if cfg.model.name_or_path else None
+    stop_ids = saved_stop_ids(policy, tokenizer, cfg.generation.stop_token_ids)
+    rm_path = cfg.reward_model.name_or_path
+    ending_for(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, tokenizer, stop_ids,
+               data["styles"], lambda text: say(True, f"[yellow]{text}[/]"), lambda line: say(True, line))
+    pretrain, iterations = cfg.ppo.critic_pretrain_steps, cfg.train.iterations
+    say(True, f"rollouts: {pretrain + iterations} ({pretrain} critic-only + {iterations} iterations) of "
+              f"{prompts.global_batch} prompts each; {prompts.steps_per_epoch} per pass over the training prompts "
+              f"({world_size} rank(s))")
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -514,6 +523,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
     say(dist.is_main, describe_tricks(cfg))
     tokenizer, rm_tok, data = load_inputs(cfg, out, dist)
+    prompt_sampler, ptx_sampler = data_samplers(cfg, data, dist.world_size)  # before any model is built
     t, ppo = cfg.train, cfg.ppo
     B = t.rollout_batch_size
     total = ppo.critic_pretrain_steps + t.iterations
@@ -523,11 +533,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
     rm_path, warn = cfg.reward_model.name_or_path, lambda text: say(dist.is_main, f"[yellow]{text}[/]")
-    add_eos = trained_with_eos(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, warn)
-    ending = reward_ending(tokenizer, stop_ids, data["styles"], warn, add_eos)
-    if (line := describe_ending(ending, tokenizer)) is not None:
-        say(dist.is_main, line)
-    prompt_sampler, ptx_sampler = data_samplers(cfg, data, dist.world_size)
+    ending = ending_for(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, tokenizer, stop_ids,
+                        data["styles"], warn, lambda line: say(dist.is_main, line))
 
     seed_everything(cfg.seed + dist.rank)
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
