@@ -423,9 +423,10 @@ def pipeline(
     hostfile: HostfileOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the pipeline and every stage config; print "
                                           "the stage commands; train nothing.", show_default="off")] = False,
-    check_data: Annotated[bool, typer.Option("--check-data", help="A --dry-run that also runs each stage's "
-                                             "--check-data in order; a stage whose input an earlier one makes "
-                                             "reads the tokenizer and rendering record that stage would hand on.",
+    check_data: Annotated[bool, typer.Option("--check-data", help="A --dry-run that also reads every stage's "
+                                             "data as its --check-data does, in order; a stage whose input an "
+                                             "earlier one will train reads the tokenizer and rendering record that "
+                                             "stage would hand on. Give the real run's launcher options.",
                                              show_default="off")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages whose output is already complete "
                                         "(their old output is replaced).", show_default="off")] = False,
