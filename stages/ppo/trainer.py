@@ -480,6 +480,14 @@ def load_inputs(cfg: PPOConfig, out: Path, dist: DistInfo, save: bool = True) ->
     return tokenizer, rm_tok, data
 
 
+def rm_ending(cfg: PPOConfig, tokenizer: Any, stop_ids: list[int], styles: set[str], enabled: bool) -> RewardEnding:
+    """`ending_for` the config's reward model (data.rm_add_eos, else its record), its warnings and line printed
+    when `enabled` (rank 0)."""
+    rm_path = cfg.reward_model.name_or_path
+    return ending_for(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, tokenizer, stop_ids,
+                      styles, lambda text: say(enabled, f"[yellow]{text}[/]"), lambda line: say(enabled, line))
+
+
 def data_samplers(cfg: PPOConfig, data: dict[str, Any], world_size: int) -> tuple[EpochSampler, EpochSampler | None]:
     """The prompt sampler (a rollout batch of rollout_batch_size prompts per rank each iteration) and, with PTX
     rows, theirs (one micro-batch per rank per update); too few rows for one such batch is an error."""
@@ -504,10 +512,7 @@ def check_data(cfg: PPOConfig, world_size: int) -> None:
     tokenizer, _, data = load_inputs(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     prompts, _ = data_samplers(cfg, data, world_size)
     policy = resolve_model_dir(cfg.model.name_or_path) if cfg.model.name_or_path else None
-    stop_ids = saved_stop_ids(policy, tokenizer, cfg.generation.stop_token_ids)
-    rm_path = cfg.reward_model.name_or_path
-    ending_for(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, tokenizer, stop_ids,
-               data["styles"], lambda text: say(True, f"[yellow]{text}[/]"), lambda line: say(True, line))
+    rm_ending(cfg, tokenizer, saved_stop_ids(policy, tokenizer, cfg.generation.stop_token_ids), data["styles"], True)
     pretrain, iterations = cfg.ppo.critic_pretrain_steps, cfg.train.iterations
     say(True, f"rollouts: {pretrain + iterations} ({pretrain} critic-only + {iterations} iterations) of "
               f"{prompts.global_batch} prompts each; {prompts.steps_per_epoch} per pass over the training prompts "
@@ -532,9 +537,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     policy, critic = models["policy"], models["critic"]
     pad_id, vocab = tokenizer.pad_token_id, len(tokenizer)
     stop_ids = stop_token_ids(policy.module, tokenizer, cfg.generation.stop_token_ids)
-    rm_path, warn = cfg.reward_model.name_or_path, lambda text: say(dist.is_main, f"[yellow]{text}[/]")
-    ending = ending_for(resolve_model_dir(rm_path) if rm_path else None, cfg.data.rm_add_eos, tokenizer, stop_ids,
-                        data["styles"], warn, lambda line: say(dist.is_main, line))
+    ending = rm_ending(cfg, tokenizer, stop_ids, data["styles"], dist.is_main)
 
     seed_everything(cfg.seed + dist.rank)
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
