@@ -82,7 +82,7 @@ def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[S
                         heading: Callable[[str], None], scratch: Path, force: bool = False) -> None:
     """`rlhf pipeline --check-data`: every stage's data check, in order (`load(run, overrides)` gives its
     config). A stage that reads the output of an earlier stage the pipeline will (re)train — not complete yet,
-    `force`, or after another (re)trained stage, as `run_pipeline` decides — reads a stand-in folder in `scratch`
+    `force`, or after another (re)trained stage: `will_train`, as in `run_pipeline` — reads a stand-in folder in `scratch`
     instead, holding what that stage's check returned: the tokenizer its run would save and the rendering record
     it would write. So the RM's pairs and PPO's prompts are tokenized, and PPO's rendering checked, as they will
     be; nothing is written to the pipeline's folders. An error names its stage, and a stage output for a
@@ -99,7 +99,7 @@ def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[S
             for out, folder in stand_ins.items():
                 text = text.replace(folder, f"{out} (not trained yet: what its run would hand on)")
             raise type(exc)(f"pipeline stage {run.label}: {text}") from None
-        if run.stage != "ppo" and (force or retrained or not is_complete(run.out, run.stage)):
+        if run.stage != "ppo" and will_train(run, force, retrained):
             retrained = True
             tokenizer, rendering = handed
             folder = scratch / run.label
@@ -116,6 +116,12 @@ def _stand_in(override: str, stand_ins: dict[str, str]) -> str:
     """
     key, _, value = override.partition("=")
     return f"{key}={stand_ins[value]}" if value in stand_ins else override
+
+
+def will_train(run: StageRun, force: bool, upstream_retrained: bool) -> bool:
+    """Whether the pipeline (re)trains `run` rather than skipping it: `force`, an earlier SFT or RM stage
+    (re)trained in this pipeline run (`upstream_retrained`), or its output not complete."""
+    return force or upstream_retrained or not is_complete(run.out, run.stage)
 
 
 def is_complete(out: Path, stage: str) -> bool:
@@ -289,14 +295,13 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     sft = root / "sft"
     upstream_retrained = False
     for i, run in enumerate(runs, 1):
-        done = is_complete(run.out, run.stage)
         console.rule(f"[bold]pipeline {i}/{len(runs)}: {run.label}[/] ({run.stage} → {run.out})")
         if run.stage == "train-rm":
             check_policy_handoff(sft)
         elif run.stage == "ppo":
             check_reward_handoff(root / "rm", sft)
         fresh = force or upstream_retrained
-        if done and not fresh:
+        if not will_train(run, force, upstream_retrained):
             changes = stage_config_changes(run.out, (resolved or {}).get(run.label), run.stage)
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             if changes and not allow_changes:
