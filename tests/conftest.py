@@ -17,6 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# On pytest-xdist workers (`make test` starts 2) every process computes on one thread: two workers whose
+# tests and CLI children each start a thread per core oversubscribe the cores, and waiting OpenMP threads spin.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, which Python keeps and every
 # child process inherits; the signal tests send SIGINT to rlhf as a terminal's Ctrl-C would, so it is handled as
 # there (Python's handler here, the default in children).
@@ -70,10 +74,37 @@ def tiny_sft_dict(tmp_path: Path, **train: Any) -> dict[str, Any]:
     return cfg
 
 
+#: modules whose tests (mostly multi-process DeepSpeed launches, 20-90 s each) are queued first when the suite
+#: runs on several workers, so that no worker is left with one of them at the end
+HEAVY_FIRST = ("test_sft", "test_reliability", "test_reward")
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The pytest-xdist group (`--dist loadgroup`) that keeps `item` on the worker holding its expensive fixture:
+    "pipeline_run" for every test of the session's tiny pipeline, its module for a test with another
+    module-scoped fixture (one_thread excepted: it costs nothing), else None (any worker)."""
+    if "pipeline_run" in item.fixturenames:
+        return "pipeline_run"
+    defs = getattr(item, "_fixtureinfo", None)
+    for name, fixturedefs in (defs.name2fixturedefs.items() if defs is not None else ()):
+        if name != "one_thread" and any(d.scope == "module" for d in fixturedefs):
+            return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` run only where CUDA is available."""
+    """Tests marked `gpu` run only where CUDA is available. Under pytest-xdist (`make test` runs on 2 workers)
+    each test gets its `xdist_group` and the HEAVY_FIRST modules' tests are queued first."""
     import torch
 
+    if getattr(config.option, "loadgroup", False):  # set by pytest-xdist on its workers, which collect the tests
+        for item in items:
+            group = xdist_group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+        heavy = {name: i for i, name in enumerate(HEAVY_FIRST)}
+        items.sort(key=lambda item: heavy.get(item.module.__name__.rpartition(".")[2], len(heavy)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
