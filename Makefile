@@ -25,7 +25,7 @@ reproduce: $(STAMP)
 
 # on TEST_WORKERS pytest-xdist workers (2: one per core of the CI machines; 0 runs the suite in this process). Tests
 # that share an expensive fixture stay on one worker (tests/conftest.py: xdist_group), and every worker process
-# computes on one thread; on 2 cores this takes ~55 % of the one-process time.
+# computes on one thread; on 2 cores this takes 55-65 % of the one-process time.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
