@@ -351,7 +351,10 @@ class GenerationConfig(Section):
         "eos", description="a response that hits max_new_tokens: eos = score it with EOS appended (or as it is, for "
         "a reward model trained without EOS); penalty = score it as is and subtract truncation_penalty"
     )
-    truncation_penalty: float = Field(1.0, description="subtracted from a truncated response's raw score (penalty)")
+    truncation_penalty: float = Field(
+        1.0, description="subtracted from a truncated response's raw RM score (penalty), before the running reward "
+        "statistics, normalisation and reward_clip: in the RM's score units"
+    )
     stop_token_ids: list[int] = Field(
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's); "
         "a response ending on one is scored by the reward model with what its training data has after the "

@@ -196,6 +196,21 @@ def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores
     assert "objective/scores_sq" not in m and "objective/scores_transformed_sq" not in m
 
 
+def test_truncation_penalty_is_in_raw_score_units_before_the_reward_statistics(tmp_path, dist):
+    """on_truncation: penalty subtracts from the RM's raw score (row 1 is the truncated one); the penalised
+    scores then enter the running statistics and are normalised and clipped like any score (README)."""
+    def score_with(penalty: float) -> dict:
+        gen = {"on_truncation": "penalty", "truncation_penalty": penalty}
+        return run_once(tmp_path, dist, generation=gen, reward_norm=True, reward_clip=0.8)["exp"]
+
+    pen, plain = score_with(3.0), score_with(0.0)
+    assert (plain["raw"] - pen["raw"]).tolist() == pytest.approx([0.0, 3.0, 0.0, 0.0], abs=1e-5)
+    moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # run_once's statistics before the batch
+    moments.update(pen["raw"])
+    expected = ((pen["raw"].double() - moments.mean) / moments.std).clamp(-0.8, 0.8)
+    assert pen["score"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def test_policy_and_value_clipping_show_in_their_clip_fractions(tmp_path, dist):
     tight = run_once(tmp_path, dist, policy_clip=1e-4, value_clip=1e-4)["metrics"]
     loose = run_once(tmp_path, dist, policy_clip=10.0, value_clip=10.0)["metrics"]
