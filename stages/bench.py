@@ -3,10 +3,10 @@
 A workload (configs/bench/*.yaml, schema BenchConfig) is an architecture, a prompt count and length, and a
 response length. It is built once into output_dir/workload (reused while the workload is unchanged):
 
-    tokenizer/  a word-level tokenizer of `words` random words (+ pad and EOS), so a prompt of n words is
-                exactly n tokens
-    policy/     a random-init causal LM of the architecture (the model's vocabulary is the architecture's,
-                e.g. 151,936, however few of its rows the tokenizer names: the LM head costs its full width)
+    tokenizer/  a word-level tokenizer naming every row of the architecture's vocabulary (pad, EOS and words
+                w0, w1, ...; 151,936 ids for W1), so a prompt of n words is exactly n tokens, and the sampler
+                draws, and the log-probs normalise, over the whole vocabulary as with a real tokenizer
+    policy/     a random-init causal LM of the architecture
     rm/         a random-init sequence classifier of the same architecture (reward model and critic)
     prompts.jsonl
 
@@ -46,7 +46,7 @@ WORKLOAD_STAMP = "workload.json"
 
 # --------------------------------------------------------------------------------------------- workload
 def word_tokenizer(words: int) -> Any:
-    """Word-level tokenizer: ids 0 = <|pad|>, 1 = <|endoftext|>, 2.. = w0 w1 ...; whitespace-split."""
+    """Word-level tokenizer of words + 2 ids: 0 = <|pad|>, 1 = <|endoftext|>, 2.. = w0 w1 ...; whitespace-split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +58,8 @@ def word_tokenizer(words: int) -> Any:
 
 
 def _stamp(cfg: BenchConfig, dtype: torch.dtype) -> dict[str, Any]:
-    return {"workload": cfg.workload.model_dump(mode="json"), "seed": cfg.seed, "dtype": str(dtype)}
+    return {"workload": cfg.workload.model_dump(mode="json"), "seed": cfg.seed, "dtype": str(dtype),
+            "tokenizer": "every row"}  # (workloads built before it named `words` + 2 rows only)
 
 
 def workload_model_config(cfg: BenchConfig) -> Any:
@@ -92,10 +93,10 @@ def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
     tmp = root.with_name(".tmp-workload")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = word_tokenizer(w.words)
     config = workload_model_config(cfg)
-    if config.vocab_size < len(tok):
+    if config.vocab_size < w.words + 2:
         raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
+    tok = word_tokenizer(config.vocab_size - 2)  # the prompts use the first `words` of them
     plain = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
     init_on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # random init is slow on CPU
     for name, cls, extra in (("policy", AutoModelForCausalLM, {}), ("rm", AutoModelForSequenceClassification,

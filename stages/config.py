@@ -601,7 +601,8 @@ class BenchWorkloadConfig(Section):
     prompts: int = Field(64, ge=1, description="prompts per iteration (the rollout batch)")
     prompt_length: int = Field(128, ge=1, description="tokens per prompt")
     new_tokens: int = Field(128, ge=1, description="tokens generated per prompt, exactly (no early stop)")
-    words: int = Field(1000, ge=2, description="distinct words (tokens) the random prompts draw from")
+    words: int = Field(1000, ge=2, description="distinct words (tokens) the random prompts draw from (the "
+                       "tokenizer names every row of the vocabulary, so responses draw from all of them)")
 
     @model_validator(mode="after")
     def _architecture(self) -> "BenchWorkloadConfig":

@@ -118,7 +118,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
             out.gold += gold_scores(s.data.gold_reward or "", tok, batch, responses)
         if out.kl is not None:
             width = roll.prompt_width
-            lp_args = dict(chunk_tokens=LOGPROB_CHUNK, temperature=logprob_temperature(s.generation))
+            lp_args = dict(chunk_tokens=LOGPROB_CHUNK, temperature=logprob_temperature(s.generation),
+                           vocab=roll.vocab_size)
             lp, _ = response_logprobs(model, full_ids, full_mask, width, roll.response, **lp_args)
             ref, _ = response_logprobs(reference, full_ids, full_mask, width, roll.response, **lp_args)
             out.kl += ((lp - ref) * roll.response_mask).sum(1).tolist()

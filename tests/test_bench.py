@@ -103,6 +103,21 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert "aten::mm" in Path(r["profile"]["table"]).read_text()
 
 
+def test_the_workload_tokenizer_names_every_row_and_the_prompts_use_the_first_words(bench_dir):
+    """So that the sampler draws, and the log-probs normalise, over the whole vocabulary (1024 in tiny.yaml),
+    as with a model's own tokenizer; the prompts draw from the first `words` (200)."""
+    from transformers import AutoConfig
+
+    from stages.models import load_tokenizer
+
+    w = bench_dir / "out/workload"
+    tok = load_tokenizer(str(w / "policy"))  # (AutoTokenizer would take qwen2's class from config.json)
+    assert len(tok) == 1024 == AutoConfig.from_pretrained(w / "policy").vocab_size
+    assert tok("w0 w199 w1021")["input_ids"] == [2, 201, 1023]
+    words = {x for line in (w / "prompts.jsonl").read_text().splitlines() for x in json.loads(line)["prompt"].split()}
+    assert words <= {f"w{i}" for i in range(200)} and len(words) > 150
+
+
 def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     r = json.loads((bench_dir / "out/bench-generate.json").read_text())
     assert r["prompts"] == 8 and r["prompt_length"] == 16

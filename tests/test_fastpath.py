@@ -395,6 +395,33 @@ def test_chunked_logprobs_entropy_and_gradients_equal_the_reference(kind, chunk)
         assert torch.allclose(g0[name], g1[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_logprobs_are_those_of_the_ids_the_sampler_can_draw(chunk):
+    """An embedding with rows past the tokenizer (VOCAB - 8 ids drawable): log-probs, entropy and their gradients
+    are those of softmax over the drawable ids' logits, on the reference and the chunked path alike; the rollout
+    carries the sampler's vocabulary to the scoring and the update."""
+    ids, mask, p, resp = _batch("llama")
+    vocab = VOCAB - 8
+    model = _model("llama").train()
+    logp, ent = response_logprobs(model, ids, mask, p, resp, with_entropy=True, chunk_tokens=chunk, vocab=vocab)
+    (logp.sum() + ent.sum()).backward()
+    got = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad()
+    z = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, p - 1:-1, :vocab]
+    logp_all = torch.log_softmax(z.float(), -1)
+    want_lp, want_ent = logp_all.gather(-1, resp[..., None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+    (want_lp.sum() + want_ent.sum()).backward()
+    assert torch.allclose(logp, want_lp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
+    for n, q in model.named_parameters():
+        assert torch.allclose(got[n], q.grad, atol=1e-5), n
+    every_row = response_logprobs(model, ids, mask, p, resp, chunk_tokens=chunk)[0]
+    assert (every_row - logp).abs().max() > 1e-3  # the 8 extra rows hold probability: leaving them out shows
+    roll = sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=4), [2],
+                  PAD_ID, vocab)
+    assert roll.vocab_size == vocab and roll.select([1, 0]).vocab_size == vocab
+    assert int(roll.response.max()) < vocab
+
+
 def test_chunked_logprobs_in_bfloat16_stay_within_the_stated_tolerance():
     ids, mask, p, resp = _batch("llama")
     ref = response_logprobs(_model("llama"), ids, mask, p, resp)[0]

@@ -502,6 +502,17 @@ def test_token_logprobs_and_entropy_hand_values_across_chunks():
     assert token_logprobs(logits, tokens)[1] is None
 
 
+def test_token_logprobs_leave_out_the_embedding_rows_the_sampler_never_draws():
+    # a 4th embedding row past the tokenizer (vocab 3): the distribution over the first 3 is p = [0.25, 0.25, 0.5]
+    logits = torch.tensor([[[0.0, 0.0, LOG2, 5.0]], [[1.0, 1.0, 1.0, 1.0]]])
+    lp, ent = token_logprobs(logits, torch.tensor([[2], [0]]), with_entropy=True, vocab=3)
+    assert lp.flatten().tolist() == pytest.approx([math.log(0.5), -math.log(3)], abs=1e-6)
+    assert ent.flatten().tolist() == pytest.approx([1.5 * LOG2, math.log(3)], abs=1e-6)
+    every_row = token_logprobs(logits, torch.tensor([[2], [0]]), vocab=None)[0]
+    assert every_row.flatten().tolist() == pytest.approx([LOG2 - math.log(4 + math.exp(5)), -math.log(4)], abs=1e-6)
+    assert torch.equal(token_logprobs(logits, torch.tensor([[2], [0]]), vocab=4)[0], every_row)
+
+
 def test_token_logprobs_at_a_temperature_are_those_of_the_scaled_logits():
     # logits 2 z at T = 2 are z: p = [0.25, 0.25, 0.5] again
     logits = torch.tensor([[[0.0, 0.0, 2 * LOG2]], [[2.0, 2.0, 2.0]]])

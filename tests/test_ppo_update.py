@@ -4,6 +4,7 @@ stages/ppo/trainer.py, run with tiny random models behind a stand-in for the Dee
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from typing import Any, Callable
 
@@ -113,11 +114,12 @@ def _ptx() -> tuple[TokenRows, EpochSampler]:
 
 
 def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, generation: dict | None = None,
-             **ppo) -> dict:
-    """Experience and update with fixed seeds; returns the experience, the metrics and the gradients."""
+             vocab: int | None = None, **ppo) -> dict:
+    """Experience and update with fixed seeds; returns the experience, the metrics and the gradients. vocab:
+    the rollout's `vocab_size` (the ids its sampler could draw)."""
     cfg = _config(tmp_path, generation, **ppo)
     models = _models()
-    rollout = _rollout()
+    rollout = dataclasses.replace(_rollout(), vocab_size=vocab)
     moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # std 2 before this batch
     exp = make_experience(cfg, dist, models, rollout, moments, RewardEnding.plain(EOS), iteration=1)
     ptx, sampler = _ptx() if with_ptx else (None, None)
@@ -183,6 +185,20 @@ def test_logprobs_at_temperature_reach_the_scoring_and_the_update_alike(tmp_path
     assert hot["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert not torch.allclose(hot["exp"]["logp"], base["exp"]["logp"])  # log p(z / 0.5), not log p(z)
     assert _differs(hot["policy"], base["policy"])
+
+
+def test_the_rollouts_vocabulary_reaches_the_scoring_and_the_update(tmp_path, dist):
+    """Log-probs over the ids the sampler could draw (VOCAB - 10 of the embedding's VOCAB rows): the old and the
+    reference log-probs, the entropy and the first update's new log-probs (ratio 1) alike."""
+    part, whole = run_once(tmp_path, dist, vocab=VOCAB - 10, ppo_epochs=1), run_once(tmp_path, dist, ppo_epochs=1)
+    rollout, models = _rollout(), _models()
+    ids, mask = rollout.sequences()
+    for key, name in (("logp", "policy"), ("ref_logp", "reference")):
+        want = response_logprobs(models[name], ids, mask, rollout.prompt_width, rollout.response, vocab=VOCAB - 10)[0]
+        assert torch.allclose(part["exp"][key], want, atol=1e-6), key
+        assert not torch.allclose(part["exp"][key], whole["exp"][key], atol=1e-3), key
+    assert part["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert _differs(part["policy"], whole["policy"])
 
 
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):

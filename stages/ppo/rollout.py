@@ -33,6 +33,7 @@ class Rollout:
     response: torch.Tensor  # [B, R] right-padded
     response_mask: torch.Tensor  # [B, R] 1 on sampled tokens (the stop token included)
     truncated: torch.Tensor  # [B] bool: no stop token within max_new_tokens
+    vocab_size: int | None = None  # the sampler drew ids below this only (None: any); log-probs use these logits
 
     @property
     def prompt_width(self) -> int:
@@ -45,7 +46,7 @@ class Rollout:
     def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.response.device)
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx],
-                       self.truncated[idx])
+                       self.truncated[idx], self.vocab_size)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +349,7 @@ def sample(
     drawn = step + 1
     response = state.history[:, :drawn].contiguous()
     response_mask = state.alive[:, :drawn].long()
-    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished)
+    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished, vocab_size)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -367,15 +368,24 @@ def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return z / temperature if z is logits else z.div_(temperature)
 
 
+def drawable(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """The logits of the ids a sampler can draw, [..., :vocab] (a view): an embedding padded past the tokenizer
+    (Qwen2.5: 151,936 rows for 151,665 tokens) has rows the sampler never draws (`process_logits`), so the
+    log-probs, entropy and KL of the distribution it samples from leave them out. vocab None: every row."""
+    return logits if vocab is None or vocab >= logits.shape[-1] else logits[..., :vocab]
+
+
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8, temperature: float = 1.0
+    logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8, temperature: float = 1.0,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(token) = z_token - logsumexp(z) [B, R] in float32 with z = logits / temperature from logits
-    [B, R, V], and (with_entropy) the entropy H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk`
-    rows at a time, so no float32 copy of the whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
+    """log p(token) = z_token - logsumexp(z) [B, R] in float32 with z = logits[..., :vocab] / temperature from
+    logits [B, R, V] (`drawable`), and (with_entropy) the entropy H = logsumexp(z) - sum softmax(z) z per
+    position. Upcast `chunk` rows at a time, so no float32 copy of the whole [B, R, V] tensor exists (autograd
+    keeps each chunk's own)."""
     logps, ents = [], []
     for start in range(0, logits.shape[0], chunk):
-        z = scaled(logits[start:start + chunk], temperature)
+        z = scaled(drawable(logits[start:start + chunk], vocab), temperature)
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, tokens[start:start + chunk, :, None]).squeeze(-1) - lse)
         if with_entropy:
@@ -409,10 +419,11 @@ def head_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _head_logprobs(head: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                   tokens: torch.Tensor, with_entropy: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   tokens: torch.Tensor, with_entropy: bool, temperature: float,
+                   vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32,
-    from z = transform(head(hidden)) / temperature."""
-    z = scaled(transform(head(hidden)), temperature)
+    from z = transform(head(hidden))[:, :vocab] / temperature (`drawable`)."""
+    z = scaled(drawable(transform(head(hidden)), vocab), temperature)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
 
@@ -479,10 +490,11 @@ def chunk_bounds(n_tokens: int, chunk_tokens: int, head: torch.nn.Module, device
 
 def response_logprobs(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, tokens: torch.Tensor,
-    with_entropy: bool = False, chunk_tokens: int = 0, temperature: float = 1.0,
+    with_entropy: bool = False, chunk_tokens: int = 0, temperature: float = 1.0, vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token) [B, R] in float32, and the entropy with `with_entropy`, of the distribution
-    softmax(logits / temperature) (generation.logprobs_at_temperature; else temperature 1).
+    softmax(logits[..., :vocab] / temperature) (generation.logprobs_at_temperature; else temperature 1; vocab:
+    the ids the sampler could draw, `Rollout.vocab_size`, see `drawable`).
 
     chunk_tokens = 0, the reference path: the model's [B, P + R, V] logits, upcast 8 rows at a time.
     chunk_tokens > 0, the fast path: the model applies its LM head to one position only and returns its final
@@ -493,18 +505,18 @@ def response_logprobs(
     inner = getattr(model, "module", model)
     if chunk_tokens <= 0 or _FAST_HEAD_OK.get(inner) is False:
         return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy,
-                              temperature=temperature)
+                              temperature=temperature, vocab=vocab)
     hidden, logits_last = final_hidden_states(model, ids, mask, with_logits=True)
     head, transform = inner.get_output_embeddings(), head_transform(inner.config)
     if not _fast_head_ok(model, head, transform, hidden[:, -1], logits_last):
-        return response_logprobs(model, ids, mask, prompt_width, tokens, with_entropy, 0, temperature)
+        return response_logprobs(model, ids, mask, prompt_width, tokens, with_entropy, 0, temperature, vocab)
     hidden = hidden[:, prompt_width - 1:-1]
     rows, width = tokens.shape
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     logps, ents = [], []
     for part in chunk_bounds(flat_t.numel(), chunk_tokens, head, flat_h.device):
-        args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature)
+        args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature, vocab)
         lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)

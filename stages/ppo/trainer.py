@@ -180,7 +180,7 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
     score (read where the RM's training data ends a turn, `ending`; see raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
-    lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation))
+    lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
     for s in range(0, ids.shape[0], chunk):
         i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
@@ -279,7 +279,7 @@ def update(
                 m = resp_mask[rows]
                 logp, ent = response_logprobs(policy, ids[rows], mask[rows], p, rollout.response[rows],
                                               ppo.entropy_coef > 0, t.logprob_chunk,
-                                              logprob_temperature(cfg.generation))
+                                              logprob_temperature(cfg.generation), rollout.vocab_size)
                 base = exp["ref_logp"][rows] if ppo.ref_importance_sampling else exp["logp"][rows]
                 pl, clipfrac = policy_loss(logp, base, adv[rows], m, ppo.policy_clip)
                 loss = pl
