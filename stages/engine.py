@@ -252,7 +252,10 @@ def make_scheduler_factory(train: TrainConfig, total_steps: int) -> Callable[[to
 def initialize_engine(
     model: torch.nn.Module, ds_config: dict[str, Any], train: TrainConfig, total_steps: int
 ) -> Any:
-    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule (stepped by engine.step())."""
+    """Wrap `model` in a DeepSpeed engine with AdamW and our LR schedule (stepped by engine.step()), in
+    training mode: transformers' `from_pretrained` returns a model in eval mode, where it applies no dropout and
+    checkpoints no activations (its layers checkpoint only when `self.training`), and DeepSpeed leaves the mode
+    as it finds it. (Evaluation switches to eval mode and back; PPO's models have their dropout set to 0.)"""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
@@ -261,6 +264,7 @@ def initialize_engine(
         config=ds_config,
         lr_scheduler=make_scheduler_factory(train, total_steps),
     )
+    engine.train()
     return engine
 
 

@@ -138,3 +138,35 @@ def test_init_process_group_drops_only_deepspeeds_built_successfully_line(monkey
     with pytest.raises(RuntimeError, match="rendezvous failed"):
         init_process_group()
     assert capsys.readouterr().out == "a warning worth reading\n"
+
+
+def test_a_training_engine_trains_a_pretrained_model_in_training_mode(process_group, tmp_path):
+    """transformers' from_pretrained returns a model in eval mode, where it applies no dropout and checkpoints no
+    activations (its layers ask `self.training`): the engine starts in training mode, so with gradient
+    checkpointing a layer's forward runs twice in a forward and backward pass (the second: its recomputation)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.engine import initialize_engine
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2)).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert not model.training  # what the engine is handed
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls: list[int] = []
+    mlp = model.model.layers[0].mlp
+    forward = mlp.forward
+
+    def counted(*args, **kwargs):  # (a forward hook would not see the recomputation)
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    train = TrainConfig(micro_batch_size=1)
+    engine = initialize_engine(model, build_deepspeed_config(train, DeepSpeedConfig(precision="fp32"), 1, False),
+                               train, 10)
+    assert all(m.training for m in engine.module.modules())
+    ids = torch.randint(0, 64, (1, 8))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    assert len(calls) == 2
