@@ -34,17 +34,9 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            kept = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if row.get("step", 0) <= resume_step:
-                    kept.append(line)
-            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-        elif resume_step is None:
+        if resume_step is not None:
+            keep_rows_upto(self.path, "step", resume_step)
+        else:
             self.path.write_text("", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -74,6 +66,23 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def keep_rows_upto(path: Path, key: str, upto: int) -> None:
+    """Drop the rows of a JSON-lines file whose `key` is above `upto` (written by an interrupted run after its
+    last checkpoint), and a line cut by a crash or a full disk; rewritten atomically (a crash while it runs
+    leaves the old file). Nothing when the file does not exist."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get(key, 0) <= upto:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

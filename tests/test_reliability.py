@@ -505,6 +505,24 @@ def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypa
         logger.log(2, {"train/loss": 0.5})
 
 
+@pytest.mark.parametrize("name, key", [("metrics.jsonl", "step"), ("samples.jsonl", "iteration")])
+def test_resume_trims_a_log_past_the_checkpoint_and_a_line_cut_by_a_crash(tmp_path, name, key):
+    """What a run killed mid-write leaves (rows after its last checkpoint, then half a row) is trimmed on
+    resume from iteration 2: the metrics log (MetricsLogger) and PPO's samples.jsonl (keep_rows_upto) alike;
+    before, samples.jsonl's cut line stopped the resumed PPO run with a JSONDecodeError."""
+    from stages.metrics import MetricsLogger, keep_rows_upto
+
+    path = tmp_path / name
+    rows = [json.dumps({key: i, "x": i / 2}) for i in (1, 2, 2, 3)]
+    path.write_text("\n".join(rows) + "\n" + rows[3][:9], encoding="utf-8")
+    if name == "metrics.jsonl":
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=2)
+    else:
+        keep_rows_upto(path, key, 2)
+    assert path.read_text(encoding="utf-8") == "\n".join(rows[:3]) + "\n"
+    assert not list(tmp_path.glob(".tmp-*"))  # written through a temporary file, renamed over it
+
+
 def test_ppo_rollout_check_finds_a_nan_in_any_row_and_ignores_padding():
     from stages.ppo.trainer import nonfinite_scores
 

@@ -41,7 +41,7 @@ from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
 from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
-from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
+from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
 from stages.ppo.ending import RewardEnding, ending_for
@@ -383,14 +383,6 @@ def rank_spread(values: list[float]) -> float:
     return max(max(col) - min(col) for col in zip(*per_rank))
 
 
-def keep_samples(path: Path, upto: int) -> None:
-    """Drop sample rows after iteration `upto` (written by an interrupted run after its last checkpoint)."""
-    if path.exists():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= upto]
-        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-
-
 def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prompts: list[list[int]],
                  responses: list[list[int]], scores: list[float], gold: list[float] | None = None) -> None:
     """A rich table prompt | response | reward (| gold) of this rank's first samples; all of them go to
@@ -554,7 +546,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     start = int(state["step"])
     check_resume_point(start, total, out, "iteration")
     if dist.is_main:
-        keep_samples(out / "samples.jsonl", start)
+        keep_rows_upto(out / "samples.jsonl", "iteration", start)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every)
     meta = {"stage": "ppo", "rlhf_version": __version__, "model": cfg.model.name_or_path,
