@@ -514,7 +514,7 @@ def save_checkpoint(
             (tmp / "rng").mkdir(parents=True)
         barrier()
         engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"trainer": state})
-        torch.save(rng_state(), tmp / "rng" / f"rank{dist.rank}.pt")
+        torch.save(rng_state(dist.device), tmp / "rng" / f"rank{dist.rank}.pt")
         faults.maybe_kill("kill-save", step)
         faults.maybe_disk_full(step)
         save_hf(hf_module or engine.module, tokenizer, tmp / "hf", dist, {**meta, "step": step})
@@ -648,7 +648,7 @@ def load_latest_checkpoint(
                 state = dict(client["trainer"])
                 rng_file = path / "rng" / f"rank{dist.rank}.pt"
                 if rng_file.is_file():
-                    set_rng_state(torch.load(rng_file, weights_only=False))
+                    set_rng_state(torch.load(rng_file, weights_only=False), dist.device)
                 if dist.is_main:
                     set_aside(passed_over, say)
                 return {"step": step, **state}

@@ -185,17 +185,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from, for exact resume."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG this process draws from, for exact resume: python, numpy, torch's CPU generator and that of
+    its own accelerator `device` (not every visible GPU by position: a resume may see the GPUs otherwise, e.g.
+    one per process under srun or torchrun where the deepspeed launcher showed each process all of them)."""
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore `rng_state`'s generators, the accelerator's onto this process's own `device`. A checkpoint written
+    before that kept every visible GPU's state ("cuda"): the entry of the device's index is restored."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and (device.index or 0) < len(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)

@@ -523,6 +523,34 @@ def test_resume_trims_a_log_past_the_checkpoint_and_a_line_cut_by_a_crash(tmp_pa
     assert not list(tmp_path.glob(".tmp-*"))  # written through a temporary file, renamed over it
 
 
+def test_rng_state_round_trip_and_each_rank_restores_its_own_gpus_generator(monkeypatch):
+    """Python, numpy and torch draw the same after a restore. A GPU rank saves and restores its own device's
+    generator only (cuda:3 here, faked: no GPU needed), so a resume that sees the GPUs otherwise (one per
+    process) restores the right one; a checkpoint of every visible GPU's state (before 2026-12-04) gives the
+    device its own entry."""
+    import random
+
+    import numpy as np
+
+    from stages.distributed import rng_state, set_rng_state
+
+    cpu = torch.device("cpu")
+    state = rng_state(cpu)
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(state, cpu)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first and "cuda_device" not in state
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device: calls.append((st, device.index)))
+    gpu = torch.device("cuda", 3)
+    saved = rng_state(gpu)
+    assert saved["cuda_device"] == "state of cuda:3"
+    set_rng_state(saved, torch.device("cuda", 0))  # resumed with one visible GPU per process
+    set_rng_state({**state, "cuda": ["s0", "s1", "s2", "s3"]}, gpu)  # an older checkpoint's list
+    set_rng_state({**state, "cuda": ["s0"]}, gpu)  # (its list has no entry for the device: nothing to restore)
+    assert calls == [("state of cuda:3", 0), ("s3", 3)]
+
+
 def test_ppo_rollout_check_finds_a_nan_in_any_row_and_ignores_padding():
     from stages.ppo.trainer import nonfinite_scores
 
