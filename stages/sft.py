@@ -31,7 +31,7 @@ from stages.data import (
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import say
-from stages.models import build_causal_lm, prepare_tokenizer
+from stages.models import build_causal_lm, check_packing, prepare_tokenizer
 from stages.rendering import rendering_record
 from stages.trainer import (LossGuard, due, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
@@ -146,7 +146,9 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         eval_rows = None
 
     def make_model(ds_config: dict[str, Any]) -> torch.nn.Module:
-        return build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
+        model = build_causal_lm(cfg.model, tokenizer, cfg.deepspeed.precision, ds_config, cfg.seed)
+        check_packing(model.config.model_type, cfg.data.packing)  # (a hub model's type is known only now)
+        return model
 
     run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
                          rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos))

@@ -278,6 +278,17 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = invoke_cli(*sft_cfg[:-2], "--set", "model.attn_implementation=sdpaa", "--dry-run")
     assert res.exit_code == 2 and "model.attn_implementation: not one of eager, sdpa, " in res.stderr, res.output
     assert "(got 'sdpaa') [given with --set]" in res.stderr
+    # packing on a model type whose attention mask ignores position ids (test_data.py): refused in the dry run,
+    # for a from_config model and a local folder alike, and allowed without packing
+    opt = stage_folder("opt", "OPTForCausalLM")
+    (opt / "final" / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"], "model_type": "opt"}))
+    for model in (("--set", "model.from_config={model_type: opt, hidden_size: 32, num_hidden_layers: 2, "
+                             "num_attention_heads: 4, ffn_dim: 64}"),
+                  ("--set", "model.from_config=null", "--set", f"model.name_or_path={opt}")):
+        res = invoke_cli(*sft_cfg[:-2], *model, "--set", "data.packing=true", "--dry-run")
+        assert res.exit_code == 2 and "data.packing: true is not supported for opt models" in res.stderr, res.output
+    assert invoke_cli(*sft_cfg[:-2], "--set", f"model.name_or_path={opt}", "--set", "model.from_config=null",
+                      "--dry-run").exit_code == 0
     # rlhf eval of a policy that is not here: refused before its default --out (POLICY/eval.json) makes a folder
     res = invoke_cli("eval", "no-such-policy-here", "--reward-model", str(rm), "--prompts",
                      str(REPO / "configs" / "tiny" / "data" / "eval_prompts.jsonl"))

@@ -23,7 +23,7 @@ from stages.data import (
     tokenize_conversations,
     tokenize_segments,
 )
-from stages.errors import DataError
+from stages.errors import ConfigError, DataError
 from stages.lm import collate, shifted_nll_sum
 from stages.models import DEFAULT_CHAT_TEMPLATE, train_tokenizer
 from stages.trainer import split_holdout
@@ -396,6 +396,52 @@ def test_packing_keeps_examples_apart(tmp_path, char_tok):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         alone = model(input_ids=torch.tensor([[9, 10, 11]]), use_cache=False).logits
     assert torch.allclose(packed[0, 4:7], alone[0], atol=1e-5)
+
+
+#: tiny configs of common model types (and those whose attention mask ignores position ids)
+PACKING_ARCHS = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),  # (eager attention only)
+    "mpt": dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64),  # (eager attention only)
+    "biogpt": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKING_ARCHS))
+def test_packed_examples_stay_apart_on_every_model_type_packing_allows(model_type):
+    """Two examples packed into one row (position ids restart, no attention mask: what `collate` and
+    `lm_forward` hand the model): the second one's logits equal those of it alone exactly where the type is not
+    in PACKING_UNSAFE, which `check_packing` refuses; the list is checked against the installed transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.lm import lm_forward
+    from stages.models import PACKING_UNSAFE, check_packing
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, **PACKING_ARCHS[model_type])
+    attention = "eager" if model_type in ("bloom", "mpt") else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention).eval()
+    first, second = list(range(10, 17)), list(range(30, 36))
+    batch = collate([{"input_ids": first + second, "labels": first + second,
+                      "position_ids": list(range(7)) + list(range(6))}], 0, torch.device("cpu"))
+    with torch.no_grad():
+        packed = lm_forward(model, batch)[0, 7:]
+        alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5) == (model_type not in PACKING_UNSAFE)
+    if model_type in PACKING_UNSAFE:
+        with pytest.raises(ConfigError, match=f"data.packing: true is not supported for {model_type} models"):
+            check_packing(model_type, True)
+    check_packing(model_type, False)
 
 
 def test_packing_through_the_pipeline(tmp_path, char_tok):
