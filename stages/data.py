@@ -318,14 +318,31 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
     as_dicts = [{"role": r, "content": c} for r, c in msgs]
     done = ""
     for i in assistant_idx:
-        prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True) if i else ""
         full = tokenizer.apply_chat_template(as_dicts[: i + 1], tokenize=False)
+        if i:
+            prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True)
+        else:  # an opening assistant turn: its header (and a default system prompt) is context too
+            prompt = opening_context(tokenizer, full)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
         segments.append(Segment(prompt[len(done):], False))
         segments.append(Segment(full[len(prompt):], i in trained))
         done = full
     return [s for s in segments if s.text]
+
+
+#: stands for an assistant turn's content in `opening_context` (invisible separators: in no real text)
+_CONTENT_MARK = "\u2063rlhf-content\u2063"
+
+
+def opening_context(tokenizer: Any, full: str) -> str:
+    """What the chat template writes before the content of a conversation's opening assistant turn (its header,
+    and any system prompt the template adds by default): the template's render of that turn with a marker for
+    its content, cut at the marker. "" when the template does not show the content verbatim or writes something
+    else before it for the real content (then the whole render is the turn, as before)."""
+    probe = tokenizer.apply_chat_template([{"role": "assistant", "content": _CONTENT_MARK}], tokenize=False)
+    head = probe[:probe.index(_CONTENT_MARK)] if _CONTENT_MARK in probe else ""
+    return head if full.startswith(head) else ""
 
 
 # --------------------------------------------------------------------------------------------- tokenizing

@@ -127,6 +127,27 @@ def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
     assert rows_last[0]["input_ids"] == rows[0]["input_ids"]  # same text, only the mask differs
 
 
+@pytest.mark.parametrize("system", ["", "{{ '<|system|>\\nYou are helpful.' + eos_token }}"])
+def test_an_opening_assistant_turn_trains_its_content_not_the_template_header(tmp_path, char_tok, system):
+    """A conversation that opens with an assistant turn: the header the template writes before it (and a system
+    prompt a template adds by default) is context, as a generation prompt is before any later assistant turn."""
+    msgs = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
+    convs, _ = _load(_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))
+    char_tok.chat_template = system + DEFAULT_CHAT_TEMPLATE
+    segs = render_segments(convs[0][0], char_tok, "all_turns")
+    opening = "<|system|>\nYou are helpful.<|endoftext|>" if system else ""
+    assert [(s.text, s.train) for s in segs] == [
+        (opening + "<|assistant|>\n", False),
+        ("hi<|endoftext|>", True),
+        ("<|user|>\nq<|endoftext|><|assistant|>\n", False),
+        ("a<|endoftext|>", True),
+    ]
+    rows, _ = _one(char_tok, convs)
+    decoded = [char_tok.decode([t]) for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
+    assert "".join(decoded) == "hi<|endoftext|>a<|endoftext|>"
+
+
 def test_trailing_user_turn_is_dropped(tmp_path):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "?"}]
     convs, _ = _load(_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))
