@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from stages.checkpoint import checkpoint_name
 from stages.config import RMConfig, RMLossConfig
 from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_floats
@@ -253,7 +254,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
-    last_stats: dict[str, Any] | None = None
+    last_stats = resumed_stats(out, run.start)
     with run.profiler:  # writes a profiled step's trace also when it ends in an error
         for step in range(run.start, run.total):
             micro = run.begin(step)
@@ -284,6 +285,14 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
                 files = {REWARD_STATS_FILE: json.dumps(last_stats, indent=2)} if last_stats else {}
                 run.save(done, hf_module=engine.module.seqcls, hf_files=files)
     return run.finish()
+
+
+def resumed_stats(out: Path, step: int) -> dict[str, Any] | None:
+    """The reward statistics of the checkpoint a run resumes from at `step` (its hf/reward_stats.json: the last
+    evaluation's), so that a checkpoint saved before the next evaluation (a stop signal's) carries them too, as
+    in the uninterrupted run. None for a fresh run, or a checkpoint saved before any evaluation."""
+    path = out / checkpoint_name(step) / "hf" / REWARD_STATS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if step and path.is_file() else None
 
 
 def _stats_record(metrics: dict[str, float], split: str, step: int) -> dict[str, Any]:

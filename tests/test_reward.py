@@ -177,6 +177,19 @@ def test_kill9_at_a_random_step_then_resume_continues_exactly_with_lm_and_centri
     assert (cut / "final" / "reward_stats.json").read_text() == (full / "final" / "reward_stats.json").read_text()
 
 
+def test_a_stop_signal_checkpoint_after_a_resume_keeps_the_last_evaluations_reward_stats(tmp_path, few_pairs):
+    """Evaluation at step 4 (a scheduled save), SIGTERM after step 5 (a checkpoint, no evaluation), resumed and
+    SIGTERM after step 6: both stop checkpoints carry step 4's reward statistics (the resumed run reads them
+    from the checkpoint it continues; it used to save none)."""
+    cfg = rm_dict(tmp_path, None, few_pairs, max_steps=8, save_every=4, save_total_limit=10, eval_every=0,
+                  micro_batch_size=8)
+    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    out, _ = _train(tmp_path, cfg, env={"RLHF_FAULT": "sigterm@5"}, expect=143)
+    _train(tmp_path, cfg, "--resume", env={"RLHF_FAULT": "sigterm@6"}, expect=143)
+    stats = [json.loads((out / f"checkpoint-{s:08d}" / "hf" / "reward_stats.json").read_text()) for s in (4, 5, 6)]
+    assert stats[0]["step"] == 4 and stats[0]["split"] == "eval" and stats[1] == stats[0] == stats[2]
+
+
 def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample):
     cfg = rm_dict(tmp_path, None, max_steps=2, micro_batch_size=4, save_every=0, eval_every=0)
     cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
