@@ -145,8 +145,9 @@ def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an
 
 def test_nan_reward_stops_before_the_update_or_skips_the_rollout_batch(tmp_path, stages_dir):
     """A NaN reward-model score in iteration 3 (RLHF_FAULT=nan-reward@3): stop exits 1 naming it, with the
-    iteration-2 checkpoint intact and nothing later; skip makes no update that iteration, keeps the running
-    reward statistics free of it and finishes with finite weights."""
+    iteration-2 checkpoint intact and nothing later; skip makes no update in such an iteration, keeps the
+    running reward statistics free of it, still validates when a validation is due and finishes with finite
+    weights."""
     cfg = ppo_dict(tmp_path, stages_dir, name="stop", iterations=3, sample_every=0, eval_every=0)
     cfg["logging"]["profile_step"] = 3  # the failing iteration: its profile is still written, up to the error
     out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", expect=1, name="stop.yaml")
@@ -155,13 +156,17 @@ def test_nan_reward_stops_before_the_update_or_skips_the_rollout_batch(tmp_path,
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000002"] and not (out / "final").exists()
     assert "rlhf.rollout" in (out / "profile-step-3.txt").read_text() and (out / "profile-step-3.json.gz").is_file()
 
+    # skip, at iterations 2 and 4 (the last): their validations (save_every 2) still run, best/ included
     cfg = ppo_dict(tmp_path, stages_dir, name="skip", iterations=3, sample_every=0, eval_every=0, on_nonfinite="skip")
-    out, res = _ppo(tmp_path, cfg, fault="nan-reward@3", name="skip.yaml")
-    assert [r["step"] for r in _events(out, "skipped")] == [3]
+    out, res = _ppo(tmp_path, cfg, fault="nan-reward@2,nan-reward@4", name="skip.yaml")
+    assert [r["step"] for r in _events(out, "skipped")] == [2, 4]
     rows = {r["step"]: r for r in _iterations(out)}
-    assert sorted(rows) == [1, 2, 4] and rows[4]["train/skipped_rollouts"] == 1.0
+    assert sorted(rows) == [1, 3] and rows[3]["train/skipped_rollouts"] == 1.0
     state = json.loads((out / "checkpoint-00000004" / "trainer_state.json").read_text())
-    assert state["moments"][0] == 3 * 8 and math.isfinite(state["moments"][1])  # iteration 3's scores left out
+    assert state["moments"][0] == 2 * 8 and math.isfinite(state["moments"][1])  # iterations 2 and 4 left out
+    assert state["skipped_rollouts"] == 2
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r] == [2, 4]
+    assert [r["step"] for r in _events(out, "best")][:1] == [2] and (out / "best").is_dir()
     assert all(torch.isfinite(w).all() for w in _weights(out / "final").values())
 
 

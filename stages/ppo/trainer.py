@@ -568,6 +568,26 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         saved_at = done
         return path
 
+    def validate_if_due(done: int, critic_only: bool, reasons: list[str]) -> None:
+        """Validation every eval_every and save_every iterations and at the end, and best/ when its reward is the
+        best yet (not during critic-only iterations, nor while the collapse monitor fires: `reasons`)."""
+        if not (data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total))):
+            return
+        ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids, ending)
+        metrics.log(done, ev)
+        best = state["best_reward"]
+        better = not critic_only and (best is None or ev["eval/reward"] > best)
+        if better and not reasons:
+            state["best_reward"] = ev["eval/reward"]
+            if t.checkpoints:  # (train.checkpoints: false writes no model at all)
+                save_best(models, tokenizer, out, dist, {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
+            metrics.event(done, "best", eval_reward=ev["eval/reward"])
+        elif better:
+            metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
+        vetoed = " (vetoed: monitor firing)" if better and reasons else ""
+        progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
+                       f"{ev['eval/response_length']:.1f}{vetoed}")
+
     def save_if_due(done: int) -> None:
         """Checkpoint every save_every iterations and at the end; on a stop signal (any rank), checkpoint and
         end the run (stop.Stopped)."""
@@ -608,7 +628,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 metrics.event(done, "skipped", reason="non-finite rollout scores")
                 progress.print(f"[yellow]iteration {done}: non-finite rollout scores; batch skipped[/]")
                 progress.update(done, {})
-                profiler.close()  # its training work ends here too; not the checkpoint
+                profiler.close()  # its training work ends here too; not the validation and checkpoint
+                validate_if_due(done, critic_only, [])  # a validation due now (the last one, say) still runs
                 save_if_due(done)
                 continue
             mask = rollout.response_mask.float()
@@ -665,23 +686,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
                              response_lists(rollout, []), exp["raw"].tolist(), gold)
             profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
-            # validation and best/
-            if data["eval"] and (due(done, t.eval_every, total) or due(done, t.save_every, total)):
-                ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids, ending)
-                metrics.log(done, ev)
-                best = state["best_reward"]
-                better = not critic_only and (best is None or ev["eval/reward"] > best)
-                if better and not reasons:
-                    state["best_reward"] = ev["eval/reward"]
-                    if t.checkpoints:  # (train.checkpoints: false writes no model at all)
-                        save_best(models, tokenizer, out, dist,
-                                  {**meta, "iteration": done, "eval_reward": ev["eval/reward"]})
-                    metrics.event(done, "best", eval_reward=ev["eval/reward"])
-                elif better:
-                    metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
-                vetoed = " (vetoed: monitor firing)" if better and reasons else ""
-                progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
-                               f"{ev['eval/response_length']:.1f}{vetoed}")
+            validate_if_due(done, critic_only, reasons)
             save_if_due(done)
             if reasons and cfg.monitor.action == "stop":
                 if saved_at != done and t.checkpoints:
