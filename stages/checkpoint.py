@@ -84,12 +84,17 @@ def previous_run_contents(out_dir: Path) -> list[str]:
     return names
 
 
+def cleared_by_fresh_start(p: Path) -> bool:
+    """Whether `clear_run` deletes this entry of an output directory."""
+    return p.name.startswith((CHECKPOINT_PREFIX, ".tmp-", PROFILE_PREFIX)) or p.name in RUN_ARTIFACTS
+
+
 def clear_run(out_dir: Path) -> None:
     """Remove everything this tool writes into an output directory (before a fresh start there)."""
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
-        if p.name.startswith((CHECKPOINT_PREFIX, ".tmp-", PROFILE_PREFIX)) or p.name in RUN_ARTIFACTS:
+        if cleared_by_fresh_start(p):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -216,27 +221,55 @@ def config_changes(before: dict[str, Any], after: Any, stage: str | None = None,
             and not added_at_default(key) and not only_moved(key)]
 
 
-def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
-    """Fingerprints of the files and folders a `stage` run's resolved config names at its input-path keys
-    (stages/fingerprint.py; InputPath / HubOrPath fields of the stage's schema), those inside its own
-    output_dir aside; {} without a stage."""
+def _input_keys(stage: str | None) -> Callable[[str], bool] | None:
+    """Whether a dotted key of a `stage` config is one its run reads from (InputPath / HubOrPath fields of the
+    stage's schema); None without a stage."""
     import re
 
-    import yaml
-
     from stages.config import CONFIG_SCHEMAS, path_kind_at
-    from stages.fingerprint import input_fingerprints
 
     schema = CONFIG_SCHEMAS.get(stage or "")
     if schema is None:
+        return None
+    return lambda key: path_kind_at(schema, re.sub(r"\[\d+\]$", "", key)) in ("input", "hub_or_path")
+
+
+def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
+    """Fingerprints of the files and folders a `stage` run's resolved config names at its input-path keys
+    (stages/fingerprint.py), those inside its own output_dir aside; {} without a stage."""
+    import yaml
+
+    from stages.fingerprint import input_fingerprints
+
+    reads = _input_keys(stage)
+    if reads is None:
         return {}
-
-    def reads(key: str) -> bool:
-        return path_kind_at(schema, re.sub(r"\[\d+\]$", "", key)) in ("input", "hub_or_path")
-
     inside = str(out_dir.resolve()) + os.sep
     found = input_fingerprints(yaml.safe_load(config_text), reads)
     return {k: v for k, v in found.items() if not (v["path"] + os.sep).startswith(inside)}
+
+
+def refuse_cleared_inputs(out_dir: Path, config_text: str, stage: str | None) -> None:
+    """A fresh start in output_dir deletes what an earlier run wrote there (`clear_run`): an input the config
+    names inside one of those (say model.name_or_path: OUTPUT_DIR/checkpoint-N/hf, to restart from a
+    checkpoint's weights) would be deleted before the run reads it; a ConfigError naming it instead."""
+    import yaml
+
+    from stages.fingerprint import input_paths
+
+    reads = _input_keys(stage)
+    if reads is None or not out_dir.is_dir():
+        return
+    root = out_dir.resolve()
+    for key, value in input_paths(yaml.safe_load(config_text), reads).items():
+        path = Path(value)
+        if not path.exists() or root not in path.resolve().parents:
+            continue
+        top = root / path.resolve().relative_to(root).parts[0]
+        if cleared_by_fresh_start(top):
+            raise ConfigError(f"{key} {value} lies in {top}, which a fresh start in output_dir {out_dir} deletes "
+                              "(what an earlier run wrote there goes first); copy it out of the output_dir, or "
+                              "use another output_dir")
 
 
 def read_recorded(path: Path) -> Any:
@@ -300,7 +333,8 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
             raise ConfigError(f"--resume: {path.name} was written by {before} process(es) under ZeRO-{zero}, whose "
                               f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
                               f"Resume with {before} process(es), or start a new run from its weights "
-                              f"(model.name_or_path: {path / 'hf'})")
+                              f"(model.name_or_path: {path / 'hf'}, copied out of this output_dir or with another "
+                              "output_dir: a fresh start here deletes it)")
         changes.append(f"processes: {before} -> {world_size}")
     return path, changes
 
@@ -353,6 +387,8 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
             f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
+    if not resume or (checkpoint is None and not (out_dir / "final").exists()):  # prepare_output_dir clears it
+        refuse_cleared_inputs(out_dir, config_text, stage)
     return OutputPlan(checkpoint, changes, inputs)
 
 

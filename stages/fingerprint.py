@@ -57,12 +57,11 @@ def folder_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def input_fingerprints(tree: Any, reads: Callable[[str], bool]) -> dict[str, dict[str, str]]:
-    """{dotted key: {"path": p, "sha256": ...}} for every string value of a resolved config (`tree`, nested
-    dicts and lists; list items keyed `key[i]`) that is an absolute path to an existing file or folder at a key
-    the run reads from (`reads(key)`: the schema's input paths; not a folder the run writes, such as an
-    inline DeepSpeed JSON's nvme_path)."""
-    found: dict[str, dict[str, str]] = {}
+def input_paths(tree: Any, reads: Callable[[str], bool]) -> dict[str, str]:
+    """{dotted key: path} for every string value of a resolved config (`tree`, nested dicts and lists; list
+    items keyed `key[i]`) that is an absolute path at a key the run reads from (`reads(key)`: the schema's input
+    paths; not a folder the run writes, such as an inline DeepSpeed JSON's nvme_path)."""
+    found: dict[str, str] = {}
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, dict):
@@ -72,16 +71,24 @@ def input_fingerprints(tree: Any, reads: Callable[[str], bool]) -> dict[str, dic
             for i, item in enumerate(value):
                 walk(item, f"{key}[{i}]")
         elif isinstance(value, str) and os.path.isabs(value) and reads(key):
-            path = Path(value)
-            try:
-                if path.is_file():
-                    found[key] = {"path": value, "sha256": file_fingerprint(path)}
-                elif path.is_dir():
-                    found[key] = {"path": value, "sha256": folder_fingerprint(path)}
-            except OSError:
-                return  # unreadable now: the run itself will say so
+            found[key] = value
 
     walk(tree, "")
+    return found
+
+
+def input_fingerprints(tree: Any, reads: Callable[[str], bool]) -> dict[str, dict[str, str]]:
+    """{dotted key: {"path": p, "sha256": ...}} for each of `input_paths` that is an existing file or folder."""
+    found: dict[str, dict[str, str]] = {}
+    for key, value in input_paths(tree, reads).items():
+        path = Path(value)
+        try:
+            if path.is_file():
+                found[key] = {"path": value, "sha256": file_fingerprint(path)}
+            elif path.is_dir():
+                found[key] = {"path": value, "sha256": folder_fingerprint(path)}
+        except OSError:
+            continue  # unreadable now: the run itself will say so
     return found
 
 

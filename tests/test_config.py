@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from pathlib import Path
 
@@ -449,6 +450,33 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "resolved_config.yaml"]
     with pytest.raises(ConfigError, match="contradict"):
         prepare_output_dir(out, "", resume=True, overwrite=True)
+
+
+def test_a_fresh_start_refuses_to_delete_an_input_it_would_read(tmp_path):
+    """model.name_or_path inside the output_dir's checkpoint (to restart from its weights, as the ZeRO refusal
+    suggests): --overwrite, or --resume with no checkpoint to resume, would delete it first; refused naming the
+    key, nothing deleted. A model elsewhere in the output_dir (not written by a run), or a resume that keeps
+    everything, is fine."""
+    from stages.checkpoint import prepare_output_dir
+
+    out = tmp_path / "out"
+    hf = out / "checkpoint-00000002" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (out / "checkpoint-00000002" / "COMPLETE").write_text("ok\n")
+    cfg = yaml.safe_load(TINY_SFT.read_text())
+    cfg.update(output_dir=str(out), model={"name_or_path": str(hf)})
+    cfg["data"]["train"] = str(TINY_SFT.parent / cfg["data"]["train"])
+    text = yaml.safe_dump(cfg)
+    with pytest.raises(ConfigError, match=f"model.name_or_path {hf} lies in {out / 'checkpoint-00000002'}, which a "
+                                          "fresh start in output_dir .* deletes"):
+        prepare_output_dir(out, text, resume=False, overwrite=True, stage="sft")
+    assert (hf / "config.json").is_file()
+    (out / "mine").mkdir()
+    shutil.copytree(hf, out / "mine" / "hf")
+    cfg["model"]["name_or_path"] = str(out / "mine" / "hf")
+    prepare_output_dir(out, yaml.safe_dump(cfg), resume=False, overwrite=True, stage="sft")
+    assert (out / "mine" / "hf" / "config.json").is_file() and not (out / "checkpoint-00000002").exists()
 
 
 def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):

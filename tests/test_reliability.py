@@ -679,7 +679,8 @@ def test_another_process_count_is_refused_under_zero_even_with_allow_config_chan
     assert str(err.value) == (
         f"--resume: checkpoint-00000004 was written by 2 process(es) under ZeRO-2, whose optimizer state is "
         f"partitioned per process; DeepSpeed cannot load it on 4. Resume with 2 process(es), or start a new run "
-        f"from its weights (model.name_or_path: {ckpt / 'hf'})")
+        f"from its weights (model.name_or_path: {ckpt / 'hf'}, copied out of this output_dir or with another "
+        "output_dir: a fresh start here deletes it)")
 
 
 def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
