@@ -99,7 +99,7 @@ def launch_command(
     elif DS_DEFAULT_HOSTFILE.is_file():  # no --hostfile means this node only: a path that is no file says so
         cmd += ["--hostfile", os.devnull]
     if num_gpus is not None or hostfile is None:
-        cmd += ["--num_gpus", str(num_gpus or 1)]
+        cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if hostfile is None else [])
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
         cmd += ["--master_port", str(master_port or free_port())]
     elif master_port is not None or os.environ.get("MASTER_PORT"):  # multi-node: the user's port, else 29500
@@ -111,6 +111,25 @@ def launch_command(
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def visible_gpu_ids() -> list[str]:
+    """The numeric ids CUDA_VISIBLE_DEVICES lists ([] when unset, empty, or naming GPUs by UUID)."""
+    ids = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ids if all(d.isdigit() for d in ids) else []
+
+
+def gpu_selection(count: int, visible: list[str]) -> list[str]:
+    """The runner's arguments for `count` GPUs of this node: the first `count` of CUDA_VISIBLE_DEVICES's ids
+    (`--include localhost:4,5`) when it lists some, since DeepSpeed's runner, given --num_gpus, drops
+    CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..count-1 (someone else's, on a shared node); else
+    `--num_gpus count`. More than it lists is a ConfigError."""
+    if not visible:
+        return ["--num_gpus", str(count)]
+    if count > len(visible):
+        raise ConfigError(f"--num-gpus {count} but CUDA_VISIBLE_DEVICES={','.join(visible)} makes {len(visible)} "
+                          "GPU(s) visible")
+    return ["--include", "localhost:" + ",".join(visible[:count])]
 
 
 def local_processes(num_gpus: int | None, hostfile: Path | None) -> int:

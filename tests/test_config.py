@@ -579,6 +579,29 @@ def test_a_launch_without_hostfile_stays_on_this_node_where_deepspeeds_default_h
     assert launcher.world_size(2, None, None) == 2
 
 
+def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_path, monkeypatch):
+    """DeepSpeed's runner, given --num_gpus, drops CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..N-1 (someone
+    else's on a shared node): rlhf hands it the first N visible ids instead (--include, which the runner's own
+    arguments and resource filter accept); more than are visible is refused; UUIDs are left to --num_gpus."""
+    from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
+
+    from rlhf_cli import launcher
+
+    monkeypatch.setattr(launcher, "DS_DEFAULT_HOSTFILE", tmp_path / "missing")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
+    assert "--num_gpus" not in cmd and cmd[cmd.index("--include") + 1] == "localhost:4,5"
+    args = parse_args(cmd[cmd.index("deepspeed.launcher.runner") + 1:])
+    assert (args.include, args.num_gpus, args.num_nodes) == ("localhost:4,5", -1, -1)  # (the runner's defaults)
+    assert dict(parse_inclusion_exclusion({"localhost": 8}, args.include, "")) == {"localhost": [4, 5]}
+    assert launcher.world_size(2, None, None) == 2
+    with pytest.raises(ConfigError, match="--num-gpus 4 but CUDA_VISIBLE_DEVICES=4,5,6 makes 3 GPU"):
+        launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+
+
 def test_launched_mark_reaches_the_workers_of_every_node():
     """DeepSpeed's pdsh runner exports to remote nodes only variables with its listed prefixes."""
     from deepspeed.launcher.runner import EXPORT_ENVS
