@@ -44,12 +44,24 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 
 
+def read_user_text(path: Path, what: str) -> str:
+    """A text file the user names, UTF-8; unreadable, or in another encoding (a file saved as cp1252, say), is
+    a ConfigError naming it rather than a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {bad!r}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def load_yaml_file(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory (give the YAML file in it)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    data = parse_yaml(read_user_text(path, "config file"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from rlhf_cli.config_loader import read_user_text
 from stages.runtime import call_forwarding_signals, free_port, missing_accelerator
 from stages.errors import ConfigError
 
@@ -56,7 +57,7 @@ def hostfile_slots(hostfile: Path) -> dict[str, int]:
     if not hostfile.is_file():
         raise ConfigError(f"--hostfile: file not found: {hostfile}")
     hosts: dict[str, int] = {}
-    for lineno, line in enumerate(hostfile.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_user_text(hostfile, "--hostfile").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

@@ -602,6 +602,20 @@ def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_p
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
 
 
+def test_a_config_or_hostfile_not_in_utf8_is_one_clear_error(tmp_path):
+    """A YAML or hostfile saved in another encoding (cp1252 here): exit 2 naming the file and the byte, no
+    traceback."""
+    text = TINY_SFT.read_text().replace("data/", str(TINY_SFT.parent / "data") + "/")
+    (tmp_path / "sft.yaml").write_bytes((text + "# café\n").encode("cp1252"))
+    res = invoke_cli("sft", "-c", str(tmp_path / "sft.yaml"), "--dry-run", "--set", f"output_dir={tmp_path}/o")
+    assert res.exit_code == 2 and f"config file {tmp_path / 'sft.yaml'} is not UTF-8 text (byte" in res.stderr
+    assert "save it as UTF-8" in res.stderr and "Traceback" not in res.output
+    (tmp_path / "hosts").write_bytes("localhost slots=2 # café\n".encode("cp1252"))
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--hostfile", str(tmp_path / "hosts"),
+                     "--set", f"output_dir={tmp_path}/o")
+    assert res.exit_code == 2 and f"--hostfile {tmp_path / 'hosts'} is not UTF-8 text (byte 23: " in res.stderr, res.output
+
+
 def test_launched_mark_reaches_the_workers_of_every_node():
     """DeepSpeed's pdsh runner exports to remote nodes only variables with its listed prefixes."""
     from deepspeed.launcher.runner import EXPORT_ENVS
