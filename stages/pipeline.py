@@ -275,10 +275,11 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
 
 def child_failed(what: str, code: int, then: str) -> RlhfError:
     """The pipeline's error for a child process that exited with `code`: stopped by a signal (the pipeline exits
-    with the same 128 + s) or failed (exit 1)."""
+    with the same 128 + s), a config or usage error (2, as the stage: e.g. its output_dir in use by another run,
+    which a scheduler's requeue may meet) or failed (exit 1)."""
     how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
     error = RlhfError(f"pipeline: {what} {how} (exit code {code}){then}")
-    error.exit_code = code if code in STOPPED_CODES else 1
+    error.exit_code = code if code in STOPPED_CODES or code == 2 else 1
     return error
 
 

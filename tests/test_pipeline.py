@@ -195,6 +195,10 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_s
     with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 3.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 1
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 2)  # a stage's config or usage error: 2 as well
+    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 2.") as exc:
+        pl.run_pipeline(cfg, [], force=False, console=quiet)
+    assert exc.value.exit_code == 2
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 143)  # SIGTERM: the stage saved and stopped
     with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
