@@ -201,6 +201,30 @@ def test_the_rollouts_vocabulary_reaches_the_scoring_and_the_update(tmp_path, di
     assert _differs(part["policy"], whole["policy"])
 
 
+def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, monkeypatch):
+    """validate's reward-model forwards take at most train.forward_batch_size rows (here 2 of a rollout batch
+    of 4), as scoring in training does (no larger memory peak at the first validation), with the same mean."""
+    from stages.ppo import trainer
+
+    sizes: list[int] = []
+    score = trainer.raw_scores
+
+    def recording(gen, reward, ids, mask, truncated, ending):
+        sizes.append(ids.shape[0])
+        return score(gen, reward, ids, mask, truncated, ending)
+
+    monkeypatch.setattr(trainer, "raw_scores", recording)
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    prompts = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]
+    means = []
+    for forward in (2, 8):
+        cfg = _config(tmp_path, generation={"max_new_tokens": 3}, train={"forward_batch_size": forward})
+        sizes.clear()
+        means.append(trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS)))
+        assert max(sizes) == min(forward, 4) and sum(sizes) == 5  # a batch of 4 prompts, then 1
+    assert means[0]["eval/reward"] == pytest.approx(means[1]["eval/reward"], abs=1e-5)
+
+
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):
     out = run_once(tmp_path, dist, reward_norm=True, reward_clip=0.5)
     exp = out["exp"]

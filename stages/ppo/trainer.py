@@ -173,13 +173,18 @@ def sampling_model(models: dict[str, Any]) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- score
+def scoring_rows(cfg: PPOConfig) -> int:
+    """Rows per no-grad forward when scoring rollouts (train.forward_batch_size, else the micro-batch size)."""
+    return cfg.train.forward_batch_size or cfg.train.micro_batch_size
+
+
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
                   ending: RewardEnding) -> dict[str, torch.Tensor]:
     """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
     score (read where the RM's training data ends a turn, `ending`; see raw_scores)."""
     ids, mask = rollout.sequences()
-    p, chunk = rollout.prompt_width, cfg.train.forward_batch_size or cfg.train.micro_batch_size
+    p, chunk = rollout.prompt_width, scoring_rows(cfg)
     lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
     for s in range(0, ids.shape[0], chunk):
@@ -429,7 +434,10 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
                             prompt_capacity=cfg.data.max_prompt_length)
-            raw = raw_scores(cfg.generation, models["reward"], *rollout.sequences(), rollout.truncated, ending)
+            ids, mask = rollout.sequences()
+            chunk = scoring_rows(cfg)  # the reward model's forwards as in training: no larger batch than there
+            raw = torch.cat([raw_scores(cfg.generation, models["reward"], ids[c:c + chunk], mask[c:c + chunk],
+                                        rollout.truncated[c:c + chunk], ending) for c in range(0, len(ids), chunk)])
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
             g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
@@ -576,7 +584,10 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids, ending)
         metrics.log(done, ev)
         best = state["best_reward"]
-        better = not critic_only and (best is None or ev["eval/reward"] > best)
+        finite = math.isfinite(ev["eval/reward"])  # (a NaN taken as best would stay best: nothing compares above it)
+        if not finite:
+            metrics.event(done, "nonfinite_validation", eval_reward=str(ev["eval/reward"]))
+        better = not critic_only and finite and (best is None or ev["eval/reward"] > best)
         if better and not reasons:
             state["best_reward"] = ev["eval/reward"]
             if t.checkpoints:  # (train.checkpoints: false writes no model at all)
