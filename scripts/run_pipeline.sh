@@ -6,8 +6,8 @@
 #   scripts/run_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --num-gpus 8   # 8 GPUs
 #   scripts/run_pipeline.sh configs/qwen2.5-1.5b/pipeline.yaml --dry-run       # validate, print the plan
 #
-# Without --num-gpus / --hostfile in the options (and NUM_GPUS unset), the GPUs nvidia-smi lists are used:
-# --num-gpus N is added when there are 2 or more. Extra options go to `rlhf pipeline` unchanged (--force,
+# Without --num-gpus / --hostfile in the options (and NUM_GPUS unset), the GPUs CUDA_VISIBLE_DEVICES lists,
+# else those nvidia-smi lists, are used: --num-gpus N is added when there are 2 or more. Extra options go to `rlhf pipeline` unchanged (--force,
 # --set KEY=VALUE, --dry-run, --debug, ...). Run it from the repository root or anywhere: the config path is
 # taken relative to the current directory.
 #
@@ -46,19 +46,30 @@ else
     rlhf_cmd=("${PYTHON:-python3}" -m rlhf_cli)
 fi
 
-# was the launch shape given explicitly?
+# was the launch shape given explicitly? (and how many processes per node: for the thread count below)
 explicit=0
+given=""
+prev=""
 for arg in "$@"; do
     case "$arg" in
-        --num-gpus|--num-gpus=*|--hostfile|--hostfile=*) explicit=1 ;;
+        --num-gpus=*) explicit=1; given=${arg#--num-gpus=} ;;
+        --num-gpus|--hostfile|--hostfile=*) explicit=1 ;;
     esac
+    [[ "$prev" == "--num-gpus" ]] && given=$arg
+    prev=$arg
 done
 
 launch=()
 gpus=1
-if [[ -n "${NUM_GPUS:-}" ]]; then
+if [[ "$given" =~ ^[0-9]+$ && "$given" -ge 1 ]]; then
+    gpus=$given
+elif [[ -n "${NUM_GPUS:-}" ]]; then
     gpus=$NUM_GPUS
     [[ $explicit -eq 0 ]] && launch=(--num-gpus "$gpus")
+elif [[ $explicit -eq 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # what this job may use, not the node's all
+    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+    gpus=${#visible[@]}
+    [[ "$gpus" -ge 2 ]] && launch=(--num-gpus "$gpus")
 elif [[ $explicit -eq 0 ]] && command -v nvidia-smi > /dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
     [[ "$gpus" =~ ^[0-9]+$ && "$gpus" -ge 1 ]] || gpus=1

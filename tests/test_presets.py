@@ -186,6 +186,7 @@ BASH = shutil.which("bash")
 needs_bash = pytest.mark.skipif(BASH is None, reason="needs bash")
 #: variables the scripts read; removed so the host's values do not leak into the tests
 SCRIPT_VARS = ("NUM_GPUS", "GPUS_PER_NODE", "RLHF", "DRY_RUN", "DS_ENV_FILE", "RLHF_JOB_DIR", "OMP_NUM_THREADS",
+               "CUDA_VISIBLE_DEVICES",
                "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SLURM_GPUS_ON_NODE", "SLURM_CPUS_ON_NODE", "SLURM_SUBMIT_DIR")
 
 
@@ -265,6 +266,18 @@ def test_run_pipeline_script(tmp_path):
     result = run_script("run_pipeline.sh", config, "--num-gpus", "2", env={"DRY_RUN": "1", "NUM_GPUS": "4"},
                         tmp_path=tmp_path)
     assert result.stdout.count("--num-gpus") == 1 and "--num-gpus 2" in result.stdout
+    # the GPUs CUDA_VISIBLE_DEVICES lists (what this job may use), not every GPU of the node
+    result = run_script("run_pipeline.sh", config, env={"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": "0,1"}, tmp_path=tmp_path)
+    assert "--num-gpus 2" in result.stdout
+    # OMP_NUM_THREADS = cores / processes per node, also for an explicit --num-gpus (it used to count 1 there)
+    show = tmp_path / "show-threads"
+    show.write_text("#!/bin/sh\necho \"$OMP_NUM_THREADS\"\n")
+    show.chmod(0o755)
+    cores = len(os.sched_getaffinity(0))
+    for args, env, per_node in ((("--num-gpus", "3"), {}, 3), (("--num-gpus=3",), {}, 3),
+                                ((), {"CUDA_VISIBLE_DEVICES": "0,1"}, 2), ((), {"NUM_GPUS": "1"}, 1)):
+        result = run_script("run_pipeline.sh", config, *args, env={"RLHF": str(show), **env}, tmp_path=tmp_path)
+        assert result.stdout.split() == [str(max(1, cores // per_node))], (args, env, result.stderr)
     # the real CLI through the script
     result = run_script("run_pipeline.sh", config, "--dry-run", env={"NUM_GPUS": "1"}, tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
