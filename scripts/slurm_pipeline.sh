@@ -20,7 +20,8 @@
 #     shares.
 # Only variables DeepSpeed knows (NCCL*, PYTHON*, UCX*, ...) reach the other nodes by themselves; this script
 # forwards the Hugging Face / tokenizer / OpenMP variables that are set through a DeepSpeed environment file
-# (DS_ENV_FILE), unless DS_ENV_FILE is already set.
+# (DS_ENV_FILE), unless DS_ENV_FILE is already set; the lines of ~/.deepspeed_env and ./.deepspeed_env, which
+# DeepSpeed no longer reads once DS_ENV_FILE is set, are copied into it first.
 #
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8), RLHF (how to call the CLI, default `rlhf`
 # if on PATH, else `${PYTHON:-python3} -m rlhf_cli`), RLHF_JOB_DIR (where the hostfile and the env file go;
@@ -75,6 +76,13 @@ fi
 if [[ -z "${DS_ENV_FILE:-}" ]]; then
     env_file=$job_dir/deepspeed_env
     : > "$env_file"
+    # DS_ENV_FILE replaces the files DeepSpeed reads otherwise (~/.deepspeed_env, ./.deepspeed_env): their
+    # lines come first (those with a `=`: DeepSpeed's reader fails on any other), this job's variables after
+    for kept in "$HOME/.deepspeed_env" "./.deepspeed_env"; do
+        if [[ -f "$kept" ]]; then
+            grep '=' "$kept" >> "$env_file" || true
+        fi
+    done
     for name in HF_HOME HF_HUB_CACHE HF_DATASETS_CACHE HF_HUB_OFFLINE HF_DATASETS_OFFLINE TRANSFORMERS_OFFLINE \
                 TOKENIZERS_PARALLELISM OMP_NUM_THREADS; do
         if [[ -n "${!name:-}" ]]; then

@@ -226,7 +226,11 @@ def test_slurm_script_builds_the_hostfile(tmp_path):
     slurm = {"PATH": f"{stub_scontrol(tmp_path)}{os.pathsep}{os.environ['PATH']}",
              "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_ID": "4242", "HF_HOME": "/shared/hf"}
     config = "configs/llama-7b-8gpu/pipeline.yaml"
-    result = run_script("slurm_pipeline.sh", config, "--force", env={**slurm, "DRY_RUN": "1"}, tmp_path=tmp_path)
+    home = tmp_path / "home"  # a ~/.deepspeed_env, which DeepSpeed reads only without DS_ENV_FILE
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("WANDB_API_KEY=abc\n\nLD_LIBRARY_PATH=/opt/x=1\n")
+    result = run_script("slurm_pipeline.sh", config, "--force", env={**slurm, "DRY_RUN": "1", "HOME": str(home)},
+                        tmp_path=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     job_dir = tmp_path / "rlhf-slurm-4242"
     hostfile = job_dir / "hostfile"
@@ -235,7 +239,8 @@ def test_slurm_script_builds_the_hostfile(tmp_path):
     assert f"pipeline --config {config}" in command
     assert f"--hostfile {hostfile}" in command and "--num-gpus 8" in command and command.endswith("--force")
     # the workers on the other node get the Hugging Face settings through DeepSpeed's environment file
-    assert "HF_HOME=/shared/hf" in (job_dir / "deepspeed_env").read_text().splitlines()
+    env_lines = (job_dir / "deepspeed_env").read_text().splitlines()
+    assert env_lines[:2] == ["WANDB_API_KEY=abc", "LD_LIBRARY_PATH=/opt/x=1"] and "HF_HOME=/shared/hf" in env_lines
 
     # without DRY_RUN the real CLI runs; its own --dry-run shows every stage launched on the two hosts
     result = run_script("slurm_pipeline.sh", config, "--dry-run", env=slurm, tmp_path=tmp_path)
