@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from rlhf_cli import __version__
@@ -148,7 +149,8 @@ def run_stage(
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
-            err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {'; '.join(changes)}[/]",
+            listed = escape("; ".join(changes))
+            err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {listed}[/]",
                       highlight=False)
 
     def prepare(processes: int) -> None:
@@ -186,7 +188,7 @@ def run_stage(
             cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
             env = launch_env(local_processes(num_gpus, hostfile))
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
-        out.print(f"[bold]launch:[/] {where}", highlight=False, soft_wrap=True)
+        out.print(f"[bold]launch:[/] {escape(where)}", highlight=False, soft_wrap=True)  # ([...] of a --set list)
         from stages.models import check_stage_models
 
         check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
@@ -457,7 +459,7 @@ def pipeline(
                   + (["--allow-config-change"] if allow_config_change else [])]
         out.rule("rlhf pipeline: plan")
         for run in runs:
-            out.print(f"[bold]{run.label}[/]: " + format_command(stage_command(run, launch, False, force), {}),
+            out.print(f"[bold]{run.label}[/]: " + escape(format_command(stage_command(run, launch, False, force), {})),
                       highlight=False, soft_wrap=True)
         if check_data:
             import tempfile

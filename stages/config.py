@@ -591,6 +591,24 @@ class PipelineConfig(Section):
                              f"sft/rm/report/./..: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _wiring_not_set(self) -> "PipelineConfig":
+        """A stage's `set:` may not change what the pipeline wires (each output_dir, the RM's and PPO's model
+        paths): the pipeline would check, skip and hand on other folders than the stage wrote or read."""
+        wired = {"output_dir": "the stage's folder under the pipeline's output_dir",
+                 "model.name_or_path": "the SFT stage's output",
+                 "reward_model.name_or_path": "the RM stage's output"}
+        where = [("sft", self.sft.set, ["output_dir"]), ("rm", self.rm.set, ["output_dir", "model.name_or_path"])]
+        where += [(name, items, list(wired)) for name, items in
+                  [("ppo", self.ppo.set)] + [(f"ppo_runs[{i}]", r.set) for i, r in enumerate(self.ppo_runs)]]
+        for section, items, keys in where:
+            for item in items:
+                key = item.partition("=")[0].strip()
+                if key in keys:
+                    raise ValueError(f"{section}.set: {key} is wired by the pipeline ({wired[key]}); "
+                                     "run the stage by itself to set it")
+        return self
+
 
 # --------------------------------------------------------------------------------------------- bench
 class BenchWorkloadConfig(Section):
@@ -729,19 +747,54 @@ def is_default_at(schema: type[BaseModel], dotted: str, value: Any) -> bool:
     return value == (default.model_dump(mode="json") if isinstance(default, BaseModel) else default)
 
 
+def _absolute_path(value: str, kind: str | None, base: Path) -> str:
+    """A relative path value of a path key (`kind`) made absolute against `base`; a hub id (hub_or_path, not
+    path-like, not under `base`) and anything else as it is."""
+    path = Path(value.strip()).expanduser()
+    if kind is not None and value.strip() and not path.is_absolute() and (
+            kind != "hub_or_path" or _looks_like_path(value.strip()) or (base / path).exists()):
+        return str((base / path).resolve())
+    return value
+
+
+def _absolute_paths_in(value: Any, key: str, schema: type[BaseModel], base: Path) -> Any:
+    """A parsed YAML value given at `key` with `_absolute_path` applied to each string in it: a list item by
+    item (at the list's key), a mapping key by key (`key.name`)."""
+    if isinstance(value, str):
+        return _absolute_path(value, path_kind_at(schema, key), base)
+    if isinstance(value, list):
+        return [_absolute_paths_in(v, key, schema, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute_paths_in(v, f"{key}.{k}", schema, base) for k, v in value.items()}
+    return value
+
+
 def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) -> list[str]:
     """`key=value` overrides (a pipeline stage's `set:`) with each relative path value of a path key of `schema`
     made absolute against `base` (the pipeline file's folder), so the stage resolves it as the pipeline file
-    meant rather than against the current directory. A hub id (hub_or_path, not path-like, not under `base`)
-    and everything else are left as they are."""
+    meant rather than against the current directory; also inside a YAML list or mapping value
+    (`data.train=[a.jsonl, b.jsonl]`, `data.train={path: a.jsonl, split: train}`). A hub id (hub_or_path, not
+    path-like, not under `base`) and everything else are left as they are."""
+    import yaml
+
     out = []
     for item in items:
         key, sep, value = item.partition("=")
-        kind = path_kind_at(schema, key.strip()) if sep else None
-        path = Path(value.strip()).expanduser()
-        if kind is not None and value.strip() and not path.is_absolute() and (
-                kind != "hub_or_path" or _looks_like_path(value.strip()) or (base / path).exists()):
-            item = f"{key}={(base / path).resolve()}"
+        if not sep:
+            out.append(item)
+            continue
+        parsed: Any = None
+        if value.strip()[:1] in ("[", "{"):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None  # the stage's own parsing names it
+        if isinstance(parsed, (list, dict)):
+            made = _absolute_paths_in(parsed, key.strip(), schema, base)
+            if made != parsed:
+                item = f"{key}={yaml.safe_dump(made, default_flow_style=True, width=2**31).strip()}"
+        else:
+            item = f"{key}={_absolute_path(value, path_kind_at(schema, key.strip()), base)}"
         out.append(item)
     return out
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.markup import escape
+
 from stages.config import PipelineConfig
 from stages.errors import CheckpointError, RlhfError
 from stages.runtime import call_forwarding_signals
@@ -312,7 +314,7 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
                                 "keep it")
             if changes:
                 console.print(f"[yellow]{run.label}: kept although its config changed (--allow-config-change): "
-                              f"{shown}[/]")
+                              f"{escape(shown)}[/]")
             console.print(f"complete output in {run.out}: skipped (--force reruns it)")
             continue
         earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run

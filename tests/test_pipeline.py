@@ -554,6 +554,17 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", good)), "--dry-run")
     assert res.exit_code == 0, res.output
     assert f"--set data.train={tmp_path / 'mine' / 'prompts.jsonl'} --set model.dtype=float32" in res.stdout
+    # ... also inside a list or a mapping
+    for given, made in (("[mine/prompts.jsonl]", f"[{tmp_path / 'mine' / 'prompts.jsonl'}]"),
+                        ("{path: mine/prompts.jsonl}", f"{{path: {tmp_path / 'mine' / 'prompts.jsonl'}}}")):
+        listed = dict(good, ppo_runs=[{"name": "p", "set": [f"data.train={given}"]}])
+        res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", listed)), "--dry-run")
+        assert res.exit_code == 0 and f"data.train={made}" in res.stdout.replace("'", ""), res.output
+    # what the pipeline wires (output folders, the RM's and PPO's model paths) is not a stage's to set
+    wired = dict(good, ppo_runs=[{"name": "p", "set": [f"reward_model.name_or_path={tmp_path}"]}])
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", wired)), "--dry-run")
+    assert res.exit_code == 2 and "ppo_runs[0].set: reward_model.name_or_path is wired by the pipeline (the RM " \
+        "stage's output)" in res.stderr, res.output
     # ... but a set: given with --set on the command line is relative to the current directory, as --set paths are
     import os
 
