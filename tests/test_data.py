@@ -100,6 +100,11 @@ def test_custom_column_names(tmp_path, char_tok):
     assert convs[0][0].messages == (("user", "hi"), ("assistant", "yo"))
 
 
+def _trained_text(tok, row: dict) -> str:
+    """The text of a tokenized row's tokens that carry a label."""
+    return "".join(tok.decode([t]) for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE)
+
+
 def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
     msgs = [
         {"role": "system", "content": "S"},
@@ -119,11 +124,9 @@ def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
         ("a2<|endoftext|>", True),
     ]
     rows, _ = _one(char_tok, convs)
-    decoded = [char_tok.decode([t]) for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
-    assert "".join(decoded) == "a1<|endoftext|>a2<|endoftext|>"
+    assert _trained_text(char_tok, rows[0]) == "a1<|endoftext|>a2<|endoftext|>"
     rows_last, _ = _one(char_tok, convs, train_on="last_turn")
-    decoded = [char_tok.decode([t]) for t, lab in zip(rows_last[0]["input_ids"], rows_last[0]["labels"]) if lab != IGNORE]
-    assert "".join(decoded) == "a2<|endoftext|>"
+    assert _trained_text(char_tok, rows_last[0]) == "a2<|endoftext|>"
     assert rows_last[0]["input_ids"] == rows[0]["input_ids"]  # same text, only the mask differs
 
 
@@ -144,8 +147,7 @@ def test_an_opening_assistant_turn_trains_its_content_not_the_template_header(tm
         ("a<|endoftext|>", True),
     ]
     rows, _ = _one(char_tok, convs)
-    decoded = [char_tok.decode([t]) for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
-    assert "".join(decoded) == "hi<|endoftext|>a<|endoftext|>"
+    assert _trained_text(char_tok, rows[0]) == "hi<|endoftext|>a<|endoftext|>"
 
 
 def test_trailing_user_turn_is_dropped(tmp_path):
