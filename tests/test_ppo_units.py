@@ -1378,3 +1378,21 @@ def test_rendering_records_template_digest_and_unreadable_record(tmp_path):
     (tmp_path / "rlhf_checkpoint.json").write_text('{"stage": "sft", "rendering": {"sty')
     with pytest.raises(CheckpointError, match="cannot read .*rlhf_checkpoint.json: JSONDecodeError"):
         read_rendering(str(tmp_path))
+
+
+def test_a_resumed_run_compares_with_a_best_written_after_its_checkpoint(tmp_path):
+    """best/ written by the interrupted run at iteration 7, after the checkpoint at 6 it resumes from: its reward
+    becomes the one to beat when higher than the checkpoint's; a best/ from before the checkpoint (already in
+    its state), a lower or non-finite reward, or no best/ leave the checkpoint's."""
+    from stages.ppo.trainer import resumed_best
+
+    assert resumed_best(tmp_path, 6, 0.5) == 0.5  # no best/
+    (tmp_path / "best").mkdir()
+    record = tmp_path / "best" / "rlhf_checkpoint.json"
+    for iteration, reward, best, want in ((7, 0.9, 0.5, 0.9), (7, 0.9, None, 0.9), (7, 0.4, 0.5, 0.5),
+                                          (6, 0.9, 0.5, 0.5), (7, float("nan"), 0.5, 0.5)):
+        record.write_text(json.dumps({"stage": "ppo", "iteration": iteration, "eval_reward": reward}))
+        assert resumed_best(tmp_path, 6, best) == want, (iteration, reward, best)
+    for broken in ("{not json", "[1, 2]", '{"eval_reward": 0.9}'):
+        record.write_text(broken)
+        assert resumed_best(tmp_path, 6, 0.5) == 0.5

@@ -448,6 +448,24 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
     return g.reduce(dist.device)
 
 
+def resumed_best(out: Path, start: int, best: float | None) -> float | None:
+    """The best validation reward a run resumed at iteration `start` compares with: its checkpoint's `best`, or
+    the reward of a best/ the interrupted run wrote after that checkpoint (its rlhf_checkpoint.json) when higher,
+    so that a resumed run that does not repeat the interrupted one exactly (on a GPU) replaces that best/ only
+    with a better policy. (On a CPU it repeats it: the same reward again, not better, best/ kept as it is.)"""
+    try:
+        record = json.loads((out / "best" / "rlhf_checkpoint.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return best
+    if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+        return best
+    reward = record.get("eval_reward")
+    if (record["iteration"] > start and isinstance(reward, (int, float)) and math.isfinite(reward)
+            and (best is None or reward > best)):
+        return float(reward)
+    return best
+
+
 def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
     """The policy as out/best (HF causal LM), replaced atomically."""
     tmp, best = out / ".tmp-best", out / "best"
@@ -549,6 +567,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from iteration 0")
         else:
             state.update(loaded)
+            state["best_reward"] = resumed_best(out, int(state["step"]), state["best_reward"])
             say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
     moments = RunningMoments(*state["moments"])
     start = int(state["step"])
