@@ -316,15 +316,12 @@ def check_packing(model_type: str | None, packing: bool) -> None:
 def declared_model_type(model: ModelConfig) -> str | None:
     """model.from_config's model_type, or that of a local model folder's config.json; None for a hub id (not
     read without a download) or a folder without one."""
-    import json
+    from stages.checkpoint import read_recorded
 
     if model.from_config is not None:
         return model.from_config.get("model_type")
-    config = Path(resolve_model_dir(model.name_or_path or "")) / "config.json"
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError):
-        return None
+    config = read_recorded(Path(resolve_model_dir(model.name_or_path or "")) / "config.json")
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def check_stage_models(stage: str, cfg: Any) -> None:

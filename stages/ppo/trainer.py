@@ -30,6 +30,7 @@ from stages.checkpoint import (
     load_latest_checkpoint,
     nonfinite_parameter,
     publish_final,
+    read_recorded,
     replace_dir,
     save_checkpoint,
     save_hf,
@@ -453,10 +454,7 @@ def resumed_best(out: Path, start: int, best: float | None) -> float | None:
     the reward of a best/ the interrupted run wrote after that checkpoint (its rlhf_checkpoint.json) when higher,
     so that a resumed run that does not repeat the interrupted one exactly (on a GPU) replaces that best/ only
     with a better policy. (On a CPU it repeats it: the same reward again, not better, best/ kept as it is.)"""
-    try:
-        record = json.loads((out / "best" / "rlhf_checkpoint.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return best
+    record = read_recorded(out / "best" / "rlhf_checkpoint.json")
     if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
         return best
     reward = record.get("eval_reward")
