@@ -1396,3 +1396,16 @@ def test_a_resumed_run_compares_with_a_best_written_after_its_checkpoint(tmp_pat
     for broken in ("{not json", "[1, 2]", '{"eval_reward": 0.9}'):
         record.write_text(broken)
         assert resumed_best(tmp_path, 6, 0.5) == 0.5
+
+
+def test_only_a_finite_reward_above_the_best_during_policy_iterations_makes_a_new_best():
+    """beats_best: the first finite reward is best; later ones must be strictly higher; a NaN or ±inf reward
+    never is (a NaN best would freeze best/ for the rest of the run), nor any reward while only the critic
+    trains."""
+    from stages.ppo.trainer import beats_best
+
+    nan, inf = float("nan"), float("inf")
+    assert beats_best(0.1, None, False) and beats_best(-3.0, None, False)
+    assert beats_best(0.6, 0.5, False) and not beats_best(0.5, 0.5, False) and not beats_best(0.4, 0.5, False)
+    assert not any(beats_best(r, b, False) for r in (nan, inf, -inf) for b in (None, 0.5))
+    assert not beats_best(0.9, None, True) and not beats_best(0.9, 0.5, True)

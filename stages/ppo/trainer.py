@@ -449,6 +449,13 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
     return g.reduce(dist.device)
 
 
+def beats_best(reward: float, best: float | None, critic_only: bool) -> bool:
+    """Whether a validation reward makes a new best/: finite, above the best so far (any finite reward when there
+    is none), and not during the critic-only iterations. A NaN never does: taken as best it would stay best for
+    good, since nothing compares above it."""
+    return not critic_only and math.isfinite(reward) and (best is None or reward > best)
+
+
 def resumed_best(out: Path, start: int, best: float | None) -> float | None:
     """The best validation reward a run resumed at iteration `start` compares with: its checkpoint's `best`, or
     the reward of a best/ the interrupted run wrote after that checkpoint (its rlhf_checkpoint.json) when higher,
@@ -600,11 +607,9 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             return
         ev = validate(cfg, dist, models, data["eval"], tokenizer, stop_ids, ending)
         metrics.log(done, ev)
-        best = state["best_reward"]
-        finite = math.isfinite(ev["eval/reward"])  # (a NaN taken as best would stay best: nothing compares above it)
-        if not finite:
+        if not math.isfinite(ev["eval/reward"]):
             metrics.event(done, "nonfinite_validation", eval_reward=str(ev["eval/reward"]))
-        better = not critic_only and finite and (best is None or ev["eval/reward"] > best)
+        better = beats_best(ev["eval/reward"], state["best_reward"], critic_only)
         if better and not reasons:
             state["best_reward"] = ev["eval/reward"]
             if t.checkpoints:  # (train.checkpoints: false writes no model at all)
