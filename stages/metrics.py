@@ -26,7 +26,8 @@ def _clean(value: Any) -> Any:
 
 class MetricsLogger:
     """Appends rows to `out_dir/metrics.jsonl` and TensorBoard. On resume from step S, rows after S (written by
-    the interrupted run after its last checkpoint) are dropped first, so the curve continues cleanly."""
+    the interrupted run after its last checkpoint) are dropped first, so the curve continues cleanly; so is a
+    "final" event at S (a finished run resumed from its last checkpoint publishes final/ again and logs it once)."""
 
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None) -> None:
         self.enabled = enabled
@@ -35,7 +36,7 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None:
-            keep_rows_upto(self.path, "step", resume_step)
+            keep_rows_upto(self.path, "step", resume_step, redone_events=("final",))
         else:
             self.path.write_text("", encoding="utf-8")
         if tensorboard:
@@ -68,10 +69,11 @@ class MetricsLogger:
             self.writer.close()
 
 
-def keep_rows_upto(path: Path, key: str, upto: int) -> None:
+def keep_rows_upto(path: Path, key: str, upto: int, redone_events: tuple[str, ...] = ()) -> None:
     """Drop the rows of a JSON-lines file whose `key` is above `upto` (written by an interrupted run after its
-    last checkpoint), and a line cut by a crash or a full disk; rewritten atomically (a crash while it runs
-    leaves the old file). Nothing when the file does not exist."""
+    last checkpoint), the events named in `redone_events` (which the resumed run writes again), and a line cut
+    by a crash or a full disk; rewritten atomically (a crash while it runs leaves the old file). Nothing when
+    the file does not exist."""
     if not path.exists():
         return
     kept = []
@@ -80,7 +82,7 @@ def keep_rows_upto(path: Path, key: str, upto: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get(key, 0) <= upto:
+        if row.get(key, 0) <= upto and row.get("event") not in redone_events:
             kept.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 

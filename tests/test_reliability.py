@@ -523,6 +523,20 @@ def test_resume_trims_a_log_past_the_checkpoint_and_a_line_cut_by_a_crash(tmp_pa
     assert not list(tmp_path.glob(".tmp-*"))  # written through a temporary file, renamed over it
 
 
+def test_resuming_a_finished_run_logs_its_final_event_once(tmp_path):
+    """A finished run resumed from its last checkpoint (step 4) publishes final/ again: the earlier "final" event
+    at that step is dropped, the other rows of step 4 (its checkpoint event, its metrics) are kept."""
+    from stages.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 4, "train/loss": 0.5}, {"step": 4, "event": "checkpoint", "path": "c"},
+            {"step": 4, "event": "final", "path": "f"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=4)
+    logger.event(4, "final", path="f")
+    assert [(r["step"], r.get("event")) for r in read_metrics(path)] == [(4, None), (4, "checkpoint"), (4, "final")]
+
+
 def test_rng_state_round_trip_and_each_rank_restores_its_own_gpus_generator(monkeypatch):
     """Python, numpy and torch draw the same after a restore. A GPU rank saves and restores its own device's
     generator only (cuda:3 here, faked: no GPU needed), so a resume that sees the GPUs otherwise (one per
