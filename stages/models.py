@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from stages.checkpoint import sync_tree
 from stages.config import ModelConfig
 from stages.distributed import DistInfo, barrier, seed_everything
 from stages.engine import model_dtype
@@ -141,7 +142,9 @@ def prepare_tokenizer(
             shutil.rmtree(tmp, ignore_errors=True)
             tok = train_tokenizer(texts(), cfg.tokenizer_train.vocab_size, cfg.tokenizer_train.min_frequency)
             tok.save_pretrained(str(tmp))
+            sync_tree(tmp)  # on disk before the rename: a crash cannot leave a tokenizer/ with missing data
             os.replace(tmp, path)
+            sync_tree(out_dir, only=())
         barrier()
         source = str(path)
     else:

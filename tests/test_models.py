@@ -127,6 +127,35 @@ def test_tokenizer_options(tok, tmp_path):
     assert loaded.chat_template == custom
 
 
+def test_a_trained_tokenizer_is_on_disk_before_its_rename(tmp_path, monkeypatch, process_group):
+    """from_config without model.tokenizer: rank 0 trains the tokenizer into .tmp-tokenizer, fsyncs its files,
+    renames it to tokenizer/ and fsyncs output_dir (the rename), so a crash cannot leave a tokenizer/ that
+    resumed ranks load with missing data. A second call loads it without training."""
+    import os
+
+    from stages.models import prepare_tokenizer
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = ModelConfig(from_config=ARCH, tokenizer_train={"vocab_size": 300, "min_frequency": 2})
+    first = prepare_tokenizer(cfg, out, process_group, lambda: TEXTS, chat_template=None)
+    files = {p.name for p in (out / "tokenizer").iterdir()}
+    tmp = str(out / ".tmp-tokenizer")
+    assert "tokenizer.json" in files and files <= {s[len(tmp) + 1:] for s in synced if s.startswith(tmp + "/")}
+    assert synced[-1] == str(out) and not (out / ".tmp-tokenizer").exists()
+    synced.clear()
+    again = prepare_tokenizer(cfg, out, process_group, lambda: pytest.fail("trained again"), chat_template=None)
+    assert again.get_vocab() == first.get_vocab() and synced == []
+
+
 def test_weight_decay_only_on_matrices(tok):
     from stages.engine import param_groups
 
