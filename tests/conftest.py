@@ -137,6 +137,24 @@ def process_group(monkeypatch):
     return setup_distributed()
 
 
+def tiny_engine(steps: int = 1, **train) -> tuple:
+    """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`) and a
+    two-word tokenizer: what save_checkpoint / load_latest_checkpoint take."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from stages.config import DeepSpeedConfig, TrainConfig
+    from stages.engine import build_deepspeed_config, initialize_engine
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
+    tc = TrainConfig(micro_batch_size=1, max_steps=steps, **train)
+    ds = build_deepspeed_config(tc, DeepSpeedConfig(), 1, False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    return initialize_engine(model, ds, tc, steps), tokenizer
+
+
 def cli_env(env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment a CLI subprocess gets: ours plus `env`, minus `drop_env` and minus the process-group
     variables an in-process test may have set (RANK, WORLD_SIZE, ...): the CLI is never its worker."""

@@ -170,3 +170,24 @@ def test_a_training_engine_trains_a_pretrained_model_in_training_mode(process_gr
     ids = torch.randint(0, 64, (1, 8))
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     assert len(calls) == 2
+
+
+def test_gradient_clipping_acts_in_the_engine_step(process_group):
+    """train.gradient_clipping (and PPO's grad_clip, the same engine setting) scales the gradients before AdamW:
+    clipped to a global norm of 1e-12, far below adam_eps (1e-8), the first step moves each weight by about
+    lr * g / eps, at most ~1e-4 * lr; unclipped, AdamW's first step moves every weight with a gradient by about
+    lr (|g| >> eps). Without clipping reaching DeepSpeed both would move by ~lr."""
+    import torch
+
+    from conftest import tiny_engine
+
+    moved = {}
+    for clip in (0.0, 1e-12):
+        engine, _ = tiny_engine(1, lr=1e-3, gradient_clipping=clip, weight_decay=0.0, warmup_steps=0)
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        moved[clip] = max(float((p.detach() - b).abs().max()) for p, b in zip(engine.module.parameters(), before))
+    assert moved[0.0] == pytest.approx(1e-3, rel=0.05)
+    assert moved[1e-12] < 1e-3 * 1e-3

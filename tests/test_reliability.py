@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_command, cli_env, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, cli_command, cli_env, run_cli, tiny_engine, tiny_sft_dict, write_yaml
 from stages.metrics import read_metrics
 
 RNG = random.Random(os.environ.get("RLHF_TEST_SEED"))
@@ -352,29 +352,12 @@ def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):
         check_architecture(str(lm), "causal_lm", False)
 
 
-def _tiny_engine(steps: int = 1, **train) -> tuple:
-    """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`) and a
-    two-word tokenizer: what save_checkpoint / load_latest_checkpoint take."""
-    from tokenizers import Tokenizer, models
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from stages.config import DeepSpeedConfig, TrainConfig
-    from stages.engine import build_deepspeed_config, initialize_engine
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
-    tc = TrainConfig(micro_batch_size=1, max_steps=steps, **train)
-    ds = build_deepspeed_config(tc, DeepSpeedConfig(), 1, False)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    return initialize_engine(model, ds, tc, steps), tokenizer
-
-
 def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, monkeypatch, process_group):
     """Every file of the checkpoint (engine state, RNG, HF weights, trainer state, COMPLETE) is fsynced before
     the rename that publishes it, and the output directory after it (so the rename itself is durable)."""
     from stages.checkpoint import save_checkpoint
 
-    engine, tokenizer = _tiny_engine()
+    engine, tokenizer = tiny_engine()
     synced: list[str] = []
     real = os.fsync
 
@@ -612,7 +595,7 @@ def test_resume_takes_lr_weight_decay_betas_and_eps_from_the_config_not_the_chec
     from stages.engine import lr_factor
 
     schedule = dict(lr=3e-3, warmup_steps=2, lr_scheduler="linear", min_lr_ratio=0.1)
-    engine, tokenizer = _tiny_engine(10, **schedule)
+    engine, tokenizer = tiny_engine(10, **schedule)
     batch = torch.randint(0, 64, (1, 8))
     for _ in range(3):
         engine.backward(engine(input_ids=batch, labels=batch).loss)
@@ -622,12 +605,12 @@ def test_resume_takes_lr_weight_decay_betas_and_eps_from_the_config_not_the_chec
     out.mkdir()
     save_checkpoint(engine, tokenizer, out, 3, {}, process_group, 1, {"stage": "sft"})
 
-    same, _ = _tiny_engine(10, **schedule)
+    same, _ = tiny_engine(10, **schedule)
     assert load_latest_checkpoint(same, out, process_group)["step"] == 3
     assert [dict(g, params=None) for g in same.optimizer.param_groups] == saved
     assert saved[0]["lr"] == 3e-3 * lr_factor(3, 10, 2, "linear", 0.1) and saved[0]["weight_decay"] == 0.0
 
-    changed, _ = _tiny_engine(10, **{**schedule, "lr": 1e-3}, weight_decay=0.1, adam_betas=(0.8, 0.9), adam_eps=1e-6)
+    changed, _ = tiny_engine(10, **{**schedule, "lr": 1e-3}, weight_decay=0.1, adam_betas=(0.8, 0.9), adam_eps=1e-6)
     load_latest_checkpoint(changed, out, process_group)
     decay, no_decay = changed.optimizer.param_groups
     expected = 1e-3 * lr_factor(3, 10, 2, "linear", 0.1)
@@ -746,7 +729,7 @@ def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(
                            "deepspeed": {"config": {"zero_optimization": {"offload_optimizer": {"nvme_path": str(swap)}}}}})
     prepare_output_dir(out, text, False, False, "sft")
     assert set(json.loads((out / "inputs.json").read_text())) == {"data.train.path", "model.name_or_path"}
-    engine, tokenizer = _tiny_engine()
+    engine, tokenizer = tiny_engine()
     save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
     assert (out / "checkpoint-00000001" / "inputs.json").read_text() == (out / "inputs.json").read_text()
 
@@ -835,7 +818,7 @@ def test_a_new_final_and_a_fresh_start_remove_the_evaluation_of_the_old_policy(t
     A user's own files stay."""
     from stages.checkpoint import EVALUATION_FILES, clear_run, publish_final, save_checkpoint
 
-    engine, tokenizer = _tiny_engine()
+    engine, tokenizer = tiny_engine()
     out = tmp_path / "out"
     save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
     for cleared in (lambda: publish_final(out, 1, process_group), lambda: clear_run(out)):
