@@ -604,8 +604,9 @@ class PipelineConfig(Section):
         for section, items, keys in where:
             for item in items:
                 key = item.partition("=")[0].strip()
-                if key in keys:
-                    raise ValueError(f"{section}.set: {key} is wired by the pipeline ({wired[key]}); "
+                hit = next((k for k in keys if k == key or k.startswith(key + ".")), None)  # or a mapping above it
+                if hit is not None:
+                    raise ValueError(f"{section}.set: {key} sets {hit}, which the pipeline wires ({wired[hit]}); "
                                      "run the stage by itself to set it")
         return self
 

@@ -563,8 +563,13 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     # what the pipeline wires (output folders, the RM's and PPO's model paths) is not a stage's to set
     wired = dict(good, ppo_runs=[{"name": "p", "set": [f"reward_model.name_or_path={tmp_path}"]}])
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", wired)), "--dry-run")
-    assert res.exit_code == 2 and "ppo_runs[0].set: reward_model.name_or_path is wired by the pipeline (the RM " \
-        "stage's output)" in res.stderr, res.output
+    assert res.exit_code == 2 and "ppo_runs[0].set: reward_model.name_or_path sets reward_model.name_or_path, " \
+        "which the pipeline wires (the RM stage's output)" in res.stderr, res.output
+    # ... nor through a mapping above it, which would replace it whole
+    wired = dict(good, ppo_runs=[{"name": "p", "set": [f"reward_model={{name_or_path: {tmp_path}}}"]}])
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", wired)), "--dry-run")
+    assert res.exit_code == 2 and "ppo_runs[0].set: reward_model sets reward_model.name_or_path, which the " \
+        "pipeline wires" in res.stderr, res.output
     # ... but a set: given with --set on the command line is relative to the current directory, as --set paths are
     import os
 
