@@ -7,7 +7,6 @@ Any problem raises `ConfigError` (exit code 2) with one message naming the key p
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,30 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from stages.config import CONFIG_SCHEMAS, DataSource, Section, absolute_set_items, cli_marker, resolve_paths
 from stages.errors import ConfigError
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-5` / `3E4` as floats (YAML 1.1 insists on a dot: `1.0e-5`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+from stages.yamlio import dump_yaml, load_yaml
 
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text; a syntax error names `source` and the line."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 
@@ -262,4 +244,4 @@ def dump_config(config: BaseModel) -> str:
     body = config.model_dump(mode="json")
     first = [k for k in ("seed", "output_dir", "model", "reward_model", "data", "loss", "ppo") if k in body]  # then the schema's own order
     ordered = {k: body[k] for k in first} | {k: v for k, v in body.items() if k not in first}
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, width=110)
+    return dump_yaml(ordered, sort_keys=False, default_flow_style=False, width=110)

@@ -778,6 +778,8 @@ def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) ->
     path-like, not under `base`) and everything else are left as they are."""
     import yaml
 
+    from stages.yamlio import dump_yaml, load_yaml
+
     out = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -787,13 +789,13 @@ def absolute_set_items(items: list[str], schema: type[BaseModel], base: Path) ->
         parsed: Any = None
         if value.strip()[:1] in ("[", "{"):
             try:
-                parsed = yaml.safe_load(value)
+                parsed = load_yaml(value)
             except yaml.YAMLError:
                 parsed = None  # the stage's own parsing names it
         if isinstance(parsed, (list, dict)):
             made = _absolute_paths_in(parsed, key.strip(), schema, base)
             if made != parsed:
-                item = f"{key}={yaml.safe_dump(made, default_flow_style=True, width=2**31).strip()}"
+                item = f"{key}={dump_yaml(made, default_flow_style=True, width=2**31).strip()}"
         else:
             item = f"{key}={_absolute_path(value, path_kind_at(schema, key.strip()), base)}"
         out.append(item)

@@ -160,6 +160,36 @@ def test_invalid_yaml_names_file(tmp_path):
         load_config("sft", path)
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: the first train: block's lr would be lost. Ours
+    refuses, naming the key and both lines; a `<<:` merge's keys may still be overridden."""
+    path = _cfg_file(tmp_path)
+    text = path.read_text() + "train:\n  micro_batch_size: 2\n"
+    path.write_text(text)
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("train:"))
+    last = len(text.splitlines()) - 1
+    with pytest.raises(ConfigError, match=rf"(?s)sft.yaml: invalid YAML: .*key 'train' given twice \(first on line "
+                                          rf"{first}\); keep one.*line {last}, column 1"):
+        load_config("sft", path)
+    from rlhf_cli.config_loader import parse_yaml
+
+    assert parse_yaml("base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n", "s")["x"] == {"a": 3, "b": 2}
+    with pytest.raises(ConfigError, match="(?s)--set train: invalid YAML: .*key 'lr' given twice"):
+        parse_override("train={lr: 1, lr: 2}")
+
+
+def test_a_string_that_reads_as_a_float_survives_the_resolved_config(tmp_path):
+    """`split: '1e3'` is a string; written into resolved_config.yaml (which every launched worker reads) it is
+    quoted, so the worker reads a string again rather than our loader's float 1000.0."""
+    from rlhf_cli.config_loader import dump_config
+
+    cfg = load_config("sft", _cfg_file(tmp_path), ["data.train.split='1e3'", "train.lr=1e-5"])
+    assert cfg.data.train.split == "1e3"
+    (tmp_path / "resolved.yaml").write_text(dump_config(cfg))
+    again = load_config("sft", tmp_path / "resolved.yaml")
+    assert again.data.train.split == "1e3" and again.train.lr == 1e-5 and again == cfg
+
+
 # ----------------------------------------------------------------------------------------- CLI
 def test_cli_bogus_key_exits_2_with_key_named():
     res = run_cli("sft", "--config", str(TINY_SFT), "--set", "train.bogus=1")
