@@ -21,7 +21,7 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from conftest import mass_decided_apart
+from conftest import invoke_cli, mass_decided_apart, write_yaml
 from rlhf_cli.config_loader import apply_override, parse_override
 from stages.config import (
     GenerationConfig,
@@ -1074,6 +1074,23 @@ def test_turning_on_one_reward_transform_keeps_the_preset_from_turning_on_the_ot
     data = {"ppo": {given: False}}  # turning one off leaves the preset's choice of the other
     fill_preset(data, preset)
     assert data["ppo"][other] is PRESETS[preset][f"ppo.{other}"]
+    for on in ("true", "yes", "on", 1):  # on as pydantic reads it (a --set 'true', a YAML 1.1 yes)
+        data = {"ppo": {given: on}}
+        fill_preset(data, preset)
+        assert data["ppo"][other] is False, on
+        PPOAlgoConfig.model_validate(data["ppo"])
+
+
+@pytest.mark.parametrize("section", ["ppo", "train"])
+def test_a_section_that_is_not_a_mapping_is_left_for_validation_to_name(section, tmp_path):
+    """`ppo: [kl_coef: 0.1]` or `train: 5` with a preset: fill_preset leaves the section as it is (it used to
+    crash with a TypeError), and the config's validation names it: exit 2, no traceback."""
+    data = {section: [{"kl_coef": 0.1}]}
+    fill_preset(data, "ppo-max")
+    assert data[section] == [{"kl_coef": 0.1}]
+    cfg = {"ppo": {"preset": "ppo-max"}, section: 5}
+    res = invoke_cli("ppo", "--config", str(write_yaml(tmp_path / "p.yaml", cfg)), "--ppo-max", "--dry-run")
+    assert res.exit_code == 2 and f"{section}: Input should be a valid dictionary" in res.stderr, res.output
 
 
 def test_fill_preset_rejects_an_unknown_preset():

@@ -106,13 +106,24 @@ def _lookup(data: dict[str, Any], key: str) -> tuple[bool, Any]:
 
 
 def _assign(data: dict[str, Any], key: str, value: Any) -> None:
+    """data[a][b]... = value, creating missing mappings; nothing when a section on the way is not a mapping
+    (`ppo: [..]`, `train: 5`): validation then names that section."""
     *parents, last = key.split(".")
     node = data
     for part in parents:
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
+        if not isinstance(node, dict):
+            return
     node[last] = value
+
+
+def _on(value: Any) -> bool:
+    """Whether pydantic reads `value` as a true bool (True, 1, "true", "yes", "on", ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "on", "t", "true", "y", "yes")
+    return value is True or (type(value) is int and value == 1)
 
 
 #: keys of which at most one may be on (PPOAlgoConfig checks it): a config that turns one on keeps the preset
@@ -127,13 +138,13 @@ def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     name = preset or (in_file if found and in_file else DEFAULT_PRESET)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
-    if data.get("ppo") is None or isinstance(data["ppo"], dict):  # anything else fails validation by name
-        _assign(data, "ppo.preset", name)
+    _assign(data, "ppo.preset", name)
     filled = []
     for key, value in PRESETS[name].items():
         if not _lookup(data, key)[0]:
             other = ALTERNATIVES.get(key)
-            if other is not None and _lookup(data, other) == (True, True):
+            found, given = _lookup(data, other) if other is not None else (False, None)
+            if found and _on(given):
                 value = False  # the config turned the alternative on: it wins over the preset's choice
             _assign(data, key, value)
             filled.append(key)
