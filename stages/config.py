@@ -115,6 +115,11 @@ def check_architecture(arch: dict[str, Any]) -> None:
             raise ValueError(
                 f"from_config.{key}: not a {model_type} config key; closest valid key: from_config.{close[0]}"
             )
+    try:  # the config class's own checks (types, hidden size a multiple of the heads, ...), now rather than at build
+        cls(**{k: v for k, v in arch.items() if k != "model_type"})
+    except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, ValueError and its own validation errors
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"from_config: {model_type} rejects it: {' '.join(lines[-2:]) or type(exc).__name__}") from None
 
 
 # --------------------------------------------------------------------------------------------- data
