@@ -316,27 +316,78 @@ def check_packing(model_type: str | None, packing: bool) -> None:
                           "would attend to the ones before it; set data.packing: false")
 
 
-def declared_model_type(model: ModelConfig) -> str | None:
-    """model.from_config's model_type, or that of a local model folder's config.json; None for a hub id (not
-    read without a download) or a folder without one."""
+#: model types whose positions are a learned table of a fixed size (n_positions / max_position_embeddings): a
+#: longer sequence indexes past it (an IndexError on a CPU, a device-side assert on a GPU). Rotary and ALiBi
+#: models run past their nominal length (with a quality cost) and are not checked.
+LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
+
+
+def declared_config(model: ModelConfig) -> dict[str, Any] | None:
+    """model.from_config (as given), or a local model folder's config.json; None for a hub id (not read without
+    a download) or a folder without one."""
     from stages.checkpoint import read_recorded
 
     if model.from_config is not None:
-        return model.from_config.get("model_type")
+        return model.from_config
     config = read_recorded(Path(resolve_model_dir(model.name_or_path or "")) / "config.json")
-    return config.get("model_type") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def declared_model_type(model: ModelConfig) -> str | None:
+    """The model_type of `declared_config` (None when unknown)."""
+    return (declared_config(model) or {}).get("model_type")
+
+
+def position_limit(config: dict[str, Any]) -> int | None:
+    """The position-table size of a LEARNED_POSITIONS model's config dict (its config class's default when the
+    dict leaves it out); None for other model types."""
+    model_type = config.get("model_type")
+    if model_type not in LEARNED_POSITIONS:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    known = config.get("n_positions", config.get("max_position_embeddings"))
+    return int(known) if isinstance(known, int) else CONFIG_MAPPING[model_type]().max_position_embeddings
+
+
+def stage_lengths(stage: str, cfg: Any) -> dict[str, list[tuple[str, int]]]:
+    """Per model section, the longest sequences the stage feeds it: (what sets it, tokens)."""
+    if stage in ("sft", "train-rm"):
+        return {"model": [("data.max_length", cfg.data.max_length)]}
+    if stage != "ppo":
+        return {}
+    rollout = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
+    policy = [("data.max_prompt_length + generation.max_new_tokens", rollout)]
+    if cfg.data.ptx is not None:
+        policy.append(("data.ptx_max_length", cfg.data.ptx_max_length))
+    return {"model": policy,
+            "reward_model": [("data.max_prompt_length + generation.max_new_tokens + 1 (an EOS appended)", rollout + 1)]}
+
+
+def check_positions(stage: str, cfg: Any) -> None:
+    """A model with learned positions (LEARNED_POSITIONS) fed sequences longer than its position table is a
+    ConfigError naming both numbers, before any launch."""
+    for section, lengths in stage_lengths(stage, cfg).items():
+        config = declared_config(getattr(cfg, section))
+        limit = position_limit(config) if config is not None else None
+        for what, tokens in lengths:
+            if limit is not None and tokens > limit:
+                raise ConfigError(f"{what} = {tokens} tokens, but {section} ({config['model_type']}) has "
+                                  f"learned positions for {limit} only; shorten the sequences or use a model "
+                                  "with more positions")
 
 
 def check_stage_models(stage: str, cfg: Any) -> None:
     """The kind checks a stage makes before loading its models (`check_architecture` on each local folder's
-    config.json; a stage folder stands for its final/), and SFT's packing check (`check_packing`), without
-    loading any weights: what --dry-run can tell."""
+    config.json; a stage folder stands for its final/), SFT's packing check (`check_packing`) and the position
+    check (`check_positions`), without loading any weights: what --dry-run can tell."""
     for section, head, trained in STAGE_MODEL_KINDS.get(stage, []):
         model = getattr(cfg, section)
         if model.from_config is None and model.name_or_path:
             check_architecture(resolve_model_dir(model.name_or_path), head, trained, f"{section}.name_or_path")
     if stage == "sft":
         check_packing(declared_model_type(cfg.model), cfg.data.packing)
+    check_positions(stage, cfg)
 
 
 @contextlib.contextmanager

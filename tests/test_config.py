@@ -320,6 +320,21 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
         assert res.exit_code == 2 and "data.packing: true is not supported for opt models" in res.stderr, res.output
     assert invoke_cli(*sft_cfg[:-2], "--set", f"model.name_or_path={opt}", "--set", "model.from_config=null",
                       "--dry-run").exit_code == 0
+    # a model with a learned position table shorter than the sequences the stage feeds it: refused in the dry run
+    # (it would index past the table: an IndexError, a device-side assert on a GPU); the class default counts
+    gpt2 = "model.from_config={model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: %d}"
+    res = invoke_cli(*sft_cfg[:-2], "--set", gpt2 % 64, "--dry-run")
+    assert res.exit_code == 2 and "data.max_length = 96 tokens, but model (gpt2) has learned positions for 64 " \
+        "only" in res.stderr, res.output
+    assert invoke_cli(*sft_cfg[:-2], "--set", gpt2 % 96, "--dry-run").exit_code == 0
+    res = invoke_cli(*sft_cfg[:-2], "--set", "model.from_config={model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2}",
+                     "--set", "data.max_length=1025", "--dry-run")
+    assert res.exit_code == 2 and "has learned positions for 1024 only" in res.stderr, res.output
+    (rm / "final" / "config.json").write_text(json.dumps({"architectures": ["GPT2ForSequenceClassification"],
+                                                          "model_type": "gpt2", "n_positions": 88, "num_labels": 1}))
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}")  # 64 + 24 + an EOS
+    assert res.exit_code == 2 and "data.max_prompt_length + generation.max_new_tokens + 1 (an EOS appended) = 89 " \
+        "tokens, but reward_model (gpt2) has learned positions for 88 only" in res.stderr, res.output
     # rlhf eval of a policy that is not here: refused before its default --out (POLICY/eval.json) makes a folder
     res = invoke_cli("eval", "no-such-policy-here", "--reward-model", str(rm), "--prompts",
                      str(REPO / "configs" / "tiny" / "data" / "eval_prompts.jsonl"))
