@@ -168,9 +168,10 @@ def test_cuda_graphs_follow_the_policy_through_optimizer_steps_without_recompili
     again. The recorded CUDA graphs must read the updated weights (the same samples as eager decoding of the
     same weights, float32) and the step must never recompile; a bf16 engine's optimizer must update the weights
     in place (the graphs read fixed addresses). In its own process: the test session runs DeepSpeed on its CPU
-    accelerator (conftest), which would move the engine's module off the GPU."""
-    env = cli_env({"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
-                  drop_env=("DS_ACCELERATOR",))
+    accelerator (conftest), which would move the engine's module off the GPU; the child is told cuda
+    explicitly, since importing conftest there (this file does) would set cpu again where the variable is unset."""
+    env = cli_env({"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   "DS_ACCELERATOR": "cuda"})
     res = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "engine check: ok" in res.stdout
