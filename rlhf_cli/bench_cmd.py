@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rlhf_cli.config_loader import dump_config, load_config
@@ -148,18 +149,25 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     from stages.memory import estimate
     from stages.ppo.trainer import run
 
+    from stages.stop import Stopped
+
+    stopped: Stopped | None = None
     try:
         cfg, ppo, _ = _setup(workload, config, iters, warmup, set_ or [])
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
-        run(ppo)
+        try:
+            run(ppo)
+        except Stopped as exc:  # a time limit's SIGINT: the iterations done still make a (shorter) result
+            stopped = exc
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(), estimate(ppo, 1))
+        result["stopped"] = str(stopped) if stopped is not None else None
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
         trl_file = target.with_name("bench-trl.json")
         result["vs_trl"] = compare(result, json.loads(trl_file.read_text())) if trl_file.is_file() else None
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
-        fail(exc, debug)
+        fail(stopped or exc, debug)  # (stopped before any timed iteration: the stop is the error to show)
     table = Table(title=f"rlhf bench ppo: {result['workload']} on {result['device']}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -184,6 +192,10 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
                   f"{vs['trl_seconds_per_iteration']:.4g} s per iteration, peak {vs['trl_peak_memory_gib']:.3g} GiB): "
                   f"{vs['speedup']:.2f}x faster, generation {vs['generation_speedup']:.2f}x", highlight=False)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
+    if stopped is not None:  # the figures above are from the iterations done; the exit code says it stopped
+        err.print(f"[yellow]{escape(str(stopped))}: {result['iterations_timed']} of {cfg.iterations} timed "
+                  "iteration(s) done[/]")
+        raise typer.Exit(stopped.exit_code)
 
 
 @bench_app.command("generate")

@@ -118,6 +118,21 @@ def test_the_workload_tokenizer_names_every_row_and_the_prompts_use_the_first_wo
     assert words <= {f"w{i}" for i in range(200)} and len(words) > 150
 
 
+def test_bench_ppo_stopped_by_a_time_limit_keeps_the_iterations_done(bench_dir):
+    """A SIGINT (gpu_bench.sh's time limit) after iteration 3 of 1 warm-up + 3 timed: the result of the 2 timed
+    iterations done is written (marked stopped) and the exit code is 128 + SIGINT, where before nothing was
+    written; the module's own result files are left alone (--out, its own run folder)."""
+    other = bench_dir / "stopped.json"
+    res = run_cli("bench", "ppo", "--config", "tiny.yaml", "--iters", "3", "--warmup", "1", "--set", "profile=false",
+                  "--out", str(other), cwd=bench_dir, env={"HF_HUB_OFFLINE": "1", "RLHF_FAULT": "sigint@3"})
+    assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads(other.read_text())
+    assert r["iterations_timed"] == 2 and len(r["per_iteration_s"]) == 3
+    assert r["stopped"].startswith("stopped by SIGINT after step 3")
+    assert "2 of 3 timed iteration(s) done" in res.stderr
+    assert json.loads((bench_dir / "out/bench-ppo.json").read_text())["stopped"] is None
+
+
 def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     r = json.loads((bench_dir / "out/bench-generate.json").read_text())
     assert r["prompts"] == 8 and r["prompt_length"] == 16
