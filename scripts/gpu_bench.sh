@@ -2,24 +2,27 @@
 # The issue-6 device run, prepared so that one short lease does it: correctness on the GPU first, then the
 # benchmarks, every result written as it comes (a part that runs out of its time leaves the earlier ones).
 #
-#   scripts/gpu_bench.sh [PART ...]   PART: tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME, ppo-NAME,
-#                                     trl-NAME, trl-mixed-NAME (NAME: w1, w2, tiny; configs/bench/); default:
-#                                     tests ppo-w1 gen-w1
+#   scripts/gpu_bench.sh [PART ...]   PART: fused-adam, tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME,
+#                                     ppo-NAME, trl-NAME, trl-mixed-NAME (NAME: w1, w2, tiny; configs/bench/);
+#                                     default: fused-adam tests ppo-w1 gen-w1
 #
 # The machine the `device` tool lends has torch and transformers but no deepspeed, datasets, pydantic or trl and
 # no network: first, here, `../shared/device/wheels.sh trl==0.23.1` (fills .whl/, 6.2 MB, which this script
 # installs there; on a machine without the `wheel` package its DeepSpeed build fails with "invalid command
 # 'bdist_wheel'": `pip install wheel` first). A session has 15 minutes of device time, machine start included, so make one call with the default
-# parts, whose limits below add up to 510 s (the trace summary's 40 s included; each part may overrun its limit by
-# 5 s before it is killed, and the wheels install and environment report take ~30 s first: ~555 s in all):
+# parts, whose limits below add up to 555 s (the trace summary's 40 s included; each part may overrun its limit by
+# 5 s before it is killed, and the wheels install and environment report take ~30 s first: ~585 s in all, 600 at
+# the very worst, when the device tool's limit keeps what is already in $OUT):
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 # and only if 5 minutes are left, at once (the machine stays warm 30 s; it keeps runs/bench/w1, and the wheels
 # install again), TRL on the same workload and card, for the speed-up over it (issue 6's TRL figures are from an
 # H100, with a precision it does not record; trl-mixed-w1 is the other candidate):
 #   run(command="bash scripts/gpu_bench.sh trl-w1", carry=[".whl"], timeout_s=200)
 # then, with time left, `gen-fused-w1` (timeout_s=150: the experimental compiled step with the sampling inside
-# against the plain compiled one) or `ppo-w2` (timeout_s=360; its part limit is 290 s). The first compile of a decoding step and DeepSpeed's
-# FusedAdam JIT build fall in the warm-up iterations.
+# against the plain compiled one) or `ppo-w2` (timeout_s=360; its part limit is 290 s). The first compile of a
+# decoding step falls in the warm-up iterations; a ppo part without the fused-adam part before it on this machine
+# builds FusedAdam there too. A ppo part stopped by its limit still writes the result of the iterations done
+# (marked "stopped").
 #
 # gen-stop-NAME times the static compiled sampler with min_new_tokens 0, i.e. with the per-step "has every row
 # stopped?" check the workloads (exactly new_tokens per response) never make; beside gen-NAME it prices that check.
@@ -37,6 +40,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
+tee_pid=$!
 
 if [ -d .whl ] && ! python3 -c "import deepspeed, datasets, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -53,13 +57,15 @@ python3 -c "import torch" 2>/dev/null || { echo "TORCH_LOGS=$TORCH_LOGS refused;
                                           export TORCH_LOGS=recompiles; }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(tests ppo-w1 gen-w1)
+[ ${#parts[@]} -gt 0 ] || parts=(fused-adam tests ppo-w1 gen-w1)
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, report its exit code and duration
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
   echo "=== $name (limit ${limit}s): $*"
+  # a JIT build killed by an earlier part's limit leaves its lock, on which torch waits without a time limit
+  rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/*/lock
   timeout --signal=INT --kill-after=5 "$limit" "$@"
   rc=$?
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -71,8 +77,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 
 for part in "${parts[@]}"; do
   case $part in
+    fused-adam)  # DeepSpeed's FusedAdam JIT build (~35 s), once, so that neither the tests' engine check nor a
+                 # ppo part's warm-up spends its own limit on it
+      step fused-adam 60 python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" ;;
     tests)  # the fast path against its references on the GPU (CUDA graphs, bf16, a DeepSpeed engine's steps)
-      step tests 180 python3 -m pytest -q -rP -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
+      step tests 165 python3 -m pytest -q -rP -p no:cacheprovider --junitxml="$OUT/tests.xml" tests/test_gpu_fastpath.py ;;
     cpu-tests)  # the CPU fast-path tests with this machine's torch and transformers (not the slow two-process one: its
                 # first DeepSpeed CPU collective JIT-builds an op, minutes of a short lease)
       step cpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_fastpath.py tests/test_ppo_units.py ;;
@@ -113,10 +122,12 @@ for part in "${parts[@]}"; do
       rm -f "$res"
       step "$part" 150 python3 -m rlhf_cli bench trl --workload "$name" --iters 2 --warmup 1 --precision "$precision"
       [ -f "$res" ] && cp "$res" "$OUT/$part.json" ;;
-    *) echo "unknown part $part (tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME, ppo-NAME, trl-NAME,"\
+    *) echo "unknown part $part (fused-adam, tests, cpu-tests, gen-NAME, gen-stop-NAME, gen-fused-NAME, ppo-NAME, trl-NAME,"\
             "trl-mixed-NAME;"\
             "NAME a workload in configs/bench)"
        status=2 ;;
   esac
 done
+exec >&- 2>&-  # log.txt complete before the device tool collects $OUT: tee ends at end of input
+wait "$tee_pid" 2>/dev/null
 exit $status
