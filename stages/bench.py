@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from stages.config import BenchConfig, PPOConfig
+from stages.errors import RlhfError
 from stages.metrics import read_metrics
 from stages.perf import (
     clock,
@@ -231,9 +232,9 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
                    caches: list[str]) -> dict[str, Any]:
     """Time `sample` (the rollout sampler of rlhf ppo) on the workload's prompts with the PPO config's
     generation settings, for each decoding path in `caches` (VARIANTS: the static cache, compiled when
-    generation.compile; `fused`: compiled with the sampling inside, generation.compile_sampling, whose failure
-    is recorded as its result instead of ending the benchmark, so it is best timed last; the dynamic
-    reference); on a GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs
+    generation.compile; `fused`: compiled with the sampling inside, generation.compile_sampling, best timed
+    last; the dynamic reference). A path that fails (a compile, a CUDA graph) has its error as its result and
+    the others are still timed; only a failure of every path is an error. On a GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs
     (`launch_counts`) of each path but the dynamic one. With the device's peaks known (a known GPU, or the
     config's), the rollout's roofline floor (`roofline.generation_floor`) and each path's gap to it."""
     from transformers import AutoModelForCausalLM
@@ -275,16 +276,17 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
                 if i >= cfg.warmup:
                     times.append(seconds)
                     tokens = int(roll.response_mask.sum())
-        except Exception as exc:  # noqa: BLE001 - the experimental path may fail where the others run
-            if variant != "fused":
-                raise
+        except Exception as exc:  # noqa: BLE001 - one path may fail (a compile, a CUDA graph) where the others run
             results[variant] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
         med = statistics.median(times)
         results[variant] = {"compile": gen.compile, "compile_sampling": gen.compile_sampling, "seconds": med,
                             "tokens": tokens, "tokens_per_s": tokens / med, "per_run_s": times,
                             **{k.removeprefix("perf/"): v for k, v in peak_memory_gib(device).items()}}
+    failed = [c for c in caches if "seconds" not in results[c]]
     caches = [c for c in caches if "seconds" in results[c]]  # the paths that ran
+    if not caches:
+        raise RlhfError("every decoding path failed: " + "; ".join(f"{c}: {results[c]['error']}" for c in failed))
     if "static" in caches and "dynamic" in caches:
         results["static_speedup"] = results["dynamic"]["seconds"] / results["static"]["seconds"]
     if "static" in caches and "fused" in caches and results["static"]["compile"]:  # compiled against compiled
@@ -320,8 +322,6 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
             launches = launch_counts(lambda: rolled.append(sample(model, ids, mask, gen, [tok.eos_token_id],
                                                                   tok.pad_token_id, len(tok))), device)
         except Exception as exc:  # noqa: BLE001 - as above
-            if variant != "fused":
-                raise
             results[variant]["launches_error"] = f"{type(exc).__name__}: {exc}"[:2000]
             continue
         if launches is not None:

@@ -21,6 +21,7 @@ from stages.config import DeepSpeedConfig, TrainConfig
 from stages.memory import trained_model
 from rlhf_cli.bench_cmd import bench_config
 from stages.bench import workload_floors
+from stages.errors import RlhfError
 from stages.perf import (COUNTED_RANGE, FlopShape, StepProfiler, compile_counters, count_calls, flop_shape, launch_counts,
                          names_inside, train_flops)
 from stages.roofline import DecodeShape, decode_shape, generation_floor, ppo_floors
@@ -183,6 +184,22 @@ def test_bench_generate_times_the_fused_path_and_reports_its_failure(bench_dir, 
     r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["fused"] == {"error": "RuntimeError: no graph for you"} and "fused_speedup" not in r
     assert r["static"]["tokens"] == 8 * 16
+    # any path's failure (a compile, a CUDA graph on the static path) is its result; the others are still timed
+    from stages.ppo import rollout
+
+    real = rollout.sample
+
+    def static_fails(model, ids, mask, gen, *args):
+        if gen.cache == "static":
+            raise RuntimeError("graph capture failed")
+        return real(model, ids, mask, gen, *args)
+
+    monkeypatch.setattr(rollout, "sample", static_fails)
+    r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "dynamic"])
+    assert r["static"]["error"] == "RuntimeError: graph capture failed" and "static_speedup" not in r
+    assert r["dynamic"]["tokens"] == 8 * 16 and r["dynamic"]["seconds"] > 0
+    with pytest.raises(RlhfError, match="every decoding path failed: static: RuntimeError: graph capture failed"):
+        bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static"])
 
 
 def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench_dir):
