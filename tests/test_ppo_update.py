@@ -425,6 +425,140 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, dist, ppo):
     assert (g_rows - g_policy).abs().max() > 100 * 1e-6 + 1e-5 * g_policy.abs().max()
 
 
+# ------------------------------------------------------------------------- each update trick, hand-checked
+def _first_step(tmp_path, dist, micro: int = 4, mini: int = 4, ptx: bool = False, **ppo) -> tuple:
+    """One epoch over the uneven rollout (16 response tokens) with these settings: the rollout, its
+    experience, the recording engines and the update's metrics."""
+    rollout = _uneven_rollout()
+    cfg = _config(tmp_path, train={"micro_batch_size": micro, "mini_batch_size": mini}, ppo_epochs=1, **ppo)
+    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    models = _recording_models(accumulation=mini // micro)
+    rows, sampler = _ptx() if ptx else (None, None)
+    metrics = update(cfg, dist, models, rollout, exp, 0, False, rows, sampler, {"ptx_step": 0}, PAD)
+    return rollout, exp, models, metrics
+
+
+def _hand_advantages(adv: torch.Tensor, mask: torch.Tensor, norm: bool, clip: float) -> torch.Tensor:
+    """PPO-MAX.md's advantage tricks over the masked tokens, by hand: whitened (population variance, eps 1e-8)
+    with `norm`, then clipped to [-clip, clip] when clip > 0."""
+    out = adv.clone()
+    if norm:
+        a = adv[mask].double()
+        out = ((adv.double() - a.mean()) / (((a - a.mean()) ** 2).mean() + 1e-8).sqrt()).float()
+    if clip > 0:
+        out = out.clamp(-clip, clip)
+    return torch.where(mask, out, torch.zeros(()))
+
+
+@pytest.mark.parametrize("ppo", [{}, {"adv_norm": True}, {"adv_clip": 0.03}, {"adv_norm": True, "adv_clip": 0.5},
+                                 {"entropy_coef": 0.3}, {"ref_importance_sampling": True, "policy_clip": 0.05}],
+                         ids=["plain", "adv_norm", "adv_clip", "adv_norm-then-clip", "entropy", "ref_is"])
+def test_each_update_trick_gives_the_hand_computed_first_step(tmp_path, dist, ppo):
+    """The first optimizer step's policy loss and gradient, computed here from the formulas of PPO-MAX.md on a
+    fresh copy of the policy: token mean over the 16 tokens of -min(rho A', clip(rho) A'), where A' is the
+    advantage whitened over the mini-batch (adv_norm), then clipped (adv_clip); rho = exp(logp - old) = 1 at the
+    first step, or exp(logp - ref_logp) with ref_importance_sampling (clipped around the reference); minus
+    entropy_coef x the token-mean entropy (a bonus: lowering it would raise the loss). A wrong sign, bound,
+    order or normalizer changes the gradient; "differs from off" alone could not tell."""
+    rollout, exp, models, metrics = _first_step(tmp_path, dist, **ppo)
+    mask = rollout.response_mask.bool()
+    adv = _hand_advantages(exp["advantages"], mask, ppo.get("adv_norm", False), ppo.get("adv_clip", 0.0))
+    if "adv_clip" in ppo:  # the bound acts on both sides here (on the whitened advantages with adv_norm)
+        before = _hand_advantages(exp["advantages"], mask, ppo.get("adv_norm", False), 0.0)[mask]
+        assert (before > ppo["adv_clip"]).any() and (before < -ppo["adv_clip"]).any()
+    fresh = _models()["policy"].module
+    ids, att = rollout.sequences()
+    logp, ent = response_logprobs(fresh, ids, att, 3, rollout.response, with_entropy=True)
+    old = exp["ref_logp"] if ppo.get("ref_importance_sampling") else logp.detach()
+    rho = torch.exp(torch.where(mask, logp - old, torch.zeros(())))
+    eps = ppo.get("policy_clip", 0.2)
+    per_token = torch.maximum(-adv * rho, -adv * rho.clamp(1 - eps, 1 + eps))
+    loss = torch.where(mask, per_token, torch.zeros(())).sum() / 16
+    if "entropy_coef" in ppo:
+        loss = loss - ppo["entropy_coef"] * torch.where(mask, ent, torch.zeros(())).sum() / 16
+    assert sum(models["policy"].losses[0]) == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
+    assert _close(models["policy"].grads[0], _flat_grad(fresh, loss))
+    if ppo.get("ref_importance_sampling"):
+        clipped = (-adv * rho.clamp(1 - eps, 1 + eps) > -adv * rho) & mask
+        assert 0 < metrics["policy/clipfrac"] == pytest.approx(float(clipped.sum()) / 16, abs=1e-6)
+
+
+def test_advantages_are_whitened_per_mini_batch(tmp_path, dist):
+    """adv_norm with mini-batches of 2 rollouts: the first step's gradient is that of the advantages whitened
+    over its own mini-batch's tokens (and normalised by their count), not over the whole rollout batch's."""
+    rollout, exp, models, _ = _first_step(tmp_path, dist, micro=2, mini=2, adv_norm=True)
+    mask = rollout.response_mask.bool()
+    fresh = _models()["policy"].module
+    ids, att = rollout.sequences()
+    whole = _hand_advantages(exp["advantages"], mask, True, 0.0)
+
+    def grad_for(rows: list[int], adv: torch.Tensor) -> torch.Tensor:
+        m = mask[rows]
+        logp, _ = response_logprobs(fresh, ids[rows], att[rows], 3, rollout.response[rows])
+        return _flat_grad(fresh, -(adv * logp).masked_fill(~m, 0).sum() / int(m.sum()))
+
+    first = models["policy"].grads[0]
+    pairs = [[a, b] for a in range(4) for b in range(a + 1, 4)]
+    own = [_close(first, grad_for(r, _hand_advantages(exp["advantages"][r], mask[r], True, 0.0))) for r in pairs]
+    assert sum(own) == 1, own  # exactly the mini-batch that was drawn
+    rows = pairs[own.index(True)]
+    assert not _close(first, grad_for(rows, whole[rows]))
+
+
+def test_ptx_loss_is_the_coefficient_times_the_ptx_token_mean_whatever_the_split(tmp_path, dist):
+    """ptx_coef 0.5 with 2 micro-batches (accumulation 2): the step's gradient is that of the policy token mean
+    plus 0.5 x the NLL summed over both micro-batches' PTX rows / their trained tokens (each micro-batch's
+    PTX rows are the PTX sampler's next global batch, this rank's share)."""
+    from stages.lm import collate
+
+    rollout, exp, models, metrics = _first_step(tmp_path, dist, micro=2, mini=4, ptx=True, ptx_coef=0.5)
+    mask = rollout.response_mask.bool()
+    fresh = _models()["policy"].module
+    ids, att = rollout.sequences()
+    logp, _ = response_logprobs(fresh, ids, att, 3, rollout.response)
+    loss = -(exp["advantages"] * logp).masked_fill(~mask, 0).sum() / 16
+    rows, sampler = _ptx()
+    nll, tokens = 0.0, 0
+    for step in (0, 1):
+        batch = collate([rows[j] for j in sampler.indices(step)[:2]], PAD, torch.device("cpu"))
+        logits = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = nll + torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1),
+                                                      ignore_index=IGNORE, reduction="sum")
+        tokens += int((labels != IGNORE).sum())
+    total = loss + 0.5 * nll / tokens
+    assert _close(models["policy"].grads[0], _flat_grad(fresh, total))
+    assert metrics["loss/ptx"] == pytest.approx(float(nll) / tokens, rel=1e-5)
+
+
+def test_approxkl_is_half_the_mean_squared_log_ratio(tmp_path, dist):
+    """policy/approxkl = 0.5 x token mean of (logp - old logp)^2 over both epochs: 0 in the first (the policy is
+    the old one), and in the second that of the policy after the first step, computed here."""
+    rollout = _uneven_rollout()
+    cfg = _config(tmp_path, train={"micro_batch_size": 4}, ppo_epochs=2)
+    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    models = _recording_models(accumulation=1)
+    after_first: list[torch.nn.Module] = []
+    step = models["policy"].step
+
+    def keep_first() -> None:
+        step()
+        if not after_first:
+            after_first.append(copy.deepcopy(models["policy"].module))
+
+    models["policy"].step = keep_first
+    metrics = update(cfg, dist, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+    mask = rollout.response_mask.bool()
+    ids, att = rollout.sequences()
+    with torch.no_grad():
+        logp, _ = response_logprobs(after_first[0], ids, att, 3, rollout.response)
+    diff = (logp - exp["logp"])[mask]
+    assert float(diff.abs().max()) > 1e-3  # the first step moved the policy
+    assert metrics["policy/approxkl"] == pytest.approx(0.5 * float((diff ** 2).sum()) / 32, rel=1e-4)
+
+
 # --------------------------------------------------------------------------------------------- two ranks
 class TwoRanks:
     """Two ranks as two threads of this process. `all_reduce_sum`, patched into every module that calls it, adds
