@@ -298,6 +298,45 @@ def test_grad_clip_and_learning_rates_reach_the_deepspeed_engines(tmp_path):
                                                              cfg.deepspeed, 1, False)
 
 
+def test_each_engine_gets_its_own_learning_rate_schedule_and_step_count(tmp_path, dist, monkeypatch):
+    """build_models, as rlhf ppo calls it: the policy engine's optimizer gets train.policy_lr, the critic's
+    train.critic_lr (set apart here), both the config's warm-up share, scheduler and clip, each its own step
+    count (for its schedule); the frozen models get no engine."""
+    from stages.ppo import trainer
+
+    built: dict[str, tuple] = {}
+    monkeypatch.setattr(trainer, "build_policy", lambda cfg, tok, ds: LlamaForCausalLM(_arch()))
+    monkeypatch.setattr(trainer, "build_critic", lambda cfg, tok, rm_tok, ds: ValueModel(
+        LlamaForSequenceClassification(_arch())))
+    monkeypatch.setattr(trainer, "build_reward", lambda *args: RewardModel(LlamaForSequenceClassification(_arch())))
+
+    def record(model, ds, tc, total):
+        built["policy" if isinstance(model, LlamaForCausalLM) else "critic"] = (ds, tc, total)
+        return StubEngine(model, 1)
+
+    monkeypatch.setattr(trainer, "initialize_engine", record)
+    cfg = _config(tmp_path, train={"policy_lr": 3e-6, "critic_lr": 7e-5, "warmup_ratio": 0.25,
+                                   "lr_scheduler": "linear"}, grad_clip=0.5)
+    models = trainer.build_models(cfg, dist, None, None, {"policy": 12, "critic": 20})
+    assert set(built) == {"policy", "critic"} and isinstance(models["reference"], LlamaForCausalLM)
+    for name, lr, total in (("policy", 3e-6, 12), ("critic", 7e-5, 20)):
+        ds, tc, steps = built[name]
+        assert ds["optimizer"]["params"]["lr"] == lr and tc.lr == lr, name
+        assert (tc.warmup_ratio, tc.lr_scheduler, ds["gradient_clipping"], steps) == (0.25, "linear", 0.5, total)
+
+
+def test_rank_spread_is_the_largest_difference_between_ranks_of_any_value(monkeypatch):
+    """reward_stats/rank_spread: gather_floats gives every rank's values one rank after another; the spread is
+    the largest max - min over ranks of any one value (0 when the statistics are merged alike everywhere)."""
+    from stages.ppo import trainer
+
+    ranks = [[8.0, 0.5, 2.0], [8.0, 0.75, 1.5], [8.0, 0.5, 2.125]]
+    monkeypatch.setattr(trainer, "gather_floats", lambda values: [x for r in ranks for x in r])
+    assert trainer.rank_spread(ranks[0]) == 0.625  # the std: 2.125 - 1.5 (the mean's spread is 0.25)
+    ranks = [[8.0, 0.5, 2.0]] * 2
+    assert trainer.rank_spread(ranks[0]) == 0.0
+
+
 # --------------------------------------------------------------------------------------------- token means
 LENGTHS = (5, 1, 7, 3)  # response tokens of the 4 rollouts below: 16 in all
 
