@@ -173,7 +173,7 @@ def test_bad_lines(tmp_path: Path) -> None:
 def test_smooth_out_of_range(runs: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="smooth"):
         write_report(runs, tmp_path / "out", smooth=1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="no run directories given"):
         write_report([], tmp_path / "out")
 
 
