@@ -16,25 +16,30 @@ and the win-rate of the policy against the baseline, prompt by prompt:
 
     win_rate = (wins + ties / 2) / prompts        judged by the RM score, and by the gold reward
 
+(two identical responses are a tie whatever their scores, which the RM may put a float-noise apart in batches
+of other widths; a prompt with a non-finite score on either side is left out and counted as `nonfinite`).
+
 Single process; the GPU when there is one. Writes a JSON file (and the samples as JSONL next to it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from stages.config import GenerationConfig, ModelConfig, PPODataConfig
 from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
 from stages.gold import check_gold_prompts, gold_scores
-from stages.metrics import say
+from stages.metrics import _clean, say
 from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
 from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.prompts import load_prompts
@@ -83,7 +88,8 @@ def _tokenizer(path: str, what: str) -> Any:
                               f"{type(exc).__name__}: {exc}") from None
 
 
-def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _load_lm(path: str, dtype: torch.dtype, device: torch.device, tokens: int) -> torch.nn.Module:
+    """The causal LM at `path`, which must have an embedding row for each of the policy's `tokens` ids."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -93,6 +99,9 @@ def _load_lm(path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Mo
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated file), ...
         raise CheckpointError(f"cannot load a causal LM from {path}{not_local_hint(path)}: "
                               f"{type(exc).__name__}: {exc}") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < tokens:
+        raise CheckpointError(f"{path} has {rows} embedding rows for the policy tokenizer's {tokens} tokens")
     return model.to(device).eval()
 
 
@@ -126,16 +135,25 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
     return out
 
 
-def win_rate(mine: list[float], theirs: list[float]) -> dict[str, float]:
-    """(wins + ties / 2) / n, with the win, tie and loss shares.
+def win_rate(mine: list[float], theirs: list[float], same: list[bool] | None = None) -> dict[str, Any]:
+    """(wins + ties / 2) / n with the win, tie and loss shares, over the n prompts whose two scores are finite
+    (`nonfinite`: how many were left out; every share None when none is left). A prompt whose two responses
+    are identical (`same`) is a tie whatever its scores.
 
     >>> win_rate([1.0, 0.5, 0.0, 1.0], [0.0, 0.5, 1.0, 0.0])
-    {'win_rate': 0.625, 'wins': 0.5, 'ties': 0.25, 'losses': 0.25}
+    {'win_rate': 0.625, 'wins': 0.5, 'ties': 0.25, 'losses': 0.25, 'nonfinite': 0}
+    >>> win_rate([1.0, float("nan"), 0.3000001], [0.0, 0.5, 0.3], same=[False, False, True])
+    {'win_rate': 0.75, 'wins': 0.5, 'ties': 0.5, 'losses': 0.0, 'nonfinite': 1}
     """
-    n = len(mine)
-    wins = sum(a > b for a, b in zip(mine, theirs))
-    ties = sum(a == b for a, b in zip(mine, theirs))
-    return {"win_rate": (wins + ties / 2) / n, "wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n}
+    same = same or [False] * len(mine)
+    pairs = [(a, b, eq) for a, b, eq in zip(mine, theirs, same) if math.isfinite(a) and math.isfinite(b)]
+    n, left_out = len(pairs), len(mine) - len(pairs)
+    if not n:
+        return {"win_rate": None, "wins": None, "ties": None, "losses": None, "nonfinite": left_out}
+    ties = sum(eq or a == b for a, b, eq in pairs)
+    wins = sum(a > b and not eq for a, b, eq in pairs)
+    return {"win_rate": (wins + ties / 2) / n, "wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n,
+            "nonfinite": left_out}
 
 
 def summarize(gen: Generated, ngram: int) -> dict[str, float]:
@@ -169,18 +187,29 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
             check_architecture(resolve_model_dir(path), "causal_lm", False, what)
     if out_file is not None:  # before minutes of sampling, not after
         ensure_dir(out_file.parent, "--out")
+        if out_file.is_dir():
+            raise ConfigError(f"--out {out_file} is a directory; give the JSON file to write (e.g. {out_file}/eval.json)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))
     check_tokenizers(tok, rm_tok, s.reward_model)
+    for path, what in ((s.baseline, "--baseline"), (s.reference, "--reference")):
+        if path:  # fed the policy's token ids (and the baseline's responses decoded with its tokenizer)
+            check_tokenizers(tok, _tokenizer(resolve_model_dir(path), what), path, what,
+                             "compare models that share the policy's tokenizer (its SFT model, say)")
     styles: set[str] = set()
-    prompts, _ = load_prompts(s.data.train, s.data, tok, BadRowLog(), styles)
+    log = BadRowLog()
+    prompts, cut = load_prompts(s.data.train, s.data, tok, log, styles)
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
     if not prompts:
-        raise ConfigError(f"no prompts in {s.data.train}")
+        raise ConfigError(f"no prompts in {s.data.train}{log.summary()}")
 
     def warn(text: str) -> None:
-        say(True, f"[yellow]{text}[/]")
+        say(True, f"[yellow]{escape(text)}[/]")
+
+    if log.total or cut:  # (data.on_bad_row: skip) rows the evaluation leaves out, and prompts it shortens
+        warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} prompt(s) cut to "
+             f"data.max_prompt_length ({s.data.max_prompt_length} tokens, counted over all rows read)")
 
     if s.data.gold_reward:
         check_gold_prompts(s.data.gold_reward, tok, prompts, str(s.data.train.path), warn)
@@ -189,27 +218,34 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval")
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
-    policy = _load_lm(s.policy, dtype, device)
+    policy = _load_lm(s.policy, dtype, device, len(tok))
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     ending = ending_for(rm_dir, s.data.rm_add_eos, tok, stop_ids, styles, warn, lambda line: say(True, line))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
-                               "prompts": len(prompts), "seed": s.seed}
+                               "prompts": len(prompts), "seed": s.seed, "skipped_rows": dict(log.reasons),
+                               "cut_prompts": cut}
     ref_path = s.reference or s.baseline
-    reference = _load_lm(ref_path, dtype, device) if ref_path else None
+    reference = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)
     if ref_path:
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
-        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device)
+        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device, len(tok))
         theirs = generate(base, prompts, s, tok, reward, stop_ids, ending, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
-        results["win_rate_rm"] = win_rate(mine.reward, theirs.reward)
+        same = [a == b and x == y for a, b, x, y in zip(mine.responses, theirs.responses, mine.truncated,
+                                                         theirs.truncated)]
+        results["win_rate_rm"] = win_rate(mine.reward, theirs.reward, same)
         if mine.gold is not None and theirs.gold is not None:
-            results["win_rate_gold"] = win_rate(mine.gold, theirs.gold)
+            results["win_rate_gold"] = win_rate(mine.gold, theirs.gold, same)
+        for judge in ("rm", "gold"):
+            left_out = results.get(f"win_rate_{judge}", {}).get("nonfinite")
+            if left_out:
+                warn(f"{left_out} prompt(s) with a non-finite {judge} score left out of the {judge} win-rate")
     if out_file is not None:
-        out_file.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        out_file.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         with out_file.with_suffix(".samples.jsonl").open("w", encoding="utf-8") as fh:
             for i, p in enumerate(prompts):
                 row = {"prompt": tok.decode(p, skip_special_tokens=True),
@@ -221,8 +257,18 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                             "baseline_reward": theirs.reward[i]}
                     if theirs.gold is not None:
                         row["baseline_gold"] = theirs.gold[i]
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     return results
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as its string ("nan", "inf"): strict JSON (readers such as jq
+    refuse a bare NaN), as metrics.jsonl writes them."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return _clean(value)
 
 
 def print_results(results: dict[str, Any], console: Any) -> None:
@@ -243,6 +289,8 @@ def print_results(results: dict[str, Any], console: Any) -> None:
         table.add_row(*row)
     for judge in ("rm", "gold"):
         wr = results.get(f"win_rate_{judge}")
-        if wr:
+        if wr and wr["win_rate"] is not None:
             table.add_row(f"win-rate vs baseline ({judge})", f"{wr['win_rate']:.3f}", f"ties {wr['ties']:.2f}")
+        elif wr:
+            table.add_row(f"win-rate vs baseline ({judge})", "n/a", "every score non-finite")
     console.print(table)

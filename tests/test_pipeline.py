@@ -462,6 +462,59 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     assert [e.add_eos for e in endings] == [True, False, False, True]
 
 
+def test_eval_ties_identical_responses_leaves_out_non_finite_scores_and_checks_its_inputs(pipeline_run, tmp_path,
+                                                                                            monkeypatch):
+    """Against itself as the baseline (identical responses), every prompt is a tie even when the RM scores the
+    same text a float-noise apart (faked here); a NaN score leaves its prompt out of the win-rate (counted) and
+    eval.json stays strict JSON; skipped prompt rows are counted; a --baseline with another tokenizer and an
+    --out that is a directory are refused before any sampling."""
+    import shutil
+
+    from rlhf_cli.eval_options import eval_settings
+    from stages import evaluate as evaluate_module
+    from stages.errors import CheckpointError, ConfigError
+    from stages.evaluate import evaluate
+
+    root = pipeline_run[0].parent / "runs"
+    resolved = root / "ppo-max" / "resolved_config.yaml"
+    prompts = tmp_path / "prompts.jsonl"
+    rows = (TINY / "data" / "eval_prompts.jsonl").read_text().splitlines()[:6]
+    prompts.write_text("\n".join(rows[:3] + ["{not json"] + rows[3:]) + "\n")
+
+    def settings(**opts):
+        return eval_settings(root / "ppo-max", resolved, prompts=prompts, max_new_tokens=6,
+                             overrides=["data.on_bad_row=skip"], **opts)
+
+    calls = []
+    real = evaluate_module.raw_scores
+
+    def noisy(*args):
+        calls.append(1)
+        scores = real(*args) + 1e-6 * len(calls)  # each call a little apart, as batches of other widths can be
+        scores[0] = float("nan") if len(calls) == 1 else scores[0]
+        return scores
+
+    monkeypatch.setattr(evaluate_module, "raw_scores", noisy)
+    res = evaluate(settings(baseline=str(root / "ppo-max"), batch_size=3), tmp_path / "ev.json")
+    assert res["prompts"] == 6 and res["skipped_rows"] == {"invalid JSON": 1}
+    assert res["win_rate_rm"] == {"win_rate": 0.5, "wins": 0.0, "ties": 1.0, "losses": 0.0, "nonfinite": 1}
+    text = (tmp_path / "ev.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in eval.json"))["win_rate_rm"]
+    other = tmp_path / "other-tok"
+    shutil.copytree(root / "sft" / "final", other)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<|not-the-policys|>"])  # one more token: the policy's ids no longer name the same vocabulary
+    tok.save_pretrained(other)
+    calls.clear()
+    with pytest.raises(CheckpointError, match=f"--baseline {other} has a different vocabulary from the policy"):
+        evaluate(settings(baseline=str(other)), tmp_path / "ev2.json")
+    with pytest.raises(ConfigError, match=f"--out {tmp_path} is a directory"):
+        evaluate(settings(), tmp_path)
+    assert calls == []  # nothing sampled or scored
+
+
 def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_run, tmp_path):
     """SFT and the RM (chat-template messages) record how they rendered their rows; PPO given the same questions
     as plain {prompt} rows without use_chat_template stops before building any model, naming both models, and

@@ -62,25 +62,27 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, key, 0.0)
 
 
-def check_tokenizers(policy_tok: Any, rm_tok: Any, rm_source: str) -> None:
-    """The reward model must read the policy's token ids as the same tokens: identical vocabularies (the RM's
-    may add one `<|pad|>`, which train-rm adds when a tokenizer's pad is its EOS) and the same EOS id."""
+def check_tokenizers(policy_tok: Any, rm_tok: Any, rm_source: str, what: str = "the reward model",
+                     fix: str = "train the RM from the policy's SFT checkpoint") -> None:
+    """The reward model (or `what`: another model fed the policy's token ids) must read the policy's token ids
+    as the same tokens: identical vocabularies (its own may add one `<|pad|>`, which train-rm adds when a
+    tokenizer's pad is its EOS) and the same EOS id."""
     pv, rv = policy_tok.get_vocab(), rm_tok.get_vocab()
     extra = set(rv) - set(pv)
     if extra - {PAD} or set(pv) - set(rv):
         missing = sorted(set(pv) - set(rv))[:3]
         raise CheckpointError(
-            f"the reward model {rm_source} has a different vocabulary from the policy ({len(rv)} vs {len(pv)} tokens; "
-            f"e.g. {sorted(extra - {PAD})[:3] or missing}); train the RM from the policy's SFT checkpoint"
+            f"{what} {rm_source} has a different vocabulary from the policy ({len(rv)} vs {len(pv)} tokens; "
+            f"e.g. {sorted(extra - {PAD})[:3] or missing}); {fix}"
         )
     bad = next((t for t in pv if pv[t] != rv[t]), None)
     if bad is not None:
         raise CheckpointError(
-            f"token {bad!r} has id {pv[bad]} in the policy's tokenizer but {rv[bad]} in the reward model's ({rm_source})"
+            f"token {bad!r} has id {pv[bad]} in the policy's tokenizer but {rv[bad]} in that of {what} ({rm_source})"
         )
     if policy_tok.eos_token_id != rm_tok.eos_token_id:
         raise CheckpointError(
-            f"EOS differs: policy {policy_tok.eos_token!r} (id {policy_tok.eos_token_id}), reward model "
+            f"EOS differs: policy {policy_tok.eos_token!r} (id {policy_tok.eos_token_id}), {what} "
             f"{rm_tok.eos_token!r} (id {rm_tok.eos_token_id}) in {rm_source}"
         )
 
