@@ -242,20 +242,55 @@ class Run(NamedTuple):
 X_AXES = ("policy", "iteration")
 
 
-def critic_only_iterations(series: dict[str, Series]) -> int:
-    """C, the last iteration logged with `train/critic_only` = 1 (PPO runs critic-only iterations 1..C before
-    any policy update); 0 when there is none (vanilla PPO, SFT, RM).
+def critic_only_iterations(series: dict[str, Series], configured: int | None = None,
+                           last_step: int | None = None) -> int:
+    """C: PPO runs critic-only iterations 1..C before any policy update. The run's own setting (`configured`:
+    ppo.critic_pretrain_steps of its resolved_config.yaml), up to its last logged step; without it, the last
+    iteration logged with `train/critic_only` = 1, which is C only when every iteration is logged
+    (logging.log_every 1); 0 when there is none (vanilla PPO, SFT, RM).
 
     >>> critic_only_iterations({"train/critic_only": [(1, 1.0), (2, 1.0), (3, 0.0)]})
     2
+    >>> critic_only_iterations({"train/critic_only": [(3, 1.0), (6, 0.0)]}, configured=5, last_step=6)
+    5
     """
+    if configured is not None:
+        return min(configured, last_step) if last_step is not None else configured
     return max((step for step, v in series.get("train/critic_only", []) if v == 1.0), default=0)
+
+
+def configured_critic_only(run_dir: Path) -> int | None:
+    """ppo.critic_pretrain_steps of a PPO run's resolved_config.yaml; None when the run has none (another
+    stage, or a folder without the file)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    value = config.get("ppo", {}).get("critic_pretrain_steps") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def parent_labels(paths: set[Path]) -> dict[Path, str]:
+    """For run folders of one name in different places: the shortest trailing part of each parent folder's
+    path that tells them all apart (exp1, exp2; a/exp, b/exp).
+
+    >>> sorted(parent_labels({Path("/r/a/exp"), Path("/r/b/exp")}).values())
+    ['a/exp', 'b/exp']
+    """
+    depth = max(len(p.parts) for p in paths)
+    for k in range(1, depth + 1):
+        labels = {p: "/".join(p.parts[-k:]) for p in paths}
+        if len(set(labels.values())) == len(paths):
+            return labels
+    return {p: str(p) for p in paths}
 
 
 def load_runs(run_dirs: list[Path]) -> list[Run]:
     """Read every run directory (the same directory given twice counts once). Seeds of one run are folders
     NAME-seedN side by side; runs of the same NAME in different parent folders (exp1/ppo, exp2/ppo) are
-    different runs, labelled parent/NAME."""
+    different runs, labelled with as much of the parent's path as tells them apart (parent_labels)."""
     runs: list[Run] = []
     seen: set[Path] = set()
     for given in run_dirs:
@@ -267,13 +302,16 @@ def load_runs(run_dirs: list[Path]) -> list[Run]:
         label = path.name
         steps = [row["step"] for row in rows if "event" not in row]
         series = run_series(rows)
-        runs.append(Run(label, group_label(label), path, series, count_events(rows, "monitor"),
-                        max(steps) if steps else None, critic_only_iterations(series)))
+        last = max(steps) if steps else None
+        runs.append(Run(label, group_label(label), path, series, count_events(rows, "monitor"), last,
+                        critic_only_iterations(series, configured_critic_only(path), last)))
     parents: dict[str, set[Path]] = {}
     for run in runs:
         parents.setdefault(run.group, set()).add(run.path.parent)
-    return [run._replace(label=f"{run.path.parent.name}/{run.label}", group=f"{run.path.parent.name}/{run.group}")
-            if len(parents[run.group]) > 1 else run for run in runs]
+    named = {group: parent_labels(found) for group, found in parents.items() if len(found) > 1}
+    return [run._replace(label=f"{named[run.group][run.path.parent]}/{run.label}",
+                         group=f"{named[run.group][run.path.parent]}/{run.group}")
+            if run.group in named else run for run in runs]
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:

@@ -195,6 +195,12 @@ def test_runs_of_the_same_name_in_different_folders_are_not_seeds_of_one(tmp_pat
     groups = group_runs(load_runs([a, b, s1, s2]))
     assert {k: [r.label for r in v] for k, v in groups.items()} == {
         "exp1/ppo": ["exp1/ppo"], "exp2/ppo": ["exp2/ppo"], "van": ["van-seed1", "van-seed2"]}
+    # parents of one name (a/exp/ppo, b/exp/ppo): as much of their path as tells them apart, never merged
+    c = _write_run(tmp_path / "a" / "exp", "ppo", _ppo_rows([1.0, 1.0], [0.0, 0.0], [1.0]))
+    d = _write_run(tmp_path / "b" / "exp", "ppo", _ppo_rows([5.0, 5.0], [0.0, 0.0], [5.0]))
+    groups = group_runs(load_runs([c, d]))
+    assert {k: [r.label for r in v] for k, v in groups.items()} == {"a/exp/ppo": ["a/exp/ppo"],
+                                                                      "b/exp/ppo": ["b/exp/ppo"]}
 
 
 def test_ema_and_aggregate() -> None:
@@ -237,6 +243,22 @@ def test_ppo_curves_line_up_at_policy_iterations(tmp_path: Path) -> None:
     assert "drawn at x <= 0" not in Path(md_iter).read_text(encoding="utf-8")
     with pytest.raises(ConfigError, match="x axis 'steps' is not one of policy, iteration"):
         write_report([vanilla], tmp_path / "r3", x_axis="steps")
+
+
+def test_critic_only_iterations_come_from_the_runs_config_when_not_every_iteration_is_logged(tmp_path: Path) -> None:
+    """logging.log_every 3 with 20 critic-only iterations: the last row logged as critic-only is step 18, but
+    the run's resolved_config.yaml says 20, so its first policy update (21) is drawn at x = 1, as vanilla's."""
+    import yaml
+
+    from stages.report import load_runs
+
+    run = _write_run(tmp_path, "max", [{"step": s, "train/critic_only": float(s <= 20), "objective/scores": 1.0}
+                                       for s in range(3, 31, 3)])
+    assert load_runs([run])[0].critic_only == 18  # no config: the logged rows are all it has
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump({"ppo": {"critic_pretrain_steps": 20}}))
+    assert load_runs([run])[0].critic_only == 20
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump({"ppo": {"critic_pretrain_steps": 50}}))
+    assert load_runs([run])[0].critic_only == 30  # a run stopped during critic pre-training: up to its last step
 
 
 def test_a_seed_that_ran_on_after_the_shortest_is_drawn_past_the_mean(tmp_path: Path) -> None:
