@@ -192,6 +192,11 @@ def run_stage(
         from stages.models import check_stage_models
 
         check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
+        if _fp16_without_gpu(cfg, num_nodes, hostfile):  # DeepSpeed's CPU accelerator has no fp16
+            text_fp16 = "deepspeed.precision: fp16 needs a GPU, and this machine has none; use bf16 or fp32 here"
+            if not dry_run:
+                raise ConfigError(text_fp16)
+            err.print(f"[yellow]warning: {text_fp16} (a run on this machine would be refused)[/]", highlight=False)
         if dry_run:  # every check the run makes before its work that only reads, then the estimate
             from stages.memory import estimate, format_estimate
 
@@ -237,6 +242,15 @@ def run_stage(
         raise typer.Exit(130) from None
     finally:
         stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
+
+
+def _fp16_without_gpu(cfg: Any, num_nodes: int | None, hostfile: Path | None) -> bool:
+    """fp16 asked of a run on this machine (no hostfile, one node) while it has no CUDA device."""
+    if getattr(getattr(cfg, "deepspeed", None), "precision", None) != "fp16" or hostfile or (num_nodes or 1) > 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:

@@ -703,3 +703,16 @@ def test_a_key_a_newer_rlhf_added_is_no_change_at_its_default():
     # a key the earlier run had is compared as always, and one no schema knows is a change
     assert config_changes({"seed": 1}, {"seed": 2, "nonsense": 0}, "ppo") == ["nonsense: '(unset)' -> 0",
                                                                              "seed: 1 -> 2"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refused only on a machine without a GPU")
+def test_fp16_on_a_machine_without_a_gpu_is_refused_before_anything_runs(tmp_path):
+    """DeepSpeed's CPU accelerator has no fp16: a run here is refused at once (exit 2, nothing written), where it
+    used to fail after data loading and model building with a traceback from every rank; --dry-run warns (it may
+    be checking a config meant for a GPU machine)."""
+    args = ("sft", "-c", str(TINY_SFT), "--set", f"output_dir={tmp_path}/s", "--set", "deepspeed.precision=fp16")
+    res = invoke_cli(*args)
+    assert res.exit_code == 2 and "deepspeed.precision: fp16 needs a GPU, and this machine has none" in res.stderr
+    assert not (tmp_path / "s").exists()
+    res = invoke_cli(*args, "--dry-run")
+    assert res.exit_code == 0 and "a run on this machine would be refused" in res.stderr, res.output
