@@ -33,7 +33,16 @@ OWNED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "zero_optimization.stage": ("deepspeed.zero_stage", int),
     "bf16.enabled": ("deepspeed.precision", as_bool),
     "fp16.enabled": ("deepspeed.precision", as_bool),
+    # the optimizer settings the printed resolved config states (and resume compares)
+    "optimizer.params.lr": ("the YAML's learning rate (train.lr; PPO: train.policy_lr / train.critic_lr)", float),
+    "optimizer.params.eps": ("train.adam_eps", float),
+    "optimizer.params.weight_decay": ("train.weight_decay", float),
+    "optimizer.params.betas": ("train.adam_betas", lambda v: [float(x) for x in v]),
+    "gradient_clipping": ("train.gradient_clipping (PPO: ppo.grad_clip)", lambda v: float(v) or None),
 }
+#: raw DeepSpeed sections our code replaces or decides: refused rather than silently ignored or half applied
+REFUSED_SECTIONS = {"scheduler": "the YAML's train.lr_scheduler, warm-up and min_lr_ratio (DeepSpeed would "
+                                 "ignore this one: the engine is given our schedule)"}
 #: offload sections: the raw JSON may pick the device and its settings, not whether there is one
 OFFLOAD_KEYS = {"offload_optimizer": "deepspeed.offload_optimizer", "offload_param": "deepspeed.offload_param"}
 #: DeepSpeed's old spellings of offload, which would switch it behind the YAML's back
@@ -127,7 +136,24 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
     raw = load_raw_deepspeed(ds.config)
     check_owned_keys(raw, config)
     check_accumulation_dtype(raw, ds)
-    return deep_merge(config, raw)
+    merged = deep_merge(config, raw)
+    check_zero_section(merged["zero_optimization"])
+    return merged
+
+
+def check_zero_section(zero: dict[str, Any]) -> None:
+    """The merged zero_optimization section against DeepSpeed's own schema (a misspelt key such as
+    overlap_comn, a value of the wrong type), now rather than in every worker after the models load."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"deepspeed.config: zero_optimization.{where}: {first['msg']} "
+                          f"(got {first.get('input')!r}; DeepSpeed's ZeRO settings)") from None
 
 
 def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
@@ -137,6 +163,13 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
     if not isinstance(zero_raw, dict):
         raise ConfigError(f"deepspeed.config sets zero_optimization={zero_raw!r}: give a mapping (DeepSpeed's old "
                           "true/false form is not supported); set deepspeed.zero_stage in the YAML")
+    for key, owner in REFUSED_SECTIONS.items():
+        if key in raw:
+            raise ConfigError(f"deepspeed.config sets {key}; it is set by {owner}")
+    kind = json_section(raw, ["optimizer"]).get("type")
+    if kind is not None and str(kind).lower() != "adamw":
+        raise ConfigError(f"deepspeed.config sets optimizer.type={kind!r}; rlhf trains with AdamW (its settings are "
+                          "train.lr, adam_betas, adam_eps and weight_decay in the YAML)")
     for path, (owner, read) in OWNED_KEYS.items():
         *parents, leaf = path.split(".")
         raw_at, ours = json_section(raw, parents), json_section(config, parents)
@@ -147,8 +180,9 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
         if not same:
+            given = "nothing (off)" if ours.get(leaf) is None else repr(ours.get(leaf))
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "
-                              f"{ours.get(leaf)!r}; set it in the YAML instead")
+                              f"{given}; set it in the YAML instead")
     for key, owner in OFFLOAD_ALIASES.items():
         if key in zero_raw:
             raise ConfigError(f"deepspeed.config sets zero_optimization.{key}, DeepSpeed's old spelling of offload; "

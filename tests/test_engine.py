@@ -95,10 +95,24 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
      "'nvme', which DeepSpeed supports with zero_stage 3 only (it is 2)"),
     ({}, {"data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype='fp32', which DeepSpeed supports"),
     ({"zero_stage": 1}, {"data_types": {"grad_accum_dtype": "FP32"}}, "grad_accum_dtype='FP32'; DeepSpeed knows"),
+    # the optimizer settings the resolved config prints (a raw lr would silently train at another rate)
+    ({}, {"optimizer": {"params": {"lr": 1e-3}}}, "optimizer.params.lr=0.001, but the YAML's learning rate "
+                                                 "(train.lr; PPO: train.policy_lr / train.critic_lr) gives 1e-05"),
+    ({}, {"optimizer": {"params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas=[0.9, 0.999], but train.adam_betas"),
+    ({}, {"gradient_clipping": 5.0}, "gradient_clipping=5.0, but train.gradient_clipping (PPO: ppo.grad_clip) gives "
+                                     "nothing (off)"),
+    ({}, {"scheduler": {"type": "WarmupLR"}}, "sets scheduler; it is set by the YAML's train.lr_scheduler"),
+    ({}, {"optimizer": {"type": "Lamb"}}, "optimizer.type='Lamb'; rlhf trains with AdamW"),
+    # the merged ZeRO section against DeepSpeed's own schema: a misspelt key, a value of the wrong type
+    ({"zero_stage": 2}, {"zero_optimization": {"overlap_comn": True}},
+     "zero_optimization.overlap_comn: Extra inputs are not permitted (got True"),
+    ({"zero_stage": 2}, {"zero_optimization": {"reduce_bucket_size": "5e8x"}},
+     "zero_optimization.reduce_bucket_size: Input should be a valid integer"),
 ])
 def test_raw_deepspeed_json_may_not_change_stage_precision_or_offload(yaml_ds, raw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        build_deepspeed_config(TrainConfig(), DeepSpeedConfig(**yaml_ds, config=raw), 1, False)
+        build_deepspeed_config(TrainConfig(lr=1e-5, gradient_clipping=0), DeepSpeedConfig(**yaml_ds, config=raw), 1,
+                               False)
 
 
 def test_raw_deepspeed_json_may_tune_what_the_yaml_chose():
