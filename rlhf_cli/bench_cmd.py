@@ -107,7 +107,7 @@ def warn_if_gpu_sized(cfg: Any) -> None:
 
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
            overrides: list[str]) -> tuple[Any, Any, Path]:
-    from stages.bench import prepare_workload
+    from stages.bench import ppo_config_dict, prepare_workload
     from stages.checkpoint import ensure_dir
     from stages.engine import model_dtype
     from stages.runtime import select_accelerator_env
@@ -115,7 +115,9 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     select_accelerator_env()
     cfg = bench_config(workload, config, iters, warmup, overrides)
     ensure_dir(Path(cfg.output_dir))
-    precision = cfg.ppo.get("deepspeed", {}).get("precision", "bf16")
+    merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")
+    check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload
+    precision = merged["deepspeed"].get("precision", "bf16")
     warn_if_gpu_sized(cfg)
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))

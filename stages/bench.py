@@ -118,8 +118,12 @@ def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` on `base`, mapping by mapping; a null section (`ppo.logging: null`, every key commented out)
+    adds nothing to the benchmark's own."""
     out = dict(base)
     for k, v in extra.items():
+        if v is None and isinstance(out.get(k), dict):
+            continue
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 

@@ -255,6 +255,23 @@ def test_bench_errors_name_the_key(tmp_path):
     assert r.returncode == 2 and "workload.prompts" in r.stderr and "Traceback" not in r.stderr
     r = _rlhf("bench", "ppo", "--workload", "w9", cwd=tmp_path)
     assert r.returncode == 2 and "known workloads: tiny, w1, w2" in r.stderr
+    # a bad ppo: key is named before the workload is built (minutes for W1), under ppo:
+    out = tmp_path / "b"
+    r = _rlhf("bench", "ppo", "--workload", "tiny", "--set", f"output_dir={out}", "--set", "ppo.trian.micro_batch_size=2",
+              cwd=tmp_path)
+    assert r.returncode == 2 and "the bench config's ppo: section" in r.stderr and "trian" in r.stderr, r.stderr
+    assert not (out / "workload").exists() and "Traceback" not in r.stderr
+
+
+def test_a_null_ppo_section_adds_nothing_to_the_benchmarks_own(tmp_path):
+    """`ppo.logging: null` (every key commented out) leaves the benchmark's logging settings, rather than
+    crashing on None."""
+    from stages.bench import ppo_config_dict
+
+    merged = ppo_config_dict(bench_config("tiny", None, None, None, ["ppo.logging=null", "ppo.deepspeed=null"]),
+                             tmp_path)
+    assert merged["logging"]["tensorboard"] is False and merged["logging"]["profile_step"] > 0
+    assert merged["deepspeed"] == {"zero_stage": 0}
 
 
 # ============================================================================================ counters
