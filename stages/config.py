@@ -334,6 +334,12 @@ class PPODataConfig(Section):
         "error", description="prompts rendered in a style (chat template / plain text / HH text) or with a chat "
         "template the policy (SFT) or reward model was not trained on: stop (error), warn, or off"
     )
+
+    @field_validator("rendering_check", mode="before")
+    @classmethod
+    def _off_as_yaml_reads_it(cls, value: Any) -> Any:
+        """`rendering_check: off` unquoted: YAML 1.1 reads off as false; it means "off"."""
+        return "off" if value is False else value
     rm_add_eos: bool | None = Field(
         None, description="whether the reward model's training rows ended with EOS (its data.add_eos), which "
         "decides how a response is read; null = as the RM's rlhf_checkpoint.json records it (true without a record)"
@@ -360,7 +366,7 @@ class GenerationConfig(Section):
         1.0, description="subtracted from a truncated response's raw RM score (penalty), before the running reward "
         "statistics, normalisation and reward_clip: in the RM's score units"
     )
-    stop_token_ids: list[int] = Field(
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="extra ids that end a response (besides EOS and the generation config's); "
         "a response ending on one is scored by the reward model with what its training data has after the "
         "token appended (EOS when the chat template never writes it; see data.rm_add_eos for an RM without EOS)"

@@ -716,3 +716,19 @@ def test_fp16_on_a_machine_without_a_gpu_is_refused_before_anything_runs(tmp_pat
     assert not (tmp_path / "s").exists()
     res = invoke_cli(*args, "--dry-run")
     assert res.exit_code == 0 and "a run on this machine would be refused" in res.stderr, res.output
+
+
+def test_yaml_off_means_off_and_stop_token_ids_are_token_ids(tmp_path):
+    """`data.rendering_check: off` unquoted (YAML 1.1 reads false) is the documented "off"; a negative stop id is
+    refused naming its position (it would mask a real token at min_new_tokens)."""
+    ppo = REPO / "configs" / "tiny" / "ppo.yaml"
+    common = ["--dry-run", "--set", f"output_dir={tmp_path}/p", "--set", f"model.name_or_path={tmp_path}",
+              "--set", f"reward_model.name_or_path={tmp_path}"]
+    from rlhf_cli.config_loader import load_config
+
+    cfg = load_config("ppo", ppo, ["data.rendering_check=off", f"model.name_or_path={tmp_path}",
+                                   f"reward_model.name_or_path={tmp_path}"])
+    assert cfg.data.rendering_check == "off"
+    res = invoke_cli("ppo", "-c", str(ppo), *common, "--set", "generation.stop_token_ids=[5, -1]")
+    assert res.exit_code == 2 and "generation.stop_token_ids[1]: Input should be greater than or equal to 0 (got -1)" \
+        in res.stderr, res.output
