@@ -7,6 +7,7 @@ Any problem raises `ConfigError` (exit code 2) with one message naming the key p
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -152,7 +153,7 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
-    return f"{key}: {msg}{shown}"
+    return f"{msg}{shown}" if not loc else f"{key}: {msg}{shown}"  # (a check across sections names its keys)
 
 
 def format_validation_error(schema: type[BaseModel], exc: ValidationError, source: str,
@@ -174,8 +175,13 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             by_key[key] = [e for e in errs if e not in plain]
             if not by_key[key]:
                 del by_key[key]
-    def marker(key: str) -> str:
+    def marker(key: str, line: str) -> str:
+        """[given with ...] for a key at or above `key` given on the command line, or, for a check across
+        keys (a section's or the whole config's), one its message names or one inside its section."""
         given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))]
+        if not given:
+            given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
+                     or k.startswith(key + ".")]
         return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
 
     unique: list[str] = []
@@ -186,7 +192,7 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             lines = [_format_error(schema, merged)]
         else:
             lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))
-        unique.extend(line + marker(key) for line in lines)
+        unique.extend(line + marker(key, line) for line in lines)
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
 

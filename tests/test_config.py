@@ -732,3 +732,17 @@ def test_yaml_off_means_off_and_stop_token_ids_are_token_ids(tmp_path):
     res = invoke_cli("ppo", "-c", str(ppo), *common, "--set", "generation.stop_token_ids=[5, -1]")
     assert res.exit_code == 2 and "generation.stop_token_ids[1]: Input should be greater than or equal to 0 (got -1)" \
         in res.stderr, res.output
+
+
+def test_a_check_across_keys_names_the_command_line_key_it_involves(tmp_path):
+    """A whole-config check (PTX weight without PTX data) or a section's (two model sources) caused by a key
+    given on the command line says so, as a single key's error does; no "(top level):" prefix."""
+    ppo = ("ppo", "-c", str(REPO / "configs" / "tiny" / "ppo.yaml"), "--dry-run", "--set", f"output_dir={tmp_path}/p",
+           "--set", f"model.name_or_path={tmp_path}", "--set", f"reward_model.name_or_path={tmp_path}")
+    res = invoke_cli(*ppo, "--ptx-coef", "0.5")
+    assert res.exit_code == 2 and res.stderr.strip().endswith(
+        "ppo.yaml: ppo.ptx_coef > 0 needs data.ptx (SFT-format data for the PTX loss) [given with --ptx-coef]"), res.stderr
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
+                     "--set", "model.name_or_path=gpt2")
+    assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config " \
+        "[given with --set]" in res.stderr, res.stderr
