@@ -30,7 +30,8 @@ from stages.perf import StepProfiler
 # --------------------------------------------------------------------------------------------- data order
 class EpochSampler:
     """Global batch for optimizer step s: epoch e = s // S, slice k = s % S of a permutation of all rows seeded
-    with seed + e (S = rows // global_batch; the last partial batch of an epoch is dropped). Depends only on s,
+    with seed + e (S = rows // global_batch; the last partial batch of an epoch is dropped: rows mod global
+    batch rows, other ones each epoch). Depends only on s,
     so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, n_rows: int, global_batch: int, seed: int) -> None:
@@ -87,6 +88,30 @@ def plan_steps(n_rows: int, tc: TrainConfig, world_size: int, seed: int, unit: s
         )
     total = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.steps_per_epoch))
     return StepPlan(sampler, global_batch, total)
+
+
+#: a share of the rows left out of every epoch (the partial last batch) above which the run warns
+DROPPED_WARN = 0.1
+
+
+def describe_plan(plan: StepPlan, n_rows: int, unit: str, world_size: int) -> str:
+    """The step plan in one line, with the rows each epoch leaves out: its shuffle's rows past the last full
+    global batch (n_rows mod global batch; other rows in each epoch, as each epoch shuffles anew)."""
+    dropped = n_rows - plan.sampler.steps_per_epoch * plan.global_batch
+    left = f"; each epoch leaves out {dropped} {unit} past its last full batch" if dropped else ""
+    return (f"steps: {plan.total} optimizer steps of {plan.global_batch} {unit} ({plan.sampler.steps_per_epoch} "
+            f"per epoch over {n_rows} {unit}, {world_size} rank(s){left})")
+
+
+def dropped_warning(plan: StepPlan, n_rows: int, unit: str) -> str | None:
+    """A warning when the partial last batch is more than DROPPED_WARN of the rows: each epoch then trains on
+    noticeably fewer rows than it reads (train.epochs counts passes of full global batches)."""
+    dropped = n_rows - plan.sampler.steps_per_epoch * plan.global_batch
+    if dropped <= DROPPED_WARN * n_rows:
+        return None
+    return (f"warning: {dropped} of {n_rows} training {unit} ({dropped / n_rows:.0%}) are left out of each epoch (the "
+            f"partial last batch of {plan.global_batch}); a global batch that divides the data, or more data, "
+            "trains on all of them")
 
 
 # --------------------------------------------------------------------------------------------- one step
@@ -188,8 +213,10 @@ def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str
     for split, report in reports.items():
         say(True, describe(split, report))
     plan = plan_steps(n_rows, tc, world_size, seed, unit)
-    say(True, f"steps: {plan.total} optimizer steps of {plan.global_batch} {unit} "
-              f"({plan.sampler.steps_per_epoch} per epoch over {n_rows} {unit}, {world_size} rank(s))")
+    say(True, describe_plan(plan, n_rows, unit, world_size))
+    warning = dropped_warning(plan, n_rows, unit)
+    if warning:
+        say(True, f"[yellow]{warning}[/]")
 
 
 def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo, describe: Callable[..., str]) -> None:
@@ -364,6 +391,9 @@ def start_training(
 
     tc = cfg.train
     plan = plan_steps(n_rows, tc, dist.world_size, cfg.seed, unit)
+    warning = dropped_warning(plan, n_rows, unit)
+    if warning and not resume:
+        say(dist.is_main, f"[yellow]{warning}[/]")
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
     engine = initialize_engine(make_model(ds_config), ds_config, tc, plan.total)
     seed_everything(cfg.seed + dist.rank)

@@ -233,7 +233,9 @@ def test_check_data_reads_every_row_names_a_bad_one_and_writes_nothing(tmp_path)
     assert res.exit_code == 0, res.output
     assert "train data: 38 examples;" in res.stdout and "eval data: 2 examples;" in res.stdout, res.stdout
     assert "skipped 1 bad row(s) (invalid JSON: 1)" in res.stdout
-    assert "steps: 3 optimizer steps of 32 rows (1 per epoch over 38 rows, 2 rank(s))" in res.stdout
+    assert "steps: 3 optimizer steps of 32 rows (1 per epoch over 38 rows, 2 rank(s); each epoch leaves out 6 " \
+        "rows past its last full batch)" in res.stdout
+    assert "warning: 6 of 38 training rows (16%) are left out of each epoch" in " ".join(res.stdout.split())
     assert res.stdout.rstrip().endswith("dry run: nothing trained") and not out.exists()
     res = check("--set", "data.on_bad_row=skip", "--num-gpus", "3")  # 38 rows < one global batch of 48
     assert res.exit_code == 1 and "38 training rows is fewer than one global batch of 48" in res.stderr
