@@ -32,7 +32,7 @@ from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
 from stages.rendering import rendering_record
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
-from stages.trainer import (LossGuard, due, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+from stages.trainer import (LossGuard, due, kept, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
 
 
@@ -87,7 +87,9 @@ def train_step(
     """One optimizer step; returns global means over the step's pairs (and chosen-response tokens).
 
     DeepSpeed divides gradients by accumulation steps G and averages over W ranks, so a micro-batch's
-    backward gets (sum of pair terms) * W * G / N_pairs + lm_coef * NLL_sum * W * G / N_tokens."""
+    backward gets (sum of pair terms) * W * G / N_pairs + lm_coef * NLL_sum * W * G / N_tokens. The logged means
+    are over the micro-batches trained: one skipped as non-finite (train.on_nonfinite: skip) is left out (NaN when
+    all were); the others' gradients keep their 1 / N share, so such a step is that much smaller."""
     with_lm = loss_cfg.lm_coef > 0
     local = [
         sum(len(b["margin"]) for b in batches),
@@ -96,8 +98,8 @@ def train_step(
     ]
     n_pairs, n_lm, n_tokens = all_reduce_sum(local, dist.device).tolist()
     k = dist.world_size * len(batches)
-    # pair loss, lm nll, centring, correct, margin, reward sum (r+ and r-)
-    sums = torch.zeros(6, dtype=torch.float64, device=dist.device)
+    # per micro-batch: pair loss, lm nll, centring, correct, margin, reward sum (r+ and r-), pairs, lm tokens
+    rows: list[torch.Tensor] = []
 
     def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         r_c, r_r, nll = reward_forward(engine, batch, with_lm)
@@ -108,28 +110,32 @@ def train_step(
         if nll is not None:
             total = total + loss_cfg.lm_coef * nll * k / max(n_lm, 1.0)
         with torch.no_grad():
-            sums.add_(torch.stack([
+            rows.append(torch.stack([
                 pl, nll if nll is not None else pl.new_zeros(()), cl, (r_c > r_r).sum(), (r_c - r_r).sum(),
-                r_c.sum() + r_r.sum(),
+                r_c.sum() + r_r.sum(), pl.new_tensor(float(len(batch["margin"]))),
+                pl.new_tensor(float((batch["lm_labels"][:, 1:] != IGNORE).sum())),
             ]).double())
         return total
 
     grad_norm = optimizer_step(engine, batches, micro_loss, guard)
-    pl, nll, cl, correct, margin, reward = all_reduce_sum(sums, dist.device).tolist()
+    trained = kept(rows, guard)  # a micro-batch skipped as non-finite is left out of the logged means
+    sums = torch.stack(trained).sum(0) if trained else torch.zeros(8, dtype=torch.float64, device=dist.device)
+    pl, nll, cl, correct, margin, reward, kept_pairs, kept_lm = all_reduce_sum(sums, dist.device).tolist()
+    per_pair = kept_pairs or math.nan  # (every micro-batch of the step skipped: NaN means)
     out = {
-        "pair_loss": pl / n_pairs,
-        "accuracy": correct / n_pairs,
-        "margin": margin / n_pairs,
-        "reward_mean": reward / (2 * n_pairs),
+        "pair_loss": pl / per_pair,
+        "accuracy": correct / per_pair,
+        "margin": margin / per_pair,
+        "reward_mean": reward / (2 * per_pair),
         "tokens": n_tokens,
         "pairs": n_pairs,
     }
     out["loss"] = out["pair_loss"]
     if with_lm:
-        out["lm_loss"] = nll / max(n_lm, 1.0)
+        out["lm_loss"] = nll / max(kept_lm, 1.0)
         out["loss"] += loss_cfg.lm_coef * out["lm_loss"]
     if loss_cfg.center_coef > 0:
-        out["center_loss"] = cl / n_pairs
+        out["center_loss"] = cl / per_pair
         out["loss"] += loss_cfg.center_coef * out["center_loss"]
     if grad_norm is not None:
         out["grad_norm"] = grad_norm

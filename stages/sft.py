@@ -33,7 +33,7 @@ from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
 from stages.metrics import say
 from stages.models import build_causal_lm, check_packing, prepare_tokenizer
 from stages.rendering import rendering_record
-from stages.trainer import (LossGuard, due, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+from stages.trainer import (LossGuard, due, kept, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
 
 
@@ -45,20 +45,27 @@ def train_step(
 
     DeepSpeed divides gradients by gradient_accumulation_steps (G) and averages them over W ranks, so each
     micro-batch's backward gets nll_sum * W * G / N_global, which makes the update the gradient of the
-    global token mean."""
+    global token mean. The logged loss is the token mean over the micro-batches trained: one skipped as
+    non-finite (train.on_nonfinite: skip) is left out of it (NaN when all were); the others' gradients keep
+    their 1 / N_global share, so such a step is that much smaller."""
     local = [sum(trained_tokens(b["labels"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)]
     n_trained, n_tokens = all_reduce_sum(local, dist.device).tolist()
     scale = dist.world_size * len(batches) / max(n_trained, 1.0)
-    nll_total = torch.zeros((), dtype=torch.float64, device=dist.device)
+    nlls: list[torch.Tensor] = []
 
     def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        nonlocal nll_total
         nll = shifted_nll_sum(lm_forward(engine, batch), batch["labels"])
-        nll_total += nll.detach().double()
+        nlls.append(nll.detach().double().reshape(1))
         return nll * scale
 
     grad_norm = optimizer_step(engine, batches, micro_loss, guard)
-    loss = float(all_reduce_sum(nll_total.reshape(1), dist.device)[0]) / max(n_trained, 1.0)
+    trained = kept(nlls, guard)
+    local_kept = torch.cat([torch.cat(trained).sum().reshape(1) if trained else torch.zeros(1, dtype=torch.float64,
+                                                                                             device=dist.device),
+                            torch.tensor([float(sum(trained_tokens(b["labels"]) for b in kept(batches, guard)))],
+                                         dtype=torch.float64, device=dist.device)])
+    nll_sum, n_kept = all_reduce_sum(local_kept, dist.device).tolist()
+    loss = nll_sum / n_kept if n_kept else (0.0 if not n_trained else math.nan)
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
         out["grad_norm"] = grad_norm

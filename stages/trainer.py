@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -133,6 +133,14 @@ class LossGuard:
     step: int
     mode: str = "stop"
     skipped: int = 0
+    dropped: list[int] = field(default_factory=list)  # the micro-batch indices skipped (the same on every rank)
+
+
+def kept(values: list[Any], guard: LossGuard | None) -> list[Any]:
+    """`values` (one per micro-batch of a step) without those of the micro-batches `guard` skipped: what a
+    step's logged means are taken over."""
+    dropped = set(guard.dropped) if guard is not None else set()
+    return [v for i, v in enumerate(values) if i not in dropped]
 
 
 def optimizer_step(
@@ -156,6 +164,7 @@ def optimizer_step(
                 )
             if bad:
                 guard.skipped += 1
+                guard.dropped.append(i)
                 loss = zero_loss(engine.module)
         engine.backward(loss)
         if i == len(batches) - 1:

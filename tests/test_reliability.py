@@ -160,10 +160,33 @@ def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
     assert rows[step]["train/skipped_micro_batches"] == 1.0 and rows[STEPS]["train/skipped_micro_batches"] == 1.0
     before = {r["step"]: r["train/loss"] for r in read_metrics(reference / "metrics.jsonl") if "train/loss" in r}
     assert rows[step - 1]["train/loss"] == before[step - 1]  # identical up to the poisoned step
+    assert rows[step]["train/loss"] == "nan"  # no micro-batch of the step trained: no loss to log
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "skip" / "out" / "final" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_skipped_micro_batch_is_left_out_of_the_logged_loss(process_group, monkeypatch):
+    """train.on_nonfinite: skip with 2 micro-batches, the first poisoned (nan-loss): the step's logged loss is
+    the token mean of the second alone, where it used to include the skipped one's NLL."""
+    from stages.lm import collate, shifted_nll_sum
+    from stages.sft import train_step
+    from stages.trainer import LossGuard
+
+    engine, _ = tiny_engine(weight_decay=0.0)  # (a step with zero gradients then leaves the weights as they are)
+    engine.module.eval()  # no dropout: the second micro-batch's loss is computable here
+    rows = [{"input_ids": ids, "labels": ids} for ids in ([1, 5, 9, 3, 7], [2, 4, 6], [8, 8, 1, 2], [3, 9])]
+    batches = [collate(rows[:2], 0, torch.device("cpu")), collate(rows[2:], 0, torch.device("cpu"))]
+    with torch.no_grad():
+        second = batches[1]
+        logits = engine.module(input_ids=second["input_ids"], attention_mask=second["attention_mask"]).logits
+        want = float(shifted_nll_sum(logits, second["labels"])) / int((second["labels"][:, 1:] != -100).sum())
+    monkeypatch.setenv("RLHF_FAULT", "nan-loss@3")
+    guard = LossGuard("loss", 3, "skip")
+    out = train_step(engine, batches, process_group, guard)
+    assert guard.dropped == [0] and out["loss"] == pytest.approx(want, rel=1e-5)
+    assert out["trained_tokens"] == 4 + 2 + 3 + 1  # the step's tokens, trained or not
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):

@@ -248,3 +248,17 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, lm_coef, ce
     if lm_coef or center_coef:  # the term moves the gradient
         plain = step_grads(RMLossConfig())[1]
         assert not torch.allclose(got["seqcls.model.norm.weight"], plain["seqcls.model.norm.weight"])
+    else:  # the first micro-batch skipped as non-finite (on_nonfinite: skip): the logged means are the second's
+        from stages import trainer
+        from stages.trainer import LossGuard
+
+        monkeypatch.setattr(trainer, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
+        monkeypatch.setenv("RLHF_FAULT", "nan-loss@1")
+        guard = LossGuard("loss", 1, "skip")
+        stats = reward.train_step(_Engine(model, len(batches)), batches, dist, RMLossConfig(), guard)
+        with torch.no_grad():
+            rewards, _ = model(batches[1]["input_ids"], batches[1]["attention_mask"])
+        second = -torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:] - batches[1]["margin"]).mean()
+        assert guard.dropped == [0] and stats["pairs"] == 4
+        assert stats["loss"] == pytest.approx(second.item(), rel=1e-5)
+        assert stats["accuracy"] == float((rewards[:2] > rewards[2:]).float().mean())
