@@ -1302,6 +1302,32 @@ def test_load_prompts_bad_row_skip(tmp_path, tokenizer):
         _load(_jsonl(tmp_path / "none.jsonl", BAD_ROWS[1:2]), tokenizer, on_bad_row="skip")
 
 
+def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path, tokenizer, capsys):
+    """PPO's data loading prints and saves data_report.json as SFT and the RM do: per split the prompts, how
+    many were cut and the bad rows skipped by reason (data.on_bad_row: skip); `save=False` (--check-data)
+    writes nothing; PTX data given with ptx_coef 0 is said to be unused."""
+    from stages.distributed import ONE_PROCESS
+    from stages.ppo.trainer import load_ppo_data
+
+    train = _jsonl(tmp_path / "train.jsonl", BAD_ROWS + [{"messages": [{"role": "user", "content": "x " * 80}]}])
+    held = _jsonl(tmp_path / "eval.jsonl", BAD_ROWS[:2])
+    cfg = PPOConfig.model_validate({
+        "output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"}, "reward_model": {"name_or_path": "stub/rm"},
+        "data": {"train": str(train), "eval": str(held), "on_bad_row": "skip", "max_prompt_length": 16,
+                 "ptx": str(train)}})
+    data = load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)
+    assert not (tmp_path / "data_report.json").exists() and len(data["train"]) == 3 and len(data["eval"]) == 1
+    load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer)
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    reason = {"a prompt must end with a user turn": 1}
+    assert report == {"train": {"rows_read": 3, "cut": 1, "skipped_rows": 1, "skipped_by_reason": reason, "prompts": 3},
+                      "eval": {"rows_read": 1, "cut": 0, "skipped_rows": 1, "skipped_by_reason": reason, "prompts": 1}}
+    said = " ".join(capsys.readouterr().out.split())
+    assert "prompts: 3 train, 1 validation; 1 cut to 16 tokens; train: 1 bad row(s) (skipped: 1 x a prompt must end " \
+        "with a user turn); eval: 1 bad row(s)" in said
+    assert "warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used" in said
+
+
 def test_load_prompts_refuses_a_prompt_that_encodes_to_no_token(tmp_path):
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

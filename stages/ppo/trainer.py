@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from torch.profiler import record_function
 
 from stages import faults, stop
 from stages.checkpoint import (
+    atomic_write_text,
     describe_failure,
     load_latest_checkpoint,
     nonfinite_parameter,
@@ -98,18 +100,30 @@ from stages.trainer import (
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any) -> dict[str, Any]:
-    """Train and validation prompts (token ids) and, with ptx_coef > 0, the tokenized PTX rows."""
+def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, save: bool = True) -> dict[str, Any]:
+    """Train and validation prompts (token ids) and, with ptx_coef > 0, the tokenized PTX rows; what was read,
+    cut and skipped (by reason) printed, and saved as out/data_report.json unless `save` is False."""
     data = cfg.data
     log = BadRowLog()
     styles: set[str] = set()
     train, cut = load_prompts(data.train, data, tokenizer, log, styles)
+    report: dict[str, Any] = {"train": {"rows_read": len(train), "cut": cut, "skipped_rows": log.total,
+                                        "skipped_by_reason": dict(log.reasons)}}
     held = None
     if data.eval is not None:
-        held, _ = load_prompts(data.eval, data, tokenizer, BadRowLog(), styles)
+        eval_log = BadRowLog()
+        held, eval_cut = load_prompts(data.eval, data, tokenizer, eval_log, styles)
+        report["eval"] = {"rows_read": len(held), "cut": eval_cut, "skipped_rows": eval_log.total,
+                          "skipped_by_reason": dict(eval_log.reasons)}
     elif data.eval_fraction > 0:
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
-    skipped = f", skipped {log.total} bad row(s)" if log.total else ""
+        report["eval"] = {"held_out_of_train": len(held)}
+    report["train"]["prompts"] = len(train)
+    if held is not None:
+        report["eval"]["prompts"] = len(held)
+    logs = {"train": log} | ({"eval": eval_log} if data.eval is not None else {})
+    skipped = "".join(f"; {split}: {found.total} bad row(s){found.summary()}" for split, found in logs.items()
+                      if found.total)
     say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} cut to "
                       f"{data.max_prompt_length} tokens{skipped}")
     ptx = None
@@ -117,9 +131,16 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any) -> 
         sft = SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
                             chat_template=data.chat_template, use_chat_template=data.use_chat_template,
                             on_bad_row=data.on_bad_row, eval_fraction=0.0)
-        report = DataReport()
-        ptx = tokenize_conversations(load_conversations(data.ptx, sft, BadRowLog()), tokenizer, sft, report)
-        say(dist.is_main, f"PTX data: {report.examples} examples, {report.trained_tokens:,} trained tokens")
+        ptx_report, ptx_log = DataReport(), BadRowLog()
+        ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
+        ptx_report.count_skipped(ptx_log)
+        report["ptx"] = asdict(ptx_report)
+        say(dist.is_main, f"PTX data: {ptx_report.examples} examples, {ptx_report.trained_tokens:,} trained tokens"
+                          f"{ptx_report.skipped_note()}")
+    elif data.ptx is not None:
+        say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
+    if save and dist.is_main:
+        atomic_write_text(out / "data_report.json", json.dumps(report, indent=2) + "\n")
     if data.gold_reward:
         warn = lambda text: say(dist.is_main, f"[yellow]{text}[/]")  # noqa: E731
         check_gold_prompts(data.gold_reward, tokenizer, train, f"data.train ({data.train.path})", warn)
@@ -498,7 +519,7 @@ def load_inputs(cfg: PPOConfig, out: Path, dist: DistInfo, save: bool = True) ->
     tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: iter(()), cfg.data.chat_template, save)
     rm_tok = prepare_tokenizer(cfg.reward_model, out, dist, lambda: iter(()), None, save)
     check_tokenizers(tokenizer, rm_tok, cfg.reward_model.name_or_path or "")
-    data = load_ppo_data(cfg, out, dist, tokenizer)
+    data = load_ppo_data(cfg, out, dist, tokenizer, save)
     check_prompt_rendering(cfg, data["styles"], tokenizer, dist)
     return tokenizer, rm_tok, data
 
