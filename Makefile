@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/pipeline.yaml $(ARGS)
 
-# vanilla PPO vs PPO-max, 3 seeds each, from the same SFT/RM (configs/tiny/reproduce.yaml), ~11 min on 2 cores
+# vanilla PPO vs PPO-max, 3 seeds each, from the same SFT/RM (configs/tiny/reproduce.yaml), 4-11 min on 2 cores depending on the machine
 reproduce: $(STAMP)
 	$(PYTHON) -m rlhf_cli pipeline --config configs/tiny/reproduce.yaml $(ARGS)
 

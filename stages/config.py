@@ -612,6 +612,9 @@ class PipelineConfig(Section):
         where = [("sft", self.sft.set, ["output_dir"]), ("rm", self.rm.set, ["output_dir", "model.name_or_path"])]
         where += [(name, items, list(wired)) for name, items in
                   [("ppo", self.ppo.set)] + [(f"ppo_runs[{i}]", r.set) for i, r in enumerate(self.ppo_runs)]]
+        for i, r in enumerate(self.ppo_runs):
+            if r.seeds and any(item.partition("=")[0].strip() == "seed" for item in r.set):
+                raise ValueError(f"ppo_runs[{i}].set: seed is set by the run's seeds ({r.seeds}); drop one of them")
         for section, items, keys in where:
             for item in items:
                 key = item.partition("=")[0].strip()
@@ -645,7 +648,8 @@ class BenchConfig(Section):
 
     name: str = Field(description="workload name, written into the result")
     seed: int = 0
-    output_dir: OutputPath = Field(description="workload/ (built once), ppo/ (the run), bench-*.json")
+    output_dir: OutputPath = Field(description="workload/ (built once), ppo.yaml (the generated rlhf ppo config), "
+                                   "ppo/ (the run), bench-*.json")
     workload: BenchWorkloadConfig
     iterations: int = Field(5, ge=1, description="timed iterations (the result is their median)")
     warmup: int = Field(2, ge=0, description="iterations run first and not timed (compilation, allocator)")

@@ -623,6 +623,10 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", wired)), "--dry-run")
     assert res.exit_code == 2 and "ppo_runs[0].set: reward_model sets reward_model.name_or_path, which the " \
         "pipeline wires" in res.stderr, res.output
+    # a run's seeds decide its seed: a set: seed beside them would be silently overridden
+    seeded = dict(good, ppo_runs=[{"name": "p", "seeds": [1, 2], "set": ["seed=5"]}])
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", seeded)), "--dry-run")
+    assert res.exit_code == 2 and "ppo_runs[0].set: seed is set by the run's seeds ([1, 2])" in res.stderr, res.output
     # ... but a set: given with --set on the command line is relative to the current directory, as --set paths are
     import os
 
