@@ -61,7 +61,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if any(not p for p in parts):
         raise ConfigError(f"--set {item!r}: empty component in key path {key!r}")
-    return parts, parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        return parts, parse_yaml(raw, f"--set {key}")
+    except ConfigError as exc:  # a text value with YAML syntax in it: `{{ messages }}`, `a: b: c`
+        raise ConfigError(f"{exc}\n(a --set value is read as YAML; quote a text value: --set '{key}=\"...\"')") from None
 
 
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
@@ -153,6 +158,9 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+    if err["type"] == "string_type" and isinstance(got, (dict, list)):  # `a: b`, `[x]` read as YAML
+        kind = "a mapping" if isinstance(got, dict) else "a list"
+        shown = f" (got {kind}: a text with ': ', braces or brackets is read as YAML; quote it)"
     return f"{msg}{shown}" if not loc else f"{key}: {msg}{shown}"  # (a check across sections names its keys)
 
 

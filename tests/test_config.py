@@ -748,3 +748,15 @@ def test_a_check_across_keys_names_the_command_line_key_it_involves(tmp_path):
                      "--set", "model.name_or_path=gpt2")
     assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config " \
         "[given with --set]" in res.stderr, res.stderr
+
+
+def test_a_text_value_that_reads_as_yaml_says_to_quote_it(tmp_path):
+    """--set values are YAML: a chat template with ': ' reads as a mapping, one with {{ }} does not parse; both
+    errors say to quote the text, and the quoted forms work."""
+    args = ("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s")
+    res = invoke_cli(*args, "--set", "data.chat_template=a: b")
+    assert res.exit_code == 2 and "data.chat_template: Input should be a valid string (got a mapping: a text with " \
+        "': ', braces or brackets is read as YAML; quote it) [given with --set]" in res.stderr, res.stderr
+    res = invoke_cli(*args, "--set", "data.chat_template={{ messages }}")
+    assert res.exit_code == 2 and "quote a text value: --set 'data.chat_template=\"...\"'" in res.stderr, res.stderr
+    assert invoke_cli(*args, "--set", 'data.chat_template="{{ messages }}: {{ x }}"').exit_code == 0
