@@ -203,7 +203,8 @@ def test_the_rollouts_vocabulary_reaches_the_scoring_and_the_update(tmp_path, di
 
 def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, monkeypatch):
     """validate's reward-model forwards take at most train.forward_batch_size rows (here 2 of a rollout batch
-    of 4), as scoring in training does (no larger memory peak at the first validation), with the same mean."""
+    of 4), as scoring in training does (no larger memory peak at the first validation), with the same mean; it
+    samples whole rollout batches, as training does."""
     from stages.ppo import trainer
 
     sizes: list[int] = []
@@ -221,7 +222,9 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
         cfg = _config(tmp_path, generation={"max_new_tokens": 3}, train={"forward_batch_size": forward})
         sizes.clear()
         means.append(trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS)))
-        assert max(sizes) == min(forward, 4) and sum(sizes) == 5  # a batch of 4 prompts, then 1
+        # two batches of the rollout batch's 4 prompts (the second: 1 prompt and 3 stand-ins, not counted), so
+        # that decoding keeps the training rollout's shape (one static KV cache, one compiled step)
+        assert max(sizes) == min(forward, 4) and sum(sizes) == 8
     assert means[0]["eval/reward"] == pytest.approx(means[1]["eval/reward"], abs=1e-5)
 
 

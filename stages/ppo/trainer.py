@@ -439,9 +439,12 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
              stop_ids: list[int], ending: RewardEnding) -> dict[str, float]:
     """Mean raw reward (and gold reward) and length of responses to the held-out prompts, sampled with a fixed seed (the same
     random stream at every validation; the training random state is left untouched). Every rank runs the same
-    number of batches (ZeRO-3 needs that), short ranks on stand-in prompts they do not count."""
+    number of batches (ZeRO-3 needs that), each of train.rollout_batch_size prompts, the training rollout's
+    shape (a smaller last batch would allocate a second static KV cache, and compile and record another decoding
+    step, kept for the rest of the run): short ranks and short last batches run stand-in prompts not counted."""
     mine = list(range(dist.rank, len(prompts), dist.world_size))
-    per_rank = math.ceil(len(prompts) / dist.world_size)
+    batch = cfg.train.rollout_batch_size
+    per_rank = math.ceil(math.ceil(len(prompts) / dist.world_size) / batch) * batch
     real = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [0] * (per_rank - len(mine))
     g = GlobalMeans()
@@ -450,9 +453,9 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
     devices = [dist.device.index or 0] if dist.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
-        for s in range(0, per_rank, cfg.train.rollout_batch_size):
-            rows = mine[s:s + cfg.train.rollout_batch_size]
-            keep = torch.tensor(real[s:s + cfg.train.rollout_batch_size], device=dist.device)
+        for s in range(0, per_rank, batch):
+            rows = mine[s:s + batch]
+            keep = torch.tensor(real[s:s + batch], device=dist.device)
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
                             prompt_capacity=cfg.data.max_prompt_length)
