@@ -148,7 +148,7 @@ def optimizer_step(
 ) -> float | None:
     """One optimizer step: `engine.backward(micro_loss(b))` for every micro-batch b (DeepSpeed steps the
     optimizer after the last one), each loss checked by `guard` first. Returns the global gradient norm before
-    clipping, when known."""
+    clipping, when known (None for a step fp16's loss scaler skipped)."""
     grad_norm = None
     for i, batch in enumerate(batches):
         loss = micro_loss(batch)
@@ -173,13 +173,22 @@ def optimizer_step(
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = reported
-    overflow_skipped = getattr(engine, "fp16_enabled", lambda: False)() and not engine.was_step_applied()
-    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None and not overflow_skipped:
+    if getattr(engine, "fp16_enabled", lambda: False)() and not engine.was_step_applied():
+        return None  # fp16's loss scaler found an overflow and skipped the step (its norm is inf: not a figure)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None:
         raise NonFinite(
             f"non-finite gradient norm ({float(grad_norm)}) of the {guard.what} at step {guard.step}; the "
             "weights may be damaged, so nothing more is saved (resume from the last complete checkpoint)"
         )
     return None if grad_norm is None else float(grad_norm)
+
+
+def fp16_skipped_steps(engine: Any) -> float | None:
+    """How many optimizer steps fp16's loss scaler has skipped for an overflow so far (DeepSpeed's count, kept in
+    its checkpoints; the LR schedule does not advance on them); None without fp16."""
+    if not getattr(engine, "fp16_enabled", lambda: False)():
+        return None
+    return float(getattr(engine, "skipped_steps", 0))
 
 
 def zero_loss(module: torch.nn.Module) -> torch.Tensor:
@@ -344,6 +353,9 @@ class Run:
         }
         if self.tc.on_nonfinite == "skip":
             row["train/skipped_micro_batches"] = float(self.skipped)
+        overflows = fp16_skipped_steps(self.engine)
+        if overflows is not None:
+            row["train/fp16_skipped_steps"] = overflows
         if due(done, self.log_every, self.total):
             self.metrics.log(done, row)
         self.progress.update(done, {**shown, "tok/s": row["train/tokens_per_s"]})

@@ -205,3 +205,45 @@ def test_gradient_clipping_acts_in_the_engine_step(process_group):
         moved[clip] = max(float((p.detach() - b).abs().max()) for p, b in zip(engine.module.parameters(), before))
     assert moved[0.0] == pytest.approx(1e-3, rel=0.05)
     assert moved[1e-12] < 1e-3 * 1e-3
+
+
+def test_an_fp16_overflow_step_has_no_gradient_norm_and_is_counted(process_group):
+    """fp16: DeepSpeed's loss scaler skips a step whose gradients overflow and reports its norm as inf; that step
+    logs no norm (an inf would also turn PPO's mean over the iteration's steps into inf) and is counted
+    (train/fp16_skipped_steps), while a non-finite norm without fp16 still stops the run."""
+    import torch
+
+    from stages.errors import NonFinite
+    from stages.trainer import LossGuard, fp16_skipped_steps, optimizer_step
+
+    class Engine:
+        def __init__(self, fp16: bool, applied: bool) -> None:
+            self.fp16, self.applied, self.skipped_steps = fp16, applied, 0 if applied else 1
+            self.module = torch.nn.Linear(2, 1)
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+        def zero_optimization_stage(self):
+            return 2
+
+        def get_global_grad_norm(self):
+            return float("inf") if not self.applied else 0.5
+
+        def fp16_enabled(self):
+            return self.fp16
+
+        def was_step_applied(self):
+            return self.applied
+
+    def loss(batch):
+        return torch.tensor(1.0)
+
+    assert optimizer_step(Engine(True, False), [0], loss, LossGuard("loss", 1)) is None
+    assert optimizer_step(Engine(True, True), [0], loss, LossGuard("loss", 1)) == 0.5
+    assert fp16_skipped_steps(Engine(True, False)) == 1.0 and fp16_skipped_steps(Engine(False, True)) is None
+    with pytest.raises(NonFinite, match="non-finite gradient norm"):
+        optimizer_step(Engine(False, False), [0], loss, LossGuard("loss", 1))

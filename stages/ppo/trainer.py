@@ -93,6 +93,7 @@ from stages.trainer import (
     check_resume_point,
     due,
     end_stopped,
+    fp16_skipped_steps,
     open_run,
     optimizer_step,
     split_holdout,
@@ -354,9 +355,13 @@ def update(
     if "policy/ratio" in out:
         out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
     for name, found in norms.items():
-        known = [v for v in found if v is not None]
+        known = [v for v in found if v is not None]  # (None: unknown, or a step fp16's loss scaler skipped)
         if known:
             out[f"grad_norm/{name}"] = sum(known) / len(known)
+    for name in ("policy", "critic"):
+        overflows = fp16_skipped_steps(models[name])
+        if overflows is not None:
+            out[f"train/fp16_skipped_steps_{name}"] = overflows
     return out
 
 
