@@ -115,9 +115,37 @@ def launch_command(
 
 
 def visible_gpu_ids() -> list[str]:
-    """The numeric ids CUDA_VISIBLE_DEVICES lists ([] when unset, empty, or naming GPUs by UUID)."""
+    """The GPU indices CUDA_VISIBLE_DEVICES lists ([] when unset or empty); GPUs named by UUID (`GPU-…`, a
+    unique prefix as CUDA takes it) are turned into their indices with nvidia-smi. A MIG instance, or a UUID
+    nvidia-smi cannot place, is a ConfigError: DeepSpeed's runner selects GPUs by index only, and would
+    otherwise drop the variable and start ranks on GPUs 0..N-1."""
     ids = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return ids if all(d.isdigit() for d in ids) else []
+    if all(d.isdigit() for d in ids):
+        return ids
+    known = gpu_uuids()
+    out = []
+    for d in ids:
+        found = [index for index, uuid in known.items() if uuid.startswith(d)] if not d.isdigit() else [d]
+        if len(found) != 1 or d.startswith("MIG-"):
+            raise ConfigError(
+                f"CUDA_VISIBLE_DEVICES names {d!r}, which rlhf cannot hand to DeepSpeed's runner (it selects GPUs "
+                "by index, and drops CUDA_VISIBLE_DEVICES); give the GPUs' indices (nvidia-smi -L lists them), or "
+                "start the workers with your own launcher (torchrun, srun)")
+        out.append(found[0])
+    return out
+
+
+def gpu_uuids() -> dict[str, str]:
+    """index -> UUID of this node's GPUs, from nvidia-smi ({} without it)."""
+    import subprocess
+
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    pairs = (line.split(",", 1) for line in res.stdout.splitlines() if "," in line) if res.returncode == 0 else ()
+    return {index.strip(): uuid.strip() for index, uuid in pairs}
 
 
 def gpu_selection(count: int, visible: list[str]) -> list[str]:

@@ -629,7 +629,7 @@ def test_a_launch_without_hostfile_stays_on_this_node_where_deepspeeds_default_h
 def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_path, monkeypatch):
     """DeepSpeed's runner, given --num_gpus, drops CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..N-1 (someone
     else's on a shared node): rlhf hands it the first N visible ids instead (--include, which the runner's own
-    arguments and resource filter accept); more than are visible is refused; UUIDs are left to --num_gpus."""
+    arguments and resource filter accept); more than are visible is refused; UUIDs become their indices."""
     from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
 
     from rlhf_cli import launcher
@@ -644,9 +644,16 @@ def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_p
     assert launcher.world_size(2, None, None) == 2
     with pytest.raises(ConfigError, match="--num-gpus 4 but CUDA_VISIBLE_DEVICES=4,5,6 makes 3 GPU"):
         launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+    # GPUs named by UUID (a unique prefix, as CUDA takes it): their indices, from nvidia-smi
+    monkeypatch.setattr(launcher, "gpu_uuids", lambda: {"0": "GPU-9f9f-aaaa", "1": "GPU-1a2b-bbbb", "2": "GPU-3c4d-cccc"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3c4d,GPU-1a2b-bbbb")
     cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
-    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+    assert cmd[cmd.index("--include") + 1] == "localhost:2,1" and "--num_gpus" not in cmd
+    # ... and one it cannot place, or a MIG instance, is refused rather than left to --num_gpus (GPUs 0..N-1)
+    for bad in ("GPU-ffff", "MIG-1a2b-bbbb/1/0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bad)
+        with pytest.raises(ConfigError, match=f"CUDA_VISIBLE_DEVICES names '{bad}', which rlhf cannot hand"):
+            launcher.launch_command("sft", tmp_path / "c.yaml", 1, None, None, False)
 
 
 def test_a_config_or_hostfile_not_in_utf8_is_one_clear_error(tmp_path):
