@@ -198,7 +198,8 @@ class GenerationCopy:
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
-        with zero3_init_off():
+        with zero3_init_off(), torch.device(device):  # built where it runs: its random init (overwritten by
+            #                                             refresh) is then a GPU's work, not every rank's host's
             self.model = AutoModelForCausalLM.from_config(module.config, dtype=next(module.parameters()).dtype)
         self.model.generation_config = module.generation_config
         self.model.to(device).eval().requires_grad_(False)
