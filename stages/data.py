@@ -77,7 +77,7 @@ def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path} row {lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # (a BOM, as Windows editors write)
             except UnicodeDecodeError as exc:
                 _bad(where, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", on_bad_row, log)
                 continue
@@ -115,7 +115,7 @@ def _read_csv(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     import csv
 
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # (a BOM would join the first column's name)
             for i, record in enumerate(csv.DictReader(fh), start=1):
                 if None in record:
                     _bad(f"{path} row {i}", "more cells than header columns", on_bad_row, log)
@@ -128,12 +128,12 @@ def _read_csv(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
 def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     """A .json file holding either a JSON array of objects or JSON Lines."""
     with path.open("rb") as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # (after a BOM)
     if not head.startswith(b"["):
         yield from _read_jsonl(path, on_bad_row, log)
         return
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: invalid JSON: {exc}") from None
     for i, record in enumerate(records, start=1):
@@ -202,6 +202,11 @@ def _field(record: dict[str, Any], key: str, allow_empty: bool = False) -> str:
     return value
 
 
+#: the bad-row reason of HH text in which no `\n\nHuman:` marker is found (CRLF or single newlines before the
+#: markers, say): every stage refuses it, rather than reading the whole text as one system or prompt turn
+NO_HUMAN_TURN = "no human turn: HH text needs '\\n\\nHuman:' / '\\n\\nAssistant:' markers"
+
+
 def split_hh(text: str) -> list[tuple[str, str]]:
     """HH-RLHF dialogue text -> [(role, content)], content exactly as written after the `Human:` /
     `Assistant:` marker (leading space kept). Text before the first marker becomes a system turn.
@@ -247,6 +252,8 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
     if fmt == "hh":
         text = _field(record, cols.text)
         turns = split_hh(text)
+        if not any(role == "user" for role, _ in turns):
+            raise BadRow(NO_HUMAN_TURN)
         style = RAW_HH
         if data.use_chat_template:
             turns = [(r, c.strip()) for r, c in turns]

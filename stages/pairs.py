@@ -25,6 +25,7 @@ from stages.config import DataSource, RMDataConfig
 from stages.errors import DataError
 from stages.data import (
     IGNORE,
+    NO_HUMAN_TURN,
     BadRow,
     BadRowLog,
     Conversation,
@@ -141,6 +142,8 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     if fmt == "hh":
         prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
         prompt_turns = tuple(split_hh(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
+        if not any(role == "user" for role, _ in prompt_turns):
+            raise BadRow(NO_HUMAN_TURN)
         sides = [tuple(split_hh(HH_ASSISTANT + text)) for text in (chosen, rejected)]
         style = RAW_HH
         if data.use_chat_template:
@@ -153,8 +156,10 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         n = 0
         while n < min(len(chosen_msgs), len(rejected_msgs)) and chosen_msgs[n] == rejected_msgs[n]:
             n += 1
-        if n < min(len(chosen_msgs), len(rejected_msgs)) and "assistant" != chosen_msgs[n][0] == rejected_msgs[n][0]:
-            raise BadRow("chosen and rejected differ in a user/system turn, not in a response")
+        at_n = [side[n][0] for side in (chosen_msgs, rejected_msgs) if len(side) > n]
+        if any(role != "assistant" for role in at_n):  # either side: the first difference must be a response
+            raise BadRow(f"chosen and rejected differ in a user/system turn, not in a response (message {n}: "
+                         f"{' vs '.join(at_n)})")
         if cols.prompt in record and record[cols.prompt] is not None:
             raw = record[cols.prompt]
             prompt_turns = ((("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))

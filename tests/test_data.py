@@ -630,3 +630,36 @@ def test_a_prompt_ending_in_a_space_keeps_the_response_s_first_word_trained(trim
     p_ids, r_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, response))
     assert ex.input_ids[:split] == p_ids and ex.input_ids[split:] == r_ids + [tok.eos_token_id]
     assert ex.labels == [IGNORE] * len(p_ids) + r_ids + [tok.eos_token_id]
+
+
+def test_a_utf8_bom_is_read_past_in_jsonl_json_and_csv(tmp_path):
+    """Files saved by Windows editors start with a UTF-8 BOM: row 1 of a .jsonl, a .json array and a CSV header
+    read as without it (the first row was a bad row, and a CSV's first column name got the BOM)."""
+    from stages.data import BadRowLog, read_rows
+
+    bom = b"\xef\xbb\xbf"
+    row = {"prompt": "p", "response": "r"}
+    (tmp_path / "a.jsonl").write_bytes(bom + ((json.dumps(row) + "\n") * 2).encode())
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([row, row]).encode())
+    (tmp_path / "a.csv").write_bytes(bom + b"prompt,response\np,r\np,r\n")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        log = BadRowLog()
+        rows = list(read_rows(DataSource(path=str(tmp_path / name)), "error", log))
+        assert [r.data for r in rows] == [row, row] and log.total == 0, name
+
+
+def test_hh_text_without_human_markers_is_a_bad_row_in_every_stage(tmp_path):
+    """HH text whose markers are not '\\n\\nHuman:' (single newlines, CRLF inside the text): SFT and PPO refuse it
+    alike, where PPO took the whole text, answer included, as the prompt; text starting 'Human:' renders in
+    PPO as SFT renders it (with the leading blank line)."""
+    from stages.config import PPODataConfig
+    from stages.data import BadRow, parse_conversation
+    from stages.ppo.prompts import parse_prompt
+
+    text = "Human: how do I bake bread?\nAssistant: Use flour."
+    with pytest.raises(BadRow, match="no human turn"):
+        parse_conversation({"chosen": "\n" + text}, "hh", SFTDataConfig(train="x.jsonl"))
+    with pytest.raises(BadRow, match="no human turn"):
+        parse_prompt({"chosen": "\r\n\r\n" + text.replace("\n", "\r\n\r\n")}, "hh", PPODataConfig(train="x.jsonl"))
+    turns, chat = parse_prompt({"chosen": "Human: hi\n\nAssistant: hello"}, "hh", PPODataConfig(train="x.jsonl"))
+    assert turns == [("user", "\n\nHuman: hi\n\nAssistant:")] and not chat

@@ -212,6 +212,13 @@ def test_sides_must_differ_in_the_response_and_a_repeated_prompt_is_not_doubled(
     other = {"role": "user", "content": "other"}
     with pytest.raises(BadRow, match="differ in a user/system turn"):
         parse_pair({"chosen": [user, a], "rejected": [other, a]}, "messages", _data())
+    # ... also when only one side has a user turn where they first differ (it asks another question first)
+    with pytest.raises(BadRow, match=r"differ in a user/system turn, not in a response \(message 1: assistant vs user\)"):
+        parse_pair({"chosen": [user, a], "rejected": [user, other, b]}, "messages", _data())
+    # HH text with no '\n\nHuman:' marker (single newlines, say): no human turn, refused
+    with pytest.raises(BadRow, match="no human turn"):
+        parse_pair({"chosen": "\n\nAssistant: hi\n\nAssistant: A", "rejected": "\n\nAssistant: hi\n\nAssistant: B"},
+                   "hh", _data())
     with pytest.raises(BadRow, match="differ in a human turn"):
         split_hh_pair("\n\nHuman: hi\n\nAssistant: A\n\nHuman: x\n\nAssistant: C",
                       "\n\nHuman: hi\n\nAssistant: A\n\nHuman: y\n\nAssistant: C")
