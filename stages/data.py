@@ -406,6 +406,10 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
     return out
 
 
+#: tokens at the end of a trained segment among which a chat template's own EOS is looked for ("<|im_end|>\n")
+TEMPLATE_TAIL = 3
+
+
 def encode_segments(
     segments: list[Segment], tokenizer: Any, add_eos: bool, bos: list[int]
 ) -> tuple[TokenizedExample, int]:
@@ -426,7 +430,9 @@ def encode_segments(
         ids += seg_ids
         labels += seg_ids if segments[i].train else [IGNORE] * len(seg_ids)
     eos = tokenizer.eos_token_id
-    if add_eos and eos not in last_ids:  # a template may end the turn with "EOS\n" (ChatML): no second EOS
+    # a template may end the turn with "EOS\n" (ChatML): no second EOS; only the segment's last tokens count, so an
+    # EOS string inside the content (scraped text quoting "<|endoftext|>") does not stand for the end
+    if add_eos and eos not in last_ids[-TEMPLATE_TAIL:]:
         ids.append(eos)
         labels.append(eos if segments[-1].train else IGNORE)
     if labels:  # nothing before the first token predicts it (an empty prompt, no BOS): no loss there, and

@@ -545,6 +545,17 @@ def test_bos_detected_from_a_tokenizer_that_adds_one():
     assert ex.input_ids.count(0) == 1
 
 
+def test_an_eos_string_inside_a_response_does_not_stand_for_its_end(tmp_path, char_tok):
+    """A response quoting "<|endoftext|>" (scraped text) still gets the EOS that ends it: only a template's own
+    EOS among the last tokens of the turn ("EOS\\n", ChatML) replaces it."""
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "say <|endoftext|> then stop"}])
+    convs, _ = _load(path)
+    rows, _ = _one(char_tok, convs)
+    ids, eos = rows[0]["input_ids"], char_tok.eos_token_id
+    assert ids[-1] == eos and ids.count(eos) == 2 and rows[0]["labels"][-1] == eos
+    assert char_tok.decode(ids[:-1]).endswith(" then stop")
+
+
 def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "cd"}])
     convs, _ = _load(path)
