@@ -305,10 +305,13 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
     raw_pr: [prompt][response]; raw_hh: ["\\n\\nHuman:" + user + "\\n\\nAssistant:"][assistant]...;
     chat: differences of chat-template renders, so each assistant segment is exactly the template text of that
     turn (including its end-of-turn tokens) and everything else (system, user, generation prompt) is context.
+    An empty assistant turn before the last is context (parse_conversation refuses an empty last one).
     """
     msgs = conv.messages
     assistant_idx = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
     trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:])
+    trained -= {i for i in assistant_idx[:-1] if not msgs[i][1].strip()}  # an empty earlier reply teaches nothing
+    #                                         but to stop at once (its template EOS would be the trained token)
     segments: list[Segment] = []
     if conv.style == RAW_PR:
         return [Segment(msgs[0][1], False), Segment(msgs[1][1], True)]

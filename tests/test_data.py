@@ -556,6 +556,17 @@ def test_an_eos_string_inside_a_response_does_not_stand_for_its_end(tmp_path, ch
     assert char_tok.decode(ids[:-1]).endswith(" then stop")
 
 
+def test_an_empty_earlier_reply_is_not_trained(char_tok):
+    """train_on all_turns with an empty assistant turn before the last: through the chat template it would train
+    the template's EOS alone (a reply that stops at once); it is context, in raw HH as in chat."""
+    from stages.data import Conversation, render_segments
+
+    msgs = (("user", "hi"), ("assistant", ""), ("user", "again"), ("assistant", "ok"))
+    for style in ("chat", "raw_hh"):
+        trained = [seg.text for seg in render_segments(Conversation(msgs, style), char_tok, "all_turns") if seg.train]
+        assert len(trained) == 1 and trained[0].startswith("ok"), (style, trained)
+
+
 def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "cd"}])
     convs, _ = _load(path)
