@@ -548,6 +548,7 @@ class DataReport:
     trained_tokens: int = 0
     packed_rows: int | None = None
     identical_pairs: int = 0  # preference data: pairs dropped because chosen == rejected
+    identical_after_truncation: int = 0  # ... of which made identical by max_length (their difference cut away)
     duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
     styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
 

@@ -288,7 +288,8 @@ class PairRows:
 def tokenize_pairs(
     pairs: Iterable[tuple[PreferencePair, str]], tokenizer: Any, data: RMDataConfig, report: DataReport
 ) -> PairRows:
-    """Tokenized pairs; a pair that truncation makes identical is dropped and counted as identical."""
+    """Tokenized pairs; a pair that truncation makes identical is dropped and counted as identical, and as
+    identical after truncation (max_length cut its difference away)."""
     bos = bos_ids(tokenizer)
     log = BadRowLog()
     rows = PairRows()
@@ -300,6 +301,9 @@ def tokenize_pairs(
             continue
         if chosen.input_ids == rejected.input_ids:
             report.identical_pairs += 1
+            cut = chosen.prompt_truncated or rejected.prompt_truncated or chosen.response_truncated or \
+                rejected.response_truncated
+            report.identical_after_truncation += bool(cut)  # else equal once rendered (stripped, say)
             continue
         rows.append(chosen, rejected, pair.margin)
         report.examples += 1

@@ -222,7 +222,8 @@ def say_added_pad(added: bool, enabled: bool) -> None:
 def describe_pairs(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
-        f"identical pair(s) and {report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
+        f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "
+        f"{report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
         f"(left), {report.response_truncated} responses (right){report.skipped_note()}"
     )
 

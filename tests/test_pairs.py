@@ -177,6 +177,7 @@ def test_pairs_identical_after_truncation_are_dropped(tok):
     report = DataReport()
     rows = tokenize_pairs(pairs, tok, _data(max_length=20, add_eos=False), report)
     assert len(rows) == 1 and report.identical_pairs == 1 and report.examples == 1
+    assert report.identical_after_truncation == 1  # counted apart: preferences max_length destroyed
     assert rows.chosen[0]["input_ids"] != rows.rejected[0]["input_ids"]
     assert report.tokens == len(rows.chosen[0]["input_ids"]) + len(rows.rejected[0]["input_ids"])
 
