@@ -137,6 +137,20 @@ def process_group(monkeypatch):
     return setup_distributed()
 
 
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on during the test, in order (the calls still happen)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return synced
+
+
 def tiny_engine(steps: int = 1, **train) -> tuple:
     """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`) and a
     two-word tokenizer: what save_checkpoint / load_latest_checkpoint take."""

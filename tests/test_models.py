@@ -133,22 +133,13 @@ def test_tokenizer_options(tok, tmp_path):
     assert loaded.chat_template == custom
 
 
-def test_a_trained_tokenizer_is_on_disk_before_its_rename(tmp_path, monkeypatch, process_group):
+def test_a_trained_tokenizer_is_on_disk_before_its_rename(tmp_path, fsynced, process_group):
     """from_config without model.tokenizer: rank 0 trains the tokenizer into .tmp-tokenizer, fsyncs its files,
     renames it to tokenizer/ and fsyncs output_dir (the rename), so a crash cannot leave a tokenizer/ that
     resumed ranks load with missing data. A second call loads it without training."""
-    import os
-
     from stages.models import prepare_tokenizer
 
-    synced: list[str] = []
-    real = os.fsync
-
-    def record(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
+    synced = fsynced
     out = tmp_path / "out"
     out.mkdir()
     cfg = ModelConfig(from_config=ARCH, tokenizer_train={"vocab_size": 300, "min_frequency": 2})

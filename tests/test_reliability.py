@@ -375,20 +375,13 @@ def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):
         check_architecture(str(lm), "causal_lm", False)
 
 
-def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, monkeypatch, process_group):
+def test_a_checkpoint_is_fsynced_before_it_is_marked_complete_and_renamed(tmp_path, fsynced, process_group):
     """Every file of the checkpoint (engine state, RNG, HF weights, trainer state, COMPLETE) is fsynced before
     the rename that publishes it, and the output directory after it (so the rename itself is durable)."""
     from stages.checkpoint import save_checkpoint
 
     engine, tokenizer = tiny_engine()
-    synced: list[str] = []
-    real = os.fsync
-
-    def record(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
+    synced = fsynced
     out = tmp_path / "out"
     out.mkdir()
     path = save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 2, {"stage": "sft"})
