@@ -663,7 +663,7 @@ def test_check_data_prints_what_each_stage_of_the_pipeline_read(pipeline_run, tm
     res = invoke_cli("ppo", "--config", str(root / "ppo-max" / "resolved_config.yaml"), "--check-data",
                      "--set", f"output_dir={fresh}")
     assert res.exit_code == 0, res.output
-    assert "prompts: 2000 train, 128 validation; 0 cut to 64 tokens" in res.stdout, res.stdout[-2000:]
+    assert "prompts: 2000 train, 128 validation; 0 of data.train's prompts cut to 64 tokens" in res.stdout, res.stdout[-2000:]
     assert "rollouts: 3 (1 critic-only + 2 iterations) of 8 prompts each; 250 per pass over the training " \
            "prompts (1 rank(s))" in res.stdout
     assert "prompts: 2000 train, 128 validation" in pipeline_run[1].stdout  # what the PPO run printed

@@ -125,8 +125,9 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     logs = {"train": log} | ({"eval": eval_log} if data.eval is not None else {})
     skipped = "".join(f"; {split}: {found.total} bad row(s){found.summary()}" for split, found in logs.items()
                       if found.total)
-    say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} cut to "
-                      f"{data.max_prompt_length} tokens{skipped}")
+    cut_where = " (before the validation share was held out)" if data.eval is None and held else ""
+    say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} of data.train's prompts cut to "
+                      f"{data.max_prompt_length} tokens{cut_where}{skipped}")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
         sft = SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
