@@ -222,7 +222,11 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+    """A number to `digits` places; n/a for None, a non-finite float, or what eval.json writes for one ("nan",
+    "inf": strict JSON has no NaN)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def _run_cells(row: dict[str, Any], digits: int, arrow: str, slash: str) -> list[str]:

@@ -744,3 +744,14 @@ def test_pipeline_check_data_stands_in_for_each_stage_the_pipeline_will_train(tm
     assert read == {"sft": [], "rm": [expect["sft"]], "ppo-max": [expect["sft"], expect["rm"]]}
     for name in {"sft", "rm"} - set(real):  # a stand-in holds the rendering record its stage's check returned
         assert json.loads((scratch / name / "rlhf_checkpoint.json").read_text()) == {"rendering": {"styles": ["chat"]}}
+
+
+def test_the_summary_reads_what_eval_json_writes_for_a_non_finite_value():
+    """eval.json is strict JSON: a NaN mean is written "nan"; the pipeline's summary shows it as n/a (it raised
+    a ValueError formatting the string)."""
+    from stages.pipeline import _fmt, _run_cells
+
+    assert [_fmt(v) for v in (0.5, 2, None, float("nan"), "nan", "-inf", True)] == ["0.500", "2.000"] + ["n/a"] * 5
+    row = {"reward": ("nan", 0.25), "gold": (None, None), "kl": (0.0, "inf"), "length": (3, 4), "win_rate_rm": "nan"}
+    assert _run_cells(row, 2, " -> ", " / ") == ["n/a -> 0.25", "n/a -> n/a", "0.00 -> n/a", "3.00 -> 4.00",
+                                                  "n/a / n/a"]
