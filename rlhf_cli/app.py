@@ -261,7 +261,8 @@ def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
     if stage == "ppo":
         from stages.ppo.models import engine_train_config
 
-        build_deepspeed_config(engine_train_config(cfg, cfg.train.policy_lr), cfg.deepspeed, world_size, False)
+        for lr in (cfg.train.policy_lr, cfg.train.critic_lr):  # the policy's engine and the critic's
+            build_deepspeed_config(engine_train_config(cfg, lr), cfg.deepspeed, world_size, False)
     else:
         build_deepspeed_config(cfg.train, cfg.deepspeed, world_size, False)
 

@@ -34,7 +34,8 @@ OWNED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "bf16.enabled": ("deepspeed.precision", as_bool),
     "fp16.enabled": ("deepspeed.precision", as_bool),
     # the optimizer settings the printed resolved config states (and resume compares)
-    "optimizer.params.lr": ("the YAML's learning rate (train.lr; PPO: train.policy_lr / train.critic_lr)", float),
+    "optimizer.params.lr": ("the YAML's learning rate (train.lr; PPO: train.policy_lr and train.critic_lr, one per "
+                            "engine, so a raw lr cannot fit both)", float),
     "optimizer.params.eps": ("train.adam_eps", float),
     "optimizer.params.weight_decay": ("train.weight_decay", float),
     "optimizer.params.betas": ("train.adam_betas", lambda v: [float(x) for x in v]),

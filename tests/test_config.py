@@ -767,3 +767,17 @@ def test_a_text_value_that_reads_as_yaml_says_to_quote_it(tmp_path):
     res = invoke_cli(*args, "--set", "data.chat_template={{ messages }}")
     assert res.exit_code == 2 and "quote a text value: --set 'data.chat_template=\"...\"'" in res.stderr, res.stderr
     assert invoke_cli(*args, "--set", 'data.chat_template="{{ messages }}: {{ x }}"').exit_code == 0
+
+
+def test_ppo_dry_run_checks_the_raw_deepspeed_json_for_both_engines(tmp_path):
+    """A raw optimizer lr equal to train.policy_lr fits the policy's engine but not the critic's (critic_lr): the
+    dry run builds both engines' JSON, so it is refused there rather than in every worker after model loading."""
+    for name, arch in (("sft", "LlamaForCausalLM"), ("rm", "LlamaForSequenceClassification")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [arch], "num_labels": 1}))
+    ppo = ("ppo", "-c", str(REPO / "configs" / "tiny" / "ppo.yaml"), "--dry-run", "--set", f"output_dir={tmp_path}/p",
+           "--set", f"model.name_or_path={tmp_path / 'sft'}", "--set", f"reward_model.name_or_path={tmp_path / 'rm'}",
+           "--set", "train.policy_lr=1e-4", "--set", "train.critic_lr=2e-4")
+    res = invoke_cli(*ppo, "--set", "deepspeed.config={optimizer: {params: {lr: 1.0e-4}}}")
+    assert res.exit_code == 2 and "deepspeed.config sets optimizer.params.lr=0.0001, but the YAML's learning rate " \
+        "(train.lr; PPO: train.policy_lr and train.critic_lr" in res.stderr and "gives 0.0002" in res.stderr, res.output

@@ -97,7 +97,8 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
     ({"zero_stage": 1}, {"data_types": {"grad_accum_dtype": "FP32"}}, "grad_accum_dtype='FP32'; DeepSpeed knows"),
     # the optimizer settings the resolved config prints (a raw lr would silently train at another rate)
     ({}, {"optimizer": {"params": {"lr": 1e-3}}}, "optimizer.params.lr=0.001, but the YAML's learning rate "
-                                                 "(train.lr; PPO: train.policy_lr / train.critic_lr) gives 1e-05"),
+                                                 "(train.lr; PPO: train.policy_lr and train.critic_lr, one per engine, "
+                                                 "so a raw lr cannot fit both) gives 1e-05"),
     ({}, {"optimizer": {"params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas=[0.9, 0.999], but train.adam_betas"),
     ({}, {"gradient_clipping": 5.0}, "gradient_clipping=5.0, but train.gradient_clipping (PPO: ppo.grad_clip) gives "
                                      "nothing (off)"),
