@@ -650,6 +650,14 @@ def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_p
     cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
     assert cmd[cmd.index("--include") + 1] == "localhost:2,1" and "--num_gpus" not in cmd
     # ... and one it cannot place, or a MIG instance, is refused rather than left to --num_gpus (GPUs 0..N-1)
+    # no GPU visible (-1, NoDevFiles: CUDA stops at an invalid entry): the runner's --num_gpus, as for a CPU run
+    for hidden in ("-1", "NoDevFiles", "3,-1,4"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 1, None, None, False)
+        if hidden == "3,-1,4":
+            assert cmd[cmd.index("--include") + 1] == "localhost:3"
+        else:
+            assert "--num_gpus" in cmd and "--include" not in cmd, hidden
     for bad in ("GPU-ffff", "MIG-1a2b-bbbb/1/0"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bad)
         with pytest.raises(ConfigError, match=f"CUDA_VISIBLE_DEVICES names '{bad}', which rlhf cannot hand"):
