@@ -4,6 +4,7 @@ stages/ppo/trainer.py, run with tiny random models behind a stand-in for the Dee
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import threading
 from typing import Any, Callable
@@ -524,6 +525,33 @@ def test_each_update_trick_gives_the_hand_computed_first_step(tmp_path, dist, pp
     if ppo.get("ref_importance_sampling"):
         clipped = (-adv * rho.clamp(1 - eps, 1 + eps) > -adv * rho) & mask
         assert 0 < metrics["policy/clipfrac"] == pytest.approx(float(clipped.sum()) / 16, abs=1e-6)
+
+
+def test_a_micro_batch_skipped_as_non_finite_is_left_out_of_the_update_metrics(tmp_path, dist, monkeypatch):
+    """train.on_nonfinite: skip, the first of the 2 micro-batches of every optimizer step with a NaN policy and
+    value loss: those are skipped (2 epochs x policy and critic), and the logged losses are the other
+    micro-batches' (finite; the skipped ones' NaN made them NaN)."""
+    from stages.ppo import trainer
+
+    calls = {"policy": 0, "value": 0}
+
+    def poisoned(real, name):
+        def loss(*args, **kwargs):
+            value, frac = real(*args, **kwargs)
+            calls[name] += 1
+            return (value * float("nan"), frac) if calls[name] % 2 == 1 else (value, frac)
+        return loss
+
+    monkeypatch.setattr(trainer, "policy_loss", poisoned(trainer.policy_loss, "policy"))
+    monkeypatch.setattr(trainer, "value_loss", poisoned(trainer.value_loss, "value"))
+    cfg = _config(tmp_path, train={"on_nonfinite": "skip"})
+    rollout = _rollout()
+    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    metrics = update(cfg, dist, _models(), rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+    assert metrics["skipped"] == 4.0 and calls == {"policy": 4, "value": 4}
+    for key in ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "val/clipfrac"):
+        assert math.isfinite(metrics[key]), key
 
 
 def test_advantages_are_whitened_per_mini_batch(tmp_path, dist):

@@ -283,6 +283,30 @@ def update(
     norms: dict[str, list[float | None]] = {"policy": [], "critic": []}
     seconds = {"policy": 0.0, "critic": 0.0}
     guards = {name: LossGuard(f"{name} loss", iteration + 1, t.on_nonfinite) for name in ("policy", "critic")}
+    pending: list[list[tuple[str, Any, Any]]] = []  # each micro-batch's metric contributions, in the current step
+
+    def note(name: str, value: Any, count: Any) -> None:
+        pending[-1].append((name, value, count))
+
+    def step(engine: Any, micro: list[list[int]], loss_of: Callable[[list[int]], torch.Tensor],
+             guard: LossGuard) -> float | None:
+        """optimizer_step; then the metrics of its micro-batches, but those of one skipped as non-finite
+        (train.on_nonfinite: skip; the same on every rank, so GlobalMeans' names stay in step)."""
+        pending.clear()
+
+        def each(rows: list[int]) -> torch.Tensor:
+            pending.append([])
+            return loss_of(rows)
+
+        start = len(guard.dropped)
+        norm = optimizer_step(engine, micro, each, guard)
+        dropped = set(guard.dropped[start:])
+        for i, items in enumerate(pending):
+            if i not in dropped:
+                for item in items:
+                    stats.add(*item)
+        return norm
+
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
         for mb in chunks(order, t.mini_batch_size):
@@ -316,21 +340,21 @@ def update(
                 if ent is not None:
                     ent_mean = masked_mean(ent, m)
                     loss = loss - ppo.entropy_coef * ent_mean
-                    stats.add("loss/entropy", float(ent_mean.detach()) * float(n), n)
+                    note("loss/entropy", float(ent_mean.detach()) * float(n), n)
                 total = loss * n * k / n_tok
                 with torch.no_grad():
                     diff = logp - exp["logp"][rows]
                     ratio = torch.exp(diff)
-                    stats.add("loss/policy", float(pl.detach()) * float(n), n)
-                    stats.add("policy/clipfrac", float(clipfrac) * float(n), n)
-                    stats.add("policy/approxkl", float(0.5 * masked_sum(diff**2, m)), n)
-                    stats.add("policy/ratio", float(masked_sum(ratio, m)), n)
-                    stats.add("policy/ratio_sq", float(masked_sum(ratio**2, m)), n)
+                    note("loss/policy", float(pl.detach()) * float(n), n)
+                    note("policy/clipfrac", float(clipfrac) * float(n), n)
+                    note("policy/approxkl", float(0.5 * masked_sum(diff**2, m)), n)
+                    note("policy/ratio", float(masked_sum(ratio, m)), n)
+                    note("policy/ratio_sq", float(masked_sum(ratio**2, m)), n)
                 if ptx_batches:
                     batch = ptx_batches[micro.index(rows)]
                     nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
                     total = total + ppo.ptx_coef * nll * k / max(n_ptx, 1.0)
-                    stats.add("loss/ptx", float(nll.detach()), trained_tokens(batch["labels"]))
+                    note("loss/ptx", float(nll.detach()), trained_tokens(batch["labels"]))
                 return total
 
             def critic_micro(rows: list[int]) -> torch.Tensor:
@@ -338,18 +362,18 @@ def update(
                 values = critic(ids[rows], mask[rows])[:, p - 1:-1]
                 vl, vclip = value_loss(values, exp["values"][rows], exp["returns"][rows], m, ppo.value_clip or None)
                 n = m.sum()
-                stats.add("loss/value", float(vl.detach()) * float(n), n)
-                stats.add("val/clipfrac", float(vclip) * float(n), n)
+                note("loss/value", float(vl.detach()) * float(n), n)
+                note("val/clipfrac", float(vclip) * float(n), n)
                 return vl * n * k / n_tok
 
             if not critic_only:
                 t0 = clock(dist.device)
                 with record_function("rlhf.update.policy"):
-                    norms["policy"].append(optimizer_step(policy, micro, policy_micro, guards["policy"]))
+                    norms["policy"].append(step(policy, micro, policy_micro, guards["policy"]))
                 seconds["policy"] += clock(dist.device) - t0
             t0 = clock(dist.device)
             with record_function("rlhf.update.critic"):
-                norms["critic"].append(optimizer_step(critic, micro, critic_micro, guards["critic"]))
+                norms["critic"].append(step(critic, micro, critic_micro, guards["critic"]))
             seconds["critic"] += clock(dist.device) - t0
     out = stats.reduce(dist.device) | {f"perf/{k}_update_s": v for k, v in seconds.items()}
     out["skipped"] = float(sum(g.skipped for g in guards.values()))
