@@ -185,11 +185,12 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
                 del by_key[key]
     def marker(key: str, line: str) -> str:
         """[given with ...] for a key at or above `key` given on the command line, or, for a check across
-        keys (a section's or the whole config's), one its message names or one inside its section."""
+        keys (a section's or the whole config's), one its message names (in full, or inside the section by its
+        own name)."""
         given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))]
         if not given:
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
-                     or k.startswith(key + ".")]
+                     or (k.startswith(key + ".") and re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", line))]
         return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
 
     unique: list[str] = []

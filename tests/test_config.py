@@ -763,6 +763,16 @@ def test_a_check_across_keys_names_the_command_line_key_it_involves(tmp_path):
                      "--set", "model.name_or_path=gpt2")
     assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config " \
         "[given with --set]" in res.stderr, res.stderr
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
+                     "--set", "data.max_length=8", "--set", "data.max_prompt_length=9")
+    assert res.exit_code == 2 and "max_prompt_length (9) must be smaller than max_length (8) [given with --set]" \
+        in res.stderr, res.stderr
+    # ... but not for a key of the section the message does not name (the file's lengths caused this one)
+    cfg = tiny_sft_dict(tmp_path)
+    cfg["data"]["max_prompt_length"] = 200
+    res = invoke_cli("sft", "-c", str(write_yaml(tmp_path / "bad.yaml", cfg)), "--dry-run", "--set",
+                     "data.on_bad_row=skip")
+    assert res.exit_code == 2 and res.stderr.strip().endswith("must be smaller than max_length (96)"), res.stderr
 
 
 def test_a_text_value_that_reads_as_yaml_says_to_quote_it(tmp_path):
