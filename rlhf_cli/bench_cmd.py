@@ -54,12 +54,11 @@ def bench_config(workload: str | None, config: Path | None, iters: int | None, w
 def ppo_config(cfg: Any, workload_dir: Path) -> Any:
     """Write output_dir/ppo.yaml for the workload and load it like `rlhf ppo --config` would (presets,
     validation, errors naming the key)."""
-    import yaml
-
     from stages.bench import ppo_config_dict
+    from stages.yamlio import dump_yaml
 
-    path = Path(cfg.output_dir) / "ppo.yaml"
-    path.write_text(yaml.safe_dump(ppo_config_dict(cfg, workload_dir), sort_keys=False), encoding="utf-8")
+    path = Path(cfg.output_dir) / "ppo.yaml"  # (read back as it is written: a float-looking string stays a string)
+    path.write_text(dump_yaml(ppo_config_dict(cfg, workload_dir), sort_keys=False), encoding="utf-8")
     try:
         return load_config("ppo", path)
     except ConfigError as exc:

@@ -151,8 +151,11 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
         "logging": {"tensorboard": False},
     }
     merged = _merge(base, cfg.ppo)
-    critic_only = merged["ppo"]["critic_pretrain_steps"]  # iterations 1..critic_only come before the warm-up
-    merged["logging"].setdefault("profile_step", critic_only + runs + 1 if cfg.profile else 0)
+    # iterations 1..critic_only come before the warm-up; a ppo: value of the wrong type is left for validation
+    # (check_ppo_section) to name
+    critic_only = merged["ppo"].get("critic_pretrain_steps") if isinstance(merged["ppo"], dict) else None
+    if isinstance(merged["logging"], dict) and isinstance(critic_only, int) and not isinstance(critic_only, bool):
+        merged["logging"].setdefault("profile_step", critic_only + runs + 1 if cfg.profile else 0)
     return merged
 
 

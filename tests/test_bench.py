@@ -261,6 +261,9 @@ def test_bench_errors_name_the_key(tmp_path):
               cwd=tmp_path)
     assert r.returncode == 2 and "the bench config's ppo: section" in r.stderr and "trian" in r.stderr, r.stderr
     assert not (out / "workload").exists() and "Traceback" not in r.stderr
+    for bad in ("ppo.ppo=5", "ppo.ppo.critic_pretrain_steps=null", "ppo.logging=[1]"):  # (TypeErrors before)
+        r = _rlhf("bench", "ppo", "--workload", "tiny", "--set", f"output_dir={out}", "--set", bad, cwd=tmp_path)
+        assert r.returncode == 2 and "the bench config's ppo: section" in r.stderr and "Traceback" not in r.stderr, bad
 
 
 def test_a_null_ppo_section_adds_nothing_to_the_benchmarks_own(tmp_path):
