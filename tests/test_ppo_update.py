@@ -226,6 +226,10 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
         # two batches of the rollout batch's 4 prompts (the second: 1 prompt and 3 stand-ins, not counted), so
         # that decoding keeps the training rollout's shape (one static KV cache, one compiled step)
         assert max(sizes) == min(forward, 4) and sum(sizes) == 8
+    sizes.clear()  # the dynamic cache keeps no per-shape state: no stand-ins in the last batch
+    cfg = _config(tmp_path, generation={"max_new_tokens": 3, "cache": "dynamic"}, train={"forward_batch_size": 8})
+    trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert sizes == [4, 1]
     assert means[0]["eval/reward"] == pytest.approx(means[1]["eval/reward"], abs=1e-5)
 
 

@@ -469,12 +469,15 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
              stop_ids: list[int], ending: RewardEnding) -> dict[str, float]:
     """Mean raw reward (and gold reward) and length of responses to the held-out prompts, sampled with a fixed seed (the same
     random stream at every validation; the training random state is left untouched). Every rank runs the same
-    number of batches (ZeRO-3 needs that), each of train.rollout_batch_size prompts, the training rollout's
-    shape (a smaller last batch would allocate a second static KV cache, and compile and record another decoding
-    step, kept for the rest of the run): short ranks and short last batches run stand-in prompts not counted."""
+    number of batches (ZeRO-3 needs that), of train.rollout_batch_size prompts; with the static KV cache each
+    batch is full, the training rollout's shape (a smaller last batch would allocate a second cache, and compile
+    and record another decoding step, kept for the rest of the run): short ranks and short last batches run
+    stand-in prompts not counted."""
     mine = list(range(dist.rank, len(prompts), dist.world_size))
     batch = cfg.train.rollout_batch_size
-    per_rank = math.ceil(math.ceil(len(prompts) / dist.world_size) / batch) * batch
+    per_rank = math.ceil(len(prompts) / dist.world_size)
+    if cfg.generation.cache == "static":
+        per_rank = math.ceil(per_rank / batch) * batch
     real = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [0] * (per_rank - len(mine))
     g = GlobalMeans()
