@@ -214,14 +214,26 @@ def split_hh(text: str) -> list[tuple[str, str]]:
     >>> split_hh("\\n\\nHuman: hi\\n\\nAssistant: hello")
     [('user', ' hi'), ('assistant', ' hello')]
     """
-    if text.startswith(("Human:", "Assistant:")):
-        text = "\n\n" + text
-    parts = HH_MARKER.split(text)
+    parts = HH_MARKER.split(hh_text(text))
     turns: list[tuple[str, str]] = []
     if parts[0].strip():
         turns.append(("system", parts[0]))
     for marker, content in zip(parts[1::2], parts[2::2]):
         turns.append(("user" if marker == "Human" else "assistant", content))
+    return turns
+
+
+def hh_text(text: str) -> str:
+    """HH text as every stage reads it: one that opens with its marker gets the blank line the format puts
+    before every other marker."""
+    return "\n\n" + text if text.startswith(("Human:", "Assistant:")) else text
+
+
+def hh_dialogue(text: str) -> list[tuple[str, str]]:
+    """`split_hh` of a whole HH dialogue (or prompt), which must hold a human turn (BadRow NO_HUMAN_TURN)."""
+    turns = split_hh(text)
+    if not any(role == "user" for role, _ in turns):
+        raise BadRow(NO_HUMAN_TURN)
     return turns
 
 
@@ -251,9 +263,7 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         return Conversation(msgs, CHAT if data.use_chat_template else RAW_PR)
     if fmt == "hh":
         text = _field(record, cols.text)
-        turns = split_hh(text)
-        if not any(role == "user" for role, _ in turns):
-            raise BadRow(NO_HUMAN_TURN)
+        turns = hh_dialogue(text)
         style = RAW_HH
         if data.use_chat_template:
             turns = [(r, c.strip()) for r, c in turns]

@@ -25,7 +25,6 @@ from stages.config import DataSource, RMDataConfig
 from stages.errors import DataError
 from stages.data import (
     IGNORE,
-    NO_HUMAN_TURN,
     BadRow,
     BadRowLog,
     Conversation,
@@ -37,6 +36,7 @@ from stages.data import (
     bos_head,
     bos_ids,
     encode_segments,
+    hh_dialogue,
     parse_messages,
     prompt_cut,
     read_rows,
@@ -141,9 +141,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         return PreferencePair((("user", prompt),), (("assistant", chosen),), (("assistant", rejected),), style, margin)
     if fmt == "hh":
         prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
-        prompt_turns = tuple(split_hh(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
-        if not any(role == "user" for role, _ in prompt_turns):
-            raise BadRow(NO_HUMAN_TURN)
+        prompt_turns = tuple(hh_dialogue(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
         sides = [tuple(split_hh(HH_ASSISTANT + text)) for text in (chosen, rejected)]
         style = RAW_HH
         if data.use_chat_template:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from stages.config import PPODataConfig
-from stages.data import (NO_HUMAN_TURN, BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, parse_messages, read_rows,
-                         split_hh)
+from stages.data import (BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text, parse_messages,
+                         read_rows)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -56,12 +56,8 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     if fmt == "messages":
         return _drop_final_response(parse_messages(record, cols.messages)), True
     if fmt == "hh":
-        text = _field(record, cols.text)
-        turns = split_hh(text)
-        if not any(role == "user" for role, _ in turns):  # (no marker found: the whole text, answer and all,
-            raise BadRow(NO_HUMAN_TURN)                    # would otherwise become the prompt)
-        if text.startswith(("Human:", "Assistant:")):  # rendered as SFT and the RM render it (split_hh)
-            text = "\n\n" + text
+        text = hh_text(_field(record, cols.text))  # (as SFT and the RM read it)
+        turns = hh_dialogue(text)  # (no marker found: the whole text, answer and all, would become the prompt)
         if not data.use_chat_template:  # up to the last assistant marker; a dialogue that ends with a human
             at = text.rfind("\n\nAssistant:")  # turn is the prompt as it is (as with the chat template)
             ends_with_user = bool(turns) and turns[-1][0] == "user"
