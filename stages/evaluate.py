@@ -39,7 +39,7 @@ from stages.data import BadRowLog
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
 from stages.gold import check_gold_prompts, gold_scores
-from stages.metrics import _clean, say
+from stages.metrics import json_safe, say
 from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
 from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.prompts import load_prompts
@@ -259,16 +259,6 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                         row["baseline_gold"] = theirs.gold[i]
                 fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     return results
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float as its string ("nan", "inf"): strict JSON (readers such as jq
-    refuse a bare NaN), as metrics.jsonl writes them."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return _clean(value)
 
 
 def print_results(results: dict[str, Any], console: Any) -> None:

@@ -17,8 +17,13 @@ from stages.checkpoint import atomic_write_text
 from stages.errors import RlhfError
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe scalar (NaN/inf become strings so the file stays valid JSON)."""
+def json_safe(value: Any) -> Any:
+    """`value` (a scalar, or dicts and lists of them) with every non-finite float as its string ("nan", "inf"),
+    so the file stays strict JSON (readers such as jq refuse a bare NaN)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -48,7 +53,7 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in values.items()}}
+        row = {"step": step, "time": round(time.time(), 3), **json_safe(values)}
         try:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -120,10 +120,14 @@ def _assign(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _on(value: Any) -> bool:
-    """Whether pydantic reads `value` as a true bool (True, 1, "true", "yes", "on", ...)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "on", "t", "true", "y", "yes")
-    return value is True or (type(value) is int and value == 1)
+    """Whether a config value reads as a true bool ("true", "yes", 1, ...: engine.as_bool, pydantic's reading);
+    one that reads as no bool is not on (validation names it)."""
+    from stages.engine import as_bool
+
+    try:
+        return as_bool(value)
+    except ValueError:
+        return False
 
 
 #: keys of which at most one may be on (PPOAlgoConfig checks it): a config that turns one on keeps the preset

@@ -522,8 +522,7 @@ def resumed_best(out: Path, start: int, best: float | None) -> float | None:
     if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
         return best
     reward = record.get("eval_reward")
-    if (record["iteration"] > start and isinstance(reward, (int, float)) and math.isfinite(reward)
-            and (best is None or reward > best)):
+    if record["iteration"] > start and isinstance(reward, (int, float)) and beats_best(reward, best, False):
         return float(reward)
     return best
 
