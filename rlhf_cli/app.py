@@ -246,7 +246,7 @@ def run_stage(
 
 def _fp16_without_gpu(cfg: Any, num_nodes: int | None, hostfile: Path | None) -> bool:
     """fp16 asked of a run on this machine (no hostfile, one node) while it has no CUDA device."""
-    if getattr(getattr(cfg, "deepspeed", None), "precision", None) != "fp16" or hostfile or (num_nodes or 1) > 1:
+    if cfg.deepspeed.precision != "fp16" or hostfile or (num_nodes or 1) > 1:
         return False
     import torch
 

@@ -116,10 +116,10 @@ def launch_command(
 
 def visible_gpu_ids() -> list[str]:
     """The GPU indices CUDA_VISIBLE_DEVICES lists, up to its first invalid entry as CUDA reads it ([] when unset,
-    empty or hiding every GPU: -1); GPUs named by UUID (`GPU-…`, a
-    unique prefix as CUDA takes it) are turned into their indices with nvidia-smi. A MIG instance, or a UUID
-    nvidia-smi cannot place, is a ConfigError: DeepSpeed's runner selects GPUs by index only, and would
-    otherwise drop the variable and start ranks on GPUs 0..N-1."""
+    empty or hiding every GPU: -1); GPUs named by UUID (`GPU-…`, a unique prefix as CUDA takes it) are turned
+    into their indices with nvidia-smi. A MIG instance, or a UUID nvidia-smi cannot place, is a ConfigError:
+    DeepSpeed's runner selects GPUs by index only, and would otherwise drop the variable and start ranks on
+    GPUs 0..N-1."""
     ids: list[str] = []
     for d in (d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")):
         if not (d.isdigit() or d.startswith(("GPU-", "MIG-"))):

@@ -241,8 +241,8 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     generation settings, for each decoding path in `caches` (VARIANTS: the static cache, compiled when
     generation.compile; `fused`: compiled with the sampling inside, generation.compile_sampling, best timed
     last; the dynamic reference). A path that fails (a compile, a CUDA graph) has its error as its result and
-    the others are still timed; only a failure of every path is an error. On a GPU, count one more rollout's CUDA graph launches, kernel launches and host syncs
-    (`launch_counts`) of each path but the dynamic one. With the device's peaks known (a known GPU, or the
+    the others are still timed; only a failure of every path is an error. On a GPU, count one more rollout's
+    CUDA graph launches, kernel launches and host syncs (`launch_counts`) of each path but the dynamic one. With the device's peaks known (a known GPU, or the
     config's), the rollout's roofline floor (`roofline.generation_floor`) and each path's gap to it."""
     from transformers import AutoModelForCausalLM
 

@@ -55,15 +55,11 @@ def train_step(
 
     def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         nll = shifted_nll_sum(lm_forward(engine, batch), batch["labels"])
-        nlls.append(nll.detach().double().reshape(1))
+        nlls.append(nll.detach().double())
         return nll * scale
 
     grad_norm = optimizer_step(engine, batches, micro_loss, guard)
-    trained = kept(nlls, guard)
-    local_kept = torch.cat([torch.cat(trained).sum().reshape(1) if trained else torch.zeros(1, dtype=torch.float64,
-                                                                                             device=dist.device),
-                            torch.tensor([float(sum(trained_tokens(b["labels"]) for b in kept(batches, guard)))],
-                                         dtype=torch.float64, device=dist.device)])
+    local_kept = [float(sum(kept(nlls, guard), 0.0)), sum(trained_tokens(b["labels"]) for b in kept(batches, guard))]
     nll_sum, n_kept = all_reduce_sum(local_kept, dist.device).tolist()
     loss = nll_sum / n_kept if n_kept else (0.0 if not n_trained else math.nan)
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}

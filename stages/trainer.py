@@ -30,13 +30,14 @@ from stages.perf import StepProfiler
 # --------------------------------------------------------------------------------------------- data order
 class EpochSampler:
     """Global batch for optimizer step s: epoch e = s // S, slice k = s % S of a permutation of all rows seeded
-    with seed + e (S = rows // global_batch; the last partial batch of an epoch is dropped: rows mod global
-    batch rows, other ones each epoch). Depends only on s,
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    with seed + e (S = rows // global_batch; the last partial batch of an epoch is dropped: `left_out` rows,
+    other ones each epoch). Depends only on s, so a resumed run sees exactly the batches an uninterrupted one
+    would."""
 
     def __init__(self, n_rows: int, global_batch: int, seed: int) -> None:
         self.n, self.global_batch, self.seed = n_rows, global_batch, seed
         self.steps_per_epoch = n_rows // global_batch
+        self.left_out = n_rows - self.steps_per_epoch * global_batch
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def indices(self, step: int) -> list[int]:
@@ -94,19 +95,19 @@ def plan_steps(n_rows: int, tc: TrainConfig, world_size: int, seed: int, unit: s
 DROPPED_WARN = 0.1
 
 
-def describe_plan(plan: StepPlan, n_rows: int, unit: str, world_size: int) -> str:
+def describe_plan(plan: StepPlan, unit: str, world_size: int) -> str:
     """The step plan in one line, with the rows each epoch leaves out: its shuffle's rows past the last full
-    global batch (n_rows mod global batch; other rows in each epoch, as each epoch shuffles anew)."""
-    dropped = n_rows - plan.sampler.steps_per_epoch * plan.global_batch
-    left = f"; each epoch leaves out {dropped} {unit} past its last full batch" if dropped else ""
-    return (f"steps: {plan.total} optimizer steps of {plan.global_batch} {unit} ({plan.sampler.steps_per_epoch} "
-            f"per epoch over {n_rows} {unit}, {world_size} rank(s){left})")
+    global batch (other rows in each epoch, as each epoch shuffles anew)."""
+    sampler = plan.sampler
+    left = f"; each epoch leaves out {sampler.left_out} {unit} past its last full batch" if sampler.left_out else ""
+    return (f"steps: {plan.total} optimizer steps of {plan.global_batch} {unit} ({sampler.steps_per_epoch} "
+            f"per epoch over {sampler.n} {unit}, {world_size} rank(s){left})")
 
 
-def dropped_warning(plan: StepPlan, n_rows: int, unit: str) -> str | None:
+def dropped_warning(plan: StepPlan, unit: str) -> str | None:
     """A warning when the partial last batch is more than DROPPED_WARN of the rows: each epoch then trains on
     noticeably fewer rows than it reads (train.epochs counts passes of full global batches)."""
-    dropped = n_rows - plan.sampler.steps_per_epoch * plan.global_batch
+    dropped, n_rows = plan.sampler.left_out, plan.sampler.n
     if dropped <= DROPPED_WARN * n_rows:
         return None
     return (f"warning: {dropped} of {n_rows} training {unit} ({dropped / n_rows:.0%}) are left out of each epoch (the "
@@ -136,10 +137,10 @@ class LossGuard:
     dropped: list[int] = field(default_factory=list)  # the micro-batch indices skipped (the same on every rank)
 
 
-def kept(values: list[Any], guard: LossGuard | None) -> list[Any]:
+def kept(values: list[Any], guard: LossGuard | None, since: int = 0) -> list[Any]:
     """`values` (one per micro-batch of a step) without those of the micro-batches `guard` skipped: what a
-    step's logged means are taken over."""
-    dropped = set(guard.dropped) if guard is not None else set()
+    step's logged means are taken over (`since`: the guard's skips before this step, when it spans several)."""
+    dropped = set(guard.dropped[since:]) if guard is not None else set()
     return [v for i, v in enumerate(values) if i not in dropped]
 
 
@@ -231,8 +232,8 @@ def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str
     for split, report in reports.items():
         say(True, describe(split, report))
     plan = plan_steps(n_rows, tc, world_size, seed, unit)
-    say(True, describe_plan(plan, n_rows, unit, world_size))
-    warning = dropped_warning(plan, n_rows, unit)
+    say(True, describe_plan(plan, unit, world_size))
+    warning = dropped_warning(plan, unit)
     if warning:
         say(True, f"[yellow]{warning}[/]")
 
@@ -412,7 +413,7 @@ def start_training(
 
     tc = cfg.train
     plan = plan_steps(n_rows, tc, dist.world_size, cfg.seed, unit)
-    warning = dropped_warning(plan, n_rows, unit)
+    warning = dropped_warning(plan, unit)
     if warning and not resume:
         say(dist.is_main, f"[yellow]{warning}[/]")
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")

@@ -94,6 +94,7 @@ from stages.trainer import (
     due,
     end_stopped,
     fp16_skipped_steps,
+    kept,
     open_run,
     optimizer_step,
     split_holdout,
@@ -300,11 +301,9 @@ def update(
 
         start = len(guard.dropped)
         norm = optimizer_step(engine, micro, each, guard)
-        dropped = set(guard.dropped[start:])
-        for i, items in enumerate(pending):
-            if i not in dropped:
-                for item in items:
-                    stats.add(*item)
+        for items in kept(pending, guard, start):
+            for item in items:
+                stats.add(*item)
         return norm
 
     for _ in range(ppo.ppo_epochs):
