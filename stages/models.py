@@ -333,11 +333,6 @@ def declared_config(model: ModelConfig) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def declared_model_type(model: ModelConfig) -> str | None:
-    """The model_type of `declared_config` (None when unknown)."""
-    return (declared_config(model) or {}).get("model_type")
-
-
 def position_limit(config: dict[str, Any]) -> int | None:
     """The position-table size of a LEARNED_POSITIONS model's config dict (its config class's default when the
     dict leaves it out); None for other model types."""
@@ -364,11 +359,11 @@ def stage_lengths(stage: str, cfg: Any) -> dict[str, list[tuple[str, int]]]:
             "reward_model": [("data.max_prompt_length + generation.max_new_tokens + 1 (an EOS appended)", rollout + 1)]}
 
 
-def check_positions(stage: str, cfg: Any) -> None:
+def check_positions(stage: str, configs: dict[str, dict[str, Any] | None], cfg: Any) -> None:
     """A model with learned positions (LEARNED_POSITIONS) fed sequences longer than its position table is a
-    ConfigError naming both numbers, before any launch."""
+    ConfigError naming both numbers, before any launch (`configs`: each model section's `declared_config`)."""
     for section, lengths in stage_lengths(stage, cfg).items():
-        config = declared_config(getattr(cfg, section))
+        config = configs.get(section)
         limit = position_limit(config) if config is not None else None
         for what, tokens in lengths:
             if limit is not None and tokens > limit:
@@ -385,9 +380,10 @@ def check_stage_models(stage: str, cfg: Any) -> None:
         model = getattr(cfg, section)
         if model.from_config is None and model.name_or_path:
             check_architecture(resolve_model_dir(model.name_or_path), head, trained, f"{section}.name_or_path")
+    configs = {section: declared_config(getattr(cfg, section)) for section in stage_lengths(stage, cfg)}
     if stage == "sft":
-        check_packing(declared_model_type(cfg.model), cfg.data.packing)
-    check_positions(stage, cfg)
+        check_packing((configs["model"] or {}).get("model_type"), cfg.data.packing)
+    check_positions(stage, configs, cfg)
 
 
 @contextlib.contextmanager
