@@ -62,9 +62,23 @@ def _nll_sum(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), gold, reduction="sum")
 
 
+def trained_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Number of positions that carry loss (labels shifted by one, as in shifted_nll_sum), a tensor on the
+    labels' device (read nothing back to the host)."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def step_counts(batches: list[dict[str, torch.Tensor]], labels: str = "labels") -> torch.Tensor:
+    """[trained positions, attended tokens] summed over a step's micro-batches, a float64 tensor on their device
+    (all-reduced and read back once per step, rather than once per micro-batch and count)."""
+    trained = sum(trained_token_count(b[labels]) for b in batches)
+    tokens = sum(b["attention_mask"].sum() for b in batches)
+    return torch.stack([trained, tokens]).double()
+
+
 def trained_tokens(labels: torch.Tensor) -> int:
-    """Number of positions that carry loss (labels shifted by one, as in shifted_nll_sum)."""
-    return int((labels[:, 1:] != IGNORE).sum())
+    """`trained_token_count` as a Python int."""
+    return int(trained_token_count(labels))
 
 
 def lm_forward(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,13 +26,13 @@ from stages.checkpoint import checkpoint_name
 from stages.config import RMConfig, RMLossConfig
 from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_floats
-from stages.lm import collate
+from stages.lm import collate, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
 from stages.rendering import rendering_record
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
-from stages.trainer import (LossGuard, due, kept, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
 
 
@@ -91,12 +91,9 @@ def train_step(
     are over the micro-batches trained: one skipped as non-finite (train.on_nonfinite: skip) is left out (NaN when
     all were); the others' gradients keep their 1 / N share, so such a step is that much smaller."""
     with_lm = loss_cfg.lm_coef > 0
-    local = [
-        sum(len(b["margin"]) for b in batches),
-        sum(int((b["lm_labels"][:, 1:] != IGNORE).sum()) for b in batches),
-        sum(int(b["attention_mask"].sum()) for b in batches),
-    ]
-    n_pairs, n_lm, n_tokens = all_reduce_sum(local, dist.device).tolist()
+    counts = step_counts(batches, "lm_labels")
+    local = torch.cat([counts.new_full((1,), float(sum(len(b["margin"]) for b in batches))), counts])
+    n_pairs, n_lm, n_tokens = all_reduce_sum(local, dist.device).tolist()  # the step's one read before the forwards
     k = dist.world_size * len(batches)
     # per micro-batch: pair loss, lm nll, centring, correct, margin, reward sum (r+ and r-), pairs, lm tokens
     rows: list[torch.Tensor] = []
@@ -112,14 +109,13 @@ def train_step(
         with torch.no_grad():
             rows.append(torch.stack([
                 pl, nll if nll is not None else pl.new_zeros(()), cl, (r_c > r_r).sum(), (r_c - r_r).sum(),
-                r_c.sum() + r_r.sum(), pl.new_tensor(float(len(batch["margin"]))),
-                pl.new_tensor(float((batch["lm_labels"][:, 1:] != IGNORE).sum())),
-            ]).double())
+                r_c.sum() + r_r.sum(), pl.new_full((), float(len(batch["margin"]))),
+                trained_token_count(batch["lm_labels"]).to(pl.dtype),
+            ]).double())  # (on the device: new_full, not new_tensor, which would copy from the host and wait)
         return total
 
     grad_norm = optimizer_step(engine, batches, micro_loss, guard)
-    trained = kept(rows, guard)  # a micro-batch skipped as non-finite is left out of the logged means
-    sums = torch.stack(trained).sum(0) if trained else torch.zeros(8, dtype=torch.float64, device=dist.device)
+    sums = kept_sum(rows, guard, 8, dist.device)  # a micro-batch skipped as non-finite is left out of the means
     pl, nll, cl, correct, margin, reward, kept_pairs, kept_lm = all_reduce_sum(sums, dist.device).tolist()
     per_pair = kept_pairs or math.nan  # (every micro-batch of the step skipped: NaN means)
     out = {

@@ -29,11 +29,11 @@ from stages.data import (
     tokenize_conversations,
 )
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum
-from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
+from stages.lm import collate, lm_forward, shifted_nll_sum, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import build_causal_lm, check_packing, prepare_tokenizer
 from stages.rendering import rendering_record
-from stages.trainer import (LossGuard, due, kept, open_run, optimizer_step, print_data_check, split_holdout, start_training,
+from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
 
 
@@ -48,19 +48,17 @@ def train_step(
     global token mean. The logged loss is the token mean over the micro-batches trained: one skipped as
     non-finite (train.on_nonfinite: skip) is left out of it (NaN when all were); the others' gradients keep
     their 1 / N_global share, so such a step is that much smaller."""
-    local = [sum(trained_tokens(b["labels"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)]
-    n_trained, n_tokens = all_reduce_sum(local, dist.device).tolist()
+    n_trained, n_tokens = all_reduce_sum(step_counts(batches), dist.device).tolist()  # one read before the forwards
     scale = dist.world_size * len(batches) / max(n_trained, 1.0)
-    nlls: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []  # per micro-batch: NLL sum, trained tokens (on the device)
 
     def micro_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         nll = shifted_nll_sum(lm_forward(engine, batch), batch["labels"])
-        nlls.append(nll.detach().double())
+        rows.append(torch.stack([nll.detach().double(), trained_token_count(batch["labels"]).double()]))
         return nll * scale
 
     grad_norm = optimizer_step(engine, batches, micro_loss, guard)
-    local_kept = [float(sum(kept(nlls, guard), 0.0)), sum(trained_tokens(b["labels"]) for b in kept(batches, guard))]
-    nll_sum, n_kept = all_reduce_sum(local_kept, dist.device).tolist()
+    nll_sum, n_kept = all_reduce_sum(kept_sum(rows, guard, 2, dist.device), dist.device).tolist()
     loss = nll_sum / n_kept if n_kept else (0.0 if not n_trained else math.nan)
     out = {"loss": loss, "tokens": n_tokens, "trained_tokens": n_trained}
     if grad_norm is not None:
@@ -77,17 +75,17 @@ def evaluate(engine: Any, rows: TokenRows, micro: int, dist: DistInfo, pad_id: i
     per_rank = math.ceil(len(rows) / dist.world_size)
     mine = list(range(dist.rank, len(rows), dist.world_size))
     mine += [-1] * (per_rank - len(mine))
-    nll, count = 0.0, 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # NLL sum, trained tokens
     for start in range(0, per_rank, micro):
         chunk = []
         for i in mine[start:start + micro]:
             row = rows[max(i, 0)]
             chunk.append(row if i >= 0 else {**row, "labels": [IGNORE] * len(row["labels"])})
         batch = collate(chunk, pad_id, dist.device)
-        nll += float(shifted_nll_sum(lm_forward(engine, batch), batch["labels"]))
-        count += trained_tokens(batch["labels"])
+        sums = sums + torch.stack([shifted_nll_sum(lm_forward(engine, batch), batch["labels"]).double(),
+                                   trained_token_count(batch["labels"]).double()])
     engine.train()
-    total_nll, total_count = all_reduce_sum([nll, count], dist.device).tolist()
+    total_nll, total_count = all_reduce_sum(sums, dist.device).tolist()  # (summed on the device: one read)
     loss = total_nll / max(total_count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": total_count}
 

@@ -144,6 +144,13 @@ def kept(values: list[Any], guard: LossGuard | None, since: int = 0) -> list[Any
     return [v for i, v in enumerate(values) if i not in dropped]
 
 
+def kept_sum(rows: list[torch.Tensor], guard: LossGuard | None, size: int, device: torch.device) -> torch.Tensor:
+    """The sum of a step's per-micro-batch float64 metric vectors over the micro-batches `guard` kept (zeros of
+    `size` when it kept none), left on the device for the step's one all-reduce and read."""
+    trained = kept(rows, guard)
+    return torch.stack(trained).sum(0) if trained else torch.zeros(size, dtype=torch.float64, device=device)
+
+
 def optimizer_step(
     engine: Any, batches: list[Any], micro_loss: Callable[[Any], torch.Tensor], guard: LossGuard | None = None
 ) -> float | None:
@@ -156,7 +163,7 @@ def optimizer_step(
         if guard is not None:
             if i == 0:
                 loss = faults.maybe_poison("nan-loss", guard.step, loss)
-            bad = float(all_reduce_sum([0.0 if bool(torch.isfinite(loss).all()) else 1.0], loss.device)[0])
+            bad = float(all_reduce_sum((~torch.isfinite(loss).all()).reshape(1), loss.device)[0])  # one host read
             if bad and guard.mode == "stop":
                 raise NonFinite(
                     f"non-finite {guard.what} at step {guard.step} (micro-batch {i + 1} of {len(batches)}, "
@@ -176,12 +183,15 @@ def optimizer_step(
         grad_norm = reported
     if getattr(engine, "fp16_enabled", lambda: False)() and not engine.was_step_applied():
         return None  # fp16's loss scaler found an overflow and skipped the step (its norm is inf: not a figure)
-    if grad_norm is not None and not math.isfinite(float(grad_norm)) and guard is not None:
+    if grad_norm is None:
+        return None
+    norm = float(grad_norm)  # (ZeRO-0's norm is a device tensor until here: read once, after the step)
+    if not math.isfinite(norm) and guard is not None:
         raise NonFinite(
-            f"non-finite gradient norm ({float(grad_norm)}) of the {guard.what} at step {guard.step}; the "
+            f"non-finite gradient norm ({norm}) of the {guard.what} at step {guard.step}; the "
             "weights may be damaged, so nothing more is saved (resume from the last complete checkpoint)"
         )
-    return None if grad_norm is None else float(grad_norm)
+    return norm
 
 
 def fp16_skipped_steps(engine: Any) -> float | None:
@@ -199,13 +209,14 @@ def zero_loss(module: torch.nn.Module) -> torch.Tensor:
     return sum((p.sum().float() * 0.0 for p in params), torch.zeros((), device=params[0].device if params else None))
 
 
-def unsharded_grad_norm(engine: Any) -> float | None:
+def unsharded_grad_norm(engine: Any) -> torch.Tensor | None:
     """Global L2 norm of the (already rank-averaged) gradients before clipping, for ZeRO stage 0, where
-    DeepSpeed does not report it; None for ZeRO 1-3 (DeepSpeed reports it after the step)."""
+    DeepSpeed does not report it (a device tensor: not read back here); None for ZeRO 1-3 (DeepSpeed reports
+    it after the step)."""
     if engine.zero_optimization_stage() != 0:
         return None
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
 
 
 # --------------------------------------------------------------------------------------------- run frame

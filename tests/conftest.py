@@ -248,3 +248,28 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, object]:
     res = run_cli("pipeline", "--config", str(path))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return path, res
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> "collections.Counter[str]":
+    """Every value the project's code (stages/) reads from a tensor into Python during the test -- float(),
+    int(), bool(), .item(), .tolist() -- counted by "file:function". On a GPU each such read waits for all
+    queued work (a host sync), so a test can bound how often a loop makes one. Reads inside libraries
+    (transformers, DeepSpeed) are not counted."""
+    import collections
+
+    import torch
+
+    reads: collections.Counter[str] = collections.Counter()
+    ours = str(Path(__file__).resolve().parent.parent / "stages")
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(ours):
+                reads[f"{Path(caller.co_filename).name}:{caller.co_name}"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

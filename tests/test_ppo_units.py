@@ -732,11 +732,26 @@ def test_merge_across_ranks_one_process_equals_update(single_process_group):
     assert merged.count == 16
 
 
+def test_merge_across_ranks_keeps_the_variance_of_scores_far_from_zero(single_process_group):
+    # scores near 1e8 with std ~1: sum x^2 - n mean^2 in float64 cancels every digit of M2 (~1e19 - 1e19);
+    # the deviations about the batch mean keep it exact
+    gen = torch.Generator().manual_seed(0)
+    batches = [1e8 + torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(2)]
+    m = RunningMoments()
+    for b in batches:
+        merge_across_ranks(m, b, single_process_group.device)
+    allv = torch.cat(batches)
+    assert m.count == 1000 and m.mean == pytest.approx(float(allv.mean()), rel=1e-15)
+    assert m.var == pytest.approx(float(allv.var(unbiased=False)), rel=1e-9)
+
+
 def test_merge_across_ranks_two_simulated_ranks_equal_the_concatenation(monkeypatch):
     mine, other = torch.tensor([1.0, 2.0, 6.0]), torch.tensor([3.0, 8.0])
-    # the other rank's [n, sum, sum of squares] = [2, 11, 73]; the all-reduce adds it to this rank's
+    # the other rank's [n, sum] = [2, 11], then, about the batch mean 4 over both ranks, its sum of squared
+    # deviations (3 - 4)^2 + (8 - 4)^2 = 17: each all-reduce adds the other rank's part to this rank's
+    other_parts = {2: torch.tensor([2.0, 11.0]), 1: torch.tensor([17.0])}
     monkeypatch.setattr(experience, "all_reduce_sum",
-                        lambda v, device: torch.tensor(v, dtype=torch.float64) + torch.tensor([2.0, 11.0, 73.0]))
+                        lambda v, device: v.double() + other_parts[v.numel()])
     m = _moments(mean=0.0, std=1.0, count=5.0)  # earlier scores: 5 values, mean 0, M2 5
     merge_across_ranks(m, mine, CPU)
     # batch over both ranks: [1, 2, 6, 3, 8]: n 5, mean 4, M2 9 + 4 + 4 + 1 + 16 = 34

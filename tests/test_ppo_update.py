@@ -369,6 +369,7 @@ class RecordingEngine(StubEngine):
         self.losses: list[list[float]] = [[]]
 
     def backward(self, loss: torch.Tensor) -> None:
+        assert loss.dtype == torch.float32, loss.dtype  # (as the model's float32 losses: no float64 promotion)
         self.losses[-1].append(float(loss.detach()) / self.accumulation)
         super().backward(loss)
 
@@ -787,3 +788,21 @@ def test_two_ranks_make_the_same_experience_and_update_as_one_process(tmp_path, 
     # the token-count all-reduce: 5 + 1 = 6 tokens on rank 0, 7 + 3 = 10 on rank 1, 16 in all, once per epoch
     assert [c for c in ranks.calls[0] if c == [6.0]] == [[6.0]] * 2
     assert [c for c in ranks.calls[1] if c == [10.0]] == [[10.0]] * 2
+
+
+@pytest.mark.parametrize("more_metrics", [False, True])
+def test_experience_and_update_read_few_values_back_to_the_host(tmp_path, dist, host_reads, more_metrics):
+    # on a GPU each read waits for every queued kernel; metrics stay on the device until one reduce, so the
+    # reads do not grow with what is logged: per micro-batch the loss guard's flag, per optimizer step the
+    # gradient norm, per mini-batch the shuffle order and the advantages' global moments, one metrics reduce;
+    # the experience reads its non-finite check and its reward statistics once each
+    flags = {"entropy_coef": 0.01, "value_clip": 0.2} if more_metrics else {}
+    cfg = _config(tmp_path, adv_norm=True, **flags)  # 2 PPO epochs of one mini-batch of 2 micro-batches each
+    models, rollout = _models(), _rollout()
+    exp = make_experience(cfg, dist, models, rollout, RunningMoments(), RewardEnding.plain(EOS), iteration=1)
+    assert sum(host_reads.values()) == 2, host_reads
+    host_reads.clear()
+    ptx, sampler = _ptx() if more_metrics else (None, None)
+    update(cfg, dist, models, rollout, exp, 0, False, ptx, sampler, {"ptx_step": 0}, PAD)
+    micro_batches, steps, mini_batches = 8, 4, 2
+    assert sum(host_reads.values()) == micro_batches + steps + 2 * mini_batches + 1, host_reads

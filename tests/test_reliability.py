@@ -167,7 +167,7 @@ def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_skipped_micro_batch_is_left_out_of_the_logged_loss(process_group, monkeypatch):
+def test_a_skipped_micro_batch_is_left_out_of_the_logged_loss(process_group, monkeypatch, host_reads):
     """train.on_nonfinite: skip with 2 micro-batches, the first poisoned (nan-loss): the step's logged loss is
     the token mean of the second alone, where it used to include the skipped one's NLL."""
     from stages.lm import collate, shifted_nll_sum
@@ -184,8 +184,12 @@ def test_a_skipped_micro_batch_is_left_out_of_the_logged_loss(process_group, mon
         want = float(shifted_nll_sum(logits, second["labels"])) / int((second["labels"][:, 1:] != -100).sum())
     monkeypatch.setenv("RLHF_FAULT", "nan-loss@3")
     guard = LossGuard("loss", 3, "skip")
+    host_reads.clear()
     out = train_step(engine, batches, process_group, guard)
     assert guard.dropped == [0] and out["loss"] == pytest.approx(want, rel=1e-5)
+    # reads back to the host (each a GPU sync): the step's counts, the guard's flag per micro-batch, the
+    # logged sums -- none per metric or per micro-batch count (ZeRO-1 here: DeepSpeed reports the norm)
+    assert sum(host_reads.values()) == 1 + len(batches) + 1, host_reads
     assert out["trained_tokens"] == 4 + 2 + 3 + 1  # the step's tokens, trained or not
 
 
@@ -565,7 +569,10 @@ def test_rng_state_round_trip_and_each_rank_restores_its_own_gpus_generator(monk
 
 
 def test_ppo_rollout_check_finds_a_nan_in_any_row_and_ignores_padding():
-    from stages.ppo.trainer import nonfinite_scores
+    from stages.ppo.trainer import nonfinite_counts, nonfinite_names
+
+    def nonfinite_scores(exp, mask):
+        return nonfinite_names(nonfinite_counts(exp, mask).tolist())
 
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])  # long, as rollouts keep it
     clean = {"raw": torch.zeros(4), "logp": torch.zeros(4, 3), "ref_logp": torch.zeros(4, 3),

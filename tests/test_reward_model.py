@@ -207,7 +207,7 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("lm_coef, center_coef", [(0.0, 0.0), (0.0, 0.5), (0.7, 0.0)])
-def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, lm_coef, center_coef):
+def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads, lm_coef, center_coef):
     """One rank, two micro-batches with margins: the accumulated gradient equals the gradient of
     mean_pairs[-log sigmoid(r+ - r- - m) + center_coef (r+ + r-)^2] + lm_coef * token-mean NLL(chosen),
     and each term changes it."""
@@ -255,7 +255,11 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, lm_coef, ce
         monkeypatch.setattr(trainer, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
         monkeypatch.setenv("RLHF_FAULT", "nan-loss@1")
         guard = LossGuard("loss", 1, "skip")
+        host_reads.clear()
         stats = reward.train_step(_Engine(model, len(batches)), batches, dist, RMLossConfig(), guard)
+        # reads back to the host (each a GPU sync): the step's counts, the guard's flag per micro-batch, the
+        # gradient norm (ZeRO-0 here), the logged sums -- none per metric or per micro-batch
+        assert sum(host_reads.values()) == 1 + len(batches) + 1 + 1, host_reads
         with torch.no_grad():
             rewards, _ = model(batches[1]["input_ids"], batches[1]["attention_mask"])
         second = -torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:] - batches[1]["margin"]).mean()

@@ -16,7 +16,6 @@ from stages.config import PPOAlgoConfig
 from stages.distributed import all_reduce_sum
 from stages.ppo.tricks import (
     RunningMoments,
-    batch_summary,
     clip_reward,
     gae,
     kl_k1,
@@ -29,16 +28,17 @@ from stages.ppo.tricks import (
 
 
 def merge_across_ranks(moments: RunningMoments, values: torch.Tensor, device: torch.device) -> None:
-    """Add this rank's `values` and every other rank's to `moments` (the same result on every rank): the
-    per-rank (count, sum, sum of squares about the rank's mean) are gathered with one all-reduce of
-    [n, n*mean, M2 + n*mean^2] = [n, sum x, sum x^2], from which the global (n, mean, M2) follow."""
-    n, mean, m2 = batch_summary(values)
-    total = all_reduce_sum([n, n * mean, m2 + n * mean * mean], device).tolist()
-    count, s, sq = total
-    if count <= 0:
-        return
-    g_mean = s / count
-    moments.merge(count, g_mean, max(sq - count * g_mean * g_mean, 0.0))
+    """Add this rank's `values` and every other rank's to `moments` (the same result on every rank), with two
+    all-reduces and one read back to the host: [n, sum x] over all ranks gives the batch's mean m (computed on
+    the device), then sum (x - m)^2 over all ranks its exact M2 (no sum x^2 - n m^2 cancellation, which loses
+    every digit of the variance once |m| / std nears 1e8 in float64)."""
+    v = values.detach().double().flatten().to(device)
+    n_sum = all_reduce_sum(torch.stack([v.new_full((), float(v.numel())), v.sum()]), device)
+    batch_mean = n_sum[1] / n_sum[0].clamp(min=1.0)
+    m2 = all_reduce_sum(((v - batch_mean) ** 2).sum().reshape(1), device)
+    count, s, sq = torch.cat([n_sum, m2]).tolist()
+    if count > 0:
+        moments.merge(count, s / count, sq)
 
 
 def transform_scores(raw: torch.Tensor, moments: RunningMoments, ppo: PPOAlgoConfig) -> torch.Tensor:
@@ -77,10 +77,11 @@ def advantages_for(
 
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """(mean, population variance) of the masked entries over all ranks."""
+    """(mean, population variance) of the masked entries over all ranks: one all-reduce of
+    [n, sum x, sum x^2], one read back to the host."""
     m = mask.double()
     xs = masked(x.detach().double(), m)
-    n, s, sq = all_reduce_sum([float(m.sum()), float(xs.sum()), float((xs * xs).sum())], device).tolist()
+    n, s, sq = all_reduce_sum(torch.stack([m.sum(), xs.sum(), (xs * xs).sum()]), device).tolist()
     if n <= 0:
         return 0.0, 0.0
     mean = s / n
@@ -89,20 +90,30 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor, device: torch.device) ->
 
 class GlobalMeans:
     """Accumulate named (sum, count) pairs on a rank; `reduce` returns sum/count over all ranks, in one
-    all-reduce (every rank must call it with the same names in the same order)."""
+    all-reduce (every rank must call it with the same names in the same order). A tensor added stays on its
+    device (summed there, detached, in float64): nothing is read back to the host before `reduce`, whose
+    one read is the only host sync however many values were added."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}
+        self.sums: dict[str, list[float | torch.Tensor]] = {}
 
     def add(self, name: str, total: float | torch.Tensor, count: float | torch.Tensor) -> None:
         entry = self.sums.setdefault(name, [0.0, 0.0])
-        entry[0] += float(total)
-        entry[1] += float(count)
+        entry[0] = entry[0] + _float64(total)
+        entry[1] = entry[1] + _float64(count)
 
     def reduce(self, device: torch.device) -> dict[str, float]:
         names = list(self.sums)
         flat = [v for name in names for v in self.sums[name]]
         if not flat:
             return {}
-        total = all_reduce_sum(flat, device).tolist()
+        host = torch.tensor([0.0 if torch.is_tensor(v) else v for v in flat], dtype=torch.float64).to(device)
+        stacked = torch.stack([v.to(device).reshape(()) if torch.is_tensor(v) else host[i]
+                               for i, v in enumerate(flat)])
+        total = all_reduce_sum(stacked, device).tolist()
         return {name: total[2 * i] / total[2 * i + 1] if total[2 * i + 1] else 0.0 for i, name in enumerate(names)}
+
+
+def _float64(x: float | torch.Tensor) -> float | torch.Tensor:
+    """A tensor detached in float64 (on its device), anything else a Python float."""
+    return x.detach().double() if torch.is_tensor(x) else float(x)

@@ -43,7 +43,7 @@ from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, g
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
 from stages.gold import check_gold_prompts, gold_scores
-from stages.lm import collate, lm_forward, shifted_nll_sum, trained_tokens
+from stages.lm import collate, lm_forward, shifted_nll_sum, trained_token_count
 from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
 from stages.models import prepare_tokenizer, resolve_model_dir
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
@@ -224,16 +224,21 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def nonfinite_scores(exp: dict[str, torch.Tensor], response_mask: torch.Tensor) -> list[str]:
-    """Names of the scored quantities with a NaN/inf on a response token (or in a rollout's raw score)."""
-    bad = []
-    names = {"raw": "reward-model score", "logp": "policy log-prob", "ref_logp": "reference log-prob",
-             "values": "critic value"}
-    for key, name in names.items():
-        x = exp[key] if key == "raw" else exp[key][response_mask.bool()]
-        if not bool(torch.isfinite(x).all()):
-            bad.append(f"{name} ({int((~torch.isfinite(x)).sum())} value(s))")
-    return bad
+SCORED = {"raw": "reward-model score", "logp": "policy log-prob", "ref_logp": "reference log-prob",
+          "values": "critic value"}
+
+
+def nonfinite_counts(exp: dict[str, torch.Tensor], response_mask: torch.Tensor) -> torch.Tensor:
+    """How many NaN/inf values each scored quantity (SCORED, in order) has on this rank: per response token,
+    per rollout for the raw score; a float64 tensor on the scores' device (nothing read back to the host)."""
+    on = response_mask.bool()
+    bad = [~torch.isfinite(exp[key]) & (True if key == "raw" else on) for key in SCORED]
+    return torch.stack([b.sum() for b in bad]).double()
+
+
+def nonfinite_names(counts: list[float]) -> list[str]:
+    """SCORED's names with their counts, for those with a NaN/inf."""
+    return [f"{name} ({int(c)} value(s))" for name, c in zip(SCORED.values(), counts) if c]
 
 
 def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], rollout: Rollout,
@@ -245,10 +250,12 @@ def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], roll
     run (train.on_nonfinite: stop) or returns None (skip: the iteration makes no update)."""
     exp = score_rollout(cfg, models, rollout, ending)
     exp["raw"] = faults.maybe_poison("nan-reward", iteration, exp["raw"])
-    bad = nonfinite_scores(exp, rollout.response_mask)
-    if all_reduce_sum([float(bool(bad))], dist.device)[0]:
+    local = nonfinite_counts(exp, rollout.response_mask)
+    mine, anywhere = torch.stack([local, all_reduce_sum(local, dist.device)]).tolist()  # one host read
+    if sum(anywhere):
         if cfg.train.on_nonfinite == "skip":
             return None
+        bad = nonfinite_names(mine)
         found = f"rank {dist.rank}: {', '.join(bad)}" if bad else "on another rank"
         raise NonFinite(f"non-finite values in the rollout of iteration {iteration} ({found}); stopped before "
                         "the update and before the running reward statistics saw them, nothing saved since the "
@@ -286,8 +293,9 @@ def update(
     guards = {name: LossGuard(f"{name} loss", iteration + 1, t.on_nonfinite) for name in ("policy", "critic")}
     pending: list[list[tuple[str, Any, Any]]] = []  # each micro-batch's metric contributions, in the current step
 
-    def note(name: str, value: Any, count: Any) -> None:
-        pending[-1].append((name, value, count))
+    def note(name: str, value: torch.Tensor, count: torch.Tensor) -> None:
+        """A micro-batch's metric contribution, kept on the device (no host read until the update's reduce)."""
+        pending[-1].append((name, value.detach(), count))
 
     def step(engine: Any, micro: list[list[int]], loss_of: Callable[[list[int]], torch.Tensor],
              guard: LossGuard) -> float | None:
@@ -310,7 +318,9 @@ def update(
         order = torch.randperm(ids.shape[0], generator=gen).tolist()
         for mb in chunks(order, t.mini_batch_size):
             micro = chunks(mb, t.micro_batch_size)
-            n_tok = float(all_reduce_sum([float(resp_mask[mb].sum())], dist.device)[0])
+            # the divisors stay tensors (no host read); float32, as the losses, which a float64 0-d divisor
+            # would promote to float64
+            n_tok = all_reduce_sum(resp_mask[mb].sum().reshape(1), dist.device)[0].float()
             adv = exp["advantages"].clone()
             if ppo.adv_norm:
                 mean, var = global_moments(adv[mb], resp_mask[mb], dist.device)
@@ -318,14 +328,16 @@ def update(
             if ppo.adv_clip > 0:
                 adv = adv.clamp(-ppo.adv_clip, ppo.adv_clip)
             ptx_batches: list[dict[str, torch.Tensor]] = []
-            n_ptx = 0.0
+            ptx_counts: list[torch.Tensor] = []
+            n_ptx: torch.Tensor | float = 1.0
             if not critic_only and ppo.ptx_coef > 0 and ptx is not None and ptx_sampler is not None:
                 for _ in micro:
                     rows = ptx_sampler.indices(state["ptx_step"])
                     state["ptx_step"] += 1
                     mine = rows[dist.rank * t.micro_batch_size:(dist.rank + 1) * t.micro_batch_size]
                     ptx_batches.append(collate([ptx[j] for j in mine], pad_id, dist.device))
-                n_ptx = float(all_reduce_sum([sum(trained_tokens(b["labels"]) for b in ptx_batches)], dist.device)[0])
+                ptx_counts = [trained_token_count(b["labels"]) for b in ptx_batches]
+                n_ptx = all_reduce_sum(torch.stack(ptx_counts), dist.device).sum().clamp(min=1.0).float()
 
             def policy_micro(rows: list[int]) -> torch.Tensor:
                 m = resp_mask[rows]
@@ -339,21 +351,22 @@ def update(
                 if ent is not None:
                     ent_mean = masked_mean(ent, m)
                     loss = loss - ppo.entropy_coef * ent_mean
-                    note("loss/entropy", float(ent_mean.detach()) * float(n), n)
+                    note("loss/entropy", ent_mean * n, n)
                 total = loss * n * k / n_tok
                 with torch.no_grad():
                     diff = logp - exp["logp"][rows]
                     ratio = torch.exp(diff)
-                    note("loss/policy", float(pl.detach()) * float(n), n)
-                    note("policy/clipfrac", float(clipfrac) * float(n), n)
-                    note("policy/approxkl", float(0.5 * masked_sum(diff**2, m)), n)
-                    note("policy/ratio", float(masked_sum(ratio, m)), n)
-                    note("policy/ratio_sq", float(masked_sum(ratio**2, m)), n)
+                    note("loss/policy", pl * n, n)
+                    note("policy/clipfrac", clipfrac * n, n)
+                    note("policy/approxkl", 0.5 * masked_sum(diff**2, m), n)
+                    note("policy/ratio", masked_sum(ratio, m), n)
+                    note("policy/ratio_sq", masked_sum(ratio**2, m), n)
                 if ptx_batches:
-                    batch = ptx_batches[micro.index(rows)]
+                    i = micro.index(rows)
+                    batch = ptx_batches[i]
                     nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
-                    total = total + ppo.ptx_coef * nll * k / max(n_ptx, 1.0)
-                    note("loss/ptx", float(nll.detach()), trained_tokens(batch["labels"]))
+                    total = total + ppo.ptx_coef * nll * k / n_ptx
+                    note("loss/ptx", nll, ptx_counts[i])
                 return total
 
             def critic_micro(rows: list[int]) -> torch.Tensor:
@@ -361,8 +374,8 @@ def update(
                 values = critic(ids[rows], mask[rows])[:, p - 1:-1]
                 vl, vclip = value_loss(values, exp["values"][rows], exp["returns"][rows], m, ppo.value_clip or None)
                 n = m.sum()
-                note("loss/value", float(vl.detach()) * float(n), n)
-                note("val/clipfrac", float(vclip) * float(n), n)
+                note("loss/value", vl * n, n)
+                note("val/clipfrac", vclip * n, n)
                 return vl * n * k / n_tok
 
             if not critic_only:

@@ -83,7 +83,7 @@ class RunningMoments:
         self.count = total
 
     def update(self, values: torch.Tensor) -> None:
-        """Merge a batch of values (on one rank; see batch_summary for ranks)."""
+        """Merge a batch of values held by one process (across ranks: experience.merge_across_ranks)."""
         self.merge(*batch_summary(values))
 
 
