@@ -17,6 +17,7 @@ from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config
 from rlhf_cli.output import err, fail, out, print_error
 from rlhf_cli.launcher import (
+    STOP_FILE,
     format_command,
     inside_launcher,
     launch_command,
@@ -28,6 +29,7 @@ from rlhf_cli.launcher import (
     world_size,
 )
 from stages import stop
+from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError
 
 app = typer.Typer(
@@ -186,7 +188,7 @@ def run_stage(
         processes = world_size(num_gpus, num_nodes, hostfile)
         if needs_launcher(num_gpus, num_nodes, hostfile):
             cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
-            env = launch_env(local_processes(num_gpus, hostfile))
+            env = launch_env(local_processes(num_gpus, hostfile), out_dir / STOP_FILE if hostfile else None)
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {escape(where)}", highlight=False, soft_wrap=True)  # ([...] of a --set list)
         from stages.models import check_stage_models
@@ -224,6 +226,11 @@ def run_stage(
                 _train_here(stage, cfg, resume, None)
                 return
             code = run_launcher(cmd, env or {})
+        if code == 0 and not is_complete(out_dir, stage):  # DeepSpeed's runner exits 0 when a launch process
+            # was killed by a signal (it passes on positive codes only): success without a published final/
+            err.print(f"[red]rlhf {stage}: the launcher exited with code 0 but {escape(str(out_dir))} has no complete "
+                      "final/ (a launcher process killed by a signal reports success); treated as a failure[/]")
+            code = 1
         if code != 0:
             err.print(f"[red]rlhf {stage}: the launcher exited with code {code}[/]")
         raise typer.Exit(code)

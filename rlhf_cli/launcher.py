@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -22,6 +24,7 @@ import psutil
 from rlhf_cli.config_loader import read_user_text
 from stages.runtime import call_forwarding_signals, free_port, missing_accelerator
 from stages.errors import ConfigError
+from stages.stop import SIGNALS, STOP_FILE_VAR, write_request
 
 
 def inside_launcher(env: dict[str, str] | None = None) -> bool:
@@ -41,6 +44,8 @@ def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
 #: or listed in .deepspeed_env; without it, workers on every node would take the "user's own launcher" path and
 #: prepare the output directory a second time
 LAUNCHED_MARK = "PYTHON_RLHF_LAUNCHED"
+#: a --hostfile run's stop file, in output_dir (see StopFileRequest)
+STOP_FILE = ".rlhf-stop"
 
 
 #: the hostfile DeepSpeed's runner reads when given none (deepspeed.launcher.runner.DLTS_HOSTFILE): where it
@@ -103,8 +108,11 @@ def launch_command(
         cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if hostfile is None else [])
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
         cmd += ["--master_port", str(master_port or free_port())]
-    elif master_port is not None or os.environ.get("MASTER_PORT"):  # multi-node: the user's port, else 29500
-        cmd += ["--master_port", str(master_port or os.environ["MASTER_PORT"])]
+    else:
+        if master_port is not None or os.environ.get("MASTER_PORT"):  # multi-node: the user's port, else 29500
+            cmd += ["--master_port", str(master_port or os.environ["MASTER_PORT"])]
+        if os.environ.get("MASTER_ADDR"):  # else the runner's guess: the first address `hostname -I` lists
+            cmd += ["--master_addr", os.environ["MASTER_ADDR"]]
     # on one node the runner's only warning is "Unable to find hostfile, will proceed with ... local resources
     # only" (on every run); its errors, and a worker's own output, still show
     level = "warning" if hostfile is not None else "error"
@@ -157,8 +165,12 @@ def gpu_selection(count: int, visible: list[str]) -> list[str]:
     """The runner's arguments for `count` GPUs of this node: the first `count` of CUDA_VISIBLE_DEVICES's ids
     (`--include localhost:4,5`) when it lists some, since DeepSpeed's runner, given --num_gpus, drops
     CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..count-1 (someone else's, on a shared node); else
-    `--num_gpus count`. More than it lists is a ConfigError."""
+    `--num_gpus count`. More than it lists, or (when it is unset) than nvidia-smi finds on this node, is a
+    ConfigError (the runner would start the extra ranks anyway, each failing with a CUDA error)."""
     if not visible:
+        present = gpu_uuids() if os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else {}
+        if present and count > len(present):
+            raise ConfigError(f"--num-gpus {count} but nvidia-smi finds {len(present)} GPU(s) on this node")
         return ["--num_gpus", str(count)]
     if count > len(visible):
         raise ConfigError(f"--num-gpus {count} but CUDA_VISIBLE_DEVICES={','.join(visible)} makes {len(visible)} "
@@ -183,10 +195,13 @@ def world_size(num_gpus: int | None, num_nodes: int | None, hostfile: Path | Non
     return sum(num_gpus or n for n in slots)
 
 
-def launch_env(num_procs: int) -> dict[str, str]:
+def launch_env(num_procs: int, stop_file: Path | None = None) -> dict[str, str]:
     """Variables added for the launcher: the mark that rlhf launched it, the CPU accelerator when there is no
-    CUDA, and OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set)."""
+    CUDA, OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set), and for a multi-node
+    run the stop file every rank watches (`stages.stop.STOP_FILE_VAR`; absolute: the other nodes read it)."""
     added = {LAUNCHED_MARK: "1"}
+    if stop_file is not None:
+        added[STOP_FILE_VAR] = str(stop_file.resolve())
     accelerator = missing_accelerator(os.environ)
     if accelerator is not None:
         added["DS_ACCELERATOR"] = accelerator
@@ -207,12 +222,43 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
     The launcher runs in a session of its own, so a Ctrl-C in the terminal reaches this process only.
     SIGTERM / SIGINT received here are forwarded to this host's workers themselves (DeepSpeed's launcher,
     given the signal, would SIGKILL them 30 s later, perhaps mid-checkpoint); they save a checkpoint and exit
-    with 128 + the signal number (stages/stop.py), which becomes this command's exit code."""
+    with 128 + the signal number (stages/stop.py), which becomes this command's exit code. A multi-node run's
+    workers (behind pdsh/ssh) get it through the stop file in `env` instead (`StopFileRequest`)."""
+    stop_file = env.get(STOP_FILE_VAR)
+    request = StopFileRequest(Path(stop_file)) if stop_file else None
     try:
-        return call_forwarding_signals(cmd, {**os.environ, **env}, lambda proc: worker_processes(proc.pid))
+        return call_forwarding_signals(cmd, {**os.environ, **env}, lambda proc: worker_processes(proc.pid), request)
     finally:
+        if request is not None:
+            request.path.unlink(missing_ok=True)
         if "--master_port" in cmd:
             remove_shm_buffers(int(cmd[cmd.index("--master_port") + 1]))
+
+
+class StopFileRequest:
+    """A multi-node run's way to pass SIGTERM / SIGINT on: the first is written to the stop file every rank
+    reads after each step (stages.stop.file_request), and the ranks save and exit 128 + signal as if signalled.
+    A repeated SIGTERM changes nothing; a second SIGINT at least 2 s after the first, or SIGHUP, is left to the
+    usual forwarding (the launcher's process group: DeepSpeed's runner then stops every node at once). A request
+    an earlier run left behind is removed when this one starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.first, self.at = path, 0, 0.0
+        path.unlink(missing_ok=True)
+
+    def __call__(self, signum: int) -> bool:
+        if signum not in SIGNALS:
+            return False
+        now = time.monotonic()
+        if not self.first:
+            self.first, self.at = signum, now
+            try:
+                write_request(self.path, signum)
+            except OSError as exc:  # no way to reach the other nodes' ranks gently: the usual forwarding
+                print(f"rlhf: could not write the stop file {self.path} ({exc}); stopping the workers", flush=True)
+                return False
+            return True
+        return not (signum == signal.SIGINT == self.first and now - self.at >= 2.0)
 
 
 def worker_processes(launcher_pid: int) -> list["psutil.Process"]:

@@ -3,11 +3,20 @@
 # from the job's node list.
 #
 #   sbatch scripts/slurm_pipeline.sh                                         # configs/llama-7b-8gpu, 2 nodes
-#   sbatch --nodes 4 scripts/slurm_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --force
+#   sbatch --nodes 4 scripts/slurm_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --set seeds=[1,2]
 #   DRY_RUN=1 scripts/slurm_pipeline.sh CONFIG    # inside an allocation: write the hostfile, print the command
 #
 # Arguments: the pipeline config (default configs/llama-7b-8gpu/pipeline.yaml), then options passed to
-# `rlhf pipeline` unchanged (--force, --set KEY=VALUE, --dry-run, ...). Submit from the repository root.
+# `rlhf pipeline` unchanged (--set KEY=VALUE, --dry-run, ...). Submit from the repository root. Submitting the
+# same command again (or a requeue: Slurm replays the arguments) resumes every stage from its last checkpoint;
+# do not submit with --force unless you mean to start over on every requeue as well.
+#
+# Stopping: `--signal=B:TERM@300` below has Slurm send SIGTERM to `rlhf` (this script execs it) 5 minutes
+# before the time limit; `rlhf` passes it to every rank on every node (a stop file in the stage's output_dir),
+# they finish the step, save a checkpoint and the job exits 143; resubmit to continue. Give more lead time for
+# slow saves (a 70B model's ZeRO states). `scancel --signal=TERM --batch JOBID` does the same by hand. A plain
+# `scancel` or the time limit itself signals every process at once, and Slurm kills them KillWait seconds
+# later (30 by default), usually before a checkpoint is written.
 # Before submitting, `rlhf pipeline --config CONFIG --check-data --num-gpus 16` (the job's GPUs in all, for its
 # batch checks; a login node will do: no GPU, nothing written) reads every stage's data as the runs will and
 # stops at the first bad row, naming its file and row.
@@ -34,6 +43,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
+#SBATCH --signal=B:TERM@300
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

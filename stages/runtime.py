@@ -20,7 +20,8 @@ def free_port() -> int:
 
 
 def call_forwarding_signals(
-    cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None
+    cmd: Sequence[str], env: dict[str, str] | None = None, targets: Callable[[Any], list[Any]] | None = None,
+    request: Callable[[int], bool] | None = None,
 ) -> int:
     """Run `cmd` in a session of its own and return its exit code (128 + s when a signal s killed it, as a shell
     reports it, e.g. before the child's own handlers were installed). SIGTERM / SIGINT / SIGHUP received meanwhile
@@ -28,10 +29,13 @@ def call_forwarding_signals(
     finds nothing, e.g. workers not started yet or on other nodes behind pdsh), and this process keeps waiting:
     a Ctrl-C or a closed terminal reaches the child once, through here. The training processes save and stop
     on SIGTERM / SIGINT (stages/stop.py) and end on SIGHUP as they would have in the terminal's process group.
-    Signals this process ignores (nohup) are not forwarded."""
+    Signals this process ignores (nohup) are not forwarded. `request(signum)`, when given, is asked first: True
+    means it passed the signal on another way (a multi-node run's stop file), and nothing is sent."""
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
 
     def forward(signum: int, frame: object) -> None:
+        if request is not None and request(signum):
+            return
         found = targets(proc) if targets is not None else [proc]
         if not found:
             try:

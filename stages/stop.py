@@ -9,6 +9,11 @@ signal are ignored (a scheduler may signal every process of the job, and DeepSpe
 it gets), except a second SIGINT at least 2 s after the first: a user pressing Ctrl-C again stops at once
 (KeyboardInterrupt, no checkpoint). A signal set to be ignored (`nohup`, a scheduler's wrapper) stays ignored.
 SIGHUP is not handled: a closed terminal ends the run as before (run long jobs under nohup, tmux or a scheduler).
+
+Ranks on other nodes (a `--hostfile` run, started over pdsh/ssh) are out of reach of the launching `rlhf`
+process's signals, and DeepSpeed's own runner, signalled, kills every node's workers 30 s later: there, `rlhf`
+writes the signal's number to a stop file in output_dir (a shared filesystem, as the checkpoints need) instead,
+and every rank's `requested` reads it as if it had received that signal (`STOP_FILE_VAR`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 SIGNALS = (signal.SIGTERM, signal.SIGINT)  # also the order of precedence between ranks
 #: exit codes of a run that a signal stopped (143: SIGTERM, 130: SIGINT, also an immediate second Ctrl-C)
 STOPPED_CODES = tuple(128 + int(sig) for sig in SIGNALS)
+#: the stop file's path, for every rank (DeepSpeed's runner passes PYTHON* variables on to every node)
+STOP_FILE_VAR = "PYTHON_RLHF_STOP_FILE"
 _state: dict[str, Any] = {"armed": False, "signum": 0, "at": 0.0, "previous": {}, "told": False}
 
 
@@ -89,12 +96,35 @@ def received() -> int:
     return int(_state["signum"])
 
 
+def file_request() -> int:
+    """The signal number a launcher wrote to the stop file (STOP_FILE_VAR), 0 while there is none (SIGTERM for a
+    file with anything else in it)."""
+    path = os.environ.get(STOP_FILE_VAR)
+    if not path:
+        return 0
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return int(signal.SIGTERM)
+    return int(text) if text in {str(int(sig)) for sig in SIGNALS} else int(signal.SIGTERM)
+
+
+def write_request(path: Path, signum: int) -> None:
+    """Ask every rank watching `path` to stop as on `signum` (written under a temporary name, then renamed: no
+    rank reads a half-written file)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text(f"{int(signum)}\n", encoding="utf-8")
+    os.replace(part, path)
+
+
 def requested(device: torch.device) -> int:
     """The stop signal any rank recorded (SIGTERM before SIGINT), 0 for none; rank 0 says so once. Collective:
     every rank calls it at the same point of every step."""
     from stages.distributed import all_reduce_sum
 
-    mine = received()
+    mine = received() or file_request()
     counts = all_reduce_sum([float(mine == sig) for sig in SIGNALS], device).tolist()
     signum = next((int(sig) for sig, n in zip(SIGNALS, counts) if n), 0)
     if signum and not _state["told"] and os.environ.get("RANK", "0") == "0":

@@ -458,6 +458,21 @@ def test_every_test_reliability_md_cites_exists():
     assert cited >= 20
 
 
+def sigterm_me_when(ready: Path, times: int = 1) -> None:
+    """SIGTERM to this (test) process, `times` times 0.1 s apart, as soon as the file `ready` exists (from a
+    thread: the main thread is meanwhile waiting for the child that will create it)."""
+    import threading
+
+    def run() -> None:
+        while not ready.exists():
+            time.sleep(0.05)
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     """What `rlhf pipeline` and the launcher wrapper do: the child runs in its own session (a terminal's Ctrl-C
     reaches it only through us), SIGTERM received here is forwarded, and the child's exit code is returned."""
@@ -476,14 +491,7 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
         "sys.exit(143)\n"
     )
 
-    def terminate_me_soon() -> None:
-        while not ready.exists():
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    import threading
-
-    threading.Thread(target=terminate_me_soon, daemon=True).start()
+    sigterm_me_when(ready)
     before = signal.getsignal(signal.SIGTERM)
     started = time.monotonic()
     assert call_forwarding_signals([sys.executable, "-c", child]) == 143
@@ -491,6 +499,56 @@ def test_signals_reach_the_child_once_and_its_exit_code_comes_back(tmp_path):
     assert got.read_text() == "1"  # forwarded once; the child's own session kept it out of our group's signals
     # a child killed by the signal itself (before its handlers exist): 128 + s, as a shell says, not -s
     assert call_forwarding_signals([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]) == 143
+
+
+def test_a_multi_node_run_is_stopped_through_its_stop_file_and_the_launcher_is_not_signalled(tmp_path):
+    """A --hostfile run's workers sit behind pdsh/ssh on other nodes, and DeepSpeed's runner, signalled, kills
+    them all 30 s later: SIGTERM received by `rlhf` is written to the stop file instead, which every rank reads
+    after each step as if signalled. A stand-in launcher here: it must get no signal, must not see the stale
+    request an earlier run left, and exits 128 + the number it reads, as the ranks do after saving."""
+    from rlhf_cli.launcher import launch_env, run_launcher
+
+    stop_file, ready, got = tmp_path / ".rlhf-stop", tmp_path / "ready", tmp_path / "got"
+    stop_file.write_text("2\n")  # left by a killed earlier run
+    env = launch_env(1, stop_file)
+    child = (
+        "import signal, sys, time, pathlib\n"
+        "from stages.stop import file_request\n"
+        "n = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: n.append(s))\n"
+        "stale = file_request()\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "end = time.monotonic() + 20\n"
+        "while not file_request() and time.monotonic() < end: time.sleep(0.01)\n"
+        "time.sleep(0.5)\n"
+        f"pathlib.Path({str(got)!r}).write_text(f'{{stale}} {{len(n)}} {{file_request()}}')\n"
+        "sys.exit(128 + file_request())\n"
+    )
+
+    sigterm_me_when(ready, times=2)  # a repeat changes nothing
+    assert run_launcher([sys.executable, "-c", child], env) == 143
+    assert got.read_text() == "0 0 15"  # no stale request, no signal, the stop file's SIGTERM
+    assert not stop_file.exists()  # (a later run does not stop at once)
+
+
+def test_stop_file_requests_reach_every_rank_and_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch,
+                                                                             process_group):
+    from rlhf_cli.launcher import StopFileRequest
+    from stages import stop
+
+    path = tmp_path / ".rlhf-stop"
+    monkeypatch.setenv(stop.STOP_FILE_VAR, str(path))
+    assert stop.requested(process_group.device) == 0
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    request = StopFileRequest(path)
+    assert request(signal.SIGINT) and path.read_text() == "2\n"
+    assert stop.requested(process_group.device) == signal.SIGINT  # as if this rank had got it
+    clock[0] += 1.0
+    assert request(signal.SIGINT)  # within 2 s: a repeat (a scheduler's, a shaky finger)
+    clock[0] += 1.5
+    assert not request(signal.SIGINT)  # the user's second Ctrl-C: forwarded as usual, stopping at once
+    assert not StopFileRequest(path)(signal.SIGHUP) and not path.exists()  # a new request object clears it
 
 
 def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
