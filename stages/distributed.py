@@ -45,9 +45,9 @@ def setup_distributed() -> DistInfo:
         return _INFO
     select_accelerator_env()
     quiet_libraries()
-    if "WORLD_SIZE" not in os.environ:  # a single process, not started by a launcher
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "WORLD_SIZE" not in os.environ:  # a single process, not started by a launcher: a port free here, not an
+        # inherited MASTER_PORT (meant for a multi-node launch; two one-GPU jobs on a node would both bind it)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from deepspeed.accelerator import get_accelerator
 
     init_process_group()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 from pathlib import Path
 
@@ -389,6 +391,8 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     res = dry_run("--hostfile", str(hostfile), "--num-nodes", "2")
     assert res.exit_code == 0, res.output
     assert f"--hostfile {hostfile} --num_nodes 2 --log_level warning --no_local_rank" in res.stdout
+    # the other nodes' ranks are stopped through a file in output_dir (absolute: they read it from there)
+    assert f"PYTHON_RLHF_STOP_FILE={tmp_path.resolve()}/o/.rlhf-stop " in res.stdout.replace("\n", "")
     res = dry_run("--num-nodes", "2")
     assert res.exit_code == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
     hostfile.write_text("node-a slots=8\nnode-b slots=0\n")
@@ -592,17 +596,40 @@ def test_remove_shm_buffers_deletes_only_that_runs_files(tmp_path):
     assert all(f.is_file() for f in others) and not any(f.exists() for f in mine)
 
 
-def test_multi_node_launch_takes_master_port_from_the_environment(tmp_path, monkeypatch):
+def test_multi_node_launch_takes_master_port_and_address_from_the_environment(tmp_path, monkeypatch):
     from rlhf_cli.launcher import launch_command
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
     monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
     cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
-    assert "--master_port" not in cmd  # DeepSpeed's default, 29500, on every node
+    assert "--master_port" not in cmd and "--master_addr" not in cmd  # DeepSpeed's defaults: 29500, its guess
     monkeypatch.setenv("MASTER_PORT", "31234")
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")  # (the guess may be a docker or management interface)
     cmd = launch_command("sft", tmp_path / "c.yaml", None, 2, hostfile, False)
-    assert cmd[cmd.index("--master_port") + 1] == "31234"
+    assert cmd[cmd.index("--master_port") + 1] == "31234" and cmd[cmd.index("--master_addr") + 1] == "10.1.2.3"
+    cmd = launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)  # one node: neither is inherited
+    assert cmd[cmd.index("--master_port") + 1] != "31234" and "--master_addr" not in cmd
+
+
+def test_a_run_in_this_process_binds_a_free_port_not_an_inherited_master_port(tmp_path):
+    """An exported MASTER_PORT (meant for a multi-node launch) would have two one-GPU jobs on a node bind the
+    same port: the second failed with EADDRINUSE."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+        code = ("import os; from stages.distributed import setup_distributed; "
+                "print(setup_distributed().world_size, os.environ['MASTER_PORT'])")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env={**env, "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    size, used = res.stdout.split()[-2:]
+    assert size == "1" and int(used) != port
 
 
 def test_a_launch_without_hostfile_stays_on_this_node_where_deepspeeds_default_hostfile_exists(tmp_path,
@@ -662,6 +689,16 @@ def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_p
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bad)
         with pytest.raises(ConfigError, match=f"CUDA_VISIBLE_DEVICES names '{bad}', which rlhf cannot hand"):
             launcher.launch_command("sft", tmp_path / "c.yaml", 1, None, None, False)
+    # unset: more GPUs than nvidia-smi finds here is refused (the runner would start the extra ranks, each
+    # failing with a CUDA error); a CPU run (DS_ACCELERATOR=cpu) is not asked about GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 3, None, None, False)
+    assert cmd[cmd.index("--num_gpus") + 1] == "3"
+    with pytest.raises(ConfigError, match="--num-gpus 4 but nvidia-smi finds 3 GPU"):
+        launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert "--num_gpus" in launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
 
 
 def test_a_config_or_hostfile_not_in_utf8_is_one_clear_error(tmp_path):
@@ -799,3 +836,26 @@ def test_ppo_dry_run_checks_the_raw_deepspeed_json_for_both_engines(tmp_path):
     res = invoke_cli(*ppo, "--set", "deepspeed.config={optimizer: {params: {lr: 1.0e-4}}}")
     assert res.exit_code == 2 and "deepspeed.config sets optimizer.params.lr=0.0001, but the YAML's learning rate " \
         "(train.lr; PPO: train.policy_lr and train.critic_lr" in res.stderr and "gives 0.0002" in res.stderr, res.output
+
+
+def test_a_launcher_that_exits_0_without_publishing_final_is_a_failure(tmp_path, monkeypatch):
+    """DeepSpeed's runner passes on positive exit codes only: a launch process killed by a signal made `rlhf`
+    report success (and `rlhf pipeline` go on to the next stage) with no model written."""
+    from rlhf_cli import app
+
+    out = tmp_path / "o"
+
+    def launcher(publish: bool):
+        def run(cmd: list[str], env: dict[str, str]) -> int:
+            if publish:
+                (out / "final").mkdir()
+                (out / "final" / "config.json").write_text("{}")
+            return 0
+        return run
+
+    monkeypatch.setattr(app, "run_launcher", launcher(False))
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "2", "--set", f"output_dir={out}")
+    assert res.exit_code == 1 and "exited with code 0 but" in res.stderr and "has no complete final/" in res.stderr
+    monkeypatch.setattr(app, "run_launcher", launcher(True))
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "2", "--set", f"output_dir={out}", "--overwrite")
+    assert res.exit_code == 0, res.output
