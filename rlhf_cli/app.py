@@ -18,6 +18,7 @@ from rlhf_cli.config_loader import dump_config, load_config
 from rlhf_cli.output import err, fail, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
+    check_not_a_bare_srun_task,
     format_command,
     inside_launcher,
     launch_command,
@@ -162,6 +163,7 @@ def run_stage(
     if allow_changes and not resume and not inside_launcher():
         err.print("[yellow]warning: --allow-config-change has no effect without --resume[/]", highlight=False)
     try:
+        check_not_a_bare_srun_task()
         cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)

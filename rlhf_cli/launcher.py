@@ -33,6 +33,21 @@ def inside_launcher(env: dict[str, str] | None = None) -> bool:
     return "LOCAL_RANK" in env and "WORLD_SIZE" in env
 
 
+def check_not_a_bare_srun_task(env: dict[str, str] | None = None) -> None:
+    """A ConfigError in one of several tasks of an `srun` step that sets none of the process-group variables
+    (`srun -n 16 rlhf sft ...`): each task would take itself for a whole one-process run, 15 of them stopping
+    on the output directory's lock while one trained on a single GPU."""
+    env = os.environ if env is None else env
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if inside_launcher(env) or not tasks.isdigit() or int(tasks) <= 1:
+        return
+    raise ConfigError(
+        f"this is task {env.get('SLURM_PROCID', '?')} of {tasks} of an srun step, but RANK/LOCAL_RANK/WORLD_SIZE/"
+        "MASTER_ADDR/MASTER_PORT are not set: run one task per job (`srun -n 1 rlhf ... --num-gpus N`, or "
+        "--hostfile for several nodes), or have each task export those variables (from SLURM_PROCID, "
+        "SLURM_LOCALID, SLURM_STEP_NUM_TASKS and the first node's address)")
+
+
 def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
     """True in a worker that `rlhf` itself launched (it already prepared the output directory)."""
     env = os.environ if env is None else env

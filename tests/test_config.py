@@ -859,3 +859,17 @@ def test_a_launcher_that_exits_0_without_publishing_final_is_a_failure(tmp_path,
     monkeypatch.setattr(app, "run_launcher", launcher(True))
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "2", "--set", f"output_dir={out}", "--overwrite")
     assert res.exit_code == 0, res.output
+
+
+def test_one_of_several_srun_tasks_without_process_group_variables_is_refused(tmp_path, monkeypatch):
+    """`srun -n 4 rlhf sft ...` with no RANK/WORLD_SIZE: each task took itself for a whole one-process run (three
+    stopped on the output directory's lock, one trained on a single GPU); a task of a one-task step, or one
+    that has the variables (exported from SLURM_* by the user's script), runs as before."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o")
+    assert res.exit_code == 2 and "this is task 2 of 4 of an srun step, but RANK/LOCAL_RANK/WORLD_SIZE" in res.stderr
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o").exit_code == 0
