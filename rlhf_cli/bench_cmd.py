@@ -3,6 +3,8 @@ do the work)."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -191,7 +193,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         vs = result["vs_trl"]
         out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_precision']}: "
                   f"{vs['trl_seconds_per_iteration']:.4g} s per iteration, peak {vs['trl_peak_memory_gib']:.3g} GiB): "
-                  f"{vs['speedup']:.2f}x faster, generation {vs['generation_speedup']:.2f}x", highlight=False)
+                  f"{_versus(vs['speedup'])}, generation {_versus(vs['generation_speedup'])}", highlight=False)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
     if stopped is not None:  # the figures above are from the iterations done; the exit code says it stopped
         err.print(f"[yellow]{escape(str(stopped))}: {result['iterations_timed']} of {cfg.iterations} timed "
@@ -282,9 +284,16 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
               f"generation {result['generation_s']:.4g} s ({result['generation_share']:.0%}), "
               f"peak memory {result['peak_memory_gib']:.3g} GiB", highlight=False)
     if vs:
-        out.print(f"rlhf bench ppo ({ours_file}): {vs['speedup']:.2f}x faster per iteration, generation "
-                  f"{vs['generation_speedup']:.2f}x", highlight=False)
+        out.print(f"rlhf bench ppo ({ours_file}): {_versus(vs['speedup'])} per iteration, generation "
+                  f"{_versus(vs['generation_speedup'])}", highlight=False)
     out.print(f"wrote {target}", highlight=False)
+
+
+def _versus(speedup: float) -> str:
+    """A time ratio (TRL's seconds / ours) in words: "3.10x faster", or "2.86x slower" below 1."""
+    if not speedup or not math.isfinite(speedup):
+        return "n/a"
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 @bench_app.command("floor")

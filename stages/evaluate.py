@@ -280,7 +280,7 @@ def print_results(results: dict[str, Any], console: Any) -> None:
     for judge in ("rm", "gold"):
         wr = results.get(f"win_rate_{judge}")
         if wr and wr["win_rate"] is not None:
-            table.add_row(f"win-rate vs baseline ({judge})", f"{wr['win_rate']:.3f}", f"ties {wr['ties']:.2f}")
+            table.add_row(f"win-rate vs baseline ({judge}; ties {wr['ties']:.2f})", f"{wr['win_rate']:.3f}", "")
         elif wr:
-            table.add_row(f"win-rate vs baseline ({judge})", "n/a", "every score non-finite")
+            table.add_row(f"win-rate vs baseline ({judge}; every score non-finite)", "n/a", "")
     console.print(table)

@@ -481,6 +481,19 @@ def render_markdown(groups: dict[str, Any], pngs: list[Path], smooth: float, x_a
 
 
 # ------------------------------------------------------------------------------------------------- entry
+def remove_earlier_plots(out_dir: Path) -> None:
+    """Delete the plots an earlier report in `out_dir` listed in its report.json (by name, in out_dir only; other
+    files are left alone): a report written over another replaces it whole, rather than leaving panels of other
+    runs beside its own."""
+    try:
+        listed = json.loads((out_dir / "report.json").read_text(encoding="utf-8")).get("png", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in (Path(p).name for p in listed if isinstance(p, str)):
+        if name.endswith(".png"):
+            (out_dir / name).unlink(missing_ok=True)
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0, x_axis: str = "policy") -> dict[str, Any]:
     """Plots and summary of `run_dirs` into `out_dir` (created): one PNG per panel with data, overview.png,
     report.md and report.json. `smooth` in [0, 1) is an EMA factor for the training curves (0: none); `x_axis`
@@ -507,6 +520,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0, x_axi
         dirs = ", ".join(str(r.path) for r in runs)
         raise DataError(f"no plottable metric in {dirs} (expected some of: {', '.join(sorted(plottable))})")
     ensure_dir(out_dir, "--out")
+    remove_earlier_plots(out_dir)
     pngs = plot_panels(groups, out_dir, smooth, x_axis)
     summary = summarize(groups)
     md_path, json_path = out_dir / "report.md", out_dir / "report.json"

@@ -222,7 +222,15 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
     ours = json.loads((bench_dir / "out/bench-ppo.json").read_text())
     speedup = t["seconds_per_iteration"] / ours["seconds_per_iteration"]
-    assert f"{speedup:.2f}x faster per iteration" in " ".join(r.stdout.split())
+    said = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"  # (never "0.35x faster")
+    assert f"{said} per iteration" in " ".join(r.stdout.split())
+
+
+def test_a_speed_ratio_below_one_reads_as_slower():
+    from rlhf_cli.bench_cmd import _versus
+
+    assert (_versus(3.1), _versus(1.0), _versus(0.35), _versus(float("nan"))) == (
+        "3.10x faster", "1.00x faster", "2.86x slower", "n/a")
 
 
 def test_trl_comparison_needs_the_same_workload_and_device():

@@ -276,3 +276,32 @@ def test_a_seed_that_ran_on_after_the_shortest_is_drawn_past_the_mean(tmp_path: 
     assert lines[0] == ("van (2 seeds) · rollout", [1, 2, 3], [1.0, 1.5, 2.0])
     assert lines[1][1:] == ([3, 4, 5], [3.0, 4.0, 5.0]) and lines[1][0].startswith("_")
     assert len(lines) == 2
+
+
+def test_the_eval_table_keeps_the_tie_share_out_of_the_baseline_column():
+    """The tie share sat in the baseline column, where it read as the baseline's score."""
+    import io
+
+    from rich.console import Console
+
+    from stages.evaluate import print_results
+
+    buf = io.StringIO()
+    results = {"prompts": 64, "seed": 0, "policy_metrics": {"reward": 1.25}, "baseline_metrics": {"reward": 0.5},
+               "win_rate_rm": {"win_rate": 0.56, "wins": 0.23, "ties": 0.66, "losses": 0.11, "nonfinite": 0}}
+    print_results(results, Console(file=buf, width=120))
+    row = next(line for line in buf.getvalue().splitlines() if "win-rate" in line)
+    cells = [c.strip() for c in row.split("│")[1:-1]]  # (the table's outer borders dropped)
+    assert cells == ["win-rate vs baseline (rm; ties 0.66)", "0.560", ""], cells
+
+
+def test_a_report_over_an_earlier_one_removes_the_plots_it_no_longer_has(runs: list[Path], tmp_path: Path) -> None:
+    """`rlhf report runs/demo/sft` writes to runs/demo/report, where the pipeline's PPO report is: its reward and
+    KL plots stayed beside the SFT loss plot. Files the earlier report did not list stay."""
+    out = tmp_path / "out"
+    ppo_pngs = {Path(p).name for p in write_report(runs, out)["png"]}
+    (out / "notes.png").write_text("mine")
+    sft = _write_run(tmp_path, "sft-seed0", [{"step": 10, "train/loss": 4.0}, {"step": 20, "train/loss": 2.0}])
+    sft_pngs = {Path(p).name for p in write_report([sft], out)["png"]}
+    assert {"loss.png", "overview.png"} == sft_pngs and "kl.png" in ppo_pngs
+    assert {p.name for p in out.glob("*.png")} == sft_pngs | {"notes.png"}
