@@ -463,9 +463,9 @@ def pipeline(
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
 
-    Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
+    Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and summary.json, and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
-    from stages.pipeline import plan, run_pipeline, stage_command
+    from stages.pipeline import ACTION_NOTES, plan, run_pipeline, stage_actions
 
     try:
         cfg = load_config("pipeline", config, set_ or [])
@@ -482,8 +482,9 @@ def pipeline(
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
                   + (["--allow-config-change"] if allow_config_change else [])]
         out.rule("rlhf pipeline: plan")
-        for run in runs:
-            out.print(f"[bold]{run.label}[/]: " + escape(format_command(stage_command(run, launch, False, force), {})),
+        for act in stage_actions(runs, force, resolved, allow_config_change):  # (a changed complete stage: refused)
+            what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
+            out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
         if check_data:
             import tempfile

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Callable
 from rich.markup import escape
 
 from stages.config import PipelineConfig
-from stages.errors import CheckpointError, RlhfError
+from stages.errors import CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
 from stages.stop import STOPPED_CODES
 
@@ -289,44 +290,77 @@ def child_failed(what: str, code: int, then: str) -> RlhfError:
     return error
 
 
+@dataclass
+class StageAction:
+    """What the pipeline does with one stage: "skip" (complete), "resume" (partial output), "train" (nothing
+    there yet) or "retrain" (its output is replaced: --force, or an earlier SFT/RM stage is retrained); `kept`:
+    the config changes a skipped stage is kept despite (--allow-config-change)."""
+
+    run: StageRun
+    action: str
+    kept: list[str] = field(default_factory=list)
+
+    def command(self, launch: list[str]) -> list[str]:
+        return stage_command(self.run, launch, resume=self.action == "resume", overwrite=self.action == "retrain")
+
+
+def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | None = None,
+                  allow_changes: bool = False) -> list[StageAction]:
+    """Every stage's action, decided before anything trains (the same for the run and its --dry-run). A
+    complete stage whose config or inputs changed since it was trained (`resolved`: a stage's label -> the
+    config it resolves to now) is a ConfigError, unless `allow_changes`. Once SFT or the reward model is
+    (re)trained, every later stage is trained afresh: its output, complete or partial, came from the old one."""
+    actions, upstream_retrained = [], False
+    for run in runs:
+        if not will_train(run, force, upstream_retrained):
+            changes = stage_config_changes(run.out, (resolved or {}).get(run.label), run.stage)
+            if changes and not allow_changes:
+                raise ConfigError(f"pipeline: stage {run.label} is complete in {run.out}, but its config or inputs "
+                                  f"changed since it was trained ({_listed(changes)}); delete {run.out} to retrain it "
+                                  "(the stages after it are retrained too), --force to retrain every stage, or "
+                                  "--allow-config-change to keep it")
+            actions.append(StageAction(run, "skip", changes))
+            continue
+        earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run
+        fresh = force or upstream_retrained
+        actions.append(StageAction(run, ("retrain" if fresh else "resume") if earlier else "train"))
+        upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
+    return actions
+
+
+def _listed(changes: list[str]) -> str:
+    return "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+
+
+#: how the plan describes each action
+ACTION_NOTES = {"skip": "complete: skipped", "resume": "partial output: resumed",
+                "train": "trained", "retrain": "trained afresh (--force, or an earlier stage is retrained)"}
+
+
 def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
                  resolved: dict[str, str] | None = None, allow_changes: bool = False) -> dict[str, Any]:
-    """Run every stage (skipping complete ones unless `force`), then eval, report and the summary.
-
-    `resolved` (a stage's label -> the config it resolves to now) lets a complete stage whose config changed
-    since it ran be refused rather than silently reused (reused with a warning when `allow_changes`: e.g. keys
-    a newer rlhf added). Once SFT or the reward model is (re)trained, every later stage is trained afresh: its
-    output, complete or partial, came from the old one."""
+    """Run every stage as `stage_actions` decides (skipping complete ones unless `force`; see there), then eval,
+    report and the summary."""
     runs = plan(cfg)
+    actions = stage_actions(runs, force, resolved, allow_changes)
     root = Path(cfg.output_dir)
     sft = root / "sft"
-    upstream_retrained = False
-    for i, run in enumerate(runs, 1):
+    for i, act in enumerate(actions, 1):
+        run = act.run
         console.rule(f"[bold]pipeline {i}/{len(runs)}: {run.label}[/] ({run.stage} → {run.out})")
         if run.stage == "train-rm":
             check_policy_handoff(sft)
         elif run.stage == "ppo":
             check_reward_handoff(root / "rm", sft)
-        fresh = force or upstream_retrained
-        if not will_train(run, force, upstream_retrained):
-            changes = stage_config_changes(run.out, (resolved or {}).get(run.label), run.stage)
-            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-            if changes and not allow_changes:
-                raise RlhfError(f"pipeline: stage {run.label} is complete in {run.out}, but its config or inputs "
-                                f"changed since it was trained ({shown}); delete {run.out} to retrain it (the stages after "
-                                "it are retrained too), --force to retrain every stage, or --allow-config-change to "
-                                "keep it")
-            if changes:
-                console.print(f"[yellow]{run.label}: kept although its config changed (--allow-config-change): "
-                              f"{escape(shown)}[/]")
+        if act.kept:
+            console.print(f"[yellow]{run.label}: kept although its config changed (--allow-config-change): "
+                          f"{escape(_listed(act.kept))}[/]")
+        if act.action == "skip":
             console.print(f"complete output in {run.out}: skipped (--force reruns it)")
             continue
-        earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run
-        if earlier and upstream_retrained and not force:
+        if act.action == "retrain" and not force:
             console.print(f"an earlier stage was retrained: {run.out} is trained afresh")
-        cmd = stage_command(run, launch, resume=earlier and not fresh, overwrite=fresh)
-        upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
-        code = call_forwarding_signals(cmd)
+        code = call_forwarding_signals(act.command(launch))
         if code != 0:
             raise child_failed(f"stage {run.label} ({run.stage})", code,
                                f"; its output is in {run.out}; run the pipeline again to resume it")
@@ -368,7 +402,9 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
         if (run.out / "eval.json").is_file() and same:
             continue
         console.rule(f"[bold]eval: {run.label}[/] against {sft}")
-        code = call_forwarding_signals(eval_command(cfg, run, sft))
+        cmd = eval_command(cfg, run, sft)
+        console.print(escape(shlex.join(cmd)), highlight=False, soft_wrap=True)  # (how to repeat it by hand)
+        code = call_forwarding_signals(cmd)
         if code != 0:
             raise child_failed(f"rlhf eval of {run.label}", code, "")
         kept.write_text(json.dumps(settings) + "\n", encoding="utf-8")

@@ -755,3 +755,32 @@ def test_the_summary_reads_what_eval_json_writes_for_a_non_finite_value():
     row = {"reward": ("nan", 0.25), "gold": (None, None), "kl": (0.0, "inf"), "length": (3, 4), "win_rate_rm": "nan"}
     assert _run_cells(row, 2, " -> ", " / ") == ["n/a -> 0.25", "n/a -> n/a", "0.00 -> n/a", "3.00 -> 4.00",
                                                   "n/a / n/a"]
+
+
+def test_pipeline_dry_run_plans_each_stage_as_the_run_would_and_refuses_a_changed_complete_one(tmp_path):
+    """The dry run said "every config is valid" where the run then stopped at once (a complete stage whose
+    config changed since it was trained); it now prints each stage's action and refuses alike (exit 2)."""
+    cfg = dict(yaml.safe_load((TINY / "pipeline.yaml").read_text()), output_dir=str(tmp_path / "runs"),
+               sft={"config": str(TINY / "sft.yaml")}, rm={"config": str(TINY / "rm.yaml")},
+               ppo={"config": str(TINY / "ppo.yaml")})
+    path = write_yaml(tmp_path / "p.yaml", cfg)
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run")
+    assert res.exit_code == 0 and "sft (trained):" in res.stdout and "rm (trained):" in res.stdout, res.output
+    sft = tmp_path / "runs" / "sft"
+    (sft / "final").mkdir(parents=True)
+    (sft / "final" / "config.json").write_text("{}")
+    from rlhf_cli.config_loader import dump_config, load_config
+
+    trained = dump_config(load_config("sft", TINY / "sft.yaml", [f"output_dir={sft}", "train.lr=0.5"]))
+    (sft / "resolved_config.yaml").write_text(trained)  # trained with another lr
+    (tmp_path / "runs" / "rm").mkdir()
+    (tmp_path / "runs" / "rm" / "metrics.jsonl").write_text("")  # a partial RM run
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run")
+    assert res.exit_code == 2 and "stage sft is complete in" in res.stderr, res.output
+    assert "train.lr: 0.5 ->" in " ".join(res.stderr.split()), res.stderr
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--allow-config-change")
+    assert res.exit_code == 0, res.output
+    assert "sft (complete: skipped although its config changed)" in res.stdout
+    assert "rm (partial output: resumed):" in res.stdout and "--resume" in res.stdout
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--force")
+    assert res.exit_code == 0 and res.stdout.count("(trained afresh (--force, or an earlier stage") == 2
