@@ -20,9 +20,16 @@ from stages.yamlio import dump_yaml, load_yaml
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; a syntax error names `source` and the line."""
+    """Parse YAML text; a syntax error names `source`, the line and column, and what was being read (PyYAML's
+    own text says `in "<unicode string>"`, naming nothing)."""
     try:
         return load_yaml(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = exc.context_mark
+        during = f" ({exc.context} from line {context.line + 1})" if exc.context and context is not None else ""
+        raise ConfigError(f"{source}{where}: invalid YAML: {exc.problem}{during}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
 

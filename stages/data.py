@@ -66,7 +66,8 @@ class BadRowLog:
 
 def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
     if on_bad_row == "error":
-        raise DataError(f"{where}: {reason} (set data.on_bad_row: skip to skip such rows)")
+        raise DataError(f"{where}: {reason} (data.on_bad_row: skip in the config, or --set data.on_bad_row=skip, "
+                        "skips such rows)")
     log.add(reason)
 
 

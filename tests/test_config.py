@@ -158,8 +158,9 @@ def test_hub_ids_are_left_alone(tmp_path):
 def test_invalid_yaml_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml line 2, column 1: invalid YAML: expected ',' or ']'") as exc:
         load_config("sft", path)
+    assert "<unicode string>" not in str(exc.value)  # (PyYAML's own text names no file)
 
 
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
@@ -170,13 +171,13 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     path.write_text(text)
     first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("train:"))
     last = len(text.splitlines()) - 1
-    with pytest.raises(ConfigError, match=rf"(?s)sft.yaml: invalid YAML: .*key 'train' given twice \(first on line "
-                                          rf"{first}\); keep one.*line {last}, column 1"):
+    with pytest.raises(ConfigError, match=rf"sft.yaml line {last}, column 1: invalid YAML: key 'train' given twice "
+                                          rf"\(first on line {first}\); keep one \(while reading a mapping from line 1\)"):
         load_config("sft", path)
     from rlhf_cli.config_loader import parse_yaml
 
     assert parse_yaml("base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n", "s")["x"] == {"a": 3, "b": 2}
-    with pytest.raises(ConfigError, match="(?s)--set train: invalid YAML: .*key 'lr' given twice"):
+    with pytest.raises(ConfigError, match="--set train line 1, column 9: invalid YAML: key 'lr' given twice"):
         parse_override("train={lr: 1, lr: 2}")
 
 

@@ -171,6 +171,8 @@ def test_hh_real_sample_bad_row_is_named_then_skipped(hh_sample, char_tok):
     with pytest.raises(DataError) as exc:
         _load(hh_sample, format="hh")
     assert f"{hh_sample} row 87: empty response" in str(exc.value)
+    # the way out, in the config's words and in the command line's (rlhf eval has no config file of its own)
+    assert "data.on_bad_row: skip in the config, or --set data.on_bad_row=skip" in str(exc.value)
     convs, log = _load(hh_sample, format="hh", on_bad_row="skip")
     assert len(convs) == 399 and log.total == 1
     conv, where = convs[0]
