@@ -110,8 +110,9 @@ class TrainProgress:
     """Rich progress bar (steps, loss, lr, tokens/s, ETA) on a terminal; one plain line per logged step
     otherwise (CI logs, files)."""
 
-    def __init__(self, enabled: bool, total: int, start: int, description: str, print_every: int = 1) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, total: int, start: int, description: str, print_every: int = 1,
+                 unit: str = "step") -> None:
+        self.enabled, self.unit = enabled, unit
         self.print_every = print_every
         self.console = _CONSOLE
         self.live = enabled and self.console.is_terminal
@@ -138,7 +139,7 @@ class TrainProgress:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=text)
         elif step % self.print_every == 0 or step == self.total:
-            self.console.print(f"step {step}/{self.total}  {text}", highlight=False)
+            self.console.print(f"{self.unit} {step}/{self.total}  {text}", highlight=False)
 
     def print(self, message: str) -> None:
         if self.enabled:

@@ -81,6 +81,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert resolved["reward_clip"] == 0.3 and resolved["kl_estimator"] == "k3" and resolved["lam"] == 0.9
     assert resolved["critic_pretrain_steps"] == 1 and resolved["value_clip"] == 0.2
     assert "PPO tricks (preset ppo-max" in res.stdout and "ppo.reward_clip" in res.stdout
+    assert "iteration 5/5  train reward " in res.stdout  # (counted as the README and validation count them)
 
     rows = _iterations(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

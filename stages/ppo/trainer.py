@@ -648,7 +648,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     if dist.is_main:
         keep_rows_upto(out / "samples.jsonl", "iteration", start)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
-    progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every)
+    progress = TrainProgress(dist.is_main, total, start, "ppo", print_every=cfg.logging.log_every, unit="iteration")
     meta = {"stage": "ppo", "rlhf_version": __version__, "model": cfg.model.name_or_path,
             "reward_model": cfg.reward_model.name_or_path,
             # the styles the policy has now seen: its own record's (SFT) and these prompts'
@@ -781,7 +781,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 state["monitor_fires"] += 1
                 metrics.event(done, "monitor", reasons=reasons, action=cfg.monitor.action)
                 progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
-            progress.update(done, {"reward": values["objective/scores"], "kl": values["objective/kl"],
+            progress.update(done, {"train reward": values["objective/scores"], "kl": values["objective/kl"],
                                    "len": values["rollout/response_length"]})
             if dist.is_main and t.sample_every > 0 and (it == 0 or done % t.sample_every == 0):
                 show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
