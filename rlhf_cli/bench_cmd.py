@@ -106,6 +106,19 @@ def warn_if_gpu_sized(cfg: Any) -> None:
                   highlight=False)
 
 
+def warn_if_host_busy() -> None:
+    """A warning on stderr when other processes already keep this machine's cores busy (1-minute load average at
+    least half the core count before the benchmark starts): its timings would be those of a shared machine
+    (torch's threads wait on each other; a GPU benchmark's kernel launches wait for a core)."""
+    from stages.bench import host_load
+
+    load = host_load()
+    if load["host_load_1min"] is not None and load["host_load_1min"] >= 0.5 * load["host_cores"]:
+        err.print(f"[yellow]warning:[/] load average {load['host_load_1min']:.1f} on {load['host_cores']} cores "
+                  "before the benchmark: other processes are using the CPU, so these timings will be slower than on "
+                  "an idle machine (the load is recorded in the result as host_load_1min)", highlight=False)
+
+
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
            overrides: list[str]) -> tuple[Any, Any, Path]:
     from stages.bench import ppo_config_dict, prepare_workload
@@ -120,6 +133,7 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload
     precision = merged["deepspeed"].get("precision", "bf16")
     warn_if_gpu_sized(cfg)
+    warn_if_host_busy()
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))
     return cfg, ppo_config(cfg, root), root

@@ -19,6 +19,7 @@ top), runs `rlhf ppo` in this process for warmup + iterations iterations, and re
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
@@ -161,9 +162,19 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- results
 def device_info(device: torch.device) -> dict[str, Any]:
+    """The device, and how busy the host was (`host_load`, read when the result is written)."""
     if device.type == "cuda":
-        return {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
-    return {"device": "cpu", "threads": torch.get_num_threads()}
+        return {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, **host_load()}
+    return {"device": "cpu", "threads": torch.get_num_threads(), **host_load()}
+
+
+def host_load() -> dict[str, Any]:
+    """{"host_cores": the CPU count, "host_load_1min": the 1-minute load average (None where the OS has none)}."""
+    try:
+        load: float | None = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {"host_cores": os.cpu_count() or 1, "host_load_1min": load}
 
 
 def device_peaks(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:

@@ -870,3 +870,22 @@ def test_bench_summary_times_policy_iterations_after_critic_pretraining(tmp_path
     assert r["iterations_timed"] == 2 and r["seconds_per_iteration"] == 1.5  # median of steps 4 and 5
     assert r["per_iteration_s"] == [5.0, 1.0, 2.0] and r["profiled_iteration_s"] == 7.0
     assert r["split_seconds"]["generation"] == pytest.approx(1.5 / 4)
+
+
+def test_a_busy_host_is_warned_about_and_recorded(monkeypatch, capsys):
+    """Timings taken while other processes hold the cores (a test suite, a data job) ran many times slower and
+    looked like a regression; the bench now says so before it starts, and records the load with its result."""
+    import os
+
+    from rlhf_cli import bench_cmd
+    from stages.bench import device_info
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    bench_cmd.warn_if_host_busy()
+    assert "load average" not in capsys.readouterr().err
+    assert device_info(torch.device("cpu"))["host_load_1min"] == 0.4
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    bench_cmd.warn_if_host_busy()
+    assert "load average 3.5 on 2 cores before the benchmark" in " ".join(capsys.readouterr().err.split())
+    assert device_info(torch.device("cpu"))["host_cores"] == 2
