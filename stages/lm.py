@@ -76,11 +76,6 @@ def step_counts(batches: list[dict[str, torch.Tensor]], labels: str = "labels") 
     return torch.stack([trained, tokens]).double()
 
 
-def trained_tokens(labels: torch.Tensor) -> int:
-    """`trained_token_count` as a Python int."""
-    return int(trained_token_count(labels))
-
-
 def lm_forward(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a (DeepSpeed-wrapped) causal LM for a collated batch, without a KV cache."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
