@@ -45,7 +45,7 @@ class Panel(NamedTuple):
 PANELS: dict[str, Panel] = {
     "reward": Panel("reward (proxy RM)", [("objective/scores", "rollout"), ("eval/reward", "validation")]),
     "gold_reward": Panel("gold reward", [("objective/gold", "rollout"), ("eval/gold", "validation")]),
-    "kl": Panel("KL(policy || reference) per response", [("objective/kl", "rollout")]),
+    "kl": Panel("KL(policy || reference) per response", [("objective/kl", "rollout"), ("eval/kl", "validation")]),
     "response_length": Panel(
         "response length (tokens)", [("rollout/response_length", "rollout"), ("eval/response_length", "validation")]
     ),
@@ -68,6 +68,7 @@ SUMMARY_KEYS: list[str] = [
     "rollout/response_length",
     "eval/reward",
     "eval/gold",
+    "eval/kl",
     "train/loss",
     "eval/loss",
     "eval/accuracy",

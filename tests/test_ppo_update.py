@@ -806,3 +806,30 @@ def test_experience_and_update_read_few_values_back_to_the_host(tmp_path, dist, 
     update(cfg, dist, models, rollout, exp, 0, False, ptx, sampler, {"ptx_step": 0}, PAD)
     micro_batches, steps, mini_batches = 8, 4, 2
     assert sum(host_reads.values()) == micro_batches + steps + 2 * mini_batches + 1, host_reads
+
+
+def test_validation_reports_the_kl_from_the_reference_of_its_own_samples(tmp_path, dist, monkeypatch):
+    """eval/kl: k1 summed over each held-out response, averaged over the real prompts (stand-ins left out), as
+    objective/kl is over the rollouts; 0 for a policy that is its reference."""
+    from stages.ppo import trainer
+
+    sampled: list[Rollout] = []
+    sample = trainer.sample
+    monkeypatch.setattr(trainer, "sample", lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1])
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    prompts = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]  # 2 batches of 4: the second has 3 stand-ins
+    cfg = _config(tmp_path, generation={"max_new_tokens": 4})
+    models = _models()
+    got = trainer.validate(cfg, dist, models, prompts, tok, [EOS], RewardEnding.plain(EOS))
+    per_response = []
+    for rollout in sampled:
+        ids, att = rollout.sequences()
+        args = (ids, att, rollout.prompt_width, rollout.response)
+        logp, _ = response_logprobs(models["policy"].module, *args)
+        ref, _ = response_logprobs(models["reference"], *args)
+        per_response += ((logp - ref) * rollout.response_mask).sum(1).tolist()
+    want = sum(per_response[:5]) / 5  # the 5 real prompts; rows 6-8 are stand-ins
+    assert got["eval/kl"] == pytest.approx(want, rel=1e-5) and abs(want) > 1e-3
+    models["reference"] = copy.deepcopy(models["policy"].module).eval()
+    same = trainer.validate(cfg, dist, models, prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert same["eval/kl"] == pytest.approx(0.0, abs=1e-6)

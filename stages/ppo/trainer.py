@@ -205,13 +205,15 @@ def scoring_rows(cfg: PPOConfig) -> int:
 
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
-                  ending: RewardEnding) -> dict[str, torch.Tensor]:
-    """Step 2: per response token old log-prob, reference log-prob, entropy and value; per response the raw
-    score (read where the RM's training data ends a turn, `ending`; see raw_scores)."""
+                  ending: RewardEnding, with_values: bool = True) -> dict[str, torch.Tensor]:
+    """Step 2: per response token old log-prob, reference log-prob, entropy and value (not without
+    `with_values`: validation has no use for the critic); per response the raw score (read where the RM's
+    training data ends a turn, `ending`; see raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, scoring_rows(cfg)
     lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref_logp", "entropy", "values", "raw")}
+    keys = ("logp", "ref_logp", "entropy", "values", "raw") if with_values else ("logp", "ref_logp", "entropy", "raw")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for s in range(0, ids.shape[0], chunk):
         i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
         logp, ent = response_logprobs(models["policy"], i, m, p, resp, True, *lp_args)
@@ -219,7 +221,8 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
         parts["logp"].append(logp)
         parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
-        parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
+        if with_values:
+            parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
         parts["raw"].append(raw_scores(cfg.generation, models["reward"], i, m, rollout.truncated[s:s + chunk], ending))
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -479,7 +482,8 @@ def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prom
 @torch.no_grad()
 def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: list[list[int]], tokenizer: Any,
              stop_ids: list[int], ending: RewardEnding) -> dict[str, float]:
-    """Mean raw reward (and gold reward) and length of responses to the held-out prompts, sampled with a fixed seed (the same
+    """Mean raw reward (and gold reward), KL from the reference (k1 summed over each response, as objective/kl)
+    and length of responses to the held-out prompts, sampled with a fixed seed (the same
     random stream at every validation; the training random state is left untouched). Every rank runs the same
     number of batches (ZeRO-3 needs that), of train.rollout_batch_size prompts; with the static KV cache each
     batch is full, the training rollout's shape (a smaller last batch would allocate a second cache, and compile
@@ -504,11 +508,11 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
                             prompt_capacity=cfg.data.max_prompt_length)
-            ids, mask = rollout.sequences()
-            chunk = scoring_rows(cfg)  # the reward model's forwards as in training: no larger batch than there
-            raw = torch.cat([raw_scores(cfg.generation, models["reward"], ids[c:c + chunk], mask[c:c + chunk],
-                                        rollout.truncated[c:c + chunk], ending) for c in range(0, len(ids), chunk)])
+            scored = score_rollout(cfg, models, rollout, ending, with_values=False)  # (training's forward batches)
+            raw = scored["raw"]
+            kl = masked(kl_k1(scored["logp"], scored["ref_logp"]), rollout.response_mask.float()).sum(1)  # per response
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
+            g.add("eval/kl", (kl * keep).sum(), keep.sum())
             g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
             g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
             if cfg.data.gold_reward:
