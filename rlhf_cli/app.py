@@ -228,8 +228,10 @@ def run_stage(
                 _train_here(stage, cfg, resume, None)
                 return
             code = run_launcher(cmd, env or {})
-        if code == 0 and not is_complete(out_dir, stage):  # DeepSpeed's runner exits 0 when a launch process
-            # was killed by a signal (it passes on positive codes only): success without a published final/
+        if code == 0 and publishes_final(cfg) and hostfile is None and not is_complete(out_dir, stage):
+            # DeepSpeed's runner exits 0 when a launch process was killed by a signal (it passes on positive codes
+            # only): success without a published final/. (Not for --hostfile runs: this node's view of a shared
+            # filesystem may lag the node that published it.)
             err.print(f"[red]rlhf {stage}: the launcher exited with code 0 but {escape(str(out_dir))} has no complete "
                       "final/ (a launcher process killed by a signal reports success); treated as a failure[/]")
             code = 1
@@ -251,6 +253,11 @@ def run_stage(
         raise typer.Exit(130) from None
     finally:
         stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
+
+
+def publishes_final(cfg: Any) -> bool:
+    """Whether a finished run of `cfg` leaves a final/ (PPO's train.checkpoints: false writes none)."""
+    return getattr(getattr(cfg, "train", None), "checkpoints", True) is not False
 
 
 def _fp16_without_gpu(cfg: Any, num_nodes: int | None, hostfile: Path | None) -> bool:

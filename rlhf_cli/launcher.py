@@ -45,7 +45,8 @@ def check_not_a_bare_srun_task(env: dict[str, str] | None = None) -> None:
         f"this is task {env.get('SLURM_PROCID', '?')} of {tasks} of an srun step, but RANK/LOCAL_RANK/WORLD_SIZE/"
         "MASTER_ADDR/MASTER_PORT are not set: run one task per job (`srun -n 1 rlhf ... --num-gpus N`, or "
         "--hostfile for several nodes), or have each task export those variables (from SLURM_PROCID, "
-        "SLURM_LOCALID, SLURM_STEP_NUM_TASKS and the first node's address)")
+        "SLURM_LOCALID, SLURM_STEP_NUM_TASKS and the first node's address); in an interactive shell of a "
+        "several-task step (`srun -n 8 --pty bash`), `unset SLURM_STEP_NUM_TASKS` first")
 
 
 def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
@@ -120,7 +121,7 @@ def launch_command(
     elif DS_DEFAULT_HOSTFILE.is_file():  # no --hostfile means this node only: a path that is no file says so
         cmd += ["--hostfile", os.devnull]
     if num_gpus is not None or hostfile is None:
-        cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if hostfile is None else [])
+        cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if hostfile is None else [], hostfile is None)
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
         cmd += ["--master_port", str(master_port or free_port())]
     else:
@@ -176,14 +177,16 @@ def gpu_uuids() -> dict[str, str]:
     return {index.strip(): uuid.strip() for index, uuid in pairs}
 
 
-def gpu_selection(count: int, visible: list[str]) -> list[str]:
+def gpu_selection(count: int, visible: list[str], this_node: bool = True) -> list[str]:
     """The runner's arguments for `count` GPUs of this node: the first `count` of CUDA_VISIBLE_DEVICES's ids
     (`--include localhost:4,5`) when it lists some, since DeepSpeed's runner, given --num_gpus, drops
     CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..count-1 (someone else's, on a shared node); else
-    `--num_gpus count`. More than it lists, or (when it is unset) than nvidia-smi finds on this node, is a
-    ConfigError (the runner would start the extra ranks anyway, each failing with a CUDA error)."""
+    `--num_gpus count`. More than it lists, or (when it is unset, for a run on `this_node`, with CUDA) than
+    nvidia-smi finds, is a ConfigError (the runner would start the extra ranks anyway, each failing with a CUDA
+    error). A multi-node run's nodes are not this one: their GPUs are not counted here."""
     if not visible:
-        present = gpu_uuids() if os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else {}
+        on_cuda = (os.environ.get("DS_ACCELERATOR") or missing_accelerator(os.environ) or "cuda") == "cuda"
+        present = gpu_uuids() if this_node and on_cuda else {}
         if present and count > len(present):
             raise ConfigError(f"--num-gpus {count} but nvidia-smi finds {len(present)} GPU(s) on this node")
         return ["--num_gpus", str(count)]

@@ -98,25 +98,29 @@ def received() -> int:
 
 def file_request() -> int:
     """The signal number a launcher wrote to the stop file (STOP_FILE_VAR), 0 while there is none (SIGTERM for a
-    file with anything else in it)."""
+    file with anything else in it). Read by each node's local rank 0 only (`requested` shares it with every
+    rank); a file that cannot be read right now (a shared filesystem's passing error) counts as none, and is
+    read again after the next step."""
     path = os.environ.get(STOP_FILE_VAR)
-    if not path:
+    if not path or os.environ.get("LOCAL_RANK", "0") != "0":
         return 0
     try:
         text = Path(path).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return 0
     except OSError:
-        return int(signal.SIGTERM)
+        return 0
     return int(text) if text in {str(int(sig)) for sig in SIGNALS} else int(signal.SIGTERM)
 
 
 def write_request(path: Path, signum: int) -> None:
     """Ask every rank watching `path` to stop as on `signum` (written under a temporary name, then renamed: no
-    rank reads a half-written file)."""
+    rank reads a half-written file; the temporary file is removed when the write fails)."""
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    part.write_text(f"{int(signum)}\n", encoding="utf-8")
-    os.replace(part, path)
+    try:
+        part.write_text(f"{int(signum)}\n", encoding="utf-8")
+        os.replace(part, path)
+    except OSError:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def requested(device: torch.device) -> int:

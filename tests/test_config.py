@@ -698,6 +698,9 @@ def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_p
     assert cmd[cmd.index("--num_gpus") + 1] == "3"
     with pytest.raises(ConfigError, match="--num-gpus 4 but nvidia-smi finds 3 GPU"):
         launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
+    hosts = tmp_path / "hosts"  # a multi-node run's GPUs are the other nodes': this one's count says nothing
+    hosts.write_text("node-a slots=8\nnode-b slots=8\n")
+    assert "--num_gpus" in launcher.launch_command("sft", tmp_path / "c.yaml", 8, None, hosts, False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert "--num_gpus" in launcher.launch_command("sft", tmp_path / "c.yaml", 4, None, None, False)
 
@@ -859,6 +862,15 @@ def test_a_launcher_that_exits_0_without_publishing_final_is_a_failure(tmp_path,
     assert res.exit_code == 1 and "exited with code 0 but" in res.stderr and "has no complete final/" in res.stderr
     monkeypatch.setattr(app, "run_launcher", launcher(True))
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "2", "--set", f"output_dir={out}", "--overwrite")
+    assert res.exit_code == 0, res.output
+    # not where no final/ is due (PPO's train.checkpoints: false), nor on a --hostfile run, whose final/ another
+    # node published (this node's view of the shared filesystem may lag)
+    assert not app.publishes_final(type("C", (), {"train": type("T", (), {"checkpoints": False})()})())
+    assert app.publishes_final(type("C", (), {"train": object()})())
+    monkeypatch.setattr(app, "run_launcher", launcher(False))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--hostfile", str(hosts), "--set", f"output_dir={tmp_path}/h")
     assert res.exit_code == 0, res.output
 
 

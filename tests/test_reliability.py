@@ -549,6 +549,12 @@ def test_stop_file_requests_reach_every_rank_and_a_second_ctrl_c_stops_at_once(t
     clock[0] += 1.5
     assert not request(signal.SIGINT)  # the user's second Ctrl-C: forwarded as usual, stopping at once
     assert not StopFileRequest(path)(signal.SIGHUP) and not path.exists()  # a new request object clears it
+    path.mkdir()  # unreadable now (a shared filesystem's passing error): no request, read again next step
+    assert stop.file_request() == 0
+    path.rmdir()
+    path.write_text("15\n")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # read by each node's local rank 0 only; `requested` shares it
+    assert stop.file_request() == 0
 
 
 def test_a_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, monkeypatch):
