@@ -253,23 +253,38 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, object]:
 @pytest.fixture
 def host_reads(monkeypatch) -> "collections.Counter[str]":
     """Every value the project's code (stages/) reads from a tensor into Python during the test -- float(),
-    int(), bool(), .item(), .tolist() -- counted by "file:function". On a GPU each such read waits for all
-    queued work (a host sync), so a test can bound how often a loop makes one. Reads inside libraries
-    (transformers, DeepSpeed) are not counted."""
+    int(), bool(), .item(), .tolist() -- and every tensor it indexes with a Python list, counted by
+    "file:function". On a GPU each such read waits for all queued work (a host sync), and so does each list
+    index (copied to the device by a blocking copy), so a test can bound how often a loop makes one. Reads inside
+    libraries (transformers, DeepSpeed) are not counted (test_fastpath's profiler count sees those)."""
     import collections
 
     import torch
 
     reads: collections.Counter[str] = collections.Counter()
     ours = str(Path(__file__).resolve().parent.parent / "stages")
+
+    def count(suffix: str = "") -> None:
+        caller = sys._getframe(2).f_code
+        if caller.co_filename.startswith(ours):
+            reads[f"{Path(caller.co_filename).name}:{caller.co_name}{suffix}"] += 1
+
     for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *args, _real=real, **kwargs):
-            caller = sys._getframe(1).f_code
-            if caller.co_filename.startswith(ours):
-                reads[f"{Path(caller.co_filename).name}:{caller.co_name}"] += 1
+            count()
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    # a Python list as an index: copied to the device at each use, a blocking copy (as much a sync as a read)
+    for name in ("__getitem__", "__setitem__"):
+        real = getattr(torch.Tensor, name)
+
+        def indexed(self, index, *args, _real=real):
+            if isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index)):
+                count(" (list index)")
+            return _real(self, index, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, indexed)
     return reads

@@ -91,8 +91,9 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor, device: torch.device) ->
 class GlobalMeans:
     """Accumulate named (sum, count) pairs on a rank; `reduce` returns sum/count over all ranks, in one
     all-reduce (every rank must call it with the same names in the same order). A tensor added stays on its
-    device (summed there, detached, in float64): nothing is read back to the host before `reduce`, whose
-    one read is the only host sync however many values were added."""
+    device (summed there, detached, in float64): nothing is read back to the host before `reduce`, which copies
+    the Python numbers added over in one copy and reads the totals back in one read, however many values were
+    added."""
 
     def __init__(self) -> None:
         self.sums: dict[str, list[float | torch.Tensor]] = {}

@@ -271,7 +271,8 @@ def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], roll
 
 
 # --------------------------------------------------------------------------------------------- update
-def chunks(items: list[int], size: int) -> list[list[int]]:
+def chunks(items: Any, size: int) -> list[Any]:
+    """Consecutive slices of at most `size` of a list or a 1-D tensor (views of the tensor)."""
     return [items[s:s + size] for s in range(0, len(items), size)]
 
 
@@ -300,13 +301,13 @@ def update(
         """A micro-batch's metric contribution, kept on the device (no host read until the update's reduce)."""
         pending[-1].append((name, value.detach(), count))
 
-    def step(engine: Any, micro: list[list[int]], loss_of: Callable[[list[int]], torch.Tensor],
+    def step(engine: Any, micro: list[torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor],
              guard: LossGuard) -> float | None:
         """optimizer_step; then the metrics of its micro-batches, but those of one skipped as non-finite
         (train.on_nonfinite: skip; the same on every rank, so GlobalMeans' names stay in step)."""
         pending.clear()
 
-        def each(rows: list[int]) -> torch.Tensor:
+        def each(rows: torch.Tensor) -> torch.Tensor:
             pending.append([])
             return loss_of(rows)
 
@@ -318,7 +319,9 @@ def update(
         return norm
 
     for _ in range(ppo.ppo_epochs):
-        order = torch.randperm(ids.shape[0], generator=gen).tolist()
+        # the shuffled rows, copied to the device once per epoch: its slices index the rollout there (a Python
+        # list as an index is copied over, blocking, at every use)
+        order = torch.randperm(ids.shape[0], generator=gen).to(ids.device)
         for mb in chunks(order, t.mini_batch_size):
             micro = chunks(mb, t.micro_batch_size)
             # the divisors stay tensors (no host read); float32, as the losses, which a float64 0-d divisor
@@ -342,7 +345,7 @@ def update(
                 ptx_counts = [trained_token_count(b["labels"]) for b in ptx_batches]
                 n_ptx = all_reduce_sum(torch.stack(ptx_counts), dist.device).sum().clamp(min=1.0).float()
 
-            def policy_micro(rows: list[int]) -> torch.Tensor:
+            def policy_micro(rows: torch.Tensor) -> torch.Tensor:
                 m = resp_mask[rows]
                 logp, ent = response_logprobs(policy, ids[rows], mask[rows], p, rollout.response[rows],
                                               ppo.entropy_coef > 0, t.logprob_chunk,
@@ -365,14 +368,14 @@ def update(
                     note("policy/ratio", masked_sum(ratio, m), n)
                     note("policy/ratio_sq", masked_sum(ratio**2, m), n)
                 if ptx_batches:
-                    i = micro.index(rows)
+                    i = len(pending) - 1  # this micro-batch's place in the step (`each` opened its entry)
                     batch = ptx_batches[i]
                     nll = shifted_nll_sum(lm_forward(policy, batch), batch["labels"])
                     total = total + ppo.ptx_coef * nll * k / n_ptx
                     note("loss/ptx", nll, ptx_counts[i])
                 return total
 
-            def critic_micro(rows: list[int]) -> torch.Tensor:
+            def critic_micro(rows: torch.Tensor) -> torch.Tensor:
                 m = resp_mask[rows]
                 values = critic(ids[rows], mask[rows])[:, p - 1:-1]
                 vl, vclip = value_loss(values, exp["values"][rows], exp["returns"][rows], m, ppo.value_clip or None)
