@@ -333,7 +333,7 @@ def _listed(changes: list[str]) -> str:
 
 
 #: how the plan describes each action
-ACTION_NOTES = {"skip": "complete: skipped", "resume": "partial output: resumed",
+ACTION_NOTES = {"skip": "complete, skipped", "resume": "partial output: resumed",
                 "train": "trained", "retrain": "trained afresh (--force, or an earlier stage is retrained)"}
 
 

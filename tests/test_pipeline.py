@@ -780,7 +780,7 @@ def test_pipeline_dry_run_plans_each_stage_as_the_run_would_and_refuses_a_change
     assert "train.lr: 0.5 ->" in " ".join(res.stderr.split()), res.stderr
     res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--allow-config-change")
     assert res.exit_code == 0, res.output
-    assert "sft (complete: skipped although its config changed)" in res.stdout
+    assert "sft (complete, skipped although its config changed)" in res.stdout
     assert "rm (partial output: resumed):" in res.stdout and "--resume" in res.stdout
     res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--force")
     assert res.exit_code == 0 and res.stdout.count("(trained afresh (--force, or an earlier stage") == 2

@@ -35,12 +35,12 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 
 
 def plan_lines(stdout: str) -> dict[str, str]:
-    """`label: command` lines of the printed plan, by label."""
+    """`label (action): command` lines of the printed plan, by label."""
     lines = {}
     for line in stdout.splitlines():
         label, sep, rest = line.partition(": ")
         if sep and " -m rlhf_cli " in rest:
-            lines[label.strip()] = rest
+            lines[label.strip().split(" (", 1)[0]] = rest
     return lines
 
 
