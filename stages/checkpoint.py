@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from stages import faults
+from stages.runtime import atomic_write_text
 from stages.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -417,12 +418,6 @@ def ensure_dir(path: Path, what: str = "output_dir") -> None:
         raise ConfigError(f"{what} {path}: cannot create it ({exc.strerror or exc})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: not writable")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- HF save

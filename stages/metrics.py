@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stages.checkpoint import atomic_write_text
+from stages.runtime import atomic_write_text
 from stages.errors import RlhfError
 
 

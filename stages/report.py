@@ -505,7 +505,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, smooth: float = 0.0, x_axi
     "critic_only_iterations"}], "monitor_events",
     "metrics": {key: {"first", "last", "max", "seeds"}}}}}; paths are strings, non-finite numbers None.
     Raises DataError when a directory has no metrics.jsonl or no run has a plottable metric."""
-    from stages.checkpoint import atomic_write_text, ensure_dir
+    from stages.checkpoint import ensure_dir
+    from stages.runtime import atomic_write_text
 
     if not run_dirs:
         raise ConfigError("no run directories given (expected one or more stage output directories)")

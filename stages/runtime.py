@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import psutil
@@ -17,6 +18,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` under a temporary name beside it (`.tmp-NAME`), then rename it into place: a reader
+    sees the old file or the whole new one, never half of it; the temporary file is removed when the write
+    fails."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def call_forwarding_signals(

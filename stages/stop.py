@@ -112,15 +112,11 @@ def file_request() -> int:
 
 
 def write_request(path: Path, signum: int) -> None:
-    """Ask every rank watching `path` to stop as on `signum` (written under a temporary name, then renamed: no
-    rank reads a half-written file; the temporary file is removed when the write fails)."""
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    try:
-        part.write_text(f"{int(signum)}\n", encoding="utf-8")
-        os.replace(part, path)
-    except OSError:
-        part.unlink(missing_ok=True)
-        raise
+    """Ask every rank watching `path` to stop as on `signum` (atomic_write_text: no rank reads a half-written
+    file)."""
+    from stages.runtime import atomic_write_text
+
+    atomic_write_text(path, f"{int(signum)}\n")
 
 
 def requested(device: torch.device) -> int:

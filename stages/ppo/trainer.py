@@ -27,7 +27,6 @@ from torch.profiler import record_function
 
 from stages import faults, stop
 from stages.checkpoint import (
-    atomic_write_text,
     describe_failure,
     load_latest_checkpoint,
     nonfinite_parameter,
@@ -86,6 +85,7 @@ from stages.ppo.tricks import (
     whiten,
 )
 from stages.rendering import check_rendering, read_rendering, rendering_record
+from stages.runtime import atomic_write_text
 from stages.trainer import (
     EpochSampler,
     LossGuard,
