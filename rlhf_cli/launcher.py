@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import psutil
 from rlhf_cli.config_loader import read_user_text
 from stages.runtime import call_forwarding_signals, free_port, missing_accelerator
 from stages.errors import ConfigError
-from stages.stop import SIGNALS, STOP_FILE_VAR, write_request
+from stages.stop import SIGNALS, STOP_FILE_VAR, stops_at_once, write_request
 
 
 def inside_launcher(env: dict[str, str] | None = None) -> bool:
@@ -276,7 +275,7 @@ class StopFileRequest:
                 print(f"rlhf: could not write the stop file {self.path} ({exc}); stopping the workers", flush=True)
                 return False
             return True
-        return not (signum == signal.SIGINT == self.first and now - self.at >= 2.0)
+        return not stops_at_once(self.first, self.at, signum, now)
 
 
 def worker_processes(launcher_pid: int) -> list["psutil.Process"]:

@@ -67,8 +67,15 @@ def _handler(signum: int, frame: Any) -> None:
     now = time.monotonic()
     if not _state["signum"]:
         _state["signum"], _state["at"] = signum, now
-    elif signum == signal.SIGINT and _state["signum"] == signal.SIGINT and now - _state["at"] >= 2.0:
+    elif stops_at_once(_state["signum"], _state["at"], signum, now):
         raise KeyboardInterrupt
+
+
+def stops_at_once(first: int, at: float, signum: int, now: float) -> bool:
+    """Whether `signum`, received at `now` after a first stop signal `first` at `at`, means stop at once: a user's
+    second Ctrl-C, SIGINT after a SIGINT at least 2 s earlier (a faster repeat is a scheduler's or a shaky
+    finger's, and is ignored like a repeated SIGTERM)."""
+    return signum == signal.SIGINT == first and now - at >= 2.0
 
 
 def arm() -> None:
