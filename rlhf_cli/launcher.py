@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from rlhf_cli.config_loader import read_user_text
-from stages.runtime import call_forwarding_signals, free_port, missing_accelerator
+from stages.runtime import call_forwarding_signals, chosen_accelerator, free_port, missing_accelerator
 from stages.errors import ConfigError
 from stages.stop import SIGNALS, STOP_FILE_VAR, stops_at_once, write_request
 
@@ -184,8 +184,7 @@ def gpu_selection(count: int, visible: list[str], this_node: bool = True) -> lis
     nvidia-smi finds, is a ConfigError (the runner would start the extra ranks anyway, each failing with a CUDA
     error). A multi-node run's nodes are not this one: their GPUs are not counted here."""
     if not visible:
-        on_cuda = (os.environ.get("DS_ACCELERATOR") or missing_accelerator(os.environ) or "cuda") == "cuda"
-        present = gpu_uuids() if this_node and on_cuda else {}
+        present = gpu_uuids() if this_node and chosen_accelerator(os.environ) == "cuda" else {}
         if present and count > len(present):
             raise ConfigError(f"--num-gpus {count} but nvidia-smi finds {len(present)} GPU(s) on this node")
         return ["--num_gpus", str(count)]
@@ -222,7 +221,7 @@ def launch_env(num_procs: int, stop_file: Path | None = None) -> dict[str, str]:
     accelerator = missing_accelerator(os.environ)
     if accelerator is not None:
         added["DS_ACCELERATOR"] = accelerator
-    if (os.environ.get("DS_ACCELERATOR") or accelerator) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if chosen_accelerator(os.environ) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         added["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, num_procs)))
     return added
 

@@ -84,6 +84,12 @@ def missing_accelerator(env: dict[str, str] | os._Environ) -> str | None:
     return "cpu" if "DS_ACCELERATOR" not in env and not cuda_available() else None
 
 
+def chosen_accelerator(env: dict[str, str] | os._Environ) -> str:
+    """The accelerator DeepSpeed's workers will use: DS_ACCELERATOR when set, else "cpu" without a CUDA device,
+    else "cuda"."""
+    return env.get("DS_ACCELERATOR") or missing_accelerator(env) or "cuda"
+
+
 def select_accelerator_env(env: dict[str, str] | os._Environ | None = None) -> None:
     """Pick DeepSpeed's CPU accelerator when no CUDA device is present (unless DS_ACCELERATOR is set)."""
     env = os.environ if env is None else env
