@@ -181,7 +181,7 @@ def optimizer_step(
     reported = engine.get_global_grad_norm()
     if reported is not None:
         grad_norm = reported
-    if getattr(engine, "fp16_enabled", lambda: False)() and not engine.was_step_applied():
+    if fp16_enabled(engine) and not engine.was_step_applied():
         return None  # fp16's loss scaler found an overflow and skipped the step (its norm is inf: not a figure)
     if grad_norm is None:
         return None
@@ -194,10 +194,15 @@ def optimizer_step(
     return norm
 
 
+def fp16_enabled(engine: Any) -> bool:
+    """Whether `engine` trains in fp16 with DeepSpeed's loss scaler (False for an engine without the method)."""
+    return bool(getattr(engine, "fp16_enabled", lambda: False)())
+
+
 def fp16_skipped_steps(engine: Any) -> float | None:
     """How many optimizer steps fp16's loss scaler has skipped for an overflow so far (DeepSpeed's count, kept in
     its checkpoints; the LR schedule does not advance on them); None without fp16."""
-    if not getattr(engine, "fp16_enabled", lambda: False)():
+    if not fp16_enabled(engine):
         return None
     return float(getattr(engine, "skipped_steps", 0))
 
