@@ -108,15 +108,18 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     data = cfg.data
     log = BadRowLog()
     styles: set[str] = set()
+
+    def split_report(prompts: list[list[int]], cut: int, found: BadRowLog) -> dict[str, Any]:
+        return {"rows_read": len(prompts), "cut": cut, "skipped_rows": found.total,
+                "skipped_by_reason": dict(found.reasons)}
+
     train, cut = load_prompts(data.train, data, tokenizer, log, styles)
-    report: dict[str, Any] = {"train": {"rows_read": len(train), "cut": cut, "skipped_rows": log.total,
-                                        "skipped_by_reason": dict(log.reasons)}}
+    report: dict[str, Any] = {"train": split_report(train, cut, log)}
     held = None
     if data.eval is not None:
         eval_log = BadRowLog()
         held, eval_cut = load_prompts(data.eval, data, tokenizer, eval_log, styles)
-        report["eval"] = {"rows_read": len(held), "cut": eval_cut, "skipped_rows": eval_log.total,
-                          "skipped_by_reason": dict(eval_log.reasons)}
+        report["eval"] = split_report(held, eval_cut, eval_log)
     elif data.eval_fraction > 0:
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
         report["eval"] = {"held_out_of_train": len(held)}
