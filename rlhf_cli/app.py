@@ -489,7 +489,8 @@ def pipeline(
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
                   + (["--allow-config-change"] if allow_config_change else [])]
         out.rule("rlhf pipeline: plan")
-        for act in stage_actions(runs, force, resolved, allow_config_change):  # (a changed complete stage: refused)
+        actions = stage_actions(runs, force, resolved, allow_config_change)  # (a changed complete stage: refused)
+        for act in actions:
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
@@ -502,12 +503,11 @@ def pipeline(
                 return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet)
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
-                check_pipeline_data(runs, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch),
-                                    force)
+                check_pipeline_data(actions, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch))
         if dry_run or check_data:
             out.print(f"dry run: every config is valid{'; the data too' if check_data else ''}; nothing trained")
             return
-        run_pipeline(cfg, launch, force, out, resolved, allow_config_change)
+        run_pipeline(cfg, launch, force, out, resolved, allow_config_change, actions)
     except RlhfError as exc:
         fail(exc, debug)
 

@@ -81,18 +81,18 @@ def check_data(stage: str, cfg: Any, world_size: int) -> Any:
     return getattr(importlib.import_module(module), func)(cfg, world_size)
 
 
-def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[StageRun, list[str]], Any],
-                        heading: Callable[[str], None], scratch: Path, force: bool = False) -> None:
+def check_pipeline_data(actions: list[StageAction], world_size: int, load: Callable[[StageRun, list[str]], Any],
+                        heading: Callable[[str], None], scratch: Path) -> None:
     """`rlhf pipeline --check-data`: every stage's data check, in order (`load(run, overrides)` gives its
-    config). A stage that reads the output of an earlier stage the pipeline will (re)train — not complete yet,
-    `force`, or after another (re)trained stage: `will_train`, as in `run_pipeline` — reads a stand-in folder in `scratch`
+    config). A stage that reads the output of an earlier stage the pipeline will (re)train — any action but
+    "skip" in `actions`, as `stage_actions` decided for the run — reads a stand-in folder in `scratch`
     instead, holding what that stage's check returned: the tokenizer its run would save and the rendering record
     it would write. So the RM's pairs and PPO's prompts are tokenized, and PPO's rendering checked, as they will
     be; nothing is written to the pipeline's folders. An error names its stage, and a stage output for a
     stand-in's path."""
     stand_ins: dict[str, str] = {}  # the output folder of a stage still to be trained -> its stand-in
-    retrained = False
-    for run in runs:
+    for act in actions:
+        run = act.run
         heading(f"{run.label}: data check")
         overrides = [_stand_in(item, stand_ins) for item in run.overrides]
         try:
@@ -102,8 +102,7 @@ def check_pipeline_data(runs: list[StageRun], world_size: int, load: Callable[[S
             for out, folder in stand_ins.items():
                 text = text.replace(folder, f"{out} (not trained yet: what its run would hand on)")
             raise type(exc)(f"pipeline stage {run.label}: {text}") from None
-        if run.stage != "ppo" and will_train(run, force, retrained):
-            retrained = True
+        if run.stage != "ppo" and act.action != "skip":
             tokenizer, rendering = handed
             folder = scratch / run.label
             tokenizer.save_pretrained(str(folder))
@@ -338,11 +337,14 @@ ACTION_NOTES = {"skip": "complete, skipped", "resume": "partial output: resumed"
 
 
 def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
-                 resolved: dict[str, str] | None = None, allow_changes: bool = False) -> dict[str, Any]:
+                 resolved: dict[str, str] | None = None, allow_changes: bool = False,
+                 actions: list[StageAction] | None = None) -> dict[str, Any]:
     """Run every stage as `stage_actions` decides (skipping complete ones unless `force`; see there), then eval,
-    report and the summary."""
+    report and the summary. `actions`: that decision when already taken (the CLI prints it first as the plan;
+    deciding again would fingerprint every complete stage's inputs a second time)."""
     runs = plan(cfg)
-    actions = stage_actions(runs, force, resolved, allow_changes)
+    if actions is None:
+        actions = stage_actions(runs, force, resolved, allow_changes)
     root = Path(cfg.output_dir)
     sft = root / "sft"
     for i, act in enumerate(actions, 1):

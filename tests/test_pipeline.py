@@ -716,7 +716,7 @@ def test_pipeline_check_data_stands_in_for_each_stage_the_pipeline_will_train(tm
     """Which earlier outputs each stage's data check reads, as `run_pipeline` decides what it retrains: a complete
     stage it keeps is read as it is; one it will (re)train is replaced by its stand-in (what its check returned)."""
     from rlhf_cli.config_loader import load_config
-    from stages.pipeline import check_pipeline_data, plan
+    from stages.pipeline import check_pipeline_data, plan, stage_actions
 
     root = tmp_path / "runs"
     for stage in complete:
@@ -739,7 +739,8 @@ def test_pipeline_check_data_stands_in_for_each_stage_the_pipeline_will_train(tm
     monkeypatch.setattr(pl, "check_data", check)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    check_pipeline_data(runs, 1, lambda run, overrides: (run.label, overrides), lambda _: None, scratch, force)
+    check_pipeline_data(stage_actions(runs, force), 1, lambda run, overrides: (run.label, overrides), lambda _: None,
+                        scratch)
     expect = {name: str(root / name if name in real else scratch / name) for name in ("sft", "rm")}
     assert read == {"sft": [], "rm": [expect["sft"]], "ppo-max": [expect["sft"], expect["rm"]]}
     for name in {"sft", "rm"} - set(real):  # a stand-in holds the rendering record its stage's check returned
