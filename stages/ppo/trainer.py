@@ -208,23 +208,23 @@ def scoring_rows(cfg: PPOConfig) -> int:
 
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
-                  ending: RewardEnding, with_values: bool = True) -> dict[str, torch.Tensor]:
-    """Step 2: per response token old log-prob, reference log-prob, entropy and value (not without
-    `with_values`: validation has no use for the critic); per response the raw score (read where the RM's
-    training data ends a turn, `ending`; see raw_scores)."""
+                  ending: RewardEnding, for_update: bool = True) -> dict[str, torch.Tensor]:
+    """Step 2: per response token old log-prob, reference log-prob, and (`for_update`; validation needs neither)
+    entropy and value; per response the raw score (read where the RM's training data ends a turn, `ending`; see
+    raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, scoring_rows(cfg)
     lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size)
-    keys = ("logp", "ref_logp", "entropy", "values", "raw") if with_values else ("logp", "ref_logp", "entropy", "raw")
+    keys = ("logp", "ref_logp", "raw") + (("entropy", "values") if for_update else ())
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for s in range(0, ids.shape[0], chunk):
         i, m, resp = ids[s:s + chunk], mask[s:s + chunk], rollout.response[s:s + chunk]
-        logp, ent = response_logprobs(models["policy"], i, m, p, resp, True, *lp_args)
+        logp, ent = response_logprobs(models["policy"], i, m, p, resp, for_update, *lp_args)
         ref_logp, _ = response_logprobs(models["reference"], i, m, p, resp, False, *lp_args)
         parts["logp"].append(logp)
-        parts["entropy"].append(ent)
         parts["ref_logp"].append(ref_logp)
-        if with_values:
+        if for_update:
+            parts["entropy"].append(ent)
             parts["values"].append(models["critic"](i, m)[:, p - 1:-1])
         parts["raw"].append(raw_scores(cfg.generation, models["reward"], i, m, rollout.truncated[s:s + chunk], ending))
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -514,7 +514,7 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             p_ids, p_mask = left_pad([prompts[i] for i in rows], pad_id, dist.device)
             rollout = sample(model, p_ids, p_mask, cfg.generation, stop_ids, pad_id, vocab,
                             prompt_capacity=cfg.data.max_prompt_length)
-            scored = score_rollout(cfg, models, rollout, ending, with_values=False)  # (training's forward batches)
+            scored = score_rollout(cfg, models, rollout, ending, for_update=False)  # (training's forward batches)
             raw = scored["raw"]
             kl = masked(kl_k1(scored["logp"], scored["ref_logp"]), rollout.response_mask.float()).sum(1)  # per response
             g.add("eval/reward", (raw * keep).sum(), keep.sum())
