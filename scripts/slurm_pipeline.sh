@@ -3,7 +3,7 @@
 # from the job's node list.
 #
 #   sbatch scripts/slurm_pipeline.sh                                         # configs/llama-7b-8gpu, 2 nodes
-#   sbatch --nodes 4 scripts/slurm_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --set seeds=[1,2]
+#   sbatch --nodes 4 scripts/slurm_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --set eval.num_prompts=256
 #   DRY_RUN=1 scripts/slurm_pipeline.sh CONFIG    # inside an allocation: write the hostfile, print the command
 #
 # Arguments: the pipeline config (default configs/llama-7b-8gpu/pipeline.yaml), then options passed to
