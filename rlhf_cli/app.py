@@ -194,8 +194,10 @@ def run_stage(
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {escape(where)}", highlight=False, soft_wrap=True)  # ([...] of a --set list)
         from stages.models import check_stage_models
+        from stages.sniff import sniff_data
 
         check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
+        sniff_data(stage, cfg)  # and data of another stage's kind (or format/columns matching no row)
         if _fp16_without_gpu(cfg, num_nodes, hostfile):  # DeepSpeed's CPU accelerator has no fp16
             text_fp16 = "deepspeed.precision: fp16 needs a GPU, and this machine has none; use bf16 or fp32 here"
             if not dry_run:
@@ -473,18 +475,21 @@ def pipeline(
     Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and summary.json, and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
     from stages.pipeline import ACTION_NOTES, plan, run_pipeline, stage_actions
+    from stages.sniff import sniff_data
 
     try:
         cfg = load_config("pipeline", config, set_ or [])
         runs = plan(cfg)
         resolved = {}  # what each stage will resolve its config to: a complete stage's must not have changed
+        loaded = {}
         for run in runs:  # every stage config must validate before anything trains
             try:
-                resolved[run.label] = dump_config(load_config(run.stage, run.config, run.overrides, preset=run.preset,
-                                                              not_yet=run.not_yet))
+                loaded[run.label] = load_config(run.stage, run.config, run.overrides, preset=run.preset,
+                                                not_yet=run.not_yet)
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
                                   f"overrides): {exc}") from None
+            resolved[run.label] = dump_config(loaded[run.label])
         launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
                   + (["--allow-config-change"] if allow_config_change else [])]
@@ -494,6 +499,12 @@ def pipeline(
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
+        for act in actions:  # every stage that will train reads data of its kind: before the first one trains
+            if act.action != "skip":
+                try:
+                    sniff_data(act.run.stage, loaded[act.run.label])
+                except RlhfError as exc:
+                    raise type(exc)(f"pipeline stage {act.run.label}: {exc}") from None
         if check_data:
             import tempfile
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.config import PPODataConfig
+from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text, parse_messages,
                          read_rows)
 from stages.errors import DataError
@@ -114,3 +114,10 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
     return prompts, truncated
+
+
+def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:
+    """How PPO reads its PTX data: SFT conversations in data.ptx_format, rendered as the prompts are."""
+    return SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
+                         chat_template=data.chat_template, use_chat_template=data.use_chat_template,
+                         on_bad_row=data.on_bad_row, eval_fraction=0.0)

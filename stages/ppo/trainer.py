@@ -36,7 +36,7 @@ from stages.checkpoint import (
     save_checkpoint,
     save_hf,
 )
-from stages.config import PPOConfig, SFTDataConfig
+from stages.config import PPOConfig
 from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
@@ -62,7 +62,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import load_prompts
+from stages.ppo.prompts import load_prompts, ptx_data_config
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
@@ -134,9 +134,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                       f"{data.max_prompt_length} tokens{cut_where}{skipped}")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
-        sft = SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
-                            chat_template=data.chat_template, use_chat_template=data.use_chat_template,
-                            on_bad_row=data.on_bad_row, eval_fraction=0.0)
+        sft = ptx_data_config(data)
         ptx_report, ptx_log = DataReport(), BadRowLog()
         ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
         ptx_report.count_skipped(ptx_log)

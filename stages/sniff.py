@@ -1,0 +1,100 @@
+"""A quick look at a stage's data before any model loads: the first rows of each local data file, parsed as
+the stage's run parses them (no tokenizer, no hub download).
+
+`rlhf sft|train-rm|ppo` look before they launch (and in --dry-run), `rlhf pipeline` looks at every stage's data
+before its first stage trains: an RM config pointed at SFT conversations, or a `data.format`/`data.columns`
+that matches no row, then fails in seconds, not after the SFT stage's hours or a DeepSpeed launch. A file
+some of whose first rows are bad but others good passes: judging those is `data.on_bad_row`'s job, in the run
+(or `--check-data`, which reads every row and tokenizes it).
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable
+
+from stages.config import DataSource, PPODataConfig, RMDataConfig, SFTDataConfig
+from stages.data import BadRow, BadRowLog, detect_format, parse_conversation, read_rows
+from stages.errors import DataError
+from stages.pairs import IdenticalPair, detect_pair_format, parse_pair
+from stages.ppo.prompts import detect_prompt_format, parse_prompt, ptx_data_config
+
+#: records read from the top of each local data file
+SNIFF_ROWS = 20
+
+Parse = Callable[[dict[str, Any]], object]
+
+
+def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows: int = SNIFF_ROWS) -> None:
+    """Parse the first `rows` records of `source` (one local file; a hub dataset is not read) with `parse`,
+    which raises BadRow for a record it cannot use. Raises DataError when none of them parses, naming the first
+    record's reason and the `settings` that choose how records are read; returns at the first that does."""
+    if not all(Path(p).exists() for p in source.paths()):
+        return
+    log = BadRowLog()
+    first, tried = "", 0
+    for row in islice(read_rows(source, "skip", log), rows):
+        try:
+            parse(row.data)
+            return
+        except BadRow as exc:
+            first, tried = first or f"row {row.row}: {exc}", tried + 1
+    if tried:
+        which = f"the first {tried}" if tried == rows else f"the {tried}"
+        raise DataError(f"none of {which} rows of {source.paths()[0]} is {what} ({first}): is it another "
+                        f"stage's data, or do {settings} need setting?")
+    if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
+        raise DataError(f"{source.paths()[0]}: no readable row{log.summary()}")
+
+
+def _parser(detect: Callable[[dict[str, Any]], str], parse: Callable[[dict[str, Any], str], object],
+            fmt: str) -> Parse:
+    """A record parser: `parse(record, fmt)`, with fmt "auto" detected from the record first."""
+    return lambda record: parse(record, detect(record) if fmt == "auto" else fmt)
+
+
+def sft_parser(data: SFTDataConfig) -> Parse:
+    return _parser(lambda r: detect_format(r, data.columns), lambda r, f: parse_conversation(r, f, data), data.format)
+
+
+def pair_parser(data: RMDataConfig) -> Parse:
+    def parse(record: dict[str, Any], fmt: str) -> object:
+        try:
+            return parse_pair(record, fmt, data)
+        except IdenticalPair:  # a pair in the right format (the run drops and counts it)
+            return None
+
+    return _parser(lambda r: detect_pair_format(r, data), parse, data.format)
+
+
+def prompt_parser(data: PPODataConfig) -> Parse:
+    return _parser(lambda r: detect_prompt_format(r, data), lambda r, f: parse_prompt(r, f, data), data.format)
+
+
+def stage_sources(stage: str, cfg: Any) -> list[tuple[str, DataSource, Parse, str, str]]:
+    """(config key, source, record parser, what a record should be, the keys that say how records are read) of
+    each data source `stage` reads."""
+    data = cfg.data
+    if stage == "sft":
+        parse, what = sft_parser(data), "an SFT conversation"
+    elif stage == "train-rm":
+        parse, what = pair_parser(data), "a preference pair"
+    else:
+        parse, what = prompt_parser(data), "a PPO prompt"
+    out = [(f"data.{split}", source, parse, what, "data.format / data.columns") for split in ("train", "eval")
+           if (source := getattr(data, split)) is not None]
+    if stage == "ppo" and data.ptx is not None and cfg.ppo.ptx_coef > 0:
+        out.append(("data.ptx", data.ptx, sft_parser(ptx_data_config(data)), "an SFT conversation (PTX)",
+                    "data.ptx_format / data.columns"))
+    return out
+
+
+def sniff_data(stage: str, cfg: Any) -> None:
+    """`sniff_file` on each file of each data source of `stage`'s config; the error names the config key."""
+    for key, source, parse, what, settings in stage_sources(stage, cfg):
+        for path in source.paths():
+            try:
+                sniff_file(source.model_copy(update={"path": path}), parse, what, settings)
+            except DataError as exc:
+                raise DataError(f"{key}: {exc}") from None

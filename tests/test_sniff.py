@@ -1,0 +1,114 @@
+"""The look at each stage's data before its run (stages/sniff.py): another stage's data, or a format/columns
+setting that matches no row, stops a stage before it launches and a pipeline before its first stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, invoke_cli, write_yaml
+from rlhf_cli.config_loader import load_config
+from stages.errors import DataError
+from stages.sniff import SNIFF_ROWS, sniff_data
+
+TINY = REPO / "configs" / "tiny"
+SFT_ROWS = TINY / "data" / "sft.jsonl"
+RM_ROWS = TINY / "data" / "rm.jsonl"
+PROMPTS = TINY / "data" / "prompts.jsonl"
+
+
+def _lines(path: Path, n: int) -> list[str]:
+    return path.read_text().splitlines(keepends=True)[:n]
+
+
+def _rm(*overrides: str):
+    return load_config("train-rm", TINY / "rm.yaml", [f"model.name_or_path={REPO}", *overrides],
+                       not_yet={"model.name_or_path"})
+
+
+def test_each_stage_reads_its_own_shipped_data():
+    sniff_data("sft", load_config("sft", TINY / "sft.yaml"))
+    sniff_data("train-rm", _rm())
+    sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", not_yet={"model.name_or_path",
+                                                                      "reward_model.name_or_path"}))
+
+
+def test_another_stages_data_is_refused_naming_key_file_row_and_reason():
+    with pytest.raises(DataError) as exc:
+        sniff_data("train-rm", _rm(f"data.train={SFT_ROWS}"))
+    assert str(exc.value).startswith(
+        f"data.train: none of the first {SNIFF_ROWS} rows of {SFT_ROWS} is a preference pair (row 1: missing key "
+        "'chosen' (keys present: messages)): is it another stage's data"), str(exc.value)
+    with pytest.raises(DataError, match=rf"^data\.train: none of the first {SNIFF_ROWS} rows of .*rm\.jsonl is an "
+                                        r"SFT conversation \(row 1: 'chosen' must be a string, got list\)"):
+        sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={RM_ROWS}", "data.format=auto"]))
+    # the eval source too, read in the configured format (messages)
+    with pytest.raises(DataError, match=r"^data\.eval: .*rm\.jsonl is an SFT conversation \(row 1: missing key 'messages'"):
+        sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.eval={RM_ROWS}"]))
+
+
+def test_a_file_with_fewer_rows_names_how_many_it_read_and_a_good_row_among_bad_ones_passes(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(_lines(SFT_ROWS, 3)))
+    with pytest.raises(DataError, match=r"none of the 3 rows of .*rows\.jsonl is a preference pair"):
+        sniff_data("train-rm", _rm(f"data.train={rows}"))
+    # judging a few bad rows is data.on_bad_row's job in the run: a pair at row 20 is enough here ...
+    rows.write_text("".join(_lines(SFT_ROWS, SNIFF_ROWS - 1) + _lines(RM_ROWS, 1)))
+    sniff_data("train-rm", _rm(f"data.train={rows}"))
+    # ... but not at row 21: only the first SNIFF_ROWS are read
+    rows.write_text("".join(_lines(SFT_ROWS, SNIFF_ROWS) + _lines(RM_ROWS, 1)))
+    with pytest.raises(DataError, match=f"none of the first {SNIFF_ROWS} rows"):
+        sniff_data("train-rm", _rm(f"data.train={rows}"))
+
+
+def test_each_file_of_a_list_and_only_local_files_are_read(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=rf"^data\.train: none of the first {SNIFF_ROWS} rows of {SFT_ROWS} "):
+        sniff_data("train-rm", _rm(f"data.train=[{RM_ROWS},{SFT_ROWS}]"))
+    import stages.data
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a hub dataset was read")
+
+    monkeypatch.setattr(stages.data, "_read_with_datasets", no_hub)
+    sniff_data("train-rm", _rm("data.train=Anthropic/hh-rlhf"))
+
+
+def test_unreadable_rows_and_identical_pairs(tmp_path):
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not json\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"garbage\.jsonl: no readable row \(skipped: 1 x invalid JSON, 1 x expected a "
+                                        r"JSON object, got list\)$"):
+        sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={garbage}"]))
+    same = tmp_path / "same.jsonl"  # identical chosen and rejected: a pair in the right format (the run drops it)
+    same.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
+    sniff_data("train-rm", _rm(f"data.train={same}", "data.eval_fraction=0", "data.format=auto"))
+
+
+def test_ptx_data_is_read_only_when_its_loss_is_on(tmp_path):
+    cfg = [f"data.ptx={RM_ROWS}"]
+    not_yet = {"model.name_or_path", "reward_model.name_or_path"}
+    sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", cfg, not_yet=not_yet))  # ppo.ptx_coef 0: unread
+    with pytest.raises(DataError, match=r"^data\.ptx: .* is an SFT conversation \(PTX\) \(row 1: 'chosen' must "
+                                        r"be a string, got list\): .* do data\.ptx_format / data\.columns need"):
+        sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", [*cfg, "ppo.ptx_coef=0.5"], not_yet=not_yet))
+
+
+def test_stage_commands_look_before_launching_and_the_pipeline_before_its_first_stage(tmp_path, hh_sample):
+    res = invoke_cli("train-rm", "--config", str(TINY / "sft.yaml"), "--dry-run", "--set",
+                     f"output_dir={tmp_path / 'rm'}")
+    assert res.exit_code == 1 and "error: data.train: none of the first 20 rows of " in res.stderr, res.output
+    assert "dry run: nothing trained" not in res.stdout
+    res = invoke_cli("sft", "--config", str(TINY / "sft.yaml"), "--set", f"output_dir={tmp_path / 'sft'}",
+                     "--set", f"data.train={hh_sample}", "--num-gpus", "2", "--set", "data.format=messages")
+    assert res.exit_code == 1 and "is an SFT conversation (row 1: missing key 'messages'" in res.stderr, res.output
+    assert not (tmp_path / "sft").exists()  # before the launch (and before the output folder is made)
+    cfg = yaml.safe_load((TINY / "pipeline.yaml").read_text())
+    cfg.update(output_dir=str(tmp_path / "runs"), sft={"config": str(TINY / "sft.yaml")},
+               rm={"config": str(TINY / "rm.yaml"), "set": [f"data.train={PROMPTS}"]}, ppo={"config": str(TINY / "ppo.yaml")})
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", cfg)))  # a real run, not a dry one
+    assert res.exit_code == 1 and "pipeline stage rm: data.train: none of the first 20 rows of " in res.stderr, \
+        res.output
+    assert not (tmp_path / "runs").exists()  # SFT never started
