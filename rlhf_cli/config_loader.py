@@ -6,6 +6,7 @@ Any problem raises `ConfigError` (exit code 2) with one message naming the key p
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import CONFIG_SCHEMAS, DataSource, Section, absolute_set_items, cli_marker, resolve_paths
+from stages.config import CONFIG_SCHEMAS, STAGE_SCHEMAS, DataSource, Section, absolute_set_items, cli_marker, resolve_paths
 from stages.errors import ConfigError
 from stages.yamlio import dump_yaml, load_yaml
 
@@ -190,12 +191,12 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             by_key[key] = [e for e in errs if e not in plain]
             if not by_key[key]:
                 del by_key[key]
-    def marker(key: str, line: str) -> str:
+    def marker(key: str, line: str, kind: str) -> str:
         """[given with ...] for a key at or above `key` given on the command line, or, for a check across
         keys (a section's or the whole config's), one its message names (in full, or inside the section by its
-        own name)."""
+        own name). (Not for an unknown or missing key: its message lists the valid keys, given ones among them.)"""
         given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))]
-        if not given:
+        if not given and kind not in ("extra_forbidden", "missing"):
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
                      or (k.startswith(key + ".") and re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", line))]
         return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
@@ -208,9 +209,23 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             lines = [_format_error(schema, merged)]
         else:
             lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))
-        unique.extend(line + marker(key, line) for line in lines)
+        unique.extend(line + marker(key, line, errs[0]["type"]) for line in lines)
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])
+
+
+def other_command_hint(stage: str, data: Any) -> str:
+    """A line saying which other command's config `data` is, when it validates as one (`rlhf sft -c rm.yaml`:
+    its loss section and data.duplicates are unknown to SFT); "" otherwise."""
+    for other in (*STAGE_SCHEMAS, "pipeline"):
+        if other == stage:
+            continue
+        try:
+            CONFIG_SCHEMAS[other].model_validate(data)
+        except ValidationError:
+            continue
+        return f"\n  (the file is a valid `rlhf {other}` config: is that the command you meant?)"
+    return ""
 
 
 def load_config(
@@ -237,8 +252,11 @@ def load_config(
         parts, value = parse_override(item)
         apply_override(data, parts, value)
         cli_keys.add(".".join(parts))
+    given = data  # as the file and the overrides give it (for other_command_hint)
     if stage == "ppo":
         from stages.ppo.presets import fill_preset
+
+        given = copy.deepcopy(data)
 
         try:
             fill_preset(data, preset)
@@ -247,7 +265,8 @@ def load_config(
     try:
         config = schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
+        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)
+                          + other_command_hint(stage, given)) from None
     resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet, flags)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths (to the
         # current directory when that set: was given with --set, like every other --set path)

@@ -97,6 +97,28 @@ def test_wrong_type_names_path_and_expectation(tmp_path):
     assert "[given with --set]" not in str(exc.value)
 
 
+def test_an_unknown_key_in_the_file_is_not_marked_as_given_with_set(tmp_path):
+    """The valid keys an unknown key's message lists may include one given with --set; that does not make the
+    unknown key a command-line one."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path, loss={"lm_coef": 0.0}), [f"output_dir={tmp_path / 'o'}"])
+    assert str(exc.value).splitlines()[0].endswith("unknown key 'loss' (valid here: seed, output_dir, model, train, "
+                                                   "deepspeed, logging, data)"), str(exc.value)
+
+
+def test_a_config_of_another_command_says_which(tmp_path):
+    tiny = REPO / "configs" / "tiny"
+    for command, path, meant in (("sft", tiny / "rm.yaml", "train-rm"), ("sft", tiny / "ppo.yaml", "ppo"),
+                                 ("ppo", tiny / "sft.yaml", "sft"), ("train-rm", tiny / "pipeline.yaml", "pipeline")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(command, path)
+        assert str(exc.value).endswith(f"\n  (the file is a valid `rlhf {meant}` config: is that the command you "
+                                       "meant?)"), (command, path, str(exc.value))
+    with pytest.raises(ConfigError) as exc:  # a plain mistake in a config of the right kind: no such line
+        load_config("sft", _cfg_file(tmp_path, train__lrr=1))
+    assert "the file is a valid" not in str(exc.value)
+
+
 def test_wrong_value_names_allowed_choices(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config("sft", _cfg_file(tmp_path), ["train.lr_scheduler=exp"])
