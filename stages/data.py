@@ -19,7 +19,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from stages.config import Columns, DataSource, SFTDataConfig
 from stages.errors import DataError
@@ -308,6 +308,57 @@ def load_conversations(
 class Segment:
     text: str
     train: bool
+    #: (start, end) in `text` of each special-token string a message's content held ("<|im_end|>" quoted in a
+    #: chat-template message): read as plain text, not as the control token (`text_ids`)
+    plain: tuple[tuple[int, int], ...] = ()
+
+
+#: a special-token string of a message's content stands as \ue000N\ue001 (private-use characters, in no chat
+#: template) while the template renders, N indexing the strings swapped out, so that the template's own control
+#: tokens can be told from the data's (`render_segments`)
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def special_strings(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the strings the tokenizer reads as special (control) tokens, longest first; None when
+    it has none (or is None)."""
+    if tokenizer is None:
+        return None
+    found = set(getattr(tokenizer, "all_special_tokens", []))
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    found |= {t.content for t in added if getattr(t, "special", False)}
+    found.discard("")
+    return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True))) if found else None
+
+
+def mark_specials(text: str, pattern: re.Pattern[str], swapped: list[str]) -> str:
+    """`text` with each special-token string swapped for a mark (`_MARK`) of its index in `swapped`."""
+    def swap(match: re.Match[str]) -> str:
+        swapped.append(match.group(0))
+        return f"\ue000{len(swapped) - 1}\ue001"
+
+    return pattern.sub(swap, text)
+
+
+def unmark(text: str, swapped: list[str]) -> tuple[str, tuple[tuple[int, int], ...]] | None:
+    """`text` with the marks swapped back, and the (start, end) of each swapped-back string; None when the
+    template changed a mark (a private-use character left, an index out of range)."""
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = length = 0
+    for match in _MARK.finditer(text):
+        index = int(match.group(1))
+        if index >= len(swapped):
+            return None
+        parts.append(text[pos:match.start()])
+        length += match.start() - pos
+        spans.append((length, length + len(swapped[index])))
+        parts.append(swapped[index])
+        length += len(swapped[index])
+        pos = match.end()
+    parts.append(text[pos:])
+    out = "".join(parts)
+    return None if "\ue000" in out or "\ue001" in out else (out, tuple(spans))
 
 
 def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[Segment]:
@@ -323,10 +374,10 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
     trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:])
     trained -= {i for i in assistant_idx[:-1] if not msgs[i][1].strip()}  # an empty earlier reply teaches nothing
     #                                         but to stop at once (its template EOS would be the trained token)
-    segments: list[Segment] = []
     if conv.style == RAW_PR:
         return [Segment(msgs[0][1], False), Segment(msgs[1][1], True)]
     if conv.style == RAW_HH:
+        segments: list[Segment] = []
         context = ""
         for i, (role, content) in enumerate(msgs):
             if role == "assistant":
@@ -336,20 +387,46 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
             else:
                 context += content if role == "system" else "\n\nHuman:" + content
         return segments
-    as_dicts = [{"role": r, "content": c} for r, c in msgs]
-    done = ""
-    for i in assistant_idx:
-        full = tokenizer.apply_chat_template(as_dicts[: i + 1], tokenize=False)
-        if i:
-            prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True)
-        else:  # an opening assistant turn: its header (and a default system prompt) is context too
-            prompt = opening_context(tokenizer, full)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
-        segments.append(Segment(prompt[len(done):], False))
-        segments.append(Segment(full[len(prompt):], i in trained))
-        done = full
-    return [s for s in segments if s.text]
+
+    def through_template(turns: Sequence[tuple[str, str]]) -> list[Segment]:
+        as_dicts = [{"role": r, "content": c} for r, c in turns]
+        out: list[Segment] = []
+        done = ""
+        for i in assistant_idx:
+            full = tokenizer.apply_chat_template(as_dicts[: i + 1], tokenize=False)
+            if i:
+                prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True)
+            else:  # an opening assistant turn: its header (and a default system prompt) is context too
+                prompt = opening_context(tokenizer, full)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
+            out.append(Segment(prompt[len(done):], False))
+            out.append(Segment(full[len(prompt):], i in trained))
+            done = full
+        return [seg for seg in out if seg.text]
+
+    return with_plain_specials(msgs, tokenizer, through_template)
+
+
+def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,
+                        render: Callable[[Sequence[tuple[str, str]]], list[Segment]]) -> list[Segment]:
+    """`render(turns)` (a chat template's render of the (role, content) turns, as segments) with each special-token
+    string inside a content recorded in its segment's `plain` spans, to be read as text: only the template's own
+    control tokens are control tokens (a scraped reply quoting "<|endoftext|>" must not teach the model to stop
+    there, nor a user turn end the turn). The strings are swapped for marks while the template renders, then
+    back; unless that gives the template's own render of the turns (a template that changes or cuts the content),
+    the turns are read as they render, control tokens and all."""
+    pattern = special_strings(tokenizer)
+    swapped: list[str] = []
+    marked = [(role, mark_specials(content, pattern, swapped)) for role, content in turns] if pattern else turns
+    segments = render(turns)
+    if not swapped:
+        return segments
+    back = [unmark(seg.text, swapped) for seg in render(marked)]  # (a rare row: the second render costs little)
+    spans = [b[1] for b, seg in zip(back, segments) if b is not None and b[0] == seg.text]
+    if len(spans) != len(segments) or len(back) != len(segments):
+        return segments
+    return [Segment(seg.text, seg.train, plain) for seg, plain in zip(segments, spans)]
 
 
 #: stands for an assistant turn's content in `opening_context` (invisible separators: in no real text)
@@ -373,6 +450,7 @@ class TokenizedExample:
     labels: list[int]
     prompt_truncated: bool = False
     response_truncated: bool = False
+    special_as_text: bool = False  # a message's content held a special-token string, read as text (Segment.plain)
 
 
 def bos_ids(tokenizer: Any) -> list[int]:
@@ -381,6 +459,35 @@ def bos_ids(tokenizer: Any) -> list[int]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     n = len(with_special) - len(plain)
     return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
+
+
+def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = ()
+             ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no BOS/EOS added) and each token's (start, end) characters ([] from a slow
+    tokenizer). A special token lying over a `plain` span (a special-token string from the data,
+    `with_plain_specials`) becomes that text's ordinary tokens (tokenized with split_special_tokens), each given
+    the special token's span. (A slow tokenizer, without offsets, keeps them as control tokens.)"""
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]] if fast else []
+    if not plain or not fast:
+        return ids, offsets
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    spans = iter(sorted(plain))
+    span = next(spans, None)
+    for token, (begin, end) in zip(ids, offsets):
+        while span is not None and span[1] <= begin:  # (a span no token lies over: the tokenizer read it as text)
+            span = next(spans, None)
+        if span is not None and begin <= span[0] and span[1] <= end:
+            as_text = tokenizer(text[begin:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            out_ids += as_text
+            out_offsets += [(begin, end)] * len(as_text)
+            span = next(spans, None)
+            continue
+        out_ids.append(token)
+        out_offsets.append((begin, end))
+    return out_ids, out_offsets
 
 
 def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
@@ -397,7 +504,7 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
     with the response: the sequence is the text's own tokenization.) Slow tokenizers (no offsets) go segment
     by segment too."""
     def alone() -> list[list[int]]:
-        return [tokenizer(seg.text, add_special_tokens=False)["input_ids"] for seg in segments]
+        return [text_ids(tokenizer, seg.text, seg.plain)[0] for seg in segments]
 
     if not getattr(tokenizer, "is_fast", False) or not segments:
         return alone()
@@ -406,16 +513,18 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
         starts.append(at)
         at += len(seg.text)
     bounds = sorted({start for start, seg in zip(starts, segments) if seg.train and seg.text} - {0})
-    enc = tokenizer("".join(seg.text for seg in segments), add_special_tokens=False, return_offsets_mapping=True)
+    plain = [(start + a, start + b) for start, seg in zip(starts, segments) for a, b in seg.plain]
+    ids, offsets = text_ids(tokenizer, "".join(seg.text for seg in segments), plain)
     out: list[list[int]] = [[] for _ in segments]
-    for token, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token, (begin, end) in zip(ids, offsets):
         after = bisect.bisect_right(bounds, begin)
         if after < len(bounds) and bounds[after] < end:
             return alone()  # this token runs into a response
         out[max(0, bisect.bisect_right(starts, begin) - 1)].append(token)
     last = max((i for i, seg in enumerate(segments) if seg.train), default=0)
     prompt = "".join(seg.text for seg in segments[:last])
-    if [t for part in out[:last] for t in part] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+    in_prompt = [span for span in plain if span[1] <= len(prompt)]
+    if [t for part in out[:last] for t in part] != text_ids(tokenizer, prompt, in_prompt)[0]:
         return alone()
     return out
 
@@ -451,7 +560,7 @@ def encode_segments(
         labels.append(eos if segments[-1].train else IGNORE)
     if labels:  # nothing before the first token predicts it (an empty prompt, no BOS): no loss there, and
         labels[0] = IGNORE  # packed, none from the previous example's end either
-    return TokenizedExample(ids, labels), split
+    return TokenizedExample(ids, labels, special_as_text=any(seg.plain for seg in segments)), split
 
 
 def prompt_cut(prompt_len: int, total: int, max_length: int, prompt_budget: int) -> int:
@@ -477,9 +586,8 @@ def truncate_example(ex: TokenizedExample, cut: int, max_length: int, head: int 
         ids, labels = ids[:head] + ids[head + cut:], labels[:head] + labels[head + cut:]
         if labels:
             labels[0] = IGNORE
-    return TokenizedExample(
-        ids[:max_length], labels[:max_length], prompt_truncated=cut > 0, response_truncated=len(ids) > max_length
-    )
+    return TokenizedExample(ids[:max_length], labels[:max_length], prompt_truncated=cut > 0,
+                            response_truncated=len(ids) > max_length, special_as_text=ex.special_as_text)
 
 
 def tokenize_segments(
@@ -562,6 +670,12 @@ class DataReport:
     identical_after_truncation: int = 0  # ... of which made identical by max_length (their difference cut away)
     duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
     styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
+    special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
+
+    def special_note(self) -> str:
+        """"; N with special-token text in a message, read as text" or "" when there were none."""
+        return f"; {self.special_as_text} with special-token text in a message, read as text" \
+            if self.special_as_text else ""
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""
@@ -583,6 +697,7 @@ class DataReport:
         self.count_style(style)
         self.prompt_truncated += ex.prompt_truncated
         self.response_truncated += ex.response_truncated
+        self.special_as_text += ex.special_as_text
         self.tokens += len(ex.input_ids)
         self.trained_tokens += sum(1 for t in ex.labels if t != IGNORE)
 

@@ -263,7 +263,7 @@ def end_at_last_eos(ex: TokenizedExample, eos: int, prompt_len: int) -> Tokenize
     last = max((i for i in range(prompt_len, len(ids)) if ids[i] == eos), default=None)
     if last is None or last == len(ids) - 1:
         return ex
-    return TokenizedExample(ids[: last + 1], ex.labels[: last + 1])
+    return TokenizedExample(ids[: last + 1], ex.labels[: last + 1], special_as_text=ex.special_as_text)
 
 
 class PairRows:
@@ -308,6 +308,7 @@ def tokenize_pairs(
         report.count_style(pair.style)
         report.prompt_truncated += chosen.prompt_truncated or rejected.prompt_truncated
         report.response_truncated += chosen.response_truncated or rejected.response_truncated
+        report.special_as_text += chosen.special_as_text or rejected.special_as_text
         report.tokens += len(chosen.input_ids) + len(rejected.input_ids)
         report.trained_tokens += sum(1 for t in chosen.labels if t != IGNORE)
     report.count_skipped(log)

@@ -220,7 +220,7 @@ def describe_pairs(split: str, report: DataReport) -> str:
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "
         f"{report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
-        f"(left), {report.response_truncated} responses (right){report.skipped_note()}"
+        f"(left), {report.response_truncated} responses (right){report.special_note()}{report.skipped_note()}"
     )
 
 

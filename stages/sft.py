@@ -120,7 +120,7 @@ def describe_report(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} examples{packed}; {report.tokens:,} tokens ({report.trained_tokens:,} "
         f"trained); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} responses "
-        f"(right){report.skipped_note()}"
+        f"(right){report.special_note()}{report.skipped_note()}"
     )
 
 

@@ -687,3 +687,67 @@ def test_hh_text_without_human_markers_is_a_bad_row_in_every_stage(tmp_path):
         parse_prompt({"chosen": "\r\n\r\n" + text.replace("\n", "\r\n\r\n")}, "hh", PPODataConfig(train="x.jsonl"))
     turns, chat = parse_prompt({"chosen": "Human: hi\n\nAssistant: hello"}, "hh", PPODataConfig(train="x.jsonl"))
     assert turns == [("user", "\n\nHuman: hi\n\nAssistant:")] and not chat
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_special_token_strings_in_chat_messages_are_read_as_text_in_every_stage(tmp_path, kind):
+    """A chat-template message quoting the tokenizer's control-token strings (scraped text with "</s>" or
+    "<|endoftext|>", a user typing "<|assistant|>") is read as text: the only control tokens are the template's.
+    Else SFT teaches the model to stop mid-reply, the RM reads its reward there, and a user turn can open an
+    assistant turn. SFT, the RM and PPO's prompts read it alike; the data report counts such examples."""
+    from stages.config import PPODataConfig, RMDataConfig
+    from stages.data import bos_ids, encode_segments
+    from stages.pairs import tokenize_pairs, load_pairs
+    from stages.ppo.prompts import load_prompts
+
+    texts = ["hello there how are you", "fine thanks and you", "say the word now"] * 20
+    tok = _sentencepiece_style_tokenizer(texts) if kind == "sentencepiece" else train_tokenizer(texts, 400, 2)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE  # <|role|>\n content EOS, for every message
+    eos, bos = tok.eos_token, bos_ids(tok)
+    user = f"say {eos} or <|assistant|> now" if kind == "byte-level" else f"say {eos} or <s> now"
+    reply = f"fine {eos} thanks"
+    rows = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]},
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"}]}]
+    convs, _ = _load(_jsonl(tmp_path / "m.jsonl", rows))
+    rows_out, report = _one(tok, convs)
+    assert report.special_as_text == 1 and report.examples == 2
+    ids = rows_out[0]["input_ids"]
+    assert ids.count(tok.eos_token_id) == 2  # the template's, after each message; none from the contents
+    assert ids.count(tok.convert_tokens_to_ids("<|assistant|>" if kind == "byte-level" else "<s>")) == \
+        (1 if kind == "byte-level" else len(bos))  # the generation header's (or the BOS) only
+    trained = [t for t, lab in zip(ids, rows_out[0]["labels"]) if lab != IGNORE]
+    assert trained.count(tok.eos_token_id) == 1 and trained[-1] == tok.eos_token_id
+    if kind == "byte-level":  # every character survives: the quoted strings decode back as they were written
+        assert tok.decode(ids) == f"<|user|>\n{user}{eos}<|assistant|>\n{reply}{eos}"
+    # PPO's prompt is SFT's context, token for token
+    ex, split = encode_segments(render_segments(convs[0][0], tok, "last_turn"), tok, True, bos)
+    source = DataSource(path=str(tmp_path / "m.jsonl"))
+    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
+    assert prompts[0] == ex.input_ids[:split] and prompts[0].count(tok.eos_token_id) == 1  # the user turn's end
+    # the RM: the chosen reply's quoted EOS is text, so the reply is not cut there (end_at_last_eos) ...
+    pair = _jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": user}],
+                                          "chosen": [{"role": "assistant", "content": reply}],
+                                          "rejected": [{"role": "assistant", "content": "no"}]}])
+    rm = RMDataConfig(train=DataSource(path=str(pair)), format="messages")
+    rm_report = DataReport()
+    out = tokenize_pairs(load_pairs(rm.train, rm, BadRowLog()).pairs, tok, rm, rm_report)
+    chosen = out.chosen[0]["input_ids"]
+    assert chosen[:split] == ex.input_ids[:split] and chosen.count(tok.eos_token_id) == 2 and \
+        chosen[-1] == tok.eos_token_id and rm_report.special_as_text == 1
+
+
+def test_a_template_that_alters_the_content_renders_the_message_as_before(tmp_path, char_tok):
+    """The data's special-token strings are swapped for private-use marks while the template renders; a template
+    that changes the content (here: cuts it) would break a mark, so the turns are rendered as they are."""
+    cutting = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'][:6] }}{{ eos_token }}{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a<|user|>b"},
+                                                       {"role": "assistant", "content": "yo"}]}])
+    convs, _ = _load(path)
+    char_tok.chat_template = cutting
+    try:
+        segments = render_segments(convs[0][0], char_tok, "last_turn")
+    finally:
+        char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    assert [s.text for s in segments] == ["<|user|>a<|use<|endoftext|><|assistant|>", "yo<|endoftext|>"]
+    assert all(not s.plain for s in segments)

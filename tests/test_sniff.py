@@ -46,7 +46,8 @@ def test_another_stages_data_is_refused_naming_key_file_row_and_reason():
                                         r"SFT conversation \(row 1: 'chosen' must be a string, got list\)"):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={RM_ROWS}", "data.format=auto"]))
     # the eval source too, read in the configured format (messages)
-    with pytest.raises(DataError, match=r"^data\.eval: .*rm\.jsonl is an SFT conversation \(row 1: missing key 'messages'"):
+    with pytest.raises(DataError, match=r"^data\.eval: .*rm\.jsonl is an SFT conversation \(row 1: missing key "
+                                        r"'messages'"):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.eval={RM_ROWS}"]))
 
 
@@ -107,7 +108,8 @@ def test_stage_commands_look_before_launching_and_the_pipeline_before_its_first_
     assert not (tmp_path / "sft").exists()  # before the launch (and before the output folder is made)
     cfg = yaml.safe_load((TINY / "pipeline.yaml").read_text())
     cfg.update(output_dir=str(tmp_path / "runs"), sft={"config": str(TINY / "sft.yaml")},
-               rm={"config": str(TINY / "rm.yaml"), "set": [f"data.train={PROMPTS}"]}, ppo={"config": str(TINY / "ppo.yaml")})
+               rm={"config": str(TINY / "rm.yaml"), "set": [f"data.train={PROMPTS}"]},
+               ppo={"config": str(TINY / "ppo.yaml")})
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", cfg)))  # a real run, not a dry one
     assert res.exit_code == 1 and "pipeline stage rm: data.train: none of the first 20 rows of " in res.stderr, \
         res.output

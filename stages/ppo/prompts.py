@@ -12,11 +12,11 @@ with the generation prompt, matters most).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
-from stages.data import (BadRow, BadRowLog, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text, parse_messages,
-                         read_rows)
+from stages.data import (BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
+                         parse_messages, read_rows, text_ids, with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -70,11 +70,17 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     raise ValueError(fmt)
 
 
-def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> str:
+def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> Segment:
+    """The prompt's text: the single turn's text as it is, or the chat template's render with the generation
+    prompt, a special-token string inside a content marked to be read as text (as SFT and the RM read it)."""
     if not chat:
-        return turns[0][1]
-    msgs = [{"role": r, "content": c} for r, c in turns]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return Segment(turns[0][1], False)
+
+    def through_template(turns: Sequence[tuple[str, str]]) -> list[Segment]:
+        msgs = [{"role": r, "content": c} for r, c in turns]
+        return [Segment(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False)]
+
+    return with_plain_specials(turns, tokenizer, through_template)[0]
 
 
 #: prompt format -> the rendering style (stages/rendering.py) of a prompt not rendered through the chat template
@@ -94,12 +100,13 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         try:
             row_fmt = fmt or detect_prompt_format(row.data, data)
             turns, chat = parse_prompt(row.data, row_fmt, data)
-            text = render_prompt(turns, chat, tokenizer)
+            rendered = render_prompt(turns, chat, tokenizer)
         except BadRow as exc:
             _bad(where, str(exc), data.on_bad_row, log)
             continue
         fmt = row_fmt
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = rendered.text
+        ids = text_ids(tokenizer, text, rendered.plain)[0]
         if bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
             ids = bos + ids
         if not ids:
