@@ -53,7 +53,7 @@ ConfigOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option(
-        "--set",
+        "--set", metavar="KEY=VALUE",
         help="Override a config value: key.path=value (YAML value; repeatable; wins over the file). "
         "Relative paths given here resolve against the current directory.",
         show_default="no overrides",
@@ -74,8 +74,8 @@ HostfileOpt = Annotated[
 ]
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the resolved config, the launch command and a memory estimate, and make "
-                 "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON); write nothing, "
-                 "train nothing.", show_default="off")
+                 "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON, the first 20 rows "
+                 "of each data file); write nothing, train nothing.", show_default="off")
 ]
 CheckDataOpt = Annotated[
     bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
@@ -422,7 +422,7 @@ def eval_(
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
                         "*.samples.jsonl); needed when POLICY is no local folder.", show_default="POLICY/eval.json")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a data.* or generation.* key of the PPO config schema: key.path=value (YAML value; "
+        "--set", metavar="KEY=VALUE", help="Override a data.* or generation.* key of the PPO config schema: key.path=value (YAML value; "
         "repeatable; wins over --config and the options above), e.g. data.on_bad_row=skip, generation.top_p=1.",
         show_default="none")] = None,
     debug: DebugOpt = False,

@@ -32,7 +32,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="A ben
 ItersOpt = Annotated[Optional[int], typer.Option("--iters", min=1, help="Timed iterations.", show_default="the config's")]
 WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed iterations first.",
                                                   show_default="the config's")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a bench config key: key.path=value; "
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a bench config key: key.path=value; "
                                                      "rlhf ppo keys go under ppo., e.g. ppo.train.micro_batch_size=8.",
                                                      show_default="no overrides")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Result JSON.", show_default="OUTPUT_DIR/bench-<kind>.json")]
