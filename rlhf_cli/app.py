@@ -238,7 +238,7 @@ def run_stage(
                       "final/ (a launcher process killed by a signal reports success); treated as a failure[/]")
             code = 1
         if code != 0:
-            err.print(f"[red]rlhf {stage}: the launcher exited with code {code}[/]")
+            err.print(f"[red]rlhf {stage}: the launcher exited with code {code}{escape(stop.killed_note(code))}[/]")
         raise typer.Exit(code)
     except RlhfError as exc:
         if debug:

@@ -30,7 +30,7 @@ from rich.markup import escape
 from stages.config import PipelineConfig
 from stages.errors import CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
-from stages.stop import STOPPED_CODES
+from stages.stop import STOPPED_CODES, killed_note
 
 
 @dataclass
@@ -284,7 +284,7 @@ def child_failed(what: str, code: int, then: str) -> RlhfError:
     with the same 128 + s), a config or usage error (2, as the stage: e.g. its output_dir in use by another run,
     which a scheduler's requeue may meet) or failed (exit 1)."""
     how = "was stopped by a signal" if code in STOPPED_CODES else "failed"
-    error = RlhfError(f"pipeline: {what} {how} (exit code {code}){then}")
+    error = RlhfError(f"pipeline: {what} {how} (exit code {code}{killed_note(code)}){then}")
     error.exit_code = code if code in STOPPED_CODES or code == 2 else 1
     return error
 
