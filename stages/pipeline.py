@@ -4,7 +4,8 @@
     output_dir/rm         rlhf train-rm   model.name_or_path = output_dir/sft
     output_dir/<run>      rlhf ppo        model.name_or_path = output_dir/sft, reward_model.name_or_path = output_dir/rm
                                           (one per ppo_runs entry and seed: <name> or <name>-seed<S>)
-    output_dir/<run>/eval.json            rlhf eval of the run's final policy against output_dir/sft
+    output_dir/<run>/eval.json            rlhf eval of the run's final (or best, eval.policy) policy against
+                                          output_dir/sft
     output_dir/report/    rlhf report over the PPO runs
     output_dir/summary.md (and .json)     the summary table printed at the end
 
@@ -195,7 +196,8 @@ def _series(metrics_file: Path, *keys: str) -> dict[str, list[float]]:
 
 def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
     """SFT eval loss, RM pair accuracy, and per PPO run: RM reward, gold reward, KL, length and win-rates of the
-    final policy against the SFT model (from eval.json; without it, first and last validation of metrics)."""
+    evaluated policy (final/, or best/: eval.policy; "policy" says which) against the SFT model (from eval.json;
+    without it, first and last validation of metrics, final)."""
     root = Path(cfg.output_dir)
     loss = _series(root / "sft" / "metrics.jsonl", "eval/loss")["eval/loss"]
     acc = _series(root / "rm" / "metrics.jsonl", "eval/accuracy")["eval/accuracy"]
@@ -212,11 +214,13 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             row["kl"] = (0.0, after.get("kl"))
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
+            row["policy"] = "best" if evaluated_policy(cfg, run) != run.out else "final"
         else:
             names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
                      "kl": "objective/kl"}
             series = _series(run.out / "metrics.jsonl", *names.values())
             row = {k: (v[0], v[-1]) if (v := series[m]) else (None, None) for k, m in names.items()}
+            row["policy"] = "final"
         out["ppo"][run.label] = row
     return out
 
@@ -227,6 +231,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def _run_label(label: str, row: dict[str, Any]) -> str:
+    """A PPO run's name in the summary, with " (best/)" when its best/ policy was the one evaluated."""
+    return f"{label} (best/)" if row.get("policy") == "best" else label
 
 
 def _run_cells(row: dict[str, Any], digits: int, arrow: str, slash: str) -> list[str]:
@@ -241,7 +250,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
              "| PPO run | RM reward | gold reward | KL | length | win-rate vs SFT (RM / gold) |",
              "|---|---|---|---|---|---|"]
     for label, row in s["ppo"].items():
-        lines.append(f"| {label} | " + " | ".join(_run_cells(row, 3, " → ", " / ")) + " |")
+        lines.append(f"| {_run_label(label, row)} | " + " | ".join(_run_cells(row, 3, " → ", " / ")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,9 +262,9 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
                   f"{_fmt(s['rm_accuracy'])}", highlight=False)
     table = Table(title="PPO on the eval prompts: SFT policy → PPO policy")
     for col in ("run", "RM reward", "gold reward", "KL", "length", "win vs SFT\nRM/gold"):
-        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col != "run")  # (names wrap)
     for label, row in s["ppo"].items():
-        table.add_row(label, *_run_cells(row, 2, "→", "/"))
+        table.add_row(_run_label(label, row), *_run_cells(row, 2, "→", "/"))
     console.print(table)
 
 
@@ -381,29 +390,45 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     return s
 
 
+def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
+    """The policy of a PPO run that eval.policy asks for: the run's folder (its final/), or its best/ when
+    eval.policy is best and the run wrote one."""
+    best = run.out / "best"
+    return best if cfg.eval.policy == "best" and (best / "config.json").is_file() else run.out
+
+
 def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path) -> list[str]:
-    """The `rlhf eval` command line of a PPO run's final policy against the SFT policy (the run's resolved config
-    gives the reward model, prompts, generation and gold judge)."""
-    cmd = [sys.executable, "-m", "rlhf_cli", "eval", str(run.out), "--config", str(run.out / "resolved_config.yaml"),
+    """The `rlhf eval` command line of a PPO run's policy (`evaluated_policy`) against the SFT policy (the run's
+    resolved config gives the reward model, prompts, generation and gold judge)."""
+    policy = str(evaluated_policy(cfg, run))
+    cmd = [sys.executable, "-m", "rlhf_cli", "eval", policy, "--config", str(run.out / "resolved_config.yaml"),
            "--baseline", str(sft), "--seed", str(cfg.eval.seed), "--batch-size", str(cfg.eval.batch_size),
            "--out", str(run.out / "eval.json")]
     return cmd + (["--num-prompts", str(cfg.eval.num_prompts)] if cfg.eval.num_prompts else [])
 
 
 def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:
-    """`rlhf eval` of each PPO run's final policy against the SFT model, each as its own process like the stages;
-    an evaluation already there is kept when it was made with the same eval settings (eval.settings.json)."""
-    settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-                "baseline": str(sft)}
+    """`rlhf eval` of each PPO run's policy (eval.policy) against the SFT model, each as its own process like the
+    stages; an evaluation already there is kept when it was made with the same eval settings and policy
+    (eval.settings.json)."""
     for run in ppo_runs:
+        settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
+                    "baseline": str(sft), "policy": str(evaluated_policy(cfg, run))}
         kept = run.out / "eval.settings.json"
         try:
-            same = json.loads(kept.read_text(encoding="utf-8")) == settings
+            before = json.loads(kept.read_text(encoding="utf-8"))
+            before.setdefault("policy", str(run.out))  # (settings written before eval.policy: final/)
+            same = before == settings
         except (OSError, ValueError):
             same = False  # (an evaluation without its settings is redone)
         if (run.out / "eval.json").is_file() and same:
             continue
-        console.rule(f"[bold]eval: {run.label}[/] against {sft}")
+        policy = evaluated_policy(cfg, run)
+        what = "" if policy == run.out else " best/"
+        console.rule(f"[bold]eval: {run.label}{what}[/] against {sft}")
+        if cfg.eval.policy == "best" and policy == run.out:
+            console.print(f"[yellow]{run.label} wrote no best/ (no validation reward chose one): its final/ is "
+                          "evaluated[/]", highlight=False)
         cmd = eval_command(cfg, run, sft)
         console.print(escape(shlex.join(cmd)), highlight=False, soft_wrap=True)  # (how to repeat it by hand)
         code = call_forwarding_signals(cmd)

@@ -292,6 +292,41 @@ def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_s
     assert len(calls) == 2 and calls[1][calls[1].index("--num-prompts") + 1] == "32"
 
 
+def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stages):
+    """eval.policy: best evaluates a run's best/ (its final/, said so, when it wrote none); which one was
+    evaluated is part of the kept settings, and the summary marks the run's row."""
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls = fake_stages
+    cfg = _pipeline_cfg(tmp_path, eval={"enabled": True, "policy": "best"})
+    run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
+    out = run[0].out
+    out.mkdir(parents=True)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))
+    assert calls[0][calls[0].index("eval") + 1] == str(out)  # no best/: the run's final/
+    assert "ppo wrote no best/ (no validation reward chose one): its final/ is evaluated" in log.read_text()
+    (out / "eval.json").write_text("{}")
+    (out / "best").mkdir()
+    (out / "best" / "config.json").write_text("{}")
+    with open(log, "w") as fh:
+        pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))
+        pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))  # kept: same policy
+    assert len(calls) == 2 and calls[1][calls[1].index("eval") + 1] == str(out / "best")
+    (out / "eval.json").write_text(json.dumps({"policy_metrics": {"reward": 1.0}, "win_rate_rm": {"win_rate": 0.7}}))
+    summary = pl.summary(cfg, run)
+    assert summary["ppo"]["ppo"]["policy"] == "best" and "| ppo (best/) |" in pl.summary_markdown(
+        {"sft_eval_loss": None, "rm_accuracy": None, **summary})
+    # the default evaluates final/ even beside a best/; settings written before eval.policy existed mean final/
+    final = _pipeline_cfg(tmp_path, eval={"enabled": True})
+    settings = json.loads((out / "eval.settings.json").read_text())
+    (out / "eval.settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "policy"}))
+    pl.evaluate_runs(final, run, tmp_path / "runs" / "sft", Console(file=open(log, "w")))
+    assert len(calls) == 2 and pl.summary(final, run)["ppo"]["ppo"]["policy"] == "final"
+
+
 # --------------------------------------------------------------------------------------------- real run
 def test_pipeline_runs_all_stages_and_summarises(pipeline_run):
     path, res = pipeline_run
