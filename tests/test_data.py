@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -50,6 +52,23 @@ def _load(path, **kw):
     cfg = _data(path, **kw)
     log = BadRowLog()
     return load_conversations(cfg.train, cfg, log), log
+
+
+def _exchange(tmp_path: Path, user: str, reply: str) -> list:
+    """One user turn and one reply, as a messages row read through the real loader."""
+    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": user},
+                                                       {"role": "assistant", "content": reply}]}])
+    return _load(path)[0]
+
+
+@contextlib.contextmanager
+def _template(tok, template: str) -> Iterator[None]:
+    """`tok` (the module's shared tokenizer) with another chat template for the block."""
+    tok.chat_template = template
+    try:
+        yield
+    finally:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 def _one(char_tok, conv_rows, **kw):
@@ -515,14 +534,9 @@ def test_skip_mode_tolerates_a_bad_first_row_and_buckets_reasons(tmp_path):
 def test_chatml_style_template_gets_no_second_eos(tmp_path, char_tok):
     chatml = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{{ '\\n' }}{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                       {"role": "assistant", "content": "yo"}]}])
-    convs, _ = _load(path)
-    char_tok.chat_template = chatml
-    try:
+    convs = _exchange(tmp_path, "hi", "yo")
+    with _template(char_tok, chatml):
         rows, _ = _one(char_tok, convs)
-    finally:
-        char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
     trained = [t for t, lab in zip(rows[0]["input_ids"], rows[0]["labels"]) if lab != IGNORE]
     assert char_tok.decode(trained) == "yo<|endoftext|>\n"
     assert rows[0]["input_ids"].count(char_tok.eos_token_id) == 2  # user turn + assistant turn, no extra
@@ -741,13 +755,8 @@ def test_a_template_that_alters_the_content_renders_the_message_as_before(tmp_pa
     that changes the content (here: cuts it) would break a mark, so the turns are rendered as they are."""
     cutting = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'][:6] }}{{ eos_token }}{% endfor %}"
                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    path = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a<|user|>b"},
-                                                       {"role": "assistant", "content": "yo"}]}])
-    convs, _ = _load(path)
-    char_tok.chat_template = cutting
-    try:
+    convs = _exchange(tmp_path, "a<|user|>b", "yo")
+    with _template(char_tok, cutting):
         segments = render_segments(convs[0][0], char_tok, "last_turn")
-    finally:
-        char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
     assert [s.text for s in segments] == ["<|user|>a<|use<|endoftext|><|assistant|>", "yo<|endoftext|>"]
     assert all(not s.plain for s in segments)
