@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from stages.config import DataSource, PPODataConfig, RMDataConfig, SFTDataConfig
-from stages.data import BadRow, BadRowLog, detect_format, parse_conversation, read_rows
+from stages.data import BadRow, BadRowLog, Row, detect_format, parse_conversation, read_rows
 from stages.errors import DataError
 from stages.pairs import IdenticalPair, detect_pair_format, parse_pair
 from stages.ppo.prompts import detect_prompt_format, parse_prompt, ptx_data_config
@@ -34,7 +34,7 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
         return
     log = BadRowLog()
     first, tried = "", 0
-    for row in islice(read_rows(source, "skip", log), rows):
+    for row in islice(_head(source, rows, log), rows):
         try:
             parse(row.data)
             return
@@ -46,6 +46,21 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
                         f"stage's data, or do {settings} need setting?")
     if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
         raise DataError(f"{source.paths()[0]}: no readable row{log.summary()}")
+
+
+def _head(source: DataSource, rows: int, log: BadRowLog) -> Iterator[Row]:
+    """The first records of a local file: a parquet file's first row group batch through pyarrow (read_rows
+    would have `datasets` convert the whole file first), every other kind through read_rows."""
+    path = Path(source.paths()[0])
+    if path.suffix.lower() != ".parquet":
+        return read_rows(source, "skip", log)
+    import pyarrow.parquet as pq
+
+    try:
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None)
+    except Exception as exc:  # pyarrow's ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: cannot read it as parquet ({exc})") from None
+    return iter([Row(record, str(path), i) for i, record in enumerate(batch.to_pylist() if batch else [], start=1)])
 
 
 def _parser(detect: Callable[[dict[str, Any]], str], parse: Callable[[dict[str, Any], str], object],

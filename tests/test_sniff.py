@@ -77,6 +77,28 @@ def test_each_file_of_a_list_and_only_local_files_are_read(tmp_path, monkeypatch
     sniff_data("train-rm", _rm("data.train=Anthropic/hh-rlhf"))
 
 
+def test_a_parquet_file_is_read_from_its_head_without_datasets(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import stages.data
+
+    def no_datasets(*args, **kwargs):
+        raise AssertionError("datasets converted the whole file")
+
+    monkeypatch.setattr(stages.data, "_read_with_datasets", no_datasets)
+    for name, rows in (("sft", SFT_ROWS), ("rm", RM_ROWS)):
+        records = [json.loads(line) for line in _lines(rows, 50)]
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / f"{name}.parquet")
+    sniff_data("train-rm", _rm(f"data.train={tmp_path / 'rm.parquet'}"))
+    with pytest.raises(DataError, match=rf"none of the first {SNIFF_ROWS} rows of .*sft\.parquet is a preference "
+                                        r"pair \(row 1: missing key 'chosen'"):
+        sniff_data("train-rm", _rm(f"data.train={tmp_path / 'sft.parquet'}"))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"^data\.train: .*bad\.parquet: cannot read it as parquet"):
+        sniff_data("train-rm", _rm(f"data.train={tmp_path / 'bad.parquet'}"))
+
+
 def test_unreadable_rows_and_identical_pairs(tmp_path):
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("not json\n[1, 2]\n")
