@@ -163,12 +163,13 @@ def test_a_training_engine_trains_a_pretrained_model_in_training_mode(process_gr
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from stages.engine import initialize_engine
+    from stages.models import enable_activation_checkpointing
 
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                  num_attention_heads=2)).save_pretrained(tmp_path)
     model = LlamaForCausalLM.from_pretrained(tmp_path)
     assert not model.training  # what the engine is handed
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)  # (what the stages call: either transformers spelling)
     calls: list[int] = []
     mlp = model.model.layers[0].mlp
     forward = mlp.forward
