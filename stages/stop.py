@@ -53,27 +53,30 @@ class Stopped(RlhfError):
         self.exit_code = 128 + signum
 
 
-def killed_note(code: int) -> str:
-    """" (a worker was killed by SIGKILL ...)" when a launcher's exit code says a process died of a signal it
-    could not handle, else "". DeepSpeed's launch.py exits with the dead worker's return code, -s, which reaches
-    us as 256 - s (241: SIGTERM, 247: SIGKILL); a shell or torchrun reports 128 + s. (128 + SIGTERM / SIGINT,
-    STOPPED_CODES, is our own workers' clean stop, not a kill.)
+#: signals that kill a training process outright (the out-of-memory killer, a crash in native code, a job limit)
+KILLING = (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+           signal.SIGTERM)
 
-    >>> killed_note(241), killed_note(139), killed_note(1), killed_note(143)
-    (' (a worker was killed by SIGTERM)', ' (a worker was killed by SIGSEGV)', '', '')
-    >>> killed_note(247).startswith(" (a worker was killed by SIGKILL: the kernel's out-of-memory killer")
+
+def killed_note(code: int) -> str:
+    """" (probably a process killed by SIGKILL ...)" when an exit code reads as a process dead of a signal it
+    could not handle (KILLING), else "". DeepSpeed's launch.py exits with the dead worker's return code, -s,
+    which reaches us as 256 - s (241: SIGTERM, 247: SIGKILL); a shell or torchrun reports 128 + s. (128 +
+    SIGTERM / SIGINT, STOPPED_CODES, is our own workers' clean stop; 255 is also ssh's and pdsh's failure, so
+    SIGHUP is not among the signals read.)
+
+    >>> killed_note(241), killed_note(139), killed_note(1), killed_note(143), killed_note(255)
+    (' (probably a process killed by SIGTERM)', ' (probably a process killed by SIGSEGV)', '', '', '')
+    >>> killed_note(247).startswith(" (probably a process killed by SIGKILL: the kernel's out-of-memory killer")
     True
     """
     if code in STOPPED_CODES:
         return ""
     for signum in (256 - code if 192 < code < 256 else 0, code - 128 if 128 < code <= 192 else 0):
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            continue
-        why = (": the kernel's out-of-memory killer sends it (see `dmesg`), as does a job's time or memory limit"
-               if signum == signal.SIGKILL else "")
-        return f" (a worker was killed by {name}{why})"
+        if signum in KILLING:
+            why = (": the kernel's out-of-memory killer sends it (see `dmesg`), as does a job's time or memory limit"
+                   if signum == signal.SIGKILL else "")
+            return f" (probably a process killed by {signal.Signals(signum).name}{why})"
     return ""
 
 

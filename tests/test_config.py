@@ -899,17 +899,18 @@ def test_a_launcher_that_exits_0_without_publishing_final_is_a_failure(tmp_path,
 
 def test_a_worker_killed_by_a_signal_is_named_by_the_stage_and_the_pipeline(tmp_path, monkeypatch):
     """DeepSpeed's launch.py exits with a killed worker's return code -s, which arrives as 256 - s: say which
-    signal (SIGKILL: likely the out-of-memory killer) rather than a bare "code 247"."""
+    signal (SIGKILL: likely the out-of-memory killer) rather than a bare "code 247"; not for 255."""
     from rlhf_cli import app
     from stages.pipeline import child_failed
 
     monkeypatch.setattr(app, "run_launcher", lambda cmd, env: 247)
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--num-gpus", "2", "--set", f"output_dir={tmp_path / 'o'}")
     said = " ".join(res.stderr.split())
-    assert res.exit_code == 247 and "the launcher exited with code 247 (a worker was killed by SIGKILL: the " \
+    assert res.exit_code == 247 and "the launcher exited with code 247 (probably a process killed by SIGKILL: the " \
         "kernel's out-of-memory killer sends it (see `dmesg`)" in said, said
-    assert str(child_failed("stage sft", 241, "")) == "pipeline: stage sft failed (exit code 241 (a worker was " \
-        "killed by SIGTERM))"
+    assert str(child_failed("stage sft", 241, "")) == "pipeline: stage sft failed (exit code 241 (probably a " \
+        "process killed by SIGTERM))"
+    assert str(child_failed("stage sft", 255, "")) == "pipeline: stage sft failed (exit code 255)"  # (ssh's too)
     assert str(child_failed("stage sft", 143, "")) == "pipeline: stage sft was stopped by a signal (exit code 143)"
 
 
