@@ -214,7 +214,7 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             row["kl"] = (0.0, after.get("kl"))
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
-            row["policy"] = "best" if evaluated_policy(cfg, run) != run.out else "final"
+            row["policy"] = recorded_policy(run)
         else:
             names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
                      "kl": "objective/kl"}
@@ -395,6 +395,16 @@ def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
     eval.policy is best and the run wrote one."""
     best = run.out / "best"
     return best if cfg.eval.policy == "best" and (best / "config.json").is_file() else run.out
+
+
+def recorded_policy(run: StageRun) -> str:
+    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records: "best" or "final" (an
+    evaluation recorded without one, or before eval.policy existed, judged final/)."""
+    try:
+        policy = json.loads((run.out / "eval.settings.json").read_text(encoding="utf-8")).get("policy")
+    except (OSError, ValueError, AttributeError):
+        policy = None
+    return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
 def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path) -> list[str]:

@@ -325,6 +325,9 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
     (out / "eval.settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "policy"}))
     pl.evaluate_runs(final, run, tmp_path / "runs" / "sft", Console(file=open(log, "w")))
     assert len(calls) == 2 and pl.summary(final, run)["ppo"]["ppo"]["policy"] == "final"
+    # the label says what the kept evaluation judged, whatever eval.policy says now (eval.enabled: false, say)
+    (out / "eval.settings.json").write_text(json.dumps(settings))
+    assert pl.summary(final, run)["ppo"]["ppo"]["policy"] == "best"
 
 
 # --------------------------------------------------------------------------------------------- real run
