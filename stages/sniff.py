@@ -43,7 +43,7 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
     if tried:
         which = f"the first {tried}" if tried == rows else f"the {tried}"
         raise DataError(f"none of {which} rows of {source.paths()[0]} is {what} ({first}): is it another "
-                        f"stage's data, or do {settings} need setting?")
+                        f"stage's data? If not, set {settings} to read it{log.summary()}")
     if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
         raise DataError(f"{source.paths()[0]}: no readable row{log.summary()}")
 
@@ -101,7 +101,7 @@ def stage_sources(stage: str, cfg: Any) -> list[tuple[str, DataSource, Parse, st
            if (source := getattr(data, split)) is not None]
     if stage == "ppo" and data.ptx is not None and cfg.ppo.ptx_coef > 0:
         out.append(("data.ptx", data.ptx, sft_parser(ptx_data_config(data)), "an SFT conversation (PTX)",
-                    "data.ptx_format / data.columns"))
+                    "data.ptx_format"))
     return out
 
 

@@ -115,7 +115,8 @@ def test_ptx_data_is_read_only_when_its_loss_is_on(tmp_path):
     not_yet = {"model.name_or_path", "reward_model.name_or_path"}
     sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", cfg, not_yet=not_yet))  # ppo.ptx_coef 0: unread
     with pytest.raises(DataError, match=r"^data\.ptx: .* is an SFT conversation \(PTX\) \(row 1: 'chosen' must "
-                                        r"be a string, got list\): .* do data\.ptx_format / data\.columns need"):
+                                        r"be a string, got list\): is it another stage's data\? If not, set data\.ptx_format "
+                                        r"to read it$"):
         sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", [*cfg, "ppo.ptx_coef=0.5"], not_yet=not_yet))
 
 
