@@ -172,6 +172,9 @@ class DataConfigBase(Section):
     )
     add_eos: bool = Field(True, description="end the last response with EOS unless the template already does")
     on_bad_row: Literal["error", "skip"] = "error"
+    content_special_tokens: Literal["text", "control"] = Field(
+        "text", description="a special-token string inside a chat-template message's content: read as text, or as "
+        "the control token (data that means them: tool-call tags)")
 
     @model_validator(mode="after")
     def _lengths(self) -> "DataConfigBase":
@@ -325,6 +328,9 @@ class PPODataConfig(Section):
     columns: PromptColumns = PromptColumns()
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
     use_chat_template: bool = Field(False, description="render plain-text prompts (prompt strings, hh) as chat")
+    content_special_tokens: Literal["text", "control"] = Field(
+        "text", description="a special-token string inside a chat-template message's content: read as text, or as "
+        "the control token (data that means them: tool-call tags)")
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (longer prompts lose the left part)")
     on_bad_row: Literal["error", "skip"] = "error"
     ptx: DataSource | None = Field(None, description="SFT-format data for the PTX loss (needs ppo.ptx_coef > 0)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import weakref
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -311,6 +312,7 @@ class Segment:
     #: (start, end) in `text` of each special-token string a message's content held ("<|im_end|>" quoted in a
     #: chat-template message): read as plain text, not as the control token (`text_ids`)
     plain: tuple[tuple[int, int], ...] = ()
+    templated: bool = False  # rendered by a chat template (which may end a turn with "EOS\n": `encode_segments`)
 
 
 #: a special-token string of a message's content stands as \ue000N\ue001 (private-use characters, in no chat
@@ -319,16 +321,32 @@ class Segment:
 _MARK = re.compile("\ue000(\\d+)\ue001")
 
 
+#: tokenizer -> (its length, its `special_strings` pattern): built once per tokenizer (Llama 3 has 256 special
+#: tokens; rebuilt for every row it cost more than the row's render), again when tokens are added
+_SPECIALS: weakref.WeakKeyDictionary[Any, tuple[int, re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+
+
 def special_strings(tokenizer: Any) -> re.Pattern[str] | None:
     """A pattern matching the strings the tokenizer reads as special (control) tokens, longest first; None when
     it has none (or is None)."""
     if tokenizer is None:
         return None
+    try:
+        size, pattern = _SPECIALS.get(tokenizer, (-1, None))
+    except TypeError:  # (an object that cannot be weakly referenced: no caching)
+        size, pattern = -1, None
+    if size == len(tokenizer):
+        return pattern
     found = set(getattr(tokenizer, "all_special_tokens", []))
     added = getattr(tokenizer, "added_tokens_decoder", {}).values()
     found |= {t.content for t in added if getattr(t, "special", False)}
     found.discard("")
-    return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True))) if found else None
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True))) if found else None
+    try:
+        _SPECIALS[tokenizer] = (len(tokenizer), pattern)
+    except TypeError:
+        pass
+    return pattern
 
 
 def mark_specials(text: str, pattern: re.Pattern[str], swapped: list[str]) -> str:
@@ -361,7 +379,8 @@ def unmark(text: str, swapped: list[str]) -> tuple[str, tuple[tuple[int, int], .
     return None if "\ue000" in out or "\ue001" in out else (out, tuple(spans))
 
 
-def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[Segment]:
+def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_as_text: bool = True
+                    ) -> list[Segment]:
     """Split a conversation's text into segments, marking the assistant turns that carry the loss.
 
     raw_pr: [prompt][response]; raw_hh: ["\\n\\nHuman:" + user + "\\n\\nAssistant:"][assistant]...;
@@ -400,23 +419,25 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str) -> list[S
                 prompt = opening_context(tokenizer, full)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
-            out.append(Segment(prompt[len(done):], False))
-            out.append(Segment(full[len(prompt):], i in trained))
+            out.append(Segment(prompt[len(done):], False, templated=True))
+            out.append(Segment(full[len(prompt):], i in trained, templated=True))
             done = full
         return [seg for seg in out if seg.text]
 
-    return with_plain_specials(msgs, tokenizer, through_template)
+    return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
 
 
 def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,
-                        render: Callable[[Sequence[tuple[str, str]]], list[Segment]]) -> list[Segment]:
+                        render: Callable[[Sequence[tuple[str, str]]], list[Segment]], as_text: bool = True
+                        ) -> list[Segment]:
     """`render(turns)` (a chat template's render of the (role, content) turns, as segments) with each special-token
     string inside a content recorded in its segment's `plain` spans, to be read as text: only the template's own
     control tokens are control tokens (a scraped reply quoting "<|endoftext|>" must not teach the model to stop
     there, nor a user turn end the turn). The strings are swapped for marks while the template renders, then
     back; unless that gives the template's own render of the turns (a template that changes or cuts the content),
-    the turns are read as they render, control tokens and all."""
-    pattern = special_strings(tokenizer)
+    the turns are read as they render, control tokens and all — as they are with `as_text` off
+    (data.content_special_tokens: control)."""
+    pattern = special_strings(tokenizer) if as_text else None
     swapped: list[str] = []
     marked = [(role, mark_specials(content, pattern, swapped)) for role, content in turns] if pattern else turns
     segments = render(turns)
@@ -426,7 +447,7 @@ def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,
     spans = [b[1] for b, seg in zip(back, segments) if b is not None and b[0] == seg.text]
     if len(spans) != len(segments) or len(back) != len(segments):
         return segments
-    return [Segment(seg.text, seg.train, plain) for seg, plain in zip(segments, spans)]
+    return [Segment(seg.text, seg.train, plain, seg.templated) for seg, plain in zip(segments, spans)]
 
 
 #: stands for an assistant turn's content in `opening_context` (invisible separators: in no real text)
@@ -465,9 +486,9 @@ def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = ()
              ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of `text` (no BOS/EOS added) and each token's (start, end) characters ([] from a slow
     tokenizer). A special token lying over a `plain` span (a special-token string from the data,
-    `with_plain_specials`) becomes that text's ordinary tokens (tokenized with split_special_tokens), each given
-    the special token's span. (A slow tokenizer, without offsets, keeps them as control tokens.)"""
-    fast = getattr(tokenizer, "is_fast", False)
+    `with_plain_specials`) becomes that text's ordinary tokens (`as_text`), each given the special token's span.
+    (A slow tokenizer, without offsets, keeps them as control tokens: `reads_plain_spans`.)"""
+    fast = reads_plain_spans(tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]] if fast else []
     if not plain or not fast:
@@ -480,14 +501,43 @@ def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = ()
         while span is not None and span[1] <= begin:  # (a span no token lies over: the tokenizer read it as text)
             span = next(spans, None)
         if span is not None and begin <= span[0] and span[1] <= end:
-            as_text = tokenizer(text[begin:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            out_ids += as_text
-            out_offsets += [(begin, end)] * len(as_text)
+            ordinary = as_text(tokenizer, text[begin:end])
+            out_ids += ordinary
+            out_offsets += [(begin, end)] * len(ordinary)
             span = next(spans, None)
             continue
         out_ids.append(token)
         out_offsets.append((begin, end))
     return out_ids, out_offsets
+
+
+def reads_plain_spans(tokenizer: Any) -> bool:
+    """Whether `text_ids` reads `plain` spans as text (a fast tokenizer: it has the offsets to find them)."""
+    return bool(getattr(tokenizer, "is_fast", False))
+
+
+#: what `as_text` tokenizes before a special-token string, so that it is not the start of a text (a
+#: SentencePiece-style tokenizer puts a word-start "▁" there, i.e. a space the data does not have)
+_LEAD = "\n"
+
+
+def as_text(tokenizer: Any, text: str) -> list[int]:
+    """The ordinary tokens of `text` (a special-token string from the data, with whatever whitespace the special
+    token absorbed), tokenized as it reads in the middle of a text: after `_LEAD`, whose own tokens are dropped;
+    alone when the lead's tokens do not come first unchanged (it merged with the text)."""
+    def ids(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    lead, led = ids(_LEAD), ids(_LEAD + text)
+    return led[len(lead):] if led[:len(lead)] == lead and len(led) > len(lead) else ids(text)
+
+
+def opens_with_bos(tokenizer: Any, seg: Segment) -> bool:
+    """Whether the segment's text already starts with the tokenizer's BOS token (it then gets no second one); a
+    BOS string from a message's content, read as text, is no BOS."""
+    bos = tokenizer.bos_token
+    return bool(bos) and seg.text.startswith(bos) and not (reads_plain_spans(tokenizer) and seg.plain
+                                                          and seg.plain[0][0] == 0)
 
 
 def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
@@ -540,8 +590,7 @@ def encode_segments(
     the number of tokens before the last trained segment."""
     ids: list[int] = []
     labels: list[int] = []
-    text_start = segments[0].text if segments else ""
-    if bos and not (tokenizer.bos_token and text_start.startswith(tokenizer.bos_token)):
+    if bos and not (segments and opens_with_bos(tokenizer, segments[0])):
         ids += bos
         labels += [IGNORE] * len(bos)
     split = 0
@@ -553,14 +602,17 @@ def encode_segments(
         ids += seg_ids
         labels += seg_ids if segments[i].train else [IGNORE] * len(seg_ids)
     eos = tokenizer.eos_token_id
-    # a template may end the turn with "EOS\n" (ChatML): no second EOS; only the segment's last tokens count, so an
-    # EOS string inside the content (scraped text quoting "<|endoftext|>") does not stand for the end
-    if add_eos and eos not in last_ids[-TEMPLATE_TAIL:]:
+    # a template may end the turn with "EOS\n" (ChatML): no second EOS; only the segment's last tokens count (a raw
+    # response's last one), so an EOS string inside a raw response (scraped text quoting "<|endoftext|>", which a
+    # raw row keeps as the control token) does not stand for the end
+    tail = TEMPLATE_TAIL if segments[last_trained].templated else 1
+    if add_eos and eos not in last_ids[-tail:]:
         ids.append(eos)
         labels.append(eos if segments[-1].train else IGNORE)
     if labels:  # nothing before the first token predicts it (an empty prompt, no BOS): no loss there, and
         labels[0] = IGNORE  # packed, none from the previous example's end either
-    return TokenizedExample(ids, labels, special_as_text=any(seg.plain for seg in segments)), split
+    read_as_text = reads_plain_spans(tokenizer) and any(seg.plain for seg in segments)
+    return TokenizedExample(ids, labels, special_as_text=read_as_text), split
 
 
 def prompt_cut(prompt_len: int, total: int, max_length: int, prompt_budget: int) -> int:
@@ -712,7 +764,7 @@ def tokenize_conversations(
     def examples() -> Iterator[TokenizedExample]:
         for conv, where in convs:
             try:
-                segments = render_segments(conv, tokenizer, data.train_on)
+                segments = render_segments(conv, tokenizer, data.train_on, data.content_special_tokens == "text")
             except BadRow as exc:
                 _bad(where, str(exc), data.on_bad_row, log)
                 continue

@@ -238,7 +238,8 @@ def tokenize_pair(
     encoded = []
     eos = tokenizer.eos_token_id
     for side in ("chosen", "rejected"):
-        segments = render_segments(pair.conversation(side), tokenizer, "last_turn")
+        as_text = data.content_special_tokens == "text"
+        segments = render_segments(pair.conversation(side), tokenizer, "last_turn", as_text)
         ex, prompt_len = encode_segments(segments, tokenizer, data.add_eos, bos)
         if data.add_eos:
             ex = end_at_last_eos(ex, eos, prompt_len)

@@ -562,14 +562,18 @@ def test_bos_detected_from_a_tokenizer_that_adds_one():
 
 
 def test_an_eos_string_inside_a_response_does_not_stand_for_its_end(tmp_path, char_tok):
-    """A response quoting "<|endoftext|>" (scraped text) still gets the EOS that ends it: only a template's own
-    EOS among the last tokens of the turn ("EOS\\n", ChatML) replaces it."""
-    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "say <|endoftext|> then stop"}])
-    convs, _ = _load(path)
-    rows, _ = _one(char_tok, convs)
-    ids, eos = rows[0]["input_ids"], char_tok.eos_token_id
-    assert ids[-1] == eos and ids.count(eos) == 2 and rows[0]["labels"][-1] == eos
-    assert char_tok.decode(ids[:-1]).endswith(" then stop")
+    """A raw response quoting "<|endoftext|>" (scraped text; a raw row keeps it as the control token) still gets
+    the EOS that ends it: only its last token, or a template's own EOS among the turn's last tokens ("EOS\\n",
+    ChatML), replaces it — also two tokens before the end."""
+    for response, tail in (("say <|endoftext|> then stop", " then stop"), ("x<|endoftext|>ab", "ab")):
+        path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": response}])
+        convs, _ = _load(path)
+        rows, _ = _one(char_tok, convs)
+        ids, eos = rows[0]["input_ids"], char_tok.eos_token_id
+        assert ids[-1] == eos and ids.count(eos) == 2 and rows[0]["labels"][-1] == eos, response
+        assert char_tok.decode(ids[:-1]).endswith(tail)
+    convs, _ = _load(_jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "the end<|endoftext|>"}]))
+    assert _one(char_tok, convs)[0][0]["input_ids"].count(char_tok.eos_token_id) == 1  # the row's own end
 
 
 def test_an_empty_earlier_reply_is_not_trained(char_tok):
@@ -714,12 +718,12 @@ def test_special_token_strings_in_chat_messages_are_read_as_text_in_every_stage(
     from stages.pairs import tokenize_pairs, load_pairs
     from stages.ppo.prompts import load_prompts
 
-    texts = ["hello there how are you", "fine thanks and you", "say the word now"] * 20
+    texts = ["hello there how are you", "fine thanks and you", "say the word now", "a<b>c/d|e"] * 20
     tok = _sentencepiece_style_tokenizer(texts) if kind == "sentencepiece" else train_tokenizer(texts, 400, 2)
     tok.chat_template = DEFAULT_CHAT_TEMPLATE  # <|role|>\n content EOS, for every message
     eos, bos = tok.eos_token, bos_ids(tok)
     user = f"say {eos} or <|assistant|> now" if kind == "byte-level" else f"say {eos} or <s> now"
-    reply = f"fine {eos} thanks"
+    reply = f"fine{eos}thanks"
     rows = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]},
             {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "fine"}]}]
     convs, _ = _load(_jsonl(tmp_path / "m.jsonl", rows))
@@ -733,6 +737,8 @@ def test_special_token_strings_in_chat_messages_are_read_as_text_in_every_stage(
     assert trained.count(tok.eos_token_id) == 1 and trained[-1] == tok.eos_token_id
     if kind == "byte-level":  # every character survives: the quoted strings decode back as they were written
         assert tok.decode(ids) == f"<|user|>\n{user}{eos}<|assistant|>\n{reply}{eos}"
+    else:  # ... and gain no word-start "▁" (a space) before them
+        assert tok.decode(ids).endswith(f"{reply}{eos}") and f"say {eos} or <s> now{eos}" in tok.decode(ids)
     # PPO's prompt is SFT's context, token for token
     ex, split = encode_segments(render_segments(convs[0][0], tok, "last_turn"), tok, True, bos)
     source = DataSource(path=str(tmp_path / "m.jsonl"))
@@ -760,3 +766,48 @@ def test_a_template_that_alters_the_content_renders_the_message_as_before(tmp_pa
         segments = render_segments(convs[0][0], char_tok, "last_turn")
     assert [s.text for s in segments] == ["<|user|>a<|use<|endoftext|><|assistant|>", "yo<|endoftext|>"]
     assert all(not s.plain for s in segments)
+
+
+def test_content_special_tokens_control_keeps_them_and_a_slow_tokenizer_counts_none(tmp_path, char_tok):
+    """data.content_special_tokens: control reads a content's special-token strings as the control tokens (data
+    that means them: tool-call tags), in SFT and PPO's prompts alike; a slow tokenizer (no offsets to find
+    them) can only do that, and the report does not count them as read as text."""
+    from stages.config import PPODataConfig
+    from stages.ppo.prompts import load_prompts
+
+    convs = _exchange(tmp_path, "a<|user|>b", "c<|endoftext|>d")
+    eos, user = char_tok.eos_token_id, char_tok.convert_tokens_to_ids("<|user|>")
+    rows, report = _one(char_tok, convs, content_special_tokens="control")
+    assert rows[0]["input_ids"].count(eos) == 3 and rows[0]["input_ids"].count(user) == 2
+    assert report.special_as_text == 0
+    source = DataSource(path=str(tmp_path / "m.jsonl"))
+    for setting, users in (("control", 2), ("text", 1)):
+        prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages",
+                                                        content_special_tokens=setting), char_tok, BadRowLog())
+        assert prompts[0].count(user) == users, setting
+
+    class Slow(type(char_tok)):
+        is_fast = False
+
+    slow = Slow(tokenizer_object=char_tok.backend_tokenizer, eos_token=char_tok.eos_token,
+                chat_template=DEFAULT_CHAT_TEMPLATE)
+    rows, report = _one(slow, convs)
+    assert rows[0]["input_ids"].count(eos) == 3 and report.special_as_text == 0
+
+
+def test_a_bos_string_opening_a_message_is_text_and_the_bos_is_still_added(tmp_path):
+    """A template that renders a message's content first: content opening with "<s>" (read as text) is no BOS,
+    so the BOS the tokenizer wants is still put first, in SFT and PPO alike."""
+    from stages.config import PPODataConfig
+    from stages.data import bos_ids
+    from stages.ppo.prompts import load_prompts
+
+    tok = _sentencepiece_style_tokenizer(["hello there", "say the word now", "a<b>c/d|e"] * 20)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    convs = _exchange(tmp_path, "<s>hello", "there")
+    rows, report = _one(tok, convs)
+    bos = bos_ids(tok)
+    assert bos and rows[0]["input_ids"][:len(bos)] == bos and rows[0]["input_ids"].count(bos[0]) == 1
+    source = DataSource(path=str(tmp_path / "m.jsonl"))
+    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
+    assert prompts[0][:len(bos)] == bos and prompts[0].count(bos[0]) == 1

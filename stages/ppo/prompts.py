@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
-                         parse_messages, read_rows, text_ids, with_plain_specials)
+                         opens_with_bos, parse_messages, read_rows, text_ids, with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -70,7 +70,7 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     raise ValueError(fmt)
 
 
-def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> Segment:
+def render_prompt(turns: Turns, chat: bool, tokenizer: Any, specials_as_text: bool = True) -> Segment:
     """The prompt's text: the single turn's text as it is, or the chat template's render with the generation
     prompt, a special-token string inside a content marked to be read as text (as SFT and the RM read it)."""
     if not chat:
@@ -80,7 +80,7 @@ def render_prompt(turns: Turns, chat: bool, tokenizer: Any) -> Segment:
         msgs = [{"role": r, "content": c} for r, c in turns]
         return [Segment(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False)]
 
-    return with_plain_specials(turns, tokenizer, through_template)[0]
+    return with_plain_specials(turns, tokenizer, through_template, specials_as_text)[0]
 
 
 #: prompt format -> the rendering style (stages/rendering.py) of a prompt not rendered through the chat template
@@ -100,14 +100,14 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         try:
             row_fmt = fmt or detect_prompt_format(row.data, data)
             turns, chat = parse_prompt(row.data, row_fmt, data)
-            rendered = render_prompt(turns, chat, tokenizer)
+            rendered = render_prompt(turns, chat, tokenizer, data.content_special_tokens == "text")
         except BadRow as exc:
             _bad(where, str(exc), data.on_bad_row, log)
             continue
         fmt = row_fmt
         text = rendered.text
         ids = text_ids(tokenizer, text, rendered.plain)[0]
-        if bos and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
+        if bos and not opens_with_bos(tokenizer, rendered):
             ids = bos + ids
         if not ids:
             _bad(where, "the prompt encodes to no token with this tokenizer", data.on_bad_row, log)
@@ -127,4 +127,5 @@ def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:
     """How PPO reads its PTX data: SFT conversations in data.ptx_format, rendered as the prompts are."""
     return SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
                          chat_template=data.chat_template, use_chat_template=data.use_chat_template,
-                         on_bad_row=data.on_bad_row, eval_fraction=0.0)
+                         on_bad_row=data.on_bad_row, eval_fraction=0.0,
+                         content_special_tokens=data.content_special_tokens)
