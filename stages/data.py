@@ -341,7 +341,11 @@ def special_strings(tokenizer: Any) -> re.Pattern[str] | None:
     added = getattr(tokenizer, "added_tokens_decoder", {}).values()
     found |= {t.content for t in added if getattr(t, "special", False)}
     found.discard("")
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True))) if found else None
+    # (the lookahead turns most positions away at their first character: an alternation of 256 strings alone
+    # was tried at every character of every content)
+    first = "".join(sorted({re.escape(t[0]) for t in found}))
+    alternatives = "|".join(re.escape(t) for t in sorted(found, key=len, reverse=True))
+    pattern = re.compile(f"(?=[{first}])(?:{alternatives})") if found else None
     try:
         _SPECIALS[tokenizer] = (len(tokenizer), pattern)
     except TypeError:
