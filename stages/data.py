@@ -447,7 +447,10 @@ def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,
     segments = render(turns)
     if not swapped:
         return segments
-    back = [unmark(seg.text, swapped) for seg in render(marked)]  # (a rare row: the second render costs little)
+    try:
+        back = [unmark(seg.text, swapped) for seg in render(marked)]  # (a rare row: the second render costs little)
+    except Exception:  # noqa: BLE001 - the template refuses the marked content (BadRow, its raise_exception)
+        return segments  # that it rendered as it is: read as it renders
     spans = [b[1] for b, seg in zip(back, segments) if b is not None and b[0] == seg.text]
     if len(spans) != len(segments) or len(back) != len(segments):
         return segments

@@ -766,6 +766,12 @@ def test_a_template_that_alters_the_content_renders_the_message_as_before(tmp_pa
         segments = render_segments(convs[0][0], char_tok, "last_turn")
     assert [s.text for s in segments] == ["<|user|>a<|use<|endoftext|><|assistant|>", "yo<|endoftext|>"]
     assert all(not s.plain for s in segments)
+    # ... as when the template refuses the marked content (a chat template may raise on what it does not expect)
+    refusing = ("{% for m in messages %}{% if '\ue000' in m['content'] %}{{ raise_exception('odd') }}{% endif %}"
+                "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}")
+    with _template(char_tok, refusing):
+        segments = render_segments(convs[0][0], char_tok, "last_turn")
+    assert segments[0].text == "<|user|>a<|user|>b<|endoftext|>" and all(not s.plain for s in segments)
 
 
 def test_content_special_tokens_control_keeps_them_and_a_slow_tokenizer_counts_none(tmp_path, char_tok):
