@@ -489,15 +489,16 @@ def bos_ids(tokenizer: Any) -> list[int]:
     return with_special[:n] if n > 0 and with_special[n:n + len(plain)] == plain else []
 
 
-def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = ()
+def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = (), with_offsets: bool = False
              ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `text` (no BOS/EOS added) and each token's (start, end) characters ([] from a slow
-    tokenizer). A special token lying over a `plain` span (a special-token string from the data,
+    """Token ids of `text` (no BOS/EOS added) and, `with_offsets` or for `plain` spans, each token's (start, end)
+    characters ([] from a slow tokenizer, or else). A special token lying over a `plain` span (a special-token string from the data,
     `with_plain_specials`) becomes that text's ordinary tokens (`as_text`), each given the special token's span.
     (A slow tokenizer, without offsets, keeps them as control tokens: `reads_plain_spans`.)"""
     fast = reads_plain_spans(tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]] if fast else []
+    offsets_too = fast and (with_offsets or bool(plain))  # (the tokenizer call as before for the rows without)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets_too)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]] if offsets_too else []
     if not plain or not fast:
         return ids, offsets
     out_ids: list[int] = []
@@ -571,7 +572,7 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
         at += len(seg.text)
     bounds = sorted({start for start, seg in zip(starts, segments) if seg.train and seg.text} - {0})
     plain = [(start + a, start + b) for start, seg in zip(starts, segments) for a, b in seg.plain]
-    ids, offsets = text_ids(tokenizer, "".join(seg.text for seg in segments), plain)
+    ids, offsets = text_ids(tokenizer, "".join(seg.text for seg in segments), plain, with_offsets=True)
     out: list[list[int]] = [[] for _ in segments]
     for token, (begin, end) in zip(ids, offsets):
         after = bisect.bisect_right(bounds, begin)
