@@ -492,9 +492,9 @@ def bos_ids(tokenizer: Any) -> list[int]:
 def text_ids(tokenizer: Any, text: str, plain: Sequence[tuple[int, int]] = (), with_offsets: bool = False
              ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of `text` (no BOS/EOS added) and, `with_offsets` or for `plain` spans, each token's (start, end)
-    characters ([] from a slow tokenizer, or else). A special token lying over a `plain` span (a special-token string from the data,
-    `with_plain_specials`) becomes that text's ordinary tokens (`as_text`), each given the special token's span.
-    (A slow tokenizer, without offsets, keeps them as control tokens: `reads_plain_spans`.)"""
+    characters ([] from a slow tokenizer, or else). A special token lying over a `plain` span (a special-token
+    string from the data, `with_plain_specials`) becomes that text's ordinary tokens (`as_text`), each given the
+    special token's span. (A slow tokenizer, without offsets, keeps them as control tokens: `reads_plain_spans`.)"""
     fast = reads_plain_spans(tokenizer)
     offsets_too = fast and (with_offsets or bool(plain))  # (the tokenizer call as before for the rows without)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets_too)
