@@ -215,7 +215,8 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         check_gold_prompts(s.data.gold_reward, tok, prompts, str(s.data.train.path), warn)
     models = {"POLICY": policy_dir, "the reward model": rm_dir} | (
         {"--baseline": resolve_model_dir(s.baseline)} if s.baseline else {})
-    check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval")
+    check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval",
+                    content_special_tokens=s.data.content_special_tokens)
     precision = next(k for k, v in PRECISION_DTYPES.items() if v == s.dtype)
     reward = build_reward(ModelConfig(name_or_path=s.reward_model), rm_tok, precision, {}, s.seed).to(device).eval()
     policy = _load_lm(s.policy, dtype, device, len(tok))

@@ -46,12 +46,17 @@ def template_digest(tokenizer: Any) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def rendering_record(styles: Iterable[str], tokenizer: Any, add_eos: bool | None = None) -> dict[str, Any]:
+def rendering_record(styles: Iterable[str], tokenizer: Any, add_eos: bool | None = None,
+                     content_special_tokens: str | None = None) -> dict[str, Any]:
     """{"styles": sorted styles used, "chat_template_sha256": digest when chat was used, else None}, and
-    "add_eos" (data.add_eos: did each training row end with EOS) when given."""
+    "add_eos" (data.add_eos: did each training row end with EOS) and, when chat was used,
+    "content_special_tokens" (data.content_special_tokens: how a message's special-token strings were read)
+    when given."""
     used = sorted(set(styles))
     record = {"styles": used, "chat_template_sha256": template_digest(tokenizer) if CHAT in used else None}
-    return record | ({"add_eos": add_eos} if add_eos is not None else {})
+    record |= {"add_eos": add_eos} if add_eos is not None else {}
+    return record | ({"content_special_tokens": content_special_tokens}
+                     if content_special_tokens is not None and CHAT in used else {})
 
 
 def read_rendering(model_dir: str) -> dict[str, Any] | None:
@@ -89,11 +94,12 @@ def _styles(styles: Iterable[str]) -> str:
 
 
 def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[str, dict[str, Any] | None],
-                         reader: str = "PPO") -> list[str]:
+                         reader: str = "PPO", content_special_tokens: str | None = None) -> list[str]:
     """One line per model whose record disagrees with the prompts `reader` (PPO, rlhf eval) renders in `styles`
     with `tokenizer`'s chat template; `records` maps a description ("policy (SFT) DIR") to its rendering record
     or None (not checked). A style the prompts use that the model was never trained on is a mismatch, and so is
-    a chat template other than the one the model was trained with (when both use chat).
+    a chat template other than the one the model was trained with (when both use chat), and another reading of
+    a message's special-token strings (`content_special_tokens`, when both use chat and both say).
 
     >>> class Tok: chat_template = "{{ messages }}"
     >>> rendering_mismatches({"raw_pr"}, Tok(), {"policy": {"styles": ["chat"], "chat_template_sha256": "x"}})
@@ -112,22 +118,27 @@ def rendering_mismatches(styles: Iterable[str], tokenizer: Any, records: dict[st
             out.append(f"{who} was trained on {_styles(trained)}; {reader} renders its prompts as {_styles(used)}")
         elif CHAT in used and record.get("chat_template_sha256") not in (None, digest):
             out.append(f"{who} was trained with another chat template than the one {reader} renders its prompts with")
+        elif CHAT in used and record.get("content_special_tokens") not in (None, content_special_tokens) and \
+                content_special_tokens is not None:
+            out.append(f"{who} was trained with data.content_special_tokens: {record['content_special_tokens']}; "
+                       f"{reader} reads its prompts with {content_special_tokens}")
     return out
 
 
 def check_rendering(mode: str, styles: set[str], tokenizer: Any, models: dict[str, str],
-                    warn: Callable[[str], None], reader: str = "PPO") -> None:
+                    warn: Callable[[str], None], reader: str = "PPO", content_special_tokens: str | None = None
+                    ) -> None:
     """`data.rendering_check` for prompts rendered in `styles` with `tokenizer`: `models` maps a description
     ("the policy (SFT)") to its resolved folder. error raises a ConfigError naming each difference, warn calls
     `warn` with them, off reads nothing."""
     if mode == "off":
         return
     records = {f"{what} {folder}": read_rendering(folder) for what, folder in models.items()}
-    problems = rendering_mismatches(styles, tokenizer, records, reader)
+    problems = rendering_mismatches(styles, tokenizer, records, reader, content_special_tokens)
     if not problems:
         return
     fix = ("render the prompts as the models were trained: data.use_chat_template (plain/HH prompts through the "
-           "chat template), data.format, or data.chat_template")
+           "chat template), data.format, data.chat_template, or data.content_special_tokens")
     if mode == "error":
         raise ConfigError("data: " + "; ".join(problems) + f" ({fix}; data.rendering_check: warn to go on)")
     warn("warning: " + "; ".join(problems) + f" ({fix})")

@@ -232,7 +232,8 @@ def check_data(cfg: RMConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     tokenizer, added_pad, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     say_added_pad(added_pad, True)
     print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs")
-    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos)
+    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
+                                       cfg.data.content_special_tokens)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -253,7 +254,8 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
     run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs",
-                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos))
+                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
+                                                    cfg.data.content_special_tokens))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -131,7 +131,8 @@ def check_data(cfg: SFTConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
     tokenizer, train_rows, _, reports = load_sft_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     print_data_check(reports, describe_report, len(train_rows), cfg.train, world_size, cfg.seed, "rows")
-    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos)
+    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
+                                       cfg.data.content_special_tokens)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -152,7 +153,8 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         return model
 
     run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
-                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos))
+                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
+                                                    cfg.data.content_special_tokens))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -564,7 +564,8 @@ def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_ru
     digest = template_digest(AutoTokenizer.from_pretrained(root / "sft" / "final"))
     for stage in ("sft", "rm"):
         meta = json.loads((root / stage / "final" / "rlhf_checkpoint.json").read_text())
-        assert meta["rendering"] == {"styles": ["chat"], "chat_template_sha256": digest, "add_eos": True}, stage
+        assert meta["rendering"] == {"styles": ["chat"], "chat_template_sha256": digest, "add_eos": True,
+                                     "content_special_tokens": "text"}, stage
         report = json.loads((root / stage / "data_report.json").read_text())["train"]
         assert report["styles"] == {"chat": report["examples"]}, stage
     assert json.loads((root / "ppo-max" / "final" / "rlhf_checkpoint.json").read_text())["rendering"]["styles"] == [

@@ -1388,8 +1388,9 @@ def test_rendering_check_modes(tmp_path, mode, monkeypatch):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
         (tmp_path / name / "rlhf_checkpoint.json").write_text(json.dumps(meta))
-    cfg = SimpleNamespace(data=SimpleNamespace(rendering_check=mode), model=SimpleNamespace(name_or_path=str(
-        tmp_path / "sft")), reward_model=SimpleNamespace(name_or_path=str(tmp_path / "rm")))
+    cfg = SimpleNamespace(data=SimpleNamespace(rendering_check=mode, content_special_tokens="text"),
+                          model=SimpleNamespace(name_or_path=str(tmp_path / "sft")),
+                          reward_model=SimpleNamespace(name_or_path=str(tmp_path / "rm")))
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
     tok = SimpleNamespace(chat_template="t")
     if mode == "error":
@@ -1467,3 +1468,20 @@ def test_only_a_finite_reward_above_the_best_during_policy_iterations_makes_a_ne
     assert beats_best(0.6, 0.5, False) and not beats_best(0.5, 0.5, False) and not beats_best(0.4, 0.5, False)
     assert not any(beats_best(r, b, False) for r in (nan, inf, -inf) for b in (None, 0.5))
     assert not beats_best(0.9, None, True) and not beats_best(0.9, 0.5, True)
+
+
+def test_the_reading_of_special_token_strings_is_recorded_and_checked_like_the_template():
+    """A policy fine-tuned with data.content_special_tokens: control (tool-call tags as control tokens) would see
+    its prompts' tags as text under PPO's default: the rendering check names it, only where both render with the
+    chat template and both say how they read them."""
+    from stages.rendering import rendering_mismatches, rendering_record
+
+    tok = SimpleNamespace(chat_template="{{ messages }}")
+    control = rendering_record(["chat"], tok, True, "control")
+    assert control["content_special_tokens"] == "control"
+    assert "content_special_tokens" not in rendering_record(["raw_pr"], tok, True, "control")  # nothing rendered
+    assert rendering_mismatches({"chat"}, tok, {"policy DIR": control}, "PPO", "text") == [
+        "policy DIR was trained with data.content_special_tokens: control; PPO reads its prompts with text"]
+    assert rendering_mismatches({"chat"}, tok, {"policy DIR": control}, "PPO", "control") == []
+    older = rendering_record(["chat"], tok, True)  # a record from before the key: not compared
+    assert rendering_mismatches({"chat"}, tok, {"policy DIR": older}, "PPO", "text") == []

@@ -158,7 +158,8 @@ def check_prompt_rendering(cfg: PPOConfig, styles: set[str], tokenizer: Any, dis
     models = {what: resolve_model_dir(m.name_or_path) for what, m in
               (("the policy (SFT)", cfg.model), ("the reward model", cfg.reward_model)) if m.name_or_path}
     check_rendering(cfg.data.rendering_check, styles, tokenizer, models,
-                    lambda text: say(dist.is_main, f"[yellow]{text}[/]"))
+                    lambda text: say(dist.is_main, f"[yellow]{text}[/]"),
+                    content_special_tokens=cfg.data.content_special_tokens)
 
 
 def describe_tricks(cfg: PPOConfig) -> str:
@@ -661,7 +662,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             "reward_model": cfg.reward_model.name_or_path,
             # the styles the policy has now seen: its own record's (SFT) and these prompts'
             "rendering": rendering_record(data["styles"] | set((read_rendering(resolve_model_dir(
-                cfg.model.name_or_path)) or {}).get("styles", [])), tokenizer)}
+                cfg.model.name_or_path)) or {}).get("styles", [])), tokenizer,
+                content_special_tokens=cfg.data.content_special_tokens)}
     critic_tok = rm_tok if ppo.critic_init == "reward_model" else tokenizer
     saved_at = -1
 
