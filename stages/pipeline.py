@@ -390,6 +390,16 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     return s
 
 
+def kept_eval_settings(run: StageRun) -> dict[str, Any] | None:
+    """The eval settings a PPO run's eval.json was made with (its eval.settings.json), "policy" the run's folder
+    (final/) when they predate eval.policy; None when there are none to read."""
+    try:
+        kept = json.loads((run.out / "eval.settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {"policy": str(run.out)} | kept if isinstance(kept, dict) else None
+
+
 def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
     """The policy of a PPO run that eval.policy asks for: the run's folder (its final/), or its best/ when
     eval.policy is best and the run wrote one."""
@@ -398,20 +408,16 @@ def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
 
 
 def recorded_policy(run: StageRun) -> str:
-    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records: "best" or "final" (an
-    evaluation recorded without one, or before eval.policy existed, judged final/)."""
-    try:
-        policy = json.loads((run.out / "eval.settings.json").read_text(encoding="utf-8")).get("policy")
-    except (OSError, ValueError, AttributeError):
-        policy = None
+    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records (`kept_eval_settings`):
+    "best" or "final"."""
+    policy = (kept_eval_settings(run) or {}).get("policy")
     return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
-def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path) -> list[str]:
-    """The `rlhf eval` command line of a PPO run's policy (`evaluated_policy`) against the SFT policy (the run's
+def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path, policy: Path) -> list[str]:
+    """The `rlhf eval` command line of a PPO run's `policy` (`evaluated_policy`) against the SFT policy (the run's
     resolved config gives the reward model, prompts, generation and gold judge)."""
-    policy = str(evaluated_policy(cfg, run))
-    cmd = [sys.executable, "-m", "rlhf_cli", "eval", policy, "--config", str(run.out / "resolved_config.yaml"),
+    cmd = [sys.executable, "-m", "rlhf_cli", "eval", str(policy), "--config", str(run.out / "resolved_config.yaml"),
            "--baseline", str(sft), "--seed", str(cfg.eval.seed), "--batch-size", str(cfg.eval.batch_size),
            "--out", str(run.out / "eval.json")]
     return cmd + (["--num-prompts", str(cfg.eval.num_prompts)] if cfg.eval.num_prompts else [])
@@ -422,26 +428,20 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
     stages; an evaluation already there is kept when it was made with the same eval settings and policy
     (eval.settings.json)."""
     for run in ppo_runs:
-        settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-                    "baseline": str(sft), "policy": str(evaluated_policy(cfg, run))}
-        kept = run.out / "eval.settings.json"
-        try:
-            before = json.loads(kept.read_text(encoding="utf-8"))
-            before.setdefault("policy", str(run.out))  # (settings written before eval.policy: final/)
-            same = before == settings
-        except (OSError, ValueError):
-            same = False  # (an evaluation without its settings is redone)
-        if (run.out / "eval.json").is_file() and same:
-            continue
         policy = evaluated_policy(cfg, run)
+        settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
+                    "baseline": str(sft), "policy": str(policy)}
+        # (an evaluation without its settings is redone)
+        if (run.out / "eval.json").is_file() and kept_eval_settings(run) == settings:
+            continue
         what = "" if policy == run.out else " best/"
         console.rule(f"[bold]eval: {run.label}{what}[/] against {sft}")
         if cfg.eval.policy == "best" and policy == run.out:
             console.print(f"[yellow]{run.label} wrote no best/ (no validation reward chose one): its final/ is "
                           "evaluated[/]", highlight=False)
-        cmd = eval_command(cfg, run, sft)
+        cmd = eval_command(cfg, run, sft, policy)
         console.print(escape(shlex.join(cmd)), highlight=False, soft_wrap=True)  # (how to repeat it by hand)
         code = call_forwarding_signals(cmd)
         if code != 0:
             raise child_failed(f"rlhf eval of {run.label}", code, "")
-        kept.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+        (run.out / "eval.settings.json").write_text(json.dumps(settings) + "\n", encoding="utf-8")
