@@ -29,6 +29,10 @@ class PathKind:
 InputPath = Annotated[str, PathKind("input")]
 OutputPath = Annotated[str, PathKind("output")]
 HubOrPath = Annotated[str, PathKind("hub_or_path")]
+#: data.content_special_tokens of every stage (SFT, RM, PPO prompts and PTX read messages alike)
+ContentSpecialTokens = Annotated[Literal["text", "control"], Field(
+    description="a special-token string inside a chat-template message's content: read as text, or as the "
+    "control token (data that means them: tool-call tags)")]
 
 #: Extensions that make a value unmistakably a local file (so a missing one is an error, not a hub id).
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".safetensors", ".bin")
@@ -172,9 +176,7 @@ class DataConfigBase(Section):
     )
     add_eos: bool = Field(True, description="end the last response with EOS unless the template already does")
     on_bad_row: Literal["error", "skip"] = "error"
-    content_special_tokens: Literal["text", "control"] = Field(
-        "text", description="a special-token string inside a chat-template message's content: read as text, or as "
-        "the control token (data that means them: tool-call tags)")
+    content_special_tokens: ContentSpecialTokens = "text"
 
     @model_validator(mode="after")
     def _lengths(self) -> "DataConfigBase":
@@ -328,9 +330,7 @@ class PPODataConfig(Section):
     columns: PromptColumns = PromptColumns()
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
     use_chat_template: bool = Field(False, description="render plain-text prompts (prompt strings, hh) as chat")
-    content_special_tokens: Literal["text", "control"] = Field(
-        "text", description="a special-token string inside a chat-template message's content: read as text, or as "
-        "the control token (data that means them: tool-call tags)")
+    content_special_tokens: ContentSpecialTokens = "text"
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (longer prompts lose the left part)")
     on_bad_row: Literal["error", "skip"] = "error"
     ptx: DataSource | None = Field(None, description="SFT-format data for the PTX loss (needs ppo.ptx_coef > 0)")
