@@ -237,8 +237,8 @@ def tokenize_pair(
     reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
     encoded = []
     eos = tokenizer.eos_token_id
+    as_text = data.content_special_tokens == "text"
     for side in ("chosen", "rejected"):
-        as_text = data.content_special_tokens == "text"
         segments = render_segments(pair.conversation(side), tokenizer, "last_turn", as_text)
         ex, prompt_len = encode_segments(segments, tokenizer, data.add_eos, bos)
         if data.add_eos:

@@ -59,6 +59,12 @@ def rendering_record(styles: Iterable[str], tokenizer: Any, add_eos: bool | None
                      if content_special_tokens is not None and CHAT in used else {})
 
 
+def data_rendering(styles: Iterable[str], tokenizer: Any, data: Any) -> dict[str, Any]:
+    """The rendering record of SFT or RM rows read in `styles` with `data` (their data section): its add_eos and
+    content_special_tokens go with it."""
+    return rendering_record(styles, tokenizer, data.add_eos, data.content_special_tokens)
+
+
 def read_rendering(model_dir: str) -> dict[str, Any] | None:
     """The rendering record in `model_dir/rlhf_checkpoint.json`; None for a model no rlhf stage wrote (a hub
     model, no such file) or one from before records existed (no "rendering"). A file that is there but cannot be

@@ -30,7 +30,7 @@ from stages.lm import collate, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, load_pairs, tokenize_pairs
-from stages.rendering import rendering_record
+from stages.rendering import data_rendering
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
 from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
@@ -232,8 +232,7 @@ def check_data(cfg: RMConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     tokenizer, added_pad, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     say_added_pad(added_pad, True)
     print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs")
-    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
-                                       cfg.data.content_special_tokens)
+    return tokenizer, data_rendering(reports["train"].styles, tokenizer, cfg.data)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -254,8 +253,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
     run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs",
-                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
-                                                    cfg.data.content_special_tokens))
+                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -32,7 +32,7 @@ from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import build_causal_lm, check_packing, prepare_tokenizer
-from stages.rendering import rendering_record
+from stages.rendering import data_rendering
 from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
 
@@ -131,8 +131,7 @@ def check_data(cfg: SFTConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
     tokenizer, train_rows, _, reports = load_sft_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     print_data_check(reports, describe_report, len(train_rows), cfg.train, world_size, cfg.seed, "rows")
-    return tokenizer, rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
-                                       cfg.data.content_special_tokens)
+    return tokenizer, data_rendering(reports["train"].styles, tokenizer, cfg.data)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -153,8 +152,7 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         return model
 
     run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
-                         rendering=rendering_record(reports["train"].styles, tokenizer, cfg.data.add_eos,
-                                                    cfg.data.content_special_tokens))
+                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data))
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size
