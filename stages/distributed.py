@@ -50,18 +50,42 @@ def setup_distributed() -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from deepspeed.accelerator import get_accelerator
 
-    init_process_group()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
     if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
+        index = device_index(local_rank, accel.device_count())
+        # DeepSpeed takes LOCAL_RANK for the GPU index (the process group's device, the engine's, ZeRO-3's
+        # zero.Init): where they differ it is given the index; this process keeps its node-local rank
+        os.environ["LOCAL_RANK"] = str(index)
+    init_process_group()
+    if accel.device_name() != "cpu":
+        accel.set_device(index)
+        device = torch.device(accel.device_name(index))
     else:
         device = torch.device("cpu")
     import deepspeed.comm as dist
 
     _INFO = DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
     return _INFO
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU (index among those this process sees) for the worker with LOCAL_RANK `local_rank`: `local_rank`
+    when that many are visible (deepspeed / torchrun: every worker of a node sees all its GPUs); 0 when this
+    process sees exactly one (`srun --gpus-per-task=1`, or a launcher giving each worker its own
+    CUDA_VISIBLE_DEVICES: LOCAL_RANK 3 then means the node's fourth task, whose one GPU is index 0). Anything
+    else is refused, naming both numbers, instead of CUDA's "invalid device ordinal"."""
+    if 0 <= local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+    from stages.errors import RlhfError
+
+    raise RlhfError(
+        f"this worker has LOCAL_RANK={local_rank} but sees {visible} GPU(s){listed}: start at most {visible} "
+        "workers on this node, or give each worker one GPU of its own (e.g. srun --gpus-per-task=1)")
 
 
 #: what DeepSpeed prints on every rank of every run that loads its CPU shared-memory all-reduce op

@@ -249,3 +249,14 @@ def test_an_fp16_overflow_step_has_no_gradient_norm_and_is_counted(process_group
     assert fp16_skipped_steps(Engine(True, False)) == 1.0 and fp16_skipped_steps(Engine(False, True)) is None
     with pytest.raises(NonFinite, match="non-finite gradient norm"):
         optimizer_step(Engine(False, False), [0], loss, LossGuard("loss", 1))
+
+
+def test_each_worker_picks_its_gpu_from_local_rank_or_its_only_visible_one(monkeypatch):
+    from stages.distributed import device_index
+    from stages.errors import RlhfError
+
+    assert [device_index(rank, 8) for rank in range(8)] == list(range(8))  # deepspeed / torchrun on one node
+    assert device_index(3, 1) == 0  # srun --gpus-per-task=1: the node's fourth task sees its one GPU as 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RlhfError, match=r"LOCAL_RANK=2 but sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=0,1\)"):
+        device_index(2, 2)
