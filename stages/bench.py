@@ -268,7 +268,7 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     model = AutoModelForCausalLM.from_pretrained(str(workload / "policy"), dtype=dtype,
                                                  attn_implementation=ppo_cfg.model.attn_implementation)
     model.to(device).eval()
-    prompts, _ = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog())
+    prompts = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog()).ids
     ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
     results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name, **device_info(device),
                                "prompts": ids.shape[0], "prompt_length": ids.shape[1]}

@@ -81,7 +81,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     runs = cfg.warmup + cfg.iterations
     # more rows than the run takes: accelerate syncs gradients at every micro-batch of a dataloader's last
     # batch, so an iteration that reached it would make one optimizer step per micro-batch
-    rows, _ = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog())  # as rlhf ppo reads them
+    rows = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog()).ids  # as rlhf ppo reads them
     prompts = [rows[i % len(rows)] for i in range(w.prompts * (runs + 1))]
     out_dir = Path(cfg.output_dir) / "trl"
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -472,6 +472,11 @@ def opening_context(tokenizer: Any, full: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
+def special_note(count: int) -> str:
+    """"; N with special-token text in a message, read as text" for a data report, "" for none."""
+    return f"; {count} with special-token text in a message, read as text" if count else ""
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
@@ -733,9 +738,7 @@ class DataReport:
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
 
     def special_note(self) -> str:
-        """"; N with special-token text in a message, read as text" or "" when there were none."""
-        return f"; {self.special_as_text} with special-token text in a message, read as text" \
-            if self.special_as_text else ""
+        return special_note(self.special_as_text)
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""

@@ -199,7 +199,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                              "compare models that share the policy's tokenizer (its SFT model, say)")
     styles: set[str] = set()
     log = BadRowLog()
-    prompts, cut = load_prompts(s.data.train, s.data, tok, log, styles)
+    prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles)
     prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
     if not prompts:
         raise ConfigError(f"no prompts in {s.data.train}{log.summary()}")

@@ -630,7 +630,7 @@ def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_samp
     bos = bos_ids(tok)
     assert bool(bos) == (kind == "sentencepiece")
     source = DataSource(path=str(hh_sample))
-    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="hh", use_chat_template=chat,
+    prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="hh", use_chat_template=chat,
                                                     max_prompt_length=10**6), tok, BadRowLog())
     assert len(prompts) == len(records)  # every record has a usable prompt (row numbers line up)
 
@@ -742,8 +742,9 @@ def test_special_token_strings_in_chat_messages_are_read_as_text_in_every_stage(
     # PPO's prompt is SFT's context, token for token
     ex, split = encode_segments(render_segments(convs[0][0], tok, "last_turn"), tok, True, bos)
     source = DataSource(path=str(tmp_path / "m.jsonl"))
-    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
+    prompts, _, as_text = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
     assert prompts[0] == ex.input_ids[:split] and prompts[0].count(tok.eos_token_id) == 1  # the user turn's end
+    assert as_text == 1  # counted, as in SFT's and the RM's reports
     # the RM: the chosen reply's quoted EOS is text, so the reply is not cut there (end_at_last_eos) ...
     pair = _jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": user}],
                                           "chosen": [{"role": "assistant", "content": reply}],
@@ -788,9 +789,9 @@ def test_content_special_tokens_control_keeps_them_and_a_slow_tokenizer_counts_n
     assert report.special_as_text == 0
     source = DataSource(path=str(tmp_path / "m.jsonl"))
     for setting, users in (("control", 2), ("text", 1)):
-        prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages",
-                                                        content_special_tokens=setting), char_tok, BadRowLog())
-        assert prompts[0].count(user) == users, setting
+        prompts, _, as_text = load_prompts(source, PPODataConfig(train=source, format="messages",
+                                                              content_special_tokens=setting), char_tok, BadRowLog())
+        assert prompts[0].count(user) == users and as_text == (setting == "text"), setting
 
     class Slow(type(char_tok)):
         is_fast = False
@@ -799,6 +800,7 @@ def test_content_special_tokens_control_keeps_them_and_a_slow_tokenizer_counts_n
                 chat_template=DEFAULT_CHAT_TEMPLATE)
     rows, report = _one(slow, convs)
     assert rows[0]["input_ids"].count(eos) == 3 and report.special_as_text == 0
+    assert load_prompts(source, PPODataConfig(train=source, format="messages"), slow, BadRowLog()).special_as_text == 0
 
 
 def test_a_bos_string_opening_a_message_is_text_and_the_bos_is_still_added(tmp_path):
@@ -815,5 +817,5 @@ def test_a_bos_string_opening_a_message_is_text_and_the_bos_is_still_added(tmp_p
     bos = bos_ids(tok)
     assert bos and rows[0]["input_ids"][:len(bos)] == bos and rows[0]["input_ids"].count(bos[0]) == 1
     source = DataSource(path=str(tmp_path / "m.jsonl"))
-    prompts, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
+    prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
     assert prompts[0][:len(bos)] == bos and prompts[0].count(bos[0]) == 1

@@ -163,7 +163,7 @@ def test_prompt_rows_load_or_name_the_file_and_row(tokenizer, rows):
         path = _write_lines(Path(tmp) / "prompts.jsonl", rows)
         data = PPODataConfig(train=DataSource(path=str(path)))
         try:
-            prompts, _ = load_prompts(data.train, data, tokenizer, BadRowLog())
+            prompts, _, _ = load_prompts(data.train, data, tokenizer, BadRowLog())
         except DataError as exc:
             assert _row_named(str(exc), path) or "no usable" in str(exc), str(exc)
             return

@@ -1228,7 +1228,7 @@ def _jsonl(path, rows) -> str:
 def _load(path, tokenizer, **data):
     cfg = PPODataConfig(train=path, **data)
     log = BadRowLog()
-    prompts, truncated = load_prompts(cfg.train, cfg, tokenizer, log)
+    prompts, truncated, _ = load_prompts(cfg.train, cfg, tokenizer, log)
     return prompts, truncated, log
 
 
@@ -1335,8 +1335,10 @@ def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path
     load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer)
     report = json.loads((tmp_path / "data_report.json").read_text())
     reason = {"a prompt must end with a user turn": 1}
-    assert report == {"train": {"rows_read": 3, "cut": 1, "skipped_rows": 1, "skipped_by_reason": reason, "prompts": 3},
-                      "eval": {"rows_read": 1, "cut": 0, "skipped_rows": 1, "skipped_by_reason": reason, "prompts": 1}}
+    assert report == {"train": {"rows_read": 3, "cut": 1, "special_as_text": 0, "skipped_rows": 1, "skipped_by_reason": reason,
+                                "prompts": 3},
+                      "eval": {"rows_read": 1, "cut": 0, "special_as_text": 0, "skipped_rows": 1, "skipped_by_reason": reason,
+                               "prompts": 1}}
     said = " ".join(capsys.readouterr().out.split())
     assert "prompts: 3 train, 1 validation; 1 of data.train's prompts cut to 16 tokens; train: 1 bad row(s) (skipped: 1 x a prompt must end " \
         "with a user turn); eval: 1 bad row(s)" in said

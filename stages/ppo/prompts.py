@@ -12,11 +12,12 @@ with the generation prompt, matters most).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
-                         opens_with_bos, parse_messages, read_rows, text_ids, with_plain_specials)
+                         opens_with_bos, parse_messages, read_rows, reads_plain_spans, text_ids,
+                         with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -87,14 +88,20 @@ def render_prompt(turns: Turns, chat: bool, tokenizer: Any, specials_as_text: bo
 RAW_STYLES = {"prompt": RAW_PR, "hh": RAW_HH}
 
 
+class Prompts(NamedTuple):
+    ids: list[list[int]]  # each usable prompt's token ids
+    cut: int  # prompts cut to data.max_prompt_length
+    special_as_text: int  # prompts with a special-token string in a message's content, read as text
+
+
 def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
-                 styles: set[str] | None = None) -> tuple[list[list[int]], int]:
-    """Token ids of every usable prompt of `source`, and how many were cut to max_prompt_length; the rendering
-    style of each usable prompt is added to `styles` when given."""
+                 styles: set[str] | None = None) -> Prompts:
+    """Token ids of every usable prompt of `source`, with counts (`Prompts`); the rendering style of each usable
+    prompt is added to `styles` when given."""
     fmt = None if data.format == "auto" else data.format
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
-    truncated = 0
+    truncated = as_text = 0
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
@@ -116,11 +123,12 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             head = bos_head(ids, bos) if data.max_prompt_length > len(bos) else 0
             ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
+        as_text += bool(rendered.plain) and reads_plain_spans(tokenizer)
         if styles is not None:
             styles.add(CHAT if chat else RAW_STYLES[row_fmt])
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
-    return prompts, truncated
+    return Prompts(prompts, truncated, as_text)
 
 
 def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:

@@ -37,7 +37,7 @@ from stages.checkpoint import (
     save_hf,
 )
 from stages.config import PPOConfig
-from stages.data import BadRowLog, DataReport, load_conversations, tokenize_conversations
+from stages.data import BadRowLog, DataReport, load_conversations, special_note, tokenize_conversations
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
@@ -62,7 +62,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import load_prompts, ptx_data_config
+from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
@@ -109,17 +109,19 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     log = BadRowLog()
     styles: set[str] = set()
 
-    def split_report(prompts: list[list[int]], cut: int, found: BadRowLog) -> dict[str, Any]:
-        return {"rows_read": len(prompts), "cut": cut, "skipped_rows": found.total,
-                "skipped_by_reason": dict(found.reasons)}
+    def split_report(prompts: Prompts, found: BadRowLog) -> dict[str, Any]:
+        return {"rows_read": len(prompts.ids), "cut": prompts.cut, "special_as_text": prompts.special_as_text,
+                "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons)}
 
-    train, cut = load_prompts(data.train, data, tokenizer, log, styles)
-    report: dict[str, Any] = {"train": split_report(train, cut, log)}
+    read = load_prompts(data.train, data, tokenizer, log, styles)
+    train, cut, as_text = read
+    report: dict[str, Any] = {"train": split_report(read, log)}
     held = None
     if data.eval is not None:
         eval_log = BadRowLog()
-        held, eval_cut = load_prompts(data.eval, data, tokenizer, eval_log, styles)
-        report["eval"] = split_report(held, eval_cut, eval_log)
+        held_read = load_prompts(data.eval, data, tokenizer, eval_log, styles)
+        held, as_text = held_read.ids, as_text + held_read.special_as_text
+        report["eval"] = split_report(held_read, eval_log)
     elif data.eval_fraction > 0:
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
         report["eval"] = {"held_out_of_train": len(held)}
@@ -131,7 +133,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                       if found.total)
     cut_where = " (before the validation share was held out)" if data.eval is None and held else ""
     say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} of data.train's prompts cut to "
-                      f"{data.max_prompt_length} tokens{cut_where}{skipped}")
+                      f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
         sft = ptx_data_config(data)
@@ -140,7 +142,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         ptx_report.count_skipped(ptx_log)
         report["ptx"] = asdict(ptx_report)
         say(dist.is_main, f"PTX data: {ptx_report.examples} examples, {ptx_report.trained_tokens:,} trained tokens"
-                          f"{ptx_report.skipped_note()}")
+                          f"{ptx_report.special_note()}{ptx_report.skipped_note()}")
     elif data.ptx is not None:
         say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
     if save and dist.is_main:
