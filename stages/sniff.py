@@ -32,20 +32,42 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
     record's reason and the `settings` that choose how records are read; returns at the first that does."""
     if not all(Path(p).exists() for p in source.paths()):
         return
-    log = BadRowLog()
+    log = _HeadLog(rows)
     first, tried = "", 0
-    for row in islice(_head(source, rows, log), rows):
-        try:
-            parse(row.data)
-            return
-        except BadRow as exc:
-            first, tried = first or f"row {row.row}: {exc}", tried + 1
+    try:
+        for row in islice(_head(source, rows, log), rows):
+            try:
+                parse(row.data)
+                return
+            except BadRow as exc:
+                first, tried = first or f"row {row.row}: {exc}", tried + 1
+    except _Unreadable:  # as many unreadable lines as records looked at: a file of another kind
+        pass
     if tried:
         which = f"the first {tried}" if tried == rows else f"the {tried}"
         raise DataError(f"none of {which} rows of {source.paths()[0]} is {what} ({first}): is it another "
                         f"stage's data? If not, set {settings} to read it{log.summary()}")
     if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
-        raise DataError(f"{source.paths()[0]}: no readable row{log.summary()}")
+        among = f" among its first {log.total} lines" if log.total == rows else ""
+        raise DataError(f"{source.paths()[0]}: no readable row{among}{log.summary()}")
+
+
+class _Unreadable(Exception):
+    """`_HeadLog` is full."""
+
+
+class _HeadLog(BadRowLog):
+    """A BadRowLog that stops the reading at its `limit`-th unreadable record (a large file of another kind,
+    CSV or binary, is not read to its end to find it has no JSON row)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def add(self, reason: str) -> None:
+        super().add(reason)
+        if self.total >= self.limit:
+            raise _Unreadable
 
 
 def _head(source: DataSource, rows: int, log: BadRowLog) -> Iterator[Row]:

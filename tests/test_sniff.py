@@ -105,6 +105,11 @@ def test_unreadable_rows_and_identical_pairs(tmp_path):
     with pytest.raises(DataError, match=r"garbage\.jsonl: no readable row \(skipped: 1 x invalid JSON, 1 x expected a "
                                         r"JSON object, got list\)$"):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={garbage}"]))
+    csv = tmp_path / "big.jsonl"  # another kind of file: read no further than the records looked at
+    csv.write_text("prompt,chosen,rejected\n" + "p,a,b\n" * 100_000 + "{not read\n")
+    with pytest.raises(DataError, match=r"big\.jsonl: no readable row among its first 20 lines \(skipped: 20 x invalid "
+                                        r"JSON\)$"):
+        sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={csv}"]))
     same = tmp_path / "same.jsonl"  # identical chosen and rejected: a pair in the right format (the run drops it)
     same.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
     sniff_data("train-rm", _rm(f"data.train={same}", "data.eval_fraction=0", "data.format=auto"))
