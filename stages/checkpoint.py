@@ -264,6 +264,12 @@ def refuse_cleared_inputs(out_dir: Path, config_text: str, stage: str | None) ->
     root = out_dir.resolve()
     for key, value in input_paths(yaml.safe_load(config_text), reads).items():
         path = Path(value)
+        if path.exists() and path.resolve() == root:  # a stage run's folder, standing for its final/
+            written = sorted(p.name for p in root.iterdir() if cleared_by_fresh_start(p))
+            if written:
+                raise ConfigError(f"{key} {value} is the output_dir itself, whose run ({', '.join(written[:4])}) a "
+                                  "fresh start there deletes first; give this run another output_dir")
+            continue
         if not path.exists() or root not in path.resolve().parents:
             continue
         top = root / path.resolve().relative_to(root).parts[0]

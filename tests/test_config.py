@@ -551,6 +551,13 @@ def test_a_fresh_start_refuses_to_delete_an_input_it_would_read(tmp_path):
     cfg["model"]["name_or_path"] = str(out / "mine" / "hf")
     prepare_output_dir(out, yaml.safe_dump(cfg), resume=False, overwrite=True, stage="sft")
     assert (out / "mine" / "hf" / "config.json").is_file() and not (out / "checkpoint-00000002").exists()
+    (out / "final").mkdir()  # the output_dir itself, a finished run's folder standing for its final/
+    (out / "final" / "config.json").write_text("{}")
+    cfg["model"]["name_or_path"] = str(out)
+    with pytest.raises(ConfigError, match=f"model.name_or_path {out} is the output_dir itself, whose run \\(final, inputs.json, "
+                                          "resolved_config.yaml\\) a fresh start there deletes first"):
+        prepare_output_dir(out, yaml.safe_dump(cfg), resume=False, overwrite=True, stage="sft")
+    assert (out / "final" / "config.json").is_file()
 
 
 def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):
