@@ -29,7 +29,8 @@ Parse = Callable[[dict[str, Any]], object]
 def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows: int = SNIFF_ROWS) -> None:
     """Parse the first `rows` records of `source` (one local file; a hub dataset is not read) with `parse`,
     which raises BadRow for a record it cannot use. Raises DataError when none of them parses, naming the first
-    record's reason and the `settings` that choose how records are read; returns at the first that does."""
+    record's reason and the `settings` that choose how records are read, or when there is none (an empty file:
+    a data-preparation step that failed); returns at the first that does."""
     if not all(Path(p).exists() for p in source.paths()):
         return
     log = _HeadLog(rows)
@@ -50,6 +51,7 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
     if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
         among = f" among its first {log.total} lines" if log.total == rows else ""
         raise DataError(f"{source.paths()[0]}: no readable row{among}{log.summary()}")
+    raise DataError(f"{source.paths()[0]}: no record in it (an empty file, or blank lines only)")
 
 
 class _Unreadable(Exception):

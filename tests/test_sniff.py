@@ -110,6 +110,11 @@ def test_unreadable_rows_and_identical_pairs(tmp_path):
     with pytest.raises(DataError, match=r"big\.jsonl: no readable row among its first 20 lines \(skipped: 20 x invalid "
                                         r"JSON\)$"):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={csv}"]))
+    for empty, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n\n")):  # a data-prep step that failed
+        (tmp_path / empty).write_text(text)
+        with pytest.raises(DataError, match=f"data.eval: {tmp_path / empty}: no record in it \\(an empty file, or "
+                                            "blank lines only\\)$"):
+            sniff_data("train-rm", _rm(f"data.eval={tmp_path / empty}"))
     same = tmp_path / "same.jsonl"  # identical chosen and rejected: a pair in the right format (the run drops it)
     same.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
     sniff_data("train-rm", _rm(f"data.train={same}", "data.eval_fraction=0", "data.format=auto"))
