@@ -193,9 +193,13 @@ def run_stage(
             env = launch_env(local_processes(num_gpus, hostfile), out_dir / STOP_FILE if hostfile else None)
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {escape(where)}", highlight=False, soft_wrap=True)  # ([...] of a --set list)
-        from stages.models import check_stage_models
+        from stages.models import check_stage_models, uncached_stage_models
         from stages.sniff import sniff_data
 
+        for missing in uncached_stage_models(stage, cfg):  # offline, a hub id (or a path typo) not in the cache
+            if not dry_run:
+                raise ConfigError(missing)
+            err.print(f"[yellow]warning: {escape(missing)} (a run would stop here)[/]", highlight=False)
         check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
         sniff_data(stage, cfg)  # and data of another stage's kind (or format/columns matching no row)
         if _fp16_without_gpu(cfg, num_nodes, hostfile):  # DeepSpeed's CPU accelerator has no fp16

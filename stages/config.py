@@ -697,14 +697,16 @@ def _path_kind(field_info: Any) -> str | None:
 
 
 def _looks_like_path(value: str) -> bool:
-    return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or value.endswith(FILE_SUFFIXES)
+    return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or value.endswith(FILE_SUFFIXES) \
+        or value.rstrip("/").count("/") > 1
 
 
 def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     """Resolve one path value. Relative paths are taken against `base`; inputs must exist.
 
-    hub_or_path: `./x`, `../x`, `/x`, `~/x`, a name with a file suffix, or a name that exists under `base` is a
-    local path (and must exist); anything else (e.g. `Qwen/Qwen2.5-0.5B`) is returned unchanged as a hub id.
+    hub_or_path: `./x`, `../x`, `/x`, `~/x`, a name with a file suffix or more than one `/` (which a hub id never
+    has), or a name that exists under `base` is a local path (and must exist); anything else (e.g.
+    `Qwen/Qwen2.5-0.5B`) is returned unchanged as a hub id.
     """
     if not value.strip():  # `--set output_dir=$DIR` with DIR unset would otherwise mean the current folder
         raise ConfigError(f"{key}: empty path")

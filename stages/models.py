@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -93,8 +94,42 @@ def not_local_hint(source: str) -> str:
     """
     if Path(source).expanduser().exists():
         return ""
-    offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+    offline = " with HF_HUB_OFFLINE=1" if hub_offline() else ""
     return f" (no folder {source} here: it was tried as a Hugging Face hub id{offline})"
+
+
+#: what a hub model id looks like: NAME or OWNER/NAME
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (as huggingface_hub reads it: 1 / on / yes / true): nothing is downloaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def uncached_hub_model(name_or_path: str, key: str) -> str | None:
+    """Offline (`hub_offline`), a model that is no local folder must be in the hub cache: what to say of one that
+    is not (`key` named), before any launch, rather than every rank failing to load it (a path typo such as
+    `outputs/sft` reads as a hub id); None when it is there, when it is no hub id, or online (the hub answers
+    when the model loads)."""
+    if not hub_offline() or Path(name_or_path).expanduser().exists() or not HUB_ID.fullmatch(name_or_path):
+        return None  # (a path that is no hub id: resolve_model_dir's error)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return None
+    return (f"{key} {name_or_path}: no such local folder, and no hub model of that name in the local cache "
+            "(HF_HUB_OFFLINE=1: nothing is downloaded); check the path, or download the model first")
+
+
+def uncached_stage_models(stage: str, cfg: Any) -> list[str]:
+    """`uncached_hub_model` of each model `stage` loads."""
+    found = []
+    for section, _, _ in STAGE_MODEL_KINDS.get(stage, []):
+        model = getattr(cfg, section)
+        if model.from_config is None and model.name_or_path:
+            found.append(uncached_hub_model(model.name_or_path, f"{section}.name_or_path"))
+    return [text for text in found if text]
 
 
 #: tokenizer classes that mean "exactly the tokenizer.json beside me" (what train_tokenizer saves)

@@ -177,6 +177,37 @@ def test_hub_ids_are_left_alone(tmp_path):
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"
 
 
+def test_a_path_typo_is_no_hub_id_and_offline_a_hub_id_must_be_cached(tmp_path, monkeypatch):
+    """A hub id is OWNER/NAME: `runs/demo/sfft` can only be a path (exit 2, missing); `outputs/sft` could be a
+    hub id, so offline it must be in the hub cache, which is checked before any launch."""
+    import huggingface_hub.constants
+
+    from stages.models import uncached_hub_model
+
+    with pytest.raises(ConfigError, match="model.name_or_path: path does not exist: .*runs/demo/sfft"):
+        load_config("sft", _cfg_file(tmp_path), ["model.from_config=null", "model.name_or_path=runs/demo/sfft"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert uncached_hub_model("Qwen/Qwen2.5-0.5B", "model.name_or_path") is None  # in the cache
+    assert uncached_hub_model("outputs/sft", "reward_model.name_or_path").startswith(
+        "reward_model.name_or_path outputs/sft: no such local folder, and no hub model of that name in the local "
+        "cache (HF_HUB_OFFLINE=1")
+    args = ("sft", "--config", str(TINY_SFT), "--set", "model.from_config=null", "--set",
+            "model.name_or_path=outputs/sft", "--set", f"output_dir={tmp_path / 'out'}")
+    dry = invoke_cli(*args, "--dry-run")  # the dry run warns; the run stops before writing or launching (exit 2)
+    assert dry.exit_code == 0 and "outputs/sft: no such local folder" in dry.output and "(a run would stop here)" in dry.output
+    run = invoke_cli(*args)
+    assert run.exit_code == 2 and "model.name_or_path outputs/sft: no such local folder" in run.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the hub answers when the model loads
+    assert uncached_hub_model("outputs/sft", "reward_model.name_or_path") is None
+
+
 def test_invalid_yaml_names_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [1, 2\n")
