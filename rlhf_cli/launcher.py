@@ -114,6 +114,12 @@ def launch_command(
         slots = hostfile_slots(hostfile)
         if (num_nodes or 0) > len(slots):
             raise ConfigError(f"--num-nodes {num_nodes} but {hostfile} lists {len(slots)} host(s)")
+        short = {host: n for host, n in list(slots.items())[: num_nodes or None] if n < (num_gpus or 0)}
+        if short:  # the runner gives every host --num_gpus workers whatever its slots say
+            listed = ", ".join(f"{host} slots={n}" for host, n in short.items())
+            raise ConfigError(f"--num-gpus {num_gpus} (workers per host) but {hostfile} gives {listed}; DeepSpeed's "
+                              "runner would start that many there anyway: lower --num-gpus, or leave it out to use "
+                              "each host's slots")
         cmd += ["--hostfile", str(hostfile)]
         if num_nodes is not None:
             cmd += ["--num_nodes", str(num_nodes)]

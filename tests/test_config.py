@@ -449,6 +449,11 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
     assert f"PYTHON_RLHF_STOP_FILE={tmp_path.resolve()}/o/.rlhf-stop " in res.stdout.replace("\n", "")
     res = dry_run("--num-nodes", "2")
     assert res.exit_code == 2 and "--num-nodes > 1 needs --hostfile" in res.stderr
+    hostfile.write_text("node-a slots=8\nnode-b slots=2\nnode-c slots=1\n")  # the runner ignores slots given --num_gpus
+    res = dry_run("--hostfile", str(hostfile), "--num-gpus", "4")
+    assert res.exit_code == 2 and f"--num-gpus 4 (workers per host) but {hostfile} gives node-b slots=2, node-c " \
+        "slots=1;" in " ".join(res.stderr.split())
+    assert dry_run("--hostfile", str(hostfile), "--num-gpus", "2", "--num-nodes", "2").exit_code == 0  # hosts used
     hostfile.write_text("node-a slots=8\nnode-b slots=0\n")
     res = dry_run("--hostfile", str(hostfile), "--set", "deepspeed.zero_stage=2")
     assert res.exit_code == 2 and f"{hostfile} line 2: slots must be at least 1, got 'slots=0'" in res.stderr
