@@ -373,8 +373,9 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             console.print(f"an earlier stage was retrained: {run.out} is trained afresh")
         code = call_forwarding_signals(act.command(launch))
         if code != 0:
+            mend = "" if code in STOPPED_CODES else "mend what its error above names, then "
             raise child_failed(f"stage {run.label} ({run.stage})", code,
-                               f"; its output is in {run.out}; run the pipeline again to resume it")
+                               f"; its output is in {run.out}; {mend}run the pipeline again to resume it")
     ppo_runs = [r for r in runs if r.stage == "ppo"]
     if cfg.eval.enabled:
         evaluate_runs(cfg, ppo_runs, sft, console)

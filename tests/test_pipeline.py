@@ -192,7 +192,8 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_s
     assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
     assert all("--overwrite" in c and "--resume" not in c for c in calls)
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 3)
-    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 3.") as exc:
+    with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 3.; its output is in .*; mend what "
+                                           "its error above names, then run the pipeline again to resume it$") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 1
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 2)  # a stage's config or usage error: 2 as well
@@ -200,7 +201,8 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_s
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 2
     monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 143)  # SIGTERM: the stage saved and stopped
-    with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.") as exc:
+    with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.; its output is in .*; run the "
+                                           "pipeline again to resume it$") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 143
 
