@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -346,6 +347,17 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     return path, changes
 
 
+def preset_hint(changes: list[str]) -> str:
+    """What to say when the changes a resume finds include PPO's preset (a command line without the run's
+    `--ppo-max` / `--preset`, which then lists every key the preset set): "That run was started with
+    --preset ppo-max (--ppo-max): give it again. ", or ""."""
+    found = next((m for c in changes if (m := re.match(r"ppo\.preset: '([\w-]+)' -> ", c))), None)
+    if found is None:
+        return ""
+    flag = " (--ppo-max)" if found[1] == "ppo-max" else ""
+    return f"That run was started with --preset {found[1]}{flag}: give it again. "
+
+
 class OutputPlan(NamedTuple):
     """What `check_output_dir` found: the checkpoint a resume continues (None: a fresh start), the changes it
     carries, and the fingerprints of the run's inputs (None when not resuming: nothing to compare them with)."""
@@ -386,8 +398,8 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs, stage)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
-                              "Resuming continues that run exactly only with its config and process count; pass "
-                              "--allow-config-change to continue with these changes")
+                              f"{preset_hint(changes)}Resuming continues that run exactly only with its config and "
+                              "process count; pass --allow-config-change to continue with these changes")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:
         raise ConfigError(

@@ -969,3 +969,17 @@ def test_one_of_several_srun_tasks_without_process_group_variables_is_refused(tm
     assert res.exit_code == 2 and "this is task 2 of 4 of an srun step, but RANK/LOCAL_RANK/WORLD_SIZE" in res.stderr
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/o").exit_code == 0
+
+
+def test_a_resume_without_the_runs_preset_says_which_to_give_again():
+    """A PPO run started with --ppo-max, resumed without it: the change list names every key the preset set;
+    the error then says which preset the run had (hand-written change lists, as config_changes spells them)."""
+    from stages.checkpoint import config_changes, preset_hint
+
+    changes = config_changes({"ppo": {"preset": "ppo-max", "kl_coef": 0.05}}, {"ppo": {"preset": "vanilla", "kl_coef": 0.1}},
+                             "ppo", set())
+    assert changes == ["ppo.kl_coef: 0.05 -> 0.1", "ppo.preset: 'ppo-max' -> 'vanilla'"]
+    assert preset_hint(changes) == "That run was started with --preset ppo-max (--ppo-max): give it again. "
+    assert preset_hint(["ppo.preset: 'moss-release' -> 'ppo-max'"]) == \
+        "That run was started with --preset moss-release: give it again. "
+    assert preset_hint(["ppo.kl_coef: 0.05 -> 0.1"]) == ""
