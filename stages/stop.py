@@ -43,13 +43,13 @@ class Stopped(RlhfError):
 
     every_rank = True
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, unit: str = "step") -> None:
         name = signal.Signals(signum).name
         if checkpoint is not None:
             where = f"saved {checkpoint.name} in {checkpoint.parent}; continue with --resume"
         else:
             where = "no checkpoint written (train.checkpoints: false)"
-        super().__init__(f"stopped by {name} after step {step}: {where}")
+        super().__init__(f"stopped by {name} after {unit} {step}: {where}")
         self.exit_code = 128 + signum
 
 

@@ -304,14 +304,14 @@ def check_finite(name: str, value: float, done: int, out: Path) -> None:
 
 
 def end_stopped(signum: int, done: int, checkpoint: Path | None, metrics: MetricsLogger,
-                progress: TrainProgress) -> None:
+                progress: TrainProgress, unit: str = "step") -> None:
     """After the checkpoint a stop signal asked for (None: a run that writes none): close the display and the
-    log (a `stopped` event) and raise stop.Stopped, which the CLI turns into its message and exit code
-    128 + signum."""
+    log (a `stopped` event) and raise stop.Stopped, which the CLI turns into its message ("stopped by SIGTERM
+    after `unit` N: ...") and exit code 128 + signum."""
     progress.close()
     metrics.event(done, "stopped", signal=signum)
     metrics.close()
-    raise stop.Stopped(signum, done, checkpoint)
+    raise stop.Stopped(signum, done, checkpoint, unit)
 
 
 @dataclass

@@ -357,6 +357,7 @@ def test_stop_signal_is_recorded_once_and_agreed_then_signals_behave_as_before(c
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     err = stop.Stopped(signal.SIGINT, 3, Path("/x/checkpoint-00000003"))
     assert err.exit_code == 130 and "stopped by SIGINT after step 3: saved checkpoint-00000003 in /x" in str(err)
+    assert str(stop.Stopped(signal.SIGTERM, 6, None, "iteration")).startswith("stopped by SIGTERM after iteration 6: ")
 
 
 def test_wrong_kind_of_checkpoint_is_refused_before_loading(tmp_path):

@@ -708,12 +708,12 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         signum = stop.requested(dist.device)
         if not t.checkpoints:  # (train.checkpoints: false) a stop signal ends the run unsaved
             if signum:
-                end_stopped(signum, done, None, metrics, progress)
+                end_stopped(signum, done, None, metrics, progress, "iteration")
             return
         if due(done, t.save_every, total) or signum:
             path = save(done)
             if signum:
-                end_stopped(signum, done, path, metrics, progress)
+                end_stopped(signum, done, path, metrics, progress, "iteration")
 
     shapes = {"policy": flop_shape(unwrap(policy), lm_head=True), "critic": flop_shape(unwrap(critic), lm_head=False)}
     profiler = StepProfiler(cfg.logging.profile_step, out, dist.rank, dist.device)
