@@ -65,6 +65,30 @@ class BadRowLog:
         return " (skipped: " + ", ".join(f"{n} x {reason}" for reason, n in self.reasons.most_common()) + ")"
 
 
+class AutoFormat:
+    """data.format as a source's rows are read: the configured one, or (auto) the one detected from the first
+    usable row, which then holds for the whole source (every file of a list). `note()` says so in a later row's
+    error: a file of another format after the first (`data.train: [sft.jsonl, pairs.jsonl]`) is otherwise told
+    only "missing key 'messages'", with no word of where 'messages' came from."""
+
+    def __init__(self, configured: str) -> None:
+        self.fmt: str | None = None if configured == "auto" else configured
+        self.decided_at = ""  # "FILE row N" whose format auto chose
+
+    def of(self, record: dict[str, Any], detect: Callable[[dict[str, Any]], str]) -> str:
+        """The format to parse `record` in (detected when none is chosen yet: BadRow when none fits)."""
+        return self.fmt or detect(record)
+
+    def keep(self, fmt: str, where: str) -> None:
+        """A row parsed in `fmt`: auto's choice from now on, if none was made."""
+        if self.fmt is None:
+            self.fmt, self.decided_at = fmt, where
+
+    def note(self) -> str:
+        """" (data.format auto: read as 'messages', the format of FILE row N)" once auto has chosen, else ""."""
+        return f" (data.format auto: read as {self.fmt!r}, the format of {self.decided_at})" if self.decided_at else ""
+
+
 def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
     if on_bad_row == "error":
         raise DataError(f"{where}: {reason} (data.on_bad_row: skip in the config, or --set data.on_bad_row=skip, "
@@ -288,16 +312,16 @@ def load_conversations(
 ) -> list[tuple[Conversation, str]]:
     """All usable rows of `source` as (conversation, "file row N"); bad rows raise or are skipped."""
     out: list[tuple[Conversation, str]] = []
-    fmt = None if data.format == "auto" else data.format
+    fmt = AutoFormat(data.format)
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
-            row_fmt = fmt or detect_format(row.data, data.columns)
+            row_fmt = fmt.of(row.data, lambda r: detect_format(r, data.columns))
             conv = parse_conversation(row.data, row_fmt, data)
         except BadRow as exc:
-            _bad(where, str(exc), data.on_bad_row, log)
+            _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
-        fmt = row_fmt  # auto: the first usable row decides for the whole source
+        fmt.keep(row_fmt, where)
         out.append((conv, where))
     if not out:
         raise DataError(f"no usable rows in {', '.join(source.paths())}{log.summary()}")

@@ -25,6 +25,7 @@ from stages.config import DataSource, RMDataConfig
 from stages.errors import DataError
 from stages.data import (
     IGNORE,
+    AutoFormat,
     BadRow,
     BadRowLog,
     Conversation,
@@ -192,22 +193,22 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
     A pair repeating an earlier one (same prompt, chosen and rejected) is dropped and counted (data.duplicates:
     drop; repeats weight a comparison twice and leak into a held-out split), raises naming both rows (error)
     or is kept (keep)."""
-    fmt = None if data.format == "auto" else data.format
+    fmt = AutoFormat(data.format)
     pairs: list[tuple[PreferencePair, str]] = []
     identical = duplicates = 0
     seen: dict[str, str] = {}
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
-            row_fmt = fmt or detect_pair_format(row.data, data)
+            row_fmt = fmt.of(row.data, lambda r: detect_pair_format(r, data))
             pair = parse_pair(row.data, row_fmt, data)
         except IdenticalPair:
             identical += 1
             continue
         except BadRow as exc:
-            _bad(where, str(exc), data.on_bad_row, log)
+            _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
-        fmt = row_fmt  # auto: the first usable row decides for the whole source
+        fmt.keep(row_fmt, where)
         key = repr((pair.prompt, pair.chosen, pair.rejected))
         if key in seen and data.duplicates != "keep":
             if data.duplicates == "error":

@@ -238,6 +238,23 @@ def test_several_files_in_one_source(tmp_path):
     cfg = SFTDataConfig(train=DataSource(path=[str(a), str(b)]))
     convs = load_conversations(cfg.train, cfg, BadRowLog())
     assert [c.messages[1][1] for c, _ in convs] == ["1", "2"]
+    # format auto decides on the first usable row for the whole source: a later file of another format is told so
+    c = _jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "3"}]}])
+    cfg = SFTDataConfig(train=DataSource(path=[str(a), str(c)]))
+    with pytest.raises(DataError, match=f"c.jsonl row 1: missing key 'prompt' .*\\(data.format auto: read as "
+                                        f"'prompt_response', the format of {a} row 1\\)"):
+        load_conversations(cfg.train, cfg, BadRowLog())
+    from stages.config import RMDataConfig
+    from stages.pairs import load_pairs
+
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"chosen": "\n\nHuman: a"}])
+    rm = RMDataConfig(train=DataSource(path=str(pairs)), on_bad_row="skip")
+    log = BadRowLog()
+    assert len(load_pairs(rm.train, rm, log).pairs) == 1 and dict(log.reasons) == {"missing key 'prompt'": 1}  # counted under its reason
+    rm = RMDataConfig(train=DataSource(path=str(pairs)))
+    with pytest.raises(DataError, match=f"p.jsonl row 2: missing key .*\\(data.format auto: read as 'pairs', the "
+                                        f"format of {pairs} row 1\\)"):
+        load_pairs(rm.train, rm, BadRowLog())
 
 
 def test_unknown_hub_dataset_is_a_clear_error():

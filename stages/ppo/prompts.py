@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
-from stages.data import (BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
+from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
                          opens_with_bos, parse_messages, read_rows, reads_plain_spans, text_ids,
                          with_plain_specials)
 from stages.errors import DataError
@@ -98,20 +98,20 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
                  styles: set[str] | None = None) -> Prompts:
     """Token ids of every usable prompt of `source`, with counts (`Prompts`); the rendering style of each usable
     prompt is added to `styles` when given."""
-    fmt = None if data.format == "auto" else data.format
+    fmt = AutoFormat(data.format)
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
     truncated = as_text = 0
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
-            row_fmt = fmt or detect_prompt_format(row.data, data)
+            row_fmt = fmt.of(row.data, lambda r: detect_prompt_format(r, data))
             turns, chat = parse_prompt(row.data, row_fmt, data)
             rendered = render_prompt(turns, chat, tokenizer, data.content_special_tokens == "text")
         except BadRow as exc:
-            _bad(where, str(exc), data.on_bad_row, log)
+            _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
-        fmt = row_fmt
+        fmt.keep(row_fmt, where)
         text = rendered.text
         ids = text_ids(tokenizer, text, rendered.plain)[0]
         if bos and not opens_with_bos(tokenizer, rendered):
