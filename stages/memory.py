@@ -347,7 +347,8 @@ def estimate(cfg: Any, world: int) -> dict[str, Any] | None:
 def format_estimate(est: dict[str, Any] | None) -> str:
     """A few lines: each component in GiB (those held only while a model updates marked *), then the peak."""
     if est is None:
-        return "memory estimate: unavailable (the model's config.json cannot be read yet)"
+        return ("memory estimate: unavailable (no config.json to read: the model is neither a local folder nor a hub "
+                "model in the local cache, or an earlier stage has yet to write it)")
     lines = [f"memory estimate per rank ({est['world_size']} rank(s); arithmetic, see stages/memory.py):"]
     inside = phase_parts(est["phases"])
     for name, value in est["parts"].items():
