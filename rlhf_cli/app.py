@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 
 from rlhf_cli import __version__
-from rlhf_cli.config_loader import dump_config, load_config
+from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
 from rlhf_cli.output import err, fail, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
@@ -483,6 +483,8 @@ def pipeline(
 
     try:
         cfg = load_config("pipeline", config, set_ or [])
+        for note in replaced_stage_sets(config, set_ or []):
+            err.print(f"[yellow]warning: {escape(note)}[/]", highlight=False)
         runs = plan(cfg)
         resolved = {}  # what each stage will resolve its config to: a complete stage's must not have changed
         loaded = {}

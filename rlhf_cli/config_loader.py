@@ -77,6 +77,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"{exc}\n(a --set value is read as YAML; quote a text value: --set '{key}=\"...\"')") from None
 
 
+def replaced_stage_sets(config_path: Path, overrides: list[str]) -> list[str]:
+    """A pipeline `--set sft.set=[...]` (rm, ppo) replaces the file's whole list, like every --set of a list:
+    a line for each that drops items the file gave, naming them (so a run does not lose `train.max_steps=60`
+    unseen)."""
+    data = load_yaml_file(Path(config_path).expanduser())
+    notes = []
+    for item in overrides:
+        parts, value = parse_override(item)
+        section = data.get(parts[0]) if len(parts) == 2 and parts[1] == "set" else None
+        before = section.get("set") if isinstance(section, dict) else None
+        if not isinstance(before, list):
+            continue
+        dropped = [x for x in before if x not in (value if isinstance(value, list) else [value])]
+        if dropped:
+            notes.append(f"--set {parts[0]}.set replaces the file's {parts[0]}.set, dropping {', '.join(map(str, dropped))} "
+                         "(list them too to keep them)")
+    return notes
+
+
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     """Set `data[parts[0]][parts[1]]... = value`, creating mappings on the way. A data source given in its
     short form (`train: file.jsonl`) is expanded to `{path: file.jsonl}` when a sub-key is set."""

@@ -677,6 +677,13 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
                      "--set", f"sft.set=[data.train={os.path.relpath(sft_data)}]")
     assert res.exit_code == 0, res.output
     assert f"--set data.train={sft_data}" in res.stdout, res.stdout
+    # ... and replaces the file's whole set: list, as a --set of any list does: said, naming what it drops
+    kept = dict(good, sft={"config": str(TINY / "sft.yaml"), "set": ["train.max_steps=3", "train.lr=0.001"]})
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "k.yaml", kept)), "--dry-run",
+                     "--set", f"sft.set=[data.train={os.path.relpath(sft_data)}, train.lr=0.001]")
+    assert res.exit_code == 0 and "warning: --set sft.set replaces the file's sft.set, dropping train.max_steps=3 (list " \
+        "them too to keep them)" in " ".join(res.stderr.split()), res.output
+    assert "train.max_steps=3" not in res.stdout
 
 
 def test_check_data_prints_what_each_stage_of_the_pipeline_read(pipeline_run, tmp_path):
