@@ -254,6 +254,16 @@ def run_stage(
         elif not exc.every_rank:
             print_error(exc, f"rank {_rank()}")
         raise typer.Exit(exc.exit_code) from None
+    except RuntimeError as exc:
+        from stages.distributed import peer_lost
+
+        if debug or not peer_lost(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        print_error(f"lost contact with another process of this run, which has probably failed (its own error, "
+                    f"or the launcher's line on how it ended, says why; --debug shows this traceback): {first}",
+                    f"rank {_rank()}")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         raise typer.Exit(130) from None

@@ -88,6 +88,18 @@ def device_index(local_rank: int, visible: int) -> int:
         "workers on this node, or give each worker one GPU of its own (e.g. srun --gpus-per-task=1)")
 
 
+#: what the collectives' error says when another rank of the run has died (gloo, NCCL, the TCP store)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited", "failed to recv, got 0 bytes")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc`, raised in a run of several processes, is a collective failing because another process
+    died: that process's own error is the one to read; this one's traceback only buries it."""
+    return isinstance(exc, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
+        any(text in str(exc) for text in PEER_LOST)
+
+
 #: what DeepSpeed prints on every rank of every run that loads its CPU shared-memory all-reduce op
 BUILT_LINE = re.compile(r"DeepSpeed \S+ built successfully\n")
 

@@ -983,3 +983,31 @@ def test_a_resume_without_the_runs_preset_says_which_to_give_again():
     assert preset_hint(["ppo.preset: 'moss-release' -> 'ppo-max'"]) == \
         "That run was started with --preset moss-release: give it again. "
     assert preset_hint(["ppo.kl_coef: 0.05 -> 0.1"]) == ""
+
+
+def test_a_worker_that_loses_a_peer_says_so_in_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """Another rank died (killed, crashed): this rank's collective fails; its traceback would bury the real
+    error, so it is one line naming the rank (the full traceback with --debug). Other errors are not hidden."""
+    import rlhf_cli.app as app
+    from stages.distributed import peer_lost
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6839. This is ...")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peer_lost(lost) and not peer_lost(RuntimeError("CUDA out of memory")) and not peer_lost(ValueError("Broken pipe"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("PYTHON_RLHF_LAUNCHED", "1")
+
+    def train(*args):
+        raise lost
+
+    monkeypatch.setattr(app, "_train_here", train)
+    args = ("sft", "--config", str(TINY_SFT), "--set", f"output_dir={tmp_path / 'o'}")
+    res = invoke_cli(*args)
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and "error (rank 1): lost contact with another process of this run, which has probably " \
+        "failed" in said and "Connection closed by peer" in said and "Traceback" not in res.output
+    res = invoke_cli(*args, "--debug")
+    assert res.exception is lost
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process run has no peer to lose: as it is
+    assert invoke_cli(*args).exception is lost
