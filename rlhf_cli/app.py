@@ -193,13 +193,10 @@ def run_stage(
             env = launch_env(local_processes(num_gpus, hostfile), out_dir / STOP_FILE if hostfile else None)
         where = format_command(cmd, env) if cmd else "this process (single rank, no launcher)"
         out.print(f"[bold]launch:[/] {escape(where)}", highlight=False, soft_wrap=True)  # ([...] of a --set list)
-        from stages.models import check_stage_models, uncached_stage_models
+        from stages.models import check_stage_models
         from stages.sniff import sniff_data
 
-        for missing in uncached_stage_models(stage, cfg):  # offline, a hub id (or a path typo) not in the cache
-            if not dry_run:
-                raise ConfigError(missing)
-            err.print(f"[yellow]warning: {escape(missing)} (a run would stop here)[/]", highlight=False)
+        refuse_uncached_models(stage, cfg, dry_run)
         check_stage_models(stage, cfg)  # a model folder of the wrong kind: one clear error before any launch
         sniff_data(stage, cfg)  # and data of another stage's kind (or format/columns matching no row)
         if _fp16_without_gpu(cfg, num_nodes, hostfile):  # DeepSpeed's CPU accelerator has no fp16
@@ -269,6 +266,17 @@ def run_stage(
         raise typer.Exit(130) from None
     finally:
         stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
+
+
+def refuse_uncached_models(stage: str, cfg: Any, dry_run: bool, where: str = "") -> None:
+    """Offline, a model that is neither a local folder nor in the hub cache (a path typo reads as a hub id):
+    a ConfigError before anything launches; a warning in a dry run."""
+    from stages.models import uncached_stage_models
+
+    for missing in uncached_stage_models(stage, cfg):
+        if not dry_run:
+            raise ConfigError(f"{where}{missing}")
+        err.print(f"[yellow]warning: {escape(where + missing)} (a run would stop here)[/]", highlight=False)
 
 
 def publishes_final(cfg: Any) -> bool:
@@ -516,7 +524,9 @@ def pipeline(
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
         for act in actions:  # every stage that will train reads data of its kind: before the first one trains
-            if act.action != "skip":
+            if act.action != "skip":  # (an earlier stage's output, wired in, is an absolute path: no hub id)
+                refuse_uncached_models(act.run.stage, loaded[act.run.label], dry_run or check_data,
+                                       f"pipeline stage {act.run.label}: ")
                 try:
                     sniff_data(act.run.stage, loaded[act.run.label])
                 except RlhfError as exc:

@@ -79,6 +79,10 @@ def test_pipeline_dry_run_prints_a_wired_plan(pipeline, tmp_path):
             assert f"model.name_or_path={out / 'sft'}" in line
             assert f"reward_model.name_or_path={out / 'rm'}" in line
     assert not Path(env["HF_HOME"]).exists(), "a dry run touched the Hugging Face cache"
+    sft = load_config("sft", pipeline.parent / "sft.yaml").model
+    if sft.name_or_path:  # offline, the hub model is not in the (empty) cache: the SFT stage would stop first
+        assert f"warning: pipeline stage sft: model.name_or_path {sft.name_or_path}: no such local folder" in \
+            " ".join(result.stderr.split()), result.stderr
 
 
 def test_llama_pipeline_dry_run_multi_node(tmp_path):
