@@ -69,6 +69,14 @@ class EvalSettings:
     dtype: str = "float32"
 
 
+def recorded_settings(s: EvalSettings, precision: str) -> dict[str, Any]:
+    """How an evaluation sampled and scored, as eval.json records it (two eval.json files of one policy can then
+    be told apart): the prompts (data section), how many, the batch size (it changes the samples), the seed,
+    the precision, the n-gram of the repetition metric and every generation setting."""
+    return {"data": s.data.model_dump(mode="json"), "num_prompts": s.num_prompts, "batch_size": s.batch_size,
+            "seed": s.seed, "precision": precision, "ngram": s.ngram, "generation": s.generation.model_dump(mode="json")}
+
+
 @dataclass
 class Generated:
     """One model's responses to the prompts, with their scores."""
@@ -224,7 +232,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     ending = ending_for(rm_dir, s.data.rm_add_eos, tok, stop_ids, styles, warn, lambda line: say(True, line))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed, "skipped_rows": dict(log.reasons),
-                               "cut_prompts": cut}
+                               "cut_prompts": cut, "settings": recorded_settings(s, precision)}
     ref_path = s.reference or s.baseline
     reference = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)

@@ -393,12 +393,33 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
 
 def kept_eval_settings(run: StageRun) -> dict[str, Any] | None:
     """The eval settings a PPO run's eval.json was made with (its eval.settings.json), "policy" the run's folder
-    (final/) when they predate eval.policy; None when there are none to read."""
+    (final/) when they predate eval.policy; None when there are none to read, or when eval.json is no longer
+    the file the pipeline's evaluation wrote (its sha256 recorded beside the settings): an `rlhf eval` run by
+    hand with other options into the same file."""
+    kept = _read_eval_settings(run)
+    if kept is None:
+        return None
+    made = kept.pop("eval_json_sha256", None)  # (settings written before it was recorded: taken as they are)
+    return None if made is not None and made != _sha256(run.out / "eval.json") else kept
+
+
+def _read_eval_settings(run: StageRun) -> dict[str, Any] | None:
+    """A PPO run's eval.settings.json as written, "policy" its folder when they predate eval.policy."""
     try:
         kept = json.loads((run.out / "eval.settings.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return {"policy": str(run.out)} | kept if isinstance(kept, dict) else None
+
+
+def _sha256(path: Path) -> str | None:
+    """`file_fingerprint` of `path` (its sha256), None when it cannot be read."""
+    from stages.fingerprint import file_fingerprint
+
+    try:
+        return file_fingerprint(path)
+    except OSError:
+        return None
 
 
 def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
@@ -409,9 +430,8 @@ def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
 
 
 def recorded_policy(run: StageRun) -> str:
-    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records (`kept_eval_settings`):
-    "best" or "final"."""
-    policy = (kept_eval_settings(run) or {}).get("policy")
+    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records: "best" or "final"."""
+    policy = (_read_eval_settings(run) or {}).get("policy")
     return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
@@ -445,4 +465,5 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
         code = call_forwarding_signals(cmd)
         if code != 0:
             raise child_failed(f"rlhf eval of {run.label}", code, "")
-        (run.out / "eval.settings.json").write_text(json.dumps(settings) + "\n", encoding="utf-8")
+        made = settings | {"eval_json_sha256": _sha256(run.out / "eval.json")}
+        (run.out / "eval.settings.json").write_text(json.dumps(made) + "\n", encoding="utf-8")

@@ -289,9 +289,14 @@ def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_s
     assert len(calls) == 1 and calls[0][calls[0].index("--num-prompts") + 1] == "16"
     pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
     assert len(calls) == 1  # the same settings: kept
+    (run[0].out / "eval.json").write_text('{"prompts": 8}')  # an `rlhf eval` by hand, with other options, into it
+    pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
+    assert len(calls) == 2  # not the pipeline's evaluation: redone
+    pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
+    assert len(calls) == 2
     other = _pipeline_cfg(tmp_path, eval={"enabled": True, "num_prompts": 32, "seed": 5})
     pl.evaluate_runs(other, run, tmp_path / "runs" / "sft", quiet)
-    assert len(calls) == 2 and calls[1][calls[1].index("--num-prompts") + 1] == "32"
+    assert len(calls) == 3 and calls[2][calls[2].index("--num-prompts") + 1] == "32"
 
 
 def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stages):
@@ -324,7 +329,8 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
     # the default evaluates final/ even beside a best/; settings written before eval.policy existed mean final/
     final = _pipeline_cfg(tmp_path, eval={"enabled": True})
     settings = json.loads((out / "eval.settings.json").read_text())
-    (out / "eval.settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "policy"}))
+    (out / "eval.settings.json").write_text(json.dumps({k: v for k, v in settings.items()
+                                                        if k not in ("policy", "eval_json_sha256")}))
     pl.evaluate_runs(final, run, tmp_path / "runs" / "sft", Console(file=open(log, "w")))
     assert len(calls) == 2 and pl.summary(final, run)["ppo"]["ppo"]["policy"] == "final"
     # the label says what the kept evaluation judged, whatever eval.policy says now (eval.enabled: false, say)
@@ -468,6 +474,10 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     ppo_cfg = yaml.safe_load(resolved.read_text())
     assert (s.seed, s.batch_size, s.reward_model) == (1, 5, ppo_cfg["reward_model"]["name_or_path"])
     assert s.generation.temperature == ppo_cfg["generation"]["temperature"] and res["seed"] == 1
+    kept = json.loads((tmp_path / "a.json").read_text())["settings"]  # eval.json says how it sampled
+    assert (kept["batch_size"], kept["num_prompts"], kept["seed"], kept["precision"]) == (5, 12, 1, "fp32")
+    assert kept["generation"]["temperature"] == ppo_cfg["generation"]["temperature"]
+    assert kept["generation"]["max_new_tokens"] == 6 and kept["data"]["train"] == ppo_cfg["data"]["train"]
     assert eval_settings(root / "ppo-max", resolved).seed == ppo_cfg["seed"]  # the config's seed by default
     assert run("b", seed=1, batch_size=5)[2] == base  # same seed, same samples
     assert run("c", seed=2, batch_size=5)[2] != base  # another seed samples other responses
