@@ -49,6 +49,8 @@ def bench_config(workload: str | None, config: Path | None, iters: int | None, w
         if not config.is_file():
             known = sorted(p.stem for p in WORKLOAD_DIR.glob("*.yaml"))
             raise ConfigError(f"--workload {workload}: unknown; known workloads: {', '.join(known)}")
+        # its output under the current directory (as a --set path), not beside the installed package's configs
+        overrides = [f"output_dir=runs/bench/{workload}", *overrides]
     extra = [f"iterations={iters}"] * (iters is not None) + [f"warmup={warmup}"] * (warmup is not None)
     return load_config("bench", config, [*overrides, *extra])  # type: ignore[arg-type]
 

@@ -129,7 +129,7 @@ def test_bench_ppo_stopped_by_a_time_limit_keeps_the_iterations_done(bench_dir):
     assert res.returncode == 130, res.stdout[-3000:] + res.stderr[-3000:]
     r = json.loads(other.read_text())
     assert r["iterations_timed"] == 2 and len(r["per_iteration_s"]) == 3
-    assert r["stopped"].startswith("stopped by SIGINT after step 3")
+    assert r["stopped"].startswith("stopped by SIGINT after iteration 3")
     assert "2 of 3 timed iteration(s) done" in res.stderr
     assert json.loads((bench_dir / "out/bench-ppo.json").read_text())["stopped"] is None
 
@@ -246,6 +246,14 @@ def test_trl_comparison_needs_the_same_workload_and_device():
     assert compare(ours, trl | {"device": "NVIDIA H100 80GB HBM3"}) is None
     assert compare(ours, trl | {"workload": "w2"}) is None
     assert compare(ours, trl | {"workload_spec": spec | {"prompts": 4}}) is None  # a cut-down run
+
+
+def test_a_named_workload_writes_under_the_current_directory(tmp_path, monkeypatch):
+    """--workload NAME reads the packaged config; its output goes to ./runs/bench/NAME wherever rlhf is installed
+    (not into the installed tree, where users of one checkout would overwrite each other); --set output_dir wins."""
+    monkeypatch.chdir(tmp_path)
+    assert bench_config("tiny", None, None, None, []).output_dir == str(tmp_path / "runs" / "bench" / "tiny")
+    assert bench_config("tiny", None, None, None, ["output_dir=mine"]).output_dir == str(tmp_path / "mine")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU prints")
