@@ -302,6 +302,9 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
     if vs:
         out.print(f"rlhf bench ppo ({ours_file}): {_versus(vs['speedup'])} per iteration, generation "
                   f"{_versus(vs['generation_speedup'])}", highlight=False)
+    elif ours_file.is_file():
+        out.print(f"rlhf bench ppo ({ours_file}): not compared (another workload, device or weights dtype)",
+                  highlight=False)
     out.print(f"wrote {target}", highlight=False)
 
 

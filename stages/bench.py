@@ -164,8 +164,21 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
 def device_info(device: torch.device) -> dict[str, Any]:
     """The device, and how busy the host was (`host_load`, read when the result is written)."""
     if device.type == "cuda":
-        return {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, **host_load()}
-    return {"device": "cpu", "threads": torch.get_num_threads(), **host_load()}
+        return {"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, **host_load(), **versions()}
+    return {"device": "cpu", "threads": torch.get_num_threads(), **host_load(), **versions()}
+
+
+def versions() -> dict[str, Any]:
+    """{"versions": {package: version}} of what a result depends on (rlhf, torch, transformers, deepspeed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("rlhf", "torch", "transformers", "deepspeed"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return {"versions": found}
 
 
 def host_load() -> dict[str, Any]:
@@ -218,7 +231,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})
     return {
         "benchmark": "ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
-        **device_info(device),
+        **device_info(device), "weights_dtype": str(dtype).removeprefix("torch."),
+        "precision": ppo_cfg.deepspeed.precision, "generation": ppo_cfg.generation.model_dump(mode="json"),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
         "seconds_per_iteration": it,
         "split_seconds": split,
@@ -270,7 +284,9 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     model.to(device).eval()
     prompts = load_prompts(ppo_cfg.data.train, ppo_cfg.data, tok, BadRowLog()).ids
     ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
-    results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name, **device_info(device),
+    results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name,
+                               "workload_spec": cfg.workload.model_dump(mode="json"), **device_info(device),
+                               "weights_dtype": str(dtype).removeprefix("torch."),
                                "prompts": ids.shape[0], "prompt_length": ids.shape[1]}
     unknown = [c for c in caches if c not in VARIANTS]
     if unknown:

@@ -150,9 +150,10 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
 
 
 def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:
-    """Speed-up of `rlhf bench ppo` over `rlhf bench trl` on the same workload (name and spec) and device; None
-    otherwise (e.g. a cut-down `--set workload.prompts=4` run against a full one)."""
-    if any(ours.get(k) != trl.get(k) for k in ("workload", "workload_spec", "device")):
+    """Speed-up of `rlhf bench ppo` over `rlhf bench trl` on the same workload (name and spec), device and
+    weights dtype; None otherwise (e.g. a cut-down `--set workload.prompts=4` run against a full one, or bf16
+    weights against float32)."""
+    if any(ours.get(k) != trl.get(k) for k in ("workload", "workload_spec", "device", "weights_dtype")):
         return None
     return {"speedup": trl["seconds_per_iteration"] / ours["seconds_per_iteration"],
             "generation_speedup": trl["generation_s"] / ours["split_seconds"]["generation"],

@@ -53,6 +53,10 @@ def bench_dir(tmp_path_factory) -> Path:
 def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     r = json.loads((bench_dir / "out/bench-ppo.json").read_text())
     assert r["benchmark"] == "ppo" and r["workload"] == "tiny" and r["device"] == "cpu"
+    # what it ran with: the weights' dtype, the precision, the generation settings, the package versions
+    assert (r["weights_dtype"], r["precision"], r["generation"]["max_new_tokens"]) == ("float32", "fp32", 16)
+    assert set(r["versions"]) == {"rlhf", "torch", "transformers", "deepspeed"} and r["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
     # 1 warm-up + 3 timed iterations, the result is the median of the timed ones
     assert len(r["per_iteration_s"]) == 4 and r["iterations_timed"] == 3  # the profiled 5th is not among them
     assert r["profiled_iteration_s"] > 0
@@ -233,7 +237,7 @@ def test_a_speed_ratio_below_one_reads_as_slower():
         "3.10x faster", "1.00x faster", "2.86x slower", "n/a")
 
 
-def test_trl_comparison_needs_the_same_workload_and_device():
+def test_trl_comparison_needs_the_same_workload_device_and_weights_dtype():
     from stages.bench_trl import compare
 
     spec = {"prompts": 64, "prompt_length": 128, "new_tokens": 128}
@@ -246,6 +250,9 @@ def test_trl_comparison_needs_the_same_workload_and_device():
     assert compare(ours, trl | {"device": "NVIDIA H100 80GB HBM3"}) is None
     assert compare(ours, trl | {"workload": "w2"}) is None
     assert compare(ours, trl | {"workload_spec": spec | {"prompts": 4}}) is None  # a cut-down run
+    bf16 = {"weights_dtype": "bfloat16"}  # bench-ppo.json and bench-trl.json record the weights' dtype
+    assert compare(ours | bf16, trl | bf16)["speedup"] == 20.0
+    assert compare(ours | bf16, trl | {"weights_dtype": "float32"}) is None
 
 
 def test_a_named_workload_writes_under_the_current_directory(tmp_path, monkeypatch):
