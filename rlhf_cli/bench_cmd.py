@@ -195,7 +195,9 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         table.add_row(f"  {k} s (share)", f"{_fmt(v)} ({_fmt(result['split_share'][k])})")
     for k in ("samples_per_s", "generated_tokens_per_s", "generation_tokens_per_s", "update_tflops", "mfu_update",
               "peak_memory_gib", "estimated_memory_gib", "compiled_graphs", "cudagraph_skips"):
-        table.add_row(k, _fmt(result[k]))
+        label = {"peak_memory_gib": f"peak_memory_gib ({result['peak_memory_kind']})",
+                 "estimated_memory_gib": "estimated_memory_gib (GPU, --dry-run's)"}.get(k, k)
+        table.add_row(label, _fmt(result[k]))
     out.print(table)
     if result["floors"]:
         measured = result["split_seconds"] | {"iteration": result["seconds_per_iteration"]}
