@@ -6,8 +6,9 @@
 #   scripts/run_pipeline.sh configs/llama-7b-8gpu/pipeline.yaml --num-gpus 8   # 8 GPUs
 #   scripts/run_pipeline.sh configs/qwen2.5-1.5b/pipeline.yaml --dry-run       # validate, print the plan
 #
-# Without --num-gpus / --hostfile in the options (and NUM_GPUS unset), the GPUs CUDA_VISIBLE_DEVICES lists,
-# else those nvidia-smi lists, are used: --num-gpus N is added when there are 2 or more. Extra options go to `rlhf pipeline` unchanged (--force,
+# Without --num-gpus / --hostfile in the options (and NUM_GPUS unset), the GPUs CUDA_VISIBLE_DEVICES lists (set
+# but empty: none, one process), else those nvidia-smi lists, are used: --num-gpus N is added when there are 2
+# or more. Extra options go to `rlhf pipeline` unchanged (--force,
 # --set KEY=VALUE, --dry-run, --debug, ...). Run it from the repository root or anywhere: the config path is
 # taken relative to the current directory.
 #
@@ -19,8 +20,8 @@
 # OMP_NUM_THREADS = CPU cores / GPUs (at least 1).
 set -euo pipefail
 
-usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+usage() {  # the header comment above, its Environment section included
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
 }
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
@@ -59,6 +60,14 @@ for arg in "$@"; do
     prev=$arg
 done
 
+if [[ -n "${NUM_GPUS:-}" && ! "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_pipeline.sh: NUM_GPUS must be a whole number of at least 1, got '$NUM_GPUS'" >&2
+    exit 2
+fi
+if [[ -n "${NUM_GPUS:-}" && $explicit -eq 1 ]]; then
+    echo "run_pipeline.sh: NUM_GPUS=$NUM_GPUS not passed on: the options give --num-gpus or --hostfile" >&2
+fi
+
 launch=()
 gpus=1
 if [[ "$given" =~ ^[0-9]+$ && "$given" -ge 1 ]]; then
@@ -66,8 +75,8 @@ if [[ "$given" =~ ^[0-9]+$ && "$given" -ge 1 ]]; then
 elif [[ -n "${NUM_GPUS:-}" ]]; then
     gpus=$NUM_GPUS
     [[ $explicit -eq 0 ]] && launch=(--num-gpus "$gpus")
-elif [[ $explicit -eq 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # what this job may use, not the node's all
-    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+elif [[ $explicit -eq 0 && -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # what this job may use, not the node's all
+    IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"  # (set but empty: no GPU for this job, one process)
     gpus=${#visible[@]}
     [[ "$gpus" -ge 2 ]] && launch=(--num-gpus "$gpus")
 elif [[ $explicit -eq 0 ]] && command -v nvidia-smi > /dev/null 2>&1; then

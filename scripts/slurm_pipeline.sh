@@ -32,6 +32,9 @@
 # (DS_ENV_FILE), unless DS_ENV_FILE is already set; the lines of ~/.deepspeed_env and ./.deepspeed_env, which
 # DeepSpeed no longer reads once DS_ENV_FILE is set, are copied into it first.
 #
+# The script gives `rlhf pipeline` --hostfile (the allocated nodes) and --num-gpus (GPUS_PER_NODE); options that
+# set the launch shape themselves are refused. MASTER_ADDR (the rendezvous) defaults to the first node's name.
+#
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else 8), RLHF (how to call the CLI, default `rlhf`
 # if on PATH, else `${PYTHON:-python3} -m rlhf_cli`), RLHF_JOB_DIR (where the hostfile and the env file go;
 # only the first node reads them; default ${TMPDIR:-/tmp}/rlhf-slurm-JOB_ID), DRY_RUN=1 (print the command
@@ -47,8 +50,20 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header comment above
+    sed -n '2,/^#SBATCH/p' "$0" | grep -v '^#SBATCH' | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 config=${1:-configs/llama-7b-8gpu/pipeline.yaml}
 [[ $# -gt 0 ]] && shift
+for arg in "$@"; do  # the launch shape is the allocation's
+    case "$arg" in
+        --num-gpus|--num-gpus=*|--hostfile|--hostfile=*|--num-nodes|--num-nodes=*)
+            echo "slurm_pipeline.sh: $arg is set from the allocation (--hostfile of its nodes, --num-gpus" \
+                 "GPUS_PER_NODE); set GPUS_PER_NODE or sbatch --nodes instead" >&2
+            exit 2 ;;
+    esac
+done
 
 if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then
     echo "slurm_pipeline.sh: SLURM_JOB_NODELIST is not set; submit with sbatch (or run inside salloc)" >&2
@@ -75,6 +90,10 @@ for host in "${hosts[@]}"; do
     [[ -n "$host" ]] && echo "$host slots=$gpus_per_node" >> "$hostfile"
 done
 
+# the rendezvous: the first node by name (Slurm's nodes resolve each other's names), unless MASTER_ADDR is set;
+# DeepSpeed's runner would otherwise guess the first address `hostname -I` lists, which may be a network the
+# other nodes cannot reach
+export MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     cores=${SLURM_CPUS_ON_NODE:-$(nproc 2> /dev/null || echo 8)}
@@ -113,7 +132,7 @@ else
 fi
 
 cmd=("${rlhf_cmd[@]}" pipeline --config "$config" --hostfile "$hostfile" --num-gpus "$gpus_per_node" "$@")
-echo "slurm_pipeline.sh: ${#hosts[@]} node(s) x $gpus_per_node GPU(s); hostfile $hostfile:" >&2
+echo "slurm_pipeline.sh: ${#hosts[@]} node(s) x $gpus_per_node GPU(s), MASTER_ADDR=$MASTER_ADDR; hostfile $hostfile:" >&2
 cat "$hostfile" >&2
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${cmd[@]}"

@@ -257,6 +257,12 @@ def test_slurm_script_builds_the_hostfile(tmp_path):
                         tmp_path=tmp_path)
     assert result.returncode == 0 and "--num-gpus 4" in result.stdout
     assert hostfile.read_text() == "gpu-a01 slots=4\ngpu-a02 slots=4\n"
+    assert "MASTER_ADDR=gpu-a01;" in result.stderr  # the rendezvous: the first node, by name
+    # the launch shape is the allocation's: an option that sets it is refused, not silently stacked
+    result = run_script("slurm_pipeline.sh", config, "--num-gpus", "2", env={**slurm, "DRY_RUN": "1"}, tmp_path=tmp_path)
+    assert result.returncode == 2 and "--num-gpus is set from the allocation" in result.stderr
+    result = run_script("slurm_pipeline.sh", "--help", env={}, tmp_path=tmp_path)
+    assert result.returncode == 0 and "GPUS_PER_NODE" in result.stdout and "SBATCH" not in result.stdout
 
 
 @needs_bash
@@ -295,6 +301,15 @@ def test_run_pipeline_script(tmp_path):
     assert run_script("run_pipeline.sh", env={}, tmp_path=tmp_path).returncode == 2
     missing = run_script("run_pipeline.sh", "configs/nope.yaml", env={}, tmp_path=tmp_path)
     assert missing.returncode == 2 and "config not found" in missing.stderr
+    for bad in ("abc", "0"):  # NUM_GPUS: a whole number of at least 1
+        res = run_script("run_pipeline.sh", config, env={"DRY_RUN": "1", "NUM_GPUS": bad}, tmp_path=tmp_path)
+        assert res.returncode == 2 and f"NUM_GPUS must be a whole number of at least 1, got '{bad}'" in res.stderr
+    res = run_script("run_pipeline.sh", config, env={"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""}, tmp_path=tmp_path)
+    assert res.returncode == 0 and "--num-gpus" not in res.stdout  # set but empty: no GPU for this job
+    res = run_script("run_pipeline.sh", config, "--hostfile", "h", env={"DRY_RUN": "1", "NUM_GPUS": "2"}, tmp_path=tmp_path)
+    assert "--num-gpus" not in res.stdout and "NUM_GPUS=2 not passed on" in res.stderr
+    res = run_script("run_pipeline.sh", "--help", env={}, tmp_path=tmp_path)
+    assert res.returncode == 0 and "DRY_RUN=1" in res.stdout  # the whole header, its Environment section too
 
 
 def test_preset_yaml_is_plain_mapping():
