@@ -62,12 +62,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """A stage output directory stands for its `final/` HF checkpoint; anything else is used as given. A name
-    that can only be a path (absolute, starting with `.` or `~`, or with more than one `/`, which a hub id
-    never has) must exist: CheckpointError otherwise, not the hub's complaint about a malformed repo id."""
+    """A stage output directory stands for its `final/` HF checkpoint, a checkpoint folder for its `hf/`;
+    anything else is used as given. A name that can only be a path (absolute, starting with `.` or `~`, or with
+    more than one `/`, which a hub id never has) must exist: CheckpointError otherwise, not the hub's complaint
+    about a malformed repo id."""
     p = Path(name_or_path).expanduser()
     if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
         return str(p / "final")
+    if p.is_dir() and not (p / "config.json").exists() and (p / "hf" / "config.json").exists():
+        return str(p / "hf")  # a checkpoint-N folder: its model
     if p.is_dir() and not (p / "config.json").exists() and any(
             (p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
         raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it with "

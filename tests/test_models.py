@@ -105,6 +105,12 @@ def test_a_run_directory_stands_for_its_final_checkpoint(tmp_path):
     (tmp_path / "cut" / "metrics.jsonl").write_text("")
     with pytest.raises(CheckpointError, match="a stage run without final/ \\(not finished"):
         resolve_model_dir(str(tmp_path / "cut"))
+    # ... whose checkpoint folder stands for its model (hf/), as the run folder stands for its final/
+    (tmp_path / "cut" / "checkpoint-00000004" / "hf").mkdir(parents=True)
+    (tmp_path / "cut" / "checkpoint-00000004" / "hf" / "config.json").write_text("{}")
+    (tmp_path / "cut" / "checkpoint-00000004" / "resolved_config.yaml").write_text("")
+    assert resolve_model_dir(str(tmp_path / "cut" / "checkpoint-00000004")) == \
+        str(tmp_path / "cut" / "checkpoint-00000004" / "hf")
 
 
 def test_tokenizer_options(tok, tmp_path):
