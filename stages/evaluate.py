@@ -208,12 +208,16 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     styles: set[str] = set()
     log = BadRowLog()
     prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles)
-    prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
-    if not prompts:
-        raise ConfigError(f"no prompts in {s.data.train}{log.summary()}")
 
     def warn(text: str) -> None:
         say(True, f"[yellow]{escape(text)}[/]")
+
+    if s.num_prompts and s.num_prompts > len(prompts):
+        warn(f"{s.num_prompts} prompts asked (--num-prompts), {len(prompts)} usable in {s.data.train.path}: all of them "
+             "are evaluated")
+    prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
+    if not prompts:
+        raise ConfigError(f"no prompts in {s.data.train}{log.summary()}")
 
     if log.total or cut:  # (data.on_bad_row: skip) rows the evaluation leaves out, and prompts it shortens
         warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} prompt(s) cut to "

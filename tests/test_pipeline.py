@@ -510,6 +510,9 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     assert any("warning: data.rm_add_eos: false, but" in text for text in said), said
     run("x", reward_model=str(no_eos), overrides=["data.rm_add_eos=true"])
     assert [e.add_eos for e in endings] == [True, False, False, True]
+    # more prompts asked than there are: said, all of them evaluated
+    many = evaluate(eval_settings(root / "ppo-max", resolved, num_prompts=10**6, max_new_tokens=1), None)
+    assert any(f"{10**6} prompts asked (--num-prompts), {many['prompts']} usable in " in text for text in said), said
 
 
 def test_eval_ties_identical_responses_leaves_out_non_finite_scores_and_checks_its_inputs(pipeline_run, tmp_path,
