@@ -795,7 +795,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
             progress.update(done, {"train reward": values["objective/scores"], "kl": values["objective/kl"],
                                    "len": values["rollout/response_length"]})
-            if dist.is_main and t.sample_every > 0 and (it == 0 or done % t.sample_every == 0):
+            if dist.is_main and t.sample_every > 0 and (it == 0 or due(done, t.sample_every, total)):  # the last too
                 show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
                              response_lists(rollout, []), exp["raw"].tolist(), gold)
             profiler.close()  # a profiled iteration's training work ends here; validation and checkpoints are not in it
