@@ -216,6 +216,10 @@ def run_stage(
             elif resume and not (out_dir / "final").exists():
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
 
+            if stage == "ppo":  # the trick table the run prints at start: which keys differ from the preset
+                from stages.ppo.trainer import describe_tricks
+
+                out.print(describe_tricks(cfg), highlight=False)
             out.print(format_estimate(estimate(cfg, processes)), highlight=False)
             if check_data:
                 from stages.pipeline import check_data as read_data

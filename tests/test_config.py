@@ -353,6 +353,14 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--set", f"model.name_or_path={rm}")
     assert res.exit_code == 1 and "(a reward model), not a causal LM" in res.stderr, res.output
     assert not (tmp_path / "p").exists()
+    # the dry run prints the trick table the run prints at start: what differs from the preset, marked
+    one = stage_folder("rm1", "LlamaForSequenceClassification")
+    (one / "final" / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"],
+                                                           "num_labels": 1}))
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={one}", "--ppo-max", "--kl-coef", "0.2")
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and "PPO tricks (preset ppo-max; * = set by the config or a flag):" in said, res.output
+    assert "* ppo.kl_coef 0.2 (preset: 0.05)" in said and "ppo.lam 0.9" in said
     # a trick flag's bad value names the flag, a --set's the --set
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--kl-coef", "-1", "--set", "train.iterations=0")
     assert res.exit_code == 2 and "ppo.kl_coef: Input should be greater than or equal to 0 (got -1.0) [given with " \
