@@ -445,6 +445,9 @@ def eval_(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (the same for both policies).",
                                                 show_default="the config's, else 0")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
+    precision: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], typer.Option(
+        "--precision", help="dtype of the models (bf16 halves their memory: a 7B policy, baseline and RM on one GPU).",
+        show_default="the config's deepspeed.precision, else fp32")] = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
                         "*.samples.jsonl); needed when POLICY is no local folder.", show_default="POLICY/eval.json")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
@@ -462,7 +465,7 @@ def eval_(
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
-                                 max_new_tokens, temperature, seed, batch_size, set_ or [])
+                                 max_new_tokens, temperature, seed, batch_size, set_ or [], precision)
         if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
             raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
                               "go beside a local policy by default)")

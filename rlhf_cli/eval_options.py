@@ -19,10 +19,11 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                   prompts: Path | None = None, baseline: str | None = None, reference: str | None = None,
                   gold: str | None = None, num_prompts: int | None = None, max_new_tokens: int | None = None,
                   temperature: float | None = None, seed: int | None = None, batch_size: int = 32,
-                  overrides: list[str] = []) -> EvalSettings:  # noqa: B006 - read only
+                  overrides: list[str] = [], precision: str | None = None) -> EvalSettings:  # noqa: B006 - read only
     """The options over the values of a PPO config (when `config` is given; a run's resolved_config.yaml works
     too): its reward_model, data (data.eval, else data.train), generation, gold judge, seed, precision and
-    monitor n-gram. An option given explicitly wins; `overrides` (--set data.*/generation.* key=value) win over
+    monitor n-gram (`precision`: fp32 / bf16 / fp16, the models' dtype; else the config's deepspeed.precision,
+    else fp32). An option given explicitly wins; `overrides` (--set data.*/generation.* key=value) win over
     both (the prompt file itself is --prompts)."""
     try:  # a policy that is not there is a usage error (exit 2), like any missing input
         resolve_model_dir(str(policy))
@@ -49,6 +50,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         raise ConfigError("rlhf eval needs --prompts (or --config with data)")
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
+    dtype = PRECISION_DTYPES[precision] if precision is not None else dtype
     gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
     sections = {"data": data_fields, "generation": gen_fields}
     for item in overrides:

@@ -412,6 +412,11 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
     s = eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts,
                       temperature=0.5, overrides=["data.on_bad_row=skip", "generation.temperature=0.7"])
     assert (s.data.on_bad_row, s.generation.temperature, s.generation.top_p) == ("skip", 0.7, cfg["generation"]["top_p"])
+    # the models' dtype: the config's precision, --precision over it, float32 without either
+    assert s.dtype == {"fp32": "float32", "bf16": "bfloat16"}[cfg["deepspeed"]["precision"]]
+    assert eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts,
+                         precision="bf16").dtype == "bfloat16"
+    assert eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts).dtype == "float32"
     with pytest.raises(ConfigError, match=r"data.on_bad_row: Input should be 'error' or 'skip' \(got 'maybe'\)\n"
                                           r"  unknown key 'generation.top_pp'; closest valid key: 'generation.top_p'"):
         eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts,
