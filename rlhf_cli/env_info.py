@@ -13,7 +13,8 @@ from rich.table import Table
 
 from rlhf_cli import __version__
 
-PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "tokenizers", "accelerate", "pydantic", "typer", "rich")
+PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "tokenizers", "accelerate", "pydantic", "typer", "rich",
+            "trl", "flash-attn")
 
 
 def _version(dist: str) -> str:
@@ -24,7 +25,8 @@ def _version(dist: str) -> str:
 
 
 def collect_env() -> dict[str, Any]:
-    """Versions and devices as a flat dict of strings."""
+    """Versions and devices as a flat dict: versions as strings ("not installed"), counts as numbers, yes/no as
+    booleans (so `rlhf env --json` reads as typed JSON)."""
     info: dict[str, Any] = {
         "rlhf": __version__,
         "python": sys.version.split()[0],
@@ -36,14 +38,14 @@ def collect_env() -> dict[str, Any]:
         import torch
 
         info["cuda (torch build)"] = torch.version.cuda or "none (CPU build)"
-        info["cuda available"] = str(torch.cuda.is_available())
+        info["cuda available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
             info["gpus"] = ", ".join(
                 f"{torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())
             )
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-            info["bf16 supported"] = str(torch.cuda.is_bf16_supported())
-        info["cpu threads"] = str(torch.get_num_threads())
+            info["bf16 supported"] = torch.cuda.is_bf16_supported()
+        info["cpu threads"] = torch.get_num_threads()
     except Exception as exc:  # a broken torch install is exactly what this command must report
         info["torch error"] = repr(exc)
     return info

@@ -508,8 +508,9 @@ def test_version_and_env():
     import json
 
     info = json.loads(res.stdout)
-    for key in ("python", "torch", "transformers", "deepspeed", "cuda (torch build)"):
+    for key in ("python", "torch", "transformers", "deepspeed", "trl", "cuda (torch build)"):
         assert key in info
+    assert isinstance(info["cuda available"], bool) and isinstance(info["cpu threads"], int)  # typed JSON
 
 
 def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
