@@ -503,7 +503,7 @@ def pipeline(
 
     Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and summary.json, and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
-    from stages.pipeline import ACTION_NOTES, plan, run_pipeline, stage_actions
+    from stages.pipeline import ACTION_NOTES, eval_plan, plan, run_pipeline, stage_actions
     from stages.sniff import sniff_data
 
     try:
@@ -530,6 +530,10 @@ def pipeline(
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
+        for line in eval_plan(cfg, actions):
+            out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)
+        if cfg.report:
+            out.print(f"[bold]report[/] {escape(str(Path(cfg.output_dir) / 'report'))} and summary.md", highlight=False)
         for act in actions:  # every stage that will train reads data of its kind: before the first one trains
             if act.action != "skip":  # (an earlier stage's output, wired in, is an absolute path: no hub id)
                 refuse_uncached_models(act.run.stage, loaded[act.run.label], dry_run or check_data,

@@ -435,6 +435,37 @@ def recorded_policy(run: StageRun) -> str:
     return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
+def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path) -> dict[str, Any]:
+    """What the pipeline's evaluation of `policy` is made with (recorded in eval.settings.json)."""
+    return {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
+            "baseline": str(sft), "policy": str(policy)}
+
+
+def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
+    """Whether the run's eval.json stands: made by the pipeline with `settings` (an evaluation without its
+    settings, or another one's, is redone)."""
+    return (run.out / "eval.json").is_file() and kept_eval_settings(run) == settings
+
+
+def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
+    """What the evaluation will do for each PPO run, for the plan: "NAME: kept (…)" or "NAME: POLICY against
+    SFT, after training" (a stage that trains writes a new policy, whose evaluation is then made afresh)."""
+    if not cfg.eval.enabled:
+        return []
+    sft = Path(cfg.output_dir) / "sft"
+    lines = []
+    for act in actions:
+        if act.run.stage != "ppo":
+            continue
+        policy = evaluated_policy(cfg, act.run)
+        if act.action == "skip" and eval_kept(act.run, eval_settings_of(cfg, sft, policy)):
+            lines.append(f"{act.run.label}: kept ({act.run.out / 'eval.json'}, made with these eval settings)")
+        else:
+            lines.append(f"{act.run.label}: rlhf eval of its {cfg.eval.policy} policy against {sft}, "
+                         f"{cfg.eval.num_prompts or 'all'} prompt(s), seed {cfg.eval.seed}")
+    return lines
+
+
 def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path, policy: Path) -> list[str]:
     """The `rlhf eval` command line of a PPO run's `policy` (`evaluated_policy`) against the SFT policy (the run's
     resolved config gives the reward model, prompts, generation and gold judge)."""
@@ -450,10 +481,8 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
     (eval.settings.json)."""
     for run in ppo_runs:
         policy = evaluated_policy(cfg, run)
-        settings = {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-                    "baseline": str(sft), "policy": str(policy)}
-        # (an evaluation without its settings is redone)
-        if (run.out / "eval.json").is_file() and kept_eval_settings(run) == settings:
+        settings = eval_settings_of(cfg, sft, policy)
+        if eval_kept(run, settings):
             continue
         what = "" if policy == run.out else " best/"
         console.rule(f"[bold]eval: {run.label}{what}[/] against {sft}")
