@@ -261,7 +261,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         out_file.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         with out_file.with_suffix(".samples.jsonl").open("w", encoding="utf-8") as fh:
             for i, p in enumerate(prompts):
-                row = {"prompt": tok.decode(p, skip_special_tokens=True),
+                row = {"prompt": tok.decode(p, skip_special_tokens=False),
                        "policy": tok.decode(mine.responses[i], skip_special_tokens=True), "policy_reward": mine.reward[i]}
                 if mine.gold is not None:
                     row["policy_gold"] = mine.gold[i]
