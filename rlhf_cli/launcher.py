@@ -118,8 +118,8 @@ def launch_command(
         if short:  # the runner gives every host --num_gpus workers whatever its slots say
             listed = ", ".join(f"{host} slots={n}" for host, n in short.items())
             raise ConfigError(f"--num-gpus {num_gpus} (workers per host) but {hostfile} gives {listed}; DeepSpeed's "
-                              "runner would start that many there anyway: lower --num-gpus, or leave it out to use "
-                              "each host's slots")
+                              "runner would start that many there anyway: lower --num-gpus, raise those hosts' "
+                              "slots=, or leave --num-gpus out to use each host's slots")
         cmd += ["--hostfile", str(hostfile)]
         if num_nodes is not None:
             cmd += ["--num_nodes", str(num_nodes)]

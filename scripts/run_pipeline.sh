@@ -61,11 +61,13 @@ for arg in "$@"; do
 done
 
 if [[ -n "${NUM_GPUS:-}" && ! "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
-    echo "run_pipeline.sh: NUM_GPUS must be a whole number of at least 1, got '$NUM_GPUS'" >&2
-    exit 2
-fi
-if [[ -n "${NUM_GPUS:-}" && $explicit -eq 1 ]]; then
-    echo "run_pipeline.sh: NUM_GPUS=$NUM_GPUS not passed on: the options give --num-gpus or --hostfile" >&2
+    if [[ $explicit -eq 0 ]]; then
+        echo "run_pipeline.sh: NUM_GPUS must be a whole number of at least 1, got '$NUM_GPUS'" >&2
+        exit 2
+    fi
+    unset NUM_GPUS  # not used: the options give the launch shape
+elif [[ -n "${NUM_GPUS:-}" && $explicit -eq 1 ]]; then
+    echo "run_pipeline.sh: NUM_GPUS=$NUM_GPUS not passed on (the options give --num-gpus or --hostfile)" >&2
 fi
 
 launch=()

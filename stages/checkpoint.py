@@ -265,9 +265,10 @@ def refuse_cleared_inputs(out_dir: Path, config_text: str, stage: str | None) ->
     root = out_dir.resolve()
     for key, value in input_paths(yaml.safe_load(config_text), reads).items():
         path = Path(value)
-        if path.exists() and path.resolve() == root:  # a stage run's folder, standing for its final/
+        if path.exists() and path.resolve() == root:  # a stage run's folder, standing for its final/ (a plain
+            # model folder, config.json at its top, is read from files a fresh start leaves alone)
             written = sorted(p.name for p in root.iterdir() if cleared_by_fresh_start(p))
-            if written:
+            if written and not (root / "config.json").exists():
                 raise ConfigError(f"{key} {value} is the output_dir itself, whose run ({', '.join(written[:4])}) a "
                                   "fresh start there deletes first; give this run another output_dir")
             continue
@@ -349,13 +350,13 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
 
 def preset_hint(changes: list[str]) -> str:
     """What to say when the changes a resume finds include PPO's preset (a command line without the run's
-    `--ppo-max` / `--preset`, which then lists every key the preset set): "That run was started with
-    --preset ppo-max (--ppo-max): give it again. ", or ""."""
+    `--ppo-max` / `--preset`, which then lists every key the preset set): "That run used preset ppo-max
+    (--ppo-max or --preset ppo-max, or ppo.preset in its config): give it again. ", or ""."""
     found = next((m for c in changes if (m := re.match(r"ppo\.preset: '([\w-]+)' -> ", c))), None)
     if found is None:
         return ""
-    flag = " (--ppo-max)" if found[1] == "ppo-max" else ""
-    return f"That run was started with --preset {found[1]}{flag}: give it again. "
+    flag = "--ppo-max or " if found[1] == "ppo-max" else ""
+    return f"That run used preset {found[1]} ({flag}--preset {found[1]}, or ppo.preset in its config): give it again. "
 
 
 class OutputPlan(NamedTuple):

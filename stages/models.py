@@ -119,20 +119,26 @@ def uncached_hub_model(name_or_path: str, key: str) -> str | None:
         return None  # (a path that is no hub id: resolve_model_dir's error)
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
-        return None
+    try:
+        if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            return None
+    except ValueError:  # huggingface_hub's HFValidationError: a name it takes for no repo id (`a--b`, `x/y.`)
+        pass
     return (f"{key} {name_or_path}: no such local folder, and no hub model of that name in the local cache "
             "(HF_HUB_OFFLINE=1: nothing is downloaded); check the path, or download the model first")
 
 
 def uncached_stage_models(stage: str, cfg: Any) -> list[str]:
     """`uncached_hub_model` of each model `stage` loads."""
-    found = []
-    for section, _, _ in STAGE_MODEL_KINDS.get(stage, []):
-        model = getattr(cfg, section)
-        if model.from_config is None and model.name_or_path:
-            found.append(uncached_hub_model(model.name_or_path, f"{section}.name_or_path"))
+    found = [uncached_hub_model(path, f"{section}.name_or_path") for section, _, _, path in loaded_models(stage, cfg)]
     return [text for text in found if text]
+
+
+def loaded_models(stage: str, cfg: Any) -> list[tuple[str, str, bool, str]]:
+    """(config section, head, trained head, name_or_path) of each model `stage` loads from a path or hub id
+    (`STAGE_MODEL_KINDS`; a `from_config` model is built, not loaded)."""
+    return [(section, head, trained, model.name_or_path) for section, head, trained in STAGE_MODEL_KINDS.get(stage, [])
+            if (model := getattr(cfg, section)).from_config is None and model.name_or_path]
 
 
 #: tokenizer classes that mean "exactly the tokenizer.json beside me" (what train_tokenizer saves)
@@ -414,10 +420,8 @@ def check_stage_models(stage: str, cfg: Any) -> None:
     """The kind checks a stage makes before loading its models (`check_architecture` on each local folder's
     config.json; a stage folder stands for its final/), SFT's packing check (`check_packing`) and the position
     check (`check_positions`), without loading any weights: what --dry-run can tell."""
-    for section, head, trained in STAGE_MODEL_KINDS.get(stage, []):
-        model = getattr(cfg, section)
-        if model.from_config is None and model.name_or_path:
-            check_architecture(resolve_model_dir(model.name_or_path), head, trained, f"{section}.name_or_path")
+    for section, head, trained, path in loaded_models(stage, cfg):
+        check_architecture(resolve_model_dir(path), head, trained, f"{section}.name_or_path")
     configs = {section: declared_config(getattr(cfg, section)) for section in stage_lengths(stage, cfg)}
     if stage == "sft":
         check_packing((configs["model"] or {}).get("model_type"), cfg.data.packing)

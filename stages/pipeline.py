@@ -461,7 +461,8 @@ def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
         if act.action == "skip" and eval_kept(act.run, eval_settings_of(cfg, sft, policy)):
             lines.append(f"{act.run.label}: kept ({act.run.out / 'eval.json'}, made with these eval settings)")
         else:
-            lines.append(f"{act.run.label}: rlhf eval of its {cfg.eval.policy} policy against {sft}, "
+            which = "best/ if it writes one, else its final/" if cfg.eval.policy == "best" else "final/"
+            lines.append(f"{act.run.label}: rlhf eval of its {which} against {sft}, "
                          f"{cfg.eval.num_prompts or 'all'} prompt(s), seed {cfg.eval.seed}")
     return lines
 

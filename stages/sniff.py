@@ -51,7 +51,7 @@ def sniff_file(source: DataSource, parse: Parse, what: str, settings: str, rows:
     if log.total:  # not one readable record (the run would say "no usable rows" after reading it all)
         among = f" among its first {log.total} lines" if log.total == rows else ""
         raise DataError(f"{source.paths()[0]}: no readable row{among}{log.summary()}")
-    raise DataError(f"{source.paths()[0]}: no record in it (an empty file, or blank lines only)")
+    raise DataError(f"{source.paths()[0]}: no record in it (an empty file, blank lines only, or no rows)")
 
 
 class _Unreadable(Exception):

@@ -133,7 +133,8 @@ def received() -> int:
 def file_request() -> int:
     """The signal number a launcher wrote to the stop file (STOP_FILE_VAR), 0 while there is none (SIGTERM for a
     file with anything else in it). Read by each node's local rank 0 only (`requested` shares it with every
-    rank); a file that cannot be read right now (a shared filesystem's passing error) counts as none, and is
+    rank; a worker that sees one GPU of its own runs as LOCAL_RANK 0, `distributed.device_index`, and reads it
+    too); a file that cannot be read right now (a shared filesystem's passing error) counts as none, and is
     read again after the next step."""
     path = os.environ.get(STOP_FILE_VAR)
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":

@@ -194,6 +194,8 @@ def test_a_path_typo_is_no_hub_id_and_offline_a_hub_id_must_be_cached(tmp_path, 
     (snapshot.parent.parent / "refs" / "main").write_text("abc")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert uncached_hub_model("Qwen/Qwen2.5-0.5B", "model.name_or_path") is None  # in the cache
+    assert uncached_hub_model("outputs/sft--lr3e-5", "model.name_or_path").startswith(  # no repo id to the hub
+        "model.name_or_path outputs/sft--lr3e-5: no such local folder")
     assert uncached_hub_model("outputs/sft", "reward_model.name_or_path").startswith(
         "reward_model.name_or_path outputs/sft: no such local folder, and no hub model of that name in the local "
         "cache (HF_HUB_OFFLINE=1")
@@ -603,6 +605,9 @@ def test_a_fresh_start_refuses_to_delete_an_input_it_would_read(tmp_path):
                                           "resolved_config.yaml\\) a fresh start there deletes first"):
         prepare_output_dir(out, yaml.safe_dump(cfg), resume=False, overwrite=True, stage="sft")
     assert (out / "final" / "config.json").is_file()
+    (out / "config.json").write_text("{}")  # a plain model folder: read from its top, which a fresh start keeps
+    prepare_output_dir(out, yaml.safe_dump(cfg), resume=False, overwrite=True, stage="sft")
+    assert (out / "config.json").is_file() and not (out / "final").exists()
 
 
 def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):
@@ -988,9 +993,10 @@ def test_a_resume_without_the_runs_preset_says_which_to_give_again():
     changes = config_changes({"ppo": {"preset": "ppo-max", "kl_coef": 0.05}}, {"ppo": {"preset": "vanilla", "kl_coef": 0.1}},
                              "ppo", set())
     assert changes == ["ppo.kl_coef: 0.05 -> 0.1", "ppo.preset: 'ppo-max' -> 'vanilla'"]
-    assert preset_hint(changes) == "That run was started with --preset ppo-max (--ppo-max): give it again. "
+    assert preset_hint(changes) == "That run used preset ppo-max (--ppo-max or --preset ppo-max, or ppo.preset in its " \
+        "config): give it again. "
     assert preset_hint(["ppo.preset: 'moss-release' -> 'ppo-max'"]) == \
-        "That run was started with --preset moss-release: give it again. "
+        "That run used preset moss-release (--preset moss-release, or ppo.preset in its config): give it again. "
     assert preset_hint(["ppo.kl_coef: 0.05 -> 0.1"]) == ""
 
 

@@ -293,7 +293,7 @@ def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_s
     assert pl.eval_plan(cfg, [pl.StageAction(run[0], "skip")]) == [f"ppo: kept ({run[0].out / 'eval.json'}, made with "
                                                                    "these eval settings)"]
     assert pl.eval_plan(cfg, [pl.StageAction(run[0], "resume")]) == [
-        f"ppo: rlhf eval of its final policy against {tmp_path / 'runs' / 'sft'}, 16 prompt(s), seed 5"]
+        f"ppo: rlhf eval of its final/ against {tmp_path / 'runs' / 'sft'}, 16 prompt(s), seed 5"]
     (run[0].out / "eval.json").write_text('{"prompts": 8}')  # an `rlhf eval` by hand, with other options, into it
     pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", quiet)
     assert len(calls) == 2  # not the pipeline's evaluation: redone

@@ -301,9 +301,11 @@ def test_run_pipeline_script(tmp_path):
     assert run_script("run_pipeline.sh", env={}, tmp_path=tmp_path).returncode == 2
     missing = run_script("run_pipeline.sh", "configs/nope.yaml", env={}, tmp_path=tmp_path)
     assert missing.returncode == 2 and "config not found" in missing.stderr
-    for bad in ("abc", "0"):  # NUM_GPUS: a whole number of at least 1
+    for bad in ("abc", "0"):  # NUM_GPUS: a whole number of at least 1 (where it is used)
         res = run_script("run_pipeline.sh", config, env={"DRY_RUN": "1", "NUM_GPUS": bad}, tmp_path=tmp_path)
         assert res.returncode == 2 and f"NUM_GPUS must be a whole number of at least 1, got '{bad}'" in res.stderr
+    res = run_script("run_pipeline.sh", config, "--num-gpus", "2", env={"DRY_RUN": "1", "NUM_GPUS": "all"}, tmp_path=tmp_path)
+    assert res.returncode == 0 and "--num-gpus 2" in res.stdout
     res = run_script("run_pipeline.sh", config, env={"DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""}, tmp_path=tmp_path)
     assert res.returncode == 0 and "--num-gpus" not in res.stdout  # set but empty: no GPU for this job
     res = run_script("run_pipeline.sh", config, "--hostfile", "h", env={"DRY_RUN": "1", "NUM_GPUS": "2"}, tmp_path=tmp_path)

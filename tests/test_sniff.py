@@ -112,8 +112,8 @@ def test_unreadable_rows_and_identical_pairs(tmp_path):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={csv}"]))
     for empty, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n\n")):  # a data-prep step that failed
         (tmp_path / empty).write_text(text)
-        with pytest.raises(DataError, match=f"data.eval: {tmp_path / empty}: no record in it \\(an empty file, or "
-                                            "blank lines only\\)$"):
+        with pytest.raises(DataError, match=f"data.eval: {tmp_path / empty}: no record in it \\(an empty file, blank "
+                                            "lines only, or no rows\\)$"):
             sniff_data("train-rm", _rm(f"data.eval={tmp_path / empty}"))
     same = tmp_path / "same.jsonl"  # identical chosen and rejected: a pair in the right format (the run drops it)
     same.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "a"}) + "\n")
