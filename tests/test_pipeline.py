@@ -487,7 +487,8 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     kept = json.loads((tmp_path / "a.json").read_text())["settings"]  # eval.json says how it sampled
     assert (kept["batch_size"], kept["num_prompts"], kept["seed"], kept["precision"]) == (5, 12, 1, "fp32")
     assert kept["generation"]["temperature"] == ppo_cfg["generation"]["temperature"]
-    assert kept["generation"]["max_new_tokens"] == 6 and kept["data"]["train"] == ppo_cfg["data"]["train"]
+    assert kept["generation"]["max_new_tokens"] == 6  # and the prompts it read: the config's data.eval
+    assert kept["data"]["train"] == (ppo_cfg["data"]["eval"] or ppo_cfg["data"]["train"])
     assert eval_settings(root / "ppo-max", resolved).seed == ppo_cfg["seed"]  # the config's seed by default
     assert run("b", seed=1, batch_size=5)[2] == base  # same seed, same samples
     assert run("c", seed=2, batch_size=5)[2] != base  # another seed samples other responses
