@@ -67,14 +67,13 @@ def resolve_model_dir(name_or_path: str) -> str:
     more than one `/`, which a hub id never has) must exist: CheckpointError otherwise, not the hub's complaint
     about a malformed repo id."""
     p = Path(name_or_path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
-        return str(p / "final")
-    if p.is_dir() and not (p / "config.json").exists() and (p / "hf" / "config.json").exists():
-        return str(p / "hf")  # a checkpoint-N folder: its model
-    if p.is_dir() and not (p / "config.json").exists() and any(
-            (p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
-        raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it with "
-                              "--resume, or point at a checkpoint's model)")
+    if p.is_dir() and not (p / "config.json").exists():
+        for inner in ("final", "hf"):  # a stage run's folder, a checkpoint-N folder
+            if (p / inner / "config.json").exists():
+                return str(p / inner)
+        if any((p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
+            raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it "
+                                  "with --resume, or point at a checkpoint's model)")
     if name_or_path and not p.exists() and (p.is_absolute() or name_or_path.startswith((".", "~"))
                                              or name_or_path.count("/") > 1):
         raise CheckpointError(f"model {name_or_path}: no such file or directory")
