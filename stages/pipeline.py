@@ -391,18 +391,6 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
     return s
 
 
-def kept_eval_settings(run: StageRun) -> dict[str, Any] | None:
-    """The eval settings a PPO run's eval.json was made with (its eval.settings.json), "policy" the run's folder
-    (final/) when they predate eval.policy; None when there are none to read, or when eval.json is no longer
-    the file the pipeline's evaluation wrote (its sha256 recorded beside the settings): an `rlhf eval` run by
-    hand with other options into the same file."""
-    kept = _read_eval_settings(run)
-    if kept is None:
-        return None
-    made = kept.pop("eval_json_sha256", None)  # (settings written before it was recorded: taken as they are)
-    return None if made is not None and made != _sha256(run.out / "eval.json") else kept
-
-
 def _read_eval_settings(run: StageRun) -> dict[str, Any] | None:
     """A PPO run's eval.settings.json as written, "policy" its folder when they predate eval.policy."""
     try:
@@ -442,9 +430,14 @@ def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path) -> dict[str, 
 
 
 def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
-    """Whether the run's eval.json stands: made by the pipeline with `settings` (an evaluation without its
-    settings, or another one's, is redone)."""
-    return (run.out / "eval.json").is_file() and kept_eval_settings(run) == settings
+    """Whether the run's eval.json stands: made by the pipeline with `settings`, as its eval.settings.json says,
+    and still the file that evaluation wrote (the sha256 recorded beside the settings; an `rlhf eval` run by
+    hand with other options into the same file is not). An evaluation without its settings is redone."""
+    kept = _read_eval_settings(run)
+    if kept is None or not (run.out / "eval.json").is_file():
+        return False
+    made = kept.pop("eval_json_sha256", None)  # (settings written before it was recorded: taken as they are)
+    return kept == settings and made in (None, _sha256(run.out / "eval.json"))
 
 
 def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
