@@ -553,6 +553,11 @@ def reads_plain_spans(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "is_fast", False))
 
 
+def specials_read_as_text(tokenizer: Any, segments: Sequence[Segment]) -> bool:
+    """Whether a message's special-token string in `segments` is read as text (what the data reports count)."""
+    return reads_plain_spans(tokenizer) and any(seg.plain for seg in segments)
+
+
 #: what `as_text` tokenizes before a special-token string, so that it is not the start of a text (a
 #: SentencePiece-style tokenizer puts a word-start "▁" there, i.e. a space the data does not have)
 _LEAD = "\n"
@@ -648,8 +653,7 @@ def encode_segments(
         labels.append(eos if segments[-1].train else IGNORE)
     if labels:  # nothing before the first token predicts it (an empty prompt, no BOS): no loss there, and
         labels[0] = IGNORE  # packed, none from the previous example's end either
-    read_as_text = reads_plain_spans(tokenizer) and any(seg.plain for seg in segments)
-    return TokenizedExample(ids, labels, special_as_text=read_as_text), split
+    return TokenizedExample(ids, labels, special_as_text=specials_read_as_text(tokenizer, segments)), split
 
 
 def prompt_cut(prompt_len: int, total: int, max_length: int, prompt_budget: int) -> int:

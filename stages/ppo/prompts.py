@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
-                         opens_with_bos, parse_messages, read_rows, reads_plain_spans, text_ids,
+                         opens_with_bos, parse_messages, read_rows, specials_read_as_text, text_ids,
                          with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
@@ -123,7 +123,7 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             head = bos_head(ids, bos) if data.max_prompt_length > len(bos) else 0
             ids, truncated = ids[:head] + ids[len(ids) - (data.max_prompt_length - head):], truncated + 1
         prompts.append(ids)
-        as_text += bool(rendered.plain) and reads_plain_spans(tokenizer)
+        as_text += specials_read_as_text(tokenizer, [rendered])
         if styles is not None:
             styles.add(CHAT if chat else RAW_STYLES[row_fmt])
     if not prompts:
