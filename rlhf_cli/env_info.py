@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from importlib import metadata
 from typing import Any
 
 from rich.console import Console
@@ -18,10 +17,9 @@ PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "tokenizers", "acc
 
 
 def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    from stages.runtime import package_version
+
+    return package_version(dist) or "not installed"
 
 
 def collect_env() -> dict[str, Any]:

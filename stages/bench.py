@@ -170,15 +170,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def versions() -> dict[str, Any]:
     """{"versions": {package: version}} of what a result depends on (rlhf, torch, transformers, deepspeed)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from stages.runtime import package_version
 
-    found: dict[str, str | None] = {}
-    for name in ("rlhf", "torch", "transformers", "deepspeed"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return {"versions": found}
+    return {"versions": {name: package_version(name) for name in ("rlhf", "torch", "transformers", "deepspeed")}}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`weights_dtype` as bench results record it ("bfloat16"): `bench trl` compares only results that agree."""
+    return str(dtype).removeprefix("torch.")
 
 
 def host_load() -> dict[str, Any]:
@@ -231,7 +230,7 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         floors = report(workload_floors(cfg, ppo_cfg.ppo.ppo_epochs, dtype, peak, bandwidth), split | {"iteration": it})
     return {
         "benchmark": "ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
-        **device_info(device), "weights_dtype": str(dtype).removeprefix("torch."),
+        **device_info(device), "weights_dtype": dtype_name(dtype),
         "precision": ppo_cfg.deepspeed.precision, "generation": ppo_cfg.generation.model_dump(mode="json"),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
         "seconds_per_iteration": it,
@@ -286,7 +285,7 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     ids, mask = left_pad(prompts[:cfg.workload.prompts], tok.pad_token_id, device)
     results: dict[str, Any] = {"benchmark": "generate", "workload": cfg.name,
                                "workload_spec": cfg.workload.model_dump(mode="json"), **device_info(device),
-                               "weights_dtype": str(dtype).removeprefix("torch."),
+                               "weights_dtype": dtype_name(dtype),
                                "prompts": ids.shape[0], "prompt_length": ids.shape[1]}
     unknown = [c for c in caches if c not in VARIANTS]
     if unknown:

@@ -58,7 +58,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    from stages.bench import device_info
+    from stages.bench import device_info, dtype_name
     from stages.data import BadRowLog
     from stages.distributed import quiet_libraries
     from stages.engine import model_dtype
@@ -136,7 +136,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     it, gen_s = statistics.median(timed), statistics.median(gen)
     return {
         "benchmark": "trl-ppo", "workload": cfg.name, "workload_spec": cfg.workload.model_dump(mode="json"),
-        "trl": trl.__version__, "precision": precision, "weights_dtype": str(dtype).removeprefix("torch."),
+        "trl": trl.__version__, "precision": precision, "weights_dtype": dtype_name(dtype),
         "mixed_precision": trainer.accelerator.mixed_precision, **device_info(device),
         "iterations_timed": len(timed), "warmup": cfg.warmup,
         "seconds_per_iteration": it, "generation_s": gen_s, "generation_share": gen_s / it,

@@ -73,6 +73,16 @@ def call_forwarding_signals(
             signal.signal(sig, handler)
 
 
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def cuda_available() -> bool:
     import torch
 
