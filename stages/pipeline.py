@@ -196,8 +196,9 @@ def _series(metrics_file: Path, *keys: str) -> dict[str, list[float]]:
 
 def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
     """SFT eval loss, RM pair accuracy, and per PPO run: RM reward, gold reward, KL, length and win-rates of the
-    evaluated policy (final/, or best/: eval.policy; "policy" says which) against the SFT model (from eval.json;
-    without it, first and last validation of metrics, final)."""
+    evaluated policy (final/, or best/: eval.policy; "policy" says which) against the SFT model (from eval.json
+    when the pipeline's evaluation wrote it, `pipeline_eval`; otherwise — none, or an `rlhf eval` run by hand into
+    that file — first and last validation of metrics.jsonl, final)."""
     root = Path(cfg.output_dir)
     loss = _series(root / "sft" / "metrics.jsonl", "eval/loss")["eval/loss"]
     acc = _series(root / "rm" / "metrics.jsonl", "eval/accuracy")["eval/accuracy"]
@@ -206,15 +207,15 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
     for run in runs:
         if run.stage != "ppo":
             continue
-        ev_file = run.out / "eval.json"
-        if ev_file.is_file():
-            ev = json.loads(ev_file.read_text(encoding="utf-8"))
+        made = pipeline_eval(run)
+        if made is not None:
+            ev = json.loads((run.out / "eval.json").read_text(encoding="utf-8"))
             before, after = ev.get("baseline_metrics", {}), ev["policy_metrics"]
             row = {k: (before.get(k), after.get(k)) for k in ("reward", "gold", "length", "repetition")}
             row["kl"] = (0.0, after.get("kl"))
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
-            row["policy"] = recorded_policy(run)
+            row["policy"] = recorded_policy(made)
         else:
             names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
                      "kl": "objective/kl"}
@@ -417,9 +418,10 @@ def evaluated_policy(cfg: PipelineConfig, run: StageRun) -> Path:
     return best if cfg.eval.policy == "best" and (best / "config.json").is_file() else run.out
 
 
-def recorded_policy(run: StageRun) -> str:
-    """Which policy of a PPO run its eval.json judged, as its eval.settings.json records: "best" or "final"."""
-    policy = (_read_eval_settings(run) or {}).get("policy")
+def recorded_policy(settings: dict[str, Any]) -> str:
+    """Which policy of a PPO run its eval.json judged, as the settings of its evaluation (`pipeline_eval`)
+    record: "best" or "final"."""
+    policy = settings.get("policy")
     return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
@@ -429,15 +431,21 @@ def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path) -> dict[str, 
             "baseline": str(sft), "policy": str(policy)}
 
 
-def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
-    """Whether the run's eval.json stands: made by the pipeline with `settings`, as its eval.settings.json says,
-    and still the file that evaluation wrote (the sha256 recorded beside the settings; an `rlhf eval` run by
-    hand with other options into the same file is not). An evaluation without its settings is redone."""
+def pipeline_eval(run: StageRun) -> dict[str, Any] | None:
+    """The settings the pipeline evaluated a PPO run with (its eval.settings.json, `eval_settings_of`) while its
+    eval.json is still the file that evaluation wrote (the sha256 recorded beside the settings; an `rlhf eval`
+    run by hand into the same file is not); None without them. Only such an eval.json is kept or summarised."""
     kept = _read_eval_settings(run)
     if kept is None or not (run.out / "eval.json").is_file():
-        return False
+        return None
     made = kept.pop("eval_json_sha256", None)  # (settings written before it was recorded: taken as they are)
-    return kept == settings and made in (None, _sha256(run.out / "eval.json"))
+    return kept if made in (None, _sha256(run.out / "eval.json")) else None
+
+
+def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
+    """Whether the run's eval.json stands: the pipeline's own evaluation (`pipeline_eval`) made with `settings`.
+    An evaluation without its settings is redone."""
+    return pipeline_eval(run) == settings
 
 
 def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:

@@ -320,14 +320,13 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
         pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))
     assert calls[0][calls[0].index("eval") + 1] == str(out)  # no best/: the run's final/
     assert "ppo wrote no best/ (no validation reward chose one): its final/ is evaluated" in log.read_text()
-    (out / "eval.json").write_text("{}")
+    (out / "eval.json").write_text(json.dumps({"policy_metrics": {"reward": 1.0}, "win_rate_rm": {"win_rate": 0.7}}))
     (out / "best").mkdir()
     (out / "best" / "config.json").write_text("{}")
     with open(log, "w") as fh:
         pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))
         pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=fh, width=200))  # kept: same policy
     assert len(calls) == 2 and calls[1][calls[1].index("eval") + 1] == str(out / "best")
-    (out / "eval.json").write_text(json.dumps({"policy_metrics": {"reward": 1.0}, "win_rate_rm": {"win_rate": 0.7}}))
     summary = pl.summary(cfg, run)
     assert summary["ppo"]["ppo"]["policy"] == "best" and "| ppo (best/) |" in pl.summary_markdown(
         {"sft_eval_loss": None, "rm_accuracy": None, **summary})
@@ -341,6 +340,30 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
     # the label says what the kept evaluation judged, whatever eval.policy says now (eval.enabled: false, say)
     (out / "eval.settings.json").write_text(json.dumps(settings))
     assert pl.summary(final, run)["ppo"]["ppo"]["policy"] == "best"
+
+
+def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_stages):
+    """With eval.enabled: false the summary published whatever eval.json lay in a run (an `rlhf eval` run by hand
+    with other options, or a file the settings do not vouch for); it now reads eval.json only while it is the file
+    the pipeline's evaluation wrote, else the run's first and last validation from metrics.jsonl."""
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    cfg = _pipeline_cfg(tmp_path, eval={"enabled": True})
+    run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
+    out = run[0].out
+    out.mkdir(parents=True)
+    rows = [{"step": 1, "eval/reward": 0.25, "objective/kl": 0.0}, {"step": 2, "eval/reward": 0.5, "objective/kl": 0.1}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_hand = {"policy_metrics": {"reward": 9.0, "kl": 3.0}, "baseline_metrics": {"reward": 8.0}}
+    (out / "eval.json").write_text(json.dumps(by_hand))
+    off = _pipeline_cfg(tmp_path, eval={"enabled": False})
+    assert pl.summary(off, run)["ppo"]["ppo"]["reward"] == (0.25, 0.5)  # no eval.settings.json: not the pipeline's
+    pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=open(tmp_path / "log.txt", "w")))
+    assert pl.summary(off, run)["ppo"]["ppo"]["reward"] == (8.0, 9.0)  # the file its evaluation wrote
+    (out / "eval.json").write_text(json.dumps(by_hand | {"policy_metrics": {"reward": 7.0}}))  # rewritten by hand
+    row = pl.summary(off, run)["ppo"]["ppo"]
+    assert row["reward"] == (0.25, 0.5) and row["kl"] == (0.0, 0.1) and row["policy"] == "final"
 
 
 # --------------------------------------------------------------------------------------------- real run
