@@ -7,8 +7,9 @@ retrained under the same path.
     larger file          sha256 of (size, mtime, the first and the last MiB): no minutes of hashing per start
     folder               sha256 of (relative name, size, mtime) of its files, hidden ones (.rlhf.lock, .tmp-*)
                          aside, the first 10,000 in name order (weights are not read: a folder copied without
-                         its times counts as changed); a stage's output folder counts as its final/ (what
-                         stages.models.resolve_model_dir loads), so `rlhf eval` writing beside it changes nothing
+                         its times counts as changed); a stage's output folder counts as its final/ and a
+                         checkpoint-N folder as its hf/ (`model_folder`: what stages.models.resolve_model_dir
+                         loads), so `rlhf eval` writing beside a run, or ds/ states beside hf/, change nothing
 """
 
 from __future__ import annotations
@@ -39,11 +40,25 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: the folder inside a model folder without config.json that a model is loaded from: a stage run's final/ HF
+#: checkpoint, a checkpoint-N folder's hf/ (its ds/ engine states beside it are not the model)
+MODEL_SUBFOLDERS = ("final", "hf")
+
+
+def model_folder(path: Path) -> Path:
+    """The folder a model given as `path` is loaded from: `path` itself when it holds config.json, else the first
+    of MODEL_SUBFOLDERS inside it that does, else `path`."""
+    if not (path / "config.json").exists():
+        for inner in MODEL_SUBFOLDERS:
+            if (path / inner / "config.json").exists():
+                return path / inner
+    return path
+
+
 def folder_fingerprint(path: Path) -> str:
     """sha256 hex of the (relative name, size, mtime) of a folder's files (see the module docstring); hidden
     files and folders are not entered, and the walk stops at FOLDER_ENTRIES files."""
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        path = path / "final"
+    path = model_folder(path)
     files: list[Path] = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

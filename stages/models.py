@@ -17,6 +17,7 @@ from stages.config import ModelConfig
 from stages.distributed import DistInfo, barrier, seed_everything
 from stages.engine import model_dtype
 from stages.errors import CheckpointError, ConfigError
+from stages.fingerprint import model_folder
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -68,9 +69,8 @@ def resolve_model_dir(name_or_path: str) -> str:
     about a malformed repo id."""
     p = Path(name_or_path).expanduser()
     if p.is_dir() and not (p / "config.json").exists():
-        for inner in ("final", "hf"):  # a stage run's folder, a checkpoint-N folder
-            if (p / inner / "config.json").exists():
-                return str(p / inner)
+        if (inner := model_folder(p)) != p:  # a stage run's folder, a checkpoint-N folder
+            return str(inner)
         if any((p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
             raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it "
                                   "with --resume, or point at a checkpoint's model)")

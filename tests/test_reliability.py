@@ -866,6 +866,33 @@ def test_fingerprints_hash_small_files_whole_and_large_ones_by_size_time_and_edg
     assert fingerprint.file_fingerprint(small) == expected.hexdigest()
 
 
+
+def test_a_model_folders_fingerprint_covers_the_folder_its_model_loads_from(tmp_path):
+    """A stage run counts as its final/ and a checkpoint-N folder as its hf/ (what resolve_model_dir loads): files
+    written beside them (eval.json, the ds/ engine states of a later save) do not change it; the model's do."""
+    from stages.fingerprint import folder_fingerprint
+    from stages.models import resolve_model_dir
+
+    for inner, beside in (("final", "eval.json"), ("hf", "ds/mp_rank_00_model_states.pt")):
+        outer = tmp_path / inner / "run"
+        (outer / inner).mkdir(parents=True)
+        (outer / inner / "config.json").write_text("{}")
+        assert resolve_model_dir(str(outer)) == str(outer / inner)
+        before = folder_fingerprint(outer)
+        assert before == folder_fingerprint(outer / inner)
+        (outer / beside).parent.mkdir(parents=True, exist_ok=True)
+        (outer / beside).write_bytes(b"x")
+        assert folder_fingerprint(outer) == before, beside
+        (outer / inner / "model.safetensors").write_bytes(b"w")
+        assert folder_fingerprint(outer) != before
+    plain = tmp_path / "plain"
+    (plain / "hf").mkdir(parents=True)
+    (plain / "hf" / "config.json").write_text("{}")
+    (plain / "config.json").write_text("{}")  # a model folder of its own: its subfolders are part of it
+    before = folder_fingerprint(plain)
+    (plain / "hf" / "extra.bin").write_bytes(b"y")
+    assert folder_fingerprint(plain) != before
+
 def test_signals_are_forwarded_to_the_launchers_workers_not_to_their_own_children(tmp_path):
     """A fake launcher tree: runner -> launch (both named deepspeed.launcher.*) -> worker -> its own child
     (an inductor compile worker, say). Only the worker gets the forwarded signal: its children must live
