@@ -111,6 +111,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert (out / "best" / "config.json").is_file() and _events(out, "best")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["iteration"] for s in samples} == {1, 2, 4, 5} and all("response" in s for s in samples)  # the last too
+    assert {s["policy_iteration"] for s in samples} == {0, 1, 3, 4}  # after 1 critic-only iteration, as the report
     state = json.loads((out / "checkpoint-00000005" / "trainer_state.json").read_text())
     assert state["moments"][0] == 5 * 8  # every score seen: 5 iterations x 8 rollouts
 

@@ -465,19 +465,23 @@ def rank_spread(values: list[float]) -> float:
 def show_samples(cfg: PPOConfig, out: Path, iteration: int, tokenizer: Any, prompts: list[list[int]],
                  responses: list[list[int]], scores: list[float], gold: list[float] | None = None) -> None:
     """A rich table prompt | response | reward (| gold) of this rank's first samples; all of them go to
-    samples.jsonl."""
+    samples.jsonl, with the iteration as logged (metrics.jsonl, checkpoint-N) and `policy_iteration` = iteration
+    - ppo.critic_pretrain_steps (<= 0 during critic pre-training: what `rlhf report` plots over)."""
     from rich.table import Table
 
     from stages.metrics import _CONSOLE
 
-    table = Table(title=f"samples at iteration {iteration}", show_lines=True)
+    policy_iteration = iteration - cfg.ppo.critic_pretrain_steps
+    which = f" (policy iteration {policy_iteration})" if cfg.ppo.critic_pretrain_steps else ""
+    table = Table(title=f"samples at iteration {iteration}{which}", show_lines=True)
     for col in ("prompt", "response", "reward") + (("gold",) if gold is not None else ()):
         table.add_column(col, overflow="fold")
     with (out / "samples.jsonl").open("a", encoding="utf-8") as fh:
         for i, (pr, resp, score) in enumerate(zip(prompts, responses, scores)):
             p_text = tokenizer.decode(pr, skip_special_tokens=False)
             r_text = tokenizer.decode(resp, skip_special_tokens=False)
-            row = {"iteration": iteration, "prompt": p_text, "response": r_text, "score": score}
+            row = {"iteration": iteration, "policy_iteration": policy_iteration, "prompt": p_text,
+                   "response": r_text, "score": score}
             extra = {"gold": gold[i]} if gold is not None else {}
             fh.write(json.dumps(row | extra) + "\n")
             if i < cfg.train.samples_shown:
