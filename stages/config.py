@@ -8,6 +8,7 @@ on the command line) and checks that inputs exist.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
@@ -696,23 +697,34 @@ def _path_kind(field_info: Any) -> str | None:
     return None
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith(("./", "../", "/", "~")) or value in (".", "..") or value.endswith(FILE_SUFFIXES) \
-        or value.rstrip("/").count("/") > 1
+#: what a Hugging Face hub id looks like: NAME or OWNER/NAME, each of letters, digits, `_`, `.` and `-`, starting
+#: with a letter, digit or `_`
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+
+
+def could_be_hub_id(value: str) -> bool:
+    """Whether a model/tokenizer value may name a hub repository (`HUB_ID`, without one of FILE_SUFFIXES); any
+    other value can only be a local path: `./x`, `../x`, `/x`, `~/x`, `.`, a trailing `/`, more than one `/`, a
+    space, `x.jsonl`.
+
+    >>> [could_be_hub_id(v) for v in ("gpt2", "Qwen/Qwen2.5-0.5B", "outputs/sft", "runs/demo/sft", "./sft", "sft/")]
+    [True, True, True, False, False, False]
+    """
+    return HUB_ID.fullmatch(value) is not None and not value.endswith(FILE_SUFFIXES)
 
 
 def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     """Resolve one path value. Relative paths are taken against `base`; inputs must exist.
 
-    hub_or_path: `./x`, `../x`, `/x`, `~/x`, a name with a file suffix or more than one `/` (which a hub id never
-    has), or a name that exists under `base` is a local path (and must exist); anything else (e.g.
-    `Qwen/Qwen2.5-0.5B`) is returned unchanged as a hub id.
+    hub_or_path: a name that exists under `base`, or that can be no hub id (`could_be_hub_id`: `./x`, `/x`, more
+    than one `/`, a file suffix, ...) is a local path (and must exist); anything else (e.g. `Qwen/Qwen2.5-0.5B`)
+    is returned unchanged as a hub id.
     """
     if not value.strip():  # `--set output_dir=$DIR` with DIR unset would otherwise mean the current folder
         raise ConfigError(f"{key}: empty path")
     if kind == "hub_or_path":
         candidate = (base / Path(value).expanduser()).resolve()
-        if not _looks_like_path(value) and not candidate.exists():
+        if could_be_hub_id(value) and not candidate.exists():
             return value  # a hub id
         if not candidate.exists():
             raise ConfigError(f"{key}: path does not exist: {candidate}")
@@ -779,7 +791,7 @@ def _absolute_path(value: str, kind: str | None, base: Path) -> str:
     path-like, not under `base`) and anything else as it is."""
     path = Path(value.strip()).expanduser()
     if kind is not None and value.strip() and not path.is_absolute() and (
-            kind != "hub_or_path" or _looks_like_path(value.strip()) or (base / path).exists()):
+            kind != "hub_or_path" or not could_be_hub_id(value.strip()) or (base / path).exists()):
         return str((base / path).resolve())
     return value
 

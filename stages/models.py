@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -13,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from stages.checkpoint import sync_tree
-from stages.config import ModelConfig
+from stages.config import ModelConfig, could_be_hub_id
 from stages.distributed import DistInfo, barrier, seed_everything
 from stages.engine import model_dtype
 from stages.errors import CheckpointError, ConfigError
@@ -64,8 +63,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
 
 def resolve_model_dir(name_or_path: str) -> str:
     """A stage output directory stands for its `final/` HF checkpoint, a checkpoint folder for its `hf/`;
-    anything else is used as given. A name that can only be a path (absolute, starting with `.` or `~`, or with
-    more than one `/`, which a hub id never has) must exist: CheckpointError otherwise, not the hub's complaint
+    anything else is used as given. A name that can only be a path (not `could_be_hub_id`: absolute, starting
+    with `.` or `~`, more than one `/`, ...) must exist: CheckpointError otherwise, not the hub's complaint
     about a malformed repo id."""
     p = Path(name_or_path).expanduser()
     if p.is_dir() and not (p / "config.json").exists():
@@ -74,8 +73,7 @@ def resolve_model_dir(name_or_path: str) -> str:
         if any((p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
             raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it "
                                   "with --resume, or point at a checkpoint's model)")
-    if name_or_path and not p.exists() and (p.is_absolute() or name_or_path.startswith((".", "~"))
-                                             or name_or_path.count("/") > 1):
+    if name_or_path and not p.exists() and not could_be_hub_id(name_or_path):
         raise CheckpointError(f"model {name_or_path}: no such file or directory")
     return str(p) if name_or_path.startswith("~") else name_or_path
 
@@ -100,10 +98,6 @@ def not_local_hint(source: str) -> str:
     return f" (no folder {source} here: it was tried as a Hugging Face hub id{offline})"
 
 
-#: what a hub model id looks like: NAME or OWNER/NAME
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-
-
 def hub_offline() -> bool:
     """Whether HF_HUB_OFFLINE is set (as huggingface_hub reads it: 1 / on / yes / true): nothing is downloaded."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -114,7 +108,7 @@ def uncached_hub_model(name_or_path: str, key: str) -> str | None:
     is not (`key` named), before any launch, rather than every rank failing to load it (a path typo such as
     `outputs/sft` reads as a hub id); None when it is there, when it is no hub id, or online (the hub answers
     when the model loads)."""
-    if not hub_offline() or Path(name_or_path).expanduser().exists() or not HUB_ID.fullmatch(name_or_path):
+    if not hub_offline() or Path(name_or_path).expanduser().exists() or not could_be_hub_id(name_or_path):
         return None  # (a path that is no hub id: resolve_model_dir's error)
     from huggingface_hub import try_to_load_from_cache
 

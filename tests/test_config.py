@@ -186,6 +186,14 @@ def test_a_path_typo_is_no_hub_id_and_offline_a_hub_id_must_be_cached(tmp_path, 
 
     with pytest.raises(ConfigError, match="model.name_or_path: path does not exist: .*runs/demo/sfft"):
         load_config("sft", _cfg_file(tmp_path), ["model.from_config=null", "model.name_or_path=runs/demo/sfft"])
+    from stages.errors import CheckpointError
+    from stages.models import resolve_model_dir
+
+    for path in ("outputs/sft/", "my model", "sft.json", ".hidden"):  # no NAME or OWNER/NAME: one rule for both
+        with pytest.raises(ConfigError, match="model.name_or_path: path does not exist"):
+            load_config("sft", _cfg_file(tmp_path), ["model.from_config=null", f"model.name_or_path={path}"])
+        with pytest.raises(CheckpointError, match=f"model {path}: no such file or directory"):
+            resolve_model_dir(path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
