@@ -233,8 +233,10 @@ def launch_env(num_procs: int, stop_file: Path | None = None) -> dict[str, str]:
 
 
 def format_command(cmd: list[str], env: dict[str, str]) -> str:
-    """The command as a shell line, with the variables it runs under in front."""
-    return shlex.join([f"{k}={v}" for k, v in env.items()] + cmd)
+    """The command as a shell line, with the variables it runs under in front, LAUNCHED_MARK aside: a copy of the
+    line run by hand (in a requeue script, say) then starts workers of the user's own launch, whose rank 0 locks
+    and prepares the output directory (`--resume`'s checks, `--overwrite`), which the mark would have skipped."""
+    return shlex.join([f"{k}={v}" for k, v in env.items() if k != LAUNCHED_MARK] + cmd)
 
 
 def run_launcher(cmd: list[str], env: dict[str, str]) -> int:

@@ -272,6 +272,7 @@ def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
     assert "lr: 0.125" in res.stdout
     assert f"output_dir: {out_dir}" in res.stdout
     assert "-m deepspeed.launcher.runner --num_gpus 2" in res.stdout
+    assert "PYTHON_RLHF_LAUNCHED" not in res.stdout  # a copy run by hand must lock and prepare output_dir itself
     # one node: the runner's "Unable to find hostfile" warning is left out (its errors still show)
     assert f"--log_level error --no_local_rank --module rlhf_cli sft --config {out_dir}/resolved_config.yaml" in res.stdout
     assert not out_dir.exists()  # a dry run writes nothing
