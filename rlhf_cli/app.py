@@ -15,7 +15,7 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
-from rlhf_cli.output import err, fail, out, print_error
+from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
     check_not_a_bare_srun_task,
@@ -42,6 +42,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+hide_flag_types()
 
 #: stage name -> "module:function" that trains it inside a process (imported only when needed)
 STAGE_RUNNERS = {"sft": "stages.sft:run", "train-rm": "stages.reward:run", "ppo": "stages.ppo.trainer:run"}

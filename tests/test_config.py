@@ -509,6 +509,9 @@ def test_help_shows_every_option_with_default():
     assert "[default: (every host in --hostfile, else 1)]" in res.stdout  # --num-nodes
     # --dry-run --check-data --resume --allow-config-change --overwrite --debug
     assert res.stdout.count("[default: (off)]") == 6
+    # a flag takes no value: no `<bool>` type beside it (typer 0.2x printed one), other options keep theirs
+    assert "<bool>" not in res.stdout and "<path>" in res.stdout and "KEY=VALUE" in res.stdout
+    assert "<bool>" not in run_cli("ppo", "--help").stdout  # --reward-norm/--no-reward-norm pairs alike
 
 
 def test_version_and_env():
