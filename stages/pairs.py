@@ -17,6 +17,7 @@ compares the two responses in the same context.
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -259,6 +260,12 @@ def tokenize_pair(
     return out[0], out[1]
 
 
+def _differ_uncut(pair: PreferencePair, tokenizer: Any, data: RMDataConfig, bos: list[int]) -> bool:
+    """Whether the two sides of `pair` differ as tokens when nothing is cut (`tokenize_pair` without max_length)."""
+    chosen, rejected = tokenize_pair(pair, tokenizer, data.model_copy(update={"max_length": sys.maxsize}), bos)
+    return chosen.input_ids != rejected.input_ids
+
+
 def end_at_last_eos(ex: TokenizedExample, eos: int, prompt_len: int) -> TokenizedExample:
     """Drop the tokens after the last EOS of the response part (positions >= prompt_len), if any."""
     ids = ex.input_ids
@@ -288,8 +295,8 @@ class PairRows:
 def tokenize_pairs(
     pairs: Iterable[tuple[PreferencePair, str]], tokenizer: Any, data: RMDataConfig, report: DataReport
 ) -> PairRows:
-    """Tokenized pairs; a pair that truncation makes identical is dropped and counted as identical, and as
-    identical after truncation (max_length cut its difference away)."""
+    """Tokenized pairs; an identical pair is dropped and counted as identical, and as identical after truncation
+    when max_length cut its difference away (its sides differ when tokenized uncut)."""
     bos = bos_ids(tokenizer)
     log = BadRowLog()
     rows = PairRows()
@@ -303,7 +310,8 @@ def tokenize_pairs(
             report.identical_pairs += 1
             cut = chosen.prompt_truncated or rejected.prompt_truncated or chosen.response_truncated or \
                 rejected.response_truncated
-            report.identical_after_truncation += bool(cut)  # else equal once rendered (stripped, say)
+            # else equal once rendered (the tokenizer's normalisation, text after the last EOS, ...)
+            report.identical_after_truncation += bool(cut) and _differ_uncut(pair, tokenizer, data, bos)
             continue
         rows.append(chosen, rejected, pair.margin)
         report.examples += 1

@@ -180,6 +180,18 @@ def test_pairs_identical_after_truncation_are_dropped(tok):
     assert report.identical_after_truncation == 1  # counted apart: preferences max_length destroyed
     assert rows.chosen[0]["input_ids"] != rows.rejected[0]["input_ids"]
     assert report.tokens == len(rows.chosen[0]["input_ids"]) + len(rows.rejected[0]["input_ids"])
+    # equal as tokens whatever the cut (a lower-casing tokenizer), yet cut: identical, but not made so by max_length
+    import copy
+
+    from tokenizers import normalizers
+
+    lower = copy.deepcopy(tok)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    cased = PreferencePair((("user", "q " + long),), (("assistant", "answers 7"),), (("assistant", "ANSWERS 7"),),
+                           "raw_pr")
+    report = DataReport()
+    assert len(tokenize_pairs([(cased, "r3")] + pairs, lower, _data(max_length=20, add_eos=False), report)) == 1
+    assert report.identical_pairs == 2 and report.identical_after_truncation == 1
 
 
 def test_a_template_that_adds_text_after_eos_still_ends_each_side_at_eos(tok):
