@@ -20,7 +20,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from stages.config import Columns, DataSource, SFTDataConfig
 from stages.errors import DataError
@@ -496,6 +496,18 @@ def opening_context(tokenizer: Any, full: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
+def count_in_train(train: Iterable[Hashable], held: Iterable[Hashable]) -> int:
+    """How many of the eval split's examples (`held`, each by a key of its content) equal a training example's: a
+    separate eval file that repeats training rows, or a row repeated in the data and split across a held-out
+    fraction, makes the eval loss or accuracy partly a measure of memory.
+
+    >>> count_in_train(["a", "b", "b"], ["b", "c", "b"])
+    2
+    """
+    seen = set(train)
+    return sum(key in seen for key in held)
+
+
 def special_note(count: int) -> str:
     """"; N with special-token text in a message, read as text" for a data report, "" for none."""
     return f"; {count} with special-token text in a message, read as text" if count else ""
@@ -764,9 +776,16 @@ class DataReport:
     duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
     styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
+    in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
 
     def special_note(self) -> str:
         return special_note(self.special_as_text)
+
+    def notes(self) -> str:
+        """The report's closing notes: special-token text read as text, eval examples also in the training data,
+        skipped rows."""
+        seen = f"; {self.in_train} also in the training data (scored on what was trained on)" if self.in_train else ""
+        return f"{self.special_note()}{seen}{self.skipped_note()}"
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""

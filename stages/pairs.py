@@ -189,6 +189,11 @@ class PairLoad:
     duplicates: int = 0
 
 
+def pair_key(pair: PreferencePair) -> tuple[Messages, Messages, Messages]:
+    """What makes two pairs the same comparison: prompt, chosen and rejected turns (not the style or margin)."""
+    return pair.prompt, pair.chosen, pair.rejected
+
+
 def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLoad:
     """All usable pairs of `source`; bad rows raise (naming file and row) or are skipped and counted in `log`.
     A pair repeating an earlier one (same prompt, chosen and rejected) is dropped and counted (data.duplicates:
@@ -210,7 +215,7 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
             _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
         fmt.keep(row_fmt, where)
-        key = repr((pair.prompt, pair.chosen, pair.rejected))
+        key = pair_key(pair)
         if key in seen and data.duplicates != "keep":
             if data.duplicates == "error":
                 raise DataError(f"{where}: duplicate of {seen[key]} (same prompt, chosen and rejected; set "

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from stages.checkpoint import checkpoint_name
 from stages.config import RMConfig, RMLossConfig
-from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts
+from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts, count_in_train
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_floats
 from stages.lm import collate, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
-from stages.pairs import PairRows, load_pairs, tokenize_pairs
+from stages.pairs import PairRows, load_pairs, pair_key, tokenize_pairs
 from stages.rendering import data_rendering
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
 from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
@@ -204,6 +204,9 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
         report = DataReport(skipped_rows=logs[split].total, skipped_by_reason=dict(logs[split].reasons))
         report.identical_pairs = identical[split]
         report.duplicate_pairs = duplicates[split]
+        if split == "eval":
+            report.in_train = count_in_train(map(pair_key, (p for p, _ in train_pairs)),
+                                             map(pair_key, (p for p, _ in pairs)))
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
     return tokenizer, added, rows["train"], rows.get("eval"), reports
@@ -220,7 +223,7 @@ def describe_pairs(split: str, report: DataReport) -> str:
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "
         f"{report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
-        f"(left), {report.response_truncated} responses (right){report.special_note()}{report.skipped_note()}"
+        f"(left), {report.response_truncated} responses (right){report.notes()}"
     )
 
 

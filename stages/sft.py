@@ -25,6 +25,7 @@ from stages.data import (
     DataReport,
     TokenRows,
     corpus_texts,
+    count_in_train,
     load_conversations,
     tokenize_conversations,
 )
@@ -108,6 +109,9 @@ def load_sft_data(
     reports = {}
     for split, log in logs.items():
         reports[split] = DataReport(skipped_rows=log.total, skipped_by_reason=dict(log.reasons))
+    if eval_convs:
+        reports["eval"].in_train = count_in_train((c.messages for c, _ in train_convs),
+                                                  (c.messages for c, _ in eval_convs))
     train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, reports["train"])
     eval_rows = tokenize_conversations(eval_convs, tokenizer, cfg.data, reports["eval"]) if eval_convs else None
     if eval_rows is None:
@@ -120,7 +124,7 @@ def describe_report(split: str, report: DataReport) -> str:
     return (
         f"{split} data: {report.examples} examples{packed}; {report.tokens:,} tokens ({report.trained_tokens:,} "
         f"trained); truncated: {report.prompt_truncated} prompts (left), {report.response_truncated} responses "
-        f"(right){report.special_note()}{report.skipped_note()}"
+        f"(right){report.notes()}"
     )
 
 

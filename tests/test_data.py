@@ -836,3 +836,30 @@ def test_a_bos_string_opening_a_message_is_text_and_the_bos_is_still_added(tmp_p
     source = DataSource(path=str(tmp_path / "m.jsonl"))
     prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="messages"), tok, BadRowLog())
     assert prompts[0][:len(bos)] == bos and prompts[0].count(bos[0]) == 1
+
+
+def test_eval_examples_that_repeat_training_ones_are_counted_for_sft_and_rm(tmp_path):
+    """An eval file that repeats training rows makes eval loss/accuracy partly a measure of memory: the SFT and RM
+    data reports count such eval examples (`in_train`, by messages; RM by prompt, chosen and rejected turns) and
+    the start-up line says so. Here 3 of 8 eval rows are training rows."""
+    import yaml
+
+    from rlhf_cli.config_loader import load_config
+    from stages.distributed import ONE_PROCESS
+    from stages.reward import describe_pairs, load_rm_data
+    from stages.sft import describe_report, load_sft_data
+
+    tiny = REPO / "configs" / "tiny"
+    model = yaml.safe_load((tiny / "sft.yaml").read_text())["model"]["from_config"]
+    for stage, name, load, describe in (("sft", "sft.jsonl", load_sft_data, describe_report),
+                                        ("train-rm", "rm.jsonl", load_rm_data, describe_pairs)):
+        rows = (tiny / "data" / name).read_text().splitlines()[:40]
+        (tmp_path / "train.jsonl").write_text("\n".join(rows[:30]) + "\n")
+        (tmp_path / "eval.jsonl").write_text("\n".join(rows[27:35]) + "\n")  # rows 28-30 are training rows
+        cfg = load_config(stage, tiny / ("sft.yaml" if stage == "sft" else "rm.yaml"), [
+            f"output_dir={tmp_path / stage}", "model.name_or_path=null", f"model.from_config={json.dumps(model)}",
+            f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}"])
+        reports = load(cfg, tmp_path / stage, ONE_PROCESS, save=False)[-1]
+        assert reports["eval"].in_train == 3 and reports["train"].in_train == 0, stage
+        assert "; 3 also in the training data (scored on what was trained on)" in describe("eval", reports["eval"])
+        assert "also in the training data" not in describe("train", reports["train"])

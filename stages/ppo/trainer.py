@@ -142,7 +142,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         ptx_report.count_skipped(ptx_log)
         report["ptx"] = asdict(ptx_report)
         say(dist.is_main, f"PTX data: {ptx_report.examples} examples, {ptx_report.trained_tokens:,} trained tokens"
-                          f"{ptx_report.special_note()}{ptx_report.skipped_note()}")
+                          f"{ptx_report.notes()}")
     elif data.ptx is not None:
         say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
     if save and dist.is_main:
