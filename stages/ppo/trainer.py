@@ -37,7 +37,7 @@ from stages.checkpoint import (
     save_hf,
 )
 from stages.config import PPOConfig
-from stages.data import BadRowLog, DataReport, load_conversations, special_note, tokenize_conversations
+from stages.data import BadRowLog, DataReport, count_in_train, load_conversations, special_note, tokenize_conversations
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
@@ -126,13 +126,16 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
         report["eval"] = {"held_out_of_train": len(held)}
     report["train"]["prompts"] = len(train)
+    seen = ""
     if held is not None:
         report["eval"]["prompts"] = len(held)
+        report["eval"]["in_train"] = count_in_train(map(tuple, train), map(tuple, held))
+        seen = f" ({report['eval']['in_train']} also among the train prompts)" if report["eval"]["in_train"] else ""
     logs = {"train": log} | ({"eval": eval_log} if data.eval is not None else {})
     skipped = "".join(f"; {split}: {found.total} bad row(s){found.summary()}" for split, found in logs.items()
                       if found.total)
     cut_where = " (before the validation share was held out)" if data.eval is None and held else ""
-    say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation; {cut} of data.train's prompts cut to "
+    say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation{seen}; {cut} of data.train's prompts cut to "
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
