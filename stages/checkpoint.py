@@ -815,4 +815,7 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
         for group, base, factor in zip(groups, base_lrs, lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in groups]
+    from stages.engine import replay_cpu_adam_steps
+
+    replay_cpu_adam_steps(engine)  # (optimizer offload: its beta^t, which no state dict holds)
     return client

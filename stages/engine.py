@@ -303,6 +303,41 @@ def initialize_engine(
     return engine
 
 
+def cpu_adam_of(engine: Any) -> Any:
+    """The DeepSpeedCPUAdam inside an engine's optimizer wrappers (optimizer offload), None without one."""
+    opt = getattr(engine, "optimizer", None)
+    for _ in range(4):  # engine.optimizer: a ZeRO wrapper (or the optimizer); its .optimizer: the one it steps
+        if opt is None or type(opt).__name__ == "DeepSpeedCPUAdam":
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def replay_cpu_adam_steps(engine: Any) -> None:
+    """Put a reloaded CPU Adam (optimizer offload) where an uninterrupted run's is, so that resume is bit-exact.
+
+    DeepSpeedCPUAdam's C++ optimizer keeps beta^t beside its step count, outside the state dict: a call for the
+    step after the one it last saw multiplies beta^t by beta, any other call recomputes it as pow(beta, step).
+    An uninterrupted run reaches step S+1 with the value its calls of step S left (a product of betas with one
+    parameter group, pow(beta, S) with several); a fresh optimizer would take pow(beta, S+1), an ulp off, and
+    the weights drift. So its calls for steps 1..S are made again, on empty tensors (no weight is touched), each
+    group in its order, as the run made them."""
+    opt = cpu_adam_of(engine)
+    if opt is None:
+        return
+    stepped = [(group, int(opt.state[p]["step"])) for group in opt.param_groups for p in group["params"]
+               if p in opt.state and "step" in opt.state[p]]
+    if not stepped:
+        return
+    empty = torch.empty(0)
+    for step in range(1, max(s for _, s in stepped) + 1):
+        for group, last in stepped:
+            if step <= last:
+                beta1, beta2 = group["betas"]
+                opt.ds_opt_adam.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                            group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+
+
 def model_dtype(model_dtype_name: str, precision: str) -> torch.dtype:
     """The dtype to load weights in: explicit, or (auto) the training precision's dtype."""
     name = PRECISION_DTYPES[precision] if model_dtype_name == "auto" else model_dtype_name

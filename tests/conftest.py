@@ -151,9 +151,10 @@ def fsynced(monkeypatch) -> list[str]:
     return synced
 
 
-def tiny_engine(steps: int = 1, **train) -> tuple:
-    """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`) and a
-    two-word tokenizer: what save_checkpoint / load_latest_checkpoint take."""
+def tiny_engine(steps: int = 1, ds_config: Any = None, **train) -> tuple:
+    """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`; `ds_config`:
+    a DeepSpeedConfig, default ZeRO-0 fp32) and a two-word tokenizer: what save_checkpoint / load_latest_checkpoint
+    take."""
     import torch
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -163,7 +164,7 @@ def tiny_engine(steps: int = 1, **train) -> tuple:
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
     tc = TrainConfig(micro_batch_size=1, max_steps=steps, **train)
-    ds = build_deepspeed_config(tc, DeepSpeedConfig(), 1, False)
+    ds = build_deepspeed_config(tc, ds_config or DeepSpeedConfig(), 1, False)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     return initialize_engine(model, ds, tc, steps), tokenizer

@@ -209,6 +209,59 @@ def test_gradient_clipping_acts_in_the_engine_step(process_group):
     assert moved[1e-12] < 1e-3 * 1e-3
 
 
+def test_a_reloaded_offload_optimizer_takes_its_next_step_as_the_uninterrupted_one(process_group, tmp_path,
+                                                                                    monkeypatch):
+    """ZeRO-2 with offload_optimizer steps DeepSpeedCPUAdam, whose C++ beta^t (a product of betas, one factor per
+    step) is in no state dict: reloaded after step 5, its step 6 took pow(beta2, 6), an ulp off the product in
+    float32 (so at some steps, not all), and a resumed run's weights drifted from the uninterrupted run's (an SFT
+    run: ~1e-7 after a few steps). _load_engine now replays its step calls: the same probe update at step 6
+    gives the uninterrupted optimizer's result bit for bit, and without the replay it does not (the test can
+    fail)."""
+    import torch
+
+    import stages.engine
+    from conftest import tiny_engine
+    from stages.checkpoint import _load_engine
+    from stages.config import DeepSpeedConfig
+
+    offload = DeepSpeedConfig(zero_stage=2, offload_optimizer=True)
+
+    def trained(steps: int):
+        engine, _ = tiny_engine(20, offload, lr=1e-2, warmup_steps=0)
+        for k in range(steps):
+            torch.manual_seed(k)  # GPT-2's dropout, and the batch
+            ids = torch.randint(0, 64, (1, 8))
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        return engine
+
+    def probe(engine) -> torch.Tensor:
+        """One C++ Adam update at step 6 of probe tensors (weights, gradients, moments: the same each time); its
+        result depends on both betas^t."""
+        opt = stages.engine.cpu_adam_of(engine)
+        group = opt.param_groups[0]
+        rng = torch.Generator().manual_seed(0)
+        weights, grads, exp_avg = (torch.randn(4096, generator=rng) for _ in range(3))
+        exp_avg_sq = torch.rand(4096, generator=rng)
+        opt.ds_opt_adam.adam_update(opt.opt_id, 6, 1.0, *group["betas"], group["eps"], 0.0, True, weights, grads,
+                                    exp_avg, exp_avg_sq)
+        return weights
+
+    first = trained(5)
+    assert type(stages.engine.cpu_adam_of(first)).__name__ == "DeepSpeedCPUAdam"
+    first.save_checkpoint(str(tmp_path / "ds"), tag="state", client_state={"trainer": {}})
+    uninterrupted = probe(first)
+    resumed = {}
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(stages.engine, "replay_cpu_adam_steps", lambda engine: None)
+        engine = trained(0)
+        _load_engine(engine, tmp_path / "ds", tmp_path)
+        resumed[replay] = probe(engine)
+    assert torch.equal(resumed[True], uninterrupted)
+    assert not torch.equal(resumed[False], uninterrupted)
+
+
 def test_an_fp16_overflow_step_has_no_gradient_norm_and_is_counted(process_group):
     """fp16: DeepSpeed's loss scaler skips a step whose gradients overflow and reports its norm as inf; that step
     logs no norm (an inf would also turn PPO's mean over the iteration's steps into inf) and is counted
