@@ -316,26 +316,21 @@ def cpu_adam_of(engine: Any) -> Any:
 def replay_cpu_adam_steps(engine: Any) -> None:
     """Put a reloaded CPU Adam (optimizer offload) where an uninterrupted run's is, so that resume is bit-exact.
 
-    DeepSpeedCPUAdam's C++ optimizer keeps beta^t beside its step count, outside the state dict: a call for the
-    step after the one it last saw multiplies beta^t by beta, any other call recomputes it as pow(beta, step).
-    An uninterrupted run reaches step S+1 with the value its calls of step S left (a product of betas with one
-    parameter group, pow(beta, S) with several); a fresh optimizer would take pow(beta, S+1), an ulp off, and
-    the weights drift. So its calls for steps 1..S are made again, on empty tensors (no weight is touched), each
-    group in its order, as the run made them."""
+    DeepSpeedCPUAdam's C++ optimizer keeps beta^t beside the last step it saw, outside the state dict: the first
+    call for the next step multiplies beta^t by beta (later calls for the same step leave it), a call for any
+    other step recomputes it as pow(beta, step). An uninterrupted run reaches step S+1 holding the product of S
+    betas; a reloaded one would take pow(beta, S+1), which differs from it in float32 at some steps, and the
+    weights drift. So one call per step 1..S is made again, on empty tensors (no weight is touched)."""
     opt = cpu_adam_of(engine)
     if opt is None:
         return
-    stepped = [(group, int(opt.state[p]["step"])) for group in opt.param_groups for p in group["params"]
-               if p in opt.state and "step" in opt.state[p]]
-    if not stepped:
-        return
+    last = max((int(state["step"]) for state in opt.state.values() if "step" in state), default=0)
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
     empty = torch.empty(0)
-    for step in range(1, max(s for _, s in stepped) + 1):
-        for group, last in stepped:
-            if step <= last:
-                beta1, beta2 = group["betas"]
-                opt.ds_opt_adam.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"],
-                                            group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+    for step in range(1, last + 1):
+        opt.ds_opt_adam.adam_update(opt.opt_id, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                                    group["bias_correction"], empty, empty, empty, empty)
 
 
 def model_dtype(model_dtype_name: str, precision: str) -> torch.dtype:
