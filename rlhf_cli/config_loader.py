@@ -96,6 +96,12 @@ def replaced_stage_sets(config_path: Path, overrides: list[str]) -> list[str]:
     return notes
 
 
+def _is_data_source(key: str) -> bool:
+    """Whether a dotted key names a data source (data.train, data.eval, data.ptx) in some stage's schema."""
+    section, _, name = key.partition(".")
+    return section == "data" and name in ("train", "eval", "ptx")
+
+
 def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     """Set `data[parts[0]][parts[1]]... = value`, creating mappings on the way. A data source given in its
     short form (`train: file.jsonl`) is expanded to `{path: file.jsonl}` when a sub-key is set."""
@@ -108,7 +114,9 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
             child = node[part] = {"path": child}
         elif not isinstance(child, dict):
             where = ".".join(parts[: i + 1])
-            raise ConfigError(f"--set {'.'.join(parts)}: {where} is a {type(child).__name__}, not a mapping")
+            source = f" (a data source's keys: {', '.join(DataSource.model_fields)})" if isinstance(child, (str, list)) \
+                and _is_data_source(where) else ""
+            raise ConfigError(f"--set {'.'.join(parts)}: {where} is a {type(child).__name__}, not a mapping{source}")
         node = child
     node[parts[-1]] = value
 
@@ -117,6 +125,8 @@ def _schema_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]
     """The pydantic model class that owns the location `loc` (to suggest sibling keys)."""
     current: Any = schema
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (ppo_runs[0])
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         info = current.model_fields.get(str(part))
@@ -141,22 +151,29 @@ _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", 
 
 def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """pydantic's error location without the labels it adds for union members (`str`, `list[str]`,
-    `function-after[...]`, a section class name, ...): field names, unknown keys and list indexes remain."""
+    `function-after[...]`, a section class name, ...): field names, unknown keys and list indexes remain. Labels
+    follow only a field whose type is a union (or wrapped in a validator); a key right under a plain section is
+    a field or an unknown key, whatever its name (`none`, `list`, `x[0]`)."""
     out: list[Any] = []
     current: Any = schema
+    labelled = False  # whether union labels may come next
     for part in loc:
         if isinstance(part, int):
             out.append(part)
             continue
         is_model = isinstance(current, type) and issubclass(current, BaseModel)
+        is_label = "[" in part or part.startswith("function-") or part in _TYPE_LABELS or (
+            is_model and part == current.__name__)
         if is_model and part in current.model_fields:
             out.append(part)
-            current = _unwrap_model(current.model_fields[part].annotation)
-        elif "[" in part or part.startswith("function-") or part in _TYPE_LABELS or (is_model and part == current.__name__):
+            annotation = current.model_fields[part].annotation
+            current = _unwrap_model(annotation)
+            labelled = len(getattr(annotation, "__args__", ()) or ()) > 1 or current is not annotation
+        elif labelled and is_label:
             continue  # a union member's label
         else:
             out.append(part)  # an unknown key, or a key of a free-form mapping
-            current = None
+            current, labelled = None, False
     return tuple(out)
 
 
@@ -177,6 +194,8 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
         hint = f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else ""
         listing = f" (valid here: {', '.join(valid)})" if valid else ""
+        if "[" in str(loc[-1]):  # `--set 'ppo_runs[0].seed=1'`: a list is given whole
+            listing += "; a list item cannot be set on its own: give the whole list (--set 'key=[...]')"
         return f"unknown key '{key}'{hint}{listing}"
     if err["type"] == "missing":
         if loc and isinstance(loc[-1], int):

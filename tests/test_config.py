@@ -1038,3 +1038,37 @@ def test_a_worker_that_loses_a_peer_says_so_in_one_line_not_a_traceback(tmp_path
     assert res.exception is lost
     monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process run has no peer to lose: as it is
     assert invoke_cli(*args).exception is lost
+
+
+@pytest.mark.parametrize("override, message", [
+    ("none=1", "unknown key 'none' (valid here: seed, output_dir,"),  # named like a pydantic type label
+    ("train.list=5", "unknown key 'train.list' (valid here: epochs,"),
+    ("model.str=1", "unknown key 'model.str' (valid here: name_or_path,"),
+    ("data.train.pth=x", "--set data.train.pth: data.train is a str, not a mapping (a data source's keys: path, "
+                         "split, subset)"),
+])
+def test_an_unknown_key_named_like_a_type_is_still_named(tmp_path, override, message):
+    """An unknown key called `none`, `list` or `str` was taken for the label pydantic gives a union member and
+    dropped from the error's location: an IndexError traceback (exit 1), or `unknown key 'train'` naming a valid
+    key. A sub-key of a data source given as a path lists the keys it may have."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), [override])
+    assert message in str(exc.value)
+
+
+def test_a_typo_inside_a_list_of_sections_gets_the_closest_key(tmp_path):
+    """`ppo_runs: [{name: a, seeed: 1}]`: the valid keys of a run entry are offered as for any section (they
+    were not: the lookup stopped at the list index); `--set 'ppo_runs[0].preset=x'` says a list is set whole."""
+    from conftest import TINY_DIR
+
+    cfg = yaml.safe_load((TINY_DIR / "pipeline.yaml").read_text())
+    cfg["ppo_runs"] = [{"name": "a", "preset": "vanilla", "seeed": 1}]
+    for key in ("sft", "rm", "ppo"):
+        cfg[key]["config"] = str(TINY_DIR / cfg[key]["config"])
+    path = write_yaml(tmp_path / "pipeline.yaml", cfg)
+    with pytest.raises(ConfigError, match=r"unknown key 'ppo_runs\[0\]\.seeed'; closest valid key: "
+                                          r"'ppo_runs\[0\]\.seeds' \(valid here: name,"):
+        load_config("pipeline", path)
+    res = invoke_cli("pipeline", "-c", str(TINY_DIR / "pipeline.yaml"), "--dry-run", "--set", "ppo_runs[0].preset=x")
+    assert res.exit_code == 2 and "unknown key 'ppo_runs[0]'" in res.stderr and "give the whole list" in res.stderr
+    assert "Traceback" not in res.output
