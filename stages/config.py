@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from stages.errors import ConfigError
 
@@ -30,6 +30,9 @@ class PathKind:
 InputPath = Annotated[str, PathKind("input")]
 OutputPath = Annotated[str, PathKind("output")]
 HubOrPath = Annotated[str, PathKind("hub_or_path")]
+#: a random seed: what torch, numpy (0 .. 2**32 - 1) and Python's random all take, with room for the per-rank and
+#: per-iteration seeds derived from it (a `date +%s%N` value overflowed at the first PPO update)
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 #: data.content_special_tokens of every stage (SFT, RM, PPO prompts and PTX read messages alike)
 ContentSpecialTokens = Annotated[Literal["text", "control"], Field(
     description="a special-token string inside a chat-template message's content: read as text, or as the "
@@ -44,6 +47,32 @@ class Section(BaseModel):
     must be finite (`.inf` / `.nan` are refused)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false (YAML also reads yes/no/on/off so) where a number is wanted is an error: pydantic would
+        take it as 1 or 0 (`lr: yes` trained at lr 1.0)."""
+        if isinstance(value, bool) and info.field_name and _wants_a_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number is needed, not a boolean (YAML reads yes/no/on/off/true/false as booleans)")
+        return value
+
+
+def _wants_a_number(annotation: Any) -> bool:
+    """Whether a field's type takes an int or float (a Literal of them included) and no bool."""
+    found: set[type] = set()
+
+    def walk(tp: Any) -> None:
+        if tp in (bool, int, float):
+            found.add(tp)
+        elif get_origin(tp) is Literal:
+            found.update(type(arg) for arg in get_args(tp))
+        elif get_origin(tp) is not None and get_origin(tp) not in (list, dict, tuple):
+            for arg in get_args(tp):
+                walk(arg)
+
+    walk(annotation)
+    return bool(found & {int, float}) and bool not in found
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -284,7 +313,7 @@ class LoggingConfig(Section):
 class StageConfig(Section):
     """Keys every training stage has."""
 
-    seed: int = 42
+    seed: Seed = 42
     output_dir: OutputPath
     model: ModelConfig
     train: TrainConfig = TrainConfig()
@@ -529,7 +558,7 @@ class PPODeepSpeedConfig(DeepSpeedConfig):
 class PPOConfig(Section):
     """`rlhf ppo` config: policy (and reference) from `model`, critic and frozen scorer from `reward_model`."""
 
-    seed: int = 42
+    seed: Seed = 42
     output_dir: OutputPath
     model: ModelConfig = Field(description="the policy's start (an SFT checkpoint); the reference is a frozen copy")
     reward_model: ModelConfig = Field(description="the frozen reward model (a train-rm checkpoint)")
@@ -570,7 +599,7 @@ class PPORun(Section):
         None, description="trick preset; default: the PPO config's ppo.preset"
     )
     set: list[str] = Field(default_factory=list, description="overrides on top of the PPO stage's")
-    seeds: list[int] = Field(
+    seeds: list[Seed] = Field(
         default_factory=list, description="one run per seed, in output_dir/NAME-seedS; empty: the config's seed"
     )
 
@@ -580,7 +609,7 @@ class PipelineEvalConfig(Section):
 
     enabled: bool = True
     num_prompts: int | None = Field(None, ge=1, description="first N prompts of the PPO config's data.eval")
-    seed: int = Field(0, description="sampling seed, the same for every policy")
+    seed: Seed = Field(0, description="sampling seed, the same for every policy")
     batch_size: int = Field(32, ge=1)
     policy: Literal["final", "best"] = Field(
         "final", description="each PPO run's policy to evaluate: final/, or best/ (its best validation reward "
@@ -657,7 +686,7 @@ class BenchConfig(Section):
     """`rlhf bench` config: a workload, how many iterations to time, and `rlhf ppo` keys on top."""
 
     name: str = Field(description="workload name, written into the result")
-    seed: int = 0
+    seed: Seed = 0
     output_dir: OutputPath = Field(description="workload/ (built once), ppo.yaml (the generated rlhf ppo config), "
                                    "ppo/ (the run), bench-*.json")
     workload: BenchWorkloadConfig

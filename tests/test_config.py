@@ -1072,3 +1072,22 @@ def test_a_typo_inside_a_list_of_sections_gets_the_closest_key(tmp_path):
     res = invoke_cli("pipeline", "-c", str(TINY_DIR / "pipeline.yaml"), "--dry-run", "--set", "ppo_runs[0].preset=x")
     assert res.exit_code == 2 and "unknown key 'ppo_runs[0]'" in res.stderr and "give the whole list" in res.stderr
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("override, key", [("train.lr=yes", "train.lr"), ("deepspeed.zero_stage=true", "deepspeed.zero_stage"),
+                                           ("train.micro_batch_size=on", "train.micro_batch_size")])
+def test_a_boolean_where_a_number_is_wanted_is_refused(tmp_path, override, key):
+    """pydantic took true/yes/on as 1 (`lr: yes` trained at lr 1.0, `zero_stage: true` ran ZeRO-1); a flag's
+    boolean stays a boolean."""
+    with pytest.raises(ConfigError, match=rf"{key}: a number is needed, not a boolean \(YAML reads yes/no/on/off"):
+        load_config("sft", _cfg_file(tmp_path), [override])
+    assert load_config("sft", _cfg_file(tmp_path), ["model.gradient_checkpointing=yes"]).model.gradient_checkpointing
+
+
+def test_a_seed_is_what_torch_and_numpy_take(tmp_path):
+    """A `date +%s%N` seed passed validation and overflowed at PPO's first update (seed x 1,000,003 into a 64-bit
+    generator seed), or in numpy; seeds are 0 .. 2**32 - 1."""
+    assert load_config("sft", _cfg_file(tmp_path), [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    for bad in (2**32, -1, 1733400000000000000):
+        with pytest.raises(ConfigError, match="seed: Input should be"):
+            load_config("sft", _cfg_file(tmp_path), [f"seed={bad}"])
