@@ -121,8 +121,18 @@ class ModelConfig(Section):
         if (self.name_or_path is None) == (self.from_config is None):
             raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config")
         if self.from_config is not None:
+            given = [key for key in TOKENIZER_KEYS if key in self.from_config]
+            if given:  # (the memory estimate priced a 151,936-row vocabulary the 512-token tokenizer replaced)
+                raise ValueError(f"from_config.{given[0]}: set from the tokenizer when the model is built (its length, "
+                                 "its pad/eos/bos ids), so a value here would be replaced; remove it (the vocabulary "
+                                 "is model.tokenizer's, or model.tokenizer_train.vocab_size for one trained on the "
+                                 "data)")
             check_architecture(self.from_config)
         return self
+
+
+#: from_config keys a model is built with from its tokenizer (stages.models.build_model)
+TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "bos_token_id")
 
 
 def check_architecture(arch: dict[str, Any]) -> None:

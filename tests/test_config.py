@@ -1091,3 +1091,13 @@ def test_a_seed_is_what_torch_and_numpy_take(tmp_path):
     for bad in (2**32, -1, 1733400000000000000):
         with pytest.raises(ConfigError, match="seed: Input should be"):
             load_config("sft", _cfg_file(tmp_path), [f"seed={bad}"])
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "eos_token_id"])
+def test_from_config_keys_the_tokenizer_sets_are_refused(tmp_path, key):
+    """`from_config.vocab_size: 151936` was replaced by the 512-token trained tokenizer's length without a word,
+    while the --dry-run memory estimate priced the 151,936-row vocabulary (5.5 GiB of logits for a 0.06 GiB
+    model); such keys are refused, naming where the vocabulary comes from."""
+    with pytest.raises(ConfigError, match=rf"from_config\.{key}: set from the tokenizer when the model is built.*"
+                                          "model.tokenizer_train.vocab_size"):
+        load_config("sft", _cfg_file(tmp_path), [f"model.from_config.{key}=7"])
