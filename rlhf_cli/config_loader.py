@@ -291,6 +291,10 @@ def load_config(
         apply_override(data, parts, value)
         cli_keys.add(".".join(parts))
     given = data  # as the file and the overrides give it (for other_command_hint)
+    if stage == "ppo" and preset is not None and "ppo.preset" in cli_keys and data["ppo"]["preset"] != preset:
+        # (the preset option wins over the file's ppo.preset; over a --set beside it, it would win unseen)
+        raise ConfigError(f"--set ppo.preset={data['ppo']['preset']} contradicts --preset {preset} (or --ppo-max); "
+                          "give one of them")
     if stage == "ppo":
         from stages.ppo.presets import fill_preset
 

@@ -1101,3 +1101,17 @@ def test_from_config_keys_the_tokenizer_sets_are_refused(tmp_path, key):
     with pytest.raises(ConfigError, match=rf"from_config\.{key}: set from the tokenizer when the model is built.*"
                                           "model.tokenizer_train.vocab_size"):
         load_config("sft", _cfg_file(tmp_path), [f"model.from_config.{key}=7"])
+
+
+def test_a_preset_option_and_a_set_preset_that_differ_are_refused(tmp_path):
+    """`--ppo-max --set ppo.preset=vanilla` ran ppo-max without a word (the option wins over the file's
+    ppo.preset, as it should, but both were on the command line); now refused, as `--ppo-max --preset vanilla`
+    is. The same preset twice is no contradiction."""
+    from conftest import TINY_DIR
+
+    ppo = TINY_DIR / "ppo.yaml"
+    sets = ["ppo.preset=vanilla", f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
+    with pytest.raises(ConfigError, match=r"--set ppo.preset=vanilla contradicts --preset ppo-max \(or --ppo-max\)"):
+        load_config("ppo", ppo, sets, preset="ppo-max")
+    assert load_config("ppo", ppo, sets, preset="vanilla").ppo.preset == "vanilla"
+    assert load_config("ppo", ppo, sets[1:], preset="ppo-max").ppo.preset == "ppo-max"
