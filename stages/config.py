@@ -409,7 +409,7 @@ class GenerationConfig(Section):
         "a reward model trained without EOS); penalty = score it as is and subtract truncation_penalty"
     )
     truncation_penalty: float = Field(
-        1.0, description="subtracted from a truncated response's raw RM score (penalty), before the running reward "
+        1.0, ge=0, description="subtracted from a truncated response's raw RM score (penalty), before the running reward "
         "statistics, normalisation and reward_clip: in the RM's score units"
     )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
@@ -459,7 +459,7 @@ class PPOAlgoConfig(Section):
     reward_clip: float = Field(0.0, ge=0, description="clip the transformed score to [-delta, delta]; 0 = off")
     adv_norm: bool = Field(False, description="whiten advantages over the mini-batch's response tokens")
     adv_clip: float = Field(0.0, ge=0, description="clip advantages to [-c, c] (after whitening); 0 = off")
-    policy_clip: float = Field(0.2, gt=0, description="PPO clip epsilon")
+    policy_clip: float = Field(0.2, gt=0, lt=1, description="PPO clip epsilon (the ratio is clipped to [1 - eps, 1 + eps])")
     value_clip: float = Field(0.0, ge=0, description="value-loss clipping c around the old values; 0 = off")
     critic_init: Literal["reward_model", "policy"] = Field(
         "reward_model", description="critic weights: the reward model's, or the policy's with a new zero head"
@@ -534,13 +534,13 @@ class MonitorConfig(Section):
     """Pattern-collapse monitor (PPO-MAX.md "What to monitor"); a threshold of 0 turns its check off."""
 
     action: Literal["warn", "stop"] = "warn"
-    max_cap_share: float = Field(0.5, ge=0, description="share of responses hitting max_new_tokens")
+    max_cap_share: float = Field(0.5, ge=0, le=1, description="share of responses hitting max_new_tokens")
     max_length_ratio: float = Field(2.0, ge=0, description="mean response length / its first-iteration value")
     max_kl: float = Field(0.1, ge=0, description="mean per-token KL (monitor.kl_estimator) to the reference")
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1", description="the KL check's estimator: k1 (log p - log p_ref), or k3 (never negative; k1 can read "
                           "negative when responses are sampled away from the log-probs' distribution)")
-    max_repetition: float = Field(0.5, ge=0, description="share of repeated n-grams in a response")
+    max_repetition: float = Field(0.5, ge=0, le=1, description="share of repeated n-grams in a response")
     ngram: int = Field(3, ge=1, description="n of the repetition rate")
 
 

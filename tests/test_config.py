@@ -1115,3 +1115,19 @@ def test_a_preset_option_and_a_set_preset_that_differ_are_refused(tmp_path):
         load_config("ppo", ppo, sets, preset="ppo-max")
     assert load_config("ppo", ppo, sets, preset="vanilla").ppo.preset == "vanilla"
     assert load_config("ppo", ppo, sets[1:], preset="ppo-max").ppo.preset == "ppo-max"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.policy_clip=5", "ppo.policy_clip: Input should be less than 1"),  # 1 - eps < 0: no lower clip at all
+    ("generation.truncation_penalty=-5", "generation.truncation_penalty: Input should be greater than or equal to 0"),
+    ("monitor.max_cap_share=50", "monitor.max_cap_share: Input should be less than or equal to 1"),  # 50 meant as %
+    ("monitor.max_repetition=1.5", "monitor.max_repetition: Input should be less than or equal to 1"),
+])
+def test_ppo_values_that_cannot_mean_what_they_say_are_refused(tmp_path, override, message):
+    """A clip epsilon of 5 (the ratio's lower clip 1 - 5 < 0), a negative truncation *penalty* (a bonus for
+    truncating), a monitor share over 1 (never fires) were accepted without a word."""
+    from conftest import TINY_DIR
+
+    sets = [override, f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
+    with pytest.raises(ConfigError, match=message):
+        load_config("ppo", TINY_DIR / "ppo.yaml", sets)
