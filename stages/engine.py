@@ -28,8 +28,10 @@ def as_bool(value: Any) -> bool:
 #: them behind its back would break it.
 OWNED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "train_micro_batch_size_per_gpu": ("train.micro_batch_size", int),
-    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
-    "train_batch_size": ("train.micro_batch_size x train.gradient_accumulation_steps x ranks", int),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps (PPO: train.mini_batch_size / "
+                                    "train.micro_batch_size)", int),
+    "train_batch_size": ("train.micro_batch_size x train.gradient_accumulation_steps x ranks (PPO: "
+                         "train.mini_batch_size x ranks)", int),
     "zero_optimization.stage": ("deepspeed.zero_stage", int),
     "bf16.enabled": ("deepspeed.precision", as_bool),
     "fp16.enabled": ("deepspeed.precision", as_bool),
@@ -182,6 +184,8 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
         if not same:
             given = "nothing (off)" if ours.get(leaf) is None else repr(ours.get(leaf))
+            if owner == "deepspeed.precision":
+                given = next((name for name in ("bf16", "fp16") if config[name]["enabled"]), "fp32")
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "
                               f"{given}; set it in the YAML instead")
     for key, owner in OFFLOAD_ALIASES.items():

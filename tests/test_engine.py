@@ -78,11 +78,13 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
 @pytest.mark.parametrize("yaml_ds, raw, message", [
     # the ZeRO stage, precision and offload are acted on by our own code (ZeRO-3's sampling copy, dtypes, estimate)
     ({}, {"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3, but deepspeed.zero_stage gives 0"),
+    ({}, {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4, but train.gradient_accumulation_steps "
+                                             "(PPO: train.mini_batch_size / train.micro_batch_size) gives 1"),
     ({}, {"zero_optimization": {"stage": "3"}}, "zero_optimization.stage='3', but deepspeed.zero_stage gives 0"),
     ({}, {"zero_optimization": True}, "zero_optimization=True: give a mapping"),
-    ({"precision": "bf16"}, {"bf16": {"enabled": False}}, "bf16.enabled=False, but deepspeed.precision gives True"),
+    ({"precision": "bf16"}, {"bf16": {"enabled": False}}, "bf16.enabled=False, but deepspeed.precision gives bf16"),
     ({"precision": "bf16"}, {"bf16": {"enabled": "maybe"}}, "bf16.enabled='maybe': not a boolean"),
-    ({"precision": "fp32"}, {"fp16": {"enabled": True}}, "fp16.enabled=True, but deepspeed.precision gives False"),
+    ({"precision": "fp32"}, {"fp16": {"enabled": True}}, "fp16.enabled=True, but deepspeed.precision gives fp32"),
     ({"zero_stage": 3}, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
      "offload_optimizer.device='cpu', but deepspeed.offload_optimizer is false"),
     ({"zero_stage": 3, "offload_param": True}, {"zero_optimization": {"offload_param": {"device": "none"}}},
