@@ -21,6 +21,7 @@ CheckpointError saying which complete checkpoint is still there.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import os
 import re
@@ -480,6 +481,9 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
     if dist.is_main:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"cannot publish the final model: {source} is missing")
+        if same_tree(source, final):  # a --resume of a finished run: nothing new, and its evaluation still holds
+            barrier()
+            return final
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp, copy_function=_link_or_copy)
@@ -493,6 +497,16 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
                                   "complete: rerun with --resume to publish it") from None
     barrier()
     return final
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether folder `b` holds exactly folder `a`'s files with the same bytes (hard links to them, or copies)."""
+    if not b.is_dir():
+        return False
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if files != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    return all(os.path.samefile(a / f, b / f) or filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -943,3 +943,30 @@ def test_a_new_final_and_a_fresh_start_remove_the_evaluation_of_the_old_policy(t
         cleared()
         assert not [name for name in EVALUATION_FILES if (out / name).exists()] and (out / "notes.txt").exists()
     assert not (out / "final").exists()  # clear_run removed it too
+
+
+def test_republishing_the_same_final_keeps_its_evaluation(tmp_path, process_group):
+    """`--resume` of a finished run publishes its last checkpoint again: final/ is the same model, so an
+    eval.json beside it still describes it (it was deleted without a word, though a scheduler may always pass
+    --resume); a final/ from another checkpoint still removes it."""
+    import shutil
+
+    from stages.checkpoint import EVALUATION_FILES, publish_final, same_tree, save_checkpoint
+
+    engine, tokenizer = tiny_engine(2)
+    out = tmp_path / "out"
+    for step in (1, 2):
+        save_checkpoint(engine, tokenizer, out, step, {}, process_group, 2, {"stage": "sft"})
+    publish_final(out, 1, process_group)
+    assert same_tree(out / "checkpoint-00000001" / "hf", out / "final")
+    for name in EVALUATION_FILES:
+        (out / name).write_text("{}")
+    publish_final(out, 1, process_group)
+    assert all((out / name).exists() for name in EVALUATION_FILES)
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "final", copy)  # equal bytes without hard links count alike; a changed byte does not
+    assert same_tree(out / "final", copy)
+    (copy / "rlhf_checkpoint.json").write_text((copy / "rlhf_checkpoint.json").read_text() + " ")
+    assert not same_tree(out / "final", copy)
+    publish_final(out, 2, process_group)
+    assert not any((out / name).exists() for name in EVALUATION_FILES)
