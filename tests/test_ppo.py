@@ -138,6 +138,12 @@ def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an
                 for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
 
     assert curve(cut) == curve(full), f"kill@{step}"  # later iterations and validations as uninterrupted
+
+    def events(out: Path) -> list[tuple]:
+        return [(r["step"], r["event"], r.get("eval_reward")) for r in read_metrics(out / "metrics.jsonl") if "event" in r]
+
+    # the events too: a `best` found after the checkpoint resumed from is logged again (its best/ kept as written)
+    assert events(cut) == events(full), f"kill@{step}"
     # the sample log too: no extra rows at the iteration the resumed run starts with
     assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text(), f"kill@{step}"
     wa, wb = _weights(cut / "final"), _weights(full / "final")

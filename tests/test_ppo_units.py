@@ -1447,16 +1447,16 @@ def test_a_resumed_run_compares_with_a_best_written_after_its_checkpoint(tmp_pat
     its state), a lower or non-finite reward, or no best/ leave the checkpoint's."""
     from stages.ppo.trainer import resumed_best
 
-    assert resumed_best(tmp_path, 6, 0.5) == 0.5  # no best/
+    assert resumed_best(tmp_path, 6, 0.5) == (0.5, None)  # no best/
     (tmp_path / "best").mkdir()
     record = tmp_path / "best" / "rlhf_checkpoint.json"
-    for iteration, reward, best, want in ((7, 0.9, 0.5, 0.9), (7, 0.9, None, 0.9), (7, 0.4, 0.5, 0.5),
-                                          (6, 0.9, 0.5, 0.5), (7, float("nan"), 0.5, 0.5)):
+    for iteration, reward, best, want in ((7, 0.9, 0.5, (0.9, 7)), (7, 0.9, None, (0.9, 7)), (7, 0.4, 0.5, (0.5, None)),
+                                          (6, 0.9, 0.5, (0.5, None)), (7, float("nan"), 0.5, (0.5, None))):
         record.write_text(json.dumps({"stage": "ppo", "iteration": iteration, "eval_reward": reward}))
         assert resumed_best(tmp_path, 6, best) == want, (iteration, reward, best)
     for broken in ("{not json", "[1, 2]", '{"eval_reward": 0.9}'):
         record.write_text(broken)
-        assert resumed_best(tmp_path, 6, 0.5) == 0.5
+        assert resumed_best(tmp_path, 6, 0.5) == (0.5, None)
 
 
 def test_only_a_finite_reward_above_the_best_during_policy_iterations_makes_a_new_best():

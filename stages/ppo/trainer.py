@@ -543,18 +543,20 @@ def beats_best(reward: float, best: float | None, critic_only: bool) -> bool:
     return not critic_only and math.isfinite(reward) and (best is None or reward > best)
 
 
-def resumed_best(out: Path, start: int, best: float | None) -> float | None:
+def resumed_best(out: Path, start: int, best: float | None) -> tuple[float | None, int | None]:
     """The best validation reward a run resumed at iteration `start` compares with: its checkpoint's `best`, or
     the reward of a best/ the interrupted run wrote after that checkpoint (its rlhf_checkpoint.json) when higher,
     so that a resumed run that does not repeat the interrupted one exactly (on a GPU) replaces that best/ only
-    with a better policy. (On a CPU it repeats it: the same reward again, not better, best/ kept as it is.)"""
+    with a better policy. (On a CPU it repeats it: the same reward again, not better, best/ kept as it is, and
+    its `best` event logged again: metrics.jsonl lost it with the rows after the checkpoint.) Also returns the
+    iteration of that best/ (None when the checkpoint's best stands)."""
     record = read_recorded(out / "best" / "rlhf_checkpoint.json")
     if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-        return best
+        return best, None
     reward = record.get("eval_reward")
     if record["iteration"] > start and isinstance(reward, (int, float)) and beats_best(reward, best, False):
-        return float(reward)
-    return best
+        return float(reward), record["iteration"]
+    return best, None
 
 
 def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
@@ -651,6 +653,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     seed_everything(cfg.seed + dist.rank)
     state: dict[str, Any] = {"step": 0, "moments": [0.0, 0.0, 0.0], "start_length": None, "best_reward": None,
                              "ptx_step": 0, "monitor_fires": 0, "skipped_rollouts": 0, "skipped_micro_batches": 0}
+    kept_best_at = None  # the iteration of a best/ written after the checkpoint resumed from
     if resume:
         loaded = load_latest_checkpoint(policy, out, dist, extra_engines={"critic": critic},
                                         say=lambda text: say(dist.is_main, text))
@@ -658,7 +661,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from iteration 0")
         else:
             state.update(loaded)
-            state["best_reward"] = resumed_best(out, int(state["step"]), state["best_reward"])
+            state["best_reward"], kept_best_at = resumed_best(out, int(state["step"]), state["best_reward"])
             say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
     moments = RunningMoments(*state["moments"])
     start = int(state["step"])
@@ -704,6 +707,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
             metrics.event(done, "best", eval_reward=ev["eval/reward"])
         elif better:
             metrics.event(done, "best_vetoed", eval_reward=ev["eval/reward"], reasons=reasons)
+        elif done == kept_best_at and ev["eval/reward"] == state["best_reward"] and not reasons:
+            metrics.event(done, "best", eval_reward=ev["eval/reward"])  # that best/, found again: kept as written
         vetoed = " (vetoed: monitor firing)" if better and reasons else ""
         progress.print(f"iteration {done}: validation reward {ev['eval/reward']:.4f}, length "
                        f"{ev['eval/response_length']:.1f}{vetoed}")
