@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from stages import faults
 from stages.runtime import atomic_write_text
@@ -757,8 +758,9 @@ def set_aside(paths: list[Path], say: Any = None) -> None:
 
 def shard_problems(path: Path, rank: int, saved_world: int | None = None) -> tuple[str | None, list[str]]:
     """What rank `rank` finds of checkpoint `path`'s files it reads (DeepSpeed's shared files, its own ZeRO
-    shards, its RNG state): the first that torch.load cannot open (truncated, no zip index; `mmap` reads the
-    archive's structure, not the tensors; a file in torch's older non-zip format is only checked to be non-empty)
+    shards, its RNG state, the weights of hf/ that final/ is published from): the first that torch.load cannot
+    open (truncated, no zip index; `mmap` reads the archive's structure, not the tensors; a file in torch's older
+    non-zip format is only checked to be non-empty) or safetensors cannot (its header, and a length that covers it)
     or that is missing (its RNG state, when the run that wrote the checkpoint had `saved_world` > `rank`
     processes) as "file: error", or None; and the names of its own shards with its rank written as `{rank}`, for
     `missing_shards` to compare across ranks."""
@@ -778,6 +780,9 @@ def shard_problems(path: Path, rank: int, saved_world: int | None = None) -> tup
                 torch.load(file, map_location="cpu", mmap=True, weights_only=False)
             elif file.stat().st_size == 0:
                 raise OSError("empty file")
+        for file in sorted(path.rglob("*.safetensors")):  # hf/ (final/ is published from it): header and length
+            with safe_open(str(file), "pt"):
+                pass
     except Exception as exc:  # noqa: BLE001 - the zip reader's RuntimeError, pickle errors, OSError
         where = f"{file.relative_to(path)}: " if file is not None else ""
         return f"cannot load checkpoint {path}: {where}{type(exc).__name__}: {exc}", []

@@ -427,6 +427,16 @@ def test_shard_checks_find_a_damaged_or_missing_file_of_one_rank(tmp_path):
     assert shard_problems(tmp_path, 0, saved_world=1)[0] == (
         f"cannot load checkpoint {tmp_path}: rng/rank0.pt: FileNotFoundError: missing")
     assert shard_problems(tmp_path, 2, saved_world=2) == (None, [])  # a rank the writing run did not have
+    # hf/, which final/ is published from (a resume of a finished run published a truncated model.safetensors)
+    from safetensors.torch import save_file
+
+    (tmp_path / "hf").mkdir()
+    save_file({"w": torch.ones(64)}, str(tmp_path / "hf" / "model.safetensors"))
+    assert shard_problems(tmp_path, 2)[0] is None
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    assert shard_problems(tmp_path, 2)[0].startswith(
+        f"cannot load checkpoint {tmp_path}: hf/model.safetensors: SafetensorError: Error while deserializing header")
 
 
 def test_non_finite_weights_are_found_on_a_zero3_partition_too():
