@@ -177,6 +177,13 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]
     return tuple(out)
 
 
+def _takes_none(schema: type[BaseModel], loc: tuple[Any, ...]) -> bool:
+    """Whether the field at `loc` accepts null (an Optional key: null is its "off")."""
+    owner = _schema_at(schema, loc[:-1])
+    info = owner.model_fields.get(str(loc[-1])) if owner is not None else None
+    return info is not None and type(None) in (getattr(info.annotation, "__args__", ()) or ())
+
+
 def _key(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
@@ -201,9 +208,13 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
         if loc and isinstance(loc[-1], int):
             return f"{_key(loc[:-1])}: too few items (nothing at index {loc[-1]})"
         return f"missing required key '{key}'"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping of its keys", err["msg"].removeprefix("Value error, "))
     got = err.get("input")
     shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
+    if got is None and "input" in err and loc:  # `key:` with no value, or `key: null`
+        shown = " (got null: leave the key out for its default)"
+    if got is False and loc and _takes_none(schema, loc):  # `gold_reward: no` meant "off"
+        shown += "; null turns it off"
     if err["type"] == "string_type" and isinstance(got, (dict, list)):  # `a: b`, `[x]` read as YAML
         kind = "a mapping" if isinstance(got, dict) else "a list"
         shown = f" (got {kind}: a text with ': ', braces or brackets is read as YAML; quote it)"

@@ -1131,3 +1131,21 @@ def test_ppo_values_that_cannot_mean_what_they_say_are_refused(tmp_path, overrid
     sets = [override, f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
     with pytest.raises(ConfigError, match=message):
         load_config("ppo", TINY_DIR / "ppo.yaml", sets)
+
+
+def test_messages_for_a_null_a_false_and_a_non_mapping_say_what_to_do(tmp_path):
+    """`lr:` with no value said only "should be a valid number"; `gold_reward: no` did not say that null turns
+    it off; `train: 5` named pydantic's class ("instance of TrainConfig"). And under a preset, a trick key left
+    null is the preset's, as when it is absent (it was "should be a valid number")."""
+    from conftest import TINY_DIR
+
+    for override, message in (("train.lr=null", "train.lr: Input should be a valid number (got null: leave the key "
+                                                "out for its default)"),
+                              ("train=5", "train: Input should be a mapping of its keys (got 5)")):
+        with pytest.raises(ConfigError) as exc:
+            load_config("sft", _cfg_file(tmp_path), [override])
+        assert message in str(exc.value) and "TrainConfig" not in str(exc.value)
+    sets = [f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
+    with pytest.raises(ConfigError, match=r"data.gold_reward: Input should be 'toy' \(got False\); null turns it off"):
+        load_config("ppo", TINY_DIR / "ppo.yaml", sets + ["data.gold_reward=no"])
+    assert load_config("ppo", TINY_DIR / "ppo.yaml", sets + ["ppo.kl_coef=null"], preset="ppo-max").ppo.kl_coef == 0.05

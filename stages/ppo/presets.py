@@ -137,7 +137,8 @@ ALTERNATIVES = {"ppo.reward_scaling": "ppo.reward_norm", "ppo.reward_norm": "ppo
 
 def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     """Set `ppo.preset` (the command line's `preset` wins over the file's, default vanilla) and fill every
-    preset key the raw config `data` leaves unset, in place. Returns the keys the preset filled."""
+    preset key the raw config `data` leaves unset (absent, or null: `kl_coef:` with no value), in place. Returns
+    the keys the preset filled."""
     found, in_file = _lookup(data, "ppo.preset")
     name = preset or (in_file if found and in_file else DEFAULT_PRESET)
     if name not in PRESETS:
@@ -145,7 +146,7 @@ def fill_preset(data: dict[str, Any], preset: str | None) -> list[str]:
     _assign(data, "ppo.preset", name)
     filled = []
     for key, value in PRESETS[name].items():
-        if not _lookup(data, key)[0]:
+        if _lookup(data, key)[1] is None:
             other = ALTERNATIVES.get(key)
             found, given = _lookup(data, other) if other is not None else (False, None)
             if found and _on(given):
