@@ -128,6 +128,9 @@ class ModelConfig(Section):
                                  "is model.tokenizer's, or model.tokenizer_train.vocab_size for one trained on the "
                                  "data)")
             check_architecture(self.from_config)
+        if self.tokenizer_train != TokenizerTrainConfig() and (self.from_config is None or self.tokenizer is not None):
+            raise ValueError("tokenizer_train: a tokenizer is trained only for a from_config model without "
+                             "model.tokenizer; this model's tokenizer is loaded (drop tokenizer_train)")
         return self
 
 

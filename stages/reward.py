@@ -256,7 +256,8 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
         return build_reward_model(cfg.model, tokenizer, precision, ds_config, cfg.seed, with_lm, added_pad)
 
     run = start_training(cfg, "train-rm", dist, out, tokenizer, len(train_rows), make_model, resume, unit="pairs",
-                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data))
+                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data),
+                         has_eval=eval_rows is not None)
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

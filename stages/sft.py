@@ -156,7 +156,8 @@ def run(cfg: SFTConfig, resume: bool = False, prepare: Callable[[], None] | None
         return model
 
     run = start_training(cfg, "sft", dist, out, tokenizer, len(train_rows), make_model, resume,
-                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data))
+                         rendering=data_rendering(reports["train"].styles, tokenizer, cfg.data),
+                         has_eval=eval_rows is not None)
     engine, tc = run.engine, cfg.train
     pad_id = tokenizer.pad_token_id
     eval_micro = tc.eval_micro_batch_size or tc.micro_batch_size

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from rich.markup import escape
 
 from stages import faults, stop
 from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stale_temporaries, save_checkpoint
@@ -408,6 +409,19 @@ class Run:
         return final
 
 
+def unused_settings(cfg: Any, total: int, has_eval: bool, unit: str = "step") -> list[str]:
+    """Settings a run was given but will not act on, for a warning at its start: `train.eval_every` without an
+    eval split (data.eval unset and data.eval_fraction 0), `logging.profile_step` past its last step."""
+    notes = []
+    if cfg.train.eval_every > 0 and not has_eval:
+        notes.append(f"train.eval_every is {cfg.train.eval_every} but there is no eval split (data.eval is unset and "
+                     "data.eval_fraction is 0): nothing is evaluated")
+    if cfg.logging.profile_step > total:
+        notes.append(f"logging.profile_step is {cfg.logging.profile_step}, past the run's last {unit} ({total}): "
+                     "nothing is profiled")
+    return notes
+
+
 def start_training(
     cfg: Any,
     stage: str,
@@ -419,11 +433,12 @@ def start_training(
     resume: bool,
     unit: str = "rows",
     rendering: dict[str, Any] | None = None,
+    has_eval: bool = True,
 ) -> Run:
     """Plan the steps, build the model (`make_model(deepspeed_json)`) and its DeepSpeed engine, seed each rank
     apart (dropout; the data order has its own generator), restore the newest checkpoint when resuming, and
     open the metrics log and progress display. `rendering` (stages/rendering.py) goes into every saved
-    checkpoint's rlhf_checkpoint.json."""
+    checkpoint's rlhf_checkpoint.json; `has_eval`: whether there is an eval split (`unused_settings`)."""
     from stages import __version__
     from stages.engine import build_deepspeed_config, initialize_engine
 
@@ -432,6 +447,8 @@ def start_training(
     warning = dropped_warning(plan, unit)
     if warning and not resume:
         say(dist.is_main, f"[yellow]{warning}[/]")
+    for note in unused_settings(cfg, plan.total, has_eval):
+        say(dist.is_main, f"[yellow]warning: {escape(note)}[/]")
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
     engine = initialize_engine(make_model(ds_config), ds_config, tc, plan.total)
     seed_everything(cfg.seed + dist.rank)

@@ -1149,3 +1149,20 @@ def test_messages_for_a_null_a_false_and_a_non_mapping_say_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"data.gold_reward: Input should be 'toy' \(got False\); null turns it off"):
         load_config("ppo", TINY_DIR / "ppo.yaml", sets + ["data.gold_reward=no"])
     assert load_config("ppo", TINY_DIR / "ppo.yaml", sets + ["ppo.kl_coef=null"], preset="ppo-max").ppo.kl_coef == 0.05
+
+
+def test_settings_a_run_would_not_act_on_are_refused_or_said(tmp_path):
+    """Accepted without a word before: model.tokenizer_train with a model whose tokenizer is loaded (refused);
+    train.eval_every without an eval split and logging.profile_step past the run's end (warned at the start)."""
+    from conftest import TINY_DIR
+    from stages.trainer import unused_settings
+
+    sets = [f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
+    with pytest.raises(ConfigError, match="model: tokenizer_train: a tokenizer is trained only for a from_config "
+                                          "model without model.tokenizer"):
+        load_config("ppo", TINY_DIR / "ppo.yaml", sets + ["model.tokenizer_train.vocab_size=4000"])
+    cfg = load_config("sft", _cfg_file(tmp_path), ["train.eval_every=10", "logging.profile_step=5"])
+    assert unused_settings(cfg, 5, has_eval=True) == []
+    assert unused_settings(cfg, 4, has_eval=False, unit="iteration") == [
+        "train.eval_every is 10 but there is no eval split (data.eval is unset and data.eval_fraction is 0): nothing "
+        "is evaluated", "logging.profile_step is 5, past the run's last iteration (4): nothing is profiled"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.markup import escape
 from torch.profiler import record_function
 
 from stages import faults, stop
@@ -98,6 +99,7 @@ from stages.trainer import (
     open_run,
     optimizer_step,
     split_holdout,
+    unused_settings,
 )
 
 
@@ -643,6 +645,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     t, ppo = cfg.train, cfg.ppo
     B = t.rollout_batch_size
     total = ppo.critic_pretrain_steps + t.iterations
+    for note in unused_settings(cfg, total, bool(data["eval"]), "iteration"):
+        say(dist.is_main, f"[yellow]warning: {escape(note)}[/]")
     per_iter = ppo.ppo_epochs * (B // t.mini_batch_size)
     models = build_models(cfg, dist, tokenizer, rm_tok, {"policy": t.iterations * per_iter, "critic": total * per_iter})
     policy, critic = models["policy"], models["critic"]
