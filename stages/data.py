@@ -781,6 +781,16 @@ class DataReport:
     def special_note(self) -> str:
         return special_note(self.special_as_text)
 
+    def cut_warning(self) -> str | None:
+        """A warning when most examples lost part of their prompt or response to data.max_length (or the prompt
+        budget, data.max_prompt_length): the data is mostly trained on as cut."""
+        cut = max(self.prompt_truncated, self.response_truncated)
+        if not self.examples or 2 * cut <= self.examples:
+            return None
+        return (f"{cut} of {self.examples} examples were cut to data.max_length ({self.prompt_truncated} prompts, "
+                f"{self.response_truncated} responses): raise data.max_length (or data.max_prompt_length) unless "
+                "that is meant")
+
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,
         skipped rows."""

@@ -242,12 +242,20 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
     return dist, out
 
 
+def say_report(enabled: bool, split: str, report: DataReport, describe: Callable[..., str]) -> None:
+    """A split's data report line (`describe`), and its warning when most examples were cut."""
+    say(enabled, describe(split, report))
+    warning = report.cut_warning()
+    if warning:
+        say(enabled, f"[yellow]warning: {split} data: {escape(warning)}[/]")
+
+
 def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str], n_rows: int, tc: TrainConfig,
                      world_size: int, seed: int, unit: str) -> None:
     """The end of `--check-data` for SFT and the RM: each split's report as the run prints it, then the run's step
     plan for `world_size` ranks (a data set smaller than one global batch is the run's DataError, raised here)."""
     for split, report in reports.items():
-        say(True, describe(split, report))
+        say_report(True, split, report, describe)
     plan = plan_steps(n_rows, tc, world_size, seed, unit)
     say(True, describe_plan(plan, unit, world_size))
     warning = dropped_warning(plan, unit)
@@ -258,7 +266,7 @@ def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str
 def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo, describe: Callable[..., str]) -> None:
     """Print each split's report and save them all as data_report.json."""
     for split, report in reports.items():
-        say(dist.is_main, describe(split, report))
+        say_report(dist.is_main, split, report, describe)
     if dist.is_main:
         body = {split: asdict(report) for split, report in reports.items()}
         (out / "data_report.json").write_text(json.dumps(body, indent=2), encoding="utf-8")

@@ -139,6 +139,10 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     cut_where = " (before the validation share was held out)" if data.eval is None and held else ""
     say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation{seen}; {cut} of data.train's prompts cut to "
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
+    if 2 * cut > len(read.ids):  # (PPO keeps a prompt's right end: the question may have been cut away)
+        say(dist.is_main, f"[yellow]warning: {cut} of data.train's {len(read.ids)} prompts were cut to "
+                          f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left: raise it unless "
+                          "that is meant[/]")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
         sft = ptx_data_config(data)
