@@ -39,6 +39,8 @@ ContentSpecialTokens = Annotated[Literal["text", "control"], Field(
     "control token (data that means them: tool-call tags)")]
 
 #: Extensions that make a value unmistakably a local file (so a missing one is an error, not a hub id).
+#: the local data files rlhf reads (stages.data.read_rows)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".safetensors", ".bin")
 
 
@@ -184,6 +186,16 @@ class DataSource(Section):
         if isinstance(value, (str, list)):
             return {"path": value}
         return value
+
+    @model_validator(mode="after")
+    def _split_of_a_hub_dataset(self) -> "DataSource":
+        """split and subset choose a part of a hub dataset; a local data file is read whole, so giving them for one
+        (`split: test` on data.jsonl) would be ignored."""
+        local = [p for p in self.paths() if p.lower().endswith(LOCAL_SUFFIXES)]
+        if local and (self.split != "train" or self.subset is not None):
+            raise ValueError(f"split/subset select a part of a hub dataset; {local[0]} is a local file, read whole "
+                             "(drop them, or point at the file of that split)")
+        return self
 
     def paths(self) -> list[str]:
         return self.path if isinstance(self.path, list) else [self.path]

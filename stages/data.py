@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
-from stages.config import Columns, DataSource, SFTDataConfig
+from stages.config import LOCAL_SUFFIXES, Columns, DataSource, SFTDataConfig
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
 IGNORE = -100  # label of tokens that carry no loss
 ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 
 

@@ -249,7 +249,7 @@ def test_a_string_that_reads_as_a_float_survives_the_resolved_config(tmp_path):
     quoted, so the worker reads a string again rather than our loader's float 1000.0."""
     from rlhf_cli.config_loader import dump_config
 
-    cfg = load_config("sft", _cfg_file(tmp_path), ["data.train.split='1e3'", "train.lr=1e-5"])
+    cfg = load_config("sft", _cfg_file(tmp_path, data__train="org/dataset"), ["data.train.split='1e3'", "train.lr=1e-5"])
     assert cfg.data.train.split == "1e3"
     (tmp_path / "resolved.yaml").write_text(dump_config(cfg))
     again = load_config("sft", tmp_path / "resolved.yaml")
@@ -623,8 +623,8 @@ def test_a_fresh_start_refuses_to_delete_an_input_it_would_read(tmp_path):
 
 
 def test_set_reaches_into_the_short_form_of_a_data_source(tmp_path):
-    cfg = load_config("sft", _cfg_file(tmp_path), ["data.train.split=validation"])
-    assert cfg.data.train.split == "validation" and cfg.data.train.path.endswith("sft.jsonl")
+    cfg = load_config("sft", _cfg_file(tmp_path, data__train="org/dataset"), ["data.train.split=validation"])
+    assert cfg.data.train.split == "validation" and cfg.data.train.path == "org/dataset"
 
 
 @pytest.mark.parametrize(

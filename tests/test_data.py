@@ -875,3 +875,16 @@ def test_a_data_report_warns_when_most_examples_were_cut():
         "3 of 4 examples were cut to data.max_length (1 prompts, 3 responses): raise data.max_length (or "
         "data.max_prompt_length) unless that is meant")
     assert DataReport().cut_warning() is None
+
+
+def test_split_or_subset_on_a_local_file_is_refused():
+    """`data.train: {path: sft.jsonl, split: test}` read the whole file, the split ignored without a word; split and
+    subset are for hub datasets."""
+    from pydantic import ValidationError
+
+    assert DataSource(path="org/dataset", split="test", subset="harmless").split == "test"
+    assert DataSource(path="sft.jsonl").split == "train"
+    for given in ({"split": "test"}, {"subset": "x"}):
+        with pytest.raises(ValidationError, match="split/subset select a part of a hub dataset; sft.jsonl is a local "
+                                                  "file, read whole"):
+            DataSource(path="sft.jsonl", **given)
