@@ -371,7 +371,11 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={one}", "--ppo-max", "--kl-coef", "0.2")
     said = " ".join(res.stdout.split())
     assert res.exit_code == 0 and "PPO tricks (preset ppo-max; * = set by the config or a flag):" in said, res.output
-    assert "* ppo.kl_coef 0.2 (preset: 0.05)" in said and "ppo.lam 0.9" in said
+    assert "* ppo.kl_coef 0.2 (preset: 0.05)" in said and "ppo.lam 0.9" in said and "note: ppo.reward_clip" not in said
+    # --ppo-max --no-reward-norm keeps the preset's clip of 0.8, now on the raw scores: said
+    res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={one}", "--ppo-max", "--no-reward-norm")
+    assert "note: ppo.reward_clip 0.8 clips the raw reward-model scores (reward_norm and reward_scaling are off)" in \
+        " ".join(res.stdout.split()), res.output
     # a trick flag's bad value names the flag, a --set's the --set
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--kl-coef", "-1", "--set", "train.iterations=0")
     assert res.exit_code == 2 and "ppo.kl_coef: Input should be greater than or equal to 0 (got -1.0) [given with " \

@@ -182,6 +182,10 @@ def describe_tricks(cfg: PPOConfig) -> str:
         value = getattr(getattr(cfg, section), name)
         mark = "*" if value != default else " "
         lines.append(f"  {mark} {key:<30} {value}" + (f"   (preset: {default})" if mark == "*" else ""))
+    ppo = cfg.ppo
+    if ppo.reward_clip > 0 and not (ppo.reward_norm or ppo.reward_scaling):  # (--ppo-max --no-reward-norm, say)
+        lines.append(f"  note: ppo.reward_clip {ppo.reward_clip} clips the raw reward-model scores (reward_norm and "
+                     "reward_scaling are off): size it against the RM's score spread (reward_stats.json)")
     return "\n".join(lines)
 
 
