@@ -1105,7 +1105,7 @@ def test_a_section_that_is_not_a_mapping_is_left_for_validation_to_name(section,
     assert data[section] == [{"kl_coef": 0.1}]
     cfg = {"ppo": {"preset": "ppo-max"}, section: 5}
     res = invoke_cli("ppo", "--config", str(write_yaml(tmp_path / "p.yaml", cfg)), "--ppo-max", "--dry-run")
-    assert res.exit_code == 2 and f"{section}: Input should be a valid dictionary" in res.stderr, res.output
+    assert res.exit_code == 2 and f"{section}: Input should be a mapping of its keys" in res.stderr, res.output
 
 
 def test_fill_preset_rejects_an_unknown_preset():
