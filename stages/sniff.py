@@ -10,6 +10,7 @@ some of whose first rows are bad but others good passes: judging those is `data.
 
 from __future__ import annotations
 
+import re
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -72,10 +73,21 @@ class _HeadLog(BadRowLog):
             raise _Unreadable
 
 
+#: how much of a .json file holding one JSON array the look reads for its first records
+JSON_WINDOW = 8 * 2**20
+#: what lies between two items of a JSON array (and before its `[`)
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
 def _head(source: DataSource, rows: int, log: BadRowLog) -> Iterator[Row]:
     """The first records of a local file: a parquet file's first row group batch through pyarrow (read_rows
-    would have `datasets` convert the whole file first), every other kind through read_rows."""
+    would have `datasets` convert the whole file first), a large .json array's from its first JSON_WINDOW
+    (`_json_array_head`; read_rows parses the whole file), every other kind through read_rows."""
     path = Path(source.paths()[0])
+    if path.suffix.lower() == ".json" and path.stat().st_size > JSON_WINDOW:
+        head = _json_array_head(path, rows)
+        if head is not None:
+            return iter(head)
     if path.suffix.lower() != ".parquet":
         return read_rows(source, "skip", log)
     import pyarrow.parquet as pq
@@ -85,6 +97,32 @@ def _head(source: DataSource, rows: int, log: BadRowLog) -> Iterator[Row]:
     except Exception as exc:  # pyarrow's ArrowInvalid, OSError, ...
         raise DataError(f"{path}: cannot read it as parquet ({exc})") from None
     return iter([Row(record, str(path), i) for i, record in enumerate(batch.to_pylist() if batch else [], start=1)])
+
+
+def _json_array_head(path: Path, rows: int) -> list[Row] | None:
+    """The object records among the first `rows` items of a .json file holding one JSON array, parsed from its
+    first JSON_WINDOW characters (a multi-GB file is not read whole for a look at its top); None when it holds
+    no array (JSON Lines, read line by line anyway) or no item ends inside the window (nothing to tell)."""
+    import json
+
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
+        text = fh.read(JSON_WINDOW)
+    decoder, pos = json.JSONDecoder(), _BETWEEN_ITEMS.match(text).end()
+    if not text.startswith("[", pos):
+        return None
+    pos += 1
+    found: list[Row] = []
+    for index in range(1, rows + 1):
+        pos = _BETWEEN_ITEMS.match(text, pos).end()
+        if text.startswith("]", pos):
+            break
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # cut by the window, or invalid: the run's reading says which
+            break
+        if isinstance(item, dict):
+            found.append(Row(item, str(path), index))
+    return found or None
 
 
 def _parser(detect: Callable[[dict[str, Any]], str], parse: Callable[[dict[str, Any], str], object],

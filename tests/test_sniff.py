@@ -99,6 +99,34 @@ def test_a_parquet_file_is_read_from_its_head_without_datasets(tmp_path, monkeyp
         sniff_data("train-rm", _rm(f"data.train={tmp_path / 'bad.parquet'}"))
 
 
+def test_a_large_json_array_is_read_from_its_head_only(tmp_path, monkeypatch):
+    """A .json file holding one array was parsed whole by the look (json.loads of a multi-GB file before a
+    launch); one larger than JSON_WINDOW is now read from its first window, item by item. A file whose first
+    item does not end inside the window (or is invalid) is left to the run's reading."""
+    import stages.data
+    import stages.sniff
+
+    monkeypatch.setattr(stages.sniff, "JSON_WINDOW", 4000)
+    for name, rows in (("sft", SFT_ROWS), ("rm", RM_ROWS)):
+        records = [json.loads(line) for line in _lines(rows, 200)]
+        (tmp_path / f"{name}.json").write_text(" \n" + json.dumps(records, indent=1))
+        assert (tmp_path / f"{name}.json").stat().st_size > 4000
+    whole = stages.data._read_json
+
+    def not_whole(*args, **kwargs):
+        raise AssertionError("the look parsed the whole file")
+
+    monkeypatch.setattr(stages.data, "_read_json", not_whole)
+    sniff_data("train-rm", _rm(f"data.train={tmp_path / 'rm.json'}"))
+    with pytest.raises(DataError, match=rf"none of the first \d+ rows of .*sft\.json is a preference pair \(row 1: "
+                                        r"missing key 'chosen'"):
+        sniff_data("train-rm", _rm(f"data.train={tmp_path / 'sft.json'}"))
+    assert stages.sniff._json_array_head(tmp_path / "rm.json", 3)[2].row == 3
+    monkeypatch.setattr(stages.data, "_read_json", whole)
+    (tmp_path / "one.json").write_text(json.dumps([{"text": "x" * 5000}]))  # no item ends in the window
+    assert stages.sniff._json_array_head(tmp_path / "one.json", 3) is None
+
+
 def test_unreadable_rows_and_identical_pairs(tmp_path):
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("not json\n[1, 2]\n")
