@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import types
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -152,8 +153,9 @@ _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none", 
 def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """pydantic's error location without the labels it adds for union members (`str`, `list[str]`,
     `function-after[...]`, a section class name, ...): field names, unknown keys and list indexes remain. Labels
-    follow only a field whose type is a union (or wrapped in a validator); a key right under a plain section is
-    a field or an unknown key, whatever its name (`none`, `list`, `x[0]`)."""
+    follow only a field whose type is a union of two or more types (`deepspeed.config`: a file or a mapping; an
+    optional section or a list of sections gets none); a key right under a section is a field or an unknown
+    key, whatever its name (`none`, `list`, `x[0]`)."""
     out: list[Any] = []
     current: Any = schema
     labelled = False  # whether union labels may come next
@@ -168,7 +170,8 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]
             out.append(part)
             annotation = current.model_fields[part].annotation
             current = _unwrap_model(annotation)
-            labelled = len(getattr(annotation, "__args__", ()) or ()) > 1 or current is not annotation
+            labelled = get_origin(annotation) in (Union, types.UnionType) and \
+                len([a for a in get_args(annotation) if a is not type(None)]) > 1
         elif labelled and is_label:
             continue  # a union member's label
         else:

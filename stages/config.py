@@ -53,27 +53,36 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        """true/false (YAML also reads yes/no/on/off so) where a number is wanted is an error: pydantic would
-        take it as 1 or 0 (`lr: yes` trained at lr 1.0)."""
-        if isinstance(value, bool) and info.field_name and _wants_a_number(cls.model_fields[info.field_name].annotation):
+        """true/false (YAML also reads yes/no/on/off so) where a number is wanted is an error, for a value or an
+        item of a list of numbers: pydantic would take it as 1 or 0 (`lr: yes` trained at lr 1.0,
+        `adam_betas: [no, 0.95]` at beta1 0)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if (isinstance(value, bool) and _wants_a_number(annotation)) or (
+                isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+                and _wants_a_number(annotation, items=True)):
             raise ValueError("a number is needed, not a boolean (YAML reads yes/no/on/off/true/false as booleans)")
         return value
 
 
-def _wants_a_number(annotation: Any) -> bool:
-    """Whether a field's type takes an int or float (a Literal of them included) and no bool."""
+def _wants_a_number(annotation: Any, items: bool = False) -> bool:
+    """Whether a field's type takes an int or float (a Literal of them included) and no bool; with `items`,
+    whether the items of its list or tuple do."""
     found: set[type] = set()
 
-    def walk(tp: Any) -> None:
-        if tp in (bool, int, float):
+    def walk(tp: Any, inside: bool) -> None:
+        origin = get_origin(tp)
+        if tp in (bool, int, float) and inside == items:
             found.add(tp)
-        elif get_origin(tp) is Literal:
+        elif origin is Literal and inside == items:
             found.update(type(arg) for arg in get_args(tp))
-        elif get_origin(tp) is not None and get_origin(tp) not in (list, dict, tuple):
+        elif origin in (list, tuple) and not inside:
             for arg in get_args(tp):
-                walk(arg)
+                walk(arg, True)
+        elif origin is not None and origin not in (list, tuple, dict, Literal):
+            for arg in get_args(tp):
+                walk(arg, inside)
 
-    walk(annotation)
+    walk(annotation, False)
     return bool(found & {int, float}) and bool not in found
 
 

@@ -1048,6 +1048,7 @@ def test_a_worker_that_loses_a_peer_says_so_in_one_line_not_a_traceback(tmp_path
     ("none=1", "unknown key 'none' (valid here: seed, output_dir,"),  # named like a pydantic type label
     ("train.list=5", "unknown key 'train.list' (valid here: epochs,"),
     ("model.str=1", "unknown key 'model.str' (valid here: name_or_path,"),
+    ("data.eval={path: e.jsonl, none: 1}", "unknown key 'data.eval.none' (valid here: path, split, subset)"),  # optional
     ("data.train.pth=x", "--set data.train.pth: data.train is a str, not a mapping (a data source's keys: path, "
                          "split, subset)"),
 ])
@@ -1066,20 +1067,22 @@ def test_a_typo_inside_a_list_of_sections_gets_the_closest_key(tmp_path):
     from conftest import TINY_DIR
 
     cfg = yaml.safe_load((TINY_DIR / "pipeline.yaml").read_text())
-    cfg["ppo_runs"] = [{"name": "a", "preset": "vanilla", "seeed": 1}]
+    cfg["ppo_runs"] = [{"name": "a", "preset": "vanilla", "seeed": 1}, {"name": "b", "none": 1}]
     for key in ("sft", "rm", "ppo"):
         cfg[key]["config"] = str(TINY_DIR / cfg[key]["config"])
     path = write_yaml(tmp_path / "pipeline.yaml", cfg)
     with pytest.raises(ConfigError, match=r"unknown key 'ppo_runs\[0\]\.seeed'; closest valid key: "
-                                          r"'ppo_runs\[0\]\.seeds' \(valid here: name,"):
+                                          r"'ppo_runs\[0\]\.seeds' \(valid here: name,") as exc:
         load_config("pipeline", path)
+    assert "unknown key 'ppo_runs[1].none' (valid here: name," in str(exc.value)  # (a list's items get no labels)
     res = invoke_cli("pipeline", "-c", str(TINY_DIR / "pipeline.yaml"), "--dry-run", "--set", "ppo_runs[0].preset=x")
     assert res.exit_code == 2 and "unknown key 'ppo_runs[0]'" in res.stderr and "give the whole list" in res.stderr
     assert "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("override, key", [("train.lr=yes", "train.lr"), ("deepspeed.zero_stage=true", "deepspeed.zero_stage"),
-                                           ("train.micro_batch_size=on", "train.micro_batch_size")])
+                                           ("train.micro_batch_size=on", "train.micro_batch_size"),
+                                           ("train.adam_betas=[no, 0.95]", "train.adam_betas")])  # an item too
 def test_a_boolean_where_a_number_is_wanted_is_refused(tmp_path, override, key):
     """pydantic took true/yes/on as 1 (`lr: yes` trained at lr 1.0, `zero_stage: true` ran ZeRO-1); a flag's
     boolean stays a boolean."""
