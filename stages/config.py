@@ -688,6 +688,9 @@ class PipelineConfig(Section):
         for i, r in enumerate(self.ppo_runs):
             if r.seeds and any(item.partition("=")[0].strip() == "seed" for item in r.set):
                 raise ValueError(f"ppo_runs[{i}].set: seed is set by the run's seeds ({r.seeds}); drop one of them")
+            if r.preset and any(item.partition("=")[0].strip() == "ppo.preset" for item in r.set):
+                raise ValueError(f"ppo_runs[{i}].set: ppo.preset is set by the run's preset ({r.preset}); drop one "
+                                 "of them")
         for section, items, keys in where:
             for item in items:
                 key = item.partition("=")[0].strip()

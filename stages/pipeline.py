@@ -62,7 +62,9 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
         for seed in seeds or [None]:
             label = name if seed is None else f"{name}-seed{seed}"
             out = root / label
-            sets = [f"output_dir={out}", *wired, *cfg.ppo.set, *extra] + ([] if seed is None else [f"seed={seed}"])
+            # a run's own preset replaces the ppo stage's `set: [ppo.preset=...]`, as it replaces the PPO config's
+            shared = [x for x in cfg.ppo.set if preset is None or x.partition("=")[0].strip() != "ppo.preset"]
+            sets = [f"output_dir={out}", *wired, *shared, *extra] + ([] if seed is None else [f"seed={seed}"])
             runs.append(StageRun(label, "ppo", Path(cfg.ppo.config), out, sets, preset,
                                  {"model.name_or_path", "reward_model.name_or_path"}))
     return runs

@@ -1122,6 +1122,20 @@ def test_a_preset_option_and_a_set_preset_that_differ_are_refused(tmp_path):
         load_config("ppo", ppo, sets, preset="ppo-max")
     assert load_config("ppo", ppo, sets, preset="vanilla").ppo.preset == "vanilla"
     assert load_config("ppo", ppo, sets[1:], preset="ppo-max").ppo.preset == "ppo-max"
+    # a pipeline: a run's preset beside its own `set: [ppo.preset=...]` is refused; the ppo stage's shared set
+    # is a layer below the run's preset, which replaces its ppo.preset (as it does the PPO config's)
+    from stages.pipeline import plan
+
+    cfg = yaml.safe_load((TINY_DIR / "pipeline.yaml").read_text())
+    for key in ("sft", "rm", "ppo"):
+        cfg[key]["config"] = str(TINY_DIR / cfg[key]["config"])
+    cfg["ppo_runs"] = [{"name": "a", "preset": "vanilla", "set": ["ppo.preset=ppo-max"]}]
+    with pytest.raises(ConfigError, match=r"ppo_runs\[0\]\.set: ppo.preset is set by the run's preset \(vanilla\)"):
+        load_config("pipeline", write_yaml(tmp_path / "p.yaml", cfg))
+    cfg["ppo"]["set"], cfg["ppo_runs"] = ["ppo.preset=ppo-max"], [{"name": "max"}, {"name": "plain", "preset": "vanilla"}]
+    runs = {r.label: r for r in plan(load_config("pipeline", write_yaml(tmp_path / "p.yaml", cfg)))}
+    assert "ppo.preset=ppo-max" in runs["max"].overrides and runs["max"].preset is None
+    assert not any(x.startswith("ppo.preset") for x in runs["plain"].overrides) and runs["plain"].preset == "vanilla"
 
 
 @pytest.mark.parametrize("override, message", [
