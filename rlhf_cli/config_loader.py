@@ -180,11 +180,10 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]
     return tuple(out)
 
 
-def _takes_none(schema: type[BaseModel], loc: tuple[Any, ...]) -> bool:
-    """Whether the field at `loc` accepts null (an Optional key: null is its "off")."""
-    owner = _schema_at(schema, loc[:-1])
-    info = owner.model_fields.get(str(loc[-1])) if owner is not None else None
-    return info is not None and type(None) in (getattr(info.annotation, "__args__", ()) or ())
+def _field_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """pydantic's FieldInfo of the key at `loc`, None when it names none (a list index, a free-form mapping)."""
+    owner = _schema_at(schema, loc[:-1]) if loc else None
+    return owner.model_fields.get(str(loc[-1])) if owner is not None else None
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -214,10 +213,11 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     msg = re.sub(r"a valid dictionary or instance of \w+", "a mapping of its keys", err["msg"].removeprefix("Value error, "))
     got = err.get("input")
     shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {got!r})"
-    if got is None and "input" in err and loc:  # `key:` with no value, or `key: null`
-        shown = " (got null: leave the key out for its default)"
-    if got is False and loc and _takes_none(schema, loc):  # `gold_reward: no` meant "off"
-        shown += "; null turns it off"
+    field = _field_at(schema, loc)
+    if got is None and "input" in err and field is not None:  # `key:` with no value, or `key: null`
+        shown = " (got null: give it a value)" if field.is_required() else " (got null: leave the key out for its default)"
+    if got is False and field is not None and type(None) in (getattr(field.annotation, "__args__", ()) or ()):
+        shown += "; null turns it off"  # `gold_reward: no` meant "off"
     if err["type"] == "string_type" and isinstance(got, (dict, list)):  # `a: b`, `[x]` read as YAML
         kind = "a mapping" if isinstance(got, dict) else "a list"
         shown = f" (got {kind}: a text with ': ', braces or brackets is read as YAML; quote it)"

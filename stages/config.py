@@ -38,10 +38,10 @@ ContentSpecialTokens = Annotated[Literal["text", "control"], Field(
     description="a special-token string inside a chat-template message's content: read as text, or as the "
     "control token (data that means them: tool-call tags)")]
 
-#: Extensions that make a value unmistakably a local file (so a missing one is an error, not a hub id).
 #: the local data files rlhf reads (stages.data.read_rows)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".safetensors", ".bin")
+#: Extensions that make a value unmistakably a local file (so a missing one is an error, not a hub id).
+FILE_SUFFIXES = LOCAL_SUFFIXES + (".yaml", ".yml", ".txt", ".safetensors", ".bin")
 
 
 class Section(BaseModel):

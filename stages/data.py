@@ -495,6 +495,21 @@ def opening_context(tokenizer: Any, full: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
+def cut_warning(counts: dict[str, int], total: int, what: str, limit: str) -> str | None:
+    """A warning when more than half of `total` items had some part cut (`counts`: part -> items cut there):
+    the data is mostly trained on as cut.
+
+    >>> cut_warning({"prompts": 3, "responses": 1}, 4, "examples", "data.max_length")
+    'most of the 4 examples were cut to data.max_length (3 prompts, 1 responses): raise it unless that is meant'
+    >>> cut_warning({"prompts": 2}, 4, "prompts", "data.max_prompt_length") is None
+    True
+    """
+    if not total or 2 * max(counts.values(), default=0) <= total:
+        return None
+    parts = ", ".join(f"{n} {part}" for part, n in counts.items())
+    return f"most of the {total} {what} were cut to {limit} ({parts}): raise it unless that is meant"
+
+
 def count_in_train(train: Iterable[Hashable], held: Iterable[Hashable]) -> int:
     """How many of the eval split's examples (`held`, each by a key of its content) equal a training example's: a
     separate eval file that repeats training rows, or a row repeated in the data and split across a held-out
@@ -781,14 +796,9 @@ class DataReport:
         return special_note(self.special_as_text)
 
     def cut_warning(self) -> str | None:
-        """A warning when most examples lost part of their prompt or response to data.max_length (or the prompt
-        budget, data.max_prompt_length): the data is mostly trained on as cut."""
-        cut = max(self.prompt_truncated, self.response_truncated)
-        if not self.examples or 2 * cut <= self.examples:
-            return None
-        return (f"{cut} of {self.examples} examples were cut to data.max_length ({self.prompt_truncated} prompts, "
-                f"{self.response_truncated} responses): raise data.max_length (or data.max_prompt_length) unless "
-                "that is meant")
+        """`cut_warning` of the examples whose prompt, or response, was cut to the length limits."""
+        return cut_warning({"prompts": self.prompt_truncated, "responses": self.response_truncated}, self.examples,
+                           "examples", "data.max_length (or data.max_prompt_length)")
 
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,

@@ -102,7 +102,7 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
     try:
         if cfg.from_config is not None:
             arch = dict(cfg.from_config)
-            arch.setdefault("vocab_size", vocab_hint or arch.get("vocab_size", 32000))
+            arch["vocab_size"] = vocab_hint or 32000  # (the tokenizer's, when it can be told; from_config has none)
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         else:
             config = AutoConfig.from_pretrained(resolve_model_dir(cfg.name_or_path or ""), local_files_only=True,

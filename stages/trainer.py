@@ -430,6 +430,12 @@ def unused_settings(cfg: Any, total: int, has_eval: bool, unit: str = "step") ->
     return notes
 
 
+def warn_unused_settings(cfg: Any, total: int, has_eval: bool, dist: DistInfo, unit: str = "step") -> None:
+    """A start-up warning for each of `unused_settings`."""
+    for note in unused_settings(cfg, total, has_eval, unit):
+        say(dist.is_main, f"[yellow]warning: {escape(note)}[/]")
+
+
 def start_training(
     cfg: Any,
     stage: str,
@@ -455,8 +461,7 @@ def start_training(
     warning = dropped_warning(plan, unit)
     if warning and not resume:
         say(dist.is_main, f"[yellow]{warning}[/]")
-    for note in unused_settings(cfg, plan.total, has_eval):
-        say(dist.is_main, f"[yellow]warning: {escape(note)}[/]")
+    warn_unused_settings(cfg, plan.total, has_eval, dist)
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
     engine = initialize_engine(make_model(ds_config), ds_config, tc, plan.total)
     seed_everything(cfg.seed + dist.rank)

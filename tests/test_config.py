@@ -1162,6 +1162,8 @@ def test_messages_for_a_null_a_false_and_a_non_mapping_say_what_to_do(tmp_path):
 
     for override, message in (("train.lr=null", "train.lr: Input should be a valid number (got null: leave the key "
                                                 "out for its default)"),
+                              ("output_dir=null", "output_dir: Input should be a valid string (got null: give it a "
+                                                  "value)"),  # a required key has no default
                               ("train=5", "train: Input should be a mapping of its keys (got 5)")):
         with pytest.raises(ConfigError) as exc:
             load_config("sft", _cfg_file(tmp_path), [override])

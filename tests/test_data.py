@@ -866,14 +866,14 @@ def test_eval_examples_that_repeat_training_ones_are_counted_for_sft_and_rm(tmp_
 
 
 def test_a_data_report_warns_when_most_examples_were_cut():
-    """`data.max_length: 8` cut every example and only the counts said so; more than half cut is now a warning
-    naming the keys (half or fewer: none)."""
+    """`data.max_length: 8` cut every example and only the counts said so; more than half with their prompt, or
+    their response, cut is now a warning naming the keys (half or fewer: none)."""
     from stages.data import DataReport
 
     assert DataReport(examples=4, prompt_truncated=2, response_truncated=1).cut_warning() is None
     assert DataReport(examples=4, prompt_truncated=1, response_truncated=3).cut_warning() == (
-        "3 of 4 examples were cut to data.max_length (1 prompts, 3 responses): raise data.max_length (or "
-        "data.max_prompt_length) unless that is meant")
+        "most of the 4 examples were cut to data.max_length (or data.max_prompt_length) (1 prompts, 3 responses): "
+        "raise it unless that is meant")
     assert DataReport().cut_warning() is None
 
 

@@ -38,7 +38,8 @@ from stages.checkpoint import (
     save_hf,
 )
 from stages.config import PPOConfig
-from stages.data import BadRowLog, DataReport, count_in_train, load_conversations, special_note, tokenize_conversations
+from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, load_conversations, special_note,
+                         tokenize_conversations)
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
@@ -98,8 +99,9 @@ from stages.trainer import (
     kept,
     open_run,
     optimizer_step,
+    say_report,
     split_holdout,
-    unused_settings,
+    warn_unused_settings,
 )
 
 
@@ -131,7 +133,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     seen = ""
     if held is not None:
         report["eval"]["prompts"] = len(held)
-        report["eval"]["in_train"] = count_in_train(map(tuple, train), map(tuple, held))
+        report["eval"]["in_train"] = count_in_train((hash(tuple(p)) for p in train), (hash(tuple(p)) for p in held))
         seen = f" ({report['eval']['in_train']} also among the train prompts)" if report["eval"]["in_train"] else ""
     logs = {"train": log} | ({"eval": eval_log} if data.eval is not None else {})
     skipped = "".join(f"; {split}: {found.total} bad row(s){found.summary()}" for split, found in logs.items()
@@ -139,10 +141,10 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     cut_where = " (before the validation share was held out)" if data.eval is None and held else ""
     say(dist.is_main, f"prompts: {len(train)} train, {len(held or [])} validation{seen}; {cut} of data.train's prompts cut to "
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
-    if 2 * cut > len(read.ids):  # (PPO keeps a prompt's right end: the question may have been cut away)
-        say(dist.is_main, f"[yellow]warning: {cut} of data.train's {len(read.ids)} prompts were cut to "
-                          f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left: raise it unless "
-                          "that is meant[/]")
+    warning = cut_warning({"prompts": cut}, len(read.ids), "prompts of data.train",  # (their left part: the question
+                          f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
+    if warning:
+        say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
         sft = ptx_data_config(data)
@@ -150,8 +152,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
         ptx_report.count_skipped(ptx_log)
         report["ptx"] = asdict(ptx_report)
-        say(dist.is_main, f"PTX data: {ptx_report.examples} examples, {ptx_report.trained_tokens:,} trained tokens"
-                          f"{ptx_report.notes()}")
+        say_report(dist.is_main, "PTX", ptx_report, lambda split, r: f"{split} data: {r.examples} examples, "
+                   f"{r.trained_tokens:,} trained tokens{r.notes()}")
     elif data.ptx is not None:
         say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
     if save and dist.is_main:
@@ -653,8 +655,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     t, ppo = cfg.train, cfg.ppo
     B = t.rollout_batch_size
     total = ppo.critic_pretrain_steps + t.iterations
-    for note in unused_settings(cfg, total, bool(data["eval"]), "iteration"):
-        say(dist.is_main, f"[yellow]warning: {escape(note)}[/]")
+    warn_unused_settings(cfg, total, bool(data["eval"]), dist, "iteration")
     per_iter = ppo.ppo_epochs * (B // t.mini_batch_size)
     models = build_models(cfg, dist, tokenizer, rm_tok, {"policy": t.iterations * per_iter, "critic": total * per_iter})
     policy, critic = models["policy"], models["critic"]
