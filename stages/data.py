@@ -439,9 +439,9 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
         out: list[Segment] = []
         done = ""
         for i in assistant_idx:
-            full = tokenizer.apply_chat_template(as_dicts[: i + 1], tokenize=False)
+            full = render_template(tokenizer, as_dicts[: i + 1])
             if i:
-                prompt = tokenizer.apply_chat_template(as_dicts[:i], tokenize=False, add_generation_prompt=True)
+                prompt = render_template(tokenizer, as_dicts[:i], add_generation_prompt=True)
             else:  # an opening assistant turn: its header (and a default system prompt) is context too
                 prompt = opening_context(tokenizer, full)
             if not (prompt.startswith(done) and full.startswith(prompt)):
@@ -452,6 +452,18 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
         return [seg for seg in out if seg.text]
 
     return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
+
+
+def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    """`tokenizer.apply_chat_template` as text. A template that refuses the conversation (its raise_exception:
+    roles that do not alternate, a system turn it does not take) makes the row a BadRow naming its reason, which
+    data.on_bad_row stops at or skips, rather than a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as exc:
+        raise BadRow(f"the chat template refuses it: {exc}") from None
 
 
 def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,
@@ -489,7 +501,7 @@ def opening_context(tokenizer: Any, full: str) -> str:
     and any system prompt the template adds by default): the template's render of that turn with a marker for
     its content, cut at the marker. "" when the template does not show the content verbatim or writes something
     else before it for the real content (then the whole render is the turn, as before)."""
-    probe = tokenizer.apply_chat_template([{"role": "assistant", "content": _CONTENT_MARK}], tokenize=False)
+    probe = render_template(tokenizer, [{"role": "assistant", "content": _CONTENT_MARK}])
     head = probe[:probe.index(_CONTENT_MARK)] if _CONTENT_MARK in probe else ""
     return head if full.startswith(head) else ""
 

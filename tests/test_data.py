@@ -888,3 +888,29 @@ def test_split_or_subset_on_a_local_file_is_refused():
         with pytest.raises(ValidationError, match="split/subset select a part of a hub dataset; sft.jsonl is a local "
                                                   "file, read whole"):
             DataSource(path="sft.jsonl", **given)
+
+
+def test_a_chat_template_that_refuses_a_conversation_makes_a_bad_row(char_tok, tmp_path):
+    """Mistral-style templates raise on roles that do not alternate (Gemma's on a system turn): that crashed every
+    stage with a jinja2 traceback, `data.on_bad_row: skip` or not; it is now that row's error, or skipped."""
+    import copy
+
+    from stages.data import BadRow, Conversation, DataReport, render_segments, tokenize_conversations
+    from stages.ppo.prompts import render_prompt
+
+    tok = copy.deepcopy(char_tok)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    twice = Conversation((("user", "a"), ("user", "b"), ("assistant", "c")), "chat")
+    with pytest.raises(BadRow, match="the chat template refuses it: Conversation roles must alternate"):
+        render_segments(twice, tok, "last_turn")
+    with pytest.raises(BadRow, match="the chat template refuses it"):
+        render_prompt([("user", "a"), ("user", "b")], True, tok)
+    good = Conversation((("user", "a"), ("assistant", "c")), "chat")
+    report = DataReport()
+    rows = tokenize_conversations([(twice, "f row 1"), (good, "f row 2")], tok, _data("f", on_bad_row="skip"), report)
+    assert len(rows) == 1 and report.skipped_by_reason == {
+        "the chat template refuses it: Conversation roles must alternate": 1}
+    with pytest.raises(DataError, match="f row 1: the chat template refuses it"):
+        tokenize_conversations([(twice, "f row 1")], tok, _data("f"), DataReport())

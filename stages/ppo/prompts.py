@@ -16,8 +16,8 @@ from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
-                         opens_with_bos, parse_messages, read_rows, specials_read_as_text, text_ids,
-                         with_plain_specials)
+                         opens_with_bos, parse_messages, read_rows, render_template, specials_read_as_text,
+                         text_ids, with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -79,7 +79,7 @@ def render_prompt(turns: Turns, chat: bool, tokenizer: Any, specials_as_text: bo
 
     def through_template(turns: Sequence[tuple[str, str]]) -> list[Segment]:
         msgs = [{"role": r, "content": c} for r, c in turns]
-        return [Segment(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False)]
+        return [Segment(render_template(tokenizer, msgs, add_generation_prompt=True), False)]
 
     return with_plain_specials(turns, tokenizer, through_template, specials_as_text)[0]
 
