@@ -116,7 +116,25 @@ def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
             if not isinstance(record, dict):
                 _bad(where, f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
                 continue
+            if SURROGATE_ESCAPE.search(line) and (reason := surrogate_reason(record)):
+                _bad(where, reason, on_bad_row, log)
+                continue
             yield Row(record, str(path), lineno)
+
+
+#: a JSON escape of a UTF-16 surrogate (\\ud800-\\udfff): the only way a parsed JSON text can hold one
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def surrogate_reason(record: dict[str, Any]) -> str | None:
+    """Why a parsed JSON record holds no valid Unicode: an unpaired surrogate escape (`"\\ud83d"`, half of an
+    emoji a cut string kept), which JSON allows but no UTF-8 text can hold (tokenizers refuse it); None if none."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        found = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        return f"an unpaired surrogate escape ({found}): not valid Unicode text (half of an emoji cut off?)"
+    return None
 
 
 def _read_with_datasets(source_name: str, what: str, **load_args: Any) -> Iterator[Row]:
@@ -158,12 +176,18 @@ def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
         yield from _read_jsonl(path, on_bad_row, log)
         return
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+        records = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: invalid JSON: {exc}") from None
+    escapes = SURROGATE_ESCAPE.search(text) is not None  # (only then is a record checked for them)
+    del text
     for i, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             _bad(f"{path} row {i}", f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
+            continue
+        if escapes and (reason := surrogate_reason(record)):
+            _bad(f"{path} row {i}", reason, on_bad_row, log)
             continue
         yield Row(record, str(path), i)
 

@@ -914,3 +914,24 @@ def test_a_chat_template_that_refuses_a_conversation_makes_a_bad_row(char_tok, t
         "the chat template refuses it: Conversation roles must alternate": 1}
     with pytest.raises(DataError, match="f row 1: the chat template refuses it"):
         tokenize_conversations([(twice, "f row 1")], tok, _data("f"), DataReport())
+
+
+def test_an_unpaired_surrogate_escape_is_a_bad_row(tmp_path):
+    """`"\\ud800"` (half of an emoji a cut string kept) is valid JSON but no valid Unicode: the tokenizer
+    training or the tokenizer then crashed with a traceback, `on_bad_row: skip` or not. It is a bad row of
+    JSON Lines and of a JSON array; a whole surrogate pair (an emoji) is fine."""
+    from stages.data import BadRowLog, read_rows
+
+    rows = ['{"prompt": "ok", "response": "x"}', '{"prompt": "cut \\ud83d", "response": "x"}',
+            '{"prompt": "emoji \\ud83d\\ude00", "response": "y"}']
+    jsonl = _jsonl(tmp_path / "s.jsonl", rows)
+    array = tmp_path / "s.json"
+    array.write_text("[" + ", ".join(rows) + "]")
+    for path in (jsonl, array):
+        log = BadRowLog()
+        read = list(read_rows(DataSource(path=str(path)), "skip", log))
+        assert [r.row for r in read] == [1, 3] and read[1].data["prompt"] == "emoji \U0001F600"
+        assert log.reasons == {"an unpaired surrogate escape": 1}
+        with pytest.raises(DataError) as exc:
+            list(read_rows(DataSource(path=str(path)), "error", BadRowLog()))
+        assert f"{path.name} row 2: an unpaired surrogate escape (\\ud83d): not valid Unicode text" in str(exc.value)
