@@ -279,11 +279,21 @@ def hh_text(text: str) -> str:
 
 
 def hh_dialogue(text: str) -> list[tuple[str, str]]:
-    """`split_hh` of a whole HH dialogue (or prompt), which must hold a human turn (BadRow NO_HUMAN_TURN)."""
+    """`split_hh` of a whole HH dialogue (or prompt), which must hold a human turn (BadRow NO_HUMAN_TURN) and no
+    marker after a single line break (`Human: hi\\nAssistant: hello`, CRLF text: the answer would be read as
+    part of the human turn, and in a PPO prompt given to the policy)."""
     turns = split_hh(text)
     if not any(role == "user" for role, _ in turns):
         raise BadRow(NO_HUMAN_TURN)
+    for _, content in turns:
+        if found := LONE_HH_MARKER.search(content):
+            raise BadRow(f"a '{found.group(1)}:' marker after a single line break (HH-RLHF markers follow a blank "
+                         f"line: '\\n\\n{found.group(1)}:'; CRLF text needs its line ends made \\n)")
     return turns
+
+
+#: an HH marker that opens a line without the blank line before it (a single \n, or CRLF text)
+LONE_HH_MARKER = re.compile(r"[\r\n](Human|Assistant):")
 
 
 def parse_messages(record: dict[str, Any], key: str) -> list[tuple[str, str]]:

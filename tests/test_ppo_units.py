@@ -1487,3 +1487,15 @@ def test_the_reading_of_special_token_strings_is_recorded_and_checked_like_the_t
     assert rendering_mismatches({"chat"}, tok, {"policy DIR": control}, "PPO", "control") == []
     older = rendering_record(["chat"], tok, True)  # a record from before the key: not compared
     assert rendering_mismatches({"chat"}, tok, {"policy DIR": older}, "PPO", "text") == []
+
+
+def test_hh_prompts_with_markers_after_a_single_line_break_are_bad_rows(tmp_path, tokenizer):
+    """`Human: hi\\nAssistant: hello` (or CRLF text) has no HH assistant marker: PPO took the whole text, answer
+    and all, as the human turn and prompted after it (SFT refused the same row); now a bad row naming the
+    marker, raw or through the chat template."""
+    rows = [{"chosen": "Human: hi\nAssistant: hello"}, {"chosen": "\n\nHuman: what is 2+2?"}]
+    for chat in (False, True):
+        prompts, _, log = _load(_jsonl(tmp_path / "hh.jsonl", rows), tokenizer, format="hh", on_bad_row="skip",
+                                use_chat_template=chat)
+        assert len(prompts) == 1 and log.total == 1, chat
+        assert "a 'Assistant:' marker after a single line break" in next(iter(log.reasons)), log.reasons
