@@ -72,6 +72,11 @@ class IdenticalPair(Exception):
     """Chosen and rejected are the same text: the pair carries no preference."""
 
 
+class ContextCut(Exception):
+    """max_length cut into the turns where a pair's sides differ before its final turn (or cut their shared context
+    by different amounts): what is left compares leftover contexts, not the two answers."""
+
+
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     """(prompt, chosen response, rejected response) of two HH-RLHF dialogues: the prompt is the longest common
     prefix cut back to the end of its last "\\n\\nAssistant:" marker.
@@ -236,9 +241,10 @@ def tokenize_pair(
 ) -> tuple[TokenizedExample, TokenizedExample]:
     """Both sides as token ids; labels mark the chosen/rejected response tokens (the last assistant turn).
 
-    The two prompts are cut by the same number of tokens (the larger cut either side needs; a side whose
-    context is shorter, having fewer turns, by no more than its own prompt can give); responses are then cut
-    from the right. With add_eos every side ends with EOS: what a chat template puts after the
+    The two prompts are cut by the same number of tokens (the larger cut either side needs, but no more than
+    either side's prompt can give beyond data.max_prompt_length's budget: a side whose context is shorter, having
+    fewer turns); responses are then cut from the right. A pair whose sides differ before the final turn, when
+    that cut reaches the tokens where they differ, raises ContextCut (it would compare leftover contexts). With add_eos every side ends with EOS: what a chat template puts after the
     response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
     short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
     reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
@@ -252,11 +258,17 @@ def tokenize_pair(
             ex = end_at_last_eos(ex, eos, prompt_len)
         encoded.append((ex, prompt_len))
     cut = max(prompt_cut(n, len(ex.input_ids), data.max_length, data.prompt_budget) for ex, n in encoded)
+    # the same cut for both (the same context), and never into a side's response or prompt budget: when one side
+    # continues with more turns its context is longer, and the cut that side needs may be more than the other's
+    # prompt can give; that side's response is then cut from the right
+    own = min(min(cut, n - min(n, data.prompt_budget)) for _, n in encoded)
+    (c, _), (r, _) = encoded
+    shared = next((i for i, (a, b) in enumerate(zip(c.input_ids, r.input_ids)) if a != b),
+                  min(len(c.input_ids), len(r.input_ids)))
+    if own and bos_head(c.input_ids, bos) + own > shared:  # the cut reaches the turns where the sides differ
+        raise ContextCut
     out = []
-    for ex, prompt_len in encoded:
-        # never into a side's response: when one side continues with more turns its context is longer, and the
-        # cut that side needs may be more than the other's prompt can give
-        own = min(cut, prompt_len - min(prompt_len, data.prompt_budget))
+    for ex, _ in encoded:
         ex = truncate_example(ex, own, data.max_length, bos_head(ex.input_ids, bos))
         if data.add_eos and ex.response_truncated:
             ex.input_ids[-1] = eos  # the reward is read at an EOS; not an end the LM loss should learn
@@ -310,6 +322,9 @@ def tokenize_pairs(
             chosen, rejected = tokenize_pair(pair, tokenizer, data, bos)
         except BadRow as exc:
             _bad(where, str(exc), data.on_bad_row, log)
+            continue
+        except ContextCut:
+            report.context_cut_pairs += 1
             continue
         if chosen.input_ids == rejected.input_ids:
             report.identical_pairs += 1

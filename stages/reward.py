@@ -219,10 +219,12 @@ def say_added_pad(added: bool, enabled: bool) -> None:
 
 
 def describe_pairs(split: str, report: DataReport) -> str:
+    cut = report.context_cut_pairs  # (pairs differing before their final turn: stages.pairs.ContextCut)
+    cut_note = f", {cut} pair(s) whose earlier differing turns max_length cut into (raise data.max_length)" if cut else ""
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "
-        f"{report.duplicate_pairs} duplicate(s); truncated: {report.prompt_truncated} prompts "
+        f"{report.duplicate_pairs} duplicate(s){cut_note}; truncated: {report.prompt_truncated} prompts "
         f"(left), {report.response_truncated} responses (right){report.notes()}"
     )
 

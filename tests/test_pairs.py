@@ -265,3 +265,26 @@ def test_a_side_with_more_turns_does_not_make_the_other_side_lose_its_response(t
     assert rejected.input_ids[n_prompt:] == answer + [tok.eos_token_id] and n_prompt >= 4
     assert rejected.labels[n_prompt:] == answer + [tok.eos_token_id]
     assert len(chosen.input_ids) == 40 and chosen.prompt_truncated
+
+
+def test_a_pair_differing_before_its_final_turn_is_dropped_when_the_cut_reaches_the_difference(tok):
+    """Sides that differ in an earlier assistant turn (the final answers alike): a prompt cut that reaches the
+    differing turn left two sequences that differ in how much leftover context they kept, trained on as a
+    preference. Such a pair is dropped and counted (context_cut_pairs); uncut, or cut only where the sides agree,
+    it is kept, both sides cut alike."""
+    from stages.pairs import ContextCut
+
+    long = " ".join(str(i) for i in range(40))
+    later = (("user", "q " + long), ("assistant", "answers 8"))  # a long turn after the differing one
+    pair = PreferencePair((("user", "q 1"),), (("assistant", "answers 7"),) + later,
+                          (("assistant", "answers 9 9 9"),) + later, "chat")
+    with pytest.raises(ContextCut):
+        tokenize_pair(pair, tok, _data(max_length=40, max_prompt_length=4), [])
+    report = DataReport()
+    assert len(tokenize_pairs([(pair, "r1")], tok, _data(max_length=40, max_prompt_length=4), report)) == 0
+    assert report.context_cut_pairs == 1 and report.identical_pairs == 0
+    chosen, rejected = tokenize_pair(pair, tok, _data(max_length=512), [])  # uncut: kept whole
+    assert not chosen.prompt_truncated and chosen.input_ids != rejected.input_ids
+    cut_c, cut_r = tokenize_pair(pair, tok, _data(max_length=len(rejected.input_ids) - 6, max_prompt_length=4), [])
+    assert cut_c.prompt_truncated and cut_r.prompt_truncated  # cut alike, only where the sides agree:
+    assert tok.decode(cut_c.input_ids).startswith("\nanswers 7") and tok.decode(cut_r.input_ids).startswith("\nanswers 9")
