@@ -73,8 +73,8 @@ class IdenticalPair(Exception):
 
 
 class ContextCut(Exception):
-    """max_length cut into the turns where a pair's sides differ before its final turn (or cut their shared context
-    by different amounts): what is left compares leftover contexts, not the two answers."""
+    """A pair whose sides differ before its final turn that max_length cuts into where they differ (or into all
+    of a side's response): what is left would compare leftover contexts, not the two answers."""
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -244,7 +244,8 @@ def tokenize_pair(
     The two prompts are cut by the same number of tokens (the larger cut either side needs, but no more than
     either side's prompt can give beyond data.max_prompt_length's budget: a side whose context is shorter, having
     fewer turns); responses are then cut from the right. A pair whose sides differ before the final turn, when
-    that cut reaches the tokens where they differ, raises ContextCut (it would compare leftover contexts). With add_eos every side ends with EOS: what a chat template puts after the
+    that cut reaches the tokens where they differ, or leaves a side's response no room, raises ContextCut (it
+    would compare leftover contexts). With add_eos every side ends with EOS: what a chat template puts after the
     response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
     short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
     reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
@@ -266,6 +267,8 @@ def tokenize_pair(
     shared = next((i for i, (a, b) in enumerate(zip(c.input_ids, r.input_ids)) if a != b),
                   min(len(c.input_ids), len(r.input_ids)))
     if own and bos_head(c.input_ids, bos) + own > shared:  # the cut reaches the turns where the sides differ
+        raise ContextCut
+    if any(n - own >= data.max_length for _, n in encoded):  # a longer context left no room for its response
         raise ContextCut
     out = []
     for ex, _ in encoded:

@@ -220,7 +220,7 @@ def say_added_pad(added: bool, enabled: bool) -> None:
 
 def describe_pairs(split: str, report: DataReport) -> str:
     cut = report.context_cut_pairs  # (pairs differing before their final turn: stages.pairs.ContextCut)
-    cut_note = f", {cut} pair(s) whose earlier differing turns max_length cut into (raise data.max_length)" if cut else ""
+    cut_note = f", {cut} pair(s) differing before the final turn that max_length cut into (raise it)" if cut else ""
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "

@@ -252,19 +252,27 @@ def test_a_prompt_cut_from_the_left_keeps_its_bos_on_both_sides(tok):
 
 
 def test_a_side_with_more_turns_does_not_make_the_other_side_lose_its_response(tok):
-    """HH pairs may continue one side for more turns: its context is longer and needs the larger cut; the
-    other side's prompt gives up at most what it has (down to prompt_budget), never response tokens."""
-    prompt = (("user", " user asks question 1 and 2 and 3"),)
+    """HH pairs may continue one side for more turns: its context is longer and needs the larger cut. Both
+    sides are cut alike, by no more than the other side's prompt gives (down to prompt_budget), never into its
+    response; the longer side's response is cut from the right. When even that would cut into where the sides
+    differ, or leave the longer side's response no room, the pair is dropped (ContextCut): it used to keep the
+    longer side's tail alone, its differing first answer cut away."""
+    from stages.pairs import ContextCut
+
+    prompt = (("user", " user asks question 1 and 2 and 3 " + " ".join(str(i) for i in range(20))),)
     more = " ".join(f"question {i}" for i in range(30))
     pair = PreferencePair(prompt, (("assistant", " answers 7"), ("user", " " + more), ("assistant", " answers 14")),
                           (("assistant", " answers 21"),), "raw_hh")
-    data = _data(max_length=40, max_prompt_length=4)
-    chosen, rejected = tokenize_pair(pair, tok, data, [])
+    full, _ = tokenize_pair(pair, tok, _data(max_length=512), [])
+    chosen, rejected = tokenize_pair(pair, tok, _data(max_length=len(full.input_ids) - 8, max_prompt_length=4), [])
     answer = tok(" answers 21", add_special_tokens=False)["input_ids"]
     n_prompt = next(i for i, t in enumerate(rejected.labels) if t != IGNORE)
     assert rejected.input_ids[n_prompt:] == answer + [tok.eos_token_id] and n_prompt >= 4
     assert rejected.labels[n_prompt:] == answer + [tok.eos_token_id]
-    assert len(chosen.input_ids) == 40 and chosen.prompt_truncated
+    assert chosen.prompt_truncated and rejected.prompt_truncated
+    assert full.input_ids[8:8 + n_prompt] == chosen.input_ids[:n_prompt] == rejected.input_ids[:n_prompt]  # alike
+    with pytest.raises(ContextCut):
+        tokenize_pair(pair, tok, _data(max_length=40, max_prompt_length=4), [])
 
 
 def test_a_pair_differing_before_its_final_turn_is_dropped_when_the_cut_reaches_the_difference(tok):
