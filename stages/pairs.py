@@ -92,7 +92,8 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
         n += 1
     at = chosen.rfind(HH_ASSISTANT, 0, n)
     if at < 0:
-        raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
+        raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:' (they were read as "
+                     "HH-RLHF dialogues; plain responses to a prompt column are data.format: pairs)")
     end = at + len(HH_ASSISTANT)
     if HH_HUMAN in chosen[end:n]:
         raise BadRow("chosen and rejected differ in a human turn, not in a response")
@@ -142,6 +143,8 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     if fmt == "pairs":
         prompt = _field(record, cols.prompt, allow_empty=True)
         chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
+        if prompt.strip() and chosen.startswith(prompt) and rejected.startswith(prompt):
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]  # both repeat the prompt: once is enough
         if chosen == rejected:
             raise IdenticalPair()
         style = CHAT if data.use_chat_template else RAW_PR

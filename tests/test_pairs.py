@@ -296,3 +296,14 @@ def test_a_pair_differing_before_its_final_turn_is_dropped_when_the_cut_reaches_
     cut_c, cut_r = tokenize_pair(pair, tok, _data(max_length=len(rejected.input_ids) - 6, max_prompt_length=4), [])
     assert cut_c.prompt_truncated and cut_r.prompt_truncated  # cut alike, only where the sides agree:
     assert tok.decode(cut_c.input_ids).startswith("\nanswers 7") and tok.decode(cut_r.input_ids).startswith("\nanswers 9")
+
+
+def test_pairs_whose_texts_repeat_the_prompt_keep_it_once(tok):
+    """`{prompt: "hi", chosen: "hi hello", rejected: "hi bye"}` (full texts beside the prompt): the context was
+    doubled without a word; the repeat is dropped, as the messages format drops it. Text that only one side
+    starts with the prompt is kept as it is."""
+    data = _data()
+    pair = parse_pair({"prompt": "Q: 2+2?", "chosen": "Q: 2+2? 4", "rejected": "Q: 2+2? 5"}, "pairs", data)
+    assert pair.chosen == (("assistant", " 4"),) and pair.rejected == (("assistant", " 5"),)
+    kept = parse_pair({"prompt": "Q", "chosen": "Q is a letter", "rejected": "no"}, "pairs", data)
+    assert kept.chosen == (("assistant", "Q is a letter"),)
