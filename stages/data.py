@@ -305,9 +305,18 @@ def parse_messages(record: dict[str, Any], key: str) -> list[tuple[str, str]]:
         raise BadRow(f"'{key}' must be a non-empty list of {{role, content}}")
     turns = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise BadRow(f"{key}[{i}] must be {{role: system|user|assistant, content: string}}")
-        turns.append((m["role"], m["content"]))
+        if not isinstance(m, dict):
+            found = repr(m)[:40]
+        elif m.get("role") not in ROLES:
+            found = f"role {m.get('role')!r}"
+        elif not isinstance(m.get("content"), str):
+            content = m.get("content")
+            found = ("content as a list of parts: give its text" if isinstance(content, list) else
+                     f"content {type(content).__name__}" if "content" in m else "no content")
+        else:
+            turns.append((m["role"], m["content"]))
+            continue
+        raise BadRow(f"{key}[{i}] must be {{role: system|user|assistant, content: string}} (got {found})")
     return turns
 
 

@@ -935,3 +935,18 @@ def test_an_unpaired_surrogate_escape_is_a_bad_row(tmp_path):
         with pytest.raises(DataError) as exc:
             list(read_rows(DataSource(path=str(path)), "error", BadRowLog()))
         assert f"{path.name} row 2: an unpaired surrogate escape (\\ud83d): not valid Unicode text" in str(exc.value)
+
+
+def test_a_bad_message_says_what_it_found():
+    """`messages[i] must be {role, content}` did not say what was wrong: a non-object, a role such as `tool`,
+    content given as a list of parts (the OpenAI multimodal shape) or missing."""
+    import re
+
+    from stages.data import BadRow, parse_messages
+
+    for value, found in (([1], "(got 1)"), ([{"role": "tool", "content": "x"}], "(got role 'tool')"),
+                         ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                          "(got content as a list of parts: give its text)"), ([{"role": "user"}], "(got no content)")):
+        with pytest.raises(BadRow, match=re.escape(f"messages[0] must be {{role: system|user|assistant, content: "
+                                                   f"string}} {found}")):
+            parse_messages({"messages": value}, "messages")
