@@ -145,6 +145,9 @@ def check_rendering(mode: str, styles: set[str], tokenizer: Any, models: dict[st
         return
     fix = ("render the prompts as the models were trained: data.use_chat_template (plain/HH prompts through the "
            "chat template), data.format, data.chat_template, or data.content_special_tokens")
+    if RAW_PR in styles and any(RAW_HH in (r or {}).get("styles", ()) for r in records.values()):
+        fix += ("; HH-RLHF text in a prompt column is read as HH with data.format: hh and data.columns.text naming "
+                "that column")
     if mode == "error":
         raise ConfigError("data: " + "; ".join(problems) + f" ({fix}; data.rendering_check: warn to go on)")
     warn("warning: " + "; ".join(problems) + f" ({fix})")

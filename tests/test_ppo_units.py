@@ -1401,6 +1401,12 @@ def test_rendering_check_modes(tmp_path, mode, monkeypatch):
             check_rendering(cfg, {"raw_hh"}, tok, dist)
         with pytest.raises(ConfigError, match="trained with another chat template"):
             check_rendering(cfg, {"chat"}, tok, dist)
+        # HH-trained models and prompts from a prompt column: the hint names the setting that reads them as HH
+        meta = {"stage": "sft", "rendering": {"styles": ["raw_hh"], "chat_template_sha256": None}}
+        (tmp_path / "sft" / "rlhf_checkpoint.json").write_text(json.dumps(meta))
+        with pytest.raises(ConfigError, match="HH-RLHF text in a prompt column is read as HH with data.format: hh and "
+                                              "data.columns.text naming that column"):
+            check_rendering(cfg, {"raw_pr"}, tok, dist)
         return
     check_rendering(cfg, {"raw_hh"}, tok, dist)
     out = "".join(said)
