@@ -285,6 +285,11 @@ def hh_dialogue(text: str) -> list[tuple[str, str]]:
     turns = split_hh(text)
     if not any(role == "user" for role, _ in turns):
         raise BadRow(NO_HUMAN_TURN)
+    return check_hh_turns(turns)
+
+
+def check_hh_turns(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`turns` of HH text, refused (BadRow) when one holds a marker after a single line break."""
     for _, content in turns:
         if found := LONE_HH_MARKER.search(content):
             raise BadRow(f"a '{found.group(1)}:' marker after a single line break (HH-RLHF markers follow a blank "
@@ -501,10 +506,12 @@ def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: An
     """`tokenizer.apply_chat_template` as text. A template that refuses the conversation (its raise_exception:
     roles that do not alternate, a system turn it does not take) makes the row a BadRow naming its reason, which
     data.on_bad_row stops at or skips, rather than a traceback."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateSyntaxError as exc:  # the template itself, not this row
+        raise DataError(f"the chat template is not valid Jinja (data.chat_template, or the tokenizer's): {exc}") from None
     except TemplateError as exc:
         raise BadRow(f"the chat template refuses it: {exc}") from None
 

@@ -37,6 +37,7 @@ from stages.data import (
     _field,
     bos_head,
     bos_ids,
+    check_hh_turns,
     encode_segments,
     hh_dialogue,
     parse_messages,
@@ -143,8 +144,6 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     if fmt == "pairs":
         prompt = _field(record, cols.prompt, allow_empty=True)
         chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
-        if prompt.strip() and chosen.startswith(prompt) and rejected.startswith(prompt):
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]  # both repeat the prompt: once is enough
         if chosen == rejected:
             raise IdenticalPair()
         style = CHAT if data.use_chat_template else RAW_PR
@@ -152,7 +151,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     if fmt == "hh":
         prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
         prompt_turns = tuple(hh_dialogue(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
-        sides = [tuple(split_hh(HH_ASSISTANT + text)) for text in (chosen, rejected)]
+        sides = [tuple(check_hh_turns(split_hh(HH_ASSISTANT + text))) for text in (chosen, rejected)]
         style = RAW_HH
         if data.use_chat_template:
             prompt_turns = tuple((r, c.strip()) for r, c in prompt_turns)
@@ -271,7 +270,8 @@ def tokenize_pair(
                   min(len(c.input_ids), len(r.input_ids)))
     if own and bos_head(c.input_ids, bos) + own > shared:  # the cut reaches the turns where the sides differ
         raise ContextCut
-    if any(n - own >= data.max_length for _, n in encoded):  # a longer context left no room for its response
+    room = data.max_length - (1 if data.add_eos else 0)  # (a cut response's last token becomes its EOS)
+    if any(n - own >= room for _, n in encoded):  # a longer context left no room for a token of its response
         raise ContextCut
     out = []
     for ex, _ in encoded:

@@ -950,3 +950,25 @@ def test_a_bad_message_says_what_it_found():
         with pytest.raises(BadRow, match=re.escape(f"messages[0] must be {{role: system|user|assistant, content: "
                                                    f"string}} {found}")):
             parse_messages({"messages": value}, "messages")
+
+
+def test_a_chat_template_that_is_not_valid_jinja_stops_the_run_once(char_tok):
+    """A syntax error in the template is no row's fault: one DataError, not every row a bad row (skipped)."""
+    import copy
+
+    from stages.data import Conversation, DataReport, render_segments, tokenize_conversations
+
+    tok = copy.deepcopy(char_tok)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }"
+    conv = Conversation((("user", "a"), ("assistant", "c")), "chat")
+    with pytest.raises(DataError, match="the chat template is not valid Jinja"):
+        render_segments(conv, tok, "last_turn")
+    with pytest.raises(DataError, match="the chat template is not valid Jinja"):
+        tokenize_conversations([(conv, "f row 1")], tok, _data("f", on_bad_row="skip"), DataReport())
+
+
+def test_sft_hh_rows_refuse_a_marker_after_a_single_line_break():
+    from stages.data import BadRow, parse_conversation
+
+    with pytest.raises(BadRow, match="a 'Assistant:' marker after a single line break"):
+        parse_conversation({"chosen": "\n\nHuman: hi\nAssistant: hello\n\nAssistant: ok"}, "hh", _data("f"))

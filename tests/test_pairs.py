@@ -298,12 +298,29 @@ def test_a_pair_differing_before_its_final_turn_is_dropped_when_the_cut_reaches_
     assert tok.decode(cut_c.input_ids).startswith("\nanswers 7") and tok.decode(cut_r.input_ids).startswith("\nanswers 9")
 
 
-def test_pairs_whose_texts_repeat_the_prompt_keep_it_once(tok):
-    """`{prompt: "hi", chosen: "hi hello", rejected: "hi bye"}` (full texts beside the prompt): the context was
-    doubled without a word; the repeat is dropped, as the messages format drops it. Text that only one side
-    starts with the prompt is kept as it is."""
-    data = _data()
-    pair = parse_pair({"prompt": "Q: 2+2?", "chosen": "Q: 2+2? 4", "rejected": "Q: 2+2? 5"}, "pairs", data)
-    assert pair.chosen == (("assistant", " 4"),) and pair.rejected == (("assistant", " 5"),)
-    kept = parse_pair({"prompt": "Q", "chosen": "Q is a letter", "rejected": "no"}, "pairs", data)
-    assert kept.chosen == (("assistant", "Q is a letter"),)
+def test_every_kept_side_keeps_a_trained_response_token(tok):
+    """A longer side whose context leaves one slot (which add_eos turns into the forced EOS) kept no response
+    token at all; across every max_length, a kept pair's sides each keep one, or the pair is dropped."""
+    from stages.pairs import ContextCut
+
+    prompt = (("user", " user asks question 1 and 2 and 3 " + " ".join(str(i) for i in range(20))),)
+    more = " ".join(f"question {i}" for i in range(30))
+    pair = PreferencePair(prompt, (("assistant", " answers 7"), ("user", " " + more), ("assistant", " answers 14")),
+                          (("assistant", " answers 21"),), "raw_hh")
+    full, _ = tokenize_pair(pair, tok, _data(max_length=512), [])
+    kept = 0
+    for max_length in range(8, len(full.input_ids) + 1):
+        try:
+            sides = tokenize_pair(pair, tok, _data(max_length=max_length, max_prompt_length=4), [])
+        except ContextCut:
+            continue
+        kept += 1
+        assert all(any(t != IGNORE for t in side.labels) for side in sides), max_length
+    assert kept
+
+
+def test_hh_pairs_refuse_a_marker_after_a_single_line_break_in_a_response():
+    """The RM read `\\n\\nAssistant: Sure.\\nHuman: and then?` as one response (SFT and PPO refuse such text)."""
+    chosen = "\n\nHuman: hi\n\nAssistant: Sure.\nHuman: and then?"
+    with pytest.raises(BadRow, match="a 'Human:' marker after a single line break"):
+        parse_pair({"chosen": chosen, "rejected": "\n\nHuman: hi\n\nAssistant: No."}, "hh", _data())
