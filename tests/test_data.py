@@ -124,7 +124,7 @@ def _trained_text(tok, row: dict) -> str:
     return "".join(tok.decode([t]) for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE)
 
 
-def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
+def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok, monkeypatch):
     msgs = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "u1"},
@@ -134,7 +134,7 @@ def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
     ]
     path = _jsonl(tmp_path / "m.jsonl", [{"messages": msgs}])
     convs, _ = _load(path)
-    char_tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    monkeypatch.setattr(char_tok, "chat_template", DEFAULT_CHAT_TEMPLATE)  # (the module's shared tokenizer)
     segs = render_segments(convs[0][0], char_tok, "all_turns")
     assert [(s.text, s.train) for s in segs] == [
         ("<|system|>\nS<|endoftext|><|user|>\nu1<|endoftext|><|assistant|>\n", False),
@@ -150,13 +150,13 @@ def test_messages_every_assistant_turn_trained_or_only_last(tmp_path, char_tok):
 
 
 @pytest.mark.parametrize("system", ["", "{{ '<|system|>\\nYou are helpful.' + eos_token }}"])
-def test_an_opening_assistant_turn_trains_its_content_not_the_template_header(tmp_path, char_tok, system):
+def test_an_opening_assistant_turn_trains_its_content_not_the_template_header(tmp_path, char_tok, system, monkeypatch):
     """A conversation that opens with an assistant turn: the header the template writes before it (and a system
     prompt a template adds by default) is context, as a generation prompt is before any later assistant turn."""
     msgs = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"},
             {"role": "assistant", "content": "a"}]
     convs, _ = _load(_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))
-    char_tok.chat_template = system + DEFAULT_CHAT_TEMPLATE
+    monkeypatch.setattr(char_tok, "chat_template", system + DEFAULT_CHAT_TEMPLATE)  # (restored: the module shares it)
     segs = render_segments(convs[0][0], char_tok, "all_turns")
     opening = "<|system|>\nYou are helpful.<|endoftext|>" if system else ""
     assert [(s.text, s.train) for s in segs] == [
