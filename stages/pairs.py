@@ -265,11 +265,12 @@ def tokenize_pair(
     # continues with more turns its context is longer, and the cut that side needs may be more than the other's
     # prompt can give; that side's response is then cut from the right
     own = min(min(cut, n - min(n, data.prompt_budget)) for _, n in encoded)
-    (c, _), (r, _) = encoded
-    shared = next((i for i, (a, b) in enumerate(zip(c.input_ids, r.input_ids)) if a != b),
-                  min(len(c.input_ids), len(r.input_ids)))
-    if own and bos_head(c.input_ids, bos) + own > shared:  # the cut reaches the turns where the sides differ
-        raise ContextCut
+    if own:  # does the cut reach the tokens where the sides differ?
+        (c, _), (r, _) = encoded
+        shared = next((i for i, (a, b) in enumerate(zip(c.input_ids, r.input_ids)) if a != b),
+                      min(len(c.input_ids), len(r.input_ids)))
+        if bos_head(c.input_ids, bos) + own > shared:
+            raise ContextCut
     room = data.max_length - (1 if data.add_eos else 0)  # (a cut response's last token becomes its EOS)
     if any(n - own >= room for _, n in encoded):  # a longer context left no room for a token of its response
         raise ContextCut
