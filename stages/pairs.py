@@ -209,7 +209,7 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
     fmt = AutoFormat(data.format)
     pairs: list[tuple[PreferencePair, str]] = []
     identical = duplicates = 0
-    seen: dict[str, str] = {}
+    seen: dict[tuple[Messages, Messages, Messages], str] = {}
     for row in read_rows(source, data.on_bad_row, log):
         where = f"{row.file} row {row.row}"
         try:
@@ -316,6 +316,21 @@ class PairRows:
         return len(self.margins)
 
 
+#: a prompt this long (characters, stripped) that both responses start with is taken for a repeat, not chance
+REPEAT_MIN_CHARS = 16
+
+
+def repeats_prompt(pair: PreferencePair) -> bool:
+    """Whether both responses of a one-turn pair begin with its (not short) prompt text: full texts beside a
+    prompt column, whose prompt the model then reads twice. Counted and said, not cut: a shared opening may be
+    the answers' own."""
+    if len(pair.prompt) != 1 or len(pair.chosen) != 1 or len(pair.rejected) != 1:
+        return False
+    text = pair.prompt[0][1]
+    return len(text.strip()) >= REPEAT_MIN_CHARS and pair.chosen[0][1].startswith(text) and \
+        pair.rejected[0][1].startswith(text)
+
+
 def tokenize_pairs(
     pairs: Iterable[tuple[PreferencePair, str]], tokenizer: Any, data: RMDataConfig, report: DataReport
 ) -> PairRows:
@@ -341,6 +356,7 @@ def tokenize_pairs(
             report.identical_after_truncation += bool(cut) and _differ_uncut(pair, tokenizer, data, bos)
             continue
         rows.append(chosen, rejected, pair.margin)
+        report.prompt_repeats += repeats_prompt(pair)
         report.examples += 1
         report.count_style(pair.style)
         report.prompt_truncated += chosen.prompt_truncated or rejected.prompt_truncated

@@ -221,11 +221,14 @@ def say_added_pad(added: bool, enabled: bool) -> None:
 def describe_pairs(split: str, report: DataReport) -> str:
     cut = report.context_cut_pairs  # (pairs differing before their final turn: stages.pairs.ContextCut)
     cut_note = f", {cut} pair(s) differing before the final turn that max_length cut into (raise it)" if cut else ""
+    repeats = report.prompt_repeats
+    repeat_note = (f"; {repeats} pair(s) whose chosen and rejected both begin with the prompt text (read twice: give "
+                   "the responses alone)") if repeats else ""
     return (
         f"{split} data: {report.examples} pairs; {report.tokens:,} tokens; dropped {report.identical_pairs} "
         f"identical pair(s) ({report.identical_after_truncation} made so by max_length) and "
         f"{report.duplicate_pairs} duplicate(s){cut_note}; truncated: {report.prompt_truncated} prompts "
-        f"(left), {report.response_truncated} responses (right){report.notes()}"
+        f"(left), {report.response_truncated} responses (right){repeat_note}{report.notes()}"
     )
 
 

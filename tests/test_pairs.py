@@ -324,3 +324,21 @@ def test_hh_pairs_refuse_a_marker_after_a_single_line_break_in_a_response():
     chosen = "\n\nHuman: hi\n\nAssistant: Sure.\nHuman: and then?"
     with pytest.raises(BadRow, match="a 'Human:' marker after a single line break"):
         parse_pair({"chosen": chosen, "rejected": "\n\nHuman: hi\n\nAssistant: No."}, "hh", _data())
+
+
+def test_pairs_whose_responses_repeat_the_prompt_are_counted_and_said(tok):
+    """`{prompt: P, chosen: P + a, rejected: P + b}` (full texts beside a prompt column) reads the prompt twice:
+    counted and said in the report, the text kept as given (a shared opening may be the answers' own: "Hi"
+    before "Hi there!" is not taken for a repeat, nor is any prompt shorter than REPEAT_MIN_CHARS)."""
+    from stages.reward import describe_pairs
+
+    data = _data()
+    long = "user asks question 12 and 13"
+    pairs = [(parse_pair({"prompt": long, "chosen": long + " answers 7", "rejected": long + " answers 8"}, "pairs",
+                         data), "r1"),
+             (parse_pair({"prompt": "Hi", "chosen": "Hi there", "rejected": "Hi you"}, "pairs", data), "r2")]
+    report = DataReport()
+    assert len(tokenize_pairs(pairs, tok, data, report)) == 2 and report.prompt_repeats == 1
+    assert pairs[0][0].chosen == (("assistant", long + " answers 7"),)  # kept as given
+    assert "; 1 pair(s) whose chosen and rejected both begin with the prompt text (read twice: give the responses " \
+           "alone)" in describe_pairs("train", report)
