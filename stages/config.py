@@ -145,6 +145,11 @@ class ModelConfig(Section):
         return self
 
 
+def set_key(item: str) -> str:
+    """The dotted key a `set:` item (`key=value`, as --set takes it) sets."""
+    return item.partition("=")[0].strip()
+
+
 #: from_config keys a model is built with from its tokenizer (stages.models.build_model)
 TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "bos_token_id")
 
@@ -685,15 +690,14 @@ class PipelineConfig(Section):
         where = [("sft", self.sft.set, ["output_dir"]), ("rm", self.rm.set, ["output_dir", "model.name_or_path"])]
         where += [(name, items, list(wired)) for name, items in
                   [("ppo", self.ppo.set)] + [(f"ppo_runs[{i}]", r.set) for i, r in enumerate(self.ppo_runs)]]
-        for i, r in enumerate(self.ppo_runs):
-            if r.seeds and any(item.partition("=")[0].strip() == "seed" for item in r.set):
-                raise ValueError(f"ppo_runs[{i}].set: seed is set by the run's seeds ({r.seeds}); drop one of them")
-            if r.preset and any(item.partition("=")[0].strip() == "ppo.preset" for item in r.set):
-                raise ValueError(f"ppo_runs[{i}].set: ppo.preset is set by the run's preset ({r.preset}); drop one "
-                                 "of them")
+        for i, r in enumerate(self.ppo_runs):  # a key the run's own field sets
+            for key, field_name, value in (("seed", "seeds", r.seeds), ("ppo.preset", "preset", r.preset)):
+                if value and any(set_key(item) == key for item in r.set):
+                    raise ValueError(f"ppo_runs[{i}].set: {key} is set by the run's {field_name} ({value}); drop one "
+                                     "of them")
         for section, items, keys in where:
             for item in items:
-                key = item.partition("=")[0].strip()
+                key = set_key(item)
                 hit = next((k for k in keys if k == key or k.startswith(key + ".")), None)  # or a mapping above it
                 if hit is not None:
                     raise ValueError(f"{section}.set: {key} sets {hit}, which the pipeline wires ({wired[hit]}); "

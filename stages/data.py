@@ -856,9 +856,6 @@ class DataReport:
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
 
-    def special_note(self) -> str:
-        return special_note(self.special_as_text)
-
     def cut_warning(self) -> str | None:
         """`cut_warning` of the examples whose prompt, or response, was cut to the length limits."""
         return cut_warning({"prompts": self.prompt_truncated, "responses": self.response_truncated}, self.examples,
@@ -868,7 +865,7 @@ class DataReport:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,
         skipped rows."""
         seen = f"; {self.in_train} also in the training data (scored on what was trained on)" if self.in_train else ""
-        return f"{self.special_note()}{seen}{self.skipped_note()}"
+        return f"{special_note(self.special_as_text)}{seen}{self.skipped_note()}"
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""

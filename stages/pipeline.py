@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from rich.markup import escape
 
-from stages.config import PipelineConfig
+from stages.config import PipelineConfig, set_key
 from stages.errors import CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
 from stages.stop import STOPPED_CODES, killed_note
@@ -63,7 +63,7 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
             label = name if seed is None else f"{name}-seed{seed}"
             out = root / label
             # a run's own preset replaces the ppo stage's `set: [ppo.preset=...]`, as it replaces the PPO config's
-            shared = [x for x in cfg.ppo.set if preset is None or x.partition("=")[0].strip() != "ppo.preset"]
+            shared = [x for x in cfg.ppo.set if preset is None or set_key(x) != "ppo.preset"]
             sets = [f"output_dir={out}", *wired, *shared, *extra] + ([] if seed is None else [f"seed={seed}"])
             runs.append(StageRun(label, "ppo", Path(cfg.ppo.config), out, sets, preset,
                                  {"model.name_or_path", "reward_model.name_or_path"}))
