@@ -235,8 +235,9 @@ def build_model(
     from_config: random init seeded with `seed` (same weights on every rank), vocab = len(tokenizer).
     resize: grow the embedding when the tokenizer has more tokens (a pad token added by ensure_distinct_pad);
     otherwise that is an error. trained_head: the checkpoint must already be a one-label sequence classifier
-    (a reward model), not a causal LM whose score head would be initialised at random. With ZeRO-3 the weights
-    are created partitioned (transformers' DeepSpeed integration). A checkpoint that does not load (missing or
+    (a reward model), not a causal LM whose score head would be initialised at random. With ZeRO-3 loaded weights
+    are created partitioned (transformers' DeepSpeed integration); a from_config model is built whole on every rank
+    and partitioned by DeepSpeed at its engine's start, so that a seed gives the same init at every ZeRO stage. A checkpoint that does not load (missing or
     truncated files) or is of the wrong kind is a CheckpointError naming it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -254,8 +255,10 @@ def build_model(
         "bos_token_id": tokenizer.bos_token_id,
     }
     seed_everything(seed)
-    # a model whose own config is not ZeRO-3 is built whole even while another model's ZeRO-3 set-up is alive
-    with contextlib.nullcontext() if zero3 else zero3_init_off():
+    # a model whose own config is not ZeRO-3 is built whole even while another model's ZeRO-3 set-up is alive;
+    # so is a from_config one (DeepSpeed partitions it at its engine's start): built partitioned, its random init
+    # would differ from the other stages' for the same seed
+    with contextlib.nullcontext() if zero3 and cfg.from_config is None else zero3_init_off():
         if cfg.from_config is not None:
             arch = {**cfg.from_config, "vocab_size": len(tokenizer), **ids, **head_args}
             model_type = arch.pop("model_type")
