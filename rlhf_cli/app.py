@@ -251,11 +251,11 @@ def run_stage(
         if debug:
             raise
         # every rank reads the same config and data, so those errors are printed once; others may be one
-        # rank's own (a missing shard, a full disk) and are printed by whichever rank hit them
-        if _rank() == 0:
-            print_error(exc)
-        elif not exc.every_rank:
+        # rank's own (a missing shard, a full disk) and are printed, with the rank, by whichever rank hit them
+        if not exc.every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print_error(exc, f"rank {_rank()}")
+        elif _rank() == 0:
+            print_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except RuntimeError as exc:
         from stages.distributed import peer_lost

@@ -41,6 +41,7 @@ from stages.distributed import (
     barrier,
     broadcast_object,
     gather_objects,
+    peer_lost,
     rng_state,
     set_rng_state,
 )
@@ -603,13 +604,30 @@ def save_checkpoint(
             replace_dir(tmp, final)
             sync_tree(out_dir, only=())
     except Exception as exc:  # noqa: BLE001 - OSError, or torch.save's RuntimeError wrapping a failed write
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {name} in {out_dir}: {describe_failure(exc)}{_free_space(out_dir)}; "
-                              f"the partial copy was removed. {_intact(out_dir)}") from exc
+        raise _save_failure(exc, tmp, name, out_dir, dist) from exc
     if dist.is_main:
         prune_checkpoints(out_dir, final, keep, say)
     barrier()
     return final
+
+
+def _save_failure(exc: Exception, tmp: Path, name: str, out_dir: Path, dist: DistInfo) -> Exception:
+    """What a rank raises when writing checkpoint `name` into `tmp` failed with `exc`, after removing the partial
+    copy. Only a node's local rank 0 removes it while the others may still be writing (a rank that removed it
+    made the next one's write fail with a missing directory, whose error came first and named the wrong cause),
+    or a rank that has lost a peer. A lost peer is raised as it is (the CLI says "lost contact", the dead
+    rank's own error says why); a write failing because the folder is gone says another process removed it."""
+    gone = not tmp.exists()
+    if dist.local_rank == 0 or peer_lost(exc):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if peer_lost(exc):
+        return exc
+    if gone:
+        return CheckpointError(f"could not write {name} in {out_dir}: its partial copy was removed while this "
+                               f"process wrote into it, by another process of this run whose write failed (its "
+                               f"error says why). {_intact(out_dir)}")
+    return CheckpointError(f"could not write {name} in {out_dir}: {describe_failure(exc)}{_free_space(out_dir)}; "
+                           f"the partial copy is removed. {_intact(out_dir)}")
 
 
 def prune_checkpoints(out_dir: Path, newest: Path, keep: int, say: Callable[[str], None] | None = None) -> None:

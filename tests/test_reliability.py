@@ -204,6 +204,38 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert (out / f"checkpoint-{step - EVERY:08d}" / "COMPLETE").is_file()
 
 
+def test_a_failed_save_on_two_ranks_is_told_by_the_rank_that_failed(tmp_path, monkeypatch):
+    """`_save_failure`, per rank of a two-process run whose checkpoint write failed: only local rank 0 removes the
+    partial copy (rank 1 removing it made rank 0's write fail with a missing directory, whose misleading error
+    came first); a lost peer is raised as it is (the CLI's "lost contact" line); a write into a folder another
+    process removed says so, not "No such file"."""
+    from stages.checkpoint import _save_failure
+    from stages.distributed import DistInfo
+    from stages.errors import CheckpointError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cpu = torch.device("cpu")
+    rank0, rank1 = DistInfo(0, 0, 2, cpu), DistInfo(1, 1, 2, cpu)
+    tmp = tmp_path / ".tmp-checkpoint-00000004"
+    full = OSError(28, "No space left on device")
+
+    tmp.mkdir()
+    err = _save_failure(full, tmp, "checkpoint-00000004", tmp_path, rank1)
+    assert isinstance(err, CheckpointError) and "No space left on device" in str(err)
+    assert tmp.is_dir()  # rank 0 may still be writing into it
+    err = _save_failure(full, tmp, "checkpoint-00000004", tmp_path, rank0)
+    assert "No space left on device" in str(err) and "partial copy is removed" in str(err) and not tmp.exists()
+
+    tmp.mkdir()
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29501")
+    assert _save_failure(lost, tmp, "checkpoint-00000004", tmp_path, rank1) is lost and not tmp.exists()
+
+    missing = RuntimeError(f"Parent directory {tmp}/rng does not exist.")
+    err = _save_failure(missing, tmp, "checkpoint-00000004", tmp_path, rank1)
+    assert "removed while this process wrote into it, by another process" in str(err), err
+    assert "does not exist" not in str(err)
+
+
 def _limit_file_size() -> None:
     """A real write error: files may not grow past 64 KiB (the checkpoint's weights are bigger); SIGXFSZ
     ignored, so the write fails with EFBIG instead of killing the process."""
