@@ -158,6 +158,10 @@ def run_stage(
             err.print(f"[yellow]warning: resuming with changes (--allow-config-change): {listed}[/]",
                       highlight=False)
 
+    def show_config() -> None:
+        out.rule(f"rlhf {stage}: resolved config")
+        out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
+
     def prepare(processes: int) -> None:
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
@@ -181,13 +185,13 @@ def run_stage(
             held = []  # the lock, taken inside rank 0's preparation (whose errors reach every rank) for the run
 
             def lock_and_prepare() -> None:
+                show_config()
                 held.append(acquire_run_lock(out_dir))
                 prepare(int(os.environ["WORLD_SIZE"]))
 
             _train_here(stage, cfg, resume, lock_and_prepare)
             return
-        out.rule(f"rlhf {stage}: resolved config")
-        out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
+        show_config()
         cmd = env = None
         processes = world_size(num_gpus, num_nodes, hostfile)
         if needs_launcher(num_gpus, num_nodes, hostfile):

@@ -168,8 +168,8 @@ def optimizer_step(
             if bad and guard.mode == "stop":
                 raise NonFinite(
                     f"non-finite {guard.what} at step {guard.step} (micro-batch {i + 1} of {len(batches)}, "
-                    f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved since the last "
-                    "complete checkpoint (resume from it with --resume, or set train.on_nonfinite: skip)"
+                    f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved (--resume continues "
+                    "from the newest complete checkpoint, if there is one; or set train.on_nonfinite: skip)"
                 )
             if bad:
                 guard.skipped += 1

@@ -225,8 +225,8 @@ def test_launcher_returns_the_workers_exit_code(tmp_path):
 
 @pytest.mark.slow
 def test_under_the_users_own_launcher(tmp_path):
-    """Started by torchrun instead of `rlhf`: rank 0 still prepares the output directory (resolved config,
-    refusal to mix runs, the output_dir lock), and the run trains with two ranks."""
+    """Started by torchrun instead of `rlhf`: rank 0 still prints the resolved config once and prepares the output
+    directory (resolved config, refusal to mix runs, the output_dir lock), and the run trains with two ranks."""
     import os
     import subprocess
     import sys
@@ -240,6 +240,7 @@ def test_under_the_users_own_launcher(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = Path(cfg["output_dir"])
     assert (out / "resolved_config.yaml").is_file() and (out / "final" / "config.json").is_file()
+    assert res.stdout.count("rlhf sft: resolved config") == 1 and f"output_dir: {out}" in res.stdout  # rank 0's
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode != 0 and res.stderr.count("already holds a run") == 1
     from stages.checkpoint import run_lock

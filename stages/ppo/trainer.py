@@ -280,8 +280,9 @@ def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], roll
         bad = nonfinite_names(mine)
         found = f"rank {dist.rank}: {', '.join(bad)}" if bad else "on another rank"
         raise NonFinite(f"non-finite values in the rollout of iteration {iteration} ({found}); stopped before "
-                        "the update and before the running reward statistics saw them, nothing saved since the "
-                        "last complete checkpoint (or set train.on_nonfinite: skip)")
+                        "the update and before the running reward statistics saw them, nothing saved (--resume "
+                        "continues from the newest complete checkpoint, if there is one; or set "
+                        "train.on_nonfinite: skip)")
     merge_across_ranks(moments, exp["raw"], dist.device)
     exp["score"] = transform_scores(exp["raw"], moments, cfg.ppo)
     mask = rollout.response_mask.float()
