@@ -135,6 +135,9 @@ def quiet_libraries() -> None:
     if "datasets" in sys.modules:  # else quiet_datasets() when data is first read through it (0.4 s of import)
         quiet_datasets()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.cuda.is_available():  # every CPU rank: "No CUDA runtime is found, using CUDA_HOME=..." when
+        # DeepSpeed loads its CPU ops (on a GPU machine that logger's warnings may matter: kept)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def quiet_datasets() -> None:
