@@ -3,6 +3,7 @@ in this process or re-executes itself under the `deepspeed` launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -149,8 +150,8 @@ def run_stage(
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
     run that also reads the data (stages/pipeline.py: DATA_CHECKS)."""
-    from stages.checkpoint import (acquire_run_lock, check_output_dir, check_run_lock, prepare_output_dir, refuse_request,
-                                   run_lock)
+    from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
+                                   prepare_output_dir, refuse_request, run_lock)
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
@@ -180,7 +181,10 @@ def run_stage(
             # a worker: of our launcher (the output directory is ready and locked), or of the user's own
             # (torchrun, srun, ...), in which case rank 0 locks it and prepares it first
             if launched_by_rlhf():
-                _train_here(stage, cfg, resume, None)
+                # rank 0 holds the workers' lock: should the launching `rlhf` die by kill -9 (its lock going with
+                # it), a new run there is still refused while these processes train
+                with run_lock(out_dir, WORKERS_LOCK_NAME) if _rank() == 0 else contextlib.nullcontext():
+                    _train_here(stage, cfg, resume, None)
                 return
             held = []  # the lock, taken inside rank 0's preparation (whose errors reach every rank) for the run
 

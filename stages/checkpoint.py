@@ -6,6 +6,7 @@ Layout of a stage's output directory:
     inputs.json               fingerprints of the files and folders that config names (stages/fingerprint.py);
                               each checkpoint keeps a copy too, compared the same way
     .rlhf.lock                flock'ed while a run uses the directory (run_lock)
+    .rlhf.workers.lock        flock'ed by rank 0 of the processes an `rlhf` launcher started (worker_lock)
     metrics.jsonl, tensorboard/, data_report.json
     tokenizer/                (from_config runs) the tokenizer trained for this run
     checkpoint-00000040/      resumable: ds/ (DeepSpeed engine: weights, optimizer, scheduler), rng/ (per rank),
@@ -104,22 +105,27 @@ def clear_run(out_dir: Path) -> None:
 
 
 LOCK_NAME = ".rlhf.lock"
+#: held by rank 0 of the worker processes an `rlhf` launcher started: a launcher killed with kill -9 leaves its
+#: workers training, and its own lock went with it
+WORKERS_LOCK_NAME = ".rlhf.workers.lock"
+ORPHANED = "worker processes of a run whose rlhf command has ended"
 
 
-def acquire_run_lock(out_dir: Path) -> Any:
-    """An exclusive advisory lock (flock) on out_dir/.rlhf.lock, held while the returned file stays open (closing
-    it, or the process ending, kill -9 included, releases it): a second `rlhf` run there (a job requeued while
-    the first still runs, a command started twice) is refused at once (ConfigError naming the holder) instead of
-    clearing or loading the first one's checkpoints mid-write. A filesystem without flock (some network mounts)
-    runs unlocked."""
+def acquire_run_lock(out_dir: Path, name: str = LOCK_NAME) -> Any:
+    """An exclusive advisory lock (flock) on out_dir/`name`, held while the returned file stays open (closing it,
+    or the process ending, kill -9 included, releases it): a second `rlhf` run there (a job requeued while the
+    first still runs, a command started twice) is refused at once (ConfigError naming the holder) instead of
+    clearing or loading the first one's checkpoints mid-write; so is one while workers of an earlier run still
+    hold .rlhf.workers.lock (their launcher was killed). A filesystem without flock (some network mounts) runs
+    unlocked."""
     import fcntl
     import socket
 
     ensure_dir(out_dir)
     try:
-        fh = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held by the caller
+        fh = open(out_dir / name, "a+", encoding="utf-8")  # noqa: SIM115 - held by the caller
     except OSError as exc:
-        raise ConfigError(f"output_dir {out_dir}: cannot write {LOCK_NAME} there ({exc.strerror or exc})") from None
+        raise ConfigError(f"output_dir {out_dir}: cannot write {name} there ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -129,6 +135,9 @@ def acquire_run_lock(out_dir: Path) -> Any:
         raise in_use_error(out_dir, holder) from None
     except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
         return fh
+    if name == LOCK_NAME and (workers := lock_holder(out_dir / WORKERS_LOCK_NAME)) is not None:
+        fh.close()
+        raise in_use_error(out_dir, f"{workers}: {ORPHANED}")
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -141,28 +150,38 @@ def in_use_error(out_dir: Path, holder: str) -> ConfigError:
                        "stop it, or point output_dir elsewhere")
 
 
-def check_run_lock(out_dir: Path) -> None:
-    """`acquire_run_lock`'s refusal without taking the lock or writing anything (--dry-run)."""
+def lock_holder(path: Path) -> str | None:
+    """Who holds the flock on `path` (the text its holder wrote there), or None when nothing does (no such
+    file, or no locking on this filesystem); takes nothing and writes nothing."""
     import fcntl
 
     try:
-        fh = open(out_dir / LOCK_NAME, encoding="utf-8")  # noqa: SIM115 - closed below
+        fh = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError:  # no lock file (or unreadable): nothing holds it that we could tell
-        return
+        return None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise in_use_error(out_dir, fh.read().strip() or "another process") from None
+            return fh.read().strip() or "another process"
         except OSError:
-            return
+            return None
         fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def check_run_lock(out_dir: Path) -> None:
+    """`acquire_run_lock`'s refusals without taking a lock or writing anything (--dry-run)."""
+    if (holder := lock_holder(out_dir / LOCK_NAME)) is not None:
+        raise in_use_error(out_dir, holder)
+    if (workers := lock_holder(out_dir / WORKERS_LOCK_NAME)) is not None:
+        raise in_use_error(out_dir, f"{workers}: {ORPHANED}")
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: Path) -> Iterator[None]:
-    """`acquire_run_lock` for the duration of the block."""
-    fh = acquire_run_lock(out_dir)
+def run_lock(out_dir: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """`acquire_run_lock` for the duration of the block (`name`: WORKERS_LOCK_NAME for the workers' own)."""
+    fh = acquire_run_lock(out_dir, name)
     try:
         yield
     finally:

@@ -835,6 +835,39 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its
         pass
 
 
+def test_workers_whose_launcher_was_killed_still_hold_the_output_dir(tmp_path):
+    """An `rlhf` launcher killed with kill -9 takes .rlhf.lock with it while its workers train on: their rank 0
+    holds .rlhf.workers.lock, so a new run there (and its --dry-run) is still refused, naming them; a launched
+    rank-0 worker takes that lock (checked by the real command: a second rank-0 worker on the same directory
+    stops at once)."""
+    from conftest import invoke_cli
+    from stages.checkpoint import LOCK_NAME, WORKERS_LOCK_NAME, run_lock
+
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from stages.checkpoint import WORKERS_LOCK_NAME, run_lock\n"
+        f"with run_lock(Path({str(out)!r}), WORKERS_LOCK_NAME):\n    print('locked', flush=True); time.sleep(60)")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "locked"
+        for extra in ((), ("--dry-run",)):
+            res = invoke_cli("sft", "--config", str(config), "--resume", *extra)
+            assert res.exit_code == 2, res.output
+            assert f"in use by another rlhf run (pid {worker.pid} on " in res.output, res.output
+            assert "worker processes of a run whose rlhf command has ended" in res.output
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, WORKERS_LOCK_NAME]  # nothing else touched
+        env = cli_env({"PYTHON_RLHF_LAUNCHED": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        res = subprocess.run(cli_command("sft", "--config", str(config)), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and f"(pid {worker.pid} on " in res.stderr, res.stderr[-2000:]
+    finally:
+        worker.kill()
+        worker.wait()
+    with run_lock(out):
+        pass
+
+
 def test_resume_notices_a_data_file_or_model_folder_changed_under_the_same_path(tmp_path, process_group):
     """Each checkpoint keeps inputs.json, the fingerprints of the files and folders its config reads (a data
     file's sha256, a model folder's names, sizes and times; a stage folder counts as its final/): --resume
