@@ -252,7 +252,9 @@ def run_stage(
             err.print(f"[red]rlhf {stage}: the launcher exited with code 0 but {escape(str(out_dir))} has no complete "
                       "final/ (a launcher process killed by a signal reports success); treated as a failure[/]")
             code = 1
-        if code != 0:
+        if code in stop.STOPPED_CODES:  # the workers' clean stop, which they have said (and how to continue)
+            err.print(f"rlhf {stage}: stopped by a signal (exit code {code})")
+        elif code != 0:
             err.print(f"[red]rlhf {stage}: the launcher exited with code {code}{escape(stop.killed_note(code))}[/]")
         raise typer.Exit(code)
     except RlhfError as exc:
