@@ -244,6 +244,45 @@ def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores
     assert "objective/scores_sq" not in m and "objective/scores_transformed_sq" not in m
 
 
+def test_rollout_metrics_of_a_hand_made_experience(tmp_path, dist):
+    """Every rollout metric from a hand-made experience of 2 rows (6 and 2 response tokens, row 1 truncated),
+    pad positions holding values that would show if they were counted: policy log-probs log 0.5, reference log
+    0.25 (k1 = log 2, k3 = 0.5 - 1 + log 2 per token), entropies 1 and 3, returns and values whose explained
+    variance is 1 - 0.6875 / 1.25 = 0.45."""
+    response = torch.tensor([[3, 4, 3, 4, 3, EOS], [5, 6, PAD, PAD, PAD, PAD]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    rollout = Rollout(torch.tensor([[7], [8]]), torch.ones(2, 1, dtype=torch.long), response, mask,
+                      torch.tensor([False, True]))
+
+    def per_token(real: float, pad: float) -> torch.Tensor:
+        return torch.where(mask.bool(), torch.tensor(real), torch.tensor(pad))
+
+    log2 = math.log(2)
+    exp = {"raw": torch.tensor([1.0, 3.0]), "score": torch.tensor([0.5, -0.5]),
+           "logp": per_token(-log2, 5.0), "ref_logp": per_token(-2 * log2, -9.0), "kl": per_token(log2, 0.0),
+           "entropy": torch.tensor([[1.0] * 6, [3.0] * 2 + [9.0] * 4]),
+           "returns": torch.tensor([[1.0, 2, 3, 4, 1, 2], [3, 4, -100, -100, -100, -100]]),
+           "values": torch.tensor([[1.0, 2, 2, 2, 1, 2], [2, 2, 100, 100, 100, 100]]),
+           "advantages": torch.tensor([[1.0] * 6, [-1.0] * 2 + [50.0] * 4])}
+    m = rollout_metrics(_config(tmp_path), dist, rollout, exp, [EOS])  # kl_coef 0.1, monitor.ngram 3
+    k3 = 0.5 - 1 + log2
+    expected = {
+        "objective/scores": 2.0, "objective/scores_std": 1.0,
+        "objective/scores_transformed": 0.0, "objective/scores_transformed_std": 0.5,
+        "objective/kl": 8 * log2 / 2, "objective/kl_per_token": log2,  # per response, per token
+        "objective/kl_k3": 8 * k3 / 2, "objective/kl_k3_per_token": k3,
+        "objective/non_score_reward": -0.1 * 8 * log2 / 2, "objective/rlhf_reward": 0.0 - 0.1 * 8 * log2 / 2,
+        "objective/entropy": (6 * 1 + 2 * 3) / 8,
+        "rollout/response_length": 4.0, "rollout/cap_share": 0.5,
+        "rollout/repetition": (1 / 3 + 0) / 2,  # [3 4 3 4 3]: 3 trigrams, 2 distinct; [5 6]: none
+        "rollout/nll_policy": log2, "rollout/nll_reference": 2 * log2,
+        "rollout/perplexity": 2.0, "rollout/ref_perplexity": 4.0, "rollout/moss_logged_ppl": 2 ** 0.25,
+        "val/values": 14 / 8, "val/returns": 20 / 8, "val/advantages": (6 - 2) / 8, "val/explained_variance": 0.45,
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    assert set(m) == set(expected)  # nothing unpinned
+
+
 def test_truncation_penalty_is_in_raw_score_units_before_the_reward_statistics(tmp_path, dist):
     """on_truncation: penalty subtracts from the RM's raw score (row 1 is the truncated one); the penalised
     scores then enter the running statistics and are normalised and clipped like any score (README)."""
