@@ -151,6 +151,29 @@ def fsynced(monkeypatch) -> list[str]:
     return synced
 
 
+class GradOnlyEngine:
+    """Just enough of a DeepSpeed engine for a stage's train_step on one rank: forward, backward (which, as
+    DeepSpeed's, divides by the accumulation steps), no optimizer step: the step's gradient stays in .grad."""
+
+    def __init__(self, module: torch.nn.Module, accumulation: int) -> None:
+        self.module, self.accumulation = module, accumulation
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        pass
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def get_global_grad_norm(self) -> None:
+        return None
+
+
 def tiny_engine(steps: int = 1, ds_config: Any = None, **train) -> tuple:
     """An in-process DeepSpeed engine over a one-layer GPT-2 (AdamW, our LR schedule over `steps`; `ds_config`:
     a DeepSpeedConfig, default ZeRO-0 fp32) and a two-word tokenizer: what save_checkpoint / load_latest_checkpoint

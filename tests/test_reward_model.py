@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import GradOnlyEngine
 from stages.config import ModelConfig
 from stages.errors import CheckpointError
 from stages.lm import shifted_nll_sum
@@ -179,29 +180,6 @@ def test_collate_pairs_puts_chosen_first_and_trains_lm_on_chosen_only():
     assert batch["margin"].tolist() == [0.0, 0.5]
 
 
-class _Engine:
-    """Just enough of a DeepSpeed engine for train_step on one rank: forward, backward (which, as DeepSpeed's,
-    divides by the accumulation steps), no optimizer step."""
-
-    def __init__(self, module, accumulation):
-        self.module, self.accumulation = module, accumulation
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        (loss / self.accumulation).backward()
-
-    def step(self):
-        pass
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def get_global_grad_norm(self):
-        return None
-
-
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
 
@@ -230,7 +208,7 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
 
     def step_grads(cfg: RMLossConfig) -> tuple[dict, dict[str, torch.Tensor]]:
         model.zero_grad()
-        stats = reward.train_step(_Engine(model, len(batches)), batches, dist, cfg)
+        stats = reward.train_step(GradOnlyEngine(model, len(batches)), batches, dist, cfg)
         return stats, {n: _grad(p) for n, p in model.named_parameters()}
 
     stats, got = step_grads(RMLossConfig(lm_coef=lm_coef, center_coef=center_coef))
@@ -243,6 +221,10 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
     loss = loss + center_coef * ((r_c + r_r) ** 2).mean() + lm_coef * nll / n_tokens
     loss.backward()
     assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    with torch.no_grad():  # the logged pair statistics
+        assert stats["margin"] == pytest.approx(float((r_c - r_r).mean()), rel=1e-5)
+        assert stats["reward_mean"] == pytest.approx(float((r_c + r_r).mean() / 2), rel=1e-5, abs=1e-7)
+        assert stats["accuracy"] == float((r_c > r_r).float().mean())
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], _grad(p), atol=1e-6, rtol=1e-4), n
     if lm_coef or center_coef:  # the term moves the gradient
@@ -256,7 +238,7 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
         monkeypatch.setenv("RLHF_FAULT", "nan-loss@1")
         guard = LossGuard("loss", 1, "skip")
         host_reads.clear()
-        stats = reward.train_step(_Engine(model, len(batches)), batches, dist, RMLossConfig(), guard)
+        stats = reward.train_step(GradOnlyEngine(model, len(batches)), batches, dist, RMLossConfig(), guard)
         # reads back to the host (each a GPU sync): the step's counts, the guard's flag per micro-batch, the
         # gradient norm (ZeRO-0 here), the logged sums -- none per metric or per micro-batch
         assert sum(host_reads.values()) == 1 + len(batches) + 1 + 1, host_reads

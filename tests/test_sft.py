@@ -30,6 +30,43 @@ def _run(tmp_path: Path, *extra: str, name: str = "sft.yaml", **train) -> tuple[
     return Path(cfg["output_dir"]), res
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_train_step_gradient_is_that_of_the_global_token_mean(monkeypatch, world_size):
+    """sft.train_step over two micro-batches whose prompts carry no loss (IGNORE labels), so trained tokens
+    differ from attended ones: the accumulated gradient equals that of sum(NLL over trained tokens) / their
+    number. With 2 ranks holding the same batches (the all-reduce doubles the counts; DeepSpeed's average of
+    equal gradients is this rank's), the global token mean is the same and so must the gradient be."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import GradOnlyEngine
+    from stages import sft
+    from stages.distributed import DistInfo
+    from stages.lm import collate, shifted_nll_sum
+
+    monkeypatch.setattr(sft, "all_reduce_sum", lambda v, d: world_size * torch.as_tensor(v, dtype=torch.float64))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+            {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+            {"input_ids": [13, 14, 15, 16], "labels": [-100, -100, -100, 16]},
+            {"input_ids": [17, 18], "labels": [-100, 18]}]
+    cpu = torch.device("cpu")
+    batches = [collate(rows[:2], 0, cpu), collate(rows[2:], 0, cpu)]
+    dist = DistInfo(rank=0, local_rank=0, world_size=world_size, device=cpu)
+    out = sft.train_step(GradOnlyEngine(model, len(batches)), batches, dist)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    trained = 3 + 2 + 1 + 1  # label positions after the first: 7 8 9 | 11 12 | 16 | 18
+    loss = sum(shifted_nll_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                               b["labels"]) for b in batches) / trained
+    loss.backward()
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert (out["trained_tokens"], out["tokens"]) == (world_size * trained, world_size * 14)
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-7, rtol=1e-5), n
+
+
 def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
