@@ -93,6 +93,16 @@ def test_template_text_before_the_reply_is_not_taken_for_the_tail(base_tok):
     assert ending.after == {eos: (), eot: (eos,), newline: (eos,)} and ending.width == 1
 
 
+def test_a_stop_token_twice_in_the_tail_is_followed_by_what_comes_after_its_last(base_tok, monkeypatch):
+    """A tail [9, 5, 9, EOS] (a template writing the stop token twice): the RM's rows have EOS after the stop
+    token's last occurrence, not 5, 9, EOS after its first."""
+    from stages.ppo import ending
+
+    eos = base_tok.eos_token_id
+    monkeypatch.setattr(ending, "template_tail", lambda *args, **kwargs: [9, 5, 9, eos])
+    assert reward_ending(base_tok, [9], {"chat"}).after == {9: (eos,), eos: ()}
+
+
 def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
     """Rows ending on EOS (2), on the end of turn (5), truncated (cap reached), and on a token that is no stop."""
     ending = RewardEnding(2, {2: (), 5: (9, 2)})

@@ -73,7 +73,7 @@ def _changed(a: Path, b: Path) -> bool:
 def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, stages_dir):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cfg = ppo_dict(tmp_path, stages_dir)
+    cfg = ppo_dict(tmp_path, stages_dir, eval_every=1)
     out, res = _ppo(tmp_path, cfg, "--ppo-max", "--reward-clip", "0.3", "--kl-estimator", "k3")
     # the preset fills the tricks; explicit flags (and the file's critic_pretrain_steps) win; printed and saved
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())["ppo"]
@@ -100,7 +100,8 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
                 "rollout/cap_share", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "val/explained_variance",
                 "perf/gen_tokens_per_s", "perf/train_tokens_per_s", "lr/policy", "lr/critic", "objective/kl_k3"):
         assert key in rows[-1], key
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r] == [2, 4, 5]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r] == [1, 2, 3, 4, 5]
+    assert _events(out, "best")[0]["step"] >= 2  # validated, but no best/ from the critic-only iteration 1
 
     # the deployable policy and critic: plain transformers directories, trained away from where they started
     policy = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -114,6 +115,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert {s["policy_iteration"] for s in samples} == {0, 1, 3, 4}  # after 1 critic-only iteration, as the report
     state = json.loads((out / "checkpoint-00000005" / "trainer_state.json").read_text())
     assert state["moments"][0] == 5 * 8  # every score seen: 5 iterations x 8 rollouts
+    assert state["start_length"] == rows[0]["rollout/response_length"]  # the monitor's length ratio's base
 
 
 def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an_uninterrupted_run(

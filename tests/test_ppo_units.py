@@ -1045,9 +1045,10 @@ def test_collapse_monitor_thresholds_are_strict_and_all_fire_together():
 
 
 def test_collapse_monitor_reads_the_kl_of_its_estimator():
-    """k1 can read negative (sampling at a temperature or top-p, log-probs at 1): monitor.kl_estimator k3 checks
-    the never-negative estimate instead."""
-    drifted = {**QUIET, "objective/kl_per_token": -0.01, "objective/kl_k3_per_token": 0.15}
+    """k1 can read negative (sampling at a temperature or top-p, log-probs at 1): the k1 check compares the signed
+    value (-0.5 is below any max_kl, not a drift of 0.5); monitor.kl_estimator k3 checks the never-negative
+    estimate instead."""
+    drifted = {**QUIET, "objective/kl_per_token": -0.5, "objective/kl_k3_per_token": 0.15}
     assert collapse_reasons(drifted, 8.0, MonitorConfig()) == []
     assert collapse_reasons(drifted, 8.0, MonitorConfig(kl_estimator="k3")) == [
         "KL to the reference 0.1500/token (k3) > 0.1"]

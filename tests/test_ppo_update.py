@@ -143,6 +143,17 @@ def test_baseline_first_step_has_ratio_one_and_updates_both_models(tmp_path, dis
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in out["policy"] + out["critic"])
 
 
+@pytest.mark.parametrize("ref_is", [False, True])
+def test_one_epoch_measures_ratio_one_against_the_sampling_policy(tmp_path, dist, ref_is):
+    """ppo_epochs 1: the policy trained is the one that sampled, so the logged ratio is 1, its variance and the
+    approx-KL 0 (float32 forward noise aside) -- also with ref_importance_sampling, whose loss takes the ratio
+    to the reference but whose metrics still measure the move from the sampling policy (the step's size)."""
+    m = run_once(tmp_path, dist, ppo_epochs=1, ref_importance_sampling=ref_is)["metrics"]
+    assert m["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert m["policy/ratio_var"] == pytest.approx(0.0, abs=1e-5)
+    assert m["policy/approxkl"] == pytest.approx(0.0, abs=1e-8)
+
+
 @pytest.mark.parametrize(
     "flag, on, off, what",
     [
@@ -205,7 +216,7 @@ def test_the_rollouts_vocabulary_reaches_the_scoring_and_the_update(tmp_path, di
 def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, monkeypatch):
     """validate's reward-model forwards take at most train.forward_batch_size rows (here 2 of a rollout batch
     of 4), as scoring in training does (no larger memory peak at the first validation), with the same mean; it
-    samples whole rollout batches, as training does."""
+    samples whole rollout batches, as training does, and its means leave the stand-in prompts out."""
     from stages.ppo import trainer
 
     sizes: list[int] = []
@@ -231,6 +242,14 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
     trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
     assert sizes == [4, 1]
     assert means[0]["eval/reward"] == pytest.approx(means[1]["eval/reward"], abs=1e-5)
+
+    def first_prompt_token(gen, reward, ids, mask, truncated, ending):  # a "score" telling the prompts apart
+        return ids.gather(1, mask.argmax(1, keepdim=True)).squeeze(1).float()
+
+    monkeypatch.setattr(trainer, "raw_scores", first_prompt_token)
+    cfg = _config(tmp_path, generation={"max_new_tokens": 3}, train={"forward_batch_size": 8})
+    got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert got["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)  # the 3 stand-ins (5s) not counted
 
 
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):
@@ -321,7 +340,8 @@ def test_ptx_adds_the_lm_loss_on_the_ptx_rows_only(tmp_path, dist):
 
 
 def test_critic_pretraining_updates_the_critic_only(tmp_path, dist):
-    out = run_once(tmp_path, dist, critic_only=True)
+    out = run_once(tmp_path, dist, critic_only=True, with_ptx=True, ptx_coef=0.5)
+    assert out["state"]["ptx_step"] == 0  # no PTX batch drawn: the PTX data order starts with the policy's updates
     before = _models()
     assert out["policy"] == [] and len(out["critic"]) == 2
     for p, q in zip(out["models"]["policy"].module.parameters(), before["policy"].module.parameters()):
