@@ -6,7 +6,7 @@ Layout of a stage's output directory:
     inputs.json               fingerprints of the files and folders that config names (stages/fingerprint.py);
                               each checkpoint keeps a copy too, compared the same way
     .rlhf.lock                flock'ed while a run uses the directory (run_lock)
-    .rlhf.workers.lock        flock'ed by rank 0 of the processes an `rlhf` launcher started (worker_lock)
+    .rlhf.workers.lock        flock'ed by rank 0 of the processes an `rlhf` launcher started (run_lock)
     metrics.jsonl, tensorboard/, data_report.json
     tokenizer/                (from_config runs) the tokenizer trained for this run
     checkpoint-00000040/      resumable: ds/ (DeepSpeed engine: weights, optimizer, scheduler), rng/ (per rank),

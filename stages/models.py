@@ -237,8 +237,9 @@ def build_model(
     otherwise that is an error. trained_head: the checkpoint must already be a one-label sequence classifier
     (a reward model), not a causal LM whose score head would be initialised at random. With ZeRO-3 loaded weights
     are created partitioned (transformers' DeepSpeed integration); a from_config model is built whole on every rank
-    and partitioned by DeepSpeed at its engine's start, so that a seed gives the same init at every ZeRO stage. A checkpoint that does not load (missing or
-    truncated files) or is of the wrong kind is a CheckpointError naming it."""
+    and partitioned by DeepSpeed at its engine's start, so that a seed gives the same init at every ZeRO stage. A
+    checkpoint that does not load (missing or truncated files) or is of the wrong kind is a CheckpointError
+    naming it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto_cls = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
