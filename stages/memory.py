@@ -97,7 +97,7 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages.models import resolve_model_dir
+    from stages.models import resolve_model_dir, zero3_init_off
 
     try:
         if cfg.from_config is not None:
@@ -107,7 +107,7 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
         else:
             config = AutoConfig.from_pretrained(resolve_model_dir(cfg.name_or_path or ""), local_files_only=True,
                                                 trust_remote_code=cfg.trust_remote_code)
-        with torch.device("meta"):
+        with torch.device("meta"), zero3_init_off():  # (a ZeRO-3 run's set-up alive: no partitioning of meta)
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return None

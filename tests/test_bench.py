@@ -750,6 +750,24 @@ def test_memory_estimate_of_a_random_init_model_uses_its_given_tokenizers_vocabu
         assert estimate(cfg, 1)["parts"]["model weights"] == (4 if cfg.deepspeed.precision == "fp32" else 2) * n
 
 
+def test_the_shape_of_a_random_init_model_is_read_while_a_zero3_run_is_set_up():
+    """`model_shape` builds the architecture on the meta device; while a ZeRO-3 run's HfDeepSpeedConfig is alive
+    (`rlhf bench ppo --set ppo.deepspeed.zero_stage=3` estimates after its run) transformers would partition
+    it under zero.Init, and copying out of meta tensors failed ("Cannot copy out of meta tensor")."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from stages.config import ModelConfig
+    from stages.memory import model_shape
+
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+    alive = HfDeepSpeedConfig({"train_batch_size": 1, "zero_optimization": {"stage": 3}})  # noqa: F841 - kept
+    shape = model_shape(ModelConfig(from_config=arch), vocab_hint=100)
+    del alive
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32  # q, o, k, v, MLP, norms
+    assert shape is not None and shape.params == 2 * 100 * 32 + 2 * per_layer + 32  # untied embedding and head
+
+
 # ============================================================================================ tokenizer
 def test_a_trained_tokenizer_beside_a_qwen2_config_loads_as_itself(tmp_path):
     """transformers 5 would rebuild it as Qwen2Tokenizer (another pre-tokenizer: other ids, or none)."""
