@@ -33,17 +33,21 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     engines on CPU (tests/test_bench.py, ZeRO-0 to 3, bf16 and fp32): a census of live tensors
                     after an update and after a backward pass, and the allocation peak of an update. Not
                     modelled: the 16-bit gradients that wait for their ZeRO-1/2 bucket in the backward pass
-    logits          PPO: float32 log-prob blocks, chunk x V x 4 x 3 (logits, softmax, gradient) with
-                    train.logprob_chunk, else the model's m (P + R) V logits (b bytes) plus the float32 m R V
-                    copies and gradients (8 bytes); SFT: the model's m L V logits, the trained rows' copy and
-                    its gradient (3 b m L V) plus one float32 block (stages/lm.py checkpoints each)
+    logits          PPO: one float32 log-prob block of min(chunk, m R) rows with train.logprob_chunk, 16 bytes
+                    per element (28 with the entropy; `logit_bytes`, measured), else the model's m R V response
+                    logits and their gradient (2 b m R V) plus an 8-row float32 block; SFT: the model's m L V
+                    logits, the trained rows' copy and its gradient (3 b m L V) plus one float32 cross-entropy
+                    block of 12 bytes per element (stages/lm.py checkpoints each)
     KV cache        2 x layers x K x (P + R) x B x b  (PPO rollouts of B prompts)
     frozen          b N per frozen model (PPO reference and reward model); / W when frozen_zero_stage is 3
     sampler         b N: the whole-policy copy PPO samples from under ZeRO-3
 
-The settings of a raw `deepspeed.config` that move memory are read (`ZeroTuning`). It ignores the CUDA
-context (~0.5 GiB), allocator fragmentation and the collectives' own buffers, so the measured peak is
-typically 10-30 % above it; `rlhf bench` prints both.
+The settings of a raw `deepspeed.config` that move memory are read (`ZeroTuning`). It counts tensors, as
+torch.cuda.max_memory_allocated does (what `rlhf bench` measures and prints beside it): the allocator's reserve
+beyond that (fragmentation), the CUDA context (~0.5 GiB) and the collectives' own buffers come on top, in
+nvidia-smi's figure. Not modelled: the scoring forwards' blocks (12 bytes per element of min(chunk,
+forward_batch_size x R) x V with the entropy, below the update's backward pass at the default sizes), ZeRO-3
+parameters kept gathered for reuse (stage3_max_reuse_distance), padding's repeated K/V in attention.
 """
 
 from __future__ import annotations
@@ -243,13 +247,25 @@ def activations(shape: Shape, rows: int, length: int, precision: str, checkpoint
     return per_layer * shape.layers
 
 
-def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int, context: int = 0) -> float:
-    """Logit memory of log-probs of `scored` positions per row: with chunk > 0 one float32 block (logits,
-    softmax, gradient); else the model's logits over all `context` + `scored` positions (b bytes) plus float32
-    copies and gradients of the scored ones."""
+#: bytes per element of a checkpointed float32 log-prob block at its recomputation in the backward pass, without
+#: and with the entropy: the float32 logits and logsumexp's backward (sub, exp and mul results alive at once)
+#: are 16; the entropy's terms bring it to 28 (torch.profiler on `rollout._head_logprobs`, tests/test_bench.py)
+LOGPROB_BLOCK = {False: 16, True: 28}
+#: the same for the full-logits path's float32 blocks of 8 rows (`rollout.token_logprobs`), measured beside the
+#: model's logits and their gradient (b bytes each per element): 16, and 24 with the entropy
+FULL_LOGITS_BLOCK = {False: 16, True: 24}
+#: SFT's and the reward model's LM loss, a checkpointed float32 cross-entropy block (`lm._nll_sum`): 12
+LM_LOSS_BLOCK = 12
+
+
+def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int, entropy: bool = False) -> float:
+    """Logit memory of the policy's log-probs of `scored` positions per row at their backward pass: with
+    chunk > 0 one [min(chunk, rows x scored), V] block of LOGPROB_BLOCK bytes per element; else the model's
+    logits of the scored positions and their gradient (2 b rows scored V) plus one 8-row float32 block."""
     if chunk > 0:
-        return min(chunk, rows * scored) * shape.vocab * 4 * 3
-    return rows * shape.vocab * ((context + scored) * _bytes(precision) + scored * 8)
+        return min(chunk, rows * scored) * shape.vocab * LOGPROB_BLOCK[entropy]
+    return rows * scored * shape.vocab * 2 * _bytes(precision) + min(8, rows) * scored * shape.vocab * \
+        FULL_LOGITS_BLOCK[entropy]
 
 
 def _named(model: str, phase: Phase) -> Phase:
@@ -304,7 +320,7 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     ckpt, m = cfg.model.gradient_checkpointing, t.micro_batch_size
     parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt)
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
-                                                       ds.precision, t.logprob_chunk, cfg.data.max_prompt_length)
+                                                       ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
     parts["activations (critic micro-batch)"] = activations(rm, m, length, ds.precision, ckpt)
     phases["policy"].moments.setdefault("backward", []).extend(["activations (policy micro-batch)",
                                                                 "logits (policy micro-batch)"])
@@ -325,7 +341,7 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
-    block = logit_bytes(shape, rows, length, ds.precision, LOSS_BLOCK_ROWS)  # one checkpointed float32 block
+    block = min(LOSS_BLOCK_ROWS, rows * length) * shape.vocab * LM_LOSS_BLOCK  # one checkpointed float32 block
     if isinstance(cfg, SFTConfig):  # the model's logits, the trained rows' copy, its gradient; one block
         parts["logits"] = 3 * rows * length * shape.vocab * _bytes(ds.precision) + block
     elif cfg.loss.lm_coef > 0:  # LMHead: one block of the chosen rows at a time
