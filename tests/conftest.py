@@ -167,6 +167,12 @@ class GradOnlyEngine:
     def step(self) -> None:
         pass
 
+    def eval(self) -> None:
+        self.module.eval()
+
+    def train(self) -> None:
+        self.module.train()
+
     def zero_optimization_stage(self) -> int:
         return 0
 

@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from stages.config import DeepSpeedConfig, TrainConfig
 from stages.engine import build_deepspeed_config, lr_factor, warmup_steps_for
@@ -31,6 +32,38 @@ def test_warmup_steps_from_ratio_or_explicit():
     assert warmup_steps_for(TrainConfig(warmup_ratio=0.1), 55) == 6
     assert warmup_steps_for(TrainConfig(warmup_ratio=0.1, warmup_steps=3), 55) == 3
     assert warmup_steps_for(TrainConfig(warmup_steps=100), 55) == 55
+
+
+def test_epoch_sampler_shuffles_each_epoch_anew_and_drops_the_partial_batch():
+    """10 rows, global batch 4, seed 3: 2 steps per epoch, 2 rows left out; step s reads slice s % 2 of the
+    permutation seeded 3 + s // 2 (a fresh order each epoch), whatever steps were asked before (resume)."""
+    sampler = EpochSampler(10, 4, seed=3)
+    assert (sampler.steps_per_epoch, sampler.left_out) == (2, 2)
+    perms = [torch.randperm(10, generator=torch.Generator().manual_seed(3 + e)).tolist() for e in range(3)]
+    got = [sampler.indices(s) for s in range(6)]
+    assert got == [perms[e][k * 4:(k + 1) * 4] for e in range(3) for k in range(2)]
+    assert all(len(b) == 4 for b in got) and got[0] != [0, 1, 2, 3]  # full batches, shuffled
+    assert len(set(got[0] + got[1])) == 8 and got[0] + got[1] != got[2] + got[3]  # an epoch's rows, a new order
+    assert EpochSampler(10, 4, seed=3).indices(5) == got[5]  # a resumed run's first step
+    assert sampler.indices(1) == got[1]  # back to an earlier epoch
+
+
+def test_rank_micro_batches_lay_a_global_batch_out_as_accumulation_then_ranks_then_micro():
+    batch = list(range(12))  # accumulation 2 x world 2 x micro 3
+    assert rank_micro_batches(batch, 0, 2, 3, 2) == [[0, 1, 2], [6, 7, 8]]
+    assert rank_micro_batches(batch, 1, 2, 3, 2) == [[3, 4, 5], [9, 10, 11]]
+    assert rank_micro_batches(batch, 0, 1, 3, 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_holdout_split_takes_the_rounded_fraction_and_leaves_a_training_row():
+    from stages.trainer import split_holdout
+
+    rows = list(range(10))
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+    train, held = split_holdout(rows, 0.29, seed=7)  # round(2.9) = 3 rows, the permutation's first
+    assert held == sorted(perm[:3]) and train == [r for r in rows if r not in perm[:3]]
+    assert [len(part) for part in split_holdout(rows, 0.99, seed=7)] == [1, 9]  # at least one row each side
+    assert [len(part) for part in split_holdout(rows, 0.01, seed=7)] == [9, 1]
 
 
 def test_deepspeed_config_from_yaml_sections():

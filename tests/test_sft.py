@@ -67,6 +67,42 @@ def test_train_step_gradient_is_that_of_the_global_token_mean(monkeypatch, world
         assert torch.allclose(got[n], p.grad, atol=1e-7, rtol=1e-5), n
 
 
+def test_evaluation_covers_every_row_once_across_ranks(monkeypatch):
+    """sft.evaluate over 5 rows, micro-batches of 2, as rank 0 and rank 1 of two (each rank's sums captured at
+    the all-reduce and added here) and as one process: the token-mean NLL of all 5 rows computed directly,
+    every trained token counted once (rank 1's third forward is a stand-in row without trained tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import GradOnlyEngine
+    from stages import sft
+    from stages.data import TokenRows
+    from stages.distributed import DistInfo
+    from stages.lm import shifted_nll_sum
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
+    rows = TokenRows(with_positions=False)
+    examples = [([5, 6, 7, 8], [-100, 6, 7, 8]), ([9, 10, 11], [-100, -100, 11]), ([12, 13], [-100, 13]),
+                ([14, 15, 16, 17, 18], [-100, -100, 16, 17, 18]), ([19, 20, 21], [-100, 20, 21])]
+    for ids, labels in examples:
+        rows.append(ids, labels)
+    with torch.no_grad():
+        nll = sum(float(shifted_nll_sum(model(input_ids=torch.tensor([ids])).logits, torch.tensor([labels])))
+                  for ids, labels in examples)
+    tokens = 3 + 1 + 1 + 3 + 2
+    cpu = torch.device("cpu")
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(sft, "all_reduce_sum", lambda v, d: seen.append(v.clone()) or v)
+    for rank in (0, 1):
+        sft.evaluate(GradOnlyEngine(model, 1), rows, 2, DistInfo(rank, rank, 2, cpu), 0)
+    both = (seen[0] + seen[1]).tolist()
+    assert both == pytest.approx([nll, tokens], rel=1e-5)
+    one = sft.evaluate(GradOnlyEngine(model, 1), rows, 2, DistInfo(0, 0, 1, cpu), 0)
+    assert (one["eval/loss"], one["eval/tokens"]) == (pytest.approx(nll / tokens, rel=1e-5), tokens)
+    assert one["eval/perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+
+
 def test_tiny_sft_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
