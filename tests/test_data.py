@@ -91,6 +91,20 @@ def test_prompt_response_raw_masks_the_prompt_exactly(tmp_path, char_tok):
     assert report.trained_tokens == 3 and report.tokens == 10
 
 
+def test_prompt_response_rows_go_through_the_chat_template_when_asked(tmp_path, char_tok):
+    """data.use_chat_template: a prompt/response row renders as a user and an assistant turn of the template
+    (the template's text exactly; only the reply and its EOS trained); off, as the raw text above."""
+    path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "Q: 2+2?", "response": " 4"}])
+    chat, _ = _one(char_tok, _load(path, use_chat_template=True)[0])
+    raw, _ = _one(char_tok, _load(path)[0])
+    expected = char_tok.apply_chat_template([{"role": "user", "content": "Q: 2+2?"},
+                                             {"role": "assistant", "content": " 4"}], tokenize=False)
+    assert char_tok.decode(chat[0]["input_ids"], skip_special_tokens=False) == expected  # (ends with its EOS)
+    trained = [t for t in chat[0]["labels"] if t != IGNORE]
+    assert char_tok.decode(trained, skip_special_tokens=False) == " 4<|endoftext|>"
+    assert char_tok.decode(raw[0]["input_ids"][:7]) == "Q: 2+2?"
+
+
 def test_the_eos_label_survives_a_tokenizer_whose_pad_is_its_eos(tmp_path, char_tok):
     """Many base models ship pad = EOS; labels come from the conversation, never from the pad id, so the final EOS
     stays trained and only the padding after it is IGNORE (TRL's pad = eos masking of the EOS label)."""
