@@ -142,6 +142,7 @@ def test_margin_column(tmp_path):
     data = _data(columns={"margin": "m"})
     assert parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": 1.5}, "pairs", data).margin == 1.5
     assert parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": "2"}, "pairs", data).margin == 2.0
+    assert parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": -0.5}, "pairs", data).margin == -0.5
     for bad in ("x", None, True):
         with pytest.raises(BadRow, match="'m' must be a number"):
             parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", data)
