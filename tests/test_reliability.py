@@ -6,6 +6,7 @@ stage's run. RELIABILITY.md maps each fault to its test. The step a fault hits i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -818,21 +820,28 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its
 
     config = _config(tmp_path)
     out = tmp_path / "out"
+    with _lock_held(out, LOCK_NAME) as pid:
+        res = invoke_cli("sft", "--config", str(config), "--resume")
+        assert res.exit_code == 2, res.output
+        assert f"output_dir {out} is in use by another rlhf run (pid {pid} on " in res.output
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing prepared, nothing cleared
+    with run_lock(out):  # the killed holder's lock went with it
+        pass
+
+
+@contextlib.contextmanager
+def _lock_held(out: Path, name: str) -> Iterator[int]:
+    """Another process holding out/`name` (run_lock) for the block, killed after it; yields its pid."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from stages.checkpoint import run_lock\n"
-        f"with run_lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")],
+        f"with run_lock(Path({str(out)!r}), {name!r}):\n    print('locked', flush=True); time.sleep(60)")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        res = invoke_cli("sft", "--config", str(config), "--resume")
-        assert res.exit_code == 2, res.output
-        assert f"output_dir {out} is in use by another rlhf run (pid {holder.pid} on " in res.output
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing prepared, nothing cleared
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
-    with run_lock(out):  # the killed holder's lock went with it
-        pass
 
 
 def test_workers_whose_launcher_was_killed_still_hold_the_output_dir(tmp_path):
@@ -845,25 +854,17 @@ def test_workers_whose_launcher_was_killed_still_hold_the_output_dir(tmp_path):
 
     config = _config(tmp_path)
     out = tmp_path / "out"
-    worker = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from stages.checkpoint import WORKERS_LOCK_NAME, run_lock\n"
-        f"with run_lock(Path({str(out)!r}), WORKERS_LOCK_NAME):\n    print('locked', flush=True); time.sleep(60)")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert worker.stdout.readline().strip() == "locked"
+    with _lock_held(out, WORKERS_LOCK_NAME) as pid:
         for extra in ((), ("--dry-run",)):
             res = invoke_cli("sft", "--config", str(config), "--resume", *extra)
             assert res.exit_code == 2, res.output
-            assert f"in use by another rlhf run (pid {worker.pid} on " in res.output, res.output
+            assert f"in use by another rlhf run (pid {pid} on " in res.output, res.output
             assert "worker processes of a run whose rlhf command has ended" in res.output
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, WORKERS_LOCK_NAME]  # nothing else touched
         env = cli_env({"PYTHON_RLHF_LAUNCHED": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         res = subprocess.run(cli_command("sft", "--config", str(config)), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=120)
-        assert res.returncode == 2 and f"(pid {worker.pid} on " in res.stderr, res.stderr[-2000:]
-    finally:
-        worker.kill()
-        worker.wait()
+        assert res.returncode == 2 and f"(pid {pid} on " in res.stderr, res.stderr[-2000:]
     with run_lock(out):
         pass
 
