@@ -1,0 +1,121 @@
+"""Data and preference-pair edge cases, hand-computed: rows left without a trained token, which truncation a
+report counts, HH system preambles, the pair cut's budgets and bounds, repeated-prompt and trained-token counts,
+rows of eval seen in training (each pinned after a mutant of it survived the suite)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.config import DataSource, RMDataConfig, SFTDataConfig
+from stages.data import Conversation, DataReport, Segment, render_segments, tokenize_conversations
+from stages.errors import DataError
+from stages.models import train_tokenizer
+from stages.pairs import ContextCut, PreferencePair, repeats_prompt, split_hh_pair, tokenize_pair, tokenize_pairs
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return train_tokenizer(["abc"], vocab_size=261, min_frequency=1000)
+
+
+def _sft(**kw):
+    return SFTDataConfig(train=DataSource(path="unused"), **kw)
+
+
+def _rm(**kw):
+    return RMDataConfig(train="x.jsonl", **kw)
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_an_example_left_without_trained_token_is_a_bad_row(char_tok):
+    conv = [(Conversation((("user", ""), ("assistant", "x")), "raw_pr"), "f row 1")]
+    with pytest.raises(DataError, match="no response token left after truncation"):
+        tokenize_conversations(conv, char_tok, _sft(add_eos=False), DataReport())
+    report = DataReport()
+    rows = tokenize_conversations(conv, char_tok, _sft(add_eos=False, on_bad_row="skip"), report)
+    assert len(rows) == 0 and report.examples == 0 and report.skipped_rows == 1
+
+
+def test_a_cut_prompt_is_counted_as_a_prompt_cut_only(char_tok):
+    # 30 prompt + 1 response + EOS = 32 > 20: cut = 30 - max(30 - 12, 5) = 12 prompt tokens, response whole
+    conv = [(Conversation((("user", "P" * 30), ("assistant", "r")), "raw_pr"), "f row 1")]
+    report = DataReport()
+    rows = tokenize_conversations(conv, char_tok, _sft(max_length=20, max_prompt_length=5), report)
+    assert (report.prompt_truncated, report.response_truncated) == (1, 0)
+    assert rows[0]["input_ids"] == _ids(char_tok, "P" * 18 + "r") + [char_tok.eos_token_id]
+
+
+def test_raw_hh_system_preamble_comes_before_the_first_human_marker():
+    conv = Conversation((("system", "Sys"), ("user", " hi"), ("assistant", " yo")), "raw_hh")
+    assert render_segments(conv, None, "last_turn") == [Segment("Sys\n\nHuman: hi\n\nAssistant:", False),
+                                                        Segment(" yo", True)]
+
+
+def test_the_shorter_side_keeps_its_prompt_budget(char_tok):
+    # rejected: "\n\nHuman: qqqqqqqqqq\n\nAssistant:" = 31 prompt tokens + " b" + EOS = 34
+    # chosen: 64 context tokens + " z" + EOS = 67; max_length 39 needs a cut of 28 on chosen, but rejected can give
+    # only 31 - 4 = 27: both are cut by 27, rejected keeps its last 4 prompt tokens "ant:", chosen is cut right
+    pair = PreferencePair((("user", " " + "q" * 10),),
+                          (("assistant", " a"), ("user", " " + "L" * 10), ("assistant", " z")),
+                          (("assistant", " b"),), "raw_hh")
+    chosen, rejected = tokenize_pair(pair, char_tok, _rm(max_length=39, max_prompt_length=4), [])
+    assert rejected.input_ids == _ids(char_tok, "ant: b") + [char_tok.eos_token_id]
+    assert len(chosen.input_ids) == 39 and chosen.response_truncated
+
+
+def test_a_cut_that_stops_just_before_the_difference_keeps_the_pair(char_tok):
+    later = (("user", " " + "L" * 10), ("assistant", " z"))
+    pair = PreferencePair((("user", " " + "q" * 10),), (("assistant", " a"),) + later, (("assistant", " b"),) + later,
+                          "raw_hh")
+    # 67 tokens each, first difference at index 32 ('a' vs 'b'); max_length 35 cuts exactly 32: kept
+    chosen, rejected = tokenize_pair(pair, char_tok, _rm(max_length=35, max_prompt_length=4), [])
+    assert chosen.input_ids[0] == _ids(char_tok, "a")[0] and rejected.input_ids[0] == _ids(char_tok, "b")[0]
+    with pytest.raises(ContextCut):  # one more token cut reaches the difference
+        tokenize_pair(pair, char_tok, _rm(max_length=34, max_prompt_length=4), [])
+
+
+def test_hh_pair_differing_right_after_the_marker():
+    assert split_hh_pair("\n\nHuman: hi\n\nAssistant:A", "\n\nHuman: hi\n\nAssistant:B") == (
+        "\n\nHuman: hi\n\nAssistant:", "A", "B")
+
+
+def test_a_prompt_of_exactly_16_characters_counts_as_repeated():
+    p = "abcdefghijklmnop"  # 16 = REPEAT_MIN_CHARS
+    assert repeats_prompt(PreferencePair((("user", p),), (("assistant", p + " X"),), (("assistant", p + " Y"),),
+                                         "raw_pr"))
+    assert not repeats_prompt(PreferencePair((("user", p[:-1]),), (("assistant", p + " X"),),
+                                             (("assistant", p + " Y"),), "raw_pr"))
+
+
+def test_trained_tokens_count_the_chosen_side(char_tok):
+    pair = PreferencePair((("user", "q"),), (("assistant", "ab"),), (("assistant", "abcd"),), "raw_pr")
+    report = DataReport()
+    tokenize_pairs([(pair, "r1")], char_tok, _rm(), report)
+    assert report.trained_tokens == 3  # a, b, EOS of the chosen side
+    assert report.tokens == 4 + 6
+
+
+def test_in_train_counts_eval_rows_seen_in_training_not_the_reverse(tmp_path):
+    """train: rows 1-30 plus row 28 again; eval: rows 28-35. Eval rows also in train: 28, 29, 30 -> 3
+    (counting training rows found in eval instead gives 4: row 28 twice)."""
+    import yaml
+
+    from conftest import REPO
+    from rlhf_cli.config_loader import load_config
+    from stages.distributed import ONE_PROCESS
+    from stages.sft import load_sft_data
+
+    tiny = REPO / "configs" / "tiny"
+    model = yaml.safe_load((tiny / "sft.yaml").read_text())["model"]["from_config"]
+    rows = (tiny / "data" / "sft.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:30] + [rows[27]]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[27:35]) + "\n")
+    cfg = load_config("sft", tiny / "sft.yaml", [
+        f"output_dir={tmp_path / 'out'}", "model.name_or_path=null", f"model.from_config={json.dumps(model)}",
+        f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}"])
+    reports = load_sft_data(cfg, tmp_path / "out", ONE_PROCESS, save=False)[-1]
+    assert reports["eval"].in_train == 3
