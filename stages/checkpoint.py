@@ -636,10 +636,10 @@ def _save_failure(exc: Exception, tmp: Path, name: str, out_dir: Path, dist: Dis
     made the next one's write fail with a missing directory, whose error came first and named the wrong cause),
     or a rank that has lost a peer. A lost peer is raised as it is (the CLI says "lost contact", the dead
     rank's own error says why); a write failing because the folder is gone says another process removed it."""
-    gone = not tmp.exists()
-    if dist.local_rank == 0 or peer_lost(exc):
+    gone, lost = not tmp.exists(), peer_lost(exc)
+    if dist.local_rank == 0 or lost:
         shutil.rmtree(tmp, ignore_errors=True)
-    if peer_lost(exc):
+    if lost:
         return exc
     if gone:
         return CheckpointError(f"could not write {name} in {out_dir}: its partial copy was removed while this "
