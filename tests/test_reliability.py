@@ -145,7 +145,9 @@ def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_pat
 
 
 def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
-    step = RNG.randrange(EVERY + 1, STEPS + 1)
+    """on_nonfinite: stop ends the run before the poisoned update; skip drops it and counts it, and a run stopped
+    after the skipped step resumes with the count (train/skipped_micro_batches) where it was."""
+    step = RNG.randrange(EVERY + 1, STEPS)
     config = _config(tmp_path / "stop")
     res = _sft(config, fault=f"nan-loss@{step}", expect=1)
     assert f"non-finite loss at step {step}" in res.stderr and "train.on_nonfinite: skip" in res.stderr
@@ -167,6 +169,13 @@ def test_nan_loss_stops_before_the_update_or_is_skipped(tmp_path, reference):
 
     weights = load_file(tmp_path / "skip" / "out" / "final" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+    stop_at = RNG.randrange(step, STEPS)
+    config = _config(tmp_path / "resumed", on_nonfinite="skip")
+    _sft(config, fault=f"nan-loss@{step},sigterm@{stop_at}", expect=128 + signal.SIGTERM)
+    _sft(config, "--resume")
+    resumed = tmp_path / "resumed" / "out"
+    assert curve(resumed) == curve(tmp_path / "skip" / "out"), f"nan-loss@{step}, sigterm@{stop_at}"
 
 
 def test_a_skipped_micro_batch_is_left_out_of_the_logged_loss(process_group, monkeypatch, host_reads):

@@ -127,3 +127,25 @@ def test_logged_epoch_is_steps_done_over_steps_per_epoch(tmp_path):
         run.log_step(done, {"train/loss": 1.0}, tokens=10.0, seconds=1.0, shown={})
     assert [logged[d]["train/epoch"] for d in (1, 4, 6)] == [0.25, 1.0, 1.5]  # 4 steps per epoch
     assert logged[6]["train/tokens_seen"] == 130.0  # resumed at 100, + 3 x 10
+
+
+def test_each_rank_seeds_its_dropout_apart(tmp_path, monkeypatch):
+    """start_training seeds rank r with seed + r (dropout masks differ across ranks; the data order has its own
+    generator): torch's seed after it, as ranks 0 and 1 of two."""
+    from conftest import tiny_sft_dict
+    from stages import engine
+    from stages.config import SFTConfig
+    from stages.distributed import DistInfo
+    from stages.trainer import start_training
+
+    cfg = SFTConfig.model_validate(tiny_sft_dict(tmp_path, max_steps=2))
+    monkeypatch.setattr(engine, "initialize_engine", lambda *a: object())
+    (tmp_path / "out").mkdir()
+    seeds = []
+    for rank in (0, 1):
+        torch.manual_seed(12345)
+        run = start_training(cfg, "sft", DistInfo(rank, rank, 2, torch.device("cpu")), tmp_path / "out", None, 64,
+                             lambda ds_config: None, resume=False)
+        run.metrics.close()
+        seeds.append(torch.initial_seed())
+    assert seeds == [cfg.seed, cfg.seed + 1]
