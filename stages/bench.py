@@ -364,6 +364,7 @@ def bench_generate(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device:
     return results | compile_counters()
 
 
+@torch.no_grad()  # as in sampling: a compiled top-p floor compiled there is not recompiled for grad mode
 def time_draw(gen: Any, batch: int, width: int, vocab_size: int, steps: int, dtype: torch.dtype,
               device: torch.device, reps: int) -> float:
     """Median seconds of one decoding step's sampling work (`draw_tokens`: masks, repetition penalty,

@@ -242,12 +242,17 @@ def invoke_cli(*args: str, width: int = 200) -> Any:
     return CliRunner().invoke(app, list(args), env={"COLUMNS": str(width)}, terminal_width=width)
 
 
-def mass_decided_apart(probs: Any, a: Any, b: Any) -> Any:
-    """[B] the probability of the tokens that top-p floors `a` and `b` [B, 1] keep or drop differently."""
+def floor_within_rounding(probs: Any, floor: Any, top_p: float, eps: float = 1e-5) -> Any:
+    """[B] bool: `floor` [B, 1] is the top-p floor of `probs` [B, V] up to summation rounding `eps`, summed in
+    float64: the tokens at least as likely hold top_p (S(v) >= top_p - eps) and those more likely do not
+    (S(>v) < top_p + eps). Where the mass passes top_p at a group of tied probabilities (bf16 logits tie often:
+    10-20 tokens per group at W1's vocabulary), float32 sums in another order (a GPU's blockwise cumsum, the
+    search's masked sums) may put the floor on either side of the group; both sides pass, anything further not."""
     import torch
 
-    low, high = torch.minimum(a, b), torch.maximum(a, b)
-    return torch.where((probs >= low) & (probs < high), probs, 0).sum(-1)
+    p = probs.double()
+    kept, above = torch.where(probs >= floor, p, 0).sum(-1), torch.where(probs > floor, p, 0).sum(-1)
+    return (kept >= top_p - eps) & (above < top_p + eps)
 
 
 TINY_DIR = REPO / "configs" / "tiny"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import cli_env, mass_decided_apart
+from conftest import cli_env, floor_within_rounding
 from stages.config import GenerationConfig
 from stages.perf import compile_counters, launch_counts
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad
@@ -103,8 +103,9 @@ def test_sampling_inside_the_cuda_graph_step_draws_the_eager_samples_with_one_la
 @torch.no_grad()
 def test_compiled_top_p_floor_equals_the_sort_on_w1_sized_bf16_logits():
     """The top-p floor search as generation.compile runs it (inductor, Triton) against eager mode's sort on
-    64 x 151,936 bf16 logits (W1's sampling shape), flat and peaked: they may cut apart only tokens holding
-    1e-5 of probability (the two sums round differently), and are timed here for the record."""
+    64 x 151,936 bf16 logits (W1's sampling shape), flat and peaked: each is the float64 floor up to 1e-5 of mass
+    (`floor_within_rounding`: the GPU's float32 cumsum drifts ~1e-6 over the row, which can put the floor on
+    the other side of a group of tied tokens holding ~5e-5), and are timed here for the record."""
     from stages.ppo.rollout import nucleus_floor, nucleus_floor_sorted
 
     g = torch.Generator("cuda").manual_seed(0)
@@ -112,7 +113,7 @@ def test_compiled_top_p_floor_equals_the_sort_on_w1_sized_bf16_logits():
         z = (torch.randn(64, 151936, device="cuda", generator=g) * scale).to(torch.bfloat16)
         probs = torch.softmax(z.float() / 0.8, -1)
         a, b = nucleus_floor_sorted(probs, 0.9), nucleus_floor(probs, 0.9, compiled=True)
-        assert mass_decided_apart(probs, a, b).max() <= 1e-5, scale
+        assert floor_within_rounding(probs, a, 0.9).all() and floor_within_rounding(probs, b, 0.9).all(), scale
     times = {}
     for name, fn in (("sorted", lambda: nucleus_floor_sorted(probs, 0.9)),
                      ("searched", lambda: nucleus_floor(probs, 0.9, compiled=True))):
