@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
+from rich.markup import escape
 from safetensors import safe_open
 
 from stages import faults
@@ -47,6 +48,7 @@ from stages.distributed import (
     set_rng_state,
 )
 from stages.errors import CheckpointError, ConfigError
+from stages.metrics import say
 from stages.perf import PROFILE_PREFIX
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -117,7 +119,7 @@ def acquire_run_lock(out_dir: Path, name: str = LOCK_NAME) -> Any:
     first still runs, a command started twice) is refused at once (ConfigError naming the holder) instead of
     clearing or loading the first one's checkpoints mid-write; so is one while workers of an earlier run still
     hold .rlhf.workers.lock (their launcher was killed). A filesystem without flock (some network mounts) runs
-    unlocked."""
+    unlocked, with a warning."""
     import fcntl
     import socket
 
@@ -133,7 +135,10 @@ def acquire_run_lock(out_dir: Path, name: str = LOCK_NAME) -> Any:
         holder = fh.read().strip() or "another process"
         fh.close()
         raise in_use_error(out_dir, holder) from None
-    except OSError:  # ENOLCK / EOPNOTSUPP: no locking here
+    except OSError as exc:  # ENOLCK / EOPNOTSUPP: no locking here
+        if name == LOCK_NAME:
+            say(True, f"[yellow]warning: output_dir {escape(str(out_dir))}: its filesystem refuses file locks "
+                      f"({exc.strerror or exc}): nothing stops a second rlhf run from using it at the same time[/]")
         return fh
     if name == LOCK_NAME and (workers := lock_holder(out_dir / WORKERS_LOCK_NAME)) is not None:
         fh.close()

@@ -370,7 +370,7 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
                                                            "num_labels": 1}))
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={one}", "--ppo-max", "--kl-coef", "0.2")
     said = " ".join(res.stdout.split())
-    assert res.exit_code == 0 and "PPO tricks (preset ppo-max; * = set by the config or a flag):" in said, res.output
+    assert res.exit_code == 0 and "PPO tricks (preset ppo-max; * = differs from the preset):" in said, res.output
     assert "* ppo.kl_coef 0.2 (preset: 0.05)" in said and "ppo.lam 0.9" in said and "note: ppo.reward_clip" not in said
     # --ppo-max --no-reward-norm keeps the preset's clip of 0.8, now on the raw scores: said
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={one}", "--ppo-max", "--no-reward-norm")

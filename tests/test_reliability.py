@@ -838,6 +838,27 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its
         pass
 
 
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    """flock refused (ENOLCK: some network mounts): the run goes on, saying that nothing keeps a second run out;
+    the workers' own lock says nothing (the command's warning is enough)."""
+    import errno
+    import fcntl
+
+    from stages.checkpoint import WORKERS_LOCK_NAME, run_lock
+
+    def refuse(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with run_lock(tmp_path / "out"):
+        pass
+    said = capsys.readouterr().out
+    assert "its filesystem refuses file locks (No locks available): nothing stops a second rlhf run" in said, said
+    with run_lock(tmp_path / "out", WORKERS_LOCK_NAME):
+        pass
+    assert capsys.readouterr().out == ""
+
+
 @contextlib.contextmanager
 def _lock_held(out: Path, name: str) -> Iterator[int]:
     """Another process holding out/`name` (run_lock) for the block, killed after it; yields its pid."""

@@ -178,7 +178,7 @@ def check_prompt_rendering(cfg: PPOConfig, styles: set[str], tokenizer: Any, dis
 def describe_tricks(cfg: PPOConfig) -> str:
     """One line per preset-controlled key: its value, and the preset's where they differ."""
     preset = PRESETS[cfg.ppo.preset]
-    lines = [f"PPO tricks (preset {cfg.ppo.preset}; * = set by the config or a flag):"]
+    lines = [f"PPO tricks (preset {cfg.ppo.preset}; * = differs from the preset):"]
     for key, default in preset.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
