@@ -144,7 +144,8 @@ def test_kill9_at_a_random_iteration_then_resume_gives_the_same_iterations_as_an
     def events(out: Path) -> list[tuple]:
         return [(r["step"], r["event"], r.get("eval_reward")) for r in read_metrics(out / "metrics.jsonl") if "event" in r]
 
-    # the events too: a `best` found after the checkpoint resumed from is logged again (its best/ kept as written)
+    # the events too (validation falls on checkpoint iterations here, so no `best` is written after the checkpoint
+    # resumed from: test_a_best_written_after_the_checkpoint_is_kept_by_the_resumed_run covers that)
     assert events(cut) == events(full), f"kill@{step}"
     # the sample log too: no extra rows at the iteration the resumed run starts with
     assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text(), f"kill@{step}"
@@ -272,3 +273,155 @@ def test_two_processes_with_zero(tmp_path, stages_dir, zero):
     assert all(math.isfinite(r["loss/value"]) for r in rows)
     assert _changed(out / "final", stages_dir / "sft" / "final")
     assert _changed(out / "final_critic", stages_dir / "rm" / "final")
+
+
+# ------------------------------------------------------------- the iteration loop pinned by mutation testing (2026-12-05)
+# the prompt batch per iteration, best/ bookkeeping (also across a resume), a stop signal, the skipped micro-batch
+# count, the LR schedules' lengths, one checkpoint when the monitor stops at a checkpoint, PTX across a resume
+
+def _samples(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_each_iteration_rolls_out_new_prompts_and_best_is_the_highest_validation(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, eval_every=1, sample_every=1)
+    out, _ = _ppo(tmp_path, cfg)
+    batches: dict[int, list[str]] = {}
+    for s in _samples(out):
+        batches.setdefault(s["iteration"], []).append(s["prompt"])
+    assert sorted(batches) == [1, 2, 3, 4, 5] and all(len(b) == 8 for b in batches.values())
+    assert len({tuple(sorted(b)) for b in batches.values()}) == 5  # a new batch of prompts each iteration
+    # best/: a `best` event exactly where a policy iteration's validation beats every earlier one (iteration 1
+    # trains the critic only), and best/ holds the highest reward
+    want, best = [], None
+    for row in read_metrics(out / "metrics.jsonl"):
+        if "eval/reward" in row and row["step"] > 1 and (best is None or row["eval/reward"] > best):
+            want.append(row["step"])
+            best = row["eval/reward"]
+    assert [e["step"] for e in _events(out, "best")] == want
+    assert json.loads((out / "best" / "rlhf_checkpoint.json").read_text())["eval_reward"] == best
+    # ... and the checkpoint carries it, the reward a resumed run must beat
+    assert json.loads((out / "checkpoint-00000005" / "trainer_state.json").read_text())["best_reward"] == best
+
+
+def test_a_best_written_after_the_checkpoint_is_kept_by_the_resumed_run(tmp_path, stages_dir):
+    """2 critic-only iterations, checkpoint at 2 (no best yet), validation every iteration: iteration 3's is the
+    first best/. Killed after iteration 4 and resumed from 2, the run repeats the uninterrupted one exactly
+    (metrics, events, the `best` at 3 logged again, samples without duplicates); and a best/ whose recorded
+    reward the resumed run does not reach (edited up here, as on a GPU that does not repeat it) is kept."""
+    def cfg_for(name: str) -> dict:
+        (tmp_path / name).mkdir()
+        cfg = ppo_dict(tmp_path / name, stages_dir, iterations=3, eval_every=1, save_every=2, sample_every=1,
+                       save_total_limit=10)
+        cfg["ppo"]["critic_pretrain_steps"] = 2
+        return cfg
+
+    full, _ = _ppo(tmp_path / "full", cfg_for("full"))
+    assert [e["step"] for e in _events(full, "best")][:1] == [3]
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k not in ("time", "path")}
+                for r in read_metrics(out / "metrics.jsonl")]
+
+    cfg = cfg_for("cut")
+    cut, _ = _ppo(tmp_path / "cut", cfg, fault="kill@4", expect=-9)
+    assert json.loads((cut / "best" / "rlhf_checkpoint.json").read_text())["iteration"] == 3
+    _, res = _ppo(tmp_path / "cut", cfg, "--resume")
+    assert "resumed from iteration 2" in res.stdout
+    assert rows(cut) == rows(full)
+    assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()
+
+    cfg = cfg_for("higher")
+    high, _ = _ppo(tmp_path / "higher", cfg, fault="kill@4", expect=-9)
+    record = high / "best" / "rlhf_checkpoint.json"
+    meta = json.loads(record.read_text())
+    record.write_text(json.dumps({**meta, "eval_reward": 1e9}))
+    _ppo(tmp_path / "higher", cfg, "--resume")
+    assert json.loads(record.read_text())["eval_reward"] == 1e9  # best/ kept: nothing reached its reward
+    assert [e["step"] for e in _events(high, "best") if e["step"] > 2] == []
+
+
+def test_sigterm_checkpoints_the_iteration_and_exits_143(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=3, eval_every=0, save_every=0, sample_every=0)
+    out, _ = _ppo(tmp_path, cfg, fault="sigterm@2", expect=143)
+    assert (out / "checkpoint-00000002" / "COMPLETE").is_file() and not (out / "final").exists()
+    assert [e["step"] for e in _events(out, "stopped")] == [2]
+
+
+def test_skipped_micro_batches_add_up_over_iterations(tmp_path, stages_dir):
+    """nan-loss@2 and @4 (on_nonfinite: skip): the first micro-batch of every optimizer step of iterations 2 and
+    4 is skipped, policy and critic: 2 mini-batches x 2 engines = 4 per iteration, counted from iteration 2."""
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=3, eval_every=0, save_every=0, sample_every=0,
+                   on_nonfinite="skip", micro_batch_size=2)
+    out, _ = _ppo(tmp_path, cfg, fault="nan-loss@2,nan-loss@4")
+    counts = {r["step"]: r["train/skipped_micro_batches"] for r in _iterations(out)}
+    assert counts == {1: 0.0, 2: 4.0, 3: 4.0, 4: 8.0}
+
+
+def test_the_lr_schedules_span_each_engines_own_optimizer_steps(tmp_path, stages_dir):
+    """Linear decay; 1 critic-only + 2 policy iterations of 2 PPO epochs x 2 mini-batches (4 steps each): the
+    policy's schedule spans 2 x 4 = 8 steps, the critic's 3 x 4 = 12. Logged before each update: policy 1, 1,
+    1 - 4/8; critic 1, 1 - 4/12, 1 - 8/12 (x 1e-4)."""
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=2, eval_every=0, save_every=0, sample_every=0,
+                   lr_scheduler="linear", policy_lr=1e-4, critic_lr=1e-4)
+    cfg["ppo"]["ppo_epochs"] = 2
+    out, _ = _ppo(tmp_path, cfg)
+    rows = _iterations(out)
+    assert [r["lr/policy"] for r in rows] == pytest.approx([1e-4, 1e-4, 0.5e-4])
+    assert [r["lr/critic"] for r in rows] == pytest.approx([1e-4, 1e-4 * 2 / 3, 1e-4 / 3])
+
+
+def test_the_monitor_stopping_at_a_checkpoint_saves_it_once(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=2, sample_every=0, eval_every=0, save_every=1)
+    cfg["monitor"] = {"max_length_ratio": 1e-6, "action": "stop"}
+    out, _ = _ppo(tmp_path, cfg, expect=1)
+    assert [e["step"] for e in _events(out, "checkpoint")] == [1]
+
+
+def test_a_resumed_run_continues_the_ptx_data_where_it_was(tmp_path, stages_dir):
+    """With PTX rows (the SFT data, ptx_coef 0.5), killed after iteration 4 and resumed from the checkpoint at 2:
+    the resumed iterations draw the PTX batches the uninterrupted run drew (the same loss/ptx), since the PTX
+    sampler's position is part of the checkpoint."""
+
+    def cfg_for(name: str) -> dict:
+        (tmp_path / name).mkdir()
+        cfg = ppo_dict(tmp_path / name, stages_dir, iterations=4, eval_every=0, save_every=2, sample_every=0)
+        cfg["data"]["ptx"] = str(DATA / "sft.jsonl")
+        cfg["ppo"]["ptx_coef"] = 0.5
+        return cfg
+
+    full, _ = _ppo(tmp_path / "full", cfg_for("full"))
+    cfg = cfg_for("cut")
+    cut, _ = _ppo(tmp_path / "cut", cfg, fault="kill@4", expect=-9)
+    _ppo(tmp_path / "cut", cfg, "--resume")
+    ptx = lambda out: [(r["step"], r["loss/ptx"]) for r in _iterations(out) if "loss/ptx" in r]  # noqa: E731
+    assert len(ptx(full)) == 4 and ptx(cut) == ptx(full)
+
+
+def test_resuming_past_the_runs_last_iteration_is_refused(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=2, eval_every=0, save_every=0, sample_every=0)
+    _ppo(tmp_path, cfg)
+    cfg["train"]["iterations"] = 1
+    _, res = _ppo(tmp_path, cfg, "--resume", "--allow-config-change", expect=2)
+    assert "past this run's last iteration 2" in res.stderr
+
+
+
+
+def test_monitor_fires_are_counted_in_the_state_and_flagged_in_each_row(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=2, sample_every=0, eval_every=0, save_every=0)
+    cfg["monitor"] = {"max_length_ratio": 1e-6}
+    out, _ = _ppo(tmp_path, cfg)
+    assert [r["monitor/firing"] for r in _iterations(out)] == [1.0, 1.0, 1.0]
+    assert json.loads((out / "checkpoint-00000003" / "trainer_state.json").read_text())["monitor_fires"] == 3
+    assert [e["step"] for e in _events(out, "final")] == [3]
+
+
+def test_log_every_logs_every_nth_iteration_and_the_last(tmp_path, stages_dir):
+    cfg = ppo_dict(tmp_path, stages_dir, iterations=4, sample_every=0, eval_every=0, save_every=0)
+    cfg["logging"]["log_every"] = 2
+    out, _ = _ppo(tmp_path, cfg)
+    rows = _iterations(out)
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert not any("train/skipped_rollouts" in r for r in rows)  # (on_nonfinite: stop logs no skip counts)
+    assert not (out / "samples.jsonl").exists()  # sample_every: 0 writes no samples at all

@@ -1228,10 +1228,10 @@ def _jsonl(path, rows) -> str:
     return str(path)
 
 
-def _load(path, tokenizer, **data):
+def _load(path, tokenizer, styles: set[str] | None = None, **data):
     cfg = PPODataConfig(train=path, **data)
     log = BadRowLog()
-    prompts, truncated, _ = load_prompts(cfg.train, cfg, tokenizer, log)
+    prompts, truncated, _ = load_prompts(cfg.train, cfg, tokenizer, log, styles)
     return prompts, truncated, log
 
 
@@ -1295,6 +1295,61 @@ def test_load_prompts_hh_through_the_chat_template(tmp_path, tokenizer):
     prompts, _, _ = _load(_jsonl(tmp_path / "hh.jsonl", [{"chosen": text}]), tokenizer, use_chat_template=True)
     assert tokenizer.decode(prompts[0]) == ("<|user|>\nhi there<|endoftext|><|assistant|>\nhello<|endoftext|>"
                                             "<|user|>\nhow are you?<|endoftext|><|assistant|>\n")
+
+
+def test_a_prompt_of_exactly_max_prompt_length_tokens_is_not_cut(tmp_path, tokenizer):
+    n = len(_enc(tokenizer, "hello world"))
+    prompts, truncated, _ = _load(_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world"}]), tokenizer,
+                                  max_prompt_length=n)
+    assert prompts == [_enc(tokenizer, "hello world")] and truncated == 0
+
+
+def test_an_empty_last_user_turn_is_a_bad_row(tmp_path, tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                          {"role": "user", "content": "  "}]},
+            {"messages": [{"role": "user", "content": "a b c"}]}]
+    prompts, _, log = _load(_jsonl(tmp_path / "m.jsonl", rows), tokenizer, on_bad_row="skip")
+    assert len(prompts) == 1 and dict(log.reasons) == {"empty user turn at the end of the prompt": 1}
+
+
+def test_a_prompt_that_opens_with_the_bos_gets_no_second_one(tmp_path, tokenizer, monkeypatch):
+    """A tokenizer that puts BOS (here <|endoftext|>) before a text: a prompt without it gets one, a prompt whose
+    text already starts with it keeps just that one."""
+    from stages.ppo import prompts as prompt_module
+
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    monkeypatch.setattr(prompt_module, "bos_ids", lambda tok: [bos])
+    monkeypatch.setattr(type(tokenizer), "bos_token", property(lambda self: "<|endoftext|>"), raising=False)
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world"}, {"prompt": "<|endoftext|>hello world"}])
+    prompts, _, _ = _load(path, tokenizer)
+    assert prompts == [[bos] + _enc(tokenizer, "hello world")] * 2
+
+
+def test_each_prompt_records_its_rendering_style(tmp_path, tokenizer):
+    from stages.rendering import CHAT, RAW_HH, RAW_PR
+
+    for rows, data, want in (([{"prompt": "hi"}], {}, {RAW_PR}), ([{"prompt": "hi"}], {"use_chat_template": True}, {CHAT}),
+                             ([{"chosen": "\n\nHuman: hi\n\nAssistant: yo"}], {}, {RAW_HH}),
+                             ([{"messages": [{"role": "user", "content": "hi"}]}], {}, {CHAT})):
+        styles: set[str] = set()
+        _load(_jsonl(tmp_path / "s.jsonl", rows), tokenizer, styles, **data)
+        assert styles == want, (rows, data)
+
+
+def test_ptx_rows_are_read_with_the_ptx_settings():
+    from stages.ppo.prompts import ptx_data_config
+
+    data = PPODataConfig(train="p.jsonl", ptx="x.jsonl", ptx_format="messages", ptx_max_length=77, max_prompt_length=16,
+                         on_bad_row="skip", content_special_tokens="control", use_chat_template=True)
+    sft = ptx_data_config(data)
+    assert (sft.max_length, sft.format, sft.on_bad_row, sft.content_special_tokens, sft.use_chat_template,
+            sft.eval_fraction) == (77, "messages", "skip", "control", True, 0.0)
+
+
+def test_format_auto_prefers_messages_over_prompt(tmp_path, tokenizer):
+    rows = [{"prompt": "hello world", "messages": [{"role": "user", "content": "a b c"}]}]
+    prompts, _, _ = _load(_jsonl(tmp_path / "both.jsonl", rows), tokenizer)
+    assert tokenizer.decode(prompts[0]) == "<|user|>\na b c<|endoftext|><|assistant|>\n"
 
 
 BAD_ROWS = [

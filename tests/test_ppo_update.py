@@ -663,7 +663,7 @@ def test_ptx_loss_is_the_coefficient_times_the_ptx_token_mean_whatever_the_split
         tokens += int((labels != IGNORE).sum())
     total = loss + 0.5 * nll / tokens
     assert _close(models["policy"].grads[0], _flat_grad(fresh, total))
-    assert metrics["loss/ptx"] == pytest.approx(float(nll) / tokens, rel=1e-5)
+    assert metrics["loss/ptx"] == pytest.approx(float(nll.detach()) / tokens, rel=1e-5)
 
 
 def test_approxkl_is_half_the_mean_squared_log_ratio(tmp_path, dist):
@@ -893,3 +893,262 @@ def test_validation_reports_the_kl_from_the_reference_of_its_own_samples(tmp_pat
     models["reference"] = copy.deepcopy(models["policy"].module).eval()
     same = trainer.validate(cfg, dist, models, prompts, tok, [EOS], RewardEnding.plain(EOS))
     assert same["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+
+# ------------------------------------------------------------- plumbing pinned by mutation testing (2026-12-05)
+# multi-rank PTX, validation and NaN-skip agreement, metrics beyond the trivial point, validation's RNG and
+# stand-ins, save_best's refusal, the mini-batch shuffle
+
+def test_two_ranks_with_ptx_make_the_same_update_as_one_process(tmp_path, dist, monkeypatch):
+    """ptx_coef 0.5; one process (mini 4, micro 2: PTX rows indices(0)[:2] then indices(1)[:2]) vs two ranks
+    (mini 2, micro 1: rank r takes row r of indices(0) and of indices(1)). Every PTX row is used once per step,
+    each rank its own share, and the PTX token mean is over all ranks' tokens: the same gradient."""
+    rows, _ = _ptx()
+    ppo = {"ptx_coef": 0.5, "ppo_epochs": 1}
+
+    def run(d: DistInfo, which: list[int], train: dict, models: dict) -> dict:
+        cfg = _config(tmp_path, train=train, **ppo)
+        rollout = _uneven_rollout(which)
+        exp = make_experience(cfg, d, models, rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                              RewardEnding.plain(EOS), iteration=1)
+        state = {"ptx_step": 0}
+        metrics = update(cfg, d, models, rollout, exp, 0, False, rows, EpochSampler(len(rows), 2, seed=0), state, PAD)
+        return {"metrics": metrics, "models": models, "state": state}
+
+    single = run(dist, [0, 1, 2, 3], {"rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 2},
+                 _models(accumulation=2))
+    ranks = TwoRanks(monkeypatch)
+    rank_models = [_models() for _ in range(2)]
+    for models in rank_models:
+        for name in ("policy", "critic"):
+            models[name] = RankEngine(models[name].module, 2, ranks)
+    train = {"rollout_batch_size": 2, "mini_batch_size": 2, "micro_batch_size": 1}
+    out = ranks.run(lambda d: run(d, [[0, 1], [2, 3]][d.rank], train, rank_models[d.rank]))
+    for r in (0, 1):
+        assert out[r]["state"]["ptx_step"] == 2
+        g, g1 = out[r]["models"]["policy"].grads[0], single["models"]["policy"].grads[0]
+        assert _close(g, g1), f"rank {r}: max diff {(g - g1).abs().max()}"
+        assert out[r]["metrics"]["loss/ptx"] == pytest.approx(single["metrics"]["loss/ptx"], rel=1e-5)
+
+
+def _first_prompt_token(gen, reward, ids, mask, truncated, ending):  # a "score" telling the prompts apart
+    return ids.gather(1, mask.argmax(1, keepdim=True)).squeeze(1).float()
+
+
+def test_validation_on_two_ranks_scores_every_prompt_once(tmp_path, dist, monkeypatch):
+    """5 held-out prompts on 2 ranks, batches of 1: rank 0 samples prompts 0, 2, 4 and rank 1 prompts 1, 3 (and a
+    stand-in, not counted): the mean "score" (the prompt's first token) is over the 5 prompts, on both ranks."""
+    from stages.ppo import trainer
+
+    monkeypatch.setattr(trainer, "raw_scores", _first_prompt_token)
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    prompts = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]
+    cfg = _config(tmp_path, generation={"max_new_tokens": 3, "cache": "dynamic"},
+                  train={"rollout_batch_size": 1, "mini_batch_size": 1, "micro_batch_size": 1})
+    ranks = TwoRanks(monkeypatch)
+    models = [_models() for _ in range(2)]
+    out = ranks.run(lambda d: trainer.validate(cfg, d, models[d.rank], prompts, tok, [EOS], RewardEnding.plain(EOS)))
+    assert out[0]["eval/reward"] == out[1]["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)
+
+
+def test_a_nan_on_one_rank_skips_the_rollout_on_every_rank(tmp_path, dist, monkeypatch):
+    """train.on_nonfinite: skip with a NaN score on rank 1 only: both ranks return None (no update, no running
+    statistics merge, which rank 1 alone would then not join)."""
+    from stages.ppo import trainer
+
+    real = trainer.score_rollout
+    ranks = TwoRanks(monkeypatch)
+
+    def poisoned(cfg, models, rollout, ending, for_update=True):
+        exp = real(cfg, models, rollout, ending, for_update)
+        if ranks.local.rank == 1:
+            exp["raw"][0] = float("nan")
+        return exp
+
+    monkeypatch.setattr(trainer, "score_rollout", poisoned)
+    cfg = _config(tmp_path, train={"rollout_batch_size": 2, "mini_batch_size": 2, "on_nonfinite": "skip"},
+                  reward_norm=True)
+    models = [_models() for _ in range(2)]
+    moments = [RunningMoments(count=8, mean=0.5, m2=32.0) for _ in range(2)]
+    out = ranks.run(lambda d: make_experience(cfg, d, models[d.rank], _uneven_rollout([[0, 1], [2, 3]][d.rank]),
+                                              moments[d.rank], RewardEnding.plain(EOS), iteration=1))
+    assert out == [None, None]
+    assert all(m.count == 8 for m in moments)  # the statistics untouched on both ranks
+
+
+class NormEngine(StubEngine):
+    """StubEngine reporting scripted global gradient norms, one per optimizer step."""
+
+    def __init__(self, module, accumulation, norms):
+        super().__init__(module, accumulation)
+        self.norms = list(norms)
+
+    def get_global_grad_norm(self):
+        return self.norms[len(self.grads) - 1]
+
+
+def test_the_logged_gradient_norm_is_the_mean_over_the_updates_optimizer_steps(tmp_path, dist):
+    """2 PPO epochs x 1 mini-batch: 2 optimizer steps per engine, norms 1 and 3 (policy) and 10 and 30 (critic)
+    as the engines report them: grad_norm/* is their mean, 2 and 20."""
+    cfg = _config(tmp_path, ppo_epochs=2)
+    rollout = _uneven_rollout()
+    models = _models()
+    exp = make_experience(cfg, dist, models, rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    models["policy"] = NormEngine(models["policy"].module, 2, [1.0, 3.0])
+    models["critic"] = NormEngine(models["critic"].module, 2, [10.0, 30.0])
+    metrics = update(cfg, dist, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+    assert metrics["grad_norm/policy"] == 2.0 and metrics["grad_norm/critic"] == 20.0
+
+
+def test_ratio_variance_is_that_of_the_second_epochs_moved_policy(tmp_path, dist):
+    """policy/ratio_var = E[rho^2] - E[rho]^2 over both epochs' tokens (32): rho = 1 in the first epoch, and
+    exp(logp - old) of the policy after the first step in the second, computed here (ratio != 1, so a formula
+    that only agrees at rho = 1 is caught)."""
+    rollout = _uneven_rollout()
+    cfg = _config(tmp_path, train={"micro_batch_size": 4}, ppo_epochs=2)
+    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    models = _recording_models(accumulation=1)
+    after_first: list[torch.nn.Module] = []
+    step = models["policy"].step
+
+    def keep_first() -> None:
+        step()
+        if not after_first:
+            after_first.append(copy.deepcopy(models["policy"].module))
+
+    models["policy"].step = keep_first
+    metrics = update(cfg, dist, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
+    mask = rollout.response_mask.bool()
+    ids, att = rollout.sequences()
+    with torch.no_grad():
+        logp, _ = response_logprobs(after_first[0], ids, att, 3, rollout.response)
+    rho = torch.cat([torch.ones(16, dtype=torch.float64), torch.exp((logp - exp["logp"])[mask]).double()])
+    assert float((rho[16:] - 1).abs().max()) > 1e-3
+    assert metrics["policy/ratio"] == pytest.approx(float(rho.mean()), rel=1e-5)
+    assert metrics["policy/ratio_var"] == pytest.approx(float((rho ** 2).mean() - rho.mean() ** 2), rel=1e-3,
+                                                        abs=1e-9)
+
+
+def test_validation_samples_the_same_stream_every_time_and_leaves_the_training_rng_alone(tmp_path, dist):
+    """Two validations of the same policy, the global generator moved on between them (as training moves it):
+    the same samples, so the same metrics; and the training random stream after a validation is the one it
+    would have been without it."""
+    from stages.ppo import trainer
+
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    prompts = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]
+    cfg = _config(tmp_path, generation={"max_new_tokens": 6, "cache": "dynamic"})
+    models = _models()
+    torch.manual_seed(123)
+    first = trainer.validate(cfg, dist, models, prompts, tok, [EOS], RewardEnding.plain(EOS))
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after)  # validation drew nothing from the training generator
+    torch.rand(100)  # training moves the generator on
+    second = trainer.validate(cfg, dist, models, prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert second == first
+
+
+def test_validation_length_cap_share_and_gold_leave_the_stand_in_prompts_out(tmp_path, dist, monkeypatch):
+    """A scripted sampler: the prompt starting with token 5 gets a 1-token response cut at max_new_tokens, every
+    other prompt a 3-token response that stops; the gold judge gives a prompt's first token. 5 real prompts in 2
+    static-cache batches of 4 (the second: 1 real + 3 stand-ins, copies of prompt 0): length (1 + 4 x 3) / 5 =
+    2.6, cap_share 1 / 5, gold (5 + 7 + 8 + 11 + 12) / 5 = 8.6 -- counting the stand-ins would give 2.0, 0.5 and
+    7.25."""
+    from stages.ppo import trainer
+    from stages.ppo.rollout import Rollout
+
+    def scripted(model, ids, mask, gen, stop_ids, pad_id, vocab, prompt_capacity=None):
+        first = ids.gather(1, mask.argmax(1, keepdim=True)).squeeze(1)
+        short = first == 5
+        response = torch.tensor([[20, PAD, PAD] if s else [20, 21, EOS] for s in short.tolist()])
+        return Rollout(ids, mask, response, (response != PAD).long(), short.clone(), VOCAB)
+
+    monkeypatch.setattr(trainer, "sample", scripted)
+    monkeypatch.setattr(trainer, "gold_scores", lambda kind, tok, prompts, responses: [float(p[0]) for p in prompts])
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    prompts = [[5, 6], [7], [8, 9, 10], [11], [12, 13]]
+    cfg = _config(tmp_path, generation={"max_new_tokens": 3})
+    cfg.data = cfg.data.model_copy(update={"gold_reward": "toy"})
+    got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert got["eval/response_length"] == pytest.approx(2.6)
+    assert got["eval/cap_share"] == pytest.approx(0.2)
+    assert got["eval/gold"] == pytest.approx(8.6)
+
+
+def test_save_best_refuses_non_finite_policy_weights_and_keeps_the_previous_best(tmp_path, process_group):
+    from types import SimpleNamespace
+
+    from conftest import tiny_engine
+    from stages.errors import CheckpointError
+    from stages.ppo.trainer import save_best
+
+    engine, tok = tiny_engine()
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "marker").write_text("previous best")
+    with torch.no_grad():
+        next(engine.module.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="refusing to write .*best: non-finite policy weights"):
+        save_best({"policy": SimpleNamespace(module=engine.module)}, tok, tmp_path, process_group, {"stage": "ppo"})
+    assert (tmp_path / "best" / "marker").read_text() == "previous best" and not (tmp_path / ".tmp-best").exists()
+
+
+def test_each_epoch_and_iteration_shuffles_the_rollouts_reproducibly(tmp_path, dist, monkeypatch):
+    """The update's mini-batch order: a permutation of the rollouts per PPO epoch, another in each epoch and
+    each iteration (not the rollout order), and the same again for the same iteration (a resumed run)."""
+    from stages.ppo import trainer
+
+    orders: list[list[int]] = []
+    real = trainer.chunks
+
+    def recording(items, size):
+        if isinstance(items, torch.Tensor) and size == 2:  # the mini-batch split of the epoch's order
+            orders.append(items.tolist())
+        return real(items, size)
+
+    monkeypatch.setattr(trainer, "chunks", recording)
+    cfg = _config(tmp_path, train={"rollout_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 1}, ppo_epochs=2)
+    rollout = _uneven_rollout()
+    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
+                          RewardEnding.plain(EOS), iteration=1)
+    runs = []
+    for iteration in (0, 1, 0):
+        orders.clear()
+        update(cfg, dist, _models(), rollout, exp, iteration, False, None, None, {"ptx_step": 0}, PAD)
+        assert len(orders) == 2 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+        runs.append([tuple(o) for o in orders])
+    assert runs[0] == runs[2]  # reproducible for a given iteration
+    assert runs[0] != runs[1]  # another iteration, another order
+    assert len(set(runs[0] + runs[1])) > 1 and any(o != (0, 1, 2, 3) for o in runs[0] + runs[1])
+
+
+def test_eval_kl_is_the_sum_over_each_response_of_the_log_ratio_at_the_sampling_temperature(monkeypatch):
+    """generate() with a reference: per response sum_t [log pi(y_t) - log pi_ref(y_t)] over its sampled tokens
+    (the stop token included, padding not), log-probs at the generation temperature with
+    logprobs_at_temperature -- recomputed here from the captured samples."""
+    import torch
+
+    from stages import evaluate as ev
+    from stages.config import GenerationConfig, PPODataConfig
+    from stages.ppo.ending import RewardEnding
+    from stages.ppo.rollout import response_logprobs
+
+    sampled = []
+    real = ev.sample
+    monkeypatch.setattr(ev, "sample", lambda *a, **k: sampled.append(real(*a, **k)) or sampled[-1])
+    models = _models()
+    tok = type("Tok", (), {"pad_token_id": PAD, "__len__": lambda self: VOCAB})()
+    gen = GenerationConfig(max_new_tokens=5, temperature=0.5, logprobs_at_temperature=True, cache="dynamic")
+    s = ev.EvalSettings(policy="p", reward_model="r", data=PPODataConfig(train="x.jsonl"), generation=gen, batch_size=2)
+    policy = models["policy"].module.eval()
+    out = ev.generate(policy, [[5, 6], [7], [8, 9, 10]], s, tok, models["reward"], [EOS], RewardEnding.plain(EOS),
+                      torch.device("cpu"), models["reference"])
+    want = []
+    for roll in sampled:
+        ids, att = roll.sequences()
+        args = (ids, att, roll.prompt_width, roll.response)
+        lp, _ = response_logprobs(policy, *args, temperature=0.5)
+        ref, _ = response_logprobs(models["reference"], *args, temperature=0.5)
+        want += ((lp - ref) * roll.response_mask).sum(1).tolist()
+    assert out.kl == pytest.approx(want, rel=1e-5, abs=1e-6) and max(abs(k) for k in want) > 1e-3
