@@ -666,9 +666,10 @@ def test_ptx_loss_is_the_coefficient_times_the_ptx_token_mean_whatever_the_split
     assert metrics["loss/ptx"] == pytest.approx(float(nll.detach()) / tokens, rel=1e-5)
 
 
-def test_approxkl_is_half_the_mean_squared_log_ratio(tmp_path, dist):
-    """policy/approxkl = 0.5 x token mean of (logp - old logp)^2 over both epochs: 0 in the first (the policy is
-    the old one), and in the second that of the policy after the first step, computed here."""
+def _two_epoch_update(tmp_path, dist) -> tuple[dict[str, float], torch.Tensor]:
+    """update() over 2 PPO epochs of one mini-batch (16 response tokens each): its metrics, and the second epoch's
+    per-token log-ratio logp - old logp [16], that of the policy after the first optimizer step, computed here
+    (0 in the first epoch: the policy is the old one)."""
     rollout = _uneven_rollout()
     cfg = _config(tmp_path, train={"micro_batch_size": 4}, ppo_epochs=2)
     exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
@@ -690,6 +691,12 @@ def test_approxkl_is_half_the_mean_squared_log_ratio(tmp_path, dist):
         logp, _ = response_logprobs(after_first[0], ids, att, 3, rollout.response)
     diff = (logp - exp["logp"])[mask]
     assert float(diff.abs().max()) > 1e-3  # the first step moved the policy
+    return metrics, diff
+
+
+def test_approxkl_is_half_the_mean_squared_log_ratio(tmp_path, dist):
+    """policy/approxkl = 0.5 x token mean of (logp - old logp)^2 over both epochs' 32 tokens."""
+    metrics, diff = _two_epoch_update(tmp_path, dist)
     assert metrics["policy/approxkl"] == pytest.approx(0.5 * float((diff ** 2).sum()) / 32, rel=1e-4)
 
 
@@ -1004,27 +1011,8 @@ def test_ratio_variance_is_that_of_the_second_epochs_moved_policy(tmp_path, dist
     """policy/ratio_var = E[rho^2] - E[rho]^2 over both epochs' tokens (32): rho = 1 in the first epoch, and
     exp(logp - old) of the policy after the first step in the second, computed here (ratio != 1, so a formula
     that only agrees at rho = 1 is caught)."""
-    rollout = _uneven_rollout()
-    cfg = _config(tmp_path, train={"micro_batch_size": 4}, ppo_epochs=2)
-    exp = make_experience(cfg, dist, _models(), rollout, RunningMoments(count=8, mean=0.5, m2=32.0),
-                          RewardEnding.plain(EOS), iteration=1)
-    models = _recording_models(accumulation=1)
-    after_first: list[torch.nn.Module] = []
-    step = models["policy"].step
-
-    def keep_first() -> None:
-        step()
-        if not after_first:
-            after_first.append(copy.deepcopy(models["policy"].module))
-
-    models["policy"].step = keep_first
-    metrics = update(cfg, dist, models, rollout, exp, 0, False, None, None, {"ptx_step": 0}, PAD)
-    mask = rollout.response_mask.bool()
-    ids, att = rollout.sequences()
-    with torch.no_grad():
-        logp, _ = response_logprobs(after_first[0], ids, att, 3, rollout.response)
-    rho = torch.cat([torch.ones(16, dtype=torch.float64), torch.exp((logp - exp["logp"])[mask]).double()])
-    assert float((rho[16:] - 1).abs().max()) > 1e-3
+    metrics, diff = _two_epoch_update(tmp_path, dist)
+    rho = torch.cat([torch.ones(16, dtype=torch.float64), torch.exp(diff).double()])
     assert metrics["policy/ratio"] == pytest.approx(float(rho.mean()), rel=1e-5)
     assert metrics["policy/ratio_var"] == pytest.approx(float((rho ** 2).mean() - rho.mean() ** 2), rel=1e-3,
                                                         abs=1e-9)
