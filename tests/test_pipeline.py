@@ -880,3 +880,129 @@ def test_pipeline_dry_run_plans_each_stage_as_the_run_would_and_refuses_a_change
     assert "rm (partial output: resumed):" in res.stdout and "--resume" in res.stdout
     res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--force")
     assert res.exit_code == 0 and res.stdout.count("(trained afresh (--force, or an earlier stage") == 2
+
+
+# ------------------------------------------------------------- pinned by mutation testing (2026-12-05): stage actions,
+# completeness, config records, the order of --set items, flags per action, the hand-off checks and their calls
+
+def _complete(out: Path, *parts: str) -> None:
+    for part in parts:
+        (out / part).mkdir(parents=True)
+        (out / part / "config.json").write_text("{}")
+
+
+def test_a_retrained_reward_model_retrains_every_ppo_run_after_it(tmp_path):
+    from stages.pipeline import plan, stage_actions
+
+    cfg = _pipeline_cfg(tmp_path, ppo_runs=[{"name": "a"}, {"name": "b"}, {"name": "c"}])
+    root = tmp_path / "runs"
+    _complete(root / "sft", "final")
+    for label in ("a", "b", "c"):
+        _complete(root / label, "final", "final_critic")
+    assert [(act.run.label, act.action) for act in stage_actions(plan(cfg), force=False)] == [
+        ("sft", "skip"), ("rm", "train"), ("a", "retrain"), ("b", "retrain"), ("c", "retrain")]
+
+
+def test_a_stage_is_complete_only_with_a_loadable_final(tmp_path):
+    from stages.pipeline import is_complete
+
+    out = tmp_path / "ppo"
+    (out / "final").mkdir(parents=True)
+    (out / "final_critic").mkdir()
+    assert not is_complete(out, "sft") and not is_complete(out, "ppo")  # folders without config.json
+    (out / "final" / "config.json").write_text("{}")
+    assert is_complete(out, "sft") and not is_complete(out, "ppo")
+    (out / "final_critic" / "config.json").write_text("{}")
+    assert is_complete(out, "ppo")
+
+
+def test_a_complete_stage_without_a_config_record_or_with_a_newer_key_at_its_default_is_unchanged(tmp_path):
+    """An output older than resolved_config.yaml has nothing to compare; a key a newer rlhf added, at its
+    default, is no change (the stage's schema decides the default)."""
+    from stages.pipeline import stage_config_changes
+
+    out = tmp_path / "ppo"
+    _complete(out, "final", "final_critic")
+    now = {"seed": 1, "data": {"train": "p.jsonl", "rendering_check": "error"}}
+    assert stage_config_changes(out, yaml.safe_dump(now), "ppo") == []
+    (out / "resolved_config.yaml").write_text("not a mapping\n")  # an unreadable record: nothing to compare
+    assert stage_config_changes(out, yaml.safe_dump(now), "ppo") == []
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump({"seed": 1, "data": {"train": "p.jsonl"}}))
+    assert stage_config_changes(out, yaml.safe_dump(now), "ppo") == []
+    assert stage_config_changes(out, yaml.safe_dump({**now, "seed": 2}), "ppo") == ["seed: 1 -> 2"]
+
+
+def test_plan_puts_the_wiring_first_and_a_runs_own_preset_and_sets_over_the_shared_ones(tmp_path):
+    """Later --set items win: the user's stage sets follow the wiring, a run's own sets follow the ppo stage's,
+    and a run's preset drops the stage's ppo.preset set."""
+    from stages.pipeline import plan
+
+    cfg = _pipeline_cfg(tmp_path, ppo={"config": str(TINY / "ppo.yaml"),
+                                       "set": ["ppo.preset=vanilla", "train.iterations=2"]},
+                        ppo_runs=[{"name": "m", "preset": "ppo-max", "set": ["train.iterations=3"]}, {"name": "v"}])
+    root = tmp_path / "runs"
+    sft, rm, m, v = plan(cfg)
+    assert rm.overrides == [f"output_dir={root / 'rm'}", f"model.name_or_path={root / 'sft'}", "train.epochs=1"]
+    wired = [f"model.name_or_path={root / 'sft'}", f"reward_model.name_or_path={root / 'rm'}"]
+    assert m.overrides == [f"output_dir={root / 'm'}", *wired, "train.iterations=2", "train.iterations=3"]
+    assert m.preset == "ppo-max"
+    assert v.overrides == [f"output_dir={root / 'v'}", *wired, "ppo.preset=vanilla", "train.iterations=2"]
+
+
+def test_stage_command_passes_allow_config_change_only_to_a_resume(tmp_path):
+    from stages.pipeline import StageRun, stage_command
+
+    run = StageRun("rm", "train-rm", Path("/c/rm.yaml"), Path("/r/rm"), ["output_dir=/r/rm"])
+    launch = ["--num-gpus", "2", "--allow-config-change"]
+    assert stage_command(run, launch, resume=False, overwrite=True)[-3:] == ["--num-gpus", "2", "--overwrite"]
+    assert stage_command(run, launch, resume=True, overwrite=False)[-4:] == [
+        "--num-gpus", "2", "--allow-config-change", "--resume"]
+
+
+def _handoff(root: Path, name: str, vocab: int, tokens: dict, arch: str, num_labels: int = 1, **special) -> Path:
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    final = root / name / "final"
+    LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                architectures=[arch], num_labels=num_labels).save_pretrained(final)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(tokens, unk_token="a")), **special)
+    tok.save_pretrained(final)
+    return root / name
+
+
+def test_handoff_checks_refuse_a_wrong_architecture_tokenizer_or_label_count(tmp_path):
+    from stages.errors import CheckpointError
+    from stages.pipeline import check_policy_handoff, check_reward_handoff
+
+    words = {"a": 0, "b": 1, "<eos>": 2, "<pad>": 3}
+    special = {"eos_token": "<eos>", "pad_token": "<pad>"}
+    sft = _handoff(tmp_path, "sft", 4, words, "LlamaForCausalLM", **special)  # len(tok) == vocab: fine
+    check_policy_handoff(sft)
+    rm = _handoff(tmp_path, "rm", 4, words, "LlamaForSequenceClassification", **special)
+    check_reward_handoff(rm, sft)
+    with pytest.raises(CheckpointError, match="not a causal LM"):
+        check_policy_handoff(rm)
+    with pytest.raises(CheckpointError, match="tokenizer has 4 tokens, the model 3 embeddings"):
+        check_policy_handoff(_handoff(tmp_path, "small", 3, words, "LlamaForCausalLM", **special))
+    with pytest.raises(CheckpointError, match="no EOS or pad token"):
+        check_policy_handoff(_handoff(tmp_path, "nopad", 4, words, "LlamaForCausalLM", eos_token="<eos>"))
+    with pytest.raises(CheckpointError, match="with 2 labels, not a one-label"):
+        check_reward_handoff(_handoff(tmp_path, "two", 4, words, "LlamaForSequenceClassification", 2, **special), sft)
+    other = _handoff(tmp_path, "other", 5, {**words, "c": 4}, "LlamaForSequenceClassification", **special)
+    with pytest.raises(CheckpointError):  # another vocabulary than the SFT model's
+        check_reward_handoff(other, sft)
+
+
+def test_each_stage_checks_the_output_it_receives_before_it_starts(tmp_path, monkeypatch):
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    checked: list[tuple] = []
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 0)
+    monkeypatch.setattr(pl, "check_policy_handoff", lambda path: checked.append(("policy", path)))
+    monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: checked.append(("reward", path, sft)))
+    root = tmp_path / "runs"
+    root.mkdir()
+    pl.run_pipeline(_pipeline_cfg(tmp_path), [], force=False, console=Console(file=open(tmp_path / "log", "w")))
+    assert checked == [("policy", root / "sft"), ("reward", root / "rm", root / "sft")]
