@@ -547,6 +547,10 @@ def test_eval_options_seed_temperature_reference_and_batch_size(pipeline_run, tm
     # more prompts asked than there are: said, all of them evaluated
     many = evaluate(eval_settings(root / "ppo-max", resolved, num_prompts=10**6, max_new_tokens=1), None)
     assert any(f"{10**6} prompts asked (--num-prompts), {many['prompts']} usable in " in text for text in said), said
+    said.clear()  # exactly as many as there are: nothing to say
+    assert evaluate(eval_settings(root / "ppo-max", resolved, num_prompts=many["prompts"], max_new_tokens=1),
+                    None)["prompts"] == many["prompts"]
+    assert not any("prompts asked" in text for text in said), said
 
 
 def test_eval_ties_identical_responses_leaves_out_non_finite_scores_and_checks_its_inputs(pipeline_run, tmp_path,
