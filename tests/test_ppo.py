@@ -110,7 +110,7 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert _changed(out / "final", stages_dir / "sft" / "final")
     assert _changed(out / "final_critic", stages_dir / "rm" / "final")
     assert (out / "best" / "config.json").is_file() and _events(out, "best")
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = _samples(out)
     assert {s["iteration"] for s in samples} == {1, 2, 4, 5} and all("response" in s for s in samples)  # the last too
     assert {s["policy_iteration"] for s in samples} == {0, 1, 3, 4}  # after 1 critic-only iteration, as the report
     state = json.loads((out / "checkpoint-00000005" / "trainer_state.json").read_text())

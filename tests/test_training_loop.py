@@ -33,27 +33,6 @@ def test_a_checkpoint_at_the_last_step_resumes_one_past_it_is_refused(tmp_path):
         check_resume_point(11, 10, tmp_path)
 
 
-class _ZeroLogits:
-    """An engine whose logits are all zero: every trained token costs log(V)."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def __call__(self, input_ids, **_):
-        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
-
-    def eval(self):
-        pass
-
-    def train(self):
-        pass
-
-
-ROWS = [{"input_ids": [1, 1, 2], "labels": [-100, 1, 2]},
-        {"input_ids": [3, 3, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},
-        {"input_ids": [6, 6], "labels": [-100, 6]}]
-
-
 def test_the_engine_schedule_is_lr_factor_of_the_optimizer_step():
     from stages.engine import make_scheduler_factory
 
