@@ -1290,6 +1290,18 @@ def test_a_prompt_cut_to_max_prompt_length_keeps_its_bos(tmp_path, tokenizer, mo
     assert prompts == [[7] + full[-3:]] and truncated == 1
 
 
+def test_a_max_prompt_length_no_longer_than_the_bos_keeps_prompt_tokens_not_the_bos(tmp_path, tokenizer, monkeypatch):
+    """max_prompt_length 1 with a 1-token BOS: keeping the BOS would leave a prompt of no text at all, so the
+    last prompt token is kept instead."""
+    from stages.ppo import prompts as prompt_module
+
+    monkeypatch.setattr(prompt_module, "bos_ids", lambda tok: [7])
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "the lazy dog jumps over the fox"}])
+    full = _enc(tokenizer, "the lazy dog jumps over the fox")
+    prompts, truncated, _ = _load(path, tokenizer, max_prompt_length=1)
+    assert prompts == [full[-1:]] and truncated == 1
+
+
 def test_load_prompts_hh_through_the_chat_template(tmp_path, tokenizer):
     text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine"
     prompts, _, _ = _load(_jsonl(tmp_path / "hh.jsonl", [{"chosen": text}]), tokenizer, use_chat_template=True)
