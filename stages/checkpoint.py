@@ -733,7 +733,9 @@ def load_latest_checkpoint(
     they found, so a file damaged or missing on one rank only is caught before any rank enters DeepSpeed's
     loading, whose ZeRO-3 path has collectives of its own (a rank that failed inside it would wait in another
     collective than the others); a failure inside the loading itself is agreed on afterwards. When no
-    checkpoint loads, the newest one's error is raised (on every rank alike)."""
+    checkpoint loads, the newest one's error is raised (on every rank alike). A fallback to an older checkpoint
+    written under another config than this run's says how they differ (`config_since`): --resume's check before
+    the launch compared this run with the newest checkpoint only."""
     first_error: CheckpointError | None = None
     passed_over: list[Path] = []
     for step, path in reversed(broadcast_object(complete_checkpoints(out_dir))):
@@ -758,6 +760,10 @@ def load_latest_checkpoint(
                     set_rng_state(torch.load(rng_file, weights_only=False), dist.device)
                 if dist.is_main:
                     set_aside(passed_over, say)
+                changed = config_since(path, out_dir) if first_error is not None else []
+                if changed and say is not None:
+                    say(f"[yellow]warning: {path.name} is not the checkpoint --resume compared this run's config "
+                        f"with (the newest, which did not load), and this run differs from it: {'; '.join(changed)}[/]")
                 return {"step": step, **state}
         rank, reason = next((r, e) for r, e in enumerate(errors) if e)
         reason += f" (rank {rank})" if dist.world_size > 1 else ""
@@ -770,6 +776,16 @@ def load_latest_checkpoint(
         first_error.every_rank = True  # agreed: printed once
         raise first_error
     return None
+
+
+def config_since(path: Path, out_dir: Path) -> list[str]:
+    """`config_changes` from the config that wrote checkpoint `path` (its copy of resolved_config.yaml) to this
+    run's (out_dir's): what a resume that fell back past the newest checkpoint continues with that --resume's
+    check, made against the newest, did not see. [] when either file is missing or unreadable."""
+    before, now = read_recorded(path / "resolved_config.yaml"), read_recorded(out_dir / "resolved_config.yaml")
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return []
+    return config_changes(before, now, run_stage_of(out_dir))
 
 
 def saved_world_size(path: Path) -> int | None:

@@ -204,6 +204,28 @@ def test_resume_loads_the_newest_loadable_checkpoint_and_sets_a_damaged_one_asid
         load_latest_checkpoint(engine, out, process_group)
 
 
+def test_a_fallback_to_a_checkpoint_of_another_config_says_how_this_run_differs_from_it(tmp_path, process_group):
+    """--resume compares this run's config with the newest checkpoint's only; when that one is damaged and the
+    load falls back to an older one written under another config (a resume with --allow-config-change between
+    them), the difference is said; with the same config nothing is."""
+    from stages.checkpoint import load_latest_checkpoint, save_checkpoint
+
+    engine, tokenizer = tiny_engine()
+    out = tmp_path / "out"
+    out.mkdir()
+    for step, lr in ((1, 0.5), (2, 0.25)):
+        (out / "resolved_config.yaml").write_text(f"seed: 1\ntrain:\n  lr: {lr}\n")  # what each checkpoint keeps
+        save_checkpoint(engine, tokenizer, out, step, {"done": step}, process_group, 5, {"stage": "sft"})
+    said: list[str] = []
+    assert load_latest_checkpoint(engine, out, process_group, say=said.append) == {"step": 2, "done": 2}
+    assert not any("differs" in s for s in said), said
+    (state,) = (out / "checkpoint-00000002" / "ds" / "state").glob("*model_states.pt")
+    state.write_bytes(state.read_bytes()[:1000])
+    assert load_latest_checkpoint(engine, out, process_group, say=said.append) == {"step": 1, "done": 1}
+    assert any("checkpoint-00000001 is not the checkpoint --resume compared" in s and "train.lr: 0.5 -> 0.25" in s
+               for s in said), said
+
+
 def test_only_a_damaged_checkpoint_is_set_aside_and_it_is_never_handed_to_deepspeed(tmp_path, process_group,
                                                                                      monkeypatch):
     """A checkpoint whose files open but whose loading fails (another model's state, no trainer counters) is
