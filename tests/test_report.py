@@ -305,3 +305,175 @@ def test_a_report_over_an_earlier_one_removes_the_plots_it_no_longer_has(runs: l
     sft_pngs = {Path(p).name for p in write_report([sft], out)["png"]}
     assert {"loss.png", "overview.png"} == sft_pngs and "kl.png" in ppo_pngs
     assert {p.name for p in out.glob("*.png")} == sft_pngs | {"notes.png"}
+
+
+# ----------------------------------------------------------------------------------- units (mutation audit)
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels from a PNG's IHDR chunk."""
+    data = Path(path).read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_group_label_needs_digits_after_seed() -> None:
+    """Only `-seed<digits>` is a seed suffix: `-seed` alone, or a suffix inside the name, is part of the label."""
+    assert group_label("ppo-seed") == "ppo-seed"
+    assert group_label("ppo-seed01") == "ppo"
+    assert group_label("ppo-seedx") == "ppo-seedx"
+
+
+def test_run_series_reads_values_as_the_metrics_logger_writes_them() -> None:
+    """Numbers and the non-finite strings (any case, padded) are points; booleans, other strings, `time` and
+    event rows are not; a step logged twice keeps its last value."""
+    from stages.report import run_series
+
+    rows = [
+        {"step": 1, "time": 5.0, "a": 1, "b": True, "c": "NaN", "d": "-Infinity", "e": " inf ", "f": "x"},
+        {"step": 2, "a": 2.0},
+        {"step": 2, "a": 3.0},  # a resumed run logged step 2 again
+        {"step": 3, "event": "final", "a": 99.0},
+    ]
+    series = run_series(rows)
+    assert set(series) == {"a", "c", "d", "e"}
+    assert series["a"] == [(1, 1.0), (2, 3.0)]
+    assert [s for s, _ in series["c"]] == [1] and math.isnan(series["c"][0][1])
+    assert series["d"] == [(1, -math.inf)] and series["e"] == [(1, math.inf)]
+
+
+def test_read_rows_rejects_a_boolean_step(tmp_path: Path) -> None:
+    """`"step": true` is a JSON boolean, not an integer step (Python's bool is an int): the row is named."""
+    from stages.report import read_rows
+
+    run = _write_run(tmp_path, "r", [{"step": 1, "objective/scores": 1.0}, {"step": True, "objective/scores": 2.0}])
+    with pytest.raises(DataError, match=r"row 2 is not a JSON object with an integer \"step\""):
+        read_rows(run)
+
+
+def test_ema_weights_the_previous_state_by_the_factor() -> None:
+    """s_t = factor * s_{t-1} + (1 - factor) * x_t: with 0.9 a jump from 0 to 1 moves the average by 0.1."""
+    assert ema([0.0, 1.0, 1.0], 0.9) == pytest.approx([0.0, 0.1, 0.19])
+
+
+def test_series_stats_and_fmt() -> None:
+    """max is over the finite values only (an inf is not the max); first/last keep what was logged; a one-point
+    series has that point as first and last. fmt: 4 significant digits, n/a for None, NaN and inf."""
+    from stages.report import fmt, series_stats
+
+    stats = series_stats([(1, 1.0), (2, math.inf), (3, 2.0), (4, math.nan)])
+    assert stats["first"] == 1.0 and math.isnan(stats["last"]) and stats["max"] == 2.0
+    assert series_stats([(7, 0.5)]) == {"first": 0.5, "last": 0.5, "max": 0.5}
+    assert all(math.isnan(v) for v in series_stats([]).values())
+    assert fmt(1.23456) == "1.235" and fmt(12345.6) == "1.235e+04" and fmt(2.0) == "2"
+    assert fmt(None) == fmt(math.nan) == fmt(math.inf) == fmt(-math.inf) == "n/a"
+
+
+@pytest.mark.parametrize("text, expected", [("ppo: {critic_pretrain_steps: 3}\n", 3),
+                                            ("ppo: {critic_pretrain_steps: 0}\n", 0),
+                                            ("ppo: {critic_pretrain_steps: -1}\n", None),
+                                            ("ppo: {critic_pretrain_steps: true}\n", None),
+                                            ("ppo: {critic_pretrain_steps: 2.5}\n", None),
+                                            ("[1, 2]\n", None), ("sft: {}\n", None)])
+def test_configured_critic_only_takes_only_a_count(tmp_path: Path, text: str, expected: int | None) -> None:
+    """Only a non-negative integer in resolved_config.yaml is the run's critic-only count (a bool is not)."""
+    from stages.report import configured_critic_only
+
+    (tmp_path / "resolved_config.yaml").write_text(text, encoding="utf-8")
+    assert configured_critic_only(tmp_path) == expected
+    assert configured_critic_only(tmp_path / "nowhere") is None
+
+
+def test_report_summary_columns_counts_and_layout(tmp_path: Path) -> None:
+    """Two seeds of `van` (only seed 1 validated; seed 2 has a late event row and a KL), an SFT run with a
+    perplexity that is only NaN and one eval/loss point, and a run with no metric rows; seed 1 given twice."""
+    root = tmp_path / "runs"
+    s1 = _write_run(root, "van-seed1", [
+        {"step": 1, "objective/scores": 1.0}, {"step": 2, "objective/scores": 2.0},
+        {"step": 2, "eval/reward": 0.5}, {"step": 3, "objective/scores": 3.0},
+        {"step": 3, "event": "monitor", "reasons": ["kl"]}])
+    s2 = _write_run(root, "van-seed2", [
+        {"step": 1, "objective/scores": 1.0, "objective/kl": 0.1}, {"step": 2, "objective/scores": 1.5},
+        {"step": 3, "objective/scores": 2.2345678}, {"step": 2, "event": "monitor"}, {"step": 3, "event": "monitor"},
+        {"step": 9, "event": "final", "path": "/x"}])
+    sft = _write_run(root, "sft", [{"step": 10, "train/loss": 4.0, "rollout/perplexity": "nan"},
+                                   {"step": 20, "train/loss": 2.0}, {"step": 20, "eval/loss": 3.0}])
+    empty = _write_run(root, "empty", [{"step": 0, "event": "start"}])
+    out = tmp_path / "rep"
+    result = write_report([s1, s2, sft, empty, s1], out, smooth=0.5)
+
+    groups = result["groups"]
+    assert list(groups) == ["van", "sft", "empty"]
+    van = groups["van"]
+    assert van["seeds"] == 2 and [r["label"] for r in van["runs"]] == ["van-seed1", "van-seed2"]
+    assert van["monitor_events"] == 3 and [r["monitor_events"] for r in van["runs"]] == [1, 2]
+    assert [r["last_step"] for r in van["runs"]] == [3, 3]  # the event at step 9 is no logged step
+    assert van["metrics"]["objective/scores"]["seeds"] == 2 and van["metrics"]["eval/reward"]["seeds"] == 1
+    assert van["metrics"]["objective/scores"]["last"] == pytest.approx((3.0 + 2.2345678) / 2)
+    assert groups["sft"]["metrics"]["eval/loss"] == {"first": 3.0, "last": 3.0, "max": 3.0, "seeds": 1}
+    assert groups["empty"]["runs"][0]["last_step"] is None and groups["empty"]["metrics"] == {}
+    # a panel whose only values are NaN is not drawn; 3 panels: the overview is one row of 3 (5.5 x 3.8 in, dpi 100)
+    assert [Path(p).name for p in result["png"]] == ["reward.png", "kl.png", "loss.png", "overview.png"]
+    assert _png_size(out / "overview.png") == (1650, 380)
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    lines = md.splitlines()
+    table = _table_rows(md)
+    header = table["header"]
+    # a column for every summary key some group has, in SUMMARY_KEYS order; n/a where a group lacks it
+    assert header == ["group", "seeds"] + [f"{k} {s}" for k in ("objective/scores", "objective/kl", "eval/reward",
+                                                                 "train/loss", "eval/loss")
+                                           for s in ("first", "last", "max")] + ["monitor events"]
+    assert lines[lines.index("| " + " | ".join(header) + " |") + 1] == "|---|---|" + "---:|" * (len(header) - 2)
+    assert table["van"] == ["van", "2", "1", "2.617", "2.617", "0.1", "0.1", "0.1", "0.5", "0.5", "0.5",
+                            "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "1 / 2"]
+    assert table["sft"][1:2] + table["sft"][-7:] == ["1", "4", "2", "4", "3", "3", "3", "0"]
+    assert f"| empty | empty | n/a | 0 | 0 | `{empty}` |" in lines
+    assert "Training curves smoothed with an EMA of factor 0.5; validation curves are raw." in lines
+
+
+def test_curves_smooth_training_keys_only_and_labels(tmp_path: Path) -> None:
+    """Validation (`eval/`) curves stay raw under smoothing; the step panels (loss) keep their "step" axis when a
+    run had critic-only iterations; a one-metric panel's legend is the group alone."""
+    from matplotlib.figure import Figure
+
+    from stages.report import PANELS, Run, _curve, _draw_panel, _xlabel
+
+    series = {"objective/scores": [(1, 0.0), (2, 1.0)], "eval/reward": [(2, 0.0), (4, 1.0)],
+              "rollout/perplexity": [(1, 5.0), (2, 6.0)]}
+    run = Run("r", "r", tmp_path, series, 0, 4, 0)
+    assert _curve(run, "objective/scores", 0.5) == [(1, 0.0), (2, 0.5)]
+    assert _curve(run, "eval/reward", 0.5) == [(2, 0.0), (4, 1.0)]
+    critic = run._replace(critic_only=2)
+    assert _xlabel(PANELS["loss"], [run, critic], "policy") == "step"
+    assert _xlabel(PANELS["reward"], [run, critic], "policy").startswith("policy iteration")
+    assert _xlabel(PANELS["reward"], [run, critic], "iteration") == "iteration"
+    ax = Figure().add_subplot()
+    _draw_panel(ax, PANELS["perplexity"], {"van": [run, run._replace(label="r2")], "one": [run]},
+                {"van": "C0", "one": "C1"}, 0.0, 6)
+    assert [line.get_label() for line in ax.get_lines()] == ["van (2 seeds)", "one"]
+
+
+def test_remove_earlier_plots_only_deletes_listed_pngs_in_the_out_dir(tmp_path: Path) -> None:
+    """A report.json listing a PNG elsewhere (by full path) or a non-PNG file deletes neither; a report.json that
+    is not a mapping is ignored."""
+    from stages.report import remove_earlier_plots
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for path in (out / "old.png", out / "notes.txt", elsewhere / "keep.png"):
+        path.write_text("x")
+    (out / "report.json").write_text(json.dumps({"png": [str(out / "old.png"), str(elsewhere / "keep.png"),
+                                                          "notes.txt", 5]}))
+    remove_earlier_plots(out)
+    assert not (out / "old.png").exists()
+    assert (out / "notes.txt").exists() and (elsewhere / "keep.png").exists()
+    (out / "report.json").write_text("[1, 2]")
+    remove_earlier_plots(out)  # no AttributeError
+    (out / "report.json").write_text("{not json")
+    remove_earlier_plots(out)
+
+
+def test_a_negative_smoothing_factor_is_refused(runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"smoothing factor -0.1 is out of range \(expected 0 <= smooth < 1"):
+        write_report(runs, tmp_path / "out", smooth=-0.1)
+    assert not (tmp_path / "out").exists()
