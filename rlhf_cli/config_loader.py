@@ -108,15 +108,14 @@ def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     short form (`train: file.jsonl`) is expanded to `{path: file.jsonl}` when a sub-key is set."""
     node = data
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
+        child, where = node.get(part), ".".join(parts[: i + 1])
+        short_source = isinstance(child, (str, list)) and _is_data_source(where)
         if child is None:
             child = node[part] = {}
-        elif isinstance(child, (str, list)) and parts[i + 1] in DataSource.model_fields:
+        elif short_source and parts[i + 1] in DataSource.model_fields:
             child = node[part] = {"path": child}
         elif not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
-            source = f" (a data source's keys: {', '.join(DataSource.model_fields)})" if isinstance(child, (str, list)) \
-                and _is_data_source(where) else ""
+            source = f" (a data source's keys: {', '.join(DataSource.model_fields)})" if short_source else ""
             raise ConfigError(f"--set {'.'.join(parts)}: {where} is a {type(child).__name__}, not a mapping{source}")
         node = child
     node[parts[-1]] = value
@@ -244,10 +243,12 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             if not by_key[key]:
                 del by_key[key]
     def marker(key: str, line: str, kind: str) -> str:
-        """[given with ...] for a key at or above `key` given on the command line, or, for a check across
+        """[given with ...] for a key at or above `key` given on the command line (or below it, for a wrong type:
+        a --set of a sub-key makes a mapping of what the file left unset), or, for a check across
         keys (a section's or the whole config's), one its message names (in full, or inside the section by its
         own name). (Not for an unknown or missing key: its message lists the valid keys, given ones among them.)"""
-        given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))]
+        given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))
+                 or (kind.endswith("_type") and k.startswith(key + "."))]  # its sub-key made `key` a mapping
         if not given and kind not in ("extra_forbidden", "missing"):
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
                      or (k.startswith(key + ".") and re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", line))]

@@ -1189,3 +1189,164 @@ def test_settings_a_run_would_not_act_on_are_refused_or_said(tmp_path):
     assert unused_settings(cfg, 4, has_eval=False, unit="iteration") == [
         "train.eval_every is 10 but there is no eval split (data.eval is unset and data.eval_fraction is 0): nothing "
         "is evaluated", "logging.profile_step is 5, past the run's last iteration (4): nothing is profiled"]
+
+
+# ----------------------------------------------------------------------------------- units (mutation audit)
+def test_parse_override_without_a_key_says_the_form() -> None:
+    """`--set =3` names the form it expects (not an "empty component" of a key path)."""
+    for item in ("=3", " =3"):
+        with pytest.raises(ConfigError, match=r"^--set expects key\.path=value, got '\s?=3'$"):
+            parse_override(item)
+
+
+def test_a_text_file_that_cannot_be_read_is_one_error_naming_it(tmp_path: Path) -> None:
+    """An OSError (here: a folder given as a file) is a ConfigError naming the file and the reason."""
+    from rlhf_cli.config_loader import read_user_text
+
+    with pytest.raises(ConfigError, match=rf"^--hostfile {tmp_path}: cannot read it \(Is a directory\)$"):
+        read_user_text(tmp_path, "--hostfile")
+
+
+def test_an_empty_config_file_is_an_empty_mapping_and_a_scalar_or_list_is_refused(tmp_path: Path) -> None:
+    """An empty (or comments-only) file holds no keys: its errors are the missing keys, not "got NoneType"; a
+    file that is a text or a list is refused naming the type."""
+    from rlhf_cli.config_loader import load_yaml_file
+
+    for text in ("", "# nothing yet\n"):
+        (tmp_path / "e.yaml").write_text(text)
+        assert load_yaml_file(tmp_path / "e.yaml") == {}
+    with pytest.raises(ConfigError, match="missing required key 'output_dir'"):
+        load_config("sft", tmp_path / "e.yaml")
+    for text, kind in (("just a line\n", "str"), ("- a\n- b\n", "list"), ("5\n", "int")):
+        (tmp_path / "s.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=rf"s\.yaml: expected a mapping of keys at the top level, got {kind}$"):
+            load_yaml_file(tmp_path / "s.yaml")
+
+
+def test_apply_override_fills_a_null_section_and_names_a_ptx_source_keys() -> None:
+    """A key the file left null (`eval:`) becomes a mapping; a bad sub-key of data.ptx given as a path lists a
+    data source's keys, as for data.train."""
+    data: dict = {"data": {"eval": None, "ptx": "p.jsonl"}}
+    apply_override(data, ["data", "eval", "path"], "e.jsonl")
+    assert data["data"]["eval"] == {"path": "e.jsonl"}
+    apply_override(data, ["data", "ptx", "split"], "train")  # a data source's own key: the short form expands
+    assert data["data"]["ptx"] == {"path": "p.jsonl", "split": "train"}
+    data["data"]["ptx"] = "p.jsonl"
+    with pytest.raises(ConfigError) as exc:
+        apply_override(data, ["data", "ptx", "pth"], "x")
+    assert str(exc.value) == ("--set data.ptx.pth: data.ptx is a str, not a mapping (a data source's keys: path, "
+                              "split, subset)")
+    with pytest.raises(ConfigError) as exc:  # not a data source: no such listing
+        apply_override({"output_dir": "o"}, ["output_dir", "foo"], "x")
+    assert str(exc.value) == "--set output_dir.foo: output_dir is a str, not a mapping"
+
+
+def test_a_list_item_set_on_its_own_keeps_the_valid_keys_listing(tmp_path: Path) -> None:
+    """`--set 'train[0].lr=1'`: the unknown key's message lists the valid keys and says a list is set whole."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["train[0].lr=1"])
+    assert str(exc.value).endswith(
+        "unknown key 'train[0]'; closest valid key: 'train' (valid here: seed, output_dir, model, train, deepspeed, "
+        "logging, data); a list item cannot be set on its own: give the whole list (--set 'key=[...]')"), str(exc.value)
+
+
+def test_only_a_false_value_says_that_null_turns_it_off(tmp_path: Path) -> None:
+    """`gold_reward: 0` (or an empty text) is a wrong value, not the "no" that meant off: no null hint."""
+    from conftest import TINY_DIR
+
+    sets = [f"output_dir={tmp_path}", "model.name_or_path=gpt2", "reward_model.name_or_path=gpt2"]
+    for value, shown in (("0", "0"), ("''", "''")):
+        with pytest.raises(ConfigError) as exc:
+            load_config("ppo", TINY_DIR / "ppo.yaml", sets + [f"data.gold_reward={value}"])
+        assert f"data.gold_reward: Input should be 'toy' (got {shown}) [given with --set]" in str(exc.value)
+        assert "null turns it off" not in str(exc.value)
+
+
+def test_a_key_given_on_the_command_line_does_not_mark_a_longer_key_it_prefixes(tmp_path: Path) -> None:
+    """`--set train.lr=...` beside a bad `train.lr_scheduler` in the file: the file's error is not marked as given
+    with --set (train.lr is not train.lr_scheduler)."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path, train__lr_scheduler="bogus"), ["train.lr=0.001"])
+    assert "train.lr_scheduler:" in str(exc.value) and "[given with" not in str(exc.value), str(exc.value)
+
+
+def test_the_most_specific_key_given_names_its_flag(tmp_path: Path) -> None:
+    """A section given with --set and a key in it given with a flag: the key's error names the flag."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["train={lr: 0.1}", "train.lr=many"], flags={"train.lr": "--lr"})
+    assert str(exc.value).endswith("train.lr: Input should be a valid number, unable to parse string as a number "
+                                   "(got 'many') [given with --lr]"), str(exc.value)
+
+
+def test_a_union_error_says_each_expectation_once(tmp_path: Path) -> None:
+    """The members of a union that fail alike give one line with each distinct expectation once."""
+    from typing import Annotated, Union
+
+    from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+    from rlhf_cli.config_loader import format_validation_error
+
+    class Demo(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        x: Union[int, str, Annotated[str, AfterValidator(str.strip)]]  # two members say "a valid string"
+
+    with pytest.raises(ValidationError) as exc:
+        Demo.model_validate({"x": [1]})
+    assert format_validation_error(Demo, exc.value, "d.yaml") == (
+        "invalid config d.yaml: x: Input should be a valid integer, or a valid string (got [1])")
+
+
+def test_dump_config_puts_the_main_keys_first_in_the_schemas_order_after(tmp_path: Path) -> None:
+    """resolved_config.yaml: seed, output_dir, model, data first, then the other sections in the schema's order
+    (not alphabetical)."""
+    from rlhf_cli.config_loader import dump_config
+
+    text = dump_config(load_config("sft", _cfg_file(tmp_path)))
+    assert list(yaml.safe_load(text)) == ["seed", "output_dir", "model", "data", "train", "deepspeed", "logging"]
+    train = yaml.safe_load(text)["train"]
+    assert list(train) == list(type(load_config("sft", _cfg_file(tmp_path)).train).model_fields)
+
+
+def test_replaced_stage_sets_names_only_what_a_set_list_drops(tmp_path: Path) -> None:
+    """`--set sft.set=[...]` drops the file's items it does not list (named); a --set of another key of the
+    section, or a set that keeps every item, says nothing."""
+    from rlhf_cli.config_loader import replaced_stage_sets
+
+    path = write_yaml(tmp_path / "p.yaml", {"sft": {"config": "s.yaml", "set": ["train.max_steps=3", "train.lr=0.001"]},
+                                            "rm": {"set": ["a=1"]}, "ppo": {"config": "p.yaml"}})
+    notes = replaced_stage_sets(path, ["sft.set=[train.lr=0.001]", "sft.config=x.yaml", "rm.set=a=1",
+                                       "ppo.set=[x=1]", "seed=3"])
+    assert notes == ["--set sft.set replaces the file's sft.set, dropping train.max_steps=3 (list them too to keep them)"]
+    assert replaced_stage_sets(path, ["sft.set=[train.lr=0.001, train.max_steps=3]"]) == []
+
+
+def test_a_runs_set_given_with_the_whole_list_on_the_command_line_is_relative_to_the_current_folder(
+        tmp_path: Path) -> None:
+    """`--set 'ppo_runs=[{name: a, set: [data.train=rel.jsonl]}]'`: the run's set: paths were given on the command
+    line, so they resolve against the current folder; from the file, against the pipeline file's folder."""
+    from conftest import TINY_DIR
+
+    cfg = yaml.safe_load((TINY_DIR / "pipeline.yaml").read_text())
+    for key in ("sft", "rm", "ppo"):
+        cfg[key]["config"] = str(TINY_DIR / cfg[key]["config"])
+    cfg["ppo_runs"] = [{"name": "a", "set": ["data.train=rel.jsonl"]}]
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "work").mkdir()
+    path = write_yaml(tmp_path / "cfg" / "p.yaml", cfg)
+    work = tmp_path / "work"
+    assert load_config("pipeline", path, [], cwd=work).ppo_runs[0].set == [f"data.train={tmp_path / 'cfg' / 'rel.jsonl'}"]
+    given = load_config("pipeline", path, ["ppo_runs=[{name: a, set: [data.train=rel.jsonl]}]"], cwd=work)
+    assert given.ppo_runs[0].set == [f"data.train={work / 'rel.jsonl'}"]
+
+
+def test_a_data_source_key_under_a_key_that_is_no_data_source_is_refused_as_such(tmp_path: Path) -> None:
+    """`--set output_dir.path=x`: only data.train/eval/ptx expand their short form; elsewhere `path` is an unknown
+    sub-key of a text. Under a key the file leaves unset (model.name_or_path), the mapping the sub-key makes is
+    refused with the --set named."""
+    with pytest.raises(ConfigError) as exc:
+        apply_override({"output_dir": "o"}, ["output_dir", "path"], "x")
+    assert str(exc.value) == "--set output_dir.path: output_dir is a str, not a mapping"
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["model.name_or_path.split=x"])
+    assert "model.name_or_path: Input should be a valid string" in str(exc.value)
+    assert str(exc.value).endswith("[given with --set]"), str(exc.value)
