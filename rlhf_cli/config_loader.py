@@ -257,8 +257,8 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
     unique: list[str] = []
     for key, errs in by_key.items():
         if len(errs) > 1 and all(e["msg"].startswith("Input should be ") for e in errs):
-            first, rest = errs[0], [e["msg"].removeprefix("Input should be ") for e in errs[1:]]
-            merged = {**first, "msg": ", or ".join([first["msg"], *dict.fromkeys(rest)])}
+            expected = dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs)
+            merged = {**errs[0], "msg": "Input should be " + ", or ".join(expected)}
             lines = [_format_error(schema, merged)]
         else:
             lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))

@@ -1289,11 +1289,14 @@ def test_a_union_error_says_each_expectation_once(tmp_path: Path) -> None:
     class Demo(BaseModel):
         model_config = ConfigDict(extra="forbid")
         x: Union[int, str, Annotated[str, AfterValidator(str.strip)]]  # two members say "a valid string"
+        y: Union[str, int, Annotated[str, AfterValidator(str.strip)]]  # the first and the third say it
 
     with pytest.raises(ValidationError) as exc:
-        Demo.model_validate({"x": [1]})
-    assert format_validation_error(Demo, exc.value, "d.yaml") == (
-        "invalid config d.yaml: x: Input should be a valid integer, or a valid string (got [1])")
+        Demo.model_validate({"x": [1], "y": [2]})
+    assert format_validation_error(Demo, exc.value, "d.yaml").splitlines() == [
+        "invalid config d.yaml:", "  x: Input should be a valid integer, or a valid string (got [1])",
+        "  y: Input should be a valid string, or a valid integer (got a list: a text with ': ', braces or brackets "
+        "is read as YAML; quote it)"]
 
 
 def test_dump_config_puts_the_main_keys_first_in_the_schemas_order_after(tmp_path: Path) -> None:
