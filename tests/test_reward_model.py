@@ -4,6 +4,7 @@ at the last real token (left/right padding, pad == EOS), the LM head, the distin
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -248,3 +249,186 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
         assert guard.dropped == [0] and stats["pairs"] == 4
         assert stats["loss"] == pytest.approx(second.item(), rel=1e-5)
         assert stats["accuracy"] == float((rewards[:2] > rewards[2:]).float().mean())
+
+
+# --------------------------------------------------------------------------------------------- mutation-audit additions
+def _pair_setup() -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """The reward model (with its LM head) and two micro-batches of 2 pairs with margins, as in
+    test_train_step_gradient_is_that_of_the_stated_loss."""
+    tok = train_tokenizer([f"the answer to {i} is {i + 1}" for i in range(100)], vocab_size=300, min_frequency=1)
+    model = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=True,
+                               resize=False)
+    rows = PairRows()
+    from stages.data import TokenizedExample
+
+    for i in range(4):
+        c = tok(f"the answer to {i} is {i + 1}")["input_ids"] + [tok.eos_token_id]
+        r = tok(f"the answer to {i} is {i + 7}")["input_ids"] + [tok.eos_token_id]
+        rows.append(TokenizedExample(c, [-100] * 4 + c[4:]), TokenizedExample(r, [-100] * 4 + r[4:]), 0.3 * i)
+    return model, [collate_pairs(rows, idx, tok.pad_token_id, torch.device("cpu")) for idx in ([0, 1], [2, 3])]
+
+
+def test_train_step_on_two_ranks_gives_the_one_rank_gradient(monkeypatch):
+    """Two ranks holding the same micro-batches (the all-reduce doubles every count and sum; DeepSpeed averages
+    the equal gradients): the global pair mean is the one-rank mean, so the gradient and the logged loss must be
+    the same; the logged pair count doubles (8)."""
+    from stages import reward
+    from stages.config import RMLossConfig
+    from stages.distributed import DistInfo
+
+    model, batches = _pair_setup()
+    got, stats = {}, {}
+    for world in (1, 2):
+        monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d, w=world: w * torch.as_tensor(v, dtype=torch.float64))
+        model.zero_grad()
+        dist = DistInfo(rank=0, local_rank=0, world_size=world, device=torch.device("cpu"))
+        stats[world] = reward.train_step(GradOnlyEngine(model, len(batches)), batches, dist,
+                                         RMLossConfig(lm_coef=0.5, center_coef=0.1))
+        got[world] = {n: _grad(p) for n, p in model.named_parameters()}
+    assert (stats[1]["pairs"], stats[2]["pairs"]) == (4, 8)
+    assert stats[2]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-9)
+    for n in got[1]:
+        assert torch.allclose(got[2][n], got[1][n], atol=1e-7, rtol=1e-5), n
+    assert got[1]["seqcls.model.norm.weight"].abs().sum() > 0  # (a gradient to compare)
+
+
+def test_logged_lm_loss_after_a_skipped_micro_batch_is_the_kept_ones_token_mean(monkeypatch):
+    """on_nonfinite: skip drops micro-batch 1 of 2: the logged lm_loss is the second micro-batch's NLL sum over
+    its own trained tokens (not over both micro-batches' tokens), and the logged loss adds lm_coef times it."""
+    from stages import reward, trainer
+    from stages.config import RMLossConfig
+    from stages.distributed import DistInfo
+    from stages.trainer import LossGuard
+
+    for module in (reward, trainer):
+        monkeypatch.setattr(module, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
+    monkeypatch.setenv("RLHF_FAULT", "nan-loss@1")
+    model, batches = _pair_setup()
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    guard = LossGuard("loss", 1, "skip")
+    stats = reward.train_step(GradOnlyEngine(model, len(batches)), batches, dist, RMLossConfig(lm_coef=0.5), guard)
+    second = batches[1]
+    with torch.no_grad():
+        rewards, nll = model(second["input_ids"], second["attention_mask"], lm_labels=second["lm_labels"])
+    tokens = int((second["lm_labels"][:, 1:] != -100).sum())
+    assert guard.dropped == [0] and int((batches[0]["lm_labels"][:, 1:] != -100).sum()) > 0  # (the two differ)
+    assert stats["lm_loss"] == pytest.approx(float(nll) / tokens, rel=1e-5)
+    pair = float(-torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:] - second["margin"]).mean())
+    assert stats["loss"] == pytest.approx(pair + 0.5 * float(nll) / tokens, rel=1e-5)
+
+
+class _FirstTokenScorer:
+    """A stand-in engine for score_pairs: the reward of a row is its first token id; records each forward's
+    rows and whether it ran in eval mode."""
+
+    def __init__(self) -> None:
+        self.training, self.calls = True, []
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, lm_labels: Any = None) -> tuple[torch.Tensor, None]:
+        self.calls.append((ids[:, 0].tolist(), self.training))
+        return ids[:, 0].double(), None
+
+    def eval(self) -> None:
+        self.training = False
+
+    def train(self) -> None:
+        self.training = True
+
+
+def test_score_pairs_deals_pairs_round_robin_and_discards_the_stand_in():
+    """5 pairs (chosen first token 10 + i, rejected 20 + i, margin i / 10) on 2 ranks, micro-batches of 2: rank 0
+    scores pairs 0, 2, 4; rank 1 pairs 1, 3 and then a stand-in (pair 0) it discards, so both run 2 forwards;
+    each returns its own rewards and margins only, and leaves the engine in training mode."""
+    from stages.data import TokenizedExample
+    from stages.distributed import DistInfo
+    from stages.reward import score_pairs
+
+    rows = PairRows()
+    for i in range(5):
+        rows.append(TokenizedExample([10 + i, 1], [-100, 1]), TokenizedExample([20 + i, 1, 1], [-100, 1, 1]), i / 10)
+    expected = {0: ([10.0, 12.0, 14.0], [20.0, 22.0, 24.0], [0.0, 0.2, 0.4], [[10, 12, 20, 22], [14, 24]]),
+                1: ([11.0, 13.0], [21.0, 23.0], [0.1, 0.3], [[11, 13, 21, 23], [10, 20]])}
+    for rank, (chosen, rejected, margins, forwards) in expected.items():
+        engine = _FirstTokenScorer()
+        dist = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        got = score_pairs(engine, rows, 2, dist, pad_id=0)
+        assert got == (chosen, rejected, pytest.approx(margins)), rank
+        assert engine.calls == [(f, False) for f in forwards], rank
+        assert engine.training, rank
+
+
+def test_reward_metrics_use_the_margins_and_count_pairs():
+    """Pair 1: r+ 1, r- 0, margin 1 -> -log sigmoid(0) = log 2; pair 2: a tie, margin 0 -> log 2. Two pairs
+    (not four rewards)."""
+    m = reward_metrics([1.0, 2.0], [0.0, 2.0], [1.0, 0.0], prefix="eval")
+    assert m["eval/loss"] == pytest.approx(math.log(2))
+    assert m["eval/pairs"] == 2.0
+
+
+def test_stats_record_holds_the_distribution_accuracy_pairs_split_and_step():
+    """Rewards 1, 3 (chosen) and 0, 4 (rejected): mean 2, population std sqrt(2.5), min 0, max 4; accuracy 1/2
+    (margin 0, which must not stand in for it); 2 pairs."""
+    from stages.reward import _stats_record
+
+    record = _stats_record(reward_metrics([1.0, 3.0], [0.0, 4.0], [0.0, 0.0], prefix="eval"), "eval", 7)
+    assert record == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.5)), "min": 0.0, "max": 4.0, "accuracy": 0.5,
+                      "pairs": 2, "split": "eval", "step": 7}
+
+
+def test_resumed_stats_reads_the_checkpoints_reward_stats(tmp_path):
+    """A resume from step 4 reads checkpoint 4's hf/reward_stats.json; a checkpoint without one, or a fresh run
+    (step 0), has none."""
+    import json
+
+    from stages.checkpoint import checkpoint_name
+    from stages.reward import REWARD_STATS_FILE, resumed_stats
+
+    hf = tmp_path / checkpoint_name(4) / "hf"
+    hf.mkdir(parents=True)
+    (hf / REWARD_STATS_FILE).write_text(json.dumps({"mean": 0.5, "step": 4}))
+    (tmp_path / checkpoint_name(6) / "hf").mkdir(parents=True)
+    assert resumed_stats(tmp_path, 4) == {"mean": 0.5, "step": 4}
+    assert resumed_stats(tmp_path, 6) is None and resumed_stats(tmp_path, 0) is None
+
+
+def test_describe_pairs_names_each_count_in_its_place():
+    """Every count of a pair data report has a distinct value here, so each must land in its own place."""
+    from stages.data import DataReport
+    from stages.reward import describe_pairs
+
+    report = DataReport(examples=20, tokens=1234, identical_pairs=2, identical_after_truncation=1, duplicate_pairs=3,
+                        context_cut_pairs=4, prompt_truncated=6, response_truncated=7, prompt_repeats=8)
+    assert describe_pairs("train", report) == (
+        "train data: 20 pairs; 1,234 tokens; dropped 2 identical pair(s) (1 made so by max_length) and 3 duplicate(s), "
+        "4 pair(s) differing before the final turn that max_length cut into (raise it); truncated: 6 prompts (left), "
+        "7 responses (right); 8 pair(s) whose chosen and rejected both begin with the prompt text (read twice: give "
+        "the responses alone)" + report.notes())
+    plain = DataReport(examples=20, tokens=10)
+    assert describe_pairs("eval", plain) == (
+        "eval data: 20 pairs; 10 tokens; dropped 0 identical pair(s) (0 made so by max_length) and 0 duplicate(s); "
+        "truncated: 0 prompts (left), 0 responses (right)" + plain.notes())
+
+
+def test_eval_fraction_0_holds_out_nothing(tmp_path):
+    """data.eval_fraction: 0 and no data.eval: every pair trains and there is no eval split (split_holdout would
+    hold out one pair even at fraction 0); at 0.1 it holds out round(0.1 x 30) = 3 of 30."""
+    import json
+
+    import yaml
+
+    from conftest import REPO
+    from rlhf_cli.config_loader import load_config
+    from stages.distributed import ONE_PROCESS
+    from stages.reward import load_rm_data
+
+    tiny = REPO / "configs" / "tiny"
+    model = yaml.safe_load((tiny / "sft.yaml").read_text())["model"]["from_config"]
+    (tmp_path / "train.jsonl").write_text("\n".join((tiny / "data" / "rm.jsonl").read_text().splitlines()[:30]) + "\n")
+    for fraction, n_eval in ((0, None), (0.1, 3)):
+        cfg = load_config("train-rm", tiny / "rm.yaml", [
+            f"output_dir={tmp_path / 'rm'}", "model.name_or_path=null", f"model.from_config={json.dumps(model)}",
+            f"data.train={tmp_path / 'train.jsonl'}", f"data.eval_fraction={fraction}"])
+        _, _, train, held, reports = load_rm_data(cfg, tmp_path / "rm", ONE_PROCESS, save=False)
+        assert (len(held) if held is not None else None) == n_eval, fraction
+        assert len(train) + (n_eval or 0) == 30
+        assert sorted(reports) == (["train"] if n_eval is None else ["eval", "train"])

@@ -1,0 +1,250 @@
+"""The `--dry-run` memory estimate (stages/memory.py) piece by piece, against hand-computed values: the DeepSpeed
+settings it reads, the trained-model parts the census test in test_bench.py does not reach (ZeRO-1 offload, fp32
+ZeRO-2, fp32 accumulation at ZeRO-3, large models' all-reduce buckets), activations and logits of every branch,
+the architecture read from a config, the PPO / SFT / RM components and the printed table. No model is trained."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from conftest import REPO
+from stages.config import DeepSpeedConfig
+from stages.memory import (GIB, Phase, Shape, ZeroTuning, activations, format_estimate, logit_bytes, trained_model,
+                           zero_tuning)
+
+TINY = REPO / "configs" / "tiny"
+F32_ACCUM = {"data_types": {"grad_accum_dtype": "fp32"}}
+_ZERO12 = ["fp32 gradients", "flattened 16-bit gradients"]
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed settings
+def test_zero_tuning_keeps_deepspeeds_defaults_for_keys_not_set():
+    """No raw config: reduce bucket 5e8, prefetch 5e7, sub-group 1e9 elements, contiguous gradients, overlap_comm
+    and the accumulation dtype left to DeepSpeed (None)."""
+    assert zero_tuning(DeepSpeedConfig()) == ZeroTuning(500_000_000, 50_000_000, 1_000_000_000, True, None, None)
+    assert zero_tuning(DeepSpeedConfig(config={"zero_optimization": {}})).reduce_bucket == 500_000_000
+
+
+def test_zero_tuning_reads_each_key_of_the_raw_config():
+    """Every memory-moving key, spelled as a DeepSpeed JSON may (numbers as strings, 'false'), is read."""
+    raw = {"zero_optimization": {"reduce_bucket_size": "2e3", "stage3_prefetch_bucket_size": 300,
+                                 "sub_group_size": 40, "contiguous_gradients": "false", "overlap_comm": "true"},
+           **F32_ACCUM}
+    assert zero_tuning(DeepSpeedConfig(zero_stage=3, config=raw)) == ZeroTuning(2000, 300, 40, False, True, 4)
+    half = {"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"overlap_comm": False}}
+    assert zero_tuning(DeepSpeedConfig(zero_stage=1, precision="fp32", config=half)).accum_bytes == 2
+    assert zero_tuning(DeepSpeedConfig(zero_stage=1, precision="fp32", config=half)).overlap_comm is False
+
+
+# --------------------------------------------------------------------------------------------- trained model
+def _trained(**ds: Any) -> tuple[dict[str, float], Phase]:
+    """N = 1000 parameters (the largest 300) on W = 2 ranks, bf16 unless said, reduce buckets of 100 elements
+    (the set-up of test_bench.py's hand table)."""
+    raw = {"zero_optimization": {"reduce_bucket_size": 100, **ds.pop("zero", {})}, **ds.pop("config", {})}
+    cfg = DeepSpeedConfig(**{"precision": "bf16", **ds, "config": raw})
+    return trained_model(1000, cfg, world=2, largest=300, tuning=zero_tuning(cfg))
+
+
+@pytest.mark.parametrize("ds, expected, gradients, moments", [
+    # ZeRO-1 with offload_optimizer and float32 accumulation is no BF16_Optimizer: whole-model float32
+    # gradients (4 N), a float32 bucket, the 16-bit staging buffer of the largest parameter (2 x 300), no step copy
+    (dict(zero_stage=1, offload_optimizer=True, config=F32_ACCUM),
+     {"weights": 2000, "optimizer": 0, "gradients": 4000, "reduce bucket": 400, "offload staging buffer": 600},
+     ["gradients"], {"backward": ["reduce bucket"]}),
+    # ZeRO-2 with offload keeps its reduce bucket even without contiguous gradients
+    (dict(zero_stage=2, offload_optimizer=True, zero={"contiguous_gradients": False}),
+     {"weights": 2000, "optimizer": 0, "gradients": 0, "reduce bucket": 200, "offload staging buffer": 600},
+     ["gradients"], {"backward": ["reduce bucket"]}),
+    # ZeRO-1 without contiguous gradients: no bucket and no gradient partition at the end of the backward pass;
+    # the step's copies are 4 x 1000 / 2 and 2 x 1000 / 2
+    (dict(zero_stage=1, zero={"contiguous_gradients": False}),
+     {"weights": 2000, "optimizer": 6000, "gradients": 2000, "fp32 gradients": 2000,
+      "flattened 16-bit gradients": 1000},
+     ["gradients"], {"step": _ZERO12}),
+    # fp32 ZeRO-2: the partition (4 x 1000 / 2) is float32 and is still flattened for the step: one float32 copy
+    (dict(zero_stage=2, precision="fp32"),
+     {"weights": 4000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 400, "fp32 gradients": 2000},
+     ["gradients"], {"backward": ["reduce bucket"], "step": ["fp32 gradients"]}),
+    # ZeRO-3 accumulating in float32: a float32 partition (4 x 1000 / 2), the bucket in the 16-bit precision
+    (dict(zero_stage=3, config=F32_ACCUM),
+     {"weights": 1000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 200,
+      "ZeRO-3 gathered parameters": 2 * (300 + 1000), "fp32 gradients": 2000, "flattened 16-bit gradients": 1000},
+     [], {"step": _ZERO12}),
+    # ZeRO-3 without contiguous gradients: no bucket
+    (dict(zero_stage=3, zero={"contiguous_gradients": False}),
+     {"weights": 1000, "optimizer": 6000, "gradients": 1000, "ZeRO-3 gathered parameters": 2600,
+      "fp32 gradients": 2000, "flattened 16-bit gradients": 1000}, [], {"step": _ZERO12}),
+])
+def test_trained_model_parts_beyond_the_census(ds, expected, gradients, moments):
+    got, phase = _trained(**ds)
+    assert got == expected
+    assert (phase.gradients, phase.moments) == (gradients, moments)
+
+
+def test_the_zero0_all_reduce_bucket_of_a_large_model_is_500m_elements_plus_the_largest_parameter():
+    """N = 1e9 parameters, the largest 1e8: the engine flattens min(N, 5e8 + 1e8) = 6e8 elements at a time, in
+    the training precision (2 bytes: 1.2e9) or, under BF16_Optimizer, float32 + bf16 (6 bytes: 3.6e9); a model
+    smaller than the bucket all-reduces N elements at once (2 x 3e8)."""
+    def buffer(n: int, **ds: Any) -> float:
+        cfg = DeepSpeedConfig(**{"precision": "bf16", **ds})
+        return trained_model(n, cfg, world=2, largest=100_000_000, tuning=zero_tuning(cfg))[0]["all-reduce buffer"]
+
+    assert buffer(1_000_000_000, zero_stage=0) == 2 * 600_000_000
+    assert buffer(1_000_000_000, zero_stage=1, config=F32_ACCUM) == 6 * 600_000_000
+    assert buffer(300_000_000, zero_stage=0) == 2 * 300_000_000
+
+
+def test_the_default_reduce_bucket_is_deepspeeds_5e8_elements():
+    """ZeRO-2 bf16 with no raw config: one bucket of 5e8 bf16 elements (1e9 bytes, the docstring's 0.93 GiB)."""
+    cfg = DeepSpeedConfig(zero_stage=2, precision="bf16")
+    parts, _ = trained_model(1000, cfg, world=2, largest=300, tuning=zero_tuning(cfg))
+    assert parts["reduce bucket"] == 2 * 500_000_000
+
+
+# --------------------------------------------------------------------------------------------- activations, logits
+#: a GPT-like (ungated) and a Llama-like (gated) shape: 3 layers, H = 8, I = 16, K = 4, V = 50
+UNGATED = Shape(0, 3, 8, 50, 4, 16, gated=False)
+GATED = Shape(0, 3, 8, 50, 4, 16, gated=True)
+
+
+def test_activations_of_each_branch_by_hand():
+    """2 rows x 5 tokens: ungated 34 H = 272 bytes per token per layer at 2 bytes; gated 20 H + 8 I + 4 K =
+    160 + 128 + 16 = 304; fp32 doubles them; checkpointing keeps each layer's input (b x 10 x 8 per layer) plus
+    one layer in full."""
+    assert activations(UNGATED, 2, 5, "bf16", False) == 272 * 10 * 3  # 8160
+    assert activations(GATED, 2, 5, "bf16", False) == 304 * 10 * 3  # 9120
+    assert activations(GATED, 2, 5, "fp32", False) == 304 * 10 * 2 * 3  # 18240
+    assert activations(GATED, 2, 5, "bf16", True) == 2 * 10 * 8 * 3 + 304 * 10  # 480 + 3040
+    assert activations(UNGATED, 2, 5, "fp32", True) == 4 * 10 * 8 * 3 + 272 * 10 * 2  # 960 + 5440
+
+
+def test_logit_bytes_of_each_branch_by_hand():
+    """V = 50, 3 scored positions per row. Chunked: one block of min(chunk, rows x 3) rows, 16 bytes per element
+    (28 with the entropy). Full logits: the logits and their gradient (2 b rows 3 V) plus one float32 block of
+    min(8, rows) rows (16 bytes per element, 24 with the entropy)."""
+    assert logit_bytes(GATED, 2, 3, "bf16", 100) == 6 * 50 * 16  # the chunk exceeds the 6 positions
+    assert logit_bytes(GATED, 2, 3, "bf16", 100, entropy=True) == 6 * 50 * 28
+    assert logit_bytes(GATED, 2, 3, "bf16", 4) == 4 * 50 * 16
+    assert logit_bytes(GATED, 10, 3, "bf16", 0) == 2 * 2 * 10 * 3 * 50 + 8 * 3 * 50 * 16  # 6000 + 19200
+    assert logit_bytes(GATED, 10, 3, "fp32", 0, entropy=True) == 2 * 4 * 10 * 3 * 50 + 8 * 3 * 50 * 24
+    assert logit_bytes(GATED, 2, 3, "bf16", 0) == 2 * 2 * 2 * 3 * 50 + 2 * 3 * 50 * 16  # 1200 + 4800
+
+
+# --------------------------------------------------------------------------------------------- architecture
+def test_model_shape_reads_every_field_of_a_gated_gqa_and_a_gpt2_architecture():
+    """Llama (H 32, I 64, 2 layers, 4 heads of 8, 2 kv heads) with a 100-word vocabulary: K = 2 x 8 = 16, gated,
+    the largest parameter the 100 x 32 embedding. GPT-2 (n_embd 16, one layer, 2 heads, 32 positions, 50 words):
+    no n_inner, so I = 4 x 16; K = 2 heads x 8 (no kv heads of its own); not gated; the largest parameter the
+    MLP's 16 x 64 c_fc (above wte 50 x 16, c_attn 16 x 48, wpe 32 x 16)."""
+    from stages.config import ModelConfig
+    from stages.memory import model_shape
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32  # q, o, k, v, MLP, norms
+    assert model_shape(ModelConfig(from_config=llama), vocab_hint=100) == Shape(
+        2 * 100 * 32 + 2 * per_layer + 32, 2, 32, 100, 16, 64, True, 100 * 32)
+    gpt2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32}
+    shape = model_shape(ModelConfig(from_config=gpt2), vocab_hint=50)
+    assert shape is not None and shape[1:] == (1, 16, 50, 16, 64, False, 16 * 64)
+
+
+# --------------------------------------------------------------------------------------------- stage estimates
+#: the shapes the patched `model_shape` returns, by name_or_path
+POLICY = Shape(1000, 2, 8, 50, 4, 16, gated=True, largest=300)  # 304 activation bytes per token per layer
+CRITIC = Shape(600, 1, 4, 50, 4, 0, gated=False, largest=200)  # 34 x 4 = 136
+
+
+@pytest.fixture
+def shapes(monkeypatch) -> None:
+    from stages import memory
+
+    monkeypatch.setattr(memory, "model_shape", lambda cfg, hint=None: {"policy": POLICY, "critic": CRITIC,
+                                                                       "sft": POLICY}[cfg.name_or_path])
+    monkeypatch.setattr(memory, "tokenizer_vocab", lambda cfg: None)
+
+
+def _ppo(tmp_path, *sets: str) -> Any:
+    from rlhf_cli.config_loader import load_config
+
+    return load_config("ppo", TINY / "ppo.yaml", [
+        f"output_dir={tmp_path}", "model.name_or_path=policy", "reward_model.name_or_path=critic",
+        "data.max_prompt_length=6", "generation.max_new_tokens=4", "train.rollout_batch_size=4",
+        "train.mini_batch_size=4", "train.micro_batch_size=2", "deepspeed.precision=bf16", *sets])
+
+
+def test_ppo_estimate_components_by_hand(tmp_path, shapes):
+    """bf16, ZeRO-0 on 2 ranks, micro-batches of 2 rows of 6 + 4 = 10 tokens, 4 prompts per rollout:
+    frozen reference 2 x 1000 and reward model 2 x 600 (whole per rank); KV cache 2 x 2 layers x K 4 x 10 tokens
+    x 4 prompts x 2 bytes; the policy's activations 304 x 20 tokens x 2 layers, the critic's 136 x 20 x 1 layer;
+    logits: one chunk of min(3, 2 rows x 4 responses) = 3 rows x V 50, 28 bytes each with the entropy."""
+    from stages.memory import estimate
+
+    est = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "train.logprob_chunk=3", "ppo.entropy_coef=0.01"), 2)
+    parts = est["parts"]
+    assert parts["reference weights"] == 2000 and parts["reward model weights"] == 1200
+    assert "sampling copy of the policy" not in parts
+    assert parts["KV cache (rollout)"] == 2 * 2 * 4 * 10 * 4 * 2  # 640
+    assert parts["activations (policy micro-batch)"] == 304 * 20 * 2  # 12160
+    assert parts["activations (critic micro-batch)"] == 136 * 20 * 1  # 2720
+    assert parts["logits (policy micro-batch)"] == 3 * 50 * 28  # 4200
+    assert parts["policy weights"] == 2000 and parts["critic weights"] == 1200
+    assert est["phases"]["policy"].moments["backward"][-2:] == ["activations (policy micro-batch)",
+                                                                 "logits (policy micro-batch)"]
+    assert est["phases"]["critic"].moments["backward"][-1] == "activations (critic micro-batch)"
+    no_entropy = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "train.logprob_chunk=3"), 2)
+    assert no_entropy["parts"]["logits (policy micro-batch)"] == 3 * 50 * 16
+
+
+def test_ppo_estimate_frozen_models_and_sampling_copy_follow_their_own_stages(tmp_path, shapes):
+    """ZeRO-3 on 2 ranks: the sampling copy is the whole policy (2 x 1000); the frozen models are partitioned
+    (/ 2) by default, whole with frozen_zero_stage 0. ZeRO-2 has no sampling copy."""
+    from stages.memory import estimate
+
+    parts = estimate(_ppo(tmp_path, "deepspeed.zero_stage=3"), 2)["parts"]
+    assert (parts["reference weights"], parts["reward model weights"]) == (1000, 600)
+    assert parts["sampling copy of the policy"] == 2000
+    parts = estimate(_ppo(tmp_path, "deepspeed.zero_stage=3", "deepspeed.frozen_zero_stage=0"), 2)["parts"]
+    assert (parts["reference weights"], parts["reward model weights"]) == (2000, 1200)
+    assert "sampling copy of the policy" not in estimate(_ppo(tmp_path, "deepspeed.zero_stage=2"), 2)["parts"]
+
+
+def _lm(stage: str, tmp_path, *sets: str) -> Any:
+    from rlhf_cli.config_loader import load_config
+
+    return load_config(stage, TINY / ("sft.yaml" if stage == "sft" else "rm.yaml"), [
+        f"output_dir={tmp_path}", "model.from_config=null", "model.name_or_path=sft", "data.max_length=10",
+        "train.micro_batch_size=2",
+        "deepspeed.precision=bf16", *sets])
+
+
+def test_sft_and_rm_estimates_logits_and_activations_by_hand(tmp_path, shapes):
+    """2 rows of 10 tokens, V 50, bf16. SFT: activations 304 x 20 x 2 layers; logits 3 x 2 bytes x 20 x 50 plus
+    one float32 cross-entropy block of min(4096, 20) rows x 50 x 12 bytes. RM: chosen + rejected = 4 rows
+    (304 x 40 x 2); no LM loss, no logits; with lm_coef one block of min(4096, 40) rows x 50 x 12."""
+    from stages.memory import estimate
+
+    sft = estimate(_lm("sft", tmp_path), 1)["parts"]
+    assert sft["activations (micro-batch)"] == 304 * 20 * 2  # 12160
+    assert sft["logits"] == 3 * 2 * 20 * 50 + 20 * 50 * 12  # 6000 + 12000
+    rm = estimate(_lm("train-rm", tmp_path), 1)
+    assert rm["parts"]["activations (micro-batch)"] == 304 * 40 * 2  # 24320
+    assert "logits" not in rm["parts"] and rm["phases"]["model"].moments["backward"][-1] == "activations (micro-batch)"
+    lm = estimate(_lm("train-rm", tmp_path, "loss.lm_coef=0.5"), 1)
+    assert lm["parts"]["logits"] == 40 * 50 * 12  # 24000
+    assert lm["phases"]["model"].moments["backward"][-1] == "logits"
+
+
+# --------------------------------------------------------------------------------------------- printed table
+def test_format_estimate_prints_gib_marks_update_parts_and_skips_zeros():
+    est = {"world_size": 2, "total": 3 * GIB,
+           "parts": {"model weights": 1.5 * GIB, "model gradients": 0.25 * GIB, "model optimizer": 0.0},
+           "phases": {"model": Phase(["model gradients"], {})}}
+    lines = format_estimate(est).splitlines()
+    assert lines[0] == "memory estimate per rank (2 rank(s); arithmetic, see stages/memory.py):"
+    assert lines[1] == f"  {'model weights':<38} {1.5:9.3f} GiB"  # "      1.500"
+    assert lines[2] == f"  {'model gradients *':<38} {0.25:9.3f} GiB"
+    assert lines[3] == f"  {'peak':<38} {3.0:9.3f} GiB"  # the zero optimizer line is left out
+    assert "unavailable" in format_estimate(None)
