@@ -341,7 +341,8 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
-    block = min(LOSS_BLOCK_ROWS, rows * length) * shape.vocab * LM_LOSS_BLOCK  # one checkpointed float32 block
+    trained = t.micro_batch_size * length  # positions the LM loss scores: the RM's chosen rows only
+    block = min(LOSS_BLOCK_ROWS, trained) * shape.vocab * LM_LOSS_BLOCK  # one checkpointed float32 block
     if isinstance(cfg, SFTConfig):  # the model's logits, the trained rows' copy, its gradient; one block
         parts["logits"] = 3 * rows * length * shape.vocab * _bytes(ds.precision) + block
     elif cfg.loss.lm_coef > 0:  # LMHead: one block of the chosen rows at a time

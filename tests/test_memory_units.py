@@ -223,7 +223,8 @@ def _lm(stage: str, tmp_path, *sets: str) -> Any:
 def test_sft_and_rm_estimates_logits_and_activations_by_hand(tmp_path, shapes):
     """2 rows of 10 tokens, V 50, bf16. SFT: activations 304 x 20 x 2 layers; logits 3 x 2 bytes x 20 x 50 plus
     one float32 cross-entropy block of min(4096, 20) rows x 50 x 12 bytes. RM: chosen + rejected = 4 rows
-    (304 x 40 x 2); no LM loss, no logits; with lm_coef one block of min(4096, 40) rows x 50 x 12."""
+    (304 x 40 x 2); no LM loss, no logits; with lm_coef one block over the chosen rows' positions only (the
+    rejected rows train no LM loss): min(4096, 2 x 10) rows x 50 x 12."""
     from stages.memory import estimate
 
     sft = estimate(_lm("sft", tmp_path), 1)["parts"]
@@ -233,7 +234,7 @@ def test_sft_and_rm_estimates_logits_and_activations_by_hand(tmp_path, shapes):
     assert rm["parts"]["activations (micro-batch)"] == 304 * 40 * 2  # 24320
     assert "logits" not in rm["parts"] and rm["phases"]["model"].moments["backward"][-1] == "activations (micro-batch)"
     lm = estimate(_lm("train-rm", tmp_path, "loss.lm_coef=0.5"), 1)
-    assert lm["parts"]["logits"] == 40 * 50 * 12  # 24000
+    assert lm["parts"]["logits"] == 20 * 50 * 12  # 12000
     assert lm["phases"]["model"].moments["backward"][-1] == "logits"
 
 
