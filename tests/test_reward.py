@@ -206,6 +206,31 @@ def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample
     assert json.loads((out / "final" / "reward_stats.json").read_text())["split"] == "eval"
 
 
+def test_eval_pairs_that_truncation_makes_identical_are_a_warning_and_the_stats_come_from_the_train_set(
+        tmp_path, few_pairs):  # (60 train pairs: the train-set statistics score them all)
+    """data.eval whose pairs differ only past max_length (32 tokens; each response is 40 words and differs in the
+    last): every one is dropped as identical after truncation, so the run says there is no usable eval pair,
+    trains without evaluating, and final/reward_stats.json is the train set's."""
+    words = " ".join(["one two three four"] * 10)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"count {i}"}],
+                                        "chosen": [{"role": "assistant", "content": f"{words} yes"}],
+                                        "rejected": [{"role": "assistant", "content": f"{words} no"}]}) + "\n"
+                            for i in range(2)))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(few_pairs.read_text().splitlines(keepends=True)[:60]))
+    cfg = rm_dict(tmp_path, None, train, max_steps=1, micro_batch_size=4, save_every=0, eval_every=1)
+    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    cfg["data"].update({"eval": str(held), "max_length": 32})
+    out, res = _train(tmp_path, cfg)
+    assert "no usable eval pair; reward statistics will come from the train set" in res.stdout + res.stderr
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["eval"]["identical_after_truncation"] == 2 and report["eval"]["examples"] == 0
+    assert not _rows(out, "eval/loss")
+    stats = json.loads((out / "final" / "reward_stats.json").read_text())
+    assert stats["split"] == "train" and stats["pairs"] == report["train"]["examples"] > 50
+
+
 @pytest.mark.slow
 def test_two_processes_zero2_match_one_process_with_accumulation(tmp_path, tiny_sft, few_pairs):
     """2 ranks x micro 8 equals 1 rank x micro 8 x accumulation 2: the pair loss is the mean over the global batch."""
