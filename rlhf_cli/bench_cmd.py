@@ -346,7 +346,8 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
             peak, bandwidth = device_peaks(cfg, _device(), matmul)
         if not peak or not bandwidth:
-            known = sorted({k for k, _ in PEAK_TFLOPS} & {k for k, _ in PEAK_BANDWIDTH_TBS})
+            names = dict.fromkeys(k for table in (PEAK_TFLOPS, PEAK_BANDWIDTH_TBS) for k, _ in table)
+            known = sorted(n for n in names if peak_tflops(n, matmul) and peak_bandwidth_tbs(n))  # as --gpu matches
             raise ConfigError(f"no peak FLOP/s and bandwidth for {name or 'this machine (no GPU)'}: give --gpu "
                               f"({', '.join(known)}) or peak_tflops and peak_bandwidth_tbs (--set)")
         floors = workload_floors(cfg, int(merged["ppo"]["ppo_epochs"]), dtype, peak, bandwidth)

@@ -90,14 +90,14 @@ def prepare_workload(cfg: BenchConfig, dtype: torch.dtype) -> Path:
     stamp = _stamp(cfg, dtype)
     if (root / WORKLOAD_STAMP).exists() and json.loads((root / WORKLOAD_STAMP).read_text()) == stamp:
         return root
-    shutil.rmtree(root, ignore_errors=True)
     w = cfg.workload
+    config = workload_model_config(cfg)
+    if config.vocab_size < w.words + 2:  # (before anything is deleted)
+        raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
+    shutil.rmtree(root, ignore_errors=True)
     tmp = root.with_name(".tmp-workload")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = workload_model_config(cfg)
-    if config.vocab_size < w.words + 2:
-        raise ValueError(f"workload.architecture.vocab_size ({config.vocab_size}) is below workload.words + 2")
     tok = word_tokenizer(config.vocab_size - 2)  # the prompts use the first `words` of them
     plain = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
     init_on = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # random init is slow on CPU
