@@ -956,3 +956,270 @@ def test_a_busy_host_is_warned_about_and_recorded(monkeypatch, capsys):
     bench_cmd.warn_if_host_busy()
     assert "load average 3.5 on 2 cores before the benchmark" in " ".join(capsys.readouterr().err.split())
     assert device_info(torch.device("cpu"))["host_cores"] == 2
+
+
+# ============================================================================================ config and summary units
+def _tiny(monkeypatch, tmp_path: Path, iters: int | None, warmup: int | None, *sets: str):
+    """The tiny workload's bench config, its output under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return bench_config("tiny", None, iters, warmup, list(sets))
+
+
+def test_the_ppo_config_a_benchmark_writes_hand_values(tmp_path, monkeypatch):
+    """Every key of the generated `rlhf ppo` config: exactly new_tokens per response, prompts of the workload's
+    length, no held-out split, one rollout and mini-batch of all prompts in micro-batches of at most 16, no
+    checkpoints; the bench config's ppo: keys on top (tiny.yaml's deepspeed; its train section nulled here)."""
+    from stages.bench import ppo_config_dict
+
+    cfg = _tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=40", "profile=false")
+    w = tmp_path / "wl"
+    assert ppo_config_dict(cfg, w) == {
+        "seed": 0, "output_dir": str(tmp_path / "runs/bench/tiny/ppo"),
+        "model": {"name_or_path": str(w / "policy")}, "reward_model": {"name_or_path": str(w / "rm")},
+        "data": {"train": str(w / "prompts.jsonl"), "eval_fraction": 0.0, "format": "prompt", "max_prompt_length": 16},
+        "generation": {"max_new_tokens": 16, "min_new_tokens": 16},
+        "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
+        "train": {"iterations": 4, "rollout_batch_size": 40, "mini_batch_size": 40, "micro_batch_size": 16,
+                  "forward_batch_size": 16, "sample_every": 0, "save_every": 0, "checkpoints": False},
+        "deepspeed": {"zero_stage": 0, "precision": "fp32"},
+        "logging": {"tensorboard": False, "profile_step": 0},
+    }
+    small = ppo_config_dict(_tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=6"), w)
+    assert (small["train"]["micro_batch_size"], small["train"]["forward_batch_size"]) == (6, 6)
+
+
+def _metrics(path: Path, rows: dict[int, dict[str, float]]) -> Path:
+    path.write_text("".join(json.dumps({"step": s, "rollout/response_length": 16.0, **r}) + "\n"
+                            for s, r in rows.items()))
+    return path
+
+
+def _perf_rows(iteration: list[float], generation: list[float], tflops: list[float], peak: list[float],
+               peak_key: str = "perf/peak_host_rss_gib") -> dict[int, dict[str, float]]:
+    return {i + 1: {"perf/iteration_s": it, "perf/generation_s": g, "perf/scoring_s": 0.2, "perf/policy_update_s": 0.3,
+                    "perf/critic_update_s": 0.1, "perf/update_tflops": t, peak_key: p}
+            for i, (it, g, t, p) in enumerate(zip(iteration, generation, tflops, peak))}
+
+
+def test_bench_summary_hand_values(tmp_path, monkeypatch):
+    """1 warm-up + 3 timed iterations of 8 prompts x 16 tokens: medians (not means) of the timed ones, each
+    throughput from them, the peak memory of the timed iterations only, the estimate in GiB (2**30 bytes)."""
+    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.config import PPOConfig
+
+    cfg = _tiny(monkeypatch, tmp_path, 3, 1, "profile=false", "peak_tflops=0.5")
+    ppo = PPOConfig.model_validate(ppo_config_dict(cfg, tmp_path / "wl"))
+    metrics = _metrics(tmp_path / "metrics.jsonl", _perf_rows(
+        [10.0, 1.0, 4.0, 2.0], [5.0, 0.5, 1.0, 0.8], [9.0, 0.1, 0.3, 0.2], [9.0, 1.0, 3.0, 2.0]))
+    estimate = {"total": 3 * 2**30, "parts": {"weights": 2**30, "KV cache (rollout)": 2**29}}
+    r = summarize_ppo(cfg, ppo, metrics, torch.device("cpu"), estimate)
+    assert (r["benchmark"], r["device"], r["weights_dtype"], r["precision"]) == ("ppo", "cpu", "float32", "fp32")
+    assert r["iterations_timed"] == 3 and r["per_iteration_s"] == [10.0, 1.0, 4.0, 2.0]
+    assert r["seconds_per_iteration"] == 2.0  # median of 1, 4, 2 (their mean: 2.33)
+    assert r["split_seconds"] == pytest.approx({"generation": 0.8, "scoring": 0.2, "policy_update": 0.3,
+                                                "critic_update": 0.1})
+    assert r["split_share"] == pytest.approx({"generation": 0.4, "scoring": 0.1, "policy_update": 0.15,
+                                              "critic_update": 0.05})
+    assert r["samples_per_s"] == pytest.approx(8 / 2.0)
+    assert r["generated_tokens_per_s"] == pytest.approx(8 * 16 / 2.0)
+    assert r["generation_tokens_per_s"] == pytest.approx(8 * 16 / 0.8)
+    assert (r["update_tflops"], r["peak_tflops"], r["mfu_update"]) == pytest.approx((0.2, 0.5, 0.4))
+    assert r["peak_bandwidth_tbs"] is None and r["floors"] is None  # no bandwidth known: no roofline
+    assert (r["peak_memory_gib"], r["peak_memory_kind"]) == (3.0, "peak_host_rss_gib")  # not the warm-up's 9
+    assert r["estimated_memory_gib"] == 3.0 and r["estimate_parts_gib"] == {"weights": 1.0, "KV cache (rollout)": 0.5}
+    assert r["profiled_iteration_s"] is None
+    with pytest.raises(ValueError, match="no timed iterations in"):  # a run stopped during the warm-up
+        summarize_ppo(cfg, ppo, _metrics(tmp_path / "m2.jsonl", _perf_rows([10.0], [5.0], [1.0], [1.0])),
+                      torch.device("cpu"), None)
+
+
+def test_a_profile_step_the_bench_config_sets_is_kept_and_left_out_of_the_timing(tmp_path, monkeypatch):
+    """ppo.logging.profile_step 3 (a timed iteration, as the user asked) stays; step 3 is then left out of the
+    medians and reported as the profiled iteration."""
+    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.config import PPOConfig
+
+    cfg = _tiny(monkeypatch, tmp_path, 3, 1, "ppo.logging.profile_step=3")
+    raw = ppo_config_dict(cfg, tmp_path / "wl")
+    assert (raw["train"]["iterations"], raw["logging"]["profile_step"]) == (5, 3)
+    ppo = PPOConfig.model_validate(raw)
+    metrics = _metrics(tmp_path / "metrics.jsonl", _perf_rows(
+        [10.0, 1.0, 7.0, 2.0, 6.0], [1.0] * 5, [1.0] * 5, [1.0] * 5))
+    r = summarize_ppo(cfg, ppo, metrics, torch.device("cpu"), None)
+    assert r["iterations_timed"] == 2 and r["seconds_per_iteration"] == 1.5  # steps 2 and 4
+    assert r["per_iteration_s"] == [10.0, 1.0, 2.0] and r["profiled_iteration_s"] == 7.0
+
+
+def test_on_a_known_gpu_the_configs_peak_wins_and_gpu_memory_is_reported(tmp_path, monkeypatch):
+    """A CUDA device (its name faked): the allocated-GPU peak is the memory figure; the bench config's
+    peak_tflops wins over the data sheet's, whose bandwidth (H100: 3.35 TB/s) fills the one not given."""
+    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.config import PPOConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "NVIDIA H100 80GB HBM3")
+    cfg = _tiny(monkeypatch, tmp_path, 2, 1, "profile=false", "peak_tflops=0.5")
+    ppo = PPOConfig.model_validate(ppo_config_dict(cfg, tmp_path / "wl"))
+    rows = _perf_rows([3.0, 1.0, 2.0], [0.5] * 3, [0.1] * 3, [9.0, 1.0, 2.5], "perf/peak_gpu_allocated_gib")
+    for row in rows.values():
+        row["perf/peak_host_rss_gib"] = 20.0
+    r = summarize_ppo(cfg, ppo, _metrics(tmp_path / "metrics.jsonl", rows), torch.device("cuda", 0), None)
+    assert r["device"] == "NVIDIA H100 80GB HBM3"
+    assert (r["peak_memory_gib"], r["peak_memory_kind"]) == (2.5, "peak_gpu_allocated_gib")
+    assert (r["peak_tflops"], r["peak_bandwidth_tbs"]) == (0.5, 3.35)
+    assert r["floors"] is not None and r["floors"]["iteration"]["gap"] == pytest.approx(
+        1.5 / workload_floors(cfg, 1, torch.float32, 0.5, 3.35)["iteration"].seconds)
+
+
+def test_a_workload_is_built_once_per_dtype_with_four_prompts_per_rollout_slot(tmp_path, monkeypatch):
+    """A workload of 2 prompts x 3 words from 5, on a vocabulary of 16 rows: 8 prompts (4 rollouts' worth), a
+    tokenizer naming every row; rebuilt in bf16 when asked for bf16 (the stamp records the dtype); a vocabulary
+    below words + 2 is refused."""
+    from safetensors import safe_open
+
+    from stages.bench import dtype_name, prepare_workload
+    from stages.models import load_tokenizer
+
+    arch = ["workload.architecture.vocab_size=16", "workload.architecture.hidden_size=16",
+            "workload.architecture.intermediate_size=32", "workload.architecture.num_hidden_layers=1"]
+    cfg = _tiny(monkeypatch, tmp_path, None, None, *arch, "workload.prompts=2", "workload.prompt_length=3",
+                "workload.words=5")
+    root = prepare_workload(cfg, torch.float32)
+    assert root == tmp_path / "runs/bench/tiny/workload"
+    prompts = [json.loads(x)["prompt"].split() for x in (root / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 8 and all(len(p) == 3 and set(p) <= {f"w{i}" for i in range(5)} for p in prompts)
+    tok = load_tokenizer(str(root / "policy"))
+    assert len(tok) == 16 and (tok.pad_token_id, tok.eos_token_id) == (0, 1)
+    assert tok("w0 w4 w13")["input_ids"] == [2, 6, 15]  # word i is id i + 2, up to the vocabulary's last row
+
+    def weights_dtype() -> torch.dtype:
+        with safe_open(str(root / "policy" / "model.safetensors"), "pt") as f:
+            return f.get_tensor(next(iter(f.keys()))).dtype
+
+    assert weights_dtype() == torch.float32
+    prepare_workload(cfg, torch.bfloat16)
+    assert weights_dtype() == torch.bfloat16 and dtype_name(torch.bfloat16) == "bfloat16"
+    bad = _tiny(monkeypatch, tmp_path, None, None, *arch, "workload.words=15")
+    with pytest.raises(ValueError, match=r"vocab_size \(16\) is below workload.words \+ 2"):
+        prepare_workload(bad, torch.float32)
+    assert weights_dtype() == torch.bfloat16  # the refusal deleted nothing, and left no half-built workload
+    assert not (root.parent / ".tmp-workload").exists()
+
+
+def test_bench_config_takes_exactly_one_source_and_a_zero_warmup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from stages.errors import ConfigError
+
+    for workload, config in (("tiny", ROOT / "configs/bench/tiny.yaml"), (None, None)):
+        with pytest.raises(ConfigError, match="give exactly one of --workload NAME and --config FILE"):
+            bench_config(workload, config, None, None, [])
+    cfg = bench_config("tiny", None, None, 0, [])  # --warmup 0: none, not the config's 1
+    assert (cfg.iterations, cfg.warmup) == (2, 0)
+    cfg = bench_config("tiny", None, 7, None, [])
+    assert (cfg.iterations, cfg.warmup) == (7, 1)
+
+
+def test_a_host_at_half_load_is_warned_about(monkeypatch, capsys):
+    """The threshold: a 1-minute load of half the cores warns, just under it does not."""
+    import os
+
+    from rlhf_cli import bench_cmd
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.99, 0.0, 0.0))
+    bench_cmd.warn_if_host_busy()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    bench_cmd.warn_if_host_busy()
+    assert "load average 2.0 on 4 cores" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("option, paths", [("both", ["static", "dynamic"]), ("compiled", ["static", "fused"]),
+                                           ("all", ["static", "dynamic", "fused"]), ("fused", ["fused"]),
+                                           ("dynamic", ["dynamic"])])
+def test_bench_generate_times_the_paths_its_cache_option_names(tmp_path, monkeypatch, option, paths):
+    from rlhf_cli import bench_cmd
+    from stages import bench
+
+    asked = []
+
+    def fake(cfg, root, ppo, device, caches):
+        asked.append(caches)
+        return {**{c: {"compile": False, "seconds": 1.0, "tokens_per_s": 128.0} for c in caches},
+                "sampling": {"seconds_per_step": 0.001, "logits_shape": [8, 1024]}, "compiled_graphs": 0,
+                "cudagraph_skips": 0, "floor": None}
+
+    monkeypatch.setattr(bench_cmd, "_setup", lambda *args: (None, None, tmp_path))
+    monkeypatch.setattr(bench, "bench_generate", fake)
+    r = invoke_cli("bench", "generate", "--workload", "tiny", "--cache", option, "--out", str(tmp_path / "g.json"))
+    assert r.exit_code == 0, r.output
+    assert asked == [paths] and set(json.loads((tmp_path / "g.json").read_text())) >= set(paths)
+
+
+def test_bench_floor_lists_the_gpus_it_can_price():
+    r = invoke_cli("bench", "floor", "--workload", "w1", "--gpu", "cpu", width=400)
+    assert r.exit_code == 2 and "give --gpu (A100, A100 80GB PCIe, A100-SXM-80GB, A100-SXM4-80GB, A10G, GH200, " \
+        "GH200 144G, H100, H100 NVL, H100 PCIe, H200, H200 NVL, L4, L40, L40S) or peak_tflops" \
+        in " ".join(r.output.split()), r.output  # every name both tables price, as --gpu matches them
+
+
+def test_the_workload_is_built_in_the_dtype_the_ppo_run_loads(tmp_path, monkeypatch):
+    """No precision in the bench config's ppo: section: rlhf ppo's default (bf16) is the weights' dtype, and the
+    workload is built in it (not in float32, which the run would then cast)."""
+    from rlhf_cli.bench_cmd import _setup
+    from stages import bench
+    from stages.engine import model_dtype
+    from stages.errors import ConfigError
+
+    built = []
+
+    def prepare(cfg, dtype: torch.dtype) -> Path:  # what the PPO config's paths need to exist, no models
+        built.append(dtype)
+        for name in ("policy", "rm"):
+            (tmp_path / "wl" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "wl" / "prompts.jsonl").write_text('{"prompt": "w1 w2"}\n')
+        return tmp_path / "wl"
+
+    monkeypatch.setattr(bench, "prepare_workload", prepare)
+    monkeypatch.chdir(tmp_path)
+    cfg, ppo, root = _setup("tiny", None, None, None, ["ppo.deepspeed=null"])
+    assert ppo.deepspeed.precision == "bf16" and root == tmp_path / "wl"
+    assert built == [torch.bfloat16] == [model_dtype(ppo.model.dtype, ppo.deepspeed.precision)]
+    # a ppo: key the config loader refuses (a path checked only there): named, and said to be the generated config's
+    with pytest.raises(ConfigError, match=r"reward_model.name_or_path: path does not exist: /nowhere/rm\n\(the PPO "
+                       r"config the benchmark generated; its keys come from the bench config's ppo: section"):
+        _setup("tiny", None, None, None, ["ppo.reward_model.name_or_path=/nowhere/rm"])
+
+
+def test_bench_generate_on_a_micro_workload_hand_checked(tmp_path, monkeypatch):
+    """2 prompts x 3 tokens, exactly 4 new tokens, 1 warm-up + 2 timed runs per decoding path (eager): each
+    path's median and runs, the static cache's speed-up over the dynamic one, the sampling work's share."""
+    from rlhf_cli.bench_cmd import _setup
+    from stages.bench import bench_generate
+
+    arch = ["workload.architecture.vocab_size=16", "workload.architecture.hidden_size=16",
+            "workload.architecture.intermediate_size=32", "workload.architecture.num_hidden_layers=1"]
+    monkeypatch.chdir(tmp_path)
+    cfg, ppo, root = _setup("tiny", None, 2, 1, [*arch, "workload.prompts=2", "workload.prompt_length=3",
+                                                "workload.new_tokens=4", "workload.words=5", "ppo.train=null"])
+    r = bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "dynamic"])
+    assert (r["prompts"], r["prompt_length"], r["weights_dtype"]) == (2, 3, "float32")
+    step = r["sampling"]["seconds_per_step"]
+    assert r["sampling"]["logits_shape"] == [2, 16] and step > 0
+    for cache in ("static", "dynamic"):
+        c = r[cache]
+        assert c["tokens"] == 2 * 4 and len(c["per_run_s"]) == 2 and c["compile"] is False
+        assert c["seconds"] == pytest.approx(statistics.median(c["per_run_s"]))
+        assert c["tokens_per_s"] == pytest.approx(8 / c["seconds"])
+        assert c["sampling_share"] == pytest.approx(step * 4 / c["seconds"])
+    assert r["static_speedup"] == pytest.approx(r["dynamic"]["seconds"] / r["static"]["seconds"])
+    assert "fused_speedup" not in r and r["floor"] is None  # no peaks known on a CPU
+    with pytest.raises(ValueError, match=r"unknown decoding path\(s\) \['paged'\]"):
+        bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "paged"])
+
+    # the fused path (compiled by dynamo's eager backend here, for speed) against an eager static path: no speed-up
+    # is reported (compiled against eager says nothing; the compiled pair: test_bench_generate_times_the_fused_path...)
+    from stages.ppo import decode
+
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
+    r = bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
+    assert r["fused"]["compile_sampling"] and r["fused"]["tokens"] == 8 and "fused_speedup" not in r
