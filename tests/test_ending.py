@@ -195,3 +195,35 @@ def test_the_run_names_the_stop_tokens_scored_with_more_than_eos(base_tok):
     assert describe_ending(reward_ending(gemma, [eos], {"raw_pr"}, add_eos=False), gemma) == (
         "the reward model reads a response that stopped at '<|endoftext|>' without it (as its training data ends a "
         "turn, without EOS)")
+
+
+# ============================================================================================ _common_suffix, ending_for
+def test_common_suffix_keeps_a_list_that_is_all_tail():
+    """The longest run both lists end with, also when it is the whole of the shorter one (or of both)."""
+    from stages.ppo.ending import _common_suffix
+
+    assert _common_suffix([9, 2], [7, 9, 2]) == [9, 2]  # all of `a`
+    assert _common_suffix([7, 9, 2], [9, 2]) == [9, 2]  # all of `b`
+    assert _common_suffix([4, 2], [4, 2]) == [4, 2]  # equal lists: all of it
+    assert _common_suffix([1], [2]) == [] and _common_suffix([], [3]) == []
+
+
+def test_ending_for_reads_the_rm_as_its_setting_or_record_says_and_tells_the_line(base_tok, tmp_path):
+    """`ending_for`: data.rm_add_eos, else the RM's record, decides add_eos; the `describe_ending` line (when
+    there is one) goes to `tell`, nothing when every stop token is scored with EOS alone."""
+    import json
+
+    from stages.ppo.ending import describe_ending, ending_for
+
+    gemma, llama3 = _with(base_tok, GEMMA), _with(base_tok, LLAMA3)
+    eos, eot = base_tok.eos_token_id, base_tok.convert_tokens_to_ids(EOT)
+    told: list[str] = []
+    setting = ending_for(None, False, gemma, [eos, eot], {"chat"}, told.append, told.append)
+    assert not setting.add_eos and setting.drop == {eos} and told == [describe_ending(setting, gemma)]
+    (tmp_path / "rlhf_checkpoint.json").write_text(json.dumps({"rendering": {"styles": ["chat"], "add_eos": False}}))
+    told.clear()
+    recorded = ending_for(str(tmp_path), None, gemma, [eos, eot], {"chat"}, told.append, told.append)
+    assert recorded == setting and told == [describe_ending(setting, gemma)]
+    told.clear()  # Llama-3 with EOS: <|eot_id|> then EOS, EOS then nothing: no line
+    plain = ending_for(None, None, llama3, [eos, eot], {"chat"}, told.append, told.append)
+    assert plain.add_eos and plain.after == {eot: (eos,), eos: ()} and told == []
