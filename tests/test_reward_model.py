@@ -185,17 +185,11 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
 
 
-@pytest.mark.parametrize("lm_coef, center_coef", [(0.0, 0.0), (0.0, 0.5), (0.7, 0.0)])
-def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads, lm_coef, center_coef):
-    """One rank, two micro-batches with margins: the accumulated gradient equals the gradient of
-    mean_pairs[-log sigmoid(r+ - r- - m) + center_coef (r+ + r-)^2] + lm_coef * token-mean NLL(chosen),
-    and each term changes it."""
-    from stages import reward
-    from stages.config import RMLossConfig
+def _pair_setup() -> tuple[Any, list[dict[str, torch.Tensor]], PairRows, int]:
+    """A reward model (with its LM head), 4 pairs with margins 0, 0.3, 0.6, 0.9 (the prompt's first 4 tokens
+    untrained), their two micro-batches of 2 pairs, and the pad id."""
     from stages.data import TokenizedExample
-    from stages.distributed import DistInfo
 
-    monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
     tok = train_tokenizer([f"the answer to {i} is {i + 1}" for i in range(100)], vocab_size=300, min_frequency=1)
     model = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=True,
                                resize=False)
@@ -205,6 +199,20 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
         r = tok(f"the answer to {i} is {i + 7}")["input_ids"] + [tok.eos_token_id]
         rows.append(TokenizedExample(c, [-100] * 4 + c[4:]), TokenizedExample(r, [-100] * 4 + r[4:]), 0.3 * i)
     batches = [collate_pairs(rows, idx, tok.pad_token_id, torch.device("cpu")) for idx in ([0, 1], [2, 3])]
+    return model, batches, rows, tok.pad_token_id
+
+
+@pytest.mark.parametrize("lm_coef, center_coef", [(0.0, 0.0), (0.0, 0.5), (0.7, 0.0)])
+def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads, lm_coef, center_coef):
+    """One rank, two micro-batches with margins: the accumulated gradient equals the gradient of
+    mean_pairs[-log sigmoid(r+ - r- - m) + center_coef (r+ + r-)^2] + lm_coef * token-mean NLL(chosen),
+    and each term changes it."""
+    from stages import reward
+    from stages.config import RMLossConfig
+    from stages.distributed import DistInfo
+
+    monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
+    model, batches, rows, pad_id = _pair_setup()
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
     def step_grads(cfg: RMLossConfig) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -214,7 +222,7 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
 
     stats, got = step_grads(RMLossConfig(lm_coef=lm_coef, center_coef=center_coef))
     model.zero_grad()
-    whole = collate_pairs(rows, [0, 1, 2, 3], tok.pad_token_id, torch.device("cpu"))
+    whole = collate_pairs(rows, [0, 1, 2, 3], pad_id, torch.device("cpu"))
     rewards, nll = model(whole["input_ids"], whole["attention_mask"], lm_labels=whole["lm_labels"])
     r_c, r_r = rewards[:4], rewards[4:]
     n_tokens = int((whole["lm_labels"][:, 1:] != -100).sum())
@@ -252,20 +260,6 @@ def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads,
 
 
 # --------------------------------------------------------------------------------------------- mutation-audit additions
-def _pair_setup() -> tuple[Any, list[dict[str, torch.Tensor]]]:
-    """The reward model (with its LM head) and two micro-batches of 2 pairs with margins, as in
-    test_train_step_gradient_is_that_of_the_stated_loss."""
-    tok = train_tokenizer([f"the answer to {i} is {i + 1}" for i in range(100)], vocab_size=300, min_frequency=1)
-    model = build_reward_model(ModelConfig(from_config=TINY), tok, "fp32", {}, seed=0, with_lm_head=True,
-                               resize=False)
-    rows = PairRows()
-    from stages.data import TokenizedExample
-
-    for i in range(4):
-        c = tok(f"the answer to {i} is {i + 1}")["input_ids"] + [tok.eos_token_id]
-        r = tok(f"the answer to {i} is {i + 7}")["input_ids"] + [tok.eos_token_id]
-        rows.append(TokenizedExample(c, [-100] * 4 + c[4:]), TokenizedExample(r, [-100] * 4 + r[4:]), 0.3 * i)
-    return model, [collate_pairs(rows, idx, tok.pad_token_id, torch.device("cpu")) for idx in ([0, 1], [2, 3])]
 
 
 def test_train_step_on_two_ranks_gives_the_one_rank_gradient(monkeypatch):
@@ -276,7 +270,7 @@ def test_train_step_on_two_ranks_gives_the_one_rank_gradient(monkeypatch):
     from stages.config import RMLossConfig
     from stages.distributed import DistInfo
 
-    model, batches = _pair_setup()
+    model, batches, _, _ = _pair_setup()
     got, stats = {}, {}
     for world in (1, 2):
         monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d, w=world: w * torch.as_tensor(v, dtype=torch.float64))
@@ -303,7 +297,7 @@ def test_logged_lm_loss_after_a_skipped_micro_batch_is_the_kept_ones_token_mean(
     for module in (reward, trainer):
         monkeypatch.setattr(module, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
     monkeypatch.setenv("RLHF_FAULT", "nan-loss@1")
-    model, batches = _pair_setup()
+    model, batches, _, _ = _pair_setup()
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     guard = LossGuard("loss", 1, "skip")
     stats = reward.train_step(GradOnlyEngine(model, len(batches)), batches, dist, RMLossConfig(lm_coef=0.5), guard)
