@@ -32,9 +32,8 @@ from stages.models import (
     zero3_init_off,
 )
 
-TEXTS = ["count from 1 to 4: 1 2 3 4", "reverse: red fox -> fox red", "spell cat: c a t"] * 20
-ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+from test_models import ARCH, TEXTS
+
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
