@@ -175,3 +175,65 @@ def test_stage_commands_look_before_launching_and_the_pipeline_before_its_first_
     assert res.exit_code == 1 and "pipeline stage rm: data.train: none of the first 20 rows of " in res.stderr, \
         res.output
     assert not (tmp_path / "runs").exists()  # SFT never started
+
+
+# ----------------------------------------------------------------------------------------- mutation-audit additions
+def _big_json(path: Path, records: list) -> Path:
+    """`records` as one indented JSON array (larger than the 4000-character window the tests set)."""
+    path.write_text(json.dumps(records, indent=1))
+    assert path.stat().st_size > 4000
+    return path
+
+
+def _no_whole_read(monkeypatch) -> None:
+    import stages.data
+    import stages.sniff
+
+    def not_whole(*args, **kwargs):
+        raise AssertionError("the whole file was read")
+
+    monkeypatch.setattr(stages.sniff, "JSON_WINDOW", 4000)
+    monkeypatch.setattr(stages.data, "_read_json", not_whole)
+    monkeypatch.setattr(stages.data, "_read_with_datasets", not_whole)
+
+
+def test_upper_case_suffixes_take_the_head_only_paths(tmp_path: Path, monkeypatch) -> None:
+    """`.JSON` and `.PARQUET` are read from their heads like `.json`/`.parquet` (the suffix check ignores case),
+    never through the whole-file readers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in _lines(RM_ROWS, 200)]
+    big = _big_json(tmp_path / "RM.JSON", records)
+    pq.write_table(pa.Table.from_pylist(records[:50]), tmp_path / "RM.PARQUET")
+    _no_whole_read(monkeypatch)
+    sniff_data("train-rm", _rm(f"data.train={big}"))
+    sniff_data("train-rm", _rm(f"data.train={tmp_path / 'RM.PARQUET'}"))
+
+
+def test_a_json_array_head_skips_non_object_items_keeping_their_numbers(tmp_path: Path, monkeypatch) -> None:
+    """Items that are not objects are left out of the head, and the others keep their position in the array as
+    row number: [[1, 2], sft row, sft row, ...] looked at as pairs reads 19 objects of the first 20 items and
+    names item 2 as the first reason."""
+    import stages.sniff
+
+    records = [[1, 2]] + [json.loads(line) for line in _lines(SFT_ROWS, 200)]
+    big = _big_json(tmp_path / "mixed.json", records)
+    _no_whole_read(monkeypatch)
+    head = stages.sniff._json_array_head(big, 3)
+    assert [r.row for r in head] == [2, 3] and all(isinstance(r.data, dict) for r in head)
+    with pytest.raises(DataError, match=r"none of the 19 rows of .*mixed\.json is a preference pair \(row 2: "
+                                        r"missing key 'chosen'"):
+        sniff_data("train-rm", _rm(f"data.train={big}"))
+
+
+def test_a_large_json_array_with_a_byte_order_mark_is_read_from_its_head(tmp_path: Path, monkeypatch) -> None:
+    """A UTF-8 BOM before the `[` (files saved by some Windows tools) does not hide the array from the look."""
+    import stages.sniff
+
+    records = [json.loads(line) for line in _lines(RM_ROWS, 200)]
+    big = tmp_path / "bom.json"
+    big.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode())
+    _no_whole_read(monkeypatch)
+    assert [r.row for r in stages.sniff._json_array_head(big, 2)] == [1, 2]
+    sniff_data("train-rm", _rm(f"data.train={big}"))
