@@ -24,6 +24,8 @@ RM_DATA = REPO / "configs" / "tiny" / "data" / "rm.jsonl"
 #: the shipped toy pairs, and the 10 % the tiny RM config holds out (eval_fraction 0.1)
 TOY_PAIRS = SHIPPED["rm.jsonl"][1]
 EVAL_PAIRS = TOY_PAIRS // 10
+#: the tiny SFT model's architecture, for RM runs from a random init
+TINY_ARCH = yaml.safe_load((REPO / "configs" / "tiny" / "sft.yaml").read_text())["model"]["from_config"]
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +147,7 @@ def test_kill9_at_a_random_step_then_resume_continues_exactly_with_lm_and_centri
     from its newest complete checkpoint reproduces the uninterrupted curve and weights exactly."""
     def cfg_for(root: Path) -> dict:
         cfg = rm_dict(root, None, few_pairs, max_steps=8, save_every=2, save_total_limit=10, eval_every=4, micro_batch_size=8)
-        cfg["model"] = {"from_config": {**yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]
-                                        ["from_config"], "attention_dropout": 0.2}}
+        cfg["model"] = {"from_config": {**TINY_ARCH, "attention_dropout": 0.2}}
         cfg["loss"] = {"lm_coef": 0.5, "center_coef": 0.01}
         return cfg
 
@@ -183,7 +184,7 @@ def test_a_stop_signal_checkpoint_after_a_resume_keeps_the_last_evaluations_rewa
     from the checkpoint it continues; it used to save none)."""
     cfg = rm_dict(tmp_path, None, few_pairs, max_steps=8, save_every=4, save_total_limit=10, eval_every=0,
                   micro_batch_size=8)
-    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    cfg["model"] = {"from_config": TINY_ARCH}
     out, _ = _train(tmp_path, cfg, env={"RLHF_FAULT": "sigterm@5"}, expect=143)
     _train(tmp_path, cfg, "--resume", env={"RLHF_FAULT": "sigterm@6"}, expect=143)
     stats = [json.loads((out / f"checkpoint-{s:08d}" / "hf" / "reward_stats.json").read_text()) for s in (4, 5, 6)]
@@ -192,7 +193,7 @@ def test_a_stop_signal_checkpoint_after_a_resume_keeps_the_last_evaluations_rewa
 
 def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample):
     cfg = rm_dict(tmp_path, None, max_steps=2, micro_batch_size=4, save_every=0, eval_every=0)
-    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    cfg["model"] = {"from_config": TINY_ARCH}
     cfg["data"].update({"train": str(hh_sample), "format": "auto", "max_length": 128, "eval_fraction": 0.05})
     out, res = _train(tmp_path, cfg, expect=1)
     assert f"{hh_sample} row " in res.stderr and "empty chosen response" in res.stderr
@@ -220,7 +221,7 @@ def test_eval_pairs_that_truncation_makes_identical_are_a_warning_and_the_stats_
     train = tmp_path / "train.jsonl"
     train.write_text("".join(few_pairs.read_text().splitlines(keepends=True)[:60]))
     cfg = rm_dict(tmp_path, None, train, max_steps=1, micro_batch_size=4, save_every=0, eval_every=1)
-    cfg["model"] = {"from_config": yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]}
+    cfg["model"] = {"from_config": TINY_ARCH}
     cfg["data"].update({"eval": str(held), "max_length": 32})
     out, res = _train(tmp_path, cfg)
     assert "no usable eval pair; reward statistics will come from the train set" in res.stdout + res.stderr
@@ -283,8 +284,7 @@ def test_two_processes_zero3_with_an_untied_lm_head(tmp_path, few_pairs):
     from safetensors.torch import load_file
 
     cfg = rm_dict(tmp_path, None, few_pairs, max_steps=3, micro_batch_size=8, eval_every=0, save_every=0)
-    arch = yaml.safe_load((REPO / "configs/tiny/sft.yaml").read_text())["model"]["from_config"]
-    cfg["model"] = {"from_config": {**arch, "tie_word_embeddings": False}}
+    cfg["model"] = {"from_config": {**TINY_ARCH, "tie_word_embeddings": False}}
     cfg["loss"] = {"lm_coef": 1.0, "center_coef": 0.0}
     out, _ = _train(tmp_path, cfg, "--num-gpus", "2", "--set", "deepspeed.zero_stage=3")
     rows = _rows(out, "train/loss")

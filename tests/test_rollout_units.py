@@ -3,6 +3,8 @@ hand-made inputs, CPU, well under a second each."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -27,6 +29,14 @@ def test_bucket_width_rounds_up_and_leaves_a_multiple_as_it_is():
 
 
 # ============================================================================================ chunked log-probs
+def _tiny_llama() -> Any:
+    """A 1-layer Llama config: vocabulary 24, hidden 16, 2 heads over 1 KV head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+
+
 def test_chunk_bounds_cover_every_row_in_as_few_equal_slices_as_the_chunk_allows():
     """13 rows, chunks of at most 5: ceil(13 / 5) = 3 slices of ceil(13 / 3) = 5 rows, [0:5] [5:10] [10:15]
     (the last one holds the 3 rows left); 7 rows by 3: 3 slices of 3, [0:3] [3:6] [6:9]; 10 by 5: 2 of 5."""
@@ -43,13 +53,12 @@ def test_chunk_bounds_cover_every_row_in_as_few_equal_slices_as_the_chunk_allows
 
 def test_chunked_logprobs_of_a_batch_whose_tokens_do_not_divide_into_the_chunks_equal_the_reference():
     """B = 1, R = 7 response tokens in chunks of 3 (7 = 3 + 3 + 1): the same log-probs as the full logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from stages.ppo.rollout import response_logprobs
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    model = LlamaForCausalLM(_tiny_llama())
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])  # prompt 3, response 7
     mask, tokens = torch.ones_like(ids), ids[:, 3:]
     with torch.no_grad():
@@ -64,7 +73,7 @@ def test_a_model_found_unfit_for_chunking_takes_the_full_logits_path_at_once_on_
     forward, 2 forwards; every later call goes straight to the reference, 1 forward, no warning."""
     import warnings
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from stages.ppo.rollout import response_logprobs
 
@@ -75,8 +84,7 @@ def test_a_model_found_unfit_for_chunking_takes_the_full_logits_path_at_once_on_
             return out
 
     torch.manual_seed(0)
-    model = Scaled(LlamaConfig(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    model = Scaled(_tiny_llama())
     forwards = []
     model.register_forward_hook(lambda module, args, out: forwards.append(1))
     ids = torch.tensor([[3, 4, 5, 6, 7]])
