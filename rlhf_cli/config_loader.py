@@ -192,7 +192,9 @@ def _key(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
-def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
+def _format_error(schema: type[BaseModel], err: dict[str, Any], set_below: str | None = None) -> str:
+    """One problem's line. `set_below`: a --set key under this one (`model.name_or_path.split`), which made a
+    mapping of the value a text was expected for: said so, instead of the hint to quote a YAML-looking text."""
     loc = _clean_loc(schema, tuple(err["loc"]))
     key = _key(loc)
     if err["type"] == "extra_forbidden":
@@ -220,6 +222,8 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any]) -> str:
     if err["type"] == "string_type" and isinstance(got, (dict, list)):  # `a: b`, `[x]` read as YAML
         kind = "a mapping" if isinstance(got, dict) else "a list"
         shown = f" (got {kind}: a text with ': ', braces or brackets is read as YAML; quote it)"
+        if set_below is not None and isinstance(got, dict):
+            shown = f" (got a mapping: --set {set_below}=... gives it a sub-key; set the text itself: --set {key}=...)"
     return f"{msg}{shown}" if not loc else f"{key}: {msg}{shown}"  # (a check across sections names its keys)
 
 
@@ -256,12 +260,13 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
 
     unique: list[str] = []
     for key, errs in by_key.items():
+        below = min((k for k in cli_keys if k.startswith(key + ".")), default=None, key=len)
         if len(errs) > 1 and all(e["msg"].startswith("Input should be ") for e in errs):
             expected = dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs)
             merged = {**errs[0], "msg": "Input should be " + ", or ".join(expected)}
-            lines = [_format_error(schema, merged)]
+            lines = [_format_error(schema, merged, below)]
         else:
-            lines = list(dict.fromkeys(_format_error(schema, e) for e in errs))
+            lines = list(dict.fromkeys(_format_error(schema, e, below) for e in errs))
         unique.extend(line + marker(key, line, errs[0]["type"]) for line in lines)
     head = f"invalid config {source}:"
     return head + ("\n  " + "\n  ".join(unique) if len(unique) > 1 else " " + unique[0])

@@ -1345,11 +1345,12 @@ def test_a_runs_set_given_with_the_whole_list_on_the_command_line_is_relative_to
 def test_a_data_source_key_under_a_key_that_is_no_data_source_is_refused_as_such(tmp_path: Path) -> None:
     """`--set output_dir.path=x`: only data.train/eval/ptx expand their short form; elsewhere `path` is an unknown
     sub-key of a text. Under a key the file leaves unset (model.name_or_path), the mapping the sub-key makes is
-    refused with the --set named."""
+    refused with the --set named, and not with the hint to quote a text that reads as YAML."""
     with pytest.raises(ConfigError) as exc:
         apply_override({"output_dir": "o"}, ["output_dir", "path"], "x")
     assert str(exc.value) == "--set output_dir.path: output_dir is a str, not a mapping"
     with pytest.raises(ConfigError) as exc:
         load_config("sft", _cfg_file(tmp_path), ["model.name_or_path.split=x"])
-    assert "model.name_or_path: Input should be a valid string" in str(exc.value)
-    assert str(exc.value).endswith("[given with --set]"), str(exc.value)
+    assert str(exc.value).endswith(
+        "model.name_or_path: Input should be a valid string (got a mapping: --set model.name_or_path.split=... gives "
+        "it a sub-key; set the text itself: --set model.name_or_path=...) [given with --set]"), str(exc.value)
