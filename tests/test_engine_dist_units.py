@@ -5,7 +5,6 @@ run_on_main, seeding, RNG state restore): pure functions and monkeypatched fakes
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from stages import distributed
 from stages.config import DeepSpeedConfig, TrainConfig
 from stages.distributed import DistInfo
 from stages.engine import (as_bool, build_deepspeed_config, compute_dtype, deep_merge, load_raw_deepspeed,
-                           lr_factor, make_scheduler_factory, model_dtype, param_groups)
+                           lr_factor, model_dtype, param_groups)
 from stages.errors import ConfigError, RlhfError
 
 
@@ -122,20 +121,6 @@ def test_lr_factor_past_the_last_step_and_with_warmup_filling_the_run() -> None:
     assert lr_factor(4, 10, 4, "cosine", 0.0) == 1.0 and lr_factor(3, 10, 4, "cosine", 0.0) == 1.0  # (3+1)/4
     with pytest.raises(ValueError, match="unknown lr_scheduler 'step'"):
         lr_factor(5, 10, 2, "step", 0.0)
-
-
-def test_the_scheduler_factory_gives_the_lr_of_each_optimizer_step() -> None:
-    """make_scheduler_factory: the LR before step s is lr * lr_factor(s) (W = 2, T = 6, linear to 0.25)."""
-    train = TrainConfig(lr=1.0, warmup_steps=2, lr_scheduler="linear", min_lr_ratio=0.25)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_scheduler_factory(train, 6)(opt)
-    lrs = []
-    for _ in range(7):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    # warm-up 1/2, 2/2; then p = 0, 1/4, 2/4, 3/4, 1 -> 0.25 + 0.75 * (1 - p)
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.8125, 0.625, 0.4375, 0.25])
 
 
 def test_param_groups_use_zero3_full_shapes_skip_frozen_and_add_no_empty_group() -> None:

@@ -118,7 +118,7 @@ def test_a_large_json_array_is_read_from_its_head_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages.data, "_read_json", not_whole)
     sniff_data("train-rm", _rm(f"data.train={tmp_path / 'rm.json'}"))
-    with pytest.raises(DataError, match=rf"none of the first \d+ rows of .*sft\.json is a preference pair \(row 1: "
+    with pytest.raises(DataError, match=r"none of the first \d+ rows of .*sft\.json is a preference pair \(row 1: "
                                         r"missing key 'chosen'"):
         sniff_data("train-rm", _rm(f"data.train={tmp_path / 'sft.json'}"))
     assert stages.sniff._json_array_head(tmp_path / "rm.json", 3)[2].row == 3
