@@ -171,7 +171,8 @@ def check_architecture(arch: dict[str, Any]) -> None:
 
     cls = CONFIG_MAPPING[model_type]
     valid = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
-    valid |= {"rope_theta", "rope_scaling"}  # legacy spellings transformers still converts
+    if "rope_parameters" in valid:  # a RoPE model: the legacy spellings transformers still converts into it
+        valid |= {"rope_theta", "rope_scaling"}
     for key in arch:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.0)
@@ -670,14 +671,15 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _unique_runs(self) -> "PipelineConfig":
-        """Every run's folder (NAME, or NAME-seedS per seed) is its own: unique, not a stage's or the report's,
-        and not output_dir itself or above it."""
+        """Every run's folder (NAME, or NAME-seedS per seed) is its own: unique, not a stage's, the report's or
+        the summary files' (written at the end: a folder of that name would fail the finished pipeline), and not
+        output_dir itself or above it."""
         labels = [r.name if not r.seeds else f"{r.name}-seed{s}" for r in self.ppo_runs for s in (r.seeds or [0])]
-        taken = {"sft", "rm", "report", ".", ".."}
+        taken = {"sft", "rm", "report", "summary.json", "summary.md", ".", ".."}
         dupes = sorted({n for n in labels if labels.count(n) > 1} | {n for n in labels if n in taken})
         if dupes:
             raise ValueError(f"ppo_runs: each run's folder (NAME, or NAME-seedS per seed) must be unique and not "
-                             f"sft/rm/report/./..: {', '.join(dupes)}")
+                             f"sft/rm/report/summary.json/summary.md/./..: {', '.join(dupes)}")
         return self
 
     @model_validator(mode="after")
@@ -853,7 +855,11 @@ def is_default_at(schema: type[BaseModel], dotted: str, value: Any) -> bool:
     if info is None or info.is_required():
         return False
     default = info.get_default(call_default_factory=True)
-    return value == (default.model_dump(mode="json") if isinstance(default, BaseModel) else default)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    elif isinstance(default, tuple):  # YAML (a resolved config) holds a tuple as a list
+        default = list(default)
+    return (list(value) if isinstance(value, tuple) else value) == default
 
 
 def _absolute_path(value: str, kind: str | None, base: Path) -> str:
