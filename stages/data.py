@@ -497,7 +497,10 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
             out.append(Segment(prompt[len(done):], False, templated=True))
             out.append(Segment(full[len(prompt):], i in trained, templated=True))
             done = full
-        return [seg for seg in out if seg.text]
+        kept = [seg for seg in out if seg.text]
+        if not any(seg.train for seg in kept):  # (a template that prints the user's turns only)
+            raise BadRow("the chat template renders nothing of the assistant reply: no token to train on")
+        return kept
 
     return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
 
