@@ -680,9 +680,13 @@ def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeyp
         # no step copies here, so the backward pass is the fullest moment, and there the 16-bit gradients that
         # wait for their bucket come on top of the float32 partition (about 3 N on this model): not modelled
         return
-    # the lower of two profiled updates: an allocation of something else in the process now and then lands
-    # inside one (seen: +37 kB, +297 kB, in some test orders), never below what the update itself needs
-    assert min(_allocation_peak(update) for _ in range(2)) == pytest.approx(grads + fullest, rel=0.02)
+    # the lowest of up to five profiled updates (the first within tolerance ends it): an allocation of something
+    # else in the process, or a collective's buffer that gloo's worker thread frees late (see _settled_bytes), now
+    # and then lands inside one (seen: +37 kB, +124 kB at ZeRO-3, +297 kB), never below what the update needs
+    peaks: list[int] = []
+    while len(peaks) < 5 and (not peaks or min(peaks) > 1.02 * (grads + fullest)):
+        peaks.append(_allocation_peak(update))
+    assert min(peaks) == pytest.approx(grads + fullest, rel=0.02)
 
 
 @pytest.mark.parametrize("hidden, mlp, heads, kv_heads", [(128, 704, 4, 1), (256, 688, 8, 8)])
