@@ -656,6 +656,10 @@ class PipelineEvalConfig(Section):
         "while the collapse monitor was quiet; final/ for a run that wrote none)")
 
 
+#: the files `rlhf pipeline` writes at the top of its output_dir when it ends (no run folder may take their names)
+PIPELINE_SUMMARY_FILES = ("summary.json", "summary.md")
+
+
 class PipelineConfig(Section):
     """`rlhf pipeline` config: SFT -> reward model -> PPO (one or several runs) -> eval -> report."""
 
@@ -675,11 +679,11 @@ class PipelineConfig(Section):
         the summary files' (written at the end: a folder of that name would fail the finished pipeline), and not
         output_dir itself or above it."""
         labels = [r.name if not r.seeds else f"{r.name}-seed{s}" for r in self.ppo_runs for s in (r.seeds or [0])]
-        taken = {"sft", "rm", "report", "summary.json", "summary.md", ".", ".."}
+        taken = ("sft", "rm", "report", *PIPELINE_SUMMARY_FILES, ".", "..")
         dupes = sorted({n for n in labels if labels.count(n) > 1} | {n for n in labels if n in taken})
         if dupes:
             raise ValueError(f"ppo_runs: each run's folder (NAME, or NAME-seedS per seed) must be unique and not "
-                             f"sft/rm/report/summary.json/summary.md/./..: {', '.join(dupes)}")
+                             f"{'/'.join(taken)}: {', '.join(dupes)}")
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from rich.markup import escape
 
-from stages.config import PipelineConfig, set_key
+from stages.config import PIPELINE_SUMMARY_FILES, PipelineConfig, set_key
 from stages.errors import CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
 from stages.stop import STOPPED_CODES, killed_note
@@ -388,8 +388,9 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
         rep = write_report([r.out for r in ppo_runs], root / "report")
         console.print(f"report: {rep['markdown']}")
     s = summary(cfg, runs)
-    (root / "summary.json").write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
-    (root / "summary.md").write_text(summary_markdown(s), encoding="utf-8")
+    as_json, as_markdown = PIPELINE_SUMMARY_FILES
+    (root / as_json).write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
+    (root / as_markdown).write_text(summary_markdown(s), encoding="utf-8")
     print_summary_table(s, console)
     return s
 
