@@ -1352,10 +1352,12 @@ def test_ptx_rows_are_read_with_the_ptx_settings():
     from stages.ppo.prompts import ptx_data_config
 
     data = PPODataConfig(train="p.jsonl", ptx="x.jsonl", ptx_format="messages", ptx_max_length=77, max_prompt_length=16,
-                         on_bad_row="skip", content_special_tokens="control", use_chat_template=True)
+                         on_bad_row="skip", content_special_tokens="control", use_chat_template=True,
+                         chat_template="{{ messages }}")
     sft = ptx_data_config(data)
     assert (sft.max_length, sft.format, sft.on_bad_row, sft.content_special_tokens, sft.use_chat_template,
-            sft.eval_fraction) == (77, "messages", "skip", "control", True, 0.0)
+            sft.eval_fraction, sft.chat_template) == (77, "messages", "skip", "control", True, 0.0, "{{ messages }}")
+    assert sft.train.paths() == data.ptx.paths() != data.train.paths()  # the PTX file, not the prompts
 
 
 def test_format_auto_prefers_messages_over_prompt(tmp_path, tokenizer):
