@@ -854,6 +854,7 @@ class DataReport:
     identical_after_truncation: int = 0  # ... of which made identical by max_length (their difference cut away)
     duplicate_pairs: int = 0  # preference data: repeats of an earlier pair dropped (data.duplicates: drop)
     context_cut_pairs: int = 0  # preference data: pairs differing before the final turn whose difference max_length cut
+    no_room_pairs: int = 0  # preference data: pairs whose kept context filled max_length (no response token left)
     prompt_repeats: int = 0  # preference data: pairs whose responses both begin with the prompt text (`repeats_prompt`)
     styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text

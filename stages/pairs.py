@@ -74,8 +74,14 @@ class IdenticalPair(Exception):
 
 
 class ContextCut(Exception):
-    """A pair whose sides differ before its final turn that max_length cuts into where they differ (or into all
-    of a side's response): what is left would compare leftover contexts, not the two answers."""
+    """A pair whose sides differ before its final turn that max_length cuts into where they differ: what is
+    left would compare leftover contexts, not the two answers."""
+
+
+class NoRoom(Exception):
+    """A pair whose context as kept (at least min(prompt, data.max_prompt_length) tokens, or one side's longer
+    context, which the other side's prompt cannot shorten enough) fills max_length: a side would keep no token
+    of its response."""
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -246,8 +252,8 @@ def tokenize_pair(
     The two prompts are cut by the same number of tokens (the larger cut either side needs, but no more than
     either side's prompt can give beyond data.max_prompt_length's budget: a side whose context is shorter, having
     fewer turns); responses are then cut from the right. A pair whose sides differ before the final turn, when
-    that cut reaches the tokens where they differ, or leaves a side's response no room, raises ContextCut (it
-    would compare leftover contexts). With add_eos every side ends with EOS: what a chat template puts after the
+    that cut reaches the tokens where they differ, raises ContextCut (it would compare leftover contexts); a
+    pair whose kept context leaves a side's response no room, NoRoom. With add_eos every side ends with EOS: what a chat template puts after the
     response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
     short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
     reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
@@ -272,8 +278,8 @@ def tokenize_pair(
         if bos_head(c.input_ids, bos) + own > shared:
             raise ContextCut
     room = data.max_length - (1 if data.add_eos else 0)  # (a cut response's last token becomes its EOS)
-    if any(n - own >= room for _, n in encoded):  # a longer context left no room for a token of its response
-        raise ContextCut
+    if any(n - own >= room for _, n in encoded):  # a (longer) context left no room for a token of its response
+        raise NoRoom
     out = []
     for ex, _ in encoded:
         ex = truncate_example(ex, own, data.max_length, bos_head(ex.input_ids, bos))
@@ -347,6 +353,9 @@ def tokenize_pairs(
             continue
         except ContextCut:
             report.context_cut_pairs += 1
+            continue
+        except NoRoom:
+            report.no_room_pairs += 1
             continue
         if chosen.input_ids == rejected.input_ids:
             report.identical_pairs += 1

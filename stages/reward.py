@@ -219,8 +219,10 @@ def say_added_pad(added: bool, enabled: bool) -> None:
 
 
 def describe_pairs(split: str, report: DataReport) -> str:
-    cut = report.context_cut_pairs  # (pairs differing before their final turn: stages.pairs.ContextCut)
+    cut, full = report.context_cut_pairs, report.no_room_pairs  # (stages.pairs.ContextCut, NoRoom)
     cut_note = f", {cut} pair(s) differing before the final turn that max_length cut into (raise it)" if cut else ""
+    cut_note += (f", {full} pair(s) whose kept context left no room for a response (raise max_length, or lower "
+                 "max_prompt_length)") if full else ""
     repeats = report.prompt_repeats
     repeat_note = (f"; {repeats} pair(s) whose chosen and rejected both begin with the prompt text (read twice: give "
                    "the responses alone)") if repeats else ""

@@ -256,9 +256,9 @@ def test_a_side_with_more_turns_does_not_make_the_other_side_lose_its_response(t
     """HH pairs may continue one side for more turns: its context is longer and needs the larger cut. Both
     sides are cut alike, by no more than the other side's prompt gives (down to prompt_budget), never into its
     response; the longer side's response is cut from the right. When even that would cut into where the sides
-    differ, or leave the longer side's response no room, the pair is dropped (ContextCut): it used to keep the
-    longer side's tail alone, its differing first answer cut away."""
-    from stages.pairs import ContextCut
+    differ (ContextCut), or leave the longer side's response no room (NoRoom), the pair is dropped: it used to
+    keep the longer side's tail alone, its differing first answer cut away."""
+    from stages.pairs import NoRoom
 
     prompt = (("user", " user asks question 1 and 2 and 3 " + " ".join(str(i) for i in range(20))),)
     more = " ".join(f"question {i}" for i in range(30))
@@ -272,7 +272,7 @@ def test_a_side_with_more_turns_does_not_make_the_other_side_lose_its_response(t
     assert rejected.labels[n_prompt:] == answer + [tok.eos_token_id]
     assert chosen.prompt_truncated and rejected.prompt_truncated
     assert full.input_ids[8:8 + n_prompt] == chosen.input_ids[:n_prompt] == rejected.input_ids[:n_prompt]  # alike
-    with pytest.raises(ContextCut):
+    with pytest.raises(NoRoom):
         tokenize_pair(pair, tok, _data(max_length=40, max_prompt_length=4), [])
 
 
@@ -299,10 +299,30 @@ def test_a_pair_differing_before_its_final_turn_is_dropped_when_the_cut_reaches_
     assert tok.decode(cut_c.input_ids).startswith("\nanswers 7") and tok.decode(cut_r.input_ids).startswith("\nanswers 9")
 
 
+def test_a_pair_alike_to_its_final_answer_whose_kept_prompt_fills_max_length_is_counted_as_no_room(tok):
+    """Sides that differ only in their final answer, the prompt (n tokens) kept whole by max_prompt_length: at
+    max_length n + 1 the one slot after it is the forced EOS, so no answer token is left: dropped and counted as
+    no_room_pairs (not as a pair differing before its final turn, nor as identical); at n + 2 kept."""
+    from stages.pairs import NoRoom
+
+    pair = PreferencePair((("user", "q " + " ".join(str(i) for i in range(12))),), (("assistant", "yes yes"),),
+                          (("assistant", "no no"),), "chat")
+    full, _ = tokenize_pair(pair, tok, _data(max_length=512), [])
+    n = next(i for i, t in enumerate(full.labels) if t != IGNORE)
+    with pytest.raises(NoRoom):
+        tokenize_pair(pair, tok, _data(max_length=n + 1, max_prompt_length=n), [])
+    report = DataReport()
+    assert len(tokenize_pairs([(pair, "r1")], tok, _data(max_length=n + 1, max_prompt_length=n), report)) == 0
+    assert (report.no_room_pairs, report.context_cut_pairs, report.identical_pairs) == (1, 0, 0)
+    chosen, rejected = tokenize_pair(pair, tok, _data(max_length=n + 2, max_prompt_length=n), [])
+    assert chosen.input_ids[:n] == rejected.input_ids[:n] == full.input_ids[:n]
+    assert chosen.input_ids[n] != rejected.input_ids[n] and chosen.input_ids[-1] == tok.eos_token_id
+
+
 def test_every_kept_side_keeps_a_trained_response_token(tok):
     """A longer side whose context leaves one slot (which add_eos turns into the forced EOS) kept no response
     token at all; across every max_length, a kept pair's sides each keep one, or the pair is dropped."""
-    from stages.pairs import ContextCut
+    from stages.pairs import ContextCut, NoRoom
 
     prompt = (("user", " user asks question 1 and 2 and 3 " + " ".join(str(i) for i in range(20))),)
     more = " ".join(f"question {i}" for i in range(30))
@@ -313,7 +333,7 @@ def test_every_kept_side_keeps_a_trained_response_token(tok):
     for max_length in range(8, len(full.input_ids) + 1):
         try:
             sides = tokenize_pair(pair, tok, _data(max_length=max_length, max_prompt_length=4), [])
-        except ContextCut:
+        except (ContextCut, NoRoom):
             continue
         kept += 1
         assert all(any(t != IGNORE for t in side.labels) for side in sides), max_length

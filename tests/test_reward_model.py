@@ -391,10 +391,12 @@ def test_describe_pairs_names_each_count_in_its_place():
     from stages.reward import describe_pairs
 
     report = DataReport(examples=20, tokens=1234, identical_pairs=2, identical_after_truncation=1, duplicate_pairs=3,
-                        context_cut_pairs=4, prompt_truncated=6, response_truncated=7, prompt_repeats=8)
+                        context_cut_pairs=4, no_room_pairs=5, prompt_truncated=6, response_truncated=7,
+                        prompt_repeats=8)
     assert describe_pairs("train", report) == (
         "train data: 20 pairs; 1,234 tokens; dropped 2 identical pair(s) (1 made so by max_length) and 3 duplicate(s), "
-        "4 pair(s) differing before the final turn that max_length cut into (raise it); truncated: 6 prompts (left), "
+        "4 pair(s) differing before the final turn that max_length cut into (raise it), 5 pair(s) whose kept context "
+        "left no room for a response (raise max_length, or lower max_prompt_length); truncated: 6 prompts (left), "
         "7 responses (right); 8 pair(s) whose chosen and rejected both begin with the prompt text (read twice: give "
         "the responses alone)" + report.notes())
     plain = DataReport(examples=20, tokens=10)
