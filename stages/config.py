@@ -811,6 +811,20 @@ def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     return str(resolved)
 
 
+def refuse_unreadable_data(value: str, key: str) -> None:
+    """A data source that is a local path (one that exists) must be a file of a type the run reads
+    (LOCAL_SUFFIXES, any case): a folder, a .gz or a file without a suffix is a ConfigError naming the key, as a
+    missing file is, rather than a data error once the run is under way."""
+    path = Path(value)
+    if not path.is_absolute() or not path.exists():
+        return  # a hub dataset name (resolve_one leaves it as given)
+    if path.is_file() and path.suffix.lower() in LOCAL_SUFFIXES:
+        return
+    what = "a folder" if path.is_dir() else f"a {path.suffix} file" if path.suffix else "a file without a suffix"
+    raise ConfigError(f"{key}: {path} is {what}; local data must be {', '.join(LOCAL_SUFFIXES)} file(s) (a list of "
+                      "them for several), or give a hub dataset name")
+
+
 def _walk(model: BaseModel, prefix: str) -> Iterator[tuple[BaseModel, str, str, str]]:
     """Yield (owner, field name, dotted key, kind) for every path field in a config tree."""
     for name, info in type(model).model_fields.items():
@@ -951,6 +965,9 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
                 resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
             else:
                 resolved = resolve_one(value, kind, base, key)
+            if isinstance(owner, DataSource):
+                for i, one in enumerate(resolved if isinstance(resolved, list) else [resolved]):
+                    refuse_unreadable_data(one, f"{key}[{i}]" if isinstance(resolved, list) else key)
         except ConfigError as exc:  # marked like a validation error at a key given on the command line
             if not from_cli:
                 raise

@@ -150,6 +150,22 @@ def test_missing_data_file_is_a_config_error(tmp_path):
         load_config("sft", write_yaml(tmp_path / "bad.yaml", cfg), [])
 
 
+def test_a_local_data_path_the_run_cannot_read_is_a_config_error(tmp_path, monkeypatch):
+    """A folder, a .gz or a suffix-less file as data: exit 2 naming the key (and the list item), as a missing
+    file is, not a data error once the run reads it; any case of a known suffix is read."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    for name in ("d.jsonl.gz", "rows", "d.JSONL"):
+        (tmp_path / name).write_text('{"prompt": "hi", "response": "yo"}\n')
+    for value, what in (("folder", "a folder"), ("d.jsonl.gz", "a .gz file"), ("rows", "a file without a suffix")):
+        with pytest.raises(ConfigError, match=rf"^data\.train\.path: {tmp_path / value} is {what}; local data must "
+                                              r"be \.jsonl, \.json, \.parquet, \.csv file\(s\).*\[given with --set\]$"):
+            load_config("sft", _cfg_file(tmp_path), [f"data.train={value}"])
+    with pytest.raises(ConfigError, match=r"^data\.eval\.path\[1\]: .*/folder is a folder"):
+        load_config("sft", _cfg_file(tmp_path), ["data.eval=[d.JSONL, folder]"])
+    assert load_config("sft", _cfg_file(tmp_path), ["data.train=d.JSONL"]).data.train.path == str(tmp_path / "d.JSONL")
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("sft", Path("/nonexistent/sft.yaml"))
