@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import typer
 from rich.markup import escape
@@ -193,7 +193,8 @@ def run_stage(
                 held.append(acquire_run_lock(out_dir))
                 prepare(int(os.environ["WORLD_SIZE"]))
 
-            _train_here(stage, cfg, resume, lock_and_prepare)
+            with record_kept_on_failure(out_dir, resume and _rank() == 0):
+                _train_here(stage, cfg, resume, lock_and_prepare)
             return
         show_config()
         cmd = env = None
@@ -239,24 +240,25 @@ def run_stage(
             out.print("dry run: nothing trained")
             return
         refuse_request(out_dir, resume, overwrite)  # before the lock creates output_dir
-        with run_lock(out_dir):
+        with run_lock(out_dir), record_kept_on_failure(out_dir, resume):
             prepare(processes)
             if cmd is None:
                 _train_here(stage, cfg, resume, None)
                 return
             code = run_launcher(cmd, env or {})
-        if code == 0 and publishes_final(cfg) and hostfile is None and not is_complete(out_dir, stage):
-            # DeepSpeed's runner exits 0 when a launch process was killed by a signal (it passes on positive codes
-            # only): success without a published final/. (Not for --hostfile runs: this node's view of a shared
-            # filesystem may lag the node that published it.)
-            err.print(f"[red]rlhf {stage}: the launcher exited with code 0 but {escape(str(out_dir))} has no complete "
-                      "final/ (a launcher process killed by a signal reports success); treated as a failure[/]")
-            code = 1
-        if code in stop.STOPPED_CODES:  # the workers' clean stop, which they have said (and how to continue)
-            err.print(f"rlhf {stage}: stopped by a signal (exit code {code})")
-        elif code != 0:
-            err.print(f"[red]rlhf {stage}: the launcher exited with code {code}{escape(stop.killed_note(code))}[/]")
-        raise typer.Exit(code)
+            if code == 0 and publishes_final(cfg) and hostfile is None and not is_complete(out_dir, stage):
+                # DeepSpeed's runner exits 0 when a launch process was killed by a signal (it passes on positive
+                # codes only): success without a published final/. (Not for --hostfile runs: this node's view of a
+                # shared filesystem may lag the node that published it.)
+                err.print(f"[red]rlhf {stage}: the launcher exited with code 0 but {escape(str(out_dir))} has no "
+                          "complete final/ (a launcher process killed by a signal reports success); treated as a "
+                          "failure[/]")
+                code = 1
+            if code in stop.STOPPED_CODES:  # the workers' clean stop, which they have said (and how to continue)
+                err.print(f"rlhf {stage}: stopped by a signal (exit code {code})")
+            elif code != 0:
+                err.print(f"[red]rlhf {stage}: the launcher exited with code {code}{escape(stop.killed_note(code))}[/]")
+            raise typer.Exit(code)  # (a failure's through record_kept_on_failure)
     except RlhfError as exc:
         if debug:
             raise
@@ -282,6 +284,22 @@ def run_stage(
         raise typer.Exit(130) from None
     finally:
         stop.disarm()  # an in-process run that failed leaves the signal handlers as they were
+
+
+@contextlib.contextmanager
+def record_kept_on_failure(out_dir: Path, resumed: bool) -> Iterator[None]:
+    """Around a `resumed` run: when it fails (an error, a non-zero exit), put output_dir's resolved_config.yaml
+    and inputs.json back as its newest complete checkpoint keeps them (stages/checkpoint.py:
+    restore_run_record), so an attempt refused after its start (a checkpoint past the run's last step) or
+    failed before saving leaves no record of a config that trained nothing there."""
+    from stages.checkpoint import restore_run_record
+
+    try:
+        yield
+    except BaseException as exc:
+        if resumed and not (isinstance(exc, typer.Exit) and exc.exit_code == 0):
+            restore_run_record(out_dir)
+        raise
 
 
 def refuse_uncached_models(stage: str, cfg: Any, dry_run: bool, where: str = "") -> None:

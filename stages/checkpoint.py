@@ -454,6 +454,28 @@ def prepare_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite:
     return plan.changes
 
 
+def restore_run_record(out_dir: Path) -> list[str]:
+    """After a resumed attempt that failed (a refusal such as a checkpoint past the run's last step, a data
+    error, a crash): put back output_dir's resolved_config.yaml and inputs.json, which `prepare_output_dir`
+    rewrote for the attempt, as the newest complete checkpoint keeps them. They then describe what output_dir
+    holds (its checkpoints and final/, which the pipeline and `rlhf eval` read them for), not an attempt that
+    trained nothing. An attempt that saved a checkpoint first leaves them as they are (the newest checkpoint's
+    copies are the attempt's own); so does a checkpoint older than those copies. Returns the names put back."""
+    found = complete_checkpoints(out_dir)
+    if not found:
+        return []
+    restored = []
+    for name in ("resolved_config.yaml", "inputs.json"):
+        kept, current = found[-1][1] / name, out_dir / name
+        try:
+            if kept.is_file() and (not current.is_file() or current.read_bytes() != kept.read_bytes()):
+                atomic_write_text(current, kept.read_text(encoding="utf-8"))
+                restored.append(name)
+        except OSError:
+            continue  # (best effort, on the way out of a failed run)
+    return restored
+
+
 def ensure_dir(path: Path, what: str = "output_dir") -> None:
     """mkdir -p `path`, as a ConfigError naming it when that is impossible (a file in the way, a read-only or
     missing parent, no permission) or when it is not writable."""

@@ -402,8 +402,11 @@ def test_resuming_past_the_runs_last_iteration_is_refused(tmp_path, stages_dir):
     cfg = ppo_dict(tmp_path, stages_dir, iterations=2, eval_every=0, save_every=0, sample_every=0)
     _ppo(tmp_path, cfg)
     cfg["train"]["iterations"] = 1
+    out = Path(cfg["output_dir"])
+    record = (out / "resolved_config.yaml").read_text()
     _, res = _ppo(tmp_path, cfg, "--resume", "--allow-config-change", expect=2)
     assert "past this run's last iteration 2" in res.stderr
+    assert (out / "resolved_config.yaml").read_text() == record  # the refused attempt's own record is undone
 
 
 

@@ -138,6 +138,9 @@ def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_pat
     res = _sft(config, "--resume", "--allow-config-change", "--set", "train.max_steps=2", expect=2)
     assert "the newest checkpoint in" in res.stderr and "is at step 3, past this run's last step 2" in res.stderr
     assert not (out / "final").exists()
+    # refused once started: the record it wrote for itself is put back as the checkpoint keeps it
+    assert (out / "resolved_config.yaml").read_text() == saved
+    assert (out / "inputs.json").read_bytes() == (out / "checkpoint-00000003" / "inputs.json").read_bytes()
     res = _sft(config, "--resume", "--allow-config-change", "--set", "train.lr=0.002", "--set", "logging.log_every=2")
     assert "warning: resuming with changes (--allow-config-change): train.lr: 0.003 -> 0.002" in res.stderr
     assert "log_every" not in res.stderr and "resumed from step 3" in res.stdout

@@ -317,3 +317,22 @@ def test_an_empty_metrics_file_is_no_earlier_run(tmp_path):
     prepare_output_dir(out, "seed: 1\n", resume=False, overwrite=False)
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     assert previous_run_contents(out) == ["metrics.jsonl"]
+
+
+def test_a_failed_resume_puts_back_the_record_its_newest_checkpoint_keeps(tmp_path):
+    """restore_run_record: output_dir's resolved_config.yaml and inputs.json, rewritten by an attempt that then
+    failed, become the newest complete checkpoint's copies again (an older or incomplete checkpoint's do not
+    count); once they match, nothing is written; no checkpoint, nothing to put back."""
+    from stages.checkpoint import restore_run_record
+
+    assert restore_run_record(tmp_path) == []
+    _checkpoint(tmp_path, 2, config={"train": {"max_steps": 1}}, inputs={"a": {"path": "/o", "sha256": "0"}})
+    _checkpoint(tmp_path, 3, config={"train": {"max_steps": 3}}, inputs={"a": {"path": "/x", "sha256": "1"}})
+    (tmp_path / "checkpoint-00000004").mkdir()  # a half-written one: no COMPLETE
+    (tmp_path / "checkpoint-00000004" / "resolved_config.yaml").write_text("train: {max_steps: 9}\n")
+    (tmp_path / "resolved_config.yaml").write_text("train: {max_steps: 2}\n")  # the failed attempt's
+    assert restore_run_record(tmp_path) == ["resolved_config.yaml", "inputs.json"]  # (inputs.json was missing)
+    assert yaml.safe_load((tmp_path / "resolved_config.yaml").read_text()) == {"train": {"max_steps": 3}}
+    assert json.loads((tmp_path / "inputs.json").read_text()) == {"a": {"path": "/x", "sha256": "1"}}
+    stamp = (tmp_path / "resolved_config.yaml").stat().st_mtime_ns
+    assert restore_run_record(tmp_path) == [] and (tmp_path / "resolved_config.yaml").stat().st_mtime_ns == stamp
