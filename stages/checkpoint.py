@@ -319,13 +319,20 @@ def read_recorded(path: Path) -> Any:
         return None
 
 
-def input_changes(recorded: Path, inputs: dict[str, dict[str, str]] | None) -> list[str]:
-    """"key (path): contents changed" for each input whose fingerprint in the `recorded` inputs.json differs
-    from `inputs` (this run's, see `run_inputs`); [] for a record older than inputs.json."""
-    from stages.fingerprint import fingerprint_changes
+def recorded_changes(before: Any, recorded: Path, now: Any, inputs: dict[str, dict[str, str]] | None,
+                     stage: str | None = None) -> list[str]:
+    """How a run of config `now` (parsed) reading `inputs` (this run's, see `run_inputs`) differs from the run
+    that left config `before` (parsed; not a mapping: no config to compare) and the inputs.json `recorded`:
+    `config_changes`, where a path whose input only moved (the same fingerprint at another path) is no change,
+    then "key (path): contents changed" for each input whose fingerprint differs (none for a record older than
+    inputs.json)."""
+    from stages.fingerprint import fingerprint_changes, moved_inputs
 
-    before = read_recorded(recorded)
-    return fingerprint_changes(before, inputs) if isinstance(before, dict) and inputs is not None else []
+    kept = read_recorded(recorded)
+    known = isinstance(kept, dict) and inputs is not None
+    moved = moved_inputs(kept, inputs) if known else set()  # type: ignore[arg-type]
+    changes = config_changes(before, now, stage, moved) if isinstance(before, dict) else []
+    return changes + (fingerprint_changes(kept, inputs) if known else [])
 
 
 def _zero_stage(tree: Any) -> int:
@@ -356,12 +363,7 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
     now = yaml.safe_load(config_text)
     saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
     before_cfg = read_recorded(saved) if saved is not None else None  # unreadable: nothing to compare with
-    from stages.fingerprint import moved_inputs
-
-    recorded = read_recorded(path / "inputs.json")
-    moved = moved_inputs(recorded, inputs) if isinstance(recorded, dict) and inputs is not None else set()
-    changes = config_changes(before_cfg, now, stage, moved) if isinstance(before_cfg, dict) else []
-    changes += input_changes(path / "inputs.json", inputs)
+    changes = recorded_changes(before_cfg, path / "inputs.json", now, inputs, stage)
     before = saved_world_size(path)
     if world_size is not None and before is not None and before != world_size:
         zero = max(_zero_stage(before_cfg), _zero_stage(now))

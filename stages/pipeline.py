@@ -276,10 +276,12 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
     """How the config a stage would run with now (`resolved`, its resolved YAML) differs from the one its
     complete output was trained with (out/resolved_config.yaml), and which files and folders it reads changed
     contents since (out/inputs.json against their fingerprints now: an edited data file, or an SFT / reward
-    model retrained under the same path by an earlier, interrupted pipeline run); [] when unknown."""
+    model retrained under the same path by an earlier, interrupted pipeline run); an input that only moved (a
+    pipeline output_dir moved or copied whole: the same fingerprint at another path) is no change; [] when
+    unknown."""
     import yaml
 
-    from stages.checkpoint import config_changes, input_changes, read_recorded, run_inputs
+    from stages.checkpoint import read_recorded, recorded_changes, run_inputs
 
     if resolved is None:
         return []
@@ -288,7 +290,7 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
         return []
     recorded = out / "inputs.json"  # (an output older than inputs.json: its config only; nothing to hash)
     inputs = run_inputs(out, resolved, stage) if stage is not None and recorded.is_file() else None
-    return config_changes(before, yaml.safe_load(resolved), stage) + input_changes(recorded, inputs)
+    return recorded_changes(before, recorded, yaml.safe_load(resolved), inputs, stage)
 
 
 def child_failed(what: str, code: int, then: str) -> RlhfError:

@@ -936,6 +936,30 @@ def test_a_complete_stage_without_a_config_record_or_with_a_newer_key_at_its_def
     assert stage_config_changes(out, yaml.safe_dump({**now, "seed": 2}), "ppo") == ["seed: 1 -> 2"]
 
 
+def test_a_complete_stage_whose_inputs_moved_with_the_project_is_unchanged(tmp_path):
+    """A pipeline output_dir moved or copied whole (its stages' inputs at new paths, the same contents) is kept,
+    as a stage's own --resume keeps it; the path to a file of other contents is a change."""
+    import json
+    import shutil
+
+    from stages.checkpoint import run_inputs
+    from stages.pipeline import stage_config_changes
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "ppo"
+    _complete(out, "final", "final_critic")
+    before = yaml.safe_dump({"seed": 1, "data": {"train": str(tmp_path / "a" / "p.jsonl")}})
+    (out / "resolved_config.yaml").write_text(before)
+    (out / "inputs.json").write_text(json.dumps(run_inputs(out, before, "ppo")))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    now = yaml.safe_dump({"seed": 1, "data": {"train": str(tmp_path / "b" / "p.jsonl")}})
+    assert stage_config_changes(out, now, "ppo") == []
+    (tmp_path / "b" / "p.jsonl").write_text('{"prompt": "yo"}\n')
+    assert stage_config_changes(out, now, "ppo") == [f"data.train: '{tmp_path / 'a' / 'p.jsonl'}' -> "
+                                                     f"'{tmp_path / 'b' / 'p.jsonl'}'"]
+
+
 def test_plan_puts_the_wiring_first_and_a_runs_own_preset_and_sets_over_the_shared_ones(tmp_path):
     """Later --set items win: the user's stage sets follow the wiring, a run's own sets follow the ppo stage's,
     and a run's preset drops the stage's ppo.preset set."""
