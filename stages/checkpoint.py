@@ -230,7 +230,9 @@ def config_changes(before: dict[str, Any], after: Any, stage: str | None = None,
     """"key: old -> new" for each config value that differs (RESUME_FREE_KEYS aside). With the `stage`, a key the
     earlier config does not have (one a newer rlhf added) is no change when its value now is the schema's
     default: the earlier run ran without it, i.e. as the default does. A path whose input only `moved`
-    (fingerprint.moved_inputs: another path, the same contents; list items as key[i]) is no change either."""
+    (fingerprint.moved_inputs: another path, the same contents; list items as key[i]) is no change either. A
+    section null on one side (`data.eval: null`) and set on the other is one line, the whole section
+    (`data.eval: None -> {'path': '/d/eval.jsonl', ...}`), not one per key."""
     from stages.config import CONFIG_SCHEMAS, is_default_at
 
     schema = CONFIG_SCHEMAS.get(stage or "")
@@ -245,9 +247,21 @@ def config_changes(before: dict[str, Any], after: Any, stage: str | None = None,
             return all(x == y or f"{key}[{i}]" in moved for i, (x, y) in enumerate(zip(a, b)))
         return key in moved
 
+    # a section null on one side (`data.eval: null`) and set on the other: one line, the whole section
+    nulls = {key for side, other in ((old, new), (new, old)) for key, value in side.items()
+             if value is None and key not in other and any(k.startswith(key + ".") for k in other)}
+    whole = {key: (_at(before, key), _at(after, key)) for key in nulls}
+    old, new = {**old, **{k: a for k, (a, _) in whole.items()}}, {**new, **{k: b for k, (_, b) in whole.items()}}
     return [f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}" for key in sorted(old.keys() | new.keys())
             if not key.startswith(RESUME_FREE_KEYS) and old.get(key, "(unset)") != new.get(key, "(unset)")
-            and not added_at_default(key) and not only_moved(key)]
+            and not any(key.startswith(n + ".") for n in nulls) and not added_at_default(key) and not only_moved(key)]
+
+
+def _at(tree: Any, key: str) -> Any:
+    """The value at dotted `key` of a nested mapping (None where it has none)."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _input_keys(stage: str | None) -> Callable[[str], bool] | None:
