@@ -430,10 +430,29 @@ def recorded_policy(settings: dict[str, Any]) -> str:
     return "best" if isinstance(policy, str) and Path(policy).name == "best" else "final"
 
 
-def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path) -> dict[str, Any]:
-    """What the pipeline's evaluation of `policy` is made with (recorded in eval.settings.json)."""
+def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path, run: StageRun) -> dict[str, Any]:
+    """What the pipeline's evaluation of `policy` (of PPO `run`) is made with (recorded in eval.settings.json):
+    its options, and `eval_inputs`, the contents of what it reads through the run's config."""
     return {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-            "baseline": str(sft), "policy": str(policy)}
+            "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out)}
+
+
+def eval_inputs(out: Path) -> str | None:
+    """One sha256 over the fingerprints of every input a PPO run's resolved config names (`run_inputs`: its
+    prompts, reward model, SFT model — the evaluation's baseline —, gold judge, ...), their paths aside (a
+    project moved whole reads the same): an evaluation kept beside a stage kept despite changed inputs
+    (--allow-config-change) is redone, since it would read the new ones. None without a readable
+    resolved_config.yaml."""
+    import hashlib
+
+    from stages.checkpoint import read_recorded, run_inputs
+
+    record = out / "resolved_config.yaml"
+    if not isinstance(read_recorded(record), dict):
+        return None
+    prints = run_inputs(out, record.read_text(encoding="utf-8"), "ppo")
+    bare = {key: {k: v for k, v in fp.items() if k != "path"} for key, fp in prints.items()}
+    return hashlib.sha256(json.dumps(bare, sort_keys=True).encode()).hexdigest()
 
 
 def pipeline_eval(run: StageRun) -> dict[str, Any] | None:
@@ -450,7 +469,10 @@ def pipeline_eval(run: StageRun) -> dict[str, Any] | None:
 def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
     """Whether the run's eval.json stands: the pipeline's own evaluation (`pipeline_eval`) made with `settings`.
     An evaluation without its settings is redone."""
-    return pipeline_eval(run) == settings
+    made = pipeline_eval(run)
+    if made is not None:
+        made.setdefault("inputs", settings.get("inputs"))  # (settings written before inputs were recorded)
+    return made == settings
 
 
 def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
@@ -464,7 +486,7 @@ def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
         if act.run.stage != "ppo":
             continue
         policy = evaluated_policy(cfg, act.run)
-        if act.action == "skip" and eval_kept(act.run, eval_settings_of(cfg, sft, policy)):
+        if act.action == "skip" and eval_kept(act.run, eval_settings_of(cfg, sft, policy, act.run)):
             lines.append(f"{act.run.label}: kept ({act.run.out / 'eval.json'}, made with these eval settings)")
         else:
             which = "best/ if it writes one, else its final/" if cfg.eval.policy == "best" else "final/"
@@ -488,7 +510,7 @@ def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, cons
     (eval.settings.json)."""
     for run in ppo_runs:
         policy = evaluated_policy(cfg, run)
-        settings = eval_settings_of(cfg, sft, policy)
+        settings = eval_settings_of(cfg, sft, policy, run)
         if eval_kept(run, settings):
             continue
         what = "" if policy == run.out else " best/"

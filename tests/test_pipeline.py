@@ -304,6 +304,45 @@ def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_s
     assert len(calls) == 3 and calls[2][calls[2].index("--num-prompts") + 1] == "32"
 
 
+def test_pipeline_redoes_an_evaluation_whose_inputs_changed(tmp_path, fake_stages):
+    """A PPO stage kept despite changed inputs (--allow-config-change) keeps its config, whose files now hold
+    other contents: its evaluation would read the new prompts, so the kept one is redone. A move of the same
+    contents is no change; settings written before the inputs were recorded are kept."""
+    import shutil
+
+    import stages.pipeline as pl
+    from rich.console import Console
+
+    calls = fake_stages
+    cfg = _pipeline_cfg(tmp_path, eval={"enabled": True})
+    run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
+    out, sft = run[0].out, tmp_path / "runs" / "sft"
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text("{}")  # (what the faked `rlhf eval` would write)
+    prompts = tmp_path / "a" / "prompts.jsonl"
+    prompts.parent.mkdir()
+    prompts.write_text('{"prompt": "hi"}\n')
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump({"data": {"train": str(prompts)}}))
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    pl.evaluate_runs(cfg, run, sft, quiet)
+    pl.evaluate_runs(cfg, run, sft, quiet)
+    assert len(calls) == 1  # kept
+    shutil.copytree(prompts.parent, tmp_path / "b")
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump({"data": {"train": str(tmp_path / "b" / "prompts.jsonl")}}))
+    pl.evaluate_runs(cfg, run, sft, quiet)
+    assert len(calls) == 1  # moved, the same contents: kept
+    (tmp_path / "b" / "prompts.jsonl").write_text('{"prompt": "other"}\n')
+    assert pl.eval_plan(cfg, [pl.StageAction(run[0], "skip")]) == [
+        f"ppo: rlhf eval of its final/ against {sft}, all prompt(s), seed {cfg.eval.seed}"]
+    pl.evaluate_runs(cfg, run, sft, quiet)
+    assert len(calls) == 2  # redone
+    settings = json.loads((out / "eval.settings.json").read_text())
+    (out / "eval.settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "inputs"}))
+    (tmp_path / "b" / "prompts.jsonl").write_text('{"prompt": "third"}\n')
+    pl.evaluate_runs(cfg, run, sft, quiet)
+    assert len(calls) == 2  # (settings older than the inputs record: taken as they are)
+
+
 def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stages):
     """eval.policy: best evaluates a run's best/ (its final/, said so, when it wrote none); which one was
     evaluated is part of the kept settings, and the summary marks the run's row."""
