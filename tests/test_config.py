@@ -874,6 +874,21 @@ def test_a_key_a_newer_rlhf_added_is_no_change_at_its_default():
                                                                              "seed: 1 -> 2"]
 
 
+def test_a_section_set_where_it_was_null_is_one_change_line():
+    """data.eval: null -> {path, split, subset} (or back) is said as one line with the whole section, where it
+    used to read `data.eval: None -> '(unset)'; data.eval.path: '(unset)' -> ...`; inside sections set on both
+    sides each key is its own line."""
+    from stages.checkpoint import config_changes
+
+    section = {"path": "/d/e.jsonl", "split": "train", "subset": None}
+    base = {"seed": 1, "data": {"train": {"path": "/d/t.jsonl"}, "eval": None}}
+    with_eval = {"seed": 2, "data": {"train": {"path": "/d/t.jsonl"}, "eval": section}}
+    assert config_changes(base, with_eval, "sft") == [f"data.eval: None -> {section!r}", "seed: 1 -> 2"]
+    assert config_changes(with_eval, base, "sft") == [f"data.eval: {section!r} -> None", "seed: 2 -> 1"]
+    assert config_changes(with_eval, {**with_eval, "data": {**with_eval["data"], "eval": {**section, "path": "/x"}}},
+                          "sft") == ["data.eval.path: '/d/e.jsonl' -> '/x'"]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refused only on a machine without a GPU")
 def test_fp16_on_a_machine_without_a_gpu_is_refused_before_anything_runs(tmp_path):
     """DeepSpeed's CPU accelerator has no fp16: a run here is refused at once (exit 2, nothing written), where it
