@@ -1,0 +1,380 @@
+"""Unit tests of rlhf_cli/app.py's run_stage flow (worker paths, per-rank error printing, launcher exit codes, the
+launcher's environment) and of the PPO trick table, in-process (typer's CliRunner) with the launcher and the
+training function replaced: nothing trains, nothing launches."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import REPO, TINY_SFT, invoke_cli
+
+TINY_PPO = REPO / "configs" / "tiny" / "ppo.yaml"
+
+
+def _worker_env(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, launched: bool) -> None:
+    """This process as rank `rank` of `world` workers, of rlhf's own launcher (`launched`) or of torchrun's."""
+    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "PYTHON_RLHF_LAUNCHED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    if launched:
+        monkeypatch.setenv("PYTHON_RLHF_LAUNCHED", "1")
+
+
+def _not_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "PYTHON_RLHF_LAUNCHED", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _sft_args(out: Path, *extra: str) -> tuple[str, ...]:
+    return ("sft", "-c", str(TINY_SFT), "--set", f"output_dir={out}", *extra)
+
+
+@pytest.mark.parametrize("rank, locked", [(0, [".rlhf.workers.lock"]), (1, [])])
+def test_a_launched_worker_trains_under_the_workers_lock_on_rank_0_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, locked: list[str]) -> None:
+    """A worker of rlhf's own launcher trains with no preparation (prepare=None); only rank 0 holds the workers'
+    lock of output_dir (so that a new run there is refused while the workers train)."""
+    import stages.checkpoint as checkpoint
+    from rlhf_cli import app
+
+    _worker_env(monkeypatch, rank, 2, launched=True)
+    locks: list[tuple[Path, str]] = []
+    trained: list[tuple[Any, ...]] = []
+
+    @contextlib.contextmanager
+    def fake_lock(out_dir: Path, name: str = "x") -> Iterator[None]:
+        locks.append((out_dir, name))
+        yield
+
+    monkeypatch.setattr(checkpoint, "run_lock", fake_lock)
+    monkeypatch.setattr(app, "_train_here", lambda stage, cfg, resume, prepare: trained.append(
+        (stage, cfg.output_dir, resume, prepare)))
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--resume"))
+    assert res.exit_code == 0, res.output
+    assert trained == [("sft", str(tmp_path / "o"), True, None)]
+    assert locks == [(tmp_path / "o", name) for name in locked]
+
+
+def test_a_worker_of_another_launcher_prepares_output_dir_for_world_size_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun (no rlhf mark) the preparation handed to the trainer prints the config, locks output_dir
+    and prepares it for WORLD_SIZE processes (the process count a --resume compares with)."""
+    import stages.checkpoint as checkpoint
+    from rlhf_cli import app
+
+    _worker_env(monkeypatch, 0, 3, launched=False)
+    prepared: list[tuple[Path, bool, bool, str, int]] = []
+
+    def fake_prepare(out_dir: Path, text: str, resume: bool, overwrite: bool, stage: str, processes: int,
+                     allow: bool) -> list[str]:
+        prepared.append((out_dir, resume, overwrite, stage, processes))
+        return []
+
+    def fake_train(stage: str, cfg: Any, resume: bool, prepare: Any) -> None:
+        assert prepare is not None
+        prepare()
+
+    monkeypatch.setattr(checkpoint, "prepare_output_dir", fake_prepare)
+    monkeypatch.setattr(app, "_train_here", fake_train)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--overwrite"))
+    assert res.exit_code == 0, res.output
+    assert prepared == [(tmp_path / "o", False, True, "sft", 3)]
+    assert "rlhf sft: resolved config" in res.stdout
+    assert (tmp_path / "o" / ".rlhf.lock").exists()  # the run's lock, taken before the preparation
+
+
+@pytest.mark.parametrize("rank, world, error, code, printed", [
+    (1, 2, "config", 2, ""),  # every rank raises it: rank 0 prints it
+    (0, 2, "config", 2, "error: bad value here"),
+    (1, 2, "checkpoint", 1, "error (rank 1): bad value here"),  # one rank's own: printed with its rank
+    (0, 1, "checkpoint", 1, "error: bad value here"),  # a one-process run: no rank to name
+])
+def test_errors_are_printed_once_or_by_the_rank_that_hit_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, world: int, error: str, code: int,
+        printed: str) -> None:
+    """An every-rank error (ConfigError, exit 2) is printed by rank 0 alone; a rank's own (CheckpointError,
+    exit 1) by the rank that raised it, naming it where there are several."""
+    from rlhf_cli import app
+    from stages.errors import CheckpointError, ConfigError
+
+    _worker_env(monkeypatch, rank, world, launched=True)
+    exc = ConfigError if error == "config" else CheckpointError
+
+    def fail(*args: Any) -> None:
+        raise exc("bad value here")
+
+    monkeypatch.setattr(app, "_train_here", fail)
+    res = invoke_cli(*_sft_args(tmp_path / "o"))
+    assert res.exit_code == code and " ".join(res.stderr.split()) == printed, res.output
+
+
+def test_debug_raises_the_error_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--debug: the RlhfError reaches the caller (a traceback) instead of one error line."""
+    from rlhf_cli import app
+    from stages.errors import CheckpointError
+
+    _worker_env(monkeypatch, 0, 2, launched=True)
+    boom = CheckpointError("no shard")
+
+    def fail(*args: Any) -> None:
+        raise boom
+
+    monkeypatch.setattr(app, "_train_here", fail)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--debug"))
+    assert res.exception is boom and "error" not in res.stderr
+
+
+def test_ctrl_c_is_exit_130_and_the_signal_handlers_are_disarmed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt out of training: `interrupted`, exit 130; stop.disarm() runs however run_stage ends."""
+    from rlhf_cli import app
+    from stages import stop
+
+    _not_a_worker(monkeypatch)
+    disarmed: list[bool] = []
+    monkeypatch.setattr(stop, "disarm", lambda: disarmed.append(True))
+
+    def interrupt(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "_train_here", interrupt)
+    res = invoke_cli(*_sft_args(tmp_path / "o"))
+    assert res.exit_code == 130 and "interrupted" in res.stderr and disarmed == [True], res.output
+
+
+@pytest.mark.parametrize("code, said", [
+    (1, "rlhf sft: the launcher exited with code 1"),
+    (130, "rlhf sft: stopped by a signal (exit code 130)"),
+    (143, "rlhf sft: stopped by a signal (exit code 143)"),
+])
+def test_the_launchers_exit_code_is_the_commands_and_is_explained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, said: str) -> None:
+    """A failed launch exits with the launcher's code; a clean stop by SIGINT/SIGTERM (128 + signal) is said as
+    such, not as a failure."""
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(app, "run_launcher", lambda cmd, env: code)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--num-gpus", "2"))
+    stderr = " ".join(res.stderr.split())
+    assert res.exit_code == code and said in stderr, res.output
+    assert ("the launcher exited" in stderr) is (code == 1)
+
+
+@pytest.mark.parametrize("hosts", [False, True])
+def test_the_stop_file_goes_to_the_launcher_only_for_a_hostfile_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hosts: bool) -> None:
+    """Multi-node (--hostfile) workers watch output_dir/.rlhf-stop (absolute path, for the other nodes); a
+    one-node launch has none. Each launch carries rlhf's mark for its workers."""
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    seen: list[dict[str, str]] = []
+
+    def launcher(cmd: list[str], env: dict[str, str]) -> int:
+        seen.append(env)
+        return 0
+
+    monkeypatch.setattr(app, "run_launcher", launcher)
+    monkeypatch.setattr(app, "is_complete", lambda out_dir, stage: True)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    out = tmp_path / "o"
+    res = invoke_cli(*_sft_args(out, *(["--hostfile", str(hostfile)] if hosts else ["--num-gpus", "2"])))
+    assert res.exit_code == 0 and len(seen) == 1, res.output
+    assert seen[0]["PYTHON_RLHF_LAUNCHED"] == "1"
+    assert seen[0].get("PYTHON_RLHF_STOP_FILE") == (str((out / ".rlhf-stop").resolve()) if hosts else None)
+
+
+def _ppo_cfg(*overrides: str, preset: str | None = "vanilla") -> Any:
+    """The tiny PPO config (model paths pointed at an existing folder: nothing loads them) with `overrides`."""
+    from rlhf_cli.config_loader import load_config
+
+    here = str(REPO / "configs")
+    return load_config("ppo", TINY_PPO, [f"model.name_or_path={here}", f"reward_model.name_or_path={here}",
+                                         *overrides], preset=preset)
+
+
+def test_describe_tricks_marks_what_differs_from_the_preset() -> None:
+    """One row per key of the preset (vanilla: 18 ppo.* keys), `*` and the preset's value where they differ."""
+    from stages.ppo.trainer import describe_tricks
+
+    lines = describe_tricks(_ppo_cfg("ppo.reward_scaling=true", "ppo.reward_clip=0.5")).splitlines()
+    assert lines[0] == "PPO tricks (preset vanilla; * = differs from the preset):"
+    assert len(lines) == 1 + 18  # scaling is on: no note on a clip of raw scores
+    assert "  * ppo.reward_scaling             True   (preset: False)" in lines
+    assert "  * ppo.reward_clip                0.5   (preset: 0.0)" in lines
+    assert "    ppo.kl_coef                    0.0" in lines and "    ppo.reward_norm                False" in lines
+
+
+@pytest.mark.parametrize("overrides, note", [
+    ((), False),  # no clip at all
+    (("ppo.reward_clip=0.5",), True),  # a clip of the raw scores
+    (("ppo.reward_clip=0.5", "ppo.reward_norm=true"), False),
+    (("ppo.reward_clip=0.5", "ppo.reward_scaling=true"), False),
+])
+def test_describe_tricks_notes_a_clip_of_raw_reward_model_scores(overrides: tuple[str, ...], note: bool) -> None:
+    """The note appears only for reward_clip > 0 with neither reward_norm nor reward_scaling."""
+    from stages.ppo.trainer import describe_tricks
+
+    text = describe_tricks(_ppo_cfg(*overrides))
+    expected = ("  note: ppo.reward_clip 0.5 clips the raw reward-model scores (reward_norm and reward_scaling are off): "
+                "size it against the RM's score spread (reward_stats.json)")
+    assert (text.splitlines()[-1] == expected) is note and ("note:" in text) is note, text
+
+
+def _ppo_args(tmp_path: Path, *extra: str) -> tuple[str, ...]:
+    """`rlhf ppo` on the tiny config, its policy and reward model stand-in folders of the right kinds."""
+    import json
+
+    for name, arch in (("sft", "LlamaForCausalLM"), ("rm", "LlamaForSequenceClassification")):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [arch], "num_labels": 1}))
+    return ("ppo", "-c", str(TINY_PPO), "--set", f"output_dir={tmp_path / 'p'}", "--set",
+            f"model.name_or_path={tmp_path / 'sft'}", "--set", f"reward_model.name_or_path={tmp_path / 'rm'}", *extra)
+
+
+def test_ppo_max_is_preset_ppo_max_and_contradicts_any_other_preset(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ppo-max alone or with --preset ppo-max runs preset ppo-max; with another --preset: exit 2, one line."""
+    _not_a_worker(monkeypatch)
+    for extra in (("--ppo-max",), ("--ppo-max", "--preset", "ppo-max")):
+        res = invoke_cli(*_ppo_args(tmp_path, "--dry-run", *extra))
+        assert res.exit_code == 0 and "PPO tricks (preset ppo-max; * = differs" in res.stdout, res.output
+    res = invoke_cli(*_ppo_args(tmp_path, "--dry-run", "--ppo-max", "--preset", "vanilla"))
+    assert res.exit_code == 2 and res.stderr.strip() == "error: --ppo-max contradicts --preset vanilla", res.output
+
+
+def test_a_trick_flag_wins_over_a_set_and_errors_name_whichever_gave_the_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag is appended after the --set overrides (the last wins); a bad value is named by what gave it: the
+    flag only when the flag was given."""
+    _not_a_worker(monkeypatch)
+    res = invoke_cli(*_ppo_args(tmp_path, "--dry-run", "--set", "ppo.kl_coef=0.1", "--kl-coef", "0.2"))
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and "* ppo.kl_coef 0.2 (preset: 0.0)" in said, res.output
+    res = invoke_cli(*_ppo_args(tmp_path, "--dry-run", "--set", "ppo.kl_coef=-1"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 2 and "(got -1) [given with --set]" in said and "--kl-coef" not in said, res.output
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_check_data_is_a_dry_run_that_reads_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     stage: str) -> None:
+    """--check-data alone: the dry run's checks, then the data read for the run's process count; nothing
+    trains (the training function is never called)."""
+    import stages.pipeline as pipeline
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    read: list[tuple[str, int]] = []
+    monkeypatch.setattr(pipeline, "check_data", lambda st, cfg, processes: read.append((st, processes)))
+    monkeypatch.setattr(app, "_train_here", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(app, "run_launcher", lambda *a: pytest.fail("launched"))
+    args = _ppo_args(tmp_path) if stage == "ppo" else _sft_args(tmp_path / "o")
+    res = invoke_cli(*args, "--check-data", "--num-gpus", "2")
+    assert res.exit_code == 0 and read == [(stage, 2)], res.output
+    assert res.stdout.rstrip().endswith("dry run: nothing trained")
+    assert not (tmp_path / ("p" if stage == "ppo" else "o")).exists()
+    read.clear()
+    assert invoke_cli(*args, "--dry-run").exit_code == 0 and read == []  # a plain dry run reads no data
+
+
+@pytest.mark.parametrize("hosts, cuda, code", [
+    (False, False, 2),  # fp16 on this machine without a GPU: refused before the launch
+    (False, True, 0),  # with a GPU: launched
+    (True, False, 0),  # a --hostfile run computes on other machines: launched
+])
+def test_fp16_is_refused_only_for_a_run_on_this_machine_without_a_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hosts: bool, cuda: bool, code: int) -> None:
+    """deepspeed.precision fp16: refused (exit 2) where DeepSpeed's CPU accelerator would run it, launched
+    otherwise."""
+    import torch
+
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(app, "run_launcher", lambda cmd, env: launched.append(cmd) or 0)
+    monkeypatch.setattr(app, "is_complete", lambda out_dir, stage: True)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    where = ["--hostfile", str(hostfile)] if hosts else ["--num-gpus", "2"]
+    res = invoke_cli(*_sft_args(tmp_path / "o", *where, "--set", "deepspeed.precision=fp16"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == code and len(launched) == (code == 0), res.output
+    assert ("error: deepspeed.precision: fp16 needs a GPU, and this machine has none" in said) is (code == 2)
+
+
+def test_a_refused_request_creates_no_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume with --overwrite is refused before the run's lock would create output_dir (exit 2)."""
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(app, "_train_here", lambda *a: pytest.fail("trained"))
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--resume", "--overwrite"))
+    assert res.exit_code == 2 and "--resume and --overwrite contradict each other" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_goes_beside_the_first_run_by_default(tmp_path: Path) -> None:
+    """Without --out the plots and report.md go to report/ in the first run's parent folder."""
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
+    res = invoke_cli("report", str(run))
+    assert res.exit_code == 0 and (tmp_path / "runs" / "report" / "report.md").is_file(), res.output
+    assert not (run / "report").exists()
+
+
+def test_a_dry_resume_of_a_finished_run_does_not_announce_a_fresh_start(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume where a final/ exists but no checkpoint: the run would not start fresh, so the dry run does not
+    say it would; with neither, it says so."""
+    _not_a_worker(monkeypatch)
+    (tmp_path / "o" / "final").mkdir(parents=True)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--resume"))
+    assert res.exit_code == 0 and "resume:" not in res.stdout, res.output
+    res = invoke_cli(*_sft_args(tmp_path / "fresh", "--dry-run", "--resume"))
+    assert res.exit_code == 0 and "resume: no complete checkpoint here; the run would start fresh" in res.stdout
+
+
+@pytest.mark.parametrize("how, code", [("launcher", 1), ("in-process", 2), ("launcher", 0)])
+def test_a_failed_resume_leaves_the_record_its_checkpoint_keeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 how: str, code: int) -> None:
+    """--resume --allow-config-change rewrites output_dir/resolved_config.yaml and inputs.json for the attempt;
+    when it fails (the launcher's non-zero code, an error raised in this process) they are put back as the
+    newest checkpoint keeps them; a run that succeeds keeps its own."""
+    import json
+
+    from rlhf_cli import app
+    from stages.errors import ConfigError
+
+    _not_a_worker(monkeypatch)
+    out = tmp_path / "o"
+    ck = out / "checkpoint-00000003"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2 if how == "launcher" else 1}))
+    for folder in (ck, out):
+        (folder / "resolved_config.yaml").write_text("seed: 99\n")
+        (folder / "inputs.json").write_text("{}\n")
+    (ck / "COMPLETE").write_text("ok\n")
+
+    def refuse(*args: Any) -> None:
+        raise ConfigError("--resume: the newest checkpoint is past this run's last step")
+
+    monkeypatch.setattr(app, "run_launcher", lambda cmd, env: code)
+    monkeypatch.setattr(app, "is_complete", lambda out_dir, stage: True)
+    monkeypatch.setattr(app, "_train_here", refuse)
+    where = ["--num-gpus", "2"] if how == "launcher" else []
+    res = invoke_cli(*_sft_args(out, "--resume", "--allow-config-change", *where))
+    assert res.exit_code == code, res.output
+    record = (out / "resolved_config.yaml").read_text()
+    assert (record == "seed: 99\n") is (code != 0), record[:200]
+    assert ((out / "inputs.json").read_text() == "{}\n") is (code != 0)
