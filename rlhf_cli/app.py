@@ -533,7 +533,7 @@ def pipeline(
 
     Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and summary.json, and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
-    from stages.pipeline import ACTION_NOTES, eval_plan, plan, run_pipeline, stage_actions
+    from stages.pipeline import ACTION_NOTES, eval_plan, plan, run_pipeline, stage_actions, wiring_flags
     from stages.sniff import sniff_data
 
     try:
@@ -546,7 +546,7 @@ def pipeline(
         for run in runs:  # every stage config must validate before anything trains
             try:
                 loaded[run.label] = load_config(run.stage, run.config, run.overrides, preset=run.preset,
-                                                not_yet=run.not_yet)
+                                                not_yet=run.not_yet, flags=wiring_flags(run))
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
                                   f"overrides): {exc}") from None
@@ -578,7 +578,8 @@ def pipeline(
             from stages.pipeline import check_pipeline_data
 
             def load(run: Any, overrides: list[str]) -> Any:
-                return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet)
+                return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet,
+                                   flags=wiring_flags(run))
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
                 check_pipeline_data(actions, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch))
