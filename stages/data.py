@@ -96,8 +96,42 @@ def _bad(where: str, reason: str, on_bad_row: str, log: BadRowLog) -> None:
 
 
 # --------------------------------------------------------------------------------------------- reading
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A parsed JSON object that gave a key twice (`json` keeps the last value without a word): `key` names it."""
+
+    key: str
+
+
+class _RepeatWatch:
+    """json's object_pairs_hook: each object as a dict, one that gives a key twice as a _Repeated, counted in
+    `found` (so that only a record whose parse found one is searched for it)."""
+
+    def __init__(self) -> None:
+        self.found = 0
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        self.found += 1
+        seen: set[str] = set()
+        repeated = _Repeated(obj)
+        repeated.key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return repeated
+
+
+def repeated_key_reason(value: Any) -> str | None:
+    """Why a record parsed with a _RepeatWatch is unusable: an object inside it (the record, a message, ...) gives
+    a key twice, e.g. two "chosen" (JSON keeps the last value, so the other is lost unseen); None if none."""
+    if isinstance(value, _Repeated):
+        return f"the key {value.key!r} twice in one JSON object (only the last value would be read)"
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((reason for child in children if (reason := repeated_key_reason(child)) is not None), None)
+
+
 def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     """JSON Lines, line by line, so that a bad line is reported by its number. Blank lines are skipped."""
+    watch = _RepeatWatch()
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path} row {lineno}"
@@ -108,13 +142,17 @@ def _read_jsonl(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
                 continue
             if not line.strip():
                 continue
+            repeats = watch.found
             try:
-                record = json.loads(line.rstrip("\r\n"))  # a truncated row's error lands on its own line
-            except json.JSONDecodeError as exc:
+                record = json.loads(line.rstrip("\r\n"), object_pairs_hook=watch)  # (a truncated row's error
+            except json.JSONDecodeError as exc:  # lands on its own line)
                 _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})", on_bad_row, log)
                 continue
             if not isinstance(record, dict):
                 _bad(where, f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
+                continue
+            if watch.found != repeats and (reason := repeated_key_reason(record)):
+                _bad(where, reason, on_bad_row, log)
                 continue
             if SURROGATE_ESCAPE.search(line) and (reason := surrogate_reason(record)):
                 _bad(where, reason, on_bad_row, log)
@@ -159,7 +197,11 @@ def _read_csv(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
 
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # (a BOM would join the first column's name)
-            for i, record in enumerate(csv.DictReader(fh), start=1):
+            reader = csv.DictReader(fh)
+            twice = sorted({c for c in reader.fieldnames or [] if (reader.fieldnames or []).count(c) > 1})
+            if twice:  # DictReader would keep the last such column's cell without a word
+                raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once")
+            for i, record in enumerate(reader, start=1):
                 if None in record:
                     _bad(f"{path} row {i}", "more cells than header columns", on_bad_row, log)
                     continue
@@ -175,9 +217,10 @@ def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     if not head.startswith(b"["):
         yield from _read_jsonl(path, on_bad_row, log)
         return
+    watch = _RepeatWatch()
     try:
         text = path.read_text(encoding="utf-8-sig")
-        records = json.loads(text)
+        records = json.loads(text, object_pairs_hook=watch)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: invalid JSON: {exc}") from None
     escapes = SURROGATE_ESCAPE.search(text) is not None  # (only then is a record checked for them)
@@ -185,6 +228,9 @@ def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     for i, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             _bad(f"{path} row {i}", f"expected a JSON object, got {type(record).__name__}", on_bad_row, log)
+            continue
+        if watch.found and (reason := repeated_key_reason(record)):
+            _bad(f"{path} row {i}", reason, on_bad_row, log)
             continue
         if escapes and (reason := surrogate_reason(record)):
             _bad(f"{path} row {i}", reason, on_bad_row, log)

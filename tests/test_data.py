@@ -951,6 +951,31 @@ def test_an_unpaired_surrogate_escape_is_a_bad_row(tmp_path):
         assert f"{path.name} row 2: an unpaired surrogate escape (\\ud83d): not valid Unicode text" in str(exc.value)
 
 
+def test_a_key_given_twice_in_a_json_object_is_a_bad_row(tmp_path):
+    """`{"chosen": "a", "chosen": "b"}` is valid JSON whose parse keeps "b" without a word: a bad row naming the
+    key (also inside a message), in JSON Lines and in a JSON array; a CSV header naming a column twice is a data
+    error naming it."""
+    from stages.data import BadRowLog, read_rows
+
+    rows = ['{"prompt": "ok", "response": "x"}', '{"prompt": "a", "response": "b", "response": "c"}',
+            '{"messages": [{"role": "user", "content": "hi", "content": "yo"}]}', '{"prompt": "b", "response": "d"}']
+    jsonl = _jsonl(tmp_path / "d.jsonl", rows)
+    array = tmp_path / "d.json"
+    array.write_text("[" + ", ".join(rows) + "]")
+    for path in (jsonl, array):
+        log = BadRowLog()
+        assert [r.row for r in read_rows(DataSource(path=str(path)), "skip", log)] == [1, 4]
+        assert log.reasons == {"the key 'response' twice in one JSON object": 1,
+                               "the key 'content' twice in one JSON object": 1}
+        with pytest.raises(DataError) as exc:
+            list(read_rows(DataSource(path=str(path)), "error", BadRowLog()))
+        assert f"{path.name} row 2: the key 'response' twice in one JSON object (only the last value" in str(exc.value)
+    table = tmp_path / "d.csv"
+    table.write_text("prompt,response,prompt\nhi,yo,ho\n")
+    with pytest.raises(DataError, match=r"d\.csv: the header names column\(s\) 'prompt' more than once$"):
+        list(read_rows(DataSource(path=str(table)), "skip", BadRowLog()))
+
+
 def test_a_bad_message_says_what_it_found():
     """`messages[i] must be {role, content}` did not say what was wrong: a non-object, a role such as `tool`,
     content given as a list of parts (the OpenAI multimodal shape) or missing."""
