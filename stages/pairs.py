@@ -253,10 +253,11 @@ def tokenize_pair(
     either side's prompt can give beyond data.max_prompt_length's budget: a side whose context is shorter, having
     fewer turns); responses are then cut from the right. A pair whose sides differ before the final turn, when
     that cut reaches the tokens where they differ, raises ContextCut (it would compare leftover contexts); a
-    pair whose kept context leaves a side's response no room, NoRoom. With add_eos every side ends with EOS: what a chat template puts after the
-    response's last EOS (ChatML's "\n") is dropped, as a sampled response ends at its EOS; a response cut
-    short gets EOS as its last token (with no LM label: the LM loss must not learn to stop mid-sentence). So the
-    reward is always read at an EOS. A prompt cut from the left keeps its BOS."""
+    pair whose kept context leaves a side's response no room, NoRoom. With add_eos every side ends with EOS:
+    what a chat template puts after the response's last EOS (ChatML's "\n") is dropped, as a sampled response
+    ends at its EOS; a response cut short gets EOS as its last token (with no LM label: the LM loss must not
+    learn to stop mid-sentence). So the reward is always read at an EOS. A prompt cut from the left keeps its
+    BOS."""
     encoded = []
     eos = tokenizer.eos_token_id
     as_text = data.content_special_tokens == "text"
