@@ -155,7 +155,13 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         style = CHAT if data.use_chat_template else RAW_PR
         return PreferencePair((("user", prompt),), (("assistant", chosen),), (("assistant", rejected),), style, margin)
     if fmt == "hh":
-        prompt_text, chosen, rejected = split_hh_pair(_field(record, cols.chosen), _field(record, cols.rejected))
+        texts = _field(record, cols.chosen), _field(record, cols.rejected)
+        try:
+            prompt_text, chosen, rejected = split_hh_pair(*texts)
+        except BadRow:
+            for text in texts:  # text that is no HH dialogue (CRLF line ends, say) says so as in SFT and PPO
+                hh_dialogue(text)
+            raise
         prompt_turns = tuple(hh_dialogue(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
         sides = [tuple(check_hh_turns(split_hh(HH_ASSISTANT + text))) for text in (chosen, rejected)]
         style = RAW_HH

@@ -347,6 +347,24 @@ def test_hh_pairs_refuse_a_marker_after_a_single_line_break_in_a_response():
         parse_pair({"chosen": chosen, "rejected": "\n\nHuman: hi\n\nAssistant: No."}, "hh", _data())
 
 
+def test_hh_pairs_of_crlf_text_say_what_sft_and_ppo_say():
+    """CRLF line ends (no `\n\nHuman:` marker) were refused as sharing no dialogue prefix, a plain-responses
+    hint: now, as SFT and PPO say, no human turn; single line breaks before the markers, a lone marker."""
+    import re
+
+    from stages.data import NO_HUMAN_TURN
+
+    crlf = {"chosen": "\r\n\r\nHuman: hi\r\n\r\nAssistant: a", "rejected": "\r\n\r\nHuman: hi\r\n\r\nAssistant: b"}
+    with pytest.raises(BadRow, match=re.escape(NO_HUMAN_TURN)):
+        parse_pair(crlf, "hh", _data())
+    single = {"chosen": "\n\nHuman: hi\nAssistant: a", "rejected": "\n\nHuman: hi\nAssistant: b"}
+    with pytest.raises(BadRow, match="a 'Assistant:' marker after a single line break"):
+        parse_pair(single, "hh", _data())
+    other_turn = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: a"}
+    with pytest.raises(BadRow, match="share no dialogue prefix ending in"):  # well-formed, no shared prompt
+        parse_pair(other_turn, "hh", _data())
+
+
 def test_pairs_whose_responses_repeat_the_prompt_are_counted_and_said(tok):
     """`{prompt: P, chosen: P + a, rejected: P + b}` (full texts beside a prompt column) reads the prompt twice:
     counted and said in the report, the text kept as given (a shared opening may be the answers' own: "Hi"
