@@ -378,3 +378,30 @@ def test_a_failed_resume_leaves_the_record_its_checkpoint_keeps(tmp_path: Path, 
     record = (out / "resolved_config.yaml").read_text()
     assert (record == "seed: 99\n") is (code != 0), record[:200]
     assert ((out / "inputs.json").read_text() == "{}\n") is (code != 0)
+
+
+def test_a_pipeline_names_the_stage_whose_hub_model_is_not_cached(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, a stage's model that is neither a folder nor in the hub cache: the pipeline's dry run warns and
+    its run stops (exit 2, nothing trained), each naming the stage, as the stage's own command names the key."""
+    import huggingface_hub.constants
+    import yaml
+
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(app, "run_launcher", lambda *a: pytest.fail("launched"))
+    tiny = REPO / "configs" / "tiny"
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "runs"),
+        "sft": {"config": str(tiny / "sft.yaml"), "set": ["model.from_config=null", "model.name_or_path=outputs/sft"]},
+        "rm": {"config": str(tiny / "rm.yaml")}, "ppo": {"config": str(tiny / "ppo.yaml")}}))
+    said = "pipeline stage sft: model.name_or_path outputs/sft: no such local folder"
+    dry = invoke_cli("pipeline", "-c", str(pipeline), "--dry-run")
+    assert dry.exit_code == 0 and f"warning: {said}" in " ".join(dry.stderr.split()), dry.output
+    run = invoke_cli("pipeline", "-c", str(pipeline))
+    assert run.exit_code == 2 and f"error: {said}" in " ".join(run.stderr.split()), run.output
+    assert not (tmp_path / "runs" / "sft").exists()
