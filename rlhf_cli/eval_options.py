@@ -60,6 +60,9 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         apply_override(sections[parts[0]], parts[1:], value)
     checked = _validated(data_fields, gen_fields)
     data, generation = checked.data, checked.generation
+    for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
+        if value is not None and value < 1:  # this says so to a caller from Python)
+            raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,

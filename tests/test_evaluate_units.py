@@ -311,6 +311,12 @@ def test_eval_settings_name_what_is_missing_or_malformed(tmp_path: Path) -> None
         eval_settings(tmp_path / "policy", None, prompts=prompts)
     with pytest.raises(ConfigError, match=r"--set generation=1: rlhf eval takes data.\* \(not data.train/eval"):
         eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, overrides=["generation=1"])
+    for option in ({"num_prompts": 0}, {"batch_size": -1}):  # (the CLI's options refuse them first)
+        (name, value), = option.items()
+        with pytest.raises(ConfigError, match=rf"^rlhf eval: {name} must be at least 1, got {value}$"):
+            eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, **option)
+    assert eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, num_prompts=1,
+                         batch_size=1).num_prompts == 1
 
 
 def test_evaluate_writes_a_nan_score_as_strict_json_and_warns_of_it(monkeypatch: pytest.MonkeyPatch,
