@@ -238,6 +238,17 @@ def _read_json(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
         yield Row(record, str(path), i)
 
 
+def _parquet_rows(path: Path) -> int | None:
+    """The number of rows a parquet file's footer records; None when pyarrow cannot read it (`datasets` then
+    says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError, ...
+        return None
+
+
 def read_rows(source: DataSource, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     """Every record of a data source: local .jsonl/.json/.parquet/.csv file(s) or a hub dataset.
     Row numbers are 1-based: the line for JSON Lines, the record otherwise (CSV: the data row after the header)."""
@@ -252,7 +263,9 @@ def read_rows(source: DataSource, on_bad_row: str, log: BadRowLog) -> Iterator[R
             elif suffix == ".csv":
                 yield from _read_csv(path, on_bad_row, log)
             elif suffix == ".parquet":
-                yield from _read_with_datasets(str(path), str(path), path="parquet", data_files=str(path), split="train")
+                if _parquet_rows(path) != 0:  # (datasets fails on a file of no rows, as if it were damaged)
+                    yield from _read_with_datasets(str(path), str(path), path="parquet", data_files=str(path),
+                                                   split="train")
             else:
                 raise DataError(f"{path}: unsupported data file type (use {', '.join(LOCAL_SUFFIXES)})")
             continue

@@ -244,6 +244,13 @@ def test_csv_parquet_and_json_array_files(tmp_path):
         convs, _ = _load(tmp_path / name)
         assert [c.messages[1][1] for c, _ in convs] == ["r0", "r1", "r2"], name
         assert convs[2][1] == f"{tmp_path / name} row 3"
+    # a parquet file of no rows holds no record, as an empty JSON Lines file does (datasets failed on it,
+    # printing pyarrow's "BatchSize must be greater than 0"), beside a file that has some
+    from stages.data import read_rows
+
+    pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string())])), tmp_path / "e.parquet")
+    both = DataSource(path=[str(tmp_path / "e.parquet"), str(tmp_path / "d.parquet")])
+    assert [r.data["prompt"] for r in read_rows(both, "error", BadRowLog())] == ["p0", "p1", "p2"]
 
 
 def test_several_files_in_one_source(tmp_path):
