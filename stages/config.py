@@ -659,6 +659,11 @@ class PipelineEvalConfig(Section):
 #: the files `rlhf pipeline` writes at the top of its output_dir when it ends (no run folder may take their names)
 PIPELINE_SUMMARY_FILES = ("summary.json", "summary.md")
 
+#: the keys `rlhf pipeline` sets in its stages' configs (no stage's `set` may), and what it sets them to
+PIPELINE_WIRING = {"output_dir": "the stage's folder under the pipeline's output_dir",
+                   "model.name_or_path": "the SFT stage's output",
+                   "reward_model.name_or_path": "the RM stage's output"}
+
 
 class PipelineConfig(Section):
     """`rlhf pipeline` config: SFT -> reward model -> PPO (one or several runs) -> eval -> report."""
@@ -690,9 +695,7 @@ class PipelineConfig(Section):
     def _wiring_not_set(self) -> "PipelineConfig":
         """A stage's `set:` may not change what the pipeline wires (each output_dir, the RM's and PPO's model
         paths): the pipeline would check, skip and hand on other folders than the stage wrote or read."""
-        wired = {"output_dir": "the stage's folder under the pipeline's output_dir",
-                 "model.name_or_path": "the SFT stage's output",
-                 "reward_model.name_or_path": "the RM stage's output"}
+        wired = PIPELINE_WIRING
         where = [("sft", self.sft.set, ["output_dir"]), ("rm", self.rm.set, ["output_dir", "model.name_or_path"])]
         where += [(name, items, list(wired)) for name, items in
                   [("ppo", self.ppo.set)] + [(f"ppo_runs[{i}]", r.set) for i, r in enumerate(self.ppo_runs)]]

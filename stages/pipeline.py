@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from rich.markup import escape
 
-from stages.config import PIPELINE_SUMMARY_FILES, PipelineConfig, set_key
+from stages.config import PIPELINE_SUMMARY_FILES, PIPELINE_WIRING, PipelineConfig, set_key
 from stages.errors import CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
 from stages.stop import STOPPED_CODES, killed_note
@@ -70,16 +70,11 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
     return runs
 
 
-#: what sets each key the pipeline wires into a stage's config, named in a config error at that key
-WIRING = {"output_dir": "the pipeline (a stage's folder in its output_dir)",
-          "model.name_or_path": "the pipeline (the SFT stage's output)",
-          "reward_model.name_or_path": "the pipeline (the reward model stage's output)"}
-
-
 def wiring_flags(run: StageRun) -> dict[str, str]:
-    """`load_config`'s flags for the keys the pipeline itself sets in `run`'s overrides (WIRING; a stage's own
-    `set` list may not give them), so that an error there names the pipeline, not --set."""
-    return {key: said for key, said in WIRING.items() if key == "output_dir" or key in run.not_yet}
+    """`load_config`'s flags for the keys the pipeline itself sets in `run`'s overrides (PIPELINE_WIRING; a
+    stage's own `set` list may not give them), so that an error there names the pipeline, not --set."""
+    return {key: f"the pipeline ({said})" for key, said in PIPELINE_WIRING.items()
+            if key == "output_dir" or key in run.not_yet}
 
 
 #: each stage's `--check-data` (module:function(cfg, world_size)): its data read as its run reads it, nothing

@@ -133,16 +133,18 @@ def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path)
     error names the pipeline as the giver, not --set."""
     from rlhf_cli.config_loader import load_config
     from stages.errors import ConfigError
-    from stages.pipeline import WIRING, plan, wiring_flags
+    from stages.config import PIPELINE_WIRING
+    from stages.pipeline import plan, wiring_flags
 
     rm_cfg = yaml.safe_load((TINY / "rm.yaml").read_text())
     rm_cfg["model"] = {"from_config": {"model_type": "llama", "hidden_size": 64}}
     rm_cfg["data"]["train"] = str(TINY / "data" / "rm.jsonl")
     rm_yaml = write_yaml(tmp_path / "rm.yaml", rm_cfg)
     sft, rm, ppo = plan(_pipeline_cfg(tmp_path, rm={"config": str(rm_yaml)}))
-    assert wiring_flags(sft) == {"output_dir": WIRING["output_dir"]}
-    assert wiring_flags(rm) == {k: WIRING[k] for k in ("output_dir", "model.name_or_path")}
-    assert wiring_flags(ppo) == WIRING
+    said = {key: f"the pipeline ({what})" for key, what in PIPELINE_WIRING.items()}
+    assert wiring_flags(sft) == {"output_dir": said["output_dir"]}
+    assert wiring_flags(rm) == {k: said[k] for k in ("output_dir", "model.name_or_path")}
+    assert wiring_flags(ppo) == said
     with pytest.raises(ConfigError, match=r"model: set exactly one of name_or_path .* and from_config "
                                           r"\[given with the pipeline \(the SFT stage's output\)\]$"):
         load_config(rm.stage, rm.config, rm.overrides, not_yet=rm.not_yet, flags=wiring_flags(rm))
