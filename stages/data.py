@@ -198,7 +198,8 @@ def _read_csv(path: Path, on_bad_row: str, log: BadRowLog) -> Iterator[Row]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # (a BOM would join the first column's name)
             reader = csv.DictReader(fh)
-            twice = sorted({c for c in reader.fieldnames or [] if (reader.fieldnames or []).count(c) > 1})
+            names = list(reader.fieldnames or [])
+            twice = sorted({c for c in names if names.count(c) > 1})
             if twice:  # DictReader would keep the last such column's cell without a word
                 raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once")
             for i, record in enumerate(reader, start=1):

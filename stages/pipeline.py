@@ -457,9 +457,9 @@ def eval_inputs(out: Path) -> str | None:
     record = out / "resolved_config.yaml"
     if not isinstance(read_recorded(record), dict):
         return None
-    prints = run_inputs(out, record.read_text(encoding="utf-8"), "ppo")
-    bare = {key: {k: v for k, v in fp.items() if k != "path"} for key, fp in prints.items()}
-    return hashlib.sha256(json.dumps(bare, sort_keys=True).encode()).hexdigest()
+    prints = run_inputs(out, record.read_text(encoding="utf-8"), "ppo")  # key -> {path, sha256}
+    contents = {key: fp["sha256"] for key, fp in prints.items()}
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
 
 
 def pipeline_eval(run: StageRun) -> dict[str, Any] | None:
