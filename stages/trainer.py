@@ -274,8 +274,9 @@ def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo
         (out / "data_report.json").write_text(json.dumps(body, indent=2), encoding="utf-8")
 
 
-def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int) -> dict[str, Any]:
-    """Load the newest complete checkpoint; its trainer state, or {"step": 0} when there is none."""
+def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int, total: int) -> dict[str, Any]:
+    """Load the newest complete checkpoint; its trainer state, or {"step": 0} when there is none. A checkpoint
+    past the run's `total` steps is refused (check_resume_point) before "resumed from" is said."""
     state = load_latest_checkpoint(engine, out, dist, say=lambda text: say(dist.is_main, text))
     if state is None:
         say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from step 0")
@@ -286,6 +287,7 @@ def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int) -> di
             f"[yellow]warning: the checkpoint was trained with global batch {state.get('global_batch')}, "
             f"this run uses {global_batch}; the data order will differ[/]",
         )
+    check_resume_point(int(state["step"]), total, out)
     say(dist.is_main, f"resumed from step {state['step']} ({out})")
     return state
 
@@ -467,9 +469,8 @@ def start_training(
     ds_config = build_deepspeed_config(tc, cfg.deepspeed, dist.world_size, dist.device.type == "cuda")
     engine = initialize_engine(make_model(ds_config), ds_config, tc, plan.total)
     seed_everything(cfg.seed + dist.rank)
-    state = resume_from(engine, out, dist, plan.global_batch) if resume else {"step": 0}
+    state = resume_from(engine, out, dist, plan.global_batch, plan.total) if resume else {"step": 0}
     start = int(state["step"])
-    check_resume_point(start, plan.total, out)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
     meta = {"stage": stage, "rlhf_version": __version__, "model": cfg.model.name_or_path or "from_config",
             "rendering": rendering}

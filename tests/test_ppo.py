@@ -404,7 +404,7 @@ def test_resuming_past_the_runs_last_iteration_is_refused(tmp_path, stages_dir):
     out = Path(cfg["output_dir"])
     record = (out / "resolved_config.yaml").read_text()
     _, res = _ppo(tmp_path, cfg, "--resume", "--allow-config-change", expect=2)
-    assert "past this run's last iteration 2" in res.stderr
+    assert "past this run's last iteration 2" in res.stderr and "resumed from" not in res.stdout
     assert (out / "resolved_config.yaml").read_text() == record  # the refused attempt's own record is undone
 
 

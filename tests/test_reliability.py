@@ -137,6 +137,7 @@ def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_pat
     assert "processes: 1 -> 2" in res.stderr, res.stderr
     res = _sft(config, "--resume", "--allow-config-change", "--set", "train.max_steps=2", expect=2)
     assert "the newest checkpoint in" in res.stderr and "is at step 3, past this run's last step 2" in res.stderr
+    assert "resumed from" not in res.stdout  # refused before it is said
     assert not (out / "final").exists()
     # refused once started: the record it wrote for itself is put back as the checkpoint keeps it
     assert (out / "resolved_config.yaml").read_text() == saved

@@ -674,12 +674,12 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         if loaded is None:
             say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from iteration 0")
         else:
+            check_resume_point(int(loaded["step"]), total, out, "iteration")
             state.update(loaded)
             state["best_reward"], kept_best_at = resumed_best(out, int(state["step"]), state["best_reward"])
             say(dist.is_main, f"resumed from iteration {state['step']} ({out})")
     moments = RunningMoments(*state["moments"])
     start = int(state["step"])
-    check_resume_point(start, total, out, "iteration")
     if dist.is_main:
         keep_rows_upto(out / "samples.jsonl", "iteration", start)
     metrics = MetricsLogger(out, dist.is_main, cfg.logging.tensorboard, resume_step=start if resume else None)
