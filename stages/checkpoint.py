@@ -211,8 +211,10 @@ def run_stage_of(out_dir: Path) -> str | None:
 
 
 #: config keys that may change between a run and its resumption without changing what it trains (output_dir:
-#: a run's directory may be moved or copied and resumed there)
-RESUME_FREE_KEYS = ("output_dir", "logging.", "train.save_every", "train.save_total_limit", "train.sample_every")
+#: a run's directory may be moved or copied and resumed there; monitor.*: the collapse monitor only watches,
+#: warns, vetoes best/ and stops — a run it stopped is resumed with monitor.action: warn)
+RESUME_FREE_KEYS = ("output_dir", "logging.", "train.save_every", "train.save_total_limit", "train.sample_every",
+                    "monitor.")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -197,7 +197,12 @@ def test_monitor_warns_and_vetoes_best_then_stop_saves_and_exits(tmp_path, stage
     cfg["monitor"] = {"max_length_ratio": 1e-6, "action": "stop"}
     out, res = _ppo(tmp_path, cfg, name="stop.yaml", expect=1)
     assert "collapse monitor stopped the run at iteration 1" in res.stderr
+    assert "continue past it with --resume --set monitor.action=warn" in res.stderr
     assert (out / "checkpoint-00000001" / "COMPLETE").is_file() and not (out / "final").exists()
+    # what the message says works: monitor.* may change on --resume (the weights do not depend on it)
+    out, res = _ppo(tmp_path, cfg, "--resume", "--set", "monitor.action=warn", name="stop.yaml")
+    assert "resumed from iteration 1" in res.stdout and "warning: resuming with changes" not in res.stderr
+    assert (out / "final" / "config.json").is_file()
 
 
 def test_an_rm_trained_without_eos_reads_plain_responses_without_their_eos(tmp_path, stages_dir):

@@ -832,9 +832,11 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                     save(done)
                 progress.close()
                 metrics.close()
-                saved = f"Checkpoint saved in {out}" if t.checkpoints else "No checkpoint (train.checkpoints: false)"
+                then = (f"Checkpoint saved in {out}; continue past it with --resume --set monitor.action=warn"
+                        if t.checkpoints else "No checkpoint (train.checkpoints: false); set monitor.action: warn "
+                        "to run past it")
                 raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
-                                f"{saved}; set monitor.action: warn to continue past it")
+                                f"{then}")
 
     progress.close()
     final = None  # (train.checkpoints: false publishes no model)
