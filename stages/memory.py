@@ -37,7 +37,10 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     per element (28 with the entropy; `logit_bytes`, measured), else the model's m R V response
                     logits and their gradient (2 b m R V) plus an 8-row float32 block; SFT: the model's m L V
                     logits, the trained rows' copy and its gradient (3 b m L V) plus one float32 cross-entropy
-                    block of 12 bytes per element (stages/lm.py checkpoints each)
+                    block of 12 bytes per element (stages/lm.py checkpoints each; `lm_loss_logits`)
+    PTX             PPO with ptx_coef > 0: each policy micro-batch's loss adds the LM loss of m PTX rows of
+                    data.ptx_max_length tokens (L_ptx) before one backward pass, so its activations and SFT's
+                    logits term at L = L_ptx join the policy's backward moment
     KV cache        2 x layers x K x (P + R) x B x b  (PPO rollouts of B prompts)
     frozen          b N per frozen model (PPO reference and reward model); / W when frozen_zero_stage is 3
     sampler         b N: the whole-policy copy PPO samples from under ZeRO-3
@@ -268,6 +271,16 @@ def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int
         FULL_LOGITS_BLOCK[entropy]
 
 
+def lm_loss_logits(shape: Shape, rows: int, length: int, precision: str) -> float:
+    """Logit memory of an LM loss over `rows` x `length` tokens at its backward pass (SFT, PPO's PTX term): the
+    model's logits, the trained rows' copy and its gradient (3 b rows length V), plus one checkpointed float32
+    cross-entropy block of LOSS_BLOCK_ROWS rows (stages/lm.py)."""
+    from stages.lm import LOSS_BLOCK_ROWS
+
+    block = min(LOSS_BLOCK_ROWS, rows * length) * shape.vocab * LM_LOSS_BLOCK
+    return 3 * rows * length * shape.vocab * _bytes(precision) + block
+
+
 def _named(model: str, phase: Phase) -> Phase:
     """A `trained_model` phase with its part names prefixed by the model's."""
     return Phase([f"{model} {part}" for part in phase.gradients],
@@ -321,9 +334,13 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt)
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
+    policy_backward = ["activations (policy micro-batch)", "logits (policy micro-batch)"]
+    if cfg.ppo.ptx_coef > 0 and cfg.data.ptx is not None:  # its LM loss joins each policy micro-batch's backward
+        parts["activations (PTX micro-batch)"] = activations(policy, m, cfg.data.ptx_max_length, ds.precision, ckpt)
+        parts["logits (PTX micro-batch)"] = lm_loss_logits(policy, m, cfg.data.ptx_max_length, ds.precision)
+        policy_backward += ["activations (PTX micro-batch)", "logits (PTX micro-batch)"]
     parts["activations (critic micro-batch)"] = activations(rm, m, length, ds.precision, ckpt)
-    phases["policy"].moments.setdefault("backward", []).extend(["activations (policy micro-batch)",
-                                                                "logits (policy micro-batch)"])
+    phases["policy"].moments.setdefault("backward", []).extend(policy_backward)
     phases["critic"].moments.setdefault("backward", []).append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
@@ -341,12 +358,10 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
-    trained = t.micro_batch_size * length  # positions the LM loss scores: the RM's chosen rows only
-    block = min(LOSS_BLOCK_ROWS, trained) * shape.vocab * LM_LOSS_BLOCK  # one checkpointed float32 block
-    if isinstance(cfg, SFTConfig):  # the model's logits, the trained rows' copy, its gradient; one block
-        parts["logits"] = 3 * rows * length * shape.vocab * _bytes(ds.precision) + block
-    elif cfg.loss.lm_coef > 0:  # LMHead: one block of the chosen rows at a time
-        parts["logits"] = block
+    if isinstance(cfg, SFTConfig):
+        parts["logits"] = lm_loss_logits(shape, rows, length, ds.precision)
+    elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time
+        parts["logits"] = min(LOSS_BLOCK_ROWS, t.micro_batch_size * length) * shape.vocab * LM_LOSS_BLOCK
     phases = {"model": _named("model", phase)}
     phases["model"].moments.setdefault("backward", []).extend(
         ["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))

@@ -198,6 +198,24 @@ def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     assert no_entropy["parts"]["logits (policy micro-batch)"] == 3 * 50 * 16
 
 
+def test_ppo_estimate_adds_the_ptx_loss_to_the_policys_backward_pass(tmp_path, shapes):
+    """With ptx_coef > 0 each policy micro-batch's loss also holds the LM loss of 2 PTX rows of ptx_max_length
+    12 tokens: activations 304 x 24 x 2 layers, logits as SFT's (3 x 2 bytes x 24 x 50 plus one float32 block of
+    24 rows x 50 x 12), both in the policy's backward moment and so in the peak. data.ptx with ptx_coef 0 is
+    not read: nothing added."""
+    from stages.memory import estimate
+
+    ptx = [f"data.ptx={TINY / 'data' / 'sft.jsonl'}", "data.ptx_max_length=12", "deepspeed.zero_stage=0"]
+    plain = estimate(_ppo(tmp_path, *ptx), 1)
+    assert not [k for k in plain["parts"] if "PTX" in k]
+    est = estimate(_ppo(tmp_path, *ptx, "ppo.ptx_coef=0.5"), 1)
+    assert est["parts"]["activations (PTX micro-batch)"] == 304 * 24 * 2  # 14592
+    assert est["parts"]["logits (PTX micro-batch)"] == 3 * 2 * 24 * 50 + 24 * 50 * 12  # 7200 + 14400
+    assert est["phases"]["policy"].moments["backward"][-2:] == ["activations (PTX micro-batch)",
+                                                                 "logits (PTX micro-batch)"]
+    assert est["total"] - plain["total"] == 14592 + 21600
+
+
 def test_ppo_estimate_frozen_models_and_sampling_copy_follow_their_own_stages(tmp_path, shapes):
     """ZeRO-3 on 2 ranks: the sampling copy is the whole policy (2 x 1000); the frozen models are partitioned
     (/ 2) by default, whole with frozen_zero_stage 0. ZeRO-2 has no sampling copy."""
