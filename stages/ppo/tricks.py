@@ -196,8 +196,3 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(G - V) / Var(G) over the masked tokens."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12)
