@@ -35,7 +35,9 @@ WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untim
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a bench config key: key.path=value; "
                                                      "rlhf ppo keys go under ppo., e.g. ppo.train.micro_batch_size=8.",
                                                      show_default="no overrides")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Result JSON.", show_default="OUTPUT_DIR/bench-<kind>.json")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Result JSON (the workload's models and run stay in OUTPUT_DIR: "
+                                                          "--set output_dir=DIR moves them).",
+                                           show_default="OUTPUT_DIR/bench-<kind>.json")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.", show_default="off")]
 
 
