@@ -179,6 +179,19 @@ def _clean_loc(schema: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]
     return tuple(out)
 
 
+def _keys_named(schema: type[BaseModel], name: str, prefix: str = "") -> list[str]:
+    """Dotted keys of every field called `name` in `schema` and its sections, in schema order."""
+    found = []
+    for field, info in schema.model_fields.items():
+        key = f"{prefix}{field}"
+        if field == name:
+            found.append(key)
+        inner = _unwrap_model(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            found += _keys_named(inner, name, f"{key}.")
+    return found
+
+
 def _field_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> Any:
     """pydantic's FieldInfo of the key at `loc`, None when it names none (a list index, a free-form mapping)."""
     owner = _schema_at(schema, loc[:-1]) if loc else None
@@ -200,9 +213,12 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any], set_below: str |
     if err["type"] == "extra_forbidden":
         owner = _schema_at(schema, loc[:-1])
         valid = list(owner.model_fields) if owner is not None else []
-        # a close valid key is offered (a typo); a far one would be noise beside the listing of valid keys
+        # the same name in another section (`train.log_every`: logging's); else a close valid key (a typo); a
+        # far one would be noise beside the listing of valid keys
+        elsewhere = [k for k in _keys_named(schema, str(loc[-1])) if k != key]
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-        hint = f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else ""
+        hint = (f"; it is a key of another section: {', '.join(repr(k) for k in elsewhere)}" if elsewhere else
+                f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else "")
         listing = f" (valid here: {', '.join(valid)})" if valid else ""
         if "[" in str(loc[-1]):  # `--set 'ppo_runs[0].seed=1'`: a list is given whole
             listing += "; a list item cannot be set on its own: give the whole list (--set 'key=[...]')"

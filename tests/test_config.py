@@ -77,6 +77,18 @@ def test_unknown_key_names_path_and_closest_key(tmp_path):
     assert exc.value.exit_code == 2
 
 
+def test_unknown_key_that_is_another_sections_names_it_there(tmp_path):
+    """`train.log_every` is logging's key: said so, rather than the near name train.eval_every; at the top
+    level too, and for a key some PPO sections share (every one named)."""
+    with pytest.raises(ConfigError, match="unknown key 'train.log_every'; it is a key of another section: "
+                                          r"'logging.log_every' \(valid here"):
+        load_config("sft", _cfg_file(tmp_path), ["train.log_every=0"])
+    with pytest.raises(ConfigError, match="unknown key 'max_steps'; it is a key of another section: 'train.max_steps'"):
+        load_config("sft", _cfg_file(tmp_path), ["max_steps=3"])
+    with pytest.raises(ConfigError, match="unknown key 'ppo.max_kl'; it is a key of another section: 'monitor.max_kl'"):
+        load_config("ppo", REPO / "configs" / "tiny" / "ppo.yaml", ["ppo.max_kl=0.2"])
+
+
 def test_unknown_top_level_key(tmp_path):
     path = _cfg_file(tmp_path, modle={"x": 1})
     with pytest.raises(ConfigError, match="unknown key 'modle'; closest valid key: 'model'"):
