@@ -19,7 +19,9 @@ from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
+    check_launch_options,
     check_not_a_bare_srun_task,
+    check_worker_env,
     format_command,
     inside_launcher,
     launch_command,
@@ -171,6 +173,8 @@ def run_stage(
         err.print("[yellow]warning: --allow-config-change has no effect without --resume[/]", highlight=False)
     try:
         check_not_a_bare_srun_task()
+        check_worker_env()
+        check_launch_options(num_gpus, num_nodes, hostfile)
         cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
@@ -537,6 +541,12 @@ def pipeline(
     from stages.sniff import sniff_data
 
     try:
+        check_not_a_bare_srun_task()
+        check_worker_env()
+        if inside_launcher():  # each worker would run the whole pipeline, its stages' processes joining up
+            raise ConfigError("rlhf pipeline starts each stage as a process of its own, launched with its "
+                              "--num-gpus / --num-nodes / --hostfile: run it as one process, not under a "
+                              "launcher (torchrun, srun -n N)")
         cfg = load_config("pipeline", config, set_ or [])
         for note in replaced_stage_sets(config, set_ or []):
             err.print(f"[yellow]warning: {escape(note)}[/]", highlight=False)

@@ -48,6 +48,42 @@ def check_not_a_bare_srun_task(env: dict[str, str] | None = None) -> None:
         "several-task step (`srun -n 8 --pty bash`), `unset SLURM_STEP_NUM_TASKS` first")
 
 
+#: what a worker of a launcher has (torchrun and DeepSpeed's launcher set all five); DeepSpeed's init_distributed,
+#: missing any, looks for MPI instead
+PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_worker_env(env: dict[str, str] | None = None) -> None:
+    """A ConfigError when WORLD_SIZE is set (what makes a process a launcher's worker to stages.distributed) but
+    not all of PROCESS_GROUP_VARS are: a WORLD_SIZE left by an `export` or a job system otherwise ended in
+    DeepSpeed's MPI discovery (a traceback: no module named mpi4py) after the output directory was prepared."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return  # one process: stages.distributed sets all five itself
+    missing = [name for name in PROCESS_GROUP_VARS if not env.get(name)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={env['WORLD_SIZE']} is set, as in a worker of a launcher, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: unset WORLD_SIZE to run as one process (--num-gpus N "
+            f"starts rlhf's own launch), or start the workers with a launcher that sets all of "
+            f"{', '.join(PROCESS_GROUP_VARS)} (torchrun, deepspeed)")
+
+
+def check_launch_options(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None,
+                         env: dict[str, str] | None = None) -> None:
+    """In a worker of another launcher (torchrun, srun with the variables), --num-gpus / --num-nodes /
+    --hostfile start no launch: given for another process count than the launcher's WORLD_SIZE, a ConfigError
+    (they were silently ignored, the run training on the launcher's count)."""
+    env = os.environ if env is None else env
+    if not inside_launcher(env) or (num_gpus, num_nodes, hostfile) == (None, None, None):
+        return
+    asked, have = world_size(num_gpus, num_nodes, hostfile), env["WORLD_SIZE"]
+    if str(asked) != have.strip():
+        raise ConfigError(f"--num-gpus / --num-nodes / --hostfile ask for {asked} process(es), but this process is "
+                          f"a worker of another launcher (torchrun, srun, ...) that started WORLD_SIZE={have}: that "
+                          "launcher's options set the process count; leave these out")
+
+
 def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
     """True in a worker that `rlhf` itself launched (it already prepared the output directory)."""
     env = os.environ if env is None else env
@@ -77,7 +113,11 @@ def hostfile_slots(hostfile: Path) -> dict[str, int]:
     if not hostfile.is_file():
         raise ConfigError(f"--hostfile: file not found: {hostfile}")
     hosts: dict[str, int] = {}
-    for lineno, line in enumerate(read_user_text(hostfile, "--hostfile").splitlines(), start=1):
+    text = read_user_text(hostfile, "--hostfile")
+    if text.startswith("\ufeff"):
+        raise ConfigError(f"{hostfile} begins with a byte-order mark, which DeepSpeed's runner reads as part of "
+                          "the first host's name; save the file without it (as UTF-8 without BOM)")
+    for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -120,13 +160,14 @@ def launch_command(
             raise ConfigError(f"--num-gpus {num_gpus} (workers per host) but {hostfile} gives {listed}; DeepSpeed's "
                               "runner would start that many there anyway: lower --num-gpus, raise those hosts' "
                               "slots=, or leave --num-gpus out to use each host's slots")
-        cmd += ["--hostfile", str(hostfile)]
+        cmd += ["--hostfile", str(hostfile.resolve())]  # (the printed line may be run from another folder)
         if num_nodes is not None:
             cmd += ["--num_nodes", str(num_nodes)]
     elif DS_DEFAULT_HOSTFILE.is_file():  # no --hostfile means this node only: a path that is no file says so
         cmd += ["--hostfile", os.devnull]
-    if num_gpus is not None or hostfile is None:
-        cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if hostfile is None else [], hostfile is None)
+    if num_gpus is not None or hostfile is None:  # (CUDA_VISIBLE_DEVICES names GPUs, none on a CPU run)
+        this_node_gpus = hostfile is None and chosen_accelerator(os.environ) == "cuda"
+        cmd += gpu_selection(num_gpus or 1, visible_gpu_ids() if this_node_gpus else [], hostfile is None)
     if hostfile is None:  # single node: a free port avoids clashes with other jobs on this host
         cmd += ["--master_port", str(master_port or free_port())]
     else:

@@ -22,6 +22,8 @@ def _worker_env(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, launched
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     if launched:
         monkeypatch.setenv("PYTHON_RLHF_LAUNCHED", "1")
 

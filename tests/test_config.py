@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_SFT, invoke_cli, run_cli, tiny_sft_dict, write_yaml
+from conftest import REPO, TINY_DIR, TINY_SFT, invoke_cli, run_cli, tiny_sft_dict, write_yaml
 from rlhf_cli.config_loader import apply_override, load_config, parse_override
 from stages.errors import ConfigError
 
@@ -341,6 +341,9 @@ def test_dry_run_under_another_launcher_is_refused_not_trained(tmp_path, monkeyp
     config error instead of training; nothing is written."""
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     for flag in ("--dry-run", "--check-data"):
         res = invoke_cli("sft", "-c", str(TINY_SFT), flag, "--set", f"output_dir={tmp_path / 'o'}")
         assert res.exit_code == 2 and "run in one process: start them without a launcher" in res.stderr, res.output
@@ -780,12 +783,18 @@ def test_a_launch_without_hostfile_stays_on_this_node_where_deepspeeds_default_h
 def test_a_single_node_launch_keeps_to_the_gpus_cuda_visible_devices_lists(tmp_path, monkeypatch):
     """DeepSpeed's runner, given --num_gpus, drops CUDA_VISIBLE_DEVICES and starts ranks on GPUs 0..N-1 (someone
     else's on a shared node): rlhf hands it the first N visible ids instead (--include, which the runner's own
-    arguments and resource filter accept); more than are visible is refused; UUIDs become their indices."""
+    arguments and resource filter accept); more than are visible is refused; UUIDs become their indices. A CPU
+    run (DeepSpeed's CPU accelerator) leaves an inherited CUDA_VISIBLE_DEVICES alone: --num_gpus."""
     from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
 
     from rlhf_cli import launcher
 
     monkeypatch.setattr(launcher, "DS_DEFAULT_HOSTFILE", tmp_path / "missing")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and "--include" not in cmd
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     cmd = launcher.launch_command("sft", tmp_path / "c.yaml", 2, None, None, False)
     assert "--num_gpus" not in cmd and cmd[cmd.index("--include") + 1] == "localhost:4,5"
@@ -1030,6 +1039,25 @@ def test_a_worker_killed_by_a_signal_is_named_by_the_stage_and_the_pipeline(tmp_
     assert str(child_failed("stage sft", 143, "")) == "pipeline: stage sft was stopped by a signal (exit code 143)"
 
 
+def test_a_stray_world_size_and_a_pipeline_under_a_launcher_are_refused_before_anything_is_written(tmp_path,
+                                                                                                       monkeypatch):
+    """WORLD_SIZE alone: a stage exits 2 naming the missing variables (it ended in a traceback after preparing
+    output_dir); the pipeline too. With every variable set (a torchrun worker) the pipeline is refused: each
+    worker would run all of it."""
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--set", f"output_dir={tmp_path}/o")
+    assert res.exit_code == 2 and "WORLD_SIZE=1 is set, as in a worker of a launcher, but RANK, LOCAL_RANK" in res.stderr
+    assert not (tmp_path / "o").exists()
+    pipeline = str(TINY_DIR / "pipeline.yaml")
+    assert invoke_cli("pipeline", "-c", pipeline, "--dry-run").exit_code == 2
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1234")):
+        monkeypatch.setenv(name, value)
+    res = invoke_cli("pipeline", "-c", pipeline, "--dry-run")
+    assert res.exit_code == 2 and "rlhf pipeline starts each stage as a process of its own" in res.stderr
+
+
 def test_one_of_several_srun_tasks_without_process_group_variables_is_refused(tmp_path, monkeypatch):
     """`srun -n 4 rlhf sft ...` with no RANK/WORLD_SIZE: each task took itself for a whole one-process run (three
     stopped on the output directory's lock, one trained on a single GPU); a task of a one-task step, or one
@@ -1070,6 +1098,8 @@ def test_a_worker_that_loses_a_peer_says_so_in_one_line_not_a_traceback(tmp_path
     assert peer_lost(lost) and not peer_lost(RuntimeError("CUDA out of memory")) and not peer_lost(ValueError("Broken pipe"))
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("PYTHON_RLHF_LAUNCHED", "1")
 
     def train(*args):
@@ -1107,8 +1137,6 @@ def test_an_unknown_key_named_like_a_type_is_still_named(tmp_path, override, mes
 def test_a_typo_inside_a_list_of_sections_gets_the_closest_key(tmp_path):
     """`ppo_runs: [{name: a, seeed: 1}]`: the valid keys of a run entry are offered as for any section (they
     were not: the lookup stopped at the list index); `--set 'ppo_runs[0].preset=x'` says a list is set whole."""
-    from conftest import TINY_DIR
-
     cfg = yaml.safe_load((TINY_DIR / "pipeline.yaml").read_text())
     cfg["ppo_runs"] = [{"name": "a", "preset": "vanilla", "seeed": 1}, {"name": "b", "none": 1}]
     for key in ("sft", "rm", "ppo"):

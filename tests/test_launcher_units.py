@@ -46,6 +46,36 @@ def test_only_a_bare_task_of_a_several_task_srun_step_is_refused() -> None:
         assert launcher.check_not_a_bare_srun_task(env) is None, env
 
 
+WORKER = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+def test_a_world_size_without_the_rest_of_the_process_group_variables_is_refused() -> None:
+    """A stray WORLD_SIZE (an `export`, a job system) used to end in DeepSpeed's MPI discovery (a traceback:
+    no mpi4py); the missing variables are named. None of them, or all five, run."""
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 is set, as in a worker of a launcher, but RANK, "
+                                          "LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: unset WORLD_SIZE"):
+        launcher.check_worker_env({"WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="but MASTER_PORT is not"):
+        launcher.check_worker_env({**WORKER, "MASTER_PORT": ""})
+    for env in ({}, {"RANK": "0"}, {"LOCAL_RANK": "0", "MASTER_PORT": "1"}, WORKER):
+        assert launcher.check_worker_env(env) is None, env
+
+
+def test_launch_options_in_a_worker_of_another_launcher_must_match_its_process_count(tmp_path: Path) -> None:
+    """Under torchrun --nproc_per_node 2, `--num-gpus 3` or a hostfile of 2 x 3 slots was silently ignored (2
+    ranks trained): refused; the launcher's own count (or no option) runs; outside a launcher nothing is checked."""
+    with pytest.raises(ConfigError, match=r"ask for 3 process\(es\), but this process is a worker of another "
+                                          "launcher .* WORLD_SIZE=2"):
+        launcher.check_launch_options(3, None, None, WORKER)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a slots=3\nb slots=3\n")
+    with pytest.raises(ConfigError, match=r"ask for 6 process"):
+        launcher.check_launch_options(None, 2, hosts, WORKER)
+    assert launcher.check_launch_options(2, None, None, WORKER) is None
+    assert launcher.check_launch_options(None, None, None, WORKER) is None
+    assert launcher.check_launch_options(3, None, None, {}) is None
+
+
 def test_needs_launcher_for_several_gpus_nodes_or_a_hostfile(tmp_path: Path) -> None:
     assert not launcher.needs_launcher(None, None, None) and not launcher.needs_launcher(1, 1, None)
     assert launcher.needs_launcher(2, None, None) and launcher.needs_launcher(None, 2, None)
@@ -73,6 +103,9 @@ def test_hostfile_parsing_keeps_order_skips_comments_and_names_the_bad_line(tmp_
         launcher.hostfile_slots(hosts)
     with pytest.raises(ConfigError, match="--hostfile: file not found"):
         launcher.hostfile_slots(tmp_path / "nowhere")
+    hosts.write_bytes(b"\xef\xbb\xbfnode-a slots=2\n")  # DeepSpeed's runner would read the host '\ufeffnode-a'
+    with pytest.raises(ConfigError, match="begins with a byte-order mark"):
+        launcher.hostfile_slots(hosts)
 
 
 def test_the_single_node_launch_command_in_full(tmp_path: Path, no_gpu_env: None) -> None:
@@ -97,6 +130,8 @@ def test_the_multi_node_launch_command_in_full(tmp_path: Path, no_gpu_env: None,
     assert cmd == [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts), "--master_port",
                    "23456", "--log_level", "warning", "--no_local_rank", "--module", "rlhf_cli", "rm", "--config",
                    str(config)]
+    monkeypatch.chdir(tmp_path)  # a relative hostfile is given to the runner absolute: the printed line runs anywhere
+    assert launcher.launch_command("rm", config, None, None, Path("hosts"), False)[5] == str(hosts)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     cmd = launcher.launch_command("rm", config, 4, 2, hosts, False)
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and "--include" not in cmd
