@@ -21,7 +21,6 @@ from rlhf_cli.launcher import (
     STOP_FILE,
     check_launch_options,
     check_not_a_bare_srun_task,
-    check_worker_env,
     format_command,
     inside_launcher,
     launch_command,
@@ -35,6 +34,7 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError
+from stages.runtime import check_worker_env
 
 app = typer.Typer(
     name="rlhf",

@@ -48,27 +48,6 @@ def check_not_a_bare_srun_task(env: dict[str, str] | None = None) -> None:
         "several-task step (`srun -n 8 --pty bash`), `unset SLURM_STEP_NUM_TASKS` first")
 
 
-#: what a worker of a launcher has (torchrun and DeepSpeed's launcher set all five); DeepSpeed's init_distributed,
-#: missing any, looks for MPI instead
-PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def check_worker_env(env: dict[str, str] | None = None) -> None:
-    """A ConfigError when WORLD_SIZE is set (what makes a process a launcher's worker to stages.distributed) but
-    not all of PROCESS_GROUP_VARS are: a WORLD_SIZE left by an `export` or a job system otherwise ended in
-    DeepSpeed's MPI discovery (a traceback: no module named mpi4py) after the output directory was prepared."""
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" not in env:
-        return  # one process: stages.distributed sets all five itself
-    missing = [name for name in PROCESS_GROUP_VARS if not env.get(name)]
-    if missing:
-        raise ConfigError(
-            f"WORLD_SIZE={env['WORLD_SIZE']} is set, as in a worker of a launcher, but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not: unset WORLD_SIZE to run as one process (--num-gpus N "
-            f"starts rlhf's own launch), or start the workers with a launcher that sets all of "
-            f"{', '.join(PROCESS_GROUP_VARS)} (torchrun, deepspeed)")
-
-
 def check_launch_options(num_gpus: int | None, num_nodes: int | None, hostfile: Path | None,
                          env: dict[str, str] | None = None) -> None:
     """In a worker of another launcher (torchrun, srun with the variables), --num-gpus / --num-nodes /

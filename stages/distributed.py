@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stages.runtime import free_port, select_accelerator_env
+from stages.runtime import check_worker_env, free_port, select_accelerator_env
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def setup_distributed() -> DistInfo:
         return _INFO
     select_accelerator_env()
     quiet_libraries()
+    check_worker_env()
     if "WORLD_SIZE" not in os.environ:  # a single process, not started by a launcher: a port free here, not an
         # inherited MASTER_PORT (meant for a multi-node launch; two one-GPU jobs on a node would both bind it)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

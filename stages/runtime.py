@@ -12,6 +12,30 @@ from typing import Any, Callable, Sequence
 
 import psutil
 
+from stages.errors import ConfigError
+
+
+#: what a worker of a launcher has (torchrun and DeepSpeed's launcher set all five); DeepSpeed's init_distributed,
+#: missing any, looks for MPI instead
+PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_worker_env(env: dict[str, str] | os._Environ | None = None) -> None:
+    """A ConfigError when WORLD_SIZE is set (what makes a process a launcher's worker to stages.distributed) but
+    not all of PROCESS_GROUP_VARS are: a WORLD_SIZE left by an `export` or a job system otherwise ended in
+    DeepSpeed's MPI discovery (a traceback: no module named mpi4py) after the output directory was prepared.
+    Checked by the CLI before anything, and by stages.distributed.setup_distributed for every other caller."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return  # one process: stages.distributed sets all five itself
+    missing = [name for name in PROCESS_GROUP_VARS if not env.get(name)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={env['WORLD_SIZE']} is set, as in a worker of a launcher, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: unset WORLD_SIZE to run as one process (--num-gpus N "
+            f"starts rlhf's own launch), or start the workers with a launcher that sets all of "
+            f"{', '.join(PROCESS_GROUP_VARS)} (torchrun, deepspeed)")
+
 
 def free_port() -> int:
     """A TCP port that is free right now on this host (for a single-node rendezvous)."""

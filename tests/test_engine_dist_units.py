@@ -192,7 +192,8 @@ def fake_setup(monkeypatch: pytest.MonkeyPatch, accel: FakeAccelerator, rank: in
 def test_setup_distributed_gives_a_one_gpu_worker_index_0_and_keeps_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """A launched worker (LOCAL_RANK 3) seeing one GPU: DeepSpeed's LOCAL_RANK becomes 0, set_device(0),
     DistInfo keeps local_rank 3 on cuda:0; a second call returns the same object without re-initialising."""
-    for name, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_PORT", "29500")):
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29500")):
         monkeypatch.setenv(name, value)
     accel = FakeAccelerator(1)
     inits = fake_setup(monkeypatch, accel, 3, 4)
@@ -201,6 +202,20 @@ def test_setup_distributed_gives_a_one_gpu_worker_index_0_and_keeps_its_local_ra
     assert accel.set == [0] and distributed.os.environ["LOCAL_RANK"] == "0"
     assert distributed.os.environ["MASTER_PORT"] == "29500"
     assert distributed.setup_distributed() is info and inits == [1]
+
+
+def test_setup_distributed_refuses_a_world_size_without_the_other_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rlhf bench ppo` and other callers that do not pass the CLI's stage check: a stray WORLD_SIZE is a
+    ConfigError naming what is missing, before any process group (DeepSpeed would look for MPI)."""
+    from stages.errors import ConfigError
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    inits = fake_setup(monkeypatch, FakeAccelerator(0), 0, 1)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set, as in a worker of a launcher, but RANK, LOCAL_RANK"):
+        distributed.setup_distributed()
+    assert inits == []
 
 
 def test_setup_distributed_alone_takes_a_fresh_port_whenever_world_size_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:

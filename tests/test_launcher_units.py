@@ -14,6 +14,7 @@ import pytest
 
 from rlhf_cli import launcher
 from stages.errors import ConfigError
+from stages.runtime import check_worker_env
 from stages.stop import STOP_FILE_VAR
 
 
@@ -54,11 +55,11 @@ def test_a_world_size_without_the_rest_of_the_process_group_variables_is_refused
     no mpi4py); the missing variables are named. None of them, or all five, run."""
     with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 is set, as in a worker of a launcher, but RANK, "
                                           "LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not: unset WORLD_SIZE"):
-        launcher.check_worker_env({"WORLD_SIZE": "2"})
+        check_worker_env({"WORLD_SIZE": "2"})
     with pytest.raises(ConfigError, match="but MASTER_PORT is not"):
-        launcher.check_worker_env({**WORKER, "MASTER_PORT": ""})
+        check_worker_env({**WORKER, "MASTER_PORT": ""})
     for env in ({}, {"RANK": "0"}, {"LOCAL_RANK": "0", "MASTER_PORT": "1"}, WORKER):
-        assert launcher.check_worker_env(env) is None, env
+        assert check_worker_env(env) is None, env
 
 
 def test_launch_options_in_a_worker_of_another_launcher_must_match_its_process_count(tmp_path: Path) -> None:
