@@ -281,13 +281,13 @@ def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int, total
     if state is None:
         say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from step 0")
         return {"step": 0}
+    check_resume_point(int(state["step"]), total, out)
     if state.get("global_batch") != global_batch:
         say(
             dist.is_main,
             f"[yellow]warning: the checkpoint was trained with global batch {state.get('global_batch')}, "
             f"this run uses {global_batch}; the data order will differ[/]",
         )
-    check_resume_point(int(state["step"]), total, out)
     say(dist.is_main, f"resumed from step {state['step']} ({out})")
     return state
 
