@@ -227,7 +227,7 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             row["policy"] = recorded_policy(made)
         else:
             names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
-                     "kl": "objective/kl"}
+                     "kl": "eval/kl"}  # every one the validation's (objective/kl is the training rollouts')
             series = _series(run.out / "metrics.jsonl", *names.values())
             row = {k: (v[0], v[-1]) if (v := series[m]) else (None, None) for k, m in names.items()}
             row["policy"] = "final"
@@ -300,6 +300,18 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
     return recorded_changes(before, recorded, yaml.safe_load(resolved), inputs, stage)
 
 
+def partial_stage_changes(out: Path, resolved: str | None, stage: str) -> list[str]:
+    """How the config a partial stage would resume with now (`resolved`) and the inputs it names differ from
+    those of its newest complete checkpoint: what the stage's own --resume would refuse (`resume_changes`,
+    process count aside: the pipeline passes the same launch options to every attempt); [] without a
+    checkpoint (the stage starts fresh) or `resolved`."""
+    from stages.checkpoint import resume_changes, run_inputs
+
+    if resolved is None:
+        return []
+    return resume_changes(out, resolved, None, run_inputs(out, resolved, stage), stage)[1]
+
+
 def child_failed(what: str, code: int, then: str) -> RlhfError:
     """The pipeline's error for a child process that exited with `code`: stopped by a signal (the pipeline exits
     with the same 128 + s), a config or usage error (2, as the stage: e.g. its output_dir in use by another run,
@@ -328,8 +340,10 @@ def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | 
                   allow_changes: bool = False) -> list[StageAction]:
     """Every stage's action, decided before anything trains (the same for the run and its --dry-run). A
     complete stage whose config or inputs changed since it was trained (`resolved`: a stage's label -> the
-    config it resolves to now) is a ConfigError, unless `allow_changes`. Once SFT or the reward model is
-    (re)trained, every later stage is trained afresh: its output, complete or partial, came from the old one."""
+    config it resolves to now) is a ConfigError, unless `allow_changes`; so is a partial one whose newest
+    checkpoint its --resume would refuse (`partial_stage_changes`), here rather than after the stages before
+    it have trained. Once SFT or the reward model is (re)trained, every later stage is trained afresh: its
+    output, complete or partial, came from the old one."""
     actions, upstream_retrained = [], False
     for run in runs:
         if not will_train(run, force, upstream_retrained):
@@ -343,7 +357,15 @@ def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | 
             continue
         earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run
         fresh = force or upstream_retrained
-        actions.append(StageAction(run, ("retrain" if fresh else "resume") if earlier else "train"))
+        action = ("retrain" if fresh else "resume") if earlier else "train"
+        changes = partial_stage_changes(run.out, (resolved or {}).get(run.label), run.stage) \
+            if action == "resume" else []
+        if changes and not allow_changes:
+            raise ConfigError(f"pipeline: stage {run.label} has a partial run in {run.out} whose newest checkpoint "
+                              f"was trained with another config or inputs ({_listed(changes)}); delete {run.out} "
+                              "to train it afresh, --force to retrain every stage, or --allow-config-change to "
+                              "resume it anyway")
+        actions.append(StageAction(run, action))
         upstream_retrained = upstream_retrained or run.stage in ("sft", "train-rm")
     return actions
 

@@ -295,6 +295,25 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     (root / "rm" / "resolved_config.yaml").write_text(now["rm"])
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
     assert [(c[c.index("rlhf_cli") + 1], "--overwrite" in c, "--resume" in c) for c in calls] == [("ppo", False, True)]
+    # ... unless its newest checkpoint was trained with another config: refused at plan time (the plan said
+    # "resumed" and the stage's own --resume refused it, after the stages before it had run), not with
+    # --allow-config-change (passed on to the stage, which resumes with a warning); free keys change nothing
+    calls.clear()
+    shutil.rmtree(root / "ppo" / "final")
+    ckpt = root / "ppo" / "checkpoint-00000002"
+    ckpt.mkdir()
+    (ckpt / "COMPLETE").write_text("")
+    (ckpt / "resolved_config.yaml").write_text(now["ppo"])
+    now["ppo"] = yaml.safe_dump({**trained, "train": {"lr": 1e-4, "save_every": 2}})
+    pl.stage_actions(pl.plan(cfg), False, now)  # save_every: free
+    now["ppo"] = yaml.safe_dump({**trained, "train": {"lr": 2e-4, "save_every": 5}})
+    with pytest.raises(pl.ConfigError, match=r"^pipeline: stage ppo has a partial run in .* whose newest checkpoint "
+                                             r"was trained with another config or inputs \(train.lr: 0.0001 -> "
+                                             r"0.0002\); delete .* --allow-config-change to resume it anyway$"):
+        pl.stage_actions(pl.plan(cfg), False, now)
+    assert calls == []
+    pl.run_pipeline(cfg, ["--allow-config-change"], force=False, console=quiet, resolved=now, allow_changes=True)
+    assert [("--allow-config-change" in c, "--resume" in c) for c in calls] == [(True, True)]
 
 
 def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_stages):
@@ -406,7 +425,8 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
 def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_stages):
     """With eval.enabled: false the summary published whatever eval.json lay in a run (an `rlhf eval` run by hand
     with other options, or a file the settings do not vouch for); it now reads eval.json only while it is the file
-    the pipeline's evaluation wrote, else the run's first and last validation from metrics.jsonl."""
+    the pipeline's evaluation wrote, else the run's first and last validation from metrics.jsonl (its KL too,
+    not the training rollouts' objective/kl)."""
     import stages.pipeline as pl
     from rich.console import Console
 
@@ -414,7 +434,8 @@ def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_
     run = [r for r in pl.plan(cfg) if r.stage == "ppo"]
     out = run[0].out
     out.mkdir(parents=True)
-    rows = [{"step": 1, "eval/reward": 0.25, "objective/kl": 0.0}, {"step": 2, "eval/reward": 0.5, "objective/kl": 0.1}]
+    rows = [{"step": 1, "eval/reward": 0.25, "eval/kl": 0.0, "objective/kl": 0.3},
+            {"step": 2, "eval/reward": 0.5, "eval/kl": 0.1, "objective/kl": 0.4}]  # (the training rollouts' KL)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_hand = {"policy_metrics": {"reward": 9.0, "kl": 3.0}, "baseline_metrics": {"reward": 8.0}}
     (out / "eval.json").write_text(json.dumps(by_hand))
