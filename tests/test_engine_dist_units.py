@@ -221,7 +221,8 @@ def test_setup_distributed_refuses_a_world_size_without_the_other_variables(monk
 def test_setup_distributed_alone_takes_a_fresh_port_whenever_world_size_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """No WORLD_SIZE (not a launched worker, even with a stray RANK): rank 0 of 1 on a port free here, not an
     inherited MASTER_PORT."""
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # (so that the WORLD_SIZE setup_distributed sets is removed afterwards:
+    monkeypatch.delenv("WORLD_SIZE")  #     left alone, a later CLI test took itself for a launcher's worker)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_PORT", "1"), ("MASTER_ADDR", "10.0.0.1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(distributed, "free_port", lambda: 45678)

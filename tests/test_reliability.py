@@ -885,6 +885,7 @@ def test_workers_whose_launcher_was_killed_still_hold_the_output_dir(tmp_path):
     stops at once)."""
     from conftest import invoke_cli
     from stages.checkpoint import LOCK_NAME, WORKERS_LOCK_NAME, run_lock
+    from stages.runtime import free_port
 
     config = _config(tmp_path)
     out = tmp_path / "out"
@@ -895,7 +896,8 @@ def test_workers_whose_launcher_was_killed_still_hold_the_output_dir(tmp_path):
             assert f"in use by another rlhf run (pid {pid} on " in res.output, res.output
             assert "worker processes of a run whose rlhf command has ended" in res.output
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, WORKERS_LOCK_NAME]  # nothing else touched
-        env = cli_env({"PYTHON_RLHF_LAUNCHED": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        env = cli_env({"PYTHON_RLHF_LAUNCHED": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
         res = subprocess.run(cli_command("sft", "--config", str(config)), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=120)
         assert res.returncode == 2 and f"(pid {pid} on " in res.stderr, res.stderr[-2000:]
