@@ -305,9 +305,9 @@ def partial_stage_changes(out: Path, resolved: str | None, stage: str) -> list[s
     those of its newest complete checkpoint: what the stage's own --resume would refuse (`resume_changes`,
     process count aside: the pipeline passes the same launch options to every attempt); [] without a
     checkpoint (the stage starts fresh) or `resolved`."""
-    from stages.checkpoint import resume_changes, run_inputs
+    from stages.checkpoint import complete_checkpoints, resume_changes, run_inputs
 
-    if resolved is None:
+    if resolved is None or not complete_checkpoints(out):  # (nothing to compare with: no input hashed for it)
         return []
     return resume_changes(out, resolved, None, run_inputs(out, resolved, stage), stage)[1]
 
