@@ -25,6 +25,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from stages.config import GenerationConfig
+from stages.models import enable_activation_checkpointing
 from stages.ppo import decode
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword, static_state
 from stages.ppo.rollout import (
@@ -328,7 +329,7 @@ def test_compiled_decoding_is_traced_once_across_ppo_iterations(monkeypatch, pro
 
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
     model = _model("llama").train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     train = TrainConfig(micro_batch_size=3, lr=1e-3)
     engine = engines.initialize_engine(model, engines.build_deepspeed_config(train, DeepSpeedConfig(precision="fp32"),
                                                                              1, False), train, 10)

@@ -33,7 +33,7 @@ from stages.config import (
 )
 from stages.data import BadRowLog
 from stages.errors import CheckpointError, DataError
-from stages.models import PAD, ensure_distinct_pad, train_tokenizer
+from stages.models import PAD, enable_activation_checkpointing, ensure_distinct_pad, train_tokenizer
 from stages.ppo import experience
 from stages.ppo.experience import (
     GlobalMeans,
@@ -432,10 +432,10 @@ def test_sampling_runs_the_model_in_eval_mode_and_restores_each_modules_mode():
 
 
 def test_sampling_runs_without_the_input_grad_hooks_of_gradient_checkpointing_and_restores_them():
-    # gradient_checkpointing_enable hooks the input embeddings (output.requires_grad_(True)): useless without
+    # activation (gradient) checkpointing hooks the input embeddings (output.requires_grad_(True)): useless without
     # gradients, and torch 2.11's dynamo breaks the compiled decoding step into two graphs at it
     model = _llama().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     emb = model.get_input_embeddings()
     emb.weight.requires_grad_(False)
     assert len(emb._forward_hooks) == 1 and emb(torch.tensor([[1, 2]])).requires_grad  # the hook's doing
