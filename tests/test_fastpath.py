@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from stages.config import GenerationConfig
 from stages.models import enable_activation_checkpointing
@@ -53,6 +53,10 @@ def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> to
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           pad_token_id=PAD_ID, initializer_range=0.2)
         model = LlamaForCausalLM(cfg)
+    elif kind == "opt":  # its causal LM calls the backbone's decoder, not the backbone
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=layers,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=PAD_ID, init_std=0.2)
+        model = OPTForCausalLM(cfg)
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=layers, n_head=4, n_positions=128,
                          pad_token_id=PAD_ID, initializer_range=0.2)
@@ -61,6 +65,7 @@ def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> to
 
 
 ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2"])
+HEAD_ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
 
 
 # ============================================================================================ decoding
@@ -430,19 +435,31 @@ def _batch(kind: str):
     return torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1], resp
 
 
-@ARCHS
+@HEAD_ARCHS
 @torch.no_grad()
 def test_final_hidden_states_are_what_the_lm_head_reads(kind):
     ids, mask, _, _ = _batch(kind)
     model = _model(kind)
     full = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), output_hidden_states=True)
-    hidden = final_hidden_states(model, ids, mask)
-    assert torch.equal(hidden, full.hidden_states[-1])
+    hooks = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    hidden, last = final_hidden_states(model, ids, mask, with_logits=True)
     assert torch.allclose(model.get_output_embeddings()(hidden), full.logits, atol=1e-6)
-    assert not model.base_model._forward_hooks  # the catching hook is gone
+    assert torch.allclose(last, full.logits[:, -1], atol=1e-6)
+    if kind != "opt":  # (OPT's hidden_states[-1] is the decoder's before its output projection)
+        assert torch.equal(hidden, full.hidden_states[-1])
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == hooks  # the catching hooks are gone
 
 
-@ARCHS
+def test_a_model_whose_forward_runs_no_hookable_backbone_is_named_with_the_setting_that_avoids_it():
+    ids, mask, _, _ = _batch("llama")
+    model = _model("llama")
+    model.base_model_prefix = "lm_head"  # the "backbone" now returns a tensor, no last_hidden_state
+    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM.*\(Linear\).*train\.logprob_chunk: 0"):
+        final_hidden_states(model, ids, mask)
+    assert not model.lm_head._forward_hooks
+
+
+@HEAD_ARCHS
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_chunked_logprobs_entropy_and_gradients_equal_the_reference(kind, chunk):
     ids, mask, p, resp = _batch(kind)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from stages.config import GenerationConfig
 from stages.distributed import all_reduce_max
@@ -432,8 +433,10 @@ def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor,
                         with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's final hidden states [B, L, H] (what its LM head reads), from a forward through the model
     itself (a DeepSpeed engine included, so its hooks run) with the head on one position only. A forward hook
-    on the backbone (HF's `base_model`) catches its `last_hidden_state`; `output_hidden_states` would keep every
-    layer's output alive until the call returns. with_logits: also the model's logits at the last position [B, V]."""
+    on the backbone (HF's `base_model`) catches its `last_hidden_state`, and one on each model nested directly
+    in it (OPT's causal LM calls `model.decoder` itself, never `model`): hooks fire as modules return, so the
+    last output caught is the outermost backbone's that ran. `output_hidden_states` would keep every layer's
+    output alive until the call returns. with_logits: also the model's logits at the last position [B, V]."""
     inner = getattr(model, "module", model)
     backbone = inner.base_model
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
@@ -443,11 +446,22 @@ def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor,
         hidden = out.hidden_states[-1]
     else:
         caught: list[torch.Tensor] = []
-        handle = backbone.register_forward_hook(lambda module, args, out: caught.append(out.last_hidden_state))
+
+        def catch(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if getattr(out, "last_hidden_state", None) is not None:
+                caught.append(out.last_hidden_state)
+
+        hooked = [backbone, *(m for m in backbone.children() if isinstance(m, PreTrainedModel))]
+        handles = [m.register_forward_hook(catch) for m in hooked]
         try:
             out = model(**kwargs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+        if not caught:
+            raise RuntimeError(f"{type(inner).__name__}'s forward runs neither its backbone "
+                               f"({type(backbone).__name__}) nor a model inside it, so its final hidden states "
+                               "cannot be caught for chunked log-probs: set train.logprob_chunk: 0")
         hidden = caught[-1]
     return (hidden, out.logits[:, -1]) if with_logits else hidden
 
