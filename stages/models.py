@@ -4,6 +4,7 @@ byte-level BPE tokenizer on the training texts (offline runs)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -138,24 +139,59 @@ def loaded_models(stage: str, cfg: Any) -> list[tuple[str, str, bool, str]]:
 PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+def names_plain_tokenizer(source: str | Path) -> bool:
+    """Whether the folder holds a tokenizer.json and a tokenizer_config.json naming a plain tokenizers backend
+    (`PLAIN_TOKENIZER_CLASSES`): a tokenizer that is exactly its tokenizer.json."""
+    config = Path(source) / "tokenizer_config.json"
+    if not (config.is_file() and (Path(source) / "tokenizer.json").is_file()):
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer.from_pretrained, except that a directory whose tokenizer_config.json names a plain
     tokenizers backend is loaded as exactly that: transformers 5 otherwise substitutes the model type's own
     class when config.json is beside it (a qwen2 model's trained BPE or word-level tokenizer would be rebuilt as
     Qwen2Tokenizer with Qwen's pre-tokenizer, and encode text to nothing or to other ids)."""
-    import json
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    config = Path(source) / "tokenizer_config.json"
-    if config.is_file() and (Path(source) / "tokenizer.json").is_file():
-        try:
-            cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
-        except (ValueError, UnicodeDecodeError):
-            cls = None
-        if cls in PLAIN_TOKENIZER_CLASSES:
-            return PreTrainedTokenizerFast.from_pretrained(source)
+    if names_plain_tokenizer(source):
+        return PreTrainedTokenizerFast.from_pretrained(source)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+#: texts whose token ids tell whether two tokenizers split text alike: digits, spaces, punctuation, accents, tabs,
+#: newlines, an emoji
+PROBE_TEXTS = ("The year 1917: 3 apples, 42 pears!", "  indented\n\ttabbed caf\u00e9, na\u00efve \U0001F600",
+               "x = y+1; print(f'{x}')")
+
+
+def auto_tokenizer_difference(folder: str | Path) -> str | None:
+    """How `AutoTokenizer.from_pretrained(folder)` — what plain transformers and most tools call — encodes text
+    otherwise than the tokenizer rlhf loads from the folder (`load_tokenizer`), or None when they agree. They
+    can differ only when the folder names a plain tokenizer beside a config.json whose model type transformers 5
+    gives a tokenizer class of its own (qwen2, phi3, ...: rebuilt from the vocabulary and merges with that
+    model family's pre-tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if not (names_plain_tokenizer(folder) and (Path(folder) / "config.json").is_file()):
+        return None
+    ours = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        auto = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - transformers' own failure to build its substitute
+        return f"AutoTokenizer.from_pretrained cannot load it ({type(exc).__name__}: {exc})"
+    for text in PROBE_TEXTS:
+        mine, theirs = (tok(text, add_special_tokens=False)["input_ids"] for tok in (ours, auto))
+        if mine != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            return (f"AutoTokenizer.from_pretrained loads it as {type(auto).__name__}, which encodes {text!r} "
+                    f"into {len(theirs)} tokens, not the {len(mine)} of the tokenizer rlhf trained with (the first "
+                    f"difference at token {at}: {theirs[at:at + 3]} against {mine[at:at + 3]})")
+    return None
 
 
 def prepare_tokenizer(

@@ -25,6 +25,7 @@ from stages.data import DataReport
 from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
 from stages.errors import ConfigError, DataError, NonFinite
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
+from stages.models import auto_tokenizer_difference
 from stages.perf import StepProfiler
 
 
@@ -413,12 +414,22 @@ class Run:
         """Publish the last checkpoint's HF model as output_dir/final and print the summary table."""
         self.progress.close()
         final = publish_final(self.out, self.total, self.dist)
+        warn_if_auto_tokenizer_differs(final, self.dist)
         self.metrics.event(self.total, "final", path=str(final))
         self.metrics.close()
         stop.disarm()
         if self.dist.is_main:
             print_summary(f"rlhf {self.stage}", read_metrics(self.out / "metrics.jsonl"), final)
         return final
+
+
+def warn_if_auto_tokenizer_differs(final: Path, dist: DistInfo) -> None:
+    """A warning when plain transformers would load final/'s tokenizer as another one
+    (`auto_tokenizer_difference`), naming the call that loads the one the model was trained with."""
+    if dist.is_main and (difference := auto_tokenizer_difference(final)):
+        say(True, f"[yellow]warning: {escape(str(final))}: {escape(difference)}. Load its tokenizer with "
+                  "PreTrainedTokenizerFast.from_pretrained, as rlhf does (transformers 5 rebuilds this model "
+                  "type's tokenizer as its own class whatever tokenizer_config.json names)[/]")
 
 
 def unused_settings(cfg: Any, total: int, has_eval: bool, unit: str = "step") -> list[str]:

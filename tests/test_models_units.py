@@ -4,6 +4,7 @@ model takes from its tokenizer, the kind / position checks (tiny models, CPU, no
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from stages.distributed import DistInfo
 from stages.errors import CheckpointError, ConfigError
 from stages.models import (
     PAD,
+    auto_tokenizer_difference,
     build_causal_lm,
     check_architecture,
     check_positions,
@@ -123,6 +125,50 @@ def test_a_plain_tokenizer_class_beside_a_qwen2_config_loads_as_itself(tmp_path,
     loaded = load_tokenizer(str(tmp_path))
     assert "Qwen2" not in type(loaded).__name__  # (PreTrainedTokenizerFast is TokenizersBackend in transformers 5)
     assert loaded(text)["input_ids"] == tok(text)["input_ids"] != []
+
+
+def _tokenizer_beside(path: Path, model_type: str | None) -> Any:
+    """A BPE tokenizer that merges digits (trained on years) saved with a tiny config.json of `model_type`."""
+    from transformers import AutoConfig
+
+    tok = train_tokenizer(["the year 1917 was long ago, 1917 and 42 and 1917"] * 20, vocab_size=300, min_frequency=2)
+    tok.save_pretrained(path)
+    if model_type:
+        AutoConfig.for_model(model_type, vocab_size=300, hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                             num_key_value_heads=1, intermediate_size=32).save_pretrained(path)
+    return tok
+
+
+def test_a_qwen2_folder_whose_tokenizer_autotokenizer_rebuilds_is_named_with_both_encodings(tmp_path) -> None:
+    tok = _tokenizer_beside(tmp_path, "qwen2")
+    ours = tok("The year 1917: 3 apples, 42 pears!", add_special_tokens=False)["input_ids"]
+    difference = auto_tokenizer_difference(tmp_path)
+    # Qwen's pre-tokenizer splits 1917 into four digits: 3 tokens more than the trained BPE's
+    assert difference.startswith("AutoTokenizer.from_pretrained loads it as Qwen2Tokenizer, which encodes "
+                                 "'The year 1917: 3 apples, 42 pears!' into ")
+    theirs, mine, at = re.search(r"into (\d+) tokens, not the (\d+) .* difference at token (\d+)", difference).groups()
+    assert int(mine) == len(ours) and int(theirs) > len(ours)
+    assert difference.endswith(f"against {ours[int(at):int(at) + 3]})")
+    assert load_tokenizer(str(tmp_path))("1917")["input_ids"] == tok("1917")["input_ids"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", None])
+def test_a_tokenizer_autotokenizer_loads_as_it_is_or_with_no_config_beside_it_has_no_difference(tmp_path,
+                                                                                                model_type) -> None:
+    _tokenizer_beside(tmp_path, model_type)
+    assert auto_tokenizer_difference(tmp_path) is None
+
+
+def test_the_end_of_a_run_warns_when_autotokenizer_would_load_another_tokenizer(tmp_path, capsys) -> None:
+    from stages.trainer import warn_if_auto_tokenizer_differs
+
+    _tokenizer_beside(tmp_path, "qwen2")
+    warn_if_auto_tokenizer_differs(tmp_path, DistInfo(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")))
+    assert capsys.readouterr().out == ""  # rank 1 says nothing
+    warn_if_auto_tokenizer_differs(tmp_path, DIST)
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"warning: {tmp_path}: AutoTokenizer.from_pretrained loads it as Qwen2Tokenizer")
+    assert "Load its tokenizer with PreTrainedTokenizerFast.from_pretrained, as rlhf does" in out
 
 
 def test_check_data_trains_the_tokenizer_in_memory_and_writes_nothing(tmp_path) -> None:

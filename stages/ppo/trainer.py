@@ -101,6 +101,7 @@ from stages.trainer import (
     optimizer_step,
     say_report,
     split_holdout,
+    warn_if_auto_tokenizer_differs,
     warn_unused_settings,
 )
 
@@ -842,6 +843,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
     final = None  # (train.checkpoints: false publishes no model)
     if t.checkpoints:
         final = publish_final(out, total, dist)
+        warn_if_auto_tokenizer_differs(final, dist)
         publish_final(out, total, dist, part="critic/hf", name="final_critic")
         metrics.event(total, "final", path=str(final))
     stop.disarm()
