@@ -529,12 +529,38 @@ def gathered_state_dict(model: torch.nn.Module, dist: DistInfo) -> dict[str, tor
     return out
 
 
+#: attribute of a model: its config's values as loaded, for the keys training changed (`keep_in_saved_config`)
+SAVED_CONFIG_ATTR = "_rlhf_saved_config"
+
+
+def keep_in_saved_config(model: torch.nn.Module, key: str, value: Any) -> None:
+    """Record that `model.config.<key>` is to be saved as `value` (its value as loaded; the first one recorded
+    stays) whatever training sets it to (PPO's dropout 0)."""
+    model.__dict__.setdefault(SAVED_CONFIG_ATTR, {}).setdefault(key, value)
+
+
+@contextlib.contextmanager
+def config_as_loaded(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: the model's config with the values `keep_in_saved_config` recorded; after: as it was."""
+    kept = getattr(model, SAVED_CONFIG_ATTR, {})
+    now = {key: getattr(model.config, key) for key in kept}
+    for key, value in kept.items():
+        setattr(model.config, key, value)
+    try:
+        yield
+    finally:
+        for key, value in now.items():
+            setattr(model.config, key, value)
+
+
 def save_hf(model: torch.nn.Module, tokenizer: Any, path: Path, dist: DistInfo, meta: dict[str, Any]) -> None:
-    """Save a Hugging Face checkpoint (weights as safetensors, config, generation config, tokenizer) that
-    `from_pretrained(path)` loads. Collective under ZeRO-3: every rank must call it."""
+    """Save a Hugging Face checkpoint (weights as safetensors, config as loaded — `config_as_loaded` —,
+    generation config, tokenizer) that `from_pretrained(path)` loads. Collective under ZeRO-3: every rank must
+    call it."""
     state = gathered_state_dict(model, dist)
     if dist.is_main:
-        model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+        with config_as_loaded(model):
+            model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(path))
         (path / "rlhf_checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 

@@ -22,6 +22,7 @@ from stages.ppo.models import (
     build_critic,
     build_policy,
     build_reward,
+    disable_dropout,
     engine_train_config,
     freeze,
     frozen_ds_config,
@@ -223,6 +224,30 @@ def test_build_policy_switches_dropout_off() -> None:
     policy = build_policy(cfg, _Tok(), {})
     assert policy.config.attention_dropout == 0.0
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in policy.model.layers)
+
+
+class _SavingTok(_Tok):
+    def save_pretrained(self, path: str) -> None:
+        Path(path, "tokenizer.json").write_text("{}")
+
+
+def test_a_saved_policy_or_critic_has_the_dropout_it_was_loaded_with(tmp_path: Path,
+                                                                      checkpoints: SimpleNamespace) -> None:
+    """PPO trains without dropout, but its checkpoints' config.json keep the loaded config's dropout (a model
+    fine-tuned further from them gets it back); the live config stays at 0 after a save."""
+    import json
+
+    from stages.checkpoint import save_hf
+    from stages.distributed import ONE_PROCESS
+
+    cfg = SimpleNamespace(model=ModelConfig(from_config={**TINY, "attention_dropout": 0.3}),
+                          deepspeed=SimpleNamespace(precision="fp32"), seed=0)
+    critic = build_critic(_critic_cfg(checkpoints, "reward_model"), _Tok(), _Tok(), {})
+    for name, model in [("policy", build_policy(cfg, _Tok(), {})), ("critic", critic.seqcls)]:
+        disable_dropout(model)  # (twice: the loaded value is still what is saved)
+        save_hf(model, _SavingTok(), tmp_path / name, ONE_PROCESS, {})
+        assert json.loads((tmp_path / name / "config.json").read_text())["attention_dropout"] == 0.3, name
+        assert model.config.attention_dropout == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from stages.checkpoint import keep_in_saved_config
 from stages.config import ModelConfig, PPOConfig, TrainConfig
 from stages.errors import CheckpointError
 from stages.models import PAD, build_model, zero3_init_off
@@ -48,7 +49,9 @@ class ValueModel(torch.nn.Module):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability of the model (modules and config) set to 0."""
+    """Every dropout probability of the model (modules and config: Falcon reads its config's in the forward) set
+    to 0; the config's own values are kept for the checkpoints (`keep_in_saved_config`), so a saved policy or
+    critic has the dropout it was loaded with."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -59,6 +62,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
     if config is not None:
         for key, value in list(config.to_dict().items()):
             if "dropout" in key and isinstance(value, float):
+                keep_in_saved_config(model, key, value)
                 setattr(config, key, 0.0)
 
 
