@@ -339,11 +339,22 @@ def build_model(
     gen = getattr(model, "generation_config", None)
     if head == "causal_lm" and gen is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-        if gen.eos_token_id is None:
-            gen.eos_token_id = tokenizer.eos_token_id
+        gen.eos_token_id = with_eos(gen.eos_token_id, tokenizer.eos_token_id)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def with_eos(ids: int | list[int] | None, eos: int) -> int | list[int]:
+    """A generation config's EOS id(s) with the tokenizer's EOS among them (what the stages append to the
+    training data and stop a response at), so that plain `generate()` on a saved model stops where rlhf does:
+    None -> eos; 5 -> [5, eos] unless 5 is eos; a list keeps its order, eos appended when absent."""
+    if ids is None:
+        return eos
+    listed = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    if eos in listed:
+        return ids if isinstance(ids, int) else listed
+    return [*listed, eos]
 
 
 def check_architecture(source: str, head: str, trained_head: bool, key: str = "model.name_or_path") -> None:

@@ -31,6 +31,7 @@ from stages.models import (
     stage_lengths,
     train_tokenizer,
     uncached_hub_model,
+    with_eos,
     zero3_init_off,
 )
 
@@ -229,6 +230,17 @@ def test_a_loaded_model_takes_pad_ids_from_the_tokenizer_and_keeps_its_own_eos(t
     model = build_causal_lm(ModelConfig(name_or_path=str(path)), other, "fp32", {}, 0)
     assert model.config.pad_token_id == 1 and model.generation_config.pad_token_id == 1
     assert model.generation_config.eos_token_id == [1, 3]  # an instruct model's several EOS ids stay
+    # a model whose own EOS is not the tokenizer's (model.tokenizer from another folder): the tokenizer's EOS,
+    # which training appends, is added, so that plain generate() on the saved model stops at it too
+    path = _saved_model(tok, tmp_path / "m2", eos_token_id=3)
+    model = build_causal_lm(ModelConfig(name_or_path=str(path)), other, "fp32", {}, 0)
+    assert model.generation_config.eos_token_id == [3, 1]
+
+
+@pytest.mark.parametrize("ids, expected", [(None, 7), (7, 7), (5, [5, 7]), ([7, 5], [7, 5]), ([5], [5, 7]),
+                                           ((5, 6), [5, 6, 7])])
+def test_with_eos_puts_the_tokenizers_eos_among_the_generation_configs(ids, expected) -> None:
+    assert with_eos(ids, 7) == expected
 
 
 def test_an_embedding_larger_than_the_tokenizer_loads_as_it_is(tmp_path, tok) -> None:
