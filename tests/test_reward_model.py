@@ -428,3 +428,14 @@ def test_eval_fraction_0_holds_out_nothing(tmp_path):
         assert (len(held) if held is not None else None) == n_eval, fraction
         assert len(train) + (n_eval or 0) == 30
         assert sorted(reports) == (["train"] if n_eval is None else ["eval", "train"])
+
+
+def test_the_pad_added_line_is_said_only_when_the_tokenizer_grew_and_covers_a_tokenizer_without_pad(capsys) -> None:
+    from stages.reward import say_added_pad
+
+    say_added_pad(False, True)
+    say_added_pad(True, False)  # (not rank 0)
+    assert capsys.readouterr().out == ""
+    say_added_pad(True, True)
+    assert capsys.readouterr().out == ("the tokenizer had no pad token of its own (none, or its EOS); added a distinct "
+                                       "<|pad|> (embedding grown by 1)\n")
