@@ -160,6 +160,18 @@ def test_a_tokenizer_autotokenizer_loads_as_it_is_or_with_no_config_beside_it_ha
     assert auto_tokenizer_difference(tmp_path) is None
 
 
+def test_a_folder_autotokenizer_cannot_load_is_not_called_different(tmp_path, monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    _tokenizer_beside(tmp_path, "qwen2")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("needs trust_remote_code")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    assert auto_tokenizer_difference(tmp_path) is None
+
+
 def test_the_end_of_a_run_warns_when_autotokenizer_would_load_another_tokenizer(tmp_path, capsys) -> None:
     from stages.trainer import warn_if_auto_tokenizer_differs
 
