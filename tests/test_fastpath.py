@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          OPTConfig, OPTForCausalLM)
 
 from stages.config import GenerationConfig
 from stages.models import enable_activation_checkpointing
@@ -53,6 +54,13 @@ def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> to
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           pad_token_id=PAD_ID, initializer_range=0.2)
         model = LlamaForCausalLM(cfg)
+    elif kind == "jamba":  # attention and Mamba layers: the Mamba layer reads the mask's last P columns
+        cfg = AutoConfig.for_model("jamba", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_experts=2, mamba_dt_rank=4,
+                                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                   expert_layer_offset=1, pad_token_id=PAD_ID, initializer_range=0.2,
+                                   use_mamba_kernels=False)
+        model = AutoModelForCausalLM.from_config(cfg)
     elif kind == "opt":  # its causal LM calls the backbone's decoder, not the backbone
         cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=layers,
                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=PAD_ID, init_std=0.2)
@@ -64,7 +72,7 @@ def _model(kind: str, layers: int = 2, dtype: torch.dtype = torch.float32) -> to
     return model.to(dtype).eval()
 
 
-ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2"])
+ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2", "jamba"])
 HEAD_ARCHS = pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
 
 

@@ -9,8 +9,10 @@ dynamic  transformers' DynamicCache, grown by concatenation each step; the mask 
          Full [B, P, V] prefill logits. The reference path: plain, any model (also the test stand-ins).
 static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, kept on the model per batch
          size and reused by every later rollout that fits (a wider prompt batch grows it; a narrower one leaves
-         the columns after its own P + R masked, as transformers' static generation does), logits of the last
-         position only. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
+         the columns after its own P + R masked), logits of the last position only. The prefill passes the
+         prompt's own P mask columns, as transformers' generate() does (a recurrent layer — Jamba's, Falcon-H1's,
+         Qwen3-Next's Mamba or linear-attention layers — reads the mask's last P columns as the prompt's);
+         each decoding step the whole W-column mask. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
          masked and changes nothing), so the cache grows a few times at most; rlhf ppo and rlhf eval allocate it
          for data.max_prompt_length prompt columns from the start (`prompt_capacity`), so it never grows. A
          decoding step's shapes are [B, 1] tokens against the W-column cache whatever the prompt width, so with
@@ -134,7 +136,7 @@ class StaticDecoder:
         self._step_draw = state["step_draw"] if compile_step else _forward_and_draw
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _forward_last(self.model, ids, self.mask, positions, self.cache, self.keyword)
+        return _forward_last(self.model, ids, self.mask[:, :self.width], positions, self.cache, self.keyword)
 
     def _append(self, alive: torch.Tensor) -> None:
         """The mask column of the token fed next: 1 where its row is still alive."""
