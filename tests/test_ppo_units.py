@@ -44,7 +44,7 @@ from stages.ppo.experience import (
     transform_scores,
 )
 from stages.ppo.ending import RewardEnding
-from stages.ppo.models import ValueModel, check_tokenizers, disable_dropout, stop_token_ids
+from stages.ppo.models import ValueModel, check_tokenizers, disable_dropout, is_dropout_name, stop_token_ids
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import DEFAULT_PRESET, PRESETS, TRICK_FLAGS, fill_preset, flag_overrides
 from stages.ppo.prompts import load_prompts
@@ -916,6 +916,33 @@ def test_check_tokenizers_reject_a_different_vocabulary(tokenizer):
 def test_check_tokenizers_reject_a_different_eos():
     with pytest.raises(CheckpointError, match="EOS differs"):
         check_tokenizers(_word_tokenizer(WORDS), _word_tokenizer(WORDS, eos="c"), "rm")
+
+
+@pytest.mark.parametrize("model_type, arch", [
+    ("gpt_bigcode", dict(n_embd=32, n_layer=2, n_head=4)),  # attn_pdrop 0.1 by default, read by its attention
+    ("starcoder2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, residual_dropout=0.1, embedding_dropout=0.1)),
+    ("biogpt", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    activation_dropout=0.1, layerdrop=0.5)),  # layerdrop: whole layers skipped at random
+])
+def test_disable_dropout_finds_every_kind_of_dropout_attribute(model_type, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=300, bos_token_id=1,
+                                                                  eos_token_id=2, **arch)).train()
+    ids = torch.randint(3, 300, (2, 10))
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is live
+        disable_dropout(model)
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name, is_one", [("attn_pdrop", True), ("residual_dropout", True), ("layerdrop", True),
+                                          ("hidden_dropout_prob", True), ("drop_last", False), ("dropped", False),
+                                          ("rope_theta", False)])
+def test_a_dropout_probability_is_told_by_its_name(name, is_one):
+    assert is_dropout_name(name) is is_one
 
 
 def test_disable_dropout_zeroes_modules_attributes_and_config():

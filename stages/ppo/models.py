@@ -48,20 +48,29 @@ class ValueModel(torch.nn.Module):
         return self.seqcls.score(hidden).squeeze(-1).float()
 
 
+def is_dropout_name(name: str) -> bool:
+    """A module attribute or config key that holds a dropout probability: its name contains `dropout` (GPT-2's
+    `summary_first_dropout`, Starcoder2's `residual_dropout`, Bloom's `hidden_dropout`, BioGPT's
+    `activation_dropout`), `pdrop` (`attn_pdrop`) or `layerdrop` (a probability of skipping a whole layer)."""
+    name = name.lower()
+    return "dropout" in name or "pdrop" in name or "layerdrop" in name
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability of the model (modules and config: Falcon reads its config's in the forward) set
-    to 0; the config's own values are kept for the checkpoints (`keep_in_saved_config`), so a saved policy or
-    critic has the dropout it was loaded with."""
+    """Every dropout probability of the model set to 0: nn.Dropout modules, float module attributes and config
+    keys named as one (`is_dropout_name`; Falcon reads its config's in the forward); the config's own values are
+    kept for the checkpoints (`keep_in_saved_config`), so a saved policy or critic has the dropout it was loaded
+    with."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, name, None), float):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and is_dropout_name(name):
                 setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for key, value in list(config.to_dict().items()):
-            if "dropout" in key and isinstance(value, float):
+            if isinstance(value, float) and is_dropout_name(key):
                 keep_in_saved_config(model, key, value)
                 setattr(config, key, 0.0)
 
