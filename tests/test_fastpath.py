@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHe
                           OPTConfig, OPTForCausalLM)
 
 from stages.config import GenerationConfig
+from stages.errors import ConfigError
 from stages.models import enable_activation_checkpointing
 from stages.ppo import decode
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword, static_state
@@ -119,6 +120,18 @@ def test_same_seed_same_samples_from_either_cache(kind):
     assert torch.equal(d.truncated, s.truncated)
     assert torch.equal(s.prompt_ids, ids) and torch.equal(s.prompt_mask, mask)  # bucket padding not returned
     assert d.response_mask.sum() > 24  # really sampled something
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_a_model_that_returns_no_kv_cache_is_refused_by_name(cache):
+    """OpenAI GPT has no KV cache (RecurrentGemma keeps its state inside the model): neither decoder can work."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("openai-gpt", vocab_size=VOCAB, n_embd=32, n_layer=1,
+                                                                  n_head=4)).eval()
+    with pytest.raises(ConfigError, match=r"^OpenAIGPTLMHeadModel returns no KV cache from its forward "
+                                          r"\(CausalLMOutput\), which rlhf's sampler decodes with"):
+        sample(model, *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=3, cache=cache), [1], PAD_ID,
+               VOCAB)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])

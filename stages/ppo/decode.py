@@ -38,6 +38,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from stages.errors import ConfigError
+
 #: static prompts are left-padded to a multiple of this width (fewer distinct shapes to compile)
 PROMPT_BUCKET = 32
 #: torch.compile backend of a compiled decoding step (tests swap in "eager": the same tracing and guards, no code
@@ -65,7 +67,7 @@ class DynamicDecoder:
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model.forward(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
-        self.past = getattr(out, self.keyword)
+        self.past = returned_cache(self.model, out, self.keyword)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, alive: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -74,6 +76,17 @@ class DynamicDecoder:
                                  use_cache=True, **{self.keyword: self.past})
         self.past = getattr(out, self.keyword)
         return out.logits[:, -1]
+
+
+def returned_cache(model: Any, out: Any, keyword: str) -> Any:
+    """The KV cache a prefill's output carries; a model that returns none (RecurrentGemma keeps its state inside
+    the model, OpenAI GPT has no cache) cannot be sampled from by these decoders: refused, naming it."""
+    cache = getattr(out, keyword, None)
+    if cache is None:
+        raise ConfigError(f"{type(model).__name__} returns no KV cache from its forward ({type(out).__name__}), "
+                          "which rlhf's sampler decodes with (generation.cache static or dynamic): it cannot "
+                          "generate PPO rollouts or evaluation samples")
+    return cache
 
 
 def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
@@ -136,7 +149,11 @@ class StaticDecoder:
         self._step_draw = state["step_draw"] if compile_step else _forward_and_draw
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _forward_last(self.model, ids, self.mask[:, :self.width], positions, self.cache, self.keyword)
+        """Eager: `_forward_last`'s forward, checking that the model filled the cache (`returned_cache`)."""
+        out = self.model.forward(input_ids=ids, attention_mask=self.mask[:, :self.width], position_ids=positions,
+                                 use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})
+        returned_cache(self.model, out, self.keyword)
+        return out.logits[:, -1]
 
     def _append(self, alive: torch.Tensor) -> None:
         """The mask column of the token fed next: 1 where its row is still alive."""
