@@ -134,6 +134,15 @@ def test_a_model_that_returns_no_kv_cache_is_refused_by_name(cache):
                VOCAB)
 
 
+def test_an_attention_free_model_is_refused_before_it_samples():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", vocab_size=VOCAB, hidden_size=32,
+                                                                  num_hidden_layers=1, state_size=4)).eval()
+    with pytest.raises(ConfigError, match=r"^MambaForCausalLM \(mamba\) has no attention layers"):
+        sample(model, *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=3, cache="dynamic"), [1],
+               PAD_ID, VOCAB)
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_decoders_use_the_models_own_cache_keyword(cache):
     # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40) and warns

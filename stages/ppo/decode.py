@@ -190,8 +190,18 @@ def bucket_left_pad(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, bucket: 
     return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
 
 
+#: model types without attention, whose forward multiplies hidden states by the raw mask: a decoding step's
+#: [B, 1] input against the grown [B, P + t] mask broadcasts silently (transformers' generate() drops the mask)
+ATTENTION_FREE = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
+
+
 def make_decoder(model: Any, prompt_mask: torch.Tensor, cache: str, max_new_tokens: int, compile_step: bool,
                  prompt_capacity: int = 0) -> Decoder:
+    """The decoder `cache` names for this batch; an attention-free model (`ATTENTION_FREE`) is refused."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ATTENTION_FREE:
+        raise ConfigError(f"{type(model).__name__} ({model_type}) has no attention layers; rlhf's sampler feeds every "
+                          "decoding step the attention mask, which such a model would apply to the wrong positions")
     if cache == "static":
         return StaticDecoder(model, prompt_mask, max_new_tokens, compile_step, prompt_capacity)
     return DynamicDecoder(model, prompt_mask)
