@@ -215,7 +215,8 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
 def say_added_pad(added: bool, enabled: bool) -> None:
     """The start-up line of a run (or data check) whose tokenizer `ensure_distinct_pad` grew."""
     if added:
-        say(enabled, "the tokenizer had no pad token of its own (none, or its EOS); added a distinct <|pad|> (embedding grown by 1)")
+        say(enabled, "the tokenizer had no pad token of its own (none, or its EOS); added a distinct <|pad|> "
+                     "(embedding grown by 1)")
 
 
 def describe_pairs(split: str, report: DataReport) -> str:

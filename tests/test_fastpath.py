@@ -484,7 +484,7 @@ def test_a_model_whose_forward_runs_no_hookable_backbone_is_named_with_the_setti
     ids, mask, _, _ = _batch("llama")
     model = _model("llama")
     model.base_model_prefix = "lm_head"  # the "backbone" now returns a tensor, no last_hidden_state
-    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM.*\(Linear\).*train\.logprob_chunk: 0"):
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM.*\(Linear\).*train\.logprob_chunk: 0"):
         final_hidden_states(model, ids, mask)
     assert not model.lm_head._forward_hooks
 

@@ -12,9 +12,10 @@ static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, 
          the columns after its own P + R masked), logits of the last position only. The prefill passes the
          prompt's own P mask columns, as transformers' generate() does (a recurrent layer — Jamba's, Falcon-H1's,
          Qwen3-Next's Mamba or linear-attention layers — reads the mask's last P columns as the prompt's);
-         each decoding step the whole W-column mask. Prompts are left-padded to a multiple of `PROMPT_BUCKET` columns (the extra padding is
-         masked and changes nothing), so the cache grows a few times at most; rlhf ppo and rlhf eval allocate it
-         for data.max_prompt_length prompt columns from the start (`prompt_capacity`), so it never grows. A
+         each decoding step the whole W-column mask. Prompts are left-padded to a multiple of `PROMPT_BUCKET`
+         columns (the extra padding is masked and changes nothing), so the cache grows a few times at most;
+         rlhf ppo and rlhf eval allocate it for data.max_prompt_length prompt columns from the start
+         (`prompt_capacity`), so it never grows. A
          decoding step's shapes are [B, 1] tokens against the W-column cache whatever the prompt width, so with
          `compile` one graph serves every rollout of a batch size: each step is a torch.compile'd forward (mode
          reduce-overhead: CUDA graphs on a GPU, one graph launch per token instead of hundreds of kernel

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from stages.config import GenerationConfig
 from stages.distributed import all_reduce_max
+from stages.errors import ConfigError
 from stages.ppo import decode
 from stages.ppo.decode import StaticDecoder, bucket_left_pad, make_decoder
 from stages.ppo.ending import RewardEnding, ending_columns
@@ -459,9 +460,9 @@ def final_hidden_states(model: Any, ids: torch.Tensor, mask: torch.Tensor,
             for handle in handles:
                 handle.remove()
         if not caught:
-            raise RuntimeError(f"{type(inner).__name__}'s forward runs neither its backbone "
-                               f"({type(backbone).__name__}) nor a model inside it, so its final hidden states "
-                               "cannot be caught for chunked log-probs: set train.logprob_chunk: 0")
+            raise ConfigError(f"{type(inner).__name__}'s forward runs neither its backbone "
+                              f"({type(backbone).__name__}) nor a model inside it, so its final hidden states "
+                              "cannot be caught for chunked log-probs: set train.logprob_chunk: 0")
         hidden = caught[-1]
     return (hidden, out.logits[:, -1]) if with_logits else hidden
 
