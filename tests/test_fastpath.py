@@ -583,11 +583,13 @@ def _transforming_model(kind: str) -> torch.nn.Module:
         model = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=0.25))
     elif kind == "cohere":
         model = CohereForCausalLM(CohereConfig(**shape, logit_scale=3.0))
-    else:  # a transform head_transform does not know: logits * 2.5
+    else:  # a transform head_transform does not know: logits * 2.5 ("unknown"), * 1.002 ("slight")
+        factor = 2.5 if kind == "unknown" else 1.002
+
         class Shifted(LlamaForCausalLM):
             def forward(self, *args, **kwargs):
                 out = super().forward(*args, **kwargs)
-                out.logits = out.logits * 2.5
+                out.logits = out.logits * factor
                 return out
         model = Shifted(LlamaConfig(**shape))
     return model.eval()
@@ -616,6 +618,21 @@ def test_chunked_logprobs_follow_a_model_that_transforms_its_head_output(kind):
         assert torch.allclose(g0[name], g1[name], atol=1e-5), name
     fell_back = any("train.logprob_chunk ignored" in m for m in said)
     assert fell_back == (kind == "unknown"), said
+
+
+def test_a_float32_head_transform_smaller_than_bf16_rounding_is_still_noticed():
+    """logits x 1.002 moves these logits by less than 1e-2 (the 16-bit tolerance) but more than float32's 1e-4:
+    the chunked path falls back to the full logits and equals the reference."""
+    ids, mask, p, resp = _batch("llama")
+    model = _transforming_model("slight")
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        moved = float((full - full / 1.002).abs().max())
+        assert 1e-4 < moved < 1e-2, moved
+        reference, _ = response_logprobs(model, ids, mask, p, resp, chunk_tokens=0)
+        with pytest.warns(UserWarning, match="train.logprob_chunk ignored"):
+            chunked, _ = response_logprobs(model, ids, mask, p, resp, chunk_tokens=4)
+    assert torch.allclose(reference, chunked, atol=1e-6)
 
 
 @pytest.mark.slow
