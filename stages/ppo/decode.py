@@ -15,8 +15,8 @@ static   a StaticCache of W >= P + R columns and a [B, W] mask filled in place, 
          each decoding step the whole W-column mask. Prompts are left-padded to a multiple of `PROMPT_BUCKET`
          columns (the extra padding is masked and changes nothing), so the cache grows a few times at most;
          rlhf ppo and rlhf eval allocate it for data.max_prompt_length prompt columns from the start
-         (`prompt_capacity`), so it never grows. A
-         decoding step's shapes are [B, 1] tokens against the W-column cache whatever the prompt width, so with
+         (`prompt_capacity`), so it never grows. A decoding step's shapes are [B, 1] tokens against the
+         W-column cache whatever the prompt width, so with
          `compile` one graph serves every rollout of a batch size: each step is a torch.compile'd forward (mode
          reduce-overhead: CUDA graphs on a GPU, one graph launch per token instead of hundreds of kernel
          launches); the prefill stays eager.
@@ -90,12 +90,17 @@ def returned_cache(model: Any, out: Any, keyword: str) -> Any:
     return cache
 
 
+def _forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                    keyword: str) -> Any:
+    """The model's output with the LM head on the last position only, the KV cache updated in place."""
+    return model.forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{keyword: cache})
+
+
 def _forward_last(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                   keyword: str) -> torch.Tensor:
     """Logits [B, V] of the last position, the KV cache updated in place."""
-    out = model.forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **{keyword: cache})
-    return out.logits[:, -1]
+    return _forward_cached(model, ids, mask, positions, cache, keyword).logits[:, -1]
 
 
 def _forward_and_draw(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
@@ -150,9 +155,8 @@ class StaticDecoder:
         self._step_draw = state["step_draw"] if compile_step else _forward_and_draw
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Eager: `_forward_last`'s forward, checking that the model filled the cache (`returned_cache`)."""
-        out = self.model.forward(input_ids=ids, attention_mask=self.mask[:, :self.width], position_ids=positions,
-                                 use_cache=True, logits_to_keep=1, **{self.keyword: self.cache})
+        """Eager, checking that the model filled the cache (`returned_cache`)."""
+        out = _forward_cached(self.model, ids, self.mask[:, :self.width], positions, self.cache, self.keyword)
         returned_cache(self.model, out, self.keyword)
         return out.logits[:, -1]
 
