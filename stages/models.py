@@ -175,11 +175,11 @@ def auto_tokenizer_difference(folder: str | Path) -> str | None:
     can differ only when the folder names a plain tokenizer beside a config.json whose model type transformers 5
     gives a tokenizer class of its own (qwen2, phi3, ...: rebuilt from the vocabulary and merges with that
     model family's pre-tokenizer). None too when AutoTokenizer fails to load the folder at all."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     if not (names_plain_tokenizer(folder) and (Path(folder) / "config.json").is_file()):
         return None
-    ours = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    ours = load_tokenizer(str(folder))
     try:
         auto = AutoTokenizer.from_pretrained(str(folder))
     except Exception:  # noqa: BLE001 - e.g. a remote-code model type without trust_remote_code: not ours to judge
