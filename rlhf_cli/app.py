@@ -22,6 +22,7 @@ from rlhf_cli.launcher import (
     check_launch_options,
     check_not_a_bare_srun_task,
     format_command,
+    gpu_memory as gpu_memory_of,
     inside_launcher,
     launch_command,
     launch_env,
@@ -34,7 +35,8 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError
-from stages.runtime import check_worker_env
+from stages.memory import GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, micro_batch_choices
+from stages.runtime import check_worker_env, chosen_accelerator
 
 app = typer.Typer(
     name="rlhf",
@@ -81,6 +83,12 @@ DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the resolved config, the launch command and a memory estimate, and make "
                  "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON, the first 20 rows "
                  "of each data file); write nothing, train nothing.", show_default="off")
+]
+GpuMemoryOpt = Annotated[
+    Optional[float], typer.Option("--gpu-memory", min=0.001, metavar="GIB", help="Memory of each GPU in GiB, for the "
+                                  "memory estimate's fit (--dry-run: does the peak fit, and the largest "
+                                  "train.micro_batch_size that does; a run warns before launching when it does not).",
+                                  show_default="nvidia-smi's figure for this node's GPUs, when it has any")
 ]
 CheckDataOpt = Annotated[
     bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
@@ -133,6 +141,10 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_stage(
     stage: str,
     config: Path,
@@ -148,10 +160,12 @@ def run_stage(
     allow_changes: bool = False,
     flags: dict[str, str] | None = None,
     check_data: bool = False,
+    gpu_memory: float | None = None,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
-    run that also reads the data (stages/pipeline.py: DATA_CHECKS)."""
+    run that also reads the data (stages/pipeline.py: DATA_CHECKS). `gpu_memory`: GiB per GPU for the memory
+    estimate's fit (`memory_fit`); a worker out of GPU memory says what fits (`out_of_memory_message`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
                                    prepare_output_dir, refuse_request, run_lock)
 
@@ -169,6 +183,7 @@ def run_stage(
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
 
     dry_run = dry_run or check_data
+    cfg = None  # (for the out-of-memory message)
     if allow_changes and not resume and not inside_launcher():
         err.print("[yellow]warning: --allow-config-change has no effect without --resume[/]", highlight=False)
     try:
@@ -220,8 +235,6 @@ def run_stage(
                 raise ConfigError(text_fp16)
             err.print(f"[yellow]warning: {text_fp16} (a run on this machine would be refused)[/]", highlight=False)
         if dry_run:  # every check the run makes before its work that only reads, then the estimate
-            from stages.memory import estimate, format_estimate
-
             _check_deepspeed_json(stage, cfg, processes)
             check_run_lock(out_dir)
             plan = check_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes)
@@ -235,7 +248,7 @@ def run_stage(
                 from stages.ppo.trainer import describe_tricks
 
                 out.print(describe_tricks(cfg), highlight=False)
-            out.print(format_estimate(estimate(cfg, processes)), highlight=False)
+            report_memory(cfg, processes, num_gpus, gpu_memory, dry_run=True)
             if check_data:
                 from stages.pipeline import check_data as read_data
 
@@ -244,6 +257,7 @@ def run_stage(
             out.print("dry run: nothing trained")
             return
         refuse_request(out_dir, resume, overwrite)  # before the lock creates output_dir
+        report_memory(cfg, processes, num_gpus, gpu_memory, dry_run=False)
         with run_lock(out_dir), record_kept_on_failure(out_dir, resume):
             prepare(processes)
             if cmd is None:
@@ -268,7 +282,7 @@ def run_stage(
             raise
         # every rank reads the same config and data, so those errors are printed once; others may be one
         # rank's own (a missing shard, a full disk) and are printed, with the rank, by whichever rank hit them
-        if not exc.every_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not exc.every_rank and _world() > 1:
             print_error(exc, f"rank {_rank()}")
         elif _rank() == 0:
             print_error(exc)
@@ -276,6 +290,9 @@ def run_stage(
     except RuntimeError as exc:
         from stages.distributed import peer_lost
 
+        if not debug and is_out_of_memory(exc):
+            print_error(out_of_memory_message(exc, cfg, gpu_memory), f"rank {_rank()}" if _world() > 1 else "")
+            raise typer.Exit(1) from None
         if debug or not peer_lost(exc):
             raise
         first = str(exc).strip().splitlines()[0]
@@ -345,6 +362,62 @@ def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
         build_deepspeed_config(cfg.train, cfg.deepspeed, world_size, False)
 
 
+def gpu_memory_for(num_gpus: int | None, gpu_memory: float | None) -> tuple[int, str] | None:
+    """Bytes per GPU for the memory estimate's fit and where the figure comes from: --gpu-memory, else (a run
+    on CUDA) nvidia-smi's for the GPUs this node's ranks use; None when neither says."""
+    if gpu_memory is not None:
+        return int(gpu_memory * GIB), "--gpu-memory"
+    if chosen_accelerator(os.environ) != "cuda":
+        return None
+    found = gpu_memory_of(num_gpus)
+    return (found, "nvidia-smi, this node's GPUs") if found else None
+
+
+def report_memory(cfg: Any, processes: int, num_gpus: int | None, gpu_memory: float | None, dry_run: bool) -> None:
+    """A dry run: the memory estimate and, when the GPUs' memory is known (`gpu_memory_for`), its fit
+    (stages/memory.py: format_fit). A run: only a warning, when the GPUs' memory is known and the peak does not
+    fit (the estimate takes a second or so: nothing is estimated without a GPU figure)."""
+    gpu = gpu_memory_for(num_gpus, gpu_memory)
+    if not (dry_run or gpu):
+        return
+    est = estimate(cfg, processes, micro_batch_choices(cfg))
+    if dry_run:
+        out.print(format_estimate(est), highlight=False)
+    if est is None or gpu is None:
+        return
+    if dry_run:
+        out.print(format_fit(est, cfg, *gpu), highlight=False)
+    elif est["total"] > USABLE_FRACTION * gpu[0]:
+        err.print(f"[yellow]warning: the memory estimate ({est['total'] / GIB:.3f} GiB per rank; --dry-run lists "
+                  f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(format_fit(est, cfg, *gpu))}[/]",
+                  highlight=False)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation that failed: torch's OutOfMemoryError, or the runtime error a CUDA library raises."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        text in str(exc) for text in ("CUDA out of memory", "CUDA error: out of memory"))
+
+
+def out_of_memory_message(exc: BaseException, cfg: Any, gpu_memory: float | None) -> str:
+    """What a rank out of GPU memory prints: torch's message, the memory estimate's fit to this rank's GPU (its
+    total memory; --gpu-memory in a run without a launcher that never used CUDA) and what to change."""
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this rank's GPU"
+    elif gpu_memory is not None:
+        gpu = int(gpu_memory * GIB), "--gpu-memory"
+    est = estimate(cfg, _world(), micro_batch_choices(cfg)) if cfg is not None and gpu is not None else None
+    fit = f"\n{format_fit(est, cfg, *gpu)}" if est is not None and gpu is not None else ""
+    return (f"out of GPU memory: {str(exc).strip() or type(exc).__name__}{fit}\nLower train.micro_batch_size, turn "
+            "on model.gradient_checkpointing, or use a higher deepspeed.zero_stage or offload (`--dry-run "
+            "--gpu-memory GIB` estimates any change); --debug shows the traceback")
+
+
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
     module, func = STAGE_RUNNERS[stage].split(":")
     getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
@@ -362,13 +435,14 @@ def _stage_command(stage: str, doc: str) -> None:
         hostfile: HostfileOpt = None,
         dry_run: DryRunOpt = False,
         check_data: CheckDataOpt = False,
+        gpu_memory: GpuMemoryOpt = None,
         resume: ResumeOpt = False,
         allow_config_change: AllowChangeOpt = False,
         overwrite: OverwriteOpt = False,
         debug: DebugOpt = False,
     ) -> None:
         run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug,
-                  allow_changes=allow_config_change, check_data=check_data)
+                  allow_changes=allow_config_change, check_data=check_data, gpu_memory=gpu_memory)
 
     command.__doc__ = doc
     command.__name__ = stage.replace("-", "_")
@@ -402,7 +476,7 @@ def _ppo_command() -> None:
 
     def command(**kwargs: object) -> None:
         common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug",
-                  "allow_config_change", "check_data")
+                  "allow_config_change", "check_data", "gpu_memory")
         c = {k: kwargs.pop(k) for k in common}
         ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
         if ppo_max and preset not in (None, "ppo-max"):
@@ -413,6 +487,7 @@ def _ppo_command() -> None:
         run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
                   c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset,  # type: ignore[arg-type]
                   allow_changes=c["allow_config_change"], check_data=c["check_data"],  # type: ignore[arg-type]
+                  gpu_memory=c["gpu_memory"],  # type: ignore[arg-type]
                   flags={f.key: f"--{f.name}" for f in TRICK_FLAGS if flags[f.name] is not None})
 
     def panel(f: object) -> dict[str, object]:
@@ -425,7 +500,7 @@ def _ppo_command() -> None:
     params = [
         opt("config", ConfigOpt, inspect.Parameter.empty), opt("set_", SetOpt), opt("num_gpus", NumGpusOpt),
         opt("num_nodes", NumNodesOpt), opt("hostfile", HostfileOpt), opt("dry_run", DryRunOpt, False),
-        opt("check_data", CheckDataOpt, False),
+        opt("check_data", CheckDataOpt, False), opt("gpu_memory", GpuMemoryOpt),
         opt("resume", ResumeOpt, False), opt("allow_config_change", AllowChangeOpt, False),
         opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
         opt("ppo_max", Annotated[bool, typer.Option("--ppo-max", help="Same as --preset ppo-max.", show_default="off",

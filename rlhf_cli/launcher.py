@@ -189,17 +189,41 @@ def visible_gpu_ids() -> list[str]:
     return out
 
 
-def gpu_uuids() -> dict[str, str]:
-    """index -> UUID of this node's GPUs, from nvidia-smi ({} without it)."""
+def nvidia_smi(fields: str, units: bool = True) -> list[list[str]]:
+    """This node's GPUs, one row of `nvidia-smi --query-gpu=FIELDS` values each (stripped; lines without every
+    field, such as a warning, passed over); [] without nvidia-smi or when it fails. It creates no CUDA context:
+    the launching process never touches the GPUs its workers use. units=False: numbers without their units."""
     import subprocess
 
+    form = "csv,noheader" if units else "csv,noheader,nounits"
     try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"], capture_output=True,
+        res = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", f"--format={form}"], capture_output=True,
                              text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
-    pairs = (line.split(",", 1) for line in res.stdout.splitlines() if "," in line) if res.returncode == 0 else ()
-    return {index.strip(): uuid.strip() for index, uuid in pairs}
+        return []
+    width = fields.count(",") + 1
+    rows = ([v.strip() for v in line.split(",")] for line in res.stdout.splitlines()) if res.returncode == 0 else ()
+    return [row for row in rows if len(row) == width]
+
+
+def gpu_uuids() -> dict[str, str]:
+    """index -> UUID of this node's GPUs, from nvidia-smi ({} without it)."""
+    return {index: uuid for index, uuid in nvidia_smi("index,uuid")}
+
+
+def gpu_memory(num_gpus: int | None) -> int | None:
+    """Bytes of memory of the smallest GPU a run of `num_gpus` (1 if None) ranks on this node uses — the first of
+    CUDA_VISIBLE_DEVICES's GPUs, else GPUs 0, 1, ... —, from nvidia-smi; None without it (or a GPU it does not
+    list, or a MIG instance in CUDA_VISIBLE_DEVICES)."""
+    mib = {index: int(total) for index, total in nvidia_smi("index,memory.total", units=False) if total.isdigit()}
+    try:
+        visible = visible_gpu_ids()
+    except ConfigError:
+        return None
+    used = (visible or [str(i) for i in range(num_gpus or 1)])[: num_gpus or 1]
+    if any(index not in mib for index in used):
+        return None
+    return min(mib[index] for index in used) * 2**20
 
 
 def gpu_selection(count: int, visible: list[str], this_node: bool = True) -> list[str]:

@@ -11,6 +11,7 @@ RLHF_FAULT_RANK (default 0), when the training loop reaches that optimizer step 
     sigint@N        send SIGINT to this process after step N (Ctrl-C)
     nan-loss@N      the loss of step N's first micro-batch becomes NaN
     nan-reward@N    the reward-model score of one rollout of PPO iteration N becomes NaN
+    oom@N           raise torch.OutOfMemoryError (a CUDA allocation that failed) in step N's first micro-batch
 
 Example: RLHF_FAULT=kill-save@4 rlhf sft --config c.yaml
 """
@@ -24,7 +25,7 @@ import signal
 import torch
 
 ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
-NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward")
+NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward", "oom")
 
 
 def planned(name: str, step: int) -> bool:
@@ -57,6 +58,12 @@ def maybe_signal(step: int) -> None:
 def maybe_disk_full(step: int) -> None:
     if planned("enospc-save", step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def maybe_out_of_memory(step: int) -> None:
+    """Raise what a failed CUDA allocation raises when `oom@step` is planned."""
+    if planned("oom", step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (RLHF_FAULT oom)")
 
 
 def maybe_poison(name: str, step: int, value: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ parameters kept gathered for reuse (stage3_max_reuse_distance), padding's repeat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from stages.config import DeepSpeedConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig
 from stages.errors import CheckpointError
@@ -307,13 +307,21 @@ def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
     return held + busiest
 
 
-def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
+def estimate_ppo(cfg: PPOConfig, world: int, micro_batch_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
     """Per-rank bytes of every component of a PPO run and the peak (None when a checkpoint's config is
-    unreadable)."""
+    unreadable); `peak_at_micro_batch`: the peak at each of `micro_batch_sizes` instead of train.micro_batch_size
+    (the shapes read once)."""
     policy = model_shape(cfg.model, tokenizer_vocab(cfg.model))
     rm = model_shape(cfg.reward_model, tokenizer_vocab(cfg.reward_model))
     if policy is None or rm is None:
         return None
+    est = _ppo_parts(cfg, world, policy, rm, cfg.train.micro_batch_size)
+    est["peak_at_micro_batch"] = {m: _ppo_parts(cfg, world, policy, rm, m)["total"] for m in micro_batch_sizes}
+    return est
+
+
+def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> dict[str, Any]:
+    """`estimate_ppo`'s parts, phases and peak at micro-batches of `m` rollouts."""
     ds, t = cfg.deepspeed, cfg.train
     b = _bytes(ds.precision)
     length = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
@@ -330,7 +338,7 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     if ds.zero_stage == 3:
         parts["sampling copy of the policy"] = b * policy.params
     parts["KV cache (rollout)"] = 2 * policy.layers * policy.kv_width * length * t.rollout_batch_size * b
-    ckpt, m = cfg.model.gradient_checkpointing, t.micro_batch_size
+    ckpt = cfg.model.gradient_checkpointing
     parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt)
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
@@ -345,34 +353,44 @@ def estimate_ppo(cfg: PPOConfig, world: int) -> dict[str, Any] | None:
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 
-def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | None = None) -> dict[str, Any] | None:
-    """Per-rank bytes of every component of an SFT or reward-model run and the peak."""
+def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | None = None,
+                      micro_batch_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
+    """Per-rank bytes of every component of an SFT or reward-model run and the peak; `peak_at_micro_batch` as
+    in `estimate_ppo`."""
     shape = model_shape(cfg.model, vocab_hint)
     if shape is None:
         return None
+    est = _lm_stage_parts(cfg, world, shape, cfg.train.micro_batch_size)
+    est["peak_at_micro_batch"] = {m: _lm_stage_parts(cfg, world, shape, m)["total"] for m in micro_batch_sizes}
+    return est
+
+
+def _lm_stage_parts(cfg: SFTConfig | RMConfig, world: int, shape: Shape, micro: int) -> dict[str, Any]:
+    """`estimate_lm_stage`'s parts, phases and peak at micro-batches of `micro` examples (pairs for the RM)."""
     from stages.lm import LOSS_BLOCK_ROWS
 
-    ds, t = cfg.deepspeed, cfg.train
+    ds = cfg.deepspeed
     own, phase = trained_model(shape.params, ds, world, shape.largest, zero_tuning(ds))
     parts = {f"model {k}": v for k, v in own.items()}
-    rows = t.micro_batch_size * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
+    rows = micro * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
     if isinstance(cfg, SFTConfig):
         parts["logits"] = lm_loss_logits(shape, rows, length, ds.precision)
     elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time
-        parts["logits"] = min(LOSS_BLOCK_ROWS, t.micro_batch_size * length) * shape.vocab * LM_LOSS_BLOCK
+        parts["logits"] = min(LOSS_BLOCK_ROWS, micro * length) * shape.vocab * LM_LOSS_BLOCK
     phases = {"model": _named("model", phase)}
     phases["model"].moments.setdefault("backward", []).extend(
         ["activations (micro-batch)"] + (["logits"] if "logits" in parts else []))
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
 
 
-def estimate(cfg: Any, world: int) -> dict[str, Any] | None:
+def estimate(cfg: Any, world: int, micro_batch_sizes: Sequence[int] = ()) -> dict[str, Any] | None:
+    """The estimate of a stage config (None for another kind, or when a model's config.json cannot be read)."""
     if isinstance(cfg, PPOConfig):
-        return estimate_ppo(cfg, world)
+        return estimate_ppo(cfg, world, micro_batch_sizes)
     if isinstance(cfg, (SFTConfig, RMConfig)):
-        return estimate_lm_stage(cfg, world, tokenizer_vocab(cfg.model))
+        return estimate_lm_stage(cfg, world, tokenizer_vocab(cfg.model), micro_batch_sizes)
     return None
 
 
@@ -389,4 +407,52 @@ def format_estimate(est: dict[str, Any] | None) -> str:
     lines.append(f"  {'peak':<38} {est['total'] / GIB:9.3f} GiB")
     lines.append("  (* only while its model updates: the peak holds everything else plus the largest update's "
                  "gradients and its fullest moment: the backward pass, the gradient all-reduce or the optimizer step)")
+    return "\n".join(lines)
+
+
+#: share of a GPU's memory the estimate may fill: it counts tensors only, and the CUDA context (~0.5 GiB), the
+#: caching allocator's reserve beyond the tensors it holds (fragmentation) and NCCL's buffers take the rest
+USABLE_FRACTION = 0.9
+
+
+def per_rank_batch(cfg: Any) -> tuple[int, str]:
+    """Rows per rank of one optimizer step, which its micro-batches split, and the keys that set them: PPO's
+    train.mini_batch_size; SFT's and the reward model's micro_batch_size x gradient_accumulation_steps."""
+    t = cfg.train
+    if isinstance(cfg, PPOConfig):
+        return t.mini_batch_size, f"train.mini_batch_size = {t.mini_batch_size}"
+    n = t.micro_batch_size * t.gradient_accumulation_steps
+    return n, f"micro_batch_size x gradient_accumulation_steps = {n}"
+
+
+def micro_batch_choices(cfg: Any) -> list[int]:
+    """The micro-batch sizes that split `per_rank_batch` evenly (the same optimizer steps), ascending."""
+    n, _ = per_rank_batch(cfg)
+    return [m for m in range(1, n + 1) if n % m == 0]
+
+
+def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> str:
+    """Whether the estimate's peak fits USABLE_FRACTION of a GPU of `gpu_bytes`, and the largest micro-batch size
+    among `micro_batch_choices` whose peak (`est["peak_at_micro_batch"]`) does: a run trains the same with it
+    (SFT/RM: with the gradient accumulation that keeps micro x accumulation)."""
+    usable = USABLE_FRACTION * gpu_bytes
+    total = est["total"]
+    lines = [f"GPU memory: {gpu_bytes / GIB:.3f} GiB per GPU ({source}); the estimate may fill "
+             f"{USABLE_FRACTION:.0%} of it, {usable / GIB:.3f} GiB (the CUDA context, the allocator's reserve and "
+             "NCCL buffers take the rest)"]
+    if total <= usable:
+        lines.append(f"  the peak, {total / GIB:.3f} GiB, fits ({(usable - total) / GIB:.3f} GiB to spare)")
+    else:
+        lines.append(f"  the peak, {total / GIB:.3f} GiB, does not fit ({(total - usable) / GIB:.3f} GiB over)")
+    n, keys = per_rank_batch(cfg)
+    fitting = [m for m, value in est["peak_at_micro_batch"].items() if value <= usable]
+    if not fitting:
+        lines.append(f"  no train.micro_batch_size fits with the same batch ({keys}): turn on "
+                     "model.gradient_checkpointing, use a higher deepspeed.zero_stage, more GPUs or offload")
+        return "\n".join(lines)
+    best = max(fitting)
+    accumulation = "" if isinstance(cfg, PPOConfig) else f", with gradient_accumulation_steps {n // best}"
+    now = " (this config's)" if best == cfg.train.micro_batch_size else f" (now {cfg.train.micro_batch_size})"
+    lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best}{accumulation}"
+                 f"{now}")
     return "\n".join(lines)

@@ -164,6 +164,7 @@ def optimizer_step(
         loss = micro_loss(batch)
         if guard is not None:
             if i == 0:
+                faults.maybe_out_of_memory(guard.step)
                 loss = faults.maybe_poison("nan-loss", guard.step, loss)
             bad = float(all_reduce_sum((~torch.isfinite(loss).all()).reshape(1), loss.device)[0])  # one host read
             if bad and guard.mode == "stop":

@@ -407,3 +407,94 @@ def test_a_pipeline_names_the_stage_whose_hub_model_is_not_cached(tmp_path: Path
     run = invoke_cli("pipeline", "-c", str(pipeline))
     assert run.exit_code == 2 and f"error: {said}" in " ".join(run.stderr.split()), run.output
     assert not (tmp_path / "runs" / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- GPU memory: fit and out of memory
+def _fitting_micro_batch(out: Path, gpu_gib: float) -> int:
+    """The largest micro-batch whose estimated peak fits 90 % of `gpu_gib` for the tiny SFT config (the same
+    micro x accumulation)."""
+    from rlhf_cli.config_loader import load_config
+    from stages.memory import GIB, estimate, micro_batch_choices
+
+    cfg = load_config("sft", TINY_SFT, [f"output_dir={out}"])
+    peaks = estimate(cfg, 1, micro_batch_choices(cfg))["peak_at_micro_batch"]
+    return max(m for m, peak in peaks.items() if peak <= 0.9 * gpu_gib * GIB)
+
+
+def test_a_dry_run_fits_the_estimate_to_the_gpus_memory_given_or_found(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--gpu-memory: the fit lines after the estimate, the largest micro-batch that fits named; without it, on a
+    machine whose workers use CUDA, nvidia-smi's figure for the GPUs the ranks use; without either, no fit."""
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--gpu-memory", "0.05"))
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and "GPU memory: 0.050 GiB per GPU (--gpu-memory)" in said, res.output
+    assert "does not fit" in said and (
+        "the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
+        f"gradient_accumulation_steps = 16): {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with") in said
+    assert "GPU memory" not in invoke_cli(*_sft_args(tmp_path / "o", "--dry-run")).stdout  # (a CPU machine)
+    asked: list[int | None] = []
+    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cuda")
+    monkeypatch.setattr(app, "gpu_memory_of", lambda num_gpus: asked.append(num_gpus) or 80 * 2**30)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--num-gpus", "2"))
+    said = " ".join(res.stdout.split())
+    assert "GPU memory: 80.000 GiB per GPU (nvidia-smi, this node's GPUs)" in said and " fits (" in said, res.output
+    assert asked == [2]
+
+
+def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warning comes before training, only when the peak does not fit; with no GPU figure nothing is
+    estimated at all (a run on a CPU machine pays nothing for it)."""
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    trained: list[str] = []
+    monkeypatch.setattr(app, "_train_here", lambda stage, *a: trained.append(stage))
+    res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", "0.05"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 0 and trained == ["sft"], res.output
+    assert said.startswith("warning: the memory estimate (") and "expect CUDA out of memory" in said
+    assert "does not fit" in said and "(now 16)" in said
+    res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80"))
+    assert res.exit_code == 0 and "warning" not in res.stderr and trained == ["sft"] * 2, res.output
+    monkeypatch.setattr(app, "estimate", lambda *a: pytest.fail("estimated without a GPU figure"))
+    assert invoke_cli(*_sft_args(tmp_path / "c")).exit_code == 0 and len(trained) == 3
+
+
+@pytest.mark.parametrize("error", ["torch", "cuda-library"])
+def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         error: str) -> None:
+    """torch's OutOfMemoryError (or a CUDA library's "out of memory" RuntimeError): exit 1, no traceback, torch's
+    message, the estimate's fit to --gpu-memory and what to change; a worker of two names its rank (and, with
+    no GPU figure there, prints no fit); --debug raises it; any other RuntimeError is not taken for one."""
+    import torch
+
+    from rlhf_cli import app
+
+    exc: RuntimeError = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB") if error == "torch"
+                         else RuntimeError("CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA"))
+
+    def fail(*args: Any) -> None:
+        raise exc
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(app, "_train_here", fail)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--gpu-memory", "0.05"))
+    said = " ".join(res.stderr.split())
+    first = " ".join(str(exc).split())
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"error: out of GPU memory: {first} GPU memory: 0.050 GiB per GPU (--gpu-memory)" in said, said
+    assert f": {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with gradient_accumulation_steps" in said
+    assert said.endswith("Lower train.micro_batch_size, turn on model.gradient_checkpointing, or use a higher "
+                         "deepspeed.zero_stage or offload (`--dry-run --gpu-memory GIB` estimates any change); --debug "
+                         "shows the traceback")
+    _worker_env(monkeypatch, 1, 2, launched=True)
+    res = invoke_cli(*_sft_args(tmp_path / "o"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and said.startswith(f"error (rank 1): out of GPU memory: {first} Lower"), said
+    assert invoke_cli(*_sft_args(tmp_path / "o", "--debug")).exception is exc
+    exc = RuntimeError("an unrelated failure")
+    assert invoke_cli(*_sft_args(tmp_path / "o")).exception is exc

@@ -65,7 +65,7 @@ def test_a_bad_step_is_refused_even_when_another_fault_is_asked_for(rank0: pytes
 
 def test_every_documented_fault_name_is_accepted(rank0: pytest.MonkeyPatch) -> None:
     """Each name of the module docstring parses (nan-reward included, which only `rlhf ppo` reads)."""
-    for name in ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward"):
+    for name in ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward", "oom"):
         rank0.setenv(faults.ENV, f"{name}@2")
         assert faults.planned(name, 2) and not faults.planned(name, 1), name
 
@@ -99,6 +99,13 @@ def test_maybe_disk_full_raises_enospc_at_its_step_only(rank0: pytest.MonkeyPatc
     assert info.value.errno == errno.ENOSPC
     rank0.setenv(faults.ENV, "kill-save@3")
     faults.maybe_disk_full(3)
+
+
+def test_maybe_out_of_memory_raises_torchs_error_at_its_step_only(rank0: pytest.MonkeyPatch) -> None:
+    rank0.setenv(faults.ENV, "oom@3")
+    faults.maybe_out_of_memory(2)
+    with pytest.raises(torch.OutOfMemoryError, match="^CUDA out of memory"):
+        faults.maybe_out_of_memory(3)
 
 
 def test_maybe_poison_keeps_the_graph_and_poisons_only_the_named_fault(rank0: pytest.MonkeyPatch) -> None:

@@ -243,3 +243,30 @@ def test_the_printed_launch_line_is_shell_quoted_and_leaves_out_the_mark() -> No
     assert launcher.format_command(cmd, env) == (
         f"OMP_NUM_THREADS=4 '{STOP_FILE_VAR}=/runs/my run/.rlhf-stop' python -m deepspeed.launcher.runner "
         "--config '/runs/my run/resolved_config.yaml'")
+
+
+def test_gpu_memory_is_the_smallest_of_the_gpus_the_ranks_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvidia-smi's MiB of the GPUs this node's ranks use: GPUs 0..N-1, or CUDA_VISIBLE_DEVICES's first N; the
+    smallest of them. None when nvidia-smi fails or does not list a GPU the ranks use, or for a MIG instance."""
+    calls = []
+    answer = {"out": "0, 81559\n1, 40960\n2, [N/A]\n", "code": 0}
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, answer["code"], stdout=answer["out"], stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert launcher.gpu_memory(None) == launcher.gpu_memory(1) == 81559 * 2**20
+    assert calls[-1] == ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
+    assert launcher.gpu_memory(2) == 40960 * 2**20
+    assert launcher.gpu_memory(3) is None  # GPU 2's memory is not known
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert launcher.gpu_memory(1) == 40960 * 2**20
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    assert launcher.gpu_memory(1) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-abcd")
+    assert launcher.gpu_memory(1) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    answer["code"] = 9
+    assert launcher.gpu_memory(1) is None

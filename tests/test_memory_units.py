@@ -267,3 +267,70 @@ def test_format_estimate_prints_gib_marks_update_parts_and_skips_zeros():
     assert lines[2] == f"  {'model gradients *':<38} {0.25:9.3f} GiB"
     assert lines[3] == f"  {'peak':<38} {3.0:9.3f} GiB"  # the zero optimizer line is left out
     assert "unavailable" in format_estimate(None)
+
+
+# --------------------------------------------------------------------------------------------- fit to a GPU
+def test_micro_batch_choices_split_the_per_rank_batch_of_an_optimizer_step(tmp_path):
+    """PPO: the divisors of train.mini_batch_size; SFT/RM: of micro_batch_size x gradient_accumulation_steps."""
+    from stages.memory import micro_batch_choices, per_rank_batch
+
+    ppo = _ppo(tmp_path, "train.rollout_batch_size=12", "train.mini_batch_size=12", "train.micro_batch_size=3")
+    assert per_rank_batch(ppo) == (12, "train.mini_batch_size = 12")
+    assert micro_batch_choices(ppo) == [1, 2, 3, 4, 6, 12]
+    sft = _lm("sft", tmp_path, "train.gradient_accumulation_steps=5")
+    assert per_rank_batch(sft) == (10, "micro_batch_size x gradient_accumulation_steps = 10")
+    assert micro_batch_choices(sft) == [1, 2, 5, 10]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "sft", "train-rm"])
+def test_the_peak_at_each_micro_batch_is_that_micro_batchs_estimate_with_the_shapes_read_once(
+        tmp_path, monkeypatch, shapes, stage):
+    from stages import memory
+
+    reads = []
+    shape_of = memory.model_shape
+    monkeypatch.setattr(memory, "model_shape", lambda cfg, hint=None: reads.append(cfg.name_or_path) or shape_of(cfg))
+
+    def cfg(micro: int) -> Any:
+        if stage == "ppo":
+            return _ppo(tmp_path, f"train.micro_batch_size={micro}")
+        return _lm(stage, tmp_path, f"train.micro_batch_size={micro}", "train.gradient_accumulation_steps=4")
+
+    est = memory.estimate(cfg(2), 2, [1, 2, 4])
+    assert len(reads) == (2 if stage == "ppo" else 1)  # policy and reward model, or the one model
+    assert est["peak_at_micro_batch"][2] == est["total"]
+    for m in (1, 4):
+        assert est["peak_at_micro_batch"][m] == memory.estimate(cfg(m), 2)["total"], m
+    assert est["peak_at_micro_batch"][1] < est["total"] < est["peak_at_micro_batch"][4]
+    assert memory.estimate(cfg(2), 2)["peak_at_micro_batch"] == {}
+
+
+def _fit_est(total: float, peaks: dict[int, float]) -> dict[str, Any]:
+    return {"total": total * GIB, "peak_at_micro_batch": {m: p * GIB for m, p in peaks.items()}}
+
+
+def test_format_fit_says_whether_the_peak_fits_90_percent_and_the_largest_micro_batch_that_does(tmp_path):
+    """A 60 GiB GPU leaves 54 GiB to the estimate: a 50 GiB peak fits with 4 to spare, and of micro-batches 1, 2,
+    4, 8 (peaks 20, 30, 50, 70 GiB) 4 is the largest that fits; a 40 GiB GPU (36 usable): 14 GiB over, 2 fits
+    (SFT: with the accumulation that keeps micro x accumulation = 8); a 10 GiB GPU: none fits."""
+    from stages.memory import format_fit
+
+    ppo = _ppo(tmp_path, "train.rollout_batch_size=8", "train.mini_batch_size=8", "train.micro_batch_size=4")
+    est = _fit_est(50, {1: 20, 2: 30, 4: 50, 8: 70})
+    assert format_fit(est, ppo, 60 * GIB, "--gpu-memory").splitlines() == [
+        "GPU memory: 60.000 GiB per GPU (--gpu-memory); the estimate may fill 90% of it, 54.000 GiB (the CUDA "
+        "context, the allocator's reserve and NCCL buffers take the rest)",
+        "  the peak, 50.000 GiB, fits (4.000 GiB to spare)",
+        "  the largest train.micro_batch_size that fits with the same batch (train.mini_batch_size = 8): 4 (this "
+        "config's)"]
+    lines = format_fit(est, ppo, 40 * GIB, "nvidia-smi").splitlines()
+    assert lines[1:] == ["  the peak, 50.000 GiB, does not fit (14.000 GiB over)",
+                         "  the largest train.micro_batch_size that fits with the same batch (train.mini_batch_size "
+                         "= 8): 2 (now 4)"]
+    sft = _lm("sft", tmp_path, "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
+    assert format_fit(est, sft, 40 * GIB, "x").splitlines()[2] == (
+        "  the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
+        "gradient_accumulation_steps = 8): 2, with gradient_accumulation_steps 4 (now 4)")
+    assert format_fit(est, sft, 10 * GIB, "x").splitlines()[2] == (
+        "  no train.micro_batch_size fits with the same batch (micro_batch_size x gradient_accumulation_steps = 8): "
+        "turn on model.gradient_checkpointing, use a higher deepspeed.zero_stage, more GPUs or offload")
