@@ -34,6 +34,7 @@ from rlhf_cli.launcher import (
 )
 from stages import stop
 from stages.pipeline import is_complete
+from stages.config import PPOConfig
 from stages.errors import ConfigError, RlhfError
 from stages.memory import GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, micro_batch_choices
 from stages.runtime import check_worker_env, chosen_accelerator
@@ -413,8 +414,10 @@ def out_of_memory_message(exc: BaseException, cfg: Any, gpu_memory: float | None
         gpu = int(gpu_memory * GIB), "--gpu-memory"
     est = estimate(cfg, _world(), micro_batch_choices(cfg)) if cfg is not None and gpu is not None else None
     fit = f"\n{format_fit(est, cfg, *gpu)}" if est is not None and gpu is not None else ""
-    return (f"out of GPU memory: {str(exc).strip() or type(exc).__name__}{fit}\nLower train.micro_batch_size, turn "
-            "on model.gradient_checkpointing, or use a higher deepspeed.zero_stage or offload (`--dry-run "
+    ppo = (" (PPO: also train.forward_batch_size for the scoring forwards, train.rollout_batch_size for the "
+           "sampling's KV cache)") if isinstance(cfg, PPOConfig) else ""
+    return (f"out of GPU memory: {str(exc).strip() or type(exc).__name__}{fit}\nLower train.micro_batch_size{ppo}, "
+            "turn on model.gradient_checkpointing, or use a higher deepspeed.zero_stage or offload (`--dry-run "
             "--gpu-memory GIB` estimates any change); --debug shows the traceback")
 
 

@@ -498,3 +498,20 @@ def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeyp
     assert invoke_cli(*_sft_args(tmp_path / "o", "--debug")).exception is exc
     exc = RuntimeError("an unrelated failure")
     assert invoke_cli(*_sft_args(tmp_path / "o")).exception is exc
+
+
+def test_a_ppo_rank_out_of_gpu_memory_also_names_the_rollout_and_scoring_batches(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from rlhf_cli import app
+
+    def fail(*args: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(app, "_train_here", fail)
+    res = invoke_cli(*_ppo_args(tmp_path))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and ("Lower train.micro_batch_size (PPO: also train.forward_batch_size for the scoring "
+                                   "forwards, train.rollout_batch_size for the sampling's KV cache), turn on") in said, said
