@@ -166,7 +166,7 @@ def run_stage(
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
     run that also reads the data (stages/pipeline.py: DATA_CHECKS). `gpu_memory`: GiB per GPU for the memory
-    estimate's fit (`memory_fit`); a worker out of GPU memory says what fits (`out_of_memory_message`)."""
+    estimate's fit (`report_memory`); a worker out of GPU memory says what fits (`out_of_memory_message`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
                                    prepare_output_dir, refuse_request, run_lock)
 
@@ -377,18 +377,21 @@ def gpu_memory_for(num_gpus: int | None, gpu_memory: float | None) -> tuple[int,
 def report_memory(cfg: Any, processes: int, num_gpus: int | None, gpu_memory: float | None, dry_run: bool) -> None:
     """A dry run: the memory estimate and, when the GPUs' memory is known (`gpu_memory_for`), its fit
     (stages/memory.py: format_fit). A run: only a warning, when the GPUs' memory is known and the peak does not
-    fit (the estimate takes a second or so: nothing is estimated without a GPU figure)."""
+    fit (the estimate takes a second or so: nothing is estimated without a GPU figure; it failing is no error)."""
     gpu = gpu_memory_for(num_gpus, gpu_memory)
-    if not (dry_run or gpu):
-        return
-    est = estimate(cfg, processes, micro_batch_choices(cfg))
     if dry_run:
+        est = estimate(cfg, processes, micro_batch_choices(cfg))
         out.print(format_estimate(est), highlight=False)
-    if est is None or gpu is None:
+        if est is not None and gpu is not None:
+            out.print(format_fit(est, cfg, *gpu), highlight=False)
         return
-    if dry_run:
-        out.print(format_fit(est, cfg, *gpu), highlight=False)
-    elif est["total"] > USABLE_FRACTION * gpu[0]:
+    if gpu is None:
+        return
+    try:
+        est = estimate(cfg, processes, micro_batch_choices(cfg))
+    except Exception:  # noqa: BLE001 - a warning's arithmetic never stops a run (a remote-code config, say)
+        return
+    if est is not None and est["total"] > USABLE_FRACTION * gpu[0]:
         err.print(f"[yellow]warning: the memory estimate ({est['total'] / GIB:.3f} GiB per rank; --dry-run lists "
                   f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(format_fit(est, cfg, *gpu))}[/]",
                   highlight=False)

@@ -56,7 +56,7 @@ parameters kept gathered for reuse (stage3_max_reuse_distance), padding's repeat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from stages.config import DeepSpeedConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig
 from stages.errors import CheckpointError
@@ -315,8 +315,14 @@ def estimate_ppo(cfg: PPOConfig, world: int, micro_batch_sizes: Sequence[int] = 
     rm = model_shape(cfg.reward_model, tokenizer_vocab(cfg.reward_model))
     if policy is None or rm is None:
         return None
-    est = _ppo_parts(cfg, world, policy, rm, cfg.train.micro_batch_size)
-    est["peak_at_micro_batch"] = {m: _ppo_parts(cfg, world, policy, rm, m)["total"] for m in micro_batch_sizes}
+    return _at_micro_batches(lambda m: _ppo_parts(cfg, world, policy, rm, m), cfg.train.micro_batch_size,
+                             micro_batch_sizes)
+
+
+def _at_micro_batches(parts_at: Callable[[int], dict[str, Any]], micro: int, others: Sequence[int]) -> dict[str, Any]:
+    """The estimate at micro-batches of `micro`, with `peak_at_micro_batch`: the peak at each of `others`."""
+    est = parts_at(micro)
+    est["peak_at_micro_batch"] = {m: parts_at(m)["total"] for m in others}
     return est
 
 
@@ -360,9 +366,8 @@ def estimate_lm_stage(cfg: SFTConfig | RMConfig, world: int, vocab_hint: int | N
     shape = model_shape(cfg.model, vocab_hint)
     if shape is None:
         return None
-    est = _lm_stage_parts(cfg, world, shape, cfg.train.micro_batch_size)
-    est["peak_at_micro_batch"] = {m: _lm_stage_parts(cfg, world, shape, m)["total"] for m in micro_batch_sizes}
-    return est
+    return _at_micro_batches(lambda m: _lm_stage_parts(cfg, world, shape, m), cfg.train.micro_batch_size,
+                             micro_batch_sizes)
 
 
 def _lm_stage_parts(cfg: SFTConfig | RMConfig, world: int, shape: Shape, micro: int) -> dict[str, Any]:
