@@ -34,9 +34,9 @@ from rlhf_cli.launcher import (
 )
 from stages import stop
 from stages.pipeline import is_complete
-from stages.config import PPOConfig
-from stages.errors import ConfigError, RlhfError
-from stages.memory import GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, micro_batch_choices
+from stages.errors import ConfigError, RlhfError, is_out_of_memory
+from stages.memory import (GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, memory_advice,
+                           micro_batch_choices)
 from stages.runtime import check_worker_env, chosen_accelerator
 
 app = typer.Typer(
@@ -85,8 +85,15 @@ DryRunOpt = Annotated[
                  "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON, the first 20 rows "
                  "of each data file); write nothing, train nothing.", show_default="off")
 ]
+def _gib_per_gpu(value: float | None) -> float | None:
+    """--gpu-memory's check: a finite number of GiB above 0."""
+    if value is not None and not 0 < value < 1e6:  # (also refuses nan and inf)
+        raise typer.BadParameter(f"GiB of memory per GPU: a number above 0 and below 1e6 (got {value})")
+    return value
+
+
 GpuMemoryOpt = Annotated[
-    Optional[float], typer.Option("--gpu-memory", min=0.001, metavar="GIB", help="Memory of each GPU in GiB, for the "
+    Optional[float], typer.Option("--gpu-memory", callback=_gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, for the "
                                   "memory estimate's fit (--dry-run: does the peak fit, and the largest "
                                   "train.micro_batch_size that does; a run warns before launching when it does not).",
                                   show_default="nvidia-smi's figure for this node's GPUs, when it has any")
@@ -249,7 +256,7 @@ def run_stage(
                 from stages.ppo.trainer import describe_tricks
 
                 out.print(describe_tricks(cfg), highlight=False)
-            report_memory(cfg, processes, num_gpus, gpu_memory, dry_run=True)
+            report_memory(cfg, processes, num_gpus, hostfile, gpu_memory, dry_run=True)
             if check_data:
                 from stages.pipeline import check_data as read_data
 
@@ -258,7 +265,7 @@ def run_stage(
             out.print("dry run: nothing trained")
             return
         refuse_request(out_dir, resume, overwrite)  # before the lock creates output_dir
-        report_memory(cfg, processes, num_gpus, gpu_memory, dry_run=False)
+        report_memory(cfg, processes, num_gpus, hostfile, gpu_memory, dry_run=False)
         with run_lock(out_dir), record_kept_on_failure(out_dir, resume):
             prepare(processes)
             if cmd is None:
@@ -363,65 +370,74 @@ def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
         build_deepspeed_config(cfg.train, cfg.deepspeed, world_size, False)
 
 
-def gpu_memory_for(num_gpus: int | None, gpu_memory: float | None) -> tuple[int, str] | None:
+def gpu_memory_for(num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None) -> tuple[int, str] | None:
     """Bytes per GPU for the memory estimate's fit and where the figure comes from: --gpu-memory, else (a run
-    on CUDA) nvidia-smi's for the GPUs this node's ranks use; None when neither says."""
+    on this node's CUDA GPUs) nvidia-smi's for the GPUs its ranks use; None otherwise (a --hostfile run's
+    workers use other nodes' GPUs)."""
     if gpu_memory is not None:
         return int(gpu_memory * GIB), "--gpu-memory"
-    if chosen_accelerator(os.environ) != "cuda":
+    if hostfile is not None or chosen_accelerator(os.environ) != "cuda":
         return None
     found = gpu_memory_of(num_gpus)
     return (found, "nvidia-smi, this node's GPUs") if found else None
 
 
-def report_memory(cfg: Any, processes: int, num_gpus: int | None, gpu_memory: float | None, dry_run: bool) -> None:
-    """A dry run: the memory estimate and, when the GPUs' memory is known (`gpu_memory_for`), its fit
-    (stages/memory.py: format_fit). A run: only a warning, when the GPUs' memory is known and the peak does not
-    fit (the estimate takes a second or so: nothing is estimated without a GPU figure; it failing is no error)."""
-    gpu = gpu_memory_for(num_gpus, gpu_memory)
+def estimate_quietly(cfg: Any, world: int) -> dict[str, Any] | None:
+    """The memory estimate with the peak at every `micro_batch_choices`; None when it cannot be made (no
+    config.json) or fails (a remote-code config, say): it informs, and never stops a run or its error."""
+    try:
+        return estimate(cfg, world, micro_batch_choices(cfg))
+    except Exception:  # noqa: BLE001 - see above
+        return None
+
+
+def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:
+    """`format_fit`, and `memory_advice` when the peak does not fit."""
+    over = est["total"] > USABLE_FRACTION * gpu[0]
+    return format_fit(est, cfg, *gpu) + (f"\n  what lowers it: {memory_advice(cfg)}" if over else "")
+
+
+def report_memory(cfg: Any, processes: int, num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None,
+                  dry_run: bool) -> None:
+    """A dry run: the memory estimate and, when the GPUs' memory is known (`gpu_memory_for`), its fit. A run:
+    only a warning, when the GPUs' memory is known and the peak does not fit (nothing is estimated without a GPU
+    figure: it takes a second or so)."""
+    gpu = gpu_memory_for(num_gpus, hostfile, gpu_memory)
+    if not (dry_run or gpu):
+        return
+    est = estimate_quietly(cfg, processes)
     if dry_run:
-        est = estimate(cfg, processes, micro_batch_choices(cfg))
         out.print(format_estimate(est), highlight=False)
         if est is not None and gpu is not None:
-            out.print(format_fit(est, cfg, *gpu), highlight=False)
-        return
-    if gpu is None:
-        return
-    try:
-        est = estimate(cfg, processes, micro_batch_choices(cfg))
-    except Exception:  # noqa: BLE001 - a warning's arithmetic never stops a run (a remote-code config, say)
-        return
-    if est is not None and est["total"] > USABLE_FRACTION * gpu[0]:
+            out.print(fit_report(est, cfg, gpu), highlight=False)
+    elif est is not None and gpu is not None and est["total"] > USABLE_FRACTION * gpu[0]:
         err.print(f"[yellow]warning: the memory estimate ({est['total'] / GIB:.3f} GiB per rank; --dry-run lists "
-                  f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(format_fit(est, cfg, *gpu))}[/]",
+                  f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(fit_report(est, cfg, gpu))}[/]",
                   highlight=False)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA allocation that failed: torch's OutOfMemoryError, or the runtime error a CUDA library raises."""
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or any(
-        text in str(exc) for text in ("CUDA out of memory", "CUDA error: out of memory"))
-
-
 def out_of_memory_message(exc: BaseException, cfg: Any, gpu_memory: float | None) -> str:
-    """What a rank out of GPU memory prints: torch's message, the memory estimate's fit to this rank's GPU (its
-    total memory; --gpu-memory in a run without a launcher that never used CUDA) and what to change."""
+    """What a rank out of GPU memory prints: what it was doing (a checkpoint's save or load says so), torch's
+    message, the memory estimate's fit to this rank's GPU (its total memory; --gpu-memory in a run without a
+    launcher that never used CUDA) and what lowers the memory."""
     import torch
+
+    from stages.errors import WHILE_ATTR
 
     gpu = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this rank's GPU"
     elif gpu_memory is not None:
         gpu = int(gpu_memory * GIB), "--gpu-memory"
-    est = estimate(cfg, _world(), micro_batch_choices(cfg)) if cfg is not None and gpu is not None else None
-    fit = f"\n{format_fit(est, cfg, *gpu)}" if est is not None and gpu is not None else ""
-    ppo = (" (PPO: also train.forward_batch_size for the scoring forwards, train.rollout_batch_size for the "
-           "sampling's KV cache)") if isinstance(cfg, PPOConfig) else ""
-    return (f"out of GPU memory: {str(exc).strip() or type(exc).__name__}{fit}\nLower train.micro_batch_size{ppo}, "
-            "turn on model.gradient_checkpointing, or use a higher deepspeed.zero_stage or offload (`--dry-run "
-            "--gpu-memory GIB` estimates any change); --debug shows the traceback")
+    est = estimate_quietly(cfg, _world()) if cfg is not None and gpu is not None else None
+    during = getattr(exc, WHILE_ATTR, None)
+    lines = [f"out of GPU memory{f' while {during}' if during else ''}: {str(exc).strip() or type(exc).__name__}"]
+    if est is not None and gpu is not None:
+        lines.append(format_fit(est, cfg, *gpu))
+    if cfg is not None:
+        lines.append(f"What lowers it: {memory_advice(cfg)}")
+    lines.append("`--dry-run --gpu-memory GIB` estimates any change; --debug shows the traceback")
+    return "\n".join(lines)
 
 
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
@@ -590,6 +606,13 @@ def eval_(
         out.print(f"results: {out_file} (samples: {out_file.with_suffix('.samples.jsonl')})", highlight=False)
     except RlhfError as exc:
         fail(exc, debug)
+    except RuntimeError as exc:
+        if debug or not is_out_of_memory(exc):
+            raise
+        print_error(f"out of GPU memory: {str(exc).strip()}\nWhat lowers it: a smaller --batch-size (now {batch_size}; "
+                    "rlhf pipeline: eval.batch_size), the prompts sampled and scored at once; --precision bf16 (the "
+                    "policy, baseline and reward model in 16-bit); --debug shows the traceback")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -612,6 +635,10 @@ def pipeline(
     allow_config_change: Annotated[bool, typer.Option(
         "--allow-config-change", help="Let a partial stage resume although its config or process count changed "
         "(passed on to the stage), and keep a complete stage whose config changed.", show_default="off")] = False,
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", callback=_gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, passed on to each stage "
+        "(its warning before it starts when the memory estimate does not fit).",
+        show_default="each stage's own: nvidia-smi's figure for this node's GPUs")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
@@ -644,7 +671,8 @@ def pipeline(
             resolved[run.label] = dump_config(loaded[run.label])
         launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
-                  + (["--allow-config-change"] if allow_config_change else [])]
+                  + (["--allow-config-change"] if allow_config_change else [])
+                  + (["--gpu-memory", gpu_memory] if gpu_memory is not None else [])]
         out.rule("rlhf pipeline: plan")
         actions = stage_actions(runs, force, resolved, allow_config_change)  # (a changed complete stage: refused)
         for act in actions:

@@ -47,7 +47,7 @@ from stages.distributed import (
     rng_state,
     set_rng_state,
 )
-from stages.errors import CheckpointError, ConfigError
+from stages.errors import CheckpointError, ConfigError, is_out_of_memory, while_doing
 from stages.metrics import say
 from stages.perf import PROFILE_PREFIX
 
@@ -706,12 +706,14 @@ def _save_failure(exc: Exception, tmp: Path, name: str, out_dir: Path, dist: Dis
     copy. Only a node's local rank 0 removes it while the others may still be writing (a rank that removed it
     made the next one's write fail with a missing directory, whose error came first and named the wrong cause),
     or a rank that has lost a peer. A lost peer is raised as it is (the CLI says "lost contact", the dead
-    rank's own error says why); a write failing because the folder is gone says another process removed it."""
+    rank's own error says why), and so is running out of GPU memory (the CLI says what fits); a write failing because the folder is gone says another process removed it."""
     gone, lost = not tmp.exists(), peer_lost(exc)
     if dist.local_rank == 0 or lost:
         shutil.rmtree(tmp, ignore_errors=True)
     if lost:
         return exc
+    if is_out_of_memory(exc):  # (ZeRO-3 gathers whole parameters to save them): the CLI says what fits
+        return while_doing(exc, f"writing {name}")
     if gone:
         return CheckpointError(f"could not write {name} in {out_dir}: its partial copy was removed while this "
                                f"process wrote into it, by another process of this run whose write failed (its "
@@ -946,6 +948,8 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
             str(ds_dir), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )
     except Exception as exc:  # DeepSpeed raises assorted types for missing/corrupt shards
+        if is_out_of_memory(exc):  # no damage: the CLI says what fits
+            raise while_doing(exc, f"loading {checkpoint}")
         raise CheckpointError(f"cannot load checkpoint {checkpoint}: {exc}") from None
     if load_path is None or client is None:
         raise CheckpointError(f"checkpoint {checkpoint} has no DeepSpeed state in {ds_dir.name}/ for this run")

@@ -31,3 +31,22 @@ class NonFinite(RlhfError):
     """A loss, reward, log-prob, value or gradient norm is NaN or infinite (ranks agree before raising)."""
 
     every_rank = True
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation that failed: torch's OutOfMemoryError, or the RuntimeError a CUDA library raises."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("CUDA out of memory", "CUDA error: out of memory")))
+
+
+#: attribute of an out-of-memory error: what the rank was doing (`while_doing`), for the CLI's message
+WHILE_ATTR = "rlhf_while"
+
+
+def while_doing(exc: BaseException, what: str) -> BaseException:
+    """`exc` marked with what failed (the first mark stays): "writing checkpoint-00000004", say."""
+    if not hasattr(exc, WHILE_ATTR):
+        setattr(exc, WHILE_ATTR, what)
+    return exc

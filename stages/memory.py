@@ -452,8 +452,7 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     n, keys = per_rank_batch(cfg)
     fitting = [m for m, value in est["peak_at_micro_batch"].items() if value <= usable]
     if not fitting:
-        lines.append(f"  no train.micro_batch_size fits with the same batch ({keys}): turn on "
-                     "model.gradient_checkpointing, use a higher deepspeed.zero_stage, more GPUs or offload")
+        lines.append(f"  no train.micro_batch_size fits with the same batch ({keys})")
         return "\n".join(lines)
     best = max(fitting)
     accumulation = "" if isinstance(cfg, PPOConfig) else f", with gradient_accumulation_steps {n // best}"
@@ -461,3 +460,25 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best}{accumulation}"
                  f"{now}")
     return "\n".join(lines)
+
+
+def memory_advice(cfg: Any) -> str:
+    """What lowers a stage's GPU memory that its config does not do yet: smaller micro-batches (with gradient
+    accumulation for the same batch), PPO's scoring and rollout batches, SFT/RM's evaluation micro-batch,
+    activation checkpointing, a higher ZeRO stage (over more GPUs), optimizer / parameter offload."""
+    t, ds = cfg.train, cfg.deepspeed
+    ways = [f"a smaller train.micro_batch_size (now {t.micro_batch_size})"] if t.micro_batch_size > 1 else []
+    if isinstance(cfg, PPOConfig):
+        ways.append("a smaller train.forward_batch_size (the scoring forwards) or train.rollout_batch_size (the "
+                    "sampling's KV cache)")
+    else:
+        ways.append("a smaller train.eval_micro_batch_size (evaluation)")
+    if not cfg.model.gradient_checkpointing:
+        ways.append("model.gradient_checkpointing: true")
+    if ds.zero_stage < 3:
+        ways.append(f"a higher deepspeed.zero_stage (now {ds.zero_stage}; it partitions over the GPUs)")
+    if not ds.offload_optimizer:
+        ways.append("deepspeed.offload_optimizer: true")
+    if ds.zero_stage == 3 and not ds.offload_param:
+        ways.append("deepspeed.offload_param: true")
+    return "; ".join(ways)

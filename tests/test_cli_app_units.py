@@ -475,11 +475,12 @@ def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
 def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          error: str) -> None:
     """torch's OutOfMemoryError (or a CUDA library's "out of memory" RuntimeError): exit 1, no traceback, torch's
-    message, the estimate's fit to --gpu-memory and what to change; a worker of two names its rank (and, with
-    no GPU figure there, prints no fit); --debug raises it; any other RuntimeError is not taken for one."""
+    message, the estimate's fit to --gpu-memory and what lowers the memory; a worker of two names its rank (and,
+    with no GPU figure there, prints no fit); --debug raises it; any other RuntimeError is not taken for one."""
     import torch
 
     from rlhf_cli import app
+    from stages.memory import memory_advice
 
     exc: RuntimeError = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB") if error == "torch"
                          else RuntimeError("CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA"))
@@ -495,16 +496,54 @@ def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeyp
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert f"error: out of GPU memory: {first} GPU memory: 0.050 GiB per GPU (--gpu-memory)" in said, said
     assert f": {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with gradient_accumulation_steps" in said
-    assert said.endswith("Lower train.micro_batch_size, turn on model.gradient_checkpointing, or use a higher "
-                         "deepspeed.zero_stage or offload (`--dry-run --gpu-memory GIB` estimates any change); --debug "
-                         "shows the traceback")
+    from rlhf_cli.config_loader import load_config
+
+    advice = memory_advice(load_config("sft", TINY_SFT, [f"output_dir={tmp_path / 'o'}"]))
+    assert said.endswith(f"What lowers it: {advice} `--dry-run --gpu-memory GIB` estimates any change; --debug "
+                         "shows the traceback"), said
     _worker_env(monkeypatch, 1, 2, launched=True)
     res = invoke_cli(*_sft_args(tmp_path / "o"))
     said = " ".join(res.stderr.split())
-    assert res.exit_code == 1 and said.startswith(f"error (rank 1): out of GPU memory: {first} Lower"), said
+    assert res.exit_code == 1 and said.startswith(f"error (rank 1): out of GPU memory: {first} What lowers it:"), said
     assert invoke_cli(*_sft_args(tmp_path / "o", "--debug")).exception is exc
     exc = RuntimeError("an unrelated failure")
     assert invoke_cli(*_sft_args(tmp_path / "o")).exception is exc
+
+
+def test_the_out_of_memory_message_says_what_failed_uses_the_ranks_gpu_and_survives_a_failing_estimate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's save marks the error ("while writing checkpoint-…"); a rank that used CUDA takes its own
+    GPU's total memory (over --gpu-memory); an estimate that fails leaves the fit out, still one error."""
+    import torch
+
+    from rlhf_cli import app
+    from stages.errors import while_doing
+
+    exc = while_doing(torch.OutOfMemoryError("CUDA out of memory."), "writing checkpoint-00000004")
+
+    def fail(*args: Any) -> None:
+        raise exc
+
+    _not_a_worker(monkeypatch)
+    monkeypatch.setattr(app, "_train_here", fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("Props", (), {"total_memory": (40 + i) * 2**30})())
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--gpu-memory", "80"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and said.startswith("error: out of GPU memory while writing checkpoint-00000004: CUDA "
+                                                  "out of memory. GPU memory: 43.000 GiB per GPU (this rank's GPU)"), said
+
+    def broken(*args: Any) -> None:
+        raise ImportError("a remote-code config")
+
+    monkeypatch.setattr(app, "estimate", broken)
+    res = invoke_cli(*_sft_args(tmp_path / "o", "--gpu-memory", "80"))
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and "GPU memory:" not in said and "What lowers it: a smaller" in said, said
+    assert "Traceback" not in res.stderr
 
 
 def test_a_ppo_rank_out_of_gpu_memory_also_names_the_rollout_and_scoring_batches(tmp_path: Path,
@@ -520,5 +559,55 @@ def test_a_ppo_rank_out_of_gpu_memory_also_names_the_rollout_and_scoring_batches
     monkeypatch.setattr(app, "_train_here", fail)
     res = invoke_cli(*_ppo_args(tmp_path))
     said = " ".join(res.stderr.split())
-    assert res.exit_code == 1 and ("Lower train.micro_batch_size (PPO: also train.forward_batch_size for the scoring "
-                                   "forwards, train.rollout_batch_size for the sampling's KV cache), turn on") in said, said
+    assert res.exit_code == 1 and ("a smaller train.forward_batch_size (the scoring forwards) or "
+                                   "train.rollout_batch_size (the sampling's KV cache)") in said, said
+
+
+def test_gpu_memory_must_be_a_positive_finite_number_and_a_hostfile_run_asks_nvidia_smi_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf_cli import app
+
+    _not_a_worker(monkeypatch)
+    for bad in ("0", "-2", "inf", "nan", "1e7"):
+        res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--gpu-memory", bad))
+        assert res.exit_code == 2 and "GiB of memory per GPU: a number above 0 and below 1e6" in res.output, bad
+    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cuda")
+    monkeypatch.setattr(app, "gpu_memory_of", lambda num_gpus: pytest.fail("asked this node's GPUs"))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=2\n")
+    assert app.gpu_memory_for(2, hosts, None) is None  # (the workers use other nodes' GPUs)
+    assert app.gpu_memory_for(2, hosts, 24.0) == (24 * 2**30, "--gpu-memory")
+
+
+def test_eval_out_of_gpu_memory_is_one_error_naming_its_batch_size_and_the_pipeline_passes_gpu_memory_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rlhf eval (also each of rlhf pipeline's evaluations: an `rlhf eval` process): exit 1, torch's message and
+    --batch-size; --debug raises it. The pipeline passes --gpu-memory on to each stage's command."""
+    import torch
+
+    import stages.evaluate as evaluate
+    import stages.pipeline as pipeline
+
+    _not_a_worker(monkeypatch)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise oom
+
+    import rlhf_cli.eval_options as eval_options
+
+    monkeypatch.setattr(eval_options, "eval_settings", lambda *a: object())
+    monkeypatch.setattr(evaluate, "evaluate", fail)
+    res = invoke_cli("eval", str(tmp_path), "--batch-size", "12")
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and said == ("error: out of GPU memory: CUDA out of memory. Tried to allocate 5.00 GiB "
+                                           "What lowers it: a smaller --batch-size (now 12; rlhf pipeline: "
+                                           "eval.batch_size), the prompts sampled and scored at once; --precision bf16 "
+                                           "(the policy, baseline and reward model in 16-bit); --debug shows the "
+                                           "traceback"), res.output
+    assert invoke_cli("eval", str(tmp_path), "--debug").exception is oom
+    launched: list[list[str]] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, launch, *args: launched.append(launch))
+    res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
+                     f"output_dir={tmp_path / 'p'}", "--gpu-memory", "40")
+    assert res.exit_code == 0 and launched == [["--gpu-memory", "40.0"]], res.output

@@ -332,5 +332,20 @@ def test_format_fit_says_whether_the_peak_fits_90_percent_and_the_largest_micro_
         "  the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
         "gradient_accumulation_steps = 8): 2, with gradient_accumulation_steps 4 (now 4)")
     assert format_fit(est, sft, 10 * GIB, "x").splitlines()[2] == (
-        "  no train.micro_batch_size fits with the same batch (micro_batch_size x gradient_accumulation_steps = 8): "
-        "turn on model.gradient_checkpointing, use a higher deepspeed.zero_stage, more GPUs or offload")
+        "  no train.micro_batch_size fits with the same batch (micro_batch_size x gradient_accumulation_steps = 8)")
+
+
+def test_memory_advice_names_only_what_the_config_does_not_do_yet(tmp_path):
+    from stages.memory import memory_advice
+
+    assert memory_advice(_lm("sft", tmp_path, "deepspeed.zero_stage=0")) == (
+        "a smaller train.micro_batch_size (now 2); a smaller train.eval_micro_batch_size (evaluation); "
+        "model.gradient_checkpointing: true; a higher deepspeed.zero_stage (now 0; it partitions over the GPUs); "
+        "deepspeed.offload_optimizer: true")
+    assert memory_advice(_lm("train-rm", tmp_path, "train.micro_batch_size=1", "model.gradient_checkpointing=true",
+                             "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true")) == (
+        "a smaller train.eval_micro_batch_size (evaluation); deepspeed.offload_param: true")
+    assert memory_advice(_ppo(tmp_path, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                              "deepspeed.offload_param=true", "model.gradient_checkpointing=true")) == (
+        "a smaller train.micro_batch_size (now 2); a smaller train.forward_batch_size (the scoring forwards) or "
+        "train.rollout_batch_size (the sampling's KV cache)")

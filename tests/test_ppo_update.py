@@ -1082,6 +1082,32 @@ def test_save_best_refuses_non_finite_policy_weights_and_keeps_the_previous_best
     assert (tmp_path / "best" / "marker").read_text() == "previous best" and not (tmp_path / ".tmp-best").exists()
 
 
+def test_save_best_out_of_gpu_memory_is_raised_as_it_is_and_keeps_the_previous_best(tmp_path, process_group,
+                                                                                     monkeypatch):
+    """ZeRO-3 gathers the policy to save it: running out of GPU memory there is the error itself (the CLI says
+    what fits), marked "writing .../best", not a failed write; the partial copy goes, the previous best/ stays."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_engine
+    from stages.errors import WHILE_ATTR
+    from stages.ppo import trainer
+
+    engine, tok = tiny_engine()
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "marker").write_text("previous best")
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def gather_fails(*args):
+        (tmp_path / ".tmp-best").mkdir()
+        raise oom
+
+    monkeypatch.setattr(trainer, "save_hf", gather_fails)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        trainer.save_best({"policy": SimpleNamespace(module=engine.module)}, tok, tmp_path, process_group, {})
+    assert raised.value is oom and getattr(oom, WHILE_ATTR) == f"writing {tmp_path / 'best'}"
+    assert (tmp_path / "best" / "marker").read_text() == "previous best" and not (tmp_path / ".tmp-best").exists()
+
+
 def test_each_epoch_and_iteration_shuffles_the_rollouts_reproducibly(tmp_path, dist, monkeypatch):
     """The update's mini-batch order: a permutation of the rollouts per PPO epoch, another in each epoch and
     each iteration (not the rollout order), and the same again for the same iteration (a resumed run)."""

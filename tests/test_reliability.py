@@ -1084,24 +1084,33 @@ def test_republishing_the_same_final_keeps_its_evaluation(tmp_path, process_grou
     assert not any((out / name).exists() for name in EVALUATION_FILES)
 
 
-def test_out_of_gpu_memory_in_a_step_is_one_error_naming_the_micro_batch_that_fits(tmp_path):
+def test_out_of_gpu_memory_in_a_step_is_one_error_naming_the_micro_batch_that_fits_and_resume_goes_on(tmp_path):
     """A CUDA allocation failing in a training step (RLHF_FAULT oom@N raises torch's OutOfMemoryError there): the
     run warned before it started that the estimate exceeds --gpu-memory, then exits 1 with one error that names
-    the largest micro-batch that fits (and the accumulation that keeps the batch), no traceback, no final/."""
+    the largest micro-batch that fits (and the accumulation that keeps the batch), no traceback, no final/; the
+    checkpoint before it is intact: --resume --allow-config-change with that micro-batch finishes the run."""
     from rlhf_cli.config_loader import load_config
     from stages.memory import GIB, estimate, micro_batch_choices
 
     config = _config(tmp_path / "oom")
     cfg = load_config("sft", config, [])
     peaks = estimate(cfg, 1, micro_batch_choices(cfg))["peak_at_micro_batch"]
-    small, larger = sorted(peaks)[:2]
-    gpu_gib = peaks[small] / 0.9 / GIB * 1.001  # the smallest micro-batch fits, the next does not
-    assert peaks[larger] > 0.9 * gpu_gib * GIB and peaks[cfg.train.micro_batch_size] > peaks[small]
-    res = _sft(config, "--gpu-memory", f"{gpu_gib:.9f}", fault="oom@2", expect=1)
+    fits, larger = sorted(peaks)[-2:]  # the largest divisor below the config's (its own)
+    gpu_gib = peaks[fits] / 0.9 / GIB * 1.001  # that one fits, the config's does not
+    assert larger == cfg.train.micro_batch_size and peaks[larger] > 0.9 * gpu_gib * GIB
+    step = EVERY + 1
+    res = _sft(config, "--gpu-memory", f"{gpu_gib:.9f}", fault=f"oom@{step}", expect=1)
     said = " ".join(res.stderr.split())
-    accumulation = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps // small
+    accumulation = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps // fits
     assert "warning: the memory estimate (" in said and "expect CUDA out of memory" in said
     assert ("error: out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB (RLHF_FAULT oom)" in said
-            and f": {small}, with gradient_accumulation_steps {accumulation} (now {cfg.train.micro_batch_size})"
+            and f": {fits}, with gradient_accumulation_steps {accumulation} (now {cfg.train.micro_batch_size})"
             in said), said
-    assert no_traceback(res) and not (tmp_path / "oom" / "out" / "final").exists()
+    out = tmp_path / "oom" / "out"
+    assert no_traceback(res) and not (out / "final").exists()
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{EVERY:08d}"]
+    res = _sft(config, "--resume", "--allow-config-change", "--gpu-memory", f"{gpu_gib:.9f}", "--set",
+               f"train.micro_batch_size={fits}", "--set", f"train.gradient_accumulation_steps={accumulation}")
+    assert "warning: the memory estimate" not in res.stderr and (out / "final" / "model.safetensors").is_file()
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps

@@ -336,3 +336,33 @@ def test_a_failed_resume_puts_back_the_record_its_newest_checkpoint_keeps(tmp_pa
     assert json.loads((tmp_path / "inputs.json").read_text()) == {"a": {"path": "/x", "sha256": "1"}}
     stamp = (tmp_path / "resolved_config.yaml").stat().st_mtime_ns
     assert restore_run_record(tmp_path) == [] and (tmp_path / "resolved_config.yaml").stat().st_mtime_ns == stamp
+
+
+def test_out_of_gpu_memory_in_a_checkpoints_save_or_load_is_raised_as_it_is_marked_with_what_failed(tmp_path):
+    """Running out of GPU memory while writing (ZeRO-3 gathers whole parameters) or loading a checkpoint is no
+    checkpoint damage: the error itself is raised (the CLI says what fits), marked with what the rank was doing,
+    and a failed write's partial copy is removed as for any other failure."""
+    from stages.checkpoint import _load_engine, _save_failure
+    from stages.distributed import DistInfo
+    from stages.errors import WHILE_ATTR, CheckpointError
+
+    rank0 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    tmp = tmp_path / ".tmp-checkpoint-00000005"
+    tmp.mkdir()
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    assert _save_failure(oom, tmp, "checkpoint-00000005", tmp_path, rank0) is oom and not tmp.exists()
+    assert getattr(oom, WHILE_ATTR) == "writing checkpoint-00000005"
+
+    class Engine:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def load_checkpoint(self, *args, **kwargs):
+            raise self.exc
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        _load_engine(Engine(oom), tmp_path / "ds", tmp_path / "checkpoint-00000004")
+    assert raised.value is oom and getattr(oom, WHILE_ATTR) == f"loading {tmp_path / 'checkpoint-00000004'}"
+    with pytest.raises(CheckpointError, match="^cannot load checkpoint .*: bad shard"):
+        _load_engine(Engine(RuntimeError("bad shard")), tmp_path / "ds", tmp_path / "checkpoint-00000004")

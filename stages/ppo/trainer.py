@@ -42,7 +42,7 @@ from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, loa
                          tokenize_conversations)
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import CheckpointError, DataError, NonFinite, RlhfError
+from stages.errors import CheckpointError, DataError, NonFinite, RlhfError, is_out_of_memory, while_doing
 from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_token_count
 from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
@@ -588,6 +588,8 @@ def save_best(models: dict[str, Any], tokenizer: Any, out: Path, dist: DistInfo,
             replace_dir(tmp, best)
     except Exception as exc:  # noqa: BLE001 - a failed write (OSError, or torch/safetensors wrapping one)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_out_of_memory(exc):  # (ZeRO-3 gathers the policy to save it): the CLI says what fits
+            raise while_doing(exc, f"writing {best}")
         raise CheckpointError(f"could not write {best}: {describe_failure(exc)}; the previous best/ (if any) "
                               "is unchanged") from exc
     barrier()
