@@ -434,7 +434,8 @@ def test_a_dry_run_fits_the_estimate_to_the_gpus_memory_given_or_found(tmp_path:
     assert "does not fit" in said and (
         "the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
         f"gradient_accumulation_steps = 16): {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with") in said
-    assert "GPU memory" not in invoke_cli(*_sft_args(tmp_path / "o", "--dry-run")).stdout  # (a CPU machine)
+    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
+    assert "GPU memory" not in invoke_cli(*_sft_args(tmp_path / "o", "--dry-run")).stdout
     asked: list[int | None] = []
     monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cuda")
     monkeypatch.setattr(app, "gpu_memory_of", lambda num_gpus: asked.append(num_gpus) or 80 * 2**30)
@@ -460,6 +461,7 @@ def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
     assert "does not fit" in said and "(now 16)" in said
     res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80"))
     assert res.exit_code == 0 and "warning" not in res.stderr and trained == ["sft"] * 2, res.output
+    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
     monkeypatch.setattr(app, "estimate", lambda *a: pytest.fail("estimated without a GPU figure"))
     assert invoke_cli(*_sft_args(tmp_path / "c")).exit_code == 0 and len(trained) == 3
 
