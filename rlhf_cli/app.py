@@ -16,13 +16,13 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
+from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
     check_launch_options,
     check_not_a_bare_srun_task,
     format_command,
-    gpu_memory as gpu_memory_of,
     inside_launcher,
     launch_command,
     launch_env,
@@ -35,9 +35,7 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
-from stages.memory import (GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, memory_advice,
-                           micro_batch_choices)
-from stages.runtime import check_worker_env, chosen_accelerator
+from stages.runtime import check_worker_env
 
 app = typer.Typer(
     name="rlhf",
@@ -85,15 +83,8 @@ DryRunOpt = Annotated[
                  "the run's checks that only read (output_dir, --resume, model kinds, DeepSpeed JSON, the first 20 rows "
                  "of each data file); write nothing, train nothing.", show_default="off")
 ]
-def _gib_per_gpu(value: float | None) -> float | None:
-    """--gpu-memory's check: a finite number of GiB above 0."""
-    if value is not None and not 0 < value < 1e6:  # (also refuses nan and inf)
-        raise typer.BadParameter(f"GiB of memory per GPU: a number above 0 and below 1e6 (got {value})")
-    return value
-
-
 GpuMemoryOpt = Annotated[
-    Optional[float], typer.Option("--gpu-memory", callback=_gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, for the "
+    Optional[float], typer.Option("--gpu-memory", callback=gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, for the "
                                   "memory estimate's fit (--dry-run: does the peak fit, and the largest "
                                   "train.micro_batch_size that does; a run warns before launching when it does not).",
                                   show_default="nvidia-smi's figure for this node's GPUs, when it has any")
@@ -370,76 +361,6 @@ def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
         build_deepspeed_config(cfg.train, cfg.deepspeed, world_size, False)
 
 
-def gpu_memory_for(num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None) -> tuple[int, str] | None:
-    """Bytes per GPU for the memory estimate's fit and where the figure comes from: --gpu-memory, else (a run
-    on this node's CUDA GPUs) nvidia-smi's for the GPUs its ranks use; None otherwise (a --hostfile run's
-    workers use other nodes' GPUs)."""
-    if gpu_memory is not None:
-        return int(gpu_memory * GIB), "--gpu-memory"
-    if hostfile is not None or chosen_accelerator(os.environ) != "cuda":
-        return None
-    found = gpu_memory_of(num_gpus)
-    return (found, "nvidia-smi, this node's GPUs") if found else None
-
-
-def estimate_quietly(cfg: Any, world: int) -> dict[str, Any] | None:
-    """The memory estimate with the peak at every `micro_batch_choices`; None when it cannot be made (no
-    config.json) or fails (a remote-code config, say): it informs, and never stops a run or its error."""
-    try:
-        return estimate(cfg, world, micro_batch_choices(cfg))
-    except Exception:  # noqa: BLE001 - see above
-        return None
-
-
-def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:
-    """`format_fit`, and `memory_advice` when the peak does not fit."""
-    over = est["total"] > USABLE_FRACTION * gpu[0]
-    return format_fit(est, cfg, *gpu) + (f"\n  what lowers it: {memory_advice(cfg)}" if over else "")
-
-
-def report_memory(cfg: Any, processes: int, num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None,
-                  dry_run: bool) -> None:
-    """A dry run: the memory estimate and, when the GPUs' memory is known (`gpu_memory_for`), its fit. A run:
-    only a warning, when the GPUs' memory is known and the peak does not fit (nothing is estimated without a GPU
-    figure: it takes a second or so)."""
-    gpu = gpu_memory_for(num_gpus, hostfile, gpu_memory)
-    if not (dry_run or gpu):
-        return
-    est = estimate_quietly(cfg, processes)
-    if dry_run:
-        out.print(format_estimate(est), highlight=False)
-        if est is not None and gpu is not None:
-            out.print(fit_report(est, cfg, gpu), highlight=False)
-    elif est is not None and gpu is not None and est["total"] > USABLE_FRACTION * gpu[0]:
-        err.print(f"[yellow]warning: the memory estimate ({est['total'] / GIB:.3f} GiB per rank; --dry-run lists "
-                  f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(fit_report(est, cfg, gpu))}[/]",
-                  highlight=False)
-
-
-def out_of_memory_message(exc: BaseException, cfg: Any, gpu_memory: float | None) -> str:
-    """What a rank out of GPU memory prints: what it was doing (a checkpoint's save or load says so), torch's
-    message, the memory estimate's fit to this rank's GPU (its total memory; --gpu-memory in a run without a
-    launcher that never used CUDA) and what lowers the memory."""
-    import torch
-
-    from stages.errors import WHILE_ATTR
-
-    gpu = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this rank's GPU"
-    elif gpu_memory is not None:
-        gpu = int(gpu_memory * GIB), "--gpu-memory"
-    est = estimate_quietly(cfg, _world()) if cfg is not None and gpu is not None else None
-    during = getattr(exc, WHILE_ATTR, None)
-    lines = [f"out of GPU memory{f' while {during}' if during else ''}: {str(exc).strip() or type(exc).__name__}"]
-    if est is not None and gpu is not None:
-        lines.append(format_fit(est, cfg, *gpu))
-    if cfg is not None:
-        lines.append(f"What lowers it: {memory_advice(cfg)}")
-    lines.append("`--dry-run --gpu-memory GIB` estimates any change; --debug shows the traceback")
-    return "\n".join(lines)
-
-
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
     module, func = STAGE_RUNNERS[stage].split(":")
     getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
@@ -636,7 +557,7 @@ def pipeline(
         "--allow-config-change", help="Let a partial stage resume although its config or process count changed "
         "(passed on to the stage), and keep a complete stage whose config changed.", show_default="off")] = False,
     gpu_memory: Annotated[Optional[float], typer.Option(
-        "--gpu-memory", callback=_gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, passed on to each stage "
+        "--gpu-memory", callback=gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, passed on to each stage "
         "(its warning before it starts when the memory estimate does not fit).",
         show_default="each stage's own: nvidia-smi's figure for this node's GPUs")] = None,
     debug: DebugOpt = False,

@@ -13,8 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhf_cli.config_loader import dump_config, load_config
-from rlhf_cli.output import err, fail, out
-from stages.errors import ConfigError, RlhfError
+from rlhf_cli.gpu_memory import out_of_memory_message
+from rlhf_cli.output import err, fail, out, print_error
+from stages.errors import ConfigError, RlhfError, is_out_of_memory
 
 bench_app = typer.Typer(
     help="Time the PPO code path, its rollout sampler or TRL's PPOTrainer on a synthetic workload "
@@ -173,6 +174,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     from stages.stop import Stopped
 
     stopped: Stopped | None = None
+    ppo = None
     try:
         cfg, ppo, _ = _setup(workload, config, iters, warmup, set_ or [])
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
@@ -189,6 +191,11 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
         fail(stopped or exc, debug)  # (stopped before any timed iteration: the stop is the error to show)
+    except RuntimeError as exc:  # out of GPU memory: the one error `rlhf ppo` prints, for the bench's config
+        if debug or not is_out_of_memory(exc):
+            raise
+        print_error(out_of_memory_message(exc, ppo, None))
+        raise typer.Exit(1) from None
     table = Table(title=f"rlhf bench ppo: {result['workload']} on {result['device']}")
     for col in ("metric", "value"):
         table.add_column(col)

@@ -425,7 +425,7 @@ def test_a_dry_run_fits_the_estimate_to_the_gpus_memory_given_or_found(tmp_path:
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """--gpu-memory: the fit lines after the estimate, the largest micro-batch that fits named; without it, on a
     machine whose workers use CUDA, nvidia-smi's figure for the GPUs the ranks use; without either, no fit."""
-    from rlhf_cli import app
+    from rlhf_cli import gpu_memory
 
     _not_a_worker(monkeypatch)
     res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--gpu-memory", "0.05"))
@@ -434,11 +434,11 @@ def test_a_dry_run_fits_the_estimate_to_the_gpus_memory_given_or_found(tmp_path:
     assert "does not fit" in said and (
         "the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
         f"gradient_accumulation_steps = 16): {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with") in said
-    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
+    monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
     assert "GPU memory" not in invoke_cli(*_sft_args(tmp_path / "o", "--dry-run")).stdout
     asked: list[int | None] = []
-    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cuda")
-    monkeypatch.setattr(app, "gpu_memory_of", lambda num_gpus: asked.append(num_gpus) or 80 * 2**30)
+    monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cuda")
+    monkeypatch.setattr(gpu_memory, "gpu_memory_of", lambda num_gpus: asked.append(num_gpus) or 80 * 2**30)
     res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--num-gpus", "2"))
     said = " ".join(res.stdout.split())
     assert "GPU memory: 80.000 GiB per GPU (nvidia-smi, this node's GPUs)" in said and " fits (" in said, res.output
@@ -449,7 +449,7 @@ def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warning comes before training, only when the peak does not fit; with no GPU figure nothing is
     estimated at all (a run on a CPU machine pays nothing for it); an estimate that fails is no error."""
-    from rlhf_cli import app
+    from rlhf_cli import app, gpu_memory
 
     _not_a_worker(monkeypatch)
     trained: list[str] = []
@@ -461,14 +461,14 @@ def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
     assert "does not fit" in said and "(now 16)" in said
     res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80"))
     assert res.exit_code == 0 and "warning" not in res.stderr and trained == ["sft"] * 2, res.output
-    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
-    monkeypatch.setattr(app, "estimate", lambda *a: pytest.fail("estimated without a GPU figure"))
+    monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
+    monkeypatch.setattr(gpu_memory, "estimate", lambda *a: pytest.fail("estimated without a GPU figure"))
     assert invoke_cli(*_sft_args(tmp_path / "c")).exit_code == 0 and len(trained) == 3
 
     def broken(*args: Any) -> None:
         raise RuntimeError("a remote-code config that fails to build")
 
-    monkeypatch.setattr(app, "estimate", broken)  # the warning's arithmetic failing never stops the run
+    monkeypatch.setattr(gpu_memory, "estimate", broken)  # the warning's arithmetic failing never stops the run
     res = invoke_cli(*_sft_args(tmp_path / "d", "--gpu-memory", "0.05"))
     assert res.exit_code == 0 and len(trained) == 4 and "warning" not in res.stderr, res.output
 
@@ -518,7 +518,7 @@ def test_the_out_of_memory_message_says_what_failed_uses_the_ranks_gpu_and_survi
     GPU's total memory (over --gpu-memory); an estimate that fails leaves the fit out, still one error."""
     import torch
 
-    from rlhf_cli import app
+    from rlhf_cli import app, gpu_memory
     from stages.errors import while_doing
 
     exc = while_doing(torch.OutOfMemoryError("CUDA out of memory."), "writing checkpoint-00000004")
@@ -541,7 +541,7 @@ def test_the_out_of_memory_message_says_what_failed_uses_the_ranks_gpu_and_survi
     def broken(*args: Any) -> None:
         raise ImportError("a remote-code config")
 
-    monkeypatch.setattr(app, "estimate", broken)
+    monkeypatch.setattr(gpu_memory, "estimate", broken)
     res = invoke_cli(*_sft_args(tmp_path / "o", "--gpu-memory", "80"))
     said = " ".join(res.stderr.split())
     assert res.exit_code == 1 and "GPU memory:" not in said and "What lowers it: a smaller" in said, said
@@ -567,18 +567,18 @@ def test_a_ppo_rank_out_of_gpu_memory_also_names_the_rollout_and_scoring_batches
 
 def test_gpu_memory_must_be_a_positive_finite_number_and_a_hostfile_run_asks_nvidia_smi_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rlhf_cli import app
+    from rlhf_cli import gpu_memory
 
     _not_a_worker(monkeypatch)
     for bad in ("0", "-2", "inf", "nan", "1e7"):
         res = invoke_cli(*_sft_args(tmp_path / "o", "--dry-run", "--gpu-memory", bad))
         assert res.exit_code == 2 and "GiB of memory per GPU: a number above 0 and below 1e6" in res.output, bad
-    monkeypatch.setattr(app, "chosen_accelerator", lambda env: "cuda")
-    monkeypatch.setattr(app, "gpu_memory_of", lambda num_gpus: pytest.fail("asked this node's GPUs"))
+    monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cuda")
+    monkeypatch.setattr(gpu_memory, "gpu_memory_of", lambda num_gpus: pytest.fail("asked this node's GPUs"))
     hosts = tmp_path / "hosts"
     hosts.write_text("node-a slots=2\n")
-    assert app.gpu_memory_for(2, hosts, None) is None  # (the workers use other nodes' GPUs)
-    assert app.gpu_memory_for(2, hosts, 24.0) == (24 * 2**30, "--gpu-memory")
+    assert gpu_memory.gpu_memory_for(2, hosts, None) is None  # (the workers use other nodes' GPUs)
+    assert gpu_memory.gpu_memory_for(2, hosts, 24.0) == (24 * 2**30, "--gpu-memory")
 
 
 def test_eval_out_of_gpu_memory_is_one_error_naming_its_batch_size_and_the_pipeline_passes_gpu_memory_on(
