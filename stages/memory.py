@@ -454,11 +454,15 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     if not fitting:
         lines.append(f"  no train.micro_batch_size fits with the same batch ({keys})")
         return "\n".join(lines)
-    best = max(fitting)
-    accumulation = "" if isinstance(cfg, PPOConfig) else f", with gradient_accumulation_steps {n // best}"
-    now = " (this config's)" if best == cfg.train.micro_batch_size else f" (now {cfg.train.micro_batch_size})"
-    lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best}{accumulation}"
-                 f"{now}")
+    best, t = max(fitting), cfg.train
+    if best == t.micro_batch_size:
+        lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (this "
+                     "config's)")
+        return "\n".join(lines)
+    accumulation = "" if isinstance(cfg, PPOConfig) else (
+        f", with gradient_accumulation_steps {n // best} (now {t.gradient_accumulation_steps})")
+    lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (now "
+                 f"{t.micro_batch_size}){accumulation}")
     return "\n".join(lines)
 
 

@@ -433,7 +433,7 @@ def test_a_dry_run_fits_the_estimate_to_the_gpus_memory_given_or_found(tmp_path:
     assert res.exit_code == 0 and "GPU memory: 0.050 GiB per GPU (--gpu-memory)" in said, res.output
     assert "does not fit" in said and (
         "the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
-        f"gradient_accumulation_steps = 16): {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with") in said
+        f"gradient_accumulation_steps = 16): {_fitting_micro_batch(tmp_path / 'o', 0.05)} (now 16), with") in said
     monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cpu")  # workers on the CPU: no GPU figure
     assert "GPU memory" not in invoke_cli(*_sft_args(tmp_path / "o", "--dry-run")).stdout
     asked: list[int | None] = []
@@ -497,7 +497,7 @@ def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeyp
     first = " ".join(str(exc).split())
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert f"error: out of GPU memory: {first} GPU memory: 0.050 GiB per GPU (--gpu-memory)" in said, said
-    assert f": {_fitting_micro_batch(tmp_path / 'o', 0.05)}, with gradient_accumulation_steps" in said
+    assert f": {_fitting_micro_batch(tmp_path / 'o', 0.05)} (now 16), with gradient_accumulation_steps" in said
     from rlhf_cli.config_loader import load_config
 
     advice = memory_advice(load_config("sft", TINY_SFT, [f"output_dir={tmp_path / 'o'}"]))

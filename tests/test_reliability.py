@@ -1104,8 +1104,8 @@ def test_out_of_gpu_memory_in_a_step_is_one_error_naming_the_micro_batch_that_fi
     accumulation = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps // fits
     assert "warning: the memory estimate (" in said and "expect CUDA out of memory" in said
     assert ("error: out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB (RLHF_FAULT oom)" in said
-            and f": {fits}, with gradient_accumulation_steps {accumulation} (now {cfg.train.micro_batch_size})"
-            in said), said
+            and f": {fits} (now {cfg.train.micro_batch_size}), with gradient_accumulation_steps {accumulation} (now "
+            f"{cfg.train.gradient_accumulation_steps})" in said), said
     out = tmp_path / "oom" / "out"
     assert no_traceback(res) and not (out / "final").exists()
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{EVERY:08d}"]
