@@ -84,7 +84,8 @@ def out_of_memory_message(exc: BaseException, cfg: Any, gpu_memory: float | None
         gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this rank's GPU"
     elif gpu_memory is not None:
         gpu = int(gpu_memory * GIB), "--gpu-memory"
-    est = estimate_quietly(cfg, int(os.environ.get("WORLD_SIZE", "1"))) if cfg is not None and gpu is not None else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    est = estimate_quietly(cfg, world) if cfg is not None and gpu is not None else None
     during = getattr(exc, WHILE_ATTR, None)
     lines = [f"out of GPU memory{f' while {during}' if during else ''}: {str(exc).strip() or type(exc).__name__}"]
     if est is not None and gpu is not None:

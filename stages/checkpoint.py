@@ -706,7 +706,8 @@ def _save_failure(exc: Exception, tmp: Path, name: str, out_dir: Path, dist: Dis
     copy. Only a node's local rank 0 removes it while the others may still be writing (a rank that removed it
     made the next one's write fail with a missing directory, whose error came first and named the wrong cause),
     or a rank that has lost a peer. A lost peer is raised as it is (the CLI says "lost contact", the dead
-    rank's own error says why), and so is running out of GPU memory (the CLI says what fits); a write failing because the folder is gone says another process removed it."""
+    rank's own error says why), and so is running out of GPU memory (the CLI says what fits); a write failing
+    because the folder is gone says another process removed it."""
     gone, lost = not tmp.exists(), peer_lost(exc)
     if dist.local_rank == 0 or lost:
         shutil.rmtree(tmp, ignore_errors=True)
