@@ -38,8 +38,9 @@ def collect_env() -> dict[str, Any]:
         info["cuda (torch build)"] = torch.version.cuda or "none (CPU build)"
         info["cuda available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
-            info["gpus"] = ", ".join(
-                f"{torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())
+            info["gpus"] = ", ".join(  # (the memory: what --gpu-memory's default reads, through nvidia-smi)
+                f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.1f} GiB)"
+                for i in range(torch.cuda.device_count())
             )
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
             info["bf16 supported"] = torch.cuda.is_bf16_supported()

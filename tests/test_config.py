@@ -562,6 +562,23 @@ def test_version_and_env():
     assert isinstance(info["cuda available"], bool) and isinstance(info["cpu threads"], int)  # typed JSON
 
 
+def test_env_lists_each_gpu_with_its_memory(monkeypatch):
+    """On a GPU machine `rlhf env` names each GPU with its total memory (what --gpu-memory's default reads)."""
+    import torch
+
+    from rlhf_cli.env_info import collect_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("Props", (), {"total_memory": (81559 - 40960 * i) * 2**20})())
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    info = collect_env()
+    assert info["gpus"] == "NVIDIA H100 80GB HBM3 (79.6 GiB), NVIDIA H100 80GB HBM3 (39.6 GiB)", info
+
+
 def test_refuses_to_mix_runs_in_one_output_dir(tmp_path):
     out_dir = tmp_path / "out"
     (out_dir / "final").mkdir(parents=True)
