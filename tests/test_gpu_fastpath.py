@@ -221,3 +221,21 @@ def _engine_check() -> None:
 
 if __name__ == "__main__":
     _engine_check()
+
+
+def test_gpu_memory_default_is_the_gpu_torch_sees_and_an_out_of_memory_rank_reports_its_own():
+    """(Here rather than in test_gpu.py: gpu_bench.sh's tests part runs this file.) --gpu-memory's default,
+    nvidia-smi's memory.total of the first GPU, is the GPU torch uses, torch's total within the few percent the
+    driver keeps; a rank out of memory that used CUDA fits the estimate to its own GPU's total."""
+    from conftest import TINY_SFT
+    from rlhf_cli.config_loader import load_config
+    from rlhf_cli.gpu_memory import out_of_memory_message
+    from rlhf_cli.launcher import gpu_memory
+
+    torch.zeros(1, device="cuda")
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    smi = gpu_memory(1)
+    assert smi is not None and 0.95 * smi <= total <= 1.001 * smi, (smi, total)
+    cfg = load_config("sft", TINY_SFT, ["output_dir=/tmp/rlhf-gpu-oom-message"])
+    said = out_of_memory_message(torch.OutOfMemoryError("CUDA out of memory."), cfg, None)
+    assert f"GPU memory: {total / 2**30:.3f} GiB per GPU (this rank's GPU)" in said and "fits" in said, said
