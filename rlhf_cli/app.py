@@ -87,8 +87,8 @@ GpuMemoryOpt = Annotated[
     Optional[float], typer.Option(
         "--gpu-memory", callback=gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, for the memory "
         "estimate's fit (--dry-run: does the peak fit, and the largest train.micro_batch_size that does; a run warns "
-        "before launching when it does not).", show_default="nvidia-smi's figure for this node's GPUs, if any (none for a "
-        "--hostfile run)")
+        "before launching when it does not).",
+        show_default="nvidia-smi's figure for this node's GPUs, if any (none for a --hostfile run)")
 ]
 CheckDataOpt = Annotated[
     bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
