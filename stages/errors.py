@@ -33,12 +33,17 @@ class NonFinite(RlhfError):
     every_rank = True
 
 
+#: what a CUDA library's RuntimeError says when an allocation failed: torch's allocator (a wrapped error), the CUDA
+#: runtime, NCCL ("Cuda failure 'out of memory'", as a DistBackendError)
+OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "CUDA error: out of memory", "Cuda failure 'out of memory'")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA allocation that failed: torch's OutOfMemoryError, or the RuntimeError a CUDA library raises."""
+    """A CUDA allocation that failed: torch's OutOfMemoryError, or a RuntimeError saying so (OUT_OF_MEMORY_TEXTS)."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and any(
-        text in str(exc) for text in ("CUDA out of memory", "CUDA error: out of memory")))
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in OUT_OF_MEMORY_TEXTS))
 
 
 #: attribute of an out-of-memory error: what the rank was doing (`while_doing`), for the CLI's message

@@ -366,3 +366,21 @@ def test_out_of_gpu_memory_in_a_checkpoints_save_or_load_is_raised_as_it_is_mark
     assert raised.value is oom and getattr(oom, WHILE_ATTR) == f"loading {tmp_path / 'checkpoint-00000004'}"
     with pytest.raises(CheckpointError, match="^cannot load checkpoint .*: bad shard"):
         _load_engine(Engine(RuntimeError("bad shard")), tmp_path / "ds", tmp_path / "checkpoint-00000004")
+
+
+def test_out_of_memory_is_torchs_error_or_a_cuda_librarys_saying_so():
+    """torch's OutOfMemoryError; a RuntimeError of torch's allocator, the CUDA runtime or NCCL (a DistBackendError)
+    saying an allocation failed; not a CPU allocation, another CUDA error, or an OSError."""
+    import torch.distributed as torch_dist
+
+    from stages.errors import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("anything"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously"))
+    assert is_out_of_memory(torch_dist.DistBackendError(
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.27.3\nLast error:\n"
+        "Cuda failure 'out of memory'"))
+    assert is_out_of_memory(RuntimeError("compiled graph failed: CUDA out of memory. Tried to allocate 2.00 GiB"))
+    for other in (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered"), OSError("out of memory")):
+        assert not is_out_of_memory(other), other
