@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from rlhf_cli.launcher import gpu_memory as gpu_memory_of
 from rlhf_cli.output import err, out
-from stages.memory import (GIB, USABLE_FRACTION, estimate, format_estimate, format_fit, memory_advice,
+from stages.memory import (GIB, estimate, fits, format_estimate, format_fit, memory_advice,
                            micro_batch_choices)
 from stages.runtime import chosen_accelerator
 
@@ -48,7 +48,7 @@ def estimate_quietly(cfg: Any, world: int) -> dict[str, Any] | None:
 
 def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:
     """`format_fit`, and `memory_advice` when the peak does not fit."""
-    over = est["total"] > USABLE_FRACTION * gpu[0]
+    over = not fits(est["total"], gpu[0])
     return format_fit(est, cfg, *gpu) + (f"\n  what lowers it: {memory_advice(cfg)}" if over else "")
 
 
@@ -65,7 +65,7 @@ def report_memory(cfg: Any, processes: int, num_gpus: int | None, hostfile: Path
         out.print(format_estimate(est), highlight=False)
         if est is not None and gpu is not None:
             out.print(fit_report(est, cfg, gpu), highlight=False)
-    elif est is not None and gpu is not None and est["total"] > USABLE_FRACTION * gpu[0]:
+    elif est is not None and gpu is not None and not fits(est["total"], gpu[0]):
         err.print(f"[yellow]warning: the memory estimate ({est['total'] / GIB:.3f} GiB per rank; --dry-run lists "
                   f"it) exceeds the GPUs' memory: expect CUDA out of memory\n{escape(fit_report(est, cfg, gpu))}[/]",
                   highlight=False)

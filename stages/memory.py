@@ -420,6 +420,11 @@ def format_estimate(est: dict[str, Any] | None) -> str:
 USABLE_FRACTION = 0.9
 
 
+def fits(peak_bytes: float, gpu_bytes: int) -> bool:
+    """Whether an estimated peak fits a GPU of `gpu_bytes`: at most USABLE_FRACTION of it."""
+    return peak_bytes <= USABLE_FRACTION * gpu_bytes
+
+
 def per_rank_batch(cfg: Any) -> tuple[int, str]:
     """Rows per rank of one optimizer step, which its micro-batches split, and the keys that set them: PPO's
     train.mini_batch_size; SFT's and the reward model's micro_batch_size x gradient_accumulation_steps."""
@@ -445,12 +450,12 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     lines = [f"GPU memory: {gpu_bytes / GIB:.3f} GiB per GPU ({source}); the estimate may fill "
              f"{USABLE_FRACTION:.0%} of it, {usable / GIB:.3f} GiB (the CUDA context, the allocator's reserve and "
              "NCCL buffers take the rest)"]
-    if total <= usable:
+    if fits(total, gpu_bytes):
         lines.append(f"  the peak, {total / GIB:.3f} GiB, fits ({(usable - total) / GIB:.3f} GiB to spare)")
     else:
         lines.append(f"  the peak, {total / GIB:.3f} GiB, does not fit ({(total - usable) / GIB:.3f} GiB over)")
     n, keys = per_rank_batch(cfg)
-    fitting = [m for m, value in est["peak_at_micro_batch"].items() if value <= usable]
+    fitting = [m for m, value in est["peak_at_micro_batch"].items() if fits(value, gpu_bytes)]
     if not fitting:
         lines.append(f"  no train.micro_batch_size fits with the same batch ({keys})")
         return "\n".join(lines)
