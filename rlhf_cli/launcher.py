@@ -211,11 +211,28 @@ def gpu_uuids() -> dict[str, str]:
     return {index: uuid for index, uuid in nvidia_smi("index,uuid")}
 
 
+def gpus_named_by_uuid() -> bool:
+    """Whether CUDA_VISIBLE_DEVICES names a GPU by UUID (`GPU-…`): `visible_gpu_ids` then gives nvidia-smi's
+    indices, which are PCI-bus order."""
+    return any(d.strip().startswith("GPU-") for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(","))
+
+
+def numbered_as_nvidia_smi() -> bool:
+    """Whether a GPU index means the same GPU to CUDA as to nvidia-smi: nvidia-smi numbers a node's GPUs in
+    PCI-bus order, CUDA (CUDA_DEVICE_ORDER unset or FASTEST_FIRST) fastest first — the same order on a node of
+    one GPU model, maybe not on one that mixes models. So: with CUDA_DEVICE_ORDER=PCI_BUS_ID, or GPUs named by
+    UUID (whose workers rlhf's launch runs with PCI_BUS_ID, `launch_env`)."""
+    return os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" or gpus_named_by_uuid()
+
+
 def gpu_memory(num_gpus: int | None) -> int | None:
     """Bytes of memory of the smallest GPU a run of `num_gpus` (1 if None) ranks on this node uses — the first of
     CUDA_VISIBLE_DEVICES's GPUs, else GPUs 0, 1, ... —, from nvidia-smi; None without it (or a GPU it does not
-    list, or a MIG instance in CUDA_VISIBLE_DEVICES)."""
-    mib = {index: int(total) for index, total in nvidia_smi("index,memory.total", units=False) if total.isdigit()}
+    list, or a MIG instance in CUDA_VISIBLE_DEVICES). On a node whose GPUs differ in memory, unless an index
+    means the same GPU to CUDA as to nvidia-smi (`numbered_as_nvidia_smi`), the smallest of all its GPUs (None
+    when nvidia-smi cannot tell one's memory)."""
+    rows = nvidia_smi("index,memory.total", units=False)
+    mib = {index: int(total) for index, total in rows if total.isdigit()}
     try:
         visible = visible_gpu_ids()
     except ConfigError:
@@ -223,6 +240,10 @@ def gpu_memory(num_gpus: int | None) -> int | None:
     used = (visible or [str(i) for i in range(num_gpus or 1)])[: num_gpus or 1]
     if any(index not in mib for index in used):
         return None
+    if len({total for _, total in rows}) > 1 and not numbered_as_nvidia_smi():
+        used = [index for index, _ in rows]  # which of them CUDA's indices name is not known here
+        if len(mib) < len(used):
+            return None
     return min(mib[index] for index in used) * 2**20
 
 
@@ -263,11 +284,16 @@ def world_size(num_gpus: int | None, num_nodes: int | None, hostfile: Path | Non
 
 def launch_env(num_procs: int, stop_file: Path | None = None) -> dict[str, str]:
     """Variables added for the launcher: the mark that rlhf launched it, the CPU accelerator when there is no
-    CUDA, OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set), and for a multi-node
-    run the stop file every rank watches (`stages.stop.STOP_FILE_VAR`; absolute: the other nodes read it)."""
+    CUDA, OpenMP threads shared between the local workers (unless OMP_NUM_THREADS is set), for a multi-node
+    run the stop file every rank watches (`stages.stop.STOP_FILE_VAR`; absolute: the other nodes read it), and
+    for a single-node CUDA run whose CUDA_VISIBLE_DEVICES names GPUs by UUID CUDA_DEVICE_ORDER=PCI_BUS_ID: the
+    runner is given their nvidia-smi indices (`visible_gpu_ids`), PCI-bus order, which CUDA's default order
+    (fastest first) need not match on a node mixing GPU models."""
     added = {LAUNCHED_MARK: "1"}
     if stop_file is not None:
         added[STOP_FILE_VAR] = str(stop_file.resolve())
+    elif chosen_accelerator(os.environ) == "cuda" and gpus_named_by_uuid():
+        added["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     accelerator = missing_accelerator(os.environ)
     if accelerator is not None:
         added["DS_ACCELERATOR"] = accelerator

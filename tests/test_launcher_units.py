@@ -247,16 +247,21 @@ def test_the_printed_launch_line_is_shell_quoted_and_leaves_out_the_mark() -> No
 
 def test_gpu_memory_is_the_smallest_of_the_gpus_the_ranks_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """nvidia-smi's MiB of the GPUs this node's ranks use: GPUs 0..N-1, or CUDA_VISIBLE_DEVICES's first N; the
-    smallest of them. None when nvidia-smi fails or does not list a GPU the ranks use, or for a MIG instance."""
+    smallest of them. None when nvidia-smi fails or does not list a GPU the ranks use, or for a MIG instance.
+    On a node mixing GPUs, CUDA's index means nvidia-smi's only in PCI_BUS_ID order, or for a GPU named by UUID;
+    else the smallest GPU of the node (None when one's memory is not known)."""
     calls = []
     answer = {"out": "0, 81559\n1, 40960\n2, [N/A]\n", "code": 0}
 
     def run(cmd, **kwargs):
         calls.append(cmd)
+        if "--query-gpu=index,uuid" in cmd:
+            return subprocess.CompletedProcess(cmd, 0, stdout="0, GPU-aaaa\n1, GPU-bbbb\n", stderr="")
         return subprocess.CompletedProcess(cmd, answer["code"], stdout=answer["out"], stderr="")
 
     monkeypatch.setattr(subprocess, "run", run)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     assert launcher.gpu_memory(None) == launcher.gpu_memory(1) == 81559 * 2**20
     assert calls[-1] == ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"]
     assert launcher.gpu_memory(2) == 40960 * 2**20
@@ -267,6 +272,30 @@ def test_gpu_memory_is_the_smallest_of_the_gpus_the_ranks_use(monkeypatch: pytes
     assert launcher.gpu_memory(1) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-abcd")
     assert launcher.gpu_memory(1) is None
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")  # fastest first: GPU 0 to CUDA may be nvidia-smi's 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert launcher.gpu_memory(1) is None  # the smallest of the node's GPUs, and GPU 2's is not known
+    answer["out"] = "0, 81559\n1, 40960\n"
+    assert launcher.gpu_memory(1) == 40960 * 2**20
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa")  # a UUID names one GPU whatever the order
+    assert launcher.gpu_memory(1) == 81559 * 2**20
+    answer["out"] = "0, 81559\n1, 81559\n2, 81559\n"  # one model: the orders agree
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert launcher.gpu_memory(1) == 81559 * 2**20
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     answer["code"] = 9
     assert launcher.gpu_memory(1) is None
+
+
+def test_gpus_named_by_uuid_are_launched_in_pci_bus_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their nvidia-smi indices go to the runner: CUDA must number the GPUs as nvidia-smi does (PCI bus)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb,GPU-aaaa")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert launcher.launch_env(2)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert "CUDA_DEVICE_ORDER" not in launcher.launch_env(2, Path("out") / launcher.STOP_FILE)  # other nodes
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")  # CUDA's own indices: left in the user's order
+    assert "CUDA_DEVICE_ORDER" not in launcher.launch_env(2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a CPU run uses no GPU
+    assert "CUDA_DEVICE_ORDER" not in launcher.launch_env(2)
