@@ -16,7 +16,8 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
-from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
+from rlhf_cli.gpu_memory import (FIT_FLAG, fit_gpu, fitted_config, gib_per_gpu, out_of_memory_message,
+                                 report_memory)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
@@ -35,6 +36,7 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
+from stages.memory import format_estimate
 from stages.runtime import check_worker_env
 
 app = typer.Typer(
@@ -89,6 +91,12 @@ GpuMemoryOpt = Annotated[
         "estimate's fit (--dry-run: does the peak fit, and the largest train.micro_batch_size that does; a run warns "
         "before launching when it does not).",
         show_default="nvidia-smi's figure for this node's GPUs, if any (none for a --hostfile run)")
+]
+FitMicroBatchOpt = Annotated[
+    bool, typer.Option(FIT_FLAG, help="Set train.micro_batch_size to the largest whose estimated peak fits 90 % of "
+                       "each GPU's memory (--gpu-memory, else nvidia-smi's figure), with the same rows per optimizer "
+                       "step (PPO: a divisor of train.mini_batch_size; SFT/RM: gradient_accumulation_steps adjusted); "
+                       "1 when none fits. Printed, and kept in the run's resolved config.", show_default="off")
 ]
 CheckDataOpt = Annotated[
     bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
@@ -161,11 +169,13 @@ def run_stage(
     flags: dict[str, str] | None = None,
     check_data: bool = False,
     gpu_memory: float | None = None,
+    fit_micro_batch: bool = False,
 ) -> None:
     """Validate, print, then train here or under the launcher. Errors: message, no traceback, exit code.
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
     run that also reads the data (stages/pipeline.py: DATA_CHECKS). `gpu_memory`: GiB per GPU for the memory
-    estimate's fit (`report_memory`); a worker out of GPU memory says what fits (`out_of_memory_message`)."""
+    estimate's fit (`report_memory`); a worker out of GPU memory says what fits (`out_of_memory_message`).
+    `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits (`fitted_config`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
                                    prepare_output_dir, refuse_request, run_lock)
 
@@ -191,6 +201,16 @@ def run_stage(
         check_worker_env()
         check_launch_options(num_gpus, num_nodes, hostfile)
         cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
+        if fit_micro_batch:
+            world = _world() if inside_launcher() else world_size(num_gpus, num_nodes, hostfile)
+            fitted = fitted_config(cfg, world, fit_gpu(num_gpus, hostfile, gpu_memory, inside_launcher()),
+                                   lambda sets, named: load_config(stage, config, overrides + sets, preset=preset,
+                                                                   flags={**(flags or {}), **named}))
+            if fitted is None:
+                raise ConfigError(f"{FIT_FLAG}: {format_estimate(None)}")
+            cfg, line = fitted
+            if _rank() == 0:
+                out.print(escape(line), highlight=False)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
@@ -380,13 +400,15 @@ def _stage_command(stage: str, doc: str) -> None:
         dry_run: DryRunOpt = False,
         check_data: CheckDataOpt = False,
         gpu_memory: GpuMemoryOpt = None,
+        fit_micro_batch: FitMicroBatchOpt = False,
         resume: ResumeOpt = False,
         allow_config_change: AllowChangeOpt = False,
         overwrite: OverwriteOpt = False,
         debug: DebugOpt = False,
     ) -> None:
         run_stage(stage, config, set_ or [], num_gpus, num_nodes, hostfile, dry_run, resume, overwrite, debug,
-                  allow_changes=allow_config_change, check_data=check_data, gpu_memory=gpu_memory)
+                  allow_changes=allow_config_change, check_data=check_data, gpu_memory=gpu_memory,
+                  fit_micro_batch=fit_micro_batch)
 
     command.__doc__ = doc
     command.__name__ = stage.replace("-", "_")
@@ -420,7 +442,7 @@ def _ppo_command() -> None:
 
     def command(**kwargs: object) -> None:
         common = ("config", "set_", "num_gpus", "num_nodes", "hostfile", "dry_run", "resume", "overwrite", "debug",
-                  "allow_config_change", "check_data", "gpu_memory")
+                  "allow_config_change", "check_data", "gpu_memory", "fit_micro_batch")
         c = {k: kwargs.pop(k) for k in common}
         ppo_max, preset = kwargs.pop("ppo_max"), kwargs.pop("preset")
         if ppo_max and preset not in (None, "ppo-max"):
@@ -431,7 +453,7 @@ def _ppo_command() -> None:
         run_stage("ppo", c["config"], overrides, c["num_gpus"], c["num_nodes"], c["hostfile"],  # type: ignore[arg-type]
                   c["dry_run"], c["resume"], c["overwrite"], c["debug"], "ppo-max" if ppo_max else preset,  # type: ignore[arg-type]
                   allow_changes=c["allow_config_change"], check_data=c["check_data"],  # type: ignore[arg-type]
-                  gpu_memory=c["gpu_memory"],  # type: ignore[arg-type]
+                  gpu_memory=c["gpu_memory"], fit_micro_batch=c["fit_micro_batch"],  # type: ignore[arg-type]
                   flags={f.key: f"--{f.name}" for f in TRICK_FLAGS if flags[f.name] is not None})
 
     def panel(f: object) -> dict[str, object]:
@@ -445,6 +467,7 @@ def _ppo_command() -> None:
         opt("config", ConfigOpt, inspect.Parameter.empty), opt("set_", SetOpt), opt("num_gpus", NumGpusOpt),
         opt("num_nodes", NumNodesOpt), opt("hostfile", HostfileOpt), opt("dry_run", DryRunOpt, False),
         opt("check_data", CheckDataOpt, False), opt("gpu_memory", GpuMemoryOpt),
+        opt("fit_micro_batch", FitMicroBatchOpt, False),
         opt("resume", ResumeOpt, False), opt("allow_config_change", AllowChangeOpt, False),
         opt("overwrite", OverwriteOpt, False), opt("debug", DebugOpt, False),
         opt("ppo_max", Annotated[bool, typer.Option("--ppo-max", help="Same as --preset ppo-max.", show_default="off",
@@ -561,6 +584,9 @@ def pipeline(
         "--gpu-memory", callback=gib_per_gpu, metavar="GIB", help="Memory of each GPU in GiB, passed on to each stage "
         "(its warning before it starts when the memory estimate does not fit).",
         show_default="each stage's own: nvidia-smi's figure for this node's GPUs")] = None,
+    fit_micro_batch: Annotated[bool, typer.Option(
+        FIT_FLAG, help="Passed on to each training stage: its train.micro_batch_size the largest that fits each "
+        "GPU (see rlhf sft --help).", show_default="off")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
@@ -581,12 +607,23 @@ def pipeline(
         for note in replaced_stage_sets(config, set_ or []):
             err.print(f"[yellow]warning: {escape(note)}[/]", highlight=False)
         runs = plan(cfg)
+        processes = world_size(num_gpus, num_nodes, hostfile)
+        gpu = fit_gpu(num_gpus, hostfile, gpu_memory, own_launcher=False) if fit_micro_batch else None
         resolved = {}  # what each stage will resolve its config to: a complete stage's must not have changed
-        loaded = {}
+        loaded, fit_lines = {}, {}
         for run in runs:  # every stage config must validate before anything trains
             try:
                 loaded[run.label] = load_config(run.stage, run.config, run.overrides, preset=run.preset,
                                                 not_yet=run.not_yet, flags=wiring_flags(run))
+                # as the stage will fit it; not a stage whose model an earlier one has yet to train (no estimate)
+                fitted = gpu and fitted_config(loaded[run.label], processes, gpu, lambda sets, named: load_config(
+                    run.stage, run.config, run.overrides + sets, preset=run.preset, not_yet=run.not_yet,
+                    flags={**wiring_flags(run), **named}))
+                if fitted:
+                    loaded[run.label], fit_lines[run.label] = fitted
+                elif gpu:
+                    fit_lines[run.label] = f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: its " \
+                                           "model is to be trained by an earlier stage, or not found)"
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
                                   f"overrides): {exc}") from None
@@ -594,13 +631,16 @@ def pipeline(
         launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])
                   + (["--allow-config-change"] if allow_config_change else [])
-                  + (["--gpu-memory", gpu_memory] if gpu_memory is not None else [])]
+                  + (["--gpu-memory", gpu_memory] if gpu_memory is not None else [])
+                  + ([FIT_FLAG] if fit_micro_batch else [])]
         out.rule("rlhf pipeline: plan")
         actions = stage_actions(runs, force, resolved, allow_config_change)  # (a changed complete stage: refused)
         for act in actions:
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
+            if act.action != "skip" and act.run.label in fit_lines:
+                out.print(f"  {escape(fit_lines[act.run.label])}", highlight=False)
         for line in eval_plan(cfg, actions):
             out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)
         if cfg.report:
@@ -623,7 +663,7 @@ def pipeline(
                                    flags=wiring_flags(run))
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
-                check_pipeline_data(actions, world_size(num_gpus, num_nodes, hostfile), load, out.rule, Path(scratch))
+                check_pipeline_data(actions, processes, load, out.rule, Path(scratch))
         if dry_run or check_data:
             out.print(f"dry run: every config is valid{'; the data too' if check_data else ''}; nothing trained")
             return

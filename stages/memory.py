@@ -441,6 +441,12 @@ def micro_batch_choices(cfg: Any) -> list[int]:
     return [m for m in range(1, n + 1) if n % m == 0]
 
 
+def largest_fitting_micro_batch(est: dict[str, Any], gpu_bytes: int) -> int | None:
+    """The largest micro-batch size whose estimated peak (`est["peak_at_micro_batch"]`, over
+    `micro_batch_choices`) fits a GPU of `gpu_bytes`; None when none does."""
+    return max((m for m, value in est["peak_at_micro_batch"].items() if fits(value, gpu_bytes)), default=None)
+
+
 def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> str:
     """Whether the estimate's peak fits USABLE_FRACTION of a GPU of `gpu_bytes`, and the largest micro-batch size
     among `micro_batch_choices` whose peak (`est["peak_at_micro_batch"]`) does: a run trains the same with it
@@ -455,11 +461,10 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     else:
         lines.append(f"  the peak, {total / GIB:.3f} GiB, does not fit ({(total - usable) / GIB:.3f} GiB over)")
     n, keys = per_rank_batch(cfg)
-    fitting = [m for m, value in est["peak_at_micro_batch"].items() if fits(value, gpu_bytes)]
-    if not fitting:
+    best, t = largest_fitting_micro_batch(est, gpu_bytes), cfg.train
+    if best is None:
         lines.append(f"  no train.micro_batch_size fits with the same batch ({keys})")
         return "\n".join(lines)
-    best, t = max(fitting), cfg.train
     if best == t.micro_batch_size:
         lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (this "
                      "config's)")
@@ -467,7 +472,7 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     accumulation = "" if isinstance(cfg, PPOConfig) else (
         f", with gradient_accumulation_steps {n // best} (now {t.gradient_accumulation_steps})")
     lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (now "
-                 f"{t.micro_batch_size}){accumulation}")
+                 f"{t.micro_batch_size}){accumulation}; --fit-micro-batch sets it")
     return "\n".join(lines)
 
 

@@ -473,6 +473,100 @@ def test_a_run_warns_before_it_starts_when_the_estimate_exceeds_the_gpus_memory(
     assert res.exit_code == 0 and len(trained) == 4 and "warning" not in res.stderr, res.output
 
 
+def test_fit_micro_batch_trains_with_the_largest_that_fits_and_the_same_rows_per_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fit-micro-batch: the run (and its resolved config, which a resume compares) gets the largest micro-batch
+    whose estimated peak fits, gradient accumulation keeping micro x accumulation = 16; 16 itself kept on a big
+    GPU; 1 when none fits (then the warning). A resume with the flag matches the record; one without it is a
+    config change. No GPU figure, or a worker of the user's own launcher without --gpu-memory: exit 2."""
+    import yaml
+
+    from rlhf_cli import app, gpu_memory
+
+    _not_a_worker(monkeypatch)
+    trained: list[Any] = []
+    monkeypatch.setattr(app, "_train_here", lambda stage, cfg, *a: trained.append(cfg.train))
+    best = _fitting_micro_batch(tmp_path / "a", 0.05)
+    assert 1 < best < 16  # (a real choice: neither end)
+    res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", "0.05", "--fit-micro-batch"))
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and (trained[-1].micro_batch_size, trained[-1].gradient_accumulation_steps) == (
+        best, 16 // best), res.output
+    assert (f"--fit-micro-batch: train.micro_batch_size 16 -> {best}, gradient_accumulation_steps 1 -> {16 // best}: "
+            "the largest micro-batch whose estimated peak, ") in said
+    assert "fits in 0.045 GiB (90% of 0.050 GiB per GPU, --gpu-memory); the same 16 rows per rank" in said
+    record = yaml.safe_load((tmp_path / "a" / "resolved_config.yaml").read_text())["train"]
+    assert (record["micro_batch_size"], record["gradient_accumulation_steps"]) == (best, 16 // best)
+    ck = tmp_path / "a" / "checkpoint-00000003"  # a checkpoint of that run, as a resume finds it
+    ck.mkdir()
+    for name in ("resolved_config.yaml", "inputs.json"):
+        (ck / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    (ck / "trainer_state.json").write_text('{"step": 3, "world_size": 1}')
+    (ck / "COMPLETE").write_text("ok\n")
+    res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", "0.05", "--fit-micro-batch", "--resume"))
+    assert res.exit_code == 0 and "warning" not in res.stderr and trained[-1].micro_batch_size == best, res.output
+    res = invoke_cli(*_sft_args(tmp_path / "a", "--resume"))
+    assert res.exit_code == 2 and "train.micro_batch_size" in res.stderr, res.output
+    res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80", "--fit-micro-batch"))
+    assert res.exit_code == 0 and "train.micro_batch_size 16 kept" in " ".join(res.stdout.split()), res.output
+    assert (trained[-1].micro_batch_size, trained[-1].gradient_accumulation_steps) == (16, 1)
+    res = invoke_cli(*_sft_args(tmp_path / "c", "--gpu-memory", "0.001", "--fit-micro-batch"))
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and (trained[-1].micro_batch_size, trained[-1].gradient_accumulation_steps) == (1, 16)
+    assert "no micro-batch fits in 0.001 GiB" in said and "warning: the memory estimate" in res.stderr, res.output
+    launched: list[list[str]] = []  # two ranks: the launching process fits; its workers read the resolved config
+    monkeypatch.setattr(app, "run_launcher", lambda cmd, env: launched.append(cmd) or 0)
+    monkeypatch.setattr(app, "is_complete", lambda out_dir, stage: True)
+    res = invoke_cli(*_sft_args(tmp_path / "e", "--gpu-memory", "0.05", "--fit-micro-batch", "--num-gpus", "2"))
+    record = yaml.safe_load((tmp_path / "e" / "resolved_config.yaml").read_text())["train"]
+    assert res.exit_code == 0 and "--fit-micro-batch" not in launched[0], res.output
+    assert f"train.micro_batch_size 16 -> {record['micro_batch_size']}," in " ".join(res.stdout.split())
+    assert record["micro_batch_size"] * record["gradient_accumulation_steps"] == 16 > record["micro_batch_size"]
+    monkeypatch.setattr(gpu_memory, "chosen_accelerator", lambda env: "cpu")
+    res = invoke_cli(*_sft_args(tmp_path / "d", "--fit-micro-batch", "--dry-run"))
+    assert res.exit_code == 2 and ("error: --fit-micro-batch needs the memory of each GPU (no CUDA GPU here): give "
+                                   "--gpu-memory GIB") in " ".join(res.stderr.split()), res.output
+    _worker_env(monkeypatch, 0, 2, launched=False)
+    res = invoke_cli(*_sft_args(tmp_path / "d", "--fit-micro-batch"))
+    assert res.exit_code == 2 and "needs --gpu-memory GIB: every rank must choose the same" in " ".join(
+        res.stderr.split()), res.output
+    assert len(trained) == 4
+
+
+def test_fit_micro_batch_in_ppo_divides_the_mini_batch_and_needs_an_estimate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPO: a divisor of train.mini_batch_size (16), no accumulation key; models whose config.json has no shape
+    (no estimate): exit 2 naming the flag."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from rlhf_cli import app
+    from rlhf_cli.config_loader import load_config
+    from stages.memory import GIB, estimate, fits, micro_batch_choices
+
+    _not_a_worker(monkeypatch)
+    args = _ppo_args(tmp_path, "--fit-micro-batch")
+    res = invoke_cli(*args, "--gpu-memory", "1", "--dry-run")
+    assert res.exit_code == 2 and "error: --fit-micro-batch: memory estimate: unavailable" in res.stderr, res.output
+    for name, arch in (("sft", "LlamaForCausalLM"), ("rm", "LlamaForSequenceClassification")):
+        shape = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=32000, num_labels=1, architectures=[arch])
+        (tmp_path / name / "config.json").write_text(json.dumps(shape.to_dict()))
+    trained: list[Any] = []
+    monkeypatch.setattr(app, "_train_here", lambda stage, cfg, *a: trained.append(cfg))
+    cfg = load_config("ppo", TINY_PPO, [f"model.name_or_path={tmp_path / 'sft'}",
+                                        f"reward_model.name_or_path={tmp_path / 'rm'}"])
+    peaks = estimate(cfg, 1, micro_batch_choices(cfg))["peak_at_micro_batch"]
+    assert sorted(peaks) == [1, 2, 4, 8, 16]
+    gib = (peaks[4] + peaks[8]) / 2 / 0.9 / GIB  # between the peaks at 4 and 8
+    assert fits(peaks[4], int(gib * GIB)) and not fits(peaks[8], int(gib * GIB))
+    res = invoke_cli(*args, "--gpu-memory", f"{gib:.6f}")
+    assert res.exit_code == 0 and trained[-1].train.micro_batch_size == 4, res.output
+    assert trained[-1].train.mini_batch_size == 16 and "train.micro_batch_size 16 -> 4:" in " ".join(
+        res.stdout.split())
+
+
 @pytest.mark.parametrize("error", ["torch", "cuda-library"])
 def test_out_of_gpu_memory_is_one_error_saying_what_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          error: str) -> None:
@@ -613,3 +707,24 @@ def test_eval_out_of_gpu_memory_is_one_error_naming_its_batch_size_and_the_pipel
     res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
                      f"output_dir={tmp_path / 'p'}", "--gpu-memory", "40")
     assert res.exit_code == 0 and launched == [["--gpu-memory", "40.0"]], res.output
+
+
+def test_the_pipeline_passes_fit_micro_batch_on_and_compares_a_stage_as_it_will_fit_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rlhf pipeline --fit-micro-batch`: the flag on each stage's command; the SFT config the pipeline resolves
+    (what a complete stage's record is compared with) is the fitted one, and the plan says so; the RM's model
+    is yet to be trained: fitted when it starts."""
+    import stages.pipeline as pipeline
+
+    _not_a_worker(monkeypatch)
+    got: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, launch, force, out, resolved, *a: got.append(
+        (launch, resolved)))
+    best = _fitting_micro_batch(tmp_path / "x", 0.05)
+    res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
+                     f"output_dir={tmp_path / 'p'}", "--gpu-memory", "0.05", "--fit-micro-batch")
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and got[0][0] == ["--gpu-memory", "0.05", "--fit-micro-batch"], res.output
+    assert f"micro_batch_size: {best}\n" in got[0][1]["sft"] and "micro_batch_size: 16\n" not in got[0][1]["sft"]
+    assert f"--fit-micro-batch: train.micro_batch_size 16 -> {best}," in said
+    assert "rm (trained): " in said and "--fit-micro-batch: chosen when the stage starts" in said
