@@ -26,7 +26,11 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     gate, up, act(gate) and their product), 34 H m L otherwise (GPT, Korthikanti et al. 2022);
                     scaled by b / 2; with activation checkpointing only each layer's input (b m L H) plus one
                     layer in full. The gated form matches peaks measured on CPU for the Qwen2.5-0.5B / 1.5B and
-                    Llama-2 shapes within 2 % (64, 67 and 45.5 x H bytes per token per layer)
+                    Llama-2 shapes within 2 % (64, 67 and 45.5 x H bytes per token per layer). A padded batch
+                    under sdpa attention adds b m L^2 per layer: every layer turns the [m, 1, L, L] mask into an
+                    additive bias of the model's dtype and keeps it for the backward pass (measured on CPU;
+                    2 L bytes per token per layer at 16 bits: +7 % at L = 2048 for Qwen2.5-0.5B). SFT and RM
+                    batches count as padded; PPO's unless min_new_tokens = max_new_tokens (the benchmarks')
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
                     largest update: its gradients + its fullest moment (backward pass: activations, logits,
                     buckets; the all-reduce; the optimizer step) (`peak`). Checked against DeepSpeed 0.19's own
@@ -50,7 +54,8 @@ torch.cuda.max_memory_allocated does (what `rlhf bench` measures and prints besi
 beyond that (fragmentation), the CUDA context (~0.5 GiB) and the collectives' own buffers come on top, in
 nvidia-smi's figure. Not modelled: the scoring forwards' blocks (12 bytes per element of min(chunk,
 forward_batch_size x R) x V with the entropy, below the update's backward pass at the default sizes), ZeRO-3
-parameters kept gathered for reuse (stage3_max_reuse_distance), padding's repeated K/V in attention.
+parameters kept gathered for reuse (stage3_max_reuse_distance), a padded batch's K/V repeated to every query head
+(views on CPU, no memory; CUDA's sdpa kernels unchecked), eager attention's attention matrices.
 """
 
 from __future__ import annotations
@@ -237,14 +242,18 @@ def _step_copies(parts: dict[str, float], b: int, elements: float) -> list[str]:
     return ["fp32 gradients", "flattened 16-bit gradients"]
 
 
-def activations(shape: Shape, rows: int, length: int, precision: str, checkpointing: bool) -> float:
-    """Bytes autograd keeps for one micro-batch of `rows` x `length` tokens (see the module docstring)."""
+def activations(shape: Shape, rows: int, length: int, precision: str, checkpointing: bool,
+                masked: bool = False) -> float:
+    """Bytes autograd keeps for one micro-batch of `rows` x `length` tokens (see the module docstring). `masked`:
+    a padded batch under sdpa attention, whose [rows, 1, length, length] mask every layer turns into an additive
+    bias of the model's dtype and keeps for its backward pass: b rows length^2 more per layer (`attention_masked`;
+    an unpadded batch has no mask: causal attention without one)."""
     b = _bytes(precision)
     if shape.gated:
         per_token = 20 * shape.hidden + 8 * shape.intermediate + 4 * shape.kv_width
     else:
         per_token = 34 * shape.hidden
-    per_layer = per_token * rows * length * b / 2
+    per_layer = per_token * rows * length * b / 2 + (b * rows * length * length if masked else 0)
     if checkpointing:
         return b * rows * length * shape.hidden * shape.layers + per_layer
     return per_layer * shape.layers
@@ -259,6 +268,12 @@ LOGPROB_BLOCK = {False: 16, True: 28}
 FULL_LOGITS_BLOCK = {False: 16, True: 24}
 #: SFT's and the reward model's LM loss, a checkpointed float32 cross-entropy block (`lm._nll_sum`): 12
 LM_LOSS_BLOCK = 12
+
+
+def attention_masked(model: ModelConfig, padded: bool) -> bool:
+    """Whether a model's forwards keep an attention mask per layer (`activations`): padded batches under sdpa
+    attention (flash_attention_2 unpads instead; eager keeps whole attention matrices, not modelled)."""
+    return padded and model.attn_implementation == "sdpa"
 
 
 def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int, entropy: bool = False) -> float:
@@ -334,7 +349,9 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
     parts: dict[str, float] = {}
     phases: dict[str, Phase] = {}
     tuning = zero_tuning(ds)
-    for name, shape in (("policy", policy), ("critic", rm)):
+    # the critic is a copy of the reward model, or with ppo.critic_init: policy of the policy (a one-output head)
+    critic, critic_cfg = (policy, cfg.model) if cfg.ppo.critic_init == "policy" else (rm, cfg.reward_model)
+    for name, shape in (("policy", policy), ("critic", critic)):
         own, phase = trained_model(shape.params, ds, world, shape.largest, tuning)
         parts.update({f"{name} {k}": v for k, v in own.items()})
         phases[name] = _named(name, phase)
@@ -345,15 +362,20 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
         parts["sampling copy of the policy"] = b * policy.params
     parts["KV cache (rollout)"] = 2 * policy.layers * policy.kv_width * length * t.rollout_batch_size * b
     ckpt = cfg.model.gradient_checkpointing
-    parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt)
+    # rollouts are padded unless every response has max_new_tokens (prompts of one length, as the benchmarks')
+    padded = cfg.generation.min_new_tokens < cfg.generation.max_new_tokens
+    parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt,
+                                                            attention_masked(cfg.model, padded))
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
     policy_backward = ["activations (policy micro-batch)", "logits (policy micro-batch)"]
     if cfg.ppo.ptx_coef > 0 and cfg.data.ptx is not None:  # its LM loss joins each policy micro-batch's backward
-        parts["activations (PTX micro-batch)"] = activations(policy, m, cfg.data.ptx_max_length, ds.precision, ckpt)
+        parts["activations (PTX micro-batch)"] = activations(policy, m, cfg.data.ptx_max_length, ds.precision, ckpt,
+                                                             attention_masked(cfg.model, True))
         parts["logits (PTX micro-batch)"] = lm_loss_logits(policy, m, cfg.data.ptx_max_length, ds.precision)
         policy_backward += ["activations (PTX micro-batch)", "logits (PTX micro-batch)"]
-    parts["activations (critic micro-batch)"] = activations(rm, m, length, ds.precision, ckpt)
+    parts["activations (critic micro-batch)"] = activations(critic, m, length, ds.precision, ckpt,
+                                                            attention_masked(critic_cfg, padded))
     phases["policy"].moments.setdefault("backward", []).extend(policy_backward)
     phases["critic"].moments.setdefault("backward", []).append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
@@ -379,7 +401,8 @@ def _lm_stage_parts(cfg: SFTConfig | RMConfig, world: int, shape: Shape, micro: 
     parts = {f"model {k}": v for k, v in own.items()}
     rows = micro * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
-    parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing)
+    parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing,
+                                                     attention_masked(cfg.model, True))  # (rows padded to the longest)
     if isinstance(cfg, SFTConfig):
         parts["logits"] = lm_loss_logits(shape, rows, length, ds.precision)
     elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time

@@ -706,10 +706,12 @@ def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeyp
     assert min(peaks) == pytest.approx(grads + fullest, rel=0.02)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("hidden, mlp, heads, kv_heads", [(128, 704, 4, 1), (256, 688, 8, 8)])
-def test_activation_estimate_matches_what_autograd_saves_per_layer(hidden, mlp, heads, kv_heads):
+def test_activation_estimate_matches_what_autograd_saves_per_layer(hidden, mlp, heads, kv_heads, padded):
     """Bytes of the (distinct, non-parameter) tensors autograd saves in a bf16 Qwen2 forward, per layer (two
-    layers minus one), against the estimate (20 H + 8 I + 4 K) m L, within 2 %: GQA and full multi-head."""
+    layers minus one), against the estimate (20 H + 8 I + 4 K) m L, within 2 %: GQA and full multi-head; a padded
+    batch (one row 7 tokens short) adds the mask sdpa keeps in every layer as a bf16 bias, 2 m L^2."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from stages.memory import Shape, activations
@@ -729,12 +731,17 @@ def test_activation_estimate_matches_what_autograd_saves_per_layer(hidden, mlp, 
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
+        mask = torch.ones(rows, length, dtype=torch.long)
+        mask[0, length - 7:] = 0 if padded else 1
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model.model(input_ids=torch.randint(0, 64, (rows, length)), use_cache=False)
+            model.model(input_ids=torch.randint(0, 64, (rows, length)), attention_mask=mask, use_cache=False)
         per_layer.append(sum(seen.values()))
     measured = per_layer[1] - per_layer[0]
     shape = Shape(0, 1, hidden, 64, kv_heads * hidden // heads, mlp, gated=True)
-    assert measured == pytest.approx(activations(shape, rows, length, "bf16", False), rel=0.02)
+    unmasked, masked = (activations(shape, rows, length, "bf16", False, masked=m) for m in (False, True))
+    assert measured == pytest.approx(masked if padded else unmasked, rel=0.02)
+    # the mask term itself is seen (it is 1.6-3 % here: 2 L against 20 H + 8 I + 4 K bytes per token)
+    assert abs(measured - (masked if padded else unmasked)) < (masked - unmasked) / 4
 
 
 @pytest.mark.parametrize("entropy", [False, True])

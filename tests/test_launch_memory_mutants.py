@@ -112,26 +112,27 @@ def test_a_reward_models_lm_loss_block_is_at_most_loss_block_rows_positions(tmp_
 
 def test_sft_estimate_with_gradient_checkpointing_keeps_layer_inputs_and_one_layer(tmp_path, shapes):
     """model.gradient_checkpointing reaches the SFT / RM activations: 2 rows x 10 tokens, bf16, 2 layers of
-    H 8: the layers' inputs 2 x 20 x 8 x 2 = 640 plus one gated layer in full 304 x 20 = 6080 (12160 without)."""
+    H 8: the layers' inputs 2 x 20 x 8 x 2 = 640 plus one gated layer in full 304 x 20 = 6080 with its mask (a bf16
+    bias of 2 rows x 10^2: 400; 12960 without checkpointing)."""
     from stages.memory import estimate
 
     parts = estimate(_lm("sft", tmp_path, "model.gradient_checkpointing=true"), 1)["parts"]
-    assert parts["activations (micro-batch)"] == 640 + 6080
+    assert parts["activations (micro-batch)"] == 640 + 6080 + 400
 
 
 def test_ppo_estimate_with_gradient_checkpointing_applies_it_to_policy_ptx_and_critic(tmp_path, shapes):
     """model.gradient_checkpointing reaches all three activation terms of PPO (bf16, micro-batches of 2 rows):
     the policy's 10 tokens, 2 layers of H 8: 2 x 20 x 8 x 2 + 304 x 20 = 640 + 6080; its PTX rows of 12
     tokens: 2 x 24 x 8 x 2 + 304 x 24 = 768 + 7296; the critic's 10 tokens, 1 layer of H 4, ungated:
-    2 x 20 x 4 x 1 + 136 x 20 = 160 + 2720."""
+    2 x 20 x 4 x 1 + 136 x 20 = 160 + 2720; each full layer with its mask, 2 bytes x 2 rows x tokens^2."""
     from stages.memory import estimate
 
     est = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "model.gradient_checkpointing=true",
                         f"data.ptx={TINY / 'data' / 'sft.jsonl'}", "data.ptx_max_length=12", "ppo.ptx_coef=0.5"), 1)
     parts = est["parts"]
-    assert parts["activations (policy micro-batch)"] == 640 + 6080
-    assert parts["activations (PTX micro-batch)"] == 768 + 7296
-    assert parts["activations (critic micro-batch)"] == 160 + 2720
+    assert parts["activations (policy micro-batch)"] == 640 + 6080 + 400
+    assert parts["activations (PTX micro-batch)"] == 768 + 7296 + 576
+    assert parts["activations (critic micro-batch)"] == 160 + 2720 + 400
 
 
 def test_the_peak_of_an_update_without_moments_is_its_gradients():

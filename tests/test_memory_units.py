@@ -112,12 +112,14 @@ GATED = Shape(0, 3, 8, 50, 4, 16, gated=True)
 def test_activations_of_each_branch_by_hand():
     """2 rows x 5 tokens: ungated 34 H = 272 bytes per token per layer at 2 bytes; gated 20 H + 8 I + 4 K =
     160 + 128 + 16 = 304; fp32 doubles them; checkpointing keeps each layer's input (b x 10 x 8 per layer) plus
-    one layer in full."""
+    one layer in full. A padded batch under sdpa: each layer's mask as a bias, b x 2 rows x 5^2 more per layer."""
     assert activations(UNGATED, 2, 5, "bf16", False) == 272 * 10 * 3  # 8160
     assert activations(GATED, 2, 5, "bf16", False) == 304 * 10 * 3  # 9120
     assert activations(GATED, 2, 5, "fp32", False) == 304 * 10 * 2 * 3  # 18240
     assert activations(GATED, 2, 5, "bf16", True) == 2 * 10 * 8 * 3 + 304 * 10  # 480 + 3040
     assert activations(UNGATED, 2, 5, "fp32", True) == 4 * 10 * 8 * 3 + 272 * 10 * 2  # 960 + 5440
+    assert activations(GATED, 2, 5, "bf16", False, masked=True) == 304 * 10 * 3 + 2 * 2 * 25 * 3  # 9120 + 300
+    assert activations(GATED, 2, 5, "fp32", True, masked=True) == 4 * 10 * 8 * 3 + 304 * 10 * 2 + 4 * 2 * 25  # 7240
 
 
 def test_logit_bytes_of_each_branch_by_hand():
@@ -178,8 +180,10 @@ def _ppo(tmp_path, *sets: str) -> Any:
 def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     """bf16, ZeRO-0 on 2 ranks, micro-batches of 2 rows of 6 + 4 = 10 tokens, 4 prompts per rollout:
     frozen reference 2 x 1000 and reward model 2 x 600 (whole per rank); KV cache 2 x 2 layers x K 4 x 10 tokens
-    x 4 prompts x 2 bytes; the policy's activations 304 x 20 tokens x 2 layers, the critic's 136 x 20 x 1 layer;
-    logits: one chunk of min(3, 2 rows x 4 responses) = 3 rows x V 50, 28 bytes each with the entropy."""
+    x 4 prompts x 2 bytes; the policy's activations 304 x 20 tokens x 2 layers, the critic's 136 x 20 x 1 layer,
+    each layer with its mask as a bf16 bias of 2 rows x 10^2 (rollouts shorter than max_new_tokens are padded;
+    not with min_new_tokens = max_new_tokens); logits: one chunk of min(3, 2 rows x 4 responses) = 3 rows x V
+    50, 28 bytes each with the entropy. With critic_init: policy the critic has the policy's shape."""
     from stages.memory import estimate
 
     est = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "train.logprob_chunk=3", "ppo.entropy_coef=0.01"), 2)
@@ -187,8 +191,8 @@ def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     assert parts["reference weights"] == 2000 and parts["reward model weights"] == 1200
     assert "sampling copy of the policy" not in parts
     assert parts["KV cache (rollout)"] == 2 * 2 * 4 * 10 * 4 * 2  # 640
-    assert parts["activations (policy micro-batch)"] == 304 * 20 * 2  # 12160
-    assert parts["activations (critic micro-batch)"] == 136 * 20 * 1  # 2720
+    assert parts["activations (policy micro-batch)"] == 304 * 20 * 2 + 2 * 2 * 100 * 2  # 12160 + 800
+    assert parts["activations (critic micro-batch)"] == 136 * 20 * 1 + 2 * 2 * 100 * 1  # 2720 + 400
     assert parts["logits (policy micro-batch)"] == 3 * 50 * 28  # 4200
     assert parts["policy weights"] == 2000 and parts["critic weights"] == 1200
     assert est["phases"]["policy"].moments["backward"][-2:] == ["activations (policy micro-batch)",
@@ -196,6 +200,11 @@ def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     assert est["phases"]["critic"].moments["backward"][-1] == "activations (critic micro-batch)"
     no_entropy = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "train.logprob_chunk=3"), 2)
     assert no_entropy["parts"]["logits (policy micro-batch)"] == 3 * 50 * 16
+    full = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "generation.min_new_tokens=4"), 2)["parts"]
+    assert (full["activations (policy micro-batch)"], full["activations (critic micro-batch)"]) == (12160, 2720)
+    parts = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "ppo.critic_init=policy"), 2)["parts"]
+    assert parts["critic weights"] == parts["policy weights"] == 2000
+    assert parts["activations (critic micro-batch)"] == parts["activations (policy micro-batch)"] == 12960
 
 
 def test_ppo_estimate_adds_the_ptx_loss_to_the_policys_backward_pass(tmp_path, shapes):
@@ -209,11 +218,11 @@ def test_ppo_estimate_adds_the_ptx_loss_to_the_policys_backward_pass(tmp_path, s
     plain = estimate(_ppo(tmp_path, *ptx), 1)
     assert not [k for k in plain["parts"] if "PTX" in k]
     est = estimate(_ppo(tmp_path, *ptx, "ppo.ptx_coef=0.5"), 1)
-    assert est["parts"]["activations (PTX micro-batch)"] == 304 * 24 * 2  # 14592
+    assert est["parts"]["activations (PTX micro-batch)"] == 304 * 24 * 2 + 2 * 2 * 144 * 2  # 14592 + 1152
     assert est["parts"]["logits (PTX micro-batch)"] == 3 * 2 * 24 * 50 + 24 * 50 * 12  # 7200 + 14400
     assert est["phases"]["policy"].moments["backward"][-2:] == ["activations (PTX micro-batch)",
                                                                  "logits (PTX micro-batch)"]
-    assert est["total"] - plain["total"] == 14592 + 21600
+    assert est["total"] - plain["total"] == 15744 + 21600
 
 
 def test_ppo_estimate_frozen_models_and_sampling_copy_follow_their_own_stages(tmp_path, shapes):
@@ -239,17 +248,20 @@ def _lm(stage: str, tmp_path, *sets: str) -> Any:
 
 
 def test_sft_and_rm_estimates_logits_and_activations_by_hand(tmp_path, shapes):
-    """2 rows of 10 tokens, V 50, bf16. SFT: activations 304 x 20 x 2 layers; logits 3 x 2 bytes x 20 x 50 plus
+    """2 rows of 10 tokens, V 50, bf16. SFT: activations 304 x 20 x 2 layers plus each layer's mask (a bf16 bias of
+    2 rows x 10^2 under sdpa; none with eager attention, not modelled); logits 3 x 2 bytes x 20 x 50 plus
     one float32 cross-entropy block of min(4096, 20) rows x 50 x 12 bytes. RM: chosen + rejected = 4 rows
-    (304 x 40 x 2); no LM loss, no logits; with lm_coef one block over the chosen rows' positions only (the
+    (304 x 40 x 2 + 2 x 4 x 100 x 2); no LM loss, no logits; with lm_coef one block over the chosen rows' positions only (the
     rejected rows train no LM loss): min(4096, 2 x 10) rows x 50 x 12."""
     from stages.memory import estimate
 
     sft = estimate(_lm("sft", tmp_path), 1)["parts"]
-    assert sft["activations (micro-batch)"] == 304 * 20 * 2  # 12160
+    assert sft["activations (micro-batch)"] == 304 * 20 * 2 + 2 * 2 * 100 * 2  # 12160 + 800
+    eager = estimate(_lm("sft", tmp_path, "model.attn_implementation=eager"), 1)["parts"]
+    assert eager["activations (micro-batch)"] == 12160
     assert sft["logits"] == 3 * 2 * 20 * 50 + 20 * 50 * 12  # 6000 + 12000
     rm = estimate(_lm("train-rm", tmp_path), 1)
-    assert rm["parts"]["activations (micro-batch)"] == 304 * 40 * 2  # 24320
+    assert rm["parts"]["activations (micro-batch)"] == 304 * 40 * 2 + 2 * 4 * 100 * 2  # 24320 + 1600
     assert "logits" not in rm["parts"] and rm["phases"]["model"].moments["backward"][-1] == "activations (micro-batch)"
     lm = estimate(_lm("train-rm", tmp_path, "loss.lm_coef=0.5"), 1)
     assert lm["parts"]["logits"] == 20 * 50 * 12  # 12000
