@@ -4,6 +4,7 @@ in this process or re-executes itself under the `deepspeed` launcher."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -16,8 +17,9 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
-from rlhf_cli.gpu_memory import (FIT_FLAG, fit_gpu, fitted_config, gib_per_gpu, out_of_memory_message,
-                                 report_memory)
+from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
+from rlhf_cli.micro_batch_fit import (DIVIDES_ANY, FIT_FLAG, NO_ESTIMATE, as_overrides, choose_micro_batch, fit_gpu,
+                                      load_to_fit)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
@@ -36,7 +38,6 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
-from stages.memory import format_estimate
 from stages.runtime import check_worker_env
 
 app = typer.Typer(
@@ -96,7 +97,8 @@ FitMicroBatchOpt = Annotated[
     bool, typer.Option(FIT_FLAG, help="Set train.micro_batch_size to the largest whose estimated peak fits 90 % of "
                        "each GPU's memory (--gpu-memory, else nvidia-smi's figure), with the same rows per optimizer "
                        "step (PPO: a divisor of train.mini_batch_size; SFT/RM: gradient_accumulation_steps adjusted); "
-                       "1 when none fits. Printed, and kept in the run's resolved config.", show_default="off")
+                       "1 when none fits. Printed, and kept in the run's resolved config; --resume keeps its run's "
+                       "(with --allow-config-change it fits again).", show_default="off")
 ]
 CheckDataOpt = Annotated[
     bool, typer.Option("--check-data", help="A --dry-run that also reads every data row as the run would: parsed, "
@@ -175,7 +177,8 @@ def run_stage(
     `flags`: override keys a command-line flag set (key -> "--flag"), named in their errors. `check_data`: a dry
     run that also reads the data (stages/pipeline.py: DATA_CHECKS). `gpu_memory`: GiB per GPU for the memory
     estimate's fit (`report_memory`); a worker out of GPU memory says what fits (`out_of_memory_message`).
-    `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits (`fitted_config`)."""
+    `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits, or on --resume by
+    its run's (`choose_micro_batch`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
                                    prepare_output_dir, refuse_request, run_lock)
 
@@ -200,23 +203,25 @@ def run_stage(
         check_not_a_bare_srun_task()
         check_worker_env()
         check_launch_options(num_gpus, num_nodes, hostfile)
-        cfg = load_config(stage, config, overrides, preset=preset, flags=flags)
-        if fit_micro_batch:
-            world = _world() if inside_launcher() else world_size(num_gpus, num_nodes, hostfile)
-            fitted = fitted_config(cfg, world, fit_gpu(num_gpus, hostfile, gpu_memory, inside_launcher()),
-                                   lambda sets, named: load_config(stage, config, overrides + sets, preset=preset,
-                                                                   flags={**(flags or {}), **named}))
-            if fitted is None:
-                raise ConfigError(f"{FIT_FLAG}: {format_estimate(None)}")
-            cfg, line = fitted
+        if inside_launcher() and dry_run:  # torchrun/srun's workers would otherwise each train
+            raise ConfigError("--dry-run and --check-data run in one process: start them without a launcher "
+                              "(torchrun, deepspeed; they print the launch command they would use)")
+        cfg, placeholder = load_to_fit(lambda extra: load_config(stage, config, overrides + extra, preset=preset,
+                                                                 flags=flags), stage, fit_micro_batch)
+        processes = _world() if inside_launcher() else world_size(num_gpus, num_nodes, hostfile)
+        if fit_micro_batch:  # (a resume keeps the micro-batch its run trained with)
+            found = choose_micro_batch(cfg, processes, fit_gpu(num_gpus, hostfile, gpu_memory, inside_launcher()),
+                                       Path(cfg.output_dir) if resume and not allow_changes else None, placeholder)
+            if found is None:
+                raise ConfigError(NO_ESTIMATE)
+            sets, named = as_overrides(found[0])
+            cfg = load_config(stage, config, overrides + ([DIVIDES_ANY] if placeholder else []) + sets,
+                              preset=preset, flags={**(flags or {}), **named})
             if _rank() == 0:
-                out.print(escape(line), highlight=False)
+                out.print(escape(found[1]), highlight=False)
         out_dir = Path(cfg.output_dir)
         text = dump_config(cfg)
         if inside_launcher():
-            if dry_run:  # torchrun/srun's workers would otherwise each train
-                raise ConfigError("--dry-run and --check-data run in one process: start them without a launcher "
-                                  "(torchrun, deepspeed; they print the launch command they would use)")
             # a worker: of our launcher (the output directory is ready and locked), or of the user's own
             # (torchrun, srun, ...), in which case rank 0 locks it and prepares it first
             if launched_by_rlhf():
@@ -237,7 +242,6 @@ def run_stage(
             return
         show_config()
         cmd = env = None
-        processes = world_size(num_gpus, num_nodes, hostfile)
         if needs_launcher(num_gpus, num_nodes, hostfile):
             cmd = launch_command(stage, out_dir / "resolved_config.yaml", num_gpus, num_nodes, hostfile, resume)
             env = launch_env(local_processes(num_gpus, hostfile), out_dir / STOP_FILE if hostfile else None)
@@ -610,20 +614,34 @@ def pipeline(
         processes = world_size(num_gpus, num_nodes, hostfile)
         gpu = fit_gpu(num_gpus, hostfile, gpu_memory, own_launcher=False) if fit_micro_batch else None
         resolved = {}  # what each stage will resolve its config to: a complete stage's must not have changed
-        loaded, fit_lines = {}, {}
+        loaded: dict[str, Any] = {}
+        fit_lines: dict[str, str] = {}
+        fit_sets: dict[str, list[str]] = {}  # each stage's --fit-micro-batch choice as --set overrides
+        refit: dict[str, Callable[[], Any]] = {}  # the fresh choice, for a stage that will be trained afresh
         for run in runs:  # every stage config must validate before anything trains
+
+            def load(extra: list[str], named: dict[str, str] | None = None) -> Any:
+                return load_config(run.stage, run.config, run.overrides + extra, preset=run.preset,
+                                   not_yet=run.not_yet, flags={**wiring_flags(run), **(named or {})})
+
             try:
-                loaded[run.label] = load_config(run.stage, run.config, run.overrides, preset=run.preset,
-                                                not_yet=run.not_yet, flags=wiring_flags(run))
-                # as the stage will fit it; not a stage whose model an earlier one has yet to train (no estimate)
-                fitted = gpu and fitted_config(loaded[run.label], processes, gpu, lambda sets, named: load_config(
-                    run.stage, run.config, run.overrides + sets, preset=run.preset, not_yet=run.not_yet,
-                    flags={**wiring_flags(run), **named}))
-                if fitted:
-                    loaded[run.label], fit_lines[run.label] = fitted
-                elif gpu:
-                    fit_lines[run.label] = f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: its " \
-                                           "model is to be trained by an earlier stage, or not found)"
+                loaded[run.label], placeholder = load_to_fit(load, run.stage, fit_micro_batch)
+                if gpu is not None and run.stage in STAGE_RUNNERS:  # as the stage will choose it (`run_stage`)
+                    out_dir = Path(loaded[run.label].output_dir)  # (a complete stage, or one resumed as it ran)
+                    keep = not force and (is_complete(out_dir, run.stage) or not allow_config_change)
+                    found = choose_micro_batch(loaded[run.label], processes, gpu, out_dir if keep else None,
+                                               placeholder)
+                    if found is None and not run.not_yet:
+                        raise ConfigError(NO_ESTIMATE)
+                    if found is None:
+                        fit_lines[run.label] = (f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: "
+                                                "its model is to be trained by an earlier stage)")
+                    else:
+                        refit[run.label] = functools.partial(choose_micro_batch, loaded[run.label], processes, gpu,
+                                                             None, placeholder)
+                        sets, named = as_overrides(found[0])
+                        fit_sets[run.label] = ([DIVIDES_ANY] if placeholder else []) + sets
+                        loaded[run.label], fit_lines[run.label] = load(fit_sets[run.label], named), found[1]
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
                                   f"overrides): {exc}") from None
@@ -639,8 +657,10 @@ def pipeline(
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
-            if act.action != "skip" and act.run.label in fit_lines:
-                out.print(f"  {escape(fit_lines[act.run.label])}", highlight=False)
+            if act.action != "skip" and act.run.label in fit_lines:  # (afresh: no run kept as it trained)
+                again = act.action == "retrain" and act.run.label in refit
+                line = refit[act.run.label]()[1] if again else fit_lines[act.run.label]
+                out.print(f"  {escape(line)}", highlight=False)
         for line in eval_plan(cfg, actions):
             out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)
         if cfg.report:
@@ -658,12 +678,12 @@ def pipeline(
 
             from stages.pipeline import check_pipeline_data
 
-            def load(run: Any, overrides: list[str]) -> Any:
-                return load_config(run.stage, run.config, overrides, preset=run.preset, not_yet=run.not_yet,
-                                   flags=wiring_flags(run))
+            def load_stand_in(run: Any, overrides: list[str]) -> Any:
+                return load_config(run.stage, run.config, overrides + fit_sets.get(run.label, []), preset=run.preset,
+                                   not_yet=run.not_yet, flags=wiring_flags(run))
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
-                check_pipeline_data(actions, processes, load, out.rule, Path(scratch))
+                check_pipeline_data(actions, processes, load_stand_in, out.rule, Path(scratch))
         if dry_run or check_data:
             out.print(f"dry run: every config is valid{'; the data too' if check_data else ''}; nothing trained")
             return

@@ -1,23 +1,20 @@
 """The GPU-memory side of a stage command: the memory estimate's fit to the GPUs (`--gpu-memory`, else
-nvidia-smi's figure), printed by --dry-run and as a warning before a run that will not fit; --fit-micro-batch's
-choice of train.micro_batch_size; and the one error a rank out of GPU memory prints (what it was doing, torch's
-message, the fit, what lowers the memory)."""
+nvidia-smi's figure), printed by --dry-run and as a warning before a run that will not fit, and the one error a
+rank out of GPU memory prints (what it was doing, torch's message, the fit, what lowers the memory).
+--fit-micro-batch's choice: rlhf_cli/micro_batch_fit.py."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import typer
 from rich.markup import escape
 
 from rlhf_cli.launcher import gpu_memory as gpu_memory_of
 from rlhf_cli.output import err, out
-from stages.config import PPOConfig
-from stages.errors import ConfigError
-from stages.memory import (GIB, USABLE_FRACTION, estimate, fits, format_estimate, format_fit,
-                           largest_fitting_micro_batch, memory_advice, micro_batch_choices, per_rank_batch)
+from stages.memory import GIB, estimate, fits, format_estimate, format_fit, memory_advice, micro_batch_choices
 from stages.runtime import chosen_accelerator
 
 
@@ -42,67 +39,12 @@ def gpu_memory_for(num_gpus: int | None, hostfile: Path | None, gpu_memory: floa
 
 def estimate_quietly(cfg: Any, world: int) -> dict[str, Any] | None:
     """The memory estimate with the peak at every `micro_batch_choices`; None when it cannot be made (no
-    config.json) or fails (a remote-code config, say): it informs, and never stops a run or its error."""
+    config.json) or fails (a remote-code config, say): it informs, and never stops a run or its error (only
+    --fit-micro-batch, which needs it, is refused without it)."""
     try:
         return estimate(cfg, world, micro_batch_choices(cfg))
     except Exception:  # noqa: BLE001 - see above
         return None
-
-
-#: the stage commands' (and the pipeline's) flag that sets train.micro_batch_size to the largest that fits
-FIT_FLAG = "--fit-micro-batch"
-
-
-def fit_gpu(num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None,
-            own_launcher: bool) -> tuple[int, str]:
-    """The GPU figure --fit-micro-batch fits to (`gpu_memory_for`); in a worker of the user's own launcher
-    (torchrun, srun) only --gpu-memory, so that every rank chooses alike. ConfigError without one."""
-    if own_launcher and gpu_memory is None:
-        raise ConfigError(f"{FIT_FLAG} in a worker of your own launcher (torchrun, srun) needs --gpu-memory GIB: "
-                          "every rank must choose the same micro-batch size")
-    gpu = gpu_memory_for(num_gpus, hostfile, gpu_memory)
-    if gpu is None:
-        why = ("a --hostfile run's workers use other nodes' GPUs" if hostfile is not None else "no CUDA GPU here"
-               if chosen_accelerator(os.environ) != "cuda" else "nvidia-smi did not give it")
-        raise ConfigError(f"{FIT_FLAG} needs the memory of each GPU ({why}): give --gpu-memory GIB")
-    return gpu
-
-
-def fit_micro_batch(cfg: Any, world: int, gpu: tuple[int, str]) -> tuple[dict[str, int], str] | None:
-    """--fit-micro-batch: the config keys (and values) that make train.micro_batch_size the largest of
-    `micro_batch_choices` whose estimated peak fits a GPU of gpu[0] bytes (`largest_fitting_micro_batch`), with
-    the same rows per rank per optimizer step R (`per_rank_batch`: PPO's mini_batch_size; SFT/RM:
-    gradient_accumulation_steps = R / micro), or 1 (the smallest) when none fits; and a line saying what it
-    chose. None when no estimate can be made (`estimate_quietly`)."""
-    est = estimate_quietly(cfg, world)
-    if est is None:
-        return None
-    t, (rows, keys) = cfg.train, per_rank_batch(cfg)
-    micro = largest_fitting_micro_batch(est, gpu[0])
-    chosen = micro or 1
-    keys_set = {"train.micro_batch_size": chosen}
-    change = f"train.micro_batch_size {t.micro_batch_size} -> {chosen}"
-    if not isinstance(cfg, PPOConfig):
-        keys_set["train.gradient_accumulation_steps"] = rows // chosen
-        change += f", gradient_accumulation_steps {t.gradient_accumulation_steps} -> {rows // chosen}"
-    if chosen == t.micro_batch_size:
-        change = f"train.micro_batch_size {chosen} kept"
-    peak, usable = est["peak_at_micro_batch"][chosen] / GIB, USABLE_FRACTION * gpu[0] / GIB
-    room = f"{usable:.3f} GiB ({USABLE_FRACTION:.0%} of {gpu[0] / GIB:.3f} GiB per GPU, {gpu[1]})"
-    why = (f"the largest micro-batch whose estimated peak, {peak:.3f} GiB, fits in {room}" if micro else
-           f"no micro-batch fits in {room}: at 1 the estimated peak is {peak:.3f} GiB")
-    return keys_set, f"{FIT_FLAG}: {change}: {why}; the same {rows} rows per rank per optimizer step ({keys})"
-
-
-def fitted_config(cfg: Any, world: int, gpu: tuple[int, str],
-                  reload: Callable[[list[str], dict[str, str]], Any]) -> tuple[Any, str] | None:
-    """`cfg` reloaded with `fit_micro_batch`'s keys as `--set` overrides named as FIT_FLAG's in errors
-    (`reload(overrides, flags)`), and its line; None when no estimate can be made."""
-    found = fit_micro_batch(cfg, world, gpu)
-    if found is None:
-        return None
-    keys_set, line = found
-    return reload([f"{k}={v}" for k, v in keys_set.items()], dict.fromkeys(keys_set, FIT_FLAG)), line
 
 
 def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:

@@ -464,6 +464,15 @@ def micro_batch_choices(cfg: Any) -> list[int]:
     return [m for m in range(1, n + 1) if n % m == 0]
 
 
+def micro_batch_keys(cfg: Any, micro: int) -> dict[str, int]:
+    """The train keys that make micro-batches of `micro` rows split the same `per_rank_batch` rows per optimizer
+    step: train.micro_batch_size, and for SFT/RM train.gradient_accumulation_steps = rows / micro."""
+    keys = {"train.micro_batch_size": micro}
+    if not isinstance(cfg, PPOConfig):
+        keys["train.gradient_accumulation_steps"] = per_rank_batch(cfg)[0] // micro
+    return keys
+
+
 def largest_fitting_micro_batch(est: dict[str, Any], gpu_bytes: int) -> int | None:
     """The largest micro-batch size whose estimated peak (`est["peak_at_micro_batch"]`, over
     `micro_batch_choices`) fits a GPU of `gpu_bytes`; None when none does."""
@@ -483,7 +492,7 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
         lines.append(f"  the peak, {total / GIB:.3f} GiB, fits ({(usable - total) / GIB:.3f} GiB to spare)")
     else:
         lines.append(f"  the peak, {total / GIB:.3f} GiB, does not fit ({(total - usable) / GIB:.3f} GiB over)")
-    n, keys = per_rank_batch(cfg)
+    _, keys = per_rank_batch(cfg)
     best, t = largest_fitting_micro_batch(est, gpu_bytes), cfg.train
     if best is None:
         lines.append(f"  no train.micro_batch_size fits with the same batch ({keys})")
@@ -493,7 +502,8 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
                      "config's)")
         return "\n".join(lines)
     accumulation = "" if isinstance(cfg, PPOConfig) else (
-        f", with gradient_accumulation_steps {n // best} (now {t.gradient_accumulation_steps})")
+        f", with gradient_accumulation_steps {micro_batch_keys(cfg, best)['train.gradient_accumulation_steps']} "
+        f"(now {t.gradient_accumulation_steps})")
     lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (now "
                  f"{t.micro_batch_size}){accumulation}; --fit-micro-batch sets it")
     return "\n".join(lines)

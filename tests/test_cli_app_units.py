@@ -477,11 +477,14 @@ def test_fit_micro_batch_trains_with_the_largest_that_fits_and_the_same_rows_per
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--fit-micro-batch: the run (and its resolved config, which a resume compares) gets the largest micro-batch
     whose estimated peak fits, gradient accumulation keeping micro x accumulation = 16; 16 itself kept on a big
-    GPU; 1 when none fits (then the warning). A resume with the flag matches the record; one without it is a
-    config change. No GPU figure, or a worker of the user's own launcher without --gpu-memory: exit 2."""
+    GPU; 1 when none fits (then the warning). A resume with the flag continues as its run trained, even on
+    another GPU (with --allow-config-change it fits again); one without the flag is a config change. A worker of
+    the user's own launcher fits for its WORLD_SIZE ranks from --gpu-memory, and without it, or without any GPU
+    figure, it is exit 2."""
     import yaml
 
     from rlhf_cli import app, gpu_memory
+    from rlhf_cli.micro_batch_fit import choose_micro_batch as choose
 
     _not_a_worker(monkeypatch)
     trained: list[Any] = []
@@ -503,8 +506,16 @@ def test_fit_micro_batch_trains_with_the_largest_that_fits_and_the_same_rows_per
         (ck / name).write_bytes((tmp_path / "a" / name).read_bytes())
     (ck / "trainer_state.json").write_text('{"step": 3, "world_size": 1}')
     (ck / "COMPLETE").write_text("ok\n")
-    res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", "0.05", "--fit-micro-batch", "--resume"))
-    assert res.exit_code == 0 and "warning" not in res.stderr and trained[-1].micro_batch_size == best, res.output
+    for gib in ("0.05", "80"):
+        res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", gib, "--fit-micro-batch", "--resume"))
+        assert res.exit_code == 0 and "warning" not in res.stderr and trained[-1].micro_batch_size == best, res.output
+        assert (f"--fit-micro-batch: train.micro_batch_size {best}, train.gradient_accumulation_steps {16 // best}, "
+                f"as the run in {tmp_path / 'a'} trained with: a resume continues as it ran") in " ".join(
+                    res.stdout.split())
+    res = invoke_cli(*_sft_args(tmp_path / "a", "--gpu-memory", "80", "--fit-micro-batch", "--resume",
+                                "--allow-config-change"))
+    assert res.exit_code == 0 and trained[-1].micro_batch_size == 16, res.output
+    assert f"train.micro_batch_size: {best} -> 16" in " ".join(res.stderr.split())  # (the changes' warning)
     res = invoke_cli(*_sft_args(tmp_path / "a", "--resume"))
     assert res.exit_code == 2 and "train.micro_batch_size" in res.stderr, res.output
     res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80", "--fit-micro-batch"))
@@ -530,13 +541,20 @@ def test_fit_micro_batch_trains_with_the_largest_that_fits_and_the_same_rows_per
     res = invoke_cli(*_sft_args(tmp_path / "d", "--fit-micro-batch"))
     assert res.exit_code == 2 and "needs --gpu-memory GIB: every rank must choose the same" in " ".join(
         res.stderr.split()), res.output
-    assert len(trained) == 4
+    worlds: list[int] = []
+    monkeypatch.setattr(app, "choose_micro_batch", lambda cfg, world, *a: worlds.append(world) or choose(
+        cfg, world, *a))
+    res = invoke_cli(*_sft_args(tmp_path / "f", "--fit-micro-batch", "--gpu-memory", "0.05"))
+    assert res.exit_code == 0 and worlds == [2] and trained[-1].micro_batch_size * trained[-1].\
+        gradient_accumulation_steps == 16, res.output
+    assert len(trained) == 7  # (e trained under the launcher)
 
 
 def test_fit_micro_batch_in_ppo_divides_the_mini_batch_and_needs_an_estimate(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PPO: a divisor of train.mini_batch_size (16), no accumulation key; models whose config.json has no shape
-    (no estimate): exit 2 naming the flag."""
+    """PPO: a divisor of train.mini_batch_size (16), no accumulation key, also when the config's micro-batch does
+    not divide a mini-batch given on the command line; models whose config.json has no shape (no estimate), or
+    a raw DeepSpeed JSON that sets the micro-batch: exit 2 naming the flag."""
     import json
 
     from transformers import LlamaConfig
@@ -548,7 +566,7 @@ def test_fit_micro_batch_in_ppo_divides_the_mini_batch_and_needs_an_estimate(
     _not_a_worker(monkeypatch)
     args = _ppo_args(tmp_path, "--fit-micro-batch")
     res = invoke_cli(*args, "--gpu-memory", "1", "--dry-run")
-    assert res.exit_code == 2 and "error: --fit-micro-batch: memory estimate: unavailable" in res.stderr, res.output
+    assert res.exit_code == 2 and "error: --fit-micro-batch: no memory estimate can be made" in res.stderr, res.output
     for name, arch in (("sft", "LlamaForCausalLM"), ("rm", "LlamaForSequenceClassification")):
         shape = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=32000, num_labels=1, architectures=[arch])
@@ -565,6 +583,16 @@ def test_fit_micro_batch_in_ppo_divides_the_mini_batch_and_needs_an_estimate(
     assert res.exit_code == 0 and trained[-1].train.micro_batch_size == 4, res.output
     assert trained[-1].train.mini_batch_size == 16 and "train.micro_batch_size 16 -> 4:" in " ".join(
         res.stdout.split())
+    res = invoke_cli(*args, "--gpu-memory", "80", "--set", "train.mini_batch_size=8")  # 16 does not divide 8
+    assert res.exit_code == 0 and (trained[-1].train.micro_batch_size, trained[-1].train.mini_batch_size) == (8, 8)
+    assert ("train.micro_batch_size (the config's does not divide train.mini_batch_size) -> 8: the largest" in
+            " ".join(res.stdout.split())), res.output
+    assert invoke_cli(*args[:-1], "--gpu-memory", "80", "--set", "train.mini_batch_size=8").exit_code == 2
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    res = invoke_cli(*args, "--gpu-memory", "80", "--set", f"deepspeed.config={raw}")
+    assert res.exit_code == 2 and ("--fit-micro-batch: deepspeed.config sets train_micro_batch_size_per_gpu, which "
+                                   "the chosen micro-batch would contradict") in " ".join(res.stderr.split()), res.output
 
 
 @pytest.mark.parametrize("error", ["torch", "cuda-library"])
@@ -728,3 +756,12 @@ def test_the_pipeline_passes_fit_micro_batch_on_and_compares_a_stage_as_it_will_
     assert f"micro_batch_size: {best}\n" in got[0][1]["sft"] and "micro_batch_size: 16\n" not in got[0][1]["sft"]
     assert f"--fit-micro-batch: train.micro_batch_size 16 -> {best}," in said
     assert "rm (trained): " in said and "--fit-micro-batch: chosen when the stage starts" in said
+    shapeless = tmp_path / "shapeless"  # a model folder whose config.json the estimate cannot build
+    shapeless.mkdir()
+    (shapeless / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
+                     f"output_dir={tmp_path / 'q'}", "--set",
+                     f'sft.set=["model.from_config=null", "model.name_or_path={shapeless}"]', "--gpu-memory", "0.05",
+                     "--fit-micro-batch", "--dry-run")
+    assert res.exit_code == 2 and "stage sft" in res.stderr and "no memory estimate can be made" in " ".join(
+        res.stderr.split()), res.output
