@@ -168,7 +168,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     from stages.bench import copy_profile, summarize_ppo, write_result
     from stages.bench_trl import compare
     from stages.checkpoint import prepare_output_dir
-    from stages.memory import estimate
+    from stages.memory import estimate, micro_batch_choices
     from stages.ppo.trainer import run
 
     from stages.stop import Stopped
@@ -182,7 +182,8 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
             run(ppo)
         except Stopped as exc:  # a time limit's SIGINT: the iterations done still make a (shorter) result
             stopped = exc
-        result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(), estimate(ppo, 1))
+        result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(),
+                               estimate(ppo, 1, micro_batch_choices(ppo)))
         result["stopped"] = str(stopped) if stopped is not None else None
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
@@ -203,9 +204,11 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     for k, v in result["split_seconds"].items():
         table.add_row(f"  {k} s (share)", f"{_fmt(v)} ({_fmt(result['split_share'][k])})")
     for k in ("samples_per_s", "generated_tokens_per_s", "generation_tokens_per_s", "update_tflops", "mfu_update",
-              "peak_memory_gib", "estimated_memory_gib", "compiled_graphs", "cudagraph_skips"):
+              "peak_memory_gib", "estimated_memory_gib", "micro_batch_size", "fit_micro_batch", "compiled_graphs",
+              "cudagraph_skips"):
         label = {"peak_memory_gib": f"peak_memory_gib ({result['peak_memory_kind']})",
-                 "estimated_memory_gib": "estimated_memory_gib (GPU, --dry-run's)"}.get(k, k)
+                 "estimated_memory_gib": "estimated_memory_gib (GPU, --dry-run's)",
+                 "fit_micro_batch": "fit_micro_batch (--fit-micro-batch's on this GPU)"}.get(k, k)
         table.add_row(label, _fmt(result[k]))
     out.print(table)
     if result["floors"]:

@@ -202,6 +202,17 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def fit_on_device(estimate: dict[str, Any] | None, device: torch.device) -> int | None:
+    """What `--fit-micro-batch` would choose on this GPU: the largest micro-batch whose estimated peak
+    (`estimate["peak_at_micro_batch"]`) fits its total memory (stages/memory.py: largest_fitting_micro_batch);
+    None on a CPU, or without those peaks."""
+    from stages.memory import largest_fitting_micro_batch
+
+    if device.type != "cuda" or not estimate or not estimate.get("peak_at_micro_batch"):
+        return None
+    return largest_fitting_micro_batch(estimate, torch.cuda.get_device_properties(device).total_memory)
+
+
 def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, device: torch.device,
                   estimate: dict[str, Any] | None) -> dict[str, Any]:
     """Medians of the timed iterations: the policy iterations (after ppo.critic_pretrain_steps critic-only
@@ -248,6 +259,8 @@ def summarize_ppo(cfg: BenchConfig, ppo_cfg: PPOConfig, metrics_file: Path, devi
         "peak_memory_kind": peak_key.removeprefix("perf/"),
         "estimated_memory_gib": estimate["total"] / 2**30 if estimate else None,
         "estimate_parts_gib": {k: v / 2**30 for k, v in estimate["parts"].items()} if estimate else None,
+        "micro_batch_size": ppo_cfg.train.micro_batch_size,
+        "fit_micro_batch": fit_on_device(estimate, device),
         "per_iteration_s": [r["perf/iteration_s"] for r in rows],
         "profiled_iteration_s": next((r["perf/iteration_s"] for r in every if r["step"] == profile_step), None),
         **compile_counters(),

@@ -9,6 +9,7 @@ import shutil
 import statistics
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -74,6 +75,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["mfu_update"] == pytest.approx(r["update_tflops"] / 0.5)
     assert r["peak_memory_kind"] == "peak_host_rss_gib" and r["peak_memory_gib"] > 0
     assert r["estimated_memory_gib"] > 0 and "KV cache (rollout)" in r["estimate_parts_gib"]
+    assert r["micro_batch_size"] > 0 and r["fit_micro_batch"] is None  # (a CPU: no GPU memory to fit)
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
     assert r["vs_trl"] is None  # no bench-trl.json beside it yet
     run = bench_dir / "out" / "ppo"  # train.checkpoints: false: W1's checkpoint would be 16 GB of a GPU lease
@@ -1105,7 +1107,11 @@ def test_on_a_known_gpu_the_configs_peak_wins_and_gpu_memory_is_reported(tmp_pat
     for row in rows.values():
         row["perf/peak_host_rss_gib"] = 20.0
     r = summarize_ppo(cfg, ppo, _metrics(tmp_path / "metrics.jsonl", rows), torch.device("cuda", 0), None)
-    assert r["device"] == "NVIDIA H100 80GB HBM3"
+    assert r["device"] == "NVIDIA H100 80GB HBM3" and r["fit_micro_batch"] is None  # (no estimate)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=10 * 2**30))
+    est = {"total": 2**30, "parts": {}, "peak_at_micro_batch": {1: 5 * 2**30, 2: 9 * 2**30, 4: 9.1 * 2**30}}
+    fitted = summarize_ppo(cfg, ppo, _metrics(tmp_path / "metrics.jsonl", rows), torch.device("cuda", 0), est)
+    assert fitted["fit_micro_batch"] == 2 and fitted["micro_batch_size"] == ppo.train.micro_batch_size  # 9 <= 0.9 x 10
     assert (r["peak_memory_gib"], r["peak_memory_kind"]) == (2.5, "peak_gpu_allocated_gib")
     assert (r["peak_tflops"], r["peak_bandwidth_tbs"]) == (0.5, 3.35)
     assert r["floors"] is not None and r["floors"]["iteration"]["gap"] == pytest.approx(
