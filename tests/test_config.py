@@ -539,11 +539,11 @@ def test_a_usage_error_is_one_error_line_with_exit_2():
 def test_help_shows_every_option_with_default():
     res = run_cli("sft", "--help")
     for option in ("--config", "--set", "--num-gpus", "--num-nodes", "--hostfile", "--dry-run", "--check-data",
-                   "--resume", "--allow-config-change", "--overwrite", "--debug"):
+                   "--gpu-memory", "--fit-micro-batch", "--resume", "--allow-config-change", "--overwrite", "--debug"):
         assert option in res.stdout
     assert "[default: (every host in --hostfile, else 1)]" in res.stdout  # --num-nodes
-    # --dry-run --check-data --resume --allow-config-change --overwrite --debug
-    assert res.stdout.count("[default: (off)]") == 6
+    # --dry-run --check-data --fit-micro-batch --resume --allow-config-change --overwrite --debug
+    assert res.stdout.count("[default: (off)]") == 7
     # a flag takes no value: no `<bool>` type beside it (typer 0.2x printed one), other options keep theirs
     assert "<bool>" not in res.stdout and "<path>" in res.stdout and "KEY=VALUE" in res.stdout
     assert "<bool>" not in run_cli("ppo", "--help").stdout  # --reward-norm/--no-reward-norm pairs alike
