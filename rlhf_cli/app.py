@@ -18,8 +18,8 @@ from rich.syntax import Syntax
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
 from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
-from rlhf_cli.micro_batch_fit import (DIVIDES_ANY, FIT_FLAG, NO_ESTIMATE, as_overrides, choose_micro_batch, fit_gpu,
-                                      load_to_fit)
+from rlhf_cli.micro_batch_fit import (DIVIDES_ANY, FIT_FLAG, LATER, NO_ESTIMATE, as_overrides, choose_micro_batch,
+                                      fit_gpu, load_to_fit)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
@@ -634,8 +634,8 @@ def pipeline(
                     if found is None and not run.not_yet:
                         raise ConfigError(NO_ESTIMATE)
                     if found is None:
-                        fit_lines[run.label] = (f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: "
-                                                "its model is to be trained by an earlier stage)")
+                        fit_sets[run.label] = [DIVIDES_ANY] if placeholder else []
+                        fit_lines[run.label] = LATER
                     else:
                         refit[run.label] = functools.partial(choose_micro_batch, loaded[run.label], processes, gpu,
                                                              None, placeholder)
@@ -657,9 +657,11 @@ def pipeline(
             what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
-            if act.action != "skip" and act.run.label in fit_lines:  # (afresh: no run kept as it trained)
-                again = act.action == "retrain" and act.run.label in refit
-                line = refit[act.run.label]()[1] if again else fit_lines[act.run.label]
+            if act.action != "skip" and act.run.label in fit_lines:
+                line = fit_lines[act.run.label]
+                if act.action == "retrain":  # afresh: not as its earlier run trained (its model may be retrained)
+                    again = refit[act.run.label]() if act.run.label in refit else None
+                    line = again[1] if again else LATER
                 out.print(f"  {escape(line)}", highlight=False)
         for line in eval_plan(cfg, actions):
             out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -47,10 +47,13 @@ def load_to_fit(load: Callable[[list[str]], Any], stage: str, fit: bool) -> tupl
     the first load raised and the second does not) — and whether the placeholder was needed."""
     try:
         return load([]), False
-    except ConfigError:
+    except ConfigError as first:
         if not (fit and stage == "ppo"):
             raise
-        return load([DIVIDES_ANY]), True
+        try:
+            return load([DIVIDES_ANY]), True
+        except ConfigError:
+            raise first from None  # (the config's own error, not one about the placeholder)
 
 
 def recorded_micro_batch(out_dir: Path, cfg: Any) -> dict[str, int] | None:
@@ -62,8 +65,9 @@ def recorded_micro_batch(out_dir: Path, cfg: Any) -> dict[str, int] | None:
     found = complete_checkpoints(out_dir)
     if not found and not (out_dir / "final").is_dir():
         return None
-    tree = (read_recorded(found[-1][1] / "resolved_config.yaml") if found else None) or read_recorded(
-        out_dir / "resolved_config.yaml")
+    places = ([found[-1][1] / "resolved_config.yaml"] if found else []) + [out_dir / "resolved_config.yaml"]
+    record = next((p for p in places if p.is_file()), None)  # the record a resume compares (resume_changes)
+    tree = read_recorded(record) if record is not None else None
     train = tree.get("train") if isinstance(tree, dict) else None
     micro = train.get("micro_batch_size") if isinstance(train, dict) else None
     if not isinstance(micro, int) or micro not in micro_batch_choices(cfg):
@@ -112,6 +116,10 @@ def choose_micro_batch(cfg: Any, world: int, gpu: tuple[int, str], kept_from: Pa
            f"no micro-batch fits in {room}: at 1 the estimated peak is {peak:.3f} GiB")
     return chosen, f"{FIT_FLAG}: {change}: {why}; {same}"
 
+
+#: the pipeline plan's line for a stage whose model an earlier stage has yet to train
+LATER = (f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: its model is to be trained by an "
+         "earlier stage)")
 
 NO_ESTIMATE = (f"{FIT_FLAG}: no memory estimate can be made for this config (a model's config.json is missing or "
                "unreadable — a hub model not in the local cache, an earlier stage's output not written yet — or "

@@ -29,8 +29,8 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     Llama-2 shapes within 2 % (64, 67 and 45.5 x H bytes per token per layer). A padded batch
                     under sdpa attention adds b m L^2 per layer: every layer turns the [m, 1, L, L] mask into an
                     additive bias of the model's dtype and keeps it for the backward pass (measured on CPU;
-                    2 L bytes per token per layer at 16 bits: +7 % at L = 2048 for Qwen2.5-0.5B). SFT and RM
-                    batches count as padded; PPO's unless min_new_tokens = max_new_tokens (the benchmarks')
+                    2 L bytes per token per layer at 16 bits: +7 % at L = 2048 for Qwen2.5-0.5B). Every batch
+                    counts as padded (an upper bound: an unpadded one has no mask)
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
                     largest update: its gradients + its fullest moment (backward pass: activations, logits,
                     buckets; the all-reduce; the optimizer step) (`peak`). Checked against DeepSpeed 0.19's own
@@ -362,10 +362,10 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
         parts["sampling copy of the policy"] = b * policy.params
     parts["KV cache (rollout)"] = 2 * policy.layers * policy.kv_width * length * t.rollout_batch_size * b
     ckpt = cfg.model.gradient_checkpointing
-    # rollouts are padded unless every response has max_new_tokens (prompts of one length, as the benchmarks')
-    padded = cfg.generation.min_new_tokens < cfg.generation.max_new_tokens
+    # rollouts count as padded: prompts of other lengths are left-padded, shorter responses right-padded (the
+    # benchmarks' are neither, but at their lengths the mask is 1 % of the activations)
     parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt,
-                                                            attention_masked(cfg.model, padded))
+                                                            attention_masked(cfg.model, True))
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
     policy_backward = ["activations (policy micro-batch)", "logits (policy micro-batch)"]
@@ -375,7 +375,7 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
         parts["logits (PTX micro-batch)"] = lm_loss_logits(policy, m, cfg.data.ptx_max_length, ds.precision)
         policy_backward += ["activations (PTX micro-batch)", "logits (PTX micro-batch)"]
     parts["activations (critic micro-batch)"] = activations(critic, m, length, ds.precision, ckpt,
-                                                            attention_masked(critic_cfg, padded))
+                                                            attention_masked(critic_cfg, True))
     phases["policy"].moments.setdefault("backward", []).extend(policy_backward)
     phases["critic"].moments.setdefault("backward", []).append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}

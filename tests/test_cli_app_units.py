@@ -765,3 +765,64 @@ def test_the_pipeline_passes_fit_micro_batch_on_and_compares_a_stage_as_it_will_
                      "--fit-micro-batch", "--dry-run")
     assert res.exit_code == 2 and "stage sft" in res.stderr and "no memory estimate can be made" in " ".join(
         res.stderr.split()), res.output
+
+
+def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_same_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline: a complete RM whose SFT is yet to be trained is retrained, so its plan line is not its old
+    run's choice but "chosen when the stage starts" (no estimate before SFT exists). `recorded_micro_batch`: the
+    newest checkpoint's record (else a complete run's), kept only when micro x accumulation is the config's 16."""
+    import yaml
+
+    from rlhf_cli.config_loader import load_config
+    from rlhf_cli.micro_batch_fit import recorded_micro_batch
+
+    _not_a_worker(monkeypatch)
+    rm = tmp_path / "p" / "rm"
+    (rm / "final").mkdir(parents=True)
+    (rm / "final" / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}')
+    (rm / "resolved_config.yaml").write_text(yaml.safe_dump({"train": {"micro_batch_size": 8,
+                                                                       "gradient_accumulation_steps": 2}}))
+    res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
+                     f"output_dir={tmp_path / 'p'}", "--gpu-memory", "0.05", "--fit-micro-batch", "--dry-run")
+    said = " ".join(res.stdout.split())
+    assert res.exit_code == 0 and "rm (trained afresh" in said, res.output
+    assert said.split("rm (trained afresh", 1)[1].split(" ppo-max (")[0].endswith(
+        "--fit-micro-batch: chosen when the stage starts (no memory estimate yet: its model is to be trained by an "
+        "earlier stage)")
+    cfg = load_config("sft", TINY_SFT, [f"output_dir={rm}"])  # 16 rows per step
+    assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2}
+    (rm / "resolved_config.yaml").write_text("train: {micro_batch_size: 8, gradient_accumulation_steps: 4}\n")
+    assert recorded_micro_batch(rm, cfg) is None  # 32 rows: another batch
+    ck = rm / "checkpoint-00000002"  # a checkpoint's record wins over output_dir's
+    ck.mkdir()
+    (ck / "COMPLETE").write_text("ok\n")
+    (ck / "trainer_state.json").write_text('{"step": 2}')
+    (ck / "resolved_config.yaml").write_text("train: {micro_batch_size: 4, gradient_accumulation_steps: 4}\n")
+    assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 4, "train.gradient_accumulation_steps": 4}
+    for odd in ("train: 5\n", "seed: 1\n", "[1, 2]\n", "train: {micro_batch_size: '4'}\n", ""):
+        (ck / "resolved_config.yaml").write_text(odd)
+        assert recorded_micro_batch(rm, cfg) is None, odd
+
+
+def test_load_to_fit_tries_a_dividing_micro_batch_for_ppo_only_and_keeps_the_configs_own_error() -> None:
+    from rlhf_cli.micro_batch_fit import DIVIDES_ANY, load_to_fit
+    from stages.errors import ConfigError
+
+    def load(extra: list[str]) -> str:
+        if extra != [DIVIDES_ANY]:
+            raise ConfigError("mini_batch_size (8) must be a multiple of micro_batch_size (16)")
+        return "loaded"
+
+    assert load_to_fit(load, "ppo", True) == ("loaded", True)
+    with pytest.raises(ConfigError, match="must be a multiple"):
+        load_to_fit(load, "sft", True)  # (SFT/RM keep micro x accumulation: nothing to retry)
+    with pytest.raises(ConfigError, match="must be a multiple"):
+        load_to_fit(load, "ppo", False)
+
+    def broken(extra: list[str]) -> str:
+        raise ConfigError("train: Input should be a mapping" if not extra else "--set train.micro_batch_size: train "
+                          "is a int")
+
+    with pytest.raises(ConfigError, match="Input should be a mapping"):
+        load_to_fit(broken, "ppo", True)

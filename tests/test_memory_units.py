@@ -181,8 +181,8 @@ def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     """bf16, ZeRO-0 on 2 ranks, micro-batches of 2 rows of 6 + 4 = 10 tokens, 4 prompts per rollout:
     frozen reference 2 x 1000 and reward model 2 x 600 (whole per rank); KV cache 2 x 2 layers x K 4 x 10 tokens
     x 4 prompts x 2 bytes; the policy's activations 304 x 20 tokens x 2 layers, the critic's 136 x 20 x 1 layer,
-    each layer with its mask as a bf16 bias of 2 rows x 10^2 (rollouts shorter than max_new_tokens are padded;
-    not with min_new_tokens = max_new_tokens); logits: one chunk of min(3, 2 rows x 4 responses) = 3 rows x V
+    each layer with its mask as a bf16 bias of 2 rows x 10^2 (rollouts count as padded; with eager attention
+    no mask is counted); logits: one chunk of min(3, 2 rows x 4 responses) = 3 rows x V
     50, 28 bytes each with the entropy. With critic_init: policy the critic has the policy's shape."""
     from stages.memory import estimate
 
@@ -200,8 +200,9 @@ def test_ppo_estimate_components_by_hand(tmp_path, shapes):
     assert est["phases"]["critic"].moments["backward"][-1] == "activations (critic micro-batch)"
     no_entropy = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "train.logprob_chunk=3"), 2)
     assert no_entropy["parts"]["logits (policy micro-batch)"] == 3 * 50 * 16
-    full = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "generation.min_new_tokens=4"), 2)["parts"]
-    assert (full["activations (policy micro-batch)"], full["activations (critic micro-batch)"]) == (12160, 2720)
+    eager = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "model.attn_implementation=eager",
+                          "reward_model.attn_implementation=eager"), 2)["parts"]
+    assert (eager["activations (policy micro-batch)"], eager["activations (critic micro-batch)"]) == (12160, 2720)
     parts = estimate(_ppo(tmp_path, "deepspeed.zero_stage=0", "ppo.critic_init=policy"), 2)["parts"]
     assert parts["critic weights"] == parts["policy weights"] == 2000
     assert parts["activations (critic micro-batch)"] == parts["activations (policy micro-batch)"] == 12960
