@@ -404,6 +404,16 @@ def preset_hint(changes: list[str]) -> str:
     return f"That run used preset {found[1]} ({flag}--preset {found[1]}, or ppo.preset in its config): give it again. "
 
 
+def fit_hint(changes: list[str]) -> str:
+    """What to say when the changes include train.micro_batch_size (a command line without the run's
+    `--fit-micro-batch`, whose choice its record holds): "If that run chose it with --fit-micro-batch, give it
+    again (it keeps what the run trained with). ", or ""."""
+    if not any(c.startswith("train.micro_batch_size:") for c in changes):
+        return ""
+    return "If that run chose train.micro_batch_size with --fit-micro-batch, give it again (it keeps what the run " \
+           "trained with). "
+
+
 class OutputPlan(NamedTuple):
     """What `check_output_dir` found: the checkpoint a resume continues (None: a fresh start), the changes it
     carries, and the fingerprints of the run's inputs (None when not resuming: nothing to compare them with)."""
@@ -444,7 +454,7 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs, stage)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
-                              f"{preset_hint(changes)}Resuming continues that run exactly only with its config and "
+                              f"{preset_hint(changes)}{fit_hint(changes)}Resuming continues that run exactly only with its config and "
                               "process count; pass --allow-config-change to continue with these changes")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:

@@ -344,13 +344,16 @@ def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | 
     checkpoint its --resume would refuse (`partial_stage_changes`), here rather than after the stages before
     it have trained. Once SFT or the reward model is (re)trained, every later stage is trained afresh: its
     output, complete or partial, came from the old one."""
+    from stages.checkpoint import fit_hint
+
     actions, upstream_retrained = [], False
     for run in runs:
         if not will_train(run, force, upstream_retrained):
             changes = stage_config_changes(run.out, (resolved or {}).get(run.label), run.stage)
             if changes and not allow_changes:
                 raise ConfigError(f"pipeline: stage {run.label} is complete in {run.out}, but its config or inputs "
-                                  f"changed since it was trained ({_listed(changes)}); delete {run.out} to retrain it "
+                                  f"changed since it was trained ({_listed(changes)}); {fit_hint(changes)}delete "
+                                  f"{run.out} to retrain it "
                                   "(the stages after it are retrained too), --force to retrain every stage, or "
                                   "--allow-config-change to keep it")
             actions.append(StageAction(run, "skip", changes))
@@ -362,7 +365,8 @@ def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | 
             if action == "resume" else []
         if changes and not allow_changes:
             raise ConfigError(f"pipeline: stage {run.label} has a partial run in {run.out} whose newest checkpoint "
-                              f"was trained with another config or inputs ({_listed(changes)}); delete {run.out} "
+                              f"was trained with another config or inputs ({_listed(changes)}); {fit_hint(changes)}"
+                              f"delete {run.out} "
                               "to train it afresh, --force to retrain every stage, or --allow-config-change to "
                               "resume it anyway")
         actions.append(StageAction(run, action))

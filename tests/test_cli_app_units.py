@@ -517,7 +517,9 @@ def test_fit_micro_batch_trains_with_the_largest_that_fits_and_the_same_rows_per
     assert res.exit_code == 0 and trained[-1].micro_batch_size == 16, res.output
     assert f"train.micro_batch_size: {best} -> 16" in " ".join(res.stderr.split())  # (the changes' warning)
     res = invoke_cli(*_sft_args(tmp_path / "a", "--resume"))
-    assert res.exit_code == 2 and "train.micro_batch_size" in res.stderr, res.output
+    assert res.exit_code == 2 and f"train.micro_batch_size: {best} -> 16" in res.stderr and (
+        "If that run chose train.micro_batch_size with --fit-micro-batch, give it again") in " ".join(
+            res.stderr.split()), res.output
     res = invoke_cli(*_sft_args(tmp_path / "b", "--gpu-memory", "80", "--fit-micro-batch"))
     assert res.exit_code == 0 and "train.micro_batch_size 16 kept" in " ".join(res.stdout.split()), res.output
     assert (trained[-1].micro_batch_size, trained[-1].gradient_accumulation_steps) == (16, 1)

@@ -312,6 +312,11 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
                                              r"0.0002\); delete .* --allow-config-change to resume it anyway$"):
         pl.stage_actions(pl.plan(cfg), False, now)
     assert calls == []
+    now["ppo"] = yaml.safe_dump({**trained, "train": {"lr": 1e-4, "save_every": 2, "micro_batch_size": 2}})
+    with pytest.raises(pl.ConfigError, match=r"\(train.micro_batch_size: .* -> 2\); If that run chose "
+                                             r"train.micro_batch_size with --fit-micro-batch, give it again"):
+        pl.stage_actions(pl.plan(cfg), False, now)  # (a run fitted, a pipeline without the flag now)
+    now["ppo"] = yaml.safe_dump({**trained, "train": {"lr": 2e-4, "save_every": 5}})
     pl.run_pipeline(cfg, ["--allow-config-change"], force=False, console=quiet, resolved=now, allow_changes=True)
     assert [("--allow-config-change" in c, "--resume" in c) for c in calls] == [(True, True)]
 
