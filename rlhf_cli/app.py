@@ -18,8 +18,8 @@ from rich.syntax import Syntax
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
 from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
-from rlhf_cli.micro_batch_fit import (DIVIDES_ANY, FIT_FLAG, LATER, NO_ESTIMATE, as_overrides, choose_micro_batch,
-                                      fit_gpu, load_to_fit)
+from rlhf_cli.micro_batch_fit import (FIT_FLAG, LATER, NO_ESTIMATE, as_overrides, choose_micro_batch, fit_gpu,
+                                      load_to_fit)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
     STOP_FILE,
@@ -214,9 +214,8 @@ def run_stage(
                                        Path(cfg.output_dir) if resume and not allow_changes else None, placeholder)
             if found is None:
                 raise ConfigError(NO_ESTIMATE)
-            sets, named = as_overrides(found[0])
-            cfg = load_config(stage, config, overrides + ([DIVIDES_ANY] if placeholder else []) + sets,
-                              preset=preset, flags={**(flags or {}), **named})
+            sets, named = as_overrides(found[0], placeholder)
+            cfg = load_config(stage, config, overrides + sets, preset=preset, flags={**(flags or {}), **named})
             if _rank() == 0:
                 out.print(escape(found[1]), highlight=False)
         out_dir = Path(cfg.output_dir)
@@ -634,13 +633,12 @@ def pipeline(
                     if found is None and not run.not_yet:
                         raise ConfigError(NO_ESTIMATE)
                     if found is None:
-                        fit_sets[run.label] = [DIVIDES_ANY] if placeholder else []
+                        fit_sets[run.label] = as_overrides({}, placeholder)[0]
                         fit_lines[run.label] = LATER
                     else:
                         refit[run.label] = functools.partial(choose_micro_batch, loaded[run.label], processes, gpu,
                                                              None, placeholder)
-                        sets, named = as_overrides(found[0])
-                        fit_sets[run.label] = ([DIVIDES_ANY] if placeholder else []) + sets
+                        fit_sets[run.label], named = as_overrides(found[0], placeholder)
                         loaded[run.label], fit_lines[run.label] = load(fit_sets[run.label], named), found[1]
             except ConfigError as exc:
                 raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "

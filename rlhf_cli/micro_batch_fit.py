@@ -60,13 +60,12 @@ def recorded_micro_batch(out_dir: Path, cfg: Any) -> dict[str, int] | None:
     """`micro_batch_keys` of the run in out_dir — the record (resolved_config.yaml) of its newest complete
     checkpoint, else output_dir's own when the run is complete (final/) — when that split gives the rows per
     optimizer step `cfg` asks for (`per_rank_batch`); None otherwise (no such run, or another batch)."""
-    from stages.checkpoint import complete_checkpoints, read_recorded
+    from stages.checkpoint import complete_checkpoints, read_recorded, run_record
 
     found = complete_checkpoints(out_dir)
     if not found and not (out_dir / "final").is_dir():
         return None
-    places = ([found[-1][1] / "resolved_config.yaml"] if found else []) + [out_dir / "resolved_config.yaml"]
-    record = next((p for p in places if p.is_file()), None)  # the record a resume compares (resume_changes)
+    record = run_record(out_dir, found[-1][1] if found else None)  # the one a resume compares (resume_changes)
     tree = read_recorded(record) if record is not None else None
     train = tree.get("train") if isinstance(tree, dict) else None
     micro = train.get("micro_batch_size") if isinstance(train, dict) else None
@@ -126,7 +125,8 @@ NO_ESTIMATE = (f"{FIT_FLAG}: no memory estimate can be made for this config (a m
                "its architecture cannot be built); set train.micro_batch_size yourself")
 
 
-def as_overrides(keys: dict[str, int]) -> tuple[list[str], dict[str, str]]:
-    """`choose_micro_batch`'s keys as `--set` overrides, and the flags that name FIT_FLAG in their errors (see
-    `load_config`'s `flags`)."""
-    return [f"{k}={v}" for k, v in keys.items()], dict.fromkeys(keys, FIT_FLAG)
+def as_overrides(keys: dict[str, int], placeholder: bool) -> tuple[list[str], dict[str, str]]:
+    """`choose_micro_batch`'s keys as `--set` overrides, after DIVIDES_ANY when the config was loaded with it
+    (`load_to_fit`: the config's own micro-batch does not validate), and the flags that name FIT_FLAG in their
+    errors (see `load_config`'s `flags`)."""
+    return ([DIVIDES_ANY] if placeholder else []) + [f"{k}={v}" for k, v in keys.items()], dict.fromkeys(keys, FIT_FLAG)

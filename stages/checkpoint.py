@@ -357,6 +357,14 @@ def _zero_stage(tree: Any) -> int:
     return stage if isinstance(stage, int) else 0
 
 
+def run_record(out_dir: Path, checkpoint: Path | None) -> Path | None:
+    """The record (resolved_config.yaml) of the run a resume continues: the checkpoint's copy, else, for
+    checkpoints older than that copy (or a complete run, checkpoint None), output_dir's; None when neither is
+    there."""
+    places = ([checkpoint] if checkpoint is not None else []) + [out_dir]
+    return next((p / "resolved_config.yaml" for p in places if (p / "resolved_config.yaml").is_file()), None)
+
+
 def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
                    inputs: dict[str, dict[str, str]] | None = None,
                    stage: str | None = None) -> tuple[Path | None, list[str]]:
@@ -377,7 +385,7 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
         return None, []
     path = found[-1][1]
     now = yaml.safe_load(config_text)
-    saved = next((p for p in (path / "resolved_config.yaml", out_dir / "resolved_config.yaml") if p.is_file()), None)
+    saved = run_record(out_dir, path)
     before_cfg = read_recorded(saved) if saved is not None else None  # unreadable: nothing to compare with
     changes = recorded_changes(before_cfg, path / "inputs.json", now, inputs, stage)
     before = saved_world_size(path)
@@ -454,8 +462,9 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
         checkpoint, changes = resume_changes(out_dir, config_text, world_size, inputs, stage)
         if changes and not allow_changes:
             raise ConfigError(f"--resume: this run differs from the one that wrote {checkpoint}: {'; '.join(changes)}. "
-                              f"{preset_hint(changes)}{fit_hint(changes)}Resuming continues that run exactly only with its config and "
-                              "process count; pass --allow-config-change to continue with these changes")
+                              f"{preset_hint(changes)}{fit_hint(changes)}Resuming continues that run exactly only "
+                              "with its config and process count; pass --allow-config-change to continue with these "
+                              "changes")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:
         raise ConfigError(

@@ -270,10 +270,11 @@ FULL_LOGITS_BLOCK = {False: 16, True: 24}
 LM_LOSS_BLOCK = 12
 
 
-def attention_masked(model: ModelConfig, padded: bool) -> bool:
-    """Whether a model's forwards keep an attention mask per layer (`activations`): padded batches under sdpa
-    attention (flash_attention_2 unpads instead; eager keeps whole attention matrices, not modelled)."""
-    return padded and model.attn_implementation == "sdpa"
+def attention_masked(model: ModelConfig) -> bool:
+    """Whether a model's forwards keep an attention mask per layer (`activations`), every batch counting as
+    padded: under sdpa attention (flash_attention_2 unpads instead; eager keeps whole attention matrices, not
+    modelled)."""
+    return model.attn_implementation == "sdpa"
 
 
 def logit_bytes(shape: Shape, rows: int, scored: int, precision: str, chunk: int, entropy: bool = False) -> float:
@@ -365,17 +366,17 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
     # rollouts count as padded: prompts of other lengths are left-padded, shorter responses right-padded (the
     # benchmarks' are neither, but at their lengths the mask is 1 % of the activations)
     parts["activations (policy micro-batch)"] = activations(policy, m, length, ds.precision, ckpt,
-                                                            attention_masked(cfg.model, True))
+                                                            attention_masked(cfg.model))
     parts["logits (policy micro-batch)"] = logit_bytes(policy, m, cfg.generation.max_new_tokens,
                                                        ds.precision, t.logprob_chunk, cfg.ppo.entropy_coef > 0)
     policy_backward = ["activations (policy micro-batch)", "logits (policy micro-batch)"]
     if cfg.ppo.ptx_coef > 0 and cfg.data.ptx is not None:  # its LM loss joins each policy micro-batch's backward
         parts["activations (PTX micro-batch)"] = activations(policy, m, cfg.data.ptx_max_length, ds.precision, ckpt,
-                                                             attention_masked(cfg.model, True))
+                                                             attention_masked(cfg.model))
         parts["logits (PTX micro-batch)"] = lm_loss_logits(policy, m, cfg.data.ptx_max_length, ds.precision)
         policy_backward += ["activations (PTX micro-batch)", "logits (PTX micro-batch)"]
     parts["activations (critic micro-batch)"] = activations(critic, m, length, ds.precision, ckpt,
-                                                            attention_masked(critic_cfg, True))
+                                                            attention_masked(critic_cfg))
     phases["policy"].moments.setdefault("backward", []).extend(policy_backward)
     phases["critic"].moments.setdefault("backward", []).append("activations (critic micro-batch)")
     return {"parts": parts, "phases": phases, "total": peak(parts, phases), "world_size": world}
@@ -402,7 +403,7 @@ def _lm_stage_parts(cfg: SFTConfig | RMConfig, world: int, shape: Shape, micro: 
     rows = micro * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length
     parts["activations (micro-batch)"] = activations(shape, rows, length, ds.precision, cfg.model.gradient_checkpointing,
-                                                     attention_masked(cfg.model, True))  # (rows padded to the longest)
+                                                     attention_masked(cfg.model))  # (rows padded to the longest)
     if isinstance(cfg, SFTConfig):
         parts["logits"] = lm_loss_logits(shape, rows, length, ds.precision)
     elif cfg.loss.lm_coef > 0:  # LMHead: one checkpointed float32 block of the chosen rows at a time
