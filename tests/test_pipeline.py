@@ -715,18 +715,18 @@ def test_ppo_refuses_prompts_rendered_unlike_the_sft_and_rm_training(pipeline_ru
     base = ["ppo", "--config", str(TINY / "ppo.yaml"), "--set", f"model.name_or_path={root / 'sft'}",
             "--set", f"reward_model.name_or_path={root / 'rm'}", "--set", f"data.train={plain}",
             "--set", "data.eval=null", "--set", "data.eval_fraction=0", "--set", "data.format=prompt"]
-    res = run_cli(*base, "--set", f"output_dir={tmp_path / 'p1'}")
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    res = invoke_cli(*base, "--set", f"output_dir={tmp_path / 'p1'}")  # (refusals: in this interpreter)
+    assert res.exit_code == 2, res.output[-3000:]
     line = res.stderr.strip().splitlines()[-1]
     assert f"the policy (SFT) {root / 'sft' / 'final'} was trained on chat-template conversations; PPO renders " \
            "its prompts as plain prompt text" in line and "the reward model" in line, line
     assert "data.use_chat_template" in line and "data.rendering_check: warn" in line
-    res = run_cli(*base, "--set", f"output_dir={tmp_path / 'p2'}", "--set", "data.use_chat_template=true",
-                  "--set", 'data.chat_template="{% for m in messages %}{{ m.content }}\\n{% endfor %}"')
-    assert res.returncode == 2 and "trained with another chat template than the one PPO renders" in res.stderr
+    res = invoke_cli(*base, "--set", f"output_dir={tmp_path / 'p2'}", "--set", "data.use_chat_template=true",
+                     "--set", 'data.chat_template="{% for m in messages %}{{ m.content }}\\n{% endfor %}"')
+    assert res.exit_code == 2 and "trained with another chat template than the one PPO renders" in res.stderr
     # rlhf eval makes the same check of POLICY (a PPO policy's record: SFT's styles and its prompts') and the RM
-    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts", str(plain))
-    assert res.returncode == 2 and f"POLICY {root / 'ppo-max' / 'final'} was trained on chat-template " \
+    res = invoke_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts", str(plain))
+    assert res.exit_code == 2 and f"POLICY {root / 'ppo-max' / 'final'} was trained on chat-template " \
         "conversations; rlhf eval renders its prompts as plain prompt text" in res.stderr, res.stderr[-2000:]
 
 
@@ -742,21 +742,23 @@ def test_eval_and_report_commands(pipeline_run, tmp_path):
     assert (ev["policy"], ev["reward_model"]) == (str(root / "ppo-max"), str(root / "rm"))
     assert ev["prompts"] == 8 and "baseline_metrics" not in ev and "kl" not in ev["policy_metrics"]
     assert 0.0 <= ev["policy_metrics"]["gold"] <= 1.0 and ev["policy_metrics"]["length"] <= 8
-    res = run_cli("eval", str(root / "ppo-max"), "--num-prompts", "8")
-    assert res.returncode == 2 and "needs --prompts" in res.stderr and "Traceback" not in res.stderr
+    # refusals, in this interpreter (an exception that escaped would be exit code 1 with it kept)
+    res = invoke_cli("eval", str(root / "ppo-max"), "--num-prompts", "8")
+    assert res.exit_code == 2 and "needs --prompts" in res.stderr, res.output
     # the reward model handed over as the policy: refused before loading, one line, exit 1
-    res = run_cli("eval", str(root / "rm"), "--reward-model", str(root / "rm"), "--prompts",
-                  str(TINY / "data" / "eval_prompts.jsonl"), "--num-prompts", "8")
-    assert res.returncode == 1 and "(a reward model), not a causal LM; point POLICY at" in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and "Loading weights" not in res.stdout + res.stderr
+    res = invoke_cli("eval", str(root / "rm"), "--reward-model", str(root / "rm"), "--prompts",
+                     str(TINY / "data" / "eval_prompts.jsonl"), "--num-prompts", "8")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # (not an escaped error)
+    assert "(a reward model), not a causal LM; point POLICY at" in res.stderr, res.output[-2000:]
+    assert "Loading weights" not in res.output
     # a policy path that is not there, and a temperature the help says must be > 0: one line each
-    res = run_cli("eval", str(tmp_path / "gone"), "--reward-model", str(root / "rm"), "--prompts",
-                  str(TINY / "data" / "eval_prompts.jsonl"))
-    assert res.returncode == 2 and f"model {tmp_path / 'gone'}: no such file or directory" in res.stderr, res.stderr
-    res = run_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
-                  str(TINY / "data" / "eval_prompts.jsonl"), "--temperature", "0")
-    assert res.returncode == 2 and "temperature: Input should be greater than 0 (got 0.0)" in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr and "pydantic" not in res.stderr
+    res = invoke_cli("eval", str(tmp_path / "gone"), "--reward-model", str(root / "rm"), "--prompts",
+                     str(TINY / "data" / "eval_prompts.jsonl"))
+    assert res.exit_code == 2 and f"model {tmp_path / 'gone'}: no such file or directory" in res.stderr, res.output
+    res = invoke_cli("eval", str(root / "ppo-max"), "--reward-model", str(root / "rm"), "--prompts",
+                     str(TINY / "data" / "eval_prompts.jsonl"), "--temperature", "0")
+    assert res.exit_code == 2 and "temperature: Input should be greater than 0 (got 0.0)" in res.stderr, res.output
+    assert "pydantic" not in res.stderr
     res = run_cli("report", str(root / "ppo-max"), str(root / "sft"), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "kl.png").stat().st_size > 1000
