@@ -45,6 +45,8 @@ def bench_dir(tmp_path_factory) -> Path:
     peaks = ["--set", "peak_tflops=0.5", "--set", "peak_bandwidth_tbs=0.01"]  # a CPU's are not known: given
     ppo = _rlhf("bench", "ppo", "--config", "tiny.yaml", "--iters", "3", "--warmup", "1", *peaks, cwd=d)
     assert ppo.returncode == 0, ppo.stdout[-3000:] + ppo.stderr[-3000:]
+    # every response runs to new_tokens by the workload's design: no collapse monitor firing at a 100 % cap share
+    assert "collapse monitor" not in ppo.stdout + ppo.stderr, ppo.stdout[-3000:]
     (d / "weights_mtime").write_text(str((d / "out/workload/policy/model.safetensors").stat().st_mtime_ns))
     gen = _rlhf("bench", "generate", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", *peaks, cwd=d)
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]

@@ -1059,6 +1059,10 @@ def test_collapse_monitor_each_check_alone_and_0_disables_it(key, value, message
     field = {"rollout/cap_share": "max_cap_share", "rollout/response_length": "max_length_ratio",
              "objective/kl_per_token": "max_kl", "rollout/repetition": "max_repetition"}[key]
     assert collapse_reasons({**QUIET, key: value}, 8.0, MonitorConfig(**{field: 0})) == []
+    # every response made to run to max_new_tokens (min_new_tokens = max_new_tokens, as the bench's): a cap share
+    # of 100 % is no sign of collapse; the other checks stand
+    assert collapse_reasons({**QUIET, key: value}, 8.0, cfg, cap_forced=True) == (
+        [] if key == "rollout/cap_share" else [message])
 
 
 def test_collapse_monitor_thresholds_are_strict_and_all_fire_together():

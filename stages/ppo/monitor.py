@@ -11,12 +11,15 @@ from stages.config import MonitorConfig
 KL_METRICS = {"k1": "objective/kl_per_token", "k3": "objective/kl_k3_per_token"}
 
 
-def collapse_reasons(metrics: dict[str, float], start_length: float | None, cfg: MonitorConfig) -> list[str]:
+def collapse_reasons(metrics: dict[str, float], start_length: float | None, cfg: MonitorConfig,
+                     cap_forced: bool = False) -> list[str]:
     """Why the monitor fires for this iteration's metrics ([] = quiet). `start_length` is the mean response
-    length of the first iteration."""
+    length of the first iteration. `cap_forced`: no response can stop before max_new_tokens
+    (generation.min_new_tokens >= max_new_tokens, as `rlhf bench`'s workloads sample), so every one hits it and
+    the cap-share check says nothing: it is not made."""
     reasons = []
     cap = metrics["rollout/cap_share"]
-    if cfg.max_cap_share > 0 and cap > cfg.max_cap_share:
+    if cfg.max_cap_share > 0 and not cap_forced and cap > cfg.max_cap_share:
         reasons.append(f"{cap:.0%} of responses hit max_new_tokens (> {cfg.max_cap_share:.0%})")
     length = metrics["rollout/response_length"]
     if cfg.max_length_ratio > 0 and start_length and length > cfg.max_length_ratio * start_length:

@@ -814,7 +814,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 check_finite(key, values[key], done, out)
             if state["start_length"] is None:
                 state["start_length"] = values["rollout/response_length"]
-            reasons = collapse_reasons(values, state["start_length"], cfg.monitor)
+            reasons = collapse_reasons(values, state["start_length"], cfg.monitor,
+                                       cfg.generation.min_new_tokens >= cfg.generation.max_new_tokens)
             values["monitor/firing"] = float(bool(reasons))
             if due(done, cfg.logging.log_every, total):
                 metrics.log(done, values)
