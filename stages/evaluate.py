@@ -207,7 +207,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                              "compare models that share the policy's tokenizer (its SFT model, say)")
     styles: set[str] = set()
     log = BadRowLog()
-    prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles)
+    prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles, limit=s.num_prompts)
 
     def warn(text: str) -> None:
         say(True, f"[yellow]{escape(text)}[/]")
@@ -215,13 +215,9 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     if s.num_prompts and s.num_prompts > len(prompts):
         warn(f"{s.num_prompts} prompts asked (--num-prompts), {len(prompts)} usable in {s.data.train.path}: all of them "
              "are evaluated")
-    prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
-    if not prompts:
-        raise ConfigError(f"no prompts in {s.data.train}{log.summary()}")
-
     if log.total or cut:  # (data.on_bad_row: skip) rows the evaluation leaves out, and prompts it shortens
-        warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} prompt(s) cut to "
-             f"data.max_prompt_length ({s.data.max_prompt_length} tokens, counted over all rows read)")
+        warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} of the {len(prompts)} evaluated cut to "
+             f"data.max_prompt_length ({s.data.max_prompt_length} tokens)")
 
     if s.data.gold_reward:
         check_gold_prompts(s.data.gold_reward, tok, prompts, str(s.data.train.path), warn)

@@ -390,6 +390,24 @@ def test_a_messages_prompt_of_only_an_assistant_turn_is_a_bad_row(tmp_path: Path
     assert log.total == 1 and list(log.reasons) == ["a prompt must end with a user turn"]
 
 
+def test_a_limit_reads_only_the_first_usable_prompts_and_counts_over_them(tmp_path: Path, tok: Any) -> None:
+    """`limit` (rlhf eval --num-prompts): the first N usable prompts; a bad row among them is skipped and counted,
+    the rows after them are not read (row 5's error and row 4's cut never show), and `cut` counts the N only."""
+    from stages.config import PPODataConfig
+    from stages.data import BadRowLog
+    from stages.ppo.prompts import load_prompts
+
+    long = " ".join(["a b"] * 40)
+    path = _rows(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": ""}, {"prompt": long}, {"prompt": long},
+                                        {"messages": "not a prompt row"}])
+    data = PPODataConfig(train=path, on_bad_row="skip", max_prompt_length=8)
+    log = BadRowLog()
+    read = load_prompts(data.train, data, tok, log, limit=2)
+    assert len(read.ids) == 2 and read.cut == 1 and len(read.ids[1]) == 8 and log.total == 1
+    everything = load_prompts(data.train, data, tok, BadRowLog())
+    assert len(everything.ids) == 3 and everything.cut == 2
+
+
 def test_an_unknown_prompt_format_names_the_configured_columns_or_is_refused() -> None:
     """A row with none of the configured columns names them (custom names, HH's text column last); a format
     outside prompt/messages/hh is a ValueError naming it."""

@@ -95,14 +95,16 @@ class Prompts(NamedTuple):
 
 
 def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
-                 styles: set[str] | None = None) -> Prompts:
-    """Token ids of every usable prompt of `source`, with counts (`Prompts`); the rendering style of each usable
-    prompt is added to `styles` when given."""
+                 styles: set[str] | None = None, limit: int | None = None) -> Prompts:
+    """Token ids of every usable prompt of `source` (of the first `limit` when given: the rows after them are not
+    read), with counts over them (`Prompts`); the rendering style of each is added to `styles` when given."""
     fmt = AutoFormat(data.format)
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
     truncated = as_text = 0
     for row in read_rows(source, data.on_bad_row, log):
+        if limit is not None and len(prompts) >= limit:
+            break
         where = f"{row.file} row {row.row}"
         try:
             row_fmt = fmt.of(row.data, lambda r: detect_prompt_format(r, data))
