@@ -38,7 +38,7 @@ from rlhf_cli.launcher import (
 from stages import stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
-from stages.runtime import check_worker_env
+from stages.runtime import check_worker_env, import_deepspeed_as_workers_would
 
 app = typer.Typer(
     name="rlhf",
@@ -209,6 +209,8 @@ def run_stage(
         cfg, placeholder = load_to_fit(lambda extra: load_config(stage, config, overrides + extra, preset=preset,
                                                                  flags=flags), stage, fit_micro_batch)
         processes = _world() if inside_launcher() else world_size(num_gpus, num_nodes, hostfile)
+        if (dry_run or fit_micro_batch) and not inside_launcher():  # (their estimate reads DeepSpeed's helpers)
+            import_deepspeed_as_workers_would()
         if fit_micro_batch:  # (a resume keeps the micro-batch its run trained with)
             found = choose_micro_batch(cfg, processes, fit_gpu(num_gpus, hostfile, gpu_memory, inside_launcher()),
                                        Path(cfg.output_dir) if resume and not allow_changes else None, placeholder)

@@ -124,6 +124,21 @@ def chosen_accelerator(env: dict[str, str] | os._Environ) -> str:
     return env.get("DS_ACCELERATOR") or missing_accelerator(env) or "cuda"
 
 
+def import_deepspeed_as_workers_would() -> None:
+    """Import DeepSpeed in the launching process (a dry run's checks and memory estimate read its helpers) with the
+    accelerator its workers get (`missing_accelerator`, which the launch command adds), set for the import only:
+    DeepSpeed picks its accelerator once, at import, and otherwise guesses the CPU one with a warning. os.environ
+    is left as it was."""
+    accelerator = missing_accelerator(os.environ)
+    if accelerator is not None:
+        os.environ["DS_ACCELERATOR"] = accelerator
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        if accelerator is not None:
+            del os.environ["DS_ACCELERATOR"]
+
+
 def select_accelerator_env(env: dict[str, str] | os._Environ | None = None) -> None:
     """Pick DeepSpeed's CPU accelerator when no CUDA device is present (unless DS_ACCELERATOR is set)."""
     env = os.environ if env is None else env

@@ -293,10 +293,16 @@ def test_cli_bogus_key_exits_2_with_key_named():
 
 
 def test_cli_dry_run_prints_config_and_launch_command(tmp_path):
+    import torch
+
     out_dir = tmp_path / "never"
     res = run_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--num-gpus", "2", "--set", f"output_dir={out_dir}",
-                  "--set", "train.lr=0.125")
+                  "--set", "train.lr=0.125", drop_env=("DS_ACCELERATOR",))
     assert res.returncode == 0, res.stderr
+    # DeepSpeed, imported for the checks, gets the workers' accelerator rather than guessing it with a warning,
+    # which the launch command still sets
+    assert "real_accelerator" not in res.stdout + res.stderr, res.stderr
+    assert ("DS_ACCELERATOR=cpu" in res.stdout) != torch.cuda.is_available()
     assert "lr: 0.125" in res.stdout
     assert f"output_dir: {out_dir}" in res.stdout
     assert "-m deepspeed.launcher.runner --num_gpus 2" in res.stdout
