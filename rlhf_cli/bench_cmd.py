@@ -150,6 +150,12 @@ def _device() -> Any:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _warn_uneven(vs: dict[str, Any]) -> None:
+    """The comparison's caveat (`uneven_host_load`), as a warning on stderr."""
+    if vs.get("uneven_host_load"):
+        err.print(f"[yellow]warning:[/] {escape(vs['uneven_host_load'])}", highlight=False)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -224,6 +230,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         out.print(f"vs TRL's PPOTrainer (bench-trl.json, {vs['trl_precision']}: "
                   f"{vs['trl_seconds_per_iteration']:.4g} s per iteration, peak {vs['trl_peak_memory_gib']:.3g} GiB): "
                   f"{_versus(vs['speedup'])}, generation {_versus(vs['generation_speedup'])}", highlight=False)
+        _warn_uneven(vs)
     out.print(f"wrote {target}" + "".join(f", {p}" for p in result["profile"].values()), highlight=False)
     if stopped is not None:  # the figures above are from the iterations done; the exit code says it stopped
         err.print(f"[yellow]{escape(str(stopped))}: {result['iterations_timed']} of {cfg.iterations} timed "
@@ -316,6 +323,7 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
     if vs:
         out.print(f"rlhf bench ppo ({ours_file}): {_versus(vs['speedup'])} per iteration, generation "
                   f"{_versus(vs['generation_speedup'])}", highlight=False)
+        _warn_uneven(vs)
     elif ours_file.is_file():
         out.print(f"rlhf bench ppo ({ours_file}): not compared (another workload, device or weights dtype)",
                   highlight=False)

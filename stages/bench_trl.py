@@ -158,4 +158,15 @@ def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:
     return {"speedup": trl["seconds_per_iteration"] / ours["seconds_per_iteration"],
             "generation_speedup": trl["generation_s"] / ours["split_seconds"]["generation"],
             "trl_seconds_per_iteration": trl["seconds_per_iteration"], "trl_peak_memory_gib": trl["peak_memory_gib"],
-            "trl_precision": trl["precision"]}
+            "trl_precision": trl["precision"], "uneven_host_load": uneven_host_load(ours, trl)}
+
+
+def uneven_host_load(ours: dict[str, Any], trl: dict[str, Any]) -> str | None:
+    """Why the two timings may not compare, when the host's 1-minute load average (recorded as each result was
+    written, its own run included) differs between them by at least half the cores: other processes took CPU time
+    from one of them (torch's threads, a GPU's kernel launches). None otherwise, or when a load is unknown."""
+    a, b, cores = ours.get("host_load_1min"), trl.get("host_load_1min"), ours.get("host_cores") or 1
+    if a is None or b is None or abs(a - b) < 0.5 * cores:
+        return None
+    return (f"the host's load average was {a:.1f} after rlhf bench ppo and {b:.1f} after rlhf bench trl, on {cores} "
+            "cores: rerun the busier one on a quiet machine before trusting the ratio")

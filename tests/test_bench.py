@@ -265,13 +265,20 @@ def test_trl_comparison_needs_the_same_workload_device_and_weights_dtype():
     trl = {"workload": "w1", "workload_spec": spec, "device": "NVIDIA H200", "seconds_per_iteration": 10.0,
            "generation_s": 8.0, "peak_memory_gib": 30.0, "precision": "auto"}
     assert compare(ours, trl) == {"speedup": 20.0, "generation_speedup": 40.0, "trl_seconds_per_iteration": 10.0,
-                                  "trl_peak_memory_gib": 30.0, "trl_precision": "auto"}
+                                  "trl_peak_memory_gib": 30.0, "trl_precision": "auto", "uneven_host_load": None}
     assert compare(ours, trl | {"device": "NVIDIA H100 80GB HBM3"}) is None
     assert compare(ours, trl | {"workload": "w2"}) is None
     assert compare(ours, trl | {"workload_spec": spec | {"prompts": 4}}) is None  # a cut-down run
     bf16 = {"weights_dtype": "bfloat16"}  # bench-ppo.json and bench-trl.json record the weights' dtype
     assert compare(ours | bf16, trl | bf16)["speedup"] == 20.0
     assert compare(ours | bf16, trl | {"weights_dtype": "float32"}) is None
+    # timed under loads a core apart on 2 cores (another process beside one of them): compared, with the caveat
+    load = {"host_cores": 2, "host_load_1min": 0.9}
+    assert compare(ours | load, trl | load | {"host_load_1min": 1.8})["uneven_host_load"] is None  # (< 1 apart)
+    why = compare(ours | load | {"host_load_1min": 3.8}, trl | load)["uneven_host_load"]
+    assert why == ("the host's load average was 3.8 after rlhf bench ppo and 0.9 after rlhf bench trl, on 2 cores: "
+                   "rerun the busier one on a quiet machine before trusting the ratio")
+    assert compare(ours | {"host_load_1min": None}, trl | load)["uneven_host_load"] is None  # (no load average)
 
 
 def test_a_named_workload_writes_under_the_current_directory(tmp_path, monkeypatch):
