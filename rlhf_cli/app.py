@@ -592,6 +592,7 @@ def pipeline(
     fit_micro_batch: Annotated[bool, typer.Option(
         FIT_FLAG, help="Passed on to each training stage: its train.micro_batch_size the largest that fits each "
         "GPU (see rlhf sft --help).", show_default="off")] = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True)] = False,  # (the stages' flag, refused: see below)
     debug: DebugOpt = False,
 ) -> None:
     """SFT → reward model → PPO run(s) → eval against SFT → report, each stage's output wired into the next.
@@ -602,6 +603,10 @@ def pipeline(
     from stages.sniff import sniff_data
 
     try:
+        if resume:  # a stage command's flag, which a user may well try here
+            raise ConfigError("rlhf pipeline has no --resume: run the same command again, and it resumes by itself "
+                              "(a complete stage is skipped, a partial one resumes from its newest checkpoint; "
+                              "--force redoes complete stages)")
         check_not_a_bare_srun_task()
         check_worker_env()
         if inside_launcher():  # each worker would run the whole pipeline, its stages' processes joining up

@@ -780,6 +780,10 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")  # in-process
     assert res.exit_code == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
     assert f"pipeline {tmp_path / 'p.yaml'}, stage sft ({TINY / 'sft.yaml'} with the pipeline's overrides)" in res.stderr
+    # the stage commands' --resume: not a pipeline option (hidden), refused saying how a pipeline resumes
+    res = invoke_cli("pipeline", "--config", str(TINY / "pipeline.yaml"), "--resume")
+    assert res.exit_code == 2 and "rlhf pipeline has no --resume: run the same command again" in res.stderr, res.output
+    assert "--resume" not in invoke_cli("pipeline", "--help").stdout
     # a stage's set: path is relative to the pipeline file (here beside it), wherever the pipeline runs from
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "prompts.jsonl").write_text((TINY / "data" / "prompts.jsonl").read_text())
