@@ -131,10 +131,11 @@ class TrainProgress:
             self.task = self.progress.add_task(description, total=total, completed=start, stats="")
             self.progress.start()
 
-    def update(self, step: int, stats: dict[str, float]) -> None:
+    def update(self, step: int, stats: dict[str, float], note: str = "") -> None:
+        """Show step `step`'s stats, then `note` (e.g. what kind of step it was)."""
         if not self.enabled:
             return
-        text = "  ".join(_fmt(k, v) for k, v in stats.items())
+        text = "  ".join([_fmt(k, v) for k, v in stats.items()] + [note] * bool(note))
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=text)
         elif step % self.print_every == 0 or step == self.total:

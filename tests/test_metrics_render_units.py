@@ -122,10 +122,11 @@ def test_plain_progress_prints_every_nth_step_and_the_last_formatted(capsys: pyt
     separators, others .4f, two spaces between."""
     progress = TrainProgress(True, total=5, start=0, description="sft", print_every=2, unit="iteration")
     for step in range(1, 6):
-        progress.update(step, {"loss": 0.5, "lr": 1e-4, "gen tok/s": 12345.6})
+        progress.update(step, {"loss": 0.5, "lr": 1e-4, "gen tok/s": 12345.6}, "(critic only)" if step == 2 else "")
     progress.close()
     line = "{}/5  loss 0.5000  lr 1.00e-04  gen tok/s 12,346"
-    assert capsys.readouterr().out.splitlines() == [f"iteration {line.format(s)}" for s in (2, 4, 5)]
+    assert capsys.readouterr().out.splitlines() == [f"iteration {line.format(2)}  (critic only)"] + [
+        f"iteration {line.format(s)}" for s in (4, 5)]  # (a note after the stats, when given)
 
 
 def test_disabled_progress_and_say_print_nothing(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_ppo_max_run_trains_both_models_and_writes_what_users_deploy(tmp_path, s
     assert resolved["critic_pretrain_steps"] == 1 and resolved["value_clip"] == 0.2
     assert "PPO tricks (preset ppo-max" in res.stdout and "ppo.reward_clip" in res.stdout
     assert "iteration 5/5  train reward " in res.stdout  # (counted as the README and validation count them)
+    lines = [line for line in res.stdout.splitlines() if re.match(r"iteration \d/5  ", line)]
+    assert [line.endswith("(critic pre-training: the policy is not updated)") for line in lines] == [
+        True, False, False, False, False], lines  # (log_every 1)
 
     rows = _iterations(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

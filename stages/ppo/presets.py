@@ -87,7 +87,7 @@ TRICK_FLAGS: tuple[TrickFlag, ...] = (
     TrickFlag("ptx-coef", "ppo.ptx_coef", float, "PTX (pretraining LM) loss weight; needs data.ptx"),
     TrickFlag("ref-importance-sampling", "ppo.ref_importance_sampling", bool, "PPO ratio against the reference"),
     TrickFlag("ppo-epochs", "ppo.ppo_epochs", int, "passes over each rollout batch"),
-    TrickFlag("iterations", "train.iterations", int, "PPO iterations"),
+    TrickFlag("iterations", "train.iterations", int, "PPO iterations, after the critic-only ones"),
     TrickFlag("rollout-batch-size", "train.rollout_batch_size", int, "prompts per rank per iteration"),
     TrickFlag("mini-batch-size", "train.mini_batch_size", int, "rollouts per rank per optimizer step"),
     TrickFlag("policy-lr", "train.policy_lr", float, "policy learning rate"),

@@ -824,7 +824,8 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                 metrics.event(done, "monitor", reasons=reasons, action=cfg.monitor.action)
                 progress.print(f"[yellow]collapse monitor at iteration {done}: {'; '.join(reasons)}[/]")
             progress.update(done, {"train reward": values["objective/scores"], "kl": values["objective/kl"],
-                                   "len": values["rollout/response_length"]})
+                                   "len": values["rollout/response_length"]},
+                            "(critic pre-training: the policy is not updated)" if critic_only else "")
             if dist.is_main and t.sample_every > 0 and (it == 0 or due(done, t.sample_every, total)):  # the last too
                 show_samples(cfg, out, done, tokenizer, [data["train"][i] for i in rank_rows],
                              response_lists(rollout, []), exp["raw"].tolist(), gold)
