@@ -180,7 +180,7 @@ def run_stage(
     `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits, or on --resume by
     its run's (`choose_micro_batch`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
-                                   prepare_output_dir, refuse_request, run_lock)
+                                   prepare_output_dir, previous_run_contents, refuse_request, run_lock)
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
@@ -268,6 +268,10 @@ def run_stage(
                 out.print(f"resume: from {plan.checkpoint}", highlight=False)
             elif resume and not (out_dir / "final").exists():
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
+            elif overwrite and previous_run_contents(out_dir):
+                found = previous_run_contents(out_dir)
+                out.print(f"overwrite: the run would first delete what rlhf wrote in {out_dir} (its run: "
+                          f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''})", highlight=False)
 
             if stage == "ppo":  # the trick table the run prints at start: which keys differ from the preset
                 from stages.ppo.trainer import describe_tricks

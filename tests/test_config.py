@@ -373,6 +373,11 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     res = dry_run("--resume")
     assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
     assert "resume: no complete checkpoint here; the run would start fresh" in res.stdout, res.output
+    res = dry_run("--overwrite")  # says what the run would delete first, and deletes nothing
+    assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
+    assert f"overwrite: the run would first delete what rlhf wrote in {tmp_path / 'o'} (its run: metrics.jsonl)" \
+        in res.stdout, res.output
+    assert "overwrite:" not in dry_run("--overwrite", out=tmp_path / "fresh").stdout  # (nothing there)
     # a run holding the folder's lock: the dry run says so, as the real run would, and leaves the lock alone
     from stages.checkpoint import acquire_run_lock
 
