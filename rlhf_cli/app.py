@@ -712,7 +712,7 @@ def report(
                                                     show_default="report/ next to the first run")] = None,
     smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.99, help="EMA smoothing of training curves "
                                           "(0 = none).")] = 0.0,
-    x_axis: Annotated[str, typer.Option("--x-axis", help="PPO curves over `policy` iterations (a run's critic-only "
+    x_axis: Annotated[str, typer.Option("--x-axis", metavar="policy|iteration", help="PPO curves over `policy` iterations (a run's critic-only "
                                         "iterations, PPO-max's critic pre-training, at x <= 0, so runs line up at "
                                         "the same number of policy updates) or over the logged `iteration`.")
                       ] = "policy",

@@ -479,6 +479,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):
     assert res.exit_code == 2 and f"error: --out {afile} is a file, not a directory" in res.stderr, res.output
     res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "steps")
     assert res.exit_code == 2 and "error: x axis 'steps' is not one of policy, iteration" in res.stderr, res.output
+    assert "--x-axis          policy|iteration" in invoke_cli("report", "--help").stdout  # (the choices, not <str>)
     res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "iteration")
     assert res.exit_code == 0 and json.loads((tmp_path / "rep" / "report.json").read_text())["x_axis"] == "iteration"
 
