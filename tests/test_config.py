@@ -978,8 +978,12 @@ def test_a_check_across_keys_names_the_command_line_key_it_involves(tmp_path):
         "ppo.yaml: ppo.ptx_coef > 0 needs data.ptx (SFT-format data for the PTX loss) [given with --ptx-coef]"), res.stderr
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
                      "--set", "model.name_or_path=gpt2")
-    assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config " \
-        "[given with --set]" in res.stderr, res.stderr
+    assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config (the " \
+        "other null: e.g. --set model.from_config=null to start a from_config config from a checkpoint) [given with " \
+        "--set]" in res.stderr, res.stderr
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
+                     "--set", "model.name_or_path=gpt2", "--set", "model.from_config=null")  # as the hint says
+    assert "model: set exactly one" not in res.stderr, res.stderr
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
                      "--set", "data.max_length=8", "--set", "data.max_prompt_length=9")
     assert res.exit_code == 2 and "max_prompt_length (9) must be smaller than max_length (8) [given with --set]" \

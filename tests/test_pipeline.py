@@ -145,7 +145,7 @@ def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path)
     assert wiring_flags(sft) == {"output_dir": said["output_dir"]}
     assert wiring_flags(rm) == {k: said[k] for k in ("output_dir", "model.name_or_path")}
     assert wiring_flags(ppo) == said
-    with pytest.raises(ConfigError, match=r"model: set exactly one of name_or_path .* and from_config "
+    with pytest.raises(ConfigError, match=r"model: set exactly one of name_or_path .* and from_config .*"
                                           r"\[given with the pipeline \(the SFT stage's output\)\]$"):
         load_config(rm.stage, rm.config, rm.overrides, not_yet=rm.not_yet, flags=wiring_flags(rm))
 
