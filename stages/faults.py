@@ -24,6 +24,8 @@ import signal
 
 import torch
 
+from stages.errors import ConfigError
+
 ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
 NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward", "oom")
 
@@ -36,7 +38,7 @@ def planned(name: str, step: int) -> bool:
     for item in spec.split(","):
         fault, _, at = item.strip().partition("@")
         if fault not in NAMES or not at.isdigit():
-            raise ValueError(f"{ENV}: {item!r} is not name@step with name one of {', '.join(NAMES)}")
+            raise ConfigError(f"{ENV}: {item!r} is not name@step with name one of {', '.join(NAMES)}")
         if fault == name and int(at) == step:
             return True
     return False

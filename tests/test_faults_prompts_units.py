@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from stages import faults
+from stages.errors import ConfigError
 from stages.models import train_tokenizer
 
 
@@ -53,13 +54,13 @@ def test_spaces_around_the_comma_separated_faults_are_allowed(rank0: pytest.Monk
 
 
 def test_a_bad_step_is_refused_even_when_another_fault_is_asked_for(rank0: pytest.MonkeyPatch) -> None:
-    """`kill@soon` is a ValueError naming that item (in quotes) whatever fault the caller asks about, and an item
+    """`kill@soon` is a ConfigError (one error line) naming that item (in quotes) whatever fault the caller asks about, and an item
     after a good one is named alone, not the whole spec."""
     rank0.setenv(faults.ENV, "kill@soon")
-    with pytest.raises(ValueError, match="'kill@soon' is not name@step"):
+    with pytest.raises(ConfigError, match="'kill@soon' is not name@step"):  # (one error line, no traceback)
         faults.planned("nan-loss", 3)
     rank0.setenv(faults.ENV, "kill@3,explode@4")
-    with pytest.raises(ValueError, match=r"^RLHF_FAULT: 'explode@4' is not name@step with name one of kill, "):
+    with pytest.raises(ConfigError, match=r"^RLHF_FAULT: 'explode@4' is not name@step with name one of kill, "):
         faults.planned("nan-loss", 9)
 
 
