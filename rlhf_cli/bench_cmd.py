@@ -128,10 +128,12 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
            overrides: list[str]) -> tuple[Any, Any, Path]:
     from stages.bench import ppo_config_dict, prepare_workload
     from stages.checkpoint import ensure_dir
+    from stages.distributed import quiet_libraries
     from stages.engine import model_dtype
     from stages.runtime import select_accelerator_env
 
     select_accelerator_env()
+    quiet_libraries()  # (no progress bars of transformers' weight writing and loading in the benchmark's output)
     cfg = bench_config(workload, config, iters, warmup, overrides)
     ensure_dir(Path(cfg.output_dir))
     merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")

@@ -50,6 +50,8 @@ def bench_dir(tmp_path_factory) -> Path:
     (d / "weights_mtime").write_text(str((d / "out/workload/policy/model.safetensors").stat().st_mtime_ns))
     gen = _rlhf("bench", "generate", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", *peaks, cwd=d)
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
+    for res in (ppo, gen):  # no library progress bars (writing the workload's models, loading them)
+        assert "Writing model shards" not in res.stderr + res.stdout and "Loading weights" not in res.stderr + res.stdout
     return d
 
 
