@@ -204,11 +204,34 @@ def tiny_engine(steps: int = 1, ds_config: Any = None, **train) -> tuple:
     return initialize_engine(model, ds, tc, steps), tokenizer
 
 
+#: what a launcher (or an in-process stage run's setup_distributed) sets: a CLI run in a process holding them takes
+#: itself for a launcher's worker
+PROCESS_GROUP_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """Fail the test that leaves PROCESS_GROUP_VARS changed in this process (an in-process stage run that got as far
+    as setting up its process group; the `process_group` fixture sets them for one test only), and restore them:
+    otherwise each later in-process CLI run of this worker takes itself for a launcher's worker and is refused."""
+    before = {name: os.environ.get(name) for name in PROCESS_GROUP_VARS}
+    yield
+    changed = sorted(name for name in PROCESS_GROUP_VARS if os.environ.get(name) != before[name])
+    for name in changed:
+        if before[name] is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before[name]  # type: ignore[assignment]
+    if changed:
+        pytest.fail(f"the test left {', '.join(changed)} changed in this process (run the stage in a process of its "
+                    "own: run_cli, or set them through the process_group fixture)")
+
+
 def cli_env(env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment a CLI subprocess gets: ours plus `env`, minus `drop_env` and minus the process-group
     variables an in-process test may have set (RANK, WORLD_SIZE, ...): the CLI is never its worker."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for name in PROCESS_GROUP_VARS:
         if name not in (env or {}):
             full_env.pop(name, None)
     for name in drop_env:
