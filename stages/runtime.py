@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -133,7 +134,7 @@ def import_deepspeed_as_workers_would() -> None:
     if accelerator is not None:
         os.environ["DS_ACCELERATOR"] = accelerator
     try:
-        import deepspeed  # noqa: F401
+        importlib.import_module("deepspeed")
     finally:
         if accelerator is not None:
             del os.environ["DS_ACCELERATOR"]
