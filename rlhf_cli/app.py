@@ -268,8 +268,7 @@ def run_stage(
                 out.print(f"resume: from {plan.checkpoint}", highlight=False)
             elif resume and not (out_dir / "final").exists():
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
-            elif overwrite and previous_run_contents(out_dir):
-                found = previous_run_contents(out_dir)
+            elif overwrite and (found := previous_run_contents(out_dir)):
                 out.print(f"overwrite: the run would first delete what rlhf wrote in {out_dir} (its run: "
                           f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''})", highlight=False)
 
@@ -712,10 +711,10 @@ def report(
                                                     show_default="report/ next to the first run")] = None,
     smooth: Annotated[float, typer.Option("--smooth", min=0.0, max=0.99, help="EMA smoothing of training curves "
                                           "(0 = none).")] = 0.0,
-    x_axis: Annotated[str, typer.Option("--x-axis", metavar="policy|iteration", help="PPO curves over `policy` iterations (a run's critic-only "
-                                        "iterations, PPO-max's critic pre-training, at x <= 0, so runs line up at "
-                                        "the same number of policy updates) or over the logged `iteration`.")
-                      ] = "policy",
+    x_axis: Annotated[str, typer.Option("--x-axis", metavar="policy|iteration", help="PPO curves over `policy` "
+                                        "iterations (a run's critic-only iterations, PPO-max's critic pre-training, "
+                                        "at x <= 0, so runs line up at the same number of policy updates) or over "
+                                        "the logged `iteration`.")] = "policy",
     debug: DebugOpt = False,
 ) -> None:
     """PNG plots of reward, gold reward, KL, response length, perplexity and clip fractions, overlaying several runs (seeds as mean and min-max band), plus report.md and report.json.
