@@ -270,7 +270,8 @@ def run_stage(
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
             elif overwrite and (found := previous_run_contents(out_dir)):
                 out.print(f"overwrite: the run would first delete what rlhf wrote in {out_dir} (its run: "
-                          f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''})", highlight=False)
+                          f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''})", highlight=False,
+                          soft_wrap=True)  # (a path not broken over lines)
 
             if stage == "ppo":  # the trick table the run prints at start: which keys differ from the preset
                 from stages.ppo.trainer import describe_tricks
