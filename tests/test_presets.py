@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import PROCESS_GROUP_VARS, REPO, run_cli
 from rlhf_cli.config_loader import load_config
 from stages.config import PipelineConfig
 from stages.pipeline import plan
@@ -198,7 +198,7 @@ def run_script(name: str, *args: str, env: dict[str, str], tmp_path: Path) -> su
     full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
     full.update({"RLHF": f"{sys.executable} -m rlhf_cli", "TMPDIR": str(tmp_path), "COLUMNS": "200",
                  "PYTHONUNBUFFERED": "1", **offline_env(tmp_path), **env})
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in PROCESS_GROUP_VARS:
         full.pop(var, None)
     return subprocess.run([BASH, str(SCRIPTS / name), *args], cwd=REPO, env=full, capture_output=True, text=True,
                           timeout=300)
