@@ -35,7 +35,7 @@ from rlhf_cli.launcher import (
     run_launcher,
     world_size,
 )
-from stages import stop
+from stages import faults, stop
 from stages.pipeline import is_complete
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
 from stages.runtime import check_worker_env, import_deepspeed_as_workers_would
@@ -180,7 +180,7 @@ def run_stage(
     `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits, or on --resume by
     its run's (`choose_micro_batch`)."""
     from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
-                                   prepare_output_dir, previous_run_contents, refuse_request, run_lock)
+                                   prepare_output_dir, refuse_request, run_files, run_lock)
 
     def warn_changes(changes: list[str]) -> None:
         if changes:
@@ -202,6 +202,7 @@ def run_stage(
     try:
         check_not_a_bare_srun_task()
         check_worker_env()
+        faults.planned_faults()  # (a misspelt RLHF_FAULT now, not at the first step)
         check_launch_options(num_gpus, num_nodes, hostfile)
         if inside_launcher() and dry_run:  # torchrun/srun's workers would otherwise each train
             raise ConfigError("--dry-run and --check-data run in one process: start them without a launcher "
@@ -268,10 +269,9 @@ def run_stage(
                 out.print(f"resume: from {plan.checkpoint}", highlight=False)
             elif resume and not (out_dir / "final").exists():
                 out.print("resume: no complete checkpoint here; the run would start fresh", highlight=False)
-            elif overwrite and (found := previous_run_contents(out_dir)):
-                out.print(f"overwrite: the run would first delete what rlhf wrote in {out_dir} (its run: "
-                          f"{', '.join(found[:4])}{', ...' if len(found) > 4 else ''})", highlight=False,
-                          soft_wrap=True)  # (a path not broken over lines)
+            elif overwrite and (found := [p.name for p in run_files(out_dir)]):
+                out.print(f"overwrite: the run would first delete what rlhf wrote in {out_dir}: {', '.join(found)}",
+                          highlight=False, soft_wrap=True)  # (a path not broken over lines)
 
             if stage == "ppo":  # the trick table the run prints at start: which keys differ from the preset
                 from stages.ppo.trainer import describe_tricks

@@ -133,8 +133,8 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     from stages.runtime import select_accelerator_env
 
     select_accelerator_env()
-    quiet_libraries()  # (no progress bars of transformers' weight writing and loading in the benchmark's output)
     cfg = bench_config(workload, config, iters, warmup, overrides)
+    quiet_libraries()  # (no progress bars of transformers' weight writing and loading in the benchmark's output)
     ensure_dir(Path(cfg.output_dir))
     merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")
     check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload

@@ -97,13 +97,15 @@ def cleared_by_fresh_start(p: Path) -> bool:
     return p.name.startswith((CHECKPOINT_PREFIX, ".tmp-", PROFILE_PREFIX)) or p.name in RUN_ARTIFACTS
 
 
+def run_files(out_dir: Path) -> list[Path]:
+    """The entries of an output directory that `clear_run` deletes (`cleared_by_fresh_start`), sorted."""
+    return sorted(p for p in out_dir.iterdir() if cleared_by_fresh_start(p)) if out_dir.is_dir() else []
+
+
 def clear_run(out_dir: Path) -> None:
     """Remove everything this tool writes into an output directory (before a fresh start there)."""
-    if not out_dir.is_dir():
-        return
-    for p in out_dir.iterdir():
-        if cleared_by_fresh_start(p):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in run_files(out_dir):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 LOCK_NAME = ".rlhf.lock"

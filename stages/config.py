@@ -129,9 +129,12 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.name_or_path is None) == (self.from_config is None):
-            raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config (the other "
-                             "null: e.g. --set model.from_config=null to start a from_config config from a checkpoint)")
+        if self.name_or_path is None and self.from_config is None:
+            raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config")
+        if self.name_or_path is not None and self.from_config is not None:
+            raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config: both are "
+                             "set (to load a checkpoint in a config that builds its model, also give "
+                             "--set model.from_config=null)")
         if self.from_config is not None:
             given = [key for key in TOKENIZER_KEYS if key in self.from_config]
             if given:  # (the memory estimate priced a 151,936-row vocabulary the 512-token tokenizer replaced)

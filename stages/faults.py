@@ -30,18 +30,24 @@ ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
 NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward", "oom")
 
 
-def planned(name: str, step: int) -> bool:
-    """True when RLHF_FAULT asks for fault `name` at `step` on this rank."""
+def planned_faults() -> list[tuple[str, int]]:
+    """RLHF_FAULT's (name, step) items ([] when unset or empty); a ConfigError naming the first bad item. `rlhf`
+    reads it before any work (`run_stage`), so that a misspelt fault is one error line at once."""
     spec = os.environ.get(ENV)
-    if not spec or os.environ.get("RANK", "0") != os.environ.get(RANK_ENV, "0"):
-        return False
-    for item in spec.split(","):
+    found = []
+    for item in spec.split(",") if spec else ():
         fault, _, at = item.strip().partition("@")
         if fault not in NAMES or not at.isdigit():
             raise ConfigError(f"{ENV}: {item!r} is not name@step with name one of {', '.join(NAMES)}")
-        if fault == name and int(at) == step:
-            return True
-    return False
+        found.append((fault, int(at)))
+    return found
+
+
+def planned(name: str, step: int) -> bool:
+    """True when RLHF_FAULT asks for fault `name` at `step` on this rank."""
+    if os.environ.get("RANK", "0") != os.environ.get(RANK_ENV, "0"):
+        return False
+    return (name, step) in planned_faults()
 
 
 def maybe_kill(name: str, step: int) -> None:

@@ -135,7 +135,7 @@ class TrainProgress:
         """Show step `step`'s stats, then `note` (e.g. what kind of step it was)."""
         if not self.enabled:
             return
-        text = "  ".join([_fmt(k, v) for k, v in stats.items()] + [note] * bool(note))
+        text = "  ".join([_fmt(k, v) for k, v in stats.items()] + ([note] if note else []))
         if self.progress is not None:
             self.progress.update(self.task, completed=step, stats=text)
         elif step % self.print_every == 0 or step == self.total:

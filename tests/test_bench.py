@@ -301,7 +301,7 @@ def test_a_gpu_sized_workload_is_warned_about_on_a_cpu(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_this_file_runs_as_one_xdist_group(request):
+def test_loadgroup_grouping_takes(request):
     """`make test`'s pytest-xdist groups (tests/conftest.py: xdist_group) take effect: this file is one group (a
     test of it is renamed NAME@test_bench). Under pytest 9.2 pytest-xdist 3.8 silently stops grouping (pytest-xdist
     issue #1386): the tiny pipeline is then built on both workers and this file's census runs after other tests."""

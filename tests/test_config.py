@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -356,6 +357,15 @@ def test_dry_run_under_another_launcher_is_refused_not_trained(tmp_path, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_misspelt_fault_is_refused_before_any_work(tmp_path, monkeypatch):
+    """RLHF_FAULT (stages/faults.py) is read when the command starts: a misspelt fault is one error line, exit 2,
+    with nothing written (not found at the first step, after the data and tokenizer)."""
+    monkeypatch.setenv("RLHF_FAULT", "kill@3,explode@4")
+    res = invoke_cli("sft", "-c", str(TINY_SFT), "--set", f"output_dir={tmp_path / 'o'}")
+    assert res.exit_code == 2 and "RLHF_FAULT: 'explode@4' is not name@step" in res.stderr, res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp_path):
     """What the run refuses before any work, the dry run refuses too: --resume with --overwrite, a folder that
     already holds a run, an output_dir that is a file or cannot be made, a reward model that is not one."""
@@ -375,9 +385,14 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     assert "resume: no complete checkpoint here; the run would start fresh" in res.stdout, res.output
     res = dry_run("--overwrite")  # says what the run would delete first, and deletes nothing
     assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.jsonl"]
-    assert f"overwrite: the run would first delete what rlhf wrote in {tmp_path / 'o'} (its run: metrics.jsonl)" \
+    assert f"overwrite: the run would first delete what rlhf wrote in {tmp_path / 'o'}: metrics.jsonl" \
         in res.stdout, res.output
     assert "overwrite:" not in dry_run("--overwrite", out=tmp_path / "fresh").stdout  # (nothing there)
+    (tmp_path / "left").mkdir()  # what clear_run deletes, not only what marks a run: a tokenizer, a best/ policy
+    for name in ("tokenizer", "best", "notes"):
+        (tmp_path / "left" / name).mkdir()
+    res = dry_run("--overwrite", out=tmp_path / "left")
+    assert f"would first delete what rlhf wrote in {tmp_path / 'left'}: best, tokenizer\n" in res.stdout, res.output
     # a run holding the folder's lock: the dry run says so, as the real run would, and leaves the lock alone
     from stages.checkpoint import acquire_run_lock
 
@@ -479,7 +494,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):
     assert res.exit_code == 2 and f"error: --out {afile} is a file, not a directory" in res.stderr, res.output
     res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "steps")
     assert res.exit_code == 2 and "error: x axis 'steps' is not one of policy, iteration" in res.stderr, res.output
-    assert "--x-axis          policy|iteration" in invoke_cli("report", "--help").stdout  # (the choices, not <str>)
+    assert re.search(r"--x-axis\s+policy\|iteration", invoke_cli("report", "--help").stdout)  # (its choices)
     res = invoke_cli("report", str(run), "--out", str(tmp_path / "rep"), "--x-axis", "iteration")
     assert res.exit_code == 0 and json.loads((tmp_path / "rep" / "report.json").read_text())["x_axis"] == "iteration"
 
@@ -978,9 +993,9 @@ def test_a_check_across_keys_names_the_command_line_key_it_involves(tmp_path):
         "ppo.yaml: ppo.ptx_coef > 0 needs data.ptx (SFT-format data for the PTX loss) [given with --ptx-coef]"), res.stderr
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
                      "--set", "model.name_or_path=gpt2")
-    assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config (the " \
-        "other null: e.g. --set model.from_config=null to start a from_config config from a checkpoint) [given with " \
-        "--set]" in res.stderr, res.stderr
+    assert res.exit_code == 2 and "model: set exactly one of name_or_path (a hub id or directory) and from_config: " \
+        "both are set (to load a checkpoint in a config that builds its model, also give --set " \
+        "model.from_config=null) [given with --set]" in res.stderr, res.stderr
     res = invoke_cli("sft", "-c", str(TINY_SFT), "--dry-run", "--set", f"output_dir={tmp_path}/s",
                      "--set", "model.name_or_path=gpt2", "--set", "model.from_config=null")  # as the hint says
     assert "model: set exactly one" not in res.stderr, res.stderr

@@ -396,6 +396,7 @@ def test_a_limit_reads_only_the_first_usable_prompts_and_counts_over_them(tmp_pa
     the rows after them are not read (row 5's error and row 4's cut never show), and `cut` counts the N only."""
     from stages.config import PPODataConfig
     from stages.data import BadRowLog
+    from stages.errors import DataError
     from stages.ppo.prompts import load_prompts
 
     long = " ".join(["a b"] * 40)
@@ -407,6 +408,14 @@ def test_a_limit_reads_only_the_first_usable_prompts_and_counts_over_them(tmp_pa
     assert len(read.ids) == 2 and read.cut == 1 and len(read.ids[1]) == 8 and log.total == 1
     everything = load_prompts(data.train, data, tok, BadRowLog())
     assert len(everything.ids) == 3 and everything.cut == 2
+    # a broken line right after the limit's last prompt is never read, under on_bad_row error too
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": "b c"}\nnot json\n', encoding="utf-8")
+    strict = PPODataConfig(train=str(broken), on_bad_row="error")
+    log = BadRowLog()
+    assert len(load_prompts(strict.train, strict, tok, log, limit=2).ids) == 2 and log.total == 0
+    with pytest.raises(DataError, match="row 3: invalid JSON"):
+        load_prompts(strict.train, strict, tok, BadRowLog(), limit=3)
 
 
 def test_an_unknown_prompt_format_names_the_configured_columns_or_is_refused() -> None:

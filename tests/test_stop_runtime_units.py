@@ -345,6 +345,31 @@ def test_package_version_is_none_for_a_distribution_not_installed() -> None:
     assert runtime.package_version("no-such-distribution-rlhf-test") is None
 
 
+@pytest.mark.parametrize("given", [None, "xpu"])
+def test_deepspeed_is_imported_with_the_workers_accelerator_and_the_environment_kept(monkeypatch, given) -> None:
+    """import_deepspeed_as_workers_would: DS_ACCELERATOR is the workers' during the import only (cpu here, no GPU),
+    a given one is used and kept, and os.environ is as it was afterwards, also when the import fails."""
+    import importlib
+
+    monkeypatch.setattr(runtime, "cuda_available", lambda: False)
+    if given is None:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    else:
+        monkeypatch.setenv("DS_ACCELERATOR", given)
+    seen = []
+    monkeypatch.setattr(importlib, "import_module", lambda name: seen.append((name, os.environ.get("DS_ACCELERATOR"))))
+    runtime.import_deepspeed_as_workers_would()
+    assert seen == [("deepspeed", given or "cpu")] and os.environ.get("DS_ACCELERATOR") == given
+
+    def broken(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ImportError):
+        runtime.import_deepspeed_as_workers_would()
+    assert os.environ.get("DS_ACCELERATOR") == given
+
+
 @pytest.mark.parametrize("cuda", [False, True])
 def test_the_accelerator_is_ds_accelerator_else_cpu_without_cuda_else_cuda(monkeypatch, cuda: bool) -> None:
     monkeypatch.setattr(runtime, "cuda_available", lambda: cuda)

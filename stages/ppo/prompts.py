@@ -103,8 +103,6 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
     prompts: list[list[int]] = []
     truncated = as_text = 0
     for row in read_rows(source, data.on_bad_row, log):
-        if limit is not None and len(prompts) >= limit:
-            break
         where = f"{row.file} row {row.row}"
         try:
             row_fmt = fmt.of(row.data, lambda r: detect_prompt_format(r, data))
@@ -128,6 +126,8 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         as_text += specials_read_as_text(tokenizer, [rendered])
         if styles is not None:
             styles.add(CHAT if chat else RAW_STYLES[row_fmt])
+        if limit is not None and len(prompts) >= limit:
+            break  # (before the next row is read: its errors are not this evaluation's)
     if not prompts:
         raise DataError(f"no usable prompts in {', '.join(source.paths())}{log.summary()}")
     return Prompts(prompts, truncated, as_text)
