@@ -54,8 +54,8 @@ def test_spaces_around_the_comma_separated_faults_are_allowed(rank0: pytest.Monk
 
 
 def test_a_bad_step_is_refused_even_when_another_fault_is_asked_for(rank0: pytest.MonkeyPatch) -> None:
-    """`kill@soon` is a ConfigError (one error line) naming that item (in quotes) whatever fault the caller asks about, and an item
-    after a good one is named alone, not the whole spec."""
+    """`kill@soon` is a ConfigError (one error line) naming that item (in quotes) whatever fault the caller asks
+    about, and an item after a good one is named alone, not the whole spec."""
     rank0.setenv(faults.ENV, "kill@soon")
     with pytest.raises(ConfigError, match="'kill@soon' is not name@step"):  # (one error line, no traceback)
         faults.planned("nan-loss", 3)
