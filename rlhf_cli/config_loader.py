@@ -192,6 +192,68 @@ def _keys_named(schema: type[BaseModel], name: str, prefix: str = "") -> list[st
     return found
 
 
+#: keys as other RLHF tools name them (HF Trainer / TRL, OpenRLHF, DeepSpeed-Chat) -> ours: a leaf name (looked
+#: for in the key's own section first, then anywhere) or a dotted key. Every one the config's schema has is
+#: suggested: `train.learning_rate` is 'train.lr' for SFT and RM, 'train.policy_lr' for PPO.
+OTHER_TOOLS_NAMES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("learning_rate", "actor_learning_rate", "actor_lr"), ("lr", "policy_lr")),
+    "critic_learning_rate": ("critic_lr",),
+    "lr": ("policy_lr", "critic_lr"),
+    **dict.fromkeys(("num_train_epochs", "max_epochs"), ("epochs", "ppo_epochs")),
+    "num_ppo_epochs": ("ppo_epochs",),
+    **dict.fromkeys(("per_device_train_batch_size", "micro_train_batch_size", "train_micro_batch_size_per_gpu"),
+                    ("micro_batch_size",)),
+    "per_device_eval_batch_size": ("eval_micro_batch_size",),
+    **dict.fromkeys(("max_grad_norm", "max_norm", "gradient_clip_val"), ("gradient_clipping", "grad_clip")),
+    "lr_scheduler_type": ("lr_scheduler",),
+    "lr_warmup_ratio": ("warmup_ratio",),
+    "num_warmup_steps": ("warmup_steps",),
+    "l2": ("weight_decay",),
+    "logging_steps": ("log_every",),
+    "save_steps": ("save_every",),
+    "eval_steps": ("eval_every",),
+    **dict.fromkeys(("init_kl_coef", "kl_ctl"), ("kl_coef",)),
+    **dict.fromkeys(("cliprange", "clip_range", "eps_clip"), ("policy_clip",)),
+    **dict.fromkeys(("cliprange_value", "clip_range_vf"), ("value_clip",)),
+    **dict.fromkeys(("clip_reward_value", "cliprange_reward"), ("reward_clip",)),
+    "normalize_reward": ("reward_norm",),
+    **dict.fromkeys(("gae_lambda", "lambda"), ("lam",)),
+    "ent_coef": ("entropy_coef",),
+    **dict.fromkeys(("response_length", "generate_max_len", "max_answer_seq_len"), ("max_new_tokens",)),
+    **dict.fromkeys(("prompt_max_len", "max_prompt_seq_len"), ("max_prompt_length",)),
+    **dict.fromkeys(("max_seq_length", "max_seq_len", "max_len"), ("max_length",)),
+    **dict.fromkeys(("bf16", "fp16"), ("deepspeed.precision",)),
+    **dict.fromkeys(("pretrain", "model_name_or_path", "actor_model_name_or_path"), ("model.name_or_path",)),
+    **dict.fromkeys(("reward_pretrain", "reward_model_path", "reward_model_name_or_path"),
+                    ("reward_model.name_or_path",)),
+}
+
+
+def _our_name_for(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys of `schema` that OTHER_TOOLS_NAMES gives for the unknown key at `loc`: for a leaf name, those in
+    the key's own section when it has one, else every section's; [] when the name is not one of that table's."""
+    found: list[str] = []
+    for ours in OTHER_TOOLS_NAMES.get(str(loc[-1]), ()):
+        if "." in ours:
+            found += [ours] if _field_at(schema, tuple(ours.split("."))) is not None else []
+        else:
+            named = _keys_named(schema, ours)
+            found += [k for k in named if k == _key((*loc[:-1], ours))] or named
+    return list(dict.fromkeys(found))
+
+
+def _closest_key(name: str, valid: list[str]) -> str | None:
+    """A valid key near `name` (a typo), or None when none is near. Keys made of a subset or superset of its
+    `_`-separated words come first (`lr_rate` -> lr, `micro_batch` -> micro_batch_size), so that a shared
+    longer spelling (`lr_rate` and `min_lr_ratio`) does not win; among them, and otherwise, difflib's ratio
+    (>= 0.6) decides."""
+    words = set(name.split("_"))
+    related = [v for v in valid if set(v.split("_")) <= words or words <= set(v.split("_"))]
+    close = difflib.get_close_matches(name, related, n=1, cutoff=0.0) or \
+        difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _field_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> Any:
     """pydantic's FieldInfo of the key at `loc`, None when it names none (a list index, a free-form mapping)."""
     owner = _schema_at(schema, loc[:-1]) if loc else None
@@ -216,9 +278,11 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any], set_below: str |
         # the same name in another section (`train.log_every`: logging's); else a close valid key (a typo); a
         # far one would be noise beside the listing of valid keys
         elsewhere = [k for k in _keys_named(schema, str(loc[-1])) if k != key]
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        ours = _our_name_for(schema, loc)
+        close = _closest_key(str(loc[-1]), valid)
         hint = (f"; it is a key of another section: {', '.join(repr(k) for k in elsewhere)}" if elsewhere else
-                f"; closest valid key: '{_key((*loc[:-1], close[0]))}'" if close else "")
+                f"; rlhf calls it {' or '.join(repr(k) for k in ours)}" if ours else
+                f"; closest valid key: '{_key((*loc[:-1], close))}'" if close else "")
         listing = f" (valid here: {', '.join(valid)})" if valid else ""
         if "[" in str(loc[-1]):  # `--set 'ppo_runs[0].seed=1'`: a list is given whole
             listing += "; a list item cannot be set on its own: give the whole list (--set 'key=[...]')"
@@ -263,15 +327,18 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
             if not by_key[key]:
                 del by_key[key]
     def marker(key: str, line: str, kind: str) -> str:
-        """[given with ...] for a key at or above `key` given on the command line (or below it, for a wrong type:
-        a --set of a sub-key makes a mapping of what the file left unset), or, for a check across
-        keys (a section's or the whole config's), one its message names (in full, or inside the section by its
-        own name). (Not for an unknown or missing key: its message lists the valid keys, given ones among them.)"""
+        """[given with ...] for a key at or above `key` given on the command line, or below it for a wrong type
+        or an unknown key (`--set trian.lr=1` makes the mapping `trian`); for a check across keys (a section's
+        or the whole config's), one its message names: in full, by its own name inside the section, or by a
+        section between (`from_config` for --set model.from_config.hidden_size). Not for a key the listing of
+        valid keys names: that it was given does not make an unknown key a command-line one."""
         given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))
-                 or (kind.endswith("_type") and k.startswith(key + "."))]  # its sub-key made `key` a mapping
+                 or (kind.endswith("_type") and k.startswith(key + "."))  # its sub-key made `key` a mapping
+                 or (kind == "extra_forbidden" and k.startswith(key + "."))]  # `trian.lr=1` made `trian`
         if not given and kind not in ("extra_forbidden", "missing"):
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
-                     or (k.startswith(key + ".") and re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", line))]
+                     or (k.startswith(key + ".") and any(re.search(rf"\b{re.escape(part)}\b", line)
+                                                          for part in k[len(key) + 1:].split(".")))]
         return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
 
     unique: list[str] = []

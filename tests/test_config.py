@@ -90,6 +90,56 @@ def test_unknown_key_that_is_another_sections_names_it_there(tmp_path):
         load_config("ppo", REPO / "configs" / "tiny" / "ppo.yaml", ["ppo.max_kl=0.2"])
 
 
+def test_unknown_key_named_as_other_tools_name_it_gets_ours(tmp_path):
+    """A key under its HF Trainer / TRL / OpenRLHF name gets this tool's, per command (learning_rate is train.lr
+    for SFT, train.policy_lr for PPO; PPO's bare lr is either learning rate); a command without the key gets no
+    such hint (SFT has no reward model)."""
+    ppo = REPO / "configs" / "tiny" / "ppo.yaml"
+    for stage, path, given, ours in (
+            ("sft", _cfg_file(tmp_path), "train.learning_rate=1e-4", "'train.lr'"),
+            ("sft", _cfg_file(tmp_path), "train.max_grad_norm=1", "'train.gradient_clipping'"),
+            ("sft", _cfg_file(tmp_path), "train.per_device_train_batch_size=4", "'train.micro_batch_size'"),
+            ("sft", _cfg_file(tmp_path), "bf16=true", "'deepspeed.precision'"),
+            ("ppo", ppo, "train.learning_rate=1e-4", "'train.policy_lr'"),
+            ("ppo", ppo, "train.lr=1e-4", "'train.policy_lr' or 'train.critic_lr'"),
+            ("ppo", ppo, "ppo.cliprange=0.2", "'ppo.policy_clip'"),
+            ("ppo", ppo, "train.max_epochs=2", "'ppo.ppo_epochs'"),
+            ("ppo", ppo, "reward_pretrain=x", "'reward_model.name_or_path'")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(stage, path, [given])
+        assert f"unknown key '{given.split('=')[0]}'; rlhf calls it {ours} (valid here: " in str(exc.value), given
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["reward_pretrain=x"])
+    assert "calls it" not in str(exc.value) and "unknown key 'reward_pretrain' (valid here" in str(exc.value)
+
+
+def test_closest_key_prefers_one_sharing_its_words(tmp_path):
+    """`lr_rate` is closest to lr (its words contain lr's), not to the longer look-alike min_lr_ratio;
+    `micro_batch` to micro_batch_size, not eval_micro_batch_size."""
+    for given, close in (("train.lr_rate", "train.lr"), ("train.micro_batch", "train.micro_batch_size"),
+                         ("train.batch_size", "train.micro_batch_size")):
+        with pytest.raises(ConfigError) as exc:
+            load_config("sft", _cfg_file(tmp_path), [f"{given}=1"])
+        assert f"unknown key '{given}'; closest valid key: '{close}' (valid" in str(exc.value)
+
+
+def test_unknown_section_given_with_set_is_marked(tmp_path):
+    """`--set trian.lr=1` makes the unknown section `trian`: its line says it came from the command line."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["trian.lr=1"])
+    assert "unknown key 'trian'; closest valid key: 'train'" in str(exc.value)
+    assert str(exc.value).endswith("[given with --set]")
+
+
+def test_from_config_refusal_given_with_set_is_marked(tmp_path):
+    """The config class's refusal of a from_config value set with --set (a check of the model section) is
+    marked as given there, and quotes transformers' reason without its wrapping."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["model.from_config.hidden_size=30"])
+    assert str(exc.value).endswith("model: from_config: llama rejects it: The hidden size (30) is not a multiple "
+                                   "of the number of attention heads (4). [given with --set]"), str(exc.value)
+
+
 def test_unknown_top_level_key(tmp_path):
     path = _cfg_file(tmp_path, modle={"x": 1})
     with pytest.raises(ConfigError, match="unknown key 'modle'; closest valid key: 'model'"):
@@ -1366,7 +1416,8 @@ def test_a_list_item_set_on_its_own_keeps_the_valid_keys_listing(tmp_path: Path)
         load_config("sft", _cfg_file(tmp_path), ["train[0].lr=1"])
     assert str(exc.value).endswith(
         "unknown key 'train[0]'; closest valid key: 'train' (valid here: seed, output_dir, model, train, deepspeed, "
-        "logging, data); a list item cannot be set on its own: give the whole list (--set 'key=[...]')"), str(exc.value)
+        "logging, data); a list item cannot be set on its own: give the whole list (--set 'key=[...]') "
+        "[given with --set]"), str(exc.value)
 
 
 def test_only_a_false_value_says_that_null_turns_it_off(tmp_path: Path) -> None:
