@@ -527,6 +527,9 @@ def eval_(
                                                        show_default="all")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, show_default="the config's, else 128")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (> 0).", show_default="the config's, else 0.8")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding: the most likely token at each step "
+                      "(generation.top_k 1, after the repetition penalty); no KL then: greedy responses are no "
+                      "samples of the policy.")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (the same for both policies).",
                                                 show_default="the config's, else 0")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
@@ -550,7 +553,7 @@ def eval_(
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
-                                 max_new_tokens, temperature, seed, batch_size, set_ or [], precision)
+                                 max_new_tokens, temperature, seed, batch_size, set_ or [], precision, greedy)
         if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
             raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
                               "go beside a local policy by default)")

@@ -18,12 +18,13 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                   prompts: Path | None = None, baseline: str | None = None, reference: str | None = None,
                   gold: str | None = None, num_prompts: int | None = None, max_new_tokens: int | None = None,
                   temperature: float | None = None, seed: int | None = None, batch_size: int = 32,
-                  overrides: list[str] = [], precision: str | None = None) -> EvalSettings:  # noqa: B006 - read only
+                  overrides: list[str] = [], precision: str | None = None,  # noqa: B006 - read only
+                  greedy: bool = False) -> EvalSettings:
     """The options over the values of a PPO config (when `config` is given; a run's resolved_config.yaml works
     too): its reward_model, data (data.eval, else data.train), generation, gold judge, seed, precision and
     monitor n-gram (`precision`: fp32 / bf16 / fp16, the models' dtype; else the config's deepspeed.precision,
-    else fp32). An option given explicitly wins; `overrides` (--set data.*/generation.* key=value) win over
-    both (the prompt file itself is --prompts)."""
+    else fp32; `greedy`: generation.top_k 1). An option given explicitly wins; `overrides` (--set
+    data.*/generation.* key=value) win over both (the prompt file itself is --prompts)."""
     try:  # a policy that is not there is a usage error (exit 2), like any missing input
         resolve_model_dir(str(policy))
     except CheckpointError as exc:
@@ -50,15 +51,23 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
     dtype = PRECISION_DTYPES[precision] if precision is not None else dtype
-    gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
+    gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature),
+                                     ("top_k", 1 if greedy else None)) if v is not None}
     sections = {"data": data_fields, "generation": gen_fields}
+    # what the command line gave, for the "[given with ...]" of a refused value
+    flags = {key: flag for key, flag, value in (
+        ("data.train", "--prompts", prompts), ("data.gold_reward", "--gold", gold),
+        ("generation.max_new_tokens", "--max-new-tokens", max_new_tokens),
+        ("generation.temperature", "--temperature", temperature),
+        ("generation.top_k", "--greedy", greedy or None)) if value is not None}
     for item in overrides:
         parts, value = parse_override(item)
         if parts[0] not in sections or len(parts) < 2 or parts[:2] in (["data", "train"], ["data", "eval"]):
             raise ConfigError(f"--set {item}: rlhf eval takes data.* (not data.train/eval: the prompts are --prompts) "
                               "and generation.* keys")
         apply_override(sections[parts[0]], parts[1:], value)
-    checked = _validated(data_fields, gen_fields)
+        flags[".".join(parts)] = "--set"
+    checked = _validated(data_fields, gen_fields, flags)
     data, generation = checked.data, checked.generation
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
@@ -86,9 +95,11 @@ class _EvalSections(BaseModel):
     generation: GenerationConfig
 
 
-def _validated(data: dict[str, object], generation: dict[str, object]) -> _EvalSections:
-    """Both sections validated; each bad value is a line of one ConfigError naming its key."""
+def _validated(data: dict[str, object], generation: dict[str, object], flags: dict[str, str]) -> _EvalSections:
+    """Both sections validated; each bad value is a line of one ConfigError naming its key, and the option that
+    gave it (`flags`: key -> "--temperature" or "--set")."""
     try:
         return _EvalSections.model_validate({"data": data, "generation": generation})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(_EvalSections, exc, "(rlhf eval's options over the config)")) from None
+        raise ConfigError(format_validation_error(_EvalSections, exc, "(rlhf eval's options over the config)",
+                                                  cli_keys=flags, flags=flags)) from None

@@ -659,6 +659,7 @@ class PipelineEvalConfig(Section):
     num_prompts: int | None = Field(None, ge=1, description="first N prompts of the PPO config's data.eval")
     seed: Seed = Field(0, description="sampling seed, the same for every policy")
     batch_size: int = Field(32, ge=1)
+    greedy: bool = Field(False, description="greedy decoding (rlhf eval --greedy): deterministic, but no KL")
     policy: Literal["final", "best"] = Field(
         "final", description="each PPO run's policy to evaluate: final/, or best/ (its best validation reward "
         "while the collapse monitor was quiet; final/ for a run that wrote none)")

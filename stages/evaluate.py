@@ -8,7 +8,8 @@ For each prompt the policy (and the baseline) samples one response with the same
     gold        mean gold reward (data.gold_reward, e.g. the toy task's)
     kl          mean over responses of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own samples
                 (a sampled estimate of KL(pi || pi_ref) per response; pi_ref = --reference, else the baseline;
-                both at the generation temperature with generation.logprobs_at_temperature)
+                both at the generation temperature with generation.logprobs_at_temperature; none with greedy
+                decoding, generation.top_k 1 (`rlhf eval --greedy`): its responses are no samples of pi)
     length      mean response tokens (the stop token included); cap_share: share cut at max_new_tokens
     repetition  mean share of repeated n-grams (monitor.ngram)
 
@@ -231,9 +232,16 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     stop_ids = stop_token_ids(policy, tok, s.generation.stop_token_ids)
     ending = ending_for(rm_dir, s.data.rm_add_eos, tok, stop_ids, styles, warn, lambda line: say(True, line))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
-                               "prompts": len(prompts), "seed": s.seed, "skipped_rows": dict(log.reasons),
+                               "prompts": len(prompts), "seed": s.seed,
+                               "decoding": "greedy" if greedy(s.generation) else "sampled",
+                               "skipped_rows": dict(log.reasons),
                                "cut_prompts": cut, "settings": recorded_settings(s, precision)}
     ref_path = s.reference or s.baseline
+    if greedy(s.generation):  # no KL estimate from responses that are no samples of the policy
+        if s.reference:
+            warn(f"--reference {s.reference}: no KL with greedy decoding (generation.top_k 1): its responses are "
+                 "no samples of the policy")
+        ref_path = None
     reference = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)
     if ref_path:
@@ -241,7 +249,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
-        base = reference if s.baseline == ref_path else _load_lm(s.baseline, dtype, device, len(tok))
+        base = reference if ref_path and s.baseline == ref_path else _load_lm(s.baseline, dtype, device, len(tok))
         theirs = generate(base, prompts, s, tok, reward, stop_ids, ending, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
         same = [a == b and x == y for a, b, x, y in zip(mine.responses, theirs.responses, mine.truncated,
@@ -270,11 +278,18 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     return results
 
 
+def greedy(gen: GenerationConfig) -> bool:
+    """Whether `gen` decodes greedily: top-k 1 keeps only the most likely token (after the repetition penalty;
+    tokens tied for it are drawn among)."""
+    return gen.top_k == 1
+
+
 def print_results(results: dict[str, Any], console: Any) -> None:
     """A table metric | policy | baseline, then the win-rates."""
     from rich.table import Table
 
-    table = Table(title=f"rlhf eval: {results['prompts']} prompts (seed {results['seed']})")
+    how = "greedy" if results.get("decoding") == "greedy" else f"seed {results['seed']}"
+    table = Table(title=f"rlhf eval: {results['prompts']} prompts ({how})")
     table.add_column("metric")
     table.add_column("policy", justify="right")
     has_base = "baseline_metrics" in results

@@ -467,7 +467,8 @@ def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path, run: StageRun
     """What the pipeline's evaluation of `policy` (of PPO `run`) is made with (recorded in eval.settings.json):
     its options, and `eval_inputs`, the contents of what it reads through the run's config."""
     return {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-            "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out)}
+            "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out)} | (
+                {"greedy": True} if cfg.eval.greedy else {})  # (absent when off: as written before it existed)
 
 
 def eval_inputs(out: Path) -> str | None:
@@ -534,7 +535,8 @@ def eval_command(cfg: PipelineConfig, run: StageRun, sft: Path, policy: Path) ->
     cmd = [sys.executable, "-m", "rlhf_cli", "eval", str(policy), "--config", str(run.out / "resolved_config.yaml"),
            "--baseline", str(sft), "--seed", str(cfg.eval.seed), "--batch-size", str(cfg.eval.batch_size),
            "--out", str(run.out / "eval.json")]
-    return cmd + (["--num-prompts", str(cfg.eval.num_prompts)] if cfg.eval.num_prompts else [])
+    return cmd + (["--num-prompts", str(cfg.eval.num_prompts)] if cfg.eval.num_prompts else []) + (
+        ["--greedy"] if cfg.eval.greedy else [])
 
 
 def evaluate_runs(cfg: PipelineConfig, ppo_runs: list[StageRun], sft: Path, console: Any) -> None:

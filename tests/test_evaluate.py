@@ -73,3 +73,56 @@ def test_eval_samples_carry_each_prompts_own_scores_and_a_gold_win_rate(pipeline
         assert statistics.fmean(r[f"{side}_gold"] for r in rows) == pytest.approx(res[f"{side}_metrics"]["gold"])
     assert len({r["policy_reward"] for r in rows}) > 1
     assert res["win_rate_gold"]["nonfinite"] == 0 and 0.0 <= res["win_rate_gold"]["win_rate"] <= 1.0
+
+
+def test_greedy_eval_takes_the_most_likely_token_and_reports_no_kl(pipeline_run, tmp_path):
+    """--greedy: each response is the policy's most likely continuation (checked against a plain argmax loop
+    over the model, one unpadded prompt at a time, the repetition penalty on the response's own tokens), the
+    same under another seed; no KL is reported and the baseline is not taken as a reference. The policy is a
+    random-init model of the PPO policy's shape (the trained one answers in two tokens; this one runs to the cap)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_cli.eval_options import eval_settings
+    from stages.data import BadRowLog
+    from stages.evaluate import evaluate
+    from stages.models import load_tokenizer, resolve_model_dir
+    from stages.ppo.models import stop_token_ids
+    from stages.ppo.prompts import load_prompts
+
+    root = pipeline_run[0].parent / "runs"
+    trained = resolve_model_dir(str(root / "ppo-max"))
+    tok = load_tokenizer(trained)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(trained)).eval()
+    model.save_pretrained(tmp_path / "random")
+    tok.save_pretrained(tmp_path / "random")
+    s = eval_settings(tmp_path / "random", root / "ppo-max" / "resolved_config.yaml", num_prompts=3,
+                      max_new_tokens=12, baseline=str(root / "sft"), greedy=True)
+    assert (s.generation.top_k, s.generation.repetition_penalty) == (1, 1.1)
+    res = evaluate(s, tmp_path / "a.json")
+    assert res["decoding"] == "greedy" and "reference" not in res
+    assert "kl" not in res["policy_metrics"] and "reward" in res["baseline_metrics"]
+    evaluate(dataclasses.replace(s, seed=s.seed + 1), tmp_path / "b.json")
+    rows = [json.loads(line) for line in (tmp_path / "a.samples.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) for line in (tmp_path / "b.samples.jsonl").read_text().splitlines()]
+
+    stops = stop_token_ids(model, tok, s.generation.stop_token_ids)
+    prompts, _, _ = load_prompts(s.data.train, s.data, tok, BadRowLog(), set(), limit=3)
+    lengths = []
+    for prompt, row in zip(prompts, rows):
+        ids, response = list(prompt), []
+        while len(response) < 12 and not (response and response[-1] in stops):
+            with torch.no_grad():
+                z = model(torch.tensor([ids])).logits[0, -1, :len(tok)].clone()
+            for t in set(response):  # the penalty: positive scores divided by it, the others multiplied
+                z[t] = z[t] / 1.1 if z[t] > 0 else z[t] * 1.1
+            if len(response) < s.generation.min_new_tokens:
+                z[[t for t in stops if t < len(tok)]] = float("-inf")
+            response.append(int(z.argmax()))
+            ids.append(response[-1])
+        assert row["policy"] == tok.decode(response, skip_special_tokens=True), (row, response)
+        lengths.append(len(response))
+    assert max(lengths) >= 6, lengths  # (a check of more than a token or two)

@@ -128,6 +128,25 @@ def _pipeline_cfg(tmp: Path, **extra):
     })
 
 
+def test_pipeline_eval_greedy_reaches_rlhf_eval_and_its_recorded_settings(tmp_path):
+    """eval.greedy: each evaluation's command line has --greedy (an option rlhf eval takes) and its recorded
+    settings say so, so a greedy and a sampled evaluation are told apart; off, neither (the settings as written
+    before the key existed)."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.app import app
+    from stages.pipeline import eval_command, eval_settings_of, plan
+
+    for greedy in (False, True):
+        cfg = _pipeline_cfg(tmp_path, eval={"greedy": greedy})
+        run = next(r for r in plan(cfg) if r.stage == "ppo")
+        cmd = eval_command(cfg, run, tmp_path / "sft", run.out / "final")
+        assert ("--greedy" in cmd) is greedy
+        settings = eval_settings_of(cfg, tmp_path / "sft", run.out / "final", run)
+        assert settings.get("greedy", False) is greedy and ("greedy" in settings) is greedy
+    assert "--greedy" in CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).stdout
+
+
 def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path):
     """An RM config with model.from_config, to which the pipeline adds model.name_or_path (the SFT output): the
     error names the pipeline as the giver, not --set."""
@@ -532,10 +551,18 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
     assert eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts,
                          precision="bf16").dtype == "bfloat16"
     assert eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts).dtype == "float32"
-    with pytest.raises(ConfigError, match=r"data.on_bad_row: Input should be 'error' or 'skip' \(got 'maybe'\)\n"
+    with pytest.raises(ConfigError, match=r"data.on_bad_row: Input should be 'error' or 'skip' \(got 'maybe'\) \[given with --set\]\n"
                                           r"  unknown key 'generation.top_pp'; closest valid key: 'generation.top_p'"):
         eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts,
                       overrides=["data.on_bad_row=maybe", "generation.top_pp=1"])
+    # a refused value names the option that gave it
+    with pytest.raises(ConfigError, match=r"generation.temperature: Input should be greater than 0 \(got 0.0\) "
+                                          r"\[given with --temperature\]$"):
+        eval_settings(tmp_path / "policy", tmp_path / "ppo.yaml", reward_model="some/rm", prompts=prompts,
+                      temperature=0.0)
+    with pytest.raises(ConfigError, match=r"generation.top_p: .*\(got 2\) \[given with --set\]$"):
+        eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts,
+                      overrides=["generation.top_p=2"])
     for item in ("train.lr=1", "data.train=x.jsonl"):
         with pytest.raises(ConfigError, match=rf"--set {item}: rlhf eval takes data.\* \(not data.train/eval"):
             eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, overrides=[item])
