@@ -111,21 +111,25 @@ def warn_if_gpu_sized(cfg: Any) -> None:
                   highlight=False)
 
 
-def warn_if_host_busy() -> None:
-    """A warning on stderr when other processes already keep this machine's cores busy (1-minute load average at
-    least half the core count before the benchmark starts): its timings would be those of a shared machine
-    (torch's threads wait on each other; a GPU benchmark's kernel launches wait for a core)."""
+def warn_if_host_busy() -> float | None:
+    """The host's 1-minute load average before the benchmark starts (None where the OS has none): the work of
+    other processes, which the result records as host_load_1min_before. A warning on stderr when it is at least
+    half the core count: the timings would be those of a shared machine (torch's threads wait on each other; a
+    GPU benchmark's kernel launches wait for a core)."""
     from stages.bench import host_load
 
     load = host_load()
     if load["host_load_1min"] is not None and load["host_load_1min"] >= 0.5 * load["host_cores"]:
         err.print(f"[yellow]warning:[/] load average {load['host_load_1min']:.1f} on {load['host_cores']} cores "
                   "before the benchmark: other processes are using the CPU, so these timings will be slower than on "
-                  "an idle machine (the load is recorded in the result as host_load_1min)", highlight=False)
+                  "an idle machine (the load is recorded in the result as host_load_1min_before)", highlight=False)
+    return load["host_load_1min"]
 
 
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
-           overrides: list[str]) -> tuple[Any, Any, Path]:
+           overrides: list[str]) -> tuple[Any, Any, Path, float | None]:
+    """The bench config, the workload built (its PPO config and folder), and the host's load average before
+    (`warn_if_host_busy`)."""
     from stages.bench import ppo_config_dict, prepare_workload
     from stages.checkpoint import ensure_dir
     from stages.distributed import quiet_libraries
@@ -140,10 +144,10 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload
     precision = merged["deepspeed"].get("precision", "bf16")
     warn_if_gpu_sized(cfg)
-    warn_if_host_busy()
+    load_before = warn_if_host_busy()
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))
-    return cfg, ppo_config(cfg, root), root
+    return cfg, ppo_config(cfg, root), root, load_before
 
 
 def _device() -> Any:
@@ -184,7 +188,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     stopped: Stopped | None = None
     ppo = None
     try:
-        cfg, ppo, _ = _setup(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, _, load_before = _setup(workload, config, iters, warmup, set_ or [])
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
         try:
             run(ppo)
@@ -193,6 +197,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(),
                                estimate(ppo, 1, micro_batch_choices(ppo)))
         result["stopped"] = str(stopped) if stopped is not None else None
+        result["host_load_1min_before"] = load_before
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
         trl_file = target.with_name("bench-trl.json")
@@ -256,10 +261,10 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
     from stages.bench import bench_generate, write_result
 
     try:
-        cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, root, load_before = _setup(workload, config, iters, warmup, set_ or [])
         caches = {"both": ["static", "dynamic"], "compiled": ["static", "fused"],
                   "all": ["static", "dynamic", "fused"]}.get(cache, [cache])
-        result = bench_generate(cfg, root, ppo, _device(), caches)
+        result = bench_generate(cfg, root, ppo, _device(), caches) | {"host_load_1min_before": load_before}
         target = out_file or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
@@ -309,8 +314,8 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
     from stages.bench_trl import compare, run_trl
 
     try:
-        cfg, ppo, root = _setup(workload, config, iters, warmup, set_ or [])
-        result = run_trl(cfg, root, ppo, _device(), precision)
+        cfg, ppo, root, load_before = _setup(workload, config, iters, warmup, set_ or [])
+        result = run_trl(cfg, root, ppo, _device(), precision) | {"host_load_1min_before": load_before}
         target = out_file or Path(cfg.output_dir) / "bench-trl.json"
         write_result(result, target)
         ours_file = target.with_name("bench-ppo.json")

@@ -243,13 +243,13 @@ def _our_name_for(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _closest_key(name: str, valid: list[str]) -> str | None:
-    """A valid key near `name` (a typo), or None when none is near. Keys made of a subset or superset of its
-    `_`-separated words come first (`lr_rate` -> lr, `micro_batch` -> micro_batch_size), so that a shared
-    longer spelling (`lr_rate` and `min_lr_ratio`) does not win; among them, and otherwise, difflib's ratio
-    (>= 0.6) decides."""
+    """A valid key near `name` (a typo), or None when none is near: a key spelt almost alike (difflib's ratio
+    >= 0.8: `prompt` -> prompts); else one made of a subset or superset of its `_`-separated words (`lr_rate` ->
+    lr, not the longer look-alike min_lr_ratio), the nearest of them; else the nearest with a ratio >= 0.6."""
+    alike = difflib.get_close_matches(name, valid, n=1, cutoff=0.8)
     words = set(name.split("_"))
     related = [v for v in valid if set(v.split("_")) <= words or words <= set(v.split("_"))]
-    close = difflib.get_close_matches(name, related, n=1, cutoff=0.0) or \
+    close = alike or difflib.get_close_matches(name, related, n=1, cutoff=0.0) or \
         difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     return close[0] if close else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -82,6 +83,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["micro_batch_size"] > 0 and r["fit_micro_batch"] is None  # (a CPU: no GPU memory to fit)
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
     assert r["vs_trl"] is None  # no bench-trl.json beside it yet
+    assert r["host_load_1min_before"] >= 0 and r["host_cores"] == os.cpu_count()  # (Linux has a load average)
     run = bench_dir / "out" / "ppo"  # train.checkpoints: false: W1's checkpoint would be 16 GB of a GPU lease
     assert not list(run.glob("checkpoint-*")) and not (run / "final").exists() and (run / "metrics.jsonl").is_file()
     # each phase's roofline floor at the configured peaks (roofline.py, hand-checked below), the gap to it
@@ -161,7 +163,7 @@ def test_bench_ppo_out_of_gpu_memory_is_rlhf_ppos_one_error(bench_dir):
 
 def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     r = json.loads((bench_dir / "out/bench-generate.json").read_text())
-    assert r["prompts"] == 8 and r["prompt_length"] == 16
+    assert r["prompts"] == 8 and r["prompt_length"] == 16 and r["host_load_1min_before"] >= 0
     for cache in ("static", "dynamic"):
         assert r[cache]["tokens"] == 8 * 16 and len(r[cache]["per_run_s"]) == 2
         assert r[cache]["tokens_per_s"] == pytest.approx(128 / r[cache]["seconds"])
@@ -190,11 +192,11 @@ def test_bench_generate_times_the_fused_path_and_reports_its_failure(bench_dir, 
     from stages.ppo import decode
 
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
-    cfg, ppo, root = _setup(None, bench_dir / "tiny.yaml", 1, 0, [])
+    cfg, ppo, root, _ = _setup(None, bench_dir / "tiny.yaml", 1, 0, [])
     r = first = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["fused"]["compile_sampling"] and r["fused"]["tokens"] == 8 * 16 and "sampling_share" not in r["fused"]
     assert not r["static"]["compile"] and "fused_speedup" not in r  # compiled against eager says nothing
-    cfg, ppo, root = _setup(None, bench_dir / "tiny.yaml", 1, 0, ["ppo.generation.compile=true"])
+    cfg, ppo, root, _ = _setup(None, bench_dir / "tiny.yaml", 1, 0, ["ppo.generation.compile=true"])
     r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["static"]["compile"] and not r["static"]["compile_sampling"]
     # compiled: the sampling work's top-p floor is searched; eager mode's sort timed beside it (not uncompiled above)
@@ -242,6 +244,7 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
     assert t["seconds_per_iteration"] == pytest.approx(statistics.median(t["per_iteration_s"][1:]))
     assert t["generation_s"] == pytest.approx(statistics.median(t["generation_per_iteration_s"][1:]))
     assert 0 < t["generation_share"] < 1 and t["samples_per_s"] == pytest.approx(8 / t["seconds_per_iteration"])
+    assert t["host_load_1min_before"] >= 0
     # the workload's models were reused, not rebuilt
     mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
@@ -281,6 +284,13 @@ def test_trl_comparison_needs_the_same_workload_device_and_weights_dtype():
     assert why == ("the host's load average was 3.8 after rlhf bench ppo and 0.9 after rlhf bench trl, on 2 cores: "
                    "rerun the busier one on a quiet machine before trusting the ratio")
     assert compare(ours | {"host_load_1min": None}, trl | load)["uneven_host_load"] is None  # (no load average)
+    # the loads before each run (other processes' work) when both results have them: runs of other thread
+    # counts left loads 2.9 and 0.9 after them, but the machine was as quiet before both
+    after = {"host_cores": 2, "host_load_1min_before": 0.1}
+    assert compare(ours | after | {"host_load_1min": 2.9}, trl | after | {"host_load_1min": 0.9})[
+        "uneven_host_load"] is None
+    why = compare(ours | after | {"host_load_1min_before": 1.6}, trl | after)["uneven_host_load"]
+    assert why.startswith("the host's load average was 1.6 before rlhf bench ppo and 0.1 before rlhf bench trl")
 
 
 def test_a_named_workload_writes_under_the_current_directory(tmp_path, monkeypatch):
@@ -1220,7 +1230,7 @@ def test_bench_generate_times_the_paths_its_cache_option_names(tmp_path, monkeyp
                 "sampling": {"seconds_per_step": 0.001, "logits_shape": [8, 1024]}, "compiled_graphs": 0,
                 "cudagraph_skips": 0, "floor": None}
 
-    monkeypatch.setattr(bench_cmd, "_setup", lambda *args: (None, None, tmp_path))
+    monkeypatch.setattr(bench_cmd, "_setup", lambda *args: (None, None, tmp_path, 0.0))
     monkeypatch.setattr(bench, "bench_generate", fake)
     r = invoke_cli("bench", "generate", "--workload", "tiny", "--cache", option, "--out", str(tmp_path / "g.json"))
     assert r.exit_code == 0, r.output
@@ -1253,7 +1263,7 @@ def test_the_workload_is_built_in_the_dtype_the_ppo_run_loads(tmp_path, monkeypa
 
     monkeypatch.setattr(bench, "prepare_workload", prepare)
     monkeypatch.chdir(tmp_path)
-    cfg, ppo, root = _setup("tiny", None, None, None, ["ppo.deepspeed=null"])
+    cfg, ppo, root, _ = _setup("tiny", None, None, None, ["ppo.deepspeed=null"])
     assert ppo.deepspeed.precision == "bf16" and root == tmp_path / "wl"
     assert built == [torch.bfloat16] == [model_dtype(ppo.model.dtype, ppo.deepspeed.precision)]
     # a ppo: key the config loader refuses (a path checked only there): named, and said to be the generated config's
@@ -1271,7 +1281,7 @@ def test_bench_generate_on_a_micro_workload_hand_checked(tmp_path, monkeypatch):
     arch = ["workload.architecture.vocab_size=16", "workload.architecture.hidden_size=16",
             "workload.architecture.intermediate_size=32", "workload.architecture.num_hidden_layers=1"]
     monkeypatch.chdir(tmp_path)
-    cfg, ppo, root = _setup("tiny", None, 2, 1, [*arch, "workload.prompts=2", "workload.prompt_length=3",
+    cfg, ppo, root, _ = _setup("tiny", None, 2, 1, [*arch, "workload.prompts=2", "workload.prompt_length=3",
                                                 "workload.new_tokens=4", "workload.words=5", "ppo.train=null"])
     r = bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "dynamic"])
     assert (r["prompts"], r["prompt_length"], r["weights_dtype"]) == (2, 3, "float32")
