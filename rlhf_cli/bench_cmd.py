@@ -191,7 +191,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         cfg, ppo, _, load_before = _setup(workload, config, iters, warmup, set_ or [])
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
         try:
-            run(ppo)
+            run(ppo, summary=False)
         except Stopped as exc:  # a time limit's SIGINT: the iterations done still make a (shorter) result
             stopped = exc
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(),

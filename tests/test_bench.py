@@ -53,6 +53,9 @@ def bench_dir(tmp_path_factory) -> Path:
     assert gen.returncode == 0, gen.stdout[-3000:] + gen.stderr[-3000:]
     for res in (ppo, gen):  # no library progress bars (writing the workload's models, loading them)
         assert "Writing model shards" not in res.stderr + res.stdout and "Loading weights" not in res.stderr + res.stdout
+    # its own table only (not rlhf ppo's of first -> last metrics), and no torch profiler chatter ("USDT: ...")
+    assert "first (step)" not in ppo.stdout and "seconds per iteration (median)" in ppo.stdout, ppo.stdout
+    assert "USDT" not in ppo.stderr + ppo.stdout, ppo.stderr[-3000:]
     return d
 
 

@@ -647,9 +647,11 @@ def check_data(cfg: PPOConfig, world_size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- run
-def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None = None) -> Path:
+def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None = None,
+        summary: bool = True) -> Path:
     """Train; returns output_dir/final (the policy as a HF causal LM; output_dir itself with
-    train.checkpoints: false)."""
+    train.checkpoints: false). `summary`: print the table of first -> last metrics at the end (`rlhf bench ppo`
+    prints its own instead)."""
     from stages import __version__
 
     dist, out = open_run(cfg.output_dir, cfg.seed, prepare)
@@ -852,6 +854,6 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
         metrics.event(total, "final", path=str(final))
     stop.disarm()
     metrics.close()
-    if dist.is_main:
+    if dist.is_main and summary:
         print_summary("rlhf ppo", read_metrics(out / "metrics.jsonl"), final)
     return final or out
