@@ -22,8 +22,11 @@ training (the four models resident) to its end.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +88,15 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     prompts = [rows[i % len(rows)] for i in range(w.prompts * (runs + 1))]
     out_dir = Path(cfg.output_dir) / "trl"
     shutil.rmtree(out_dir, ignore_errors=True)
-    args = trl.PPOConfig(
-        output_dir=str(out_dir), seed=cfg.seed, per_device_train_batch_size=micro,
-        gradient_accumulation_steps=w.prompts // micro, num_mini_batches=1, num_ppo_epochs=1,
-        response_length=w.new_tokens, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
-        total_episodes=w.prompts * runs, local_rollout_forward_batch_size=min(64, w.prompts),
-        bf16=mixed == "bf16", use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
-        num_sample_generations=0, logging_steps=1, disable_tqdm=True,
-    )
+    with quiet_trl():  # (TrainingArguments' own deprecation warnings)
+        args = trl.PPOConfig(
+            output_dir=str(out_dir), seed=cfg.seed, per_device_train_batch_size=micro,
+            gradient_accumulation_steps=w.prompts // micro, num_mini_batches=1, num_ppo_epochs=1,
+            response_length=w.new_tokens, stop_token=None, stop_token_id=None, missing_eos_penalty=None,
+            total_episodes=w.prompts * runs, local_rollout_forward_batch_size=min(64, w.prompts),
+            bf16=mixed == "bf16", use_cpu=device.type == "cpu", report_to=[], save_strategy="no",
+            num_sample_generations=0, logging_steps=1, disable_tqdm=True,
+        )
     ends: list[float] = []
     generation: list[float] = []
     widths: list[int] = []  # new tokens per rollout (every row is that long: no stop token)
@@ -118,10 +122,11 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     env_before = os.environ.get("ACCELERATE_MIXED_PRECISION")
     os.environ["ACCELERATE_MIXED_PRECISION"] = mixed  # what TRL's own Accelerator() reads
     try:
-        trainer = trl.PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
-                                 reward_model=reward, value_model=value,
-                                 train_dataset=Dataset.from_dict({"input_ids": prompts}), callbacks=[Clock()])
-        trainer.train()
+        with quiet_trl():
+            trainer = trl.PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
+                                     reward_model=reward, value_model=value,
+                                     train_dataset=Dataset.from_dict({"input_ids": prompts}), callbacks=[Clock()])
+            trainer.train()
     finally:
         ppo_module.batch_generation = inner
         if env_before is None:
@@ -147,6 +152,17 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
         "new_tokens": widths[0], "micro_batch_size": micro,
         "rollout_forward_batch_size": args.local_rollout_forward_batch_size,
     }
+
+
+@contextlib.contextmanager
+def quiet_trl() -> Any:
+    """TRL's PPOTrainer without its chatter in the comparison's output: its prints ("===training policy===", each
+    step's metrics dict: the result has the timings) and the deprecation warnings transformers and torch raise
+    inside it (FutureWarning, torch's non-tuple indexing UserWarning); other warnings and errors still show."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", "Using a non-tuple sequence for multidimensional indexing", UserWarning)
+        yield
 
 
 def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:

@@ -237,6 +237,8 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
               cwd=bench_dir)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Loading weights" not in r.stdout + r.stderr  # no library progress bars in the comparison
+    # nor TRL's prints and the deprecation warnings raised inside it
+    assert "training policy" not in r.stdout and "Warning" not in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     t = json.loads((bench_dir / "out/bench-trl.json").read_text())
     assert t["benchmark"] == "trl-ppo" and t["trl"] == "0.23.1" and t["workload"] == "tiny" and t["device"] == "cpu"
     # fp32 weights, bf16 autocast reaching TRL's own Accelerator
