@@ -193,13 +193,17 @@ def _keys_named(schema: type[BaseModel], name: str, prefix: str = "") -> list[st
 
 
 #: keys as other RLHF tools name them (HF Trainer / TRL, OpenRLHF, DeepSpeed-Chat) -> ours: a leaf name (looked
-#: for in the key's own section first, then anywhere) or a dotted key. Every one the config's schema has is
-#: suggested: `train.learning_rate` is 'train.lr' for SFT and RM, 'train.policy_lr' for PPO.
+#: for in the key's own section first, then anywhere), a dotted key, or a dotted key=value. Every one the
+#: config's schema has is suggested: `train.learning_rate` is 'train.lr' for SFT and RM, 'train.policy_lr' or
+#: 'train.critic_lr' for PPO (TRL's one learning rate is both). TRL's num_train_epochs (passes over the prompts)
+#: has no PPO counterpart (train.iterations counts rollouts); OpenRLHF's max_epochs is PPO's ppo_epochs.
 OTHER_TOOLS_NAMES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("learning_rate", "actor_learning_rate", "actor_lr"), ("lr", "policy_lr")),
+    "learning_rate": ("lr", "policy_lr", "critic_lr"),
+    **dict.fromkeys(("actor_learning_rate", "actor_lr"), ("policy_lr",)),
     "critic_learning_rate": ("critic_lr",),
     "lr": ("policy_lr", "critic_lr"),
-    **dict.fromkeys(("num_train_epochs", "max_epochs"), ("epochs", "ppo_epochs")),
+    "num_train_epochs": ("epochs",),
+    "max_epochs": ("epochs", "ppo_epochs"),
     "num_ppo_epochs": ("ppo_epochs",),
     **dict.fromkeys(("per_device_train_batch_size", "micro_train_batch_size", "train_micro_batch_size_per_gpu"),
                     ("micro_batch_size",)),
@@ -219,10 +223,11 @@ OTHER_TOOLS_NAMES: dict[str, tuple[str, ...]] = {
     "normalize_reward": ("reward_norm",),
     **dict.fromkeys(("gae_lambda", "lambda"), ("lam",)),
     "ent_coef": ("entropy_coef",),
-    **dict.fromkeys(("response_length", "generate_max_len", "max_answer_seq_len"), ("max_new_tokens",)),
-    **dict.fromkeys(("prompt_max_len", "max_prompt_seq_len"), ("max_prompt_length",)),
+    **dict.fromkeys(("response_length", "generate_max_len", "max_answer_seq_len"), ("max_new_tokens", "new_tokens")),
+    **dict.fromkeys(("prompt_max_len", "max_prompt_seq_len"), ("max_prompt_length", "prompt_length")),
     **dict.fromkeys(("max_seq_length", "max_seq_len", "max_len"), ("max_length",)),
-    **dict.fromkeys(("bf16", "fp16"), ("deepspeed.precision",)),
+    "bf16": ("deepspeed.precision=bf16",),
+    "fp16": ("deepspeed.precision=fp16",),
     **dict.fromkeys(("pretrain", "model_name_or_path", "actor_model_name_or_path"), ("model.name_or_path",)),
     **dict.fromkeys(("reward_pretrain", "reward_model_path", "reward_model_name_or_path"),
                     ("reward_model.name_or_path",)),
@@ -234,22 +239,29 @@ def _our_name_for(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     the key's own section when it has one, else every section's; [] when the name is not one of that table's."""
     found: list[str] = []
     for ours in OTHER_TOOLS_NAMES.get(str(loc[-1]), ()):
-        if "." in ours:
-            found += [ours] if _field_at(schema, tuple(ours.split("."))) is not None else []
+        if "." in ours:  # a dotted key, maybe with the value that means the same ("deepspeed.precision: bf16")
+            key, _, value = ours.partition("=")
+            found += [f"{key}: {value}" if value else key] if _field_at(schema, tuple(key.split("."))) is not None else []
         else:
             named = _keys_named(schema, ours)
             found += [k for k in named if k == _key((*loc[:-1], ours))] or named
     return list(dict.fromkeys(found))
 
 
-def _closest_key(name: str, valid: list[str]) -> str | None:
-    """A valid key near `name` (a typo), or None when none is near: a key spelt almost alike (difflib's ratio
-    >= 0.8: `prompt` -> prompts); else one made of a subset or superset of its `_`-separated words (`lr_rate` ->
-    lr, not the longer look-alike min_lr_ratio), the nearest of them; else the nearest with a ratio >= 0.6."""
+def _closest_key(name: str, valid: list[str], sections: Iterable[str] = ()) -> str | None:
+    """A valid key near `name` (a typo), or None when none is near (a far one would be noise beside the listing
+    of valid keys): a key spelt almost alike (difflib's ratio >= 0.8: `prompt` -> prompts); else the nearest of
+    the keys made of a subset or superset of its `_`-separated words, sharing at least half of them, with a ratio
+    >= 0.4, not `sections` (`lr_rate` -> lr, not the longer look-alike min_lr_ratio; `reward_model_path` is not
+    `model`, nor `eval_steps` the pipeline's `eval`); else the nearest with a ratio >= 0.6."""
     alike = difflib.get_close_matches(name, valid, n=1, cutoff=0.8)
     words = set(name.split("_"))
-    related = [v for v in valid if set(v.split("_")) <= words or words <= set(v.split("_"))]
-    close = alike or difflib.get_close_matches(name, related, n=1, cutoff=0.0) or \
+
+    def related(key: str) -> bool:
+        theirs = set(key.split("_"))
+        return key not in sections and (theirs <= words or words <= theirs) and 2 * len(words & theirs) >= len(words)
+
+    close = alike or difflib.get_close_matches(name, [v for v in valid if related(v)], n=1, cutoff=0.4) or \
         difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     return close[0] if close else None
 
@@ -279,7 +291,9 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any], set_below: str |
         # far one would be noise beside the listing of valid keys
         elsewhere = [k for k in _keys_named(schema, str(loc[-1])) if k != key]
         ours = _our_name_for(schema, loc)
-        close = _closest_key(str(loc[-1]), valid)
+        sections = [k for k in valid if isinstance(_unwrap_model(owner.model_fields[k].annotation), type)
+                    and issubclass(_unwrap_model(owner.model_fields[k].annotation), BaseModel)] if owner else []
+        close = _closest_key(str(loc[-1]), valid, sections)
         hint = (f"; it is a key of another section: {', '.join(repr(k) for k in elsewhere)}" if elsewhere else
                 f"; rlhf calls it {' or '.join(repr(k) for k in ours)}" if ours else
                 f"; closest valid key: '{_key((*loc[:-1], close))}'" if close else "")
@@ -329,17 +343,22 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
     def marker(key: str, line: str, kind: str) -> str:
         """[given with ...] for a key at or above `key` given on the command line, or below it for a wrong type
         or an unknown key (`--set trian.lr=1` makes the mapping `trian`); for a check across keys (a section's
-        or the whole config's), one its message names: in full, by its own name inside the section, or by a
-        section between (`from_config` for --set model.from_config.hidden_size). Not for a key the listing of
-        valid keys names: that it was given does not make an unknown key a command-line one."""
+        or the whole config's), one its message names: in full, or by its own name inside the section, with
+        `_` or spaces ("The hidden size (130) ..." for --set model.from_config.hidden_size). Not for a key the
+        listing of valid keys names: that it was given does not make an unknown key a command-line one. Every
+        option that gave one of them is named ("[given with --max-new-tokens, --set]"), a key's rather than its
+        section's when both were given."""
         given = [k for k in cli_keys if key == k or key.startswith((k + ".", k + "["))
                  or (kind.endswith("_type") and k.startswith(key + "."))  # its sub-key made `key` a mapping
                  or (kind == "extra_forbidden" and k.startswith(key + "."))]  # `trian.lr=1` made `trian`
         if not given and kind not in ("extra_forbidden", "missing"):
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
-                     or (k.startswith(key + ".") and any(re.search(rf"\b{re.escape(part)}\b", line)
-                                                          for part in k[len(key) + 1:].split(".")))]
-        return f" [given with {cli_marker(max(given, key=len), flags)}]" if given else ""
+                     or (k.startswith(key + ".") and re.search(
+                         r"\b" + r"[_ ]".join(map(re.escape, k.rsplit(".", 1)[-1].split("_"))) + r"\b", line))]
+        # a section given whole beside a key inside it: the key's option (the more specific) is named
+        given = [k for k in given if not any(o.startswith((k + ".", k + "[")) for o in given)]
+        named = dict.fromkeys(cli_marker(k, flags) for k in given)
+        return f" [given with {', '.join(named)}]" if given else ""
 
     unique: list[str] = []
     for key, errs in by_key.items():

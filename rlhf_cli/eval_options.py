@@ -67,6 +67,9 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                               "and generation.* keys")
         apply_override(sections[parts[0]], parts[1:], value)
         flags[".".join(parts)] = "--set"
+    if greedy and gen_fields.get("top_k") != 1:
+        raise ConfigError(f"--greedy decodes with generation.top_k 1; --set generation.top_k={gen_fields.get('top_k')} "
+                          "contradicts it: give one of them")
     checked = _validated(data_fields, gen_fields, flags)
     data, generation = checked.data, checked.generation
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;

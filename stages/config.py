@@ -188,9 +188,9 @@ def check_architecture(arch: dict[str, Any]) -> None:
     except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, ValueError and its own validation errors
         # huggingface_hub's strict dataclasses wrap the reason: "Class validation error for validator 'x':\n
         # ValueError: <reason>" (or "Validation error for field 'x':"): the reason alone is said
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()
+        lines = [re.sub(r"^\w+Error: ", "", line.strip()) for line in str(exc).splitlines() if line.strip()
                  and not re.fullmatch(r"(Class v|V)alidation error for (validator|field) '\w+':", line.strip())]
-        reason = re.sub(r"^\w+Error: ", "", " ".join(lines[-2:]))
+        reason = " ".join(lines[-2:])
         raise ValueError(f"from_config: {model_type} rejects it: {reason or type(exc).__name__}") from None
 
 

@@ -188,10 +188,11 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     quiet_libraries()
+    reference = None if greedy(s.generation) else s.reference  # no KL from greedy responses: none is loaded
     policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
     check_architecture(policy_dir, "causal_lm", False, "POLICY")  # each model's kind, before anything is written
     check_architecture(rm_dir, "reward", True, "--reward-model")
-    for path, what in ((s.baseline, "--baseline"), (s.reference, "--reference")):
+    for path, what in ((s.baseline, "--baseline"), (reference, "--reference")):
         if path:
             check_architecture(resolve_model_dir(path), "causal_lm", False, what)
     if out_file is not None:  # before minutes of sampling, not after
@@ -202,7 +203,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     dtype = getattr(torch, s.dtype)
     tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))
     check_tokenizers(tok, rm_tok, s.reward_model)
-    for path, what in ((s.baseline, "--baseline"), (s.reference, "--reference")):
+    for path, what in ((s.baseline, "--baseline"), (reference, "--reference")):
         if path:  # fed the policy's token ids (and the baseline's responses decoded with its tokenizer)
             check_tokenizers(tok, _tokenizer(resolve_model_dir(path), what), path, what,
                              "compare models that share the policy's tokenizer (its SFT model, say)")
@@ -236,20 +237,18 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                                "decoding": "greedy" if greedy(s.generation) else "sampled",
                                "skipped_rows": dict(log.reasons),
                                "cut_prompts": cut, "settings": recorded_settings(s, precision)}
-    ref_path = s.reference or s.baseline
-    if greedy(s.generation):  # no KL estimate from responses that are no samples of the policy
-        if s.reference:
-            warn(f"--reference {s.reference}: no KL with greedy decoding (generation.top_k 1): its responses are "
-                 "no samples of the policy")
-        ref_path = None
-    reference = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
-    mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, reference)
+    if s.reference and reference is None:
+        warn(f"--reference {s.reference} ignored: greedy decoding (generation.top_k 1) makes no samples of the "
+             "policy, so no KL is estimated")
+    ref_path = None if greedy(s.generation) else reference or s.baseline
+    ref_model = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
+    mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, ref_model)
     if ref_path:
         results["reference"] = ref_path
     results["policy_metrics"] = summarize(mine, s.ngram)
     theirs = None
     if s.baseline:
-        base = reference if ref_path and s.baseline == ref_path else _load_lm(s.baseline, dtype, device, len(tok))
+        base = ref_model if ref_path and s.baseline == ref_path else _load_lm(s.baseline, dtype, device, len(tok))
         theirs = generate(base, prompts, s, tok, reward, stop_ids, ending, device)
         results["baseline_metrics"] = summarize(theirs, s.ngram)
         same = [a == b and x == y for a, b, x, y in zip(mine.responses, theirs.responses, mine.truncated,

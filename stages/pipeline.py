@@ -221,7 +221,7 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             ev = json.loads((run.out / "eval.json").read_text(encoding="utf-8"))
             before, after = ev.get("baseline_metrics", {}), ev["policy_metrics"]
             row = {k: (before.get(k), after.get(k)) for k in ("reward", "gold", "length", "repetition")}
-            row["kl"] = (0.0, after.get("kl"))
+            row["kl"] = (0.0, after["kl"]) if "kl" in after else (None, None)  # (none from greedy responses)
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
             row["policy"] = recorded_policy(made)
@@ -525,7 +525,8 @@ def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
         else:
             which = "best/ if it writes one, else its final/" if cfg.eval.policy == "best" else "final/"
             lines.append(f"{act.run.label}: rlhf eval of its {which} against {sft}, "
-                         f"{cfg.eval.num_prompts or 'all'} prompt(s), seed {cfg.eval.seed}")
+                         f"{cfg.eval.num_prompts or 'all'} prompt(s), "
+                         + ("greedy" if cfg.eval.greedy else f"seed {cfg.eval.seed}"))
     return lines
 
 

@@ -99,8 +99,10 @@ def test_unknown_key_named_as_other_tools_name_it_gets_ours(tmp_path):
             ("sft", _cfg_file(tmp_path), "train.learning_rate=1e-4", "'train.lr'"),
             ("sft", _cfg_file(tmp_path), "train.max_grad_norm=1", "'train.gradient_clipping'"),
             ("sft", _cfg_file(tmp_path), "train.per_device_train_batch_size=4", "'train.micro_batch_size'"),
-            ("sft", _cfg_file(tmp_path), "bf16=true", "'deepspeed.precision'"),
-            ("ppo", ppo, "train.learning_rate=1e-4", "'train.policy_lr'"),
+            ("sft", _cfg_file(tmp_path), "bf16=true", "'deepspeed.precision: bf16'"),
+            ("ppo", ppo, "train.learning_rate=1e-4", "'train.policy_lr' or 'train.critic_lr'"),  # (TRL's: both)
+            ("ppo", ppo, "train.actor_learning_rate=1e-4", "'train.policy_lr'"),
+            ("bench", REPO / "configs" / "bench" / "tiny.yaml", "workload.response_length=8", "'workload.new_tokens'"),
             ("ppo", ppo, "train.lr=1e-4", "'train.policy_lr' or 'train.critic_lr'"),
             ("ppo", ppo, "ppo.cliprange=0.2", "'ppo.policy_clip'"),
             ("ppo", ppo, "train.max_epochs=2", "'ppo.ppo_epochs'"),
@@ -108,9 +110,11 @@ def test_unknown_key_named_as_other_tools_name_it_gets_ours(tmp_path):
         with pytest.raises(ConfigError) as exc:
             load_config(stage, path, [given])
         assert f"unknown key '{given.split('=')[0]}'; rlhf calls it {ours} (valid here: " in str(exc.value), given
-    with pytest.raises(ConfigError) as exc:
-        load_config("sft", _cfg_file(tmp_path), ["reward_pretrain=x"])
-    assert "calls it" not in str(exc.value) and "unknown key 'reward_pretrain' (valid here" in str(exc.value)
+    for stage, path, given in (("sft", _cfg_file(tmp_path), "reward_pretrain=x"),
+                               ("ppo", ppo, "train.num_train_epochs=2")):  # (TRL's passes over the prompts)
+        with pytest.raises(ConfigError) as exc:
+            load_config(stage, path, [given])
+        assert f"unknown key '{given.split('=')[0]}' (valid here" in str(exc.value), str(exc.value)
 
 
 def test_closest_key_prefers_one_sharing_its_words(tmp_path):
@@ -121,6 +125,16 @@ def test_closest_key_prefers_one_sharing_its_words(tmp_path):
         with pytest.raises(ConfigError) as exc:
             load_config("sft", _cfg_file(tmp_path), [f"{given}=1"])
         assert f"unknown key '{given}'; closest valid key: '{close}' (valid" in str(exc.value)
+    # a far key is no hint: one shared word of three (reward_model_path: model), a section (a pipeline's
+    # eval_steps: eval), a ratio under 0.4 (ppo.steps: critic_pretrain_steps)
+    pipeline = REPO / "configs" / "tiny" / "pipeline.yaml"
+    for stage, path, given in (("sft", _cfg_file(tmp_path), "reward_model_path"),
+                               ("sft", _cfg_file(tmp_path), "data.eval_batch_size"),
+                               ("pipeline", pipeline, "eval_steps"),
+                               ("ppo", REPO / "configs" / "tiny" / "ppo.yaml", "ppo.steps")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(stage, path, [f"{given}=1"])
+        assert f"unknown key '{given}' (valid here" in str(exc.value), str(exc.value)
 
 
 def test_unknown_section_given_with_set_is_marked(tmp_path):
@@ -138,6 +152,11 @@ def test_from_config_refusal_given_with_set_is_marked(tmp_path):
         load_config("sft", _cfg_file(tmp_path), ["model.from_config.hidden_size=30"])
     assert str(exc.value).endswith("model: from_config: llama rejects it: The hidden size (30) is not a multiple "
                                    "of the number of attention heads (4). [given with --set]"), str(exc.value)
+    # the bad value from the file, another from_config key given with --set: no mark
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path, model__from_config__hidden_size=30),
+                    ["model.from_config.num_hidden_layers=1"])
+    assert str(exc.value).endswith("attention heads (4)."), str(exc.value)
 
 
 def test_unknown_top_level_key(tmp_path):

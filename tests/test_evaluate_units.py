@@ -216,6 +216,29 @@ def test_evaluate_kl_reference_is_the_reference_else_the_baseline(monkeypatch: p
     assert "kl" in res["policy_metrics"] and "kl" not in res["baseline_metrics"]
 
 
+def test_greedy_evaluate_estimates_no_kl_and_ignores_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """generation.top_k 1 (--greedy): neither the --reference nor the baseline is taken as a KL reference (no
+    model is passed to generate for it, nor checked), the --reference is said to be ignored, eval.json says
+    "decoding": "greedy" and the table's title says greedy instead of the seed."""
+    from rich.console import Console
+
+    gens = {"pol": _gen([1.0] * 5), "base": _gen([0.0] * 5)}
+    s, calls, said = _fake_evaluate(monkeypatch, gens, reference="ref", baseline="base",
+                                    generation=GenerationConfig(top_k=1))
+    checked: list[str] = []
+    monkeypatch.setattr(ev, "check_architecture", lambda path, *a: checked.append(path))
+    res = ev.evaluate(s)
+    assert [(c[0], c[2]) for c in calls] == [("pol", None), ("base", None)] and "ref" not in checked
+    assert "reference" not in res and "kl" not in res["policy_metrics"] and res["decoding"] == "greedy"
+    assert any(t.startswith("[yellow]--reference ref ignored: greedy decoding") for t in said), said
+    buf = io.StringIO()
+    ev.print_results(res, Console(file=buf, width=120))
+    assert "rlhf eval: 5 prompts (greedy)" in buf.getvalue()
+    s.generation = GenerationConfig(top_k=2)  # sampled: the reference is the KL's, as before
+    calls.clear()
+    assert ev.evaluate(s)["decoding"] == "sampled" and [(c[0], c[2]) for c in calls] == [("pol", "ref"), ("base", None)]
+
+
 def test_evaluate_win_rate_is_the_policys_and_a_cut_response_is_no_tie(monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy scores higher on prompts 0-2, lower on 3; prompt 4 has the same tokens on both sides but the
     policy's stopped and the baseline's was cut: not identical, so the policy's higher score wins it (4 of 5)."""

@@ -135,15 +135,17 @@ def test_pipeline_eval_greedy_reaches_rlhf_eval_and_its_recorded_settings(tmp_pa
     from typer.testing import CliRunner
 
     from rlhf_cli.app import app
-    from stages.pipeline import eval_command, eval_settings_of, plan
+    from stages.pipeline import StageAction, eval_command, eval_plan, eval_settings_of, plan
 
     for greedy in (False, True):
-        cfg = _pipeline_cfg(tmp_path, eval={"greedy": greedy})
+        cfg = _pipeline_cfg(tmp_path, eval={"greedy": greedy, "num_prompts": 4})
         run = next(r for r in plan(cfg) if r.stage == "ppo")
         cmd = eval_command(cfg, run, tmp_path / "sft", run.out / "final")
         assert ("--greedy" in cmd) is greedy
         settings = eval_settings_of(cfg, tmp_path / "sft", run.out / "final", run)
         assert settings.get("greedy", False) is greedy and ("greedy" in settings) is greedy
+        said = eval_plan(cfg, [StageAction(run, "resume")])[0]  # the plan (--dry-run) says how it decodes
+        assert said.endswith("4 prompt(s), greedy" if greedy else "4 prompt(s), seed 0"), said
     assert "--greedy" in CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).stdout
 
 
@@ -446,7 +448,7 @@ def test_pipeline_evaluates_each_runs_best_policy_when_asked(tmp_path, fake_stag
     assert pl.summary(final, run)["ppo"]["ppo"]["policy"] == "best"
 
 
-def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_stages):
+def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_stages, monkeypatch):
     """With eval.enabled: false the summary published whatever eval.json lay in a run (an `rlhf eval` run by hand
     with other options, or a file the settings do not vouch for); it now reads eval.json only while it is the file
     the pipeline's evaluation wrote, else the run's first and last validation from metrics.jsonl (its KL too,
@@ -470,6 +472,10 @@ def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_
     (out / "eval.json").write_text(json.dumps(by_hand | {"policy_metrics": {"reward": 7.0}}))  # rewritten by hand
     row = pl.summary(off, run)["ppo"]["ppo"]
     assert row["reward"] == (0.25, 0.5) and row["kl"] == (0.0, 0.1) and row["policy"] == "final"
+    # a greedy evaluation's eval.json has no KL: n/a on both sides, not 0 -> n/a
+    monkeypatch.setattr(pl, "pipeline_eval", lambda run: {"policy": str(out / "final")})
+    (out / "eval.json").write_text(json.dumps({"policy_metrics": {"reward": 7.0}, "decoding": "greedy"}))
+    assert pl.summary(off, run)["ppo"]["ppo"]["kl"] == (None, None)
 
 
 # --------------------------------------------------------------------------------------------- real run
@@ -563,6 +569,17 @@ def test_eval_config_needs_only_the_paths_eval_uses(tmp_path):
     with pytest.raises(ConfigError, match=r"generation.top_p: .*\(got 2\) \[given with --set\]$"):
         eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts,
                       overrides=["generation.top_p=2"])
+    # --greedy is top_k 1: a --set of another top_k contradicts it (one of them would be ignored silently)
+    with pytest.raises(ConfigError, match=r"^--greedy decodes with generation.top_k 1; --set generation.top_k=5 "):
+        eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, greedy=True,
+                      overrides=["generation.top_k=5"])
+    assert eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, greedy=True,
+                         overrides=["generation.top_k=1"]).generation.top_k == 1
+    # a check across keys that two options gave names both
+    with pytest.raises(ConfigError, match=r"min_new_tokens \(50\) exceeds max_new_tokens \(10\) "
+                                          r"\[given with --max-new-tokens, --set\]$"):
+        eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, max_new_tokens=10,
+                      overrides=["generation.min_new_tokens=50"])
     for item in ("train.lr=1", "data.train=x.jsonl"):
         with pytest.raises(ConfigError, match=rf"--set {item}: rlhf eval takes data.\* \(not data.train/eval"):
             eval_settings(tmp_path / "policy", None, reward_model="some/rm", prompts=prompts, overrides=[item])
