@@ -112,18 +112,21 @@ def warn_if_gpu_sized(cfg: Any) -> None:
 
 
 def warn_if_host_busy() -> float | None:
-    """The host's 1-minute load average before the benchmark starts (None where the OS has none): the work of
-    other processes, which the result records as host_load_1min_before. A warning on stderr when it is at least
-    half the core count: the timings would be those of a shared machine (torch's threads wait on each other; a
-    GPU benchmark's kernel launches wait for a core)."""
-    from stages.bench import host_load
+    """How many cores other processes keep busy as the benchmark starts (`busy_cores`; where it cannot be read,
+    the 1-minute load average), which the result records as host_busy_cores_before, and a warning on stderr when
+    it is at least half the core count: the timings would be those of a shared machine (torch's threads wait on
+    each other; a GPU benchmark's kernel launches wait for a core)."""
+    from stages.bench import busy_cores, host_load
 
-    load = host_load()
-    if load["host_load_1min"] is not None and load["host_load_1min"] >= 0.5 * load["host_cores"]:
-        err.print(f"[yellow]warning:[/] load average {load['host_load_1min']:.1f} on {load['host_cores']} cores "
-                  "before the benchmark: other processes are using the CPU, so these timings will be slower than on "
-                  "an idle machine (the load is recorded in the result as host_load_1min_before)", highlight=False)
-    return load["host_load_1min"]
+    load, busy = host_load(), busy_cores()
+    now = busy if busy is not None else load["host_load_1min"]
+    if now is not None and now >= 0.5 * load["host_cores"]:
+        what = (f"{now:.1f} of {load['host_cores']} cores busy" if busy is not None else
+                f"load average {now:.1f} on {load['host_cores']} cores")
+        err.print(f"[yellow]warning:[/] {what} before the benchmark: other "
+                  "processes are using the CPU, so these timings will be slower than on an idle machine (recorded "
+                  "in the result as host_busy_cores_before)", highlight=False)
+    return now
 
 
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
@@ -144,10 +147,10 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload
     precision = merged["deepspeed"].get("precision", "bf16")
     warn_if_gpu_sized(cfg)
-    load_before = warn_if_host_busy()
+    busy_before = warn_if_host_busy()
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))
-    return cfg, ppo_config(cfg, root), root, load_before
+    return cfg, ppo_config(cfg, root), root, busy_before
 
 
 def _device() -> Any:
@@ -188,7 +191,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     stopped: Stopped | None = None
     ppo = None
     try:
-        cfg, ppo, _, load_before = _setup(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, _, busy_before = _setup(workload, config, iters, warmup, set_ or [])
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
         try:
             run(ppo, summary=False)
@@ -197,7 +200,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
         result = summarize_ppo(cfg, ppo, Path(ppo.output_dir) / "metrics.jsonl", _device(),
                                estimate(ppo, 1, micro_batch_choices(ppo)))
         result["stopped"] = str(stopped) if stopped is not None else None
-        result["host_load_1min_before"] = load_before
+        result["host_busy_cores_before"] = busy_before
         target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
         trl_file = target.with_name("bench-trl.json")
@@ -261,10 +264,10 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
     from stages.bench import bench_generate, write_result
 
     try:
-        cfg, ppo, root, load_before = _setup(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
         caches = {"both": ["static", "dynamic"], "compiled": ["static", "fused"],
                   "all": ["static", "dynamic", "fused"]}.get(cache, [cache])
-        result = bench_generate(cfg, root, ppo, _device(), caches) | {"host_load_1min_before": load_before}
+        result = bench_generate(cfg, root, ppo, _device(), caches) | {"host_busy_cores_before": busy_before}
         target = out_file or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
@@ -314,8 +317,8 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
     from stages.bench_trl import compare, run_trl
 
     try:
-        cfg, ppo, root, load_before = _setup(workload, config, iters, warmup, set_ or [])
-        result = run_trl(cfg, root, ppo, _device(), precision) | {"host_load_1min_before": load_before}
+        cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
+        result = run_trl(cfg, root, ppo, _device(), precision) | {"host_busy_cores_before": busy_before}
         target = out_file or Path(cfg.output_dir) / "bench-trl.json"
         write_result(result, target)
         ours_file = target.with_name("bench-ppo.json")

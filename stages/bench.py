@@ -189,6 +189,28 @@ def host_load() -> dict[str, Any]:
     return {"host_cores": os.cpu_count() or 1, "host_load_1min": load}
 
 
+def busy_cores(seconds: float = 0.5, stat: str = "/proc/stat") -> float | None:
+    """How many cores other processes keep busy now: the share of CPU time not idle (nor waiting on I/O) over
+    `seconds`, from /proc/stat's first line read before and after, times the core count. This process sleeps
+    meanwhile, so the figure is the others' work (a 1-minute load average also counts, for about a minute, a
+    benchmark that has just ended). None where /proc/stat cannot be read (not Linux)."""
+    import time
+
+    def ticks() -> tuple[int, int]:
+        with open(stat, encoding="ascii") as fh:  # cpu user nice system idle iowait irq softirq steal [guest ...]
+            values = [int(v) for v in fh.readline().split()[1:9]]  # (guest time is counted in user already)
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # (all, idle + iowait)
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(seconds)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return round((1 - (idle1 - idle0) / elapsed) * (os.cpu_count() or 1), 2) if elapsed > 0 else 0.0
+
+
 def device_peaks(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:
     """(TFLOP/s, TB/s) of the device for matrix multiplies in `dtype`: the config's, else a known GPU's (the
     plain float32 peak for float32), else None."""

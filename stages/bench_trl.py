@@ -178,15 +178,16 @@ def compare(ours: dict[str, Any], trl: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def uneven_host_load(ours: dict[str, Any], trl: dict[str, Any]) -> str | None:
-    """Why the two timings may not compare, when the host's 1-minute load average differs between them by at least
-    half the cores: other processes took CPU time from one of them (torch's threads, a GPU's kernel launches).
-    The loads read before each benchmark started (host_load_1min_before: other processes' work alone), else, for
-    a result written without them, those read as each result was written (its own run's threads included).
-    None otherwise, or when a load is unknown."""
-    when = "before" if all(r.get("host_load_1min_before") is not None for r in (ours, trl)) else "after"
-    key = "host_load_1min_before" if when == "before" else "host_load_1min"
+    """Why the two timings may not compare, when the host was busier for one than for the other by at least half
+    the cores: other processes took CPU time from one of them (torch's threads, a GPU's kernel launches). The
+    cores other processes kept busy as each benchmark started (host_busy_cores_before), else, for a result
+    written without them, the 1-minute load averages read as each result was written (its own run included).
+    None otherwise, or when a figure is unknown."""
+    before = all(r.get("host_busy_cores_before") is not None for r in (ours, trl))
+    key = "host_busy_cores_before" if before else "host_load_1min"
     a, b, cores = ours.get(key), trl.get(key), ours.get("host_cores") or 1
     if a is None or b is None or abs(a - b) < 0.5 * cores:
         return None
-    return (f"the host's load average was {a:.1f} {when} rlhf bench ppo and {b:.1f} {when} rlhf bench trl, on {cores} "
+    what = ("{} cores busy before rlhf bench {}" if before else "a load average of {} after rlhf bench {}")
+    return (f"the host had {what.format(f'{a:.1f}', 'ppo')} and {what.format(f'{b:.1f}', 'trl')}, on {cores} "
             "cores: rerun the busier one on a quiet machine before trusting the ratio")

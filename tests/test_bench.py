@@ -86,7 +86,7 @@ def test_bench_ppo_reports_medians_split_throughput_memory_and_mfu(bench_dir):
     assert r["micro_batch_size"] > 0 and r["fit_micro_batch"] is None  # (a CPU: no GPU memory to fit)
     assert r["compiled_graphs"] == 0 and r["cudagraph_skips"] == 0
     assert r["vs_trl"] is None  # no bench-trl.json beside it yet
-    assert r["host_load_1min_before"] >= 0 and r["host_cores"] == os.cpu_count()  # (Linux has a load average)
+    assert r["host_busy_cores_before"] >= 0 and r["host_cores"] == os.cpu_count()  # (Linux has a load average)
     run = bench_dir / "out" / "ppo"  # train.checkpoints: false: W1's checkpoint would be 16 GB of a GPU lease
     assert not list(run.glob("checkpoint-*")) and not (run / "final").exists() and (run / "metrics.jsonl").is_file()
     # each phase's roofline floor at the configured peaks (roofline.py, hand-checked below), the gap to it
@@ -166,7 +166,7 @@ def test_bench_ppo_out_of_gpu_memory_is_rlhf_ppos_one_error(bench_dir):
 
 def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
     r = json.loads((bench_dir / "out/bench-generate.json").read_text())
-    assert r["prompts"] == 8 and r["prompt_length"] == 16 and r["host_load_1min_before"] >= 0
+    assert r["prompts"] == 8 and r["prompt_length"] == 16 and r["host_busy_cores_before"] >= 0
     for cache in ("static", "dynamic"):
         assert r[cache]["tokens"] == 8 * 16 and len(r[cache]["per_run_s"]) == 2
         assert r[cache]["tokens_per_s"] == pytest.approx(128 / r[cache]["seconds"])
@@ -236,13 +236,13 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
     ours_file = bench_dir / "out/bench-ppo.json"
     kept = ours_file.read_text()
     # bench-ppo.json as if timed beside other work: the comparison warns (the file is restored after)
-    ours_file.write_text(json.dumps(json.loads(kept) | {"host_load_1min_before": 100.0}))
+    ours_file.write_text(json.dumps(json.loads(kept) | {"host_busy_cores_before": 100.0}))
     try:
         r = _rlhf("bench", "trl", "--config", "tiny.yaml", "--iters", "2", "--warmup", "1", "--precision", "bf16-mixed",
                   cwd=bench_dir)
     finally:
         ours_file.write_text(kept)
-    assert "warning: the host's load average was 100.0 before rlhf bench ppo and " in " ".join(r.stderr.split())
+    assert "warning: the host had 100.0 cores busy before rlhf bench ppo and " in " ".join(r.stderr.split())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Loading weights" not in r.stdout + r.stderr  # no library progress bars in the comparison
     # nor TRL's prints and the deprecation warnings raised inside it
@@ -257,7 +257,7 @@ def test_bench_trl_runs_trls_ppo_trainer_on_the_same_workload_and_compares(bench
     assert t["seconds_per_iteration"] == pytest.approx(statistics.median(t["per_iteration_s"][1:]))
     assert t["generation_s"] == pytest.approx(statistics.median(t["generation_per_iteration_s"][1:]))
     assert 0 < t["generation_share"] < 1 and t["samples_per_s"] == pytest.approx(8 / t["seconds_per_iteration"])
-    assert t["host_load_1min_before"] >= 0
+    assert t["host_busy_cores_before"] >= 0
     # the workload's models were reused, not rebuilt
     mtime = (bench_dir / "out/workload/policy/model.safetensors").stat().st_mtime_ns
     assert str(mtime) == (bench_dir / "weights_mtime").read_text()
@@ -294,16 +294,16 @@ def test_trl_comparison_needs_the_same_workload_device_and_weights_dtype():
     load = {"host_cores": 2, "host_load_1min": 0.9}
     assert compare(ours | load, trl | load | {"host_load_1min": 1.8})["uneven_host_load"] is None  # (< 1 apart)
     why = compare(ours | load | {"host_load_1min": 3.8}, trl | load)["uneven_host_load"]
-    assert why == ("the host's load average was 3.8 after rlhf bench ppo and 0.9 after rlhf bench trl, on 2 cores: "
-                   "rerun the busier one on a quiet machine before trusting the ratio")
+    assert why == ("the host had a load average of 3.8 after rlhf bench ppo and a load average of 0.9 after rlhf "
+                   "bench trl, on 2 cores: rerun the busier one on a quiet machine before trusting the ratio")
     assert compare(ours | {"host_load_1min": None}, trl | load)["uneven_host_load"] is None  # (no load average)
     # the loads before each run (other processes' work) when both results have them: runs of other thread
     # counts left loads 2.9 and 0.9 after them, but the machine was as quiet before both
-    after = {"host_cores": 2, "host_load_1min_before": 0.1}
+    after = {"host_cores": 2, "host_busy_cores_before": 0.1}
     assert compare(ours | after | {"host_load_1min": 2.9}, trl | after | {"host_load_1min": 0.9})[
         "uneven_host_load"] is None
-    why = compare(ours | after | {"host_load_1min_before": 1.6}, trl | after)["uneven_host_load"]
-    assert why.startswith("the host's load average was 1.6 before rlhf bench ppo and 0.1 before rlhf bench trl")
+    why = compare(ours | after | {"host_busy_cores_before": 1.6}, trl | after)["uneven_host_load"]
+    assert why.startswith("the host had 1.6 cores busy before rlhf bench ppo and 0.1 cores busy before rlhf bench trl")
 
 
 def test_a_named_workload_writes_under_the_current_directory(tmp_path, monkeypatch):
@@ -1032,21 +1032,42 @@ def test_bench_summary_times_policy_iterations_after_critic_pretraining(tmp_path
 
 def test_a_busy_host_is_warned_about_and_recorded(monkeypatch, capsys):
     """Timings taken while other processes hold the cores (a test suite, a data job) ran many times slower and
-    looked like a regression; the bench now says so before it starts, and records the load with its result."""
+    looked like a regression; the bench now says so before it starts (the cores busy then; the 1-minute load
+    average where that cannot be read), and records it with its result."""
     import os
 
     from rlhf_cli import bench_cmd
+    from stages import bench
     from stages.bench import device_info
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.3, 0.2))
-    bench_cmd.warn_if_host_busy()
-    assert "load average" not in capsys.readouterr().err
-    assert device_info(torch.device("cpu"))["host_load_1min"] == 0.4
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
-    bench_cmd.warn_if_host_busy()
-    assert "load average 3.5 on 2 cores before the benchmark" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))  # (a benchmark that just ended, say)
+    monkeypatch.setattr(bench, "busy_cores", lambda: 0.2)
+    assert bench_cmd.warn_if_host_busy() == 0.2 and capsys.readouterr().err == ""
+    assert device_info(torch.device("cpu"))["host_load_1min"] == 3.5
+    monkeypatch.setattr(bench, "busy_cores", lambda: 1.5)
+    assert bench_cmd.warn_if_host_busy() == 1.5
+    assert "warning: 1.5 of 2 cores busy before the benchmark" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(bench, "busy_cores", lambda: None)  # no /proc/stat: the load average
+    assert bench_cmd.warn_if_host_busy() == 3.5
+    assert "warning: load average 3.5 on 2 cores before the benchmark" in " ".join(capsys.readouterr().err.split())
     assert device_info(torch.device("cpu"))["host_cores"] == 2
+
+
+def test_busy_cores_is_the_share_not_idle_between_two_reads(monkeypatch, tmp_path):
+    """Hand-computed: between the reads 400 ticks pass (guest time aside: it is in user already), 200 of them
+    idle or waiting on I/O: half of 2 cores busy. An unreadable file: None."""
+    import os
+    import time
+
+    from stages.bench import busy_cores
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 50 0\ncpu0 1 2 3 4\n")
+    monkeypatch.setattr(time, "sleep", lambda s: stat.write_text("cpu  250 0 150 900 100 0 0 0 90 0\n"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert busy_cores(stat=str(stat)) == 1.0
+    assert busy_cores(stat=str(tmp_path / "missing")) is None
 
 
 # ============================================================================================ config and summary units
@@ -1214,18 +1235,19 @@ def test_bench_config_takes_exactly_one_source_and_a_zero_warmup(tmp_path, monke
 
 
 def test_a_host_at_half_load_is_warned_about(monkeypatch, capsys):
-    """The threshold: a 1-minute load of half the cores warns, just under it does not."""
+    """The threshold: half the cores busy warns, just under it does not."""
     import os
 
     from rlhf_cli import bench_cmd
+    from stages import bench
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.99, 0.0, 0.0))
+    monkeypatch.setattr(bench, "busy_cores", lambda: 1.99)
     bench_cmd.warn_if_host_busy()
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    monkeypatch.setattr(bench, "busy_cores", lambda: 2.0)
     bench_cmd.warn_if_host_busy()
-    assert "load average 2.0 on 4 cores" in " ".join(capsys.readouterr().err.split())
+    assert "2.0 of 4 cores busy" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("option, paths", [("both", ["static", "dynamic"]), ("compiled", ["static", "fused"]),
