@@ -388,6 +388,21 @@ def test_names_inside_keeps_the_marked_range_calls_only():
     assert {"aten::cos", "aten::tan"} <= set(names_inside(prof.events(), "no such range"))  # unmarked: all of them
 
 
+def test_a_cpu_profile_has_no_gpu_time_and_a_gpu_op_has(tmp_path):
+    """`gpu_time_recorded`, which warns of a CUDA profile without kernels (kineto's own messages are silenced):
+    false for a CPU profile's averages, true as soon as one op has GPU time."""
+    from types import SimpleNamespace
+
+    from torch.profiler import profile
+
+    from stages.perf import gpu_time_recorded
+
+    with profile() as prof:
+        torch.sin(torch.ones(4))
+    assert not gpu_time_recorded(prof.key_averages())
+    assert gpu_time_recorded([SimpleNamespace(device_time_total=0.0), SimpleNamespace(device_time_total=12.5)])
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_step_profiler_traces_the_chosen_step_only(tmp_path, rank):
     ops = {1: torch.sin, 2: torch.cos, 3: torch.tan}
