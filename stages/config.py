@@ -8,6 +8,7 @@ on the command line) and checks that inputs exist.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,7 @@ def check_architecture(arch: dict[str, Any]) -> None:
                 f"from_config.{key}: not a {model_type} config key; closest valid key: from_config.{close[0]}"
             )
     try:  # the config class's own checks (types, hidden size a multiple of the heads, ...), now rather than at build
-        cls(**{k: v for k, v in arch.items() if k != "model_type"})
+        cls(**{k: copy.deepcopy(v) for k, v in arch.items() if k != "model_type"})  # (it may fill nested dicts in)
     except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, ValueError and its own validation errors
         # huggingface_hub's strict dataclasses wrap the reason: "Class validation error for validator 'x':\n
         # ValueError: <reason>" (or "Validation error for field 'x':"): the reason alone is said

@@ -577,6 +577,13 @@ def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: An
         raise DataError(f"the chat template is not valid Jinja (data.chat_template, or the tokenizer's): {exc}") from None
     except TemplateError as exc:
         raise BadRow(f"the chat template refuses it: {exc}") from None
+    except ValueError as exc:
+        if getattr(tokenizer, "chat_template", None):
+            raise
+        # (transformers: "Cannot use chat template functions because tokenizer.chat_template is not set ...")
+        raise DataError("the tokenizer has no chat template to render this row through: give one "
+                        "(data.chat_template; rlhf eval: --set data.chat_template=...), or plain-text prompts "
+                        "(format prompt or hh with data.use_chat_template false)") from None
 
 
 def with_plain_specials(turns: Sequence[tuple[str, str]], tokenizer: Any,

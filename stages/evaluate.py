@@ -202,6 +202,8 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))
+    if s.data.chat_template is not None:  # (as rlhf ppo renders with it: over the tokenizer's own)
+        tok.chat_template = s.data.chat_template
     check_tokenizers(tok, rm_tok, s.reward_model)
     for path, what in ((s.baseline, "--baseline"), (reference, "--reference")):
         if path:  # fed the policy's token ids (and the baseline's responses decoded with its tokenizer)

@@ -189,6 +189,18 @@ def test_a_raw_response_with_an_eos_string_just_before_its_last_token_still_gets
     assert ex.input_ids == [p, x, eos, a, eos] and ex.labels == [IGNORE, x, eos, a, eos]
 
 
+def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_way_out() -> None:
+    """A messages row for a tokenizer with no chat template (a hub base model's, in rlhf eval) was transformers'
+    ValueError, a traceback: now a DataError naming data.chat_template and plain-text prompts."""
+    from stages.data import render_template
+
+    tok = train_tokenizer(["abc"], vocab_size=261, min_frequency=1000)
+    tok.chat_template = None
+    with pytest.raises(DataError, match=r"^the tokenizer has no chat template .*data\.chat_template.*"
+                                        r"data\.use_chat_template false"):
+        render_template(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+
 def test_a_template_that_renders_no_reply_is_a_bad_row_naming_it() -> None:
     """A template dropping assistant turns gives a bad row naming the row (it was a bare ValueError from
     encode_segments, a traceback even with on_bad_row: skip), skipped and counted with skip."""

@@ -239,6 +239,18 @@ def test_greedy_evaluate_estimates_no_kl_and_ignores_the_reference(monkeypatch: 
     assert ev.evaluate(s)["decoding"] == "sampled" and [(c[0], c[2]) for c in calls] == [("pol", "ref"), ("base", None)]
 
 
+def test_evaluate_renders_prompts_with_the_configs_chat_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.chat_template (a PPO config's, or --set) is the policy tokenizer's template when the prompts are
+    read, as rlhf ppo renders them (it was ignored: the tokenizer's own template rendered them)."""
+    s, _, _ = _fake_evaluate(monkeypatch, {"pol": _gen([1.0] * 5)})
+    s.data = PPODataConfig(train="x.jsonl", chat_template="{{ messages[0]['content'] }}")
+    seen: list[Any] = []
+    monkeypatch.setattr(ev, "load_prompts", lambda source, data, tok, *a, limit=None, **k: (
+        seen.append(getattr(tok, "chat_template", None)), ([[10]], 0, None))[1])
+    ev.evaluate(s)
+    assert seen == ["{{ messages[0]['content'] }}"]
+
+
 def test_evaluate_win_rate_is_the_policys_and_a_cut_response_is_no_tie(monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy scores higher on prompts 0-2, lower on 3; prompt 4 has the same tokens on both sides but the
     policy's stopped and the baseline's was cut: not identical, so the policy's higher score wins it (4 of 5)."""

@@ -188,3 +188,14 @@ def test_an_attention_implementation_that_cannot_run_here_is_a_config_error_nami
                         precision="fp32", ds_config={}, seed=7)
     with pytest.raises(ValueError, match="attn_implementation"):
         ModelConfig(from_config=ARCH, attn_implementation="sdpaa")
+
+
+def test_the_architecture_check_leaves_the_config_as_it_was():
+    """transformers' config class fills a rope_scaling mapping in (rope_theta): the check ran it on the config's
+    own dict, so the resolved config gained a key the user never wrote."""
+    from stages.config import check_architecture
+
+    arch = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    check_architecture(arch)
+    assert arch["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
