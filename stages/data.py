@@ -577,7 +577,7 @@ def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: An
         raise DataError(f"the chat template is not valid Jinja (data.chat_template, or the tokenizer's): {exc}") from None
     except TemplateError as exc:
         raise BadRow(f"the chat template refuses it: {exc}") from None
-    except ValueError as exc:
+    except ValueError:
         if getattr(tokenizer, "chat_template", None):
             raise
         # (transformers: "Cannot use chat template functions because tokenizer.chat_template is not set ...")
