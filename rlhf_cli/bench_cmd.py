@@ -131,8 +131,8 @@ def warn_if_host_busy() -> float | None:
 
 def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
            overrides: list[str]) -> tuple[Any, Any, Path, float | None]:
-    """The bench config, the workload built (its PPO config and folder), and the host's load average before
-    (`warn_if_host_busy`)."""
+    """The bench config, the workload built (its PPO config and folder), and how many cores other processes kept
+    busy as it started (`warn_if_host_busy`)."""
     from stages.bench import ppo_config_dict, prepare_workload
     from stages.checkpoint import ensure_dir
     from stages.distributed import quiet_libraries

@@ -186,10 +186,15 @@ def _keys_named(schema: type[BaseModel], name: str, prefix: str = "") -> list[st
         key = f"{prefix}{field}"
         if field == name:
             found.append(key)
-        inner = _unwrap_model(info.annotation)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            found += _keys_named(inner, name, f"{key}.")
+        if _is_section(info):
+            found += _keys_named(_unwrap_model(info.annotation), name, f"{key}.")
     return found
+
+
+def _is_section(info: Any) -> bool:
+    """Whether a field (pydantic FieldInfo) holds a section: a model of its own keys."""
+    inner = _unwrap_model(info.annotation)
+    return isinstance(inner, type) and issubclass(inner, BaseModel)
 
 
 #: keys as other RLHF tools name them (HF Trainer / TRL, OpenRLHF, DeepSpeed-Chat) -> ours: a leaf name (looked
@@ -291,8 +296,7 @@ def _format_error(schema: type[BaseModel], err: dict[str, Any], set_below: str |
         # far one would be noise beside the listing of valid keys
         elsewhere = [k for k in _keys_named(schema, str(loc[-1])) if k != key]
         ours = _our_name_for(schema, loc)
-        sections = [k for k in valid if isinstance(_unwrap_model(owner.model_fields[k].annotation), type)
-                    and issubclass(_unwrap_model(owner.model_fields[k].annotation), BaseModel)] if owner else []
+        sections = [k for k in valid if _is_section(owner.model_fields[k])] if owner is not None else []
         close = _closest_key(str(loc[-1]), valid, sections)
         hint = (f"; it is a key of another section: {', '.join(repr(k) for k in elsewhere)}" if elsewhere else
                 f"; rlhf calls it {' or '.join(repr(k) for k in ours)}" if ours else
