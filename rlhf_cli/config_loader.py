@@ -271,6 +271,19 @@ def _closest_key(name: str, valid: list[str], sections: Iterable[str] = ()) -> s
     return close[0] if close else None
 
 
+def _spelt_out(name: str) -> str:
+    """A regex for a key's name as a message may write it: its words joined by `_` or a space, a leading `num`
+    also as "number of" (transformers: num_attention_heads -> "the number of attention heads").
+
+    >>> bool(re.search(_spelt_out("num_attention_heads"), "the number of attention heads (7)"))
+    True
+    """
+    words = [re.escape(w) for w in name.split("_")]
+    if words[0] == "num":
+        words[0] = "(?:num|number[_ ]of)"
+    return r"\b" + r"[_ ]".join(words) + r"\b"
+
+
 def _field_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> Any:
     """pydantic's FieldInfo of the key at `loc`, None when it names none (a list index, a free-form mapping)."""
     owner = _schema_at(schema, loc[:-1]) if loc else None
@@ -347,8 +360,8 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
     def marker(key: str, line: str, kind: str) -> str:
         """[given with ...] for a key at or above `key` given on the command line, or below it for a wrong type
         or an unknown key (`--set trian.lr=1` makes the mapping `trian`); for a check across keys (a section's
-        or the whole config's), one its message names: in full, or by its own name inside the section, with
-        `_` or spaces ("The hidden size (130) ..." for --set model.from_config.hidden_size). Not for a key the
+        or the whole config's), one its message names: in full, or by its own name inside the section, as
+        prose may spell it (`_spelt_out`: "The hidden size (130) ..." for --set model.from_config.hidden_size). Not for a key the
         listing of valid keys names: that it was given does not make an unknown key a command-line one. Every
         option that gave one of them is named ("[given with --max-new-tokens, --set]"), a key's rather than its
         section's when both were given."""
@@ -357,8 +370,7 @@ def format_validation_error(schema: type[BaseModel], exc: ValidationError, sourc
                  or (kind == "extra_forbidden" and k.startswith(key + "."))]  # `trian.lr=1` made `trian`
         if not given and kind not in ("extra_forbidden", "missing"):
             given = [k for k in cli_keys if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", line)
-                     or (k.startswith(key + ".") and re.search(
-                         r"\b" + r"[_ ]".join(map(re.escape, k.rsplit(".", 1)[-1].split("_"))) + r"\b", line))]
+                     or (k.startswith(key + ".") and re.search(_spelt_out(k.rsplit(".", 1)[-1]), line))]
         # a section given whole beside a key inside it: the key's option (the more specific) is named
         given = [k for k in given if not any(o.startswith((k + ".", k + "[")) for o in given)]
         named = dict.fromkeys(cli_marker(k, flags) for k in given)

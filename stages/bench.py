@@ -193,7 +193,8 @@ def busy_cores(seconds: float = 0.5, stat: str = "/proc/stat") -> float | None:
     """How many cores other processes keep busy now: the share of CPU time not idle (nor waiting on I/O) over
     `seconds`, from /proc/stat's first line read before and after, times the core count. This process sleeps
     meanwhile, so the figure is the others' work (a 1-minute load average also counts, for about a minute, a
-    benchmark that has just ended). None where /proc/stat cannot be read (not Linux)."""
+    benchmark that has just ended), within [0, cores]. None where /proc/stat cannot be read (not Linux) or its
+    counters do not move (a sandbox's static file)."""
     import time
 
     def ticks() -> tuple[int, int]:
@@ -207,8 +208,10 @@ def busy_cores(seconds: float = 0.5, stat: str = "/proc/stat") -> float | None:
         total1, idle1 = ticks()
     except (OSError, ValueError, IndexError):
         return None
-    elapsed = total1 - total0
-    return round((1 - (idle1 - idle0) / elapsed) * (os.cpu_count() or 1), 2) if elapsed > 0 else 0.0
+    elapsed, cores = total1 - total0, os.cpu_count() or 1
+    if elapsed <= 0:
+        return None
+    return round(min(max(1 - (idle1 - idle0) / elapsed, 0.0), 1.0) * cores, 2)  # (iowait may run backwards)
 
 
 def device_peaks(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float | None, float | None]:

@@ -239,11 +239,12 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)  # a CUDA error of the step surfaces here
         prof.__exit__(None, None, None)
         sort_by = "device_time_total" if self.device.type == "cuda" else "cpu_time_total"
-        if self.device.type == "cuda" and not gpu_time_recorded(prof.key_averages()):
-            print(f"warning: the profile of step {self.step} holds no GPU kernels: the profiler could not trace them "
-                  "(its own messages are silenced: rerun with KINETO_LOG_LEVEL=2 to see why)", file=sys.stderr)
         try:
-            self.table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
+            averages = prof.key_averages()
+            if self.device.type == "cuda" and not gpu_time_recorded(averages):
+                print(f"warning: the profile of step {self.step} holds no GPU kernels: the profiler could not trace "
+                      "them (rerun with KINETO_LOG_LEVEL=2 to read its own messages)", file=sys.stderr)
+            self.table.write_text(averages.table(sort_by=sort_by, row_limit=60) + "\n", encoding="utf-8")
             prof.export_chrome_trace(str(self.trace))  # a .gz name: torch writes it gzipped
         except Exception as exc:  # noqa: BLE001 - OSError, or the profiler's own RuntimeError
             print(f"warning: could not write the profile of step {self.step}: {type(exc).__name__}: {exc}",

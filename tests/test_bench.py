@@ -1083,6 +1083,11 @@ def test_busy_cores_is_the_share_not_idle_between_two_reads(monkeypatch, tmp_pat
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert busy_cores(stat=str(stat)) == 1.0
     assert busy_cores(stat=str(tmp_path / "missing")) is None
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # counters that do not move (a sandbox's static file)
+    assert busy_cores(stat=str(stat)) is None
+    stat.write_text("cpu  100 0 100 800 300 0 0 0\n")  # iowait running backwards (proc(5)): at most every core
+    monkeypatch.setattr(time, "sleep", lambda s: stat.write_text("cpu  200 0 100 810 200 0 0 0\n"))
+    assert busy_cores(stat=str(stat)) == 2.0
 
 
 # ============================================================================================ config and summary units

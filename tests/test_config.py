@@ -152,6 +152,10 @@ def test_from_config_refusal_given_with_set_is_marked(tmp_path):
         load_config("sft", _cfg_file(tmp_path), ["model.from_config.hidden_size=30"])
     assert str(exc.value).endswith("model: from_config: llama rejects it: The hidden size (30) is not a multiple "
                                    "of the number of attention heads (4). [given with --set]"), str(exc.value)
+    # transformers writes num_attention_heads as "the number of attention heads": marked too
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["model.from_config.num_attention_heads=7"])
+    assert str(exc.value).endswith("number of attention heads (7). [given with --set]"), str(exc.value)
     # the bad value from the file, another from_config key given with --set: no mark
     with pytest.raises(ConfigError) as exc:
         load_config("sft", _cfg_file(tmp_path, model__from_config__hidden_size=30),
