@@ -10,7 +10,7 @@ from rlhf_cli.config_loader import apply_override, format_validation_error, load
 from stages.config import GenerationConfig, PPODataConfig
 from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
-from stages.evaluate import EvalSettings
+from stages.evaluate import EvalSettings, greedy as decodes_greedily
 from stages.models import resolve_model_dir
 
 
@@ -67,11 +67,11 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                               "and generation.* keys")
         apply_override(sections[parts[0]], parts[1:], value)
         flags[".".join(parts)] = "--set"
-    if greedy and gen_fields.get("top_k") != 1:
-        raise ConfigError(f"--greedy decodes with generation.top_k 1; --set generation.top_k={gen_fields.get('top_k')} "
-                          "contradicts it: give one of them")
     checked = _validated(data_fields, gen_fields, flags)
     data, generation = checked.data, checked.generation
+    if greedy and not decodes_greedily(generation):
+        raise ConfigError(f"--greedy decodes with generation.top_k 1; --set generation.top_k={generation.top_k} "
+                          "contradicts it: give one of them")
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
             raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")

@@ -188,7 +188,8 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     quiet_libraries()
-    reference = None if greedy(s.generation) else s.reference  # no KL from greedy responses: none is loaded
+    is_greedy = greedy(s.generation)
+    reference = None if is_greedy else s.reference  # no KL from greedy responses: none is loaded
     policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
     check_architecture(policy_dir, "causal_lm", False, "POLICY")  # each model's kind, before anything is written
     check_architecture(rm_dir, "reward", True, "--reward-model")
@@ -236,13 +237,13 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     ending = ending_for(rm_dir, s.data.rm_add_eos, tok, stop_ids, styles, warn, lambda line: say(True, line))
     results: dict[str, Any] = {"policy": s.policy, "baseline": s.baseline, "reward_model": s.reward_model,
                                "prompts": len(prompts), "seed": s.seed,
-                               "decoding": "greedy" if greedy(s.generation) else "sampled",
+                               "decoding": "greedy" if is_greedy else "sampled",
                                "skipped_rows": dict(log.reasons),
                                "cut_prompts": cut, "settings": recorded_settings(s, precision)}
     if s.reference and reference is None:
         warn(f"--reference {s.reference} ignored: greedy decoding (generation.top_k 1) makes no samples of the "
              "policy, so no KL is estimated")
-    ref_path = None if greedy(s.generation) else reference or s.baseline
+    ref_path = None if is_greedy else reference or s.baseline
     ref_model = _load_lm(ref_path, dtype, device, len(tok)) if ref_path else None
     mine = generate(policy, prompts, s, tok, reward, stop_ids, ending, device, ref_model)
     if ref_path:
