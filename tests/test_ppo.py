@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -213,8 +214,6 @@ def test_an_rm_trained_without_eos_reads_plain_responses_without_their_eos(tmp_p
     """An RM whose record says data.add_eos: false (its rows were plain text without EOS): PPO reads the record,
     says that it scores a response that stopped at EOS without it, and runs (the scoring itself is checked
     against the RM's training rows in tests/test_ending.py)."""
-    import shutil
-
     rm = tmp_path / "rm"
     shutil.copytree(stages_dir / "rm" / "final", rm)
     meta = json.loads((rm / "rlhf_checkpoint.json").read_text())
@@ -318,7 +317,7 @@ def test_a_best_written_after_the_checkpoint_is_kept_by_the_resumed_run(tmp_path
     (metrics, events, the `best` at 3 logged again, samples without duplicates); and a best/ whose recorded
     reward the resumed run does not reach (edited up here, as on a GPU that does not repeat it) is kept."""
     def cfg_for(name: str) -> dict:
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         cfg = ppo_dict(tmp_path / name, stages_dir, iterations=3, eval_every=1, save_every=2, sample_every=1,
                        save_total_limit=10)
         cfg["ppo"]["critic_pretrain_steps"] = 2
@@ -334,13 +333,14 @@ def test_a_best_written_after_the_checkpoint_is_kept_by_the_resumed_run(tmp_path
     cfg = cfg_for("cut")
     cut, _ = _ppo(tmp_path / "cut", cfg, fault="kill@4", expect=-9)
     assert json.loads((cut / "best" / "rlhf_checkpoint.json").read_text())["iteration"] == 3
+    shutil.copytree(tmp_path / "cut", tmp_path / "higher")  # the killed run again, for the last part
     _, res = _ppo(tmp_path / "cut", cfg, "--resume")
     assert "resumed from iteration 2" in res.stdout
     assert rows(cut) == rows(full)
     assert (cut / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()
 
     cfg = cfg_for("higher")
-    high, _ = _ppo(tmp_path / "higher", cfg, fault="kill@4", expect=-9)
+    high = Path(cfg["output_dir"])
     record = high / "best" / "rlhf_checkpoint.json"
     meta = json.loads(record.read_text())
     record.write_text(json.dumps({**meta, "eval_reward": 1e9}))
@@ -392,7 +392,7 @@ def test_a_resumed_run_continues_the_ptx_data_where_it_was(tmp_path, stages_dir)
     sampler's position is part of the checkpoint."""
 
     def cfg_for(name: str) -> dict:
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         cfg = ppo_dict(tmp_path / name, stages_dir, iterations=4, eval_every=0, save_every=2, sample_every=0)
         cfg["data"]["ptx"] = str(DATA / "sft.jsonl")
         cfg["ppo"]["ptx_coef"] = 0.5

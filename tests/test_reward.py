@@ -81,24 +81,25 @@ def test_tiny_rm_after_tiny_sft_learns_the_preferences_and_saves_a_transformers_
     from stages.reward import collate_pairs
     from stages.reward_model import build_reward_model
 
-    # the shipped settings, paths changed and cut to 300 of its 1,124 steps (the suite's time)
-    cfg = rm_dict(tmp_path, tiny_sft, max_steps=300, eval_every=100)
-    cfg["logging"]["profile_step"] = 300  # the last step: its training work, not its evaluation or checkpoint
+    # the shipped settings, paths changed and cut to 200 of its 1,124 steps (the suite's time)
+    cfg = rm_dict(tmp_path, tiny_sft, max_steps=200, eval_every=100)
+    cfg["logging"]["profile_step"] = 200  # the last step: its training work, not its evaluation or checkpoint
     out, res = _train(tmp_path, cfg)
     evals = _rows(out, "eval/accuracy")
-    assert evals[-1]["step"] == _rows(out, "train/loss")[-1]["step"] == 300
-    # held-out split of the toy preferences (gold-labelled near-misses: the whole shipped run reaches 0.88; chance 0.5)
+    assert evals[-1]["step"] == _rows(out, "train/loss")[-1]["step"] == 200
+    # held-out split of the toy preferences (gold-labelled near-misses: the whole shipped run reaches 0.88, these 200
+    # steps 0.79 on 2026-12-06, level from step 120 on; chance 0.5)
     assert evals[-1]["eval/accuracy"] >= 0.75, evals[-1]
     assert evals[-1]["eval/margin"] > evals[0]["eval/margin"] > 0
     train = _rows(out, "train/loss")
     # one logged loss per step of a small batch: single values scatter by +-0.2, so means over many steps are
     # compared: the last 100 steps' mean below the first 20 steps' and below chance (ln 2, an uninformative RM)
     first, last = (statistics.fmean(r["train/loss"] for r in rows) for rows in (train[:20], train[-100:]))
-    assert len(train) == 300 and last < first - 0.1 and last < math.log(2) - 0.15, (first, last)
+    assert len(train) == 200 and last < first - 0.1 and last < math.log(2) - 0.15, (first, last)
     assert all(0 <= r["train/accuracy"] <= 1 and r["train/tokens_per_s"] > 0 for r in train)
     assert "eval accuracy" in res.stdout and "train-rm" in res.stdout
-    assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-300.json.gz", "profile-step-300.txt"]
-    table = (out / "profile-step-300.txt").read_text()
+    assert sorted(p.name for p in out.glob("profile-*")) == ["profile-step-200.json.gz", "profile-step-200.txt"]
+    table = (out / "profile-step-200.txt").read_text()
     assert "autograd::engine::evaluate_function" in table
     report = json.loads((out / "data_report.json").read_text())
     assert report["eval"]["examples"] == EVAL_PAIRS and report["train"]["examples"] == TOY_PAIRS - EVAL_PAIRS
