@@ -17,7 +17,7 @@ from rich.syntax import Syntax
 
 from rlhf_cli import __version__
 from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
-from rlhf_cli.gpu_memory import gib_per_gpu, out_of_memory_message, report_memory
+from rlhf_cli.gpu_memory import gib_per_gpu, gpu_memory_for, out_of_memory_message, report_memory, stage_memory_line
 from rlhf_cli.micro_batch_fit import (FIT_FLAG, LATER, NO_ESTIMATE, as_overrides, choose_micro_batch, fit_gpu,
                                       load_to_fit)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
@@ -679,6 +679,8 @@ def pipeline(
             out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)
         if cfg.report:
             out.print(f"[bold]report[/] {escape(str(Path(cfg.output_dir) / 'report'))} and summary.md", highlight=False)
+        if dry_run or check_data:
+            show_pipeline_memory(actions, loaded, processes, gpu_memory_for(num_gpus, hostfile, gpu_memory))
         for act in actions:  # every stage that will train reads data of its kind: before the first one trains
             if act.action != "skip":  # (an earlier stage's output, wired in, is an absolute path: no hub id)
                 refuse_uncached_models(act.run.stage, loaded[act.run.label], dry_run or check_data,
@@ -704,6 +706,26 @@ def pipeline(
         run_pipeline(cfg, launch, force, out, resolved, allow_config_change, actions)
     except RlhfError as exc:
         fail(exc, debug)
+
+
+def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: int,
+                         gpu: tuple[int, str] | None) -> None:
+    """`rlhf pipeline --dry-run`'s memory part: one line per stage to train (`stage_memory_line`), a stage whose
+    model an earlier one will write estimated with that one's architecture (`estimate_configs`)."""
+    from stages.memory import GIB, USABLE_FRACTION
+    from stages.pipeline import estimate_configs
+
+    configs = estimate_configs(actions, loaded)
+    if not configs:  # every stage complete: nothing will be trained
+        return
+    out.rule("rlhf pipeline: memory per rank")
+    if gpu is not None:
+        out.print(f"GPU memory: {gpu[0] / GIB:.3f} GiB per GPU ({gpu[1]}); a peak may fill {USABLE_FRACTION:.0%} "
+                  "of it", highlight=False)
+    for label, (cfg, stand_ins) in configs.items():
+        out.print(escape(stage_memory_line(label, cfg, processes, gpu, stand_ins)), highlight=False, soft_wrap=True)
+    out.print("(arithmetic estimates, see stages/memory.py; a stage's own --dry-run lists their parts and the "
+              "micro-batch that fits)", highlight=False)
 
 
 @app.command()

@@ -336,6 +336,34 @@ class StageAction:
         return stage_command(self.run, launch, resume=self.action == "resume", overwrite=self.action == "retrain")
 
 
+#: the keys of a model section that fix its architecture and vocabulary (what a memory estimate reads of it)
+ARCHITECTURE_KEYS = ("name_or_path", "from_config", "tokenizer", "tokenizer_train", "trust_remote_code")
+
+
+def estimate_configs(actions: list[StageAction], loaded: dict[str, Any]) -> dict[str, tuple[Any, list[str]]]:
+    """label -> (config, stand-ins) of each stage the pipeline will train (any action but "skip"), as its memory
+    estimate reads it before anything trains. A model section (`model`, PPO's `reward_model`) naming the output
+    of an earlier stage that is to be (re)trained, whose config.json is not there yet or is to be replaced, takes
+    that stage's architecture (`ARCHITECTURE_KEYS` of its model section, itself so completed: the RM and PPO's
+    policy are SFT's architecture, PPO's reward model the RM's) and keeps its own loading settings (dtype,
+    attention, gradient checkpointing); stand-ins lists the labels of those earlier stages."""
+    planned: dict[Path, tuple[str, Any]] = {}  # output folder of a stage to be trained -> (label, model section)
+    result: dict[str, tuple[Any, list[str]]] = {}
+    for act in actions:
+        cfg, update, used = loaded[act.run.label], {}, []
+        for key in ("model", "reward_model"):
+            section = getattr(cfg, key, None)
+            name = getattr(section, "name_or_path", None)
+            if name and (earlier := planned.get(Path(name))) is not None:
+                update[key] = section.model_copy(update={k: getattr(earlier[1], k) for k in ARCHITECTURE_KEYS})
+                used.append(earlier[0])
+        cfg = cfg.model_copy(update=update) if update else cfg
+        if act.action != "skip":
+            result[act.run.label] = cfg, used
+            planned[act.run.out] = act.run.label, cfg.model
+    return result
+
+
 def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | None = None,
                   allow_changes: bool = False) -> list[StageAction]:
     """Every stage's action, decided before anything trains (the same for the run and its --dry-run). A

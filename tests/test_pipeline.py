@@ -1098,6 +1098,49 @@ def test_a_complete_stage_whose_inputs_moved_with_the_project_is_unchanged(tmp_p
                                                      f"'{tmp_path / 'b' / 'p.jsonl'}'"]
 
 
+def test_pipeline_dry_run_estimates_each_stage_memory_before_the_stages_it_reads_have_trained(pipeline_run, tmp_path):
+    """`rlhf pipeline --dry-run` prints each stage's estimated peak per rank and its fit to --gpu-memory. The RM
+    and PPO read models SFT and the RM have yet to write: they are estimated with those stages' architecture (their
+    own loading settings kept), which gives the peaks their own --dry-run gives once SFT and the RM exist (here
+    pipeline_run's); a stage the pipeline skips is read as it is, and a complete pipeline prints no memory part."""
+    import stages.pipeline as pl
+    from rlhf_cli.config_loader import load_config
+    from rlhf_cli.gpu_memory import estimate_quietly
+    from stages.memory import GIB
+
+    path, _ = pipeline_run
+    done = load_config("pipeline", path, [])
+    runs = pl.plan(done)
+    loaded = {r.label: load_config(r.stage, r.config, r.overrides, preset=r.preset, not_yet=r.not_yet,
+                                   flags=pl.wiring_flags(r)) for r in runs}
+    real = {label: estimate_quietly(cfg, 1)["total"] for label, cfg in loaded.items()}  # SFT's, RM's config.json
+    assert real["rm"] != real["sft"] != real["ppo-max"]
+    # nothing trained yet: every stage is estimated, the later ones with the architecture of the earlier ones
+    fresh = dict(yaml.safe_load(path.read_text()), output_dir=str(tmp_path / "runs"))
+    gpu = (real["sft"] + real["rm"]) / 2 / 0.9 / GIB  # (the SFT peak fits 90 % of it, the RM's does not)
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", fresh)), "--dry-run",
+                     "--gpu-memory", str(gpu))
+    assert res.exit_code == 0, res.output
+    lines = {line.split(":")[0]: line for line in res.stdout.splitlines() if " GiB per rank" in line}
+    assert set(lines) == {"sft", "rm", "ppo-max"}, res.stdout
+    for label, stand_ins in (("sft", ""), ("rm", " (with the model architecture of sft, not trained yet)"),
+                             ("ppo-max", " (with the model architecture of sft and rm, not trained yet)")):
+        assert lines[label].startswith(f"{label}: peak {real[label] / GIB:.3f} GiB per rank{stand_ins}; "), lines
+    assert "; fits (" in lines["sft"] and "; does not fit (" in lines["rm"]
+    # SFT complete (skipped): the RM reads its model as it is, PPO's reward model still stands in for the RM
+    rm = loaded["rm"].model_copy(update={"model": loaded["rm"].model.model_copy(update={"gradient_checkpointing": True})})
+    actions = [pl.StageAction(runs[0], "skip"), pl.StageAction(runs[1], "train"), pl.StageAction(runs[2], "train")]
+    got = pl.estimate_configs(actions, {**loaded, "rm": rm})
+    assert set(got) == {"rm", "ppo-max"} and got["rm"] == (rm, [])
+    ppo, stand_ins = got["ppo-max"]
+    assert stand_ins == ["rm"] and ppo.model == loaded["ppo-max"].model
+    assert ppo.reward_model.name_or_path == rm.model.name_or_path != loaded["ppo-max"].reward_model.name_or_path
+    assert ppo.reward_model.gradient_checkpointing is False  # PPO's own setting for its reward model, not the RM's
+    # a complete pipeline trains nothing: no memory part
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run")
+    assert res.exit_code == 0 and "memory per rank" not in res.stdout, res.output
+
+
 def test_plan_puts_the_wiring_first_and_a_runs_own_preset_and_sets_over_the_shared_ones(tmp_path):
     """Later --set items win: the user's stage sets follow the wiring, a run's own sets follow the ppo stage's,
     and a run's preset drops the stage's ppo.preset set."""
