@@ -581,7 +581,8 @@ def pipeline(
     num_nodes: NumNodesOpt = None,
     hostfile: HostfileOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the pipeline and every stage config; print "
-                                          "the stage commands; train nothing.", show_default="off")] = False,
+                                          "the stage commands and each stage's memory peak per rank; train "
+                                          "nothing.", show_default="off")] = False,
     check_data: Annotated[bool, typer.Option("--check-data", help="A --dry-run that also reads every stage's "
                                              "data as its --check-data does, in order; a stage whose input an "
                                              "earlier one will train reads the tokenizer and rendering record that "
