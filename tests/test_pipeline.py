@@ -1125,7 +1125,9 @@ def test_pipeline_dry_run_estimates_each_stage_memory_before_the_stages_it_reads
     assert set(lines) == {"sft", "rm", "ppo-max"}, res.stdout
     for label, stand_ins in (("sft", ""), ("rm", " (with the model architecture of sft, not trained yet)"),
                              ("ppo-max", " (with the model architecture of sft and rm, not trained yet)")):
-        assert lines[label].startswith(f"{label}: peak {real[label] / GIB:.3f} GiB per rank{stand_ins}; "), lines
+        micro = loaded[label].train.micro_batch_size
+        assert lines[label].startswith(f"{label}: peak {real[label] / GIB:.3f} GiB per rank at micro-batch {micro}"
+                                       f"{stand_ins}; "), lines
     assert "; fits (" in lines["sft"] and "; does not fit (" in lines["rm"]
     # SFT complete (skipped): the RM reads its model as it is, PPO's reward model still stands in for the RM
     rm = loaded["rm"].model_copy(update={"model": loaded["rm"].model.model_copy(update={"gradient_checkpointing": True})})
