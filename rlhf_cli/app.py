@@ -681,7 +681,10 @@ def pipeline(
         if cfg.report:
             out.print(f"[bold]report[/] {escape(str(Path(cfg.output_dir) / 'report'))} and summary.md", highlight=False)
         if dry_run or check_data:
-            show_pipeline_memory(actions, loaded, processes, gpu_memory_for(num_gpus, hostfile, gpu_memory))
+            later = {a.run.label for a in actions if fit_micro_batch and (a.action == "retrain" or
+                                                                          fit_lines.get(a.run.label) == LATER)}
+            show_pipeline_memory(actions, loaded, processes,
+                                 functools.partial(gpu_memory_for, num_gpus, hostfile, gpu_memory), later)
         for act in actions:  # every stage that will train reads data of its kind: before the first one trains
             if act.action != "skip":  # (an earlier stage's output, wired in, is an absolute path: no hub id)
                 refuse_uncached_models(act.run.stage, loaded[act.run.label], dry_run or check_data,
@@ -710,9 +713,11 @@ def pipeline(
 
 
 def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: int,
-                         gpu: tuple[int, str] | None) -> None:
+                         gpu_figure: Callable[[], tuple[int, str] | None], chosen_at_start: set[str]) -> None:
     """`rlhf pipeline --dry-run`'s memory part: one line per stage to train (`stage_memory_line`), a stage whose
-    model an earlier one will write estimated with that one's architecture (`estimate_configs`)."""
+    model an earlier one will write estimated with that one's architecture (`estimate_configs`), with its fit to
+    the GPU (`gpu_figure()`, asked only when a stage is to train) — but for the stages in `chosen_at_start`, whose
+    micro-batch --fit-micro-batch chooses when they start, which is said instead."""
     from stages.memory import GIB, USABLE_FRACTION
     from stages.pipeline import estimate_configs
 
@@ -720,11 +725,15 @@ def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: 
     if not configs:  # every stage complete: nothing will be trained
         return
     out.rule("rlhf pipeline: memory per rank")
+    gpu = gpu_figure()
     if gpu is not None:
         out.print(f"GPU memory: {gpu[0] / GIB:.3f} GiB per GPU ({gpu[1]}); a peak may fill {USABLE_FRACTION:.0%} "
                   "of it", highlight=False)
     for label, (cfg, stand_ins) in configs.items():
-        out.print(escape(stage_memory_line(label, cfg, processes, gpu, stand_ins)), highlight=False, soft_wrap=True)
+        later = label in chosen_at_start
+        line = stage_memory_line(label, cfg, processes, None if later else gpu, stand_ins)
+        line += f"; {FIT_FLAG} chooses its micro-batch when the stage starts" if later else ""
+        out.print(escape(line), highlight=False, soft_wrap=True)
     out.print("(arithmetic estimates, see stages/memory.py; a stage's own --dry-run lists their parts and the "
               "micro-batch that fits)", highlight=False)
 

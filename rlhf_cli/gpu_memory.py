@@ -56,16 +56,13 @@ def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:
 
 def stage_memory_line(label: str, cfg: Any, processes: int, gpu: tuple[int, str] | None, stand_ins: list[str]) -> str:
     """A stage's line of `rlhf pipeline --dry-run`: its estimated peak per rank (`estimate_quietly`) at its
-    train.micro_batch_size (under --fit-micro-batch a stage whose model is still to be trained chooses its own
-    when it starts: the config's, or 1 where the config's does not divide PPO's mini-batch, is shown), whose
-    earlier stages' model architecture it assumed (`stages.pipeline.estimate_configs`), and, with a GPU figure
-    (`gpu`: bytes, source), whether the peak fits USABLE_FRACTION of it (`fits`)."""
+    train.micro_batch_size, whose earlier stages' model architecture it assumed (`stages.pipeline.estimate_configs`),
+    and, with a GPU figure (`gpu`: bytes, source), whether the peak fits USABLE_FRACTION of it (`fits`)."""
+    assumed = f" (with the model architecture of {' and '.join(stand_ins)}, not trained yet)" if stand_ins else ""
     est = estimate_quietly(cfg, processes)
     if est is None:
-        return f"{label}: {format_estimate(None).removeprefix('memory estimate: ')}"
-    line = f"{label}: peak {est['total'] / GIB:.3f} GiB per rank at micro-batch {cfg.train.micro_batch_size}"
-    if stand_ins:
-        line += f" (with the model architecture of {' and '.join(stand_ins)}, not trained yet)"
+        return f"{label}: {format_estimate(None).removeprefix('memory estimate: ')}{assumed}"
+    line = f"{label}: peak {est['total'] / GIB:.3f} GiB per rank at micro-batch {cfg.train.micro_batch_size}{assumed}"
     if gpu is not None:
         usable = USABLE_FRACTION * gpu[0]
         line += (f"; fits ({(usable - est['total']) / GIB:.3f} GiB to spare)" if fits(est["total"], gpu[0])

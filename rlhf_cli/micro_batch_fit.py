@@ -117,8 +117,8 @@ def choose_micro_batch(cfg: Any, world: int, gpu: tuple[int, str], kept_from: Pa
 
 
 #: the pipeline plan's line for a stage whose model an earlier stage has yet to train
-LATER = (f"{FIT_FLAG}: chosen when the stage starts (no memory estimate yet: its model is to be trained by an "
-         "earlier stage)")
+LATER = (f"{FIT_FLAG}: chosen when the stage starts, from the config.json of its model, which an earlier stage is "
+         "to train")
 
 NO_ESTIMATE = (f"{FIT_FLAG}: no memory estimate can be made for this config (a model's config.json is missing or "
                "unreadable — a hub model not in the local cache, an earlier stage's output not written yet — or "

@@ -790,8 +790,12 @@ def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_sa
     said = " ".join(res.stdout.split())
     assert res.exit_code == 0 and "rm (trained afresh" in said, res.output
     assert said.split("rm (trained afresh", 1)[1].split(" ppo-max (")[0].endswith(
-        "--fit-micro-batch: chosen when the stage starts (no memory estimate yet: its model is to be trained by an "
-        "earlier stage)")
+        "--fit-micro-batch: chosen when the stage starts, from the config.json of its model, which an earlier stage "
+        "is to train")
+    # its memory line (estimated with SFT's architecture) leaves the fit to the stage's start too
+    rm_line = said.split(" rm: peak ", 1)[1].split(" ppo-max: peak ", 1)[0]
+    assert rm_line.endswith("at micro-batch 8 (with the model architecture of sft, not trained yet); "  # (its record's)
+                            "--fit-micro-batch chooses its micro-batch when the stage starts"), rm_line
     cfg = load_config("sft", TINY_SFT, [f"output_dir={rm}"])  # 16 rows per step
     assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2}
     (rm / "resolved_config.yaml").write_text("train: {micro_batch_size: 8, gradient_accumulation_steps: 4}\n")

@@ -1129,8 +1129,17 @@ def test_pipeline_dry_run_estimates_each_stage_memory_before_the_stages_it_reads
         assert lines[label].startswith(f"{label}: peak {real[label] / GIB:.3f} GiB per rank at micro-batch {micro}"
                                        f"{stand_ins}; "), lines
     assert "; fits (" in lines["sft"] and "; does not fit (" in lines["rm"]
-    # SFT complete (skipped): the RM reads its model as it is, PPO's reward model still stands in for the RM
+    # a hub model's SFT: every architecture key reaches the RM and PPO, each keeping its own loading settings
+    hub = loaded["sft"].model.model_copy(update={"from_config": None, "name_or_path": "Org/Base",
+                                                 "tokenizer": "Org/Tokenizer", "trust_remote_code": True})
     rm = loaded["rm"].model_copy(update={"model": loaded["rm"].model.model_copy(update={"gradient_checkpointing": True})})
+    got = pl.estimate_configs([pl.StageAction(r, "train") for r in runs],
+                              {**loaded, "sft": loaded["sft"].model_copy(update={"model": hub}), "rm": rm})
+    for label, key in (("rm", "model"), ("ppo-max", "model"), ("ppo-max", "reward_model")):
+        section = getattr(got[label][0], key)
+        assert [getattr(section, k) for k in pl.ARCHITECTURE_KEYS] == [getattr(hub, k) for k in pl.ARCHITECTURE_KEYS]
+    assert got["rm"][0].model.gradient_checkpointing is True and got["ppo-max"][1] == ["sft", "rm"]
+    # SFT complete (skipped): the RM reads its model as it is, PPO's reward model still stands in for the RM
     actions = [pl.StageAction(runs[0], "skip"), pl.StageAction(runs[1], "train"), pl.StageAction(runs[2], "train")]
     got = pl.estimate_configs(actions, {**loaded, "rm": rm})
     assert set(got) == {"rm", "ppo-max"} and got["rm"] == (rm, [])
