@@ -7,7 +7,8 @@
 #   scripts/compat_test.sh [pytest args...]         # default: the whole suite
 #   scripts/compat_test.sh tests/test_fastpath.py -x
 #
-# Environment: COMPAT_VENV (default /tmp/rlhf-compat-venv; reused when present), COMPAT_PYTHON (the
+# Environment: COMPAT_VENV (default /tmp/rlhf-compat-venv; reused when present, its packages brought up to
+# pyproject.toml's requirements), COMPAT_PYTHON (the
 # interpreter to build it with; default python3.12 on PATH, else pyenv's 3.12), TORCH_VERSION (2.11.0),
 # TRANSFORMERS_VERSION (5.17.0). The repository is imported from this checkout (PYTHONPATH), not installed.
 set -euo pipefail
@@ -31,9 +32,11 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$py" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
     "$venv/bin/pip" install -q "$torch_pin"
-    "$venv/bin/pip" install -q "$torch_pin" "transformers==${TRANSFORMERS_VERSION:-5.17.0}" "$root[dev,bench]"
-    "$venv/bin/pip" uninstall -q -y rlhf  # imported from the checkout instead
 fi
+# every time, also into a venv kept from before: pyproject.toml's requirements may have changed since (a venv built
+# before pytest was pinned below 9.2 kept pytest 9.2, under which the suite's xdist groups do not take)
+"$venv/bin/pip" install -q "$torch_pin" "transformers==${TRANSFORMERS_VERSION:-5.17.0}" "$root[dev,bench]"
+"$venv/bin/pip" uninstall -q -y rlhf  # imported from the checkout instead
 "$venv/bin/python" -c "import sys, torch, transformers, deepspeed; print('compat:', sys.version.split()[0], 'torch', \
 torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 cd "$root"
