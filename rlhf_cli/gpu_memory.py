@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from rlhf_cli.launcher import gpu_memory as gpu_memory_of
 from rlhf_cli.output import err, out
-from stages.memory import (GIB, USABLE_FRACTION, estimate, fits, format_estimate, format_fit, memory_advice,
+from stages.memory import (GIB, estimate, fit_verdict, fits, format_estimate, format_fit, memory_advice,
                            micro_batch_choices)
 from stages.runtime import chosen_accelerator
 
@@ -57,17 +57,13 @@ def fit_report(est: dict[str, Any], cfg: Any, gpu: tuple[int, str]) -> str:
 def stage_memory_line(label: str, cfg: Any, processes: int, gpu: tuple[int, str] | None, stand_ins: list[str]) -> str:
     """A stage's line of `rlhf pipeline --dry-run`: its estimated peak per rank (`estimate_quietly`) at its
     train.micro_batch_size, whose earlier stages' model architecture it assumed (`stages.pipeline.estimate_configs`),
-    and, with a GPU figure (`gpu`: bytes, source), whether the peak fits USABLE_FRACTION of it (`fits`)."""
+    and, with a GPU figure (`gpu`: bytes, source), whether the peak fits it (`fit_verdict`)."""
     assumed = f" (with the model architecture of {' and '.join(stand_ins)}, not trained yet)" if stand_ins else ""
     est = estimate_quietly(cfg, processes)
     if est is None:
         return f"{label}: {format_estimate(None).removeprefix('memory estimate: ')}{assumed}"
     line = f"{label}: peak {est['total'] / GIB:.3f} GiB per rank at micro-batch {cfg.train.micro_batch_size}{assumed}"
-    if gpu is not None:
-        usable = USABLE_FRACTION * gpu[0]
-        line += (f"; fits ({(usable - est['total']) / GIB:.3f} GiB to spare)" if fits(est["total"], gpu[0])
-                 else f"; does not fit ({(est['total'] - usable) / GIB:.3f} GiB over)")
-    return line
+    return line + (f"; {fit_verdict(est['total'], gpu[0])}" if gpu is not None else "")
 
 
 def report_memory(cfg: Any, processes: int, num_gpus: int | None, hostfile: Path | None, gpu_memory: float | None,

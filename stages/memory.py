@@ -449,6 +449,13 @@ def fits(peak_bytes: float, gpu_bytes: int) -> bool:
     return peak_bytes <= USABLE_FRACTION * gpu_bytes
 
 
+def fit_verdict(peak_bytes: float, gpu_bytes: int) -> str:
+    """`fits` said with its margin: "fits (S GiB to spare)" or "does not fit (O GiB over)", against USABLE_FRACTION
+    of the GPU."""
+    spare = (USABLE_FRACTION * gpu_bytes - peak_bytes) / GIB
+    return f"fits ({spare:.3f} GiB to spare)" if fits(peak_bytes, gpu_bytes) else f"does not fit ({-spare:.3f} GiB over)"
+
+
 def per_rank_batch(cfg: Any) -> tuple[int, str]:
     """Rows per rank of one optimizer step, which its micro-batches split, and the keys that set them: PPO's
     train.mini_batch_size; SFT's and the reward model's micro_batch_size x gradient_accumulation_steps."""
@@ -489,10 +496,7 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
     lines = [f"GPU memory: {gpu_bytes / GIB:.3f} GiB per GPU ({source}); the estimate may fill "
              f"{USABLE_FRACTION:.0%} of it, {usable / GIB:.3f} GiB (the CUDA context, the allocator's reserve and "
              "NCCL buffers take the rest)"]
-    if fits(total, gpu_bytes):
-        lines.append(f"  the peak, {total / GIB:.3f} GiB, fits ({(usable - total) / GIB:.3f} GiB to spare)")
-    else:
-        lines.append(f"  the peak, {total / GIB:.3f} GiB, does not fit ({(total - usable) / GIB:.3f} GiB over)")
+    lines.append(f"  the peak, {total / GIB:.3f} GiB, {fit_verdict(total, gpu_bytes)}")
     _, keys = per_rank_batch(cfg)
     best, t = largest_fitting_micro_batch(est, gpu_bytes), cfg.train
     if best is None:

@@ -350,6 +350,8 @@ def estimate_configs(actions: list[StageAction], loaded: dict[str, Any]) -> dict
     planned: dict[Path, tuple[str, Any]] = {}  # output folder of a stage to be trained -> (label, model section)
     result: dict[str, tuple[Any, list[str]]] = {}
     for act in actions:
+        if act.action == "skip":  # its output is there: a later stage reads it as it is
+            continue
         cfg, update, used = loaded[act.run.label], {}, []
         for key in ("model", "reward_model"):
             section = getattr(cfg, key, None)
@@ -358,9 +360,8 @@ def estimate_configs(actions: list[StageAction], loaded: dict[str, Any]) -> dict
                 update[key] = section.model_copy(update={k: getattr(earlier[1], k) for k in ARCHITECTURE_KEYS})
                 used.append(earlier[0])
         cfg = cfg.model_copy(update=update) if update else cfg
-        if act.action != "skip":
-            result[act.run.label] = cfg, used
-            planned[act.run.out] = act.run.label, cfg.model
+        result[act.run.label] = cfg, used
+        planned[act.run.out] = act.run.label, cfg.model
     return result
 
 
