@@ -716,8 +716,8 @@ def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: 
                          gpu_figure: Callable[[], tuple[int, str] | None], chosen_at_start: set[str]) -> None:
     """`rlhf pipeline --dry-run`'s memory part: one line per stage to train (`stage_memory_line`), a stage whose
     model an earlier one will write estimated with that one's architecture (`estimate_configs`), with its fit to
-    the GPU (`gpu_figure()`, asked only when a stage is to train) — but for the stages in `chosen_at_start`, whose
-    micro-batch --fit-micro-batch chooses when they start, which is said instead."""
+    the GPU (`gpu_figure()`, asked only when a stage is to train); for the stages in `chosen_at_start`, whose
+    micro-batch --fit-micro-batch chooses when they start, at the micro-batch it would choose from that estimate."""
     from stages.memory import GIB, USABLE_FRACTION
     from stages.pipeline import estimate_configs
 
@@ -730,9 +730,7 @@ def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: 
         out.print(f"GPU memory: {gpu[0] / GIB:.3f} GiB per GPU ({gpu[1]}); a peak may fill {USABLE_FRACTION:.0%} "
                   "of it", highlight=False)
     for label, (cfg, stand_ins) in configs.items():
-        later = label in chosen_at_start
-        line = stage_memory_line(label, cfg, processes, None if later else gpu, stand_ins)
-        line += f"; {FIT_FLAG} chooses its micro-batch when the stage starts" if later else ""
+        line = stage_memory_line(label, cfg, processes, gpu, stand_ins, label in chosen_at_start)
         out.print(escape(line), highlight=False, soft_wrap=True)
     out.print("(arithmetic estimates, see stages/memory.py; a stage's own --dry-run lists their parts and the "
               "micro-batch that fits)", highlight=False)

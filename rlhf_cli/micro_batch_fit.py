@@ -10,13 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_cli.gpu_memory import estimate_quietly, gpu_memory_for
+from rlhf_cli.gpu_memory import FIT_FLAG, estimate_quietly, gpu_memory_for
 from stages.errors import ConfigError
 from stages.memory import (GIB, USABLE_FRACTION, largest_fitting_micro_batch, micro_batch_choices, micro_batch_keys,
                            per_rank_batch)
 from stages.runtime import chosen_accelerator
-
-FIT_FLAG = "--fit-micro-batch"
 
 #: a placeholder micro-batch for PPO's first load when the config's does not divide train.mini_batch_size
 #: (`load_to_fit`): 1 divides every mini-batch, and the fit replaces it

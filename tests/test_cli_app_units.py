@@ -772,19 +772,22 @@ def test_the_pipeline_passes_fit_micro_batch_on_and_compares_a_stage_as_it_will_
 def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_same_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline: a complete RM whose SFT is yet to be trained is retrained, so its plan line is not its old
-    run's choice but "chosen when the stage starts" (no estimate before SFT exists). `recorded_micro_batch`: the
+    run's choice but "chosen when the stage starts" (its model's config.json is to be replaced), and its dry-run
+    memory line shows what it would choose with SFT's architecture. `recorded_micro_batch`: the
     newest checkpoint's record (else a complete run's), kept only when micro x accumulation is the config's 16."""
     import yaml
 
+    import stages.pipeline as pl
     from rlhf_cli.config_loader import load_config
     from rlhf_cli.micro_batch_fit import recorded_micro_batch
+    from stages.memory import GIB, estimate, micro_batch_choices
 
     _not_a_worker(monkeypatch)
     rm = tmp_path / "p" / "rm"
     (rm / "final").mkdir(parents=True)
     (rm / "final" / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}')
-    (rm / "resolved_config.yaml").write_text(yaml.safe_dump({"train": {"micro_batch_size": 8,
-                                                                       "gradient_accumulation_steps": 2}}))
+    (rm / "resolved_config.yaml").write_text(yaml.safe_dump({"train": {"micro_batch_size": 4,
+                                                                       "gradient_accumulation_steps": 4}}))
     res = invoke_cli("pipeline", "-c", str(REPO / "configs" / "tiny" / "pipeline.yaml"), "--set",
                      f"output_dir={tmp_path / 'p'}", "--gpu-memory", "0.05", "--fit-micro-batch", "--dry-run")
     said = " ".join(res.stdout.split())
@@ -792,12 +795,21 @@ def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_sa
     assert said.split("rm (trained afresh", 1)[1].split(" ppo-max (")[0].endswith(
         "--fit-micro-batch: chosen when the stage starts, from the config.json of its model, which an earlier stage "
         "is to train")
-    # its memory line (estimated with SFT's architecture) leaves the fit to the stage's start too
+    # its memory line: estimated with SFT's architecture at the micro-batch the flag would choose for it (here 8,
+    # not its record's 4), which the stage chooses again when it starts
+    runs = pl.plan(load_config("pipeline", REPO / "configs" / "tiny" / "pipeline.yaml", [f"output_dir={tmp_path / 'p'}"]))
+    loaded = {r.label: load_config(r.stage, r.config, r.overrides, preset=r.preset, not_yet=r.not_yet,
+                                   flags=pl.wiring_flags(r)) for r in runs}
+    stand_in = pl.estimate_configs([pl.StageAction(r, "train") for r in runs], loaded)["rm"][0]
+    peaks = estimate(stand_in, 1, micro_batch_choices(stand_in))["peak_at_micro_batch"]
+    best = max(m for m, peak in peaks.items() if peak <= 0.9 * 0.05 * GIB)
     rm_line = said.split(" rm: peak ", 1)[1].split(" ppo-max: peak ", 1)[0]
-    assert rm_line.endswith("at micro-batch 8 (with the model architecture of sft, not trained yet); "  # (its record's)
-                            "--fit-micro-batch chooses its micro-batch when the stage starts"), rm_line
+    assert best == 8 and rm_line == (
+        f"{peaks[best] / GIB:.3f} GiB per rank at micro-batch 8, the largest that fits (with the model architecture "
+        f"of sft, not trained yet); fits ({(0.9 * 0.05 * GIB - peaks[best]) / GIB:.3f} GiB to spare); "
+        "--fit-micro-batch chooses it again when the stage starts, from the config.json its model has then"), rm_line
     cfg = load_config("sft", TINY_SFT, [f"output_dir={rm}"])  # 16 rows per step
-    assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2}
+    assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 4, "train.gradient_accumulation_steps": 4}
     (rm / "resolved_config.yaml").write_text("train: {micro_batch_size: 8, gradient_accumulation_steps: 4}\n")
     assert recorded_micro_batch(rm, cfg) is None  # 32 rows: another batch
     ck = rm / "checkpoint-00000002"  # a checkpoint's record wins over output_dir's
