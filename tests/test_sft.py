@@ -194,7 +194,7 @@ def test_two_processes_zero3_match_one_process_gather_full_weights_and_resume_ex
     micro 8 x accumulation 2 without ZeRO, step by step (the from_config model's init too, which a ZeRO-3 build
     under zero.Init would draw differently: 6.184 against 6.179 at step 1): losses and gradient norms (which would differ if the per-rank
     gradient scale were wrong; ZeRO-2's partitioned gradients are checked the same way by the reward model's
-    and PPO's two-process tests). The saved model has full (gathered) tensors, and a checkpoint damaged on one
+    two-process ZeRO-2 test; PPO's two-process tests do not compare with one process). The saved model has full (gathered) tensors, and a checkpoint damaged on one
     rank is passed over by both."""
     from transformers import AutoModelForCausalLM
 
