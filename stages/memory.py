@@ -510,7 +510,8 @@ def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> st
         f", with gradient_accumulation_steps {micro_batch_keys(cfg, best)['train.gradient_accumulation_steps']} "
         f"(now {t.gradient_accumulation_steps})")
     lines.append(f"  the largest train.micro_batch_size that fits with the same batch ({keys}): {best} (now "
-                 f"{t.micro_batch_size}){accumulation}; --fit-micro-batch sets it")
+                 f"{t.micro_batch_size}){accumulation}; --fit-micro-batch sets it (a --resume keeps "
+                 "its run's without --allow-config-change)")
     return "\n".join(lines)
 
 

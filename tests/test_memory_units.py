@@ -339,12 +339,13 @@ def test_format_fit_says_whether_the_peak_fits_90_percent_and_the_largest_micro_
     lines = format_fit(est, ppo, 40 * GIB, "nvidia-smi").splitlines()
     assert lines[1:] == ["  the peak, 50.000 GiB, does not fit (14.000 GiB over)",
                          "  the largest train.micro_batch_size that fits with the same batch (train.mini_batch_size "
-                         "= 8): 2 (now 4); --fit-micro-batch sets it"]
+                         "= 8): 2 (now 4); --fit-micro-batch sets it (a --resume keeps its run's without "
+                         "--allow-config-change)"]
     sft = _lm("sft", tmp_path, "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
     assert format_fit(est, sft, 40 * GIB, "x").splitlines()[2] == (
         "  the largest train.micro_batch_size that fits with the same batch (micro_batch_size x "
         "gradient_accumulation_steps = 8): 2 (now 4), with gradient_accumulation_steps 4 (now 2); --fit-micro-batch "
-        "sets it")
+        "sets it (a --resume keeps its run's without --allow-config-change)")
     assert format_fit(est, sft, 10 * GIB, "x").splitlines()[2] == (
         "  no train.micro_batch_size fits with the same batch (micro_batch_size x gradient_accumulation_steps = 8)")
 
