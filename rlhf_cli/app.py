@@ -22,6 +22,7 @@ from rlhf_cli.micro_batch_fit import (FIT_FLAG, LATER, NO_ESTIMATE, as_overrides
                                       load_to_fit)
 from rlhf_cli.output import err, fail, hide_flag_types, out, print_error
 from rlhf_cli.launcher import (
+    LAUNCHER_STOP_NOTE,
     STOP_FILE,
     check_launch_options,
     check_not_a_bare_srun_task,
@@ -302,7 +303,8 @@ def run_stage(
                           "failure[/]")
                 code = 1
             if code in stop.STOPPED_CODES:  # the workers' clean stop, which they have said (and how to continue)
-                err.print(f"rlhf {stage}: stopped by a signal (exit code {code})")
+                err.print(f"rlhf {stage}: stopped by a signal (exit code {code}); {escape(LAUNCHER_STOP_NOTE)}",
+                          highlight=False)
             elif code != 0:
                 err.print(f"[red]rlhf {stage}: the launcher exited with code {code}{escape(stop.killed_note(code))}[/]")
             raise typer.Exit(code)  # (a failure's through record_kept_on_failure)

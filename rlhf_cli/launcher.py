@@ -76,6 +76,10 @@ def launched_by_rlhf(env: dict[str, str] | None = None) -> bool:
 LAUNCHED_MARK = "PYTHON_RLHF_LAUNCHED"
 #: a --hostfile run's stop file, in output_dir (see StopFileRequest)
 STOP_FILE = ".rlhf-stop"
+#: said after the workers' clean stop (exit 128 + signal), which DeepSpeed's launcher logs as
+#: "[ERROR] [launch.py:...:sigkill_handler] [...] exits with return code = 143"
+LAUNCHER_STOP_NOTE = ("the workers saved and stopped as asked, which DeepSpeed's launcher logs as an [ERROR] with "
+                      "their exit code all the same")
 
 
 #: the hostfile DeepSpeed's runner reads when given none (deepspeed.launcher.runner.DLTS_HOSTFILE): where it

@@ -166,6 +166,8 @@ def test_the_launchers_exit_code_is_the_commands_and_is_explained(
     stderr = " ".join(res.stderr.split())
     assert res.exit_code == code and said in stderr, res.output
     assert ("the launcher exited" in stderr) is (code == 1)
+    # DeepSpeed's launcher logs a clean stop's 143 as an [ERROR]: the last line says the stop was as asked
+    assert ("saved and stopped as asked, which DeepSpeed's launcher logs as an [ERROR]" in stderr) is (code != 1)
 
 
 @pytest.mark.parametrize("hosts", [False, True])

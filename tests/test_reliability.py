@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import REPO, cli_command, cli_env, run_cli, tiny_engine, tiny_sft_dict, write_yaml
+from rlhf_cli.launcher import LAUNCHER_STOP_NOTE
 from stages.metrics import read_metrics
 
 RNG = random.Random(os.environ.get("RLHF_TEST_SEED"))
@@ -299,6 +300,8 @@ def test_sigterm_to_a_two_process_run_saves_on_both_ranks_and_exits_143(tmp_path
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
     assert stderr.count("stopped by SIGTERM after step") == 1 and "Traceback" not in stdout + stderr, stderr
+    # DeepSpeed's launcher logs the workers' 143 as an [ERROR] (if it stops doing so, the note should go)
+    assert "exits with return code = 143" in stdout and " ".join(stderr.split()).endswith(LAUNCHER_STOP_NOTE)
     step = int(stderr.split("stopped by SIGTERM after step ")[1].split(":")[0])
     assert wait_for <= step < 400
     ckpt = out / f"checkpoint-{step:08d}"
