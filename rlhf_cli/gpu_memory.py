@@ -14,8 +14,8 @@ from rich.markup import escape
 
 from rlhf_cli.launcher import gpu_memory as gpu_memory_of
 from rlhf_cli.output import err, out
-from stages.memory import (GIB, estimate, fit_verdict, fits, format_estimate, format_fit, largest_fitting_micro_batch,
-                           memory_advice, micro_batch_choices)
+from stages.memory import (GIB, estimate, fit_choice, fit_verdict, fits, format_estimate, format_fit, memory_advice,
+                           micro_batch_choices)
 from stages.runtime import chosen_accelerator
 
 #: the flag that sets train.micro_batch_size to the largest that fits (rlhf_cli/micro_batch_fit.py)
@@ -63,8 +63,8 @@ def stage_memory_line(label: str, cfg: Any, processes: int, gpu: tuple[int, str]
     train.micro_batch_size, whose earlier stages' model architecture it assumed (`stages.pipeline.estimate_configs`),
     and, with a GPU figure (`gpu`: bytes, source), whether the peak fits it (`fit_verdict`). `chosen_at_start`: a
     stage whose micro-batch --fit-micro-batch chooses when it starts (its model is still to be trained, or it is
-    retrained): the peak at the micro-batch it would choose from this config (`largest_fitting_micro_batch`, 1
-    when none fits), said to be chosen again then."""
+    retrained): the peak at the micro-batch it would choose from this config (`fit_choice`), said to be chosen
+    again then."""
     assumed = f" (with the model architecture of {' and '.join(stand_ins)}, not trained yet)" if stand_ins else ""
     est = estimate_quietly(cfg, processes)
     at_start = f"; {FIT_FLAG} chooses its micro-batch when the stage starts" if chosen_at_start else ""
@@ -72,9 +72,8 @@ def stage_memory_line(label: str, cfg: Any, processes: int, gpu: tuple[int, str]
         return f"{label}: {format_estimate(None).removeprefix('memory estimate: ')}{assumed}{at_start}"
     micro, peak, which = cfg.train.micro_batch_size, est["total"], ""
     if chosen_at_start and gpu is not None:
-        best = largest_fitting_micro_batch(est, gpu[0])
-        micro, which = best or 1, ", the largest that fits" if best else ", the smallest (none fits)"
-        peak = est["peak_at_micro_batch"][micro]
+        micro, fitted = fit_choice(est, gpu[0])
+        which, peak = ", the largest that fits" if fitted else ", the smallest (none fits)", est["peak_at_micro_batch"][micro]
         at_start = f"; {FIT_FLAG} chooses it again when the stage starts, from the config.json its model has then"
     line = f"{label}: peak {peak / GIB:.3f} GiB per rank at micro-batch {micro}{which}{assumed}"
     return line + (f"; {fit_verdict(peak, gpu[0])}" if gpu is not None else "") + at_start

@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 from rlhf_cli.gpu_memory import FIT_FLAG, estimate_quietly, gpu_memory_for
 from stages.errors import ConfigError
-from stages.memory import (GIB, USABLE_FRACTION, largest_fitting_micro_batch, micro_batch_choices, micro_batch_keys,
-                           per_rank_batch)
+from stages.memory import GIB, USABLE_FRACTION, fit_choice, micro_batch_choices, micro_batch_keys, per_rank_batch
 from stages.runtime import chosen_accelerator
 
 #: a placeholder micro-batch for PPO's first load when the config's does not divide train.mini_batch_size
@@ -78,9 +77,8 @@ def choose_micro_batch(cfg: Any, world: int, gpu: tuple[int, str], kept_from: Pa
                        placeholder: bool = False) -> tuple[dict[str, int], str] | None:
     """The config keys (`micro_batch_keys`) and a line saying what was chosen: the run's in `kept_from` when it
     has one of the same rows per step (`recorded_micro_batch`: a resume continues as it ran), else the largest
-    of `micro_batch_choices` whose estimated peak fits a GPU of gpu[0] bytes (`largest_fitting_micro_batch`), or
-    1 (the smallest) when none fits. None when no estimate can be made (`estimate_quietly`). `placeholder`:
-    cfg's micro-batch is DIVIDES_ANY's, not the config's (`load_to_fit`). ConfigError when a raw DeepSpeed JSON
+    of `micro_batch_choices` whose estimated peak fits a GPU of gpu[0] bytes, or 1 (the smallest) when none fits
+    (`fit_choice`). None when no estimate can be made (`estimate_quietly`). `placeholder`: cfg's micro-batch is DIVIDES_ANY's, not the config's (`load_to_fit`). ConfigError when a raw DeepSpeed JSON
     sets a batch key (RAW_BATCH_KEYS) that the choice would contradict."""
     from stages.engine import load_raw_deepspeed
 
@@ -100,16 +98,16 @@ def choose_micro_batch(cfg: Any, world: int, gpu: tuple[int, str], kept_from: Pa
     est = estimate_quietly(cfg, world)
     if est is None:
         return None
-    micro = largest_fitting_micro_batch(est, gpu[0])
-    chosen = micro_batch_keys(cfg, micro or 1)
+    micro, fitted = fit_choice(est, gpu[0])
+    chosen = micro_batch_keys(cfg, micro)
     now: dict[str, Any] = {"train.micro_batch_size": was, "train.gradient_accumulation_steps":
                            getattr(t, "gradient_accumulation_steps", None)}
     change = ", ".join(f"{k} {now[k]} -> {v}" for k, v in chosen.items()).replace(", train.", ", ")
     if not placeholder and chosen["train.micro_batch_size"] == t.micro_batch_size:
         change = f"train.micro_batch_size {t.micro_batch_size} kept"
-    peak, usable = est["peak_at_micro_batch"][micro or 1] / GIB, USABLE_FRACTION * gpu[0] / GIB
+    peak, usable = est["peak_at_micro_batch"][micro] / GIB, USABLE_FRACTION * gpu[0] / GIB
     room = f"{usable:.3f} GiB ({USABLE_FRACTION:.0%} of {gpu[0] / GIB:.3f} GiB per GPU, {gpu[1]})"
-    why = (f"the largest micro-batch whose estimated peak, {peak:.3f} GiB, fits in {room}" if micro else
+    why = (f"the largest micro-batch whose estimated peak, {peak:.3f} GiB, fits in {room}" if fitted else
            f"no micro-batch fits in {room}: at 1 the estimated peak is {peak:.3f} GiB")
     return chosen, f"{FIT_FLAG}: {change}: {why}; {same}"
 

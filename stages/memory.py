@@ -487,6 +487,13 @@ def largest_fitting_micro_batch(est: dict[str, Any], gpu_bytes: int) -> int | No
     return max((m for m, value in est["peak_at_micro_batch"].items() if fits(value, gpu_bytes)), default=None)
 
 
+def fit_choice(est: dict[str, Any], gpu_bytes: int) -> tuple[int, bool]:
+    """The micro-batch --fit-micro-batch chooses for a GPU of `gpu_bytes`, and whether its peak fits: the largest
+    that fits (`largest_fitting_micro_batch`), else 1, the smallest of `micro_batch_choices`."""
+    best = largest_fitting_micro_batch(est, gpu_bytes)
+    return (best, True) if best is not None else (1, False)
+
+
 def format_fit(est: dict[str, Any], cfg: Any, gpu_bytes: int, source: str) -> str:
     """Whether the estimate's peak fits USABLE_FRACTION of a GPU of `gpu_bytes`, and the largest micro-batch size
     among `micro_batch_choices` whose peak (`est["peak_at_micro_batch"]`) does: a run trains the same with it

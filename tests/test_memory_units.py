@@ -322,6 +322,16 @@ def _fit_est(total: float, peaks: dict[int, float]) -> dict[str, Any]:
     return {"total": total * GIB, "peak_at_micro_batch": {m: p * GIB for m, p in peaks.items()}}
 
 
+def test_fit_choice_is_the_largest_micro_batch_within_90_percent_else_1() -> None:
+    """What --fit-micro-batch chooses (and the pipeline's dry run shows): of peaks 20, 30, 50, 70 GiB at 1, 2, 4,
+    8, a 60 GiB GPU (54 usable) takes 4, a 40 GiB one (36) 2, exactly 50 / 0.9 GiB still 4; a 10 GiB one none: 1."""
+    from stages.memory import fit_choice
+
+    est = _fit_est(50, {1: 20, 2: 30, 4: 50, 8: 70})
+    assert fit_choice(est, 60 * GIB) == (4, True) and fit_choice(est, 40 * GIB) == (2, True)
+    assert fit_choice(est, int(50 / 0.9 * GIB) + 1) == (4, True) and fit_choice(est, 10 * GIB) == (1, False)
+
+
 def test_format_fit_says_whether_the_peak_fits_90_percent_and_the_largest_micro_batch_that_does(tmp_path):
     """A 60 GiB GPU leaves 54 GiB to the estimate: a 50 GiB peak fits with 4 to spare, and of micro-batches 1, 2,
     4, 8 (peaks 20, 30, 50, 70 GiB) 4 is the largest that fits; a 40 GiB GPU (36 usable): 14 GiB over, 2 fits
