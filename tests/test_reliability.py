@@ -22,7 +22,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import REPO, cli_command, cli_env, run_cli, tiny_engine, tiny_sft_dict, write_yaml
+from conftest import REPO, cli_command, cli_env, invoke_cli, run_cli, tiny_engine, tiny_sft_dict, write_yaml
 from rlhf_cli.launcher import LAUNCHER_STOP_NOTE
 from stages.metrics import read_metrics
 
@@ -130,12 +130,14 @@ def test_resume_refuses_a_changed_config_or_process_count_unless_allowed(tmp_pat
     out = tmp_path / "out"
     saved = (out / "resolved_config.yaml").read_text()
     assert (out / "checkpoint-00000003" / "resolved_config.yaml").read_text() == saved
-    res = _sft(config, "--resume", "--set", "train.lr=0.002", expect=2)
+    # refused before anything starts: in this process (the same code, without a fresh interpreter's imports)
+    res = invoke_cli("sft", "--config", str(config), *DROPOUT, "--resume", "--set", "train.lr=0.002")
+    assert res.exit_code == 2, res.output
     assert "this run differs from the one that wrote" in res.stderr and "train.lr: 0.003 -> 0.002" in res.stderr, res.stderr
-    assert "--allow-config-change" in res.stderr and no_traceback(res)
+    assert "--allow-config-change" in res.stderr and isinstance(res.exception, SystemExit)  # no traceback
     assert (out / "resolved_config.yaml").read_text() == saved  # nothing touched
-    res = _sft(config, "--resume", "--num-gpus", "2", expect=2)
-    assert "processes: 1 -> 2" in res.stderr, res.stderr
+    res = invoke_cli("sft", "--config", str(config), *DROPOUT, "--resume", "--num-gpus", "2")
+    assert res.exit_code == 2 and "processes: 1 -> 2" in res.stderr, res.output
     res = _sft(config, "--resume", "--allow-config-change", "--set", "train.max_steps=2", expect=2)
     assert "the newest checkpoint in" in res.stderr and "is at step 3, past this run's last step 2" in res.stderr
     assert "resumed from" not in res.stdout  # refused before it is said
