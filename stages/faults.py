@@ -21,10 +21,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-
-import torch
+from typing import TYPE_CHECKING
 
 from stages.errors import ConfigError
+
+if TYPE_CHECKING:  # (torch is imported where a fault needs it: `rlhf --help` imports this module)
+    import torch
 
 ENV, RANK_ENV = "RLHF_FAULT", "RLHF_FAULT_RANK"
 NAMES = ("kill", "kill-save", "enospc-save", "sigterm", "sigint", "nan-loss", "nan-reward", "oom")
@@ -71,6 +73,8 @@ def maybe_disk_full(step: int) -> None:
 def maybe_out_of_memory(step: int) -> None:
     """Raise what a failed CUDA allocation raises when `oom@step` is planned."""
     if planned("oom", step):
+        import torch
+
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (RLHF_FAULT oom)")
 
 
@@ -78,6 +82,8 @@ def maybe_poison(name: str, step: int, value: torch.Tensor) -> torch.Tensor:
     """`value` with a NaN added to its first element when fault `name` is planned at `step` (graph kept)."""
     if not planned(name, step):
         return value
+    import torch
+
     hole = torch.zeros_like(value)
     hole.view(-1)[0] = float("nan")
     return value + hole
