@@ -180,9 +180,6 @@ def run_stage(
     estimate's fit (`report_memory`); a worker out of GPU memory says what fits (`out_of_memory_message`).
     `fit_micro_batch`: the config's train.micro_batch_size replaced by the largest that fits, or on --resume by
     its run's (`choose_micro_batch`)."""
-    from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
-                                   prepare_output_dir, refuse_request, run_files, run_lock)
-
     def warn_changes(changes: list[str]) -> None:
         if changes:
             listed = escape("; ".join(changes))
@@ -210,6 +207,9 @@ def run_stage(
                               "(torchrun, deepspeed; they print the launch command they would use)")
         cfg, placeholder = load_to_fit(lambda extra: load_config(stage, config, overrides + extra, preset=preset,
                                                                  flags=flags), stage, fit_micro_batch)
+        # (stages.checkpoint imports torch: after the config's own checks, so that a config error is said at once)
+        from stages.checkpoint import (WORKERS_LOCK_NAME, acquire_run_lock, check_output_dir, check_run_lock,
+                                       prepare_output_dir, refuse_request, run_files, run_lock)
         processes = _world() if inside_launcher() else world_size(num_gpus, num_nodes, hostfile)
         if (dry_run or fit_micro_batch) and not inside_launcher():  # (their estimate reads DeepSpeed's helpers)
             import_deepspeed_as_workers_would()

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from stages.config import CONFIG_SCHEMAS, STAGE_SCHEMAS, DataSource, Section, absolute_set_items, cli_marker, resolve_paths
+from stages.config import (CONFIG_SCHEMAS, STAGE_SCHEMAS, STRUCTURE_ONLY, DataSource, Section, absolute_set_items,
+                           cli_marker, resolve_paths)
 from stages.errors import ConfigError
 from stages.yamlio import dump_yaml, load_yaml
 
@@ -397,7 +398,7 @@ def other_command_hint(stage: str, data: Any) -> str:
         if other == stage:
             continue
         try:
-            CONFIG_SCHEMAS[other].model_validate(data)
+            CONFIG_SCHEMAS[other].model_validate(data, context=STRUCTURE_ONLY)
         except ValidationError:
             continue
         return f"\n  (the file is a valid `rlhf {other}` config: is that the command you meant?)"
@@ -442,11 +443,15 @@ def load_config(
             fill_preset(data, preset)
         except ValueError as exc:
             raise ConfigError(f"invalid config {config_path}: ppo.preset: {exc}") from None
-    try:
-        config = schema.model_validate(data)
+    try:  # every other problem first (`STRUCTURE_ONLY`), then from_config's architecture
+        schema.model_validate(data, context=STRUCTURE_ONLY)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)
                           + other_command_hint(stage, given)) from None
+    try:
+        config = schema.model_validate(data)
+    except ValidationError as exc:  # (no other command's config takes an architecture its config class refuses)
+        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
     resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet, flags)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths (to the
         # current directory when that set: was given with --set, like every other --set path)

@@ -129,7 +129,7 @@ class ModelConfig(Section):
         raise ValueError(f"not one of {', '.join(known)} (or a hub kernel 'org/repo')")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self, info: ValidationInfo) -> "ModelConfig":
         if self.name_or_path is None and self.from_config is None:
             raise ValueError("set exactly one of name_or_path (a hub id or directory) and from_config")
         if self.name_or_path is not None and self.from_config is not None:
@@ -143,11 +143,21 @@ class ModelConfig(Section):
                                  "its pad/eos/bos ids), so a value here would be replaced; remove it (the vocabulary "
                                  "is model.tokenizer's, or model.tokenizer_train.vocab_size for one trained on the "
                                  "data)")
-            check_architecture(self.from_config)
+            if not structure_only(info):
+                check_architecture(self.from_config)
         if self.tokenizer_train != TokenizerTrainConfig() and (self.from_config is None or self.tokenizer is not None):
             raise ValueError("tokenizer_train: a tokenizer is trained only for a from_config model without "
                              "model.tokenizer; this model's tokenizer is loaded (drop tokenizer_train)")
         return self
+
+
+def as_bool(value: Any) -> bool:
+    """A JSON flag as DeepSpeed's pydantic reads it: true/false, 1/0, or such a string ("true", "off", ...)."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"):
+            raise ValueError(f"not a boolean: {value!r}")
+        return value.strip().lower() in ("true", "1", "yes", "on", "t", "y")
+    return bool(value)
 
 
 def set_key(item: str) -> str:
@@ -157,6 +167,16 @@ def set_key(item: str) -> str:
 
 #: from_config keys a model is built with from its tokenizer (stages.models.build_model)
 TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "bos_token_id")
+
+
+#: a validation context (`model_validate(data, context=STRUCTURE_ONLY)`) that leaves out the one check which imports
+#: transformers (and with it torch: seconds), `check_architecture`: rlhf_cli.config_loader validates with it first,
+#: so that a typo elsewhere in a config is said at once, and the architecture is checked once the rest is valid
+STRUCTURE_ONLY = {"structure_only": True}
+
+
+def structure_only(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("structure_only"))
 
 
 def check_architecture(arch: dict[str, Any]) -> None:
@@ -737,8 +757,9 @@ class BenchWorkloadConfig(Section):
                        "tokenizer names every row of the vocabulary, so responses draw from all of them)")
 
     @model_validator(mode="after")
-    def _architecture(self) -> "BenchWorkloadConfig":
-        check_architecture(self.architecture)
+    def _architecture(self, info: ValidationInfo) -> "BenchWorkloadConfig":
+        if not structure_only(info):
+            check_architecture(self.architecture)
         return self
 
 

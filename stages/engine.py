@@ -10,17 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from stages.config import DeepSpeedConfig, TrainConfig
+from stages.config import DeepSpeedConfig, TrainConfig, as_bool
 from stages.errors import ConfigError
-
-def as_bool(value: Any) -> bool:
-    """A JSON flag as DeepSpeed's pydantic reads it: true/false, 1/0, or such a string ("true", "off", ...)."""
-    if isinstance(value, str):
-        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f", "y", "n"):
-            raise ValueError(f"not a boolean: {value!r}")
-        return value.strip().lower() in ("true", "1", "yes", "on", "t", "y")
-    return bool(value)
-
 
 #: DeepSpeed keys (dotted paths) that the YAML owns, with the YAML key and how DeepSpeed reads the value; a raw
 #: DeepSpeed JSON may repeat them only with the same value. The rest of the code acts on the YAML's values

@@ -63,7 +63,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from stages.config import DeepSpeedConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig
+from stages.config import DeepSpeedConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig, as_bool
 from stages.errors import CheckpointError
 
 GIB = 2**30
@@ -153,7 +153,7 @@ class ZeroTuning(NamedTuple):
 
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
     """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
-    from stages.engine import ACCUM_DTYPES, accumulation_dtype, as_bool, json_section, load_raw_deepspeed
+    from stages.engine import ACCUM_DTYPES, accumulation_dtype, json_section, load_raw_deepspeed
 
     raw = load_raw_deepspeed(ds.config)
     zero = json_section(raw, ["zero_optimization"])

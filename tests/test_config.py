@@ -163,6 +163,20 @@ def test_from_config_refusal_given_with_set_is_marked(tmp_path):
     assert str(exc.value).endswith("attention heads (4)."), str(exc.value)
 
 
+def test_the_architecture_is_checked_once_the_rest_of_the_config_is_valid(tmp_path):
+    """A from_config architecture is checked against transformers' config class (which imports transformers and
+    torch: seconds) only once everything else validates, so a typo elsewhere is said first, and alone; a refused
+    architecture gets no "a valid config of another command" hint (train-rm's schema takes an SFT file's keys,
+    and would have refused the same architecture)."""
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["model.from_config.hiden_size=30", "train.bogus=1"])
+    assert "unknown key 'train.bogus'" in str(exc.value) and "hiden_size" not in str(exc.value), str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        load_config("sft", _cfg_file(tmp_path), ["model.from_config.hiden_size=30"])
+    assert str(exc.value).endswith("model: from_config.hiden_size: not a llama config key; closest valid key: "
+                                   "from_config.hidden_size [given with --set]"), str(exc.value)
+
+
 def test_unknown_top_level_key(tmp_path):
     path = _cfg_file(tmp_path, modle={"x": 1})
     with pytest.raises(ConfigError, match="unknown key 'modle'; closest valid key: 'model'"):
@@ -618,10 +632,10 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
 
 
 #: run in a fresh interpreter: every command's and sub-command's --help (found from the click group, so a new
-#: command is covered), then which heavy libraries that imported
-_HELP_IMPORTS = """
+#: command is covered) and a config error of each stage and of the pipeline (exit 2), then which heavy
+#: libraries that imported
+_QUICK_IMPORTS = """
 import sys
-import click
 from typer.main import get_command
 from typer.testing import CliRunner
 from rlhf_cli.app import app
@@ -635,17 +649,25 @@ for path in helps(get_command(app), []):
     res = CliRunner().invoke(app, path + ["--help"])
     assert res.exit_code == 0 and "Usage" in res.stdout, (path, res.output)
     print(" ".join(path))
+for command, config, key in [("sft", "sft", "train.bogus"), ("train-rm", "rm", "train.bogus"),
+                             ("ppo", "ppo", "ppo.bogus"), ("pipeline", "pipeline", "bogus")]:
+    res = CliRunner().invoke(app, [command, "-c", f"configs/tiny/{config}.yaml", "--set", f"{key}=1"])
+    assert res.exit_code == 2 and f"unknown key '{key}'" in res.stderr, (command, res.output)
+    print(command, "refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """
 
 
-def test_help_imports_no_torch():
-    """`rlhf --help` and every command's --help import neither torch, transformers, DeepSpeed nor datasets (a
-    command imports them when it runs): help in ~1 s rather than ~3.5 s of torch's import."""
-    res = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_help_and_config_errors_import_no_torch():
+    """`rlhf --help`, every command's --help, and a stage's or the pipeline's config error (an unknown key) import
+    neither torch, transformers, DeepSpeed nor datasets: ~1 s rather than 3.5-8 s. (A from_config architecture is
+    checked against transformers' config class once the rest of the config is valid: `STRUCTURE_ONLY`.)"""
+    res = subprocess.run([sys.executable, "-c", _QUICK_IMPORTS], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert {"sft", "train-rm", "ppo", "pipeline", "eval", "report", "env", "bench", "bench ppo"} <= set(lines), lines
+    assert {"sft refused", "train-rm refused", "ppo refused", "pipeline refused"} <= set(lines), lines
     assert lines[-1] == "heavy: []", res.stdout
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from stages import distributed
-from stages.config import DeepSpeedConfig, TrainConfig
+from stages.config import DeepSpeedConfig, TrainConfig, as_bool
 from stages.distributed import DistInfo
-from stages.engine import (as_bool, build_deepspeed_config, compute_dtype, deep_merge, load_raw_deepspeed,
-                           lr_factor, model_dtype, param_groups)
+from stages.engine import (build_deepspeed_config, compute_dtype, deep_merge, load_raw_deepspeed, lr_factor,
+                           model_dtype, param_groups)
 from stages.errors import ConfigError, RlhfError
 
 

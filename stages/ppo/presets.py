@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from stages.config import as_bool
+
 PRESET_NAMES = ("vanilla", "moss-release", "ppo-max")
 DEFAULT_PRESET = "vanilla"
 
@@ -120,10 +122,8 @@ def _assign(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _on(value: Any) -> bool:
-    """Whether a config value reads as a true bool ("true", "yes", 1, ...: engine.as_bool, pydantic's reading);
+    """Whether a config value reads as a true bool ("true", "yes", 1, ...: config.as_bool, pydantic's reading);
     one that reads as no bool is not on (validation names it)."""
-    from stages.engine import as_bool
-
     try:
         return as_bool(value)
     except ValueError:
