@@ -360,14 +360,14 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
 
     Example: [bold]rlhf bench floor --workload w1 --gpu H100[/]
     """  # noqa: E501
-    import torch
-
-    from stages.bench import device_peaks, ppo_config_dict, workload_floors
-    from stages.engine import compute_dtype, model_dtype
-    from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
-
     try:
         cfg = bench_config(workload, config, None, None, set_ or [])
+        import torch
+
+        from stages.bench import device_peaks, ppo_config_dict, workload_floors
+        from stages.engine import compute_dtype, model_dtype
+        from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
+
         merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
         check_ppo_section(merged)
         dtype_args = (merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))

@@ -443,21 +443,22 @@ def load_config(
             fill_preset(data, preset)
         except ValueError as exc:
             raise ConfigError(f"invalid config {config_path}: ppo.preset: {exc}") from None
-    try:  # every other problem first (`STRUCTURE_ONLY`), then from_config's architecture
-        schema.model_validate(data, context=STRUCTURE_ONLY)
+    here = (cwd or Path.cwd()).resolve()
+    try:  # every other problem first, its paths included (`STRUCTURE_ONLY`), then from_config's architecture
+        structure = schema.model_validate(data, context=STRUCTURE_ONLY)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)
                           + other_command_hint(stage, given)) from None
+    resolve_paths(structure, config_path.parent, cli_keys, here, not_yet, flags)
     try:
         config = schema.model_validate(data)
     except ValidationError as exc:  # (no other command's config takes an architecture its config class refuses)
         raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
-    resolve_paths(config, config_path.parent, cli_keys, (cwd or Path.cwd()).resolve(), not_yet, flags)
+    resolve_paths(config, config_path.parent, cli_keys, here, not_yet, flags)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths (to the
         # current directory when that set: was given with --set, like every other --set path)
         stages = [(config.sft, "sft", "sft"), (config.rm, "train-rm", "rm"), (config.ppo, "ppo", "ppo")] + [
             (r, "ppo", f"ppo_runs[{i}]") for i, r in enumerate(config.ppo_runs)]
-        here = (cwd or Path.cwd()).resolve()
         for section, name, key in stages:
             given = any(k in (key, f"{key}.set", key.split("[")[0]) or k.startswith(f"{key}.set[") for k in cli_keys)
             base = here if given else config_path.parent

@@ -44,6 +44,7 @@ def _built(workload: str | None, config: Path | None, iters: int | None, warmup:
     cfg = bench_config(workload, config, iters, warmup, overrides)
     return (cfg, *_setup(cfg))
 
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory) -> Path:
     """The tiny workload with its output in a temporary folder, then `bench ppo` and `bench generate` on it."""

@@ -632,8 +632,8 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
 
 
 #: run in a fresh interpreter: every command's and sub-command's --help (found from the click group, so a new
-#: command is covered) and a config error of each stage, the pipeline and `rlhf bench ppo` (exit 2), then which
-#: heavy libraries that imported
+#: command is covered), a config error of each stage, the pipeline file and each `rlhf bench` command (exit 2), and
+#: a missing data file, then which heavy libraries that imported
 _QUICK_IMPORTS = """
 import sys
 from typer.main import get_command
@@ -654,24 +654,29 @@ for command, config, key in [("sft", "sft", "train.bogus"), ("train-rm", "rm", "
     res = CliRunner().invoke(app, [command, "-c", f"configs/tiny/{config}.yaml", "--set", f"{key}=1"])
     assert res.exit_code == 2 and f"unknown key '{key}'" in res.stderr, (command, res.output)
     print(command, "refused")
-res = CliRunner().invoke(app, ["bench", "ppo", "--workload", "w1", "--set", "bogus=1"])
-assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr, res.output
-print("bench refused")
+res = CliRunner().invoke(app, ["sft", "-c", "configs/tiny/sft.yaml", "--set", "data.train=/nowhere/x.jsonl"])
+assert res.exit_code == 2 and "data.train.path: path does not exist: /nowhere/x.jsonl" in res.stderr, res.output
+print("missing path refused")
+for command in ("ppo", "generate", "trl", "floor"):
+    res = CliRunner().invoke(app, ["bench", command, "--workload", "w1", "--set", "bogus=1"])
+    assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr, (command, res.output)
+    print("bench", command, "refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """
 
 
 def test_help_and_config_errors_import_no_torch():
-    """`rlhf --help`, every command's --help, and a config error (an unknown key) of a stage, the pipeline or a
-    benchmark import neither torch, transformers, DeepSpeed nor datasets: ~1 s rather than 3.5-9 s. (A from_config
-    architecture is checked against transformers' config class once the rest of the config is valid:
-    `STRUCTURE_ONLY`.)"""
+    """`rlhf --help`, every command's --help, a config error (an unknown key) of a stage, the pipeline file or a
+    benchmark, and a missing data file import neither torch, transformers, DeepSpeed nor datasets: ~1 s rather than
+    3.5-9 s. (A from_config architecture is checked against transformers' config class once the rest of the config
+    is valid, its paths included: `STRUCTURE_ONLY`.)"""
     res = subprocess.run([sys.executable, "-c", _QUICK_IMPORTS], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert {"sft", "train-rm", "ppo", "pipeline", "eval", "report", "env", "bench", "bench ppo"} <= set(lines), lines
-    assert {"sft refused", "train-rm refused", "ppo refused", "pipeline refused", "bench refused"} <= set(lines), lines
+    assert {"sft refused", "train-rm refused", "ppo refused", "pipeline refused", "missing path refused",
+            "bench ppo refused", "bench generate refused", "bench trl refused", "bench floor refused"} <= set(lines), lines
     assert lines[-1] == "heavy: []", res.stdout
 
 
