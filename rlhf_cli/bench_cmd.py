@@ -129,10 +129,13 @@ def warn_if_host_busy() -> float | None:
     return now
 
 
-def _setup(cfg: Any) -> tuple[Any, Path, float | None]:
-    """The workload of bench config `cfg` built (its PPO config and folder), and how many cores other processes
-    kept busy as it started (`warn_if_host_busy`). Each command loads `cfg` (`bench_config`) before it imports
-    the code that builds and runs it (torch, transformers, DeepSpeed: seconds), so a config error is said at once."""
+def _setup(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
+           overrides: list[str]) -> tuple[Any, Any, Path, float | None]:
+    """The bench config, the workload built (its PPO config and folder), and how many cores other processes kept
+    busy as it started (`warn_if_host_busy`). The config is loaded before anything imports the code that builds
+    and runs the workload (torch, transformers, DeepSpeed: seconds; each command imports its own after this), so
+    a config error is said at once."""
+    cfg = bench_config(workload, config, iters, warmup, overrides)
     from stages.bench import ppo_config_dict, prepare_workload
     from stages.checkpoint import ensure_dir
     from stages.distributed import quiet_libraries
@@ -149,7 +152,7 @@ def _setup(cfg: Any) -> tuple[Any, Path, float | None]:
     busy_before = warn_if_host_busy()
     with out.status(f"building workload {cfg.name} in {cfg.output_dir}/workload"):
         root = prepare_workload(cfg, model_dtype("auto", precision))
-    return ppo_config(cfg, root), root, busy_before
+    return cfg, ppo_config(cfg, root), root, busy_before
 
 
 def _device() -> Any:
@@ -184,14 +187,13 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
     stopped: Stopped | None = None
     ppo = None
     try:
-        cfg = bench_config(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, _, busy_before = _setup(workload, config, iters, warmup, set_ or [])
         from stages.bench import copy_profile, summarize_ppo, write_result
         from stages.bench_trl import compare
         from stages.checkpoint import prepare_output_dir
         from stages.memory import estimate, micro_batch_choices
         from stages.ppo.trainer import run
 
-        ppo, _, busy_before = _setup(cfg)
         prepare_output_dir(Path(ppo.output_dir), dump_config(ppo), resume=False, overwrite=True)
         try:
             run(ppo, summary=False)
@@ -262,10 +264,9 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
     Example: [bold]rlhf bench generate --workload w1[/]
     """  # noqa: E501
     try:
-        cfg = bench_config(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
         from stages.bench import bench_generate, write_result
 
-        ppo, root, busy_before = _setup(cfg)
         caches = {"both": ["static", "dynamic"], "compiled": ["static", "fused"],
                   "all": ["static", "dynamic", "fused"]}.get(cache, [cache])
         result = bench_generate(cfg, root, ppo, _device(), caches) | {"host_busy_cores_before": busy_before}
@@ -315,11 +316,10 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
     import json
 
     try:
-        cfg = bench_config(workload, config, iters, warmup, set_ or [])
+        cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
         from stages.bench import write_result
         from stages.bench_trl import compare, run_trl
 
-        ppo, root, busy_before = _setup(cfg)
         result = run_trl(cfg, root, ppo, _device(), precision) | {"host_busy_cores_before": busy_before}
         target = out_file or Path(cfg.output_dir) / "bench-trl.json"
         write_result(result, target)

@@ -11,7 +11,7 @@ import statistics
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -34,15 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def _rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # run_cli's environment: without the process-group variables an in-process test may have set
     return run_cli(*args, cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
-
-
-def _built(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
-           overrides: list[str]) -> tuple[Any, Any, Path, float | None]:
-    """What a bench command has before it times anything: (bench config, PPO config, workload folder, busy cores)."""
-    from rlhf_cli.bench_cmd import _setup
-
-    cfg = bench_config(workload, config, iters, warmup, overrides)
-    return (cfg, *_setup(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +190,16 @@ def test_bench_generate_times_both_caches_on_the_same_workload(bench_dir):
 def test_bench_generate_times_the_fused_path_and_reports_its_failure(bench_dir, monkeypatch):
     """`--cache fused`: the compiled step with the sampling inside (compiled by dynamo with the eager backend
     here, for speed); a failure of that experimental path is its result, the other paths' figures stand."""
+    from rlhf_cli.bench_cmd import _setup
     from stages import bench
     from stages.ppo import decode
 
     monkeypatch.setattr(decode, "COMPILE_BACKEND", "eager")
-    cfg, ppo, root, _ = _built(None, bench_dir / "tiny.yaml", 1, 0, [])
+    cfg, ppo, root, _ = _setup(None, bench_dir / "tiny.yaml", 1, 0, [])
     r = first = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["fused"]["compile_sampling"] and r["fused"]["tokens"] == 8 * 16 and "sampling_share" not in r["fused"]
     assert not r["static"]["compile"] and "fused_speedup" not in r  # compiled against eager says nothing
-    cfg, ppo, root, _ = _built(None, bench_dir / "tiny.yaml", 1, 0, ["ppo.generation.compile=true"])
+    cfg, ppo, root, _ = _setup(None, bench_dir / "tiny.yaml", 1, 0, ["ppo.generation.compile=true"])
     r = bench.bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "fused"])
     assert r["static"]["compile"] and not r["static"]["compile_sampling"]
     # compiled: the sampling work's top-p floor is searched; eager mode's sort timed beside it (not uncompiled above)
@@ -1293,7 +1285,7 @@ def test_bench_generate_times_the_paths_its_cache_option_names(tmp_path, monkeyp
                 "sampling": {"seconds_per_step": 0.001, "logits_shape": [8, 1024]}, "compiled_graphs": 0,
                 "cudagraph_skips": 0, "floor": None}
 
-    monkeypatch.setattr(bench_cmd, "_setup", lambda cfg: (None, tmp_path, 0.0))
+    monkeypatch.setattr(bench_cmd, "_setup", lambda *args: (None, None, tmp_path, 0.0))
     monkeypatch.setattr(bench, "bench_generate", fake)
     r = invoke_cli("bench", "generate", "--workload", "tiny", "--cache", option, "--out", str(tmp_path / "g.json"))
     assert r.exit_code == 0, r.output
@@ -1310,6 +1302,7 @@ def test_bench_floor_lists_the_gpus_it_can_price():
 def test_the_workload_is_built_in_the_dtype_the_ppo_run_loads(tmp_path, monkeypatch):
     """No precision in the bench config's ppo: section: rlhf ppo's default (bf16) is the weights' dtype, and the
     workload is built in it (not in float32, which the run would then cast)."""
+    from rlhf_cli.bench_cmd import _setup
     from stages import bench
     from stages.engine import model_dtype
     from stages.errors import ConfigError
@@ -1325,24 +1318,25 @@ def test_the_workload_is_built_in_the_dtype_the_ppo_run_loads(tmp_path, monkeypa
 
     monkeypatch.setattr(bench, "prepare_workload", prepare)
     monkeypatch.chdir(tmp_path)
-    cfg, ppo, root, _ = _built("tiny", None, None, None, ["ppo.deepspeed=null"])
+    cfg, ppo, root, _ = _setup("tiny", None, None, None, ["ppo.deepspeed=null"])
     assert ppo.deepspeed.precision == "bf16" and root == tmp_path / "wl"
     assert built == [torch.bfloat16] == [model_dtype(ppo.model.dtype, ppo.deepspeed.precision)]
     # a ppo: key the config loader refuses (a path checked only there): named, and said to be the generated config's
     with pytest.raises(ConfigError, match=r"reward_model.name_or_path: path does not exist: /nowhere/rm\n\(the PPO "
                        r"config the benchmark generated; its keys come from the bench config's ppo: section"):
-        _built("tiny", None, None, None, ["ppo.reward_model.name_or_path=/nowhere/rm"])
+        _setup("tiny", None, None, None, ["ppo.reward_model.name_or_path=/nowhere/rm"])
 
 
 def test_bench_generate_on_a_micro_workload_hand_checked(tmp_path, monkeypatch):
     """2 prompts x 3 tokens, exactly 4 new tokens, 1 warm-up + 2 timed runs per decoding path (eager): each
     path's median and runs, the static cache's speed-up over the dynamic one, the sampling work's share."""
+    from rlhf_cli.bench_cmd import _setup
     from stages.bench import bench_generate
 
     arch = ["workload.architecture.vocab_size=16", "workload.architecture.hidden_size=16",
             "workload.architecture.intermediate_size=32", "workload.architecture.num_hidden_layers=1"]
     monkeypatch.chdir(tmp_path)
-    cfg, ppo, root, _ = _built("tiny", None, 2, 1, [*arch, "workload.prompts=2", "workload.prompt_length=3",
+    cfg, ppo, root, _ = _setup("tiny", None, 2, 1, [*arch, "workload.prompts=2", "workload.prompt_length=3",
                                                 "workload.new_tokens=4", "workload.words=5", "ppo.train=null"])
     r = bench_generate(cfg, root, ppo, torch.device("cpu"), ["static", "dynamic"])
     assert (r["prompts"], r["prompt_length"], r["weights_dtype"]) == (2, 3, "float32")
