@@ -551,7 +551,6 @@ def eval_(
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501
     from rlhf_cli.eval_options import eval_settings
-    from stages.evaluate import evaluate, print_results
 
     try:
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
@@ -559,6 +558,8 @@ def eval_(
         if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
             raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
                               "go beside a local policy by default)")
+        from stages.evaluate import evaluate, print_results  # (torch: seconds, after the checks above)
+
         out_file = out_file or (policy / "eval.json")
         results = evaluate(settings, out_file)
         print_results(results, out)
@@ -572,6 +573,16 @@ def eval_(
                     "rlhf pipeline: eval.batch_size), the prompts sampled and scored at once; --precision bf16 (the "
                     "policy, baseline and reward model in 16-bit); --debug shows the traceback")
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def stage_errors(config: Path, run: Any) -> Iterator[None]:
+    """A ConfigError raised inside, said as one of pipeline `config`'s stage `run`."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's overrides): "
+                          f"{exc}") from None
 
 
 @app.command()
@@ -634,14 +645,18 @@ def pipeline(
         fit_lines: dict[str, str] = {}
         fit_sets: dict[str, list[str]] = {}  # each stage's --fit-micro-batch choice as --set overrides
         refit: dict[str, Callable[[], Any]] = {}  # the fresh choice, for a stage that will be trained afresh
-        for run in runs:  # every stage config must validate before anything trains
 
-            def load(extra: list[str], named: dict[str, str] | None = None) -> Any:
-                return load_config(run.stage, run.config, run.overrides + extra, preset=run.preset,
-                                   not_yet=run.not_yet, flags={**wiring_flags(run), **(named or {})})
+        def load(run: Any, extra: list[str], named: dict[str, str] | None = None, architecture: bool = True) -> Any:
+            return load_config(run.stage, run.config, run.overrides + extra, preset=run.preset, not_yet=run.not_yet,
+                               flags={**wiring_flags(run), **(named or {})}, architecture=architecture)
 
-            try:
-                loaded[run.label], placeholder = load_to_fit(load, run.stage, fit_micro_batch)
+        # every stage config must validate before anything trains: first all but their from_config architectures
+        for run in runs:  # (whose check imports transformers: seconds), so that a typo in the last one is said at once
+            with stage_errors(config, run):
+                load_to_fit(functools.partial(load, run, architecture=False), run.stage, fit_micro_batch)
+        for run in runs:
+            with stage_errors(config, run):
+                loaded[run.label], placeholder = load_to_fit(functools.partial(load, run), run.stage, fit_micro_batch)
                 if gpu is not None and run.stage in STAGE_RUNNERS:  # as the stage will choose it (`run_stage`)
                     out_dir = Path(loaded[run.label].output_dir)  # (a complete stage, or one resumed as it ran)
                     keep = not force and (is_complete(out_dir, run.stage) or not allow_config_change)
@@ -656,10 +671,7 @@ def pipeline(
                         refit[run.label] = functools.partial(choose_micro_batch, loaded[run.label], processes, gpu,
                                                              None, placeholder)
                         fit_sets[run.label], named = as_overrides(found[0], placeholder)
-                        loaded[run.label], fit_lines[run.label] = load(fit_sets[run.label], named), found[1]
-            except ConfigError as exc:
-                raise ConfigError(f"pipeline {config}, stage {run.label} ({run.config} with the pipeline's "
-                                  f"overrides): {exc}") from None
+                        loaded[run.label], fit_lines[run.label] = load(run, fit_sets[run.label], named), found[1]
             resolved[run.label] = dump_config(loaded[run.label])
         launch = [str(a) for a in (["--num-gpus", num_gpus] if num_gpus else []) + (["--num-nodes", num_nodes] if
                   num_nodes else []) + (["--hostfile", hostfile.resolve()] if hostfile else []) + (["--debug"] if debug else [])

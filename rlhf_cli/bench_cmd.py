@@ -44,7 +44,9 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks 
 
 def bench_config(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
                  overrides: list[str]) -> Any:
-    """The validated BenchConfig from --workload or --config, with --set/--iters/--warmup applied."""
+    """The validated BenchConfig from --workload or --config, with --set/--iters/--warmup applied, and the PPO
+    config its `ppo:` section makes (`checked_ppo_section`) valid; both checked before the workload's
+    architecture (whose check imports transformers: seconds), so that a typo in either is said at once."""
     if (workload is None) == (config is None):
         raise ConfigError("give exactly one of --workload NAME and --config FILE")
     if workload is not None:
@@ -55,13 +57,15 @@ def bench_config(workload: str | None, config: Path | None, iters: int | None, w
         # its output under the current directory (as a --set path), not beside the installed package's configs
         overrides = [f"output_dir=runs/bench/{workload}", *overrides]
     extra = [f"iterations={iters}"] * (iters is not None) + [f"warmup={warmup}"] * (warmup is not None)
-    return load_config("bench", config, [*overrides, *extra])  # type: ignore[arg-type]
+    sets = [*overrides, *extra]
+    checked_ppo_section(load_config("bench", config, sets, architecture=False))  # type: ignore[arg-type]
+    return load_config("bench", config, sets)  # type: ignore[arg-type]
 
 
 def ppo_config(cfg: Any, workload_dir: Path) -> Any:
     """Write output_dir/ppo.yaml for the workload and load it like `rlhf ppo --config` would (presets,
     validation, errors naming the key)."""
-    from stages.bench import ppo_config_dict
+    from stages.bench_config import ppo_config_dict
     from stages.yamlio import dump_yaml
 
     path = Path(cfg.output_dir) / "ppo.yaml"  # (read back as it is written: a float-looking string stays a string)
@@ -73,19 +77,22 @@ def ppo_config(cfg: Any, workload_dir: Path) -> Any:
                           "config's ppo: section, e.g. --set ppo.train.micro_batch_size=8)") from None
 
 
-def check_ppo_section(merged: dict[str, Any]) -> None:
-    """Validate the PPO config a bench config makes (its `ppo:` keys on the benchmark's own) without building
-    the workload: an unknown key or a bad value is a ConfigError naming the key under `ppo:`."""
+def checked_ppo_section(cfg: Any) -> dict[str, Any]:
+    """The PPO config a bench config makes (its `ppo:` keys on the benchmark's own, `ppo_config_dict`), validated
+    without building the workload: an unknown key or a bad value is a ConfigError naming the key under `ppo:`."""
     from pydantic import ValidationError
 
     from rlhf_cli.config_loader import format_validation_error
+    from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
+    merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")
     try:
         PPOConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(PPOConfig, exc, "(the bench config's ppo: section; keys below "
                                                   "are under ppo:)")) from None
+    return merged
 
 
 #: a workload whose models have more parameters than this is a GPU's: warned about on a machine without one
@@ -136,7 +143,8 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     and runs the workload (torch, transformers, DeepSpeed: seconds; each command imports its own after this), so
     a config error is said at once."""
     cfg = bench_config(workload, config, iters, warmup, overrides)
-    from stages.bench import ppo_config_dict, prepare_workload
+    from stages.bench import prepare_workload
+    from stages.bench_config import ppo_config_dict
     from stages.checkpoint import ensure_dir
     from stages.distributed import quiet_libraries
     from stages.engine import model_dtype
@@ -146,7 +154,6 @@ def _setup(workload: str | None, config: Path | None, iters: int | None, warmup:
     quiet_libraries()  # (no progress bars of transformers' weight writing and loading in the benchmark's output)
     ensure_dir(Path(cfg.output_dir))
     merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")
-    check_ppo_section(merged)  # a bad ppo: key now, not after minutes of building the workload
     precision = merged["deepspeed"].get("precision", "bf16")
     warn_if_gpu_sized(cfg)
     busy_before = warn_if_host_busy()
@@ -364,12 +371,12 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
         cfg = bench_config(workload, config, None, None, set_ or [])
         import torch
 
-        from stages.bench import device_peaks, ppo_config_dict, workload_floors
+        from stages.bench import device_peaks, workload_floors
+        from stages.bench_config import ppo_config_dict
         from stages.engine import compute_dtype, model_dtype
         from stages.perf import PEAK_BANDWIDTH_TBS, PEAK_TFLOPS, peak_bandwidth_tbs, peak_tflops
 
         merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")  # the ppo config bench ppo would run
-        check_ppo_section(merged)
         dtype_args = (merged["model"].get("dtype", "auto"), merged["deepspeed"].get("precision", "bf16"))
         dtype, matmul = model_dtype(*dtype_args), compute_dtype(*dtype_args)
         if gpu:  # --gpu wins over the config's peaks

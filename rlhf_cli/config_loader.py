@@ -413,12 +413,15 @@ def load_config(
     preset: str | None = None,
     not_yet: set[str] = frozenset(),  # type: ignore[assignment]
     flags: dict[str, str] | None = None,
+    architecture: bool = True,
 ) -> Section:
     """Read, override, validate and path-resolve the config for `stage`. For `ppo`, the preset (the command
     line's `preset`, else the file's `ppo.preset`) then fills the trick keys left unset.
 
     `not_yet`: path keys that name an earlier stage's output still to be produced (not checked to exist).
     `flags`: the override keys a command-line flag gave (key -> "--kl-coef"), named in their errors.
+    `architecture`: False leaves a from_config architecture unchecked (it imports transformers: seconds), for a
+    caller that checks it later (the pipeline's first pass over all its stages, `rlhf bench`'s ppo: section).
     Returns the validated pydantic model; raises ConfigError with a one-line (or one-per-problem) message.
     """
     schema = CONFIG_SCHEMAS[stage]
@@ -450,11 +453,13 @@ def load_config(
         raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)
                           + other_command_hint(stage, given)) from None
     resolve_paths(structure, config_path.parent, cli_keys, here, not_yet, flags)
-    try:
-        config = schema.model_validate(data)
-    except ValidationError as exc:  # (no other command's config takes an architecture its config class refuses)
-        raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
-    resolve_paths(config, config_path.parent, cli_keys, here, not_yet, flags)
+    config = structure
+    if architecture:
+        try:
+            config = schema.model_validate(data)
+        except ValidationError as exc:  # (no other command's config takes an architecture its class refuses)
+            raise ConfigError(format_validation_error(schema, exc, str(config_path), cli_keys, flags)) from None
+        resolve_paths(config, config_path.parent, cli_keys, here, not_yet, flags)
     if stage == "pipeline":  # the stages' set: paths, relative to the pipeline file like its other paths (to the
         # current directory when that set: was given with --set, like every other --set path)
         stages = [(config.sft, "sft", "sft"), (config.rm, "train-rm", "rm"), (config.ppo, "ppo", "ppo")] + [

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from rlhf_cli.config_loader import apply_override, format_validation_error, load_config, parse_override
-from stages.config import GenerationConfig, PPODataConfig
-from stages.engine import PRECISION_DTYPES
+from stages.config import PRECISION_DTYPES, GenerationConfig, PPODataConfig
 from stages.errors import CheckpointError, ConfigError
-from stages.evaluate import EvalSettings, greedy as decodes_greedily
-from stages.models import resolve_model_dir
+from stages.model_paths import resolve_model_dir
+
+if TYPE_CHECKING:
+    from stages.evaluate import EvalSettings
 
 
 def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
@@ -69,12 +71,14 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         flags[".".join(parts)] = "--set"
     checked = _validated(data_fields, gen_fields, flags)
     data, generation = checked.data, checked.generation
-    if greedy and not decodes_greedily(generation):
+    if greedy and not generation.greedy:
         raise ConfigError(f"--greedy decodes with generation.top_k 1; --set generation.top_k={generation.top_k} "
                           "contradicts it: give one of them")
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
             raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")
+    from stages.evaluate import EvalSettings  # (torch: after every check, so that an error is said at once)
+
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,

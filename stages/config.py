@@ -352,6 +352,10 @@ class TrainConfig(Section):
     )
 
 
+#: deepspeed.precision -> the name of the torch dtype it computes in
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 class DeepSpeedConfig(Section):
     """DeepSpeed settings; `config` (a JSON file or inline dict) is merged last for anything else."""
 
@@ -495,6 +499,12 @@ class GenerationConfig(Section):
         "(penalty, temperature, top-k/top-p, the draw), one graph per step (experimental: same tokens on CPU, "
         "not yet timed on a GPU)"
     )
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this decodes greedily: top-k 1 keeps only the most likely token (after the repetition
+        penalty; tokens tied for it are drawn among)."""
+        return self.top_k == 1
 
     @model_validator(mode="after")
     def _token_counts(self) -> "GenerationConfig":

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from stages.config import DeepSpeedConfig, TrainConfig, as_bool
+from stages.config import PRECISION_DTYPES, DeepSpeedConfig, TrainConfig, as_bool
 from stages.errors import ConfigError
 
 #: DeepSpeed keys (dotted paths) that the YAML owns, with the YAML key and how DeepSpeed reads the value; a raw
@@ -48,7 +48,6 @@ ACCUM_DTYPES = {"torch.float32": "fp32", "fp32": "fp32", "float32": "fp32", "flo
                 "torch.bfloat16": "bf16", "bf16": "bf16", "bfloat16": "bf16"}
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

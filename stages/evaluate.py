@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from stages.config import GenerationConfig, ModelConfig, PPODataConfig
+from stages.config import PRECISION_DTYPES, GenerationConfig, ModelConfig, PPODataConfig
 from stages.data import BadRowLog
-from stages.engine import PRECISION_DTYPES
 from stages.errors import CheckpointError, ConfigError
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import json_safe, say
-from stages.models import check_architecture, load_tokenizer, not_local_hint, resolve_model_dir
+from stages.model_paths import resolve_model_dir
+from stages.models import check_architecture, load_tokenizer, not_local_hint
 from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
@@ -188,7 +188,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
     from stages.ppo.models import build_reward, check_tokenizers, stop_token_ids
 
     quiet_libraries()
-    is_greedy = greedy(s.generation)
+    is_greedy = s.generation.greedy
     reference = None if is_greedy else s.reference  # no KL from greedy responses: none is loaded
     policy_dir, rm_dir = resolve_model_dir(s.policy), resolve_model_dir(s.reward_model)  # a missing path: its error
     check_architecture(policy_dir, "causal_lm", False, "POLICY")  # each model's kind, before anything is written
@@ -278,12 +278,6 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                         row["baseline_gold"] = theirs.gold[i]
                 fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     return results
-
-
-def greedy(gen: GenerationConfig) -> bool:
-    """Whether `gen` decodes greedily: top-k 1 keeps only the most likely token (after the repetition penalty;
-    tokens tied for it are drawn among)."""
-    return gen.top_k == 1
 
 
 def print_results(results: dict[str, Any], console: Any) -> None:

@@ -8,7 +8,7 @@ retrained under the same path.
     folder               sha256 of (relative name, size, mtime) of its files, hidden ones (.rlhf.lock, .tmp-*)
                          aside, the first 10,000 in name order (weights are not read: a folder copied without
                          its times counts as changed); a stage's output folder counts as its final/ and a
-                         checkpoint-N folder as its hf/ (`model_folder`: what stages.models.resolve_model_dir
+                         checkpoint-N folder as its hf/ (`model_folder`: what stages.model_paths.resolve_model_dir
                          loads), so `rlhf eval` writing beside a run, or ds/ states beside hf/, change nothing
 """
 
@@ -18,6 +18,8 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
+
+from stages.model_paths import model_folder
 
 WHOLE_FILE = 256 * 2**20
 EDGE = 2**20
@@ -38,21 +40,6 @@ def file_fingerprint(path: Path) -> str:
             fh.seek(-EDGE, os.SEEK_END)
             digest.update(fh.read(EDGE))
     return digest.hexdigest()
-
-
-#: the folder inside a model folder without config.json that a model is loaded from: a stage run's final/ HF
-#: checkpoint, a checkpoint-N folder's hf/ (its ds/ engine states beside it are not the model)
-MODEL_SUBFOLDERS = ("final", "hf")
-
-
-def model_folder(path: Path) -> Path:
-    """The folder a model given as `path` is loaded from: `path` itself when it holds config.json, else the first
-    of MODEL_SUBFOLDERS inside it that does, else `path`."""
-    if not (path / "config.json").exists():
-        for inner in MODEL_SUBFOLDERS:
-            if (path / inner / "config.json").exists():
-                return path / inner
-    return path
 
 
 def folder_fingerprint(path: Path) -> str:

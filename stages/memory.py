@@ -90,7 +90,8 @@ def tokenizer_vocab(cfg: ModelConfig) -> int | None:
         return cfg.tokenizer_train.vocab_size
     from transformers import AutoTokenizer
 
-    from stages.models import load_tokenizer, resolve_model_dir
+    from stages.model_paths import resolve_model_dir
+    from stages.models import load_tokenizer
 
     try:
         source = resolve_model_dir(cfg.tokenizer)
@@ -109,7 +110,8 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages.models import resolve_model_dir, zero3_init_off
+    from stages.model_paths import resolve_model_dir
+    from stages.models import zero3_init_off
 
     try:
         if cfg.from_config is not None:

@@ -17,7 +17,7 @@ from stages.config import ModelConfig, could_be_hub_id
 from stages.distributed import DistInfo, barrier, seed_everything
 from stages.engine import model_dtype
 from stages.errors import CheckpointError, ConfigError
-from stages.fingerprint import model_folder
+from stages.model_paths import resolve_model_dir
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -60,23 +60,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
     )
     hf.chat_template = DEFAULT_CHAT_TEMPLATE
     return hf
-
-
-def resolve_model_dir(name_or_path: str) -> str:
-    """A stage output directory stands for its `final/` HF checkpoint, a checkpoint folder for its `hf/`;
-    anything else is used as given. A name that can only be a path (not `could_be_hub_id`: absolute, starting
-    with `.` or `~`, more than one `/`, ...) must exist: CheckpointError otherwise, not the hub's complaint
-    about a malformed repo id."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists():
-        if (inner := model_folder(p)) != p:  # a stage run's folder, a checkpoint-N folder
-            return str(inner)
-        if any((p / marker).exists() for marker in ("resolved_config.yaml", "metrics.jsonl")):
-            raise CheckpointError(f"model {name_or_path}: a stage run without final/ (not finished; finish it "
-                                  "with --resume, or point at a checkpoint's model)")
-    if name_or_path and not p.exists() and not could_be_hub_id(name_or_path):
-        raise CheckpointError(f"model {name_or_path}: no such file or directory")
-    return str(p) if name_or_path.startswith("~") else name_or_path
 
 
 def attention_error(cfg: ModelConfig, exc: Exception) -> ConfigError:

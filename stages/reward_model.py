@@ -20,7 +20,8 @@ from stages.config import ModelConfig
 from stages.data import IGNORE
 from stages.errors import CheckpointError
 from stages.lm import LOSS_BLOCK_ROWS
-from stages.models import build_model, resolve_model_dir
+from stages.model_paths import resolve_model_dir
+from stages.models import build_model
 
 REWARD_STATS_FILE = "reward_stats.json"
 

@@ -356,7 +356,7 @@ def test_bench_errors_name_the_key(tmp_path, monkeypatch):
 def test_a_null_ppo_section_adds_nothing_to_the_benchmarks_own(tmp_path):
     """`ppo.logging: null` (every key commented out) leaves the benchmark's logging settings, rather than
     crashing on None."""
-    from stages.bench import ppo_config_dict
+    from stages.bench_config import ppo_config_dict
 
     merged = ppo_config_dict(bench_config("tiny", None, None, None, ["ppo.logging=null", "ppo.deepspeed=null"]),
                              tmp_path)
@@ -941,7 +941,7 @@ def test_bench_configs_of_the_issue_workloads_validate():
 
 def test_bench_profile_adds_one_profiled_iteration_after_the_timed_ones(tmp_path):
     from rlhf_cli.bench_cmd import bench_config
-    from stages.bench import ppo_config_dict
+    from stages.bench_config import ppo_config_dict
 
     on = ppo_config_dict(bench_config("w1", None, 5, 2, []), tmp_path)
     off = ppo_config_dict(bench_config("w1", None, 5, 2, ["profile=false"]), tmp_path)
@@ -1025,7 +1025,8 @@ def test_bench_summary_times_policy_iterations_after_critic_pretraining(tmp_path
     # ppo.critic_pretrain_steps 2, warmup 1, iterations 2, profile: steps 1-2 update the critic only, 3 warms
     # up, 4-5 are timed, 6 is profiled
     from rlhf_cli.bench_cmd import bench_config
-    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.bench import summarize_ppo
+    from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
     cfg = bench_config("tiny", None, 2, 1, ["ppo.ppo.critic_pretrain_steps=2"])
@@ -1099,9 +1100,9 @@ def _tiny(monkeypatch, tmp_path: Path, iters: int | None, warmup: int | None, *s
 
 def test_the_ppo_config_a_benchmark_writes_hand_values(tmp_path, monkeypatch):
     """Every key of the generated `rlhf ppo` config: exactly new_tokens per response, prompts of the workload's
-    length, no held-out split, one rollout and mini-batch of all prompts in micro-batches of at most 16, no
-    checkpoints; the bench config's ppo: keys on top (tiny.yaml's deepspeed; its train section nulled here)."""
-    from stages.bench import ppo_config_dict
+    length, no held-out split, one rollout and mini-batch of all prompts in micro-batches of the largest divisor
+    of the prompt count up to 16 (40 prompts: 10; the config valid as `rlhf ppo` would take it), no checkpoints; the bench config's ppo: keys on top (tiny.yaml's deepspeed; its train section nulled here)."""
+    from stages.bench_config import ppo_config_dict
 
     cfg = _tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=40", "profile=false")
     w = tmp_path / "wl"
@@ -1111,13 +1112,16 @@ def test_the_ppo_config_a_benchmark_writes_hand_values(tmp_path, monkeypatch):
         "data": {"train": str(w / "prompts.jsonl"), "eval_fraction": 0.0, "format": "prompt", "max_prompt_length": 16},
         "generation": {"max_new_tokens": 16, "min_new_tokens": 16},
         "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
-        "train": {"iterations": 4, "rollout_batch_size": 40, "mini_batch_size": 40, "micro_batch_size": 16,
-                  "forward_batch_size": 16, "sample_every": 0, "save_every": 0, "checkpoints": False},
+        "train": {"iterations": 4, "rollout_batch_size": 40, "mini_batch_size": 40, "micro_batch_size": 10,
+                  "forward_batch_size": 10, "sample_every": 0, "save_every": 0, "checkpoints": False},
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "logging": {"tensorboard": False, "profile_step": 0},
     }
     small = ppo_config_dict(_tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=6"), w)
     assert (small["train"]["micro_batch_size"], small["train"]["forward_batch_size"]) == (6, 6)
+    prime = ppo_config_dict(_tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=17"), w)
+    assert (prime["train"]["micro_batch_size"], prime["train"]["forward_batch_size"]) == (1, 1)
+    assert ppo_config_dict(bench_config("w1", None, 3, 1, []), w)["train"]["micro_batch_size"] == 16
 
 
 def _metrics(path: Path, rows: dict[int, dict[str, float]]) -> Path:
@@ -1136,7 +1140,8 @@ def _perf_rows(iteration: list[float], generation: list[float], tflops: list[flo
 def test_bench_summary_hand_values(tmp_path, monkeypatch):
     """1 warm-up + 3 timed iterations of 8 prompts x 16 tokens: medians (not means) of the timed ones, each
     throughput from them, the peak memory of the timed iterations only, the estimate in GiB (2**30 bytes)."""
-    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.bench import summarize_ppo
+    from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
     cfg = _tiny(monkeypatch, tmp_path, 3, 1, "profile=false", "peak_tflops=0.5")
@@ -1168,7 +1173,8 @@ def test_bench_summary_hand_values(tmp_path, monkeypatch):
 def test_a_profile_step_the_bench_config_sets_is_kept_and_left_out_of_the_timing(tmp_path, monkeypatch):
     """ppo.logging.profile_step 3 (a timed iteration, as the user asked) stays; step 3 is then left out of the
     medians and reported as the profiled iteration."""
-    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.bench import summarize_ppo
+    from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
     cfg = _tiny(monkeypatch, tmp_path, 3, 1, "ppo.logging.profile_step=3")
@@ -1185,7 +1191,8 @@ def test_a_profile_step_the_bench_config_sets_is_kept_and_left_out_of_the_timing
 def test_on_a_known_gpu_the_configs_peak_wins_and_gpu_memory_is_reported(tmp_path, monkeypatch):
     """A CUDA device (its name faked): the allocated-GPU peak is the memory figure; the bench config's
     peak_tflops wins over the data sheet's, whose bandwidth (H100: 3.35 TB/s) fills the one not given."""
-    from stages.bench import ppo_config_dict, summarize_ppo
+    from stages.bench import summarize_ppo
+    from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "NVIDIA H100 80GB HBM3")
@@ -1218,7 +1225,7 @@ def test_a_workload_is_built_once_per_dtype_with_four_prompts_per_rollout_slot(t
     arch = ["workload.architecture.vocab_size=16", "workload.architecture.hidden_size=16",
             "workload.architecture.intermediate_size=32", "workload.architecture.num_hidden_layers=1"]
     cfg = _tiny(monkeypatch, tmp_path, None, None, *arch, "workload.prompts=2", "workload.prompt_length=3",
-                "workload.words=5")
+                "workload.words=5", "ppo.train=null")  # (tiny.yaml's micro-batch 4 would not divide 2 prompts)
     root = prepare_workload(cfg, torch.float32)
     assert root == tmp_path / "runs/bench/tiny/workload"
     prompts = [json.loads(x)["prompt"].split() for x in (root / "prompts.jsonl").read_text().splitlines()]

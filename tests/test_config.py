@@ -175,6 +175,9 @@ def test_the_architecture_is_checked_once_the_rest_of_the_config_is_valid(tmp_pa
         load_config("sft", _cfg_file(tmp_path), ["model.from_config.hiden_size=30"])
     assert str(exc.value).endswith("model: from_config.hiden_size: not a llama config key; closest valid key: "
                                    "from_config.hidden_size [given with --set]"), str(exc.value)
+    # architecture=False (the pipeline's first pass over its stages): everything else checked, that left for later
+    cfg = load_config("sft", _cfg_file(tmp_path), ["model.from_config.hiden_size=30"], architecture=False)
+    assert cfg.model.from_config["hiden_size"] == 30
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -303,7 +306,7 @@ def test_a_path_typo_is_no_hub_id_and_offline_a_hub_id_must_be_cached(tmp_path, 
     with pytest.raises(ConfigError, match="model.name_or_path: path does not exist: .*runs/demo/sfft"):
         load_config("sft", _cfg_file(tmp_path), ["model.from_config=null", "model.name_or_path=runs/demo/sfft"])
     from stages.errors import CheckpointError
-    from stages.models import resolve_model_dir
+    from stages.model_paths import resolve_model_dir
 
     for path in ("outputs/sft/", "my model", "sft.json", ".hidden"):  # no NAME or OWNER/NAME: one rule for both
         with pytest.raises(ConfigError, match="model.name_or_path: path does not exist"):
@@ -661,22 +664,36 @@ for command in ("ppo", "generate", "trl", "floor"):
     res = CliRunner().invoke(app, ["bench", command, "--workload", "w1", "--set", "bogus=1"])
     assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr, (command, res.output)
     print("bench", command, "refused")
+res = CliRunner().invoke(app, ["bench", "ppo", "--workload", "w1", "--set", "ppo.train.bogus=1"])
+assert res.exit_code == 2 and "unknown key 'train.bogus'" in res.stderr and "ppo: section" in res.stderr, res.output
+print("bench ppo section refused")
+res = CliRunner().invoke(app, ["pipeline", "-c", "configs/tiny/pipeline.yaml", "--set", "ppo.set=[train.bogus=1]"])
+assert res.exit_code == 2 and "stage ppo-max" in res.stderr and "unknown key 'train.bogus'" in res.stderr, res.output
+print("pipeline's last stage refused")
+res = CliRunner().invoke(app, ["eval", "configs", "-c", "configs/tiny/ppo.yaml", "--reward-model", "configs",
+                               "--set", "generation.bogus=1"])
+assert res.exit_code == 2 and "unknown key 'generation.bogus'" in res.stderr, res.output
+res = CliRunner().invoke(app, ["eval", "/nowhere/x", "--prompts", "configs/tiny/ppo.yaml", "--reward-model", "x"])
+assert res.exit_code == 2 and "model /nowhere/x: no such file or directory" in res.stderr, res.output
+print("eval refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """
 
 
 def test_help_and_config_errors_import_no_torch():
-    """`rlhf --help`, every command's --help, a config error (an unknown key) of a stage, the pipeline file or a
-    benchmark, and a missing data file import neither torch, transformers, DeepSpeed nor datasets: ~1 s rather than
-    3.5-9 s. (A from_config architecture is checked against transformers' config class once the rest of the config
-    is valid, its paths included: `STRUCTURE_ONLY`.)"""
+    """`rlhf --help`, every command's --help, a config error (an unknown key) of a stage, the pipeline file, its
+    last stage, a benchmark or its ppo: section, an `rlhf eval` option error, and a missing data file or model
+    import neither torch, transformers, DeepSpeed nor datasets: ~1 s rather than 3.5-9 s. (A from_config
+    architecture is checked against transformers' config class once the rest of the config is valid, its paths
+    included: `STRUCTURE_ONLY`; the pipeline checks every stage so before any architecture.)"""
     res = subprocess.run([sys.executable, "-c", _QUICK_IMPORTS], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert {"sft", "train-rm", "ppo", "pipeline", "eval", "report", "env", "bench", "bench ppo"} <= set(lines), lines
     assert {"sft refused", "train-rm refused", "ppo refused", "pipeline refused", "missing path refused",
-            "bench ppo refused", "bench generate refused", "bench trl refused", "bench floor refused"} <= set(lines), lines
+            "bench ppo refused", "bench generate refused", "bench trl refused", "bench floor refused",
+            "bench ppo section refused", "pipeline's last stage refused", "eval refused"} <= set(lines), lines
     assert lines[-1] == "heavy: []", res.stdout
 
 

@@ -88,7 +88,8 @@ def test_greedy_eval_takes_the_most_likely_token_and_reports_no_kl(pipeline_run,
     from rlhf_cli.eval_options import eval_settings
     from stages.data import BadRowLog
     from stages.evaluate import evaluate
-    from stages.models import load_tokenizer, resolve_model_dir
+    from stages.model_paths import resolve_model_dir
+    from stages.models import load_tokenizer
     from stages.ppo.models import stop_token_ids
     from stages.ppo.prompts import load_prompts
 

@@ -7,13 +7,13 @@ import torch
 
 from stages.config import ModelConfig
 from stages.errors import CheckpointError
+from stages.model_paths import resolve_model_dir
 from stages.models import (
     DEFAULT_CHAT_TEMPLATE,
     EOS,
     PAD,
     build_causal_lm,
     is_activation_checkpointing,
-    resolve_model_dir,
     train_tokenizer,
 )
 

@@ -15,6 +15,7 @@ import torch
 from stages.config import ModelConfig
 from stages.distributed import DistInfo
 from stages.errors import CheckpointError, ConfigError
+from stages.model_paths import resolve_model_dir
 from stages.models import (
     PAD,
     auto_tokenizer_difference,
@@ -27,7 +28,6 @@ from stages.models import (
     not_local_hint,
     position_limit,
     prepare_tokenizer,
-    resolve_model_dir,
     stage_lengths,
     train_tokenizer,
     uncached_hub_model,

@@ -236,7 +236,8 @@ def test_critic_init_reward_model_values_a_sequence_as_the_reward_model_scores_i
     """critic_init: reward_model (the PPO-max default) starts the critic as the RM itself: its value at a
     sequence's last token is the RM's reward for the sequence (and not a zero head: critic_init policy)."""
     from rlhf_cli.config_loader import load_config
-    from stages.models import load_tokenizer, resolve_model_dir
+    from stages.model_paths import resolve_model_dir
+    from stages.models import load_tokenizer
     from stages.ppo.models import build_critic, build_reward
 
     cfg = load_config("ppo", write_yaml(tmp_path / "c.yaml", ppo_dict(tmp_path, stages_dir)))

@@ -987,7 +987,7 @@ def test_a_model_folders_fingerprint_covers_the_folder_its_model_loads_from(tmp_
     """A stage run counts as its final/ and a checkpoint-N folder as its hf/ (what resolve_model_dir loads): files
     written beside them (eval.json, the ds/ engine states of a later save) do not change it; the model's do."""
     from stages.fingerprint import folder_fingerprint
-    from stages.models import resolve_model_dir
+    from stages.model_paths import resolve_model_dir
 
     for inner, beside in (("final", "eval.json"), ("hf", "ds/mp_rank_00_model_states.pt")):
         outer = tmp_path / inner / "run"

@@ -46,7 +46,8 @@ from stages.errors import CheckpointError, DataError, NonFinite, RlhfError, is_o
 from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_token_count
 from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
-from stages.models import prepare_tokenizer, resolve_model_dir
+from stages.model_paths import resolve_model_dir
+from stages.models import prepare_tokenizer
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
 from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
