@@ -332,7 +332,7 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
         write_result(result, target)
         ours_file = target.with_name("bench-ppo.json")
         vs = compare(json.loads(ours_file.read_text()), result) if ours_file.is_file() else None
-    except (RlhfError, ValueError, ImportError) as exc:
+    except (RlhfError, ValueError) as exc:
         fail(exc, debug)
     out.print(f"TRL {result['trl']} PPOTrainer ({result['weights_dtype']} weights, mixed precision "
               f"{result['mixed_precision']}), {result['workload']} on {result['device']}: "

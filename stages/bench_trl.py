@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from stages.config import BenchConfig, PPOConfig
+from stages.errors import RlhfError
 from stages.perf import clock, peak_memory_gib, reset_peak_memory
 
 TRL_VERSION = "0.23.1"
@@ -44,10 +45,15 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, str]] = {
 
 
 def _trl() -> Any:
+    """The trl module; an RlhfError when it is not installed or does not import (a version of it that needs
+    another transformers), naming the version this benchmark is written for."""
     try:
         import trl
-    except ImportError:
-        raise ImportError(f"rlhf bench trl needs TRL: pip install trl=={TRL_VERSION}") from None
+    except ImportError as exc:
+        if exc.name == "trl":
+            raise RlhfError(f"rlhf bench trl needs TRL: pip install trl=={TRL_VERSION}") from None
+        raise RlhfError(f"TRL does not import here ({type(exc).__name__}: {exc}); rlhf bench trl is written for "
+                        f"trl=={TRL_VERSION}") from None
     return trl
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from stages import faults
-from stages.errors import ConfigError
+from stages.errors import ConfigError, RlhfError
 from stages.models import train_tokenizer
 
 
@@ -338,11 +338,26 @@ def test_run_trl_reports_the_mixed_precision_trls_accelerator_ran_with(trl_setup
 
 
 def test_run_trl_without_trl_says_which_version_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No TRL installed: an ImportError naming the pip command, not Python's own message."""
+    """No TRL installed: an error naming the pip command, not Python's own message; a TRL that does not import
+    (one written for another transformers) says so, with the version the benchmark is written for."""
+    import builtins
+
     from stages.bench_trl import run_trl
 
     monkeypatch.setitem(sys.modules, "trl", None)
-    with pytest.raises(ImportError, match=r"^rlhf bench trl needs TRL: pip install trl==0\.23\.1$"):
+    with pytest.raises(RlhfError, match=r"^rlhf bench trl needs TRL: pip install trl==0\.23\.1$"):
+        run_trl(SimpleNamespace(), Path("/w"), SimpleNamespace(), CPU)
+    monkeypatch.delitem(sys.modules, "trl")
+    real = builtins.__import__
+
+    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "trl":
+            raise ImportError("cannot import name 'Gone' from 'transformers'", name="transformers")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(RlhfError, match=r"^TRL does not import here \(ImportError: cannot import name 'Gone' from "
+                                        r"'transformers'\); rlhf bench trl is written for trl==0\.23\.1$"):
         run_trl(SimpleNamespace(), Path("/w"), SimpleNamespace(), CPU)
 
 
