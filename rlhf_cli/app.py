@@ -651,7 +651,8 @@ def pipeline(
                                flags={**wiring_flags(run), **(named or {})}, architecture=architecture)
 
         # every stage config must validate before anything trains: first all but their from_config architectures
-        for run in runs:  # (whose check imports transformers: seconds), so that a typo in the last one is said at once
+        # (whose check imports transformers: seconds), so that a typo in the last stage's is said at once
+        for run in runs:
             with stage_errors(config, run):
                 load_to_fit(functools.partial(load, run, architecture=False), run.stage, fit_micro_batch)
         for run in runs:

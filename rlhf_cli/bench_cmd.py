@@ -45,7 +45,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks 
 def bench_config(workload: str | None, config: Path | None, iters: int | None, warmup: int | None,
                  overrides: list[str]) -> Any:
     """The validated BenchConfig from --workload or --config, with --set/--iters/--warmup applied, and the PPO
-    config its `ppo:` section makes (`checked_ppo_section`) valid; both checked before the workload's
+    config its `ppo:` section makes (`check_ppo_section`) valid; both checked before the workload's
     architecture (whose check imports transformers: seconds), so that a typo in either is said at once."""
     if (workload is None) == (config is None):
         raise ConfigError("give exactly one of --workload NAME and --config FILE")
@@ -58,7 +58,7 @@ def bench_config(workload: str | None, config: Path | None, iters: int | None, w
         overrides = [f"output_dir=runs/bench/{workload}", *overrides]
     extra = [f"iterations={iters}"] * (iters is not None) + [f"warmup={warmup}"] * (warmup is not None)
     sets = [*overrides, *extra]
-    checked_ppo_section(load_config("bench", config, sets, architecture=False))  # type: ignore[arg-type]
+    check_ppo_section(load_config("bench", config, sets, architecture=False))  # type: ignore[arg-type]
     return load_config("bench", config, sets)  # type: ignore[arg-type]
 
 
@@ -77,8 +77,8 @@ def ppo_config(cfg: Any, workload_dir: Path) -> Any:
                           "config's ppo: section, e.g. --set ppo.train.micro_batch_size=8)") from None
 
 
-def checked_ppo_section(cfg: Any) -> dict[str, Any]:
-    """The PPO config a bench config makes (its `ppo:` keys on the benchmark's own, `ppo_config_dict`), validated
+def check_ppo_section(cfg: Any) -> None:
+    """Validate the PPO config a bench config makes (its `ppo:` keys on the benchmark's own, `ppo_config_dict`)
     without building the workload: an unknown key or a bad value is a ConfigError naming the key under `ppo:`."""
     from pydantic import ValidationError
 
@@ -86,13 +86,11 @@ def checked_ppo_section(cfg: Any) -> dict[str, Any]:
     from stages.bench_config import ppo_config_dict
     from stages.config import PPOConfig
 
-    merged = ppo_config_dict(cfg, Path(cfg.output_dir) / "workload")
     try:
-        PPOConfig.model_validate(merged)
+        PPOConfig.model_validate(ppo_config_dict(cfg, Path(cfg.output_dir) / "workload"))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(PPOConfig, exc, "(the bench config's ppo: section; keys below "
                                                   "are under ppo:)")) from None
-    return merged
 
 
 #: a workload whose models have more parameters than this is a GPU's: warned about on a machine without one

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from rlhf_cli.config_loader import apply_override, format_validation_error, load_config, parse_override
 from stages.config import PRECISION_DTYPES, GenerationConfig, PPODataConfig
 from stages.errors import CheckpointError, ConfigError
+from stages.eval_settings import EvalSettings
 from stages.model_paths import resolve_model_dir
-
-if TYPE_CHECKING:
-    from stages.evaluate import EvalSettings
 
 
 def eval_settings(policy: Path, config: Path | None = None, reward_model: str | None = None,
@@ -27,10 +24,6 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     monitor n-gram (`precision`: fp32 / bf16 / fp16, the models' dtype; else the config's deepspeed.precision,
     else fp32; `greedy`: generation.top_k 1). An option given explicitly wins; `overrides` (--set
     data.*/generation.* key=value) win over both (the prompt file itself is --prompts)."""
-    try:  # a policy that is not there is a usage error (exit 2), like any missing input
-        resolve_model_dir(str(policy))
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
     data_fields: dict[str, object] = {}
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3
@@ -52,6 +45,13 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         raise ConfigError("rlhf eval needs --prompts (or --config with data)")
     if reward_model is None:
         raise ConfigError("rlhf eval needs --reward-model (or --config with reward_model)")
+    for flag, model in (("POLICY", str(policy)), ("--reward-model", reward_model), ("--baseline", baseline),
+                        ("--reference", reference)):
+        try:  # a model that is not there is a usage error (exit 2), like any missing input
+            if model is not None:
+                resolve_model_dir(model)
+        except CheckpointError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
     dtype = PRECISION_DTYPES[precision] if precision is not None else dtype
     gen_fields |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature),
                                      ("top_k", 1 if greedy else None)) if v is not None}
@@ -77,8 +77,6 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
             raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")
-    from stages.evaluate import EvalSettings  # (torch: after every check, so that an error is said at once)
-
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,

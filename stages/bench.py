@@ -11,8 +11,8 @@ response length. It is built once into output_dir/workload (reused while the wor
     prompts.jsonl
 
 `bench ppo` then writes a PPO config for these (output_dir/ppo.yaml, stages.bench_config; the bench config's
-`ppo:` keys merged on top), runs `rlhf ppo` in this process for warmup + iterations iterations, and reads the per-iteration
-`perf/*` metrics back: medians over the timed iterations. Every response is exactly `new_tokens` long
+`ppo:` keys merged on top), runs `rlhf ppo` in this process for warmup + iterations iterations, and reads the
+per-iteration `perf/*` metrics back: medians over the timed iterations. Every response is exactly `new_tokens` long
 (min_new_tokens = max_new_tokens), so the timed work is the same in every iteration and in every tool.
 """
 

@@ -25,8 +25,9 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
     response, one rollout batch per iteration, no validation, samples or checkpoints (W1's would be 16 GB), with
     `profile` one more iteration under the profiler (after the critic-only iterations of a `ppo:` key
     ppo.critic_pretrain_steps, and warmup + iterations); then the bench config's `ppo:` keys on top. One PPO
-    epoch over one mini-batch of all prompts, in micro-batches (and scoring forwards) of the largest divisor of
-    the prompt count up to 16 (W1: 16; 40 prompts: 10)."""
+    epoch over one mini-batch of all prompts, in micro-batches of the largest divisor of the prompt count up to
+    16 (which the mini-batch must be a multiple of; W1: 16, 40 prompts: 10); scoring forwards of up to 16 rows
+    (the last one may be shorter)."""
     w = cfg.workload
     micro = max(d for d in range(1, min(16, w.prompts) + 1) if w.prompts % d == 0)
     runs = cfg.warmup + cfg.iterations
@@ -39,14 +40,15 @@ def ppo_config_dict(cfg: BenchConfig, workload: Path) -> dict[str, Any]:
         "generation": {"max_new_tokens": w.new_tokens, "min_new_tokens": w.new_tokens},
         "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
         "train": {"iterations": runs + cfg.profile, "rollout_batch_size": w.prompts,
-                  "mini_batch_size": w.prompts, "micro_batch_size": micro, "forward_batch_size": micro,
+                  "mini_batch_size": w.prompts, "micro_batch_size": micro,
+                  "forward_batch_size": min(16, w.prompts),
                   "sample_every": 0, "save_every": 0, "checkpoints": False},
         "deepspeed": {"zero_stage": 0},
         "logging": {"tensorboard": False},
     }
     merged = _merge(base, cfg.ppo)
     # iterations 1..critic_only come before the warm-up; a ppo: value of the wrong type is left for validation
-    # (rlhf_cli.bench_cmd.checked_ppo_section) to name
+    # (rlhf_cli.bench_cmd.check_ppo_section) to name
     critic_only = merged["ppo"].get("critic_pretrain_steps") if isinstance(merged["ppo"], dict) else None
     if isinstance(merged["logging"], dict) and isinstance(critic_only, int) and not isinstance(critic_only, bool):
         merged["logging"].setdefault("profile_step", critic_only + runs + 1 if cfg.profile else 0)

@@ -44,17 +44,25 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, str]] = {
 }
 
 
-def _trl() -> Any:
-    """The trl module; an RlhfError when it is not installed or does not import (a version of it that needs
-    another transformers), naming the version this benchmark is written for."""
+def _trl() -> tuple[Any, Any]:
+    """trl and trl.trainer.ppo_trainer; an RlhfError when TRL is not installed, or does not import here (a
+    version of it written for another transformers: TRL imports its trainers lazily, so that shows on the
+    trainer's import or its first use), naming the version this benchmark is written for."""
     try:
         import trl
+        import trl.trainer.ppo_trainer as ppo_module
+
+        trl.PPOConfig, trl.PPOTrainer  # noqa: B018 - (TRL's lazy module imports them here)
     except ImportError as exc:
         if exc.name == "trl":
             raise RlhfError(f"rlhf bench trl needs TRL: pip install trl=={TRL_VERSION}") from None
-        raise RlhfError(f"TRL does not import here ({type(exc).__name__}: {exc}); rlhf bench trl is written for "
-                        f"trl=={TRL_VERSION}") from None
-    return trl
+        broken: Exception = exc
+    except RuntimeError as exc:  # (how a lazy module says that what it imports on first use failed)
+        broken = exc
+    else:
+        return trl, ppo_module
+    raise RlhfError(f"TRL does not import here ({type(broken).__name__}: {broken}); rlhf bench trl is written "
+                    f"for trl=={TRL_VERSION}") from None
 
 
 def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.device,
@@ -62,8 +70,7 @@ def run_trl(cfg: BenchConfig, workload: Path, ppo_cfg: PPOConfig, device: torch.
     """Run TRL's PPOTrainer for warmup + iterations iterations on the workload; its timings (module docstring)."""
     import os
 
-    trl = _trl()
-    import trl.trainer.ppo_trainer as ppo_module
+    trl, ppo_module = _trl()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 

@@ -28,16 +28,17 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.markup import escape
 
-from stages.config import PRECISION_DTYPES, GenerationConfig, ModelConfig, PPODataConfig
+from stages.config import PRECISION_DTYPES, ModelConfig
 from stages.data import BadRowLog
 from stages.errors import CheckpointError, ConfigError
+from stages.eval_settings import EvalSettings
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import json_safe, say
 from stages.model_paths import resolve_model_dir
@@ -51,23 +52,6 @@ from stages.rendering import check_rendering
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
 LOGPROB_CHUNK = 4096
-
-
-@dataclass
-class EvalSettings:
-    """What `rlhf eval` compares and how it samples."""
-
-    policy: str
-    reward_model: str
-    data: PPODataConfig
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    baseline: str | None = None
-    reference: str | None = None
-    num_prompts: int | None = None
-    batch_size: int = 32
-    seed: int = 0
-    ngram: int = 3
-    dtype: str = "float32"
 
 
 def recorded_settings(s: EvalSettings, precision: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Where a model named in a config (a model, reward model or tokenizer `name_or_path`) is loaded from: a stage
 run's folder stands for its final/ checkpoint, a checkpoint-N folder for its hf/; anything else as given (a
-folder of its own, or a Hugging Face hub id). Path arithmetic only (no torch: a config error says so at once)."""
+folder of its own, or a Hugging Face hub id). Path checks only (no torch: a missing model is said at once)."""
 
 from __future__ import annotations
 

@@ -347,7 +347,13 @@ def test_bench_errors_name_the_key(tmp_path, monkeypatch):
     r = invoke_cli("bench", "ppo", "--workload", "tiny", "--set", f"output_dir={out}", "--set",
                    "ppo.trian.micro_batch_size=2")
     assert r.exit_code == 2 and "the bench config's ppo: section" in r.stderr and "trian" in r.stderr, r.output
-    assert not (out / "workload").exists()
+    assert not out.exists()  # (nor its output folder made)
+    # ... and before the workload's architecture (whose check imports transformers), said once the rest is valid
+    r = invoke_cli("bench", "ppo", "--workload", "tiny", "--set", f"output_dir={out}", "--set",
+                   "ppo.trian.micro_batch_size=2", "--set", "workload.architecture.hiden_size=8")
+    assert r.exit_code == 2 and "trian" in r.stderr and "hiden_size" not in r.stderr, r.output
+    r = invoke_cli("bench", "ppo", "--workload", "tiny", "--set", "workload.architecture.hiden_size=8")
+    assert r.exit_code == 2 and "hiden_size: not a qwen2 config key" in r.stderr, r.output
     for bad in ("ppo.ppo=5", "ppo.ppo.critic_pretrain_steps=null", "ppo.logging=[1]"):  # (TypeErrors before)
         r = invoke_cli("bench", "ppo", "--workload", "tiny", "--set", f"output_dir={out}", "--set", bad)
         assert r.exit_code == 2 and "the bench config's ppo: section" in r.stderr, (bad, r.output)
@@ -1101,7 +1107,9 @@ def _tiny(monkeypatch, tmp_path: Path, iters: int | None, warmup: int | None, *s
 def test_the_ppo_config_a_benchmark_writes_hand_values(tmp_path, monkeypatch):
     """Every key of the generated `rlhf ppo` config: exactly new_tokens per response, prompts of the workload's
     length, no held-out split, one rollout and mini-batch of all prompts in micro-batches of the largest divisor
-    of the prompt count up to 16 (40 prompts: 10; the config valid as `rlhf ppo` would take it), no checkpoints; the bench config's ppo: keys on top (tiny.yaml's deepspeed; its train section nulled here)."""
+    of the prompt count up to 16 (40 prompts: 10; the config valid as `rlhf ppo` would take it) and scoring
+    forwards of up to 16, no checkpoints; the bench config's ppo: keys on top (tiny.yaml's deepspeed; its train
+    section nulled here)."""
     from stages.bench_config import ppo_config_dict
 
     cfg = _tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=40", "profile=false")
@@ -1113,14 +1121,14 @@ def test_the_ppo_config_a_benchmark_writes_hand_values(tmp_path, monkeypatch):
         "generation": {"max_new_tokens": 16, "min_new_tokens": 16},
         "ppo": {"preset": "ppo-max", "critic_pretrain_steps": 0, "ppo_epochs": 1},
         "train": {"iterations": 4, "rollout_batch_size": 40, "mini_batch_size": 40, "micro_batch_size": 10,
-                  "forward_batch_size": 10, "sample_every": 0, "save_every": 0, "checkpoints": False},
+                  "forward_batch_size": 16, "sample_every": 0, "save_every": 0, "checkpoints": False},
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "logging": {"tensorboard": False, "profile_step": 0},
     }
     small = ppo_config_dict(_tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=6"), w)
     assert (small["train"]["micro_batch_size"], small["train"]["forward_batch_size"]) == (6, 6)
     prime = ppo_config_dict(_tiny(monkeypatch, tmp_path, 3, 1, "ppo.train=null", "workload.prompts=17"), w)
-    assert (prime["train"]["micro_batch_size"], prime["train"]["forward_batch_size"]) == (1, 1)
+    assert (prime["train"]["micro_batch_size"], prime["train"]["forward_batch_size"]) == (1, 16)
     assert ppo_config_dict(bench_config("w1", None, 3, 1, []), w)["train"]["micro_batch_size"] == 16
 
 

@@ -674,7 +674,11 @@ res = CliRunner().invoke(app, ["eval", "configs", "-c", "configs/tiny/ppo.yaml",
                                "--set", "generation.bogus=1"])
 assert res.exit_code == 2 and "unknown key 'generation.bogus'" in res.stderr, res.output
 res = CliRunner().invoke(app, ["eval", "/nowhere/x", "--prompts", "configs/tiny/ppo.yaml", "--reward-model", "x"])
-assert res.exit_code == 2 and "model /nowhere/x: no such file or directory" in res.stderr, res.output
+assert res.exit_code == 2 and "POLICY: model /nowhere/x: no such file or directory" in res.stderr, res.output
+res = CliRunner().invoke(app, ["eval", "configs", "--prompts", "configs/tiny/ppo.yaml", "--reward-model", "/no/rm"])
+assert res.exit_code == 2 and "--reward-model: model /no/rm: no such file or directory" in res.stderr, res.output
+res = CliRunner().invoke(app, ["eval", "typo", "--prompts", "configs/tiny/ppo.yaml", "--reward-model", "configs"])
+assert res.exit_code == 2 and "POLICY typo: no such directory here" in res.stderr, res.output  # (a hub id's shape)
 print("eval refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """

@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages import evaluate as ev
 from stages.config import GenerationConfig, PPODataConfig
-from stages.evaluate import EvalSettings, Generated, recorded_settings, summarize, win_rate
+from stages.eval_settings import EvalSettings
+from stages.evaluate import Generated, recorded_settings, summarize, win_rate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"

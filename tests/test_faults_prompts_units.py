@@ -338,26 +338,20 @@ def test_run_trl_reports_the_mixed_precision_trls_accelerator_ran_with(trl_setup
 
 
 def test_run_trl_without_trl_says_which_version_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No TRL installed: an error naming the pip command, not Python's own message; a TRL that does not import
-    (one written for another transformers) says so, with the version the benchmark is written for."""
-    import builtins
-
+    """No TRL installed: an error naming the pip command, not Python's own message; a TRL whose PPO trainer does
+    not import (one written for another transformers: TRL imports its trainers lazily) says so, with the
+    version the benchmark is written for."""
     from stages.bench_trl import run_trl
 
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(RlhfError, match=r"^rlhf bench trl needs TRL: pip install trl==0\.23\.1$"):
         run_trl(SimpleNamespace(), Path("/w"), SimpleNamespace(), CPU)
-    monkeypatch.delitem(sys.modules, "trl")
-    real = builtins.__import__
-
-    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "trl":
-            raise ImportError("cannot import name 'Gone' from 'transformers'", name="transformers")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", broken)
-    with pytest.raises(RlhfError, match=r"^TRL does not import here \(ImportError: cannot import name 'Gone' from "
-                                        r"'transformers'\); rlhf bench trl is written for trl==0\.23\.1$"):
+    for name, module in (("trl", ModuleType("trl")), ("trl.trainer", ModuleType("trl.trainer")),
+                         ("trl.trainer.ppo_trainer", None)):
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(RlhfError, match=r"^TRL does not import here \(ModuleNotFoundError: import of "
+                                        r"trl\.trainer\.ppo_trainer halted; None in sys\.modules\); rlhf bench "
+                                        r"trl is written for trl==0\.23\.1$"):
         run_trl(SimpleNamespace(), Path("/w"), SimpleNamespace(), CPU)
 
 

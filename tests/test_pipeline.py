@@ -825,6 +825,16 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")  # in-process
     assert res.exit_code == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
     assert f"pipeline {tmp_path / 'p.yaml'}, stage sft ({TINY / 'sft.yaml'} with the pipeline's overrides)" in res.stderr
+    # every stage's keys before any stage's from_config architecture (whose check imports transformers): a typo in
+    # the last stage is said before a refused architecture in the first, which is said once the rest is valid
+    arch = dict(bad, sft={"config": str(TINY / "sft.yaml"), "set": ["model.from_config.hiden_size=32"]},
+                ppo_runs=[{"name": "p", "set": ["train.bogus=1"]}])
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "a.yaml", arch)), "--dry-run")
+    assert res.exit_code == 2 and "stage p (" in res.stderr and "unknown key 'train.bogus'" in res.stderr, res.output
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "a.yaml", dict(arch, ppo_runs=[{"name": "p"}]))),
+                     "--dry-run")
+    assert res.exit_code == 2 and "stage sft (" in res.stderr and "from_config.hiden_size: not a llama config key" \
+        in res.stderr, res.output
     # the stage commands' --resume: not a pipeline option (hidden), refused saying how a pipeline resumes
     res = invoke_cli("pipeline", "--config", str(TINY / "pipeline.yaml"), "--resume")
     assert res.exit_code == 2 and "rlhf pipeline has no --resume: run the same command again" in res.stderr, res.output
