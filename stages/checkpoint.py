@@ -36,6 +36,7 @@ from rich.markup import escape
 from safetensors import safe_open
 
 from stages import faults
+from stages.config import refuse_file
 from stages.runtime import atomic_write_text
 from stages.distributed import (
     DistInfo,
@@ -431,12 +432,6 @@ class OutputPlan(NamedTuple):
     checkpoint: Path | None
     changes: list[str]
     inputs: dict[str, dict[str, str]] | None
-
-
-def refuse_file(path: Path, what: str = "output_dir") -> None:
-    """A file where a folder must go is a ConfigError naming it."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what} {path} is a file, not a directory")
 
 
 def refuse_request(out_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -855,6 +855,17 @@ def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     return str(resolved)
 
 
+def refuse_file(path: Path, what: str = "output_dir") -> None:
+    """A file where a folder must go — at `path`, or at a folder above it, which would make it impossible to
+    create — is a ConfigError naming it."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{what} {path} is a file, not a directory" if folder == path else
+                                  f"{what} {path}: {folder} is a file, not a directory")
+            return
+
+
 def refuse_unreadable_data(value: str, key: str) -> None:
     """A data source that is a local path (one that exists) must be a file of a type the run reads
     (LOCAL_SUFFIXES, any case): a folder, a .gz or a file without a suffix is a ConfigError naming the key, as a
@@ -1001,6 +1012,7 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
         given = [k for k in cli_keys if key == k or key.startswith(k + ".")]
         from_cli = bool(given)
         base = cwd if from_cli else base_dir
+        declared = kind
         if key in not_yet or any(key.startswith(k + ".") for k in not_yet):
             kind = "output"
         value = getattr(owner, name)
@@ -1009,6 +1021,8 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
                 resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
             else:
                 resolved = resolve_one(value, kind, base, key)
+            if declared == "output":  # (an output_dir: a folder to be made)
+                refuse_file(Path(resolved), key)
             if isinstance(owner, DataSource):
                 for i, one in enumerate(resolved if isinstance(resolved, list) else [resolved]):
                     refuse_unreadable_data(one, f"{key}[{i}]" if isinstance(resolved, list) else key)

@@ -497,6 +497,8 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     afile.write_text("")
     res = dry_run(out=afile)
     assert res.exit_code == 2 and f"output_dir {afile} is a file, not a directory" in res.stderr, res.output
+    res = dry_run(out=afile / "run")  # (a file above it: it could never be made)
+    assert res.exit_code == 2 and f"output_dir {afile / 'run'}: {afile} is a file, not a directory" in res.stderr
 
     def stage_folder(name: str, arch: str) -> Path:
         (tmp_path / name / "final").mkdir(parents=True)
@@ -575,8 +577,8 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(tmp_path):
     afile.write_text("")
     cfg = write_yaml(tmp_path / "sft.yaml", tiny_sft_dict(tmp_path) | {"output_dir": str(afile / "sub")})
     res = run_cli("sft", "-c", str(cfg))
-    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        f"error: output_dir {afile / 'sub'}: cannot create it (Not a directory)"], res.stderr
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [  # (as the config is read: its dry run too)
+        f"error: output_dir {afile / 'sub'}: {afile} is a file, not a directory"], res.stderr
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')

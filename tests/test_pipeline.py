@@ -825,6 +825,12 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "p.yaml", bad)), "--dry-run")  # in-process
     assert res.exit_code == 2 and "train.lr" in res.stderr and "Traceback" not in res.stderr
     assert f"pipeline {tmp_path / 'p.yaml'}, stage sft ({TINY / 'sft.yaml'} with the pipeline's overrides)" in res.stderr
+    # an output_dir that is a file: one line before any stage, from the dry run as from the run
+    (tmp_path / "afile").write_text("")
+    res = invoke_cli("pipeline", "--config", str(TINY / "pipeline.yaml"), "--dry-run", "--set",
+                     f"output_dir={tmp_path / 'afile'}")
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+        f"error: output_dir {tmp_path / 'afile'} is a file, not a directory [given with --set]"], res.output
     # every stage's keys before any stage's from_config architecture (whose check imports transformers): a typo in
     # the last stage is said before a refused architecture in the first, which is said once the rest is valid
     arch = dict(bad, sft={"config": str(TINY / "sft.yaml"), "set": ["model.from_config.hiden_size=32"]},
