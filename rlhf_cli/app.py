@@ -682,7 +682,8 @@ def pipeline(
         out.rule("rlhf pipeline: plan")
         actions = stage_actions(runs, force, resolved, allow_config_change)  # (a changed complete stage: refused)
         for act in actions:
-            what = ACTION_NOTES[act.action] + (" although its config changed" if act.kept else "")
+            why = {"retrain": " (--force)" if force else " (an earlier stage is retrained)"}.get(act.action, "")
+            what = ACTION_NOTES[act.action] + why + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
             if act.action != "skip" and act.run.label in fit_lines:

@@ -71,10 +71,11 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
 
 
 def wiring_flags(run: StageRun) -> dict[str, str]:
-    """`load_config`'s flags for the keys the pipeline itself sets in `run`'s overrides (PIPELINE_WIRING; a
-    stage's own `set` list may not give them), so that an error there names the pipeline, not --set."""
-    return {key: f"the pipeline ({said})" for key, said in PIPELINE_WIRING.items()
-            if key == "output_dir" or key in run.not_yet}
+    """`load_config`'s flags for the keys of `run`'s overrides, so that an error there names the pipeline, not
+    --set: the keys the pipeline itself sets (PIPELINE_WIRING; a stage's own `set` list may not give them), and
+    every other one, which a `set:` list of the pipeline (or a run's `seeds:`) gave."""
+    return {set_key(item): "a set: list of the pipeline" for item in run.overrides} | {
+        key: f"the pipeline ({said})" for key, said in PIPELINE_WIRING.items() if key == "output_dir" or key in run.not_yet}
 
 
 #: each stage's `--check-data` (module:function(cfg, world_size)): its data read as its run reads it, nothing
@@ -225,14 +226,24 @@ def summary(cfg: PipelineConfig, runs: list[StageRun]) -> dict[str, Any]:
             row["win_rate_rm"] = ev.get("win_rate_rm", {}).get("win_rate")
             row["win_rate_gold"] = ev.get("win_rate_gold", {}).get("win_rate")
             row["policy"] = recorded_policy(made)
+            row["source"] = evaluation_source(made)
         else:
             names = {"reward": "eval/reward", "gold": "eval/gold", "length": "eval/response_length",
                      "kl": "eval/kl"}  # every one the validation's (objective/kl is the training rollouts')
             series = _series(run.out / "metrics.jsonl", *names.values())
             row = {k: (v[0], v[-1]) if (v := series[m]) else (None, None) for k, m in names.items()}
-            row["policy"] = "final"
+            row["policy"], row["source"] = "final", evaluation_source(None)
         out["ppo"][run.label] = row
     return out
+
+
+def evaluation_source(made: dict[str, Any] | None) -> str:
+    """Where a PPO run's summary row comes from: the pipeline's evaluation, with the settings it was made with
+    (`pipeline_eval`), or, without one, the run's own validation."""
+    if made is None:
+        return "its validation in metrics.jsonl (first -> last)"
+    how = "greedy" if made.get("greedy") else f"seed {made.get('seed')}"
+    return f"rlhf eval of its {recorded_policy(made)}/ against SFT ({made.get('num_prompts') or 'all'} prompts, {how})"
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -261,6 +272,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|"]
     for label, row in s["ppo"].items():
         lines.append(f"| {_run_label(label, row)} | " + " | ".join(_run_cells(row, 3, " → ", " / ")) + " |")
+    lines += ["", *(f"- {label}: {row['source']}" for label, row in s["ppo"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -270,7 +282,8 @@ def print_summary_table(s: dict[str, Any], console: Any) -> None:
 
     console.print(f"[bold]SFT[/] eval loss {_fmt(s['sft_eval_loss'])}   [bold]RM[/] pair accuracy "
                   f"{_fmt(s['rm_accuracy'])}", highlight=False)
-    table = Table(title="PPO on the eval prompts: SFT policy → PPO policy")
+    table = Table(title="PPO on the eval prompts: SFT policy → PPO policy",
+                  caption="\n".join(f"{label}: {row['source']}" for label, row in s["ppo"].items()))
     for col in ("run", "RM reward", "gold reward", "KL", "length", "win vs SFT\nRM/gold"):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col != "run")  # (names wrap)
     for label, row in s["ppo"].items():
@@ -382,9 +395,9 @@ def stage_actions(runs: list[StageRun], force: bool, resolved: dict[str, str] | 
             if changes and not allow_changes:
                 raise ConfigError(f"pipeline: stage {run.label} is complete in {run.out}, but its config or inputs "
                                   f"changed since it was trained ({_listed(changes)}); {fit_hint(changes)}delete "
-                                  f"{run.out} to retrain it "
-                                  "(the stages after it are retrained too), --force to retrain every stage, or "
-                                  "--allow-config-change to keep it")
+                                  f"{run.out} to retrain it"
+                                  f"{' (the stages after it are retrained too)' if run.stage != 'ppo' else ''}, "
+                                  "--force to retrain every stage, or --allow-config-change to keep it")
             actions.append(StageAction(run, "skip", changes))
             continue
         earlier = run.out.exists() and any(run.out.iterdir())  # output of an earlier pipeline run
@@ -409,7 +422,7 @@ def _listed(changes: list[str]) -> str:
 
 #: how the plan describes each action
 ACTION_NOTES = {"skip": "complete, skipped", "resume": "partial output: resumed",
-                "train": "trained", "retrain": "trained afresh (--force, or an earlier stage is retrained)"}
+                "train": "trained", "retrain": "trained afresh"}
 
 
 def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: Any,
@@ -541,8 +554,9 @@ def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
 def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
     """What the evaluation will do for each PPO run, for the plan: "NAME: kept (…)" or "NAME: POLICY against
     SFT, after training" (a stage that trains writes a new policy, whose evaluation is then made afresh)."""
-    if not cfg.eval.enabled:
-        return []
+    if not cfg.eval.enabled:  # (a stage that trains removes the evaluation of its earlier final/)
+        return [f"{act.run.label}: off (eval.enabled false); its summary row from " + evaluation_source(
+                    pipeline_eval(act.run) if act.action == "skip" else None) for act in actions if act.run.stage == "ppo"]
     sft = Path(cfg.output_dir) / "sft"
     lines = []
     for act in actions:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,8 @@ def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path)
     assert wiring_flags(sft) == {"output_dir": said["output_dir"]}
     assert wiring_flags(rm) == {k: said[k] for k in ("output_dir", "model.name_or_path")}
     assert wiring_flags(ppo) == said
+    # a key of a set: list (here rm's train.epochs=1): the pipeline file gave it, not --set
+    assert wiring_flags(plan(_pipeline_cfg(tmp_path))[1])["train.epochs"] == "a set: list of the pipeline"
     with pytest.raises(ConfigError, match=r"model: set exactly one of name_or_path .* and from_config: both are set .*"
                                           r"\[given with the pipeline \(the SFT stage's output\)\]$"):
         load_config(rm.stage, rm.config, rm.overrides, not_yet=rm.not_yet, flags=wiring_flags(rm))
@@ -297,13 +300,14 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     assert calls == []  # all complete, none changed in what it trains
     now["rm"] = yaml.safe_dump({**trained, "train": {"lr": 3e-4}})
     with pytest.raises(pl.RlhfError, match=r"stage rm is complete in .*, but its config or inputs changed since it "
-                                           r"was trained \(train.lr: 0.0001 -> 0.0003\)"):
+                                           r"was trained \(train.lr: 0.0001 -> 0.0003\); delete .* to retrain it "
+                                           r"\(the stages after it are retrained too\), --force"):
         pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
+    with pytest.raises(pl.RlhfError, match=r"stage ppo is complete in .*; delete \S+ to retrain it, --force"):
+        pl.run_pipeline(cfg, [], force=False, console=quiet, resolved={**now, "rm": now["sft"], "ppo": now["rm"]})  # (last)
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now, allow_changes=True)  # kept, with a warning
     assert calls == [] and "rm: kept although its config changed" in (tmp_path / "log.txt").read_text()
     # the RM deleted and retrained: the complete PPO run came from the old one, so it is trained afresh
-    import shutil
-
     shutil.rmtree(root / "rm")
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
     assert [(c[c.index("rlhf_cli") + 1], "--overwrite" in c, "--resume" in c) for c in calls] == [
@@ -467,8 +471,18 @@ def test_the_summary_publishes_only_the_pipelines_own_evaluation(tmp_path, fake_
     (out / "eval.json").write_text(json.dumps(by_hand))
     off = _pipeline_cfg(tmp_path, eval={"enabled": False})
     assert pl.summary(off, run)["ppo"]["ppo"]["reward"] == (0.25, 0.5)  # no eval.settings.json: not the pipeline's
+    skip = [pl.StageAction(run[0], "skip")]
+    assert pl.eval_plan(off, skip) == ["ppo: off (eval.enabled false); its summary row from its validation in "
+                                       "metrics.jsonl (first -> last)"]
     pl.evaluate_runs(cfg, run, tmp_path / "runs" / "sft", Console(file=open(tmp_path / "log.txt", "w")))
     assert pl.summary(off, run)["ppo"]["ppo"]["reward"] == (8.0, 9.0)  # the file its evaluation wrote
+    # ... which the plan, the summary table and summary.md say, with the settings it was made with
+    made = f"rlhf eval of its final/ against SFT ({cfg.eval.num_prompts or 'all'} prompts, seed {cfg.eval.seed})"
+    assert pl.eval_plan(off, skip) == [f"ppo: off (eval.enabled false); its summary row from {made}"]
+    assert pl.summary(off, run)["ppo"]["ppo"]["source"] == made
+    assert pl.summary_markdown(pl.summary(off, run)).endswith(f"\n\n- ppo: {made}\n")
+    assert pl.eval_plan(off, [pl.StageAction(run[0], "retrain")])[0].endswith("its validation in metrics.jsonl "
+                                                                             "(first -> last)")  # (removed then)
     (out / "eval.json").write_text(json.dumps(by_hand | {"policy_metrics": {"reward": 7.0}}))  # rewritten by hand
     row = pl.summary(off, run)["ppo"]["ppo"]
     assert row["reward"] == (0.25, 0.5) and row["kl"] == (0.0, 0.1) and row["policy"] == "final"
@@ -1037,7 +1051,10 @@ def test_pipeline_dry_run_plans_each_stage_as_the_run_would_and_refuses_a_change
     assert "sft (complete, skipped although its config changed)" in res.stdout
     assert "rm (partial output: resumed):" in res.stdout and "--resume" in res.stdout
     res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--force")
-    assert res.exit_code == 0 and res.stdout.count("(trained afresh (--force, or an earlier stage") == 2
+    assert res.exit_code == 0 and res.stdout.count("(trained afresh (--force))") == 2
+    shutil.rmtree(sft / "final")  # SFT partial: resumed, so the RM (which has output) is trained afresh
+    res = invoke_cli("pipeline", "--config", str(path), "--dry-run", "--allow-config-change")
+    assert res.exit_code == 0 and "rm (trained afresh (an earlier stage is retrained)):" in res.stdout, res.output
 
 
 # ------------------------------------------------------------- pinned by mutation testing (2026-12-05): stage actions,
