@@ -74,8 +74,9 @@ def wiring_flags(run: StageRun) -> dict[str, str]:
     """`load_config`'s flags for the keys of `run`'s overrides, so that an error there names the pipeline, not
     --set: the keys the pipeline itself sets (PIPELINE_WIRING; a stage's own `set` list may not give them), and
     every other one, which a `set:` list of the pipeline (or a run's `seeds:`) gave."""
-    return {set_key(item): "a set: list of the pipeline" for item in run.overrides} | {
-        key: f"the pipeline ({said})" for key, said in PIPELINE_WIRING.items() if key == "output_dir" or key in run.not_yet}
+    wired = {key: f"the pipeline ({said})" for key, said in PIPELINE_WIRING.items()
+             if key == "output_dir" or key in run.not_yet}
+    return {set_key(item): "a set: list of the pipeline" for item in run.overrides} | wired
 
 
 #: each stage's `--check-data` (module:function(cfg, world_size)): its data read as its run reads it, nothing
@@ -555,8 +556,9 @@ def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
     """What the evaluation will do for each PPO run, for the plan: "NAME: kept (…)" or "NAME: POLICY against
     SFT, after training" (a stage that trains writes a new policy, whose evaluation is then made afresh)."""
     if not cfg.eval.enabled:  # (a stage that trains removes the evaluation of its earlier final/)
-        return [f"{act.run.label}: off (eval.enabled false); its summary row from " + evaluation_source(
-                    pipeline_eval(act.run) if act.action == "skip" else None) for act in actions if act.run.stage == "ppo"]
+        return [f"{act.run.label}: off (eval.enabled false); its summary row from "
+                + evaluation_source(pipeline_eval(act.run) if act.action == "skip" else None)
+                for act in actions if act.run.stage == "ppo"]
     sft = Path(cfg.output_dir) / "sft"
     lines = []
     for act in actions:

@@ -304,7 +304,8 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
                                            r"\(the stages after it are retrained too\), --force"):
         pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now)
     with pytest.raises(pl.RlhfError, match=r"stage ppo is complete in .*; delete \S+ to retrain it, --force"):
-        pl.run_pipeline(cfg, [], force=False, console=quiet, resolved={**now, "rm": now["sft"], "ppo": now["rm"]})  # (last)
+        pl.run_pipeline(cfg, [], force=False, console=quiet,  # (changed: the last stage only)
+                        resolved={**now, "rm": now["sft"], "ppo": now["rm"]})
     pl.run_pipeline(cfg, [], force=False, console=quiet, resolved=now, allow_changes=True)  # kept, with a warning
     assert calls == [] and "rm: kept although its config changed" in (tmp_path / "log.txt").read_text()
     # the RM deleted and retrained: the complete PPO run came from the old one, so it is trained afresh
