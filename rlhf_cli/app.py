@@ -620,7 +620,7 @@ def pipeline(
 
     Each stage runs as its own rlhf process with the launcher options given here; a stage whose output_dir holds a complete final/ is skipped (unless --force; refused if its config changed since), a partial one resumes; once SFT or the RM is retrained, the later stages are trained afresh. The hand-off is checked before each stage (causal LM + tokenizer with pad/EOS from SFT; one-label classifier with the same vocabulary from the RM). Ends with a summary table (SFT eval loss, RM accuracy, PPO reward / gold reward / KL before → after), output_dir/summary.md and summary.json, and output_dir/report/. Example: [bold]rlhf pipeline --config configs/tiny/pipeline.yaml[/]
     """  # noqa: E501
-    from stages.pipeline import ACTION_NOTES, eval_plan, plan, run_pipeline, stage_actions, wiring_flags
+    from stages.pipeline import ACTION_NOTES, eval_plan, override_flags, plan, run_pipeline, stage_actions
     from stages.sniff import sniff_data
 
     try:
@@ -648,7 +648,7 @@ def pipeline(
 
         def load(run: Any, extra: list[str], named: dict[str, str] | None = None, architecture: bool = True) -> Any:
             return load_config(run.stage, run.config, run.overrides + extra, preset=run.preset, not_yet=run.not_yet,
-                               flags={**wiring_flags(run), **(named or {})}, architecture=architecture)
+                               flags={**override_flags(run), **(named or {})}, architecture=architecture)
 
         # every stage config must validate before anything trains: first all but their from_config architectures
         # (whose check imports transformers: seconds), so that a typo in the last stage's is said at once
@@ -682,7 +682,7 @@ def pipeline(
         out.rule("rlhf pipeline: plan")
         actions = stage_actions(runs, force, resolved, allow_config_change)  # (a changed complete stage: refused)
         for act in actions:
-            why = {"retrain": " (--force)" if force else " (an earlier stage is retrained)"}.get(act.action, "")
+            why = (" (--force)" if force else " (an earlier stage is retrained)") if act.action == "retrain" else ""
             what = ACTION_NOTES[act.action] + why + (" although its config changed" if act.kept else "")
             out.print(f"[bold]{act.run.label}[/] ({what}): " + escape(format_command(act.command(launch), {})),
                       highlight=False, soft_wrap=True)
@@ -716,7 +716,7 @@ def pipeline(
 
             def load_stand_in(run: Any, overrides: list[str]) -> Any:
                 return load_config(run.stage, run.config, overrides + fit_sets.get(run.label, []), preset=run.preset,
-                                   not_yet=run.not_yet, flags=wiring_flags(run))
+                                   not_yet=run.not_yet, flags=override_flags(run))
 
             with tempfile.TemporaryDirectory(prefix="rlhf-check-data-") as scratch:
                 check_pipeline_data(actions, processes, load_stand_in, out.rule, Path(scratch))

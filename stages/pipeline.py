@@ -70,7 +70,7 @@ def plan(cfg: PipelineConfig) -> list[StageRun]:
     return runs
 
 
-def wiring_flags(run: StageRun) -> dict[str, str]:
+def override_flags(run: StageRun) -> dict[str, str]:
     """`load_config`'s flags for the keys of `run`'s overrides, so that an error there names the pipeline, not
     --set: the keys the pipeline itself sets (PIPELINE_WIRING; a stage's own `set` list may not give them), and
     every other one, which a `set:` list of the pipeline (or a run's `seeds:`) gave."""

@@ -801,7 +801,7 @@ def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_sa
     # not its record's 4), which the stage chooses again when it starts
     runs = pl.plan(load_config("pipeline", REPO / "configs" / "tiny" / "pipeline.yaml", [f"output_dir={tmp_path / 'p'}"]))
     loaded = {r.label: load_config(r.stage, r.config, r.overrides, preset=r.preset, not_yet=r.not_yet,
-                                   flags=pl.wiring_flags(r)) for r in runs}
+                                   flags=pl.override_flags(r)) for r in runs}
     stand_in = pl.estimate_configs([pl.StageAction(r, "train") for r in runs], loaded)["rm"][0]
     peaks = estimate(stand_in, 1, micro_batch_choices(stand_in))["peak_at_micro_batch"]
     best = max(m for m, peak in peaks.items() if peak <= 0.9 * 0.05 * GIB)

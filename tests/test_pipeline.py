@@ -156,7 +156,7 @@ def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path)
     from rlhf_cli.config_loader import load_config
     from stages.errors import ConfigError
     from stages.config import PIPELINE_WIRING
-    from stages.pipeline import plan, wiring_flags
+    from stages.pipeline import override_flags, plan
 
     rm_cfg = yaml.safe_load((TINY / "rm.yaml").read_text())
     rm_cfg["model"] = {"from_config": {"model_type": "llama", "hidden_size": 64}}
@@ -164,14 +164,14 @@ def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path)
     rm_yaml = write_yaml(tmp_path / "rm.yaml", rm_cfg)
     sft, rm, ppo = plan(_pipeline_cfg(tmp_path, rm={"config": str(rm_yaml)}))
     said = {key: f"the pipeline ({what})" for key, what in PIPELINE_WIRING.items()}
-    assert wiring_flags(sft) == {"output_dir": said["output_dir"]}
-    assert wiring_flags(rm) == {k: said[k] for k in ("output_dir", "model.name_or_path")}
-    assert wiring_flags(ppo) == said
+    assert override_flags(sft) == {"output_dir": said["output_dir"]}
+    assert override_flags(rm) == {k: said[k] for k in ("output_dir", "model.name_or_path")}
+    assert override_flags(ppo) == said
     # a key of a set: list (here rm's train.epochs=1): the pipeline file gave it, not --set
-    assert wiring_flags(plan(_pipeline_cfg(tmp_path))[1])["train.epochs"] == "a set: list of the pipeline"
+    assert override_flags(plan(_pipeline_cfg(tmp_path))[1])["train.epochs"] == "a set: list of the pipeline"
     with pytest.raises(ConfigError, match=r"model: set exactly one of name_or_path .* and from_config: both are set .*"
                                           r"\[given with the pipeline \(the SFT stage's output\)\]$"):
-        load_config(rm.stage, rm.config, rm.overrides, not_yet=rm.not_yet, flags=wiring_flags(rm))
+        load_config(rm.stage, rm.config, rm.overrides, not_yet=rm.not_yet, flags=override_flags(rm))
 
 
 def test_plan_wires_paths_and_names_runs(tmp_path):
@@ -1146,7 +1146,7 @@ def test_pipeline_dry_run_estimates_each_stage_memory_before_the_stages_it_reads
     done = load_config("pipeline", path, [])
     runs = pl.plan(done)
     loaded = {r.label: load_config(r.stage, r.config, r.overrides, preset=r.preset, not_yet=r.not_yet,
-                                   flags=pl.wiring_flags(r)) for r in runs}
+                                   flags=pl.override_flags(r)) for r in runs}
     real = {label: estimate_quietly(cfg, 1)["total"] for label, cfg in loaded.items()}  # SFT's, RM's config.json
     assert real["rm"] != real["sft"] != real["ppo-max"]
     # nothing trained yet: every stage is estimated, the later ones with the architecture of the earlier ones
