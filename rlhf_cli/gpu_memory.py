@@ -65,7 +65,8 @@ def stage_memory_line(label: str, cfg: Any, processes: int, gpu: tuple[int, str]
     stage whose micro-batch --fit-micro-batch chooses when it starts (its model is still to be trained, or it is
     retrained): the peak at the micro-batch it would choose from this config (`fit_choice`), said to be chosen
     again then."""
-    assumed = f" (with the model architecture of {' and '.join(stand_ins)}, not trained yet)" if stand_ins else ""
+    assumed = (f" (with the model architecture of {' and '.join(stand_ins)}, which this run trains first)"
+               if stand_ins else "")
     est = estimate_quietly(cfg, processes)
     at_start = f"; {FIT_FLAG} chooses its micro-batch when the stage starts" if chosen_at_start else ""
     if est is None:

@@ -48,7 +48,7 @@ from stages.distributed import (
     rng_state,
     set_rng_state,
 )
-from stages.errors import CheckpointError, ConfigError, is_out_of_memory, while_doing
+from stages.errors import CheckpointError, ConfigError, is_out_of_memory, resume_with, while_doing
 from stages.metrics import say
 from stages.perf import PROFILE_PREFIX
 
@@ -602,7 +602,7 @@ def publish_final(out_dir: Path, step: int, dist: DistInfo, part: str = "hf", na
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not publish {final} from {source}: {describe_failure(exc)}. The checkpoint itself is "
-                                  "complete: rerun with --resume to publish it") from None
+                                  f"complete: resume {resume_with()} to publish it") from None
     barrier()
     return final
 
@@ -803,7 +803,7 @@ def _intact(out_dir: Path) -> str:
     found = complete_checkpoints(out_dir)
     if not found:
         return "No earlier complete checkpoint exists in this run."
-    return f"The newest complete checkpoint, {found[-1][1].name}, is intact (continue from it with --resume)."
+    return f"The newest complete checkpoint, {found[-1][1].name}, is intact (continue from it {resume_with()})."
 
 
 def load_latest_checkpoint(

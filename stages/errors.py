@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message (no traceback) and exits non-zero."""
 
+import os
+
 
 class RlhfError(Exception):
     """Base class: a problem with the user's input or environment, explained in one message.
@@ -55,3 +57,21 @@ def while_doing(exc: BaseException, what: str) -> BaseException:
     if not hasattr(exc, WHILE_ATTR):
         setattr(exc, WHILE_ATTR, what)
     return exc
+
+
+#: set (to "1") by `rlhf pipeline` in the environment of the stages it runs, whose advice on resuming then names
+#: the pipeline (a PYTHON* variable: DeepSpeed's runner passes those on to every node)
+PIPELINE_STAGE_VAR = "PYTHON_RLHF_PIPELINE_STAGE"
+
+
+def resume_with(setting: str = "") -> str:
+    """How a user continues a run that stopped: "with --resume" (and " --set SETTING"); for a stage that `rlhf
+    pipeline` runs (PIPELINE_STAGE_VAR set), "by running the pipeline again" (and " with SETTING in the stage's
+    config"), as the pipeline resumes a partial stage itself and takes no --resume.
+
+    >>> resume_with(), resume_with("monitor.action=warn")
+    ('with --resume', 'with --resume --set monitor.action=warn')
+    """
+    if os.environ.get(PIPELINE_STAGE_VAR):
+        return "by running the pipeline again" + (f" with {setting} in the stage's config" if setting else "")
+    return "with --resume" + (f" --set {setting}" if setting else "")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from stages.runtime import atomic_write_text
-from stages.errors import RlhfError
+from stages.errors import RlhfError, resume_with
 
 
 def json_safe(value: Any) -> Any:
@@ -58,7 +58,7 @@ class MetricsLogger:
                 fh.write(json.dumps(row) + "\n")
         except OSError as exc:  # a full disk shows here first, between checkpoints
             raise RlhfError(f"cannot append to {self.path} at step {step}: {exc}; the checkpoints already "
-                            "written are intact (continue with --resume once there is space)") from None
+                            f"written are intact (continue {resume_with()} once there is space)") from None
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from rich.markup import escape
 
 from stages.config import PIPELINE_SUMMARY_FILES, PIPELINE_WIRING, PipelineConfig, set_key
-from stages.errors import CheckpointError, ConfigError, RlhfError
+from stages.errors import PIPELINE_STAGE_VAR, CheckpointError, ConfigError, RlhfError
 from stages.runtime import call_forwarding_signals
 from stages.stop import STOPPED_CODES, killed_note
 
@@ -112,7 +113,7 @@ def check_pipeline_data(actions: list[StageAction], world_size: int, load: Calla
         except RlhfError as exc:
             text = str(exc)
             for out, folder in stand_ins.items():
-                text = text.replace(folder, f"{out} (not trained yet: what its run would hand on)")
+                text = text.replace(folder, f"{out} (which this run trains first: what it would hand on)")
             raise type(exc)(f"pipeline stage {run.label}: {text}") from None
         if run.stage != "ppo" and act.action != "skip":
             tokenizer, rendering = handed
@@ -452,7 +453,8 @@ def run_pipeline(cfg: PipelineConfig, launch: list[str], force: bool, console: A
             continue
         if act.action == "retrain" and not force:
             console.print(f"an earlier stage was retrained: {run.out} is trained afresh")
-        code = call_forwarding_signals(act.command(launch))
+        # (the stage's own advice on resuming then names the pipeline: stages.errors.resume_with)
+        code = call_forwarding_signals(act.command(launch), {**os.environ, PIPELINE_STAGE_VAR: "1"})
         if code != 0:
             mend = "" if code in STOPPED_CODES else "mend what its error above names, then "
             raise child_failed(f"stage {run.label} ({run.stage})", code,

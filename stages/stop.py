@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.errors import RlhfError
+from stages.errors import RlhfError, resume_with
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class Stopped(RlhfError):
     def __init__(self, signum: int, step: int, checkpoint: Path | None, unit: str = "step") -> None:
         name = signal.Signals(signum).name
         if checkpoint is not None:
-            where = f"saved {checkpoint.name} in {checkpoint.parent}; continue with --resume"
+            where = f"saved {checkpoint.name} in {checkpoint.parent}; continue {resume_with()}"
         else:
             where = "no checkpoint written (train.checkpoints: false)"
         super().__init__(f"stopped by {name} after {unit} {step}: {where}")

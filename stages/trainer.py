@@ -23,7 +23,7 @@ from stages.checkpoint import load_latest_checkpoint, publish_final, remove_stal
 from stages.config import TrainConfig
 from stages.data import DataReport
 from stages.distributed import DistInfo, all_reduce_sum, barrier, run_on_main, seed_everything, setup_distributed
-from stages.errors import ConfigError, DataError, NonFinite
+from stages.errors import ConfigError, DataError, NonFinite, resume_with
 from stages.metrics import MetricsLogger, TrainProgress, print_summary, read_metrics, say
 from stages.models import auto_tokenizer_difference
 from stages.perf import StepProfiler
@@ -170,8 +170,9 @@ def optimizer_step(
             if bad and guard.mode == "stop":
                 raise NonFinite(
                     f"non-finite {guard.what} at step {guard.step} (micro-batch {i + 1} of {len(batches)}, "
-                    f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved (--resume continues "
-                    "from the newest complete checkpoint, if there is one; or set train.on_nonfinite: skip)"
+                    f"{int(bad)} rank(s)); stopped before the optimizer step, nothing saved (continuing "
+                    f"{resume_with()} starts from the newest complete checkpoint, if there is one; or set "
+                    "train.on_nonfinite: skip)"
                 )
             if bad:
                 guard.skipped += 1
@@ -314,7 +315,7 @@ def check_finite(name: str, value: float, done: int, out: Path) -> None:
     if not math.isfinite(value):
         raise NonFinite(
             f"non-finite {name} ({value}) at step {done}; stopping without saving. "
-            f"The last complete checkpoint in {out} is intact (resume with --resume)."
+            f"The last complete checkpoint in {out} is intact (resume {resume_with()})."
         )
 
 

@@ -808,7 +808,7 @@ def test_a_retrained_stage_is_fitted_afresh_and_a_record_is_kept_only_for_the_sa
     rm_line = said.split(" rm: peak ", 1)[1].split(" ppo-max: peak ", 1)[0]
     assert best == 8 and rm_line == (
         f"{peaks[best] / GIB:.3f} GiB per rank at micro-batch 8, the largest that fits (with the model architecture "
-        f"of sft, not trained yet); fits ({(0.9 * 0.05 * GIB - peaks[best]) / GIB:.3f} GiB to spare); "
+        f"of sft, which this run trains first); fits ({(0.9 * 0.05 * GIB - peaks[best]) / GIB:.3f} GiB to spare); "
         "--fit-micro-batch chooses it again when the stage starts, from the config.json its model has then"), rm_line
     cfg = load_config("sft", TINY_SFT, [f"output_dir={rm}"])  # 16 rows per step
     assert recorded_micro_batch(rm, cfg) == {"train.micro_batch_size": 4, "train.gradient_accumulation_steps": 4}

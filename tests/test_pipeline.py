@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def fake_stages(monkeypatch) -> list[list[str]]:
     import stages.pipeline as pl
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd, env=None: calls.append(cmd) or 0)
     monkeypatch.setattr(pl, "check_policy_handoff", lambda path: None)
     monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: None)
     return calls
@@ -237,20 +238,24 @@ def test_skip_complete_resume_partial_force_reruns(tmp_path, monkeypatch, fake_s
     pl.run_pipeline(cfg, [], force=True, console=quiet)
     assert [c[c.index("rlhf_cli") + 1] for c in calls] == ["sft", "train-rm", "ppo"]
     assert all("--overwrite" in c and "--resume" not in c for c in calls)
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 3)
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd, env=None: 3)
     with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 3.; its output is in .*; mend what "
                                            "its error above names, then run the pipeline again to resume it$") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 1
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 2)  # a stage's config or usage error: 2 as well
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd, env=None: 2)  # a stage's config or usage error: 2 as well
     with pytest.raises(pl.RlhfError, match="stage rm .train-rm. failed .exit code 2.") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 2
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 143)  # SIGTERM: the stage saved and stopped
+    envs: list[dict[str, str] | None] = []
+    # SIGTERM: the stage saved and stopped
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd, env=None: envs.append(env) or 143)
     with pytest.raises(pl.RlhfError, match="was stopped by a signal .exit code 143.; its output is in .*; run the "
                                            "pipeline again to resume it$") as exc:
         pl.run_pipeline(cfg, [], force=False, console=quiet)
     assert exc.value.exit_code == 143
+    # the stage was told it runs in a pipeline (its own advice on resuming names the pipeline, not --resume)
+    assert envs[0] is not None and envs[0][pl.PIPELINE_STAGE_VAR] == "1" and envs[0]["PATH"] == os.environ["PATH"]
 
 
 def test_a_complete_stage_whose_sft_was_retrained_under_the_same_path_is_refused(tmp_path, fake_stages):
@@ -966,7 +971,7 @@ def test_pipeline_check_data_reads_every_stage_before_any_exists(tmp_path):
     res = invoke_cli("pipeline", "--config", str(path), "--check-data", "--set", f"rm.set=[{','.join(rm_set)}]",
                      "--set", f"ppo.set=[{','.join(ppo_set)}]")
     assert res.exit_code == 2 and "pipeline stage ppo-max: data: the policy (SFT) " in res.stderr, res.output
-    assert f"{tmp_path / 'runs' / 'sft'} (not trained yet: what its run would hand on) was trained on " \
+    assert f"{tmp_path / 'runs' / 'sft'} (which this run trains first: what it would hand on) was trained on " \
            "chat-template conversations; PPO renders its prompts as plain prompt text" in res.stderr, res.stderr
     assert "rlhf-check-data-" not in res.stderr
     assert not (tmp_path / "runs").exists()
@@ -1157,8 +1162,8 @@ def test_pipeline_dry_run_estimates_each_stage_memory_before_the_stages_it_reads
     assert res.exit_code == 0, res.output
     lines = {line.split(":")[0]: line for line in res.stdout.splitlines() if " GiB per rank" in line}
     assert set(lines) == {"sft", "rm", "ppo-max"}, res.stdout
-    for label, stand_ins in (("sft", ""), ("rm", " (with the model architecture of sft, not trained yet)"),
-                             ("ppo-max", " (with the model architecture of sft and rm, not trained yet)")):
+    for label, stand_ins in (("sft", ""), ("rm", " (with the model architecture of sft, which this run trains first)"),
+                             ("ppo-max", " (with the model architecture of sft and rm, which this run trains first)")):
         micro = loaded[label].train.micro_batch_size
         assert lines[label].startswith(f"{label}: peak {real[label] / GIB:.3f} GiB per rank at micro-batch {micro}"
                                        f"{stand_ins}; "), lines
@@ -1253,7 +1258,7 @@ def test_each_stage_checks_the_output_it_receives_before_it_starts(tmp_path, mon
     from rich.console import Console
 
     checked: list[tuple] = []
-    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd: 0)
+    monkeypatch.setattr(pl, "call_forwarding_signals", lambda cmd, env=None: 0)
     monkeypatch.setattr(pl, "check_policy_handoff", lambda path: checked.append(("policy", path)))
     monkeypatch.setattr(pl, "check_reward_handoff", lambda path, sft: checked.append(("reward", path, sft)))
     root = tmp_path / "runs"

@@ -56,10 +56,19 @@ CPU = torch.device("cpu")
 
 # --- stages/stop.py ---------------------------------------------------------------------------------------------
 
-def test_stopped_says_where_the_checkpoint_is_and_exits_128_plus_the_signal() -> None:
+def test_stopped_says_where_the_checkpoint_is_and_exits_128_plus_the_signal(monkeypatch) -> None:
+    from stages.errors import PIPELINE_STAGE_VAR, resume_with
+
+    monkeypatch.delenv(PIPELINE_STAGE_VAR, raising=False)
     err = stop.Stopped(signal.SIGTERM, 5, Path("/runs/a/checkpoint-00000005"))
     assert str(err) == "stopped by SIGTERM after step 5: saved checkpoint-00000005 in /runs/a; continue with --resume"
     assert err.exit_code == 143
+    monkeypatch.setenv(PIPELINE_STAGE_VAR, "1")  # a stage `rlhf pipeline` runs: the pipeline resumes it, not --resume
+    err = stop.Stopped(signal.SIGTERM, 5, Path("/runs/a/checkpoint-00000005"))
+    assert str(err).endswith("in /runs/a; continue by running the pipeline again")
+    assert resume_with("monitor.action=warn") == ("by running the pipeline again with monitor.action=warn in the "
+                                                  "stage's config")  # (the collapse monitor's stop)
+    monkeypatch.delenv(PIPELINE_STAGE_VAR)
     err = stop.Stopped(signal.SIGINT, 2, None, "iteration")
     assert str(err) == "stopped by SIGINT after iteration 2: no checkpoint written (train.checkpoints: false)"
     assert err.exit_code == 130 and stop.STOPPED_CODES == (143, 130)

@@ -42,7 +42,8 @@ from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, loa
                          tokenize_conversations)
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
-from stages.errors import CheckpointError, DataError, NonFinite, RlhfError, is_out_of_memory, while_doing
+from stages.errors import (CheckpointError, DataError, NonFinite, RlhfError, is_out_of_memory, resume_with,
+                           while_doing)
 from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_token_count
 from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
@@ -282,8 +283,8 @@ def make_experience(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], roll
         bad = nonfinite_names(mine)
         found = f"rank {dist.rank}: {', '.join(bad)}" if bad else "on another rank"
         raise NonFinite(f"non-finite values in the rollout of iteration {iteration} ({found}); stopped before "
-                        "the update and before the running reward statistics saw them, nothing saved (--resume "
-                        "continues from the newest complete checkpoint, if there is one; or set "
+                        "the update and before the running reward statistics saw them, nothing saved (continuing "
+                        f"{resume_with()} starts from the newest complete checkpoint, if there is one; or set "
                         "train.on_nonfinite: skip)")
     merge_across_ranks(moments, exp["raw"], dist.device)
     exp["score"] = transform_scores(exp["raw"], moments, cfg.ppo)
@@ -840,7 +841,7 @@ def run(cfg: PPOConfig, resume: bool = False, prepare: Callable[[], None] | None
                     save(done)
                 progress.close()
                 metrics.close()
-                then = (f"Checkpoint saved in {out}; continue past it with --resume --set monitor.action=warn"
+                then = (f"Checkpoint saved in {out}; continue past it {resume_with('monitor.action=warn')}"
                         if t.checkpoints else "No checkpoint (train.checkpoints: false); set monitor.action: warn "
                         "to run past it")
                 raise RlhfError(f"the collapse monitor stopped the run at iteration {done}: {'; '.join(reasons)}. "
