@@ -71,9 +71,9 @@ def test_running_moments_equal_numpy_on_the_concatenation_and_two_ranks_equal_on
 
 def test_reward_scaling_normalization_and_clipping():
     m = RunningMoments()
-    m.update(torch.tensor([1.0, 3.0]))  # mean 2, std 1
-    s = torch.tensor([4.0, 0.0])
-    assert scale_reward(s, m).tolist() == pytest.approx([4.0, 0.0])
+    m.update(torch.tensor([1.0, 5.0]))  # mean 3, population std 2 (sqrt(M2 / n); Bessel's sqrt(M2 / (n-1)) is 2.83)
+    s = torch.tensor([7.0, -1.0])
+    assert scale_reward(s, m).tolist() == pytest.approx([3.5, -0.5])
     assert normalize_reward(s, m).tolist() == pytest.approx([2.0, -2.0])
     assert clip_reward(normalize_reward(s, m), 0.8).tolist() == pytest.approx([0.8, -0.8])
 
