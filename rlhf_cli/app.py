@@ -527,18 +527,19 @@ def eval_(
                                                            show_default="the config's data.gold_reward")] = None,
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", min=1, help="Use the first N prompts.",
                                                        show_default="all")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, show_default="the config's, else 128")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Most tokens sampled per "
+                              "response.", show_default="the config's, else 128")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="Sampling temperature (> 0).", show_default="the config's, else 0.8")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding: the most likely token at each step "
                       "(generation.top_k 1, after the repetition penalty); no KL then: greedy responses are no "
-                      "samples of the policy.")] = False,
+                      "samples of the policy.", show_default="off")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (the same for both policies).",
                                                 show_default="the config's, else 0")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generation batch.")] = 32,
     precision: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], typer.Option(
         "--precision", help="dtype of the models (bf16 halves their memory: a 7B policy, baseline and RM on one GPU).",
         show_default="the config's deepspeed.precision, else fp32")] = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Results JSON (samples go beside it as "
+    out_file: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Results JSON (samples go beside it as "
                         "*.samples.jsonl); needed when POLICY is no local folder.", show_default="POLICY/eval.json")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", metavar="KEY=VALUE", help="Override a data.* or generation.* key of the PPO config schema: key.path=value (YAML value; "
@@ -551,19 +552,21 @@ def eval_(
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501
     from rlhf_cli.eval_options import eval_settings
+    from stages.eval_settings import results_path
 
     try:
+        out_path = None if out_file is None else results_path(out_file)  # (str: a trailing "/" is seen)
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
                                  max_new_tokens, temperature, seed, batch_size, set_ or [], precision, greedy)
-        if out_file is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
+        if out_path is None and not policy.expanduser().is_dir():  # never create a folder named like a typo
             raise ConfigError(f"POLICY {policy}: no such directory here (a hub model needs --out: the results "
                               "go beside a local policy by default)")
         from stages.evaluate import evaluate, print_results  # (torch: seconds, after the checks above)
 
-        out_file = out_file or (policy / "eval.json")
-        results = evaluate(settings, out_file)
+        out_path = out_path or (policy / "eval.json")
+        results = evaluate(settings, out_path)
         print_results(results, out)
-        out.print(f"results: {out_file} (samples: {out_file.with_suffix('.samples.jsonl')})", highlight=False)
+        out.print(f"results: {out_path} (samples: {out_path.with_suffix('.samples.jsonl')})", highlight=False)
     except RlhfError as exc:
         fail(exc, debug)
     except RuntimeError as exc:

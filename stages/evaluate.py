@@ -37,8 +37,8 @@ from rich.markup import escape
 
 from stages.config import PRECISION_DTYPES, ModelConfig
 from stages.data import BadRowLog
-from stages.errors import CheckpointError, ConfigError
-from stages.eval_settings import EvalSettings
+from stages.errors import CheckpointError
+from stages.eval_settings import EvalSettings, results_path
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import json_safe, say
 from stages.model_paths import resolve_model_dir
@@ -181,9 +181,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         if path:
             check_architecture(resolve_model_dir(path), "causal_lm", False, what)
     if out_file is not None:  # before minutes of sampling, not after
-        ensure_dir(out_file.parent, "--out")
-        if out_file.is_dir():
-            raise ConfigError(f"--out {out_file} is a directory; give the JSON file to write (e.g. {out_file}/eval.json)")
+        ensure_dir(results_path(out_file).parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))

@@ -640,6 +640,7 @@ def test_cli_dry_run_single_process_and_hostfile(tmp_path):
 #: command is covered), a config error of each stage, the pipeline file and each `rlhf bench` command (exit 2), and
 #: a missing data file, then which heavy libraries that imported
 _QUICK_IMPORTS = """
+import os
 import sys
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -681,6 +682,12 @@ res = CliRunner().invoke(app, ["eval", "configs", "--prompts", "configs/tiny/ppo
 assert res.exit_code == 2 and "--reward-model: model /no/rm: no such file or directory" in res.stderr, res.output
 res = CliRunner().invoke(app, ["eval", "typo", "--prompts", "configs/tiny/ppo.yaml", "--reward-model", "configs"])
 assert res.exit_code == 2 and "POLICY typo: no such directory here" in res.stderr, res.output  # (a hub id's shape)
+for given, kind in (("configs", "is"), ("configs/no-such-folder/", "names")):  # pathlib would drop the "/"
+    res = CliRunner().invoke(app, ["eval", "configs", "--prompts", "configs/tiny/ppo.yaml", "--reward-model",
+                                   "configs", "--out", given])
+    assert res.exit_code == 2 and f"--out {given} {kind} a directory; give the JSON file to write (e.g. " \
+        f"{given.rstrip('/')}/eval.json)" in res.stderr, res.output
+assert not os.path.exists("configs/no-such-folder")
 print("eval refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """
