@@ -552,10 +552,10 @@ def eval_(
     Example: [bold]rlhf eval runs/tiny/ppo --config configs/tiny/ppo.yaml --baseline runs/tiny/sft[/]
     """  # noqa: E501
     from rlhf_cli.eval_options import eval_settings
-    from stages.eval_settings import results_path
+    from stages.config import output_file
 
     try:
-        out_path = None if out_file is None else results_path(out_file)  # (str: a trailing "/" is seen)
+        out_path = output_file(out_file, "eval.json")  # (a str: a trailing "/" is seen)
         settings = eval_settings(policy, config, reward_model, prompts, baseline, reference, gold, num_prompts,
                                  max_new_tokens, temperature, seed, batch_size, set_ or [], precision, greedy)
         if out_path is None and not policy.expanduser().is_dir():  # never create a folder named like a typo

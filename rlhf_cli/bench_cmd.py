@@ -3,8 +3,8 @@ do the work)."""
 
 from __future__ import annotations
 
+import json
 import math
-
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -15,7 +15,15 @@ from rich.table import Table
 from rlhf_cli.config_loader import dump_config, load_config
 from rlhf_cli.gpu_memory import out_of_memory_message
 from rlhf_cli.output import err, fail, out, print_error
+from stages.config import output_file
 from stages.errors import ConfigError, RlhfError, is_out_of_memory
+
+
+def write_result(result: dict[str, Any], path: Path) -> None:
+    """A bench result as indented JSON at `path` (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
 
 bench_app = typer.Typer(
     help="Time the PPO code path, its rollout sampler or TRL's PPOTrainer on a synthetic workload "
@@ -36,7 +44,7 @@ WarmupOpt = Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untim
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a bench config key: key.path=value; "
                                                      "rlhf ppo keys go under ppo., e.g. ppo.train.micro_batch_size=8.",
                                                      show_default="no overrides")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Result JSON (the workload's models and run stay in OUTPUT_DIR: "
+OutOpt = Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Result JSON (the workload's models and run stay in OUTPUT_DIR: "
                                                           "--set output_dir=DIR moves them).",
                                            show_default="OUTPUT_DIR/bench-<kind>.json")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.", show_default="off")]
@@ -185,15 +193,14 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
 
     Example: [bold]rlhf bench ppo --workload w1[/]  (JSON in runs/bench/w1/bench-ppo.json)
     """  # noqa: E501
-    import json
-
     from stages.stop import Stopped
 
     stopped: Stopped | None = None
     ppo = None
     try:
+        out_path = output_file(out_file, "bench-ppo.json")
         cfg, ppo, _, busy_before = _setup(workload, config, iters, warmup, set_ or [])
-        from stages.bench import copy_profile, summarize_ppo, write_result
+        from stages.bench import copy_profile, summarize_ppo
         from stages.bench_trl import compare
         from stages.checkpoint import prepare_output_dir
         from stages.memory import estimate, micro_batch_choices
@@ -208,7 +215,7 @@ def bench_ppo(workload: WorkloadOpt = None, config: ConfigOpt = None, iters: Ite
                                estimate(ppo, 1, micro_batch_choices(ppo)))
         result["stopped"] = str(stopped) if stopped is not None else None
         result["host_busy_cores_before"] = busy_before
-        target = out_file or Path(cfg.output_dir) / "bench-ppo.json"
+        target = out_path or Path(cfg.output_dir) / "bench-ppo.json"
         result["profile"] = copy_profile(ppo, target)
         trl_file = target.with_name("bench-trl.json")
         result["vs_trl"] = compare(result, json.loads(trl_file.read_text())) if trl_file.is_file() else None
@@ -269,13 +276,14 @@ def bench_generate_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, i
     Example: [bold]rlhf bench generate --workload w1[/]
     """  # noqa: E501
     try:
+        out_path = output_file(out_file, "bench-generate.json")
         cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
-        from stages.bench import bench_generate, write_result
+        from stages.bench import bench_generate
 
         caches = {"both": ["static", "dynamic"], "compiled": ["static", "fused"],
                   "all": ["static", "dynamic", "fused"]}.get(cache, [cache])
         result = bench_generate(cfg, root, ppo, _device(), caches) | {"host_busy_cores_before": busy_before}
-        target = out_file or Path(cfg.output_dir) / "bench-generate.json"
+        target = out_path or Path(cfg.output_dir) / "bench-generate.json"
         write_result(result, target)
     except (RlhfError, ValueError) as exc:
         fail(exc, debug)
@@ -318,15 +326,13 @@ def bench_trl_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, iters:
 
     Example: [bold]rlhf bench trl --workload w1[/]  (JSON in runs/bench/w1/bench-trl.json)
     """  # noqa: E501
-    import json
-
     try:
+        out_path = output_file(out_file, "bench-trl.json")
         cfg, ppo, root, busy_before = _setup(workload, config, iters, warmup, set_ or [])
-        from stages.bench import write_result
         from stages.bench_trl import compare, run_trl
 
         result = run_trl(cfg, root, ppo, _device(), precision) | {"host_busy_cores_before": busy_before}
-        target = out_file or Path(cfg.output_dir) / "bench-trl.json"
+        target = out_path or Path(cfg.output_dir) / "bench-trl.json"
         write_result(result, target)
         ours_file = target.with_name("bench-ppo.json")
         vs = compare(json.loads(ours_file.read_text()), result) if ours_file.is_file() else None
@@ -406,21 +412,24 @@ def bench_trace_cmd(
     trace: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A profile trace: a *-profile.json.gz of bench ppo, or a "
                                                "profile-step-N.json.gz of logging.profile_step.")],
     top: Annotated[int, typer.Option("--top", min=1, help="GPU kernels to list.")] = 15,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the summary as JSON.",
-                                                     show_default="none")] = None,
+    out_file: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Also write the summary as JSON.",
+                                                    show_default="none")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Where a profiled step's time went: per named range (rlhf.rollout, rlhf.sampling, rlhf.score, rlhf.update.policy, rlhf.update.critic) its host time, its GPU time, and how busy the GPU was across it (below 100 %: it waited for the host); then the top GPU kernels by time. Reads the trace only: runs anywhere.
 
     Example: [bold]rlhf bench trace runs/gpu/ppo-w1-profile.json.gz[/]
     """  # noqa: E501
-    from stages.bench import write_result
     from stages.trace import load_trace, summarize_trace
 
     try:
+        out_path = output_file(out_file, "trace.json")
+    except RlhfError as exc:
+        fail(exc, debug)
+    try:
         summary = summarize_trace(load_trace(trace), top)
-        if out_file is not None:
-            write_result(summary, out_file)
+        if out_path is not None:
+            write_result(summary, out_path)
     except (OSError, ValueError, KeyError) as exc:
         fail(RlhfError(f"cannot read the trace {trace}: {type(exc).__name__}: {exc}"), debug)
     table = Table(title=f"{trace.name}: {summary['gpu_events']} GPU events, {summary['gpu_ms']:.2f} ms on the GPU")

@@ -396,8 +396,3 @@ def copy_profile(ppo_cfg: PPOConfig, target: Path) -> dict[str, str]:
     shutil.copyfile(table, copies["table"])
     return {k: str(v) for k, v in copies.items()}
 
-
-def write_result(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
@@ -864,6 +865,23 @@ def refuse_file(path: Path, what: str = "output_dir") -> None:
                 raise ConfigError(f"{what} {path} is a file, not a directory" if folder == path else
                                   f"{what} {path}: {folder} is a file, not a directory")
             return
+
+
+def output_file(given: str | None, example: str) -> Path | None:
+    """The file an `--out` option names (None: not given), checked before any work: a path naming a folder is a
+    ConfigError — an existing folder, or one written with a trailing "/" (pathlib drops it, so a file named like
+    the folder would be written) — as is a file where a folder above it must go. `example`: the file name
+    suggested in the folder."""
+    if given is None:
+        return None
+    path = Path(given).expanduser()
+    if path.is_dir() or given.endswith(("/", os.sep)):
+        kind = "is" if path.is_dir() else "names"
+        raise ConfigError(f"--out {given} {kind} a directory; give the file to write (e.g. {path / example})")
+    above = next((folder for folder in path.parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {given}: {above} is a file, not a directory")
+    return path
 
 
 def refuse_unreadable_data(value: str, key: str) -> None:

@@ -3,12 +3,9 @@ config; stages.evaluate runs it). Plain data: no torch, so that eval's option er
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from stages.config import GenerationConfig, PPODataConfig
-from stages.errors import ConfigError
 
 
 @dataclass
@@ -26,15 +23,3 @@ class EvalSettings:
     seed: int = 0
     ngram: int = 3
     dtype: str = "float32"
-
-
-def results_path(given: str | Path) -> Path:
-    """`rlhf eval --out`: the results JSON to write. One that names a folder is a ConfigError: an existing
-    folder, or a path written with a trailing "/" (pathlib drops it: a file named like the folder would be
-    written)."""
-    text = str(given)
-    path = Path(text).expanduser()
-    if path.is_dir() or text.endswith(("/", os.sep)):
-        kind = "is" if path.is_dir() else "names"
-        raise ConfigError(f"--out {text} {kind} a directory; give the JSON file to write (e.g. {path / 'eval.json'})")
-    return path

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from stages.config import PRECISION_DTYPES, ModelConfig
+from stages.config import PRECISION_DTYPES, ModelConfig, output_file
 from stages.data import BadRowLog
 from stages.errors import CheckpointError
-from stages.eval_settings import EvalSettings, results_path
+from stages.eval_settings import EvalSettings
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import json_safe, say
 from stages.model_paths import resolve_model_dir
@@ -181,7 +181,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         if path:
             check_architecture(resolve_model_dir(path), "causal_lm", False, what)
     if out_file is not None:  # before minutes of sampling, not after
-        ensure_dir(results_path(out_file).parent, "--out")
+        ensure_dir(output_file(str(out_file), "eval.json").parent, "--out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, s.dtype)
     tok, rm_tok = (_tokenizer(policy_dir, "POLICY"), _tokenizer(rm_dir, "--reward-model"))

@@ -685,10 +685,17 @@ assert res.exit_code == 2 and "POLICY typo: no such directory here" in res.stder
 for given, kind in (("configs", "is"), ("configs/no-such-folder/", "names")):  # pathlib would drop the "/"
     res = CliRunner().invoke(app, ["eval", "configs", "--prompts", "configs/tiny/ppo.yaml", "--reward-model",
                                    "configs", "--out", given])
-    assert res.exit_code == 2 and f"--out {given} {kind} a directory; give the JSON file to write (e.g. " \
+    assert res.exit_code == 2 and f"--out {given} {kind} a directory; give the file to write (e.g. " \
         f"{given.rstrip('/')}/eval.json)" in res.stderr, res.output
 assert not os.path.exists("configs/no-such-folder")
 print("eval refused")
+for command in (["bench", "ppo", "--workload", "tiny"], ["bench", "trace", "configs/tiny/ppo.yaml"]):
+    res = CliRunner().invoke(app, command + ["--out", "configs/no-such-folder/"])  # before any work
+    assert res.exit_code == 2 and "--out configs/no-such-folder/ names a directory" in res.stderr, res.output
+res = CliRunner().invoke(app, ["bench", "generate", "--workload", "tiny", "--out", "configs/tiny/ppo.yaml/r.json"])
+assert res.exit_code == 2 and "--out configs/tiny/ppo.yaml/r.json: configs/tiny/ppo.yaml is a file" in res.stderr, res.output
+assert not os.path.exists("configs/no-such-folder")
+print("bench --out refused")
 print("heavy:", sorted(m for m in ("torch", "transformers", "deepspeed", "datasets") if m in sys.modules))
 """
 
