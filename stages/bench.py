@@ -395,4 +395,3 @@ def copy_profile(ppo_cfg: PPOConfig, target: Path) -> dict[str, str]:
     shutil.copyfile(trace, copies["trace"])
     shutil.copyfile(table, copies["table"])
     return {k: str(v) for k, v in copies.items()}
-

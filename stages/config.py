@@ -9,9 +9,9 @@ on the command line) and checks that inputs exist.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
