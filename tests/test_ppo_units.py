@@ -675,14 +675,15 @@ def test_response_lists_drop_the_final_stop_token_and_padding():
 @pytest.fixture(scope="module")
 def single_process_group():
     """DeepSpeed's comm initialised for one CPU process. setup_distributed() writes RANK/LOCAL_RANK/WORLD_SIZE
-    into os.environ; they are restored afterwards so that later CLI tests do not look like launcher workers."""
+    into os.environ; they are restored at once (the process group needs them no more), so that the CLI tests
+    after the first user of this module-wide fixture do not look like launcher workers."""
     from stages.distributed import setup_distributed
 
     saved = dict(os.environ)
     info = setup_distributed()
-    yield info
     os.environ.clear()
     os.environ.update(saved)
+    return info
 
 
 def _moments(mean: float, std: float, count: float = 4.0) -> RunningMoments:
@@ -816,6 +817,25 @@ def test_a_non_finite_value_on_a_pad_position_reaches_no_reward_advantage_loss_o
     vloss.backward()
     assert math.isfinite(vloss.item()) and torch.isfinite(v.grad).all() and v.grad[0, 3] == 0
     assert global_moments(values, MASK, single_process_group.device) == pytest.approx((0.4, 0.02 / 3))
+
+
+def test_a_nan_reward_on_a_pad_an_empty_mask_and_equal_values_leave_every_statistic_finite(single_process_group):
+    """GAE masks the rewards before reading them (a NaN reward on a pad would leak as NaN x 0); a mean over an
+    all-pad mask is 0 and its moments (0, 0); advantages that are all equal, whose E[x^2] - E[x]^2 cancels to a
+    negative rounding error, have variance exactly 0, so whitening them gives zeros, not a NaN from sqrt(< 0)."""
+    from stages.ppo.tricks import gae, masked_mean, whiten
+
+    dev = single_process_group.device
+    adv, ret = gae(torch.tensor([[1.0, float("nan")]]), torch.tensor([[0.25, 0.0]]), torch.tensor([[1.0, 0.0]]),
+                   1.0, 0.95)
+    assert adv.tolist() == [[0.75, 0.0]] and ret.tolist() == [[1.0, 0.0]]  # one token: A = 1 - 0.25, G = A + V
+    assert masked_mean(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)).item() == 0.0
+    assert policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2), 0.2)[0] == 0.0
+    assert global_moments(torch.ones(1, 2), torch.zeros(1, 2), dev) == (0.0, 0.0)
+    equal, every = torch.full((1, 601), 31559.849609375), torch.ones(1, 601)
+    assert global_moments(torch.full((1, 1000), 1.1), torch.ones(1, 1000), dev)[1] == 0.0  # exactly
+    mean, var = global_moments(equal, every, dev)
+    assert var == 0.0 and whiten(equal, every, mean=mean, var=var).tolist() == [[0.0] * 601]
 
 
 def test_gae_hand_values_and_gamma_and_lambda_each_change_them():

@@ -458,8 +458,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ppo", [{}, {"adv_norm": True, "entropy_coef": 0.05, "value_clip": 0.2, "kl_coef": 0.1}],
-                         ids=["plain", "adv_norm-entropy-value_clip"])
+@pytest.mark.parametrize("ppo", [{}, {"adv_norm": True, "entropy_coef": 0.05, "value_clip": 0.2, "kl_coef": 0.1},
+                                 {"value_clip": 1e-4}],  # a clip that some values pass: val/clipfrac not 0
+                         ids=["plain", "adv_norm-entropy-value_clip", "tight-value_clip"])
 def test_micro_batch_split_does_not_change_the_update(tmp_path, dist, ppo):
     """One mini-batch of 4 rollouts with 5, 1, 7 and 3 response tokens (16 in all), as 1, 2 or 4 micro-batches
     (engine accumulation 4, 2, 1): each micro-batch's loss is its token mean x n x k / 16 (k = ranks x
@@ -493,6 +494,8 @@ def test_micro_batch_split_does_not_change_the_update(tmp_path, dist, ppo):
             assert _close(*params)
         for key in ("loss/policy", "loss/value", "policy/ratio", "policy/clipfrac", "val/clipfrac"):
             assert run["metrics"][key] == pytest.approx(base["metrics"][key], rel=1e-5, abs=1e-6)
+    if ppo.get("value_clip") == 1e-4:  # the value clip fraction is a token mean too (not a mean of micro-batch ones)
+        assert 0 < base["metrics"]["val/clipfrac"] < 1
     # the weights did move, by far more than the tolerance
     before = _models()
     moved = torch.cat([(p.detach() - q.detach()).flatten() for p, q in
