@@ -832,8 +832,8 @@ def test_a_nan_reward_on_a_pad_an_empty_mask_and_equal_values_leave_every_statis
     assert masked_mean(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)).item() == 0.0
     assert policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2), 0.2)[0] == 0.0
     assert global_moments(torch.ones(1, 2), torch.zeros(1, 2), dev) == (0.0, 0.0)
-    equal, every = torch.full((1, 601), 31559.849609375), torch.ones(1, 601)
     assert global_moments(torch.full((1, 1000), 1.1), torch.ones(1, 1000), dev)[1] == 0.0  # exactly
+    equal, every = torch.full((1, 601), 31559.849609375), torch.ones(1, 601)
     mean, var = global_moments(equal, every, dev)
     assert var == 0.0 and whiten(equal, every, mean=mean, var=var).tolist() == [[0.0] * 601]
 
