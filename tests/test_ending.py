@@ -119,6 +119,9 @@ def test_ending_columns_append_each_rows_tail_after_a_masked_gap():
     ids, mask, drop = ending_columns(last, truncated, no_eos, True)
     assert ids.tolist() == [[5, 9], [9, 0], [0, 0], [0, 0]] and mask.tolist() == [[1, 1], [1, 0], [0, 0], [0, 0]]
     assert drop.tolist() == [True, False, False, False]
+    # a truncated row gets EOS (with eos_on_truncation) even if its last token is a stop: the cap cut it there
+    ids, mask, _ = ending_columns(torch.tensor([5]), torch.tensor([True]), ending, True)
+    assert ids.tolist() == [[2, 0]] and mask.tolist() == [[1, 0]]
     # the tensors are made once per device and kept
     assert ending.tensors(torch.device("cpu"))[0] is ending.tensors(torch.device("cpu"))[0]
     assert RewardEnding.plain(2).after == {2: ()} and RewardEnding.plain(2).width == 1

@@ -160,6 +160,24 @@ def test_vocab_size_and_banned_ids_are_masked_before_top_p():
     assert _kept(process_logits(z, _none(z), _gen(top_p=0.5))) == [[2, 3]]
     out = process_logits(z, _none(z), _gen(top_p=0.5), vocab_size=3, banned=torch.tensor([2]))
     assert _kept(out) == [[1]]
+    assert process_logits(z, _none(z), _gen(), vocab_size=3)[0, 3] == NEG_INF  # masked to -inf, not merely low
+    # the repetition penalty does not un-mask a banned id or one beyond vocab_size that the history holds:
+    # [3, 2, 1, -1] with ids 1 and 3 banned / beyond 3, history {0, 1, 3}, penalty 2: [1.5, -inf, 1, -inf]
+    out = process_logits(torch.tensor([[3.0, 2.0, 1.0, -1.0]]), torch.tensor([[1, 3, 0]]),
+                         _gen(repetition_penalty=2.0), vocab_size=3, banned=torch.tensor([1]))
+    assert out.tolist() == [[1.5, NEG_INF, 1.0, NEG_INF]]
+
+
+def test_a_stop_id_without_a_logit_column_is_not_held_before_min_new_tokens():
+    """Stop ids are sorted and deduplicated; those below the logits' width are the ones masked until
+    min_new_tokens (an id equal to the width has no column: masking it would be an IndexError)."""
+    from stages.ppo.rollout import DrawState
+
+    state = DrawState.start(2, 3, 5, [7, 2, 5, 2], CPU)
+    assert state.stops.tolist() == [2, 5, 7] and state.held.tolist() == [2]
+    out = sample(_llama(), *left_pad([[5, 9], [3]], PAD_ID, CPU), _gen(top_k=1, max_new_tokens=3, min_new_tokens=2),
+                 [VOCAB], PAD_ID, VOCAB)
+    assert out.response.shape == (2, 3) and out.truncated.tolist() == [True, True]
 
 
 def test_temperature_divides_after_the_penalty():
@@ -175,6 +193,8 @@ def test_top_k_keeps_the_k_largest_and_k_0_or_k_ge_vocab_is_off():
     assert out.tolist() == [[NEG_INF, 4.0, NEG_INF, 3.0], [0.5, NEG_INF, NEG_INF, 9.0]]
     for k in (0, 4, 10):
         assert process_logits(z, _none(z), _gen(top_k=k)).tolist() == z.tolist()
+    # k = V - 1 (the largest k that drops anything) drops the smallest
+    assert process_logits(z, _none(z), _gen(top_k=3)).tolist() == [[NEG_INF, 4.0, 2.0, 3.0], [0.5, -1.0, NEG_INF, 9.0]]
 
 
 @pytest.mark.parametrize("top_p, kept", [
