@@ -189,6 +189,19 @@ def test_a_raw_response_with_an_eos_string_just_before_its_last_token_still_gets
     assert ex.input_ids == [p, x, eos, a, eos] and ex.labels == [IGNORE, x, eos, a, eos]
 
 
+def test_a_templated_turns_own_eos_is_looked_for_up_to_three_tokens_from_its_end(char_tok: Any) -> None:
+    """A template's text may follow its EOS with a few tokens (newlines): an EOS up to 3 tokens from the turn's
+    end is its own (no second one appended); one 4 tokens back is a quoted one, and the EOS is appended."""
+    p, r, nl = _ids(char_tok, "pr\n")
+    eos = char_tok.eos_token_id
+    ex, _ = encode_segments([Segment("p", False), Segment("r<|endoftext|>\n\n", True, templated=True)], char_tok,
+                            True, [])
+    assert ex.input_ids == [p, r, eos, nl, nl]
+    ex, _ = encode_segments([Segment("p", False), Segment("r<|endoftext|>\n\n\n", True, templated=True)],
+                            char_tok, True, [])
+    assert ex.input_ids == [p, r, eos, nl, nl, nl, eos]
+
+
 def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_way_out() -> None:
     """A messages row for a tokenizer with no chat template (a hub base model's, in rlhf eval) was transformers'
     ValueError, a traceback: now a DataError naming data.chat_template and plain-text prompts."""

@@ -36,6 +36,15 @@ def test_hh_prompt_may_be_a_marker_at_position_zero() -> None:
     assert split_hh_pair("\n\nAssistant: A", "\n\nAssistant: B") == ("\n\nAssistant:", " A", " B")
 
 
+def test_sides_that_differ_right_after_a_human_marker_differ_in_a_human_turn() -> None:
+    """The shared prefix ends exactly at "\n\nHuman:" (no space after the colon): the sides differ in a human
+    turn, not in an answer, and are refused."""
+    c = "\n\nHuman: hi\n\nAssistant: ok\n\nHuman:X?\n\nAssistant: A"
+    r = "\n\nHuman: hi\n\nAssistant: ok\n\nHuman:Y?\n\nAssistant: A"
+    with pytest.raises(BadRow, match="human turn"):
+        split_hh_pair(c, r)
+
+
 def test_pairs_format_allows_an_empty_prompt() -> None:
     """README: in the pairs format an empty prompt is allowed (an empty response is a bad row)."""
     pair = parse_pair({"prompt": "", "chosen": "a", "rejected": "b"}, "pairs", _rm())

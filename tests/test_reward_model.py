@@ -202,6 +202,30 @@ def _pair_setup() -> tuple[Any, list[dict[str, torch.Tensor]], PairRows, int]:
     return model, batches, rows, tok.pad_token_id
 
 
+def test_train_step_counts_a_tied_pair_as_wrong(monkeypatch) -> None:
+    """The logged training accuracy counts r+ > r- only, as `accuracy` does: chosen [2, 0.5] against rejected
+    [1, 0.5] is one right and one tie, 0.5 (a zero-initialised score head, all ties, logs 0, not 1); margin
+    mean(r+ - r-) = 0.5."""
+    from stages import reward
+    from stages.config import RMLossConfig
+    from stages.distributed import DistInfo
+
+    class FixedRewards(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask, lm_labels=None):  # rows: chosen..., then rejected...
+            return self.w * torch.tensor([2.0, 0.5, 1.0, 0.5]), None
+
+    monkeypatch.setattr(reward, "all_reduce_sum", lambda v, d: torch.as_tensor(v, dtype=torch.float64))
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long),
+             "lm_labels": torch.full((4, 3), -100), "margin": torch.zeros(2)}
+    stats = reward.train_step(GradOnlyEngine(FixedRewards(), 1), [batch], DistInfo(0, 0, 1, torch.device("cpu")),
+                              RMLossConfig())
+    assert stats["accuracy"] == 0.5 and stats["margin"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("lm_coef, center_coef", [(0.0, 0.0), (0.0, 0.5), (0.7, 0.0)])
 def test_train_step_gradient_is_that_of_the_stated_loss(monkeypatch, host_reads, lm_coef, center_coef):
     """One rank, two micro-batches with margins: the accumulated gradient equals the gradient of
