@@ -856,15 +856,20 @@ def resolve_one(value: str, kind: str, base: Path, key: str) -> str:
     return str(resolved)
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that keeps folder `path` from being made or used: `path` itself or the nearest existing folder
+    above it, when that is no directory; None when nothing is in the way."""
+    found = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    return found if found is not None and not found.is_dir() else None
+
+
 def refuse_file(path: Path, what: str = "output_dir") -> None:
     """A file where a folder must go — at `path`, or at a folder above it, which would make it impossible to
-    create — is a ConfigError naming it."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"{what} {path} is a file, not a directory" if folder == path else
-                                  f"{what} {path}: {folder} is a file, not a directory")
-            return
+    create (`file_in_the_way`) — is a ConfigError naming it."""
+    blocked = file_in_the_way(path)
+    if blocked is not None:
+        raise ConfigError(f"{what} {path} is a file, not a directory" if blocked == path else
+                          f"{what} {path}: {blocked} is a file, not a directory")
 
 
 def output_file(given: str | None, example: str) -> Path | None:
@@ -878,9 +883,9 @@ def output_file(given: str | None, example: str) -> Path | None:
     if path.is_dir() or given.endswith(("/", os.sep)):
         kind = "is" if path.is_dir() else "names"
         raise ConfigError(f"--out {given} {kind} a directory; give the file to write (e.g. {path / example})")
-    above = next((folder for folder in path.parents if folder.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError(f"--out {given}: {above} is a file, not a directory")
+    blocked = file_in_the_way(path.parent)
+    if blocked is not None:
+        raise ConfigError(f"--out {given}: {blocked} is a file, not a directory")
     return path
 
 
