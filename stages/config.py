@@ -1035,16 +1035,15 @@ def resolve_paths(config: BaseModel, base_dir: Path, cli_keys: set[str], cwd: Pa
         given = [k for k in cli_keys if key == k or key.startswith(k + ".")]
         from_cli = bool(given)
         base = cwd if from_cli else base_dir
-        declared = kind
-        if key in not_yet or any(key.startswith(k + ".") for k in not_yet):
-            kind = "output"
+        # an earlier stage's output not made yet is resolved as an output: not checked to exist
+        as_kind = "output" if key in not_yet or any(key.startswith(k + ".") for k in not_yet) else kind
         value = getattr(owner, name)
         try:
             if isinstance(value, list):
-                resolved: Any = [resolve_one(v, kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
+                resolved: Any = [resolve_one(v, as_kind, base, f"{key}[{i}]") for i, v in enumerate(value)]
             else:
-                resolved = resolve_one(value, kind, base, key)
-            if declared == "output":  # (an output_dir: a folder to be made)
+                resolved = resolve_one(value, as_kind, base, key)
+            if kind == "output":  # (an output_dir: a folder to be made)
                 refuse_file(Path(resolved), key)
             if isinstance(owner, DataSource):
                 for i, one in enumerate(resolved if isinstance(resolved, list) else [resolved]):
