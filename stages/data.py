@@ -721,15 +721,20 @@ def specials_read_as_text(tokenizer: Any, segments: Sequence[Segment]) -> bool:
 _LEAD = "\n"
 
 
+def after_lead(ids_of: Callable[[str, int], list[int]], text: str) -> list[int]:
+    """The tokens of `text` as it reads in the middle of a text: those of `_LEAD + text` after the lead's own
+    tokens; the tokens of `text` alone when the lead's tokens do not come first unchanged (it merged with the
+    text). `ids_of(piece, at)` tokenizes `piece`, in which `text` starts at character `at`."""
+    at = len(_LEAD)
+    lead, led = ids_of(_LEAD, at), ids_of(_LEAD + text, at)
+    return led[len(lead):] if led[:len(lead)] == lead and len(led) > len(lead) else ids_of(text, 0)
+
+
 def as_text(tokenizer: Any, text: str) -> list[int]:
     """The ordinary tokens of `text` (a special-token string from the data, with whatever whitespace the special
-    token absorbed), tokenized as it reads in the middle of a text: after `_LEAD`, whose own tokens are dropped;
-    alone when the lead's tokens do not come first unchanged (it merged with the text)."""
-    def ids(piece: str) -> list[int]:
-        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    lead, led = ids(_LEAD), ids(_LEAD + text)
-    return led[len(lead):] if led[:len(lead)] == lead and len(led) > len(lead) else ids(text)
+    token absorbed), tokenized as it reads in the middle of a text (`after_lead`)."""
+    return after_lead(lambda piece, _: tokenizer(piece, add_special_tokens=False, split_special_tokens=True)[
+        "input_ids"], text)
 
 
 def opens_with_bos(tokenizer: Any, seg: Segment) -> bool:
@@ -748,13 +753,22 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
     a token, and the prompt would not be the PPO prompt (tokenized at once).
 
     Segment by segment it is, though, when a token runs into a trained segment (a prompt ending in a space that
-    a byte-level tokenizer joins to the next word) or the tokens before the last trained segment are not the
-    tokenization of the text before it: then the response starts with its own first token, and the prompt is
-    what PPO would be given. (A token running from a response into the context after it, e.g. "?\n\n", stays
+    a byte-level tokenizer joins to the next word, or a SentencePiece-style one to the next word's "▁") or the
+    tokens before the last trained segment are not the tokenization of the text before it: then the response
+    starts with its own first token, and the prompt is what PPO would be given. Each segment after some text is
+    then tokenized as it reads in the middle of a text (`after_lead`): alone, a SentencePiece-style tokenizer
+    would give it a word-start "▁", a space the data does not have ("Answer: " + "Four." trained as "Answer:
+    ▁ ▁Four.", two spaces). (A token running from a response into the context after it, e.g. "?\n\n", stays
     with the response: the sequence is the text's own tokenization.) Slow tokenizers (no offsets) go segment
     by segment too."""
     def alone() -> list[list[int]]:
-        return [text_ids(tokenizer, seg.text, seg.plain)[0] for seg in segments]
+        out, opening = [], True  # (no text before the segment yet: it starts the text)
+        for seg in segments:
+            out.append(text_ids(tokenizer, seg.text, seg.plain)[0] if opening else after_lead(
+                lambda piece, at, seg=seg: text_ids(tokenizer, piece, [(a + at, b + at) for a, b in seg.plain])[0],
+                seg.text))
+            opening = opening and not seg.text
+        return out
 
     if not getattr(tokenizer, "is_fast", False) or not segments:
         return alone()

@@ -633,15 +633,21 @@ def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     assert with_eos[0]["input_ids"] == without[0]["input_ids"] + [char_tok.eos_token_id]
 
 
-def _sentencepiece_style_tokenizer(texts: list[str]):
+def _sentencepiece_style_tokenizer(texts: list[str], legacy: bool = False):
     """A Llama-2 / Mistral-style tokenizer trained here: Metaspace word starts (a "▁" before the first piece
-    of any text it is given), byte fallback, BOS added by the post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    of any text it is given), byte fallback, BOS added by the post-processor. `legacy`: the older tokenizer.json
+    of those models, whose normalizer prepends the "▁" and replaces the spaces (no pre-tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -692,24 +698,61 @@ def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_samp
             assert ex.input_ids[:split] == prompts[row(where)], (where, side)
 
 
-@pytest.mark.parametrize("trim", [False, True])
-def test_a_prompt_ending_in_a_space_keeps_the_response_s_first_word_trained(trim):
-    """A byte-level tokenizer joins a prompt's trailing space to the response's first word (" Paris"): that
-    token belongs to neither side, so the conversation is tokenized side by side: the prompt as PPO would get it
-    (ending in " "), the response from its own first token, trained. Offsets trimmed of spaces or not."""
+@pytest.mark.parametrize("kind", ["byte-level", "byte-level-trimmed", "sentencepiece", "sentencepiece-legacy"])
+def test_a_prompt_ending_in_a_space_keeps_the_response_s_first_word_trained(kind):
+    """A byte-level tokenizer joins a prompt's trailing space to the response's first word (" Paris"), a
+    SentencePiece-style one (Llama-2, Mistral) makes it the word's "▁": that token belongs to neither side, so
+    the conversation is tokenized side by side: the prompt as PPO would get it (ending in " "), the response
+    from its own first token, trained, and as it reads in the middle of a text: tokenized alone, a
+    SentencePiece-style tokenizer gave it a word-start "▁" too, and the model learnt "is:  Paris" (two spaces).
+    Byte-level offsets trimmed of spaces or not."""
     from tokenizers import processors
 
     from stages.data import Segment, encode_segments
 
-    tok = train_tokenizer(["the answer is: Paris, the answer is: Rome"] * 20, 300, 2)
-    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim)
+    texts = ["the answer is: Paris, the answer is: Rome"] * 20
+    if kind.startswith("byte-level"):
+        tok = train_tokenizer(texts, 300, 2)
+        tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=kind.endswith("trimmed"))
+    else:
+        tok = _sentencepiece_style_tokenizer(texts, legacy=kind.endswith("legacy"))
     prompt, response = "the answer is: ", "Paris"
-    assert len(tok(prompt + response, add_special_tokens=False)["input_ids"]) <= len(
-        tok(prompt, add_special_tokens=False)["input_ids"])  # " Paris" is one token: the boundary is inside it
+    alone = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok(prompt + response, add_special_tokens=False)["input_ids"][:len(alone)] != alone  # a token across
     ex, split = encode_segments([Segment(prompt, False), Segment(response, True)], tok, True, [])
-    p_ids, r_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, response))
-    assert ex.input_ids[:split] == p_ids and ex.input_ids[split:] == r_ids + [tok.eos_token_id]
+    p_ids, r_ids = ex.input_ids[:split], ex.input_ids[split:-1]
+    assert p_ids == alone and ex.input_ids[-1] == tok.eos_token_id
+    assert tok.decode(ex.input_ids, skip_special_tokens=True) == prompt + response  # one space
+    assert tok.decode(r_ids) == response
+    if kind.startswith("byte-level"):
+        assert r_ids == tok(response, add_special_tokens=False)["input_ids"]
     assert ex.labels == [IGNORE] * len(p_ids) + r_ids + [tok.eos_token_id]
+
+
+def test_a_quoted_control_token_stays_text_in_a_response_tokenized_on_its_own():
+    """The side-by-side tokenization (a prompt ending in a space) reads the response's quoted "</s>" (a `plain`
+    span) as text too, its place counted past the lead the response is tokenized after: no EOS inside it."""
+    from stages.data import Segment, encode_segments
+
+    tok = _sentencepiece_style_tokenizer(["the answer is: Paris, the answer is: Rome", "s / < >"] * 20)
+    response = "Paris</s> or Rome"
+    ex, split = encode_segments([Segment("the answer is: ", False), Segment(response, True, plain=((5, 9),))],
+                                tok, True, [])
+    assert tok.eos_token_id not in ex.input_ids[split:-1] and ex.input_ids[-1] == tok.eos_token_id
+    assert tok.decode(ex.input_ids[split:-1]) == response
+
+
+def test_the_first_text_after_an_empty_prompt_is_tokenized_as_the_text_s_start():
+    """Side by side (a later prompt ends in a space), the segments after some text are tokenized as in the
+    middle of a text; one after an empty prompt starts the text and keeps its word-start "▁" ("▁the")."""
+    from stages.data import Segment, encode_segments
+
+    tok = _sentencepiece_style_tokenizer(["the answer is: Paris, the answer is: Rome"] * 20)
+    segments = [Segment("", False), Segment("the answer", True), Segment(" is: ", False), Segment("Paris", True)]
+    ex, split = encode_segments(segments, tok, True, [])
+    opening = tok("the answer", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[:len(opening)] == opening and tok.convert_ids_to_tokens(opening[0]) == "▁the"
+    assert tok.decode(ex.input_ids, skip_special_tokens=True) == "the answer is: Paris"
 
 
 def test_a_utf8_bom_is_read_past_in_jsonl_json_and_csv(tmp_path):
