@@ -746,51 +746,58 @@ def opens_with_bos(tokenizer: Any, seg: Segment) -> bool:
 
 
 def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]]:
-    """The token ids of each segment, from ONE tokenization of the joined text when that is consistent: each
-    token goes to the segment its first character is in (a fast tokenizer's offsets). Tokenizing segment by
-    segment would not give the whole text's tokens with a SentencePiece-style tokenizer (Llama, Mistral:
-    Metaspace), which puts a word-start mark before every piece it is given, so each later segment would gain
-    a token, and the prompt would not be the PPO prompt (tokenized at once).
+    """The token ids of each segment, such that the tokens before the last trained segment (the response) are
+    exactly the tokenization of the text before it, the PPO prompt (tokenized at once), and the response starts
+    with its own first token.
 
-    Segment by segment it is, though, when a token runs into a trained segment (a prompt ending in a space that
-    a byte-level tokenizer joins to the next word, or a SentencePiece-style one to the next word's "▁") or the
-    tokens before the last trained segment are not the tokenization of the text before it: then the response
-    starts with its own first token, and the prompt is what PPO would be given. Each segment after some text is
-    then tokenized as it reads in the middle of a text (`after_lead`): alone, a SentencePiece-style tokenizer
+    With a fast tokenizer (offsets), from ONE tokenization of the joined text when it allows that: no token runs
+    across the response's start, and the tokens before it are the prompt's own. Else the prompt text and the
+    response are tokenized apart (a prompt ending in a space that a byte-level tokenizer joins to the next word,
+    or a SentencePiece-style one to the next word's "▁"), the response and any segment after it as each reads in
+    the middle of a text (`after_lead`): alone, a SentencePiece-style tokenizer (Llama, Mistral: Metaspace)
     would give it a word-start "▁", a space the data does not have ("Answer: " + "Four." trained as "Answer:
-    ▁ ▁Four.", two spaces). (A token running from a response into the context after it, e.g. "?\n\n", stays
-    with the response: the sequence is the text's own tokenization.) Slow tokenizers (no offsets) go segment
-    by segment too."""
-    def alone() -> list[list[int]]:
-        out, opening = [], True  # (no text before the segment yet: it starts the text)
-        for seg in segments:
-            out.append(text_ids(tokenizer, seg.text, seg.plain)[0] if opening else after_lead(
-                lambda piece, at, seg=seg: text_ids(tokenizer, piece, [(a + at, b + at) for a, b in seg.plain])[0],
-                seg.text))
-            opening = opening and not seg.text
-        return out
+    ▁ ▁Four."). Within a tokenization, each token goes to the segment its first character is in, except one
+    running into an earlier trained segment (an earlier assistant turn, part of the PPO prompt), which goes to
+    that turn and is trained: it holds the turn's first word. (A token running from a response into the
+    context after it, e.g. "?\n\n", stays with the response.)
+
+    Slow tokenizers (no offsets) go segment by segment, each after some text as it reads mid-text."""
+    def mid_text(seg: Segment) -> list[int]:
+        return after_lead(lambda piece, at: text_ids(tokenizer, piece, [(a + at, b + at) for a, b in seg.plain])[0],
+                          seg.text)
 
     if not getattr(tokenizer, "is_fast", False) or not segments:
-        return alone()
+        out, opening = [], True  # (no text before the segment yet: it starts the text)
+        for seg in segments:
+            out.append(text_ids(tokenizer, seg.text, seg.plain)[0] if opening else mid_text(seg))
+            opening = opening and not seg.text
+        return out
     starts, at = [], 0
     for seg in segments:
         starts.append(at)
         at += len(seg.text)
-    bounds = sorted({start for start, seg in zip(starts, segments) if seg.train and seg.text} - {0})
-    plain = [(start + a, start + b) for start, seg in zip(starts, segments) for a, b in seg.plain]
-    ids, offsets = text_ids(tokenizer, "".join(seg.text for seg in segments), plain, with_offsets=True)
-    out: list[list[int]] = [[] for _ in segments]
-    for token, (begin, end) in zip(ids, offsets):
-        after = bisect.bisect_right(bounds, begin)
-        if after < len(bounds) and bounds[after] < end:
-            return alone()  # this token runs into a response
-        out[max(0, bisect.bisect_right(starts, begin) - 1)].append(token)
     last = max((i for i, seg in enumerate(segments) if seg.train), default=0)
-    prompt = "".join(seg.text for seg in segments[:last])
-    in_prompt = [span for span in plain if span[1] <= len(prompt)]
-    if [t for part in out[:last] for t in part] != text_ids(tokenizer, prompt, in_prompt)[0]:
-        return alone()
-    return out
+    cut = starts[last]  # where the response starts
+    trained = sorted({start for start, seg in zip(starts, segments) if seg.train and seg.text})
+    plain = [(start + a, start + b) for start, seg in zip(starts, segments) for a, b in seg.plain]
+    text = "".join(seg.text for seg in segments)
+
+    def assign(ids: list[int], offsets: list[tuple[int, int]], count: int) -> list[list[int]]:
+        """The tokens of the first `count` segments' text, each to its segment (a space trimmed from the offsets
+        of a token at the text's end may put it at the end: it stays in the last segment)."""
+        out: list[list[int]] = [[] for _ in segments[:count]]
+        for token, (begin, end) in zip(ids, offsets):
+            after = bisect.bisect_right(trained, begin)
+            into = trained[after] if after < len(trained) and trained[after] < end else begin
+            out[min(count - 1, max(0, bisect.bisect_right(starts, into) - 1))].append(token)
+        return out
+
+    ids, offsets = text_ids(tokenizer, text, plain, with_offsets=True)
+    before = sum(begin < cut for begin, _ in offsets)
+    prompt_ids, prompt_offsets = text_ids(tokenizer, text[:cut], [s for s in plain if s[1] <= cut], with_offsets=True)
+    if ids[:before] == prompt_ids and not any(begin < cut < end for begin, end in offsets):
+        return assign(ids, offsets, len(segments))
+    return assign(prompt_ids, prompt_offsets, last) + [mid_text(seg) for seg in segments[last:]]
 
 
 #: tokens at the end of a trained segment among which a chat template's own EOS is looked for ("<|im_end|>\n")

@@ -633,10 +633,11 @@ def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     assert with_eos[0]["input_ids"] == without[0]["input_ids"] + [char_tok.eos_token_id]
 
 
-def _sentencepiece_style_tokenizer(texts: list[str], legacy: bool = False):
+def _sentencepiece_style_tokenizer(texts: list[str], legacy: bool = False, split: bool = True):
     """A Llama-2 / Mistral-style tokenizer trained here: Metaspace word starts (a "▁" before the first piece
     of any text it is given), byte fallback, BOS added by the post-processor. `legacy`: the older tokenizer.json
-    of those models, whose normalizer prepends the "▁" and replaces the spaces (no pre-tokenizer)."""
+    of those models, whose normalizer prepends the "▁" and replaces the spaces (no pre-tokenizer); not `split`:
+    the pieces are not split at the spaces, so tokens merge across them ("\n\nHuman:▁")."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -646,8 +647,8 @@ def _sentencepiece_style_tokenizer(texts: list[str], legacy: bool = False):
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=split)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=split)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -696,6 +697,54 @@ def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_samp
         for side in ("chosen", "rejected"):
             ex, split = encode_segments(render_segments(pair.conversation(side), tok, "last_turn"), tok, True, bos)
             assert ex.input_ids[:split] == prompts[row(where)], (where, side)
+
+
+def test_prompts_are_the_ppo_prompts_with_a_vocabulary_merging_across_spaces(hh_sample):
+    """A vocabulary whose tokens run across spaces and newlines ("\\n\\nAssistant:▁", "\\n\\nHuman:▁") joins the
+    prompt to the response on most real HH rows, so prompt and response are tokenized apart: the tokens before
+    the response are still the PPO prompt's, with every earlier turn (all_turns) and on both RM sides (the
+    earlier turns were tokenized segment by segment: 281 of 399 multi-turn prompts were not PPO's)."""
+    from stages.config import PPODataConfig, RMDataConfig
+    from stages.data import bos_ids, encode_segments
+    from stages.pairs import load_pairs
+    from stages.ppo.prompts import load_prompts
+
+    records = [json.loads(line) for line in hh_sample.read_text(encoding="utf-8").splitlines()]
+    tok = _sentencepiece_style_tokenizer([r[side] for r in records for side in ("chosen", "rejected")], split=False)
+    assert "\n\nHuman:▁" in tok.get_vocab() and "\n\nAssistant:▁" in tok.get_vocab()
+    bos, source = bos_ids(tok), DataSource(path=str(hh_sample))
+    prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="hh", max_prompt_length=10**6), tok,
+                                 BadRowLog())
+    convs, _ = _load(hh_sample, format="hh", on_bad_row="skip")
+    rows = [(conv, int(where.rsplit(" ", 1)[1]) - 1) for conv, where in convs]
+    load = load_pairs(source, RMDataConfig(train=source, format="hh", on_bad_row="skip"), BadRowLog())
+    rows += [(pair.conversation(side), int(where.rsplit(" ", 1)[1]) - 1) for pair, where in load.pairs
+             for side in ("chosen", "rejected")]
+    multi = 0
+    for conv, row in rows:
+        for train_on in ("all_turns", "last_turn"):
+            segments = render_segments(conv, tok, train_on)
+            ex, split = encode_segments(segments, tok, True, bos)
+            assert ex.input_ids[:split] == prompts[row], (row, train_on)
+            assert tok.decode(ex.input_ids[split:], skip_special_tokens=True) == segments[-1].text.lstrip(" ")
+            multi += sum(seg.train for seg in segments) > 1
+    assert multi > 500  # (the all_turns rows with earlier assistant turns: 281 of 399 per side)
+
+
+def test_a_token_running_into_an_earlier_turn_is_that_turn_s_and_trained():
+    """A byte-level token across an earlier context/turn boundary ("Q: " + "Paris": " Paris") goes to the turn,
+    trained: the tokens before the last turn stay the whole prompt's tokenization (PPO's); tokenized segment by
+    segment they were not ("Q: " + "Paris" is not "Q: Paris"'s tokens)."""
+    from stages.data import Segment, encode_segments
+
+    tok = train_tokenizer(["Q: Paris Q: Rome, Q: Paris Q: Rome"] * 20, 300, 2)
+    segments = [Segment("Q: ", False), Segment("Paris", True), Segment(" Q:", False), Segment(" Rome", True)]
+    ex, split = encode_segments(segments, tok, True, [])
+    prompt = tok("Q: Paris Q:", add_special_tokens=False)["input_ids"]
+    paris = tok.convert_tokens_to_ids("ĠParis")
+    assert ex.input_ids[:split] == prompt and paris in prompt
+    assert ex.labels[prompt.index(paris)] == paris
+    assert tok.decode(ex.input_ids[split:-1]) == " Rome"
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "byte-level-trimmed", "sentencepiece", "sentencepiece-legacy"])
