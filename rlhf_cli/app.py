@@ -513,12 +513,13 @@ def eval_(
     policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", exists=True, dir_okay=False, help="A PPO config: its reward_model, data (data.eval, else "
-        "data.train), generation, gold reward and seed are the defaults of the options below.",
+        "the validation share rlhf ppo held out of data.train), generation, gold reward and seed are the defaults "
+        "of the options below.",
         show_default="none")] = None,
     reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model directory.",
                                                          show_default="the config's")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", exists=True, help="Prompt file (JSONL/JSON/CSV/Parquet; "
-                       "the formats of rlhf ppo).", show_default="the config's data.eval, else data.train")] = None,
+                       "the formats of rlhf ppo).", show_default="the config's data.eval, else data.train's validation share")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Policy to compare with (win-rates), e.g. "
                                                     "the SFT model.", show_default="none")] = None,
     reference: Annotated[Optional[str], typer.Option("--reference", help="Reference policy for the KL.",

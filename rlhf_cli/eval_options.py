@@ -20,13 +20,15 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                   overrides: list[str] = [], precision: str | None = None,  # noqa: B006 - read only
                   greedy: bool = False) -> EvalSettings:
     """The options over the values of a PPO config (when `config` is given; a run's resolved_config.yaml works
-    too): its reward_model, data (data.eval, else data.train), generation, gold judge, seed, precision and
+    too): its reward_model, data (data.eval, else the share of data.train `rlhf ppo` held out for validation,
+    `held_out`, or with data.eval_fraction 0 data.train itself), generation, gold judge, seed, precision and
     monitor n-gram (`precision`: fp32 / bf16 / fp16, the models' dtype; else the config's deepspeed.precision,
     else fp32; `greedy`: generation.top_k 1). An option given explicitly wins; `overrides` (--set
     data.*/generation.* key=value) win over both (the prompt file itself is --prompts)."""
     data_fields: dict[str, object] = {}
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3
+    held_out: tuple[float, int] | None = None
     if config is not None:
         # eval never loads the config's policy; its reward model and prompts only when not given here
         unused = {"model.name_or_path"} | ({"reward_model.name_or_path"} if reward_model else set()) | (
@@ -35,6 +37,8 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         reward_model = reward_model or cfg.reward_model.name_or_path
         data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train
+        if prompts is None and cfg.data.eval is None and cfg.data.eval_fraction > 0:
+            held_out = (cfg.data.eval_fraction, cfg.seed)  # (the share rlhf ppo validated on, never trained on)
         gen_fields = cfg.generation.model_dump()
         cfg_seed, dtype, ngram = cfg.seed, PRECISION_DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram
     if prompts is not None:
@@ -80,7 +84,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,
-                        seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype)
+                        seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype, held_out=held_out)
 
 
 def _absolute(model: str | None) -> str | None:

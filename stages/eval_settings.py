@@ -23,3 +23,6 @@ class EvalSettings:
     seed: int = 0
     ngram: int = 3
     dtype: str = "float32"
+    #: (data.eval_fraction, seed) of a PPO config without data.eval: the validation share `rlhf ppo` held out of
+    #: data.train's prompts is evaluated, not the prompts it trained on; None: data.train's prompts as they are
+    held_out: tuple[float, int] | None = None

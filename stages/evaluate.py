@@ -48,6 +48,7 @@ from stages.ppo.prompts import load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
 from stages.rendering import check_rendering
+from stages.trainer import split_holdout
 
 
 #: response tokens per LM-head block for the KL's log-probs (see response_logprobs)
@@ -56,10 +57,11 @@ LOGPROB_CHUNK = 4096
 
 def recorded_settings(s: EvalSettings, precision: str) -> dict[str, Any]:
     """How an evaluation sampled and scored, as eval.json records it (two eval.json files of one policy can then
-    be told apart): the prompts (data section), how many, the batch size (it changes the samples), the seed,
+    be told apart): the prompts (data section; `held_out`: the validation share of data.train), how many, the batch size (it changes the samples), the seed,
     the precision, the n-gram of the repetition metric and every generation setting."""
-    return {"data": s.data.model_dump(mode="json"), "num_prompts": s.num_prompts, "batch_size": s.batch_size,
-            "seed": s.seed, "precision": precision, "ngram": s.ngram, "generation": s.generation.model_dump(mode="json")}
+    return {"data": s.data.model_dump(mode="json"), "held_out": list(s.held_out) if s.held_out else None,
+            "num_prompts": s.num_prompts, "batch_size": s.batch_size, "seed": s.seed, "precision": precision,
+            "ngram": s.ngram, "generation": s.generation.model_dump(mode="json")}
 
 
 @dataclass
@@ -194,20 +196,30 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                              "compare models that share the policy's tokenizer (its SFT model, say)")
     styles: set[str] = set()
     log = BadRowLog()
-    prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles, limit=s.num_prompts)
+    prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles,
+                                   limit=None if s.held_out else s.num_prompts)
+    source = str(s.data.train.path)
+    if s.held_out:  # (the PPO run's validation prompts: the seeded share of all of data.train's, as it split them)
+        fraction, split_seed = s.held_out
+        _, prompts = split_holdout(prompts, fraction, split_seed)
+        prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
+        source = f"the validation share of {source} (data.eval_fraction {fraction:g}, seed {split_seed})"
+        say(True, f"prompts: {len(prompts)} of {escape(source)}, which rlhf ppo held out and never trained on")
 
     def warn(text: str) -> None:
         say(True, f"[yellow]{escape(text)}[/]")
 
     if s.num_prompts and s.num_prompts > len(prompts):
-        warn(f"{s.num_prompts} prompts asked (--num-prompts), {len(prompts)} usable in {s.data.train.path}: all of them "
+        warn(f"{s.num_prompts} prompts asked (--num-prompts), {len(prompts)} usable in {source}: all of them "
              "are evaluated")
     if log.total or cut:  # (data.on_bad_row: skip) rows the evaluation leaves out, and prompts it shortens
-        warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} of the {len(prompts)} evaluated cut to "
+        among = "data.train's prompts (before the validation share was taken)" if s.held_out else (
+            f"the {len(prompts)} evaluated")
+        warn(f"prompts: {log.total} bad row(s) skipped{log.summary()}; {cut} of {among} cut to "
              f"data.max_prompt_length ({s.data.max_prompt_length} tokens)")
 
     if s.data.gold_reward:
-        check_gold_prompts(s.data.gold_reward, tok, prompts, str(s.data.train.path), warn)
+        check_gold_prompts(s.data.gold_reward, tok, prompts, source, warn)
     models = {"POLICY": policy_dir, "the reward model": rm_dir} | (
         {"--baseline": resolve_model_dir(s.baseline)} if s.baseline else {})
     check_rendering(s.data.rendering_check, styles, tok, models, warn, reader="rlhf eval",

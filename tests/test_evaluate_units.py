@@ -52,13 +52,17 @@ def test_summary_reward_and_kl_are_means_not_medians() -> None:
 
 
 def test_recorded_settings_name_every_sampling_choice() -> None:
-    """eval.json's `settings`: data, num_prompts, batch_size, seed, precision, ngram and the generation keys."""
+    """eval.json's `settings`: data, held_out, num_prompts, batch_size, seed, precision, ngram and the generation
+    keys."""
     s = EvalSettings(policy="p", reward_model="r", data=PPODataConfig(train="x.jsonl"),
                      generation=GenerationConfig(max_new_tokens=7), num_prompts=5, batch_size=3, seed=11, ngram=2)
     got = recorded_settings(s, "bf16")
-    assert set(got) == {"data", "num_prompts", "batch_size", "seed", "precision", "ngram", "generation"}
+    assert set(got) == {"data", "held_out", "num_prompts", "batch_size", "seed", "precision", "ngram", "generation"}
     assert (got["num_prompts"], got["batch_size"], got["seed"], got["precision"], got["ngram"]) == (5, 3, 11, "bf16", 2)
     assert got["generation"]["max_new_tokens"] == 7 and got["data"]["train"]["path"] == "x.jsonl"
+    assert got["held_out"] is None
+    s.held_out = (0.25, 3)
+    assert recorded_settings(s, "bf16")["held_out"] == [0.25, 3]
 
 
 def test_the_eval_table_says_n_a_for_a_win_rate_with_no_finite_score() -> None:
@@ -203,6 +207,22 @@ def test_evaluate_takes_the_first_n_prompts_and_warns_only_when_fewer_are_there(
     assert ev.evaluate(s)["prompts"] == 5 and any("6 prompts asked (--num-prompts), 5 usable" in t for t in said)
 
 
+def test_evaluate_takes_the_ppo_run_s_validation_share_of_data_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`held_out` (a PPO config without data.eval): every prompt of data.train is read and the seeded share rlhf
+    ppo held out for validation is evaluated (split_holdout, as the run split them: never trained on), its first
+    --num-prompts; the source is said."""
+    from stages.trainer import split_holdout
+
+    s, calls, said = _fake_evaluate(monkeypatch, {"pol": _gen([0.0] * 8)}, n_prompts=8, held_out=(0.5, 7))
+    held = [p[0] for p in split_holdout([[10 + i] for i in range(8)], 0.5, 7)[1]]
+    assert len(held) == 4 and held != [10, 11, 12, 13]
+    assert ev.evaluate(s)["prompts"] == 4 and calls[0][1] == held
+    assert any("4 of the validation share of x.jsonl (data.eval_fraction 0.5, seed 7)" in t for t in said), said
+    calls.clear()
+    s.num_prompts = 2
+    assert ev.evaluate(s)["prompts"] == 2 and calls[0][1] == held[:2]
+
+
 def test_evaluate_kl_reference_is_the_reference_else_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
     """--reference alone: the policy is sampled against it; --baseline and --reference: the baseline model is
     sampled (without a KL) and the reference is the KL's."""
@@ -320,6 +340,26 @@ def test_eval_settings_options_win_over_the_config(tmp_path: Path) -> None:
     assert (s.seed, s.dtype, s.ngram, s.generation.temperature, s.data.gold_reward) == (42, "bfloat16", 4, 0.8, "toy")
     s = eval_settings(tmp_path / "policy", cfg, reward_model="some/rm", seed=0, temperature=0.3, precision="fp32")
     assert (s.seed, s.generation.temperature, s.dtype) == (0, 0.3, "float32")
+
+
+def test_eval_settings_evaluate_the_validation_share_of_a_config_without_data_eval(tmp_path: Path) -> None:
+    """A PPO config without data.eval: data.train's validation share (eval_fraction, the config's seed; not the
+    --seed that samples); none with data.eval, --prompts or eval_fraction 0 (data.train itself)."""
+    from rlhf_cli.eval_options import eval_settings
+
+    (tmp_path / "policy").mkdir()
+    cfg = _ppo_yaml(tmp_path)
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm").held_out is None  # (data.eval set)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"].update(eval=None, eval_fraction=0.2)
+    cfg.write_text(yaml.safe_dump(raw))
+    s = eval_settings(tmp_path / "policy", cfg, reward_model="some/rm", seed=5)
+    assert s.held_out == (0.2, 42) and s.seed == 5 and s.data.train.path == str(TINY / "data" / "prompts.jsonl")
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm",
+                         prompts=TINY / "data" / "eval_prompts.jsonl").held_out is None
+    raw["data"]["eval_fraction"] = 0
+    cfg.write_text(yaml.safe_dump(raw))
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm").held_out is None
 
 
 def test_eval_settings_record_local_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
