@@ -716,18 +716,23 @@ def specials_read_as_text(tokenizer: Any, segments: Sequence[Segment]) -> bool:
     return reads_plain_spans(tokenizer) and any(seg.plain for seg in segments)
 
 
-#: what `as_text` tokenizes before a special-token string, so that it is not the start of a text (a
-#: SentencePiece-style tokenizer puts a word-start "▁" there, i.e. a space the data does not have)
-_LEAD = "\n"
+#: what `after_lead` tokenizes before a text, so that it is not the start of a text (a SentencePiece-style
+#: tokenizer puts a word-start "▁" there, i.e. a space the data does not have): the first of them that does not
+#: merge with the text (a vocabulary may hold "\nParis")
+_LEADS = ("\n", ".", "\t", "0")
 
 
 def after_lead(ids_of: Callable[[str, int], list[int]], text: str) -> list[int]:
-    """The tokens of `text` as it reads in the middle of a text: those of `_LEAD + text` after the lead's own
-    tokens; the tokens of `text` alone when the lead's tokens do not come first unchanged (it merged with the
-    text). `ids_of(piece, at)` tokenizes `piece`, in which `text` starts at character `at`."""
-    at = len(_LEAD)
-    lead, led = ids_of(_LEAD, at), ids_of(_LEAD + text, at)
-    return led[len(lead):] if led[:len(lead)] == lead and len(led) > len(lead) else ids_of(text, 0)
+    """The tokens of `text` as it reads in the middle of a text: those of `lead + text` after the lead's own
+    tokens, for the first of `_LEADS` whose tokens come first unchanged there (it did not merge with the text);
+    the tokens of `text` alone when every lead merged. `ids_of(piece, at)` tokenizes `piece`, in which `text`
+    starts at character `at`."""
+    for lead_text in _LEADS:
+        at = len(lead_text)
+        lead, led = ids_of(lead_text, at), ids_of(lead_text + text, at)
+        if led[:len(lead)] == lead and len(led) > len(lead):
+            return led[len(lead):]
+    return ids_of(text, 0)
 
 
 def as_text(tokenizer: Any, text: str) -> list[int]:

@@ -791,6 +791,49 @@ def test_a_quoted_control_token_stays_text_in_a_response_tokenized_on_its_own():
     assert tok.decode(ex.input_ids[split:-1]) == response
 
 
+def test_a_response_whose_start_merges_with_the_lead_is_read_mid_text_after_another_lead():
+    """A vocabulary holding "\\nParis" merges the first lead with the response: the next lead is taken (tokenized
+    alone, "Paris" got a word-start "▁": "the answer is:  Paris")."""
+    from stages.data import Segment, encode_segments
+
+    tok = _sentencepiece_style_tokenizer(["the answer is: Paris, the answer is:\nParis"] * 20)
+    assert tok.convert_ids_to_tokens(tok("\nParis", add_special_tokens=False)["input_ids"])[-1] == "\nParis"
+    ex, split = encode_segments([Segment("the answer is: ", False), Segment("Paris", True)], tok, False, [])
+    assert "".join(tok.convert_ids_to_tokens(ex.input_ids[split:])) == "Paris"
+    assert tok.decode(ex.input_ids) == "the answer is: Paris"
+
+
+def test_a_slow_tokenizer_reads_each_segment_after_some_text_mid_text():
+    """Without offsets (a slow tokenizer) the segments are tokenized one by one: the first with text as the text's
+    start (after an empty one too), each later one mid-text (no word-start "▁" invented)."""
+    from stages.data import Segment, encode_segments
+
+    fast = _sentencepiece_style_tokenizer(["the answer is: Paris, the answer is: Rome"] * 20)
+
+    class Slow(type(fast)):
+        is_fast = False
+
+    slow = Slow(tokenizer_object=fast.backend_tokenizer, eos_token="</s>", bos_token="<s>")
+    ex, split = encode_segments([Segment("", False), Segment("the answer is: ", False), Segment("Paris", True)],
+                                slow, False, [])
+    assert ex.input_ids[:split] == slow("the answer is: ", add_special_tokens=False)["input_ids"]
+    assert "".join(slow.convert_ids_to_tokens(ex.input_ids)).replace("▁", " ") == " the answer is: Paris"
+
+
+def test_a_token_from_the_response_into_the_context_after_it_keeps_the_whole_text_s_tokens():
+    """A token running from the response into context after it ("?\\n\\nQ:") splits nothing the PPO prompt
+    needs: the row is the whole text's tokenization, that token the response's."""
+    from stages.data import Segment, encode_segments
+
+    tok = _sentencepiece_style_tokenizer(["Q: Paris?\n\nQ: Rome?\n\nQ: Oslo?"] * 20)
+    segments = [Segment("Q:", False), Segment(" Paris?", True), Segment("\n\nQ: Rome?", False)]
+    ex, split = encode_segments(segments, tok, False, [])
+    whole = tok("Q: Paris?\n\nQ: Rome?", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids == whole and ex.input_ids[:split] == tok("Q:", add_special_tokens=False)["input_ids"]
+    crossing = [t for t in tok.convert_ids_to_tokens(whole) if "?" in t and "Q" in t]
+    assert crossing, tok.convert_ids_to_tokens(whole)  # (the case: one token across the response's end)
+
+
 def test_the_first_text_after_an_empty_prompt_is_tokenized_as_the_text_s_start():
     """Side by side (a later prompt ends in a space), the segments after some text are tokenized as in the
     middle of a text; one after an empty prompt starts the text and keeps its word-start "▁" ("▁the")."""
