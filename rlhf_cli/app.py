@@ -513,8 +513,8 @@ def eval_(
     policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", exists=True, dir_okay=False, help="A PPO config: its reward_model, data (data.eval, else "
-        "the validation share rlhf ppo held out of data.train), generation, gold reward and seed are the defaults "
-        "of the options below.",
+        "the validation share rlhf ppo held out of data.train; with data.eval_fraction 0, data.train), generation, "
+        "gold reward and seed are the defaults of the options below.",
         show_default="none")] = None,
     reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model directory.",
                                                          show_default="the config's")] = None,

@@ -28,17 +28,17 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     data_fields: dict[str, object] = {}
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3
-    held_out: tuple[float, int] | None = None
+    split_seed: int | None = None  # (the config's seed, when its data.train's validation share is evaluated)
     if config is not None:
         # eval never loads the config's policy; its reward model and prompts only when not given here
         unused = {"model.name_or_path"} | ({"reward_model.name_or_path"} if reward_model else set()) | (
             {"data.train", "data.eval"} if prompts is not None else set())
         cfg = load_config("ppo", config, [], not_yet=unused)
         reward_model = reward_model or cfg.reward_model.name_or_path
-        data_fields = cfg.data.model_dump(exclude={"train", "eval", "eval_fraction", "ptx"})
+        data_fields = cfg.data.model_dump(exclude={"train", "eval", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train
-        if prompts is None and cfg.data.eval is None and cfg.data.eval_fraction > 0:
-            held_out = (cfg.data.eval_fraction, cfg.seed)  # (the share rlhf ppo validated on, never trained on)
+        if prompts is None and cfg.data.eval is None:  # (the share rlhf ppo validated on, never trained on)
+            split_seed = cfg.seed
         gen_fields = cfg.generation.model_dump()
         cfg_seed, dtype, ngram = cfg.seed, PRECISION_DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram
     if prompts is not None:
@@ -81,6 +81,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
             raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")
+    held_out = (data.eval_fraction, split_seed) if split_seed is not None and data.eval_fraction > 0 else None
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,

@@ -511,9 +511,24 @@ def recorded_policy(settings: dict[str, Any]) -> str:
 def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path, run: StageRun) -> dict[str, Any]:
     """What the pipeline's evaluation of `policy` (of PPO `run`) is made with (recorded in eval.settings.json):
     its options, and `eval_inputs`, the contents of what it reads through the run's config."""
+    share = validation_share(run.out)
     return {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
             "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out)} | (
-                {"greedy": True} if cfg.eval.greedy else {})  # (absent when off: as written before it existed)
+                {"greedy": True} if cfg.eval.greedy else {}) | (  # (absent when off: as written before it existed)
+                {"held_out": share} if share else {})  # (likewise: an evaluation of training prompts is redone)
+
+
+def validation_share(out: Path) -> list[Any] | None:
+    """[data.eval_fraction, seed] of a PPO run whose resolved config has no data.eval: `rlhf eval` evaluates the
+    share of data.train the run held out for validation (`EvalSettings.held_out`); None otherwise."""
+    from stages.checkpoint import read_recorded
+    from stages.config import PPODataConfig
+
+    record = read_recorded(out / "resolved_config.yaml")
+    data = record.get("data") if isinstance(record, dict) else None
+    fraction = data.get("eval_fraction", PPODataConfig.model_fields["eval_fraction"].default) if isinstance(
+        data, dict) else None
+    return [fraction, record.get("seed")] if fraction and data.get("eval") is None else None
 
 
 def eval_inputs(out: Path) -> str | None:

@@ -213,14 +213,17 @@ def test_evaluate_takes_the_ppo_run_s_validation_share_of_data_train(monkeypatch
     --num-prompts; the source is said."""
     from stages.trainer import split_holdout
 
-    s, calls, said = _fake_evaluate(monkeypatch, {"pol": _gen([0.0] * 8)}, n_prompts=8, held_out=(0.5, 7))
-    held = [p[0] for p in split_holdout([[10 + i] for i in range(8)], 0.5, 7)[1]]
-    assert len(held) == 4 and held != [10, 11, 12, 13]
-    assert ev.evaluate(s)["prompts"] == 4 and calls[0][1] == held
-    assert any("4 of the validation share of x.jsonl (data.eval_fraction 0.5, seed 7)" in t for t in said), said
+    s, calls, said = _fake_evaluate(monkeypatch, {"pol": _gen([0.0] * 8)}, cut=3, held_out=(0.25, 1))
+    read = [[17 - i] for i in range(8)]  # (data.train's prompts in file order, not sorted)
+    monkeypatch.setattr(ev, "load_prompts", lambda *a, limit=None, **k: (read[:limit] if limit else read, 3, None))
+    held = [p[0] for p in split_holdout(read, 0.25, 1)[1]]
+    assert len(held) == 2 and held != [p[0] for p in split_holdout(read, 0.25, 0)[1]]  # (the seed chooses)
+    assert ev.evaluate(s)["prompts"] == 2 and calls[0][1] == held
+    assert any("2 of the validation share of x.jsonl (data.eval_fraction 0.25, seed 1)" in t for t in said), said
+    assert any("3 of data.train's prompts (before the validation share was taken) cut" in t for t in said), said
     calls.clear()
-    s.num_prompts = 2
-    assert ev.evaluate(s)["prompts"] == 2 and calls[0][1] == held[:2]
+    s.num_prompts = 1
+    assert ev.evaluate(s)["prompts"] == 1 and calls[0][1] == held[:1]
 
 
 def test_evaluate_kl_reference_is_the_reference_else_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -344,7 +347,8 @@ def test_eval_settings_options_win_over_the_config(tmp_path: Path) -> None:
 
 def test_eval_settings_evaluate_the_validation_share_of_a_config_without_data_eval(tmp_path: Path) -> None:
     """A PPO config without data.eval: data.train's validation share (eval_fraction, the config's seed; not the
-    --seed that samples); none with data.eval, --prompts or eval_fraction 0 (data.train itself)."""
+    --seed that samples); none with data.eval, --prompts or eval_fraction 0 (data.train itself), also when
+    --set data.eval_fraction gives it."""
     from rlhf_cli.eval_options import eval_settings
 
     (tmp_path / "policy").mkdir()
@@ -357,6 +361,10 @@ def test_eval_settings_evaluate_the_validation_share_of_a_config_without_data_ev
     assert s.held_out == (0.2, 42) and s.seed == 5 and s.data.train.path == str(TINY / "data" / "prompts.jsonl")
     assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm",
                          prompts=TINY / "data" / "eval_prompts.jsonl").held_out is None
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm",
+                         overrides=["data.eval_fraction=0.5"]).held_out == (0.5, 42)
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm",
+                         overrides=["data.eval_fraction=0"]).held_out is None
     raw["data"]["eval_fraction"] = 0
     cfg.write_text(yaml.safe_dump(raw))
     assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm").held_out is None

@@ -151,6 +151,33 @@ def test_pipeline_eval_greedy_reaches_rlhf_eval_and_its_recorded_settings(tmp_pa
     assert "--greedy" in CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).stdout
 
 
+def test_a_pipeline_evaluation_of_a_run_without_data_eval_records_its_validation_share(tmp_path):
+    """A PPO run whose resolved config has no data.eval is evaluated on the share of data.train it held out
+    (rlhf eval's held_out): its settings record [eval_fraction, seed], so an evaluation made before (on the
+    training prompts, settings without it) is not kept; with data.eval, or eval_fraction 0, no such key."""
+    from stages.pipeline import eval_kept, eval_settings_of, plan
+
+    cfg = _pipeline_cfg(tmp_path)
+    run = next(r for r in plan(cfg) if r.stage == "ppo")
+    run.out.mkdir(parents=True)
+    recorded = yaml.safe_load((TINY / "ppo.yaml").read_text()) | {"seed": 9}
+    for data_eval, fraction, share in (("e.jsonl", 0.1, None), (None, 0.1, [0.1, 9]), (None, 0, None)):
+        recorded["data"].update(eval=data_eval, eval_fraction=fraction)
+        (run.out / "resolved_config.yaml").write_text(yaml.safe_dump(recorded))
+        settings = eval_settings_of(cfg, tmp_path / "sft", run.out / "final", run)
+        assert settings.get("held_out") == share and ("held_out" in settings) is (share is not None)
+    del recorded["data"]["eval_fraction"]  # (the default's share, 0.05)
+    (run.out / "resolved_config.yaml").write_text(yaml.safe_dump(recorded))
+    settings = eval_settings_of(cfg, tmp_path / "sft", run.out / "final", run)
+    assert settings["held_out"] == [0.05, 9]
+    before = {k: v for k, v in settings.items() if k != "held_out"}  # an evaluation of the training prompts
+    (run.out / "eval.json").write_text("{}\n")
+    (run.out / "eval.settings.json").write_text(json.dumps(before) + "\n")
+    assert not eval_kept(run, settings)
+    (run.out / "eval.settings.json").write_text(json.dumps(settings) + "\n")
+    assert eval_kept(run, settings)
+
+
 def test_a_config_error_at_a_key_the_pipeline_wires_names_the_pipeline(tmp_path):
     """An RM config with model.from_config, to which the pipeline adds model.name_or_path (the SFT output): the
     error names the pipeline as the giver, not --set."""
