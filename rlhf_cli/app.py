@@ -519,7 +519,8 @@ def eval_(
     reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="Reward model directory.",
                                                          show_default="the config's")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", exists=True, help="Prompt file (JSONL/JSON/CSV/Parquet; "
-                       "the formats of rlhf ppo).", show_default="the config's data.eval, else data.train's validation share")] = None,
+                       "the formats of rlhf ppo).",
+                       show_default="the config's data.eval, else data.train's validation share")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Policy to compare with (win-rates), e.g. "
                                                     "the SFT model.", show_default="none")] = None,
     reference: Annotated[Optional[str], typer.Option("--reference", help="Reference policy for the KL.",

@@ -760,8 +760,8 @@ def segment_token_ids(segments: list[Segment], tokenizer: Any) -> list[list[int]
     response are tokenized apart (a prompt ending in a space that a byte-level tokenizer joins to the next word,
     or a SentencePiece-style one to the next word's "▁"), the response and any segment after it as each reads in
     the middle of a text (`after_lead`): alone, a SentencePiece-style tokenizer (Llama, Mistral: Metaspace)
-    would give it a word-start "▁", a space the data does not have ("Answer: " + "Four." trained as "Answer:
-    ▁ ▁Four."). Within a tokenization, each token goes to the segment its first character is in, except one
+    would give it a word-start "▁", a space the data does not have ("Answer: " + "Four." trained as the tokens
+    "Answer:", "▁", "▁Four", ".": two spaces). Within a tokenization, each token goes to the segment its first character is in, except one
     running into an earlier trained segment (an earlier assistant turn, part of the PPO prompt), which goes to
     that turn and is trained: it holds the turn's first word. (A token running from a response into the
     context after it, e.g. "?\n\n", stays with the response.)

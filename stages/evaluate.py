@@ -57,8 +57,9 @@ LOGPROB_CHUNK = 4096
 
 def recorded_settings(s: EvalSettings, precision: str) -> dict[str, Any]:
     """How an evaluation sampled and scored, as eval.json records it (two eval.json files of one policy can then
-    be told apart): the prompts (data section; `held_out`: the validation share of data.train), how many, the batch size (it changes the samples), the seed,
-    the precision, the n-gram of the repetition metric and every generation setting."""
+    be told apart): the prompts (data section; `held_out`: the validation share of data.train), how many, the
+    batch size (it changes the samples), the seed, the precision, the n-gram of the repetition metric and every
+    generation setting."""
     return {"data": s.data.model_dump(mode="json"), "held_out": list(s.held_out) if s.held_out else None,
             "num_prompts": s.num_prompts, "batch_size": s.batch_size, "seed": s.seed, "precision": precision,
             "ngram": s.ngram, "generation": s.generation.model_dump(mode="json")}
