@@ -37,7 +37,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         reward_model = reward_model or cfg.reward_model.name_or_path
         data_fields = cfg.data.model_dump(exclude={"train", "eval", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train
-        if prompts is None and cfg.data.eval is None:  # (the share rlhf ppo validated on, never trained on)
+        if prompts is None and cfg.data.eval is None:  # (the share rlhf ppo validated on, not trained on)
             split_seed = cfg.seed
         gen_fields = cfg.generation.model_dump()
         cfg_seed, dtype, ngram = cfg.seed, PRECISION_DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram

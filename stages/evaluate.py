@@ -205,7 +205,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         _, prompts = split_holdout(prompts, fraction, split_seed)
         prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
         source = f"the validation share of {source} (data.eval_fraction {fraction:g}, seed {split_seed})"
-        say(True, f"prompts: {len(prompts)} of {escape(source)}, which rlhf ppo held out and never trained on")
+        say(True, f"prompts: {len(prompts)} of {escape(source)}, which rlhf ppo held out of its training")
 
     def warn(text: str) -> None:
         say(True, f"[yellow]{escape(text)}[/]")

@@ -209,7 +209,7 @@ def test_evaluate_takes_the_first_n_prompts_and_warns_only_when_fewer_are_there(
 
 def test_evaluate_takes_the_ppo_run_s_validation_share_of_data_train(monkeypatch: pytest.MonkeyPatch) -> None:
     """`held_out` (a PPO config without data.eval): every prompt of data.train is read and the seeded share rlhf
-    ppo held out for validation is evaluated (split_holdout, as the run split them: never trained on), its first
+    ppo held out for validation is evaluated (split_holdout, as the run split them: rows it did not train on), its first
     --num-prompts; the source is said."""
     from stages.trainer import split_holdout
 
