@@ -953,10 +953,11 @@ class DataReport:
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
 
-    def cut_warning(self) -> str | None:
-        """`cut_warning` of the examples whose prompt, or response, was cut to the length limits."""
+    def cut_warning(self, what: str = "examples") -> str | None:
+        """`cut_warning` of the examples (`what`: "pairs" for preference data) whose prompt, or response, was cut
+        to the length limits."""
         return cut_warning({"prompts": self.prompt_truncated, "responses": self.response_truncated}, self.examples,
-                           "examples", "data.max_length (or data.max_prompt_length)")
+                           what, "data.max_length (or data.max_prompt_length)")
 
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,

@@ -242,7 +242,7 @@ def check_data(cfg: RMConfig, world_size: int) -> tuple[Any, dict[str, Any]]:
     Returns what the run would hand on (`rlhf pipeline --check-data`): its tokenizer and rendering record."""
     tokenizer, added_pad, train_rows, _, reports = load_rm_data(cfg, Path(cfg.output_dir), ONE_PROCESS, save=False)
     say_added_pad(added_pad, True)
-    print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs")
+    print_data_check(reports, describe_pairs, len(train_rows), cfg.train, world_size, cfg.seed, "pairs", "pairs")
     return tokenizer, data_rendering(reports["train"].styles, tokenizer, cfg.data)
 
 
@@ -253,7 +253,7 @@ def run(cfg: RMConfig, resume: bool = False, prepare: Callable[[], None] | None 
     tokenizer, added_pad, train_rows, eval_rows, reports = load_rm_data(cfg, out, dist)
     say_added_pad(added_pad, dist.is_main)
 
-    write_data_reports(out, reports, dist, describe_pairs)
+    write_data_reports(out, reports, dist, describe_pairs, "pairs")
     if eval_rows is not None and len(eval_rows) == 0:
         say(dist.is_main, "[yellow]warning: no usable eval pair; reward statistics will come from the train set[/]")
         eval_rows = None

@@ -247,20 +247,21 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
     return dist, out
 
 
-def say_report(enabled: bool, split: str, report: DataReport, describe: Callable[..., str]) -> None:
-    """A split's data report line (`describe`), and its warning when most examples were cut."""
+def say_report(enabled: bool, split: str, report: DataReport, describe: Callable[..., str],
+               what: str = "examples") -> None:
+    """A split's data report line (`describe`), and its warning when most examples (`what`) were cut."""
     say(enabled, describe(split, report))
-    warning = report.cut_warning()
+    warning = report.cut_warning(what)
     if warning:
         say(enabled, f"[yellow]warning: {split} data: {escape(warning)}[/]")
 
 
 def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str], n_rows: int, tc: TrainConfig,
-                     world_size: int, seed: int, unit: str) -> None:
+                     world_size: int, seed: int, unit: str, what: str = "examples") -> None:
     """The end of `--check-data` for SFT and the RM: each split's report as the run prints it, then the run's step
     plan for `world_size` ranks (a data set smaller than one global batch is the run's DataError, raised here)."""
     for split, report in reports.items():
-        say_report(True, split, report, describe)
+        say_report(True, split, report, describe, what)
     plan = plan_steps(n_rows, tc, world_size, seed, unit)
     say(True, describe_plan(plan, unit, world_size))
     warning = dropped_warning(plan, unit)
@@ -268,10 +269,12 @@ def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str
         say(True, f"[yellow]{warning}[/]")
 
 
-def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo, describe: Callable[..., str]) -> None:
-    """Print each split's report and save them all as data_report.json."""
+def write_data_reports(out: Path, reports: dict[str, DataReport], dist: DistInfo, describe: Callable[..., str],
+                       what: str = "examples") -> None:
+    """Print each split's report (its examples called `what` in the cut warning) and save them all as
+    data_report.json."""
     for split, report in reports.items():
-        say_report(dist.is_main, split, report, describe)
+        say_report(dist.is_main, split, report, describe, what)
     if dist.is_main:
         body = {split: asdict(report) for split, report in reports.items()}
         (out / "data_report.json").write_text(json.dumps(body, indent=2), encoding="utf-8")

@@ -292,3 +292,21 @@ def test_two_processes_zero3_with_an_untied_lm_head(tmp_path, few_pairs):
     assert len(rows) == 3 and rows[-1]["train/lm_loss"] < rows[0]["train/lm_loss"]
     weights = load_file(out / "final" / "model.safetensors")
     assert "score.weight" in weights and not any("lm_head" in k for k in weights)
+
+
+def test_the_rm_data_check_calls_the_cut_examples_pairs(monkeypatch, tmp_path):
+    """The RM's "most of the N … were cut" warning counts pairs (its report's examples are pairs), not examples."""
+    import stages.reward as reward
+    import stages.trainer as trainer
+    from rlhf_cli.config_loader import load_config
+    from stages.data import DataReport
+
+    cut = {"train": DataReport(examples=4, prompt_truncated=3)}
+    monkeypatch.setattr(reward, "load_rm_data", lambda *a, **k: (None, False, list(range(64)), None, cut))
+    monkeypatch.setattr(reward, "data_rendering", lambda *a: None)
+    said: list[str] = []
+    monkeypatch.setattr(trainer, "say", lambda enabled, text: said.append(text))
+    cfg = load_config("train-rm", TINY_RM, [f"output_dir={tmp_path / 'rm'}", f"model.name_or_path={tmp_path / 'sft'}"],
+                      not_yet={"model.name_or_path"})
+    reward.check_data(cfg, 1)
+    assert any("warning: train data: most of the 4 pairs were cut to data.max_length" in t for t in said), said
