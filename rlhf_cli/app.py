@@ -697,7 +697,7 @@ def pipeline(
                     again = refit[act.run.label]() if act.run.label in refit else None
                     line = again[1] if again else LATER
                 out.print(f"  {escape(line)}", highlight=False)
-        for line in eval_plan(cfg, actions):
+        for line in eval_plan(cfg, actions, loaded):
             out.print(f"[bold]eval[/] {escape(line)}", highlight=False, soft_wrap=True)
         if cfg.report:
             out.print(f"[bold]report[/] {escape(str(Path(cfg.output_dir) / 'report'))} and summary.md", highlight=False)

@@ -26,3 +26,20 @@ class EvalSettings:
     #: (data.eval_fraction, seed) of a PPO config without data.eval: the validation share `rlhf ppo` held out of
     #: data.train's prompts is evaluated, not the prompts it trained on; None: data.train's prompts as they are
     held_out: tuple[float, int] | None = None
+
+
+def held_out_source(source: str, fraction: float, seed: int) -> str:
+    """How `rlhf eval` and the pipeline's plan name the validation share of `source` (data.train) that `rlhf ppo`
+    held out: split_holdout with data.eval_fraction and the config's seed."""
+    return f"the validation share of {source} (data.eval_fraction {fraction:g}, seed {seed})"
+
+
+def evaluated_prompts(data: PPODataConfig, seed: int) -> str:
+    """Which prompts `rlhf eval --config` of a PPO config (data section `data`, `seed`) evaluates: data.eval's;
+    without it the validation share of data.train (`held_out_source`) when data.eval_fraction > 0; else
+    data.train's own, the prompts the run trains on."""
+    if data.eval is not None:
+        return f"data.eval {data.eval.path}"
+    if data.eval_fraction > 0:
+        return held_out_source(f"data.train {data.train.path}", data.eval_fraction, seed)
+    return f"data.train {data.train.path} (data.eval_fraction 0: the prompts it trains on)"

@@ -38,7 +38,7 @@ from rich.markup import escape
 from stages.config import PRECISION_DTYPES, ModelConfig, output_file
 from stages.data import BadRowLog
 from stages.errors import CheckpointError
-from stages.eval_settings import EvalSettings
+from stages.eval_settings import EvalSettings, held_out_source
 from stages.gold import check_gold_prompts, gold_scores
 from stages.metrics import json_safe, say
 from stages.model_paths import resolve_model_dir
@@ -204,7 +204,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         fraction, split_seed = s.held_out
         _, prompts = split_holdout(prompts, fraction, split_seed)
         prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
-        source = f"the validation share of {source} (data.eval_fraction {fraction:g}, seed {split_seed})"
+        source = held_out_source(source, fraction, split_seed)
         say(True, f"prompts: {len(prompts)} of {escape(source)}, which rlhf ppo held out of its training")
 
     def warn(text: str) -> None:

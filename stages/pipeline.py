@@ -569,9 +569,13 @@ def eval_kept(run: StageRun, settings: dict[str, Any]) -> bool:
     return made == settings
 
 
-def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
+def eval_plan(cfg: PipelineConfig, actions: list[StageAction], loaded: dict[str, Any] | None = None) -> list[str]:
     """What the evaluation will do for each PPO run, for the plan: "NAME: kept (…)" or "NAME: POLICY against
-    SFT, after training" (a stage that trains writes a new policy, whose evaluation is then made afresh)."""
+    SFT, after training" (a stage that trains writes a new policy, whose evaluation is then made afresh), and with
+    `loaded` (a run's label -> its PPOConfig) on which prompts (`evaluated_prompts`: data.eval, else the
+    validation share of data.train the run holds out)."""
+    from stages.eval_settings import evaluated_prompts
+
     if not cfg.eval.enabled:  # (a stage that trains removes the evaluation of its earlier final/)
         return [f"{act.run.label}: off (eval.enabled false); its summary row from "
                 + evaluation_source(pipeline_eval(act.run) if act.action == "skip" else None)
@@ -586,9 +590,11 @@ def eval_plan(cfg: PipelineConfig, actions: list[StageAction]) -> list[str]:
             lines.append(f"{act.run.label}: kept ({act.run.out / 'eval.json'}, made with these eval settings)")
         else:
             which = "best/ if it writes one, else its final/" if cfg.eval.policy == "best" else "final/"
+            ppo = (loaded or {}).get(act.run.label)
             lines.append(f"{act.run.label}: rlhf eval of its {which} against {sft}, "
                          f"{cfg.eval.num_prompts or 'all'} prompt(s), "
-                         + ("greedy" if cfg.eval.greedy else f"seed {cfg.eval.seed}"))
+                         + ("greedy" if cfg.eval.greedy else f"seed {cfg.eval.seed}")
+                         + (f", on {evaluated_prompts(ppo.data, ppo.seed)}" if ppo is not None else ""))
     return lines
 
 

@@ -866,6 +866,8 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     res = run_cli("pipeline", "--config", str(TINY / "pipeline.yaml"), "--dry-run", "--num-gpus", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "nothing trained" in res.stdout and res.stdout.count("--num-gpus 2") == 3
+    # the plan says which prompts each evaluation reads: the tiny PPO config's data.eval
+    assert f"seed 0, on data.eval {TINY / 'data' / 'eval_prompts.jsonl'}" in " ".join(res.stdout.split())
     bad = yaml.safe_load((TINY / "pipeline.yaml").read_text())
     bad.update(sft={"config": str(TINY / "sft.yaml"), "set": ["train.lr=-1"]}, rm={"config": str(TINY / "rm.yaml")},
                ppo={"config": str(TINY / "ppo.yaml")})
@@ -920,6 +922,17 @@ def test_pipeline_dry_run_validates_every_stage(tmp_path):
     seeded = dict(good, ppo_runs=[{"name": "p", "seeds": [1, 2], "set": ["seed=5"]}])
     res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", seeded)), "--dry-run")
     assert res.exit_code == 2 and "ppo_runs[0].set: seed is set by the run's seeds ([1, 2])" in res.stderr, res.output
+    # without data.eval a run is evaluated on the share of data.train it holds out (its seed splits it), with
+    # data.eval_fraction 0 on the prompts it trains on: the plan says which
+    shares = dict(good, ppo_runs=[{"name": "held", "seeds": [7], "set": ["data.eval=null"]},
+                                  {"name": "all", "set": ["data.eval=null", "data.eval_fraction=0"]}])
+    res = invoke_cli("pipeline", "--config", str(write_yaml(tmp_path / "w.yaml", shares)), "--dry-run")
+    said = [line.removeprefix("eval ") for line in res.stdout.splitlines() if line.startswith("eval ")]
+    assert res.exit_code == 0 and len(said) == 2, res.output
+    train = TINY / "data" / "prompts.jsonl"
+    assert said[0].startswith("held-seed7: rlhf eval of its final/") and said[0].endswith(
+        f"on the validation share of data.train {train} (data.eval_fraction 0.05, seed 7)"), said
+    assert said[1].endswith(f"on data.train {train} (data.eval_fraction 0: the prompts it trains on)"), said
     # ... but a set: given with --set on the command line is relative to the current directory, as --set paths are
     import os
 
