@@ -519,8 +519,12 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
     """Split a conversation's text into segments, marking the assistant turns that carry the loss.
 
     raw_pr: [prompt][response]; raw_hh: ["\\n\\nHuman:" + user + "\\n\\nAssistant:"][assistant]...;
-    chat: differences of chat-template renders, so each assistant segment is exactly the template text of that
-    turn (including its end-of-turn tokens) and everything else (system, user, generation prompt) is context.
+    chat: differences of chat-template renders, so each trained assistant segment is exactly the template text of
+    that turn (including its end-of-turn tokens) and everything else (system, user, generation prompt, turns not
+    trained) is context: turn i's reply is render(turns[:i+1]) less render(turns[:i], generation prompt), the
+    text before it the latter less the render of the trained turn before it. Only the trained turns must render
+    prefix by prefix: with last_turn (the RM's) a template that renders earlier replies otherwise once a later
+    turn follows them (Qwen3's drops their think block) still gives the final reply after PPO's prompt.
     An empty assistant turn before the last is context (parse_conversation refuses an empty last one).
     """
     msgs = conv.messages
@@ -546,16 +550,21 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
         as_dicts = [{"role": r, "content": c} for r, c in turns]
         out: list[Segment] = []
         done = ""
-        for i in assistant_idx:
+        for i in sorted(trained):
             full = render_template(tokenizer, as_dicts[: i + 1])
             if i:
                 prompt = render_template(tokenizer, as_dicts[:i], add_generation_prompt=True)
             else:  # an opening assistant turn: its header (and a default system prompt) is context too
                 prompt = opening_context(tokenizer, full)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise BadRow("the chat template does not render conversations prefix by prefix; cannot mask turns")
+            if not full.startswith(prompt):
+                raise BadRow("the chat template's render of an assistant reply does not begin with its render of "
+                             "the conversation before it with the generation prompt; cannot mask turns")
+            if not prompt.startswith(done):
+                raise BadRow("the chat template renders an earlier assistant reply otherwise once a later turn "
+                             "follows it (as Qwen3's drops its think block): the replies cannot be trained apart; "
+                             "data.train_on: last_turn trains the final reply of such rows")
             out.append(Segment(prompt[len(done):], False, templated=True))
-            out.append(Segment(full[len(prompt):], i in trained, templated=True))
+            out.append(Segment(full[len(prompt):], True, templated=True))
             done = full
         kept = [seg for seg in out if seg.text]
         if not any(seg.train for seg in kept):  # (a template that prints the user's turns only)

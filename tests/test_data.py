@@ -625,6 +625,52 @@ def test_an_empty_earlier_reply_is_not_trained(char_tok):
         assert len(trained) == 1 and trained[0].startswith("ok"), (style, trained)
 
 
+#: like Qwen3's: a reply after the conversation's last user turn opens with an empty think block, an earlier one
+#: does not, so a reply renders otherwise once a later user turn follows it (our own words, not Qwen's template)
+THINKING_TEMPLATE = (
+    "{%- set last = namespace(user=-1) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set last.user = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}"
+    "{%- if message['role'] == 'assistant' and loop.index0 > last.user -%}<think>{{ '\\n\\n' }}</think>"
+    "{{ '\\n\\n' }}{%- endif -%}"
+    "{{ message['content'] }}{{ eos_token }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
+)
+
+
+def test_a_template_that_renders_earlier_replies_otherwise_trains_the_last_turn_after_the_ppo_prompt(char_tok):
+    """A Qwen3-style template drops an earlier reply's think block once a later user turn follows: the replies'
+    renders do not nest, so every multi-turn row was a bad row, in the RM (last turn) too. Only the trained turns
+    must nest: the last turn is the full render less the PPO prompt (the render before it, generation prompt and
+    all); all_turns cannot train the earlier replies apart, a bad row that names last_turn."""
+    import copy
+
+    from stages.data import BadRow, Conversation, render_segments
+    from stages.ppo.prompts import render_prompt
+
+    tok = copy.deepcopy(char_tok)
+    tok.chat_template = THINKING_TEMPLATE
+    msgs = (("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"))
+    segs = render_segments(Conversation(msgs, "chat"), tok, "last_turn")
+    assert [(s.text, s.train) for s in segs] == [
+        ("<|user|>\nu1<|endoftext|><|assistant|>\na1<|endoftext|><|user|>\nu2<|endoftext|><|assistant|>\n", False),
+        ("<think>\n\n</think>\n\na2<|endoftext|>", True)]
+    assert segs[0].text == render_prompt(list(msgs[:3]), True, tok).text  # PPO's prompt, to the character
+    with pytest.raises(BadRow, match="renders an earlier assistant reply otherwise once a later turn follows it .* "
+                                     "data.train_on: last_turn trains the final reply"):
+        render_segments(Conversation(msgs, "chat"), tok, "all_turns")
+    one = render_segments(Conversation(msgs[:2], "chat"), tok, "all_turns")  # one reply: nothing to nest
+    assert [s.text for s in one if s.train] == ["<think>\n\n</think>\n\na1<|endoftext|>"]
+    # a template whose reply does not begin with its generation prompt cannot be split at all
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE.replace("<|assistant|>{{ '\\n' }}{%- endif", "<|bot|>{%- endif")
+    with pytest.raises(BadRow, match="render of an assistant reply does not begin with its render of the "
+                                     "conversation before it with the generation prompt"):
+        render_segments(Conversation(msgs, "chat"), tok, "last_turn")
+
+
 def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
     path = _jsonl(tmp_path / "pr.jsonl", [{"prompt": "ab", "response": "cd"}])
     convs, _ = _load(path)
@@ -658,12 +704,13 @@ def _sentencepiece_style_tokenizer(texts: list[str], legacy: bool = False, split
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
-@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("chat", [False, True, "thinking"])
 def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_sample, kind, chat):
     """The PPO prompt (tokenized at once) must be exactly the tokens SFT and the reward model put before the
     response, or the policy samples after a context it was never trained on. A SentencePiece-style tokenizer
     marks a word start at the beginning of each piece it encodes, so the conversation is tokenized as one text
-    and split at the segments' character offsets. And the SFT sequence is the whole text's tokenization."""
+    and split at the segments' character offsets. And the SFT sequence is the whole text's tokenization.
+    "thinking": a Qwen3-style template, whose earlier replies render otherwise once a later turn follows."""
     from stages.config import PPODataConfig, RMDataConfig
     from stages.data import bos_ids, encode_segments
     from stages.pairs import load_pairs
@@ -674,24 +721,28 @@ def test_sft_rm_and_ppo_prompts_are_the_same_tokens_on_every_real_hh_row(hh_samp
     tok = _sentencepiece_style_tokenizer(texts) if kind == "sentencepiece" else train_tokenizer(texts, 1500, 2)
     bos = bos_ids(tok)
     assert bool(bos) == (kind == "sentencepiece")
+    if chat == "thinking":
+        tok.chat_template = THINKING_TEMPLATE
     source = DataSource(path=str(hh_sample))
-    prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="hh", use_chat_template=chat,
+    prompts, _, _ = load_prompts(source, PPODataConfig(train=source, format="hh", use_chat_template=bool(chat),
                                                     max_prompt_length=10**6), tok, BadRowLog())
     assert len(prompts) == len(records)  # every record has a usable prompt (row numbers line up)
 
     def row(where: str) -> int:
         return int(where.rsplit(" ", 1)[1]) - 1
 
-    convs, _ = _load(hh_sample, format="hh", on_bad_row="skip", use_chat_template=chat)
+    convs, _ = _load(hh_sample, format="hh", on_bad_row="skip", use_chat_template=bool(chat))
     assert len(convs) == 399
+    if chat == "thinking":  # the rows with an earlier reply: each was a bad row there before 2026-12-07
+        assert sum(sum(role == "assistant" for role, _ in conv.messages) > 1 for conv, _ in convs) > 150
     for conv, where in convs:
         ex, split = encode_segments(render_segments(conv, tok, "last_turn"), tok, True, bos)
         assert ex.input_ids[:split] == prompts[row(where)], where
         if not chat:
             whole = tok("".join(s.text for s in render_segments(conv, tok, "last_turn")))["input_ids"]
             assert ex.input_ids == whole + [tok.eos_token_id], where
-    load = load_pairs(source, RMDataConfig(train=source, format="hh", on_bad_row="skip", use_chat_template=chat),
-                      BadRowLog())
+    load = load_pairs(source, RMDataConfig(train=source, format="hh", on_bad_row="skip",
+                                           use_chat_template=bool(chat)), BadRowLog())
     assert len(load.pairs) > 300
     for pair, where in load.pairs:
         for side in ("chosen", "rejected"):
