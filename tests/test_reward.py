@@ -205,6 +205,8 @@ def test_real_hh_rlhf_sample_trains_and_its_bad_row_is_named(tmp_path, hh_sample
     assert report["train"]["skipped_by_reason"] == {"empty chosen response": 1}
     assert report["train"]["examples"] + report["eval"]["examples"] == 399
     assert report["train"]["prompt_truncated"] > 0  # real dialogues are longer than 128 tokens
+    said = " ".join((res.stdout + res.stderr).split())  # ... most of them: the run's warning counts pairs
+    assert f"train data: most of the {report['train']['examples']} pairs were cut to data.max_length" in said, said
     assert json.loads((out / "final" / "reward_stats.json").read_text())["split"] == "eval"
 
 
