@@ -548,8 +548,7 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
 
     def through_template(turns: Sequence[tuple[str, str]]) -> list[Segment]:
         as_dicts = [{"role": r, "content": c} for r, c in turns]
-        out: list[Segment] = []
-        done = ""
+        renders = []  # (the text before the reply, the text through it) of each trained turn
         for i in sorted(trained):
             full = render_template(tokenizer, as_dicts[: i + 1])
             if i:
@@ -559,13 +558,16 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
             if not full.startswith(prompt):
                 raise BadRow("the chat template's render of an assistant reply does not begin with its render of "
                              "the conversation before it with the generation prompt; cannot mask turns")
-            if not prompt.startswith(done):
-                raise BadRow("the chat template renders an earlier assistant reply otherwise once a later turn "
-                             "follows it (as Qwen3's drops its think block): the replies cannot be trained apart; "
-                             "data.train_on: last_turn trains the final reply of such rows")
+            renders.append((prompt, full))
+        out: list[Segment] = []
+        done = ""
+        for k, (prompt, full) in enumerate(renders):
+            # an earlier reply is trained as the later renders keep it (Phi-3's closing EOS dropped)
+            end = len(full) if k + 1 == len(renders) else kept_reply_end(full, renders[k + 1][0], len(prompt),
+                                                                          tokenizer)
             out.append(Segment(prompt[len(done):], False, templated=True))
-            out.append(Segment(full[len(prompt):], True, templated=True))
-            done = full
+            out.append(Segment(full[len(prompt):end], True, templated=True))
+            done = full[:end]
         kept = [seg for seg in out if seg.text]
         if not any(seg.train for seg in kept):  # (a template that prints the user's turns only)
             raise BadRow("the chat template renders nothing of the assistant reply: no token to train on")
@@ -574,13 +576,49 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
     return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
 
 
+def kept_reply_end(full: str, later: str, start: int, tokenizer: Any) -> int:
+    """Where an earlier assistant reply ends as a later render keeps it: `full` is the template's render through
+    the reply (which begins at `start`), `later` its render of the conversation up to the next trained reply.
+    len(full) when `later` begins with it; else `full` less the special-token strings and whitespace it closes
+    with that `later` does not have (Phi-3's template writes its EOS only after a conversation's last turn:
+    "…<|end|>\n<|endoftext|>" becomes "…<|end|>\n<|user|>…"). A reply rendered otherwise (Qwen3's drops its
+    think block once a later turn follows) is a BadRow: its replies cannot be trained apart."""
+    specials = special_strings(tokenizer)
+    closing = re.compile(rf"(?:\s|{specials.pattern})\Z" if specials else r"\s\Z")
+    end = len(full)
+    while not later.startswith(full[:end]):
+        match = closing.search(full, 0, end)
+        if match is None or match.start() <= start:
+            raise BadRow("the chat template renders an earlier assistant reply otherwise once a later turn follows "
+                         "it, so the replies cannot be trained apart: data.train_on last_turn trains the final "
+                         "reply of such rows, as with Qwen3's template, which drops the reply's think block")
+        end = match.start()
+    return end
+
+
+#: the day a chat template's `strftime_now` sees (Friday 26 July 2024, the date Llama-3.1's template writes when
+#: given none), as a macro of that name put before the template: transformers gives templates the current time,
+#: so Llama-3.2's "Today Date:" (Mistral-Small's, Granite's system prompts likewise) would differ between data
+#: rendered for SFT one day and PPO prompts another, or a run and its resume. Common directives are filled in;
+#: any other stays as written (the same every day)
+FIXED_DAY = {"%-d": "26", "%d": "26", "%e": "26", "%j": "208", "%b": "Jul", "%B": "July", "%-m": "7", "%m": "07",
+             "%Y": "2024", "%y": "24", "%A": "Friday", "%a": "Fri", "%H": "00", "%I": "12", "%M": "00",
+             "%S": "00", "%p": "AM"}
+TEMPLATE_CLOCK = ("{%- macro strftime_now(format) -%}{{ format"
+                  + "".join(f"|replace('{code}', '{value}')" for code, value in FIXED_DAY.items())
+                  + " }}{%- endmacro -%}")
+
+
 def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
-    """`tokenizer.apply_chat_template` as text. A template that refuses the conversation (its raise_exception:
-    roles that do not alternate, a system turn it does not take) makes the row a BadRow naming its reason, which
-    data.on_bad_row stops at or skips, rather than a traceback."""
+    """`tokenizer.apply_chat_template` as text, a template that reads the date given the same day whenever it
+    runs (`TEMPLATE_CLOCK`). A template that refuses the conversation (its raise_exception: roles that do not
+    alternate, a system turn it does not take) makes the row a BadRow naming its reason, which data.on_bad_row
+    stops at or skips, rather than a traceback."""
     from jinja2 import TemplateError, TemplateSyntaxError
 
     try:
+        if "strftime_now" in str(getattr(tokenizer, "chat_template", None) or ""):
+            kwargs["chat_template"] = TEMPLATE_CLOCK + tokenizer.get_chat_template()
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateSyntaxError as exc:  # the template itself, not this row
         raise DataError(f"the chat template is not valid Jinja (data.chat_template, or the tokenizer's): {exc}") from None

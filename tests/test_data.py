@@ -648,7 +648,7 @@ def test_a_template_that_renders_earlier_replies_otherwise_trains_the_last_turn_
     all); all_turns cannot train the earlier replies apart, a bad row that names last_turn."""
     import copy
 
-    from stages.data import BadRow, Conversation, render_segments
+    from stages.data import BadRow, BadRowLog, Conversation, render_segments
     from stages.ppo.prompts import render_prompt
 
     tok = copy.deepcopy(char_tok)
@@ -659,9 +659,12 @@ def test_a_template_that_renders_earlier_replies_otherwise_trains_the_last_turn_
         ("<|user|>\nu1<|endoftext|><|assistant|>\na1<|endoftext|><|user|>\nu2<|endoftext|><|assistant|>\n", False),
         ("<think>\n\n</think>\n\na2<|endoftext|>", True)]
     assert segs[0].text == render_prompt(list(msgs[:3]), True, tok).text  # PPO's prompt, to the character
-    with pytest.raises(BadRow, match="renders an earlier assistant reply otherwise once a later turn follows it .* "
-                                     "data.train_on: last_turn trains the final reply"):
+    with pytest.raises(BadRow, match="renders an earlier assistant reply otherwise once a later turn follows it, "
+                                     "so the replies cannot be trained apart: data.train_on last_turn trains") as caught:
         render_segments(Conversation(msgs, "chat"), tok, "all_turns")
+    log = BadRowLog()  # (the skipped-rows report keeps a reason up to its first " (": the advice is before any)
+    log.add(str(caught.value))
+    assert list(log.reasons) == [str(caught.value)], log.reasons
     one = render_segments(Conversation(msgs[:2], "chat"), tok, "all_turns")  # one reply: nothing to nest
     assert [s.text for s in one if s.train] == ["<think>\n\n</think>\n\na1<|endoftext|>"]
     # a template whose reply does not begin with its generation prompt cannot be split at all
@@ -669,6 +672,59 @@ def test_a_template_that_renders_earlier_replies_otherwise_trains_the_last_turn_
     with pytest.raises(BadRow, match="render of an assistant reply does not begin with its render of the "
                                      "conversation before it with the generation prompt"):
         render_segments(Conversation(msgs, "chat"), tok, "last_turn")
+
+
+def test_an_earlier_reply_is_trained_as_later_renders_keep_it_without_the_closing_eos(char_tok):
+    """A Phi-3-style template writes EOS once, after a conversation's last turn (none after a generation prompt):
+    an earlier reply's render ends "<|end|>\n<|endoftext|>", the later renders have "<|end|>\n<|user|>". The
+    reply is trained as the conversation reads, without that EOS; every multi-turn row was a bad row."""
+    import copy
+
+    from stages.data import Conversation, render_segments
+
+    tok = copy.deepcopy(char_tok)
+    tok.chat_template = ("{%- for message in messages -%}<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}"
+                         "<|end|>{{ '\\n' }}{%- endfor -%}"
+                         "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- else -%}{{ eos_token }}{%- endif -%}")
+    msgs = (("user", "u1"), ("assistant", "a1 "), ("user", "u2"), ("assistant", "a2"))
+    segs = render_segments(Conversation(msgs, "chat"), tok, "all_turns")
+    assert [(s.text, s.train) for s in segs] == [
+        ("<|user|>\nu1<|end|>\n<|assistant|>\n", False), ("a1 <|end|>\n", True),
+        ("<|user|>\nu2<|end|>\n<|assistant|>\n", False), ("a2<|end|>\n<|endoftext|>", True)]
+    assert "".join(s.text for s in segs) == tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in msgs], tokenize=False)
+
+
+def test_a_template_that_reads_the_date_renders_the_same_day_whenever_it_runs(char_tok, monkeypatch):
+    """transformers gives a chat template the current date (strftime_now): a Llama-3.2-style "Today Date:" made
+    the SFT rows rendered one day differ from the PPO prompts rendered the next, and a resumed run's prompts from
+    its first day's. Every render now sees Friday 26 July 2024 (Llama-3.1's default date)."""
+    import copy
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as ctu
+    from stages.data import Conversation, render_segments
+    from stages.ppo.prompts import render_prompt
+
+    tok = copy.deepcopy(char_tok)
+    tok.chat_template = ("{%- if date_string is not defined -%}{%- set date_string = strftime_now('%d %b %Y') -%}"
+                         "{%- endif -%}<|system|>{{ '\\n' }}Today Date: {{ date_string }} "
+                         "({{ strftime_now('%A, %B %-d, %y') }}){{ eos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    msgs = (("user", "hi"), ("assistant", "yo"))
+    seen = {}
+    for day in (dt.datetime(2025, 3, 1), dt.datetime(2025, 3, 2)):
+        class Clock(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return day
+        monkeypatch.setattr(ctu, "datetime", Clock)
+        plain = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert day.strftime("%d %b %Y") in plain  # (the clock the templates read: this test can tell days apart)
+        segs = render_segments(Conversation(msgs, "chat"), tok, "last_turn")
+        seen[day] = (segs[0].text, render_prompt([msgs[0]], True, tok).text)
+    (sft, ppo), = set(seen.values())  # the same text both days ...
+    assert sft == ppo == ("<|system|>\nToday Date: 26 Jul 2024 (Friday, July 26, 24)<|endoftext|>"
+                          "<|user|>\nhi<|endoftext|><|assistant|>\n")  # ... for SFT and PPO alike
 
 
 def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
