@@ -60,8 +60,9 @@ def test_each_stop_token_is_followed_by_what_the_template_writes_after_it(base_t
     broken = _with(base_tok, "{{ raise_exception('roles must alternate') }}")
     warned: list[str] = []
     assert reward_ending(broken, [eos, eot], {"chat"}, warned.append).after == {eot: (eos,), eos: ()}
-    assert warned == ["warning: the chat template renders no plain conversation; the reward model reads a response "
-                      "with EOS appended after its stop token, as for plain text"]
+    assert warned == ["warning: the chat template renders no plain conversation (the chat template refuses it: roles "
+                      "must alternate); the reward model reads a response with EOS appended after its stop token, as "
+                      "for plain text"]
 
 
 def test_an_rm_trained_without_eos_reads_each_stop_token_as_the_template_writes_it(base_tok):

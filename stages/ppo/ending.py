@@ -112,16 +112,17 @@ def template_tail(tokenizer: Any, chat: bool, warn: Callable[[str], None] | None
     template that renders neither a user/assistant nor a system/user/assistant conversation gives the plain-text
     tail (with a warning through `warn`)."""
     if chat and getattr(tokenizer, "chat_template", None):
+        why = ""
         for context in _CONTEXTS:
             try:
                 return _common_suffix(*(_reply_ids(tokenizer, CHAT, context, r, add_eos) for r in _REPLIES))
-            except Exception:  # noqa: BLE001 - a template's own error (jinja, raise_exception): the next try
-                continue
+            except Exception as exc:  # noqa: BLE001 - a template's own error (jinja, raise_exception): the next try
+                why = str(exc)
         if warn is not None:
             how = ("with EOS appended after its stop token" if add_eos else
                    "without its stop token (a special one) and nothing appended")
-            warn(f"warning: the chat template renders no plain conversation; the reward model reads a response {how}, "
-                 "as for plain text")
+            warn(f"warning: the chat template renders no plain conversation ({why}); the reward model reads a "
+                 f"response {how}, as for plain text")
     return _common_suffix(*(_reply_ids(tokenizer, RAW_PR, _CONTEXTS[0], r, add_eos) for r in _REPLIES))
 
 
