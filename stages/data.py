@@ -689,6 +689,23 @@ def cut_warning(counts: dict[str, int], total: int, what: str, limit: str) -> st
     return f"most of the {total} {what} were cut to {limit} ({parts}): raise it unless that is meant"
 
 
+def skip_warning(reasons: dict[str, int], kept: int, what: str) -> str | None:
+    """A warning when more rows were skipped as bad rows (data.on_bad_row: skip; `reasons`: reason -> rows) than
+    `what` were kept: the run trains on what is left of data it mostly could not read.
+
+    >>> skip_warning({"empty response": 1, "invalid JSON": 5}, 4, "examples")
+    'more rows were skipped as bad rows (6) than examples kept (4), most for: invalid JSON; mend the data or what the reason names'
+    >>> skip_warning({"invalid JSON": 4}, 4, "examples") is None
+    True
+    """
+    skipped = sum(reasons.values())
+    if skipped <= kept:
+        return None
+    commonest = max(reasons, key=lambda reason: reasons[reason])
+    return (f"more rows were skipped as bad rows ({skipped}) than {what} kept ({kept}), most for: {commonest}; "
+            "mend the data or what the reason names")
+
+
 def count_in_train(train: Iterable[Hashable], held: Iterable[Hashable]) -> int:
     """How many of the eval split's examples (`held`, each by a key of its content) equal a training example's: a
     separate eval file that repeats training rows, or a row repeated in the data and split across a held-out
@@ -1005,6 +1022,10 @@ class DataReport:
         to the length limits."""
         return cut_warning({"prompts": self.prompt_truncated, "responses": self.response_truncated}, self.examples,
                            what, "data.max_length (or data.max_prompt_length)")
+
+    def skip_warning(self, what: str = "examples") -> str | None:
+        """`skip_warning` of the rows skipped against the examples (`what`: "pairs") kept."""
+        return skip_warning(self.skipped_by_reason, self.examples, what)
 
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,

@@ -249,11 +249,12 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
 
 def say_report(enabled: bool, split: str, report: DataReport, describe: Callable[..., str],
                what: str = "examples") -> None:
-    """A split's data report line (`describe`), and its warning when most examples (`what`) were cut."""
+    """A split's data report line (`describe`), and its warnings when most examples (`what`) were cut, or more
+    rows skipped as bad rows than examples kept."""
     say(enabled, describe(split, report))
-    warning = report.cut_warning(what)
-    if warning:
-        say(enabled, f"[yellow]warning: {split} data: {escape(warning)}[/]")
+    for warning in (report.cut_warning(what), report.skip_warning(what)):
+        if warning:
+            say(enabled, f"[yellow]warning: {split} data: {escape(warning)}[/]")
 
 
 def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str], n_rows: int, tc: TrainConfig,

@@ -1140,6 +1140,22 @@ def test_a_data_report_warns_when_most_examples_were_cut():
     assert DataReport().cut_warning() is None
 
 
+def test_a_data_report_warns_when_more_rows_were_skipped_than_kept(capsys):
+    """data.on_bad_row: skip trained on what was left however little: a chat template refusing 270 of 380 rows was
+    a count in the report line only. More rows skipped than examples kept is now a warning naming the commonest
+    reason (as many or fewer: none), for SFT and the RM (pairs), in the run and in --check-data."""
+    from stages.data import DataReport
+    from stages.trainer import say_report
+
+    report = DataReport(examples=2, skipped_rows=3, skipped_by_reason={"empty response": 1, "the template refuses it": 2})
+    say_report(True, "train", report, lambda split, r: f"{split} data: {r.examples} pairs", "pairs")
+    said = " ".join(capsys.readouterr().out.split())
+    assert said == ("train data: 2 pairs warning: train data: more rows were skipped as bad rows (3) than pairs kept "
+                    "(2), most for: the template refuses it; mend the data or what the reason names"), said
+    assert DataReport(examples=3, skipped_rows=3, skipped_by_reason={"x": 3}).skip_warning() is None
+    assert DataReport().skip_warning() is None
+
+
 def test_split_or_subset_on_a_local_file_is_refused():
     """`data.train: {path: sft.jsonl, split: test}` read the whole file, the split ignored without a word; split and
     subset are for hub datasets."""

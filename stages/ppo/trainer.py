@@ -38,8 +38,8 @@ from stages.checkpoint import (
     save_hf,
 )
 from stages.config import PPOConfig
-from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, load_conversations, special_note,
-                         tokenize_conversations)
+from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, load_conversations, skip_warning,
+                         special_note, tokenize_conversations)
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import (CheckpointError, DataError, NonFinite, RlhfError, is_out_of_memory, resume_with,
@@ -146,7 +146,9 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
     warning = cut_warning({"prompts": cut}, len(read.ids), "prompts of data.train",  # (their left part: the question
                           f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
-    if warning:
+    warnings = [warning] + [f"data.{split}: {w}" for split, found in logs.items()
+                            if (w := skip_warning(found.reasons, report[split]["rows_read"], "prompts"))]
+    for warning in filter(None, warnings):
         say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
