@@ -179,16 +179,17 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         if any(role != "assistant" for role in at_n):  # either side: the first difference must be a response
             raise BadRow(f"chosen and rejected differ in a user/system turn, not in a response (message {n}: "
                          f"{' vs '.join(at_n)})")
-        if cols.prompt in record and record[cols.prompt] is not None:
-            raw = record[cols.prompt]
-            prompt_turns = ((("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))
-            # full conversations that repeat the prompt (e.g. UltraFeedback): keep only what follows it
-            k = len(prompt_turns)
-            if chosen_msgs[:k] == prompt_turns and rejected_msgs[:k] == prompt_turns:
-                chosen_msgs, rejected_msgs = chosen_msgs[k:], rejected_msgs[k:]
-            sides = [chosen_msgs, rejected_msgs]
-        else:
+        raw = record.get(cols.prompt)
+        given = None if raw is None or raw in ("", []) else (
+            (("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))
+        if given is None or conversations_contain(given, chosen_msgs[:n]):
             prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
+        else:  # responses to the prompt, or conversations repeating it (e.g. UltraFeedback): the repeat dropped
+            k = repeated_turns(given, chosen_msgs[:n])
+            prompt_turns, sides = given, [chosen_msgs[k:], rejected_msgs[k:]]
+            if sides[0] and sides[0][0][0] != "assistant":
+                raise BadRow(f"'{cols.chosen}' and '{cols.rejected}' are conversations that neither begin with "
+                             f"'{cols.prompt}' nor hold its turns: give the prompt in one place")
         style = CHAT
     else:
         raise ValueError(fmt)
@@ -197,6 +198,33 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     for side, name in zip(sides, ("chosen", "rejected")):
         _ends_with_response(side, name)
     return PreferencePair(prompt_turns, sides[0], sides[1], style, margin)
+
+
+def _same_turn(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """The same role and content, whitespace at the ends aside ("Q\n" in a prompt column, "Q" in the messages)."""
+    return a[0] == b[0] and a[1].strip() == b[1].strip()
+
+
+def repeated_turns(prompt: Messages, shared: Messages) -> int:
+    """How many turns the sides' shared opening `shared` begins with that end the prompt column's `prompt`: the
+    most k with shared[:k] the last k turns of prompt (a prompt [system, user] before conversations that start
+    at the user turn); 0 when they repeat none of it.
+
+    >>> repeated_turns((("system", "S"), ("user", "Q")), (("user", "Q "), ("assistant", "A")))
+    1
+    """
+    return next((k for k in range(min(len(prompt), len(shared)), 0, -1)
+                 if all(_same_turn(a, b) for a, b in zip(prompt[-k:], shared[:k]))), 0)
+
+
+def conversations_contain(prompt: Messages, shared: Messages) -> bool:
+    """Whether the sides are whole conversations (they open with a user or system turn) whose shared opening
+    holds every turn of the prompt column's `prompt` but does not begin with its end (`repeated_turns`): a system
+    turn before the prompt, or a prompt column holding the last question of a multi-turn dialogue. They stand
+    as given, the column a copy of part of them."""
+    if not shared or shared[0][0] == "assistant" or repeated_turns(prompt, shared):
+        return False
+    return all(any(_same_turn(turn, other) for other in shared) for turn in prompt)
 
 
 @dataclass

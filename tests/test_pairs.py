@@ -241,6 +241,36 @@ def test_sides_must_differ_in_the_response_and_a_repeated_prompt_is_not_doubled(
             parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", _data(columns={"margin": "m"}))
 
 
+def test_a_prompt_column_beside_whole_conversations_is_never_read_twice():
+    """A prompt column and message-list sides that repeat it other than exactly (trailing whitespace, a system
+    turn first, the prompt column holding only the dialogue's last question, a [system, user] prompt before
+    sides that start at the user turn) were read with the prompt twice, silently: each row's prompt now appears
+    once, the sides' own turns kept when they hold the column's; sides that neither begin with nor hold it are a
+    bad row; an empty prompt column is no prompt."""
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    sys_, q, q2, a1 = turn("system", "S"), turn("user", "Q"), turn("user", "Q2"), turn("assistant", "A1")
+    yes, no = turn("assistant", "yes"), turn("assistant", "no")
+
+    def as_pair(prompt, *sides):
+        return parse_pair({"prompt": prompt, "chosen": [*sides, yes], "rejected": [*sides, no]}, "messages", _data())
+
+    responses = (("assistant", "yes"),), (("assistant", "no"),)
+    for prompt, sides, expected in (
+            ("Q\n", [q], (("user", "Q\n"),)),  # the repeat, but for whitespace
+            ([sys_, q], [q], (("system", "S"), ("user", "Q"))),  # the repeat of the prompt's last turn
+            ("Q", [sys_, q], (("system", "S"), ("user", "Q"))),  # conversations holding it after a system turn
+            ("Q2", [q, a1, q2], (("user", "Q"), ("assistant", "A1"), ("user", "Q2"))),  # ... its last question
+            ("", [q], (("user", "Q"),)), ([], [q], (("user", "Q"),)),  # no prompt: the shared opening
+            ("Q", [], (("user", "Q"),))):  # responses to the prompt, as before
+        pair = as_pair(prompt, *sides)
+        assert (pair.prompt, (pair.chosen, pair.rejected)) == (expected, responses), (prompt, sides)
+    with pytest.raises(BadRow, match="'chosen' and 'rejected' are conversations that neither begin with 'prompt' nor "
+                                     "hold its turns: give the prompt in one place"):
+        as_pair("another question", q)
+
+
 def test_a_prompt_cut_from_the_left_keeps_its_bos_on_both_sides(tok):
     """Llama-family models expect BOS at position 0: the left cut of a long prompt happens after it."""
     prompt = "user asks question " + " ".join(str(i) for i in range(40))
