@@ -385,18 +385,40 @@ def parse_messages(record: dict[str, Any], key: str) -> list[tuple[str, str]]:
     return turns
 
 
+def message_turns(record: dict[str, Any], key: str, role: str) -> list[tuple[str, str]]:
+    """`record[key]` as turns: a message list (`parse_messages`), or a string as one turn of `role` (a user's may
+    be empty)."""
+    if isinstance(record.get(key), list):
+        return parse_messages(record, key)
+    return [(role, _field(record, key, allow_empty=role == "user"))]
+
+
+def hh_field(record: dict[str, Any], key: str) -> str:
+    """`record[key]`, HH-RLHF text: a message list there (an RM file's `chosen` read for SFT or PPO prompts) is a
+    BadRow saying how to read it."""
+    if isinstance(record.get(key), list):
+        raise BadRow(f"'{key}' holds a message list, not HH-RLHF text: data.columns.messages: {key} reads it as a "
+                     "conversation")
+    return _field(record, key)
+
+
 def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) -> Conversation:
     """One record -> Conversation, ending with a non-empty assistant turn (later turns are dropped).
     Raises BadRow with the reason."""
     cols = data.columns
-    if fmt == "prompt_response":
+    if fmt == "prompt_response" and any(isinstance(record.get(k), list) for k in (cols.prompt, cols.response)):
+        # TRL's conversational prompt-completion: message lists (a string is one user / assistant turn)
+        response = message_turns(record, cols.response, "assistant")
+        if all(role != "assistant" for role, _ in response):
+            raise BadRow(f"'{cols.response}' holds no assistant turn")
+        turns, style = message_turns(record, cols.prompt, "user") + response, CHAT
+    elif fmt == "prompt_response":
         prompt = _field(record, cols.prompt, allow_empty=True)
         response = _field(record, cols.response)
         msgs = (("user", prompt), ("assistant", response))
         return Conversation(msgs, CHAT if data.use_chat_template else RAW_PR)
-    if fmt == "hh":
-        text = _field(record, cols.text)
-        turns = hh_dialogue(text)
+    elif fmt == "hh":
+        turns = hh_dialogue(hh_field(record, cols.text))
         style = RAW_HH
         if data.use_chat_template:
             turns = [(r, c.strip()) for r, c in turns]

@@ -17,6 +17,7 @@ compares the two responses in the same context.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from array import array
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from stages.data import (
     check_hh_turns,
     encode_segments,
     hh_dialogue,
+    message_turns,
     parse_messages,
     prompt_cut,
     read_rows,
@@ -130,14 +132,37 @@ def _margin(record: dict[str, Any], column: str | None) -> float:
     return float(value)
 
 
+#: two response columns told apart by a last 0/1 or A/B (PKU-SafeRLHF's response_0/response_1, SHP's
+#: human_ref_A/human_ref_B), whose better one another column names
+_INDEXED = re.compile(r"^(.*?)[_-]?([01AB])$")
+
+
+def indexed_pair_hint(record: dict[str, Any]) -> str:
+    """For rows with two response columns and the index of the better one in a third, the note that no column
+    mapping reads them (chosen is response_0 in some rows and response_1 in others); "" for other rows.
+
+    >>> indexed_pair_hint({"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 1})[:40]
+    '; response_0 and response_1 are two resp'
+    """
+    stems: dict[str, list[str]] = {}
+    for key in record:
+        match = _INDEXED.match(key)
+        if match and isinstance(record[key], str):
+            stems.setdefault(match.group(1).lower(), []).append(key)
+    pair = next((sorted(keys) for keys in stems.values() if len(keys) == 2), None)
+    if pair is None:
+        return ""
+    return (f"; {pair[0]} and {pair[1]} are two responses whose better one another column names: write each row as "
+            "chosen/rejected first, since no column mapping can (it would take some pairs the wrong way round)")
+
+
 def detect_pair_format(record: dict[str, Any], data: RMDataConfig) -> str:
     """The format a record's keys and values indicate (raises BadRow when none fits)."""
     cols = data.columns
     if cols.chosen not in record or cols.rejected not in record:
         raise BadRow(
             f"expected keys '{cols.chosen}' and '{cols.rejected}' (keys present: {', '.join(sorted(record))}); "
-            "set data.columns"
-        )
+            "set data.columns" + indexed_pair_hint(record))
     if isinstance(record[cols.chosen], list):
         return "messages"
     return "pairs" if cols.prompt in record else "hh"
@@ -148,19 +173,23 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     cols = data.columns
     margin = _margin(record, cols.margin)
     if fmt == "pairs":
-        prompt = _field(record, cols.prompt, allow_empty=True)
+        prompt = tuple(message_turns(record, cols.prompt, "user"))  # (a message list: TRL's conversational prompt)
         chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
         if chosen == rejected:
             raise IdenticalPair()
-        style = CHAT if data.use_chat_template else RAW_PR
-        return PreferencePair((("user", prompt),), (("assistant", chosen),), (("assistant", rejected),), style, margin)
+        style = CHAT if data.use_chat_template or isinstance(record[cols.prompt], list) else RAW_PR
+        return PreferencePair(prompt, (("assistant", chosen),), (("assistant", rejected),), style, margin)
     if fmt == "hh":
         texts = _field(record, cols.chosen), _field(record, cols.rejected)
         try:
             prompt_text, chosen, rejected = split_hh_pair(*texts)
         except BadRow:
-            for text in texts:  # text that is no HH dialogue (CRLF line ends, say) says so as in SFT and PPO
-                hh_dialogue(text)
+            for text in texts:  # text that is no HH dialogue (CRLF line ends, say) says so as in SFT and PPO ...
+                try:
+                    hh_dialogue(text)
+                except BadRow as exc:  # ... and how rows of plain responses are read (format auto took them for HH)
+                    raise BadRow(f"{exc}; plain responses to a prompt are data.format pairs, with data.columns.prompt "
+                                 "naming its column") from None
             raise
         prompt_turns = tuple(hh_dialogue(prompt_text)[:-1])  # the prompt ends with an empty assistant turn
         sides = [tuple(check_hh_turns(split_hh(HH_ASSISTANT + text))) for text in (chosen, rejected)]

@@ -119,3 +119,50 @@ def test_in_train_counts_eval_rows_seen_in_training_not_the_reverse(tmp_path):
         f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}"])
     reports = load_sft_data(cfg, tmp_path / "out", ONE_PROCESS, save=False)[-1]
     assert reports["eval"].in_train == 3
+
+
+def test_rows_in_the_layouts_of_popular_datasets_read_in_every_stage():
+    """TRL's conversational rows (prompt and completion as message lists: SFT; a prompt list alone: PPO; a prompt
+    list beside string responses: the RM) were refused as "'prompt' must be a string"; they are read through the
+    chat template. An RM file's message-list `chosen` read as HH text, string pairs beside another prompt column
+    read as HH, and PKU-SafeRLHF's response_0/response_1 rows now say how to read them."""
+    from stages.config import Columns, PPODataConfig
+    from stages.data import BadRow, parse_conversation
+    from stages.pairs import detect_pair_format, parse_pair
+    from stages.ppo.prompts import parse_prompt
+
+    user, reply = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}
+    system = {"role": "system", "content": "S"}
+    sft = _sft(columns=Columns(response="completion"))
+    conv = parse_conversation({"prompt": [system, user], "completion": [reply]}, "prompt_response", sft)
+    assert conv == Conversation((("system", "S"), ("user", "Q"), ("assistant", "A")), "chat")
+    assert parse_conversation({"prompt": "Q", "completion": [reply]}, "prompt_response", sft) == Conversation(
+        (("user", "Q"), ("assistant", "A")), "chat")
+    with pytest.raises(BadRow, match="'completion' holds no assistant turn"):
+        parse_conversation({"prompt": [system], "completion": [user]}, "prompt_response", sft)
+    assert parse_conversation({"prompt": "Q", "completion": "A"}, "prompt_response", sft).style == "raw_pr"  # as before
+    ppo = PPODataConfig(train=DataSource(path="unused"))
+    assert parse_prompt({"prompt": [system, user]}, "prompt", ppo) == ([("system", "S"), ("user", "Q")], True)
+    assert parse_prompt({"prompt": "Q"}, "prompt", ppo) == ([("user", "Q")], False)
+    pair = parse_pair({"prompt": [system, user], "chosen": "yes", "rejected": "no"}, "pairs", _rm())
+    assert pair == PreferencePair((("system", "S"), ("user", "Q")), (("assistant", "yes"),), (("assistant", "no"),),
+                                  "chat")
+    # an RM file's message lists read for SFT or PPO prompts as HH text (the `chosen` column): how to read them
+    listed = {"chosen": [user, reply], "rejected": [user, {"role": "assistant", "content": "B"}]}
+    for read in (lambda: parse_conversation(listed, "hh", _sft()), lambda: parse_prompt(listed, "hh", ppo)):
+        with pytest.raises(BadRow, match="'chosen' holds a message list, not HH-RLHF text: data.columns.messages: "
+                                         "chosen reads it as a conversation"):
+            read()
+    # string pairs beside a prompt column of another name: format auto reads them as HH, and says what they are
+    orca = {"system": "S", "question": "Q", "chosen": "yes", "rejected": "no"}
+    assert detect_pair_format(orca, _rm()) == "hh"
+    with pytest.raises(BadRow, match="no human turn.*; plain responses to a prompt are data.format pairs, with "
+                                     "data.columns.prompt naming its column"):
+        parse_pair(orca, "hh", _rm())
+    # two responses and the index of the better one: no column mapping reads them the right way round
+    pku = {"prompt": "Q", "response_0": "a", "response_1": "b", "better_response_id": 1, "safer_response_id": 0}
+    with pytest.raises(BadRow, match="set data.columns; response_0 and response_1 are two responses whose better "
+                                     "one another column names: write each row as chosen/rejected first"):
+        detect_pair_format(pku, _rm())
+    with pytest.raises(BadRow, match=r"; set data.columns$"):  # (no such hint for other rows)
+        detect_pair_format({"prompt": "Q", "answer": "a"}, _rm())

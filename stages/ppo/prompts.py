@@ -1,7 +1,8 @@
 """Prompts for PPO rollouts.
 
 Formats (`data.format`; `auto` picks from the first row's keys):
-  prompt    {prompt: "..."}                        raw text (or one user turn through the chat template)
+  prompt    {prompt: "..."}                        raw text (or one user turn through the chat template);
+            {prompt: [{role, content}, ...]}       a message list: read as `messages` reads it
   messages  {messages: [{role, content}, ...]}     through the chat template with the generation prompt; a
                                                    trailing assistant turn is dropped (SFT data works as is)
   hh        HH-RLHF text (the `chosen` column)     everything up to and including the last "\\n\\nAssistant:"
@@ -15,8 +16,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
-from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_text,
-                         opens_with_bos, parse_messages, read_rows, render_template, specials_read_as_text,
+from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_field,
+                         hh_text, opens_with_bos, parse_messages, read_rows, render_template, specials_read_as_text,
                          text_ids, with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
@@ -51,13 +52,15 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     """(turns, chat?) of one record: chat=True renders through the chat template, else the single turn's text
     is the raw prompt."""
     cols = data.columns
+    if fmt == "prompt" and isinstance(record.get(cols.prompt), list):  # (TRL's conversational prompt-only rows)
+        return _drop_final_response(parse_messages(record, cols.prompt)), True
     if fmt == "prompt":
         text = _field(record, cols.prompt)
         return [("user", text)], data.use_chat_template
     if fmt == "messages":
         return _drop_final_response(parse_messages(record, cols.messages)), True
     if fmt == "hh":
-        text = hh_text(_field(record, cols.text))  # (as SFT and the RM read it)
+        text = hh_text(hh_field(record, cols.text))  # (as SFT and the RM read it)
         turns = hh_dialogue(text)  # (no marker found: the whole text, answer and all, would become the prompt)
         if not data.use_chat_template:  # up to the last assistant marker; a dialogue that ends with a human
             at = text.rfind("\n\nAssistant:")  # turn is the prompt as it is (as with the chat template)
