@@ -44,14 +44,31 @@ class Row:
     row: int
 
 
+#: column names that hold part of a prompt in popular datasets (alpaca's instruction + input, orca's system +
+#: question, SHP's history): one that data.columns does not name is left out of every row, which is said
+PROMPT_PARTS = ("input", "instruction", "system", "system_prompt", "context", "history", "question", "query")
+
+
 @dataclass
 class BadRowLog:
-    """Skipped rows, counted by reason (with `on_bad_row: skip`)."""
+    """Skipped rows, counted by reason (with `on_bad_row: skip`), and the columns of a source's first usable row
+    that look like part of a prompt but are not read (`unread`, `note_columns`)."""
 
     reasons: Counter = field(default_factory=Counter)
+    unread: list[str] = field(default_factory=list)
+    _noted: set[str] = field(default_factory=set)  # the files whose first usable row was noted
 
     def add(self, reason: str) -> None:
         self.reasons[reason.split(" (")[0]] += 1  # "invalid JSON (... column 7)" -> "invalid JSON"
+
+    def note_columns(self, record: dict[str, Any], columns: Any, file: str) -> None:
+        """Add the columns of `file`'s first usable row (`record`) named as prompt parts are (`PROMPT_PARTS`:
+        alpaca's `input`, an orca pair's `system`) that no data.columns key names: their text is not read."""
+        if file in self._noted:
+            return
+        self._noted.add(file)
+        named = set(columns.model_dump().values())
+        self.unread += [key for key in record if key in PROMPT_PARTS and key not in named and key not in self.unread]
 
     @property
     def total(self) -> int:
@@ -451,6 +468,7 @@ def load_conversations(
             _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
         fmt.keep(row_fmt, where)
+        log.note_columns(row.data, data.columns, row.file)
         out.append((conv, where))
     if not out:
         raise DataError(f"no usable rows in {', '.join(source.paths())}{log.summary()}")
@@ -726,6 +744,23 @@ def skip_warning(reasons: dict[str, int], kept: int, what: str) -> str | None:
     commonest = max(reasons, key=lambda reason: reasons[reason])
     return (f"more rows were skipped as bad rows ({skipped}) than {what} kept ({kept}), most for: {commonest}; "
             "mend the data or what the reason names")
+
+
+def unread_warning(unread: list[str]) -> str | None:
+    """A warning naming the prompt-part columns no data.columns key names (`BadRowLog.note_columns`); None for none.
+
+    >>> unread_warning(["input"])
+    "column 'input' is not read (no data.columns key names it): if it is part of the prompt, join it into the column read"
+    >>> unread_warning(["system", "context"])[:61]
+    "columns 'system', 'context' are not read (no data.columns key"
+    """
+    if not unread:
+        return None
+    names = ", ".join(f"'{key}'" for key in unread)
+    one = len(unread) == 1
+    return (f"column{'' if one else 's'} {names} {'is' if one else 'are'} not read (no data.columns key names "
+            f"{'it' if one else 'them'}): if {'it is' if one else 'they are'} part of the prompt, join "
+            f"{'it' if one else 'them'} into the column read")
 
 
 def count_in_train(train: Iterable[Hashable], held: Iterable[Hashable]) -> int:
@@ -1038,6 +1073,7 @@ class DataReport:
     styles: dict[str, int] = field(default_factory=dict)  # examples per rendering style (stages/rendering.py)
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
+    unread_columns: list[str] = field(default_factory=list)  # prompt-part columns no data.columns key names
 
     def cut_warning(self, what: str = "examples") -> str | None:
         """`cut_warning` of the examples (`what`: "pairs" for preference data) whose prompt, or response, was cut
@@ -1048,6 +1084,10 @@ class DataReport:
     def skip_warning(self, what: str = "examples") -> str | None:
         """`skip_warning` of the rows skipped against the examples (`what`: "pairs") kept."""
         return skip_warning(self.skipped_by_reason, self.examples, what)
+
+    def unread_warning(self) -> str | None:
+        """`unread_warning` of the report's unread prompt-part columns."""
+        return unread_warning(self.unread_columns)
 
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,
@@ -1063,6 +1103,7 @@ class DataReport:
         return f", skipped {self.skipped_rows} bad row(s) ({reasons})"
 
     def count_skipped(self, log: BadRowLog) -> None:
+        self.unread_columns += [key for key in log.unread if key not in self.unread_columns]
         self.skipped_rows += log.total
         for reason, n in log.reasons.items():
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + n

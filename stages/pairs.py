@@ -291,6 +291,7 @@ def load_pairs(source: DataSource, data: RMDataConfig, log: BadRowLog) -> PairLo
             _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
         fmt.keep(row_fmt, where)
+        log.note_columns(row.data, data.columns, row.file)
         key = pair_key(pair)
         if key in seen and data.duplicates != "keep":
             if data.duplicates == "error":

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stages.config import DataSource, RMDataConfig, SFTDataConfig
+from stages.config import DataSource, PPOConfig, RMDataConfig, SFTDataConfig
 from stages.data import Conversation, DataReport, Segment, render_segments, tokenize_conversations
 from stages.errors import DataError
 from stages.models import train_tokenizer
@@ -166,3 +166,43 @@ def test_rows_in_the_layouts_of_popular_datasets_read_in_every_stage():
         detect_pair_format(pku, _rm())
     with pytest.raises(BadRow, match=r"; set data.columns$"):  # (no such hint for other rows)
         detect_pair_format({"prompt": "Q", "answer": "a"}, _rm())
+
+
+def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(tmp_path, char_tok, capsys):
+    """alpaca's `input` (mapped `prompt: instruction`) and an orca pair's `system` were left out of every row without
+    a word: a column named as prompt parts are that data.columns does not name is a warning in each stage's
+    report (data_report.json's unread_columns), and a column it names is read, so not said."""
+    from stages.config import Columns
+    from stages.data import BadRowLog, load_conversations
+    from stages.distributed import ONE_PROCESS
+    from stages.pairs import load_pairs
+    from stages.ppo.trainer import load_ppo_data
+    from stages.trainer import say_report
+
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n")
+    log = BadRowLog()
+    convs = load_conversations(DataSource(path=str(alpaca)), _sft(columns=Columns(prompt="instruction",
+                                                                                  response="output")), log)
+    assert convs[0][0].messages == (("user", "Add"), ("assistant", "5")) and log.unread == ["input"]
+    report = DataReport(examples=1)
+    report.count_skipped(log)
+    say_report(True, "train", report, lambda split, r: f"{split} data")
+    assert "warning: train data: column 'input' is not read (no data.columns key names it): if it is part of the " \
+           "prompt, join it into the column read" in " ".join(capsys.readouterr().out.split())
+    log = BadRowLog()  # one that data.columns names is read, not said (here `instruction` is the one left out)
+    load_conversations(DataSource(path=str(alpaca)), _sft(columns=Columns(prompt="input", response="output")), log)
+    assert log.unread == ["instruction"]
+    orca = tmp_path / "orca.jsonl"
+    orca.write_text("".join(json.dumps({"system": "Be brief.", "question": f"Q{i}", "chosen": "yes", "rejected": "no"})
+                            + "\n" for i in range(2)))
+    log = BadRowLog()
+    assert len(load_pairs(DataSource(path=str(orca)), _rm(columns={"prompt": "question"}), log).pairs) == 2
+    assert log.unread == ["system"]
+    cfg = PPOConfig.model_validate({"output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"},
+                                    "reward_model": {"name_or_path": "stub/rm"},
+                                    "data": {"train": str(orca), "columns": {"prompt": "question"}, "eval_fraction": 0}})
+    load_ppo_data(cfg, tmp_path, ONE_PROCESS, char_tok)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: data.train: column 'system' is not read" in said, said
+    assert json.loads((tmp_path / "data_report.json").read_text())["train"]["unread_columns"] == ["system"]

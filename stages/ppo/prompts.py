@@ -115,6 +115,7 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
             _bad(where, f"{exc}{fmt.note()}", data.on_bad_row, log)
             continue
         fmt.keep(row_fmt, where)
+        log.note_columns(row.data, data.columns, row.file)
         text = rendered.text
         ids = text_ids(tokenizer, text, rendered.plain)[0]
         if bos and not opens_with_bos(tokenizer, rendered):

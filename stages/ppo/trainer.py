@@ -39,7 +39,7 @@ from stages.checkpoint import (
 )
 from stages.config import PPOConfig
 from stages.data import (BadRowLog, DataReport, count_in_train, cut_warning, load_conversations, skip_warning,
-                         special_note, tokenize_conversations)
+                         special_note, tokenize_conversations, unread_warning)
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, barrier, gather_floats, seed_everything
 from stages.engine import build_deepspeed_config, initialize_engine
 from stages.errors import (CheckpointError, DataError, NonFinite, RlhfError, is_out_of_memory, resume_with,
@@ -118,7 +118,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
 
     def split_report(prompts: Prompts, found: BadRowLog) -> dict[str, Any]:
         return {"rows_read": len(prompts.ids), "cut": prompts.cut, "special_as_text": prompts.special_as_text,
-                "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons)}
+                "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons)} | (
+                    {"unread_columns": found.unread} if found.unread else {})
 
     read = load_prompts(data.train, data, tokenizer, log, styles)
     train, cut, as_text = read
@@ -147,7 +148,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     warning = cut_warning({"prompts": cut}, len(read.ids), "prompts of data.train",  # (their left part: the question
                           f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
     warnings = [warning] + [f"data.{split}: {w}" for split, found in logs.items()
-                            if (w := skip_warning(found.reasons, report[split]["rows_read"], "prompts"))]
+                            for w in (skip_warning(found.reasons, report[split]["rows_read"], "prompts"),
+                                      unread_warning(found.unread)) if w]
     for warning in filter(None, warnings):
         say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
