@@ -119,7 +119,9 @@ def _ends_with_response(turns: Messages, side: str) -> None:
 def _margin(record: dict[str, Any], column: str | None) -> float:
     if column is None:
         return 0.0
-    value = record.get(column)
+    if column not in record:  # (a misspelt data.columns.margin: said as such, not as a value of the wrong type)
+        raise BadRow(f"missing key '{column}' (data.columns.margin; keys present: {', '.join(sorted(record))})")
+    value = record[column]
     if isinstance(value, str):  # CSV cells are strings
         try:
             value = float(value)

@@ -146,6 +146,10 @@ def test_margin_column(tmp_path):
     for bad in ("x", None, True):
         with pytest.raises(BadRow, match="'m' must be a number"):
             parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "m": bad}, "pairs", data)
+    # a misspelt column: missing, said as such (it was "must be a number, got NoneType")
+    with pytest.raises(BadRow, match=r"missing key 'm' \(data.columns.margin; keys present: chosen, prompt, rejected, "
+                                     r"score\)"):
+        parse_pair({"prompt": "p", "chosen": "a", "rejected": "b", "score": 1}, "pairs", data)
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,chosen,rejected,m\nq,a,b,0.5\n")
     assert load_pairs(DataSource(path=str(csv)), data, BadRowLog()).pairs[0][0].margin == 0.5
