@@ -211,8 +211,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
             raise BadRow(f"chosen and rejected differ in a user/system turn, not in a response (message {n}: "
                          f"{' vs '.join(at_n)})")
         raw = record.get(cols.prompt)
-        given = None if raw is None or raw in ("", []) else (
-            (("user", raw),) if isinstance(raw, str) else tuple(parse_messages(record, cols.prompt)))
+        given = None if raw is None or raw in ("", []) else tuple(message_turns(record, cols.prompt, "user"))
         if given is None or conversations_contain(given, chosen_msgs[:n]):
             prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
         else:  # responses to the prompt, or conversations repeating it (e.g. UltraFeedback): the repeat dropped
