@@ -561,10 +561,12 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
     raw_pr: [prompt][response]; raw_hh: ["\\n\\nHuman:" + user + "\\n\\nAssistant:"][assistant]...;
     chat: differences of chat-template renders, so each trained assistant segment is exactly the template text of
     that turn (including its end-of-turn tokens) and everything else (system, user, generation prompt, turns not
-    trained) is context: turn i's reply is render(turns[:i+1]) less render(turns[:i], generation prompt), the
-    text before it the latter less the render of the trained turn before it. Only the trained turns must render
-    prefix by prefix: with last_turn (the RM's) a template that renders earlier replies otherwise once a later
-    turn follows them (Qwen3's drops their think block) still gives the final reply after PPO's prompt.
+    trained) is context: turn i's reply is render(turns[:i+1]) less render(turns[:i], generation prompt), cut
+    where the later renders keep it (`kept_reply_end`: a closing EOS the template writes only at a
+    conversation's end dropped), the text before it the latter less what the trained turn before it kept. Only
+    the trained turns must render prefix by prefix: with last_turn (the RM's) a template that renders earlier
+    replies otherwise once a later turn follows them (Qwen3's drops their think block) still gives the final
+    reply after PPO's prompt.
     An empty assistant turn before the last is context (parse_conversation refuses an empty last one).
     """
     msgs = conv.messages
@@ -601,10 +603,11 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
             renders.append((prompt, full))
         out: list[Segment] = []
         done = ""
-        for k, (prompt, full) in enumerate(renders):
+        for k, ((prompt, full), i) in enumerate(zip(renders, sorted(trained))):
             # an earlier reply is trained as the later renders keep it (Phi-3's closing EOS dropped)
-            end = len(full) if k + 1 == len(renders) else kept_reply_end(full, renders[k + 1][0], len(prompt),
-                                                                          tokenizer)
+            end = len(full) if k + 1 == len(renders) else kept_reply_end(
+                full, renders[k + 1][0], len(prompt), tokenizer,
+                lambda i=i: render_template(tokenizer, as_dicts[: i + 1], add_generation_prompt=True))
             out.append(Segment(prompt[len(done):], False, templated=True))
             out.append(Segment(full[len(prompt):end], True, templated=True))
             done = full[:end]
@@ -616,37 +619,45 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
     return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
 
 
-def kept_reply_end(full: str, later: str, start: int, tokenizer: Any) -> int:
+def kept_reply_end(full: str, later: str, start: int, tokenizer: Any, continued: Callable[[], str]) -> int:
     """Where an earlier assistant reply ends as a later render keeps it: `full` is the template's render through
-    the reply (which begins at `start`), `later` its render of the conversation up to the next trained reply.
-    len(full) when `later` begins with it; else `full` less the special-token strings and whitespace it closes
-    with that `later` does not have (Phi-3's template writes its EOS only after a conversation's last turn:
+    the reply (which begins at `start`), `later` its render of the conversation up to the next trained reply,
+    `continued()` its render through the reply with the generation prompt after it. len(full) when `later`
+    begins with it; else `full` less the special-token strings and whitespace it closes with, when the template
+    writes them only where a conversation ends — `later` and `continued()` both lack them (Phi-3's EOS:
     "…<|end|>\n<|endoftext|>" becomes "…<|end|>\n<|user|>…"). A reply rendered otherwise (Qwen3's drops its
-    think block once a later turn follows) is a BadRow: its replies cannot be trained apart."""
+    think block once a later turn follows; a template that closes it with another token then) is a BadRow: the
+    replies cannot be trained apart."""
     specials = special_strings(tokenizer)
     closing = re.compile(rf"(?:\s|{specials.pattern})\Z" if specials else r"\s\Z")
     end = len(full)
-    while not later.startswith(full[:end]):
+    while end > start and not later.startswith(full[:end]):
         match = closing.search(full, 0, end)
-        if match is None or match.start() <= start:
-            raise BadRow("the chat template renders an earlier assistant reply otherwise once a later turn follows "
-                         "it, so the replies cannot be trained apart: data.train_on last_turn trains the final "
-                         "reply of such rows, as with Qwen3's template, which drops the reply's think block")
-        end = match.start()
-    return end
+        end = match.start() if match else start
+    if end == len(full):
+        return end
+    if end > start:
+        with_prompt = continued()
+        if with_prompt.startswith(full[:end]) and not with_prompt.startswith(full):
+            return end
+    raise BadRow("the chat template renders an earlier assistant reply otherwise once a later turn follows it, so "
+                 "the replies cannot be trained apart: data.train_on last_turn trains the final reply of such rows, "
+                 "as with Qwen3's template, which drops the reply's think block")
 
 
 #: the day a chat template's `strftime_now` sees (Friday 26 July 2024, the date Llama-3.1's template writes when
 #: given none), as a macro of that name put before the template: transformers gives templates the current time,
 #: so Llama-3.2's "Today Date:" (Mistral-Small's, Granite's system prompts likewise) would differ between data
-#: rendered for SFT one day and PPO prompts another, or a run and its resume. Common directives are filled in;
-#: any other stays as written (the same every day)
+#: rendered for SFT one day and PPO prompts another, or a run and its resume. Common directives are filled in,
+#: "%%" is "%"; any other stays as written (the same every day). The macro's end keeps the whitespace that
+#: opens the template ("+%}": not trimmed)
 FIXED_DAY = {"%-d": "26", "%d": "26", "%e": "26", "%j": "208", "%b": "Jul", "%B": "July", "%-m": "7", "%m": "07",
              "%Y": "2024", "%y": "24", "%A": "Friday", "%a": "Fri", "%H": "00", "%I": "12", "%M": "00",
              "%S": "00", "%p": "AM"}
-TEMPLATE_CLOCK = ("{%- macro strftime_now(format) -%}{{ format"
+_PERCENT = "\u2063percent\u2063"  # stands for "%%" while the directives are filled in (in no real format)
+TEMPLATE_CLOCK = (f"{{%- macro strftime_now(format) -%}}{{{{ format|replace('%%', '{_PERCENT}')"
                   + "".join(f"|replace('{code}', '{value}')" for code, value in FIXED_DAY.items())
-                  + " }}{%- endmacro -%}")
+                  + f"|replace('{_PERCENT}', '%') }}}}{{%- endmacro +%}}")
 
 
 def render_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:

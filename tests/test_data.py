@@ -680,7 +680,7 @@ def test_an_earlier_reply_is_trained_as_later_renders_keep_it_without_the_closin
     reply is trained as the conversation reads, without that EOS; every multi-turn row was a bad row."""
     import copy
 
-    from stages.data import Conversation, render_segments
+    from stages.data import BadRow, Conversation, render_segments
 
     tok = copy.deepcopy(char_tok)
     tok.chat_template = ("{%- for message in messages -%}<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}"
@@ -693,6 +693,21 @@ def test_an_earlier_reply_is_trained_as_later_renders_keep_it_without_the_closin
         ("<|user|>\nu2<|end|>\n<|assistant|>\n", False), ("a2<|end|>\n<|endoftext|>", True)]
     assert "".join(s.text for s in segs) == tok.apply_chat_template(
         [{"role": r, "content": c} for r, c in msgs], tokenize=False)
+    # ... the EOS and a newline after it: both dropped from the earlier reply
+    tok.chat_template = tok.chat_template.replace("{{ eos_token }}", "{{ eos_token }}{{ '\\n' }}")
+    assert [s.text for s in render_segments(Conversation(msgs, "chat"), tok, "all_turns") if s.train] == [
+        "a1 <|end|>\n", "a2<|end|>\n<|endoftext|>\n"]
+    # what the template writes after an earlier reply otherwise (another closing token; the reply itself left
+    # out) is not a conversation's end dropped: the replies cannot be trained apart
+    for other in ("{%- if message['role'] == 'assistant' and not loop.last -%}<|pad|>{%- else -%}{{ eos_token }}"
+                  "{%- endif -%}",
+                  "{%- if loop.last or message['role'] != 'assistant' -%}{{ message['content'] }}{%- endif -%}"):
+        tok.chat_template = ("{%- for message in messages -%}<|{{ message['role'] }}|>{{ '\\n' }}"
+                             + (other if "content" in other else "{{ message['content'] }}" + other)
+                             + "{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}")
+        replies = (("user", "u1"), ("assistant", "<|pad|>" if "content" in other else "a1"), *msgs[2:])
+        with pytest.raises(BadRow, match="renders an earlier assistant reply otherwise"):
+            render_segments(Conversation(replies, "chat"), tok, "all_turns")
 
 
 def test_a_template_that_reads_the_date_renders_the_same_day_whenever_it_runs(char_tok, monkeypatch):
@@ -725,6 +740,27 @@ def test_a_template_that_reads_the_date_renders_the_same_day_whenever_it_runs(ch
     (sft, ppo), = set(seen.values())  # the same text both days ...
     assert sft == ppo == ("<|system|>\nToday Date: 26 Jul 2024 (Friday, July 26, 24)<|endoftext|>"
                           "<|user|>\nhi<|endoftext|><|assistant|>\n")  # ... for SFT and PPO alike
+
+
+def test_the_fixed_day_is_what_strftime_gives_and_a_template_renders_around_it_as_written(char_tok):
+    """Every directive the clock fills in is that of Friday 26 July 2024 as strftime writes it, "%%" is "%",
+    and the clock changes nothing else: the whitespace a template opens with is kept (a macro's end trims it),
+    and a tokenizer's named templates render their default one."""
+    import copy
+    import datetime as dt
+
+    from stages.data import FIXED_DAY, render_template
+
+    day = dt.datetime(2024, 7, 26)
+    assert FIXED_DAY == {code: day.strftime(code) for code in FIXED_DAY}
+    tok = copy.deepcopy(char_tok)
+    hi = [{"role": "user", "content": "hi"}]
+    for template, expected in (("\n  {{ strftime_now('%Y') }}|{{ messages[0]['content'] }}", "\n  2024|hi"),
+                               ("{{ strftime_now('100%% on %%d, %d %j') }}", "100% on %d, 26 208")):
+        tok.chat_template = template
+        assert render_template(tok, hi) == expected, template
+    tok.chat_template = {"default": "[{{ strftime_now('%d %b') }}]", "other": "x"}
+    assert render_template(tok, hi) == "[26 Jul]"
 
 
 def test_add_eos_off_leaves_the_response_open(tmp_path, char_tok):
