@@ -57,15 +57,14 @@ def test_messages_with_a_null_prompt_take_the_shared_leading_messages() -> None:
     assert pair == PreferencePair((("user", "hi"),), (("assistant", "A"),), (("assistant", "B"),), "chat")
 
 
-def test_a_repeated_prompt_is_stripped_only_when_both_sides_repeat_it() -> None:
-    """Only one side repeating the prompt messages: neither side is stripped (both keep the same layout)."""
+def test_a_prompt_only_one_side_repeats_is_a_bad_row() -> None:
+    """Only one side repeating the prompt messages (the other answers its first turn otherwise): the sides hold
+    neither the prompt's start nor all its turns, a bad row (it was read with the prompt twice on both sides)."""
     prompt = [USER, A]
     more = {"role": "user", "content": "more"}
     c = {"role": "assistant", "content": "C"}
-    pair = parse_pair({"prompt": prompt, "chosen": [USER, A, more, c], "rejected": [USER, B]}, "messages", _rm())
-    assert pair.prompt == (("user", "hi"), ("assistant", "A"))
-    assert pair.chosen == (("user", "hi"), ("assistant", "A"), ("user", "more"), ("assistant", "C"))
-    assert pair.rejected == (("user", "hi"), ("assistant", "B"))
+    with pytest.raises(BadRow, match="neither begin with 'prompt' nor hold its turns"):
+        parse_pair({"prompt": prompt, "chosen": [USER, A, more, c], "rejected": [USER, B]}, "messages", _rm())
 
 
 def test_identical_message_responses_are_an_identical_pair(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ def test_another_stages_data_is_refused_naming_key_file_row_and_reason():
         f"data.train: none of the first {SNIFF_ROWS} rows of {SFT_ROWS} is a preference pair (row 1: missing key "
         "'chosen' (keys present: messages)): is it another stage's data"), str(exc.value)
     with pytest.raises(DataError, match=rf"^data\.train: none of the first {SNIFF_ROWS} rows of .*rm\.jsonl is an "
-                                        r"SFT conversation \(row 1: 'chosen' must be a string, got list\)"):
+                                        r"SFT conversation \(row 1: 'chosen' holds a message list, not HH-RLHF text: "
+                                        r"data.columns.messages: chosen reads it as a conversation\)"):
         sniff_data("sft", load_config("sft", TINY / "sft.yaml", [f"data.train={RM_ROWS}", "data.format=auto"]))
     # the eval source too, read in the configured format (messages)
     with pytest.raises(DataError, match=r"^data\.eval: .*rm\.jsonl is an SFT conversation \(row 1: missing key "
@@ -152,9 +153,9 @@ def test_ptx_data_is_read_only_when_its_loss_is_on(tmp_path):
     cfg = [f"data.ptx={RM_ROWS}"]
     not_yet = {"model.name_or_path", "reward_model.name_or_path"}
     sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", cfg, not_yet=not_yet))  # ppo.ptx_coef 0: unread
-    with pytest.raises(DataError, match=r"^data\.ptx: .* is an SFT conversation \(PTX\) \(row 1: 'chosen' must "
-                                        r"be a string, got list\): is it another stage's data\? If not, set data\.ptx_format "
-                                        r"to read it$"):
+    with pytest.raises(DataError, match=r"^data\.ptx: .* is an SFT conversation \(PTX\) \(row 1: 'chosen' holds "
+                                        r"a message list, not HH-RLHF text: .*\): is it another stage's data\? If not, "
+                                        r"set data\.ptx_format to read it$"):
         sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", [*cfg, "ppo.ptx_coef=0.5"], not_yet=not_yet))
 
 
