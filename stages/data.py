@@ -299,6 +299,7 @@ class Conversation:
 
     messages: tuple[tuple[str, str], ...]  # (role, content)
     style: str
+    context_turns: int = 0  # the first turns are context whatever data.train_on (a prompt column's, before its completion)
 
 
 def detect_format(record: dict[str, Any], columns: Columns) -> str:
@@ -410,6 +411,15 @@ def message_turns(record: dict[str, Any], key: str, role: str) -> list[tuple[str
     return [(role, _field(record, key, allow_empty=role == "user"))]
 
 
+def prompt_column_turns(record: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """`message_turns` of a prompt column: a message list there must end with a user turn (the responses follow
+    it; a reply at its end would be read as context in one stage and dropped in another)."""
+    turns = message_turns(record, key, "user")
+    if turns[-1][0] != "user":
+        raise BadRow(f"'{key}' must end with a user turn (the responses follow it), not {turns[-1][0]}")
+    return turns
+
+
 def hh_field(record: dict[str, Any], key: str) -> str:
     """`record[key]`, HH-RLHF text: a message list there (an RM file's `chosen` read for SFT or PPO prompts) is a
     BadRow saying how to read it."""
@@ -423,12 +433,15 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
     """One record -> Conversation, ending with a non-empty assistant turn (later turns are dropped).
     Raises BadRow with the reason."""
     cols = data.columns
+    context = 0  # turns never trained
     if fmt == "prompt_response" and any(isinstance(record.get(k), list) for k in (cols.prompt, cols.response)):
-        # TRL's conversational prompt-completion: message lists (a string is one user / assistant turn)
-        response = message_turns(record, cols.response, "assistant")
-        if all(role != "assistant" for role, _ in response):
+        # TRL's conversational prompt-completion: message lists (a string is one user / assistant turn); only the
+        # completion's replies are trained
+        completion = message_turns(record, cols.response, "assistant")
+        if all(role != "assistant" for role, _ in completion):
             raise BadRow(f"'{cols.response}' holds no assistant turn")
-        turns, style = message_turns(record, cols.prompt, "user") + response, CHAT
+        asked = prompt_column_turns(record, cols.prompt)
+        turns, style, context = asked + completion, CHAT, len(asked)
     elif fmt == "prompt_response":
         prompt = _field(record, cols.prompt, allow_empty=True)
         response = _field(record, cols.response)
@@ -441,8 +454,7 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
             turns = [(r, c.strip()) for r, c in turns]
             style = CHAT
     elif fmt == "messages":
-        turns = parse_messages(record, cols.messages)
-        style = CHAT
+        turns, style = parse_messages(record, cols.messages), CHAT
     else:
         raise ValueError(fmt)
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
@@ -450,7 +462,7 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         raise BadRow("no assistant turn")
     if not turns[last][1].strip():
         raise BadRow("empty response (last assistant turn)")
-    return Conversation(tuple(turns[: last + 1]), style)
+    return Conversation(tuple(turns[: last + 1]), style, context)
 
 
 def load_conversations(
@@ -571,7 +583,7 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
     """
     msgs = conv.messages
     assistant_idx = [i for i, (role, _) in enumerate(msgs) if role == "assistant"]
-    trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:])
+    trained = set(assistant_idx if train_on == "all_turns" else assistant_idx[-1:]) - set(range(conv.context_turns))
     trained -= {i for i in assistant_idx[:-1] if not msgs[i][1].strip()}  # an empty earlier reply teaches nothing
     #                                         but to stop at once (its template EOS would be the trained token)
     if conv.style == RAW_PR:
@@ -740,21 +752,21 @@ def cut_warning(counts: dict[str, int], total: int, what: str, limit: str) -> st
     return f"most of the {total} {what} were cut to {limit} ({parts}): raise it unless that is meant"
 
 
-def skip_warning(reasons: dict[str, int], kept: int, what: str) -> str | None:
-    """A warning when more rows were skipped as bad rows (data.on_bad_row: skip; `reasons`: reason -> rows) than
-    `what` were kept: the run trains on what is left of data it mostly could not read.
+def skip_warning(reasons: dict[str, int], read: int) -> str | None:
+    """A warning when most of the `read` rows of a source were skipped as bad rows (data.on_bad_row: skip;
+    `reasons`: reason -> rows): the run trains on what is left of data it mostly could not read.
 
-    >>> skip_warning({"empty response": 1, "invalid JSON": 5}, 4, "examples")
-    'more rows were skipped as bad rows (6) than examples kept (4), most for: invalid JSON; mend the data or what the reason names'
-    >>> skip_warning({"invalid JSON": 4}, 4, "examples") is None
+    >>> skip_warning({"empty response": 1, "invalid JSON": 5}, 10)
+    '6 of the 10 rows read were skipped as bad rows, most for: invalid JSON; mend the data or what the reason names'
+    >>> skip_warning({"invalid JSON": 5}, 10) is None
     True
     """
     skipped = sum(reasons.values())
-    if skipped <= kept:
+    if 2 * skipped <= read:
         return None
     commonest = max(reasons, key=lambda reason: reasons[reason])
-    return (f"more rows were skipped as bad rows ({skipped}) than {what} kept ({kept}), most for: {commonest}; "
-            "mend the data or what the reason names")
+    return (f"{skipped} of the {read} rows read were skipped as bad rows, most for: {commonest}; mend the data or "
+            "what the reason names")
 
 
 def unread_warning(unread: list[str]) -> str | None:
@@ -1085,6 +1097,14 @@ class DataReport:
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
     unread_columns: list[str] = field(default_factory=list)  # prompt-part columns no data.columns key names
+    rows_read: int = 0  # rows of the split's source read, bad ones too (before a validation share was held out)
+
+    @classmethod
+    def from_log(cls, log: BadRowLog, usable: int) -> DataReport:
+        """The report of a source read with `log`, which gave `usable` rows (before any split)."""
+        report = cls(rows_read=log.total + usable)
+        report.count_skipped(log)
+        return report
 
     def cut_warning(self, what: str = "examples") -> str | None:
         """`cut_warning` of the examples (`what`: "pairs" for preference data) whose prompt, or response, was cut
@@ -1092,9 +1112,9 @@ class DataReport:
         return cut_warning({"prompts": self.prompt_truncated, "responses": self.response_truncated}, self.examples,
                            what, "data.max_length (or data.max_prompt_length)")
 
-    def skip_warning(self, what: str = "examples") -> str | None:
-        """`skip_warning` of the rows skipped against the examples (`what`: "pairs") kept."""
-        return skip_warning(self.skipped_by_reason, self.examples, what)
+    def skip_warning(self) -> str | None:
+        """`skip_warning` of the rows skipped among those read (without a count of them: skipped and kept)."""
+        return skip_warning(self.skipped_by_reason, self.rows_read or self.skipped_rows + self.examples)
 
     def unread_warning(self) -> str | None:
         """`unread_warning` of the report's unread prompt-part columns."""

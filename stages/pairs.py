@@ -43,6 +43,7 @@ from stages.data import (
     hh_dialogue,
     message_turns,
     parse_messages,
+    prompt_column_turns,
     prompt_cut,
     read_rows,
     render_segments,
@@ -151,9 +152,10 @@ def indexed_pair_hint(record: dict[str, Any]) -> str:
         match = _INDEXED.match(key)
         if match and isinstance(record[key], str):
             stems.setdefault(match.group(1).lower(), []).append(key)
-    pair = next((sorted(keys) for keys in stems.values() if len(keys) == 2), None)
-    if pair is None:
+    pairs = [sorted(keys) for keys in stems.values() if len(keys) == 2]
+    if not pairs:
         return ""
+    pair = max(pairs, key=lambda keys: sum(len(record[k]) for k in keys))  # the texts, not ids (SHP's c_root_id_A/B)
     return (f"; {pair[0]} and {pair[1]} are two responses whose better one another column names: write each row as "
             "chosen/rejected first, since no column mapping can (it would take some pairs the wrong way round)")
 
@@ -175,7 +177,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     cols = data.columns
     margin = _margin(record, cols.margin)
     if fmt == "pairs":
-        prompt = tuple(message_turns(record, cols.prompt, "user"))  # (a message list: TRL's conversational prompt)
+        prompt = tuple(prompt_column_turns(record, cols.prompt))  # (a message list: TRL's conversational prompt)
         chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
         if chosen == rejected:
             raise IdenticalPair()
@@ -211,7 +213,8 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
             raise BadRow(f"chosen and rejected differ in a user/system turn, not in a response (message {n}: "
                          f"{' vs '.join(at_n)})")
         raw = record.get(cols.prompt)
-        given = None if raw is None or raw in ("", []) else tuple(message_turns(record, cols.prompt, "user"))
+        empty = raw is None or raw == [] or (isinstance(raw, str) and not raw.strip())
+        given = None if empty else tuple(message_turns(record, cols.prompt, "user"))
         if given is None or conversations_contain(given, chosen_msgs[:n]):
             prompt_turns, sides = chosen_msgs[:n], [chosen_msgs[n:], rejected_msgs[n:]]
         else:  # responses to the prompt, or conversations repeating it (e.g. UltraFeedback): the repeat dropped

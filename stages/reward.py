@@ -188,6 +188,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
     train_pairs, eval_pairs = train.pairs, (held.pairs if held is not None else None)
     if eval_pairs is None and data.eval_fraction > 0:
         train_pairs, eval_pairs = split_holdout(train_pairs, data.eval_fraction, cfg.seed)
+    usable = {"train": len(train.pairs), "eval": len(held.pairs) if held is not None else 0}  # (before a share)
     identical = {"train": train.identical, "eval": held.identical if held is not None else 0}
     duplicates = {"train": train.duplicates, "eval": held.duplicates if held is not None else 0}
 
@@ -201,7 +202,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
     for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
         if pairs is None:
             continue
-        report = DataReport(skipped_rows=logs[split].total, skipped_by_reason=dict(logs[split].reasons))
+        report = DataReport.from_log(logs[split], usable[split])
         report.identical_pairs = identical[split]
         report.duplicate_pairs = duplicates[split]
         if split == "eval":

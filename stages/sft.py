@@ -102,13 +102,14 @@ def load_sft_data(
     eval_convs = None
     if cfg.data.eval is not None:
         eval_convs = load_conversations(cfg.data.eval, cfg.data, logs["eval"])
-    elif cfg.data.eval_fraction > 0:
+    usable = {"train": len(train_convs), "eval": len(eval_convs or [])}  # (before a validation share is held out)
+    if cfg.data.eval is None and cfg.data.eval_fraction > 0:
         train_convs, eval_convs = split_holdout(train_convs, cfg.data.eval_fraction, cfg.seed)
     tokenizer = prepare_tokenizer(cfg.model, out, dist, lambda: corpus_texts(train_convs), cfg.data.chat_template,
                                   save)
     reports = {}
     for split, log in logs.items():
-        reports[split] = DataReport(skipped_rows=log.total, skipped_by_reason=dict(log.reasons))
+        reports[split] = DataReport.from_log(log, usable[split])
     if eval_convs:
         reports["eval"].in_train = count_in_train((c.messages for c, _ in train_convs),
                                                   (c.messages for c, _ in eval_convs))

@@ -1176,20 +1176,36 @@ def test_a_data_report_warns_when_most_examples_were_cut():
     assert DataReport().cut_warning() is None
 
 
-def test_a_data_report_warns_when_more_rows_were_skipped_than_kept(capsys):
+def test_a_data_report_warns_when_most_rows_read_were_skipped(tmp_path, capsys):
     """data.on_bad_row: skip trained on what was left however little: a chat template refusing 270 of 380 rows was
-    a count in the report line only. More rows skipped than examples kept is now a warning naming the commonest
-    reason (as many or fewer: none), for SFT and the RM (pairs), in the run and in --check-data."""
+    a count in the report line only. Most rows of a source skipped is now a warning naming the commonest reason
+    (half or fewer: none), for SFT and the RM, in the run and in --check-data, counted over the rows read before
+    a validation share is held out (the train split alone keeps fewer)."""
+    from stages.config import SFTConfig
     from stages.data import DataReport
+    from stages.distributed import ONE_PROCESS
+    from stages.sft import load_sft_data
     from stages.trainer import say_report
 
-    report = DataReport(examples=2, skipped_rows=3, skipped_by_reason={"empty response": 1, "the template refuses it": 2})
+    report = DataReport(rows_read=5, examples=2, skipped_rows=3,
+                        skipped_by_reason={"empty response": 1, "the template refuses it": 2})
     say_report(True, "train", report, lambda split, r: f"{split} data: {r.examples} pairs", "pairs")
     said = " ".join(capsys.readouterr().out.split())
-    assert said == ("train data: 2 pairs warning: train data: more rows were skipped as bad rows (3) than pairs kept "
-                    "(2), most for: the template refuses it; mend the data or what the reason names"), said
-    assert DataReport(examples=3, skipped_rows=3, skipped_by_reason={"x": 3}).skip_warning() is None
+    assert said == ("train data: 2 pairs warning: train data: 3 of the 5 rows read were skipped as bad rows, most "
+                    "for: the template refuses it; mend the data or what the reason names"), said
+    assert DataReport(rows_read=6, examples=3, skipped_rows=3, skipped_by_reason={"x": 3}).skip_warning() is None
     assert DataReport().skip_warning() is None
+    good = [{"prompt": f"q{i}", "response": "a"} for i in range(10)]
+    path = tmp_path / "rows.jsonl"
+    for bad, warned in ((10, False), (11, True)):  # 10 usable rows, 1 held out for validation (9 kept for training)
+        path.write_text("".join(json.dumps(r) + "\n" for r in good + [{"prompt": "q", "response": ""}] * bad))
+        cfg = SFTConfig.model_validate({"output_dir": str(tmp_path / "out"), "model": {"from_config": {
+            "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2}}, "data": {
+            "train": str(path), "on_bad_row": "skip", "eval_fraction": 0.1}})
+        reports = load_sft_data(cfg, tmp_path / "out", ONE_PROCESS, save=False)[3]
+        assert reports["train"].examples == 9 and reports["train"].rows_read == 10 + bad
+        assert (reports["train"].skip_warning() is not None) is warned, bad
 
 
 def test_split_or_subset_on_a_local_file_is_refused():

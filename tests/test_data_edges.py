@@ -135,9 +135,9 @@ def test_rows_in_the_layouts_of_popular_datasets_read_in_every_stage():
     system = {"role": "system", "content": "S"}
     sft = _sft(columns=Columns(response="completion"))
     conv = parse_conversation({"prompt": [system, user], "completion": [reply]}, "prompt_response", sft)
-    assert conv == Conversation((("system", "S"), ("user", "Q"), ("assistant", "A")), "chat")
+    assert conv == Conversation((("system", "S"), ("user", "Q"), ("assistant", "A")), "chat", context_turns=2)
     assert parse_conversation({"prompt": "Q", "completion": [reply]}, "prompt_response", sft) == Conversation(
-        (("user", "Q"), ("assistant", "A")), "chat")
+        (("user", "Q"), ("assistant", "A")), "chat", context_turns=1)
     with pytest.raises(BadRow, match="'completion' holds no assistant turn"):
         parse_conversation({"prompt": [system], "completion": [user]}, "prompt_response", sft)
     assert parse_conversation({"prompt": "Q", "completion": "A"}, "prompt_response", sft).style == "raw_pr"  # as before
@@ -172,33 +172,40 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     """alpaca's `input` (mapped `prompt: instruction`) and an orca pair's `system` were left out of every row without
     a word: a column named as prompt parts are that data.columns does not name is a warning in each stage's
     report (data_report.json's unread_columns), and a column it names is read, so not said."""
-    from stages.config import Columns
-    from stages.data import BadRowLog, load_conversations
+    from stages.config import Columns, RMConfig, SFTConfig
+    from stages.data import PROMPT_PARTS, BadRowLog, load_conversations
     from stages.distributed import ONE_PROCESS
-    from stages.pairs import load_pairs
     from stages.ppo.trainer import load_ppo_data
+    from stages.reward import load_rm_data
+    from stages.sft import load_sft_data
     from stages.trainer import say_report
 
+    tiny = {"from_config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "num_key_value_heads": 2}}
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n")
-    log = BadRowLog()
-    convs = load_conversations(DataSource(path=str(alpaca)), _sft(columns=Columns(prompt="instruction",
-                                                                                  response="output")), log)
-    assert convs[0][0].messages == (("user", "Add"), ("assistant", "5")) and log.unread == ["input"]
-    report = DataReport(examples=1)
-    report.count_skipped(log)
+    sft = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": tiny, "data": {
+        "train": str(alpaca), "columns": {"prompt": "instruction", "response": "output"}, "eval_fraction": 0}})
+    report = load_sft_data(sft, tmp_path / "sft", ONE_PROCESS, save=False)[3]["train"]
+    assert report.unread_columns == ["input"] and report.examples == 1
     say_report(True, "train", report, lambda split, r: f"{split} data")
     assert "warning: train data: column 'input' is not read (no data.columns key names it): if it is part of the " \
            "prompt, join it into the column read" in " ".join(capsys.readouterr().out.split())
     log = BadRowLog()  # one that data.columns names is read, not said (here `instruction` is the one left out)
     load_conversations(DataSource(path=str(alpaca)), _sft(columns=Columns(prompt="input", response="output")), log)
     assert log.unread == ["instruction"]
+    for part in PROMPT_PARTS:  # each, unnamed, is said (once per file)
+        log = BadRowLog()
+        log.note_columns({"prompt": "p", part: "x"}, Columns(), "f")
+        log.note_columns({"prompt": "p", part: "x", "other": "y"}, Columns(), "f")
+        assert log.unread == [part]
     orca = tmp_path / "orca.jsonl"
     orca.write_text("".join(json.dumps({"system": "Be brief.", "question": f"Q{i}", "chosen": "yes", "rejected": "no"})
                             + "\n" for i in range(2)))
-    log = BadRowLog()
-    assert len(load_pairs(DataSource(path=str(orca)), _rm(columns={"prompt": "question"}), log).pairs) == 2
-    assert log.unread == ["system"]
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": tiny, "data": {
+        "train": str(orca), "columns": {"prompt": "question"}, "eval_fraction": 0}})
+    reports = load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]
+    assert reports["train"].unread_columns == ["system"] and reports["train"].examples == 2
     cfg = PPOConfig.model_validate({"output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"},
                                     "reward_model": {"name_or_path": "stub/rm"},
                                     "data": {"train": str(orca), "columns": {"prompt": "question"}, "eval_fraction": 0}})
@@ -206,3 +213,48 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     said = " ".join(capsys.readouterr().out.split())
     assert "warning: data.train: column 'system' is not read" in said, said
     assert json.loads((tmp_path / "data_report.json").read_text())["train"]["unread_columns"] == ["system"]
+
+
+def test_prompt_columns_and_their_repeats_read_one_way_in_every_stage(char_tok):
+    """(each pinned after a mutant of it survived) A prompt message list must end with a user turn in every stage
+    (the responses follow it; PPO dropped a final reply the RM kept as context); a conversational completion
+    alone is trained, never a reply inside the prompt list; the whole repeat of a prompt is dropped; a prompt
+    turn the conversations lack makes a bad row; SHP's hint names its texts, not its ids, and rows without two
+    response texts get none."""
+    from stages.config import PPODataConfig
+    from stages.data import BadRow, parse_conversation
+    from stages.pairs import detect_pair_format, indexed_pair_hint, parse_pair
+    from stages.ppo.prompts import parse_prompt
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    q, x, a = turn("user", "Q"), turn("assistant", "X"), turn("assistant", "A")
+    ends_with_reply = {"prompt": [q, x], "chosen": "A", "rejected": "B", "completion": [a]}
+    for read in (lambda: parse_pair(ends_with_reply, "pairs", _rm()),
+                 lambda: parse_prompt(ends_with_reply, "prompt", PPODataConfig(train=DataSource(path="unused"))),
+                 lambda: parse_conversation(ends_with_reply, "prompt_response", _sft(columns={"response": "completion"}))):
+        with pytest.raises(BadRow, match="'prompt' must end with a user turn .*, not assistant"):
+            read()
+    row = {"prompt": [q, x, turn("user", "Q2")], "completion": [a]}  # a reply inside the prompt: context
+    conv = parse_conversation(row, "prompt_response", _sft(columns={"response": "completion"}))
+    assert [s.text for s in render_segments(conv, char_tok, "all_turns") if s.train] == ["A<|endoftext|>"]
+    # the most turns a prompt's end and the conversations' start share are its repeat
+    s1, s2 = turn("system", "S1"), turn("system", "S2")
+    yes, no = turn("assistant", "yes"), turn("assistant", "no")
+    pair = parse_pair({"prompt": [q, x, q], "chosen": [q, x, q, yes], "rejected": [q, x, q, no]}, "messages", _rm())
+    assert pair.chosen == (("assistant", "yes"),) and len(pair.prompt) == 3
+    # a prompt turn the conversations lack (another system prompt): neither its repeat nor held, a bad row
+    with pytest.raises(BadRow, match="neither begin with 'prompt' nor hold its turns"):
+        parse_pair({"prompt": [s1, q], "chosen": [s2, q, yes], "rejected": [s2, q, no]}, "messages", _rm())
+    # sides opening with a reply are responses to the prompt, whatever turns they hold later
+    pair = parse_pair({"prompt": "Q", "chosen": [a, q, yes], "rejected": [a, q, no]}, "messages", _rm())
+    assert pair.prompt == (("user", "Q"),) and pair.chosen == (("assistant", "A"), ("user", "Q"), ("assistant", "yes"))
+    # a whitespace-only prompt column is no prompt
+    pair = parse_pair({"prompt": "\n", "chosen": [q, yes], "rejected": [q, no]}, "messages", _rm())
+    assert pair.prompt == (("user", "Q"),)
+    shp = {"history": "How?", "c_root_id_A": "c1", "c_root_id_B": "c2", "score_A": 5, "score_B": 3,
+           "human_ref_A": "A long answer.", "human_ref_B": "Another long answer.", "labels": 1}
+    with pytest.raises(BadRow, match="set data.columns; human_ref_A and human_ref_B are two responses"):
+        detect_pair_format(shp, _rm())
+    assert indexed_pair_hint({"prompt": "p", "score_A": 5, "score_B": 3}) == ""  # (numbers, not texts)

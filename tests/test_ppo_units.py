@@ -1487,11 +1487,11 @@ def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path
         "with a user turn); eval: 1 bad row(s)" in said
     assert "warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used" in said
     assert "skipped as bad rows" not in said  # (as many skipped as kept, in the eval file: no warning)
-    _jsonl(tmp_path / "eval.jsonl", BAD_ROWS[:2] + BAD_ROWS[1:2])  # two bad rows, one prompt: mostly unread, a warning
+    _jsonl(tmp_path / "eval.jsonl", BAD_ROWS[:2] + BAD_ROWS[1:2])  # two bad rows of three: mostly unread, a warning
     load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)
     said = " ".join(capsys.readouterr().out.split())
-    assert "warning: data.eval: more rows were skipped as bad rows (2) than prompts kept (1), most for: a prompt must " \
-        "end with a user turn; mend the data or what the reason names" in said and "data.train: more" not in said
+    assert "warning: data.eval: 2 of the 3 rows read were skipped as bad rows, most for: a prompt must end with a " \
+        "user turn; mend the data or what the reason names" in said and "data.train: 1 of" not in said
 
 
 def test_load_prompts_refuses_a_prompt_that_encodes_to_no_token(tmp_path):

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_field,
-                         hh_text, opens_with_bos, parse_messages, read_rows, render_template, specials_read_as_text,
-                         text_ids, with_plain_specials)
+                         hh_text, opens_with_bos, parse_messages, prompt_column_turns, read_rows, render_template,
+                         specials_read_as_text, text_ids, with_plain_specials)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -53,7 +53,7 @@ def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple
     is the raw prompt."""
     cols = data.columns
     if fmt == "prompt" and isinstance(record.get(cols.prompt), list):  # (TRL's conversational prompt-only rows)
-        return _drop_final_response(parse_messages(record, cols.prompt)), True
+        return _drop_final_response(prompt_column_turns(record, cols.prompt)), True
     if fmt == "prompt":
         text = _field(record, cols.prompt)
         return [("user", text)], data.use_chat_template
