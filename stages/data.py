@@ -1098,6 +1098,7 @@ class DataReport:
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
     unread_columns: list[str] = field(default_factory=list)  # prompt-part columns no data.columns key names
     rows_read: int = 0  # rows of the split's source read, bad ones too (before a validation share was held out)
+    cautions: list[str] = field(default_factory=list)  # what the settings may read wrongly, said as warnings
 
     @classmethod
     def from_log(cls, log: BadRowLog, usable: int) -> DataReport:

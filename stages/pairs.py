@@ -160,6 +160,22 @@ def indexed_pair_hint(record: dict[str, Any]) -> str:
             "chosen/rejected first, since no column mapping can (it would take some pairs the wrong way round)")
 
 
+def indexed_columns_caution(chosen: str, rejected: str) -> str | None:
+    """A caution when data.columns.chosen and .rejected are two columns told apart only by an index (PKU-SafeRLHF's
+    response_0/response_1, SHP's human_ref_A/human_ref_B): such data names the better one per row in another
+    column, so unless the first is the better in every row, about half the pairs are read the wrong way round.
+
+    >>> indexed_columns_caution("response_j", "response_k") is None
+    True
+    """
+    stems = [_INDEXED.match(name) for name in (chosen, rejected)]
+    if not all(stems) or stems[0].group(1) != stems[1].group(1) or stems[0].group(2) == stems[1].group(2):
+        return None
+    return (f"data.columns.chosen and .rejected are {chosen} and {rejected}, two responses told apart by an index: "
+            f"unless {chosen} is the better in every row, rewrite each row as chosen/rejected first (such data names "
+            "the better one per row in another column, and about half the pairs would be read the wrong way round)")
+
+
 def detect_pair_format(record: dict[str, Any], data: RMDataConfig) -> str:
     """The format a record's keys and values indicate (raises BadRow when none fits)."""
     cols = data.columns

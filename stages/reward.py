@@ -29,7 +29,7 @@ from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_flo
 from stages.lm import collate, step_counts, trained_token_count
 from stages.metrics import say
 from stages.models import ensure_distinct_pad, prepare_tokenizer
-from stages.pairs import PairRows, load_pairs, pair_key, tokenize_pairs
+from stages.pairs import PairRows, indexed_columns_caution, load_pairs, pair_key, tokenize_pairs
 from stages.rendering import data_rendering
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
 from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
@@ -210,6 +210,8 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
                                              map(pair_key, (p for p, _ in pairs)))
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
+    caution = indexed_columns_caution(data.columns.chosen, data.columns.rejected)
+    reports["train"].cautions += [caution] if caution else []
     return tokenizer, added, rows["train"], rows.get("eval"), reports
 
 

@@ -258,3 +258,32 @@ def test_prompt_columns_and_their_repeats_read_one_way_in_every_stage(char_tok):
     with pytest.raises(BadRow, match="set data.columns; human_ref_A and human_ref_B are two responses"):
         detect_pair_format(shp, _rm())
     assert indexed_pair_hint({"prompt": "p", "score_A": 5, "score_B": 3}) == ""  # (numbers, not texts)
+
+
+def test_chosen_and_rejected_columns_told_apart_by_an_index_are_a_caution(tmp_path, capsys):
+    """PKU-SafeRLHF's response_0/response_1 (SHP's human_ref_A/B) mapped as chosen/rejected load without error,
+    but such data names the better response per row in another column: about half the pairs would be read the
+    wrong way round. The RM's report says so (run and --check-data); response_j/response_k (stack-exchange-paired,
+    j the better in every row) and plain names do not."""
+    from stages.config import RMConfig
+    from stages.distributed import ONE_PROCESS
+    from stages.pairs import indexed_columns_caution
+    from stages.reward import load_rm_data
+    from stages.trainer import say_report
+
+    pku = tmp_path / "pku.jsonl"
+    pku.write_text("".join(json.dumps({"prompt": f"Q{i}", "response_0": "a", "response_1": "b",
+                                       "better_response_id": i % 2}) + "\n" for i in range(4)))
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": {"from_config": {
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2}}, "data": {
+        "train": str(pku), "columns": {"chosen": "response_0", "rejected": "response_1"}, "eval_fraction": 0}})
+    report = load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"]
+    say_report(True, "train", report, lambda split, r: f"{split} data")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: train data: data.columns.chosen and .rejected are response_0 and response_1, two responses told " \
+           "apart by an index: unless response_0 is the better in every row, rewrite each row as chosen/rejected" in said
+    assert indexed_columns_caution("human_ref_A", "human_ref_B") is not None
+    for names in (("response_j", "response_k"), ("chosen", "rejected"), ("response_0", "response_0"),
+                  ("answer_0", "response_1")):
+        assert indexed_columns_caution(*names) is None, names
