@@ -1097,13 +1097,13 @@ class DataReport:
     special_as_text: int = 0  # examples (pairs) with a special-token string in a message's content, read as text
     in_train: int = 0  # eval split: examples (pairs) whose messages equal a training example's (`count_in_train`)
     unread_columns: list[str] = field(default_factory=list)  # prompt-part columns no data.columns key names
-    rows_read: int = 0  # rows of the split's source read, bad ones too (before a validation share was held out)
+    source_rows: int = 0  # rows of the split's source read, bad ones too (before a validation share was held out)
     cautions: list[str] = field(default_factory=list)  # what the settings may read wrongly, said as warnings
 
     @classmethod
     def from_log(cls, log: BadRowLog, usable: int) -> DataReport:
         """The report of a source read with `log`, which gave `usable` rows (before any split)."""
-        report = cls(rows_read=log.total + usable)
+        report = cls(source_rows=log.total + usable)
         report.count_skipped(log)
         return report
 
@@ -1115,7 +1115,7 @@ class DataReport:
 
     def skip_warning(self) -> str | None:
         """`skip_warning` of the rows skipped among those read (without a count of them: skipped and kept)."""
-        return skip_warning(self.skipped_by_reason, self.rows_read or self.skipped_rows + self.examples)
+        return skip_warning(self.skipped_by_reason, self.source_rows or self.skipped_rows + self.examples)
 
     def unread_warning(self) -> str | None:
         """`unread_warning` of the report's unread prompt-part columns."""

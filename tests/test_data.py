@@ -1187,13 +1187,13 @@ def test_a_data_report_warns_when_most_rows_read_were_skipped(tmp_path, capsys):
     from stages.sft import load_sft_data
     from stages.trainer import say_report
 
-    report = DataReport(rows_read=5, examples=2, skipped_rows=3,
+    report = DataReport(source_rows=5, examples=2, skipped_rows=3,
                         skipped_by_reason={"empty response": 1, "the template refuses it": 2})
     say_report(True, "train", report, lambda split, r: f"{split} data: {r.examples} pairs", "pairs")
     said = " ".join(capsys.readouterr().out.split())
     assert said == ("train data: 2 pairs warning: train data: 3 of the 5 rows read were skipped as bad rows, most "
                     "for: the template refuses it; mend the data or what the reason names"), said
-    assert DataReport(rows_read=6, examples=3, skipped_rows=3, skipped_by_reason={"x": 3}).skip_warning() is None
+    assert DataReport(source_rows=6, examples=3, skipped_rows=3, skipped_by_reason={"x": 3}).skip_warning() is None
     assert DataReport().skip_warning() is None
     good = [{"prompt": f"q{i}", "response": "a"} for i in range(10)]
     path = tmp_path / "rows.jsonl"
@@ -1204,7 +1204,7 @@ def test_a_data_report_warns_when_most_rows_read_were_skipped(tmp_path, capsys):
             "num_attention_heads": 2, "num_key_value_heads": 2}}, "data": {
             "train": str(path), "on_bad_row": "skip", "eval_fraction": 0.1}})
         reports = load_sft_data(cfg, tmp_path / "out", ONE_PROCESS, save=False)[3]
-        assert reports["train"].examples == 9 and reports["train"].rows_read == 10 + bad
+        assert reports["train"].examples == 9 and reports["train"].source_rows == 10 + bad
         assert (reports["train"].skip_warning() is not None) is warned, bad
 
 
