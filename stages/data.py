@@ -602,7 +602,7 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
 
     def through_template(turns: Sequence[tuple[str, str]]) -> list[Segment]:
         as_dicts = [{"role": r, "content": c} for r, c in turns]
-        renders = []  # (the text before the reply, the text through it) of each trained turn
+        renders = []  # (turn index, the text before the reply, the text through it) of each trained turn
         for i in sorted(trained):
             full = render_template(tokenizer, as_dicts[: i + 1])
             if i:
@@ -612,13 +612,13 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
             if not full.startswith(prompt):
                 raise BadRow("the chat template's render of an assistant reply does not begin with its render of "
                              "the conversation before it with the generation prompt; cannot mask turns")
-            renders.append((prompt, full))
+            renders.append((i, prompt, full))
         out: list[Segment] = []
         done = ""
-        for k, ((prompt, full), i) in enumerate(zip(renders, sorted(trained))):
+        for k, (i, prompt, full) in enumerate(renders):
             # an earlier reply is trained as the later renders keep it (Phi-3's closing EOS dropped)
             end = len(full) if k + 1 == len(renders) else kept_reply_end(
-                full, renders[k + 1][0], len(prompt), tokenizer,
+                full, renders[k + 1][1], len(prompt), tokenizer,
                 lambda i=i: render_template(tokenizer, as_dicts[: i + 1], add_generation_prompt=True))
             out.append(Segment(prompt[len(done):], False, templated=True))
             out.append(Segment(full[len(prompt):end], True, templated=True))
