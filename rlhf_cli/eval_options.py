@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from rlhf_cli.config_loader import apply_override, format_validation_error, load_config, parse_override
 from stages.config import PRECISION_DTYPES, GenerationConfig, PPODataConfig
 from stages.errors import CheckpointError, ConfigError
-from stages.eval_settings import EvalSettings
+from stages.eval_settings import EvalSettings, held_out_of
 from stages.model_paths import resolve_model_dir
 
 
@@ -81,7 +81,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     for name, value in (("num_prompts", num_prompts), ("batch_size", batch_size)):  # (the CLI refuses them too;
         if value is not None and value < 1:  # this says so to a caller from Python)
             raise ConfigError(f"rlhf eval: {name} must be at least 1, got {value}")
-    held_out = (data.eval_fraction, split_seed) if split_seed is not None and data.eval_fraction > 0 else None
+    held_out = held_out_of(data, split_seed) if split_seed is not None else None  # (data: the prompts as data.train)
     return EvalSettings(policy=_absolute(str(policy)), reward_model=_absolute(reward_model), data=data,
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,

@@ -28,6 +28,13 @@ class EvalSettings:
     held_out: tuple[float, int] | None = None
 
 
+def held_out_of(data: PPODataConfig, seed: int) -> tuple[float, int] | None:
+    """`EvalSettings.held_out` of a PPO config's data section and seed: (data.eval_fraction, seed) when it has no
+    data.eval and eval_fraction > 0, so `rlhf ppo` held a share of data.train out (stages.ppo.trainer
+    load_ppo_data); else None."""
+    return (data.eval_fraction, seed) if data.eval is None and data.eval_fraction > 0 else None
+
+
 def held_out_source(source: str, fraction: float, seed: int) -> str:
     """How `rlhf eval` and the pipeline's plan name the validation share of `source` (data.train) that `rlhf ppo`
     held out: split_holdout with data.eval_fraction and the config's seed."""
@@ -40,6 +47,7 @@ def evaluated_prompts(data: PPODataConfig, seed: int) -> str:
     data.train's own, the prompts the run trains on."""
     if data.eval is not None:
         return f"data.eval {data.eval.path}"
-    if data.eval_fraction > 0:
-        return held_out_source(f"data.train {data.train.path}", data.eval_fraction, seed)
+    share = held_out_of(data, seed)
+    if share:
+        return held_out_source(f"data.train {data.train.path}", *share)
     return f"data.train {data.train.path} (data.eval_fraction 0: the prompts it trains on)"
