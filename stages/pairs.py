@@ -21,6 +21,7 @@ import re
 import sys
 from array import array
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any, Iterable
 
 from stages.config import DataSource, RMDataConfig
@@ -140,6 +141,16 @@ def _margin(record: dict[str, Any], column: str | None) -> float:
 _INDEXED = re.compile(r"^(.*?)[_-]?([01AB])$")
 
 
+def index_twins(a: str, b: str) -> bool:
+    """Whether two column names differ only in a last 0/1 or A/B (`_INDEXED`).
+
+    >>> index_twins("response_0", "response_1"), index_twins("response_j", "response_k")
+    (True, False)
+    """
+    ma, mb = _INDEXED.match(a), _INDEXED.match(b)
+    return bool(ma and mb) and ma.group(1) == mb.group(1) and ma.group(2) != mb.group(2)
+
+
 def indexed_pair_hint(record: dict[str, Any]) -> str:
     """For rows with two response columns and the index of the better one in a third, the note that no column
     mapping reads them (chosen is response_0 in some rows and response_1 in others); "" for other rows.
@@ -147,12 +158,8 @@ def indexed_pair_hint(record: dict[str, Any]) -> str:
     >>> indexed_pair_hint({"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 1})[:40]
     '; response_0 and response_1 are two resp'
     """
-    stems: dict[str, list[str]] = {}
-    for key in record:
-        match = _INDEXED.match(key)
-        if match and isinstance(record[key], str):
-            stems.setdefault(match.group(1).lower(), []).append(key)
-    pairs = [sorted(keys) for keys in stems.values() if len(keys) == 2]
+    texts = sorted(key for key, value in record.items() if isinstance(value, str))
+    pairs = [(a, b) for a, b in combinations(texts, 2) if index_twins(a, b)]
     if not pairs:
         return ""
     pair = max(pairs, key=lambda keys: sum(len(record[k]) for k in keys))  # the texts, not ids (SHP's c_root_id_A/B)
@@ -161,15 +168,11 @@ def indexed_pair_hint(record: dict[str, Any]) -> str:
 
 
 def indexed_columns_caution(chosen: str, rejected: str) -> str | None:
-    """A caution when data.columns.chosen and .rejected are two columns told apart only by an index (PKU-SafeRLHF's
-    response_0/response_1, SHP's human_ref_A/human_ref_B): such data names the better one per row in another
-    column, so unless the first is the better in every row, about half the pairs are read the wrong way round.
-
-    >>> indexed_columns_caution("response_j", "response_k") is None
-    True
-    """
-    stems = [_INDEXED.match(name) for name in (chosen, rejected)]
-    if not all(stems) or stems[0].group(1) != stems[1].group(1) or stems[0].group(2) == stems[1].group(2):
+    """A caution when data.columns.chosen and .rejected are two columns told apart only by an index (`index_twins`:
+    PKU-SafeRLHF's response_0/response_1, SHP's human_ref_A/human_ref_B): such data names the better one per row
+    in another column, so unless the first is the better in every row, about half the pairs are read the wrong
+    way round."""
+    if not index_twins(chosen, rejected):
         return None
     return (f"data.columns.chosen and .rejected are {chosen} and {rejected}, two responses told apart by an index: "
             f"unless {chosen} is the better in every row, rewrite each row as chosen/rejected first (such data names "
