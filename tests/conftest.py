@@ -35,6 +35,9 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SFT = REPO / "configs" / "tiny" / "sft.yaml"
+#: a stage config's `model` for loading data only: a one-layer llama whose tokenizer is trained on the data
+ONE_LAYER_MODEL = {"from_config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}}
 HH_NAME = "hh-rlhf-harmless-test-400.jsonl"
 #: the real HH-RLHF sample lives beside the repository (../shared/data), never inside it
 HH_CANDIDATES = [

@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import ONE_LAYER_MODEL, REPO
 from stages.config import DataSource, SFTDataConfig
 from stages.data import (
     IGNORE,
@@ -1199,9 +1199,7 @@ def test_a_data_report_warns_when_most_rows_read_were_skipped(tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     for bad, warned in ((10, False), (11, True)):  # 10 usable rows, 1 held out for validation (9 kept for training)
         path.write_text("".join(json.dumps(r) + "\n" for r in good + [{"prompt": "q", "response": ""}] * bad))
-        cfg = SFTConfig.model_validate({"output_dir": str(tmp_path / "out"), "model": {"from_config": {
-            "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 2}}, "data": {
+        cfg = SFTConfig.model_validate({"output_dir": str(tmp_path / "out"), "model": ONE_LAYER_MODEL, "data": {
             "train": str(path), "on_bad_row": "skip", "eval_fraction": 0.1}})
         reports = load_sft_data(cfg, tmp_path / "out", ONE_PROCESS, save=False)[3]
         assert reports["train"].examples == 9 and reports["train"].source_rows == 10 + bad

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import ONE_LAYER_MODEL
 from stages.config import DataSource, PPOConfig, RMDataConfig, SFTDataConfig
 from stages.data import Conversation, DataReport, Segment, render_segments, tokenize_conversations
 from stages.errors import DataError
@@ -180,11 +181,9 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     from stages.sft import load_sft_data
     from stages.trainer import say_report
 
-    tiny = {"from_config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2}}
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n")
-    sft = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": tiny, "data": {
+    sft = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": ONE_LAYER_MODEL, "data": {
         "train": str(alpaca), "columns": {"prompt": "instruction", "response": "output"}, "eval_fraction": 0}})
     report = load_sft_data(sft, tmp_path / "sft", ONE_PROCESS, save=False)[3]["train"]
     assert report.unread_columns == ["input"] and report.examples == 1
@@ -202,7 +201,7 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     orca = tmp_path / "orca.jsonl"
     orca.write_text("".join(json.dumps({"system": "Be brief.", "question": f"Q{i}", "chosen": "yes", "rejected": "no"})
                             + "\n" for i in range(2)))
-    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": tiny, "data": {
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": ONE_LAYER_MODEL, "data": {
         "train": str(orca), "columns": {"prompt": "question"}, "eval_fraction": 0}})
     reports = load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]
     assert reports["train"].unread_columns == ["system"] and reports["train"].examples == 2
@@ -274,9 +273,7 @@ def test_chosen_and_rejected_columns_told_apart_by_an_index_are_a_caution(tmp_pa
     pku = tmp_path / "pku.jsonl"
     pku.write_text("".join(json.dumps({"prompt": f"Q{i}", "response_0": "a", "response_1": "b",
                                        "better_response_id": i % 2}) + "\n" for i in range(4)))
-    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": {"from_config": {
-        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 2}}, "data": {
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": ONE_LAYER_MODEL, "data": {
         "train": str(pku), "columns": {"chosen": "response_0", "rejected": "response_1"}, "eval_fraction": 0}})
     report = load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"]
     say_report(True, "train", report, lambda split, r: f"{split} data")
