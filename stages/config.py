@@ -246,10 +246,32 @@ class DataSource(Section):
         return self.path if isinstance(self.path, list) else [self.path]
 
 
-class PromptColumns(Section):
-    """Column names of prompt data (PPO); SFT's Columns add the response."""
+class PromptPartColumns(Section):
+    """The prompt column and the optional columns that add to it (stages/data.py `with_input`, `with_system`)."""
 
     prompt: str = "prompt"
+    input: str | None = Field(
+        None, description="column joined to the prompt column's text after a blank line when not empty (alpaca's "
+        "input); read with the prompt column only")
+    system: str | None = Field(
+        None, description="column of a system prompt, given as a first system turn when not empty (orca's system); "
+        "needs the chat template")
+
+    @model_validator(mode="after")
+    def _parts_apart(self) -> "PromptPartColumns":
+        """input and system name columns of their own: one also read as the prompt would be read twice."""
+        named = [(key, getattr(self, key)) for key in ("prompt", "input", "system") if getattr(self, key) is not None]
+        for i, (key, column) in enumerate(named):
+            for other, same in named[:i]:
+                if same == column:
+                    raise ValueError(f"{other} and {key} both name column {column!r}: each part of the prompt is a "
+                                     "column of its own")
+        return self
+
+
+class PromptColumns(PromptPartColumns):
+    """Column names of prompt data (PPO); SFT's Columns add the response."""
+
     messages: str = "messages"
     text: str = Field("chosen", description="HH-RLHF dialogue text column")
 
@@ -302,10 +324,9 @@ class SFTDataConfig(DataConfigBase):
     packing: bool = Field(False, description="pack several examples per row (attention kept per example)")
 
 
-class PairColumns(Section):
+class PairColumns(PromptPartColumns):
     """Column names of preference data."""
 
-    prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
     margin: str | None = Field(None, description="optional numeric column: required reward margin of the pair")

@@ -420,6 +420,43 @@ def prompt_column_turns(record: dict[str, Any], key: str) -> list[tuple[str, str
     return turns
 
 
+def _part(record: dict[str, Any], key: str) -> str:
+    """`record[key]`, an optional part of a prompt: a string, null read as "" (a missing key is a BadRow)."""
+    return "" if key in record and record[key] is None else _field(record, key, allow_empty=True)
+
+
+def with_input(turns: list[tuple[str, str]], record: dict[str, Any], key: str | None) -> list[tuple[str, str]]:
+    """The prompt column's `turns` with `record[key]` (data.columns.input: alpaca's input) joined to their last
+    user turn after a blank line, `instruction + "\\n\\n" + input` (the input alone after an empty prompt);
+    unchanged when `key` is None or the value is empty or whitespace.
+
+    >>> with_input([("user", "Translate.")], {"input": "chat"}, "input")
+    [('user', 'Translate.\\n\\nchat')]
+    """
+    extra = _part(record, key) if key is not None else ""
+    if not extra.strip():
+        return turns
+    at = max(i for i, (role, _) in enumerate(turns) if role == "user")  # (a prompt column ends with a user turn)
+    asked = turns[at][1]
+    return turns[:at] + [("user", f"{asked}\n\n{extra}" if asked.strip() else extra)] + turns[at + 1:]
+
+
+def with_system(turns: Sequence[tuple[str, str]], record: dict[str, Any], key: str | None, chat: bool
+                ) -> list[tuple[str, str]]:
+    """`record[key]` (data.columns.system: orca's system) as a first system turn before `turns`, unchanged when
+    `key` is None or the value is empty or whitespace. A BadRow when the turns are not rendered through the chat
+    template (`chat`: plain text has no system turn) or already open with a system turn (two system prompts)."""
+    system = _part(record, key) if key is not None else ""
+    if not system.strip():
+        return list(turns)
+    if not chat:
+        raise BadRow(f"'{key}' holds a system prompt, which plain text has no place for: data.use_chat_template: "
+                     "true renders it as the system turn")
+    if turns and turns[0][0] == "system":
+        raise BadRow(f"a system prompt in '{key}' and a system turn in the conversation: give it in one place")
+    return [("system", system), *turns]
+
+
 def hh_field(record: dict[str, Any], key: str) -> str:
     """`record[key]`, HH-RLHF text: a message list there (an RM file's `chosen` read for SFT or PPO prompts) is a
     BadRow saying how to read it."""
@@ -440,13 +477,11 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         completion = message_turns(record, cols.response, "assistant")
         if all(role != "assistant" for role, _ in completion):
             raise BadRow(f"'{cols.response}' holds no assistant turn")
-        asked = prompt_column_turns(record, cols.prompt)
+        asked = with_input(prompt_column_turns(record, cols.prompt), record, cols.input)
         turns, style, context = asked + completion, CHAT, len(asked)
     elif fmt == "prompt_response":
-        prompt = _field(record, cols.prompt, allow_empty=True)
-        response = _field(record, cols.response)
-        msgs = (("user", prompt), ("assistant", response))
-        return Conversation(msgs, CHAT if data.use_chat_template else RAW_PR)
+        asked = with_input([("user", _field(record, cols.prompt, allow_empty=True))], record, cols.input)
+        turns, style = asked + [("assistant", _field(record, cols.response))], CHAT if data.use_chat_template else RAW_PR
     elif fmt == "hh":
         turns = hh_dialogue(hh_field(record, cols.text))
         style = RAW_HH
@@ -457,6 +492,8 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         turns, style = parse_messages(record, cols.messages), CHAT
     else:
         raise ValueError(fmt)
+    with_own = with_system(turns, record, cols.system, style == CHAT)
+    turns, context = with_own, context + len(with_own) - len(turns)
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None:
         raise BadRow("no assistant turn")
@@ -772,8 +809,8 @@ def skip_warning(reasons: dict[str, int], read: int) -> str | None:
 def unread_warning(unread: list[str]) -> str | None:
     """A warning naming the prompt-part columns no data.columns key names (`BadRowLog.note_columns`); None for none.
 
-    >>> unread_warning(["input"])
-    "column 'input' is not read (no data.columns key names it): if it is part of the prompt, join it into the column read"
+    >>> unread_warning(["input"])[:60]
+    "column 'input' is not read (no data.columns key names it): i"
     >>> unread_warning(["system", "context"])[:61]
     "columns 'system', 'context' are not read (no data.columns key"
     """
@@ -782,8 +819,8 @@ def unread_warning(unread: list[str]) -> str | None:
     names = ", ".join(f"'{key}'" for key in unread)
     one = len(unread) == 1
     return (f"column{'' if one else 's'} {names} {'is' if one else 'are'} not read (no data.columns key names "
-            f"{'it' if one else 'them'}): if {'it is' if one else 'they are'} part of the prompt, join "
-            f"{'it' if one else 'them'} into the column read")
+            f"{'it' if one else 'them'}): if {'it is' if one else 'they are'} part of the prompt, data.columns.input "
+            "names a column joined after the prompt's text, data.columns.system one given as the system turn")
 
 
 def count_in_train(train: Iterable[Hashable], held: Iterable[Hashable]) -> int:

@@ -50,6 +50,8 @@ from stages.data import (
     render_segments,
     split_hh,
     truncate_example,
+    with_input,
+    with_system,
 )
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -195,14 +197,11 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     """One record -> PreferencePair. Raises BadRow (with the reason) or IdenticalPair."""
     cols = data.columns
     margin = _margin(record, cols.margin)
-    if fmt == "pairs":
-        prompt = tuple(prompt_column_turns(record, cols.prompt))  # (a message list: TRL's conversational prompt)
-        chosen, rejected = _field(record, cols.chosen), _field(record, cols.rejected)
-        if chosen == rejected:
-            raise IdenticalPair()
+    if fmt == "pairs":  # (a message list in the prompt column: TRL's conversational prompt)
+        prompt_turns = tuple(with_input(prompt_column_turns(record, cols.prompt), record, cols.input))
+        sides = [(("assistant", _field(record, cols.chosen)),), (("assistant", _field(record, cols.rejected)),)]
         style = CHAT if data.use_chat_template or isinstance(record[cols.prompt], list) else RAW_PR
-        return PreferencePair(prompt, (("assistant", chosen),), (("assistant", rejected),), style, margin)
-    if fmt == "hh":
+    elif fmt == "hh":
         texts = _field(record, cols.chosen), _field(record, cols.rejected)
         try:
             prompt_text, chosen, rejected = split_hh_pair(*texts)
@@ -249,6 +248,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         raise IdenticalPair()
     for side, name in zip(sides, ("chosen", "rejected")):
         _ends_with_response(side, name)
+    prompt_turns = tuple(with_system(prompt_turns, record, cols.system, style == CHAT))
     return PreferencePair(prompt_turns, sides[0], sides[1], style, margin)
 
 

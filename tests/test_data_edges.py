@@ -189,7 +189,8 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     assert report.unread_columns == ["input"] and report.examples == 1
     say_report(True, "train", report, lambda split, r: f"{split} data")
     assert "warning: train data: column 'input' is not read (no data.columns key names it): if it is part of the " \
-           "prompt, join it into the column read" in " ".join(capsys.readouterr().out.split())
+           "prompt, data.columns.input names a column joined after the prompt's text" in \
+           " ".join(capsys.readouterr().out.split())
     log = BadRowLog()  # one that data.columns names is read, not said (here `instruction` is the one left out)
     load_conversations(DataSource(path=str(alpaca)), _sft(columns=Columns(prompt="input", response="output")), log)
     assert log.unread == ["instruction"]
@@ -212,6 +213,94 @@ def test_a_prompt_part_column_no_data_columns_key_names_is_said_in_every_stage(t
     said = " ".join(capsys.readouterr().out.split())
     assert "warning: data.train: column 'system' is not read" in said, said
     assert json.loads((tmp_path / "data_report.json").read_text())["train"]["unread_columns"] == ["system"]
+
+
+def test_input_and_system_columns_join_the_prompt_in_every_stage(tmp_path, char_tok):
+    """data.columns.input (alpaca's input) is joined to the prompt after a blank line and data.columns.system
+    (orca's system) is the first system turn, in SFT, the RM and PPO alike: the rows read exactly as the same
+    prompt written out by hand (the same tokens), and the unread-column warning is gone. An empty or null part
+    adds nothing; a system prompt in plain text, or beside a system turn, is a bad row naming its column."""
+    from stages.config import Columns, PairColumns, PPODataConfig, PromptColumns, RMConfig
+    from stages.data import BadRow, BadRowLog, parse_conversation, with_input, with_system
+    from stages.distributed import ONE_PROCESS
+    from stages.pairs import parse_pair
+    from stages.ppo.prompts import load_prompts, parse_prompt
+    from stages.reward import load_rm_data
+
+    # hand values: the join, an empty prompt, nothing to add, a prompt list's last user turn, and the bad values
+    assert with_input([("user", "Add")], {"in": "2 and 3"}, "in") == [("user", "Add\n\n2 and 3")]
+    assert with_input([("user", "")], {"in": "2 and 3"}, "in") == [("user", "2 and 3")]
+    for empty in ("", " \n", None):
+        assert with_input([("user", "Add")], {"in": empty}, "in") == [("user", "Add")]
+        assert with_system([("user", "Q")], {"sys": empty}, "sys", chat=False) == [("user", "Q")]
+    assert with_input([("user", "Add")], {"in": "x"}, None) == [("user", "Add")]
+    assert with_input([("system", "S"), ("user", "A"), ("assistant", "B"), ("user", "C")], {"in": "x"}, "in") == \
+        [("system", "S"), ("user", "A"), ("assistant", "B"), ("user", "C\n\nx")]
+    with pytest.raises(BadRow, match="missing key 'in'"):
+        with_input([("user", "Add")], {}, "in")
+    with pytest.raises(BadRow, match="'in' must be a string, got int"):
+        with_input([("user", "Add")], {"in": 3}, "in")
+    assert with_system([("user", "Q")], {"sys": "Be brief."}, "sys", chat=True) == [("system", "Be brief."),
+                                                                                     ("user", "Q")]
+    with pytest.raises(BadRow, match="'sys' holds a system prompt, which plain text has no place for: "
+                                     "data.use_chat_template: true renders it as the system turn"):
+        with_system([("user", "Q")], {"sys": "Be brief."}, "sys", chat=False)
+    with pytest.raises(BadRow, match="a system prompt in 'sys' and a system turn in the conversation"):
+        with_system([("system", "S"), ("user", "Q")], {"sys": "Be brief."}, "sys", chat=True)
+
+    # each stage reads the columns as the prompt written out by hand
+    alpaca = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be brief."}
+    joined = {"instruction": "Add\n\n2 and 3", "output": "5"}
+    sft_cols = Columns(prompt="instruction", response="output", input="input")
+    assert parse_conversation(alpaca, "prompt_response", _sft(columns=sft_cols)) == \
+        parse_conversation(joined, "prompt_response", _sft(columns=Columns(prompt="instruction", response="output")))
+    conv = parse_conversation(alpaca, "prompt_response", _sft(columns=sft_cols.model_copy(update={"system": "system"}),
+                                                              use_chat_template=True))
+    assert conv == Conversation((("system", "Be brief."), ("user", "Add\n\n2 and 3"), ("assistant", "5")), "chat",
+                                context_turns=1)  # (a system turn is never trained)
+    listed = {"prompt": [{"role": "user", "content": "Add"}], "completion": [{"role": "assistant", "content": "5"}],
+              "input": "2 and 3", "system": "Be brief."}
+    conv = parse_conversation(listed, "prompt_response", _sft(columns=Columns(response="completion", input="input",
+                                                                              system="system")))
+    assert conv.messages[:2] == (("system", "Be brief."), ("user", "Add\n\n2 and 3")) and conv.context_turns == 2
+    with pytest.raises(BadRow, match="'system' holds a system prompt"):  # plain prompt text
+        parse_conversation(alpaca, "prompt_response", _sft(columns=sft_cols.model_copy(update={"system": "system"})))
+    orca = {"system": "Be brief.", "question": "Q", "extra": "more", "chosen": "yes", "rejected": "no"}
+    pair = parse_pair(orca, "pairs", _rm(columns=PairColumns(prompt="question", input="extra", system="system"),
+                                         use_chat_template=True))
+    assert pair == PreferencePair((("system", "Be brief."), ("user", "Q\n\nmore")), (("assistant", "yes"),),
+                                  (("assistant", "no"),), "chat")
+    hh = {"chosen": "\n\nHuman: Q\n\nAssistant: yes", "rejected": "\n\nHuman: Q\n\nAssistant: no", "sys": "S"}
+    assert parse_pair(hh, "hh", _rm(columns=PairColumns(system="sys"), use_chat_template=True)).prompt == \
+        (("system", "S"), ("user", "Q"))
+    with pytest.raises(BadRow, match="'sys' holds a system prompt"):
+        parse_pair(hh, "hh", _rm(columns=PairColumns(system="sys")))
+    ppo = PPODataConfig(train=DataSource(path="unused"), use_chat_template=True,
+                        columns=PromptColumns(prompt="question", input="extra", system="system"))
+    assert parse_prompt(orca, "prompt", ppo) == ([("system", "Be brief."), ("user", "Q\n\nmore")], True)
+    messages = {"messages": [{"role": "user", "content": "Q"}], "system": "Be brief."}
+    assert parse_prompt(messages, "messages", ppo)[0] == [("system", "Be brief."), ("user", "Q")]
+
+    # the same tokens as the prompt written out, and nothing said unread: PPO's prompt ids, the RM's context
+    path, by_hand = tmp_path / "orca.jsonl", tmp_path / "by_hand.jsonl"
+    path.write_text(json.dumps(orca) + "\n")
+    by_hand.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Q\n\nmore"}]}) + "\n")
+    ids = load_prompts(DataSource(path=str(path)), ppo, char_tok, BadRowLog()).ids
+    plain = ppo.model_copy(update={"columns": PromptColumns()})
+    assert ids == load_prompts(DataSource(path=str(by_hand)), plain, char_tok, BadRowLog()).ids
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": ONE_LAYER_MODEL, "data": {
+        "train": str(path), "eval_fraction": 0, "use_chat_template": True,
+        "columns": {"prompt": "question", "input": "extra", "system": "system"}}})
+    report = load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"]
+    assert report.unread_columns == [] and report.examples == 1
+    chosen = tokenize_pair(pair, char_tok, rm.data, [])[0]  # the RM reads its response after PPO's prompt
+    n = len(ids[0])
+    assert chosen.input_ids[:n] == ids[0] and set(chosen.labels[:n]) == {-100} and chosen.labels[n] != -100
+    with pytest.raises(ValueError, match="prompt and input both name column 'question'"):
+        PromptColumns(prompt="question", input="question")
+    with pytest.raises(ValueError, match="input and system both name column 'x'"):
+        PairColumns(input="x", system="x")
 
 
 def test_prompt_columns_and_their_repeats_read_one_way_in_every_stage(char_tok):

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Sequence
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_field,
                          hh_text, opens_with_bos, parse_messages, prompt_column_turns, read_rows, render_template,
-                         specials_read_as_text, text_ids, with_plain_specials)
+                         specials_read_as_text, text_ids, with_input, with_plain_specials, with_system)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -51,12 +51,18 @@ def _drop_final_response(turns: Turns) -> Turns:
 def parse_prompt(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple[Turns, bool]:
     """(turns, chat?) of one record: chat=True renders through the chat template, else the single turn's text
     is the raw prompt."""
+    turns, chat = _prompt_turns(record, fmt, data)
+    return with_system(turns, record, data.columns.system, chat), chat
+
+
+def _prompt_turns(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tuple[Turns, bool]:
+    """`parse_prompt` before data.columns.system."""
     cols = data.columns
     if fmt == "prompt" and isinstance(record.get(cols.prompt), list):  # (TRL's conversational prompt-only rows)
-        return _drop_final_response(prompt_column_turns(record, cols.prompt)), True
+        return with_input(_drop_final_response(prompt_column_turns(record, cols.prompt)), record, cols.input), True
     if fmt == "prompt":
         text = _field(record, cols.prompt)
-        return [("user", text)], data.use_chat_template
+        return with_input([("user", text)], record, cols.input), data.use_chat_template
     if fmt == "messages":
         return _drop_final_response(parse_messages(record, cols.messages)), True
     if fmt == "hh":
