@@ -13,6 +13,9 @@ with the generation prompt, matters most).
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from stages.config import PPODataConfig, SFTDataConfig
@@ -103,10 +106,19 @@ class Prompts(NamedTuple):
     special_as_text: int  # prompts with a special-token string in a message's content, read as text
 
 
+def usable_rows_sha256(rows: Sequence[tuple[str, int]]) -> str:
+    """sha256 of where each usable prompt of a source came from, (file name, row number) in order: the rows
+    `split_holdout` splits by position, so two reads of data.train with one digest hold the same rows out (for
+    one fraction and seed), whatever their token ids (another data.max_prompt_length cuts the same rows)."""
+    return hashlib.sha256(json.dumps([list(row) for row in rows]).encode("utf-8")).hexdigest()
+
+
 def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
-                 styles: set[str] | None = None, limit: int | None = None) -> Prompts:
+                 styles: set[str] | None = None, limit: int | None = None,
+                 rows: list[tuple[str, int]] | None = None) -> Prompts:
     """Token ids of every usable prompt of `source` (of the first `limit` when given: the rows after them are not
-    read), with counts over them (`Prompts`); the rendering style of each is added to `styles` when given."""
+    read), with counts over them (`Prompts`); the rendering style of each is added to `styles` when given, and
+    where it came from, (file name, row number), to `rows` (`usable_rows_sha256`)."""
     fmt = AutoFormat(data.format)
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
@@ -136,6 +148,8 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         as_text += specials_read_as_text(tokenizer, [rendered])
         if styles is not None:
             styles.add(CHAT if chat else RAW_STYLES[row_fmt])
+        if rows is not None:
+            rows.append((Path(row.file).name, row.row))
         if limit is not None and len(prompts) >= limit:
             break  # (before the next row is read: its errors are not this evaluation's)
     if not prompts:

@@ -66,7 +66,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config
+from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, usable_rows_sha256
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
@@ -121,7 +121,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                 "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons)} | (
                     {"unread_columns": found.unread} if found.unread else {})
 
-    read = load_prompts(data.train, data, tokenizer, log, styles)
+    rows: list[tuple[str, int]] = []
+    read = load_prompts(data.train, data, tokenizer, log, styles, rows=rows)
     train, cut, as_text = read
     report: dict[str, Any] = {"train": split_report(read, log)}
     held = None
@@ -132,7 +133,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         report["eval"] = split_report(held_read, eval_log)
     elif data.eval_fraction > 0:
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
-        report["eval"] = {"held_out_of_train": len(held)}
+        report["eval"] = {"held_out_of_train": len(held), "train_rows_sha256": usable_rows_sha256(rows)}
     report["train"]["prompts"] = len(train)
     seen = ""
     if held is not None:
