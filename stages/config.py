@@ -280,6 +280,7 @@ class Columns(PromptColumns):
     """Column names in the data. Which ones are read depends on the format."""
 
     response: str = "response"
+    document: str = Field("text", description="plain-text column of data.format text (its whole text trained)")
 
 
 class DataConfigBase(Section):
@@ -316,7 +317,8 @@ class DataConfigBase(Section):
 class SFTDataConfig(DataConfigBase):
     """Data for supervised fine-tuning (see stages/data.py for formats and truncation)."""
 
-    format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
+    format: Literal["auto", "prompt_response", "messages", "hh", "text"] = Field(
+        "auto", description="text (plain text trained whole: pretraining-style data) is never chosen by auto")
     columns: Columns = Columns()
     train_on: Literal["all_turns", "last_turn"] = Field(
         "all_turns", description="which assistant turns of a multi-turn dialogue carry the loss"
@@ -459,7 +461,9 @@ class PPODataConfig(Section):
     max_prompt_length: int = Field(256, ge=1, description="prompt tokens kept (longer prompts lose the left part)")
     on_bad_row: Literal["error", "skip"] = "error"
     ptx: DataSource | None = Field(None, description="SFT-format data for the PTX loss (needs ppo.ptx_coef > 0)")
-    ptx_format: Literal["auto", "prompt_response", "messages", "hh"] = "auto"
+    ptx_format: Literal["auto", "prompt_response", "messages", "hh", "text"] = Field(
+        "auto", description="as SFT's data.format; text: a pretraining corpus, each row's whole text trained")
+    ptx_columns: Columns = Field(Columns(), description="column names of data.ptx, as SFT's data.columns")
     ptx_max_length: int = Field(512, ge=2, description="tokens per PTX example")
     rendering_check: Literal["error", "warn", "off"] = Field(
         "error", description="prompts rendered in a style (chat template / plain text / HH text) or with a chat "

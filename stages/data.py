@@ -303,16 +303,20 @@ class Conversation:
 
 
 def detect_format(record: dict[str, Any], columns: Columns) -> str:
-    """The format a record's keys indicate (raises BadRow when none fits)."""
+    """The format a record's keys indicate (raises BadRow when none fits). Never "text": plain text trains every
+    token, human turns too, so it is chosen by data.format only (the error says so for a row with that column)."""
     if columns.messages in record:
         return "messages"
     if columns.prompt in record and columns.response in record:
         return "prompt_response"
     if columns.text in record:
         return "hh"
+    plain = (f"; data.format: text trains the whole text of '{columns.document}' (every token: a pretraining "
+             "corpus)" if columns.document in record else "")
     raise BadRow(
         f"cannot tell the data format from keys {sorted(record)}; expected '{columns.messages}', "
         f"'{columns.prompt}' + '{columns.response}', or '{columns.text}' (HH-RLHF text); set data.format/columns"
+        f"{plain}"
     )
 
 
@@ -490,6 +494,8 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
             style = CHAT
     elif fmt == "messages":
         turns, style = parse_messages(record, cols.messages), CHAT
+    elif fmt == "text":  # (plain text, never through the chat template: an empty prompt, the text its response)
+        turns, style = [("user", ""), ("assistant", _field(record, cols.document))], RAW_PR
     else:
         raise ValueError(fmt)
     with_own = with_system(turns, record, cols.system, style == CHAT)

@@ -19,7 +19,7 @@ from stages.config import DataSource, PPODataConfig, RMDataConfig, SFTDataConfig
 from stages.data import BadRow, BadRowLog, Row, detect_format, parse_conversation, read_rows
 from stages.errors import DataError
 from stages.pairs import IdenticalPair, detect_pair_format, parse_pair
-from stages.ppo.prompts import detect_prompt_format, parse_prompt, ptx_data_config
+from stages.ppo.prompts import detect_prompt_format, parse_prompt, ptx_data_config, ptx_wording
 
 #: records read from the top of each local data file
 SNIFF_ROWS = 20
@@ -162,9 +162,22 @@ def stage_sources(stage: str, cfg: Any) -> list[tuple[str, DataSource, Parse, st
     out = [(f"data.{split}", source, parse, what, "data.format / data.columns") for split in ("train", "eval")
            if (source := getattr(data, split)) is not None]
     if stage == "ppo" and data.ptx is not None and cfg.ppo.ptx_coef > 0:
-        out.append(("data.ptx", data.ptx, sft_parser(ptx_data_config(data)), "an SFT conversation (PTX)",
-                    "data.ptx_format"))
+        out.append(("data.ptx", data.ptx, ptx_parser(data), "an SFT conversation (PTX)",
+                    "data.ptx_format / data.ptx_columns"))
     return out
+
+
+def ptx_parser(data: PPODataConfig) -> Parse:
+    """`sft_parser` of data.ptx's rows, whose reasons name the PPO config's keys (`ptx_wording`)."""
+    parse = sft_parser(ptx_data_config(data))
+
+    def in_ppo_keys(record: dict[str, Any]) -> object:
+        try:
+            return parse(record)
+        except BadRow as exc:
+            raise BadRow(ptx_wording(str(exc))) from None
+
+    return in_ppo_keys
 
 
 def sniff_data(stage: str, cfg: Any) -> None:

@@ -248,13 +248,14 @@ def open_run(output_dir: str, seed: int, prepare: Callable[[], None] | None) -> 
 
 
 def say_report(enabled: bool, split: str, report: DataReport, describe: Callable[..., str],
-               what: str = "examples") -> None:
+               what: str = "examples", keys: Callable[[str], str] = str) -> None:
     """A split's data report line (`describe`), and its warnings when most examples (`what`) were cut, most rows
-    read were skipped as bad rows, or a prompt-part column is not read, and its cautions."""
-    say(enabled, describe(split, report))
+    read were skipped as bad rows, or a prompt-part column is not read, and its cautions; `keys` names the config
+    keys in each (PPO's PTX rows: `ptx_wording`)."""
+    say(enabled, keys(describe(split, report)))
     for warning in (report.cut_warning(what), report.skip_warning(), report.unread_warning(), *report.cautions):
         if warning:
-            say(enabled, f"[yellow]warning: {split} data: {escape(warning)}[/]")
+            say(enabled, f"[yellow]warning: {split} data: {escape(keys(warning))}[/]")
 
 
 def print_data_check(reports: dict[str, DataReport], describe: Callable[..., str], n_rows: int, tc: TrainConfig,

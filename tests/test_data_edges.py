@@ -303,6 +303,29 @@ def test_input_and_system_columns_join_the_prompt_in_every_stage(tmp_path, char_
         PairColumns(input="x", system="x")
 
 
+def test_format_text_trains_a_whole_text_and_is_never_chosen_by_auto(char_tok):
+    """data.format: text (a pretraining-style row): the whole text of columns.document is the response to an empty
+    prompt, plain text even with use_chat_template (so every token but an unpredicted first one is trained, then
+    EOS). format auto never takes a row for it (plain text would train the human turns of a '### Human:' text
+    too): its error says how."""
+    from stages.config import Columns
+    from stages.data import BadRow, detect_format, parse_conversation
+
+    conv = parse_conversation({"text": "abc", "prompt": "x"}, "text", _sft(use_chat_template=True))
+    assert conv == Conversation((("user", ""), ("assistant", "abc")), "raw_pr")
+    segments = render_segments(conv, char_tok, "all_turns")
+    assert [(seg.text, seg.train) for seg in segments if seg.text] == [("abc", True)]
+    assert parse_conversation({"body": "abc"}, "text", _sft(columns=Columns(document="body"))) == conv
+    for row, reason in (({"text": " "}, "empty 'text'"), ({"body": "abc"}, "missing key 'text'")):
+        with pytest.raises(BadRow, match=reason):
+            parse_conversation(row, "text", _sft())
+    with pytest.raises(BadRow, match=r"set data.format/columns; data.format: text trains the whole text of 'text' "
+                                     r"\(every token: a pretraining corpus\)$"):
+        detect_format({"text": "### Human: hi ### Assistant: hello"}, Columns())
+    with pytest.raises(BadRow, match=r"set data.format/columns$"):  # (no such hint without the column)
+        detect_format({"body": "abc"}, Columns())
+
+
 def test_prompt_columns_and_their_repeats_read_one_way_in_every_stage(char_tok):
     """(each pinned after a mutant of it survived) A prompt message list must end with a user turn in every stage
     (the responses follow it; PPO dropped a final reply the RM kept as context); a conversational completion

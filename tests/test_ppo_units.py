@@ -1494,6 +1494,49 @@ def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path
         "user turn; mend the data or what the reason names" in said and "data.train: 1 of" not in said
 
 
+def test_ptx_rows_read_with_their_own_columns_and_as_plain_text(tmp_path, tokenizer, capsys):
+    """data.ptx_columns maps the PTX rows' columns as SFT's data.columns does (alpaca with its input joined);
+    data.ptx_format: text trains a pretraining corpus row's whole text: every token after the first (nothing
+    predicts it without a BOS), then EOS, cut to data.ptx_max_length from the right. Errors and warnings about
+    PTX rows name the PPO config's keys (data.ptx_format, data.ptx_columns, data.ptx_max_length), not SFT's."""
+    from stages.distributed import ONE_PROCESS
+    from stages.errors import DataError
+    from stages.ppo.trainer import load_ppo_data
+    from stages.sniff import sniff_data
+
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}, {"prompt": "a b c"}])
+    base = {"output_dir": str(tmp_path), "model": {"name_or_path": "stub/policy"},
+            "reward_model": {"name_or_path": "stub/rm"}, "ppo": {"ptx_coef": 0.5}}
+
+    def ptx_rows(rows: list, **data: object) -> list:
+        cfg = PPOConfig.model_validate(base | {"data": {"train": prompts, "eval_fraction": 0,
+                                                        "ptx": _jsonl(tmp_path / "ptx.jsonl", rows)} | data})
+        sniff_data("ppo", cfg)
+        got = load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)["ptx"]
+        return [got[i] for i in range(len(got))]
+
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("a b c hello", add_special_tokens=False)["input_ids"]
+    [row] = ptx_rows([{"text": "a b c hello"}], ptx_format="text")
+    assert row == {"input_ids": ids + [eos], "labels": [-100] + ids[1:] + [eos]}
+    [row] = ptx_rows([{"body": "a b c hello"}], ptx_format="text", ptx_columns={"document": "body"},
+                     ptx_max_length=3)
+    assert row == {"input_ids": ids[:3], "labels": [-100] + ids[1:3]}  # (the end cut: no EOS after it)
+    assert "warning: PTX data: most of the 1 examples were cut to data.ptx_max_length (0 prompts, 1 responses)" in \
+        " ".join(capsys.readouterr().out.split())
+    alpaca = {"instruction": "a b", "input": "c", "output": "hello"}
+    [row] = ptx_rows([alpaca], ptx_columns={"prompt": "instruction", "input": "input", "response": "output"})
+    [same] = ptx_rows([{"prompt": "a b\n\nc", "response": "hello"}])
+    assert row == same and row["labels"][-1] == eos
+    with pytest.raises(DataError, match=r"set data\.ptx_format/ptx_columns; data\.ptx_format: text trains the whole "
+                                        r"text of 'text' \(every token: a pretraining corpus\)"):
+        ptx_rows([{"text": "a b c hello"}])  # (format auto never reads plain text: the sniff says so)
+    cfg = PPOConfig.model_validate(base | {"data": {"train": prompts, "eval_fraction": 0, "ptx": str(
+        tmp_path / "ptx.jsonl")}})
+    with pytest.raises(DataError, match=r"row 1: cannot tell the data format .*set data\.ptx_format/ptx_columns"):
+        load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)  # (and the run, past the sniff)
+
+
 def test_load_prompts_refuses_a_prompt_that_encodes_to_no_token(tmp_path):
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -154,8 +154,9 @@ def test_ptx_data_is_read_only_when_its_loss_is_on(tmp_path):
     not_yet = {"model.name_or_path", "reward_model.name_or_path"}
     sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", cfg, not_yet=not_yet))  # ppo.ptx_coef 0: unread
     with pytest.raises(DataError, match=r"^data\.ptx: .* is an SFT conversation \(PTX\) \(row 1: 'chosen' holds "
-                                        r"a message list, not HH-RLHF text: .*\): is it another stage's data\? If not, "
-                                        r"set data\.ptx_format to read it$"):
+                                        r"a message list, not HH-RLHF text: data\.ptx_columns\.messages: chosen reads "
+                                        r"it as a conversation\): is it another stage's data\? If not, set "
+                                        r"data\.ptx_format / data\.ptx_columns to read it$"):
         sniff_data("ppo", load_config("ppo", TINY / "ppo.yaml", [*cfg, "ppo.ptx_coef=0.5"], not_yet=not_yet))
 
 

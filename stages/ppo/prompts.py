@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -157,9 +158,33 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
     return Prompts(prompts, truncated, as_text)
 
 
+#: the SFT keys a message about data.ptx rows names (`ptx_wording`), the longer forms first
+_SFT_KEYS = re.compile(r"data\.max_length \(or data\.max_prompt_length\)|data\.format/columns|"
+                       r"data\.(?:columns|format|max_length)\b")
+
+
+def ptx_wording(text: str) -> str:
+    """`text`, a message about data.ptx's rows (read as SFT data: `ptx_data_config`), naming the PPO config's keys
+    for them: data.columns.X -> data.ptx_columns.X, data.format -> data.ptx_format, data.max_length (the prompt
+    budget is half of it) -> data.ptx_max_length.
+
+    >>> ptx_wording("set data.format/columns; data.columns.messages: chosen; data.format: text")
+    'set data.ptx_format/ptx_columns; data.ptx_columns.messages: chosen; data.ptx_format: text'
+    >>> ptx_wording("cut to data.max_length (or data.max_prompt_length)")
+    'cut to data.ptx_max_length'
+    """
+    def key(found: re.Match[str]) -> str:
+        said = found.group(0)
+        if said.startswith("data.max_length"):
+            return "data.ptx_max_length"
+        return "data.ptx_format/ptx_columns" if said == "data.format/columns" else "data.ptx_" + said[len("data."):]
+
+    return _SFT_KEYS.sub(key, text)
+
+
 def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:
     """How PPO reads its PTX data: SFT conversations in data.ptx_format, rendered as the prompts are."""
-    return SFTDataConfig(train=data.ptx, format=data.ptx_format, max_length=data.ptx_max_length,
+    return SFTDataConfig(train=data.ptx, format=data.ptx_format, columns=data.ptx_columns, max_length=data.ptx_max_length,
                          chat_template=data.chat_template, use_chat_template=data.use_chat_template,
                          on_bad_row=data.on_bad_row, eval_fraction=0.0,
                          content_special_tokens=data.content_special_tokens)

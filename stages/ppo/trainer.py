@@ -66,7 +66,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, usable_rows_sha256
+from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, ptx_wording, usable_rows_sha256
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
@@ -157,11 +157,14 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
         sft = ptx_data_config(data)
         ptx_report, ptx_log = DataReport(), BadRowLog()
-        ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
+        try:
+            ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
+        except DataError as exc:  # (its rows are read as SFT data: said in the PPO config's keys)
+            raise DataError(ptx_wording(str(exc))) from None
         ptx_report.count_skipped(ptx_log)
         report["ptx"] = asdict(ptx_report)
         say_report(dist.is_main, "PTX", ptx_report, lambda split, r: f"{split} data: {r.examples} examples, "
-                   f"{r.trained_tokens:,} trained tokens{r.notes()}")
+                   f"{r.trained_tokens:,} trained tokens{r.notes()}", keys=ptx_wording)
     elif data.ptx is not None:
         say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
     if save and dist.is_main:
