@@ -1479,9 +1479,9 @@ def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path
     report = json.loads((tmp_path / "data_report.json").read_text())
     reason = {"a prompt must end with a user turn": 1}
     assert report == {"train": {"rows_read": 3, "cut": 1, "special_as_text": 0, "skipped_rows": 1, "skipped_by_reason": reason,
-                                "prompts": 3},
+                                "unread_columns": [], "prompts": 3},
                       "eval": {"rows_read": 1, "cut": 0, "special_as_text": 0, "skipped_rows": 1, "skipped_by_reason": reason,
-                               "prompts": 1, "in_train": 1}}  # its one prompt ("hi") is a train prompt too
+                               "unread_columns": [], "prompts": 1, "in_train": 1}}  # its one prompt ("hi") is a train prompt too
     said = " ".join(capsys.readouterr().out.split())
     assert "prompts: 3 train, 1 validation (1 also among the train prompts); 1 of data.train's prompts cut to 16 tokens; train: 1 bad row(s) (skipped: 1 x a prompt must end " \
         "with a user turn); eval: 1 bad row(s)" in said

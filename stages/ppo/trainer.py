@@ -118,8 +118,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
 
     def split_report(prompts: Prompts, found: BadRowLog) -> dict[str, Any]:
         return {"rows_read": len(prompts.ids), "cut": prompts.cut, "special_as_text": prompts.special_as_text,
-                "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons)} | (
-                    {"unread_columns": found.unread} if found.unread else {})
+                "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons), "unread_columns": found.unread}
 
     rows: list[tuple[str, int]] = []
     read = load_prompts(data.train, data, tokenizer, log, styles, rows=rows)
