@@ -124,7 +124,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], s: EvalSettings, 
         if out.kl is not None:
             width = roll.prompt_width
             lp_args = dict(chunk_tokens=LOGPROB_CHUNK, temperature=logprob_temperature(s.generation),
-                           vocab=roll.vocab_size)
+                           vocab=roll.vocab_size, held=roll.held)
             lp, _ = response_logprobs(model, full_ids, full_mask, width, roll.response, **lp_args)
             ref, _ = response_logprobs(reference, full_ids, full_mask, width, roll.response, **lp_args)
             out.kl += ((lp - ref) * roll.response_mask).sum(1).tolist()

@@ -31,6 +31,7 @@ from stages.models import enable_activation_checkpointing
 from stages.ppo import decode
 from stages.ppo.decode import DynamicDecoder, StaticDecoder, bucket_left_pad, cache_keyword, static_state
 from stages.ppo.rollout import (
+    Held,
     fill_undrawn,
     final_hidden_states,
     left_pad,
@@ -535,6 +536,46 @@ def test_logprobs_are_those_of_the_ids_the_sampler_can_draw(chunk):
                   PAD_ID, vocab)
     assert roll.vocab_size == vocab and roll.select([1, 0]).vocab_size == vocab
     assert int(roll.response.max()) < vocab
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_logprobs_leave_out_the_stop_ids_held_back_before_min_new_tokens(chunk):
+    """generation.min_new_tokens: the sampler never draws a stop id at the first positions, so the log-probs,
+    entropy and their gradients there are those of softmax over the other ids (`Held`), on the reference and the
+    chunked path alike. A policy that moves probability onto the held ids alone then shows no KL there, where
+    the sampler cannot see the change (before, k1 read log((1 - p) / (1 - p_ref)) per position: -5.4 per token
+    in an audit's case); the rollout carries what its sampler held back."""
+    ids, mask, p, resp = _batch("llama")
+    held = Held((21, 30), 2)  # (neither among the responses' first two tokens: the sampler never drew them there)
+    model = _model("llama").train()
+    logp, ent = response_logprobs(model, ids, mask, p, resp, with_entropy=True, chunk_tokens=chunk, held=held)
+    (logp.sum() + ent.sum()).backward()
+    got = {n: q.grad.clone() for n, q in model.named_parameters()}
+    model.zero_grad()
+    z = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, p - 1:-1].float()
+    z = z.masked_fill((torch.arange(z.shape[1]) < 2)[:, None] & torch.isin(torch.arange(VOCAB), torch.tensor([21, 30])),
+                      float("-inf"))
+    logp_all = torch.log_softmax(z, -1)
+    want_lp = logp_all.gather(-1, resp[..., None]).squeeze(-1)
+    want_ent = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1)
+    (want_lp.sum() + want_ent.sum()).backward()
+    assert torch.allclose(logp, want_lp, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
+    for n, q in model.named_parameters():
+        assert torch.allclose(got[n], q.grad, atol=1e-5), n
+    other = _model("llama")
+    with torch.no_grad():
+        other.lm_head.weight[[21, 30]] += 1.0  # only the held ids' logits move
+    with torch.no_grad():
+        mine, theirs = (response_logprobs(m, ids, mask, p, resp, chunk_tokens=chunk, held=held)[0]
+                        for m in (_model("llama"), other))
+        whole = response_logprobs(other, ids, mask, p, resp, chunk_tokens=chunk)[0]
+    assert torch.allclose(mine[:, :2], theirs[:, :2], atol=1e-6) and (mine[:, 2:] - theirs[:, 2:]).abs().max() > 1e-3
+    assert (whole[:, :2] - theirs[:, :2]).abs().max() > 1e-3  # (the whole distribution's log-probs do move)
+    gen = GenerationConfig(max_new_tokens=4, min_new_tokens=2)
+    roll = sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), gen, [2, VOCAB + 3], PAD_ID, VOCAB)
+    assert roll.held == Held((2,), 2) and roll.select([1, 0]).held == roll.held  # (an id with no logit: left out)
+    assert not sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=4), [2],
+                      PAD_ID, VOCAB).held
 
 
 def test_chunked_logprobs_in_bfloat16_stay_within_the_stated_tolerance():

@@ -535,6 +535,21 @@ def test_token_logprobs_leave_out_the_embedding_rows_the_sampler_never_draws():
     assert torch.equal(token_logprobs(logits, torch.tensor([[2], [0]]), vocab=4)[0], every_row)
 
 
+def test_token_logprobs_leave_out_held_ids_at_the_first_positions_and_keep_the_logits():
+    """`Held` ids (stop ids before min_new_tokens) have probability 0 at the first `steps` positions: position 0
+    without id 2 is p = [1/3, 2/3]; position 1 keeps all three. A float32 caller's logits are not changed."""
+    from stages.ppo.rollout import Held
+
+    logits = torch.tensor([[[0.0, LOG2, 5.0], [0.0, LOG2, 5.0]]])
+    before = logits.clone()
+    lp, ent = token_logprobs(logits, torch.tensor([[1, 1]]), with_entropy=True, held=Held((2,), 1))
+    assert lp.flatten().tolist() == pytest.approx([math.log(2 / 3), LOG2 - math.log(3 + math.exp(5))], abs=1e-6)
+    assert ent[0, 0].item() == pytest.approx(-(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3), abs=1e-6)
+    assert torch.equal(logits, before)
+    assert torch.equal(token_logprobs(logits, torch.tensor([[1, 1]]), held=Held((2,), 0))[0],
+                       token_logprobs(logits, torch.tensor([[1, 1]]))[0])  # (no step held: none)
+
+
 def test_token_logprobs_at_a_temperature_are_those_of_the_scaled_logits():
     # logits 2 z at T = 2 are z: p = [0.25, 0.25, 0.5] again
     logits = torch.tensor([[[0.0, 0.0, 2 * LOG2]], [[2.0, 2.0, 2.0]]])

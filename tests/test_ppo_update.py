@@ -18,7 +18,7 @@ from stages.data import IGNORE, TokenRows
 from stages.distributed import DistInfo
 from stages.ppo.experience import GlobalMeans, global_moments
 from stages.ppo.models import ValueModel, engine_train_config
-from stages.ppo.rollout import Rollout, response_logprobs
+from stages.ppo.rollout import Held, Rollout, response_logprobs
 from stages.ppo.ending import RewardEnding
 from stages.ppo.trainer import make_experience, rollout_metrics, update
 from stages.ppo.tricks import RunningMoments, masked, whiten
@@ -115,12 +115,12 @@ def _ptx() -> tuple[TokenRows, EpochSampler]:
 
 
 def run_once(tmp_path, dist, critic_only: bool = False, with_ptx: bool = False, generation: dict | None = None,
-             vocab: int | None = None, **ppo) -> dict:
+             vocab: int | None = None, held: Held = Held(), **ppo) -> dict:
     """Experience and update with fixed seeds; returns the experience, the metrics and the gradients. vocab:
-    the rollout's `vocab_size` (the ids its sampler could draw)."""
+    the rollout's `vocab_size` (the ids its sampler could draw); held: the ids it held back (`Rollout.held`)."""
     cfg = _config(tmp_path, generation, **ppo)
     models = _models()
-    rollout = dataclasses.replace(_rollout(), vocab_size=vocab)
+    rollout = dataclasses.replace(_rollout(), vocab_size=vocab, held=held)
     moments = RunningMoments(count=8, mean=0.5, m2=8 * 4.0)  # std 2 before this batch
     exp = make_experience(cfg, dist, models, rollout, moments, RewardEnding.plain(EOS), iteration=1)
     ptx, sampler = _ptx() if with_ptx else (None, None)
@@ -209,6 +209,23 @@ def test_the_rollouts_vocabulary_reaches_the_scoring_and_the_update(tmp_path, di
         want = response_logprobs(models[name], ids, mask, rollout.prompt_width, rollout.response, vocab=VOCAB - 10)[0]
         assert torch.allclose(part["exp"][key], want, atol=1e-6), key
         assert not torch.allclose(part["exp"][key], whole["exp"][key], atol=1e-3), key
+    assert part["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert _differs(part["policy"], whole["policy"])
+
+
+def test_the_ids_held_back_before_min_new_tokens_reach_the_scoring_and_the_update(tmp_path, dist):
+    """The old and the reference log-probs leave out the ids the sampler held back at the first positions
+    (`Rollout.held`: EOS at position 0 here), and so does the first update's (ratio 1); later positions are
+    unchanged."""
+    held = Held((EOS, 2), 1)
+    part, whole = run_once(tmp_path, dist, held=held, ppo_epochs=1), run_once(tmp_path, dist, ppo_epochs=1)
+    rollout, models = _rollout(), _models()
+    ids, mask = rollout.sequences()
+    for key, name in (("logp", "policy"), ("ref_logp", "reference")):
+        want = response_logprobs(models[name], ids, mask, rollout.prompt_width, rollout.response, held=held)[0]
+        assert torch.allclose(part["exp"][key], want, atol=1e-6), key
+        assert (part["exp"][key][:, 0] - whole["exp"][key][:, 0]).abs().min() > 1e-4, key
+        assert torch.equal(part["exp"][key][:, 1:], whole["exp"][key][:, 1:]), key
     assert part["metrics"]["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert _differs(part["policy"], whole["policy"])
 

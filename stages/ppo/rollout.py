@@ -28,6 +28,39 @@ from stages.ppo.tricks import entropy_from_logits
 from stages.reward_model import last_token_index, positions_from_mask
 
 
+@dataclass(frozen=True)
+class Held:
+    """Ids the sampler never draws at the first `steps` response positions: the stop ids before
+    generation.min_new_tokens (`banned_at`). Log-probs, entropies and so the KL are those of the distribution it
+    drew from, without them there (`hold_back`): the full distribution's would charge the policy a KL for moving
+    probability onto a token it can never sample there (k1 log((1 - p) / (1 - p_ref)) per position)."""
+
+    ids: tuple[int, ...] = ()
+    steps: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.ids) and self.steps > 0
+
+
+def held_of(gen: GenerationConfig, stop_ids: list[int], vocab_size: int | None) -> Held:
+    """`Held` of a rollout sampled with `gen` and `stop_ids` (those below `vocab_size`: the others have no logit
+    the sampler reads)."""
+    return Held(tuple(sorted({s for s in stop_ids if vocab_size is None or s < vocab_size})), gen.min_new_tokens)
+
+
+def held_ids(held: Held, device: torch.device) -> torch.Tensor:
+    """`held.ids` as a tensor on `device` (an asynchronous copy: no host sync)."""
+    return torch.tensor(held.ids, dtype=torch.long).to(device, non_blocking=True)
+
+
+def hold_back(z: torch.Tensor, ids: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """z [..., V] (scaled float32 logits) with the logits of `ids` (`held_ids`) set to float32's lowest value at
+    the positions where `banned` (bool, broadcast over z's leading dimensions) is true: probability 0 there, and
+    a finite product p z = 0 in the entropy. In place (z is the caller's own float32 copy); no host sync."""
+    z[..., ids] = torch.where(banned[..., None], torch.finfo(z.dtype).min, z[..., ids])
+    return z
+
+
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor  # [B, P] left-padded
@@ -36,6 +69,7 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] 1 on sampled tokens (the stop token included)
     truncated: torch.Tensor  # [B] bool: no stop token within max_new_tokens
     vocab_size: int | None = None  # the sampler drew ids below this only (None: any); log-probs use these logits
+    held: Held = Held()  # ids it never drew at the first positions (min_new_tokens); log-probs leave them out there
 
     @property
     def prompt_width(self) -> int:
@@ -48,7 +82,7 @@ class Rollout:
     def select(self, rows: torch.Tensor | list[int]) -> "Rollout":
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.response.device)
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx],
-                       self.truncated[idx], self.vocab_size)
+                       self.truncated[idx], self.vocab_size, self.held)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +359,8 @@ def sample(
         positions = positions_from_mask(mask)
         logits = decoder.prefill(ids, positions)
         next_pos = positions[:, -1] + 1
-        state = DrawState.start(batch, gen.max_new_tokens, logits.shape[-1], stop_ids, device)
+        logits_width = logits.shape[-1]
+        state = DrawState.start(batch, gen.max_new_tokens, logits_width, stop_ids, device)
         all_stopped = AllStopped(device)
         fused = gen.compile_sampling and isinstance(decoder, StaticDecoder)
         params, next_tok = sampling_params(gen), None
@@ -351,7 +386,8 @@ def sample(
     drawn = step + 1
     response = state.history[:, :drawn].contiguous()
     response_mask = state.alive[:, :drawn].long()
-    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished, vocab_size)
+    return Rollout(prompt_ids, prompt_mask, response, response_mask, ~state.finished, vocab_size,
+                   held_of(gen, stop_ids, min(vocab_size, logits_width)))
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -379,15 +415,20 @@ def drawable(logits: torch.Tensor, vocab: int | None) -> torch.Tensor:
 
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, chunk: int = 8, temperature: float = 1.0,
-    vocab: int | None = None,
+    vocab: int | None = None, held: Held = Held(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token) = z_token - logsumexp(z) [B, R] in float32 with z = logits[..., :vocab] / temperature from
-    logits [B, R, V] (`drawable`), and (with_entropy) the entropy H = logsumexp(z) - sum softmax(z) z per
-    position. Upcast `chunk` rows at a time, so no float32 copy of the whole [B, R, V] tensor exists (autograd
-    keeps each chunk's own)."""
+    logits [B, R, V] (`drawable`), the `held` ids left out at its first positions (`hold_back`), and (with_entropy)
+    the entropy H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk` rows at a time, so no float32 copy
+    of the whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
     logps, ents = [], []
+    banned = torch.arange(logits.shape[1], device=logits.device) < held.steps if held else None
+    ids = held_ids(held, logits.device) if held else None
     for start in range(0, logits.shape[0], chunk):
-        z = scaled(drawable(logits[start:start + chunk], vocab), temperature)
+        part = drawable(logits[start:start + chunk], vocab)
+        z = scaled(part, temperature)
+        if banned is not None and ids is not None:  # (a float32 model's own logits at temperature 1: copied first)
+            z = hold_back(z.clone() if z is part else z, ids, banned)
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, tokens[start:start + chunk, :, None]).squeeze(-1) - lse)
         if with_entropy:
@@ -421,11 +462,15 @@ def head_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _head_logprobs(head: torch.nn.Module, transform: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                   tokens: torch.Tensor, with_entropy: bool, temperature: float,
-                   vocab: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   tokens: torch.Tensor, with_entropy: bool, temperature: float, vocab: int | None,
+                   held: torch.Tensor | None = None, banned: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) and entropy (empty unless with_entropy) of [N, H] hidden rows through the LM head, float32,
-    from z = transform(head(hidden))[:, :vocab] / temperature (`drawable`)."""
+    from z = transform(head(hidden))[:, :vocab] / temperature (`drawable`), the `held` ids (`held_ids`) left out
+    of the rows `banned` ([N] bool) marks (`hold_back`)."""
     z = scaled(drawable(transform(head(hidden)), vocab), temperature)
+    if held is not None and banned is not None:  # (z: the head's own fresh output, or its float32 copy)
+        z = hold_back(z, held, banned)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return logp, entropy_from_logits(z) if with_entropy else z.new_zeros(0)
 
@@ -508,10 +553,12 @@ def chunk_bounds(n_tokens: int, chunk_tokens: int, head: torch.nn.Module, device
 def response_logprobs(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, tokens: torch.Tensor,
     with_entropy: bool = False, chunk_tokens: int = 0, temperature: float = 1.0, vocab: int | None = None,
+    held: Held = Held(),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(response token) [B, R] in float32, and the entropy with `with_entropy`, of the distribution
     softmax(logits[..., :vocab] / temperature) (generation.logprobs_at_temperature; else temperature 1; vocab:
-    the ids the sampler could draw, `Rollout.vocab_size`, see `drawable`).
+    the ids the sampler could draw, `Rollout.vocab_size`, see `drawable`), without the `held` ids at the first
+    `held.steps` positions (`Rollout.held`: the stop ids before min_new_tokens, which the sampler never drew).
 
     chunk_tokens = 0, the reference path: the model's [B, P + R, V] logits, upcast 8 rows at a time.
     chunk_tokens > 0, the fast path: the model applies its LM head to one position only and returns its final
@@ -522,18 +569,21 @@ def response_logprobs(
     inner = getattr(model, "module", model)
     if chunk_tokens <= 0 or _FAST_HEAD_OK.get(inner) is False:
         return token_logprobs(response_logits(model, ids, mask, prompt_width), tokens, with_entropy,
-                              temperature=temperature, vocab=vocab)
+                              temperature=temperature, vocab=vocab, held=held)
     hidden, logits_last = final_hidden_states(model, ids, mask, with_logits=True)
     head, transform = inner.get_output_embeddings(), head_transform(inner.config)
     if not _fast_head_ok(model, head, transform, hidden[:, -1], logits_last):
-        return response_logprobs(model, ids, mask, prompt_width, tokens, with_entropy, 0, temperature, vocab)
+        return response_logprobs(model, ids, mask, prompt_width, tokens, with_entropy, 0, temperature, vocab, held)
     hidden = hidden[:, prompt_width - 1:-1]
     rows, width = tokens.shape
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     logps, ents = [], []
+    position = torch.arange(rows * width, device=flat_h.device) % width  # (of each flattened row)
+    ids_held = held_ids(held, flat_h.device) if held else None
     for part in chunk_bounds(flat_t.numel(), chunk_tokens, head, flat_h.device):
-        args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature, vocab)
+        banned = position[part] < held.steps if held else None
+        args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature, vocab, ids_held, banned)
         lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)

@@ -240,7 +240,7 @@ def score_rollout(cfg: PPOConfig, models: dict[str, Any], rollout: Rollout,
     raw_scores)."""
     ids, mask = rollout.sequences()
     p, chunk = rollout.prompt_width, scoring_rows(cfg)
-    lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size)
+    lp_args = (cfg.train.logprob_chunk, logprob_temperature(cfg.generation), rollout.vocab_size, rollout.held)
     keys = ("logp", "ref_logp", "raw") + (("entropy", "values") if for_update else ())
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for s in range(0, ids.shape[0], chunk):
@@ -379,7 +379,7 @@ def update(
                 m = resp_mask[rows]
                 logp, ent = response_logprobs(policy, ids[rows], mask[rows], p, rollout.response[rows],
                                               ppo.entropy_coef > 0, t.logprob_chunk,
-                                              logprob_temperature(cfg.generation), rollout.vocab_size)
+                                              logprob_temperature(cfg.generation), rollout.vocab_size, rollout.held)
                 base = exp["ref_logp"][rows] if ppo.ref_importance_sampling else exp["logp"][rows]
                 pl, clipfrac = policy_loss(logp, base, adv[rows], m, ppo.policy_clip)
                 loss = pl
