@@ -412,6 +412,19 @@ def test_sample_stop_mask_pad_and_truncation_flags_with_a_scripted_model():
     assert second["past"] == ("cache", 0) and third["past"] == ("cache", 1)
 
 
+def test_sample_with_pad_equal_to_the_stop_id_masks_by_the_sampler_not_by_the_ids():
+    """A tokenizer without a pad token gets pad = EOS (prepare_tokenizer): the response mask comes from the
+    sampler's own flags, so each real EOS stays in (mask 1: its reward is read there) and the padding after it
+    is out, though the two are the same id (a peer's bug: masking by id dropped the real EOS)."""
+    ids, mask = left_pad([[4, 5], [6, 7, 8], [9]], 2, CPU)
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+    model = Scripted([[5, 6, 2], [8, 9, 10, 11], [2, 30]], prompt_width=3)
+    out = sample(model, ids, mask, _gen(top_k=1, max_new_tokens=3), [2], 2, VOCAB)
+    assert out.response.tolist() == [[5, 6, 2], [8, 9, 10], [2, 2, 2]]
+    assert out.response_mask.tolist() == [[1, 1, 1], [1, 1, 1], [1, 0, 0]]
+    assert out.truncated.tolist() == [False, True, False]
+
+
 @pytest.mark.parametrize("ahead, forwards", [(False, 2), (True, 3)])
 def test_sample_ends_early_when_every_row_has_stopped(ahead, forwards):
     ids, mask = left_pad([[4, 5], [6]], PAD_ID, CPU)

@@ -141,6 +141,12 @@ def test_baseline_first_step_has_ratio_one_and_updates_both_models(tmp_path, dis
     m = out["metrics"]
     assert m["policy/ratio"] == pytest.approx(1.0, abs=1e-3)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in out["policy"] + out["critic"])
+    # the reference is neither trained nor tied to the policy: its weights are as built, and none shares memory
+    built = _models()["reference"].state_dict()
+    for name, value in out["models"]["reference"].state_dict().items():
+        assert torch.equal(value, built[name]), name
+    policy = {q.data_ptr() for q in out["models"]["policy"].module.parameters()}
+    assert not policy & {q.data_ptr() for q in out["models"]["reference"].parameters()}
 
 
 @pytest.mark.parametrize("ref_is", [False, True])
