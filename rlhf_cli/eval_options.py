@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from rlhf_cli.config_loader import apply_override, format_validation_error, load_config, parse_override
 from stages.config import PRECISION_DTYPES, GenerationConfig, PPODataConfig
 from stages.errors import CheckpointError, ConfigError
-from stages.eval_settings import EvalSettings, held_out_of, run_split_rows
+from stages.eval_settings import EvalSettings, held_out_of, run_share
 from stages.model_paths import resolve_model_dir
 
 
@@ -29,7 +29,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
     gen_fields: dict[str, object] = {}
     cfg_seed, dtype, ngram = 0, "float32", 3
     split_seed: int | None = None  # (the config's seed, when its data.train's validation share is evaluated)
-    split_rows = None  # (what the run recorded of the rows it split)
+    split_share = None  # (what the run recorded of the share it held out)
     if config is not None:
         # eval never loads the config's policy; its reward model and prompts only when not given here
         unused = {"model.name_or_path"} | ({"reward_model.name_or_path"} if reward_model else set()) | (
@@ -39,7 +39,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
         data_fields = cfg.data.model_dump(exclude={"train", "eval", "ptx"})
         data_fields["train"] = cfg.data.eval or cfg.data.train
         if prompts is None and cfg.data.eval is None:  # (the share rlhf ppo validated on, not trained on)
-            split_seed, split_rows = cfg.seed, run_split_rows(str(cfg.output_dir))
+            split_seed, split_share = cfg.seed, run_share(str(cfg.output_dir))
         gen_fields = cfg.generation.model_dump()
         cfg_seed, dtype, ngram = cfg.seed, PRECISION_DTYPES[cfg.deepspeed.precision], cfg.monitor.ngram
     if prompts is not None:
@@ -87,7 +87,7 @@ def eval_settings(policy: Path, config: Path | None = None, reward_model: str | 
                         generation=generation, baseline=_absolute(baseline), reference=_absolute(reference),
                         num_prompts=num_prompts, batch_size=batch_size,
                         seed=cfg_seed if seed is None else seed, ngram=ngram, dtype=dtype, held_out=held_out,
-                        held_out_rows=split_rows if held_out else None)
+                        run_share=split_share if held_out else None)
 
 
 def _absolute(model: str | None) -> str | None:

@@ -445,6 +445,14 @@ def with_input(turns: list[tuple[str, str]], record: dict[str, Any], key: str | 
     return turns[:at] + [("user", f"{asked}\n\n{extra}" if asked.strip() else extra)] + turns[at + 1:]
 
 
+def unread_input(record: dict[str, Any], key: str | None, fmt: str) -> None:
+    """A BadRow when data.columns.input names a column with text in a row of `fmt`, a format without a prompt
+    column to join it to (messages, hh, text): it would be left out."""
+    if key is not None and _part(record, key).strip():
+        raise BadRow(f"'{key}' (data.columns.input) is joined to a prompt column, which format {fmt} has none of: "
+                     "its text would not be read")
+
+
 def with_system(turns: Sequence[tuple[str, str]], record: dict[str, Any], key: str | None, chat: bool
                 ) -> list[tuple[str, str]]:
     """`record[key]` (data.columns.system: orca's system) as a first system turn before `turns`, unchanged when
@@ -485,7 +493,8 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         turns, style, context = asked + completion, CHAT, len(asked)
     elif fmt == "prompt_response":
         asked = with_input([("user", _field(record, cols.prompt, allow_empty=True))], record, cols.input)
-        turns, style = asked + [("assistant", _field(record, cols.response))], CHAT if data.use_chat_template else RAW_PR
+        turns = asked + [("assistant", _field(record, cols.response))]
+        style = CHAT if data.use_chat_template else RAW_PR
     elif fmt == "hh":
         turns = hh_dialogue(hh_field(record, cols.text))
         style = RAW_HH
@@ -496,8 +505,13 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         turns, style = parse_messages(record, cols.messages), CHAT
     elif fmt == "text":  # (plain text, never through the chat template: an empty prompt, the text its response)
         turns, style = [("user", ""), ("assistant", _field(record, cols.document))], RAW_PR
+        if cols.system is not None and _part(record, cols.system).strip():
+            raise BadRow(f"'{cols.system}' holds a system prompt, which format text does not read (plain text, "
+                         "never rendered through the chat template)")
     else:
         raise ValueError(fmt)
+    if not fmt.startswith("prompt"):
+        unread_input(record, cols.input, fmt)
     with_own = with_system(turns, record, cols.system, style == CHAT)
     turns, context = with_own, context + len(with_own) - len(turns)
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)

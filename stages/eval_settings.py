@@ -28,9 +28,9 @@ class EvalSettings:
     #: (data.eval_fraction, seed) of a PPO config without data.eval: the validation share `rlhf ppo` held out of
     #: data.train's prompts is evaluated, not the prompts it trained on; None: data.train's prompts as they are
     held_out: tuple[float, int] | None = None
-    #: (sha256, data_report.json) of the rows of data.train whose share the PPO run held out (`run_split_rows`):
-    #: a --set data.* that changes which rows are usable moves the share, which the evaluation then says
-    held_out_rows: tuple[str, str] | None = None
+    #: (sha256, data_report.json) of the share the PPO run held out (`run_share`): a --set data.* that changes
+    #: which rows are usable, or data.eval_fraction, moves the share, which the evaluation then says
+    run_share: tuple[str, str] | None = None
 
 
 def held_out_of(data: PPODataConfig, seed: int) -> tuple[float, int] | None:
@@ -40,14 +40,13 @@ def held_out_of(data: PPODataConfig, seed: int) -> tuple[float, int] | None:
     return (data.eval_fraction, seed) if data.eval is None and data.eval_fraction > 0 else None
 
 
-def run_split_rows(output_dir: str) -> tuple[str, str] | None:
-    """(sha256, report path) of the usable rows of data.train that the PPO run in `output_dir` split its validation
-    share from, as its data_report.json records them (eval.train_rows_sha256, stages.ppo.prompts
-    `usable_rows_sha256`); None without a record (no run there yet, a run from before it was kept, a file that
-    cannot be read)."""
+def run_share(output_dir: str) -> tuple[str, str] | None:
+    """(sha256, report path) of the validation share the PPO run in `output_dir` held out of data.train, as its
+    data_report.json records it (eval.held_out_sha256, stages.ppo.prompts `held_out_sha256`); None without a
+    record (no run there yet, a run from before it was kept, a file that cannot be read)."""
     path = Path(output_dir) / "data_report.json"
     try:
-        digest = json.loads(path.read_text(encoding="utf-8"))["eval"]["train_rows_sha256"]
+        digest = json.loads(path.read_text(encoding="utf-8"))["eval"]["held_out_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return (digest, str(path)) if isinstance(digest, str) else None

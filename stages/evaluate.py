@@ -44,7 +44,7 @@ from stages.metrics import json_safe, say
 from stages.model_paths import resolve_model_dir
 from stages.models import check_architecture, load_tokenizer, not_local_hint
 from stages.ppo.ending import RewardEnding, ending_for
-from stages.ppo.prompts import load_prompts, usable_rows_sha256
+from stages.ppo.prompts import held_out_sha256, load_prompts
 from stages.ppo.rollout import (left_pad, logprob_temperature, raw_scores, repetition_rate, response_lists,
                                 response_logprobs, sample)
 from stages.rendering import check_rendering
@@ -197,7 +197,7 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
                              "compare models that share the policy's tokenizer (its SFT model, say)")
     styles: set[str] = set()
     log = BadRowLog()
-    rows: list[tuple[str, int]] = []
+    rows: list[tuple[int, int]] = []
     prompts, cut, _ = load_prompts(s.data.train, s.data, tok, log, styles,
                                    limit=None if s.held_out else s.num_prompts, rows=rows)
     source = str(s.data.train.path)
@@ -211,11 +211,11 @@ def evaluate(s: EvalSettings, out_file: Path | None = None) -> dict[str, Any]:
         prompts = prompts[:s.num_prompts] if s.num_prompts else prompts
         source = held_out_source(source, fraction, split_seed)
         say(True, f"prompts: {len(prompts)} of {escape(source)}, which rlhf ppo held out of its training")
-        if s.held_out_rows and s.held_out_rows[0] != usable_rows_sha256(rows):
-            warn(f"warning: this is not the share rlhf ppo held out: the usable rows of data.train differ from "
-                 f"those its run split ({s.held_out_rows[1]}), so prompts it trained on may be among these (a "
-                 "--set data.* that changes which rows are read, say data.format, data.columns or "
-                 "data.on_bad_row, moves the share; data.max_prompt_length does not)")
+        if s.run_share and s.run_share[0] != held_out_sha256(rows, fraction, split_seed):
+            warn(f"warning: this is not the share rlhf ppo held out: data.train's usable rows or data.eval_fraction "
+                 f"differ from those its run split with ({s.run_share[1]}), so prompts it trained on may be among "
+                 "these (a --set data.* that changes which rows are read, say data.format, data.columns or "
+                 "data.on_bad_row, moves the share, as does data.eval_fraction; data.max_prompt_length does not)")
 
     if s.num_prompts and s.num_prompts > len(prompts):
         warn(f"{s.num_prompts} prompts asked (--num-prompts), {len(prompts)} usable in {source}: all of them "

@@ -50,6 +50,7 @@ from stages.data import (
     render_segments,
     split_hh,
     truncate_example,
+    unread_input,
     with_input,
     with_system,
 )
@@ -202,6 +203,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         sides = [(("assistant", _field(record, cols.chosen)),), (("assistant", _field(record, cols.rejected)),)]
         style = CHAT if data.use_chat_template or isinstance(record[cols.prompt], list) else RAW_PR
     elif fmt == "hh":
+        unread_input(record, cols.input, fmt)
         texts = _field(record, cols.chosen), _field(record, cols.rejected)
         try:
             prompt_text, chosen, rejected = split_hh_pair(*texts)
@@ -221,6 +223,7 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
             sides = [tuple((r, c.strip()) for r, c in side) for side in sides]
             style = CHAT
     elif fmt == "messages":
+        unread_input(record, cols.input, fmt)
         chosen_msgs = tuple(parse_messages(record, cols.chosen))
         rejected_msgs = tuple(parse_messages(record, cols.rejected))
         n = 0
@@ -244,11 +247,11 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
         style = CHAT
     else:
         raise ValueError(fmt)
+    prompt_turns = tuple(with_system(prompt_turns, record, cols.system, style == CHAT))  # (a bad row, not a tie)
     if sides[0] == sides[1]:
         raise IdenticalPair()
     for side, name in zip(sides, ("chosen", "rejected")):
         _ends_with_response(side, name)
-    prompt_turns = tuple(with_system(prompt_turns, record, cols.system, style == CHAT))
     return PreferencePair(prompt_turns, sides[0], sides[1], style, margin)
 
 

@@ -234,6 +234,8 @@ def test_input_and_system_columns_join_the_prompt_in_every_stage(tmp_path, char_
         assert with_input([("user", "Add")], {"in": empty}, "in") == [("user", "Add")]
         assert with_system([("user", "Q")], {"sys": empty}, "sys", chat=False) == [("user", "Q")]
     assert with_input([("user", "Add")], {"in": "x"}, None) == [("user", "Add")]
+    assert with_input([("user", " ")], {"in": "x"}, "in") == [("user", "x")]  # (a blank prompt: the input alone)
+    assert with_input([("user", "Add")], {"in": " x\n"}, "in") == [("user", "Add\n\n x\n")]  # (as written)
     assert with_input([("system", "S"), ("user", "A"), ("assistant", "B"), ("user", "C")], {"in": "x"}, "in") == \
         [("system", "S"), ("user", "A"), ("assistant", "B"), ("user", "C\n\nx")]
     with pytest.raises(BadRow, match="missing key 'in'"):
@@ -278,8 +280,32 @@ def test_input_and_system_columns_join_the_prompt_in_every_stage(tmp_path, char_
     ppo = PPODataConfig(train=DataSource(path="unused"), use_chat_template=True,
                         columns=PromptColumns(prompt="question", input="extra", system="system"))
     assert parse_prompt(orca, "prompt", ppo) == ([("system", "Be brief."), ("user", "Q\n\nmore")], True)
-    messages = {"messages": [{"role": "user", "content": "Q"}], "system": "Be brief."}
+    messages = {"messages": [{"role": "user", "content": "Q"}], "system": "Be brief.", "extra": ""}
     assert parse_prompt(messages, "messages", ppo)[0] == [("system", "Be brief."), ("user", "Q")]
+    listed_prompt = {"question": [{"role": "user", "content": "Q"}], "extra": "more", "system": ""}
+    assert parse_prompt(listed_prompt, "prompt", ppo)[0] == [("user", "Q\n\nmore")]
+    empty = {"question": "", "extra": "more", "system": ""}  # (the input alone, in PPO as in SFT and the RM)
+    assert parse_prompt(empty, "prompt", ppo)[0] == [("user", "more")]
+    with pytest.raises(BadRow, match="empty 'question' and 'extra'"):
+        parse_prompt(empty | {"extra": " "}, "prompt", ppo)
+    # an input where no prompt column takes it (messages, hh, text) would be left out: a bad row in every stage
+    hh_row = {"chosen": "\n\nHuman: Q\n\nAssistant: yes", "rejected": "\n\nHuman: Q\n\nAssistant: no",
+              "extra": "more"}
+    for read in (lambda: parse_prompt(messages | {"extra": "more"}, "messages", ppo),
+                 lambda: parse_prompt(hh_row, "hh", ppo),
+                 lambda: parse_pair(hh_row, "hh", _rm(columns=PairColumns(input="extra"))),
+                 lambda: parse_conversation(hh_row, "hh", _sft(columns=Columns(input="extra"))),
+                 lambda: parse_conversation({"text": "t", "extra": "more"}, "text", _sft(columns=Columns(input="extra")))):
+        with pytest.raises(BadRow, match=r"'extra' \(data.columns.input\) is joined to a prompt column, which format "
+                                         r"(messages|hh|text) has none of"):
+            read()
+    with pytest.raises(BadRow, match="'system' holds a system prompt, which format text does not read"):
+        parse_conversation({"text": "t", "system": "S"}, "text", _sft(columns=Columns(system="system"),
+                                                                       use_chat_template=True))
+    # a bad system column is a bad row even beside identical responses (not counted as a tie)
+    with pytest.raises(BadRow, match="missing key 'system'"):
+        parse_pair({"question": "Q", "chosen": "a", "rejected": "a"}, "pairs",
+                   _rm(columns=PairColumns(prompt="question", system="system"), use_chat_template=True))
 
     # the same tokens as the prompt written out, and nothing said unread: PPO's prompt ids, the RM's context
     path, by_hand = tmp_path / "orca.jsonl", tmp_path / "by_hand.jsonl"

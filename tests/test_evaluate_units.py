@@ -228,27 +228,32 @@ def test_evaluate_takes_the_ppo_run_s_validation_share_of_data_train(monkeypatch
 
 
 def test_evaluate_says_when_the_share_is_not_the_one_the_run_held_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`held_out_rows` (the run's data_report.json): a digest of data.train's usable rows other than the run's
-    (a --set data.* that changes which rows are read) is a warning naming the report; the same digest says
-    nothing."""
-    from stages.ppo.prompts import usable_rows_sha256
+    """`run_share` (the run's data_report.json): a share of other usable rows of data.train (a --set data.* that
+    changes which rows are read) or of another data.eval_fraction (a larger share holds prompts the run trained
+    on) is a warning naming the report; the same share says nothing."""
+    from stages.ppo.prompts import held_out_sha256
 
-    read = [("x.jsonl", i) for i in range(1, 9)]
+    read = [(0, i) for i in range(1, 9)]
     s, _, said = _fake_evaluate(monkeypatch, {"pol": _gen([0.0] * 8)}, n_prompts=8, held_out=(0.25, 1),
-                                held_out_rows=(usable_rows_sha256(read), "run/data_report.json"))
+                                run_share=(held_out_sha256(read, 0.25, 1), "run/data_report.json"))
 
-    def load_prompts(*a: Any, rows: list[tuple[str, int]], **k: Any) -> tuple[list[list[int]], int, None]:
+    def load_prompts(*a: Any, rows: list[tuple[int, int]], **k: Any) -> tuple[list[list[int]], int, None]:
         rows += read
         return [[10 + i] for i in range(len(read))], 0, None
 
     monkeypatch.setattr(ev, "load_prompts", load_prompts)
     ev.evaluate(s)
     assert not any("not the share" in t for t in said), said
+    warning = ("warning: this is not the share rlhf ppo held out: data.train's usable rows or data.eval_fraction "
+               "differ from those its run split with (run/data_report.json), so prompts it trained on may be "
+               "among these")
+    s.held_out = (0.5, 1)
+    ev.evaluate(s)
+    assert sum(warning in t for t in said) == 1, said
+    s.held_out = (0.25, 1)
     read.pop(3)  # (a row the run read is not usable here)
     ev.evaluate(s)
-    assert any("warning: this is not the share rlhf ppo held out: the usable rows of data.train differ from those "
-               "its run split (run/data_report.json), so prompts it trained on may be among these" in t
-               for t in said), said
+    assert sum(warning in t for t in said) == 2, said
 
 
 def test_evaluate_kl_reference_is_the_reference_else_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -385,11 +390,11 @@ def test_eval_settings_evaluate_the_validation_share_of_a_config_without_data_ev
     cfg.write_text(yaml.safe_dump(raw))
     s = eval_settings(tmp_path / "policy", cfg, reward_model="some/rm", seed=5)
     assert s.held_out == (0.2, 42) and s.seed == 5 and s.data.train.path == str(TINY / "data" / "prompts.jsonl")
-    assert s.held_out_rows is None  # (no run in output_dir yet)
+    assert s.run_share is None  # (no run in output_dir yet)
     run = Path(raw["output_dir"])
     run.mkdir(parents=True)
-    (run / "data_report.json").write_text('{"eval": {"held_out_of_train": 2, "train_rows_sha256": "abc"}}')
-    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm").held_out_rows == (
+    (run / "data_report.json").write_text('{"eval": {"held_out_of_train": 2, "held_out_sha256": "abc"}}')
+    assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm").run_share == (
         "abc", str(run / "data_report.json"))  # (what the run split: the evaluation checks its rows against it)
     assert eval_settings(tmp_path / "policy", cfg, reward_model="some/rm",
                          prompts=TINY / "data" / "eval_prompts.jsonl").held_out is None

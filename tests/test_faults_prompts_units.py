@@ -427,43 +427,58 @@ def test_a_limit_reads_only_the_first_usable_prompts_and_counts_over_them(tmp_pa
         load_prompts(strict.train, strict, tok, BadRowLog(), limit=3)
 
 
-def test_the_run_records_which_rows_its_validation_share_was_split_from(tmp_path: Path, tok: Any) -> None:
-    """rlhf ppo's data_report.json records a digest of where data.train's usable prompts came from (file name, row
-    number: the rows split_holdout splits by position): rlhf eval reading the same rows gets the same digest,
-    also when prompts are cut otherwise (data.max_prompt_length keeps the rows), and another one when a setting
-    changes which rows are usable (on_bad_row: skip over a row it refused)."""
+def test_the_run_records_which_share_it_held_out(tmp_path: Path, tok: Any) -> None:
+    """rlhf ppo's data_report.json records a digest of its validation share: where data.train's usable prompts
+    came from (the file's index in data.train, row number: the rows split_holdout splits by position),
+    data.eval_fraction and the seed. rlhf eval reading the same rows gets the same digest, also when prompts are
+    cut otherwise (data.max_prompt_length keeps the rows), and another one when a setting changes which rows are
+    usable (on_bad_row: skip over a row it refused), the share or the seed, or which file a row is in."""
     import json
 
     from stages.config import PPOConfig
     from stages.data import BadRowLog
     from stages.distributed import ONE_PROCESS
-    from stages.eval_settings import run_split_rows
-    from stages.ppo.prompts import load_prompts, usable_rows_sha256
+    from stages.eval_settings import run_share
+    from stages.ppo.prompts import held_out_sha256, load_prompts
     from stages.ppo.trainer import load_ppo_data
 
     path = _rows(tmp_path / "p.jsonl", [{"prompt": f"a b {i}", "q": f"b {i}" if i % 3 else ""} for i in range(9)])
     cfg = PPOConfig.model_validate({"output_dir": str(tmp_path / "run"), "model": {"name_or_path": "stub/policy"},
                                     "reward_model": {"name_or_path": "stub/rm"},
-                                    "data": {"train": path, "eval_fraction": 0.3}})
+                                    "data": {"train": path, "eval_fraction": 0.3}, "seed": 7})
     (tmp_path / "run").mkdir()
     load_ppo_data(cfg, tmp_path / "run", ONE_PROCESS, tok)
-    recorded = run_split_rows(str(tmp_path / "run"))
-    assert recorded == (usable_rows_sha256([("p.jsonl", i) for i in range(1, 10)]),
+    recorded = run_share(str(tmp_path / "run"))
+    assert recorded == (held_out_sha256([(0, i) for i in range(1, 10)], 0.3, 7),
                         str(tmp_path / "run" / "data_report.json"))
 
     def digest(**data: Any) -> str:
-        rows: list[tuple[str, int]] = []
+        rows: list[tuple[int, int]] = []
         again = cfg.data.model_copy(update=data)
         load_prompts(again.train, again, tok, BadRowLog(), rows=rows)
-        return usable_rows_sha256(rows)
+        return held_out_sha256(rows, 0.3, 7)
 
     assert digest() == digest(max_prompt_length=2) == recorded[0]
     other = cfg.data.columns.model_copy(update={"prompt": "q"})
-    assert digest(columns=other, on_bad_row="skip") == usable_rows_sha256(
-        [("p.jsonl", i + 1) for i in range(9) if i % 3])
-    assert run_split_rows(str(tmp_path)) is None  # (no run there)
-    (tmp_path / "data_report.json").write_text(json.dumps({"eval": {"held_out_of_train": 2}}))
-    assert run_split_rows(str(tmp_path)) is None  # (a run from before the record)
+    assert digest(columns=other, on_bad_row="skip") == held_out_sha256(
+        [(0, i + 1) for i in range(9) if i % 3], 0.3, 7)
+    rows = [(0, i) for i in range(1, 10)]
+    assert len({held_out_sha256(rows, 0.3, 7), held_out_sha256(rows, 0.5, 7), held_out_sha256(rows, 0.3, 8)}) == 3
+    # two files of one name: the rows are told apart by the file's place in data.train
+    twin = tmp_path / "b"
+    twin.mkdir()
+    second = _rows(twin / "p.jsonl", [{"prompt": "c d"}])
+    from stages.config import DataSource
+
+    for files, want in (([path, second], [(0, i) for i in range(1, 10)] + [(1, 1)]), ([second, path], [(0, 1)] + [
+            (1, i) for i in range(1, 10)])):
+        rows = []
+        load_prompts(DataSource(path=files), cfg.data, tok, BadRowLog(), rows=rows)
+        assert rows == want
+    assert run_share(str(tmp_path)) is None  # (no run there)
+    for record in ({"held_out_of_train": 2}, {"held_out_sha256": None}):  # (a run from before the record)
+        (tmp_path / "data_report.json").write_text(json.dumps({"eval": record}))
+        assert run_share(str(tmp_path)) is None
 
 
 def test_an_unknown_prompt_format_names_the_configured_columns_or_is_refused() -> None:

@@ -4,6 +4,7 @@ against hand-computed values, with tiny random-init models built in-process (CPU
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -1559,10 +1560,23 @@ def test_ptx_rows_read_with_their_own_columns_and_as_plain_text(tmp_path, tokeni
     with pytest.raises(DataError, match=r"set data\.ptx_format/ptx_columns; data\.ptx_format: text trains the whole "
                                         r"text of 'text' \(every token: a pretraining corpus\)"):
         ptx_rows([{"text": "a b c hello"}])  # (format auto never reads plain text: the sniff says so)
-    cfg = PPOConfig.model_validate(base | {"data": {"train": prompts, "eval_fraction": 0, "ptx": str(
-        tmp_path / "ptx.jsonl")}})
-    with pytest.raises(DataError, match=r"row 1: cannot tell the data format .*set data\.ptx_format/ptx_columns"):
-        load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)  # (and the run, past the sniff)
+    from stages.data import kept_reply_end
+    from stages.ppo.prompts import ptx_wording
+
+    advice = "replies cannot be trained apart: data.train_on last_turn trains the final reply of such rows, as with"
+    assert "data.train_on last_turn trains" in inspect.getsource(kept_reply_end)  # (the SFT advice reworded here)
+    assert ptx_wording(advice) == ("replies cannot be trained apart: PTX trains every reply of a row (no data.ptx "
+                                   "key chooses otherwise): give such rows their final reply only, as with")
+    folder = tmp_path / "data.format"  # (a path, like a row's quoted content, is never reworded)
+    folder.mkdir()
+    for rows, error in (([{"text": "a b c hello"}], r"row 1: cannot tell the data format .*set "
+                                                     r"data\.ptx_format/ptx_columns"),
+                        ([{"messages": [{"role": "data.columns", "content": "x"}]}],
+                         r"row 1: messages\[0\] must be .*\(got role 'data\.columns'\)")):
+        cfg = PPOConfig.model_validate(base | {"data": {"train": prompts, "eval_fraction": 0,
+                                                        "ptx": _jsonl(folder / "ptx.jsonl", rows)}})
+        with pytest.raises(DataError, match=r"data\.format/ptx\.jsonl " + error):
+            load_ppo_data(cfg, tmp_path, ONE_PROCESS, tokenizer, save=False)  # (and the run, past the sniff)
 
 
 def test_load_prompts_refuses_a_prompt_that_encodes_to_no_token(tmp_path):

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, Sequence
 from stages.config import PPODataConfig, SFTDataConfig
 from stages.data import (AutoFormat, BadRow, BadRowLog, Segment, _bad, _field, bos_head, bos_ids, hh_dialogue, hh_field,
                          hh_text, opens_with_bos, parse_messages, prompt_column_turns, read_rows, render_template,
-                         specials_read_as_text, text_ids, with_input, with_plain_specials, with_system)
+                         specials_read_as_text, text_ids, unread_input, with_input, with_plain_specials,
+                         with_system)
 from stages.errors import DataError
 from stages.rendering import CHAT, RAW_HH, RAW_PR
 
@@ -64,9 +65,12 @@ def _prompt_turns(record: dict[str, Any], fmt: str, data: PPODataConfig) -> tupl
     cols = data.columns
     if fmt == "prompt" and isinstance(record.get(cols.prompt), list):  # (TRL's conversational prompt-only rows)
         return with_input(_drop_final_response(prompt_column_turns(record, cols.prompt)), record, cols.input), True
-    if fmt == "prompt":
-        text = _field(record, cols.prompt)
-        return with_input([("user", text)], record, cols.input), data.use_chat_template
+    if fmt == "prompt":  # (an empty prompt column beside an input: the input alone, as SFT and the RM read it)
+        turns = with_input([("user", _field(record, cols.prompt, cols.input is not None))], record, cols.input)
+        if not turns[0][1].strip():
+            raise BadRow(f"empty '{cols.prompt}'" + (f" and '{cols.input}'" if cols.input is not None else ""))
+        return turns, data.use_chat_template
+    unread_input(record, cols.input, fmt)
     if fmt == "messages":
         return _drop_final_response(parse_messages(record, cols.messages)), True
     if fmt == "hh":
@@ -107,19 +111,22 @@ class Prompts(NamedTuple):
     special_as_text: int  # prompts with a special-token string in a message's content, read as text
 
 
-def usable_rows_sha256(rows: Sequence[tuple[str, int]]) -> str:
-    """sha256 of where each usable prompt of a source came from, (file name, row number) in order: the rows
-    `split_holdout` splits by position, so two reads of data.train with one digest hold the same rows out (for
-    one fraction and seed), whatever their token ids (another data.max_prompt_length cuts the same rows)."""
-    return hashlib.sha256(json.dumps([list(row) for row in rows]).encode("utf-8")).hexdigest()
+def held_out_sha256(rows: Sequence[tuple[int, int]], fraction: float, seed: int) -> str:
+    """sha256 of a validation share of data.train: where each usable prompt came from, (the file's index in
+    data.train, row number) in order (the rows `split_holdout` splits by position), with data.eval_fraction and
+    the seed it split with. Two reads of data.train with one digest hold the same prompts out, whatever their
+    token ids (another data.max_prompt_length cuts the same rows)."""
+    return hashlib.sha256(json.dumps([[list(row) for row in rows], fraction, seed]).encode("utf-8")).hexdigest()
 
 
 def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLog,
                  styles: set[str] | None = None, limit: int | None = None,
-                 rows: list[tuple[str, int]] | None = None) -> Prompts:
+                 rows: list[tuple[int, int]] | None = None) -> Prompts:
     """Token ids of every usable prompt of `source` (of the first `limit` when given: the rows after them are not
     read), with counts over them (`Prompts`); the rendering style of each is added to `styles` when given, and
-    where it came from, (file name, row number), to `rows` (`usable_rows_sha256`)."""
+    where it came from, (its file's index in `source`, row number), to `rows` (`held_out_sha256`)."""
+    files = {name: i for i, name in enumerate(source.paths())}
+    files |= {str(Path(name)): i for i, name in enumerate(source.paths())}  # (how read_rows names a local file)
     fmt = AutoFormat(data.format)
     bos = bos_ids(tokenizer)
     prompts: list[list[int]] = []
@@ -150,7 +157,7 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
         if styles is not None:
             styles.add(CHAT if chat else RAW_STYLES[row_fmt])
         if rows is not None:
-            rows.append((Path(row.file).name, row.row))
+            rows.append((files.get(row.file, -1), row.row))
         if limit is not None and len(prompts) >= limit:
             break  # (before the next row is read: its errors are not this evaluation's)
     if not prompts:
@@ -160,31 +167,46 @@ def load_prompts(source: Any, data: PPODataConfig, tokenizer: Any, log: BadRowLo
 
 #: the SFT keys a message about data.ptx rows names (`ptx_wording`), the longer forms first
 _SFT_KEYS = re.compile(r"data\.max_length \(or data\.max_prompt_length\)|data\.format/columns|"
+                       r"data\.train_on last_turn trains the final reply of such rows|"
                        r"data\.(?:columns|format|max_length)\b")
+#: what a message quotes (a row's content, a column name): never reworded
+_QUOTED = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
 
 
-def ptx_wording(text: str) -> str:
+def ptx_wording(text: str, paths: Sequence[str] = ()) -> str:
     """`text`, a message about data.ptx's rows (read as SFT data: `ptx_data_config`), naming the PPO config's keys
     for them: data.columns.X -> data.ptx_columns.X, data.format -> data.ptx_format, data.max_length (the prompt
-    budget is half of it) -> data.ptx_max_length.
+    budget is half of it) -> data.ptx_max_length; SFT's train_on advice, which PTX has no key for, says what to
+    do instead. Quoted text (a row's content, a column name) and the `paths` (the PTX files) are left as they are.
 
     >>> ptx_wording("set data.format/columns; data.columns.messages: chosen; data.format: text")
     'set data.ptx_format/ptx_columns; data.ptx_columns.messages: chosen; data.ptx_format: text'
-    >>> ptx_wording("cut to data.max_length (or data.max_prompt_length)")
-    'cut to data.ptx_max_length'
+    >>> ptx_wording("cut to data.max_length (or data.max_prompt_length); data.formats")
+    'cut to data.ptx_max_length; data.formats'
+    >>> ptx_wording("/d/data.format/p.jsonl row 2: (got 'data.format'); data.format", ["/d/data.format/p.jsonl"])
+    "/d/data.format/p.jsonl row 2: (got 'data.format'); data.ptx_format"
     """
     def key(found: re.Match[str]) -> str:
         said = found.group(0)
+        if said.startswith("data.train_on"):
+            return ("PTX trains every reply of a row (no data.ptx key chooses otherwise): give such rows their final "
+                    "reply only")
         if said.startswith("data.max_length"):
             return "data.ptx_max_length"
         return "data.ptx_format/ptx_columns" if said == "data.format/columns" else "data.ptx_" + said[len("data."):]
 
-    return _SFT_KEYS.sub(key, text)
+    kept = re.compile("|".join([re.escape(p) for p in sorted(paths, key=len, reverse=True) if p] + [_QUOTED.pattern]))
+    out, at = [], 0
+    for found in kept.finditer(text):
+        out += [_SFT_KEYS.sub(key, text[at:found.start()]), found.group(0)]
+        at = found.end()
+    return "".join(out) + _SFT_KEYS.sub(key, text[at:])
 
 
 def ptx_data_config(data: PPODataConfig) -> SFTDataConfig:
     """How PPO reads its PTX data: SFT conversations in data.ptx_format, rendered as the prompts are."""
-    return SFTDataConfig(train=data.ptx, format=data.ptx_format, columns=data.ptx_columns, max_length=data.ptx_max_length,
+    return SFTDataConfig(train=data.ptx, format=data.ptx_format, columns=data.ptx_columns,
+                         max_length=data.ptx_max_length,
                          chat_template=data.chat_template, use_chat_template=data.use_chat_template,
                          on_bad_row=data.on_bad_row, eval_fraction=0.0,
                          content_special_tokens=data.content_special_tokens)

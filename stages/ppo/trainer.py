@@ -66,7 +66,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, ptx_wording, usable_rows_sha256
+from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, ptx_wording, held_out_sha256
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
@@ -120,7 +120,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         return {"rows_read": len(prompts.ids), "cut": prompts.cut, "special_as_text": prompts.special_as_text,
                 "skipped_rows": found.total, "skipped_by_reason": dict(found.reasons), "unread_columns": found.unread}
 
-    rows: list[tuple[str, int]] = []
+    rows: list[tuple[int, int]] = []
     read = load_prompts(data.train, data, tokenizer, log, styles, rows=rows)
     train, cut, as_text = read
     report: dict[str, Any] = {"train": split_report(read, log)}
@@ -132,7 +132,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         report["eval"] = split_report(held_read, eval_log)
     elif data.eval_fraction > 0:
         train, held = split_holdout(train, data.eval_fraction, cfg.seed)
-        report["eval"] = {"held_out_of_train": len(held), "train_rows_sha256": usable_rows_sha256(rows)}
+        report["eval"] = {"held_out_of_train": len(held),
+                          "held_out_sha256": held_out_sha256(rows, data.eval_fraction, cfg.seed)}
     report["train"]["prompts"] = len(train)
     seen = ""
     if held is not None:
@@ -154,16 +155,16 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
     if cfg.ppo.ptx_coef > 0 and data.ptx is not None:
-        sft = ptx_data_config(data)
+        sft, files = ptx_data_config(data), data.ptx.paths()
         ptx_report, ptx_log = DataReport(), BadRowLog()
         try:
             ptx = tokenize_conversations(load_conversations(data.ptx, sft, ptx_log), tokenizer, sft, ptx_report)
         except DataError as exc:  # (its rows are read as SFT data: said in the PPO config's keys)
-            raise DataError(ptx_wording(str(exc))) from None
+            raise DataError(ptx_wording(str(exc), files)) from None
         ptx_report.count_skipped(ptx_log)
         report["ptx"] = asdict(ptx_report)
         say_report(dist.is_main, "PTX", ptx_report, lambda split, r: f"{split} data: {r.examples} examples, "
-                   f"{r.trained_tokens:,} trained tokens{r.notes()}", keys=ptx_wording)
+                   f"{r.trained_tokens:,} trained tokens{r.notes()}", keys=lambda text: ptx_wording(text, files))
     elif data.ptx is not None:
         say(dist.is_main, "[yellow]warning: data.ptx is given but ppo.ptx_coef is 0: the PTX data is not used[/]")
     if save and dist.is_main:
