@@ -9,6 +9,7 @@ set, pad distinct from EOS), so transformers' own pooling (the last non-pad toke
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,30 @@ def linear_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, gold: torch.Tenso
     return F.cross_entropy(F.linear(hidden, weight).float(), gold, reduction="sum")
 
 
+def float32_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's forward in float32 whatever its weights' dtype: x W^T (+ b) with x, W, b upcast."""
+    bias = None if self.bias is None else self.bias.float()
+    return F.linear(x.float(), self.weight.float(), bias)
+
+
+def score_in_float32(seqcls: torch.nn.Module) -> None:
+    """Make `seqcls.score` (the scalar head) compute in float32 even in a bf16/fp16 model: a bf16 score of
+    magnitude 2-8 is rounded to steps of 0.016-0.03 (a reward model's pairs then tie more often, and a critic's
+    GAE deltas carry the rounding). Only the head's forward is replaced: its weights keep their dtype, DeepSpeed's
+    ZeRO-3 hooks on the module still gather them, and the saved checkpoint is unchanged."""
+    seqcls.score.forward = types.MethodType(float32_linear, seqcls.score)
+
+
 class RewardModel(torch.nn.Module):
     """`seqcls` is the HF sequence-classification model that gets saved; `lm_head` (optional) maps hidden states
-    to vocabulary logits for the LM loss and is not part of the saved reward model."""
+    to vocabulary logits for the LM loss and is not part of the saved reward model. The score head computes in
+    float32 (`score_in_float32`)."""
 
     def __init__(self, seqcls: torch.nn.Module, lm_head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.seqcls = seqcls
         self.lm_head = lm_head
+        score_in_float32(seqcls)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_labels: torch.Tensor | None = None

@@ -18,28 +18,21 @@ from stages.checkpoint import keep_in_saved_config
 from stages.config import ModelConfig, PPOConfig, TrainConfig
 from stages.errors import CheckpointError
 from stages.models import PAD, build_model, zero3_init_off
-from stages.reward_model import RewardModel, positions_from_mask
-
-
-def _float32_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A Linear's forward in float32 whatever its weights' dtype: x W^T (+ b) with x, W, b upcast."""
-    bias = None if self.bias is None else self.bias.float()
-    return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+from stages.reward_model import RewardModel, positions_from_mask, score_in_float32
 
 
 class ValueModel(torch.nn.Module):
     """V(prefix) at every position: the reward model's backbone and bias-free `score` head applied to every
     hidden state, [B, L] in float32. `seqcls` is the HF sequence-classification model that gets saved.
 
-    The head computes in float32 even when the model is bf16/fp16: a bf16 value of magnitude 2-8 is rounded to
-    steps of 0.016-0.03, more than a token's KL penalty, and GAE's delta_t = r_t + V(t+1) - V(t) would carry
-    that rounding. Only the head's forward is replaced (its weights keep their dtype, and DeepSpeed's ZeRO-3
-    hooks on the module still gather them); the saved checkpoint is unchanged."""
+    The head computes in float32 even when the model is bf16/fp16 (`score_in_float32`): a bf16 value is rounded
+    to steps of 0.016-0.03 at magnitude 2-8, more than a token's KL penalty, and GAE's
+    delta_t = r_t + V(t+1) - V(t) would carry that rounding."""
 
     def __init__(self, seqcls: torch.nn.Module) -> None:
         super().__init__()
         self.seqcls = seqcls
-        seqcls.score.forward = types.MethodType(_float32_linear, seqcls.score)
+        score_in_float32(seqcls)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         backbone = getattr(self.seqcls, self.seqcls.base_model_prefix)
