@@ -480,6 +480,42 @@ def test_packing_keeps_examples_apart(tmp_path, char_tok):
     assert torch.allclose(packed[0, 4:7], alone[0], atol=1e-5)
 
 
+def test_packed_rows_train_exactly_as_their_examples_one_by_one():
+    """The training loss and its gradients (train mode, activation checkpointing on and off) of six examples
+    packed into three padded rows equal those of the six examples run one by one: no example attends to
+    another, none is predicted from the previous one's end, and padding carries nothing (a peer bug: packed
+    examples attending to each other, or positions not restarting)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.data import TokenizedExample
+    from stages.lm import lm_forward, shifted_nll_sum
+    from stages.models import enable_activation_checkpointing
+
+    lengths = (4, 7, 3, 6, 5, 2)
+    exs = [TokenizedExample(list(range(3 + i, 3 + i + n)), [IGNORE] + list(range(4 + i, 3 + i + n)))
+           for i, n in enumerate(lengths)]
+    rows = pack_examples(exs, max_length=11)
+    assert len(rows) == 3 and len({rows.tokens(i) for i in range(3)}) > 1  # (rows of several widths: padded)
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=32, attention_dropout=0.0)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        results = []
+        for batches in ([collate([rows[i] for i in range(3)], 0, torch.device("cpu"))],
+                        [collate([{"input_ids": e.input_ids, "labels": e.labels}], 0, torch.device("cpu"))
+                         for e in exs]):
+            model.zero_grad()
+            loss = sum(shifted_nll_sum(lm_forward(model, b), b["labels"]) for b in batches)
+            loss.backward()
+            results.append((loss.item(), [q.grad.clone() for q in model.parameters()]))
+        (packed, packed_grads), (alone, alone_grads) = results
+        assert packed == pytest.approx(alone, rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed_grads, alone_grads))
+
+
 #: tiny configs of common model types (and those whose attention mask ignores position ids)
 PACKING_ARCHS = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -597,6 +633,42 @@ def test_bos_detected_from_a_tokenizer_that_adds_one():
     # a text that already starts with the BOS string does not get a second one
     ex = tokenize_segments([Segment("<s>ab", False), Segment("c", True)], tok, 10, 5, True, bos=[0])
     assert ex.input_ids.count(0) == 1
+
+
+def test_a_template_writing_bos_beside_a_tokenizer_adding_one_gives_one_bos_in_every_stage(tmp_path):
+    """A chat template that writes {{ bos_token }} (Llama-3's) with a tokenizer that also puts BOS before a text:
+    exactly one BOS opens each SFT row, each reward-model side and each PPO prompt (a peer bug: two)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.config import PPODataConfig, RMDataConfig
+    from stages.data import BadRowLog, bos_ids, parse_conversation
+    from stages.pairs import parse_pair, tokenize_pair
+    from stages.ppo.prompts import load_prompts
+
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcxyz|<>\n")}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<a>{% endif %}")
+    bos = bos_ids(tok)
+    assert bos == [0]
+    row = {"messages": [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cx"}]}
+    data = SFTDataConfig(train=DataSource(path="unused"))
+    ex = tokenize_segments(render_segments(parse_conversation(row, "messages", data), tok, "all_turns"), tok,
+                           64, 32, True, bos)
+    assert ex.input_ids.count(0) == 1 and ex.input_ids[0] == 0
+    pair = parse_pair({"prompt": "ab", "chosen": "cx", "rejected": "yz"}, "pairs",
+                      RMDataConfig(train="x.jsonl", use_chat_template=True))
+    for side in tokenize_pair(pair, tok, RMDataConfig(train="x.jsonl"), bos):
+        assert side.input_ids.count(0) == 1 and side.input_ids[0] == 0
+    prompts = str(_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ab"}]))
+    for chat in (True, False):  # (a plain prompt gets the tokenizer's BOS put before it)
+        ids = load_prompts(DataSource(path=prompts), PPODataConfig(train=prompts, use_chat_template=chat), tok,
+                           BadRowLog()).ids[0]
+        assert ids.count(0) == 1 and ids[0] == 0
 
 
 def test_an_eos_string_inside_a_response_does_not_stand_for_its_end(tmp_path, char_tok):
