@@ -667,8 +667,7 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
             else:  # an opening assistant turn: its header (and a default system prompt) is context too
                 prompt = opening_context(tokenizer, full)
             if not full.startswith(prompt):
-                raise BadRow("the chat template's render of an assistant reply does not begin with its render of "
-                             "the conversation before it with the generation prompt; cannot mask turns")
+                raise BadRow(unmaskable_reason(tokenizer, as_dicts[: i + 1]))
             renders.append((i, prompt, full))
         out: list[Segment] = []
         done = ""
@@ -686,6 +685,22 @@ def render_segments(conv: Conversation, tokenizer: Any, train_on: str, specials_
         return kept
 
     return with_plain_specials(msgs, tokenizer, through_template, specials_as_text)
+
+
+def unmaskable_reason(tokenizer: Any, turns: list[dict[str, str]]) -> str:
+    """Why the render of `turns` (ending with the reply to train) does not begin with the render of the turns before
+    it with the generation prompt; said more closely when the system turn alone causes it (Mistral's templates
+    write the system prompt before the last user turn only: no trained reply ever follows it)."""
+    reason = ("the chat template's render of an assistant reply does not begin with its render of the conversation "
+              "before it with the generation prompt; cannot mask turns")
+    rest = turns[1:]
+    if turns[0]["role"] != "system" or len(rest) < 2:
+        return reason
+    if render_template(tokenizer, rest).startswith(render_template(tokenizer, rest[:-1], add_generation_prompt=True)):
+        return (f"{reason}: it renders the system prompt otherwise once a reply follows (Mistral's templates write "
+                "it before the last user turn only, so no trained reply sees it); train such rows without their "
+                "system turn (or data.columns.system), or give a data.chat_template that keeps it")
+    return reason
 
 
 def kept_reply_end(full: str, later: str, start: int, tokenizer: Any, continued: Callable[[], str]) -> int:

@@ -671,6 +671,41 @@ def test_a_template_writing_bos_beside_a_tokenizer_adding_one_gives_one_bos_in_e
         assert ids.count(0) == 1 and ids[0] == 0
 
 
+#: the shape of Mistral v0.3's chat template: the system prompt goes before the last user turn only
+MISTRAL_LIKE = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+                "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+                "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+                "{%- if loop.last and system_message is defined %}"
+                "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+                "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+                "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+                "{%- endfor %}")
+
+
+def test_a_template_that_moves_the_system_prompt_says_so(tmp_path):
+    """A Mistral-style template writes the system prompt before the last user turn only, so a reply's render never
+    holds it: a row with a system turn cannot be trained (a bad row), and the reason now says why and what to do;
+    the same row without it trains, and PPO renders the system prompt before the question."""
+    from stages.data import BadRow, Conversation
+
+    tok = train_tokenizer(["abc"], vocab_size=261, min_frequency=1000)
+    tok.chat_template = MISTRAL_LIKE
+    with_system = Conversation((("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")), "chat")
+    with pytest.raises(BadRow, match=r"cannot mask turns: it renders the system prompt otherwise once a reply "
+                                     r"follows \(Mistral's templates write it before the last user turn only"):
+        render_segments(with_system, tok, "all_turns")
+    from stages.ppo.prompts import render_prompt
+
+    assert render_prompt(list(with_system.messages[:2]), True, tok).text == "[INST] Be brief.\n\nHi[/INST]"
+    plain = Conversation(with_system.messages[1:], "chat")
+    assert [seg.text for seg in render_segments(plain, tok, "all_turns")] == ["[INST] Hi[/INST]",
+                                                                              " Hello<|endoftext|>"]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if messages|length == 3 %}!{% endif %}"
+    with pytest.raises(BadRow, match=r"cannot mask turns$"):  # (another cause: no such hint)
+        render_segments(Conversation((("user", "Hi"), ("assistant", "Hello"), ("user", "x"), ("assistant", "y")),
+                                     "chat"), tok, "all_turns")
+
+
 def test_an_eos_string_inside_a_response_does_not_stand_for_its_end(tmp_path, char_tok):
     """A raw response quoting "<|endoftext|>" (scraped text; a raw row keeps it as the control token) still gets
     the EOS that ends it: only its last token, or a template's own EOS among the turn's last tokens ("EOS\\n",
