@@ -244,6 +244,30 @@ def test_gradient_clipping_acts_in_the_engine_step(process_group):
     assert moved[1e-12] < 1e-3 * 1e-3
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_the_engine_steps_the_schedule_once_per_optimizer_step_with_accumulation(process_group, stage):
+    """A real DeepSpeed engine with gradient_accumulation_steps 3: the learning rate of each optimizer step is
+    lr_factor of that step (warm-up from the first, not 0), the schedule moving at the accumulation boundary only,
+    not at every micro-batch (a peer bug: warm-up off by one, or stepped per micro-batch)."""
+    import torch
+
+    from conftest import tiny_engine
+
+    ds = DeepSpeedConfig(zero_stage=stage, precision="fp32")
+    engine, _ = tiny_engine(4, ds, lr=1.0, gradient_accumulation_steps=3, warmup_steps=2, lr_scheduler="linear",
+                            min_lr_ratio=0.1)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    seen = []
+    for micro in range(12):
+        seen.append(engine.get_lr()[0])
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    per_step = [lr_factor(s, 4, 2, "linear", 0.1) for s in range(4)]
+    assert per_step == pytest.approx([0.5, 1.0, 1.0, 0.55])
+    assert seen == pytest.approx([f for f in per_step for _ in range(3)])  # (one value through each step's 3)
+    assert engine.global_steps == 4
+
+
 def test_a_reloaded_offload_optimizer_takes_its_next_step_as_the_uninterrupted_one(process_group, tmp_path,
                                                                                     monkeypatch):
     """ZeRO-2 with offload_optimizer steps DeepSpeedCPUAdam, whose C++ beta^t (a product of betas, one factor per
