@@ -447,8 +447,8 @@ def with_input(turns: list[tuple[str, str]], record: dict[str, Any], key: str | 
 
 def unread_input(record: dict[str, Any], key: str | None, fmt: str) -> None:
     """A BadRow when data.columns.input names a column with text in a row of `fmt`, a format without a prompt
-    column to join it to (messages, hh, text): it would be left out."""
-    if key is not None and _part(record, key).strip():
+    column to join it to (messages, hh, text): it would be left out. A row without the column loses nothing."""
+    if key is not None and key in record and _part(record, key).strip():
         raise BadRow(f"'{key}' (data.columns.input) is joined to a prompt column, which format {fmt} has none of: "
                      "its text would not be read")
 

@@ -299,6 +299,16 @@ def test_input_and_system_columns_join_the_prompt_in_every_stage(tmp_path, char_
         with pytest.raises(BadRow, match=r"'extra' \(data.columns.input\) is joined to a prompt column, which format "
                                          r"(messages|hh|text) has none of"):
             read()
+    blank = {"extra": " "}  # (whitespace adds nothing, so nothing is lost: no bad row)
+    assert parse_prompt(messages | blank, "messages", ppo)[0] == [("system", "Be brief."), ("user", "Q")]
+    assert parse_conversation({"text": "t", "system": " \n"} | blank, "text",
+                              _sft(columns=Columns(input="extra", system="system"))).messages[-1] == ("assistant", "t")
+    assert parse_prompt({"messages": messages["messages"], "system": ""}, "messages", ppo)  # (no input column)
+    pair_rows = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(BadRow, match=r"'extra' \(data.columns.input\) is joined to a prompt column, which format "
+                                     r"messages has none of"):
+        parse_pair(pair_rows | {"extra": "more"}, "messages", _rm(columns=PairColumns(input="extra")))
     with pytest.raises(BadRow, match="'system' holds a system prompt, which format text does not read"):
         parse_conversation({"text": "t", "system": "S"}, "text", _sft(columns=Columns(system="system"),
                                                                        use_chat_template=True))

@@ -140,6 +140,26 @@ def test_generate_kl_leaves_the_padding_after_a_stop_token_out(monkeypatch: pyte
     assert out.kl == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+def test_generate_kl_leaves_out_the_stop_ids_held_back_before_min_new_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """min_new_tokens = max_new_tokens: the stop id is never drawn, so a reference that differs from the policy in
+    the stop id's logit alone (its LM-head row) gives a KL of 0: the log-probs leave the held id out, as rlhf ppo's
+    scoring does (without it, every token's KL would move)."""
+    import copy
+
+    monkeypatch.setattr(ev, "raw_scores", lambda gen, reward, ids, *a: torch.zeros(ids.shape[0]))
+    model = _tiny_lm()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.lm_head.weight[EOS] += 2.0
+    s = _tiny_settings(7)
+    s.generation = GenerationConfig(max_new_tokens=4, min_new_tokens=4, cache="dynamic")
+    out = ev.generate(model, [[5, 6], [7], [8, 9, 10]], s, _TOK, None, [EOS], None, torch.device("cpu"), reference)
+    assert out.kl == pytest.approx([0.0] * 3, abs=1e-5)
+    s.generation = GenerationConfig(max_new_tokens=4, cache="dynamic")  # (none held: the moved EOS shows)
+    assert max(map(abs, ev.generate(model, [[5, 6], [7], [8, 9, 10]], s, _TOK, None, [EOS], None,
+                                    torch.device("cpu"), reference).kl)) > 1e-3
+
+
 # --- evaluate() with its models faked -----------------------------------------------------------------------
 
 

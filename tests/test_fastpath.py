@@ -41,6 +41,7 @@ from stages.ppo.rollout import (
     sampling_params,
 )
 from stages.reward_model import positions_from_mask
+import stages.ppo.rollout as rollout_mod
 
 VOCAB, PAD_ID, CPU = 48, 0, torch.device("cpu")
 PROMPTS = [[5, 9, 12, 3, 7], [21, 4], [33, 8, 15]]
@@ -542,9 +543,11 @@ def test_logprobs_are_those_of_the_ids_the_sampler_can_draw(chunk):
 def test_logprobs_leave_out_the_stop_ids_held_back_before_min_new_tokens(chunk):
     """generation.min_new_tokens: the sampler never draws a stop id at the first positions, so the log-probs,
     entropy and their gradients there are those of softmax over the other ids (`Held`), on the reference and the
-    chunked path alike. A policy that moves probability onto the held ids alone then shows no KL there, where
-    the sampler cannot see the change (before, k1 read log((1 - p) / (1 - p_ref)) per position: -5.4 per token
-    in an audit's case); the rollout carries what its sampler held back."""
+    chunked path alike (and on the chunked path's fallback to the reference). A policy that moves probability
+    onto the held ids alone then shows no KL there, where the sampler cannot see the change (before, k1 read
+    log((1 - p) / (1 - p_ref)) per position: -5.4 per token in an audit's case); the entropy's gradients stay
+    finite however large the gradient flowing into it (an fp16 loss scale); the rollout carries what its
+    sampler held back: the stop ids with a logit it reads."""
     ids, mask, p, resp = _batch("llama")
     held = Held((21, 30), 2)  # (neither among the responses' first two tokens: the sampler never drew them there)
     model = _model("llama").train()
@@ -571,9 +574,22 @@ def test_logprobs_leave_out_the_stop_ids_held_back_before_min_new_tokens(chunk):
         whole = response_logprobs(other, ids, mask, p, resp, chunk_tokens=chunk)[0]
     assert torch.allclose(mine[:, :2], theirs[:, :2], atol=1e-6) and (mine[:, 2:] - theirs[:, 2:]).abs().max() > 1e-3
     assert (whole[:, :2] - theirs[:, :2]).abs().max() > 1e-3  # (the whole distribution's log-probs do move)
+    for scale in (2.0, 65536.0):  # (float32's lowest as the held logit made NaN gradients from 1 on)
+        model = _model("llama").train()
+        ent = response_logprobs(model, ids, mask, p, resp, with_entropy=True, chunk_tokens=chunk, held=held)[1]
+        (scale * ent.sum()).backward()
+        assert all(torch.isfinite(q.grad).all() for q in model.parameters()), scale
+    if chunk:  # a model whose head the chunked path cannot reproduce falls back to the reference path, held too
+        fallback = _model("llama")
+        rollout_mod._FAST_HEAD_OK[fallback] = False
+        with torch.no_grad():
+            got = response_logprobs(fallback, ids, mask, p, resp, chunk_tokens=chunk, held=held)[0]
+        assert torch.allclose(got, mine, atol=1e-6)
     gen = GenerationConfig(max_new_tokens=4, min_new_tokens=2)
-    roll = sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), gen, [2, VOCAB + 3], PAD_ID, VOCAB)
+    roll = sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), gen, [2, VOCAB, VOCAB + 3], PAD_ID, VOCAB)
     assert roll.held == Held((2,), 2) and roll.select([1, 0]).held == roll.held  # (an id with no logit: left out)
+    roll = sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), gen, [2, VOCAB + 1], PAD_ID, VOCAB + 5)
+    assert roll.held == Held((2,), 2)  # (the embedding's VOCAB rows, fewer than the vocabulary said: its width)
     assert not sample(_model("llama"), *left_pad(PROMPTS, PAD_ID, CPU), GenerationConfig(max_new_tokens=4), [2],
                       PAD_ID, VOCAB).held
 

@@ -475,6 +475,9 @@ def test_the_run_records_which_share_it_held_out(tmp_path: Path, tok: Any) -> No
         rows = []
         load_prompts(DataSource(path=files), cfg.data, tok, BadRowLog(), rows=rows)
         assert rows == want
+    rows = []  # (a path written another way, ./p.jsonl, is the same file of data.train)
+    load_prompts(DataSource(path=f"{tmp_path}/./p.jsonl"), cfg.data, tok, BadRowLog(), rows=rows)
+    assert rows == [(0, i) for i in range(1, 10)]
     assert run_share(str(tmp_path)) is None  # (no run there)
     for record in ({"held_out_of_train": 2}, {"held_out_sha256": None}):  # (a run from before the record)
         (tmp_path / "data_report.json").write_text(json.dumps({"eval": record}))

@@ -31,9 +31,9 @@ from stages.reward_model import last_token_index, positions_from_mask
 @dataclass(frozen=True)
 class Held:
     """Ids the sampler never draws at the first `steps` response positions: the stop ids before
-    generation.min_new_tokens (`banned_at`). Log-probs, entropies and so the KL are those of the distribution it
-    drew from, without them there (`hold_back`): the full distribution's would charge the policy a KL for moving
-    probability onto a token it can never sample there (k1 log((1 - p) / (1 - p_ref)) per position)."""
+    generation.min_new_tokens (`banned_at`). Log-probs, entropies and so the KL leave them out there
+    (`hold_back`): with them, a policy moving probability onto a token it can never sample there changed the
+    KL all the same (k1 by log((1 - p) / (1 - p_ref)) per position, a bonus for the move; k3 a large charge)."""
 
     ids: tuple[int, ...] = ()
     steps: int = 0
@@ -53,11 +53,17 @@ def held_ids(held: Held, device: torch.device) -> torch.Tensor:
     return torch.tensor(held.ids, dtype=torch.long).to(device, non_blocking=True)
 
 
+#: the logit `hold_back` gives a held id: exp(HELD_LOGIT - logsumexp) is exactly 0 in float32 (probability 0), and
+#: the entropy's gradient there, -HELD_LOGIT times the one flowing into it, stays finite up to 3e8 (an fp16 loss
+#: scale and entropy_coef included; at float32's lowest it overflowed from 1 on, and softmax's backward made NaN)
+HELD_LOGIT = -1e30
+
+
 def hold_back(z: torch.Tensor, ids: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
-    """z [..., V] (scaled float32 logits) with the logits of `ids` (`held_ids`) set to float32's lowest value at
-    the positions where `banned` (bool, broadcast over z's leading dimensions) is true: probability 0 there, and
-    a finite product p z = 0 in the entropy. In place (z is the caller's own float32 copy); no host sync."""
-    z[..., ids] = torch.where(banned[..., None], torch.finfo(z.dtype).min, z[..., ids])
+    """z [..., V] (scaled float32 logits) with the logits of `ids` (`held_ids`) set to HELD_LOGIT at the positions
+    where `banned` (bool, broadcast over z's leading dimensions) is true: probability 0 there, and a finite
+    product p z = 0 in the entropy. In place (z is the caller's own float32 copy); no host sync."""
+    z[..., ids] = torch.where(banned[..., None], HELD_LOGIT, z[..., ids])
     return z
 
 
