@@ -300,6 +300,7 @@ class Conversation:
     messages: tuple[tuple[str, str], ...]  # (role, content)
     style: str
     context_turns: int = 0  # the first turns are context whatever data.train_on (a prompt column's, before its completion)
+    whole_text: bool = False  # format text: a longer text is split into rows of max_length (`text_rows`), not cut
 
 
 def detect_format(record: dict[str, Any], columns: Columns) -> str:
@@ -519,7 +520,7 @@ def parse_conversation(record: dict[str, Any], fmt: str, data: SFTDataConfig) ->
         raise BadRow("no assistant turn")
     if not turns[last][1].strip():
         raise BadRow("empty response (last assistant turn)")
-    return Conversation(tuple(turns[: last + 1]), style, context)
+    return Conversation(tuple(turns[: last + 1]), style, context, whole_text=fmt == "text")
 
 
 def load_conversations(
@@ -1083,6 +1084,25 @@ def truncate_example(ex: TokenizedExample, cut: int, max_length: int, head: int 
                             response_truncated=len(ids) > max_length, special_as_text=ex.special_as_text)
 
 
+def text_rows(ex: TokenizedExample, max_length: int) -> list[TokenizedExample]:
+    """A whole text's tokens (format text, untruncated) as rows of at most `max_length` tokens that overlap by one:
+    row k holds tokens [k (L - 1), k (L - 1) + L) with L = max_length, and its first token carries no label (the
+    row before it trained that token), so every label of the text is trained exactly once and none is lost. A
+    last row holding only the overlap token (no label) is left out.
+
+    >>> [r.input_ids for r in text_rows(TokenizedExample([1, 2, 3, 4, 5, 6], [-100, 2, 3, 4, 5, 6]), 3)]
+    [[1, 2, 3], [3, 4, 5], [5, 6]]
+    """
+    step = max_length - 1
+    rows = []
+    for start in range(0, max(1, len(ex.input_ids) - 1), step):
+        ids = ex.input_ids[start:start + max_length]
+        labels = ex.labels[start:start + max_length]
+        rows.append(TokenizedExample(ids, labels if start == 0 else [IGNORE] + labels[1:],
+                                     special_as_text=ex.special_as_text))
+    return rows
+
+
 def tokenize_segments(
     segments: list[Segment], tokenizer: Any, max_length: int, prompt_budget: int, add_eos: bool, bos: list[int]
 ) -> TokenizedExample:
@@ -1171,6 +1191,7 @@ class DataReport:
     unread_columns: list[str] = field(default_factory=list)  # prompt-part columns no data.columns key names
     source_rows: int = 0  # rows of the split's source read, bad ones too (before a validation share was held out)
     cautions: list[str] = field(default_factory=list)  # what the settings may read wrongly, said as warnings
+    split_texts: int = 0  # format text: texts longer than max_length, split into several rows (`text_rows`)
 
     @classmethod
     def from_log(cls, log: BadRowLog, usable: int) -> DataReport:
@@ -1195,9 +1216,10 @@ class DataReport:
 
     def notes(self) -> str:
         """The report's closing notes: special-token text read as text, eval examples also in the training data,
-        skipped rows."""
+        texts split into rows (format text), skipped rows."""
         seen = f"; {self.in_train} also in the training data (scored on what was trained on)" if self.in_train else ""
-        return f"{special_note(self.special_as_text)}{seen}{self.skipped_note()}"
+        split = f"; {self.split_texts} text(s) longer than a row split into several" if self.split_texts else ""
+        return f"{special_note(self.special_as_text)}{seen}{split}{self.skipped_note()}"
 
     def skipped_note(self) -> str:
         """", skipped N bad row(s) (reason: n; ...)" or "" when nothing was skipped."""
@@ -1239,12 +1261,18 @@ def tokenize_conversations(
             except BadRow as exc:
                 _bad(where, str(exc), data.on_bad_row, log)
                 continue
-            ex = tokenize_segments(segments, tokenizer, data.max_length, data.prompt_budget, data.add_eos, bos)
-            if all(t == IGNORE for t in ex.labels):
+            if conv.whole_text:  # (split into rows, never cut)
+                parts = text_rows(encode_segments(segments, tokenizer, data.add_eos, bos)[0], data.max_length)
+                report.split_texts += len(parts) > 1
+            else:
+                parts = [tokenize_segments(segments, tokenizer, data.max_length, data.prompt_budget, data.add_eos,
+                                           bos)]
+            if all(t == IGNORE for ex in parts for t in ex.labels):
                 _bad(where, "no response token left after truncation", data.on_bad_row, log)
                 continue
-            report.add(ex, conv.style)
-            yield ex
+            for ex in parts:
+                report.add(ex, conv.style)
+                yield ex
 
     if data.packing:
         rows = pack_examples(examples(), data.max_length)

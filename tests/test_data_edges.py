@@ -348,7 +348,9 @@ def test_format_text_trains_a_whole_text_and_is_never_chosen_by_auto(char_tok):
     from stages.data import BadRow, detect_format, parse_conversation
 
     conv = parse_conversation({"text": "abc", "prompt": "x"}, "text", _sft(use_chat_template=True))
-    assert conv == Conversation((("user", ""), ("assistant", "abc")), "raw_pr")
+    assert conv == Conversation((("user", ""), ("assistant", "abc")), "raw_pr", whole_text=True)
+    plain = parse_conversation({"prompt": "", "response": "abc"}, "prompt_response", _sft())
+    assert plain.messages == conv.messages and not plain.whole_text  # (a response longer than a row is cut)
     segments = render_segments(conv, char_tok, "all_turns")
     assert [(seg.text, seg.train) for seg in segments if seg.text] == [("abc", True)]
     assert parse_conversation({"body": "abc"}, "text", _sft(columns=Columns(document="body"))) == conv

@@ -1526,7 +1526,7 @@ def test_ppo_data_report_counts_prompts_cuts_and_skipped_rows_by_reason(tmp_path
 def test_ptx_rows_read_with_their_own_columns_and_as_plain_text(tmp_path, tokenizer, capsys):
     """data.ptx_columns maps the PTX rows' columns as SFT's data.columns does (alpaca with its input joined);
     data.ptx_format: text trains a pretraining corpus row's whole text: every token after the first (nothing
-    predicts it without a BOS), then EOS, cut to data.ptx_max_length from the right. Errors and warnings about
+    predicts it without a BOS), then EOS, a longer text split into rows of data.ptx_max_length (not cut). Errors and warnings about
     PTX rows name the PPO config's keys (data.ptx_format, data.ptx_columns, data.ptx_max_length), not SFT's."""
     from stages.distributed import ONE_PROCESS
     from stages.errors import DataError
@@ -1548,11 +1548,15 @@ def test_ptx_rows_read_with_their_own_columns_and_as_plain_text(tmp_path, tokeni
     ids = tokenizer("a b c hello", add_special_tokens=False)["input_ids"]
     [row] = ptx_rows([{"text": "a b c hello"}], ptx_format="text")
     assert row == {"input_ids": ids + [eos], "labels": [-100] + ids[1:] + [eos]}
-    [row] = ptx_rows([{"body": "a b c hello"}], ptx_format="text", ptx_columns={"document": "body"},
-                     ptx_max_length=3)
-    assert row == {"input_ids": ids[:3], "labels": [-100] + ids[1:3]}  # (the end cut: no EOS after it)
-    assert "warning: PTX data: most of the 1 examples were cut to data.ptx_max_length (0 prompts, 1 responses)" in \
-        " ".join(capsys.readouterr().out.split())
+    whole = ids + [eos]
+    rows = ptx_rows([{"body": "a b c hello"}], ptx_format="text", ptx_columns={"document": "body"}, ptx_max_length=3)
+    # a longer text: rows of 3 overlapping by one token, each label trained once, nothing cut
+    assert [r["input_ids"] for r in rows] == [whole[i:i + 3] for i in range(0, len(whole) - 1, 2)]
+    trained = [t for r in rows for t in r["labels"] if t != -100]
+    assert trained == whole[1:] and all(r["labels"][0] == -100 for r in rows)
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"PTX data: {len(rows)} examples" in said and "1 text(s) longer than a row split into several" in said
+    assert "were cut" not in said
     alpaca = {"instruction": "a b", "input": "c", "output": "hello"}
     [row] = ptx_rows([alpaca], ptx_columns={"prompt": "instruction", "input": "input", "response": "output"})
     [same] = ptx_rows([{"prompt": "a b\n\nc", "response": "hello"}])
