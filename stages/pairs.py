@@ -198,12 +198,13 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
     """One record -> PreferencePair. Raises BadRow (with the reason) or IdenticalPair."""
     cols = data.columns
     margin = _margin(record, cols.margin)
+    if fmt != "pairs":  # (no prompt column to join an input to)
+        unread_input(record, cols.input, fmt)
     if fmt == "pairs":  # (a message list in the prompt column: TRL's conversational prompt)
         prompt_turns = tuple(with_input(prompt_column_turns(record, cols.prompt), record, cols.input))
         sides = [(("assistant", _field(record, cols.chosen)),), (("assistant", _field(record, cols.rejected)),)]
         style = CHAT if data.use_chat_template or isinstance(record[cols.prompt], list) else RAW_PR
     elif fmt == "hh":
-        unread_input(record, cols.input, fmt)
         texts = _field(record, cols.chosen), _field(record, cols.rejected)
         try:
             prompt_text, chosen, rejected = split_hh_pair(*texts)
@@ -223,7 +224,6 @@ def parse_pair(record: dict[str, Any], fmt: str, data: RMDataConfig) -> Preferen
             sides = [tuple((r, c.strip()) for r, c in side) for side in sides]
             style = CHAT
     elif fmt == "messages":
-        unread_input(record, cols.input, fmt)
         chosen_msgs = tuple(parse_messages(record, cols.chosen))
         rejected_msgs = tuple(parse_messages(record, cols.rejected))
         n = 0

@@ -428,13 +428,13 @@ def token_logprobs(
     the entropy H = logsumexp(z) - sum softmax(z) z per position. Upcast `chunk` rows at a time, so no float32 copy
     of the whole [B, R, V] tensor exists (autograd keeps each chunk's own)."""
     logps, ents = [], []
-    banned = torch.arange(logits.shape[1], device=logits.device) < held.steps if held else None
-    ids = held_ids(held, logits.device) if held else None
+    hold = (held_ids(held, logits.device), torch.arange(logits.shape[1], device=logits.device) < held.steps) \
+        if held else None
     for start in range(0, logits.shape[0], chunk):
         part = drawable(logits[start:start + chunk], vocab)
         z = scaled(part, temperature)
-        if banned is not None and ids is not None:  # (a float32 model's own logits at temperature 1: copied first)
-            z = hold_back(z.clone() if z is part else z, ids, banned)
+        if hold is not None:  # (a float32 model's own logits at temperature 1: copied first)
+            z = hold_back(z.clone() if z is part else z, *hold)
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, tokens[start:start + chunk, :, None]).squeeze(-1) - lse)
         if with_entropy:
@@ -585,10 +585,10 @@ def response_logprobs(
     flat_h, flat_t = hidden.reshape(rows * width, -1), tokens.reshape(-1)
     grad = torch.is_grad_enabled() and flat_h.requires_grad
     logps, ents = [], []
-    position = torch.arange(rows * width, device=flat_h.device) % width  # (of each flattened row)
     ids_held = held_ids(held, flat_h.device) if held else None
+    position = torch.arange(rows * width, device=flat_h.device) % width if held else None  # (of each flat row)
     for part in chunk_bounds(flat_t.numel(), chunk_tokens, head, flat_h.device):
-        banned = position[part] < held.steps if held else None
+        banned = position[part] < held.steps if position is not None else None
         args = (head, transform, flat_h[part], flat_t[part], with_entropy, temperature, vocab, ids_held, banned)
         lp, ent = checkpoint(_head_logprobs, *args, use_reentrant=False) if grad else _head_logprobs(*args)
         logps.append(lp)
