@@ -448,11 +448,11 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
     or process count (resume_changes) unless `allow_changes`, another process count under ZeRO, and mixing two
     runs in one output_dir (unless resuming, or told to overwrite)."""
     refuse_request(out_dir, resume, overwrite)
-    if resume and stage is not None:
-        other = run_stage_of(out_dir)
-        if other is not None and other != stage:
-            raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
-                              "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
+    other = run_stage_of(out_dir) if stage is not None else None
+    other = other if other != stage else None  # another stage's run, which no --resume of this one continues
+    if resume and other is not None:
+        raise ConfigError(f"output_dir {out_dir} holds a `rlhf {other}` run; `rlhf {stage} --resume` cannot "
+                          "continue it (point output_dir elsewhere, or pass --overwrite to replace it)")
     checkpoint, changes, inputs = None, [], None
     if resume:
         inputs = run_inputs(out_dir, config_text, stage)
@@ -464,10 +464,12 @@ def check_output_dir(out_dir: Path, config_text: str, resume: bool, overwrite: b
                               "changes")
     found = previous_run_contents(out_dir)
     if found and not resume and not overwrite:
-        raise ConfigError(
-            f"output_dir {out_dir} already holds a run ({', '.join(found[:4])}); "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
+        contents = ", ".join(found[:4])
+        if other is None:
+            raise ConfigError(f"output_dir {out_dir} already holds a run ({contents}); pass --resume to continue it "
+                              "or --overwrite to replace it")
+        raise ConfigError(f"output_dir {out_dir} already holds a `rlhf {other}` run ({contents}), which `rlhf "
+                          f"{stage}` cannot continue; point output_dir elsewhere, or pass --overwrite to replace it")
     if not resume or (checkpoint is None and not (out_dir / "final").exists()):  # prepare_output_dir clears it
         refuse_cleared_inputs(out_dir, config_text, stage)
     return OutputPlan(checkpoint, changes, inputs)

@@ -275,8 +275,13 @@ def test_a_real_write_error_during_the_first_save_leaves_nothing_that_looks_vali
 def test_resuming_another_stage_s_run_is_refused(tmp_path, reference):
     rm = {"output_dir": str(reference), "model": {"name_or_path": str(reference / "final")},
           "data": {"train": str(REPO / "configs" / "tiny" / "data" / "rm.jsonl")}}
-    res = run_cli("train-rm", "--config", str(write_yaml(tmp_path / "rm.yaml", rm)), "--resume")
+    config = str(write_yaml(tmp_path / "rm.yaml", rm))
+    res = run_cli("train-rm", "--config", config, "--resume")
     assert res.returncode == 2 and "holds a `rlhf sft` run" in res.stderr, res.stderr
+    # without --resume: the refusal names the other stage and does not advise the --resume refused above
+    res = run_cli("train-rm", "--config", config, "--dry-run")
+    assert res.returncode == 2 and "already holds a `rlhf sft` run (" in res.stderr, res.stderr
+    assert "which `rlhf train-rm` cannot continue" in res.stderr and "--resume" not in res.stderr, res.stderr
     assert (reference / "final").is_dir()  # untouched
 
 
