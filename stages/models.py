@@ -223,7 +223,21 @@ def _finish_tokenizer(tokenizer: Any, source: str, chat_template: str | None) ->
         tokenizer.chat_template = chat_template
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.rlhf_defaulted_template = source  # (said by `default_template_caution` if rows render with it)
     return tokenizer
+
+
+def default_template_caution(tokenizer: Any, styles: Iterable[str]) -> str | None:
+    """A warning when rows were rendered through the chat template (`styles` holds "chat") of a tokenizer that
+    had none, so that DEFAULT_CHAT_TEMPLATE rendered them (and is saved with the model); None otherwise."""
+    source = getattr(tokenizer, "rlhf_defaulted_template", None)
+    from stages.rendering import CHAT
+
+    if source is None or CHAT not in set(styles):
+        return None
+    return (f"tokenizer {source} has no chat template: rows were rendered with the built-in default "
+            "(<|user|>, <|assistant|>, ...; saved with the model); set data.chat_template to the template the "
+            "model was trained with, if it has one")
 
 
 def ensure_distinct_pad(tokenizer: Any) -> bool:
@@ -364,8 +378,8 @@ def check_architecture(source: str, head: str, trained_head: bool, key: str = "m
         raise CheckpointError(f"{source} is a {arch} (a reward model), not a causal LM; point {key} "
                               "at an SFT output or a base model")
     if head == "reward" and trained_head and not (is_classifier and labels == 1):
-        raise CheckpointError(f"{source} is a {arch}, not a one-label sequence classifier: a reward model "
-                              "written by rlhf train-rm is needed here (its score head would be random otherwise)")
+        raise CheckpointError(f"{source} is a {arch}, not a one-label sequence classifier: point {key} at a "
+                              "reward model written by rlhf train-rm (its score head would be random otherwise)")
 
 
 #: per stage, the models it loads that have a kind to check: (config section, head, trained head)

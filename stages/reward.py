@@ -28,7 +28,7 @@ from stages.data import IGNORE, BadRowLog, DataReport, corpus_texts, count_in_tr
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum, gather_floats
 from stages.lm import collate, step_counts, trained_token_count
 from stages.metrics import say
-from stages.models import ensure_distinct_pad, prepare_tokenizer
+from stages.models import default_template_caution, ensure_distinct_pad, prepare_tokenizer
 from stages.pairs import PairRows, indexed_columns_caution, load_pairs, pair_key, tokenize_pairs
 from stages.rendering import data_rendering
 from stages.reward_model import REWARD_STATS_FILE, build_reward_model
@@ -210,8 +210,9 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
                                              map(pair_key, (p for p, _ in pairs)))
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
-    caution = indexed_columns_caution(data.columns.chosen, data.columns.rejected)
-    reports["train"].cautions += [caution] if caution else []
+    cautions = (indexed_columns_caution(data.columns.chosen, data.columns.rejected),
+                default_template_caution(tokenizer, reports["train"].styles))
+    reports["train"].cautions += filter(None, cautions)
     return tokenizer, added, rows["train"], rows.get("eval"), reports
 
 

@@ -32,7 +32,7 @@ from stages.data import (
 from stages.distributed import ONE_PROCESS, DistInfo, all_reduce_sum
 from stages.lm import collate, lm_forward, shifted_nll_sum, step_counts, trained_token_count
 from stages.metrics import say
-from stages.models import build_causal_lm, check_packing, prepare_tokenizer
+from stages.models import build_causal_lm, check_packing, default_template_caution, prepare_tokenizer
 from stages.rendering import data_rendering
 from stages.trainer import (LossGuard, due, kept_sum, open_run, optimizer_step, print_data_check, split_holdout, start_training,
                             write_data_reports)
@@ -115,6 +115,7 @@ def load_sft_data(
                                                   (c.messages for c, _ in eval_convs))
     train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, reports["train"])
     eval_rows = tokenize_conversations(eval_convs, tokenizer, cfg.data, reports["eval"]) if eval_convs else None
+    reports["train"].cautions += filter(None, [default_template_caution(tokenizer, reports["train"].styles)])
     if eval_rows is None:
         del reports["eval"]
     return tokenizer, train_rows, eval_rows, reports

@@ -509,7 +509,8 @@ def test_dry_run_makes_the_real_runs_reading_checks_and_still_writes_nothing(tmp
     ppo = ("ppo", "-c", str(REPO / "configs" / "tiny" / "ppo.yaml"), "--dry-run", "--set", f"output_dir={tmp_path}/p",
            "--set", f"model.name_or_path={sft}")
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={sft}")
-    assert res.exit_code == 1 and f"{sft / 'final'} is a LlamaForCausalLM, not a one-label sequence classifier" in res.stderr
+    assert res.exit_code == 1 and f"{sft / 'final'} is a LlamaForCausalLM, not a one-label sequence classifier: point " \
+        "reward_model.name_or_path at a reward model written by rlhf train-rm" in " ".join(res.stderr.split())
     res = invoke_cli(*ppo, "--set", f"reward_model.name_or_path={rm}", "--set", f"model.name_or_path={rm}")
     assert res.exit_code == 1 and "(a reward model), not a causal LM" in res.stderr, res.output
     assert not (tmp_path / "p").exists()

@@ -4,11 +4,12 @@ rows of eval seen in training (each pinned after a mutant of it survived the sui
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import ONE_LAYER_MODEL
-from stages.config import DataSource, PPOConfig, RMDataConfig, SFTDataConfig
+from stages.config import DataSource, ModelConfig, PPOConfig, RMDataConfig, SFTDataConfig
 from stages.data import Conversation, DataReport, Segment, render_segments, tokenize_conversations
 from stages.errors import DataError
 from stages.models import train_tokenizer
@@ -434,3 +435,53 @@ def test_chosen_and_rejected_columns_told_apart_by_an_index_are_a_caution(tmp_pa
     for names in (("response_j", "response_k"), ("chosen", "rejected"), ("response_0", "response_0"),
                   ("answer_0", "response_1")):
         assert indexed_columns_caution(*names) is None, names
+
+
+def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_said_in_every_stage(
+        tmp_path, capsys):
+    """A tokenizer folder without a chat template gets the built-in default silently (and the trained model is
+    saved with it): SFT's and the RM's report carry a caution, and PPO says it, when rows were rendered through
+    the template (messages rows); raw prompt/response rows, or a tokenizer with its own template (here the one
+    the stage trains for a from_config model), are not cautioned."""
+    from stages.config import RMConfig, SFTConfig
+    from stages.distributed import ONE_PROCESS
+    from stages.reward import load_rm_data
+    from stages.sft import load_sft_data
+
+    bare = train_tokenizer(["user says hi", "assistant says hello"], vocab_size=300, min_frequency=1)
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "tok")
+    assert not list((tmp_path / "tok").glob("chat_template*"))
+    messages, raw = tmp_path / "messages.jsonl", tmp_path / "raw.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
+    raw.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    said = f"tokenizer {tmp_path / 'tok'} has no chat template: rows were rendered with the built-in default"
+
+    def sft_cautions(data: Path, model: dict) -> list[str]:
+        cfg = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": model,
+                                        "data": {"train": str(data), "eval_fraction": 0}})
+        return load_sft_data(cfg, tmp_path / "sft", ONE_PROCESS, save=False)[3]["train"].cautions
+
+    bare_model = {**ONE_LAYER_MODEL, "tokenizer": str(tmp_path / "tok")}
+    assert [c[:len(said)] for c in sft_cautions(messages, bare_model)] == [said]
+    assert sft_cautions(raw, bare_model) == [] and sft_cautions(messages, ONE_LAYER_MODEL) == []
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                                 "rejected": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "no"}]}) + "\n")
+    rm = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": bare_model,
+                                  "data": {"train": str(pairs), "eval_fraction": 0}})
+    assert [c[:len(said)] for c in load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"].cautions] \
+        == [said]
+    from stages.models import prepare_tokenizer
+    from stages.ppo.trainer import load_ppo_data
+
+    capsys.readouterr()
+    ppo = PPOConfig.model_validate({"output_dir": str(tmp_path / "ppo"), "model": {"name_or_path": "stub/policy"},
+                                    "reward_model": {"name_or_path": "stub/rm"},
+                                    "data": {"train": str(messages), "eval_fraction": 0}})
+    policy_tok = prepare_tokenizer(ModelConfig(**bare_model), tmp_path / "ppo", ONE_PROCESS, lambda: iter(()), None,
+                                   save=False)
+    load_ppo_data(ppo, tmp_path / "ppo", ONE_PROCESS, policy_tok, save=False)
+    assert f"warning: {said}" in " ".join(capsys.readouterr().out.split())

@@ -303,7 +303,7 @@ def test_a_critic_from_the_policy_has_a_zero_head_and_the_policys_backbone(check
 
 def test_build_reward_refuses_a_causal_lm_whose_score_head_would_be_random(checkpoints: SimpleNamespace) -> None:
     """The frozen reward model must be a trained one-label classifier, not an SFT causal LM."""
-    with pytest.raises(CheckpointError, match="not a one-label sequence classifier"):
+    with pytest.raises(CheckpointError, match="not a one-label sequence classifier: point reward_model.name_or_path at"):
         build_reward(ModelConfig(name_or_path=checkpoints.policy), _Tok(), "fp32", {}, 0)
     rm = build_reward(ModelConfig(name_or_path=checkpoints.rm), _Tok(), "fp32", {}, 0)
     assert isinstance(rm, RewardModel) and torch.equal(rm.seqcls.score.weight, checkpoints.rm_model.score.weight)

@@ -76,11 +76,10 @@ def check_tokenizers(policy_tok: Any, rm_tok: Any, rm_source: str, what: str = "
     pv, rv = policy_tok.get_vocab(), rm_tok.get_vocab()
     extra = set(rv) - set(pv)
     if extra - {PAD} or set(pv) - set(rv):
-        missing = sorted(set(pv) - set(rv))[:3]
-        raise CheckpointError(
-            f"{what} {rm_source} has a different vocabulary from the policy ({len(rv)} vs {len(pv)} tokens; "
-            f"e.g. {sorted(extra - {PAD})[:3] or missing}); {fix}"
-        )
+        only = [f"{len(tokens)} only in {whose} (e.g. {sorted(tokens)[:3]})"
+                for tokens, whose in ((extra - {PAD}, "its"), (set(pv) - set(rv), "the policy's")) if tokens]
+        raise CheckpointError(f"{what} {rm_source} has a different vocabulary from the policy ({len(rv)} and "
+                              f"{len(pv)} tokens; {', '.join(only)}); {fix}")
     bad = next((t for t in pv if pv[t] != rv[t]), None)
     if bad is not None:
         raise CheckpointError(

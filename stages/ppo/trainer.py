@@ -48,7 +48,7 @@ from stages.gold import check_gold_prompts, gold_scores
 from stages.lm import collate, lm_forward, shifted_nll_sum, trained_token_count
 from stages.metrics import MetricsLogger, TrainProgress, keep_rows_upto, print_summary, read_metrics, say
 from stages.model_paths import resolve_model_dir
-from stages.models import prepare_tokenizer
+from stages.models import default_template_caution, prepare_tokenizer
 from stages.perf import StepProfiler, clock, flop_shape, peak_memory_gib, reset_peak_memory, train_flops, unwrap
 from stages.ppo.ending import RewardEnding, ending_for
 from stages.ppo.experience import GlobalMeans, advantages_for, global_moments, merge_across_ranks, transform_scores
@@ -150,7 +150,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                           f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
     warnings = [warning] + [f"data.{split}: {w}" for split, found in logs.items()
                             for w in (skip_warning(found.reasons, found.total + report[split]["rows_read"]),
-                                      unread_warning(found.unread)) if w]
+                                      unread_warning(found.unread)) if w] + [default_template_caution(tokenizer, styles)]
     for warning in filter(None, warnings):
         say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
