@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 
 from rlhf_cli import __version__
-from rlhf_cli.config_loader import dump_config, load_config, replaced_stage_sets
+from rlhf_cli.config_loader import derived_values, dump_config, load_config, replaced_stage_sets
 from rlhf_cli.gpu_memory import gib_per_gpu, gpu_memory_for, out_of_memory_message, report_memory, stage_memory_line
 from rlhf_cli.micro_batch_fit import (FIT_FLAG, LATER, NO_ESTIMATE, as_overrides, choose_micro_batch, fit_gpu,
                                       load_to_fit)
@@ -189,6 +189,9 @@ def run_stage(
     def show_config() -> None:
         out.rule(f"rlhf {stage}: resolved config")
         out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
+        derived = derived_values(cfg)
+        if derived:
+            out.print(f"null above, derived: {'; '.join(derived)}", highlight=False)
 
     def prepare(processes: int) -> None:
         warn_changes(prepare_output_dir(out_dir, text, resume, overwrite, stage, processes, allow_changes))
@@ -510,7 +513,7 @@ _ppo_command()
 
 @app.command(name="eval")
 def eval_(
-    policy: Annotated[Path, typer.Argument(help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
+    policy: Annotated[Path, typer.Argument(metavar="POLICY", help="Policy checkpoint: a HF causal LM directory or a stage output directory.")],
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", exists=True, dir_okay=False, help="A PPO config: its reward_model, data (data.eval, else "
         "the validation share rlhf ppo held out of data.train; with data.eval_fraction 0, data.train), generation, "
@@ -759,7 +762,7 @@ def show_pipeline_memory(actions: list[Any], loaded: dict[str, Any], processes: 
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(exists=True, file_okay=False, help="Run output directories "
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", exists=True, file_okay=False, help="Run output directories "
                                                    "(metrics.jsonl); names ending in "
                                                    "-seedN are averaged as one group.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where the PNGs and report.md go.",

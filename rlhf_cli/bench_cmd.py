@@ -409,7 +409,7 @@ def bench_floor_cmd(workload: WorkloadOpt = None, config: ConfigOpt = None, set_
 
 @bench_app.command("trace")
 def bench_trace_cmd(
-    trace: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A profile trace: a *-profile.json.gz of bench ppo, or a "
+    trace: Annotated[Path, typer.Argument(metavar="TRACE", exists=True, dir_okay=False, help="A profile trace: a *-profile.json.gz of bench ppo, or a "
                                                "profile-step-N.json.gz of logging.profile_step.")],
     top: Annotated[int, typer.Option("--top", min=1, help="GPU kernels to list.")] = 15,
     out_file: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Also write the summary as JSON.",

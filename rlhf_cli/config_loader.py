@@ -471,6 +471,20 @@ def load_config(
     return config
 
 
+def derived_values(config: BaseModel) -> list[str]:
+    """The keys a stage config leaves null (`dump_config` writes them so) whose value the run derives from
+    other keys, each with that value: SFT/RM data.max_prompt_length (max_length // 2) and
+    train.eval_micro_batch_size, PPO train.forward_batch_size (micro_batch_size)."""
+    data, train = getattr(config, "data", None), getattr(config, "train", None)
+    found = []
+    if data is not None and "max_prompt_length" in type(data).model_fields and data.max_prompt_length is None:
+        found.append(f"data.max_prompt_length {data.prompt_budget} (max_length // 2)")
+    for key in ("eval_micro_batch_size", "forward_batch_size"):
+        if train is not None and key in type(train).model_fields and getattr(train, key) is None:
+            found.append(f"train.{key} {train.micro_batch_size} (micro_batch_size)")
+    return found
+
+
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what is printed at start and saved as resolved_config.yaml)."""
     body = config.model_dump(mode="json")

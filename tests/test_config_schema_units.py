@@ -408,3 +408,24 @@ def test_rope_theta_is_refused_for_a_model_without_rope(tiny_registry: None) -> 
     for key in ("rope_theta", "rope_scaling"):
         with pytest.raises(ValueError, match=rf"from_config\.{key}: not a tiny config key"):
             check_architecture({"model_type": "tiny", key: 1e4})
+
+
+def test_derived_values_name_each_null_key_the_run_derives_with_its_value(tmp_path: Path) -> None:
+    """Printed under the resolved config (whose nulls do not say what the run uses): SFT/RM's max_prompt_length
+    (max_length // 2) and eval micro-batch, PPO's scoring micro-batch; a key set is not listed."""
+    from conftest import REPO
+    from rlhf_cli.config_loader import derived_values, load_config
+
+    tiny = REPO / "configs" / "tiny"
+    sft = load_config("sft", tiny / "sft.yaml", ["data.max_length=100", "train.micro_batch_size=3"])
+    assert derived_values(sft) == ["data.max_prompt_length 50 (max_length // 2)",
+                                   "train.eval_micro_batch_size 3 (micro_batch_size)"]
+    rm = load_config("train-rm", tiny / "rm.yaml", [f"model.name_or_path={tmp_path}", "data.max_prompt_length=7",
+                                                    "train.eval_micro_batch_size=2"])
+    assert derived_values(rm) == []
+    ppo = load_config("ppo", tiny / "ppo.yaml", [f"model.name_or_path={tmp_path}",
+                                                 f"reward_model.name_or_path={tmp_path}", "train.micro_batch_size=2"])
+    assert derived_values(ppo) == ["train.forward_batch_size 2 (micro_batch_size)"]
+    ppo = load_config("ppo", tiny / "ppo.yaml", [f"model.name_or_path={tmp_path}",
+                                                 f"reward_model.name_or_path={tmp_path}", "train.forward_batch_size=4"])
+    assert derived_values(ppo) == []
