@@ -14,10 +14,16 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     ZeRO-1: reduced into a gradient partition (a N / W) at the end of the backward pass
     step            ZeRO-0 16-bit (FP16_Optimizer): a float32 copy of each gradient, joined per parameter
                     group: 4 N + 4 N; ZeRO-1/2/3: the gradient partition flattened (b N / W) and cast to float32
-                    (4 N / W; ZeRO-3 per sub_group_size), none when ZeRO-2's partition is float32 already, none
-                    on the device with offload_optimizer. ZeRO-1 with bf16 and grad_accum_dtype fp32 is
+                    (4 N / W; ZeRO-3 per sub_group_size), none when ZeRO-2's partition is float32 already (only
+                    the float32 flatten when ZeRO-3's is), none on the device with offload_optimizer. ZeRO-1 with bf16 and grad_accum_dtype fp32 is
                     DeepSpeed's BF16_Optimizer: a whole-model float32 gradient buffer (4 N) held all run, and
                     an all-reduce of 6 x min(N, 5e8 + largest) bytes instead
+    norm            ZeRO-1/2/3 before the step (not with offload_optimizer, nor DeepSpeed's BF16_Optimizer): each
+                    gradient slice of the partition copied to float64 for its norm, one at a time: 8 x min(largest,
+                    N / W) (ZeRO-3: 8 x largest / W); a moment of its own, above the step's copies when W is large
+    reduce copies   ZeRO-2 accumulating in float32, in the backward pass: a bucket is reduced into the float32
+                    partition flattened and cast slice by slice: b min(reduce_bucket_size, N) + 4 min(largest,
+                    reduce_bucket_size)
     offload         ZeRO-1/2 with offload_optimizer: a 16-bit staging buffer of the largest parameter
     ZeRO-3 gather   b x (the largest parameter + stage3_prefetch_bucket_size, default 5e7): whole parameters a
                     partitioned model holds while a layer runs
@@ -33,10 +39,13 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     counts as padded (an upper bound: an unpadded one has no mask)
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
                     largest update: its gradients + its fullest moment (backward pass: activations, logits,
-                    buckets; the all-reduce; the optimizer step) (`peak`). Checked against DeepSpeed 0.19's own
-                    engines on CPU (tests/test_bench.py, ZeRO-0 to 3, bf16 and fp32): a census of live tensors
-                    after an update and after a backward pass, and the allocation peak of an update. Not
-                    modelled: the 16-bit gradients that wait for their ZeRO-1/2 bucket in the backward pass
+                    buckets; the all-reduce; the norm; the optimizer step) (`peak`). Checked against DeepSpeed
+                    0.19's own engines on CPU (tests/test_bench.py, ZeRO-0 to 3, bf16 and fp32, float32
+                    accumulation): a census of live tensors after an update and after a backward pass, and the
+                    allocation peak of an update. Not modelled: ZeRO-2 accumulating in float32
+                    keeps the 16-bit gradients of parameters larger than a bucket, and a tied embedding's two
+                    gradients and their sum (3 b x its elements), until the backward pass ends (on the census's
+                    model below the norm's copy)
     logits          PPO: one float32 log-prob block of min(chunk, m R) rows with train.logprob_chunk, 16 bytes
                     per element (28 with the entropy; `logit_bytes`, measured), else the model's m R V response
                     logits and their gradient (2 b m R V) plus an 8-row float32 block; SFT: the model's m L V
@@ -150,16 +159,16 @@ class ZeroTuning(NamedTuple):
     sub_group: int = 1_000_000_000  # zero_optimization.sub_group_size: ZeRO-3 steps this many at a time
     contiguous_gradients: bool = True
     overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only, where it adds no bucket)
-    accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
+    accum_bytes: int | None = None  # data_types.grad_accum_dtype as the engine gets it (`effective_accumulation`)
 
 
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
     """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
-    from stages.engine import ACCUM_DTYPES, accumulation_dtype, json_section, load_raw_deepspeed
+    from stages.engine import ACCUM_DTYPES, effective_accumulation, json_section, load_raw_deepspeed
 
     raw = load_raw_deepspeed(ds.config)
     zero = json_section(raw, ["zero_optimization"])
-    accum = accumulation_dtype(raw)
+    accum = effective_accumulation(raw, ds)
     default = ZeroTuning()
     overlap = zero.get("overlap_comm")
     return ZeroTuning(int(float(zero.get("reduce_bucket_size", default.reduce_bucket))),
@@ -221,17 +230,32 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
             moments["all-reduce"] = ["gradient partition", "reduce bucket"]
         if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run
             parts["offload staging buffer"] = float(b * largest)
-        elif not (z == 2 and acc == 4 and b == 2):  # (then the float32 partition itself is stepped with)
-            moments["step"] = _step_copies(parts, b, n / world)
+        else:
+            moments["norm"] = _norm_copy(parts, min(largest, n / world))
+            if z == 2 and acc == 4 and b == 2:  # the float32 partition itself is stepped with; a bucket is
+                # reduced into it flattened (16-bit) and cast slice by slice (the largest: float32)
+                parts["bucket reduce copies"] = float(b * min(tuning.reduce_bucket, n)
+                                                      + 4 * min(largest, tuning.reduce_bucket))
+                moments["backward"] = moments["backward"] + ["bucket reduce copies"]
+            else:
+                moments["step"] = _step_copies(parts, b, n / world)
     else:
         grads = []  # ZeRO-3 allocates its gradient partition and its bucket with the optimizer
         parts["gradients"] = 0.0 if offload else acc * n / world
         if tuning.contiguous_gradients:
             parts["reduce bucket"] = float(b * tuning.reduce_bucket)
         parts["ZeRO-3 gathered parameters"] = b * (largest + min(tuning.prefetch_bucket, n))
-        if not offload:
-            moments["step"] = _step_copies(parts, b, min(n / world, tuning.sub_group))
+        if not offload:  # (a float32 partition, accumulated so, is flattened as it is: no 16-bit copy)
+            moments["step"] = _step_copies(parts, acc, min(n / world, tuning.sub_group))
+            moments["norm"] = _norm_copy(parts, largest / world)
     return parts, Phase(grads, {k: v for k, v in moments.items() if v})
+
+
+def _norm_copy(parts: dict[str, float], elements: float) -> list[str]:
+    """ZeRO's gradient norm (before the step): each gradient slice of the partition is copied to float64 for its
+    norm, one at a time, so the largest (`elements`: the largest parameter, or a rank's share of it) at most."""
+    parts["fp64 norm copy"] = 8 * elements
+    return ["fp64 norm copy"]
 
 
 def _step_copies(parts: dict[str, float], b: int, elements: float) -> list[str]:
@@ -314,7 +338,8 @@ def phase_parts(phases: dict[str, Phase]) -> set[str]:
 def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
     """Bytes at the fullest moment: every part outside the phases (weights, optimizer states, frozen models, KV
     cache: held the whole run) plus the largest phase, its gradients + its fullest moment (backward pass:
-    activations, logits, reduce buckets; the gradient all-reduce; the optimizer step: float32 gradients).
+    activations, logits, reduce buckets; the gradient all-reduce; the gradient norm's float64 copy; the
+    optimizer step: float32 gradients).
     Activations are freed by the end of the backward pass and the step's copies at its end, so the moments do
     not add up."""
     inside = phase_parts(phases)

@@ -1,6 +1,6 @@
 """The `--dry-run` memory estimate (stages/memory.py) piece by piece, against hand-computed values: the DeepSpeed
 settings it reads, the trained-model parts the census test in test_bench.py does not reach (ZeRO-1 offload, fp32
-ZeRO-2, fp32 accumulation at ZeRO-3, large models' all-reduce buckets), activations and logits of every branch,
+ZeRO-2, ZeRO-3 without contiguous gradients, large models' all-reduce buckets), activations and logits of every branch,
 the architecture read from a config, the PPO / SFT / RM components and the printed table. No model is trained."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from stages.memory import (GIB, Phase, Shape, ZeroTuning, activations, format_es
 TINY = REPO / "configs" / "tiny"
 F32_ACCUM = {"data_types": {"grad_accum_dtype": "fp32"}}
 _ZERO12 = ["fp32 gradients", "flattened 16-bit gradients"]
+_NORM12, _NORM = {"fp64 norm copy": 8 * 300}, ["fp64 norm copy"]  # the largest parameter (300) in float64
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed settings
@@ -61,21 +62,17 @@ def _trained(**ds: Any) -> tuple[dict[str, float], Phase]:
     # the step's copies are 4 x 1000 / 2 and 2 x 1000 / 2
     (dict(zero_stage=1, zero={"contiguous_gradients": False}),
      {"weights": 2000, "optimizer": 6000, "gradients": 2000, "fp32 gradients": 2000,
-      "flattened 16-bit gradients": 1000},
-     ["gradients"], {"step": _ZERO12}),
+      "flattened 16-bit gradients": 1000, **_NORM12},
+     ["gradients"], {"step": _ZERO12, "norm": _NORM}),
     # fp32 ZeRO-2: the partition (4 x 1000 / 2) is float32 and is still flattened for the step: one float32 copy
     (dict(zero_stage=2, precision="fp32"),
-     {"weights": 4000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 400, "fp32 gradients": 2000},
-     ["gradients"], {"backward": ["reduce bucket"], "step": ["fp32 gradients"]}),
-    # ZeRO-3 accumulating in float32: a float32 partition (4 x 1000 / 2), the bucket in the 16-bit precision
-    (dict(zero_stage=3, config=F32_ACCUM),
-     {"weights": 1000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 200,
-      "ZeRO-3 gathered parameters": 2 * (300 + 1000), "fp32 gradients": 2000, "flattened 16-bit gradients": 1000},
-     [], {"step": _ZERO12}),
+     {"weights": 4000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 400, "fp32 gradients": 2000,
+      **_NORM12}, ["gradients"], {"backward": ["reduce bucket"], "step": ["fp32 gradients"], "norm": _NORM}),
     # ZeRO-3 without contiguous gradients: no bucket
-    (dict(zero_stage=3, zero={"contiguous_gradients": False}),
+    (dict(zero_stage=3, zero={"contiguous_gradients": False}, config={"data_types": {"grad_accum_dtype": "bf16"}}),
      {"weights": 1000, "optimizer": 6000, "gradients": 1000, "ZeRO-3 gathered parameters": 2600,
-      "fp32 gradients": 2000, "flattened 16-bit gradients": 1000}, [], {"step": _ZERO12}),
+      "fp32 gradients": 2000, "flattened 16-bit gradients": 1000, "fp64 norm copy": 8 * 300 / 2}, [],
+     {"step": _ZERO12, "norm": _NORM}),
 ])
 def test_trained_model_parts_beyond_the_census(ds, expected, gradients, moments):
     got, phase = _trained(**ds)
