@@ -126,8 +126,6 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
         config["optimizer"]["params"]["torch_adam"] = True
     if train.gradient_clipping > 0:
         config["gradient_clipping"] = train.gradient_clipping
-    if default_accumulation(ds):
-        config["data_types"] = {"grad_accum_dtype": default_accumulation(ds)}
     raw = load_raw_deepspeed(ds.config)
     check_owned_keys(raw, config)
     check_accumulation_dtype(raw, ds)
@@ -210,22 +208,6 @@ def json_section(tree: dict[str, Any], keys: list[str]) -> dict[str, Any]:
 def accumulation_dtype(raw: dict[str, Any]) -> Any:
     """A raw DeepSpeed JSON's data_types.grad_accum_dtype as written (None when unset)."""
     return json_section(raw, ["data_types"]).get("grad_accum_dtype")
-
-
-def default_accumulation(ds: DeepSpeedConfig) -> str | None:
-    """The data_types.grad_accum_dtype we give DeepSpeed when the raw JSON sets none: "fp32" for bf16 training
-    at ZeRO-2/3 without optimizer offload (the float32 gradient partition is summed into and stepped with: no
-    bf16 rounding of the sum over micro-batches, no step copies), else None (DeepSpeed's default, the training
-    precision: at ZeRO-0 it is the only choice; ZeRO-1 in float32 would be DeepSpeed's BF16_Optimizer and its
-    whole-model float32 gradient buffer)."""
-    return "fp32" if ds.precision == "bf16" and ds.zero_stage >= 2 and not ds.offload_optimizer else None
-
-
-def effective_accumulation(raw: dict[str, Any], ds: DeepSpeedConfig) -> Any:
-    """data_types.grad_accum_dtype as the engine gets it: the raw JSON's, else `default_accumulation`'s (None:
-    the training precision)."""
-    written = accumulation_dtype(raw)
-    return default_accumulation(ds) if written is None else written
 
 
 def check_accumulation_dtype(raw: dict[str, Any], ds: DeepSpeedConfig) -> None:

@@ -18,9 +18,10 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     the float32 flatten when ZeRO-3's is), none on the device with offload_optimizer. ZeRO-1 with bf16 and grad_accum_dtype fp32 is
                     DeepSpeed's BF16_Optimizer: a whole-model float32 gradient buffer (4 N) held all run, and
                     an all-reduce of 6 x min(N, 5e8 + largest) bytes instead
-    norm            ZeRO-1/2/3 before the step (not with offload_optimizer, nor DeepSpeed's BF16_Optimizer): each
-                    gradient slice of the partition copied to float64 for its norm, one at a time: 8 x min(largest,
-                    N / W) (ZeRO-3: 8 x largest / W); a moment of its own, above the step's copies when W is large
+    norm            ZeRO-1/2/3 before the step (not DeepSpeed's BF16_Optimizer): each gradient slice of the
+                    partition copied to float64 for its norm, one at a time: 8 x min(largest, N / W) (ZeRO-3: 8 x
+                    largest / W); a moment of its own, above the step's copies when W is large; with
+                    offload_optimizer taken in the backward pass instead (ZeRO-3: at most 2.5e8 elements at a time)
     reduce copies   ZeRO-2 accumulating in float32, in the backward pass: a bucket is reduced into the float32
                     partition flattened and cast slice by slice: b min(reduce_bucket_size, N) + 4 min(largest,
                     reduce_bucket_size)
@@ -159,16 +160,16 @@ class ZeroTuning(NamedTuple):
     sub_group: int = 1_000_000_000  # zero_optimization.sub_group_size: ZeRO-3 steps this many at a time
     contiguous_gradients: bool = True
     overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only, where it adds no bucket)
-    accum_bytes: int | None = None  # data_types.grad_accum_dtype as the engine gets it (`effective_accumulation`)
+    accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
 
 
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
     """The memory-moving settings of a config's raw DeepSpeed JSON (see `ZeroTuning`)."""
-    from stages.engine import ACCUM_DTYPES, effective_accumulation, json_section, load_raw_deepspeed
+    from stages.engine import ACCUM_DTYPES, accumulation_dtype, json_section, load_raw_deepspeed
 
     raw = load_raw_deepspeed(ds.config)
     zero = json_section(raw, ["zero_optimization"])
-    accum = effective_accumulation(raw, ds)
+    accum = accumulation_dtype(raw)
     default = ZeroTuning()
     overlap = zero.get("overlap_comm")
     return ZeroTuning(int(float(zero.get("reduce_bucket_size", default.reduce_bucket))),
@@ -228,8 +229,9 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
         if z == 1 and tuning.contiguous_gradients and not offload:  # reduced into a partition at the end
             parts["gradient partition"] = acc * n / world
             moments["all-reduce"] = ["gradient partition", "reduce bucket"]
-        if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run
-            parts["offload staging buffer"] = float(b * largest)
+        if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run; each gradient
+            parts["offload staging buffer"] = float(b * largest)  # slice's norm is taken in the backward pass
+            moments["backward"] = moments["backward"] + _norm_copy(parts, min(largest, n / world))
         else:
             moments["norm"] = _norm_copy(parts, min(largest, n / world))
             if z == 2 and acc == 4 and b == 2:  # the float32 partition itself is stepped with; a bucket is
@@ -248,6 +250,8 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
         if not offload:  # (a float32 partition, accumulated so, is flattened as it is: no 16-bit copy)
             moments["step"] = _step_copies(parts, acc, min(n / world, tuning.sub_group))
             moments["norm"] = _norm_copy(parts, largest / world)
+        else:  # each partition's norm is taken in the backward pass, 2.5e8 elements at a time
+            moments["backward"] = _norm_copy(parts, min(largest / world, 250_000_000))
     return parts, Phase(grads, {k: v for k, v in moments.items() if v})
 
 

@@ -826,6 +826,11 @@ def test_prepare_output_dir_refuses_mixing_and_clears_stale_attempts(tmp_path):
     (out / "profile-step-2.json.gz").write_bytes(b"")  # logging.profile_step's: an earlier run's, not this one's
     with pytest.raises(ConfigError, match="already holds a run .checkpoint-00000002"):
         prepare_output_dir(out, "a: 2\n", resume=False, overwrite=False)
+    (out / "final").mkdir()  # a run of this stage: --resume continues it, so it is advised
+    (out / "final" / "rlhf_checkpoint.json").write_text('{"stage": "sft"}')
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint-00000002, .*pass --resume to continue"):
+        prepare_output_dir(out, "a: 2\n", resume=False, overwrite=False, stage="sft")
+    shutil.rmtree(out / "final")
     with pytest.raises(ConfigError, match="differs from the one that wrote .*checkpoint-00000002: a: 1 -> 2"):
         prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False)
     assert prepare_output_dir(out, "a: 2\n", resume=True, overwrite=False, allow_changes=True) == ["a: 1 -> 2"]

@@ -466,6 +466,10 @@ def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_
     bare_model = {**ONE_LAYER_MODEL, "tokenizer": str(tmp_path / "tok")}
     assert [c[:len(said)] for c in sft_cautions(messages, bare_model)] == [said]
     assert sft_cautions(raw, bare_model) == [] and sft_cautions(messages, ONE_LAYER_MODEL) == []
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    given = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": bare_model, "data": {
+        "train": str(messages), "eval_fraction": 0, "chat_template": template}})
+    assert load_sft_data(given, tmp_path / "sft", ONE_PROCESS, save=False)[3]["train"].cautions == []  # its own
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
                                  "rejected": [{"role": "user", "content": "hi"},

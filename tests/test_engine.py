@@ -167,24 +167,6 @@ def test_raw_deepspeed_json_may_tune_what_the_yaml_chose():
     assert build_deepspeed_config(TrainConfig(), half, 1, False)["data_types"] == {"grad_accum_dtype": "half"}
 
 
-def test_bf16_training_accumulates_gradients_in_float32_from_zero2_unless_the_raw_json_says_otherwise():
-    """Our default data_types.grad_accum_dtype: fp32 for bf16 at ZeRO-2/3 without optimizer offload (the engine
-    and the memory estimate alike); DeepSpeed's (the precision) at ZeRO-0/1, with offload, in fp16 and fp32; a
-    raw JSON's own setting wins."""
-    from stages.memory import zero_tuning
-
-    for stage, precision, offload, expected in ((2, "bf16", False, "fp32"), (3, "bf16", False, "fp32"),
-                                                (0, "bf16", False, None), (1, "bf16", False, None),
-                                                (2, "bf16", True, None), (3, "fp32", False, None)):
-        ds = DeepSpeedConfig(zero_stage=stage, precision=precision, offload_optimizer=offload)
-        built = build_deepspeed_config(TrainConfig(), ds, 1, False).get("data_types")
-        assert built == ({"grad_accum_dtype": expected} if expected else None), (stage, precision, offload)
-        assert zero_tuning(ds).accum_bytes == (4 if expected else None)
-    own = DeepSpeedConfig(zero_stage=2, config={"data_types": {"grad_accum_dtype": "bf16"}})
-    assert build_deepspeed_config(TrainConfig(), own, 1, False)["data_types"] == {"grad_accum_dtype": "bf16"}
-    assert zero_tuning(own).accum_bytes == 2
-
-
 def test_init_process_group_drops_only_deepspeeds_built_successfully_line(monkeypatch, capsys):
     """DeepSpeed prints "... built successfully" on every rank of every CPU run; other output passes, also when
     init_distributed raises."""

@@ -52,12 +52,12 @@ def _trained(**ds: Any) -> tuple[dict[str, float], Phase]:
     # ZeRO-1 with offload_optimizer and float32 accumulation is no BF16_Optimizer: whole-model float32
     # gradients (4 N), a float32 bucket, the 16-bit staging buffer of the largest parameter (2 x 300), no step copy
     (dict(zero_stage=1, offload_optimizer=True, config=F32_ACCUM),
-     {"weights": 2000, "optimizer": 0, "gradients": 4000, "reduce bucket": 400, "offload staging buffer": 600},
-     ["gradients"], {"backward": ["reduce bucket"]}),
+     {"weights": 2000, "optimizer": 0, "gradients": 4000, "reduce bucket": 400, "offload staging buffer": 600,
+      **_NORM12}, ["gradients"], {"backward": ["reduce bucket", *_NORM]}),
     # ZeRO-2 with offload keeps its reduce bucket even without contiguous gradients
     (dict(zero_stage=2, offload_optimizer=True, zero={"contiguous_gradients": False}),
-     {"weights": 2000, "optimizer": 0, "gradients": 0, "reduce bucket": 200, "offload staging buffer": 600},
-     ["gradients"], {"backward": ["reduce bucket"]}),
+     {"weights": 2000, "optimizer": 0, "gradients": 0, "reduce bucket": 200, "offload staging buffer": 600,
+      **_NORM12}, ["gradients"], {"backward": ["reduce bucket", *_NORM]}),
     # ZeRO-1 without contiguous gradients: no bucket and no gradient partition at the end of the backward pass;
     # the step's copies are 4 x 1000 / 2 and 2 x 1000 / 2
     (dict(zero_stage=1, zero={"contiguous_gradients": False}),
@@ -69,7 +69,7 @@ def _trained(**ds: Any) -> tuple[dict[str, float], Phase]:
      {"weights": 4000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 400, "fp32 gradients": 2000,
       **_NORM12}, ["gradients"], {"backward": ["reduce bucket"], "step": ["fp32 gradients"], "norm": _NORM}),
     # ZeRO-3 without contiguous gradients: no bucket
-    (dict(zero_stage=3, zero={"contiguous_gradients": False}, config={"data_types": {"grad_accum_dtype": "bf16"}}),
+    (dict(zero_stage=3, zero={"contiguous_gradients": False}),
      {"weights": 1000, "optimizer": 6000, "gradients": 1000, "ZeRO-3 gathered parameters": 2600,
       "fp32 gradients": 2000, "flattened 16-bit gradients": 1000, "fp64 norm copy": 8 * 300 / 2}, [],
      {"step": _ZERO12, "norm": _NORM}),
@@ -78,6 +78,16 @@ def test_trained_model_parts_beyond_the_census(ds, expected, gradients, moments)
     got, phase = _trained(**ds)
     assert got == expected
     assert (phase.gradients, phase.moments) == (gradients, moments)
+
+
+def test_the_norms_float64_copy_is_a_ranks_share_of_the_largest_parameter_at_most():
+    """8 bytes x min(largest, N / W) at ZeRO-1/2 (a parameter larger than a rank's partition is cut by it), 8 x
+    largest / W at ZeRO-3, and at most 2.5e8 elements at a time with ZeRO-3's optimizer offload."""
+    for stage, world, expected in ((2, 4, 8 * 250), (1, 4, 8 * 250), (2, 2, 8 * 300), (3, 4, 8 * 300 / 4)):
+        parts, _ = trained_model(1000, DeepSpeedConfig(zero_stage=stage), world=world, largest=300)
+        assert parts["fp64 norm copy"] == expected, (stage, world)
+    offloaded = DeepSpeedConfig(zero_stage=3, offload_optimizer=True)
+    assert trained_model(10**10, offloaded, world=2, largest=10**9)[0]["fp64 norm copy"] == 8 * 2.5e8
 
 
 def test_the_zero0_all_reduce_bucket_of_a_large_model_is_500m_elements_plus_the_largest_parameter():

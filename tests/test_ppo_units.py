@@ -962,6 +962,10 @@ def test_check_tokenizers_allow_only_an_added_pad(tokenizer):
     other.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
     with pytest.raises(CheckpointError, match=re.escape("(6 and 5 tokens; 1 only in its (e.g. ['<|sep|>']))")):
         check_tokenizers(policy, other, "rm-dir")
+    both = copy.deepcopy(rm)  # train-rm's <|pad|> is not counted as a difference beside a real one
+    both.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
+    with pytest.raises(CheckpointError, match=re.escape("(7 and 5 tokens; 1 only in its (e.g. ['<|sep|>']))")):
+        check_tokenizers(policy, both, "rm-dir")
     # the policy may not be the one with more
     with pytest.raises(CheckpointError, match=re.escape(f"(5 and 6 tokens; 1 only in the policy's (e.g. ['{PAD}']))")):
         check_tokenizers(rm, policy, "rm-dir")
