@@ -15,9 +15,9 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
     step            ZeRO-0 16-bit (FP16_Optimizer): a float32 copy of each gradient, joined per parameter
                     group: 4 N + 4 N; ZeRO-1/2/3: the gradient partition flattened (b N / W) and cast to float32
                     (4 N / W; ZeRO-3 per sub_group_size), none when ZeRO-2's partition is float32 already (only
-                    the float32 flatten when ZeRO-3's is), none on the device with offload_optimizer. ZeRO-1 with bf16 and grad_accum_dtype fp32 is
-                    DeepSpeed's BF16_Optimizer: a whole-model float32 gradient buffer (4 N) held all run, and
-                    an all-reduce of 6 x min(N, 5e8 + largest) bytes instead
+                    the float32 flatten when ZeRO-3's is), none on the device with offload_optimizer. ZeRO-1 with
+                    bf16 and grad_accum_dtype fp32 is DeepSpeed's BF16_Optimizer: a whole-model float32 gradient
+                    buffer (4 N) held all run, and an all-reduce of 6 x min(N, 5e8 + largest) bytes instead
     norm            ZeRO-1/2/3 before the step (not DeepSpeed's BF16_Optimizer): each gradient slice of the
                     partition copied to float64 for its norm, one at a time: 8 x min(largest, N / W) (ZeRO-3: 8 x
                     largest / W); a moment of its own, above the step's copies when W is large; with

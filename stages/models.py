@@ -230,9 +230,9 @@ def _finish_tokenizer(tokenizer: Any, source: str, chat_template: str | None) ->
 def default_template_caution(tokenizer: Any, styles: Iterable[str]) -> str | None:
     """A warning when rows were rendered through the chat template (`styles` holds "chat") of a tokenizer that
     had none, so that DEFAULT_CHAT_TEMPLATE rendered them (and is saved with the model); None otherwise."""
-    source = getattr(tokenizer, "rlhf_defaulted_template", None)
     from stages.rendering import CHAT
 
+    source = getattr(tokenizer, "rlhf_defaulted_template", None)
     if source is None or CHAT not in set(styles):
         return None
     return (f"tokenizer {source} has no chat template: rows were rendered with the built-in default "

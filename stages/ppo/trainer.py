@@ -148,9 +148,10 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
     warning = cut_warning({"prompts": cut}, len(read.ids), "prompts of data.train",  # (their left part: the question
                           f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
-    warnings = [warning] + [f"data.{split}: {w}" for split, found in logs.items()
-                            for w in (skip_warning(found.reasons, found.total + report[split]["rows_read"]),
-                                      unread_warning(found.unread)) if w] + [default_template_caution(tokenizer, styles)]
+    warnings = [warning, default_template_caution(tokenizer, styles)] + [
+        f"data.{split}: {w}" for split, found in logs.items()
+        for w in (skip_warning(found.reasons, found.total + report[split]["rows_read"]), unread_warning(found.unread))
+        if w]
     for warning in filter(None, warnings):
         say(dist.is_main, f"[yellow]warning: {escape(warning)}[/]")
     ptx = None
