@@ -229,16 +229,17 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
         if z == 1 and tuning.contiguous_gradients and not offload:  # reduced into a partition at the end
             parts["gradient partition"] = acc * n / world
             moments["all-reduce"] = ["gradient partition", "reduce bucket"]
+        norm = _norm_copy(parts, min(largest, n / world))
         if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run; each gradient
             parts["offload staging buffer"] = float(b * largest)  # slice's norm is taken in the backward pass
-            moments["backward"] = moments["backward"] + _norm_copy(parts, min(largest, n / world))
+            moments["backward"] += norm
         else:
-            moments["norm"] = _norm_copy(parts, min(largest, n / world))
+            moments["norm"] = norm
             if z == 2 and acc == 4 and b == 2:  # the float32 partition itself is stepped with; a bucket is
                 # reduced into it flattened (16-bit) and cast slice by slice (the largest: float32)
                 parts["bucket reduce copies"] = float(b * min(tuning.reduce_bucket, n)
                                                       + 4 * min(largest, tuning.reduce_bucket))
-                moments["backward"] = moments["backward"] + ["bucket reduce copies"]
+                moments["backward"] += ["bucket reduce copies"]
             else:
                 moments["step"] = _step_copies(parts, b, n / world)
     else:
@@ -256,8 +257,9 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
 
 
 def _norm_copy(parts: dict[str, float], elements: float) -> list[str]:
-    """ZeRO's gradient norm (before the step): each gradient slice of the partition is copied to float64 for its
-    norm, one at a time, so the largest (`elements`: the largest parameter, or a rank's share of it) at most."""
+    """ZeRO's gradient norm (before the step; with optimizer offload in the backward pass): each gradient slice of
+    the partition is copied to float64 for its norm, one at a time, so the largest (`elements`: the largest
+    parameter, or a rank's share of it) at most."""
     parts["fp64 norm copy"] = 8 * elements
     return ["fp64 norm copy"]
 

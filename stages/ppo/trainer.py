@@ -66,7 +66,7 @@ from stages.ppo.models import (
 )
 from stages.ppo.monitor import collapse_reasons
 from stages.ppo.presets import PRESETS
-from stages.ppo.prompts import Prompts, load_prompts, ptx_data_config, ptx_wording, held_out_sha256
+from stages.ppo.prompts import Prompts, held_out_sha256, load_prompts, ptx_data_config, ptx_wording
 from stages.ppo.rollout import (
     Rollout,
     left_pad,
