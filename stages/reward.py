@@ -211,7 +211,7 @@ def load_rm_data(cfg: RMConfig, out: Path, dist: DistInfo, save: bool = True
         rows[split] = tokenize_pairs(pairs, tokenizer, data, report)
         reports[split] = report
     cautions = (indexed_columns_caution(data.columns.chosen, data.columns.rejected),
-                default_template_caution(tokenizer, reports["train"].styles))
+                default_template_caution(tokenizer, [style for r in reports.values() for style in r.styles]))
     reports["train"].cautions += filter(None, cautions)
     return tokenizer, added, rows["train"], rows.get("eval"), reports
 

@@ -115,7 +115,8 @@ def load_sft_data(
                                                   (c.messages for c, _ in eval_convs))
     train_rows = tokenize_conversations(train_convs, tokenizer, cfg.data, reports["train"])
     eval_rows = tokenize_conversations(eval_convs, tokenizer, cfg.data, reports["eval"]) if eval_convs else None
-    reports["train"].cautions += filter(None, [default_template_caution(tokenizer, reports["train"].styles)])
+    styles = [style for report in reports.values() for style in report.styles]  # (an eval file in messages, too)
+    reports["train"].cautions += filter(None, [default_template_caution(tokenizer, styles)])
     if eval_rows is None:
         del reports["eval"]
     return tokenizer, train_rows, eval_rows, reports

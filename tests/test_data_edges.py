@@ -440,8 +440,8 @@ def test_chosen_and_rejected_columns_told_apart_by_an_index_are_a_caution(tmp_pa
 def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_said_in_every_stage(
         tmp_path, capsys):
     """A tokenizer folder without a chat template gets the built-in default silently (and the trained model is
-    saved with it): SFT's and the RM's report carry a caution, and PPO says it, when rows were rendered through
-    the template (messages rows); raw prompt/response rows, or a tokenizer with its own template (here the one
+    saved with it): SFT's and the RM's report carry a caution, and PPO says it, when rows of any split (PPO: or
+    its PTX rows, said once) were rendered through the template (messages rows); raw prompt/response rows, or a tokenizer with its own template (here the one
     the stage trains for a from_config model), are not cautioned."""
     from stages.config import RMConfig, SFTConfig
     from stages.distributed import ONE_PROCESS
@@ -466,6 +466,10 @@ def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_
     bare_model = {**ONE_LAYER_MODEL, "tokenizer": str(tmp_path / "tok")}
     assert [c[:len(said)] for c in sft_cautions(messages, bare_model)] == [said]
     assert sft_cautions(raw, bare_model) == [] and sft_cautions(messages, ONE_LAYER_MODEL) == []
+    beside = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": bare_model,  # raw train rows,
+                                       "data": {"train": str(raw), "eval": str(messages)}})  # a messages eval file
+    assert [c[:len(said)] for c in load_sft_data(beside, tmp_path / "sft", ONE_PROCESS, save=False)[3]["train"]
+            .cautions] == [said]
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     given = SFTConfig.model_validate({"output_dir": str(tmp_path / "sft"), "model": bare_model, "data": {
         "train": str(messages), "eval_fraction": 0, "chat_template": template}})
@@ -478,6 +482,12 @@ def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_
                                   "data": {"train": str(pairs), "eval_fraction": 0}})
     assert [c[:len(said)] for c in load_rm_data(rm, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"].cautions] \
         == [said]
+    raw_pairs = tmp_path / "raw_pairs.jsonl"
+    raw_pairs.write_text(json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "no"}) + "\n")
+    rm_beside = RMConfig.model_validate({"output_dir": str(tmp_path / "rm"), "model": bare_model,
+                                         "data": {"train": str(raw_pairs), "eval": str(pairs)}})
+    assert [c[:len(said)] for c in load_rm_data(rm_beside, tmp_path / "rm", ONE_PROCESS, save=False)[4]["train"]
+            .cautions] == [said]
     from stages.models import prepare_tokenizer
     from stages.ppo.trainer import load_ppo_data
 
@@ -489,3 +499,12 @@ def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_
                                    save=False)
     load_ppo_data(ppo, tmp_path / "ppo", ONE_PROCESS, policy_tok, save=False)
     assert f"warning: {said}" in " ".join(capsys.readouterr().out.split())
+    ptx = PPOConfig.model_validate({**ppo.model_dump(), "ppo": {"ptx_coef": 0.5},  # raw prompts, PTX in messages:
+                                    "data": {"train": str(raw), "eval_fraction": 0, "ptx": str(messages)}})
+    load_ppo_data(ptx, tmp_path / "ppo", ONE_PROCESS, policy_tok, save=False)  # said once, on the PTX line
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("has no chat template") == 1 and f"warning: PTX data: {said}" in out
+    load_ppo_data(ptx.model_copy(update={"data": ptx.data.model_copy(update={"train": ptx.data.ptx})}),
+                  tmp_path / "ppo", ONE_PROCESS, policy_tok, save=False)  # messages in both: said once, for the prompts
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("has no chat template") == 1 and f"warning: PTX data: {said}" not in out

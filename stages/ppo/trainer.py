@@ -163,6 +163,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         except DataError as exc:  # (its rows are read as SFT data: said in the PPO config's keys)
             raise DataError(ptx_wording(str(exc), files)) from None
         ptx_report.count_skipped(ptx_log)
+        if not default_template_caution(tokenizer, styles):  # (else said above for the prompts)
+            ptx_report.cautions += filter(None, [default_template_caution(tokenizer, ptx_report.styles)])
         report["ptx"] = asdict(ptx_report)
         say_report(dist.is_main, "PTX", ptx_report, lambda split, r: f"{split} data: {r.examples} examples, "
                    f"{r.trained_tokens:,} trained tokens{r.notes()}", keys=lambda text: ptx_wording(text, files))
