@@ -282,9 +282,9 @@ def _input_keys(stage: str | None) -> Callable[[str], bool] | None:
     return lambda key: path_kind_at(schema, re.sub(r"\[\d+\]$", "", key)) in ("input", "hub_or_path")
 
 
-def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, dict[str, str]]:
-    """Fingerprints of the files and folders a `stage` run's resolved config names at its input-path keys
-    (stages/fingerprint.py), those inside its own output_dir aside; {} without a stage."""
+def run_inputs(out_dir: Path, config: Any, stage: str | None) -> dict[str, dict[str, str]]:
+    """Fingerprints of the files and folders a `stage` run's resolved config (its YAML text, or that parsed) names
+    at its input-path keys (stages/fingerprint.py), those inside its own output_dir aside; {} without a stage."""
     import yaml
 
     from stages.fingerprint import input_fingerprints
@@ -293,7 +293,7 @@ def run_inputs(out_dir: Path, config_text: str, stage: str | None) -> dict[str, 
     if reads is None:
         return {}
     inside = str(out_dir.resolve()) + os.sep
-    found = input_fingerprints(yaml.safe_load(config_text), reads)
+    found = input_fingerprints(yaml.safe_load(config) if isinstance(config, str) else config, reads)
     return {k: v for k, v in found.items() if not (v["path"] + os.sep).startswith(inside)}
 
 

@@ -541,10 +541,10 @@ def eval_inputs(out: Path) -> str | None:
 
     from stages.checkpoint import read_recorded, run_inputs
 
-    record = out / "resolved_config.yaml"
-    if not isinstance(read_recorded(record), dict):
+    record = read_recorded(out / "resolved_config.yaml")
+    if not isinstance(record, dict):
         return None
-    prints = run_inputs(out, record.read_text(encoding="utf-8"), "ppo")  # key -> {path, sha256}
+    prints = run_inputs(out, record, "ppo")  # key -> {path, sha256}
     contents = {key: fp["sha256"] for key, fp in prints.items()}
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
 
