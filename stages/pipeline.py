@@ -511,37 +511,37 @@ def recorded_policy(settings: dict[str, Any]) -> str:
 def eval_settings_of(cfg: PipelineConfig, sft: Path, policy: Path, run: StageRun) -> dict[str, Any]:
     """What the pipeline's evaluation of `policy` (of PPO `run`) is made with (recorded in eval.settings.json):
     its options, and `eval_inputs`, the contents of what it reads through the run's config."""
-    share = validation_share(run.out)
+    from stages.checkpoint import read_recorded
+
+    record = read_recorded(run.out / "resolved_config.yaml")
+    share = validation_share(record)
     return {"seed": cfg.eval.seed, "num_prompts": cfg.eval.num_prompts, "batch_size": cfg.eval.batch_size,
-            "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out)} | (
+            "baseline": str(sft), "policy": str(policy), "inputs": eval_inputs(run.out, record)} | (
                 {"greedy": True} if cfg.eval.greedy else {}) | (  # (absent when off: as written before it existed)
                 {"held_out": share} if share else {})  # (likewise: an evaluation of training prompts is redone)
 
 
-def validation_share(out: Path) -> list[Any] | None:
-    """[data.eval_fraction, seed] of a PPO run whose resolved config has no data.eval: `rlhf eval` evaluates the
-    share of data.train the run held out for validation (`EvalSettings.held_out`); None otherwise."""
-    from stages.checkpoint import read_recorded
+def validation_share(record: Any) -> list[Any] | None:
+    """[data.eval_fraction, seed] of a PPO run's resolved config `record` (parsed) without data.eval: `rlhf eval`
+    evaluates the share of data.train the run held out for validation (`EvalSettings.held_out`); None otherwise."""
     from stages.config import PPODataConfig
 
-    record = read_recorded(out / "resolved_config.yaml")
     data = record.get("data") if isinstance(record, dict) else None
     fraction = data.get("eval_fraction", PPODataConfig.model_fields["eval_fraction"].default) if isinstance(
         data, dict) else None
     return [fraction, record.get("seed")] if fraction and data.get("eval") is None else None
 
 
-def eval_inputs(out: Path) -> str | None:
+def eval_inputs(out: Path, record: Any) -> str | None:
     """One sha256 over the fingerprints of every input a PPO run's resolved config names (`run_inputs`: its
     prompts, reward model, SFT model — the evaluation's baseline —, gold judge, ...), their paths aside (a
     project moved whole reads the same): an evaluation kept beside a stage kept despite changed inputs
     (--allow-config-change) is redone, since it would read the new ones. None without a readable
-    resolved_config.yaml."""
+    resolved_config.yaml (`record`, parsed)."""
     import hashlib
 
-    from stages.checkpoint import read_recorded, run_inputs
+    from stages.checkpoint import run_inputs
 
-    record = read_recorded(out / "resolved_config.yaml")
     if not isinstance(record, dict):
         return None
     prints = run_inputs(out, record, "ppo")  # key -> {path, sha256}
