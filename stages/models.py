@@ -354,11 +354,11 @@ def with_eos(ids: int | list[int] | None, eos: int) -> int | list[int]:
     return [*listed, eos]
 
 
-def check_architecture(source: str, head: str, trained_head: bool, key: str = "model.name_or_path") -> None:
+def check_architecture(source: str, head: str, trained_head: bool, key: str = "model.name_or_path") -> Any:
     """Refuse a local checkpoint of the wrong kind before loading it: a sequence classifier (reward model) where
     a causal LM is wanted, or (trained_head) anything but a one-label sequence classifier; and a local
     directory without config.json (not a model: from_pretrained would complain about its tokenizer or weights
-    instead). Hub ids are left to from_pretrained."""
+    instead). Hub ids are left to from_pretrained. Returns its config.json parsed (None for a hub id)."""
     import json
 
     config = Path(source) / "config.json"
@@ -380,6 +380,7 @@ def check_architecture(source: str, head: str, trained_head: bool, key: str = "m
     if head == "reward" and trained_head and not (is_classifier and labels == 1):
         raise CheckpointError(f"{source} is a {arch}, not a one-label sequence classifier: point {key} at a "
                               "reward model written by rlhf train-rm (its score head would be random otherwise)")
+    return body
 
 
 #: per stage, the models it loads that have a kind to check: (config section, head, trained head)
@@ -405,17 +406,6 @@ def check_packing(model_type: str | None, packing: bool) -> None:
 #: longer sequence indexes past it (an IndexError on a CPU, a device-side assert on a GPU). Rotary and ALiBi
 #: models run past their nominal length (with a quality cost) and are not checked.
 LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
-
-
-def declared_config(model: ModelConfig) -> dict[str, Any] | None:
-    """model.from_config (as given), or a local model folder's config.json; None for a hub id (not read without
-    a download) or a folder without one."""
-    from stages.checkpoint import read_recorded
-
-    if model.from_config is not None:
-        return model.from_config
-    config = read_recorded(Path(resolve_model_dir(model.name_or_path or "")) / "config.json")
-    return config if isinstance(config, dict) else None
 
 
 def position_limit(config: dict[str, Any]) -> int | None:
@@ -446,7 +436,7 @@ def stage_lengths(stage: str, cfg: Any) -> dict[str, list[tuple[str, int]]]:
 
 def check_positions(stage: str, configs: dict[str, dict[str, Any] | None], cfg: Any) -> None:
     """A model with learned positions (LEARNED_POSITIONS) fed sequences longer than its position table is a
-    ConfigError naming both numbers, before any launch (`configs`: each model section's `declared_config`)."""
+    ConfigError naming both numbers, before any launch (`configs`: each model's config.json or from_config)."""
     for section, lengths in stage_lengths(stage, cfg).items():
         config = configs.get(section)
         limit = position_limit(config) if config is not None else None
@@ -461,9 +451,9 @@ def check_stage_models(stage: str, cfg: Any) -> None:
     """The kind checks a stage makes before loading its models (`check_architecture` on each local folder's
     config.json; a stage folder stands for its final/), SFT's packing check (`check_packing`) and the position
     check (`check_positions`), without loading any weights: what --dry-run can tell."""
+    configs = {section: getattr(cfg, section).from_config for section in stage_lengths(stage, cfg)}
     for section, head, trained, path in loaded_models(stage, cfg):
-        check_architecture(resolve_model_dir(path), head, trained, f"{section}.name_or_path")
-    configs = {section: declared_config(getattr(cfg, section)) for section in stage_lengths(stage, cfg)}
+        configs[section] = check_architecture(resolve_model_dir(path), head, trained, f"{section}.name_or_path")
     if stage == "sft":
         check_packing((configs["model"] or {}).get("model_type"), cfg.data.packing)
     check_positions(stage, configs, cfg)
