@@ -68,6 +68,10 @@ def hh_sample() -> Path:
     pytest.skip(f"HH-RLHF sample not found (looked at {[str(p) for p in HH_CANDIDATES if p]}; set RLHF_HH_SAMPLE)")
 
 
+def turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_LAYER_MODEL
+from conftest import ONE_LAYER_MODEL, turn
 from stages.config import DataSource, ModelConfig, PPOConfig, RMDataConfig, SFTDataConfig
 from stages.data import Conversation, DataReport, Segment, render_segments, tokenize_conversations
 from stages.errors import DataError
@@ -375,9 +375,6 @@ def test_prompt_columns_and_their_repeats_read_one_way_in_every_stage(char_tok):
     from stages.data import BadRow, parse_conversation
     from stages.pairs import detect_pair_format, indexed_pair_hint, parse_pair
     from stages.ppo.prompts import parse_prompt
-
-    def turn(role, content):
-        return {"role": role, "content": content}
 
     q, x, a = turn("user", "Q"), turn("assistant", "X"), turn("assistant", "A")
     ends_with_reply = {"prompt": [q, x], "chosen": "A", "rejected": "B", "completion": [a]}

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import turn
 from stages.config import DataSource, RMDataConfig
 from stages.data import IGNORE, BadRow, BadRowLog, DataReport, render_segments
 from stages.errors import DataError
@@ -251,9 +252,6 @@ def test_a_prompt_column_beside_whole_conversations_is_never_read_twice():
     sides that start at the user turn) were read with the prompt twice, silently: each row's prompt now appears
     once, the sides' own turns kept when they hold the column's; sides that neither begin with nor hold it are a
     bad row; an empty prompt column is no prompt."""
-    def turn(role, content):
-        return {"role": role, "content": content}
-
     sys_, q, q2, a1 = turn("system", "S"), turn("user", "Q"), turn("user", "Q2"), turn("assistant", "A1")
     yes, no = turn("assistant", "yes"), turn("assistant", "no")
 
