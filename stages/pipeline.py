@@ -311,8 +311,9 @@ def stage_config_changes(out: Path, resolved: str | None, stage: str | None = No
     if not isinstance(before, dict):
         return []
     recorded = out / "inputs.json"  # (an output older than inputs.json: its config only; nothing to hash)
-    inputs = run_inputs(out, resolved, stage) if stage is not None and recorded.is_file() else None
-    return recorded_changes(before, recorded, yaml.safe_load(resolved), inputs, stage)
+    now = yaml.safe_load(resolved)
+    inputs = run_inputs(out, now, stage) if stage is not None and recorded.is_file() else None
+    return recorded_changes(before, recorded, now, inputs, stage)
 
 
 def partial_stage_changes(out: Path, resolved: str | None, stage: str) -> list[str]:
