@@ -999,6 +999,10 @@ def test_check_tokenizers_reject_a_different_eos():
                         num_key_value_heads=2, residual_dropout=0.1, embedding_dropout=0.1)),
     ("biogpt", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     activation_dropout=0.1, layerdrop=0.5)),  # layerdrop: whole layers skipped at random
+    ("mixtral", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5)),
+    ("phimoe", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,  # router
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),  # jitter 0.01 by default
 ])
 def test_disable_dropout_finds_every_kind_of_dropout_attribute(model_type, arch):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1014,8 +1018,8 @@ def test_disable_dropout_finds_every_kind_of_dropout_attribute(model_type, arch)
 
 
 @pytest.mark.parametrize("name, is_one", [("attn_pdrop", True), ("residual_dropout", True), ("layerdrop", True),
-                                          ("hidden_dropout_prob", True), ("drop_last", False), ("dropped", False),
-                                          ("rope_theta", False)])
+                                          ("hidden_dropout_prob", True), ("router_jitter_noise", True),
+                                          ("drop_last", False), ("dropped", False), ("rope_theta", False)])
 def test_a_dropout_probability_is_told_by_its_name(name, is_one):
     assert is_dropout_name(name) is is_one
 

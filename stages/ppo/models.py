@@ -44,13 +44,15 @@ class ValueModel(torch.nn.Module):
 def is_dropout_name(name: str) -> bool:
     """A module attribute or config key that holds a dropout probability: its name contains `dropout` (GPT-2's
     `summary_first_dropout`, Starcoder2's `residual_dropout`, Bloom's `hidden_dropout`, BioGPT's
-    `activation_dropout`), `pdrop` (`attn_pdrop`) or `layerdrop` (a probability of skipping a whole layer)."""
+    `activation_dropout`), `pdrop` (`attn_pdrop`) or `layerdrop` (a probability of skipping a whole layer); also
+    a mixture-of-experts router's train-mode noise, `jitter` (Mixtral's `router_jitter_noise`, 0.01 by default in
+    PhiMoE: random routing, so that log-probs taken twice in train mode would differ)."""
     name = name.lower()
-    return "dropout" in name or "pdrop" in name or "layerdrop" in name
+    return any(part in name for part in ("dropout", "pdrop", "layerdrop", "jitter"))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability of the model set to 0: nn.Dropout modules, float module attributes and config
+    """Every dropout probability (and router jitter) of the model set to 0: nn.Dropout modules, float module attributes and config
     keys named as one (`is_dropout_name`; Falcon reads its config's in the forward); the config's own values are
     kept for the checkpoints (`keep_in_saved_config`), so a saved policy or critic has the dropout it was loaded
     with."""
