@@ -21,10 +21,15 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
     norm            ZeRO-1/2/3 before the step (not DeepSpeed's BF16_Optimizer): each gradient slice of the
                     partition copied to float64 for its norm, one at a time: 8 x min(largest, N / W) (ZeRO-3: 8 x
                     largest / W); a moment of its own, above the step's copies when W is large; with
-                    offload_optimizer taken in the backward pass instead (ZeRO-3: at most 2.5e8 elements at a time)
-    reduce copies   ZeRO-2 accumulating in float32, in the backward pass: a bucket is reduced into the float32
-                    partition flattened and cast slice by slice: b min(reduce_bucket_size, N) + 4 min(largest,
-                    reduce_bucket_size)
+                    offload_optimizer taken in the backward pass instead (ZeRO-3: at most 2.5e8 elements at a time);
+                    none at ZeRO-1/2 with zero_optimization.compute_grad_norm: false (DeepSpeed 0.19)
+    reduce copies   ZeRO-2 accumulating in float32, in the backward pass (R = reduce_bucket_size, T = a tied
+                    embedding's elements, `_float32_reduce`): a bucket is reduced into the float32 partition
+                    flattened and cast slice by slice, b min(R, N) + 4 min(largest, R); the 16-bit gradients of
+                    parameters larger than R are kept until the pass ends, b X (X = their elements; N / W without
+                    contiguous_gradients); when N > R the gradient that fills a bucket, b min(largest, R), and a
+                    tied embedding's first gradient, b T, held by autograd until its second comes at the end, where
+                    both and their sum, 3 b T, make a moment of their own (less the sum when X counts it)
     offload         ZeRO-1/2 with offload_optimizer: a 16-bit staging buffer of the largest parameter
     ZeRO-3 gather   b x (the largest parameter + stage3_prefetch_bucket_size, default 5e7): whole parameters a
                     partitioned model holds while a layer runs
@@ -40,13 +45,10 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     counts as padded (an upper bound: an unpadded one has no mask)
     peak            everything held the whole run (weights, optimizer states, frozen models, KV cache) plus the
                     largest update: its gradients + its fullest moment (backward pass: activations, logits,
-                    buckets; the all-reduce; the norm; the optimizer step) (`peak`). Checked against DeepSpeed
+                    buckets; its end; the all-reduce; the norm; the optimizer step) (`peak`). Checked against DeepSpeed
                     0.19's own engines on CPU (tests/test_bench.py, ZeRO-0 to 3, bf16 and fp32, float32
                     accumulation): a census of live tensors after an update and after a backward pass, and the
-                    allocation peak of an update. Not modelled: ZeRO-2 accumulating in float32
-                    keeps the 16-bit gradients of parameters larger than a bucket, and a tied embedding's two
-                    gradients and their sum (3 b x its elements), until the backward pass ends (on the census's
-                    model below the norm's copy)
+                    allocation peak of an update
     logits          PPO: one float32 log-prob block of min(chunk, m R) rows with train.logprob_chunk, 16 bytes
                     per element (28 with the entropy; `logit_bytes`, measured), else the model's m R V response
                     logits and their gradient (2 b m R V) plus an 8-row float32 block; SFT: the model's m L V
@@ -88,6 +90,8 @@ class Shape(NamedTuple):
     intermediate: int = 0  # MLP width
     gated: bool = False  # gate and up projections (SwiGLU and kin)
     largest: int = 0  # elements of the largest parameter
+    tied: int = 0  # elements of an input embedding the output layer shares (tie_word_embeddings); 0 when untied
+    sizes: tuple[int, ...] = ()  # elements of every parameter, largest first
 
 
 def tokenizer_vocab(cfg: ModelConfig) -> int | None:
@@ -115,8 +119,9 @@ def tokenizer_vocab(cfg: ModelConfig) -> int | None:
 
 def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None:
     """Parameter count and sizes from the architecture (built on the meta device: no memory, no weights
-    read, nothing downloaded: a hub id counts only when it is in the local cache); None when the checkpoint is
-    not there yet (a later pipeline stage) or has no readable config."""
+    read, nothing downloaded: a hub id counts only when it is in the local cache), and whether its output layer is
+    its input embedding (tied: one parameter, counted once); None when the checkpoint is not there yet (a later
+    pipeline stage) or has no readable config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -135,16 +140,18 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return None
-    named = dict(model.named_parameters())
-    params = sum(p.numel() for p in named.values())
+    named = dict(model.named_parameters())  # (a tied embedding once)
+    sizes = tuple(sorted((p.numel() for p in named.values()), reverse=True))
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = embedding.weight.numel() if output is not None and output.weight is embedding.weight else 0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     width = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size
     gated = any("gate_proj" in name or "gate_up_proj" in name for name in named)
-    return Shape(params, text.num_hidden_layers, text.hidden_size, text.vocab_size, kv * head_dim, width, gated,
-                 max(p.numel() for p in named.values()))
+    return Shape(sum(sizes), text.num_hidden_layers, text.hidden_size, text.vocab_size, kv * head_dim, width, gated,
+                 sizes[0], tied, sizes)
 
 
 def _bytes(precision: str) -> int:
@@ -161,6 +168,7 @@ class ZeroTuning(NamedTuple):
     contiguous_gradients: bool = True
     overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only, where it adds no bucket)
     accum_bytes: int | None = None  # data_types.grad_accum_dtype; None: the training precision
+    grad_norm: bool = True  # zero_optimization.compute_grad_norm: false skips ZeRO-1/2's norm (DeepSpeed >= 0.19)
 
 
 def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
@@ -177,7 +185,8 @@ def zero_tuning(ds: DeepSpeedConfig) -> ZeroTuning:
                       int(float(zero.get("sub_group_size", default.sub_group))),
                       as_bool(zero.get("contiguous_gradients", True)),
                       None if overlap is None else as_bool(overlap),
-                      _bytes(ACCUM_DTYPES[accum]) if accum in ACCUM_DTYPES else None)
+                      _bytes(ACCUM_DTYPES[accum]) if accum in ACCUM_DTYPES else None,
+                      as_bool(zero.get("compute_grad_norm", True)))
 
 
 #: elements DeepSpeed's engine flattens at a time to all-reduce gradients outside ZeRO-1/2/3's own buckets
@@ -192,11 +201,13 @@ class Phase(NamedTuple):
     moments: dict[str, list[str]]
 
 
-def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
-                  tuning: ZeroTuning = ZeroTuning()) -> tuple[dict[str, float], Phase]:
+def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0, tuning: ZeroTuning = ZeroTuning(),
+                  sizes: Sequence[int] = (), tied: int = 0) -> tuple[dict[str, float], Phase]:
     """Bytes per rank of one trained model's weights, gradients, optimizer states, buckets and the step's
     float32 gradients, and which of them exist only while it updates (its `Phase`; the rest are held the whole
-    run). See the module docstring; DeepSpeed 0.19's optimizers, as read and measured."""
+    run). `sizes`: every parameter's elements (default: only the largest is known); `tied`: the elements of an
+    input embedding whose output layer it also is, in the loss (0: none). See the module docstring; DeepSpeed
+    0.19's optimizers, as read and measured."""
     b, z, offload = _bytes(ds.precision), ds.zero_stage, ds.offload_optimizer
     acc = tuning.accum_bytes or b
     split = world if z >= 1 else 1
@@ -229,17 +240,15 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
         if z == 1 and tuning.contiguous_gradients and not offload:  # reduced into a partition at the end
             parts["gradient partition"] = acc * n / world
             moments["all-reduce"] = ["gradient partition", "reduce bucket"]
-        norm = _norm_copy(parts, min(largest, n / world))
+        # (compute_grad_norm: false skips the norm; DeepSpeed refuses it with offload)
+        norm = _norm_copy(parts, min(largest, n / world)) if tuning.grad_norm or offload else []
         if offload:  # a 16-bit staging buffer of the largest parameter, on the device all run; each gradient
             parts["offload staging buffer"] = float(b * largest)  # slice's norm is taken in the backward pass
             moments["backward"] += norm
         else:
             moments["norm"] = norm
-            if z == 2 and acc == 4 and b == 2:  # the float32 partition itself is stepped with; a bucket is
-                # reduced into it flattened (16-bit) and cast slice by slice (the largest: float32)
-                parts["bucket reduce copies"] = float(b * min(tuning.reduce_bucket, n)
-                                                      + 4 * min(largest, tuning.reduce_bucket))
-                moments["backward"] += ["bucket reduce copies"]
+            if z == 2 and acc == 4 and b == 2:  # the float32 partition itself is stepped with
+                _float32_reduce(parts, moments, b, n, world, largest, tuning, sizes, tied)
             else:
                 moments["step"] = _step_copies(parts, b, n / world)
     else:
@@ -254,6 +263,44 @@ def trained_model(n: int, ds: DeepSpeedConfig, world: int, largest: int = 0,
         else:  # each partition's norm is taken in the backward pass, 2.5e8 elements at a time
             moments["backward"] = _norm_copy(parts, min(largest / world, 250_000_000))
     return parts, Phase(grads, {k: v for k, v in moments.items() if v})
+
+
+def _float32_reduce(parts: dict[str, float], moments: dict[str, list[str]], b: int, n: int, world: int,
+                    largest: int, tuning: ZeroTuning, sizes: Sequence[int], tied: int) -> None:
+    """ZeRO-2 accumulating b-byte gradients in its float32 partition: what its backward pass holds besides the
+    reduce bucket, added to `parts`, to the pass's moment (`moments["backward"]`, a bucket reduced inside it) and
+    to a moment of its end ("end of backward", with a tied embedding). R = reduce_bucket_size, L = the largest
+    parameter, T = a tied embedding's elements (0 when untied):
+
+        kept 16-bit gradients     b X: each parameter larger than R is reduced alone, outside the bucket, and its
+                                  16-bit gradient kept until the pass ends; X = their elements (without
+                                  contiguous_gradients every gradient of a rank's: N / W)
+        bucket reduce copies      b min(R, N) + 4 min(L, R): a bucket reduced into the partition flattened and
+                                  cast slice by slice
+        gradients in flight       when N > R (a bucket fills inside the pass): b min(L, R), the gradient whose
+                                  arrival fills it, + b T, a tied embedding's output-layer gradient, which autograd
+                                  holds until the input layer's comes last (not when X counts T: one or the other)
+        tied embedding gradients  at the end: its two gradients and their sum, 3 b T (2 b T when X counts the sum:
+                                  T > R, or no contiguous_gradients)
+
+    An upper bound within 5 % of the peaks measured on CPU (DeepSpeed 0.19.8: tied and untied models, buckets
+    smaller than the largest parameter and larger than the model, overlap_comm, contiguous_gradients off)."""
+    bucket = tuning.reduce_bucket
+    if tuning.contiguous_gradients:
+        kept, tied_kept = sum(size for size in (sizes or [largest]) if size > bucket), tied > bucket
+    else:
+        kept, tied_kept = n / world, True
+    if kept:
+        parts["kept 16-bit gradients"] = float(b * kept)
+        moments["backward"] += ["kept 16-bit gradients"]
+    if tied:
+        parts["tied embedding gradients"] = float((2 if tied_kept else 3) * b * tied)
+        moments["end of backward"] = moments["backward"] + ["tied embedding gradients"]
+    parts["bucket reduce copies"] = float(b * min(bucket, n) + 4 * min(largest, bucket))
+    moments["backward"] += ["bucket reduce copies"]
+    if n > bucket:
+        parts["gradients in flight"] = float(b * min(largest, bucket) + (0 if tied_kept else b * tied))
+        moments["backward"] += ["gradients in flight"]
 
 
 def _norm_copy(parts: dict[str, float], elements: float) -> list[str]:
@@ -344,8 +391,8 @@ def phase_parts(phases: dict[str, Phase]) -> set[str]:
 def peak(parts: dict[str, float], phases: dict[str, Phase]) -> float:
     """Bytes at the fullest moment: every part outside the phases (weights, optimizer states, frozen models, KV
     cache: held the whole run) plus the largest phase, its gradients + its fullest moment (backward pass:
-    activations, logits, reduce buckets; the gradient all-reduce; the gradient norm's float64 copy; the
-    optimizer step: float32 gradients).
+    activations, logits, reduce buckets; the end of the backward pass, ZeRO-2 in float32: a tied embedding's
+    gradients; the gradient all-reduce; the gradient norm's float64 copy; the optimizer step: float32 gradients).
     Activations are freed by the end of the backward pass and the step's copies at its end, so the moments do
     not add up."""
     inside = phase_parts(phases)
@@ -385,8 +432,9 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
     tuning = zero_tuning(ds)
     # the critic is a copy of the reward model, or with ppo.critic_init: policy of the policy (a one-output head)
     critic, critic_cfg = (policy, cfg.model) if cfg.ppo.critic_init == "policy" else (rm, cfg.reward_model)
-    for name, shape in (("policy", policy), ("critic", critic)):
-        own, phase = trained_model(shape.params, ds, world, shape.largest, tuning)
+    # (the critic's value head replaces the output layer: no tied embedding)
+    for name, shape, tied in (("policy", policy, policy.tied), ("critic", critic, 0)):
+        own, phase = trained_model(shape.params, ds, world, shape.largest, tuning, shape.sizes, tied)
         parts.update({f"{name} {k}": v for k, v in own.items()})
         phases[name] = _named(name, phase)
     frozen_div = world if ds.frozen_stage == 3 else 1
@@ -431,7 +479,9 @@ def _lm_stage_parts(cfg: SFTConfig | RMConfig, world: int, shape: Shape, micro: 
     from stages.lm import LOSS_BLOCK_ROWS
 
     ds = cfg.deepspeed
-    own, phase = trained_model(shape.params, ds, world, shape.largest, zero_tuning(ds))
+    # a reward model's score head replaces the output layer; its LM loss (lm_coef) uses the tied embedding again
+    tied = shape.tied if isinstance(cfg, SFTConfig) or cfg.loss.lm_coef > 0 else 0
+    own, phase = trained_model(shape.params, ds, world, shape.largest, zero_tuning(ds), shape.sizes, tied)
     parts = {f"model {k}": v for k, v in own.items()}
     rows = micro * (2 if isinstance(cfg, RMConfig) else 1)  # chosen + rejected
     length = cfg.data.max_length

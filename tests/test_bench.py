@@ -588,11 +588,15 @@ def test_bench_floor_prices_a_workload_without_building_it(tmp_path):
 
 F32_ACCUM = {"data_types": {"grad_accum_dtype": "fp32"}}
 ONE_BUCKET = {"zero_optimization": {"reduce_bucket_size": 1_000_000}}  # (the census test's whole model in one)
+# (the census's buckets are smaller than its tied embedding, 64000 elements; these also than its MLP's matrices)
+SMALL_BUCKETS = {"zero_optimization": {"reduce_bucket_size": 5000}}
+NO_NORM = {"zero_optimization": {"reduce_bucket_size": 20000, "compute_grad_norm": False}}
 _STEP = {"fp32 gradients": 2000, "flattened 16-bit gradients": 1000}  # 4 and 2 bytes x N / W
 _ZERO12 = ["fp32 gradients", "flattened 16-bit gradients"]
 _PARTITION = ["gradient partition", "reduce bucket"]
 # ZeRO's gradient norm copies each gradient slice to float64: the largest parameter (300), a rank's share at ZeRO-3
 _NORM12, _NORM3, _NORM = {"fp64 norm copy": 8 * 300}, {"fp64 norm copy": 8 * 300 / 2}, ["fp64 norm copy"]
+_F32_REDUCE = ["reduce bucket", "kept 16-bit gradients", "bucket reduce copies", "gradients in flight"]
 
 
 @pytest.mark.parametrize("ds, expected, gradients, moments", [
@@ -648,13 +652,17 @@ _NORM12, _NORM3, _NORM = {"fp64 norm copy": 8 * 300}, {"fp64 norm copy": 8 * 300
                                             "fp32 gradient buffer": 4000, "all-reduce buffer": 6000},
      ["gradients"], {"all-reduce": ["all-reduce buffer"]}),
     # ZeRO-2 accumulating in float32: the partition is the float32 gradient; a bucket (100 elements) is reduced
-    # into it flattened (2 x 100) and cast slice by slice, the largest slice a whole bucket (4 x 100)
+    # into it flattened (2 x 100) and cast slice by slice, the largest slice a whole bucket (4 x 100); the largest
+    # parameter (300, the only size given) is larger than a bucket: its bf16 gradient is kept (2 x 300); N > 100,
+    # so a bucket is reduced inside the backward pass, as a gradient of min(300, 100) elements arrives (2 x 100)
     (dict(zero_stage=2, config=F32_ACCUM), {"weights": 2000, "optimizer": 6000, "gradients": 2000,
-                                            "reduce bucket": 200, "bucket reduce copies": 600, **_NORM12},
-     ["gradients"], {"backward": ["reduce bucket", "bucket reduce copies"], "norm": _NORM}),
+                                            "reduce bucket": 200, "kept 16-bit gradients": 600,
+                                            "bucket reduce copies": 600, "gradients in flight": 200, **_NORM12},
+     ["gradients"], {"backward": _F32_REDUCE, "norm": _NORM}),
     (dict(zero_stage=2, precision="fp16", config=F32_ACCUM),
-     {"weights": 2000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 200, "bucket reduce copies": 600,
-      **_NORM12}, ["gradients"], {"backward": ["reduce bucket", "bucket reduce copies"], "norm": _NORM}),
+     {"weights": 2000, "optimizer": 6000, "gradients": 2000, "reduce bucket": 200, "kept 16-bit gradients": 600,
+      "bucket reduce copies": 600, "gradients in flight": 200, **_NORM12}, ["gradients"],
+     {"backward": _F32_REDUCE, "norm": _NORM}),
     # ZeRO-1, fp16 accumulating in float32: whole-model float32 gradients, float32 buckets
     (dict(zero_stage=1, precision="fp16", config=F32_ACCUM),
      {"weights": 2000, "optimizer": 6000, "gradients": 4000, "reduce bucket": 400, "gradient partition": 2000,
@@ -736,12 +744,15 @@ def _allocation_peak(step: Callable[[], None]) -> int:
 @pytest.mark.parametrize("stage, precision, raw", [(0, "bf16", {}), (0, "fp32", {}), (1, "bf16", {}), (2, "bf16", {}),
                                                    (3, "bf16", {}), (1, "fp32", {}), (1, "bf16", F32_ACCUM),
                                                    (2, "bf16", F32_ACCUM), (3, "bf16", F32_ACCUM),
-                                                   (2, "bf16", {**F32_ACCUM, **ONE_BUCKET})])
+                                                   (2, "bf16", {**F32_ACCUM, **ONE_BUCKET}),
+                                                   (2, "bf16", {**F32_ACCUM, **SMALL_BUCKETS}),
+                                                   (2, "bf16", {**F32_ACCUM, **NO_NORM})])
 def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeypatch, stage, precision, raw):
     """DeepSpeed's own engines on CPU (one rank) against `trained_model`: a census of live tensors after an
     update (only the held parts are left) and after a backward pass (plus the update's gradients), within 1 %,
-    and the allocation peak of a whole update (its gradients plus its fullest moment: here the optimizer step
-    or the gradient all-reduce; a batch of 4 tokens keeps activations out of it), within 2 %. At ZeRO-0 the
+    and the allocation peak of a whole update (its gradients plus its fullest moment: here the optimizer step,
+    the gradient all-reduce, the norm or, ZeRO-2 accumulating in float32, the backward pass or its end, where the
+    tied embedding's gradients meet; a batch of 4 tokens keeps activations out of it), within 2 %. At ZeRO-0 the
     optimizer counts as fused, as DeepSpeed's FusedAdam on a GPU is: DeepSpeed then wraps it in the
     FP16_Optimizer a GPU run gets (torch's AdamW stands in for it here)."""
     import deepspeed.runtime.engine
@@ -759,16 +770,20 @@ def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeyp
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)).to({'bf16': torch.bfloat16, 'fp32': torch.float32}[precision])
-    n = sum(p.numel() for p in model.parameters())
+    sizes = [p.numel() for p in model.parameters()]  # (the tied embedding once)
+    embedding = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embedding
     ds = DeepSpeedConfig(zero_stage=stage, precision=precision,
                          config={"zero_optimization": {"reduce_bucket_size": 20000}, **raw})
-    parts, phase = trained_model(n, ds, 1, max(p.numel() for p in model.parameters()), zero_tuning(ds))
+    parts, phase = trained_model(sum(sizes), ds, 1, max(sizes), zero_tuning(ds), sizes, embedding.numel())
     held = sum(v for k, v in parts.items() if k not in phase_parts({"m": phase})
                and k != "ZeRO-3 gathered parameters")  # (only while a layer runs)
     grads = sum(parts[k] for k in phase.gradients)
     fullest = max(sum(parts[k] for k in names) for names in phase.moments.values())
     train = TrainConfig(micro_batch_size=1)
     ds_json = engines.build_deepspeed_config(train, ds, 1, False)
+    if not zero_tuning(ds).grad_norm:  # DeepSpeed refuses compute_grad_norm: false with clipping, its default 1.0
+        ds_json["gradient_clipping"] = 0.0
     # torch's fused AdamW, as DeepSpeed's FusedAdam on a GPU: the others make state-sized temporaries
     ds_json["optimizer"]["params"]["fused"] = True
     engine = engines.initialize_engine(model, ds_json, train, 10)
