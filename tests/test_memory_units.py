@@ -1,6 +1,7 @@
 """The `--dry-run` memory estimate (stages/memory.py) piece by piece, against hand-computed values: the DeepSpeed
 settings it reads, the trained-model parts the census test in test_bench.py does not reach (ZeRO-1 offload, fp32
-ZeRO-2, ZeRO-3 without contiguous gradients, large models' all-reduce buckets), activations and logits of every branch,
+ZeRO-2, ZeRO-3 without contiguous gradients, large models' all-reduce buckets, ZeRO-2's float32 reduce with a tied
+embedding and parameters larger than a bucket, compute_grad_norm), activations and logits of every branch,
 the architecture read from a config, the PPO / SFT / RM components and the printed table. No model is trained."""
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def test_zero_tuning_reads_each_key_of_the_raw_config():
                                  "sub_group_size": 40, "contiguous_gradients": "false", "overlap_comm": "true"},
            **F32_ACCUM}
     assert zero_tuning(DeepSpeedConfig(zero_stage=3, config=raw)) == ZeroTuning(2000, 300, 40, False, True, 4)
+    assert not zero_tuning(DeepSpeedConfig(config={"zero_optimization": {"compute_grad_norm": "false"}})).grad_norm
     half = {"data_types": {"grad_accum_dtype": "bf16"}, "zero_optimization": {"overlap_comm": False}}
     assert zero_tuning(DeepSpeedConfig(zero_stage=1, precision="fp32", config=half)).accum_bytes == 2
     assert zero_tuning(DeepSpeedConfig(zero_stage=1, precision="fp32", config=half)).overlap_comm is False
@@ -78,6 +80,78 @@ def test_trained_model_parts_beyond_the_census(ds, expected, gradients, moments)
     got, phase = _trained(**ds)
     assert got == expected
     assert (phase.gradients, phase.moments) == (gradients, moments)
+
+
+#: N = 1000 in 7 parameters, the largest (300) the tied embedding
+SIZES = (300, 250, 150, 100, 100, 50, 50)
+
+
+def _float32_reduce(bucket: int, **zero: Any) -> tuple[dict[str, float], Phase]:
+    """bf16 ZeRO-2 accumulating in float32 on W = 2 ranks (`_trained`'s set-up), `SIZES`, buckets of `bucket`."""
+    cfg = DeepSpeedConfig(zero_stage=2, precision="bf16",
+                          config={"zero_optimization": {"reduce_bucket_size": bucket, **zero}, **F32_ACCUM})
+    return trained_model(1000, cfg, world=2, largest=300, tuning=zero_tuning(cfg), sizes=SIZES, tied=300)
+
+
+def test_zero2_float32_reduce_a_tied_embedding_within_a_bucket():
+    """Buckets of 500: no parameter is larger, none kept. A bucket fills inside the backward pass (N > 500) as a
+    gradient of min(300, 500) arrives, while autograd holds the tied embedding's first gradient: 2 x 300 + 2 x 300;
+    the bucket is reduced flattened (2 x 500) and cast slice by slice (4 x 300). At the end of the pass the
+    embedding's two gradients and their sum: 3 x 2 x 300, beside the bucket (2 x 500)."""
+    parts, phase = _float32_reduce(500)
+    assert {k: parts[k] for k in ("reduce bucket", "bucket reduce copies", "gradients in flight",
+                                  "tied embedding gradients")} == {
+        "reduce bucket": 2 * 500, "bucket reduce copies": 2 * 500 + 4 * 300, "gradients in flight": 2 * 300 + 2 * 300,
+        "tied embedding gradients": 3 * 2 * 300}
+    assert "kept 16-bit gradients" not in parts
+    assert phase.moments["backward"] == ["reduce bucket", "bucket reduce copies", "gradients in flight"]
+    assert phase.moments["end of backward"] == ["reduce bucket", "tied embedding gradients"]
+
+
+def test_zero2_float32_reduce_keeps_the_gradients_of_parameters_larger_than_a_bucket():
+    """Buckets of 100: the parameters of 300 (the tied embedding), 250 and 150 elements are larger, their bf16
+    gradients kept to the end of the pass: 2 x (300 + 250 + 150). The kept ones count the embedding's summed
+    gradient, so at the end only its two own gradients come on top (2 x 2 x 300), and in the pass the arriving
+    gradient is min(300, 100) without the embedding's (one or the other: 2 x 100). Copies: 2 x 100 + 4 x 100."""
+    parts, phase = _float32_reduce(100)
+    assert {k: parts[k] for k in ("reduce bucket", "kept 16-bit gradients", "bucket reduce copies",
+                                  "gradients in flight", "tied embedding gradients")} == {
+        "reduce bucket": 2 * 100, "kept 16-bit gradients": 2 * (300 + 250 + 150),
+        "bucket reduce copies": 2 * 100 + 4 * 100, "gradients in flight": 2 * 100,
+        "tied embedding gradients": 2 * 2 * 300}
+    assert phase.moments["backward"] == ["reduce bucket", "kept 16-bit gradients", "bucket reduce copies",
+                                         "gradients in flight"]
+    assert phase.moments["end of backward"] == ["reduce bucket", "kept 16-bit gradients", "tied embedding gradients"]
+    # the update's peak: the float32 partition (4 x 1000 / 2) + the end of the pass, 200 + 1400 + 1200, above the
+    # pass (200 + 1400 + 600 + 200) and the norm's float64 copy of the largest parameter (8 x 300)
+    from stages.memory import peak
+    held = 2 * 1000 + 12 * 1000 / 2  # weights, optimizer
+    assert peak(parts, {"m": phase}) == held + 4 * 1000 / 2 + 200 + 1400 + 1200
+
+
+def test_zero2_float32_reduce_without_contiguous_gradients_keeps_every_gradient_of_a_rank():
+    """No contiguous gradients: no bucket, and every bf16 gradient of a rank's is kept to the end of the pass,
+    2 x 1000 / 2, which counts the embedding's sum (2 x 2 x 300 on top at the end); the arriving gradient
+    2 x min(300, 100); the copies as with a bucket, 2 x 100 + 4 x 100. Without sizes only the largest parameter
+    is known to be larger than a bucket (2 x 300 kept); without a tied embedding no moment of the pass's end."""
+    parts, phase = _float32_reduce(100, contiguous_gradients=False)
+    assert "reduce bucket" not in parts
+    assert (parts["kept 16-bit gradients"], parts["tied embedding gradients"]) == (2 * 1000 / 2, 2 * 2 * 300)
+    assert (parts["gradients in flight"], parts["bucket reduce copies"]) == (2 * 100, 2 * 100 + 4 * 100)
+    assert phase.moments["end of backward"] == ["kept 16-bit gradients", "tied embedding gradients"]
+    parts, phase = _trained(zero_stage=2, config=F32_ACCUM)
+    assert parts["kept 16-bit gradients"] == 2 * 300 and "end of backward" not in phase.moments
+
+
+def test_compute_grad_norm_false_drops_the_zero12_norm_copy():
+    """zero_optimization.compute_grad_norm: false: ZeRO-1/2 take no gradient norm, no float64 copy (8 x 300) and no
+    norm moment; DeepSpeed refuses it with optimizer offload, whose norm is kept."""
+    for stage in (1, 2):
+        parts, phase = _trained(zero_stage=stage, zero={"compute_grad_norm": False})
+        assert "fp64 norm copy" not in parts and "norm" not in phase.moments, stage
+        assert _trained(zero_stage=stage)[0]["fp64 norm copy"] == 8 * 300
+    offloaded, _ = _trained(zero_stage=2, offload_optimizer=True, zero={"compute_grad_norm": False})
+    assert offloaded["fp64 norm copy"] == 8 * 300
 
 
 def test_the_norms_float64_copy_is_a_ranks_share_of_the_largest_parameter_at_most():
@@ -144,20 +218,29 @@ def test_logit_bytes_of_each_branch_by_hand():
 # --------------------------------------------------------------------------------------------- architecture
 def test_model_shape_reads_every_field_of_a_gated_gqa_and_a_gpt2_architecture():
     """Llama (H 32, I 64, 2 layers, 4 heads of 8, 2 kv heads) with a 100-word vocabulary: K = 2 x 8 = 16, gated,
-    the largest parameter the 100 x 32 embedding. GPT-2 (n_embd 16, one layer, 2 heads, 32 positions, 50 words):
-    no n_inner, so I = 4 x 16; K = 2 heads x 8 (no kv heads of its own); not gated; the largest parameter the
-    MLP's 16 x 64 c_fc (above wte 50 x 16, c_attn 16 x 48, wpe 32 x 16)."""
+    the largest parameter the 100 x 32 embedding, untied (Llama's default): its own output layer, no tied
+    embedding; with tie_word_embeddings one 100 x 32 parameter fewer, and it is the tied one. GPT-2 (n_embd 16,
+    one layer, 2 heads, 32 positions, 50 words): no n_inner, so I = 4 x 16; K = 2 heads x 8 (no kv heads of its
+    own); not gated; the largest parameter the MLP's 16 x 64 c_fc (above wte 50 x 16, c_attn 16 x 48, wpe 32 x 16);
+    wte tied (GPT-2's default). Every parameter's size, largest first."""
     from stages.config import ModelConfig
     from stages.memory import model_shape
 
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2}
     per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32  # q, o, k, v, MLP, norms
+    layers = (32 * 64,) * 6 + (32 * 32,) * 4 + (32 * 16,) * 4 + (32,) * 4
     assert model_shape(ModelConfig(from_config=llama), vocab_hint=100) == Shape(
-        2 * 100 * 32 + 2 * per_layer + 32, 2, 32, 100, 16, 64, True, 100 * 32)
+        2 * 100 * 32 + 2 * per_layer + 32, 2, 32, 100, 16, 64, True, 100 * 32, 0, (100 * 32,) * 2 + layers + (32,))
+    tied = model_shape(ModelConfig(from_config={**llama, "tie_word_embeddings": True}), vocab_hint=100)
+    assert tied is not None and (tied.params, tied.tied) == (100 * 32 + 2 * per_layer + 32, 100 * 32)
+    assert tied.sizes == (100 * 32,) + layers + (32,)
     gpt2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32}
     shape = model_shape(ModelConfig(from_config=gpt2), vocab_hint=50)
-    assert shape is not None and shape[1:] == (1, 16, 50, 16, 64, False, 16 * 64)
+    assert shape is not None and shape[1:8] == (1, 16, 50, 16, 64, False, 16 * 64)
+    assert shape.tied == 50 * 16
+    # c_fc, c_proj; wte, c_attn, wpe; attn c_proj; c_fc bias, c_attn bias; 2 x 3 layer norms' and 2 biases
+    assert shape.sizes == (16 * 64, 64 * 16, 50 * 16, 16 * 48, 32 * 16, 16 * 16, 64, 48) + (16,) * 8
 
 
 # --------------------------------------------------------------------------------------------- stage estimates
@@ -274,6 +357,31 @@ def test_sft_and_rm_estimates_logits_and_activations_by_hand(tmp_path, shapes):
     lm = estimate(_lm("train-rm", tmp_path, "loss.lm_coef=0.5"), 1)
     assert lm["parts"]["logits"] == 20 * 50 * 12  # 12000
     assert lm["phases"]["model"].moments["backward"][-1] == "logits"
+
+
+def test_a_tied_embedding_counts_for_the_policy_and_sft_and_for_an_rm_only_with_its_lm_loss(tmp_path, monkeypatch):
+    """bf16 ZeRO-2 accumulating in float32 on one rank (buckets of 5e8, larger than the model): a tied embedding of
+    300 elements adds its two gradients and their sum, 3 x 2 x 300, at the end of the backward pass: the policy's
+    and SFT's; the critic's and a reward model's value head replaces the output layer (their shapes say tied, and
+    it is not counted), unless the reward model's LM loss (lm_coef) uses the embedding as its output layer."""
+    from stages import memory
+    from stages.memory import estimate
+
+    policy = POLICY._replace(tied=300, sizes=SIZES)
+    critic = CRITIC._replace(tied=200, sizes=(200, 200, 200))
+    monkeypatch.setattr(memory, "model_shape", lambda cfg, hint=None: {"policy": policy, "critic": critic,
+                                                                       "sft": policy}[cfg.name_or_path])
+    monkeypatch.setattr(memory, "tokenizer_vocab", lambda cfg: None)
+    f32 = ["deepspeed.zero_stage=2", "deepspeed.config={data_types: {grad_accum_dtype: fp32}}"]
+    ppo = estimate(_ppo(tmp_path, *f32), 1)
+    assert ppo["parts"]["policy tied embedding gradients"] == 3 * 2 * 300
+    assert ppo["phases"]["policy"].moments["end of backward"] == ["policy reduce bucket",
+                                                                  "policy tied embedding gradients"]
+    assert "critic tied embedding gradients" not in ppo["parts"]
+    assert estimate(_lm("sft", tmp_path, *f32), 1)["parts"]["model tied embedding gradients"] == 3 * 2 * 300
+    assert "model tied embedding gradients" not in estimate(_lm("train-rm", tmp_path, *f32), 1)["parts"]
+    lm = estimate(_lm("train-rm", tmp_path, *f32, "loss.lm_coef=0.5"), 1)["parts"]
+    assert lm["model tied embedding gradients"] == 3 * 2 * 300
 
 
 # --------------------------------------------------------------------------------------------- printed table
