@@ -32,7 +32,7 @@ OWNED_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "optimizer.params.eps": ("train.adam_eps", float),
     "optimizer.params.weight_decay": ("train.weight_decay", float),
     "optimizer.params.betas": ("train.adam_betas", lambda v: [float(x) for x in v]),
-    "gradient_clipping": ("train.gradient_clipping (PPO: ppo.grad_clip)", lambda v: float(v) or None),
+    "gradient_clipping": ("train.gradient_clipping (PPO: ppo.grad_clip)", float),
 }
 #: raw DeepSpeed sections our code replaces or decides: refused rather than silently ignored or half applied
 REFUSED_SECTIONS = {"scheduler": "the YAML's train.lr_scheduler, warm-up and min_lr_ratio (DeepSpeed would "
@@ -124,8 +124,7 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
     }
     if not on_gpu and not ds.offload_optimizer:
         config["optimizer"]["params"]["torch_adam"] = True
-    if train.gradient_clipping > 0:
-        config["gradient_clipping"] = train.gradient_clipping
+    config["gradient_clipping"] = train.gradient_clipping  # 0: off (left out, DeepSpeed would clip at 1.0)
     raw = load_raw_deepspeed(ds.config)
     check_owned_keys(raw, config)
     check_accumulation_dtype(raw, ds)
@@ -173,7 +172,7 @@ def check_owned_keys(raw: dict[str, Any], config: dict[str, Any]) -> None:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}: {exc}") from None
         if not same:
-            given = "nothing (off)" if ours.get(leaf) is None else repr(ours.get(leaf))
+            given = repr(ours.get(leaf))
             if owner == "deepspeed.precision":
                 given = next((name for name in ("bf16", "fp16") if config[name]["enabled"]), "fp32")
             raise ConfigError(f"deepspeed.config sets {path}={raw_at[leaf]!r}, but {owner} gives "

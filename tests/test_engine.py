@@ -82,7 +82,7 @@ def test_deepspeed_config_from_yaml_sections():
     assert cfg["timers"] == {"throughput": {"enabled": False}}
     assert cfg["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
     plain = build_deepspeed_config(TrainConfig(gradient_clipping=0), DeepSpeedConfig(precision="fp16"), 1, False)
-    assert "gradient_clipping" not in plain and "offload_optimizer" not in plain["zero_optimization"]
+    assert plain["gradient_clipping"] == 0 and "offload_optimizer" not in plain["zero_optimization"]
     assert plain["fp16"]["enabled"] is True
     # no GPU: torch's AdamW (bit-exact resume); with optimizer offload DeepSpeed's CPU Adam stays in charge
     assert plain["optimizer"]["params"]["torch_adam"] is True and "torch_adam" not in cfg["optimizer"]["params"]
@@ -136,7 +136,7 @@ def test_raw_deepspeed_json_may_not_contradict_the_yaml():
                                                  "so a raw lr cannot fit both) gives 1e-05"),
     ({}, {"optimizer": {"params": {"betas": [0.9, 0.999]}}}, "optimizer.params.betas=[0.9, 0.999], but train.adam_betas"),
     ({}, {"gradient_clipping": 5.0}, "gradient_clipping=5.0, but train.gradient_clipping (PPO: ppo.grad_clip) gives "
-                                     "nothing (off)"),
+                                     "0.0"),
     ({}, {"scheduler": {"type": "WarmupLR"}}, "sets scheduler; it is set by the YAML's train.lr_scheduler"),
     ({}, {"optimizer": {"type": "Lamb"}}, "optimizer.type='Lamb'; rlhf trains with AdamW"),
     # the merged ZeRO section against DeepSpeed's own schema: a misspelt key, a value of the wrong type
@@ -227,7 +227,8 @@ def test_gradient_clipping_acts_in_the_engine_step(process_group):
     """train.gradient_clipping (and PPO's grad_clip, the same engine setting) scales the gradients before AdamW:
     clipped to a global norm of 1e-12, far below adam_eps (1e-8), the first step moves each weight by about
     lr * g / eps, at most ~1e-4 * lr; unclipped, AdamW's first step moves every weight with a gradient by about
-    lr (|g| >> eps). Without clipping reaching DeepSpeed both would move by ~lr."""
+    lr (|g| >> eps). Without clipping reaching DeepSpeed both would move by ~lr. 0 is off in DeepSpeed too (a
+    config without the key clips at DeepSpeed's default, 1.0, which Adam's first step cannot tell apart)."""
     import torch
 
     from conftest import tiny_engine
@@ -235,6 +236,7 @@ def test_gradient_clipping_acts_in_the_engine_step(process_group):
     moved = {}
     for clip in (0.0, 1e-12):
         engine, _ = tiny_engine(1, lr=1e-3, gradient_clipping=clip, weight_decay=0.0, warmup_steps=0)
+        assert engine.gradient_clipping() == clip
         before = [p.detach().clone() for p in engine.module.parameters()]
         ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
         engine.backward(engine(input_ids=ids, labels=ids).loss)
