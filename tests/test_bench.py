@@ -780,10 +780,9 @@ def test_memory_model_matches_what_deepspeed_engines_hold(process_group, monkeyp
                and k != "ZeRO-3 gathered parameters")  # (only while a layer runs)
     grads = sum(parts[k] for k in phase.gradients)
     fullest = max(sum(parts[k] for k in names) for names in phase.moments.values())
-    train = TrainConfig(micro_batch_size=1)
+    # (DeepSpeed refuses compute_grad_norm: false with gradient clipping)
+    train = TrainConfig(micro_batch_size=1, gradient_clipping=1.0 if zero_tuning(ds).grad_norm else 0.0)
     ds_json = engines.build_deepspeed_config(train, ds, 1, False)
-    if not zero_tuning(ds).grad_norm:  # DeepSpeed refuses compute_grad_norm: false with clipping, its default 1.0
-        ds_json["gradient_clipping"] = 0.0
     # torch's fused AdamW, as DeepSpeed's FusedAdam on a GPU: the others make state-sized temporaries
     ds_json["optimizer"]["params"]["fused"] = True
     engine = engines.initialize_engine(model, ds_json, train, 10)
