@@ -954,9 +954,10 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
     """Weights, optimizer and LR-scheduler state of one engine; its client state.
 
     The optimizer's state dict carries its hyperparameters and the scheduler's its base LRs: loaded as they are,
-    a resume with --allow-config-change would keep the old train.lr, weight_decay, adam_betas and adam_eps. So
-    the engine's own (built from this run's config) are put back after loading, and each group's LR recomputed
-    as base_lr x lr_factor(step); with an unchanged config these are the values loaded, bit for bit."""
+    a resume with --allow-config-change would keep the old train.lr, weight_decay, adam_betas and adam_eps, and
+    DeepSpeed's ZeRO-1/2 and 16-bit optimizers restore the gradient clip they were saved with. So the engine's
+    own (built from this run's config) are put back after loading, and each group's LR recomputed as base_lr x
+    lr_factor(step); with an unchanged config these are the values loaded, bit for bit."""
     scheduler = getattr(engine, "lr_scheduler", None)
     optimizer = getattr(scheduler, "optimizer", None) or getattr(engine, "optimizer", None)
     settings = [{k: group[k] for k in OPTIMIZER_SETTINGS if k in group}
@@ -981,6 +982,11 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
         for group, base, factor in zip(groups, base_lrs, lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in groups]
+    wrapper = getattr(engine, "optimizer", None)
+    while wrapper is not None:  # (a ZeRO optimizer or 16-bit wrapper around torch's, each with its clip_grad)
+        if hasattr(wrapper, "clip_grad"):
+            wrapper.clip_grad = engine.gradient_clipping()
+        wrapper = getattr(wrapper, "optimizer", None)
     from stages.engine import replay_cpu_adam_steps
 
     replay_cpu_adam_steps(engine)  # (optimizer offload: its beta^t, which no state dict holds)

@@ -777,6 +777,30 @@ def test_resume_takes_lr_weight_decay_betas_and_eps_from_the_config_not_the_chec
     assert decay["lr"] == 1e-3 * lr_factor(4, 10, 2, "linear", 0.1)
 
 
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_resume_takes_the_gradient_clip_from_the_config_not_the_checkpoint(tmp_path, process_group, zero_stage):
+    """DeepSpeed's ZeRO-1/2 optimizer saves its clip_grad and restores it on load: a resume that changes
+    train.gradient_clipping (or a checkpoint written when 0 did not reach DeepSpeed, which then clipped at 1.0)
+    would clip as before. The config's clip is put back (the optimizer's clip_grad: what its step reads)."""
+    from stages.checkpoint import load_latest_checkpoint, save_checkpoint
+    from stages.config import DeepSpeedConfig
+
+    ds = DeepSpeedConfig(zero_stage=zero_stage, precision="bf16")
+    engine, tokenizer = tiny_engine(10, ds, gradient_clipping=1.0)
+    batch = torch.randint(0, 64, (1, 8))
+    engine.backward(engine(input_ids=batch, labels=batch).loss)
+    engine.step()
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint(engine, tokenizer, out, 1, {}, process_group, 1, {"stage": "sft"})
+    for clip in (0.0, 0.5, 1.0):
+        resumed, _ = tiny_engine(10, ds, gradient_clipping=clip)
+        load_latest_checkpoint(resumed, out, process_group)
+        assert resumed.optimizer.clip_grad == clip
+        resumed.backward(resumed(input_ids=batch, labels=batch).loss)
+        resumed.step()
+
+
 def test_pruning_keeps_the_checkpoint_just_written_and_a_failed_deletion_is_a_warning(tmp_path, monkeypatch):
     """train.save_total_limit counts the new checkpoint first: a higher-step checkpoint left from before a
     resume cannot push it out; a deletion that fails is reported, not raised (the new checkpoint is whole)."""
