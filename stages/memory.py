@@ -58,7 +58,8 @@ the training precision (2 for bf16/fp16, 4 for fp32); H hidden size, I MLP width
                     data.ptx_max_length tokens (L_ptx) before one backward pass, so its activations and SFT's
                     logits term at L = L_ptx join the policy's backward moment
     KV cache        2 x layers x K x (P + R) x B x b  (PPO rollouts of B prompts)
-    frozen          b N per frozen model (PPO reference and reward model); / W when frozen_zero_stage is 3
+    frozen          b N per frozen model (PPO reference and reward model; a reward_model.dtype of float32 in a
+                    16-bit run: 4 N); / W when frozen_zero_stage is 3 (whose engine casts to b)
     sampler         b N: the whole-policy copy PPO samples from under ZeRO-3
 
 The settings of a raw `deepspeed.config` that move memory are read (`ZeroTuning`). It counts tensors, as
@@ -156,6 +157,15 @@ def model_shape(cfg: ModelConfig, vocab_hint: int | None = None) -> Shape | None
 
 def _bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
+
+
+def _frozen_bytes(model: ModelConfig, ds: DeepSpeedConfig, reference: bool) -> int:
+    """Bytes per element of a frozen PPO model: the dtype it is loaded in (model.dtype; auto: the precision's),
+    but the precision's in a bf16/fp16 run for the reference (loaded as the policy computes: `build_reference`)
+    and for a frozen_zero_stage 3 engine (which casts its weights)."""
+    if model.dtype == "auto" or (ds.precision != "fp32" and (reference or ds.frozen_stage == 3)):
+        return _bytes(ds.precision)
+    return 4 if model.dtype == "float32" else 2
 
 
 class ZeroTuning(NamedTuple):
@@ -441,8 +451,10 @@ def _ppo_parts(cfg: PPOConfig, world: int, policy: Shape, rm: Shape, m: int) -> 
         parts.update({f"{name} {k}": v for k, v in own.items()})
         phases[name] = _named(name, phase)
     frozen_div = world if ds.frozen_stage == 3 else 1
-    parts["reference weights"] = 0.0 if ds.frozen_offload_param else b * policy.params / frozen_div
-    parts["reward model weights"] = 0.0 if ds.frozen_offload_param else b * rm.params / frozen_div
+    for name, shape, model, reference in (("reference", policy, cfg.model, True),
+                                          ("reward model", rm, cfg.reward_model, False)):
+        size = _frozen_bytes(model, ds, reference) * shape.params / frozen_div
+        parts[f"{name} weights"] = 0.0 if ds.frozen_offload_param else size
     if ds.zero_stage == 3:
         parts["sampling copy of the policy"] = b * policy.params
     parts["KV cache (rollout)"] = 2 * policy.layers * policy.kv_width * length * t.rollout_batch_size * b

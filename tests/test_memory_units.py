@@ -326,6 +326,16 @@ def test_ppo_estimate_frozen_models_and_sampling_copy_follow_their_own_stages(tm
     assert parts["sampling copy of the policy"] == 2000
     parts = estimate(_ppo(tmp_path, "deepspeed.zero_stage=3", "deepspeed.frozen_zero_stage=0"), 2)["parts"]
     assert (parts["reference weights"], parts["reward model weights"]) == (2000, 1200)
+    # loaded in float32 in a bf16 run: the reference as the policy computes (2 x 1000), a plain reward model as
+    # loaded (4 x 600), a ZeRO-3 one cast by its engine (2 x 600 / 2); an fp32 run keeps model.dtype bfloat16
+    wide = ["deepspeed.zero_stage=3", "model.dtype=float32", "reward_model.dtype=float32"]
+    parts = estimate(_ppo(tmp_path, *wide, "deepspeed.frozen_zero_stage=0"), 2)["parts"]
+    assert (parts["reference weights"], parts["reward model weights"]) == (2000, 2400)
+    parts = estimate(_ppo(tmp_path, *wide), 2)["parts"]
+    assert (parts["reference weights"], parts["reward model weights"]) == (1000, 600)
+    parts = estimate(_ppo(tmp_path, "deepspeed.precision=fp32", "model.dtype=bfloat16",
+                          "deepspeed.frozen_zero_stage=0"), 1)["parts"]
+    assert (parts["reference weights"], parts["reward model weights"]) == (2000, 4 * 600)
     assert "sampling copy of the policy" not in estimate(_ppo(tmp_path, "deepspeed.zero_stage=2"), 2)["parts"]
 
 

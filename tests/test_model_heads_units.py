@@ -20,6 +20,7 @@ from stages.ppo.models import (
     GenerationCopy,
     build_critic,
     build_policy,
+    build_reference,
     build_reward,
     disable_dropout,
     engine_train_config,
@@ -233,6 +234,30 @@ def test_build_policy_switches_dropout_off() -> None:
     policy = build_policy(cfg, _Tok(), {})
     assert policy.config.attention_dropout == 0.0
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in policy.model.layers)
+
+
+@pytest.mark.parametrize("dtype, precision, expected", [("float32", "bf16", torch.bfloat16),
+                                                         ("auto", "bf16", torch.bfloat16),
+                                                         ("bfloat16", "fp32", torch.bfloat16)])
+def test_the_reference_computes_in_the_policy_engines_dtype_so_the_first_kl_is_zero(
+        tmp_path: Path, process_group: Any, dtype: str, precision: str, expected: torch.dtype) -> None:
+    """A bf16/fp16 DeepSpeed engine casts a policy loaded in float32 (model.dtype) to its precision; the frozen
+    reference, a plain copy at frozen_zero_stage 0, is loaded in that dtype too, so that its log-probs equal the
+    policy's before any update (k1 KL exactly 0; a float32 reference beside a bf16 policy gave |k1| up to 2e-3).
+    An fp32 run keeps model.dtype for both."""
+    from stages.engine import build_deepspeed_config, initialize_engine
+    from stages.ppo.models import engine_train_config
+
+    cfg = _ppo_config(tmp_path, {"precision": precision}).model_copy(update={
+        "model": ModelConfig(from_config=TINY, dtype=dtype)})
+    tc = engine_train_config(cfg, 1e-5)
+    policy = initialize_engine(build_policy(cfg, _Tok(), {}),
+                               build_deepspeed_config(tc, cfg.deepspeed, 1, False), tc, 1).module.eval()
+    reference = freeze(build_reference(cfg, _Tok(), {}), None, CPU)
+    assert next(policy.parameters()).dtype == next(reference.parameters()).dtype == expected
+    ids = torch.randint(2, VOCAB - 1, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
 class _SavingTok(_Tok):

@@ -167,6 +167,15 @@ def build_policy(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -> t
     return model
 
 
+def build_reference(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The frozen reference: the policy's checkpoint in the dtype the policy computes in (a bf16/fp16 engine casts
+    a policy loaded in float32 to its precision: `compute_dtype`), so that both give the same log-probs before the
+    first update (KL 0) whatever model.dtype says."""
+    if cfg.deepspeed.precision != "fp32":
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "auto"})})
+    return build_policy(cfg, tokenizer, ds_config)
+
+
 def build_critic(cfg: PPOConfig, policy_tok: Any, rm_tok: Any, ds_config: dict[str, Any]) -> ValueModel:
     """From the reward model (critic_init: reward_model), or from the policy's checkpoint with a zero `score`
     head (critic_init: policy)."""

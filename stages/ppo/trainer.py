@@ -56,6 +56,7 @@ from stages.ppo.models import (
     GenerationCopy,
     build_critic,
     build_policy,
+    build_reference,
     build_reward,
     check_tokenizers,
     engine_train_config,
@@ -211,8 +212,7 @@ def build_models(cfg: PPOConfig, dist: DistInfo, tok: Any, rm_tok: Any, steps: d
     on_gpu = dist.device.type == "cuda"
     frozen_cfg = frozen_ds_config(cfg, dist.world_size, on_gpu)
     models: dict[str, Any] = {}
-    ref = build_policy(cfg, tok, frozen_cfg or {})
-    models["reference"] = freeze(ref, frozen_cfg, dist.device)
+    models["reference"] = freeze(build_reference(cfg, tok, frozen_cfg or {}), frozen_cfg, dist.device)
     rm = build_reward(cfg.reward_model, rm_tok, cfg.deepspeed.precision, frozen_cfg or {}, cfg.seed)
     models["reward"] = freeze(rm, frozen_cfg, dist.device)
     for name, lr, total in (("policy", cfg.train.policy_lr, steps["policy"]), ("critic", cfg.train.critic_lr, steps["critic"])):
