@@ -242,9 +242,10 @@ def test_build_policy_switches_dropout_off() -> None:
 def test_the_reference_computes_in_the_policy_engines_dtype_so_the_first_kl_is_zero(
         tmp_path: Path, process_group: Any, dtype: str, precision: str, expected: torch.dtype) -> None:
     """A bf16/fp16 DeepSpeed engine casts a policy loaded in float32 (model.dtype) to its precision; the frozen
-    reference, a plain copy at frozen_zero_stage 0, is loaded in that dtype too, so that its log-probs equal the
+    reference, a plain copy at frozen_zero_stage 0, is cast to that dtype too, so that its log-probs equal the
     policy's before any update (k1 KL exactly 0; a float32 reference beside a bf16 policy gave |k1| up to 2e-3).
-    An fp32 run keeps model.dtype for both."""
+    An fp32 run keeps model.dtype for both. (Here from_config models: a random init made in bf16 would differ
+    from the cast float32 one under transformers 5.17.)"""
     from stages.engine import build_deepspeed_config, initialize_engine
     from stages.ppo.models import engine_train_config
 

@@ -168,12 +168,20 @@ def build_policy(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -> t
 
 
 def build_reference(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """The frozen reference: the policy's checkpoint in the dtype the policy computes in (a bf16/fp16 engine casts
-    a policy loaded in float32 to its precision: `compute_dtype`), so that both give the same log-probs before the
-    first update (KL 0) whatever model.dtype says."""
-    if cfg.deepspeed.precision != "fp32":
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "auto"})})
-    return build_policy(cfg, tokenizer, ds_config)
+    """The frozen reference: built as the policy is, then cast to the dtype the policy computes in (a bf16/fp16
+    engine casts a policy loaded in float32 to its precision: `compute_dtype`), so that both give the same
+    log-probs before the first update (KL 0) whatever model.dtype says. (Cast, not loaded in that dtype: a
+    from_config model's random init in bf16 is not the bf16 rounding of its float32 init in every transformers
+    version.) Parameters only, as DeepSpeed casts them (float32 buffers such as rotary inv_freq stay); a ZeRO-3
+    inference engine (`ds_config`) casts it itself."""
+    from stages.engine import compute_dtype
+
+    model = build_policy(cfg, tokenizer, ds_config)
+    if not ds_config:
+        dtype = compute_dtype(cfg.model.dtype, cfg.deepspeed.precision)
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    return model
 
 
 def build_critic(cfg: PPOConfig, policy_tok: Any, rm_tok: Any, ds_config: dict[str, Any]) -> ValueModel:
