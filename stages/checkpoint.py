@@ -360,6 +360,33 @@ def _zero_stage(tree: Any) -> int:
     return stage if isinstance(stage, int) else 0
 
 
+#: a PPO run's LR schedules count optimizer steps: iterations x ppo_epochs x (rollout_batch_size // mini_batch_size)
+_PPO_STEPS = ("the LR schedules count optimizer steps (iterations x ppo_epochs x rollout_batch_size // "
+              "mini_batch_size): the steps taken would be read against another total")
+#: config keys (or sections) whose change no resume can honour, --allow-config-change or not: why
+FIXED_ON_RESUME = {
+    "deepspeed.precision": "DeepSpeed's optimizer state is laid out for the precision that wrote it",
+    "ppo.critic_pretrain_steps": "the iterations run were counted as critic-only or not under the old value",
+    "ppo.ppo_epochs": _PPO_STEPS, "train.rollout_batch_size": _PPO_STEPS, "train.mini_batch_size": _PPO_STEPS,
+    "model.tokenizer_train": "the tokenizer trained at the run's start is kept in output_dir",
+}
+
+
+def fixed_changes(before: dict[str, Any], now: Any) -> list[str]:
+    """The changes from config `before` to `now` that no resume can honour (FIXED_ON_RESUME; a ZeRO stage other
+    than between 1 and 2, whose optimizer states load into each other), "key: old -> new (why)"; a key only one
+    side sets (a record older than it) is left to `config_changes`."""
+    old, new = _flat(before), _flat(now)
+    fixed = [f"{key}: {old[key]!r} -> {new[key]!r} ({why})" for key in sorted(old.keys() & new.keys())
+             for prefix, why in FIXED_ON_RESUME.items()
+             if (key == prefix or key.startswith(prefix + ".")) and old[key] != new[key]]
+    zero = (old.get("deepspeed.zero_stage"), new.get("deepspeed.zero_stage"))
+    if None not in zero and zero[0] != zero[1] and set(zero) != {1, 2}:
+        fixed.append(f"deepspeed.zero_stage: {zero[0]} -> {zero[1]} (DeepSpeed loads a checkpoint's optimizer "
+                     "state only at its ZeRO stage, or between ZeRO-1 and 2)")
+    return fixed
+
+
 def run_record(out_dir: Path, checkpoint: Path | None) -> Path | None:
     """The record (resolved_config.yaml) of the run a resume continues: the checkpoint's copy, else, for
     checkpoints older than that copy (or a complete run, checkpoint None), output_dir's; None when neither is
@@ -380,7 +407,8 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
 
     Another process count is refused outright (ConfigError) under ZeRO-1/2/3, before or now: the checkpoint
     holds each rank's partition of the optimizer state (at ZeRO-3 of the weights too), which DeepSpeed loads
-    only on the process count that wrote it, so no --allow-config-change makes it loadable."""
+    only on the process count that wrote it, so no --allow-config-change makes it loadable; so are the changes
+    `fixed_changes` finds (another precision, ZeRO stage, PPO step count per iteration, ...)."""
     import yaml
 
     found = complete_checkpoints(out_dir)
@@ -397,11 +425,19 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
         if zero >= 1:
             raise ConfigError(f"--resume: {path.name} was written by {before} process(es) under ZeRO-{zero}, whose "
                               f"optimizer state is partitioned per process; DeepSpeed cannot load it on {world_size}. "
-                              f"Resume with {before} process(es), or start a new run from its weights "
-                              f"(model.name_or_path: {path / 'hf'}, copied out of this output_dir or with another "
-                              "output_dir: a fresh start here deletes it)")
+                              f"Resume with {before} process(es), or {_new_run_from(path)}")
         changes.append(f"processes: {before} -> {world_size}")
+    fixed = fixed_changes(before_cfg, now) if isinstance(before_cfg, dict) else []
+    if fixed:
+        raise ConfigError(f"--resume: {path.name} cannot be continued with {'; '.join(fixed)}. {preset_hint(changes)}"
+                          f"Resume with the values it was written with, or {_new_run_from(path)}")
     return path, changes
+
+
+def _new_run_from(checkpoint: Path) -> str:
+    """The way out of a resume that cannot continue `checkpoint`: a new run from its weights."""
+    return (f"start a new run from its weights (model.name_or_path: {checkpoint / 'hf'}, copied out of this "
+            "output_dir or with another output_dir: a fresh start here deletes it)")
 
 
 def preset_hint(changes: list[str]) -> str:

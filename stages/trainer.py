@@ -290,12 +290,12 @@ def resume_from(engine: Any, out: Path, dist: DistInfo, global_batch: int, total
         say(dist.is_main, f"resume: no complete checkpoint in {out}; starting from step 0")
         return {"step": 0}
     check_resume_point(int(state["step"]), total, out)
-    if state.get("global_batch") != global_batch:
-        say(
-            dist.is_main,
-            f"[yellow]warning: the checkpoint was trained with global batch {state.get('global_batch')}, "
-            f"this run uses {global_batch}; the data order will differ[/]",
-        )
+    if state.get("global_batch") != global_batch:  # (the batch of step s: a function of seed, s and its rows)
+        say(dist.is_main, f"[yellow]warning: the checkpoint was trained with global batch {state.get('global_batch')}, "
+                          f"this run uses {global_batch}: it continues at step {state['step']} x {global_batch} rows "
+                          "into the data order, not where that run stopped, so rows are repeated (a smaller batch) or "
+                          "skipped (a larger one) until the epoch ends; keep micro_batch_size x "
+                          "gradient_accumulation_steps x processes to continue exactly[/]")
     say(dist.is_main, f"resumed from step {state['step']} ({out})")
     return state
 

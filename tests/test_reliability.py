@@ -858,6 +858,49 @@ def test_another_process_count_is_refused_under_zero_even_with_allow_config_chan
         "output_dir: a fresh start here deletes it)")
 
 
+@pytest.mark.parametrize("before, now, refused", [
+    ({"deepspeed": {"precision": "bf16"}}, {"deepspeed": {"precision": "fp32"}},
+     "deepspeed.precision: 'bf16' -> 'fp32' (DeepSpeed's optimizer state is laid out for the precision that wrote it)"),
+    ({"deepspeed": {"zero_stage": 0}}, {"deepspeed": {"zero_stage": 2}}, "deepspeed.zero_stage: 0 -> 2 (DeepSpeed "
+     "loads a checkpoint's optimizer state only at its ZeRO stage, or between ZeRO-1 and 2)"),
+    ({"deepspeed": {"zero_stage": 2}}, {"deepspeed": {"zero_stage": 3}}, "deepspeed.zero_stage: 2 -> 3"),
+    ({"deepspeed": {"zero_stage": 1}}, {"deepspeed": {"zero_stage": 2}}, None),
+    ({"ppo": {"critic_pretrain_steps": 2}}, {"ppo": {"critic_pretrain_steps": 0}},
+     "ppo.critic_pretrain_steps: 2 -> 0 (the iterations run were counted as critic-only or not under the old value)"),
+    ({"ppo": {"ppo_epochs": 2}}, {"ppo": {"ppo_epochs": 1}}, "ppo.ppo_epochs: 2 -> 1 (the LR schedules count"),
+    ({"train": {"rollout_batch_size": 8}}, {"train": {"rollout_batch_size": 16}}, "train.rollout_batch_size: 8 -> 16"),
+    ({"train": {"mini_batch_size": 8}}, {"train": {"mini_batch_size": 4}}, "train.mini_batch_size: 8 -> 4"),
+    ({"model": {"tokenizer_train": {"vocab_size": 512}}}, {"model": {"tokenizer_train": {"vocab_size": 1024}}},
+     "model.tokenizer_train.vocab_size: 512 -> 1024 (the tokenizer trained at the run's start is kept"),
+    ({"train": {"lr": 1e-5, "micro_batch_size": 4}}, {"train": {"lr": 2e-5, "micro_batch_size": 2}}, None),
+])
+def test_changes_no_resume_can_honour_are_refused_even_with_allow_config_change(tmp_path, before, now, refused):
+    """A precision, a ZeRO stage other than between 1 and 2 (DeepSpeed fails inside its loading, which reads as a
+    damaged checkpoint), PPO's steps per iteration or critic-only iterations (its LR schedules and the
+    critic-only count read the steps taken against the new values: the LR reached 0 early, the policy trained
+    too few or too many iterations) and a from_config model's trained tokenizer (kept, not retrained) cannot
+    change on --resume; other changes continue with --allow-config-change."""
+    import yaml
+
+    from stages.checkpoint import prepare_output_dir
+    from stages.errors import ConfigError
+
+    out = tmp_path / "out"
+    ckpt = out / "checkpoint-00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "resolved_config.yaml").write_text(yaml.safe_dump({"output_dir": str(out), **before}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 1}))
+    (ckpt / "COMPLETE").write_text("ok\n")
+    text = yaml.safe_dump({"output_dir": str(out), **now})
+    if refused is None:
+        assert prepare_output_dir(out, text, True, False, world_size=1, allow_changes=True)
+        return
+    with pytest.raises(ConfigError) as err:
+        prepare_output_dir(out, text, True, False, world_size=1, allow_changes=True)
+    assert str(err.value).startswith(f"--resume: checkpoint-00000004 cannot be continued with {refused}"), err.value
+    assert f"start a new run from its weights (model.name_or_path: {ckpt / 'hf'}" in str(err.value)
+
+
 def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
     """While a run holds output_dir (flock on .rlhf.lock, released when its process ends, kill -9 included),
     another `rlhf` run there stops at once with exit 2 and touches nothing; once it is gone, the lock is free."""

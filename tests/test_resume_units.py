@@ -42,8 +42,11 @@ def test_another_process_count_is_refused_at_zero_1_and_when_either_run_used_zer
     now = yaml.safe_dump({"deepspeed": {"zero_stage": now_zero}})
     with pytest.raises(ConfigError, match=rf"written by 2 process\(es\) under ZeRO-{max(before_zero, now_zero)}"):
         resume_changes(tmp_path, now, 1)
-    same = [] if before_zero == now_zero else [f"deepspeed.zero_stage: {before_zero} -> {now_zero}"]
-    assert resume_changes(tmp_path, now, 2) == (ck, same)
+    if before_zero == now_zero:
+        assert resume_changes(tmp_path, now, 2) == (ck, [])
+        return
+    with pytest.raises(ConfigError, match=rf"cannot be continued with deepspeed.zero_stage: {before_zero} -> "):
+        resume_changes(tmp_path, now, 2)  # (on the same count: another ZeRO stage, which DeepSpeed cannot load)
 
 
 def test_resume_compares_inputs_with_the_checkpoints_own_record(tmp_path):
