@@ -438,8 +438,9 @@ def test_rows_rendered_with_the_default_template_of_a_tokenizer_without_one_are_
         tmp_path, capsys):
     """A tokenizer folder without a chat template gets the built-in default silently (and the trained model is
     saved with it): SFT's and the RM's report carry a caution, and PPO says it, when rows of any split (PPO: or
-    its PTX rows, said once) were rendered through the template (messages rows); raw prompt/response rows, or a tokenizer with its own template (here the one
-    the stage trains for a from_config model), are not cautioned."""
+    its PTX rows, said once) were rendered through the template (messages rows); raw prompt/response rows, or a
+    tokenizer with its own template (here the one the stage trains for a from_config model), are not
+    cautioned."""
     from stages.config import RMConfig, SFTConfig
     from stages.distributed import ONE_PROCESS
     from stages.reward import load_rm_data

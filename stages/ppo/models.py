@@ -52,10 +52,10 @@ def is_dropout_name(name: str) -> bool:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout probability (and router jitter) of the model set to 0: nn.Dropout modules, float module attributes and config
-    keys named as one (`is_dropout_name`; Falcon reads its config's in the forward); the config's own values are
-    kept for the checkpoints (`keep_in_saved_config`), so a saved policy or critic has the dropout it was loaded
-    with."""
+    """Every dropout probability (and router jitter) of the model set to 0: nn.Dropout modules, float module
+    attributes and config keys named as one (`is_dropout_name`; Falcon reads its config's in the forward); the
+    config's own values are kept for the checkpoints (`keep_in_saved_config`), so a saved policy or critic has
+    the dropout it was loaded with."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
