@@ -59,7 +59,8 @@ class LMHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         # starts from a term that touches W even when there is no token, so every rank's backward reaches W
-        nll = (F.linear(hidden[:1], self.weight).sum() * 0.0).float()
+        # (summed in float32: a 16-bit sum of a vocabulary's logits overflows fp16 to inf, and inf x 0 is NaN)
+        nll = F.linear(hidden[:1], self.weight).sum(dtype=torch.float32) * 0.0
         grad = torch.is_grad_enabled() and (hidden.requires_grad or self.weight.requires_grad)
         for rows, ids in zip(hidden.split(self.chunk), gold.split(self.chunk)):
             args = (rows, self.weight, ids)

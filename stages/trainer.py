@@ -215,7 +215,8 @@ def zero_loss(module: torch.nn.Module) -> torch.Tensor:
     """0 x (the sum of every trainable parameter): a loss whose gradient is exactly zero for each of them
     (d/dp of 0 * sum(p) = 0 whatever p holds), touching no activation."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return sum((p.sum().float() * 0.0 for p in params), torch.zeros((), device=params[0].device if params else None))
+    return sum((p.sum(dtype=torch.float32) * 0.0 for p in params),  # (float32: an fp16 sum may overflow to inf)
+               torch.zeros((), device=params[0].device if params else None))
 
 
 def unsharded_grad_norm(engine: Any) -> torch.Tensor | None:

@@ -457,6 +457,28 @@ def test_chunked_nll_keeps_no_float32_logits_for_backward_and_gives_the_plain_gr
     assert kept == 0 and plain_kept >= int(rows.sum()) * vocab
 
 
+def test_the_reward_models_lm_loss_and_the_zero_loss_stay_finite_in_fp16_over_a_large_vocabulary():
+    """LMHead starts from 0 x (a row of logits summed) and zero_loss from 0 x (each parameter summed): summed in
+    fp16, 151,936 logits averaging -2 overflow to -inf and inf x 0 = NaN made every fp16 micro-batch's loss NaN
+    (with loss.lm_coef > 0). Summed in float32 the loss is the float32 one's (to fp16 rounding) and 0 adds 0."""
+    from stages.reward_model import LMHead
+    from stages.trainer import zero_loss
+
+    torch.manual_seed(0)
+    vocab = 151_936
+    hidden = torch.full((4, 8), 0.5, dtype=torch.float16)
+    weight = torch.nn.Parameter((0.01 * torch.randn(vocab, 8) - 0.5).half())  # logits about -2
+    gold = torch.randint(0, vocab, (4,))
+    assert torch.isinf((hidden[:1] @ weight.T).sum())  # (the fp16 sum)
+    value = LMHead(weight, chunk=2)(hidden, gold)
+    expected = LMHead(torch.nn.Parameter(weight.float()), chunk=2)(hidden.float(), gold)
+    assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=1e-3)
+    big = torch.nn.Linear(vocab, 1, bias=False).half()
+    with torch.no_grad():
+        big.weight.fill_(1.0)
+    assert zero_loss(big).item() == 0.0
+
+
 # ----------------------------------------------------------------------------------------- packing
 def test_packing_keeps_examples_apart(tmp_path, char_tok):
     from transformers import AutoConfig, AutoModelForCausalLM
