@@ -394,13 +394,13 @@ def update(
                     note("loss/entropy", ent_mean * n, n)
                 total = loss * n * k / n_tok
                 with torch.no_grad():
-                    diff = logp - exp["logp"][rows]
-                    ratio = torch.exp(diff)
+                    diff = (logp - exp["logp"][rows]).double()
+                    moved = torch.expm1(diff)  # ratio - 1, in float64: E[r^2] - E[r]^2 of r near 1 cancels in float32
                     note("loss/policy", pl * n, n)
                     note("policy/clipfrac", clipfrac * n, n)
                     note("policy/approxkl", 0.5 * masked_sum(diff**2, m), n)
-                    note("policy/ratio", masked_sum(ratio, m), n)
-                    note("policy/ratio_sq", masked_sum(ratio**2, m), n)
+                    note("policy/ratio", masked_sum(moved, m), n)  # (the mean of ratio - 1 until the reduce)
+                    note("policy/ratio_sq", masked_sum(moved**2, m), n)
                 if ptx_batches:
                     i = len(pending) - 1  # this micro-batch's place in the step (`each` opened its entry)
                     batch = ptx_batches[i]
@@ -429,8 +429,9 @@ def update(
             seconds["critic"] += clock(dist.device) - t0
     out = stats.reduce(dist.device) | {f"perf/{k}_update_s": v for k, v in seconds.items()}
     out["skipped"] = float(sum(g.skipped for g in guards.values()))
-    if "policy/ratio" in out:
+    if "policy/ratio" in out:  # Var(r) = E[(r-1)^2] - E[r-1]^2
         out["policy/ratio_var"] = out.pop("policy/ratio_sq") - out["policy/ratio"] ** 2
+        out["policy/ratio"] += 1.0
     for name, found in norms.items():
         known = [v for v in found if v is not None]  # (None: unknown, or a step fp16's loss scaler skipped)
         if known:
