@@ -273,6 +273,16 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
     cfg = _config(tmp_path, generation={"max_new_tokens": 3}, train={"forward_batch_size": 8})
     got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
     assert got["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)  # the 3 stand-ins (5s) not counted
+    calls: list[int] = []
+
+    def nan_for_the_stand_ins(gen, reward, ids, mask, truncated, ending):  # (the second batch: 1 prompt, 3 stand-ins)
+        calls.append(1)
+        scores = first_prompt_token(gen, reward, ids, mask, truncated, ending)
+        return torch.cat([scores[:1], torch.full_like(scores[1:], float("nan"))]) if len(calls) == 2 else scores
+
+    monkeypatch.setattr(trainer, "raw_scores", nan_for_the_stand_ins)
+    got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
+    assert got["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)  # left out, not NaN x 0 = NaN
 
 
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):

@@ -553,14 +553,15 @@ def validate(cfg: PPOConfig, dist: DistInfo, models: dict[str, Any], prompts: li
             scored = score_rollout(cfg, models, rollout, ending, for_update=False)  # (training's forward batches)
             raw = scored["raw"]
             kl = masked(kl_k1(scored["logp"], scored["ref_logp"]), rollout.response_mask.float()).sum(1)  # per response
-            g.add("eval/reward", (raw * keep).sum(), keep.sum())
-            g.add("eval/kl", (kl * keep).sum(), keep.sum())
-            g.add("eval/response_length", (rollout.response_mask.sum(1) * keep).sum(), keep.sum())
-            g.add("eval/cap_share", (rollout.truncated.float() * keep).sum(), keep.sum())
+            # (masked_sum, not x * keep: a NaN on a filler row, which NaN x 0 keeps, is dropped)
+            g.add("eval/reward", masked_sum(raw, keep), keep.sum())
+            g.add("eval/kl", masked_sum(kl, keep), keep.sum())
+            g.add("eval/response_length", masked_sum(rollout.response_mask.sum(1), keep), keep.sum())
+            g.add("eval/cap_share", masked_sum(rollout.truncated.float(), keep), keep.sum())
             if cfg.data.gold_reward:
                 gold = gold_scores(cfg.data.gold_reward, tokenizer, [prompts[i] for i in rows],
                                    response_lists(rollout, stop_ids))
-                g.add("eval/gold", (torch.tensor(gold, device=dist.device) * keep).sum(), keep.sum())
+                g.add("eval/gold", masked_sum(torch.tensor(gold, device=dist.device), keep), keep.sum())
     return g.reduce(dist.device)
 
 
