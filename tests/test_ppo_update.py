@@ -406,6 +406,7 @@ def test_each_engine_gets_its_own_learning_rate_schedule_and_step_count(tmp_path
 
     built: dict[str, tuple] = {}
     monkeypatch.setattr(trainer, "build_policy", lambda cfg, tok, ds: LlamaForCausalLM(_arch()))
+    monkeypatch.setattr(trainer, "build_reference", lambda cfg, tok, ds: LlamaForCausalLM(_arch()))
     monkeypatch.setattr(trainer, "build_critic", lambda cfg, tok, rm_tok, ds: ValueModel(
         LlamaForSequenceClassification(_arch())))
     monkeypatch.setattr(trainer, "build_reward", lambda *args: RewardModel(LlamaForSequenceClassification(_arch())))
