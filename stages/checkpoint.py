@@ -1018,11 +1018,8 @@ def _load_engine(engine: Any, ds_dir: Path, checkpoint: Path) -> dict[str, Any]:
         for group, base, factor in zip(groups, base_lrs, lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in groups]
-    wrapper = getattr(engine, "optimizer", None)
-    while wrapper is not None:  # (a ZeRO optimizer or 16-bit wrapper around torch's, each with its clip_grad)
-        if hasattr(wrapper, "clip_grad"):
-            wrapper.clip_grad = engine.gradient_clipping()
-        wrapper = getattr(wrapper, "optimizer", None)
+    if hasattr(getattr(engine, "optimizer", None), "clip_grad"):  # (DeepSpeed's ZeRO-1/2 or 16-bit optimizer)
+        engine.optimizer.clip_grad = engine.gradient_clipping()
     from stages.engine import replay_cpu_adam_steps
 
     replay_cpu_adam_steps(engine)  # (optimizer offload: its beta^t, which no state dict holds)

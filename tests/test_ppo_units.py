@@ -1001,8 +1001,6 @@ def test_check_tokenizers_reject_a_different_eos():
                     activation_dropout=0.1, layerdrop=0.5)),  # layerdrop: whole layers skipped at random
     ("mixtral", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5)),
-    ("phimoe", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,  # router
-                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),  # jitter 0.01 by default
 ])
 def test_disable_dropout_finds_every_kind_of_dropout_attribute(model_type, arch):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1018,7 +1016,10 @@ def test_disable_dropout_finds_every_kind_of_dropout_attribute(model_type, arch)
 
 
 @pytest.mark.parametrize("name, is_one", [("attn_pdrop", True), ("residual_dropout", True), ("layerdrop", True),
-                                          ("hidden_dropout_prob", True), ("router_jitter_noise", True),
+                                          ("hidden_dropout_prob", True), ("jitter_noise", True),
+                                          ("input_jitter_noise", True), ("moe_jitter_eps", True),
+                                          # PhiMoE's routing threshold (eval mode reads it too), not noise
+                                          ("router_jitter_noise", False),
                                           ("drop_last", False), ("dropped", False), ("rope_theta", False)])
 def test_a_dropout_probability_is_told_by_its_name(name, is_one):
     assert is_dropout_name(name) is is_one

@@ -45,10 +45,12 @@ def is_dropout_name(name: str) -> bool:
     """A module attribute or config key that holds a dropout probability: its name contains `dropout` (GPT-2's
     `summary_first_dropout`, Starcoder2's `residual_dropout`, Bloom's `hidden_dropout`, BioGPT's
     `activation_dropout`), `pdrop` (`attn_pdrop`) or `layerdrop` (a probability of skipping a whole layer); also
-    a mixture-of-experts router's train-mode noise, `jitter` (Mixtral's `router_jitter_noise`, 0.01 by default in
-    PhiMoE: random routing, so that log-probs taken twice in train mode would differ)."""
+    a mixture-of-experts router's train-mode noise on its input: `jitter_noise` (Mixtral's module attribute,
+    from its config's router_jitter_noise; PhiMoE's `input_jitter_noise`) and `jitter_eps` (DBRX's
+    `moe_jitter_eps`), but not PhiMoE's `router_jitter_noise`, a routing threshold that eval mode uses too."""
     name = name.lower()
-    return any(part in name for part in ("dropout", "pdrop", "layerdrop", "jitter"))
+    noise = name.endswith("jitter_noise") and name != "router_jitter_noise" or name.endswith("jitter_eps")
+    return noise or any(part in name for part in ("dropout", "pdrop", "layerdrop"))
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -172,8 +174,9 @@ def build_reference(cfg: PPOConfig, tokenizer: Any, ds_config: dict[str, Any]) -
     engine casts a policy loaded in float32 to its precision: `compute_dtype`), so that both give the same
     log-probs before the first update (KL 0) whatever model.dtype says. (Cast, not loaded in that dtype: a
     from_config model's random init in bf16 is not the bf16 rounding of its float32 init in every transformers
-    version.) Parameters only, as DeepSpeed casts them (float32 buffers such as rotary inv_freq stay); a ZeRO-3
-    inference engine (`ds_config`) casts it itself."""
+    version.) Parameters only, every one, as DeepSpeed 0.19 casts them (its keep-in-float32 rule covers
+    buffers only): float32 buffers such as rotary inv_freq stay. A ZeRO-3 inference engine (`ds_config`) casts
+    it itself."""
     from stages.engine import compute_dtype
 
     model = build_policy(cfg, tokenizer, ds_config)

@@ -149,7 +149,8 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
                       f"{data.max_prompt_length} tokens{cut_where}{special_note(as_text)}{skipped}")
     warning = cut_warning({"prompts": cut}, len(read.ids), "prompts of data.train",  # (their left part: the question
                           f"data.max_prompt_length ({data.max_prompt_length} tokens) from the left")  # may be gone)
-    warnings = [warning, default_template_caution(tokenizer, styles)] + [
+    defaulted = default_template_caution(tokenizer, styles)
+    warnings = [warning, defaulted] + [
         f"data.{split}: {w}" for split, found in logs.items()
         for w in (skip_warning(found.reasons, found.total + report[split]["rows_read"]), unread_warning(found.unread))
         if w]
@@ -164,7 +165,7 @@ def load_ppo_data(cfg: PPOConfig, out: Path, dist: DistInfo, tokenizer: Any, sav
         except DataError as exc:  # (its rows are read as SFT data: said in the PPO config's keys)
             raise DataError(ptx_wording(str(exc), files)) from None
         ptx_report.count_skipped(ptx_log)
-        if not default_template_caution(tokenizer, styles):  # (else said above for the prompts)
+        if not defaulted:  # (else said above for the prompts)
             ptx_report.cautions += filter(None, [default_template_caution(tokenizer, ptx_report.styles)])
         report["ptx"] = asdict(ptx_report)
         say_report(dist.is_main, "PTX", ptx_report, lambda split, r: f"{split} data: {r.examples} examples, "
