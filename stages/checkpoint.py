@@ -429,8 +429,11 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
         changes.append(f"processes: {before} -> {world_size}")
     fixed = fixed_changes(before_cfg, now) if isinstance(before_cfg, dict) else []
     if fixed:
-        raise ConfigError(f"--resume: {path.name} cannot be continued with {'; '.join(fixed)}. {preset_hint(changes)}"
-                          f"Resume with the values it was written with, or {_new_run_from(path)}")
+        refusal = ConfigError(f"--resume: {path.name} cannot be continued with {'; '.join(fixed)}. "
+                              f"{preset_hint(changes)}Resume with the values it was written with, or "
+                              f"{_new_run_from(path)}")
+        refusal.fixed = fixed  # type: ignore[attr-defined]  # (the pipeline words its own refusal)
+        raise refusal
     return path, changes
 
 

@@ -320,12 +320,19 @@ def partial_stage_changes(out: Path, resolved: str | None, stage: str) -> list[s
     """How the config a partial stage would resume with now (`resolved`) and the inputs it names differ from
     those of its newest complete checkpoint: what the stage's own --resume would refuse (`resume_changes`,
     process count aside: the pipeline passes the same launch options to every attempt); [] without a
-    checkpoint (the stage starts fresh) or `resolved`."""
+    checkpoint (the stage starts fresh) or `resolved`. A change no resume can honour (`fixed_changes`) is a
+    ConfigError naming the pipeline's ways out."""
     from stages.checkpoint import complete_checkpoints, resume_changes, run_inputs
 
     if resolved is None or not complete_checkpoints(out):  # (nothing to compare with: no input hashed for it)
         return []
-    return resume_changes(out, resolved, None, run_inputs(out, resolved, stage), stage)[1]
+    try:
+        return resume_changes(out, resolved, None, run_inputs(out, resolved, stage), stage)[1]
+    except ConfigError as exc:
+        if not hasattr(exc, "fixed"):
+            raise
+        raise ConfigError(f"pipeline: the partial run in {out} cannot be continued with {'; '.join(exc.fixed)}: "
+                          f"delete {out} to train it afresh, or change the config back") from None
 
 
 def child_failed(what: str, code: int, then: str) -> RlhfError:

@@ -377,6 +377,14 @@ def test_complete_stage_with_a_changed_config_is_refused_and_a_retrained_stage_r
     now["ppo"] = yaml.safe_dump({**trained, "train": {"lr": 2e-4, "save_every": 5}})
     pl.run_pipeline(cfg, ["--allow-config-change"], force=False, console=quiet, resolved=now, allow_changes=True)
     assert [("--allow-config-change" in c, "--resume" in c) for c in calls] == [(True, True)]
+    # a change no resume can honour: refused in the pipeline's words, --allow-config-change or not
+    (ckpt / "resolved_config.yaml").write_text(yaml.safe_dump({**trained, "train": {"mini_batch_size": 4}}))
+    now["ppo"] = yaml.safe_dump({**trained, "train": {"mini_batch_size": 8}})
+    for allowed in (False, True):
+        with pytest.raises(pl.ConfigError, match=r"^pipeline: the partial run in .*ppo cannot be continued with "
+                                                 r"train.mini_batch_size: 4 -> 8 \(the LR schedules count .*\): delete "
+                                                 r".*ppo to train it afresh, or change the config back$"):
+            pl.stage_actions(pl.plan(cfg), False, now, allow_changes=allowed)
 
 
 def test_pipeline_redoes_an_evaluation_made_with_other_settings(tmp_path, fake_stages):

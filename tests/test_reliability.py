@@ -873,6 +873,11 @@ def test_another_process_count_is_refused_under_zero_even_with_allow_config_chan
     ({"model": {"tokenizer_train": {"vocab_size": 512}}}, {"model": {"tokenizer_train": {"vocab_size": 1024}}},
      "model.tokenizer_train.vocab_size: 512 -> 1024 (the tokenizer trained at the run's start is kept"),
     ({"train": {"lr": 1e-5, "micro_batch_size": 4}}, {"train": {"lr": 2e-5, "micro_batch_size": 2}}, None),
+    # a key only one side records (a record older than it): left to the ordinary change list
+    ({"deepspeed": {"precision": "bf16"}}, {"deepspeed": {"precision": "bf16", "zero_stage": 2}}, None),
+    ({"ppo": {"preset": "ppo-max", "critic_pretrain_steps": 20}},  # a resume without --ppo-max is told to give it
+     {"ppo": {"preset": "vanilla", "critic_pretrain_steps": 0}}, "ppo.critic_pretrain_steps: 20 -> 0 (the "
+     "iterations run were counted as critic-only or not under the old value). That run used preset ppo-max"),
 ])
 def test_changes_no_resume_can_honour_are_refused_even_with_allow_config_change(tmp_path, before, now, refused):
     """A precision, a ZeRO stage other than between 1 and 2 (DeepSpeed fails inside its loading, which reads as a
