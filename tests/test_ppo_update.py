@@ -281,8 +281,18 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
         return torch.cat([scores[:1], torch.full_like(scores[1:], float("nan"))]) if len(calls) == 2 else scores
 
     monkeypatch.setattr(trainer, "raw_scores", nan_for_the_stand_ins)
+    kl = trainer.kl_k1
+    kl_calls: list[int] = []
+
+    def kl_nan_for_the_stand_ins(logp, ref_logp):  # (per token: NaN in the second batch's stand-in rows)
+        kl_calls.append(1)
+        value = kl(logp, ref_logp)
+        return torch.cat([value[:1], torch.full_like(value[1:], float("nan"))]) if len(kl_calls) == 2 else value
+
+    monkeypatch.setattr(trainer, "kl_k1", kl_nan_for_the_stand_ins)
     got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
     assert got["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)  # left out, not NaN x 0 = NaN
+    assert math.isfinite(got["eval/kl"]) and len(kl_calls) == 2
 
 
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):
