@@ -160,12 +160,13 @@ def _bytes(precision: str) -> int:
 
 
 def _frozen_bytes(model: ModelConfig, ds: DeepSpeedConfig, reference: bool) -> int:
-    """Bytes per element of a frozen PPO model: the dtype it is loaded in (model.dtype; auto: the precision's),
-    but the precision's in a bf16/fp16 run for the reference (cast to what the policy computes in:
-    `build_reference`) and for a frozen_zero_stage 3 engine (which casts its weights)."""
-    if model.dtype == "auto" or (ds.precision != "fp32" and (reference or ds.frozen_stage == 3)):
-        return _bytes(ds.precision)
-    return 4 if model.dtype == "float32" else 2
+    """Bytes per element of a frozen PPO model: the dtype it is loaded in (`model_dtype`), but the dtype the
+    policy computes in (`compute_dtype`) for the reference (cast to it: `build_reference`) and for a
+    frozen_zero_stage 3 engine (which casts its weights as the policy's engine does)."""
+    from stages.engine import compute_dtype, model_dtype
+
+    dtype = (compute_dtype if reference or ds.frozen_stage == 3 else model_dtype)(model.dtype, ds.precision)
+    return dtype.itemsize
 
 
 class ZeroTuning(NamedTuple):
