@@ -29,7 +29,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from rich.markup import escape
@@ -372,6 +372,16 @@ FIXED_ON_RESUME = {
 }
 
 
+class UnresumableChanges(ConfigError):
+    """A resume refused for changes no resume can honour (`fixed_changes`, in `fixed`): the pipeline words its
+    own refusal from them. (`fixed` has a default, so that the error unpickles when broadcast to every rank:
+    `run_on_main`; its value comes back with the instance's attributes.)"""
+
+    def __init__(self, message: str, fixed: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fixed = list(fixed)
+
+
 def fixed_changes(before: dict[str, Any], now: Any) -> list[str]:
     """The changes from config `before` to `now` that no resume can honour (FIXED_ON_RESUME; a ZeRO stage other
     than between 1 and 2, whose optimizer states load into each other), "key: old -> new (why)"; a key only one
@@ -429,11 +439,9 @@ def resume_changes(out_dir: Path, config_text: str, world_size: int | None,
         changes.append(f"processes: {before} -> {world_size}")
     fixed = fixed_changes(before_cfg, now) if isinstance(before_cfg, dict) else []
     if fixed:
-        refusal = ConfigError(f"--resume: {path.name} cannot be continued with {'; '.join(fixed)}. "
-                              f"{preset_hint(changes)}Resume with the values it was written with, or "
-                              f"{_new_run_from(path)}")
-        refusal.fixed = fixed  # type: ignore[attr-defined]  # (the pipeline words its own refusal)
-        raise refusal
+        raise UnresumableChanges(f"--resume: {path.name} cannot be continued with {'; '.join(fixed)}. "
+                                 f"{preset_hint(changes)}Resume with the values it was written with, or "
+                                 f"{_new_run_from(path)}", fixed)
     return path, changes
 
 

@@ -322,15 +322,13 @@ def partial_stage_changes(out: Path, resolved: str | None, stage: str) -> list[s
     process count aside: the pipeline passes the same launch options to every attempt); [] without a
     checkpoint (the stage starts fresh) or `resolved`. A change no resume can honour (`fixed_changes`) is a
     ConfigError naming the pipeline's ways out."""
-    from stages.checkpoint import complete_checkpoints, resume_changes, run_inputs
+    from stages.checkpoint import UnresumableChanges, complete_checkpoints, resume_changes, run_inputs
 
     if resolved is None or not complete_checkpoints(out):  # (nothing to compare with: no input hashed for it)
         return []
     try:
         return resume_changes(out, resolved, None, run_inputs(out, resolved, stage), stage)[1]
-    except ConfigError as exc:
-        if not hasattr(exc, "fixed"):
-            raise
+    except UnresumableChanges as exc:
         raise ConfigError(f"pipeline: the partial run in {out} cannot be continued with {'; '.join(exc.fixed)}: "
                           f"delete {out} to train it afresh, or change the config back") from None
 

@@ -903,6 +903,11 @@ def test_changes_no_resume_can_honour_are_refused_even_with_allow_config_change(
     with pytest.raises(ConfigError) as err:
         prepare_output_dir(out, text, True, False, world_size=1, allow_changes=True)
     assert str(err.value).startswith(f"--resume: checkpoint-00000004 cannot be continued with {refused}"), err.value
+    import pickle  # (as run_on_main broadcasts it to every rank)
+
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (type(again), str(again), again.fixed) == (type(err.value), str(err.value), err.value.fixed)
+    assert again.fixed and refused.split(" (")[0] in again.fixed[0]
     assert f"start a new run from its weights (model.name_or_path: {ckpt / 'hf'}" in str(err.value)
 
 
