@@ -397,8 +397,19 @@ def _check_deepspeed_json(stage: str, cfg: Any, world_size: int) -> None:
 
 
 def _train_here(stage: str, cfg: object, resume: bool, prepare: Callable[[], None] | None) -> None:
+    """Run the stage in this process; a failure of this rank's own is first told to the run's other ranks,
+    which then stop too (stages/peer_watch.py) rather than wait for it in a collective."""
     module, func = STAGE_RUNNERS[stage].split(":")
-    getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
+    from stages.peer_watch import announce_failure, owns_failure, stop_watch
+
+    try:
+        getattr(importlib.import_module(module), func)(cfg, resume=resume, prepare=prepare)
+    except BaseException as exc:
+        if owns_failure(exc):
+            announce_failure(_rank(), _world())
+        raise
+    finally:
+        stop_watch()
 
 
 # ----------------------------------------------------------------------------- stage commands

@@ -784,8 +784,10 @@ def _save_failure(exc: Exception, tmp: Path, name: str, out_dir: Path, dist: Dis
         return CheckpointError(f"could not write {name} in {out_dir}: its partial copy was removed while this "
                                f"process wrote into it, by another process of this run whose write failed (its "
                                f"error says why). {_intact(out_dir)}")
+    removed = "is removed" if dist.local_rank == 0 else \
+        f"({tmp.name}) is left to this node's first process, or the next run, to remove"
     return CheckpointError(f"could not write {name} in {out_dir}: {describe_failure(exc)}{_free_space(out_dir)}; "
-                           f"the partial copy is removed. {_intact(out_dir)}")
+                           f"the partial copy {removed}. {_intact(out_dir)}")
 
 
 def prune_checkpoints(out_dir: Path, newest: Path, keep: int, say: Callable[[str], None] | None = None) -> None:

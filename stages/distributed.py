@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from stages.peer_watch import start_watch
 from stages.runtime import check_worker_env, free_port, select_accelerator_env
 
 
@@ -67,6 +68,7 @@ def setup_distributed() -> DistInfo:
     import deepspeed.comm as dist
 
     _INFO = DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
+    start_watch(_INFO.rank, _INFO.world_size)  # another rank's own failure ends this one too (stages/peer_watch.py)
     return _INFO
 
 
@@ -204,7 +206,8 @@ def gather_floats(values: list[float]) -> list[float]:
 
 
 def run_on_main(fn: Callable[[], None], dist: DistInfo) -> None:
-    """Run `fn` on rank 0 only; if it raises an RlhfError, every rank raises it (no rank is left waiting)."""
+    """Run `fn` on rank 0 only; if it raises an RlhfError, every rank raises it (no rank is left waiting),
+    marked `every_rank` (printed once; no rank's own failure)."""
     from stages.errors import RlhfError
 
     error = None
@@ -215,6 +218,7 @@ def run_on_main(fn: Callable[[], None], dist: DistInfo) -> None:
             error = exc
     error = broadcast_object(error)
     if error is not None:
+        error.every_rank = True
         raise error
 
 

@@ -294,13 +294,14 @@ def test_small_collectives_over_a_faked_two_rank_group(monkeypatch: pytest.Monke
 
 
 def test_run_on_main_runs_on_rank_0_only_and_every_rank_raises_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_on_main: rank 1 does not run fn but raises the RlhfError rank 0 broadcast; rank 0 raises its own."""
+    """run_on_main: rank 1 does not run fn but raises the RlhfError rank 0 broadcast; rank 0 raises its own. Both
+    are marked `every_rank`: printed once, and no rank's own failure for the others to be told of."""
     cpu = torch.device("cpu")
     ran: list[int] = []
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj: RlhfError("rank 0 failed"))
-    with pytest.raises(RlhfError, match="rank 0 failed"):
+    with pytest.raises(RlhfError, match="rank 0 failed") as raised:
         distributed.run_on_main(lambda: ran.append(1), DistInfo(1, 1, 2, cpu))
-    assert ran == []
+    assert ran == [] and raised.value.every_rank
     monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
     distributed.run_on_main(lambda: ran.append(0), DistInfo(0, 0, 1, cpu))
     assert ran == [0]
@@ -308,8 +309,9 @@ def test_run_on_main_runs_on_rank_0_only_and_every_rank_raises_its_error(monkeyp
     def fail() -> None:
         raise RlhfError("bad data")
 
-    with pytest.raises(RlhfError, match="bad data"):
+    with pytest.raises(RlhfError, match="bad data") as raised:
         distributed.run_on_main(fail, DistInfo(0, 0, 1, cpu))
+    assert raised.value.every_rank
 
 
 def test_seed_everything_takes_seeds_past_numpys_32_bits() -> None:

@@ -242,6 +242,8 @@ def test_a_failed_save_on_two_ranks_is_told_by_the_rank_that_failed(tmp_path, mo
     err = _save_failure(full, tmp, "checkpoint-00000004", tmp_path, rank1)
     assert isinstance(err, CheckpointError) and "No space left on device" in str(err)
     assert tmp.is_dir()  # rank 0 may still be writing into it
+    assert "the partial copy (.tmp-checkpoint-00000004) is left to this node's first process, or the next run, to " \
+        "remove" in str(err)
     err = _save_failure(full, tmp, "checkpoint-00000004", tmp_path, rank0)
     assert "No space left on device" in str(err) and "partial copy is removed" in str(err) and not tmp.exists()
 
@@ -253,6 +255,38 @@ def test_a_failed_save_on_two_ranks_is_told_by_the_rank_that_failed(tmp_path, mo
     err = _save_failure(missing, tmp, "checkpoint-00000004", tmp_path, rank1)
     assert "removed while this process wrote into it, by another process" in str(err), err
     assert "does not exist" not in str(err)
+
+
+@pytest.mark.slow
+def test_one_ranks_own_failure_stops_the_others_under_a_launcher_that_does_not(tmp_path):
+    """Two workers started as `srun` starts them (each on its own, RANK and the rest set; nothing kills one when
+    the other fails): rank 1's checkpoint write fails; rank 0, waiting for it in a collective, stops with one
+    line naming rank 1 (stages/peer_watch.py; NCCL ranks on one node would otherwise wait for the collective's
+    timeout, and these gloo ones said "lost contact" once rank 1's process had gone)."""
+    from stages.runtime import free_port
+
+    config = write_yaml(tmp_path / "sft.yaml", tiny_sft_dict(tmp_path, max_steps=2, save_every=1))
+    port = str(free_port())
+    workers = [subprocess.Popen(cli_command("sft", "--config", str(config)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env({
+                                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                                    "RLHF_FAULT": "enospc-save@1", "RLHF_FAULT_RANK": "1"}))
+               for rank in (0, 1)]
+    try:
+        said = [worker.communicate(timeout=300)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [1, 1], said
+    assert "error (rank 1): could not write checkpoint-00000001" in said[1] and "No space left on device" in said[1]
+    assert said[0].strip().splitlines()[-1] == (
+        "error (rank 0): stopping: rank 1 of this run failed (its own error says why); this process would otherwise "
+        "wait for it until the collective timeout"), said[0]
+    assert "lost contact" not in said[0] and "Traceback" not in said[0] + said[1]
+    # nothing that looks complete; the partial copy is left, as a kill -9 leaves it, for the next run to remove
+    out = tmp_path / "out"
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".tmp-*/COMPLETE")) and not (out / "final").exists()
 
 
 def _limit_file_size() -> None:

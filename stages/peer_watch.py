@@ -1,0 +1,137 @@
+"""One rank's own failure ends every rank of the run at once, whatever launched them.
+
+A rank that fails on its own (a full disk, a GPU out of memory, a checkpoint write only rank 0 does, a bug)
+exits; the others sit in their next collective. DeepSpeed's launcher and torchrun then kill them, but under
+`srun` without `--kill-on-bad-exit`, or a node's NCCL ranks (which do not notice a peer's death), they wait for
+the collective's timeout (30 minutes), holding the job's GPUs. So a failing rank first writes its rank under
+FAILED_KEY in the run's TCP store (the process group's rendezvous, MASTER_ADDR:MASTER_PORT); every rank has a
+watcher thread asking for that key once a second (its own connection; one small request), which prints one
+line and ends its process with exit code 1. The watch ends with the stage (`stop_watch`).
+
+Errors every rank raises together (a config or data error, an agreed NaN stop, a SIGTERM stop) are not
+announced: each rank ends on its own. Nor is a lost peer (another rank's failure, which it announced itself, or
+a process killed outright: a SIGKILL announces nothing).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+#: the store key a failing rank sets (to its rank); under torchrun with restarts, one per attempt (its store
+#: outlives the attempt)
+FAILED_KEY = "rlhf/failed"
+#: how many ranks have seen FAILED_KEY (each other rank's watcher adds 1, the failing rank 1 for itself): the
+#: failing rank waits for the world size before exiting, since rank 0's process usually hosts the store and
+#: takes it with it
+SEEN_KEY = "rlhf/failed-seen"
+#: how long a failing rank waits for the others to have read its failure (normally within one POLL_S)
+LINGER_S = 5.0
+#: how often a watcher asks the store (one small request; a failure is noticed within this time)
+POLL_S = 1.0
+#: how long a watcher that has seen a failure waits before ending its process: the failing rank reads the count
+#: meanwhile (were rank 0 to end at once, the store would be gone, and asking it prints a C++ warning and stack),
+#: then waits twice as long before it ends itself, so that the others end first (not on a collective broken by
+#: its exit: "lost contact")
+GRACE_S = 0.3
+
+_own_failure = threading.Event()  # set while this rank reports its own failure: its watcher then stays quiet
+_watching = threading.Event()  # set once this process watches (a process group of several ranks exists)
+_stop = threading.Event()  # set by stop_watch
+_watchers: list[threading.Thread] = []
+
+
+def _key(name: str) -> str:
+    return f"{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _client(timeout: timedelta) -> Any:
+    """A new connection to the run's TCP store (that of the process group's rendezvous)."""
+    import torch.distributed as tdist
+
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+
+
+def start_watch(rank: int, world_size: int, end: Callable[[int], None] = os._exit,
+                poll: float = POLL_S) -> threading.Thread | None:
+    """Watch for another rank's failure (the daemon thread returned, which asks the store every `poll` seconds),
+    in a run of more than one process whose store is at MASTER_ADDR:MASTER_PORT (else None). `end` ends this
+    process (os._exit: the main thread may be inside a collective that never returns)."""
+    if world_size < 2 or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        return None
+    _own_failure.clear()
+    _stop.clear()
+    _watching.set()
+    watcher = threading.Thread(target=_watch, args=(rank, end, poll), name="rlhf-peer-watch", daemon=True)
+    watcher.start()
+    _watchers.append(watcher)
+    atexit.register(stop_watch)
+    return watcher
+
+
+def stop_watch(timeout: float = 10.0) -> None:
+    """Stop watching (the stage ended, one way or another) and wait for the watcher to leave: a thread inside the
+    store's C++ client when the interpreter ends aborts the process (exit code 134), and a store whose host
+    (rank 0) has ended prints a warning when asked."""
+    _stop.set()
+    _watching.clear()
+    while _watchers:
+        _watchers.pop().join(timeout)
+
+
+def _watch(rank: int, end: Callable[[int], None], poll: float) -> None:
+    try:
+        store = _client(timedelta(seconds=30))
+        while not store.check([_key(FAILED_KEY)]):
+            if _stop.wait(poll):
+                return
+        if _own_failure.is_set():  # this rank failed too: its own error is being said (and counted as seen)
+            return
+        failed = store.get(_key(FAILED_KEY)).decode()
+        store.add(_key(SEEN_KEY), 1)
+    except Exception:  # noqa: BLE001 - the store is gone: its host process ended (a finished run); nothing to do
+        return
+    sys.stderr.write(f"error (rank {rank}): stopping: rank {failed} of this run failed (its own error says why); "
+                     "this process would otherwise wait for it until the collective timeout\n")
+    sys.stderr.flush()
+    time.sleep(GRACE_S)
+    end(1)
+
+
+def owns_failure(exc: BaseException) -> bool:
+    """Whether `exc`, ending this rank, is its own failure, for the others to hear of: not an error every rank
+    raises together (RlhfError.every_rank), a lost peer, an interrupt or an exit."""
+    from stages.distributed import peer_lost
+    from stages.errors import RlhfError
+
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or peer_lost(exc):
+        return False
+    return not (isinstance(exc, RlhfError) and exc.every_rank)
+
+
+def announce_failure(rank: int, world_size: int, linger: float = LINGER_S) -> None:
+    """Tell the other ranks (their watchers) that this rank failed, and wait up to `linger` seconds until every
+    rank has seen it (this one counts itself; its own watcher stops), then GRACE_S x 2 for the others to end
+    first. Does nothing in a process that does not watch (one rank, no process group yet, or a stage that has
+    ended); a store that cannot be reached is left alone (this rank's error is still said and raised)."""
+    if not _watching.is_set():
+        return
+    _own_failure.set()
+    _stop.set()
+    try:
+        store = _client(timedelta(seconds=linger))
+        store.set(_key(FAILED_KEY), str(rank))
+        seen, deadline = store.add(_key(SEEN_KEY), 1), time.monotonic() + linger
+        while seen < world_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+            seen = store.add(_key(SEEN_KEY), 0)
+    except Exception:  # noqa: BLE001 - best effort: the store's host may have ended already
+        return
+    if seen >= world_size:
+        time.sleep(2 * GRACE_S)
