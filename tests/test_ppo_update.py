@@ -290,9 +290,18 @@ def test_validation_scores_in_the_forward_batches_training_uses(tmp_path, dist, 
         return torch.cat([value[:1], torch.full_like(value[1:], float("nan"))]) if len(kl_calls) == 2 else value
 
     monkeypatch.setattr(trainer, "kl_k1", kl_nan_for_the_stand_ins)
+    gold_calls: list[int] = []
+
+    def gold_nan_for_the_stand_ins(judge, tok, batch, responses):  # (the second batch: 1 prompt, 3 stand-ins)
+        gold_calls.append(1)
+        return [2.0] + [float("nan")] * (len(batch) - 1) if len(gold_calls) == 2 else [1.0] * len(batch)
+
+    monkeypatch.setattr(trainer, "gold_scores", gold_nan_for_the_stand_ins)
+    cfg.data.gold_reward = "toy"
     got = trainer.validate(cfg, dist, _models(), prompts, tok, [EOS], RewardEnding.plain(EOS))
     assert got["eval/reward"] == pytest.approx((5 + 7 + 8 + 11 + 12) / 5)  # left out, not NaN x 0 = NaN
     assert math.isfinite(got["eval/kl"]) and len(kl_calls) == 2
+    assert got["eval/gold"] == pytest.approx((4 * 1.0 + 2.0) / 5) and len(gold_calls) == 2
 
 
 def test_rollout_metrics_give_mean_and_std_of_the_raw_and_the_transformed_scores(tmp_path, dist):
