@@ -66,12 +66,15 @@ PIPELINE_STAGE_VAR = "PYTHON_RLHF_PIPELINE_STAGE"
 
 def resume_with(setting: str = "") -> str:
     """How a user continues a run that stopped: "with --resume" (and " --set SETTING"); for a stage that `rlhf
-    pipeline` runs (PIPELINE_STAGE_VAR set), "by running the pipeline again" (and " with SETTING in the stage's
-    config"), as the pipeline resumes a partial stage itself and takes no --resume.
+    pipeline` runs (PIPELINE_STAGE_VAR set), "by running the pipeline again" (and " with SETTING in a `set:`
+    list of the pipeline file ... or in the stage's config": a key free on resume, such as monitor.action), as the
+    pipeline resumes a partial stage itself and takes no --resume.
 
     >>> resume_with(), resume_with("monitor.action=warn")
     ('with --resume', 'with --resume --set monitor.action=warn')
     """
     if os.environ.get(PIPELINE_STAGE_VAR):
-        return "by running the pipeline again" + (f" with {setting} in the stage's config" if setting else "")
+        return "by running the pipeline again" + (
+            f" with {setting} in a `set:` list of the pipeline file (the stage's, or the PPO run's) or in the "
+            "stage's config" if setting else "")
     return "with --resume" + (f" --set {setting}" if setting else "")

@@ -66,8 +66,9 @@ def test_stopped_says_where_the_checkpoint_is_and_exits_128_plus_the_signal(monk
     monkeypatch.setenv(PIPELINE_STAGE_VAR, "1")  # a stage `rlhf pipeline` runs: the pipeline resumes it, not --resume
     err = stop.Stopped(signal.SIGTERM, 5, Path("/runs/a/checkpoint-00000005"))
     assert str(err).endswith("in /runs/a; continue by running the pipeline again")
-    assert resume_with("monitor.action=warn") == ("by running the pipeline again with monitor.action=warn in the "
-                                                  "stage's config")  # (the collapse monitor's stop)
+    assert resume_with("monitor.action=warn") == ("by running the pipeline again with monitor.action=warn in "
+                                                  "a `set:` list of the pipeline file (the stage's, or the PPO run's) or "
+                                                  "in the stage's config")
     monkeypatch.delenv(PIPELINE_STAGE_VAR)
     err = stop.Stopped(signal.SIGINT, 2, None, "iteration")
     assert str(err) == "stopped by SIGINT after iteration 2: no checkpoint written (train.checkpoints: false)"
