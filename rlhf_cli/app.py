@@ -346,11 +346,14 @@ def record_kept_on_failure(out_dir: Path, resumed: bool) -> Iterator[None]:
     """Around a `resumed` run: when it fails (an error, a non-zero exit), put output_dir's resolved_config.yaml
     and inputs.json back as its newest complete checkpoint keeps them (stages/checkpoint.py:
     restore_run_record), so an attempt refused after its start (a checkpoint past the run's last step) or
-    failed before saving leaves no record of a config that trained nothing there."""
+    failed before saving leaves no record of a config that trained nothing there — also when another rank's
+    failure ends this process from its watcher thread (stages/peer_watch.py: `on_stop`)."""
     from stages.checkpoint import restore_run_record
+    from stages.peer_watch import on_stop
 
     try:
-        yield
+        with on_stop(lambda: restore_run_record(out_dir)) if resumed else contextlib.nullcontext():
+            yield
     except BaseException as exc:
         if resumed and not (isinstance(exc, typer.Exit) and exc.exit_code == 0):
             restore_run_record(out_dir)

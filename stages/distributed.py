@@ -99,8 +99,9 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 def peer_lost(exc: BaseException) -> bool:
     """Whether `exc`, raised in a run of several processes, is a collective failing because another process
     died: that process's own error is the one to read; this one's traceback only buries it."""
+    said = str(exc).lower()  # (torch says "Failed to recv" in one place, "failed to recv" in another)
     return isinstance(exc, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
-        any(text in str(exc) for text in PEER_LOST)
+        any(text.lower() in said for text in PEER_LOST)
 
 
 #: what DeepSpeed prints on every rank of every run that loads its CPU shared-memory all-reduce op

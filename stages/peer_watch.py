@@ -6,7 +6,10 @@ exits; the others sit in their next collective. DeepSpeed's launcher and torchru
 the collective's timeout (30 minutes), holding the job's GPUs. So a failing rank first writes its rank under
 FAILED_KEY in the run's TCP store (the process group's rendezvous, MASTER_ADDR:MASTER_PORT); every rank has a
 watcher thread asking for that key once a second (its own connection; one small request), which prints one
-line and ends its process with exit code 1. The watch ends with the stage (`stop_watch`).
+line, runs the cleanup the stuck main thread would have done on its way out (`on_stop`) and ends its process
+with exit code 1. The watch ends with the stage (`stop_watch`). It is not started where the launcher itself ends
+every rank when one fails (`launcher_stops_the_others`: torchrun; DeepSpeed's launcher with every rank on one
+node), whose own report of the first failure it would otherwise blur.
 
 Errors every rank raises together (a config or data error, an agreed NaN stop, a SIGTERM stop) are not
 announced: each rank ends on its own. Nor is a lost peer (another rank's failure, which it announced itself, or
@@ -16,12 +19,14 @@ a process killed outright: a SIGKILL announces nothing).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import socket
 import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 #: the store key a failing rank sets (to its rank); under torchrun with restarts, one per attempt (its store
 #: outlives the attempt)
@@ -30,10 +35,11 @@ FAILED_KEY = "rlhf/failed"
 #: failing rank waits for the world size before exiting, since rank 0's process usually hosts the store and
 #: takes it with it
 SEEN_KEY = "rlhf/failed-seen"
-#: how long a failing rank waits for the others to have read its failure (normally within one POLL_S)
+#: how long a failing rank waits for the others to have read its failure, at least (normally within one poll)
 LINGER_S = 5.0
-#: how often a watcher asks the store (one small request; a failure is noticed within this time)
-POLL_S = 1.0
+#: how often a watcher asks the store (one small request; a failure is noticed within this time), at most; a
+#: run of more than POLL_RANKS ranks asks less often, so that rank 0's store answers at most POLL_RANKS a second
+POLL_S, POLL_RANKS = 1.0, 256
 #: how long a watcher that has seen a failure waits before ending its process: the failing rank reads the count
 #: meanwhile (were rank 0 to end at once, the store would be gone, and asking it prints a C++ warning and stack),
 #: then waits twice as long before it ends itself, so that the others end first (not on a collective broken by
@@ -43,7 +49,9 @@ GRACE_S = 0.3
 _own_failure = threading.Event()  # set while this rank reports its own failure: its watcher then stays quiet
 _watching = threading.Event()  # set once this process watches (a process group of several ranks exists)
 _stop = threading.Event()  # set by stop_watch
+_store_gone = threading.Event()  # set when the watcher found the store gone: nobody to tell any more
 _watchers: list[threading.Thread] = []
+_on_stop: list[Callable[[], None]] = []
 
 
 def _key(name: str) -> str:
@@ -58,15 +66,32 @@ def _client(timeout: timedelta) -> Any:
                           timeout=timeout)
 
 
+def launcher_stops_the_others(world_size: int) -> bool:
+    """Whether the launcher that started this process ends every rank of the run when one fails: torchrun (its
+    agents end the whole group; TORCHELASTIC_RUN_ID set), DeepSpeed's launcher with every rank on this node (one
+    launch.py, which kills the rest: LOCAL_SIZE = WORLD_SIZE; over pdsh, each node's ends only its own)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("LOCAL_SIZE") == str(world_size)
+
+
+def poll_interval(world_size: int) -> float:
+    """Seconds between a watcher's requests: POLL_S, or world_size / POLL_RANKS when longer (rank 0's store then
+    answers POLL_RANKS requests a second)."""
+    return max(POLL_S, world_size / POLL_RANKS)
+
+
 def start_watch(rank: int, world_size: int, end: Callable[[int], None] = os._exit,
-                poll: float = POLL_S) -> threading.Thread | None:
-    """Watch for another rank's failure (the daemon thread returned, which asks the store every `poll` seconds),
-    in a run of more than one process whose store is at MASTER_ADDR:MASTER_PORT (else None). `end` ends this
+                poll: float | None = None) -> threading.Thread | None:
+    """Watch for another rank's failure (the daemon thread returned, which asks the store every `poll` seconds,
+    by default `poll_interval`), in a run of more than one process whose store is at
+    MASTER_ADDR:MASTER_PORT and whose launcher does not end the others itself (else None). `end` ends this
     process (os._exit: the main thread may be inside a collective that never returns)."""
-    if world_size < 2 or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+    if world_size < 2 or launcher_stops_the_others(world_size) or not os.environ.get("MASTER_ADDR") or \
+            not os.environ.get("MASTER_PORT"):
         return None
+    poll = poll_interval(world_size) if poll is None else poll
     _own_failure.clear()
     _stop.clear()
+    _store_gone.clear()
     _watching.set()
     watcher = threading.Thread(target=_watch, args=(rank, end, poll), name="rlhf-peer-watch", daemon=True)
     watcher.start()
@@ -85,21 +110,43 @@ def stop_watch(timeout: float = 10.0) -> None:
         _watchers.pop().join(timeout)
 
 
+@contextlib.contextmanager
+def on_stop(fn: Callable[[], None]) -> Iterator[None]:
+    """Inside: a watcher ending this process for another rank's failure first runs `fn` (best effort): the
+    cleanup the main thread, stuck in a collective, would have done on its way out."""
+    _on_stop.append(fn)
+    try:
+        yield
+    finally:
+        _on_stop.remove(fn)
+
+
 def _watch(rank: int, end: Callable[[int], None], poll: float) -> None:
     try:
-        store = _client(timedelta(seconds=30))
-        while not store.check([_key(FAILED_KEY)]):
+        store = _client(timedelta(seconds=5))  # (below stop_watch's wait: never inside it at the end)
+        while True:
+            if not _reachable(5.0):  # (first: asking a store whose host has died prints a C++ warning and stack)
+                raise ConnectionError("the store is gone")
+            if store.check([_key(FAILED_KEY)]):
+                break
             if _stop.wait(poll):
                 return
         if _own_failure.is_set():  # this rank failed too: its own error is being said (and counted as seen)
             return
         failed = store.get(_key(FAILED_KEY)).decode()
         store.add(_key(SEEN_KEY), 1)
-    except Exception:  # noqa: BLE001 - the store is gone: its host process ended (a finished run); nothing to do
+    except Exception:  # noqa: BLE001 - the store is gone: its host process ended (a finished run, or rank 0 died)
+        _store_gone.set()
         return
     sys.stderr.write(f"error (rank {rank}): stopping: rank {failed} of this run failed (its own error says why); "
                      "this process would otherwise wait for it until the collective timeout\n")
     sys.stderr.flush()
+    sys.stdout.flush()
+    for fn in reversed(_on_stop):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - best effort: the process ends anyway
+            pass
     time.sleep(GRACE_S)
     end(1)
 
@@ -115,12 +162,14 @@ def owns_failure(exc: BaseException) -> bool:
     return not (isinstance(exc, RlhfError) and exc.every_rank)
 
 
-def announce_failure(rank: int, world_size: int, linger: float = LINGER_S) -> None:
-    """Tell the other ranks (their watchers) that this rank failed, and wait up to `linger` seconds until every
-    rank has seen it (this one counts itself; its own watcher stops), then GRACE_S x 2 for the others to end
+def announce_failure(rank: int, world_size: int, linger: float | None = None) -> None:
+    """Tell the other ranks (their watchers) that this rank failed, and wait up to `linger` seconds (default
+    LINGER_S, or two polls when longer) until every rank has seen it (this one counts itself; its own watcher stops), then GRACE_S x 2 for the others to end
     first. Does nothing in a process that does not watch (one rank, no process group yet, or a stage that has
-    ended); a store that cannot be reached is left alone (this rank's error is still said and raised)."""
-    if not _watching.is_set():
+    ended) or when the store is gone (its host, rank 0, has ended: the torch client would retry for seconds,
+    printing C++ stacks); this rank's error is still said and raised."""
+    linger = max(LINGER_S, 2 * poll_interval(world_size)) if linger is None else linger
+    if not _watching.is_set() or _store_gone.is_set() or not _reachable(linger):
         return
     _own_failure.set()
     _stop.set()
@@ -135,3 +184,12 @@ def announce_failure(rank: int, world_size: int, linger: float = LINGER_S) -> No
         return
     if seen >= world_size:
         time.sleep(2 * GRACE_S)
+
+
+def _reachable(timeout: float) -> bool:
+    """Whether the store's port takes a connection (a plain socket: no retries, no C++ warnings)."""
+    try:
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=timeout).close()
+    except (OSError, KeyError, ValueError):
+        return False
+    return True

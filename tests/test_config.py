@@ -1323,6 +1323,8 @@ def test_a_worker_that_loses_a_peer_says_so_in_one_line_not_a_traceback(tmp_path
     lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6839. This is ...")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert peer_lost(lost) and not peer_lost(RuntimeError("CUDA out of memory")) and not peer_lost(ValueError("Broken pipe"))
+    # (torch's store: "Failed to recv" when rank 0, its host, died; its gloo pairs say "failed to recv")
+    assert peer_lost(RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed. Did the remote ..."))
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -26,18 +26,22 @@ def store(monkeypatch):
     port = free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    for name in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     host = tdist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))
     yield host
     peer_watch.stop_watch()
 
 
-def test_a_rank_stuck_for_good_ends_with_one_line_when_another_rank_announces_its_failure(store):
+def test_a_rank_stuck_for_good_ends_with_one_line_when_another_rank_announces_its_failure(store, tmp_path):
     """The child stands for rank 1 waiting in a collective that never returns (its main thread sleeps): once rank 0
-    writes its failure into the store, rank 1 says so in one line and exits 1, and counts itself as having seen it
-    (the failing rank waits for that before exiting with the store)."""
-    code = ("import time; from stages import peer_watch; peer_watch.start_watch(1, 2); print('watching', flush=True); "
-            "time.sleep(600)")
+    writes its failure into the store, rank 1 says so in one line, runs the cleanup registered with `on_stop`
+    (the main thread's own way out is stuck) and exits 1, and counts itself as having seen it (the failing rank
+    waits for that before exiting with the store)."""
+    done = tmp_path / "cleaned"
+    code = ("import time; from pathlib import Path; from stages import peer_watch; peer_watch.start_watch(1, 2); "
+            f"cm = peer_watch.on_stop(lambda: Path({str(done)!r}).write_text('yes')); cm.__enter__(); "
+            "print('watching', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "watching\n"
@@ -48,7 +52,7 @@ def test_a_rank_stuck_for_good_ends_with_one_line_when_another_rank_announces_it
     assert child.returncode == 1, err
     assert err == ("error (rank 1): stopping: rank 0 of this run failed (its own error says why); this process would "
                    "otherwise wait for it until the collective timeout\n")
-    assert store.add(SEEN, 0) == 1
+    assert store.add(SEEN, 0) == 1 and done.read_text() == "yes"
 
 
 def test_the_failing_rank_waits_until_the_others_have_read_it_and_its_own_watcher_stays_quiet(store):
@@ -132,6 +136,46 @@ def test_a_watching_process_ends_normally_with_exit_code_0_and_says_nothing(monk
             "time.sleep(0.5)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+
+
+def test_no_watch_where_the_launcher_ends_every_rank_itself_and_fewer_polls_on_many_ranks(store, monkeypatch):
+    """torchrun and a one-node DeepSpeed launch end the other ranks themselves (and report the first failure:
+    a watcher's earlier exit blurred it); DeepSpeed over pdsh ends only a node's own ranks: watched."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert peer_watch.start_watch(1, 2) is None
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert peer_watch.start_watch(1, 2) is None  # DeepSpeed's launch.py with both ranks
+    watcher = peer_watch.start_watch(1, 4, poll=0.05)  # 2 of 4 ranks on this node
+    assert watcher is not None
+    peer_watch.stop_watch()
+    assert [peer_watch.poll_interval(n) for n in (2, 256, 512, 2048)] == [1.0, 1.0, 2.0, 8.0]
+
+
+def test_nothing_is_announced_to_a_store_that_is_gone(monkeypatch, capfd):
+    """Rank 0, the store's host, has died (its watcher saw it, or the port is closed): a rank failing then does
+    not try the store (torch's client retried for 11 s, printing C++ stacks)."""
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    code = (f"import sys, datetime, torch.distributed as d; s = d.TCPStore('127.0.0.1', {port}, is_master=True, "
+            "timeout=datetime.timedelta(seconds=30)); print('up', flush=True); sys.stdin.readline()")
+    host = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline() == "up\n"
+        watcher = peer_watch.start_watch(1, 2, end=lambda code: None, poll=0.05)
+        time.sleep(0.3)
+        host.communicate("\n", timeout=30)
+        watcher.join(timeout=30)
+        start = time.monotonic()
+        peer_watch.announce_failure(1, 2)
+        assert time.monotonic() - start < 1
+        peer_watch._store_gone.clear()  # a closed port is refused before any try, too
+        peer_watch.announce_failure(1, 2)
+        assert time.monotonic() - start < 2 and capfd.readouterr().err == ""
+    finally:
+        host.kill()
+        peer_watch.stop_watch()
 
 
 def test_only_a_ranks_own_failure_is_announced(monkeypatch):

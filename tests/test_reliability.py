@@ -260,33 +260,45 @@ def test_a_failed_save_on_two_ranks_is_told_by_the_rank_that_failed(tmp_path, mo
 @pytest.mark.slow
 def test_one_ranks_own_failure_stops_the_others_under_a_launcher_that_does_not(tmp_path):
     """Two workers started as `srun` starts them (each on its own, RANK and the rest set; nothing kills one when
-    the other fails): rank 1's checkpoint write fails; rank 0, waiting for it in a collective, stops with one
-    line naming rank 1 (stages/peer_watch.py; NCCL ranks on one node would otherwise wait for the collective's
-    timeout, and these gloo ones said "lost contact" once rank 1's process had gone)."""
+    the other fails). A first run ends normally (both exit 0). Its resume, with another max_steps and lr, has
+    rank 1's checkpoint write fail: rank 0, waiting for it in a collective, stops with one line naming rank 1
+    (stages/peer_watch.py; NCCL ranks on one node would otherwise wait for the collective's timeout, and these
+    gloo ones said "lost contact" once rank 1's process had gone), and puts back the run's record (the resolved
+    config of its checkpoint: the failed attempt trained nothing), as its main thread would have on its way out."""
     from stages.runtime import free_port
 
-    config = write_yaml(tmp_path / "sft.yaml", tiny_sft_dict(tmp_path, max_steps=2, save_every=1))
-    port = str(free_port())
-    workers = [subprocess.Popen(cli_command("sft", "--config", str(config)), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env({
-                                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
-                                    "RLHF_FAULT": "enospc-save@1", "RLHF_FAULT_RANK": "1"}))
-               for rank in (0, 1)]
-    try:
-        said = [worker.communicate(timeout=300)[1] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    assert [worker.returncode for worker in workers] == [1, 1], said
-    assert "error (rank 1): could not write checkpoint-00000001" in said[1] and "No space left on device" in said[1]
-    assert said[0].strip().splitlines()[-1] == (
-        "error (rank 0): stopping: rank 1 of this run failed (its own error says why); this process would otherwise "
-        "wait for it until the collective timeout"), said[0]
-    assert "lost contact" not in said[0] and "Traceback" not in said[0] + said[1]
-    # nothing that looks complete; the partial copy is left, as a kill -9 leaves it, for the next run to remove
+    def two_workers(*args: str, **env: str) -> list[tuple[int, str]]:
+        port = str(free_port())
+        workers = [subprocess.Popen(cli_command("sft", "--config", str(config), *args), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env({
+                                        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                                        **env}))
+                   for rank in (0, 1)]
+        try:
+            said = [worker.communicate(timeout=300)[1] for worker in workers]
+        finally:
+            for worker in workers:
+                worker.kill()
+        return [(worker.returncode, text) for worker, text in zip(workers, said)]
+
+    config = write_yaml(tmp_path / "sft.yaml", tiny_sft_dict(tmp_path, max_steps=1, save_every=1))
+    assert two_workers() == [(0, ""), (0, "")]  # (no C++ warning from the watchers at the end)
     out = tmp_path / "out"
-    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".tmp-*/COMPLETE")) and not (out / "final").exists()
+    record = (out / "resolved_config.yaml").read_text()
+    (rank0, said0), (rank1, said1) = two_workers("--resume", "--allow-config-change", "--set", "train.max_steps=3",
+                                                 "--set", "train.lr=0.001", RLHF_FAULT="enospc-save@2",
+                                                 RLHF_FAULT_RANK="1")
+    assert (rank0, rank1) == (1, 1), said0 + said1
+    assert "error (rank 1): could not write checkpoint-00000002" in said1 and "No space left on device" in said1
+    assert said0.strip().splitlines()[-1] == (
+        "error (rank 0): stopping: rank 1 of this run failed (its own error says why); this process would otherwise "
+        "wait for it until the collective timeout"), said0
+    assert "lost contact" not in said0 and "Traceback" not in said0 + said1
+    assert (out / "resolved_config.yaml").read_text() == record  # not the attempt's max_steps 3, lr 0.001
+    # nothing that looks complete; the partial copy is left, as a kill -9 leaves it, for the next run to remove
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-00000001"]
+    assert not list(out.glob(".tmp-*/COMPLETE"))
 
 
 def _limit_file_size() -> None:
