@@ -1,4 +1,4 @@
-"""One rank's own failure ends every rank of the run at once, whatever launched them.
+"""One rank's own failure ends every rank of the run at once, also under a launcher that leaves them running.
 
 A rank that fails on its own (a full disk, a GPU out of memory, a checkpoint write only rank 0 does, a bug)
 exits; the others sit in their next collective. DeepSpeed's launcher and torchrun then kill them, but under
@@ -28,8 +28,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
-#: the store key a failing rank sets (to its rank); under torchrun with restarts, one per attempt (its store
-#: outlives the attempt)
+#: the store key a failing rank sets (to its rank)
 FAILED_KEY = "rlhf/failed"
 #: how many ranks have seen FAILED_KEY (each other rank's watcher adds 1, the failing rank 1 for itself): the
 #: failing rank waits for the world size before exiting, since rank 0's process usually hosts the store and
@@ -52,10 +51,6 @@ _stop = threading.Event()  # set by stop_watch
 _store_gone = threading.Event()  # set when the watcher found the store gone: nobody to tell any more
 _watchers: list[threading.Thread] = []
 _on_stop: list[Callable[[], None]] = []
-
-
-def _key(name: str) -> str:
-    return f"{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _client(timeout: timedelta) -> Any:
@@ -127,14 +122,14 @@ def _watch(rank: int, end: Callable[[int], None], poll: float) -> None:
         while True:
             if not _reachable(5.0):  # (first: asking a store whose host has died prints a C++ warning and stack)
                 raise ConnectionError("the store is gone")
-            if store.check([_key(FAILED_KEY)]):
+            if store.check([FAILED_KEY]):
                 break
             if _stop.wait(poll):
                 return
         if _own_failure.is_set():  # this rank failed too: its own error is being said (and counted as seen)
             return
-        failed = store.get(_key(FAILED_KEY)).decode()
-        store.add(_key(SEEN_KEY), 1)
+        failed = store.get(FAILED_KEY).decode()
+        store.add(SEEN_KEY, 1)
     except Exception:  # noqa: BLE001 - the store is gone: its host process ended (a finished run, or rank 0 died)
         _store_gone.set()
         return
@@ -175,11 +170,11 @@ def announce_failure(rank: int, world_size: int, linger: float | None = None) ->
     _stop.set()
     try:
         store = _client(timedelta(seconds=linger))
-        store.set(_key(FAILED_KEY), str(rank))
-        seen, deadline = store.add(_key(SEEN_KEY), 1), time.monotonic() + linger
+        store.set(FAILED_KEY, str(rank))
+        seen, deadline = store.add(SEEN_KEY, 1), time.monotonic() + linger
         while seen < world_size and time.monotonic() < deadline:
             time.sleep(0.02)
-            seen = store.add(_key(SEEN_KEY), 0)
+            seen = store.add(SEEN_KEY, 0)
     except Exception:  # noqa: BLE001 - best effort: the store's host may have ended already
         return
     if seen >= world_size:

@@ -17,7 +17,7 @@ from stages.errors import CheckpointError, ConfigError, DataError, NonFinite
 from stages.runtime import free_port
 from stages.stop import Stopped
 
-FAILED, SEEN = peer_watch._key(peer_watch.FAILED_KEY), peer_watch._key(peer_watch.SEEN_KEY)
+FAILED, SEEN = peer_watch.FAILED_KEY, peer_watch.SEEN_KEY
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def store(monkeypatch):
     port = free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
-    for name in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "LOCAL_SIZE"):
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
     host = tdist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))
     yield host
