@@ -3,6 +3,7 @@ Only rank 0 writes or prints."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import time
@@ -48,6 +49,9 @@ class MetricsLogger:
 
             purge = resume_step + 1 if resume_step is not None else None
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+            # also on a failure's way out: the writer holds up to 2 minutes of scalars (its flush_secs), the
+            # last steps before a crash, which are the ones a failed run is looked at for
+            atexit.register(self.writer.close)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

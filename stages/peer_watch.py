@@ -159,10 +159,11 @@ def owns_failure(exc: BaseException) -> bool:
 
 def announce_failure(rank: int, world_size: int, linger: float | None = None) -> None:
     """Tell the other ranks (their watchers) that this rank failed, and wait up to `linger` seconds (default
-    LINGER_S, or two polls when longer) until every rank has seen it (this one counts itself; its own watcher stops), then GRACE_S x 2 for the others to end
-    first. Does nothing in a process that does not watch (one rank, no process group yet, or a stage that has
-    ended) or when the store is gone (its host, rank 0, has ended: the torch client would retry for seconds,
-    printing C++ stacks); this rank's error is still said and raised."""
+    LINGER_S, or two polls when longer) until every rank has seen it (this one counts itself; its own watcher
+    stops), then GRACE_S x 2 for the others to end first. Does nothing in a process that does not watch (one
+    rank, no process group yet, or a stage that has ended) or when the store is gone (its host, rank 0, has
+    ended: the torch client would retry for seconds, printing C++ stacks); this rank's error is still said and
+    raised."""
     linger = max(LINGER_S, 2 * poll_interval(world_size)) if linger is None else linger
     if not _watching.is_set() or _store_gone.is_set() or not _reachable(linger):
         return

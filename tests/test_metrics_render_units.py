@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -94,6 +95,35 @@ def test_tensorboard_purges_after_the_resume_step_and_gets_numbers_only(tmp_path
     assert _FakeWriter.made[1].log_dir == str(tmp_path / "tensorboard")
     logger.log(5, {"a/x": 0.5, "a/n": 2, "a/flag": True, "event": "checkpoint"})
     assert _FakeWriter.made[1].scalars == [("a/x", 0.5, 5), ("a/n", 2, 5)]
+
+
+def test_tensorboard_keeps_the_last_scalars_of_a_run_that_fails(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run ending on an error (an exit without the stage's close): the scalars logged before it reach the event
+    file (SummaryWriter holds them up to flush_secs = 120 s; without a close at exit they were lost, or not, as
+    the interpreter's end happened to finalize the writer: the last steps before a crash). The writer's close is
+    registered to run at exit; a real writer's process, failing, leaves its scalar in the file."""
+    import atexit
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    registered: list[Any] = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    assert registered == [logger.writer.close]
+    monkeypatch.undo()
+
+    code = ("import sys; from pathlib import Path; from stages.metrics import MetricsLogger; "
+            f"m = MetricsLogger(Path({str(tmp_path)!r}), enabled=True, tensorboard=True); "
+            "m.log(3, {'train/loss': 1.25}); sys.exit('failed')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == "failed", res.stderr[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 1.25)]
 
 
 def test_keep_rows_upto_keeps_rows_without_the_key(tmp_path: Path) -> None:
