@@ -46,19 +46,25 @@ POLL_S, POLL_RANKS = 1.0, 256
 GRACE_S = 0.3
 
 _own_failure = threading.Event()  # set while this rank reports its own failure: its watcher then stays quiet
-_watching = threading.Event()  # set once this process watches (a process group of several ranks exists)
 _stop = threading.Event()  # set by stop_watch
 _store_gone = threading.Event()  # set when the watcher found the store gone: nobody to tell any more
-_watchers: list[threading.Thread] = []
+_watchers: list[threading.Thread] = []  # this process's watcher while it watches (start_watch to stop_watch)
 _on_stop: list[Callable[[], None]] = []
 
 
+def _address() -> tuple[str, int] | None:
+    """(host, port) of the run's TCP store (that of the process group's rendezvous: MASTER_ADDR, MASTER_PORT),
+    or None when they are not set."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
 def _client(timeout: timedelta) -> Any:
-    """A new connection to the run's TCP store (that of the process group's rendezvous)."""
+    """A new connection to the run's TCP store."""
     import torch.distributed as tdist
 
-    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
+    host, port = _address() or ("", 0)
+    return tdist.TCPStore(host, port, is_master=False, timeout=timeout)
 
 
 def launcher_stops_the_others(world_size: int) -> bool:
@@ -80,14 +86,12 @@ def start_watch(rank: int, world_size: int, end: Callable[[int], None] = os._exi
     by default `poll_interval`), in a run of more than one process whose store is at
     MASTER_ADDR:MASTER_PORT and whose launcher does not end the others itself (else None). `end` ends this
     process (os._exit: the main thread may be inside a collective that never returns)."""
-    if world_size < 2 or launcher_stops_the_others(world_size) or not os.environ.get("MASTER_ADDR") or \
-            not os.environ.get("MASTER_PORT"):
+    if world_size < 2 or launcher_stops_the_others(world_size) or _address() is None:
         return None
     poll = poll_interval(world_size) if poll is None else poll
     _own_failure.clear()
     _stop.clear()
     _store_gone.clear()
-    _watching.set()
     watcher = threading.Thread(target=_watch, args=(rank, end, poll), name="rlhf-peer-watch", daemon=True)
     watcher.start()
     _watchers.append(watcher)
@@ -100,7 +104,6 @@ def stop_watch(timeout: float = 10.0) -> None:
     store's C++ client when the interpreter ends aborts the process (exit code 134), and a store whose host
     (rank 0) has ended prints a warning when asked."""
     _stop.set()
-    _watching.clear()
     while _watchers:
         _watchers.pop().join(timeout)
 
@@ -165,7 +168,7 @@ def announce_failure(rank: int, world_size: int, linger: float | None = None) ->
     ended: the torch client would retry for seconds, printing C++ stacks); this rank's error is still said and
     raised."""
     linger = max(LINGER_S, 2 * poll_interval(world_size)) if linger is None else linger
-    if not _watching.is_set() or _store_gone.is_set() or not _reachable(linger):
+    if not _watchers or _store_gone.is_set() or not _reachable(linger):
         return
     _own_failure.set()
     _stop.set()
@@ -184,8 +187,11 @@ def announce_failure(rank: int, world_size: int, linger: float | None = None) ->
 
 def _reachable(timeout: float) -> bool:
     """Whether the store's port takes a connection (a plain socket: no retries, no C++ warnings)."""
+    address = _address()
+    if address is None:
+        return False
     try:
-        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=timeout).close()
-    except (OSError, KeyError, ValueError):
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError:
         return False
     return True
