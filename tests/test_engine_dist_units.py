@@ -173,13 +173,15 @@ class FakeAccelerator:
         self.set.append(index)
 
 
-def fake_setup(monkeypatch: pytest.MonkeyPatch, accel: FakeAccelerator, rank: int, world: int) -> list[int]:
-    """setup_distributed's collaborators faked (no process group is made); returns the init calls."""
+def fake_setup(monkeypatch: pytest.MonkeyPatch, accel: FakeAccelerator, rank: int, world: int) -> list[Any]:
+    """setup_distributed's collaborators faked (no process group is made, no peer watcher started: no store to
+    ask); returns the init calls, then the (rank, world size) of each watch started."""
     import deepspeed.accelerator
     import deepspeed.comm
 
-    inits: list[int] = []
+    inits: list[Any] = []
     monkeypatch.setattr(distributed, "_INFO", None)
+    monkeypatch.setattr(distributed, "start_watch", lambda rank, world: inits.append((rank, world)))
     monkeypatch.setattr(distributed, "select_accelerator_env", lambda: None)
     monkeypatch.setattr(distributed, "quiet_libraries", lambda: None)
     monkeypatch.setattr(distributed, "init_process_group", lambda: inits.append(1))
@@ -201,7 +203,7 @@ def test_setup_distributed_gives_a_one_gpu_worker_index_0_and_keeps_its_local_ra
     assert info == DistInfo(rank=3, local_rank=3, world_size=4, device=torch.device("cuda", 0))
     assert accel.set == [0] and distributed.os.environ["LOCAL_RANK"] == "0"
     assert distributed.os.environ["MASTER_PORT"] == "29500"
-    assert distributed.setup_distributed() is info and inits == [1]
+    assert distributed.setup_distributed() is info and inits == [1, (3, 4)]
 
 
 def test_setup_distributed_refuses_a_world_size_without_the_other_variables(monkeypatch: pytest.MonkeyPatch) -> None:
